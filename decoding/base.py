@@ -1,0 +1,104 @@
+"""The Decoder interface: the policy of the decode loop.
+
+A decoder declares extra *branches* (image-free, distorted image, another instruction, an irrelevant-token
+view ...). The engine runs every branch as its own rows of one batch — one forward per step for all
+branches of all requests, each row with its own KV cache entries, prefixes never recomputed — and hands the
+decoder the next-token logits of every branch. ``combine`` turns them into the final scores the sampler
+picks from. ``setup`` runs before prefill and may do pre-passes through ``ctx.probe_forward`` (e.g. VISTA's
+steering vector, IAVA's token selection) and install activation hooks (PyTorch forward hooks on the
+model's modules, removed in ``teardown``). ``hidden_layers`` asks the engine for the main branch's
+residual stream at those layers on every step (e.g. VISTA's self-logits augmentation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from vlmguard.models.base import Prompt
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Branch:
+    """One extra view of a request.
+
+    prompt: what this branch's rows encode (text and images; e.g. images=[] for an image-free branch).
+    visual_transform: optional function (features (V, D), row) -> features applied to this branch's
+        projected visual tokens (e.g. replacing selected tokens).
+    prune: whether this branch's visual tokens follow the main branch's pruning (see docs/composition).
+    """
+
+    name: str
+    prompt: Prompt
+    visual_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prune: bool = True
+
+
+@dataclass
+class StepInputs:
+    """What ``combine`` sees at one decode step for B requests."""
+
+    logits: dict[str, torch.Tensor]  # branch name -> (B, V) float32 next-token logits; "main" always there
+    hidden: dict[int, torch.Tensor]  # layer index -> (B, D) main-branch residual after that layer
+    step: int  # 0 for the token right after the prompt
+
+
+@dataclass
+class Combined:
+    """Final scores (B, V) the sampler picks from (-inf = excluded), plus what to report per token."""
+
+    scores: torch.Tensor
+    main_logprobs: torch.Tensor
+    contrast_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeContext:
+    """Handed to ``setup``: the adapter, the main prompts, and a probe for pre-passes."""
+
+    adapter: Any
+    prompts: list[Prompt]
+    probe_forward: Callable[..., Any]  # engine.probe_forward(prompts, layers=..., score_layers=..., ...)
+    sampling: bool
+    state: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Decoder:
+    name: ClassVar[str] = "base"
+    Params: ClassVar[type[BaseModel]] = NoParams
+    hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, params: BaseModel):
+        self.params = params
+
+    def setup(self, ctx: DecodeContext) -> None:
+        """Before prefill: pre-passes, hooks."""
+
+    def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
+        """Extra branches for request ``index`` (every request must get the same branch names)."""
+        return []
+
+    def combine(self, step: StepInputs) -> Combined:
+        main = torch.log_softmax(step.logits["main"].float(), dim=-1)
+        return Combined(scores=main, main_logprobs=main)
+
+    def teardown(self, ctx: DecodeContext) -> None:
+        """After generation (also on errors): remove hooks."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params.model_dump()}
+
+
+def plausibility_mask(main_logprobs: torch.Tensor, beta: float) -> torch.Tensor:
+    """Adaptive plausibility constraint: keep tokens with p_main >= beta * max p_main. (B, V) bool."""
+    if beta <= 0:
+        return torch.ones_like(main_logprobs, dtype=torch.bool)
+    cutoff = main_logprobs.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta))
+    return main_logprobs >= cutoff

@@ -1,0 +1,105 @@
+"""The Pruner interface. A pruner decides which visual tokens survive, at one of two hook points:
+
+- vision side (``side = "vision"``, e.g. FlowCut): ``prune_images`` replaces the adapter's image encoding
+  and returns, per batch row, the kept visual features and their indices into the full visual token set;
+- LLM side (``side = "llm"``, e.g. FastV, AdaptInfer): during prefill the engine runs the decoder layer by
+  layer; before each layer it asks ``before_layer`` for an attention-score slice (the engine's cheap score
+  facility records it from that layer's own q/k, under SDPA or FlashAttention), after the layer it asks
+  ``after_layer`` for a keep mask over the current sequence. Layers after a cut see (and cache) only the
+  kept tokens; earlier layers keep their full cache.
+
+Budgets: an int is the number of visual tokens kept per image row, a float in (0, 1] the kept fraction.
+``position_mode`` says whether kept tokens keep their original RoPE positions (``original``) or are
+renumbered as if the input were physically shorter (``compact``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from vlmguard.attention import ScoreRequest
+from vlmguard.errors import InvalidInput
+from vlmguard.sequence import Seq
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PruneContext:
+    """What a pruner may look at during one generate() call."""
+
+    adapter: Any  # vlmguard.models.base.ModelAdapter
+    batch: Any  # vlmguard.models.base.EncodedBatch (all rows, all branches)
+    main_rows: list[int]  # rows that belong to the main branch (one per request)
+    n_visual: list[int]  # visual tokens per row before pruning
+    text_len: list[int] = field(default_factory=list)  # text tokens per row
+    state: dict[str, Any] = field(default_factory=dict)  # per-call scratch space for the pruner
+    report: dict[str, Any] = field(default_factory=dict)  # method diagnostics for the result
+
+
+class Pruner:
+    name: ClassVar[str] = "base"
+    Params: ClassVar[type[BaseModel]] = NoParams
+    side: ClassVar[str] = "none"
+    position_mode: ClassVar[str] = "original"
+
+    def __init__(self, params: BaseModel, budget: int | float | None):
+        self.params = params
+        self.budget = budget
+
+    # ---- budgets -------------------------------------------------------------------------
+    def keep_count(self, n_visual: int) -> int:
+        """Visual tokens to keep for a row with ``n_visual`` tokens (clear errors for bad budgets)."""
+        b = self.budget
+        if b is None:
+            return n_visual
+        if isinstance(b, float):
+            return max(1, int(round(n_visual * b)))
+        if b > n_visual:
+            raise InvalidInput(f"budget {b} exceeds the {n_visual} visual tokens of the image")
+        return int(b)
+
+    def check_budget(self, ctx: PruneContext) -> None:
+        for n in ctx.n_visual:
+            if n:
+                self.keep_count(n)
+
+    # ---- vision side ---------------------------------------------------------------------
+    def prune_images(self, ctx: PruneContext) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        raise NotImplementedError
+
+    # ---- LLM side ------------------------------------------------------------------------
+    def before_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq) -> ScoreRequest | None:
+        return None
+
+    def after_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq,
+                    scores: ScoreRequest | None) -> torch.Tensor | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "budget": self.budget, "params": self.params.model_dump()}
+
+
+def topk_keep_mask(seq: Seq, row_scores: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep mask: all text tokens plus, per row, the ``keep[r]`` visual tokens with the highest score.
+
+    row_scores: (B, L) scores over current positions (only visual positions are compared).
+    Ties are broken by position (earlier first), so the choice is deterministic.
+    """
+    vis = seq.visual_mask()
+    mask = ~vis & seq.valid
+    for r in range(seq.batch_size):
+        idx = vis[r].nonzero().squeeze(1)
+        k = min(keep[r], idx.numel())
+        if k <= 0 or idx.numel() == 0:
+            continue
+        s = row_scores[r, idx].float()
+        # stable descending sort: break ties by position
+        order = torch.argsort(-s, stable=True)[:k]
+        mask[r, idx[order]] = True
+    return mask

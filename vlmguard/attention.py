@@ -1,0 +1,178 @@
+"""The cheap attention-score facility.
+
+Methods (FastV, AdaptInfer, FlowCut, IAVA, ...) need a *slice* of an attention map: a few query rows
+against the keys of one layer. Asking the model for full attention matrices forces eager attention and
+O(L^2) memory per head, so instead vlmguard registers its own attention functions with transformers'
+public :class:`~transformers.AttentionInterface` (``vlmguard_sdpa``, ``vlmguard_flash``, ``vlmguard_eager``).
+Each one computes the model's real attention output with the wrapped kernel (SDPA / FlashAttention /
+eager) and, only when a method asked for it on that module during the current forward, also computes
+
+    softmax(q[rows] @ k^T * scaling + mask[rows])          # (B, H, Q, K) in fp32
+
+from the very q and k the kernel saw (after RoPE, before GQA expansion is undone), plus optionally the
+value vectors. That costs O(Q * K) per head instead of O(L^2), so FlashAttention stays usable.
+
+Usage (inside a forward that the engine drives)::
+
+    with score_probe(module, ScoreRequest(query_index, key_mask, query_pos)) as rec:
+        layer(...)
+    rec.probs   # (B, H, Q, K) or head-averaged (B, Q, K)
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+_LOCAL = threading.local()
+
+BASE_IMPLEMENTATIONS = {
+    "vlmguard_sdpa": "sdpa",
+    "vlmguard_flash": "flash_attention_2",
+    "vlmguard_eager": "eager",
+}
+
+
+@dataclass
+class ScoreRequest:
+    """Which slice of the attention map to record for one attention module.
+
+    query_index: (B, Q) long — positions (in the current forward's query axis) whose rows are wanted.
+    key_mask:    (B, K) bool — which keys are real (False for padding); K = all keys incl. the cache.
+    query_pos:   (B, Q) long — each wanted query's position on the key axis, for the causal rule
+                 (key j is visible to the query iff j <= query_pos). None: no causal restriction
+                 (bidirectional encoders such as the vision tower).
+    per_head:    keep heads separate (B, H, Q, K); else average over heads (B, Q, K).
+    want_values: also record the value vectors (B, H_kv, K, d).
+    """
+
+    query_index: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    query_pos: torch.Tensor | None = None
+    per_head: bool = True
+    want_values: bool = False
+    want_keys: bool = False
+    # filled by the attention function
+    probs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    calls: int = field(default=0)
+
+
+def _active() -> dict[int, ScoreRequest]:
+    d = getattr(_LOCAL, "requests", None)
+    if d is None:
+        d = _LOCAL.requests = {}
+    return d
+
+
+@contextlib.contextmanager
+def score_probe(module: nn.Module, request: ScoreRequest) -> Iterator[ScoreRequest]:
+    """Record the requested score slice of ``module`` (an attention module) during the block."""
+    reqs = _active()
+    key = id(module)
+    if key in reqs:
+        raise RuntimeError("a score probe is already active on this attention module")
+    reqs[key] = request
+    try:
+        yield request
+    finally:
+        reqs.pop(key, None)
+
+
+def compute_score_slice(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    req: ScoreRequest,
+) -> torch.Tensor:
+    """softmax(q[rows] k^T * scaling) restricted by req's masks, in fp32. query (B,H,L,d), key (B,Hkv,K,d)."""
+    b, h, _, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    idx = req.query_index.to(query.device)
+    q_sel = torch.gather(query, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d)).float()
+    k = key.float()
+    if hkv != h:  # GQA: group query heads onto their kv head without materialising repeated keys
+        q_sel = q_sel.view(b, hkv, h // hkv, idx.shape[1], d)
+        logits = torch.einsum("bgrqd,bgkd->bgrqk", q_sel, k).reshape(b, h, idx.shape[1], k_len)
+    else:
+        logits = q_sel @ k.transpose(-1, -2)
+    logits = logits * scaling
+    allowed = torch.ones(b, idx.shape[1], k_len, dtype=torch.bool, device=query.device)
+    if req.key_mask is not None:
+        allowed &= req.key_mask.to(query.device)[:, None, -k_len:]
+    if req.query_pos is not None:
+        kpos = torch.arange(k_len, device=query.device)
+        allowed &= kpos[None, None, :] <= req.query_pos.to(query.device)[:, :, None]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def _make_attention(base_name: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if base_name == "eager":
+            from transformers.models.llama.modeling_llama import eager_attention_forward as base
+        else:
+            base = ALL_ATTENTION_FUNCTIONS[base_name]
+        reqs = getattr(_LOCAL, "requests", None)
+        req = reqs.get(id(module)) if reqs else None
+        if req is not None:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            probs = compute_score_slice(module, query, key, scaling, req)
+            req.probs = probs if req.per_head else probs.mean(dim=1)
+            if req.want_values:
+                req.values = value.detach()
+            if req.want_keys:
+                req.keys = key.detach()
+            req.calls += 1
+        return base(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"vlmguard_{base_name}_attention"
+    return attention
+
+
+def register_attention_functions() -> None:
+    """Register vlmguard's recording wrappers with transformers' public interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for name, base in BASE_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, _make_attention(base))
+        mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
+
+
+def flash_attention_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """Map a user choice (auto/sdpa/flash_attention_2/eager) to a registered vlmguard implementation."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        requested = "flash_attention_2" if device.type == "cuda" and flash_attention_available() else "sdpa"
+    table = {"sdpa": "vlmguard_sdpa", "flash_attention_2": "vlmguard_flash", "flash": "vlmguard_flash",
+             "eager": "vlmguard_eager"}
+    if requested not in table:
+        from vlmguard.errors import InvalidInput
+
+        raise InvalidInput(f"unknown attention implementation {requested!r} (use auto, sdpa, flash_attention_2, eager)")
+    if table[requested] == "vlmguard_flash" and not flash_attention_available():
+        from vlmguard.errors import InvalidInput
+
+        raise InvalidInput("flash_attention_2 needs CUDA and the flash-attn package (pip install 'vlmguard[gpu]')")
+    return table[requested]

@@ -1,0 +1,126 @@
+"""Reading records from JSON Lines or JSON-array files, with errors that name the file and line.
+
+Benchmark files come in two layouts (benchmarks.md 1.1): JSON Lines (official POPE COCO files, answer
+files) and one pretty-printed JSON array (POPE's SEEM files, many caption dumps). The layout is detected
+from the content, not the extension; ``.gz`` files are read transparently.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlmguard.errors import InvalidInput
+
+_WS = " \t\r\n"
+
+
+def read_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInput(f"{p}: file not found")
+    if p.is_dir():
+        raise InvalidInput(f"{p}: is a directory, expected a file")
+    data = p.read_bytes()
+    if p.suffix == ".gz":
+        data = gzip.decompress(data)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def detect_layout(text: str) -> str:
+    """``"json_array"`` when the first non-blank character is ``[``, else ``"jsonl"``."""
+    stripped = text.lstrip(_WS)
+    return "json_array" if stripped.startswith("[") else "jsonl"
+
+
+def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}:{lineno}: bad JSON line ({e.msg} at column {e.colno})") from None
+
+
+def _iter_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    decoder = json.JSONDecoder()
+    n = len(text)
+    i = text.index("[") + 1
+    line = 1 + text.count("\n", 0, i)
+
+    def skip(j: int) -> int:
+        nonlocal line
+        k = j
+        while k < n and text[k] in _WS:
+            k += 1
+        line += text.count("\n", j, k)
+        return k
+
+    i = skip(i)
+    if i < n and text[i] == "]":
+        return
+    while True:
+        if i >= n:
+            raise InvalidInput(f"{path}:{line}: bad JSON array (unexpected end of file)")
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+        yield line, obj
+        line += text.count("\n", i, end)
+        i = skip(end)
+        if i < n and text[i] == ",":
+            i = skip(i + 1)
+            continue
+        if i < n and text[i] == "]":
+            rest = text[i + 1 :].strip(_WS)
+            if rest:
+                raise InvalidInput(f"{path}:{line}: unexpected content after the JSON array")
+            return
+        raise InvalidInput(f"{path}:{line}: bad JSON array (expected ',' or ']')")
+
+
+def read_records(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """All records of a JSON Lines or JSON-array file as ``(line, object)`` plus the layout name.
+
+    Every record must be a JSON object; anything else raises :class:`InvalidInput` naming file and line.
+    """
+    p = Path(path)
+    text = read_text(p)
+    layout = detect_layout(text)
+    it = _iter_array(text, p) if layout == "json_array" else _iter_jsonl(text, p)
+    out: list[tuple[int, dict[str, Any]]] = []
+    for lineno, obj in it:
+        if not isinstance(obj, dict):
+            raise InvalidInput(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        out.append((lineno, obj))
+    return out, layout
+
+
+def require(record: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path | str, line: int) -> Any:
+    """``record[key]`` checked for presence and type, else InvalidInput naming file and line."""
+    if key not in record:
+        raise InvalidInput(f"{path}:{line}: missing field {key!r}")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+        raise InvalidInput(f"{path}:{line}: field {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1,0 +1,64 @@
+"""The ``vlmguard`` command line. Each feature module contributes its subcommands via ``register``.
+
+Errors a user can act on (:class:`VlmguardError`, missing files, bad images) print as one line on
+stderr with exit status 2, never a traceback. ``VLMGUARD_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from vlmguard.errors import VlmguardError
+
+# Modules that provide ``register(subparsers)``; each adds its own subcommands.
+COMMAND_MODULES = [
+    "vlmguard.commands.generate",
+    "vlmguard.synth.cli",
+    "vlmguard.bench.cli",
+    "vlmguard.pruning.cli",
+    "vlmguard.workers.cli",
+    "vlmguard.dashboard.cli",
+    "vlmguard.perf.cli",
+    "vlmguard.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmguard", description=__doc__.splitlines()[0])
+    from vlmguard import __version__
+
+    parser.add_argument("--version", action="version", version=f"vlmguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == name or name.startswith(e.name + ".")):
+                continue  # feature not present in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("vlmguard: interrupted", file=sys.stderr)
+        return 130
+    except (VlmguardError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if os.environ.get("VLMGUARD_DEBUG"):
+            raise
+        msg = str(e) if isinstance(e, VlmguardError) else f"{e.strerror or e}: {e.filename}"
+        print(f"vlmguard: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

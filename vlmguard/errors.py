@@ -1,0 +1,26 @@
+"""Errors a user can act on. The CLI prints them as one line; the HTTP API maps them to 4xx."""
+from __future__ import annotations
+
+
+class VlmguardError(Exception):
+    """Base class: a problem with the user's input or environment, reported without a traceback."""
+
+    http_status = 400
+
+
+class InvalidInput(VlmguardError):
+    """A request, parameter or file is malformed."""
+
+
+class UnknownMethod(InvalidInput):
+    """A pruning or decoding method name is not registered."""
+
+
+class ModelLoadError(VlmguardError):
+    """The model or processor cannot be loaded from the given path or cache."""
+
+    http_status = 404
+
+
+class ContextTooLong(InvalidInput):
+    """The prompt plus image tokens plus max_new_tokens exceed the model's context."""

@@ -1,0 +1,78 @@
+"""Image intake with clear errors: files, bytes, data URLs. Shared by the CLI, the API and benchmarks."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from vlmguard.errors import InvalidInput
+
+MAX_PIXELS = int(os.environ.get("VLMGUARD_MAX_IMAGE_PIXELS", 25_000_000))
+SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+
+
+def image_from_bytes(data: bytes, what: str = "image") -> Image.Image:
+    if not data:
+        raise InvalidInput(f"{what} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format
+            w, h = probe.size
+    except UnidentifiedImageError:
+        raise InvalidInput(f"{what} is not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidInput(f"{what} cannot be decoded: {e}") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise InvalidInput(f"{what} has unsupported format {fmt} (supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
+    if w < 1 or h < 1:
+        raise InvalidInput(f"{what} has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise InvalidInput(f"{what} is too large: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {MAX_PIXELS / 1e6:.0f} MP limit")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidInput(f"{what} cannot be decoded: {e}") from None
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInput(f"image file not found: {p}")
+    if p.is_dir():
+        raise InvalidInput(f"image path is a directory: {p}")
+    return image_from_bytes(p.read_bytes(), what=f"image {p}")
+
+
+def image_from_data_url(url: str) -> Image.Image:
+    if not url.startswith("data:"):
+        raise InvalidInput("expected a data URL (data:image/...;base64,...)")
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise InvalidInput("data URL must be base64-encoded")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (ValueError, base64.binascii.Error):
+        raise InvalidInput("data URL payload is not valid base64") from None
+    return image_from_bytes(data, what="image data URL")
+
+
+def image_to_data_url(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def check_image(img: object, what: str = "image") -> Image.Image:
+    if not isinstance(img, Image.Image):
+        raise InvalidInput(f"{what} must be a PIL image, got {type(img).__name__}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InvalidInput(f"{what} has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise InvalidInput(f"{what} is too large: {w}x{h} exceeds the {MAX_PIXELS / 1e6:.0f} MP limit")
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -1,0 +1,216 @@
+"""The model-family interface: everything the engine needs to know about one LVLM family.
+
+An adapter turns requests into model inputs with the family's own processor and chat template, locates
+visual tokens from the input ids (never hard-coded offsets), runs the vision tower + projector, builds the
+LLM's input sequence (embeddings with image features scattered in, RoPE positions, visual indices) and
+exposes the language model's pieces (embedding, decoder layers, rotary embedding, final norm, lm_head)
+so the engine can drive prefill layer by layer (for LLM-side pruning) and decode with its own cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vlmguard.errors import InvalidInput
+from vlmguard.sequence import Seq
+
+
+@dataclass
+class Prompt:
+    """One row to encode: user text plus 0..n images (a request or one of a decoder's branches)."""
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    system: str | None = None
+    raw: bool = False  # text is already templated and contains the image placeholders
+
+
+@dataclass
+class EncodedBatch:
+    """Processor output for a batch of prompts (left-padded)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    image_token_mask: torch.Tensor  # (B, L) bool
+    vision_inputs: dict[str, Any]  # pixel_values, image_sizes / image_grid_thw, ...
+    rows_with_images: list[int]  # batch rows that carry images, in the order of the vision batch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base class; subclasses implement one model family."""
+
+    family: str = "base"
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+
+    # ---- language-model pieces -------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def attention_module(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(hidden, positions)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.text_config, "max_position_embeddings", 4096))
+
+    @property
+    def image_token_id(self) -> int:
+        tid = getattr(self.config, "image_token_id", None)
+        if tid is None:
+            tid = getattr(self.config, "image_token_index")
+        return int(tid)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        gc = getattr(self.model, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if src is None:
+                continue
+            ids.extend(src if isinstance(src, (list, tuple)) else [src])
+        return sorted(set(int(i) for i in ids))
+
+    @property
+    def pad_token_id(self) -> int:
+        pid = getattr(self.tokenizer, "pad_token_id", None)
+        if pid is None:
+            eos = self.eos_token_ids
+            pid = eos[0] if eos else 0
+        return int(pid)
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def format_prompt(self, prompt: Prompt) -> str:
+        if prompt.raw:
+            return prompt.text
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in prompt.images]
+        content.append({"type": "text", "text": prompt.text})
+        messages = []
+        if prompt.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+        messages.append({"role": "user", "content": content})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompts: Sequence[Prompt]) -> EncodedBatch:
+        texts = [self.format_prompt(p) for p in prompts]
+        images = [img for p in prompts for img in p.images]
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
+        tok = self.tokenizer
+        old_side = getattr(tok, "padding_side", "left")
+        tok.padding_side = "left"
+        try:
+            out = self.processor(**kwargs)
+        except (ValueError, TypeError, OSError) as e:
+            raise InvalidInput(f"the processor rejected the input: {e}") from None
+        finally:
+            tok.padding_side = old_side
+        input_ids = out["input_ids"]
+        attention_mask = out["attention_mask"].bool()
+        vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        rows = [i for i, p in enumerate(prompts) for _ in p.images]
+        return EncodedBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_token_mask=(input_ids == self.image_token_id) & attention_mask,
+            vision_inputs=vision,
+            rows_with_images=rows,
+        )
+
+    # ---- vision ----------------------------------------------------------------------------
+    def encode_images(self, batch: EncodedBatch) -> Any:
+        """Run vision tower + projector; return the family's raw feature output (list or tensor)."""
+        raise NotImplementedError
+
+    def image_features(self, batch: EncodedBatch) -> list[torch.Tensor | None]:
+        """Projected visual tokens per batch row, each (V_row, D) or None for rows without images."""
+        if not batch.rows_with_images:
+            return [None] * batch.input_ids.shape[0]
+        feats = self.encode_images(batch)
+        flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+        return self.split_by_row(batch, flat)
+
+    @staticmethod
+    def split_by_row(batch: EncodedBatch, flat: torch.Tensor) -> list[torch.Tensor | None]:
+        counts = batch.image_token_mask.sum(dim=1).tolist()
+        if sum(counts) != flat.shape[0]:
+            raise InvalidInput(f"image features ({flat.shape[0]}) and image tokens ({sum(counts)}) do not match")
+        out: list[torch.Tensor | None] = []
+        start = 0
+        for c in counts:
+            out.append(flat[start:start + c] if c else None)
+            start += c
+        return out
+
+    def positions(self, batch: EncodedBatch) -> torch.Tensor:
+        """RoPE positions of the full (unpruned) batch: (B, L) or (3, B, L)."""
+        pos = batch.attention_mask.long().cumsum(-1) - 1
+        return pos.clamp(min=0).masked_fill(~batch.attention_mask, 0)
+
+    def build_sequence(self, batch: EncodedBatch, features: list[torch.Tensor | None] | None,
+                       dtype: torch.dtype, device: torch.device) -> Seq:
+        """Embeddings with image features scattered into the image-token positions."""
+        input_ids = batch.input_ids.to(device)
+        embeds = self.embed_tokens(input_ids)
+        mask = batch.image_token_mask.to(device)
+        visual = torch.full_like(input_ids, -1)
+        features = [f for f in (features or []) if f is not None]
+        if features:
+            flat = torch.cat(features, dim=0).to(device=device, dtype=embeds.dtype)
+            n_tokens = int(mask.sum())
+            if n_tokens != flat.shape[0]:
+                raise InvalidInput(
+                    f"image features ({flat.shape[0]}) and image tokens ({n_tokens}) do not match"
+                )
+            embeds = embeds.masked_scatter(mask[..., None], flat)
+            # visual index restarts for every request (all images of a row count together)
+            visual = torch.where(mask, mask.long().cumsum(dim=1) - 1, visual)
+        elif bool(mask.any()):
+            raise InvalidInput("the prompt contains image tokens but no image was given")
+        return Seq(hidden=embeds.to(dtype), valid=batch.attention_mask.to(device),
+                   positions=self.positions(batch).to(device), visual=visual)
+
+    # ---- vision tower access for vision-side pruners ---------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """(rows, cols) of the visual token grid for one image/crop, when it is square."""
+        side = int(round(n_tokens ** 0.5))
+        return (side, side) if side * side == n_tokens else None

@@ -1,0 +1,110 @@
+"""Adapters for the three supported families: LLaVA-1.5, LLaVA-NeXT (anyres) and Qwen2-VL (M-RoPE)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmguard.models.base import EncodedBatch, ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP ViT with CLS token, MLP projector, Llama."""
+
+    family = "llava"
+
+    @property
+    def vision_feature_layer(self) -> int | list[int]:
+        return self.config.vision_feature_layer
+
+    @property
+    def vision_feature_select_strategy(self) -> str:
+        return self.config.vision_feature_select_strategy
+
+    def encode_images(self, batch: EncodedBatch) -> Any:
+        pv = batch.vision_inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        out = self.model.model.get_image_features(
+            pixel_values=pv,
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return out.pooler_output
+
+    def project(self, selected: torch.Tensor) -> torch.Tensor:
+        """Vision hidden states (already layer-selected, CLS dropped) -> LLM embedding space."""
+        return self.model.model.multi_modal_projector(selected)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): anyres crops, unpadding, image_newline tokens."""
+
+    family = "llava_next"
+
+    def encode_images(self, batch: EncodedBatch) -> Any:
+        pv = batch.vision_inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        out = self.model.model.get_image_features(
+            pixel_values=pv,
+            image_sizes=batch.vision_inputs["image_sizes"],
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return out.pooler_output
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen2-VL (`Qwen2VLForConditionalGeneration`): native-resolution ViT with 2x2 merge, M-RoPE."""
+
+    family = "qwen2_vl"
+
+    @property
+    def vision_tower(self):
+        return self.model.model.visual
+
+    def attention_module(self, layer_idx: int):
+        return self.layers[layer_idx].self_attn
+
+    def encode_images(self, batch: EncodedBatch) -> Any:
+        pv = batch.vision_inputs["pixel_values"].to(self.model.device)
+        out = self.model.model.get_image_features(
+            pv, batch.vision_inputs["image_grid_thw"].to(self.model.device), return_dict=True
+        )
+        return out.pooler_output
+
+    def positions(self, batch: EncodedBatch) -> torch.Tensor:
+        if not batch.rows_with_images:
+            pos = super().positions(batch)
+            return pos[None].expand(3, -1, -1).contiguous()
+        mm = batch.vision_inputs.get("mm_token_type_ids")
+        if mm is None:
+            mm = batch.image_token_mask.int()
+        pos, _ = self.model.model.get_rope_index(
+            batch.input_ids,
+            mm_token_type_ids=mm,
+            image_grid_thw=batch.vision_inputs.get("image_grid_thw"),
+            attention_mask=batch.attention_mask.long(),
+        )
+        return pos.masked_fill(~batch.attention_mask[None], 0)
+
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        return None  # native resolution: grids come from image_grid_thw
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+}
+
+
+def adapter_for(model, processor) -> ModelAdapter:
+    from vlmguard.errors import ModelLoadError
+
+    model_type = getattr(model.config, "model_type", None)
+    cls = ADAPTERS.get(model_type)
+    if cls is None:
+        raise ModelLoadError(
+            f"unsupported model type {model_type!r}; vlmguard supports {', '.join(sorted(ADAPTERS))}"
+        )
+    return cls(model, processor)

@@ -1,0 +1,68 @@
+"""Typed results of the engine."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class Request:
+    """One generation request: the user's text and its images (the engine applies the chat template)."""
+
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    request_id: str | None = None
+    system: str | None = None
+    raw_prompt: bool = False  # prompt is already templated, with the model's image placeholders
+
+
+@dataclass
+class Timings:
+    vision_s: float = 0.0  # vision tower + projector (incl. vision-side pruning)
+    prefill_s: float = 0.0  # LLM prefill (incl. LLM-side pruning)
+    decode_s: float = 0.0  # all decode steps
+    ttft_s: float = 0.0  # request start to the first generated token
+    total_s: float = 0.0
+    per_token_s: list[float] = field(default_factory=list)
+    setup_s: float = 0.0  # decoder pre-passes (e.g. VISTA's steering vector)
+    batch_size: int = 1
+
+
+@dataclass
+class StepDiagnostic:
+    token_id: int
+    token: str
+    main_prob: float  # probability of the chosen token under the main branch
+    contrast_prob: float | None  # ... under the contrast branch/distribution, when the decoder has one
+    score: float  # the decoder's final score of the chosen token
+    main_top_id: int  # the main branch's own argmax: != token_id where the decoder changed the choice
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    visual_tokens: int
+    visual_tokens_kept: list[int]  # visual tokens fed to each LLM layer
+    kept_indices: list[int] | None
+    timings: Timings
+    steps: list[StepDiagnostic] = field(default_factory=list)
+    pruning: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    index: int  # request index in the batch
+    token_id: int | None
+    text: str  # text delta since the previous event of this request
+    done: bool = False
+    result: GenerationResult | None = None

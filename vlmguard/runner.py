@@ -1,0 +1,140 @@
+"""Drives the language model layer by layer: prefill (with LLM-side pruning hooks) and cached decode.
+
+The engine owns the decode loop instead of calling ``generate()`` because pruning changes the sequence
+between layers and contrastive decoders need several branches per step. The model's own modules do all
+the math (decoder layers, rotary embedding, norm, lm_head); this module only routes tensors, builds
+attention masks and keeps per-layer bookkeeping:
+
+- ``layer_valid[i]``: which cached key slots of layer i are real (padding / pruned tokens are absent or
+  masked). Layers before a pruning cut cache the full sequence, layers after it only the kept tokens.
+- positions: decode continues from each row's last prompt position + 1 (original RoPE positions, or
+  M-RoPE text positions for Qwen2-VL), whatever was pruned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from vlmguard.attention import ScoreRequest, score_probe
+from vlmguard.sequence import Seq, additive_mask, causal_allowed
+
+# A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
+# (layer_idx, seq, request) -> keep mask (B, L) | None.
+BeforeHook = Callable[[int, Seq], ScoreRequest | None]
+AfterHook = Callable[[int, Seq, ScoreRequest | None], torch.Tensor | None]
+
+
+@dataclass
+class DecodeState:
+    cache: DynamicCache
+    layer_valid: list[torch.Tensor]  # per layer (B, S_i) bool
+    next_positions: torch.Tensor  # (B,) or (3, B)
+    visual_per_layer: list[torch.Tensor] = field(default_factory=list)  # per layer (B,) visual tokens fed
+    final_seq: Seq | None = None
+
+
+class LayerRunner:
+    def __init__(self, adapter, flash: bool = False):
+        self.adapter = adapter
+        self.flash = flash
+
+    # ---- masks ---------------------------------------------------------------------------
+    def _prefill_mask(self, seq: Seq) -> torch.Tensor | None:
+        if self.flash:
+            return None if bool(seq.valid.all()) else seq.valid.long()
+        if bool(seq.valid.all()):
+            return None  # lets SDPA use its causal fast path
+        return additive_mask(causal_allowed(seq.valid, seq.valid), seq.hidden.dtype)
+
+    def _decode_mask(self, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if bool(key_valid.all()):
+            return None
+        if self.flash:
+            return key_valid.long()
+        return additive_mask(key_valid[:, None, :], dtype)
+
+    # ---- prefill -------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        seq: Seq,
+        before: BeforeHook | None = None,
+        after: AfterHook | None = None,
+        hidden_layers: tuple[int, ...] = (),
+        all_hidden: bool = False,
+    ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+        """Run all layers on ``seq``. Returns last-position logits (B, V), the decode state and the
+        residual stream of the last position after each layer in ``hidden_layers`` (B, D)."""
+        ad = self.adapter
+        cache = DynamicCache()
+        layer_valid: list[torch.Tensor] = []
+        visual_fed: list[torch.Tensor] = []
+        captured: dict[int, torch.Tensor] = {}
+        h = seq.hidden
+        mask = self._prefill_mask(seq)
+        rope = ad.rotary(h, seq.positions)
+        for i, layer in enumerate(ad.layers):
+            seq = seq.with_hidden(h)
+            req = before(i, seq) if before else None
+            layer_valid.append(seq.valid)
+            visual_fed.append(seq.visual_counts())
+            if req is not None:
+                with score_probe(ad.attention_module(i), req):
+                    h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache,
+                              use_cache=True)
+            else:
+                h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache,
+                          use_cache=True)
+            if all_hidden or i in hidden_layers:
+                captured[i] = h[:, -1] if not all_hidden else h
+            keep = after(i, seq.with_hidden(h), req) if after else None
+            if keep is not None and i + 1 < len(ad.layers):
+                seq, _ = seq.with_hidden(h).select(keep)
+                h = seq.hidden
+                mask = self._prefill_mask(seq)
+                rope = ad.rotary(h, seq.positions)
+        seq = seq.with_hidden(h)
+        logits = ad.lm_head(ad.norm(h[:, -1:]))[:, 0].float()
+        state = DecodeState(cache=cache, layer_valid=layer_valid, next_positions=seq.last_positions() + 1,
+                            visual_per_layer=visual_fed, final_seq=seq)
+        return logits, state, captured
+
+    # ---- decode --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, state: DecodeState,
+                    hidden_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One token per row -> next logits (B, V). Updates the cache and masks in place."""
+        ad = self.adapter
+        h = ad.embed_tokens(tokens[:, None]).to(state.final_seq.hidden.dtype if state.final_seq is not None
+                                                 else ad.model.dtype)
+        pos = state.next_positions
+        pos = pos[..., None]  # (B, 1) or (3, B, 1)
+        rope = ad.rotary(h, pos)
+        captured: dict[int, torch.Tensor] = {}
+        masks: dict[int, torch.Tensor | None] = {}
+        ones = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
+        new_valid: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(ad.layers):
+            key = id(state.layer_valid[i])
+            if key not in new_valid:
+                new_valid[key] = torch.cat([state.layer_valid[i], ones], dim=1)
+                masks[key] = self._decode_mask(new_valid[key], h.dtype)
+            h = layer(h, attention_mask=masks[key], position_embeddings=rope, past_key_values=state.cache,
+                      use_cache=True)
+            if i in hidden_layers:
+                captured[i] = h[:, -1]
+        # share the same tensor object across layers that shared it before (stage grouping)
+        state.layer_valid = [new_valid[id(v)] for v in state.layer_valid]
+        state.next_positions = state.next_positions + 1
+        logits = ad.lm_head(ad.norm(h))[:, 0].float()
+        return logits, captured
+
+    def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
+        """Keep only the rows in ``index`` (e.g. drop finished requests from the batch)."""
+        state.cache.batch_select_indices(index)
+        groups: dict[int, torch.Tensor] = {}
+        state.layer_valid = [groups.setdefault(id(v), v[index]) for v in state.layer_valid]
+        state.next_positions = state.next_positions[..., index]

@@ -1,0 +1,43 @@
+"""Token selection, kept separate from the engine (as vLLM separates its sampler).
+
+Greedy: argmax of the decoder's final scores (ties -> lowest id, like torch.argmax). Sampling: the
+decoder's scores go through transformers' public logits warpers (temperature, top-k, top-p) and are
+sampled with one seeded ``torch.Generator`` per request, so a request draws the same tokens whether it
+runs alone or in a batch.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from vlmguard.spec import GenerationSpec
+
+
+class Sampler:
+    def __init__(self, spec: GenerationSpec, batch_size: int, device: torch.device):
+        self.greedy = not spec.sampling
+        self.warpers = LogitsProcessorList()
+        if not self.greedy:
+            if spec.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(spec.temperature))
+            if spec.top_k > 0:
+                self.warpers.append(TopKLogitsWarper(spec.top_k))
+            if spec.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(spec.top_p))
+        self.generators: list[torch.Generator] = []
+        if not self.greedy:
+            base = spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+            for _ in range(batch_size):
+                g = torch.Generator(device="cpu")
+                g.manual_seed(base)
+                self.generators.append(g)
+
+    def select(self, scores: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """scores (B, V) -> token ids (B,). ``rows`` maps each score row to its request's generator."""
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        warped = self.warpers(None, scores.float())
+        probs = torch.softmax(warped, dim=-1).cpu()
+        rows = rows if rows is not None else list(range(scores.shape[0]))
+        out = [torch.multinomial(probs[i], 1, generator=self.generators[r]) for i, r in enumerate(rows)]
+        return torch.cat(out).to(scores.device)

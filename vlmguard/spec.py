@@ -1,0 +1,103 @@
+"""GenerationSpec: what one request asks of the engine (pruner, decoder, sampling, limits).
+
+Method parameters are validated by the method's own ``Params`` model (see ``pruning/base.py`` and
+``decoding/base.py``); ``GenerationSpec.resolve()`` turns names + dicts into typed, validated objects
+and reports any problem as one clear :class:`~vlmguard.errors.InvalidInput` message.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmguard.errors import InvalidInput
+
+Budget = Union[int, float]
+
+
+class GenerationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pruning: str = "none"
+    # int >= 1: visual tokens kept per image (LLaVA-1.5: 192/128/64 of 576);
+    # float in (0, 1]: the kept fraction of the image's visual tokens.
+    budget: Budget | None = None
+    pruning_params: dict[str, Any] = Field(default_factory=dict)
+    decoding: str = "greedy"
+    decoding_params: dict[str, Any] = Field(default_factory=dict)
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    # Token selection. None: sample only when decoding == "sample".
+    do_sample: bool | None = None
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    # Keep per-step diagnostics (main/contrast probabilities) in results.
+    diagnostics: bool = True
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, v: Budget | None) -> Budget | None:
+        if v is None:
+            return v
+        if isinstance(v, bool):
+            raise ValueError("budget must be a number")
+        if isinstance(v, float) and not v.is_integer() or v == 1.0 and isinstance(v, float):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"budget ratio must be in (0, 1], got {v}")
+            return float(v)
+        iv = int(v)
+        if iv < 1:
+            raise ValueError(f"budget must be >= 1 visual token or a ratio in (0, 1], got {v}")
+        return iv
+
+    @property
+    def sampling(self) -> bool:
+        if self.do_sample is not None:
+            return self.do_sample and self.temperature > 0
+        return self.decoding == "sample" and self.temperature > 0
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> "GenerationSpec":
+        """Construct with a one-line InvalidInput instead of a pydantic error dump."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            raise InvalidInput(format_validation_error(e, "generation spec")) from None
+
+    def resolve(self) -> tuple[Any, Any]:
+        """Instantiate (pruner, decoder) from the registries, validating their parameters."""
+        from vlmguard.decoding import make_decoder
+        from vlmguard.pruning import make_pruner
+
+        return make_pruner(self.pruning, self.budget, self.pruning_params), make_decoder(
+            self.decoding, self.decoding_params
+        )
+
+
+def format_validation_error(e: ValidationError, what: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or what
+        parts.append(f"{loc}: {err.get('msg')}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """Parse CLI ``key=value`` pairs; values are read as JSON when they parse, else as strings."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InvalidInput(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise InvalidInput(f"--param has an empty key in {item!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
