@@ -45,7 +45,7 @@ class PruneContext:
 class Pruner:
     name: ClassVar[str] = "base"
     Params: ClassVar[type[BaseModel]] = NoParams
-    side: ClassVar[str] = "none"
+    side: ClassVar[str] = "none"  # "none" | "vision" | "llm" | "both"
     position_mode: ClassVar[str] = "original"
 
     def __init__(self, params: BaseModel, budget: int | float | None):

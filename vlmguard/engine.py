@@ -85,10 +85,18 @@ class Engine:
 
         from vlmguard.models.image_text_processor import load_processor
 
+        dev = pick_device(device)
+        if model.startswith("random:"):  # tiny random-weight model of a family, for tests and demos
+            from vlmguard.testing import FAMILIES
+
+            family = model.split(":", 1)[1]
+            if family not in FAMILIES:
+                raise ModelLoadError(f"unknown family {family!r} in {model!r} (known: {', '.join(FAMILIES)})")
+            m, proc = FAMILIES[family]()
+            return cls(m.to(dev), proc, name=model, attn_implementation=None)
         from vlmguard.models.resolve import resolve_model_path
 
         path = resolve_model_path(model)
-        dev = pick_device(device)
         register_attention_functions()
         impl = choose_attention(attn_implementation, dev)
         try:
@@ -225,7 +233,7 @@ class Engine:
         # -- vision
         t_vis = time.perf_counter()
         kept_vision: list[torch.Tensor | None] | None = None
-        if pruner.side == "vision" and any(n_visual):
+        if pruner.side in ("vision", "both") and any(n_visual):
             feats, kept_vision = pruner.prune_images(pctx)
         else:
             feats = adapter.image_features(batch)
@@ -271,7 +279,7 @@ class Engine:
 
         t_pre = time.perf_counter()
         hidden_layers = tuple(decoder.hidden_layers)
-        llm_side = pruner.side == "llm"
+        llm_side = pruner.side in ("llm", "both")
         logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                after=after if llm_side else None, hidden_layers=hidden_layers)
         if self.device.type == "cuda":

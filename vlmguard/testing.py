@@ -63,7 +63,8 @@ def _llava_parts(image_size: int, patch: int, vision_layers: int, text_layers: i
 
 
 def tiny_llava(seed: int = 0, attn: str = "sdpa", text_layers: int = 4):
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
 
     tok = make_tokenizer(["<image>"])
     vision, text = _llava_parts(32, 8, 3, text_layers, 64, len(tok))
@@ -82,8 +83,10 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa", text_layers: int = 4):
 
 
 def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil as LlavaNextImageProcessor,
+    )
 
     tok = make_tokenizer(["<image>"])
     vision, text = _llava_parts(32, 8, 3, 4, 64, len(tok))

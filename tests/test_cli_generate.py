@@ -1,0 +1,71 @@
+"""`vlmguard generate`: JSON output and one-line errors with a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlmguard.cli import main
+from vlmguard.testing import random_image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "img.png"
+    random_image(3).save(p)
+    return p
+
+
+def run_cli(capsys, *args):
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_json_last_line(capsys, image):
+    rc, out, err = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt",
+                           "is there a dog", "--max-new-tokens", "4", "--json")
+    assert rc == 0
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert len(obj["tokens"]) == 4 and isinstance(obj["text"], str)
+    assert obj["visual_tokens"] == 16 and obj["visual_tokens_kept"] == [16] * 4
+    assert {"prefill_s", "decode_s", "vision_s", "per_token_s"} <= set(obj["timings"])
+
+
+def test_generate_stream_prints_text(capsys, image):
+    rc, out, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt", "hi",
+                         "--max-new-tokens", "3", "--stream")
+    assert rc == 0 and out.strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "/nonexistent/x.png"], "image file not found"),
+        (["--image", "BADFILE"], "not a readable image"),
+        (["--image", "IMG", "--pruning", "nope", "--budget", "4"], "unknown pruning method 'nope'"),
+        (["--image", "IMG", "--decoding", "nope"], "unknown decoding method 'nope'"),
+        (["--image", "IMG", "--param", "alpha=1"], "invalid parameters for decoding method 'greedy'"),
+        (["--image", "IMG", "--budget", "0", "--pruning", "none"], "budget"),
+        (["--image", "IMG", "--max-new-tokens", "600"], "exceeds the model's context"),
+    ],
+)
+def test_bad_input_one_line_error(capsys, image, tmp_path, args, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    args = [str(image) if a == "IMG" else str(bad) if a == "BADFILE" else a for a in args]
+    rc, out, err = run_cli(capsys, "generate", "--model", "random:llava", "--prompt", "hi", *args)
+    assert rc == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("vlmguard: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_entry_point_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "vlmguard.cli", "generate", "--model", "random:llava",
+                           "--image", "/nonexistent.png", "--prompt", "hi"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "vlmguard: error: image file not found: /nonexistent.png"

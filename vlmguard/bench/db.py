@@ -1,0 +1,260 @@
+"""The results database: one SQLite file (WAL), written sample by sample, safe to resume and to share
+between processes (Ray shards write to the same file; every write is idempotent per sample key).
+
+Schema (``SCHEMA_VERSION`` 1)::
+
+    runs      one row per benchmark run; run_id = first 16 hex of sha256(canonical JSON of ``knobs``),
+              so re-running the same command (same protocol knobs) resumes the same run.
+      run_id TEXT PK, benchmark TEXT ('pope' | 'pope-leading' | 'chair'), model TEXT, model_family TEXT,
+      dataset TEXT, dataset_version TEXT, split TEXT (POPE split; image split for CHAIR),
+      variant TEXT (POPE-leading template id / CHAIR preset), question_file TEXT, question_sha256 TEXT,
+      prompt_preset TEXT, prompt TEXT (instruction / CHAIR prompt), parser TEXT,
+      pruning TEXT, pruning_params TEXT (JSON), budget NUMERIC, decoding TEXT, decoding_params TEXT (JSON),
+      max_new_tokens INT, do_sample INT, temperature REAL, top_p REAL, top_k INT, seed INT,
+      image_list TEXT (CHAIR image-id list), drop_incomplete INT, neutral_run_id TEXT (POPE-leading),
+      knobs TEXT (canonical JSON of every knob above), package_version TEXT, n_expected INT,
+      status TEXT ('running' | 'finished' | 'failed'), metrics TEXT (JSON, cached at finish),
+      created_at TEXT, updated_at TEXT, finished_at TEXT (ISO-8601 UTC)
+    samples   one row per generated answer / caption; UNIQUE(run_id, sample_key) makes writes idempotent
+      id INT PK, run_id TEXT, sample_key TEXT ('q:<question_id>' | 'img:<image_id>'), item_id TEXT,
+      image TEXT, prompt TEXT (the user text sent), output_text TEXT, label TEXT (POPE), prediction TEXT
+      (parsed yes/no, NULL = unknown), correct INT, record TEXT (JSON: CHAIR per-caption record, or the
+      POPE-leading cue), finish_reason TEXT, prompt_tokens INT, generated_tokens INT, visual_tokens INT,
+      visual_tokens_kept REAL (mean over LLM layers), visual_tokens_kept_layers TEXT (JSON list),
+      prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT (JSON), created_at TEXT
+    meta      key/value (schema_version)
+
+Query functions for the dashboard and reports: :func:`list_runs`, :func:`run_samples`, :func:`run_metrics`.
+They take a path or an open connection.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from vlmguard.errors import InvalidInput
+
+SCHEMA_VERSION = 1
+DEFAULT_DB = Path("runs") / "vlmguard.sqlite"
+
+RUN_COLUMNS = (
+    "benchmark", "model", "model_family", "dataset", "dataset_version", "split", "variant",
+    "question_file", "question_sha256", "prompt_preset", "prompt", "parser", "pruning", "pruning_params",
+    "budget", "decoding", "decoding_params", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+    "seed", "image_list", "drop_incomplete", "neutral_run_id",
+)
+SAMPLE_COLUMNS = (
+    "sample_key", "item_id", "image", "prompt", "output_text", "label", "prediction", "correct", "record",
+    "finish_reason", "prompt_tokens", "generated_tokens", "visual_tokens", "visual_tokens_kept",
+    "visual_tokens_kept_layers", "prefill_s", "ttft_s", "total_s", "timings",
+)
+_JSON_RUN = {"pruning_params", "decoding_params"}
+_JSON_SAMPLE = {"record", "visual_tokens_kept_layers", "timings"}
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+  run_id TEXT PRIMARY KEY,
+  benchmark TEXT NOT NULL, model TEXT NOT NULL, model_family TEXT, dataset TEXT NOT NULL,
+  dataset_version TEXT, split TEXT, variant TEXT, question_file TEXT, question_sha256 TEXT,
+  prompt_preset TEXT, prompt TEXT, parser TEXT, pruning TEXT, pruning_params TEXT, budget NUMERIC,
+  decoding TEXT, decoding_params TEXT, max_new_tokens INTEGER, do_sample INTEGER, temperature REAL,
+  top_p REAL, top_k INTEGER, seed INTEGER, image_list TEXT, drop_incomplete INTEGER, neutral_run_id TEXT,
+  knobs TEXT NOT NULL, package_version TEXT, n_expected INTEGER, status TEXT NOT NULL DEFAULT 'running',
+  metrics TEXT, created_at TEXT NOT NULL, updated_at TEXT, finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS samples (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+  sample_key TEXT NOT NULL, item_id TEXT, image TEXT, prompt TEXT, output_text TEXT, label TEXT,
+  prediction TEXT, correct INTEGER, record TEXT, finish_reason TEXT, prompt_tokens INTEGER,
+  generated_tokens INTEGER, visual_tokens INTEGER, visual_tokens_kept REAL, visual_tokens_kept_layers TEXT,
+  prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT, created_at TEXT NOT NULL,
+  UNIQUE (run_id, sample_key)
+);
+CREATE INDEX IF NOT EXISTS samples_by_run ON samples(run_id);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+"""
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Connection:
+    """Open (and create) the database: WAL journal, 60 s busy timeout, rows as ``sqlite3.Row``."""
+    p = Path(path)
+    if not create and not p.is_file():
+        raise InvalidInput(f"{p}: results database not found")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(str(p), timeout=60.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as e:
+        raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
+    return conn
+
+
+@contextmanager
+def _open(db: Any) -> Iterator[sqlite3.Connection]:
+    if isinstance(db, sqlite3.Connection):
+        yield db
+        return
+    conn = connect(db, create=False)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def run_id_for(knobs: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(knobs).encode()).hexdigest()[:16]
+
+
+def ensure_run(conn: sqlite3.Connection, knobs: dict[str, Any], *, n_expected: int, package_version: str) -> str:
+    """Create the run for these knobs, or reopen it (resume). Returns the run id."""
+    unknown = set(knobs) - set(RUN_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown run knobs: {sorted(unknown)}")
+    run_id = run_id_for(knobs)
+    values = {k: (canonical_json(knobs.get(k)) if k in _JSON_RUN else knobs.get(k)) for k in RUN_COLUMNS}
+    if isinstance(values.get("do_sample"), bool):
+        values["do_sample"] = int(values["do_sample"])
+    if isinstance(values.get("drop_incomplete"), bool):
+        values["drop_incomplete"] = int(values["drop_incomplete"])
+    ts = now()
+    cols = ", ".join(RUN_COLUMNS)
+    marks = ", ".join("?" for _ in RUN_COLUMNS)
+    with transaction(conn):
+        conn.execute(
+            f"INSERT OR IGNORE INTO runs (run_id, {cols}, knobs, package_version, n_expected, status, created_at, updated_at)"
+            f" VALUES (?, {marks}, ?, ?, ?, 'running', ?, ?)",
+            (run_id, *[values[k] for k in RUN_COLUMNS], canonical_json(knobs), package_version, n_expected, ts, ts),
+        )
+        conn.execute(
+            "UPDATE runs SET n_expected = MAX(COALESCE(n_expected, 0), ?), package_version = ?, updated_at = ?,"
+            " status = CASE WHEN status = 'finished' AND ? <= (SELECT COUNT(*) FROM samples WHERE run_id = ?)"
+            " THEN 'finished' ELSE 'running' END WHERE run_id = ?",
+            (n_expected, package_version, ts, n_expected, run_id, run_id),
+        )
+    return run_id
+
+
+def done_keys(conn: sqlite3.Connection, run_id: str) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT sample_key FROM samples WHERE run_id = ?", (run_id,))}
+
+
+def add_samples(conn: sqlite3.Connection, run_id: str, rows: Iterable[dict[str, Any]]) -> int:
+    """Insert samples; a key already present is ignored (idempotent). Returns how many were new."""
+    cols = ", ".join(SAMPLE_COLUMNS)
+    marks = ", ".join("?" for _ in SAMPLE_COLUMNS)
+    ts = now()
+    inserted = 0
+    with transaction(conn):
+        for row in rows:
+            vals = []
+            for k in SAMPLE_COLUMNS:
+                v = row.get(k)
+                if k in _JSON_SAMPLE and v is not None:
+                    v = json.dumps(v, ensure_ascii=False)
+                elif isinstance(v, bool):
+                    v = int(v)
+                vals.append(v)
+            cur = conn.execute(
+                f"INSERT OR IGNORE INTO samples (run_id, {cols}, created_at) VALUES (?, {marks}, ?)",
+                (run_id, *vals, ts),
+            )
+            inserted += cur.rowcount
+        conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (ts, run_id))
+    return inserted
+
+
+def finish_run(conn: sqlite3.Connection, run_id: str, metrics: dict[str, Any] | None, status: str = "finished") -> None:
+    ts = now()
+    with transaction(conn):
+        conn.execute(
+            "UPDATE runs SET status = ?, metrics = ?, finished_at = ?, updated_at = ? WHERE run_id = ?",
+            (status, json.dumps(metrics) if metrics is not None else None, ts if status == "finished" else None, ts, run_id),
+        )
+
+
+def _decode_run(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for k in (*_JSON_RUN, "knobs", "metrics"):
+        if d.get(k) is not None:
+            d[k] = json.loads(d[k])
+    return d
+
+
+def _decode_sample(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for k in _JSON_SAMPLE:
+        if d.get(k) is not None:
+            d[k] = json.loads(d[k])
+    return d
+
+
+def get_run(db: Any, run_id: str) -> dict[str, Any]:
+    with _open(db) as conn:
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise InvalidInput(f"no run {run_id!r} in the results database")
+        d = _decode_run(row)
+        d["n_samples"] = conn.execute("SELECT COUNT(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()[0]
+        return d
+
+
+def run_samples(db: Any, run_id: str) -> list[dict[str, Any]]:
+    """All samples of a run, in insertion order, JSON columns decoded."""
+    with _open(db) as conn:
+        return [_decode_sample(r) for r in conn.execute("SELECT * FROM samples WHERE run_id = ? ORDER BY id", (run_id,))]
+
+
+def run_metrics(db: Any, run_id: str) -> dict[str, Any]:
+    """Metrics recomputed from the stored samples (so partial and resumed runs are always current)."""
+    from vlmguard.bench.metrics import metrics_for_run
+
+    with _open(db) as conn:
+        run = get_run(conn, run_id)
+        return metrics_for_run(conn, run)
+
+
+def list_runs(db: Any, *, with_metrics: bool = True) -> list[dict[str, Any]]:
+    """Every run (newest first) with its knobs, sample count and metrics."""
+    with _open(db) as conn:
+        counts = dict(conn.execute("SELECT run_id, COUNT(*) FROM samples GROUP BY run_id").fetchall())
+        out = []
+        for row in conn.execute("SELECT * FROM runs ORDER BY created_at DESC, run_id"):
+            d = _decode_run(row)
+            d["n_samples"] = counts.get(d["run_id"], 0)
+            if with_metrics:
+                if d["status"] != "finished" or d.get("metrics") is None:
+                    from vlmguard.bench.metrics import metrics_for_run
+
+                    d["metrics"] = metrics_for_run(conn, d)
+            out.append(d)
+        return out

@@ -1,0 +1,143 @@
+"""POPE metrics per split (benchmarks.md 1.5), answers joined to labels by question id.
+
+"yes" is the positive class. TP = label yes & predicted yes, FP = label no & predicted yes,
+TN = label no & predicted no, FN = label yes & predicted no. Predictions a parser leaves unknown
+(``exact``, ``yorn``) are wrong, neither yes nor no: recall counts them as misses (TP / #label yes).
+Accuracy, precision, recall, F1 and yes-ratio (share of PREDICTIONS that are yes) are percentages;
+an empty denominator gives ``None`` and a message in ``flags`` (the reference would crash).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from vlmguard.bench.jsonio import read_records
+from vlmguard.bench.pope_data import PopeFile
+from vlmguard.bench.pope_parsers import get_parser
+from vlmguard.errors import InvalidInput
+
+ANSWER_TEXT_KEYS = ("text", "answer", "output", "response", "prediction")
+
+
+def _ratio(num: int, den: int, what: str, flags: list[str]) -> float | None:
+    if den == 0:
+        flags.append(f"{what} undefined (empty denominator)")
+        return None
+    return 100.0 * num / den
+
+
+def pope_metrics(pairs: Iterable[tuple[str | None, str]]) -> dict[str, Any]:
+    """Metrics from (prediction, label) pairs; prediction ``None`` = unknown."""
+    tp = fp = tn = fn = unk_yes = unk_no = 0
+    for pred, label in pairs:
+        if label == "yes":
+            if pred == "yes":
+                tp += 1
+            elif pred == "no":
+                fn += 1
+            else:
+                unk_yes += 1
+        elif label == "no":
+            if pred == "yes":
+                fp += 1
+            elif pred == "no":
+                tn += 1
+            else:
+                unk_no += 1
+        else:
+            raise InvalidInput(f"label must be 'yes' or 'no', got {label!r}")
+    n = tp + fp + tn + fn + unk_yes + unk_no
+    flags: list[str] = []
+    acc = _ratio(tp + tn, n, "accuracy", flags)
+    precision = _ratio(tp, tp + fp, "precision", flags)
+    recall = _ratio(tp, tp + fn + unk_yes, "recall", flags)
+    if precision is None or recall is None or precision + recall == 0:
+        if precision is not None and recall is not None:
+            flags.append("f1 undefined (precision + recall = 0)")
+        f1 = None
+    else:
+        f1 = 2 * precision * recall / (precision + recall)
+    yes_ratio = _ratio(tp + fp, n, "yes_ratio", flags)
+    out: dict[str, Any] = {
+        "n": n,
+        "accuracy": acc,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": yes_ratio,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "unknown": unk_yes + unk_no,
+        "flags": flags,
+    }
+    return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    question_id: int
+    text: str
+    line: int
+
+
+def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
+    """An answer file: JSON Lines or array of objects with ``question_id`` and ``text``/``answer``/..."""
+    p = Path(path)
+    records, _ = read_records(p)
+    out: list[Answer] = []
+    seen: dict[int, int] = {}
+    for line, rec in records:
+        qid = rec.get("question_id")
+        if qid is None:
+            raise InvalidInput(f"{p}:{line}: missing field 'question_id'")
+        if isinstance(qid, str) and qid.strip().lstrip("-").isdigit():
+            qid = int(qid)
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise InvalidInput(f"{p}:{line}: field 'question_id' must be int, got {qid!r}")
+        keys = (text_key,) if text_key else ANSWER_TEXT_KEYS
+        key = next((k for k in keys if k in rec), None)
+        if key is None:
+            raise InvalidInput(f"{p}:{line}: missing answer field (one of {', '.join(keys)})")
+        text = rec[key]
+        if not isinstance(text, str):
+            raise InvalidInput(f"{p}:{line}: field {key!r} must be str, got {text!r}")
+        if qid in seen:
+            raise InvalidInput(f"{p}:{line}: duplicate question_id {qid} (first on line {seen[qid]})")
+        seen[qid] = line
+        out.append(Answer(qid, text, line))
+    return out
+
+
+def score_answers(
+    answers: list[Answer],
+    questions: PopeFile,
+    parser: str | None = None,
+    answers_path: str | Path = "answers",
+) -> dict[str, Any]:
+    """Join answers to questions by question id and compute the metrics.
+
+    An answer whose id is not in the question file raises (naming file and line); questions without
+    an answer are reported as ``missing`` and flagged, never silently shifted.
+    """
+    par = get_parser(parser)
+    by_id = questions.by_id()
+    pairs: list[tuple[str | None, str]] = []
+    for a in answers:
+        q = by_id.get(a.question_id)
+        if q is None:
+            raise InvalidInput(
+                f"{answers_path}:{a.line}: question_id {a.question_id} is not in {questions.path}"
+            )
+        if q.label is None:
+            raise InvalidInput(f"{questions.path}:{q.line}: question {q.question_id} has no label")
+        pairs.append((par.parse(a.text, q.label), q.label))
+    metrics = pope_metrics(pairs)
+    missing = len(questions) - len(answers)
+    metrics["missing"] = missing
+    if missing:
+        metrics["flags"].append(f"{missing} of {len(questions)} questions have no answer")
+    metrics["parser"] = par.name  # type: ignore[attr-defined]
+    return metrics

@@ -1,0 +1,105 @@
+"""``vlmguard generate``: one image + prompt through any pruner x decoder, printed or as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlmguard.errors import InvalidInput
+from vlmguard.spec import GenerationSpec, parse_params
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="model path, HF cache id (offline) or 'tiny' (bundled)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--attn", default="auto", help="attention: auto, sdpa, flash_attention_2, eager")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pruning", default="none", help="visual-token pruning method")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="visual tokens kept per image (int) or kept fraction (0 < r <= 1)")
+    p.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--decoding", default="greedy", help="decoding method")
+    p.add_argument("--param", "--decoding-param", dest="decoding_param", action="append", default=[],
+                   metavar="KEY=VALUE", help="decoding-method parameter (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy selection")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _budget(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
+    return GenerationSpec.build(
+        pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param),
+        decoding=args.decoding, decoding_params=parse_params(args.decoding_param),
+        max_new_tokens=args.max_new_tokens, do_sample=True if args.sample else None,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate from an image and a prompt")
+    add_model_args(p)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--prompt", required=True)
+    add_method_args(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmguard.engine import Engine, Request
+    from vlmguard.images import load_image
+
+    spec = spec_from_args(args)
+    images = [load_image(p) for p in args.image]
+    if not args.prompt.strip():
+        raise InvalidInput("--prompt is empty")
+    spec.resolve()  # validate methods and parameters before loading the model
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                         trust_remote_code=args.trust_remote_code)
+    request = Request(prompt=args.prompt, images=images)
+    result = None
+    for ev in engine.stream([request], spec):
+        if args.stream and not args.json and ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        if ev.done:
+            result = ev.result
+    assert result is not None
+    if args.json:
+        out = {
+            "text": result.text,
+            "tokens": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "visual_tokens": result.visual_tokens,
+            "visual_tokens_kept": result.visual_tokens_kept,
+            "kept_indices": result.kept_indices,
+            "timings": result.to_dict()["timings"],
+            "pruning": result.pruning,
+            "decoding": result.decoding,
+            "model": engine.model_name,
+        }
+        print(json.dumps(out))
+    elif args.stream:
+        sys.stdout.write("\n")
+    else:
+        print(result.text)
+    return 0
