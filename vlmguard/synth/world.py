@@ -99,7 +99,7 @@ class WorldParams:
     image_size: int = 96
     min_objects: int = 1
     max_objects: int = 5
-    object_count_weights: tuple[float, ...] = (0.06, 0.14, 0.34, 0.28, 0.18)  # for 1..5 objects
+    object_count_weights: tuple[float, ...] = (0.04, 0.1, 0.3, 0.3, 0.26)  # for 1..5 objects
     hidden_prob: float = 0.22  # chance that a *pair-completed* object is rendered nearly invisible
     hidden_prob_other: float = 0.06  # chance for any other object
     hidden_alpha: tuple[float, float] = (0.12, 0.22)

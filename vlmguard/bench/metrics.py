@@ -1,0 +1,72 @@
+"""Metrics of a stored run, recomputed from its samples (POPE, POPE-leading, CHAIR) plus timing figures."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+from typing import Any
+
+from vlmguard.bench.chair_score import aggregate as chair_aggregate
+from vlmguard.bench.pope_leading import flip_metrics
+from vlmguard.bench.pope_metrics import pope_metrics
+
+
+def _mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def perf_metrics(rows: list[sqlite3.Row | dict[str, Any]]) -> dict[str, Any]:
+    gen = [r["generated_tokens"] for r in rows if r["generated_tokens"] is not None]
+    tot = [r["total_s"] for r in rows if r["total_s"] is not None]
+    return {
+        "visual_tokens": _mean([r["visual_tokens"] for r in rows]),
+        "visual_tokens_kept": _mean([r["visual_tokens_kept"] for r in rows]),
+        "prefill_s": _mean([r["prefill_s"] for r in rows]),
+        "ttft_s": _mean([r["ttft_s"] for r in rows]),
+        "total_s": _mean(tot),
+        "generated_tokens": _mean(gen),
+    }
+
+
+def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, Any]:
+    run_id = run["run_id"]
+    rows = conn.execute(
+        "SELECT sample_key, label, prediction, record, visual_tokens, visual_tokens_kept, prefill_s, ttft_s,"
+        " total_s, generated_tokens FROM samples WHERE run_id = ? ORDER BY id",
+        (run_id,),
+    ).fetchall()
+    bench = run["benchmark"]
+    if bench == "pope":
+        out = pope_metrics((r["prediction"], r["label"]) for r in rows)
+    elif bench == "pope-leading":
+        neutral: dict[str, str | None] = {}
+        if run.get("neutral_run_id"):
+            neutral = dict(
+                conn.execute(
+                    "SELECT sample_key, prediction FROM samples WHERE run_id = ?", (run["neutral_run_id"],)
+                ).fetchall()
+            )
+        groups: dict[str, list[tuple[str, str, str | None, str | None]]] = {"all": [], "misleading": [], "consistent": []}
+        unpaired = 0
+        for r in rows:
+            if r["sample_key"] not in neutral:
+                unpaired += 1
+                continue
+            cue = json.loads(r["record"])["cue"]
+            item = (r["label"], "yes" if cue["polarity"] == "affirm" else "no", neutral[r["sample_key"]], r["prediction"])
+            groups["all"].append(item)
+            groups["misleading" if cue["misleading"] else "consistent"].append(item)
+        out = flip_metrics(groups["all"])
+        out["subsets"] = {k: flip_metrics(v) for k, v in groups.items() if k != "all"}
+        out["unpaired"] = unpaired
+        if unpaired:
+            out["flags"].append(f"{unpaired} samples have no neutral answer yet (neutral run incomplete)")
+    elif bench == "chair":
+        out = chair_aggregate(json.loads(r["record"]) for r in rows)
+    else:
+        out = {"n": len(rows), "flags": [f"unknown benchmark {bench!r}"]}
+    expected = run.get("n_expected")
+    out["complete"] = expected is not None and len(rows) >= expected
+    out["perf"] = perf_metrics(rows)
+    return out
