@@ -1,0 +1,1 @@
+"""Performance benchmarks: vlmguard perf prefill|decode|serve."""
