@@ -68,6 +68,10 @@ class DecodeContext:
     sampling: bool
     state: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # Request index of each current main row, in row order (branch row k*len(active)+j belongs to
+    # request active[j]). The engine keeps it current as finished requests leave the batch, so per-request
+    # state (hooks, coefficients) can be mapped to rows in ``combine`` and inside forward hooks.
+    active: list[int] = field(default_factory=list)
 
 
 class Decoder:

@@ -58,8 +58,14 @@ class Pruner:
         b = self.budget
         if b is None:
             return n_visual
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise InvalidInput(f"budget must be a number of visual tokens or a ratio in (0, 1], got {b!r}")
         if isinstance(b, float):
+            if not 0.0 < b <= 1.0:
+                raise InvalidInput(f"budget ratio must be in (0, 1], got {b}")
             return max(1, int(round(n_visual * b)))
+        if b < 1:
+            raise InvalidInput(f"budget must keep at least 1 visual token, got {b}")
         if b > n_visual:
             raise InvalidInput(f"budget {b} exceeds the {n_visual} visual tokens of the image")
         return int(b)

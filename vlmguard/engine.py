@@ -195,7 +195,7 @@ class Engine:
         prompts = self._prompts(requests)
         n_req = len(requests)
         dctx = DecodeContext(adapter=adapter, prompts=prompts, probe_forward=self.probe_forward,
-                             sampling=spec.sampling)
+                             sampling=spec.sampling, active=list(range(n_req)))
         decoder.setup(dctx)
         try:
             t_setup = time.perf_counter() - t0
@@ -237,7 +237,6 @@ class Engine:
             feats, kept_vision = pruner.prune_images(pctx)
         else:
             feats = adapter.image_features(batch)
-        feats = [f if (f is None or transforms[r] is None) else transforms[r](f) for r, f in enumerate(feats)]
         if kept_vision is not None:  # scatter kept features into full-size slots, then drop the rest
             full = []
             for r, f in enumerate(feats):
@@ -248,6 +247,8 @@ class Engine:
                 slot[kept_vision[r].to(f.device)] = f
                 full.append(slot)
             feats = full
+        # branch transforms see full-size (V, D) features indexed by visual index (pruned slots are zeros)
+        feats = [f if (f is None or transforms[r] is None) else transforms[r](f) for r, f in enumerate(feats)]
         seq = adapter.build_sequence(batch, feats, self.model.dtype, self.device)
         if kept_vision is not None:
             keep = ~seq.visual_mask() & seq.valid
@@ -285,6 +286,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre
+        hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
 
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
         final_visual = state.final_seq.visual
@@ -292,9 +294,7 @@ class Engine:
         for r in range(n_req):
             if not n_visual[r]:
                 kept_idx.append(None)
-            elif kept_vision is not None and kept_vision[r] is not None:
-                kept_idx.append(sorted(kept_vision[r].tolist()))
-            else:
+            else:  # the final sequence's visual indices: after vision-side and any LLM-side cut
                 v = final_visual[r]
                 kept_idx.append(sorted(v[v >= 0].tolist()))
 
@@ -302,6 +302,7 @@ class Engine:
         sampler = Sampler(spec, n_req, self.device)
         eos = set(adapter.eos_token_ids)
         active = list(range(n_req))  # request indices still generating, in row order
+        dctx.active = list(active)
         gen: list[list[int]] = [[] for _ in range(n_req)]
         steps: list[list[StepDiagnostic]] = [[] for _ in range(n_req)]
         sent_text = [""] * n_req
@@ -378,6 +379,7 @@ class Engine:
                 tokens = tokens[keep_j]
                 hidden = {k: v[keep_j] for k, v in hidden.items()}
                 active = [active[j] for j in keep_j]
+                dctx.active = list(active)
             t_dec = time.perf_counter()
             logits, hid = runner.decode_step(tokens.repeat(nb), state, hidden_layers=hidden_layers)
             hidden = {k: v[: len(active)] for k, v in hid.items()}

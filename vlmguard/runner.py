@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
+from vlmguard.kv_cache import GrowingCache
 from vlmguard.sequence import Seq, additive_mask, causal_allowed
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
@@ -69,7 +70,7 @@ class LayerRunner:
         """Run all layers on ``seq``. Returns last-position logits (B, V), the decode state and the
         residual stream of the last position after each layer in ``hidden_layers`` (B, D)."""
         ad = self.adapter
-        cache = DynamicCache()
+        cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
         visual_fed: list[torch.Tensor] = []
         captured: dict[int, torch.Tensor] = {}

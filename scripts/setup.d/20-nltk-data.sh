@@ -27,6 +27,9 @@ SHARED=${VLMGUARD_SHARED:-../shared}
 ZIP="$SHARED/refdata/nltk_data/averaged_perceptron_tagger.zip"
 if "$PY" -m vlmguard.bench.nltk_setup --check >/dev/null 2>&1; then
   echo "20-nltk-data: NLTK data already installed"
+elif [ ! -f "$ZIP" ]; then
+  # Without the shared reference data there is no tagger to convert; CHAIR will say so when used.
+  echo "20-nltk-data: WARNING: $ZIP not found (set VLMGUARD_SHARED); CHAIR scoring unavailable" >&2
 else
   "$PY" -m vlmguard.bench.nltk_setup --tagger-zip "$ZIP"
 fi

@@ -50,7 +50,8 @@ def load_gt_table(path: str | Path) -> GroundTruth:
     return out
 
 
-def _quiet_coco(path: Path):
+def quiet_coco(path: Path):
+    """``pycocotools.coco.COCO`` without its progress prints; bad files raise InvalidInput."""
     from pycocotools.coco import COCO
 
     if not path.is_file():
@@ -58,8 +59,10 @@ def _quiet_coco(path: Path):
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             return COCO(str(path))
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-            raise InvalidInput(f"{path}: not a COCO annotation file ({e})") from None
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        except (KeyError, TypeError, AssertionError) as e:
+            raise InvalidInput(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
 
 
 def gt_from_coco_files(
@@ -72,7 +75,7 @@ def gt_from_coco_files(
     wanted = set(image_ids) if image_ids is not None else None
     objects: dict[int, set[str]] = {}
     for path in instances_files:
-        coco = _quiet_coco(Path(path))
+        coco = quiet_coco(Path(path))
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         for imid in coco.getImgIds():
             if wanted is not None and imid not in wanted:
@@ -85,7 +88,7 @@ def gt_from_coco_files(
                 bucket.add(vocab.to_category[name])
     ext = None
     for path in captions_files:
-        coco = _quiet_coco(Path(path))
+        coco = quiet_coco(Path(path))
         ext = ext or extractor or default_extractor()
         for imid in coco.getImgIds():
             if wanted is not None and imid not in wanted:

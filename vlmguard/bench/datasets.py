@@ -30,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from vlmguard.bench.chair_gt import GroundTruth, coco_annotation_files, gt_from_coco_files, load_gt_table
+from vlmguard.bench.chair_gt import GroundTruth, coco_annotation_files, gt_from_coco_files, load_gt_table, quiet_coco
 from vlmguard.bench.chair_score import read_image_ids
 from vlmguard.bench.nltk_setup import shared_dir
 from vlmguard.bench.pope_data import DEFAULT_POPE_SET, SPLITS, PopeFile, load_pope_file, pope_set_path
@@ -103,13 +103,9 @@ class BenchDataset:
         inst, _ = coco_annotation_files(self.annotations_dir, splits)
         out: dict[int, str] = {}
         for f in inst:
-            with open(f, encoding="utf-8") as fh:
-                try:
-                    data = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise InvalidInput(f"{f}:{e.lineno}: bad JSON ({e.msg})") from None
-            for img in data.get("images", []):
-                out[int(img["id"])] = img["file_name"]
+            coco = quiet_coco(f)
+            for imid, img in coco.imgs.items():
+                out[int(imid)] = img["file_name"]
         return out
 
     def chair_image_ids(self, image_ids_file: Path | None = None) -> tuple[list[int], str]:
@@ -232,10 +228,11 @@ def default_synth_root() -> Path:
     except ImportError as e:
         raise InvalidInput(f"SynthCOCO is not available in this build ({e})") from None
     ds = default_dataset()
-    for attr in ("root", "path", "directory"):
-        if hasattr(ds, attr):
-            ds = getattr(ds, attr)
-            break
+    if not isinstance(ds, (str, os.PathLike)):
+        for attr in ("root", "path", "directory"):
+            if hasattr(ds, attr):
+                ds = getattr(ds, attr)
+                break
     return Path(ds)
 
 

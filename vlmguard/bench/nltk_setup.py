@@ -149,18 +149,14 @@ def install_wordnet(src: Path = DEBIAN_WORDNET_DIR, root: Path | None = None) ->
     return dest
 
 
-_registered: Path | None = None
-
-
 def register_nltk_data() -> Path:
     """Put the project's data directory first on ``nltk.data.path`` (idempotent)."""
-    global _registered
     import nltk
 
     root = nltk_data_dir()
-    if str(root) not in nltk.data.path:
-        nltk.data.path.insert(0, str(root))
-    _registered = root
+    if str(root) in nltk.data.path:
+        nltk.data.path.remove(str(root))
+    nltk.data.path.insert(0, str(root))
     return root
 
 

@@ -141,3 +141,36 @@ def score_answers(
         metrics["flags"].append(f"{missing} of {len(questions)} questions have no answer")
     metrics["parser"] = par.name  # type: ignore[attr-defined]
     return metrics
+
+
+def score_llava_answers(
+    answers: list[Answer],
+    llava_questions: PopeFile,
+    split_files: dict[str, PopeFile],
+    parser: str | None = None,
+    answers_path: str | Path = "answers",
+) -> dict[str, dict[str, Any]]:
+    """Per-split metrics for answers to LLaVA's 8910-line file (``llava_pope_test.jsonl``).
+
+    Labels come from the per-split files, aligned by category + order as LLaVA's ``eval_pope.py`` does
+    (see :func:`vlmguard.bench.pope_data.llava_test_labels`); answers are joined by question id.
+    """
+    from vlmguard.bench.pope_data import llava_test_labels
+
+    par = get_parser(parser)
+    labels = llava_test_labels(llava_questions, split_files)
+    pairs: dict[str, list[tuple[str | None, str]]] = {s: [] for s in split_files}
+    for a in answers:
+        if a.question_id not in labels:
+            raise InvalidInput(f"{answers_path}:{a.line}: question_id {a.question_id} is not in {llava_questions.path}")
+        split, label = labels[a.question_id]
+        pairs[split].append((par.parse(a.text, label), label))
+    out = {}
+    for split, ps in pairs.items():
+        m = pope_metrics(ps)
+        m["missing"] = sum(1 for s, _ in labels.values() if s == split) - len(ps)
+        if m["missing"]:
+            m["flags"].append(f"{m['missing']} questions of {split} have no answer")
+        m["parser"] = par.name  # type: ignore[attr-defined]
+        out[split] = m
+    return out

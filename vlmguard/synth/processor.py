@@ -60,10 +60,10 @@ def train_tokenizer(texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 512) -> PreTrainedTokenizerFast:
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
                                  pad_token=PAD, extra_special_tokens={"image_token": IMAGE},
-                                 model_max_length=512, padding_side="left")
+                                 model_max_length=model_max_length, padding_side="left")
     hf.chat_template = CHAT_TEMPLATE
     return hf
 

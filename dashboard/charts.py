@@ -1,0 +1,55 @@
+"""Altair charts of the leaderboard (data prepared by :mod:`vlmguard.dashboard.data`)."""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+LABELS = {"accuracy": "POPE accuracy (%)", "f1": "POPE F1 (%)", "visual_tokens_kept": "visual tokens kept (mean)",
+          "latency_ms": "latency per sample (ms)", "chair_i": "CHAIR_i (%)"}
+
+
+def tokens_chart(curve: pd.DataFrame, metric: str) -> alt.Chart:
+    """POPE accuracy or F1 vs visual tokens kept, one line per pruner (+ decoder), dashed per split."""
+    return alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("visual_tokens_kept:Q", title=LABELS["visual_tokens_kept"]),
+        y=alt.Y(f"{metric}:Q", title=LABELS[metric], scale=alt.Scale(zero=False)),
+        color=alt.Color("series:N", title="pruner / decoder"),
+        strokeDash=alt.StrokeDash("split:N"),
+        detail="model:N",
+        tooltip=["model", "split", "pruner", "budget", "decoding", alt.Tooltip(f"{metric}:Q", format=".2f"),
+                 alt.Tooltip("visual_tokens_kept:Q", format=".1f"), "run_id"],
+    ).properties(height=340)
+
+
+def chair_chart(long: pd.DataFrame) -> alt.Chart:
+    """CHAIR_s and CHAIR_i per decoder (one bar per run and metric)."""
+    return alt.Chart(long).mark_bar().encode(
+        x=alt.X("decoder:N", title="decoder"),
+        xOffset="metric:N",
+        y=alt.Y("mean(value):Q", title="CHAIR (%)"),
+        color=alt.Color("metric:N", scale=alt.Scale(domain=["CHAIR_s", "CHAIR_i"], range=["#d62728", "#ff9896"])),
+        tooltip=["decoder", "metric", alt.Tooltip("mean(value):Q", format=".2f", title="value"),
+                 alt.Tooltip("count():Q", title="runs")],
+    ).properties(height=320)
+
+
+def pareto_chart(frame: pd.DataFrame) -> alt.LayerChart:
+    """Accuracy vs latency per pruner x decoder; colour = CHAIR_i, filled = on the Pareto front."""
+    data = frame.dropna(subset=["accuracy", "latency_ms"]).assign(front=lambda d: d["pareto"].map({True: "on front", False: "dominated"}))
+    has_chair = data["chair_i"].notna().any()
+    color = (alt.Color("chair_i:Q", title="CHAIR_i (%)", scale=alt.Scale(scheme="reds")) if has_chair
+             else alt.value("#1f77b4"))
+    base = alt.Chart(data).encode(
+        x=alt.X("latency_ms:Q", title=LABELS["latency_ms"], scale=alt.Scale(zero=False)),
+        y=alt.Y("accuracy:Q", title=LABELS["accuracy"], scale=alt.Scale(zero=False)),
+    )
+    points = base.mark_point(size=140, strokeWidth=2).encode(
+        color=color, shape=alt.Shape("front:N", scale=alt.Scale(domain=["on front", "dominated"],
+                                                                 range=["diamond", "circle"])),
+        fill=color, tooltip=["model", "combo", alt.Tooltip("accuracy:Q", format=".2f"),
+                             alt.Tooltip("latency_ms:Q", format=".1f"), alt.Tooltip("chair_i:Q", format=".2f"), "front"],
+    )
+    labels = base.mark_text(align="left", dx=9, dy=-6, fontSize=11).encode(text="combo:N")
+    front = base.transform_filter(alt.datum.front == "on front").mark_line(strokeDash=[4, 3], color="gray").encode(
+        order="latency_ms:Q", detail="model:N")
+    return (front + points + labels).properties(height=380)

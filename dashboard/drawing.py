@@ -1,0 +1,164 @@
+"""Drawing helpers: kept visual tokens over the image, token scores as a heatmap, per-token probabilities.
+
+Visual tokens are in raster order over a grid of patches (engine API: ``kept_indices`` index
+``0..visual_tokens-1``). The grid is square for LLaVA-1.5 and the tiny model; LLaVA-NeXT puts the
+base-resolution grid (24 x 24) first, followed by the high-resolution tiles, so only the base grid is
+drawn; Qwen2-VL's grid follows the image's aspect ratio (merged 28-pixel patches).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+LLAVA_NEXT_BASE = 576
+DISPLAY_SIDE = 384
+SCORE_KEYS = ("visual_scores", "token_scores", "scores", "visual_token_scores")
+
+
+def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = None) -> tuple[int, int, int]:
+    """``(rows, cols, n_drawn)`` of the visual-token grid of an image of ``image_size`` = (width, height)."""
+    if n_tokens <= 0:
+        raise ValueError("no visual tokens to draw")
+    if family == "llava_next" and n_tokens > LLAVA_NEXT_BASE:
+        return 24, 24, LLAVA_NEXT_BASE
+    side = math.isqrt(n_tokens)
+    if side * side == n_tokens and family != "qwen2_vl":
+        return side, side, n_tokens
+    w, h = image_size
+    aspect = w / h if h else 1.0
+    best = (1, n_tokens)
+    for r in range(1, n_tokens + 1):
+        if n_tokens % r == 0:
+            c = n_tokens // r
+            if abs(math.log((c / r) / aspect)) < abs(math.log((best[1] / best[0]) / aspect)):
+                best = (r, c)
+    return best[0], best[1], n_tokens
+
+
+def display_image(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """RGB copy scaled so its longer side is ``side`` (small synthetic images are upscaled crisply)."""
+    img = image.convert("RGB")
+    w, h = img.size
+    scale = side / max(w, h)
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+
+
+def _cells(size: tuple[int, int], rows: int, cols: int):
+    w, h = size
+    for r in range(rows):
+        for c in range(cols):
+            yield r * cols + c, (round(c * w / cols), round(r * h / rows), round((c + 1) * w / cols),
+                                 round((r + 1) * h / rows))
+
+
+def kept_overlay(image: Image.Image, kept_indices: Sequence[int] | None, n_tokens: int,
+                 family: str | None = None, side: int = DISPLAY_SIDE) -> Image.Image:
+    """The image with pruned visual tokens dimmed and kept ones outlined (all kept when indices are None)."""
+    base = display_image(image, side)
+    rows, cols, n_drawn = token_grid(n_tokens, image.size, family)
+    kept = set(range(n_drawn)) if kept_indices is None else {int(i) for i in kept_indices if 0 <= int(i) < n_drawn}
+    shade = Image.new("L", base.size, 0)
+    d_shade = ImageDraw.Draw(shade)
+    boxes = dict(_cells(base.size, rows, cols))
+    for idx, box in boxes.items():
+        if idx not in kept:
+            d_shade.rectangle(box, fill=170)
+    dark = Image.new("RGB", base.size, (10, 10, 30))
+    out = Image.composite(dark, base, shade)
+    draw = ImageDraw.Draw(out)
+    for idx in sorted(kept):
+        x0, y0, x1, y1 = boxes[idx]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(60, 230, 90), width=1)
+    return out
+
+
+def heat_colors(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """(N, 3) uint8 colours of values min-max normalised to [0, 1] (constant input gives the low colour)."""
+    from matplotlib import colormaps
+
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    lo, hi = (v[finite].min(), v[finite].max()) if finite.any() else (0.0, 0.0)
+    norm = np.where(finite, (v - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
+    return (colormaps[cmap](norm)[:, :3] * 255).round().astype(np.uint8)
+
+
+def score_heatmap(image: Image.Image, scores: Sequence[float], family: str | None = None,
+                  alpha: float = 0.55, side: int = DISPLAY_SIDE) -> Image.Image:
+    """The per-visual-token scores as a heatmap blended over the image (brighter = higher score)."""
+    base = display_image(image, side)
+    n = len(scores)
+    rows, cols, n_drawn = token_grid(n, image.size, family)
+    colors = heat_colors(np.asarray(scores[:n_drawn], dtype=np.float64))
+    grid = colors.reshape(rows, cols, 3)
+    heat = Image.fromarray(grid, "RGB").resize(base.size, Image.Resampling.NEAREST)
+    return Image.blend(base, heat, alpha)
+
+
+def find_visual_scores(report: dict[str, Any] | None, n_tokens: int) -> tuple[str, list[float]] | None:
+    """Per-visual-token scores a pruner reported in its result diagnostics, as ``(key, scores)``.
+
+    Accepts a flat list of ``n_tokens`` numbers, or a list of such lists (per image row / per layer: the
+    first is taken), under one of :data:`SCORE_KEYS` (searched first) or any other key.
+    """
+    if not report or n_tokens <= 0:
+        return None
+
+    def as_scores(v: Any) -> list[float] | None:
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple)):
+            v = v[0]
+        if isinstance(v, (list, tuple)) and len(v) == n_tokens and all(isinstance(x, (int, float)) and
+                                                                     not isinstance(x, bool) for x in v):
+            return [float(x) for x in v]
+        return None
+
+    keys = [k for k in SCORE_KEYS if k in report] + [k for k in report if k not in SCORE_KEYS]
+    for k in keys:
+        s = as_scores(report[k])
+        if s is not None:
+            return k, s
+    return None
+
+
+def steps_frame(steps: Sequence[Any]) -> pd.DataFrame:
+    """Per generated token: main vs contrast probability, the decoder's score, and whether it changed the pick."""
+    rows = []
+    for i, s in enumerate(steps):
+        get = s.get if isinstance(s, dict) else (lambda k, _s=s: getattr(_s, k, None))
+        token_id, main_top = get("token_id"), get("main_top_id")
+        rows.append({
+            "step": i,
+            "token": get("token"),
+            "label": f"{i}:{get('token')}",
+            "main_prob": get("main_prob"),
+            "contrast_prob": get("contrast_prob"),
+            "score": get("score"),
+            "changed": main_top is not None and token_id is not None and main_top != token_id,
+        })
+    return pd.DataFrame(rows, columns=["step", "token", "label", "main_prob", "contrast_prob", "score", "changed"])
+
+
+def probs_chart(frame: pd.DataFrame):
+    """Grouped bars per generated token: main vs contrast probability; tokens the decoder changed are marked."""
+    import altair as alt
+
+    long = frame.melt(id_vars=["step", "label", "changed"], value_vars=["main_prob", "contrast_prob"],
+                      var_name="branch", value_name="probability").dropna(subset=["probability"])
+    long["branch"] = long["branch"].map({"main_prob": "main", "contrast_prob": "contrast"})
+    order = list(frame["label"])
+    bars = alt.Chart(long).mark_bar().encode(
+        x=alt.X("label:N", sort=order, title="generated token"),
+        xOffset="branch:N",
+        y=alt.Y("probability:Q", title="P(chosen token)"),
+        color=alt.Color("branch:N", scale=alt.Scale(domain=["main", "contrast"], range=["#1f77b4", "#ff7f0e"])),
+        opacity=alt.condition("datum.changed", alt.value(1.0), alt.value(0.75)),
+        tooltip=["label", "branch", alt.Tooltip("probability:Q", format=".3f"), "changed"],
+    )
+    marks = alt.Chart(frame[frame["changed"]]).mark_text(text="▼", dy=-8, color="crimson", fontSize=12).encode(
+        x=alt.X("label:N", sort=order), y=alt.value(0))
+    return (bars + marks).properties(height=260)

@@ -1,0 +1,209 @@
+"""The dashboard's links to the outside: the vlmguard service (HTTP client) and the Ray Jobs API.
+
+Pages never build these themselves; they call :func:`service_client` / :func:`jobs_backend`, which return
+the object stored in ``st.session_state`` under :data:`CLIENT_KEY` / :data:`JOBS_KEY` when there is one
+(tests inject stubs there) and otherwise the real thing built from :class:`DashboardConfig`.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Protocol, Sequence
+
+from vlmguard.dashboard.config import DashboardConfig
+
+CLIENT_KEY = "vlmguard_client"
+JOBS_KEY = "vlmguard_jobs"
+
+
+# ---- the generation service -------------------------------------------------------------------------
+
+
+class GenerationClient(Protocol):
+    """What the playground uses of :class:`vlmguard.client.Client`."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def models(self) -> Any: ...
+
+    def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None, **spec: Any) -> Any: ...
+
+    def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
+                        **spec: Any) -> Iterator[Any]: ...
+
+
+@dataclass
+class ServiceStatus:
+    ok: bool
+    url: str
+    models: list[str] = field(default_factory=list)
+    message: str = ""
+    families: dict[str, str | None] = field(default_factory=dict)
+
+
+def make_client(cfg: DashboardConfig, *, probe: bool = False) -> GenerationClient:
+    from vlmguard.client import Client
+
+    if probe:  # fail fast: the page must not hang when nothing listens
+        return Client(cfg.service_url, cfg.api_key, timeout=3.0, max_retries=0)
+    return Client(cfg.service_url, cfg.api_key, timeout=300.0, max_retries=2)
+
+
+def probe_service(client: GenerationClient, url: str) -> ServiceStatus:
+    """Is the service up, and which models does it serve? Never raises."""
+    try:
+        models = client.models()
+        data = getattr(models, "data", models)
+        cards = [m if isinstance(m, dict) else m.model_dump() for m in data]
+        names = [c["id"] for c in cards]
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable" to the page
+        msg = getattr(e, "message", None) or str(e) or type(e).__name__
+        return ServiceStatus(False, url, [], msg)
+    if not names:
+        return ServiceStatus(False, url, [], "the service serves no model")
+    return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards})
+
+
+def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[str, Any], decoding: str,
+                decoding_params: dict[str, Any], max_new_tokens: int, seed: int | None = None) -> dict[str, Any]:
+    """GenerationSpec fields for ``Client.generate`` (diagnostics on: the playground draws them)."""
+    spec: dict[str, Any] = {"pruning": pruning, "decoding": decoding, "max_new_tokens": int(max_new_tokens),
+                            "diagnostics": True}
+    if pruning != "none":
+        spec["budget"] = budget
+        if pruning_params:
+            spec["pruning_params"] = pruning_params
+    if decoding_params:
+        spec["decoding_params"] = decoding_params
+    if seed is not None:
+        spec["seed"] = int(seed)
+    return spec
+
+
+BASELINE_SPEC = {"pruning": "none", "decoding": "greedy"}
+
+
+# ---- Ray Jobs -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobRow:
+    job_id: str
+    status: str
+    entrypoint: str = ""
+    message: str = ""
+    start_time: int | None = None  # ms since the epoch (Ray's convention)
+    end_time: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def started(self) -> str:
+        return _fmt_ms(self.start_time)
+
+    @property
+    def ended(self) -> str:
+        return _fmt_ms(self.end_time)
+
+    @property
+    def bench_args(self) -> str:
+        """The ``vlmguard bench`` arguments of a benchmark job (its entrypoint after the module name)."""
+        parts = shlex.split(self.entrypoint) if self.entrypoint else []
+        if "vlmguard.workers.bench_job" in parts:
+            return shlex.join(parts[parts.index("vlmguard.workers.bench_job") + 1:])
+        return self.entrypoint
+
+    @property
+    def db(self) -> str | None:
+        parts = shlex.split(self.entrypoint) if self.entrypoint else []
+        for i, p in enumerate(parts):
+            if p == "--db" and i + 1 < len(parts):
+                return parts[i + 1]
+            if p.startswith("--db="):
+                return p[5:]
+        return None
+
+
+def _fmt_ms(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class JobsBackend(Protocol):
+    address: str
+
+    def list_jobs(self) -> list[JobRow]: ...
+
+    def submit(self, bench_argv: list[str]) -> str: ...
+
+    def logs(self, job_id: str) -> str: ...
+
+    def stop(self, job_id: str) -> bool: ...
+
+
+class RayJobsBackend:
+    """Benchmark jobs through :mod:`vlmguard.workers.jobs` (Ray's ``JobSubmissionClient``)."""
+
+    def __init__(self, address: str | None = None):
+        from vlmguard.workers import jobs
+
+        self._jobs = jobs
+        self.address = jobs.jobs_address(address)
+        self._client = None
+
+    def _c(self):
+        if self._client is None:
+            self._client = self._jobs.client(self.address)  # raises VlmguardError when unreachable
+        return self._client
+
+    def list_jobs(self) -> list[JobRow]:
+        rows = []
+        for j in self._c().list_jobs():
+            rows.append(JobRow(
+                job_id=j.submission_id or j.job_id or "?",
+                status=str(getattr(j.status, "value", j.status)),
+                entrypoint=j.entrypoint or "",
+                message=j.message or "",
+                start_time=j.start_time,
+                end_time=j.end_time,
+                metadata=dict(j.metadata or {}),
+            ))
+        return sorted(rows, key=lambda r: r.start_time or 0, reverse=True)
+
+    def submit(self, bench_argv: list[str]) -> str:
+        return self._jobs.submit_bench(bench_argv, address=self.address)
+
+    def logs(self, job_id: str) -> str:
+        return self._jobs.logs(job_id, self.address)
+
+    def stop(self, job_id: str) -> bool:
+        return self._jobs.stop(job_id, self.address)
+
+
+def bench_argv(benchmark: str, *, db: str, limit: int | None, splits: Sequence[str] = (), pruning: str = "none",
+               budget: int | float | None = None, decoding: str = "greedy", decoding_params: dict[str, Any] | None = None,
+               dataset: str = "synthcoco", model: str | None = None, batch_size: int | None = None,
+               max_new_tokens: int | None = None) -> list[str]:
+    """The argument list of ``vlmguard job submit bench ...`` for one sweep point."""
+    argv = [benchmark, "--dataset", dataset, "--db", db]
+    if benchmark != "chair":
+        for s in splits:
+            argv += ["--split", s]
+    if limit:
+        argv += ["--limit", str(int(limit))]
+    if model:
+        argv += ["--model", model]
+    if pruning and pruning != "none":
+        argv += ["--pruning", pruning]
+        if budget is not None:
+            argv += ["--budget", str(budget)]
+    if decoding and decoding != "greedy":
+        argv += ["--decoding", decoding]
+    for k, v in (decoding_params or {}).items():
+        argv += ["--decoding-param", f"{k}={v}"]
+    if batch_size:
+        argv += ["--batch-size", str(int(batch_size))]
+    if max_new_tokens:
+        argv += ["--max-new-tokens", str(int(max_new_tokens))]
+    return argv

@@ -1,0 +1,122 @@
+"""Rule-based query neutralizer and leading-cue synthesis for LQCD (``shared/methods/lqcd.md`` 4.2-4.3).
+
+``neutralize(text)`` strips leading cues (sentences before or after a question) line by line: the
+"pope-leading v1" template bank (weak "It seems like there is(n't).", strong "I'm sure there is ...",
+deceptive "There is (no) X in the image.") plus a small lexicon ("I think/believe/feel ...", "It seems /
+looks like ...", "Obviously/Clearly ...", tag questions "right?", "isn't it?"). A cue is only removed
+from a line that keeps a question, so plain statements and instructions are never touched.
+
+``leading_variants(text)`` builds the synthetic amateurs for a neutral query: a polar question gets a
+yes-cue and a no-cue (the POPE weak cues for POPE-form questions), an open-ended request gets the
+"expectation" cue that invites prior-driven objects.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+POLAR_RE = re.compile(r"^(Is|Are|Do|Does|Did|Can|Could|Was|Were|Has|Have|Will|Would)\b.*\?$")
+POPE_RE = re.compile(r"^Is there (a|an) (.+) in the (image|imange)\?$")
+SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+TAG_SUFFIX = re.compile(r",\s*(right|isn't it|is it not|correct|don't you think)\?$", re.IGNORECASE)
+
+# (pattern over one sentence, cue strength sigma in [0, 1])
+CUE_PATTERNS: list[tuple[re.Pattern[str], float]] = [
+    (re.compile(r"^It (seems|looks|appears)( like| as if| as though| that)?\b.*[.!]$", re.IGNORECASE), 0.5),
+    (re.compile(r"^(I'm|I am|I’m) (sure|certain|confident|positive)\b.*[.!]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^I (think|believe|feel|guess|suppose|expect)\b.*[.!]$", re.IGNORECASE), 0.5),
+    (re.compile(r"^(Obviously|Clearly|Surely|Definitely|Of course)\b.*[.!]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^There (is|are)( no| not)?\b.*\bin the (image|imange|picture|photo)[.!]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^(right|isn't it|is it not|correct|am I right|don't you think)\?$", re.IGNORECASE), 0.5),
+]
+
+WEAK_AFFIRM = "It seems like there is."
+WEAK_DENY = "It seems like there isn't."
+GENERIC_AFFIRM = "I think the answer is yes."
+GENERIC_DENY = "I think the answer is no."
+EXPECTATION_CUE = "I expect it shows a typical scene with all the objects that usually appear in one."
+
+
+@dataclass
+class Neutralized:
+    text: str  # the neutral query (equal to the input when nothing was stripped)
+    changed: bool
+    strength: float  # strongest stripped cue (0 when nothing was stripped)
+    removed: list[str]
+
+
+def _cue_strength(sentence: str) -> float | None:
+    for pat, sigma in CUE_PATTERNS:
+        if pat.match(sentence):
+            return sigma
+    return None
+
+
+def _neutralize_line(line: str) -> tuple[str, float, list[str]]:
+    stripped = line.strip()
+    if not stripped:
+        return line, 0.0, []
+    sentences = SENTENCE_SPLIT.split(stripped)
+    kept: list[str] = []
+    removed: list[str] = []
+    strength = 0.0
+    for s in sentences:
+        sigma = _cue_strength(s)
+        if sigma is not None:
+            removed.append(s)
+            strength = max(strength, sigma)
+        else:
+            kept.append(s)
+    questions = [s for s in kept if s.endswith("?")]
+    if removed and not questions:  # never strip a line that would keep no question
+        return line, 0.0, []
+    if kept and TAG_SUFFIX.search(kept[-1]) and kept[-1].endswith("?"):
+        tag = TAG_SUFFIX.search(kept[-1]).group(0)
+        kept[-1] = kept[-1][: -len(tag)] + "?"
+        removed.append(tag.strip(", "))
+        strength = max(strength, 0.5)
+    if not removed:
+        return line, 0.0, []
+    return " ".join(kept), strength, removed
+
+
+def neutralize(text: str) -> Neutralized:
+    """Strip leading cues from every line of ``text`` (only the user's text; no template)."""
+    out_lines: list[str] = []
+    removed: list[str] = []
+    strength = 0.0
+    for line in text.split("\n"):
+        new, sigma, rem = _neutralize_line(line)
+        out_lines.append(new)
+        removed.extend(rem)
+        strength = max(strength, sigma)
+    out = "\n".join(out_lines)
+    return Neutralized(text=out, changed=bool(removed), strength=strength, removed=removed)
+
+
+def polar_line(text: str) -> int | None:
+    """Index of the first line that is a polar (yes/no) question, else None."""
+    for i, line in enumerate(text.split("\n")):
+        if POLAR_RE.match(line.strip()):
+            return i
+    return None
+
+
+def with_cue_after_line(text: str, line_index: int, cue: str) -> str:
+    lines = text.split("\n")
+    lines[line_index] = lines[line_index].rstrip() + " " + cue
+    return "\n".join(lines)
+
+
+def leading_variants(text: str, mode: str) -> tuple[str, list[str]]:
+    """(resolved mode, amateur texts) for a neutral query. ``mode``: auto | symmetric | expectation | off."""
+    if mode == "off":
+        return "off", []
+    li = polar_line(text)
+    if mode in ("auto", "symmetric") and li is not None:
+        q = text.split("\n")[li].strip()
+        pos, neg = (WEAK_AFFIRM, WEAK_DENY) if POPE_RE.match(q) else (GENERIC_AFFIRM, GENERIC_DENY)
+        return "symmetric", [with_cue_after_line(text, li, pos), with_cue_after_line(text, li, neg)]
+    if mode in ("auto", "expectation"):
+        return "expectation", [text.rstrip() + " " + EXPECTATION_CUE]
+    return "off", []

@@ -1,0 +1,172 @@
+"""VISTA — Visual Information Steering with Token-logit Augmentation (Li et al., ICML 2025;
+``shared/methods/vista.md``; follows the reference code where paper and code differ).
+
+- VSV (visual steering vector): in ``setup``, one batched pre-pass over P+ (the prompt with its image) and
+  P- (the same prompt with the image placeholders removed) records the last-position residual after every
+  decoder layer; v_l = h_l(P+) - h_l(P-). During prefill and decoding a forward hook on every steered
+  layer's MLP rotates its output x toward v_l, keeping its norm:
+      g = 1 + max(0, cos(x, -v_l)),  x' = |x| * normalize(x/|x| + lambda * g * v_l/|v_l|)
+- SLA (self-logits augmentation): the decode loop hands ``combine`` the main rows' residual stream after
+  the window layers [L-1-w, L-2]; the final logits become
+      z = (1 - alpha) * W N(h_last) + alpha * W mean_l h_l      (no final norm on the window, as the code)
+  computed as (1 - alpha) * logits + alpha * lm_head(mean h_l), exact since lm_head is linear.
+No extra branches: VISTA lives inside the forward pass, so any pruner and the sampler compose with it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs
+from vlmguard.decoding.contrast import log_probs
+from vlmguard.decoding.registry import DECODERS
+from vlmguard.decoding.views import image_free_prompt
+
+
+class VISTAParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vsv_lambda: float = Field(0.1, ge=0.0, le=1.0, description="steering strength (0 = VSV off)")
+    sla_alpha: float = Field(0.3, ge=0.0, le=1.0, description="self-logits mixing weight (0 = SLA off)")
+    sla_window: int | None = Field(None, ge=1, description="window size w (None: round(0.19 * layers))")
+    sla_apply_final_norm: bool = Field(False, description="apply the final norm to window layers")
+    vsv_layers: tuple[int, int] | None = Field(None, description="steer layers[start:end] (None: all)")
+    simple_mode: bool = Field(False, description="fixed gain 1 instead of the adaptive gain")
+    reference_pca_quirk: bool = Field(True, description="add 1.0 to v_0[0] as the reference code does")
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "VISTAParams":
+        if self.vsv_layers is not None:
+            s, e = self.vsv_layers
+            if s < 0 or e <= s:
+                raise ValueError(f"vsv_layers must be (start, end) with 0 <= start < end, got {self.vsv_layers}")
+        return self
+
+
+def steer(x: torch.Tensor, v_unit: torch.Tensor, lam: float, simple: bool = False) -> torch.Tensor:
+    """The VSV rotation of MLP outputs x (B, T, D) toward unit vectors v_unit (B, D); fp32 math."""
+    xf = x.float()
+    norm = xf.norm(dim=-1, keepdim=True)
+    safe = norm.clamp(min=1e-12)
+    xhat = xf / safe
+    v = v_unit[:, None, :]
+    if simple:
+        gain = torch.ones_like(norm)
+    else:
+        gain = 1.0 + (-(xhat * v).sum(dim=-1, keepdim=True)).clamp(min=0.0)
+    mixed = xhat + lam * gain * v
+    out = norm * mixed / mixed.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    out = torch.where(norm > 0, out, xf)
+    return out.to(x.dtype)
+
+
+def sla_window(num_layers: int, w: int | None) -> tuple[int, ...]:
+    """0-based window [L-1-w, L-2] (the w layers just below the last one)."""
+    if w is None:
+        w = max(1, round(0.19 * num_layers))
+    w = min(w, num_layers - 1)
+    return tuple(range(num_layers - 1 - w, num_layers - 1))
+
+
+@DECODERS.register("vista")
+class VISTA(Decoder):
+    name = "vista"
+    Params = VISTAParams
+
+    def __init__(self, params: BaseModel):
+        super().__init__(params)
+        self.hidden_layers = ()
+        self._handles: list[Any] = []
+        self._rows_key: tuple | None = None
+
+    # ---- setup: steering vectors + hooks -------------------------------------------------------
+    def setup(self, ctx: DecodeContext) -> None:
+        self.ctx = ctx
+        p = self.params
+        ad = ctx.adapter
+        n_layers = ad.num_layers
+        self.hidden_layers = sla_window(n_layers, p.sla_window) if p.sla_alpha > 0 else ()
+        s, e = p.vsv_layers if p.vsv_layers is not None else (0, n_layers)
+        if e > n_layers:
+            from vlmguard.errors import InvalidInput
+
+            raise InvalidInput(f"vista: vsv_layers end {e} exceeds the model's {n_layers} layers")
+        self.steered = list(range(s, e))
+        n = len(ctx.prompts)
+        self.has_image = [bool(pr.images) for pr in ctx.prompts]
+        ctx.report.update({"applied": [p.vsv_lambda > 0 and h for h in self.has_image],
+                           "sla_layers": list(self.hidden_layers), "vsv_layers": [s, e]})
+        if p.vsv_lambda <= 0 or not any(self.has_image):
+            return
+        with_img = [i for i in range(n) if self.has_image[i]]
+        pos = [ctx.prompts[i] for i in with_img]
+        neg = [image_free_prompt(ad, ctx.prompts[i]) for i in with_img]
+        probe = ctx.probe_forward(pos + neg, hidden_layers=tuple(range(n_layers)))
+        hid = probe["hidden"]
+        k = len(with_img)
+        d = hid[0].shape[-1]
+        dev = hid[0].device
+        v = torch.zeros(n, n_layers, d, dtype=torch.float32, device=dev)
+        for layer in range(n_layers):
+            h = hid[layer].float()
+            v[with_img, layer] = h[:k] - h[k:]
+        if p.reference_pca_quirk:
+            v[with_img, 0, 0] += 1.0
+        norms = v.norm(dim=-1, keepdim=True)
+        self.v_unit = torch.where(norms > 0, v / norms.clamp(min=1e-12), torch.zeros_like(v))
+        self.row_on = torch.tensor(self.has_image, dtype=torch.bool, device=dev)
+        ctx.report["vsv_norms"] = [[round(float(x), 4) for x in norms[i, :, 0]] for i in range(n)]
+        try:
+            for layer in self.steered:
+                mlp = ad.layers[layer].mlp
+                self._handles.append(mlp.register_forward_hook(self._make_hook(layer)))
+        except Exception:
+            self.teardown(ctx)
+            raise
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                return None
+            req = self._row_requests(output.shape[0])
+            v = self.v_unit[req, layer].to(output.device)
+            on = self.row_on[req].to(output.device)[:, None, None]
+            steered = steer(output, v, self.params.vsv_lambda, self.params.simple_mode)
+            return torch.where(on, steered, output)
+
+        return hook
+
+    def _row_requests(self, rows: int) -> torch.Tensor:
+        """Request index of each batch row (branch-major rows; ``ctx.active`` maps main rows)."""
+        active = tuple(self.ctx.active)
+        key = (active, rows)
+        if self._rows_key != key:
+            self._rows_key = key
+            self._rows = torch.tensor([active[r % len(active)] for r in range(rows)], device=self.v_unit.device)
+        return self._rows
+
+    def teardown(self, ctx: DecodeContext) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ---- per step: SLA --------------------------------------------------------------------------
+    def window_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        ad = self.ctx.adapter
+        hs = [hidden[i] for i in self.hidden_layers]
+        if self.params.sla_apply_final_norm:
+            hs = [ad.norm(h[:, None])[:, 0] for h in hs]
+        mean = torch.stack([h.float() for h in hs], dim=0).mean(dim=0)
+        w = ad.lm_head.weight
+        return ad.lm_head(mean.to(w.dtype)).float()
+
+    def combine(self, step: StepInputs) -> Combined:
+        main = log_probs(step.logits["main"])
+        a = self.params.sla_alpha
+        if a <= 0 or not self.hidden_layers:
+            return Combined(scores=main, main_logprobs=main)
+        window = self.window_logits(step.hidden)
+        z = (1.0 - a) * step.logits["main"].float() + a * window
+        return Combined(scores=torch.log_softmax(z, dim=-1), main_logprobs=main, contrast_logprobs=log_probs(window))

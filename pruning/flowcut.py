@@ -1,0 +1,259 @@
+"""FlowCut (Tong et al., NeurIPS 2025): information-flow-guided visual-token pruning.
+
+Stage V (LLaVA-1.5; each LLaVA-NeXT crop): progressive pruning inside the CLIP vision tower, see
+:mod:`vlmguard.pruning.flowcut_vision`. LLaVA-1.5 keeps K patches per image (a row's budget is split over
+its images); LLaVA-NeXT keeps floor(K/2) per crop, then scatters the survivors into the packed anyres
+layout (base crop first, then the unpadded high-res grid read row-major; no newline tokens when there
+are several crops, as in the reference).
+
+Stage L (LLaVA-NeXT, Qwen2-VL): at decoder layer 1, from that layer's own post-RoPE q/k and v (the
+engine's cheap score facility, last prompt token as the query), per row over the visual positions:
+
+    r = mean_h softmax_vis(q_t k^T / sqrt(d)),  u = mean_h softmax_vis(v_t v^T / sqrt(d)),
+    d = || mean_h v ||_1,  S = (r + u) * d  -> keep the top K (ascending order)
+
+and layer 1's output is cut. Rows with <= K visual tokens are left alone.
+
+Positions (``position_mode = "compact"``): after stage V the K kept tokens sit where ``<image>`` was and
+get contiguous positions, text after them moves down (the reference builds a physically shorter input).
+Stage L keeps the positions layers 0-1 saw (original-position "preserve" rule, as FastV): the reference
+renumbers layers >= 2 contiguously and gives each layer group its own decode position, which a single
+rotary position per decode step cannot express; documented deviation.
+
+Qwen2-VL: stage L only (the reference's Qwen ViT stage, 2K merged tokens inside the windowed ViT, is not
+implemented); the cut at layer 1 goes straight to K.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlmguard.attention import ScoreRequest
+from vlmguard.errors import InvalidInput
+from vlmguard.pruning.base import PruneContext, Pruner
+from vlmguard.pruning.flowcut_vision import run_stage_v, selected_layer
+from vlmguard.pruning.registry import PRUNERS
+from vlmguard.pruning.scores import keep_mask_from_positions, last_query_rows, record_stage, top_sorted
+from vlmguard.sequence import Seq
+
+CLIP_FAMILIES = ("llava", "llava_next")
+
+
+class FlowCutParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: float = Field(0.5, ge=0.0, le=1.0, description="running-score weight of the history")
+    prune_every: int = Field(2, ge=1, description="prune when (f - l) % prune_every == 0")
+    llm_layer: int = Field(1, ge=0, description="stage-L decoder layer (LLaVA-NeXT / Qwen2-VL)")
+    reference_batch_coupling: bool = Field(False, description="share the prune count over the whole batch "
+                                                              "(the reference's max-over-batch)")
+
+
+def split_budget(total: int, parts: int) -> list[int]:
+    """Split a row budget over its images: as even as possible, earlier images get the remainder."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if j < extra else 0) for j in range(parts)]
+
+
+def stage_l_scores(probs: torch.Tensor, values: torch.Tensor, vis_pos: torch.Tensor, query: int) -> torch.Tensor:
+    """FlowCut's LLM-side score for one row.
+
+    probs (H, L) attention of the last prompt token over all keys (fp32); values (H_kv, L, d).
+    """
+    p = probs[:, vis_pos].float()
+    r = (p / p.sum(dim=-1, keepdim=True).clamp(min=1e-30)).mean(dim=0)
+    v = values.float()
+    scale = v.shape[-1] ** -0.5
+    u = torch.softmax(torch.einsum("hd,hkd->hk", v[:, query], v[:, vis_pos]) * scale, dim=-1).mean(dim=0)
+    dens = v[:, vis_pos].mean(dim=0).abs().sum(dim=-1)
+    return (r + u) * dens
+
+
+@PRUNERS.register("flowcut")
+class FlowCutPruner(Pruner):
+    name = "flowcut"
+    Params = FlowCutParams
+    side = "both"
+    position_mode = "compact"
+
+    # ---- budgets ---------------------------------------------------------------------------
+    def check_budget(self, ctx: PruneContext) -> None:
+        super().check_budget(ctx)
+        fam = ctx.adapter.family
+        if fam in CLIP_FAMILIES:
+            n_imgs = self._images_per_row(ctx)
+            for r, n in enumerate(ctx.n_visual):
+                if n and self.keep_count(n) < n_imgs[r]:
+                    raise InvalidInput(f"flowcut: budget {self.keep_count(n)} is below one token per image "
+                                       f"({n_imgs[r]} images in request row {r})")
+        if fam != "llava" and self.params.llm_layer >= ctx.adapter.num_layers - 1:
+            raise InvalidInput(f"flowcut: llm_layer {self.params.llm_layer} must be below the model's "
+                               f"{ctx.adapter.num_layers} decoder layers")
+
+    @staticmethod
+    def _images_per_row(ctx: PruneContext) -> list[int]:
+        counts = [0] * len(ctx.n_visual)
+        for r in ctx.batch.rows_with_images:
+            counts[r] += 1
+        return counts
+
+    # ---- stage V -----------------------------------------------------------------------------
+    def prune_images(self, ctx: PruneContext):
+        ad, batch = ctx.adapter, ctx.batch
+        n_rows = batch.input_ids.shape[0]
+        if ad.family not in CLIP_FAMILIES:  # Qwen2-VL: stage L only
+            return ad.image_features(batch), [None] * n_rows
+        budgets = [self.keep_count(n) if n else 0 for n in ctx.n_visual]
+        if all(not n or budgets[r] >= n for r, n in enumerate(ctx.n_visual)):
+            return ad.image_features(batch), [None] * n_rows  # nothing to cut: the exact unpruned path
+        if ad.family == "llava":
+            return self._stage_v_llava(ctx, budgets)
+        return self._stage_v_next(ctx, budgets)
+
+    def _tower_setup(self, ctx: PruneContext):
+        ad = ctx.adapter
+        tower = ad.vision_tower
+        last = selected_layer(tower, ad.vision_feature_layer)
+        keep_cls = ad.vision_feature_select_strategy == "full"
+        return tower, last, keep_cls
+
+    def _stage_v_llava(self, ctx: PruneContext, budgets: list[int]):
+        ad, batch = ctx.adapter, ctx.batch
+        tower, last, keep_cls = self._tower_setup(ctx)
+        pv = batch.vision_inputs["pixel_values"].to(ad.model.device, ad.model.dtype)
+        rows = batch.rows_with_images
+        n_imgs = self._images_per_row(ctx)
+        per_img_tokens = [ctx.n_visual[r] // n_imgs[r] for r in rows]
+        targets: list[int] = []
+        seen: dict[int, int] = {}
+        for j, r in enumerate(rows):
+            share = split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)]
+            seen[r] = seen.get(r, 0) + 1
+            targets.append(max(share - 1, 0) if keep_cls else share)  # "full": CLS takes one slot
+        groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
+        res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
+        feats: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
+        kept: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
+        offset: dict[int, int] = {}
+        for j, r in enumerate(rows):
+            hs = res.features[j] if keep_cls else res.features[j][1:]
+            idx = torch.cat([torch.zeros(1, dtype=torch.long, device=hs.device), res.kept[j] + 1]) if keep_cls \
+                else res.kept[j]
+            feats[r].append(ad.project(hs[None])[0])
+            kept[r].append(idx + offset.get(r, 0))
+            offset[r] = offset.get(r, 0) + per_img_tokens[j]
+        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
+        ctx.report["flowcut_vit_events"] = res.events
+        return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
+
+    def _stage_v_next(self, ctx: PruneContext, budgets: list[int]):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        ad, batch = ctx.adapter, ctx.batch
+        if ad.vision_feature_select_strategy != "default":
+            raise InvalidInput("flowcut on LLaVA-NeXT needs vision_feature_select_strategy='default'")
+        tower, last, _ = self._tower_setup(ctx)
+        model = ad.model.model
+        cfg = ad.config
+        pv = batch.vision_inputs["pixel_values"]
+        sizes = batch.vision_inputs["image_sizes"]
+        n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                             patch_size=cfg.vision_config.image_size) for s in sizes]
+        if pv.dim() == 5:
+            pv = torch.cat([p[:n] for p, n in zip(pv, n_crops)], dim=0)
+        pv = pv.to(ad.model.device, ad.model.dtype)
+        rows = batch.rows_with_images
+        n_imgs = self._images_per_row(ctx)
+        targets, groups, crop_img = [], [], []
+        seen: dict[int, int] = {}
+        for j, r in enumerate(rows):
+            share = split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)]
+            seen[r] = seen.get(r, 0) + 1
+            for _ in range(n_crops[j]):
+                targets.append(max(share // 2, 1))
+                groups.append(0 if self.params.reference_batch_coupling else j)
+                crop_img.append(j)
+        res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
+        g2 = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        feats: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(len(ctx.n_visual))]
+        offset: dict[int, int] = {}
+        crop0 = 0
+        for j, r in enumerate(rows):
+            nc = n_crops[j]
+            layout = self._next_layout(model, nc, g2, sizes[j])  # flat (crop*g2+patch) -> packed position
+            pos_list, feat_list = [], []
+            for c in range(nc):
+                k = res.kept[crop0 + c]
+                hs = res.features[crop0 + c][1:]
+                pos = layout[c * g2 + k.cpu()]
+                present = pos >= 0  # unpadding removes patches that fall in the letterbox
+                pos_list.append(pos[present])
+                feat_list.append(ad.project(hs[present.to(hs.device)][None])[0])
+            if nc == 1:  # a single crop keeps its newline token (last position of the packed layout)
+                n_tok = int((layout >= 0).sum()) + 1
+                pos_list.append(torch.tensor([n_tok - 1]))
+                feat_list.append(model.image_newline[None].to(feat_list[0].dtype))
+            pos_all = torch.cat(pos_list)
+            feat_all = torch.cat(feat_list)
+            order = torch.argsort(pos_all)
+            base = offset.get(r, 0)
+            feats[r].append((feat_all[order.to(feat_all.device)], pos_all[order] + base))
+            offset[r] = base + self._packed_len(model, nc, g2, sizes[j])
+            crop0 += nc
+        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
+        out_f = [torch.cat([f for f, _ in fs]) if fs else None for fs in feats]
+        out_k = [torch.cat([k for _, k in fs]) if fs else None for fs in feats]
+        return out_f, out_k
+
+    @staticmethod
+    def _pack_indices(model, n_crops: int, g2: int, size) -> torch.Tensor:
+        ids = torch.arange(n_crops * g2, dtype=torch.float32).view(n_crops, g2, 1)
+        packed, _ = model.pack_image_features([ids], torch.as_tensor(size)[None], "default",
+                                              image_newline=torch.tensor([-1.0]))
+        packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+        return packed[:, 0].round().long()
+
+    def _next_layout(self, model, n_crops: int, g2: int, size) -> torch.Tensor:
+        packed = self._pack_indices(model, n_crops, g2, size)
+        layout = torch.full((n_crops * g2,), -1, dtype=torch.long)
+        is_tok = packed >= 0
+        layout[packed[is_tok]] = is_tok.nonzero().squeeze(1)
+        return layout
+
+    def _packed_len(self, model, n_crops: int, g2: int, size) -> int:
+        return int(self._pack_indices(model, n_crops, g2, size).numel())
+
+    # ---- stage L -----------------------------------------------------------------------------
+    def _stage_l_rows(self, ctx: PruneContext, seq: Seq) -> list[int | None]:
+        vis = seq.visual_counts().tolist()
+        out: list[int | None] = []
+        for r, n0 in enumerate(ctx.n_visual):
+            k = self.keep_count(n0) if n0 else 0
+            out.append(k if n0 and vis[r] > k else None)
+        return out
+
+    def before_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq) -> ScoreRequest | None:
+        if ctx.adapter.family == "llava" or layer_idx != self.params.llm_layer:
+            return None
+        if all(k is None for k in self._stage_l_rows(ctx, seq)):
+            return None
+        rows = last_query_rows(seq)
+        return ScoreRequest(query_index=rows, key_mask=seq.valid, query_pos=rows, per_head=True, want_values=True)
+
+    def after_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq, req: ScoreRequest | None):
+        if req is None or layer_idx != self.params.llm_layer:
+            return None
+        ks = self._stage_l_rows(ctx, seq)
+        vis = seq.visual_mask()
+        kept: list[torch.Tensor | None] = []
+        for r, k in enumerate(ks):
+            if k is None:
+                kept.append(None)
+                continue
+            pos = vis[r].nonzero().squeeze(1)
+            s = stage_l_scores(req.probs[r, :, 0], req.values[r], pos, seq.length - 1)
+            kept.append(pos[top_sorted(s, k)])
+        if all(k is None for k in kept):
+            return None
+        record_stage(ctx, "flowcut_llm_kept", layer_idx, seq, kept)
+        return keep_mask_from_positions(seq, kept)

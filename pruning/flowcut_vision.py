@@ -1,0 +1,180 @@
+"""FlowCut stage V: progressive, entropy-scheduled pruning inside a CLIP vision tower (CLS token).
+
+Drives the tower's own modules layer by layer (``embeddings`` -> ``pre_layrnorm`` -> ``encoder.layers``
+up to the layer LLaVA selects). At every layer, while an image still holds more patches than its target
+K, the CLS row of that layer's attention and the value vectors come from the engine's cheap score
+facility (``score_probe(layer.self_attn, ScoreRequest(query_index=CLS, query_pos=None, per_head=True,
+want_values=True))``), and per image (N = patches present, CLS excluded):
+
+    a = renorm(drop_cls(mean_h softmax_all(q_cls k^T / sqrt(d))))       attention strength
+    s = renorm(drop_cls(mean_h softmax_all(v_cls v^T)))                 semantic relevance (no scale)
+    d = || mean_h v ||_1                                                information density
+    S = (a + s) * d ;  C = S (first scored layer), else C = h C + (1 - h) S  (h = 0.5)
+
+Pruning layers: l with (f - l) % 2 == 0, f = selected layer - 1 (the reference's "remaining prune layers"
+L = f - l; CLIP-L/336 with layer -2: l = 1, 3, ..., 21). There, rho = H(a) / log N,
+P = round((N - K) / sqrt(L) * (1 - rho^2)) (L = 0: cut to exactly K), M = max(N - P, K); keep the top-M
+patches by C, sorted ascending (ties: lower index). The cut applies to the layer's output.
+
+Schedules are per group of tensors: an image (LLaVA-1.5) or all crops of one image (LLaVA-NeXT, whose
+reference shares the count across the crops it sees at batch size 1). The reference's max-over-batch
+coupling is available as ``couple_all=True``. Images in a batch are kept rectangular with a key-padding
+mask, so a batch selects exactly what each image selects alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmguard.attention import ScoreRequest, score_probe
+from vlmguard.errors import InvalidInput
+from vlmguard.sequence import additive_mask
+
+
+@dataclass
+class StageVResult:
+    features: list[torch.Tensor]  # per image (or crop): (kept, D_vision) hidden states of the selected layer
+    kept: list[torch.Tensor]  # per image: kept token indices into the image's own token set, ascending
+    tokens_per_layer: list[list[int]]  # per image: tokens (incl. CLS) fed to each vision layer run
+    events: list[list[tuple[int, int]]] = field(default_factory=list)  # per image: (layer, patches after)
+
+
+def selected_layer(tower, vision_feature_layer) -> int:
+    """Index of the encoder layer whose output LLaVA feeds the LLM (hidden_states[vfl])."""
+    if not isinstance(vision_feature_layer, int):
+        raise InvalidInput("flowcut supports a single vision_feature_layer (this model concatenates several)")
+    n = len(tower.encoder.layers)
+    idx = vision_feature_layer if vision_feature_layer >= 0 else n + 1 + vision_feature_layer
+    if not 1 <= idx <= n:
+        raise InvalidInput(f"flowcut: vision_feature_layer {vision_feature_layer} selects no encoder layer")
+    return idx - 1
+
+
+def prune_count(a: torch.Tensor, n: int, target: int, remaining: int) -> int:
+    """Patches to prune at a pruning layer: round((N - K)/sqrt(L) * (1 - rho^2)); L = 0 forces N - K.
+
+    a: (N,) attention strength over the present patches (sums to 1). Result in [0, N - K].
+    """
+    if n <= target:
+        return 0
+    if remaining <= 0:
+        return n - target
+    a = a.double()
+    entropy = float(-torch.xlogy(a, a).sum())
+    rho = entropy / math.log(n) if n > 1 else 1.0
+    p = torch.round(torch.tensor((n - target) / math.sqrt(remaining) * (1.0 - rho * rho), dtype=torch.float64))
+    return int(min(max(int(p), 0), n - target))
+
+
+def layer_scores(probs: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (a, S) over patch slots 1.. of a padded batch.
+
+    probs (B, H, 1, 1+N) CLS row over all keys (fp32, padding already excluded);
+    values (B, H, 1+N, d); valid (B, 1+N). Returns a (B, N) and S (B, N), zero on padding.
+    """
+    patch_valid = valid[:, 1:]
+    a = probs[:, :, 0].mean(dim=1)[:, 1:] * patch_valid
+    a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    v = values.float()
+    logits = torch.einsum("bhd,bhkd->bhk", v[:, :, 0], v)  # raw v_cls . v_j, no scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    s = torch.softmax(logits, dim=-1).mean(dim=1)[:, 1:] * patch_valid
+    s = s / s.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    dens = v.mean(dim=1)[:, 1:].abs().sum(dim=-1) * patch_valid
+    return a, (a + s) * dens
+
+
+def key_padding_mask(tower, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask hiding padded tokens from every query: FlashAttention takes the (B, N) padding mask,
+    SDPA / eager an additive (B, 1, N, N) mask."""
+    if "flash" in str(getattr(tower.config, "_attn_implementation", "")):
+        return valid.long()
+    return additive_mask(valid[:, None, :].expand(-1, valid.shape[1], -1), dtype)
+
+
+@torch.no_grad()
+def run_stage_v(tower, pixel_values: torch.Tensor, targets: list[int], groups: list[int], last_layer: int,
+                history: float = 0.5, every: int = 2) -> StageVResult:
+    """Run the CLIP tower up to ``last_layer`` pruning each image to ``targets[i]`` patches.
+
+    groups[i]: images with the same group id share the pruning count (the max over the group).
+    Returns the selected layer's hidden states (CLS first, then the kept patches in raster order).
+    """
+    h = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    b, n1, _ = h.shape
+    dev = h.device
+    n_patch = n1 - 1
+    valid = torch.ones(b, n1, dtype=torch.bool, device=dev)
+    orig = torch.arange(n_patch, device=dev)[None].repeat(b, 1)  # patch index held by each slot
+    run_score = torch.zeros(b, n_patch, dtype=torch.float32, device=dev)
+    started = torch.zeros(b, dtype=torch.bool, device=dev)
+    target = torch.tensor(targets, device=dev)
+    forced = max(last_layer - 1, 0)
+    tokens_per_layer: list[list[int]] = [[] for _ in range(b)]
+    events: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+    for li in range(last_layer + 1):
+        layer = tower.encoder.layers[li]
+        counts = valid[:, 1:].sum(dim=1)
+        for i in range(b):
+            tokens_per_layer[i].append(int(counts[i]) + 1)
+        active = counts > target
+        mask = None if bool(valid.all()) else key_padding_mask(tower, valid, h.dtype)
+        if not bool(active.any()):
+            h = layer(h, mask)
+            continue
+        req = ScoreRequest(query_index=torch.zeros(b, 1, dtype=torch.long, device=dev), key_mask=valid,
+                           query_pos=None, per_head=True, want_values=True)
+        with score_probe(layer.self_attn, req):
+            h = layer(h, mask)
+        if req.calls == 0:
+            raise RuntimeError("flowcut: the vision tower does not use a vlmguard attention function; "
+                               "load the model through vlmguard.Engine")
+        a, s_now = layer_scores(req.probs, req.values, valid)
+        upd = active[:, None]
+        first = (active & ~started)[:, None]
+        run_score = torch.where(first, s_now, torch.where(upd, history * run_score + (1 - history) * s_now,
+                                                          run_score))
+        started |= active
+        remaining = forced - li
+        if remaining < 0 or remaining % every != 0:
+            continue
+        # per-image prune counts, shared (max) within a group
+        p_img = [prune_count(a[i, : int(counts[i])], int(counts[i]), targets[i], remaining) if bool(active[i])
+                 else 0 for i in range(b)]
+        p_group: dict[int, int] = {}
+        for i in range(b):
+            if bool(active[i]):
+                p_group[groups[i]] = max(p_group.get(groups[i], 0), p_img[i])
+        keep_slots: list[torch.Tensor] = []
+        for i in range(b):
+            n_i = int(counts[i])
+            if not bool(active[i]):
+                keep_slots.append(torch.arange(n_i, device=dev))
+                continue
+            m = max(n_i - p_group[groups[i]], targets[i]) if remaining > 0 else targets[i]
+            order = torch.argsort(-run_score[i, :n_i], stable=True)[:m]
+            keep_slots.append(order.sort().values)
+            if m < n_i:
+                events[i].append((li, m))
+        if all(int(k.numel()) == int(counts[i]) for i, k in enumerate(keep_slots)):
+            continue
+        new_n = max(int(k.numel()) for k in keep_slots)
+        new_h = h.new_zeros(b, new_n + 1, h.shape[-1])
+        new_valid = torch.zeros(b, new_n + 1, dtype=torch.bool, device=dev)
+        new_orig = torch.full((b, new_n), -1, dtype=torch.long, device=dev)
+        new_score = torch.zeros(b, new_n, dtype=torch.float32, device=dev)
+        for i, k in enumerate(keep_slots):
+            m = k.numel()
+            new_h[i, 0] = h[i, 0]
+            new_h[i, 1:m + 1] = h[i, 1 + k]
+            new_valid[i, : m + 1] = True
+            new_orig[i, :m] = orig[i, k]
+            new_score[i, :m] = run_score[i, k]
+        h, valid, orig, run_score = new_h, new_valid, new_orig, new_score
+    counts = valid[:, 1:].sum(dim=1)
+    feats = [h[i, : int(counts[i]) + 1] for i in range(b)]
+    kept = [orig[i, : int(counts[i])] for i in range(b)]
+    return StageVResult(features=feats, kept=kept, tokens_per_layer=tokens_per_layer, events=events)

@@ -1,0 +1,140 @@
+"""Helpers for the pruning tests: requests, a deeper tiny LLaVA, eager-attention oracles, frozen replays."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from vlmguard.engine import Engine, Request
+from vlmguard.models.base import EncodedBatch
+from vlmguard.pruning.base import Pruner
+from vlmguard.pruning.scores import keep_mask_from_positions
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import LLAVA_TEMPLATE, make_tokenizer, random_image
+
+SIZES = [(40, 32), (64, 40), (32, 64)]
+
+
+def requests() -> list[Request]:
+    return [
+        Request("Is there a dog in the image?", [random_image(1, SIZES[0])]),
+        Request("describe the photo", [random_image(2, SIZES[1])]),
+        Request("what color is the car", [random_image(3, SIZES[2])]),
+    ]
+
+
+def deep_llava(attn: str = "sdpa", vision_layers: int = 8, image_size: int = 48, seed: int = 0):
+    """A tiny LLaVA whose CLIP tower is deep enough for FlowCut's multi-event schedule
+    (8 layers, features from layer -2 = encoder layer 6, prune events after layers 1, 3, 5)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = make_tokenizer(["<image>"])
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # sharpen the random CLS attention so entropies differ from 1 (random inits are near-uniform)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE, image_token="<image>")
+    model.set_attn_implementation(attn)
+    return model, proc
+
+
+@lru_cache(maxsize=2)
+def deep_llava_engine() -> Engine:
+    model, proc = deep_llava()
+    return Engine(model, proc, name="deep-llava")
+
+
+def with_pruner(monkeypatch, pruner: Pruner) -> None:
+    """Make the next generate() calls use this pruner instance (keeps its recorded state visible)."""
+    real = GenerationSpec.resolve
+    monkeypatch.setattr(GenerationSpec, "resolve", lambda self: (pruner, real(self)[1]))
+
+
+class FrozenReplay(Pruner):
+    """Replays a finished run's selections: vision side through the real pruner (deterministic), LLM-side
+    cuts from the recorded visual indices per layer (no rescoring), for uncached recompute checks."""
+
+    def __init__(self, real: Pruner, stages: dict[int, list[list[int] | None]]):
+        super().__init__(real.params, real.budget)
+        self.real = real
+        self.stages = {int(k): v for k, v in stages.items()}
+        self.side = real.side
+        self.position_mode = real.position_mode
+
+    def check_budget(self, ctx):
+        self.real.check_budget(ctx)
+
+    def prune_images(self, ctx):
+        return self.real.prune_images(ctx)
+
+    def before_layer(self, ctx, layer_idx, seq):
+        return None
+
+    def after_layer(self, ctx, layer_idx, seq, req):
+        rows = self.stages.get(layer_idx)
+        if rows is None:
+            return None
+        kept = []
+        for r, idx in enumerate(rows):
+            if idx is None:
+                kept.append(None)
+                continue
+            hit = torch.isin(seq.visual[r], torch.tensor(idx, dtype=torch.long)) & seq.visual_mask()[r]
+            kept.append(hit.nonzero().squeeze(1))
+        return keep_mask_from_positions(seq, kept)
+
+
+def append_tokens(engine: Engine, monkeypatch, tokens: list[int]) -> None:
+    """Make the adapter encode prompts with ``tokens`` appended (an uncached prefill of prompt + output)."""
+    real = type(engine.adapter).encode
+
+    def encode(self, prompts):
+        b: EncodedBatch = real(self, prompts)
+        extra = torch.tensor([tokens] * b.input_ids.shape[0], dtype=b.input_ids.dtype)
+        ones = torch.ones_like(extra, dtype=torch.bool)
+        vis = dict(b.vision_inputs)
+        if "mm_token_type_ids" in vis:
+            vis["mm_token_type_ids"] = torch.cat([vis["mm_token_type_ids"], torch.zeros_like(extra).to(
+                vis["mm_token_type_ids"].dtype)], dim=1)
+        return EncodedBatch(input_ids=torch.cat([b.input_ids, extra], 1),
+                            attention_mask=torch.cat([b.attention_mask, ones], 1),
+                            image_token_mask=torch.cat([b.image_token_mask, ~ones], 1),
+                            vision_inputs=vis, rows_with_images=b.rows_with_images, extra=b.extra)
+
+    monkeypatch.setattr(type(engine.adapter), "encode", encode)
+
+
+def check_cached_equals_uncached(engine: Engine, req: Request, spec: GenerationSpec, monkeypatch,
+                                 stage_key: str | None, steps: int = 3) -> None:
+    """Decode with the pruned KV cache == re-running prefill on prompt + generated tokens with the
+    same (frozen) selections: same next token, same probability (fp32, 1e-4)."""
+    pruner, _ = spec.resolve()
+    with monkeypatch.context() as m:
+        with_pruner(m, pruner)
+        res = engine.generate([req], spec)[0]
+    assert len(res.token_ids) >= steps + 1, "the tiny model stopped early; choose another prompt"
+    stages = res.pruning.get(stage_key, {}) if stage_key else {}
+    for t in range(1, steps + 1):
+        replay = FrozenReplay(pruner, stages)
+        with monkeypatch.context() as m:
+            with_pruner(m, replay)
+            append_tokens(engine, m, res.token_ids[:t])
+            one = engine.generate([req], spec.model_copy(update={"max_new_tokens": 1}))[0]
+        assert one.token_ids[0] == res.token_ids[t]
+        assert abs(one.steps[0].main_prob - res.steps[t].main_prob) < 1e-4
+        assert one.kept_indices == res.kept_indices

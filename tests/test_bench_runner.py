@@ -1,0 +1,362 @@
+"""Runner + results DB + reports + sweep, on the SynthCOCO-layout fixture with a fake engine (same
+``generate(requests, spec)`` signature as :class:`vlmguard.engine.Engine`), including resume after a
+simulated kill, sharding and idempotent writes."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vlmguard.bench import db as dbm
+from vlmguard.bench.datasets import synth_dataset
+from vlmguard.bench.report import build_report
+from vlmguard.bench.runner import default_spec, run_benchmark
+from vlmguard.bench.sweep import expand, load_config, run_sweep
+from vlmguard.cli import main
+from vlmguard.errors import InvalidInput
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "bench"
+SYNTH = FIX / "synth_mini"
+
+
+def _scenes() -> dict[int, set[str]]:
+    inst = json.loads((SYNTH / "annotations" / "instances_test.json").read_text())
+    cats = {c["id"]: c["name"] for c in inst["categories"]}
+    out: dict[int, set[str]] = {}
+    for a in inst["annotations"]:
+        out.setdefault(a["image_id"], set()).add(cats[a["category_id"]])
+    return out
+
+
+SCENES = _scenes()
+QUESTION = re.compile(r"Is there an? (.+?) in the im")
+
+
+@dataclass
+class FakeTimings:
+    vision_s: float = 0.001
+    prefill_s: float = 0.002
+    decode_s: float = 0.003
+    ttft_s: float = 0.004
+    total_s: float = 0.005
+
+
+@dataclass
+class FakeResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str = "stop"
+    prompt_tokens: int = 30
+    visual_tokens: int = 16
+    visual_tokens_kept: list[int] = field(default_factory=list)
+    kept_indices: list[int] | None = None
+    timings: FakeTimings = field(default_factory=FakeTimings)
+
+
+class FakeEngine:
+    """Reads the image id from the red channel of pixel (0, 0) (see fixtures/bench/make_fixtures.py).
+
+    POPE: answers truthfully, except that it follows any cue saying "It seems like there is." (a
+    sycophant) and says "No" to cars it cannot see (a hallucination-free model otherwise).
+    CHAIR: lists the true objects and adds a hallucinated dog; odd image ids end with an unfinished
+    sentence and finish_reason "length".
+    """
+
+    model_name = "fake"
+    family = "llava"
+    context_length = 4096
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.prompts: list[str] = []
+        self.specs: list = []
+
+    def generate(self, requests, spec):
+        out = []
+        self.specs.append(spec)
+        budget = spec.budget if isinstance(spec.budget, int) else 16
+        for r in requests:
+            self.calls += 1
+            self.prompts.append(r.prompt)
+            imid = r.images[0].getpixel((0, 0))[0] // 10
+            objs = SCENES[imid]
+            kept = [16, 16, budget, budget]
+            if "describe" in r.prompt.lower():
+                text = "A photo of a " + " and a ".join(sorted(objs)) + " and a dog. It is"
+                finish = "length" if imid % 2 else "stop"
+                out.append(FakeResult(text, list(range(15)), finish, visual_tokens_kept=kept))
+            else:
+                obj = QUESTION.search(r.prompt).group(1)
+                yes = obj in objs or "It seems like there is." in r.prompt
+                out.append(FakeResult("Yes" if yes else "No", [1], visual_tokens_kept=kept))
+        return out
+
+
+@pytest.fixture()
+def dataset():
+    return synth_dataset(SYNTH)
+
+
+def _count(db_path: Path, run_id: str) -> tuple[int, int]:
+    with sqlite3.connect(db_path) as c:
+        return c.execute("SELECT COUNT(*), COUNT(DISTINCT sample_key) FROM samples WHERE run_id = ?", (run_id,)).fetchone()
+
+
+def test_dataset_layout(dataset):
+    assert dataset.kind == "synth" and dataset.version.startswith("fixture-1+")
+    assert set(dataset.pope_paths) == {"random", "popular", "adversarial"}
+    assert len(dataset.pope_file("random")) == 24
+    assert dataset.chair_image_ids() == ([1, 2, 3, 4], "all test images")
+    assert dataset.chair_image_path(3).name == "synthcoco_test_000000000003.png"
+    assert dataset.chair_ground_truth([4])[4] == frozenset({"cup", "fork", "knife", "bottle"})
+
+
+def test_pope_run_records_everything_and_resumes(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    eng = FakeEngine()
+    spec = default_spec("pope")
+    out = run_benchmark(eng, "pope", dataset, spec, db, split="adversarial", batch_size=5, progress=False)
+    assert out.status == "finished" and out.n_new == 24 and out.n_samples == 24
+    assert out.metrics["accuracy"] == 100.0 and out.metrics["tp"] == 12 and out.metrics["tn"] == 12
+    assert eng.prompts[0] == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    assert eng.specs[0].max_new_tokens == 128 and not eng.specs[0].sampling
+    run = dbm.get_run(db, out.run_id)
+    for key, want in {"benchmark": "pope", "model": "fake", "model_family": "llava", "dataset": "synth_mini",
+                      "split": "adversarial", "prompt_preset": "llava", "parser": "official", "pruning": "none",
+                      "decoding": "greedy", "max_new_tokens": 128, "do_sample": 0, "status": "finished",
+                      "question_file": "synthcoco_pope_adversarial.json", "package_version": "0.1.0"}.items():
+        assert run[key] == want, key
+    assert run["dataset_version"] == dataset.version and len(run["question_sha256"]) == 64
+    assert run["knobs"]["prompt"] == "\nAnswer the question using a single word or phrase."
+    assert run["created_at"] and run["finished_at"]
+    # same command again: same run, nothing regenerated
+    again = run_benchmark(eng, "pope", dataset, spec, db, split="adversarial", batch_size=5, progress=False)
+    assert again.run_id == out.run_id and again.n_new == 0 and eng.calls == 24
+    s = dbm.run_samples(db, out.run_id)
+    assert len(s) == 24 and s[0]["sample_key"] == "q:1" and s[0]["prediction"] == "yes" and s[0]["correct"] == 1
+    assert s[0]["visual_tokens_kept"] == 16.0 and s[0]["visual_tokens_kept_layers"] == [16, 16, 16, 16]
+    assert s[0]["timings"]["prefill_s"] == 0.002 and s[0]["prompt"].startswith("Is there a dog")
+
+
+def test_resume_after_simulated_kill(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    eng = FakeEngine()
+    spec = default_spec("pope", budget=8, pruning="fake")
+
+    def kill_after_two_batches(n_done: int) -> None:
+        if n_done >= 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(eng, "pope", dataset, spec, db, split="random", batch_size=5, progress=False,
+                      on_batch=kill_after_two_batches)
+    run_id = dbm.list_runs(db)[0]["run_id"]
+    assert _count(db, run_id) == (10, 10)
+    assert dbm.get_run(db, run_id)["status"] == "running"
+    partial = dbm.run_metrics(db, run_id)
+    assert partial["n"] == 10 and partial["complete"] is False
+    out = run_benchmark(eng, "pope", dataset, spec, db, split="random", batch_size=5, progress=False)
+    assert out.run_id == run_id and out.n_new == 14 and out.status == "finished"
+    assert _count(db, run_id) == (24, 24)
+    assert eng.calls == 24  # nothing generated twice
+    ref = run_benchmark(FakeEngine(), "pope", dataset, spec, tmp_path / "ref.sqlite", split="random", progress=False)
+    assert ref.run_id == run_id
+    strip = lambda m: {k: v for k, v in m.items() if k != "perf"}  # noqa: E731
+    assert strip(out.metrics) == strip(ref.metrics)
+
+
+def test_shards_write_one_run_idempotently(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    spec = default_spec("pope")
+    a = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="popular", shard_index=0, num_shards=2, progress=False)
+    assert a.status == "running" and a.n_new == 12
+    b = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="popular", shard_index=1, num_shards=2, progress=False)
+    assert b.run_id == a.run_id and b.status == "finished" and b.n_samples == 24
+    again = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="popular", shard_index=0, num_shards=2, progress=False)
+    assert again.n_new == 0 and _count(db, a.run_id) == (24, 24)
+    conn = dbm.connect(db)  # direct re-insert of an existing key is ignored
+    assert dbm.add_samples(conn, a.run_id, [{"sample_key": "q:1", "output_text": "dup"}]) == 0
+    conn.close()
+    with pytest.raises(InvalidInput, match="bad shard"):
+        run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="popular", shard_index=2, num_shards=2, progress=False)
+
+
+def test_run_identity_follows_protocol_knobs(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    ids = set()
+    for kw, spec in [
+        ({}, default_spec("pope")),
+        ({}, default_spec("pope", pruning="fake", budget=8)),
+        ({"parser": "opera"}, default_spec("pope")),
+        ({"prompt_preset": "llava_space"}, default_spec("pope", prompt_preset="llava_space")),
+        ({}, default_spec("pope", decoding="fakecd", decoding_params={"alpha": 1.0})),
+        ({}, default_spec("pope", max_new_tokens=8)),
+    ]:
+        ids.add(run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", limit=2, progress=False, **kw).run_id)
+    assert len(ids) == 6 and len(dbm.list_runs(db)) == 6
+    vcd = default_spec("pope", prompt_preset="vcd")
+    assert vcd.sampling and vcd.seed == 42 and vcd.temperature == 1.0
+
+
+def test_limit_then_full_run_extends_same_run(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    spec = default_spec("pope")
+    first = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", limit=6, progress=False)
+    assert first.status == "finished" and first.n_samples == 6
+    full = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", progress=False)
+    assert full.run_id == first.run_id and full.n_new == 18 and full.n_expected == 24 and full.status == "finished"
+
+
+def test_pope_leading_run_pairs_with_neutral_run(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    eng = FakeEngine()
+    out = run_benchmark(eng, "pope-leading", dataset, default_spec("pope-leading"), db, split="random",
+                        template="W+", progress=False)
+    assert out.neutral_run_id and out.variant == "W+"
+    assert eng.calls == 48  # neutral run first, then the leading run
+    assert "Is there a dog in the image? It seems like there is.\nAnswer the question" in eng.prompts[24]
+    m = out.metrics
+    assert m["accuracy"] == 50.0 and m["accuracy_neutral"] == 100.0 and m["sycophancy"] == 100.0
+    assert m["ctr"] == 50.0 and m["subsets"]["misleading"]["n"] == 12 and m["subsets"]["consistent"]["accuracy"] == 100.0
+    assert dbm.get_run(db, out.run_id)["neutral_run_id"] == out.neutral_run_id
+    rec = dbm.run_samples(db, out.run_id)[1]["record"]
+    assert rec["cue"] == {"template_id": "W+", "kind": "weak", "polarity": "affirm", "misleading": True}
+    # the same command reuses both runs
+    again = run_benchmark(eng, "pope-leading", dataset, default_spec("pope-leading"), db, split="random", template="W+", progress=False)
+    assert again.run_id == out.run_id and eng.calls == 48
+
+
+def test_chair_run(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    out64 = run_benchmark(FakeEngine(), "chair", dataset, default_spec("chair", chair_preset="chair64"), db,
+                          chair_preset="chair64", progress=False)
+    s = dbm.run_samples(db, out64.run_id)
+    assert [x["sample_key"] for x in s] == ["img:1", "img:2", "img:3", "img:4"]
+    assert s[0]["output_text"].endswith("It is") and s[0]["record"]["caption"].endswith("a dog.")  # length -> dropped
+    assert s[1]["record"]["caption"].endswith("It is")  # stopped normally: kept
+    m = out64.metrics
+    # image 1 has a dog (no hallucination), images 2-4 do not
+    assert m["n"] == 4 and m["chair_s"] == 75.0 and m["hallucinated_mentions"] == 3
+    run = dbm.get_run(db, out64.run_id)
+    assert run["variant"] == "chair64" and run["max_new_tokens"] == 64 and run["drop_incomplete"] == 1
+    assert run["prompt"] == "Please describe this image in detail." and run["image_list"] == "all test images"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("2\n4\n")
+    out = run_benchmark(FakeEngine(), "chair", dataset, default_spec("chair"), db, image_ids_file=ids, progress=False)
+    assert out.n_samples == 2 and out.run_id != out64.run_id and dbm.get_run(db, out.run_id)["max_new_tokens"] == 512
+
+
+def test_unknown_image_names_file_and_line(tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(SYNTH, root)
+    f = root / "pope" / "synthcoco_pope_random.json"
+    lines = f.read_text().splitlines()
+    rec = json.loads(lines[6])
+    rec["image"] = "synthcoco_test_000000000099.png"
+    lines[6] = json.dumps(rec)
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInput, match=r"synthcoco_pope_random\.json:7: unknown image 'synthcoco_test_000000000099\.png'"):
+        run_benchmark(FakeEngine(), "pope", synth_dataset(root), default_spec("pope"), tmp_path / "r.sqlite",
+                      split="random", progress=False)
+
+
+def test_query_functions_and_report(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    for budget in (None, 8, 4):
+        spec = default_spec("pope", pruning="fake" if budget else "none", budget=budget)
+        run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", progress=False)
+    run_benchmark(FakeEngine(), "chair", dataset, default_spec("chair"), db, progress=False)
+    runs = dbm.list_runs(db)
+    assert len(runs) == 4 and all(r["metrics"] for r in runs)
+    pope_runs = [r for r in runs if r["benchmark"] == "pope"]
+    kept = sorted(r["metrics"]["perf"]["visual_tokens_kept"] for r in pope_runs)
+    assert kept == [10.0, 12.0, 16.0]
+    assert dbm.run_metrics(db, pope_runs[0]["run_id"])["n"] == 24
+    rep = build_report(db, tmp_path / "rep")
+    names = sorted(Path(f).name for f in rep["files"])
+    assert names == ["chair_by_method.png", "pope_accuracy_vs_prefill.png", "pope_accuracy_vs_visual_tokens.png", "runs.csv"]
+    for f in rep["files"]:
+        if f.endswith(".png"):
+            assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_lines = (tmp_path / "rep" / "runs.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("run_id,benchmark")
+    assert "fake@8" in rep["table"] and "== chair" in rep["table"]
+
+
+def test_report_cli(tmp_path, dataset, capsys):
+    db = tmp_path / "r.sqlite"
+    run_benchmark(FakeEngine(), "pope", dataset, default_spec("pope"), db, split="random", progress=False)
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["runs"][0]["accuracy"] == 100.0 and "chair_by_method.png" in out["skipped_plots"]
+    assert main(["report", "--db", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_sweep(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"""
+model: fake
+dataset: {SYNTH}
+limit: 6
+batch_size: 4
+benchmarks:
+  - pope: {{splits: [random, adversarial]}}
+  - chair: {{preset: chair64}}
+methods:
+  - {{name: base}}
+  - {{name: fakeprune, pruning: fake}}
+budgets: [8, 4]
+""")
+    jobs = expand(load_config(cfg))
+    assert len(jobs) == 9  # base x (2 pope + 1 chair) + fakeprune x 2 budgets x 3
+    engines = []
+
+    def load(name):
+        engines.append(FakeEngine())
+        return engines[-1]
+
+    outs = run_sweep(cfg, db=tmp_path / "s.sqlite", load_engine=load, progress=False)
+    assert len(outs) == 9 and len(engines) == 1 and all(o.status == "finished" for o in outs)
+    assert {o.metrics["perf"]["visual_tokens_kept"] for o in outs} == {16.0, 12.0, 10.0}
+    again = run_sweep(cfg, db=tmp_path / "s.sqlite", load_engine=load, progress=False)
+    assert [o.run_id for o in again] == [o.run_id for o in outs] and sum(o.n_new for o in again) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("benchmarks: [pope]\nmethods:\n  - {name: x, pruningg: fake}\n")
+    with pytest.raises(InvalidInput, match="unknown keys"):
+        load_config(bad)
+
+
+def test_lqcd_oracle_neutral_text_per_request(tmp_path, dataset):
+    db = tmp_path / "r.sqlite"
+    eng = FakeEngine()
+    spec = default_spec("pope-leading", decoding="lqcd", decoding_params={"neutral_text": "oracle", "alpha": 1.0})
+    out = run_benchmark(eng, "pope-leading", dataset, spec, db, split="random", template="D-", batch_size=4,
+                        limit=8, progress=False)
+    neutral_specs, leading_specs = eng.specs[:2], eng.specs[2:]
+    assert all("neutral_text" not in s.decoding_params for s in neutral_specs)
+    assert leading_specs[0].decoding_params["neutral_text"] == [
+        "Is there a dog in the image?\nAnswer the question using a single word or phrase.",
+        "Is there a cup in the image?\nAnswer the question using a single word or phrase.",
+        "Is there a person in the image?\nAnswer the question using a single word or phrase.",
+        "Is there a cat in the image?\nAnswer the question using a single word or phrase.",
+    ]
+    assert eng.prompts[8].startswith("There is no dog in the image. Is there a dog in the image?\n")
+    run = dbm.get_run(db, out.run_id)
+    assert run["decoding_params"] == {"neutral_text": "oracle", "alpha": 1.0}
+    assert dbm.get_run(db, out.neutral_run_id)["decoding_params"] == {"alpha": 1.0}
+    with pytest.raises(InvalidInput, match="only applies to the pope-leading"):
+        run_benchmark(eng, "pope", dataset, spec, db, split="random", progress=False)
+
+
+def test_chair_max_new_tokens_capped_by_model_context(tmp_path, dataset):
+    eng = FakeEngine()
+    eng.context_length = 100  # the fake prompt is 30 tokens
+    out = run_benchmark(eng, "chair", dataset, default_spec("chair"), tmp_path / "r.sqlite", limit=2, progress=False)
+    assert eng.specs[0].max_new_tokens == 1  # the probe
+    assert all(s.max_new_tokens == 70 for s in eng.specs[1:])
+    assert dbm.get_run(tmp_path / "r.sqlite", out.run_id)["max_new_tokens"] == 70

@@ -1,0 +1,94 @@
+"""The Python client: retries with backoff on 429/503, APIError on 4xx, and the async client against the real
+FastAPI app (in-process, engines without Ray)."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from vlmguard.client import APIError, AsyncClient, Client, image_to_url
+from vlmguard.testing import random_image, tiny_engine
+
+
+def _ok_generate() -> dict:
+    return {"id": "gen-1", "model": "m", "text": "yes", "token_ids": [5], "finish_reason": "stop", "prompt_tokens": 9,
+            "visual_tokens": 16, "visual_tokens_kept": [16, 16], "kept_indices": None,
+            "timings": {"prefill_s": 0.01, "total_s": 0.02, "batch_size": 2}, "steps": []}
+
+
+def test_sync_client_retries_503_and_429_then_succeeds():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(503, json={"error": {"message": "overloaded", "type": "overloaded_error"}},
+                                  headers={"Retry-After": "0"})
+        if len(calls) == 2:
+            return httpx.Response(429, json={"error": {"message": "slow down"}})
+        return httpx.Response(200, json=_ok_generate())
+
+    with Client("http://svc", api_key="k", transport=httpx.MockTransport(handler), backoff_s=0.001) as c:
+        r = c.generate("Is there a dog?", images=[random_image(0, (8, 8))], pruning="fastv", budget=4)
+    assert r.text == "yes" and r.timings.batch_size == 2
+    assert len(calls) == 3 and calls[0].headers["authorization"] == "Bearer k"
+    body = json.loads(calls[-1].content)
+    assert body["spec"] == {"pruning": "fastv", "budget": 4} and body["images"][0].startswith("data:image/png;base64,")
+
+
+def test_client_gives_up_after_max_retries_and_raises_api_error_on_4xx():
+    def overloaded(request):
+        return httpx.Response(503, json={"error": {"message": "server overloaded", "type": "overloaded_error"}})
+
+    with Client("http://svc", transport=httpx.MockTransport(overloaded), max_retries=2, backoff_s=0.001) as c:
+        with pytest.raises(APIError) as e:
+            c.health()
+    assert e.value.status == 503 and "overloaded" in e.value.message
+
+    def bad(request):
+        return httpx.Response(400, json={"error": {"message": "unknown decoding method 'x'", "type": "invalid_request_error",
+                                                   "code": "UnknownMethod"}})
+
+    calls = []
+    with Client("http://svc", transport=httpx.MockTransport(lambda r: calls.append(r) or bad(r))) as c:
+        with pytest.raises(APIError) as e:
+            c.chat("hi", decoding="x")
+    assert len(calls) == 1 and e.value.status == 400 and e.value.code == "UnknownMethod"
+    assert json.loads(calls[0].content)["vlmguard"] == {"decoding": "x"}
+    with pytest.raises(Exception, match="not found"):
+        image_to_url("/no/such/file.png")
+
+
+def test_async_client_against_the_api_in_process():
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    worker = EngineWorker("random:llava", name="tiny-llava", engine=tiny_engine("llava"))
+    cfg = ServiceConfig(models=[ModelConfig(name="tiny-llava", model="random:llava", max_new_tokens_limit=32)],
+                        api_key_env=None)
+    app = create_api(LocalBackend({"tiny-llava": worker}), cfg)
+    img = random_image(2, (36, 36))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://test", transport=transport) as c:
+            models = await c.models()
+            assert [m.id for m in models.data] == ["tiny-llava"] and models.data[0].family == "llava"
+            r = await c.generate("Is there a dog?", images=[img], pruning="fastv", budget=6, max_new_tokens=4)
+            assert r.visual_tokens_kept[-1] == 6 and len(r.token_ids) <= 4
+            chat = await c.chat("Is there a dog?", images=[img], max_tokens=4, pruning="fastv", budget=6)
+            assert chat.vlmguard.visual_tokens_kept[-1] == 6
+            chunks = [ch async for ch in c.chat_stream("Is there a dog?", images=[img], max_tokens=4)]
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+            events = [e async for e in c.generate_stream("Is there a dog?", images=[img], max_new_tokens=3)]
+            assert events[-1].done and len(events[-1].result.token_ids) <= 3
+            with pytest.raises(APIError) as e:
+                await c.chat("x " * 600, images=[img], max_tokens=4)
+            assert e.value.status == 400 and "context" in e.value.message
+            snap = await c.metrics()
+            assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 4
+
+    asyncio.run(scenario())

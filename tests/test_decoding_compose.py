@@ -1,0 +1,54 @@
+"""Every decoder composes with every pruner in one request (docs/decoding.md, composition rule)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmguard.decoding import DECODERS
+from vlmguard.engine import Request
+from vlmguard.pruning import PRUNERS
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine
+
+DECODER_PARAMS = {
+    "vcd": {},
+    "m3id": {"gate": False},
+    "vista": {"vsv_lambda": 0.3},
+    "iava": {"fallback_rule": "avisc"},
+    "lqcd": {},
+}
+PRUNER_NAMES = [n for n in ("random", "fastv", "adaptinfer", "flowcut") if n in PRUNERS]
+
+
+def test_all_pruners_present():
+    assert PRUNER_NAMES == ["random", "fastv", "adaptinfer", "flowcut"]
+
+
+@pytest.mark.parametrize("pruner", PRUNER_NAMES)
+@pytest.mark.parametrize("decoder", list(DECODER_PARAMS))
+def test_decoder_composes_with_pruner(decoder, pruner, monkeypatch):
+    eng = tiny_engine("llava")
+    cls = DECODERS.get(decoder)
+    seen: list[dict[str, torch.Tensor]] = []
+    original = cls.combine
+
+    def spy(self, step):
+        seen.append({k: v for k, v in step.logits.items()})
+        return original(self, step)
+
+    monkeypatch.setattr(cls, "combine", spy)
+    reqs = [Request("Is there a dog in the image?", [random_image(1, (40, 32))]),
+            Request("describe the photo", [random_image(2, (64, 40))])]
+    spec = GenerationSpec(pruning=pruner, budget=0.5, decoding=decoder, decoding_params=DECODER_PARAMS[decoder],
+                          max_new_tokens=4)
+    res = eng.generate(reqs, spec)
+    assert len(res) == 2
+    for out in res:
+        assert len(out.token_ids) == 4 and len(out.steps) == 4
+        assert out.pruning["name"] == pruner and out.decoding["name"] == decoder
+        assert out.decoding["applied"] == [True, True]
+        assert out.kept_indices is not None and 0 < len(out.kept_indices) < out.visual_tokens
+        if pruner != "adaptinfer":  # AdaptInfer's schedule decides its own per-layer counts
+            assert len(out.kept_indices) == out.visual_tokens // 2
+    for step in seen:  # every branch produced finite logits for every request
+        assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in step.values())

@@ -1,0 +1,248 @@
+"""The decoding methods inside the engine, on tiny random models (offline, CPU).
+
+Invariants from the specs: strength 0 reproduces plain decoding token for token (greedy and seeded
+sampling); identical branches are a no-op; batched == one by one; every branch decodes from its own cache
+(its logits equal a cache-free recompute of that branch alone — the regression test for VCD's pre-c637c85
+cache-sharing bug); VISTA's hooks leave the model untouched; diagnostics are filled.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmguard.decoding import DECODERS, make_decoder
+from vlmguard.decoding.base import DecodeContext
+from vlmguard.decoding.views import image_free_prompt
+from vlmguard.engine import Request
+from vlmguard.models.base import Prompt
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine
+
+METHODS = ["vcd", "m3id", "vista", "iava", "lqcd"]
+ZERO = {
+    "vcd": {"alpha": 0.0, "beta": 0.0},
+    "m3id": {"lam": 0.0},
+    "vista": {"vsv_lambda": 0.0, "sla_alpha": 0.0},
+    "iava": {"alpha": 0.0, "beta": 0.0, "fallback_rule": "avisc"},
+    "lqcd": {"alpha": 0.0, "beta": 0.0},
+}
+# strong settings so that the methods visibly act on the tiny random models
+STRONG = {
+    "vcd": {"alpha": 2.0, "beta": 0.0},
+    "m3id": {"lam": 0.5, "gate": False},
+    "vista": {"vsv_lambda": 0.5, "sla_alpha": 0.5},
+    "iava": {"alpha": 2.0, "beta": 0.0, "fallback_rule": "avisc", "lam": 0.5},
+    "lqcd": {"alpha": 2.0, "beta": 0.0},
+}
+
+
+def reqs() -> list[Request]:
+    return [
+        Request("Is there a dog in the image?", [random_image(1, (40, 32))]),
+        Request("describe the photo", [random_image(2, (64, 40))]),
+        Request("what color is the car", [random_image(3, (32, 64))]),
+    ]
+
+
+def run(eng, requests, decoding, params=None, **kw):
+    spec = GenerationSpec(decoding=decoding, decoding_params=params or {}, max_new_tokens=kw.pop("n", 6), **kw)
+    return eng.generate(requests, spec)
+
+
+def ids(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_strength_zero_reproduces_plain_greedy(method):
+    eng = tiny_engine("llava")
+    r = reqs()
+    assert ids(run(eng, r, method, ZERO[method])) == ids(run(eng, r, "greedy"))
+
+
+@pytest.mark.parametrize("method", ["vcd", "m3id", "lqcd"])
+def test_strength_zero_reproduces_plain_sampling(method):
+    eng = tiny_engine("llava")
+    r = reqs()[:2]
+    kw = dict(do_sample=True, temperature=1.0, seed=123, n=8)
+    assert ids(run(eng, r, method, ZERO[method], **kw)) == ids(run(eng, r, "sample", **kw))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_act_and_report_diagnostics(method):
+    eng = tiny_engine("llava")
+    r = reqs()
+    res = run(eng, r, method, STRONG[method], n=8)
+    assert ids(res) != ids(run(eng, r, "greedy", n=8))  # the method changes some choice
+    for out in res:
+        assert out.decoding["name"] == method and len(out.steps) == len(out.token_ids)
+        assert all(0.0 <= s.main_prob <= 1.0 and s.contrast_prob is not None for s in out.steps)
+        assert any(s.main_top_id != s.token_id for o in res for s in o.steps)
+    # sampling works too
+    out = run(eng, r[:1], method, STRONG[method], do_sample=True, seed=5, top_p=0.9)
+    assert len(out[0].token_ids) > 0
+
+
+@pytest.mark.parametrize("method", ["vcd", "m3id"])  # the others: test_batch_with_requests_leaving_early
+def test_batched_equals_one_by_one(method):
+    eng = tiny_engine("llava")
+    r = reqs()
+    batched = run(eng, r, method, STRONG[method])
+    single = [run(eng, [x], method, STRONG[method])[0] for x in r]
+    assert ids(batched) == ids(single)
+
+
+@pytest.mark.parametrize("method", ["vista", "lqcd", "iava"])
+def test_batch_with_requests_leaving_early(method):
+    """Finished requests leave the batch: per-request state (hooks, coefficients) must follow the rows."""
+    eng = tiny_engine("llava")
+    r = reqs()
+    texts = [o.text for o in run(eng, r, method, STRONG[method], n=8)]
+    stop, early = None, None
+    for i, t in enumerate(texts):  # a short prefix of one request's text that no other text contains
+        for k in range(2, len(t) + 1):
+            cand = t[:k].strip()
+            if cand and all(cand not in u for j, u in enumerate(texts) if j != i):
+                stop, early = cand, i
+                break
+        if stop:
+            break
+    assert stop is not None, texts
+    batched = run(eng, r, method, STRONG[method], n=8, stop=[stop])
+    single = [run(eng, [x], method, STRONG[method], n=8, stop=[stop])[0] for x in r]
+    assert ids(batched) == ids(single)
+    assert len(batched[early].token_ids) < max(len(b.token_ids) for b in batched)
+
+
+def test_identical_branches_are_a_no_op():
+    eng = tiny_engine("llava")
+    r = reqs()
+    plain = ids(run(eng, r, "greedy"))
+    # LQCD with the oracle neutral text equal to the user's text: expert == amateur
+    same = run(eng, r, "lqcd", {"alpha": 3.0, "beta": 0.0, "neutral_text": [x.prompt for x in r]})
+    assert ids(same) == plain and same[0].decoding["modes"] == ["leading"] * 3
+    # IAVA whose "irrelevant" view keeps every token: the negative equals the original
+    res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0, "selection_rule": "R4", "lam": 0.0,
+                               "fallback_rule": "avisc"})
+    assert res[0].decoding["applied"] == [True] * 3
+    dec = make_decoder("iava", {})
+    dec.keep_sets = [torch.ones(4, dtype=torch.bool)]
+    f = torch.randn(4, 8)
+    assert torch.equal(dec._masker(0)(f), f)
+
+
+def test_lqcd_leading_query_decodes_from_neutral_expert():
+    eng = tiny_engine("llava")
+    img = random_image(4, (40, 32))
+    leading = Request("Is there a dog in the image? It seems like there isn't.", [img])
+    neutral = Request("Is there a dog in the image?", [img])
+    out = run(eng, [leading], "lqcd", ZERO["lqcd"])[0]
+    assert out.decoding["modes"] == ["leading"] and out.decoding["neutral_text"] == [neutral.prompt]
+    assert out.token_ids == run(eng, [neutral], "greedy")[0].token_ids  # alpha 0: plain on x_n
+    mixed = run(eng, [leading, neutral, Request("describe the photo", [img])], "lqcd", STRONG["lqcd"])
+    assert mixed[0].decoding["modes"] == ["leading", "symmetric", "expectation"]
+    single = [run(eng, [x], "lqcd", STRONG["lqcd"])[0] for x in (leading, neutral)]
+    assert ids(mixed[:2]) == ids(single)
+
+
+def test_no_image_requests_decode_plainly():
+    eng = tiny_engine("llava")
+    r = [Request("what color is the car"), reqs()[0]]
+    plain = run(eng, r[:1], "greedy")
+    for method in ("vcd", "m3id", "iava", "vista"):
+        out = run(eng, r, method, STRONG[method])
+        assert out[0].decoding["applied"][0] is False
+        if method != "vista":  # VISTA's SLA still applies to text-only requests (vista.md 10)
+            assert out[0].token_ids == plain[0].token_ids
+
+
+# ---- separate caches per branch -------------------------------------------------------------------
+def recompute_last_logits(eng, prompt: Prompt, transform, tokens: list[int]) -> torch.Tensor:
+    """Cache-free: one full forward of (branch prompt + generated tokens) through the HF model."""
+    ad = eng.adapter
+    batch = ad.encode([prompt])
+    feats = ad.image_features(batch)
+    if transform is not None:
+        feats = [None if f is None else transform(f) for f in feats]
+    seq = ad.build_sequence(batch, feats, eng.model.dtype, eng.device)
+    emb = torch.cat([seq.hidden, ad.embed_tokens(torch.tensor([tokens], dtype=torch.long))], dim=1)
+    with torch.no_grad():
+        out = eng.model(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long))
+    return out.logits[0, -1].float()
+
+
+@pytest.mark.parametrize("method,params,branch", [
+    ("vcd", {}, "distorted"),
+    ("m3id", {"gate": False}, "uncond"),
+    ("m3id", {"uncond_mode": "mask"}, "uncond"),
+    ("iava", {"fallback_rule": "avisc"}, "irrelevant"),
+    ("lqcd", {}, "lq1"),
+])
+def test_branch_logits_equal_cache_free_recompute(monkeypatch, method, params, branch):
+    eng = tiny_engine("llava")
+    cls = DECODERS.get(method)
+    seen: list[dict[str, torch.Tensor]] = []
+    original = cls.combine
+
+    def spy(self, step):
+        seen.append({k: v.clone() for k, v in step.logits.items()})
+        return original(self, step)
+
+    monkeypatch.setattr(cls, "combine", spy)
+    req = reqs()[0]
+    out = run(eng, [req], method, params, n=6)[0]
+    prompt = Prompt(req.prompt, req.images)
+    dec = make_decoder(method, params)
+    ctx = DecodeContext(adapter=eng.adapter, prompts=[prompt], probe_forward=eng.probe_forward, sampling=False,
+                        active=[0])
+    dec.setup(ctx)
+    try:
+        br = {b.name: b for b in dec.branches(ctx, 0, prompt)}[branch]
+    finally:
+        dec.teardown(ctx)
+    for k in (0, 3, 5):
+        ref = recompute_last_logits(eng, br.prompt, br.visual_transform, out.token_ids[:k])
+        assert torch.allclose(seen[k][branch][0], ref, atol=1e-4), (method, k)
+        main_ref = recompute_last_logits(eng, prompt, None, out.token_ids[:k])
+        assert torch.allclose(seen[k]["main"][0], main_ref, atol=1e-4)
+        # a branch that decoded from the main cache would have produced the main logits instead
+        assert not torch.allclose(seen[k][branch][0], seen[k]["main"][0], atol=1e-3)
+
+
+def test_image_free_prompt_is_the_prompt_minus_image_tokens():
+    eng = tiny_engine("llava")
+    prompt = Prompt("Is there a dog in the image?", [random_image(1)])
+    full = eng.adapter.encode([prompt])
+    free = eng.adapter.encode([image_free_prompt(eng.adapter, prompt)])
+    kept = full.input_ids[0][~full.image_token_mask[0]].tolist()
+    assert free.input_ids[0].tolist() == kept and not free.vision_inputs
+    assert not bool((free.input_ids == eng.adapter.image_token_id).any())
+
+
+# ---- VISTA hooks ----------------------------------------------------------------------------------
+def test_vista_hooks_are_removed_and_model_unchanged():
+    eng = tiny_engine("llava")
+    r = reqs()[:1]
+    probe = [Prompt(x.prompt, x.images) for x in r]
+    before = eng.probe_forward(probe)["logits"].clone()
+    run(eng, r, "vista", STRONG["vista"])
+    assert all(not layer.mlp._forward_hooks for layer in eng.adapter.layers)
+    assert torch.equal(eng.probe_forward(probe)["logits"], before)
+
+
+def test_vista_sla_only_when_steering_off():
+    eng = tiny_engine("llava")
+    r = reqs()
+    sla = run(eng, r, "vista", {"vsv_lambda": 0.0, "sla_alpha": 0.6})
+    both = run(eng, r, "vista", {"vsv_lambda": 0.5, "sla_alpha": 0.6})
+    assert ids(sla) != ids(both) and sla[0].decoding["applied"] == [False] * 3
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_other_families_batched_equals_single(family):
+    eng = tiny_engine(family)
+    r = reqs()[:2]
+    for method in METHODS:
+        batched = run(eng, r, method, STRONG[method], n=4)
+        assert batched[0].decoding["applied"][0] or method == "iava", method
+        assert batched[1].token_ids == run(eng, [r[1]], method, STRONG[method], n=4)[0].token_ids, method

@@ -1,0 +1,50 @@
+"""The analytic FLOP model behind the ideal speed-ups, checked against hand-computed LLaVA-1.5-7B figures."""
+from __future__ import annotations
+
+import pytest
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from vlmguard.perf.flops import batch_prefill_flops, llm_layer_flops, llm_prefill_flops, vit_layer_flops
+
+
+def llava15_7b_config() -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064)
+    return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2)
+
+
+def test_llm_linear_flops_are_two_per_parameter_per_token():
+    cfg = llava15_7b_config().text_config
+    layer_params = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q, k, v, o + gate, up, down
+    one_token = llm_prefill_flops(cfg, [1] * 32)
+    attention_one_token = 32 * 4 * 4096  # QK^T + AV against the single visible key
+    assert one_token == pytest.approx(2 * 32 * layer_params + 2 * 4096 * 32064 + attention_one_token)
+
+
+def test_attention_term_is_causal():
+    # n tokens see n(n+1)/2 keys in total
+    lin = llm_layer_flops(1, 64, 4, 2, 16, 128) - 4 * 64 * 1
+    n = 10
+    assert llm_layer_flops(n, 64, 4, 2, 16, 128) == pytest.approx(n * lin + 4 * 64 * n * (n + 1) / 2)
+    assert vit_layer_flops(n, 32, 64) == pytest.approx(2 * n * (4 * 32 * 32 + 2 * 32 * 64) + 4 * n * n * 32)
+
+
+def test_llava15_prefill_split_and_ideal_speedup():
+    cfg = llava15_7b_config()
+    text = 40
+    full = batch_prefill_flops(cfg, "llava", [(text, [576] * 32)], n_passes=1, n_visual_total=576)
+    # ViT-L/14-336: 24 layers on 577 tokens, ~0.35 TFLOPs; the LLM dominates (~8 TFLOPs)
+    assert 0.3e12 < full.vision < 0.45e12
+    assert 7.5e12 < full.llm < 9e12
+    assert full.total == pytest.approx(full.vision + full.projector + full.llm)
+    pruned = batch_prefill_flops(cfg, "llava", [(text, [64] * 32)], n_passes=1, n_visual_total=576,
+                                 projected_tokens=64)
+    ideal = full.total / pruned.total
+    assert 3.5 < ideal < 5.0  # 616 -> 104 LLM tokens, the ViT unchanged
+    # a vision-side schedule that stops early and shrinks costs less in the tower
+    sched = [[577, 577] + [65] * 21]
+    early = batch_prefill_flops(cfg, "llava", [(text, [64] * 32)], n_passes=1, n_visual_total=576,
+                                vit_passes=sched, projected_tokens=64)
+    assert early.vision < pruned.vision / 3

@@ -1,0 +1,98 @@
+"""vlmguard perf serve: the closed-loop load generator, the summary ratios, and the command end to end
+(the direct-Engine path in the default suite; the Ray service paths in the slow suite)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+import time
+
+import pytest
+
+from vlmguard.cli import main
+from vlmguard.perf.serve import closed_loop, serve_summary, serve_targets
+
+
+def run_json(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    assert rc == 0
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
+    seen: list[int] = []
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def call(i):
+        with lock:
+            seen.append(i)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+        return 3, 0.004
+
+    r = closed_loop(call, 12, 4)
+    assert sorted(seen) == list(range(12))
+    assert peak[0] <= 4
+    assert r["requests"] == 12 and r["errors"] == 0 and r["tokens"] == 36
+    assert r["requests_per_s"] == pytest.approx(12 / r["wall_s"])
+    assert r["latency_median_s"] >= 0.01
+    assert r["added_latency_median_s"] == pytest.approx(r["latency_median_s"] - 0.004, abs=0.005)
+
+
+def test_closed_loop_counts_errors_and_goes_on():
+    def call(i):
+        if i % 3 == 0:
+            raise RuntimeError("boom")
+        return 1, 0.0
+
+    r = closed_loop(call, 9, 2)
+    assert r["requests"] == 6 and r["errors"] == 3 and "boom" in r["error_samples"][0]
+
+
+def test_summary_and_targets():
+    rows = [
+        {"path": "engine", "clients": 1, "requests_per_s": 10.0, "latency_median_s": 0.100},
+        {"path": "ray_unbatched", "clients": 1, "requests_per_s": 9.0, "latency_median_s": 0.110},
+        {"path": "ray_batched", "clients": 1, "requests_per_s": 8.0, "latency_median_s": 0.120},
+        {"path": "ray_unbatched", "clients": 16, "requests_per_s": 9.0, "latency_median_s": 1.7},
+        {"path": "ray_batched", "clients": 16, "requests_per_s": 36.0, "latency_median_s": 0.4},
+    ]
+    s = serve_summary(rows)
+    assert s["batching_speedup"] == {"1": pytest.approx(8 / 9), "16": pytest.approx(4.0)}
+    assert s["ray_latency_overhead_1_client"] == {"ray_unbatched": pytest.approx(1.1), "ray_batched": pytest.approx(1.2)}
+    met = {t["metric"]: t["met"] for t in serve_targets(rows)}
+    assert met == {"batching_speedup_16_clients": True, "ray_unbatched_latency_over_engine_1_client": True,
+                   "ray_batched_latency_over_engine_1_client": False}
+
+
+def test_serve_engine_path_end_to_end():
+    data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,3", "--requests", "3",
+                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-ray", "--quiet", "--json"])
+    assert data["command"] == "perf serve" and data["clients"] == [1, 3]
+    assert [(r["path"], r["clients"]) for r in data["rows"]] == [("engine", 1), ("engine", 3)]
+    for r in data["rows"]:
+        assert r["requests"] == 3 and r["errors"] == 0
+        assert r["requests_per_s"] > 0 and 3 <= r["tokens"] <= 9
+        assert r["latency_p90_s"] >= r["latency_median_s"] > 0
+    assert data["summary"]["batching_speedup"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_serve_through_ray_batched_and_unbatched(tmp_path):
+    data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
+                     "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
+                     "--plot", str(tmp_path / "serve.png")])
+    paths = {(r["path"], r["clients"]) for r in data["rows"]}
+    assert paths == {(p, c) for p in ("engine", "ray_unbatched", "ray_batched") for c in (1, 4)}
+    assert all(r["errors"] == 0 and r["requests"] == 8 for r in data["rows"])
+    assert set(data["summary"]["batching_speedup"]) == {"1", "4"}
+    assert set(data["summary"]["ray_latency_overhead_1_client"]) == {"ray_unbatched", "ray_batched"}
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"

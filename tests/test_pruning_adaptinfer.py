@@ -1,0 +1,159 @@
+"""AdaptInfer: cheap text-row scores == eager full-matrix scores, the prior's algebra, reduction to FastV,
+schedules (official table, accounting, tiny labels), stage nesting, and the offline analysis command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pruning_support import requests
+from vlmguard.cli import main as cli_main
+from vlmguard.engine import Engine
+from vlmguard.models.base import Prompt
+from vlmguard.pruning.adaptinfer import text_prior_scores
+from vlmguard.pruning.adaptinfer_schedule import (OFFICIAL_KEEPS_7B, OFFICIAL_LAYERS_7B, actual_average,
+                                                  make_schedule, official_average, pruned_layers_average)
+from vlmguard.pruning.analysis import change_point, pick_peaks
+from vlmguard.pruning.scores import pad_rows, text_after_vision, top_sorted
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine, tiny_llava, tiny_qwen2_vl
+
+FAMILIES = ["llava", "llava_next", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("builder", [tiny_llava, tiny_qwen2_vl])
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_cheap_text_rows_equal_eager_full_matrix(builder, lam):
+    model, proc = builder(attn="eager")
+    eng = Engine(model, proc, attn_implementation="vlmguard_sdpa")
+    model.set_attn_implementation("vlmguard_sdpa")
+    prompts = [Prompt("Is there a dog in the image?", [random_image(1, (40, 32))]),
+               Prompt("what color is the car", [random_image(3, (64, 40))])]
+    texts = {}
+
+    def rows(seq):
+        t = [text_after_vision(seq, r) for r in range(seq.batch_size)]
+        texts["t"] = t
+        return pad_rows(t, seq.length - 1)
+
+    layers = [0, 2]
+    probe = eng.probe_forward(prompts, score_layers=layers, query_rows=rows, per_head=True)
+    batch = eng.adapter.encode(prompts)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), output_attentions=True,
+                    **batch.vision_inputs)
+    model.set_attn_implementation("vlmguard_sdpa")
+    vis = batch.image_token_mask
+    for layer in layers:
+        for r in range(len(prompts)):
+            t = texts["t"][r]
+            pos = vis[r].nonzero().squeeze(1)
+            full = out.attentions[layer][r].float()  # (H, L, L), the oracle
+            s_ref, w_ref = text_prior_scores(full[:, t, :], t, pos, lam)
+            s, w = text_prior_scores(probe["scores"][layer][r, :, : t.numel()], t, pos, lam)
+            assert (w - w_ref).abs().max().item() < 1e-5
+            assert (s - s_ref).abs().max().item() < 1e-5
+            assert torch.equal(top_sorted(s, 5), top_sorted(s_ref, 5))
+
+
+def test_prior_algebra():
+    torch.manual_seed(0)
+    h, t, n = 3, 5, 12
+    logits = torch.randn(h, t, n)
+    text = torch.arange(7, 12)
+    causal = torch.arange(n)[None, :] <= text[:, None]
+    a = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), dim=-1)
+    m = a[:, :, text]
+    s_mat = m + m.transpose(1, 2) - torch.diag_embed(m.diagonal(dim1=1, dim2=2))
+    assert torch.allclose(s_mat, s_mat.transpose(1, 2))
+    _, w = text_prior_scores(a, text, torch.arange(1, 7), lam=1.0)
+    assert torch.allclose(w, s_mat.sum(dim=1), atol=1e-6)  # column-sum + row-sum - diagonal == rows of S
+    # lam = 0: uniform prior -> score proportional to the head-summed attention
+    s0, _ = text_prior_scores(a, text, torch.arange(1, 7), lam=0.0)
+    ref = a[:, :, 1:7].sum(dim=(0, 1))
+    assert torch.allclose(s0 / s0.sum(), ref / ref.sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduces_exactly_to_fastv(family):
+    eng = tiny_engine(family)
+    for k in (2, 3):
+        fast = eng.generate(requests(), GenerationSpec(pruning="fastv", budget=k, max_new_tokens=3))
+        ada = eng.generate(requests(), GenerationSpec(pruning="adaptinfer", budget=k, max_new_tokens=3,
+                                                      pruning_params={"lam": 0.0, "text_query": "last",
+                                                                      "layers": [1], "keeps": [k]}))
+        for f, a in zip(fast, ada):
+            assert a.kept_indices == f.kept_indices
+            assert a.visual_tokens_kept == f.visual_tokens_kept
+            assert a.token_ids == f.token_ids
+
+
+def test_stages_nest_and_counts_follow_schedule():
+    eng = tiny_engine("llava_next")
+    res = eng.generate(requests()[1:2], GenerationSpec(pruning="adaptinfer", budget=20, max_new_tokens=1,
+                                                       pruning_params={"layers": [0, 2], "keeps": [30, 9]}))[0]
+    stages = {int(k): v[0] for k, v in res.pruning["adaptinfer_kept"].items()}
+    assert len(stages[0]) == 30 and len(stages[2]) == 9
+    assert set(stages[2]) <= set(stages[0])
+    assert stages[2] == res.kept_indices
+    assert res.visual_tokens_kept == [res.visual_tokens, 30, 30, 9]
+
+
+def test_official_schedule_and_accounting():
+    for label, off, act in ((128, 128.8, 146.2), (64, 65.0, 82.9)):
+        sched = make_schedule(family="llava", n_layers=32, hidden=4096, n_visual=576, budget=label)
+        assert sched.layers == OFFICIAL_LAYERS_7B and sched.keeps == OFFICIAL_KEEPS_7B[label]
+        assert round(sched.official_average, 1) == off
+        assert round(sched.actual_average, 1) == act
+    # a stage with k >= the tokens present is skipped
+    assert official_average((1, 2), (600, 10), 576, 4) == (576 + 576 + 2 * 10) / 4
+
+
+@pytest.mark.parametrize("layers", [(0, 2), (1, 2)])
+def test_tiny_labels_hit_within_one_token(layers):
+    prev = None
+    for label in (48, 32, 16):  # 576 -> 192/128/64 is 144 -> 48/32/16
+        sched = make_schedule(family="llava", n_layers=4, hidden=256, n_visual=144, budget=label, layers=layers)
+        avg = official_average(sched.layers, sched.keeps, 144, 4) if layers[0] == 0 else \
+            pruned_layers_average(sched.layers, sched.keeps, 144, 4)
+        assert abs(avg - label) <= 1
+        assert actual_average(sched.layers, sched.keeps, 144, 4) >= avg
+        if prev is not None:
+            assert all(a <= b for a, b in zip(sched.keeps, prev))  # smaller label -> fewer tokens
+        prev = sched.keeps
+
+
+def test_change_point_matches_brute_force():
+    torch.manual_seed(1)
+    for _ in range(20):
+        curve = torch.randn(9).cumsum(0)
+        b = change_point(curve)
+        costs = {k: float(((curve[:k] - curve[:k].mean()) ** 2).sum() + ((curve[k:] - curve[k:].mean()) ** 2).sum())
+                 for k in range(2, 8)}
+        assert b == min(costs, key=lambda k: (costs[k], k))
+    assert change_point(torch.arange(3.0)) is None  # shorter than two segments of 2
+
+
+def test_pick_peaks_spacing_and_fill():
+    hist = [0, 50, 45, 0, 0, 0, 0, 0, 0, 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert pick_peaks(hist, 32, 3) == [1, 9, 20]
+    assert pick_peaks([0, 10, 0, 0], 4, 2) == [1, 2]  # one peak, filled from the relative-depth rule
+
+
+def test_analyze_command_writes_a_usable_schedule(tmp_path, capsys):
+    out = tmp_path / "sched.json"
+    rc = cli_main(["prune", "analyze", "--model", "random:llava", "--samples", "3", "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = json.loads(out.read_text())
+    assert data["layers"] == summary["layers"] and len(data["layers"]) == 2
+    assert sum(data["histogram"]) > 0 and data["n_visual"] == 16
+    eng = tiny_engine("llava")
+    budget = int(next(iter(data["keeps"])))
+    res = eng.generate(requests()[:1], GenerationSpec(pruning="adaptinfer", budget=budget, max_new_tokens=1,
+                                                      pruning_params={"schedule": str(out)}))[0]
+    sched = res.pruning["adaptinfer_schedule"][0]
+    assert list(sched["layers"]) == data["layers"] and list(sched["keeps"]) == data["keeps"][str(budget)]
+    assert rc == 0 and cli_main(["prune", "analyze", "--model", "random:llava", "--samples", "0"]) == 2

@@ -1,0 +1,148 @@
+"""Service pieces that need no Ray: config files, request translation, metrics, job arguments."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlmguard.api_schema import ChatCompletionRequest
+from vlmguard.errors import InvalidInput
+from vlmguard.images import image_to_data_url
+from vlmguard.testing import random_image
+from vlmguard.workers.config import ServiceConfig, load_config, parse_config
+from vlmguard.workers.image_intake import make_image_resolver
+from vlmguard.workers.metrics import ServiceMetrics
+from vlmguard.workers.openai_compat import chat_item, chat_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLVE = make_image_resolver([])
+
+
+def test_gpu_serve_yaml_parses_with_three_families():
+    cfg = load_config(ROOT / "configs" / "serve-gpu.yaml")
+    assert [m.served_name for m in cfg.models] == ["llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"]
+    assert all(m.num_gpus == 1 and not m.trust_remote_code for m in cfg.models)
+    assert cfg.host == "0.0.0.0" and cfg.port == 8000 and cfg.app_name == "vlmguard"
+    local = load_config(ROOT / "configs" / "serve-local.yaml")
+    assert local.models[0].model == "tiny" and local.models[0].batching.enabled
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(InvalidInput, match="duplicate model names"):
+        parse_config({"models": [{"model": "tiny"}, {"model": "tiny"}]})
+    with pytest.raises(InvalidInput, match="num_replicas"):
+        parse_config({"models": [{"model": "tiny", "num_replicas": 0}]})
+    with pytest.raises(InvalidInput, match="no application"):
+        parse_config({"applications": [{"import_path": "other.app:x"}]})
+    with pytest.raises(InvalidInput, match="not found"):
+        load_config(ROOT / "no-such.yaml")
+
+
+def test_api_keys_from_env(monkeypatch):
+    monkeypatch.setenv("MY_KEYS", "a, b")
+    cfg = ServiceConfig(api_keys=["c"], api_key_env="MY_KEYS")
+    assert cfg.resolved_api_keys() == ["c", "a", "b"]
+
+
+def _req(**kw) -> ChatCompletionRequest:
+    body = {"messages": [{"role": "user", "content": "hi"}], **kw}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def test_chat_spec_maps_openai_fields_and_vlmguard_options():
+    spec = chat_spec(_req(max_tokens=7, temperature=0.7, top_p=0.9, seed=3, stop="END",
+                          vlmguard={"pruning": "fastv", "budget": 0.25, "decoding": "vcd", "params": {"alpha": 0.5}}),
+                     64)
+    assert (spec.max_new_tokens, spec.temperature, spec.top_p, spec.seed, spec.stop) == (7, 0.7, 0.9, 3, ["END"])
+    assert spec.sampling and spec.pruning == "fastv" and spec.budget == 0.25
+    assert spec.decoding == "vcd" and spec.decoding_params == {"alpha": 0.5}
+    assert not chat_spec(_req(), 64).sampling  # no temperature: greedy
+    assert not chat_spec(_req(temperature=0), 64).sampling
+    with pytest.raises(InvalidInput, match="limit of 64"):
+        chat_spec(_req(max_tokens=65), 64)
+    with pytest.raises(InvalidInput, match="unknown pruning method"):
+        chat_spec(_req(vlmguard={"pruning": "nope"}), 64)
+
+
+def test_chat_item_single_turn_multi_turn_and_image_rules():
+    url = image_to_data_url(random_image(0, (20, 20)))
+    req = _req(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]},
+    ])
+    item = chat_item(req, RESOLVE, max_images=4, max_new_tokens_limit=64, request_id="r1")
+    assert item.prompt == "What?" and item.system == "Be brief." and len(item.images) == 1 and item.messages is None
+    multi = _req(messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "A?"}]},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "B?"},
+    ])
+    item = chat_item(multi, RESOLVE, max_images=4, max_new_tokens_limit=64, request_id="r2")
+    assert [m["role"] for m in item.messages] == ["user", "assistant", "user"]
+    assert item.messages[0]["content"][0] == {"type": "image"} and len(item.images) == 1
+    with pytest.raises(InvalidInput, match="last message"):
+        chat_item(_req(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), RESOLVE,
+                  max_images=4, max_new_tokens_limit=64, request_id="r3")
+    with pytest.raises(InvalidInput, match="too many images"):
+        chat_item(req, RESOLVE, max_images=0, max_new_tokens_limit=64, request_id="r4")
+    with pytest.raises(InvalidInput, match=r"messages\[0\].content\[0\]: .*turned off"):
+        chat_item(_req(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]), RESOLVE, max_images=4,
+            max_new_tokens_limit=64, request_id="r5")
+
+
+def test_url_allow_list():
+    resolve = make_image_resolver(["https://images.example.org/"])
+    with pytest.raises(InvalidInput, match="allow-list"):
+        resolve("https://evil.example.com/a.png")
+    with pytest.raises(InvalidInput, match="data URL"):
+        resolve("file:///etc/passwd")
+
+
+def test_metrics_json_and_prometheus():
+    m = ServiceMetrics()
+    for bs in (1, 3, 3, 3):
+        m.request_started()
+        m.observe_result({"token_ids": [1, 2], "prompt_tokens": 10, "visual_tokens": 16,
+                          "visual_tokens_kept": [16, 8, 8, 8], "timings": {"decode_s": 0.1, "batch_size": bs}})
+        m.request_finished("/v1/chat/completions", 200, 0.2)
+    m.request_started()
+    m.request_finished("/v1/generate", 400, 0.01)
+    s = m.snapshot()
+    assert s["requests_total"] == 5 and s["requests_by_status"] == {"200": 4, "400": 1}
+    assert s["max_batch_size_observed"] == 3 and s["batch_sizes"] == {"1": 1, "3": 3}
+    assert s["generated_tokens_total"] == 8 and s["visual_tokens_kept_mean"] == 10.0
+    assert s["decode_tokens_per_s"] == pytest.approx(20.0) and s["in_flight"] == 0
+    text = m.prometheus()
+    assert 'vlmguard_requests_total{endpoint="/v1/generate",status="400"} 1' in text
+    assert 'vlmguard_batch_results_total{batch_size="3"} 3' in text
+    assert 'vlmguard_request_latency_seconds_bucket{le="+Inf"} 4' in text
+
+
+def test_job_arguments_are_checked_and_paths_made_absolute(tmp_path, monkeypatch):
+    from vlmguard.workers import jobs
+
+    monkeypatch.chdir(tmp_path)
+    entry = jobs.bench_entrypoint(["pope", "--db", "runs/x.sqlite", "--dataset", "mini", "--limit", "3"])
+    assert f"--db {tmp_path}/runs/x.sqlite" in entry and f"--dataset {tmp_path}/mini" in entry
+    assert "-m vlmguard.workers.bench_job pope" in entry
+    assert jobs.absolutize(["--dataset", "synthcoco"]) == ["--dataset", "synthcoco"]
+    with pytest.raises(InvalidInput, match="bad benchmark job arguments"):
+        jobs.submit_bench(["no-such-benchmark"], address="http://127.0.0.1:9")
+    assert jobs.jobs_address("10.0.0.1:8265") == "http://10.0.0.1:8265"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from vlmguard.cli import main
+    from vlmguard.workers.launch import free_port
+
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("models: [{model: tiny, num_replicas: -1}]\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmguard: error: invalid service config") and "num_replicas" in err and "\n" not in err
+    assert main(["job", "status", "raysubmit_x", "--address", f"http://127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmguard: error: cannot reach the Ray Jobs API") and "\n" not in err
+    assert main(["job", "submit", "bench"]) == 2
+    assert "needs a benchmark" in capsys.readouterr().err

@@ -1,0 +1,309 @@
+"""The service on a real local Ray cluster (CPU): OpenAI SDK, streaming, native API, batching, bad input over
+HTTP, and a benchmark Ray Job that survives a replica being killed.
+
+One cluster + app for the whole module (start-up is the expensive part): two replicas of the tiny random
+LLaVA, API-key auth on, dynamic batching on.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from vlmguard.images import image_to_data_url
+from vlmguard.testing import random_image
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH_MINI = ROOT / "tests" / "fixtures" / "bench" / "synth_mini"
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "random:llava"
+
+
+@pytest.fixture(scope="module")
+def service():
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+    from vlmguard.workers.launch import start_service
+
+    cfg = ServiceConfig(
+        models=[ModelConfig(model=MODEL, num_replicas=2, num_cpus=1, max_ongoing_requests=16, max_queued_requests=64,
+                            max_new_tokens_limit=64,
+                            batching=BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.05))],
+        api_keys=[KEY], api_key_env=None, max_request_bytes=8 * 1024 * 1024, request_timeout_s=120,
+    )
+    svc = start_service(cfg, port=0, num_cpus=4, dashboard_port=0)
+    yield svc
+    svc.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_url() -> str:
+    return image_to_data_url(random_image(0, (48, 40)))
+
+
+def _chat_body(image_url: str, text: str = "Is there a dog in the image?", **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}]}],
+        "max_tokens": 6, **kw}
+
+
+def _healthy(svc) -> None:
+    r = httpx.get(svc.url + "/health", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "ok"
+
+
+# ---- happy paths ----------------------------------------------------------------------------------------
+
+def test_openai_sdk_chat_completion(service, image_url):
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    resp = client.chat.completions.create(
+        model=MODEL, max_tokens=6, temperature=0, seed=1,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Is there a dog in the image?"},
+                                               {"type": "image_url", "image_url": {"url": image_url}}]}],
+        extra_body={"vlmguard": {"pruning": "fastv", "budget": 8, "params": {}}},
+    )
+    choice = resp.choices[0]
+    assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= resp.usage.completion_tokens <= 6
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    info = resp.model_extra["vlmguard"]
+    assert info["pruning"] == "fastv" and info["visual_tokens"] == 16
+    kept = info["visual_tokens_kept"]
+    assert kept[0] == 16 and kept[-1] == 8  # FastV: full image tokens before layer K, 8 after
+    assert len(info["kept_indices"]) == 8
+
+
+def test_openai_sdk_streaming_matches_non_streaming(service, image_url):
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    kwargs = dict(model=MODEL, max_tokens=6, messages=_chat_body(image_url)["messages"])
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+    assert text.strip() == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_native_generate_and_python_client(service):
+    from vlmguard.client import Client
+
+    with Client(service.url, api_key=KEY) as c:
+        r = c.generate("Describe the image.", images=[random_image(3, (40, 40))], pruning="random", budget=4,
+                       max_new_tokens=5, seed=0)
+        assert r.model == MODEL and r.visual_tokens == 16
+        assert r.kept_indices is not None and len(r.kept_indices) == 4
+        assert all(k == 4 for k in r.visual_tokens_kept)
+        assert r.timings.prefill_s > 0 and r.timings.total_s >= r.timings.prefill_s
+        assert len(r.steps) == len(r.token_ids) and 1 <= len(r.token_ids) <= 5
+        assert r.pruning["name"] == "random"
+        events = list(c.generate_stream("Describe the image.", images=[random_image(3, (40, 40))], pruning="random",
+                                        budget=4, max_new_tokens=5, seed=0))
+        assert events[-1].done and events[-1].result is not None
+        assert events[-1].result.token_ids == r.token_ids
+        assert "".join(e.text for e in events).strip() == r.text
+        chat = c.chat("Is there a cat?", images=[random_image(4, (32, 32))], max_tokens=4, decoding="vcd",
+                      decoding_params={"alpha": 1.0})
+        assert chat.vlmguard.decoding == "vcd" and chat.usage.completion_tokens >= 1
+
+
+def test_concurrent_requests_are_batched(service, image_url):
+    body = _chat_body(image_url, max_tokens=8)
+
+    def one(_: int) -> int:
+        return httpx.post(service.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(16)))
+    assert statuses == [200] * 16
+    snap = httpx.get(service.url + "/metrics?format=json", headers=AUTH).json()
+    assert snap["max_batch_size_observed"] > 1, snap["batch_sizes"]
+    assert snap["generated_tokens_total"] > 0 and snap["visual_tokens_kept_mean"] > 0
+    prom = httpx.get(service.url + "/metrics", headers=AUTH).text
+    assert 'vlmguard_requests_total{endpoint="/v1/chat/completions",status="200"}' in prom
+    sizes = [int(line.split('batch_size="')[1].split('"')[0]) for line in prom.splitlines()
+             if line.startswith("vlmguard_batch_results_total{")]
+    assert max(sizes) > 1
+
+
+# ---- bad input over HTTP --------------------------------------------------------------------------------
+
+def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _bad_cases():
+    return {
+        "corrupt image bytes": (lambda u: _chat_body(_data_url(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)), 400,
+                                "image"),
+        "empty image": (lambda u: _chat_body("data:image/png;base64,"), 400, "empty"),
+        "50 megapixel image": (lambda u: _chat_body(_data_url(_png_bytes(Image.new("L", (10_000, 5_000))))), 400,
+                               "too large"),
+        "unsupported format": (lambda u: _chat_body(_data_url(_png_bytes(random_image(1, (16, 16)), "PPM"),
+                                                              "image/x-portable-pixmap")), 400, "unsupported format"),
+        "unknown method": (lambda u: {**_chat_body(u), "vlmguard": {"decoding": "no-such-decoder"}}, 400,
+                           "unknown decoding method"),
+        "invalid budget": (lambda u: {**_chat_body(u), "vlmguard": {"pruning": "fastv", "budget": -3}}, 400, "budget"),
+        "url when urls are off": (lambda u: _chat_body("https://example.com/cat.png"), 400, "turned off"),
+        "prompt longer than the context": (lambda u: _chat_body(u, text="dog " * 700), 400, "context"),
+        "unknown model": (lambda u: {**_chat_body(u), "model": "gpt-17"}, 404, "not served"),
+        "too many new tokens": (lambda u: _chat_body(u, max_tokens=100), 400, "limit of 64"),
+        "unknown field": (lambda u: {**_chat_body(u), "frobnicate": 1}, 400, "frobnicate"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_is_a_4xx_json_error_and_the_worker_stays_healthy(service, image_url, case):
+    make, status, needle = _bad_cases()[case]
+    r = httpx.post(service.url + "/v1/chat/completions", json=make(image_url), headers=AUTH, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower() and err["type"]
+    _healthy(service)
+
+
+def test_malformed_json_missing_auth_and_oversize_body(service, image_url):
+    url = service.url + "/v1/chat/completions"
+    r = httpx.post(url, content=b'{"messages": [', headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "malformed json" in r.json()["error"]["message"].lower()
+    r = httpx.post(url, json=_chat_body(image_url))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(url, json=_chat_body(image_url), headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = httpx.post(url, content=b"{" + b" " * (9 * 1024 * 1024) + b"}", headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    r = httpx.post(service.url + "/v1/generate", json={"prompt": "hi", "spec": {"budget": 0}}, headers=AUTH)
+    assert r.status_code == 400 and "budget" in r.json()["error"]["message"]
+    assert httpx.get(service.url + "/health").status_code == 200  # health needs no key
+    ok = httpx.post(url, json=_chat_body(image_url), headers=AUTH, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+# ---- backpressure and load ------------------------------------------------------------------------------
+
+def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url):
+    """A second app on the same cluster with room for 1 running + 1 queued request: the rest are refused."""
+    from ray import serve
+
+    from vlmguard.workers.app import build_app
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+
+    cfg = ServiceConfig(app_name="bp", route_prefix="/bp", api_key_env=None, models=[
+        ModelConfig(model=MODEL, num_replicas=1, num_cpus=0, max_ongoing_requests=1, max_queued_requests=1,
+                    batching=BatchingConfig(enabled=False))])
+    serve.run(build_app(cfg), name="bp", route_prefix="/bp")
+    try:
+        body = _chat_body(image_url, max_tokens=48)
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(service.url + "/bp/v1/chat/completions", json=body, timeout=120)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(one, range(8)))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1"
+        assert "overloaded" in refused.json()["error"]["message"] and refused.json()["error"]["type"] == "overloaded_error"
+    finally:
+        serve.delete("bp")
+    _healthy(service)
+
+
+@pytest.mark.slow
+def test_load_16_clients_for_60_s_has_no_5xx(service):
+    from vlmguard.workers.loadgen import run_load
+
+    report = run_load(service.url, concurrency=16, duration_s=60, api_key=KEY, model=MODEL)
+    print(json.dumps(report))
+    assert report["requests_ok"] > 0 and report["server_5xx_other_than_503"] == 0 and not report["transport_errors"]
+
+
+# ---- benchmark job + fault -------------------------------------------------------------------------------
+
+def _replica_actor_names() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::") and "ModelWorker" in a["name"])
+
+
+def _count_samples(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_benchmark_job_survives_a_killed_replica(service, tmp_path, capsys):
+    import ray
+
+    from vlmguard.cli import main
+    from vlmguard.workers import jobs
+
+    db = tmp_path / "results.sqlite"
+    bench = ["bench", "pope", "--dataset", str(SYNTH_MINI), "--split", "random", "--limit", "24", "--batch-size", "1",
+             "--max-new-tokens", "24", "--db", str(db)]
+    assert main(["job", "submit", "--address", service.dashboard_url, "--json", *bench]) == 0
+    job_id = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["job_id"]
+
+    deadline = time.monotonic() + 120
+    while _count_samples(db) < 2:  # the job is under way on both replicas
+        assert time.monotonic() < deadline, jobs.logs(job_id, service.dashboard_url)
+        assert jobs.status(job_id, service.dashboard_url)["status"] not in jobs.TERMINAL or _count_samples(db) >= 24
+        time.sleep(0.2)
+    victim = _replica_actor_names()[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    assert _count_samples(db) < 24, "the job ended before the replica was killed"
+
+    st = jobs.wait(job_id, service.dashboard_url, timeout_s=240)
+    log_text = jobs.logs(job_id, service.dashboard_url)
+    assert st["status"] == "SUCCEEDED", log_text
+    result = json.loads([ln for ln in log_text.splitlines() if ln.startswith("{")][-1])
+    run = result["runs"][0]
+    print(f"calls retried after the kill: {result['retries']}")
+    assert run["status"] == "finished" and run["n_samples"] == run["n_expected"] == 24
+    with sqlite3.connect(db) as conn:
+        n, distinct = conn.execute("SELECT COUNT(*), COUNT(DISTINCT sample_key) FROM samples").fetchone()
+        status = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0]
+    assert n == distinct == 24 and status == "finished"  # every sample exactly once
+
+    assert main(["job", "status", job_id, "--address", service.dashboard_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    assert main(["job", "logs", job_id, "--address", service.dashboard_url]) == 0
+    assert "[bench-job]" in capsys.readouterr().out
+
+    # The killed replica is replaced and the service answers again.
+    deadline = time.monotonic() + 120
+    while len(_replica_actor_names()) < 2 or victim in _replica_actor_names():
+        assert time.monotonic() < deadline, _replica_actor_names()
+        time.sleep(0.5)
+    _healthy(service)

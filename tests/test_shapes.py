@@ -1,0 +1,53 @@
+"""Random-weight real-shape models: configs match the real checkpoints; -cpu variants build and run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmguard.errors import InvalidInput
+from vlmguard.models.shapes import SHAPES, build_config, build_shape, shape_spec
+
+
+def test_full_shapes_match_real_configs():
+    c = build_config("llava-1.5-7b")
+    assert (c.text_config.num_hidden_layers, c.text_config.hidden_size, c.text_config.num_attention_heads,
+            c.text_config.num_key_value_heads, c.text_config.intermediate_size) == (32, 4096, 32, 32, 11008)
+    v = c.vision_config
+    assert (v.num_hidden_layers, v.hidden_size, v.image_size, v.patch_size) == (24, 1024, 336, 14)
+    assert (v.image_size // v.patch_size) ** 2 == 576
+    n = build_config("llava-next-7b")
+    assert n.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    q = build_config("qwen2-vl-7b")
+    t = q.text_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (3584, 28, 28, 4)
+    assert t.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (q.vision_config.depth, q.vision_config.embed_dim) == (32, 1280)
+    with pytest.raises(InvalidInput):
+        shape_spec("llava-70b")
+
+
+@pytest.mark.parametrize("name", [s for s in SHAPES if s.endswith("-cpu")])
+def test_cpu_shape_builds_and_runs(name: str):
+    full = build_config(name.removesuffix("-cpu"))
+    model, processor = build_shape(name, seed=0)
+    cfg = model.config
+    # same depths as the full shape
+    if hasattr(cfg.vision_config, "depth"):
+        assert cfg.vision_config.depth == full.vision_config.depth
+    else:
+        assert cfg.vision_config.num_hidden_layers == full.vision_config.num_hidden_layers
+    assert cfg.text_config.num_hidden_layers == full.text_config.num_hidden_layers
+    # a small image keeps the test fast (LLaVA resizes to 336 px anyway: 576 visual tokens)
+    image = Image.new("RGB", (224, 224), (90, 140, 30))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a cup in the image?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = processor(images=image, text=text, return_tensors="pt")
+    n_visual = int((enc["input_ids"] == cfg.image_token_id).sum())
+    if name.startswith("llava-1.5"):
+        assert n_visual == 576
+    assert n_visual > 0
+    with torch.no_grad():
+        out = model(**enc)
+    assert out.logits.shape[:2] == enc["input_ids"].shape
+    assert torch.isfinite(out.logits[:, -1]).all()

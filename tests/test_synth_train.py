@@ -1,0 +1,102 @@
+"""The tiny-LVLM training recipe (a few steps on a tiny config) and the bundled checkpoint."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from vlmguard.errors import ModelLoadError
+from vlmguard.models.resolve import resolve_model_path
+from vlmguard.synth import build_dataset
+from vlmguard.synth.model import TinySize
+from vlmguard.synth.train import Encoder, TrainConfig, Trainer
+
+TINY = TinySize(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, text_hidden=64,
+                text_layers=2, text_heads=2, text_kv_heads=2, text_intermediate=128)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("synth") / "d", seed=1, train=24, val=6, test=12)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_short_training_lowers_loss_and_saves_loadable_model(small_data: Path, tmp_path: Path):
+    cfg = TrainConfig(seed=0, vision_steps=12, vision_batch=8, align_steps=0, instruct_steps=24,
+                      instruct_batch=6, instruct_lr=3e-3, eval_questions=12, val_questions=12, val_every=12,
+                      size=TINY)
+    trainer = Trainer(small_data, tmp_path / "m", cfg, log=lambda m: None)
+    out = trainer.run()
+    vision = trainer.losses["stage 1 vision"]
+    lm = trainer.losses["stage 3 instruct"]
+    assert _mean(vision[-4:]) < 0.8 * _mean(vision[:4])
+    assert _mean(lm[-4:]) < 0.8 * _mean(lm[:4])
+    report = json.loads((out / "training_report.json").read_text())
+    assert set(report["stages"]) == {"vision", "instruct"} and report["validation"]
+    proc = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert isinstance(proc, LlavaProcessor)
+    # the trainer's token sequences are exactly what processor + chat template produce
+    prompt = "Is there a cup in the image?\nAnswer the question using a single word or phrase."
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert text == "USER: <image>\n" + prompt + " ASSISTANT:"
+    img = Image.open(next((small_data / "images" / "test").glob("*.png")))
+    enc = proc(images=img, text=text, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == trainer.enc.prompt(prompt)
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 144
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert torch.isfinite(logits).all()
+
+
+def _bundled() -> Path:
+    try:
+        return resolve_model_path("tiny")
+    except ModelLoadError:
+        pytest.fail("the bundled tiny model is missing from vlmguard/assets/tiny-llava")
+
+
+def test_bundled_model_answers_pope_question_fast(tmp_path: Path):
+    path = _bundled()
+    assert sum(f.stat().st_size for f in path.iterdir() if f.is_file()) <= 25 * 2**20
+    proc = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    assert model.config.vision_feature_select_strategy == "default"
+    assert proc.num_additional_image_tokens == 1 and proc.patch_size == 8
+    data = build_dataset(tmp_path / "t", seed=0, train=0, val=0, test=4)
+    inst = json.loads((data / "annotations" / "instances_test.json").read_text())
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    im = inst["images"][0]
+    present = next(names[a["category_id"]] for a in inst["annotations"] if a["image_id"] == im["id"])
+    image = Image.open(data / "images" / "test" / im["file_name"])
+    q = f"Is there a {present} in the image?\nAnswer the question using a single word or phrase."
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    enc = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=8)  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=8)
+        dt = time.perf_counter() - t0
+    answer = proc.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer in ("Yes", "No")
+    assert out[0, -1].item() == model.generation_config.eos_token_id  # generation stopped at EOS
+    assert dt < 1.0, f"one POPE answer took {dt:.2f}s"
+
+
+def test_resolve_model_path_errors(tmp_path: Path):
+    assert resolve_model_path(str(_bundled())) == _bundled()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(tmp_path)
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        resolve_model_path("nonexistent-org-xyz/nonexistent-model")
+    with pytest.raises(ModelLoadError):
+        resolve_model_path("not a model")

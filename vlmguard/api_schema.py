@@ -1,0 +1,260 @@
+"""Wire format of the HTTP API, shared by the server (``vlmguard.workers``) and the client (``vlmguard.client``).
+
+Two families of endpoints:
+
+* OpenAI-compatible ``POST /v1/chat/completions`` (+ ``GET /v1/models``). vlmguard options travel in a
+  top-level ``vlmguard`` object (:class:`VlmguardOptions`), so the OpenAI SDK's ``extra_body={"vlmguard":
+  {...}}`` works unchanged. Responses carry the usual OpenAI fields plus a ``vlmguard`` object with visual
+  token counts and timings (the SDK keeps unknown fields in ``model_extra``).
+* Native ``POST /v1/generate``: one prompt + images + a full :class:`~vlmguard.spec.GenerationSpec`,
+  answering the whole :class:`~vlmguard.results.GenerationResult` (timings, kept indices, per-step
+  diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
+
+Errors are always ``{"error": {"message": ..., "type": ..., "code": ...}}`` (:class:`ErrorResponse`).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# ---- vlmguard options -------------------------------------------------------------------------------
+
+
+class VlmguardOptions(BaseModel):
+    """The ``vlmguard`` object of a chat request: pruning x decoding, as in :class:`GenerationSpec`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pruning: str = "none"
+    budget: Optional[Union[int, float]] = None
+    pruning_params: dict[str, Any] = Field(default_factory=dict)
+    decoding: str = "greedy"
+    # ``params`` is accepted as an alias of ``decoding_params`` (the issue's wording).
+    decoding_params: dict[str, Any] = Field(default_factory=dict)
+    params: Optional[dict[str, Any]] = None
+    do_sample: Optional[bool] = None
+    top_k: Optional[int] = None
+    diagnostics: bool = False  # include per-step diagnostics in the response's vlmguard object
+
+    @model_validator(mode="after")
+    def _merge_params(self) -> "VlmguardOptions":
+        if self.params:
+            self.decoding_params = {**self.params, **self.decoding_params}
+            self.params = None
+        return self
+
+
+# ---- OpenAI-compatible chat -------------------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: Optional[str] = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=10.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TimingsModel(BaseModel):
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    per_token_s: list[float] = Field(default_factory=list)
+    setup_s: float = 0.0
+    batch_size: int = 1
+
+
+class StepModel(BaseModel):
+    token_id: int
+    token: str
+    main_prob: float
+    contrast_prob: Optional[float] = None
+    score: float
+    main_top_id: int
+
+
+class VlmguardInfo(BaseModel):
+    """vlmguard's extension of a chat completion: what pruning did and where the time went."""
+
+    pruning: str
+    decoding: str
+    visual_tokens: int
+    visual_tokens_kept: list[int]
+    kept_indices: Optional[list[int]] = None
+    timings: TimingsModel
+    steps: Optional[list[StepModel]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    vlmguard: Optional[VlmguardInfo] = None
+
+
+class ChunkDelta(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+    vlmguard: Optional[VlmguardInfo] = None
+
+
+# ---- native generate --------------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Native request: ``images`` are data URLs (or http(s) URLs when the server allows them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    images: list[str] = Field(default_factory=list)
+    system: Optional[str] = None
+    # GenerationSpec fields (pruning, budget, decoding, decoding_params, max_new_tokens, ...); validated
+    # server-side by GenerationSpec.build so the message names the bad field.
+    spec: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+
+
+class GenerateResponse(BaseModel):
+    """A :class:`~vlmguard.results.GenerationResult` plus the serving model and request id."""
+
+    id: str
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    visual_tokens: int
+    visual_tokens_kept: list[int]
+    kept_indices: Optional[list[int]] = None
+    timings: TimingsModel
+    steps: list[StepModel] = Field(default_factory=list)
+    pruning: dict[str, Any] = Field(default_factory=dict)
+    decoding: dict[str, Any] = Field(default_factory=dict)
+    request_id: Optional[str] = None
+
+
+class GenerateStreamEvent(BaseModel):
+    """One SSE event of a streaming native request: a text delta, and the full result when done."""
+
+    id: str
+    token_id: Optional[int] = None
+    text: str = ""
+    done: bool = False
+    result: Optional[GenerateResponse] = None
+
+
+# ---- service info -----------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "vlmguard"
+    family: Optional[str] = None
+    context_length: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    models: dict[str, str]  # model name -> "ok" | error text

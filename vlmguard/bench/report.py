@@ -1,0 +1,204 @@
+"""Reports from the results database: a flat table (stdout + CSV) and PNG plots (matplotlib, Agg).
+
+Plots: POPE accuracy vs visual tokens kept, CHAIR_s / CHAIR_i per method, POPE accuracy vs prefill time.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from vlmguard.bench.db import list_runs
+
+COLUMNS = (
+    "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
+    "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
+    "sycophancy", "over_correction", "chair_s", "chair_i", "chair_recall", "len", "visual_tokens",
+    "visual_tokens_kept", "prefill_ms", "ttft_ms", "total_ms", "created_at",
+)
+
+
+def method_label(run: dict[str, Any]) -> str:
+    parts = []
+    if run.get("pruning") and run["pruning"] != "none":
+        b = run.get("budget")
+        parts.append(f"{run['pruning']}@{_fmt_num(b)}" if b is not None else run["pruning"])
+    if run.get("decoding") and run["decoding"] not in ("greedy",):
+        parts.append(run["decoding"])
+    return "+".join(parts) or "base"
+
+
+def _fmt_num(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else 1000.0 * v
+
+
+def flatten(run: dict[str, Any]) -> dict[str, Any]:
+    m = run.get("metrics") or {}
+    perf = m.get("perf") or {}
+    row = {
+        "run_id": run["run_id"],
+        "benchmark": run["benchmark"],
+        "model": run["model"],
+        "dataset": run["dataset"],
+        "split": run.get("split"),
+        "variant": run.get("variant"),
+        "method": method_label(run),
+        "pruning": run.get("pruning"),
+        "budget": run.get("budget"),
+        "decoding": run.get("decoding"),
+        "status": run.get("status"),
+        "n_samples": run.get("n_samples"),
+        "n_expected": run.get("n_expected"),
+        "accuracy": m.get("accuracy"),
+        "precision": m.get("precision"),
+        "recall": m.get("recall") if run["benchmark"] != "chair" else None,
+        "f1": m.get("f1"),
+        "yes_ratio": m.get("yes_ratio"),
+        "ctr": m.get("ctr"),
+        "sycophancy": m.get("sycophancy"),
+        "over_correction": m.get("over_correction"),
+        "chair_s": m.get("chair_s"),
+        "chair_i": m.get("chair_i"),
+        "chair_recall": m.get("recall") if run["benchmark"] == "chair" else None,
+        "len": m.get("len"),
+        "visual_tokens": perf.get("visual_tokens"),
+        "visual_tokens_kept": perf.get("visual_tokens_kept"),
+        "prefill_ms": _ms(perf.get("prefill_s")),
+        "ttft_ms": _ms(perf.get("ttft_s")),
+        "total_ms": _ms(perf.get("total_s")),
+        "created_at": run.get("created_at"),
+    }
+    return row
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+POPE_VIEW = ("run_id", "model", "split", "method", "n_samples", "accuracy", "f1", "yes_ratio", "visual_tokens_kept", "prefill_ms")
+LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "n_samples", "accuracy", "ctr", "sycophancy", "over_correction")
+CHAIR_VIEW = ("run_id", "model", "variant", "method", "n_samples", "chair_s", "chair_i", "chair_recall", "len", "visual_tokens_kept")
+
+
+def text_report(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for bench, view in (("pope", POPE_VIEW), ("pope-leading", LEADING_VIEW), ("chair", CHAIR_VIEW)):
+        sel = [r for r in rows if r["benchmark"] == bench]
+        if sel:
+            out.append(f"== {bench} ({len(sel)} runs)")
+            out.append(format_table(sel, view))
+    return "\n\n".join(out) if out else "no runs in the database"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+
+
+def _plot_scatter(rows: list[dict[str, Any]], x: str, xlabel: str, title: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["benchmark"] == "pope" and r.get(x) is not None and r.get("accuracy") is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in pts:
+        key = (r["model"], str(r.get("split")))
+        series.setdefault(key, []).append(r)
+    markers = {"random": "o", "popular": "s", "adversarial": "^"}
+    for (model, split), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r["accuracy"] for r in rs], marker=markers.get(split, "o"), linestyle=":",
+                label=f"{model} / {split}")
+        for r in rs:
+            ax.annotate(r["method"], (r[x], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("POPE accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_chair(rows: list[dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["benchmark"] == "chair" and r.get("chair_s") is not None]
+    if not pts:
+        return False
+    labels = [f"{r['method']}\n{r.get('variant') or ''} {r['model']}" for r in pts]
+    xs = range(len(pts))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(pts)), 4.5))
+    w = 0.4
+    ax.bar([i - w / 2 for i in xs], [r["chair_s"] for r in pts], w, label="CHAIR_s")
+    ax.bar([i + w / 2 for i in xs], [r["chair_i"] or 0.0 for r in pts], w, label="CHAIR_i")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title("CHAIR by method (lower is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(db: Any, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``runs.csv`` and the PNG plots into ``out_dir``; return rows, table text and file list."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [flatten(r) for r in list_runs(db)]
+    files = []
+    csv_path = out / "runs.csv"
+    write_csv(rows, csv_path)
+    files.append(str(csv_path))
+    plots = {
+        "pope_accuracy_vs_visual_tokens.png": lambda p: _plot_scatter(
+            rows, "visual_tokens_kept", "visual tokens kept (mean per LLM layer)", "POPE accuracy vs visual tokens kept", p
+        ),
+        "chair_by_method.png": lambda p: _plot_chair(rows, p),
+        "pope_accuracy_vs_prefill.png": lambda p: _plot_scatter(
+            rows, "prefill_ms", "mean prefill time (ms)", "POPE accuracy vs prefill time", p
+        ),
+    }
+    skipped = []
+    for name, fn in plots.items():
+        if fn(out / name):
+            files.append(str(out / name))
+        else:
+            skipped.append(name)
+    return {"rows": rows, "table": text_report(rows), "files": files, "skipped_plots": skipped}

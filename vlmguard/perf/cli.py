@@ -1,0 +1,175 @@
+"""``vlmguard perf prefill|decode|serve|plot``: speed measured as ratios within one run (never timed tests)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vlmguard.errors import InvalidInput
+
+DEFAULT_SHAPE = "llava-1.5-7b-cpu"
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}") from None
+    return parse
+
+
+def _budget(text: str) -> int | float:
+    v = float(text)
+    return int(v) if v.is_integer() and v >= 1 else v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
+    p.add_argument("--shape", default=shape,
+                   help=f"model shape (default {shape}; e.g. llava-1.5-7b, llava-next-7b, qwen2-vl-7b, "
+                        "their -cpu variants, random:llava, tiny, or a local model path)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.add_argument("--plot", default=None, help="write a PNG figure of the results to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def register(subparsers) -> None:
+    perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
+                                 description=__doc__.splitlines()[0])
+    sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("prefill", help="prefill time / TTFT per pruning method and budget vs the FLOP ideal")
+    _common(p)
+    p.add_argument("--methods", type=_csv(str), default=["none", "flowcut", "adaptinfer", "fastv", "random"])
+    p.add_argument("--budgets", type=_csv(_budget), default=[192, 128, 64])
+    p.add_argument("--batch", type=_positive, default=1)
+    p.set_defaults(func=cmd_prefill)
+
+    d = sub.add_parser("decode", help="per-token decode time of each decoding method relative to greedy")
+    _common(d)
+    d.set_defaults(repeats=3)
+    d.add_argument("--decoders", type=_csv(str), default=["greedy", "vcd", "m3id", "vista", "iava", "lqcd"])
+    d.add_argument("--batch", type=_csv(_positive), default=[1, 8], help="batch sizes, e.g. 1,8")
+    d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
+    d.add_argument("--budget", type=_budget, default=None)
+    d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
+    d.set_defaults(func=cmd_decode)
+
+    s = sub.add_parser("serve", help="requests/s and tokens/s of the Ray service vs the Engine directly")
+    _common(s, shape="tiny")
+    s.set_defaults(repeats=3, warmup=1)
+    s.add_argument("--clients", type=_csv(_positive), default=[1, 4, 16], help="concurrent clients, e.g. 1,4,16")
+    s.add_argument("--requests", type=_positive, default=32,
+                   help="requests per measurement and round (split over the clients)")
+    s.add_argument("--new-tokens", type=int, default=16)
+    s.add_argument("--max-batch", type=_positive, default=16, help="batch size limit of the batching service")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="batching window of the service")
+    s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
+    s.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plot", help="draw the PNG figure of a saved perf JSON report")
+    pl.add_argument("report", help="a JSON file written with --out")
+    pl.add_argument("--out", required=True, help="PNG path")
+    pl.add_argument("--markdown", action="store_true", help="also print the report's table as markdown")
+    pl.set_defaults(func=cmd_plot)
+
+
+def _progress(args) -> Any:
+    if args.quiet:
+        return None
+    return lambda msg: print(f"[perf] {msg}", file=sys.stderr, flush=True)
+
+
+def _engine(args):
+    from vlmguard.perf.models import load_engine
+    from vlmguard.perf.timing import set_threads
+
+    set_threads(args.threads)
+    return load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
+
+
+def _finish(args, result: dict[str, Any], text: str) -> int:
+    from vlmguard.perf.report import emit
+
+    if args.plot:
+        from vlmguard.perf.plots import plot_report
+
+        plot_report(result, args.plot)
+    emit(result, text, args.json, args.out)
+    return 0
+
+
+def cmd_prefill(args) -> int:
+    from vlmguard.perf.prefill import prefill_table, run_prefill
+
+    engine = _engine(args)
+    result = run_prefill(engine, args.methods, args.budgets, batch=args.batch, repeats=args.repeats,
+                         warmup=args.warmup, seed=args.seed, progress=_progress(args))
+    return _finish(args, result, prefill_table(result))
+
+
+def cmd_decode(args) -> int:
+    from vlmguard.perf.decode import decode_table, run_decode
+
+    if (args.pruning is None) != (args.budget is None) and args.pruning not in (None, "none"):
+        raise InvalidInput("--pruning needs --budget (visual tokens kept, or a ratio)")
+    engine = _engine(args)
+    result = run_decode(engine, args.decoders, args.batch, pruning=args.pruning, budget=args.budget,
+                        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                        progress=_progress(args))
+    return _finish(args, result, decode_table(result))
+
+
+def cmd_serve(args) -> int:
+    from vlmguard.perf.serve import run_serve, serve_table
+
+    result = run_serve(args, progress=_progress(args))
+    return _finish(args, result, serve_table(result))
+
+
+def cmd_plot(args) -> int:
+    import json
+    from pathlib import Path
+
+    from vlmguard.perf.plots import plot_report
+
+    path = Path(args.report)
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{path} is not a JSON report: {e}") from None
+    if not isinstance(result, dict) or "rows" not in result:
+        raise InvalidInput(f"{path} is not a vlmguard perf report")
+    plot_report(result, args.out)
+    if args.markdown:
+        from vlmguard.perf.report import markdown
+
+        print(markdown(result))
+    print(args.out)
+    return 0

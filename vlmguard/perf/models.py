@@ -1,0 +1,77 @@
+"""Engines and inputs for benchmarks: real-shape random-weight models, tiny test models, trained models.
+
+``--shape`` accepts a name known to :mod:`vlmguard.models.shapes` (``llava-1.5-7b``, ``llava-1.5-7b-cpu``,
+``llava-next-7b``, ``qwen2-vl-7b`` ...), ``random:<family>`` (the tiny random test models) or any model
+``Engine.load`` accepts (``tiny``, a local path).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlmguard.errors import InvalidInput
+from vlmguard.results import Request
+
+
+def known_shapes() -> list[str]:
+    try:
+        shapes = importlib.import_module("vlmguard.models.shapes")
+    except ModuleNotFoundError:
+        return []
+    for attr in ("SHAPES", "SHAPE_NAMES"):
+        names = getattr(shapes, attr, None)
+        if names:
+            return sorted(names)
+    return []
+
+
+def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: str = "auto",
+                seed: int = 0) -> Any:
+    """An Engine for ``shape`` (see module doc)."""
+    from vlmguard.attention import choose_attention, register_attention_functions
+    from vlmguard.engine import Engine, pick_device, pick_dtype
+
+    if shape.startswith("random:") or shape == "tiny" or "/" in shape:
+        return Engine.load(shape, device=device, dtype=dtype, attn_implementation=attn)
+    names = known_shapes()
+    if shape not in names:
+        hint = f" (known shapes: {', '.join(names)})" if names else " (vlmguard.models.shapes is not available)"
+        raise InvalidInput(f"unknown shape {shape!r}{hint}; or use random:llava, random:llava_next, "
+                           "random:qwen2_vl, tiny or a local model path")
+    from vlmguard.models.shapes import build_shape
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    register_attention_functions()
+    impl = choose_attention(attn, dev)
+    model, processor = build_shape(shape, dtype=dt, device=dev, seed=seed)
+    model.set_attn_implementation(impl)
+    return Engine(model, processor, name=shape, attn_implementation=impl)
+
+
+def bench_image(engine: Any, seed: int) -> Image.Image:
+    """A random RGB image at the vision tower's native resolution (LLaVA-NeXT: 2x, for several crops)."""
+    from vlmguard.testing import random_image
+
+    vc = getattr(engine.model.config, "vision_config", None)
+    size = int(getattr(vc, "image_size", 0) or 0)
+    if engine.family == "llava_next":
+        size = size * 2 if size else 672
+    elif engine.family == "qwen2_vl" or not size:
+        size = 448 if not engine.model_name.startswith(("random:", "tiny")) else 64
+    return random_image(seed, (size, size))
+
+
+PROMPT = "Describe this image in detail. What objects are there, and what color is each one?"
+
+
+def bench_requests(engine: Any, batch: int, seed: int = 0, prompt: str = PROMPT) -> list[Request]:
+    return [Request(prompt=prompt, images=[bench_image(engine, seed + i)]) for i in range(batch)]
+
+
+def warm_threads() -> None:
+    """Touch the intra-op pool once so the first timed run does not pay for thread start-up."""
+    torch.ones(64, 64) @ torch.ones(64, 64)

@@ -1,0 +1,97 @@
+"""PNG figures of perf reports (matplotlib, Agg backend; no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmguard.errors import InvalidInput
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_prefill(result: dict[str, Any], path: str | Path) -> None:
+    """Achieved vs ideal speed-up per method (bars) at each budget."""
+    plt = _plt()
+    rows = [r for r in result["rows"] if r["method"] != "none"]
+    budgets = sorted({r["budget"] for r in rows}, key=lambda b: -float(b))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(budgets) or 1, figsize=(4.2 * max(1, len(budgets)), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        sel = {r["method"]: r for r in rows if r["budget"] == b}
+        xs = range(len(methods))
+        ach = [sel[m]["speedup"] or 0 if m in sel else 0 for m in methods]
+        ideal = [sel[m]["ideal_speedup"] or 0 if m in sel else 0 for m in methods]
+        ax.bar([x - 0.2 for x in xs], ach, width=0.4, label="measured")
+        ax.bar([x + 0.2 for x in xs], ideal, width=0.4, label="ideal (FLOPs)", alpha=0.6)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(methods, rotation=30, ha="right")
+        ax.set_title(f"budget {b}")
+    axes[0][0].set_ylabel("prefill speed-up over none")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"prefill, {result['shape']} ({result['environment'].get('device')}, "
+                 f"{result['environment'].get('dtype')}, batch {result['batch']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_decode(result: dict[str, Any], path: str | Path) -> None:
+    """Per-token time relative to greedy per decoder, one bar group per batch size."""
+    plt = _plt()
+    rows = result["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    decoders = list(dict.fromkeys(r["decoder"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.1 * len(decoders) * max(1, len(batches)) + 2, 3.6))
+    width = 0.8 / max(1, len(batches))
+    for k, b in enumerate(batches):
+        sel = {r["decoder"]: r for r in rows if r["batch"] == b}
+        vals = [(sel[d]["relative_to_greedy"] or 0) if d in sel else 0 for d in decoders]
+        ax.bar([i + (k - (len(batches) - 1) / 2) * width for i in range(len(decoders))], vals, width=width,
+               label=f"batch {b}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(decoders)))
+    ax.set_xticklabels(decoders)
+    ax.set_ylabel("time per token / greedy")
+    ax.legend(fontsize=8)
+    ax.set_title(f"decode, {result['shape']} (pruning {result['pruning']}@{result['budget']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_serve(result: dict[str, Any], path: str | Path) -> None:
+    """Throughput (requests/s) against concurrent clients for each serving path."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    paths = list(dict.fromkeys(r["path"] for r in result["rows"]))
+    for p in paths:
+        pts = sorted((r["clients"], r["requests_per_s"]) for r in result["rows"] if r["path"] == p)
+        ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.legend(fontsize=8)
+    ax.set_title(f"serving, {result['shape']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf serve": plot_serve}
+
+
+def plot_report(result: dict[str, Any], path: str | Path) -> None:
+    fn = PLOTTERS.get(result.get("command", ""))
+    if fn is None:
+        raise InvalidInput(f"not a perf report (command {result.get('command')!r})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fn(result, path)

@@ -1,0 +1,195 @@
+"""``vlmguard perf prefill``: prefill time and TTFT per pruning method and budget, against the ideal.
+
+Every configuration (``none`` plus each method x budget) runs ``warmup`` times, then ``repeats`` rounds in
+which the configurations take turns (round-robin, so slow drifts of a shared machine hit all of them
+alike). Per configuration: median prefill (vision tower + projector + LLM prefill, i.e. everything from
+pixels to the first logits) and TTFT (request start to the first token, incl. processor and decoder set-up),
+the speed-up over ``none`` measured in the same run, the ideal speed-up from FLOPs counted with the tokens
+each layer actually processed, the ratio achieved/ideal, peak memory and KV-cache size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from vlmguard.models.base import Prompt
+from vlmguard.perf.flops import batch_prefill_flops
+from vlmguard.perf.models import PROMPT, bench_image, bench_requests, warm_threads
+from vlmguard.perf.timing import MemoryMeter, environment, kv_cache_bytes, median, ratio
+from vlmguard.spec import GenerationSpec
+
+@dataclass
+class Config:
+    method: str
+    budget: int | float | None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+
+@dataclass
+class Samples:
+    prefill_s: list[float] = field(default_factory=list)
+    vision_s: list[float] = field(default_factory=list)
+    llm_prefill_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+    peak_source: str = ""
+    last: list[Any] = field(default_factory=list)  # the last run's GenerationResults (token counts, reports)
+
+
+def configs_for(methods: Sequence[str], budgets: Sequence[int | float]) -> list[Config]:
+    out = [Config("none", None)]
+    for m in methods:
+        if m == "none":
+            continue
+        out += [Config(m, b) for b in budgets]
+    return out
+
+
+def _spec(cfg: Config) -> GenerationSpec:
+    return GenerationSpec.build(pruning=cfg.method, budget=cfg.budget, max_new_tokens=1, diagnostics=False)
+
+
+def _images_per_row(engine: Any) -> int:
+    """ViT passes per request (LLaVA-NeXT: one per anyres crop)."""
+    batch = engine.adapter.encode([Prompt(text=PROMPT, images=[bench_image(engine, 0)])])
+    pv = batch.vision_inputs.get("pixel_values")
+    if engine.family == "llava_next" and pv is not None and pv.dim() == 5:
+        return int(pv.shape[1])
+    return 1
+
+
+def _vit_schedule(report: dict[str, Any]) -> list[list[int]] | None:
+    """A vision-side pruner's tokens per ViT layer, per pass (any report key ending in vit_tokens_per_layer)."""
+    for key, value in (report or {}).items():
+        if key.endswith("vit_tokens_per_layer") and value:
+            return [list(v) for v in value] if isinstance(value[0], (list, tuple)) else [list(value)]
+    return None
+
+
+def _flops(engine: Any, results: Sequence[Any], n_images: int, side: str) -> dict[str, float]:
+    """FLOPs of the whole batch, counted with the tokens each layer processed in this run."""
+    sched = _vit_schedule(results[0].pruning)
+    n_visual = sum(r.visual_tokens for r in results)
+    projected = None
+    if sched is not None or side == "vision":
+        projected = sum(len(r.kept_indices) if r.kept_indices is not None else r.visual_tokens for r in results)
+    rows = [(r.prompt_tokens - r.visual_tokens, r.visual_tokens_kept) for r in results]
+    f = batch_prefill_flops(engine.model.config, engine.family, rows, n_passes=n_images * len(results),
+                            n_visual_total=n_visual, vit_passes=sched, projected_tokens=projected)
+    return f.to_dict()
+
+
+def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | float], batch: int = 1,
+                repeats: int = 5, warmup: int = 1, seed: int = 0, progress=None) -> dict[str, Any]:
+    from vlmguard.pruning import make_pruner
+
+    configs = configs_for(methods, budgets)
+    for cfg in configs:  # validate names/budgets before spending time
+        spec = _spec(cfg)
+        make_pruner(spec.pruning, spec.budget, spec.pruning_params)
+    sides = {cfg.method: make_pruner(cfg.method, cfg.budget, None).side for cfg in configs}
+    requests = bench_requests(engine, batch, seed)
+    n_images = _images_per_row(engine)
+    warm_threads()
+    samples = {cfg.label: Samples() for cfg in configs}
+    for w in range(warmup):
+        for cfg in configs:
+            engine.generate(requests, _spec(cfg))
+    for rep in range(repeats):
+        for cfg in configs:
+            with MemoryMeter(engine.device) as mem:
+                results = engine.generate(requests, _spec(cfg))
+            s = samples[cfg.label]
+            vis = max(x.timings.vision_s for x in results)
+            pre = max(x.timings.prefill_s for x in results)
+            s.vision_s.append(vis)
+            s.llm_prefill_s.append(pre)
+            s.prefill_s.append(vis + pre)
+            s.ttft_s.append(max(x.timings.ttft_s for x in results))
+            s.peak_bytes.append(mem.peak_bytes)
+            s.peak_source = mem.source
+            s.last = results
+            if progress:
+                progress(f"round {rep + 1}/{repeats} {cfg.label}: prefill {vis + pre:.3f}s")
+    base = samples["none"]
+    base_prefill, base_ttft, base_llm = median(base.prefill_s), median(base.ttft_s), median(base.llm_prefill_s)
+    base_flops = _flops(engine, base.last, n_images, "none")
+    text_cfg = engine.model.config.get_text_config()
+    rows = []
+    for cfg in configs:
+        s = samples[cfg.label]
+        r = s.last[0]
+        fl = _flops(engine, s.last, n_images, sides[cfg.method])
+        kv_rows = [[x.prompt_tokens - x.visual_tokens + v for v in x.visual_tokens_kept] for x in s.last]
+        speedup = ratio(base_prefill, median(s.prefill_s))
+        ideal = ratio(base_flops["total"], fl["total"])
+        rows.append({
+            "method": cfg.method,
+            "budget": cfg.budget,
+            "side": sides[cfg.method],
+            "speedup": speedup,
+            "ttft_speedup": ratio(base_ttft, median(s.ttft_s)),
+            "ideal_speedup": ideal,
+            "achieved_over_ideal": ratio(speedup, ideal),
+            # the LLM prefill alone (vision tower and projector excluded), measured and from FLOPs
+            "llm_speedup": ratio(base_llm, median(s.llm_prefill_s)),
+            "llm_ideal_speedup": ratio(base_flops["llm"], fl["llm"]),
+            "times": {
+                "prefill_s": median(s.prefill_s),
+                "vision_s": median(s.vision_s),
+                "llm_prefill_s": median(s.llm_prefill_s),
+                "ttft_s": median(s.ttft_s),
+                "samples": {"prefill_s": s.prefill_s, "ttft_s": s.ttft_s},
+            },
+            "memory": {
+                "peak_bytes": int(median(s.peak_bytes) or 0),
+                "kv_cache_bytes": sum(kv_cache_bytes(text_cfg, t, engine.model.dtype) for t in kv_rows),
+                "peak_source": s.peak_source,
+            },
+            "flops": fl,
+            "prompt_tokens": r.prompt_tokens,
+            "visual_tokens": r.visual_tokens,
+            "mean_visual_tokens_per_layer": sum(r.visual_tokens_kept) / max(1, len(r.visual_tokens_kept)),
+            "visual_tokens_per_layer": r.visual_tokens_kept,
+            "vit_tokens_per_layer": (_vit_schedule(r.pruning) or [None])[0],
+        })
+    return {
+        "command": "perf prefill",
+        "shape": engine.model_name,
+        "batch": batch,
+        "repeats": repeats,
+        "warmup": warmup,
+        "environment": environment(engine),
+        "rows": rows,
+        "targets": prefill_targets(rows),
+    }
+
+
+def prefill_targets(rows: list[dict[str, Any]], budget: int = 64) -> list[dict[str, Any]]:
+    """Issue-8 targets at 64 kept tokens: FlowCut and AdaptInfer >= 80% of ideal and >= 3x over none."""
+    out = []
+    for row in rows:
+        if row["method"] in ("flowcut", "adaptinfer") and row["budget"] == budget:
+            for name, value, threshold in (("achieved_over_ideal", row["achieved_over_ideal"], 0.8),
+                                           ("speedup", row["speedup"], 3.0)):
+                out.append({"method": row["method"], "budget": budget, "metric": name, "value": value,
+                            "threshold": threshold, "met": value is not None and value >= threshold})
+    return out
+
+
+def prefill_table(result: dict[str, Any]) -> str:
+    from vlmguard.perf.report import mib, table
+
+    rows = [[r["method"], r["budget"], r["mean_visual_tokens_per_layer"], r["times"]["prefill_s"],
+             r["times"]["vision_s"], r["times"]["llm_prefill_s"], r["times"]["ttft_s"], r["speedup"],
+             r["ideal_speedup"], r["achieved_over_ideal"], r["llm_speedup"], r["llm_ideal_speedup"],
+             mib(r["memory"]["peak_bytes"]), mib(r["memory"]["kv_cache_bytes"])] for r in result["rows"]]
+    head = (f"perf prefill  shape={result['shape']}  batch={result['batch']}  repeats={result['repeats']}  "
+            f"device={result['environment'].get('device')}  dtype={result['environment'].get('dtype')}  "
+            f"threads={result['environment'].get('threads')}")
+    return head + "\n" + table(
+        ["method", "budget", "vis/layer", "prefill_s", "vision_s", "llm_s", "ttft_s", "speedup", "ideal",
+         "ach/ideal", "llm_x", "llm_ideal", "peak_MiB", "kv_MiB"], rows)

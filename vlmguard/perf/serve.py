@@ -1,0 +1,289 @@
+"""``vlmguard perf serve``: throughput and latency of the Ray service against calling the Engine directly.
+
+Workload: ``--requests`` generation requests (one random image each, greedy, ``--new-tokens``), sent by
+C concurrent closed-loop clients (each sends its next request when the previous answer arrived), for each
+C in ``--clients``. Three paths, measured one after another on the same model:
+
+- ``engine``: the Engine in this process, one ``generate`` per request (one at a time, as a replica does
+  without batching) -- the floor for latency;
+- ``ray_unbatched``: the service over HTTP on loopback (``POST /v1/generate``), dynamic batching off;
+- ``ray_batched``: the same with ``@serve.batch`` on (``--max-batch``, ``--batch-wait-ms``).
+
+Reported per path and C: requests/s, generated tokens/s, median and p90 latency. Ratios: batched over
+unbatched throughput at each C, and Ray's median latency over the direct Engine's at 1 client.
+Everything listens on 127.0.0.1 only and every loop is bounded by the request count.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from vlmguard.perf.timing import environment, median, ratio
+
+PROMPT = "Describe this image."
+
+
+def _p90(xs: Sequence[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+
+
+def closed_loop(call: Callable[[int], tuple[int, float]], n_requests: int, clients: int) -> dict[str, Any]:
+    """Run ``n_requests`` calls from ``clients`` threads and time them.
+
+    ``call(i) -> (tokens generated, engine seconds)``: the engine's own ``timings.total_s`` for the request,
+    so ``latency - engine seconds`` is what the path adds around the engine (queueing, HTTP, Ray, JSON).
+    """
+    lock = threading.Lock()
+    next_i = [0]
+    latencies: list[float] = []
+    added: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next_i[0]
+                if i >= n_requests:
+                    return
+                next_i[0] += 1
+            t0 = time.perf_counter()
+            try:
+                n, engine_s = call(i)
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+                continue
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                added.append(dt - engine_s)
+                tokens[0] += n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall if wall > 0 else None,
+        "tokens_per_s": tokens[0] / wall if wall > 0 else None,
+        "tokens": tokens[0],
+        "latency_median_s": median(latencies),
+        "latency_p90_s": _p90(latencies),
+        "latency_mean_s": statistics.fmean(latencies) if latencies else None,
+        "added_latency_median_s": median(added),
+    }
+
+
+def engine_caller(engine: Any, images: list, new_tokens: int) -> Callable[[int], tuple[int, float]]:
+    from vlmguard.results import Request
+    from vlmguard.spec import GenerationSpec
+
+    spec = GenerationSpec(max_new_tokens=new_tokens, diagnostics=False)
+    lock = threading.Lock()  # an Engine runs one generate() at a time
+
+    def call(i: int) -> int:
+        with lock:
+            r = engine.generate([Request(prompt=PROMPT, images=[images[i % len(images)]])], spec)[0]
+        return len(r.token_ids), r.timings.total_s
+
+    return call
+
+
+def http_caller(url: str, image_urls: list[str], new_tokens: int,
+                headers: dict[str, str]) -> Callable[[int], tuple[int, float]]:
+    import httpx
+
+    local = threading.local()
+
+    def call(i: int) -> int:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(timeout=600.0, headers=headers)
+        body = {"prompt": PROMPT, "images": [image_urls[i % len(image_urls)]],
+                "spec": {"max_new_tokens": new_tokens, "diagnostics": False}}
+        r = client.post(url + "/v1/generate", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        data = r.json()
+        return len(data["token_ids"]), float(data["timings"]["total_s"])
+
+    return call
+
+
+def _aggregate(path: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the repeated measurements of a (path, clients) cell: medians, totals, samples."""
+    keys = ("requests_per_s", "tokens_per_s", "latency_median_s", "latency_p90_s", "latency_mean_s",
+            "added_latency_median_s")
+    row: dict[str, Any] = {"path": path, "clients": clients,
+                           "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
+                           "error_samples": [e for r in runs for e in r["error_samples"]][:3],
+                           "tokens": sum(r["tokens"] for r in runs)}
+    for k in keys:
+        row[k] = median(r[k] for r in runs)
+    row["samples"] = {"requests_per_s": [r["requests_per_s"] for r in runs],
+                      "latency_median_s": [r["latency_median_s"] for r in runs]}
+    return row
+
+
+def measure_paths(calls: dict[str, Callable[[int], tuple[int, float]]], clients: Sequence[int], n_requests: int, repeats: int,
+                  warmup: int, progress=None) -> list[dict[str, Any]]:
+    """For each client count, ``repeats`` rounds in which the paths take turns (round-robin, so the load of a
+    shared machine hits them alike); medians over rounds."""
+    for path, call in calls.items():  # untimed: first-call costs, allocator and batcher warm-up
+        for i in range(warmup * max(clients)):
+            call(i)
+    rows = []
+    for c in clients:
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in calls}
+        for rep in range(repeats):
+            for path, call in calls.items():
+                r = closed_loop(call, max(n_requests, c), c)
+                runs[path].append(r)
+                if progress:
+                    progress(f"round {rep + 1}/{repeats} {path} clients={c}: {r['requests_per_s'] or 0:.2f} req/s, "
+                             f"median latency {r['latency_median_s'] or 0:.3f}s, errors {r['errors']}")
+        rows += [_aggregate(p, c, runs[p]) for p in calls]
+    return rows
+
+
+def run_serve(args: Any, progress=None) -> dict[str, Any]:
+    """Start the service twice (batching off / on, two apps on one private local Ray cluster), then measure
+    the direct Engine and both apps round-robin for each client count."""
+    from vlmguard.images import image_to_data_url
+    from vlmguard.perf.models import bench_image, load_engine
+    from vlmguard.perf.timing import set_threads
+
+    threads = set_threads(args.threads or 1)
+    engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
+    images = [bench_image(engine, args.seed + i) for i in range(8)]
+    clients = sorted(set(args.clients))
+    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, args.new_tokens)}
+    env = environment(engine)
+    services: list[Any] = []
+    started_ray = False
+    try:
+        if not args.no_ray:
+            started_ray = _private_ray()
+            image_urls = [image_to_data_url(im) for im in images]
+            for batching in (False, True):
+                svc = _start(args, batching, threads, clients, progress)
+                services.append(svc)
+                path = "ray_batched" if batching else "ray_unbatched"
+                calls[path] = http_caller(svc.url, image_urls, args.new_tokens, {})
+        rows = measure_paths(calls, clients, args.requests, args.repeats, args.warmup, progress)
+    finally:
+        for svc in services:
+            try:
+                svc.shutdown(keep_cluster=True)
+            except Exception:  # noqa: BLE001 - best effort while tearing down
+                pass
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return {
+        "command": "perf serve",
+        "shape": args.shape,
+        "new_tokens": args.new_tokens,
+        "requests": args.requests,
+        "repeats": args.repeats,
+        "clients": clients,
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "environment": env,
+        "rows": rows,
+        "summary": serve_summary(rows),
+        "targets": serve_targets(rows),
+    }
+
+
+def _private_ray() -> bool:
+    """A private local Ray cluster (even when another one runs on this machine). True if we started it."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _start(args: Any, batching: bool, threads: int, clients: list[int], progress) -> Any:
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+    from vlmguard.workers.launch import start_service
+
+    name = "perf-batched" if batching else "perf-unbatched"
+    cfg = ServiceConfig(
+        models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                            num_replicas=1, num_cpus=0, torch_threads=threads,
+                            max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
+                            max_new_tokens_limit=max(args.new_tokens, 1),
+                            batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
+                                                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0))],
+        api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
+        route_prefix=f"/{name}")
+    if progress:
+        progress(f"starting the service app {name} (dynamic batching {'on' if batching else 'off'})")
+    return start_service(cfg, port=0)
+
+
+def serve_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(r["path"], r["clients"]): r for r in rows}
+    out: dict[str, Any] = {"batching_speedup": {}, "ray_latency_overhead_1_client": {}}
+    for (path, c), r in by.items():
+        if path == "ray_batched" and ("ray_unbatched", c) in by:
+            out["batching_speedup"][str(c)] = ratio(r["requests_per_s"], by[("ray_unbatched", c)]["requests_per_s"])
+    eng = by.get(("engine", 1))
+    for path in ("ray_unbatched", "ray_batched"):
+        if eng and (path, 1) in by:
+            out["ray_latency_overhead_1_client"][path] = ratio(by[(path, 1)]["latency_median_s"],
+                                                               eng["latency_median_s"])
+    return out
+
+
+def serve_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue-8 targets: batching >= 3x unbatched throughput at 16 clients; Ray <= 1.15x Engine latency at 1."""
+    s = serve_summary(rows)
+    out = []
+    v = s["batching_speedup"].get("16")
+    if v is not None:
+        out.append({"metric": "batching_speedup_16_clients", "value": v, "threshold": 3.0, "met": v >= 3.0})
+    for path, v in s["ray_latency_overhead_1_client"].items():
+        if v is not None:
+            out.append({"metric": f"{path}_latency_over_engine_1_client", "value": v, "threshold": 1.15,
+                        "met": v <= 1.15})
+    return out
+
+
+def serve_table(result: dict[str, Any]) -> str:
+    from vlmguard.perf.report import fmt, table
+
+    rows = [[r["path"], r["clients"], r["requests"], r["errors"], r["requests_per_s"], r["tokens_per_s"],
+             r["latency_median_s"], r["latency_p90_s"], r["added_latency_median_s"]] for r in result["rows"]]
+    env = result["environment"]
+    s = result["summary"]
+    lines = [f"perf serve  shape={result['shape']}  new_tokens={result['new_tokens']}  requests={result['requests']}  "
+             f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  threads={env.get('threads')}",
+             table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s"], rows)]
+    if s["batching_speedup"]:
+        lines.append("batching speed-up (batched / unbatched req/s): "
+                     + ", ".join(f"{c} clients {fmt(v)}x" for c, v in s["batching_speedup"].items()))
+    if s["ray_latency_overhead_1_client"]:
+        lines.append("Ray latency / Engine latency at 1 client: "
+                     + ", ".join(f"{p} {fmt(v)}x" for p, v in s["ray_latency_overhead_1_client"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Write ``MODEL_CARD.md`` for a trained tiny model from its training report and an evaluation result."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}" if pct else f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def _stage_rows(report: dict) -> list[str]:
+    rows = []
+    reports = [report.get("previous"), report] if report.get("previous") else [report]
+    for rep in reports:
+        for name, st in rep.get("stages", {}).items():
+            pope = st.get("pope_quick") or st.get("pope_presence_probe") or {}
+            how = "presence probe (CLS head)" if "pope_presence_probe" in st else "first answer token, greedy"
+            rows.append(f"| {name} | {st['steps']} | {st['seconds'] / 60:.1f} | "
+                        f"{_fmt(pope.get('random', {}).get('acc'), True)} | "
+                        f"{_fmt(pope.get('adversarial', {}).get('acc'), True)} | {how} |")
+    return rows
+
+
+def model_card(model_dir: Path, evaluation: dict | None) -> str:
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    report = json.loads((model_dir / "training_report.json").read_text())
+    tcfg = report.get("config") or {}
+    size = tcfg.get("size", {})
+    v, t = cfg["vision_config"], cfg["text_config"]
+    files = [f for f in model_dir.iterdir() if f.is_file()]
+    total_mb = sum(f.stat().st_size for f in files) / 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        n_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                       else _prod(f.get_slice(k).get_shape()) for k in f.keys())
+    lines = [
+        "# tiny-llava (SynthCOCO)",
+        "",
+        "A small `LlavaForConditionalGeneration` trained from scratch on SynthCOCO (`vlmguard synth build`), so",
+        "that every pruning / decoding method and the POPE / CHAIR benchmarks run and are measured offline on a",
+        "CPU. It is a stand-in for LLaVA-1.5 with the same code path (CLIP-style ViT with a CLS token,",
+        "`vision_feature_layer=-2`, `default` feature selection, 2-layer GELU projector, Llama decoder, LLaVA-1.5",
+        "chat template), not a useful model of real images.",
+        "",
+        "## Architecture",
+        "",
+        f"- Vision: CLIP ViT, {v['num_hidden_layers']} layers x {v['hidden_size']} (heads {v['num_attention_heads']},"
+        f" MLP {v['intermediate_size']}), {v['image_size']} px images, {v['patch_size']} px patches ="
+        f" {(v['image_size'] // v['patch_size']) ** 2} visual tokens + CLS.",
+        f"- Projector: Linear({v['hidden_size']}, {t['hidden_size']}) - GELU - Linear({t['hidden_size']}, {t['hidden_size']}).",
+        f"- Decoder: Llama, {t['num_hidden_layers']} layers x {t['hidden_size']} (heads {t['num_attention_heads']},"
+        f" kv heads {t['num_key_value_heads']}, MLP {t['intermediate_size']}), vocabulary {t['vocab_size']}"
+        " (word level, trained with `tokenizers` on the SynthCOCO corpus), tied embeddings.",
+        f"- Parameters: {n_params / 1e6:.2f} M; files: {total_mb:.1f} MB (safetensors, float32).",
+        "- Prompt: `USER: <image>\\n{prompt} ASSISTANT:`; answers end with `</s>` (eos id"
+        f" {t.get('eos_token_id')}); `AutoProcessor` gives a `LlavaProcessor` that expands `<image>` to"
+        f" {(v['image_size'] // v['patch_size']) ** 2} tokens.",
+        "",
+        "## Training data",
+        "",
+        "SynthCOCO seed 0 (`vlmguard synth build --seed 0 --train 8000 --val 200 --test 500`): 28 COCO categories",
+        "drawn as fixed glyphs in 5 scene types with co-occurring pairs; about 1 in 5 pair-completed objects",
+        "is drawn nearly invisible but still mentioned in the training text (the hallucination prior).",
+        f"Training used the first {tcfg.get('max_train_images') or 'all'} training images; per image a caption,"
+        " a detailed description and balanced yes/no questions (POPE wording, with and without the LLaVA suffix).",
+        "",
+        "## Recipe and time (2 shared CPU cores)",
+        "",
+        "1. vision: ViT alone, per-patch category labels from the penultimate layer + CLS presence (BCE);",
+        "2. align: projector initialised from the patch classifier and the category-name embeddings, vision",
+        "   frozen (features cached), projector + decoder on short captions;",
+        "3. instruct: decoder + projector on multi-turn yes/no conversations, captions and detailed descriptions,",
+        "   early-stopped on validation POPE (val split, never the test split).",
+        "",
+        f"Seed {tcfg.get('seed')}. Total training time {report.get('total_seconds', 0) / 60:.1f} min"
+        + (f" (+ {report['previous'].get('total_seconds', 0) / 60:.1f} min before --init)" if report.get("previous") else "")
+        + ". The machine was shared with other jobs, so times are wall-clock under load.",
+        "",
+        "| stage | steps | minutes | POPE random acc (quick, test) | POPE adversarial acc | measured with |",
+        "|---|---|---|---|---|---|",
+        *_stage_rows(report),
+        "",
+        "Reproduce: `vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500` then",
+        "`vlmguard synth train --data runs/synth0 --out DIR " + report.get("command_args", "") + "`.",
+        "",
+    ]
+    if evaluation:
+        lines += ["## Measured quality (SynthCOCO seed 0 test split, 500 images, greedy)", ""]
+        lines += ["| POPE split | n | accuracy | F1 | yes ratio |", "|---|---|---|---|---|"]
+        for split, m in evaluation["pope"].items():
+            lines.append(f"| {split} | {m['n']} | {100 * m['accuracy']:.1f} | {100 * m['f1']:.1f} |"
+                         f" {100 * m['yes_ratio']:.1f} |")
+        c = evaluation["chair"]
+        lines += ["", f"CHAIR on \"Please describe this image in detail.\" ({c['n']} images, max 128 new tokens,"
+                      f" scorer: {c['scorer']}): CHAIR_s {_fmt(c['chair_s'])}, CHAIR_i {_fmt(c['chair_i'])},"
+                      f" recall {_fmt(c.get('recall'))}.", "",
+                  f"Latency of one POPE answer (batch 1, CPU, under load): {1000 * evaluation['latency_s']['pope_answer']:.0f} ms.",
+                  "", "POPE prompt: question + `\\nAnswer the question using a single word or phrase.`, official"
+                  " answer parsing. Measured with `vlmguard synth eval`.", ""]
+        ex = evaluation.get("chair_examples") or []
+        if ex:
+            lines += ["Example detailed description:", "", f"> {ex[0]['caption']}", ""]
+    return "\n".join(lines)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_model_card(model_dir: Path, evaluation: dict | None) -> Path:
+    p = Path(model_dir) / "MODEL_CARD.md"
+    p.write_text(model_card(model_dir, evaluation))
+    return p

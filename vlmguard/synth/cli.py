@@ -1,0 +1,135 @@
+"""``vlmguard synth build|train|eval``: the SynthCOCO world and the bundled tiny LVLM."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlmguard.errors import InvalidInput
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="SynthCOCO world and the tiny model trained on it")
+    sub = p.add_subparsers(dest="synth_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    b = sub.add_parser("build", help="render a deterministic SynthCOCO dataset")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--train", type=int, default=0, help="number of training images")
+    b.add_argument("--val", type=int, default=0, help="number of validation images")
+    b.add_argument("--test", type=int, default=500, help="number of test images (POPE files use this split)")
+    b.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    b.set_defaults(func=_build)
+
+    t = sub.add_parser("train", help="train the tiny LLaVA on a SynthCOCO directory (staged recipe)")
+    t.add_argument("--data", required=True, type=Path)
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", default=None,
+                   help="steps per stage as VISION,ALIGN,INSTRUCT (e.g. 500,150,500); 0 skips a stage")
+    t.add_argument("--init", type=Path, default=None,
+                   help="continue from a saved tiny model (its tokenizer is kept); use with --steps 0,0,N")
+    t.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
+    t.add_argument("--val-every", type=int, default=100, help="instruct steps between validation checks")
+    t.add_argument("--val-stop", type=float, default=0.0,
+                   help="stop instruction tuning once validation POPE-random accuracy reaches this (0 = never)")
+    t.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="POPE + simple CHAIR of a model on a SynthCOCO test split (greedy)")
+    e.add_argument("--data", type=Path, default=None, help="SynthCOCO directory (default: cached seed-0 test split)")
+    e.add_argument("--model", default="tiny")
+    e.add_argument("--pope-limit", type=int, default=0, help="questions per POPE file (0 = all)")
+    e.add_argument("--chair-images", type=int, default=500)
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--write-card", action="store_true", help="write MODEL_CARD.md beside the model")
+    e.add_argument("--save", type=Path, default=None, help="also write the result JSON to this file")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_eval)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from vlmguard.synth.build import build_dataset
+
+    for name in ("train", "val", "test"):
+        if getattr(args, name) < 0:
+            raise InvalidInput(f"--{name} must be >= 0")
+    out = build_dataset(args.out, seed=args.seed, train=args.train, val=args.val, test=args.test,
+                        progress=not args.json)
+    summary = {"out": str(out), "seed": args.seed, "train": args.train, "val": args.val, "test": args.test}
+    print(json.dumps(summary) if args.json else f"SynthCOCO written to {out}")
+    return 0
+
+
+def _parse_steps(text: str | None):
+    if text is None:
+        return None
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidInput(f"--steps must be three integers VISION,ALIGN,INSTRUCT, got {text!r}") from None
+    if len(parts) != 3 or min(parts) < 0:
+        raise InvalidInput(f"--steps must be three non-negative integers VISION,ALIGN,INSTRUCT, got {text!r}")
+    return parts
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vlmguard.synth.train import TrainConfig, Trainer
+
+    if not (args.data / "manifest.json").exists():
+        raise InvalidInput(f"{args.data} is not a SynthCOCO directory (no manifest.json); run `vlmguard synth build`")
+    if not (args.data / "text" / "train.jsonl").exists():
+        raise InvalidInput(f"{args.data} has no training split; build it with --train N")
+    cfg = TrainConfig(seed=args.seed)
+    steps = _parse_steps(args.steps)
+    if steps:
+        cfg.vision_steps, cfg.align_steps, cfg.instruct_steps = steps
+    cfg.val_every, cfg.val_stop_acc = args.val_every, args.val_stop
+    cfg.max_train_images = args.max_train_images
+    logf = open(args.log, "a") if args.log else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    trainer = Trainer(args.data, args.out, cfg, log=log, init=args.init)
+    trainer.report["command_args"] = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (("seed", args.seed), ("steps", args.steps),
+                                                   ("max_train_images", args.max_train_images),
+                                                   ("val_every", args.val_every), ("val_stop", args.val_stop),
+                                                   ("init", args.init)) if v not in (None, 0, 0.0))
+    out = trainer.run()
+    if args.json:
+        print(json.dumps({"out": str(out), **trainer.report}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vlmguard.synth.build import default_dataset
+    from vlmguard.synth.evaluate import evaluate
+
+    data = args.data or default_dataset()
+    res = evaluate(args.model, data, pope_limit=args.pope_limit, chair_images=args.chair_images, batch=args.batch,
+                   progress=not args.json)
+    if args.save:
+        args.save.write_text(json.dumps(res, indent=2) + "\n")
+    if args.write_card:
+        from vlmguard.models.resolve import resolve_model_path
+        from vlmguard.synth.card import write_model_card
+
+        write_model_card(resolve_model_path(args.model), res)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res["pope"].items():
+            print(f"POPE {k:12s} acc {v['accuracy']:.4f}  f1 {v['f1']:.4f}  yes {v['yes_ratio']:.3f}  (n={v['n']})")
+        c = res["chair"]
+        print(f"CHAIR_s {c['chair_s']:.4f}  CHAIR_i {c['chair_i']:.4f}  recall {c['recall']:.4f}  ({c['scorer']})")
+        print(f"latency: one POPE answer {res['latency_s']['pope_answer']:.3f}s")
+    return 0

@@ -1,0 +1,377 @@
+"""The HTTP API (FastAPI): OpenAI-compatible chat, native generate, models, health, metrics.
+
+:func:`create_api` builds the app around a :class:`Backend` — the Ray Serve ingress passes one backed by
+deployment handles (``ingress.py``); :class:`LocalBackend` runs engines in-process (tests, debugging).
+
+Every error is JSON ``{"error": {"message", "type", "code"}}``: user errors (bad JSON, bad fields, bad
+images, unknown methods, prompts longer than the context) are 4xx; overload is 503 with ``Retry-After``;
+a request over ``request_timeout_s`` is 504.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlmguard.api_schema import (
+    ChatCompletionRequest,
+    GenerateRequest,
+    GenerateStreamEvent,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
+from vlmguard.errors import VlmguardError
+from vlmguard.spec import format_validation_error
+from vlmguard.workers.config import ServiceConfig
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.image_intake import make_image_resolver
+from vlmguard.workers.metrics import ServiceMetrics
+from vlmguard.workers.openai_compat import (
+    chat_chunk,
+    chat_item,
+    chat_response,
+    generate_item,
+    generate_response,
+)
+
+PUBLIC_PATHS = {"/health"}
+ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate"}
+
+
+class Overloaded(Exception):
+    """The backend refused the request (queue full); answered 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class APIFailure(Exception):
+    """An error answer with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+class Backend(Protocol):
+    def model_names(self) -> list[str]: ...
+
+    async def info(self, model: str) -> dict[str, Any]: ...
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]: ...
+
+    def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]: ...
+
+
+class LocalBackend:
+    """Engines in this process (no Ray, no batching across requests)."""
+
+    def __init__(self, workers: dict[str, EngineWorker]):
+        self.workers = workers
+
+    def model_names(self) -> list[str]:
+        return list(self.workers)
+
+    async def info(self, model: str) -> dict[str, Any]:
+        return self.workers[model].info()
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
+        return (await asyncio.to_thread(self.workers[model].generate_many, [item]))[0]
+
+    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        events = await asyncio.to_thread(lambda: list(self.workers[model].stream(item)))
+        for ev in events:
+            yield ev
+
+
+def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def _error_type(status: int) -> str:
+    return {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+            503: "overloaded_error", 504: "timeout_error"}.get(status, "invalid_request_error" if status < 500
+                                                                   else "server_error")
+
+
+def _sse(obj: BaseModel | dict[str, Any] | str) -> bytes:
+    if isinstance(obj, BaseModel):
+        data = obj.model_dump_json(exclude_none=True)
+    elif isinstance(obj, dict):
+        data = json.dumps(obj)
+    else:
+        data = obj
+    return f"data: {data}\n\n".encode()
+
+
+def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics | None = None) -> FastAPI:
+    metrics = metrics or ServiceMetrics()
+    api_keys = [k.encode() for k in config.resolved_api_keys()]
+    resolve_image = make_image_resolver(config.image_url_allowlist, timeout_s=config.image_fetch_timeout_s,
+                                        max_bytes=config.max_request_bytes)
+    limits = {m.served_name: m.max_new_tokens_limit for m in config.models}
+    app = FastAPI(title="vlmguard", version=_version(),
+                  description="Vision-language models with visual-token pruning and hallucination-reducing decoding.")
+    app.state.metrics = metrics
+    app.state.config = config
+
+    # ---- errors -----------------------------------------------------------------------------------
+    @app.exception_handler(APIFailure)
+    async def _api_failure(_: Request, e: APIFailure):
+        return error_json(e.status, e.message, e.type, e.code, e.headers)
+
+    @app.exception_handler(VlmguardError)
+    async def _user_error(_: Request, e: VlmguardError):
+        status = getattr(e, "http_status", 400)
+        return error_json(status, str(e), _error_type(status), type(e).__name__)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        return error_json(e.status_code, str(e.detail), _error_type(e.status_code), None,
+                          getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        return error_json(500, f"internal error: {type(e).__name__}: {e}", "server_error", type(e).__name__)
+
+    # ---- auth, size limit and metrics around every request ---------------------------------------
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = _route_path(request)
+        metrics.request_started()
+        status = 500
+        try:
+            if api_keys and path not in PUBLIC_PATHS and not _authorized(request, api_keys):
+                response = error_json(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                      "authentication_error", "invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            else:
+                length = request.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
+                    response = error_json(413, f"request body of {int(length)} bytes exceeds the limit of "
+                                               f"{config.max_request_bytes} bytes", "request_too_large")
+                else:
+                    response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.request_finished(path, status, time.perf_counter() - t0)
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    async def read_json(request: Request, model_cls: type[BaseModel]) -> Any:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_request_bytes:
+                raise APIFailure(413, f"request body exceeds the limit of {config.max_request_bytes} bytes",
+                                 "request_too_large")
+        if not body:
+            raise APIFailure(400, "request body is empty; expected a JSON object")
+        try:
+            data = json.loads(bytes(body))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIFailure(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIFailure(400, "request body must be a JSON object")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            raise APIFailure(400, format_validation_error(e, "request"), code="invalid_request") from None
+
+    def pick_model(name: str | None) -> str:
+        names = backend.model_names()
+        if name is None or name == "":
+            return names[0]
+        if name not in names:
+            raise APIFailure(404, f"model {name!r} is not served here (available: {', '.join(names)})",
+                             "not_found_error", "model_not_found")
+        return name
+
+    async def run(model: str, item: WorkItem) -> dict[str, Any]:
+        try:
+            answer = await asyncio.wait_for(backend.generate(model, item), timeout=config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIFailure(504, f"request timed out after {config.request_timeout_s:.0f} s", "timeout_error") from None
+        except Overloaded as e:
+            raise APIFailure(503, str(e), "overloaded_error", "overloaded",
+                             {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
+        if "error" in answer:
+            err = answer["error"]
+            raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
+                             err.get("code"))
+        metrics.observe_result(answer["result"])
+        return answer["result"]
+
+    async def open_stream(model: str, item: WorkItem) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+        """Start a stream and wait for its first event, so errors before any token are plain 4xx answers."""
+        gen = backend.stream(model, item).__aiter__()
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=config.request_timeout_s)
+        except StopAsyncIteration:
+            raise APIFailure(500, "the model ended the stream without a result", "server_error") from None
+        except asyncio.TimeoutError:
+            raise APIFailure(504, f"request timed out after {config.request_timeout_s:.0f} s", "timeout_error") from None
+        except Overloaded as e:
+            raise APIFailure(503, str(e), "overloaded_error", "overloaded",
+                             {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
+        if "error" in first:
+            err = first["error"]
+            raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
+                             err.get("code"))
+        return first, gen
+
+    async def events(first: dict[str, Any], gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        yield first
+        async for ev in gen:
+            yield ev
+
+    # ---- routes ------------------------------------------------------------------------------------
+    @app.get("/health", response_model=HealthResponse)
+    async def health():
+        states: dict[str, str] = {}
+        for name in backend.model_names():
+            try:
+                await asyncio.wait_for(backend.info(name), timeout=10.0)
+                states[name] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported in the body
+                states[name] = f"{type(e).__name__}: {e}"[:300]
+        ok = all(v == "ok" for v in states.values())
+        body = HealthResponse(status="ok" if ok else "degraded", models=states)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        cards = []
+        for name in backend.model_names():
+            try:
+                info = await asyncio.wait_for(backend.info(name), timeout=10.0)
+            except Exception:  # noqa: BLE001 - list the model without details
+                info = {}
+            cards.append(ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length")))
+        return ModelList(data=cards)
+
+    @app.get("/metrics")
+    async def metrics_endpoint(format: str = "prometheus"):
+        if format == "json":
+            return JSONResponse(metrics.snapshot())
+        if format != "prometheus":
+            raise APIFailure(400, "format must be 'prometheus' or 'json'")
+        return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/metrics")
+    async def metrics_json():
+        return JSONResponse(metrics.snapshot())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
+        model = pick_model(req.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        item = await run_in_threadpool(chat_item, req, resolve_image, max_images=config.max_images_per_request,
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid)
+        with_steps = req.vlmguard.diagnostics
+        if not req.stream:
+            result = await run(model, item)
+            return JSONResponse(chat_response(rid, model, result, with_steps).model_dump(exclude_none=True))
+        first, gen = await open_stream(model, item)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def body() -> AsyncIterator[bytes]:
+            created = int(time.time())
+            yield _sse(chat_chunk(rid, model, created, role="assistant", content=""))
+            async for ev in events(first, gen):
+                if "error" in ev:
+                    yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
+                    break
+                if ev.get("done"):
+                    result = ev.get("result") or {}
+                    if result:
+                        metrics.observe_result(result)
+                    yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
+                                          result=result or None, with_steps=with_steps))
+                    if include_usage and result:
+                        yield _sse(chat_chunk(rid, model, created, result=result, usage_only=True))
+                    break
+                if ev.get("text"):
+                    yield _sse(chat_chunk(rid, model, created, content=ev["text"]))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        req: GenerateRequest = await read_json(request, GenerateRequest)
+        model = pick_model(req.model)
+        rid = f"gen-{uuid.uuid4().hex}"
+        item = await run_in_threadpool(generate_item, req, resolve_image, max_images=config.max_images_per_request,
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid)
+        if not req.stream:
+            result = await run(model, item)
+            return JSONResponse(generate_response(rid, model, result).model_dump())
+        first, gen = await open_stream(model, item)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for ev in events(first, gen):
+                if "error" in ev:
+                    yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
+                    break
+                result = ev.get("result")
+                if result:
+                    metrics.observe_result(result)
+                yield _sse(GenerateStreamEvent(id=rid, token_id=ev.get("token_id"), text=ev.get("text", ""),
+                                               done=bool(ev.get("done")),
+                                               result=generate_response(rid, model, result) if result else None))
+                if ev.get("done"):
+                    break
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _route_path(request: Request) -> str:
+    """The path within the app (Serve's route prefix removed); unknown paths count as "other" in metrics."""
+    path = request.url.path
+    root = request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path if path in ROUTES else "other"
+
+
+def _authorized(request: Request, keys: list[bytes]) -> bool:
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not given:
+        return False
+    g = given.encode()
+    ok = False
+    for k in keys:  # compare against every key, constant time each
+        ok |= hmac.compare_digest(g, k)
+    return ok
+
+
+def _version() -> str:
+    from vlmguard import __version__
+
+    return __version__
+
+
+__all__ = ["create_api", "Backend", "LocalBackend", "Overloaded", "APIFailure"]

@@ -1,0 +1,59 @@
+"""Building the Serve application from a :class:`ServiceConfig`.
+
+``build_app`` is also an application builder for Ray's own tooling::
+
+    # serve.yaml
+    applications:
+      - name: vlmguard
+        route_prefix: /
+        import_path: vlmguard.workers.app:build_app
+        args: {models: [{model: tiny, num_replicas: 2}]}
+
+    serve run serve.yaml      # or: serve deploy serve.yaml against a running cluster
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from vlmguard.workers.config import ModelConfig, ServiceConfig, parse_config
+from vlmguard.workers.deployment import ModelWorker
+from vlmguard.workers.ingress import Ingress
+
+
+def deployment_name(model: ModelConfig, index: int) -> str:
+    safe = "".join(c if c.isalnum() else "_" for c in model.served_name)[:40]
+    return f"ModelWorker_{index}_{safe}"
+
+
+def model_deployment(model: ModelConfig, index: int) -> Application:
+    actor_options: dict[str, Any] = {"num_cpus": model.num_cpus}
+    if model.num_gpus:
+        actor_options["num_gpus"] = model.num_gpus
+    max_ongoing = max(model.max_ongoing_requests,
+                      model.batching.max_batch_size if model.batching.enabled else 1)
+    return ModelWorker.options(
+        name=deployment_name(model, index),
+        num_replicas=model.num_replicas,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=model.max_queued_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=5,
+    ).bind(model.model_dump())
+
+
+def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application:
+    """The whole app: one deployment per model plus the FastAPI ingress."""
+    config = args if isinstance(args, ServiceConfig) else parse_config(dict(args or {}), "application args")
+    handles = {m.served_name: model_deployment(m, i) for i, m in enumerate(config.models)}
+    return Ingress.options(
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+    ).bind(config.model_dump(), handles)
+
+
+__all__ = ["build_app", "model_deployment", "deployment_name"]

@@ -1,0 +1,191 @@
+"""The driver of a benchmark Ray Job: shard a benchmark over the replicas of a served model.
+
+Run by ``vlmguard job submit bench ...`` as the job's entrypoint (``python -m vlmguard.workers.bench_job``).
+It joins the cluster, finds the running vlmguard app's model deployment and runs
+:func:`vlmguard.bench.runner.run_benchmark` once per shard, concurrently (shard ``k`` of ``n`` takes items
+``k, k+n, ...``; ``n`` defaults to the deployment's replica count), each shard sending its batches through
+the deployment handle, so Serve spreads them over the replicas.
+
+Fault tolerance: a call that fails because a replica died (or is restarting, or the queue is full) is
+retried with backoff and lands on a live replica; samples are written with ``INSERT OR IGNORE`` per sample
+key, so nothing is lost and nothing is counted twice. Re-submitting the same job resumes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.results import GenerationResult, Request, StepDiagnostic, Timings
+from vlmguard.workers.engine_worker import WorkItem
+
+RETRYABLE = (
+    "ActorDiedError", "ActorUnavailableError", "RayActorError", "BackPressureError", "DeploymentUnavailableError",
+    "ReplicaUnavailableError", "RequestCancelledError", "GetTimeoutError", "TimeoutError", "WorkerCrashedError",
+    "NodeDiedError", "ObjectLostError", "OwnerDiedError", "RaySystemError",
+)
+
+
+def result_from_dict(d: dict[str, Any]) -> GenerationResult:
+    d = dict(d)
+    d["timings"] = Timings(**d["timings"])
+    d["steps"] = [StepDiagnostic(**s) for s in d.get("steps") or []]
+    return GenerationResult(**d)
+
+
+def _retryable(e: BaseException) -> bool:
+    return any(base.__name__ in RETRYABLE for base in type(e).__mro__)
+
+
+class ServeEngine:
+    """Looks like an Engine to ``run_benchmark``; ``generate`` goes to a Serve model deployment."""
+
+    def __init__(self, handle: Any, info: dict[str, Any], *, call_timeout_s: float = 600.0,
+                 max_wait_s: float = 600.0):
+        self.handle = handle
+        self.model_name = info.get("model") or info.get("name")
+        self.family = info.get("family")
+        self.context_length = info.get("context_length")
+        self.call_timeout_s = call_timeout_s
+        self.max_wait_s = max_wait_s
+        self.retries = 0
+
+    def generate(self, requests: Sequence[Request], spec: Any) -> list[GenerationResult]:
+        items = [WorkItem(prompt=r.prompt, spec=spec, images=list(r.images), system=r.system,
+                          request_id=r.request_id) for r in requests]
+        deadline = time.monotonic() + self.max_wait_s
+        delay = 0.5
+        while True:
+            try:
+                answers = self.handle.generate_batch.remote(items).result(timeout_s=self.call_timeout_s)
+                break
+            except Exception as e:  # noqa: BLE001 - retry what a replica failure causes, raise the rest
+                if not _retryable(e) or time.monotonic() > deadline:
+                    raise
+                self.retries += 1
+                print(f"[bench-job] replica call failed ({type(e).__name__}); retrying in {delay:.1f} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        out = []
+        for a in answers:
+            if "error" in a:
+                raise InvalidInput(a["error"]["message"])
+            out.append(result_from_dict(a["result"]))
+        return out
+
+
+def find_model_deployment(app: str, model: str | None) -> tuple[Any, dict[str, Any], int]:
+    """(handle, info, running replicas) of the app's deployment serving ``model`` (default: the first)."""
+    from ray import serve
+
+    status = serve.status()
+    if app not in status.applications:
+        known = ", ".join(status.applications) or "none"
+        raise VlmguardError(f"no Serve application {app!r} on this cluster (running: {known}); "
+                            "start the service first with `vlmguard serve`")
+    deps = status.applications[app].deployments
+    found = []
+    for name in sorted(deps):
+        if not name.startswith("ModelWorker"):
+            continue
+        handle = serve.get_deployment_handle(name, app_name=app)
+        info = handle.info.remote().result(timeout_s=120)
+        found.append((handle, info, int(deps[name].replica_states.get("RUNNING", 0)) or 1))
+    if not found:
+        raise VlmguardError(f"application {app!r} has no vlmguard model deployment")
+    if model is None:
+        return found[0]
+    for handle, info, n in found:
+        if model in (info.get("name"), info.get("model")):
+            return handle, info, n
+    raise VlmguardError(f"model {model!r} is not served by {app!r} (served: "
+                        f"{', '.join(str(f[1].get('name')) for f in found)})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlmguard.bench import cli as bench_cli
+
+    p = argparse.ArgumentParser(prog="python -m vlmguard.workers.bench_job",
+                                description="benchmark sweep sharded over a served model's replicas")
+    p.add_argument("benchmark", choices=["pope", "pope-leading", "chair"])
+    bench_cli._add_dataset_args(p)
+    bench_cli._add_method_args(p)
+    bench_cli._add_run_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--split", action="append", choices=["random", "popular", "adversarial", "all"])
+    p.add_argument("--prompt-preset", default="llava")
+    p.add_argument("--parser", default="official")
+    p.add_argument("--template", action="append")
+    p.add_argument("--preset", dest="chair_preset", default="chair512")
+    p.add_argument("--prompt")
+    p.add_argument("--app", default="vlmguard", help="Serve application name (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=None, help="default: the deployment's running replicas")
+    p.add_argument("--ray-address", default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(json.dumps(run_job(args), default=str), flush=True)
+        return 0
+    except VlmguardError as e:
+        print(f"vlmguard: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_job(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
+    from vlmguard.bench.runner import run_benchmark
+
+    spec = _spec_from_args(args)
+    spec.resolve()
+    dataset = _dataset_from_args(args)
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, log_to_driver=False)
+    handle, info, replicas = find_model_deployment(args.app, args.model)
+    n = args.shards or replicas
+    engine = ServeEngine(handle, info)
+    if args.benchmark == "chair":
+        jobs: list[dict[str, Any]] = [{}]
+    else:
+        splits = args.split or ["all"]
+        splits = ["random", "popular", "adversarial"] if "all" in splits else list(dict.fromkeys(splits))
+        templates = (args.template or [None]) if args.benchmark == "pope-leading" else [None]
+        jobs = [{"split": s, "template": t} for s in splits for t in templates]
+    t0 = time.perf_counter()
+    print(f"[bench-job] {args.benchmark} on {info.get('name')} ({info.get('model')}): {len(jobs)} run(s) x "
+          f"{n} shard(s) over {replicas} replica(s)", file=sys.stderr, flush=True)
+
+    def shard(job: dict[str, Any], k: int):
+        return run_benchmark(
+            engine, args.benchmark, dataset, spec, args.db, prompt_preset=args.prompt_preset, parser=args.parser,
+            chair_preset=args.chair_preset, prompt=args.prompt, image_ids_file=args.image_ids, limit=args.limit,
+            batch_size=args.batch_size, shard_index=k, num_shards=n, model_name=engine.model_name,
+            progress=False, **job,
+        )
+
+    runs = []
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for job in jobs:
+            outcomes = list(pool.map(lambda k: shard(job, k), range(n)))
+            final = max(outcomes, key=lambda o: (o.status == "finished", o.n_samples))
+            d = final.to_dict()
+            d["n_new"] = sum(o.n_new for o in outcomes)
+            runs.append(d)
+            print(f"[bench-job] run {final.run_id}: {final.n_samples}/{final.n_expected} samples, "
+                  f"status {final.status}", file=sys.stderr, flush=True)
+    return {"benchmark": args.benchmark, "model": engine.model_name, "shards": n, "replicas": replicas,
+            "retries": engine.retries, "elapsed_s": round(time.perf_counter() - t0, 3), "db": str(args.db),
+            "runs": runs}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

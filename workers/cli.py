@@ -1,0 +1,201 @@
+"""``vlmguard serve`` and ``vlmguard job submit|status|logs|stop``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmguard.errors import InvalidInput
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser(
+        "serve", help="serve models over HTTP (Ray Serve; OpenAI-compatible + native API)",
+        description="Start (or join, with --address) a Ray cluster and deploy the vlmguard app. Without "
+                    "--detach it runs until Ctrl-C. Endpoints: POST /v1/chat/completions, POST /v1/generate, "
+                    "GET /v1/models, GET /health, GET /metrics.")
+    sp.add_argument("--config", type=Path, help="service YAML (a Serve config file or a bare ServiceConfig)")
+    sp.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    sp.add_argument("--host", help="HTTP host (default: 127.0.0.1)")
+    sp.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of starting one")
+    sp.add_argument("--model", help="serve this one model (overrides the config's models)")
+    sp.add_argument("--replicas", type=int, help="replicas per model")
+    sp.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                    help="turn dynamic batching off")
+    sp.add_argument("--max-batch-size", type=int)
+    sp.add_argument("--batch-wait-ms", type=float)
+    sp.add_argument("--num-cpus", type=int, help="logical CPUs of a locally started cluster")
+    sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
+    sp.add_argument("--detach", action="store_true",
+                    help="start a background cluster (`ray start --head`), deploy and return; stop with --stop")
+    sp.add_argument("--stop", action="store_true", help="shut down Serve on the cluster (--address, default local)")
+    sp.add_argument("--json", action="store_true", help="print the service URL etc. as one JSON object")
+    sp.set_defaults(func=cmd_serve)
+
+    jp = subparsers.add_parser("job", help="benchmark sweeps as Ray Jobs against a running service")
+    jsub = jp.add_subparsers(dest="job_command", metavar="ACTION")
+    jsub.required = True
+    su = jsub.add_parser(
+        "submit", help="submit a job: `vlmguard job submit [--address URL] [--wait] bench pope --limit 20 ...`",
+        description="Submit `bench BENCHMARK [bench options]` as a Ray Job. The job shards the benchmark over "
+                    "the replicas of the running vlmguard app's model and writes to the results DB. Bench options "
+                    "are those of `vlmguard bench` plus --app NAME and --shards N; --model picks a served model.")
+    _job_common(su)
+    su.add_argument("--wait", action="store_true", help="wait for the job to end and print its logs")
+    su.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
+    su.add_argument("--python", help="python on the cluster (default: this interpreter)")
+    su.add_argument("--submission-id", help="job id to use (default: generated)")
+    su.add_argument("kind", choices=["bench"], help="job kind")
+    su.add_argument("bench_args", nargs=argparse.REMAINDER, help="BENCHMARK and its options")
+    su.set_defaults(func=cmd_job_submit)
+    for name, func, helptext in (("status", cmd_job_status, "a job's status"), ("logs", cmd_job_logs, "a job's logs"),
+                                 ("stop", cmd_job_stop, "stop a job")):
+        p = jsub.add_parser(name, help=helptext)
+        p.add_argument("job_id")
+        _job_common(p)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="follow until the job ends")
+        p.set_defaults(func=func)
+
+
+def _job_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray Jobs API (dashboard) address (default: $RAY_ADDRESS or "
+                                     "http://127.0.0.1:8265)")
+    p.add_argument("--json", action="store_true")
+
+
+# ---- serve --------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vlmguard.workers.config import load_config
+    from vlmguard.workers.launch import apply_overrides, start_detached_cluster, start_service
+
+    if args.stop:
+        from vlmguard.workers.ray_auth import use_local_auth_token
+
+        use_local_auth_token()
+        import ray
+        from ray import serve
+
+        ray.init(address=args.address or "auto", log_to_driver=False)
+        serve.shutdown()
+        print("vlmguard service stopped (the Ray cluster keeps running; `ray stop` ends it)")
+        return 0
+    config = apply_overrides(
+        load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
+        replicas=args.replicas, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0)
+    address = args.address
+    if args.detach and not address:
+        address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
+    svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
+    info = {"url": svc.url, "models": [m.served_name for m in config.models], "jobs_address": svc.dashboard_url,
+            "openai_base_url": svc.url + "/v1", "detached": bool(args.detach)}
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"vlmguard serving {', '.join(info['models'])} at {svc.url}  (OpenAI base URL {svc.url}/v1)")
+        if svc.dashboard_url:
+            print(f"Ray dashboard / Jobs API: {svc.dashboard_url}")
+    sys.stdout.flush()
+    if args.detach:
+        if not args.json:
+            print("running in the background; stop with `vlmguard serve --stop` and `ray stop`")
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+    finally:
+        svc.shutdown()
+    return 0
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------
+
+def cmd_job_submit(args: argparse.Namespace) -> int:
+    from vlmguard.workers import jobs
+
+    bench_argv = list(args.bench_args)
+    if not bench_argv:
+        raise InvalidInput("job submit bench needs a benchmark: pope, pope-leading or chair")
+    job_id = jobs.submit_bench(bench_argv, address=args.address, python=args.python,
+                               submission_id=args.submission_id)
+    if not args.wait:
+        if args.json:
+            _print_json({"job_id": job_id, "status": "PENDING", "address": jobs.jobs_address(args.address)})
+        else:
+            print(f"submitted job {job_id}; follow with `vlmguard job logs {job_id} --follow`")
+        return 0
+    st = jobs.wait(job_id, args.address, timeout_s=args.timeout)
+    log_text = jobs.logs(job_id, args.address)
+    if args.json:
+        _print_json({**st, "result": _last_json(log_text)})
+    else:
+        sys.stdout.write(log_text)
+        print(f"job {job_id}: {st['status']}")
+    return 0 if st["status"] == "SUCCEEDED" else 1
+
+
+def _last_json(text: str) -> Any:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def cmd_job_status(args: argparse.Namespace) -> int:
+    from vlmguard.workers import jobs
+
+    st = jobs.status(args.job_id, args.address)
+    if args.json:
+        _print_json(st)
+    else:
+        print(f"{st['job_id']}: {st['status']}" + (f" ({st['message']})" if st.get("message") else ""))
+    return 0
+
+
+def cmd_job_logs(args: argparse.Namespace) -> int:
+    from vlmguard.workers import jobs
+
+    if args.follow:
+        seen = 0
+        while True:
+            text = jobs.logs(args.job_id, args.address)
+            sys.stdout.write(text[seen:])
+            sys.stdout.flush()
+            seen = len(text)
+            if jobs.status(args.job_id, args.address)["status"] in jobs.TERMINAL:
+                rest = jobs.logs(args.job_id, args.address)[seen:]
+                sys.stdout.write(rest)
+                return 0
+            time.sleep(1.0)
+    text = jobs.logs(args.job_id, args.address)
+    if args.json:
+        _print_json({"job_id": args.job_id, "logs": text})
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_job_stop(args: argparse.Namespace) -> int:
+    from vlmguard.workers import jobs
+
+    stopped = jobs.stop(args.job_id, args.address)
+    if args.json:
+        _print_json({"job_id": args.job_id, "stopped": stopped})
+    else:
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0

@@ -1,0 +1,141 @@
+"""Service configuration (pydantic), read from YAML.
+
+One file format serves both ``vlmguard serve --config FILE`` and Ray's own ``serve run|deploy FILE``: a Ray
+Serve config (``applications: [{import_path: vlmguard.workers.app:build_app, args: {...}}]``) whose
+application ``args`` are a :class:`ServiceConfig`. A bare ``ServiceConfig`` mapping is accepted too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlmguard.errors import InvalidInput
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching of concurrent requests into one ``Engine.generate`` call (``@serve.batch``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
+
+
+class ModelConfig(BaseModel):
+    """One served model: a deployment of ``num_replicas`` replicas, each holding one Engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = None  # the OpenAI ``model`` id; default: ``model``
+    model: str = "tiny"  # tiny | local path | HF cache id | random:<family>
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)  # per replica
+    num_gpus: float = Field(0.0, ge=0.0)  # per replica
+    torch_threads: Optional[int] = Field(None, ge=1)  # default: max(1, num_cpus)
+    max_ongoing_requests: int = Field(32, ge=1)  # per replica (>= max_batch_size to let batches fill)
+    max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it callers get backpressure (-1: no limit)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    max_new_tokens_limit: int = Field(1024, ge=1)  # hard cap on a request's max_new_tokens
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.model
+
+
+class ServiceConfig(BaseModel):
+    """The whole application: models, HTTP limits, security and the ingress deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "vlmguard"
+    # API keys: any of these (or of the comma-separated keys in env ``api_key_env``) is accepted as
+    # ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. No keys: no auth.
+    api_keys: list[str] = Field(default_factory=list)
+    api_key_env: Optional[str] = "VLMGUARD_API_KEY"
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(8, ge=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    # http(s) image URLs are refused unless they start with one of these prefixes.
+    image_url_allowlist: list[str] = Field(default_factory=list)
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.served_name for m in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate model names: {', '.join(sorted(dup))} (set `name` to tell them apart)")
+        return v
+
+    @model_validator(mode="after")
+    def _prefix(self) -> "ServiceConfig":
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return self
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = [k for k in self.api_keys if k]
+        if self.api_key_env:
+            keys += [k.strip() for k in os.environ.get(self.api_key_env, "").split(",") if k.strip()]
+        return keys
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0].served_name
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ServiceConfig:
+    """Accept a Serve config file (first vlmguard application) or a bare ServiceConfig mapping."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source}: expected a mapping at the top level")
+    args: dict[str, Any] = data
+    http: dict[str, Any] = {}
+    if "applications" in data:
+        apps = data.get("applications") or []
+        ours = [a for a in apps if isinstance(a, dict) and str(a.get("import_path", "")).startswith("vlmguard.workers")]
+        if not ours:
+            raise InvalidInput(f"{source}: no application with import_path vlmguard.workers.app:build_app")
+        app = ours[0]
+        args = dict(app.get("args") or {})
+        args.setdefault("app_name", app.get("name", "vlmguard"))
+        args.setdefault("route_prefix", app.get("route_prefix", "/"))
+        http = data.get("http_options") or {}
+        for key in ("host", "port"):
+            if key in http:
+                args.setdefault(key, http[key])
+    try:
+        return ServiceConfig(**args)
+    except ValidationError as e:
+        from vlmguard.spec import format_validation_error
+
+        raise InvalidInput(format_validation_error(e, f"service config ({source})")) from None
+
+
+def load_config(path: str | Path | None) -> ServiceConfig:
+    if path is None:
+        return ServiceConfig()
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInput(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"{p}: not valid YAML ({e})") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,143 @@
+"""One Engine and the logic of serving it, free of Ray (the Serve deployment in ``deployment.py`` wraps it).
+
+A :class:`WorkItem` is what the ingress sends after validating the HTTP request (images decoded, spec
+built). :meth:`EngineWorker.generate_many` runs a list of items as few ``Engine.generate`` calls as
+possible: items with the same spec share one batch; if a batch fails on a user error (say one prompt is
+longer than the context), each item is retried alone so only the offending one gets the error.
+Answers are plain dicts: ``{"result": GenerationResult.to_dict()}`` or ``{"error": {...}}``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from PIL import Image
+
+from vlmguard.errors import VlmguardError
+from vlmguard.spec import GenerationSpec
+
+log = logging.getLogger("vlmguard.workers")
+
+
+@dataclass
+class WorkItem:
+    """A validated generation request, picklable (travels from the ingress to a model replica)."""
+
+    prompt: str
+    spec: GenerationSpec
+    images: list[Image.Image] = field(default_factory=list)
+    system: str | None = None
+    # A multi-turn conversation (OpenAI messages reduced to text/image parts), templated by the replica
+    # with the model's own chat template; ``prompt`` is then unused.
+    messages: list[dict[str, Any]] | None = None
+    request_id: str | None = None
+
+
+def error_answer(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, VlmguardError):
+        return {"error": {"message": str(exc), "type": "invalid_request_error",
+                          "code": type(exc).__name__, "status": getattr(exc, "http_status", 400)}}
+    return {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
+                      "code": type(exc).__name__, "status": 500}}
+
+
+class EngineWorker:
+    """Holds one Engine; thread-safe (one engine call at a time)."""
+
+    def __init__(self, model: str = "tiny", *, name: str | None = None, device: str = "auto",
+                 dtype: str = "auto", attn_implementation: str = "auto", trust_remote_code: bool = False,
+                 torch_threads: int | None = None, engine: Any = None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        if engine is None:
+            from vlmguard.engine import Engine
+
+            engine = Engine.load(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                 trust_remote_code=trust_remote_code)
+        self.engine = engine
+        self.name = name or model
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.batches = 0
+        self.items = 0
+
+    # ---- info ----------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.engine.model_name, "family": self.engine.family,
+                "context_length": self.engine.context_length, "batches": self.batches, "items": self.items}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _request(self, item: WorkItem):
+        from vlmguard.results import Request
+
+        if item.messages:
+            proc = self.engine.adapter.processor
+            text = proc.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+            return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
+        return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
+                       system=item.system)
+
+    def _run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        reqs = [self._request(it) for it in items]
+        with self._lock:
+            results = self.engine.generate(reqs, items[0].spec)
+            self.batches += 1
+            self.items += len(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(items)} requests")
+        out = []
+        for it, r in zip(items, results):
+            r.request_id = it.request_id
+            out.append({"result": r.to_dict()})
+        return out
+
+    def _run_group(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        try:
+            return self._run(items)
+        except Exception as e:  # noqa: BLE001 - reported per item below
+            if len(items) == 1:
+                if not isinstance(e, VlmguardError):
+                    log.exception("generation failed")
+                return [error_answer(e)]
+        # One bad item must not fail its batch-mates: run each alone.
+        return [self._run_group([it])[0] for it in items]
+
+    def generate_many(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        """Answer each item, batching items whose specs are equal into one engine call."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.spec.model_dump_json(), []).append(i)
+        answers: list[dict[str, Any] | None] = [None] * len(items)
+        for idxs in groups.values():
+            for i, ans in zip(idxs, self._run_group([items[i] for i in idxs])):
+                answers[i] = ans
+        return [a for a in answers if a is not None]
+
+    def stream(self, item: WorkItem, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+        """Yield ``{"token_id", "text", "done", "result"?}`` per generated token, or one ``{"error"}``."""
+        try:
+            req = self._request(item)
+            with self._lock:
+                gen = self.engine.stream([req], item.spec)
+                try:
+                    for ev in gen:
+                        if cancel is not None and cancel.is_set():
+                            return
+                        out: dict[str, Any] = {"token_id": ev.token_id, "text": ev.text, "done": ev.done}
+                        if ev.done and ev.result is not None:
+                            ev.result.request_id = item.request_id
+                            out["result"] = ev.result.to_dict()
+                        yield out
+                finally:
+                    gen.close()
+                self.batches += 1
+                self.items += 1
+        except Exception as e:  # noqa: BLE001 - sent to the client as an error event
+            if not isinstance(e, VlmguardError):
+                log.exception("streaming generation failed")
+            yield error_answer(e)

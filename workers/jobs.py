@@ -1,0 +1,127 @@
+"""Benchmark sweeps as Ray Jobs (Ray Jobs API, ``JobSubmissionClient``).
+
+The job's entrypoint is ``python -m vlmguard.workers.bench_job <benchmark> <args>`` (see ``bench_job.py``).
+Paths in the arguments (database, dataset directory, image-id list, ...) are made absolute, because the
+job runs in its own working directory on the cluster's head node; on a remote cluster they must name
+paths that exist there.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmguard.errors import InvalidInput, VlmguardError
+
+DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
+PATH_FLAGS = ("--db", "--coco-images", "--coco-annotations", "--pope-dir", "--gt", "--image-ids")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 90.0
+
+
+def jobs_address(address: str | None) -> str:
+    addr = address or os.environ.get("VLMGUARD_JOBS_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_JOBS_ADDRESS
+    if addr == "auto" or "://" not in addr and addr.endswith(":6379"):
+        addr = DEFAULT_JOBS_ADDRESS  # a GCS address is not the Jobs API; use the local dashboard
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr
+
+
+def client(address: str | None = None):
+    from vlmguard.workers.ray_auth import use_local_auth_token
+
+    use_local_auth_token()
+    from ray.job_submission import JobSubmissionClient
+
+    addr = jobs_address(address)
+    try:
+        return JobSubmissionClient(addr)
+    except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
+        detail = " ".join(str(e).split())[:300]
+        raise VlmguardError(f"cannot reach the Ray Jobs API at {addr} ({type(e).__name__}: {detail}); start the "
+                            "service with `vlmguard serve` or pass --address http://HEAD:8265") from None
+
+
+def absolutize(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, a in enumerate(out):
+        flag, eq, val = a.partition("=")
+        if flag in PATH_FLAGS and eq:
+            out[i] = f"{flag}={Path(val).expanduser().resolve()}"
+        elif a in PATH_FLAGS and i + 1 < len(out):
+            out[i + 1] = str(Path(out[i + 1]).expanduser().resolve())
+        elif a == "--dataset" and i + 1 < len(out) and out[i + 1] not in ("synthcoco", "coco"):
+            out[i + 1] = str(Path(out[i + 1]).expanduser().resolve())
+    return out
+
+
+def bench_entrypoint(bench_argv: list[str], python: str | None = None) -> str:
+    py = python or sys.executable
+    return shlex.join([py, "-m", "vlmguard.workers.bench_job", *absolutize(bench_argv)])
+
+
+def submit_bench(bench_argv: list[str], *, address: str | None = None, python: str | None = None,
+                 submission_id: str | None = None, env: dict[str, str] | None = None) -> str:
+    """Submit ``bench_job`` with these arguments; returns the submission id."""
+    from vlmguard.workers.bench_job import build_parser
+
+    try:
+        build_parser().parse_args(bench_argv)  # fail here, not on the cluster
+    except SystemExit:
+        raise InvalidInput(f"bad benchmark job arguments: {' '.join(bench_argv)}") from None
+    c = client(address)
+    env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    for key in ("VLMGUARD_SHARED", "VLMGUARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    env_vars.update(env or {})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(entrypoint=bench_entrypoint(bench_argv, python), submission_id=submission_id,
+                                runtime_env={"env_vars": env_vars}, metadata={"vlmguard": "bench"})
+        except RuntimeError as e:  # a freshly started head node's job agent is not up yet
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise VlmguardError(f"job submission failed: {' '.join(str(e).split())[:300]}") from None
+            time.sleep(1.0)
+
+
+def status(job_id: str, address: str | None = None) -> dict[str, Any]:
+    c = client(address)
+    try:
+        info = c.get_job_info(job_id)
+    except Exception as e:  # noqa: BLE001 - unknown id and friends
+        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+    return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
+            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
+
+
+def logs(job_id: str, address: str | None = None) -> str:
+    c = client(address)
+    try:
+        return c.get_job_logs(job_id)
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+
+
+def stop(job_id: str, address: str | None = None) -> bool:
+    c = client(address)
+    try:
+        return bool(c.stop_job(job_id))
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+
+
+def wait(job_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 1.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = status(job_id, address)
+        if st["status"] in TERMINAL:
+            return st
+        if time.monotonic() > deadline:
+            raise VlmguardError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s")
+        time.sleep(poll_s)

@@ -1,0 +1,180 @@
+"""Starting the service: a Ray cluster (local, or an existing one by address), Serve, and the app.
+
+:func:`start_service` is what ``vlmguard serve``, the tests, ``vlmguard demo`` and ``vlmguard perf serve``
+use; it returns a :class:`Service` with the base URL, e.g.::
+
+    svc = start_service(ServiceConfig(models=[ModelConfig(model="tiny", num_replicas=2)]), port=0)
+    ... requests against svc.url ...
+    svc.shutdown()
+
+``port=0`` picks a free loopback port. ``batching=False`` turns dynamic batching off on every model (for
+throughput comparisons).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmguard.errors import VlmguardError
+from vlmguard.workers.config import ServiceConfig
+from vlmguard.workers.ray_auth import use_local_auth_token
+
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    url: str  # base URL of the HTTP API, e.g. http://127.0.0.1:8000
+    config: ServiceConfig
+    dashboard_url: str | None = None  # Ray dashboard / Jobs API address (None when unknown)
+    owns_cluster: bool = False  # this process started the Ray cluster (shutdown() stops it)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def shutdown(self, keep_cluster: bool = False) -> None:
+        import ray
+        from ray import serve
+
+        if not self.owns_cluster:  # someone else's cluster: remove only our app
+            serve.delete(self.config.app_name)
+            return
+        try:
+            serve.shutdown()
+        finally:
+            if not keep_cluster and ray.is_initialized():
+                ray.shutdown()
+
+
+def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
+                    batching: bool | None = None, model: str | None = None, replicas: int | None = None,
+                    max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None) -> ServiceConfig:
+    data = config.model_dump()
+    if port is not None:
+        data["port"] = port
+    if host is not None:
+        data["host"] = host
+    if model is not None:
+        data["models"] = [{**data["models"][0], "model": model, "name": None}]
+    for m in data["models"]:
+        if replicas is not None:
+            m["num_replicas"] = replicas
+        if batching is not None:
+            m["batching"]["enabled"] = batching
+        if max_batch_size is not None:
+            m["batching"]["max_batch_size"] = max_batch_size
+        if batch_wait_timeout_s is not None:
+            m["batching"]["batch_wait_timeout_s"] = batch_wait_timeout_s
+    return ServiceConfig(**data)
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
+                dashboard_port: int | None = None) -> tuple[bool, str | None]:
+    """Connect to ``address`` or start a local cluster owned by this process. Returns (owns, dashboard URL)."""
+    import ray
+
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return False, _dashboard_url(ctx)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        use_local_auth_token()
+        ctx = ray.init(address=address, log_to_driver=False)
+        return False, _dashboard_url(ctx)
+    port = dashboard_port if dashboard_port is not None else DEFAULT_DASHBOARD_PORT
+    if port == 0:
+        port = free_port()
+    # address="local": always a fresh cluster, never one some `ray start` left on this machine
+    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=port, log_to_driver=False)
+    return True, _dashboard_url(ctx) or f"http://127.0.0.1:{port}"
+
+
+def _dashboard_url(ctx: Any) -> str | None:
+    url = getattr(ctx, "dashboard_url", None) or (ctx.get("webui_url") if isinstance(ctx, dict) else None)
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def start_service(config: ServiceConfig | None = None, *, address: str | None = None, port: int | None = None,
+                  batching: bool | None = None, num_cpus: int | None = None, dashboard_port: int | None = None,
+                  wait_s: float = 300.0) -> Service:
+    """Deploy the app (starting or joining a Ray cluster first) and wait until /health answers ok."""
+    if address:
+        use_local_auth_token()
+    from ray import serve
+
+    from vlmguard.workers.app import build_app
+
+    config = apply_overrides(config or ServiceConfig(), batching=batching,
+                             port=free_port(config.host if config else "127.0.0.1") if port == 0 else port)
+    owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    except Exception as e:
+        if owns:
+            import ray
+
+            ray.shutdown()
+        if isinstance(e, VlmguardError):
+            raise
+        raise VlmguardError(f"could not start the service: {type(e).__name__}: {e}") from e
+    url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '') else config.host}:{_serve_port(config)}"
+    url += config.route_prefix.rstrip("/")
+    svc = Service(url=url, config=config, dashboard_url=dash, owns_cluster=owns)
+    wait_healthy(svc.url, timeout_s=wait_s, api_keys=config.resolved_api_keys())
+    return svc
+
+
+def _serve_port(config: ServiceConfig) -> int:
+    """The port Serve's proxy actually listens on (an existing Serve instance keeps its own options)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return int(http.port)
+    except Exception:  # noqa: BLE001 - fall back to what we asked for
+        return config.port
+
+
+def wait_healthy(url: str, *, timeout_s: float = 300.0, api_keys: list[str] | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/health", timeout=10.0)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}"
+        time.sleep(0.5)
+    raise VlmguardError(f"service at {url} did not become healthy within {timeout_s:.0f} s ({last})")
+
+
+def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
+                           dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
+    """``ray start --head`` on loopback (outlives this process). Returns the cluster address."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_bin if os.path.exists(ray_bin) else "ray", "start", "--head", f"--port={port}",
+           "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise VlmguardError(f"ray start failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return f"127.0.0.1:{port}"

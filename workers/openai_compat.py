@@ -1,0 +1,166 @@
+"""Translating API requests into :class:`WorkItem` s and engine results back into API responses."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from PIL import Image
+
+from vlmguard.api_schema import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    GenerateRequest,
+    GenerateResponse,
+    ImagePart,
+    TextPart,
+    Usage,
+    VlmguardInfo,
+)
+from vlmguard.errors import InvalidInput
+from vlmguard.spec import GenerationSpec
+from vlmguard.workers.engine_worker import WorkItem
+
+DEFAULT_CHAT_MAX_TOKENS = 128
+ImageResolver = Callable[[str], Image.Image]
+
+
+def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSpec:
+    if spec.max_new_tokens > max_new_tokens_limit:
+        raise InvalidInput(f"max tokens {spec.max_new_tokens} exceeds this server's limit of {max_new_tokens_limit}")
+    spec.resolve()  # unknown methods / bad method parameters -> InvalidInput here, before any model work
+    return spec
+
+
+def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> GenerationSpec:
+    """OpenAI sampling fields + the ``vlmguard`` object -> GenerationSpec.
+
+    Token selection follows the request: a positive ``temperature`` samples, ``temperature`` 0 or absent
+    is greedy (deterministic) unless ``vlmguard.do_sample`` or ``vlmguard.decoding: sample`` says otherwise.
+    """
+    o = req.vlmguard
+    do_sample = o.do_sample
+    if do_sample is None and req.temperature is not None and o.decoding != "sample":
+        do_sample = req.temperature > 0
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    spec = GenerationSpec.build(
+        pruning=o.pruning, budget=o.budget, pruning_params=o.pruning_params, decoding=o.decoding,
+        decoding_params=o.decoding_params,
+        max_new_tokens=req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit),
+        do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=o.top_k or 0, seed=req.seed, stop=stop,
+        diagnostics=o.diagnostics,
+    )
+    return _check_spec(spec, max_new_tokens_limit)
+
+
+def _parts(content: Any) -> list[TextPart | ImagePart]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [TextPart(type="text", text=content)]
+    return list(content)
+
+
+def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
+              max_new_tokens_limit: int, request_id: str) -> WorkItem:
+    """Validate a chat request and turn it into a WorkItem (images decoded)."""
+    spec = chat_spec(req, max_new_tokens_limit)
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for i, m in enumerate(req.messages):
+        parts = _parts(m.content)
+        if m.role in ("system", "developer"):
+            if any(isinstance(p, ImagePart) for p in parts):
+                raise InvalidInput(f"messages[{i}]: images are only accepted in user messages")
+            system.append("\n".join(p.text for p in parts if isinstance(p, TextPart)))
+            continue
+        content: list[dict[str, Any]] = []
+        for j, p in enumerate(parts):
+            if isinstance(p, ImagePart):
+                if m.role != "user":
+                    raise InvalidInput(f"messages[{i}]: images are only accepted in user messages")
+                if len(images) >= max_images:
+                    raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
+                images.append(resolve_image_part(p, resolve_image, f"messages[{i}].content[{j}]"))
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": p.text})
+        turns.append({"role": m.role, "content": content})
+    if not turns or turns[-1]["role"] != "user":
+        raise InvalidInput("the last message must be a user message")
+    sys_text = "\n".join(s for s in system if s) or None
+    if len(turns) == 1:
+        text = "\n".join(c["text"] for c in turns[0]["content"] if c["type"] == "text")
+        return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id)
+    messages = ([{"role": "system", "content": [{"type": "text", "text": sys_text}]}] if sys_text else []) + turns
+    return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id)
+
+
+def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str) -> Image.Image:
+    try:
+        return resolve_image(part.image_url.url)
+    except InvalidInput as e:
+        raise InvalidInput(f"{where}: {e}") from None
+
+
+def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_images: int,
+                  max_new_tokens_limit: int, request_id: str) -> WorkItem:
+    spec = _check_spec(GenerationSpec.build(**req.spec), max_new_tokens_limit)
+    if len(req.images) > max_images:
+        raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
+    images = []
+    for j, url in enumerate(req.images):
+        try:
+            images.append(resolve_image(url))
+        except InvalidInput as e:
+            raise InvalidInput(f"images[{j}]: {e}") from None
+    return WorkItem(prompt=req.prompt, spec=spec, images=images, system=req.system, request_id=request_id)
+
+
+# ---- responses ----------------------------------------------------------------------------------------
+
+def vlmguard_info(result: dict[str, Any], with_steps: bool) -> VlmguardInfo:
+    return VlmguardInfo(
+        pruning=str((result.get("pruning") or {}).get("name", "none")),
+        decoding=str((result.get("decoding") or {}).get("name", "greedy")),
+        visual_tokens=result["visual_tokens"],
+        visual_tokens_kept=result["visual_tokens_kept"],
+        kept_indices=result.get("kept_indices"),
+        timings=result["timings"],
+        steps=result.get("steps") if with_steps else None,
+    )
+
+
+def usage(result: dict[str, Any]) -> Usage:
+    n = len(result.get("token_ids") or [])
+    return Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=n, total_tokens=result["prompt_tokens"] + n)
+
+
+def chat_response(request_id: str, model: str, result: dict[str, Any], with_steps: bool) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=request_id, created=int(time.time()), model=model,
+        choices=[Choice(message=AssistantMessage(content=result["text"]), finish_reason=result["finish_reason"])],
+        usage=usage(result), vlmguard=vlmguard_info(result, with_steps),
+    )
+
+
+def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
+               finish_reason: str | None = None, result: dict[str, Any] | None = None, with_steps: bool = False,
+               usage_only: bool = False) -> ChatCompletionChunk:
+    if usage_only and result is not None:
+        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage(result))
+    return ChatCompletionChunk(
+        id=request_id, created=created, model=model,
+        choices=[ChunkChoice(delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason)],
+        vlmguard=vlmguard_info(result, with_steps) if result is not None else None,
+    )
+
+
+def generate_response(request_id: str, model: str, result: dict[str, Any]) -> GenerateResponse:
+    return GenerateResponse(id=request_id, model=model, **result)
