@@ -97,14 +97,14 @@ def change_point(curve: torch.Tensor, min_size: int = 2) -> int | None:
     return None if best is None else best[1]
 
 
-def inflection_layers_of(profile: torch.Tensor, top_frac: float = 0.1) -> list[int]:
+def inflection_layers_of(profile: torch.Tensor, top_frac: float = 0.1, min_size: int = 2) -> list[int]:
     """Recorded inflection layers (last layer of the first segment) for one sample's top tokens."""
     n_layers, n_vis = profile.shape
     k = max(1, int(round(n_vis * top_frac)))
     top = torch.argsort(-profile.sum(dim=0), stable=True)[:k]
     out = []
     for v in top.tolist():
-        b = change_point(profile[:, v].cumsum(dim=0))
+        b = change_point(profile[:, v].cumsum(dim=0), min_size=min_size)
         if b is not None:
             out.append(b - 1)
     return out
@@ -141,13 +141,14 @@ class AnalysisResult:
     n_visual: int
     n_layers: int
     keeps: dict[str, list[int]]
+    min_size: int = 2
 
     def to_dict(self, model: str) -> dict:
         keeps = {b: {"keeps": k, "official_avg": round(official_average(self.layers, k, self.n_visual, self.n_layers), 2),
                      "actual_avg": round(actual_average(self.layers, k, self.n_visual, self.n_layers), 2)}
                  for b, k in self.keeps.items()}
         return {"method": "adaptinfer", "model": model, "layers": self.layers, "n_layers": self.n_layers,
-                "n_visual": self.n_visual, "samples": self.samples, "histogram": self.histogram,
+                "n_visual": self.n_visual, "samples": self.samples, "min_size": self.min_size, "histogram": self.histogram,
                 "keeps": {b: v["keeps"] for b, v in keeps.items()}, "budgets": keeps}
 
 
@@ -157,7 +158,9 @@ def budget_labels(n_visual: int) -> list[int]:
 
 
 @torch.no_grad()
-def analyze(engine, prompts: Iterable[Prompt]) -> AnalysisResult:
+def analyze(engine, prompts: Iterable[Prompt], min_size: int = 2) -> AnalysisResult:
+    """Run the analysis. ``min_size`` is the change-point search's minimum segment (official: 2; with 4
+    layers that leaves one admissible split, so every curve reports layer 1; 1 makes it informative)."""
     n_layers = engine.adapter.num_layers
     hist = [0] * n_layers
     n_samples = 0
@@ -165,11 +168,11 @@ def analyze(engine, prompts: Iterable[Prompt]) -> AnalysisResult:
     for p in prompts:
         prof = text_to_vision_profile(engine, p)
         n_visual = max(n_visual, prof.shape[1])
-        for layer in inflection_layers_of(prof):
+        for layer in inflection_layers_of(prof, min_size=min_size):
             hist[layer] += 1
         n_samples += 1
     n_stages = 3 if n_layers >= 8 else 2
     layers = pick_peaks(hist, n_layers, n_stages)
     keeps = {str(b): list(solve_keeps(layers, b, n_visual, n_layers)) for b in budget_labels(n_visual)}
     return AnalysisResult(layers=layers, histogram=hist, samples=n_samples, n_visual=n_visual, n_layers=n_layers,
-                          keeps=keeps)
+                          keeps=keeps, min_size=min_size)

@@ -29,6 +29,8 @@ def register(sub) -> None:
     a.add_argument("--samples", type=int, default=64, help="calibration samples (official: 1000 MME samples)")
     a.add_argument("--images", default=None, help="calibration images directory (default: SynthCOCO scenes)")
     a.add_argument("--seed", type=int, default=None, help="SynthCOCO calibration seed")
+    a.add_argument("--min-size", type=int, default=2,
+                   help="change-point minimum segment length (official 2; 1 for very shallow models)")
     a.add_argument("--out", default=None, help="write the schedule JSON here")
     a.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     a.set_defaults(func=_analyze)
@@ -53,7 +55,9 @@ def _analyze(args: argparse.Namespace) -> int:
         size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 96) or 96)
         prompts = synth_calibration(args.samples, seed=args.seed if args.seed is not None else CALIBRATION_SEED,
                                     image_size=max(size, 32))
-    result = analyze(engine, prompts)
+    if args.min_size < 1:
+        raise InvalidInput(f"--min-size must be >= 1, got {args.min_size}")
+    result = analyze(engine, prompts, min_size=args.min_size)
     out = result.to_dict(args.model)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if args.out:

@@ -100,6 +100,9 @@ def test_tagger_conversion_and_restricted_unpickler(tmp_path):
 
 
 def test_missing_data_gives_setup_hint(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
     monkeypatch.setenv("VLMGUARD_NLTK_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("VLMGUARD_SHARED", str(tmp_path / "noshared"))
     monkeypatch.setattr(nltk_setup, "DEBIAN_WORDNET_DIR", tmp_path / "nowordnet")

@@ -385,8 +385,8 @@ class Engine:
             hidden = {k: v[: len(active)] for k, v in hid.items()}
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            t_step = time.perf_counter()
-            decode_s += t_step - t_dec
+            decode_s += time.perf_counter() - t_dec
+            t_step = t_dec  # a token's time = its decode forward + combine + token selection
             step += 1
 
     @staticmethod

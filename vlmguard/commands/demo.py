@@ -2,7 +2,10 @@
 
 1. one image from the SynthCOCO test split through the bundled tiny model, plain and with FlowCut + VCD;
 2. a short benchmark sweep (POPE + CHAIR, pruners and decoders) into a results database;
-3. the report (tables, CSV, PNG plots), and how to look at it in the service and the dashboard.
+3. the report (tables, CSV, PNG plots);
+4. the service: a background Ray cluster with the tiny model behind the OpenAI-compatible API, one client
+   request and a small benchmark Ray Job; the service is left running for the dashboard
+   (stop it with ``vlmguard serve --stop`` and ``ray stop``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--db", default="runs/demo.sqlite")
     p.add_argument("--out", default="runs/demo-report")
     p.add_argument("--config", default=None, help="sweep YAML (default: the embedded demo sweep)")
-    p.add_argument("--skip-sweep", action="store_true", help="only the generation examples")
+    p.add_argument("--skip-sweep", action="store_true", help="skip the benchmark sweep and report")
+    p.add_argument("--no-serve", action="store_true", help="do not start the Ray service")
     p.set_defaults(func=run)
 
 
@@ -52,8 +56,19 @@ def run(args: argparse.Namespace) -> int:
 
     print("== 1. generation examples")
     _examples(args.model)
-    if args.skip_sweep:
-        return 0
+    rc = 0 if args.skip_sweep else _sweep(args, cli_main)
+    if rc or args.no_serve:
+        return rc
+    print("\n== 4. service (Ray Serve) + client request + benchmark job")
+    from vlmguard.workers.demo import service_demo
+
+    out = service_demo(args.model, db=args.db)
+    print(f"\nThe service is running at {out['url']} (stop: `vlmguard serve --stop` then `ray stop`).\n"
+          f"Look at everything: `vlmguard dashboard --db {args.db} --service {out['url']}` (http://127.0.0.1:8501).")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, cli_main) -> int:
     config = args.config or str(resources.files("vlmguard") / "configs" / "demo-sweep.yaml")
     print(f"\n== 2. benchmark sweep ({config}) -> {args.db}")
     rc = cli_main(["bench", "sweep", config, "--db", args.db])
@@ -61,7 +76,4 @@ def run(args: argparse.Namespace) -> int:
         return rc
     print(f"\n== 3. report -> {args.out}")
     rc = cli_main(["report", "--db", args.db, "--out", args.out])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print("\nNext: `vlmguard serve` (OpenAI-compatible API on http://127.0.0.1:8000) and "
-          f"`vlmguard dashboard --db {args.db}` (http://127.0.0.1:8501).")
     return rc

@@ -51,7 +51,8 @@ class TrainConfig:
     instruct_lr: float = 1e-3
     instruct_vision_lr: float = 2e-4
     yesno_per_conv: tuple[int, int] = (4, 8)
-    freeze_vision_after_stage1: bool = True  # stages 2-3 on cached vision features (much cheaper on CPU)
+    freeze_vision_after_stage1: bool = True
+    tie_projector: bool = True  # keep projector outputs on the category-word embeddings while training  # stages 2-3 on cached vision features (much cheaper on CPU)
     caption_share: float = 0.3  # share of instruct sequences that are captions / detailed descriptions
     eval_questions: int = 200  # per POPE split in the quick stage evaluations
     max_train_images: int = 0  # use only the first N training images (0 = all)
@@ -264,6 +265,7 @@ class Trainer:
             self.eval_qs[split] = pope_rng.sample(qs, min(cfg.eval_questions, len(qs)))
         self.losses: dict[str, list[float]] = {}
         self.features: torch.Tensor | None = None
+        self.tied = False
         self.patch_head: torch.nn.Linear | None = None
         self.val_qs: dict[str, list[dict]] = {}
         self.val = None
@@ -350,6 +352,18 @@ class Trainer:
                 word = self.tok.token_to_id(cat.name.split()[-1])
                 proj.linear_2.weight[:, i + 1] = emb[word] / emb[word].norm() * emb.norm(dim=1).mean()
         self.log("projector initialised from the patch classifier and the category-name embeddings")
+        self.tied = self.cfg.tie_projector
+
+    @torch.no_grad()
+    def retie_projector(self) -> None:
+        """Re-point the projector's category columns at the current category-word embeddings, so a visual
+        token showing a fork stays (a scaled copy of) the embedding of the word "fork" during training."""
+        proj = self.model.model.multi_modal_projector
+        emb = self.model.get_input_embeddings().weight
+        scale = emb.norm(dim=1).mean()
+        for i, cat in enumerate(CATEGORIES):
+            word = self.tok.token_to_id(cat.name.split()[-1])
+            proj.linear_2.weight[:, i + 1] = emb[word] / emb[word].norm() * scale
 
     @torch.no_grad()
     def cache_features(self) -> None:
@@ -413,6 +427,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self.tied:
+                self.retie_projector()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             self.losses.setdefault(name, []).append(loss.item())
             if step % 25 == 0:
@@ -434,6 +450,8 @@ class Trainer:
         cfg = self.cfg
         vision = self.model.model.vision_tower
         vision.requires_grad_(False)
+        if self.tied:  # projector fixed by construction (patch classifier -> category-word embeddings)
+            self.model.model.multi_modal_projector.requires_grad_(False)
         trainable = [p for n, p in self.model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.align_lr, weight_decay=0.0)
         for g in opt.param_groups:
@@ -450,7 +468,9 @@ class Trainer:
         steps = cfg.instruct_steps if steps is None else steps
         vision_params = list(self.model.model.vision_tower.parameters())
         vids = {id(p) for p in vision_params}
-        other = [p for p in self.model.parameters() if id(p) not in vids]
+        if self.tied:
+            self.model.model.multi_modal_projector.requires_grad_(False)
+        other = [p for p in self.model.parameters() if id(p) not in vids and p.requires_grad]
         groups = [{"params": other, "lr": cfg.instruct_lr, "peak_lr": cfg.instruct_lr, "weight_decay": 0.0}]
         if cfg.instruct_vision_lr > 0 and self.features is None:
             groups.append({"params": vision_params, "lr": cfg.instruct_vision_lr, "peak_lr": cfg.instruct_vision_lr,
