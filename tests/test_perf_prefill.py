@@ -111,3 +111,17 @@ def test_prefill_user_errors(capsys, argv, needle):
     assert rc == 2
     assert out.err.startswith("vlmguard: error:") and needle in out.err
     assert "Traceback" not in out.err
+
+
+def test_plot_command_redraws_and_prints_markdown(report, capsys, tmp_path):
+    _, out_dir = report
+    rc, out = run_cli(capsys, ["perf", "plot", str(out_dir / "prefill.json"), "--out", str(tmp_path / "again.png"),
+                               "--markdown"])
+    assert rc == 0
+    lines = out.out.strip().splitlines()
+    assert lines[0].startswith("| method | budget |") and lines[1].startswith("|---|")
+    assert len([line for line in lines if line.startswith("| ")]) == 1 + 9  # header + none + 4 methods x 2 budgets
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text('{"hello": 1}')
+    rc, out = run_cli(capsys, ["perf", "plot", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "not a vlmguard perf report" in out.err

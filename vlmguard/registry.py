@@ -1,9 +1,12 @@
 """A tiny name -> class registry; each method module registers itself with one decorator line."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+from typing import Any, Callable, Generic, TypeVar
 
-from vlmguard.errors import UnknownMethod
+from pydantic import BaseModel, ValidationError
+
+from vlmguard.errors import InvalidInput, UnknownMethod
 
 T = TypeVar("T")
 
@@ -36,3 +39,19 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def import_methods(package: str, modules: list[str]) -> None:
+    """Import each method module of ``package`` so that it registers itself."""
+    for name in modules:
+        importlib.import_module(f"{package}.{name}")
+
+
+def build_params(cls: Any, params: dict[str, Any] | None, kind: str) -> BaseModel:
+    """Validate a method's parameters with its pydantic ``Params`` model; one clear message on error."""
+    try:
+        return cls.Params(**(params or {}))
+    except ValidationError as e:
+        from vlmguard.spec import format_validation_error
+
+        raise InvalidInput(format_validation_error(e, f"parameters for {kind} method {cls.name!r}")) from None

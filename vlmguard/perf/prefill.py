@@ -9,6 +9,7 @@ each layer actually processed, the ratio achieved/ideal, peak memory and KV-cach
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -34,6 +35,7 @@ class Samples:
     vision_s: list[float] = field(default_factory=list)
     llm_prefill_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # CPU time of this thread for the whole generate() call
     peak_bytes: list[int] = field(default_factory=list)
     peak_source: str = ""
     last: list[Any] = field(default_factory=list)  # the last run's GenerationResults (token counts, reports)
@@ -101,7 +103,9 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
     for rep in range(repeats):
         for cfg in configs:
             with MemoryMeter(engine.device) as mem:
+                c0 = time.thread_time()
                 results = engine.generate(requests, _spec(cfg))
+                cpu = time.thread_time() - c0
             s = samples[cfg.label]
             vis = max(x.timings.vision_s for x in results)
             pre = max(x.timings.prefill_s for x in results)
@@ -109,6 +113,7 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
             s.llm_prefill_s.append(pre)
             s.prefill_s.append(vis + pre)
             s.ttft_s.append(max(x.timings.ttft_s for x in results))
+            s.cpu_s.append(cpu)
             s.peak_bytes.append(mem.peak_bytes)
             s.peak_source = mem.source
             s.last = results
@@ -137,12 +142,17 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
             # the LLM prefill alone (vision tower and projector excluded), measured and from FLOPs
             "llm_speedup": ratio(base_llm, median(s.llm_prefill_s)),
             "llm_ideal_speedup": ratio(base_flops["llm"], fl["llm"]),
+            # CPU time of the generating thread (torch with 1 intra-op thread computes in it): insensitive to
+            # time the process spent descheduled on a shared machine; covers the whole call, i.e. TTFT
+            "cpu_speedup": ratio(median(base.cpu_s), median(s.cpu_s)),
+            "cpu_achieved_over_ideal": ratio(ratio(median(base.cpu_s), median(s.cpu_s)), ideal),
             "times": {
                 "prefill_s": median(s.prefill_s),
                 "vision_s": median(s.vision_s),
                 "llm_prefill_s": median(s.llm_prefill_s),
                 "ttft_s": median(s.ttft_s),
-                "samples": {"prefill_s": s.prefill_s, "ttft_s": s.ttft_s},
+                "generate_cpu_s": median(s.cpu_s),
+                "samples": {"prefill_s": s.prefill_s, "ttft_s": s.ttft_s, "generate_cpu_s": s.cpu_s},
             },
             "memory": {
                 "peak_bytes": int(median(s.peak_bytes) or 0),
@@ -169,12 +179,15 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
 
 
 def prefill_targets(rows: list[dict[str, Any]], budget: int = 64) -> list[dict[str, Any]]:
-    """Issue-8 targets at 64 kept tokens: FlowCut and AdaptInfer >= 80% of ideal and >= 3x over none."""
+    """Issue-8 targets at 64 kept tokens: FlowCut and AdaptInfer >= 80% of ideal and >= 3x over none
+    (checked on wall-clock prefill; the CPU-time variants are listed too)."""
     out = []
     for row in rows:
         if row["method"] in ("flowcut", "adaptinfer") and row["budget"] == budget:
             for name, value, threshold in (("achieved_over_ideal", row["achieved_over_ideal"], 0.8),
-                                           ("speedup", row["speedup"], 3.0)):
+                                           ("speedup", row["speedup"], 3.0),
+                                           ("cpu_achieved_over_ideal", row.get("cpu_achieved_over_ideal"), 0.8),
+                                           ("cpu_speedup", row.get("cpu_speedup"), 3.0)):
                 out.append({"method": row["method"], "budget": budget, "metric": name, "value": value,
                             "threshold": threshold, "met": value is not None and value >= threshold})
     return out
@@ -186,10 +199,11 @@ def prefill_table(result: dict[str, Any]) -> str:
     rows = [[r["method"], r["budget"], r["mean_visual_tokens_per_layer"], r["times"]["prefill_s"],
              r["times"]["vision_s"], r["times"]["llm_prefill_s"], r["times"]["ttft_s"], r["speedup"],
              r["ideal_speedup"], r["achieved_over_ideal"], r["llm_speedup"], r["llm_ideal_speedup"],
-             mib(r["memory"]["peak_bytes"]), mib(r["memory"]["kv_cache_bytes"])] for r in result["rows"]]
+             r.get("cpu_speedup"), mib(r["memory"]["peak_bytes"]), mib(r["memory"]["kv_cache_bytes"])]
+            for r in result["rows"]]
     head = (f"perf prefill  shape={result['shape']}  batch={result['batch']}  repeats={result['repeats']}  "
             f"device={result['environment'].get('device')}  dtype={result['environment'].get('dtype')}  "
             f"threads={result['environment'].get('threads')}")
     return head + "\n" + table(
         ["method", "budget", "vis/layer", "prefill_s", "vision_s", "llm_s", "ttft_s", "speedup", "ideal",
-         "ach/ideal", "llm_x", "llm_ideal", "peak_MiB", "kv_MiB"], rows)
+         "ach/ideal", "llm_x", "llm_ideal", "cpu_x", "peak_MiB", "kv_MiB"], rows)

@@ -51,11 +51,13 @@ def markdown(result: dict[str, Any]) -> str:
     cmd = result.get("command")
     if cmd == "perf prefill":
         head = ["method", "budget", "visual tokens / layer", "prefill s", "vision s", "LLM s", "TTFT s", "speed-up",
-                "ideal", "achieved / ideal", "LLM speed-up", "LLM ideal", "peak MiB", "KV MiB"]
+                "ideal", "achieved / ideal", "LLM speed-up", "LLM ideal", "CPU-time speed-up", "CPU-time / ideal",
+                "peak MiB", "KV MiB"]
         rows = [[r["method"], r["budget"], r["mean_visual_tokens_per_layer"], r["times"]["prefill_s"],
                  r["times"]["vision_s"], r["times"]["llm_prefill_s"], r["times"]["ttft_s"], r["speedup"],
                  r["ideal_speedup"], r["achieved_over_ideal"], r.get("llm_speedup"), r.get("llm_ideal_speedup"),
-                 mib(r["memory"]["peak_bytes"]), mib(r["memory"]["kv_cache_bytes"])] for r in result["rows"]]
+                 r.get("cpu_speedup"), r.get("cpu_achieved_over_ideal"), mib(r["memory"]["peak_bytes"]),
+                 mib(r["memory"]["kv_cache_bytes"])] for r in result["rows"]]
     elif cmd == "perf decode":
         head = ["decoder", "batch", "pruning", "s / token", "x greedy", "tokens / s", "setup s", "prefill s", "TTFT s"]
         rows = [[r["decoder"], r["batch"], f"{r['pruning']}@{r['budget']}" if r["budget"] else r["pruning"],

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     t.add_argument("--init", type=Path, default=None,
                    help="continue from a saved tiny model (its tokenizer is kept); use with --steps 0,0,N")
     t.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
+    t.add_argument("--instruct-lr", type=float, default=None, help="peak learning rate of stage 3")
+    t.add_argument("--caption-share", type=float, default=None,
+                   help="share of stage-3 sequences that are captions / detailed descriptions")
     t.add_argument("--val-every", type=int, default=100, help="instruct steps between validation checks")
     t.add_argument("--val-stop", type=float, default=0.0,
                    help="stop instruction tuning once validation POPE-random accuracy reaches this (0 = never)")
@@ -90,6 +93,10 @@ def _train(args: argparse.Namespace) -> int:
         cfg.vision_steps, cfg.align_steps, cfg.instruct_steps = steps
     cfg.val_every, cfg.val_stop_acc = args.val_every, args.val_stop
     cfg.max_train_images = args.max_train_images
+    if args.instruct_lr is not None:
+        cfg.instruct_lr = args.instruct_lr
+    if args.caption_share is not None:
+        cfg.caption_share = args.caption_share
     logf = open(args.log, "a") if args.log else None
 
     def log(msg: str) -> None:

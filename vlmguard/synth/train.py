@@ -512,6 +512,9 @@ class Trainer:
         if self.cfg.freeze_vision_after_stage1:
             if self.patch_head is not None:
                 self.init_projector_from_patch_head()
+            elif self.previous_report is not None and self.cfg.tie_projector:
+                self.tied = True  # continuing a tied model: keep the projector on the word embeddings
+                self.retie_projector()
             self.cache_features()
         if self.cfg.align_steps > 0:
             self.stage_align()
