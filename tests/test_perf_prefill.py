@@ -52,6 +52,8 @@ def test_prefill_report_shape(report):
         assert row["speedup"] > 0
         assert row["achieved_over_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
         assert row["llm_speedup"] > 0 and row["llm_ideal_speedup"] >= 1.0
+        assert row["cpu_speedup"] > 0 and 0 < t["generate_cpu_s"]
+        assert len(t["samples"]["generate_cpu_s"]) == 2
         assert row["memory"]["peak_source"] in ("malloc_in_use_sampled", "rss_sampled")
     # the unpruned prefill allocates activations and the KV cache: a positive peak above the entry level
     base = data["rows"][0]
