@@ -33,6 +33,10 @@ RELATIVE_DEPTHS = (0.03, 0.31, 0.64)
 
 # Stage layers found by ``vlmguard prune analyze`` for bundled models, keyed by
 # (family, decoder layers, text hidden size, visual tokens per image).
+# Not filled for the bundled tiny LLaVA: `vlmguard prune analyze --model tiny` gives histogram [0, 112, 0, 0]
+# -> layers (1, 2), but with 4 layers and min_size 2 only the split after layer 1 is admissible, so that is
+# by construction; the relative-depth rule (0, 2) is kept as its default (it is what the POPE numbers used).
+# Use the analysis via `pruning_params={"schedule": "runs/adaptinfer_tiny_schedule.json"}`.
 KNOWN_LAYERS: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
 
 
