@@ -123,18 +123,30 @@ def _generate_body(prompt, images, model, system, stream, spec) -> dict[str, Any
     return body
 
 
+_DONE = object()
+
+
+def _sse_event(line: str) -> Any:
+    """One SSE line -> its JSON payload, ``_DONE`` at the end marker, or None for other lines."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    obj = json.loads(data)
+    if "error" in obj:
+        err = obj["error"]
+        raise APIError(200, err.get("message", "stream failed"), err.get("type"), err.get("code"))
+    return obj
+
+
 def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        obj = _sse_event(line)
+        if obj is _DONE:
             return
-        obj = json.loads(data)
-        if "error" in obj:
-            err = obj["error"]
-            raise APIError(200, err.get("message", "stream failed"), err.get("type"), err.get("code"))
-        yield obj
+        if obj is not None:
+            yield obj
 
 
 class _Base:
@@ -324,16 +336,11 @@ class AsyncClient(_Base):
 
 async def _asse_data(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        obj = _sse_event(line)
+        if obj is _DONE:
             return
-        obj = json.loads(data)
-        if "error" in obj:
-            err = obj["error"]
-            raise APIError(200, err.get("message", "stream failed"), err.get("type"), err.get("code"))
-        yield obj
+        if obj is not None:
+            yield obj
 
 
 __all__ = ["Client", "AsyncClient", "APIError", "image_to_url"]
