@@ -150,5 +150,5 @@ def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
 def tiny_engine(family: str = "llava", attn: str = "sdpa", seed: int = 0):
     from vlmguard.engine import Engine
 
-    model, proc = FAMILIES[family](seed=seed, attn="sdpa")
-    return Engine(model, proc, name=f"tiny-{family}", attn_implementation=None if attn == "sdpa" else None)
+    model, proc = FAMILIES[family](seed=seed, attn=attn)
+    return Engine(model, proc, name=f"tiny-{family}")
