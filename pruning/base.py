@@ -39,7 +39,8 @@ class PruneContext:
     n_visual: list[int]  # visual tokens per row before pruning
     text_len: list[int] = field(default_factory=list)  # text tokens per row
     state: dict[str, Any] = field(default_factory=dict)  # per-call scratch space for the pruner
-    report: dict[str, Any] = field(default_factory=dict)  # method diagnostics for the result
+    # method diagnostics for the results; report["per_row"][row] holds entries for that request only
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Pruner:

@@ -89,5 +89,12 @@ class FastVPruner(Pruner):
         if all(k is None for k in kept):
             return None  # nothing to cut: identical to the unpruned path
         ctx.report["fastv"] = {"score_layer": self.score_layer, "query": self.params.query}
+        per_row = ctx.report.setdefault("per_row", {})
+        for r in ctx.main_rows:  # per-visual-token scores (raster order) for the dashboard's heatmap
+            pos = vis[r].nonzero().squeeze(1)
+            if pos.numel():
+                full = torch.zeros(ctx.n_visual[r])
+                full[seq.visual[r, pos].cpu()] = scores[r, pos].float().cpu()
+                per_row.setdefault(r, {})["visual_scores"] = full.tolist()
         record_stage(ctx, "fastv_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

@@ -367,7 +367,7 @@ class Engine:
                     visual_tokens_kept=[int(x) for x in visual_fed[req_i]], kept_indices=kept_idx[req_i],
                     timings=Timings(vision_s=vision_s, prefill_s=prefill_s, decode_s=decode_s + dt, ttft_s=ttft[req_i],
                                     total_s=total, per_token_s=per_tok[req_i], setup_s=t_setup, batch_size=n_req),
-                    steps=steps[req_i], pruning={**pruner.describe(), **pctx.report},
+                    steps=steps[req_i], pruning=self._pruning_report(pruner, pctx, req_i),
                     decoding={**decoder.describe(), **dctx.report}, request_id=requests[req_i].request_id)
                 yield StreamEvent(index=req_i, token_id=None, text="", done=True, result=res)
             keep_j = [j for j in range(na) if j not in set(finished_rows)]
@@ -388,6 +388,12 @@ class Engine:
             decode_s += time.perf_counter() - t_dec
             t_step = t_dec  # a token's time = its decode forward + combine + token selection
             step += 1
+
+    @staticmethod
+    def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:
+        """The pruner's description and report; ``report["per_row"][row]`` entries go to that request only."""
+        shared = {k: v for k, v in pctx.report.items() if k != "per_row"}
+        return {**pruner.describe(), **shared, **pctx.report.get("per_row", {}).get(row, {})}
 
     @staticmethod
     def _share_keep(keep: torch.Tensor, seq: Seq, n_req: int, nb: int, shares: list[bool]) -> torch.Tensor:
