@@ -202,9 +202,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                              "not_found_error", "model_not_found")
         return name
 
-    async def run(model: str, item: WorkItem) -> dict[str, Any]:
+    async def first_answer(awaitable: Any) -> dict[str, Any]:
+        """Await the backend's first answer, turning timeouts, overload and error answers into APIFailure."""
         try:
-            answer = await asyncio.wait_for(backend.generate(model, item), timeout=config.request_timeout_s)
+            answer = await asyncio.wait_for(awaitable, timeout=config.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIFailure(504, f"request timed out after {config.request_timeout_s:.0f} s", "timeout_error") from None
         except Overloaded as e:
@@ -214,6 +215,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             err = answer["error"]
             raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
                              err.get("code"))
+        return answer
+
+    async def run(model: str, item: WorkItem) -> dict[str, Any]:
+        answer = await first_answer(backend.generate(model, item))
         metrics.observe_result(answer["result"])
         return answer["result"]
 
@@ -221,18 +226,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """Start a stream and wait for its first event, so errors before any token are plain 4xx answers."""
         gen = backend.stream(model, item).__aiter__()
         try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=config.request_timeout_s)
+            first = await first_answer(gen.__anext__())
         except StopAsyncIteration:
             raise APIFailure(500, "the model ended the stream without a result", "server_error") from None
-        except asyncio.TimeoutError:
-            raise APIFailure(504, f"request timed out after {config.request_timeout_s:.0f} s", "timeout_error") from None
-        except Overloaded as e:
-            raise APIFailure(503, str(e), "overloaded_error", "overloaded",
-                             {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
-        if "error" in first:
-            err = first["error"]
-            raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
-                             err.get("code"))
         return first, gen
 
     async def events(first: dict[str, Any], gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_job(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
+    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args, benchmark_runs
     from vlmguard.bench.runner import run_benchmark
 
     spec = _spec_from_args(args)
@@ -153,13 +153,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     handle, info, replicas = find_model_deployment(args.app, args.model)
     n = args.shards or replicas
     engine = ServeEngine(handle, info)
-    if args.benchmark == "chair":
-        jobs: list[dict[str, Any]] = [{}]
-    else:
-        splits = args.split or ["all"]
-        splits = ["random", "popular", "adversarial"] if "all" in splits else list(dict.fromkeys(splits))
-        templates = (args.template or [None]) if args.benchmark == "pope-leading" else [None]
-        jobs = [{"split": s, "template": t} for s in splits for t in templates]
+    jobs = benchmark_runs(args)
     t0 = time.perf_counter()
     print(f"[bench-job] {args.benchmark} on {info.get('name')} ({info.get('model')}): {len(jobs)} run(s) x "
           f"{n} shard(s) over {replicas} replica(s)", file=sys.stderr, flush=True)

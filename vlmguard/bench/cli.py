@@ -193,6 +193,15 @@ def _spec_from_args(args: argparse.Namespace):
     )
 
 
+def benchmark_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs one ``bench`` command makes: CHAIR once; POPE per split (x template for pope-leading)."""
+    if args.benchmark == "chair":
+        return [{}]
+    splits = args.split or ["all"]
+    splits = ["random", "popular", "adversarial"] if "all" in splits else list(dict.fromkeys(splits))
+    templates = (args.template or [None]) if args.benchmark == "pope-leading" else [None]
+    return [{"split": s, "template": t} for s in splits for t in templates]
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlmguard.bench.runner import run_benchmark
     from vlmguard.engine import Engine
@@ -200,14 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     spec.resolve()  # unknown methods / bad params fail before the model loads
     dataset = _dataset_from_args(args)
-    jobs: list[dict[str, Any]] = []
-    if args.benchmark == "chair":
-        jobs.append({})
-    else:
-        splits = args.split or ["all"]
-        splits = ["random", "popular", "adversarial"] if "all" in splits else list(dict.fromkeys(splits))
-        templates = (args.template or [None]) if args.benchmark == "pope-leading" else [None]
-        jobs = [{"split": s, "template": t} for s in splits for t in templates]
+    jobs = benchmark_runs(args)
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device)
     outcomes = []
