@@ -30,7 +30,8 @@ from vlmguard.attention import ScoreRequest
 from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
-from vlmguard.pruning.scores import keep_mask_from_positions, pad_rows, record_stage, text_after_vision, top_sorted
+from vlmguard.pruning.scores import (keep_mask_from_positions, pad_rows, record_stage, report_position_scores,
+                                     text_after_vision, top_sorted)
 from vlmguard.sequence import Seq
 
 
@@ -109,6 +110,7 @@ class AdaptInferPruner(Pruner):
         text_rows: list[torch.Tensor] = ctx.state.pop("adaptinfer_text")
         vis = seq.visual_mask()
         kept: list[torch.Tensor | None] = []
+        scores: dict[int, torch.Tensor] = {}
         for r in range(seq.batch_size):
             k = self._stage(ctx, r, layer_idx)
             pos = vis[r].nonzero().squeeze(1)
@@ -118,7 +120,11 @@ class AdaptInferPruner(Pruner):
             t = text_rows[r]
             s, _ = text_prior_scores(req.probs[r, :, : t.numel()], t, pos, self.params.lam)
             kept.append(pos[top_sorted(s, k)])
+            scores[r] = torch.zeros(seq.length, device=s.device, dtype=s.dtype).index_copy(0, pos, s)
         if all(k is None for k in kept):
             return None
+        if not ctx.state.get("adaptinfer_scores_reported"):  # the first stage's scores: the dashboard's heatmap
+            report_position_scores(ctx, seq, scores)
+            ctx.state["adaptinfer_scores_reported"] = True
         record_stage(ctx, "adaptinfer_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

@@ -25,7 +25,7 @@ from vlmguard.errors import InvalidInput
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (column_mean_attention, keep_mask_from_positions, last_query_rows, layer_queries,
-                                     record_stage, top_sorted)
+                                     record_stage, report_position_scores, top_sorted)
 from vlmguard.sequence import Seq
 
 
@@ -89,12 +89,6 @@ class FastVPruner(Pruner):
         if all(k is None for k in kept):
             return None  # nothing to cut: identical to the unpruned path
         ctx.report["fastv"] = {"score_layer": self.score_layer, "query": self.params.query}
-        per_row = ctx.report.setdefault("per_row", {})
-        for r in ctx.main_rows:  # per-visual-token scores (raster order) for the dashboard's heatmap
-            pos = vis[r].nonzero().squeeze(1)
-            if pos.numel():
-                full = torch.zeros(ctx.n_visual[r])
-                full[seq.visual[r, pos].cpu()] = scores[r, pos].float().cpu()
-                per_row.setdefault(r, {})["visual_scores"] = full.tolist()
+        report_position_scores(ctx, seq, dict(enumerate(scores)))  # the dashboard's heatmap
         record_stage(ctx, "fastv_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

@@ -25,6 +25,8 @@ implemented); the cut at layer 1 goes straight to K.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +35,8 @@ from vlmguard.errors import InvalidInput
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.flowcut_vision import run_stage_v, selected_layer
 from vlmguard.pruning.registry import PRUNERS
-from vlmguard.pruning.scores import keep_mask_from_positions, last_query_rows, record_stage, top_sorted
+from vlmguard.pruning.scores import (keep_mask_from_positions, last_query_rows, record_stage, report_position_scores,
+                                     report_visual_scores, top_sorted)
 from vlmguard.sequence import Seq
 
 CLIP_FAMILIES = ("llava", "llava_next")
@@ -47,6 +50,8 @@ class FlowCutParams(BaseModel):
     llm_layer: int = Field(1, ge=0, description="stage-L decoder layer (LLaVA-NeXT / Qwen2-VL)")
     reference_batch_coupling: bool = Field(False, description="share the prune count over the whole batch "
                                                               "(the reference's max-over-batch)")
+    position_mode: Literal["compact", "original"] = Field(
+        "compact", description="positions of the tokens kept by stage V: contiguous (reference) or original")
 
 
 def split_budget(total: int, parts: int) -> list[int]:
@@ -75,6 +80,10 @@ class FlowCutPruner(Pruner):
     Params = FlowCutParams
     side = "both"
     position_mode = "compact"
+
+    def __init__(self, params: FlowCutParams, budget):
+        super().__init__(params, budget)
+        self.position_mode = params.position_mode
 
     # ---- budgets ---------------------------------------------------------------------------
     def check_budget(self, ctx: PruneContext) -> None:
@@ -134,6 +143,7 @@ class FlowCutPruner(Pruner):
         res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
         feats: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         kept: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
+        scores: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         offset: dict[int, int] = {}
         for j, r in enumerate(rows):
             hs = res.features[j] if keep_cls else res.features[j][1:]
@@ -141,7 +151,13 @@ class FlowCutPruner(Pruner):
                 else res.kept[j]
             feats[r].append(ad.project(hs[None])[0])
             kept[r].append(idx + offset.get(r, 0))
+            sc = torch.cat([res.scores[j].new_zeros(1), res.scores[j]]) if keep_cls else res.scores[j]  # CLS slot
+            scores[r].append(sc)
             offset[r] = offset.get(r, 0) + per_img_tokens[j]
+        for r in ctx.main_rows:  # the running scores as the dashboard's heatmap
+            if scores[r]:
+                allsc = torch.cat(scores[r])
+                report_visual_scores(ctx, r, ctx.n_visual[r], torch.arange(allsc.numel()), allsc)
         ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
         ctx.report["flowcut_vit_events"] = res.events
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
@@ -246,6 +262,7 @@ class FlowCutPruner(Pruner):
         ks = self._stage_l_rows(ctx, seq)
         vis = seq.visual_mask()
         kept: list[torch.Tensor | None] = []
+        scores: dict[int, torch.Tensor] = {}
         for r, k in enumerate(ks):
             if k is None:
                 kept.append(None)
@@ -253,7 +270,9 @@ class FlowCutPruner(Pruner):
             pos = vis[r].nonzero().squeeze(1)
             s = stage_l_scores(req.probs[r, :, 0], req.values[r], pos, seq.length - 1)
             kept.append(pos[top_sorted(s, k)])
+            scores[r] = torch.zeros(seq.length, device=s.device, dtype=s.dtype).index_copy(0, pos, s)
         if all(k is None for k in kept):
             return None
+        report_position_scores(ctx, seq, scores)  # the stage-L scores are the heatmap (0: cut by stage V)
         record_stage(ctx, "flowcut_llm_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

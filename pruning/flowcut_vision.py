@@ -39,6 +39,8 @@ class StageVResult:
     kept: list[torch.Tensor]  # per image: kept token indices into the image's own token set, ascending
     tokens_per_layer: list[list[int]]  # per image: tokens (incl. CLS) fed to each vision layer run
     events: list[list[tuple[int, int]]] = field(default_factory=list)  # per image: (layer, patches after)
+    # per image: every patch's running score when it was last scored (dropped or kept; 0 = never scored)
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 def selected_layer(tower, vision_feature_layer) -> int:
@@ -110,6 +112,7 @@ def run_stage_v(tower, pixel_values: torch.Tensor, targets: list[int], groups: l
     valid = torch.ones(b, n1, dtype=torch.bool, device=dev)
     orig = torch.arange(n_patch, device=dev)[None].repeat(b, 1)  # patch index held by each slot
     run_score = torch.zeros(b, n_patch, dtype=torch.float32, device=dev)
+    last_score = torch.zeros(b, n_patch, dtype=torch.float32, device=dev)  # by original patch index
     started = torch.zeros(b, dtype=torch.bool, device=dev)
     target = torch.tensor(targets, device=dev)
     forced = max(last_layer - 1, 0)
@@ -138,6 +141,10 @@ def run_stage_v(tower, pixel_values: torch.Tensor, targets: list[int], groups: l
         run_score = torch.where(first, s_now, torch.where(upd, history * run_score + (1 - history) * s_now,
                                                           run_score))
         started |= active
+        counts_l = counts.tolist()
+        for i in range(b):
+            if bool(active[i]):
+                last_score[i, orig[i, : counts_l[i]]] = run_score[i, : counts_l[i]]
         remaining = forced - li
         if remaining < 0 or remaining % every != 0:
             continue
@@ -177,4 +184,5 @@ def run_stage_v(tower, pixel_values: torch.Tensor, targets: list[int], groups: l
     counts = valid[:, 1:].sum(dim=1)
     feats = [h[i, : int(counts[i]) + 1] for i in range(b)]
     kept = [orig[i, : int(counts[i])] for i in range(b)]
-    return StageVResult(features=feats, kept=kept, tokens_per_layer=tokens_per_layer, events=events)
+    return StageVResult(features=feats, kept=kept, tokens_per_layer=tokens_per_layer, events=events,
+                        scores=list(last_score))

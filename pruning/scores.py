@@ -125,3 +125,20 @@ def record_stage(ctx, key: str, layer_idx: int, seq: Seq, kept_positions: list[t
     for r, pos in enumerate(kept_positions):
         rows.append(None if pos is None else seq.visual[r, pos.to(seq.visual.device)].tolist())
     ctx.report.setdefault(key, {})[int(layer_idx)] = rows
+
+
+def report_visual_scores(ctx, row: int, n_visual: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Store a row's per-visual-token scores (raster order, 0 where a token got none) in the pruning report,
+    for the dashboard's heatmap. ``index``: visual indices 0..n_visual-1; ``values``: their scores."""
+    full = torch.zeros(n_visual)
+    full[index.cpu()] = values.float().cpu()
+    ctx.report.setdefault("per_row", {}).setdefault(row, {})["visual_scores"] = full.tolist()
+
+
+def report_position_scores(ctx, seq: Seq, scores: dict[int, torch.Tensor]) -> None:
+    """``report_visual_scores`` for main-branch rows from scores over sequence positions (row -> (L,))."""
+    vis = seq.visual_mask()
+    for r in ctx.main_rows:
+        pos = vis[r].nonzero().squeeze(1)
+        if r in scores and pos.numel():
+            report_visual_scores(ctx, r, ctx.n_visual[r], seq.visual[r, pos], scores[r][pos])

@@ -136,3 +136,28 @@ def test_text_only_rows_untouched_and_multi_image_rows_budgeted(method):
     assert out[1].token_ids == base.token_ids and out[1].kept_indices is None
     assert out[2].visual_tokens == 32
     assert len(out[2].kept_indices) == out[2].visual_tokens_kept[-1] <= 4
+
+
+@pytest.mark.parametrize("method,family,budget", [("fastv", "llava", 6), ("adaptinfer", "llava", 6),
+                                                  ("flowcut", "llava", 6), ("flowcut", "llava_next", 6),
+                                                  ("flowcut", "qwen2_vl", 2)])
+def test_score_methods_report_per_request_visual_scores(method: str, family: str, budget: int):
+    """The dashboard's heatmap: one score per visual token (raster order) for each request, the same in a batch
+    as alone, every kept token scored; FastV's kept set is exactly the top-K of its scores."""
+    from vlmguard.engine import Request
+    from vlmguard.testing import random_image
+
+    eng = tiny_engine(family)
+    reqs = [Request("Is there a dog in the image?", [random_image(1)]), Request("describe", [random_image(2)])]
+    spec = GenerationSpec(pruning=method, budget=budget, max_new_tokens=2)
+    batched = eng.generate(reqs, spec)
+    single = [eng.generate([r], spec)[0] for r in reqs]
+    for b, s in zip(batched, single):
+        scores = b.pruning["visual_scores"]
+        assert len(scores) == b.visual_tokens and "per_row" not in b.pruning
+        assert scores == pytest.approx(s.pruning["visual_scores"], abs=1e-5)
+        assert all(scores[i] > 0 for i in b.kept_indices)
+        if method == "fastv":
+            top = sorted(range(len(scores)), key=lambda i: -scores[i])[:budget]
+            assert sorted(top) == b.kept_indices
+    assert batched[0].pruning["visual_scores"] != batched[1].pruning["visual_scores"]

@@ -90,22 +90,3 @@ def test_k_beyond_the_model_is_rejected():
         eng.generate(requests()[:1], GenerationSpec(pruning="fastv", budget=4, pruning_params={"K": 4}))
     with pytest.raises(InvalidInput, match="query"):
         GenerationSpec(pruning="fastv", budget=4, pruning_params={"query": "first"}).resolve()
-
-
-def test_fastv_reports_per_request_visual_scores():
-    from vlmguard.engine import Request
-    from vlmguard.spec import GenerationSpec
-    from vlmguard.testing import random_image, tiny_engine
-
-    eng = tiny_engine("llava")
-    reqs = [Request("Is there a dog in the image?", [random_image(1)]), Request("describe", [random_image(2)])]
-    spec = GenerationSpec(pruning="fastv", budget=6, max_new_tokens=2)
-    batched = eng.generate(reqs, spec)
-    single = [eng.generate([r], spec)[0] for r in reqs]
-    for b, s in zip(batched, single):
-        scores = b.pruning["visual_scores"]
-        assert len(scores) == b.visual_tokens and "per_row" not in b.pruning
-        assert scores == pytest.approx(s.pruning["visual_scores"], abs=1e-5)
-        top = sorted(range(len(scores)), key=lambda i: -scores[i])[:6]
-        assert sorted(top) == b.kept_indices
-    assert batched[0].pruning["visual_scores"] != batched[1].pruning["visual_scores"]

@@ -51,3 +51,24 @@ def test_cpu_shape_builds_and_runs(name: str):
         out = model(**enc)
     assert out.logits.shape[:2] == enc["input_ids"].shape
     assert torch.isfinite(out.logits[:, -1]).all()
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"])
+def test_cpu_shape_keeps_the_vision_share_of_prefill_flops(name: str):
+    """Scaling both towers alike keeps the ViT's share of an unpruned prefill close to the real model's, so
+    the ideal speed-ups of vision-side and LLM-side pruning on the -cpu shape mean what they mean at full size."""
+    from vlmguard.flops import llm_flops, unpruned_vit_tokens, vit_flops
+
+    def vit_share(cfg) -> float:
+        if name.startswith("qwen"):  # a 448 x 448 image: 1024 raw patches, 256 merged tokens
+            n_patch, n_visual = 1024, 256
+            vit_tokens = [n_patch] * cfg.vision_config.depth
+        else:
+            vit_tokens = unpruned_vit_tokens(cfg)
+            n_patch = n_visual = vit_tokens[0] - 1
+        vit = vit_flops(cfg.vision_config, vit_tokens, n_patch)
+        llm = llm_flops(cfg.text_config, [n_visual + 40] * cfg.text_config.num_hidden_layers)
+        return vit / (vit + llm)
+
+    full, cpu = vit_share(build_config(name)), vit_share(build_config(name + "-cpu"))
+    assert 0.5 < cpu / full < 2.0, (full, cpu)

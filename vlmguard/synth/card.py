@@ -12,13 +12,24 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.1f}" if isinstance(x, float) else str(x)
 
 
+def _chain(report: dict) -> list[dict]:
+    """The training runs behind a model, oldest first (each ``--init`` run nests its predecessor's report)."""
+    runs = []
+    while report:
+        runs.append(report)
+        report = report.get("previous")
+    return runs[::-1]
+
+
 def _stage_rows(report: dict) -> list[str]:
     rows = []
-    reports = [report.get("previous"), report] if report.get("previous") else [report]
-    for rep in reports:
+    for k, rep in enumerate(_chain(report), 1):
         for name, st in rep.get("stages", {}).items():
-            pope = st.get("pope_quick") or st.get("pope_presence_probe") or {}
-            how = "presence probe (CLS head)" if "pope_presence_probe" in st else "first answer token, greedy"
+            name = f"run {k}: {name}"
+            pope = st.get("pope_quick") or st.get("pope_presence_probe") or st.get("pope_val") or {}
+            how = ("presence probe (CLS head), test" if "pope_presence_probe" in st else
+                   "first answer token, greedy, val split (checkpoint)" if "pope_val" in st else
+                   "first answer token, greedy, test")
             rows.append(f"| {name} | {st['steps']} | {st['seconds'] / 60:.1f} | "
                         f"{_fmt(pope.get('random', {}).get('acc'), True)} | "
                         f"{_fmt(pope.get('adversarial', {}).get('acc'), True)} | {how} |")
@@ -76,18 +87,24 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "2. align: projector initialised from the patch classifier and the category-name embeddings, vision",
         "   frozen (features cached), projector + decoder on short captions;",
         "3. instruct: decoder + projector on multi-turn yes/no conversations, captions and detailed descriptions,",
-        "   early-stopped on validation POPE (val split, never the test split).",
+        "   checkpointed at every validation POPE (val split, never the test split); later runs continue a",
+        "   checkpoint with `--init`.",
+        *_augmentation_lines(_chain(report)),
         "",
-        f"Seed {tcfg.get('seed')}. Total training time {report.get('total_seconds', 0) / 60:.1f} min"
-        + (f" (+ {report['previous'].get('total_seconds', 0) / 60:.1f} min before --init)" if report.get("previous") else "")
-        + ". The machine was shared with other jobs, so times are wall-clock under load.",
+        f"{len(_chain(report))} run(s), total training time "
+        f"{sum(r.get('total_seconds', 0) for r in _chain(report)) / 60:.1f} min."
+        " The machine was shared with other jobs, so times are wall-clock under load.",
         "",
-        "| stage | steps | minutes | POPE random acc (quick, test) | POPE adversarial acc | measured with |",
+        "| stage | steps | minutes | POPE random acc (quick) | POPE adversarial acc | measured with |",
         "|---|---|---|---|---|---|",
         *_stage_rows(report),
         "",
-        "Reproduce: `vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500` then",
-        "`vlmguard synth train --data runs/synth0 --out DIR " + report.get("command_args", "") + "`.",
+        "Reproduce: `vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500`, then",
+        "the runs in order, each `--init` pointing at the checkpoint the previous run ended with (or the one",
+        "picked on validation):",
+        "",
+        *[f"{k}. `vlmguard synth train --data runs/synth0 --out runs/run{k} {r.get('command_args', '')}`"
+          for k, r in enumerate(_chain(report), 1)],
         "",
     ]
     if evaluation:
@@ -107,6 +124,30 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         if ex:
             lines += ["Example detailed description:", "", f"> {ex[0]['caption']}", ""]
     return "\n".join(lines)
+
+
+def _augmentation_lines(runs: list[dict]) -> list[str]:
+    """What the later runs added to the instruct stage, with the shares they used."""
+    used = {}
+    for r in runs:
+        for key in ("position_jitter", "text_only_share", "token_dropout"):
+            v = (r.get("config") or {}).get(key)
+            if v:
+                used[key] = v
+    if not used:
+        return []
+    text = {
+        "position_jitter": "RoPE positions of the text after the image moved down by a random amount smaller than"
+                           " the visual span (share {v}): a pretrained LLM has seen text at every distance from an"
+                           " image, this tiny decoder had not, and shortened visual spans (FlowCut, random) move it",
+        "text_only_share": "sequences with the image left out (share {v}): the decoder learns the world's language"
+                           " prior, which image-free contrast branches (M3ID, VISTA) ask for",
+        "token_dropout": "sequences keeping a random subset of their visual tokens, count uniform in [n/9, n], raster"
+                         " order (share {v}): the tolerance of a variable visual-token count a pretrained LLM brings;"
+                         " it favours no pruning method (the subsets are random)",
+    }
+    return ["4. augmentations of the instruct stage in later runs:"] + [
+        f"   - {text[k].format(v=v)};" for k, v in used.items()]
 
 
 def _prod(shape) -> int:

@@ -37,6 +37,13 @@ def register(subparsers) -> None:
     t.add_argument("--caption-share", type=float, default=None,
                    help="share of stage-3 sequences that are captions / detailed descriptions")
     t.add_argument("--val-every", type=int, default=100, help="instruct steps between validation checks")
+    t.add_argument("--position-jitter", type=float, default=None,
+                   help="share of sequences whose post-image text positions move down by a random 0..n_image-1")
+    t.add_argument("--text-only-share", type=float, default=None,
+                   help="share of sequences with the image left out (teaches the language prior)")
+    t.add_argument("--token-dropout", type=float, default=None,
+                   help="share of sequences keeping a random subset of their visual tokens")
+    t.add_argument("--val-questions", type=int, default=200, help="validation POPE questions per split")
     t.add_argument("--val-stop", type=float, default=0.0,
                    help="stop instruction tuning once validation POPE-random accuracy reaches this (0 = never)")
     t.add_argument("--log", type=Path, default=None, help="also append progress lines to this file")
@@ -93,6 +100,13 @@ def _train(args: argparse.Namespace) -> int:
         cfg.vision_steps, cfg.align_steps, cfg.instruct_steps = steps
     cfg.val_every, cfg.val_stop_acc = args.val_every, args.val_stop
     cfg.max_train_images = args.max_train_images
+    cfg.val_questions = args.val_questions
+    if args.position_jitter is not None:
+        cfg.position_jitter = args.position_jitter
+    if args.text_only_share is not None:
+        cfg.text_only_share = args.text_only_share
+    if args.token_dropout is not None:
+        cfg.token_dropout = args.token_dropout
     if args.instruct_lr is not None:
         cfg.instruct_lr = args.instruct_lr
     if args.caption_share is not None:
@@ -110,6 +124,12 @@ def _train(args: argparse.Namespace) -> int:
         f"--{k.replace('_', '-')} {v}" for k, v in (("seed", args.seed), ("steps", args.steps),
                                                    ("max_train_images", args.max_train_images),
                                                    ("val_every", args.val_every), ("val_stop", args.val_stop),
+                                                   ("val_questions", args.val_questions),
+                                                   ("instruct_lr", args.instruct_lr),
+                                                   ("caption_share", args.caption_share),
+                                                   ("position_jitter", args.position_jitter),
+                                                   ("text_only_share", args.text_only_share),
+                                                   ("token_dropout", args.token_dropout),
                                                    ("init", args.init)) if v not in (None, 0, 0.0))
     out = trainer.run()
     if args.json:

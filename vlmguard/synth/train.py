@@ -53,6 +53,19 @@ class TrainConfig:
     yesno_per_conv: tuple[int, int] = (4, 8)
     freeze_vision_after_stage1: bool = True
     tie_projector: bool = True  # keep projector outputs on the category-word embeddings while training  # stages 2-3 on cached vision features (much cheaper on CPU)
+    # share of training sequences whose text after the image gets its RoPE positions moved down by a random
+    # 0..n_image-1: a pretrained LLM has seen text at every distance from an image, this tiny one has not,
+    # and methods that shorten the visual span with contiguous positions (FlowCut, random) depend on it
+    position_jitter: float = 0.0
+    # share of training sequences with the image left out: the decoder learns the language prior of the world
+    # (what a scene's text says without looking), as a pretrained LLM has one; image-free contrast branches
+    # (M3ID, VISTA, ...) ask for exactly that distribution
+    text_only_share: float = 0.0
+    # share of training sequences that keep only a random subset of their visual tokens (uniform count in
+    # [n_image/9, n_image], raster order, contiguous positions): the tolerance of a variable visual-token count
+    # that a pretrained LLM brings (LLaVA-NeXT / Qwen2-VL train on variable counts). Without it the tiny model's
+    # answers collapse under any pruning, whichever tokens are kept.
+    token_dropout: float = 0.0
     caption_share: float = 0.3  # share of instruct sequences that are captions / detailed descriptions
     eval_questions: int = 200  # per POPE split in the quick stage evaluations
     max_train_images: int = 0  # use only the first N training images (0 = all)
@@ -137,14 +150,16 @@ class Encoder:
             self._cache[text] = ids
         return ids
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        """ids and labels (-100 outside answers) of 'USER: <image>\\np1 ASSISTANT: a1</s>USER: p2 ...'."""
+    def conversation(self, turns: list[tuple[str, str]], image: bool = True,
+                     n_image: int | None = None) -> tuple[list[int], list[int]]:
+        """ids and labels (-100 outside answers) of 'USER: <image>\\np1 ASSISTANT: a1</s>USER: p2 ...'
+        (``image=False``: the same conversation with the image left out; ``n_image``: visual tokens kept)."""
         ids = [self.bos]
         labels = [-100]
         for k, (prompt, answer) in enumerate(turns):
             head = self.words("USER:")
-            if k == 0:
-                head = head + [self.image] * self.n_image
+            if k == 0 and image:
+                head = head + [self.image] * (self.n_image if n_image is None else n_image)
             head = head + self.words(prompt) + self.words("ASSISTANT:")
             ans = self.words(answer) + [self.eos]
             ids += head + ans
@@ -382,23 +397,44 @@ class Trainer:
         self.log(f"cached frozen vision features {tuple(self.features.shape)} in {time.time() - t0:.0f}s")
 
     def _lm_batch(self, convs: list[tuple[int, list[tuple[str, str]]]]):
-        seqs, labs, idx = [], [], []
+        seqs, labs, idx, keep = [], [], [], []
         for iid, turns in convs:
-            ids, lab = self.enc.conversation(turns)
+            with_image = not (self.cfg.text_only_share > 0 and self.rng.random() < self.cfg.text_only_share)
+            kept = None
+            if with_image and self.cfg.token_dropout > 0 and self.rng.random() < self.cfg.token_dropout:
+                k = self.rng.randint(max(1, self.n_image // 9), self.n_image)
+                kept = torch.tensor(sorted(self.rng.sample(range(self.n_image), k)))
+            ids, lab = self.enc.conversation(turns, image=with_image, n_image=None if kept is None else len(kept))
             seqs.append(ids)
             labs.append(lab)
-            idx.append(self.train.index[iid])
+            if with_image:
+                idx.append(self.train.index[iid])
+                keep.append(kept)
         ids = pad_batch(seqs, self.enc.pad)
         labels = pad_batch(labs, -100)
         lens = torch.tensor([len(s) for s in seqs])
         att = (torch.arange(ids.shape[1])[None, :] < lens[:, None]).long()
+        extra = {}
+        if self.cfg.position_jitter > 0:
+            pos = torch.arange(ids.shape[1])[None].repeat(ids.shape[0], 1)
+            for r in range(ids.shape[0]):
+                img = (ids[r] == self.enc.image).nonzero()
+                if len(img) and self.rng.random() < self.cfg.position_jitter:
+                    end = int(img[-1]) + 1
+                    pos[r, end:] -= self.rng.randrange(len(img))  # as if up to all its visual tokens were cut
+            extra["position_ids"] = pos
         if self.features is not None:  # frozen vision: cached features -> projector -> embeddings
             feats = self.model.model.multi_modal_projector(self.features[idx].float())
+            if any(k is not None for k in keep):
+                feats = torch.cat([f if k is None else f[k] for f, k in zip(feats, keep)])
             embeds = self.model.get_input_embeddings()(ids)
             mask = (ids == self.enc.image).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-            return {"inputs_embeds": embeds, "attention_mask": att, "labels": labels}
-        return {"input_ids": ids, "attention_mask": att, "labels": labels, "pixel_values": self.train.normalized(idx)}
+            return {"inputs_embeds": embeds, "attention_mask": att, "labels": labels, **extra}
+        if any(k is not None for k in keep):
+            raise ValueError("token_dropout needs the cached-feature path (freeze_vision_after_stage1)")
+        return {"input_ids": ids, "attention_mask": att, "labels": labels,
+                "pixel_values": self.train.normalized(idx) if idx else None, **extra}
 
     def _caption_conv(self, iid: int, task: str) -> list[tuple[str, str]]:
         r = self.rng.choice(self.train.texts[iid][task])
@@ -415,7 +451,7 @@ class Trainer:
         return {s: quick_pope(self.model, self.enc, self.val, qs) for s, qs in self.val_qs.items()}
 
     def _run_lm_stage(self, name: str, steps: int, batch: int, opt, make_conv, trainable,
-                      val_every: int = 0) -> float:
+                      val_every: int = 0, tag: str | None = None) -> float:
         t0 = time.time()
         bar = tqdm(range(steps), desc=name, mininterval=10)
         ema = None
@@ -439,7 +475,11 @@ class Trainer:
                 self.report.setdefault("validation", []).append({"stage": name, "step": step + 1, "pope": val,
                                                                  "seconds": round(time.time() - t0, 1)})
                 self.log(f"{name} step {step + 1} val POPE {val}")
+                if tag:  # a checkpoint's own report says where it stopped (the stage's end overwrites it)
+                    self.report["stages"][tag] = {"steps": step + 1, "seconds": round(time.time() - t0, 1),
+                                                  "pope_val": val}
                 self.save()
+                self.save(self.out / "checkpoints" / f"step-{step + 1}")  # keep each, to pick on val later
                 if self.cfg.val_stop_acc and val["random"]["acc"] >= self.cfg.val_stop_acc:
                     self.log(f"{name}: val POPE-random {val['random']['acc']:.3f} >= {self.cfg.val_stop_acc}, stopping")
                     self.report.setdefault("early_stop", {})[name] = step + 1
@@ -489,24 +529,29 @@ class Trainer:
 
         trainable = [p for g in groups for p in g["params"]]
         secs = self._run_lm_stage("stage 3 instruct", steps, cfg.instruct_batch, opt, make_conv, trainable,
-                                  val_every=cfg.val_every)
+                                  val_every=cfg.val_every, tag=tag)
         self.model.model.vision_tower.requires_grad_(True)
         pope = {s: quick_pope(self.model, self.enc, self.test, qs) for s, qs in self.eval_qs.items()}
         done = self.report.get("early_stop", {}).get("stage 3 instruct", steps)
         self.report["stages"][tag] = {"steps": done, "seconds": round(secs, 1), "pope_quick": pope}
         self.log(f"stage3 ({tag}) done in {secs:.0f}s: POPE {pope}")
 
-    def save(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
+    def save(self, out: Path | None = None) -> Path:
+        out = self.out if out is None else out
+        out.mkdir(parents=True, exist_ok=True)
+        if hasattr(self, "_t0"):
+            self.report["total_seconds"] = round(time.time() - self._t0, 1)
+        was_training = self.model.training
         self.model.eval()
-        self.model.save_pretrained(self.out, safe_serialization=True)
-        self.processor.save_pretrained(self.out)
-        (self.out / "training_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
-        self.log(f"saved to {self.out}")
-        return self.out
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        (out / "training_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        self.model.train(was_training)
+        self.log(f"saved to {out}")
+        return out
 
     def run(self) -> Path:
-        t0 = time.time()
+        t0 = self._t0 = time.time()
         if self.cfg.vision_steps > 0:
             self.stage_vision()
         if self.cfg.freeze_vision_after_stage1:
