@@ -360,3 +360,44 @@ def test_chair_max_new_tokens_capped_by_model_context(tmp_path, dataset):
     assert eng.specs[0].max_new_tokens == 1  # the probe
     assert all(s.max_new_tokens == 70 for s in eng.specs[1:])
     assert dbm.get_run(tmp_path / "r.sqlite", out.run_id)["max_new_tokens"] == 70
+
+
+def test_retrained_model_under_one_name_gets_new_runs(tmp_path, dataset):
+    """The run identity includes the engine's weights fingerprint: samples of a retrained model never resume
+    (mix into) the runs of the old weights, even under the same model name."""
+    db = tmp_path / "r.sqlite"
+    old, new = FakeEngine(), FakeEngine()
+    old.revision, new.revision = "aaaa", "bbbb"
+    spec = default_spec("pope")
+    a = run_benchmark(old, "pope", dataset, spec, db, split="random", limit=2, progress=False)
+    b = run_benchmark(new, "pope", dataset, spec, db, split="random", limit=2, progress=False)
+    again = run_benchmark(old, "pope", dataset, spec, db, split="random", limit=2, progress=False)
+    assert a.run_id != b.run_id and again.run_id == a.run_id and again.n_new == 0
+    assert {r["model_revision"] for r in dbm.list_runs(db)} == {"aaaa", "bbbb"}
+
+
+def test_database_of_an_earlier_version_gains_the_revision_column(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, benchmark TEXT NOT NULL, model TEXT NOT NULL, "
+                  "knobs TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'running', created_at TEXT NOT NULL)")
+        c.execute("INSERT INTO runs VALUES ('r1', 'pope', 'tiny', '{}', 'finished', 'then')")
+    conn = dbm.connect(db)
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    assert "model_revision" in cols
+    assert conn.execute("SELECT model_revision FROM runs WHERE run_id = 'r1'").fetchone()[0] is None
+    conn.close()
+
+
+def test_weights_fingerprint_follows_the_weights(tmp_path):
+    from vlmguard.models.resolve import resolve_model_path, weights_fingerprint
+
+    model = tmp_path / "m"
+    shutil.copytree(resolve_model_path("tiny"), model)
+    first = weights_fingerprint(model)
+    assert weights_fingerprint(model) == first and len(first) == 16
+    data = bytearray((model / "model.safetensors").read_bytes())
+    for i in range(len(data) - 1, len(data) // 2, -4096):  # as a retraining would: weights all over change
+        data[i] ^= 0x01
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(model) != first

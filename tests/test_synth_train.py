@@ -124,3 +124,22 @@ def test_training_augmentations_build_consistent_batches(small_data: Path, tmp_p
     with torch.no_grad():
         loss = trainer.model(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_synth_eval_uses_the_benchmark_runner_and_writes_the_card(small_data: Path, tmp_path: Path):
+    import shutil
+
+    from vlmguard.synth.card import model_card
+    from vlmguard.synth.evaluate import evaluate
+
+    res = evaluate("tiny", small_data, pope_limit=6, chair_images=3, batch=8, progress=False,
+                   db=tmp_path / "eval.sqlite")
+    assert set(res["pope"]) == {"random", "popular", "adversarial"}
+    assert all(m["n"] == 6 and 0 <= m["accuracy"] <= 100 for m in res["pope"].values())
+    assert res["chair"]["n"] == 3 and res["chair"]["preset"] == "chair512" and len(res["chair_examples"]) == 3
+    assert res["latency_s"]["pope_answer"] > 0
+    model_dir = tmp_path / "model"
+    shutil.copytree(_bundled(), model_dir)
+    card = model_card(model_dir, res)
+    assert "| random | 6 |" in card and "CHAIR, preset chair512" in card
+    assert "4. augmentations of the instruct stage" in card and "`vlmguard synth train" in card

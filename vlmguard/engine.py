@@ -67,6 +67,7 @@ class Engine:
         self.model = model.eval()
         self.processor = processor
         self.model_name = name
+        self.revision: str | None = None  # weights fingerprint when loaded from a directory (Engine.load)
         impl = attn_implementation or getattr(model.config, "_attn_implementation", "sdpa")
         if not str(impl).startswith("vlmguard_"):
             impl = choose_attention(impl if impl in ("sdpa", "eager", "flash_attention_2") else "sdpa",
@@ -112,7 +113,11 @@ class Engine:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model from {path}: {e}") from None
         m.to(dev)
-        return cls(m, processor, name=str(model), attn_implementation=impl)
+        from vlmguard.models.resolve import weights_fingerprint
+
+        engine = cls(m, processor, name=str(model), attn_implementation=impl)
+        engine.revision = weights_fingerprint(path)
+        return engine
 
     @property
     def family(self) -> str:

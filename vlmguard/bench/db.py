@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 DEFAULT_DB = Path("runs") / "vlmguard.sqlite"
 
 RUN_COLUMNS = (
-    "benchmark", "model", "model_family", "dataset", "dataset_version", "split", "variant",
+    "benchmark", "model", "model_family", "model_revision", "dataset", "dataset_version", "split", "variant",
     "question_file", "question_sha256", "prompt_preset", "prompt", "parser", "pruning", "pruning_params",
     "budget", "decoding", "decoding_params", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
     "seed", "image_list", "drop_incomplete", "neutral_run_id",
@@ -60,7 +60,7 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
   run_id TEXT PRIMARY KEY,
-  benchmark TEXT NOT NULL, model TEXT NOT NULL, model_family TEXT, dataset TEXT NOT NULL,
+  benchmark TEXT NOT NULL, model TEXT NOT NULL, model_family TEXT, model_revision TEXT, dataset TEXT NOT NULL,
   dataset_version TEXT, split TEXT, variant TEXT, question_file TEXT, question_sha256 TEXT,
   prompt_preset TEXT, prompt TEXT, parser TEXT, pruning TEXT, pruning_params TEXT, budget NUMERIC,
   decoding TEXT, decoding_params TEXT, max_new_tokens INTEGER, do_sample INTEGER, temperature REAL,
@@ -99,9 +99,18 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
     except sqlite3.DatabaseError as e:
         raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add run columns that databases written by earlier versions lack (their runs keep NULL there)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    for col in ("model_revision",):
+        if col not in have:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {col} TEXT")
 
 
 @contextmanager

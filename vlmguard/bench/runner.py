@@ -151,6 +151,7 @@ def _engine_knobs(engine: Any, model_name: str | None) -> dict[str, Any]:
     return {
         "model": model_name or getattr(engine, "model_name", None) or "unknown",
         "model_family": getattr(engine, "family", None),
+        "model_revision": getattr(engine, "revision", None),  # retrained weights under one name: new runs
     }
 
 

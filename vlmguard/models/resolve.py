@@ -61,3 +61,28 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
         raise ModelLoadError(f"model {text!r} is not in the local Hugging Face cache ({cache}); downloads are "
                              f"disabled, so copy it there or pass a local directory ({type(e).__name__})") from None
     return _check_dir(Path(path), text)
+
+
+def weights_fingerprint(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A short, cheap identity of a checkpoint directory's weights: SHA-256 over config.json and, per weight
+    file, its name, size, the safetensors header and ``samples`` evenly spaced chunks of its bytes. Reads about
+    1 MB per file whatever the model size, and changes when a model is retrained (results databases key their
+    runs by it, so samples of two different models with one name never mix)."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    cfg = root / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if f.suffix == ".safetensors" and size >= 8:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 1 << 24)))
+            for k in range(samples):  # first and last chunk included
+                fh.seek(max(size - chunk, 0) * k // max(samples - 1, 1))
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]

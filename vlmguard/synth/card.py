@@ -110,16 +110,15 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
     if evaluation:
         lines += ["## Measured quality (SynthCOCO seed 0 test split, 500 images, greedy)", ""]
         lines += ["| POPE split | n | accuracy | F1 | yes ratio |", "|---|---|---|---|---|"]
-        for split, m in evaluation["pope"].items():
-            lines.append(f"| {split} | {m['n']} | {100 * m['accuracy']:.1f} | {100 * m['f1']:.1f} |"
-                         f" {100 * m['yes_ratio']:.1f} |")
+        for split, m in evaluation["pope"].items():  # percentages, as the benchmark runner reports them
+            lines.append(f"| {split} | {m['n']} | {m['accuracy']:.2f} | {m['f1']:.2f} | {m['yes_ratio']:.1f} |")
         c = evaluation["chair"]
-        lines += ["", f"CHAIR on \"Please describe this image in detail.\" ({c['n']} images, max 128 new tokens,"
-                      f" scorer: {c['scorer']}): CHAIR_s {_fmt(c['chair_s'])}, CHAIR_i {_fmt(c['chair_i'])},"
-                      f" recall {_fmt(c.get('recall'))}.", "",
-                  f"Latency of one POPE answer (batch 1, CPU, under load): {1000 * evaluation['latency_s']['pope_answer']:.0f} ms.",
-                  "", "POPE prompt: question + `\\nAnswer the question using a single word or phrase.`, official"
-                  " answer parsing. Measured with `vlmguard synth eval`.", ""]
+        lines += ["", f"CHAIR, preset {c.get('preset')} (\"Please describe this image in detail.\", up to 512 new"
+                      f" tokens; {c['n']} images; scorer {c['scorer']}): CHAIR_s {_fmt(c['chair_s'])}, CHAIR_i"
+                      f" {_fmt(c['chair_i'])}, recall {_fmt(c.get('recall'))}, mean length {_fmt(c.get('len'))} words.",
+                  "", f"Latency of one POPE answer (batch 1, CPU): {1000 * evaluation['latency_s']['pope_answer']:.0f} ms.",
+                  "", "Measured with `vlmguard synth eval --write-card`, which runs the project's benchmark runner"
+                  " (`vlmguard bench pope` with the LLaVA prompt and official parsing, `vlmguard bench chair`).", ""]
         ex = evaluation.get("chair_examples") or []
         if ex:
             lines += ["Example detailed description:", "", f"> {ex[0]['caption']}", ""]

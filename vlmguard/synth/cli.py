@@ -58,6 +58,7 @@ def register(subparsers) -> None:
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--write-card", action="store_true", help="write MODEL_CARD.md beside the model")
     e.add_argument("--save", type=Path, default=None, help="also write the result JSON to this file")
+    e.add_argument("--db", type=Path, default=None, help="keep the samples in this results database")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
 
@@ -138,12 +139,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlmguard.synth.build import default_dataset
     from vlmguard.synth.evaluate import evaluate
 
-    data = args.data or default_dataset()
-    res = evaluate(args.model, data, pope_limit=args.pope_limit, chair_images=args.chair_images, batch=args.batch,
-                   progress=not args.json)
+    res = evaluate(args.model, args.data, pope_limit=args.pope_limit, chair_images=args.chair_images, batch=args.batch,
+                   progress=not args.json, db=args.db)
     if args.save:
         args.save.write_text(json.dumps(res, indent=2) + "\n")
     if args.write_card:
@@ -155,8 +154,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(res))
     else:
         for k, v in res["pope"].items():
-            print(f"POPE {k:12s} acc {v['accuracy']:.4f}  f1 {v['f1']:.4f}  yes {v['yes_ratio']:.3f}  (n={v['n']})")
+            print(f"POPE {k:12s} acc {v['accuracy']:.2f}  f1 {v['f1']:.2f}  yes {v['yes_ratio']:.1f}  (n={v['n']})")
         c = res["chair"]
-        print(f"CHAIR_s {c['chair_s']:.4f}  CHAIR_i {c['chair_i']:.4f}  recall {c['recall']:.4f}  ({c['scorer']})")
-        print(f"latency: one POPE answer {res['latency_s']['pope_answer']:.3f}s")
+        print(f"CHAIR_s {c['chair_s']:.2f}  CHAIR_i {c['chair_i']:.2f}  recall {c['recall']:.2f}  ({c['scorer']})")
     return 0
