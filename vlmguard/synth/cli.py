@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="share of stage-3 sequences that are captions / detailed descriptions")
     t.add_argument("--val-every", type=int, default=100, help="instruct steps between validation checks")
     t.add_argument("--position-jitter", type=float, default=None,
-                   help="share of sequences whose post-image text positions move down by a random 0..n_image-1")
+                   help="share of sequences whose post-image text positions move down (by less than the visual span)")
     t.add_argument("--text-only-share", type=float, default=None,
                    help="share of sequences with the image left out (teaches the language prior)")
     t.add_argument("--token-dropout", type=float, default=None,

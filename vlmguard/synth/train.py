@@ -54,7 +54,7 @@ class TrainConfig:
     freeze_vision_after_stage1: bool = True
     tie_projector: bool = True  # keep projector outputs on the category-word embeddings while training  # stages 2-3 on cached vision features (much cheaper on CPU)
     # share of training sequences whose text after the image gets its RoPE positions moved down by a random
-    # 0..n_image-1: a pretrained LLM has seen text at every distance from an image, this tiny one has not,
+    # amount below the row's visual span: a pretrained LLM has seen text at every distance from an image, this tiny one has not,
     # and methods that shorten the visual span with contiguous positions (FlowCut, random) depend on it
     position_jitter: float = 0.0
     # share of training sequences with the image left out: the decoder learns the language prior of the world
