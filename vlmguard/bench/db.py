@@ -6,7 +6,8 @@ Schema (``SCHEMA_VERSION`` 1)::
     runs      one row per benchmark run; run_id = first 16 hex of sha256(canonical JSON of ``knobs``),
               so re-running the same command (same protocol knobs) resumes the same run.
       run_id TEXT PK, benchmark TEXT ('pope' | 'pope-leading' | 'chair'), model TEXT, model_family TEXT,
-      dataset TEXT, dataset_version TEXT, split TEXT (POPE split; image split for CHAIR),
+      model_revision TEXT (weights fingerprint of a model loaded from a directory, so a retrained model
+      under the same name starts new runs; added by migration to older databases), dataset TEXT, dataset_version TEXT, split TEXT (POPE split; image split for CHAIR),
       variant TEXT (POPE-leading template id / CHAIR preset), question_file TEXT, question_sha256 TEXT,
       prompt_preset TEXT, prompt TEXT (instruction / CHAIR prompt), parser TEXT,
       pruning TEXT, pruning_params TEXT (JSON), budget NUMERIC, decoding TEXT, decoding_params TEXT (JSON),
