@@ -110,7 +110,7 @@ class AdaptInferPruner(Pruner):
         text_rows: list[torch.Tensor] = ctx.state.pop("adaptinfer_text")
         vis = seq.visual_mask()
         kept: list[torch.Tensor | None] = []
-        scores: dict[int, torch.Tensor] = {}
+        scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for r in range(seq.batch_size):
             k = self._stage(ctx, r, layer_idx)
             pos = vis[r].nonzero().squeeze(1)
@@ -120,7 +120,7 @@ class AdaptInferPruner(Pruner):
             t = text_rows[r]
             s, _ = text_prior_scores(req.probs[r, :, : t.numel()], t, pos, self.params.lam)
             kept.append(pos[top_sorted(s, k)])
-            scores[r] = torch.zeros(seq.length, device=s.device, dtype=s.dtype).index_copy(0, pos, s)
+            scores[r] = (pos, s)
         if all(k is None for k in kept):
             return None
         if not ctx.state.get("adaptinfer_scores_reported"):  # the first stage's scores: the dashboard's heatmap

@@ -78,8 +78,10 @@ class FastVPruner(Pruner):
         scores = self.visual_scores(ctx, seq, req)
         vis = seq.visual_mask()
         kept: list[torch.Tensor | None] = []
+        positions: list[torch.Tensor] = []
         for r in range(seq.batch_size):
             pos = vis[r].nonzero().squeeze(1)
+            positions.append(pos)
             n = pos.numel()
             k = self.keep_count(n) if n else 0
             if n == 0 or k >= n:
@@ -89,6 +91,7 @@ class FastVPruner(Pruner):
         if all(k is None for k in kept):
             return None  # nothing to cut: identical to the unpruned path
         ctx.report["fastv"] = {"score_layer": self.score_layer, "query": self.params.query}
-        report_position_scores(ctx, seq, dict(enumerate(scores)))  # the dashboard's heatmap
+        report_position_scores(ctx, seq, {r: (positions[r], scores[r, positions[r]])  # the dashboard's heatmap
+                                          for r in ctx.main_rows})
         record_stage(ctx, "fastv_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

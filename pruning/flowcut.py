@@ -262,7 +262,7 @@ class FlowCutPruner(Pruner):
         ks = self._stage_l_rows(ctx, seq)
         vis = seq.visual_mask()
         kept: list[torch.Tensor | None] = []
-        scores: dict[int, torch.Tensor] = {}
+        scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for r, k in enumerate(ks):
             if k is None:
                 kept.append(None)
@@ -270,7 +270,7 @@ class FlowCutPruner(Pruner):
             pos = vis[r].nonzero().squeeze(1)
             s = stage_l_scores(req.probs[r, :, 0], req.values[r], pos, seq.length - 1)
             kept.append(pos[top_sorted(s, k)])
-            scores[r] = torch.zeros(seq.length, device=s.device, dtype=s.dtype).index_copy(0, pos, s)
+            scores[r] = (pos, s)
         if all(k is None for k in kept):
             return None
         report_position_scores(ctx, seq, scores)  # the stage-L scores are the heatmap (0: cut by stage V)

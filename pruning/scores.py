@@ -135,10 +135,10 @@ def report_visual_scores(ctx, row: int, n_visual: int, index: torch.Tensor, valu
     ctx.report.setdefault("per_row", {}).setdefault(row, {})["visual_scores"] = full.tolist()
 
 
-def report_position_scores(ctx, seq: Seq, scores: dict[int, torch.Tensor]) -> None:
-    """``report_visual_scores`` for main-branch rows from scores over sequence positions (row -> (L,))."""
-    vis = seq.visual_mask()
+def report_position_scores(ctx, seq: Seq, scores: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``report_visual_scores`` for the main-branch rows of ``scores``: row -> (visual sequence positions,
+    their scores)."""
     for r in ctx.main_rows:
-        pos = vis[r].nonzero().squeeze(1)
-        if r in scores and pos.numel():
-            report_visual_scores(ctx, r, ctx.n_visual[r], seq.visual[r, pos], scores[r][pos])
+        if r in scores and scores[r][0].numel():
+            pos, values = scores[r]
+            report_visual_scores(ctx, r, ctx.n_visual[r], seq.visual[r, pos], values)
