@@ -2,25 +2,15 @@
 and the report has the right shape. No timed assertions."""
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 
 import pytest
 
+from cli_support import run_json
 from vlmguard.cli import main
 from vlmguard.perf.decode import DECODE_TARGETS, decode_targets, per_token_time
 from vlmguard.results import GenerationResult, Timings
 
 DECODERS = ["greedy", "vcd", "m3id", "vista", "iava", "lqcd"]
-
-
-def run_json(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv)
-    assert rc == 0
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from cli_support import run_json
 from vlmguard.cli import main
 
 
@@ -20,18 +21,11 @@ def run_cli(capsys, argv):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    import contextlib
-    import io
-
     out_dir = tmp_path_factory.mktemp("perf")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["perf", "prefill", "--shape", "random:llava", "--methods", "none,random,fastv,adaptinfer,flowcut",
-                   "--budgets", "8,4", "--repeats", "2", "--warmup", "1", "--threads", "1", "--quiet", "--json",
-                   "--out", str(out_dir / "prefill.json"), "--plot", str(out_dir / "prefill.png")])
-    assert rc == 0
-    last = buf.getvalue().strip().splitlines()[-1]
-    return json.loads(last), out_dir
+    data = run_json(["perf", "prefill", "--shape", "random:llava", "--methods", "none,random,fastv,adaptinfer,flowcut",
+                     "--budgets", "8,4", "--repeats", "2", "--warmup", "1", "--threads", "1", "--quiet", "--json",
+                     "--out", str(out_dir / "prefill.json"), "--plot", str(out_dir / "prefill.png")])
+    return data, out_dir
 
 
 def test_prefill_report_shape(report):

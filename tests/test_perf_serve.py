@@ -2,24 +2,13 @@
 (the direct-Engine path in the default suite; the Ray service paths in the slow suite)."""
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import threading
 import time
 
 import pytest
 
-from vlmguard.cli import main
+from cli_support import run_json
 from vlmguard.perf.serve import closed_loop, serve_summary, serve_targets
-
-
-def run_json(argv):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv)
-    assert rc == 0
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
 def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
