@@ -70,7 +70,7 @@ def _analyze(args: argparse.Namespace) -> int:
     else:
         print(f"model {args.model}: {result.n_layers} decoder layers, {result.n_visual} visual tokens, "
               f"{result.samples} calibration samples")
-        print(f"inflection histogram (layer: count): "
+        print("inflection histogram (layer: count): "
               + ", ".join(f"{i}:{c}" for i, c in enumerate(result.histogram)))
         print(f"stage layers: {result.layers}")
         for b, info in out["budgets"].items():

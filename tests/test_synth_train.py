@@ -14,7 +14,7 @@ from vlmguard.errors import ModelLoadError
 from vlmguard.models.resolve import resolve_model_path
 from vlmguard.synth import build_dataset
 from vlmguard.synth.model import TinySize
-from vlmguard.synth.train import Encoder, TrainConfig, Trainer
+from vlmguard.synth.train import TrainConfig, Trainer
 
 TINY = TinySize(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, text_hidden=64,
                 text_layers=2, text_heads=2, text_kv_heads=2, text_intermediate=128)

@@ -95,7 +95,7 @@ class Engine:
                 raise ModelLoadError(f"unknown family {family!r} in {model!r} (known: {', '.join(FAMILIES)})")
             m, proc = FAMILIES[family]()
             return cls(m.to(dev), proc, name=model, attn_implementation=None)
-        from vlmguard.models.resolve import resolve_model_path
+        from vlmguard.models.resolve import resolve_model_path, weights_fingerprint
 
         path = resolve_model_path(model)
         register_attention_functions()
@@ -113,8 +113,6 @@ class Engine:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model from {path}: {e}") from None
         m.to(dev)
-        from vlmguard.models.resolve import weights_fingerprint
-
         engine = cls(m, processor, name=str(model), attn_implementation=impl)
         engine.revision = weights_fingerprint(path)
         return engine
@@ -210,7 +208,6 @@ class Engine:
                 if [b.name for b in bl] != names:
                     raise RuntimeError(f"decoder {decoder.name} returned different branches for request {i}")
             branch_names = ["main", *names]
-            nb = len(branch_names)
             row_prompts = list(prompts) + [bl[k].prompt for k in range(len(names)) for bl in branch_lists]
             transforms = [None] * n_req + [bl[k].visual_transform for k in range(len(names)) for bl in branch_lists]
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from importlib import resources
-from pathlib import Path
 
 
 def register(sub) -> None:

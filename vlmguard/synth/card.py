@@ -21,9 +21,9 @@ def _chain(report: dict) -> list[dict]:
     return runs[::-1]
 
 
-def _stage_rows(report: dict) -> list[str]:
+def _stage_rows(runs: list[dict]) -> list[str]:
     rows = []
-    for k, rep in enumerate(_chain(report), 1):
+    for k, rep in enumerate(runs, 1):
         for name, st in rep.get("stages", {}).items():
             name = f"run {k}: {name}"
             pope = st.get("pope_quick") or st.get("pope_presence_probe") or st.get("pope_val") or {}
@@ -40,8 +40,8 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     report = json.loads((model_dir / "training_report.json").read_text())
+    runs = _chain(report)
     tcfg = report.get("config") or {}
-    size = tcfg.get("size", {})
     v, t = cfg["vision_config"], cfg["text_config"]
     files = [f for f in model_dir.iterdir() if f.is_file()]
     total_mb = sum(f.stat().st_size for f in files) / 2**20
@@ -89,22 +89,22 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "3. instruct: decoder + projector on multi-turn yes/no conversations, captions and detailed descriptions,",
         "   checkpointed at every validation POPE (val split, never the test split); later runs continue a",
         "   checkpoint with `--init`.",
-        *_augmentation_lines(_chain(report)),
+        *_augmentation_lines(runs),
         "",
-        f"{len(_chain(report))} run(s), total training time "
-        f"{sum(r.get('total_seconds', 0) for r in _chain(report)) / 60:.1f} min."
+        f"{len(runs)} run(s), total training time "
+        f"{sum(r.get('total_seconds', 0) for r in runs) / 60:.1f} min."
         " The machine was shared with other jobs, so times are wall-clock under load.",
         "",
         "| stage | steps | minutes | POPE random acc (quick) | POPE adversarial acc | measured with |",
         "|---|---|---|---|---|---|",
-        *_stage_rows(report),
+        *_stage_rows(runs),
         "",
         "Reproduce: `vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500`, then",
         "the runs in order, each `--init` pointing at the checkpoint the previous run ended with (or the one",
         "picked on validation):",
         "",
         *[f"{k}. `vlmguard synth train --data runs/synth0 --out runs/run{k} {r.get('command_args', '')}`"
-          for k, r in enumerate(_chain(report), 1)],
+          for k, r in enumerate(runs, 1)],
         "",
     ]
     if evaluation:

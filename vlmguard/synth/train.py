@@ -294,6 +294,7 @@ class Trainer:
                 qs = build_questions(sel, split, random.Random(cfg.seed + 3))
                 self.val_qs[split] = qs[: cfg.val_questions]
         self.report: dict = {"config": cfg.to_dict(), "stages": {}}
+        self._t0: float | None = None  # start of run()
         if self.previous_report:
             self.report["previous"] = self.previous_report
         self.train_ids = [iid for iid in self.train.image_ids if iid in self.train.texts]
@@ -539,7 +540,7 @@ class Trainer:
     def save(self, out: Path | None = None) -> Path:
         out = self.out if out is None else out
         out.mkdir(parents=True, exist_ok=True)
-        if hasattr(self, "_t0"):
+        if self._t0 is not None:  # every save, checkpoints included, records the time so far
             self.report["total_seconds"] = round(time.time() - self._t0, 1)
         was_training = self.model.training
         self.model.eval()
@@ -551,7 +552,7 @@ class Trainer:
         return out
 
     def run(self) -> Path:
-        t0 = self._t0 = time.time()
+        self._t0 = time.time()
         if self.cfg.vision_steps > 0:
             self.stage_vision()
         if self.cfg.freeze_vision_after_stage1:
@@ -566,7 +567,6 @@ class Trainer:
             self.save()  # checkpoint between stages
         if self.cfg.instruct_steps > 0:
             self.stage_instruct()
-        self.report["total_seconds"] = round(time.time() - t0, 1)
         return self.save()
 
 
