@@ -75,10 +75,12 @@ def test_serve_engine_path_end_to_end():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_serve_through_ray_batched_and_unbatched(tmp_path):
+@pytest.mark.parametrize("ingress", ["model", "separate"])
+def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
                      "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
-                     "--plot", str(tmp_path / "serve.png")])
+                     "--ingress", ingress, "--plot", str(tmp_path / "serve.png")])
+    assert data["ingress"] == ingress
     paths = {(r["path"], r["clients"]) for r in data["rows"]}
     assert paths == {(p, c) for p in ("engine", "ray_unbatched", "ray_batched") for c in (1, 4)}
     assert all(r["errors"] == 0 and r["requests"] == 8 for r in data["rows"])

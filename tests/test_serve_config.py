@@ -36,6 +36,29 @@ def test_config_errors_are_one_line():
         parse_config({"applications": [{"import_path": "other.app:x"}]})
     with pytest.raises(InvalidInput, match="not found"):
         load_config(ROOT / "no-such.yaml")
+    with pytest.raises(InvalidInput, match="ingress: model serves one model"):
+        parse_config({"ingress": "model", "models": [{"model": "tiny"}, {"model": "random:llava"}]})
+    with pytest.raises(InvalidInput, match="ingress"):
+        parse_config({"ingress": "proxy"})
+
+
+def test_ingress_topology_follows_the_config():
+    """One model: the model replica is the HTTP ingress (one hop fewer); several: a separate FastAPI ingress."""
+    from vlmguard.workers.app import build_app
+
+    one = parse_config({"models": [{"model": "tiny", "max_ongoing_requests": 4, "max_queued_requests": 6,
+                                    "batching": {"max_batch_size": 8}}]})
+    assert one.ingress_in_model and one.models[0].admission_limit == 8 + 6
+    app = build_app(one)
+    dep = app._bound_deployment
+    assert dep.name == "ModelWorker_0_tiny" and dep.max_ongoing_requests == 14 + 8 and dep.max_queued_requests == -1
+    assert hasattr(dep.func_or_class, "__serve_build_asgi_app__")
+
+    sep = parse_config({"ingress": "separate", "models": [{"model": "tiny", "max_queued_requests": -1}]})
+    assert not sep.ingress_in_model and sep.models[0].admission_limit is None
+    assert build_app(sep)._bound_deployment.name == "Ingress"
+    two = parse_config({"models": [{"model": "tiny"}, {"model": "random:llava"}]})
+    assert not two.ingress_in_model and build_app(two)._bound_deployment.name == "Ingress"
 
 
 def test_api_keys_from_env(monkeypatch):

@@ -206,14 +206,16 @@ def test_malformed_json_missing_auth_and_oversize_body(service, image_url):
 
 # ---- backpressure and load ------------------------------------------------------------------------------
 
-def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url):
-    """A second app on the same cluster with room for 1 running + 1 queued request: the rest are refused."""
+@pytest.mark.parametrize("ingress", ["model", "separate"])
+def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url, ingress):
+    """A second app on the same cluster with room for 1 running + 1 queued request: the rest are refused,
+    by the replica's own admission control (ingress: model) or by Serve's handle queue (separate)."""
     from ray import serve
 
     from vlmguard.workers.app import build_app
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
 
-    cfg = ServiceConfig(app_name="bp", route_prefix="/bp", api_key_env=None, models=[
+    cfg = ServiceConfig(app_name="bp", route_prefix="/bp", api_key_env=None, ingress=ingress, models=[
         ModelConfig(model=MODEL, num_replicas=1, num_cpus=0, max_ongoing_requests=1, max_queued_requests=1,
                     batching=BatchingConfig(enabled=False))])
     serve.run(build_app(cfg), name="bp", route_prefix="/bp")
@@ -233,6 +235,31 @@ def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url
     finally:
         serve.delete("bp")
     _healthy(service)
+
+
+def test_separate_ingress_serves_two_models(service, image_url):
+    """Several models in one app: the FastAPI ingress deployment routes each request to its model's replicas."""
+    from ray import serve
+
+    from vlmguard.workers.app import build_app
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+
+    cfg = ServiceConfig(app_name="multi", route_prefix="/multi", api_key_env=None, models=[
+        ModelConfig(name=name, model=MODEL, num_cpus=0, max_new_tokens_limit=8) for name in ("first", "second")])
+    assert not cfg.ingress_in_model
+    serve.run(build_app(cfg), name="multi", route_prefix="/multi")
+    try:
+        assert set(serve.status().applications["multi"].deployments) == {
+            "Ingress", "ModelWorker_0_first", "ModelWorker_1_second"}
+        url = service.url + "/multi"
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]] == ["first", "second"]
+        for name in ("first", "second"):
+            r = httpx.post(url + "/v1/chat/completions", json={**_chat_body(image_url), "model": name}, timeout=120)
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+        r = httpx.post(url + "/v1/chat/completions", json={**_chat_body(image_url), "model": "third"}, timeout=60)
+        assert r.status_code == 404 and "not served here" in r.json()["error"]["message"]
+    finally:
+        serve.delete("multi")
 
 
 @pytest.mark.slow

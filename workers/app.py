@@ -18,7 +18,7 @@ from typing import Any
 from ray.serve import Application
 
 from vlmguard.workers.config import ModelConfig, ServiceConfig, parse_config
-from vlmguard.workers.deployment import ModelWorker
+from vlmguard.workers.deployment import ModelApi, ModelWorker
 from vlmguard.workers.ingress import Ingress
 
 
@@ -27,27 +27,34 @@ def deployment_name(model: ModelConfig, index: int) -> str:
     return f"ModelWorker_{index}_{safe}"
 
 
-def model_deployment(model: ModelConfig, index: int) -> Application:
+# Requests the HTTP API of a model-ingress replica takes besides generations (health, models, metrics).
+_API_HEADROOM = 8
+
+
+def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | None = None) -> Application:
+    """The model's deployment; with ``service`` it is also the app's HTTP ingress (``ingress: model``)."""
     actor_options: dict[str, Any] = {"num_cpus": model.num_cpus}
     if model.num_gpus:
         actor_options["num_gpus"] = model.num_gpus
-    max_ongoing = max(model.max_ongoing_requests,
-                      model.batching.max_batch_size if model.batching.enabled else 1)
-    return ModelWorker.options(
-        name=deployment_name(model, index),
-        num_replicas=model.num_replicas,
-        ray_actor_options=actor_options,
-        max_ongoing_requests=max_ongoing,
-        max_queued_requests=model.max_queued_requests,
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=5,
-    ).bind(model.model_dump())
+    common = dict(name=deployment_name(model, index), num_replicas=model.num_replicas,
+                  ray_actor_options=actor_options, health_check_period_s=10, health_check_timeout_s=60,
+                  graceful_shutdown_timeout_s=5)
+    if service is None:
+        return ModelWorker.options(max_ongoing_requests=model.replica_concurrency,
+                                   max_queued_requests=model.max_queued_requests, **common).bind(model.model_dump())
+    # The replica's own API admits model.admission_limit generations (503 beyond, see ReplicaBackend); the
+    # proxy may hand it that many plus the headroom, and holds the rest until a slot frees.
+    return ModelApi.options(max_ongoing_requests=(model.admission_limit or 4096) + _API_HEADROOM,
+                            max_queued_requests=-1,
+                            **common).bind(model.model_dump(), service.model_dump())
 
 
 def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application:
-    """The whole app: one deployment per model plus the FastAPI ingress."""
+    """The whole app: the model replicas serving the API themselves (one model), or one deployment per model
+    behind a FastAPI ingress deployment."""
     config = args if isinstance(args, ServiceConfig) else parse_config(dict(args or {}), "application args")
+    if config.ingress_in_model:
+        return model_deployment(config.models[0], 0, config)
     handles = {m.served_name: model_deployment(m, i) for i, m in enumerate(config.models)}
     return Ingress.options(
         num_replicas=config.ingress_replicas,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -16,7 +16,11 @@ from vlmguard.errors import InvalidInput
 
 
 class BatchingConfig(BaseModel):
-    """Dynamic batching of concurrent requests into one ``Engine.generate`` call (``@serve.batch``)."""
+    """Dynamic batching of concurrent requests into one ``Engine.generate`` call (``batcher.EngineBatcher``).
+
+    The next batch is formed when the engine is free: everything queued, up to ``max_batch_size``. Under load
+    (the previous batch held several requests) it also waits up to ``batch_wait_timeout_s`` for requests
+    still on their way; a lone request never waits."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +53,16 @@ class ModelConfig(BaseModel):
     def served_name(self) -> str:
         return self.name or self.model
 
+    @property
+    def replica_concurrency(self) -> int:
+        """Requests a replica runs or collects into batches at once (at least one full batch)."""
+        return max(self.max_ongoing_requests, self.batching.max_batch_size if self.batching.enabled else 1)
+
+    @property
+    def admission_limit(self) -> int | None:
+        """Generations a model-ingress replica admits at once (running or queued); None: no limit."""
+        return self.replica_concurrency + self.max_queued_requests if self.max_queued_requests >= 0 else None
+
 
 class ServiceConfig(BaseModel):
     """The whole application: models, HTTP limits, security and the ingress deployment."""
@@ -70,8 +84,13 @@ class ServiceConfig(BaseModel):
     # http(s) image URLs are refused unless they start with one of these prefixes.
     image_url_allowlist: list[str] = Field(default_factory=list)
     image_fetch_timeout_s: float = Field(10.0, gt=0)
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
+    # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
+    # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and
+    # results fewer). ``auto``: ``model`` when one model is served, else ``separate``.
+    ingress: Literal["auto", "separate", "model"] = "auto"
+    ingress_replicas: int = Field(1, ge=1)  # separate ingress only
+    ingress_max_ongoing_requests: int = Field(256, ge=1)  # separate ingress only
 
     @field_validator("models")
     @classmethod
@@ -86,7 +105,14 @@ class ServiceConfig(BaseModel):
     def _prefix(self) -> "ServiceConfig":
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
+        if self.ingress == "model" and len(self.models) > 1:
+            raise ValueError("ingress: model serves one model; use ingress: separate (or auto) for several")
         return self
+
+    @property
+    def ingress_in_model(self) -> bool:
+        """True when the model replica serves the HTTP API itself (no separate ingress deployment)."""
+        return self.ingress == "model" or (self.ingress == "auto" and len(self.models) == 1)
 
     def resolved_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

@@ -1,9 +1,14 @@
-"""The Ray Serve model deployment: one :class:`EngineWorker` per replica, dynamic batching via ``@serve.batch``.
+"""The Ray Serve model deployment: one :class:`EngineWorker` per replica, with dynamic batching.
 
-Concurrent ``generate`` calls on a replica are collected by ``@serve.batch`` (up to ``max_batch_size``,
-waiting at most ``batch_wait_timeout_s``) and run as one ``Engine.generate`` per distinct spec in a worker
-thread, so the replica's event loop stays free to accept requests and answer health checks. Streaming
-calls run alone (one request per engine call) and stop generating when the client goes away.
+Two deployments share :class:`ModelReplica`: ``ModelWorker`` is called through handles by the separate
+FastAPI ingress (``ingress.py``); ``ModelApi`` is the same replica serving the HTTP API itself
+(``ServiceConfig.ingress``: ``model``), so a request crosses the Serve proxy and this replica only.
+
+Concurrent ``generate`` calls on a replica are collected by an :class:`EngineBatcher` (the next batch is
+formed when the engine is free, up to ``max_batch_size``; see ``batcher.py`` for why not ``@serve.batch``)
+and run as one ``Engine.generate`` per distinct spec in a worker thread, so the replica's event loop stays
+free to accept requests and answer health checks. Streaming calls run alone (one request per engine call)
+and stop generating when the client goes away.
 """
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from vlmguard.workers.config import ModelConfig
+from vlmguard.workers.api import Overloaded, create_api
+from vlmguard.workers.batcher import EngineBatcher
+from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem
 
 _DONE = object()
 
 
-@serve.deployment(name="ModelWorker")
-class ModelWorker:
+class ModelReplica:
     def __init__(self, config: dict[str, Any]):
         cfg = ModelConfig(**config)
         self.config = cfg
@@ -28,23 +34,19 @@ class ModelWorker:
         self.worker = EngineWorker(cfg.model, name=cfg.served_name, device=cfg.device, dtype=cfg.dtype,
                                    attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads)
-        self._batched.set_max_batch_size(cfg.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self.batcher = EngineBatcher(self.worker.generate_many, cfg.batching.max_batch_size,
+                                     cfg.batching.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
         return {**self.worker.info(), "batching": self.config.batching.model_dump()}
 
     async def generate(self, item: WorkItem) -> dict[str, Any]:
         if self.config.batching.enabled:
-            return await self._batched(item)
+            return await self.batcher.submit(item)
         return (await asyncio.to_thread(self.worker.generate_many, [item]))[0]
 
     async def generate_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         """A caller-made batch (benchmark jobs): one engine call per distinct spec."""
-        return await asyncio.to_thread(self.worker.generate_many, items)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.worker.generate_many, items)
 
     async def stream(self, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
@@ -73,3 +75,60 @@ class ModelWorker:
     def check_health(self) -> None:
         if self.worker.engine is None:
             raise RuntimeError("engine not loaded")
+
+
+ModelWorker = serve.deployment(name="ModelWorker")(ModelReplica)
+
+
+class ReplicaBackend:
+    """The API's backend inside a model replica: calls the replica's own (batched) methods.
+
+    Admission control happens here, so an over-full replica answers the API's own 503 + Retry-After:
+    at most ``ModelConfig.admission_limit`` generation requests wait or run at once.
+    """
+
+    def __init__(self, replica: "ModelApiReplica"):
+        self.replica = replica
+        self.limit = replica.config.admission_limit
+        self.inflight = 0
+
+    def model_names(self) -> list[str]:
+        return [self.replica.config.served_name]
+
+    async def info(self, model: str) -> dict[str, Any]:
+        return self.replica.info()
+
+    def _admit(self) -> None:
+        if self.limit is not None and self.inflight >= self.limit:
+            raise Overloaded(f"server overloaded: model {self.replica.config.served_name!r} has {self.inflight} "
+                             "requests in flight; retry later", retry_after_s=1.0)
+        self.inflight += 1
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
+        self._admit()
+        try:
+            return await self.replica.generate(item)
+        finally:
+            self.inflight -= 1
+
+    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        self._admit()
+        try:
+            async for ev in self.replica.stream(item):
+                yield ev
+        finally:
+            self.inflight -= 1
+
+
+class ModelApiReplica(ModelReplica):
+    """A model replica that is also the app's FastAPI ingress (one model per app)."""
+
+    def __init__(self, config: dict[str, Any], service: dict[str, Any]):
+        super().__init__(config)
+        self.service = ServiceConfig(**service)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(ReplicaBackend(self), self.service)
+
+
+ModelApi = serve.deployment(name="ModelWorker")(serve.ingress()(ModelApiReplica))

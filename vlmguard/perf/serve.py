@@ -7,7 +7,10 @@ C in ``--clients``. Three paths, measured one after another on the same model:
 - ``engine``: the Engine in this process, one ``generate`` per request (one at a time, as a replica does
   without batching) -- the floor for latency;
 - ``ray_unbatched``: the service over HTTP on loopback (``POST /v1/generate``), dynamic batching off;
-- ``ray_batched``: the same with ``@serve.batch`` on (``--max-batch``, ``--batch-wait-ms``).
+- ``ray_batched``: the same with dynamic batching on (``--max-batch``, ``--batch-wait-ms``; ``workers/batcher.py``).
+
+Both apps use the ``--ingress`` topology: ``model`` (the model replica serves HTTP itself: client -> Serve
+proxy -> replica) or ``separate`` (client -> proxy -> FastAPI ingress replica -> model replica).
 
 Reported per path and C: requests/s, generated tokens/s, median and p90 latency. Ratios: batched over
 unbatched throughput at each C, and Ray's median latency over the direct Engine's at 1 client.
@@ -203,6 +206,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "clients": clients,
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
+        "ingress": None if args.no_ray else args.ingress,
         "environment": env,
         "rows": rows,
         "summary": serve_summary(rows),
@@ -236,7 +240,7 @@ def _start(args: Any, batching: bool, threads: int, clients: list[int], progress
                             batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
                                                     batch_wait_timeout_s=args.batch_wait_ms / 1000.0))],
         api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
-        route_prefix=f"/{name}")
+        route_prefix=f"/{name}", ingress=args.ingress)
     if progress:
         progress(f"starting the service app {name} (dynamic batching {'on' if batching else 'off'})")
     return start_service(cfg, port=0)
@@ -278,7 +282,8 @@ def serve_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     s = result["summary"]
     lines = [f"perf serve  shape={result['shape']}  new_tokens={result['new_tokens']}  requests={result['requests']}  "
-             f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  threads={env.get('threads')}",
+             f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
+             f"ingress={result.get('ingress')}  threads={env.get('threads')}",
              table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s"], rows)]
     if s["batching_speedup"]:
         lines.append("batching speed-up (batched / unbatched req/s): "

@@ -1,0 +1,78 @@
+"""Dynamic batching for one engine: concurrent requests become one engine call, formed when the engine is free.
+
+Ray's ``@serve.batch`` forms a batch as soon as its window closes, whether or not the previous batch is still
+running; with a model that takes longer than the window (every LVLM), the requests that arrive during one
+engine call end up split into several small batches queued behind it. Here one loop owns the engine: it
+waits for the engine call to finish, then takes everything queued (up to ``max_batch_size``) as the next
+batch, so the batch size follows the load by itself.
+
+The ``wait_s`` window only opens under load (the previous batch held more than one request): a lone client
+never waits, while under load the batch gathers requests still on their way (clients answered by the last
+batch sending their next request) instead of leaving them for a batch of their own.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class EngineBatcher(Generic[T, R]):
+    """``await submit(item)`` -> the item's result; ``run(items) -> results`` runs in a worker thread."""
+
+    def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int, wait_s: float):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.wait_s = max(0.0, wait_s)
+        self.last_batch_size = 0
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, item: T) -> R:
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, fut))
+        return await fut
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.wait_s if self.last_batch_size > 1 else 0.0)
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return [(item, fut) for item, fut in batch if not fut.done()]  # callers gone: nothing to compute
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            self.last_batch_size = len(batch)
+            try:
+                results: list[Any] = await asyncio.to_thread(self.run, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
