@@ -32,7 +32,7 @@ def _mean(xs: list[float]) -> float:
 def test_short_training_lowers_loss_and_saves_loadable_model(small_data: Path, tmp_path: Path):
     cfg = TrainConfig(seed=0, vision_steps=12, vision_batch=8, align_steps=0, instruct_steps=24,
                       instruct_batch=6, instruct_lr=3e-3, eval_questions=12, val_questions=12, val_every=12,
-                      size=TINY)
+                      vision_scene_weight=0.5, size=TINY)
     trainer = Trainer(small_data, tmp_path / "m", cfg, log=lambda m: None)
     out = trainer.run()
     vision = trainer.losses["stage 1 vision"]
@@ -41,6 +41,7 @@ def test_short_training_lowers_loss_and_saves_loadable_model(small_data: Path, t
     assert _mean(lm[-4:]) < 0.8 * _mean(lm[:4])
     report = json.loads((out / "training_report.json").read_text())
     assert set(report["stages"]) == {"vision", "instruct"} and report["validation"]
+    assert 0.0 <= report["stages"]["vision"]["test_scene_acc"] <= 1.0
     proc = AutoProcessor.from_pretrained(out)
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert isinstance(proc, LlavaProcessor)
@@ -124,6 +125,29 @@ def test_training_augmentations_build_consistent_batches(small_data: Path, tmp_p
     with torch.no_grad():
         loss = trainer.model(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_object_first_dropout_keeps_every_object_patch_before_background(small_data: Path, tmp_path: Path):
+    cfg = TrainConfig(seed=0, vision_steps=0, align_steps=0, instruct_steps=0, eval_questions=6, val_questions=6,
+                      token_dropout=1.0, token_dropout_object_share=1.0, size=TINY)
+    trainer = Trainer(small_data, tmp_path / "m", cfg, log=lambda m: None)
+    checked = 0
+    for iid in trainer.train_ids:
+        labels = trainer.train.patch_labels[trainer.train.index[iid]].reshape(-1)
+        objects = set((labels > 0).nonzero().flatten().tolist())
+        for _ in range(5):
+            kept = trainer._dropout_subset(iid).tolist()
+            assert kept == sorted(set(kept)) and 144 // 9 <= len(kept) <= 144
+            on_objects = objects & set(kept)
+            # object patches first: the subset holds all of them, or nothing but them
+            assert on_objects == objects or len(on_objects) == len(kept)
+            checked += bool(objects) and len(kept) > len(objects)
+    assert checked > 0
+    trainer.cfg.token_dropout_object_share = 0.0  # uniform subsets miss object patches now and then
+    iid = next(i for i in trainer.train_ids if (trainer.train.patch_labels[trainer.train.index[i]] > 0).any())
+    labels = trainer.train.patch_labels[trainer.train.index[iid]].reshape(-1)
+    objects = set((labels > 0).nonzero().flatten().tolist())
+    assert any(not objects <= set(trainer._dropout_subset(iid).tolist()) for _ in range(50))
 
 
 def test_synth_eval_uses_the_benchmark_runner_and_writes_the_card(small_data: Path, tmp_path: Path):

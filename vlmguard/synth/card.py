@@ -83,7 +83,9 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "",
         "## Recipe and time (2 shared CPU cores)",
         "",
-        "1. vision: ViT alone, per-patch category labels from the penultimate layer + CLS presence (BCE);",
+        "1. vision: ViT alone, per-patch category labels from the penultimate layer + CLS presence (BCE)"
+        + (" + CLS scene type (cross-entropy; as CLIP's CLS learns the whole scene from captions, so its attention"
+           " covers the background that carries the scene cue, not only the objects)" if _scene_cls(runs) else "") + ";",
         "2. align: projector initialised from the patch classifier and the category-name embeddings, vision",
         "   frozen (features cached), projector + decoder on short captions;",
         "3. instruct: decoder + projector on multi-turn yes/no conversations, captions and detailed descriptions,",
@@ -129,7 +131,7 @@ def _augmentation_lines(runs: list[dict]) -> list[str]:
     """What the later runs added to the instruct stage, with the shares they used."""
     used = {}
     for r in runs:
-        for key in ("position_jitter", "text_only_share", "token_dropout"):
+        for key in ("position_jitter", "text_only_share", "token_dropout", "token_dropout_object_share"):
             v = (r.get("config") or {}).get(key)
             if v:
                 used[key] = v
@@ -141,12 +143,23 @@ def _augmentation_lines(runs: list[dict]) -> list[str]:
                            " image, this tiny decoder had not, and shortened visual spans (FlowCut, random) move it",
         "text_only_share": "sequences with the image left out (share {v}): the decoder learns the world's language"
                            " prior, which image-free contrast branches (M3ID, VISTA) ask for",
-        "token_dropout": "sequences keeping a random subset of their visual tokens, count uniform in [n/9, n], raster"
-                         " order (share {v}): the tolerance of a variable visual-token count a pretrained LLM brings;"
-                         " it favours no pruning method (the subsets are random)",
+        "token_dropout": "sequences keeping a subset of their visual tokens, count uniform in [n/9, n], raster"
+                         " order (share {v}): the tolerance of a variable visual-token count a pretrained LLM brings",
+        "token_dropout_object_share": "of those, object-first subsets (share {v}; ground-truth patch labels: every"
+                                      " object patch in random order, then background, the first k) instead of uniform"
+                                      " ones: trained on uniform subsets alone, the decoder learns that an object it"
+                                      " does not see may be out of view and fills it in from the scene prior, which"
+                                      " suits random pruning and penalises any pruner that keeps the objects; no"
+                                      " pruning method's scores are used",
     }
     return ["4. augmentations of the instruct stage in later runs:"] + [
         f"   - {text[k].format(v=v)};" for k, v in used.items()]
+
+
+def _scene_cls(runs: list[dict]) -> bool:
+    """Whether a stage-1 run of the chain trained the CLS token on the scene type too."""
+    return any((r.get("stages") or {}).get("vision") and (r.get("config") or {}).get("vision_scene_weight")
+               for r in runs)
 
 
 def _prod(shape) -> int:

@@ -42,6 +42,11 @@ def register(subparsers) -> None:
                    help="share of sequences with the image left out (teaches the language prior)")
     t.add_argument("--token-dropout", type=float, default=None,
                    help="share of sequences keeping a random subset of their visual tokens")
+    t.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of stage 1")
+    t.add_argument("--scene-weight", type=float, default=None,
+                   help="weight of the stage-1 scene-type loss on the vision CLS token (default 0: off)")
+    t.add_argument("--object-dropout-share", type=float, default=None,
+                   help="share of token-dropout sequences that keep object patches first (default 0)")
     t.add_argument("--val-questions", type=int, default=200, help="validation POPE questions per split")
     t.add_argument("--val-stop", type=float, default=0.0,
                    help="stop instruction tuning once validation POPE-random accuracy reaches this (0 = never)")
@@ -94,6 +99,10 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInput(f"{args.data} is not a SynthCOCO directory (no manifest.json); run `vlmguard synth build`")
     if not (args.data / "text" / "train.jsonl").exists():
         raise InvalidInput(f"{args.data} has no training split; build it with --train N")
+    for name in ("caption_share", "position_jitter", "text_only_share", "token_dropout", "object_dropout_share"):
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be a share in [0, 1], got {v}")
     cfg = TrainConfig(seed=args.seed)
     steps = _parse_steps(args.steps)
     if steps:
@@ -109,6 +118,12 @@ def _train(args: argparse.Namespace) -> int:
         cfg.token_dropout = args.token_dropout
     if args.instruct_lr is not None:
         cfg.instruct_lr = args.instruct_lr
+    if args.object_dropout_share is not None:
+        cfg.token_dropout_object_share = args.object_dropout_share
+    if args.vision_lr is not None:
+        cfg.vision_lr = args.vision_lr
+    if args.scene_weight is not None:
+        cfg.vision_scene_weight = args.scene_weight
     if args.caption_share is not None:
         cfg.caption_share = args.caption_share
     logf = open(args.log, "a") if args.log else None
@@ -126,10 +141,13 @@ def _train(args: argparse.Namespace) -> int:
                                                    ("val_every", args.val_every), ("val_stop", args.val_stop),
                                                    ("val_questions", args.val_questions),
                                                    ("instruct_lr", args.instruct_lr),
+                                                   ("vision_lr", args.vision_lr),
+                                                   ("scene_weight", args.scene_weight),
                                                    ("caption_share", args.caption_share),
                                                    ("position_jitter", args.position_jitter),
                                                    ("text_only_share", args.text_only_share),
                                                    ("token_dropout", args.token_dropout),
+                                                   ("object_dropout_share", args.object_dropout_share),
                                                    ("init", args.init)) if v not in (None, 0, 0.0))
     out = trainer.run()
     if args.json:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vlmguard.synth.model import TinySize, build_tiny_model, tiny_config
 from vlmguard.synth.processor import BOS, CLIP_MEAN, CLIP_STD, EOS, IMAGE, PAD, build_processor, train_tokenizer
 from vlmguard.synth.render import patch_labels
-from vlmguard.synth.world import CATEGORIES
+from vlmguard.synth.world import CATEGORIES, SCENE_TYPES
 
 CAT_INDEX = {c.id: i for i, c in enumerate(CATEGORIES)}  # category id -> 0-based class index
 
@@ -43,6 +43,12 @@ class TrainConfig:
     vision_steps: int = 150
     vision_batch: int = 32
     vision_lr: float = 2e-3
+    # weight of the stage-1 scene-type loss on the CLS token. CLIP's CLS is trained against captions that name
+    # the whole scene ("a kitchen with ..."), so its attention covers context as well as objects; a CLS trained
+    # on object presence alone attends to objects only, and CLS-attention pruners (FlowCut) then drop the
+    # background that carries the scene cue. Off (0) in the bundled model's recipe; see docs/pruning.md for what
+    # it changed when tried
+    vision_scene_weight: float = 0.0
     align_steps: int = 100
     align_batch: int = 32
     align_lr: float = 1.5e-3
@@ -66,6 +72,12 @@ class TrainConfig:
     # that a pretrained LLM brings (LLaVA-NeXT / Qwen2-VL train on variable counts). Without it the tiny model's
     # answers collapse under any pruning, whichever tokens are kept.
     token_dropout: float = 0.0
+    # share of those dropped-token sequences whose subset is object-first instead of uniform: the patches that
+    # show an object (ground-truth patch labels) in random order, then background patches, the first k of them.
+    # Trained on uniform subsets only, the model learns that a missing object may just be out of view and fills
+    # it in from the scene prior; a pretrained LLM has also seen object-centred views (region crops, grounding
+    # data), where what is not shown is absent. Uses no pruning method's scores.
+    token_dropout_object_share: float = 0.0
     caption_share: float = 0.3  # share of instruct sequences that are captions / detailed descriptions
     eval_questions: int = 200  # per POPE split in the quick stage evaluations
     max_train_images: int = 0  # use only the first N training images (0 = all)
@@ -97,6 +109,9 @@ class SplitData:
         size = inst["images"][0]["height"] if n else 96
         self.size = size
         self.file_names = [im["file_name"] for im in inst["images"]]
+        scene_index = {t.name: i for i, t in enumerate(SCENE_TYPES)}
+        self.scene = torch.tensor([scene_index[im.get("scene_type", SCENE_TYPES[0].name)] for im in inst["images"]],
+                                  dtype=torch.long)
         self.pixels = torch.empty((n, 3, size, size), dtype=torch.uint8)
         for i, fn in enumerate(self.file_names):
             arr = np.array(Image.open(root / "images" / split / fn).convert("RGB"))
@@ -306,7 +321,8 @@ class Trainer:
         hid = cfg.size.vision_hidden
         patch_head = torch.nn.Linear(hid, len(CATEGORIES) + 1)
         presence_head = torch.nn.Linear(hid, len(CATEGORIES))
-        params = list(vision.parameters()) + list(patch_head.parameters()) + list(presence_head.parameters())
+        scene_head = torch.nn.Linear(hid, len(SCENE_TYPES))
+        params = [p for m in (vision, patch_head, presence_head, scene_head) for p in m.parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
         for g in opt.param_groups:
             g["peak_lr"] = cfg.vision_lr
@@ -327,15 +343,18 @@ class Trainer:
             feats = out.hidden_states[layer][:, 1:]
             patch_loss = F.cross_entropy(patch_head(feats).reshape(-1, len(CATEGORIES) + 1), pl.reshape(-1))
             pres_loss = F.binary_cross_entropy_with_logits(presence_head(out.pooler_output), self.train.presence[idx])
-            loss = patch_loss + pres_loss
+            scene_loss = F.cross_entropy(scene_head(out.pooler_output), self.train.scene[idx])
+            loss = patch_loss + pres_loss + cfg.vision_scene_weight * scene_loss  # weight 0: scene head idle
             self.losses.setdefault("stage 1 vision", []).append(loss.item())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step % 25 == 0:
-                bar.set_postfix(patch=f"{patch_loss.item():.3f}", pres=f"{pres_loss.item():.3f}")
-                self.log(f"stage1 step {step} patch_loss {patch_loss.item():.4f} presence_loss {pres_loss.item():.4f}")
+                bar.set_postfix(patch=f"{patch_loss.item():.3f}", pres=f"{pres_loss.item():.3f}",
+                                scene=f"{scene_loss.item():.3f}")
+                self.log(f"stage1 step {step} patch_loss {patch_loss.item():.4f} presence_loss {pres_loss.item():.4f} "
+                         f"scene_loss {scene_loss.item():.4f}")
         secs = time.time() - t0
         with torch.no_grad():
             out = vision(self.test.normalized(list(range(min(200, len(self.test.image_ids))))), output_hidden_states=True)
@@ -343,12 +362,14 @@ class Trainer:
             gold = self.test.patch_labels[: pred.shape[0]].reshape(pred.shape[0], -1)
             fg = gold > 0
             patch_acc_fg = (pred[fg] == gold[fg]).float().mean().item() if fg.any() else 0.0
+            scene_acc = (scene_head(out.pooler_output).argmax(-1) == self.test.scene[: pred.shape[0]]).float().mean().item()
         pope = {s: presence_pope(vision, presence_head, self.test, qs) for s, qs in self.eval_qs.items()}
         self.patch_head = patch_head
         self.report["stages"]["vision"] = {"steps": cfg.vision_steps, "seconds": round(secs, 1),
                                            "test_patch_acc_foreground": round(patch_acc_fg, 4),
+                                           "test_scene_acc": round(scene_acc, 4),
                                            "pope_presence_probe": pope}
-        self.log(f"stage1 done in {secs:.0f}s: foreground patch acc {patch_acc_fg:.3f}, presence-probe POPE {pope}")
+        self.log(f"stage1 done in {secs:.0f}s: foreground patch acc {patch_acc_fg:.3f}, scene acc {scene_acc:.3f}, presence-probe POPE {pope}")
 
     # ---------------------------------------------------------------- stage 2 / 3 batches
     def init_projector_from_patch_head(self) -> None:
@@ -403,8 +424,7 @@ class Trainer:
             with_image = not (self.cfg.text_only_share > 0 and self.rng.random() < self.cfg.text_only_share)
             kept = None
             if with_image and self.cfg.token_dropout > 0 and self.rng.random() < self.cfg.token_dropout:
-                k = self.rng.randint(max(1, self.n_image // 9), self.n_image)
-                kept = torch.tensor(sorted(self.rng.sample(range(self.n_image), k)))
+                kept = self._dropout_subset(iid)
             ids, lab = self.enc.conversation(turns, image=with_image, n_image=None if kept is None else len(kept))
             seqs.append(ids)
             labs.append(lab)
@@ -436,6 +456,18 @@ class Trainer:
             raise ValueError("token_dropout needs the cached-feature path (freeze_vision_after_stage1)")
         return {"input_ids": ids, "attention_mask": att, "labels": labels,
                 "pixel_values": self.train.normalized(idx) if idx else None, **extra}
+
+    def _dropout_subset(self, iid: int) -> torch.Tensor:
+        """Sorted indices of the visual tokens a dropped-token sequence keeps (see ``token_dropout``)."""
+        k = self.rng.randint(max(1, self.n_image // 9), self.n_image)
+        if self.rng.random() < self.cfg.token_dropout_object_share:
+            labels = self.train.patch_labels[self.train.index[iid]].reshape(-1)
+            objects = [i for i in range(self.n_image) if labels[i] > 0]
+            background = [i for i in range(self.n_image) if labels[i] == 0]
+            self.rng.shuffle(objects)
+            self.rng.shuffle(background)
+            return torch.tensor(sorted((objects + background)[:k]))
+        return torch.tensor(sorted(self.rng.sample(range(self.n_image), k)))
 
     def _caption_conv(self, iid: int, task: str) -> list[tuple[str, str]]:
         r = self.rng.choice(self.train.texts[iid][task])
