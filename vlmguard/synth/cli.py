@@ -92,6 +92,13 @@ def _parse_steps(text: str | None):
     return parts
 
 
+# `synth train` option -> TrainConfig field, for the options whose default is the recipe's
+_OVERRIDES = {"position_jitter": "position_jitter", "text_only_share": "text_only_share",
+              "token_dropout": "token_dropout", "object_dropout_share": "token_dropout_object_share",
+              "instruct_lr": "instruct_lr", "vision_lr": "vision_lr", "scene_weight": "vision_scene_weight",
+              "caption_share": "caption_share"}
+
+
 def _train(args: argparse.Namespace) -> int:
     from vlmguard.synth.train import TrainConfig, Trainer
 
@@ -110,22 +117,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg.val_every, cfg.val_stop_acc = args.val_every, args.val_stop
     cfg.max_train_images = args.max_train_images
     cfg.val_questions = args.val_questions
-    if args.position_jitter is not None:
-        cfg.position_jitter = args.position_jitter
-    if args.text_only_share is not None:
-        cfg.text_only_share = args.text_only_share
-    if args.token_dropout is not None:
-        cfg.token_dropout = args.token_dropout
-    if args.instruct_lr is not None:
-        cfg.instruct_lr = args.instruct_lr
-    if args.object_dropout_share is not None:
-        cfg.token_dropout_object_share = args.object_dropout_share
-    if args.vision_lr is not None:
-        cfg.vision_lr = args.vision_lr
-    if args.scene_weight is not None:
-        cfg.vision_scene_weight = args.scene_weight
-    if args.caption_share is not None:
-        cfg.caption_share = args.caption_share
+    for arg, field in _OVERRIDES.items():  # options left unset keep the recipe's defaults
+        if getattr(args, arg) is not None:
+            setattr(cfg, field, getattr(args, arg))
     logf = open(args.log, "a") if args.log else None
 
     def log(msg: str) -> None:
@@ -135,20 +129,11 @@ def _train(args: argparse.Namespace) -> int:
             logf.flush()
 
     trainer = Trainer(args.data, args.out, cfg, log=log, init=args.init)
-    trainer.report["command_args"] = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (("seed", args.seed), ("steps", args.steps),
-                                                   ("max_train_images", args.max_train_images),
-                                                   ("val_every", args.val_every), ("val_stop", args.val_stop),
-                                                   ("val_questions", args.val_questions),
-                                                   ("instruct_lr", args.instruct_lr),
-                                                   ("vision_lr", args.vision_lr),
-                                                   ("scene_weight", args.scene_weight),
-                                                   ("caption_share", args.caption_share),
-                                                   ("position_jitter", args.position_jitter),
-                                                   ("text_only_share", args.text_only_share),
-                                                   ("token_dropout", args.token_dropout),
-                                                   ("object_dropout_share", args.object_dropout_share),
-                                                   ("init", args.init)) if v not in (None, 0, 0.0))
+    given = [("seed", args.seed), ("steps", args.steps), ("max_train_images", args.max_train_images),
+             ("val_every", args.val_every), ("val_stop", args.val_stop), ("val_questions", args.val_questions),
+             *((k, getattr(args, k)) for k in _OVERRIDES), ("init", args.init)]
+    trainer.report["command_args"] = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given
+                                              if v not in (None, 0, 0.0))
     out = trainer.run()
     if args.json:
         print(json.dumps({"out": str(out), **trainer.report}))
