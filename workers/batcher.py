@@ -33,10 +33,13 @@ class EngineBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
 
     async def submit(self, item: T) -> R:
-        if self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.get_loop() is not loop:
+            self._queue = asyncio.Queue()  # first use, or a new event loop: a queue bound to this one
+            self._task = loop.create_task(self._loop())
+        elif self._task.done():  # the loop died: restart it on the same queue, so nobody queued is lost
+            self._task = loop.create_task(self._loop())
+        fut: asyncio.Future = loop.create_future()
         await self._queue.put((item, fut))
         return await fut
 

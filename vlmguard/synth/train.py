@@ -321,8 +321,9 @@ class Trainer:
         hid = cfg.size.vision_hidden
         patch_head = torch.nn.Linear(hid, len(CATEGORIES) + 1)
         presence_head = torch.nn.Linear(hid, len(CATEGORIES))
-        scene_head = torch.nn.Linear(hid, len(SCENE_TYPES))
-        params = [p for m in (vision, patch_head, presence_head, scene_head) for p in m.parameters()]
+        # created only when used: the recipe without it draws the same random numbers as before it existed
+        scene_head = torch.nn.Linear(hid, len(SCENE_TYPES)) if cfg.vision_scene_weight > 0 else None
+        params = [p for m in (vision, patch_head, presence_head, scene_head) if m is not None for p in m.parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
         for g in opt.param_groups:
             g["peak_lr"] = cfg.vision_lr
@@ -343,8 +344,11 @@ class Trainer:
             feats = out.hidden_states[layer][:, 1:]
             patch_loss = F.cross_entropy(patch_head(feats).reshape(-1, len(CATEGORIES) + 1), pl.reshape(-1))
             pres_loss = F.binary_cross_entropy_with_logits(presence_head(out.pooler_output), self.train.presence[idx])
-            scene_loss = F.cross_entropy(scene_head(out.pooler_output), self.train.scene[idx])
-            loss = patch_loss + pres_loss + cfg.vision_scene_weight * scene_loss  # weight 0: scene head idle
+            loss = patch_loss + pres_loss
+            scene_loss = torch.zeros(())
+            if scene_head is not None:
+                scene_loss = F.cross_entropy(scene_head(out.pooler_output), self.train.scene[idx])
+                loss = loss + cfg.vision_scene_weight * scene_loss
             self.losses.setdefault("stage 1 vision", []).append(loss.item())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -362,14 +366,15 @@ class Trainer:
             gold = self.test.patch_labels[: pred.shape[0]].reshape(pred.shape[0], -1)
             fg = gold > 0
             patch_acc_fg = (pred[fg] == gold[fg]).float().mean().item() if fg.any() else 0.0
-            scene_acc = (scene_head(out.pooler_output).argmax(-1) == self.test.scene[: pred.shape[0]]).float().mean().item()
+            scene_acc = None if scene_head is None else \
+                (scene_head(out.pooler_output).argmax(-1) == self.test.scene[: pred.shape[0]]).float().mean().item()
         pope = {s: presence_pope(vision, presence_head, self.test, qs) for s, qs in self.eval_qs.items()}
         self.patch_head = patch_head
         self.report["stages"]["vision"] = {"steps": cfg.vision_steps, "seconds": round(secs, 1),
                                            "test_patch_acc_foreground": round(patch_acc_fg, 4),
-                                           "test_scene_acc": round(scene_acc, 4),
+                                           "test_scene_acc": None if scene_acc is None else round(scene_acc, 4),
                                            "pope_presence_probe": pope}
-        self.log(f"stage1 done in {secs:.0f}s: foreground patch acc {patch_acc_fg:.3f}, scene acc {scene_acc:.3f}, presence-probe POPE {pope}")
+        self.log(f"stage1 done in {secs:.0f}s: foreground patch acc {patch_acc_fg:.3f}, scene acc {scene_acc}, presence-probe POPE {pope}")
 
     # ---------------------------------------------------------------- stage 2 / 3 batches
     def init_projector_from_patch_head(self) -> None:
