@@ -143,14 +143,16 @@ def _augmentation_lines(runs: list[dict]) -> list[str]:
                            " image, this tiny decoder had not, and shortened visual spans (FlowCut, random) move it",
         "text_only_share": "sequences with the image left out (share {v}): the decoder learns the world's language"
                            " prior, which image-free contrast branches (M3ID, VISTA) ask for",
-        "token_dropout": "sequences keeping a subset of their visual tokens, count uniform in [n/9, n], raster"
-                         " order (share {v}): the tolerance of a variable visual-token count a pretrained LLM brings",
-        "token_dropout_object_share": "of those, object-first subsets (share {v}; ground-truth patch labels: every"
-                                      " object patch in random order, then background, the first k) instead of uniform"
-                                      " ones: trained on uniform subsets alone, the decoder learns that an object it"
-                                      " does not see may be out of view and fills it in from the scene prior, which"
-                                      " suits random pruning and penalises any pruner that keeps the objects; no"
-                                      " pruning method's scores are used",
+        "token_dropout": "sequences keeping a uniformly random subset of their visual tokens, count uniform in"
+                         " [n/9, n], raster order (share {v}): the tolerance of a variable visual-token count a"
+                         " pretrained LLM brings; uniform subsets are what `random` pruning feeds, so they make the"
+                         " model most at home with that baseline (docs/pruning.md)",
+        "token_dropout_object_share": "of those, a share {v} object-first instead of uniform (ground-truth patch"
+                                      " labels: every object patch in random order, then background, the first k):"
+                                      " trained on uniform subsets alone, the decoder learns that an object it does"
+                                      " not see may be out of view and fills it in from the scene prior, which suits"
+                                      " random pruning and penalises any pruner that keeps the objects; no pruning"
+                                      " method's scores are used",
     }
     return ["4. augmentations of the instruct stage in later runs:"] + [
         f"   - {text[k].format(v=v)};" for k, v in used.items()]
