@@ -51,7 +51,7 @@ def test_score_pieces():
 
 def test_cheap_vit_scores_equal_eager_clip_attention():
     model, proc = deep_llava(attn="eager")
-    eng = Engine(model, proc, attn_implementation="vlmguard_sdpa")
+    Engine(model, proc, attn_implementation="vlmguard_sdpa")  # registers the vlmguard attention functions
     model.set_attn_implementation("vlmguard_sdpa")
     tower = model.model.vision_tower
     imgs = [random_image(5, (48, 48)), random_image(6, (60, 40))]
