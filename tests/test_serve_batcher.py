@@ -37,6 +37,16 @@ async def _until(cond) -> None:
     raise AssertionError("condition not reached")
 
 
+async def _queued_behind_a_running_batch(b: EngineBatcher, eng: FakeEngine, items: list[int]):
+    """Start a batch of [0], queue ``items`` while it runs, then let the engine go on: (first, rest) futures."""
+    eng.gate.clear()
+    first = asyncio.ensure_future(b.submit(0))
+    await _until(eng.started.is_set)
+    rest = [asyncio.ensure_future(b.submit(i)) for i in items]
+    await asyncio.sleep(0.05)  # all of them queued behind the running batch
+    return first, rest
+
+
 def test_a_lone_request_does_not_wait_for_the_window():
     async def main():
         eng = FakeEngine()
@@ -51,11 +61,7 @@ def test_requests_arriving_while_the_engine_runs_form_one_batch():
     async def main():
         eng = FakeEngine()
         b = EngineBatcher(eng, max_batch_size=16, wait_s=0.0)
-        eng.gate.clear()
-        first = asyncio.ensure_future(b.submit(0))
-        await _until(eng.started.is_set)
-        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 8)]
-        await asyncio.sleep(0.05)  # all seven queued behind the running batch
+        first, rest = await _queued_behind_a_running_batch(b, eng, list(range(1, 8)))
         eng.gate.set()
         assert await first == 0 and await asyncio.gather(*rest) == [i * 10 for i in range(1, 8)]
         assert eng.batches == [[0], list(range(1, 8))]  # @serve.batch would have split them
@@ -66,11 +72,7 @@ def test_batches_respect_the_size_limit_and_order():
     async def main():
         eng = FakeEngine()
         b = EngineBatcher(eng, max_batch_size=4, wait_s=0.0)
-        eng.gate.clear()
-        first = asyncio.ensure_future(b.submit(0))
-        await _until(eng.started.is_set)
-        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 11)]
-        await asyncio.sleep(0.05)
+        first, rest = await _queued_behind_a_running_batch(b, eng, list(range(1, 11)))
         eng.gate.set()
         await asyncio.gather(first, *rest)
         assert eng.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
@@ -100,12 +102,7 @@ def test_callers_that_left_are_skipped_and_errors_reach_every_caller():
     async def main():
         eng = FakeEngine()
         b = EngineBatcher(eng, max_batch_size=8, wait_s=0.0)
-        eng.gate.clear()
-        first = asyncio.ensure_future(b.submit(0))
-        await _until(eng.started.is_set)
-        gone = asyncio.ensure_future(b.submit(1))
-        kept = asyncio.ensure_future(b.submit(2))
-        await asyncio.sleep(0.05)
+        first, (gone, kept) = await _queued_behind_a_running_batch(b, eng, [1, 2])
         gone.cancel()
         eng.gate.set()
         assert await first == 0 and await kept == 20
