@@ -40,6 +40,8 @@ def test_config_errors_are_one_line():
         parse_config({"ingress": "model", "models": [{"model": "tiny"}, {"model": "random:llava"}]})
     with pytest.raises(InvalidInput, match="ingress"):
         parse_config({"ingress": "proxy"})
+    with pytest.raises(InvalidInput, match="ingress_replicas applies to a separate ingress"):
+        parse_config({"ingress": "model", "ingress_replicas": 2})
 
 
 def test_ingress_topology_follows_the_config():
@@ -57,6 +59,7 @@ def test_ingress_topology_follows_the_config():
     sep = parse_config({"ingress": "separate", "models": [{"model": "tiny", "max_queued_requests": -1}]})
     assert not sep.ingress_in_model and sep.models[0].admission_limit is None
     assert build_app(sep)._bound_deployment.name == "Ingress"
+    assert not parse_config({"ingress_replicas": 2}).ingress_in_model  # asked for ingress replicas: separate
     two = parse_config({"models": [{"model": "tiny"}, {"model": "random:llava"}]})
     assert not two.ingress_in_model and build_app(two)._bound_deployment.name == "Ingress"
 

@@ -87,7 +87,8 @@ class ServiceConfig(BaseModel):
     # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
     # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
     # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and
-    # results fewer). ``auto``: ``model`` when one model is served, else ``separate``.
+    # results fewer). ``auto``: ``model`` when one model is served (and ingress_replicas is not set), else
+    # ``separate``.
     ingress: Literal["auto", "separate", "model"] = "auto"
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
     ingress_max_ongoing_requests: int = Field(256, ge=1)  # separate ingress only
@@ -107,12 +108,17 @@ class ServiceConfig(BaseModel):
             raise ValueError("route_prefix must start with '/'")
         if self.ingress == "model" and len(self.models) > 1:
             raise ValueError("ingress: model serves one model; use ingress: separate (or auto) for several")
+        if self.ingress == "model" and self.ingress_replicas != 1:
+            raise ValueError("ingress_replicas applies to a separate ingress; with ingress: model the model's "
+                             "num_replicas serve HTTP")
         return self
 
     @property
     def ingress_in_model(self) -> bool:
         """True when the model replica serves the HTTP API itself (no separate ingress deployment)."""
-        return self.ingress == "model" or (self.ingress == "auto" and len(self.models) == 1)
+        if self.ingress == "auto":
+            return len(self.models) == 1 and self.ingress_replicas == 1
+        return self.ingress == "model"
 
     def resolved_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]
