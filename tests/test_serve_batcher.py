@@ -57,25 +57,18 @@ def test_a_lone_request_does_not_wait_for_the_window():
     asyncio.run(main())
 
 
-def test_requests_arriving_while_the_engine_runs_form_one_batch():
+@pytest.mark.parametrize("max_batch, queued, batches", [
+    (16, list(range(1, 8)), [[0], list(range(1, 8))]),  # @serve.batch would have split the seven
+    (4, list(range(1, 11)), [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]),  # the size limit, in order
+])
+def test_requests_queued_while_the_engine_runs_form_the_next_batches(max_batch, queued, batches):
     async def main():
         eng = FakeEngine()
-        b = EngineBatcher(eng, max_batch_size=16, wait_s=0.0)
-        first, rest = await _queued_behind_a_running_batch(b, eng, list(range(1, 8)))
+        b = EngineBatcher(eng, max_batch_size=max_batch, wait_s=0.0)
+        first, rest = await _queued_behind_a_running_batch(b, eng, queued)
         eng.gate.set()
-        assert await first == 0 and await asyncio.gather(*rest) == [i * 10 for i in range(1, 8)]
-        assert eng.batches == [[0], list(range(1, 8))]  # @serve.batch would have split them
-    asyncio.run(main())
-
-
-def test_batches_respect_the_size_limit_and_order():
-    async def main():
-        eng = FakeEngine()
-        b = EngineBatcher(eng, max_batch_size=4, wait_s=0.0)
-        first, rest = await _queued_behind_a_running_batch(b, eng, list(range(1, 11)))
-        eng.gate.set()
-        await asyncio.gather(first, *rest)
-        assert eng.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+        assert await first == 0 and await asyncio.gather(*rest) == [i * 10 for i in queued]
+        assert eng.batches == batches
     asyncio.run(main())
 
 

@@ -42,8 +42,7 @@ def evaluate(model_ref: str | Path, data: str | Path | None = None, pope_limit: 
         out = run_benchmark(engine, "chair", dataset, chair_spec, db_path, chair_preset=CHAIR_PRESET,
                             limit=chair_images or None, batch_size=batch, model_name=str(model_ref),
                             progress=progress)
-        m = out.metrics[CHAIR_PRESET] if CHAIR_PRESET in out.metrics else out.metrics
-        res["chair"] = {k: m.get(k) for k in ("n", "chair_s", "chair_i", "recall", "len")}
+        res["chair"] = {k: out.metrics.get(k) for k in ("n", "chair_s", "chair_i", "recall", "len")}
         res["chair"].update(preset=CHAIR_PRESET, scorer="vlmguard.bench.chair")
         res["chair_examples"] = [{"image": s["image"], "caption": s["output_text"]}
                                  for s in dbm.run_samples(db_path, out.run_id)[:5]]

@@ -345,20 +345,18 @@ class Trainer:
             patch_loss = F.cross_entropy(patch_head(feats).reshape(-1, len(CATEGORIES) + 1), pl.reshape(-1))
             pres_loss = F.binary_cross_entropy_with_logits(presence_head(out.pooler_output), self.train.presence[idx])
             loss = patch_loss + pres_loss
-            scene_loss = torch.zeros(())
+            parts = {"patch": patch_loss, "presence": pres_loss}
             if scene_head is not None:
-                scene_loss = F.cross_entropy(scene_head(out.pooler_output), self.train.scene[idx])
-                loss = loss + cfg.vision_scene_weight * scene_loss
+                parts["scene"] = F.cross_entropy(scene_head(out.pooler_output), self.train.scene[idx])
+                loss = loss + cfg.vision_scene_weight * parts["scene"]
             self.losses.setdefault("stage 1 vision", []).append(loss.item())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step % 25 == 0:
-                bar.set_postfix(patch=f"{patch_loss.item():.3f}", pres=f"{pres_loss.item():.3f}",
-                                scene=f"{scene_loss.item():.3f}")
-                self.log(f"stage1 step {step} patch_loss {patch_loss.item():.4f} presence_loss {pres_loss.item():.4f} "
-                         f"scene_loss {scene_loss.item():.4f}")
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
+                self.log(f"stage1 step {step} " + " ".join(f"{k}_loss {v.item():.4f}" for k, v in parts.items()))
         secs = time.time() - t0
         with torch.no_grad():
             out = vision(self.test.normalized(list(range(min(200, len(self.test.image_ids))))), output_hidden_states=True)
