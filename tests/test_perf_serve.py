@@ -8,7 +8,8 @@ import time
 import pytest
 
 from cli_support import run_json
-from vlmguard.perf.serve import closed_loop, serve_summary, serve_targets
+from vlmguard.perf.serve import (closed_loop, one_client_interleaved, serve_summary, serve_targets,
+                                 steady_throughput)
 
 
 def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
@@ -30,9 +31,43 @@ def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
     assert sorted(seen) == list(range(12))
     assert peak[0] <= 4
     assert r["requests"] == 12 and r["errors"] == 0 and r["tokens"] == 36
-    assert r["requests_per_s"] == pytest.approx(12 / r["wall_s"])
+    assert r["wall_requests_per_s"] == pytest.approx(12 / r["wall_s"])
+    assert r["requests_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(3 * r["requests_per_s"])
     assert r["latency_median_s"] >= 0.01
     assert r["added_latency_median_s"] == pytest.approx(r["latency_median_s"] - 0.004, abs=0.005)
+
+
+def test_steady_throughput_leaves_out_the_ramp_and_the_drain():
+    # A batching server with 4 clients: a lone first answer at t=1, then batches of 4 every 2 s, and the
+    # last answers trickling out while the clients run dry. Steady state: 4 answers per 2 s.
+    done = [(1.0, 5)] + [(1.0 + 2 * b, 5) for b in range(1, 6) for _ in range(4)] + [(12.0, 5), (13.0, 5)]
+    n = len(done)
+    rps, tps = steady_throughput(sorted(done), 4, 13.0)
+    first, last = done[3][0], done[n - 4][0]  # the 4th answer and the 4th from last
+    assert rps == pytest.approx((n - 4 - 3) / (last - first))
+    assert tps == pytest.approx(5 * rps)
+    assert rps > n / 13.0  # the whole-run figure understates a batching server's throughput
+    # Too few answers for a window: answers over wall time.
+    assert steady_throughput([(1.0, 2), (2.0, 2)], 4, 4.0) == (0.5, 1.0)
+
+
+def test_one_client_paths_take_turns_request_by_request():
+    order: list[tuple[str, int]] = []
+
+    def path(name, sleep_s):
+        def call(i):
+            order.append((name, i))
+            time.sleep(sleep_s)
+            return 2, sleep_s / 2
+        return call
+
+    out = one_client_interleaved({"fast": path("fast", 0.002), "slow": path("slow", 0.02)}, 3)
+    assert order == [("fast", 0), ("slow", 0), ("fast", 1), ("slow", 1), ("fast", 2), ("slow", 2)]
+    assert out["fast"]["requests"] == out["slow"]["requests"] == 3
+    assert out["slow"]["latency_median_s"] > 5 * out["fast"]["latency_median_s"]
+    # each path's clock is its own time: throughput is 1 / its latency, not diluted by the other path
+    assert out["slow"]["wall_requests_per_s"] == pytest.approx(1 / out["slow"]["latency_mean_s"])
+    assert out["fast"]["tokens"] == 6
 
 
 def test_closed_loop_counts_errors_and_goes_on():
@@ -50,12 +85,16 @@ def test_summary_and_targets():
         {"path": "engine", "clients": 1, "requests_per_s": 10.0, "latency_median_s": 0.100},
         {"path": "ray_unbatched", "clients": 1, "requests_per_s": 9.0, "latency_median_s": 0.110},
         {"path": "ray_batched", "clients": 1, "requests_per_s": 8.0, "latency_median_s": 0.120},
-        {"path": "ray_unbatched", "clients": 16, "requests_per_s": 9.0, "latency_median_s": 1.7},
-        {"path": "ray_batched", "clients": 16, "requests_per_s": 36.0, "latency_median_s": 0.4},
+        {"path": "ray_unbatched", "clients": 16, "requests_per_s": 9.0, "latency_median_s": 1.7,
+         "samples": {"requests_per_s": [9.0, 6.0]}},
+        {"path": "ray_batched", "clients": 16, "requests_per_s": 36.0, "latency_median_s": 0.4,
+         "samples": {"requests_per_s": [36.0, 30.0]}},
     ]
     s = serve_summary(rows)
     assert s["batching_speedup"] == {"1": pytest.approx(8 / 9), "16": pytest.approx(4.0)}
+    assert s["batching_speedup_per_round"] == {"1": [], "16": [pytest.approx(4.0), pytest.approx(5.0)]}
     assert s["ray_latency_overhead_1_client"] == {"ray_unbatched": pytest.approx(1.1), "ray_batched": pytest.approx(1.2)}
+    assert s["ray_latency_overhead_1_client_per_round"] == {"ray_unbatched": [], "ray_batched": []}
     met = {t["metric"]: t["met"] for t in serve_targets(rows)}
     assert met == {"batching_speedup_16_clients": True, "ray_unbatched_latency_over_engine_1_client": True,
                    "ray_batched_latency_over_engine_1_client": False}
@@ -75,12 +114,12 @@ def test_serve_engine_path_end_to_end():
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("ingress", ["model", "separate"])
-def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress):
+@pytest.mark.parametrize("ingress,direct", [("model", False), ("separate", False), ("model", True)])
+def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress, direct):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
                      "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
-                     "--ingress", ingress, "--plot", str(tmp_path / "serve.png")])
-    assert data["ingress"] == ingress
+                     "--ingress", ingress, "--plot", str(tmp_path / "serve.png")] + (["--direct-ingress"] if direct else []))
+    assert data["ingress"] == ingress and data["direct_ingress"] is direct
     paths = {(r["path"], r["clients"]) for r in data["rows"]}
     assert paths == {(p, c) for p in ("engine", "ray_unbatched", "ray_batched") for c in (1, 4)}
     assert all(r["errors"] == 0 and r["requests"] == 8 for r in data["rows"])

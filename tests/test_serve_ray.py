@@ -145,6 +145,13 @@ def test_concurrent_requests_are_batched(service, image_url):
     assert max(sizes) > 1
 
 
+def test_no_direct_urls_without_direct_ingress(service):
+    """The module's cluster was started without Serve's direct ingress: only the proxy serves the app."""
+    from vlmguard.workers.launch import direct_ingress_urls
+
+    assert service.direct_urls == [] and direct_ingress_urls(service.config, wait_s=0) == []
+
+
 # ---- bad input over HTTP --------------------------------------------------------------------------------
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:

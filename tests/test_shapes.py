@@ -72,3 +72,13 @@ def test_cpu_shape_keeps_the_vision_share_of_prefill_flops(name: str):
 
     full, cpu = vit_share(build_config(name)), vit_share(build_config(name + "-cpu"))
     assert 0.5 < cpu / full < 2.0, (full, cpu)
+
+
+def test_cpu4_shape_divides_both_towers_by_four():
+    full, cpu4 = build_config("llava-1.5-7b"), build_config("llava-1.5-7b-cpu4")
+    for part in ("vision_config", "text_config"):
+        f, c = getattr(full, part), getattr(cpu4, part)
+        assert c.num_hidden_layers == f.num_hidden_layers
+        assert (c.hidden_size * 4, c.intermediate_size * 4) == (f.hidden_size, f.intermediate_size)
+        assert c.hidden_size // c.num_attention_heads == f.hidden_size // f.num_attention_heads  # head dims kept
+    assert cpu4.vision_config.image_size == full.vision_config.image_size

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="turn dynamic batching off")
     sp.add_argument("--max-batch-size", type=int)
     sp.add_argument("--batch-wait-ms", type=float)
+    sp.add_argument("--direct-ingress", action="store_true", default=None,
+                    help="Ray Serve direct ingress: each replica also serves HTTP on its own port (printed), so "
+                         "clients can skip the Serve proxy (clusters started here get the flag)")
     sp.add_argument("--num-cpus", type=int, help="logical CPUs of a locally started cluster")
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
@@ -75,7 +78,7 @@ def _job_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vlmguard.workers.config import load_config
-    from vlmguard.workers.launch import apply_overrides, start_detached_cluster, start_service
+    from vlmguard.workers.launch import DIRECT_INGRESS_ENV, apply_overrides, start_detached_cluster, start_service
 
     if args.stop:
         from vlmguard.workers.ray_auth import use_local_auth_token
@@ -91,19 +94,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = apply_overrides(
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
         replicas=args.replicas, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0)
+        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0,
+        direct_ingress=args.direct_ingress)
     address = args.address
     if args.detach and not address:
-        address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
+        address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
+                                         direct_ingress=config.direct_ingress)
     svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
     info = {"url": svc.url, "models": [m.served_name for m in config.models], "jobs_address": svc.dashboard_url,
-            "openai_base_url": svc.url + "/v1", "detached": bool(args.detach)}
+            "openai_base_url": svc.url + "/v1", "detached": bool(args.detach), "direct_urls": svc.direct_urls}
     if args.json:
         _print_json(info)
     else:
         print(f"vlmguard serving {', '.join(info['models'])} at {svc.url}  (OpenAI base URL {svc.url}/v1)")
+        for u in svc.direct_urls:
+            print(f"direct ingress (replica's own server, no Serve proxy): {u}")
         if svc.dashboard_url:
             print(f"Ray dashboard / Jobs API: {svc.dashboard_url}")
+    if config.direct_ingress and not svc.direct_urls:
+        print(f"warning: direct ingress was asked for but the Ray cluster runs without it (start it with "
+              f"{DIRECT_INGRESS_ENV}=1); serving through the Serve proxy only", file=sys.stderr)
     sys.stdout.flush()
     if args.detach:
         if not args.json:

@@ -91,6 +91,11 @@ class ServiceConfig(BaseModel):
     # ``separate``.
     ingress: Literal["auto", "separate", "model"] = "auto"
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
+    # Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): every replica of the app's ingress
+    # deployment also serves HTTP on a port of its own (``Service.direct_urls``), so a client or load
+    # balancer can skip the Serve proxy; the proxy URL keeps working. A cluster-wide flag read when the
+    # cluster starts: vlmguard sets it on clusters it starts; start a cluster you join with it set.
+    direct_ingress: bool = False
     ingress_max_ongoing_requests: int = Field(256, ge=1)  # separate ingress only
 
     @field_validator("models")

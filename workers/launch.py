@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.ray_auth import use_local_auth_token
 
 DEFAULT_DASHBOARD_PORT = 8265
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,6 +42,8 @@ class Service:
     dashboard_url: str | None = None  # Ray dashboard / Jobs API address (None when unknown)
     owns_cluster: bool = False  # this process started the Ray cluster (shutdown() stops it)
     info: dict[str, Any] = field(default_factory=dict)
+    # base URLs of the ingress replicas' own HTTP servers (Ray Serve direct ingress; empty without it)
+    direct_urls: list[str] = field(default_factory=list)
 
     def shutdown(self, keep_cluster: bool = False) -> None:
         import ray
@@ -57,8 +61,11 @@ class Service:
 
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
                     batching: bool | None = None, model: str | None = None, replicas: int | None = None,
-                    max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None) -> ServiceConfig:
+                    max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
+                    direct_ingress: bool | None = None) -> ServiceConfig:
     data = config.model_dump()
+    if direct_ingress is not None:
+        data["direct_ingress"] = direct_ingress
     if port is not None:
         data["port"] = port
     if host is not None:
@@ -77,9 +84,33 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
     return ServiceConfig(**data)
 
 
+@contextmanager
+def cluster_env(direct_ingress: bool, drain_s: float | None = None):
+    """Environment for the Ray processes started inside the block (they inherit it; this process's is
+    restored afterwards): Serve's direct-ingress flag when asked for, and optionally the shortest drain of a
+    direct-ingress replica at shutdown (Ray's default, 30 s, gives load balancers time to notice)."""
+    if not direct_ingress:
+        yield
+        return
+    env = {DIRECT_INGRESS_ENV: "1"}
+    if drain_s is not None:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(drain_s)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
-                dashboard_port: int | None = None) -> tuple[bool, str | None]:
-    """Connect to ``address`` or start a local cluster owned by this process. Returns (owns, dashboard URL)."""
+                dashboard_port: int | None = None, direct_ingress: bool = False) -> tuple[bool, str | None]:
+    """Connect to ``address`` or start a local cluster owned by this process. Returns (owns, dashboard URL).
+    ``direct_ingress`` starts a local cluster with Serve's direct ingress on (no effect on joined clusters)."""
     import ray
 
     if ray.is_initialized():
@@ -94,8 +125,9 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
     if port == 0:
         port = free_port()
     # address="local": always a fresh cluster, never one some `ray start` left on this machine
-    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=port, log_to_driver=False)
+    with cluster_env(direct_ingress):
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, log_to_driver=False)
     return True, _dashboard_url(ctx) or f"http://127.0.0.1:{port}"
 
 
@@ -118,7 +150,8 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
 
     config = apply_overrides(config or ServiceConfig(), batching=batching,
                              port=free_port(config.host if config else "127.0.0.1") if port == 0 else port)
-    owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port)
+    owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port,
+                             direct_ingress=config.direct_ingress)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
@@ -134,7 +167,33 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     url += config.route_prefix.rstrip("/")
     svc = Service(url=url, config=config, dashboard_url=dash, owns_cluster=owns)
     wait_healthy(svc.url, timeout_s=wait_s, api_keys=config.resolved_api_keys())
+    if config.direct_ingress:
+        svc.direct_urls = direct_ingress_urls(config)
+        for u in svc.direct_urls:
+            wait_healthy(u, timeout_s=wait_s)
     return svc
+
+
+def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0) -> list[str]:
+    """Base URLs of the app's ingress replicas' own HTTP servers, from Serve's target groups (what a load
+    balancer reads; ``GET /api/serve/applications/`` on the dashboard returns the same). Empty when the
+    cluster runs without direct ingress."""
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        groups = _get_global_client().get_serve_details().get("target_groups") or []
+        urls = []
+        for g in groups:
+            if g.get("app_name") != config.app_name or str(g.get("protocol")).rsplit(".", 1)[-1] != "HTTP":
+                continue
+            for t in g.get("targets") or []:
+                if str(t.get("name", "")).startswith("SERVE_REPLICA::"):
+                    host = t["ip"] if config.host in ("0.0.0.0", "") else config.host
+                    urls.append(f"http://{host}:{t['port']}{g['route_prefix'].rstrip('/')}")
+        if urls or time.monotonic() > deadline:
+            return sorted(urls)
+        time.sleep(0.5)
 
 
 def _serve_port(config: ServiceConfig) -> int:
@@ -166,7 +225,7 @@ def wait_healthy(url: str, *, timeout_s: float = 300.0, api_keys: list[str] | No
 
 
 def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
-                           dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
+                           dashboard_port: int = DEFAULT_DASHBOARD_PORT, direct_ingress: bool = False) -> str:
     """``ray start --head`` on loopback (outlives this process). Returns the cluster address."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_bin if os.path.exists(ray_bin) else "ray", "start", "--head", f"--port={port}",
@@ -174,7 +233,8 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with cluster_env(direct_ingress):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise VlmguardError(f"ray start failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     return f"127.0.0.1:{port}"

@@ -86,13 +86,16 @@ def register(subparsers) -> None:
     s.set_defaults(repeats=3, warmup=1)
     s.add_argument("--clients", type=_csv(_positive), default=[1, 4, 16], help="concurrent clients, e.g. 1,4,16")
     s.add_argument("--requests", type=_positive, default=32,
-                   help="requests per measurement and round (split over the clients)")
+                   help="requests per measurement and round (split over the clients); throughput is taken over "
+                        "the steady part, without the first and last `clients` answers")
     s.add_argument("--new-tokens", type=int, default=16)
     s.add_argument("--max-batch", type=_positive, default=16, help="batch size limit of the batching service")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="batching window of the service")
     s.add_argument("--ingress", choices=["model", "separate"], default="model",
                    help="service topology: the model replica serves HTTP itself (model, the one-model default of "
                         "`vlmguard serve`) or behind a separate FastAPI ingress deployment")
+    s.add_argument("--direct-ingress", action="store_true",
+                   help="Ray Serve direct ingress: clients call the replicas' own HTTP servers, not the Serve proxy")
     s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
     s.set_defaults(func=cmd_serve)
 

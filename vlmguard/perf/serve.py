@@ -10,10 +10,13 @@ C in ``--clients``. Three paths, measured one after another on the same model:
 - ``ray_batched``: the same with dynamic batching on (``--max-batch``, ``--batch-wait-ms``; ``workers/batcher.py``).
 
 Both apps use the ``--ingress`` topology: ``model`` (the model replica serves HTTP itself: client -> Serve
-proxy -> replica) or ``separate`` (client -> proxy -> FastAPI ingress replica -> model replica).
+proxy -> replica) or ``separate`` (client -> proxy -> FastAPI ingress replica -> model replica). With
+``--direct-ingress`` the cluster runs Ray Serve's direct ingress and the clients call the ingress replica's own
+HTTP server (client -> replica).
 
-Reported per path and C: requests/s, generated tokens/s, median and p90 latency. Ratios: batched over
-unbatched throughput at each C, and Ray's median latency over the direct Engine's at 1 client.
+Reported per path and C: requests/s and generated tokens/s in the steady state (see :func:`closed_loop`),
+median and p90 latency. Ratios: batched over unbatched throughput at each C, and Ray's median latency over the
+direct Engine's at 1 client.
 Everything listens on 127.0.0.1 only and every loop is bounded by the request count.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from vlmguard.errors import VlmguardError
 from vlmguard.perf.timing import environment, median, ratio
 
 PROMPT = "Describe this image."
@@ -36,18 +40,68 @@ def _p90(xs: Sequence[float]) -> float | None:
     return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
 
 
+class _Recorder:
+    """Timings of the answers of one path: latency, what the path added around the engine, finish times."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.added: list[float] = []
+        self.done_at: list[tuple[float, int]] = []  # (finish time, tokens) per answer
+        self.errors: list[str] = []
+
+    def run(self, call: Callable[[int], tuple[int, float]], i: int, clock: float | None = None) -> float:
+        """One call; returns its latency (0 on error). ``clock``: the finish time to record (default: now)."""
+        t0 = time.perf_counter()
+        try:
+            n, engine_s = call(i)
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            with self.lock:
+                self.errors.append(f"{type(e).__name__}: {e}"[:200])
+            return 0.0
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        with self.lock:
+            self.done_at.append((t1 if clock is None else clock + dt, n))
+            self.latencies.append(dt)
+            self.added.append(dt - engine_s)
+        return dt
+
+    def result(self, clients: int, wall: float) -> dict[str, Any]:
+        lat = self.latencies
+        rps, tps = steady_throughput(sorted(self.done_at), clients, wall)
+        return {
+            "clients": clients,
+            "requests": len(lat),
+            "errors": len(self.errors),
+            "error_samples": self.errors[:3],
+            "wall_s": wall,
+            "requests_per_s": rps,
+            "tokens_per_s": tps,
+            "wall_requests_per_s": len(lat) / wall if wall > 0 else None,
+            "tokens": sum(k for _, k in self.done_at),
+            "latency_median_s": median(lat),
+            "latency_p90_s": _p90(lat),
+            "latency_mean_s": statistics.fmean(lat) if lat else None,
+            "added_latency_median_s": median(self.added),
+        }
+
+
 def closed_loop(call: Callable[[int], tuple[int, float]], n_requests: int, clients: int) -> dict[str, Any]:
     """Run ``n_requests`` calls from ``clients`` threads and time them.
 
     ``call(i) -> (tokens generated, engine seconds)``: the engine's own ``timings.total_s`` for the request,
     so ``latency - engine seconds`` is what the path adds around the engine (queueing, HTTP, Ray, JSON).
+
+    Throughput is that of the steady state: answers between the ``clients``-th and the
+    ``clients``-th-from-last, over the time between them. Before it the clients are still sending their
+    first requests (a batching server's first batch holds whoever came first), after it fewer than
+    ``clients`` are left; with few rounds per client those edges would dominate. With fewer than
+    ``2 * clients + 1`` answers the whole run is used. ``wall_requests_per_s`` is answers / wall time.
     """
+    rec = _Recorder()
     lock = threading.Lock()
     next_i = [0]
-    latencies: list[float] = []
-    added: list[float] = []
-    tokens = [0]
-    errors: list[str] = []
 
     def client() -> None:
         while True:
@@ -56,38 +110,40 @@ def closed_loop(call: Callable[[int], tuple[int, float]], n_requests: int, clien
                 if i >= n_requests:
                     return
                 next_i[0] += 1
-            t0 = time.perf_counter()
-            try:
-                n, engine_s = call(i)
-            except Exception as e:  # noqa: BLE001 - reported, the run goes on
-                with lock:
-                    errors.append(f"{type(e).__name__}: {e}"[:200])
-                continue
-            dt = time.perf_counter() - t0
-            with lock:
-                latencies.append(dt)
-                added.append(dt - engine_s)
-                tokens[0] += n
+            rec.run(call, i)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         for f in [pool.submit(client) for _ in range(clients)]:
             f.result()
-    wall = time.perf_counter() - t0
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "wall_s": wall,
-        "requests_per_s": len(latencies) / wall if wall > 0 else None,
-        "tokens_per_s": tokens[0] / wall if wall > 0 else None,
-        "tokens": tokens[0],
-        "latency_median_s": median(latencies),
-        "latency_p90_s": _p90(latencies),
-        "latency_mean_s": statistics.fmean(latencies) if latencies else None,
-        "added_latency_median_s": median(added),
-    }
+    return rec.result(clients, time.perf_counter() - t0)
+
+
+def one_client_interleaved(calls: dict[str, Callable[[int], tuple[int, float]]],
+                           n_requests: int) -> dict[str, dict[str, Any]]:
+    """One client, the paths taking turns request by request (engine, ray_unbatched, ray_batched, engine,
+    ...), so a drift in the machine's speed hits every path alike; each path's clock is its own time."""
+    recs = {p: _Recorder() for p in calls}
+    own = dict.fromkeys(calls, 0.0)
+    for i in range(n_requests):
+        for path, call in calls.items():
+            own[path] += recs[path].run(call, i, clock=own[path])
+    return {p: recs[p].result(1, own[p]) for p in calls}
+
+
+def steady_throughput(done_at: list[tuple[float, int]], clients: int,
+                      wall: float) -> tuple[float | None, float | None]:
+    """(requests/s, tokens/s) between the ``clients``-th answer and the ``clients``-th from last; the
+    tokens of the answers after the first edge. Whole run when there are too few answers for a window."""
+    n = len(done_at)
+    if n > 2 * clients:
+        first, last = clients - 1, n - clients
+        span = done_at[last][0] - done_at[first][0]
+        if span > 0:
+            return (last - first) / span, sum(k for _, k in done_at[first + 1:last + 1]) / span
+    if wall <= 0:
+        return None, None
+    return n / wall, sum(k for _, k in done_at) / wall
 
 
 def engine_caller(engine: Any, images: list, new_tokens: int) -> Callable[[int], tuple[int, float]]:
@@ -128,8 +184,8 @@ def http_caller(url: str, image_urls: list[str], new_tokens: int,
 
 def _aggregate(path: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from the repeated measurements of a (path, clients) cell: medians, totals, samples."""
-    keys = ("requests_per_s", "tokens_per_s", "latency_median_s", "latency_p90_s", "latency_mean_s",
-            "added_latency_median_s")
+    keys = ("requests_per_s", "tokens_per_s", "wall_requests_per_s", "latency_median_s", "latency_p90_s",
+            "latency_mean_s", "added_latency_median_s")
     row: dict[str, Any] = {"path": path, "clients": clients,
                            "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
                            "error_samples": [e for r in runs for e in r["error_samples"]][:3],
@@ -144,7 +200,7 @@ def _aggregate(path: str, clients: int, runs: list[dict[str, Any]]) -> dict[str,
 def measure_paths(calls: dict[str, Callable[[int], tuple[int, float]]], clients: Sequence[int], n_requests: int, repeats: int,
                   warmup: int, progress=None) -> list[dict[str, Any]]:
     """For each client count, ``repeats`` rounds in which the paths take turns (round-robin, so the load of a
-    shared machine hits them alike); medians over rounds."""
+    shared machine hits them alike; at one client request by request); medians over rounds."""
     for path, call in calls.items():  # untimed: first-call costs, allocator and batcher warm-up
         for i in range(warmup * max(clients)):
             call(i)
@@ -152,8 +208,10 @@ def measure_paths(calls: dict[str, Callable[[int], tuple[int, float]]], clients:
     for c in clients:
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in calls}
         for rep in range(repeats):
+            if c == 1:
+                one = one_client_interleaved(calls, n_requests)
             for path, call in calls.items():
-                r = closed_loop(call, max(n_requests, c), c)
+                r = one[path] if c == 1 else closed_loop(call, max(n_requests, c), c)
                 runs[path].append(r)
                 if progress:
                     progress(f"round {rep + 1}/{repeats} {path} clients={c}: {r['requests_per_s'] or 0:.2f} req/s, "
@@ -179,13 +237,17 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     started_ray = False
     try:
         if not args.no_ray:
-            started_ray = _private_ray()
+            direct = bool(getattr(args, "direct_ingress", False))
+            started_ray = _private_ray(direct)
             image_urls = [image_to_data_url(im) for im in images]
             for batching in (False, True):
                 svc = _start(args, batching, threads, clients, progress)
                 services.append(svc)
                 path = "ray_batched" if batching else "ray_unbatched"
-                calls[path] = http_caller(svc.url, image_urls, args.new_tokens, {})
+                if direct and not svc.direct_urls:
+                    raise VlmguardError("--direct-ingress: the Ray cluster runs without Serve's direct ingress "
+                                        "(perf serve needs a cluster of its own; is another one initialised?)")
+                calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, args.new_tokens, {})
         rows = measure_paths(calls, clients, args.requests, args.repeats, args.warmup, progress)
     finally:
         for svc in services:
@@ -207,6 +269,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
         "ingress": None if args.no_ray else args.ingress,
+        "direct_ingress": None if args.no_ray else bool(getattr(args, "direct_ingress", False)),
         "environment": env,
         "rows": rows,
         "summary": serve_summary(rows),
@@ -214,16 +277,19 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     }
 
 
-def _private_ray() -> bool:
+def _private_ray(direct_ingress: bool = False) -> bool:
     """A private local Ray cluster (even when another one runs on this machine). True if we started it."""
     import os
 
     import ray
 
+    from vlmguard.workers.launch import cluster_env
+
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with cluster_env(direct_ingress, drain_s=0):  # a benchmark's replicas need no drain at the end
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -240,7 +306,7 @@ def _start(args: Any, batching: bool, threads: int, clients: list[int], progress
                             batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
                                                     batch_wait_timeout_s=args.batch_wait_ms / 1000.0))],
         api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
-        route_prefix=f"/{name}", ingress=args.ingress)
+        route_prefix=f"/{name}", ingress=args.ingress, direct_ingress=bool(getattr(args, "direct_ingress", False)))
     if progress:
         progress(f"starting the service app {name} (dynamic batching {'on' if batching else 'off'})")
     return start_service(cfg, port=0)
@@ -248,16 +314,27 @@ def _start(args: Any, batching: bool, threads: int, clients: list[int], progress
 
 def serve_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["path"], r["clients"]): r for r in rows}
-    out: dict[str, Any] = {"batching_speedup": {}, "ray_latency_overhead_1_client": {}}
+    out: dict[str, Any] = {"batching_speedup": {}, "batching_speedup_per_round": {},
+                           "ray_latency_overhead_1_client": {}, "ray_latency_overhead_1_client_per_round": {}}
     for (path, c), r in by.items():
         if path == "ray_batched" and ("ray_unbatched", c) in by:
-            out["batching_speedup"][str(c)] = ratio(r["requests_per_s"], by[("ray_unbatched", c)]["requests_per_s"])
+            un = by[("ray_unbatched", c)]
+            out["batching_speedup"][str(c)] = ratio(r["requests_per_s"], un["requests_per_s"])
+            out["batching_speedup_per_round"][str(c)] = [ratio(b, u) for b, u in
+                                                         _round_pairs(r, un, "requests_per_s")]
     eng = by.get(("engine", 1))
     for path in ("ray_unbatched", "ray_batched"):
         if eng and (path, 1) in by:
-            out["ray_latency_overhead_1_client"][path] = ratio(by[(path, 1)]["latency_median_s"],
-                                                               eng["latency_median_s"])
+            r = by[(path, 1)]
+            out["ray_latency_overhead_1_client"][path] = ratio(r["latency_median_s"], eng["latency_median_s"])
+            out["ray_latency_overhead_1_client_per_round"][path] = [
+                ratio(a, b) for a, b in _round_pairs(r, eng, "latency_median_s")]
     return out
+
+
+def _round_pairs(a: dict[str, Any], b: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    """(a, b) values of ``key`` round by round (the rows' raw samples)."""
+    return list(zip((a.get("samples") or {}).get(key, []), (b.get("samples") or {}).get(key, [])))
 
 
 def serve_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,12 +360,19 @@ def serve_table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [f"perf serve  shape={result['shape']}  new_tokens={result['new_tokens']}  requests={result['requests']}  "
              f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
-             f"ingress={result.get('ingress')}  threads={env.get('threads')}",
+             f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
+             f"threads={env.get('threads')}",
              table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s"], rows)]
     if s["batching_speedup"]:
         lines.append("batching speed-up (batched / unbatched req/s): "
                      + ", ".join(f"{c} clients {fmt(v)}x" for c, v in s["batching_speedup"].items()))
+    if any(s.get("batching_speedup_per_round", {}).values()):
+        lines.append("  per round (paths adjacent in time): " + "; ".join(
+            f"{c} clients " + ", ".join(fmt(v) for v in vs) for c, vs in s["batching_speedup_per_round"].items()))
     if s["ray_latency_overhead_1_client"]:
         lines.append("Ray latency / Engine latency at 1 client: "
                      + ", ".join(f"{p} {fmt(v)}x" for p, v in s["ray_latency_overhead_1_client"].items()))
+        per = s.get("ray_latency_overhead_1_client_per_round", {})
+        if any(per.values()):
+            lines.append("  per round: " + "; ".join(f"{p} " + ", ".join(fmt(v) for v in vs) for p, vs in per.items()))
     return "\n".join(lines)
