@@ -27,6 +27,7 @@ from vlmguard.workers.ray_auth import use_local_auth_token
 
 DEFAULT_DASHBOARD_PORT = 8265
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+OWNED_CLUSTER_DRAIN_S = 5.0  # min drain of a direct-ingress replica on a cluster that ends with this process
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,8 +125,9 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
     port = dashboard_port if dashboard_port is not None else DEFAULT_DASHBOARD_PORT
     if port == 0:
         port = free_port()
-    # address="local": always a fresh cluster, never one some `ray start` left on this machine
-    with cluster_env(direct_ingress):
+    # address="local": always a fresh cluster, never one some `ray start` left on this machine. It ends with
+    # this process, so a direct-ingress replica's drain at shutdown (for load balancers) is kept short.
+    with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S):
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=port, log_to_driver=False)
     return True, _dashboard_url(ctx) or f"http://127.0.0.1:{port}"
