@@ -78,6 +78,9 @@ class Decoder:
     name: ClassVar[str] = "base"
     Params: ClassVar[type[BaseModel]] = NoParams
     hidden_layers: tuple[int, ...] = ()
+    # True when decoding keeps no per-request state after ``setup`` and ``combine`` ignores the step index:
+    # then requests can join a running batch between steps (in-flight batching, ``DecodeBatch.absorb``).
+    joinable: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel):
         self.params = params

@@ -11,9 +11,9 @@ from vlmguard.decoding.registry import DECODERS
 
 @DECODERS.register("greedy", "none")
 class Greedy(Decoder):
-    pass
+    joinable = True
 
 
 @DECODERS.register("sample")
 class Sample(Decoder):
-    pass
+    joinable = True

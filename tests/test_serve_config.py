@@ -42,6 +42,18 @@ def test_config_errors_are_one_line():
         parse_config({"ingress": "proxy"})
     with pytest.raises(InvalidInput, match="ingress_replicas applies to a separate ingress"):
         parse_config({"ingress": "model", "ingress_replicas": 2})
+    with pytest.raises(InvalidInput, match="batching.mode"):
+        parse_config({"models": [{"model": "tiny", "batching": {"mode": "continuous"}}]})
+
+
+def test_batching_mode_defaults_to_inflight_and_can_be_overridden():
+    from vlmguard.workers.launch import apply_overrides
+
+    cfg = parse_config({"models": [{"model": "tiny"}]})
+    assert cfg.models[0].batching.mode == "inflight"
+    whole = apply_overrides(cfg, batch_mode="whole", max_batch_size=4)
+    assert whole.models[0].batching.mode == "whole" and whole.models[0].batching.max_batch_size == 4
+    assert cfg.models[0].batching.mode == "inflight"  # the original is not changed
 
 
 def test_ingress_topology_follows_the_config():

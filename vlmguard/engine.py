@@ -20,13 +20,14 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from vlmguard.attention import ScoreRequest, choose_attention, register_attention_functions
-from vlmguard.decoding.base import Branch, DecodeContext, StepInputs
+from vlmguard.decode_batch import DecodeBatch, LiveRequest
+from vlmguard.decoding.base import Branch, DecodeContext
 from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError
 from vlmguard.images import check_image
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
 from vlmguard.pruning.base import PruneContext
-from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
+from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import LayerRunner
 from vlmguard.sampling import Sampler
 from vlmguard.sequence import Seq, compact_positions
@@ -192,6 +193,25 @@ class Engine:
         return out
 
     def _run(self, requests: list[Request], spec: GenerationSpec) -> Iterator[StreamEvent]:
+        batch = self.start_batch(requests, spec)
+        try:
+            while batch.active:
+                yield from batch.advance()
+        finally:
+            batch.close()
+
+    def start_batch(self, requests: Sequence[Request], spec: GenerationSpec | None = None,
+                    indices: Sequence[int] | None = None) -> DecodeBatch:
+        """Set up the decoder and prefill ``requests``: a :class:`DecodeBatch` ready to ``advance()`` token by
+        token (the caller must ``close()`` it). ``indices``: the ``StreamEvent.index`` of each request
+        (default 0..n-1). Raises on bad input before anything is generated."""
+        spec = spec or GenerationSpec()
+        requests = list(requests)
+        if not requests:
+            raise InvalidInput("no requests")
+        indices = list(range(len(requests))) if indices is None else list(indices)
+        if len(indices) != len(requests):
+            raise InvalidInput(f"{len(indices)} indices for {len(requests)} requests")
         t0 = time.perf_counter()
         pruner, decoder = spec.resolve()
         adapter = self.adapter
@@ -211,14 +231,15 @@ class Engine:
             row_prompts = list(prompts) + [bl[k].prompt for k in range(len(names)) for bl in branch_lists]
             transforms = [None] * n_req + [bl[k].visual_transform for k in range(len(names)) for bl in branch_lists]
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]
-            yield from self._generate_rows(requests, spec, pruner, decoder, dctx, branch_names, row_prompts,
-                                           transforms, shares, t0, t_setup)
-        finally:
+            return self._prefill_rows(requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
+                                      transforms, shares, t0, t_setup)
+        except BaseException:
             decoder.teardown(dctx)
+            raise
 
-    def _generate_rows(self, requests, spec, pruner, decoder, dctx, branch_names, row_prompts, transforms,
-                       shares, t0, t_setup) -> Iterator[StreamEvent]:
-        adapter, runner, tok = self.adapter, self.runner, self.adapter.tokenizer
+    def _prefill_rows(self, requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
+                      transforms, shares, t0, t_setup) -> DecodeBatch:
+        adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
         batch: EncodedBatch = adapter.encode(row_prompts)
         prompt_len = batch.attention_mask.sum(dim=1).tolist()
@@ -281,10 +302,10 @@ class Engine:
             return keep
 
         t_pre = time.perf_counter()
-        hidden_layers = tuple(decoder.hidden_layers)
         llm_side = pruner.side in ("llm", "both")
         logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
-                                               after=after if llm_side else None, hidden_layers=hidden_layers)
+                                               after=after if llm_side else None,
+                                               hidden_layers=tuple(decoder.hidden_layers))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre
@@ -292,104 +313,21 @@ class Engine:
 
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
         final_visual = state.final_seq.visual
-        kept_idx: list[list[int] | None] = []
+        now = time.perf_counter()
+        lives = []
         for r in range(n_req):
-            if not n_visual[r]:
-                kept_idx.append(None)
-            else:  # the final sequence's visual indices: after vision-side and any LLM-side cut
+            kept = None
+            if n_visual[r]:  # the final sequence's visual indices: after vision-side and any LLM-side cut
                 v = final_visual[r]
-                kept_idx.append(sorted(v[v >= 0].tolist()))
-
-        # -- decode loop
-        sampler = Sampler(spec, n_req, self.device)
-        eos = set(adapter.eos_token_ids)
-        active = list(range(n_req))  # request indices still generating, in row order
-        dctx.active = list(active)
-        gen: list[list[int]] = [[] for _ in range(n_req)]
-        steps: list[list[StepDiagnostic]] = [[] for _ in range(n_req)]
-        sent_text = [""] * n_req
-        per_tok: list[list[float]] = [[] for _ in range(n_req)]
-        finish = ["length"] * n_req
-        ttft = [0.0] * n_req
-        decode_s = 0.0
-        t_step = time.perf_counter()
-        step = 0
-        while active:
-            na = len(active)
-            per_branch = {name: logits[k * na:(k + 1) * na] for k, name in enumerate(branch_names)}
-            combined = decoder.combine(StepInputs(logits=per_branch, hidden=hidden, step=step))
-            tokens = sampler.select(combined.scores, rows=active)
-            now = time.perf_counter()
-            dt = now - t_step
-            finished_rows: list[int] = []
-            tok_list = tokens.tolist()
-            main_top = per_branch["main"].argmax(dim=-1).tolist()
-            if spec.diagnostics:
-                idx = tokens[:, None]
-                mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
-                cp = (combined.contrast_logprobs.gather(1, idx).exp().squeeze(1).tolist()
-                      if combined.contrast_logprobs is not None else [None] * na)
-                sc = combined.scores.gather(1, idx).squeeze(1).tolist()
-            for j, req_i in enumerate(active):
-                t = tok_list[j]
-                if step == 0:
-                    ttft[req_i] = now - t0
-                per_tok[req_i].append(dt)
-                if t in eos:
-                    finish[req_i] = "stop"
-                    finished_rows.append(j)
-                    continue
-                gen[req_i].append(t)
-                if spec.diagnostics:
-                    steps[req_i].append(StepDiagnostic(token_id=t, token=tok.convert_ids_to_tokens(t),
-                                                       main_prob=mp[j], contrast_prob=cp[j], score=sc[j],
-                                                       main_top_id=main_top[j]))
-                text = tok.decode(gen[req_i], skip_special_tokens=True)
-                stop_hit = next((s for s in spec.stop if s and s in text), None)
-                if stop_hit is not None:
-                    text = text[: text.index(stop_hit)]
-                    finish[req_i] = "stop"
-                    finished_rows.append(j)
-                elif len(gen[req_i]) >= spec.max_new_tokens:
-                    finished_rows.append(j)
-                delta = text[len(sent_text[req_i]):] if text.startswith(sent_text[req_i]) else text
-                if delta and (stop_hit is not None or not text.endswith("\ufffd")):
-                    sent_text[req_i] = text
-                    yield StreamEvent(index=req_i, token_id=t, text=delta)
-            done_now = [active[j] for j in finished_rows]
-            for req_i in done_now:
-                final_text = tok.decode(gen[req_i], skip_special_tokens=True)
-                stop_hit = next((s for s in spec.stop if s and s in final_text), None)
-                if stop_hit is not None:
-                    final_text = final_text[: final_text.index(stop_hit)]
-                total = time.perf_counter() - t0
-                res = GenerationResult(
-                    text=final_text.strip(), token_ids=gen[req_i], finish_reason=finish[req_i],
-                    prompt_tokens=int(prompt_len[req_i]), visual_tokens=int(n_visual[req_i]),
-                    visual_tokens_kept=[int(x) for x in visual_fed[req_i]], kept_indices=kept_idx[req_i],
-                    timings=Timings(vision_s=vision_s, prefill_s=prefill_s, decode_s=decode_s + dt, ttft_s=ttft[req_i],
-                                    total_s=total, per_token_s=per_tok[req_i], setup_s=t_setup, batch_size=n_req),
-                    steps=steps[req_i], pruning=self._pruning_report(pruner, pctx, req_i),
-                    decoding={**decoder.describe(), **dctx.report}, request_id=requests[req_i].request_id)
-                yield StreamEvent(index=req_i, token_id=None, text="", done=True, result=res)
-            keep_j = [j for j in range(na) if j not in set(finished_rows)]
-            if not keep_j:
-                break
-            if finished_rows:
-                rows = torch.tensor([k * na + j for k in range(nb) for j in keep_j], device=self.device)
-                runner.reorder(state, rows)
-                tokens = tokens[keep_j]
-                hidden = {k: v[keep_j] for k, v in hidden.items()}
-                active = [active[j] for j in keep_j]
-                dctx.active = list(active)
-            t_dec = time.perf_counter()
-            logits, hid = runner.decode_step(tokens.repeat(nb), state, hidden_layers=hidden_layers)
-            hidden = {k: v[: len(active)] for k, v in hid.items()}
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            decode_s += time.perf_counter() - t_dec
-            t_step = t_dec  # a token's time = its decode forward + combine + token selection
-            step += 1
+                kept = sorted(v[v >= 0].tolist())
+            lives.append(LiveRequest(
+                index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
+                vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
+                visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
+                batch_size=n_req, rng_row=r, cohort=(decoder, dctx)))
+        return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=spec,
+                           decoder=decoder, dctx=dctx, branch_names=branch_names, state=state, logits=logits,
+                           hidden=hidden, lives=lives, sampler=Sampler(spec, n_req, self.device), device=self.device)
 
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:

@@ -61,9 +61,36 @@ class GrowingLayer(DynamicLayer):
         self._kbuf = self._vbuf = None
         super().reset()
 
+    def fill_rows(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Become the row blocks ``keys``/``values`` (B_i, H, S_i, D) stacked along the batch axis, each
+        left-padded with zeros to ``length`` slots, written once into a buffer with room for appends."""
+        self.lazy_initialization(keys[0], values[0])
+        cap = length + max(MIN_HEADROOM, length // 4)
+        rows = sum(k.shape[0] for k in keys)
+        bufs = []
+        for parts in (keys, values):
+            first = parts[0]
+            buf = first.new_empty((rows, *first.shape[1:-2], cap, first.shape[-1]))
+            r = 0
+            for x in parts:
+                pad = length - x.shape[-2]
+                if pad:
+                    buf[r:r + x.shape[0], ..., :pad, :] = 0
+                buf[r:r + x.shape[0], ..., pad:length, :] = x
+                r += x.shape[0]
+            bufs.append(buf)
+        self._kbuf, self._vbuf = bufs
+        self.keys, self.values = self._kbuf[..., :length, :], self._vbuf[..., :length, :]
+
 
 class GrowingCache(DynamicCache):
     """A ``DynamicCache`` (same API and type) built of :class:`GrowingLayer`s."""
 
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+    def fill_layer(self, layer_idx: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Layer ``layer_idx`` := the left-padded row blocks (see :meth:`GrowingLayer.fill_rows`)."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(GrowingLayer())
+        self.layers[layer_idx].fill_rows(keys, values, length)

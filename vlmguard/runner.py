@@ -12,6 +12,7 @@ attention masks and keeps per-layer bookkeeping:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,13 @@ BeforeHook = Callable[[int, Seq], ScoreRequest | None]
 AfterHook = Callable[[int, Seq, ScoreRequest | None], torch.Tensor | None]
 
 
+def _cache_keyword(layer: torch.nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: ``cache`` in recent transformers 5.x (5.24
+    deprecates ``past_key_values``, to be removed in 5.40), ``past_key_values`` in earlier ones."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @dataclass
 class DecodeState:
     cache: DynamicCache
@@ -41,6 +49,7 @@ class LayerRunner:
     def __init__(self, adapter, flash: bool = False):
         self.adapter = adapter
         self.flash = flash
+        self._cache_kw = _cache_keyword(adapter.layers[0])
 
     # ---- masks ---------------------------------------------------------------------------
     def _prefill_mask(self, seq: Seq) -> torch.Tensor | None:
@@ -84,10 +93,10 @@ class LayerRunner:
             visual_fed.append(seq.visual_counts())
             if req is not None:
                 with score_probe(ad.attention_module(i), req):
-                    h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache,
+                    h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache},
                               use_cache=True)
             else:
-                h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache,
+                h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache},
                           use_cache=True)
             if all_hidden or i in hidden_layers:
                 captured[i] = h[:, -1] if not all_hidden else h
@@ -123,7 +132,7 @@ class LayerRunner:
             if key not in new_valid:
                 new_valid[key] = torch.cat([state.layer_valid[i], ones], dim=1)
                 masks[key] = self._decode_mask(new_valid[key], h.dtype)
-            h = layer(h, attention_mask=masks[key], position_embeddings=rope, past_key_values=state.cache,
+            h = layer(h, attention_mask=masks[key], position_embeddings=rope, **{self._cache_kw: state.cache},
                       use_cache=True)
             if i in hidden_layers:
                 captured[i] = h[:, -1]
@@ -133,9 +142,49 @@ class LayerRunner:
         logits = ad.lm_head(ad.norm(h))[:, 0].float()
         return logits, captured
 
+    @staticmethod
+    def merge(a: DecodeState, b: DecodeState, order: torch.Tensor | None = None) -> DecodeState:
+        """One state for the rows of ``a`` then ``b``, permuted by ``order`` if given (in-flight batching).
+
+        Per layer, the shorter side is left-padded with masked slots (``layer_valid`` False), so every row
+        attends to exactly its own keys; positions stay per row. Layers that shared a validity tensor in
+        both states (one pruning stage) share the merged one."""
+        cache = GrowingCache()
+        merged_valid: dict[tuple[int, int], torch.Tensor] = {}
+        layer_valid = []
+        for i, (va, vb) in enumerate(zip(a.layer_valid, b.layer_valid)):
+            la, lb = a.cache.layers[i], b.cache.layers[i]
+            length = max(va.shape[1], vb.shape[1])
+            key = (id(va), id(vb))
+            if key not in merged_valid:
+                v = torch.cat([_left_pad(va, length), _left_pad(vb, length)])
+                merged_valid[key] = v if order is None else v[order]
+            layer_valid.append(merged_valid[key])
+            if order is None:  # one copy, straight into the appendable buffer
+                cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
+            else:
+                cache.fill_layer(i, [torch.cat([_left_pad(la.keys, length, 2), _left_pad(lb.keys, length, 2)])[order]],
+                                 [torch.cat([_left_pad(la.values, length, 2),
+                                             _left_pad(lb.values, length, 2)])[order]], length)
+        positions = torch.cat([a.next_positions, b.next_positions], dim=-1)
+        if order is not None:
+            positions = positions[..., order]
+        return DecodeState(cache=cache, layer_valid=layer_valid, next_positions=positions,
+                           visual_per_layer=[], final_seq=a.final_seq)
+
     def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
         """Keep only the rows in ``index`` (e.g. drop finished requests from the batch)."""
         state.cache.batch_select_indices(index)
         groups: dict[int, torch.Tensor] = {}
         state.layer_valid = [groups.setdefault(id(v), v[index]) for v in state.layer_valid]
         state.next_positions = state.next_positions[..., index]
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    """Pad ``x`` on the left of ``dim`` to ``length`` with zeros (False for bool masks)."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmguard.api_schema import (
@@ -149,28 +150,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return error_json(500, f"internal error: {type(e).__name__}: {e}", "server_error", type(e).__name__)
 
     # ---- auth, size limit and metrics around every request ---------------------------------------
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = _route_path(request)
-        metrics.request_started()
-        status = 500
-        try:
-            if api_keys and path not in PUBLIC_PATHS and not _authorized(request, api_keys):
-                response = error_json(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                                      "authentication_error", "invalid_api_key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-            else:
-                length = request.headers.get("content-length")
-                if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
-                    response = error_json(413, f"request body of {int(length)} bytes exceeds the limit of "
-                                               f"{config.max_request_bytes} bytes", "request_too_large")
-                else:
-                    response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.request_finished(path, status, time.perf_counter() - t0)
+    app.add_middleware(_Guard, config=config, api_keys=api_keys, metrics=metrics)
 
     # ---- helpers -----------------------------------------------------------------------------------
     async def read_json(request: Request, model_cls: type[BaseModel]) -> Any:
@@ -341,18 +321,57 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     return app
 
 
-def _route_path(request: Request) -> str:
+class _Guard:
+    """Auth, the request size limit and metrics around every HTTP request, as a plain ASGI middleware
+    (Starlette's ``BaseHTTPMiddleware`` runs each request through an extra task and memory streams)."""
+
+    def __init__(self, app: Any, *, config: ServiceConfig, api_keys: list[bytes], metrics: ServiceMetrics):
+        self.app, self.config, self.api_keys, self.metrics = app, config, api_keys, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = _route_path(scope)
+        self.metrics.request_started()
+        status = [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            headers = Headers(scope=scope)
+            length = headers.get("content-length")
+            if self.api_keys and path not in PUBLIC_PATHS and not _authorized(headers, self.api_keys):
+                response = error_json(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                      "authentication_error", "invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            elif length is not None and length.isdigit() and int(length) > self.config.max_request_bytes:
+                response = error_json(413, f"request body of {int(length)} bytes exceeds the limit of "
+                                           f"{self.config.max_request_bytes} bytes", "request_too_large")
+            else:
+                await self.app(scope, receive, send_status)
+                return
+            await response(scope, receive, send_status)
+        finally:
+            self.metrics.request_finished(path, status[0], time.perf_counter() - t0)
+
+
+def _route_path(scope: dict[str, Any]) -> str:
     """The path within the app (Serve's route prefix removed); unknown paths count as "other" in metrics."""
-    path = request.url.path
-    root = request.scope.get("root_path") or ""
+    path = scope.get("path") or "/"
+    root = scope.get("root_path") or ""
     if root and path.startswith(root):
         path = path[len(root):] or "/"
     return path if path in ROUTES else "other"
 
 
-def _authorized(request: Request, keys: list[bytes]) -> bool:
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
+def _authorized(headers: Headers, keys: list[bytes]) -> bool:
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
     if not given:

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="turn dynamic batching off")
     sp.add_argument("--max-batch-size", type=int)
     sp.add_argument("--batch-wait-ms", type=float)
+    sp.add_argument("--batch-mode", choices=["inflight", "whole"],
+                    help="inflight (default): requests join the running batch between decode steps; whole: the "
+                         "next batch forms when the engine is free")
     sp.add_argument("--direct-ingress", action="store_true", default=None,
                     help="Ray Serve direct ingress: each replica also serves HTTP on its own port (printed), so "
                          "clients can skip the Serve proxy (clusters started here get the flag)")
@@ -95,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
         replicas=args.replicas, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0,
-        direct_ingress=args.direct_ingress)
+        direct_ingress=args.direct_ingress, batch_mode=args.batch_mode)
     address = args.address
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,

@@ -16,15 +16,19 @@ from vlmguard.errors import InvalidInput
 
 
 class BatchingConfig(BaseModel):
-    """Dynamic batching of concurrent requests into one ``Engine.generate`` call (``batcher.EngineBatcher``).
+    """Dynamic batching of concurrent requests on one replica.
 
-    The next batch is formed when the engine is free: everything queued, up to ``max_batch_size``. Under load
-    (the previous batch held several requests) it also waits up to ``batch_wait_timeout_s`` for requests
-    still on their way; a lone request never waits."""
+    ``mode: inflight`` (``inflight.InflightBatcher``): requests join the running batch between two decode
+    steps, up to ``max_batch_size`` decoding at once; joiners wait up to ``batch_wait_timeout_s`` to share
+    one prefill. Only plain decoding (greedy / sampling) joins; other decoders run as whole batches.
+    ``mode: whole`` (``batcher.EngineBatcher``): the next batch is formed when the engine is free, everything
+    queued up to ``max_batch_size``; under load (the previous batch held several requests) it also waits up
+    to ``batch_wait_timeout_s`` for requests still on their way. In both, a lone request never waits."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    mode: Literal["inflight", "whole"] = "inflight"
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
 

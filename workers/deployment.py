@@ -4,10 +4,10 @@ Two deployments share :class:`ModelReplica`: ``ModelWorker`` is called through h
 FastAPI ingress (``ingress.py``); ``ModelApi`` is the same replica serving the HTTP API itself
 (``ServiceConfig.ingress``: ``model``), so a request crosses the Serve proxy and this replica only.
 
-Concurrent ``generate`` calls on a replica are collected by an :class:`EngineBatcher` (the next batch is
-formed when the engine is free, up to ``max_batch_size``; see ``batcher.py`` for why not ``@serve.batch``)
-and run as one ``Engine.generate`` per distinct spec in a worker thread, so the replica's event loop stays
-free to accept requests and answer health checks. Streaming calls run alone (one request per engine call)
+Concurrent ``generate`` calls on a replica are batched in a worker thread, so the replica's event loop stays
+free to accept requests and answer health checks: by an :class:`InflightBatcher` (default; requests join the
+running batch between decode steps, ``inflight.py``) or an :class:`EngineBatcher` (``batching.mode: whole``:
+the next batch is formed when the engine is free; see ``batcher.py`` for why not ``@serve.batch``). Streaming calls run alone (one request per engine call)
 and stop generating when the client goes away.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.batcher import EngineBatcher
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.inflight import InflightBatcher
 
 _DONE = object()
 
@@ -34,8 +35,9 @@ class ModelReplica:
         self.worker = EngineWorker(cfg.model, name=cfg.served_name, device=cfg.device, dtype=cfg.dtype,
                                    attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads)
-        self.batcher = EngineBatcher(self.worker.generate_many, cfg.batching.max_batch_size,
-                                     cfg.batching.batch_wait_timeout_s)
+        b = cfg.batching
+        self.batcher = (InflightBatcher(self.worker, b.max_batch_size, b.batch_wait_timeout_s) if b.mode == "inflight"
+                        else EngineBatcher(self.worker.generate_many, b.max_batch_size, b.batch_wait_timeout_s))
 
     def info(self) -> dict[str, Any]:
         return {**self.worker.info(), "batching": self.config.batching.model_dump()}

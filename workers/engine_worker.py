@@ -107,6 +107,26 @@ class EngineWorker:
         # One bad item must not fail its batch-mates: run each alone.
         return [self._run_group([it])[0] for it in items]
 
+    # ---- in-flight batching (``inflight.py``) ---------------------------------------------------
+    def joinable(self, spec: GenerationSpec) -> bool:
+        """Whether requests of ``spec`` can join a running batch (a decoder without per-request state)."""
+        return bool(getattr(spec.resolve()[1], "joinable", False))
+
+    def start_batch(self, items: list[WorkItem], indices: list[int]):
+        """Prefill ``items`` (one spec): a ``DecodeBatch`` to step with :meth:`advance`. Raises on bad input."""
+        reqs = [self._request(it) for it in items]
+        with self._lock:
+            batch = self.engine.start_batch(reqs, items[0].spec, indices)
+            self.batches += 1  # prefill batches: a batch that joins a running one counts too
+            return batch
+
+    def advance(self, batch) -> list[Any]:
+        """One token for every request of ``batch``: its ``StreamEvent``s (finished requests carry results)."""
+        with self._lock:
+            events = list(batch.advance())
+        self.items += sum(1 for ev in events if ev.done)
+        return events
+
     def generate_many(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         """Answer each item, batching items whose specs are equal into one engine call."""
         groups: dict[str, list[int]] = {}

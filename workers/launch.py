@@ -63,6 +63,7 @@ class Service:
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
                     batching: bool | None = None, model: str | None = None, replicas: int | None = None,
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
+                    batch_mode: str | None = None,
                     direct_ingress: bool | None = None) -> ServiceConfig:
     data = config.model_dump()
     if direct_ingress is not None:
@@ -82,6 +83,8 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
             m["batching"]["max_batch_size"] = max_batch_size
         if batch_wait_timeout_s is not None:
             m["batching"]["batch_wait_timeout_s"] = batch_wait_timeout_s
+        if batch_mode is not None:
+            m["batching"]["mode"] = batch_mode
     return ServiceConfig(**data)
 
 

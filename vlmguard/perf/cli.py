@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     s.add_argument("--new-tokens", type=int, default=16)
     s.add_argument("--max-batch", type=_positive, default=16, help="batch size limit of the batching service")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="batching window of the service")
+    s.add_argument("--batch-mode", choices=["inflight", "whole"], default="inflight",
+                   help="the batching service's scheduling: requests join the running batch between decode steps "
+                        "(inflight) or the next batch forms when the engine is free (whole)")
     s.add_argument("--ingress", choices=["model", "separate"], default="model",
                    help="service topology: the model replica serves HTTP itself (model, the one-model default of "
                         "`vlmguard serve`) or behind a separate FastAPI ingress deployment")

@@ -7,7 +7,8 @@ C in ``--clients``. Three paths, measured one after another on the same model:
 - ``engine``: the Engine in this process, one ``generate`` per request (one at a time, as a replica does
   without batching) -- the floor for latency;
 - ``ray_unbatched``: the service over HTTP on loopback (``POST /v1/generate``), dynamic batching off;
-- ``ray_batched``: the same with dynamic batching on (``--max-batch``, ``--batch-wait-ms``; ``workers/batcher.py``).
+- ``ray_batched``: the same with dynamic batching on (``--max-batch``, ``--batch-wait-ms``, ``--batch-mode``:
+  in-flight, ``workers/inflight.py``, or whole batches, ``workers/batcher.py``).
 
 Both apps use the ``--ingress`` topology: ``model`` (the model replica serves HTTP itself: client -> Serve
 proxy -> replica) or ``separate`` (client -> proxy -> FastAPI ingress replica -> model replica). With
@@ -268,6 +269,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "clients": clients,
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
+        "batch_mode": getattr(args, "batch_mode", "inflight"),
         "ingress": None if args.no_ray else args.ingress,
         "direct_ingress": None if args.no_ray else bool(getattr(args, "direct_ingress", False)),
         "environment": env,
@@ -304,6 +306,7 @@ def _start(args: Any, batching: bool, threads: int, clients: list[int], progress
                             max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
                             max_new_tokens_limit=max(args.new_tokens, 1),
                             batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
+                                                    mode=getattr(args, "batch_mode", "inflight"),
                                                     batch_wait_timeout_s=args.batch_wait_ms / 1000.0))],
         api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
         route_prefix=f"/{name}", ingress=args.ingress, direct_ingress=bool(getattr(args, "direct_ingress", False)))
@@ -360,6 +363,7 @@ def serve_table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [f"perf serve  shape={result['shape']}  new_tokens={result['new_tokens']}  requests={result['requests']}  "
              f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
+             f"batch_mode={result.get('batch_mode', 'whole')}  "
              f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
              f"threads={env.get('threads')}",
              table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s"], rows)]

@@ -1,0 +1,194 @@
+"""In-flight batching: requests that join a running batch between decode steps get exactly the tokens they
+get alone (every family, with pruners, with seeded sampling), and the replica's in-flight batcher answers
+every caller, isolates bad input, runs non-joinable decoders as whole batches and respects its size limit."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
+from vlmguard.decoding.registry import DECODERS
+from vlmguard.decoding.views import image_free_prompt
+from vlmguard.engine import Request
+from vlmguard.models.base import Prompt
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.inflight import InflightBatcher
+
+PROMPTS = ["Is there a dog in the image?", "describe the photo", "what color is the car", "count the cats", "hi"]
+SIZES = [(40, 32), (64, 40), (32, 64), (48, 48), (36, 52)]
+
+
+def reqs(lo: int, hi: int) -> list[Request]:
+    return [Request(PROMPTS[i], [random_image(i + 1, SIZES[i])], request_id=f"r{i}") for i in range(lo, hi)]
+
+
+def run_joined(engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int):
+    """Prefill ``first``, decode ``join_after`` steps, then merge ``later`` in and decode to the end."""
+    results = {}
+    batch = engine.start_batch(first, spec)
+    try:
+        for _ in range(join_after):
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
+        batch.absorb(other)
+        assert other.active == 0
+        while batch.active:
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+    finally:
+        batch.close()
+    return [results[i] for i in range(len(first) + len(later))]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("pruning", ["none", "fastv", "flowcut"])
+def test_joined_requests_get_the_tokens_they_get_alone(family, pruning):
+    eng = tiny_engine(family)
+    spec = GenerationSpec(max_new_tokens=8, pruning=pruning, budget=0.5 if pruning != "none" else None)
+    first, later = reqs(0, 3), reqs(3, 5)
+    joined = run_joined(eng, spec, first, later, join_after=3)
+    alone = [eng.generate([r], spec)[0] for r in first + later]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
+    assert [r.request_id for r in joined] == [f"r{i}" for i in range(5)]
+    # the joiners decoded beside the first batch's survivors: their batch size says so
+    assert max(r.timings.batch_size for r in joined[3:]) > 2
+
+
+def test_seeded_sampling_joined_equals_alone():
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=8, decoding="sample", temperature=1.3, top_k=20, seed=7)
+    joined = run_joined(eng, spec, reqs(0, 2), reqs(2, 4), join_after=2)
+    alone = [eng.generate([r], spec)[0] for r in reqs(0, 4)]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+
+
+class ImageFreeContrast(Decoder):
+    """A stateless two-branch decoder (main - 0.5 * image-free), joinable: tests the branch-major merge."""
+
+    name = "test-image-free-contrast"
+    joinable = True
+
+    def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
+        return [Branch(name="noimage", prompt=image_free_prompt(ctx.adapter, prompt))]
+
+    def combine(self, step: StepInputs) -> Combined:
+        main = torch.log_softmax(step.logits["main"].float(), dim=-1)
+        neg = torch.log_softmax(step.logits["noimage"].float(), dim=-1)
+        return Combined(scores=main - 0.5 * neg, main_logprobs=main, contrast_logprobs=neg)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
+    monkeypatch.setitem(DECODERS._items, ImageFreeContrast.name, ImageFreeContrast)
+    eng = tiny_engine(family)
+    spec = GenerationSpec(max_new_tokens=8, decoding=ImageFreeContrast.name)
+    joined = run_joined(eng, spec, reqs(0, 3), reqs(3, 5), join_after=2)
+    alone = [eng.generate([r], spec)[0] for r in reqs(0, 5)]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in alone] != [r.token_ids for r in eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))]
+
+
+def test_joining_is_refused_for_decoders_with_per_request_state():
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=4, decoding="vcd")
+    a, b = eng.start_batch(reqs(0, 1), spec), eng.start_batch(reqs(1, 2), spec, indices=[1])
+    try:
+        assert not a.joinable
+        with pytest.raises(ValueError, match="not joinable"):
+            a.absorb(b)
+    finally:
+        a.close()
+        b.close()
+    g = eng.start_batch(reqs(0, 1), GenerationSpec(max_new_tokens=4))
+    other = eng.start_batch(reqs(1, 2), GenerationSpec(max_new_tokens=5), indices=[1])
+    try:
+        with pytest.raises(ValueError, match="one spec"):
+            g.absorb(other)
+    finally:
+        g.close()
+        other.close()
+
+
+# ---- the replica's in-flight batcher ------------------------------------------------------------
+
+def item(i: int, spec: GenerationSpec) -> WorkItem:
+    return WorkItem(prompt=PROMPTS[i % 5], images=[random_image(i % 5 + 1, SIZES[i % 5])], spec=spec,
+                    request_id=f"q{i}")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return EngineWorker(name="tiny-llava", engine=tiny_engine("llava"))
+
+
+def test_batcher_answers_staggered_callers_like_alone(worker):
+    spec = GenerationSpec(max_new_tokens=8)
+    alone = {i: worker.generate_many([item(i, spec)])[0]["result"]["token_ids"] for i in range(10)}
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+
+    async def main():
+        tasks = []
+        for i in range(10):  # arrivals spread over the decoding of the first requests
+            tasks.append(asyncio.ensure_future(b.submit(item(i, spec))))
+            await asyncio.sleep(0.01)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    answers = asyncio.run(main())
+    assert [a["result"]["token_ids"] for a in answers] == [alone[i] for i in range(10)]
+    assert [a["result"]["request_id"] for a in answers] == [f"q{i}" for i in range(10)]
+    sizes = [a["result"]["timings"]["batch_size"] for a in answers]
+    assert max(sizes) <= 4 and max(sizes) >= 2
+
+
+def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
+    ok, vcd = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="vcd")
+    too_long = GenerationSpec(max_new_tokens=worker.engine.context_length)  # prompt + this > context
+    b = InflightBatcher(worker, max_batch_size=8, wait_s=0.05)
+
+    async def main():
+        calls = [b.submit(item(0, ok)), b.submit(item(1, too_long)), b.submit(item(2, ok)),
+                 b.submit(item(3, vcd)), b.submit(item(4, vcd)), b.submit(item(0, ok))]
+        return await asyncio.wait_for(asyncio.gather(*calls), 120)
+
+    a = asyncio.run(main())
+    assert a[1]["error"]["code"] == "ContextTooLong" and a[1]["error"]["status"] == 400
+    for i in (0, 2, 3, 4, 5):
+        assert "result" in a[i], a[i]
+    assert a[0]["result"]["token_ids"] == a[5]["result"]["token_ids"]
+    assert a[3]["result"]["decoding"]["name"] == "vcd"
+    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, vcd)])[0]["result"]["token_ids"]
+    assert b.running == 0
+
+
+def test_batcher_stops_generating_for_callers_that_left(worker):
+    spec = GenerationSpec(max_new_tokens=worker.engine.context_length - 200)  # long: still running when cancelled
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+    items_before = worker.items
+
+    async def main():
+        stay = asyncio.ensure_future(b.submit(item(0, spec)))
+        leave = asyncio.ensure_future(b.submit(item(1, spec)))
+        for _ in range(2000):
+            if b.running == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert b.running == 2
+        leave.cancel()
+        for _ in range(2000):
+            if b.running == 1 or stay.done():
+                break
+            await asyncio.sleep(0.005)
+        assert b.running == 1 or stay.done()
+        return await asyncio.wait_for(stay, 300)
+
+    answer = asyncio.run(main())
+    assert "result" in answer
+    assert worker.items - items_before == 1  # the cancelled request never finished

@@ -1,0 +1,226 @@
+"""The decode loop of one batch of requests, as an object the engine (or a server) steps token by token.
+
+A :class:`DecodeBatch` is what the engine's prefill hands over: the decode state (KV cache, per-layer key
+validity, next positions), the pending next-token logits of every row, the decoder that combines branch
+logits, the sampler, and one :class:`LiveRequest` per request still generating. ``advance()`` picks every
+request's next token from the pending logits, emits its text, lets finished requests leave the batch and
+runs one decode forward for the rest (every branch row at once).
+
+In-flight batching: ``absorb(other)`` merges another prefilled batch (same spec, a *joinable* decoder) into
+this one between two steps, so requests that arrive while a batch decodes join it instead of waiting for
+it to finish. Rows are ordered branch-major (row ``k * n + j`` is branch k of request j); the merged cache
+left-pads the shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own
+RoPE positions, so a request's tokens are those it would get alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from vlmguard.decoding.base import DecodeContext, Decoder, StepInputs
+from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
+from vlmguard.runner import DecodeState, LayerRunner
+from vlmguard.sampling import Sampler
+from vlmguard.spec import GenerationSpec
+
+
+@dataclass
+class LiveRequest:
+    """One request in the decode loop: what its result will report, and its progress."""
+
+    index: int  # StreamEvent.index of this request
+    local: int  # its index among the prompts its decoder was set up with (DecodeContext.active)
+    request: Request
+    t0: float  # when the engine started on it
+    t_mark: float  # start of the step that produces its next token
+    setup_s: float
+    vision_s: float
+    prefill_s: float
+    prompt_len: int
+    n_visual: int
+    visual_fed: list[int]  # visual tokens fed to each layer
+    kept: list[int] | None
+    pruning: dict[str, Any]
+    batch_size: int  # the most requests it decoded together with (itself included)
+    rng_row: int  # its generator in the sampler
+    cohort: tuple[Decoder, DecodeContext]  # the decoder (and context) that set it up: its report
+    gen: list[int] = field(default_factory=list)
+    steps: list[StepDiagnostic] = field(default_factory=list)
+    sent_text: str = ""
+    per_tok: list[float] = field(default_factory=list)
+    finish: str = "length"
+    ttft: float = 0.0
+    decode_s: float = 0.0
+
+
+class DecodeBatch:
+    """A prefilled batch in the decode loop (see module doc). Not thread-safe: one caller steps it."""
+
+    def __init__(self, *, runner: LayerRunner, tokenizer: Any, eos: set[int], spec: GenerationSpec,
+                 decoder: Decoder, dctx: DecodeContext, branch_names: list[str], state: DecodeState,
+                 logits: torch.Tensor, hidden: dict[int, torch.Tensor], lives: list[LiveRequest],
+                 sampler: Sampler, device: torch.device):
+        self.runner, self.tok, self.eos, self.spec = runner, tokenizer, eos, spec
+        self.decoder, self.dctx, self.branch_names = decoder, dctx, branch_names
+        self.state, self.logits, self.hidden = state, logits, hidden
+        self.lives = lives  # active requests, in row order
+        self.sampler, self.device = sampler, device
+        self.step = 0
+        self._closed = False
+        dctx.active = [lv.local for lv in lives]
+
+    @property
+    def active(self) -> int:
+        return len(self.lives)
+
+    @property
+    def joinable(self) -> bool:
+        return bool(getattr(self.decoder, "joinable", False))
+
+    # ---- one step -----------------------------------------------------------------------------
+    def advance(self) -> Iterator[StreamEvent]:
+        """Select every active request's next token, emit events, drop finished requests, then run one
+        decode forward for the others (whose next logits become pending)."""
+        if not self.lives:
+            return
+        spec, tok, na, nb = self.spec, self.tok, len(self.lives), len(self.branch_names)
+        per_branch = {name: self.logits[k * na:(k + 1) * na] for k, name in enumerate(self.branch_names)}
+        combined = self.decoder.combine(StepInputs(logits=per_branch, hidden=self.hidden, step=self.step))
+        tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
+        now = time.perf_counter()
+        tok_list = tokens.tolist()
+        main_top = per_branch["main"].argmax(dim=-1).tolist()
+        if spec.diagnostics:
+            idx = tokens[:, None]
+            mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
+            cp = (combined.contrast_logprobs.gather(1, idx).exp().squeeze(1).tolist()
+                  if combined.contrast_logprobs is not None else [None] * na)
+            sc = combined.scores.gather(1, idx).squeeze(1).tolist()
+        finished_rows: list[int] = []
+        for j, lv in enumerate(self.lives):
+            t = tok_list[j]
+            dt = now - lv.t_mark
+            if not lv.per_tok:
+                lv.ttft = now - lv.t0
+            lv.per_tok.append(dt)
+            if t in self.eos:
+                lv.finish = "stop"
+                finished_rows.append(j)
+                continue
+            lv.gen.append(t)
+            if spec.diagnostics:
+                lv.steps.append(StepDiagnostic(token_id=t, token=tok.convert_ids_to_tokens(t), main_prob=mp[j],
+                                               contrast_prob=cp[j], score=sc[j], main_top_id=main_top[j]))
+            text = tok.decode(lv.gen, skip_special_tokens=True)
+            stop_hit = next((s for s in spec.stop if s and s in text), None)
+            if stop_hit is not None:
+                text = text[: text.index(stop_hit)]
+                lv.finish = "stop"
+                finished_rows.append(j)
+            elif len(lv.gen) >= spec.max_new_tokens:
+                finished_rows.append(j)
+            delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else text
+            if delta and (stop_hit is not None or not text.endswith("\ufffd")):
+                lv.sent_text = text
+                yield StreamEvent(index=lv.index, token_id=t, text=delta)
+        for j in finished_rows:
+            yield StreamEvent(index=self.lives[j].index, token_id=None, text="", done=True,
+                              result=self._result(self.lives[j], now))
+        gone = set(finished_rows)
+        keep_j = [j for j in range(na) if j not in gone]
+        if not keep_j:
+            self.lives = []
+            return
+        if finished_rows:
+            self._select_rows(keep_j)
+            tokens = tokens[keep_j]
+        t_dec = time.perf_counter()
+        logits, hid = self.runner.decode_step(tokens.repeat(nb), self.state, hidden_layers=self.decoder.hidden_layers)
+        self.logits = logits
+        self.hidden = {k: v[: len(self.lives)] for k, v in hid.items()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dec = time.perf_counter() - t_dec
+        for lv in self.lives:  # a token's time = its decode forward + combine + token selection
+            lv.decode_s += dec
+            lv.t_mark = t_dec
+        self.step += 1
+
+    def drop(self, indices: set[int]) -> None:
+        """Stop generating for the requests with these ``StreamEvent`` indices (their callers left)."""
+        keep_j = [j for j, lv in enumerate(self.lives) if lv.index not in indices]
+        if len(keep_j) < len(self.lives):
+            if keep_j:
+                self._select_rows(keep_j)
+            else:
+                self.lives = []
+
+    def _select_rows(self, keep_j: list[int]) -> None:
+        """Keep the requests at main rows ``keep_j`` (and their branch rows)."""
+        na, nb = len(self.lives), len(self.branch_names)
+        rows = torch.tensor([k * na + j for k in range(nb) for j in keep_j], device=self.device)
+        self.runner.reorder(self.state, rows)
+        self.logits = self.logits[rows]
+        self.hidden = {k: v[keep_j] for k, v in self.hidden.items()}
+        self.lives = [self.lives[j] for j in keep_j]
+        self.dctx.active = [lv.local for lv in self.lives]
+
+    def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
+        spec = self.spec
+        final_text = self.tok.decode(lv.gen, skip_special_tokens=True)
+        stop_hit = next((s for s in spec.stop if s and s in final_text), None)
+        if stop_hit is not None:
+            final_text = final_text[: final_text.index(stop_hit)]
+        decoder, dctx = lv.cohort
+        last = lv.per_tok[-1] if lv.per_tok else 0.0
+        return GenerationResult(
+            text=final_text.strip(), token_ids=lv.gen, finish_reason=lv.finish, prompt_tokens=lv.prompt_len,
+            visual_tokens=lv.n_visual, visual_tokens_kept=lv.visual_fed, kept_indices=lv.kept,
+            timings=Timings(vision_s=lv.vision_s, prefill_s=lv.prefill_s, decode_s=lv.decode_s + last,
+                            ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
+                            setup_s=lv.setup_s, batch_size=lv.batch_size),
+            steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.report},
+            request_id=lv.request.request_id)
+
+    # ---- in-flight batching -------------------------------------------------------------------
+    def absorb(self, other: "DecodeBatch") -> None:
+        """Merge ``other`` (prefilled with an equal spec) into this batch; ``other`` is empty afterwards.
+
+        Both batches must hold pending logits (neither is mid-step). Only joinable decoders (no per-request
+        state after setup, a combine that ignores the step index) can merge."""
+        if other is self or not other.lives:
+            return
+        if not (self.joinable and other.joinable):
+            raise ValueError(f"decoder {self.decoder.name} cannot merge batches (not joinable)")
+        if other.branch_names != self.branch_names or other.spec != self.spec:
+            raise ValueError("only batches of one spec can merge")
+        if not self.lives:
+            raise ValueError("cannot absorb into a finished batch")
+        na, na_other, nb = len(self.lives), len(other.lives), len(self.branch_names)
+        # rows of the concatenation [self rows; other rows] in branch-major order of the merged batch
+        idx = None
+        if nb > 1:
+            idx = torch.tensor([x for k in range(nb) for x in [k * na + j for j in range(na)]
+                                + [nb * na + k * na_other + j for j in range(na_other)]], device=self.device)
+        self.state = self.runner.merge(self.state, other.state, idx)
+        logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
+        self.logits = logits if idx is None else logits[idx]
+        self.hidden = {k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()}
+        offset = len(self.sampler.generators)
+        self.sampler.generators.extend(other.sampler.generators)
+        for lv in other.lives:
+            lv.rng_row += offset
+        self.lives = self.lives + other.lives
+        for lv in self.lives:
+            lv.batch_size = max(lv.batch_size, len(self.lives))
+        other.lives = []
+        other.close()
+
+    def close(self) -> None:
+        """Tear the decoder down (hooks); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.decoder.teardown(self.dctx)

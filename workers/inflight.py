@@ -1,0 +1,216 @@
+"""In-flight batching for one engine: requests join the running batch between two decode steps.
+
+With whole-batch scheduling (``batcher.EngineBatcher``) a request that arrives while a batch decodes waits
+for the whole batch to finish, and under closed-loop load the engine idles while a batch's answers go out
+and the next requests come in. Here one thread owns the engine and loops:
+
+1. take the queued requests that may join (same spec as the running batch, FIFO, up to the free slots),
+2. prefill them as one batch and merge it into the running one (``DecodeBatch.absorb``),
+3. advance every request by one token; finished requests are answered at once and leave the batch, and
+   requests whose caller has gone (disconnected, timed out) leave it too.
+
+Joining is only for *joinable* decoders (plain greedy / sampling, whose decoding keeps no per-request
+state); requests of other specs run as whole batches, one spec at a time, after the running batch drains
+(the queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
+together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``; with an
+idle engine a request starts at once. A request that fails to prefill (bad input) gets its error alone;
+an unexpected error during a step fails the requests of that batch and the loop goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer
+
+log = logging.getLogger("vlmguard.workers")
+
+
+@dataclass
+class _Pending:
+    item: WorkItem
+    key: str  # the spec: only equal specs share a batch
+    fut: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    queued_at: float = field(default_factory=time.monotonic)
+
+    def answer(self, value: dict[str, Any]) -> None:
+        def _set() -> None:
+            if not self.fut.done():
+                self.fut.set_result(value)
+
+        self.loop.call_soon_threadsafe(_set)
+
+    @property
+    def gone(self) -> bool:
+        return self.fut.done()  # the caller was cancelled (client left): nothing to compute
+
+
+class InflightBatcher:
+    """``await submit(item)`` -> the item's answer dict; one engine thread per batcher (started lazily)."""
+
+    def __init__(self, worker: EngineWorker, max_batch_size: int, wait_s: float):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.worker = worker
+        self.max_batch_size = max_batch_size
+        self.wait_s = max(0.0, wait_s)
+        self._queue: deque[_Pending] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._joinable: dict[str, bool] = {}
+        self._next_index = 0
+        self._key: str | None = None  # the running batch's spec
+        self.running = 0  # requests in the running batch (for metrics and tests)
+
+    async def submit(self, item: WorkItem) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        p = _Pending(item=item, key=item.spec.model_dump_json(), fut=loop.create_future(), loop=loop)
+        with self._cv:
+            self._queue.append(p)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="vlmguard-inflight", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return await p.fut
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _is_joinable(self, p: _Pending) -> bool:
+        name = p.item.spec.decoding  # joinability is the decoder's: one entry per method name
+        if name not in self._joinable:
+            try:
+                self._joinable[name] = self.worker.joinable(p.item.spec)
+            except Exception:  # noqa: BLE001 - an invalid spec: the whole-batch path reports its error
+                return False
+        return self._joinable[name]
+
+    def _take(self, key: str | None, free: int) -> list[_Pending]:
+        """Under the lock: the queue's head run of requests with spec ``key`` (the head's spec when None)."""
+        while self._queue and self._queue[0].gone:
+            self._queue.popleft()
+        if not self._queue or free <= 0:
+            return []
+        key = key if key is not None else self._queue[0].key
+        out = []
+        while self._queue and len(out) < free and self._queue[0].key == key:
+            p = self._queue.popleft()
+            if not p.gone:
+                out.append(p)
+        return out
+
+    def _ready_to_join(self, running: int) -> bool:
+        """Under the lock: join now, or wait a little for more joiners to share one prefill."""
+        head = self._queue[0] if self._queue else None
+        if head is None:
+            return False
+        free = self.max_batch_size - running
+        waiting = 0
+        for p in self._queue:
+            if p.key != head.key or waiting >= free:
+                break
+            waiting += 1
+        return waiting >= free or time.monotonic() - head.queued_at >= self.wait_s
+
+    def _loop(self) -> None:
+        batch = None
+        owners: dict[int, _Pending] = {}
+        while True:
+            try:
+                batch = self._iteration(batch, owners)
+            except Exception as e:  # noqa: BLE001 - never let the engine thread die: fail what was running
+                log.exception("in-flight batching loop failed")
+                for p in owners.values():
+                    p.answer(error_answer(e))
+                owners.clear()
+                if batch is not None:
+                    batch.close()
+                batch, self.running = None, 0
+
+    def _iteration(self, batch, owners: dict[int, _Pending]):
+        with self._cv:
+            while batch is None and not self._queue:
+                self._cv.wait()
+            if batch is None:
+                joiners = self._take(None, self.max_batch_size)
+            elif self._queue and self._queue[0].key == self._key and self._ready_to_join(batch.active):
+                joiners = self._take(self._key, self.max_batch_size - batch.active)
+            else:
+                joiners = []
+        if batch is None:
+            if not joiners:
+                return None
+            if not self._is_joinable(joiners[0]):
+                self._run_whole(joiners)
+                return None
+            self._key = joiners[0].key
+        if joiners:
+            batch = self._join(batch, joiners, owners)
+        return None if batch is None else self._step(batch, owners)
+
+    def _run_whole(self, group: list[_Pending]) -> None:
+        for p, ans in zip(group, self.worker.generate_many([p.item for p in group])):
+            p.answer(ans)
+
+    def _start(self, group: list[_Pending], owners: dict[int, _Pending]):
+        """Prefill ``group``; on a failure each request is tried alone so only the bad one gets the error."""
+        indices = list(range(self._next_index, self._next_index + len(group)))
+        self._next_index += len(group)
+        try:
+            started = [self.worker.start_batch([p.item for p in group], indices)]
+        except Exception as e:  # noqa: BLE001 - answered per request
+            if len(group) == 1:
+                if not hasattr(e, "http_status"):
+                    log.exception("prefill failed")
+                group[0].answer(error_answer(e))
+                return []
+            return [b for p in group for b in self._start([p], owners)]
+        owners.update(zip(indices, group))
+        return started
+
+    def _join(self, batch, joiners: list[_Pending], owners: dict[int, _Pending]):
+        for new in self._start(joiners, owners):
+            if batch is None:
+                batch = new
+            else:
+                batch.absorb(new)
+        if batch is not None:
+            self.running = batch.active
+        return batch
+
+    def _step(self, batch, owners: dict[int, _Pending]):
+        """One token for every request of ``batch``; None once the batch is done."""
+        left = {lv.index for lv in batch.lives if lv.index in owners and owners[lv.index].gone}
+        if left:  # callers gone (client disconnected, timeout): stop generating for them
+            batch.drop(left)
+            for i in left:
+                owners.pop(i, None)
+            if not batch.active:
+                batch.close()
+                self.running = 0
+                return None
+        try:
+            events = self.worker.advance(batch)
+        except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the loop goes on
+            log.exception("decode step failed")
+            for lv in batch.lives:
+                p = owners.pop(lv.index, None)
+                if p is not None:
+                    p.answer(error_answer(e))
+            batch.close()
+            self.running = 0
+            return None
+        for ev in events:
+            if ev.done:
+                p = owners.pop(ev.index, None)
+                if p is not None:
+                    p.answer({"result": ev.result.to_dict()})
+        self.running = batch.active
+        if not batch.active:
+            batch.close()
+            return None
+        return batch
