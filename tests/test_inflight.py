@@ -70,6 +70,34 @@ def test_seeded_sampling_joined_equals_alone():
     assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
 
 
+@pytest.mark.parametrize("pruning", ["none", "fastv"])
+def test_a_batch_that_requests_keep_joining_keeps_a_bounded_cache(pruning):
+    """Requests join whenever a slot frees, so the batch never drains: its cache must not grow with the
+    number of steps (slots no live row attends to are cut off when rows leave), and every request still
+    gets the tokens it gets alone."""
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=3, pruning=pruning, budget=0.5 if pruning != "none" else None)
+    stream = [reqs(i % 5, i % 5 + 1)[0] for i in range(30)]
+    alone = [eng.generate([r], spec)[0] for r in stream]
+    longest = max(r.prompt_tokens for r in alone) + spec.max_new_tokens
+    results, nxt = {}, 1
+    batch = eng.start_batch(stream[:1], spec)
+    try:
+        while batch.active:
+            if batch.active < 3 and nxt < len(stream):  # one joiner per step: finishing steps stagger
+                batch.absorb(eng.start_batch([stream[nxt]], spec, indices=[nxt]))
+                nxt += 1
+            for layer_valid in batch.state.layer_valid:
+                assert layer_valid.shape[1] <= longest
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+    finally:
+        batch.close()
+    assert nxt == len(stream)
+    assert [results[i].token_ids for i in range(len(stream))] == [r.token_ids for r in alone]
+
+
 class ImageFreeContrast(Decoder):
     """A stateless two-branch decoder (main - 0.5 * image-free), joinable: tests the branch-major merge."""
 
@@ -192,3 +220,25 @@ def test_batcher_stops_generating_for_callers_that_left(worker):
     answer = asyncio.run(main())
     assert "result" in answer
     assert worker.items - items_before == 1  # the cancelled request never finished
+
+
+def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch):
+    """A failure inside a decode step or a whole-batch run reaches its callers as an error (nobody hangs),
+    and the engine thread goes on serving the next requests."""
+    ok, vcd = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="vcd")
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine exploded")
+
+    async def call(spec):
+        return await asyncio.wait_for(b.submit(item(0, spec)), 120)
+
+    with monkeypatch.context() as m:
+        m.setattr(worker, "advance", broken)
+        m.setattr(worker, "generate_many", broken)
+        failed = [asyncio.run(call(ok)), asyncio.run(call(vcd))]
+    for a in failed:
+        assert a["error"]["status"] == 500 and "engine exploded" in a["error"]["message"], a
+    assert b.running == 0
+    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(vcd))

@@ -173,11 +173,33 @@ class LayerRunner:
                            visual_per_layer=[], final_seq=a.final_seq)
 
     def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
-        """Keep only the rows in ``index`` (e.g. drop finished requests from the batch)."""
+        """Keep only the rows in ``index`` (e.g. drop finished requests from the batch).
+
+        Key slots that no remaining row attends to (the left padding of a row that was merged in next to a
+        longer one, or of the rows that were shorter than a finished one) are cut off the front of every
+        layer. Without this, a batch that requests keep joining never drains, and its cache (and every
+        step's attention) would grow by one slot per step for as long as the service is busy."""
         state.cache.batch_select_indices(index)
-        groups: dict[int, torch.Tensor] = {}
-        state.layer_valid = [groups.setdefault(id(v), v[index]) for v in state.layer_valid]
+        groups: dict[int, tuple[torch.Tensor, int]] = {}
+        layer_valid = []
+        for i, v in enumerate(state.layer_valid):
+            if id(v) not in groups:
+                kept = v[index]
+                start = _leading_unused(kept)
+                groups[id(v)] = (kept[:, start:], start)
+            kept, start = groups[id(v)]
+            if start:
+                layer = state.cache.layers[i]
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+            layer_valid.append(kept)
+        state.layer_valid = layer_valid
         state.next_positions = state.next_positions[..., index]
+
+
+def _leading_unused(valid: torch.Tensor) -> int:
+    """How many leading key slots of ``valid`` (B, S) are invalid for every row."""
+    used = valid.any(dim=0)
+    return int(used.int().argmax()) if bool(used.any()) else 0
 
 
 def _left_pad(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:

@@ -153,7 +153,12 @@ class InflightBatcher:
         return None if batch is None else self._step(batch, owners)
 
     def _run_whole(self, group: list[_Pending]) -> None:
-        for p, ans in zip(group, self.worker.generate_many([p.item for p in group])):
+        try:  # generate_many answers errors per request; this guards its own failure (no caller may hang)
+            answers = self.worker.generate_many([p.item for p in group])
+        except Exception as e:  # noqa: BLE001
+            log.exception("whole-batch generation failed")
+            answers = [error_answer(e)] * len(group)
+        for p, ans in zip(group, answers):
             p.answer(ans)
 
     def _start(self, group: list[_Pending], owners: dict[int, _Pending]):

@@ -140,6 +140,19 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` knows): absolute times and
+    even the ratios of the serving benchmark differ between CPU models."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(engine: Any | None = None) -> dict[str, Any]:
     """What the numbers were measured on (goes into every JSON report)."""
     info: dict[str, Any] = {
@@ -148,6 +161,7 @@ def environment(engine: Any | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": _cpu_model(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     try:
