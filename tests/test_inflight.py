@@ -242,3 +242,42 @@ def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch
         assert a["error"]["status"] == 500 and "engine exploded" in a["error"]["message"], a
     assert b.running == 0
     assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(vcd))
+
+
+def test_batcher_streams_tokens_of_requests_that_join(worker):
+    """Streaming requests join the running batch too: their token events add up to the answer they get alone,
+    and a stream the client closes early stops generating."""
+    spec = GenerationSpec(max_new_tokens=8)
+    alone = [worker.generate_many([item(i, spec)])[0]["result"] for i in range(4)]
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+
+    async def collect(i):
+        await asyncio.sleep(0.01 * i)  # later streams join the running batch
+        return [ev async for ev in b.stream(item(i, spec))]
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*[collect(i) for i in range(4)]), 120)
+
+    streams = asyncio.run(main())
+    for events, want in zip(streams, alone):
+        *tokens, last = events
+        assert last["done"] and last["result"]["token_ids"] == want["token_ids"]
+        assert all(not ev["done"] for ev in tokens) and len(tokens) >= 1
+        assert "".join(ev["text"] for ev in tokens).strip() == want["text"]
+    assert max(s[-1]["result"]["timings"]["batch_size"] for s in streams) >= 2
+
+    long = GenerationSpec(max_new_tokens=worker.engine.context_length - 200)
+    items_before = worker.items
+
+    async def leave_early():
+        gen = b.stream(item(0, long))
+        first = await gen.__anext__()
+        await gen.aclose()
+        for _ in range(2000):
+            if b.running == 0:
+                break
+            await asyncio.sleep(0.005)
+        return first
+
+    assert not asyncio.run(leave_early())["done"]
+    assert b.running == 0 and worker.items == items_before

@@ -51,7 +51,20 @@ class ModelReplica:
         """A caller-made batch (benchmark jobs): one engine call per distinct spec."""
         return await asyncio.to_thread(self.worker.generate_many, items)
 
+    def _streams_in_batch(self, item: WorkItem) -> bool:
+        """A streaming request joins the in-flight batch when its decoder can join (else it runs alone)."""
+        if not (self.config.batching.enabled and isinstance(self.batcher, InflightBatcher)):
+            return False
+        try:
+            return self.worker.joinable(item.spec)
+        except Exception:  # noqa: BLE001 - an invalid spec: the alone path reports its error
+            return False
+
     async def stream(self, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        if self._streams_in_batch(item):
+            async for ev in self.batcher.stream(item):
+                yield ev
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()

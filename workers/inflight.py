@@ -9,6 +9,9 @@ and the next requests come in. Here one thread owns the engine and loops:
 3. advance every request by one token; finished requests are answered at once and leave the batch, and
    requests whose caller has gone (disconnected, timed out) leave it too.
 
+``stream(item)`` is the same with an answer per token: a streaming request joins the batch like any other
+and its tokens are sent as they are chosen (events as ``EngineWorker.stream`` yields them).
+
 Joining is only for *joinable* decoders (plain greedy / sampling, whose decoding keeps no per-request
 state); requests of other specs run as whole batches, one spec at a time, after the running batch drains
 (the queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
@@ -24,7 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer
 
@@ -38,13 +41,21 @@ class _Pending:
     fut: asyncio.Future
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
+    events: asyncio.Queue | None = None  # a streaming caller's queue: one event per token, then the answer
 
     def answer(self, value: dict[str, Any]) -> None:
         def _set() -> None:
             if not self.fut.done():
                 self.fut.set_result(value)
 
+        if self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, value)
         self.loop.call_soon_threadsafe(_set)
+
+    def token(self, token_id: int, text: str) -> None:
+        if self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait,
+                                           {"token_id": token_id, "text": text, "done": False})
 
     @property
     def gone(self) -> bool:
@@ -69,15 +80,39 @@ class InflightBatcher:
         self.running = 0  # requests in the running batch (for metrics and tests)
 
     async def submit(self, item: WorkItem) -> dict[str, Any]:
+        return await self._enqueue(self._pending(item)).fut
+
+    async def stream(self, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        """Yield ``{"token_id", "text", "done": False}`` per token, then ``{"token_id": None, "text": "",
+        "done": True, "result"}``, or one ``{"error"}``. Closing the iterator (client gone) stops the request."""
+        p = self._pending(item)
+        p.events = asyncio.Queue()
+        self._enqueue(p)
+        try:
+            while True:
+                ev = await p.events.get()
+                if "result" in ev and "done" not in ev:  # the final answer
+                    yield {"token_id": None, "text": "", "done": True, "result": ev["result"]}
+                    return
+                yield ev
+                if "error" in ev:
+                    return
+        finally:
+            if not p.fut.done():
+                p.fut.cancel()  # the engine thread sees ``gone`` and drops the request
+
+    def _pending(self, item: WorkItem) -> _Pending:
         loop = asyncio.get_running_loop()
-        p = _Pending(item=item, key=item.spec.model_dump_json(), fut=loop.create_future(), loop=loop)
+        return _Pending(item=item, key=item.spec.model_dump_json(), fut=loop.create_future(), loop=loop)
+
+    def _enqueue(self, p: _Pending) -> _Pending:
         with self._cv:
             self._queue.append(p)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="vlmguard-inflight", daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return await p.fut
+        return p
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _is_joinable(self, p: _Pending) -> bool:
@@ -214,6 +249,8 @@ class InflightBatcher:
                 p = owners.pop(ev.index, None)
                 if p is not None:
                     p.answer({"result": ev.result.to_dict()})
+            elif ev.index in owners:
+                owners[ev.index].token(ev.token_id, ev.text)
         self.running = batch.active
         if not batch.active:
             batch.close()
