@@ -78,9 +78,14 @@ class Decoder:
     name: ClassVar[str] = "base"
     Params: ClassVar[type[BaseModel]] = NoParams
     hidden_layers: tuple[int, ...] = ()
-    # True when decoding keeps no per-request state after ``setup`` and ``combine`` ignores the step index:
-    # then requests can join a running batch between steps (in-flight batching, ``DecodeBatch.absorb``).
+    # In-flight batching (``DecodeBatch.absorb``): requests may join a running batch between steps when the
+    # decoder leaves the forward pass alone (no hooks, no ``hidden_layers``) and keeps its per-request state
+    # in the instance, read through ``ctx.active`` in ``combine``: each joined group of requests keeps its
+    # own decoder instance and step index, and ``combine`` runs once per group on that group's rows.
     joinable: ClassVar[bool] = False
+    # True when ``combine`` is a function of the logits alone (no per-request state, no step index): one
+    # call then serves the rows of every joined group.
+    merged_combine: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel):
         self.params = params

@@ -80,6 +80,7 @@ def irrelevant_tokens(a_q: torch.Tensor, a_g: torch.Tensor | None, rule: str, la
 @DECODERS.register("iava")
 class IAVA(Decoder):
     name = "iava"
+    joinable = True  # per-request state read through ctx.active in combine
     Params = IAVAParams
 
     def setup(self, ctx: DecodeContext) -> None:

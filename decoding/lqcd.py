@@ -49,6 +49,7 @@ class LQCDParams(BaseModel):
 @DECODERS.register("lqcd")
 class LQCD(Decoder):
     name = "lqcd"
+    # not joinable: its branch count is the most leading-query variants of any request in the batch
     Params = LQCDParams
 
     def _oracle(self, n: int) -> list[str | None]:

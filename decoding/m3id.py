@@ -59,6 +59,7 @@ def m3id_scores(cond: torch.Tensor, uncond: torch.Tensor, weight: float, alpha: 
 @DECODERS.register("m3id")
 class M3ID(Decoder):
     name = "m3id"
+    joinable = True  # per-request state read through ctx.active in combine
     Params = M3IDParams
 
     def setup(self, ctx: DecodeContext) -> None:

@@ -12,8 +12,10 @@ from vlmguard.decoding.registry import DECODERS
 @DECODERS.register("greedy", "none")
 class Greedy(Decoder):
     joinable = True
+    merged_combine = True
 
 
 @DECODERS.register("sample")
 class Sample(Decoder):
     joinable = True
+    merged_combine = True

@@ -33,6 +33,7 @@ class VCDParams(BaseModel):
 @DECODERS.register("vcd")
 class VCD(Decoder):
     name = "vcd"
+    joinable = True  # per-request state read through ctx.active in combine
     Params = VCDParams
 
     def setup(self, ctx: DecodeContext) -> None:

@@ -1,5 +1,5 @@
 """In-flight batching: requests that join a running batch between decode steps get exactly the tokens they
-get alone (every family, with pruners, with seeded sampling), and the replica's in-flight batcher answers
+get alone (every family, with pruners, with seeded sampling, with the contrastive decoders), and the replica's in-flight batcher answers
 every caller, isolates bad input, runs non-joinable decoders as whole batches and respects its size limit."""
 from __future__ import annotations
 
@@ -124,9 +124,28 @@ def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
     assert [r.token_ids for r in alone] != [r.token_ids for r in eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))]
 
 
-def test_joining_is_refused_for_decoders_with_per_request_state():
+@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava"])
+def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
+    """Each joined group keeps its decoder instance (per-request state) and its step index (M3ID's weight
+    decays with it); a group of requests with no image decodes plainly beside image requests."""
     eng = tiny_engine("llava")
-    spec = GenerationSpec(max_new_tokens=4, decoding="vcd")
+    spec = GenerationSpec(max_new_tokens=8, decoding=decoding, diagnostics=True)
+    first, later = reqs(0, 3), reqs(3, 5)
+    later[1] = Request("no image here", [], request_id="r4")
+    joined = run_joined(eng, spec, first, later, join_after=3)
+    alone = [eng.generate([r], spec)[0] for r in first + later]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    for j, a in zip(joined, alone):
+        assert [s.score for s in j.steps] == pytest.approx([s.score for s in a.steps], rel=1e-4, abs=1e-5)
+    # a result reports its own group's decoding (batch-level fields such as VCD's ``applied`` list that group)
+    cohorts = eng.generate(first, spec) + eng.generate(later, spec)
+    assert [r.decoding for r in joined] == [r.decoding for r in cohorts]
+    assert max(r.timings.batch_size for r in joined[3:]) > 2
+
+
+def test_joining_is_refused_for_decoders_that_change_the_forward_pass():
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=4, decoding="vista")
     a, b = eng.start_batch(reqs(0, 1), spec), eng.start_batch(reqs(1, 2), spec, indices=[1])
     try:
         assert not a.joinable
@@ -177,13 +196,13 @@ def test_batcher_answers_staggered_callers_like_alone(worker):
 
 
 def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
-    ok, vcd = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="vcd")
+    ok, vista = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="vista")
     too_long = GenerationSpec(max_new_tokens=worker.engine.context_length)  # prompt + this > context
     b = InflightBatcher(worker, max_batch_size=8, wait_s=0.05)
 
     async def main():
         calls = [b.submit(item(0, ok)), b.submit(item(1, too_long)), b.submit(item(2, ok)),
-                 b.submit(item(3, vcd)), b.submit(item(4, vcd)), b.submit(item(0, ok))]
+                 b.submit(item(3, vista)), b.submit(item(4, vista)), b.submit(item(0, ok))]
         return await asyncio.wait_for(asyncio.gather(*calls), 120)
 
     a = asyncio.run(main())
@@ -191,8 +210,8 @@ def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
     for i in (0, 2, 3, 4, 5):
         assert "result" in a[i], a[i]
     assert a[0]["result"]["token_ids"] == a[5]["result"]["token_ids"]
-    assert a[3]["result"]["decoding"]["name"] == "vcd"
-    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, vcd)])[0]["result"]["token_ids"]
+    assert a[3]["result"]["decoding"]["name"] == "vista"
+    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, vista)])[0]["result"]["token_ids"]
     assert b.running == 0
 
 
@@ -225,7 +244,7 @@ def test_batcher_stops_generating_for_callers_that_left(worker):
 def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch):
     """A failure inside a decode step or a whole-batch run reaches its callers as an error (nobody hangs),
     and the engine thread goes on serving the next requests."""
-    ok, vcd = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="vcd")
+    ok, vista = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="vista")
     b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
 
     def broken(*args, **kwargs):
@@ -237,11 +256,11 @@ def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(worker, "advance", broken)
         m.setattr(worker, "generate_many", broken)
-        failed = [asyncio.run(call(ok)), asyncio.run(call(vcd))]
+        failed = [asyncio.run(call(ok)), asyncio.run(call(vista))]
     for a in failed:
         assert a["error"]["status"] == 500 and "engine exploded" in a["error"]["message"], a
     assert b.running == 0
-    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(vcd))
+    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(vista))
 
 
 def test_batcher_streams_tokens_of_requests_that_join(worker):
@@ -281,3 +300,27 @@ def test_batcher_streams_tokens_of_requests_that_join(worker):
 
     assert not asyncio.run(leave_early())["done"]
     assert b.running == 0 and worker.items == items_before
+
+
+def test_a_joiner_that_cannot_merge_gets_the_error_and_the_batch_goes_on(worker, monkeypatch):
+    from vlmguard.decode_batch import DecodeBatch
+
+    def refuse(self, other):
+        raise ValueError("cannot merge")
+
+    monkeypatch.setattr(DecodeBatch, "absorb", refuse)
+    spec = GenerationSpec(max_new_tokens=60)  # long: still decoding when the joiner arrives
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit(item(0, spec)))
+        for _ in range(2000):
+            if b.running == 1:
+                break
+            await asyncio.sleep(0.002)
+        joiner = await asyncio.wait_for(b.submit(item(1, spec)), 120)
+        return await asyncio.wait_for(first, 120), joiner
+
+    first, joiner = asyncio.run(main())
+    assert "result" in first and len(first["result"]["token_ids"]) == 60
+    assert joiner["error"]["status"] == 500 and "cannot merge" in joiner["error"]["message"]

@@ -11,6 +11,12 @@ this one between two steps, so requests that arrive while a batch decodes join i
 it to finish. Rows are ordered branch-major (row ``k * n + j`` is branch k of request j); the merged cache
 left-pads the shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own
 RoPE positions, so a request's tokens are those it would get alone.
+
+Each prefilled batch is a *cohort*: the decoder instance that was set up for its requests (with their
+per-request state), its context and its own step count. After a merge the forward pass runs once for all
+rows, and ``combine`` runs once per cohort on that cohort's rows (with ``ctx.active`` naming them and the
+cohort's step index), so contrastive decoders join too; decoders whose combine is a plain function of the
+logits (``Decoder.merged_combine``) get one call for all rows.
 """
 from __future__ import annotations
 
@@ -20,11 +26,20 @@ from typing import Any, Iterator
 
 import torch
 
-from vlmguard.decoding.base import DecodeContext, Decoder, StepInputs
+from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import Sampler
 from vlmguard.spec import GenerationSpec
+
+
+@dataclass(eq=False)
+class Cohort:
+    """Requests prefilled together: the decoder set up for them, its context, and their decode step."""
+
+    decoder: Decoder
+    dctx: DecodeContext
+    step: int = 0
 
 
 @dataclass
@@ -46,7 +61,7 @@ class LiveRequest:
     pruning: dict[str, Any]
     batch_size: int  # the most requests it decoded together with (itself included)
     rng_row: int  # its generator in the sampler
-    cohort: tuple[Decoder, DecodeContext]  # the decoder (and context) that set it up: its report
+    cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
     sent_text: str = ""
@@ -68,7 +83,8 @@ class DecodeBatch:
         self.state, self.logits, self.hidden = state, logits, hidden
         self.lives = lives  # active requests, in row order
         self.sampler, self.device = sampler, device
-        self.step = 0
+        self.cohorts = [lives[0].cohort] if lives else [Cohort(decoder, dctx)]  # those with rows in the batch
+        self._owned = list(self.cohorts)  # every cohort ever merged in: torn down by close()
         self._closed = False
         dctx.active = [lv.local for lv in lives]
 
@@ -88,7 +104,7 @@ class DecodeBatch:
             return
         spec, tok, na, nb = self.spec, self.tok, len(self.lives), len(self.branch_names)
         per_branch = {name: self.logits[k * na:(k + 1) * na] for k, name in enumerate(self.branch_names)}
-        combined = self.decoder.combine(StepInputs(logits=per_branch, hidden=self.hidden, step=self.step))
+        combined = self._combine(per_branch)
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
         now = time.perf_counter()
         tok_list = tokens.tolist()
@@ -147,7 +163,33 @@ class DecodeBatch:
         for lv in self.lives:  # a token's time = its decode forward + combine + token selection
             lv.decode_s += dec
             lv.t_mark = t_dec
-        self.step += 1
+        for c in self.cohorts:
+            c.step += 1
+
+    def _combine(self, per_branch: dict[str, torch.Tensor]) -> Combined:
+        """The decoder's scores for every row: one call, or one per cohort on its own rows (see module doc)."""
+        if len(self.cohorts) == 1 or self.decoder.merged_combine:
+            c = self.cohorts[0]
+            return c.decoder.combine(StepInputs(logits=per_branch, hidden=self.hidden, step=c.step))
+        parts, rows_of = [], []
+        for c in self.cohorts:
+            js = [j for j, lv in enumerate(self.lives) if lv.cohort is c]
+            if not js:
+                continue
+            idx = torch.tensor(js, device=self.device)
+            c.dctx.active = [self.lives[j].local for j in js]
+            parts.append(c.decoder.combine(StepInputs(logits={k: v[idx] for k, v in per_branch.items()},
+                                                      hidden={k: v[idx] for k, v in self.hidden.items()},
+                                                      step=c.step)))
+            rows_of.append(idx)
+        order = torch.argsort(torch.cat(rows_of))  # back to row order
+
+        def stitch(name: str) -> torch.Tensor | None:
+            got = [getattr(p, name) for p in parts]
+            return None if any(g is None for g in got) else torch.cat(got)[order]
+
+        return Combined(scores=stitch("scores"), main_logprobs=stitch("main_logprobs"),
+                        contrast_logprobs=stitch("contrast_logprobs"))
 
     def drop(self, indices: set[int]) -> None:
         """Stop generating for the requests with these ``StreamEvent`` indices (their callers left)."""
@@ -166,7 +208,10 @@ class DecodeBatch:
         self.logits = self.logits[rows]
         self.hidden = {k: v[keep_j] for k, v in self.hidden.items()}
         self.lives = [self.lives[j] for j in keep_j]
-        self.dctx.active = [lv.local for lv in self.lives]
+        for c in self.cohorts:
+            c.dctx.active = [lv.local for lv in self.lives if lv.cohort is c]
+        live = {id(lv.cohort) for lv in self.lives}
+        self.cohorts = [c for c in self.cohorts if id(c) in live] or self.cohorts[:1]
 
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
         spec = self.spec
@@ -174,7 +219,7 @@ class DecodeBatch:
         stop_hit = next((s for s in spec.stop if s and s in final_text), None)
         if stop_hit is not None:
             final_text = final_text[: final_text.index(stop_hit)]
-        decoder, dctx = lv.cohort
+        decoder, dctx = lv.cohort.decoder, lv.cohort.dctx
         last = lv.per_tok[-1] if lv.per_tok else 0.0
         return GenerationResult(
             text=final_text.strip(), token_ids=lv.gen, finish_reason=lv.finish, prompt_tokens=lv.prompt_len,
@@ -189,8 +234,8 @@ class DecodeBatch:
     def absorb(self, other: "DecodeBatch") -> None:
         """Merge ``other`` (prefilled with an equal spec) into this batch; ``other`` is empty afterwards.
 
-        Both batches must hold pending logits (neither is mid-step). Only joinable decoders (no per-request
-        state after setup, a combine that ignores the step index) can merge."""
+        Both batches must hold pending logits (neither is mid-step). Only joinable decoders (see
+        ``Decoder.joinable``) can merge; ``other``'s cohorts keep their decoders and step counts."""
         if other is self or not other.lives:
             return
         if not (self.joinable and other.joinable):
@@ -216,11 +261,13 @@ class DecodeBatch:
         self.lives = self.lives + other.lives
         for lv in self.lives:
             lv.batch_size = max(lv.batch_size, len(self.lives))
-        other.lives = []
-        other.close()
+        self.cohorts += [c for c in other.cohorts if c not in self.cohorts]
+        self._owned += [c for c in other._owned if c not in self._owned]
+        other.lives, other._owned, other._closed = [], [], True  # its cohorts are ours now
 
     def close(self) -> None:
-        """Tear the decoder down (hooks); idempotent."""
+        """Tear every cohort's decoder down (hooks); idempotent."""
         if not self._closed:
             self._closed = True
-            self.decoder.teardown(self.dctx)
+            for c in self._owned:
+                c.decoder.teardown(c.dctx)

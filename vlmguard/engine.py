@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from vlmguard.attention import ScoreRequest, choose_attention, register_attention_functions
-from vlmguard.decode_batch import DecodeBatch, LiveRequest
+from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext
 from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError
 from vlmguard.images import check_image
@@ -314,6 +314,7 @@ class Engine:
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
         final_visual = state.final_seq.visual
         now = time.perf_counter()
+        cohort = Cohort(decoder, dctx)
         lives = []
         for r in range(n_req):
             kept = None
@@ -324,7 +325,7 @@ class Engine:
                 index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
                 vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
-                batch_size=n_req, rng_row=r, cohort=(decoder, dctx)))
+                batch_size=n_req, rng_row=r, cohort=cohort))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=spec,
                            decoder=decoder, dctx=dctx, branch_names=branch_names, state=state, logits=logits,
                            hidden=hidden, lives=lives, sampler=Sampler(spec, n_req, self.device), device=self.device)

@@ -12,9 +12,10 @@ and the next requests come in. Here one thread owns the engine and loops:
 ``stream(item)`` is the same with an answer per token: a streaming request joins the batch like any other
 and its tokens are sent as they are chosen (events as ``EngineWorker.stream`` yields them).
 
-Joining is only for *joinable* decoders (plain greedy / sampling, whose decoding keeps no per-request
-state); requests of other specs run as whole batches, one spec at a time, after the running batch drains
-(the queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
+Joining is only for *joinable* decoders (``Decoder.joinable``: plain greedy / sampling, VCD, M3ID, IAVA;
+not VISTA, whose steering hooks change the forward pass, nor LQCD, whose branch count depends on its batch);
+requests of other decoders run as whole batches, one spec at a time, after the running batch drains (the
+queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
 together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``; with an
 idle engine a request starts at once. A request that fails to prefill (bad input) gets its error alone;
 an unexpected error during a step fails the requests of that batch and the loop goes on.
@@ -216,8 +217,16 @@ class InflightBatcher:
         for new in self._start(joiners, owners):
             if batch is None:
                 batch = new
-            else:
+                continue
+            try:
                 batch.absorb(new)
+            except Exception as e:  # noqa: BLE001 - the joiners get the error; the running batch goes on
+                log.exception("merging a joining batch failed")
+                for lv in new.lives:
+                    p = owners.pop(lv.index, None)
+                    if p is not None:
+                        p.answer(error_answer(e))
+                new.close()
         if batch is not None:
             self.running = batch.active
         return batch
