@@ -100,10 +100,12 @@ def test_summary_and_targets():
                    "ray_batched_latency_over_engine_1_client": False}
 
 
-def test_serve_engine_path_end_to_end():
+@pytest.mark.parametrize("decoding", ["greedy", "vcd"])
+def test_serve_engine_path_end_to_end(decoding):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,3", "--requests", "3",
-                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-ray", "--quiet", "--json"])
-    assert data["command"] == "perf serve" and data["clients"] == [1, 3]
+                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-ray", "--quiet", "--json",
+                     "--decoding", decoding])
+    assert data["command"] == "perf serve" and data["clients"] == [1, 3] and data["decoding"] == decoding
     assert [(r["path"], r["clients"]) for r in data["rows"]] == [("engine", 1), ("engine", 3)]
     for r in data["rows"]:
         assert r["requests"] == 3 and r["errors"] == 0
@@ -118,8 +120,10 @@ def test_serve_engine_path_end_to_end():
 def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress, direct):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
                      "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
-                     "--ingress", ingress, "--plot", str(tmp_path / "serve.png")] + (["--direct-ingress"] if direct else []))
+                     "--ingress", ingress, "--plot", str(tmp_path / "serve.png")]
+                    + (["--direct-ingress", "--decoding", "vcd"] if direct else []))  # vcd: contrastive requests join
     assert data["ingress"] == ingress and data["direct_ingress"] is direct
+    assert data["decoding"] == ("vcd" if direct else "greedy")
     paths = {(r["path"], r["clients"]) for r in data["rows"]}
     assert paths == {(p, c) for p in ("engine", "ray_unbatched", "ray_batched") for c in (1, 4)}
     assert all(r["errors"] == 0 and r["requests"] == 8 for r in data["rows"])

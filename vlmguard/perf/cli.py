@@ -89,6 +89,8 @@ def register(subparsers) -> None:
                    help="requests per measurement and round (split over the clients); throughput is taken over "
                         "the steady part, without the first and last `clients` answers")
     s.add_argument("--new-tokens", type=int, default=16)
+    s.add_argument("--decoding", default="greedy",
+                   help="decoding method of every request (e.g. vcd: contrastive requests, two rows each)")
     s.add_argument("--max-batch", type=_positive, default=16, help="batch size limit of the batching service")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="batching window of the service")
     s.add_argument("--batch-mode", choices=["inflight", "whole"], default="inflight",

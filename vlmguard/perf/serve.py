@@ -147,11 +147,16 @@ def steady_throughput(done_at: list[tuple[float, int]], clients: int,
     return n / wall, sum(k for _, k in done_at) / wall
 
 
-def engine_caller(engine: Any, images: list, new_tokens: int) -> Callable[[int], tuple[int, float]]:
+def request_spec(args: Any) -> dict[str, Any]:
+    """The generation spec every path's requests use (JSON form, as the HTTP API takes it)."""
+    return {"max_new_tokens": args.new_tokens, "diagnostics": False, "decoding": getattr(args, "decoding", "greedy")}
+
+
+def engine_caller(engine: Any, images: list, spec_json: dict[str, Any]) -> Callable[[int], tuple[int, float]]:
     from vlmguard.results import Request
     from vlmguard.spec import GenerationSpec
 
-    spec = GenerationSpec(max_new_tokens=new_tokens, diagnostics=False)
+    spec = GenerationSpec(**spec_json)
     lock = threading.Lock()  # an Engine runs one generate() at a time
 
     def call(i: int) -> int:
@@ -162,7 +167,7 @@ def engine_caller(engine: Any, images: list, new_tokens: int) -> Callable[[int],
     return call
 
 
-def http_caller(url: str, image_urls: list[str], new_tokens: int,
+def http_caller(url: str, image_urls: list[str], spec_json: dict[str, Any],
                 headers: dict[str, str]) -> Callable[[int], tuple[int, float]]:
     import httpx
 
@@ -173,7 +178,7 @@ def http_caller(url: str, image_urls: list[str], new_tokens: int,
         if client is None:
             client = local.client = httpx.Client(timeout=600.0, headers=headers)
         body = {"prompt": PROMPT, "images": [image_urls[i % len(image_urls)]],
-                "spec": {"max_new_tokens": new_tokens, "diagnostics": False}}
+                "spec": spec_json}
         r = client.post(url + "/v1/generate", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -228,11 +233,15 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     from vlmguard.perf.models import bench_image, load_engine
     from vlmguard.perf.timing import set_threads
 
+    from vlmguard.spec import GenerationSpec
+
+    spec_json = request_spec(args)
+    GenerationSpec.build(**spec_json).resolve()  # an unknown method fails here, before any cluster starts
     threads = set_threads(args.threads or 1)
     engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
     images = [bench_image(engine, args.seed + i) for i in range(8)]
     clients = sorted(set(args.clients))
-    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, args.new_tokens)}
+    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, spec_json)}
     env = environment(engine)
     services: list[Any] = []
     started_ray = False
@@ -248,7 +257,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
                 if direct and not svc.direct_urls:
                     raise VlmguardError("--direct-ingress: the Ray cluster runs without Serve's direct ingress "
                                         "(perf serve needs a cluster of its own; is another one initialised?)")
-                calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, args.new_tokens, {})
+                calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, spec_json, {})
         rows = measure_paths(calls, clients, args.requests, args.repeats, args.warmup, progress)
     finally:
         for svc in services:
@@ -264,6 +273,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "command": "perf serve",
         "shape": args.shape,
         "new_tokens": args.new_tokens,
+        "decoding": spec_json["decoding"],
         "requests": args.requests,
         "repeats": args.repeats,
         "clients": clients,
@@ -361,7 +371,8 @@ def serve_table(result: dict[str, Any]) -> str:
              r["latency_median_s"], r["latency_p90_s"], r["added_latency_median_s"]] for r in result["rows"]]
     env = result["environment"]
     s = result["summary"]
-    lines = [f"perf serve  shape={result['shape']}  new_tokens={result['new_tokens']}  requests={result['requests']}  "
+    lines = [f"perf serve  shape={result['shape']}  decoding={result.get('decoding', 'greedy')}  "
+             f"new_tokens={result['new_tokens']}  requests={result['requests']}  "
              f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
              f"batch_mode={result.get('batch_mode', 'whole')}  "
              f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
