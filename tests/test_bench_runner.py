@@ -401,3 +401,77 @@ def test_weights_fingerprint_follows_the_weights(tmp_path):
         data[i] ^= 0x01
     (model / "model.safetensors").write_bytes(bytes(data))
     assert weights_fingerprint(model) != first
+
+
+def test_opening_a_new_database_concurrently_waits_out_locks(tmp_path):
+    """Shards of one job open the same new database while a reader watches it: SQLite can answer one of
+    them SQLITE_BUSY without waiting (journal-mode switch, schema script); the open retries instead of
+    failing the job as 'not a vlmguard results database'."""
+    import threading
+
+    for trial in range(20):
+        path = tmp_path / f"r{trial}.sqlite"
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                if path.exists():
+                    try:
+                        with sqlite3.connect(path, timeout=5) as c:
+                            c.execute("SELECT COUNT(*) FROM samples").fetchone()
+                    except sqlite3.OperationalError:
+                        pass
+
+        opened: list = []
+
+        def opener():
+            try:
+                opened.append(dbm.connect(path))
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                opened.append(e)
+
+        watcher = threading.Thread(target=reader)
+        watcher.start()
+        openers = [threading.Thread(target=opener) for _ in range(3)]
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join()
+        stop.set()
+        watcher.join()
+        assert all(isinstance(c, sqlite3.Connection) for c in opened), opened
+        for c in opened:
+            c.close()
+
+
+def test_a_lock_during_open_is_retried_and_a_lasting_one_named(tmp_path, monkeypatch):
+    real_connect = sqlite3.connect
+    busy = {"left": 2}
+
+    class Flaky:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and busy["left"]:
+                busy["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def __setattr__(self, name, value):
+            if name == "_conn":
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self._conn, name, value)
+
+    monkeypatch.setattr(dbm.sqlite3, "connect", lambda *a, **k: Flaky(real_connect(*a, **k)))
+    conn = dbm.connect(tmp_path / "a.sqlite")
+    assert busy["left"] == 0 and conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    conn.close()
+    busy["left"] = 10 ** 6
+    monkeypatch.setattr(dbm, "BUSY_TIMEOUT_S", 0.2)
+    with pytest.raises(InvalidInput, match="stayed locked"):
+        dbm.connect(tmp_path / "b.sqlite")

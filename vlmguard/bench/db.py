@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,24 +87,45 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+BUSY_TIMEOUT_S = 60.0
+
+
 def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Connection:
     """Open (and create) the database: WAL journal, 60 s busy timeout, rows as ``sqlite3.Row``."""
     p = Path(path)
     if not create and not p.is_file():
         raise InvalidInput(f"{p}: results database not found")
     p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        conn = sqlite3.connect(str(p), timeout=60.0, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 60000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.executescript(_SCHEMA)
-        _migrate(conn)
-    except sqlite3.DatabaseError as e:
-        raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
-    return conn
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.02
+    while True:
+        conn = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.executescript(_SCHEMA)
+            _migrate(conn)
+            return conn
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            # Opening a new database while other connections open it too (two shards of one job, a
+            # reader watching it) can hit SQLITE_BUSY in the journal-mode switch or the schema script
+            # without SQLite's busy handler waiting: wait and try again rather than fail the job.
+            if _is_busy(e) and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            if _is_busy(e):
+                raise InvalidInput(f"{p}: the results database stayed locked for {BUSY_TIMEOUT_S:.0f} s "
+                                   f"(another process is writing it?)") from None
+            raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
+
+
+def _is_busy(e: sqlite3.DatabaseError) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
