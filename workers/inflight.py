@@ -222,14 +222,19 @@ class InflightBatcher:
                 batch.absorb(new)
             except Exception as e:  # noqa: BLE001 - the joiners get the error; the running batch goes on
                 log.exception("merging a joining batch failed")
-                for lv in new.lives:
-                    p = owners.pop(lv.index, None)
-                    if p is not None:
-                        p.answer(error_answer(e))
-                new.close()
+                self._fail(new, owners, e)
         if batch is not None:
             self.running = batch.active
         return batch
+
+    @staticmethod
+    def _fail(batch, owners: dict[int, _Pending], e: BaseException) -> None:
+        """Answer every request of ``batch`` with the error ``e`` and close the batch."""
+        for lv in batch.lives:
+            p = owners.pop(lv.index, None)
+            if p is not None:
+                p.answer(error_answer(e))
+        batch.close()
 
     def _step(self, batch, owners: dict[int, _Pending]):
         """One token for every request of ``batch``; None once the batch is done."""
@@ -246,11 +251,7 @@ class InflightBatcher:
             events = self.worker.advance(batch)
         except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the loop goes on
             log.exception("decode step failed")
-            for lv in batch.lives:
-                p = owners.pop(lv.index, None)
-                if p is not None:
-                    p.answer(error_answer(e))
-            batch.close()
+            self._fail(batch, owners, e)
             self.running = 0
             return None
         for ev in events:
