@@ -33,6 +33,12 @@ from vlmguard.sampling import Sampler
 from vlmguard.spec import GenerationSpec
 
 
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """``text`` up to the first stop string it contains, and that stop string (None when there is none)."""
+    hit = next((s for s in stops if s and s in text), None)
+    return (text if hit is None else text[: text.index(hit)]), hit
+
+
 @dataclass(eq=False)
 class Cohort:
     """Requests prefilled together: the decoder set up for them, its context, and their decode step."""
@@ -75,18 +81,19 @@ class DecodeBatch:
     """A prefilled batch in the decode loop (see module doc). Not thread-safe: one caller steps it."""
 
     def __init__(self, *, runner: LayerRunner, tokenizer: Any, eos: set[int], spec: GenerationSpec,
-                 decoder: Decoder, dctx: DecodeContext, branch_names: list[str], state: DecodeState,
+                 cohort: Cohort, branch_names: list[str], state: DecodeState,
                  logits: torch.Tensor, hidden: dict[int, torch.Tensor], lives: list[LiveRequest],
                  sampler: Sampler, device: torch.device):
         self.runner, self.tok, self.eos, self.spec = runner, tokenizer, eos, spec
-        self.decoder, self.dctx, self.branch_names = decoder, dctx, branch_names
+        # the decoder of the first cohort speaks for the spec (joinability, hidden layers, name)
+        self.decoder, self.branch_names = cohort.decoder, branch_names
         self.state, self.logits, self.hidden = state, logits, hidden
         self.lives = lives  # active requests, in row order
         self.sampler, self.device = sampler, device
-        self.cohorts = [lives[0].cohort] if lives else [Cohort(decoder, dctx)]  # those with rows in the batch
-        self._owned = list(self.cohorts)  # every cohort ever merged in: torn down by close()
+        self.cohorts = [cohort]  # the cohorts with rows in the batch
+        self._owned = [cohort]  # every cohort ever merged in: torn down by close()
         self._closed = False
-        dctx.active = [lv.local for lv in lives]
+        cohort.dctx.active = [lv.local for lv in lives]
 
     @property
     def active(self) -> int:
@@ -130,10 +137,8 @@ class DecodeBatch:
             if spec.diagnostics:
                 lv.steps.append(StepDiagnostic(token_id=t, token=tok.convert_ids_to_tokens(t), main_prob=mp[j],
                                                contrast_prob=cp[j], score=sc[j], main_top_id=main_top[j]))
-            text = tok.decode(lv.gen, skip_special_tokens=True)
-            stop_hit = next((s for s in spec.stop if s and s in text), None)
+            text, stop_hit = _cut_at_stop(tok.decode(lv.gen, skip_special_tokens=True), spec.stop)
             if stop_hit is not None:
-                text = text[: text.index(stop_hit)]
                 lv.finish = "stop"
                 finished_rows.append(j)
             elif len(lv.gen) >= spec.max_new_tokens:
@@ -214,11 +219,7 @@ class DecodeBatch:
         self.cohorts = [c for c in self.cohorts if id(c) in live] or self.cohorts[:1]
 
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
-        spec = self.spec
-        final_text = self.tok.decode(lv.gen, skip_special_tokens=True)
-        stop_hit = next((s for s in spec.stop if s and s in final_text), None)
-        if stop_hit is not None:
-            final_text = final_text[: final_text.index(stop_hit)]
+        final_text, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
         decoder, dctx = lv.cohort.decoder, lv.cohort.dctx
         last = lv.per_tok[-1] if lv.per_tok else 0.0
         return GenerationResult(

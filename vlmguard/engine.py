@@ -327,7 +327,7 @@ class Engine:
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, rng_row=r, cohort=cohort))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=spec,
-                           decoder=decoder, dctx=dctx, branch_names=branch_names, state=state, logits=logits,
+                           cohort=cohort, branch_names=branch_names, state=state, logits=logits,
                            hidden=hidden, lives=lives, sampler=Sampler(spec, n_req, self.device), device=self.device)
 
     @staticmethod

@@ -13,6 +13,7 @@ attention masks and keeps per-layer bookkeeping:
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -91,13 +92,8 @@ class LayerRunner:
             req = before(i, seq) if before else None
             layer_valid.append(seq.valid)
             visual_fed.append(seq.visual_counts())
-            if req is not None:
-                with score_probe(ad.attention_module(i), req):
-                    h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache},
-                              use_cache=True)
-            else:
-                h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache},
-                          use_cache=True)
+            with score_probe(ad.attention_module(i), req) if req is not None else nullcontext():
+                h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
             if all_hidden or i in hidden_layers:
                 captured[i] = h[:, -1] if not all_hidden else h
             keep = after(i, seq.with_hidden(h), req) if after else None

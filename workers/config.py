@@ -20,7 +20,8 @@ class BatchingConfig(BaseModel):
 
     ``mode: inflight`` (``inflight.InflightBatcher``): requests join the running batch between two decode
     steps, up to ``max_batch_size`` decoding at once; joiners wait up to ``batch_wait_timeout_s`` to share
-    one prefill. Only plain decoding (greedy / sampling) joins; other decoders run as whole batches.
+    one prefill. Greedy, sampling, VCD, M3ID and IAVA join (``Decoder.joinable``); VISTA and LQCD run as
+    whole batches.
     ``mode: whole`` (``batcher.EngineBatcher``): the next batch is formed when the engine is free, everything
     queued up to ``max_batch_size``; under load (the previous batch held several requests) it also waits up
     to ``batch_wait_timeout_s`` for requests still on their way. In both, a lone request never waits."""

@@ -7,8 +7,9 @@ FastAPI ingress (``ingress.py``); ``ModelApi`` is the same replica serving the H
 Concurrent ``generate`` calls on a replica are batched in a worker thread, so the replica's event loop stays
 free to accept requests and answer health checks: by an :class:`InflightBatcher` (default; requests join the
 running batch between decode steps, ``inflight.py``) or an :class:`EngineBatcher` (``batching.mode: whole``:
-the next batch is formed when the engine is free; see ``batcher.py`` for why not ``@serve.batch``). Streaming calls run alone (one request per engine call)
-and stop generating when the client goes away.
+the next batch is formed when the engine is free; see ``batcher.py`` for why not ``@serve.batch``).
+Streaming calls join the in-flight batch too when their decoder can join, else they run alone (one request
+per engine call); either way they stop generating when the client goes away.
 """
 from __future__ import annotations
 
@@ -51,17 +52,10 @@ class ModelReplica:
         """A caller-made batch (benchmark jobs): one engine call per distinct spec."""
         return await asyncio.to_thread(self.worker.generate_many, items)
 
-    def _streams_in_batch(self, item: WorkItem) -> bool:
-        """A streaming request joins the in-flight batch when its decoder can join (else it runs alone)."""
-        if not (self.config.batching.enabled and isinstance(self.batcher, InflightBatcher)):
-            return False
-        try:
-            return self.worker.joinable(item.spec)
-        except Exception:  # noqa: BLE001 - an invalid spec: the alone path reports its error
-            return False
-
     async def stream(self, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
-        if self._streams_in_batch(item):
+        # a streaming request joins the in-flight batch when its decoder can join; else it runs alone
+        if (self.config.batching.enabled and isinstance(self.batcher, InflightBatcher)
+                and self.batcher.joins(item.spec)):
             async for ev in self.batcher.stream(item):
                 yield ev
             return

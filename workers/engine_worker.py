@@ -109,7 +109,7 @@ class EngineWorker:
 
     # ---- in-flight batching (``inflight.py``) ---------------------------------------------------
     def joinable(self, spec: GenerationSpec) -> bool:
-        """Whether requests of ``spec`` can join a running batch (a decoder without per-request state)."""
+        """Whether requests of ``spec`` can join a running batch (``Decoder.joinable``)."""
         return bool(getattr(spec.resolve()[1], "joinable", False))
 
     def start_batch(self, items: list[WorkItem], indices: list[int]):

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from vlmguard.spec import GenerationSpec
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer
 
 log = logging.getLogger("vlmguard.workers")
@@ -115,15 +116,17 @@ class InflightBatcher:
             self._cv.notify()
         return p
 
-    # ---- the engine thread ---------------------------------------------------------------------
-    def _is_joinable(self, p: _Pending) -> bool:
-        name = p.item.spec.decoding  # joinability is the decoder's: one entry per method name
+    def joins(self, spec: GenerationSpec) -> bool:
+        """Whether requests of ``spec`` join running batches (else they run as whole batches, or alone)."""
+        name = spec.decoding  # joinability is the decoder's: one entry per method name
         if name not in self._joinable:
             try:
-                self._joinable[name] = self.worker.joinable(p.item.spec)
-            except Exception:  # noqa: BLE001 - an invalid spec: the whole-batch path reports its error
+                self._joinable[name] = self.worker.joinable(spec)
+            except Exception:  # noqa: BLE001 - an invalid spec: the whole-batch / alone path reports its error
                 return False
         return self._joinable[name]
+
+    # ---- the engine thread ---------------------------------------------------------------------
 
     def _take(self, key: str | None, free: int) -> list[_Pending]:
         """Under the lock: the queue's head run of requests with spec ``key`` (the head's spec when None)."""
@@ -180,7 +183,7 @@ class InflightBatcher:
         if batch is None:
             if not joiners:
                 return None
-            if not self._is_joinable(joiners[0]):
+            if not self.joins(joiners[0].item.spec):
                 self._run_whole(joiners)
                 return None
             self._key = joiners[0].key
