@@ -163,21 +163,14 @@ class FlowCutPruner(Pruner):
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     def _stage_v_next(self, ctx: PruneContext, budgets: list[int]):
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         ad, batch = ctx.adapter, ctx.batch
         if ad.vision_feature_select_strategy != "default":
             raise InvalidInput("flowcut on LLaVA-NeXT needs vision_feature_select_strategy='default'")
         tower, last, _ = self._tower_setup(ctx)
         model = ad.model.model
         cfg = ad.config
-        pv = batch.vision_inputs["pixel_values"]
         sizes = batch.vision_inputs["image_sizes"]
-        n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                             patch_size=cfg.vision_config.image_size) for s in sizes]
-        if pv.dim() == 5:
-            pv = torch.cat([p[:n] for p, n in zip(pv, n_crops)], dim=0)
-        pv = pv.to(ad.model.device, ad.model.dtype)
+        pv, n_crops = ad.crops(batch)
         rows = batch.rows_with_images
         n_imgs = self._images_per_row(ctx)
         targets, groups, crop_img = [], [], []

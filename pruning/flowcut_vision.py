@@ -30,6 +30,7 @@ import torch
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.errors import InvalidInput
+from vlmguard.models.vision_tower import layers_needed
 from vlmguard.sequence import additive_mask
 
 
@@ -48,7 +49,7 @@ def selected_layer(tower, vision_feature_layer) -> int:
     if not isinstance(vision_feature_layer, int):
         raise InvalidInput("flowcut supports a single vision_feature_layer (this model concatenates several)")
     n = len(tower.encoder.layers)
-    idx = vision_feature_layer if vision_feature_layer >= 0 else n + 1 + vision_feature_layer
+    idx = layers_needed(n, vision_feature_layer)
     if not 1 <= idx <= n:
         raise InvalidInput(f"flowcut: vision_feature_layer {vision_feature_layer} selects no encoder layer")
     return idx - 1

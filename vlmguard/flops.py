@@ -23,8 +23,8 @@ the patch embedding on P patches of p x p x C pixels and the projector on the k 
     F_patch  = P * (C * p^2) * D
     F_proj   = k * (D * d + d * d)            # LLaVA's two-layer MLP projector
 
-Unpruned LLaVA runs every encoder layer (transformers computes all hidden states); FlowCut runs layers
-0..selected with the shrinking counts it reports (``flowcut_vit_tokens_per_layer``; per image of the
+Unpruned LLaVA runs the encoder layers up to the one it selects (``vision_feature_layer``, -2: all but the
+last; ``vlmguard/models/vision_tower.py``); FlowCut runs the same layers with the shrinking counts it reports (``flowcut_vit_tokens_per_layer``; per image of the
 batch, averaged when a batch had several images). Qwen2-VL's ViT is counted with the same layer formula
 on its raw patches (the 2x2 merger counted as the projector on the merged tokens).
 """
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
+
+from vlmguard.models.vision_tower import layers_needed
 
 
 @dataclass
@@ -108,11 +110,11 @@ def prefill_flops(config, llm_tokens_per_layer: Sequence[int], vit_tokens_per_la
 
 
 def unpruned_vit_tokens(config) -> list[int]:
-    """Tokens per encoder layer of an unpruned CLIP tower (CLS + patches), every layer."""
+    """Tokens per encoder layer of an unpruned CLIP tower (CLS + patches), every layer LLaVA runs."""
     vision = config.vision_config
     width, _, layers, patch, _ = vision_dims(vision)
     n = (int(vision.image_size) // patch) ** 2 + 1
-    return [n] * layers
+    return [n] * layers_needed(layers, config.vision_feature_layer)
 
 
 def result_flops(config, result: Any) -> FlopsReport:

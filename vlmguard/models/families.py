@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from vlmguard.models.base import EncodedBatch, ModelAdapter
+from vlmguard.models.vision_tower import is_clip_like, select_features
 
 
 class LlavaAdapter(ModelAdapter):
@@ -21,8 +22,19 @@ class LlavaAdapter(ModelAdapter):
     def vision_feature_select_strategy(self) -> str:
         return self.config.vision_feature_select_strategy
 
+    def selected_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """The vision features LLaVA projects, from only the tower layers they need (None: not a CLIP
+        tower, use transformers' ``get_image_features``)."""
+        if not is_clip_like(self.vision_tower):
+            return None
+        return select_features(self.vision_tower, pixel_values, self.vision_feature_layer,
+                               self.vision_feature_select_strategy)
+
     def encode_images(self, batch: EncodedBatch) -> Any:
         pv = batch.vision_inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        selected = self.selected_features(pv)
+        if selected is not None:
+            return list(self.project(selected))
         out = self.model.model.get_image_features(
             pixel_values=pv,
             vision_feature_layer=self.vision_feature_layer,
@@ -41,11 +53,33 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava_next"
 
+    def crops(self, batch: EncodedBatch) -> tuple[torch.Tensor, list[int]]:
+        """The batch's anyres crops as one (crops, C, H, W) tensor on the model's device and dtype, and how
+        many crops each image has (the processor pads every image to the largest count)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        pv = batch.vision_inputs["pixel_values"]
+        n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                             patch_size=self.config.vision_config.image_size)
+                   for s in batch.vision_inputs["image_sizes"]]
+        if pv.dim() == 5:
+            pv = torch.cat([p[:n] for p, n in zip(pv, n_crops)], dim=0)
+        return pv.to(self.model.device, self.model.dtype), n_crops
+
     def encode_images(self, batch: EncodedBatch) -> Any:
-        pv = batch.vision_inputs["pixel_values"].to(self.model.device, self.model.dtype)
-        out = self.model.model.get_image_features(
-            pixel_values=pv,
-            image_sizes=batch.vision_inputs["image_sizes"],
+        model = self.model.model
+        sizes = batch.vision_inputs["image_sizes"]
+        crops, n_crops = self.crops(batch)
+        selected = self.selected_features(crops)
+        if selected is not None:  # the steps of get_image_features after the tower
+            per_image = torch.split(self.project(selected), n_crops, dim=0)
+            packed, _ = model.pack_image_features(per_image, sizes,
+                                                  vision_feature_select_strategy=self.vision_feature_select_strategy,
+                                                  image_newline=model.image_newline)
+            return packed
+        out = model.get_image_features(
+            pixel_values=crops,
+            image_sizes=sizes,
             vision_feature_layer=self.vision_feature_layer,
             vision_feature_select_strategy=self.vision_feature_select_strategy,
             return_dict=True,

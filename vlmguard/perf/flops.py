@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from vlmguard.models.vision_tower import layers_needed
+
 
 @dataclass
 class PrefillFlops:
@@ -54,7 +56,8 @@ def vision_flops(config: Any, family: str, n_passes: int, vit_passes: Sequence[S
     """(vision tower, projector) FLOPs of ``n_passes`` ViT passes (LLaVA-NeXT: one per crop).
 
     ``vit_passes``: for each pass, the tokens fed to each layer it ran (a vision-side pruner's schedule);
-    default: every layer of the tower on all its tokens (what transformers computes).
+    default: all its tokens through every layer the model reads (Qwen2-VL: the whole tower; LLaVA: up to
+    ``vision_feature_layer``, where ``vlmguard/models/vision_tower.py`` stops).
     ``n_visual_out``: visual tokens that reach the projector (after any vision-side pruning).
     """
     vc = config.vision_config
@@ -75,7 +78,7 @@ def vision_flops(config: Any, family: str, n_passes: int, vit_passes: Sequence[S
     dv, inter = int(vc.hidden_size), int(vc.intermediate_size)
     grid = int(vc.image_size) // int(vc.patch_size)
     patches = grid * grid
-    depth = int(vc.num_hidden_layers)
+    depth = layers_needed(int(vc.num_hidden_layers), config.vision_feature_layer)
     layers = [list(p) for p in vit_passes] if vit_passes else [[patches + 1] * depth] * n_passes
     patch_in = int(getattr(vc, "num_channels", 3)) * int(vc.patch_size) ** 2
     vit = n_passes * 2.0 * patches * patch_in * dv + sum(vit_layer_flops(int(n), dv, inter) for p in layers for n in p)
