@@ -24,6 +24,7 @@ from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext
 from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError
 from vlmguard.images import check_image
+from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
 from vlmguard.pruning.base import PruneContext
@@ -77,6 +78,8 @@ class Engine:
         self.attn_implementation = impl
         self.adapter: ModelAdapter = adapter_for(model, processor)
         self.runner = LayerRunner(self.adapter, flash=impl == "vlmguard_flash")
+        # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
+        self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod

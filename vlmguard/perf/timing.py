@@ -174,7 +174,8 @@ def environment(engine: Any | None = None) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
     if engine is not None:
         info.update(model=engine.model_name, family=engine.family, device=str(engine.device),
-                    dtype=str(engine.model.dtype).replace("torch.", ""), attention=engine.attn_implementation)
+                    dtype=str(engine.model.dtype).replace("torch.", ""), attention=engine.attn_implementation,
+                    malloc_tuned=engine.malloc_tuned)
     return info
 
 
