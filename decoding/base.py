@@ -11,8 +11,10 @@ residual stream at those layers on every step (e.g. VISTA's self-logits augmenta
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -70,8 +72,41 @@ class DecodeContext:
     report: dict[str, Any] = field(default_factory=dict)
     # Request index of each current main row, in row order (branch row k*len(active)+j belongs to
     # request active[j]). The engine keeps it current as finished requests leave the batch, so per-request
-    # state (hooks, coefficients) can be mapped to rows in ``combine`` and inside forward hooks.
+    # state (coefficients) can be mapped to rows in ``combine``. Forward hooks use ``owned_rows(ctx)``.
     active: list[int] = field(default_factory=list)
+
+
+_FORWARD = threading.local()
+
+
+@dataclass
+class OwnedRows:
+    """The rows of the running forward that belong to one decoder context: ``rows`` their positions in the
+    forward's batch (None: every row, in order), ``requests`` the context's request index of each."""
+
+    rows: torch.Tensor | None
+    requests: torch.Tensor
+
+
+@contextlib.contextmanager
+def forward_owners(owners: dict[int, OwnedRows]) -> Iterator[None]:
+    """Declare, for the forward passes run inside the block on this thread, which rows belong to which
+    decoder context (keyed by ``id(ctx)``). The engine does this around a cohort's prefill and around every
+    decode step (several cohorts share one forward after in-flight joins); any other forward (pre-pass
+    probes, a joining batch's prefill as seen by the running batch's hooks) owns no rows of theirs."""
+    prev = getattr(_FORWARD, "owners", None)
+    _FORWARD.owners = owners
+    try:
+        yield
+    finally:
+        _FORWARD.owners = prev
+
+
+def owned_rows(ctx: DecodeContext) -> OwnedRows | None:
+    """The rows of the running forward that belong to ``ctx`` (None: none of them; a hook then leaves the
+    forward alone)."""
+    owners = getattr(_FORWARD, "owners", None)
+    return None if owners is None else owners.get(id(ctx))
 
 
 class Decoder:
@@ -79,10 +114,16 @@ class Decoder:
     Params: ClassVar[type[BaseModel]] = NoParams
     hidden_layers: tuple[int, ...] = ()
     # In-flight batching (``DecodeBatch.absorb``): requests may join a running batch between steps when the
-    # decoder leaves the forward pass alone (no hooks, no ``hidden_layers``) and keeps its per-request state
-    # in the instance, read through ``ctx.active`` in ``combine``: each joined group of requests keeps its
-    # own decoder instance and step index, and ``combine`` runs once per group on that group's rows.
+    # decoder keeps its per-request state in the instance, read through ``ctx.active`` in ``combine`` (and
+    # through ``owned_rows`` in forward hooks, see ``row_hooks``), and every batch of one spec has the same
+    # branches: each joined group of requests keeps its own decoder instance and step index, and
+    # ``combine`` runs once per group on that group's rows (and hidden states).
     joinable: ClassVar[bool] = False
+    # True when the decoder's forward hooks act per request (e.g. VISTA's steering): the engine then declares
+    # the rows each decoder context owns in every forward (``forward_owners``), and hooks read them with
+    # ``owned_rows(ctx)``, so one forward can carry several joined groups (or a joiner's prefill can run
+    # while a batch's hooks are installed) and each hook touches only its own requests' rows.
+    row_hooks: ClassVar[bool] = False
     # True when ``combine`` is a function of the logits alone (no per-request state, no step index): one
     # call then serves the rows of every joined group.
     merged_combine: ClassVar[bool] = False

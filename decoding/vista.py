@@ -11,6 +11,9 @@
       z = (1 - alpha) * W N(h_last) + alpha * W mean_l h_l      (no final norm on the window, as the code)
   computed as (1 - alpha) * logits + alpha * lm_head(mean h_l), exact since lm_head is linear.
 No extra branches: VISTA lives inside the forward pass, so any pruner and the sampler compose with it.
+In-flight batching: the hooks steer only the rows the engine declares as this context's in the running
+forward (``owned_rows``), each with its own request's vector, so joined groups share one forward and a
+joiner's prefill or pre-pass is never steered by another group's hooks.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs
+from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs, owned_rows
 from vlmguard.decoding.contrast import log_probs
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import image_free_prompt
@@ -74,12 +77,13 @@ def sla_window(num_layers: int, w: int | None) -> tuple[int, ...]:
 class VISTA(Decoder):
     name = "vista"
     Params = VISTAParams
+    joinable = True  # per-request vectors in the instance; hooks steer the rows they own (see module doc)
+    row_hooks = True
 
     def __init__(self, params: BaseModel):
         super().__init__(params)
         self.hidden_layers = ()
         self._handles: list[Any] = []
-        self._rows_key: tuple | None = None
 
     # ---- setup: steering vectors + hooks -------------------------------------------------------
     def setup(self, ctx: DecodeContext) -> None:
@@ -128,24 +132,17 @@ class VISTA(Decoder):
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
-            if not isinstance(output, torch.Tensor):
-                return None
-            req = self._row_requests(output.shape[0])
+            owned = owned_rows(self.ctx)
+            if owned is None or not isinstance(output, torch.Tensor):
+                return None  # not a forward of this context's requests
+            req = owned.requests.to(self.v_unit.device)
             v = self.v_unit[req, layer].to(output.device)
             on = self.row_on[req].to(output.device)[:, None, None]
-            steered = steer(output, v, self.params.vsv_lambda, self.params.simple_mode)
-            return torch.where(on, steered, output)
+            x = output if owned.rows is None else output[owned.rows]
+            steered = torch.where(on, steer(x, v, self.params.vsv_lambda, self.params.simple_mode), x)
+            return steered if owned.rows is None else output.index_copy(0, owned.rows, steered)
 
         return hook
-
-    def _row_requests(self, rows: int) -> torch.Tensor:
-        """Request index of each batch row (branch-major rows; ``ctx.active`` maps main rows)."""
-        active = tuple(self.ctx.active)
-        key = (active, rows)
-        if self._rows_key != key:
-            self._rows_key = key
-            self._rows = torch.tensor([active[r % len(active)] for r in range(rows)], device=self.v_unit.device)
-        return self._rows
 
     def teardown(self, ctx: DecodeContext) -> None:
         for h in self._handles:

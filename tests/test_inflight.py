@@ -124,10 +124,11 @@ def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
     assert [r.token_ids for r in alone] != [r.token_ids for r in eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))]
 
 
-@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava"])
+@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava", "vista"])
 def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
-    """Each joined group keeps its decoder instance (per-request state) and its step index (M3ID's weight
-    decays with it); a group of requests with no image decodes plainly beside image requests."""
+    """Each joined group keeps its decoder instance (per-request state: VISTA's steering vectors, applied by
+    hooks to the group's own rows only) and its step index (M3ID's weight decays with it); a request with
+    no image decodes plainly beside image requests."""
     eng = tiny_engine("llava")
     spec = GenerationSpec(max_new_tokens=8, decoding=decoding, diagnostics=True)
     first, later = reqs(0, 3), reqs(3, 5)
@@ -143,9 +144,34 @@ def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
     assert max(r.timings.batch_size for r in joined[3:]) > 2
 
 
-def test_joining_is_refused_for_decoders_that_change_the_forward_pass():
+def test_vista_groups_take_their_hooks_away_when_their_requests_leave():
+    """A batch that never drains must not collect one set of steering hooks per group that ever joined."""
     eng = tiny_engine("llava")
-    spec = GenerationSpec(max_new_tokens=4, decoding="vista")
+    spec = GenerationSpec(max_new_tokens=8, decoding="vista")
+
+    def hooks() -> int:
+        return sum(len(layer.mlp._forward_hooks) for layer in eng.adapter.layers)
+
+    batch = eng.start_batch(reqs(0, 2), spec)
+    try:
+        per_group = hooks()
+        assert per_group == eng.adapter.num_layers  # default: every layer steered
+        for _ in range(3):
+            list(batch.advance())
+        first = batch.cohorts[0]
+        batch.absorb(eng.start_batch(reqs(2, 4), spec, indices=[2, 3]))
+        assert hooks() == 2 * per_group
+        while any(lv.cohort is first for lv in batch.lives):
+            list(batch.advance())
+        assert batch.active and hooks() == per_group  # the joiners decode on with their own hooks only
+    finally:
+        batch.close()
+    assert hooks() == 0
+
+
+def test_joining_is_refused_for_decoders_whose_branches_depend_on_the_batch():
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=4, decoding="lqcd")
     a, b = eng.start_batch(reqs(0, 1), spec), eng.start_batch(reqs(1, 2), spec, indices=[1])
     try:
         assert not a.joinable
@@ -196,13 +222,13 @@ def test_batcher_answers_staggered_callers_like_alone(worker):
 
 
 def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
-    ok, vista = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="vista")
+    ok, lqcd = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="lqcd")
     too_long = GenerationSpec(max_new_tokens=worker.engine.context_length)  # prompt + this > context
     b = InflightBatcher(worker, max_batch_size=8, wait_s=0.05)
 
     async def main():
         calls = [b.submit(item(0, ok)), b.submit(item(1, too_long)), b.submit(item(2, ok)),
-                 b.submit(item(3, vista)), b.submit(item(4, vista)), b.submit(item(0, ok))]
+                 b.submit(item(3, lqcd)), b.submit(item(4, lqcd)), b.submit(item(0, ok))]
         return await asyncio.wait_for(asyncio.gather(*calls), 120)
 
     a = asyncio.run(main())
@@ -210,8 +236,8 @@ def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
     for i in (0, 2, 3, 4, 5):
         assert "result" in a[i], a[i]
     assert a[0]["result"]["token_ids"] == a[5]["result"]["token_ids"]
-    assert a[3]["result"]["decoding"]["name"] == "vista"
-    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, vista)])[0]["result"]["token_ids"]
+    assert a[3]["result"]["decoding"]["name"] == "lqcd"
+    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, lqcd)])[0]["result"]["token_ids"]
     assert b.running == 0
 
 
@@ -244,7 +270,7 @@ def test_batcher_stops_generating_for_callers_that_left(worker):
 def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch):
     """A failure inside a decode step or a whole-batch run reaches its callers as an error (nobody hangs),
     and the engine thread goes on serving the next requests."""
-    ok, vista = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="vista")
+    ok, lqcd = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="lqcd")
     b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
 
     def broken(*args, **kwargs):
@@ -256,11 +282,11 @@ def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(worker, "advance", broken)
         m.setattr(worker, "generate_many", broken)
-        failed = [asyncio.run(call(ok)), asyncio.run(call(vista))]
+        failed = [asyncio.run(call(ok)), asyncio.run(call(lqcd))]
     for a in failed:
         assert a["error"]["status"] == 500 and "engine exploded" in a["error"]["message"], a
     assert b.running == 0
-    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(vista))
+    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(lqcd))
 
 
 def test_batcher_streams_tokens_of_requests_that_join(worker):

@@ -16,17 +16,22 @@ Each prefilled batch is a *cohort*: the decoder instance that was set up for its
 per-request state), its context and its own step count. After a merge the forward pass runs once for all
 rows, and ``combine`` runs once per cohort on that cohort's rows (with ``ctx.active`` naming them and the
 cohort's step index), so contrastive decoders join too; decoders whose combine is a plain function of the
-logits (``Decoder.merged_combine``) get one call for all rows.
+logits (``Decoder.merged_combine``) get one call for all rows. Decoders whose forward hooks act per request
+(``Decoder.row_hooks``: VISTA) are told around every decode forward which rows each cohort owns
+(``decoding.base.forward_owners``), and a cohort whose requests have all left is torn down (its hooks
+removed) at once.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs
+from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
+                                    forward_owners)
 from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import Sampler
@@ -159,7 +164,9 @@ class DecodeBatch:
             self._select_rows(keep_j)
             tokens = tokens[keep_j]
         t_dec = time.perf_counter()
-        logits, hid = self.runner.decode_step(tokens.repeat(nb), self.state, hidden_layers=self.decoder.hidden_layers)
+        with forward_owners(self._owners()) if self.decoder.row_hooks else contextlib.nullcontext():
+            logits, hid = self.runner.decode_step(tokens.repeat(nb), self.state,
+                                                  hidden_layers=self.decoder.hidden_layers)
         self.logits = logits
         self.hidden = {k: v[: len(self.lives)] for k, v in hid.items()}
         if self.device.type == "cuda":
@@ -170,6 +177,20 @@ class DecodeBatch:
             lv.t_mark = t_dec
         for c in self.cohorts:
             c.step += 1
+
+    def _owners(self) -> dict[int, OwnedRows]:
+        """Which rows of the next decode forward belong to which cohort (for decoders' row hooks)."""
+        na, nb = len(self.lives), len(self.branch_names)
+        if len(self.cohorts) == 1:  # every row is the one cohort's, in order
+            req = torch.tensor([lv.local for lv in self.lives] * nb, device=self.device)
+            return {id(self.cohorts[0].dctx): OwnedRows(rows=None, requests=req)}
+        owners = {}
+        for c in self.cohorts:
+            js = [j for j, lv in enumerate(self.lives) if lv.cohort is c]
+            rows = torch.tensor([k * na + j for k in range(nb) for j in js], device=self.device)
+            req = torch.tensor([self.lives[j].local for _ in range(nb) for j in js], device=self.device)
+            owners[id(c.dctx)] = OwnedRows(rows=rows, requests=req)
+        return owners
 
     def _combine(self, per_branch: dict[str, torch.Tensor]) -> Combined:
         """The decoder's scores for every row: one call, or one per cohort on its own rows (see module doc)."""
@@ -216,7 +237,11 @@ class DecodeBatch:
         for c in self.cohorts:
             c.dctx.active = [lv.local for lv in self.lives if lv.cohort is c]
         live = {id(lv.cohort) for lv in self.lives}
-        self.cohorts = [c for c in self.cohorts if id(c) in live] or self.cohorts[:1]
+        for c in self.cohorts:  # a cohort whose requests all left: its hooks go now, not at close()
+            if id(c) not in live and c in self._owned:
+                self._owned.remove(c)
+                c.decoder.teardown(c.dctx)
+        self.cohorts = [c for c in self.cohorts if id(c) in live]
 
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
         final_text, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)

@@ -21,7 +21,7 @@ import torch
 
 from vlmguard.attention import ScoreRequest, choose_attention, register_attention_functions
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
-from vlmguard.decoding.base import Branch, DecodeContext
+from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError
 from vlmguard.images import check_image
 from vlmguard.malloc_tuning import tune_malloc
@@ -306,9 +306,13 @@ class Engine:
 
         t_pre = time.perf_counter()
         llm_side = pruner.side in ("llm", "both")
-        logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
-                                               after=after if llm_side else None,
-                                               hidden_layers=tuple(decoder.hidden_layers))
+        owners = {}  # every row of this forward is this context's (row r: request r % n_req; branch-major)
+        if decoder.row_hooks:
+            owners[id(dctx)] = OwnedRows(rows=None, requests=torch.arange(n_req * nb, device=self.device) % n_req)
+        with forward_owners(owners):
+            logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
+                                                   after=after if llm_side else None,
+                                                   hidden_layers=tuple(decoder.hidden_layers))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre

@@ -20,7 +20,7 @@ class BatchingConfig(BaseModel):
 
     ``mode: inflight`` (``inflight.InflightBatcher``): requests join the running batch between two decode
     steps, up to ``max_batch_size`` decoding at once; joiners wait up to ``batch_wait_timeout_s`` to share
-    one prefill. Greedy, sampling, VCD, M3ID and IAVA join (``Decoder.joinable``); VISTA and LQCD run as
+    one prefill. Greedy, sampling, VCD, M3ID, IAVA and VISTA join (``Decoder.joinable``); LQCD runs as
     whole batches.
     ``mode: whole`` (``batcher.EngineBatcher``): the next batch is formed when the engine is free, everything
     queued up to ``max_batch_size``; under load (the previous batch held several requests) it also waits up
