@@ -115,9 +115,9 @@ class Decoder:
     hidden_layers: tuple[int, ...] = ()
     # In-flight batching (``DecodeBatch.absorb``): requests may join a running batch between steps when the
     # decoder keeps its per-request state in the instance, read through ``ctx.active`` in ``combine`` (and
-    # through ``owned_rows`` in forward hooks, see ``row_hooks``), and every batch of one spec has the same
-    # branches: each joined group of requests keeps its own decoder instance and step index, and
-    # ``combine`` runs once per group on that group's rows (and hidden states).
+    # through ``owned_rows`` in forward hooks, see ``row_hooks``): each joined group of requests keeps its
+    # own decoder instance, branches (one block of rows per group) and step index, and ``combine`` runs
+    # once per group on that group's rows (and hidden states). Every built-in decoder is joinable.
     joinable: ClassVar[bool] = False
     # True when the decoder's forward hooks act per request (e.g. VISTA's steering): the engine then declares
     # the rows each decoder context owns in every forward (``forward_owners``), and hooks read them with

@@ -49,7 +49,9 @@ class LQCDParams(BaseModel):
 @DECODERS.register("lqcd")
 class LQCD(Decoder):
     name = "lqcd"
-    # not joinable: its branch count is the most leading-query variants of any request in the batch
+    # its branch count is the most leading-query variants of any request it was set up with; a joined group
+    # keeps its own (the decode batch holds one block of rows per group)
+    joinable = True
     Params = LQCDParams
 
     def _oracle(self, n: int) -> list[str | None]:

@@ -98,6 +98,18 @@ def test_a_batch_that_requests_keep_joining_keeps_a_bounded_cache(pruning):
     assert [results[i].token_ids for i in range(len(stream))] == [r.token_ids for r in alone]
 
 
+class WholeOnly(Decoder):
+    """Plain decoding that declares itself not joinable: its batches must run whole."""
+
+    name = "test-whole-only"
+
+
+@pytest.fixture
+def whole_only(monkeypatch):
+    monkeypatch.setitem(DECODERS._items, WholeOnly.name, WholeOnly)
+    return WholeOnly.name
+
+
 class ImageFreeContrast(Decoder):
     """A stateless two-branch decoder (main - 0.5 * image-free), joinable: tests the branch-major merge."""
 
@@ -124,11 +136,12 @@ def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
     assert [r.token_ids for r in alone] != [r.token_ids for r in eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))]
 
 
-@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava", "vista"])
+@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava", "vista", "lqcd"])
 def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
     """Each joined group keeps its decoder instance (per-request state: VISTA's steering vectors, applied by
-    hooks to the group's own rows only) and its step index (M3ID's weight decays with it); a request with
-    no image decodes plainly beside image requests."""
+    hooks to the group's own rows only), its step index (M3ID's weight decays with it) and its branches
+    (LQCD: the first group holds a polar question with two leading variants, three rows per request, the
+    joiners one variant, two rows); a request with no image decodes plainly beside image requests."""
     eng = tiny_engine("llava")
     spec = GenerationSpec(max_new_tokens=8, decoding=decoding, diagnostics=True)
     first, later = reqs(0, 3), reqs(3, 5)
@@ -169,9 +182,9 @@ def test_vista_groups_take_their_hooks_away_when_their_requests_leave():
     assert hooks() == 0
 
 
-def test_joining_is_refused_for_decoders_whose_branches_depend_on_the_batch():
+def test_joining_is_refused_for_decoders_that_are_not_joinable(whole_only):
     eng = tiny_engine("llava")
-    spec = GenerationSpec(max_new_tokens=4, decoding="lqcd")
+    spec = GenerationSpec(max_new_tokens=4, decoding=whole_only)
     a, b = eng.start_batch(reqs(0, 1), spec), eng.start_batch(reqs(1, 2), spec, indices=[1])
     try:
         assert not a.joinable
@@ -221,14 +234,14 @@ def test_batcher_answers_staggered_callers_like_alone(worker):
     assert max(sizes) <= 4 and max(sizes) >= 2
 
 
-def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
-    ok, lqcd = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding="lqcd")
+def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker, whole_only):
+    ok, whole = GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, decoding=whole_only)
     too_long = GenerationSpec(max_new_tokens=worker.engine.context_length)  # prompt + this > context
     b = InflightBatcher(worker, max_batch_size=8, wait_s=0.05)
 
     async def main():
         calls = [b.submit(item(0, ok)), b.submit(item(1, too_long)), b.submit(item(2, ok)),
-                 b.submit(item(3, lqcd)), b.submit(item(4, lqcd)), b.submit(item(0, ok))]
+                 b.submit(item(3, whole)), b.submit(item(4, whole)), b.submit(item(0, ok))]
         return await asyncio.wait_for(asyncio.gather(*calls), 120)
 
     a = asyncio.run(main())
@@ -236,8 +249,8 @@ def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker):
     for i in (0, 2, 3, 4, 5):
         assert "result" in a[i], a[i]
     assert a[0]["result"]["token_ids"] == a[5]["result"]["token_ids"]
-    assert a[3]["result"]["decoding"]["name"] == "lqcd"
-    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, lqcd)])[0]["result"]["token_ids"]
+    assert a[3]["result"]["decoding"]["name"] == whole_only
+    assert a[3]["result"]["token_ids"] == worker.generate_many([item(3, whole)])[0]["result"]["token_ids"]
     assert b.running == 0
 
 
@@ -267,10 +280,10 @@ def test_batcher_stops_generating_for_callers_that_left(worker):
     assert worker.items - items_before == 1  # the cancelled request never finished
 
 
-def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch):
+def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch, whole_only):
     """A failure inside a decode step or a whole-batch run reaches its callers as an error (nobody hangs),
     and the engine thread goes on serving the next requests."""
-    ok, lqcd = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding="lqcd")
+    ok, whole = GenerationSpec(max_new_tokens=4), GenerationSpec(max_new_tokens=4, decoding=whole_only)
     b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
 
     def broken(*args, **kwargs):
@@ -282,11 +295,11 @@ def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(worker, "advance", broken)
         m.setattr(worker, "generate_many", broken)
-        failed = [asyncio.run(call(ok)), asyncio.run(call(lqcd))]
+        failed = [asyncio.run(call(ok)), asyncio.run(call(whole))]
     for a in failed:
         assert a["error"]["status"] == 500 and "engine exploded" in a["error"]["message"], a
     assert b.running == 0
-    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(lqcd))
+    assert "result" in asyncio.run(call(ok)) and "result" in asyncio.run(call(whole))
 
 
 def test_batcher_streams_tokens_of_requests_that_join(worker):

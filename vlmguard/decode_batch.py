@@ -8,9 +8,11 @@ runs one decode forward for the rest (every branch row at once).
 
 In-flight batching: ``absorb(other)`` merges another prefilled batch (same spec, a *joinable* decoder) into
 this one between two steps, so requests that arrive while a batch decodes join it instead of waiting for
-it to finish. Rows are ordered branch-major (row ``k * n + j`` is branch k of request j); the merged cache
-left-pads the shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own
-RoPE positions, so a request's tokens are those it would get alone.
+it to finish. Rows come in one block per cohort (below), in the order the cohorts joined; inside a block
+they are branch-major (row ``k * n + j`` of the block is branch k of the cohort's request j), so cohorts
+may have different branches (LQCD's count depends on its requests). The merged cache left-pads the
+shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own RoPE positions,
+so a request's tokens are those it would get alone.
 
 Each prefilled batch is a *cohort*: the decoder instance that was set up for its requests (with their
 per-request state), its context and its own step count. After a merge the forward pass runs once for all
@@ -50,7 +52,29 @@ class Cohort:
 
     decoder: Decoder
     dctx: DecodeContext
+    branch_names: list[str] = field(default_factory=lambda: ["main"])  # its rows' branches, "main" first
     step: int = 0
+
+
+@dataclass
+class _Block:
+    """One cohort's share of a step: its requests (a slice of ``DecodeBatch.lives``) and its rows, from
+    ``first`` on, branch-major (row ``first + k * n + j`` is branch k of the block's request j)."""
+
+    cohort: Cohort
+    lives: slice
+    first: int
+
+    @property
+    def n(self) -> int:
+        return self.lives.stop - self.lives.start
+
+    @property
+    def n_rows(self) -> int:
+        return self.n * len(self.cohort.branch_names)
+
+    def rows(self, device) -> torch.Tensor:
+        return torch.arange(self.first, self.first + self.n_rows, device=device)
 
 
 @dataclass
@@ -86,14 +110,14 @@ class DecodeBatch:
     """A prefilled batch in the decode loop (see module doc). Not thread-safe: one caller steps it."""
 
     def __init__(self, *, runner: LayerRunner, tokenizer: Any, eos: set[int], spec: GenerationSpec,
-                 cohort: Cohort, branch_names: list[str], state: DecodeState,
+                 cohort: Cohort, state: DecodeState,
                  logits: torch.Tensor, hidden: dict[int, torch.Tensor], lives: list[LiveRequest],
                  sampler: Sampler, device: torch.device):
         self.runner, self.tok, self.eos, self.spec = runner, tokenizer, eos, spec
         # the decoder of the first cohort speaks for the spec (joinability, hidden layers, name)
-        self.decoder, self.branch_names = cohort.decoder, branch_names
+        self.decoder = cohort.decoder
         self.state, self.logits, self.hidden = state, logits, hidden
-        self.lives = lives  # active requests, in row order
+        self.lives = lives  # active requests, grouped by cohort in cohort order (the order of main rows)
         self.sampler, self.device = sampler, device
         self.cohorts = [cohort]  # the cohorts with rows in the batch
         self._owned = [cohort]  # every cohort ever merged in: torn down by close()
@@ -114,13 +138,13 @@ class DecodeBatch:
         decode forward for the others (whose next logits become pending)."""
         if not self.lives:
             return
-        spec, tok, na, nb = self.spec, self.tok, len(self.lives), len(self.branch_names)
-        per_branch = {name: self.logits[k * na:(k + 1) * na] for k, name in enumerate(self.branch_names)}
-        combined = self._combine(per_branch)
+        spec, tok, na = self.spec, self.tok, len(self.lives)
+        blocks = self._blocks()
+        combined = self._combine(blocks)
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
         now = time.perf_counter()
         tok_list = tokens.tolist()
-        main_top = per_branch["main"].argmax(dim=-1).tolist()
+        main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
         if spec.diagnostics:
             idx = tokens[:, None]
             mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
@@ -163,12 +187,15 @@ class DecodeBatch:
         if finished_rows:
             self._select_rows(keep_j)
             tokens = tokens[keep_j]
+            blocks = self._blocks()
+        # every row of a block decodes its request's token (branch rows follow their main row)
+        row_tokens = torch.cat([tokens[b.lives].repeat(len(b.cohort.branch_names)) for b in blocks])
         t_dec = time.perf_counter()
-        with forward_owners(self._owners()) if self.decoder.row_hooks else contextlib.nullcontext():
-            logits, hid = self.runner.decode_step(tokens.repeat(nb), self.state,
-                                                  hidden_layers=self.decoder.hidden_layers)
+        with forward_owners(self._owners(blocks)) if self.decoder.row_hooks else contextlib.nullcontext():
+            logits, hid = self.runner.decode_step(row_tokens, self.state, hidden_layers=self.decoder.hidden_layers)
         self.logits = logits
-        self.hidden = {k: v[: len(self.lives)] for k, v in hid.items()}
+        main_rows = self._main_rows(blocks)
+        self.hidden = {k: v[main_rows] for k, v in hid.items()}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dec = time.perf_counter() - t_dec
@@ -178,41 +205,49 @@ class DecodeBatch:
         for c in self.cohorts:
             c.step += 1
 
-    def _owners(self) -> dict[int, OwnedRows]:
-        """Which rows of the next decode forward belong to which cohort (for decoders' row hooks)."""
-        na, nb = len(self.lives), len(self.branch_names)
-        if len(self.cohorts) == 1:  # every row is the one cohort's, in order
-            req = torch.tensor([lv.local for lv in self.lives] * nb, device=self.device)
-            return {id(self.cohorts[0].dctx): OwnedRows(rows=None, requests=req)}
-        owners = {}
+    def _blocks(self) -> list[_Block]:
+        """Each cohort's requests (contiguous in ``lives``, which is grouped by cohort) and rows."""
+        blocks, start, row = [], 0, 0
         for c in self.cohorts:
-            js = [j for j, lv in enumerate(self.lives) if lv.cohort is c]
-            rows = torch.tensor([k * na + j for k in range(nb) for j in js], device=self.device)
-            req = torch.tensor([self.lives[j].local for _ in range(nb) for j in js], device=self.device)
-            owners[id(c.dctx)] = OwnedRows(rows=rows, requests=req)
+            n = sum(1 for lv in self.lives if lv.cohort is c)
+            if n:
+                blocks.append(_Block(c, slice(start, start + n), row))
+                start, row = start + n, row + blocks[-1].n_rows
+        return blocks
+
+    def _main_rows(self, blocks: list[_Block]) -> torch.Tensor:
+        """The main row of every request, in ``lives`` order."""
+        return torch.cat([torch.arange(b.first, b.first + b.n, device=self.device) for b in blocks])
+
+    def _owners(self, blocks: list[_Block]) -> dict[int, OwnedRows]:
+        """Which rows of the next decode forward belong to which cohort (for decoders' row hooks)."""
+        owners = {}
+        for b in blocks:
+            locals_ = [lv.local for lv in self.lives[b.lives]] * len(b.cohort.branch_names)
+            rows = None if len(blocks) == 1 else b.rows(self.device)  # one cohort: every row, in order
+            owners[id(b.cohort.dctx)] = OwnedRows(rows=rows, requests=torch.tensor(locals_, device=self.device))
         return owners
 
-    def _combine(self, per_branch: dict[str, torch.Tensor]) -> Combined:
-        """The decoder's scores for every row: one call, or one per cohort on its own rows (see module doc)."""
-        if len(self.cohorts) == 1 or self.decoder.merged_combine:
-            c = self.cohorts[0]
-            return c.decoder.combine(StepInputs(logits=per_branch, hidden=self.hidden, step=c.step))
-        parts, rows_of = [], []
-        for c in self.cohorts:
-            js = [j for j, lv in enumerate(self.lives) if lv.cohort is c]
-            if not js:
-                continue
-            idx = torch.tensor(js, device=self.device)
-            c.dctx.active = [self.lives[j].local for j in js]
-            parts.append(c.decoder.combine(StepInputs(logits={k: v[idx] for k, v in per_branch.items()},
-                                                      hidden={k: v[idx] for k, v in self.hidden.items()},
+    def _combine(self, blocks: list[_Block]) -> Combined:
+        """The decoder's scores for every request: one call, or one per cohort on its own rows (see module
+        doc); rows of the result follow ``lives``."""
+        if self.decoder.merged_combine and all(b.n_rows == b.n for b in blocks):  # main rows only: one call
+            blocks = [_Block(blocks[0].cohort, slice(0, len(self.lives)), 0)]
+        parts = []
+        for b in blocks:
+            c, n = b.cohort, b.n
+            logits = self.logits[b.first:b.first + b.n_rows]
+            per_branch = {name: logits[k * n:(k + 1) * n] for k, name in enumerate(c.branch_names)}
+            c.dctx.active = [lv.local for lv in self.lives[b.lives]]
+            parts.append(c.decoder.combine(StepInputs(logits=per_branch,
+                                                      hidden={k: v[b.lives] for k, v in self.hidden.items()},
                                                       step=c.step)))
-            rows_of.append(idx)
-        order = torch.argsort(torch.cat(rows_of))  # back to row order
+        if len(parts) == 1:
+            return parts[0]
 
         def stitch(name: str) -> torch.Tensor | None:
             got = [getattr(p, name) for p in parts]
-            return None if any(g is None for g in got) else torch.cat(got)[order]
+            return None if any(g is None for g in got) else torch.cat(got)
 
         return Combined(scores=stitch("scores"), main_logprobs=stitch("main_logprobs"),
                         contrast_logprobs=stitch("contrast_logprobs"))
@@ -227,9 +262,13 @@ class DecodeBatch:
                 self.lives = []
 
     def _select_rows(self, keep_j: list[int]) -> None:
-        """Keep the requests at main rows ``keep_j`` (and their branch rows)."""
-        na, nb = len(self.lives), len(self.branch_names)
-        rows = torch.tensor([k * na + j for k in range(nb) for j in keep_j], device=self.device)
+        """Keep the requests at positions ``keep_j`` of ``lives`` (and their branch rows)."""
+        keep = set(keep_j)
+        rows = []
+        for b in self._blocks():
+            kept = [j - b.lives.start for j in range(b.lives.start, b.lives.stop) if j in keep]
+            rows += [b.first + k * b.n + j for k in range(len(b.cohort.branch_names)) for j in kept]
+        rows = torch.tensor(rows, device=self.device)
         self.runner.reorder(self.state, rows)
         self.logits = self.logits[rows]
         self.hidden = {k: v[keep_j] for k, v in self.hidden.items()}
@@ -266,19 +305,13 @@ class DecodeBatch:
             return
         if not (self.joinable and other.joinable):
             raise ValueError(f"decoder {self.decoder.name} cannot merge batches (not joinable)")
-        if other.branch_names != self.branch_names or other.spec != self.spec:
+        if other.spec != self.spec:
             raise ValueError("only batches of one spec can merge")
         if not self.lives:
             raise ValueError("cannot absorb into a finished batch")
-        na, na_other, nb = len(self.lives), len(other.lives), len(self.branch_names)
-        # rows of the concatenation [self rows; other rows] in branch-major order of the merged batch
-        idx = None
-        if nb > 1:
-            idx = torch.tensor([x for k in range(nb) for x in [k * na + j for j in range(na)]
-                                + [nb * na + k * na_other + j for j in range(na_other)]], device=self.device)
-        self.state = self.runner.merge(self.state, other.state, idx)
-        logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
-        self.logits = logits if idx is None else logits[idx]
+        # other's cohorts become the last blocks: its rows simply follow ours
+        self.state = self.runner.merge(self.state, other.state)
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
         self.hidden = {k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()}
         offset = len(self.sampler.generators)
         self.sampler.generators.extend(other.sampler.generators)

@@ -321,7 +321,7 @@ class Engine:
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
         final_visual = state.final_seq.visual
         now = time.perf_counter()
-        cohort = Cohort(decoder, dctx)
+        cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
         lives = []
         for r in range(n_req):
             kept = None
@@ -334,7 +334,7 @@ class Engine:
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, rng_row=r, cohort=cohort))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=spec,
-                           cohort=cohort, branch_names=branch_names, state=state, logits=logits,
+                           cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, sampler=Sampler(spec, n_req, self.device), device=self.device)
 
     @staticmethod

@@ -139,12 +139,13 @@ class LayerRunner:
         return logits, captured
 
     @staticmethod
-    def merge(a: DecodeState, b: DecodeState, order: torch.Tensor | None = None) -> DecodeState:
-        """One state for the rows of ``a`` then ``b``, permuted by ``order`` if given (in-flight batching).
+    def merge(a: DecodeState, b: DecodeState) -> DecodeState:
+        """One state for the rows of ``a`` then ``b`` (in-flight batching).
 
         Per layer, the shorter side is left-padded with masked slots (``layer_valid`` False), so every row
         attends to exactly its own keys; positions stay per row. Layers that shared a validity tensor in
-        both states (one pruning stage) share the merged one."""
+        both states (one pruning stage) share the merged one. Each layer's cache is written once, straight
+        into the appendable buffer."""
         cache = GrowingCache()
         merged_valid: dict[tuple[int, int], torch.Tensor] = {}
         layer_valid = []
@@ -153,18 +154,10 @@ class LayerRunner:
             length = max(va.shape[1], vb.shape[1])
             key = (id(va), id(vb))
             if key not in merged_valid:
-                v = torch.cat([_left_pad(va, length), _left_pad(vb, length)])
-                merged_valid[key] = v if order is None else v[order]
+                merged_valid[key] = torch.cat([_left_pad(va, length), _left_pad(vb, length)])
             layer_valid.append(merged_valid[key])
-            if order is None:  # one copy, straight into the appendable buffer
-                cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
-            else:
-                cache.fill_layer(i, [torch.cat([_left_pad(la.keys, length, 2), _left_pad(lb.keys, length, 2)])[order]],
-                                 [torch.cat([_left_pad(la.values, length, 2),
-                                             _left_pad(lb.values, length, 2)])[order]], length)
+            cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
         positions = torch.cat([a.next_positions, b.next_positions], dim=-1)
-        if order is not None:
-            positions = positions[..., order]
         return DecodeState(cache=cache, layer_valid=layer_valid, next_positions=positions,
                            visual_per_layer=[], final_seq=a.final_seq)
 

@@ -20,8 +20,8 @@ class BatchingConfig(BaseModel):
 
     ``mode: inflight`` (``inflight.InflightBatcher``): requests join the running batch between two decode
     steps, up to ``max_batch_size`` decoding at once; joiners wait up to ``batch_wait_timeout_s`` to share
-    one prefill. Greedy, sampling, VCD, M3ID, IAVA and VISTA join (``Decoder.joinable``); LQCD runs as
-    whole batches.
+    one prefill. Requests of every built-in decoder join (``Decoder.joinable``); a decoder that is not
+    joinable runs as whole batches.
     ``mode: whole`` (``batcher.EngineBatcher``): the next batch is formed when the engine is free, everything
     queued up to ``max_batch_size``; under load (the previous batch held several requests) it also waits up
     to ``batch_wait_timeout_s`` for requests still on their way. In both, a lone request never waits."""

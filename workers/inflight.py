@@ -12,8 +12,7 @@ and the next requests come in. Here one thread owns the engine and loops:
 ``stream(item)`` is the same with an answer per token: a streaming request joins the batch like any other
 and its tokens are sent as they are chosen (events as ``EngineWorker.stream`` yields them).
 
-Joining is only for *joinable* decoders (``Decoder.joinable``: plain greedy / sampling, VCD, M3ID, IAVA,
-VISTA; not LQCD, whose branch count depends on its batch);
+Joining is only for *joinable* decoders (``Decoder.joinable``: every built-in one);
 requests of other decoders run as whole batches, one spec at a time, after the running batch drains (the
 queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
 together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``; with an
