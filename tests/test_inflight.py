@@ -1,6 +1,7 @@
 """In-flight batching: requests that join a running batch between decode steps get exactly the tokens they
-get alone (every family, with pruners, with seeded sampling, with the contrastive decoders), and the replica's in-flight batcher answers
-every caller, isolates bad input, runs non-joinable decoders as whole batches and respects its size limit."""
+get alone (every family, with pruners, with seeded sampling, with every decoder: contrastive branches,
+VISTA's steering hooks, LQCD's per-group branch counts), and the replica's in-flight batcher answers every
+caller, isolates bad input, runs non-joinable decoders as whole batches and respects its size limit."""
 from __future__ import annotations
 
 import asyncio
@@ -133,7 +134,8 @@ def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
     joined = run_joined(eng, spec, reqs(0, 3), reqs(3, 5), join_after=2)
     alone = [eng.generate([r], spec)[0] for r in reqs(0, 5)]
     assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
-    assert [r.token_ids for r in alone] != [r.token_ids for r in eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))]
+    plain = eng.generate(reqs(0, 5), GenerationSpec(max_new_tokens=8))
+    assert [r.token_ids for r in alone] != [r.token_ids for r in plain]
 
 
 @pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava", "vista", "lqcd"])

@@ -24,8 +24,9 @@ the patch embedding on P patches of p x p x C pixels and the projector on the k 
     F_proj   = k * (D * d + d * d)            # LLaVA's two-layer MLP projector
 
 Unpruned LLaVA runs the encoder layers up to the one it selects (``vision_feature_layer``, -2: all but the
-last; ``vlmguard/models/vision_tower.py``); FlowCut runs the same layers with the shrinking counts it reports (``flowcut_vit_tokens_per_layer``; per image of the
-batch, averaged when a batch had several images). Qwen2-VL's ViT is counted with the same layer formula
+last; ``vlmguard/models/vision_tower.py``); FlowCut runs the same layers with the shrinking counts it
+reports (``flowcut_vit_tokens_per_layer``; per image of the batch, averaged when a batch had several
+images). Qwen2-VL's ViT is counted with the same layer formula
 on its raw patches (the 2x2 merger counted as the projector on the merged tokens).
 """
 from __future__ import annotations
