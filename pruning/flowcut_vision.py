@@ -71,22 +71,26 @@ def prune_count(a: torch.Tensor, n: int, target: int, remaining: int) -> int:
     return int(min(max(int(p), 0), n - target))
 
 
-def layer_scores(probs: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+def layer_scores(probs: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (a, S) over patch slots 1.. of a padded batch.
 
     probs (B, H, 1, 1+N) CLS row over all keys (fp32, padding already excluded);
-    values (B, H, 1+N, d); valid (B, 1+N). Returns a (B, N) and S (B, N), zero on padding.
+    values (B, H, 1+N, d); valid (B, 1+N), None when no slot is padding. Returns a (B, N) and S (B, N),
+    zero on padding.
     """
-    patch_valid = valid[:, 1:]
-    a = probs[:, :, 0].mean(dim=1)[:, 1:] * patch_valid
+    def on_patches(x: torch.Tensor) -> torch.Tensor:  # zero on padded slots
+        return x if valid is None else x * valid[:, 1:]
+
+    a = on_patches(probs[:, :, 0].mean(dim=1)[:, 1:])
     a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
     v = values.float()
     logits = torch.einsum("bhd,bhkd->bhk", v[:, :, 0], v)  # raw v_cls . v_j, no scale
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    s = torch.softmax(logits, dim=-1).mean(dim=1)[:, 1:] * patch_valid
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    s = on_patches(torch.softmax(logits, dim=-1).mean(dim=1)[:, 1:])
     s = s / s.sum(dim=1, keepdim=True).clamp(min=1e-30)
-    dens = v.mean(dim=1)[:, 1:].abs().sum(dim=-1) * patch_valid
+    dens = on_patches(v.mean(dim=1)[:, 1:].abs().sum(dim=-1))
     return a, (a + s) * dens
 
 
@@ -114,76 +118,85 @@ def run_stage_v(tower, pixel_values: torch.Tensor, targets: list[int], groups: l
     orig = torch.arange(n_patch, device=dev)[None].repeat(b, 1)  # patch index held by each slot
     run_score = torch.zeros(b, n_patch, dtype=torch.float32, device=dev)
     last_score = torch.zeros(b, n_patch, dtype=torch.float32, device=dev)  # by original patch index
-    started = torch.zeros(b, dtype=torch.bool, device=dev)
-    target = torch.tensor(targets, device=dev)
+    # bookkeeping on the host (patches present, scored yet): the cuts are decided here, so no per-layer
+    # device sync is needed to know them (a GPU keeps running ahead; only the prune counts read scores)
+    counts = [n_patch] * b
+    started = [False] * b
     forced = max(last_layer - 1, 0)
     tokens_per_layer: list[list[int]] = [[] for _ in range(b)]
     events: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+
+    def record_scores() -> None:  # every present patch's running score, by original index
+        for i in range(b):
+            last_score[i, orig[i, : counts[i]]] = run_score[i, : counts[i]]
+
     for li in range(last_layer + 1):
         layer = tower.encoder.layers[li]
-        counts = valid[:, 1:].sum(dim=1)
         for i in range(b):
-            tokens_per_layer[i].append(int(counts[i]) + 1)
-        active = counts > target
-        mask = None if bool(valid.all()) else key_padding_mask(tower, valid, h.dtype)
-        if not bool(active.any()):
+            tokens_per_layer[i].append(counts[i] + 1)
+        active = [counts[i] > targets[i] for i in range(b)]
+        mask = None if min(counts) == max(counts) else key_padding_mask(tower, valid, h.dtype)
+        if not any(active):
             h = layer(h, mask)
             continue
-        req = ScoreRequest(query_index=torch.zeros(b, 1, dtype=torch.long, device=dev), key_mask=valid,
+        padded = None if mask is None else valid  # None: every slot of every image is a patch (or CLS)
+        req = ScoreRequest(query_index=torch.zeros(b, 1, dtype=torch.long, device=dev), key_mask=padded,
                            query_pos=None, per_head=True, want_values=True)
         with score_probe(layer.self_attn, req):
             h = layer(h, mask)
         if req.calls == 0:
             raise RuntimeError("flowcut: the vision tower does not use a vlmguard attention function; "
                                "load the model through vlmguard.Engine")
-        a, s_now = layer_scores(req.probs, req.values, valid)
-        upd = active[:, None]
-        first = (active & ~started)[:, None]
-        run_score = torch.where(first, s_now, torch.where(upd, history * run_score + (1 - history) * s_now,
-                                                          run_score))
-        started |= active
-        counts_l = counts.tolist()
-        for i in range(b):
-            if bool(active[i]):
-                last_score[i, orig[i, : counts_l[i]]] = run_score[i, : counts_l[i]]
+        a, s_now = layer_scores(req.probs, req.values, padded)
+        first = [act and not st for act, st in zip(active, started)]
+        if all(first):
+            run_score = s_now
+        elif all(active) and not any(first):
+            run_score = history * run_score + (1 - history) * s_now
+        else:
+            upd = torch.tensor(active, device=dev)[:, None]
+            first_t = torch.tensor(first, device=dev)[:, None]
+            run_score = torch.where(first_t, s_now, torch.where(upd, history * run_score + (1 - history) * s_now,
+                                                                run_score))
+        started = [st or act for st, act in zip(started, active)]
         remaining = forced - li
         if remaining < 0 or remaining % every != 0:
             continue
         # per-image prune counts, shared (max) within a group
-        p_img = [prune_count(a[i, : int(counts[i])], int(counts[i]), targets[i], remaining) if bool(active[i])
-                 else 0 for i in range(b)]
+        p_img = [prune_count(a[i, : counts[i]], counts[i], targets[i], remaining) if active[i] else 0
+                 for i in range(b)]
         p_group: dict[int, int] = {}
         for i in range(b):
-            if bool(active[i]):
+            if active[i]:
                 p_group[groups[i]] = max(p_group.get(groups[i], 0), p_img[i])
+        keep = [(max(counts[i] - p_group[groups[i]], targets[i]) if remaining > 0 else targets[i])
+                if active[i] else counts[i] for i in range(b)]
+        if keep == counts:
+            continue
+        record_scores()  # the dropped patches' final scores (the kept ones are written again later)
         keep_slots: list[torch.Tensor] = []
         for i in range(b):
-            n_i = int(counts[i])
-            if not bool(active[i]):
-                keep_slots.append(torch.arange(n_i, device=dev))
+            if keep[i] == counts[i]:
+                keep_slots.append(torch.arange(counts[i], device=dev))
                 continue
-            m = max(n_i - p_group[groups[i]], targets[i]) if remaining > 0 else targets[i]
-            order = torch.argsort(-run_score[i, :n_i], stable=True)[:m]
+            order = torch.argsort(-run_score[i, : counts[i]], stable=True)[: keep[i]]
             keep_slots.append(order.sort().values)
-            if m < n_i:
-                events[i].append((li, m))
-        if all(int(k.numel()) == int(counts[i]) for i, k in enumerate(keep_slots)):
-            continue
-        new_n = max(int(k.numel()) for k in keep_slots)
+            events[i].append((li, keep[i]))
+        new_n = max(keep)
         new_h = h.new_zeros(b, new_n + 1, h.shape[-1])
         new_valid = torch.zeros(b, new_n + 1, dtype=torch.bool, device=dev)
         new_orig = torch.full((b, new_n), -1, dtype=torch.long, device=dev)
         new_score = torch.zeros(b, new_n, dtype=torch.float32, device=dev)
         for i, k in enumerate(keep_slots):
-            m = k.numel()
+            m = keep[i]
             new_h[i, 0] = h[i, 0]
             new_h[i, 1:m + 1] = h[i, 1 + k]
             new_valid[i, : m + 1] = True
             new_orig[i, :m] = orig[i, k]
             new_score[i, :m] = run_score[i, k]
-        h, valid, orig, run_score = new_h, new_valid, new_orig, new_score
-    counts = valid[:, 1:].sum(dim=1)
-    feats = [h[i, : int(counts[i]) + 1] for i in range(b)]
-    kept = [orig[i, : int(counts[i])] for i in range(b)]
+        h, valid, orig, run_score, counts = new_h, new_valid, new_orig, new_score, keep
+    record_scores()
+    feats = [h[i, : counts[i] + 1] for i in range(b)]
+    kept = [orig[i, : counts[i]] for i in range(b)]
     return StageVResult(features=feats, kept=kept, tokens_per_layer=tokens_per_layer, events=events,
                         scores=list(last_score))

@@ -103,6 +103,8 @@ def compute_score_slice(
     else:
         logits = q_sel @ k.transpose(-1, -2)
     logits = logits * scaling
+    if req.key_mask is None and req.query_pos is None:  # nothing masked: no row can be empty
+        return torch.softmax(logits, dim=-1)
     allowed = torch.ones(b, idx.shape[1], k_len, dtype=torch.bool, device=query.device)
     if req.key_mask is not None:
         allowed &= req.key_mask.to(query.device)[:, None, -k_len:]
