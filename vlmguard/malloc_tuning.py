@@ -6,8 +6,8 @@ model: 16 x 153 x 512 floats = 5 MB per MLP intermediate). glibc's default polic
 the largest freed block), so the next forward touches fresh pages: tens of thousands of minor page faults,
 each a kernel entry plus zeroing 4 KiB, per batched request, and elementwise kernels that run several times
 slower than on warm memory. Measured on the bundled model, 16 requests x 16 tokens in an engine thread:
-50-160k page faults per 8 batches, and with the settings below < 4k and the batch 8-25% faster (LLM prefill
-15% faster); single requests, whose blocks are small, are unchanged.
+48-160k page faults per 8 batches, and with the settings below < 4k and the batch 5-25% faster in three
+alternating process pairs (LLM prefill 9-27% faster); single requests, whose blocks are small, are unchanged.
 
 The settings, applied once per process through glibc's documented ``mallopt`` when the first CPU engine is
 built (the same knobs as the ``MALLOC_*_`` environment variables, or tcmalloc / jemalloc preloaded, which

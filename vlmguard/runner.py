@@ -191,11 +191,9 @@ def _leading_unused(valid: torch.Tensor) -> int:
     return int(used.int().argmax()) if bool(used.any()) else 0
 
 
-def _left_pad(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
-    """Pad ``x`` on the left of ``dim`` to ``length`` with zeros (False for bool masks)."""
-    missing = length - x.shape[dim]
+def _left_pad(valid: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad a (rows, slots) validity mask on the left to ``length`` slots with False (masked)."""
+    missing = length - valid.shape[1]
     if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+        return valid
+    return torch.cat([valid.new_zeros(valid.shape[0], missing), valid], dim=1)
