@@ -49,6 +49,38 @@ def test_score_pieces():
     assert torch.allclose(s[0], (a[0] + sem) * dens, atol=1e-6)
 
 
+def _layer_scores_stepwise(probs, values, valid):
+    """FlowCut's layer scores one term at a time (layer_scores stacks a and s to save small ops)."""
+    def on_patches(x):
+        return x if valid is None else x * valid[:, 1:]
+
+    a = on_patches(probs[:, :, 0].mean(dim=1)[:, 1:])
+    a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    logits = torch.einsum("bhd,bhkd->bhk", values[:, :, 0], values)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    s = on_patches(torch.softmax(logits, dim=-1).mean(dim=1)[:, 1:])
+    s = s / s.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    dens = on_patches(values.mean(dim=1)[:, 1:].abs().sum(dim=-1))
+    return a, (a + s) * dens
+
+
+def test_layer_scores_equal_the_stepwise_formula_bit_for_bit():
+    torch.manual_seed(1)
+    for b, h, n, d, padded in ((1, 1, 576, 64, False), (3, 4, 50, 16, False), (3, 4, 50, 16, True),
+                               (2, 1, 30, 8, True)):
+        probs = torch.softmax(torch.randn(b, h, 1, n + 1) * 2, -1)
+        values = torch.randn(b, h, n + 1, d)
+        valid = None
+        if padded:
+            valid = torch.ones(b, n + 1, dtype=torch.bool)
+            valid[-1, n // 2:] = False
+            probs = probs * valid[:, None, None, :]
+        a, s = layer_scores(probs, values, valid)
+        a_ref, s_ref = _layer_scores_stepwise(probs, values, valid)
+        assert torch.equal(a, a_ref) and torch.equal(s, s_ref), (b, h, n, d, padded)
+
+
 def test_cheap_vit_scores_equal_eager_clip_attention():
     model, proc = deep_llava(attn="eager")
     Engine(model, proc, attn_implementation="vlmguard_sdpa")  # registers the vlmguard attention functions
