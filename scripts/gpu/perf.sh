@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 8's GPU figures in one run on a lent GPU machine (about 5-8 minutes on an H200), from the repo root:
+#
+#   here:   scripts/gpu/fetch-wheels.sh
+#   there:  bash scripts/gpu/perf.sh            (device tool: carry [".whl"], timeout_s 600)
+#
+# Installs the carried wheels and this checkout into /tmp/site, then runs the perf commands of
+# docs/performance.md on the full-width random-weight shapes in bf16 and writes each report to $OUT
+# (at most 8 files come back): prefill of llava-1.5-7b (SDPA, and FlashAttention-2 when flash_attn
+# imports), prefill of llava-next-7b, and per-token decode of every decoder at batch 1 and 8. Every
+# command has its own time limit, so one that hangs or fails leaves the others' reports.
+#
+# Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
+set -uo pipefail
+OUT=${OUT:-/tmp/vlmguard-gpu}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+SUFFIX=${SUFFIX:-}
+REPEATS=${REPEATS:-10}
+LIMIT=${LIMIT:-150}  # seconds per command
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/vlmguard-site}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/gpu-perf.log") 2>&1
+
+step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+
+step "install"
+if [ -z "${NO_WHEELS:-}" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$REPO"/.whl/*.whl || exit 1
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" "$REPO" || exit 1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd /tmp  # import the installed package, not the source tree
+VG=("$PY" -c "import sys; from vlmguard.cli import main; sys.argv[0] = 'vlmguard'; sys.exit(main())")
+
+step "environment"
+command -v nvidia-smi >/dev/null && nvidia-smi -L
+"$PY" - <<'PY'
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+try:
+    import flash_attn
+    print("flash_attn", flash_attn.__version__)
+except Exception as e:
+    print("flash_attn not available:", type(e).__name__)
+PY
+ATTNS=(sdpa)
+"$PY" -c "import flash_attn" 2>/dev/null && [ "$DEVICE" = cuda ] && ATTNS+=(flash_attention_2)
+
+common=(--device "$DEVICE" --dtype "$DTYPE" --warmup 2 --repeats "$REPEATS" --quiet)
+for attn in "${ATTNS[@]}"; do
+  step "prefill llava-1.5-7b$SUFFIX $attn"
+  timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-1.5-7b$SUFFIX" --attn "$attn" "${common[@]}" \
+    --methods none,flowcut,adaptinfer,fastv,random --budgets 192,128,64 \
+    --out "$OUT/perf-prefill-llava-1.5-7b$SUFFIX-$DEVICE-$attn.json" || echo "FAILED (exit $?)"
+done
+step "prefill llava-next-7b$SUFFIX sdpa"
+timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-next-7b$SUFFIX" --attn sdpa "${common[@]}" \
+  --methods none,flowcut,adaptinfer,fastv,random --budgets 640,320,160 \
+  --out "$OUT/perf-prefill-llava-next-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+step "decode llava-1.5-7b$SUFFIX sdpa"
+timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" --dtype "$DTYPE" \
+  --decoders greedy,vcd,m3id,vista,iava,lqcd --batch 1,8 --new-tokens 32 --warmup 1 --repeats 3 --quiet \
+  --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+step "done"
+ls -la "$OUT"
