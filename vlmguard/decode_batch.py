@@ -34,6 +34,7 @@ import torch
 
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
                                     forward_owners)
+from vlmguard.detokenize import IncrementalText
 from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import Sampler
@@ -44,6 +45,27 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
     """``text`` up to the first stop string it contains, and that stop string (None when there is none)."""
     hit = next((s for s in stops if s and s in text), None)
     return (text if hit is None else text[: text.index(hit)]), hit
+
+
+def _stop_in_tail(detok: IncrementalText, stops: list[str]) -> str | None:
+    """A stop string in the end of the text so far (the stable text's last characters, as long as the longest
+    stop string, plus the text still held back): earlier text was searched at earlier tokens."""
+    longest = max((len(s) for s in stops), default=0)
+    if not longest:
+        return None
+    tail = detok.text[-(longest + len(detok.last)):] + detok.pending
+    return next((s for s in stops if s and s in tail), None)
+
+
+def _hold_back(text: str, stops: list[str]) -> str:
+    """``text`` without its longest ending that is the start of a stop string (streamed once it is not)."""
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return text[:len(text) - held] if held else text
 
 
 @dataclass(eq=False)
@@ -99,7 +121,9 @@ class LiveRequest:
     cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
-    sent_text: str = ""
+    sent_text: str = ""  # the text streamed so far
+    detok: IncrementalText | None = None  # its generated text, decoded a token at a time
+    final_text: str | None = None  # set when it finishes
     per_tok: list[float] = field(default_factory=list)
     finish: str = "length"
     ttft: float = 0.0
@@ -166,19 +190,29 @@ class DecodeBatch:
             if spec.diagnostics:
                 lv.steps.append(StepDiagnostic(token_id=t, token=tok.convert_ids_to_tokens(t), main_prob=mp[j],
                                                contrast_prob=cp[j], score=sc[j], main_top_id=main_top[j]))
-            text, stop_hit = _cut_at_stop(tok.decode(lv.gen, skip_special_tokens=True), spec.stop)
-            if stop_hit is not None:
+            if lv.detok is None:
+                lv.detok = IncrementalText(tok)
+            lv.detok.push(t)  # O(1) per token: a short window is decoded, not the whole text
+            if _stop_in_tail(lv.detok, spec.stop) is not None:
                 lv.finish = "stop"
+            if lv.finish == "stop" or len(lv.gen) >= spec.max_new_tokens:
                 finished_rows.append(j)
-            elif len(lv.gen) >= spec.max_new_tokens:
-                finished_rows.append(j)
-            delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else text
-            if delta and (stop_hit is not None or not text.endswith("\ufffd")):
-                lv.sent_text = text
+                text = self._final_text(lv)  # one full decode, cut at the stop string
+            else:  # what is printable and cannot turn out to be the start of a stop string
+                text = _hold_back(lv.detok.text, spec.stop)
+            delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else ""
+            if delta:
+                lv.sent_text += delta
                 yield StreamEvent(index=lv.index, token_id=t, text=delta)
         for j in finished_rows:
-            yield StreamEvent(index=self.lives[j].index, token_id=None, text="", done=True,
-                              result=self._result(self.lives[j], now))
+            lv = self.lives[j]
+            result = self._result(lv, now)
+            final = self._final_text(lv)  # an end of sequence flushes what was held back for the stop strings
+            rest = final[len(lv.sent_text):] if final.startswith(lv.sent_text) else ""
+            if rest:
+                lv.sent_text += rest
+                yield StreamEvent(index=lv.index, token_id=None, text=rest)
+            yield StreamEvent(index=lv.index, token_id=None, text="", done=True, result=result)
         gone = set(finished_rows)
         keep_j = [j for j in range(na) if j not in gone]
         if not keep_j:
@@ -282,8 +316,14 @@ class DecodeBatch:
                 c.decoder.teardown(c.dctx)
         self.cohorts = [c for c in self.cohorts if id(c) in live]
 
+    def _final_text(self, lv: LiveRequest) -> str:
+        """The request's whole text, cut at the first stop string (decoded once, when it finishes)."""
+        if lv.final_text is None:
+            lv.final_text, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
+        return lv.final_text
+
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
-        final_text, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
+        final_text = self._final_text(lv)
         decoder, dctx = lv.cohort.decoder, lv.cohort.dctx
         last = lv.per_tok[-1] if lv.per_tok else 0.0
         return GenerationResult(
