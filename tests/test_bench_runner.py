@@ -14,7 +14,7 @@ import pytest
 
 from vlmguard.bench import db as dbm
 from vlmguard.bench.datasets import synth_dataset
-from vlmguard.bench.report import build_report
+from vlmguard.bench.report import build_report, method_label
 from vlmguard.bench.runner import default_spec, run_benchmark
 from vlmguard.bench.sweep import expand, load_config, run_sweep
 from vlmguard.cli import main
@@ -475,3 +475,11 @@ def test_a_lock_during_open_is_retried_and_a_lasting_one_named(tmp_path, monkeyp
     monkeypatch.setattr(dbm, "BUSY_TIMEOUT_S", 0.2)
     with pytest.raises(InvalidInput, match="stayed locked"):
         dbm.connect(tmp_path / "b.sqlite")
+
+
+def test_method_labels_name_the_settings_a_run_set():
+    assert method_label({"pruning": "none", "decoding": "greedy"}) == "base"
+    assert method_label({"pruning": "fastv", "budget": 16.0, "pruning_params": {}, "decoding": "greedy"}) == "fastv@16"
+    assert method_label({"pruning": "flowcut", "budget": 0.25, "pruning_params": {"position_mode": "original"},
+                         "decoding": "m3id", "decoding_params": {"gate": False, "beta": 0.1}}) \
+        == "flowcut@0.25[position_mode=original]+m3id[beta=0.1,gate=False]"

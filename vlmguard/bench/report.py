@@ -20,13 +20,22 @@ COLUMNS = (
 
 
 def method_label(run: dict[str, Any]) -> str:
+    """``pruner@budget+decoder``, each with the parameters the run set (``m3id[beta=0.1,gate=False]``), so that
+    runs of one method with different settings stay apart in a report."""
     parts = []
     if run.get("pruning") and run["pruning"] != "none":
         b = run.get("budget")
-        parts.append(f"{run['pruning']}@{_fmt_num(b)}" if b is not None else run["pruning"])
+        label = f"{run['pruning']}@{_fmt_num(b)}" if b is not None else run["pruning"]
+        parts.append(label + _params(run.get("pruning_params")))
     if run.get("decoding") and run["decoding"] not in ("greedy",):
-        parts.append(run["decoding"])
+        parts.append(run["decoding"] + _params(run.get("decoding_params")))
     return "+".join(parts) or "base"
+
+
+def _params(params: dict[str, Any] | None) -> str:
+    if not params:
+        return ""
+    return "[" + ",".join(f"{k}={_fmt_num(v)}" for k, v in sorted(params.items())) + "]"
 
 
 def _fmt_num(v: Any) -> str:
