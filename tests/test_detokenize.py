@@ -17,7 +17,8 @@ from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image
 
 CORPUS = ["A red car is parked next to the traffic light, isn't it?", "Two dogs (brown & white) play: fetch!",
-          "Café crème, naïve façade; déjà vu.", "东京 的 猫 在 睡觉 。", "Emoji 😀🚗 and 🍕 — ok...",
+          "Café crème, naïve façade; déjà vu.", "东京 的 猫 在 睡觉 。",
+          "Emoji 😀🚗 and 🍕 — ok...",
           "There is a knife, a fork and a spoon on the dining table."] * 20
 
 
@@ -121,3 +122,23 @@ def test_engine_stream_and_stop_strings_agree_with_results():
     streamed = "".join(ev.text for ev in cut_events if not ev.done)
     assert streamed.strip() == cut.text and not streamed.rstrip().endswith(words[3])
     assert len(cut.token_ids) < len(full.token_ids)
+
+
+class _StripsLoneToken:
+    """A decoder that rewrites a window's start: one token alone loses its leading space, several keep theirs
+    (so decoding from one token back does not reproduce the full text by itself)."""
+
+    vocab = ["a", " b", " c", " d", "!"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(self.vocab[i] for i in ids)
+        return text.lstrip() if len(ids) == 1 else text
+
+
+def test_a_rewritten_window_resynchronises_on_a_full_decode():
+    tok = _StripsLoneToken()
+    ids = [0, 1, 2, 3, 4, 2]
+    inc = IncrementalText(tok)
+    out = [inc.push(i) for i in ids]
+    assert "".join(out) == inc.text == tok.decode(ids) == "a b c d! c"
+    assert out == ["a", " b", " c", " d", "!", " c"]
