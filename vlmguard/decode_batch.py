@@ -168,8 +168,8 @@ class DecodeBatch:
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
         now = time.perf_counter()
         tok_list = tokens.tolist()
-        main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
-        if spec.diagnostics:
+        if spec.diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
+            main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
             idx = tokens[:, None]
             mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
             cp = (combined.contrast_logprobs.gather(1, idx).exp().squeeze(1).tolist()
