@@ -1,7 +1,8 @@
 """Service metrics kept by the ingress: request counts, latency, tokens/s, batch sizes, visual tokens kept.
 
 Exposed as JSON (``GET /metrics?format=json``) and Prometheus text exposition (``GET /metrics``).
-Counts are per ingress replica (the default config runs one).
+Counts are per ingress replica: with one model served (``ingress: model``) every model replica is its own
+ingress, so with ``num_replicas`` > 1 each ``/metrics`` answer covers the replica the router picked for it.
 """
 from __future__ import annotations
 
