@@ -184,3 +184,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("vlmguard: error: cannot reach the Ray Jobs API") and "\n" not in err
     assert main(["job", "submit", "bench"]) == 2
     assert "needs a benchmark" in capsys.readouterr().err
+
+
+def test_direct_ingress_urls_wait_for_every_expected_replica(monkeypatch):
+    """Replicas publish their own HTTP address a little after they turn healthy: the lookup waits for as
+    many as were asked for (start_service asks for every ingress replica and fails clearly without them)."""
+    import ray.serve.context as serve_context
+
+    from vlmguard.workers import launch
+
+    def group(*ports):
+        return {"target_groups": [{"app_name": "vlmguard", "protocol": "RequestProtocol.HTTP", "route_prefix": "/",
+                                   "targets": [{"name": f"SERVE_REPLICA::app#{p}", "ip": "10.0.0.1", "port": p}
+                                               for p in ports]},
+                                  {"app_name": "other", "protocol": "HTTP", "route_prefix": "/",
+                                   "targets": [{"name": "SERVE_REPLICA::x", "ip": "10.0.0.1", "port": 1}]}]}
+
+    published = iter([group(), group(9001), group(9001, 9002)])
+    calls = []
+
+    class Client:
+        def get_serve_details(self):
+            calls.append(1)
+            return next(published)
+
+    monkeypatch.setattr(serve_context, "_get_global_client", lambda: Client())
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    cfg = ServiceConfig(app_name="vlmguard", direct_ingress=True)
+    urls = launch.direct_ingress_urls(cfg, wait_s=60, expected=2)
+    assert urls == ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+    assert len(calls) == 3
+    published = iter([group(9001)] * 3)
+    assert launch.direct_ingress_urls(cfg, wait_s=0, expected=2) == ["http://127.0.0.1:9001"]  # the caller decides

@@ -173,16 +173,22 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     svc = Service(url=url, config=config, dashboard_url=dash, owns_cluster=owns)
     wait_healthy(svc.url, timeout_s=wait_s, api_keys=config.resolved_api_keys())
     if config.direct_ingress:
-        svc.direct_urls = direct_ingress_urls(config)
+        expected = config.models[0].num_replicas if config.ingress_in_model else config.ingress_replicas
+        svc.direct_urls = direct_ingress_urls(config, wait_s=wait_s, expected=expected)
+        if len(svc.direct_urls) < expected:
+            svc.shutdown()
+            raise VlmguardError(f"direct ingress is on, but {len(svc.direct_urls)} of {expected} ingress replicas "
+                                f"published their HTTP address within {wait_s:.0f} s")
         for u in svc.direct_urls:
             wait_healthy(u, timeout_s=wait_s)
     return svc
 
 
-def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0) -> list[str]:
+def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0, expected: int = 1) -> list[str]:
     """Base URLs of the app's ingress replicas' own HTTP servers, from Serve's target groups (what a load
-    balancer reads; ``GET /api/serve/applications/`` on the dashboard returns the same). Empty when the
-    cluster runs without direct ingress."""
+    balancer reads; ``GET /api/serve/applications/`` on the dashboard returns the same), once ``expected`` of
+    them are published or ``wait_s`` has passed (replicas publish theirs a little after they turn healthy,
+    later on a loaded machine). Empty when the cluster runs without direct ingress."""
     from ray.serve.context import _get_global_client
 
     deadline = time.monotonic() + wait_s
@@ -196,7 +202,7 @@ def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0) -> list[str
                 if str(t.get("name", "")).startswith("SERVE_REPLICA::"):
                     host = t["ip"] if config.host in ("0.0.0.0", "") else config.host
                     urls.append(f"http://{host}:{t['port']}{g['route_prefix'].rstrip('/')}")
-        if urls or time.monotonic() > deadline:
+        if len(urls) >= expected or time.monotonic() > deadline:
             return sorted(urls)
         time.sleep(0.5)
 
