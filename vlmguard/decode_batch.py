@@ -228,8 +228,11 @@ class DecodeBatch:
         with forward_owners(self._owners(blocks)) if self.decoder.row_hooks else contextlib.nullcontext():
             logits, hid = self.runner.decode_step(row_tokens, self.state, hidden_layers=self.decoder.hidden_layers)
         self.logits = logits
-        main_rows = self._main_rows(blocks)
-        self.hidden = {k: v[main_rows] for k, v in hid.items()}
+        if hid:  # (most decoders ask for no hidden states: no row index to build then)
+            main_rows = self._main_rows(blocks)
+            self.hidden = {k: v[main_rows] for k, v in hid.items()}
+        else:
+            self.hidden = {}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dec = time.perf_counter() - t_dec
