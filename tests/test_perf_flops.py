@@ -1,10 +1,12 @@
-"""The analytic FLOP model behind the ideal speed-ups, checked against hand-computed LLaVA-1.5-7B figures."""
+"""The analytic FLOP model in the convention of the ideal speed-ups (``HARDWARE``), checked against
+hand-computed LLaVA-1.5-7B figures, and its two conventions against each other."""
 from __future__ import annotations
 
 import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from vlmguard.perf.flops import batch_prefill_flops, llm_layer_flops, llm_prefill_flops, vit_layer_flops
+from vlmguard.flops import (HARDWARE, PAPER, TextDims, batch_prefill_flops, llm_flops, llm_layer_flops,
+                            vit_layer_flops)
 
 
 def llava15_7b_config() -> LlavaConfig:
@@ -18,33 +20,48 @@ def llava15_7b_config() -> LlavaConfig:
 def test_llm_linear_flops_are_two_per_parameter_per_token():
     cfg = llava15_7b_config().text_config
     layer_params = 4 * 4096 * 4096 + 3 * 4096 * 11008  # q, k, v, o + gate, up, down
-    one_token = llm_prefill_flops(cfg, [1] * 32)
+    one_token = llm_flops(cfg, [1] * 32, HARDWARE)
     attention_one_token = 32 * 4 * 4096  # QK^T + AV against the single visible key
     assert one_token == pytest.approx(2 * 32 * layer_params + 2 * 4096 * 32064 + attention_one_token)
 
 
 def test_attention_term_is_causal():
     # n tokens see n(n+1)/2 keys in total
-    lin = llm_layer_flops(1, 64, 4, 2, 16, 128) - 4 * 64 * 1
+    dims = TextDims(hidden=64, q_width=64, kv_width=32, mlp=128, vocab=100)  # 4 heads of 16, 2 kv heads
+    lin = llm_layer_flops(1, dims, HARDWARE) - 4 * 64 * 1
     n = 10
-    assert llm_layer_flops(n, 64, 4, 2, 16, 128) == pytest.approx(n * lin + 4 * 64 * n * (n + 1) / 2)
-    assert vit_layer_flops(n, 32, 64) == pytest.approx(2 * n * (4 * 32 * 32 + 2 * 32 * 64) + 4 * n * n * 32)
+    assert llm_layer_flops(n, dims, HARDWARE) == pytest.approx(n * lin + 4 * 64 * n * (n + 1) / 2)
+    assert vit_layer_flops(n, 32, 64, HARDWARE) == pytest.approx(2 * n * (4 * 32 * 32 + 2 * 32 * 64) + 4 * n * n * 32)
+
+
+def test_paper_convention_counts_macs_full_attention_and_no_lm_head():
+    dims = TextDims(hidden=64, q_width=64, kv_width=32, mlp=128, vocab=100)
+    n = 10
+    linear_macs = n * 64 * (2 * 64 + 2 * 32) + 3 * n * 64 * 128
+    assert llm_layer_flops(n, dims, PAPER) == linear_macs + 2 * n * n * 64
+    assert llm_layer_flops(n, dims, HARDWARE) == 2 * (linear_macs + 2 * 64 * n * (n + 1) / 2)
+    assert vit_layer_flops(n, 32, 64, HARDWARE) == 2 * vit_layer_flops(n, 32, 64, PAPER)
+    cfg = llava15_7b_config()
+    paper = batch_prefill_flops(cfg, "llava", [(40, [576] * 32)], n_passes=1, n_visual_total=576, conv=PAPER)
+    hard = batch_prefill_flops(cfg, "llava", [(40, [576] * 32)], n_passes=1, n_visual_total=576, conv=HARDWARE)
+    assert hard.vision == 2 * paper.vision and hard.projector == 2 * paper.projector  # no causal term there
+    assert hard.llm < 2 * paper.llm  # causal attention halves the n^2 term, more than the lm_head adds
 
 
 def test_llava15_prefill_split_and_ideal_speedup():
     cfg = llava15_7b_config()
     text = 40
-    full = batch_prefill_flops(cfg, "llava", [(text, [576] * 32)], n_passes=1, n_visual_total=576)
+    full = batch_prefill_flops(cfg, "llava", [(text, [576] * 32)], n_passes=1, n_visual_total=576, conv=HARDWARE)
     # ViT-L/14-336: 24 layers on 577 tokens, ~0.35 TFLOPs; the LLM dominates (~8 TFLOPs)
     assert 0.3e12 < full.vision < 0.45e12
     assert 7.5e12 < full.llm < 9e12
     assert full.total == pytest.approx(full.vision + full.projector + full.llm)
     pruned = batch_prefill_flops(cfg, "llava", [(text, [64] * 32)], n_passes=1, n_visual_total=576,
-                                 projected_tokens=64)
+                                 projected_tokens=64, conv=HARDWARE)
     ideal = full.total / pruned.total
     assert 3.5 < ideal < 5.0  # 616 -> 104 LLM tokens, the ViT unchanged
     # a vision-side schedule that stops early and shrinks costs less in the tower
     sched = [[577, 577] + [65] * 21]
     early = batch_prefill_flops(cfg, "llava", [(text, [64] * 32)], n_passes=1, n_visual_total=576,
-                                vit_passes=sched, projected_tokens=64)
+                                vit_passes=sched, projected_tokens=64, conv=HARDWARE)
     assert early.vision < pruned.vision / 3

@@ -33,9 +33,27 @@ def test_pruning_lowers_flops():
     base = result_flops(cfg, eng.generate(req, GenerationSpec(max_new_tokens=1))[0])
     flow = result_flops(cfg, eng.generate(req, GenerationSpec(pruning="flowcut", budget=6, max_new_tokens=1))[0])
     fast = result_flops(cfg, eng.generate(req, GenerationSpec(pruning="fastv", budget=6, max_new_tokens=1))[0])
-    assert flow.vit < base.vit and flow.llm < fast.llm < base.llm
-    assert fast.vit == base.vit and flow.total < base.total
+    assert flow.vision < base.vision and flow.llm < fast.llm < base.llm
+    assert fast.vision == base.vision and flow.total < base.total
     qwen = tiny_engine("qwen2_vl")
     r = qwen.generate(requests()[:1], GenerationSpec(pruning="adaptinfer", budget=2, max_new_tokens=1))[0]
     assert result_flops(qwen.model.config, r).llm < result_flops(
         qwen.model.config, qwen.generate(requests()[:1], GenerationSpec(max_new_tokens=1))[0]).llm
+
+
+def test_qwen2_vl_counts_its_tower_on_raw_patches_and_its_merger():
+    """Qwen2-VL: the patch embedding sees C x t x p x p inputs (t frames), every ViT layer all raw patches
+    (merged tokens x merge^2), and the merger MLP (D' x D', D' x d with D' = D x merge^2) every merged token."""
+    qwen = tiny_engine("qwen2_vl")
+    cfg = qwen.model.config
+    r = qwen.generate(requests()[:1], GenerationSpec(max_new_tokens=1))[0]
+    vc, d = cfg.vision_config, cfg.get_text_config().hidden_size
+    merge, width = vc.spatial_merge_size, vc.embed_dim
+    raw = r.visual_tokens * merge * merge
+    mlp = int(width * vc.mlp_ratio)
+    layer = 4 * raw * width * width + 2 * raw * raw * width + 2 * raw * width * mlp
+    patch = raw * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * width
+    m_in = width * merge * merge
+    f = result_flops(cfg, r)
+    assert f.vision == patch + vc.depth * layer
+    assert f.projector == r.visual_tokens * (m_in * m_in + m_in * d)

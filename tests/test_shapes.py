@@ -57,16 +57,15 @@ def test_cpu_shape_builds_and_runs(name: str):
 def test_cpu_shape_keeps_the_vision_share_of_prefill_flops(name: str):
     """Scaling both towers alike keeps the ViT's share of an unpruned prefill close to the real model's, so
     the ideal speed-ups of vision-side and LLM-side pruning on the -cpu shape mean what they mean at full size."""
-    from vlmguard.flops import llm_flops, unpruned_vit_tokens, vit_flops
+    from vlmguard.flops import llm_flops, vision_flops
 
     def vit_share(cfg) -> float:
         if name.startswith("qwen"):  # a 448 x 448 image: 1024 raw patches, 256 merged tokens
-            n_patch, n_visual = 1024, 256
-            vit_tokens = [n_patch] * cfg.vision_config.depth
+            family, n_visual = "qwen2_vl", 256
         else:
-            vit_tokens = unpruned_vit_tokens(cfg)
-            n_patch = n_visual = vit_tokens[0] - 1
-        vit = vit_flops(cfg.vision_config, vit_tokens, n_patch)
+            family = cfg.model_type
+            n_visual = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        vit, _ = vision_flops(cfg, family, 1, n_visual)
         llm = llm_flops(cfg.text_config, [n_visual + 40] * cfg.text_config.num_hidden_layers)
         return vit / (vit + llm)
 

@@ -1,150 +1,199 @@
 """Analytic prefill FLOPs of an LVLM: vision tower + projector + language model, on the tokens each layer
-actually received (so pruning shows up layer by layer).
+actually received (so pruning shows up layer by layer). One model of the towers, counted in one of two
+conventions (:class:`Convention`):
 
-Convention (FastV / AdaptInfer / FlowCut tables): one multiply-accumulate counts as one FLOP, only the
-matrix products are counted (no norms, softmax, activations, RoPE), attention counts the full n x n score
-and value products (no causal halving). Multiply by 2 for hardware FLOPs.
+- ``PAPER`` — the FastV / AdaptInfer / FlowCut tables: one multiply-accumulate = one FLOP, attention counts
+  the full n x n score and value products, no lm_head. ``result_flops`` reports a result in it.
+- ``HARDWARE`` — the ideal speed-up of ``vlmguard perf prefill``: two FLOPs per multiply-accumulate, causal
+  attention counts only the keys each query sees (n(n+1)/2 pairs), plus the lm_head on the last position.
+
+Only matrix products are counted (no norms, softmax, activations, RoPE, nor a pruner's own scoring): what a
+perfect implementation of the same token schedule would cost. In multiply-accumulates:
 
 Language model, per decoder layer that receives n tokens (hidden d, query width d_q = H * d_h, key/value
-width d_kv = H_kv * d_h, MLP width m, gated MLP = 3 matrices)::
+width d_kv = H_kv * d_h, MLP width m, gated MLP = 3 matrices; pairs = n^2, or n(n+1)/2 when causal)::
 
     F_llm(n) = n * d * (2 * d_q + 2 * d_kv)   # q, o and k, v projections
-             + 2 * n^2 * d_q                  # q k^T and attn @ v
+             + 2 * pairs * d_q                # q k^T and attn @ v
              + 3 * n * d * m                  # gate, up, down
+    lm_head  = d * vocab                      # last position (HARDWARE only)
 
-For Llama-7B (d = d_q = d_kv = 4096, m = 11008) this is AdaptInfer's 4 n d^2 + 2 n^2 d + 3 n d m; with
+For Llama-7B (d = d_q = d_kv = 4096, m = 11008) PAPER is AdaptInfer's 4 n d^2 + 2 n^2 d + 3 n d m; with
 n = 668 over 32 layers it gives 4.44 TFLOPs. n = text tokens + visual tokens fed to that layer
 (``GenerationResult.visual_tokens_kept``), so LLM-side pruning lowers n from its cut on.
 
-Vision tower (ViT, width D, MLP width M, two-matrix MLP), per encoder layer that receives n tokens, plus
-the patch embedding on P patches of p x p x C pixels and the projector on the k tokens sent to the LLM::
+Vision tower (ViT width D, MLP width M, two-matrix MLP, bidirectional), per encoder layer that receives n
+tokens, plus the patch embedding on P patches of C x p x p pixels (Qwen2-VL: C x t x p x p, t frames)::
 
     F_vit(n) = 4 * n * D^2 + 2 * n^2 * D + 2 * n * D * M
     F_patch  = P * (C * p^2) * D
-    F_proj   = k * (D * d + d * d)            # LLaVA's two-layer MLP projector
+    F_proj   = k * (D * f * d + d * d)        # LLaVA's two-layer MLP on k tokens, f feature layers
+             = k * (D' * D' + D' * d)         # Qwen2-VL's merger, D' = D * merge^2, on k merged tokens
 
 Unpruned LLaVA runs the encoder layers up to the one it selects (``vision_feature_layer``, -2: all but the
 last; ``vlmguard/models/vision_tower.py``); FlowCut runs the same layers with the shrinking counts it
-reports (``flowcut_vit_tokens_per_layer``; per image of the batch, averaged when a batch had several
-images). Qwen2-VL's ViT is counted with the same layer formula
-on its raw patches (the 2x2 merger counted as the projector on the merged tokens).
+reports (``flowcut_vit_tokens_per_layer``). Qwen2-VL's tower runs every layer on all raw patches
+(merged visual tokens x merge^2).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from vlmguard.models.vision_tower import layers_needed
 
 
+@dataclass(frozen=True)
+class Convention:
+    """How FLOPs are counted (see module doc)."""
+
+    flops_per_mac: int  # 1: a multiply-accumulate is one FLOP (the papers' tables); 2: hardware FLOPs
+    causal: bool  # the LLM's attention counts only the keys each query sees
+    lm_head: bool  # count the lm_head on the last position
+
+
+PAPER = Convention(flops_per_mac=1, causal=False, lm_head=False)
+HARDWARE = Convention(flops_per_mac=2, causal=True, lm_head=True)
+
+
 @dataclass
-class FlopsReport:
-    vit: float
-    projector: float
-    llm: float
+class PrefillFlops:
+    vision: float  # vision tower incl. patch embedding
+    projector: float  # multimodal projector / patch merger
+    llm: float  # decoder layers (+ the lm_head on the last position, HARDWARE)
 
     @property
     def total(self) -> float:
-        return self.vit + self.projector + self.llm
+        return self.vision + self.projector + self.llm
 
     def to_dict(self) -> dict[str, float]:
-        d = asdict(self)
-        d["total"] = self.total
-        d["tflops"] = self.total / 1e12
-        return d
+        return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "total": self.total}
 
 
-def llm_layer_flops(n: int, d: int, d_q: int, d_kv: int, m: int) -> float:
-    return float(n * d * (2 * d_q + 2 * d_kv) + 2 * n * n * d_q + 3 * n * d * m)
+@dataclass(frozen=True)
+class TextDims:
+    hidden: int
+    q_width: int  # heads * head_dim
+    kv_width: int  # kv heads * head_dim
+    mlp: int
+    vocab: int
+
+    @classmethod
+    def of(cls, text_config: Any) -> "TextDims":
+        d = int(text_config.hidden_size)
+        heads = int(text_config.num_attention_heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or d // heads)
+        kv = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        return cls(d, heads * head_dim, kv * head_dim, int(text_config.intermediate_size),
+                   int(getattr(text_config, "vocab_size", 0) or 0))
 
 
-def vit_layer_flops(n: int, width: int, mlp: int) -> float:
-    return float(4 * n * width * width + 2 * n * n * width + 2 * n * width * mlp)
+def llm_layer_flops(n: int, dims: TextDims, conv: Convention = PAPER) -> float:
+    """One decoder layer run on ``n`` tokens without a cache."""
+    d, dq, dkv = dims.hidden, dims.q_width, dims.kv_width
+    pairs = n * (n + 1) / 2 if conv.causal else n * n
+    return conv.flops_per_mac * (n * d * (2 * dq + 2 * dkv) + 2 * pairs * dq + 3 * n * d * dims.mlp)
 
 
-def text_dims(text_config) -> tuple[int, int, int, int]:
-    d = int(text_config.hidden_size)
-    heads = int(text_config.num_attention_heads)
-    head_dim = int(getattr(text_config, "head_dim", None) or d // heads)
-    kv = int(getattr(text_config, "num_key_value_heads", None) or heads)
-    return d, heads * head_dim, kv * head_dim, int(text_config.intermediate_size)
+def vit_layer_flops(n: int, width: int, mlp: int, conv: Convention = PAPER) -> float:
+    """One bidirectional pre-LN ViT block on ``n`` tokens (q, k, v, o projections; 2-matrix MLP)."""
+    return float(conv.flops_per_mac * (4 * n * width * width + 2 * n * n * width + 2 * n * width * mlp))
 
 
-def vision_dims(vision_config) -> tuple[int, int, int, int, int]:
-    """(width, mlp width, layers, patch size, channels) for CLIP- or Qwen2-VL-style vision configs."""
-    width = int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
-    mlp = getattr(vision_config, "intermediate_size", None)
-    if mlp is None:
-        mlp = int(width * float(getattr(vision_config, "mlp_ratio", 4)))
-    layers = int(getattr(vision_config, "num_hidden_layers", None) or vision_config.depth)
-    patch = int(vision_config.patch_size)
-    channels = int(getattr(vision_config, "num_channels", None) or getattr(vision_config, "in_channels", 3))
-    return width, int(mlp), layers, patch, channels
+def llm_flops(text_config: Any, tokens_per_layer: Sequence[int], conv: Convention = PAPER) -> float:
+    """The decoder layers on the tokens each received (+ the lm_head on the last position, if counted)."""
+    dims = TextDims.of(text_config)
+    body = sum(llm_layer_flops(int(n), dims, conv) for n in tokens_per_layer)
+    return body + (conv.flops_per_mac * dims.hidden * dims.vocab if conv.lm_head else 0.0)
 
 
-def llm_flops(text_config, tokens_per_layer: Sequence[int]) -> float:
-    d, d_q, d_kv, m = text_dims(text_config)
-    return sum(llm_layer_flops(int(n), d, d_q, d_kv, m) for n in tokens_per_layer)
-
-
-def vit_flops(vision_config, tokens_per_layer: Sequence[int], n_patches: int) -> float:
-    width, mlp, _, patch, ch = vision_dims(vision_config)
-    return float(n_patches * ch * patch * patch * width) + sum(vit_layer_flops(int(n), width, mlp)
-                                                              for n in tokens_per_layer)
-
-
-def prefill_flops(config, llm_tokens_per_layer: Sequence[int], vit_tokens_per_layer: Sequence[int] | None = None,
-                  n_images: int = 1, n_patches: int | None = None, projected_tokens: int = 0) -> FlopsReport:
-    """FLOPs of one request's prefill. ``vit_tokens_per_layer`` is per image (None: no image / not counted)."""
-    text = config.get_text_config()
-    vision = getattr(config, "vision_config", None)
-    vit = 0.0
-    proj = 0.0
-    if vision is not None and vit_tokens_per_layer is not None and n_images:
-        width = vision_dims(vision)[0]
-        if n_patches is None:
-            n_patches = max(int(vit_tokens_per_layer[0]) - 1, 0) if vit_tokens_per_layer else 0
-        vit = n_images * vit_flops(vision, vit_tokens_per_layer, n_patches)
-        d = int(text.hidden_size)
-        proj = float(projected_tokens * (width * d + d * d))
-    return FlopsReport(vit=vit, projector=proj, llm=llm_flops(text, llm_tokens_per_layer))
-
-
-def unpruned_vit_tokens(config) -> list[int]:
+def unpruned_vit_tokens(config: Any) -> list[int]:
     """Tokens per encoder layer of an unpruned CLIP tower (CLS + patches), every layer LLaVA runs."""
-    vision = config.vision_config
-    width, _, layers, patch, _ = vision_dims(vision)
-    n = (int(vision.image_size) // patch) ** 2 + 1
-    return [n] * layers_needed(layers, config.vision_feature_layer)
+    vc = config.vision_config
+    n = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1
+    return [n] * layers_needed(int(vc.num_hidden_layers), config.vision_feature_layer)
 
 
-def result_flops(config, result: Any) -> FlopsReport:
-    """Prefill FLOPs of a :class:`~vlmguard.results.GenerationResult` (tokens actually fed per layer)."""
-    text_tokens = int(result.prompt_tokens) - int(result.visual_tokens)
-    llm_tokens = [text_tokens + int(v) for v in result.visual_tokens_kept]
-    if not result.visual_tokens:
-        return prefill_flops(config, llm_tokens)
-    projected = int(result.visual_tokens_kept[0]) if result.visual_tokens_kept else 0
-    vit_rows = (result.pruning or {}).get("flowcut_vit_tokens_per_layer")
-    model_type = getattr(config, "model_type", "")
-    if vit_rows:
-        n_layers = max(len(r) for r in vit_rows)
-        vit_tokens = [sum(r[i] for r in vit_rows if i < len(r)) / len(vit_rows) for i in range(n_layers)]
-        n_patches = int(vit_rows[0][0]) - 1
-        batch = max(int(getattr(getattr(result, "timings", None), "batch_size", 1) or 1), 1)
-        n_images = max(1, round(len(vit_rows) / batch))  # images (NeXT: crops) per request
-    elif model_type in ("llava", "llava_next"):
-        vit_tokens = unpruned_vit_tokens(config)
-        n_patches = vit_tokens[0] - 1
-        # LLaVA-NeXT: crops per image ~ visual tokens / tokens per crop (base + grid)
-        n_images = max(1, round(int(result.visual_tokens) / n_patches)) if model_type == "llava_next" else 1
+def vision_flops(config: Any, family: str, n_passes: int, n_visual: int,
+                 vit_passes: Sequence[Sequence[int]] | None = None, projected: int | None = None,
+                 conv: Convention = PAPER) -> tuple[float, float]:
+    """(vision tower, projector) FLOPs of ``n_passes`` ViT passes (LLaVA-NeXT: one per crop).
+
+    ``n_visual``: visual tokens the images give before any pruning (Qwen2-VL: merged tokens; its raw patches
+    are ``n_visual * merge^2``). ``vit_passes``: for each pass, the tokens fed to each layer it ran (a
+    vision-side pruner's schedule); default: all tokens through every layer the model reads.
+    ``projected``: visual tokens that went through the projector (default ``n_visual``).
+    """
+    vc = config.vision_config
+    dt = int(config.get_text_config().hidden_size)
+    out = n_visual if projected is None else projected
+    if family == "qwen2_vl":
+        dv = int(getattr(vc, "embed_dim", None) or vc.hidden_size)
+        mlp = int(dv * float(getattr(vc, "mlp_ratio", 4)))
+        depth = int(getattr(vc, "depth", None) or vc.num_hidden_layers)
+        merge = int(getattr(vc, "spatial_merge_size", 2))
+        patch_in = (int(getattr(vc, "in_channels", 3)) * int(getattr(vc, "temporal_patch_size", 2))
+                    * int(vc.patch_size) ** 2)
+        patches = int(n_visual) * merge * merge  # the tower runs on all raw patches of all images
+        layers = [list(p) for p in vit_passes] if vit_passes else [[patches] * depth]
+        m_in = dv * merge * merge
+        proj_macs = int(out) * (m_in * m_in + m_in * dt)
     else:
-        # Qwen2-VL: raw patches = merged visual tokens * merge^2, every layer sees all of them
-        vision = config.vision_config
-        merge = int(getattr(vision, "spatial_merge_size", 2))
-        raw = int(result.visual_tokens) * merge * merge
-        vit_tokens = [raw] * vision_dims(vision)[2]
-        n_patches = raw
-        n_images = 1
-    return prefill_flops(config, llm_tokens, [int(round(x)) for x in vit_tokens], n_images=n_images,
-                         n_patches=n_patches, projected_tokens=projected)
+        dv, mlp = int(vc.hidden_size), int(vc.intermediate_size)
+        patches = (int(vc.image_size) // int(vc.patch_size)) ** 2 * n_passes
+        patch_in = int(getattr(vc, "num_channels", 3)) * int(vc.patch_size) ** 2
+        layers = [list(p) for p in vit_passes] if vit_passes else [unpruned_vit_tokens(config)] * n_passes
+        feat = config.vision_feature_layer
+        n_feat = len(feat) if isinstance(feat, (list, tuple)) else 1
+        proj_macs = int(out) * (dv * n_feat * dt + dt * dt)
+    vit = conv.flops_per_mac * patches * patch_in * dv + sum(vit_layer_flops(int(n), dv, mlp, conv)
+                                                            for p in layers for n in p)
+    return float(vit), float(conv.flops_per_mac * proj_macs)
+
+
+def batch_prefill_flops(config: Any, family: str, rows: Sequence[tuple[int, Sequence[int]]], n_passes: int,
+                        n_visual_total: int, vit_passes: Sequence[Sequence[int]] | None = None,
+                        projected_tokens: int | None = None, conv: Convention = PAPER) -> PrefillFlops:
+    """FLOPs of one batch's prefill.
+
+    rows: per request row, (text tokens, visual tokens fed to each LLM layer); n_passes: ViT passes of the
+    batch (images, or anyres crops); n_visual_total: visual tokens of the batch before pruning;
+    projected_tokens: visual tokens the projector ran on (default: n_visual_total).
+    """
+    tc = config.get_text_config()
+    llm = sum(llm_flops(tc, [text + int(v) for v in vis], conv) for text, vis in rows)
+    vit = proj = 0.0
+    if n_passes and n_visual_total:
+        vit, proj = vision_flops(config, family, n_passes, n_visual_total, vit_passes, projected_tokens, conv)
+    return PrefillFlops(vision=vit, projector=proj, llm=llm)
+
+
+def _family(config: Any) -> str:
+    model_type = str(getattr(config, "model_type", ""))
+    return model_type if model_type in ("llava", "llava_next") else "qwen2_vl"
+
+
+def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillFlops:
+    """Prefill FLOPs of one :class:`~vlmguard.results.GenerationResult` (tokens actually fed per layer)."""
+    text_tokens = int(result.prompt_tokens) - int(result.visual_tokens)
+    row = (text_tokens, [int(v) for v in result.visual_tokens_kept])
+    n_visual = int(result.visual_tokens)
+    if not n_visual:
+        return batch_prefill_flops(config, "", [row], n_passes=0, n_visual_total=0, conv=conv)
+    family = _family(config)
+    vit_rows = (result.pruning or {}).get("flowcut_vit_tokens_per_layer")
+    passes = None
+    n_passes = 1
+    if vit_rows:  # the batch's rows of FlowCut's schedule: this request's images (NeXT: crops), on average
+        depth = max(len(r) for r in vit_rows)
+        mean = [round(sum(r[i] for r in vit_rows if i < len(r)) / len(vit_rows)) for i in range(depth)]
+        batch = max(int(getattr(getattr(result, "timings", None), "batch_size", 1) or 1), 1)
+        n_passes = max(1, round(len(vit_rows) / batch))
+        passes = [mean] * n_passes
+    elif family == "llava_next":  # crops per image ~ visual tokens / tokens per crop (base + grid)
+        n_passes = max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1)))
+    # LLaVA: the projector sees what the vision side kept (what reached LLM layer 0); Qwen2-VL's merger
+    # runs on every merged token before any LLM-side cut
+    projected = n_visual if family == "qwen2_vl" else (row[1][0] if row[1] else n_visual)
+    return batch_prefill_flops(config, family, [row], n_passes=n_passes, n_visual_total=n_visual,
+                               vit_passes=passes, projected_tokens=projected, conv=conv)

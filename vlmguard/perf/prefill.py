@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from vlmguard.models.base import Prompt
-from vlmguard.perf.flops import batch_prefill_flops
+from vlmguard.flops import HARDWARE, batch_prefill_flops
 from vlmguard.perf.models import PROMPT, bench_image, bench_requests, warm_threads
 from vlmguard.perf.timing import MemoryMeter, environment, kv_cache_bytes, median, ratio
 from vlmguard.spec import GenerationSpec
@@ -80,7 +80,7 @@ def _flops(engine: Any, results: Sequence[Any], n_images: int, side: str) -> dic
         projected = sum(len(r.kept_indices) if r.kept_indices is not None else r.visual_tokens for r in results)
     rows = [(r.prompt_tokens - r.visual_tokens, r.visual_tokens_kept) for r in results]
     f = batch_prefill_flops(engine.model.config, engine.family, rows, n_passes=n_images * len(results),
-                            n_visual_total=n_visual, vit_passes=sched, projected_tokens=projected)
+                            n_visual_total=n_visual, vit_passes=sched, projected_tokens=projected, conv=HARDWARE)
     return f.to_dict()
 
 
