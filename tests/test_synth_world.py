@@ -146,3 +146,48 @@ def test_default_dataset_cached_and_race_safe(tmp_path: Path, monkeypatch):
     assert (paths[0] / "pope" / "synthcoco_pope_random.json").is_file()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["synthcoco-seed0"]  # no temp dirs left
     assert default_dataset() == paths[0]
+
+
+def test_scene_cue_weakens_what_the_background_tells_of_the_scene():
+    """``scene_cue`` 1 keeps each scene type's own tint and texture; below 1 the tint moves toward the common
+    mean (plus a per-image jitter) and the texture is the type's own only sometimes, so the background alone
+    no longer names the scene type."""
+    import random
+
+    import numpy as np
+
+    from vlmguard.synth.render import BACKGROUND_JITTER, PATTERNS, _background_style
+    from vlmguard.synth.world import SCENE_TYPES, sample_scene
+
+    rng = random.Random(0)
+    scenes = []
+    for i in range(400):
+        s = sample_scene(rng, WorldParams())
+        s.noise_seed = i
+        scenes.append(s)
+    common = np.mean([t.background for t in SCENE_TYPES], axis=0)
+    for s in scenes[:20]:
+        tint, pattern = _background_style(s, 1.0)
+        assert tuple(tint) == s.scene_type.background and pattern == s.scene_type.pattern
+        assert _background_style(s, 0.25)[0].tolist() == _background_style(s, 0.25)[0].tolist()  # deterministic
+    weak = [_background_style(s, 0.0) for s in scenes]
+    # cue 0: every tint is the common mean plus the jitter, whatever the scene type
+    assert all(np.abs(t - common).max() < 5 * BACKGROUND_JITTER for t, _ in weak)
+    own = sum(p == s.scene_type.pattern for s, (_, p) in zip(scenes, weak)) / len(scenes)
+    assert abs(own - 1 / len(PATTERNS)) < 0.08  # textures drawn independently of the type
+    half = [_background_style(s, 0.5) for s in scenes]
+    own_half = sum(p == s.scene_type.pattern for s, (_, p) in zip(scenes, half)) / len(scenes)
+    assert abs(own_half - (0.5 + 0.5 / len(PATTERNS))) < 0.08
+
+
+def test_scene_cue_is_recorded_and_validated(tmp_path: Path):
+    import subprocess
+    import sys
+
+    params = WorldParams()
+    params.scene_cue = 0.25
+    out = build_dataset(tmp_path / "w", seed=7, train=0, val=0, test=3, params=params)
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["scene_cue"] == 0.25
+    r = subprocess.run([sys.executable, "-m", "vlmguard.cli", "synth", "build", "--out", str(tmp_path / "x"),
+                        "--scene-cue", "1.5"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--scene-cue must be in [0, 1]" in r.stderr and "Traceback" not in r.stderr

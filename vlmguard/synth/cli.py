@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     b.add_argument("--train", type=int, default=0, help="number of training images")
     b.add_argument("--val", type=int, default=0, help="number of validation images")
     b.add_argument("--test", type=int, default=500, help="number of test images (POPE files use this split)")
+    b.add_argument("--scene-cue", type=float, default=None,
+                   help="how strongly the background tells the scene type, in [0, 1] (default: the world's)")
     b.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     b.set_defaults(func=_build)
 
@@ -69,12 +71,18 @@ def register(subparsers) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from vlmguard.synth.build import build_dataset
+    from vlmguard.synth.world import WorldParams
 
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
+    params = WorldParams()
+    if args.scene_cue is not None:
+        if not 0.0 <= args.scene_cue <= 1.0:
+            raise InvalidInput(f"--scene-cue must be in [0, 1], got {args.scene_cue}")
+        params.scene_cue = args.scene_cue
     out = build_dataset(args.out, seed=args.seed, train=args.train, val=args.val, test=args.test,
-                        progress=not args.json)
+                        params=params, progress=not args.json)
     summary = {"out": str(out), "seed": args.seed, "train": args.train, "val": args.val, "test": args.test}
     print(json.dumps(summary) if args.json else f"SynthCOCO written to {out}")
     return 0

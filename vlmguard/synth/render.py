@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlmguard.synth.world import Scene, SceneObject, WorldParams, is_visible
+from vlmguard.synth.world import SCENE_TYPES, Scene, SceneObject, WorldParams, is_visible
 
 SS = 2  # supersampling factor
 
@@ -88,11 +88,26 @@ def _texture(obj: SceneObject, size_px: int, mask: np.ndarray, scale: float) -> 
     return tex
 
 
-def _background(scene: Scene, size_px: int) -> np.ndarray:
-    rng = np.random.default_rng(scene.noise_seed)
+PATTERNS = ("tiles", "stripes", "grid", "grass", "speckle")
+BACKGROUND_JITTER = 10.0  # per-image tint jitter (std, per channel) when the scene cue is weakened
+
+
+def _background_style(scene: Scene, cue: float) -> tuple[np.ndarray, str]:
+    """The tint and texture of a scene's background (see ``WorldParams.scene_cue``)."""
     base = np.asarray(scene.scene_type.background, dtype=np.float32)
+    if cue >= 1.0:
+        return base, scene.scene_type.pattern
+    rng = np.random.default_rng([scene.noise_seed, 1])  # its own stream: the texture noise is unchanged
+    common = np.mean([s.background for s in SCENE_TYPES], axis=0).astype(np.float32)
+    tint = common + cue * (base - common) + rng.normal(0.0, BACKGROUND_JITTER, size=3).astype(np.float32)
+    pattern = scene.scene_type.pattern if rng.random() < cue else PATTERNS[int(rng.integers(len(PATTERNS)))]
+    return tint, pattern
+
+
+def _background(scene: Scene, size_px: int, cue: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(scene.noise_seed)
+    base, pat = _background_style(scene, cue)
     yy, xx = np.mgrid[0:size_px, 0:size_px].astype(np.float32)
-    pat = scene.scene_type.pattern
     if pat == "tiles":
         p = ((((xx // 24) + (yy // 24)) % 2) * 2 - 1) * 8.0
     elif pat == "stripes":
@@ -117,7 +132,7 @@ class Rendered:
 def render_scene(scene: Scene, params: WorldParams) -> Rendered:
     s = params.image_size
     big = s * SS
-    canvas = _background(scene, big)
+    canvas = _background(scene, big, params.scene_cue)
     masks = []
     for obj in scene.objects:
         m = _glyph_mask(obj, big, SS)

@@ -109,6 +109,10 @@ class WorldParams:
     # visibility rule: present in the ground truth iff alpha >= min_alpha and unoccluded pixels >= min_pixels
     min_alpha: float = 0.5
     min_pixels: int = 40
+    # how strongly the background tells the scene type: 1 = each type its own tint and texture (the first
+    # worlds); s < 1 = the tint moved toward the common mean by (1 - s) plus a per-image jitter, and the
+    # type's own texture drawn with probability s (else any of the five)
+    scene_cue: float = 1.0
     pope_sample_num: int = 3
 
     def to_dict(self) -> dict:
