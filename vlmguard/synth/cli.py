@@ -68,6 +68,16 @@ def register(subparsers) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
 
+    h = sub.add_parser("hallucinations",
+                       help="sort the CHAIR hallucinations of a results database by kind (planted, co-occurrence "
+                            "partner, scene-typical, foreign), from the SynthCOCO scene graphs")
+    h.add_argument("--db", required=True, type=Path, help="results database with CHAIR runs on SynthCOCO")
+    h.add_argument("--data", default="synthcoco",
+                   help="the SynthCOCO directory the runs used (default: synthcoco, the cached seed-0 world)")
+    h.add_argument("--split", default="test", help="its image split (default: test)")
+    h.add_argument("--json", action="store_true", help="print a JSON list as the last line")
+    h.set_defaults(func=_hallucinations)
+
 
 def _build(args: argparse.Namespace) -> int:
     from vlmguard.synth.build import build_dataset
@@ -145,6 +155,16 @@ def _train(args: argparse.Namespace) -> int:
     out = trainer.run()
     if args.json:
         print(json.dumps({"out": str(out), **trainer.report}))
+    return 0
+
+
+def _hallucinations(args: argparse.Namespace) -> int:
+    from vlmguard.synth import default_dataset
+    from vlmguard.synth.hallucinations import breakdowns_from_db, format_table
+
+    data = default_dataset() if args.data == "synthcoco" else Path(args.data)
+    rows = breakdowns_from_db(args.db, data, args.split)
+    print(json.dumps([r.to_dict() for r in rows]) if args.json else format_table(rows))
     return 0
 
 
