@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     h.add_argument("--db", required=True, type=Path, help="results database with CHAIR runs on SynthCOCO")
     h.add_argument("--data", default="synthcoco",
                    help="the SynthCOCO directory the runs used (default: synthcoco, the cached seed-0 world)")
-    h.add_argument("--split", default="test", help="its image split (default: test)")
+    h.add_argument("--split", default=None, help="its image split (default: the one each run recorded)")
     h.add_argument("--json", action="store_true", help="print a JSON list as the last line")
     h.set_defaults(func=_hallucinations)
 

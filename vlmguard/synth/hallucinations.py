@@ -103,19 +103,26 @@ def breakdown(records: list[dict[str, Any]], scenes: dict[int, SceneFacts], run_
     return out
 
 
-def breakdowns_from_db(db: str | Path, data_dir: str | Path, split: str = "test") -> list[Breakdown]:
-    """Every CHAIR run of a results database, oldest first."""
+def breakdowns_from_db(db: str | Path, data_dir: str | Path, split: str | None = None) -> list[Breakdown]:
+    """Every CHAIR run of a results database, oldest first; ``split``: the image split of ``data_dir`` the runs
+    used (default: each run's own, as recorded)."""
     from vlmguard.bench.db import connect, list_runs, run_samples
     from vlmguard.bench.report import method_label
 
-    scenes = load_scenes(data_dir, split)
+    scenes: dict[str, dict[int, SceneFacts]] = {}
     conn = connect(db, create=False)
     try:
         runs = [r for r in list_runs(conn, with_metrics=False) if r["benchmark"] == "chair"]
         if not runs:
             raise InvalidInput(f"{db}: no CHAIR runs")
-        return [breakdown([s["record"] for s in run_samples(conn, r["run_id"]) if s.get("record")], scenes,
-                          run_id=r["run_id"], method=method_label(r)) for r in reversed(runs)]
+        out = []
+        for r in reversed(runs):
+            s = split or r.get("split") or "test"
+            if s not in scenes:
+                scenes[s] = load_scenes(data_dir, s)
+            records = [x["record"] for x in run_samples(conn, r["run_id"]) if x.get("record")]
+            out.append(breakdown(records, scenes[s], run_id=r["run_id"], method=method_label(r)))
+        return out
     finally:
         conn.close()
 
