@@ -30,6 +30,8 @@ def test_layout(built: Path):
     m = json.loads((built / "manifest.json").read_text())
     assert m["seed"] == 7 and m["counts"] == SMALL
     assert "visibility_rule" in m and m["parameters"]["min_alpha"] == WorldParams().min_alpha
+    # the default world's manifest (and so its dataset version) is the one written before scene_cue existed
+    assert "scene_cue" not in m["parameters"]
     for split, n in SMALL.items():
         pngs = sorted((built / "images" / split).glob("*.png"))
         assert len(pngs) == n

@@ -116,7 +116,10 @@ class WorldParams:
     pope_sample_num: int = 3
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        if d["scene_cue"] == 1.0:  # the worlds built before the option existed: same manifest, same dataset version
+            del d["scene_cue"]
+        return d
 
 
 @dataclass
