@@ -59,5 +59,8 @@ def test_cli_sorts_every_hallucination_of_a_real_chair_run(tmp_path: Path, capsy
     assert main(["synth", "hallucinations", "--db", str(db), "--data", str(data)]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| hallucinated mention | base |") and table.count("\n") == 7  # header, rule, 4 kinds, total
-    assert main(["synth", "hallucinations", "--db", str(db), "--data", str(tmp_path)]) == 2  # not SynthCOCO
-    assert "not found" in capsys.readouterr().err
+    assert main(["synth", "hallucinations", "--db", str(db), "--data", str(tmp_path)]) == 2
+    assert "not a SynthCOCO directory" in capsys.readouterr().err
+    other = build_dataset(tmp_path / "other", seed=1, train=0, val=0, test=4)  # runs are only read on their world
+    assert main(["synth", "hallucinations", "--db", str(db), "--data", str(other)]) == 2
+    assert "no CHAIR runs on the SynthCOCO dataset" in capsys.readouterr().err

@@ -104,24 +104,32 @@ def breakdown(records: list[dict[str, Any]], scenes: dict[int, SceneFacts], run_
 
 
 def breakdowns_from_db(db: str | Path, data_dir: str | Path, split: str | None = None) -> list[Breakdown]:
-    """Every CHAIR run of a results database, oldest first; ``split``: the image split of ``data_dir`` the runs
-    used (default: each run's own, as recorded)."""
+    """Every CHAIR run of a results database made on the SynthCOCO dataset ``data_dir`` (same dataset version),
+    oldest first. ``split``: its image split the runs used (default: each run's own, as recorded). Runs are
+    labelled by method, and by model too when the database holds several models' runs."""
+    from vlmguard.bench.datasets import synth_dataset
     from vlmguard.bench.db import connect, list_runs, run_samples
     from vlmguard.bench.report import method_label
 
+    version = synth_dataset(Path(data_dir)).version
     scenes: dict[str, dict[int, SceneFacts]] = {}
     conn = connect(db, create=False)
     try:
-        runs = [r for r in list_runs(conn, with_metrics=False) if r["benchmark"] == "chair"]
+        chair = [r for r in list_runs(conn, with_metrics=False) if r["benchmark"] == "chair"]
+        runs = [r for r in chair if r.get("dataset_version") == version]
         if not runs:
-            raise InvalidInput(f"{db}: no CHAIR runs")
+            found = sorted({str(r.get("dataset_version")) for r in chair})
+            raise InvalidInput(f"{db}: no CHAIR runs on the SynthCOCO dataset {data_dir} (version {version}); "
+                               f"CHAIR runs found on: {', '.join(found) or 'none'}")
+        several_models = len({r["model"] for r in runs}) > 1
         out = []
         for r in reversed(runs):
             s = split or r.get("split") or "test"
             if s not in scenes:
                 scenes[s] = load_scenes(data_dir, s)
             records = [x["record"] for x in run_samples(conn, r["run_id"]) if x.get("record")]
-            out.append(breakdown(records, scenes[s], run_id=r["run_id"], method=method_label(r)))
+            label = f"{r['model']} {method_label(r)}" if several_models else method_label(r)
+            out.append(breakdown(records, scenes[s], run_id=r["run_id"], method=label))
         return out
     finally:
         conn.close()
