@@ -33,6 +33,17 @@ def chair_chart(long: pd.DataFrame) -> alt.Chart:
     ).properties(height=320)
 
 
+def hallucination_chart(kinds: pd.DataFrame) -> alt.Chart:
+    """Hallucinated mentions per CHAIR run, stacked by kind (SynthCOCO scene graphs)."""
+    return alt.Chart(kinds).mark_bar().encode(
+        x=alt.X("method:N", title="method"),
+        y=alt.Y("sum(count):Q", title="hallucinated mentions"),
+        color=alt.Color("kind:N", title="kind"),
+        column=alt.Column("model:N", title=None) if kinds["model"].nunique() > 1 else alt.Undefined,
+        tooltip=["model", "method", "kind", "count", alt.Tooltip("mentions:Q", title="all mentions"), "run_id"],
+    ).properties(height=300)
+
+
 def pareto_chart(frame: pd.DataFrame) -> alt.LayerChart:
     """Accuracy vs latency per pruner x decoder; colour = CHAIR_i, filled = on the Pareto front."""
     data = frame.dropna(subset=["accuracy", "latency_ms"]).assign(front=lambda d: d["pareto"].map({True: "on front", False: "dominated"}))

@@ -344,20 +344,66 @@ def find_image(run: dict[str, Any], image_name: str | None, extra_dirs: Sequence
     return None
 
 
-def _dataset_image_dirs(dataset: str, image_split: str | None) -> list[Path]:
-    """Image folders of a SynthCOCO dataset named by a run, without building anything."""
-    roots: list[Path] = []
+def _synth_root(dataset: str) -> Path | None:
+    """The SynthCOCO directory a run names, when it is on this machine (nothing is built)."""
     if dataset == "synthcoco":
         from vlmguard.synth.build import cache_dir
 
-        roots.append(cache_dir() / "synthcoco-seed0")
-    elif dataset and Path(dataset).is_dir():
-        roots.append(Path(dataset))
-    dirs = []
-    for root in roots:
-        images = root / "images"
-        if image_split and (images / image_split).is_dir():
-            dirs.append(images / image_split)
-        if images.is_dir():
-            dirs += sorted(d for d in images.iterdir() if d.is_dir() and d not in dirs)
-    return dirs
+        root = cache_dir() / "synthcoco-seed0"
+    elif dataset:
+        root = Path(dataset)
+    else:
+        return None
+    return root if root.is_dir() else None
+
+
+def _dataset_image_dirs(dataset: str, image_split: str | None) -> list[Path]:
+    """Image folders of a SynthCOCO dataset named by a run, without building anything."""
+    root = _synth_root(dataset)
+    images = root / "images" if root is not None else None
+    if images is None or not images.is_dir():
+        return []
+    dirs = [images / image_split] if image_split and (images / image_split).is_dir() else []
+    return dirs + sorted(d for d in images.iterdir() if d.is_dir() and d not in dirs)
+
+
+HALLUCINATION_COLUMNS = ("run_id", "model", "method", "kind", "count", "mentions")
+
+
+def hallucination_kinds(path: str | Path, shown: pd.DataFrame) -> pd.DataFrame:
+    """The hallucinated mentions of the shown CHAIR runs by kind (``vlmguard synth hallucinations``), one row
+    per run and kind, for the runs whose SynthCOCO dataset is on this machine in the version they ran on."""
+    from vlmguard.bench.datasets import synth_dataset
+    from vlmguard.errors import VlmguardError
+    from vlmguard.synth.hallucinations import KIND_TITLES, KINDS, breakdown
+
+    rows: list[dict[str, Any]] = []
+    chair = shown[shown["benchmark"] == "chair"] if len(shown) else shown
+    for _, r in chair.iterrows():
+        root = _synth_root(str(r.get("dataset") or ""))
+        if root is None:
+            continue
+        run = load_run(path, r["run_id"])
+        try:
+            if synth_dataset(root).version != run.get("dataset_version"):
+                continue  # another world under the same name: its scene graphs would not match
+            scenes = _scenes(str(root), run.get("split") or "test")
+            b = breakdown([s["record"] for s in load_samples(path, r["run_id"]) if s.get("record")], scenes)
+        except VlmguardError:  # not SynthCOCO, or not these images
+            continue
+        rows += [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "kind": KIND_TITLES[k],
+                  "count": b.counts[k], "mentions": b.mentions} for k in KINDS]
+    return pd.DataFrame(rows, columns=list(HALLUCINATION_COLUMNS))
+
+
+def _scenes(root: str, split: str) -> dict:
+    """A SynthCOCO split's scene graphs, cached while its annotation file is unchanged."""
+    f = Path(root) / "annotations" / f"instances_{split}.json"
+    return _scenes_cached(root, split, f.stat().st_mtime_ns if f.is_file() else 0)
+
+
+@lru_cache(maxsize=8)
+def _scenes_cached(root: str, split: str, mtime_ns: int) -> dict:
+    from vlmguard.synth.hallucinations import load_scenes
+
+    return load_scenes(root, split)

@@ -36,7 +36,7 @@ def render() -> None:
     with tab_tokens:
         _tokens_plot(shown)
     with tab_chair:
-        _chair_plot(shown)
+        _chair_plot(cfg, shown)
     with tab_pareto:
         _pareto_plot(shown)
     with tab_samples:
@@ -82,7 +82,7 @@ def _tokens_plot(shown: pd.DataFrame) -> None:
     st.altair_chart(charts.tokens_chart(curve, metric), width="stretch")
 
 
-def _chair_plot(shown: pd.DataFrame) -> None:
+def _chair_plot(cfg, shown: pd.DataFrame) -> None:
     long = data.chair_by_decoder(shown)
     if long.empty:
         st.info("No CHAIR runs among the shown runs (`vlmguard bench chair ...`).")
@@ -90,6 +90,16 @@ def _chair_plot(shown: pd.DataFrame) -> None:
     st.altair_chart(charts.chair_chart(long), width="stretch")
     st.dataframe(long.pivot_table(index=["decoder", "method", "model"], columns="metric", values="value").reset_index(),
                  hide_index=True)
+    kinds = data.hallucination_kinds(cfg.db, shown)
+    if kinds.empty:
+        return
+    st.subheader("Hallucinations by kind (SynthCOCO)")
+    st.caption("Each mention CHAIR counts as hallucinated, traced in the world's scene graph: a nearly invisible "
+               "object that is there (the planted prior), the co-occurrence partner of a visible object, another "
+               "object of the scene's type, or one foreign to it (`vlmguard synth hallucinations`).")
+    st.altair_chart(charts.hallucination_chart(kinds), width="stretch")
+    st.dataframe(kinds.pivot_table(index="kind", columns="method", values="count", aggfunc="sum").reset_index(),
+                 hide_index=True, key="hallucination_kinds")
 
 
 def _pareto_plot(shown: pd.DataFrame) -> None:

@@ -365,3 +365,33 @@ def test_playground_upload_goes_to_the_service():
     (call,) = stub.calls
     assert call["images"][0].size == (64, 48) and call["pruning"] == "none" and "budget" not in call
     assert [s.value for s in at.subheader] == ["with methods"]
+
+
+def test_leaderboard_sorts_synthcoco_hallucinations_by_kind(tmp_path, monkeypatch, capsys):
+    """A real CHAIR run of the bundled model on SynthCOCO: the CHAIR tab traces every hallucinated mention in the
+    world's scene graph, with the counts ``vlmguard synth hallucinations`` gives."""
+    import json
+
+    from vlmguard.cli import main
+    from vlmguard.synth import build as build_mod
+
+    monkeypatch.setenv("VLMGUARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(build_mod.DEFAULT_COUNTS, "test", 12)
+    db = tmp_path / "r.sqlite"
+    assert main(["bench", "chair", "--model", "tiny", "--dataset", "synthcoco", "--limit", "12", "--batch-size", "12",
+                 "--db", str(db), "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["synth", "hallucinations", "--db", str(db), "--json"]) == 0
+    (cli,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.setenv("VLMGUARD_DB", str(db))
+    at = page("leaderboard_page.py").run()
+    assert not at.exception
+    assert "Hallucinations by kind (SynthCOCO)" in all_text(at)
+    kinds = data.hallucination_kinds(db, data.load_runs(db))
+    assert list(kinds["kind"]) == ["a nearly invisible object that is there",
+                                   "the co-occurrence partner of a visible object",
+                                   "another object typical of the scene type", "foreign to the scene type"]
+    assert list(kinds["count"]) == [cli["counts"][k] for k in ("hidden", "partner", "scene", "foreign")]
+    assert kinds["count"].sum() == cli["hallucinated"] > 0 and (kinds["mentions"] == cli["mentions"]).all()
+    shown = frame_with(at, "kind")
+    assert shown.drop(columns="kind").to_numpy().sum() == cli["hallucinated"]
