@@ -331,6 +331,20 @@ budgets: [8, 4]
         load_config(bad)
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "eval").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_eval_configs_load_and_expand(path):
+    """Every evaluation config the docs cite parses, and each of its methods builds with valid parameters."""
+    from vlmguard.decoding import make_decoder
+    from vlmguard.pruning import make_pruner
+
+    jobs = expand(load_config(path))
+    assert jobs
+    for job in jobs:  # unknown methods or parameters raise InvalidInput here
+        make_pruner(job.get("pruning") or "none", job.get("budget"), job.get("pruning_params"))
+        make_decoder(job.get("decoding") or "greedy", job.get("decoding_params"))
+
+
 def test_lqcd_oracle_neutral_text_per_request(tmp_path, dataset):
     db = tmp_path / "r.sqlite"
     eng = FakeEngine()
