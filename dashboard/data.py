@@ -347,9 +347,9 @@ def find_image(run: dict[str, Any], image_name: str | None, extra_dirs: Sequence
 def _synth_root(dataset: str) -> Path | None:
     """The SynthCOCO directory a run names, when it is on this machine (nothing is built)."""
     if dataset == "synthcoco":
-        from vlmguard.synth.build import cache_dir
+        from vlmguard.synth.build import default_dataset_dir
 
-        root = cache_dir() / "synthcoco-seed0"
+        root = default_dataset_dir()
     elif dataset:
         root = Path(dataset)
     else:

@@ -13,9 +13,9 @@ MAX_LISTED = 200
 
 def synth_image_dir() -> Path:
     """The default SynthCOCO test images (built by ``vlmguard bench --dataset synthcoco`` and cached)."""
-    from vlmguard.synth.build import cache_dir
+    from vlmguard.synth.build import default_dataset_dir
 
-    return cache_dir() / "synthcoco-seed0" / "images" / "test"
+    return default_dataset_dir() / "images" / "test"
 
 
 @lru_cache(maxsize=4)

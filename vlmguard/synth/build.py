@@ -148,13 +148,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLMGUARD_CACHE", Path.home() / ".cache" / "vlmguard"))
 
 
+def default_dataset_dir(seed: int = 0) -> Path:
+    """Where :func:`default_dataset` keeps the default-seed world (it may not be built yet)."""
+    return cache_dir() / f"synthcoco-seed{seed}"
+
+
 def default_dataset(seed: int = 0) -> Path:
     """The default-seed test split (500 images), built once into ``$VLMGUARD_CACHE/synthcoco-seed{seed}``.
 
     Safe when several processes race: each builds into its own temporary directory and renames it into
     place; the loser discards its copy.
     """
-    target = cache_dir() / f"synthcoco-seed{seed}"
+    target = default_dataset_dir(seed)
     if (target / "manifest.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
