@@ -169,8 +169,15 @@ def batch_prefill_flops(config: Any, family: str, rows: Sequence[tuple[int, Sequ
 
 
 def _family(config: Any) -> str:
-    model_type = str(getattr(config, "model_type", ""))
-    return model_type if model_type in ("llava", "llava_next") else "qwen2_vl"
+    """The family of a model's config, as the engine's adapters name it (an unsupported type is an error, not
+    counted as some other family)."""
+    from vlmguard.errors import InvalidInput
+    from vlmguard.models.families import ADAPTERS
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise InvalidInput(f"no FLOP model for model type {model_type!r} (known: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[model_type].family
 
 
 def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillFlops:

@@ -90,6 +90,7 @@ def _texture(obj: SceneObject, size_px: int, mask: np.ndarray, scale: float) -> 
 
 PATTERNS = ("tiles", "stripes", "grid", "grass", "speckle")
 BACKGROUND_JITTER = 10.0  # per-image tint jitter (std, per channel) when the scene cue is weakened
+COMMON_TINT = np.mean([s.background for s in SCENE_TYPES], axis=0).astype(np.float32)  # where a weak cue pulls tints
 
 
 def _background_style(scene: Scene, cue: float) -> tuple[np.ndarray, str]:
@@ -98,8 +99,7 @@ def _background_style(scene: Scene, cue: float) -> tuple[np.ndarray, str]:
     if cue >= 1.0:
         return base, scene.scene_type.pattern
     rng = np.random.default_rng([scene.noise_seed, 1])  # its own stream: the texture noise is unchanged
-    common = np.mean([s.background for s in SCENE_TYPES], axis=0).astype(np.float32)
-    tint = common + cue * (base - common) + rng.normal(0.0, BACKGROUND_JITTER, size=3).astype(np.float32)
+    tint = COMMON_TINT + cue * (base - COMMON_TINT) + rng.normal(0.0, BACKGROUND_JITTER, size=3).astype(np.float32)
     pattern = scene.scene_type.pattern if rng.random() < cue else PATTERNS[int(rng.integers(len(PATTERNS)))]
     return tint, pattern
 
