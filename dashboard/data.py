@@ -125,6 +125,7 @@ def load_run(path: str | Path, run_id: str) -> dict[str, Any]:
 def clear_caches() -> None:
     _load_runs_cached.cache_clear()
     _load_samples_cached.cache_clear()
+    _comparisons_cached.cache_clear()
 
 
 # ---- filtering ------------------------------------------------------------------------------------
@@ -394,6 +395,36 @@ def hallucination_kinds(path: str | Path, shown: pd.DataFrame) -> pd.DataFrame:
         rows += [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "kind": KIND_TITLES[k],
                   "count": b.counts[k], "mentions": b.mentions} for k in KINDS]
     return pd.DataFrame(rows, columns=list(HALLUCINATION_COLUMNS))
+
+
+COMPARISON_COLUMNS = ("benchmark", "split", "method", "metric", "baseline", "value", "change", "ci_low", "ci_high",
+                      "significant", "images", "run_id")
+
+
+def comparisons(path: str | Path, baseline: str, shown: pd.DataFrame) -> pd.DataFrame:
+    """The shown runs against the run labelled ``baseline`` of their group (``vlmguard compare``), with paired
+    bootstrap 95% intervals; changes in percent (relative for CHAIR, points for POPE accuracy, share kept for
+    ``accuracy_retained``). Empty when no shown run has such a baseline."""
+    p = Path(path).expanduser().resolve()
+    frame = _comparisons_cached(str(p), baseline, db_version(p))
+    return frame[frame["run_id"].isin(set(shown["run_id"]))].reset_index(drop=True)
+
+
+@lru_cache(maxsize=8)
+def _comparisons_cached(path: str, baseline: str, version: tuple[int, int, int, int]) -> pd.DataFrame:
+    from vlmguard.bench.compare import compare_runs
+    from vlmguard.errors import InvalidInput
+
+    try:
+        rows = compare_runs(path, baseline)
+    except InvalidInput:  # no POPE / CHAIR runs, or none under that label
+        rows = []
+    scale = {"relative": 100.0, "points": 1.0, "ratio": 100.0}
+    out = [{"benchmark": c.benchmark, "split": c.split_label, "method": c.method, "metric": c.metric,
+            "baseline": c.baseline_value, "value": c.value, "change": scale[c.kind] * c.change,
+            "ci_low": scale[c.kind] * c.ci_low, "ci_high": scale[c.kind] * c.ci_high,
+            "significant": c.excludes_no_change, "images": c.images, "run_id": c.run_id} for c in rows]
+    return pd.DataFrame(out, columns=list(COMPARISON_COLUMNS))
 
 
 def _scenes(root: str, split: str) -> dict:

@@ -31,12 +31,15 @@ def render() -> None:
     shown = data.filter_runs(runs, _filters(runs))
     st.markdown(f"**{len(shown)} of {len(runs)} runs**")
     _table(shown)
-    tab_tokens, tab_chair, tab_pareto, tab_samples = st.tabs(
-        ["Accuracy vs tokens kept", "CHAIR per decoder", "Pareto: accuracy / speed / hallucination", "Samples"])
+    tab_tokens, tab_chair, tab_vs, tab_pareto, tab_samples = st.tabs(
+        ["Accuracy vs tokens kept", "CHAIR per decoder", "Against a baseline",
+         "Pareto: accuracy / speed / hallucination", "Samples"])
     with tab_tokens:
         _tokens_plot(shown)
     with tab_chair:
         _chair_plot(cfg, shown)
+    with tab_vs:
+        _baseline_table(cfg, shown)
     with tab_pareto:
         _pareto_plot(shown)
     with tab_samples:
@@ -100,6 +103,26 @@ def _chair_plot(cfg, shown: pd.DataFrame) -> None:
     st.altair_chart(charts.hallucination_chart(kinds), width="stretch")
     st.dataframe(kinds.pivot_table(index="kind", columns="method", values="count", aggfunc="sum").reset_index(),
                  hide_index=True, key="hallucination_kinds")
+
+
+def _baseline_table(cfg, shown: pd.DataFrame) -> None:
+    labels = sorted(set(shown["method"])) if len(shown) else []
+    if not labels:
+        st.info("No runs shown.")
+        return
+    baseline = st.selectbox("baseline", labels, index=labels.index("base") if "base" in labels else 0,
+                            key="vs_baseline", help="method label of the run every other run is compared with")
+    frame = data.comparisons(cfg.db, baseline, shown)
+    if frame.empty:
+        st.info(f"No shown POPE or CHAIR run shares its questions with a `{baseline}` run.")
+        return
+    st.caption("Each run against the baseline run of the same benchmark, split and questions: CHAIR_i, CHAIR_s and "
+               "CHAIR_i over distinct objects as relative changes (%), POPE accuracy in points and as the share of "
+               "the baseline's kept (%), with 95% paired bootstrap intervals over images (`vlmguard compare`). "
+               "'significant': the interval excludes no change.")
+    st.dataframe(frame.drop(columns="run_id"), hide_index=True, key="vs_table",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                for c in ("baseline", "value", "change", "ci_low", "ci_high")})
 
 
 def _pareto_plot(shown: pd.DataFrame) -> None:

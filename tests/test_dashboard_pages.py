@@ -395,3 +395,29 @@ def test_leaderboard_sorts_synthcoco_hallucinations_by_kind(tmp_path, monkeypatc
     assert kinds["count"].sum() == cli["hallucinated"] > 0 and (kinds["mentions"] == cli["mentions"]).all()
     shown = frame_with(at, "kind")
     assert shown.drop(columns="kind").to_numpy().sum() == cli["hallucinated"]
+
+
+def test_leaderboard_compares_runs_against_a_chosen_baseline(fixture_db, monkeypatch):
+    """The 'Against a baseline' tab shows ``vlmguard compare``'s rows for the shown runs, and follows the baseline
+    picked in its selectbox and the leaderboard's filters."""
+    from vlmguard.bench.compare import compare_runs
+
+    monkeypatch.setenv("VLMGUARD_DB", str(fixture_db))
+    at = page("leaderboard_page.py").run()
+    assert not at.exception and at.selectbox(key="vs_baseline").value == "base"
+    shown = frame_with(at, "ci_low")
+    expected = compare_runs(fixture_db, "base")
+    assert len(shown) == len(expected) > 0
+    assert set(shown["metric"]) == {"accuracy", "accuracy_retained", "chair_i", "chair_s", "chair_i_distinct"}
+    vcd = next(c for c in expected if c.benchmark == "pope" and c.method == "vcd" and c.metric == "accuracy")
+    row = shown[(shown["benchmark"] == "pope") & (shown["method"] == "vcd") & (shown["metric"] == "accuracy")].iloc[0]
+    assert row["change"] == pytest.approx(vcd.change) and row["ci_low"] <= row["change"] <= row["ci_high"]
+    at.selectbox(key="vs_baseline").select("fastv@36").run()
+    assert not at.exception
+    vs_fastv = frame_with(at, "ci_low")  # POPE only: there is no fastv@36 CHAIR run
+    assert set(vs_fastv["benchmark"]) == {"pope"}
+    assert set(vs_fastv["method"]) == {"base", "fastv@72", "fastv@18", "random@36", "vcd", "fastv@36+vcd"}
+    at.multiselect(key="flt_benchmark").select("chair").run()
+    assert not at.exception
+    chair = frame_with(at, "ci_low")
+    assert set(chair["benchmark"]) == {"chair"} and set(chair["method"]) == {"vcd", "fastv@36+vcd"}

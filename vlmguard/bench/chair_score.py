@@ -6,6 +6,11 @@ CHAIR_s = captions with a hallucination / captions; CHAIR_i = hallucinated menti
 Recall = Σ |distinct recalled GT categories| / Σ |GT categories|; Len = mean tokens per caption
 (after tokenisation and double-word merging, punctuation included). CHAIR_s, CHAIR_i and Recall are
 percentages; an empty denominator gives ``None`` and a flag.
+
+Two figures the reference does not report, because a model that repeats itself ("There is a spoon ...
+There is a spoon ...") moves CHAIR_i by how often it repeats as much as by what it names:
+``chair_i_distinct`` = Σ |distinct hallucinated categories| / Σ |distinct mentioned categories| (each object
+once per caption), and ``repeated_mentions`` = mentions of a category the caption already named.
 """
 from __future__ import annotations
 
@@ -77,9 +82,12 @@ def score_caption(
 
 def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     n = mentions = halluc = gt = recalled = tokens = halluc_caps = 0
+    distinct = distinct_halluc = 0
     for r in records:
         c = r["counts"]
         n += 1
+        distinct += len(set(r["mscoco_generated_words"]))
+        distinct_halluc += len({cat for _, cat in r["mscoco_hallucinated_words"]})
         mentions += c["mentions"]
         halluc += c["hallucinated"]
         gt += c["gt"]
@@ -103,6 +111,9 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "mentions": mentions,
         "hallucinated_mentions": halluc,
         "hallucinated_captions": halluc_caps,
+        # not in the reference: each object counted once per caption, and how many mentions repeat one
+        "chair_i_distinct": 100.0 * distinct_halluc / distinct if distinct else None,  # CHAIR_i's flag covers 0
+        "repeated_mentions": mentions - distinct,
         "flags": flags,
     }
 

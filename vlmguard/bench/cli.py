@@ -159,6 +159,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
 
+    cp = subparsers.add_parser(
+        "compare", help="POPE / CHAIR runs against a baseline run, with paired bootstrap confidence intervals",
+        description="Every finished POPE and CHAIR run against the run of its group (same benchmark, model, "
+                    "dataset version, split, questions and prompt) labelled --baseline: CHAIR_i and CHAIR_s as "
+                    "relative changes, POPE accuracy in points and as the share of the baseline's kept, each with "
+                    "a paired percentile bootstrap interval over images. '*' marks an interval that excludes no "
+                    "change.")
+    cp.add_argument("--db", type=Path, default=DEFAULT_DB, help="results database (default: %(default)s)")
+    cp.add_argument("--baseline", default="base",
+                    help="method label of the baseline run, as `vlmguard report` prints it (default: %(default)s)")
+    cp.add_argument("--benchmark", choices=("pope", "chair"), help="only this benchmark's runs")
+    cp.add_argument("--boot", type=_positive_int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    cp.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
+    cp.add_argument("--seed", type=int, default=0, help="resampling seed (default: %(default)s)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
 
 # ---- bench ------------------------------------------------------------------------------------------
 
@@ -359,6 +376,20 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
 
 
 # ---- report -----------------------------------------------------------------------------------------
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlmguard.bench.compare import compare_runs, format_comparisons
+
+    if not Path(args.db).is_file():
+        raise InvalidInput(f"{args.db}: results database not found")
+    rows = compare_runs(args.db, args.baseline, benchmark=args.benchmark, n_boot=args.boot,
+                        confidence=args.confidence, seed=args.seed)
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+    else:
+        print(format_comparisons(rows))
+    return 0
+
 
 def cmd_report(args: argparse.Namespace) -> int:
     from vlmguard.bench.report import build_report

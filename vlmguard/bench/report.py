@@ -14,7 +14,7 @@ from vlmguard.bench.db import list_runs
 COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
     "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
-    "sycophancy", "over_correction", "chair_s", "chair_i", "chair_recall", "len", "visual_tokens",
+    "sycophancy", "over_correction", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens",
     "visual_tokens_kept", "prefill_ms", "ttft_ms", "total_ms", "created_at",
 )
 
@@ -75,6 +75,7 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
         "over_correction": m.get("over_correction"),
         "chair_s": m.get("chair_s"),
         "chair_i": m.get("chair_i"),
+        "chair_i_distinct": m.get("chair_i_distinct"),
         "chair_recall": m.get("recall") if run["benchmark"] == "chair" else None,
         "len": m.get("len"),
         "visual_tokens": perf.get("visual_tokens"),
@@ -106,7 +107,8 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 POPE_VIEW = ("run_id", "model", "split", "method", "n_samples", "accuracy", "f1", "yes_ratio", "visual_tokens_kept", "prefill_ms")
 LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "n_samples", "accuracy", "ctr", "sycophancy", "over_correction")
-CHAIR_VIEW = ("run_id", "model", "variant", "method", "n_samples", "chair_s", "chair_i", "chair_recall", "len", "visual_tokens_kept")
+CHAIR_VIEW = ("run_id", "model", "variant", "method", "n_samples", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len",
+              "visual_tokens_kept")
 
 
 def text_report(rows: list[dict[str, Any]]) -> str:

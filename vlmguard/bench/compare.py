@@ -1,0 +1,222 @@
+"""Runs against a baseline run of the same benchmark, with paired bootstrap confidence intervals.
+
+Two runs on the same questions differ by the method and by which questions happened to be asked: on 500
+images a CHAIR_i of 7.3% rests on about 150 hallucinated mentions, and a method's "-13%" may be chance.
+This module puts an interval on every change. For each group of comparable runs (same benchmark, model,
+dataset version, split, variant, question file and prompt) it pairs every run with the group's baseline
+sample by sample (``sample_key``) and resamples *images* with replacement, the same images for both runs
+(a paired percentile bootstrap): an image's POPE questions move together, since they share one picture and
+one reading of it, and so do a caption's mentions.
+
+Statistics (the same definitions as the stored metrics, ``chair_score.aggregate`` and ``pope_metrics``):
+
+- CHAIR: ``chair_i`` (hallucinated mentions / mentions, a ratio of sums), ``chair_s`` (captions with a
+  hallucination / captions) and ``chair_i_distinct`` (each object once per caption, so that a method that
+  only repeats itself less does not pass for one that names fewer absent objects), each as a relative
+  change against the baseline (``-0.2`` = 20% fewer);
+- POPE: ``accuracy`` as a change in points, and ``accuracy_retained`` (method / baseline, what the pruning
+  issue's "keeps 90% of the unpruned accuracy" asks) as a ratio.
+
+``vlmguard compare --db DB [--baseline LABEL]`` prints them; labels are the report's method labels
+(``base``, ``vcd``, ``flowcut@16``, ``m3id[beta=0.1,gate=False]``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from vlmguard.bench.db import list_runs, run_samples
+from vlmguard.bench.report import method_label
+from vlmguard.errors import InvalidInput
+
+# what makes two runs answer the same task (the method columns are what may differ)
+TASK_KEYS = ("benchmark", "model", "dataset", "dataset_version", "split", "variant", "question_sha256",
+             "prompt_preset", "prompt", "image_list", "max_new_tokens", "drop_incomplete")
+BENCHMARKS = ("chair", "pope")
+
+
+@dataclass
+class Comparison:
+    """One metric of one run against its group's baseline run."""
+
+    benchmark: str
+    split: str | None
+    variant: str | None
+    method: str
+    baseline: str
+    run_id: str
+    baseline_run_id: str
+    metric: str  # chair_i | chair_s | accuracy | accuracy_retained
+    kind: str  # relative (value / baseline - 1) | points (value - baseline) | ratio (value / baseline)
+    baseline_value: float
+    value: float
+    change: float
+    ci_low: float
+    ci_high: float
+    images: int  # resampled units (paired images)
+    samples: int  # paired samples (questions or captions)
+    confidence: float
+
+    @property
+    def split_label(self) -> str:
+        """``random`` (POPE), ``test chair512`` (CHAIR: image split and preset)."""
+        parts = [self.split or ""]
+        if self.variant and self.variant != self.split:
+            parts.append(self.variant)
+        return " ".join(p for p in parts if p)
+
+    @property
+    def excludes_no_change(self) -> bool:
+        """The interval lies on one side of "no change" (0 for a difference, 1 for a ratio)."""
+        null = 1.0 if self.kind == "ratio" else 0.0
+        return self.ci_low > null or self.ci_high < null
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "excludes_no_change": self.excludes_no_change}
+
+
+def _task(run: dict[str, Any]) -> tuple:
+    return tuple(run.get(k) for k in TASK_KEYS)
+
+
+def _unit_sums(samples: list[dict[str, Any]], benchmark: str) -> dict[str, dict[str, np.ndarray | Any]]:
+    """Per sample key: the image it belongs to and the counts its metrics sum."""
+    out = {}
+    for s in samples:
+        if benchmark == "chair":
+            rec = s["record"]
+            c = rec["counts"]
+            distinct = len(set(rec["mscoco_generated_words"]))
+            distinct_halluc = len({cat for _, cat in rec["mscoco_hallucinated_words"]})
+            counts = (c["mentions"], c["hallucinated"], 1 if c["hallucinated"] else 0, 1, distinct, distinct_halluc)
+        else:  # pope: unknown answers count as wrong, as in pope_metrics
+            counts = (1 if s["prediction"] == s["label"] else 0, 1)
+        out[s["sample_key"]] = (s.get("image") or s["sample_key"], counts)
+    return out
+
+
+def _paired_units(base: dict, other: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """Counts summed per image over the sample keys both runs hold: arrays (images x counts) for each run."""
+    keys = sorted(set(base) & set(other))
+    images: dict[str, int] = {}
+    for k in keys:
+        images.setdefault(base[k][0], len(images))
+    width = len(base[keys[0]][1]) if keys else 0
+    a = np.zeros((len(images), width))
+    b = np.zeros((len(images), width))
+    for k in keys:
+        i = images[base[k][0]]
+        a[i] += base[k][1]
+        b[i] += other[k][1]
+    return a, b, len(keys)
+
+
+def _stats(sums: np.ndarray, benchmark: str) -> dict[str, np.ndarray]:
+    """Metrics from counts summed over images (last axis = counts); NaN where a denominator is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if benchmark == "chair":
+            return {"chair_i": 100.0 * sums[..., 1] / sums[..., 0], "chair_s": 100.0 * sums[..., 2] / sums[..., 3],
+                    "chair_i_distinct": 100.0 * sums[..., 5] / sums[..., 4]}
+        return {"accuracy": 100.0 * sums[..., 0] / sums[..., 1]}
+
+
+def _changes(base: dict[str, np.ndarray], other: dict[str, np.ndarray], benchmark: str):
+    """(metric, kind, baseline, value, change) for each reported metric; arrays broadcast over resamples."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if benchmark == "chair":
+            for m in ("chair_i", "chair_s", "chair_i_distinct"):
+                yield m, "relative", base[m], other[m], other[m] / base[m] - 1.0
+        else:
+            b, o = base["accuracy"], other["accuracy"]
+            yield "accuracy", "points", b, o, o - b
+            yield "accuracy_retained", "ratio", b, o, o / b
+
+
+def compare_pair(base_samples: list[dict[str, Any]], samples: list[dict[str, Any]], benchmark: str, *,
+                 n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> list[dict[str, Any]]:
+    """Point estimates and paired bootstrap intervals of one run against a baseline run."""
+    if benchmark not in BENCHMARKS:
+        raise InvalidInput(f"cannot compare {benchmark!r} runs (supported: {', '.join(BENCHMARKS)})")
+    a, b, n_samples = _paired_units(_unit_sums(base_samples, benchmark), _unit_sums(samples, benchmark))
+    if len(a) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    point = _changes(_stats(a.sum(0), benchmark), _stats(b.sum(0), benchmark), benchmark)
+    boot = _changes(_stats(a[idx].sum(1), benchmark), _stats(b[idx].sum(1), benchmark), benchmark)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    out = []
+    for (metric, kind, bv, v, change), (_, _, _, _, draws) in zip(point, boot):
+        draws = draws[np.isfinite(draws)]
+        lo, hi = np.percentile(draws, [tail, 100.0 - tail]) if len(draws) else (np.nan, np.nan)
+        out.append(dict(metric=metric, kind=kind, baseline_value=float(bv), value=float(v), change=float(change),
+                        ci_low=float(lo), ci_high=float(hi), images=len(a), samples=n_samples))
+    return out
+
+
+def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = None, n_boot: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> list[Comparison]:
+    """Every finished POPE / CHAIR run against the run labelled ``baseline`` of its group."""
+    if not 0.5 <= confidence < 1.0:
+        raise InvalidInput(f"confidence must be in [0.5, 1), got {confidence}")
+    if n_boot < 100:
+        raise InvalidInput(f"--boot must be at least 100, got {n_boot}")
+    runs = [r for r in list_runs(db, with_metrics=False)
+            if r["status"] == "finished" and r["benchmark"] in BENCHMARKS
+            and (benchmark is None or r["benchmark"] == benchmark)]
+    if not runs:
+        what = f"{benchmark} runs" if benchmark else "POPE or CHAIR runs"
+        raise InvalidInput(f"{db}: no finished {what} to compare")
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in reversed(runs):  # oldest first, so a group's order is the order the runs were made
+        groups[_task(r)].append(r)
+    out: list[Comparison] = []
+    found = False
+    for members in groups.values():
+        bases = [r for r in members if method_label(r) == baseline]
+        if not bases:
+            continue
+        found = True
+        base = bases[-1]  # the newest run under that label
+        base_samples = run_samples(db, base["run_id"])
+        for r in members:
+            if r["run_id"] == base["run_id"]:
+                continue
+            rows = compare_pair(base_samples, run_samples(db, r["run_id"]), r["benchmark"], n_boot=n_boot,
+                                confidence=confidence, seed=seed)
+            for row in rows:
+                out.append(Comparison(benchmark=r["benchmark"], split=r.get("split"), variant=r.get("variant"),
+                                      method=method_label(r), baseline=baseline, run_id=r["run_id"],
+                                      baseline_run_id=base["run_id"], confidence=confidence, **row))
+    if not found:
+        labels = sorted({method_label(r) for r in runs})
+        raise InvalidInput(f"no run labelled {baseline!r} to compare against; labels in {db}: {', '.join(labels)}")
+    return out
+
+
+def _fmt_change(kind: str, v: float) -> str:
+    if not np.isfinite(v):
+        return "-"
+    if kind == "relative":
+        return f"{100.0 * v:+.1f}%"
+    if kind == "points":
+        return f"{v:+.2f}"
+    return f"{100.0 * v:.1f}%"
+
+
+def format_comparisons(rows: list[Comparison]) -> str:
+    """A markdown table; ``*`` marks an interval that excludes "no change"."""
+    if not rows:
+        return "(no run shares its questions with a baseline run)"
+    conf = f"{100 * rows[0].confidence:g}% CI"
+    lines = [f"| benchmark | split | method | metric | {rows[0].baseline} | value | change | {conf} | images |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        mark = " *" if c.excludes_no_change else ""
+        ci = f"[{_fmt_change(c.kind, c.ci_low)}, {_fmt_change(c.kind, c.ci_high)}]"
+        lines.append(f"| {c.benchmark} | {c.split_label} | {c.method} | {c.metric} | {c.baseline_value:.2f} | {c.value:.2f} | "
+                     f"{_fmt_change(c.kind, c.change)}{mark} | {ci} | {c.images} |")
+    return "\n".join(lines)
