@@ -148,7 +148,9 @@ def test_cli_compares_real_runs_of_the_bundled_model(tmp_path: Path, capsys):
     runs = [json.loads(x) for x in lines if x.startswith("{")]
     stored = {r["runs"][0]["run_id"]: r["runs"][0]["metrics"] for r in runs}
     assert main(["compare", "--db", str(db), "--json", "--boot", "300"]) == 0
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["baseline"] == "base" and out["boot"] == 300 and out["confidence"] == 0.95
+    rows = out["comparisons"]
     assert {r["metric"] for r in rows} == {"chair_i", "chair_s", "chair_i_distinct"} and {r["method"] for r in rows} == {"m3id[gate=False]"}
     ci = next(r for r in rows if r["metric"] == "chair_i")
     assert ci["images"] == 12 and ci["value"] == pytest.approx(stored[ci["run_id"]]["chair_i"])

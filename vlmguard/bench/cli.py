@@ -385,7 +385,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = compare_runs(args.db, args.baseline, benchmark=args.benchmark, n_boot=args.boot,
                         confidence=args.confidence, seed=args.seed)
     if args.json:
-        _print_json([r.to_dict() for r in rows])
+        _print_json({"db": str(args.db), "baseline": args.baseline, "confidence": args.confidence, "boot": args.boot,
+                     "seed": args.seed, "comparisons": [r.to_dict() for r in rows]})
     else:
         print(format_comparisons(rows))
     return 0
