@@ -82,7 +82,7 @@ def _task(run: dict[str, Any]) -> tuple:
     return tuple(run.get(k) for k in TASK_KEYS)
 
 
-def _unit_sums(samples: list[dict[str, Any]], benchmark: str) -> dict[str, dict[str, np.ndarray | Any]]:
+def _unit_sums(samples: list[dict[str, Any]], benchmark: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Per sample key: the image it belongs to and the counts its metrics sum."""
     out = {}
     for s in samples:
