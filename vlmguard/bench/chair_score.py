@@ -80,14 +80,21 @@ def score_caption(
     }
 
 
+def distinct_counts(record: dict[str, Any]) -> tuple[int, int]:
+    """(distinct categories a caption mentions, distinct hallucinated ones) of one caption record."""
+    return (len(set(record["mscoco_generated_words"])),
+            len({cat for _, cat in record["mscoco_hallucinated_words"]}))
+
+
 def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     n = mentions = halluc = gt = recalled = tokens = halluc_caps = 0
     distinct = distinct_halluc = 0
     for r in records:
         c = r["counts"]
         n += 1
-        distinct += len(set(r["mscoco_generated_words"]))
-        distinct_halluc += len({cat for _, cat in r["mscoco_hallucinated_words"]})
+        d, dh = distinct_counts(r)
+        distinct += d
+        distinct_halluc += dh
         mentions += c["mentions"]
         halluc += c["hallucinated"]
         gt += c["gt"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmguard.bench.chair_score import distinct_counts
 from vlmguard.bench.db import list_runs, run_samples
 from vlmguard.bench.report import method_label
 from vlmguard.errors import InvalidInput
@@ -87,11 +88,8 @@ def _unit_sums(samples: list[dict[str, Any]], benchmark: str) -> dict[str, tuple
     out = {}
     for s in samples:
         if benchmark == "chair":
-            rec = s["record"]
-            c = rec["counts"]
-            distinct = len(set(rec["mscoco_generated_words"]))
-            distinct_halluc = len({cat for _, cat in rec["mscoco_hallucinated_words"]})
-            counts = (c["mentions"], c["hallucinated"], 1 if c["hallucinated"] else 0, 1, distinct, distinct_halluc)
+            c = s["record"]["counts"]
+            counts = (c["mentions"], c["hallucinated"], 1 if c["hallucinated"] else 0, 1, *distinct_counts(s["record"]))
         else:  # pope: unknown answers count as wrong, as in pope_metrics
             counts = (1 if s["prediction"] == s["label"] else 0, 1)
         out[s["sample_key"]] = (s.get("image") or s["sample_key"], counts)
