@@ -20,11 +20,13 @@ Stage L keeps the positions layers 0-1 saw (original-position "preserve" rule, a
 renumbers layers >= 2 contiguously and gives each layer group its own decode position, which a single
 rotary position per decode step cannot express; documented deviation.
 
-Qwen2-VL: stage L only (the reference's Qwen ViT stage, 2K merged tokens inside the windowed ViT, is not
-implemented); the cut at layer 1 goes straight to K.
+Qwen2-VL: stage V inside its native-resolution ViT keeps ``qwen_vit_keep`` x K merged tokens per image (the
+reference's 2K; whole merge blocks, :mod:`vlmguard.pruning.flowcut_qwen_vision`), then stage L cuts to K;
+``qwen_vit_keep = 0`` leaves the tower alone (stage L only).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
 from vlmguard.pruning.base import PruneContext, Pruner
+from vlmguard.pruning.flowcut_qwen_vision import run_stage_v_qwen
 from vlmguard.pruning.flowcut_vision import run_stage_v, selected_layer
 from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (keep_mask_from_positions, last_query_rows, record_stage, report_position_scores,
@@ -52,6 +55,8 @@ class FlowCutParams(BaseModel):
                                                               "(the reference's max-over-batch)")
     position_mode: Literal["compact", "original"] = Field(
         "compact", description="positions of the tokens kept by stage V: contiguous (reference) or original")
+    qwen_vit_keep: float = Field(2.0, ge=0.0, description="Qwen2-VL: merged tokens the ViT keeps per image, as a "
+                                                           "multiple of its share of K (0: no ViT stage)")
 
 
 def split_budget(total: int, parts: int) -> list[int]:
@@ -89,7 +94,7 @@ class FlowCutPruner(Pruner):
     def check_budget(self, ctx: PruneContext) -> None:
         super().check_budget(ctx)
         fam = ctx.adapter.family
-        if fam in CLIP_FAMILIES:
+        if fam in CLIP_FAMILIES or self._qwen_stage_v(ctx):
             n_imgs = self._images_per_row(ctx)
             for r, n in enumerate(ctx.n_visual):
                 if n and self.keep_count(n) < n_imgs[r]:
@@ -106,18 +111,33 @@ class FlowCutPruner(Pruner):
             counts[r] += 1
         return counts
 
+    def _qwen_stage_v(self, ctx: PruneContext) -> bool:
+        return ctx.adapter.family == "qwen2_vl" and self.params.qwen_vit_keep > 0
+
     # ---- stage V -----------------------------------------------------------------------------
     def prune_images(self, ctx: PruneContext):
         ad, batch = ctx.adapter, ctx.batch
         n_rows = batch.input_ids.shape[0]
-        if ad.family not in CLIP_FAMILIES:  # Qwen2-VL: stage L only
+        if ad.family not in CLIP_FAMILIES and not self._qwen_stage_v(ctx):  # stage L only
             return ad.image_features(batch), [None] * n_rows
         budgets = [self.keep_count(n) if n else 0 for n in ctx.n_visual]
+        if ad.family == "qwen2_vl":
+            return self._stage_v_qwen(ctx, budgets)
         if all(not n or budgets[r] >= n for r, n in enumerate(ctx.n_visual)):
             return ad.image_features(batch), [None] * n_rows  # nothing to cut: the exact unpruned path
         if ad.family == "llava":
             return self._stage_v_llava(ctx, budgets)
         return self._stage_v_next(ctx, budgets)
+
+    def _image_shares(self, ctx: PruneContext, budgets: list[int]) -> list[int]:
+        """Each image's share of its row's budget (a row's images split it as evenly as possible)."""
+        n_imgs = self._images_per_row(ctx)
+        shares: list[int] = []
+        seen: dict[int, int] = {}
+        for r in ctx.batch.rows_with_images:
+            shares.append(split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)])
+            seen[r] = seen.get(r, 0) + 1
+        return shares
 
     def _tower_setup(self, ctx: PruneContext):
         ad = ctx.adapter
@@ -133,12 +153,8 @@ class FlowCutPruner(Pruner):
         rows = batch.rows_with_images
         n_imgs = self._images_per_row(ctx)
         per_img_tokens = [ctx.n_visual[r] // n_imgs[r] for r in rows]
-        targets: list[int] = []
-        seen: dict[int, int] = {}
-        for j, r in enumerate(rows):
-            share = split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)]
-            seen[r] = seen.get(r, 0) + 1
-            targets.append(max(share - 1, 0) if keep_cls else share)  # "full": CLS takes one slot
+        # "full": CLS takes one slot
+        targets = [max(share - 1, 0) if keep_cls else share for share in self._image_shares(ctx, budgets)]
         groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
         res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
         feats: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
@@ -172,12 +188,8 @@ class FlowCutPruner(Pruner):
         sizes = batch.vision_inputs["image_sizes"]
         pv, n_crops = ad.crops(batch)
         rows = batch.rows_with_images
-        n_imgs = self._images_per_row(ctx)
         targets, groups, crop_img = [], [], []
-        seen: dict[int, int] = {}
-        for j, r in enumerate(rows):
-            share = split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)]
-            seen[r] = seen.get(r, 0) + 1
+        for j, share in enumerate(self._image_shares(ctx, budgets)):
             for _ in range(n_crops[j]):
                 targets.append(max(share // 2, 1))
                 groups.append(0 if self.params.reference_batch_coupling else j)
@@ -213,6 +225,32 @@ class FlowCutPruner(Pruner):
         out_f = [torch.cat([f for f, _ in fs]) if fs else None for fs in feats]
         out_k = [torch.cat([k for _, k in fs]) if fs else None for fs in feats]
         return out_f, out_k
+
+    def _stage_v_qwen(self, ctx: PruneContext, budgets: list[int]):
+        ad, batch = ctx.adapter, ctx.batch
+        grid = batch.vision_inputs["image_grid_thw"]
+        m2 = int(ad.vision_tower.spatial_merge_size) ** 2
+        merged = [int(t * h * w) // m2 for t, h, w in grid.tolist()]
+        targets = [min(n, max(1, math.ceil(self.params.qwen_vit_keep * share)))
+                   for n, share in zip(merged, self._image_shares(ctx, budgets))]
+        if targets == merged:  # nothing to cut inside the tower: the exact unpruned path
+            return ad.image_features(batch), [None] * batch.input_ids.shape[0]
+        rows = batch.rows_with_images
+        groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
+        pv = batch.vision_inputs["pixel_values"].to(ad.model.device)
+        res = run_stage_v_qwen(ad.vision_tower, pv, grid, targets, groups, self.params.history,
+                               self.params.prune_every)
+        n_rows = len(ctx.n_visual)
+        feats: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+        kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+        offset = [0] * n_rows
+        for j, r in enumerate(rows):  # a row that lost blocks here always gets stage L's cut (and heatmap) too
+            feats[r].append(res.features[j])
+            kept[r].append(res.kept[j] + offset[r])
+            offset[r] += merged[j]
+        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
+        ctx.report["flowcut_vit_events"] = res.events
+        return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     @staticmethod
     def _pack_indices(model, n_crops: int, g2: int, size) -> torch.Tensor:

@@ -52,3 +52,20 @@ def test_decoder_composes_with_pruner(decoder, pruner, monkeypatch):
             assert len(out.kept_indices) == out.visual_tokens // 2
     for step in seen:  # every branch produced finite logits for every request
         assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in step.values())
+
+
+@pytest.mark.parametrize("decoder", list(DECODER_PARAMS))
+def test_decoder_composes_with_flowcut_on_qwen2_vl(decoder):
+    """Qwen2-VL: FlowCut's ViT stage (whole merge blocks, per image view) and its layer-1 cut under every
+    decoder's branches; the main rows get exactly K tokens from LLM layer 2 on."""
+    from vlmguard.testing import tiny_engine as engine_of
+
+    eng = engine_of("qwen2_vl")
+    reqs = [Request("Is there a dog in the image?", [random_image(1, (64, 64))]),
+            Request("describe the photo", [random_image(2, (64, 48))])]
+    spec = GenerationSpec(pruning="flowcut", budget=3, decoding=decoder, decoding_params=DECODER_PARAMS[decoder],
+                          max_new_tokens=3)
+    for out in eng.generate(reqs, spec):
+        assert len(out.token_ids) == 3 and out.decoding["applied"] == [True, True]
+        assert out.visual_tokens_kept[0] == 6 and out.visual_tokens_kept[2:] == [3] * (len(out.visual_tokens_kept) - 2)
+        assert out.pruning["flowcut_vit_tokens_per_layer"] and len(out.kept_indices) == 3

@@ -48,18 +48,25 @@ class ScoreRequest:
                  (bidirectional encoders such as the vision tower).
     per_head:    keep heads separate (B, H, Q, K); else average over heads (B, Q, K).
     want_values: also record the value vectors (B, H_kv, K, d).
+    query_mean:  instead of rows, one query per sequence: the mean of all its queries (FlowCut's "global
+                 token" for towers without a CLS token), over all its keys, no mask. Each sequence the
+                 module attends over (a batch row, or each ``cu_seq_lens`` segment of a packed varlen call;
+                 Qwen2-VL's tower without FlashAttention calls the function once per image) appends
+                 (probs (1 or B, H, 1, K), values or None) to ``parts``, in call order.
     """
 
-    query_index: torch.Tensor
+    query_index: torch.Tensor | None
     key_mask: torch.Tensor | None = None
     query_pos: torch.Tensor | None = None
     per_head: bool = True
     want_values: bool = False
     want_keys: bool = False
+    query_mean: bool = False
     # filled by the attention function
     probs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     calls: int = field(default=0)
 
 
@@ -116,6 +123,20 @@ def compute_score_slice(
     return torch.nan_to_num(probs, nan=0.0)
 
 
+def record_mean_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                      req: ScoreRequest, cu_seq_lens: torch.Tensor | None) -> None:
+    """``query_mean`` requests: per sequence, softmax(mean(q) k^T * scaling) in fp32 (and the values)."""
+    if cu_seq_lens is None:
+        seqs = [(query, key, value)]
+    else:  # a packed varlen call (B = 1): one sequence per segment
+        lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
+        seqs = list(zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value))))
+    for q, k, v in seqs:
+        q_mean = q.float().mean(dim=2, keepdim=True)
+        probs = torch.softmax((q_mean @ k.float().transpose(-1, -2)) * scaling, dim=-1)
+        req.parts.append((probs, v.detach() if req.want_values else None))
+
+
 def _make_attention(base_name: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -130,12 +151,15 @@ def _make_attention(base_name: str) -> Callable:
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-            probs = compute_score_slice(module, query, key, scaling, req)
-            req.probs = probs if req.per_head else probs.mean(dim=1)
-            if req.want_values:
-                req.values = value.detach()
-            if req.want_keys:
-                req.keys = key.detach()
+            if req.query_mean:
+                record_mean_query(query, key, value, scaling, req, kwargs.get("cu_seq_lens_q"))
+            else:
+                probs = compute_score_slice(module, query, key, scaling, req)
+                req.probs = probs if req.per_head else probs.mean(dim=1)
+                if req.want_values:
+                    req.values = value.detach()
+                if req.want_keys:
+                    req.keys = key.detach()
             req.calls += 1
         return base(module, query, key, value, attention_mask, *args, **kwargs)
 

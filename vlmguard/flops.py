@@ -33,7 +33,8 @@ tokens, plus the patch embedding on P patches of C x p x p pixels (Qwen2-VL: C x
 Unpruned LLaVA runs the encoder layers up to the one it selects (``vision_feature_layer``, -2: all but the
 last; ``vlmguard/models/vision_tower.py``); FlowCut runs the same layers with the shrinking counts it
 reports (``flowcut_vit_tokens_per_layer``). Qwen2-VL's tower runs every layer on all raw patches
-(merged visual tokens x merge^2).
+(merged visual tokens x merge^2), or, under FlowCut, on the raw patches of the merge blocks it still holds
+(the same report); its merger then runs on the kept blocks only.
 """
 from __future__ import annotations
 
@@ -199,8 +200,7 @@ def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillF
         passes = [mean] * n_passes
     elif family == "llava_next":  # crops per image ~ visual tokens / tokens per crop (base + grid)
         n_passes = max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1)))
-    # LLaVA: the projector sees what the vision side kept (what reached LLM layer 0); Qwen2-VL's merger
-    # runs on every merged token before any LLM-side cut
-    projected = n_visual if family == "qwen2_vl" else (row[1][0] if row[1] else n_visual)
+    # the projector (Qwen2-VL: the merger) runs on what the vision side kept, what reached LLM layer 0
+    projected = row[1][0] if row[1] else n_visual
     return batch_prefill_flops(config, family, [row], n_passes=n_passes, n_visual_total=n_visual,
                                vit_passes=passes, projected_tokens=projected, conv=conv)

@@ -106,7 +106,7 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
     return model, proc
 
 
-def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
+def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", vision_depth: int = 2, max_side: int = 64):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -122,7 +122,7 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8,
+        vision_config=dict(depth=vision_depth, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -132,7 +132,7 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     ip = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
-                                  max_pixels=64 * 64)
+                                  max_pixels=max_side * max_side)
     proc = ImageTextProcessor(tok, ip, chat_template=QWEN_TEMPLATE)
     model.set_attn_implementation(attn)
     return model, proc

@@ -1,0 +1,229 @@
+"""FlowCut's stage V inside Qwen2-VL's ViT (merge blocks, global-query score, per-image schedules)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+from vlmguard.attention import ScoreRequest, score_probe
+from vlmguard.engine import Engine, Request
+from vlmguard.errors import InvalidInput
+from vlmguard.flops import result_flops
+from vlmguard.pruning.flowcut_qwen_vision import block_major_positions, global_query_scores, run_stage_v_qwen
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine, tiny_qwen2_vl
+
+DEEP = 8  # tower layers; with every = 2 the cuts come after layers 1, 3, 5 and the forced one after 7
+
+
+@lru_cache(maxsize=1)
+def deep_qwen_engine() -> Engine:
+    """A tiny Qwen2-VL with an 8-layer tower, images up to 12 x 12 patches (36 merged tokens), and sharpened
+    random attention: larger q/k weights and a large query bias give the mean ("global") query a direction,
+    so its entropy ratio falls below 1 and the schedule cuts before the forced last cut (random inits give
+    uniform attention)."""
+    model, proc = tiny_qwen2_vl(vision_depth=DEEP, max_side=96)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for blk in model.model.visual.blocks:
+            d = blk.attn.qkv.in_features
+            blk.attn.qkv.weight[: 2 * d].mul_(6.0)
+            blk.attn.qkv.bias[:d] = 3.0 * torch.randn(d, generator=gen)
+    return Engine(model, proc, name="deep-qwen")
+
+
+def vision_inputs(eng: Engine, images):
+    batch = eng.adapter.encode(eng._prompts([Request("x", [im]) for im in images]))
+    return batch.vision_inputs["pixel_values"], batch.vision_inputs["image_grid_thw"]
+
+
+def merged_counts(grid: torch.Tensor) -> list[int]:
+    return [int(t * h * w) // 4 for t, h, w in grid.tolist()]
+
+
+def test_unpruned_run_is_the_towers_own_forward_bit_for_bit():
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    pv, grid = vision_inputs(eng, [random_image(1, (96, 80)), random_image(2, (48, 96))])
+    res = run_stage_v_qwen(visual, pv, grid, merged_counts(grid), [0, 1])
+    with torch.no_grad():
+        ref = visual(pv, grid_thw=grid).pooler_output
+    assert torch.equal(torch.cat(res.features), ref)
+    assert all(not ev for ev in res.events)
+    assert [k.tolist() for k in res.kept] == [list(range(n)) for n in merged_counts(grid)]
+
+
+def manual_scores(blk, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: list[int]):
+    """Per image (a, S) recomputed from the block's own modules: qkv of norm1(h), transformers' vision RoPE,
+    the mean query per head, a = head mean of softmax(q_g k / sqrt(d)), S = a * ||head-mean v||_1."""
+    with torch.no_grad():
+        qkv = blk.attn.qkv(blk.norm1(h)).view(h.shape[0], 3, blk.attn.num_heads, -1)
+        q, k = apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
+        out = []
+        for s0, s1 in zip(bounds, bounds[1:]):
+            qi, ki, vi = q[s0:s1], k[s0:s1], qkv[s0:s1, 2]
+            heads = [torch.softmax(ki[:, j] @ qi[:, j].mean(dim=0) * blk.attn.scaling, dim=0)
+                     for j in range(qi.shape[1])]
+            a = torch.stack(heads).mean(dim=0)
+            out.append((a, a * vi.mean(dim=1).abs().sum(dim=-1)))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["vlmguard_sdpa", "vlmguard_eager"])
+def test_the_facilitys_mean_query_scores_equal_a_recomputation(attn):
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    pv, grid = vision_inputs(eng, [random_image(1, (96, 80)), random_image(2, (48, 96))])
+    eng.model.set_attn_implementation(attn)
+    try:
+        with torch.no_grad():
+            h = visual.patch_embed(pv)
+            cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid, 2))
+            counts = [int(t * hh * w) for t, hh, w in grid.tolist()]
+            bounds = [0, counts[0], sum(counts)]
+            cu = torch.tensor(bounds, dtype=torch.int32)
+            blk = visual.blocks[0]
+            req = ScoreRequest(query_index=None, query_mean=True, want_values=True)
+            with score_probe(blk.attn, req):
+                blk(h, cu_seqlens=cu, position_embeddings=(cos, sin), max_seqlen=max(counts))
+    finally:
+        eng.model.set_attn_implementation("vlmguard_sdpa")
+    assert len(req.parts) == 2 and req.calls >= 1
+    for (probs, values), (a_ref, s_ref), n in zip(req.parts, manual_scores(blk, h, cos, sin, bounds), counts):
+        assert probs.shape == (1, blk.attn.num_heads, 1, n)
+        a, s = global_query_scores(probs, values)
+        assert torch.allclose(a, a_ref, atol=1e-6) and abs(float(a.sum()) - 1) < 1e-5
+        assert torch.allclose(s, s_ref, atol=1e-5)
+
+
+def test_mean_query_records_split_a_packed_varlen_call():
+    """FlashAttention's path: one call over the packed images with cu_seq_lens; one record per segment."""
+    from vlmguard.attention import record_mean_query
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    req = ScoreRequest(query_index=None, query_mean=True, want_values=True)
+    record_mean_query(q, k, v, 0.5, req, torch.tensor([0, 6, 10], dtype=torch.int32))
+    assert [p.shape[-1] for p, _ in req.parts] == [6, 4]
+    ref = torch.softmax(q[:, :, 6:].mean(dim=2, keepdim=True) @ k[:, :, 6:].transpose(-1, -2) * 0.5, dim=-1)
+    assert torch.allclose(req.parts[1][0], ref) and torch.equal(req.parts[1][1], v[:, :, 6:])
+
+
+def test_block_major_positions_follow_the_merge_blocks():
+    pos = block_major_positions(torch.tensor([[1, 4, 6]]), 2)
+    assert pos[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # the first 2 x 2 block
+    assert pos[4:8].tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]  # the next block to its right
+    assert sorted(map(tuple, pos.tolist())) == [(r, c) for r in range(4) for c in range(6)]
+
+
+def test_selection_equals_an_independent_replay_of_the_blocks():
+    """Two-layer tower (the shipped tiny shape): layer 0 starts the running score, layer 1 is the forced cut.
+    Recompute q, k, v from each block's own modules and check the kept blocks are the top blocks of C."""
+    eng = tiny_engine("qwen2_vl")
+    visual = eng.adapter.vision_tower
+    pv, grid = vision_inputs(eng, [random_image(5, (64, 64))])
+    n = merged_counts(grid)[0]
+    res = run_stage_v_qwen(visual, pv, grid, [3], [0])
+    with torch.no_grad():
+        h = visual.patch_embed(pv)
+        cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid, 2))
+        cu = torch.tensor([0, h.shape[0]], dtype=torch.int32)
+        scores = []
+        for blk in visual.blocks:
+            scores.append(manual_scores(blk, h, cos, sin, [0, h.shape[0]])[0][1])
+            h = blk(h, cu_seqlens=cu, position_embeddings=(cos, sin))
+    c = 0.5 * scores[0] + 0.5 * scores[1]
+    top = sorted(torch.argsort(-c.view(n, 4).mean(dim=1), stable=True)[:3].tolist())
+    assert res.kept[0].tolist() == top and res.events == [[(1, 3)]]
+    assert res.tokens_per_layer == [[4 * n, 4 * n]]
+
+
+def test_stage_v_invariants_on_a_deep_tower():
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    images = [random_image(s, (96, 96)) for s in range(3)]
+    pv, grid = vision_inputs(eng, images)
+    n = merged_counts(grid)
+    assert n == [36] * 3
+    for t in (1, 4, 12, 30):
+        res = run_stage_v_qwen(visual, pv, grid, [t] * 3, [0, 1, 2])
+        for i in range(3):
+            counts = res.tokens_per_layer[i]
+            assert len(counts) == DEEP and counts[0] == 144 and all(c % 4 == 0 for c in counts)
+            assert all(b <= a for a, b in zip(counts, counts[1:]))
+            drops = [li for li in range(1, DEEP) if counts[li] < counts[li - 1]]
+            assert all(li - 1 in (1, 3, 5) for li in drops)  # cuts only after layers with L even
+            assert min(counts) >= 4 * t
+            assert res.features[i].shape == (t, eng.model.config.get_text_config().hidden_size)
+            kept = res.kept[i].tolist()
+            assert kept == sorted(set(kept)) and len(kept) == t and all(0 <= j < 36 for j in kept)
+            assert all(float(res.scores[i][j]) > 0 for j in kept)
+        if t <= 4:  # the sharpened attention prunes before the forced cut
+            assert any(ev[0] in (1, 3, 5) for evs in res.events for ev in evs)
+
+
+def test_batched_images_of_different_sizes_equal_each_alone_and_coupling_shares_counts():
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    images = [random_image(7, (96, 96)), random_image(8, (48, 96)), random_image(9, (80, 64))]
+    pv, grid = vision_inputs(eng, images)
+    batched = run_stage_v_qwen(visual, pv, grid, [5, 5, 5], [0, 1, 2])
+    for i, im in enumerate(images):
+        pv1, grid1 = vision_inputs(eng, [im])
+        alone = run_stage_v_qwen(visual, pv1, grid1, [5], [0])
+        assert torch.equal(alone.kept[0], batched.kept[i])
+        assert alone.tokens_per_layer[0] == batched.tokens_per_layer[i]
+        assert (alone.features[0] - batched.features[i]).abs().max().item() < 1e-5
+    same = [random_image(s, (96, 96)) for s in (20, 21)]
+    pv, grid = vision_inputs(eng, same)
+    coupled = run_stage_v_qwen(visual, pv, grid, [4, 4], [0, 0])
+    assert coupled.tokens_per_layer[0] == coupled.tokens_per_layer[1]
+
+
+def test_engine_request_through_both_stages():
+    eng = deep_qwen_engine()
+    reqs = [Request("Is there a dog in the image?", [random_image(s, (96, 96))]) for s in (1, 2)]
+    spec = GenerationSpec(pruning="flowcut", budget=5, max_new_tokens=3)
+    res = eng.generate(reqs, spec)
+    single = [eng.generate([r], spec)[0] for r in reqs]
+    n_layers = eng.adapter.num_layers
+    for b, s in zip(res, single):
+        assert b.visual_tokens == 36
+        assert b.visual_tokens_kept == [10, 10] + [5] * (n_layers - 2)  # ViT keeps 2K, layer 1 cuts to K
+        assert len(b.kept_indices) == 5 and b.kept_indices == s.kept_indices and b.token_ids == s.token_ids
+        vit = b.pruning["flowcut_vit_tokens_per_layer"]
+        assert vit[0][0] == 144 and vit[0][-1] >= 40
+    # qwen_vit_keep = 0: stage L only, the tower untouched
+    off = eng.generate(reqs[:1], GenerationSpec(pruning="flowcut", budget=5, max_new_tokens=3,
+                                                pruning_params={"qwen_vit_keep": 0}))[0]
+    assert off.visual_tokens_kept == [36, 36] + [5] * (n_layers - 2)
+    assert "flowcut_vit_tokens_per_layer" not in off.pruning
+    wide = eng.generate(reqs[:1], GenerationSpec(pruning="flowcut", budget=5, max_new_tokens=3,
+                                                 pruning_params={"qwen_vit_keep": 3.0}))[0]
+    assert wide.visual_tokens_kept[:2] == [15, 15]
+
+
+def test_multi_image_rows_and_budget_errors():
+    eng = deep_qwen_engine()
+    two = Request("compare", [random_image(3, (96, 96)), random_image(4, (48, 96))])
+    r = eng.generate([two], GenerationSpec(pruning="flowcut", budget=7, max_new_tokens=2))[0]
+    assert r.visual_tokens == 36 + 18
+    # the row's 7 are split 4 + 3; the ViT keeps 8 + 6 merged tokens, layer 1 cuts the row to 7
+    assert r.visual_tokens_kept[:3] == [14, 14, 7]
+    with pytest.raises(InvalidInput, match="below one token per image"):
+        eng.generate([two], GenerationSpec(pruning="flowcut", budget=1, max_new_tokens=2))
+    with pytest.raises(InvalidInput, match="qwen_vit_keep"):
+        GenerationSpec.build(pruning="flowcut", budget=4, pruning_params={"qwen_vit_keep": -1}).resolve()
+
+
+def test_flops_count_the_pruned_tower_and_the_merger_on_kept_blocks():
+    eng = deep_qwen_engine()
+    req = [Request("Is there a dog in the image?", [random_image(1, (96, 96))])]
+    cfg = eng.model.config
+    base = result_flops(cfg, eng.generate(req, GenerationSpec(max_new_tokens=1))[0])
+    r = eng.generate(req, GenerationSpec(pruning="flowcut", budget=3, max_new_tokens=1))[0]
+    flow = result_flops(cfg, r)
+    assert flow.vision < base.vision and flow.llm < base.llm
+    assert flow.projector == pytest.approx(base.projector * 6 / 36)  # the merger ran on 2K = 6 of 36 blocks
