@@ -95,8 +95,29 @@ def test_prefill_table_output(capsys):
     assert any(line.split()[0] == "random" for line in lines[3:])
 
 
+def test_prefill_methods_with_parameters_on_qwen2_vl():
+    """``NAME[KEY=VALUE;...]`` runs a method with its parameters as its own row: FlowCut on Qwen2-VL with and
+    without its ViT stage, the merger counted on what it ran on."""
+    data = run_json(["perf", "prefill", "--shape", "random:qwen2_vl", "--methods",
+                     "flowcut,flowcut[qwen_vit_keep=0;history=0.5]", "--budgets", "2", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1", "--quiet", "--json"])
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "flowcut", "flowcut[qwen_vit_keep=0;history=0.5]"}
+    with_v, without = rows["flowcut"], rows["flowcut[qwen_vit_keep=0;history=0.5]"]
+    assert without["params"] == {"qwen_vit_keep": 0, "history": 0.5} and with_v["params"] == {}
+    n = rows["none"]["visual_tokens"]
+    assert without["visual_tokens_per_layer"][:3] == [n, n, 2] and without["vit_tokens_per_layer"] is None
+    assert with_v["visual_tokens_per_layer"][:3] == [4, 4, 2] and with_v["vit_tokens_per_layer"]
+    assert without["flops"]["projector"] == rows["none"]["flops"]["projector"]
+    assert with_v["flops"]["projector"] == pytest.approx(rows["none"]["flops"]["projector"] * 4 / n)
+    assert [t["method"] for t in data["targets"]] == []  # targets are read at budget 64 only
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--methods", "none,nosuchmethod"], "nosuchmethod"),
+    (["--methods", "flowcut[qwen_vit_keep=-1]"], "qwen_vit_keep"),
+    (["--methods", "flowcut[qwen_vit_keep=0"], "expected NAME or NAME[KEY=VALUE;...]"),
+    (["--methods", "random[bogus=1]"], "bogus"),
     (["--budgets", "999"], "budget"),
     (["--shape", "no-such-shape"], "unknown shape"),
 ])

@@ -7,8 +7,9 @@
 # Installs the carried wheels and this checkout into /tmp/vlmguard-site, then runs the perf commands of
 # docs/performance.md on the full-width random-weight shapes in bf16 and writes each report to $OUT
 # (at most 8 files come back): prefill of llava-1.5-7b (SDPA, and FlashAttention-2 when flash_attn
-# imports; batch 1, and batch 8 at 64 tokens), prefill of llava-next-7b, and per-token decode of every
-# decoder at batch 1 and 8, and at batch 1 with FlowCut@64 composed. Every
+# imports; batch 1, and batch 8 at 64 tokens), prefill of llava-next-7b and of qwen2-vl-7b (FlowCut with
+# and without its ViT stage), and per-token decode of every decoder at batch 1 and 8, and at batch 1 with
+# FlowCut@64 composed. Every
 # command has its own time limit, so one that hangs or fails leaves the others' reports.
 #
 # Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
@@ -18,7 +19,7 @@ DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 SUFFIX=${SUFFIX:-}
 REPEATS=${REPEATS:-10}
-LIMIT=${LIMIT:-75}  # seconds per command: all seven fit the device tool's 600 s a call
+LIMIT=${LIMIT:-70}  # seconds per command: all eight fit the device tool's 600 s a call
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/vlmguard-site}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -65,6 +66,10 @@ step "prefill llava-next-7b$SUFFIX sdpa"
 timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-next-7b$SUFFIX" --attn sdpa "${common[@]}" \
   --methods none,flowcut,adaptinfer,fastv,random --budgets 640,320,160 \
   --out "$OUT/perf-prefill-llava-next-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+step "prefill qwen2-vl-7b$SUFFIX sdpa"
+timeout "$LIMIT" "${VG[@]}" perf prefill --shape "qwen2-vl-7b$SUFFIX" --attn sdpa "${common[@]}" \
+  --methods "none,flowcut,flowcut[qwen_vit_keep=0],adaptinfer,fastv,random" --budgets 85,57,28 \
+  --out "$OUT/perf-prefill-qwen2-vl-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
 step "decode llava-1.5-7b$SUFFIX sdpa"
 timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" --dtype "$DTYPE" \
   --decoders greedy,vcd,m3id,vista,iava,lqcd --batch 1,8 --new-tokens 32 --warmup 1 --repeats 3 --quiet \

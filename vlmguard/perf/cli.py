@@ -22,6 +22,22 @@ def _csv(kind):
     return parse
 
 
+def _method_list(text: str) -> list[str]:
+    """Comma-separated methods; a method may carry parameters, ``flowcut[qwen_vit_keep=0;history=0.5]``."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items = [t.strip() for t in items + [cur] if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items  # each one is parsed (with a one-line error for a bad one) by perf.prefill.parse_method
+
+
 def _budget(text: str) -> int | float:
     v = float(text)
     return int(v) if v.is_integer() and v >= 1 else v
@@ -66,7 +82,9 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("prefill", help="prefill time / TTFT per pruning method and budget vs the FLOP ideal")
     _common(p)
-    p.add_argument("--methods", type=_csv(str), default=["none", "flowcut", "adaptinfer", "fastv", "random"])
+    p.add_argument("--methods", type=_method_list, default=["none", "flowcut", "adaptinfer", "fastv", "random"],
+                   help="comma-separated pruning methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
+                        "(e.g. flowcut[qwen_vit_keep=0])")
     p.add_argument("--budgets", type=_csv(_budget), default=[192, 128, 64])
     p.add_argument("--batch", type=_positive, default=1)
     p.set_defaults(func=cmd_prefill)

@@ -9,6 +9,7 @@ each layer actually processed, the ratio achieved/ideal, peak memory and KV-cach
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,16 +18,34 @@ from vlmguard.models.base import Prompt
 from vlmguard.flops import HARDWARE, batch_prefill_flops
 from vlmguard.perf.models import PROMPT, bench_image, bench_requests, warm_threads
 from vlmguard.perf.timing import MemoryMeter, environment, kv_cache_bytes, median, ratio
-from vlmguard.spec import GenerationSpec
+from vlmguard.errors import InvalidInput
+from vlmguard.spec import GenerationSpec, parse_params
 
 @dataclass
 class Config:
     method: str
     budget: int | float | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The method with its parameters, as given (``flowcut[qwen_vit_keep=0]``)."""
+        if not self.params:
+            return self.method
+        return f"{self.method}[{';'.join(f'{k}={v}' for k, v in self.params.items())}]"
 
     @property
     def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name[key=value;key=value]`` (values read as JSON when they parse) -> (name, params)."""
+    m = re.fullmatch(r"\s*([\w-]+)\s*(?:\[(.*)\])?\s*", text)
+    if not m:
+        raise InvalidInput(f"bad method {text!r}: expected NAME or NAME[KEY=VALUE;...]")
+    params = parse_params([p for p in (m.group(2) or "").split(";") if p.strip()])
+    return m.group(1), params
 
 
 @dataclass
@@ -43,15 +62,17 @@ class Samples:
 
 def configs_for(methods: Sequence[str], budgets: Sequence[int | float]) -> list[Config]:
     out = [Config("none", None)]
-    for m in methods:
-        if m == "none":
+    for text in methods:
+        name, params = parse_method(text)
+        if name == "none":
             continue
-        out += [Config(m, b) for b in budgets]
+        out += [Config(name, b, params) for b in budgets]
     return out
 
 
 def _spec(cfg: Config) -> GenerationSpec:
-    return GenerationSpec.build(pruning=cfg.method, budget=cfg.budget, max_new_tokens=1, diagnostics=False)
+    return GenerationSpec.build(pruning=cfg.method, budget=cfg.budget, pruning_params=cfg.params,
+                                max_new_tokens=1, diagnostics=False)
 
 
 def _images_per_row(engine: Any) -> int:
@@ -76,8 +97,8 @@ def _flops(engine: Any, results: Sequence[Any], n_images: int, side: str) -> dic
     sched = _vit_schedule(results[0].pruning)
     n_visual = sum(r.visual_tokens for r in results)
     projected = None
-    if sched is not None or side == "vision":
-        projected = sum(len(r.kept_indices) if r.kept_indices is not None else r.visual_tokens for r in results)
+    if sched is not None or side == "vision":  # the projector (merger) ran on what reached LLM layer 0
+        projected = sum(r.visual_tokens_kept[0] if r.visual_tokens_kept else r.visual_tokens for r in results)
     rows = [(r.prompt_tokens - r.visual_tokens, r.visual_tokens_kept) for r in results]
     f = batch_prefill_flops(engine.model.config, engine.family, rows, n_passes=n_images * len(results),
                             n_visual_total=n_visual, vit_passes=sched, projected_tokens=projected, conv=HARDWARE)
@@ -89,10 +110,10 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
     from vlmguard.pruning import make_pruner
 
     configs = configs_for(methods, budgets)
-    for cfg in configs:  # validate names/budgets before spending time
+    sides = {}
+    for cfg in configs:  # validate names, parameters and budgets before spending time
         spec = _spec(cfg)
-        make_pruner(spec.pruning, spec.budget, spec.pruning_params)
-    sides = {cfg.method: make_pruner(cfg.method, cfg.budget, None).side for cfg in configs}
+        sides[cfg.method] = make_pruner(spec.pruning, spec.budget, spec.pruning_params).side
     requests = bench_requests(engine, batch, seed)
     n_images = _images_per_row(engine)
     warm_threads()
@@ -132,7 +153,8 @@ def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | flo
         speedup = ratio(base_prefill, median(s.prefill_s))
         ideal = ratio(base_flops["total"], fl["total"])
         rows.append({
-            "method": cfg.method,
+            "method": cfg.name,
+            "params": cfg.params,
             "budget": cfg.budget,
             "side": sides[cfg.method],
             "speedup": speedup,
