@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
+from vlmguard.errors import InvalidInput
 from vlmguard.synth import build_dataset
 from vlmguard.synth.pope import cooccurrence
 from vlmguard.synth.world import CATEGORIES, WorldParams
@@ -192,4 +193,24 @@ def test_scene_cue_is_recorded_and_validated(tmp_path: Path):
     assert json.loads((out / "manifest.json").read_text())["parameters"]["scene_cue"] == 0.25
     r = subprocess.run([sys.executable, "-m", "vlmguard.cli", "synth", "build", "--out", str(tmp_path / "x"),
                         "--scene-cue", "1.5"], capture_output=True, text=True)
-    assert r.returncode != 0 and "--scene-cue must be in [0, 1]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "scene_cue must be in [0.0, 1.0], got 1.5" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"min_objects": 0}, "min_objects <= max_objects"),
+    ({"max_objects": 4}, "object_count_weights must hold 4"),
+    ({"hidden_alpha": (0.3, 0.1)}, "hidden_alpha must be an ordered pair"),
+    ({"visible_size": (0, 10)}, "visible_size must be an ordered pair >= 1"),
+    ({"hidden_prob": 1.5}, "hidden_prob must be in [0.0, 1.0]"),
+    ({"pope_sample_num": 0}, "pope_sample_num >= 1"),
+])
+def test_world_parameters_are_validated(bad, message, tmp_path: Path):
+    with pytest.raises(InvalidInput) as err:
+        WorldParams(**bad)
+    assert message in str(err.value)
+    params = WorldParams()  # set after construction: build_dataset checks again, before writing anything
+    for k, v in bad.items():
+        setattr(params, k, v)
+    with pytest.raises(InvalidInput):
+        build_dataset(tmp_path / "w", seed=0, train=0, val=0, test=1, params=params)
+    assert not (tmp_path / "w").exists()

@@ -114,9 +114,10 @@ def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_CO
                   val: int = DEFAULT_COUNTS["val"], test: int = DEFAULT_COUNTS["test"],
                   params: WorldParams | None = None, progress: bool = False) -> Path:
     """Build SynthCOCO into ``out`` (created; existing files of the same names are overwritten)."""
+    params = params or WorldParams()
+    params.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    params = params or WorldParams()
     counts = {"train": train, "val": val, "test": test}
     for split in SPLITS:
         if counts[split] <= 0:

@@ -86,11 +86,7 @@ def _build(args: argparse.Namespace) -> int:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
-    params = WorldParams()
-    if args.scene_cue is not None:
-        if not 0.0 <= args.scene_cue <= 1.0:
-            raise InvalidInput(f"--scene-cue must be in [0, 1], got {args.scene_cue}")
-        params.scene_cue = args.scene_cue
+    params = WorldParams() if args.scene_cue is None else WorldParams(scene_cue=args.scene_cue)
     out = build_dataset(args.out, seed=args.seed, train=args.train, val=args.val, test=args.test,
                         params=params, progress=not args.json)
     summary = {"out": str(out), "seed": args.seed, "train": args.train, "val": args.val, "test": args.test}

@@ -115,6 +115,44 @@ class WorldParams:
     scene_cue: float = 1.0
     pope_sample_num: int = 3
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """One-line InvalidInput naming the first field out of range (checked again by ``build_dataset``, since
+        fields can be set after construction)."""
+        from vlmguard.errors import InvalidInput
+
+        def pair(name: str, lo: float, hi: float | None = None) -> None:
+            a, b = getattr(self, name)
+            if not (lo <= a <= b and (hi is None or b <= hi)):
+                top = "" if hi is None else f", at most {hi}"
+                raise InvalidInput(f"world parameter {name} must be an ordered pair >= {lo}{top}, got {(a, b)}")
+
+        def within(name: str, lo: float, hi: float) -> None:
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise InvalidInput(f"world parameter {name} must be in [{lo}, {hi}], got {v}")
+
+        if self.image_size < 16:
+            raise InvalidInput(f"world parameter image_size must be >= 16, got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise InvalidInput(f"world parameters need 1 <= min_objects <= max_objects, got "
+                               f"{self.min_objects} and {self.max_objects}")
+        weights = self.object_count_weights
+        if len(weights) != self.max_objects or any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise InvalidInput(f"world parameter object_count_weights must hold {self.max_objects} non-negative "
+                               f"weights (one per object count 1..max_objects), got {tuple(weights)}")
+        for name in ("hidden_prob", "hidden_prob_other", "min_alpha", "scene_cue"):
+            within(name, 0.0, 1.0)
+        pair("hidden_alpha", 0.0, 1.0)
+        pair("visible_alpha", 0.0, 1.0)
+        pair("hidden_size", 1)
+        pair("visible_size", 1)
+        if self.min_pixels < 0 or self.pope_sample_num < 1:
+            raise InvalidInput(f"world parameters need min_pixels >= 0 and pope_sample_num >= 1, got "
+                               f"{self.min_pixels} and {self.pope_sample_num}")
+
     def to_dict(self) -> dict:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
         if d["scene_cue"] == 1.0:  # the worlds built before the option existed: same manifest, same dataset version
