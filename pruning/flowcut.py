@@ -57,6 +57,9 @@ class FlowCutParams(BaseModel):
         "compact", description="positions of the tokens kept by stage V: contiguous (reference) or original")
     qwen_vit_keep: float = Field(2.0, ge=0.0, description="Qwen2-VL: merged tokens the ViT keeps per image, as a "
                                                            "multiple of its share of K (0: no ViT stage)")
+    qwen_vit_unit: Literal["block", "patch"] = Field(
+        "block", description="Qwen2-VL ViT cuts: whole merge blocks at their own positions (ours), or raw patches "
+                             "merged four consecutive survivors at a time at the first grid positions (reference)")
 
 
 def split_budget(total: int, parts: int) -> list[int]:
@@ -239,7 +242,7 @@ class FlowCutPruner(Pruner):
         groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
         pv = batch.vision_inputs["pixel_values"].to(ad.model.device)
         res = run_stage_v_qwen(ad.vision_tower, pv, grid, targets, groups, self.params.history,
-                               self.params.prune_every)
+                               self.params.prune_every, whole_blocks=self.params.qwen_vit_unit == "block")
         n_rows = len(ctx.n_visual)
         feats: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]

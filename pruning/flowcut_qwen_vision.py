@@ -21,12 +21,13 @@ query_mean=True, want_values=True))``): the attention function the block calls (
 eager, wrapped by vlmguard) computes them from the very post-RoPE q and k of its kernel, one sequence per
 image, so nothing is projected or rotated twice and no attention matrix is formed.
 
-Deviation (ours; docs/pruning.md): the reference drops raw patches one by one, lets the merger join any four
-consecutive survivors (a merged token can mix patches of different blocks) and gives the image's merged
-tokens the M-RoPE positions of its first grid cells. Here whole merge blocks are dropped: P raw patches
-become floor(P / m^2) blocks, a block scores the mean C of its patches, and every merged token the LLM sees
-is a real block at its own M-RoPE position. Images are scheduled one by one (batched == alone); ``groups``
-shares a count within a group (the reference's coupling), as for CLIP.
+Deviation (ours, the default; docs/pruning.md): the reference drops raw patches one by one, lets the merger
+join any four consecutive survivors (a merged token can mix patches of different blocks) and gives the
+image's merged tokens the M-RoPE positions of its first grid cells. By default whole merge blocks are dropped
+instead: P raw patches become floor(P / m^2) blocks, a block scores the mean C of its patches, and every
+merged token the LLM sees is a real block at its own M-RoPE position. ``whole_blocks=False`` (FlowCut's
+``qwen_vit_unit="patch"``) is the reference's rule. Images are scheduled one by one (batched == alone);
+``groups`` shares a count within a group (the reference's coupling), as for CLIP.
 """
 from __future__ import annotations
 
@@ -70,18 +71,25 @@ def _segments(counts: list[int], device) -> tuple[list[int], torch.Tensor]:
 
 @torch.no_grad()
 def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, targets: list[int],
-                     groups: list[int], history: float = 0.5, every: int = 2) -> StageVResult:
+                     groups: list[int], history: float = 0.5, every: int = 2,
+                     whole_blocks: bool = True) -> StageVResult:
     """Run Qwen2-VL's tower and merger, image i keeping ``targets[i]`` merged tokens (>= 1).
 
     Returns per image the merged (projected) tokens of the kept blocks, their block indices (ascending, in
     the image's merged-token order), the raw tokens fed to every tower layer, the cut events
-    (layer, blocks after) and each block's running score when it was last scored.
+    (layer, units after) and each block's running score when it was last scored (the mean of its patches').
+
+    ``whole_blocks=False`` is the reference's rule: raw patches are dropped one by one (the cut to the target
+    still leaves whole multiples of m^2), the merger joins every m^2 consecutive survivors, and the returned
+    indices are 0..target-1, so the LLM gives the merged tokens the M-RoPE positions of the image's first
+    grid cells, as the reference does.
     """
     grid_thw = grid_thw.to(pixel_values.device)
     if bool((grid_thw[:, 0] != 1).any()):
         raise InvalidInput("flowcut: Qwen2-VL tower pruning takes still images, not videos")
     merge = int(visual.spatial_merge_size)
     m2 = merge * merge
+    unit = m2 if whole_blocks else 1  # what a cut keeps or drops: a merge block, or a raw patch
     h = visual.patch_embed(pixel_values)
     cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid_thw, merge))
     n_img = grid_thw.shape[0]
@@ -123,24 +131,24 @@ def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
             continue
         p_group: dict[int, int] = {}
         for i in range(n_img):
-            if active[i]:  # raw patches the schedule would drop, in whole blocks, shared (max) within a group
-                blocks = prune_count(rel[i], counts[i], t_raw[i], remaining) // m2
-                p_group[groups[i]] = max(p_group.get(groups[i], 0), blocks)
-        keep_b = [max(counts[i] // m2 - p_group[groups[i]], t_raw[i] // m2) if active[i] else counts[i] // m2
+            if active[i]:  # raw patches the schedule would drop, in whole units, shared (max) within a group
+                units = prune_count(rel[i], counts[i], t_raw[i], remaining) // unit
+                p_group[groups[i]] = max(p_group.get(groups[i], 0), units)
+        keep_u = [max(counts[i] // unit - p_group[groups[i]], t_raw[i] // unit) if active[i] else counts[i] // unit
                   for i in range(n_img)]
-        if all(kb * m2 == c for kb, c in zip(keep_b, counts)):
+        if all(ku * unit == c for ku, c in zip(keep_u, counts)):
             continue
         picked = []
         for i in range(n_img):
-            nb = counts[i] // m2
-            if keep_b[i] == nb:
+            nu = counts[i] // unit
+            if keep_u[i] == nu:
                 picked.append(torch.arange(bounds[i], bounds[i + 1], device=dev))
                 continue
             last[i][orig[i]] = run[i]
-            chosen = top_sorted(run[i].view(nb, m2).mean(dim=1), keep_b[i])
-            slots = (chosen[:, None] * m2 + torch.arange(m2, device=dev)).flatten()
-            orig[i], run[i], counts[i] = orig[i][slots], run[i][slots], keep_b[i] * m2
-            events[i].append((li, keep_b[i]))
+            chosen = top_sorted(run[i].view(nu, unit).mean(dim=1), keep_u[i])
+            slots = (chosen[:, None] * unit + torch.arange(unit, device=dev)).flatten()
+            orig[i], run[i], counts[i] = orig[i][slots], run[i][slots], keep_u[i] * unit
+            events[i].append((li, keep_u[i]))
             picked.append(slots + bounds[i])
         slots = torch.cat(picked)
         h, cos, sin = h[slots], cos[slots], sin[slots]
@@ -152,7 +160,7 @@ def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
         nb = counts[i] // m2
         feats.append(merged[start:start + nb])
         start += nb
-        kept.append(orig[i].view(nb, m2)[:, 0] // m2)
+        kept.append(orig[i].view(nb, m2)[:, 0] // m2 if whole_blocks else torch.arange(nb, device=dev))
         if started[i]:
             last[i][orig[i]] = run[i]
         scores.append(last[i].view(-1, m2).mean(dim=1))

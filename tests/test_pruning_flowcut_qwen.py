@@ -227,3 +227,23 @@ def test_flops_count_the_pruned_tower_and_the_merger_on_kept_blocks():
     flow = result_flops(cfg, r)
     assert flow.vision < base.vision and flow.llm < base.llm
     assert flow.projector == pytest.approx(base.projector * 6 / 36)  # the merger ran on 2K = 6 of 36 blocks
+
+
+def test_reference_patch_unit_merges_consecutive_survivors_at_the_first_positions():
+    """qwen_vit_unit="patch" (the reference): raw patches cut one by one, the last cut to 4 x target, the merger
+    over consecutive survivors, and indices 0..t-1 (the first grid cells' positions in the LLM)."""
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    pv, grid = vision_inputs(eng, [random_image(s, (96, 96)) for s in range(2)])
+    res = run_stage_v_qwen(visual, pv, grid, [4, 4], [0, 1], whole_blocks=False)
+    for i in range(2):
+        counts = res.tokens_per_layer[i]
+        assert counts[0] == 144 and counts[-1] >= 16 and res.events[i][-1] == (DEEP - 1, 16)
+        assert any(c % 4 for c in counts)  # intermediate cuts are not whole blocks
+        assert res.kept[i].tolist() == [0, 1, 2, 3] and res.features[i].shape[0] == 4
+    blocks = run_stage_v_qwen(visual, pv, grid, [4, 4], [0, 1])
+    assert all(c % 4 == 0 for c in blocks.tokens_per_layer[0])
+    r = eng.generate([Request("Is there a dog?", [random_image(0, (96, 96))])],
+                     GenerationSpec(pruning="flowcut", budget=2, max_new_tokens=2,
+                                    pruning_params={"qwen_vit_unit": "patch"}))[0]
+    assert r.visual_tokens_kept[:3] == [4, 4, 2] and all(i < 4 for i in r.kept_indices)
