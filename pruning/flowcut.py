@@ -20,9 +20,10 @@ Stage L keeps the positions layers 0-1 saw (original-position "preserve" rule, a
 renumbers layers >= 2 contiguously and gives each layer group its own decode position, which a single
 rotary position per decode step cannot express; documented deviation.
 
-Qwen2-VL: stage V inside its native-resolution ViT keeps ``qwen_vit_keep`` x K merged tokens per image (the
-reference's 2K; whole merge blocks, :mod:`vlmguard.pruning.flowcut_qwen_vision`), then stage L cuts to K;
-``qwen_vit_keep = 0`` leaves the tower alone (stage L only).
+Qwen2-VL: stage V inside its native-resolution ViT keeps ``qwen_vit_keep`` x its share of K merged tokens per
+image (one image: the reference's 2K; whole merge blocks, :mod:`vlmguard.pruning.flowcut_qwen_vision`), then
+stage L cuts to K; ``qwen_vit_keep = 0`` leaves the tower alone (stage L only). A row's images share K by
+``capped_split`` (an image smaller than its share keeps all it has, the others take the rest).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
@@ -56,16 +57,37 @@ class FlowCutParams(BaseModel):
     position_mode: Literal["compact", "original"] = Field(
         "compact", description="positions of the tokens kept by stage V: contiguous (reference) or original")
     qwen_vit_keep: float = Field(2.0, ge=0.0, description="Qwen2-VL: merged tokens the ViT keeps per image, as a "
-                                                           "multiple of its share of K (0: no ViT stage)")
+                                                           "multiple (>= 1) of its share of K (0: no ViT stage)")
     qwen_vit_unit: Literal["block", "patch"] = Field(
         "block", description="Qwen2-VL ViT cuts: whole merge blocks at their own positions (ours), or raw patches "
                              "merged four consecutive survivors at a time at the first grid positions (reference)")
+
+    @field_validator("qwen_vit_keep")
+    @classmethod
+    def _keep_at_least_the_share(cls, v: float) -> float:
+        if 0 < v < 1:  # the ViT would keep fewer than the row's K and stage L could not give them back
+            raise ValueError(f"must be 0 (no ViT stage) or >= 1 (a multiple of each image's share of K), got {v}")
+        return v
 
 
 def split_budget(total: int, parts: int) -> list[int]:
     """Split a row budget over its images: as even as possible, earlier images get the remainder."""
     base, extra = divmod(total, parts)
     return [base + (1 if j < extra else 0) for j in range(parts)]
+
+
+def capped_split(total: int, caps: list[int]) -> list[int]:
+    """``split_budget`` where part j can take at most ``caps[j]``: what a small image cannot hold goes to the
+    others, so the shares add up to min(total, sum(caps)). Equal caps give ``split_budget`` exactly."""
+    shares = [0] * len(caps)
+    left, open_parts = min(total, sum(caps)), [j for j, c in enumerate(caps) if c > 0]
+    while left > 0 and open_parts:
+        for j, give in zip(list(open_parts), split_budget(left, len(open_parts))):
+            take = min(give, caps[j] - shares[j])
+            shares[j] += take
+            left -= take
+        open_parts = [j for j in open_parts if shares[j] < caps[j]]
+    return shares
 
 
 def stage_l_scores(probs: torch.Tensor, values: torch.Tensor, vis_pos: torch.Tensor, query: int) -> torch.Tensor:
@@ -132,15 +154,29 @@ class FlowCutPruner(Pruner):
             return self._stage_v_llava(ctx, budgets)
         return self._stage_v_next(ctx, budgets)
 
-    def _image_shares(self, ctx: PruneContext, budgets: list[int]) -> list[int]:
-        """Each image's share of its row's budget (a row's images split it as evenly as possible)."""
-        n_imgs = self._images_per_row(ctx)
-        shares: list[int] = []
-        seen: dict[int, int] = {}
-        for r in ctx.batch.rows_with_images:
-            shares.append(split_budget(budgets[r], n_imgs[r])[seen.get(r, 0)])
-            seen[r] = seen.get(r, 0) + 1
+    def _image_shares(self, ctx: PruneContext, budgets: list[int], caps: list[int] | None = None) -> list[int]:
+        """Each image's share of its row's budget: a row's images split it as evenly as possible; with ``caps``
+        (tokens per image, when a row's images differ in size) no image gets more than it holds and the rest
+        goes to the row's other images."""
+        rows = ctx.batch.rows_with_images
+        shares = [0] * len(rows)
+        for r in set(rows):
+            mine = [j for j, rr in enumerate(rows) if rr == r]
+            split = (split_budget(budgets[r], len(mine)) if caps is None
+                     else capped_split(budgets[r], [caps[j] for j in mine]))
+            for j, share in zip(mine, split):
+                shares[j] = share
         return shares
+
+    @staticmethod
+    def _report_vit_schedule(ctx: PruneContext, pass_rows: list[int], res) -> None:
+        """Each request's own ViT schedule: tokens per layer and cut events of its images (NeXT: crops), in
+        ``report["per_row"]`` so a request's FLOPs count its own passes, not the batch's."""
+        per_row = ctx.report.setdefault("per_row", {})
+        for p, r in enumerate(pass_rows):
+            entry = per_row.setdefault(r, {})
+            entry.setdefault("flowcut_vit_tokens_per_layer", []).append(res.tokens_per_layer[p])
+            entry.setdefault("flowcut_vit_events", []).append(res.events[p])
 
     def _tower_setup(self, ctx: PruneContext):
         ad = ctx.adapter
@@ -177,8 +213,7 @@ class FlowCutPruner(Pruner):
             if scores[r]:
                 allsc = torch.cat(scores[r])
                 report_visual_scores(ctx, r, ctx.n_visual[r], torch.arange(allsc.numel()), allsc)
-        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
-        ctx.report["flowcut_vit_events"] = res.events
+        self._report_vit_schedule(ctx, rows, res)
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     def _stage_v_next(self, ctx: PruneContext, budgets: list[int]):
@@ -224,7 +259,7 @@ class FlowCutPruner(Pruner):
             feats[r].append((feat_all[order.to(feat_all.device)], pos_all[order] + base))
             offset[r] = base + self._packed_len(model, nc, g2, sizes[j])
             crop0 += nc
-        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
+        self._report_vit_schedule(ctx, [rows[j] for j in crop_img], res)
         out_f = [torch.cat([f for f, _ in fs]) if fs else None for fs in feats]
         out_k = [torch.cat([k for _, k in fs]) if fs else None for fs in feats]
         return out_f, out_k
@@ -234,8 +269,9 @@ class FlowCutPruner(Pruner):
         grid = batch.vision_inputs["image_grid_thw"]
         m2 = int(ad.vision_tower.spatial_merge_size) ** 2
         merged = [int(t * h * w) // m2 for t, h, w in grid.tolist()]
-        targets = [min(n, max(1, math.ceil(self.params.qwen_vit_keep * share)))
-                   for n, share in zip(merged, self._image_shares(ctx, budgets))]
+        # keep x share, capped at the image (a product like 1.1 x 100 must not round up to 111)
+        targets = [min(n, max(1, math.ceil(round(self.params.qwen_vit_keep * share, 9))))
+                   for n, share in zip(merged, self._image_shares(ctx, budgets, caps=merged))]
         if targets == merged:  # nothing to cut inside the tower: the exact unpruned path
             return ad.image_features(batch), [None] * batch.input_ids.shape[0]
         rows = batch.rows_with_images
@@ -246,13 +282,18 @@ class FlowCutPruner(Pruner):
         n_rows = len(ctx.n_visual)
         feats: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+        scores: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         offset = [0] * n_rows
-        for j, r in enumerate(rows):  # a row that lost blocks here always gets stage L's cut (and heatmap) too
+        for j, r in enumerate(rows):
             feats[r].append(res.features[j])
             kept[r].append(res.kept[j] + offset[r])
+            scores[r].append(res.scores[j])
             offset[r] += merged[j]
-        ctx.report["flowcut_vit_tokens_per_layer"] = res.tokens_per_layer
-        ctx.report["flowcut_vit_events"] = res.events
+        for r in ctx.main_rows:  # the blocks' running scores as the heatmap (stage L's replace them if it cuts)
+            if scores[r]:
+                allsc = torch.cat(scores[r])
+                report_visual_scores(ctx, r, ctx.n_visual[r], torch.arange(allsc.numel()), allsc)
+        self._report_vit_schedule(ctx, rows, res)
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     @staticmethod

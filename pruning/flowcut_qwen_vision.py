@@ -32,23 +32,12 @@ merged token the LLM sees is a real block at its own M-RoPE position. ``whole_bl
 from __future__ import annotations
 
 import torch
+from transformers.vision_utils import get_vision_position_ids
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.errors import InvalidInput
 from vlmguard.pruning.flowcut_vision import StageVResult, prune_count
 from vlmguard.pruning.scores import top_sorted
-
-
-def block_major_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """(h, w) patch coordinates of every raw token, (N, 2), in the tower's block-major order (each m x m
-    merge block's patches consecutive; blocks in raster order), as Qwen2-VL's own forward lays them out."""
-    out = []
-    for t, h, w in grid_thw.tolist():
-        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        shape = (h // merge, merge, w // merge, merge)
-        pos = torch.stack([hh.reshape(shape).transpose(1, 2).flatten(), ww.reshape(shape).transpose(1, 2).flatten()], 1)
-        out.append(pos.repeat(t, 1))
-    return torch.cat(out).to(grid_thw.device)
 
 
 def global_query_scores(probs: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +66,7 @@ def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
 
     Returns per image the merged (projected) tokens of the kept blocks, their block indices (ascending, in
     the image's merged-token order), the raw tokens fed to every tower layer, the cut events
-    (layer, units after) and each block's running score when it was last scored (the mean of its patches').
+    (layer, raw patches after) and each block's running score when it was last scored (the mean of its patches').
 
     ``whole_blocks=False`` is the reference's rule: raw patches are dropped one by one (the cut to the target
     still leaves whole multiples of m^2), the merger joins every m^2 consecutive survivors, and the returned
@@ -91,7 +80,8 @@ def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
     m2 = merge * merge
     unit = m2 if whole_blocks else 1  # what a cut keeps or drops: a merge block, or a raw patch
     h = visual.patch_embed(pixel_values)
-    cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid_thw, merge))
+    # the (h, w) patch coordinates in the tower's block-major token order, as its own forward computes them
+    cos, sin = visual.rotary_pos_emb(h, get_vision_position_ids(grid_thw, merge))
     n_img = grid_thw.shape[0]
     counts = (grid_thw[:, 1] * grid_thw[:, 2]).tolist()  # raw patches present, per image
     n_blocks = [c // m2 for c in counts]
@@ -148,7 +138,7 @@ def run_stage_v_qwen(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
             chosen = top_sorted(run[i].view(nu, unit).mean(dim=1), keep_u[i])
             slots = (chosen[:, None] * unit + torch.arange(unit, device=dev)).flatten()
             orig[i], run[i], counts[i] = orig[i][slots], run[i][slots], keep_u[i] * unit
-            events[i].append((li, keep_u[i]))
+            events[i].append((li, keep_u[i] * unit))  # raw patches after the cut, as tokens_per_layer
             picked.append(slots + bounds[i])
         slots = torch.cat(picked)
         h, cos, sin = h[slots], cos[slots], sin[slots]

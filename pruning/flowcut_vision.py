@@ -36,7 +36,8 @@ from vlmguard.sequence import additive_mask
 
 @dataclass
 class StageVResult:
-    features: list[torch.Tensor]  # per image (or crop): (kept, D_vision) hidden states of the selected layer
+    # per image (or crop): (kept, D_vision) hidden states of the selected layer (Qwen2-VL: the merger's tokens)
+    features: list[torch.Tensor]
     kept: list[torch.Tensor]  # per image: kept token indices into the image's own token set, ascending
     tokens_per_layer: list[list[int]]  # per image: tokens (incl. CLS) fed to each vision layer run
     events: list[list[tuple[int, int]]] = field(default_factory=list)  # per image: (layer, patches after)

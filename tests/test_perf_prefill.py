@@ -118,6 +118,8 @@ def test_prefill_methods_with_parameters_on_qwen2_vl():
     (["--methods", "flowcut[qwen_vit_keep=-1]"], "qwen_vit_keep"),
     (["--methods", "flowcut[qwen_vit_keep=0"], "expected NAME or NAME[KEY=VALUE;...]"),
     (["--methods", "random[bogus=1]"], "bogus"),
+    (["--methods", "flowcut[qwen_vit_keep]"], "method 'flowcut' expects key=value"),
+    (["--methods", "flowcut[qwen_vit_keep=0.5]"], "must be 0 (no ViT stage) or >= 1"),
     (["--budgets", "999"], "budget"),
     (["--shape", "no-such-shape"], "unknown shape"),
 ])

@@ -6,12 +6,13 @@ from functools import lru_cache
 import pytest
 import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.engine import Engine, Request
 from vlmguard.errors import InvalidInput
 from vlmguard.flops import result_flops
-from vlmguard.pruning.flowcut_qwen_vision import block_major_positions, global_query_scores, run_stage_v_qwen
+from vlmguard.pruning.flowcut_qwen_vision import global_query_scores, run_stage_v_qwen
 from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image, tiny_engine, tiny_qwen2_vl
 
@@ -80,7 +81,7 @@ def test_the_facilitys_mean_query_scores_equal_a_recomputation(attn):
     try:
         with torch.no_grad():
             h = visual.patch_embed(pv)
-            cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid, 2))
+            cos, sin = visual.rotary_pos_emb(h, get_vision_position_ids(grid, 2))
             counts = [int(t * hh * w) for t, hh, w in grid.tolist()]
             bounds = [0, counts[0], sum(counts)]
             cu = torch.tensor(bounds, dtype=torch.int32)
@@ -111,8 +112,9 @@ def test_mean_query_records_split_a_packed_varlen_call():
     assert torch.allclose(req.parts[1][0], ref) and torch.equal(req.parts[1][1], v[:, :, 6:])
 
 
-def test_block_major_positions_follow_the_merge_blocks():
-    pos = block_major_positions(torch.tensor([[1, 4, 6]]), 2)
+def test_the_towers_positions_are_block_major():
+    """Stage V gathers rows of the tower's token order in whole merge blocks: that order is block-major."""
+    pos = get_vision_position_ids(torch.tensor([[1, 4, 6]]), 2)
     assert pos[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # the first 2 x 2 block
     assert pos[4:8].tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]  # the next block to its right
     assert sorted(map(tuple, pos.tolist())) == [(r, c) for r in range(4) for c in range(6)]
@@ -128,7 +130,7 @@ def test_selection_equals_an_independent_replay_of_the_blocks():
     res = run_stage_v_qwen(visual, pv, grid, [3], [0])
     with torch.no_grad():
         h = visual.patch_embed(pv)
-        cos, sin = visual.rotary_pos_emb(h, block_major_positions(grid, 2))
+        cos, sin = visual.rotary_pos_emb(h, get_vision_position_ids(grid, 2))
         cu = torch.tensor([0, h.shape[0]], dtype=torch.int32)
         scores = []
         for blk in visual.blocks:
@@ -136,7 +138,7 @@ def test_selection_equals_an_independent_replay_of_the_blocks():
             h = blk(h, cu_seqlens=cu, position_embeddings=(cos, sin))
     c = 0.5 * scores[0] + 0.5 * scores[1]
     top = sorted(torch.argsort(-c.view(n, 4).mean(dim=1), stable=True)[:3].tolist())
-    assert res.kept[0].tolist() == top and res.events == [[(1, 3)]]
+    assert res.kept[0].tolist() == top and res.events == [[(1, 12)]]  # 3 blocks = 12 raw patches
     assert res.tokens_per_layer == [[4 * n, 4 * n]]
 
 
@@ -247,3 +249,93 @@ def test_reference_patch_unit_merges_consecutive_survivors_at_the_first_position
                      GenerationSpec(pruning="flowcut", budget=2, max_new_tokens=2,
                                     pruning_params={"qwen_vit_unit": "patch"}))[0]
     assert r.visual_tokens_kept[:3] == [4, 4, 2] and all(i < 4 for i in r.kept_indices)
+
+
+def replay_stage_v(visual, pv, grid, target: int, whole_blocks: bool):
+    """FlowCut's stage V on one image, replayed from the spec with scores recomputed from each block's own
+    modules (``manual_scores``): the running score, the cut at every layer with depth-1-l even (the count
+    from ``prune_count``, whole blocks or raw patches), the top units by C in raster order, then the merger
+    over the survivors. Returns (merged tokens, kept units, raw tokens per layer, events)."""
+    from vlmguard.pruning.flowcut_vision import prune_count
+
+    unit = 4 if whole_blocks else 1
+    with torch.no_grad():
+        h = visual.patch_embed(pv)
+        cos, sin = visual.rotary_pos_emb(h, get_vision_position_ids(grid, 2))
+        n, t_raw, depth = h.shape[0], 4 * target, len(visual.blocks)
+        orig, run, per_layer, events = torch.arange(n), None, [], []
+        for li, blk in enumerate(visual.blocks):
+            per_layer.append(n)
+            scored = n > t_raw
+            if scored:
+                a, s = manual_scores(blk, h, cos, sin, [0, n])[0]
+                run = s if run is None else 0.5 * run + 0.5 * s
+            h = blk(h, cu_seqlens=torch.tensor([0, n], dtype=torch.int32), position_embeddings=(cos, sin))
+            remaining = depth - 1 - li
+            if not scored or remaining % 2:
+                continue
+            keep = max(n // unit - prune_count(a, n, t_raw, remaining) // unit, t_raw // unit)
+            if keep == n // unit:
+                continue
+            unit_scores = run.view(-1, unit).mean(dim=1)
+            chosen = torch.argsort(-unit_scores, stable=True)[:keep].sort().values
+            slots = (chosen[:, None] * unit + torch.arange(unit)).flatten()
+            h, cos, sin, run, orig, n = h[slots], cos[slots], sin[slots], run[slots], orig[slots], keep * unit
+            events.append((li, n))
+        merged = visual.merger(h)
+    kept = orig.view(-1, 4)[:, 0] // 4 if whole_blocks else torch.arange(target)
+    return merged, kept, per_layer, events
+
+
+@pytest.mark.parametrize("whole_blocks", [True, False])
+@pytest.mark.parametrize("target", [1, 3, 8])
+def test_deep_tower_cuts_equal_an_independent_replay(whole_blocks, target):
+    """Cuts in the middle of the tower (the sharpened 8-layer tower prunes after layers 1, 3 or 5, not only at
+    the forced last cut): kept units, schedule and merged tokens equal the replay, in both units; in patch
+    mode this checks that the merger joins the right consecutive survivors."""
+    eng = deep_qwen_engine()
+    visual = eng.adapter.vision_tower
+    for seed in (0, 1):
+        pv, grid = vision_inputs(eng, [random_image(seed, (96, 96))])
+        res = run_stage_v_qwen(visual, pv, grid, [target], [0], whole_blocks=whole_blocks)
+        merged, kept, per_layer, events = replay_stage_v(visual, pv, grid, target, whole_blocks)
+        assert res.tokens_per_layer[0] == per_layer and res.events[0] == events
+        assert any(li < DEEP - 1 for li, _ in events)  # a cut before the forced one
+        assert torch.equal(res.kept[0], kept)
+        assert (res.features[0] - merged).abs().max().item() < 1e-5
+
+
+def test_capped_split_gives_what_small_images_cannot_hold_to_the_others():
+    from vlmguard.pruning.flowcut import capped_split, split_budget
+
+    assert capped_split(30, [36, 4, 4]) == [22, 4, 4]
+    assert capped_split(7, [1, 10, 2]) == [1, 4, 2]
+    assert capped_split(50, [36, 4]) == [36, 4]  # more than the images hold: all of them
+    assert all(capped_split(k, [9] * 3) == split_budget(k, 3) for k in range(28))
+
+
+@pytest.mark.parametrize("keep", [1.0, 2.0])
+def test_a_row_of_uneven_images_ends_at_its_budget(keep):
+    """A row's images of 36, 4 and 4 merged tokens at K = 30: the small images cannot hold an even share, so
+    the big one takes the rest and the row still reaches exactly K (not 23 or 28)."""
+    eng = deep_qwen_engine()
+    row = Request("compare", [random_image(3, (96, 96)), random_image(4, (32, 32)), random_image(5, (32, 32))])
+    r = eng.generate([row], GenerationSpec(pruning="flowcut", budget=30, max_new_tokens=2,
+                                           pruning_params={"qwen_vit_keep": keep}))[0]
+    assert r.visual_tokens == 44
+    assert r.visual_tokens_kept[-1] == 30 and len(r.kept_indices) == 30
+    assert len(r.pruning["visual_scores"]) == 44  # a heatmap whether or not stage L cut the row
+
+
+def test_each_request_counts_its_own_tower_passes_in_a_batch():
+    """Images of different sizes in one batch: a request's FLOPs and schedule are its own image's, as alone."""
+    eng = deep_qwen_engine()
+    cfg = eng.model.config
+    reqs = [Request("Is there a dog?", [random_image(1, (96, 96))]), Request("Is there a dog?", [random_image(2, (32, 32))])]
+    spec = GenerationSpec(pruning="flowcut", budget=1, max_new_tokens=1)
+    batched = eng.generate(reqs, spec)
+    for b, req in zip(batched, reqs):
+        alone = eng.generate([req], spec)[0]
+        assert b.pruning["flowcut_vit_tokens_per_layer"] == alone.pruning["flowcut_vit_tokens_per_layer"]
+        assert len(b.pruning["flowcut_vit_tokens_per_layer"]) == 1
+        assert result_flops(cfg, b).vision == pytest.approx(result_flops(cfg, alone).vision)

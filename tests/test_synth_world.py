@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pycocotools.coco import COCO
 from vlmguard.errors import InvalidInput
 from vlmguard.synth import build_dataset
 from vlmguard.synth.pope import cooccurrence
-from vlmguard.synth.world import CATEGORIES, WorldParams
+from vlmguard.synth.world import CATEGORIES, WorldParams, sample_scene
 
 SMALL = dict(train=12, val=4, test=30)
 
@@ -193,12 +194,13 @@ def test_scene_cue_is_recorded_and_validated(tmp_path: Path):
     assert json.loads((out / "manifest.json").read_text())["parameters"]["scene_cue"] == 0.25
     r = subprocess.run([sys.executable, "-m", "vlmguard.cli", "synth", "build", "--out", str(tmp_path / "x"),
                         "--scene-cue", "1.5"], capture_output=True, text=True)
-    assert r.returncode != 0 and "scene_cue must be in [0.0, 1.0], got 1.5" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "--scene-cue: world parameter scene_cue must be in [0.0, 1.0], got 1.5" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("bad,message", [
     ({"min_objects": 0}, "min_objects <= max_objects"),
     ({"max_objects": 4}, "object_count_weights must hold 4"),
+    ({"min_objects": 2}, "object_count_weights must hold 4 non-negative weights (one per object count 2..5)"),
     ({"hidden_alpha": (0.3, 0.1)}, "hidden_alpha must be an ordered pair"),
     ({"visible_size": (0, 10)}, "visible_size must be an ordered pair >= 1"),
     ({"hidden_prob": 1.5}, "hidden_prob must be in [0.0, 1.0]"),
@@ -214,3 +216,10 @@ def test_world_parameters_are_validated(bad, message, tmp_path: Path):
     with pytest.raises(InvalidInput):
         build_dataset(tmp_path / "w", seed=0, train=0, val=0, test=1, params=params)
     assert not (tmp_path / "w").exists()
+
+
+def test_object_count_weights_cover_min_to_max_objects(tmp_path: Path):
+    params = WorldParams(min_objects=2, max_objects=5, object_count_weights=(1.0, 1.0, 1.0, 1.0))
+    rng = random.Random(0)
+    assert {len(sample_scene(rng, params).objects) >= 2 for _ in range(20)} == {True}
+    assert build_dataset(tmp_path / "w", seed=0, train=0, val=0, test=2, params=params).exists()

@@ -69,6 +69,12 @@ class ScoreRequest:
     parts: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     calls: int = field(default=0)
 
+    def __post_init__(self) -> None:
+        if self.query_mean and (self.query_index is not None or self.key_mask is not None
+                                or self.query_pos is not None or not self.per_head or self.want_keys):
+            raise ValueError("a query_mean request records every head over all keys: it takes no query rows, "
+                             "key mask, causal positions, head averaging or keys")
+
 
 def _active() -> dict[int, ScoreRequest]:
     d = getattr(_LOCAL, "requests", None)
@@ -132,6 +138,8 @@ def record_mean_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
         seqs = list(zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value))))
     for q, k, v in seqs:
+        if k.shape[1] != q.shape[1]:
+            raise ValueError("query_mean needs as many key heads as query heads (the vision towers it serves)")
         q_mean = q.float().mean(dim=2, keepdim=True)
         probs = torch.softmax((q_mean @ k.float().transpose(-1, -2)) * scaling, dim=-1)
         req.parts.append((probs, v.detach() if req.want_values else None))

@@ -192,12 +192,9 @@ def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillF
     vit_rows = (result.pruning or {}).get("flowcut_vit_tokens_per_layer")
     passes = None
     n_passes = 1
-    if vit_rows:  # the batch's rows of FlowCut's schedule: this request's images (NeXT: crops), on average
-        depth = max(len(r) for r in vit_rows)
-        mean = [round(sum(r[i] for r in vit_rows if i < len(r)) / len(vit_rows)) for i in range(depth)]
-        batch = max(int(getattr(getattr(result, "timings", None), "batch_size", 1) or 1), 1)
-        n_passes = max(1, round(len(vit_rows) / batch))
-        passes = [mean] * n_passes
+    if vit_rows:  # FlowCut's schedule of this request's own images (NeXT: crops), one list per tower pass
+        passes = [list(r) for r in vit_rows]
+        n_passes = len(passes)
     elif family == "llava_next":  # crops per image ~ visual tokens / tokens per crop (base + grid)
         n_passes = max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1)))
     # the projector (Qwen2-VL: the merger) runs on what the vision side kept, what reached LLM layer 0

@@ -84,18 +84,19 @@ def format_validation_error(e: ValidationError, what: str) -> str:
     return f"invalid {what}: " + "; ".join(parts)
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """Parse CLI ``key=value`` pairs; values are read as JSON when they parse, else as strings."""
+def parse_params(items: list[str] | None, option: str = "--param") -> dict[str, Any]:
+    """Parse CLI ``key=value`` pairs; values are read as JSON when they parse, else as strings. ``option``
+    names where they came from in error messages."""
     import json
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise InvalidInput(f"--param expects key=value, got {item!r}")
+            raise InvalidInput(f"{option} expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         k = k.strip()
         if not k:
-            raise InvalidInput(f"--param has an empty key in {item!r}")
+            raise InvalidInput(f"{option} has an empty key in {item!r}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

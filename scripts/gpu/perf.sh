@@ -13,6 +13,9 @@
 # command has its own time limit, so one that hangs or fails leaves the others' reports.
 #
 # Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
+# Eight commands at LIMIT=70 s plus the install can take close to the 600 s of one device call: to rerun only
+# some, set STEPS to their names (space-separated): prefill-sdpa prefill-flash_attention_2 prefill-next
+# prefill-qwen decode prefill-b8 decode-flowcut, e.g. `STEPS="prefill-qwen decode" bash scripts/gpu/perf.sh`.
 set -uo pipefail
 OUT=${OUT:-/tmp/vlmguard-gpu}
 DEVICE=${DEVICE:-cuda}
@@ -28,6 +31,7 @@ export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu-perf.log") 2>&1
 
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 
 step "install"
 if [ -z "${NO_WHEELS:-}" ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
@@ -57,30 +61,41 @@ ATTNS=(sdpa)
 
 common=(--device "$DEVICE" --dtype "$DTYPE" --warmup 2 --repeats "$REPEATS" --quiet)
 for attn in "${ATTNS[@]}"; do
+  want "prefill-$attn" || continue
   step "prefill llava-1.5-7b$SUFFIX $attn"
   timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-1.5-7b$SUFFIX" --attn "$attn" "${common[@]}" \
     --methods none,flowcut,adaptinfer,fastv,random --budgets 192,128,64 \
     --out "$OUT/perf-prefill-llava-1.5-7b$SUFFIX-$DEVICE-$attn.json" || echo "FAILED (exit $?)"
 done
+want prefill-next && {
 step "prefill llava-next-7b$SUFFIX sdpa"
 timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-next-7b$SUFFIX" --attn sdpa "${common[@]}" \
   --methods none,flowcut,adaptinfer,fastv,random --budgets 640,320,160 \
   --out "$OUT/perf-prefill-llava-next-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+}
+want prefill-qwen && {
 step "prefill qwen2-vl-7b$SUFFIX sdpa"
 timeout "$LIMIT" "${VG[@]}" perf prefill --shape "qwen2-vl-7b$SUFFIX" --attn sdpa "${common[@]}" \
   --methods "none,flowcut,flowcut[qwen_vit_keep=0],adaptinfer,fastv,random" --budgets 85,57,28 \
   --out "$OUT/perf-prefill-qwen2-vl-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+}
+want decode && {
 step "decode llava-1.5-7b$SUFFIX sdpa"
 timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" --dtype "$DTYPE" \
   --decoders greedy,vcd,m3id,vista,iava,lqcd --batch 1,8 --new-tokens 32 --warmup 1 --repeats 3 --quiet \
   --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+}
+want prefill-b8 && {
 step "prefill llava-1.5-7b$SUFFIX sdpa, batch 8"
 timeout "$LIMIT" "${VG[@]}" perf prefill --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" --batch 8 \
   --methods none,flowcut,adaptinfer,fastv,random --budgets 64 \
   --out "$OUT/perf-prefill-llava-1.5-7b$SUFFIX-$DEVICE-sdpa-b8.json" || echo "FAILED (exit $?)"
+}
+want decode-flowcut && {
 step "decode llava-1.5-7b$SUFFIX sdpa with flowcut@64"
 timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" --dtype "$DTYPE" \
   --decoders greedy,vcd,m3id,vista,iava,lqcd --batch 1 --pruning flowcut --budget 64 --new-tokens 32 --warmup 1 \
   --repeats 3 --quiet --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa-flowcut64.json" || echo "FAILED (exit $?)"
+}
 step "done"
 ls -la "$OUT"

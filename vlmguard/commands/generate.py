@@ -45,8 +45,8 @@ def _budget(text: str) -> int | float:
 
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
     return GenerationSpec.build(
-        pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param),
-        decoding=args.decoding, decoding_params=parse_params(args.decoding_param),
+        pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param, "--pruning-param"),
+        decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),
         max_new_tokens=args.max_new_tokens, do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
     )

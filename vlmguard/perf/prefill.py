@@ -44,7 +44,7 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     m = re.fullmatch(r"\s*([\w-]+)\s*(?:\[(.*)\])?\s*", text)
     if not m:
         raise InvalidInput(f"bad method {text!r}: expected NAME or NAME[KEY=VALUE;...]")
-    params = parse_params([p for p in (m.group(2) or "").split(";") if p.strip()])
+    params = parse_params([p for p in (m.group(2) or "").split(";") if p.strip()], f"method {m.group(1)!r}")
     return m.group(1), params
 
 
@@ -94,7 +94,8 @@ def _vit_schedule(report: dict[str, Any]) -> list[list[int]] | None:
 
 def _flops(engine: Any, results: Sequence[Any], n_images: int, side: str) -> dict[str, float]:
     """FLOPs of the whole batch, counted with the tokens each layer processed in this run."""
-    sched = _vit_schedule(results[0].pruning)
+    scheds = [_vit_schedule(r.pruning) for r in results]  # each request reports its own images' passes
+    sched = None if any(s is None for s in scheds) else [p for s in scheds for p in s]
     n_visual = sum(r.visual_tokens for r in results)
     projected = None
     if sched is not None or side == "vision":  # the projector (merger) ran on what reached LLM layer 0

@@ -86,7 +86,10 @@ def _build(args: argparse.Namespace) -> int:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
-    params = WorldParams() if args.scene_cue is None else WorldParams(scene_cue=args.scene_cue)
+    try:
+        params = WorldParams() if args.scene_cue is None else WorldParams(scene_cue=args.scene_cue)
+    except InvalidInput as err:
+        raise InvalidInput(f"--scene-cue: {err}") from None
     out = build_dataset(args.out, seed=args.seed, train=args.train, val=args.val, test=args.test,
                         params=params, progress=not args.json)
     summary = {"out": str(out), "seed": args.seed, "train": args.train, "val": args.val, "test": args.test}

@@ -99,7 +99,7 @@ class WorldParams:
     image_size: int = 96
     min_objects: int = 1
     max_objects: int = 5
-    object_count_weights: tuple[float, ...] = (0.04, 0.1, 0.3, 0.3, 0.26)  # for 1..5 objects
+    object_count_weights: tuple[float, ...] = (0.04, 0.1, 0.3, 0.3, 0.26)  # for min_objects..max_objects (1..5)
     hidden_prob: float = 0.22  # chance that a *pair-completed* object is rendered nearly invisible
     hidden_prob_other: float = 0.06  # chance for any other object
     hidden_alpha: tuple[float, float] = (0.12, 0.22)
@@ -140,9 +140,10 @@ class WorldParams:
             raise InvalidInput(f"world parameters need 1 <= min_objects <= max_objects, got "
                                f"{self.min_objects} and {self.max_objects}")
         weights = self.object_count_weights
-        if len(weights) != self.max_objects or any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise InvalidInput(f"world parameter object_count_weights must hold {self.max_objects} non-negative "
-                               f"weights (one per object count 1..max_objects), got {tuple(weights)}")
+        n_counts = self.max_objects - self.min_objects + 1
+        if len(weights) != n_counts or any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise InvalidInput(f"world parameter object_count_weights must hold {n_counts} non-negative weights "
+                               f"(one per object count {self.min_objects}..{self.max_objects}), got {tuple(weights)}")
         for name in ("hidden_prob", "hidden_prob_other", "min_alpha", "scene_cue"):
             within(name, 0.0, 1.0)
         pair("hidden_alpha", 0.0, 1.0)
