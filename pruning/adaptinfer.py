@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlmguard.attention import ScoreRequest
-from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule
+from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (keep_mask_from_positions, pad_rows, record_stage, report_position_scores,
@@ -40,9 +40,17 @@ class AdaptInferParams(BaseModel):
 
     layers: list[int] | None = Field(None, description="stage layers (0-based); default: see schedules")
     keeps: list[int] | None = Field(None, description="visual tokens left after each stage (needs layers)")
-    schedule: str | None = Field(None, description="schedule JSON written by `vlmguard prune analyze`")
+    schedule: str | dict | None = Field(None, description="schedule JSON written by `vlmguard prune analyze`: its "
+                                                          "path (local use), or the object itself (the HTTP API)")
     lam: float = Field(1.0, ge=0.0, le=1.0, description="text-prior mixing; 0 = uniform prior (ablation)")
     text_query: Literal["all", "last"] = "all"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_is_readable(cls, v: str | dict | None) -> str | dict | None:
+        if v is not None:
+            schedule_data(v)  # a missing, unreadable or malformed schedule fails here, before any model work
+        return v
 
 
 def text_prior_scores(probs: torch.Tensor, text_pos: torch.Tensor, vis_pos: torch.Tensor,

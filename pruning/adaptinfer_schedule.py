@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from vlmguard.errors import InvalidInput
 
@@ -181,6 +181,26 @@ def validate(layers: Sequence[int], keeps: Sequence[int] | None, n_layers: int) 
             raise InvalidInput(f"adaptinfer: keep counts must not increase across stages, got {list(keeps)}")
 
 
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def check_schedule(data: Any, where: str) -> dict:
+    """A schedule as ``vlmguard prune analyze`` writes it: {"layers": [int, ...], "keeps": {"<budget>": [int,
+    ...]}, "n_visual": int} (keeps and n_visual optional). One InvalidInput naming ``where`` and the bad key."""
+    if not isinstance(data, dict) or "layers" not in data:
+        raise InvalidInput(f"adaptinfer: {where} has no 'layers' list")
+    if not _int_list(data["layers"]) or not data["layers"]:
+        raise InvalidInput(f"adaptinfer: {where}: 'layers' must be a non-empty list of integers, got {data['layers']!r}")
+    keeps = data.get("keeps")
+    if keeps is not None and not (isinstance(keeps, dict) and all(_int_list(v) for v in keeps.values())):
+        raise InvalidInput(f"adaptinfer: {where}: 'keeps' must map budgets to lists of integers, got {keeps!r}")
+    n_visual = data.get("n_visual")
+    if n_visual is not None and (not isinstance(n_visual, int) or isinstance(n_visual, bool) or n_visual < 1):
+        raise InvalidInput(f"adaptinfer: {where}: 'n_visual' must be a positive integer, got {n_visual!r}")
+    return data
+
+
 def load_schedule_file(path: str | Path) -> dict:
     p = Path(path)
     try:
@@ -189,25 +209,31 @@ def load_schedule_file(path: str | Path) -> dict:
         raise InvalidInput(f"adaptinfer: schedule file not found: {p}") from None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"adaptinfer: schedule file {p} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or "layers" not in data:
-        raise InvalidInput(f"adaptinfer: schedule file {p} has no 'layers' list")
-    return data
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"adaptinfer: cannot read schedule file {p}: {e}") from None
+    return check_schedule(data, f"schedule file {p}")
+
+
+def schedule_data(schedule: str | dict) -> tuple[dict, str]:
+    """(checked schedule, its source label) from a file path or an inline schedule object."""
+    if isinstance(schedule, dict):
+        return check_schedule(schedule, "schedule"), "inline"
+    return load_schedule_file(schedule), f"file:{schedule}"
 
 
 def make_schedule(*, family: str, n_layers: int, hidden: int, n_visual: int, budget: int,
                   layers: Sequence[int] | None = None, keeps: Sequence[int] | None = None,
-                  schedule_file: str | None = None) -> Schedule:
+                  schedule_file: str | dict | None = None) -> Schedule:
     """Resolve the schedule for one row (V visual tokens, budget = visual tokens kept on average)."""
     if keeps is not None and layers is None:
         raise InvalidInput("adaptinfer: 'keeps' needs explicit 'layers'")
     source = "params"
     file_keeps = None
     if layers is None and schedule_file:
-        data = load_schedule_file(schedule_file)
-        layers = tuple(int(x) for x in data["layers"])
+        data, source = schedule_data(schedule_file)
+        layers = tuple(data["layers"])
         table = data.get("keeps") or {}
-        file_keeps = table.get(str(budget)) if int(data.get("n_visual", n_visual)) == n_visual else None
-        source = f"file:{schedule_file}"
+        file_keeps = table.get(str(budget)) if data.get("n_visual", n_visual) == n_visual else None
     if layers is None:
         if n_layers == 32 and n_visual == 576 and budget in OFFICIAL_KEEPS_7B:
             validate(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_layers)

@@ -61,7 +61,8 @@ def test_client_gives_up_after_max_retries_and_raises_api_error_on_4xx():
         image_to_url("/no/such/file.png")
 
 
-def test_async_client_against_the_api_in_process():
+def _inprocess_app():
+    """The real FastAPI app on a tiny random LLaVA, without Ray."""
     from vlmguard.workers.api import LocalBackend, create_api
     from vlmguard.workers.config import ModelConfig, ServiceConfig
     from vlmguard.workers.engine_worker import EngineWorker
@@ -69,7 +70,11 @@ def test_async_client_against_the_api_in_process():
     worker = EngineWorker("random:llava", name="tiny-llava", engine=tiny_engine("llava"))
     cfg = ServiceConfig(models=[ModelConfig(name="tiny-llava", model="random:llava", max_new_tokens_limit=32)],
                         api_key_env=None)
-    app = create_api(LocalBackend({"tiny-llava": worker}), cfg)
+    return create_api(LocalBackend({"tiny-llava": worker}), cfg)
+
+
+def test_async_client_against_the_api_in_process():
+    app = _inprocess_app()
     img = random_image(2, (36, 36))
 
     async def scenario():
@@ -92,3 +97,44 @@ def test_async_client_against_the_api_in_process():
             assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 4
 
     asyncio.run(scenario())
+
+
+def test_api_rejects_out_of_range_seeds_bool_budgets_and_server_file_schedules(tmp_path):
+    """4xx with a message, never a 500: a seed no generator holds, ``budget: true``, and an AdaptInfer schedule
+    named as a file on the server (remote requests send the schedule object itself, which works)."""
+    app = _inprocess_app()
+    img = image_to_url(random_image(2, (36, 36)))
+    schedule_file = tmp_path / "sched.json"
+    schedule_file.write_text(json.dumps({"layers": [0, 1]}))
+
+    def chat(**extra):
+        body = {"model": "tiny-llava", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Is there a dog?"}, {"type": "image_url", "image_url": {"url": img}}]}], **extra}
+        return body
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as h:
+            out = {}
+            out["seed"] = await h.post("/v1/chat/completions", json=chat(seed=2**70, temperature=0.7))
+            out["seed_stream"] = await h.post("/v1/chat/completions", json=chat(seed=2**70, stream=True))
+            out["gen_seed"] = await h.post("/v1/generate", json={"prompt": "hi", "images": [img],
+                                                                 "spec": {"seed": 2**70, "decoding": "sample"}})
+            out["budget"] = await h.post("/v1/chat/completions", json=chat(vlmguard={"pruning": "fastv", "budget": True}))
+            out["file"] = await h.post("/v1/chat/completions", json=chat(vlmguard={
+                "pruning": "adaptinfer", "budget": 4, "pruning_params": {"schedule": str(schedule_file)}}))
+            out["inline"] = await h.post("/v1/chat/completions", json=chat(vlmguard={
+                "pruning": "adaptinfer", "budget": 4, "pruning_params": {"schedule": {"layers": [0, 1]}}}))
+            out["gen_inline"] = await h.post("/v1/generate", json={"prompt": "hi", "images": [img], "spec": {
+                "pruning": "adaptinfer", "budget": 4, "max_new_tokens": 1, "pruning_params": {"schedule": {"layers": [0, 1]}}}})
+            out["bad_inline"] = await h.post("/v1/chat/completions", json=chat(vlmguard={
+                "pruning": "adaptinfer", "budget": 4, "pruning_params": {"schedule": {"layers": "x"}}}))
+            return out
+
+    out = asyncio.run(scenario())
+    for key in ("seed", "seed_stream", "gen_seed"):
+        assert out[key].status_code == 400 and "seed" in out[key].json()["error"]["message"], key
+    assert out["budget"].status_code == 400 and "budget must be a number" in out["budget"].json()["error"]["message"]
+    assert out["file"].status_code == 400 and "file on the server" in out["file"].json()["error"]["message"]
+    assert out["inline"].status_code == 200, out["inline"].text
+    assert out["gen_inline"].json()["pruning"]["adaptinfer_schedule"][0]["source"] == "inline"
+    assert out["bad_inline"].status_code == 400 and "'layers' must be" in out["bad_inline"].json()["error"]["message"]

@@ -162,3 +162,35 @@ def test_bad_inputs_raise_clear_errors():
         GenerationSpec.build(pruning="none", budget=0)
     with pytest.raises(InvalidInput, match="budget"):
         GenerationSpec.build(pruning="none", budget=-3)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"budget": True}, "budget must be a number"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_spec_fields_fail_as_one_line_invalid_input_even_when_constructed_directly(kwargs, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        GenerationSpec(**kwargs)
+
+
+def test_misused_python_api_gets_invalid_input_not_a_deep_error():
+    from vlmguard.engine import pick_device
+
+    eng = tiny_engine("llava")
+    img = random_image(0)
+    cases = [(["hi"], "expected a Request, got str"), (Request("hi", [img]), "must be a list of Request objects"),
+             ([Request("hi", img)], "images must be a list"), ([Request("hi", None)], "images must be a list"),
+             ([Request("hi", [img], system=5)], "system must be a string")]
+    for requests, needle in cases:
+        with pytest.raises(InvalidInput, match=needle):
+            eng.generate(requests, GenerationSpec(max_new_tokens=1))
+    with pytest.raises(InvalidInput, match="must be a GenerationSpec"):
+        eng.generate([Request("hi", [img])], {"max_new_tokens": 1})
+    assert len(eng.generate(iter([Request("hi", [img])]), GenerationSpec(max_new_tokens=1))) == 1
+    with pytest.raises(InvalidInput, match="unknown device 'banana'"):
+        pick_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInput, match="CUDA is not available"):
+            pick_device("cuda")

@@ -10,6 +10,7 @@ import torch
 from pruning_support import requests
 from vlmguard.cli import main as cli_main
 from vlmguard.engine import Engine
+from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
 from vlmguard.pruning.adaptinfer import text_prior_scores
 from vlmguard.pruning.adaptinfer_schedule import (OFFICIAL_KEEPS_7B, OFFICIAL_LAYERS_7B, actual_average,
@@ -157,3 +158,34 @@ def test_analyze_command_writes_a_usable_schedule(tmp_path, capsys):
     sched = res.pruning["adaptinfer_schedule"][0]
     assert list(sched["layers"]) == data["layers"] and list(sched["keeps"]) == data["keeps"][str(budget)]
     assert rc == 0 and cli_main(["prune", "analyze", "--model", "random:llava", "--samples", "0"]) == 2
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"layers": [1], "keeps": "x"}, "'keeps' must map budgets to lists of integers"),
+    ({"layers": "x"}, "'layers' must be a non-empty list of integers"),
+    ({"layers": [0, 1], "n_visual": "many"}, "'n_visual' must be a positive integer"),
+    ([1, 2], "has no 'layers' list"),
+])
+def test_malformed_schedules_fail_when_the_spec_resolves(tmp_path, content, needle):
+    """Before any model work, as one line naming the file (or the inline object) and the bad key."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(content))
+    inline = [(content, "schedule")] if isinstance(content, dict) else []  # a non-object fails pydantic's type check
+    for schedule, where in [(str(path), "schedule file")] + inline:
+        with pytest.raises(InvalidInput, match=needle) as err:
+            GenerationSpec(pruning="adaptinfer", budget=4, pruning_params={"schedule": schedule}).resolve()
+        assert where in str(err.value)
+    with pytest.raises(InvalidInput, match="cannot read schedule file"):
+        GenerationSpec(pruning="adaptinfer", budget=4, pruning_params={"schedule": str(tmp_path)}).resolve()
+
+
+def test_an_inline_schedule_equals_the_same_schedule_from_its_file(tmp_path):
+    data = {"layers": [0, 2], "keeps": {"4": [8, 3]}, "n_visual": 16}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    eng = tiny_engine("llava")
+    out = [eng.generate(requests()[:1], GenerationSpec(pruning="adaptinfer", budget=4, max_new_tokens=2,
+                                                       pruning_params={"schedule": sched}))[0] for sched in (str(path), data)]
+    assert out[0].token_ids == out[1].token_ids and out[0].visual_tokens_kept == out[1].visual_tokens_kept
+    assert [o.pruning["adaptinfer_schedule"][0]["source"] for o in out] == [f"file:{path}", "inline"]
+    assert list(out[1].pruning["adaptinfer_schedule"][0]["keeps"]) == [8, 3]

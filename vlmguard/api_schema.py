@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlmguard.spec import budget_not_bool
 
 # ---- errors -----------------------------------------------------------------------------------------
 
@@ -49,6 +51,8 @@ class VlmguardOptions(BaseModel):
     do_sample: Optional[bool] = None
     top_k: Optional[int] = None
     diagnostics: bool = False  # include per-step diagnostics in the response's vlmguard object
+
+    _budget_is_not_a_bool = field_validator("budget", mode="before")(budget_not_bool)
 
     @model_validator(mode="after")
     def _merge_params(self) -> "VlmguardOptions":

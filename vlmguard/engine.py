@@ -44,7 +44,24 @@ MODEL_CLASSES = {
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInput(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInput(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidInput(f"device {device!r}: vlmguard runs on cpu or cuda")
+    return dev
+
+
+def _request_list(requests: Any) -> list[Request]:
+    """The engine takes a list (any iterable) of Requests; a lone Request or a string is a usage error."""
+    if isinstance(requests, (Request, str, bytes)) or not hasattr(requests, "__iter__"):
+        raise InvalidInput(f"requests must be a list of Request objects, got {type(requests).__name__}")
+    return list(requests)
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -135,6 +152,7 @@ class Engine:
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], spec: GenerationSpec | None = None) -> list[GenerationResult]:
+        requests = _request_list(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
         for ev in self.stream(requests, spec):
             if ev.done:
@@ -143,9 +161,12 @@ class Engine:
 
     def stream(self, requests: Sequence[Request], spec: GenerationSpec | None = None) -> Iterator[StreamEvent]:
         spec = spec or GenerationSpec()
+        requests = _request_list(requests)
+        if not isinstance(spec, GenerationSpec):
+            raise InvalidInput(f"spec must be a GenerationSpec, got {type(spec).__name__}")
         if not requests:
             return
-        yield from self._run(list(requests), spec)
+        yield from self._run(requests, spec)
 
     # ---- pre-passes for decoders -----------------------------------------------------------
     @torch.no_grad()
@@ -187,8 +208,14 @@ class Engine:
     def _prompts(self, requests: list[Request]) -> list[Prompt]:
         out = []
         for i, r in enumerate(requests):
+            if not isinstance(r, Request):
+                raise InvalidInput(f"request {i}: expected a Request, got {type(r).__name__}")
             if not isinstance(r.prompt, str):
                 raise InvalidInput(f"request {i}: prompt must be a string")
+            if not isinstance(r.images, (list, tuple)):
+                raise InvalidInput(f"request {i}: images must be a list of images, got {type(r.images).__name__}")
+            if r.system is not None and not isinstance(r.system, str):
+                raise InvalidInput(f"request {i}: system must be a string")
             if not r.prompt.strip() and not r.images:
                 raise InvalidInput(f"request {i}: empty prompt and no image")
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]

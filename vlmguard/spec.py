@@ -15,12 +15,19 @@ from vlmguard.errors import InvalidInput
 Budget = Union[int, float]
 
 
+def budget_not_bool(v: Any) -> Any:
+    """A ``mode="before"`` check for budget fields: JSON ``true`` is not a budget (pydantic would read it as 1)."""
+    if isinstance(v, bool):
+        raise ValueError("budget must be a number")
+    return v
+
+
 class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pruning: str = "none"
-    # int >= 1: visual tokens kept per image (LLaVA-1.5: 192/128/64 of 576);
-    # float in (0, 1]: the kept fraction of the image's visual tokens.
+    # int >= 1: visual tokens kept per request row, shared by its images (LLaVA-1.5: 192/128/64 of 576);
+    # float in (0, 1]: the kept fraction of the row's visual tokens.
     budget: Budget | None = None
     pruning_params: dict[str, Any] = Field(default_factory=dict)
     decoding: str = "greedy"
@@ -31,18 +38,21 @@ class GenerationSpec(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what a torch generator and a SQLite INTEGER hold
     stop: list[str] = Field(default_factory=list)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: bool = True
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_is_not_a_bool(cls, v: Any) -> Any:
+        return budget_not_bool(v)
 
     @field_validator("budget")
     @classmethod
     def _check_budget(cls, v: Budget | None) -> Budget | None:
         if v is None:
             return v
-        if isinstance(v, bool):
-            raise ValueError("budget must be a number")
         if isinstance(v, float) and not v.is_integer() or v == 1.0 and isinstance(v, float):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"budget ratio must be in (0, 1], got {v}")
@@ -58,13 +68,17 @@ class GenerationSpec(BaseModel):
             return self.do_sample and self.temperature > 0
         return self.decoding == "sample" and self.temperature > 0
 
-    @classmethod
-    def build(cls, **kwargs: Any) -> "GenerationSpec":
-        """Construct with a one-line InvalidInput instead of a pydantic error dump."""
+    def __init__(self, **data: Any) -> None:
+        """Bad fields raise one InvalidInput line naming them, not a pydantic error dump."""
         try:
-            return cls(**kwargs)
+            super().__init__(**data)
         except ValidationError as e:
             raise InvalidInput(format_validation_error(e, "generation spec")) from None
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> "GenerationSpec":
+        """The same as ``GenerationSpec(**kwargs)`` (kept for callers that spell it so)."""
+        return cls(**kwargs)
 
     def resolve(self) -> tuple[Any, Any]:
         """Instantiate (pruner, decoder) from the registries, validating their parameters."""

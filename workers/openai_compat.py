@@ -30,6 +30,9 @@ ImageResolver = Callable[[str], Image.Image]
 
 
 def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSpec:
+    if isinstance(spec.pruning_params.get("schedule"), str):  # checked before resolve() would open it
+        raise InvalidInput("adaptinfer: 'schedule' names a file on the server, which remote requests may not read; "
+                           "send the schedule itself (the JSON object `vlmguard prune analyze` writes)")
     if spec.max_new_tokens > max_new_tokens_limit:
         raise InvalidInput(f"max tokens {spec.max_new_tokens} exceeds this server's limit of {max_new_tokens_limit}")
     spec.resolve()  # unknown methods / bad method parameters -> InvalidInput here, before any model work
