@@ -44,8 +44,14 @@ def _analyze(args: argparse.Namespace) -> int:
     from vlmguard.engine import Engine
     from vlmguard.pruning.analysis import CALIBRATION_SEED, analyze, directory_calibration, synth_calibration
 
+    from vlmguard.files import check_output_file
+
     if args.samples < 1:
         raise InvalidInput(f"--samples must be >= 1, got {args.samples}")
+    if args.min_size < 1:
+        raise InvalidInput(f"--min-size must be >= 1, got {args.min_size}")
+    if args.out:  # before the analysis, not after it
+        check_output_file(args.out, "--out")
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
     if args.images:
@@ -55,16 +61,11 @@ def _analyze(args: argparse.Namespace) -> int:
         size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 96) or 96)
         prompts = synth_calibration(args.samples, seed=args.seed if args.seed is not None else CALIBRATION_SEED,
                                     image_size=max(size, 32))
-    if args.min_size < 1:
-        raise InvalidInput(f"--min-size must be >= 1, got {args.min_size}")
     result = analyze(engine, prompts, min_size=args.min_size)
     out = result.to_dict(args.model)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        out["out"] = str(path)
+        out["out"] = str(Path(args.out))
     if args.json:
         print(json.dumps(out))
     else:
@@ -76,7 +77,12 @@ def _analyze(args: argparse.Namespace) -> int:
         for b, info in out["budgets"].items():
             print(f"  budget {b:>4}: keeps {info['keeps']}  official avg {info['official_avg']}  "
                   f"actual avg {info['actual_avg']}")
-        if args.out:
+    if args.out:  # written after the results are printed: a failing write does not lose them
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        schedule = {k: v for k, v in out.items() if k != "out"}
+        path.write_text(json.dumps(schedule, indent=2) + "\n")
+        if not args.json:
             print(f"schedule written to {args.out}")
     return 0
 

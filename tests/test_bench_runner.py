@@ -309,7 +309,7 @@ benchmarks:
   - chair: {{preset: chair64}}
 methods:
   - {{name: base}}
-  - {{name: fakeprune, pruning: fake}}
+  - {{name: fakeprune, pruning: random}}  # a registered pruner: the config's methods are resolved up front
 budgets: [8, 4]
 """)
     jobs = expand(load_config(cfg))

@@ -1,6 +1,6 @@
 """The ``vlmguard`` command line. Each feature module contributes its subcommands via ``register``.
 
-Errors a user can act on (:class:`VlmguardError`, missing files, bad images) print as one line on
+Errors a user can act on (:class:`VlmguardError`, missing or unwritable files, bad images) print as one line on
 stderr with exit status 2, never a traceback. ``VLMGUARD_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
@@ -54,10 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlmguard: interrupted", file=sys.stderr)
         return 130
-    except (VlmguardError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        if os.environ.get("VLMGUARD_DEBUG"):
+    except (VlmguardError, OSError) as e:
+        # OSErrors about a named file (missing, a directory, not writable, ...) are the user's to fix; others
+        # (a broken connection, say) keep their traceback
+        user_os_error = isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)) or (
+            isinstance(e, OSError) and e.filename is not None)
+        if os.environ.get("VLMGUARD_DEBUG") or isinstance(e, OSError) and not user_os_error:
             raise
-        msg = str(e) if isinstance(e, VlmguardError) else f"{e.strerror or e}: {e.filename}"
+        if isinstance(e, VlmguardError):
+            msg = str(e)
+        else:
+            msg = f"{e.strerror or e}: {e.filename}" if e.filename is not None else str(e.strerror or e)
         print(f"vlmguard: error: {msg}", file=sys.stderr)
         return 2
 

@@ -107,24 +107,28 @@ def find_model_deployment(app: str, model: str | None) -> tuple[Any, dict[str, A
                         f"{', '.join(str(f[1].get('name')) for f in found)})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vlmguard.bench import cli as bench_cli
+    from vlmguard.bench.pope_leading import ALL_TEMPLATES
+    from vlmguard.bench.pope_parsers import PARSERS
+    from vlmguard.bench.prompts import CHAIR_PRESETS, POPE_PROMPTS
 
-    p = argparse.ArgumentParser(prog="python -m vlmguard.workers.bench_job",
-                                description="benchmark sweep sharded over a served model's replicas")
+    p = parser_class(prog="python -m vlmguard.workers.bench_job",
+                     description="benchmark sweep sharded over a served model's replicas")
     p.add_argument("benchmark", choices=["pope", "pope-leading", "chair"])
     bench_cli._add_dataset_args(p)
     bench_cli._add_method_args(p)
     bench_cli._add_run_args(p)
     p.set_defaults(model=None)
     p.add_argument("--split", action="append", choices=["random", "popular", "adversarial", "all"])
-    p.add_argument("--prompt-preset", default="llava")
-    p.add_argument("--parser", default="official")
-    p.add_argument("--template", action="append")
-    p.add_argument("--preset", dest="chair_preset", default="chair512")
+    p.add_argument("--prompt-preset", default="llava", choices=sorted(POPE_PROMPTS))
+    p.add_argument("--parser", default="official", choices=PARSERS.names())
+    p.add_argument("--template", action="append", choices=list(ALL_TEMPLATES))
+    p.add_argument("--preset", dest="chair_preset", default="chair512", choices=sorted(CHAIR_PRESETS))
     p.add_argument("--prompt")
     p.add_argument("--app", default="vlmguard", help="Serve application name (default: %(default)s)")
-    p.add_argument("--shards", type=int, default=None, help="default: the deployment's running replicas")
+    p.add_argument("--shards", type=bench_cli._positive_int, default=None,
+                   help="default: the deployment's running replicas")
     p.add_argument("--ray-address", default="auto")
     return p
 
@@ -151,7 +155,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
     handle, info, replicas = find_model_deployment(args.app, args.model)
-    n = args.shards or replicas
+    n = replicas if args.shards is None else args.shards
     engine = ServeEngine(handle, info)
     jobs = benchmark_runs(args)
     t0 = time.perf_counter()

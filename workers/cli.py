@@ -94,11 +94,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         print("vlmguard service stopped (the Ray cluster keeps running; `ray stop` ends it)")
         return 0
+    wait_s = None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0
     config = apply_overrides(
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
-        replicas=args.replicas, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0,
-        direct_ingress=args.direct_ingress, batch_mode=args.batch_mode)
+        replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait_s,
+        direct_ingress=args.direct_ingress, batch_mode=args.batch_mode,
+        names={"port": f"--port {args.port}", "host": f"--host {args.host}", "model": f"--model {args.model}",
+               "replicas": f"--replicas {args.replicas}", "max_batch_size": f"--max-batch-size {args.max_batch_size}",
+               "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
+               "batch_mode": f"--batch-mode {args.batch_mode}"})  # a bad override fails here, before Ray starts
     address = args.address
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,

@@ -171,13 +171,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ServiceConfig:
 def load_config(path: str | Path | None) -> ServiceConfig:
     if path is None:
         return ServiceConfig()
-    import yaml
+    from vlmguard.files import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise InvalidInput(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InvalidInput(f"{p}: not valid YAML ({e})") from None
+    data = read_yaml(p, "service config") or {}
     return parse_config(data, str(p))

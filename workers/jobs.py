@@ -7,6 +7,7 @@ paths that exist there.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -64,15 +65,31 @@ def bench_entrypoint(bench_argv: list[str], python: str | None = None) -> str:
     return shlex.join([py, "-m", "vlmguard.workers.bench_job", *absolutize(bench_argv)])
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad argument as InvalidInput (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise InvalidInput(f"bad benchmark job arguments: {message}")
+
+
+def check_bench_args(bench_argv: list[str]) -> argparse.Namespace:
+    """Check a benchmark job's arguments here, before any cluster is contacted, as ``vlmguard bench`` checks
+    its own: the syntax, the generation spec (methods and their parameters resolved) and the dataset.
+    The default ``synthcoco`` is not built here: the job builds (or finds) it on the cluster."""
+    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
+    from vlmguard.workers.bench_job import build_parser
+
+    args = build_parser(_ArgumentParser).parse_args(bench_argv)
+    _spec_from_args(args).resolve()
+    if args.dataset != "synthcoco":
+        _dataset_from_args(args)
+    return args
+
+
 def submit_bench(bench_argv: list[str], *, address: str | None = None, python: str | None = None,
                  submission_id: str | None = None, env: dict[str, str] | None = None) -> str:
     """Submit ``bench_job`` with these arguments; returns the submission id."""
-    from vlmguard.workers.bench_job import build_parser
-
-    try:
-        build_parser().parse_args(bench_argv)  # fail here, not on the cluster
-    except SystemExit:
-        raise InvalidInput(f"bad benchmark job arguments: {' '.join(bench_argv)}") from None
+    check_bench_args(bench_argv)  # fail here, not on the cluster
     c = client(address)
     env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     for key in ("VLMGUARD_SHARED", "VLMGUARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):

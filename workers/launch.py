@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmguard.errors import VlmguardError
+from pydantic import ValidationError
+
+from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.ray_auth import use_local_auth_token
 
@@ -60,11 +62,23 @@ class Service:
                 ray.shutdown()
 
 
+# config field -> the apply_overrides argument that sets it (to name that argument in an error)
+_OVERRIDE_OF_FIELD = {"port": "port", "host": "host", "model": "model", "num_replicas": "replicas",
+                      "enabled": "batching", "max_batch_size": "max_batch_size",
+                      "batch_wait_timeout_s": "batch_wait_timeout_s", "mode": "batch_mode",
+                      "direct_ingress": "direct_ingress"}
+
+
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
                     batching: bool | None = None, model: str | None = None, replicas: int | None = None,
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                     batch_mode: str | None = None,
-                    direct_ingress: bool | None = None) -> ServiceConfig:
+                    direct_ingress: bool | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
+    """The config with these overrides (None: keep the config's). A bad value is one InvalidInput line that
+    names the override, as ``names`` spells it (the CLI passes its option names, e.g. ``--replicas``)."""
+    given = {k for k, v in dict(port=port, host=host, batching=batching, model=model, replicas=replicas,
+                                max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                                batch_mode=batch_mode, direct_ingress=direct_ingress).items() if v is not None}
     data = config.model_dump()
     if direct_ingress is not None:
         data["direct_ingress"] = direct_ingress
@@ -85,7 +99,19 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
             m["batching"]["batch_wait_timeout_s"] = batch_wait_timeout_s
         if batch_mode is not None:
             m["batching"]["mode"] = batch_mode
-    return ServiceConfig(**data)
+    try:
+        return ServiceConfig(**data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = err.get("loc", ())
+            override = _OVERRIDE_OF_FIELD.get(str(loc[-1])) if loc else None
+            if override in given:
+                label = (names or {}).get(override, override)
+            else:
+                label = "service config " + ".".join(str(x) for x in loc)
+            parts.append(f"{label}: {err.get('msg')}")
+        raise InvalidInput("; ".join(dict.fromkeys(parts))) from None
 
 
 @contextmanager

@@ -220,6 +220,7 @@ def benchmark_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"split": s, "template": t} for s in splits for t in templates]
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from vlmguard.bench.db import check_db
     from vlmguard.bench.runner import run_benchmark
     from vlmguard.engine import Engine
 
@@ -227,6 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec.resolve()  # unknown methods / bad params fail before the model loads
     dataset = _dataset_from_args(args)
     jobs = benchmark_runs(args)
+    check_db(args.db)
     t0 = time.perf_counter()
     engine = Engine.load(args.model, device=args.device)
     outcomes = []
@@ -299,7 +301,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_make_leading(args: argparse.Namespace) -> int:
     from vlmguard.bench.pope_data import load_pope_file
     from vlmguard.bench.pope_leading import TEMPLATES, write_leading_files
+    from vlmguard.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     pope = load_pope_file(args.questions)
     paths = write_leading_files(pope, args.out, args.template or list(TEMPLATES))
     if args.json:
@@ -356,12 +360,15 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
     from vlmguard.bench.chair_gt import load_ground_truth
     from vlmguard.bench.chair_score import load_captions, score_captions
     from vlmguard.bench.jsonio import write_jsonl
+    from vlmguard.files import check_output_file
 
+    if args.records:
+        check_output_file(args.records, "--records")
+    if args.gt_cache and not args.gt_cache.is_file():  # an existing cache is read, a missing one written
+        check_output_file(args.gt_cache, "--gt-cache")
     caps = load_captions(args.captions, args.image_id_key, args.caption_key)
     gt = load_ground_truth(args.gt, image_ids=[c.image_id for c in caps], cache=args.gt_cache)
     m, records = score_captions(caps, gt, args.captions, drop_incomplete=args.drop_incomplete)
-    if args.records:
-        write_jsonl(args.records, records)
     m["captions"] = str(args.captions)
     m["gt"] = str(args.gt)
     if args.json:
@@ -372,6 +379,9 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
             print(f"  {label:<8} {'-' if m[k] is None else f'{m[k]:.1f}'}")
         for flag in m["flags"]:
             print(f"  note: {flag}")
+    if args.records:  # after the metrics are out, so a failing write does not lose them
+        sys.stdout.flush()
+        write_jsonl(args.records, records)
     return 0
 
 
@@ -394,9 +404,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from vlmguard.bench.report import build_report
+    from vlmguard.files import check_output_dir
 
     if not Path(args.db).is_file():
         raise InvalidInput(f"{args.db}: results database not found")
+    check_output_dir(args.out, "--out")
     rep = build_report(args.db, args.out)
     if args.json:
         _print_json({"db": str(args.db), "out": str(args.out), "files": rep["files"],

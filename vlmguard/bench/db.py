@@ -95,11 +95,19 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
     p = Path(path)
     if not create and not p.is_file():
         raise InvalidInput(f"{p}: results database not found")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_dir():
+        raise InvalidInput(f"{p}: is a directory, expected an SQLite file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidInput(f"{p}: cannot create the results database's folder ({e.strerror or e})") from None
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     pause = 0.02
     while True:
-        conn = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise InvalidInput(f"{p}: cannot open the results database ({e})") from None
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -121,7 +129,20 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
             if _is_busy(e):
                 raise InvalidInput(f"{p}: the results database stayed locked for {BUSY_TIMEOUT_S:.0f} s "
                                    f"(another process is writing it?)") from None
+            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+                raise InvalidInput(f"{p}: cannot open the results database ({e})") from None
             raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
+
+
+def check_db(path: str | Path, option: str = "--db") -> Path:
+    """Open (creating when missing) the results database a command will write, before its work starts, so
+    a bad path (a folder, an unwritable place, not a database) fails at once with one line naming ``option``."""
+    p = Path(path)
+    try:
+        connect(p).close()
+    except InvalidInput as e:
+        raise InvalidInput(f"{option} {e}") from None
+    return p
 
 
 def _is_busy(e: sqlite3.DatabaseError) -> bool:

@@ -19,12 +19,15 @@ Config (YAML)::
     budgets: [48, 16]           # applied to every method that prunes; others run once
 
 Generation knobs (max_new_tokens, seed, do_sample, temperature, top_p, top_k) may be set per method or
-at the top level; benchmark presets fill in the rest.
+at the top level; benchmark presets fill in the rest. The whole config is checked before the first run:
+keys, value types, benchmark options, and every method's pruning and decoding names with their parameters.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmguard.bench.datasets import resolve_dataset
 from vlmguard.bench.pope_data import SPLITS
@@ -32,25 +35,97 @@ from vlmguard.bench.runner import RunOutcome, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput
 
 GEN_KEYS = ("max_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k")
-METHOD_KEYS = {"name", "pruning", "pruning_params", "budget", "budgets", "decoding", "decoding_params", *GEN_KEYS}
-TOP_KEYS = {
-    "model", "models", "dataset", "db", "limit", "batch_size", "benchmarks", "methods", "budgets", "image_split",
-    "coco_images", "coco_annotations", "pope_dir", "pope_set", "gt", "image_ids", "device", *GEN_KEYS,
-}
+
+
+# The config's schema: the types of every key (values are range-checked where they are used: budgets and
+# generation knobs by GenerationSpec, names by the registries). ``strict``: YAML's 5 is no string, "abc" no
+# number. A key given as null is an error unless its type says Optional.
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _GenKnobs(_Schema):
+    max_new_tokens: int = None  # type: ignore[assignment]
+    seed: int = None  # type: ignore[assignment]
+    do_sample: bool = None  # type: ignore[assignment]
+    temperature: float = None  # type: ignore[assignment]
+    top_p: float = None  # type: ignore[assignment]
+    top_k: int = None  # type: ignore[assignment]
+
+
+class _MethodSchema(_GenKnobs):
+    name: str = None  # type: ignore[assignment]
+    pruning: str = None  # type: ignore[assignment]
+    pruning_params: Optional[dict[str, Any]] = None
+    budget: float = None  # type: ignore[assignment]  # int or float; GenerationSpec checks the value
+    budgets: list[float] = Field(None, min_length=1)  # type: ignore[assignment]
+    decoding: str = None  # type: ignore[assignment]
+    decoding_params: Optional[dict[str, Any]] = None
+
+
+class _SweepSchema(_GenKnobs):
+    model: str | list[str] = Field(None, min_length=1)  # type: ignore[assignment]
+    models: str | list[str] = Field(None, min_length=1)  # type: ignore[assignment]
+    dataset: str = None  # type: ignore[assignment]
+    db: str = None  # type: ignore[assignment]
+    limit: int = Field(None, ge=1)  # type: ignore[assignment]
+    batch_size: int = Field(None, ge=1)  # type: ignore[assignment]
+    benchmarks: list[Any] = Field(None, min_length=1)  # type: ignore[assignment]  # entries: _benchmarks
+    methods: Optional[list[Any]] = None  # entries: _MethodSchema
+    budgets: list[float] = Field(None, min_length=1)  # type: ignore[assignment]
+    image_split: str = None  # type: ignore[assignment]
+    coco_images: str = None  # type: ignore[assignment]
+    coco_annotations: str = None  # type: ignore[assignment]
+    pope_dir: str = None  # type: ignore[assignment]
+    pope_set: str = None  # type: ignore[assignment]
+    gt: str = None  # type: ignore[assignment]
+    image_ids: str = None  # type: ignore[assignment]
+    device: str = None  # type: ignore[assignment]
+
+
+_Split = Literal["random", "popular", "adversarial"]
+
+
+class _PopeOptions(_Schema):
+    splits: list[_Split] = Field(None, min_length=1)  # type: ignore[assignment]
+    prompt_preset: str = None  # type: ignore[assignment]
+    parser: str = None  # type: ignore[assignment]
+    limit: int = Field(None, ge=1)  # type: ignore[assignment]
+
+
+class _LeadingOptions(_PopeOptions):
+    templates: list[str] = Field(None, min_length=1)  # type: ignore[assignment]
+
+
+class _ChairOptions(_Schema):
+    preset: str = None  # type: ignore[assignment]
+    prompt: str = None  # type: ignore[assignment]
+    limit: int = Field(None, ge=1)  # type: ignore[assignment]
+
+
+BENCHMARK_OPTIONS: dict[str, type[_Schema]] = {"pope": _PopeOptions, "pope-leading": _LeadingOptions,
+                                               "chair": _ChairOptions}
+METHOD_KEYS = set(_MethodSchema.model_fields)
+TOP_KEYS = set(_SweepSchema.model_fields)
+
+
+def _check(schema: type[_Schema], data: dict[str, Any], what: str) -> None:
+    try:
+        schema(**data)
+    except ValidationError as e:
+        from vlmguard.spec import format_validation_error
+
+        raise InvalidInput(format_validation_error(e, what)) from None
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    import yaml
+    """Read and check the whole sweep config (keys, types, benchmark options, every method's pruning and
+    decoding with its parameters) so that a mistake fails before the first run, with one line naming the
+    file and the key."""
+    from vlmguard.files import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise InvalidInput(f"{p}: sweep config not found")
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise InvalidInput(f"{p}{where}: bad YAML ({getattr(e, 'problem', e)})") from None
+    cfg = read_yaml(p, "sweep config")
     if not isinstance(cfg, dict):
         raise InvalidInput(f"{p}: expected a mapping at the top level")
     unknown = set(cfg) - TOP_KEYS
@@ -58,34 +133,103 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise InvalidInput(f"{p}: unknown keys {sorted(unknown)} (known: {sorted(TOP_KEYS)})")
     if not cfg.get("benchmarks"):
         raise InvalidInput(f"{p}: 'benchmarks' is required")
-    for m in cfg.get("methods") or [{}]:
+    _check(_SweepSchema, cfg, f"sweep config {p}")
+    for i, m in enumerate(cfg.get("methods") or [{}]):
         if not isinstance(m, dict):
-            raise InvalidInput(f"{p}: every method must be a mapping, got {m!r}")
+            raise InvalidInput(f"{p}: methods[{i}]: every method must be a mapping, got {m!r}")
         bad = set(m) - METHOD_KEYS
         if bad:
-            raise InvalidInput(f"{p}: method {m.get('name', m)!r}: unknown keys {sorted(bad)}")
+            raise InvalidInput(f"{p}: method {m.get('name', m)!r}: unknown keys {sorted(bad)} "
+                               f"(known: {sorted(METHOD_KEYS)})")
+        _check(_MethodSchema, m, f"method {m.get('name', i)!r} in sweep config {p}")
+    benchmarks = _benchmarks(cfg, p)
+    for name, opts in benchmarks:
+        _check_benchmark_options(name, opts, p)
+    _check_specs(cfg, p)
     return cfg
 
 
-def _benchmarks(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _check_benchmark_options(name: str, opts: dict[str, Any], p: Path) -> None:
+    """Types and names in one benchmark's options (unknown keys too: a typo must not be ignored)."""
+    from vlmguard.bench.pope_leading import normalize_template_id
+    from vlmguard.bench.pope_parsers import PARSERS
+    from vlmguard.bench.prompts import get_chair_preset, get_pope_prompt
+
+    schema = BENCHMARK_OPTIONS[name]
+    unknown = set(opts) - set(schema.model_fields)
+    if unknown:
+        raise InvalidInput(f"{p}: benchmark {name!r}: unknown options {sorted(unknown)} "
+                           f"(known: {sorted(schema.model_fields)})")
+    _check(schema, opts, f"options of benchmark {name!r} in sweep config {p}")
+    try:
+        if opts.get("prompt_preset") is not None:
+            get_pope_prompt(opts["prompt_preset"])
+        if opts.get("parser") is not None and opts["parser"] not in PARSERS:
+            PARSERS.get(opts["parser"])  # raises, listing the known parsers
+        if opts.get("preset") is not None:
+            get_chair_preset(opts["preset"])
+        for t in opts.get("templates") or []:
+            normalize_template_id(t)
+    except InvalidInput as e:
+        raise InvalidInput(f"{p}: benchmark {name!r}: {e}") from None
+
+
+def job_spec(job: dict[str, Any]):
+    """The GenerationSpec of one expanded sweep job (benchmark preset, then the method's knobs)."""
+    return default_spec(
+        job["benchmark"],
+        prompt_preset=job["prompt_preset"],
+        chair_preset=job["chair_preset"],
+        pruning=job["pruning"],
+        budget=job["budget"],
+        pruning_params=job["pruning_params"],
+        decoding=job["decoding"],
+        decoding_params=job["decoding_params"],
+        **{k: job[k] for k in GEN_KEYS},
+    )
+
+
+def _check_specs(cfg: dict[str, Any], p: Path) -> None:
+    """Build and resolve every job's GenerationSpec (as ``vlmguard bench`` does before its model loads):
+    an unknown method or a bad parameter of the last method fails now, not after the first method's runs."""
+    import json
+
+    seen: set[str] = set()
+    for job in expand(cfg):
+        key = json.dumps({k: v for k, v in job.items() if k not in ("model", "split", "template", "limit")},
+                         sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            job_spec(job).resolve()
+        except InvalidInput as e:
+            at = f" budget {job['budget']}" if job["budget"] is not None else ""
+            raise InvalidInput(f"{p}: method {job['method']!r}{at} ({job['benchmark']}): {e}") from None
+
+
+def _benchmarks(cfg: dict[str, Any], source: str | Path = "sweep config") -> list[tuple[str, dict[str, Any]]]:
     out = []
-    for entry in cfg["benchmarks"]:
+    for i, entry in enumerate(cfg["benchmarks"]):
         if isinstance(entry, str):
             out.append((entry, {}))
         elif isinstance(entry, dict) and len(entry) == 1:
             (name, opts), = entry.items()
+            if opts is not None and not isinstance(opts, dict):
+                raise InvalidInput(f"{source}: benchmarks[{i}] {name!r}: options must be a mapping, got {opts!r} "
+                                   f"(e.g. {{{name}: {{limit: 100}}}})")
             out.append((name, dict(opts or {})))
         else:
-            raise InvalidInput(f"bad benchmark entry {entry!r} (use 'pope' or {{pope: {{...}}}})")
+            raise InvalidInput(f"{source}: bad benchmark entry {entry!r} (use 'pope' or {{pope: {{...}}}})")
     for name, _ in out:
-        if name not in ("pope", "pope-leading", "chair"):
-            raise InvalidInput(f"unknown benchmark {name!r} in sweep (known: pope, pope-leading, chair)")
+        if name not in BENCHMARK_OPTIONS:
+            raise InvalidInput(f"{source}: unknown benchmark {name!r} in sweep (known: pope, pope-leading, chair)")
     return out
 
 
 def expand(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (model, method, budget, benchmark, split/template) job of the sweep, in order."""
-    models = cfg.get("models") or [cfg.get("model", "tiny")]
+    models = cfg.get("models") or cfg.get("model") or "tiny"
     if isinstance(models, str):
         models = [models]
     methods = cfg.get("methods") or [{"name": "base"}]
@@ -96,8 +240,8 @@ def expand(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             budgets = m.get("budgets", [m["budget"]] if "budget" in m else cfg.get("budgets")) if prunes else None
             for budget in budgets or [None]:
                 for bench, opts in _benchmarks(cfg):
-                    splits = opts.get("splits", list(SPLITS)) if bench != "chair" else [None]
-                    templates = opts.get("templates", [None]) if bench == "pope-leading" else [None]
+                    splits = (opts.get("splits") or list(SPLITS)) if bench != "chair" else [None]
+                    templates = (opts.get("templates") or [None]) if bench == "pope-leading" else [None]
                     for split in splits:
                         for tmpl in templates:
                             gen = {k: m.get(k, cfg.get(k)) for k in GEN_KEYS}
@@ -133,8 +277,11 @@ def run_sweep(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> list[RunOutcome]:
-    cfg = load_config(config_path)
+    from vlmguard.bench.db import check_db
+
+    cfg = load_config(config_path)  # the whole config is checked here, before any run
     jobs = expand(cfg)
+    db_path = db or cfg.get("db") or "runs/vlmguard.sqlite"
     dataset = resolve_dataset(
         str(cfg.get("dataset", "synthcoco")),
         image_split=cfg.get("image_split", "test"),
@@ -145,12 +292,12 @@ def run_sweep(
         gt=_path(cfg.get("gt")),
         image_ids=_path(cfg.get("image_ids")),
     )
+    check_db(db_path, "--db" if db else f"{config_path}: db")
     if load_engine is None:
         from vlmguard.engine import Engine
 
         device = cfg.get("device", "auto")
         load_engine = lambda name: Engine.load(name, device=device)  # noqa: E731
-    db_path = db or cfg.get("db") or "runs/vlmguard.sqlite"
     engines: dict[str, Any] = {}
     outcomes = []
     for i, job in enumerate(jobs, 1):
@@ -158,17 +305,7 @@ def run_sweep(
         if engine is None:
             engines.clear()  # one model in memory at a time
             engine = engines[job["model"]] = load_engine(job["model"])
-        spec = default_spec(
-            job["benchmark"],
-            prompt_preset=job["prompt_preset"],
-            chair_preset=job["chair_preset"],
-            pruning=job["pruning"],
-            budget=job["budget"],
-            pruning_params=job["pruning_params"],
-            decoding=job["decoding"],
-            decoding_params=job["decoding_params"],
-            **{k: job[k] for k in GEN_KEYS},
-        )
+        spec = job_spec(job)
         out = run_benchmark(
             engine, job["benchmark"], dataset, spec, db_path, split=job["split"], template=job["template"],
             prompt_preset=job["prompt_preset"], parser=job["parser"], chair_preset=job["chair_preset"],

@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning", default="none", help="visual-token pruning method")
     p.add_argument("--budget", type=_budget, default=None,
-                   help="visual tokens kept per image (int) or kept fraction (0 < r <= 1)")
+                   help="visual tokens kept per request, shared by its images (int), or kept fraction (0 < r <= 1)")
     p.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--decoding", default="greedy", help="decoding method")
     p.add_argument("--param", "--decoding-param", dest="decoding_param", action="append", default=[],

@@ -64,12 +64,12 @@ def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=_positive, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
-    p.add_argument("--plot", default=None, help="write a PNG figure of the results to this file")
+    p.add_argument("--plot", default=None, help="write a figure of the results to this file (.png, .pdf, .svg, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
@@ -92,7 +92,9 @@ def register(subparsers) -> None:
     d = sub.add_parser("decode", help="per-token decode time of each decoding method relative to greedy")
     _common(d)
     d.set_defaults(repeats=3)
-    d.add_argument("--decoders", type=_csv(str), default=["greedy", "vcd", "m3id", "vista", "iava", "lqcd"])
+    d.add_argument("--decoders", type=_method_list, default=["greedy", "vcd", "m3id", "vista", "iava", "lqcd"],
+                   help="comma-separated decoding methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
+                        "(e.g. vcd[alpha=0.5])")
     d.add_argument("--batch", type=_csv(_positive), default=[1, 8], help="batch sizes, e.g. 1,8")
     d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
     d.add_argument("--budget", type=_budget, default=None)
@@ -124,7 +126,7 @@ def register(subparsers) -> None:
 
     pl = sub.add_parser("plot", help="draw the PNG figure of a saved perf JSON report")
     pl.add_argument("report", help="a JSON file written with --out")
-    pl.add_argument("--out", required=True, help="PNG path")
+    pl.add_argument("--out", required=True, help="figure path (.png, .pdf, .svg, ...)")
     pl.add_argument("--markdown", action="store_true", help="also print the report's table as markdown")
     pl.set_defaults(func=cmd_plot)
 
@@ -143,20 +145,32 @@ def _engine(args):
     return load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
 
 
+def _check_outputs(args) -> None:
+    """--out and --plot are checked before the (long) measurement, not after it."""
+    from vlmguard.files import check_output_file, check_plot_path
+
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.plot:
+        check_plot_path(args.plot, "--plot")
+
+
 def _finish(args, result: dict[str, Any], text: str) -> int:
+    """Print the results first, then write the files: a failing write never loses a measurement."""
     from vlmguard.perf.report import emit
 
+    emit(result, text, args.json, args.out)
     if args.plot:
         from vlmguard.perf.plots import plot_report
 
         plot_report(result, args.plot)
-    emit(result, text, args.json, args.out)
     return 0
 
 
 def cmd_prefill(args) -> int:
     from vlmguard.perf.prefill import prefill_table, run_prefill
 
+    _check_outputs(args)
     engine = _engine(args)
     result = run_prefill(engine, args.methods, args.budgets, batch=args.batch, repeats=args.repeats,
                          warmup=args.warmup, seed=args.seed, progress=_progress(args))
@@ -168,6 +182,7 @@ def cmd_decode(args) -> int:
 
     if (args.pruning is None) != (args.budget is None) and args.pruning not in (None, "none"):
         raise InvalidInput("--pruning needs --budget (visual tokens kept, or a ratio)")
+    _check_outputs(args)
     engine = _engine(args)
     result = run_decode(engine, args.decoders, args.batch, pruning=args.pruning, budget=args.budget,
                         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
@@ -178,6 +193,7 @@ def cmd_decode(args) -> int:
 def cmd_serve(args) -> int:
     from vlmguard.perf.serve import run_serve, serve_table
 
+    _check_outputs(args)
     result = run_serve(args, progress=_progress(args))
     return _finish(args, result, serve_table(result))
 
@@ -186,8 +202,10 @@ def cmd_plot(args) -> int:
     import json
     from pathlib import Path
 
+    from vlmguard.files import check_plot_path
     from vlmguard.perf.plots import plot_report
 
+    check_plot_path(args.out, "--out")
     path = Path(args.report)
     try:
         result = json.loads(path.read_text())

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from vlmguard.perf.models import bench_requests, warm_threads
+from vlmguard.perf.prefill import method_label, parse_method
 from vlmguard.perf.timing import environment, median, ratio
 from vlmguard.spec import GenerationSpec
 
@@ -29,9 +30,11 @@ class DecodeSamples:
     rows: int = 0  # LLM rows per step (requests x branches)
 
 
-def _spec(decoder: str, pruning: str | None, budget: int | float | None, new_tokens: int) -> GenerationSpec:
-    return GenerationSpec.build(decoding=decoder, pruning=pruning or "none", budget=budget if pruning else None,
-                                max_new_tokens=new_tokens, diagnostics=False)
+def _spec(decoder: tuple[str, dict[str, Any]], pruning: str | None, budget: int | float | None,
+          new_tokens: int) -> GenerationSpec:
+    name, params = decoder
+    return GenerationSpec.build(decoding=name, decoding_params=params, pruning=pruning or "none",
+                                budget=budget if pruning else None, max_new_tokens=new_tokens, diagnostics=False)
 
 
 def per_token_time(results: Sequence[Any]) -> float | None:
@@ -51,9 +54,14 @@ def run_decode(engine: Any, decoders: Sequence[str], batches: Sequence[int] = (1
         from vlmguard.errors import InvalidInput
 
         raise InvalidInput("--new-tokens must be at least 2 to time decode steps")
-    names = list(dict.fromkeys(["greedy", *decoders]))
+    # each decoder is NAME or NAME[KEY=VALUE;...] (its parameters), a row of its own under that label
+    methods: dict[str, tuple[str, dict[str, Any]]] = {"greedy": ("greedy", {})}
+    for text in decoders:
+        name, params = parse_method(text)
+        methods.setdefault(method_label(name, params), (name, params))
+    names = list(methods)
     for name in names:  # validate before spending time
-        _spec(name, pruning, budget, new_tokens).resolve()
+        _spec(methods[name], pruning, budget, new_tokens).resolve()
     warm_threads()
     rows = []
     for b in batches:
@@ -61,10 +69,10 @@ def run_decode(engine: Any, decoders: Sequence[str], batches: Sequence[int] = (1
         samples = {n: DecodeSamples() for n in names}
         for _ in range(warmup):
             for n in names:
-                engine.generate(requests, _spec(n, pruning, budget, new_tokens))
+                engine.generate(requests, _spec(methods[n], pruning, budget, new_tokens))
         for rep in range(repeats):
             for n in names:
-                results = engine.generate(requests, _spec(n, pruning, budget, new_tokens))
+                results = engine.generate(requests, _spec(methods[n], pruning, budget, new_tokens))
                 s = samples[n]
                 s.per_token_s.append(per_token_time(results))
                 t = results[0].timings

@@ -30,9 +30,7 @@ class Config:
     @property
     def name(self) -> str:
         """The method with its parameters, as given (``flowcut[qwen_vit_keep=0]``)."""
-        if not self.params:
-            return self.method
-        return f"{self.method}[{';'.join(f'{k}={v}' for k, v in self.params.items())}]"
+        return method_label(self.method, self.params)
 
     @property
     def label(self) -> str:
@@ -46,6 +44,13 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
         raise InvalidInput(f"bad method {text!r}: expected NAME or NAME[KEY=VALUE;...]")
     params = parse_params([p for p in (m.group(2) or "").split(";") if p.strip()], f"method {m.group(1)!r}")
     return m.group(1), params
+
+
+def method_label(name: str, params: dict[str, Any]) -> str:
+    """``name`` or ``name[key=value;...]``: a method with its parameters, as rows and progress lines show it."""
+    if not params:
+        return name
+    return f"{name}[{';'.join(f'{k}={v}' for k, v in params.items())}]"
 
 
 @dataclass

@@ -35,15 +35,16 @@ def mib(n: int | float | None) -> float | None:
 
 
 def emit(result: dict[str, Any], text: str, as_json: bool, out_path: str | None = None) -> None:
-    """Print the human table (unless --json), write ``out_path`` (JSON) when given, print the JSON line."""
+    """Print the human table (unless --json) or the JSON line, then write ``out_path`` (JSON) when given:
+    printed first, the results survive a write that fails."""
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(text, flush=True)
     if out_path:
         p = Path(out_path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(result, indent=2) + "\n")
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print(text)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
     e.add_argument("--data", type=Path, default=None, help="SynthCOCO directory (default: cached seed-0 test split)")
     e.add_argument("--model", default="tiny")
     e.add_argument("--pope-limit", type=int, default=0, help="questions per POPE file (0 = all)")
-    e.add_argument("--chair-images", type=int, default=500)
+    e.add_argument("--chair-images", type=int, default=500, help="CHAIR test images (0 = all)")
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--write-card", action="store_true", help="write MODEL_CARD.md beside the model")
     e.add_argument("--save", type=Path, default=None, help="also write the result JSON to this file")
@@ -80,9 +80,11 @@ def register(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from vlmguard.files import check_output_dir
     from vlmguard.synth.build import build_dataset
     from vlmguard.synth.world import WorldParams
 
+    check_output_dir(args.out, "--out")
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
@@ -117,6 +119,7 @@ _OVERRIDES = {"position_jitter": "position_jitter", "text_only_share": "text_onl
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vlmguard.files import check_output_dir
     from vlmguard.synth.train import TrainConfig, Trainer
 
     if not (args.data / "manifest.json").exists():
@@ -127,6 +130,13 @@ def _train(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not 0.0 <= v <= 1.0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be a share in [0, 1], got {v}")
+    for name in ("instruct_lr", "vision_lr"):  # every learning-rate option
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be a learning rate > 0, got {v}")
+    if args.init is not None and not (args.init / "tokenizer.json").is_file():
+        raise InvalidInput(f"--init {args.init}: not a saved tiny model (no tokenizer.json)")
+    check_output_dir(args.out, "--out")
     cfg = TrainConfig(seed=args.seed)
     steps = _parse_steps(args.steps)
     if steps:
@@ -168,22 +178,36 @@ def _hallucinations(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from vlmguard.files import check_output_file
     from vlmguard.synth.evaluate import evaluate
 
+    # every option is checked before the first benchmark runs
+    for flag, v, low in (("--pope-limit", args.pope_limit, 0), ("--chair-images", args.chair_images, 0),
+                         ("--batch", args.batch, 1)):
+        if v < low:
+            raise InvalidInput(f"{flag} must be >= {low}{' (0 = all)' if low == 0 else ''}, got {v}")
+    if args.save:
+        check_output_file(args.save, "--save")
+    if args.db:
+        from vlmguard.bench.db import check_db
+
+        check_db(args.db)
     res = evaluate(args.model, args.data, pope_limit=args.pope_limit, chair_images=args.chair_images, batch=args.batch,
                    progress=not args.json, db=args.db)
+    if args.json:  # printed before any file is written: a failing write does not lose the results
+        print(json.dumps(res), flush=True)
+    else:
+        for k, v in res["pope"].items():
+            print(f"POPE {k:12s} acc {v['accuracy']:.2f}  f1 {v['f1']:.2f}  yes {v['yes_ratio']:.1f}  (n={v['n']})")
+        c = res["chair"]
+        print(f"CHAIR_s {c['chair_s']:.2f}  CHAIR_i {c['chair_i']:.2f}  recall {c['recall']:.2f}  ({c['scorer']})",
+              flush=True)
     if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(res, indent=2) + "\n")
     if args.write_card:
         from vlmguard.models.resolve import resolve_model_path
         from vlmguard.synth.card import write_model_card
 
         write_model_card(resolve_model_path(args.model), res)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res["pope"].items():
-            print(f"POPE {k:12s} acc {v['accuracy']:.2f}  f1 {v['f1']:.2f}  yes {v['yes_ratio']:.1f}  (n={v['n']})")
-        c = res["chair"]
-        print(f"CHAIR_s {c['chair_s']:.2f}  CHAIR_i {c['chair_i']:.2f}  recall {c['recall']:.2f}  ({c['scorer']})")
     return 0

@@ -1,0 +1,277 @@
+"""Bad input on the command line: one clear ``vlmguard: error: ...`` line (exit status 2), checked before any
+work (no model loads, no cluster starts), never a traceback, and results printed before files are written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlmguard.cli import main
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "bench"
+SYNTH = FIX / "synth_mini"
+
+
+def run_cli(capsys, argv):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    return rc, capsys.readouterr()
+
+
+def assert_error(capsys, argv, *needles, one_line=True):
+    rc, out = run_cli(capsys, [str(a) for a in argv])
+    assert rc == 2, (out.out, out.err)
+    assert "Traceback" not in out.err
+    if one_line:
+        assert out.err.startswith("vlmguard: error:") and out.err.count("\n") == 1, out.err
+    for needle in needles:
+        assert needle in out.err, out.err
+    return out
+
+
+@pytest.fixture()
+def no_work(monkeypatch):
+    """Every way to load a model, start a cluster or reach the Jobs API fails the test: errors must come first."""
+    import vlmguard.engine
+    import vlmguard.perf.models
+    import vlmguard.workers.jobs
+    import vlmguard.workers.launch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the bad input was reported")
+
+    monkeypatch.setattr(vlmguard.engine.Engine, "load", forbidden)
+    monkeypatch.setattr(vlmguard.perf.models, "load_engine", forbidden)
+    monkeypatch.setattr(vlmguard.workers.launch, "start_service", forbidden)
+    monkeypatch.setattr(vlmguard.workers.launch, "start_detached_cluster", forbidden)
+    monkeypatch.setattr(vlmguard.workers.jobs, "client", forbidden)
+
+
+@pytest.fixture()
+def a_dir(tmp_path):
+    d = tmp_path / "a_dir"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture()
+def a_file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("keep me\n")
+    return f
+
+
+PERF = ["--shape", "random:llava", "--repeats", "1", "--warmup", "0", "--threads", "1", "--quiet"]
+
+
+# ---- 1. output paths are checked before the work ------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", ["prefill", "decode", "serve"])
+def test_perf_out_and_plot_checked_first(capsys, no_work, a_dir, tmp_path, cmd):
+    base = ["perf", cmd, *PERF] + (["--no-ray"] if cmd == "serve" else [])
+    assert_error(capsys, base + ["--out", a_dir], f"--out {a_dir}: is a directory")
+    assert_error(capsys, base + ["--plot", a_dir], f"--plot {a_dir}: is a directory")
+    assert_error(capsys, base + ["--plot", tmp_path / "x.txt"], "unsupported figure format '.txt'", ".png")
+    # without an extension matplotlib would have written x.png: refused, naming the formats
+    assert_error(capsys, base + ["--plot", tmp_path / "figure"], "--plot", "no file extension", ".png")
+    assert not (tmp_path / "figure.png").exists()
+
+
+def test_output_checks_leave_nothing_behind(capsys, no_work, tmp_path, a_file):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert_error(capsys, ["perf", "prefill", *PERF, "--out", out, "--plot", tmp_path / "new" / "f.txt"],
+                 "unsupported figure format")
+    assert not (tmp_path / "new").exists()  # the --out probe removed the folders it made
+    assert_error(capsys, ["perf", "prefill", *PERF, "--out", a_file / "r.json"], f"--out {a_file / 'r.json'}",
+                 "cannot write it")
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_perf_plot_command_checks_its_figure_path(capsys, tmp_path):
+    (tmp_path / "r.json").write_text('{"command": "perf prefill", "rows": []}')
+    assert_error(capsys, ["perf", "plot", tmp_path / "r.json", "--out", tmp_path / "x.txt"], "--out",
+                 "unsupported figure format")
+
+
+def test_perf_results_are_printed_before_the_file_is_written(capsys, a_dir):
+    from vlmguard.perf.report import emit
+
+    with pytest.raises(IsADirectoryError):
+        emit({"rows": []}, "THE TABLE", False, str(a_dir))
+    assert "THE TABLE" in capsys.readouterr().out
+    with pytest.raises(IsADirectoryError):
+        emit({"rows": [1]}, "THE TABLE", True, str(a_dir))
+    assert '{"rows": [1]}' in capsys.readouterr().out
+
+
+def test_synth_eval_save_checked_first(capsys, no_work, a_dir):
+    assert_error(capsys, ["synth", "eval", "--pope-limit", "2", "--chair-images", "2", "--save", a_dir],
+                 f"--save {a_dir}: is a directory")
+    assert_error(capsys, ["synth", "eval", "--pope-limit", "2", "--chair-images", "2", "--db", a_dir],
+                 f"--db {a_dir}: is a directory")
+
+
+def test_score_chair_records_checked_first(capsys, a_dir, tmp_path):
+    # the captions file does not even exist: the output is checked before anything is read
+    assert_error(capsys, ["score", "chair", "--captions", tmp_path / "none.jsonl", "--gt", tmp_path / "gt",
+                          "--records", a_dir], f"--records {a_dir}: is a directory")
+
+
+# ---- 2. a file where a folder is expected ----------------------------------------------------------------
+
+def test_out_folder_that_is_a_file(capsys, no_work, tmp_path, a_file):
+    from vlmguard.bench.db import connect
+
+    connect(tmp_path / "r.sqlite").close()
+    msg = f"--out {a_file}: exists and is not a directory"
+    assert_error(capsys, ["report", "--db", tmp_path / "r.sqlite", "--out", a_file], msg)
+    assert_error(capsys, ["bench", "make-leading", "--questions", SYNTH / "pope" / "synthcoco_pope_random.json",
+                          "--out", a_file], msg)
+    assert_error(capsys, ["synth", "build", "--out", a_file, "--test", "1"], msg)
+    data = _train_data(tmp_path)
+    assert_error(capsys, ["synth", "train", "--data", data, "--out", a_file, "--steps", "0,0,1"], msg)
+    assert a_file.read_text() == "keep me\n"
+
+
+def _train_data(tmp_path: Path) -> Path:
+    """Just enough of a SynthCOCO directory to pass `synth train`'s first checks (nothing is loaded)."""
+    data = tmp_path / "data"
+    (data / "text").mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    (data / "text" / "train.jsonl").write_text("")
+    return data
+
+
+# ---- 3. synth eval's limits ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--pope-limit", "2", "--chair-images", "-1"], "--chair-images must be >= 0"),
+    (["--pope-limit", "-1"], "--pope-limit must be >= 0"),
+    (["--batch", "0"], "--batch must be >= 1"),
+])
+def test_synth_eval_limits_checked_first(capsys, no_work, argv, needle):
+    out = assert_error(capsys, ["synth", "eval", *argv], needle)
+    assert "--limit" not in out.err
+
+
+# ---- 4. bench sweep: the whole config before any run -----------------------------------------------------
+
+@pytest.mark.parametrize("body, needles", [
+    ("benchmarks: [pope]\nmethods: 5\n", ["methods", "valid list"]),
+    ("benchmarks: 5\n", ["benchmarks", "valid list"]),
+    ("benchmarks: [{pope: 5}]\n", ["'pope'", "options must be a mapping"]),
+    ("benchmarks: [pope]\nlimit: abc\n", ["limit", "valid integer"]),
+    ("benchmarks: [pope]\ndb: 5\n", ["db", "valid string"]),
+    ("benchmarks: [{pope: {splits: random}}]\n", ["splits", "valid list"]),
+    ("benchmarks: [{pope: {splits: [random], bogus: 1}}]\n", ["'pope'", "unknown options ['bogus']"]),
+    ("benchmarks: [{pope: {splits: [randm]}}]\n", ["splits.0"]),
+    ("benchmarks: [{pope: {parser: nope}}]\n", ["'pope'", "nope"]),
+    ("benchmarks: [{chair: {preset: chair1}}]\n", ["'chair'", "chair1"]),
+    ("benchmarks: [{pope-leading: {templates: [Z+]}}]\n", ["'pope-leading'", "Z+"]),
+    ("benchmarks: [pope]\nmethods:\n  - {name: a, pruning_params: 5}\n", ["method 'a'", "pruning_params"]),
+    # a bad second method fails before the first method's runs
+    ("benchmarks: [pope]\nmethods:\n  - {name: base}\n  - {name: v, decoding: vcd, decoding_params: {alpha: abc}}\n",
+     ["method 'v'", "alpha"]),
+    ("benchmarks: [pope]\nmethods:\n  - {name: base}\n  - {name: p, pruning: nosuch}\nbudgets: [8]\n",
+     ["method 'p'", "nosuch"]),
+    ("benchmarks: [pope]\nmethods:\n  - {name: base}\n  - {name: f, pruning: fastv, budget: -3}\n",
+     ["method 'f'", "budget"]),
+    ("benchmarks: [pope\n  x: {\n", ["bad YAML"]),
+])
+def test_sweep_config_checked_before_any_run(capsys, no_work, tmp_path, body, needles):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"dataset: {SYNTH}\n" + body)
+    assert_error(capsys, ["bench", "sweep", cfg, "--db", tmp_path / "s.sqlite", "--no-progress"], str(cfg), *needles)
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_sweep_db_checked_before_any_run(capsys, no_work, tmp_path, a_dir):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"dataset: {SYNTH}\nbenchmarks: [pope]\n")
+    assert_error(capsys, ["bench", "sweep", cfg, "--db", a_dir, "--no-progress"], f"--db {a_dir}: is a directory")
+    cfg.write_text(f"dataset: {SYNTH}\ndb: {a_dir}\nbenchmarks: [pope]\n")
+    assert_error(capsys, ["bench", "sweep", cfg, "--no-progress"], f"{cfg}: db {a_dir}: is a directory")
+
+
+# ---- 5. serve options and config --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--replicas", "0"], "--replicas 0: Input should be greater than or equal to 1"),
+    (["--port", "70000"], "--port 70000: Input should be less than or equal to 65535"),
+    (["--max-batch-size", "0"], "--max-batch-size 0: Input should be greater than or equal to 1"),
+    (["--batch-wait-ms", "-5"], "--batch-wait-ms -5.0"),
+])
+def test_serve_options_one_line_before_ray(capsys, no_work, argv, needle):
+    out = assert_error(capsys, ["serve", *argv], needle)
+    assert "validation error" not in out.err
+
+
+def test_serve_bad_yaml_one_line(capsys, no_work, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [{model: tiny\n  x: : 1\n")
+    assert_error(capsys, ["serve", "--config", bad], f"vlmguard: error: {bad}:2:", "bad YAML (")
+
+
+# ---- 6. bench --db ------------------------------------------------------------------------------------------
+
+def test_bench_db_checked_first(capsys, no_work, a_dir):
+    argv = ["bench", "pope", "--limit", "2", "--dataset", SYNTH, "--no-progress"]
+    assert_error(capsys, argv + ["--db", a_dir], f"--db {a_dir}: is a directory")
+    if Path("/proc/self").exists():
+        assert_error(capsys, argv + ["--db", "/proc/x.sqlite"], "--db /proc/x.sqlite: cannot open")
+
+
+# ---- 7. synth train --init and learning rates ------------------------------------------------------------
+
+def test_synth_train_init_and_learning_rates(capsys, no_work, tmp_path):
+    data = _train_data(tmp_path)
+    base = ["synth", "train", "--data", data, "--out", tmp_path / "out", "--steps", "0,0,1"]
+    assert_error(capsys, base + ["--init", "/nonexist"], "--init /nonexist: not a saved tiny model (no tokenizer.json)")
+    assert_error(capsys, base + ["--init", tmp_path], f"--init {tmp_path}: not a saved tiny model")
+    assert_error(capsys, base + ["--instruct-lr", "-1"], "--instruct-lr must be a learning rate > 0")
+    assert_error(capsys, base + ["--vision-lr", "0"], "--vision-lr must be a learning rate > 0")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 8. perf --threads --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", ["-2", "0"])
+def test_perf_threads_at_least_one(capsys, no_work, threads):
+    argv = ["perf", "prefill", "--shape", "random:llava", "--repeats", "1", "--warmup", "0", "--quiet",
+            "--threads", threads]
+    assert_error(capsys, argv, "argument --threads: must be >= 1", one_line=False)
+
+
+# ---- 9. job submit checks locally ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--pruning", "nosuch", "--budget", "8"], "unknown pruning method 'nosuch'"),
+    (["--decoding", "vcd", "--param", "alpha=abc"], "alpha"),
+    (["--dataset", "/nonexist"], "--dataset '/nonexist'"),
+    (["--shards", "-2"], "--shards: expected an integer >= 1, got -2"),
+    (["--shards", "0"], "--shards: expected an integer >= 1, got 0"),
+    (["--parser", "nope"], "--parser: invalid choice"),
+])
+def test_job_submit_checked_before_the_cluster(capsys, no_work, argv, needle):
+    assert_error(capsys, ["job", "submit", "--address", "http://127.0.0.1:9", "bench", "pope", *argv], needle)
+
+
+# ---- 10. perf decode takes decoders with parameters ---------------------------------------------------------
+
+def test_perf_decode_decoders_with_parameters(capsys):
+    from cli_support import run_json
+
+    data = run_json(["perf", "decode", *PERF, "--decoders", "vcd[alpha=0.5],vcd", "--batch", "1",
+                     "--new-tokens", "2", "--json"])
+    assert [r["decoder"] for r in data["rows"]] == ["greedy", "vcd[alpha=0.5]", "vcd"]
+    capsys.readouterr()
+    assert_error(capsys, ["perf", "decode", *PERF, "--decoders", "vcd[alpha=abc]", "--batch", "1"], "alpha")
+    assert_error(capsys, ["perf", "decode", *PERF, "--decoders", "vcd[alpha=1", "--batch", "1"],
+                 "expected NAME or NAME[KEY=VALUE;...]")
+
+
+def test_prune_analyze_checks_its_out_and_min_size_first(capsys, no_work, a_dir):
+    assert_error(capsys, ["prune", "analyze", "--model", "tiny", "--out", a_dir], "--out", "is a directory")
+    assert_error(capsys, ["prune", "analyze", "--model", "tiny", "--min-size", "0"], "--min-size must be >= 1")
