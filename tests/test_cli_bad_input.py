@@ -275,3 +275,29 @@ def test_perf_decode_decoders_with_parameters(capsys):
 def test_prune_analyze_checks_its_out_and_min_size_first(capsys, no_work, a_dir):
     assert_error(capsys, ["prune", "analyze", "--model", "tiny", "--out", a_dir], "--out", "is a directory")
     assert_error(capsys, ["prune", "analyze", "--model", "tiny", "--min-size", "0"], "--min-size must be >= 1")
+
+
+def test_readers_never_turn_another_sqlite_file_into_a_results_database(capsys, tmp_path):
+    import hashlib
+    import sqlite3
+
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    before = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    for cmd in (["report", "--db", foreign], ["compare", "--db", foreign]):
+        assert_error(capsys, cmd, "not a vlmguard results database")
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
+
+
+def test_mistakes_that_used_to_pass_silently(capsys, no_work, tmp_path):
+    assert_error(capsys, ["generate", "--image", "x.png", "--prompt", "hi", "--budget", "16"], "--budget needs --pruning")
+    assert_error(capsys, ["bench", "pope", "--dataset", SYNTH, "--limit", "2", "--budget", "16"], "--budget needs --pruning")
+    assert_error(capsys, ["bench", "chair", "--dataset", SYNTH, "--limit", "2", "--prompt", " "], "--prompt is empty")
+    assert_error(capsys, ["synth", "build", "--out", tmp_path / "w", "--train", "0", "--val", "0", "--test", "0"],
+                 "nothing to build")
+    rc, out = run_cli(capsys, ["bench", "pope", "--dataset", str(SYNTH), "--sample", "--greedy"])
+    assert rc == 2 and "not allowed with argument" in out.err and "Traceback" not in out.err
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"image_id": 1, "caption": "a dog"}\n{"image_id": 1, "caption": "a cat"}\n')
+    assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", tmp_path / "none.json"], "duplicate image_id 1")

@@ -137,6 +137,7 @@ def load_captions(path: str | Path, image_id_key: str = "image_id", caption_key:
     p = Path(path)
     records, _ = read_records(p)
     out = []
+    seen: dict[int, int] = {}
     for line, rec in records:
         if image_id_key not in rec:
             raise InvalidInput(f"{p}:{line}: missing field {image_id_key!r}")
@@ -149,6 +150,9 @@ def load_captions(path: str | Path, image_id_key: str = "image_id", caption_key:
             raise InvalidInput(f"{p}:{line}: field {image_id_key!r} must be an integer image id, got {imid!r}")
         if not isinstance(cap, str):
             raise InvalidInput(f"{p}:{line}: field {caption_key!r} must be str, got {cap!r}")
+        if imid in seen:  # CHAIR scores one caption per image; a second one would count twice
+            raise InvalidInput(f"{p}:{line}: duplicate {image_id_key} {imid} (first on line {seen[imid]})")
+        seen[imid] = line
         out.append(Caption(imid, cap, line))
     if not out:
         raise InvalidInput(f"{p}: no captions in file")

@@ -65,8 +65,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoding-param", "--param", dest="decoding_param", action="append", default=[], metavar="K=V",
                    help="decoder parameter (repeat); --param is an alias")
     g.add_argument("--max-new-tokens", type=_positive_int, help="default: the preset's")
-    g.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="multinomial sampling")
-    g.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy token selection")
+    choice = g.add_mutually_exclusive_group()
+    choice.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="multinomial sampling")
+    choice.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy token selection")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
@@ -192,6 +193,10 @@ def _spec_from_args(args: argparse.Namespace):
     from vlmguard.bench.runner import default_spec
     from vlmguard.spec import parse_params
 
+    if args.budget is not None and args.pruning == "none":
+        raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise InvalidInput("--prompt is empty (leave it out for the preset's prompt)")
     return default_spec(
         args.benchmark,
         prompt_preset=getattr(args, "prompt_preset", None),

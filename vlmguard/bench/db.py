@@ -111,6 +111,10 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if not create and conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone() is None:
+                conn.close()  # a reader never turns some other SQLite file into a results database
+                raise InvalidInput(f"{p}: not a vlmguard results database (it has no runs table)")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")

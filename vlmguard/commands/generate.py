@@ -44,6 +44,8 @@ def _budget(text: str) -> int | float:
 
 
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
+    if args.budget is not None and args.pruning == "none":
+        raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
     return GenerationSpec.build(
         pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param, "--pruning-param"),
         decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),

@@ -88,6 +88,8 @@ def _build(args: argparse.Namespace) -> int:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
+    if args.train == args.val == args.test == 0:
+        raise InvalidInput("--train, --val and --test are all 0: nothing to build")
     try:
         params = WorldParams() if args.scene_cue is None else WorldParams(scene_cue=args.scene_cue)
     except InvalidInput as err:
