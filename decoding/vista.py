@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmguard.decoding.base import Combined, DecodeContext, Decoder, StepInputs, owned_rows
+from vlmguard.decoding.base import Combined, DecodeContext, Decoder, OwnedRows, StepInputs, owned_rows
 from vlmguard.decoding.contrast import log_probs
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import image_free_prompt
@@ -49,8 +49,11 @@ class VISTAParams(BaseModel):
 
 
 def steer(x: torch.Tensor, v_unit: torch.Tensor, lam: float, simple: bool = False) -> torch.Tensor:
-    """The VSV rotation of MLP outputs x (B, T, D) toward unit vectors v_unit (B, D); fp32 math."""
-    xf = x.float()
+    """The VSV rotation of MLP outputs x (B, T, D) toward unit vectors v_unit (B, D); fp32 math.
+
+    Runs in a hook on every steered layer of every decode step, where each tensor op costs more in dispatch
+    than in arithmetic: dtype conversions that would be no-ops are skipped (same values, bit for bit)."""
+    xf = x if x.dtype == torch.float32 else x.float()
     norm = xf.norm(dim=-1, keepdim=True)
     safe = norm.clamp(min=1e-12)
     xhat = xf / safe
@@ -62,7 +65,7 @@ def steer(x: torch.Tensor, v_unit: torch.Tensor, lam: float, simple: bool = Fals
     mixed = xhat + lam * gain * v
     out = norm * mixed / mixed.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     out = torch.where(norm > 0, out, xf)
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def sla_window(num_layers: int, w: int | None) -> tuple[int, ...]:
@@ -84,6 +87,7 @@ class VISTA(Decoder):
         super().__init__(params)
         self.hidden_layers = ()
         self._handles: list[Any] = []
+        self._rows_cache: tuple | None = None  # (OwnedRows, device, its rows' vectors, rows steered)
 
     # ---- setup: steering vectors + hooks -------------------------------------------------------
     def setup(self, ctx: DecodeContext) -> None:
@@ -130,16 +134,27 @@ class VISTA(Decoder):
             self.teardown(ctx)
             raise
 
+    def _rows_vectors(self, owned: OwnedRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The steering vectors of the forward's rows, every layer (R, L, D), and which rows are steered (R, 1,
+        1; None when all are: every request has an image). Gathered once per forward, not once per layer: the
+        same OwnedRows object serves all layers of one forward."""
+        if self._rows_cache is None or self._rows_cache[0] is not owned or self._rows_cache[1] != device:
+            req = owned.requests.to(self.v_unit.device)
+            v = self.v_unit[req].to(device)
+            on = None if all(self.has_image) else self.row_on[req].to(device)[:, None, None]
+            self._rows_cache = (owned, device, v, on)
+        return self._rows_cache[2], self._rows_cache[3]
+
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             owned = owned_rows(self.ctx)
             if owned is None or not isinstance(output, torch.Tensor):
                 return None  # not a forward of this context's requests
-            req = owned.requests.to(self.v_unit.device)
-            v = self.v_unit[req, layer].to(output.device)
-            on = self.row_on[req].to(output.device)[:, None, None]
+            v_rows, on = self._rows_vectors(owned, output.device)
             x = output if owned.rows is None else output[owned.rows]
-            steered = torch.where(on, steer(x, v, self.params.vsv_lambda, self.params.simple_mode), x)
+            steered = steer(x, v_rows[:, layer], self.params.vsv_lambda, self.params.simple_mode)
+            if on is not None:
+                steered = torch.where(on, steered, x)
             return steered if owned.rows is None else output.index_copy(0, owned.rows, steered)
 
         return hook
@@ -148,6 +163,7 @@ class VISTA(Decoder):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._rows_cache = None
 
     # ---- per step: SLA --------------------------------------------------------------------------
     def window_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:

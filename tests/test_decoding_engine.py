@@ -154,6 +154,11 @@ def test_no_image_requests_decode_plainly():
         assert out[0].decoding["applied"][0] is False
         if method != "vista":  # VISTA's SLA still applies to text-only requests (vista.md 10)
             assert out[0].token_ids == plain[0].token_ids
+    # VISTA's steering hooks skip the text-only row of a mixed batch: it decodes as it does alone (SLA only)
+    alone = run(eng, r[:1], "vista", STRONG["vista"])
+    mixed = run(eng, r, "vista", STRONG["vista"])
+    assert mixed[0].token_ids == alone[0].token_ids
+    assert [st.main_prob for st in mixed[0].steps] == [st.main_prob for st in alone[0].steps]  # bit for bit
 
 
 # ---- separate caches per branch -------------------------------------------------------------------
