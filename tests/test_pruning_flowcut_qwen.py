@@ -339,3 +339,37 @@ def test_each_request_counts_its_own_tower_passes_in_a_batch():
         assert b.pruning["flowcut_vit_tokens_per_layer"] == alone.pruning["flowcut_vit_tokens_per_layer"]
         assert len(b.pruning["flowcut_vit_tokens_per_layer"]) == 1
         assert result_flops(cfg, b).vision == pytest.approx(result_flops(cfg, alone).vision)
+
+
+@pytest.mark.parametrize("unit", ["block", "patch"])
+def test_the_llm_sees_the_kept_tokens_at_their_m_rope_positions(unit):
+    """After a ViT-only cut (qwen_vit_keep=1: stage L has nothing left to cut), the rotary embedding the first
+    decoder layer receives is the unpruned sequence's 3-D M-RoPE at the text and the kept visual positions:
+    each kept block at its own grid cell (block), or the image's first cells (patch, the reference's rule)."""
+    eng = deep_qwen_engine()
+    ad = eng.adapter
+    req = Request("Is there a dog?", [random_image(6, (96, 96))])
+    seen: dict = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("rope", kwargs["position_embeddings"])  # the prefill's call comes first
+
+    handle = ad.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        r = eng.generate([req], GenerationSpec(pruning="flowcut", budget=4, max_new_tokens=1,
+                                               pruning_params={"qwen_vit_keep": 1, "qwen_vit_unit": unit}))[0]
+    finally:
+        handle.remove()
+    assert r.visual_tokens_kept[0] == 4 and len(r.kept_indices) == 4
+    if unit == "patch":
+        assert r.kept_indices == [0, 1, 2, 3]
+    else:  # the blocks stage V chose by score, not the first cells
+        pv, grid = vision_inputs(eng, req.images)
+        chosen = run_stage_v_qwen(ad.vision_tower, pv, grid, [4], [0]).kept[0].tolist()
+        assert r.kept_indices == chosen and chosen != [0, 1, 2, 3]
+    with torch.no_grad():
+        batch = ad.encode(eng._prompts([req]))
+        full = ad.build_sequence(batch, ad.image_features(batch), eng.model.dtype, eng.device)
+        keep = full.valid[0] & ((full.visual[0] < 0) | torch.isin(full.visual[0], torch.tensor(r.kept_indices)))
+        want = ad.rotary(full.hidden[:, keep], full.positions[..., keep])
+    assert len(seen["rope"]) == 2 and all(torch.equal(g, w) for g, w in zip(seen["rope"], want))
