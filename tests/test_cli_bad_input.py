@@ -301,3 +301,10 @@ def test_mistakes_that_used_to_pass_silently(capsys, no_work, tmp_path):
     captions = tmp_path / "caps.jsonl"
     captions.write_text('{"image_id": 1, "caption": "a dog"}\n{"image_id": 1, "caption": "a cat"}\n')
     assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", tmp_path / "none.json"], "duplicate image_id 1")
+
+
+def test_score_pope_with_an_empty_answers_file_is_an_error(capsys, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("")
+    questions = SYNTH / "pope" / "synthcoco_pope_random.json"
+    assert_error(capsys, ["score", "pope", "--answers", answers, "--questions", questions], "no answers in file")

@@ -108,6 +108,8 @@ def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
             raise InvalidInput(f"{p}:{line}: duplicate question_id {qid} (first on line {seen[qid]})")
         seen[qid] = line
         out.append(Answer(qid, text, line))
+    if not out:  # every question would be "missing": a wrong or truncated file, not a result
+        raise InvalidInput(f"{p}: no answers in file")
     return out
 
 
