@@ -158,7 +158,30 @@ def test_no_image_requests_decode_plainly():
     alone = run(eng, r[:1], "vista", STRONG["vista"])
     mixed = run(eng, r, "vista", STRONG["vista"])
     assert mixed[0].token_ids == alone[0].token_ids
-    assert [st.main_prob for st in mixed[0].steps] == [st.main_prob for st in alone[0].steps]  # bit for bit
+
+
+def test_vista_steers_the_image_rows_of_a_mixed_batch_and_leaves_text_only_rows_bit_for_bit():
+    """The residual stream entering layer 1 in the prefill of a mixed batch: under VISTA the text-only row
+    equals greedy's exactly (its MLP output is not rotated, not even by a zero vector), the image row differs."""
+    eng = tiny_engine("llava")
+    r = [Request("what color is the car"), reqs()[0]]
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] > 1:  # a prefill (VISTA's pre-pass comes first, the batch's own prefill last)
+            seen.append(h.detach().clone())
+
+    handle = eng.adapter.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run(eng, r, "greedy", n=1)
+        plain = seen[-1]
+        run(eng, r, "vista", STRONG["vista"], n=1)
+        steered = seen[-1]
+    finally:
+        handle.remove()
+    assert plain.shape == steered.shape
+    assert torch.equal(steered[0], plain[0]) and not torch.equal(steered[1], plain[1])
 
 
 # ---- separate caches per branch -------------------------------------------------------------------
