@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data
@@ -45,12 +45,14 @@ class AdaptInferParams(BaseModel):
     lam: float = Field(1.0, ge=0.0, le=1.0, description="text-prior mixing; 0 = uniform prior (ablation)")
     text_query: Literal["all", "last"] = "all"
 
-    @field_validator("schedule")
-    @classmethod
-    def _schedule_is_readable(cls, v: str | dict | None) -> str | dict | None:
-        if v is not None:
-            schedule_data(v)  # a missing, unreadable or malformed schedule fails here, before any model work
-        return v
+    # the schedule read and checked once, when the parameters are validated (a missing, unreadable or malformed
+    # one fails here, before any model work); every row's schedule is made from this copy: (data, source label)
+    _schedule: tuple[dict, str] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _load_schedule(self) -> "AdaptInferParams":
+        self._schedule = None if self.schedule is None else schedule_data(self.schedule)
+        return self
 
 
 def text_prior_scores(probs: torch.Tensor, text_pos: torch.Tensor, vis_pos: torch.Tensor,
@@ -83,7 +85,7 @@ class AdaptInferPruner(Pruner):
         budget = self.keep_count(n_visual)
         return make_schedule(family=ad.family, n_layers=ad.num_layers, hidden=int(ad.text_config.hidden_size),
                              n_visual=n_visual, budget=budget, layers=self.params.layers, keeps=self.params.keeps,
-                             schedule_file=self.params.schedule)
+                             schedule=self.params._schedule)
 
     def check_budget(self, ctx: PruneContext) -> None:
         super().check_budget(ctx)

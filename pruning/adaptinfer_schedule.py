@@ -223,14 +223,14 @@ def schedule_data(schedule: str | dict) -> tuple[dict, str]:
 
 def make_schedule(*, family: str, n_layers: int, hidden: int, n_visual: int, budget: int,
                   layers: Sequence[int] | None = None, keeps: Sequence[int] | None = None,
-                  schedule_file: str | dict | None = None) -> Schedule:
+                  schedule: tuple[dict, str] | None = None) -> Schedule:
     """Resolve the schedule for one row (V visual tokens, budget = visual tokens kept on average)."""
     if keeps is not None and layers is None:
         raise InvalidInput("adaptinfer: 'keeps' needs explicit 'layers'")
     source = "params"
     file_keeps = None
-    if layers is None and schedule_file:
-        data, source = schedule_data(schedule_file)
+    if layers is None and schedule is not None:  # (checked data, source label), from ``schedule_data``
+        data, source = schedule
         layers = tuple(data["layers"])
         table = data.get("keeps") or {}
         file_keeps = table.get(str(budget)) if data.get("n_visual", n_visual) == n_visual else None

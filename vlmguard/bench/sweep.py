@@ -83,7 +83,7 @@ class _SweepSchema(_GenKnobs):
     device: str = None  # type: ignore[assignment]
 
 
-_Split = Literal["random", "popular", "adversarial"]
+_Split = Literal[SPLITS]  # the POPE split names
 
 
 class _PopeOptions(_Schema):
