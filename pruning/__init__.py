@@ -19,6 +19,8 @@ def make_pruner(name: str, budget: int | float | None, params: dict[str, Any] | 
     p = build_params(cls, params, "pruning")
     if cls.name != "none" and budget is None:
         raise InvalidInput(f"pruning method {cls.name!r} needs a budget (visual tokens kept, or a ratio)")
+    if cls.name == "none" and budget is not None:
+        raise InvalidInput(f"budget {budget} needs a pruning method (pruning is 'none')")
     return cls(p, budget)
 
 

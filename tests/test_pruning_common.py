@@ -161,3 +161,12 @@ def test_score_methods_report_per_request_visual_scores(method: str, family: str
             top = sorted(range(len(scores)), key=lambda i: -scores[i])[:budget]
             assert sorted(top) == b.kept_indices
     assert batched[0].pruning["visual_scores"] != batched[1].pruning["visual_scores"]
+
+
+def test_budget_without_a_pruning_method_is_an_error():
+    """A budget with pruning 'none' kept every token silently; the CLI refused it, the Python and HTTP APIs
+    did not."""
+    with pytest.raises(InvalidInput, match="needs a pruning method"):
+        make_pruner("none", 64, {})
+    with pytest.raises(InvalidInput, match="needs a pruning method"):
+        tiny_engine("llava").generate(requests()[:1], GenerationSpec(budget=8, max_new_tokens=2))

@@ -187,6 +187,8 @@ def _bad_cases():
         "unknown method": (lambda u: {**_chat_body(u), "vlmguard": {"decoding": "no-such-decoder"}}, 400,
                            "unknown decoding method"),
         "invalid budget": (lambda u: {**_chat_body(u), "vlmguard": {"pruning": "fastv", "budget": -3}}, 400, "budget"),
+        "budget without pruning": (lambda u: {**_chat_body(u), "vlmguard": {"budget": 8}}, 400,
+                                   "needs a pruning method"),
         "url when urls are off": (lambda u: _chat_body("https://example.com/cat.png"), 400, "turned off"),
         "prompt longer than the context": (lambda u: _chat_body(u, text="dog " * 700), 400, "context"),
         "unknown model": (lambda u: {**_chat_body(u), "model": "gpt-17"}, 404, "not served"),
