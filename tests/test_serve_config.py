@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from vlmguard.api_schema import ChatCompletionRequest
 from vlmguard.errors import InvalidInput
@@ -98,6 +99,8 @@ def test_chat_spec_maps_openai_fields_and_vlmguard_options():
     assert not chat_spec(_req(temperature=0), 64).sampling
     with pytest.raises(InvalidInput, match="limit of 64"):
         chat_spec(_req(max_tokens=65), 64)
+    with pytest.raises(InvalidInput, match="limit of 64"):  # not GenerationSpec's "max_new_tokens <= 8192"
+        chat_spec(_req(max_completion_tokens=100_000), 64)
     with pytest.raises(InvalidInput, match="unknown pruning method"):
         chat_spec(_req(vlmguard={"pruning": "nope"}), 64)
 
@@ -127,6 +130,37 @@ def test_chat_item_single_turn_multi_turn_and_image_rules():
         chat_item(_req(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]), RESOLVE, max_images=4,
             max_new_tokens_limit=64, request_id="r5")
+
+
+def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_honour():
+    ok = _req(n=1, logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[], tool_choice="none",
+              parallel_tool_calls=False, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, user="u1")
+    assert chat_spec(ok, 64).max_new_tokens == 64
+    refused = {"n": (2, "one choice per request"), "logprobs": (True, "logprobs are not returned"),
+               "top_logprobs": (2, "logprobs are not returned"),
+               "response_format": ({"type": "json_object"}, "'json_object' is not supported"),
+               "tools": ([{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
+               "tool_choice": ("auto", "tool calling is not supported"),
+               "frequency_penalty": (0.5, "repetition penalties"), "presence_penalty": (-1.0, "repetition penalties"),
+               "logit_bias": ({"50256": -100}, "logit_bias is not supported")}
+    for field, (value, needle) in refused.items():
+        with pytest.raises(ValidationError, match=needle) as e:
+            _req(**{field: value})
+        err = e.value.errors()[0]
+        assert err["type"] == "unsupported_value" and err["loc"][0] == field, field
+
+
+def test_image_url_string_form_detail_and_unsupported_part_types():
+    url = image_to_data_url(random_image(0, (20, 20)))
+    req = _req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What?"}, {"type": "image_url", "image_url": url},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}])
+    item = chat_item(req, RESOLVE, max_images=4, max_new_tokens_limit=64, request_id="r1")
+    assert item.prompt == "What?" and len(item.images) == 2
+    with pytest.raises(ValidationError, match="part type 'input_audio' is not supported"):
+        _req(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
+    with pytest.raises(ValidationError, match="detail"):
+        _req(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "max"}}]}])
 
 
 def test_url_allow_list():

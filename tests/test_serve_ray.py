@@ -104,6 +104,33 @@ def test_openai_sdk_streaming_matches_non_streaming(service, image_url):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
+    """What an OpenAI SDK user relies on beyond the happy path: models.retrieve, a stream without usage, the
+    bare-string image_url form, and 4xx errors with ``param`` / ``code`` for parameters the server cannot honour."""
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-17")
+    assert e.value.code == "model_not_found"
+    kwargs = dict(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Is there a dog?"}, {"type": "image_url", "image_url": image_url}]}])
+    chunks = list(client.chat.completions.create(stream=True, user="u1", logprobs=False, frequency_penalty=0,
+                                                 response_format={"type": "text"}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert {(c.id, c.object, c.model) for c in chunks} == {(chunks[0].id, "chat.completion.chunk", MODEL)}
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks)  # no usage chunk unless asked for
+    for extra, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"n": 2}, "n"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"extra_body": {"frobnicate": 1}}, "frobnicate")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**extra, **kwargs)
+        assert e.value.param == param and e.value.code in ("unsupported_value", "unsupported_parameter"), e.value.body
+    with pytest.raises(openai.NotFoundError, match="invalid URL"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+
+
 def test_native_generate_and_python_client(service):
     from vlmguard.client import Client
 
@@ -193,6 +220,10 @@ def _bad_cases():
         "prompt longer than the context": (lambda u: _chat_body(u, text="dog " * 700), 400, "context"),
         "unknown model": (lambda u: {**_chat_body(u), "model": "gpt-17"}, 404, "not served"),
         "too many new tokens": (lambda u: _chat_body(u, max_tokens=100), 400, "limit of 64"),
+        "more new tokens than any spec": (lambda u: _chat_body(u, max_tokens=100_000), 400, "limit of 64"),
+        "n > 1": (lambda u: _chat_body(u, n=3), 400, "one choice per request"),
+        "json response_format": (lambda u: _chat_body(u, response_format={"type": "json_object"}), 400,
+                                 "not supported"),
         "unknown field": (lambda u: {**_chat_body(u), "frobnicate": 1}, 400, "frobnicate"),
     }
 
@@ -203,7 +234,7 @@ def test_bad_input_is_a_4xx_json_error_and_the_worker_stays_healthy(service, ima
     r = httpx.post(service.url + "/v1/chat/completions", json=make(image_url), headers=AUTH, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert needle.lower() in err["message"].lower() and err["type"]
+    assert needle.lower() in err["message"].lower() and err["type"] and "param" in err and "code" in err
     _healthy(service)
 
 

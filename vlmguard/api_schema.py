@@ -10,13 +10,16 @@ Two families of endpoints:
   answering the whole :class:`~vlmguard.results.GenerationResult` (timings, kept indices, per-step
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
-Errors are always ``{"error": {"message": ..., "type": ..., "code": ...}}`` (:class:`ErrorResponse`).
+Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
+as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``n`` > 1, ``logprobs``, ``tools``, JSON
+``response_format``, penalties, ``logit_bias``) are refused with a 400 naming them; their neutral values are accepted.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import budget_not_bool
 
@@ -26,6 +29,7 @@ from vlmguard.spec import budget_not_bool
 class ErrorBody(BaseModel):
     message: str
     type: str = "invalid_request_error"
+    param: Optional[str] = None  # the request field at fault, when there is one
     code: Optional[str] = None
 
 
@@ -65,9 +69,16 @@ class VlmguardOptions(BaseModel):
 # ---- OpenAI-compatible chat -------------------------------------------------------------------------
 
 
+def unsupported(reason: str) -> PydanticCustomError:
+    """A validation error for an OpenAI parameter value this server cannot honour (HTTP 400, code
+    ``unsupported_value``)."""
+    return PydanticCustomError("unsupported_value", "{reason}", {"reason": reason})
+
+
 class ImageURL(BaseModel):
     url: str
-    detail: Optional[str] = None
+    # Accepted and ignored: the model's image processor fixes the resolution.
+    detail: Optional[Literal["auto", "low", "high"]] = None
 
 
 class TextPart(BaseModel):
@@ -78,6 +89,11 @@ class TextPart(BaseModel):
 class ImagePart(BaseModel):
     type: Literal["image_url"]
     image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v  # {"type": "image_url", "image_url": "data:..."}
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
@@ -90,13 +106,41 @@ class ChatMessage(BaseModel):
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, v: Any) -> Any:
+        for j, part in enumerate(v if isinstance(v, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "image_url"):
+                raise unsupported(f"content[{j}]: part type {kind!r} is not supported (only 'text' and 'image_url')")
+        return v
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema: {...}
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise unsupported(f"{v!r} is not supported: this server has no constrained (JSON) output; only 'text'")
+        return v
+
+
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected)."""
+    """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
+
+    OpenAI parameters it cannot honour are accepted only with their neutral values (``n`` 1, ``logprobs``
+    false, ``top_logprobs`` 0, ``response_format`` text, no ``tools``, ``tool_choice`` none, penalties 0, empty
+    ``logit_bias``); anything else is refused with a message naming the parameter. ``user`` and
+    ``parallel_tool_calls`` are accepted and ignored.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -108,11 +152,63 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise unsupported(f"n={v} is not supported: this server returns one choice per request")
+        return v
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v:
+            raise unsupported("logprobs are not returned by this server (vlmguard.diagnostics gives per-step "
+                              "token probabilities)")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+        if v:
+            raise unsupported("tool calling is not supported by this server")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none"):
+            raise unsupported("tool calling is not supported by this server (only tool_choice 'none')")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: Optional[float]) -> Optional[float]:
+        if v:
+            raise unsupported("repetition penalties are not supported by this server (send 0 or leave it out)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if v:
+            raise unsupported("logit_bias is not supported by this server")
+        return v
 
 
 class AssistantMessage(BaseModel):

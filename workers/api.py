@@ -3,9 +3,9 @@
 :func:`create_api` builds the app around a :class:`Backend` — the Ray Serve ingress passes one backed by
 deployment handles (``ingress.py``); :class:`LocalBackend` runs engines in-process (tests, debugging).
 
-Every error is JSON ``{"error": {"message", "type", "code"}}``: user errors (bad JSON, bad fields, bad
-images, unknown methods, prompts longer than the context) are 4xx; overload is 503 with ``Retry-After``;
-a request over ``request_timeout_s`` is 504.
+Every error is JSON ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape): user errors (bad
+JSON, bad or unsupported fields, bad images, unknown methods, prompts longer than the context) are 4xx; overload
+is 503 with ``Retry-After``; a request over ``request_timeout_s`` is 504.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from vlmguard.api_schema import (
     ModelList,
 )
 from vlmguard.errors import VlmguardError
-from vlmguard.spec import format_validation_error
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem
 from vlmguard.workers.image_intake import make_image_resolver
@@ -61,9 +60,10 @@ class APIFailure(Exception):
     """An error answer with an HTTP status."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+        self.param = param
 
 
 class Backend(Protocol):
@@ -98,9 +98,25 @@ class LocalBackend:
 
 
 def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status,
-                        headers=headers)
+               headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _invalid_request(e: ValidationError) -> APIFailure:
+    """A request that fails its schema -> 400 naming the fields; ``param`` is the first one, ``code`` says
+    whether it is a parameter (``unsupported_parameter``) or value (``unsupported_value``) this server lacks."""
+    errors = e.errors()
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "request"
+        msg = "unrecognized request argument" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    first = errors[0]
+    code = {"extra_forbidden": "unsupported_parameter", "unsupported_value": "unsupported_value"}.get(
+        first["type"], "invalid_request")
+    return APIFailure(400, "invalid request: " + "; ".join(parts), code=code,
+                      param=".".join(str(x) for x in first.get("loc", ())) or None)
 
 
 def _error_type(status: int) -> str:
@@ -133,7 +149,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     # ---- errors -----------------------------------------------------------------------------------
     @app.exception_handler(APIFailure)
     async def _api_failure(_: Request, e: APIFailure):
-        return error_json(e.status, e.message, e.type, e.code, e.headers)
+        return error_json(e.status, e.message, e.type, e.code, e.headers, e.param)
 
     @app.exception_handler(VlmguardError)
     async def _user_error(_: Request, e: VlmguardError):
@@ -141,9 +157,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return error_json(status, str(e), _error_type(status), type(e).__name__)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException):
-        return error_json(e.status_code, str(e.detail), _error_type(e.status_code), None,
-                          getattr(e, "headers", None))
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        message = str(e.detail)
+        if e.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # no such route
+            message = f"invalid URL ({request.method} {request.url.path}): {message.lower()}"
+        return error_json(e.status_code, message, _error_type(e.status_code), None, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):
@@ -171,11 +189,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         try:
             return model_cls.model_validate(data)
         except ValidationError as e:
-            raise APIFailure(400, format_validation_error(e, "request"), code="invalid_request") from None
+            raise _invalid_request(e) from None
 
-    def pick_model(name: str | None) -> str:
+    def pick_model(name: str | None, default_first: bool = True) -> str:
         names = backend.model_names()
-        if name is None or name == "":
+        if not name and default_first:
             return names[0]
         if name not in names:
             raise APIFailure(404, f"model {name!r} is not served here (available: {', '.join(names)})",
@@ -230,16 +248,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         body = HealthResponse(status="ok" if ok else "degraded", models=states)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
+    async def model_card(name: str) -> ModelCard:
+        try:
+            info = await asyncio.wait_for(backend.info(name), timeout=10.0)
+        except Exception:  # noqa: BLE001 - list the model without details
+            info = {}
+        return ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length"))
+
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        cards = []
-        for name in backend.model_names():
-            try:
-                info = await asyncio.wait_for(backend.info(name), timeout=10.0)
-            except Exception:  # noqa: BLE001 - list the model without details
-                info = {}
-            cards.append(ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length")))
-        return ModelList(data=cards)
+        return ModelList(data=[await model_card(name) for name in backend.model_names()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(model_id: str):
+        return await model_card(pick_model(model_id, default_first=False))
 
     @app.get("/metrics")
     async def metrics_endpoint(format: str = "prometheus"):

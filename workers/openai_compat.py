@@ -29,12 +29,16 @@ DEFAULT_CHAT_MAX_TOKENS = 128
 ImageResolver = Callable[[str], Image.Image]
 
 
+def _check_max_tokens(n: int, max_new_tokens_limit: int) -> None:
+    if n > max_new_tokens_limit:
+        raise InvalidInput(f"max tokens {n} exceeds this server's limit of {max_new_tokens_limit}")
+
+
 def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSpec:
     if isinstance(spec.pruning_params.get("schedule"), str):  # checked before resolve() would open it
         raise InvalidInput("adaptinfer: 'schedule' names a file on the server, which remote requests may not read; "
                            "send the schedule itself (the JSON object `vlmguard prune analyze` writes)")
-    if spec.max_new_tokens > max_new_tokens_limit:
-        raise InvalidInput(f"max tokens {spec.max_new_tokens} exceeds this server's limit of {max_new_tokens_limit}")
+    _check_max_tokens(spec.max_new_tokens, max_new_tokens_limit)
     spec.resolve()  # unknown methods / bad method parameters -> InvalidInput here, before any model work
     return spec
 
@@ -50,10 +54,11 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
     if do_sample is None and req.temperature is not None and o.decoding != "sample":
         do_sample = req.temperature > 0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit)
+    _check_max_tokens(max_new, max_new_tokens_limit)  # before GenerationSpec's own bound, which names its field
     spec = GenerationSpec.build(
         pruning=o.pruning, budget=o.budget, pruning_params=o.pruning_params, decoding=o.decoding,
-        decoding_params=o.decoding_params,
-        max_new_tokens=req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit),
+        decoding_params=o.decoding_params, max_new_tokens=max_new,
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=o.top_k or 0, seed=req.seed, stop=stop,
         diagnostics=o.diagnostics,
