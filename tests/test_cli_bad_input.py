@@ -214,6 +214,32 @@ def test_serve_bad_yaml_one_line(capsys, no_work, tmp_path):
     assert_error(capsys, ["serve", "--config", bad], f"vlmguard: error: {bad}:2:", "bad YAML (")
 
 
+def test_serve_stop_without_a_cluster_says_so(capsys, monkeypatch):
+    import ray
+
+    def no_cluster(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    rc, out = run_cli(capsys, ["serve", "--stop"])
+    assert rc == 0 and out.out == "no Ray cluster is running: nothing to stop\n" and "Traceback" not in out.err
+
+
+def test_detach_onto_a_running_cluster_reuses_it(monkeypatch):
+    import subprocess
+
+    import vlmguard.workers.launch as launch
+
+    already = subprocess.CompletedProcess([], 1, "", "ConnectionError: Ray is trying to start at 127.0.0.1:6379, "
+                                                    "but is already running at 127.0.0.1:6379.")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: already)
+    assert launch.start_detached_cluster() == "127.0.0.1:6379"
+    failed = subprocess.CompletedProcess([], 1, "", "some other failure")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(launch.VlmguardError, match="some other failure"):
+        launch.start_detached_cluster()
+
+
 # ---- 6. bench --db ------------------------------------------------------------------------------------------
 
 def test_bench_db_checked_first(capsys, no_work, a_dir):

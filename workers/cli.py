@@ -90,7 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import ray
         from ray import serve
 
-        ray.init(address=args.address or "auto", log_to_driver=False)
+        try:
+            ray.init(address=args.address or "auto", log_to_driver=False)
+        except ConnectionError:
+            print(f"no Ray cluster is running{' at ' + args.address if args.address else ''}: nothing to stop")
+            return 0
         serve.shutdown()
         print("vlmguard service stopped (the Ray cluster keeps running; `ray stop` ends it)")
         return 0

@@ -263,7 +263,8 @@ def wait_healthy(url: str, *, timeout_s: float = 300.0, api_keys: list[str] | No
 
 def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
                            dashboard_port: int = DEFAULT_DASHBOARD_PORT, direct_ingress: bool = False) -> str:
-    """``ray start --head`` on loopback (outlives this process). Returns the cluster address."""
+    """``ray start --head`` on loopback (outlives this process). Returns the cluster address: that of the cluster
+    already running on ``port`` when there is one."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_bin if os.path.exists(ray_bin) else "ray", "start", "--head", f"--port={port}",
            "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -272,6 +273,10 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
         cmd.append(f"--num-cpus={num_cpus}")
     with cluster_env(direct_ingress):
         proc = subprocess.run(cmd, capture_output=True, text=True)
+    address = f"127.0.0.1:{port}"
     if proc.returncode != 0:
-        raise VlmguardError(f"ray start failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    return f"127.0.0.1:{port}"
+        out = (proc.stderr or proc.stdout).strip()
+        if "already running" in out:  # a cluster left by an earlier --detach (or `ray start`): deploy onto it
+            return address
+        raise VlmguardError(f"ray start failed: {out.splitlines()[-1:]}")
+    return address
