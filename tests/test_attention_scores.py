@@ -34,3 +34,29 @@ def test_cheap_scores_match_eager_attention(builder):
         ours = probe["scores"][i]
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_eager_attention_runs_every_tower_and_answers_as_sdpa(family):
+    """``--attn eager`` runs each attention module with its own model's eager function (Llama's repeats
+    key/value head groups, which CLIP's attention has not: the vision tower used to fail), with and without
+    a vision-side pruner scoring the tower."""
+    from vlmguard.engine import Request
+    from vlmguard.spec import GenerationSpec
+    from vlmguard.testing import tiny_engine
+
+    reqs = [Request("Is there a dog in the image?", [random_image(1, (40, 32))])]
+    for spec in (GenerationSpec(max_new_tokens=6), GenerationSpec(pruning="flowcut", budget=0.5, max_new_tokens=6)):
+        eager, sdpa = (tiny_engine(family, attn=a).generate(reqs, spec)[0] for a in ("eager", "sdpa"))
+        assert eager.token_ids == sdpa.token_ids and eager.visual_tokens_kept == sdpa.visual_tokens_kept
+
+
+def test_bundled_model_runs_with_eager_attention():
+    from vlmguard.engine import Request
+    from vlmguard.spec import GenerationSpec
+
+    eng = Engine.load("tiny", attn_implementation="eager")
+    assert eng.attn_implementation == "vlmguard_eager"
+    spec = GenerationSpec(pruning="flowcut", budget=16, max_new_tokens=4)
+    out = eng.generate([Request("Is there a dog in the image?", [random_image(3, (96, 96))])], spec)[0]
+    assert out.visual_tokens_kept and len(out.token_ids) >= 1

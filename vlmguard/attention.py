@@ -21,6 +21,8 @@ Usage (inside a forward that the engine drives)::
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -145,14 +147,21 @@ def record_mean_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         req.parts.append((probs, v.detach() if req.want_values else None))
 
 
+@functools.lru_cache(maxsize=None)
+def model_eager_attention(attention_cls: type) -> Callable:
+    """The eager attention function of the model an attention module belongs to: each transformers model file
+    defines its own ``eager_attention_forward`` (CLIP's has no key/value head groups, Llama's repeats them)."""
+    fn = getattr(sys.modules.get(attention_cls.__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
 def _make_attention(base_name: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        if base_name == "eager":
-            from transformers.models.llama.modeling_llama import eager_attention_forward as base
-        else:
-            base = ALL_ATTENTION_FUNCTIONS[base_name]
+        base = model_eager_attention(type(module)) if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
         reqs = getattr(_LOCAL, "requests", None)
         req = reqs.get(id(module)) if reqs else None
         if req is not None:

@@ -94,7 +94,7 @@ class Engine:
             model.set_attn_implementation(impl)
         self.attn_implementation = impl
         self.adapter: ModelAdapter = adapter_for(model, processor)
-        self.runner = LayerRunner(self.adapter, flash=impl == "vlmguard_flash")
+        self.runner = LayerRunner(self.adapter, flash=impl == "vlmguard_flash", eager=impl == "vlmguard_eager")
         # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
         self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 

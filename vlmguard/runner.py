@@ -47,16 +47,17 @@ class DecodeState:
 
 
 class LayerRunner:
-    def __init__(self, adapter, flash: bool = False):
+    def __init__(self, adapter, flash: bool = False, eager: bool = False):
         self.adapter = adapter
         self.flash = flash
+        self.eager = eager  # eager attention applies no causal rule of its own: its prefill mask is always given
         self._cache_kw = _cache_keyword(adapter.layers[0])
 
     # ---- masks ---------------------------------------------------------------------------
     def _prefill_mask(self, seq: Seq) -> torch.Tensor | None:
         if self.flash:
             return None if bool(seq.valid.all()) else seq.valid.long()
-        if bool(seq.valid.all()):
+        if not self.eager and bool(seq.valid.all()):
             return None  # lets SDPA use its causal fast path
         return additive_mask(causal_allowed(seq.valid, seq.valid), seq.hidden.dtype)
 
