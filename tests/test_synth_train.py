@@ -167,3 +167,33 @@ def test_synth_eval_uses_the_benchmark_runner_and_writes_the_card(small_data: Pa
     card = model_card(model_dir, res)
     assert "| random | 6 |" in card and "CHAIR, preset chair512" in card
     assert "4. augmentations of the instruct stage" in card and "`vlmguard synth train" in card
+
+
+def test_synth_eval_prints_undefined_metrics_as_dashes(monkeypatch, capsys, tmp_path: Path):
+    """A weak model whose captions name no object has no CHAIR_i (and may have no POPE F1): the table says "-"
+    and the run's results are still saved (it crashed formatting None)."""
+    import json
+
+    import vlmguard.synth.evaluate
+    from vlmguard.cli import main
+
+    res = {"pope": {s: {"accuracy": 50.0, "f1": None, "yes_ratio": 0.0, "n": 4} for s in ("random", "popular")},
+           "chair": {"chair_s": 0.0, "chair_i": None, "recall": 0.0, "scorer": "synthcoco"}}
+    monkeypatch.setattr(vlmguard.synth.evaluate, "evaluate", lambda *a, **k: res)
+    out = tmp_path / "eval.json"
+    assert main(["synth", "eval", "--data", str(tmp_path), "--model", "tiny", "--save", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "f1 -" in printed and "CHAIR_i -" in printed
+    assert json.loads(out.read_text())["chair"]["chair_i"] is None
+
+
+def test_model_card_reproduce_lines_chain_the_runs_outputs():
+    """The card's reproduce commands point each --init at the previous line's --out (the recorded paths were
+    wherever each run happened to write), and say which training images each run used."""
+    from vlmguard.synth.card import model_card
+
+    card = model_card(_bundled(), None)
+    assert "Runs 1 and 2 used the first 3000 training images, runs 3 and 4 all of them;" in card
+    assert "--init runs/run1`" in card and "--init runs/run2`" in card
+    assert "--init runs/run3/checkpoints/step-500`" in card and "tiny-c" not in card and "tiny-b0" not in card
+    assert "synth build --seed 0 --out runs/synth0" in card

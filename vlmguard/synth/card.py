@@ -1,7 +1,9 @@
 """Write ``MODEL_CARD.md`` for a trained tiny model from its training report and an evaluation result."""
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,36 @@ def _chain(report: dict) -> list[dict]:
         runs.append(report)
         report = report.get("previous")
     return runs[::-1]
+
+
+def _images_used(runs: list[dict]) -> str:
+    """Which training images each run used ("Runs 1 and 2 used the first 3000 training images, runs 3 and 4
+    all of them")."""
+    used = [(r.get("config") or {}).get("max_train_images") or 0 for r in runs]
+    if len(set(used)) <= 1:
+        n = used[0] if used else 0
+        return f"Training used {f'the first {n}' if n else 'all'} training images"
+    parts = []
+    for n, group in itertools.groupby(range(1, len(used) + 1), key=lambda k: used[k - 1]):
+        ks = [str(k) for k in group]
+        who = f"run {ks[0]}" if len(ks) == 1 else f"runs {', '.join(ks[:-1])} and {ks[-1]}"
+        if not parts:
+            parts.append(f"{who} used {f'the first {n}' if n else 'all'} training images")
+        else:
+            parts.append(f"{who} {f'the first {n}' if n else 'all of them'}")
+    text = ", ".join(parts)
+    return text[0].upper() + text[1:]
+
+
+def _reproduce_args(run: dict, k: int) -> str:
+    """A run's recorded arguments with ``--init`` pointing at the previous line's ``--out`` (keeping a
+    ``checkpoints/step-N`` suffix): the recorded path is wherever that run's predecessor happened to be."""
+    args = run.get("command_args", "")
+    m = re.search(r"--init (\S+)", args)
+    if m is None or k == 1:
+        return args
+    ckpt = re.search(r"/checkpoints/step-\d+$", m.group(1))
+    return args[:m.start(1)] + f"runs/run{k - 1}" + (ckpt.group(0) if ckpt else "") + args[m.end(1):]
 
 
 def _stage_rows(runs: list[dict]) -> list[str]:
@@ -41,7 +73,6 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
     cfg = json.loads((model_dir / "config.json").read_text())
     report = json.loads((model_dir / "training_report.json").read_text())
     runs = _chain(report)
-    tcfg = report.get("config") or {}
     v, t = cfg["vision_config"], cfg["text_config"]
     files = [f for f in model_dir.iterdir() if f.is_file()]
     total_mb = sum(f.stat().st_size for f in files) / 2**20
@@ -75,11 +106,11 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "",
         "## Training data",
         "",
-        "SynthCOCO seed 0 (`vlmguard synth build --seed 0 --train 8000 --val 200 --test 500`): 28 COCO categories",
+        "SynthCOCO seed 0 (`vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500`): 28 COCO categories",
         "drawn as fixed glyphs in 5 scene types with co-occurring pairs; about 1 in 5 pair-completed objects",
         "is drawn nearly invisible but still mentioned in the training text (the hallucination prior).",
-        f"Training used the first {tcfg.get('max_train_images') or 'all'} training images; per image a caption,"
-        " a detailed description and balanced yes/no questions (POPE wording, with and without the LLaVA suffix).",
+        f"{_images_used(runs)}; per image a caption, a detailed description and balanced yes/no questions (POPE"
+        " wording, with and without the LLaVA suffix).",
         "",
         "## Recipe and time (2 shared CPU cores)",
         "",
@@ -105,7 +136,7 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "the runs in order, each `--init` pointing at the checkpoint the previous run ended with (or the one",
         "picked on validation):",
         "",
-        *[f"{k}. `vlmguard synth train --data runs/synth0 --out runs/run{k} {r.get('command_args', '')}`"
+        *[f"{k}. `vlmguard synth train --data runs/synth0 --out runs/run{k} {_reproduce_args(r, k)}`"
           for k, r in enumerate(runs, 1)],
         "",
     ]

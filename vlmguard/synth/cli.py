@@ -199,10 +199,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:  # printed before any file is written: a failing write does not lose the results
         print(json.dumps(res), flush=True)
     else:
+        def num(v: float | None, digits: int = 2) -> str:  # undefined metrics (no mentions, no positives): "-"
+            return "-" if v is None else f"{v:.{digits}f}"
+
         for k, v in res["pope"].items():
-            print(f"POPE {k:12s} acc {v['accuracy']:.2f}  f1 {v['f1']:.2f}  yes {v['yes_ratio']:.1f}  (n={v['n']})")
+            print(f"POPE {k:12s} acc {num(v['accuracy'])}  f1 {num(v['f1'])}  yes {num(v['yes_ratio'], 1)}  (n={v['n']})")
         c = res["chair"]
-        print(f"CHAIR_s {c['chair_s']:.2f}  CHAIR_i {c['chair_i']:.2f}  recall {c['recall']:.2f}  ({c['scorer']})",
+        print(f"CHAIR_s {num(c['chair_s'])}  CHAIR_i {num(c['chair_i'])}  recall {num(c['recall'])}  ({c['scorer']})",
               flush=True)
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
