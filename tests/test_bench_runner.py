@@ -497,3 +497,93 @@ def test_method_labels_name_the_settings_a_run_set():
     assert method_label({"pruning": "flowcut", "budget": 0.25, "pruning_params": {"position_mode": "original"},
                          "decoding": "m3id", "decoding_params": {"gate": False, "beta": 0.1}}) \
         == "flowcut@0.25[position_mode=original]+m3id[beta=0.1,gate=False]"
+
+
+def _kill_after(n: int):
+    def on_batch(n_done: int) -> None:
+        if n_done >= n:
+            raise KeyboardInterrupt
+    return on_batch
+
+
+def test_report_marks_a_killed_run_partial_until_it_is_resumed(tmp_path, dataset, capsys):
+    db = tmp_path / "r.sqlite"
+    spec = default_spec("pope")
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", batch_size=5, progress=False,
+                      on_batch=_kill_after(10))
+    rep = build_report(db, tmp_path / "rep")
+    line = next(ln for ln in rep["table"].splitlines() if ln.startswith(rep["rows"][0]["run_id"]))
+    assert "partial 10/24" in line and rep["rows"][0]["status"] == "running"  # the CSV keeps the DB's status
+    run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", batch_size=5, progress=False)
+    rep = build_report(db, tmp_path / "rep")
+    assert "partial" not in rep["table"] and "finished" in rep["table"]
+
+
+def test_finishing_does_not_race_a_larger_limit_of_the_same_run(tmp_path, dataset, monkeypatch):
+    """A --limit 6 run finishing while the same run is started with no limit (n_expected 24) in another
+    process must not end up 'finished' with the 6-sample metrics cached once the second process dies."""
+    import threading
+
+    from vlmguard.bench import metrics as metrics_mod
+
+    db = tmp_path / "r.sqlite"
+    spec = default_spec("pope")
+    real = metrics_mod.metrics_for_run
+    other: list[threading.Thread] = []
+
+    def start_the_full_run(knobs) -> None:
+        conn = dbm.connect(db)
+        try:
+            dbm.ensure_run(conn, knobs, n_expected=24, package_version="t")
+        finally:
+            conn.close()
+
+    def racing_metrics(conn, run):
+        if not other:  # while the first process computes its metrics, the second one starts the same run
+            t = threading.Thread(target=start_the_full_run, args=(run["knobs"],))
+            other.append(t)
+            t.start()
+            t.join(0.5)
+        return real(conn, run)
+
+    monkeypatch.setattr(metrics_mod, "metrics_for_run", racing_metrics)
+    run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", limit=6, progress=False)
+    other[0].join(30)
+    monkeypatch.setattr(metrics_mod, "metrics_for_run", real)
+    run = dbm.list_runs(db)[0]
+    assert run["n_expected"] == 24 and run["n_samples"] == 6
+    assert run["status"] == "running" and run["metrics"]["complete"] is False  # the second process was killed
+    out = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", progress=False)
+    assert out.status == "finished" and out.n_new == 18 and dbm.list_runs(db)[0]["metrics"]["n"] == 24
+
+
+def _readonly_sqlite(monkeypatch):
+    """Make every plain sqlite3.connect open its file read-only, as for a file this process may not write
+    (chmod does not stop root, who runs these tests in some sandboxes)."""
+    real = sqlite3.connect
+
+    def connect(database, *args, uri=False, **kw):
+        if not uri:
+            return real(f"{Path(database).resolve().as_uri()}?mode=ro", *args, uri=True, **kw)
+        return real(database, *args, uri=uri, **kw)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+
+
+def test_a_read_only_database_is_read_and_a_write_names_the_cause(tmp_path, dataset, monkeypatch, capsys):
+    db = tmp_path / "r.sqlite"
+    run_benchmark(FakeEngine(), "pope", dataset, default_spec("pope"), db, split="random", progress=False)
+    run_benchmark(FakeEngine(), "pope", dataset, default_spec("pope", pruning="fake", budget=8), db, split="random",
+                  progress=False)
+    _readonly_sqlite(monkeypatch)
+    runs = dbm.list_runs(db)
+    assert len(runs) == 2 and all(r["n_samples"] == 24 and r["status"] == "finished" for r in runs)
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]) == 2
+    assert main(["compare", "--db", str(db), "--boot", "100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["comparisons"]
+    with pytest.raises(InvalidInput, match=r"--db .*r\.sqlite: the results database \(or its folder\) is read-only"):
+        dbm.check_db(db)
+    with pytest.raises(InvalidInput, match="read-only"):
+        run_benchmark(FakeEngine(), "pope", dataset, default_spec("pope"), db, split="random", progress=False)

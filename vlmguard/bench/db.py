@@ -91,7 +91,9 @@ BUSY_TIMEOUT_S = 60.0
 
 
 def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Connection:
-    """Open (and create) the database: WAL journal, 60 s busy timeout, rows as ``sqlite3.Row``."""
+    """Open (and create) the database: WAL journal, 60 s busy timeout, rows as ``sqlite3.Row``.
+
+    ``create=False`` (readers): the file must exist; one this process cannot write is opened read-only."""
     p = Path(path)
     if not create and not p.is_file():
         raise InvalidInput(f"{p}: results database not found")
@@ -123,6 +125,13 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
             return conn
         except sqlite3.DatabaseError as e:
             conn.close()
+            if _is_readonly(e):
+                # A file this process may not write (another user's results, a read-only mount): a reader
+                # (report, compare, dashboard) opens it read-only without the schema script's write; a
+                # writer fails naming the cause rather than calling the file "not a results database".
+                if create:
+                    raise InvalidInput(f"{p}: the results database (or its folder) is read-only, cannot write results to it") from None
+                return _connect_readonly(p)
             # Opening a new database while other connections open it too (two shards of one job, a
             # reader watching it) can hit SQLITE_BUSY in the journal-mode switch or the schema script
             # without SQLite's busy handler waiting: wait and try again rather than fail the job.
@@ -147,6 +156,38 @@ def check_db(path: str | Path, option: str = "--db") -> Path:
     except InvalidInput as e:
         raise InvalidInput(f"{option} {e}") from None
     return p
+
+
+def _is_readonly(e: sqlite3.DatabaseError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == 8) or "readonly" in str(e)  # SQLITE_READONLY (any extended code)
+
+
+def _connect_readonly(p: Path) -> sqlite3.Connection:
+    """Open an existing results database that this process cannot write, for reading only.
+
+    A WAL database in a folder this process cannot write either has no ``-shm`` file SQLite could create:
+    it is then read as immutable, but only when no ``-wal`` file holds samples not yet in the main file."""
+    wal = Path(f"{p}-wal")
+    modes = ["mode=ro"]
+    if not (wal.exists() and wal.stat().st_size > 0):
+        modes.append("mode=ro&immutable=1")
+    err: sqlite3.Error | None = None
+    for mode in modes:
+        conn = None
+        try:
+            conn = sqlite3.connect(f"{p.resolve().as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S,
+                                   isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+            conn.execute("SELECT COUNT(*) FROM samples").fetchone()
+            return conn
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            err = e
+    raise InvalidInput(f"{p}: cannot read the read-only results database ({err})")
 
 
 def _is_busy(e: sqlite3.DatabaseError) -> bool:
@@ -257,6 +298,27 @@ def finish_run(conn: sqlite3.Connection, run_id: str, metrics: dict[str, Any] | 
             "UPDATE runs SET status = ?, metrics = ?, finished_at = ?, updated_at = ? WHERE run_id = ?",
             (status, json.dumps(metrics) if metrics is not None else None, ts if status == "finished" else None, ts, run_id),
         )
+
+
+def finish_if_complete(conn: sqlite3.Connection, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics over the stored samples, and the run marked finished (metrics cached) when every expected
+    sample is stored. One write transaction: a process that meanwhile raises ``n_expected`` (the same run
+    with a larger --limit) or adds samples cannot leave the run finished with stale metrics. A run already
+    finished keeps its ``finished_at``. Returns (run, metrics)."""
+    from vlmguard.bench.metrics import metrics_for_run
+
+    with transaction(conn):
+        run = get_run(conn, run_id)
+        metrics = metrics_for_run(conn, run)
+        if run["n_samples"] >= (run["n_expected"] or 0):
+            ts = now()
+            conn.execute(
+                "UPDATE runs SET finished_at = CASE WHEN status = 'finished' AND finished_at IS NOT NULL"
+                " THEN finished_at ELSE ? END, status = 'finished', metrics = ?, updated_at = ? WHERE run_id = ?",
+                (ts, json.dumps(metrics), ts, run_id),
+            )
+            run["status"] = "finished"
+    return run, metrics
 
 
 def _decode_run(row: sqlite3.Row) -> dict[str, Any]:

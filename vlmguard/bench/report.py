@@ -105,16 +105,32 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-POPE_VIEW = ("run_id", "model", "split", "method", "n_samples", "accuracy", "f1", "yes_ratio", "visual_tokens_kept", "prefill_ms")
-LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "n_samples", "accuracy", "ctr", "sycophancy", "over_correction")
-CHAIR_VIEW = ("run_id", "model", "variant", "method", "n_samples", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len",
-              "visual_tokens_kept")
+POPE_VIEW = ("run_id", "model", "split", "method", "status", "n_samples", "accuracy", "f1", "yes_ratio", "visual_tokens_kept",
+             "prefill_ms")
+LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "status", "n_samples", "accuracy", "ctr", "sycophancy",
+                "over_correction")
+CHAIR_VIEW = ("run_id", "model", "variant", "method", "status", "n_samples", "chair_s", "chair_i", "chair_i_distinct",
+              "chair_recall", "len", "visual_tokens_kept")
+
+
+def is_partial(row: dict[str, Any]) -> bool:
+    """A run that is not finished: killed (or still running) before all its samples were stored."""
+    return row.get("status") != "finished"
+
+
+def status_cell(row: dict[str, Any]) -> str:
+    """``finished``, or ``partial 32/120`` for a run whose metrics cover only the samples stored so far (the
+    database cannot tell a killed run from one still running: both are ``running`` there)."""
+    if not is_partial(row):
+        return "finished"
+    n, expected = row.get("n_samples"), row.get("n_expected")
+    return f"partial {n}/{expected}" if expected is not None else f"partial {n}"
 
 
 def text_report(rows: list[dict[str, Any]]) -> str:
     out = []
     for bench, view in (("pope", POPE_VIEW), ("pope-leading", LEADING_VIEW), ("chair", CHAIR_VIEW)):
-        sel = [r for r in rows if r["benchmark"] == bench]
+        sel = [{**r, "status": status_cell(r)} for r in rows if r["benchmark"] == bench]
         if sel:
             out.append(f"== {bench} ({len(sel)} runs)")
             out.append(format_table(sel, view))
@@ -127,6 +143,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+
+
+def _plot_label(row: dict[str, Any]) -> str:
+    return f"{row['method']} ({status_cell(row)})" if is_partial(row) else row["method"]
 
 
 def _plot_scatter(rows: list[dict[str, Any]], x: str, xlabel: str, title: str, path: Path) -> bool:
@@ -149,7 +169,7 @@ def _plot_scatter(rows: list[dict[str, Any]], x: str, xlabel: str, title: str, p
         ax.plot([r[x] for r in rs], [r["accuracy"] for r in rs], marker=markers.get(split, "o"), linestyle=":",
                 label=f"{model} / {split}")
         for r in rs:
-            ax.annotate(r["method"], (r[x], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_plot_label(r), (r[x], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("POPE accuracy (%)")
     ax.set_title(title)
@@ -170,7 +190,7 @@ def _plot_chair(rows: list[dict[str, Any]], path: Path) -> bool:
     pts = [r for r in rows if r["benchmark"] == "chair" and r.get("chair_s") is not None]
     if not pts:
         return False
-    labels = [f"{r['method']}\n{r.get('variant') or ''} {r['model']}" for r in pts]
+    labels = [f"{_plot_label(r)}\n{r.get('variant') or ''} {r['model']}" for r in pts]
     xs = range(len(pts))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(pts)), 4.5))
     w = 0.4

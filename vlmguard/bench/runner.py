@@ -347,12 +347,8 @@ def run_benchmark(
             if bar is not None:
                 bar.close()
 
-        run = dbm.get_run(conn, run_id)
-        metrics = dbm.run_metrics(conn, run_id)
+        run, metrics = dbm.finish_if_complete(conn, run_id)
         status = run["status"]
-        if run["n_samples"] >= (run["n_expected"] or 0):
-            dbm.finish_run(conn, run_id, metrics, "finished")
-            status = "finished"
         return RunOutcome(
             run_id=run_id,
             benchmark=benchmark,
