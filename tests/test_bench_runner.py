@@ -390,6 +390,27 @@ def test_retrained_model_under_one_name_gets_new_runs(tmp_path, dataset):
     assert {r["model_revision"] for r in dbm.list_runs(db)} == {"aaaa", "bbbb"}
 
 
+def test_another_precision_is_another_run_and_float32_keeps_its_run_id(tmp_path, dataset):
+    """A bf16 run never resumes into (mixes with) an fp32 run of the same command; float32 is not written into
+    the knobs, so fp32 runs keep the ids databases of earlier versions gave them."""
+    import types
+
+    import torch
+
+    db = tmp_path / "r.sqlite"
+    spec = default_spec("pope")
+    plain = run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", limit=2, progress=False)
+    runs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        eng = FakeEngine()
+        eng.model = types.SimpleNamespace(dtype=dt)
+        runs[dt] = run_benchmark(eng, "pope", dataset, spec, db, split="random", limit=2, progress=False)
+    assert runs[torch.float32].run_id == plain.run_id and runs[torch.float32].n_new == 0
+    assert runs[torch.bfloat16].run_id != plain.run_id and runs[torch.bfloat16].n_new == 2
+    assert {r["run_id"]: r["dtype"] for r in dbm.list_runs(db)} == {plain.run_id: None,
+                                                                     runs[torch.bfloat16].run_id: "bfloat16"}
+
+
 def test_database_of_an_earlier_version_gains_the_revision_column(tmp_path):
     db = tmp_path / "old.sqlite"
     with sqlite3.connect(db) as c:
@@ -398,8 +419,8 @@ def test_database_of_an_earlier_version_gains_the_revision_column(tmp_path):
         c.execute("INSERT INTO runs VALUES ('r1', 'pope', 'tiny', '{}', 'finished', 'then')")
     conn = dbm.connect(db)
     cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-    assert "model_revision" in cols
-    assert conn.execute("SELECT model_revision FROM runs WHERE run_id = 'r1'").fetchone()[0] is None
+    assert {"model_revision", "dtype"} <= cols
+    assert tuple(conn.execute("SELECT model_revision, dtype FROM runs WHERE run_id = 'r1'").fetchone()) == (None, None)
     conn.close()
 
 

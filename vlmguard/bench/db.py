@@ -7,7 +7,9 @@ Schema (``SCHEMA_VERSION`` 1)::
               so re-running the same command (same protocol knobs) resumes the same run.
       run_id TEXT PK, benchmark TEXT ('pope' | 'pope-leading' | 'chair'), model TEXT, model_family TEXT,
       model_revision TEXT (weights fingerprint of a model loaded from a directory, so a retrained model
-      under the same name starts new runs; added by migration to older databases), dataset TEXT, dataset_version TEXT, split TEXT (POPE split; image split for CHAIR),
+      under the same name starts new runs; added by migration to older databases), dtype TEXT (the weights'
+      precision when not float32, so a bf16 run is not an fp32 one; NULL for float32 and in older databases),
+      dataset TEXT, dataset_version TEXT, split TEXT (POPE split; image split for CHAIR),
       variant TEXT (POPE-leading template id / CHAIR preset), question_file TEXT, question_sha256 TEXT,
       prompt_preset TEXT, prompt TEXT (instruction / CHAIR prompt), parser TEXT,
       pruning TEXT, pruning_params TEXT (JSON), budget NUMERIC, decoding TEXT, decoding_params TEXT (JSON),
@@ -45,7 +47,7 @@ SCHEMA_VERSION = 1
 DEFAULT_DB = Path("runs") / "vlmguard.sqlite"
 
 RUN_COLUMNS = (
-    "benchmark", "model", "model_family", "model_revision", "dataset", "dataset_version", "split", "variant",
+    "benchmark", "model", "model_family", "model_revision", "dtype", "dataset", "dataset_version", "split", "variant",
     "question_file", "question_sha256", "prompt_preset", "prompt", "parser", "pruning", "pruning_params",
     "budget", "decoding", "decoding_params", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
     "seed", "image_list", "drop_incomplete", "neutral_run_id",
@@ -62,7 +64,8 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
   run_id TEXT PRIMARY KEY,
-  benchmark TEXT NOT NULL, model TEXT NOT NULL, model_family TEXT, model_revision TEXT, dataset TEXT NOT NULL,
+  benchmark TEXT NOT NULL, model TEXT NOT NULL, model_family TEXT, model_revision TEXT, dtype TEXT,
+  dataset TEXT NOT NULL,
   dataset_version TEXT, split TEXT, variant TEXT, question_file TEXT, question_sha256 TEXT,
   prompt_preset TEXT, prompt TEXT, parser TEXT, pruning TEXT, pruning_params TEXT, budget NUMERIC,
   decoding TEXT, decoding_params TEXT, max_new_tokens INTEGER, do_sample INTEGER, temperature REAL,
@@ -197,7 +200,7 @@ def _is_busy(e: sqlite3.DatabaseError) -> bool:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add run columns that databases written by earlier versions lack (their runs keep NULL there)."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
-    for col in ("model_revision",):
+    for col in ("model_revision", "dtype"):
         if col not in have:
             conn.execute(f"ALTER TABLE runs ADD COLUMN {col} TEXT")
 

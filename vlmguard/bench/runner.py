@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from PIL import Image
 
 from vlmguard.bench import db as dbm
@@ -148,11 +149,17 @@ def _base_row(item: Item, res: Any) -> dict[str, Any]:
 
 
 def _engine_knobs(engine: Any, model_name: str | None) -> dict[str, Any]:
-    return {
+    knobs = {
         "model": model_name or getattr(engine, "model_name", None) or "unknown",
         "model_family": getattr(engine, "family", None),
         "model_revision": getattr(engine, "revision", None),  # retrained weights under one name: new runs
     }
+    # A run in another precision is another run (a bf16 GPU run never resumes into, or mixes with, an fp32 one).
+    # float32 is left out of the knobs, so the run ids of fp32 runs are those earlier versions gave them.
+    dtype = getattr(getattr(engine, "model", None), "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+        knobs["dtype"] = str(dtype).removeprefix("torch.")
+    return knobs
 
 
 def _dataset_knobs(dataset: BenchDataset) -> dict[str, Any]:
