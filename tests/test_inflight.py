@@ -365,3 +365,42 @@ def test_a_joiner_that_cannot_merge_gets_the_error_and_the_batch_goes_on(worker,
     first, joiner = asyncio.run(main())
     assert "result" in first and len(first["result"]["token_ids"]) == 60
     assert joiner["error"]["status"] == 500 and "cannot merge" in joiner["error"]["message"]
+
+
+def test_a_stream_that_runs_alone_and_whose_client_left_while_queued_frees_its_slot_without_a_prefill(worker,
+                                                                                                      monkeypatch):
+    """Streams of ``batching.mode: whole`` (or no batching, or a decoder that cannot join) run alone, one at
+    a time: one whose client left while it waited for the engine held its request slot (admission) until the
+    engine was free, then still ran its prefill and a token."""
+    import threading
+    import time
+
+    from vlmguard.workers.config import BatchingConfig, ModelConfig
+    from vlmguard.workers.deployment import ModelReplica
+
+    replica = object.__new__(ModelReplica)  # the replica's stream path, on the module's engine
+    replica.config, replica.worker = ModelConfig(batching=BatchingConfig(mode="whole")), worker
+    replica.batcher = None
+    prefills = []
+    real_stream = worker.engine.stream
+    monkeypatch.setattr(worker.engine, "stream", lambda *a, **k: (prefills.append(1), real_stream(*a, **k))[1])
+    spec = GenerationSpec(max_new_tokens=4)
+
+    async def leave_while_queued():
+        gen = replica.stream(item(0, spec))
+        worker._lock.acquire()  # the engine is busy (another stream)
+        threading.Timer(1.5, worker._lock.release).start()  # ... for 1.5 s
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(gen.__anext__(), 0.2)  # the client gives up
+        return time.monotonic() - t0
+
+    assert asyncio.run(leave_while_queued()) < 1.0  # the stream ended at once, not when the engine came free
+    assert prefills == []  # nothing was computed for it
+
+    async def collect():
+        return [ev async for ev in replica.stream(item(0, spec))]
+
+    events = asyncio.run(collect())
+    assert events[-1]["done"] and prefills == [1]
+    assert events[-1]["result"]["token_ids"] == worker.generate_many([item(0, spec)])[0]["result"]["token_ids"]

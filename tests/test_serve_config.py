@@ -191,6 +191,52 @@ def test_metrics_json_and_prometheus():
     assert 'vlmguard_request_latency_seconds_bucket{le="+Inf"} 4' in text
 
 
+def test_a_request_whose_client_left_counts_as_499_not_as_a_server_error():
+    """Serve cancels the request of a client that disconnected (or timed out) before its answer: /metrics
+    counted it as a 500, so client time-outs looked like server errors."""
+    import asyncio
+    import json
+
+    from vlmguard.workers.api import create_api
+
+    class SlowBackend:
+        def model_names(self):
+            return ["m"]
+
+        async def info(self, model):
+            return {}
+
+        async def generate(self, model, item):
+            await asyncio.sleep(60)
+
+    app = create_api(SlowBackend(), ServiceConfig(api_key_env=None))
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def main():
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.2)  # the request waits for its answer
+        task.cancel()  # what Serve does when the client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return sent
+
+    assert asyncio.run(main()) == []
+    s = app.state.metrics.snapshot()
+    assert s["requests_by_endpoint"] == {"/v1/chat/completions 499": 1} and s["in_flight"] == 0
+
+
 def test_job_arguments_are_checked_and_paths_made_absolute(tmp_path, monkeypatch):
     from vlmguard.workers import jobs
 

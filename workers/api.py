@@ -45,6 +45,7 @@ from vlmguard.workers.openai_compat import (
 )
 
 PUBLIC_PATHS = {"/health"}
+CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate"}
 
 
@@ -357,7 +358,7 @@ class _Guard:
         t0 = time.perf_counter()
         path = _route_path(scope)
         self.metrics.request_started()
-        status = [500]
+        status: list[int | None] = [None]  # set when the response starts
 
         async def send_status(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -378,8 +379,12 @@ class _Guard:
                 await self.app(scope, receive, send_status)
                 return
             await response(scope, receive, send_status)
+        except asyncio.CancelledError:  # the client went away (Serve cancels its request): no server error
+            if status[0] is None:
+                status[0] = CLIENT_CLOSED
+            raise
         finally:
-            self.metrics.request_finished(path, status[0], time.perf_counter() - t0)
+            self.metrics.request_finished(path, status[0] or 500, time.perf_counter() - t0)
 
 
 def _route_path(scope: dict[str, Any]) -> str:

@@ -79,7 +79,11 @@ class ModelReplica:
                 yield ev
         finally:
             cancel.set()  # the client left (or we finished): stop generating
-            await task
+            if not task.done():
+                # a stream still queued for an executor thread never starts; a running one stops at its next
+                # token or while it waits for the engine (EngineWorker.stream) - no waiting for it here, so
+                # the request's admission slot frees at once
+                task.cancel()
 
     def check_health(self) -> None:
         if self.worker.engine is None:

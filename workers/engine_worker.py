@@ -138,11 +138,24 @@ class EngineWorker:
                 answers[i] = ans
         return [a for a in answers if a is not None]
 
+    def _acquire(self, cancel: threading.Event | None, poll_s: float = 0.05) -> bool:
+        """Take the engine lock; with ``cancel``, give up (False, lock not held) once it is set."""
+        if cancel is None:
+            return self._lock.acquire()
+        while not cancel.is_set():
+            if self._lock.acquire(timeout=poll_s):
+                if not cancel.is_set():
+                    return True
+                self._lock.release()
+        return False
+
     def stream(self, item: WorkItem, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
         """Yield ``{"token_id", "text", "done", "result"?}`` per generated token, or one ``{"error"}``."""
         try:
             req = self._request(item)
-            with self._lock:
+            if not self._acquire(cancel):  # the caller left while it waited for the engine: no prefill
+                return
+            try:
                 gen = self.engine.stream([req], item.spec)
                 try:
                     for ev in gen:
@@ -157,6 +170,8 @@ class EngineWorker:
                     gen.close()
                 self.batches += 1
                 self.items += 1
+            finally:
+                self._lock.release()
         except Exception as e:  # noqa: BLE001 - sent to the client as an error event
             if not isinstance(e, VlmguardError):
                 log.exception("streaming generation failed")
