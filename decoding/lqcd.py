@@ -3,7 +3,8 @@
 Expert = the neutral query x_n, amateur(s) = leading query/queries, same image and generated prefix::
 
     s = (1 + alpha_eff) * l_E - alpha_eff * mean_j l_A,j     on the expert's plausible set (beta)
-    alpha_eff = alpha * (1 + sentiment_gamma * sigma)        (sigma = strength of the stripped cue)
+    alpha_eff = alpha * (1 + sentiment_gamma * sigma)        (sigma = strength of the stripped cue; with an
+                                                             oracle neutral_text, of the cue the rules find)
 
 Per request, one of these plans (``report["modes"]``):
 - ``leading``: the user's text carries a cue. x_n comes from ``neutral_text`` (oracle, e.g. the
@@ -73,8 +74,10 @@ class LQCD(Decoder):
         for i, pr in enumerate(ctx.prompts):
             plan = {"mode": "off", "expert": 0, "amateurs": [], "slots": [], "strength": 0.0}
             if oracle[i] is not None:
+                # sigma: the strength of the cue the rules find in the user's text (0 when they find none)
+                cue = neutralize(pr.text) if not pr.raw else None
                 plan.update(mode="leading", expert=1, amateurs=[0], slots=[oracle[i]], neutral=oracle[i],
-                            source="oracle")
+                            source="oracle", strength=cue.strength if cue is not None and cue.changed else 0.0)
             elif pr.raw:
                 plan["note"] = "raw prompt: no neutralizer or cue synthesis"
             else:
@@ -110,6 +113,7 @@ class LQCD(Decoder):
             "amateur_texts": [[pl["slots"][a - 1] if a > 0 else pr.text for a in pl["amateurs"]]
                               for pl, pr in zip(plans, ctx.prompts)],
             "notes": [pl.get("note") for pl in plans],
+            "cue_strength": [pl["strength"] for pl in plans],
         })
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:

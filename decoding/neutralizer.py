@@ -20,13 +20,15 @@ POPE_RE = re.compile(r"^Is there (a|an) (.+) in the (image|imange)\?$")
 SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 TAG_SUFFIX = re.compile(r",\s*(right|isn't it|is it not|correct|don't you think)\?$", re.IGNORECASE)
 
-# (pattern over one sentence, cue strength sigma in [0, 1])
+# (pattern over one sentence, cue strength sigma in [0, 1]). A statement's final "." or "!" may be missing (the
+# paper's own example: "Is there a dog in the image? It seems like there isn't"); a sentence without one can
+# only be a line's last, and a cue is only ever removed from a line that keeps a question.
 CUE_PATTERNS: list[tuple[re.Pattern[str], float]] = [
-    (re.compile(r"^It (seems|looks|appears)( like| as if| as though| that)?\b.*[.!]$", re.IGNORECASE), 0.5),
-    (re.compile(r"^(I'm|I am|I’m) (sure|certain|confident|positive)\b.*[.!]$", re.IGNORECASE), 1.0),
-    (re.compile(r"^I (think|believe|feel|guess|suppose|expect)\b.*[.!]$", re.IGNORECASE), 0.5),
-    (re.compile(r"^(Obviously|Clearly|Surely|Definitely|Of course)\b.*[.!]$", re.IGNORECASE), 1.0),
-    (re.compile(r"^There (is|are)( no| not)?\b.*\bin the (image|imange|picture|photo)[.!]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^It (seems|looks|appears)( like| as if| as though| that)?\b.*[^?]$", re.IGNORECASE), 0.5),
+    (re.compile(r"^(I'm|I am|I’m) (sure|certain|confident|positive)\b.*[^?]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^I (think|believe|feel|guess|suppose|expect)\b.*[^?]$", re.IGNORECASE), 0.5),
+    (re.compile(r"^(Obviously|Clearly|Surely|Definitely|Of course)\b.*[^?]$", re.IGNORECASE), 1.0),
+    (re.compile(r"^There (is|are)( no| not)?\b.*\bin the (image|imange|picture|photo)[.!]?$", re.IGNORECASE), 1.0),
     (re.compile(r"^(right|isn't it|is it not|correct|am I right|don't you think)\?$", re.IGNORECASE), 0.5),
 ]
 

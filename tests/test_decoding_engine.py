@@ -114,17 +114,20 @@ def test_batch_with_requests_leaving_early(method):
     assert len(batched[early].token_ids) < max(len(b.token_ids) for b in batched)
 
 
-def test_identical_branches_are_a_no_op():
+def test_identical_branches_are_a_no_op(monkeypatch):
+    import vlmguard.decoding.iava as iava
+
     eng = tiny_engine("llava")
     r = reqs()
     plain = ids(run(eng, r, "greedy"))
     # LQCD with the oracle neutral text equal to the user's text: expert == amateur
     same = run(eng, r, "lqcd", {"alpha": 3.0, "beta": 0.0, "neutral_text": [x.prompt for x in r]})
     assert ids(same) == plain and same[0].decoding["modes"] == ["leading"] * 3
-    # IAVA whose "irrelevant" view keeps every token: the negative equals the original
-    res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0, "selection_rule": "R4", "lam": 0.0,
-                               "fallback_rule": "avisc"})
-    assert res[0].decoding["applied"] == [True] * 3
+    # IAVA whose "irrelevant" set U is every image token: the negative view equals the original, so a strong
+    # contrast decodes as greedy does
+    monkeypatch.setattr(iava, "irrelevant_tokens", lambda a_q, *_: torch.ones_like(a_q, dtype=torch.bool))
+    res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0})
+    assert res[0].decoding["applied"] == [True] * 3 and ids(res) == plain
     dec = make_decoder("iava", {})
     dec.keep_sets = [torch.ones(4, dtype=torch.bool)]
     f = torch.randn(4, 8)
@@ -143,6 +146,28 @@ def test_lqcd_leading_query_decodes_from_neutral_expert():
     assert mixed[0].decoding["modes"] == ["leading", "symmetric", "expectation"]
     single = [run(eng, [x], "lqcd", STRONG["lqcd"])[0] for x in (leading, neutral)]
     assert ids(mixed[:2]) == ids(single)
+
+
+def test_lqcd_cue_strength_scales_alpha_with_rules_and_with_an_oracle_neutral_text():
+    """sigma scales alpha (alpha_eff = alpha (1 + gamma sigma)) on both paths of a leading query: the rules'
+    stripped cue (here without its final period, the paper's example), and an oracle neutral_text, where sigma
+    is the strength of the cue the rules find in the user's text (it used to be 0: gamma did nothing)."""
+    eng = tiny_engine("llava")
+    img = random_image(4, (40, 32))
+    leading = Request("Is there a dog in the image? It seems like there isn't", [img])
+    gamma = {"alpha": 1.0, "sentiment_gamma": 2.0}
+    rules = run(eng, [leading], "lqcd", gamma)[0]
+    oracle = run(eng, [leading], "lqcd", {**gamma, "neutral_text": "Is there a dog in the image?"})[0]
+    for out in (rules, oracle):
+        assert out.decoding["modes"] == ["leading"] and out.decoding["cue_strength"] == [0.5]
+    # the same scores both ways, and they are alpha_eff = 2's, not the plain alpha 1's
+    two, one = (run(eng, [leading], "lqcd", {"alpha": a, "neutral_text": "Is there a dog in the image?"})[0]
+                for a in (2.0, 1.0))
+    scores = lambda r: torch.tensor([st.score for st in r.steps])  # noqa: E731
+    assert rules.token_ids == oracle.token_ids == two.token_ids
+    assert torch.allclose(scores(rules), scores(two), atol=1e-5) and torch.allclose(scores(oracle), scores(two), atol=1e-5)
+    assert not torch.allclose(scores(oracle), scores(one), atol=1e-3)
+    assert one.decoding["cue_strength"] == [0.5]  # reported whether or not gamma uses it
 
 
 def test_no_image_requests_decode_plainly():

@@ -216,19 +216,26 @@ def test_neutralizer_round_trip_on_pope_files():
     from vlmguard.bench.pope_data import load_pope_file
     from vlmguard.bench.pope_leading import TEMPLATES, derive_leading
 
-    path = SHARED / "refdata" / "pope" / "coco_pope_adversarial.json"
-    pope = load_pope_file(path)
-    for tid in TEMPLATES:
-        for rec in derive_leading(pope, tid)[:400]:
-            for suffix in ("", "\nAnswer the question using a single word or phrase."):
-                n = neutralize(rec["text"] + suffix)
-                assert n.changed and n.text == rec["neutral_text"] + suffix, (tid, rec["text"])
-                assert n.strength in (0.5, 1.0)
+    files = sorted((SHARED / "refdata" / "pope").glob("*pope*.json"))
+    assert len(files) >= 9  # COCO, A-OKVQA and GQA x random / popular / adversarial
+    for path in files:  # every record of every file, every template (~1e5 texts, a few seconds)
+        pope = load_pope_file(path)
+        for tid in TEMPLATES:
+            for k, rec in enumerate(derive_leading(pope, tid)):
+                for suffix in ("", "\nAnswer the question using a single word or phrase.")[: 2 if k < 200 else 1]:
+                    n = neutralize(rec["text"] + suffix)
+                    assert n.changed and n.text == rec["neutral_text"] + suffix, (path.name, tid, rec["text"])
+                    assert n.strength in (0.5, 1.0)
     plain = neutralize("Is there a dog in the image?\nAnswer the question using a single word or phrase.")
     assert not plain.changed
     assert not neutralize("There is a dog in the image. Describe it.").changed  # no question: untouched
     assert neutralize("Is there a dog in the image, right?").text == "Is there a dog in the image?"
     assert neutralize("I think there is a cat. Is there a cat in the image?").text == "Is there a cat in the image?"
+    # a cue statement without its final period: the paper's own example, and a short one
+    for text in ("Is there a dog in the image? It seems like there isn't", "Is there a dog in the image? I think so"):
+        n = neutralize(text)
+        assert n.text == "Is there a dog in the image?" and n.strength == 0.5, text
+    assert not neutralize("It seems fine").changed and not neutralize("It seems odd? Is it?").changed
 
 
 def test_leading_variants():
