@@ -279,6 +279,10 @@ def test_perf_threads_at_least_one(capsys, no_work, threads):
     (["--shards", "-2"], "--shards: expected an integer >= 1, got -2"),
     (["--shards", "0"], "--shards: expected an integer >= 1, got 0"),
     (["--parser", "nope"], "--parser: invalid choice"),
+    # the Jobs API is on this machine: the job's files are checked here too, as `vlmguard bench` checks them
+    (["--db", str(FIX)], f"--db {FIX}: is a directory"),
+    (["--limit", "2", "--image-ids", "/no/such/ids.txt"], "--image-ids /no/such/ids.txt: file not found"),
+    (["--device", "cuda"], "--device cannot be used in a job"),
 ])
 def test_job_submit_checked_before_the_cluster(capsys, no_work, argv, needle):
     assert_error(capsys, ["job", "submit", "--address", "http://127.0.0.1:9", "bench", "pope", *argv], needle)

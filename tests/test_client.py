@@ -138,3 +138,67 @@ def test_api_rejects_out_of_range_seeds_bool_budgets_and_server_file_schedules(t
     assert out["inline"].status_code == 200, out["inline"].text
     assert out["gen_inline"].json()["pruning"]["adaptinfer_schedule"][0]["source"] == "inline"
     assert out["bad_inline"].status_code == 400 and "'layers' must be" in out["bad_inline"].json()["error"]["message"]
+
+
+class _BrokenStream(httpx.SyncByteStream):
+    """An SSE answer whose connection goes silent after its first event."""
+
+    def __iter__(self):
+        yield b'data: {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": []}\n\n'
+        raise httpx.ReadTimeout("timed out")
+
+
+def test_timeouts_and_lost_connections_are_api_errors_never_raw_httpx_errors():
+    """A slow answer is an APITimeoutError (an APIError, status 0, naming the timeout; not retried: the server
+    may still be generating), also mid-stream and in the async client; a refused connection is retried, then an
+    APIError; the error's ``param`` is kept; a URL without a scheme means http."""
+    from vlmguard.client import APITimeoutError
+
+    calls = []
+
+    def slow(request):
+        calls.append(request)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with Client("http://svc", transport=httpx.MockTransport(slow), timeout=2.5, backoff_s=0.001) as c:
+        with pytest.raises(APITimeoutError) as e:
+            c.generate("x", max_new_tokens=2)
+    assert len(calls) == 1 and e.value.status == 0 and "timeout of 2.5 s" in str(e.value)
+    assert isinstance(e.value, APIError)
+
+    def stream(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_BrokenStream())
+
+    with Client("http://svc", transport=httpx.MockTransport(stream)) as c:
+        it = c.chat_stream("x")
+        assert next(it).id == "c"
+        with pytest.raises(APITimeoutError, match="no answer from http://svc"):
+            next(it)
+
+    refused = []
+
+    def down(request):
+        refused.append(request)
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    with Client("http://svc", transport=httpx.MockTransport(down), max_retries=2, backoff_s=0.001) as c:
+        with pytest.raises(APIError, match="cannot reach http://svc: ConnectError") as e:
+            c.health()
+    assert len(refused) == 3 and e.value.status == 0 and not isinstance(e.value, APITimeoutError)
+
+    def bad(request):
+        return httpx.Response(400, json={"error": {"message": "messages: Field required", "param": "messages",
+                                                   "code": "invalid_request"}})
+
+    with Client("http://svc", transport=httpx.MockTransport(bad)) as c:
+        with pytest.raises(APIError) as e:
+            c.chat(messages=[])
+    assert e.value.param == "messages" and e.value.message == "messages: Field required"
+    assert Client("127.0.0.1:8000").base_url == "http://127.0.0.1:8000"
+
+    async def async_slow():
+        async with AsyncClient("http://svc", transport=httpx.MockTransport(slow), timeout=1.0) as ac:
+            await ac.chat("x")
+
+    with pytest.raises(APITimeoutError, match=r"timeout of 1 s \(ReadTimeout\)"):
+        asyncio.run(async_slow())

@@ -250,6 +250,76 @@ def test_job_arguments_are_checked_and_paths_made_absolute(tmp_path, monkeypatch
     assert jobs.jobs_address("10.0.0.1:8265") == "http://10.0.0.1:8265"
 
 
+class _FakeJobs:
+    """Stands in for Ray's JobSubmissionClient: records submissions, or fails them as the Jobs API does."""
+
+    def __init__(self, fail: str | None = None, status: str = "STOPPED"):
+        self.fail, self.state, self.submitted = fail, status, []
+
+    def submit_job(self, **kw):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.submitted.append(kw)
+        return "raysubmit_1"
+
+    def stop_job(self, job_id):
+        return False
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(status=self.state, message="", entrypoint="", start_time=0, end_time=0)
+
+
+def test_job_submission_default_db_server_errors_and_local_paths(tmp_path, monkeypatch, capsys):
+    """The default DB is made absolute like the others (not left to the job's working directory, where the
+    cluster was started); a refused submission is one line with the Jobs API's reason, not its traceback; with
+    the Jobs API on this machine, a --db that cannot be a results DB or a missing file is refused before
+    submission (on a remote cluster paths are the cluster's); options a job would ignore are refused."""
+    from vlmguard.cli import main
+    from vlmguard.errors import VlmguardError
+    from vlmguard.workers import jobs
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("VLMGUARD_JOBS_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert f"--db {tmp_path}/runs/vlmguard.sqlite" in jobs.bench_entrypoint(["pope", "--limit", "3"])
+    assert jobs.bench_entrypoint(["pope", "--db=a.sqlite"]).endswith(f"--db={tmp_path}/a.sqlite")
+
+    ray_text = ("Request failed with status code 500: Traceback (most recent call last):\n  File \"job_head.py\", "
+                "line 419, in submit_job\n    resp = await x()\nRuntimeError: Request failed with status code 400: "
+                "Traceback (most recent call last):\n  File \"job_manager.py\", line 553, in submit_job\n    raise "
+                "ValueError(\nValueError: Job with submission_id j1 already exists. Please use a different "
+                "submission_id.\n.\n.")
+    monkeypatch.setattr(jobs, "client", lambda address=None: _FakeJobs(fail=ray_text))
+    with pytest.raises(VlmguardError) as e:
+        jobs.submit_bench(["pope", "--limit", "2"], submission_id="j1")
+    assert str(e.value) == ("job submission failed: Job with submission_id j1 already exists. Please use a "
+                            "different submission_id")
+
+    fake = _FakeJobs()
+    monkeypatch.setattr(jobs, "client", lambda address=None: fake)
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("not a database\n")
+    for argv, needle in ((["--db", str(tmp_path)], "is a directory"),
+                         (["--db", str(not_db)], "not a vlmguard results database"),
+                         (["--db", str(not_db / "x.sqlite")], "is a file"),
+                         (["--image-ids", "nope.txt"], "--image-ids nope.txt: file not found"),
+                         (["--device", "cuda"], "--device cannot be used in a job")):
+        with pytest.raises(InvalidInput, match=needle):
+            jobs.submit_bench(["pope", *argv], address="http://127.0.0.1:8265")
+    assert fake.submitted == [] and not (tmp_path / "runs").exists()
+    jobs.submit_bench(["pope", "--db", str(tmp_path)], address="http://10.0.0.1:8265")  # the head's paths
+    assert len(fake.submitted) == 1
+
+    # `job submit bench ... --json` is the submit command's --json; `job stop` of an ended job names its state
+    assert main(["job", "submit", "bench", "pope", "--limit", "2", "--json"]) == 0
+    assert capsys.readouterr().out.strip().startswith('{"job_id": "raysubmit_1"')
+    assert "--json" not in fake.submitted[-1]["entrypoint"]
+    assert main(["job", "stop", "raysubmit_1"]) == 0
+    assert capsys.readouterr().out.strip() == "job raysubmit_1: not running (already STOPPED)"
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from vlmguard.cli import main
     from vlmguard.workers.launch import free_port

@@ -9,7 +9,8 @@
 
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
-exponential backoff (honouring ``Retry-After``); other 4xx/5xx raise :class:`APIError`.
+exponential backoff (honouring ``Retry-After``); other 4xx/5xx raise :class:`APIError`, a server that cannot be
+reached raises ``APIError`` with ``status`` 0, and no answer within ``timeout`` seconds :class:`APITimeoutError`.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from vlmguard.api_schema import (
 from vlmguard.errors import InvalidInput, VlmguardError
 
 RETRY_STATUS = {429, 503}
+# transport failures retried like a 503: nothing was answered (a refused or timed-out connection, a dropped one)
+RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 SPEC_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_params", "max_new_tokens", "do_sample",
                "temperature", "top_p", "top_k", "seed", "stop", "diagnostics"}
 OPTION_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_params", "params", "do_sample",
@@ -41,11 +44,27 @@ OPTION_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_pa
 
 
 class APIError(VlmguardError):
-    """The server answered an error: ``status`` (HTTP), ``message``, ``type`` and ``code`` from its body."""
+    """The server answered an error: ``status`` (HTTP), ``message``, ``type``, ``code`` and ``param`` from its
+    body; ``status`` 0: no answer (the server cannot be reached, or see :class:`APITimeoutError`)."""
 
-    def __init__(self, status: int, message: str, type_: str | None = None, code: str | None = None):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status, self.message, self.type, self.code = status, message, type_, code
+    def __init__(self, status: int, message: str, type_: str | None = None, code: str | None = None,
+                 param: str | None = None):
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+class APITimeoutError(APIError):
+    """No answer within the client's ``timeout`` (``status`` 0); not retried, as the server may still be
+    generating: pass a larger ``timeout``."""
+
+
+def _transport_error(base_url: str, timeout: float, e: httpx.HTTPError) -> APIError:
+    """An httpx failure (no HTTP answer) -> an APIError with status 0 that says what happened."""
+    if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+        return APITimeoutError(0, f"no answer from {base_url} within the client's timeout of {timeout:g} s "
+                                  f"({type(e).__name__}); pass a larger timeout=")
+    detail = f": {e}" if str(e) else ""
+    return APIError(0, f"cannot reach {base_url}: {type(e).__name__}{detail}")
 
 
 def image_to_url(image: Image.Image | str | Path | bytes) -> str:
@@ -70,7 +89,8 @@ def image_to_url(image: Image.Image | str | Path | bytes) -> str:
 def _error_from(resp: httpx.Response) -> APIError:
     try:
         err = resp.json().get("error") or {}
-        return APIError(resp.status_code, str(err.get("message") or resp.text), err.get("type"), err.get("code"))
+        return APIError(resp.status_code, str(err.get("message") or resp.text), err.get("type"), err.get("code"),
+                        err.get("param"))
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return APIError(resp.status_code, resp.text[:500] or resp.reason_phrase)
 
@@ -152,6 +172,8 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
                  backoff_s: float = 0.5):
+        if "://" not in base_url:  # "127.0.0.1:8000", as `vlmguard job --address` takes it
+            base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
@@ -194,11 +216,13 @@ class Client(_Base):
                         resp.read()
                     raise _error_from(resp)
                 return resp
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+            except RETRY_TRANSPORT as e:
                 if attempt >= self.max_retries:
-                    raise APIError(0, f"cannot reach {self.base_url}: {type(e).__name__}: {e}") from None
+                    raise _transport_error(self.base_url, self.timeout, e) from None
                 time.sleep(_retry_delay(attempt, self.backoff_s, None))
                 attempt += 1
+            except httpx.HTTPError as e:  # a timeout waiting for the answer, ...
+                raise _transport_error(self.base_url, self.timeout, e) from None
 
     def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._send(method, path, body).json()
@@ -226,6 +250,8 @@ class Client(_Base):
         try:
             for obj in _sse_data(resp.iter_lines()):
                 yield GenerateStreamEvent.model_validate(obj)
+        except httpx.HTTPError as e:  # the server went away or fell silent mid-stream
+            raise _transport_error(self.base_url, self.timeout, e) from None
         finally:
             resp.close()
 
@@ -244,6 +270,8 @@ class Client(_Base):
         try:
             for obj in _sse_data(resp.iter_lines()):
                 yield ChatCompletionChunk.model_validate(obj)
+        except httpx.HTTPError as e:
+            raise _transport_error(self.base_url, self.timeout, e) from None
         finally:
             resp.close()
 
@@ -283,11 +311,13 @@ class AsyncClient(_Base):
                         await resp.aread()
                     raise _error_from(resp)
                 return resp
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+            except RETRY_TRANSPORT as e:
                 if attempt >= self.max_retries:
-                    raise APIError(0, f"cannot reach {self.base_url}: {type(e).__name__}: {e}") from None
+                    raise _transport_error(self.base_url, self.timeout, e) from None
                 await asyncio.sleep(_retry_delay(attempt, self.backoff_s, None))
                 attempt += 1
+            except httpx.HTTPError as e:
+                raise _transport_error(self.base_url, self.timeout, e) from None
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return (await self._send(method, path, body)).json()
@@ -313,6 +343,8 @@ class AsyncClient(_Base):
         try:
             async for obj in _asse_data(resp):
                 yield GenerateStreamEvent.model_validate(obj)
+        except httpx.HTTPError as e:
+            raise _transport_error(self.base_url, self.timeout, e) from None
         finally:
             await resp.aclose()
 
@@ -330,6 +362,8 @@ class AsyncClient(_Base):
         try:
             async for obj in _asse_data(resp):
                 yield ChatCompletionChunk.model_validate(obj)
+        except httpx.HTTPError as e:
+            raise _transport_error(self.base_url, self.timeout, e) from None
         finally:
             await resp.aclose()
 
@@ -343,4 +377,4 @@ async def _asse_data(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             yield obj
 
 
-__all__ = ["Client", "AsyncClient", "APIError", "image_to_url"]
+__all__ = ["Client", "AsyncClient", "APIError", "APITimeoutError", "image_to_url"]

@@ -146,6 +146,9 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     from vlmguard.workers import jobs
 
     bench_argv = list(args.bench_args)
+    if "--json" in bench_argv:  # `job submit bench pope ... --json`: the job prints JSON anyway; this asks for ours
+        bench_argv = [a for a in bench_argv if a != "--json"]
+        args.json = True
     if not bench_argv:
         raise InvalidInput("job submit bench needs a benchmark: pope, pope-leading or chair")
     job_id = jobs.submit_bench(bench_argv, address=args.address, python=args.python,
@@ -215,8 +218,9 @@ def cmd_job_stop(args: argparse.Namespace) -> int:
     from vlmguard.workers import jobs
 
     stopped = jobs.stop(args.job_id, args.address)
+    state = jobs.status(args.job_id, args.address)["status"]  # a stopped job turns STOPPED a moment later
     if args.json:
-        _print_json({"job_id": args.job_id, "stopped": stopped})
+        _print_json({"job_id": args.job_id, "stopped": stopped, "status": state})
     else:
-        print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+        print(f"job {args.job_id}: {'stop requested' if stopped else f'not running (already {state})'}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import time
@@ -21,6 +22,24 @@ DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 PATH_FLAGS = ("--db", "--coco-images", "--coco-annotations", "--pope-dir", "--gt", "--image-ids")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 90.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): (.+)$")
+
+
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """One line for a Jobs API error: Ray puts the server's whole traceback into the message, whose last
+    ``SomethingError: ...`` line says what went wrong (a submission id in use, a bad runtime env, ...)."""
+    text = str(e)
+    found = [m.group(1) for line in text.splitlines() if (m := _EXC_LINE.match(line))]
+    if found and "Traceback" in text:
+        text = found[-1]
+    return " ".join(text.split()).rstrip(".")[:limit]
+
+
+def _is_loopback(address: str | None) -> bool:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(jobs_address(address)).hostname or "") in LOOPBACK_HOSTS
 
 
 def jobs_address(address: str | None) -> str:
@@ -61,8 +80,15 @@ def absolutize(argv: list[str]) -> list[str]:
 
 
 def bench_entrypoint(bench_argv: list[str], python: str | None = None) -> str:
+    from vlmguard.bench.db import DEFAULT_DB
+
     py = python or sys.executable
-    return shlex.join([py, "-m", "vlmguard.workers.bench_job", *absolutize(bench_argv)])
+    argv = absolutize(bench_argv)
+    if not any(a == "--db" or a.startswith("--db=") for a in argv):
+        # the default DB is where `vlmguard bench` puts it (runs/ under this directory), not under the directory
+        # the cluster was started from, the job's working directory
+        argv += ["--db", str(Path(DEFAULT_DB).expanduser().resolve())]
+    return shlex.join([py, "-m", "vlmguard.workers.bench_job", *argv])
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -72,24 +98,49 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise InvalidInput(f"bad benchmark job arguments: {message}")
 
 
-def check_bench_args(bench_argv: list[str]) -> argparse.Namespace:
+def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> argparse.Namespace:
     """Check a benchmark job's arguments here, before any cluster is contacted, as ``vlmguard bench`` checks
     its own: the syntax, the generation spec (methods and their parameters resolved) and the dataset.
-    The default ``synthcoco`` is not built here: the job builds (or finds) it on the cluster."""
+    The default ``synthcoco`` is not built here: the job builds (or finds) it on the cluster.
+    ``local_paths`` (the Jobs API is on this machine): the results DB and the other named files too."""
     from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
     from vlmguard.workers.bench_job import build_parser
 
     args = build_parser(_ArgumentParser).parse_args(bench_argv)
+    unused = [flag for flag, used in (("--device", args.device != "auto"), ("--shard-index", args.shard_index != 0),
+                                      ("--num-shards", args.num_shards != 1)) if used]
+    if unused:
+        raise InvalidInput(f"bad benchmark job arguments: {', '.join(unused)} cannot be used in a job (the service's "
+                           "replicas have their device; --shards N splits the job)")
     _spec_from_args(args).resolve()
     if args.dataset != "synthcoco":
         _dataset_from_args(args)
+    if local_paths:
+        _check_local_paths(args)
     return args
+
+
+def _check_local_paths(args: argparse.Namespace) -> None:
+    """What the job would fail on at its start: a --db that is a folder or not a database, missing files."""
+    from vlmguard.bench.db import check_db
+
+    for flag in PATH_FLAGS[1:]:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and not Path(value).expanduser().exists():
+            raise InvalidInput(f"{flag} {value}: file not found")
+    db = Path(args.db).expanduser()
+    if db.exists():
+        check_db(db)  # as `vlmguard bench` does: a folder, another kind of file -> one line naming --db
+        return
+    parent = next((p for p in db.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InvalidInput(f"--db {db}: cannot create the results database's folder ({parent} is a file)")
 
 
 def submit_bench(bench_argv: list[str], *, address: str | None = None, python: str | None = None,
                  submission_id: str | None = None, env: dict[str, str] | None = None) -> str:
     """Submit ``bench_job`` with these arguments; returns the submission id."""
-    check_bench_args(bench_argv)  # fail here, not on the cluster
+    check_bench_args(bench_argv, local_paths=_is_loopback(address))  # fail here, not on the cluster
     c = client(address)
     env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     for key in ("VLMGUARD_SHARED", "VLMGUARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
@@ -103,7 +154,7 @@ def submit_bench(bench_argv: list[str], *, address: str | None = None, python: s
                                 runtime_env={"env_vars": env_vars}, metadata={"vlmguard": "bench"})
         except RuntimeError as e:  # a freshly started head node's job agent is not up yet
             if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise VlmguardError(f"job submission failed: {' '.join(str(e).split())[:300]}") from None
+                raise VlmguardError(f"job submission failed: {error_text(e)}") from None
             time.sleep(1.0)
 
 
