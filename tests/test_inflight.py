@@ -404,3 +404,23 @@ def test_a_stream_that_runs_alone_and_whose_client_left_while_queued_frees_its_s
     events = asyncio.run(collect())
     assert events[-1]["done"] and prefills == [1]
     assert events[-1]["result"]["token_ids"] == worker.generate_many([item(0, spec)])[0]["result"]["token_ids"]
+
+
+def test_a_benchmark_job_has_the_run_identity_of_a_local_run_of_the_same_model():
+    """A job's engine stand-in (ServeEngine, built from a replica's info) gives the same run knobs as the local
+    Engine, so a job resumes or shares a local run of the same weights and precision (its revision was missing:
+    every job started a run of its own)."""
+    import torch
+
+    from vlmguard.bench.runner import _engine_knobs
+    from vlmguard.engine import Engine
+    from vlmguard.workers.bench_job import ServeEngine
+
+    local = Engine.load("tiny")
+    assert local.revision
+    served = ServeEngine(handle=None, info=EngineWorker(name="tiny", engine=local).info())
+    assert _engine_knobs(served, None) == _engine_knobs(local, None) and "dtype" not in _engine_knobs(local, None)
+    bf16 = tiny_engine("llava")
+    bf16.model.to(torch.bfloat16)
+    info = EngineWorker(name="tiny-llava", engine=bf16).info()
+    assert info["dtype"] == "bfloat16" and _engine_knobs(ServeEngine(None, info), None)["dtype"] == "bfloat16"

@@ -50,6 +50,8 @@ class ServeEngine:
         self.model_name = info.get("model") or info.get("name")
         self.family = info.get("family")
         self.context_length = info.get("context_length")
+        self.revision = info.get("revision")  # run identity: the replicas' weights and precision
+        self.dtype = info.get("dtype")
         self.call_timeout_s = call_timeout_s
         self.max_wait_s = max_wait_s
         self.retries = 0

@@ -69,7 +69,10 @@ class EngineWorker:
     # ---- info ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.engine.model_name, "family": self.engine.family,
-                "context_length": self.engine.context_length, "batches": self.batches, "items": self.items}
+                "context_length": self.engine.context_length, "batches": self.batches, "items": self.items,
+                # what a benchmark run's identity needs, so a job resumes (and shares) a local run of the same
+                # weights and precision
+                "revision": self.engine.revision, "dtype": str(self.engine.model.dtype).removeprefix("torch.")}
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):

@@ -156,9 +156,10 @@ def _engine_knobs(engine: Any, model_name: str | None) -> dict[str, Any]:
     }
     # A run in another precision is another run (a bf16 GPU run never resumes into, or mixes with, an fp32 one).
     # float32 is left out of the knobs, so the run ids of fp32 runs are those earlier versions gave them.
-    dtype = getattr(getattr(engine, "model", None), "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
-        knobs["dtype"] = str(dtype).removeprefix("torch.")
+    dtype = getattr(engine, "dtype", None) or getattr(getattr(engine, "model", None), "dtype", None)
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (torch.dtype, str)) else "float32"
+    if name != "float32":
+        knobs["dtype"] = name
     return knobs
 
 
