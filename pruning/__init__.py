@@ -17,6 +17,8 @@ import_methods("vlmguard.pruning", METHOD_MODULES)
 def make_pruner(name: str, budget: int | float | None, params: dict[str, Any] | None) -> Pruner:
     cls = PRUNERS.get(name or "none")
     p = build_params(cls, params, "pruning")
+    if budget is None:
+        budget = cls.default_budget
     if cls.name != "none" and budget is None:
         raise InvalidInput(f"pruning method {cls.name!r} needs a budget (visual tokens kept, or a ratio)")
     if cls.name == "none" and budget is not None:

@@ -111,11 +111,12 @@ def inflection_layers_of(profile: torch.Tensor, top_frac: float = 0.1, min_size:
 
 
 def pick_peaks(hist: list[int], n_layers: int, n_stages: int) -> list[int]:
-    """Highest local maxima of the 3-bin smoothed histogram, at least max(2, L/8) apart, then filled."""
+    """Highest local maxima of the 3-bin smoothed histogram, at least max(2, L/8) apart (L = 28: 3.5, so 4
+    layers), then filled from the relative-depth rule (which does not keep that spacing)."""
     h = torch.tensor(hist, dtype=torch.float64)
     padded = torch.cat([h[:1] * 0, h, h[:1] * 0])
     smooth = (padded[:-2] + padded[1:-1] + padded[2:]) / 3.0
-    gap = max(2, n_layers // 8)
+    gap = max(2.0, n_layers / 8)
     maxima = [i for i in range(n_layers) if smooth[i] > 0
               and (i == 0 or smooth[i] >= smooth[i - 1]) and (i == n_layers - 1 or smooth[i] >= smooth[i + 1])]
     maxima.sort(key=lambda i: (-float(smooth[i]), -float(h[i]), i))

@@ -47,6 +47,7 @@ class Pruner:
     name: ClassVar[str] = "base"
     Params: ClassVar[type[BaseModel]] = NoParams
     side: ClassVar[str] = "none"  # "none" | "vision" | "llm" | "both"
+    default_budget: ClassVar[int | float | None] = None  # used when a request gives none (None: a budget is needed)
     position_mode: ClassVar[str] = "original"
 
     def __init__(self, params: BaseModel, budget: int | float | None):

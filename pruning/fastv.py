@@ -11,7 +11,7 @@ Scores (``query``):
   L x L matrix.
 
 Budget: an int keeps that many visual tokens per row (the keep count k); a ratio r keeps round(r * V),
-i.e. FastV's R = 1 - r.
+i.e. FastV's R = 1 - r. Without a budget, the spec's default R = 50%: the ratio 0.5.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class FastVPruner(Pruner):
     Params = FastVParams
     side = "llm"
     position_mode = "original"
+    default_budget = 0.5  # R = 50% pruned (adaptinfer.md section 5)
 
     @property
     def score_layer(self) -> int:

@@ -141,6 +141,11 @@ def test_pick_peaks_spacing_and_fill():
     hist = [0, 50, 45, 0, 0, 0, 0, 0, 0, 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     assert pick_peaks(hist, 32, 3) == [1, 9, 20]
     assert pick_peaks([0, 10, 0, 0], 4, 2) == [1, 2]  # one peak, filled from the relative-depth rule
+    # L = 28: peaks at least 28 / 8 = 3.5 layers apart, so 12 (3 from 9) is passed over for 13, the
+    # smoothed plateau's next bin (the integer gap 28 // 8 = 3 took 12)
+    hist28 = [0] * 28
+    hist28[9], hist28[12], hist28[20] = 50, 40, 30
+    assert pick_peaks(hist28, 28, 2) == [9, 13]
 
 
 def test_analyze_command_writes_a_usable_schedule(tmp_path, capsys):

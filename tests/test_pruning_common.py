@@ -112,8 +112,11 @@ def test_invalid_budgets_give_clear_errors(method):
     for bad in (0, -3, 1.5, -0.2):
         with pytest.raises(InvalidInput, match="budget"):
             GenerationSpec.build(pruning=method, budget=bad)
-    with pytest.raises(InvalidInput, match="needs a budget"):
-        make_pruner(method, None, {})
+    if method == "fastv":  # the spec's default R = 50%
+        assert make_pruner(method, None, {}).keep_count(16) == 8
+    else:
+        with pytest.raises(InvalidInput, match="needs a budget"):
+            make_pruner(method, None, {})
     with pytest.raises(InvalidInput, match="exceeds the 16 visual tokens"):
         eng.generate(requests()[:1], GenerationSpec(pruning=method, budget=17))
     for bad in (0, -1):  # pruners built directly (bypassing the spec) still refuse
