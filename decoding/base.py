@@ -33,6 +33,9 @@ class Branch:
     prompt: what this branch's rows encode (text and images; e.g. images=[] for an image-free branch).
     visual_transform: optional function (features (V, D), row) -> features applied to this branch's
         projected visual tokens (e.g. replacing selected tokens).
+    pixel_transform: optional function (pixel values of one image, the image's index in the prompt) -> new
+        pixel values, applied to the processor's output for this branch's images (e.g. VCD's noise where the
+        processor resizes or crops in ways a pixel-space edit would not survive).
     prune: whether this branch's visual tokens follow the main branch's pruning (see docs/composition).
     """
 
@@ -40,6 +43,7 @@ class Branch:
     prompt: Prompt
     visual_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     prune: bool = True
+    pixel_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 @dataclass

@@ -299,3 +299,33 @@ def test_other_families_batched_equals_single(family):
         batched = run(eng, r, method, STRONG[method], n=4)
         assert batched[0].decoding["applied"][0] or method == "iava", method
         assert batched[1].token_ids == run(eng, [r[1]], method, STRONG[method], n=4)[0].token_ids, method
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_vcd_noise_reaches_anyres_and_native_resolution_models_at_full_strength(family, monkeypatch):
+    """LLaVA-NeXT's and Qwen2-VL's processors resize, tile and downscale: noise drawn on the image came out at
+    a third to four fifths of its strength. It now goes onto the processor's output (every crop / patch), so
+    (noisy - sqrt(ab) clean) / sqrt(1 - ab) is unit noise; the clean rows are untouched; the same request twice
+    gets the same noise."""
+    import vlmguard.engine as engine_mod
+    from vlmguard.decoding.views import noise_coefficients
+
+    seen = []
+    real = engine_mod.transform_pixels
+
+    def spy(adapter, batch, fns):
+        before = [v.clone() for v in adapter.image_pixels(batch)]
+        real(adapter, batch, fns)
+        seen.append([(b, a.clone(), r) for b, a, r in zip(before, adapter.image_pixels(batch), batch.rows_with_images)])
+
+    monkeypatch.setattr(engine_mod, "transform_pixels", spy)
+    eng = tiny_engine(family)
+    req = Request("Is there a dog in the image?", [random_image(1, (200, 160))])
+    outs = [eng.generate([req], GenerationSpec(decoding="vcd", max_new_tokens=3))[0] for _ in range(2)]
+    assert outs[0].decoding["noise_space"] == "tensor" and outs[0].token_ids == outs[1].token_ids
+    a, b = noise_coefficients(500)
+    (clean_b, clean_a, clean_row), (dist_b, dist_a, dist_row) = seen[0]
+    assert (clean_row, dist_row) == (0, 1) and torch.equal(clean_b, clean_a)
+    eps = (dist_a - a * dist_b) / b
+    assert abs(eps.std().item() - 1.0) < 0.05 and abs(eps.mean().item()) < 0.05
+    assert torch.equal(seen[0][1][1], seen[1][1][1])  # seeded per image: reproducible

@@ -64,6 +64,17 @@ def _request_list(requests: Any) -> list[Request]:
     return list(requests)
 
 
+def transform_pixels(adapter: ModelAdapter, batch: EncodedBatch, pixel_fns: Sequence[Any]) -> None:
+    """Apply each row's ``Branch.pixel_transform`` (None: leave alone) to its images' processed pixel values,
+    in place, before any vision work (the vision-side pruners read the same tensor)."""
+    index_in_row: dict[int, int] = {}
+    for view, row in zip(adapter.image_pixels(batch), batch.rows_with_images):
+        j = index_in_row.get(row, 0)
+        index_in_row[row] = j + 1
+        if pixel_fns[row] is not None:
+            view.copy_(pixel_fns[row](view, j))
+
+
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -261,17 +272,20 @@ class Engine:
             row_prompts = list(prompts) + [bl[k].prompt for k in range(len(names)) for bl in branch_lists]
             transforms = [None] * n_req + [bl[k].visual_transform for k in range(len(names)) for bl in branch_lists]
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]
+            pixel_fns = [None] * n_req + [bl[k].pixel_transform for k in range(len(names)) for bl in branch_lists]
             return self._prefill_rows(requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
-                                      transforms, shares, t0, t_setup)
+                                      transforms, shares, t0, t_setup, pixel_fns)
         except BaseException:
             decoder.teardown(dctx)
             raise
 
     def _prefill_rows(self, requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
-                      transforms, shares, t0, t_setup) -> DecodeBatch:
+                      transforms, shares, t0, t_setup, pixel_fns=None) -> DecodeBatch:
         adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
         batch: EncodedBatch = adapter.encode(row_prompts)
+        if pixel_fns and any(pixel_fns):
+            transform_pixels(adapter, batch, pixel_fns)
         prompt_len = batch.attention_mask.sum(dim=1).tolist()
         for i in range(n_req):
             if prompt_len[i] + spec.max_new_tokens > self.context_length:

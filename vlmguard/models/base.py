@@ -153,6 +153,11 @@ class ModelAdapter:
         )
 
     # ---- vision ----------------------------------------------------------------------------
+    def image_pixels(self, batch: EncodedBatch) -> list[torch.Tensor]:
+        """Per image of the batch (the order of ``rows_with_images``), a view of its processed pixel values
+        (LLaVA: (C, H, W); LLaVA-NeXT: all its crops), for transforms in the processor's output space."""
+        return list(batch.vision_inputs["pixel_values"].unbind(0))
+
     def encode_images(self, batch: EncodedBatch) -> Any:
         """Run vision tower + projector; return the family's raw feature output (list or tensor)."""
         raise NotImplementedError

@@ -99,6 +99,11 @@ class Qwen2VLAdapter(ModelAdapter):
     def attention_module(self, layer_idx: int):
         return self.layers[layer_idx].self_attn
 
+    def image_pixels(self, batch: EncodedBatch) -> list[torch.Tensor]:
+        """Per image, its rows of the flattened patch tensor (T * H * W patches each)."""
+        sizes = [int(t * h * w) for t, h, w in batch.vision_inputs["image_grid_thw"].tolist()]
+        return list(torch.split(batch.vision_inputs["pixel_values"], sizes, dim=0))
+
     def encode_images(self, batch: EncodedBatch) -> Any:
         pv = batch.vision_inputs["pixel_values"].to(self.model.device)
         out = self.model.model.get_image_features(
