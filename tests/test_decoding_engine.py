@@ -329,3 +329,16 @@ def test_vcd_noise_reaches_anyres_and_native_resolution_models_at_full_strength(
     eps = (dist_a - a * dist_b) / b
     assert abs(eps.std().item() - 1.0) < 0.05 and abs(eps.mean().item()) < 0.05
     assert torch.equal(seen[0][1][1], seen[1][1][1])  # seeded per image: reproducible
+
+
+def test_m3id_first_generated_token_has_weight_zero():
+    """w_t = exp(lambda t) - 1 with t = 0 at the first generated token (m3id.md): step 0 scores are the main
+    branch's own log-probabilities (why M3ID's POPE answers equal greedy's), later steps are contrasted."""
+    import math
+
+    eng = tiny_engine("llava")
+    out = run(eng, [Request("Is there a dog in the image?", [random_image(4, (40, 32))])], "m3id",
+              {"lam": 0.5, "alpha": 1.0}, n=4)[0]
+    first, *later = out.steps
+    assert abs(first.score - math.log(first.main_prob)) < 1e-5
+    assert any(abs(st.score - math.log(st.main_prob)) > 1e-3 for st in later)
