@@ -6,19 +6,26 @@ import pandas as pd
 
 LABELS = {"accuracy": "POPE accuracy (%)", "f1": "POPE F1 (%)", "visual_tokens_kept": "visual tokens kept (mean)",
           "latency_ms": "latency per sample (ms)", "chair_i": "CHAIR_i (%)"}
+NO_CHAIR_COLOR = "#7f7f7f"  # Pareto points of combinations without a CHAIR run
 
 
-def tokens_chart(curve: pd.DataFrame, metric: str) -> alt.Chart:
-    """POPE accuracy or F1 vs visual tokens kept, one line per pruner (+ decoder), dashed per split."""
-    return alt.Chart(curve).mark_line(point=True).encode(
+def tokens_chart(curve: pd.DataFrame, metric: str) -> alt.LayerChart:
+    """POPE accuracy or F1 vs visual tokens kept, one line per pruner (+ decoder), dashed per split; runs that
+    are not finished are labelled with their status (``partial N/M``), as in ``vlmguard report``'s plots."""
+    base = alt.Chart(curve).encode(
         x=alt.X("visual_tokens_kept:Q", title=LABELS["visual_tokens_kept"]),
         y=alt.Y(f"{metric}:Q", title=LABELS[metric], scale=alt.Scale(zero=False)),
+    )
+    lines = base.mark_line(point=True).encode(
         color=alt.Color("series:N", title="pruner / decoder"),
         strokeDash=alt.StrokeDash("split:N"),
         detail="model:N",
         tooltip=["model", "split", "pruner", "budget", "decoding", alt.Tooltip(f"{metric}:Q", format=".2f"),
-                 alt.Tooltip("visual_tokens_kept:Q", format=".1f"), "run_id"],
-    ).properties(height=340)
+                 alt.Tooltip("visual_tokens_kept:Q", format=".1f"), "status", "run_id"],
+    )
+    partial = base.transform_filter(alt.datum.status != "finished").mark_text(
+        align="left", dx=7, dy=-7, fontSize=11, color="#b35c00").encode(text="status:N")
+    return (lines + partial).properties(height=340)
 
 
 def chair_chart(long: pd.DataFrame) -> alt.Chart:
@@ -47,20 +54,30 @@ def hallucination_chart(kinds: pd.DataFrame) -> alt.Chart:
 def pareto_chart(frame: pd.DataFrame) -> alt.LayerChart:
     """Accuracy vs latency per pruner x decoder; colour = CHAIR_i, filled = on the Pareto front."""
     data = frame.dropna(subset=["accuracy", "latency_ms"]).assign(front=lambda d: d["pareto"].map({True: "on front", False: "dominated"}))
-    has_chair = data["chair_i"].notna().any()
-    color = (alt.Color("chair_i:Q", title="CHAIR_i (%)", scale=alt.Scale(scheme="reds")) if has_chair
-             else alt.value("#1f77b4"))
     base = alt.Chart(data).encode(
         x=alt.X("latency_ms:Q", title=LABELS["latency_ms"], scale=alt.Scale(zero=False)),
         y=alt.Y("accuracy:Q", title=LABELS["accuracy"], scale=alt.Scale(zero=False)),
     )
-    points = base.mark_point(size=140, strokeWidth=2).encode(
-        color=color, shape=alt.Shape("front:N", scale=alt.Scale(domain=["on front", "dominated"],
-                                                                 range=["diamond", "circle"])),
-        fill=color, tooltip=["model", "combo", alt.Tooltip("accuracy:Q", format=".2f"),
-                             alt.Tooltip("latency_ms:Q", format=".1f"), alt.Tooltip("chair_i:Q", format=".2f"), "front"],
-    )
+
+    def points(chart: alt.Chart, color) -> alt.Chart:
+        return chart.mark_point(size=140, strokeWidth=2).encode(
+            color=color, shape=alt.Shape("front:N", scale=alt.Scale(domain=["on front", "dominated"],
+                                                                     range=["diamond", "circle"])),
+            fill=color, tooltip=["model", "combo", alt.Tooltip("accuracy:Q", format=".2f"),
+                                 alt.Tooltip("latency_ms:Q", format=".1f"), alt.Tooltip("chair_i:Q", format=".2f"),
+                                 "front"],
+        )
+
+    if data["chair_i"].notna().any():
+        # Vega-Lite drops a row whose colour field is null, so the combinations without a CHAIR run get a layer
+        # of their own in a neutral colour (else only their labels would show).
+        has_chair = "isValid(datum.chair_i) && isFinite(datum.chair_i)"
+        dots = (points(base.transform_filter(has_chair),
+                       alt.Color("chair_i:Q", title="CHAIR_i (%)", scale=alt.Scale(scheme="reds")))
+                + points(base.transform_filter(f"!({has_chair})"), alt.value(NO_CHAIR_COLOR)))
+    else:
+        dots = points(base, alt.value("#1f77b4"))
     labels = base.mark_text(align="left", dx=9, dy=-6, fontSize=11).encode(text="combo:N")
     front = base.transform_filter(alt.datum.front == "on front").mark_line(strokeDash=[4, 3], color="gray").encode(
         order="latency_ms:Q", detail="model:N")
-    return (front + points + labels).properties(height=380)
+    return (front + dots + labels).properties(height=380)

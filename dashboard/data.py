@@ -19,14 +19,14 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from vlmguard.bench import db as dbm
-from vlmguard.bench.report import flatten
+from vlmguard.bench.report import flatten, is_partial, status_cell
 
 # Columns of the leaderboard, in display order (metrics are percentages; times in milliseconds).
 KNOB_COLUMNS = ("model", "dataset", "benchmark", "split", "variant", "pruning", "budget", "pruning_params",
                 "decoding", "decoding_params")
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "ctr", "sycophancy", "over_correction",
-                  "chair_s", "chair_i", "chair_recall", "len", "visual_tokens", "visual_tokens_kept", "prefill_ms",
-                  "ttft_ms", "total_ms")
+                  "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens", "visual_tokens_kept",
+                  "prefill_ms", "ttft_ms", "total_ms")
 INFO_COLUMNS = ("method", "status", "n_samples", "n_expected", "run_id", "created_at", "updated_at")
 LEADERBOARD_COLUMNS = (*KNOB_COLUMNS, *INFO_COLUMNS[:4], *METRIC_COLUMNS, *INFO_COLUMNS[4:])
 # Columns the leaderboard offers as multi-select filters.
@@ -88,6 +88,7 @@ def _runs_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for run in runs:
         row = flatten(run)
+        row["status"] = status_cell(row)  # ``finished`` or ``partial N/M``, as in ``vlmguard report``
         row["pruning_params"] = _params_text(run.get("pruning_params"))
         row["decoding_params"] = _params_text(run.get("decoding_params"))
         row["updated_at"] = run.get("updated_at")
@@ -176,6 +177,12 @@ def visible_columns(df: pd.DataFrame) -> list[str]:
 # ---- comparison data --------------------------------------------------------------------------------
 
 
+def partial_note(row: pd.Series | dict[str, Any]) -> str:
+    """`` (partial N/M)`` for a run that is not finished (its metrics cover the samples stored so far), else ``""``."""
+    status = row.get("status")
+    return f" ({status})" if is_partial(row) and isinstance(status, str) else ""
+
+
 def method_combo(row: pd.Series | dict[str, Any]) -> str:
     """``pruner@budget + decoder`` (the Pareto view's unit)."""
     pr = row.get("pruning") or "none"
@@ -190,7 +197,8 @@ def tokens_curve(df: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     sel = df[(df["benchmark"] == "pope") & df[metric].notna() & df["visual_tokens_kept"].notna()]
     out = sel.assign(pruner=sel["pruning"].fillna("none"), series=sel["pruning"].fillna("none") + " / " +
                      sel["decoding"].fillna("greedy"))
-    cols = ["model", "split", "pruner", "budget", "decoding", "series", "visual_tokens_kept", metric, "run_id"]
+    cols = ["model", "split", "pruner", "budget", "decoding", "series", "visual_tokens_kept", metric, "status",
+            "run_id"]
     return out[cols].sort_values(["model", "series", "visual_tokens_kept"]).reset_index(drop=True)
 
 
@@ -199,7 +207,8 @@ def chair_by_decoder(df: pd.DataFrame) -> pd.DataFrame:
     sel = df[(df["benchmark"] == "chair") & (df["chair_s"].notna() | df["chair_i"].notna())]
     if sel.empty:
         return pd.DataFrame(columns=["decoder", "method", "model", "metric", "value", "run_id"])
-    sel = sel.assign(decoder=sel["decoding"].fillna("greedy"), method=sel.apply(method_combo, axis=1))
+    sel = sel.assign(decoder=sel["decoding"].fillna("greedy"),
+                     method=sel.apply(lambda r: method_combo(r) + partial_note(r), axis=1))
     long = sel.melt(id_vars=["decoder", "method", "model", "run_id"], value_vars=["chair_s", "chair_i"],
                     var_name="metric", value_name="value").dropna(subset=["value"])
     long["metric"] = long["metric"].map({"chair_s": "CHAIR_s", "chair_i": "CHAIR_i"})
@@ -215,22 +224,29 @@ def pareto_frame(df: pd.DataFrame, speed: str = "total_ms") -> pd.DataFrame:
     keys = ["model", "pruning", "budget", "decoding", "decoding_params"]
     d = df.assign(pruning=df["pruning"].fillna("none"), decoding=df["decoding"].fillna("greedy"),
                   budget=df["budget"].fillna(-1), decoding_params=df["decoding_params"].fillna(""))
+    d = d.assign(partial=d["status"] != "finished")
     pope = d[d["benchmark"] == "pope"].groupby(keys, dropna=False).agg(
-        accuracy=("accuracy", "mean"), latency_ms=(speed, "mean"), pope_runs=("run_id", "count"))
+        accuracy=("accuracy", "mean"), latency_ms=(speed, "mean"), pope_runs=("run_id", "count"),
+        pope_partial=("partial", "any"))
     chair = d[d["benchmark"] == "chair"].groupby(keys, dropna=False).agg(
-        chair_i=("chair_i", "mean"), chair_s=("chair_s", "mean"), chair_latency_ms=(speed, "mean"))
+        chair_i=("chair_i", "mean"), chair_s=("chair_s", "mean"), chair_latency_ms=(speed, "mean"),
+        chair_partial=("partial", "any"))
     out = pope.join(chair, how="outer").reset_index()
     if out.empty:
-        return pd.DataFrame(columns=[*keys, "combo", "accuracy", "latency_ms", "chair_i", "chair_s", "pareto"])
+        return pd.DataFrame(columns=[*keys, "combo", "accuracy", "latency_ms", "chair_i", "chair_s", "partial",
+                                     "pareto"])
     out["latency_ms"] = out["latency_ms"].fillna(out["chair_latency_ms"])
     out["budget"] = out["budget"].where(out["budget"] >= 0)
-    out["combo"] = out.apply(method_combo, axis=1)
+    # a combination with a run that is not finished is marked: its numbers cover only the samples stored so far
+    out["partial"] = out["pope_partial"].eq(True) | out["chair_partial"].eq(True)
+    out["combo"] = out.apply(method_combo, axis=1) + out["partial"].map({True: " (partial)", False: ""})
     out["pareto"] = False
     for _, grp in out.groupby("model"):
         flags = pareto_mask([(r.accuracy, r.latency_ms, r.chair_i) for r in grp.itertuples()],
                             senses=(+1, -1, -1))
         out.loc[grp.index, "pareto"] = flags
-    return out.drop(columns=["chair_latency_ms", "pope_runs"]).sort_values(["model", "combo"]).reset_index(drop=True)
+    return (out.drop(columns=["chair_latency_ms", "pope_runs", "pope_partial", "chair_partial"])
+            .sort_values(["model", "combo"]).reset_index(drop=True))
 
 
 def pareto_mask(points: Sequence[Sequence[float | None]], senses: Sequence[int]) -> list[bool]:
@@ -392,7 +408,8 @@ def hallucination_kinds(path: str | Path, shown: pd.DataFrame) -> pd.DataFrame:
             b = breakdown([s["record"] for s in load_samples(path, r["run_id"]) if s.get("record")], scenes)
         except VlmguardError:  # not SynthCOCO, or not these images
             continue
-        rows += [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "kind": KIND_TITLES[k],
+        method = r["method"] + partial_note(r)
+        rows += [{"run_id": r["run_id"], "model": r["model"], "method": method, "kind": KIND_TITLES[k],
                   "count": b.counts[k], "mentions": b.mentions} for k in KINDS]
     return pd.DataFrame(rows, columns=list(HALLUCINATION_COLUMNS))
 

@@ -73,7 +73,8 @@ def kept_overlay(image: Image.Image, kept_indices: Sequence[int] | None, n_token
     draw = ImageDraw.Draw(out)
     for idx in sorted(kept):
         x0, y0, x1, y1 = boxes[idx]
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(60, 230, 90), width=1)
+        # a cell of a very wide or tall image can be under a pixel high or wide on the display copy
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=(60, 230, 90), width=1)
     return out
 
 

@@ -6,7 +6,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_LISTED = 200
 
@@ -55,5 +55,9 @@ def load_upload(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
+    except UnidentifiedImageError:  # its message names an io.BytesIO object, which says nothing to the user
+        raise InvalidInput("cannot read the uploaded image (not a PNG, JPEG, WebP or BMP file)") from None
+    except Image.DecompressionBombError as e:  # not an OSError: a small file that decodes to too many pixels
+        raise InvalidInput(f"cannot read the uploaded image ({e})") from None
     except (OSError, ValueError) as e:
         raise InvalidInput(f"cannot read the uploaded image ({e})") from None

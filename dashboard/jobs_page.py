@@ -122,7 +122,9 @@ def _job_detail(backend, job: JobRow, dashboard_db: Path) -> None:
         st.markdown("**Progress** (samples stored in the results database)")
         for _, r in runs.iterrows():
             n, m = int(r["n_samples"] or 0), int(r["n_expected"] or 0)
-            label = f"{r['benchmark']} {r['split'] or ''} · {r['method']} · {n}/{m} · {r['status']}"
+            # the status column reads 'partial N/M' for a run still writing (or killed): N/M is already here
+            done = " · finished" if r["status"] == "finished" else ""
+            label = f"{r['benchmark']} {r['split'] or ''} · {r['method']} · {n}/{m}{done}"
             st.progress(min(1.0, n / m) if m else 0.0, text=label)
         cols = [c for c in ("run_id", "benchmark", "split", "method", "status", "n_samples", "accuracy", "f1",
                             "chair_s", "chair_i", "visual_tokens_kept", "total_ms") if runs[c].notna().any()]

@@ -134,7 +134,8 @@ def _pareto_plot(shown: pd.DataFrame) -> None:
                 "hallucination axis).")
         return
     st.caption("Higher accuracy, lower latency and lower CHAIR_i are better; diamonds are not dominated on the "
-               "axes each pair of combinations shares (per model).")
+               "axes each pair of combinations shares (per model); grey points have no CHAIR run; '(partial)': a "
+               "run of the combination is not finished, its numbers cover the samples stored so far.")
     st.altair_chart(charts.pareto_chart(frame), width="stretch")
     st.dataframe(frame[["model", "combo", "accuracy", "latency_ms", "chair_i", "chair_s", "pareto"]], hide_index=True)
 
@@ -143,7 +144,7 @@ def _run_label(row: pd.Series) -> str:
     bits = [row["benchmark"], row["model"], row["method"]]
     if isinstance(row.get("split"), str):
         bits.append(row["split"])
-    return f"{' · '.join(str(b) for b in bits)}  ({row['run_id']})"
+    return f"{' · '.join(str(b) for b in bits)}{data.partial_note(row)}  ({row['run_id']})"
 
 
 def _drilldown(cfg, shown: pd.DataFrame) -> None:

@@ -6,6 +6,7 @@ probabilities (tokens the decoder changed are marked).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import streamlit as st
@@ -87,6 +88,8 @@ def parse_budget(text: str) -> int | float:
         v = float(text.strip())
     except ValueError:
         raise ValueError(f"budget {text!r} is not a number") from None
+    if not math.isfinite(v):  # 'inf' / 'nan' parse as floats but are no budget (int(inf) raised OverflowError)
+        raise ValueError(f"budget {text!r} is not a finite number")
     if v <= 0:
         raise ValueError("budget must be positive")
     return v if v < 1 else int(round(v))

@@ -258,6 +258,26 @@ def test_tokens_curve_chair_and_pareto(fixture_db):
     assert par.loc[par["latency_ms"].idxmin(), "pareto"]
 
 
+def test_pareto_chart_draws_combinations_without_chair(fixture_db):
+    """Vega-Lite drops a row whose colour field is null: the POPE-only combinations (no CHAIR_i) get a point layer
+    of their own in a fixed colour, else only their text labels showed."""
+    from vlmguard.dashboard import charts
+
+    frame = data.pareto_frame(data.load_runs(fixture_db))
+    assert frame["chair_i"].notna().any() and frame["chair_i"].isna().any()
+    spec = charts.pareto_chart(frame).to_dict()
+
+    def layers(s):
+        for lay in s.get("layer", []):
+            yield from layers(lay) if "layer" in lay else [lay]
+
+    points = [lay for lay in layers(spec) if lay["mark"]["type"] == "point"]
+    colours = {json.dumps(lay.get("transform", [])): lay["encoding"]["color"] for lay in points}
+    assert len(points) == 2
+    assert any(c.get("field") == "chair_i" for c in colours.values())
+    assert any(c.get("value") == charts.NO_CHAIR_COLOR and f.count("!") == 1 for f, c in colours.items())
+
+
 def test_pareto_mask():
     pts = [(80, 10, 5), (70, 20, 6), (90, 30, 5), (85, 10, None), (None, None, None)]
     assert data.pareto_mask(pts, (+1, -1, -1)) == [False, False, True, True, False]

@@ -66,3 +66,10 @@ def test_steps_frame_and_probs_chart():
     greedy = drawing.steps_frame([{**steps[0], "contrast_prob": None}])
     assert greedy["contrast_prob"].isna().all()
     drawing.probs_chart(greedy).to_dict()  # main branch only still draws
+
+
+def test_kept_overlay_of_an_image_a_pixel_high():
+    """A 4000 x 2 upload is 384 x 1 on screen: its grid cells are under a pixel high (rectangles raised ValueError)."""
+    for size in ((4000, 2), (2, 4000)):
+        out = drawing.kept_overlay(Image.new("RGB", size), [0, 5, 15], 16)
+        assert max(out.size) == drawing.DISPLAY_SIDE and min(out.size) == 1

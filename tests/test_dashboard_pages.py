@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -421,3 +422,103 @@ def test_leaderboard_compares_runs_against_a_chosen_baseline(fixture_db, monkeyp
     assert not at.exception
     chair = frame_with(at, "ci_low")
     assert set(chair["benchmark"]) == {"chair"} and set(chair["method"]) == {"vcd", "fastv@36+vcd"}
+
+
+def _add_partial_copy(db: Path, source_run: str, n: int, **knobs) -> str:
+    """A run like ``source_run`` with other ``knobs`` that stopped after ``n`` of its samples (killed)."""
+    from vlmguard.bench import db as dbm
+
+    run = dbm.get_run(db, source_run)
+    conn = dbm.connect(db)
+    try:
+        new_knobs = {k: run[k] for k in dbm.RUN_COLUMNS if k in run}
+        run_id = dbm.ensure_run(conn, {**new_knobs, **knobs}, n_expected=run["n_expected"], package_version="test")
+        dbm.add_samples(conn, run_id, [{k: s.get(k) for k in dbm.SAMPLE_COLUMNS}
+                                       for s in dbm.run_samples(db, source_run)[:n]])
+    finally:
+        conn.close()
+    return run_id
+
+
+def test_leaderboard_marks_partial_runs_and_shows_the_reports_numbers(fixture_db, tmp_path, monkeypatch):
+    """A killed run reads 'partial N/M' as in ``vlmguard report`` (table, run picker, CHAIR tables, Pareto combos,
+    a label on the tokens-kept chart); 'finished runs only' hides it; every number the report has is shown."""
+    import json
+    import shutil
+
+    from vlmguard.bench.db import list_runs
+    from vlmguard.bench.report import COLUMNS, flatten, status_cell
+
+    db = tmp_path / "r.sqlite"
+    shutil.copy(fixture_db, db)
+    runs = data.load_runs(fixture_db)
+    pope_src = runs[(runs["benchmark"] == "pope") & (runs["pruning"] == "none") & (runs["decoding"] == "greedy")]
+    chair_src = runs[(runs["benchmark"] == "chair") & (runs["decoding"] == "greedy")]
+    pope_part = _add_partial_copy(db, pope_src["run_id"].iloc[0], 10, decoding="m3id")
+    chair_part = _add_partial_copy(db, chair_src["run_id"].iloc[0], 2, decoding="m3id")
+    monkeypatch.setenv("VLMGUARD_DB", str(db))
+    at = page("leaderboard_page.py").run()
+    assert not at.exception
+
+    table = at.dataframe[0].value.set_index("run_id")
+    assert table.loc[pope_part, "status"] == "partial 10/24" and table.loc[chair_part, "status"] == "partial 2/4"
+    report = {r["run_id"]: {**flatten(r), "status": status_cell(flatten(r))} for r in list_runs(db)}
+    assert set(report) == set(table.index)
+    for run_id, row in report.items():  # every column of `vlmguard report` shows the report's value
+        for col in COLUMNS:
+            if col in ("run_id", "created_at") or (col not in table.columns and row[col] is None):
+                continue  # a column without a value in any shown run is hidden
+            shown, want = table.loc[run_id, col], row[col]
+            if want is None:
+                assert pd.isna(shown), (run_id, col, shown)
+            else:
+                assert shown == (pytest.approx(want) if isinstance(want, float) else want), (run_id, col, shown)
+
+    options = at.selectbox(key="drill_run").options
+    assert any(o.endswith(f"m3id · random (partial 10/24)  ({pope_part})") for o in options)
+    assert "none + m3id (partial 2/4)" in set(frame_with(at, "CHAIR_i")["method"])
+    assert "none + m3id (partial)" in set(frame_with(at, "pareto")["combo"])
+    tokens = json.loads(at.get("vega_lite_chart")[0].proto.spec)  # the partial points carry their status
+    (label,) = [lay for lay in tokens["layer"] if lay["mark"]["type"] == "text"]
+    assert label["encoding"]["text"]["field"] == "status" and "finished" in json.dumps(label["transform"])
+
+    at.checkbox(key="flt_finished").check().run()
+    assert not at.exception and not ({pope_part, chair_part} & set(at.dataframe[0].value["run_id"]))
+    assert "10 of 12 runs" in all_text(at)
+
+
+def test_playground_rejects_non_finite_budgets_and_odd_uploads(monkeypatch):
+    """'inf' / 'nan' are no budget (int(inf) raised OverflowError); an image a few pixels high draws its kept-token
+    overlay (a rectangle under one pixel raised ValueError); a small file that decodes to too many pixels is an
+    error message (PIL's DecompressionBombError is no OSError)."""
+    import io
+
+    from PIL import Image
+
+    stub = StubClient()
+    at = page("playground_page.py")
+    at.session_state[CLIENT_KEY] = stub
+    at.run()
+    at.selectbox(key="pg_pruning").select("fastv").run()
+    for text in ("inf", "-inf", "nan"):
+        at.text_input(key="pg_budget").input(text).run()
+        assert not at.exception, at.exception
+        assert any("is not a finite number" in e.value for e in at.error) and at.button(key="pg_go").disabled
+
+    at.text_input(key="pg_budget").input("6")
+    at.radio(key="pg_source").set_value("upload an image").run()
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 2), (200, 30, 30)).save(buf, format="PNG")
+    at.file_uploader(key="pg_upload").upload("thin.png", buf.getvalue(), "image/png").run()
+    at.button(key="pg_go").click().run()
+    assert not at.exception, at.exception
+    assert "kept visual tokens: 6 of 16" in i_caption(at) and "kept visual tokens: 16 of 16" in i_caption(at)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100 x 100 image is then over twice the limit
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="PNG")
+    at.file_uploader(key="pg_upload").upload("bomb.png", buf.getvalue(), "image/png").run()
+    assert not at.exception, at.exception
+    assert any("cannot read the uploaded image" in e.value and "pixels" in e.value for e in at.error)
+    at.file_uploader(key="pg_upload").upload("junk.png", b"not an image", "image/png").run()
+    assert any(e.value == "cannot read the uploaded image (not a PNG, JPEG, WebP or BMP file)" for e in at.error)
