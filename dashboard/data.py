@@ -215,8 +215,15 @@ def chair_by_decoder(df: pd.DataFrame) -> pd.DataFrame:
     return long.sort_values(["decoder", "method", "metric"]).reset_index(drop=True)
 
 
-def pareto_frame(df: pd.DataFrame, speed: str = "total_ms") -> pd.DataFrame:
-    """Accuracy (POPE, mean over splits), latency and hallucination (CHAIR_i) per model x pruner x decoder.
+def pope_splits(df: pd.DataFrame) -> list[str]:
+    """The POPE splits of the runs, "random" first when present (the Pareto view's default)."""
+    splits = sorted(df.loc[df["benchmark"] == "pope", "split"].dropna().unique())
+    return sorted(splits, key=lambda s: s != "random")
+
+
+def pareto_frame(df: pd.DataFrame, speed: str = "total_ms", split: str | None = None) -> pd.DataFrame:
+    """Accuracy (POPE on ``split``; None: the mean over whatever splits each combination has, which compares
+    unlike things), latency and hallucination (CHAIR_i) per model x pruner x decoder.
 
     A combination is on the Pareto front when no other combination of the same model is at least as good
     on every available axis (higher accuracy, lower latency, lower CHAIR_i) and better on one.
@@ -225,7 +232,8 @@ def pareto_frame(df: pd.DataFrame, speed: str = "total_ms") -> pd.DataFrame:
     d = df.assign(pruning=df["pruning"].fillna("none"), decoding=df["decoding"].fillna("greedy"),
                   budget=df["budget"].fillna(-1), decoding_params=df["decoding_params"].fillna(""))
     d = d.assign(partial=d["status"] != "finished")
-    pope = d[d["benchmark"] == "pope"].groupby(keys, dropna=False).agg(
+    pope_runs = d[(d["benchmark"] == "pope") & ((d["split"] == split) if split is not None else True)]
+    pope = pope_runs.groupby(keys, dropna=False).agg(
         accuracy=("accuracy", "mean"), latency_ms=(speed, "mean"), pope_runs=("run_id", "count"),
         pope_partial=("partial", "any"))
     chair = d[d["benchmark"] == "chair"].groupby(keys, dropna=False).agg(

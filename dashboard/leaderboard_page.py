@@ -127,7 +127,9 @@ def _baseline_table(cfg, shown: pd.DataFrame) -> None:
 
 def _pareto_plot(shown: pd.DataFrame) -> None:
     speed = st.radio("speed", ["total_ms", "prefill_ms", "ttft_ms"], horizontal=True, key="pareto_speed")
-    frame = data.pareto_frame(shown, speed)
+    splits = data.pope_splits(shown)  # one split at a time: accuracies of different splits are not comparable
+    split = st.radio("POPE split", splits, horizontal=True, key="pareto_split") if splits else None
+    frame = data.pareto_frame(shown, speed, split)
     pts = frame.dropna(subset=["accuracy", "latency_ms"]) if not frame.empty else frame
     if pts.empty:
         st.info("The Pareto view needs POPE runs with timings (and CHAIR runs of the same method for the "

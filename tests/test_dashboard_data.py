@@ -258,6 +258,24 @@ def test_tokens_curve_chair_and_pareto(fixture_db):
     assert par.loc[par["latency_ms"].idxmin(), "pareto"]
 
 
+def test_pareto_compares_one_pope_split_at_a_time():
+    import pandas as pd
+
+    """A combination run on every split was averaged over them and compared with one run on 'random' only
+    (base looked dominated by a method that only saw the easy split)."""
+    rows = [dict(benchmark="pope", model="m", pruning=None, budget=None, decoding=None, decoding_params=None,
+                 status="finished", run_id=f"b{s}", split=s, accuracy=acc, total_ms=10.0, chair_i=None, chair_s=None)
+            for s, acc in (("random", 95.0), ("popular", 85.0), ("adversarial", 75.0))]
+    rows.append(dict(rows[0], pruning="fastv", budget=36, run_id="f", accuracy=94.0, total_ms=8.0))
+    df = pd.DataFrame(rows)
+    assert data.pope_splits(df) == ["random", "adversarial", "popular"]
+    rnd = data.pareto_frame(df, split="random").set_index("combo")
+    assert rnd.loc["none + greedy", "accuracy"] == 95.0 and rnd.loc["fastv@36 + greedy", "accuracy"] == 94.0
+    assert rnd["pareto"].all()  # base is more accurate, fastv faster: neither dominates
+    adv = data.pareto_frame(df, split="adversarial").set_index("combo")
+    assert adv.loc["none + greedy", "accuracy"] == 75.0 and "fastv@36 + greedy" not in adv.index
+
+
 def test_pareto_chart_draws_combinations_without_chair(fixture_db):
     """Vega-Lite drops a row whose colour field is null: the POPE-only combinations (no CHAIR_i) get a point layer
     of their own in a fixed colour, else only their text labels showed."""
