@@ -69,3 +69,12 @@ def test_entry_point_error_has_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "vlmguard: error: image file not found: /nonexistent.png"
+
+
+def test_json_output_has_no_progress_bars_on_stderr(capsys, image):
+    """--json (and --quiet / --no-progress) switch off every progress bar, transformers' "Loading weights"
+    bar of the checkpoint load included."""
+    rc, out, err = run_cli(capsys, "generate", "--model", "tiny", "--image", str(image), "--prompt",
+                           "Is there a dog in the image?", "--max-new-tokens", "2", "--json")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["text"] is not None
+    assert "Loading weights" not in err and "it/s" not in err, err

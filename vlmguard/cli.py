@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if any(getattr(args, flag, False) for flag in ("json", "quiet", "no_progress")):
+        # no progress bars at all, transformers' weight loading included (read when transformers is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already (some subcommands' modules do): switch it off there
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     try:
         rc = args.func(args)
         return int(rc or 0)
