@@ -536,6 +536,9 @@ def test_report_marks_a_killed_run_partial_until_it_is_resumed(tmp_path, dataset
     rep = build_report(db, tmp_path / "rep")
     line = next(ln for ln in rep["table"].splitlines() if ln.startswith(rep["rows"][0]["run_id"]))
     assert "partial 10/24" in line and rep["rows"][0]["status"] == "running"  # the CSV keeps the DB's status
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert row["partial"] is True and row["n_samples"] == 10 and row["n_expected"] == 24
     run_benchmark(FakeEngine(), "pope", dataset, spec, db, split="random", batch_size=5, progress=False)
     rep = build_report(db, tmp_path / "rep")
     assert "partial" not in rep["table"] and "finished" in rep["table"]

@@ -408,7 +408,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vlmguard.bench.report import build_report
+    from vlmguard.bench.report import build_report, is_partial
     from vlmguard.files import check_output_dir
 
     if not Path(args.db).is_file():
@@ -417,7 +417,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     rep = build_report(args.db, args.out)
     if args.json:
         _print_json({"db": str(args.db), "out": str(args.out), "files": rep["files"],
-                     "skipped_plots": rep["skipped_plots"], "runs": rep["rows"]})
+                     "skipped_plots": rep["skipped_plots"],
+                     # partial: not finished (killed, or still running: the database cannot tell which)
+                     "runs": [{**r, "partial": is_partial(r)} for r in rep["rows"]]})
     else:
         print(rep["table"])
         print()
