@@ -54,7 +54,10 @@ def service_demo(model: str = "tiny", *, db: str | Path = "runs/demo.sqlite", po
         print(f"client: {image.name}: Is there a dog in the image? -> {answer!r} "
               f"(FastV kept {kept[-1] if kept else '?'}/{reply.vlmguard.visual_tokens if reply.vlmguard else '?'} "
               f"visual tokens, {time.perf_counter() - t0:.2f} s)")
-    bench = ["pope", "--dataset", dataset, "--split", "random", "--limit", str(limit), "--db", str(db)]
+    # a configuration the local sweep did not run (a job shares, and would just reuse, a local run of the same
+    # settings): FastV keeping a quarter of the visual tokens, as the client request above
+    bench = ["pope", "--dataset", dataset, "--split", "random", "--limit", str(limit), "--pruning", "fastv",
+             "--budget", "36", "--db", str(db)]
     print(f"submitting a benchmark job: vlmguard job submit bench {' '.join(bench)}")
     job_id = jobs.submit_bench(bench, address=jobs_address)
     status = jobs.wait(job_id, jobs_address, timeout_s=1800)
