@@ -70,6 +70,8 @@ class M3ID(Decoder):
                            "gate_fired_steps": self.gate_fired})
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
+        if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run (m3id.md)
+            return []
         if self.params.uncond_mode == "mask" or not prompt.images:
             return [Branch(name="uncond", prompt=prompt, visual_transform=torch.zeros_like)]
         return [Branch(name="uncond", prompt=image_free_prompt(ctx.adapter, prompt))]
@@ -77,6 +79,8 @@ class M3ID(Decoder):
     def combine(self, step: StepInputs) -> Combined:
         p = self.params
         cond = log_probs(step.logits["main"])
+        if "uncond" not in step.logits:  # a group of text-only requests
+            return Combined(scores=cond, main_logprobs=cond)
         uncond = log_probs(step.logits["uncond"])
         w = amplification(p.lam, p.t0 + step.step, p.max_weight)
         scores = m3id_scores(cond, uncond, w, p.alpha, p.gate, p.beta)

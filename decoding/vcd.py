@@ -46,6 +46,8 @@ class VCD(Decoder):
                            "noise_space": "pixel" if self.geometry[2] else "tensor"})
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
+        if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run
+            return []
         mean, std, edge = self.geometry
         p = self.params
         seeds = [image_seed(img, p.noise_seed, j) for j, img in enumerate(prompt.images)]
@@ -67,6 +69,8 @@ class VCD(Decoder):
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])
+        if "distorted" not in step.logits:  # a group of text-only requests
+            return Combined(scores=main, main_logprobs=main)
         neg = log_probs(step.logits["distorted"])
         scores = contrast(main, neg, self.params.alpha, self.params.beta)
         applied = active_rows(self.applied, self.ctx.active, main.device, dtype=torch.bool)

@@ -179,6 +179,17 @@ def test_no_image_requests_decode_plainly():
         assert out[0].decoding["applied"][0] is False
         if method != "vista":  # VISTA's SLA still applies to text-only requests (vista.md 10)
             assert out[0].token_ids == plain[0].token_ids
+    # a batch of text-only requests runs no extra rows for VCD / M3ID (m3id.md: skip the second branch)
+    rows = []
+    real_encode = eng.adapter.encode
+    eng.adapter.encode = lambda prompts: (rows.append(len(prompts)), real_encode(prompts))[1]
+    try:
+        for method in ("vcd", "m3id"):
+            rows.clear()
+            out = run(eng, r[:1] * 2, method, STRONG[method])
+            assert rows == [2] and ids(out) == ids(plain) * 2, (method, rows)
+    finally:
+        eng.adapter.encode = real_encode
     # VISTA's steering hooks skip the text-only row of a mixed batch: it decodes as it does alone (SLA only)
     alone = run(eng, r[:1], "vista", STRONG["vista"])
     mixed = run(eng, r, "vista", STRONG["vista"])

@@ -159,6 +159,19 @@ def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
     assert max(r.timings.batch_size for r in joined[3:]) > 2
 
 
+@pytest.mark.parametrize("decoding", ["vcd", "m3id"])
+def test_a_text_only_group_without_branch_rows_and_image_joiners_decode_as_alone(decoding):
+    """A group of text-only requests runs VCD / M3ID without their extra rows (plain decoding); image requests
+    joining it bring their own branch rows, and both groups decode as they do alone."""
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=8, decoding=decoding, diagnostics=True)
+    first = [Request("no image here", [], request_id="t0"), Request("what color is the car", [], request_id="t1")]
+    later = reqs(0, 2)
+    joined = run_joined(eng, spec, first, later, join_after=2)
+    alone = [eng.generate([r], spec)[0] for r in first + later]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+
+
 def test_vista_groups_take_their_hooks_away_when_their_requests_leave():
     """A batch that never drains must not collect one set of steering hooks per group that ever joined."""
     eng = tiny_engine("llava")
