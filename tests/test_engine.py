@@ -147,6 +147,22 @@ def test_stop_strings_and_eos():
     assert stop not in cut.text and full.text.startswith(cut.text)
 
 
+def test_streamed_pieces_add_up_to_the_result_text_when_a_stop_string_follows_a_space():
+    """The result's text is stripped; the stream sent the space before a stop string as well, so an OpenAI
+    client joining the deltas got "... street. " where the answer said "... street."."""
+    from vlmguard.engine import Engine
+
+    eng = Engine.load("tiny")
+    req = Request("Please describe this image in detail.", [random_image(3, (96, 96))])
+    full = eng.generate([req], GenerationSpec(max_new_tokens=20))[0].text
+    stop = full.split(" ")[4]  # a word inside the answer: the text before it ends with a space
+    for spec in (GenerationSpec(max_new_tokens=20, stop=[stop]), GenerationSpec(max_new_tokens=20)):
+        result = eng.generate([req], spec)[0]
+        events = list(eng.stream([req], spec))
+        assert "".join(ev.text for ev in events) == result.text == events[-1].result.text
+    assert result.text == full
+
+
 def test_bad_inputs_raise_clear_errors():
     eng = tiny_engine("llava")
     req = requests()[0]

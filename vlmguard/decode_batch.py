@@ -197,9 +197,11 @@ class DecodeBatch:
                 lv.finish = "stop"
             if lv.finish == "stop" or len(lv.gen) >= spec.max_new_tokens:
                 finished_rows.append(j)
-                text = self._final_text(lv)  # one full decode, cut at the stop string
+                text = self._final_text(lv).strip()  # one full decode, cut at the stop string
             else:  # what is printable and cannot turn out to be the start of a stop string
-                text = _hold_back(lv.detok.text, spec.stop)
+                # whitespace at either end waits: the result's text is stripped, and the streamed pieces add
+                # up to it (trailing whitespace is sent once more text follows it)
+                text = _hold_back(lv.detok.text, spec.stop).strip()
             delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else ""
             if delta:
                 lv.sent_text += delta
@@ -207,7 +209,7 @@ class DecodeBatch:
         for j in finished_rows:
             lv = self.lives[j]
             result = self._result(lv, now)
-            final = self._final_text(lv)  # an end of sequence flushes what was held back for the stop strings
+            final = self._final_text(lv).strip()  # an end of sequence flushes what was held back for the stops
             rest = final[len(lv.sent_text):] if final.startswith(lv.sent_text) else ""
             if rest:
                 lv.sent_text += rest
