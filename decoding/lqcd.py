@@ -75,9 +75,8 @@ class LQCD(Decoder):
             plan = {"mode": "off", "expert": 0, "amateurs": [], "slots": [], "strength": 0.0}
             if oracle[i] is not None:
                 # sigma: the strength of the cue the rules find in the user's text (0 when they find none)
-                cue = neutralize(pr.text) if not pr.raw else None
                 plan.update(mode="leading", expert=1, amateurs=[0], slots=[oracle[i]], neutral=oracle[i],
-                            source="oracle", strength=cue.strength if cue is not None and cue.changed else 0.0)
+                            source="oracle", strength=0.0 if pr.raw else neutralize(pr.text).strength)
             elif pr.raw:
                 plan["note"] = "raw prompt: no neutralizer or cue synthesis"
             else:

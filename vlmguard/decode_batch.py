@@ -123,7 +123,7 @@ class LiveRequest:
     steps: list[StepDiagnostic] = field(default_factory=list)
     sent_text: str = ""  # the text streamed so far
     detok: IncrementalText | None = None  # its generated text, decoded a token at a time
-    final_text: str | None = None  # set when it finishes
+    final_text: str | None = None  # set when it finishes (stripped)
     per_tok: list[float] = field(default_factory=list)
     finish: str = "length"
     ttft: float = 0.0
@@ -197,7 +197,7 @@ class DecodeBatch:
                 lv.finish = "stop"
             if lv.finish == "stop" or len(lv.gen) >= spec.max_new_tokens:
                 finished_rows.append(j)
-                text = self._final_text(lv).strip()  # one full decode, cut at the stop string
+                text = self._final_text(lv)  # one full decode, cut at the stop string
             else:  # what is printable and cannot turn out to be the start of a stop string
                 # whitespace at either end waits: the result's text is stripped, and the streamed pieces add
                 # up to it (trailing whitespace is sent once more text follows it)
@@ -209,7 +209,7 @@ class DecodeBatch:
         for j in finished_rows:
             lv = self.lives[j]
             result = self._result(lv, now)
-            final = self._final_text(lv).strip()  # an end of sequence flushes what was held back for the stops
+            final = self._final_text(lv)  # an end of sequence flushes what was held back for the stop strings
             rest = final[len(lv.sent_text):] if final.startswith(lv.sent_text) else ""
             if rest:
                 lv.sent_text += rest
@@ -322,9 +322,11 @@ class DecodeBatch:
         self.cohorts = [c for c in self.cohorts if id(c) in live]
 
     def _final_text(self, lv: LiveRequest) -> str:
-        """The request's whole text, cut at the first stop string (decoded once, when it finishes)."""
+        """The request's whole text, cut at the first stop string and stripped: the result's text, which the
+        streamed pieces add up to (decoded once, when it finishes)."""
         if lv.final_text is None:
-            lv.final_text, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
+            cut, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
+            lv.final_text = cut.strip()
         return lv.final_text
 
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:
@@ -332,7 +334,7 @@ class DecodeBatch:
         decoder, dctx = lv.cohort.decoder, lv.cohort.dctx
         last = lv.per_tok[-1] if lv.per_tok else 0.0
         return GenerationResult(
-            text=final_text.strip(), token_ids=lv.gen, finish_reason=lv.finish, prompt_tokens=lv.prompt_len,
+            text=final_text, token_ids=lv.gen, finish_reason=lv.finish, prompt_tokens=lv.prompt_len,
             visual_tokens=lv.n_visual, visual_tokens_kept=lv.visual_fed, kept_indices=lv.kept,
             timings=Timings(vision_s=lv.vision_s, prefill_s=lv.prefill_s, decode_s=lv.decode_s + last,
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
