@@ -7,7 +7,9 @@ decoder the next-token logits of every branch. ``combine`` turns them into the f
 picks from. ``setup`` runs before prefill and may do pre-passes through ``ctx.probe_forward`` (e.g. VISTA's
 steering vector, IAVA's token selection) and install activation hooks (PyTorch forward hooks on the
 model's modules, removed in ``teardown``). ``hidden_layers`` asks the engine for the main branch's
-residual stream at those layers on every step (e.g. VISTA's self-logits augmentation).
+residual stream at those layers on every step (e.g. VISTA's self-logits augmentation); ``head_input`` may
+turn them into extra rows for the lm_head, which the engine runs with the step's own rows (one read of its
+weights) and hands back as ``StepInputs.head``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class StepInputs:
     logits: dict[str, torch.Tensor]  # branch name -> (B, V) float32 next-token logits; "main" always there
     hidden: dict[int, torch.Tensor]  # layer index -> (B, D) main-branch residual after that layer
     step: int  # 0 for the token right after the prompt
+    # (B, V) float32 logits of the rows ``Decoder.head_input`` made from ``hidden`` at this step, computed
+    # with the main logits; None when the engine did not (the first step, a step after requests joined)
+    head: torch.Tensor | None = None
 
 
 @dataclass
@@ -141,6 +146,13 @@ class Decoder:
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         """Extra branches for request ``index`` (every request must get the same branch names)."""
         return []
+
+    def head_input(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Extra lm_head rows (B, D) from the main rows' ``hidden`` states (``hidden_layers``), whose logits
+        ``combine`` then finds in ``StepInputs.head``; None for none. The lm_head reads its weights once for
+        these and the step's own rows (it is a weight-bound GEMV at batch 1). ``combine`` must still work
+        when ``head`` is None, from ``hidden``: the engine fuses only where it can."""
+        return None
 
     def combine(self, step: StepInputs) -> Combined:
         main = torch.log_softmax(step.logits["main"].float(), dim=-1)

@@ -166,20 +166,26 @@ class VISTA(Decoder):
         self._rows_cache = None
 
     # ---- per step: SLA --------------------------------------------------------------------------
-    def window_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+    def head_input(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The SLA window's mean residual (B, D) in the lm_head's dtype (its logits: ``window_logits``)."""
+        if self.params.sla_alpha <= 0 or not self.hidden_layers:
+            return None
         ad = self.ctx.adapter
         hs = [hidden[i] for i in self.hidden_layers]
         if self.params.sla_apply_final_norm:
             hs = [ad.norm(h[:, None])[:, 0] for h in hs]
         mean = torch.stack([h.float() for h in hs], dim=0).mean(dim=0)
-        w = ad.lm_head.weight
-        return ad.lm_head(mean.to(w.dtype)).float()
+        return mean.to(ad.lm_head.weight.dtype)
+
+    def window_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.ctx.adapter.lm_head(self.head_input(hidden)).float()
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])
         a = self.params.sla_alpha
         if a <= 0 or not self.hidden_layers:
             return Combined(scores=main, main_logprobs=main)
-        window = self.window_logits(step.hidden)
+        # the engine usually ran the window through the lm_head with the main rows (one weight read)
+        window = step.head if step.head is not None else self.window_logits(step.hidden)
         z = (1.0 - a) * step.logits["main"].float() + a * window
         return Combined(scores=torch.log_softmax(z, dim=-1), main_logprobs=main, contrast_logprobs=log_probs(window))

@@ -302,6 +302,39 @@ def test_vista_sla_only_when_steering_off():
     assert ids(sla) != ids(both) and sla[0].decoding["applied"] == [False] * 3
 
 
+def test_vista_window_logits_come_from_the_steps_own_lm_head_call(monkeypatch):
+    """SLA's window runs through the lm_head with the main rows (one read of its weights): every decode step
+    after the first hands combine the window's logits, and they equal the separate call's (up to the GEMM's
+    rounding); the tokens and probabilities equal those of the unfused path."""
+    from vlmguard.decoding.vista import VISTA
+    from vlmguard.runner import LayerRunner
+
+    eng = tiny_engine("llava")
+    r = reqs()
+    seen = []
+    combine = VISTA.combine
+
+    def checking(self, step):
+        seen.append(step.head is not None)
+        if step.head is not None:
+            torch.testing.assert_close(step.head, self.window_logits(step.hidden), rtol=1e-5, atol=1e-5)
+        return combine(self, step)
+
+    monkeypatch.setattr(VISTA, "combine", checking)
+    fused = run(eng, r, "vista", STRONG["vista"], n=6)
+    assert seen[0] is False and all(seen[1:]) and len(seen) == 6  # the first step's window: prefill's states
+    step = LayerRunner.decode_step
+    monkeypatch.setattr(LayerRunner, "decode_step", lambda self, *a, head_input=None, **kw: step(self, *a, **kw))
+    seen.clear()
+    apart = run(eng, r, "vista", STRONG["vista"], n=6)
+    assert not any(seen)
+    assert ids(fused) == ids(apart)
+    for f, a in zip(fused, apart):
+        for sf, sa in zip(f.steps, a.steps):
+            assert sf.main_prob == pytest.approx(sa.main_prob, abs=1e-5)
+            assert sf.contrast_prob == pytest.approx(sa.contrast_prob, abs=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 def test_other_families_batched_equals_single(family):
     eng = tiny_engine(family)

@@ -141,6 +141,7 @@ class DecodeBatch:
         # the decoder of the first cohort speaks for the spec (joinability, hidden layers, name)
         self.decoder = cohort.decoder
         self.state, self.logits, self.hidden = state, logits, hidden
+        self.head: torch.Tensor | None = None  # the decoder's extra lm_head rows at the last step (main rows)
         self.lives = lives  # active requests, grouped by cohort in cohort order (the order of main rows)
         self.sampler, self.device = sampler, device
         self.cohorts = [cohort]  # the cohorts with rows in the batch
@@ -227,14 +228,21 @@ class DecodeBatch:
         # every row of a block decodes its request's token (branch rows follow their main row)
         row_tokens = torch.cat([tokens[b.lives].repeat(len(b.cohort.branch_names)) for b in blocks])
         t_dec = time.perf_counter()
+        # (most decoders ask for no hidden states: no row index to build then)
+        main_rows = self._main_rows(blocks) if self.decoder.hidden_layers else None
+
+        picked: dict[int, torch.Tensor] = {}
+
+        def head_input(hid: dict[int, torch.Tensor]) -> torch.Tensor | None:
+            picked.update({k: v[main_rows] for k, v in hid.items()})
+            return self.decoder.head_input(picked)  # one decoder's params speak for every cohort's
+
         with forward_owners(self._owners(blocks)) if self.decoder.row_hooks else contextlib.nullcontext():
-            logits, hid = self.runner.decode_step(row_tokens, self.state, hidden_layers=self.decoder.hidden_layers)
+            logits, hid, self.head = self.runner.decode_step(
+                row_tokens, self.state, hidden_layers=self.decoder.hidden_layers,
+                head_input=head_input if main_rows is not None else None)
         self.logits = logits
-        if hid:  # (most decoders ask for no hidden states: no row index to build then)
-            main_rows = self._main_rows(blocks)
-            self.hidden = {k: v[main_rows] for k, v in hid.items()}
-        else:
-            self.hidden = {}
+        self.hidden = {} if main_rows is None else (picked or {k: v[main_rows] for k, v in hid.items()})
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dec = time.perf_counter() - t_dec
@@ -280,7 +288,8 @@ class DecodeBatch:
             c.dctx.active = [lv.local for lv in self.lives[b.lives]]
             parts.append(c.decoder.combine(StepInputs(logits=per_branch,
                                                       hidden={k: v[b.lives] for k, v in self.hidden.items()},
-                                                      step=c.step)))
+                                                      step=c.step,
+                                                      head=None if self.head is None else self.head[b.lives])))
         if len(parts) == 1:
             return parts[0]
 
@@ -311,6 +320,7 @@ class DecodeBatch:
         self.runner.reorder(self.state, rows)
         self.logits = self.logits[rows]
         self.hidden = {k: v[keep_j] for k, v in self.hidden.items()}
+        self.head = None if self.head is None else self.head[keep_j]
         self.lives = [self.lives[j] for j in keep_j]
         for c in self.cohorts:
             c.dctx.active = [lv.local for lv in self.lives if lv.cohort is c]
@@ -360,6 +370,7 @@ class DecodeBatch:
         self.state = self.runner.merge(self.state, other.state)
         self.logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
         self.hidden = {k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()}
+        self.head = None  # a fresh prefill has none: combine computes it from the hidden states this once
         offset = len(self.sampler.generators)
         self.sampler.generators.extend(other.sampler.generators)
         for lv in other.lives:

@@ -28,6 +28,8 @@ from vlmguard.sequence import Seq, additive_mask, causal_allowed
 # (layer_idx, seq, request) -> keep mask (B, L) | None.
 BeforeHook = Callable[[int, Seq], ScoreRequest | None]
 AfterHook = Callable[[int, Seq, ScoreRequest | None], torch.Tensor | None]
+# Extra lm_head rows a decoder needs at a decode step, from the captured hidden states (see decode_step).
+HeadInput = Callable[[dict[int, torch.Tensor]], torch.Tensor | None]
 
 
 def _cache_keyword(layer: torch.nn.Module) -> str:
@@ -111,9 +113,15 @@ class LayerRunner:
 
     # ---- decode --------------------------------------------------------------------------
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, state: DecodeState,
-                    hidden_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One token per row -> next logits (B, V). Updates the cache and masks in place."""
+    def decode_step(self, tokens: torch.Tensor, state: DecodeState, hidden_layers: tuple[int, ...] = (),
+                    head_input: HeadInput | None = None,
+                    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor | None]:
+        """One token per row -> next logits (B, V). Updates the cache and masks in place.
+
+        ``head_input`` maps the captured hidden states to extra rows (R, D) for the lm_head (or None): they
+        go through it in one call with the step's own rows, so its weights are read once (at batch 1 the
+        lm_head is a weight-bound GEMV). Returns the logits, the captured states and the extra rows' logits
+        (R, V) float32, None without extra rows."""
         ad = self.adapter
         h = ad.embed_tokens(tokens[:, None]).to(state.final_seq.hidden.dtype if state.final_seq is not None
                                                  else ad.model.dtype)
@@ -136,8 +144,12 @@ class LayerRunner:
         # share the same tensor object across layers that shared it before (stage grouping)
         state.layer_valid = [new_valid[id(v)] for v in state.layer_valid]
         state.next_positions = state.next_positions + 1
-        logits = ad.lm_head(ad.norm(h))[:, 0].float()
-        return logits, captured
+        extra = head_input(captured) if head_input is not None else None
+        if extra is None:
+            return ad.lm_head(ad.norm(h))[:, 0].float(), captured, None
+        out = ad.lm_head(torch.cat([ad.norm(h)[:, 0], extra.to(h.dtype)])).float()
+        b = tokens.shape[0]
+        return out[:b], captured, out[b:]
 
     @staticmethod
     def merge(a: DecodeState, b: DecodeState) -> DecodeState:
