@@ -226,3 +226,14 @@ def test_fresh_data_dir_is_filled_from_local_sources(tmp_path, monkeypatch):
     assert root == (tmp_path / "nltk").resolve() and nltk.data.path[0] == str(root)
     assert nltk_setup.tagger_installed(root) and nltk_setup.wordnet_installed(root)
     assert nltk_setup.main(["--check", "--dest", str(root)]) == 0
+
+
+def test_caption_file_lines_split_on_newlines_only(tmp_path):
+    """JSON Lines ends a record at "\\n" only: a raw U+2028 / U+2029 / U+0085 inside a caption (valid JSON)
+    used to split the line (str.splitlines) and the file was refused as bad JSON; CRLF files still read."""
+    p = tmp_path / "caps.jsonl"
+    caps = ["A dog\u2028on a sofa.", "A cat\u2029and a\x85bird."]
+    p.write_text("\r\n".join(json.dumps({"image_id": i, "caption": c}, ensure_ascii=False) for i, c in enumerate(caps)),
+                 encoding="utf-8")
+    got = load_captions(p)
+    assert [c.caption for c in got] == caps and [c.line for c in got] == [1, 2]

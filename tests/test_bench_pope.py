@@ -258,3 +258,63 @@ def test_llava_8910_answers_scored_by_category_and_order(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]
     assert out["adversarial"]["accuracy"] == 100.0 and out["popular"]["n"] == 3000
     assert out["random"]["n"] == 2910 and out["random"]["tp"] + out["random"]["tn"] == 2900
+
+
+# ---- regression: parser-specific handling of unknown answers (reviewed against the references) --------
+
+def _exact_unknown_answers(tmp_path):
+    """Three yes-questions and one no-question; one yes-answer is not a bare yes/no (unknown for `exact`)."""
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog in the image?", "label": lab}) + "\n"
+                         for i, lab in enumerate(["yes", "yes", "yes", "no"], start=1)))
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"question_id": i, "text": t}) + "\n"
+                         for i, t in enumerate(["Yes", "Yes, there is a dog.", "No", "No"], start=1)))
+    return load_pope_file(q), load_answers(a)
+
+
+def test_exact_parser_recall_leaves_unknowns_out_as_lmms_eval(tmp_path):
+    # lmms-eval pope_aggregate_recall: FN = label yes & prediction "no"; the unknown answer is in neither
+    # TP nor FN, so recall = 1 / (1 + 1) = 50 (the old code gave 1 / 3 = 33.33)
+    questions, answers = _exact_unknown_answers(tmp_path)
+    m = score_answers(answers, questions, "exact")
+    assert (m["tp"], m["fn"], m["tn"], m["fp"], m["unknown"]) == (1, 1, 1, 0, 1)
+    assert m["recall"] == 50.0 and m["precision"] == 100.0
+    assert m["f1"] == pytest.approx(2 * 100 * 50 / 150) and m["accuracy"] == 50.0 and m["yes_ratio"] == 25.0
+    # VLMEvalKit (yorn) counts an unknown as not-Yes, i.e. a miss: recall = 1 / 3
+    yorn = score_answers(answers, questions, "yorn")
+    assert yorn["unknown"] == 0  # "Yes, there is a dog." is a yes for yorn
+    assert pope_metrics([("yes", "yes"), (None, "yes"), ("no", "yes")])["recall"] == pytest.approx(100 / 3)
+    assert pope_metrics([("yes", "yes"), (None, "yes"), ("no", "yes")], unknown_is_miss=False)["recall"] == 50.0
+
+
+def test_stored_run_metrics_follow_the_run_parser():
+    import sqlite3
+
+    from vlmguard.bench.metrics import metrics_for_run
+
+    conn = sqlite3.connect(":memory:")
+    conn.row_factory = sqlite3.Row
+    conn.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, run_id TEXT, sample_key TEXT, label TEXT, prediction TEXT,"
+                 " record TEXT, visual_tokens REAL, visual_tokens_kept REAL, prefill_s REAL, ttft_s REAL, total_s REAL,"
+                 " generated_tokens INT)")
+    for i, (lab, pred) in enumerate([("yes", "yes"), ("yes", None), ("yes", "no"), ("no", "no")]):
+        conn.execute("INSERT INTO samples (run_id, sample_key, label, prediction) VALUES ('r', ?, ?, ?)", (f"q:{i}", lab, pred))
+    exact = metrics_for_run(conn, {"run_id": "r", "benchmark": "pope", "parser": "exact", "n_expected": 4})
+    yorn = metrics_for_run(conn, {"run_id": "r", "benchmark": "pope", "parser": "yorn", "n_expected": 4})
+    assert exact["recall"] == 50.0 and yorn["recall"] == pytest.approx(100 / 3)
+
+
+@pytest.mark.parametrize("answer,expected", [
+    # VLMEvalKit YOrN_Extraction -> process_punctuation: only 21 characters are punctuation; ':' '*' "'" stay in words
+    ("**Yes**, there is a dog.", None),
+    ("Yes:", None),
+    ("Answer: yes", "yes"),
+    ("Yes, it is.", "yes"),
+    ("No!", "no"),
+    ("(no)", "no"),
+    ("yes-or-no", None),
+    ("No. " * 40 + "yes.", "no"),  # only the first 32 periods are stripped (re.UNICODE passed as count)
+])
+def test_yorn_parser_matches_vlmevalkit_punctuation(answer, expected):
+    assert get_parser("yorn").parse(answer) == expected

@@ -43,7 +43,7 @@ def detect_layout(text: str) -> str:
 
 
 def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -9,6 +9,7 @@ from typing import Any
 from vlmguard.bench.chair_score import aggregate as chair_aggregate
 from vlmguard.bench.pope_leading import flip_metrics
 from vlmguard.bench.pope_metrics import pope_metrics
+from vlmguard.bench.pope_parsers import PARSERS, unknown_is_miss
 
 
 def _mean(values: list[float]) -> float | None:
@@ -37,8 +38,11 @@ def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, 
         (run_id,),
     ).fetchall()
     bench = run["benchmark"]
+    # recall's treatment of unknown answers follows the run's parser (lmms-eval's ``exact`` vs the rest)
+    parser_name = run.get("parser")
+    miss = unknown_is_miss(parser_name) if parser_name in PARSERS.names() else True
     if bench == "pope":
-        out = pope_metrics((r["prediction"], r["label"]) for r in rows)
+        out = pope_metrics(((r["prediction"], r["label"]) for r in rows), unknown_is_miss=miss)
     elif bench == "pope-leading":
         neutral: dict[str, str | None] = {}
         if run.get("neutral_run_id"):
@@ -57,8 +61,8 @@ def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, 
             item = (r["label"], "yes" if cue["polarity"] == "affirm" else "no", neutral[r["sample_key"]], r["prediction"])
             groups["all"].append(item)
             groups["misleading" if cue["misleading"] else "consistent"].append(item)
-        out = flip_metrics(groups["all"])
-        out["subsets"] = {k: flip_metrics(v) for k, v in groups.items() if k != "all"}
+        out = flip_metrics(groups["all"], unknown_is_miss=miss)
+        out["subsets"] = {k: flip_metrics(v, unknown_is_miss=miss) for k, v in groups.items() if k != "all"}
         out["unpaired"] = unpaired
         if unpaired:
             out["flags"].append(f"{unpaired} samples have no neutral answer yet (neutral run incomplete)")

@@ -140,10 +140,12 @@ def _rate(num: int, den: int, what: str, flags: list[str]) -> float | None:
     return 100.0 * num / den
 
 
-def flip_metrics(items: list[tuple[str, str, str | None, str | None]]) -> dict[str, Any]:
+def flip_metrics(
+    items: list[tuple[str, str, str | None, str | None]], unknown_is_miss: bool = True
+) -> dict[str, Any]:
     """Metrics of lqcd.md 8.3 from (label, cue answer, pred_neutral, pred_leading) tuples."""
-    base = pope_metrics((pl, lab) for lab, _, _, pl in items)
-    neutral = pope_metrics((pn, lab) for lab, _, pn, _ in items)
+    base = pope_metrics(((pl, lab) for lab, _, _, pl in items), unknown_is_miss=unknown_is_miss)
+    neutral = pope_metrics(((pn, lab) for lab, _, pn, _ in items), unknown_is_miss=unknown_is_miss)
     flags: list[str] = list(base.pop("flags"))
     n = len(items)
     flips = [(pn, pl) for _, _, pn, pl in items if pn != pl]

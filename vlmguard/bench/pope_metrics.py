@@ -2,7 +2,9 @@
 
 "yes" is the positive class. TP = label yes & predicted yes, FP = label no & predicted yes,
 TN = label no & predicted no, FN = label yes & predicted no. Predictions a parser leaves unknown
-(``exact``, ``yorn``) are wrong, neither yes nor no: recall counts them as misses (TP / #label yes).
+(``exact``, ``yorn``) are wrong, neither yes nor no. Recall follows the parser's reference
+(``unknown_is_miss``): ``yorn`` (VLMEvalKit: unknown = not-Yes) counts them as misses (TP / #label yes);
+``exact`` (lmms-eval) counts only explicit "no" answers as FN (TP / (TP + FN)).
 Accuracy, precision, recall, F1 and yes-ratio (share of PREDICTIONS that are yes) are percentages;
 an empty denominator gives ``None`` and a message in ``flags`` (the reference would crash).
 """
@@ -27,8 +29,12 @@ def _ratio(num: int, den: int, what: str, flags: list[str]) -> float | None:
     return 100.0 * num / den
 
 
-def pope_metrics(pairs: Iterable[tuple[str | None, str]]) -> dict[str, Any]:
-    """Metrics from (prediction, label) pairs; prediction ``None`` = unknown."""
+def pope_metrics(pairs: Iterable[tuple[str | None, str]], unknown_is_miss: bool = True) -> dict[str, Any]:
+    """Metrics from (prediction, label) pairs; prediction ``None`` = unknown.
+
+    ``unknown_is_miss``: whether an unknown answer to a "yes" question is in recall's denominator
+    (see :func:`vlmguard.bench.pope_parsers.unknown_is_miss`).
+    """
     tp = fp = tn = fn = unk_yes = unk_no = 0
     for pred, label in pairs:
         if label == "yes":
@@ -51,7 +57,7 @@ def pope_metrics(pairs: Iterable[tuple[str | None, str]]) -> dict[str, Any]:
     flags: list[str] = []
     acc = _ratio(tp + tn, n, "accuracy", flags)
     precision = _ratio(tp, tp + fp, "precision", flags)
-    recall = _ratio(tp, tp + fn + unk_yes, "recall", flags)
+    recall = _ratio(tp, tp + fn + (unk_yes if unknown_is_miss else 0), "recall", flags)
     if precision is None or recall is None or precision + recall == 0:
         if precision is not None and recall is not None:
             flags.append("f1 undefined (precision + recall = 0)")
@@ -136,7 +142,7 @@ def score_answers(
         if q.label is None:
             raise InvalidInput(f"{questions.path}:{q.line}: question {q.question_id} has no label")
         pairs.append((par.parse(a.text, q.label), q.label))
-    metrics = pope_metrics(pairs)
+    metrics = pope_metrics(pairs, unknown_is_miss=par.unknown_is_miss)
     missing = len(questions) - len(answers)
     metrics["missing"] = missing
     if missing:
@@ -169,7 +175,7 @@ def score_llava_answers(
         pairs[split].append((par.parse(a.text, label), label))
     out = {}
     for split, ps in pairs.items():
-        m = pope_metrics(ps)
+        m = pope_metrics(ps, unknown_is_miss=par.unknown_is_miss)
         m["missing"] = sum(1 for s, _ in labels.values() if s == split) - len(ps)
         if m["missing"]:
             m["flags"].append(f"{m['missing']} questions of {split} have no answer")
