@@ -226,19 +226,33 @@ class FlowCutPruner(Pruner):
         sizes = batch.vision_inputs["image_sizes"]
         pv, n_crops = ad.crops(batch)
         rows = batch.rows_with_images
+        # a row whose budget covers its whole span is left alone, exactly as it is alone in a request (the
+        # unpruned path); its images must not go through stage V's floor(K/2) per crop in a mixed batch
+        whole = [budgets[r] >= ctx.n_visual[r] for r in range(len(ctx.n_visual))]
+        first_crop = [sum(n_crops[:j]) for j in range(len(rows))]
         targets, groups, crop_img = [], [], []
         for j, share in enumerate(self._image_shares(ctx, budgets)):
+            if whole[rows[j]]:
+                continue
             for _ in range(n_crops[j]):
                 targets.append(max(share // 2, 1))
                 groups.append(0 if self.params.reference_batch_coupling else j)
                 crop_img.append(j)
-        res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
+        cut_pv = torch.cat([pv[first_crop[j]:first_crop[j] + n_crops[j]] for j in sorted(set(crop_img))])
+        res = run_stage_v(tower, cut_pv, targets, groups, last, self.params.history, self.params.prune_every)
         g2 = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         feats: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(len(ctx.n_visual))]
         offset: dict[int, int] = {}
         crop0 = 0
         for j, r in enumerate(rows):
             nc = n_crops[j]
+            if whole[r]:  # the unpruned packed features of this image (as the adapter encodes it alone)
+                crops = pv[first_crop[j]:first_crop[j] + nc]
+                packed, _ = model.pack_image_features([ad.project(ad.selected_features(crops))], sizes[j:j + 1],
+                                                      vision_feature_select_strategy="default",
+                                                      image_newline=model.image_newline)
+                feats[r].append((torch.cat(list(packed)), None))
+                continue
             layout = self._next_layout(model, nc, g2, sizes[j])  # flat (crop*g2+patch) -> packed position
             pos_list, feat_list = [], []
             for c in range(nc):
@@ -261,7 +275,7 @@ class FlowCutPruner(Pruner):
             crop0 += nc
         self._report_vit_schedule(ctx, [rows[j] for j in crop_img], res)
         out_f = [torch.cat([f for f, _ in fs]) if fs else None for fs in feats]
-        out_k = [torch.cat([k for _, k in fs]) if fs else None for fs in feats]
+        out_k = [torch.cat([k for _, k in fs]) if fs and not whole[r] else None for r, fs in enumerate(feats)]
         return out_f, out_k
 
     def _stage_v_qwen(self, ctx: PruneContext, budgets: list[int]):
@@ -269,8 +283,9 @@ class FlowCutPruner(Pruner):
         grid = batch.vision_inputs["image_grid_thw"]
         m2 = int(ad.vision_tower.spatial_merge_size) ** 2
         merged = [int(t * h * w) // m2 for t, h, w in grid.tolist()]
-        # keep x share, capped at the image (a product like 1.1 x 100 must not round up to 111)
-        targets = [min(n, max(1, math.ceil(round(self.params.qwen_vit_keep * share, 9))))
+        # keep x share, capped at the image (a product like 1.1 x 100 must not round up to 111; a huge or
+        # infinite multiple is the whole image, not an overflow in ceil)
+        targets = [min(n, max(1, math.ceil(round(min(self.params.qwen_vit_keep * share, n), 9))))
                    for n, share in zip(merged, self._image_shares(ctx, budgets, caps=merged))]
         if targets == merged:  # nothing to cut inside the tower: the exact unpruned path
             return ad.image_features(batch), [None] * batch.input_ids.shape[0]

@@ -18,7 +18,7 @@ patches by C, sorted ascending (ties: lower index). The cut applies to the layer
 
 Schedules are per group of tensors: an image (LLaVA-1.5) or all crops of one image (LLaVA-NeXT, whose
 reference shares the count across the crops it sees at batch size 1). The reference's max-over-batch
-coupling is available as ``couple_all=True``. Images in a batch are kept rectangular with a key-padding
+coupling is one group for the whole batch (FlowCut's ``reference_batch_coupling``). Images in a batch are kept rectangular with a key-padding
 mask, so a batch selects exactly what each image selects alone.
 """
 from __future__ import annotations

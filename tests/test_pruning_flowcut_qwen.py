@@ -373,3 +373,17 @@ def test_the_llm_sees_the_kept_tokens_at_their_m_rope_positions(unit):
         keep = full.valid[0] & ((full.visual[0] < 0) | torch.isin(full.visual[0], torch.tensor(r.kept_indices)))
         want = ad.rotary(full.hidden[:, keep], full.positions[..., keep])
     assert len(seen["rope"]) == 2 and all(torch.equal(g, w) for g, w in zip(seen["rope"], want))
+
+
+def test_an_infinite_or_huge_vit_keep_keeps_whole_images():
+    """qwen_vit_keep is a float >= 1 with no upper bound: inf (JSON 1e400) or 1e308 x share overflowed
+    math.ceil (OverflowError, a stack trace); any multiple at or above the image keeps the whole image."""
+    eng = tiny_engine("qwen2_vl")
+    req = [Request("Is there a dog in the image?", [random_image(1, (64, 64))])]
+    outs = [eng.generate(req, GenerationSpec(pruning="flowcut", budget=2, max_new_tokens=2,
+                                             pruning_params={"qwen_vit_keep": keep}))[0]
+            for keep in (float("inf"), 1e308, 1000.0)]
+    n = outs[0].visual_tokens
+    for r in outs:
+        assert r.visual_tokens_kept[:3] == [n, n, 2] and len(r.kept_indices) == 2
+        assert r.kept_indices == outs[-1].kept_indices and r.token_ids == outs[-1].token_ids
