@@ -208,6 +208,14 @@ def test_serve_options_one_line_before_ray(capsys, no_work, argv, needle):
     assert "validation error" not in out.err
 
 
+def test_serve_unloadable_model_one_line_before_ray(capsys, no_work, tmp_path):
+    """A model the local replicas could not load is reported before Ray starts (it was a deployment failure
+    that lost the reason: "Failed to update the deployments [...]")."""
+    assert_error(capsys, ["serve", "--model", str(tmp_path / "nope")], f"no such directory {tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    assert_error(capsys, ["serve", "--model", str(tmp_path / "empty")], "has no config.json")
+
+
 def test_serve_bad_yaml_one_line(capsys, no_work, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [{model: tiny\n  x: : 1\n")
@@ -283,6 +291,7 @@ def test_perf_threads_at_least_one(capsys, no_work, threads):
     (["--db", str(FIX)], f"--db {FIX}: is a directory"),
     (["--limit", "2", "--image-ids", "/no/such/ids.txt"], "--image-ids /no/such/ids.txt: file not found"),
     (["--device", "cuda"], "--device cannot be used in a job"),
+    (["--dtype", "bfloat16"], "--dtype cannot be used in a job"),
 ])
 def test_job_submit_checked_before_the_cluster(capsys, no_work, argv, needle):
     assert_error(capsys, ["job", "submit", "--address", "http://127.0.0.1:9", "bench", "pope", *argv], needle)

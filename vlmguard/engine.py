@@ -13,6 +13,7 @@ to the same budget. Branches without image tokens are untouched.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -111,13 +112,14 @@ class Engine:
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str = "tiny", *, device: str = "auto", dtype: str | torch.dtype = "auto",
+    def load(cls, model: str | os.PathLike = "tiny", *, device: str = "auto", dtype: str | torch.dtype = "auto",
              attn_implementation: str = "auto", trust_remote_code: bool = False) -> "Engine":
         import transformers
         from transformers import AutoConfig
 
         from vlmguard.models.image_text_processor import load_processor
 
+        model = str(model)  # a name, an HF id or a local directory (str or path)
         dev = pick_device(device)
         if model.startswith("random:"):  # tiny random-weight model of a family, for tests and demos
             from vlmguard.testing import FAMILIES
@@ -142,8 +144,9 @@ class Engine:
             m = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
                                           local_files_only=True, trust_remote_code=trust_remote_code)
             processor = load_processor(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model from {path}: {e}") from None
+        except (OSError, ValueError) as e:  # one line (transformers' messages can run to several)
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ModelLoadError(f"cannot load model from {path}: {first}") from None
         m.to(dev)
         engine = cls(m, processor, name=str(model), attn_implementation=impl)
         engine.revision = weights_fingerprint(path)
@@ -353,7 +356,8 @@ class Engine:
         with forward_owners(owners):
             logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                    after=after if llm_side else None,
-                                                   hidden_layers=tuple(decoder.hidden_layers))
+                                                   hidden_layers=tuple(decoder.hidden_layers),
+                                                   renumber=llm_side and pruner.position_mode == "renumber")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre

@@ -108,6 +108,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "batch_mode": f"--batch-mode {args.batch_mode}"})  # a bad override fails here, before Ray starts
     address = args.address
+    if not address:  # the replicas run on this machine: a model they could not load fails here, in one line
+        from vlmguard.models.resolve import resolve_model_path
+
+        for m in config.models:
+            if not m.model.startswith("random:"):
+                resolve_model_path(m.model)
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
                                          direct_ingress=config.direct_ingress)

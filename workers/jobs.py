@@ -107,11 +107,12 @@ def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> arg
     from vlmguard.workers.bench_job import build_parser
 
     args = build_parser(_ArgumentParser).parse_args(bench_argv)
-    unused = [flag for flag, used in (("--device", args.device != "auto"), ("--shard-index", args.shard_index != 0),
+    unused = [flag for flag, used in (("--device", args.device != "auto"), ("--dtype", args.dtype != "auto"),
+                                      ("--shard-index", args.shard_index != 0),
                                       ("--num-shards", args.num_shards != 1)) if used]
     if unused:
         raise InvalidInput(f"bad benchmark job arguments: {', '.join(unused)} cannot be used in a job (the service's "
-                           "replicas have their device; --shards N splits the job)")
+                           "replicas have their device and dtype; --shards N splits the job)")
     _spec_from_args(args).resolve()
     if args.dataset != "synthcoco":
         _dataset_from_args(args)

@@ -58,6 +58,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method and generation")
     g.add_argument("--model", default="tiny", help="model: tiny | local path | HF cache id (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s; "
+                   "a run's identity includes it when not float32)")
     g.add_argument("--pruning", default="none", help="visual-token pruner (default: none)")
     g.add_argument("--budget", type=_budget, help="visual tokens kept (int) or kept fraction (float)")
     g.add_argument("--pruning-param", action="append", default=[], metavar="K=V", help="pruner parameter (repeat)")
@@ -235,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     jobs = benchmark_runs(args)
     check_db(args.db)
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, device=args.device)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     outcomes = []
     for job in jobs:
         out = run_benchmark(

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, ModelLoadError
 from vlmguard.sequence import Seq
 
 
@@ -123,6 +123,11 @@ class ModelAdapter:
         if prompt.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
         messages.append({"role": "user", "content": content})
+        from vlmguard.models.image_text_processor import CHAT_TEMPLATE_HELP, chat_template_of
+
+        if not chat_template_of(self.processor):
+            raise ModelLoadError(f"the model's processor has no chat template ({CHAT_TEMPLATE_HELP}); "
+                                 "vlmguard formats prompts with the model's own template")
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompts: Sequence[Prompt]) -> EncodedBatch:

@@ -61,13 +61,85 @@ class ImageTextProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+CHAT_TEMPLATE_HELP = ("chat_template.jinja, chat_template.json, or a chat_template entry in tokenizer_config.json "
+                      "or processor_config.json")
+
+
 def load_processor(path, trust_remote_code: bool = False):
-    """AutoProcessor, falling back to ImageTextProcessor for Qwen2-VL without torchvision."""
+    """AutoProcessor, falling back to ImageTextProcessor for Qwen2-VL without torchvision.
+
+    A checkpoint without a tokenizer, an image processor or a chat template (vlmguard formats every prompt with
+    the model's own template) is a :class:`ModelLoadError` naming what is missing, raised here rather than a
+    transformers error at load time or at the first request."""
+    from pathlib import Path
+
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    from vlmguard.errors import ModelLoadError
+
+    root = Path(path)
+    if root.is_dir() and not trust_remote_code:  # remote code may keep its tokenizer under other names
+        if not any((root / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(f"model at {root} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); "
+                                 "copy the tokenizer files of the checkpoint into that directory")
+        if not (root / "preprocessor_config.json").is_file() and "image_processor" not in _json_keys(
+                root / "processor_config.json"):
+            raise ModelLoadError(f"model at {root} has no image processor config (preprocessor_config.json, or an "
+                                 "image_processor entry in processor_config.json)")
     try:
-        return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError):
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        ip = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        return ImageTextProcessor(tok, ip)
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (ImportError, AttributeError):
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            ip = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            processor = ImageTextProcessor(tok, ip, chat_template=_saved_chat_template(root))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # tokenizers/transformers raise many types; keep one line, the cause for VLMGUARD_DEBUG
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelLoadError(f"cannot load the processor (tokenizer / image processor) of the model at {root}: "
+                             f"{first}") from e
+    if not chat_template_of(processor):
+        raise ModelLoadError(f"model at {root} has no chat template ({CHAT_TEMPLATE_HELP}); vlmguard formats "
+                             "prompts with the model's own template, so copy the checkpoint's template there")
+    return processor
+
+
+def chat_template_of(processor) -> str | None:
+    """The chat template ``processor.apply_chat_template`` would use (the processor's, else its tokenizer's)."""
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    return template or None
+
+
+def _json_keys(f) -> set:
+    import json
+
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _saved_chat_template(root) -> str | None:
+    """A processor-level chat template saved beside the checkpoint (chat_template.jinja, chat_template.json, or
+    processor_config.json's chat_template), for the fallback processor: official Qwen2-VL repos keep theirs in
+    chat_template.json, which the tokenizer alone does not read."""
+    import json
+
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json"):
+        try:
+            data = json.loads((root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, str) and template:
+            return template
+    return None
