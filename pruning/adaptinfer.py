@@ -11,7 +11,10 @@ facility, per head, normalised over all keys. Per head h:
 
 The top-k_s visual tokens survive (ascending original order, ties to the lower index); the output of
 layer l is cut, so layers > l and their KV cache see only the survivors, at their original RoPE positions
-("preserve" mode, shared with FastV). Later stages rescore the survivors with their own attention.
+(``position_mode="preserve"``, the default, shared with FastV and the official Qwen port). Later stages
+rescore the survivors with their own attention. ``position_mode="renumber"`` reproduces the official LLaVA
+code (SparseVLM lineage): after each cut the survivors are renumbered contiguously, and at decode each layer
+takes the position equal to its own cache length (1-D RoPE families only; Qwen2-VL's M-RoPE is refused).
 
 Schedules (layers, keep counts): see :mod:`vlmguard.pruning.adaptinfer_schedule` — the official
 LLaVA-1.5-7B table, a schedule file written by ``vlmguard prune analyze``, layers found by that analysis
@@ -27,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from vlmguard.attention import ScoreRequest
+from vlmguard.errors import InvalidInput
 from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
@@ -44,6 +48,10 @@ class AdaptInferParams(BaseModel):
                                                           "path (local use), or the object itself (the HTTP API)")
     lam: float = Field(1.0, ge=0.0, le=1.0, description="text-prior mixing; 0 = uniform prior (ablation)")
     text_query: Literal["all", "last"] = "all"
+    position_mode: Literal["preserve", "renumber"] = Field(
+        "preserve", description="preserve: survivors keep their original RoPE positions; renumber: contiguous "
+                                "positions after each cut, each layer decodes at its own cache length (the official "
+                                "LLaVA code; llava and llava_next only)")
 
     # the schedule read and checked once, when the parameters are validated (a missing, unreadable or malformed
     # one fails here, before any model work); every row's schedule is made from this copy: (data, source label)
@@ -79,6 +87,11 @@ class AdaptInferPruner(Pruner):
     Params = AdaptInferParams
     side = "llm"
     position_mode = "original"
+    RENUMBER_FAMILIES = ("llava", "llava_next")  # 1-D RoPE
+
+    def __init__(self, params: AdaptInferParams, budget):
+        super().__init__(params, budget)
+        self.position_mode = "renumber" if params.position_mode == "renumber" else "original"
 
     def schedule_for(self, ctx: PruneContext, n_visual: int) -> Schedule:
         ad = ctx.adapter
@@ -88,6 +101,9 @@ class AdaptInferPruner(Pruner):
                              schedule=self.params._schedule)
 
     def check_budget(self, ctx: PruneContext) -> None:
+        if self.position_mode == "renumber" and ctx.adapter.family not in self.RENUMBER_FAMILIES:
+            raise InvalidInput(f"adaptinfer position_mode='renumber' needs 1-D RoPE positions (llava, llava_next); "
+                               f"{ctx.adapter.family} keeps its original (M-RoPE) positions: use 'preserve'")
         super().check_budget(ctx)
         scheds: list[Schedule | None] = [self.schedule_for(ctx, n) if n else None for n in ctx.n_visual]
         ctx.state["adaptinfer_schedules"] = scheds

@@ -10,7 +10,9 @@
 
 Budgets: an int is the number of visual tokens kept per image row, a float in (0, 1] the kept fraction.
 ``position_mode`` says whether kept tokens keep their original RoPE positions (``original``) or are
-renumbered as if the input were physically shorter (``compact``).
+renumbered as if the input were physically shorter: ``compact`` after a vision-side cut, ``renumber`` after
+each LLM-side cut (the layers after it see contiguous positions and decode from their own next position;
+1-D RoPE only).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class Pruner:
     Params: ClassVar[type[BaseModel]] = NoParams
     side: ClassVar[str] = "none"  # "none" | "vision" | "llm" | "both"
     default_budget: ClassVar[int | float | None] = None  # used when a request gives none (None: a budget is needed)
-    position_mode: ClassVar[str] = "original"
+    position_mode: ClassVar[str] = "original"  # "original" | "compact" (vision side) | "renumber" (LLM side)
 
     def __init__(self, params: BaseModel, budget: int | float | None):
         self.params = params

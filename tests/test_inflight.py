@@ -15,7 +15,7 @@ from vlmguard.decoding.views import image_free_prompt
 from vlmguard.engine import Request
 from vlmguard.models.base import Prompt
 from vlmguard.spec import GenerationSpec
-from vlmguard.testing import random_image, tiny_engine
+from vlmguard.testing import random_image, tiny_engine, tiny_llava
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem
 from vlmguard.workers.inflight import InflightBatcher
 
@@ -433,7 +433,7 @@ def test_a_benchmark_job_has_the_run_identity_of_a_local_run_of_the_same_model()
     assert local.revision
     served = ServeEngine(handle=None, info=EngineWorker(name="tiny", engine=local).info())
     assert _engine_knobs(served, None) == _engine_knobs(local, None) and "dtype" not in _engine_knobs(local, None)
-    bf16 = tiny_engine("llava")
+    bf16 = Engine(*tiny_llava(), name="tiny-llava")  # its own model: the shared tiny engine must stay float32
     bf16.model.to(torch.bfloat16)
     info = EngineWorker(name="tiny-llava", engine=bf16).info()
     assert info["dtype"] == "bfloat16" and _engine_knobs(ServeEngine(None, info), None)["dtype"] == "bfloat16"

@@ -8,7 +8,10 @@ attention masks and keeps per-layer bookkeeping:
 - ``layer_valid[i]``: which cached key slots of layer i are real (padding / pruned tokens are absent or
   masked). Layers before a pruning cut cache the full sequence, layers after it only the kept tokens.
 - positions: decode continues from each row's last prompt position + 1 (original RoPE positions, or
-  M-RoPE text positions for Qwen2-VL), whatever was pruned.
+  M-RoPE text positions for Qwen2-VL), whatever was pruned. When a pruner renumbers at its cuts
+  (``prefill(renumber=True)``, AdaptInfer's ``position_mode="renumber"``), the kept tokens get contiguous
+  positions for the following layers and each layer group decodes from *its own* next position
+  (``layer_next_positions``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.kv_cache import GrowingCache
-from vlmguard.sequence import Seq, additive_mask, causal_allowed
+from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
 # (layer_idx, seq, request) -> keep mask (B, L) | None.
@@ -43,7 +46,10 @@ def _cache_keyword(layer: torch.nn.Module) -> str:
 class DecodeState:
     cache: DynamicCache
     layer_valid: list[torch.Tensor]  # per layer (B, S_i) bool
-    next_positions: torch.Tensor  # (B,) or (3, B)
+    next_positions: torch.Tensor  # (B,) or (3, B): layer 0's, and every layer's unless layer_next_positions
+    # per layer, only when layer groups number differently (renumbering cuts): one tensor object per group,
+    # as layer_valid; None = every layer decodes at next_positions
+    layer_next_positions: list[torch.Tensor] | None = None
     visual_per_layer: list[torch.Tensor] = field(default_factory=list)  # per layer (B,) visual tokens fed
     final_seq: Seq | None = None
 
@@ -79,21 +85,30 @@ class LayerRunner:
         after: AfterHook | None = None,
         hidden_layers: tuple[int, ...] = (),
         all_hidden: bool = False,
+        renumber: bool = False,
     ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
         """Run all layers on ``seq``. Returns last-position logits (B, V), the decode state and the
-        residual stream of the last position after each layer in ``hidden_layers`` (B, D)."""
+        residual stream of the last position after each layer in ``hidden_layers`` (B, D).
+
+        ``renumber``: after each cut the kept tokens of a row get contiguous positions (0..n-1 over its
+        valid tokens, 1-D RoPE only), what a physically shorter input gets; each layer then decodes from its
+        own next position (the official LLaVA code of AdaptInfer). Otherwise they keep their positions."""
         ad = self.adapter
         cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
+        layer_next: list[torch.Tensor] = []  # per layer, one object per stage group (renumber only)
         visual_fed: list[torch.Tensor] = []
         captured: dict[int, torch.Tensor] = {}
         h = seq.hidden
         mask = self._prefill_mask(seq)
         rope = ad.rotary(h, seq.positions)
+        next_pos = first_next = seq.last_positions() + 1
+        renumbered = False
         for i, layer in enumerate(ad.layers):
             seq = seq.with_hidden(h)
             req = before(i, seq) if before else None
             layer_valid.append(seq.valid)
+            layer_next.append(next_pos)
             visual_fed.append(seq.visual_counts())
             with score_probe(ad.attention_module(i), req) if req is not None else nullcontext():
                 h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
@@ -102,12 +117,18 @@ class LayerRunner:
             keep = after(i, seq.with_hidden(h), req) if after else None
             if keep is not None and i + 1 < len(ad.layers):
                 seq, _ = seq.with_hidden(h).select(keep)
+                if renumber:
+                    seq = compact_positions(seq)
+                    next_pos = seq.last_positions() + 1
+                    renumbered = True
                 h = seq.hidden
                 mask = self._prefill_mask(seq)
                 rope = ad.rotary(h, seq.positions)
         seq = seq.with_hidden(h)
         logits = ad.lm_head(ad.norm(h[:, -1:]))[:, 0].float()
-        state = DecodeState(cache=cache, layer_valid=layer_valid, next_positions=seq.last_positions() + 1,
+        state = DecodeState(cache=cache, layer_valid=layer_valid,
+                            next_positions=first_next if renumbered else seq.last_positions() + 1,
+                            layer_next_positions=layer_next if renumbered else None,
                             visual_per_layer=visual_fed, final_seq=seq)
         return logits, state, captured
 
@@ -125,9 +146,11 @@ class LayerRunner:
         ad = self.adapter
         h = ad.embed_tokens(tokens[:, None]).to(state.final_seq.hidden.dtype if state.final_seq is not None
                                                  else ad.model.dtype)
-        pos = state.next_positions
-        pos = pos[..., None]  # (B, 1) or (3, B, 1)
-        rope = ad.rotary(h, pos)
+        layer_pos = state.layer_next_positions or [state.next_positions] * len(ad.layers)
+        ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # once per distinct position group
+        for pos in layer_pos:
+            if id(pos) not in ropes:
+                ropes[id(pos)] = ad.rotary(h, pos[..., None])  # (B, 1) or (3, B, 1)
         captured: dict[int, torch.Tensor] = {}
         masks: dict[int, torch.Tensor | None] = {}
         ones = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
@@ -137,13 +160,15 @@ class LayerRunner:
             if key not in new_valid:
                 new_valid[key] = torch.cat([state.layer_valid[i], ones], dim=1)
                 masks[key] = self._decode_mask(new_valid[key], h.dtype)
-            h = layer(h, attention_mask=masks[key], position_embeddings=rope, **{self._cache_kw: state.cache},
-                      use_cache=True)
+            h = layer(h, attention_mask=masks[key], position_embeddings=ropes[id(layer_pos[i])],
+                      **{self._cache_kw: state.cache}, use_cache=True)
             if i in hidden_layers:
                 captured[i] = h[:, -1]
         # share the same tensor object across layers that shared it before (stage grouping)
         state.layer_valid = [new_valid[id(v)] for v in state.layer_valid]
         state.next_positions = state.next_positions + 1
+        if state.layer_next_positions is not None:
+            state.layer_next_positions = _per_group(state.layer_next_positions, lambda p: p + 1)
         extra = head_input(captured) if head_input is not None else None
         if extra is None:
             return ad.lm_head(ad.norm(h))[:, 0].float(), captured, None
@@ -171,8 +196,19 @@ class LayerRunner:
             layer_valid.append(merged_valid[key])
             cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
         positions = torch.cat([a.next_positions, b.next_positions], dim=-1)
+        layer_next = None
+        if a.layer_next_positions is not None or b.layer_next_positions is not None:
+            n = len(layer_valid)
+            pa = a.layer_next_positions or [a.next_positions] * n
+            pb = b.layer_next_positions or [b.next_positions] * n
+            merged_pos: dict[tuple[int, int], torch.Tensor] = {}
+            layer_next = []
+            for x, y in zip(pa, pb):  # layers that shared a position group on both sides share the merged one
+                if (id(x), id(y)) not in merged_pos:
+                    merged_pos[(id(x), id(y))] = torch.cat([x, y], dim=-1)
+                layer_next.append(merged_pos[(id(x), id(y))])
         return DecodeState(cache=cache, layer_valid=layer_valid, next_positions=positions,
-                           visual_per_layer=[], final_seq=a.final_seq)
+                           layer_next_positions=layer_next, visual_per_layer=[], final_seq=a.final_seq)
 
     def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
         """Keep only the rows in ``index`` (e.g. drop finished requests from the batch).
@@ -196,6 +232,17 @@ class LayerRunner:
             layer_valid.append(kept)
         state.layer_valid = layer_valid
         state.next_positions = state.next_positions[..., index]
+        if state.layer_next_positions is not None:
+            state.layer_next_positions = _per_group(state.layer_next_positions, lambda p: p[..., index])
+
+
+def _per_group(tensors: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``fn`` applied once per distinct tensor object; layers that shared one share the result."""
+    done: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+    return [done[id(t)] for t in tensors]
 
 
 def _leading_unused(valid: torch.Tensor) -> int:

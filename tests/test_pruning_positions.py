@@ -1,0 +1,269 @@
+"""AdaptInfer's position modes: ``preserve`` (default, original RoPE positions) and ``renumber`` (the official
+LLaVA code: contiguous positions after each cut, every layer decodes at its own cache length).
+
+renumber == transformers run on the physically shortened sequence after each cut; cached decode == uncached
+recompute; batched == one by one; a request joining a running batch gets what it gets alone; Qwen2-VL (M-RoPE)
+refuses it. The default stays bit-identical to ``preserve``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+
+import pytest
+import torch
+
+from pruning_support import FrozenReplay, append_tokens, requests, with_pruner
+from vlmguard.engine import Engine, Request
+from vlmguard.errors import InvalidInput
+from vlmguard.models.base import Prompt
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine, tiny_llava, tiny_llava_next
+
+STAGES = {"layers": [1, 2], "keeps": [8, 3]}  # two cuts in the 4-layer tiny models: three position groups
+
+
+def spec_for(mode: str | None, max_new_tokens: int = 4, **params) -> GenerationSpec:
+    p = {**STAGES, **params, **({"position_mode": mode} if mode else {})}
+    return GenerationSpec(pruning="adaptinfer", budget=3, max_new_tokens=max_new_tokens, pruning_params=p)
+
+
+@lru_cache(maxsize=2)
+def sharp_engine(family: str) -> Engine:
+    """A tiny model whose attention depends more on positions (q, k scaled by 3), so position mistakes show in
+    the generated tokens, not only in the logits."""
+    model, proc = {"llava": tiny_llava, "llava_next": tiny_llava_next}[family]()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    return Engine(model, proc, name=f"sharp-{family}")
+
+
+def prefill(engine: Engine, reqs, spec: GenerationSpec):
+    """Prefill logits (rows, V), the decode state and each request's pruning report."""
+    batch = engine.start_batch(reqs, spec)
+    try:
+        return batch.logits.clone(), batch.state, [lv.pruning for lv in batch.lives]
+    finally:
+        batch.close()
+
+
+def check_positions_are_cache_lengths(state) -> None:
+    """renumber: each layer's next position of a row is the number of keys that layer holds for the row."""
+    assert state.layer_next_positions is not None
+    for valid, pos in zip(state.layer_valid, state.layer_next_positions):
+        assert pos.tolist() == valid.sum(dim=1).tolist()
+    assert state.next_positions.tolist() == state.layer_next_positions[0].tolist()
+
+
+# ---- (1) preserve is the default, bit for bit ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_preserve_is_the_default_bit_for_bit(family):
+    eng = tiny_engine(family)
+    base_logits, base_state, _ = prefill(eng, requests(), spec_for(None))
+    logits, state, _ = prefill(eng, requests(), spec_for("preserve"))
+    assert torch.equal(logits, base_logits)
+    assert state.layer_next_positions is None and base_state.layer_next_positions is None
+    base = eng.generate(requests(), spec_for(None))
+    out = eng.generate(requests(), spec_for("preserve"))
+    assert [r.token_ids for r in out] == [r.token_ids for r in base]
+    assert [[s.main_prob for s in r.steps] for r in out] == [[s.main_prob for s in r.steps] for r in base]
+
+
+def test_renumber_without_a_cut_is_exactly_unpruned():
+    eng = tiny_engine("llava")
+    req = requests()[1]
+    base = eng.generate([req], GenerationSpec(max_new_tokens=4))[0]
+    spec = GenerationSpec(pruning="adaptinfer", budget=base.visual_tokens, max_new_tokens=4,
+                          pruning_params={"position_mode": "renumber"})
+    res = eng.generate([req], spec)[0]
+    assert res.token_ids == base.token_ids
+    assert [s.main_prob for s in res.steps] == [s.main_prob for s in base.steps]
+
+
+# ---- (2) renumber at prefill == transformers on the physically shortened input --------------------------------
+@contextmanager
+def only_layers(lm, start: int, stop: int | None, final: bool):
+    """Make the transformers language model run only its layers [start:stop] (no final norm unless ``final``)."""
+    layers, norm = lm.layers, lm.norm
+    lm.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final:
+        lm.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        lm.layers, lm.norm = layers, norm
+
+
+def shortened_reference(engine: Engine, req: Request, kept: dict[int, list[int]]) -> torch.Tensor:
+    """Last-position logits (V,) of transformers' own model: layers up to the first cut on the full input (the
+    model's own vision path), then after each cut the survivors as a *new, shorter input* (positions 0..n-1,
+    transformers' default), run through the following layers."""
+    model = engine.model
+    lm = model.model.language_model
+    batch = engine.adapter.encode([Prompt(req.prompt, list(req.images))])
+    cuts = sorted(kept)
+    with torch.no_grad(), only_layers(lm, 0, cuts[0] + 1, final=False):
+        h = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                        **batch.vision_inputs).last_hidden_state
+    visual = torch.where(batch.image_token_mask[0], batch.image_token_mask[0].long().cumsum(0) - 1, -1)
+    for j, layer in enumerate(cuts):
+        keep = (visual < 0) | torch.isin(visual, torch.tensor(kept[layer]))
+        h, visual = h[:, keep], visual[keep]
+        stop = cuts[j + 1] + 1 if j + 1 < len(cuts) else None
+        with torch.no_grad(), only_layers(lm, layer + 1, stop, final=stop is None):
+            h = lm(inputs_embeds=h, use_cache=False).last_hidden_state
+    with torch.no_grad():
+        return model.lm_head(h[:, -1])[0].float()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("stages", [{"layers": [2], "keeps": [5]}, STAGES], ids=["one-stage", "two-stages"])
+def test_renumber_equals_transformers_on_the_shortened_input(family, stages):
+    eng = sharp_engine(family)
+    req = requests()[0]
+    logits, state, (report,) = prefill(eng, [req], spec_for("renumber", **stages))
+    kept = {int(k): v[0] for k, v in report["adaptinfer_kept"].items()}
+    assert sorted(kept) == stages["layers"]
+    ref = shortened_reference(eng, req, kept)
+    assert (logits[0] - ref).abs().max().item() < 1e-5
+    check_positions_are_cache_lengths(state)
+    # preserve keeps the gaps: a different computation (so the comparison above means something)
+    preserved, _, (report_p,) = prefill(eng, [req], spec_for("preserve", **stages))
+    first = min(kept)  # the first cut decides on equal inputs (later ones need not: their inputs differ)
+    assert report_p["adaptinfer_kept"][first] == report["adaptinfer_kept"][first]
+    assert (preserved[0] - ref).abs().max().item() > 1e-3
+
+
+# ---- (3) cached decode == uncached recompute ---------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_renumber_cached_decode_equals_uncached_recompute(family, monkeypatch):
+    """Each decode step feeds layer group g position n_g + t; an uncached prefill of prompt + generated tokens
+    with the same (frozen) cuts numbers them the same way, so logits agree at every step."""
+    eng = sharp_engine(family)
+    req, steps = requests()[0], 3
+    spec = spec_for("renumber", max_new_tokens=steps + 2)
+    pruner, _ = spec.resolve()
+    cached = []
+    with monkeypatch.context() as m:
+        with_pruner(m, pruner)
+        batch = eng.start_batch([req], spec)
+        try:
+            stages = batch.lives[0].pruning["adaptinfer_kept"]
+            for _ in range(steps + 1):
+                cached.append(batch.logits[0].clone())
+                check_positions_are_cache_lengths(batch.state)
+                list(batch.advance())
+            tokens = batch.lives[0].gen
+        finally:
+            batch.close()
+    for t in range(1, steps + 1):
+        with monkeypatch.context() as m:
+            with_pruner(m, FrozenReplay(pruner, stages))
+            append_tokens(eng, m, tokens[:t])
+            uncached, _, _ = prefill(eng, [req], spec)
+        assert (uncached[0] - cached[t]).abs().max().item() < 1e-4
+    # the decode positions matter: preserve's cached logits are elsewhere
+    preserved = eng.start_batch([req], spec_for("preserve", max_new_tokens=steps + 2))
+    try:
+        list(preserved.advance())
+        assert (preserved.logits[0] - cached[1]).abs().max().item() > 1e-3
+    finally:
+        preserved.close()
+
+
+# ---- (4) batched == one by one ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_renumber_batched_equals_one_by_one(family):
+    eng = sharp_engine(family)
+    reqs = requests()  # different prompt (and, for LLaVA-NeXT, image) lengths: left padding
+    spec = spec_for("renumber", max_new_tokens=5)
+    logits, state, _ = prefill(eng, reqs, spec)
+    check_positions_are_cache_lengths(state)
+    batched = eng.generate(reqs, spec)
+    for r, (req, b) in enumerate(zip(reqs, batched)):
+        one_logits, _, _ = prefill(eng, [req], spec)
+        assert (logits[r] - one_logits[0]).abs().max().item() < 1e-5
+        s = eng.generate([req], spec)[0]
+        assert b.token_ids == s.token_ids and b.kept_indices == s.kept_indices
+        assert [x.main_prob for x in b.steps] == pytest.approx([x.main_prob for x in s.steps], abs=1e-5)
+    assert [r.token_ids for r in batched] != [r.token_ids for r in eng.generate(reqs, spec_for("preserve", 5))]
+
+
+# ---- (5) in-flight batching ---------------------------------------------------------------------------------
+def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int):
+    """Prefill ``first``, decode ``join_after`` steps, merge ``later`` in, decode to the end (the first requests
+    leave before the joiners: their rows are reordered away)."""
+    results = {}
+    batch = engine.start_batch(first, spec)
+    try:
+        for _ in range(join_after):
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
+        batch.absorb(other)
+        while batch.active:
+            if batch.state.layer_next_positions is not None:
+                check_positions_are_cache_lengths(batch.state)
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+    finally:
+        batch.close()
+    return [results[i] for i in range(len(first) + len(later))]
+
+
+IMAGE_REQS = [Request(p, [random_image(i + 5, s)], request_id=f"r{i}") for i, (p, s) in
+              enumerate([("count the cats", (48, 48)), ("hi", (36, 52))])]
+TEXT_REQ = Request("what color is the car", request_id="text")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("first,later", [
+    (requests(), IMAGE_REQS + [TEXT_REQ]),  # pruned rows join pruned rows (and an uncut text-only row)
+    (requests()[:2], [TEXT_REQ]),  # an uncut batch (one numbering) joins per-layer numberings
+    ([TEXT_REQ], IMAGE_REQS),  # per-layer numberings join an uncut batch
+], ids=["pruned+mixed", "pruned+text", "text+pruned"])
+def test_renumber_joined_requests_get_what_they_get_alone(family, first, later):
+    eng = sharp_engine(family)
+    spec = spec_for("renumber", max_new_tokens=6)
+    joined = run_joined(eng, spec, first, later, join_after=2)
+    alone = [eng.generate([r], spec)[0] for r in first + later]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
+    for j, a in zip(joined, alone):
+        assert [x.main_prob for x in j.steps] == pytest.approx([x.main_prob for x in a.steps], abs=1e-5)
+
+
+def test_merged_state_shares_one_position_tensor_per_group():
+    """Layers of one stage group share one position tensor (rope once per group per step), also after a merge of
+    states whose groupings differ and after rows leave."""
+    eng = tiny_engine("llava")
+    spec = spec_for("renumber", max_new_tokens=6)
+    batch = eng.start_batch(requests()[:2], spec)
+    try:
+        assert len({id(p) for p in batch.state.layer_next_positions}) == 3  # layers 0-1 | 2 | 3
+        batch.absorb(eng.start_batch([TEXT_REQ], spec, indices=[2]))  # one numbering for all its layers
+        assert len({id(p) for p in batch.state.layer_next_positions}) == 3
+        list(batch.advance())
+        check_positions_are_cache_lengths(batch.state)
+        batch.drop({0})
+        assert len({id(p) for p in batch.state.layer_next_positions}) == 3
+        check_positions_are_cache_lengths(batch.state)
+    finally:
+        batch.close()
+
+
+# ---- (6) validation -----------------------------------------------------------------------------------------
+def test_qwen2_vl_refuses_renumber():
+    eng = tiny_engine("qwen2_vl")
+    with pytest.raises(InvalidInput, match="position_mode='renumber' needs 1-D RoPE positions.*qwen2_vl"):
+        eng.generate(requests()[:1], spec_for("renumber"))
+    eng.generate(requests()[:1], spec_for("preserve", max_new_tokens=1))  # the default runs
+
+
+def test_unknown_position_mode_is_refused():
+    with pytest.raises(InvalidInput, match="position_mode"):
+        spec_for("compact").resolve()
