@@ -197,3 +197,75 @@ def test_model_card_reproduce_lines_chain_the_runs_outputs():
     assert "--init runs/run1`" in card and "--init runs/run2`" in card
     assert "--init runs/run3/checkpoints/step-500`" in card and "tiny-c" not in card and "tiny-b0" not in card
     assert "synth build --seed 0 --out runs/synth0" in card
+
+
+def test_quick_and_presence_pope_without_questions():
+    """A test split too small for any POPE question (no image with 3 objects): nothing measured, no crash."""
+    from vlmguard.synth.train import presence_pope, quick_pope
+
+    class Split:
+        image_ids: list = []
+        file_names: list = []
+
+        def normalized(self, idx):
+            return torch.zeros((len(idx), 3, 96, 96))
+
+    vision = torch.nn.Module()
+    vision.forward = lambda x: None
+    assert presence_pope(vision, torch.nn.Linear(4, 28), Split(), []) == {"acc": None, "yes_ratio": None}
+    assert quick_pope(torch.nn.Linear(1, 1), None, Split(), []) == {"acc": None, "yes_ratio": None}
+
+
+def _cli_data(tmp_path: Path, test: bool = True) -> Path:
+    """Enough of a SynthCOCO directory for `synth train`'s checks (nothing is loaded)."""
+    data = tmp_path / "data"
+    for sub in ("text", "annotations", "pope"):
+        (data / sub).mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    (data / "text" / "train.jsonl").write_text("")
+    if test:
+        (data / "annotations" / "instances_test.json").write_text("{}")
+        for s in ("random", "popular", "adversarial"):
+            (data / "pope" / f"synthcoco_pope_{s}.json").write_text("")
+    return data
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-train-images", "-3"], "--max-train-images must be >= 0, got -3"),
+    (["--val-questions", "-1"], "--val-questions must be >= 0, got -1"),
+    (["--val-every", "-5"], "--val-every must be >= 0, got -5"),
+    (["--val-stop", "5"], "--val-stop must be an accuracy in [0, 1]"),
+    (["--val-stop", "nan"], "--val-stop must be an accuracy in [0, 1]"),
+    (["--steps", "0,0,0"], "--steps 0,0,0: every stage is skipped, nothing to train"),
+    (["--log", "DIR"], "--log DIR: is a directory"),
+    (["--no-test"], "has no test split"),
+])
+def test_synth_train_bad_options_one_line_before_work(capsys, monkeypatch, tmp_path: Path, extra, needle):
+    import vlmguard.synth.train as train_mod
+    from vlmguard.cli import main
+
+    def forbidden(*a, **k):
+        raise AssertionError("training started before the bad input was reported")
+
+    monkeypatch.setattr(train_mod, "Trainer", forbidden)
+    data = _cli_data(tmp_path, test="--no-test" not in extra)
+    extra = [str(tmp_path) if x == "DIR" else x for x in extra if x != "--no-test"]
+    needle = needle.replace("DIR", str(tmp_path))
+    rc = main(["synth", "train", "--data", str(data), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_empty_paths_and_missing_eval_data(capsys, monkeypatch, tmp_path: Path):
+    import vlmguard.synth.evaluate as eval_mod
+    from vlmguard.cli import main
+
+    monkeypatch.setattr(eval_mod, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    rc = main(["synth", "eval", "--data", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data {tmp_path / 'nope'}: not found" in err and "--dataset" not in err
+    for argv in (["synth", "build", "--out", "", "--test", "1"], ["synth", "train", "--data", "", "--out", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "empty path" in capsys.readouterr().err

@@ -223,3 +223,31 @@ def test_object_count_weights_cover_min_to_max_objects(tmp_path: Path):
     rng = random.Random(0)
     assert {len(sample_scene(rng, params).objects) >= 2 for _ in range(20)} == {True}
     assert build_dataset(tmp_path / "w", seed=0, train=0, val=0, test=2, params=params).exists()
+
+
+def test_rebuild_into_existing_directory_leaves_nothing_stale(tmp_path: Path):
+    """A rebuild with another seed and fewer / no images of a split equals a fresh build (no old split, image or
+    POPE file left behind for `synth train` / `bench` to pick up); files that are not SynthCOCO's are kept."""
+    d = build_dataset(tmp_path / "d", seed=0, train=3, val=2, test=6)
+    (d / "notes.txt").write_text("mine\n")
+    build_dataset(d, seed=1, train=0, val=0, test=4)
+    fresh = build_dataset(tmp_path / "fresh", seed=1, train=0, val=0, test=4)
+    got = _digest(d)
+    assert got.pop("notes.txt") and got == _digest(fresh)
+    assert sorted(p.name for p in (d / "images").iterdir()) == ["test"]
+
+
+def test_interrupted_rebuild_is_not_presented_as_complete(tmp_path: Path, monkeypatch):
+    import vlmguard.synth.build as build_mod
+
+    d = build_dataset(tmp_path / "d", seed=0, train=0, val=0, test=4)
+    real = build_mod.build_split
+
+    def interrupted(out, split, *args, **kwargs):
+        real(out, split, 2, *args[1:], **kwargs)  # part of the split written, then ^C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "build_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(d, seed=5, train=0, val=0, test=4)
+    assert not (d / "manifest.json").exists()  # no manifest: `synth train` / `bench` refuse the directory

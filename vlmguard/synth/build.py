@@ -113,11 +113,14 @@ def build_split(out: Path, split: str, n: int, seed: int, params: WorldParams) -
 def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_COUNTS["train"],
                   val: int = DEFAULT_COUNTS["val"], test: int = DEFAULT_COUNTS["test"],
                   params: WorldParams | None = None, progress: bool = False) -> Path:
-    """Build SynthCOCO into ``out`` (created; existing files of the same names are overwritten)."""
+    """Build SynthCOCO into ``out`` (created when missing). A previous build there is replaced: its SynthCOCO
+    files are removed first (other files are left alone), and ``manifest.json`` is written last, so only a
+    complete build has one."""
     params = params or WorldParams()
     params.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_build(out)
     counts = {"train": train, "val": val, "test": test}
     for split in SPLITS:
         if counts[split] <= 0:
@@ -141,8 +144,35 @@ def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_CO
                             f"are unoccluded; nearly invisible objects are still mentioned in text/*.jsonl"),
         "pope": "test split only; POPE utils.py protocol, 3 positives + 3 negatives per image with >= 3 objects",
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # written last and atomically: a directory with a manifest is a complete build
+    tmp_manifest = out / ".manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, out / "manifest.json")
     return out
+
+
+def _clear_previous_build(out: Path) -> None:
+    """Remove what an earlier build (complete or interrupted) wrote into ``out``, the manifest first, so a
+    rebuild with other counts or another seed leaves no stale split, image or POPE file behind, and an
+    interrupted rebuild is not taken for a complete one. Only the files of the layout above are touched."""
+    for name in ("manifest.json", ".manifest.json.tmp"):
+        (out / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        img_dir = out / "images" / split
+        if img_dir.is_dir():
+            for f in img_dir.glob(f"synthcoco_{split}_*.png"):
+                f.unlink()
+        for f in (out / "annotations" / f"instances_{split}.json", out / "annotations" / f"captions_{split}.json",
+                  out / "text" / f"{split}.jsonl"):
+            f.unlink(missing_ok=True)
+    for split in ("random", "popular", "adversarial"):
+        (out / "pope" / f"synthcoco_pope_{split}.json").unlink(missing_ok=True)
+    # folders left empty go too (a fresh build creates only those of the splits it writes)
+    for d in [*(out / "images" / s for s in SPLITS), *(out / n for n in ("images", "annotations", "text", "pope"))]:
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # missing, or holds other files
 
 
 def cache_dir() -> Path:

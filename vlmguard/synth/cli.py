@@ -9,6 +9,13 @@ from pathlib import Path
 from vlmguard.errors import InvalidInput
 
 
+def _path(text: str) -> Path:
+    """argparse type of a path option: an empty value is refused (``Path("")`` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("synth", help="SynthCOCO world and the tiny model trained on it")
     sub = p.add_subparsers(dest="synth_command", metavar="SUBCOMMAND")
@@ -16,7 +23,7 @@ def register(subparsers) -> None:
 
     b = sub.add_parser("build", help="render a deterministic SynthCOCO dataset")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--out", required=True, type=_path)
     b.add_argument("--train", type=int, default=0, help="number of training images")
     b.add_argument("--val", type=int, default=0, help="number of validation images")
     b.add_argument("--test", type=int, default=500, help="number of test images (POPE files use this split)")
@@ -26,8 +33,8 @@ def register(subparsers) -> None:
     b.set_defaults(func=_build)
 
     t = sub.add_parser("train", help="train the tiny LLaVA on a SynthCOCO directory (staged recipe)")
-    t.add_argument("--data", required=True, type=Path)
-    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--data", required=True, type=_path)
+    t.add_argument("--out", required=True, type=_path)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", default=None,
                    help="steps per stage as VISION,ALIGN,INSTRUCT (e.g. 500,150,500); 0 skips a stage")
@@ -57,7 +64,7 @@ def register(subparsers) -> None:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="POPE + simple CHAIR of a model on a SynthCOCO test split (greedy)")
-    e.add_argument("--data", type=Path, default=None, help="SynthCOCO directory (default: cached seed-0 test split)")
+    e.add_argument("--data", type=_path, default=None, help="SynthCOCO directory (default: cached seed-0 test split)")
     e.add_argument("--model", default="tiny")
     e.add_argument("--pope-limit", type=int, default=0, help="questions per POPE file (0 = all)")
     e.add_argument("--chair-images", type=int, default=500, help="CHAIR test images (0 = all)")
@@ -121,7 +128,7 @@ _OVERRIDES = {"position_jitter": "position_jitter", "text_only_share": "text_onl
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vlmguard.files import check_output_dir
+    from vlmguard.files import check_output_dir, check_output_file
     from vlmguard.synth.train import TrainConfig, Trainer
 
     if not (args.data / "manifest.json").exists():
@@ -136,11 +143,26 @@ def _train(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not v > 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be a learning rate > 0, got {v}")
+    for flag, v in (("--max-train-images", args.max_train_images), ("--val-every", args.val_every),
+                    ("--val-questions", args.val_questions)):
+        if v < 0:
+            raise InvalidInput(f"{flag} must be >= 0, got {v}")
+    if not 0.0 <= args.val_stop <= 1.0:
+        raise InvalidInput(f"--val-stop must be an accuracy in [0, 1] (0 = never stop), got {args.val_stop}")
+    steps = _parse_steps(args.steps)
+    if steps is not None and not any(steps):
+        raise InvalidInput(f"--steps {args.steps}: every stage is skipped, nothing to train")
     if args.init is not None and not (args.init / "tokenizer.json").is_file():
         raise InvalidInput(f"--init {args.init}: not a saved tiny model (no tokenizer.json)")
     check_output_dir(args.out, "--out")
+    if args.log is not None:
+        check_output_file(args.log, "--log")
+    test = args.data / "annotations" / "instances_test.json"
+    pope = [args.data / "pope" / f"synthcoco_pope_{s}.json" for s in ("random", "adversarial")]
+    if not test.is_file() or not all(p.is_file() for p in pope):
+        raise InvalidInput(f"{args.data} has no test split (its POPE files measure every stage); "
+                           f"build it with --test N")
     cfg = TrainConfig(seed=args.seed)
-    steps = _parse_steps(args.steps)
     if steps:
         cfg.vision_steps, cfg.align_steps, cfg.instruct_steps = steps
     cfg.val_every, cfg.val_stop_acc = args.val_every, args.val_stop
@@ -188,6 +210,9 @@ def _eval(args: argparse.Namespace) -> int:
                          ("--batch", args.batch, 1)):
         if v < low:
             raise InvalidInput(f"{flag} must be >= {low}{' (0 = all)' if low == 0 else ''}, got {v}")
+    if args.data is not None and not args.data.is_dir() and str(args.data) not in ("synthcoco", "coco"):
+        raise InvalidInput(f"--data {args.data}: {'not a directory' if args.data.exists() else 'not found'} "
+                           f"(expected a SynthCOCO directory written by `vlmguard synth build`)")
     if args.save:
         check_output_file(args.save, "--save")
     if args.db:

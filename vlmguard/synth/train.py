@@ -210,6 +210,8 @@ def load_pope(root: Path, split: str) -> list[dict]:
 @torch.no_grad()
 def quick_pope(model, enc: Encoder, test: SplitData, questions: list[dict], batch: int = 48) -> dict:
     """Accuracy / yes-ratio with the greedy first answer token (the answer is "no" iff it is ``No``)."""
+    if not questions:  # a split with no image of >= 3 objects has no POPE questions: nothing measured
+        return {"acc": None, "yes_ratio": None}
     model.eval()
     no_id = enc.tok.token_to_id("No")
     by_file = {fn: i for i, fn in enumerate(test.file_names)}
@@ -235,6 +237,8 @@ def quick_pope(model, enc: Encoder, test: SplitData, questions: list[dict], batc
 @torch.no_grad()
 def presence_pope(vision, presence_head, test: SplitData, questions: list[dict]) -> dict:
     """Stage-1 probe: answer POPE questions with the CLS presence head (logit > 0 means yes)."""
+    if not questions:
+        return {"acc": None, "yes_ratio": None}
     vision.eval()
     logits = []
     for b in range(0, len(test.image_ids), 128):
@@ -516,7 +520,7 @@ class Trainer:
                                                   "pope_val": val}
                 self.save()
                 self.save(self.out / "checkpoints" / f"step-{step + 1}")  # keep each, to pick on val later
-                if self.cfg.val_stop_acc and val["random"]["acc"] >= self.cfg.val_stop_acc:
+                if self.cfg.val_stop_acc and (val["random"]["acc"] or 0.0) >= self.cfg.val_stop_acc:
                     self.log(f"{name}: val POPE-random {val['random']['acc']:.3f} >= {self.cfg.val_stop_acc}, stopping")
                     self.report.setdefault("early_stop", {})[name] = step + 1
                     break
