@@ -159,6 +159,8 @@ def test_cli_compares_real_runs_of_the_bundled_model(tmp_path: Path, capsys):
     assert "| chair | test chair64 | m3id[gate=False] | chair_i |" in capsys.readouterr().out
     assert main(["compare", "--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "results database not found" in capsys.readouterr().err
+    assert main(["compare", "--db", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a directory, not a results database" in capsys.readouterr().err
     assert main(["compare", "--db", str(db), "--benchmark", "pope"]) == 2
     assert "no finished pope runs" in capsys.readouterr().err
 

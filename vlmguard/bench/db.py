@@ -99,7 +99,7 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
     ``create=False`` (readers): the file must exist; one this process cannot write is opened read-only."""
     p = Path(path)
     if not create and not p.is_file():
-        raise InvalidInput(f"{p}: results database not found")
+        raise InvalidInput(f"{p}: {'is a directory, not a results database' if p.is_dir() else 'results database not found'}")
     if p.is_dir():
         raise InvalidInput(f"{p}: is a directory, expected an SQLite file")
     try:
