@@ -396,9 +396,9 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlmguard.bench.compare import compare_runs, format_comparisons
+    from vlmguard.bench.db import require_db_file
 
-    if not Path(args.db).is_file():
-        raise InvalidInput(f"{args.db}: results database not found")
+    require_db_file(args.db)
     rows = compare_runs(args.db, args.baseline, benchmark=args.benchmark, n_boot=args.boot,
                         confidence=args.confidence, seed=args.seed)
     if args.json:
@@ -410,11 +410,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from vlmguard.bench.db import require_db_file
     from vlmguard.bench.report import build_report, is_partial
     from vlmguard.files import check_output_dir
 
-    if not Path(args.db).is_file():
-        raise InvalidInput(f"{args.db}: results database not found")
+    require_db_file(args.db)
     check_output_dir(args.out, "--out")
     rep = build_report(args.db, args.out)
     if args.json:

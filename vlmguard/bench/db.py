@@ -93,13 +93,20 @@ def now() -> str:
 BUSY_TIMEOUT_S = 60.0
 
 
+def require_db_file(path: str | Path) -> None:
+    """A reader's database must exist as a file (one line saying what is there instead)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInput(f"{p}: {'is a directory, not a results database' if p.is_dir() else 'results database not found'}")
+
+
 def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Connection:
     """Open (and create) the database: WAL journal, 60 s busy timeout, rows as ``sqlite3.Row``.
 
     ``create=False`` (readers): the file must exist; one this process cannot write is opened read-only."""
     p = Path(path)
-    if not create and not p.is_file():
-        raise InvalidInput(f"{p}: {'is a directory, not a results database' if p.is_dir() else 'results database not found'}")
+    if not create:
+        require_db_file(p)
     if p.is_dir():
         raise InvalidInput(f"{p}: is a directory, expected an SQLite file")
     try:
