@@ -143,6 +143,17 @@ class Decoder:
     def setup(self, ctx: DecodeContext) -> None:
         """Before prefill: pre-passes, hooks."""
 
+    @property
+    def prefill_hidden_layers(self) -> tuple[int, ...]:
+        """Layers whose last-position residual the main prefill records for ``after_prefill`` (default:
+        ``hidden_layers``, what the first ``combine`` needs)."""
+        return self.hidden_layers
+
+    def after_prefill(self, ctx: DecodeContext, hidden: dict[int, torch.Tensor]) -> None:
+        """After the main prefill, before the first token is chosen: ``hidden`` maps each of
+        ``prefill_hidden_layers`` to the main rows' residual at the last prompt position (B, D). E.g. VISTA's
+        ``vsv_decode_only`` takes its P+ states from here and installs its hooks only now."""
+
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         """Extra branches for request ``index`` (every request must get the same branch names)."""
         return []

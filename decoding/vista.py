@@ -10,6 +10,10 @@
   the window layers [L-1-w, L-2]; the final logits become
       z = (1 - alpha) * W N(h_last) + alpha * W mean_l h_l      (no final norm on the window, as the code)
   computed as (1 - alpha) * logits + alpha * lm_head(mean h_l), exact since lm_head is linear.
+``vsv_decode_only`` (vista.md section 6, not the reference): the prompt is not steered, so the request's own
+prefill is P+ (its states after every layer, recorded by the engine, ``after_prefill``) and only P- runs as a
+pre-pass; the hooks go in after the prefill and steer the generated tokens. One full prefill fewer per
+request; with a pruner, P+ is the pruned prefill (the reference's P+ is unpruned).
 No extra branches: VISTA lives inside the forward pass, so any pruner and the sampler compose with it.
 In-flight batching: the hooks steer only the rows the engine declares as this context's in the running
 forward (``owned_rows``), each with its own request's vector, so joined groups share one forward and a
@@ -38,6 +42,8 @@ class VISTAParams(BaseModel):
     vsv_layers: tuple[int, int] | None = Field(None, description="steer layers[start:end] (None: all)")
     simple_mode: bool = Field(False, description="fixed gain 1 instead of the adaptive gain")
     reference_pca_quirk: bool = Field(True, description="add 1.0 to v_0[0] as the reference code does")
+    vsv_decode_only: bool = Field(False, description="not reference behaviour: steer generated tokens only; the "
+                                  "request's own (unsteered) prefill serves as P+, one prefill fewer")
 
     @model_validator(mode="after")
     def _check_layers(self) -> "VISTAParams":
@@ -88,6 +94,13 @@ class VISTA(Decoder):
         self.hidden_layers = ()
         self._handles: list[Any] = []
         self._rows_cache: tuple | None = None  # (OwnedRows, device, its rows' vectors, rows steered)
+        self._neg: dict[int, torch.Tensor] | None = None  # vsv_decode_only: P- states until the prefill's P+
+
+    @property
+    def prefill_hidden_layers(self) -> tuple[int, ...]:
+        if self._neg is None:
+            return self.hidden_layers
+        return tuple(range(self.ctx.adapter.num_layers))  # P+ comes from the main prefill
 
     # ---- setup: steering vectors + hooks -------------------------------------------------------
     def setup(self, ctx: DecodeContext) -> None:
@@ -109,17 +122,33 @@ class VISTA(Decoder):
         if p.vsv_lambda <= 0 or not any(self.has_image):
             return
         with_img = [i for i in range(n) if self.has_image[i]]
-        pos = [ctx.prompts[i] for i in with_img]
+        pos = [] if p.vsv_decode_only else [ctx.prompts[i] for i in with_img]
         neg = [image_free_prompt(ad, ctx.prompts[i]) for i in with_img]
-        probe = ctx.probe_forward(pos + neg, hidden_layers=tuple(range(n_layers)))
-        hid = probe["hidden"]
-        k = len(with_img)
-        d = hid[0].shape[-1]
-        dev = hid[0].device
+        hid = ctx.probe_forward(pos + neg, hidden_layers=tuple(range(n_layers)))["hidden"]
+        k = len(pos)
+        if p.vsv_decode_only:  # P+ is the main prefill: vectors and hooks after it (after_prefill)
+            self._neg = hid
+            return
+        self._steer_with({layer: hid[layer][:k] for layer in range(n_layers)},
+                         {layer: hid[layer][k:] for layer in range(n_layers)})
+
+    def after_prefill(self, ctx: DecodeContext, hidden: dict[int, torch.Tensor]) -> None:
+        if self._neg is None:
+            return
+        with_img = [i for i in range(len(ctx.prompts)) if self.has_image[i]]
+        neg, self._neg = self._neg, None
+        self._steer_with({layer: h[with_img] for layer, h in hidden.items()}, neg)
+
+    def _steer_with(self, pos: dict[int, torch.Tensor], neg: dict[int, torch.Tensor]) -> None:
+        """v_l = h_l(P+) - h_l(P-) for the requests with an image (rows of ``pos`` / ``neg``), then the hooks."""
+        ctx, p, ad = self.ctx, self.params, self.ctx.adapter
+        n, n_layers = len(ctx.prompts), ad.num_layers
+        with_img = [i for i in range(n) if self.has_image[i]]
+        d = pos[0].shape[-1]
+        dev = pos[0].device
         v = torch.zeros(n, n_layers, d, dtype=torch.float32, device=dev)
         for layer in range(n_layers):
-            h = hid[layer].float()
-            v[with_img, layer] = h[:k] - h[k:]
+            v[with_img, layer] = pos[layer].float() - neg[layer].float()
         if p.reference_pca_quirk:
             v[with_img, 0, 0] += 1.0
         norms = v.norm(dim=-1, keepdim=True)
@@ -164,6 +193,7 @@ class VISTA(Decoder):
             h.remove()
         self._handles = []
         self._rows_cache = None
+        self._neg = None
 
     # ---- per step: SLA --------------------------------------------------------------------------
     def head_input(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor | None:

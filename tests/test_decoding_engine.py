@@ -302,6 +302,38 @@ def test_vista_sla_only_when_steering_off():
     assert ids(sla) != ids(both) and sla[0].decoding["applied"] == [False] * 3
 
 
+def test_vista_decode_only_takes_p_plus_from_the_prefill_and_steers_generated_tokens():
+    """vsv_decode_only (vista.md 6, not the reference): one pre-pass row per request (P-) instead of two; the
+    steering vectors equal the reference mode's (the unsteered prefill is P+); the first token comes from the
+    unsteered prefill, the later ones are steered; hooks are removed; batched equals one by one."""
+    eng = tiny_engine("llava")
+    r = reqs()
+    ref_params = {"vsv_lambda": 0.5, "sla_alpha": 0.0}
+    only = {**ref_params, "vsv_decode_only": True}
+    rows = []
+    probe = eng.probe_forward
+
+    def counting(prompts, *a, **k):
+        rows.append(len(prompts))
+        return probe(prompts, *a, **k)
+
+    eng.probe_forward = counting
+    try:
+        ref = run(eng, r, "vista", ref_params, n=8)
+        dec = run(eng, r, "vista", only, n=8)
+    finally:
+        del eng.probe_forward  # the shared engine's own method again
+    assert rows == [6, 3]  # P+ and P- per request, then P- only
+    for a, b in zip(ref, dec):
+        for na, nb in zip(a.decoding["vsv_norms"], b.decoding["vsv_norms"]):
+            assert nb == pytest.approx(na, abs=1e-3)
+    greedy = run(eng, r, "greedy", n=8)
+    assert [x.token_ids[0] for x in dec] == [x.token_ids[0] for x in greedy]  # the prompt is not steered
+    assert ids(dec) != ids(greedy) and ids(dec) != ids(ref)
+    assert all(not layer.mlp._forward_hooks for layer in eng.adapter.layers)
+    assert ids(dec) == [run(eng, [x], "vista", only, n=8)[0].token_ids for x in r]
+
+
 def test_vista_window_logits_come_from_the_steps_own_lm_head_call(monkeypatch):
     """SLA's window runs through the lm_head with the main rows (one read of its weights): every decode step
     after the first hands combine the window's logits, and they equal the separate call's (up to the GEMM's

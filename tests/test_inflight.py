@@ -138,14 +138,15 @@ def test_joined_branch_rows_stay_with_their_requests(family, monkeypatch):
     assert [r.token_ids for r in alone] != [r.token_ids for r in plain]
 
 
-@pytest.mark.parametrize("decoding", ["vcd", "m3id", "iava", "vista", "lqcd"])
-def test_contrastive_decoders_join_with_their_own_state_and_step(decoding):
+@pytest.mark.parametrize("decoding, params", [("vcd", {}), ("m3id", {}), ("iava", {}), ("vista", {}), ("lqcd", {}),
+                                              ("vista", {"vsv_decode_only": True})])
+def test_contrastive_decoders_join_with_their_own_state_and_step(decoding, params):
     """Each joined group keeps its decoder instance (per-request state: VISTA's steering vectors, applied by
     hooks to the group's own rows only), its step index (M3ID's weight decays with it) and its branches
     (LQCD: the first group holds a polar question with two leading variants, three rows per request, the
     joiners one variant, two rows); a request with no image decodes plainly beside image requests."""
     eng = tiny_engine("llava")
-    spec = GenerationSpec(max_new_tokens=8, decoding=decoding, diagnostics=True)
+    spec = GenerationSpec(max_new_tokens=8, decoding=decoding, decoding_params=params, diagnostics=True)
     first, later = reqs(0, 3), reqs(3, 5)
     later[1] = Request("no image here", [], request_id="r4")
     joined = run_joined(eng, spec, first, later, join_after=3)

@@ -356,12 +356,14 @@ class Engine:
         with forward_owners(owners):
             logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                    after=after if llm_side else None,
-                                                   hidden_layers=tuple(decoder.hidden_layers),
+                                                   hidden_layers=tuple(decoder.prefill_hidden_layers),
                                                    renumber=llm_side and pruner.position_mode == "renumber")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre
         hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
+        decoder.after_prefill(dctx, hidden)
+        hidden = {k: hidden[k] for k in decoder.hidden_layers}
 
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
         final_visual = state.final_seq.visual
