@@ -12,7 +12,8 @@ Budgets: an int is the number of visual tokens kept per image row, a float in (0
 ``position_mode`` says whether kept tokens keep their original RoPE positions (``original``) or are
 renumbered as if the input were physically shorter: ``compact`` after a vision-side cut, ``renumber`` after
 each LLM-side cut (the layers after it see contiguous positions and decode from their own next position;
-1-D RoPE only).
+1-D RoPE only). The engine asks ``renumbers_llm_cuts(family)`` whether the LLM-side cuts renumber (default:
+``position_mode == "renumber"``; FlowCut's ``compact`` renumbers its stage-L cut on LLaVA-NeXT too).
 """
 from __future__ import annotations
 
@@ -84,6 +85,12 @@ class Pruner:
         raise NotImplementedError
 
     # ---- LLM side ------------------------------------------------------------------------
+    def renumbers_llm_cuts(self, family: str) -> bool:
+        """Whether this pruner's LLM-side cuts renumber the kept tokens contiguously for the following layers
+        (``LayerRunner.prefill(renumber=True)``: each layer group then decodes from its own next position) on a
+        model of ``family``. Default: ``position_mode == "renumber"``; 1-D RoPE families only."""
+        return self.position_mode == "renumber"
+
     def before_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq) -> ScoreRequest | None:
         return None
 

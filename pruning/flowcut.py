@@ -14,11 +14,13 @@ engine's cheap score facility, last prompt token as the query), per row over the
 
 and layer 1's output is cut. Rows with <= K visual tokens are left alone.
 
-Positions (``position_mode = "compact"``): after stage V the K kept tokens sit where ``<image>`` was and
-get contiguous positions, text after them moves down (the reference builds a physically shorter input).
-Stage L keeps the positions layers 0-1 saw (original-position "preserve" rule, as FastV): the reference
-renumbers layers >= 2 contiguously and gives each layer group its own decode position, which a single
-rotary position per decode step cannot express; documented deviation.
+Positions, ``position_mode = "compact"`` (default, the reference: "as if physically shorter"): after stage V
+the kept tokens sit where ``<image>`` was and get contiguous positions, text after them moves down (the
+reference builds a physically shorter input). LLaVA-NeXT's stage-L cut renumbers too (the runner's
+``renumber``): layers >= 2 see the survivors at contiguous positions, and in decoding layers 0-1 (full cache)
+continue from the stage-V numbering while layers >= 2 (pruned cache) continue N_vis - K lower, as the
+reference. Qwen2-VL keeps the M-RoPE positions layers 0-1 saw at stage L (the runner renumbers 1-D positions
+only). ``position_mode = "original"``: every token keeps its unpruned position, at both stages.
 
 Qwen2-VL: stage V inside its native-resolution ViT keeps ``qwen_vit_keep`` x its share of K merged tokens per
 image (one image: the reference's 2K; whole merge blocks, :mod:`vlmguard.pruning.flowcut_qwen_vision`), then
@@ -55,7 +57,9 @@ class FlowCutParams(BaseModel):
     reference_batch_coupling: bool = Field(False, description="share the prune count over the whole batch "
                                                               "(the reference's max-over-batch)")
     position_mode: Literal["compact", "original"] = Field(
-        "compact", description="positions of the tokens kept by stage V: contiguous (reference) or original")
+        "compact", description="positions of the kept tokens: contiguous after each cut, as if the input were "
+                               "physically shorter (reference; LLaVA-NeXT's stage L too, not Qwen2-VL's M-RoPE), "
+                               "or their original ones")
     qwen_vit_keep: float = Field(2.0, ge=0.0, description="Qwen2-VL: merged tokens the ViT keeps per image, as a "
                                                            "multiple (>= 1) of its share of K (0: no ViT stage)")
     qwen_vit_unit: Literal["block", "patch"] = Field(
@@ -114,6 +118,11 @@ class FlowCutPruner(Pruner):
     def __init__(self, params: FlowCutParams, budget):
         super().__init__(params, budget)
         self.position_mode = params.position_mode
+
+    def renumbers_llm_cuts(self, family: str) -> bool:
+        """``compact``: stage L renumbers the survivors for layers > ``llm_layer`` (the reference) on the 1-D
+        RoPE families (LLaVA-1.5 has no stage L); Qwen2-VL's M-RoPE keeps its positions."""
+        return self.position_mode == "compact" and family in CLIP_FAMILIES
 
     # ---- budgets ---------------------------------------------------------------------------
     def check_budget(self, ctx: PruneContext) -> None:

@@ -1,6 +1,7 @@
 """Helpers for the pruning tests: requests, a deeper tiny LLaVA, eager-attention oracles, frozen replays."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -10,7 +11,7 @@ from vlmguard.models.base import EncodedBatch
 from vlmguard.pruning.base import Pruner
 from vlmguard.pruning.scores import keep_mask_from_positions
 from vlmguard.spec import GenerationSpec
-from vlmguard.testing import LLAVA_TEMPLATE, make_tokenizer, random_image
+from vlmguard.testing import LLAVA_TEMPLATE, make_tokenizer, random_image, tiny_llava, tiny_llava_next
 
 SIZES = [(40, 32), (64, 40), (32, 64)]
 
@@ -79,6 +80,9 @@ class FrozenReplay(Pruner):
     def check_budget(self, ctx):
         self.real.check_budget(ctx)
 
+    def renumbers_llm_cuts(self, family):
+        return self.real.renumbers_llm_cuts(family)
+
     def prune_images(self, ctx):
         return self.real.prune_images(ctx)
 
@@ -138,3 +142,71 @@ def check_cached_equals_uncached(engine: Engine, req: Request, spec: GenerationS
         assert one.token_ids[0] == res.token_ids[t]
         assert abs(one.steps[0].main_prob - res.steps[t].main_prob) < 1e-4
         assert one.kept_indices == res.kept_indices
+
+
+# ---- positions, joins ------------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def sharp_engine(family: str) -> Engine:
+    """A tiny model whose attention depends more on positions (q, k scaled by 3), so position mistakes show in
+    the generated tokens, not only in the logits."""
+    model, proc = {"llava": tiny_llava, "llava_next": tiny_llava_next}[family]()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    return Engine(model, proc, name=f"sharp-{family}")
+
+
+def prefill(engine: Engine, reqs, spec: GenerationSpec):
+    """Prefill logits (rows, V), the decode state and each request's pruning report."""
+    batch = engine.start_batch(reqs, spec)
+    try:
+        return batch.logits.clone(), batch.state, [lv.pruning for lv in batch.lives]
+    finally:
+        batch.close()
+
+
+def check_positions_are_cache_lengths(state) -> None:
+    """renumber: each layer's next position of a row is the number of keys that layer holds for the row."""
+    assert state.layer_next_positions is not None
+    for valid, pos in zip(state.layer_valid, state.layer_next_positions):
+        assert pos.tolist() == valid.sum(dim=1).tolist()
+    assert state.next_positions.tolist() == state.layer_next_positions[0].tolist()
+
+
+@contextmanager
+def only_layers(lm, start: int, stop: int | None, final: bool):
+    """Make the transformers language model run only its layers [start:stop] (no final norm unless ``final``)."""
+    layers, norm = lm.layers, lm.norm
+    lm.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final:
+        lm.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        lm.layers, lm.norm = layers, norm
+
+
+def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int,
+               each_step=None) -> list:
+    """Prefill ``first``, decode ``join_after`` steps, merge ``later`` in, decode to the end (requests that finish
+    leave the batch: their rows are reordered away). ``each_step(batch)`` runs before every step after the join."""
+    results = {}
+    batch = engine.start_batch(first, spec)
+    try:
+        for _ in range(join_after):
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
+        batch.absorb(other)
+        assert other.active == 0
+        while batch.active:
+            if each_step is not None:
+                each_step(batch)
+            for ev in batch.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+    finally:
+        batch.close()
+    return [results[i] for i in range(len(first) + len(later))]

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import torch
 
+from pruning_support import run_joined
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import image_free_prompt
@@ -25,27 +26,6 @@ SIZES = [(40, 32), (64, 40), (32, 64), (48, 48), (36, 52)]
 
 def reqs(lo: int, hi: int) -> list[Request]:
     return [Request(PROMPTS[i], [random_image(i + 1, SIZES[i])], request_id=f"r{i}") for i in range(lo, hi)]
-
-
-def run_joined(engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int):
-    """Prefill ``first``, decode ``join_after`` steps, then merge ``later`` in and decode to the end."""
-    results = {}
-    batch = engine.start_batch(first, spec)
-    try:
-        for _ in range(join_after):
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
-        batch.absorb(other)
-        assert other.active == 0
-        while batch.active:
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-    finally:
-        batch.close()
-    return [results[i] for i in range(len(first) + len(later))]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])

@@ -7,18 +7,16 @@ refuses it. The default stays bit-identical to ``preserve``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import lru_cache
-
 import pytest
 import torch
 
-from pruning_support import FrozenReplay, append_tokens, requests, with_pruner
+from pruning_support import (FrozenReplay, append_tokens, check_positions_are_cache_lengths, only_layers, prefill,
+                             requests, run_joined, sharp_engine, with_pruner)
 from vlmguard.engine import Engine, Request
 from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
 from vlmguard.spec import GenerationSpec
-from vlmguard.testing import random_image, tiny_engine, tiny_llava, tiny_llava_next
+from vlmguard.testing import random_image, tiny_engine
 
 STAGES = {"layers": [1, 2], "keeps": [8, 3]}  # two cuts in the 4-layer tiny models: three position groups
 
@@ -26,35 +24,6 @@ STAGES = {"layers": [1, 2], "keeps": [8, 3]}  # two cuts in the 4-layer tiny mod
 def spec_for(mode: str | None, max_new_tokens: int = 4, **params) -> GenerationSpec:
     p = {**STAGES, **params, **({"position_mode": mode} if mode else {})}
     return GenerationSpec(pruning="adaptinfer", budget=3, max_new_tokens=max_new_tokens, pruning_params=p)
-
-
-@lru_cache(maxsize=2)
-def sharp_engine(family: str) -> Engine:
-    """A tiny model whose attention depends more on positions (q, k scaled by 3), so position mistakes show in
-    the generated tokens, not only in the logits."""
-    model, proc = {"llava": tiny_llava, "llava_next": tiny_llava_next}[family]()
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
-    return Engine(model, proc, name=f"sharp-{family}")
-
-
-def prefill(engine: Engine, reqs, spec: GenerationSpec):
-    """Prefill logits (rows, V), the decode state and each request's pruning report."""
-    batch = engine.start_batch(reqs, spec)
-    try:
-        return batch.logits.clone(), batch.state, [lv.pruning for lv in batch.lives]
-    finally:
-        batch.close()
-
-
-def check_positions_are_cache_lengths(state) -> None:
-    """renumber: each layer's next position of a row is the number of keys that layer holds for the row."""
-    assert state.layer_next_positions is not None
-    for valid, pos in zip(state.layer_valid, state.layer_next_positions):
-        assert pos.tolist() == valid.sum(dim=1).tolist()
-    assert state.next_positions.tolist() == state.layer_next_positions[0].tolist()
 
 
 # ---- (1) preserve is the default, bit for bit ----------------------------------------------------------------
@@ -83,19 +52,6 @@ def test_renumber_without_a_cut_is_exactly_unpruned():
 
 
 # ---- (2) renumber at prefill == transformers on the physically shortened input --------------------------------
-@contextmanager
-def only_layers(lm, start: int, stop: int | None, final: bool):
-    """Make the transformers language model run only its layers [start:stop] (no final norm unless ``final``)."""
-    layers, norm = lm.layers, lm.norm
-    lm.layers = torch.nn.ModuleList(list(layers)[start:stop])
-    if not final:
-        lm.norm = torch.nn.Identity()
-    try:
-        yield
-    finally:
-        lm.layers, lm.norm = layers, norm
-
-
 def shortened_reference(engine: Engine, req: Request, kept: dict[int, list[int]]) -> torch.Tensor:
     """Last-position logits (V,) of transformers' own model: layers up to the first cut on the full input (the
     model's own vision path), then after each cut the survivors as a *new, shorter input* (positions 0..n-1,
@@ -192,27 +148,10 @@ def test_renumber_batched_equals_one_by_one(family):
 
 
 # ---- (5) in-flight batching ---------------------------------------------------------------------------------
-def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int):
-    """Prefill ``first``, decode ``join_after`` steps, merge ``later`` in, decode to the end (the first requests
-    leave before the joiners: their rows are reordered away)."""
-    results = {}
-    batch = engine.start_batch(first, spec)
-    try:
-        for _ in range(join_after):
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
-        batch.absorb(other)
-        while batch.active:
-            if batch.state.layer_next_positions is not None:
-                check_positions_are_cache_lengths(batch.state)
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-    finally:
-        batch.close()
-    return [results[i] for i in range(len(first) + len(later))]
+def renumbered_positions_check(batch) -> None:
+    """After a join: where layer groups number differently, each layer's next position is its cache length."""
+    if batch.state.layer_next_positions is not None:
+        check_positions_are_cache_lengths(batch.state)
 
 
 IMAGE_REQS = [Request(p, [random_image(i + 5, s)], request_id=f"r{i}") for i, (p, s) in
@@ -229,7 +168,7 @@ TEXT_REQ = Request("what color is the car", request_id="text")
 def test_renumber_joined_requests_get_what_they_get_alone(family, first, later):
     eng = sharp_engine(family)
     spec = spec_for("renumber", max_new_tokens=6)
-    joined = run_joined(eng, spec, first, later, join_after=2)
+    joined = run_joined(eng, spec, first, later, join_after=2, each_step=renumbered_positions_check)
     alone = [eng.generate([r], spec)[0] for r in first + later]
     assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
     assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]

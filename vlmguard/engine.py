@@ -343,10 +343,7 @@ class Engine:
             keep = pruner.after_layer(pctx, i, s, req)
             if keep is None:
                 return None
-            keep = self._share_keep(keep, s, n_req, nb, shares)
-            if pruner.position_mode == "compact":
-                pctx.state["compact_after"] = True
-            return keep
+            return self._share_keep(keep, s, n_req, nb, shares)
 
         t_pre = time.perf_counter()
         llm_side = pruner.side in ("llm", "both")
@@ -357,7 +354,7 @@ class Engine:
             logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                    after=after if llm_side else None,
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
-                                                   renumber=llm_side and pruner.position_mode == "renumber")
+                                                   renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t_pre
