@@ -210,3 +210,78 @@ def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later
     finally:
         batch.close()
     return [results[i] for i in range(len(first) + len(later))]
+
+
+def renumbered_decode_vs_replay(engine: Engine, req: Request, spec: GenerationSpec, monkeypatch, stage_key: str,
+                                steps: int = 3):
+    """Cached decoding of ``req`` (checking every step that each layer's next position is its cache length)
+    against uncached prefills of prompt + the first t generated tokens with the same frozen cuts. Returns the
+    stages, the cached logits per step (steps + 1 of them) and, for t = 1..steps, the replay's logits and
+    state."""
+    pruner, _ = spec.resolve()
+    cached = []
+    with monkeypatch.context() as m:
+        with_pruner(m, pruner)
+        batch = engine.start_batch([req], spec)
+        try:
+            stages = batch.lives[0].pruning[stage_key]
+            for _ in range(steps + 1):
+                cached.append(batch.logits[0].clone())
+                check_positions_are_cache_lengths(batch.state)
+                list(batch.advance())
+            tokens = batch.lives[0].gen
+        finally:
+            batch.close()
+    replays = []
+    for t in range(1, steps + 1):
+        with monkeypatch.context() as m:
+            with_pruner(m, FrozenReplay(pruner, stages))
+            append_tokens(engine, m, tokens[:t])
+            logits, state, _ = prefill(engine, [req], spec)
+        replays.append((logits[0], state))
+    return stages, cached, replays
+
+
+def first_step_logits(engine: Engine, req: Request, spec: GenerationSpec) -> torch.Tensor:
+    """The logits after one decode step of ``req`` alone."""
+    batch = engine.start_batch([req], spec)
+    try:
+        list(batch.advance())
+        return batch.logits[0].clone()
+    finally:
+        batch.close()
+
+
+def check_batched_equals_alone(engine: Engine, reqs: list[Request], spec: GenerationSpec) -> list:
+    """Batched prefill logits (1e-5), tokens, kept indices and step probabilities equal each request's alone;
+    every layer's next position is its cache length. Returns the batched results."""
+    import pytest
+
+    logits, state, _ = prefill(engine, reqs, spec)
+    check_positions_are_cache_lengths(state)
+    batched = engine.generate(reqs, spec)
+    for r, (req, b) in enumerate(zip(reqs, batched)):
+        one_logits, _, _ = prefill(engine, [req], spec)
+        assert (logits[r] - one_logits[0]).abs().max().item() < 1e-5
+        s = engine.generate([req], spec)[0]
+        assert b.token_ids == s.token_ids and b.kept_indices == s.kept_indices
+        assert b.visual_tokens_kept == s.visual_tokens_kept
+        assert [x.main_prob for x in b.steps] == pytest.approx([x.main_prob for x in s.steps], abs=1e-5)
+    return batched
+
+
+def check_joined_equals_alone(engine: Engine, spec: GenerationSpec, first: list[Request], later: list[Request]):
+    """``later`` joins ``first`` after two steps: tokens, kept indices and step probabilities equal each request's
+    alone; where layer groups number differently, every step's next positions are the cache lengths."""
+    import pytest
+
+    def positions(batch) -> None:
+        if batch.state.layer_next_positions is not None:
+            check_positions_are_cache_lengths(batch.state)
+
+    joined = run_joined(engine, spec, first, later, join_after=2, each_step=positions)
+    alone = [engine.generate([r], spec)[0] for r in first + later]
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
+    for j, a in zip(joined, alone):
+        assert [x.main_prob for x in j.steps] == pytest.approx([x.main_prob for x in a.steps], abs=1e-5)

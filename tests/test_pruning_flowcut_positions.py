@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_support import (FrozenReplay, append_tokens, check_positions_are_cache_lengths, only_layers, prefill,
-                             requests, run_joined, sharp_engine, with_pruner)
-from test_pruning_positions import IMAGE_REQS, TEXT_REQ, renumbered_positions_check
+from pruning_support import (check_batched_equals_alone, check_joined_equals_alone,
+                             check_positions_are_cache_lengths, first_step_logits, only_layers, prefill,
+                             renumbered_decode_vs_replay, requests, sharp_engine)
+from test_pruning_positions import IMAGE_REQS, TEXT_REQ
 from vlmguard.pruning import make_pruner
 from vlmguard.pruning.base import Pruner
 from vlmguard.pruning.flowcut import FlowCutPruner
@@ -127,37 +128,15 @@ def test_next_cached_decode_equals_uncached_recompute(monkeypatch):
     eng = sharp_engine("llava_next")
     req, steps = requests()[0], 3
     spec = spec_for(max_new_tokens=steps + 2)
-    pruner, _ = spec.resolve()
-    cached = []
-    with monkeypatch.context() as m:
-        with_pruner(m, pruner)
-        batch = eng.start_batch([req], spec)
-        try:
-            stages = batch.lives[0].pruning["flowcut_llm_kept"]
-            for _ in range(steps + 1):
-                cached.append(batch.logits[0].clone())
-                check_positions_are_cache_lengths(batch.state)
-                list(batch.advance())
-            tokens = batch.lives[0].gen
-        finally:
-            batch.close()
+    stages, cached, replays = renumbered_decode_vs_replay(eng, req, spec, monkeypatch, "flowcut_llm_kept", steps)
     assert stages[1][0] is not None  # stage L cut
-    for t in range(1, steps + 1):
-        with monkeypatch.context() as m:
-            with_pruner(m, FrozenReplay(pruner, stages))
-            append_tokens(eng, m, tokens[:t])
-            uncached, state, _ = prefill(eng, [req], spec)
+    for t, (uncached, state) in enumerate(replays, start=1):
         assert state.layer_next_positions is not None  # the replay renumbers as FlowCut does
-        assert (uncached[0] - cached[t]).abs().max().item() < 1e-4
+        assert (uncached - cached[t]).abs().max().item() < 1e-4
     # the decode positions matter: the old rule's cached logits are elsewhere
     with monkeypatch.context() as m:
         old_engine(m)
-        old = eng.start_batch([req], spec)
-        try:
-            list(old.advance())
-            assert (old.logits[0] - cached[1]).abs().max().item() > 1e-3
-        finally:
-            old.close()
+        assert (first_step_logits(eng, req, spec) - cached[1]).abs().max().item() > 1e-3
 
 
 # ---- (c) batched == one by one; a joiner == alone -----------------------------------------------------------
@@ -165,18 +144,10 @@ def test_next_batched_equals_one_by_one():
     eng = sharp_engine("llava_next")
     reqs = requests()  # different prompt and image lengths: left padding, different N_vis per row
     spec = spec_for(max_new_tokens=5)
-    logits, state, reports = prefill(eng, reqs, spec)
+    _, _, reports = prefill(eng, reqs, spec)
     cut = [row is not None for row in reports[0]["flowcut_llm_kept"][1]]
     assert cut.count(True) >= 2 and not all(cut)  # row 1's stage V leaves K after unpadding: no stage-L cut
-    check_positions_are_cache_lengths(state)
-    batched = eng.generate(reqs, spec)
-    for r, (req, b) in enumerate(zip(reqs, batched)):
-        one_logits, _, _ = prefill(eng, [req], spec)
-        assert (logits[r] - one_logits[0]).abs().max().item() < 1e-5
-        s = eng.generate([req], spec)[0]
-        assert b.token_ids == s.token_ids and b.kept_indices == s.kept_indices
-        assert b.visual_tokens_kept == s.visual_tokens_kept
-        assert [x.main_prob for x in b.steps] == pytest.approx([x.main_prob for x in s.steps], abs=1e-5)
+    check_batched_equals_alone(eng, reqs, spec)
 
 
 @pytest.mark.parametrize("first,later", [(requests(), IMAGE_REQS + [TEXT_REQ]), ([TEXT_REQ], IMAGE_REQS)],
@@ -184,12 +155,7 @@ def test_next_batched_equals_one_by_one():
 def test_next_joined_requests_get_what_they_get_alone(first, later):
     eng = sharp_engine("llava_next")
     spec = spec_for(max_new_tokens=6)
-    joined = run_joined(eng, spec, first, later, join_after=2, each_step=renumbered_positions_check)
-    alone = [eng.generate([r], spec)[0] for r in first + later]
-    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
-    assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
-    for j, a in zip(joined, alone):
-        assert [x.main_prob for x in j.steps] == pytest.approx([x.main_prob for x in a.steps], abs=1e-5)
+    check_joined_equals_alone(eng, spec, first, later)
 
 
 # ---- (d) "original" and (e) Qwen2-VL: the old behaviour bit for bit ---------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_support import (FrozenReplay, append_tokens, check_positions_are_cache_lengths, only_layers, prefill,
-                             requests, run_joined, sharp_engine, with_pruner)
+from pruning_support import (check_batched_equals_alone, check_joined_equals_alone,
+                             check_positions_are_cache_lengths, first_step_logits, only_layers, prefill,
+                             renumbered_decode_vs_replay, requests, sharp_engine)
 from vlmguard.engine import Engine, Request
 from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
@@ -99,34 +100,13 @@ def test_renumber_cached_decode_equals_uncached_recompute(family, monkeypatch):
     with the same (frozen) cuts numbers them the same way, so logits agree at every step."""
     eng = sharp_engine(family)
     req, steps = requests()[0], 3
-    spec = spec_for("renumber", max_new_tokens=steps + 2)
-    pruner, _ = spec.resolve()
-    cached = []
-    with monkeypatch.context() as m:
-        with_pruner(m, pruner)
-        batch = eng.start_batch([req], spec)
-        try:
-            stages = batch.lives[0].pruning["adaptinfer_kept"]
-            for _ in range(steps + 1):
-                cached.append(batch.logits[0].clone())
-                check_positions_are_cache_lengths(batch.state)
-                list(batch.advance())
-            tokens = batch.lives[0].gen
-        finally:
-            batch.close()
-    for t in range(1, steps + 1):
-        with monkeypatch.context() as m:
-            with_pruner(m, FrozenReplay(pruner, stages))
-            append_tokens(eng, m, tokens[:t])
-            uncached, _, _ = prefill(eng, [req], spec)
-        assert (uncached[0] - cached[t]).abs().max().item() < 1e-4
+    _, cached, replays = renumbered_decode_vs_replay(eng, req, spec_for("renumber", max_new_tokens=steps + 2),
+                                                     monkeypatch, "adaptinfer_kept", steps)
+    for t, (uncached, _) in enumerate(replays, start=1):
+        assert (uncached - cached[t]).abs().max().item() < 1e-4
     # the decode positions matter: preserve's cached logits are elsewhere
-    preserved = eng.start_batch([req], spec_for("preserve", max_new_tokens=steps + 2))
-    try:
-        list(preserved.advance())
-        assert (preserved.logits[0] - cached[1]).abs().max().item() > 1e-3
-    finally:
-        preserved.close()
+    preserved = first_step_logits(eng, req, spec_for("preserve", max_new_tokens=steps + 2))
+    assert (preserved - cached[1]).abs().max().item() > 1e-3
 
 
 # ---- (4) batched == one by one ------------------------------------------------------------------------------
@@ -135,25 +115,11 @@ def test_renumber_batched_equals_one_by_one(family):
     eng = sharp_engine(family)
     reqs = requests()  # different prompt (and, for LLaVA-NeXT, image) lengths: left padding
     spec = spec_for("renumber", max_new_tokens=5)
-    logits, state, _ = prefill(eng, reqs, spec)
-    check_positions_are_cache_lengths(state)
-    batched = eng.generate(reqs, spec)
-    for r, (req, b) in enumerate(zip(reqs, batched)):
-        one_logits, _, _ = prefill(eng, [req], spec)
-        assert (logits[r] - one_logits[0]).abs().max().item() < 1e-5
-        s = eng.generate([req], spec)[0]
-        assert b.token_ids == s.token_ids and b.kept_indices == s.kept_indices
-        assert [x.main_prob for x in b.steps] == pytest.approx([x.main_prob for x in s.steps], abs=1e-5)
+    batched = check_batched_equals_alone(eng, reqs, spec)
     assert [r.token_ids for r in batched] != [r.token_ids for r in eng.generate(reqs, spec_for("preserve", 5))]
 
 
 # ---- (5) in-flight batching ---------------------------------------------------------------------------------
-def renumbered_positions_check(batch) -> None:
-    """After a join: where layer groups number differently, each layer's next position is its cache length."""
-    if batch.state.layer_next_positions is not None:
-        check_positions_are_cache_lengths(batch.state)
-
-
 IMAGE_REQS = [Request(p, [random_image(i + 5, s)], request_id=f"r{i}") for i, (p, s) in
               enumerate([("count the cats", (48, 48)), ("hi", (36, 52))])]
 TEXT_REQ = Request("what color is the car", request_id="text")
@@ -168,12 +134,7 @@ TEXT_REQ = Request("what color is the car", request_id="text")
 def test_renumber_joined_requests_get_what_they_get_alone(family, first, later):
     eng = sharp_engine(family)
     spec = spec_for("renumber", max_new_tokens=6)
-    joined = run_joined(eng, spec, first, later, join_after=2, each_step=renumbered_positions_check)
-    alone = [eng.generate([r], spec)[0] for r in first + later]
-    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
-    assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
-    for j, a in zip(joined, alone):
-        assert [x.main_prob for x in j.steps] == pytest.approx([x.main_prob for x in a.steps], abs=1e-5)
+    check_joined_equals_alone(eng, spec, first, later)
 
 
 def test_merged_state_shares_one_position_tensor_per_group():
