@@ -30,6 +30,11 @@ OFFICIAL_KEEPS_7B = {128: (290, 72, 18), 64: (133, 27, 3), 48: (80, 24, 2), 32: 
 RATIO_PATTERNS = {label: (k[0] / 576, k[1] / k[0], (k[2] / k[1]) if k[1] else 0.0)
                   for label, k in OFFICIAL_KEEPS_7B.items()}
 RELATIVE_DEPTHS = (0.03, 0.31, 0.64)
+# The official Qwen2-VL-2B port (28 layers, text width 1536; spec section 2.2): stage layers and per-stage keep
+# ratios, each applied to the count still present, k = max(1, min(floor(r * n), n)), per preset label.
+QWEN2_VL_2B = ("qwen2_vl", 28, 1536)
+QWEN2_VL_2B_LAYERS = (0, 9, 19)
+QWEN2_VL_2B_RATIOS = {0.1: (0.17, 0.60, 0.30), 0.3: (0.50, 0.60, 0.30), 0.5: (0.70, 0.90, 0.30)}
 
 # Stage layers found by ``vlmguard prune analyze`` for bundled models, keyed by
 # (family, decoder layers, text hidden size, visual tokens per image).
@@ -93,6 +98,20 @@ def actual_average(layers: Sequence[int], keeps: Sequence[int], n_visual: int, n
             cur = ks[stage]
             stage += 1
     return sum(per_layer) / n_layers
+
+
+def qwen2_vl_2b_preset(budget: int, n_visual: int) -> tuple[int, ...] | None:
+    """Keep counts of the official Qwen2-VL-2B preset whose label (10 / 30 / 50% of V) is within 1% of V of
+    ``budget``; None for other budgets (they are solved like any model's)."""
+    frac = budget / n_visual
+    label = next((lab for lab in QWEN2_VL_2B_RATIOS if abs(frac - lab) <= 0.01), None)
+    if label is None:
+        return None
+    keeps, cur = [], n_visual
+    for r in QWEN2_VL_2B_RATIOS[label]:
+        cur = max(1, min(int(r * cur), cur))
+        keeps.append(cur)
+    return tuple(keeps)
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -238,6 +257,10 @@ def make_schedule(*, family: str, n_layers: int, hidden: int, n_visual: int, bud
         if n_layers == 32 and n_visual == 576 and budget in OFFICIAL_KEEPS_7B:
             validate(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_layers)
             return Schedule(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_visual, n_layers, "official-7b")
+        preset = qwen2_vl_2b_preset(budget, n_visual) if (family, n_layers, hidden) == QWEN2_VL_2B else None
+        if preset is not None:
+            validate(QWEN2_VL_2B_LAYERS, preset, n_layers)
+            return Schedule(QWEN2_VL_2B_LAYERS, preset, n_visual, n_layers, "official-qwen2-vl-2b")
         known = KNOWN_LAYERS.get((family, n_layers, hidden, n_visual))
         if known is not None:
             layers, source = known, "analyze"

@@ -112,6 +112,24 @@ def test_official_schedule_and_accounting():
     assert official_average((1, 2), (600, 10), 576, 4) == (576 + 576 + 2 * 10) / 4
 
 
+def test_qwen2_vl_2b_presets():
+    """Qwen2-VL-2B (28 layers x 1536): the official port's layers (0, 9, 19) and per-stage ratios of the current
+    count for the 10 / 30 / 50% labels (spec 2.2: they average 10.1 / 29.7 / 51.1% of V under the official
+    accounting); other budgets and other 28-layer models (Qwen2-VL-7B, width 3584) are solved as before."""
+    v = 1000
+    for label, ratios, share in ((100, (0.17, 0.60, 0.30), 10.1), (300, (0.50, 0.60, 0.30), 29.7),
+                                 (500, (0.70, 0.90, 0.30), 51.1)):
+        sched = make_schedule(family="qwen2_vl", n_layers=28, hidden=1536, n_visual=v, budget=label)
+        k1 = int(ratios[0] * v)
+        k2 = int(ratios[1] * k1)
+        assert sched.source == "official-qwen2-vl-2b" and sched.layers == (0, 9, 19)
+        assert sched.keeps == (k1, k2, int(ratios[2] * k2))
+        assert abs(100 * sched.official_average / v - share) < 0.3
+    assert make_schedule(family="qwen2_vl", n_layers=28, hidden=1536, n_visual=256, budget=26).keeps == (43, 25, 7)
+    for other in (dict(hidden=1536, budget=200), dict(hidden=3584, budget=100)):
+        assert make_schedule(family="qwen2_vl", n_layers=28, n_visual=v, **other).source == "relative-depth"
+
+
 @pytest.mark.parametrize("layers", [(0, 2), (1, 2)])
 def test_tiny_labels_hit_within_one_token(layers):
     prev = None
