@@ -237,3 +237,5 @@ def test_caption_file_lines_split_on_newlines_only(tmp_path):
                  encoding="utf-8")
     got = load_captions(p)
     assert [c.caption for c in got] == caps and [c.line for c in got] == [1, 2]
+    p.write_text("\r".join(json.dumps({"image_id": i, "caption": c}) for i, c in enumerate(caps)), encoding="utf-8")
+    assert [c.caption for c in load_captions(p)] == caps  # bare CR line ends (JSON escapes a CR in a string)

@@ -315,6 +315,8 @@ def test_stored_run_metrics_follow_the_run_parser():
     ("(no)", "no"),
     ("yes-or-no", None),
     ("No. " * 40 + "yes.", "no"),  # only the first 32 periods are stripped (re.UNICODE passed as count)
+    # the reference's "(?!<=\d)" is no lookbehind: periods after digits are stripped too, and use up the 32
+    (" ".join(f"{i}." for i in range(1, 34)) + " Yes.", None),
 ])
 def test_yorn_parser_matches_vlmevalkit_punctuation(answer, expected):
     assert get_parser("yorn").parse(answer) == expected

@@ -189,6 +189,41 @@ def test_missing_shard_truncated_bin_and_dangling_link(saved, tmp_path):
     _one_line_error(resolve_model_path, linked, match="link to a missing file")
 
 
+def test_weight_files_transformers_does_not_read_are_not_checked(saved, tmp_path):
+    """Only the files transformers loads are checked: a repo shipping both formats copied with its safetensors
+    alone keeps the .bin index (JSON) without its shards; a stray truncated .bin or an unreferenced extra
+    safetensors file beside the real weights is never read."""
+    import json
+
+    both = _copy(saved["llava"], tmp_path / "both")
+    (both / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x": "pytorch_model-00001-of-00002.bin"}}))
+    (both / "pytorch_model.bin").write_bytes(b"PK\x03\x04 truncated")
+    (both / "model_projector_only.safetensors").write_bytes(b"not safetensors")
+    assert resolve_model_path(both) == both.resolve()
+    sharded = tmp_path / "sharded"
+    tiny_llava(text_layers=2)[0].save_pretrained(sharded, max_shard_size="100KB")
+    (sharded / "pytorch_model.bin").write_bytes(b"")  # a safetensors index is read first (as transformers)
+    resolve_model_path(sharded)
+
+
+def test_a_template_kept_only_in_tokenizer_config_serves_requests(saved, tmp_path):
+    """transformers processors do not fall back to their tokenizer's template in apply_chat_template: a template
+    found only in tokenizer_config.json passed the load check, then every request failed."""
+    import json
+
+    from vlmguard.engine import Engine, Request
+    from vlmguard.spec import GenerationSpec
+
+    d = _copy(saved["llava"], tmp_path / "tok_template", drop=("chat_template.jinja",))
+    template = (saved["llava"] / "chat_template.jinja").read_text()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    engine = Engine.load(d, device="cpu")
+    out = engine.generate([Request("Is there a dog?", [random_image(0)])], GenerationSpec(max_new_tokens=1))[0]
+    assert len(out.token_ids) == 1
+
+
 def test_broken_tokenizer_json_names_the_file(saved, tmp_path):
     d = _copy(saved["llava"], tmp_path / "m")
     (d / "tokenizer.json").write_text('{"broken')

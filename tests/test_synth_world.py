@@ -237,6 +237,18 @@ def test_rebuild_into_existing_directory_leaves_nothing_stale(tmp_path: Path):
     assert sorted(p.name for p in (d / "images").iterdir()) == ["test"]
 
 
+def test_a_build_into_a_folder_no_build_wrote_deletes_nothing(tmp_path: Path):
+    """Only a folder a build wrote (its marker, or a SynthCOCO manifest) is cleared: files of the same names that
+    someone else put there are kept when the build does not write them."""
+    d = tmp_path / "mine"
+    for rel in ("annotations/instances_train.json", "annotations/captions_val.json", "text/train.jsonl"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text("{}\n")
+    build_dataset(d, seed=0, train=0, val=0, test=2)
+    assert all((d / rel).read_text() == "{}\n" for rel in
+               ("annotations/instances_train.json", "annotations/captions_val.json", "text/train.jsonl"))
+
+
 def test_interrupted_rebuild_is_not_presented_as_complete(tmp_path: Path, monkeypatch):
     import vlmguard.synth.build as build_mod
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,8 +43,13 @@ def detect_layout(text: str) -> str:
     return "json_array" if stripped.startswith("[") else "jsonl"
 
 
+# a JSON Lines record ends at \n, \r\n or a bare \r (JSON strings cannot hold a raw CR), never at the other
+# characters str.splitlines() breaks at (U+2028 / U+2029 / U+0085 are valid inside a JSON string)
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(_LINE_END.split(text), start=1):
         if not line.strip():
             continue
         try:

@@ -83,7 +83,9 @@ class ExactParser(AnswerParser):
 # periods not before a digit are deleted. Other characters (':', "'", '*', '#', ...) stay part of words.
 _YORN_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _YORN_COMMA = re.compile(r"(\d)(,)(\d)")
-_YORN_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+# the reference's pattern as written, "(?!<=\d)" included: a lookahead typo for a lookbehind, so a period right
+# after a digit is deleted too (it matters when more than 32 periods compete for the 32 deletions)
+_YORN_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 
 
 def _yorn_punctuation(text: str) -> str:

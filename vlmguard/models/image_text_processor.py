@@ -101,9 +101,14 @@ def load_processor(path, trust_remote_code: bool = False):
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ModelLoadError(f"cannot load the processor (tokenizer / image processor) of the model at {root}: "
                              f"{first}") from e
-    if not chat_template_of(processor):
+    template = chat_template_of(processor)
+    if not template:
         raise ModelLoadError(f"model at {root} has no chat template ({CHAT_TEMPLATE_HELP}); vlmguard formats "
                              "prompts with the model's own template, so copy the checkpoint's template there")
+    if not getattr(processor, "chat_template", None):
+        # only in tokenizer_config.json: a transformers processor's apply_chat_template does not fall back to its
+        # tokenizer's template, so it becomes the processor's own
+        processor.chat_template = template
     return processor
 
 

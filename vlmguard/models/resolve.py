@@ -77,19 +77,7 @@ def check_checkpoint(path: str | os.PathLike, ref: str | None = None) -> None:
         what = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
         raise ModelLoadError(f"model {ref!r}: unsupported model type {model_type!r}{what}; vlmguard serves "
                              f"vision-language models of type {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = root / index_name
-        if index.is_file():
-            weight_map = _read_json(index, ref).get("weight_map")  # type: ignore[union-attr]
-            if not isinstance(weight_map, dict):
-                raise ModelLoadError(f"model {ref!r}: {index} has no weight_map")
-            missing = sorted({str(v) for v in weight_map.values() if not (root / str(v)).is_file()})
-            if missing:
-                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-                raise ModelLoadError(f"model {ref!r}: weight shard {root / missing[0]}{more} listed in {index_name} "
-                                     "is missing (an interrupted copy or download?)")
-    weights = sorted(root.glob("model*.safetensors")) + sorted(root.glob("pytorch_model*.bin"))
-    for f in weights:  # what transformers loads (stray files are not read)
+    for f in _weight_files(root, ref):  # the files transformers will read (stray ones are not checked)
         if not f.exists():  # a dangling link: an HF cache snapshot whose blob never finished downloading
             raise ModelLoadError(f"model {ref!r}: weight file {f} is a link to a missing file "
                                  f"({os.readlink(f) if f.is_symlink() else '?'}); an incomplete cache or copy?")
@@ -97,6 +85,30 @@ def check_checkpoint(path: str | os.PathLike, ref: str | None = None) -> None:
             _check_safetensors(f, ref)
         else:
             _check_torch_archive(f, ref)
+
+
+def _weight_files(root: Path, ref: str) -> list[Path]:
+    """The weight files transformers loads from ``root``, chosen as it chooses: a single safetensors file, else
+    the safetensors index's shards, else a single ``pytorch_model.bin``, else the ``.bin`` index's shards (a
+    repo shipping both formats, copied with only one, keeps the other's index: it is not read). A shard an
+    index lists but the directory lacks is an error."""
+    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
+                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (root / single).exists() or (root / single).is_symlink():
+            return [root / single]
+        index = root / index_name
+        if index.is_file():
+            weight_map = _read_json(index, ref).get("weight_map")  # type: ignore[union-attr]
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"model {ref!r}: {index} has no weight_map")
+            shards = sorted({str(v) for v in weight_map.values()})
+            missing = [v for v in shards if not ((root / v).exists() or (root / v).is_symlink())]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise ModelLoadError(f"model {ref!r}: weight shard {root / missing[0]}{more} listed in {index_name} "
+                                     "is missing (an interrupted copy or download?)")
+            return [root / v for v in shards]
+    return []
 
 
 def _check_safetensors(f: Path, ref: str) -> None:

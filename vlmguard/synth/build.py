@@ -113,14 +113,17 @@ def build_split(out: Path, split: str, n: int, seed: int, params: WorldParams) -
 def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_COUNTS["train"],
                   val: int = DEFAULT_COUNTS["val"], test: int = DEFAULT_COUNTS["test"],
                   params: WorldParams | None = None, progress: bool = False) -> Path:
-    """Build SynthCOCO into ``out`` (created when missing). A previous build there is replaced: its SynthCOCO
-    files are removed first (other files are left alone), and ``manifest.json`` is written last, so only a
+    """Build SynthCOCO into ``out`` (created when missing). A previous build there (complete, or interrupted:
+    ``BUILD_MARKER`` says one started) is replaced: its SynthCOCO files are removed first; a folder no build
+    wrote is never cleared, and other files are left alone. ``manifest.json`` is written last, so only a
     complete build has one."""
     params = params or WorldParams()
     params.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous_build(out)
+    if (out / BUILD_MARKER).is_file() or _is_synthcoco_manifest(out / "manifest.json"):
+        _clear_previous_build(out)
+    (out / BUILD_MARKER).write_text("written by `vlmguard synth build`; a rebuild here replaces its files\n")
     counts = {"train": train, "val": val, "test": test}
     for split in SPLITS:
         if counts[split] <= 0:
@@ -149,6 +152,16 @@ def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_CO
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_manifest, out / "manifest.json")
     return out
+
+
+BUILD_MARKER = ".synthcoco-build"  # written when a build starts, kept: a later build may clear this folder
+
+
+def _is_synthcoco_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("name") == "SynthCOCO"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _clear_previous_build(out: Path) -> None:
