@@ -474,7 +474,7 @@ def test_opening_a_new_database_concurrently_waits_out_locks(tmp_path):
             t.join()
         stop.set()
         watcher.join()
-        assert all(isinstance(c, sqlite3.Connection) for c in opened), opened
+        assert len(opened) == 3 and all(isinstance(c, sqlite3.Connection) for c in opened), opened
         for c in opened:
             c.close()
 

@@ -37,7 +37,13 @@ def test_generate_json_last_line(capsys, image):
 def test_generate_stream_prints_text(capsys, image):
     rc, out, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt", "hi",
                          "--max-new-tokens", "3", "--stream")
-    assert rc == 0 and out.strip()
+    assert rc == 0
+    # the streamed pieces add up to the generated text, printed once, on one line ended by a newline
+    rc_json, out_json, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt",
+                                   "hi", "--max-new-tokens", "3", "--json")
+    text = json.loads(out_json.strip().splitlines()[-1])["text"]
+    assert rc_json == 0 and text.strip()
+    assert out.endswith("\n") and out.count("\n") == 1 and out.strip() == text
 
 
 @pytest.mark.parametrize(

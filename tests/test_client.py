@@ -57,7 +57,9 @@ def test_client_gives_up_after_max_retries_and_raises_api_error_on_4xx():
             c.chat("hi", decoding="x")
     assert len(calls) == 1 and e.value.status == 400 and e.value.code == "UnknownMethod"
     assert json.loads(calls[0].content)["vlmguard"] == {"decoding": "x"}
-    with pytest.raises(Exception, match="not found"):
+    from vlmguard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="image file not found: /no/such/file.png"):
         image_to_url("/no/such/file.png")
 
 

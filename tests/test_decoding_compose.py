@@ -50,6 +50,7 @@ def test_decoder_composes_with_pruner(decoder, pruner, monkeypatch):
         assert out.kept_indices is not None and 0 < len(out.kept_indices) < out.visual_tokens
         if pruner != "adaptinfer":  # AdaptInfer's schedule decides its own per-layer counts
             assert len(out.kept_indices) == out.visual_tokens // 2
+    assert len(seen) == 4 and all("main" in step for step in seen)  # one combine per decoding step
     for step in seen:  # every branch produced finite logits for every request
         assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in step.values())
 

@@ -256,7 +256,9 @@ def test_processor_without_template_is_a_load_error_not_a_traceback():
     adapter = LlavaAdapter(model, proc)
     with pytest.raises(ModelLoadError, match="no chat template"):
         adapter.format_prompt(Prompt("hi", [random_image(0)]))
-    assert adapter.format_prompt(Prompt("USER: <image>\nhi ASSISTANT:", [random_image(0)], raw=True))
+    # a raw prompt needs no template: it is used verbatim
+    raw = "USER: <image>\nhi ASSISTANT:"
+    assert adapter.format_prompt(Prompt(raw, [random_image(0)], raw=True)) == raw
 
 
 def test_cli_reports_a_corrupt_checkpoint_in_one_line(saved, tmp_path, capsys):

@@ -79,13 +79,7 @@ def test_budget_equal_to_all_tokens_is_exactly_unpruned(method, family):
         assert res.kept_indices == list(range(base.visual_tokens))
 
 
-def _slow_for_random(method: str, family: str):
-    """The random baseline's batch invariance is by construction; check it on LLaVA by default."""
-    marks = [pytest.mark.slow] if method == "random" and family != "llava" else []
-    return pytest.param(method, family, marks=marks, id=f"{method}-{family}")
-
-
-@pytest.mark.parametrize("method,family", [_slow_for_random(m, f) for m in METHODS for f in FAMILIES])
+@pytest.mark.parametrize("method,family", [pytest.param(m, f, id=f"{m}-{f}") for m in METHODS for f in FAMILIES])
 def test_batched_equals_one_by_one(method, family):
     eng = tiny_engine(family)
     spec = GenerationSpec(pruning=method, budget=0.3, max_new_tokens=3)

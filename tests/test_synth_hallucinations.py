@@ -37,7 +37,9 @@ def test_scene_graph_agrees_with_the_coco_ground_truth(tmp_path: Path):
            "mscoco_hallucinated_words": [["dog", "dog"]]}
     b = breakdown([rec], scenes)
     assert b.images == 1 and b.mentions == 2 and b.hallucinated == 1
-    with pytest.raises(Exception, match="not in the SynthCOCO split"):
+    from vlmguard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="image 1 is not in the SynthCOCO split"):
         breakdown([{**rec, "image_id": 1}], scenes)
 
 
