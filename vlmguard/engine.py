@@ -23,7 +23,7 @@ import torch
 from vlmguard.attention import ScoreRequest, choose_attention, register_attention_functions
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
-from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError
+from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError, first_line
 from vlmguard.images import check_image
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
@@ -144,9 +144,8 @@ class Engine:
             m = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
                                           local_files_only=True, trust_remote_code=trust_remote_code)
             processor = load_processor(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:  # one line (transformers' messages can run to several)
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise ModelLoadError(f"cannot load model from {path}: {first}") from None
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model from {path}: {first_line(e)}") from None
         m.to(dev)
         engine = cls(m, processor, name=str(model), attn_implementation=impl)
         engine.revision = weights_fingerprint(path)

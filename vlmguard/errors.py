@@ -24,3 +24,9 @@ class ModelLoadError(VlmguardError):
 
 class ContextTooLong(InvalidInput):
     """The prompt plus image tokens plus max_new_tokens exceed the model's context."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none): libraries'
+    messages can run to several lines, an error line must be one."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -77,14 +77,14 @@ def load_processor(path, trust_remote_code: bool = False):
 
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    from vlmguard.errors import ModelLoadError
+    from vlmguard.errors import ModelLoadError, first_line
 
     root = Path(path)
     if root.is_dir() and not trust_remote_code:  # remote code may keep its tokenizer under other names
         if not any((root / f).is_file() for f in TOKENIZER_FILES):
             raise ModelLoadError(f"model at {root} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); "
                                  "copy the tokenizer files of the checkpoint into that directory")
-        if not (root / "preprocessor_config.json").is_file() and "image_processor" not in _json_keys(
+        if not (root / "preprocessor_config.json").is_file() and "image_processor" not in _json_object(
                 root / "processor_config.json"):
             raise ModelLoadError(f"model at {root} has no image processor config (preprocessor_config.json, or an "
                                  "image_processor entry in processor_config.json)")
@@ -98,9 +98,8 @@ def load_processor(path, trust_remote_code: bool = False):
     except ModelLoadError:
         raise
     except Exception as e:  # tokenizers/transformers raise many types; keep one line, the cause for VLMGUARD_DEBUG
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ModelLoadError(f"cannot load the processor (tokenizer / image processor) of the model at {root}: "
-                             f"{first}") from e
+                             f"{first_line(e)}") from e
     template = chat_template_of(processor)
     if not template:
         raise ModelLoadError(f"model at {root} has no chat template ({CHAT_TEMPLATE_HELP}); vlmguard formats "
@@ -120,31 +119,27 @@ def chat_template_of(processor) -> str | None:
     return template or None
 
 
-def _json_keys(f) -> set:
+def _json_object(f) -> dict:
+    """A small JSON file's object, or {} when it is missing, unreadable or not an object (the checkpoint check
+    names broken JSON files; here only what they hold is asked)."""
     import json
 
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
-    return set(data) if isinstance(data, dict) else set()
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _saved_chat_template(root) -> str | None:
     """A processor-level chat template saved beside the checkpoint (chat_template.jinja, chat_template.json, or
     processor_config.json's chat_template), for the fallback processor: official Qwen2-VL repos keep theirs in
     chat_template.json, which the tokenizer alone does not read."""
-    import json
-
     jinja = root / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     for name in ("chat_template.json", "processor_config.json"):
-        try:
-            data = json.loads((root / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        template = data.get("chat_template") if isinstance(data, dict) else None
+        template = _json_object(root / name).get("chat_template")
         if isinstance(template, str) and template:
             return template
     return None

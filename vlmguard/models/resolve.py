@@ -62,12 +62,14 @@ def check_checkpoint(path: str | os.PathLike, ref: str | None = None) -> None:
     file), never the weights."""
     root = Path(path)
     ref = str(path) if ref is None else ref
+    parsed: dict[str, dict] = {}  # each small JSON file read once
     for name in JSON_FILES:
         if (root / name).is_file():
             data = _read_json(root / name, ref)
             if not isinstance(data, dict):
                 raise ModelLoadError(f"model {ref!r}: {root / name} is not a JSON object")
-    config = _read_json(root / "config.json", ref)
+            parsed[name] = data
+    config = parsed["config.json"] if "config.json" in parsed else _read_json(root / "config.json", ref)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
         raise ModelLoadError(f"model {ref!r}: {root / 'config.json'} has no model_type (not a transformers "
@@ -77,7 +79,7 @@ def check_checkpoint(path: str | os.PathLike, ref: str | None = None) -> None:
         what = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
         raise ModelLoadError(f"model {ref!r}: unsupported model type {model_type!r}{what}; vlmguard serves "
                              f"vision-language models of type {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for f in _weight_files(root, ref):  # the files transformers will read (stray ones are not checked)
+    for f in _weight_files(root, ref, parsed):  # the files transformers will read (stray ones are not checked)
         if not f.exists():  # a dangling link: an HF cache snapshot whose blob never finished downloading
             raise ModelLoadError(f"model {ref!r}: weight file {f} is a link to a missing file "
                                  f"({os.readlink(f) if f.is_symlink() else '?'}); an incomplete cache or copy?")
@@ -87,7 +89,7 @@ def check_checkpoint(path: str | os.PathLike, ref: str | None = None) -> None:
             _check_torch_archive(f, ref)
 
 
-def _weight_files(root: Path, ref: str) -> list[Path]:
+def _weight_files(root: Path, ref: str, parsed: dict[str, dict]) -> list[Path]:
     """The weight files transformers loads from ``root``, chosen as it chooses: a single safetensors file, else
     the safetensors index's shards, else a single ``pytorch_model.bin``, else the ``.bin`` index's shards (a
     repo shipping both formats, copied with only one, keeps the other's index: it is not read). A shard an
@@ -97,8 +99,8 @@ def _weight_files(root: Path, ref: str) -> list[Path]:
         if (root / single).exists() or (root / single).is_symlink():
             return [root / single]
         index = root / index_name
-        if index.is_file():
-            weight_map = _read_json(index, ref).get("weight_map")  # type: ignore[union-attr]
+        if index_name in parsed:  # (JSON_FILES: read and checked above)
+            weight_map = parsed[index_name].get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelLoadError(f"model {ref!r}: {index} has no weight_map")
             shards = sorted({str(v) for v in weight_map.values()})
