@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
 from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data
-from vlmguard.pruning.base import PruneContext, Pruner
+from vlmguard.pruning.base import RENUMBER_FAMILIES, PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (keep_mask_from_positions, pad_rows, record_stage, report_position_scores,
                                      text_after_vision, top_sorted)
@@ -87,7 +87,6 @@ class AdaptInferPruner(Pruner):
     Params = AdaptInferParams
     side = "llm"
     position_mode = "original"
-    RENUMBER_FAMILIES = ("llava", "llava_next")  # 1-D RoPE
 
     def __init__(self, params: AdaptInferParams, budget):
         super().__init__(params, budget)
@@ -101,7 +100,7 @@ class AdaptInferPruner(Pruner):
                              schedule=self.params._schedule)
 
     def check_budget(self, ctx: PruneContext) -> None:
-        if self.position_mode == "renumber" and ctx.adapter.family not in self.RENUMBER_FAMILIES:
+        if self.position_mode == "renumber" and ctx.adapter.family not in RENUMBER_FAMILIES:
             raise InvalidInput(f"adaptinfer position_mode='renumber' needs 1-D RoPE positions (llava, llava_next); "
                                f"{ctx.adapter.family} keeps its original (M-RoPE) positions: use 'preserve'")
         super().check_budget(ctx)

@@ -46,6 +46,11 @@ class PruneContext:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+# Families whose positions are 1-D RoPE ids, the only ones ``LayerRunner.prefill(renumber=True)`` can renumber
+# (Qwen2-VL's 3-D M-RoPE positions are kept).
+RENUMBER_FAMILIES = ("llava", "llava_next")
+
+
 class Pruner:
     name: ClassVar[str] = "base"
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -88,7 +93,8 @@ class Pruner:
     def renumbers_llm_cuts(self, family: str) -> bool:
         """Whether this pruner's LLM-side cuts renumber the kept tokens contiguously for the following layers
         (``LayerRunner.prefill(renumber=True)``: each layer group then decodes from its own next position) on a
-        model of ``family``. Default: ``position_mode == "renumber"``; 1-D RoPE families only."""
+        model of ``family``. Default: ``position_mode == "renumber"`` (a pruner offering that mode refuses
+        families outside ``RENUMBER_FAMILIES``, as AdaptInfer does)."""
         return self.position_mode == "renumber"
 
     def before_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq) -> ScoreRequest | None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
-from vlmguard.pruning.base import PruneContext, Pruner
+from vlmguard.pruning.base import RENUMBER_FAMILIES, PruneContext, Pruner
 from vlmguard.pruning.flowcut_qwen_vision import run_stage_v_qwen
 from vlmguard.pruning.flowcut_vision import run_stage_v, selected_layer
 from vlmguard.pruning.registry import PRUNERS
@@ -122,7 +122,7 @@ class FlowCutPruner(Pruner):
     def renumbers_llm_cuts(self, family: str) -> bool:
         """``compact``: stage L renumbers the survivors for layers > ``llm_layer`` (the reference) on the 1-D
         RoPE families (LLaVA-1.5 has no stage L); Qwen2-VL's M-RoPE keeps its positions."""
-        return self.position_mode == "compact" and family in CLIP_FAMILIES
+        return self.position_mode == "compact" and family in RENUMBER_FAMILIES
 
     # ---- budgets ---------------------------------------------------------------------------
     def check_budget(self, ctx: PruneContext) -> None:
