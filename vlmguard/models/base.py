@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from vlmguard.errors import InvalidInput, ModelLoadError
+from vlmguard.models.image_text_processor import CHAT_TEMPLATE_HELP, chat_template_of
 from vlmguard.sequence import Seq
 
 
@@ -123,8 +124,6 @@ class ModelAdapter:
         if prompt.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
         messages.append({"role": "user", "content": content})
-        from vlmguard.models.image_text_processor import CHAT_TEMPLATE_HELP, chat_template_of
-
         if not chat_template_of(self.processor):
             raise ModelLoadError(f"the model's processor has no chat template ({CHAT_TEMPLATE_HELP}); "
                                  "vlmguard formats prompts with the model's own template")
