@@ -3,8 +3,8 @@
 Methods (FastV, AdaptInfer, FlowCut, IAVA, ...) need a *slice* of an attention map: a few query rows
 against the keys of one layer. Asking the model for full attention matrices forces eager attention and
 O(L^2) memory per head, so instead vlmguard registers its own attention functions with transformers'
-public :class:`~transformers.AttentionInterface` (``vlmguard_sdpa``, ``vlmguard_flash``, ``vlmguard_eager``).
-Each one computes the model's real attention output with the wrapped kernel (SDPA / FlashAttention /
+public :class:`~transformers.AttentionInterface` (``vlmguard_sdpa``, ``vlmguard_eager``, and FlashAttention-2
+under its own name, ``flash_attention_2``: see below). Each one computes the model's real attention output with the wrapped kernel (SDPA / FlashAttention /
 eager) and, only when a method asked for it on that module during the current forward, also computes
 
     softmax(q[rows] @ k^T * scaling + mask[rows])          # (B, H, Q, K) in fp32
@@ -17,6 +17,13 @@ Usage (inside a forward that the engine drives)::
     with score_probe(module, ScoreRequest(query_index, key_mask, query_pos)) as rec:
         layer(...)
     rec.probs   # (B, H, Q, K) or head-averaged (B, Q, K)
+
+Why FlashAttention keeps its name: transformers treats every implementation name containing "flash" as a
+FlashAttention kernel *of that name* (it checks the model's support, loads ``flash_attn`` for exactly
+``flash_attention_2``, and takes any other such name for a kernel repository on the Hub, both when the
+implementation is set and inside ``flash_attention_forward``, which passes the model's implementation name
+on). So the recording wrapper replaces the ``flash_attention_2`` entry of the interface, around the original
+function; without an active probe it only forwards the call.
 """
 from __future__ import annotations
 
@@ -32,11 +39,16 @@ from torch import nn
 
 _LOCAL = threading.local()
 
+# registered name -> the implementation it wraps (FlashAttention-2 is wrapped under its own name, module doc)
 BASE_IMPLEMENTATIONS = {
     "vlmguard_sdpa": "sdpa",
-    "vlmguard_flash": "flash_attention_2",
+    "flash_attention_2": "flash_attention_2",
     "vlmguard_eager": "eager",
 }
+FLASH = "flash_attention_2"
+PROBING_IMPLEMENTATIONS = tuple(BASE_IMPLEMENTATIONS)  # what an Engine's model runs with
+# transformers' own functions, taken before any of ours replaces one of them
+_ORIGINAL: dict[str, Callable] = {}
 
 
 @dataclass
@@ -159,9 +171,7 @@ def model_eager_attention(attention_cls: type) -> Callable:
 
 def _make_attention(base_name: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        base = model_eager_attention(type(module)) if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
+        base = model_eager_attention(type(module)) if base_name == "eager" else _ORIGINAL[base_name]
         reqs = getattr(_LOCAL, "requests", None)
         req = reqs.get(id(module)) if reqs else None
         if req is not None:
@@ -181,6 +191,7 @@ def _make_attention(base_name: str) -> Callable:
         return base(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.__name__ = f"vlmguard_{base_name}_attention"
+    attention.vlmguard_probe = True  # type: ignore[attr-defined]
     return attention
 
 
@@ -188,11 +199,18 @@ def register_attention_functions() -> None:
     """Register vlmguard's recording wrappers with transformers' public interfaces (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    for base in ("sdpa", FLASH):
+        current = ALL_ATTENTION_FUNCTIONS[base]
+        if not getattr(current, "vlmguard_probe", False):  # ours already: the original is kept from before
+            _ORIGINAL[base] = current
     for name, base in BASE_IMPLEMENTATIONS.items():
-        AttentionInterface.register(name, _make_attention(base))
-        mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
+        if not getattr(ALL_ATTENTION_FUNCTIONS.get(name), "vlmguard_probe", False):
+            AttentionInterface.register(name, _make_attention(base))
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
 
 
 def flash_attention_available() -> bool:
@@ -203,19 +221,26 @@ def flash_attention_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_attention(requested: str, device: torch.device) -> str:
-    """Map a user choice (auto/sdpa/flash_attention_2/eager) to a registered vlmguard implementation."""
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map a user choice (auto/sdpa/flash_attention_2/eager) to a registered vlmguard implementation.
+
+    ``auto`` takes FlashAttention-2 on CUDA when flash-attn is installed and the weights are in half precision
+    (``dtype`` None: not known yet), else SDPA. FlashAttention's kernels run in float16 / bfloat16 only, so
+    asking for it with float32 weights on CUDA is refused here rather than in the first forward."""
+    from vlmguard.errors import InvalidInput
+
+    half = dtype is None or dtype in (torch.float16, torch.bfloat16)
     requested = (requested or "auto").lower()
     if requested == "auto":
-        requested = "flash_attention_2" if device.type == "cuda" and flash_attention_available() else "sdpa"
-    table = {"sdpa": "vlmguard_sdpa", "flash_attention_2": "vlmguard_flash", "flash": "vlmguard_flash",
-             "eager": "vlmguard_eager"}
+        flash = device.type == "cuda" and half and flash_attention_available()
+        requested = "flash_attention_2" if flash else "sdpa"
+    table = {"sdpa": "vlmguard_sdpa", "flash_attention_2": FLASH, "flash": FLASH, "eager": "vlmguard_eager"}
     if requested not in table:
-        from vlmguard.errors import InvalidInput
-
         raise InvalidInput(f"unknown attention implementation {requested!r} (use auto, sdpa, flash_attention_2, eager)")
-    if table[requested] == "vlmguard_flash" and not flash_attention_available():
-        from vlmguard.errors import InvalidInput
-
-        raise InvalidInput("flash_attention_2 needs CUDA and the flash-attn package (pip install 'vlmguard[gpu]')")
+    if table[requested] == FLASH:
+        if not flash_attention_available():
+            raise InvalidInput("flash_attention_2 needs CUDA and the flash-attn package (pip install 'vlmguard[gpu]')")
+        if device.type == "cuda" and not half:
+            raise InvalidInput(f"flash_attention_2 runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}: "
+                               "use --dtype bfloat16 (or auto), or --attn sdpa")
     return table[requested]

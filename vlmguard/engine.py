@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from vlmguard.attention import ScoreRequest, choose_attention, register_attention_functions
+from vlmguard.attention import (FLASH, PROBING_IMPLEMENTATIONS, ScoreRequest, choose_attention,
+                                register_attention_functions)
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError, first_line
@@ -100,13 +101,14 @@ class Engine:
         self.model_name = name
         self.revision: str | None = None  # weights fingerprint when loaded from a directory (Engine.load)
         impl = attn_implementation or getattr(model.config, "_attn_implementation", "sdpa")
-        if not str(impl).startswith("vlmguard_"):
+        if impl not in PROBING_IMPLEMENTATIONS:
             impl = choose_attention(impl if impl in ("sdpa", "eager", "flash_attention_2") else "sdpa",
-                                    model.device)
+                                    model.device, model.dtype)
+        if getattr(model.config, "_attn_implementation", None) != impl:
             model.set_attn_implementation(impl)
         self.attn_implementation = impl
         self.adapter: ModelAdapter = adapter_for(model, processor)
-        self.runner = LayerRunner(self.adapter, flash=impl == "vlmguard_flash", eager=impl == "vlmguard_eager")
+        self.runner = LayerRunner(self.adapter, flash=impl == FLASH, eager=impl == "vlmguard_eager")
         # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
         self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 
@@ -128,12 +130,13 @@ class Engine:
             if family not in FAMILIES:
                 raise ModelLoadError(f"unknown family {family!r} in {model!r} (known: {', '.join(FAMILIES)})")
             m, proc = FAMILIES[family]()
-            return cls(m.to(dev), proc, name=model, attn_implementation=None)
+            m = m.to(dev, pick_dtype(dtype, dev))
+            return cls(m, proc, name=model, attn_implementation=choose_attention(attn_implementation, dev, m.dtype))
         from vlmguard.models.resolve import resolve_model_path, weights_fingerprint
 
         path = resolve_model_path(model)
         register_attention_functions()
-        impl = choose_attention(attn_implementation, dev)
+        impl = choose_attention(attn_implementation, dev, pick_dtype(dtype, dev))
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
             cls_name = MODEL_CLASSES.get(config.model_type)

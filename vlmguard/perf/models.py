@@ -46,9 +46,8 @@ def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     register_attention_functions()
-    impl = choose_attention(attn, dev)
+    impl = choose_attention(attn, dev, dt)
     model, processor = build_shape(shape, dtype=dt, device=dev, seed=seed)
-    model.set_attn_implementation(impl)
     return Engine(model, processor, name=shape, attn_implementation=impl)
 
 
