@@ -366,3 +366,40 @@ def test_direct_ingress_urls_wait_for_every_expected_replica(monkeypatch):
     assert len(calls) == 3
     published = iter([group(9001)] * 3)
     assert launch.direct_ingress_urls(cfg, wait_s=0, expected=2) == ["http://127.0.0.1:9001"]  # the caller decides
+
+
+def test_gpu_reservation_follows_the_device():
+    """Ray hides the GPUs from a replica that reserves none: a CUDA replica reserves one unless told otherwise,
+    and ``auto`` is CUDA on a cluster with GPUs (it used to reserve none, so on a GPU machine `vlmguard serve
+    --model M` ran the model on the CPU)."""
+    from vlmguard.workers.app import model_deployment
+    from vlmguard.workers.config import ModelConfig
+
+    auto = ModelConfig()
+    assert auto.num_gpus is None and auto.gpus_per_replica(0) == 0 and auto.gpus_per_replica(2) == 1
+    assert ModelConfig(device="cuda").gpus_per_replica(0) == 1 and ModelConfig(device="cuda:1").gpus_per_replica(8) == 1
+    assert ModelConfig(device="cpu").gpus_per_replica(8) == 0
+    assert ModelConfig(device="cuda", num_gpus=0.5).gpus_per_replica(8) == 0.5
+    with pytest.raises(InvalidInput, match="device cuda needs num_gpus > 0 per replica"):
+        parse_config({"models": [{"model": "tiny", "device": "cuda", "num_gpus": 0}]})
+    options = lambda m: model_deployment(m, 0)._bound_deployment.ray_actor_options  # noqa: E731
+    assert options(ModelConfig(device="cuda")) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert options(ModelConfig()) == {"num_cpus": 1.0}  # no Ray cluster connected here: no GPUs
+
+
+def test_serve_refuses_gpu_replicas_this_machine_lacks(capsys, monkeypatch, tmp_path):
+    """A local service whose replicas reserve GPUs the machine lacks is refused before Ray starts (the
+    replicas would wait for a GPU for ever)."""
+    import vlmguard.workers.launch
+    from vlmguard.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(vlmguard.workers.launch, "start_service", forbidden)
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text("models: [{model: tiny, device: cuda, num_replicas: 2}]\n")
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "the replicas reserve more GPUs than this machine has (0): tiny 2" in err

@@ -22,6 +22,13 @@ from vlmguard.workers.deployment import ModelApi, ModelWorker
 from vlmguard.workers.ingress import Ingress
 
 
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 when not connected)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
 def deployment_name(model: ModelConfig, index: int) -> str:
     safe = "".join(c if c.isalnum() else "_" for c in model.served_name)[:40]
     return f"ModelWorker_{index}_{safe}"
@@ -34,8 +41,9 @@ _API_HEADROOM = 8
 def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | None = None) -> Application:
     """The model's deployment; with ``service`` it is also the app's HTTP ingress (``ingress: model``)."""
     actor_options: dict[str, Any] = {"num_cpus": model.num_cpus}
-    if model.num_gpus:
-        actor_options["num_gpus"] = model.num_gpus
+    gpus = model.gpus_per_replica(cluster_gpus())
+    if gpus:
+        actor_options["num_gpus"] = gpus
     common = dict(name=deployment_name(model, index), num_replicas=model.num_replicas,
                   ray_actor_options=actor_options, health_check_period_s=10, health_check_timeout_s=60,
                   graceful_shutdown_timeout_s=5)

@@ -47,16 +47,33 @@ class ModelConfig(BaseModel):
     trust_remote_code: bool = False
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0.0)  # per replica
-    num_gpus: float = Field(0.0, ge=0.0)  # per replica
+    # GPUs per replica; None: 1 when the replica runs on CUDA (device cuda[:N], or auto on a Ray cluster with
+    # GPUs), else 0. Ray hides the GPUs from a replica that reserves none, so a CUDA replica needs > 0.
+    num_gpus: Optional[float] = Field(None, ge=0.0)
     torch_threads: Optional[int] = Field(None, ge=1)  # default: max(1, num_cpus)
     max_ongoing_requests: int = Field(32, ge=1)  # per replica (>= max_batch_size to let batches fill)
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it callers get backpressure (-1: no limit)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     max_new_tokens_limit: int = Field(1024, ge=1)  # hard cap on a request's max_new_tokens
 
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self) -> "ModelConfig":
+        if self.device.startswith("cuda") and self.num_gpus == 0:
+            raise ValueError(f"device {self.device} needs num_gpus > 0 per replica (Ray hides the GPUs from a "
+                             "replica that reserves none)")
+        return self
+
     @property
     def served_name(self) -> str:
         return self.name or self.model
+
+    def gpus_per_replica(self, cluster_gpus: float) -> float:
+        """The replica's GPU reservation: ``num_gpus`` when set, else 1 for a CUDA replica (device cuda, or
+        auto on a cluster with ``cluster_gpus`` >= 1), else 0."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        cuda = self.device.startswith("cuda") or (self.device == "auto" and cluster_gpus >= 1)
+        return 1.0 if cuda else 0.0
 
     @property
     def replica_concurrency(self) -> int:
