@@ -95,3 +95,17 @@ def test_bundled_model_loads_with_flash(flash_on_cpu):
     assert flash_on_cpu["varlen"] + flash_on_cpu["func"] > 0
     want = Engine.load("tiny", attn_implementation="sdpa").generate(reqs, spec)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+@pytest.mark.parametrize("pruning, budget, decoding", [("fastv", 4, "greedy"), ("adaptinfer", 0.25, "vcd")])
+def test_flash_requests_joining_a_running_batch_get_their_own_answers(pruning, budget, decoding, flash_on_cpu):
+    """In-flight joins under FlashAttention: the merged batch's per-layer caches of different lengths reach the
+    kernel as 2-D padding masks (one per layer), and each request decodes as it does alone."""
+    from pruning_support import check_joined_equals_alone
+
+    model, proc = FAMILIES["llava"](seed=0)
+    eng = Engine(model, proc, name="flash", attn_implementation="flash_attention_2")
+    spec = GenerationSpec(max_new_tokens=6, pruning=pruning, budget=budget, decoding=decoding, diagnostics=True)
+    reqs = _requests()
+    check_joined_equals_alone(eng, spec, reqs[:1], reqs[1:])
+    assert flash_on_cpu["varlen"] > 0  # padded rows went through flash's un-padding path
