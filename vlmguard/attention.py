@@ -4,8 +4,9 @@ Methods (FastV, AdaptInfer, FlowCut, IAVA, ...) need a *slice* of an attention m
 against the keys of one layer. Asking the model for full attention matrices forces eager attention and
 O(L^2) memory per head, so instead vlmguard registers its own attention functions with transformers'
 public :class:`~transformers.AttentionInterface` (``vlmguard_sdpa``, ``vlmguard_eager``, and FlashAttention-2
-under its own name, ``flash_attention_2``: see below). Each one computes the model's real attention output with the wrapped kernel (SDPA / FlashAttention /
-eager) and, only when a method asked for it on that module during the current forward, also computes
+under its own name, ``flash_attention_2``: see below). Each one computes the model's real attention output
+with the wrapped kernel (SDPA / FlashAttention / eager) and, only when a method asked for it on that module
+during the current forward, also computes
 
     softmax(q[rows] @ k^T * scaling + mask[rows])          # (B, H, Q, K) in fp32
 
