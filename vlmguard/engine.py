@@ -391,7 +391,9 @@ class Engine:
 
     @staticmethod
     def _share_keep(keep: torch.Tensor, seq: Seq, n_req: int, nb: int, shares: list[bool]) -> torch.Tensor:
-        """Branch rows keep exactly their main row's visual indices (when they carry the same image)."""
+        """Branch rows keep exactly their main row's visual indices when they carry the same visual tokens. A
+        row that a vision-side cut left with tokens of its own (FlowCut's stage V on a distorted view) keeps
+        the pruner's own cut of it, to the same budget."""
         if nb == 1:
             return keep
         vis = seq.visual_mask()
@@ -401,7 +403,8 @@ class Engine:
             if not shares[r]:
                 keep[r] |= vis[r]
                 continue
-            if int(vis[r].sum()) != int(vis[main].sum()) or not bool(vis[r].any()):
+            own, mains = seq.visual[r][vis[r]], seq.visual[main][vis[main]]
+            if not own.numel() or own.shape != mains.shape or not torch.equal(own, mains):
                 continue
             main_kept = seq.visual[main][keep[main] & vis[main]]
             row_keep = torch.isin(seq.visual[r], main_kept) & vis[r]
