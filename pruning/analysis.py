@@ -56,14 +56,25 @@ def synth_calibration(n: int, seed: int = CALIBRATION_SEED, image_size: int = 96
 
 
 def directory_calibration(path: str | Path, n: int, question: str = "Describe the image briefly.") -> list[Prompt]:
+    """The first ``n`` images of a folder; a missing folder or an unreadable image is one line naming it."""
     from PIL import Image
 
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[:n]
-    if not files:
-        from vlmguard.errors import InvalidInput
+    from vlmguard.errors import InvalidInput, first_line
 
+    d = Path(path)
+    if not d.is_dir():
+        raise InvalidInput(f"--images {d}: {'not a directory' if d.exists() else 'no such directory'}")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[:n]
+    if not files:
         raise InvalidInput(f"no images (.jpg/.png/.webp) in {path}")
-    return [Prompt(question, [Image.open(f).convert("RGB")]) for f in files]
+    prompts = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                prompts.append(Prompt(question, [im.convert("RGB")]))
+        except (OSError, ValueError) as e:  # not an image (PIL's UnidentifiedImageError), truncated, unreadable
+            raise InvalidInput(f"--images: cannot read image {f} ({first_line(e)})") from None
+    return prompts
 
 
 def text_to_vision_profile(engine, prompt: Prompt) -> torch.Tensor:

@@ -53,10 +53,14 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.out:  # before the analysis, not after it
         check_output_file(args.out, "--out")
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
-    if args.images:
+    if args.images:  # read before the model loads: a bad folder or image is reported first
         prompts = directory_calibration(args.images, args.samples)
-    else:
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
+    n_layers = engine.adapter.num_layers
+    if 2 * args.min_size > n_layers:  # no change point can be placed: an all-zero histogram, a made-up schedule
+        raise InvalidInput(f"--min-size {args.min_size} is too large for the {n_layers} decoder layers of "
+                           f"{args.model} (at most {n_layers // 2})")
+    if not args.images:
         cfg = engine.model.config
         size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 96) or 96)
         prompts = synth_calibration(args.samples, seed=args.seed if args.seed is not None else CALIBRATION_SEED,

@@ -347,3 +347,182 @@ def test_score_pope_with_an_empty_answers_file_is_an_error(capsys, tmp_path):
     answers.write_text("")
     questions = SYNTH / "pope" / "synthcoco_pope_random.json"
     assert_error(capsys, ["score", "pope", "--answers", answers, "--questions", questions], "no answers in file")
+
+
+# ---- 11. perf: names, budgets, seeds and service options before the model loads ---------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["prefill", "--methods", "nosuch", "--budgets", "8"], "unknown pruning method 'nosuch'"),
+    (["prefill", "--methods", "fastv", "--budgets", "0"], "budget must be >= 1"),
+    (["prefill", "--methods", "flowcut[bogus=1]", "--budgets", "8"], "bogus"),
+    (["decode", "--decoders", "nosuch", "--batch", "1"], "unknown decoding method 'nosuch'"),
+    (["decode", "--decoders", "vcd", "--batch", "1", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+    (["decode", "--decoders", "vcd", "--batch", "1", "--pruning", "nosuch", "--budget", "8"],
+     "unknown pruning method 'nosuch'"),
+    # the budget was silently dropped (rows said budget None)
+    (["decode", "--decoders", "vcd", "--batch", "1", "--budget", "8"], "--budget needs --pruning"),
+    (["decode", "--decoders", "vcd", "--batch", "1", "--pruning", "none", "--budget", "8"], "--budget needs --pruning"),
+])
+def test_perf_methods_checked_before_the_model_loads(capsys, no_work, argv, needle):
+    """A real shape takes minutes to build: a typo in a method must not wait for it."""
+    cmd, rest = argv[0], argv[1:]
+    assert_error(capsys, ["perf", cmd, "--shape", "llava-1.5-7b-cpu4", "--repeats", "1", "--quiet", *rest], needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**63-1], got -1"),  # was numpy's ValueError traceback
+    (["--seed", str(2**64)], "argument --seed"),
+    (["--budgets", "abc"], "argument --budgets: budget must be a number, got 'abc'"),
+])
+def test_perf_seed_and_budget_arguments(capsys, no_work, argv, needle):
+    assert_error(capsys, ["perf", "prefill", *PERF, *argv], needle, one_line=False)
+
+
+def test_perf_repeated_methods_budgets_and_batches_measured_once(capsys):
+    from cli_support import run_json
+
+    data = run_json(["perf", "prefill", *PERF, "--methods", "fastv,none,fastv", "--budgets", "8,8.0,1.0",
+                     "--json"])
+    rows = [(r["method"], r["budget"]) for r in data["rows"]]
+    assert rows == [("none", None), ("fastv", 8), ("fastv", 1.0)]  # 1.0 is the ratio (keep all), as in bench
+    assert all(len(r["times"]["samples"]["prefill_s"]) == 1 for r in data["rows"])  # --repeats 1: one sample
+    assert data["rows"][2]["visual_tokens_per_layer"] == [data["rows"][0]["visual_tokens"]] * 4
+    data = run_json(["perf", "decode", *PERF, "--decoders", "greedy", "--batch", "1,1", "--new-tokens", "2",
+                     "--json"])
+    assert [(r["decoder"], r["batch"]) for r in data["rows"]] == [("greedy", 1)]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max-batch", "1000"], "--max-batch 1000: Input should be less than or equal to 256"),
+    (["--batch-wait-ms", "-5"], "--batch-wait-ms -5.0 (= -0.005 s): Input should be greater than or equal to 0"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms nan"),
+    (["--shape", "llava-1.5-7b-cpu4"], "--shape llava-1.5-7b-cpu4: a benchmark shape"),
+])
+def test_perf_serve_options_checked_before_the_model_and_ray(capsys, no_work, monkeypatch, argv, needle):
+    """These were a pydantic traceback after the model loaded and Ray started (or, for a benchmark shape, a
+    deployment that could not load it)."""
+    import vlmguard.perf.serve as perf_serve
+
+    monkeypatch.setattr(perf_serve, "_private_ray", lambda *a, **k: pytest.fail("Ray started"))
+    out = assert_error(capsys, ["perf", "serve", *PERF, "--clients", "1", "--requests", "2", *argv], needle)
+    assert "validation error" not in out.err
+
+
+def test_perf_plot_of_a_broken_report(capsys, tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_bytes(b"\xff\xfe{}")
+    assert_error(capsys, ["perf", "plot", bad, "--out", tmp_path / "f.png"], f"{bad} is not a JSON report",
+                 "not UTF-8")
+    bad.write_text('{"command": "perf prefill", "rows": [{"budget": 8}]}')
+    assert_error(capsys, ["perf", "plot", bad, "--out", tmp_path / "f.png", "--markdown"],
+                 f"{bad} is not a vlmguard perf report", "KeyError")
+
+
+# ---- 12. prune analyze: the calibration images before the model, --min-size against its depth --------------
+
+def test_prune_analyze_images_checked_before_the_model(capsys, no_work, tmp_path, a_file, a_dir):
+    base = ["prune", "analyze", "--model", "tiny", "--samples", "2", "--images"]
+    assert_error(capsys, base + [tmp_path / "none"], f"--images {tmp_path / 'none'}: no such directory")
+    assert_error(capsys, base + [a_file], f"--images {a_file}: not a directory")
+    assert_error(capsys, base + [a_dir], f"no images (.jpg/.png/.webp) in {a_dir}")
+    (a_dir / "broken.png").write_text("not an image")
+    assert_error(capsys, base + [a_dir], f"--images: cannot read image {a_dir / 'broken.png'}")
+
+
+def test_prune_analyze_min_size_too_large_for_the_model(capsys, tmp_path):
+    """It wrote a schedule from an all-zero histogram: no change point fits in 4 layers with segments of 3."""
+    out = tmp_path / "s.json"
+    assert_error(capsys, ["prune", "analyze", "--model", "tiny", "--samples", "1", "--min-size", "3", "--out", out],
+                 "--min-size 3 is too large for the 4 decoder layers of tiny (at most 2)")
+    assert not out.exists()
+
+
+# ---- 13. score: broken gzip, non-UTF-8 and incomplete ground truth ------------------------------------------
+
+def test_score_files_that_are_not_valid_gzip(capsys, tmp_path):
+    import gzip
+
+    questions = SYNTH / "pope" / "synthcoco_pope_random.json"
+    good = gzip.compress(b'{"question_id": 1, "text": "yes"}\n' * 20)
+    cases = {"notgz.jsonl.gz": b"plain text", "cut.jsonl.gz": good[:20], "bad.jsonl.gz": good[:10] + b"\xff" * 6 + good[16:]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert_error(capsys, ["score", "pope", "--answers", tmp_path / name, "--questions", questions],
+                     f"{tmp_path / name}: not a valid gzip file")
+        assert_error(capsys, ["score", "chair", "--captions", tmp_path / name, "--gt", SYNTH / "annotations"],
+                     f"{tmp_path / name}: not a valid gzip file")
+    table = tmp_path / "gt.json.gz"
+    table.write_bytes(cases["bad.jsonl.gz"])
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"image_id": 1, "caption": "a dog"}\n')
+    assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", table],
+                 f"{table}: cannot read CHAIR ground-truth table")
+    table = tmp_path / "gt.json"
+    table.write_bytes(b"\x80{}")
+    assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", table],
+                 f"{table}: cannot read CHAIR ground-truth table")
+
+
+def test_score_chair_coco_annotation_folder_with_bad_files(capsys, tmp_path):
+    import json
+
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"image_id": 1, "caption": "a dog"}\n')
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "instances_x.json").write_text((SYNTH / "annotations" / "instances_test.json").read_text())
+    caps = json.loads((SYNTH / "annotations" / "captions_test.json").read_text())
+    for ann in caps["annotations"]:
+        del ann["caption"]
+    (gt / "captions_x.json").write_text(json.dumps(caps))
+    assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", gt],
+                 f"{gt / 'captions_x.json'}: annotation", "expected a 'caption' string")
+    (gt / "instances_x.json").write_bytes(b"\x80{}")
+    assert_error(capsys, ["score", "chair", "--captions", captions, "--gt", gt],
+                 f"{gt / 'instances_x.json'}: not UTF-8 text")
+
+
+# ---- 14. compare: its resampling seed and count ------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),  # was numpy's ValueError traceback
+    (["--boot", "999999999999"], "--boot must be at most 100000"),  # was a MemoryError traceback (or worse)
+])
+def test_compare_seed_and_boot_checked(capsys, tmp_path, argv, needle):
+    from vlmguard.bench.db import connect
+
+    connect(tmp_path / "r.sqlite").close()
+    assert_error(capsys, ["compare", "--db", tmp_path / "r.sqlite", *argv], needle)
+
+
+# ---- 15. bench sweep: a key given twice, every model before the first run -----------------------------------
+
+def test_sweep_yaml_key_given_twice(capsys, no_work, tmp_path):
+    """PyYAML kept the last of two keys silently: the sweep ran only the second list of budgets."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"dataset: {SYNTH}\nbenchmarks: [pope]\nmethods: [{{name: f, pruning: fastv}}]\n"
+                   "budgets: [16]\nbudgets: [8]\n")
+    assert_error(capsys, ["bench", "sweep", cfg, "--db", tmp_path / "s.sqlite", "--no-progress"],
+                 f"{cfg}:5:1: bad YAML (found duplicate key 'budgets')")
+    cfg.write_text(f"dataset: {SYNTH}\nbenchmarks: [pope]\nmethods:\n"
+                   "  - {name: v, decoding: vcd, decoding_params: {alpha: 1, alpha: 2}}\n")
+    assert_error(capsys, ["bench", "sweep", cfg, "--db", tmp_path / "s.sqlite", "--no-progress"],
+                 "found duplicate key 'alpha'")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_sweep_yaml_merge_keys_may_be_overridden(tmp_path):
+    from vlmguard.files import read_yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: &b {alpha: 1, beta: 2}\nother:\n  <<: *b\n  alpha: 3\n")
+    assert read_yaml(cfg, "config") == {"base": {"alpha": 1, "beta": 2}, "other": {"alpha": 3, "beta": 2}}
+
+
+def test_sweep_models_found_before_any_run(capsys, no_work, tmp_path):
+    """The second model's path was found missing only after the first model's runs."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"dataset: {SYNTH}\nbenchmarks: [pope]\nmodel: [tiny, {tmp_path / 'nope'}]\n")
+    assert_error(capsys, ["bench", "sweep", cfg, "--db", tmp_path / "s.sqlite", "--no-progress"],
+                 f"{cfg}: model '{tmp_path / 'nope'}'", "no such directory")
+    assert not (tmp_path / "s.sqlite").exists()

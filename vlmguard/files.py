@@ -95,15 +95,45 @@ def check_plot_path(path: str | os.PathLike, option: str = "--plot") -> Path:
     return check_output_file(p, option)
 
 
+def _unique_key_loader() -> Any:
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so
+    a second ``budgets:`` or ``methods:`` would drop the first). Keys merged in with ``<<`` may be
+    overridden, as YAML says."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
 def read_yaml(path: str | os.PathLike, what: str) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is one line naming the file (and the line)."""
+    """Parse a YAML file; a missing file, bad YAML or a key given twice is one line naming the file (and the
+    line)."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise InvalidInput(f"{p}: {what} not found" if not p.exists() else f"{p}: {what} is not a file")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -16,6 +16,7 @@ import contextlib
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -33,7 +34,7 @@ def load_gt_table(path: str | Path) -> GroundTruth:
         if p.suffix == ".gz":
             raw = gzip.decompress(raw)
         table = json.loads(raw)
-    except (OSError, json.JSONDecodeError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zlib.error) as e:  # ValueError: bad JSON, not UTF-8 text
         raise InvalidInput(f"{p}: cannot read CHAIR ground-truth table ({e})") from None
     if not isinstance(table, dict) or "annotations" in table:
         raise InvalidInput(f"{p}: expected a table {{image_id: [object names]}}")
@@ -61,6 +62,8 @@ def quiet_coco(path: Path):
             return COCO(str(path))
         except json.JSONDecodeError as e:
             raise InvalidInput(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except (KeyError, TypeError, AssertionError) as e:
             raise InvalidInput(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
 
@@ -95,6 +98,9 @@ def gt_from_coco_files(
                 continue
             bucket = objects.setdefault(imid, set())
             for ann in coco.loadAnns(coco.getAnnIds(imgIds=[imid])):
+                if not isinstance(ann.get("caption"), str):
+                    raise InvalidInput(f"{path}: annotation {ann.get('id')}: expected a 'caption' string, "
+                                       f"got {ann.get('caption')!r}")
                 bucket.update(ext.extract(ann["caption"]).categories)
     return {k: frozenset(v) for k, v in objects.items()}
 

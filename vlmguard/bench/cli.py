@@ -173,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cp.add_argument("--baseline", default="base",
                     help="method label of the baseline run, as `vlmguard report` prints it (default: %(default)s)")
     cp.add_argument("--benchmark", choices=("pope", "chair"), help="only this benchmark's runs")
-    cp.add_argument("--boot", type=_positive_int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    cp.add_argument("--boot", type=_positive_int, default=2000, help="bootstrap resamples, 100 to 100000 (default: %(default)s)")
     cp.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
     cp.add_argument("--seed", type=int, default=0, help="resampling seed (default: %(default)s)")
     cp.add_argument("--json", action="store_true")

@@ -133,6 +133,9 @@ def _changes(base: dict[str, np.ndarray], other: dict[str, np.ndarray], benchmar
             yield "accuracy_retained", "ratio", b, o, o / b
 
 
+MAX_BOOT = 100_000
+
+
 def compare_pair(base_samples: list[dict[str, Any]], samples: list[dict[str, Any]], benchmark: str, *,
                  n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> list[dict[str, Any]]:
     """Point estimates and paired bootstrap intervals of one run against a baseline run."""
@@ -162,6 +165,10 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
         raise InvalidInput(f"confidence must be in [0.5, 1), got {confidence}")
     if n_boot < 100:
         raise InvalidInput(f"--boot must be at least 100, got {n_boot}")
+    if n_boot > MAX_BOOT:  # resamples x images indices are held at once: more would exhaust the memory
+        raise InvalidInput(f"--boot must be at most {MAX_BOOT}, got {n_boot}")
+    if seed < 0:  # numpy's generator takes no negative seed
+        raise InvalidInput(f"--seed must be >= 0, got {seed}")
     runs = [r for r in list_runs(db, with_metrics=False)
             if r["status"] == "finished" and r["benchmark"] in BENCHMARKS
             and (benchmark is None or r["benchmark"] == benchmark)]

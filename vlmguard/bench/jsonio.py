@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +27,10 @@ def read_text(path: str | Path) -> str:
         raise InvalidInput(f"{p}: is a directory, expected a file")
     data = p.read_bytes()
     if p.suffix == ".gz":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, corrupt
+            raise InvalidInput(f"{p}: not a valid gzip file ({e})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

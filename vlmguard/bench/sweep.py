@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vlmguard.bench.datasets import resolve_dataset
 from vlmguard.bench.pope_data import SPLITS
 from vlmguard.bench.runner import RunOutcome, default_spec, run_benchmark
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, VlmguardError
 
 GEN_KEYS = ("max_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k")
 
@@ -292,6 +292,15 @@ def run_sweep(
         gt=_path(cfg.get("gt")),
         image_ids=_path(cfg.get("image_ids")),
     )
+    if load_engine is None:  # every model found before the first run, not after the first model's runs
+        from vlmguard.models.resolve import resolve_model_path
+
+        for name in dict.fromkeys(job["model"] for job in jobs):
+            if not name.startswith("random:"):
+                try:
+                    resolve_model_path(name)
+                except VlmguardError as e:
+                    raise InvalidInput(f"{config_path}: {e}") from None
     check_db(db_path, "--db" if db else f"{config_path}: db")
     if load_engine is None:
         from vlmguard.engine import Engine

@@ -39,8 +39,13 @@ def _method_list(text: str) -> list[str]:
 
 
 def _budget(text: str) -> int | float:
-    v = float(text)
-    return int(v) if v.is_integer() and v >= 1 else v
+    """Visual tokens kept (``8``, ``8.0``) or a kept ratio (``0.5``; ``1.0`` keeps all, as ``vlmguard bench``
+    and GenerationSpec read it, while ``1`` is one token)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
+    return int(v) if v.is_integer() and not (v == 1.0 and "." in text) else v
 
 
 def _positive(text: str) -> int:
@@ -57,6 +62,13 @@ def _nonneg(text: str) -> int:
     return v
 
 
+def _seed(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 2**63 - 1:  # what numpy's and torch's generators take
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63-1], got {v}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
     p.add_argument("--shape", default=shape,
                    help=f"model shape (default {shape}; e.g. llava-1.5-7b, llava-next-7b, qwen2-vl-7b, "
@@ -67,7 +79,7 @@ def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
     p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=_positive, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--plot", default=None, help="write a figure of the results to this file (.png, .pdf, .svg, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -168,9 +180,10 @@ def _finish(args, result: dict[str, Any], text: str) -> int:
 
 
 def cmd_prefill(args) -> int:
-    from vlmguard.perf.prefill import prefill_table, run_prefill
+    from vlmguard.perf.prefill import check_configs, prefill_table, run_prefill
 
     _check_outputs(args)
+    check_configs(args.methods, args.budgets)  # names, parameters and budgets before the model loads
     engine = _engine(args)
     result = run_prefill(engine, args.methods, args.budgets, batch=args.batch, repeats=args.repeats,
                          warmup=args.warmup, seed=args.seed, progress=_progress(args))
@@ -178,11 +191,14 @@ def cmd_prefill(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from vlmguard.perf.decode import decode_table, run_decode
+    from vlmguard.perf.decode import check_decoders, decode_table, run_decode
 
     if (args.pruning is None) != (args.budget is None) and args.pruning not in (None, "none"):
         raise InvalidInput("--pruning needs --budget (visual tokens kept, or a ratio)")
+    if args.budget is not None and args.pruning in (None, "none"):  # it was silently dropped
+        raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
     _check_outputs(args)
+    check_decoders(args.decoders, args.pruning, args.budget, args.new_tokens)  # before the model loads
     engine = _engine(args)
     result = run_decode(engine, args.decoders, args.batch, pruning=args.pruning, budget=args.budget,
                         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
@@ -206,17 +222,23 @@ def cmd_plot(args) -> int:
     from vlmguard.perf.plots import plot_report
 
     check_plot_path(args.out, "--out")
+    from vlmguard.perf.report import markdown
+
     path = Path(args.report)
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{path} is not a JSON report: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{path} is not a JSON report: {e}") from None
     if not isinstance(result, dict) or "rows" not in result:
         raise InvalidInput(f"{path} is not a vlmguard perf report")
-    plot_report(result, args.out)
-    if args.markdown:
-        from vlmguard.perf.report import markdown
-
-        print(markdown(result))
+    try:  # a row without the fields of its command's report is the file's problem, not a crash
+        plot_report(result, args.out)
+        table = markdown(result) if args.markdown else None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise InvalidInput(f"{path} is not a vlmguard perf report ({type(e).__name__}: {e})") from None
+    if table is not None:
+        print(table)
     print(args.out)
     return 0

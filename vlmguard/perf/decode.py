@@ -47,9 +47,10 @@ def per_token_time(results: Sequence[Any]) -> float | None:
     return (last - first) / (steps - 1)
 
 
-def run_decode(engine: Any, decoders: Sequence[str], batches: Sequence[int] = (1, 8), pruning: str | None = None,
-               budget: int | float | None = None, new_tokens: int = 16, repeats: int = 3, warmup: int = 1,
-               seed: int = 0, progress=None) -> dict[str, Any]:
+def check_decoders(decoders: Sequence[str], pruning: str | None = None, budget: int | float | None = None,
+                   new_tokens: int = 16) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label -> (name, params) of greedy plus each decoder, every name, parameter, the pruner and budget and
+    ``new_tokens`` checked (no model needed: the CLI calls this before the model loads)."""
     if new_tokens < 2:
         from vlmguard.errors import InvalidInput
 
@@ -59,12 +60,19 @@ def run_decode(engine: Any, decoders: Sequence[str], batches: Sequence[int] = (1
     for text in decoders:
         name, params = parse_method(text)
         methods.setdefault(method_label(name, params), (name, params))
+    for label in methods:
+        _spec(methods[label], pruning, budget, new_tokens).resolve()
+    return methods
+
+
+def run_decode(engine: Any, decoders: Sequence[str], batches: Sequence[int] = (1, 8), pruning: str | None = None,
+               budget: int | float | None = None, new_tokens: int = 16, repeats: int = 3, warmup: int = 1,
+               seed: int = 0, progress=None) -> dict[str, Any]:
+    methods = check_decoders(decoders, pruning, budget, new_tokens)  # validate before spending time
     names = list(methods)
-    for name in names:  # validate before spending time
-        _spec(methods[name], pruning, budget, new_tokens).resolve()
     warm_threads()
     rows = []
-    for b in batches:
+    for b in dict.fromkeys(batches):  # a batch size given twice is measured (and listed) once
         requests = bench_requests(engine, b, seed)
         samples = {n: DecodeSamples() for n in names}
         for _ in range(warmup):

@@ -66,13 +66,18 @@ class Samples:
 
 
 def configs_for(methods: Sequence[str], budgets: Sequence[int | float]) -> list[Config]:
+    """``none`` plus each method x budget, each once: a repeated method or budget would share one label's
+    samples (every round measured twice) and print the same row again."""
     out = [Config("none", None)]
     for text in methods:
         name, params = parse_method(text)
         if name == "none":
             continue
         out += [Config(name, b, params) for b in budgets]
-    return out
+    unique: dict[str, Config] = {}
+    for cfg in out:
+        unique.setdefault(cfg.label, cfg)
+    return list(unique.values())
 
 
 def _spec(cfg: Config) -> GenerationSpec:
@@ -111,15 +116,22 @@ def _flops(engine: Any, results: Sequence[Any], n_images: int, side: str) -> dic
     return f.to_dict()
 
 
-def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | float], batch: int = 1,
-                repeats: int = 5, warmup: int = 1, seed: int = 0, progress=None) -> dict[str, Any]:
+def check_configs(methods: Sequence[str], budgets: Sequence[int | float]) -> tuple[list[Config], dict[str, str]]:
+    """The configurations with each method's side, every name, parameter and budget checked (no model
+    needed: the CLI calls this before the model loads)."""
     from vlmguard.pruning import make_pruner
 
     configs = configs_for(methods, budgets)
     sides = {}
-    for cfg in configs:  # validate names, parameters and budgets before spending time
+    for cfg in configs:
         spec = _spec(cfg)
         sides[cfg.method] = make_pruner(spec.pruning, spec.budget, spec.pruning_params).side
+    return configs, sides
+
+
+def run_prefill(engine: Any, methods: Sequence[str], budgets: Sequence[int | float], batch: int = 1,
+                repeats: int = 5, warmup: int = 1, seed: int = 0, progress=None) -> dict[str, Any]:
+    configs, sides = check_configs(methods, budgets)  # validate before spending time
     requests = bench_requests(engine, batch, seed)
     n_images = _images_per_row(engine)
     warm_threads()

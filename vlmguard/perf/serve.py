@@ -238,9 +238,13 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     spec_json = request_spec(args)
     GenerationSpec.build(**spec_json).resolve()  # an unknown method fails here, before any cluster starts
     threads = set_threads(args.threads or 1)
+    clients = sorted(set(args.clients))
+    configs = {}
+    if not args.no_ray:  # the services' options and model, checked before the model loads and Ray starts
+        configs = {batching: _service_config(args, batching, threads, clients) for batching in (False, True)}
+        _check_servable(args.shape)
     engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
     images = [bench_image(engine, args.seed + i) for i in range(8)]
-    clients = sorted(set(args.clients))
     calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, spec_json)}
     env = environment(engine)
     services: list[Any] = []
@@ -251,7 +255,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
             started_ray = _private_ray(direct)
             image_urls = [image_to_data_url(im) for im in images]
             for batching in (False, True):
-                svc = _start(args, batching, threads, clients, progress)
+                svc = _start(configs[batching], batching, progress)
                 services.append(svc)
                 path = "ray_batched" if batching else "ray_unbatched"
                 if direct and not svc.direct_urls:
@@ -305,23 +309,54 @@ def _private_ray(direct_ingress: bool = False) -> bool:
     return True
 
 
-def _start(args: Any, batching: bool, threads: int, clients: list[int], progress) -> Any:
+def _service_config(args: Any, batching: bool, threads: int, clients: list[int]) -> Any:
+    """The ServiceConfig of one app; an option out of its range is one line naming the option (it was a
+    pydantic traceback once Ray had started)."""
+    from pydantic import ValidationError
+
+    from vlmguard.errors import InvalidInput
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
-    from vlmguard.workers.launch import start_service
 
     name = "perf-batched" if batching else "perf-unbatched"
-    cfg = ServiceConfig(
-        models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
-                            num_replicas=1, num_cpus=0, torch_threads=threads,
-                            max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
-                            max_new_tokens_limit=max(args.new_tokens, 1),
-                            batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
-                                                    mode=getattr(args, "batch_mode", "inflight"),
-                                                    batch_wait_timeout_s=args.batch_wait_ms / 1000.0))],
-        api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
-        route_prefix=f"/{name}", ingress=args.ingress, direct_ingress=bool(getattr(args, "direct_ingress", False)))
+    wait_s = args.batch_wait_ms / 1000.0
+    options = {"max_batch_size": f"--max-batch {args.max_batch}",
+               "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
+               "max_new_tokens_limit": f"--new-tokens {args.new_tokens}"}
+    try:
+        return ServiceConfig(
+            models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                                num_replicas=1, num_cpus=0, torch_threads=threads,
+                                max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
+                                max_new_tokens_limit=max(args.new_tokens, 1),
+                                batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
+                                                        mode=getattr(args, "batch_mode", "inflight"),
+                                                        batch_wait_timeout_s=wait_s))],
+            api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
+            route_prefix=f"/{name}", ingress=args.ingress,
+            direct_ingress=bool(getattr(args, "direct_ingress", False)))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][-1]) if err.get("loc") else "option"
+        raise InvalidInput(f"{options.get(field, field)}: {err['msg']}") from None
+
+
+def _check_servable(shape: str) -> None:
+    """The service's replicas load ``--shape`` with ``Engine.load``, which knows no benchmark shape names (they
+    are built in this process only): one line now, not a model built here and then a failed deployment.
+    (Other names are checked by loading the Engine here, before Ray starts.)"""
+    from vlmguard.errors import InvalidInput
+    from vlmguard.perf.models import known_shapes
+
+    if shape in known_shapes():
+        raise InvalidInput(f"--shape {shape}: a benchmark shape is built in this process only, the service "
+                           "cannot load it; use --no-ray, or tiny, random:FAMILY or a local model path")
+
+
+def _start(cfg: Any, batching: bool, progress) -> Any:
+    from vlmguard.workers.launch import start_service
+
     if progress:
-        progress(f"starting the service app {name} (dynamic batching {'on' if batching else 'off'})")
+        progress(f"starting the service app {cfg.app_name} (dynamic batching {'on' if batching else 'off'})")
     return start_service(cfg, port=0)
 
 
