@@ -222,18 +222,27 @@ def flash_attention_available() -> bool:
     return torch.cuda.is_available()
 
 
+def flash_capable(device: torch.device) -> bool:
+    """Whether FlashAttention-2's kernels run on ``device``: Ampere or newer (compute capability 8.0+). On a T4 or
+    V100 flash-attn imports, and its first call fails ("FlashAttention only supports Ampere GPUs or newer")."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True  # nothing to ask (the CPU stand-in of the tests)
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Map a user choice (auto/sdpa/flash_attention_2/eager) to a registered vlmguard implementation.
 
-    ``auto`` takes FlashAttention-2 on CUDA when flash-attn is installed and the weights are in half precision
-    (``dtype`` None: not known yet), else SDPA. FlashAttention's kernels run in float16 / bfloat16 only, so
-    asking for it with float32 weights on CUDA is refused here rather than in the first forward."""
+    ``auto`` takes FlashAttention-2 on CUDA when flash-attn is installed, the GPU runs its kernels (Ampere+) and
+    the weights are in half precision (``dtype`` None: not known yet), else SDPA. FlashAttention's kernels run in
+    float16 / bfloat16 only, so asking for it with float32 weights on CUDA (or on an older GPU) is refused here
+    rather than in the first forward."""
     from vlmguard.errors import InvalidInput
 
     half = dtype is None or dtype in (torch.float16, torch.bfloat16)
     requested = (requested or "auto").lower()
     if requested == "auto":
-        flash = device.type == "cuda" and half and flash_attention_available()
+        flash = device.type == "cuda" and half and flash_attention_available() and flash_capable(device)
         requested = "flash_attention_2" if flash else "sdpa"
     table = {"sdpa": "vlmguard_sdpa", "flash_attention_2": FLASH, "flash": FLASH, "eager": "vlmguard_eager"}
     if requested not in table:
@@ -241,6 +250,10 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype | 
     if table[requested] == FLASH:
         if not flash_attention_available():
             raise InvalidInput("flash_attention_2 needs CUDA and the flash-attn package (pip install 'vlmguard[gpu]')")
+        if not flash_capable(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise InvalidInput(f"flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), this one is "
+                               f"{major}.{minor}: use --attn sdpa")
         if device.type == "cuda" and not half:
             raise InvalidInput(f"flash_attention_2 runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}: "
                                "use --dtype bfloat16 (or auto), or --attn sdpa")

@@ -167,8 +167,8 @@ class DecodeBatch:
         blocks = self._blocks()
         combined = self._combine(blocks)
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
+        tok_list = tokens.tolist()  # waits for the combine and the sampler on a GPU: the token's time covers them
         now = time.perf_counter()
-        tok_list = tokens.tolist()
         if spec.diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
             main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
             idx = tokens[:, None]
@@ -244,7 +244,7 @@ class DecodeBatch:
         self.logits = logits
         self.hidden = {} if main_rows is None else (picked or {k: v[main_rows] for k, v in hid.items()})
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         dec = time.perf_counter() - t_dec
         for lv in self.lives:  # a token's time = its decode forward + combine + token selection
             lv.decode_s += dec

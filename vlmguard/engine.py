@@ -81,8 +81,8 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # bf16 where the GPU computes it natively (Ampere+); a T4 or V100 emulates it
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -246,6 +246,7 @@ class Engine:
         finally:
             batch.close()
 
+    @torch.no_grad()  # the vision tower and projector too (they are run outside the runner's no_grad)
     def start_batch(self, requests: Sequence[Request], spec: GenerationSpec | None = None,
                     indices: Sequence[int] | None = None) -> DecodeBatch:
         """Set up the decoder and prefill ``requests``: a :class:`DecodeBatch` ready to ``advance()`` token by
@@ -267,6 +268,8 @@ class Engine:
                              sampling=spec.sampling, active=list(range(n_req)))
         decoder.setup(dctx)
         try:
+            if self.device.type == "cuda":  # the set-up's pre-passes finish inside setup_s
+                torch.cuda.synchronize(self.device)
             t_setup = time.perf_counter() - t0
             branch_lists: list[list[Branch]] = [decoder.branches(dctx, i, p) for i, p in enumerate(prompts)]
             names = [b.name for b in branch_lists[0]] if branch_lists else []
@@ -334,7 +337,7 @@ class Engine:
             if pruner.position_mode == "compact":
                 seq = compact_positions(seq)
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         vision_s = time.perf_counter() - t_vis
 
         # -- prefill
@@ -358,7 +361,7 @@ class Engine:
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
                                                    renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family))
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
         hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
         decoder.after_prefill(dctx, hidden)

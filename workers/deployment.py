@@ -28,13 +28,30 @@ from vlmguard.workers.inflight import InflightBatcher
 _DONE = object()
 
 
+def replica_device(device: str) -> str:
+    """The device a replica loads its engine on. Ray shows a replica only the GPUs it reserved
+    (``CUDA_VISIBLE_DEVICES``), numbered from 0 there: ``cuda:N`` past them (``cuda:1`` on a one-GPU replica, the
+    machine's numbering) names a GPU the replica cannot see, so the replica runs on the GPU Ray gave it."""
+    if not device.startswith("cuda:"):
+        return device
+    import torch
+
+    try:
+        index = int(device.split(":", 1)[1])
+    except ValueError:
+        return device  # Engine.load says what is wrong with it
+    if torch.cuda.is_available() and index >= torch.cuda.device_count():
+        return "cuda"
+    return device
+
+
 class ModelReplica:
     def __init__(self, config: dict[str, Any]):
         cfg = ModelConfig(**config)
         self.config = cfg
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
-        self.worker = EngineWorker(cfg.model, name=cfg.served_name, device=cfg.device, dtype=cfg.dtype,
-                                   attn_implementation=cfg.attn_implementation,
+        self.worker = EngineWorker(cfg.model, name=cfg.served_name, device=replica_device(cfg.device),
+                                   dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads)
         b = cfg.batching
         self.batcher = (InflightBatcher(self.worker, b.max_batch_size, b.batch_wait_timeout_s) if b.mode == "inflight"

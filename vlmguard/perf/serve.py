@@ -322,10 +322,15 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
     options = {"max_batch_size": f"--max-batch {args.max_batch}",
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "max_new_tokens_limit": f"--new-tokens {args.new_tokens}"}
+    # the two apps (batching off / on) are up together, each with one replica: on CUDA they share the GPU (half
+    # each; a whole GPU each would leave the second replica waiting for ever on a one-GPU machine)
+    import torch
+
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     try:
         return ServiceConfig(
             models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
-                                num_replicas=1, num_cpus=0, torch_threads=threads,
+                                num_replicas=1, num_cpus=0, num_gpus=0.5 if cuda else None, torch_threads=threads,
                                 max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
                                 max_new_tokens_limit=max(args.new_tokens, 1),
                                 batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,

@@ -29,9 +29,11 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 
 def sync(device: torch.device | str) -> None:
-    """Wait for queued GPU work so wall-clock timings cover it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for queued GPU work so wall-clock timings cover it, on ``device``'s GPU (synchronize without a device
+    waits for the current one, cuda:0 unless set, not for an engine on cuda:1)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -92,7 +94,7 @@ class MemoryMeter:
     def __enter__(self) -> "MemoryMeter":
         dev = torch.device(self.device)
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             self.baseline_bytes = torch.cuda.memory_allocated(dev)
             self.source = "torch.cuda.max_memory_allocated"
@@ -114,7 +116,7 @@ class MemoryMeter:
     def __exit__(self, *exc: Any) -> None:
         dev = torch.device(self.device)
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated(dev) - self.baseline_bytes)
         else:
             self._stop.set()
@@ -171,7 +173,8 @@ def environment(engine: Any | None = None) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        dev = getattr(engine, "device", None)  # the engine's GPU (cuda:N), not always the first one
+        info["gpu"] = torch.cuda.get_device_name(dev if dev is not None and dev.type == "cuda" else 0)
     if engine is not None:
         info.update(model=engine.model_name, family=engine.family, device=str(engine.device),
                     dtype=str(engine.model.dtype).replace("torch.", ""), attention=engine.attn_implementation,
