@@ -208,7 +208,7 @@ class VISTA(Decoder):
         return mean.to(ad.lm_head.weight.dtype)
 
     def window_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.ctx.adapter.lm_head(self.head_input(hidden)).float()
+        return self.ctx.adapter.logits(self.head_input(hidden))
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])

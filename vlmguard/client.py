@@ -80,9 +80,9 @@ def image_to_url(image: Image.Image | str | Path | bytes) -> str:
     if isinstance(image, (bytes, bytearray)):
         return "data:image/png;base64," + base64.b64encode(bytes(image)).decode()
     if isinstance(image, Image.Image):
-        from vlmguard.images import image_to_data_url
+        from vlmguard.images import image_to_data_url, to_rgb
 
-        return image_to_data_url(image.convert("RGB") if image.mode not in ("RGB", "L") else image)
+        return image_to_data_url(to_rgb(image) if image.mode not in ("RGB", "L") else image)
     raise InvalidInput(f"unsupported image type {type(image).__name__}")
 
 

@@ -6,11 +6,15 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vlmguard.errors import InvalidInput
 
 MAX_PIXELS = int(os.environ.get("VLMGUARD_MAX_IMAGE_PIXELS", 25_000_000))
+# longest side / shortest side: processors that resize the shortest side to the model's size blow a thin strip up
+# (a 20000x1 image took 2 GB under VCD on the tiny LLaVA); Qwen2-VL's processor refuses more than 200 itself
+MAX_ASPECT_RATIO = 200
 SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
 
 
@@ -36,6 +40,15 @@ def image_from_bytes(data: bytes, what: str = "image") -> Image.Image:
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInput(f"{what} cannot be decoded: {e}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit grayscale (PNG, TIFF: modes I;16*) is scaled from 0..65535 to 0..255:
+    PIL's own ``convert`` clips it at 255 instead (a 16-bit image turns almost white)."""
+    if img.mode.startswith("I;16"):
+        scaled = np.rint(np.asarray(img).astype(np.float32) / 257.0).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
     return img.convert("RGB")
 
 
@@ -75,4 +88,6 @@ def check_image(img: object, what: str = "image") -> Image.Image:
         raise InvalidInput(f"{what} has no pixels ({w}x{h})")
     if w * h > MAX_PIXELS:
         raise InvalidInput(f"{what} is too large: {w}x{h} exceeds the {MAX_PIXELS / 1e6:.0f} MP limit")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise InvalidInput(f"{what} is too thin: {w}x{h}, an aspect ratio over {MAX_ASPECT_RATIO}:1")
+    return img if img.mode == "RGB" else to_rgb(img)

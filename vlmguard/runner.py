@@ -125,7 +125,7 @@ class LayerRunner:
                 mask = self._prefill_mask(seq)
                 rope = ad.rotary(h, seq.positions)
         seq = seq.with_hidden(h)
-        logits = ad.lm_head(ad.norm(h[:, -1:]))[:, 0].float()
+        logits = ad.logits(ad.norm(h[:, -1:]))[:, 0]
         state = DecodeState(cache=cache, layer_valid=layer_valid,
                             next_positions=first_next if renumbered else seq.last_positions() + 1,
                             layer_next_positions=layer_next if renumbered else None,
@@ -171,8 +171,8 @@ class LayerRunner:
             state.layer_next_positions = _per_group(state.layer_next_positions, lambda p: p + 1)
         extra = head_input(captured) if head_input is not None else None
         if extra is None:
-            return ad.lm_head(ad.norm(h))[:, 0].float(), captured, None
-        out = ad.lm_head(torch.cat([ad.norm(h)[:, 0], extra.to(h.dtype)])).float()
+            return ad.logits(ad.norm(h))[:, 0], captured, None
+        out = ad.logits(torch.cat([ad.norm(h)[:, 0], extra.to(h.dtype)]))
         b = tokens.shape[0]
         return out[:b], captured, out[b:]
 

@@ -37,6 +37,12 @@ class Sampler:
         if self.greedy:
             return scores.argmax(dim=-1)
         warped = self.warpers(None, scores.float())
+        # a temperature so small that scores / T leaves no finite entry in a row (-inf, or NaN for a score of 0
+        # once T rounds to 0 in float32) would make softmax NaN and multinomial raise: T -> 0 is greedy, so such a
+        # row samples its argmax (rows whose scores are NaN, a model that overflowed, are left as they were)
+        dead = ~torch.isfinite(warped).any(dim=-1, keepdim=True) & ~torch.isnan(scores).any(dim=-1, keepdim=True)
+        point = torch.full_like(warped, float("-inf")).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
+        warped = torch.where(dead, point, warped)
         probs = torch.softmax(warped, dim=-1).cpu()
         rows = rows if rows is not None else list(range(scores.shape[0]))
         out = [torch.multinomial(probs[i], 1, generator=self.generators[r]) for i, r in enumerate(rows)]

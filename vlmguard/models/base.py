@@ -53,6 +53,9 @@ class ModelAdapter:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.config = model.config
         self.text_config = model.config.get_text_config()
+        # ids the tokenizer can decode; checkpoints pad the output layer beyond them (llava-hf 1.5: 32064 rows for
+        # 32002 tokens, Qwen2-VL ~280 unused ids), and those rows must never be chosen: see logits()
+        self.n_tokens = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
 
     # ---- language-model pieces -------------------------------------------------------------
     @property
@@ -74,6 +77,13 @@ class ModelAdapter:
     @property
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the lm_head over the ids the tokenizer has (the padding rows of a larger output layer are
+        cut off, as serving engines do: an id the tokenizer cannot decode would be an empty piece of text)."""
+        out = self.lm_head(hidden).float()
+        n = self.n_tokens
+        return out[..., :n].contiguous() if n is not None and n < out.shape[-1] else out
 
     @property
     def embed_tokens(self) -> nn.Module:
