@@ -42,6 +42,16 @@ class EncodedBatch:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def decodable_ids(tokenizer: Any) -> int | None:
+    """1 + the largest id the tokenizer knows (its length, or past it where an added token's id leaves a gap);
+    None when it does not say."""
+    if not hasattr(tokenizer, "__len__"):
+        return None
+    added = getattr(tokenizer, "get_added_vocab", None)
+    top = max(added().values(), default=-1) if callable(added) else -1
+    return max(len(tokenizer), top + 1)
+
+
 class ModelAdapter:
     """Base class; subclasses implement one model family."""
 
@@ -55,7 +65,7 @@ class ModelAdapter:
         self.text_config = model.config.get_text_config()
         # ids the tokenizer can decode; checkpoints pad the output layer beyond them (llava-hf 1.5: 32064 rows for
         # 32002 tokens, Qwen2-VL ~280 unused ids), and those rows must never be chosen: see logits()
-        self.n_tokens = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        self.n_tokens = decodable_ids(self.tokenizer)
 
     # ---- language-model pieces -------------------------------------------------------------
     @property
