@@ -122,3 +122,22 @@ def test_images_thinner_than_200_to_1_are_refused_in_one_line():
     assert check_image(Image.new("RGB", (400, 2))).size == (400, 2)  # 200:1 is still an image
     with pytest.raises(InvalidInput, match=r"request 0 image 0 is too thin: 2001x10, an aspect ratio over 200:1"):
         tiny_engine("llava").generate([Request("hi", [Image.new("RGB", (2001, 10))])], GenerationSpec(max_new_tokens=1))
+
+
+def test_a_model_that_overflows_is_a_clear_error_not_a_repeated_token():
+    """float16 overflow in the model itself (Qwen2-VL's known case) gave NaN logits, and every decoder then
+    answered token 0 over and over with NaN diagnostics. The prefill's logits are checked: one line saying why,
+    and the service answers that request alone with a 500 (its batch mates are retried without it)."""
+    from vlmguard.errors import NonFiniteLogits
+    from vlmguard.workers.engine_worker import error_answer
+
+    eng = tiny_engine("llava")
+    eng.model.to(torch.float16)
+    with torch.no_grad():
+        eng.model.lm_head.weight.mul_(3e5)  # fp16 tops out at 65504: the logits overflow to +-inf, softmax NaN
+    req = Request("Is there a dog in the image?", [random_image(1, (40, 32))])
+    with pytest.raises(NonFiniteLogits, match=r"request\(s\) 0 \(float16 weights\): float16 overflows in this model; "
+                                              r"load it in bfloat16 or float32"):
+        eng.generate([req], GenerationSpec(decoding="vcd", max_new_tokens=3))
+    err = error_answer(NonFiniteLogits("x"))["error"]
+    assert err["status"] == 500 and err["type"] == "server_error"

@@ -26,6 +26,13 @@ class ContextTooLong(InvalidInput):
     """The prompt plus image tokens plus max_new_tokens exceed the model's context."""
 
 
+class NonFiniteLogits(VlmguardError):
+    """The model's own logits are NaN or infinite (typically float16 overflowing): nothing a decoder or sampler
+    can choose from; the answer would be the same garbage token over and over."""
+
+    http_status = 500
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message (its type's name when it has none): libraries'
     messages can run to several lines, an error line must be one."""

@@ -38,8 +38,9 @@ class WorkItem:
 
 def error_answer(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, VlmguardError):
-        return {"error": {"message": str(exc), "type": "invalid_request_error",
-                          "code": type(exc).__name__, "status": getattr(exc, "http_status", 400)}}
+        status = getattr(exc, "http_status", 400)
+        return {"error": {"message": str(exc), "type": "server_error" if status >= 500 else "invalid_request_error",
+                          "code": type(exc).__name__, "status": status}}
     return {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
                       "code": type(exc).__name__, "status": 500}}
 
