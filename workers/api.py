@@ -182,9 +182,22 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if not body:
             raise APIFailure(400, "request body is empty; expected a JSON object")
         try:
-            data = json.loads(bytes(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            # decoded strictly: json.loads(bytes) lets surrogates through ("surrogatepass"), which fail later (500s)
+            raw = bytes(body)
+            text = raw.decode(json.detect_encoding(raw))
+            data = json.loads(text)
+        except RecursionError:
+            raise APIFailure(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers over Python's digit limit
             raise APIFailure(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if "\\ud" in text or "\\uD" in text:  # and so do \ud800 escapes of lone surrogates
+            try:
+                json.dumps(data, ensure_ascii=False).encode()
+            except RecursionError:
+                raise APIFailure(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
+            except UnicodeEncodeError:
+                raise APIFailure(400, "malformed JSON body: a \\u escape is a lone UTF-16 surrogate, not a "
+                                      "character", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIFailure(400, "request body must be a JSON object")
         try:

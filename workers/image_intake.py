@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import httpx
 from PIL import Image
 
 from vlmguard.errors import InvalidInput
@@ -27,9 +28,12 @@ def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0,
         if not allowlist:
             raise InvalidInput("image URLs are turned off on this server; send the image as a data URL "
                                "(data:image/png;base64,...)")
-        if not any(url.startswith(prefix) for prefix in allowlist):
+        try:
+            target = httpx.URL(url)
+        except httpx.InvalidURL as e:
+            raise InvalidInput(f"image URL is not a valid URL: {e}") from None
+        if not any(_on_allowlist(url, target, prefix) for prefix in allowlist):
             raise InvalidInput("image URL is not on this server's allow-list")
-        import httpx
 
         try:
             with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
@@ -41,8 +45,25 @@ def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0,
                         data += chunk
                         if len(data) > max_bytes:
                             raise InvalidInput(f"image at URL exceeds {max_bytes // (1024 * 1024)} MiB")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise InvalidInput(f"fetching the image URL failed: {type(e).__name__}") from None
         return image_from_bytes(bytes(data), what="image at URL")
 
     return resolve
+
+
+def _on_allowlist(url: str, target: httpx.URL, prefix: str) -> bool:
+    """``url`` (parsed: ``target``) starts with ``prefix`` as a string *and* as a URL: the same scheme, host and
+    port, no user info, and a path inside the prefix's path. A string prefix alone lets a prefix without its
+    trailing slash match other hosts (``https://images.example.org.evil.com/``,
+    ``https://images.example.org@evil.com/``), and dot segments (``/img/../x``, ``/img/%2e%2e/x``) out of a path."""
+    if not url.startswith(prefix) or target.userinfo:
+        return False
+    if any(seg in (".", "..") for seg in target.path.replace("\\", "/").split("/")):  # decoded: %2e%2e too
+        return False
+    try:
+        allowed = httpx.URL(prefix)
+    except httpx.InvalidURL:
+        return False
+    return ((target.scheme, target.host, target.port) == (allowed.scheme, allowed.host, allowed.port)
+            and target.path.startswith(allowed.path))

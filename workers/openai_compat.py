@@ -5,6 +5,7 @@ import time
 from typing import Any, Callable
 
 from PIL import Image
+from pydantic_core import PydanticSerializationError
 
 from vlmguard.api_schema import (
     AssistantMessage,
@@ -26,6 +27,10 @@ from vlmguard.spec import GenerationSpec
 from vlmguard.workers.engine_worker import WorkItem
 
 DEFAULT_CHAT_MAX_TOKENS = 128
+# Stop strings are matched against the text's end at every generated token (``decode_batch._hold_back``: work
+# proportional to their count x length, under the engine lock): a remote request gets at most these.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 ImageResolver = Callable[[str], Image.Image]
 
 
@@ -39,7 +44,14 @@ def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSp
         raise InvalidInput("adaptinfer: 'schedule' names a file on the server, which remote requests may not read; "
                            "send the schedule itself (the JSON object `vlmguard prune analyze` writes)")
     _check_max_tokens(spec.max_new_tokens, max_new_tokens_limit)
+    if len(spec.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in spec.stop):
+        raise InvalidInput(f"stop: this server accepts at most {MAX_STOP_STRINGS} stop strings of at most "
+                           f"{MAX_STOP_CHARS} characters each")
     spec.resolve()  # unknown methods / bad method parameters -> InvalidInput here, before any model work
+    try:  # the worker batches by the spec's JSON and results carry its parameters (schedule objects nest freely)
+        spec.model_dump_json()
+    except PydanticSerializationError as e:
+        raise InvalidInput(f"invalid generation spec: {e}") from None
     return spec
 
 
