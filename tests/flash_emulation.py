@@ -90,5 +90,6 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     # its device/dtype check (CUDA, half precision) is what a CPU cannot pass
     monkeypatch.setattr(PreTrainedModel, "_flash_attn_can_dispatch", lambda self, *a, **k: True)
     monkeypatch.setattr(attention, "flash_attention_available", lambda: True)
+    monkeypatch.setattr(attention, "flash_capable", lambda device: True)  # the stand-in's kernels run on a CPU
     calls.clear()
     return calls

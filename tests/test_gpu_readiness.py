@@ -165,3 +165,17 @@ def test_perf_serve_apps_share_one_gpu(monkeypatch, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args.device = "auto"
     assert all(_service_config(args, b, 1, [1]).models[0].gpus_per_replica(0.0) == 0 for b in (False, True))
+
+
+def test_flash_attention_on_a_cpu_device_is_refused_even_where_cuda_exists(monkeypatch):
+    """A machine with CUDA and flash-attn, an engine asked for on the CPU: flash has no CPU kernels (it failed in
+    the first forward)."""
+    import vlmguard.attention as attention
+
+    monkeypatch.setattr(attention, "flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cpu = torch.device("cpu")
+    assert attention.choose_attention("auto", cpu, torch.float32) == "vlmguard_sdpa"
+    with pytest.raises(InvalidInput, match="flash_attention_2 runs on CUDA GPUs only, not on cpu: use --attn sdpa"):
+        attention.choose_attention("flash_attention_2", cpu, torch.float32)

@@ -26,6 +26,15 @@ def test_sampling_at_a_vanishing_temperature_is_greedy_not_a_crash(temperature):
     assert sampler.select(scores).tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-39])
+def test_vanishing_temperature_with_positive_contrast_scores_is_greedy(temperature):
+    # a contrastive decoder's scores can be positive ((1 + a) * main - a * contrast): 5 / 1e-38 overflows to +inf
+    # while 1e-3 / 1e-38 stays finite, and softmax over +inf and finite entries is NaN (multinomial raised)
+    scores = torch.tensor([[1e-3, 5.0, -2.0, float("-inf")], [0.5, -0.2, 4.0, -1.0]])
+    sampler = Sampler(GenerationSpec(do_sample=True, seed=0, temperature=temperature), 2, torch.device("cpu"))
+    assert sampler.select(scores).tolist() == [1, 2]
+
+
 def test_tiny_temperature_in_the_engine_matches_greedy():
     eng = tiny_engine("llava")
     reqs = [Request("Is there a dog in the image?", [random_image(1, (40, 32))])]
@@ -85,6 +94,14 @@ def test_seeds_a_generator_cannot_hold_are_invalid_input_not_a_traceback(field, 
     assert eng.generate(reqs, GenerationSpec(max_new_tokens=1, **make(2**64 - 1)))[0].token_ids
 
 
+def _own_engine():
+    from vlmguard.engine import Engine
+    from vlmguard.testing import FAMILIES
+
+    model, proc = FAMILIES["llava"](seed=0)
+    return Engine(model, proc, name="tiny-llava-own")
+
+
 # ---- an output layer padded beyond the tokenizer (llava-hf 1.5: 32064 rows, 32002 tokens) ---------------------
 @pytest.mark.parametrize("decoding, sample", [("greedy", False), ("vcd", False), ("m3id", False), ("greedy", True)])
 def test_padding_rows_of_the_output_layer_are_never_chosen(decoding, sample):
@@ -92,7 +109,7 @@ def test_padding_rows_of_the_output_layer_are_never_chosen(decoding, sample):
     API's step model then failed) and, here, the same padding id for ever. Only the tokenizer's ids compete."""
     from torch import nn
 
-    eng = tiny_engine("llava")
+    eng = _own_engine()  # its output layer is swapped: never the shared (cached) tiny_engine
     n_tok = len(eng.adapter.tokenizer)
     old = eng.model.lm_head
     padded = nn.Linear(old.in_features, n_tok + 8, bias=True)
@@ -131,7 +148,7 @@ def test_a_model_that_overflows_is_a_clear_error_not_a_repeated_token():
     from vlmguard.errors import NonFiniteLogits
     from vlmguard.workers.engine_worker import error_answer
 
-    eng = tiny_engine("llava")
+    eng = _own_engine()  # never the shared (cached) tiny_engine: its weights change here
     eng.model.to(torch.float16)
     with torch.no_grad():
         eng.model.lm_head.weight.mul_(3e5)  # fp16 tops out at 65504: the logits overflow to +-inf, softmax NaN

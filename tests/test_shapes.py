@@ -81,3 +81,16 @@ def test_cpu4_shape_divides_both_towers_by_four():
         assert (c.hidden_size * 4, c.intermediate_size * 4) == (f.hidden_size, f.intermediate_size)
         assert c.hidden_size // c.num_attention_heads == f.hidden_size // f.num_attention_heads  # head dims kept
     assert cpu4.vision_config.image_size == full.vision_config.image_size
+
+
+def test_perf_engine_keeps_the_shapes_whole_vocabulary():
+    """The shapes keep the real output layer (32064 rows) with a ~100-token stand-in tokenizer: the perf engine's
+    logits, and so every decoder's combine and the sampler, cover all of it as on the real checkpoint (cut to the
+    tokenizer's ids, a vocabulary-wide contrast timed ~300x too cheap)."""
+    from vlmguard.perf.models import load_engine
+
+    engine = load_engine("llava-1.5-7b-cpu", device="cpu")
+    rows = engine.model.lm_head.out_features
+    assert rows == 32064 and len(engine.adapter.tokenizer) < rows
+    hidden = torch.zeros(1, engine.model.lm_head.in_features)
+    assert engine.adapter.logits(hidden).shape[-1] == rows

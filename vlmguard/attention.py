@@ -223,10 +223,11 @@ def flash_attention_available() -> bool:
 
 
 def flash_capable(device: torch.device) -> bool:
-    """Whether FlashAttention-2's kernels run on ``device``: Ampere or newer (compute capability 8.0+). On a T4 or
-    V100 flash-attn imports, and its first call fails ("FlashAttention only supports Ampere GPUs or newer")."""
+    """Whether FlashAttention-2's kernels run on ``device``: a CUDA GPU, Ampere or newer (compute capability 8.0+).
+    On a T4 or V100 flash-attn imports, and its first call fails ("FlashAttention only supports Ampere GPUs or
+    newer"); on the CPU it has no kernels at all."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        return True  # nothing to ask (the CPU stand-in of the tests)
+        return False
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -251,6 +252,8 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype | 
         if not flash_attention_available():
             raise InvalidInput("flash_attention_2 needs CUDA and the flash-attn package (pip install 'vlmguard[gpu]')")
         if not flash_capable(device):
+            if device.type != "cuda":
+                raise InvalidInput(f"flash_attention_2 runs on CUDA GPUs only, not on {device.type}: use --attn sdpa")
             major, minor = torch.cuda.get_device_capability(device)
             raise InvalidInput(f"flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+), this one is "
                                f"{major}.{minor}: use --attn sdpa")

@@ -38,9 +38,11 @@ class Sampler:
             return scores.argmax(dim=-1)
         warped = self.warpers(None, scores.float())
         # a temperature so small that scores / T leaves no finite entry in a row (-inf, or NaN for a score of 0
-        # once T rounds to 0 in float32) would make softmax NaN and multinomial raise: T -> 0 is greedy, so such a
-        # row samples its argmax (rows whose scores are NaN, a model that overflowed, are left as they were)
-        dead = ~torch.isfinite(warped).any(dim=-1, keepdim=True) & ~torch.isnan(scores).any(dim=-1, keepdim=True)
+        # once T rounds to 0 in float32), or overflows a positive score (a contrastive decoder's) to +inf, would
+        # make softmax NaN and multinomial raise: T -> 0 is greedy, so such a row samples its argmax (rows whose
+        # scores are NaN, a model that overflowed, are left as they were)
+        dead = ((~torch.isfinite(warped).any(dim=-1, keepdim=True) | torch.isposinf(warped).any(dim=-1, keepdim=True))
+                & ~torch.isnan(scores).any(dim=-1, keepdim=True))
         point = torch.full_like(warped, float("-inf")).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
         warped = torch.where(dead, point, warped)
         probs = torch.softmax(warped, dim=-1).cpu()

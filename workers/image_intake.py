@@ -54,7 +54,8 @@ def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0,
 
 def _on_allowlist(url: str, target: httpx.URL, prefix: str) -> bool:
     """``url`` (parsed: ``target``) starts with ``prefix`` as a string *and* as a URL: the same scheme, host and
-    port, no user info, and a path inside the prefix's path. A string prefix alone lets a prefix without its
+    port, no user info, no dot segments, and a path that starts with the prefix's path (end an entry with ``/``
+    to admit one folder only). A string prefix alone lets a prefix without its
     trailing slash match other hosts (``https://images.example.org.evil.com/``,
     ``https://images.example.org@evil.com/``), and dot segments (``/img/../x``, ``/img/%2e%2e/x``) out of a path."""
     if not url.startswith(prefix) or target.userinfo:
