@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.decoding.contrast import active_rows, contrast, log_probs, select_rows
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.models.base import Prompt
+from vlmguard.spec import GeneratorSeed
 
 Rule = Literal["R1", "R2", "R3", "R4"]
 
@@ -41,16 +42,7 @@ class IAVAParams(BaseModel):
     fallback_rule: Literal["plain", "avisc"] = Field("plain", description="when U is empty: plain or R4")
     mask_value: Literal["zeros", "ones", "noise"] = "zeros"
     fixed_layers: list[int] | None = Field(None, min_length=1, description="use these layers instead of S")
-    noise_seed: int = Field(0, ge=0)
-
-    @field_validator("noise_seed")
-    @classmethod
-    def _seed_fits_a_generator(cls, v: int) -> int:
-        # a torch generator takes at most 2**64 - 1 (a check, not a schema bound: the dashboard's number
-        # widgets refuse bounds past 2**53)
-        if v > 2**64 - 1:
-            raise ValueError(f"must be at most 2**64 - 1, got {v}")
-        return v
+    noise_seed: GeneratorSeed = 0
 
 
 def select_layers(mass: torch.Tensor, gamma: float) -> list[int]:

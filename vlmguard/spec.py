@@ -6,9 +6,9 @@ and reports any problem as one clear :class:`~vlmguard.errors.InvalidInput` mess
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlmguard.errors import InvalidInput
 
@@ -21,6 +21,17 @@ def budget_not_bool(v: Any) -> Any:
         raise ValueError("budget must be a number")
     return v
 
+
+
+def _fits_a_generator(v: int) -> int:
+    if v > 2**64 - 1:
+        raise ValueError(f"must be at most 2**64 - 1 (what a torch generator takes), got {v}")
+    return v
+
+
+# A method parameter that seeds a torch generator: >= 0 and at most 2**64 - 1, checked by a validator rather than a
+# schema bound (the dashboard's number widgets refuse bounds past 2**53).
+GeneratorSeed = Annotated[int, Field(ge=0), AfterValidator(_fits_a_generator)]
 
 class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
