@@ -69,9 +69,14 @@ class LayerRunner:
             return None  # lets SDPA use its causal fast path
         return additive_mask(causal_allowed(seq.valid, seq.valid), seq.hidden.dtype)
 
-    def _decode_mask(self, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        if bool(key_valid.all()):
-            return None
+    def _decode_masks(self, key_valid: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """The decode step's mask of each distinct key-validity tensor (None where every key is valid). One host
+        sync for all of them, before any layer is queued: a check per layer group inside the layer loop would
+        make a GPU drain the layers already queued before the next group could be launched."""
+        whole = torch.stack([v.all() for v in key_valid]).tolist()
+        return [None if ok else self._decode_mask(v, dtype) for v, ok in zip(key_valid, whole)]
+
+    def _decode_mask(self, key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.flash:
             return key_valid.long()
         return additive_mask(key_valid[:, None, :], dtype)
@@ -152,14 +157,14 @@ class LayerRunner:
             if id(pos) not in ropes:
                 ropes[id(pos)] = ad.rotary(h, pos[..., None])  # (B, 1) or (3, B, 1)
         captured: dict[int, torch.Tensor] = {}
-        masks: dict[int, torch.Tensor | None] = {}
         ones = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
-        new_valid: dict[int, torch.Tensor] = {}
+        new_valid: dict[int, torch.Tensor] = {}  # once per distinct key-validity tensor (stage grouping)
+        for v in state.layer_valid:
+            if id(v) not in new_valid:
+                new_valid[id(v)] = torch.cat([v, ones], dim=1)
+        masks = dict(zip(new_valid, self._decode_masks(list(new_valid.values()), h.dtype)))
         for i, layer in enumerate(ad.layers):
             key = id(state.layer_valid[i])
-            if key not in new_valid:
-                new_valid[key] = torch.cat([state.layer_valid[i], ones], dim=1)
-                masks[key] = self._decode_mask(new_valid[key], h.dtype)
             h = layer(h, attention_mask=masks[key], position_embeddings=ropes[id(layer_pos[i])],
                       **{self._cache_kw: state.cache}, use_cache=True)
             if i in hidden_layers:
