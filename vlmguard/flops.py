@@ -197,6 +197,9 @@ def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillF
         n_passes = len(passes)
     elif family == "llava_next":  # crops per image ~ visual tokens / tokens per crop (base + grid)
         n_passes = max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1)))
+    elif family == "llava":  # one tower pass per image (a request may carry several): visual tokens / per image
+        per_image = unpruned_vit_tokens(config)[0] - (0 if config.vision_feature_select_strategy == "full" else 1)
+        n_passes = max(1, round(n_visual / per_image))
     # the projector (Qwen2-VL: the merger) runs on what the vision side kept, what reached LLM layer 0
     projected = row[1][0] if row[1] else n_visual
     return batch_prefill_flops(config, family, [row], n_passes=n_passes, n_visual_total=n_visual,
