@@ -119,3 +119,29 @@ def test_stop_strings_are_bounded(app):
             assert r.status_code == 400 and "stop strings" in r.json()["error"]["message"], (path, r.text)
     r = post(app, "/v1/chat/completions", chat(stop=["z" * 256] * 16))
     assert r.status_code == 200, r.text
+
+
+def test_a_requests_images_share_a_pixel_budget():
+    """Each image may have up to 25 MP, but eight of them that compress to a few hundred KB took ~2 GB to decode
+    and preprocess: all of a request's images together get ``max_request_pixels`` (64 MP by default)."""
+    from PIL import Image
+
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    worker = EngineWorker("random:llava", name="tiny", engine=tiny_engine("llava"))
+    cfg = ServiceConfig(models=[ModelConfig(name="tiny", model="random:llava", max_new_tokens_limit=8)],
+                        api_key_env=None, max_request_pixels=10_000)
+    small = create_api(LocalBackend({"tiny": worker}), cfg)
+    url = image_to_data_url(Image.new("RGB", (80, 80)))  # 6,400 pixels: one fits, two do not
+    one = {"prompt": "hi", "images": [url], "spec": {"max_new_tokens": 1}}
+    assert post(small, "/v1/generate", one).status_code == 200
+    r = post(small, "/v1/generate", {**one, "images": [url, url]})
+    assert r.status_code == 400, r.text
+    assert "the request's images add up to 0.0128 MP, over this server's limit of 0.01 MP per request" in r.json()["error"]["message"]
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *[
+        {"type": "image_url", "image_url": {"url": url}}] * 2]}], "max_tokens": 1}
+    r = post(small, "/v1/chat/completions", chat)
+    assert r.status_code == 400 and "over this server's limit" in r.json()["error"]["message"], r.text
+    assert ServiceConfig().max_request_pixels == 64_000_000

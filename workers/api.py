@@ -295,7 +295,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         model = pick_model(req.model)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         item = await run_in_threadpool(chat_item, req, resolve_image, max_images=config.max_images_per_request,
-                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid)
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
+                                       max_pixels=config.max_request_pixels)
         with_steps = req.vlmguard.diagnostics
         if not req.stream:
             result = await run(model, item)
@@ -331,7 +332,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         model = pick_model(req.model)
         rid = f"gen-{uuid.uuid4().hex}"
         item = await run_in_threadpool(generate_item, req, resolve_image, max_images=config.max_images_per_request,
-                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid)
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
+                                       max_pixels=config.max_request_pixels)
         if not req.stream:
             result = await run(model, item)
             return JSONResponse(generate_response(rid, model, result).model_dump())

@@ -102,6 +102,9 @@ class ServiceConfig(BaseModel):
     api_key_env: Optional[str] = "VLMGUARD_API_KEY"
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(8, ge=0)
+    # all of a request's images together (each is also capped at 25 MP, VLMGUARD_MAX_IMAGE_PIXELS): eight 25-MP
+    # images that compress to a few hundred KB took ~2 GB to decode and preprocess
+    max_request_pixels: int = Field(64_000_000, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)  # 504 after it; a stream is timed to its first token only
     # http(s) image URLs are refused unless they start with one of these prefixes.
     image_url_allowlist: list[str] = Field(default_factory=list)

@@ -86,8 +86,17 @@ def _parts(content: Any) -> list[TextPart | ImagePart]:
     return list(content)
 
 
+def _within_pixel_budget(images: list[Image.Image], max_pixels: int | None) -> None:
+    """All of a request's images so far within ``max_pixels`` (checked as each is decoded, so the decoding
+    stops at the first image past it)."""
+    total = sum(im.width * im.height for im in images)
+    if max_pixels is not None and total > max_pixels:
+        raise InvalidInput(f"the request's images add up to {total / 1e6:.3g} MP, over this server's limit of "
+                           f"{max_pixels / 1e6:.3g} MP per request")
+
+
 def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
-              max_new_tokens_limit: int, request_id: str) -> WorkItem:
+              max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
     """Validate a chat request and turn it into a WorkItem (images decoded)."""
     spec = chat_spec(req, max_new_tokens_limit)
     system: list[str] = []
@@ -108,6 +117,7 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
                 if len(images) >= max_images:
                     raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
                 images.append(resolve_image_part(p, resolve_image, f"messages[{i}].content[{j}]"))
+                _within_pixel_budget(images, max_pixels)
                 content.append({"type": "image"})
             else:
                 content.append({"type": "text", "text": p.text})
@@ -130,7 +140,7 @@ def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str
 
 
 def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_images: int,
-                  max_new_tokens_limit: int, request_id: str) -> WorkItem:
+                  max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
     spec = _check_spec(GenerationSpec.build(**req.spec), max_new_tokens_limit)
     if len(req.images) > max_images:
         raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
@@ -140,6 +150,7 @@ def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_ima
             images.append(resolve_image(url))
         except InvalidInput as e:
             raise InvalidInput(f"images[{j}]: {e}") from None
+        _within_pixel_budget(images, max_pixels)
     return WorkItem(prompt=req.prompt, spec=spec, images=images, system=req.system, request_id=request_id)
 
 
