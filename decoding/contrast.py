@@ -11,6 +11,8 @@ is the log-probability under the decoder's final distribution (argmax and sampli
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import torch
@@ -71,5 +73,13 @@ def select_rows(applied: torch.Tensor, method_scores: torch.Tensor, plain: torch
 
 def active_rows(values: Sequence, active: Sequence[int], device: torch.device | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-request values gathered for the current rows (``DecodeContext.active``)."""
-    return torch.tensor([values[i] for i in active], dtype=dtype, device=device)
+    """Per-request values gathered for the current rows (``DecodeContext.active``), as a tensor on ``device``.
+    Read-only: the same values give the same cached tensor, so a decode step does not copy a list to the GPU
+    (a host sync) while the set of rows stays the same."""
+    return values_on(tuple(values[i] for i in active), dtype, device)
+
+
+@functools.lru_cache(maxsize=512)
+def values_on(values: tuple, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per distinct (values, dtype, device); read-only."""
+    return torch.tensor(values, dtype=dtype, device=device)

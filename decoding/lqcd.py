@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
-from vlmguard.decoding.contrast import contrast, log_probs
+from vlmguard.decoding.contrast import contrast, log_probs, values_on
 from vlmguard.decoding.neutralizer import leading_variants, neutralize
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.errors import InvalidInput
@@ -127,13 +127,15 @@ class LQCD(Decoder):
     def combine(self, step: StepInputs) -> Combined:
         names = ["main", *[f"lq{k}" for k in range(self.n_slots)]]
         lp = torch.stack([log_probs(step.logits[nm]) for nm in names], dim=1)  # (B, nb, V)
-        rows = torch.tensor(self.ctx.active, dtype=torch.long)
-        ew = self.expert_w[rows].to(lp.device)
-        aw = self.amateur_w[rows].to(lp.device)
-        expert = torch.einsum("bn,bnv->bv", ew, lp)
-        amateur = torch.einsum("bn,bnv->bv", aw, lp)
-        scores = contrast(expert, amateur, self.alpha[rows].to(lp.device), self.params.beta, self.params.one_sided)
+        # the per-request weights live on the logits' device (moved once); the rows index them there, from a
+        # cached index tensor: no list or weight copy to the GPU (a host sync) at every step
+        if self.expert_w.device != lp.device:
+            self.expert_w, self.amateur_w, self.alpha, self.main_is_expert = (
+                t.to(lp.device) for t in (self.expert_w, self.amateur_w, self.alpha, self.main_is_expert))
+        rows = values_on(tuple(self.ctx.active), torch.long, lp.device)
+        expert = torch.einsum("bn,bnv->bv", self.expert_w[rows], lp)
+        amateur = torch.einsum("bn,bnv->bv", self.amateur_w[rows], lp)
+        scores = contrast(expert, amateur, self.alpha[rows], self.params.beta, self.params.one_sided)
         main = lp[:, 0]
-        other = torch.where(self.main_is_expert[rows].to(lp.device)[:, None],
-                            torch.log_softmax(amateur, dim=-1), expert)
+        other = torch.where(self.main_is_expert[rows][:, None], torch.log_softmax(amateur, dim=-1), expert)
         return Combined(scores=scores, main_logprobs=main, contrast_logprobs=other)
