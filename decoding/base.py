@@ -14,6 +14,7 @@ weights) and hands back as ``StepInputs.head``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -182,3 +183,10 @@ def plausibility_mask(main_logprobs: torch.Tensor, beta: float) -> torch.Tensor:
         return torch.ones_like(main_logprobs, dtype=torch.bool)
     cutoff = main_logprobs.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta))
     return main_logprobs >= cutoff
+
+
+@functools.lru_cache(maxsize=512)
+def values_on(values: tuple, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per distinct (values, dtype, device), so a decode step
+    whose rows did not change copies no list to the GPU (each copy a host sync). Read-only: callers share it."""
+    return torch.tensor(values, dtype=dtype, device=device)

@@ -11,13 +11,11 @@ is the log-probability under the decoder's final distribution (argmax and sampli
 """
 from __future__ import annotations
 
-import functools
-
 from typing import Sequence
 
 import torch
 
-from vlmguard.decoding.base import plausibility_mask
+from vlmguard.decoding.base import plausibility_mask, values_on
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -78,8 +76,3 @@ def active_rows(values: Sequence, active: Sequence[int], device: torch.device | 
     (a host sync) while the set of rows stays the same."""
     return values_on(tuple(values[i] for i in active), dtype, device)
 
-
-@functools.lru_cache(maxsize=512)
-def values_on(values: tuple, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
-    """``torch.tensor(values)`` on ``device``, made once per distinct (values, dtype, device); read-only."""
-    return torch.tensor(values, dtype=dtype, device=device)

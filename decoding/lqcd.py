@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
-from vlmguard.decoding.contrast import contrast, log_probs, values_on
+from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs, values_on
+from vlmguard.decoding.contrast import contrast, log_probs
 from vlmguard.decoding.neutralizer import leading_variants, neutralize
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.errors import InvalidInput

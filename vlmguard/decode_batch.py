@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
-                                    forward_owners)
+                                    forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
 from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
 from vlmguard.runner import DecodeState, LayerRunner
@@ -272,7 +272,8 @@ class DecodeBatch:
         for b in blocks:
             locals_ = [lv.local for lv in self.lives[b.lives]] * len(b.cohort.branch_names)
             rows = None if len(blocks) == 1 else b.rows(self.device)  # one cohort: every row, in order
-            owners[id(b.cohort.dctx)] = OwnedRows(rows=rows, requests=torch.tensor(locals_, device=self.device))
+            requests = values_on(tuple(locals_), torch.long, self.device)  # cached: no copy to the GPU per step
+            owners[id(b.cohort.dctx)] = OwnedRows(rows=rows, requests=requests)
         return owners
 
     def _combine(self, blocks: list[_Block]) -> Combined:
