@@ -75,4 +75,3 @@ def active_rows(values: Sequence, active: Sequence[int], device: torch.device | 
     Read-only: the same values give the same cached tensor, so a decode step does not copy a list to the GPU
     (a host sync) while the set of rows stays the same."""
     return values_on(tuple(values[i] for i in active), dtype, device)
-

@@ -22,7 +22,6 @@ def budget_not_bool(v: Any) -> Any:
     return v
 
 
-
 def _fits_a_generator(v: int) -> int:
     if v > 2**64 - 1:
         raise ValueError(f"must be at most 2**64 - 1 (what a torch generator takes), got {v}")
@@ -32,6 +31,7 @@ def _fits_a_generator(v: int) -> int:
 # A method parameter that seeds a torch generator: >= 0 and at most 2**64 - 1, checked by a validator rather than a
 # schema bound (the dashboard's number widgets refuse bounds past 2**53).
 GeneratorSeed = Annotated[int, Field(ge=0), AfterValidator(_fits_a_generator)]
+
 
 class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
