@@ -157,6 +157,7 @@ def test_perf_serve_apps_share_one_gpu(monkeypatch, device):
     from vlmguard.perf.serve import _service_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a one-GPU machine
     args = SimpleNamespace(shape="random:llava", device=device, dtype="auto", attn="auto", new_tokens=8, max_batch=8,
                            batch_wait_ms=10.0, batch_mode="inflight", ingress="model", direct_ingress=False)
     apps = [_service_config(args, batching, 1, [1, 4]) for batching in (False, True)]

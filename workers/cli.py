@@ -79,14 +79,8 @@ def _job_common(p: argparse.ArgumentParser) -> None:
 
 # ---- serve --------------------------------------------------------------------------------------------
 
-def _local_gpus() -> float:
-    import torch
-
-    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vlmguard.workers.config import load_config
+    from vlmguard.workers.config import load_config, local_gpus
     from vlmguard.workers.launch import DIRECT_INGRESS_ENV, apply_overrides, start_detached_cluster, start_service
 
     if args.stop:
@@ -121,11 +115,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if not m.model.startswith("random:"):
                 resolve_model_path(m.model)
         # replicas reserving GPUs this machine lacks would wait for them for ever
-        local_gpus = _local_gpus()
-        wanted = {m.served_name: m.gpus_per_replica(local_gpus) * m.num_replicas for m in config.models}
-        if sum(wanted.values()) > local_gpus:
+        gpus = local_gpus()
+        wanted = {m.served_name: m.gpus_per_replica(gpus) * m.num_replicas for m in config.models}
+        if sum(wanted.values()) > gpus:
             asks = ", ".join(f"{name} {n:g}" for name, n in wanted.items() if n)
-            raise InvalidInput(f"the replicas reserve more GPUs than this machine has ({local_gpus:g}): {asks}; "
+            raise InvalidInput(f"the replicas reserve more GPUs than this machine has ({gpus:g}): {asks}; "
                                "set device cpu, a fractional num_gpus or fewer replicas, or join a cluster (--address)")
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,

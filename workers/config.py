@@ -67,13 +67,15 @@ class ModelConfig(BaseModel):
     def served_name(self) -> str:
         return self.name or self.model
 
+    def runs_on_cuda(self, cluster_gpus: float) -> bool:
+        """Whether a replica runs on CUDA: device cuda[:N], or auto on a cluster with ``cluster_gpus`` >= 1."""
+        return self.device.startswith("cuda") or (self.device == "auto" and cluster_gpus >= 1)
+
     def gpus_per_replica(self, cluster_gpus: float) -> float:
-        """The replica's GPU reservation: ``num_gpus`` when set, else 1 for a CUDA replica (device cuda, or
-        auto on a cluster with ``cluster_gpus`` >= 1), else 0."""
+        """The replica's GPU reservation: ``num_gpus`` when set, else 1 for a CUDA replica, else 0."""
         if self.num_gpus is not None:
             return self.num_gpus
-        cuda = self.device.startswith("cuda") or (self.device == "auto" and cluster_gpus >= 1)
-        return 1.0 if cuda else 0.0
+        return 1.0 if self.runs_on_cuda(cluster_gpus) else 0.0
 
     @property
     def replica_concurrency(self) -> int:
@@ -84,6 +86,13 @@ class ModelConfig(BaseModel):
     def admission_limit(self) -> int | None:
         """Generations a model-ingress replica admits at once (running or queued); None: no limit."""
         return self.replica_concurrency + self.max_queued_requests if self.max_queued_requests >= 0 else None
+
+
+def local_gpus() -> float:
+    """CUDA GPUs this machine (this process) sees."""
+    import torch
+
+    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
 class ServiceConfig(BaseModel):

@@ -315,7 +315,7 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
     from pydantic import ValidationError
 
     from vlmguard.errors import InvalidInput
-    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig, local_gpus
 
     name = "perf-batched" if batching else "perf-unbatched"
     wait_s = args.batch_wait_ms / 1000.0
@@ -324,9 +324,7 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
                "max_new_tokens_limit": f"--new-tokens {args.new_tokens}"}
     # the two apps (batching off / on) are up together, each with one replica: on CUDA they share the GPU (half
     # each; a whole GPU each would leave the second replica waiting for ever on a one-GPU machine)
-    import torch
-
-    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    cuda = ModelConfig(device=args.device).runs_on_cuda(local_gpus())
     try:
         return ServiceConfig(
             models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
