@@ -126,12 +126,25 @@ def find_visual_scores(report: dict[str, Any] | None, n_tokens: int) -> tuple[st
     return None
 
 
-def steps_frame(steps: Sequence[Any]) -> pd.DataFrame:
-    """Per generated token: main vs contrast probability, the decoder's score, and whether it changed the pick."""
+def _getter(obj: Any):
+    return obj.get if isinstance(obj, dict) else (lambda k, _o=obj: getattr(_o, k, None))
+
+
+def steps_frame(steps: Sequence[Any], logprobs: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Per generated token: main vs contrast probability, the decoder's score, and whether it changed the pick;
+    with the result's ``logprobs``, the token's probability under the decoder's final distribution and the most
+    likely tokens there (``alternatives``)."""
     rows = []
+    logprobs = list(logprobs or [])
     for i, s in enumerate(steps):
-        get = s.get if isinstance(s, dict) else (lambda k, _s=s: getattr(_s, k, None))
+        get = _getter(s)
         token_id, main_top = get("token_id"), get("main_top_id")
+        final_prob, alternatives = None, ""
+        if i < len(logprobs):
+            lp = _getter(logprobs[i])
+            final_prob = math.exp(lp("logprob"))
+            alternatives = " · ".join(f"{_getter(t)('token')!r} {math.exp(_getter(t)('logprob')):.3f}"
+                                      for t in lp("top") or [])
         rows.append({
             "step": i,
             "token": get("token"),
@@ -139,9 +152,12 @@ def steps_frame(steps: Sequence[Any]) -> pd.DataFrame:
             "main_prob": get("main_prob"),
             "contrast_prob": get("contrast_prob"),
             "score": get("score"),
+            "final_prob": final_prob,
+            "alternatives": alternatives,
             "changed": main_top is not None and token_id is not None and main_top != token_id,
         })
-    return pd.DataFrame(rows, columns=["step", "token", "label", "main_prob", "contrast_prob", "score", "changed"])
+    return pd.DataFrame(rows, columns=["step", "token", "label", "main_prob", "contrast_prob", "score", "final_prob",
+                                       "alternatives", "changed"])
 
 
 def probs_chart(frame: pd.DataFrame):

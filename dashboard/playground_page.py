@@ -207,14 +207,14 @@ def _show_result(r: Any, image: Image.Image, family: str | None) -> None:
                          caption=f"token scores ({key}): brighter = higher", width="stretch")
             else:
                 st.caption(f"The pruner `{(r.pruning or {}).get('name', 'none')}` reports no per-token scores.")
-    frame = drawing.steps_frame(r.steps)
+    frame = drawing.steps_frame(r.steps, r.logprobs)
     if not frame.empty:
         changed = frame[frame["changed"]]
         st.markdown("**Per-token probabilities** (main vs contrast branch)"
                     + (f" · the decoder changed {len(changed)} token(s): " + ", ".join(f"`{x}`" for x in changed["label"])
                        if len(changed) else " · the decoder kept the main branch's choice everywhere"))
         st.altair_chart(drawing.probs_chart(frame), width="stretch")
-        with st.expander("steps"):
+        with st.expander("steps (final_prob and alternatives: the decoder's final distribution)"):
             st.dataframe(frame.drop(columns=["label"]), hide_index=True)
 
 

@@ -65,11 +65,15 @@ def probe_service(client: GenerationClient, url: str) -> ServiceStatus:
     return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards})
 
 
+PLAYGROUND_TOP_LOGPROBS = 3  # alternatives per generated token the playground shows
+
+
 def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[str, Any], decoding: str,
                 decoding_params: dict[str, Any], max_new_tokens: int, seed: int | None = None) -> dict[str, Any]:
-    """GenerationSpec fields for ``Client.generate`` (diagnostics on: the playground draws them)."""
+    """GenerationSpec fields for ``Client.generate`` (diagnostics and the top 3 log-probabilities on: the
+    playground draws them)."""
     spec: dict[str, Any] = {"pruning": pruning, "decoding": decoding, "max_new_tokens": int(max_new_tokens),
-                            "diagnostics": True}
+                            "diagnostics": True, "logprobs": PLAYGROUND_TOP_LOGPROBS}
     if pruning != "none":
         spec["budget"] = budget
         if pruning_params:

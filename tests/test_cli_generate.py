@@ -34,6 +34,20 @@ def test_generate_json_last_line(capsys, image):
     assert {"prefill_s", "decode_s", "vision_s", "per_token_s"} <= set(obj["timings"])
 
 
+def test_generate_logprobs_in_json_and_as_a_table(capsys, image):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "4", "--logprobs", "2"]
+    rc, out, _ = run_cli(capsys, *args, "--json")
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and [e["token_id"] for e in obj["logprobs"]] == obj["tokens"]
+    assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in obj["logprobs"])
+    rc, out, _ = run_cli(capsys, *args)
+    lines = out.strip().splitlines()
+    assert rc == 0 and len(lines) == 5 and all("top: " in line for line in lines[1:])
+    rc, _, err = run_cli(capsys, *args[:-1], "21")
+    assert rc != 0 and "logprobs: Input should be less than or equal to 20" in err
+
+
 def test_generate_stream_prints_text(capsys, image):
     rc, out, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt", "hi",
                          "--max-new-tokens", "3", "--stream")

@@ -66,6 +66,13 @@ def test_steps_frame_and_probs_chart():
     greedy = drawing.steps_frame([{**steps[0], "contrast_prob": None}])
     assert greedy["contrast_prob"].isna().all()
     drawing.probs_chart(greedy).to_dict()  # main branch only still draws
+    assert frame["final_prob"].isna().all() and list(frame["alternatives"]) == ["", ""]
+    logprobs = [{"token_id": 5, "token": "Yes", "logprob": -0.5,
+                 "top": [{"token_id": 5, "token": "Yes", "logprob": -0.5}, {"token_id": 7, "token": " No", "logprob": -1.5}]},
+                {"token_id": 9, "token": ".", "logprob": -2.0, "top": []}]
+    with_lp = drawing.steps_frame(steps, logprobs)
+    assert list(with_lp["final_prob"]) == pytest.approx([0.6065, 0.1353], abs=1e-4)
+    assert list(with_lp["alternatives"]) == ["'Yes' 0.607 · ' No' 0.223", ""]
 
 
 def test_kept_overlay_of_an_image_a_pixel_high():

@@ -154,13 +154,18 @@ class StubClient:
         pruning = {"name": spec.get("pruning", "none"), "budget": spec.get("budget")}
         if methods:
             pruning["visual_scores"] = scores
+        k = spec.get("logprobs")
+        logprobs = None if k is None else [
+            {"token_id": s.token_id, "token": s.token, "logprob": -0.25 * (i + 1),
+             "top": [{"token_id": s.token_id, "token": s.token, "logprob": -0.25 * (i + 1)},
+                     {"token_id": 7, "token": "maybe", "logprob": -2.0}][:k]} for i, s in enumerate(steps)]
         return GenerateResponse(
             id="gen-1", model="tiny-llava", text=" ".join(words), token_ids=[s.token_id for s in steps],
             finish_reason="stop", prompt_tokens=40, visual_tokens=self.N,
             visual_tokens_kept=[self.N, self.N] + [budget] * 2 if methods else [self.N] * 4, kept_indices=kept,
             timings=TimingsModel(vision_s=0.001, prefill_s=0.012 if methods else 0.02, decode_s=0.03, ttft_s=0.015,
                                  total_s=0.05),
-            steps=steps, pruning=pruning, decoding={"name": spec.get("decoding", "greedy")})
+            steps=steps, pruning=pruning, decoding={"name": spec.get("decoding", "greedy")}, logprobs=logprobs)
 
     def generate(self, prompt, images=(), *, model=None, **spec):
         self.calls.append({"prompt": prompt, "model": model, "images": list(images), **spec})
@@ -202,6 +207,7 @@ def test_playground_with_stub_client_shows_answer_and_overlays():
     main, plain = [c for c in stub.calls if c.get("stream")]
     assert main["pruning"] == "fastv" and main["budget"] == 6 and main["decoding"] == "vcd"
     assert main["diagnostics"] is True and main["prompt"] == "Is there a dog in the image?"
+    assert main["logprobs"] == 3  # the steps table shows the final distribution's top 3
     assert main["model"] == "tiny-llava" and len(main["images"]) == 1
     assert plain["pruning"] == "none" and plain["decoding"] == "greedy" and "budget" not in plain
     text = all_text(at)
@@ -213,6 +219,8 @@ def test_playground_with_stub_client_shows_answer_and_overlays():
     assert any("token scores (visual_scores)" in c for c in i_caption(at))
     assert any("reports no per-token scores" in c for c in captions)  # the plain model prunes nothing
     assert "the decoder changed 1 token(s): `0:No`" in text
+    steps_table = frame_with(at, "alternatives")
+    assert list(steps_table["alternatives"])[:2] == ["'No' 0.779 · 'maybe' 0.135", "'dog' 0.607 · 'maybe' 0.135"]
     assert len(at.get("vega_lite_chart")) == 2  # main vs contrast probabilities, per column
     assert {m.label for m in at.metric} >= {"prefill", "first token", "decode", "total"}
     assert "12.0 ms" in [m.value for m in at.metric] and "50.0 ms" in [m.value for m in at.metric]

@@ -22,7 +22,7 @@ def test_sampling_at_a_vanishing_temperature_is_greedy_not_a_crash(temperature):
     # and a score of exactly 0 (a one-token plausible set) divided by a T that rounds to 0 is NaN
     scores = torch.log_softmax(torch.tensor([[5.0, 4.0, 0.0, -1.0, float("-inf")],
                                              [0.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]]), -1)
-    sampler = Sampler(GenerationSpec(do_sample=True, seed=0, temperature=temperature, top_k=2), 2, torch.device("cpu"))
+    sampler = Sampler([GenerationSpec(do_sample=True, seed=0, temperature=temperature, top_k=2)] * 2)
     assert sampler.select(scores).tolist() == [0, 0]
 
 
@@ -31,7 +31,7 @@ def test_vanishing_temperature_with_positive_contrast_scores_is_greedy(temperatu
     # a contrastive decoder's scores can be positive ((1 + a) * main - a * contrast): 5 / 1e-38 overflows to +inf
     # while 1e-3 / 1e-38 stays finite, and softmax over +inf and finite entries is NaN (multinomial raised)
     scores = torch.tensor([[1e-3, 5.0, -2.0, float("-inf")], [0.5, -0.2, 4.0, -1.0]])
-    sampler = Sampler(GenerationSpec(do_sample=True, seed=0, temperature=temperature), 2, torch.device("cpu"))
+    sampler = Sampler([GenerationSpec(do_sample=True, seed=0, temperature=temperature)] * 2)
     assert sampler.select(scores).tolist() == [1, 2]
 
 

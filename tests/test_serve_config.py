@@ -136,8 +136,7 @@ def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_h
     ok = _req(n=1, logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[], tool_choice="none",
               parallel_tool_calls=False, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, user="u1")
     assert chat_spec(ok, 64).max_new_tokens == 64
-    refused = {"n": (2, "one choice per request"), "logprobs": (True, "logprobs are not returned"),
-               "top_logprobs": (2, "logprobs are not returned"),
+    refused = {"n": (2, "one choice per request"),
                "response_format": ({"type": "json_object"}, "'json_object' is not supported"),
                "tools": ([{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
                "tool_choice": ("auto", "tool calling is not supported"),
@@ -148,6 +147,17 @@ def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_h
             _req(**{field: value})
         err = e.value.errors()[0]
         assert err["type"] == "unsupported_value" and err["loc"][0] == field, field
+
+
+def test_chat_logprobs_map_to_the_spec_and_top_logprobs_need_logprobs():
+    assert chat_spec(_req(), 64).logprobs is None
+    assert chat_spec(_req(logprobs=False, top_logprobs=0), 64).logprobs is None
+    assert chat_spec(_req(logprobs=True), 64).logprobs == 0
+    assert chat_spec(_req(logprobs=True, top_logprobs=5), 64).logprobs == 5
+    with pytest.raises(ValidationError, match="top_logprobs requires logprobs: true"):
+        _req(top_logprobs=2)
+    with pytest.raises(ValidationError, match="less than or equal to 20"):
+        _req(logprobs=True, top_logprobs=21)
 
 
 def test_image_url_string_form_detail_and_unsupported_part_types():

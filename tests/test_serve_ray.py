@@ -104,6 +104,28 @@ def test_openai_sdk_streaming_matches_non_streaming(service, image_url):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_openai_sdk_logprobs_over_ray_streamed_and_not(service, image_url):
+    """Log-probabilities through the replicas' in-flight batcher: per chunk while streaming, adding up to the
+    non-streamed answer's; concurrent requests with other lengths and settings share the batch."""
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    kwargs = dict(model=MODEL, max_tokens=6, messages=_chat_body(image_url)["messages"], logprobs=True,
+                  top_logprobs=2, extra_body={"vlmguard": {"pruning": "fastv", "budget": 8}})
+    full = client.chat.completions.create(**kwargs)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    with cf.ThreadPoolExecutor(4) as pool:  # other lengths and settings, the same pruner: one batch
+        others = [pool.submit(client.chat.completions.create, model=MODEL, max_tokens=n, temperature=0.7, seed=n,
+                              messages=_chat_body(image_url)["messages"],
+                              extra_body={"vlmguard": {"pruning": "fastv", "budget": 8}}) for n in (3, 9, 12)]
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        assert all(1 <= f.result().usage.completion_tokens <= n for f, n in zip(others, (3, 9, 12)))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+
+
 def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     """What an OpenAI SDK user relies on beyond the happy path: models.retrieve, a stream without usage, the
     bare-string image_url form, and 4xx errors with ``param`` / ``code`` for parameters the server cannot honour."""

@@ -11,8 +11,10 @@ Two families of endpoints:
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
 Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
-as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``n`` > 1, ``logprobs``, ``tools``, JSON
+as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``n`` > 1, ``tools``, JSON
 ``response_format``, penalties, ``logit_bias``) are refused with a 400 naming them; their neutral values are accepted.
+``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
+selection reads, before temperature, top-k and top-p), so a contrastive decoder's entries show what it did.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from vlmguard.spec import budget_not_bool
+from vlmguard.spec import MAX_TOP_LOGPROBS, budget_not_bool
 
 # ---- errors -----------------------------------------------------------------------------------------
 
@@ -136,10 +138,9 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
-    OpenAI parameters it cannot honour are accepted only with their neutral values (``n`` 1, ``logprobs``
-    false, ``top_logprobs`` 0, ``response_format`` text, no ``tools``, ``tool_choice`` none, penalties 0, empty
-    ``logit_bias``); anything else is refused with a message naming the parameter. ``user`` and
-    ``parallel_tool_calls`` are accepted and ignored.
+    OpenAI parameters it cannot honour are accepted only with their neutral values (``n`` 1, ``response_format``
+    text, no ``tools``, ``tool_choice`` none, penalties 0, empty ``logit_bias``); anything else is refused with a
+    message naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -157,7 +158,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
@@ -174,13 +175,16 @@ class ChatCompletionRequest(BaseModel):
             raise unsupported(f"n={v} is not supported: this server returns one choice per request")
         return v
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v:
-            raise unsupported("logprobs are not returned by this server (vlmguard.diagnostics gives per-step "
-                              "token probabilities)")
-        return v
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("invalid_request", "top_logprobs requires logprobs: true", {})
+        return self
+
+    @property
+    def spec_logprobs(self) -> Optional[int]:
+        """``GenerationSpec.logprobs``: None without ``logprobs``, else the number of alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
     @classmethod
@@ -216,10 +220,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprobModel(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprobModel(TopLogprobModel):
+    top_logprobs: list[TopLogprobModel] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``choices[].logprobs``: one entry per generated token (in a stream chunk, its tokens')."""
+
+    content: Optional[list[TokenLogprobModel]] = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class Usage(BaseModel):
@@ -279,6 +300,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: Optional[str] = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -309,6 +331,19 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
+class TopLogprobEntry(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int] = Field(default_factory=list)
+
+
+class TokenLogprobEntry(TopLogprobEntry):
+    """:class:`~vlmguard.results.TokenLogprob`: a generated token's log-probability and the top alternatives."""
+
+    top: list[TopLogprobEntry] = Field(default_factory=list)
+
+
 class GenerateResponse(BaseModel):
     """A :class:`~vlmguard.results.GenerationResult` plus the serving model and request id."""
 
@@ -326,6 +361,7 @@ class GenerateResponse(BaseModel):
     pruning: dict[str, Any] = Field(default_factory=dict)
     decoding: dict[str, Any] = Field(default_factory=dict)
     request_id: Optional[str] = None
+    logprobs: Optional[list[TokenLogprobEntry]] = None  # with spec ``logprobs``: one per generated token
 
 
 class GenerateStreamEvent(BaseModel):
@@ -336,6 +372,7 @@ class GenerateStreamEvent(BaseModel):
     text: str = ""
     done: bool = False
     result: Optional[GenerateResponse] = None
+    logprobs: list[TokenLogprobEntry] = Field(default_factory=list)  # the entries of this event's tokens
 
 
 # ---- service info -----------------------------------------------------------------------------------

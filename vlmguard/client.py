@@ -33,12 +33,12 @@ from vlmguard.api_schema import (
     ModelList,
 )
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.spec import GenerationSpec
 
 RETRY_STATUS = {429, 503}
 # transport failures retried like a 503: nothing was answered (a refused or timed-out connection, a dropped one)
 RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
-SPEC_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_params", "max_new_tokens", "do_sample",
-               "temperature", "top_p", "top_k", "seed", "stop", "diagnostics"}
+SPEC_FIELDS = set(GenerationSpec.model_fields)
 OPTION_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_params", "params", "do_sample",
                  "top_k", "diagnostics"}
 

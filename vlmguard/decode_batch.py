@@ -35,10 +35,16 @@ import torch
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
-from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings
+from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
+                              TopLogprob)
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import Sampler
 from vlmguard.spec import GenerationSpec
+from vlmguard.token_text import token_pieces
+
+# what a log-probability of -inf (a token the decoder ruled out: VCD's plausibility cut) is reported as: JSON has
+# no infinity, and OpenAI's API reports such tokens so
+LOGPROB_FLOOR = -9999.0
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
@@ -119,8 +125,11 @@ class LiveRequest:
     batch_size: int  # the most requests it decoded together with (itself included)
     rng_row: int  # its generator in the sampler
     cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
+    spec: GenerationSpec  # its own: length, stop strings, token selection, what its result reports
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0  # entries already sent with a stream event
     sent_text: str = ""  # the text streamed so far
     detok: IncrementalText | None = None  # its generated text, decoded a token at a time
     final_text: str | None = None  # set when it finishes (stripped)
@@ -163,13 +172,15 @@ class DecodeBatch:
         decode forward for the others (whose next logits become pending)."""
         if not self.lives:
             return
-        spec, tok, na = self.spec, self.tok, len(self.lives)
+        tok, na = self.tok, len(self.lives)
         blocks = self._blocks()
         combined = self._combine(blocks)
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
         tok_list = tokens.tolist()  # waits for the combine and the sampler on a GPU: the token's time covers them
         now = time.perf_counter()
-        if spec.diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
+        diagnostics = any(lv.spec.diagnostics for lv in self.lives)
+        logprobs = self._logprobs(combined.scores, tokens)
+        if diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
             main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
             idx = tokens[:, None]
             mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
@@ -188,25 +199,27 @@ class DecodeBatch:
                 finished_rows.append(j)
                 continue
             lv.gen.append(t)
-            if spec.diagnostics:
+            if logprobs[j] is not None:
+                lv.logprobs.append(logprobs[j])
+            if lv.spec.diagnostics:
                 lv.steps.append(StepDiagnostic(token_id=t, token=tok.convert_ids_to_tokens(t), main_prob=mp[j],
                                                contrast_prob=cp[j], score=sc[j], main_top_id=main_top[j]))
             if lv.detok is None:
                 lv.detok = IncrementalText(tok)
             lv.detok.push(t)  # O(1) per token: a short window is decoded, not the whole text
-            if _stop_in_tail(lv.detok, spec.stop) is not None:
+            if _stop_in_tail(lv.detok, lv.spec.stop) is not None:
                 lv.finish = "stop"
-            if lv.finish == "stop" or len(lv.gen) >= spec.max_new_tokens:
+            if lv.finish == "stop" or len(lv.gen) >= lv.spec.max_new_tokens:
                 finished_rows.append(j)
                 text = self._final_text(lv)  # one full decode, cut at the stop string
             else:  # what is printable and cannot turn out to be the start of a stop string
                 # whitespace at either end waits: the result's text is stripped, and the streamed pieces add
                 # up to it (trailing whitespace is sent once more text follows it)
-                text = _hold_back(lv.detok.text, spec.stop).strip()
+                text = _hold_back(lv.detok.text, lv.spec.stop).strip()
             delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else ""
             if delta:
                 lv.sent_text += delta
-                yield StreamEvent(index=lv.index, token_id=t, text=delta)
+                yield StreamEvent(index=lv.index, token_id=t, text=delta, logprobs=self._unsent_logprobs(lv))
         for j in finished_rows:
             lv = self.lives[j]
             result = self._result(lv, now)
@@ -214,8 +227,9 @@ class DecodeBatch:
             rest = final[len(lv.sent_text):] if final.startswith(lv.sent_text) else ""
             if rest:
                 lv.sent_text += rest
-                yield StreamEvent(index=lv.index, token_id=None, text=rest)
-            yield StreamEvent(index=lv.index, token_id=None, text="", done=True, result=result)
+                yield StreamEvent(index=lv.index, token_id=None, text=rest, logprobs=self._unsent_logprobs(lv))
+            yield StreamEvent(index=lv.index, token_id=None, text="", done=True, result=result,
+                              logprobs=self._unsent_logprobs(lv))
         gone = set(finished_rows)
         keep_j = [j for j in range(na) if j not in gone]
         if not keep_j:
@@ -251,6 +265,37 @@ class DecodeBatch:
             lv.t_mark = t_dec
         for c in self.cohorts:
             c.step += 1
+
+    def _logprobs(self, scores: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """Each request's entry for the token it just drew (None where its spec asks for none): log-softmax of
+        the decoder's final scores, the token's own and the ``logprobs`` most likely. One device sync."""
+        ks = [lv.spec.logprobs for lv in self.lives]
+        if all(k is None for k in ks):
+            return [None] * len(ks)
+        lp = torch.log_softmax(scores.float(), dim=-1)
+        lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
+        own = lp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k_max = min(max(k for k in ks if k is not None), lp.shape[-1])
+        top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        ids = tokens.tolist()
+        pieces = token_pieces(self.tok)
+        out: list[TokenLogprob | None] = []
+        for j, k in enumerate(ks):
+            if k is None:
+                out.append(None)
+                continue
+            top = [TopLogprob(token_id=i, token=pieces.text(i), logprob=v, bytes=pieces.bytes(i))
+                   for i, v in zip(top_i[j][:k], top_v[j][:k])]
+            out.append(TokenLogprob(token_id=ids[j], token=pieces.text(ids[j]), logprob=own[j],
+                                    bytes=pieces.bytes(ids[j]), top=top))
+        return out
+
+    @staticmethod
+    def _unsent_logprobs(lv: LiveRequest) -> list[TokenLogprob]:
+        out = lv.logprobs[lv.logprobs_sent:]
+        lv.logprobs_sent = len(lv.logprobs)
+        return out
 
     def _blocks(self) -> list[_Block]:
         """Each cohort's requests (contiguous in ``lives``, which is grouped by cohort) and rows."""
@@ -336,7 +381,7 @@ class DecodeBatch:
         """The request's whole text, cut at the first stop string and stripped: the result's text, which the
         streamed pieces add up to (decoded once, when it finishes)."""
         if lv.final_text is None:
-            cut, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), self.spec.stop)
+            cut, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), lv.spec.stop)
             lv.final_text = cut.strip()
         return lv.final_text
 
@@ -351,11 +396,12 @@ class DecodeBatch:
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
                             setup_s=lv.setup_s, batch_size=lv.batch_size),
             steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.report},
-            request_id=lv.request.request_id)
+            request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None)
 
     # ---- in-flight batching -------------------------------------------------------------------
     def absorb(self, other: "DecodeBatch") -> None:
-        """Merge ``other`` (prefilled with an equal spec) into this batch; ``other`` is empty afterwards.
+        """Merge ``other`` (prefilled with the same pruner and decoder: ``GenerationSpec.batch_key``) into this
+        batch; ``other`` is empty afterwards.
 
         Both batches must hold pending logits (neither is mid-step). Only joinable decoders (see
         ``Decoder.joinable``) can merge; ``other``'s cohorts keep their decoders and step counts."""
@@ -363,8 +409,8 @@ class DecodeBatch:
             return
         if not (self.joinable and other.joinable):
             raise ValueError(f"decoder {self.decoder.name} cannot merge batches (not joinable)")
-        if other.spec != self.spec:
-            raise ValueError("only batches of one spec can merge")
+        if other.spec.batch_key() != self.spec.batch_key():
+            raise ValueError("only batches of one pruner and decoder (GenerationSpec.batch_key) can merge")
         if not self.lives:
             raise ValueError("cannot absorb into a finished batch")
         # other's cohorts become the last blocks: its rows simply follow ours
@@ -372,8 +418,8 @@ class DecodeBatch:
         self.logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
         self.hidden = {k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()}
         self.head = None  # a fresh prefill has none: combine computes it from the hidden states this once
-        offset = len(self.sampler.generators)
-        self.sampler.generators.extend(other.sampler.generators)
+        offset = len(self.sampler.rows)
+        self.sampler.rows.extend(other.sampler.rows)
         for lv in other.lives:
             lv.rng_row += offset
         self.lives = self.lives + other.lives

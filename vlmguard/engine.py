@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
@@ -35,6 +35,9 @@ from vlmguard.runner import LayerRunner
 from vlmguard.sampling import Sampler
 from vlmguard.sequence import Seq, compact_positions
 from vlmguard.spec import GenerationSpec
+
+# A call's spec: None (the defaults), one for every request, or one per request (``request_specs``)
+SpecArg = Union[GenerationSpec, Sequence[GenerationSpec], None]
 
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
@@ -167,7 +170,8 @@ class Engine:
         return self.model.device
 
     # ---- public API ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request], spec: GenerationSpec | None = None) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[Request], spec: SpecArg = None) -> list[GenerationResult]:
+        """One result per request. ``spec``: one for all, or one per request (see :func:`request_specs`)."""
         requests = _request_list(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
         for ev in self.stream(requests, spec):
@@ -175,11 +179,9 @@ class Engine:
                 results[ev.index] = ev.result
         return [r for r in results if r is not None]
 
-    def stream(self, requests: Sequence[Request], spec: GenerationSpec | None = None) -> Iterator[StreamEvent]:
-        spec = spec or GenerationSpec()
+    def stream(self, requests: Sequence[Request], spec: SpecArg = None) -> Iterator[StreamEvent]:
         requests = _request_list(requests)
-        if not isinstance(spec, GenerationSpec):
-            raise InvalidInput(f"spec must be a GenerationSpec, got {type(spec).__name__}")
+        request_specs(spec, len(requests))  # bad specs raise here, before the first event is asked for
         if not requests:
             return
         yield from self._run(requests, spec)
@@ -238,7 +240,7 @@ class Engine:
             out.append(Prompt(text=r.prompt, images=images, system=r.system, raw=r.raw_prompt))
         return out
 
-    def _run(self, requests: list[Request], spec: GenerationSpec) -> Iterator[StreamEvent]:
+    def _run(self, requests: list[Request], spec: SpecArg) -> Iterator[StreamEvent]:
         batch = self.start_batch(requests, spec)
         try:
             while batch.active:
@@ -247,15 +249,16 @@ class Engine:
             batch.close()
 
     @torch.no_grad()  # the vision tower and projector too (they are run outside the runner's no_grad)
-    def start_batch(self, requests: Sequence[Request], spec: GenerationSpec | None = None,
+    def start_batch(self, requests: Sequence[Request], spec: SpecArg = None,
                     indices: Sequence[int] | None = None) -> DecodeBatch:
         """Set up the decoder and prefill ``requests``: a :class:`DecodeBatch` ready to ``advance()`` token by
-        token (the caller must ``close()`` it). ``indices``: the ``StreamEvent.index`` of each request
-        (default 0..n-1). Raises on bad input before anything is generated."""
-        spec = spec or GenerationSpec()
+        token (the caller must ``close()`` it). ``spec``: one for all, or one per request (see
+        :func:`request_specs`). ``indices``: the ``StreamEvent.index`` of each request (default 0..n-1). Raises
+        on bad input before anything is generated."""
         requests = list(requests)
         if not requests:
             raise InvalidInput("no requests")
+        spec, specs = request_specs(spec, len(requests))
         indices = list(range(len(requests))) if indices is None else list(indices)
         if len(indices) != len(requests):
             raise InvalidInput(f"{len(indices)} indices for {len(requests)} requests")
@@ -265,7 +268,7 @@ class Engine:
         prompts = self._prompts(requests)
         n_req = len(requests)
         dctx = DecodeContext(adapter=adapter, prompts=prompts, probe_forward=self.probe_forward,
-                             sampling=spec.sampling, active=list(range(n_req)))
+                             sampling=any(s.sampling for s in specs), active=list(range(n_req)))
         decoder.setup(dctx)
         try:
             if self.device.type == "cuda":  # the set-up's pre-passes finish inside setup_s
@@ -281,13 +284,13 @@ class Engine:
             transforms = [None] * n_req + [bl[k].visual_transform for k in range(len(names)) for bl in branch_lists]
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]
             pixel_fns = [None] * n_req + [bl[k].pixel_transform for k in range(len(names)) for bl in branch_lists]
-            return self._prefill_rows(requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
+            return self._prefill_rows(requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
                                       transforms, shares, t0, t_setup, pixel_fns)
         except BaseException:
             decoder.teardown(dctx)
             raise
 
-    def _prefill_rows(self, requests, indices, spec, pruner, decoder, dctx, branch_names, row_prompts,
+    def _prefill_rows(self, requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
                       transforms, shares, t0, t_setup, pixel_fns=None) -> DecodeBatch:
         adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
@@ -296,10 +299,10 @@ class Engine:
             transform_pixels(adapter, batch, pixel_fns)
         prompt_len = batch.attention_mask.sum(dim=1).tolist()
         for i in range(n_req):
-            if prompt_len[i] + spec.max_new_tokens > self.context_length:
+            if prompt_len[i] + specs[i].max_new_tokens > self.context_length:
                 raise ContextTooLong(
                     f"request {i}: prompt ({prompt_len[i]} tokens incl. image) + max_new_tokens "
-                    f"({spec.max_new_tokens}) exceeds the model's context of {self.context_length} tokens")
+                    f"({specs[i].max_new_tokens}) exceeds the model's context of {self.context_length} tokens")
         n_visual = batch.image_token_mask.sum(dim=1).tolist()
         pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
                             text_len=[p - v for p, v in zip(prompt_len, n_visual)])
@@ -388,10 +391,10 @@ class Engine:
                 index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
                 vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
-                batch_size=n_req, rng_row=r, cohort=cohort))
-        return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=spec,
+                batch_size=n_req, rng_row=r, cohort=cohort, spec=specs[r]))
+        return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
-                           hidden=hidden, lives=lives, sampler=Sampler(spec, n_req, self.device), device=self.device)
+                           hidden=hidden, lives=lives, sampler=Sampler(specs), device=self.device)
 
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:
@@ -420,6 +423,33 @@ class Engine:
             row_keep = torch.isin(seq.visual[r], main_kept) & vis[r]
             keep[r] = (keep[r] & ~vis[r]) | row_keep
         return keep
+
+
+def request_specs(spec: SpecArg, n: int) -> tuple[GenerationSpec, list[GenerationSpec]]:
+    """(the batch's spec, one spec per request) from ``spec``: None (the defaults), one spec for all ``n``
+    requests, or a sequence of ``n`` specs that differ only in their ``PER_REQUEST_FIELDS`` (length, stop
+    strings, token selection, seed, diagnostics, log-probabilities): the pruner and decoder are the batch's.
+    The first spec speaks for the batch."""
+    if spec is None:
+        spec = GenerationSpec()
+    if isinstance(spec, GenerationSpec):
+        return spec, [spec] * n
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise InvalidInput(f"spec must be a GenerationSpec or one per request, got {type(spec).__name__}")
+    specs = list(spec)
+    if len(specs) != n:
+        raise InvalidInput(f"{len(specs)} specs for {n} requests")
+    for i, s in enumerate(specs):
+        if not isinstance(s, GenerationSpec):
+            raise InvalidInput(f"spec {i} must be a GenerationSpec, got {type(s).__name__}")
+    if not specs:
+        return GenerationSpec(), []
+    key = specs[0].batch_key()
+    for i, s in enumerate(specs[1:], 1):
+        if s.batch_key() != key:
+            raise InvalidInput(f"spec {i}: the requests of one batch share their pruning and decoding (method, budget, "
+                               "parameters); only their own generation settings may differ")
+    return specs[0], specs
 
 
 def load_engine(model: str | Path = "tiny", **kwargs: Any) -> Engine:

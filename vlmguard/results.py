@@ -41,6 +41,26 @@ class StepDiagnostic:
 
 
 @dataclass
+class TopLogprob:
+    token_id: int
+    token: str  # its text inside a text (leading space included; ``vlmguard.token_text``)
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the decoder's final scores (``GenerationSpec.logprobs``),
+    with the most likely tokens at that step (as many as asked for, most likely first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -54,6 +74,7 @@ class GenerationResult:
     pruning: dict[str, Any] = field(default_factory=dict)
     decoding: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the spec asks for them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,3 +87,7 @@ class StreamEvent:
     text: str  # text delta since the previous event of this request
     done: bool = False
     result: GenerationResult | None = None
+    # with ``GenerationSpec.logprobs``: the entries of the tokens since this request's previous event (a token
+    # whose text is held back, an incomplete character or a possible stop string, comes with the event that
+    # sends its text)
+    logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -13,6 +13,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from vlmguard.errors import InvalidInput
 
 Budget = Union[int, float]
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+# The fields each request of a batch has for itself: requests that differ only in these share a batch (a
+# running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
+PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop",
+                                "diagnostics", "logprobs"})
 
 
 def budget_not_bool(v: Any) -> Any:
@@ -53,6 +59,9 @@ class GenerationSpec(BaseModel):
     stop: list[str] = Field(default_factory=list)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: bool = True
+    # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
+    # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -78,6 +87,11 @@ class GenerationSpec(BaseModel):
         if self.do_sample is not None:
             return self.do_sample and self.temperature > 0
         return self.decoding == "sample" and self.temperature > 0
+
+    def batch_key(self) -> str:
+        """What requests sharing a batch must agree on (the pruner and decoder with their parameters), as JSON:
+        requests whose keys are equal run in one batch, whatever their own ``PER_REQUEST_FIELDS``."""
+        return self.model_dump_json(exclude=set(PER_REQUEST_FIELDS))
 
     def __init__(self, **data: Any) -> None:
         """Bad fields raise one InvalidInput line naming them, not a pydantic error dump."""

@@ -306,6 +306,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         async def body() -> AsyncIterator[bytes]:
             created = int(time.time())
+            sent = 0  # log-probability entries sent so far
             yield _sse(chat_chunk(rid, model, created, role="assistant", content=""))
             async for ev in events(first, gen):
                 if "error" in ev:
@@ -315,13 +316,16 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     result = ev.get("result") or {}
                     if result:
                         metrics.observe_result(result)
+                    rest = (result.get("logprobs") or [])[sent:] if item.spec.logprobs is not None else None
                     yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
-                                          result=result or None, with_steps=with_steps))
+                                          result=result or None, with_steps=with_steps, logprobs=rest))
                     if include_usage and result:
                         yield _sse(chat_chunk(rid, model, created, result=result, usage_only=True))
                     break
-                if ev.get("text"):
-                    yield _sse(chat_chunk(rid, model, created, content=ev["text"]))
+                if ev.get("text") or ev.get("logprobs"):
+                    sent += len(ev.get("logprobs") or [])
+                    yield _sse(chat_chunk(rid, model, created, content=ev.get("text", ""),
+                                          logprobs=ev.get("logprobs") if item.spec.logprobs is not None else None))
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -340,6 +344,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         first, gen = await open_stream(model, item)
 
         async def body() -> AsyncIterator[bytes]:
+            sent = 0  # log-probability entries sent so far
             async for ev in events(first, gen):
                 if "error" in ev:
                     yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
@@ -347,8 +352,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 result = ev.get("result")
                 if result:
                     metrics.observe_result(result)
+                entries = ev.get("logprobs") or []
+                if ev.get("done") and result:  # what no token event carried (the done event's own are not relayed)
+                    entries = (result.get("logprobs") or [])[sent:]
+                sent += len(entries)
                 yield _sse(GenerateStreamEvent(id=rid, token_id=ev.get("token_id"), text=ev.get("text", ""),
-                                               done=bool(ev.get("done")),
+                                               done=bool(ev.get("done")), logprobs=entries,
                                                result=generate_response(rid, model, result) if result else None))
                 if ev.get("done"):
                     break

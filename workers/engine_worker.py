@@ -2,7 +2,8 @@
 
 A :class:`WorkItem` is what the ingress sends after validating the HTTP request (images decoded, spec
 built). :meth:`EngineWorker.generate_many` runs a list of items as few ``Engine.generate`` calls as
-possible: items with the same spec share one batch; if a batch fails on a user error (say one prompt is
+possible: items of one pruner and decoder (``GenerationSpec.batch_key``) share one batch, each with its own
+length, stop strings, token selection and report settings; if a batch fails on a user error (say one prompt is
 longer than the context), each item is retried alone so only the offending one gets the error.
 Answers are plain dicts: ``{"result": GenerationResult.to_dict()}`` or ``{"error": {...}}``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from PIL import Image
@@ -34,6 +35,14 @@ class WorkItem:
     # with the model's own chat template; ``prompt`` is then unused.
     messages: list[dict[str, Any]] | None = None
     request_id: str | None = None
+
+
+def event_dict(ev: Any) -> dict[str, Any]:
+    """A ``StreamEvent``'s token, text and log-probability entries as plain data (what travels to the ingress)."""
+    out: dict[str, Any] = {"token_id": ev.token_id, "text": ev.text, "done": ev.done}
+    if ev.logprobs:
+        out["logprobs"] = [asdict(e) for e in ev.logprobs]
+    return out
 
 
 def error_answer(exc: BaseException) -> dict[str, Any]:
@@ -89,7 +98,7 @@ class EngineWorker:
     def _run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         reqs = [self._request(it) for it in items]
         with self._lock:
-            results = self.engine.generate(reqs, items[0].spec)
+            results = self.engine.generate(reqs, [it.spec for it in items])
             self.batches += 1
             self.items += len(items)
         if len(results) != len(items):
@@ -117,10 +126,11 @@ class EngineWorker:
         return bool(getattr(spec.resolve()[1], "joinable", False))
 
     def start_batch(self, items: list[WorkItem], indices: list[int]):
-        """Prefill ``items`` (one spec): a ``DecodeBatch`` to step with :meth:`advance`. Raises on bad input."""
+        """Prefill ``items`` (one ``GenerationSpec.batch_key``): a ``DecodeBatch`` to step with :meth:`advance`.
+        Raises on bad input."""
         reqs = [self._request(it) for it in items]
         with self._lock:
-            batch = self.engine.start_batch(reqs, items[0].spec, indices)
+            batch = self.engine.start_batch(reqs, [it.spec for it in items], indices)
             self.batches += 1  # prefill batches: a batch that joins a running one counts too
             return batch
 
@@ -132,10 +142,11 @@ class EngineWorker:
         return events
 
     def generate_many(self, items: list[WorkItem]) -> list[dict[str, Any]]:
-        """Answer each item, batching items whose specs are equal into one engine call."""
+        """Answer each item, batching items of one pruner and decoder (``GenerationSpec.batch_key``) into one
+        engine call; each keeps its own length, stop strings, token selection and report settings."""
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(it.spec.model_dump_json(), []).append(i)
+            groups.setdefault(it.spec.batch_key(), []).append(i)
         answers: list[dict[str, Any] | None] = [None] * len(items)
         for idxs in groups.values():
             for i, ans in zip(idxs, self._run_group([items[i] for i in idxs])):
@@ -165,7 +176,7 @@ class EngineWorker:
                     for ev in gen:
                         if cancel is not None and cancel.is_set():
                             return
-                        out: dict[str, Any] = {"token_id": ev.token_id, "text": ev.text, "done": ev.done}
+                        out = event_dict(ev)
                         if ev.done and ev.result is not None:
                             ev.result.request_id = item.request_id
                             out["result"] = ev.result.to_dict()

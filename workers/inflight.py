@@ -4,7 +4,8 @@ With whole-batch scheduling (``batcher.EngineBatcher``) a request that arrives w
 for the whole batch to finish, and under closed-loop load the engine idles while a batch's answers go out
 and the next requests come in. Here one thread owns the engine and loops:
 
-1. take the queued requests that may join (same spec as the running batch, FIFO, up to the free slots),
+1. take the queued requests that may join (the running batch's pruner and decoder, ``GenerationSpec.batch_key``:
+   their lengths, stop strings, sampling settings and seeds may differ; FIFO, up to the free slots),
 2. prefill them as one batch and merge it into the running one (``DecodeBatch.absorb``),
 3. advance every request by one token; finished requests are answered at once and leave the batch, and
    requests whose caller has gone (disconnected, timed out) leave it too.
@@ -13,8 +14,8 @@ and the next requests come in. Here one thread owns the engine and loops:
 and its tokens are sent as they are chosen (events as ``EngineWorker.stream`` yields them).
 
 Joining is only for *joinable* decoders (``Decoder.joinable``: every built-in one);
-requests of other decoders run as whole batches, one spec at a time, after the running batch drains (the
-queue is served in order: nobody joins past a request of another spec). Joiners are prefilled
+requests of other decoders run as whole batches, one batch key at a time, after the running batch drains (the
+queue is served in order: nobody joins past a request of another pruner or decoder). Joiners are prefilled
 together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``; with an
 idle engine a request starts at once. A request that fails to prefill (bad input) gets its error alone;
 an unexpected error during a step fails the requests of that batch and the loop goes on.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from vlmguard.spec import GenerationSpec
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer, event_dict
 
 log = logging.getLogger("vlmguard.workers")
 
@@ -38,7 +39,7 @@ log = logging.getLogger("vlmguard.workers")
 @dataclass
 class _Pending:
     item: WorkItem
-    key: str  # the spec: only equal specs share a batch
+    key: str  # GenerationSpec.batch_key: only requests of one pruner and decoder share a batch
     fut: asyncio.Future
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
@@ -53,10 +54,10 @@ class _Pending:
             self.loop.call_soon_threadsafe(self.events.put_nowait, value)
         self.loop.call_soon_threadsafe(_set)
 
-    def token(self, token_id: int, text: str) -> None:
+    def token(self, event: dict[str, Any]) -> None:
+        """A streaming caller's token event (``engine_worker.event_dict``)."""
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait,
-                                           {"token_id": token_id, "text": text, "done": False})
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     @property
     def gone(self) -> bool:
@@ -77,7 +78,7 @@ class InflightBatcher:
         self._thread: threading.Thread | None = None
         self._joinable: dict[str, bool] = {}
         self._next_index = 0
-        self._key: str | None = None  # the running batch's spec
+        self._key: str | None = None  # the running batch's batch key
         self.running = 0  # requests in the running batch (for metrics and tests)
 
     async def submit(self, item: WorkItem) -> dict[str, Any]:
@@ -104,7 +105,7 @@ class InflightBatcher:
 
     def _pending(self, item: WorkItem) -> _Pending:
         loop = asyncio.get_running_loop()
-        return _Pending(item=item, key=item.spec.model_dump_json(), fut=loop.create_future(), loop=loop)
+        return _Pending(item=item, key=item.spec.batch_key(), fut=loop.create_future(), loop=loop)
 
     def _enqueue(self, p: _Pending) -> _Pending:
         with self._cv:
@@ -128,7 +129,7 @@ class InflightBatcher:
     # ---- the engine thread ---------------------------------------------------------------------
 
     def _take(self, key: str | None, free: int) -> list[_Pending]:
-        """Under the lock: the queue's head run of requests with spec ``key`` (the head's spec when None)."""
+        """Under the lock: the queue's head run of requests with batch key ``key`` (the head's when None)."""
         while self._queue and self._queue[0].gone:
             self._queue.popleft()
         if not self._queue or free <= 0:
@@ -262,7 +263,7 @@ class InflightBatcher:
                 if p is not None:
                     p.answer({"result": ev.result.to_dict()})
             elif ev.index in owners:
-                owners[ev.index].token(ev.token_id, ev.text)
+                owners[ev.index].token(event_dict(ev))
         self.running = batch.active
         if not batch.active:
             batch.close()

@@ -13,12 +13,15 @@ from vlmguard.api_schema import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     GenerateRequest,
     GenerateResponse,
     ImagePart,
     TextPart,
+    TokenLogprobModel,
+    TopLogprobModel,
     Usage,
     VlmguardInfo,
 )
@@ -73,7 +76,7 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         decoding_params=o.decoding_params, max_new_tokens=max_new,
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=o.top_k or 0, seed=req.seed, stop=stop,
-        diagnostics=o.diagnostics,
+        diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
     )
     return _check_spec(spec, max_new_tokens_limit)
 
@@ -173,22 +176,35 @@ def usage(result: dict[str, Any]) -> Usage:
     return Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=n, total_tokens=result["prompt_tokens"] + n)
 
 
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
+    """``TokenLogprob`` dicts (a result's or a stream event's) -> OpenAI's ``logprobs`` object."""
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[
+        TokenLogprobModel(token=e["token"], logprob=e["logprob"], bytes=e.get("bytes"),
+                          top_logprobs=[TopLogprobModel(token=t["token"], logprob=t["logprob"], bytes=t.get("bytes"))
+                                        for t in e.get("top", [])])
+        for e in entries])
+
+
 def chat_response(request_id: str, model: str, result: dict[str, Any], with_steps: bool) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         id=request_id, created=int(time.time()), model=model,
-        choices=[Choice(message=AssistantMessage(content=result["text"]), finish_reason=result["finish_reason"])],
+        choices=[Choice(message=AssistantMessage(content=result["text"]), finish_reason=result["finish_reason"],
+                        logprobs=chat_logprobs(result.get("logprobs")))],
         usage=usage(result), vlmguard=vlmguard_info(result, with_steps),
     )
 
 
 def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
                finish_reason: str | None = None, result: dict[str, Any] | None = None, with_steps: bool = False,
-               usage_only: bool = False) -> ChatCompletionChunk:
+               usage_only: bool = False, logprobs: list[dict[str, Any]] | None = None) -> ChatCompletionChunk:
     if usage_only and result is not None:
         return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage(result))
     return ChatCompletionChunk(
         id=request_id, created=created, model=model,
-        choices=[ChunkChoice(delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason)],
+        choices=[ChunkChoice(delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason,
+                             logprobs=chat_logprobs(logprobs))],
         vlmguard=vlmguard_info(result, with_steps) if result is not None else None,
     )
 

@@ -51,6 +51,7 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),
         max_new_tokens=args.max_new_tokens, do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        logprobs=getattr(args, "logprobs", None),
     )
 
 
@@ -62,6 +63,9 @@ def register(sub) -> None:
     add_method_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="report each token's log-probability under the decoder's final scores and the K most "
+                        "likely tokens (0-20)")
     p.set_defaults(func=run)
 
 
@@ -99,9 +103,15 @@ def run(args: argparse.Namespace) -> int:
             "decoding": result.decoding,
             "model": engine.model_name,
         }
+        if result.logprobs is not None:
+            out["logprobs"] = result.to_dict()["logprobs"]
         print(json.dumps(out))
-    elif args.stream:
+        return 0
+    if args.stream:
         sys.stdout.write("\n")
     else:
         print(result.text)
+    for e in result.logprobs or []:
+        top = "  ".join(f"{t.token!r} {t.logprob:.3f}" for t in e.top)
+        print(f"{e.token!r:>16} {e.logprob:9.3f}" + (f"   top: {top}" if top else ""))
     return 0
