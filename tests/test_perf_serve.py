@@ -114,6 +114,23 @@ def test_serve_engine_path_end_to_end(decoding):
     assert data["summary"]["batching_speedup"] == {}
 
 
+def test_mixed_settings_give_each_request_its_own_length_and_sampling():
+    from types import SimpleNamespace
+
+    from vlmguard.perf.serve import max_request_tokens, request_spec
+
+    args = SimpleNamespace(new_tokens=16, decoding="vcd", mixed_settings=True)
+    specs = [request_spec(args, i) for i in range(6)]
+    assert [s["max_new_tokens"] for s in specs] == [8, 16, 24, 8, 16, 24] and max_request_tokens(args) == 24
+    assert [s.get("seed") for s in specs] == [None, 1, None, 3, None, 5]
+    assert all(s["decoding"] == "vcd" and s.get("do_sample", False) == bool(i % 2) for i, s in enumerate(specs))
+    data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "3", "--requests", "6",
+                     "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--no-ray", "--quiet", "--json",
+                     "--mixed-settings"])
+    assert data["mixed_settings"] is True and data["rows"][0]["errors"] == 0
+    assert data["rows"][0]["tokens"] <= 2 + 4 + 6 + 2 + 4 + 6
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("ingress,direct", [("model", False), ("separate", False), ("model", True)])
@@ -121,7 +138,8 @@ def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress, direct):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
                      "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
                      "--ingress", ingress, "--plot", str(tmp_path / "serve.png")]
-                    + (["--direct-ingress", "--decoding", "vcd"] if direct else []))  # vcd: contrastive requests join
+                    # vcd: contrastive requests join; mixed settings: requests of other lengths and seeds too
+                    + (["--direct-ingress", "--decoding", "vcd", "--mixed-settings"] if direct else []))
     assert data["ingress"] == ingress and data["direct_ingress"] is direct
     assert data["decoding"] == ("vcd" if direct else "greedy")
     paths = {(r["path"], r["clients"]) for r in data["rows"]}

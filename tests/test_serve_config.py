@@ -136,17 +136,26 @@ def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_h
     ok = _req(n=1, logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[], tool_choice="none",
               parallel_tool_calls=False, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, user="u1")
     assert chat_spec(ok, 64).max_new_tokens == 64
-    refused = {"n": (2, "one choice per request"),
+    refused = {"n": (17, "at most 16 choices"),
                "response_format": ({"type": "json_object"}, "'json_object' is not supported"),
                "tools": ([{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
                "tool_choice": ("auto", "tool calling is not supported"),
-               "frequency_penalty": (0.5, "repetition penalties"), "presence_penalty": (-1.0, "repetition penalties"),
                "logit_bias": ({"50256": -100}, "logit_bias is not supported")}
     for field, (value, needle) in refused.items():
         with pytest.raises(ValidationError, match=needle) as e:
             _req(**{field: value})
         err = e.value.errors()[0]
         assert err["type"] == "unsupported_value" and err["loc"][0] == field, field
+
+
+def test_chat_penalties_map_to_the_spec():
+    spec = chat_spec(_req(frequency_penalty=0.5, presence_penalty=-1.0, repetition_penalty=1.3), 64)
+    assert (spec.frequency_penalty, spec.presence_penalty, spec.repetition_penalty) == (0.5, -1.0, 1.3)
+    plain = chat_spec(_req(), 64)
+    assert (plain.frequency_penalty, plain.presence_penalty, plain.repetition_penalty) == (0.0, 0.0, 1.0)
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0)):
+        with pytest.raises(ValidationError, match=field):
+            _req(**{field: value})
 
 
 def test_chat_logprobs_map_to_the_spec_and_top_logprobs_need_logprobs():

@@ -126,6 +126,21 @@ def test_openai_sdk_logprobs_over_ray_streamed_and_not(service, image_url):
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
 
 
+def test_openai_sdk_n_choices_over_ray(service, image_url):
+    """n > 1 through a replica: choice k is the request seeded seed + k, streamed with each choice's index."""
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    kw = dict(model=MODEL, max_tokens=6, temperature=0.9, messages=_chat_body(image_url)["messages"])
+    many = client.chat.completions.create(n=4, seed=7, **kw)
+    singles = [client.chat.completions.create(seed=7 + k, **kw).choices[0].message.content for k in range(4)]
+    assert [c.message.content for c in many.choices] == singles and [c.index for c in many.choices] == [0, 1, 2, 3]
+    chunks = list(client.chat.completions.create(n=2, seed=7, stream=True, **kw))
+    text = {k: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+            for k in (0, 1)}
+    assert [text[0].strip(), text[1].strip()] == singles[:2]
+
+
 def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     """What an OpenAI SDK user relies on beyond the happy path: models.retrieve, a stream without usage, the
     bare-string image_url form, and 4xx errors with ``param`` / ``code`` for parameters the server cannot honour."""
@@ -143,7 +158,7 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert {(c.id, c.object, c.model) for c in chunks} == {(chunks[0].id, "chat.completion.chunk", MODEL)}
     assert all(c.usage is None and len(c.choices) == 1 for c in chunks)  # no usage chunk unless asked for
-    for extra, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"n": 2}, "n"),
+    for extra, param in [({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"n": 17}, "n"),
                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                          ({"extra_body": {"frobnicate": 1}}, "frobnicate")]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -243,7 +258,7 @@ def _bad_cases():
         "unknown model": (lambda u: {**_chat_body(u), "model": "gpt-17"}, 404, "not served"),
         "too many new tokens": (lambda u: _chat_body(u, max_tokens=100), 400, "limit of 64"),
         "more new tokens than any spec": (lambda u: _chat_body(u, max_tokens=100_000), 400, "limit of 64"),
-        "n > 1": (lambda u: _chat_body(u, n=3), 400, "one choice per request"),
+        "n > 16": (lambda u: _chat_body(u, n=17), 400, "at most 16 choices"),
         "json response_format": (lambda u: _chat_body(u, response_format={"type": "json_object"}), 400,
                                  "not supported"),
         "unknown field": (lambda u: {**_chat_body(u), "frobnicate": 1}, 400, "frobnicate"),

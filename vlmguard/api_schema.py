@@ -11,8 +11,11 @@ Two families of endpoints:
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
 Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
-as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``n`` > 1, ``tools``, JSON
-``response_format``, penalties, ``logit_bias``) are refused with a 400 naming them; their neutral values are accepted.
+as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``, JSON ``response_format``, ``logit_bias``)
+are refused with a 400 naming them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
+the request that many times in one batch (choice k seeded ``seed + k`` when a seed is given).
+``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
+has generated (``vlmguard/penalties.py``).
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
 selection reads, before temperature, top-k and top-p), so a contrastive decoder's entries show what it did.
 """
@@ -24,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import MAX_TOP_LOGPROBS, budget_not_bool
+
+MAX_CHOICES = 16  # the most choices (``n``) of one chat request
 
 # ---- errors -----------------------------------------------------------------------------------------
 
@@ -138,9 +143,10 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
-    OpenAI parameters it cannot honour are accepted only with their neutral values (``n`` 1, ``response_format``
-    text, no ``tools``, ``tool_choice`` none, penalties 0, empty ``logit_bias``); anything else is refused with a
-    message naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored.
+    OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
+    text, no ``tools``, ``tool_choice`` none, empty ``logit_bias``); anything else is refused with a message
+    naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``
+    is vLLM's extension (top level, as the OpenAI SDK's ``extra_body`` sends it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -153,7 +159,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # choices: the request run n times, in one batch
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -165,14 +171,15 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: Optional[bool] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
     logit_bias: Optional[dict[str, float]] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise unsupported(f"n={v} is not supported: this server returns one choice per request")
+    def _choices_within_limit(cls, v: int) -> int:
+        if v > MAX_CHOICES:
+            raise unsupported(f"n={v}: this server returns at most {MAX_CHOICES} choices per request")
         return v
 
     @model_validator(mode="after")
@@ -198,13 +205,6 @@ class ChatCompletionRequest(BaseModel):
     def _no_tool_choice(cls, v: Any) -> Any:
         if v not in (None, "none"):
             raise unsupported("tool calling is not supported by this server (only tool_choice 'none')")
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v: Optional[float]) -> Optional[float]:
-        if v:
-            raise unsupported("repetition penalties are not supported by this server (send 0 or leave it out)")
         return v
 
     @field_validator("logit_bias")

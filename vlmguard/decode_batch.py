@@ -26,6 +26,7 @@ removed) at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -35,6 +36,7 @@ import torch
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
+from vlmguard.penalties import apply_penalties, penalised
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
 from vlmguard.runner import DecodeState, LayerRunner
@@ -175,6 +177,9 @@ class DecodeBatch:
         tok, na = self.tok, len(self.lives)
         blocks = self._blocks()
         combined = self._combine(blocks)
+        if any(penalised(lv.spec) for lv in self.lives):  # repeated tokens, each request by its own settings
+            combined = dataclasses.replace(combined, scores=apply_penalties(
+                combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives]))
         tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
         tok_list = tokens.tolist()  # waits for the combine and the sampler on a GPU: the token's time covers them
         now = time.perf_counter()

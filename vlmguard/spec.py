@@ -18,7 +18,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop",
-                                "diagnostics", "logprobs"})
+                                "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
+                                "repetition_penalty"})
 
 
 def budget_not_bool(v: Any) -> Any:
@@ -57,6 +58,12 @@ class GenerationSpec(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what a torch generator and a SQLite INTEGER hold
     stop: list[str] = Field(default_factory=list)
+    # Penalties on tokens the request has generated so far, applied to the decoder's final scores before token
+    # selection (vlmguard/penalties.py): OpenAI's presence / frequency penalties (score - presence - frequency x
+    # count) and the multiplicative repetition penalty of transformers and vLLM (1 = off).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: bool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,

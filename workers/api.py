@@ -40,6 +40,7 @@ from vlmguard.workers.openai_compat import (
     chat_chunk,
     chat_item,
     chat_response,
+    choice_items,
     generate_item,
     generate_response,
 )
@@ -248,6 +249,59 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         async for ev in gen:
             yield ev
 
+    async def all_or_none(coros: list[Any], streams: bool = False) -> list[Any]:
+        """Await every coroutine (a request's choices); when one fails, cancel the others (closing the streams
+        that did open) and raise its error."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            if streams:
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is None:
+                        await _aclose(t.result()[1])
+            raise
+
+    async def merged(opened: list[tuple[dict[str, Any], Any]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(choice, event) from every opened stream as they come, each up to its end (done or error)."""
+        if len(opened) == 1:
+            async for ev in events(*opened[0]):
+                yield 0, ev
+                if ev.get("done") or "error" in ev:
+                    return
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, first: dict[str, Any], gen: Any) -> None:
+            try:
+                async for ev in events(first, gen):
+                    await queue.put((k, ev))
+                    if ev.get("done") or "error" in ev:
+                        break
+            except Exception as e:  # noqa: BLE001 - sent to the client as this choice's error event
+                await queue.put((k, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
+                                               "type": "server_error"}}))
+            finally:
+                await queue.put((k, None))
+
+        tasks = [asyncio.create_task(pump(k, first, gen)) for k, (first, gen) in enumerate(opened)]
+        try:
+            left = len(tasks)
+            while left:
+                k, ev = await queue.get()
+                if ev is None:
+                    left -= 1
+                else:
+                    yield k, ev
+        finally:  # the client left, or an error ends the answer: stop every choice
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each stream ends inside its cancelled pump
+            for _, gen in opened:
+                await _aclose(gen)
+
     # ---- routes ------------------------------------------------------------------------------------
     @app.get("/health", response_model=HealthResponse)
     async def health():
@@ -298,34 +352,42 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                        max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
                                        max_pixels=config.max_request_pixels)
         with_steps = req.vlmguard.diagnostics
+        items = choice_items(item, req.n)  # n > 1: the request n times, in one batch
         if not req.stream:
-            result = await run(model, item)
-            return JSONResponse(chat_response(rid, model, result, with_steps).model_dump(exclude_none=True))
-        first, gen = await open_stream(model, item)
+            results = await all_or_none([run(model, it) for it in items])
+            return JSONResponse(chat_response(rid, model, results, with_steps).model_dump(exclude_none=True))
+        opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        want_logprobs = item.spec.logprobs is not None
 
         async def body() -> AsyncIterator[bytes]:
             created = int(time.time())
-            sent = 0  # log-probability entries sent so far
-            yield _sse(chat_chunk(rid, model, created, role="assistant", content=""))
-            async for ev in events(first, gen):
-                if "error" in ev:
-                    yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
-                    break
-                if ev.get("done"):
-                    result = ev.get("result") or {}
-                    if result:
-                        metrics.observe_result(result)
-                    rest = (result.get("logprobs") or [])[sent:] if item.spec.logprobs is not None else None
-                    yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
-                                          result=result or None, with_steps=with_steps, logprobs=rest))
-                    if include_usage and result:
-                        yield _sse(chat_chunk(rid, model, created, result=result, usage_only=True))
-                    break
-                if ev.get("text") or ev.get("logprobs"):
-                    sent += len(ev.get("logprobs") or [])
-                    yield _sse(chat_chunk(rid, model, created, content=ev.get("text", ""),
-                                          logprobs=ev.get("logprobs") if item.spec.logprobs is not None else None))
+            sent = [0] * len(items)  # log-probability entries sent so far, per choice
+            results: list[dict[str, Any] | None] = [None] * len(items)
+            for k in range(len(items)):
+                yield _sse(chat_chunk(rid, model, created, role="assistant", content="", index=k))
+            source = merged(opened)
+            try:
+                async for k, ev in source:
+                    if "error" in ev:
+                        yield _sse({"error": {key: v for key, v in ev["error"].items() if key != "status"}})
+                        break
+                    if ev.get("done"):
+                        result = results[k] = ev.get("result") or {}
+                        if result:
+                            metrics.observe_result(result)
+                        rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
+                        yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
+                                              result=result or None, with_steps=with_steps, logprobs=rest, index=k))
+                    elif ev.get("text") or ev.get("logprobs"):
+                        sent[k] += len(ev.get("logprobs") or [])
+                        yield _sse(chat_chunk(rid, model, created, content=ev.get("text", ""), index=k,
+                                              logprobs=ev.get("logprobs") if want_logprobs else None))
+                else:
+                    if include_usage and all(results):
+                        yield _sse(chat_chunk(rid, model, created, results=results, usage_only=True))
+            finally:
+                await source.aclose()  # an error or a client that left: stop every choice now
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -409,6 +471,16 @@ class _Guard:
             raise
         finally:
             self.metrics.request_finished(path, status[0] or 500, time.perf_counter() - t0)
+
+
+async def _aclose(stream: Any) -> None:
+    """Close a backend stream if it can be closed (an async generator), ignoring errors while closing."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - best effort: the request is being abandoned
+            pass
 
 
 def _route_path(scope: dict[str, Any]) -> str:

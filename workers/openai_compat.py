@@ -1,6 +1,7 @@
 """Translating API requests into :class:`WorkItem` s and engine results back into API responses."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -76,7 +77,9 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         decoding_params=o.decoding_params, max_new_tokens=max_new,
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=o.top_k or 0, seed=req.seed, stop=stop,
-        diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
+        diagnostics=o.diagnostics, logprobs=req.spec_logprobs, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
     )
     return _check_spec(spec, max_new_tokens_limit)
 
@@ -135,6 +138,21 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
     return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id)
 
 
+def choice_items(item: WorkItem, n: int) -> list[WorkItem]:
+    """The work of a request with ``n`` choices: the item ``n`` times, each with its own request id, and choice k
+    seeded ``seed + k`` when the request has a seed (else each sampling choice draws its own seed). They share
+    the batch (one pruner and decoder), so a server runs them together; greedy choices are alike."""
+    if n == 1:
+        return [item]
+    out = []
+    for k in range(n):
+        spec = item.spec
+        if spec.seed is not None:
+            spec = spec.model_copy(update={"seed": (spec.seed + k) % 2**63})
+        out.append(dataclasses.replace(item, spec=spec, request_id=f"{item.request_id}-{k}"))
+    return out
+
+
 def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str) -> Image.Image:
     try:
         return resolve_image(part.image_url.url)
@@ -171,9 +189,12 @@ def vlmguard_info(result: dict[str, Any], with_steps: bool) -> VlmguardInfo:
     )
 
 
-def usage(result: dict[str, Any]) -> Usage:
-    n = len(result.get("token_ids") or [])
-    return Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=n, total_tokens=result["prompt_tokens"] + n)
+def usage(result: dict[str, Any] | list[dict[str, Any]]) -> Usage:
+    """One result's usage, or a request's with several choices: the prompt once, every choice's tokens."""
+    results = result if isinstance(result, list) else [result]
+    n = sum(len(r.get("token_ids") or []) for r in results)
+    prompt = results[0]["prompt_tokens"]
+    return Usage(prompt_tokens=prompt, completion_tokens=n, total_tokens=prompt + n)
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
@@ -187,23 +208,28 @@ def chat_logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None
         for e in entries])
 
 
-def chat_response(request_id: str, model: str, result: dict[str, Any], with_steps: bool) -> ChatCompletionResponse:
+def chat_response(request_id: str, model: str, result: dict[str, Any] | list[dict[str, Any]],
+                  with_steps: bool) -> ChatCompletionResponse:
+    """A chat answer from one result or one per choice (the ``vlmguard`` object is the first choice's)."""
+    results = result if isinstance(result, list) else [result]
     return ChatCompletionResponse(
         id=request_id, created=int(time.time()), model=model,
-        choices=[Choice(message=AssistantMessage(content=result["text"]), finish_reason=result["finish_reason"],
-                        logprobs=chat_logprobs(result.get("logprobs")))],
-        usage=usage(result), vlmguard=vlmguard_info(result, with_steps),
+        choices=[Choice(index=k, message=AssistantMessage(content=r["text"]), finish_reason=r["finish_reason"],
+                        logprobs=chat_logprobs(r.get("logprobs"))) for k, r in enumerate(results)],
+        usage=usage(results), vlmguard=vlmguard_info(results[0], with_steps),
     )
 
 
 def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
                finish_reason: str | None = None, result: dict[str, Any] | None = None, with_steps: bool = False,
-               usage_only: bool = False, logprobs: list[dict[str, Any]] | None = None) -> ChatCompletionChunk:
-    if usage_only and result is not None:
-        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage(result))
+               usage_only: bool = False, logprobs: list[dict[str, Any]] | None = None, index: int = 0,
+               results: list[dict[str, Any]] | None = None) -> ChatCompletionChunk:
+    if usage_only and (result is not None or results):
+        return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                   usage=usage(results or result))
     return ChatCompletionChunk(
         id=request_id, created=created, model=model,
-        choices=[ChunkChoice(delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason,
+        choices=[ChunkChoice(index=index, delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason,
                              logprobs=chat_logprobs(logprobs))],
         vlmguard=vlmguard_info(result, with_steps) if result is not None else None,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.bench.db import list_runs
+from vlmguard.penalties import NEUTRAL
 
 COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
@@ -29,6 +30,10 @@ def method_label(run: dict[str, Any]) -> str:
         parts.append(label + _params(run.get("pruning_params")))
     if run.get("decoding") and run["decoding"] not in ("greedy",):
         parts.append(run["decoding"] + _params(run.get("decoding_params")))
+    penalties = {k.removesuffix("_penalty"): run[k] for k, neutral in NEUTRAL.items()
+                 if run.get(k) not in (None, neutral)}
+    if penalties:
+        parts.append("penalty" + _params(penalties))
     return "+".join(parts) or "base"
 
 

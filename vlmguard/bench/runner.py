@@ -26,6 +26,7 @@ from vlmguard.bench.pope_leading import DEFAULT_TEMPLATE, derive_leading, normal
 from vlmguard.bench.pope_parsers import get_parser
 from vlmguard.bench.prompts import get_chair_preset, get_pope_prompt
 from vlmguard.errors import ContextTooLong, InvalidInput
+from vlmguard.penalties import set_penalties
 
 BENCHMARKS = ("pope", "pope-leading", "chair")
 
@@ -96,6 +97,8 @@ def spec_knobs(spec: Any) -> dict[str, Any]:
         "top_p": spec.top_p,
         "top_k": spec.top_k,
         "seed": spec.seed,
+        # only when set: runs without penalties keep the ids that earlier versions gave them
+        **set_penalties(spec),
     }
 
 

@@ -18,7 +18,8 @@ Config (YAML)::
       - {name: vcd, decoding: vcd, decoding_params: {alpha: 1.0}}
     budgets: [48, 16]           # applied to every method that prunes; others run once
 
-Generation knobs (max_new_tokens, seed, do_sample, temperature, top_p, top_k) may be set per method or
+Generation knobs (max_new_tokens, seed, do_sample, temperature, top_p, top_k, presence_penalty,
+frequency_penalty, repetition_penalty) may be set per method or
 at the top level; benchmark presets fill in the rest. The whole config is checked before the first run:
 keys, value types, benchmark options, and every method's pruning and decoding names with their parameters.
 """
@@ -34,7 +35,8 @@ from vlmguard.bench.pope_data import SPLITS
 from vlmguard.bench.runner import RunOutcome, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput, VlmguardError
 
-GEN_KEYS = ("max_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k")
+GEN_KEYS = ("max_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k", "presence_penalty",
+            "frequency_penalty", "repetition_penalty")
 
 
 # The config's schema: the types of every key (values are range-checked where they are used: budgets and
@@ -51,6 +53,9 @@ class _GenKnobs(_Schema):
     temperature: float = None  # type: ignore[assignment]
     top_p: float = None  # type: ignore[assignment]
     top_k: int = None  # type: ignore[assignment]
+    presence_penalty: float = None  # type: ignore[assignment]
+    frequency_penalty: float = None  # type: ignore[assignment]
+    repetition_penalty: float = None  # type: ignore[assignment]
 
 
 class _MethodSchema(_GenKnobs):

@@ -31,6 +31,12 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the score of every token the answer already has (-2..2)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted once per earlier occurrence of a token in the answer (-2..2)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides (multiplies, when negative) the scores of tokens the answer already has; 1 = off")
 
 
 def _budget(text: str) -> int | float:
@@ -51,7 +57,8 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),
         max_new_tokens=args.max_new_tokens, do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        logprobs=getattr(args, "logprobs", None),
+        logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
     )
 
 

@@ -123,6 +123,9 @@ def register(subparsers) -> None:
     s.add_argument("--new-tokens", type=int, default=16)
     s.add_argument("--decoding", default="greedy",
                    help="decoding method of every request (e.g. vcd: contrastive requests, two rows each)")
+    s.add_argument("--mixed-settings", action="store_true",
+                   help="requests with their own settings: 0.5x, 1x and 1.5x --new-tokens in turn, every other one "
+                        "sampling (temperature 0.7) with its own seed")
     s.add_argument("--max-batch", type=_positive, default=16, help="batch size limit of the batching service")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="batching window of the service")
     s.add_argument("--batch-mode", choices=["inflight", "whole"], default="inflight",

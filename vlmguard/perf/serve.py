@@ -147,19 +147,37 @@ def steady_throughput(done_at: list[tuple[float, int]], clients: int,
     return n / wall, sum(k for _, k in done_at) / wall
 
 
-def request_spec(args: Any) -> dict[str, Any]:
-    """The generation spec every path's requests use (JSON form, as the HTTP API takes it)."""
-    return {"max_new_tokens": args.new_tokens, "diagnostics": False, "decoding": getattr(args, "decoding", "greedy")}
+# --mixed-settings: request i asks for MIXED_LENGTHS[i % 3] x --new-tokens, and odd requests sample with their
+# own seed (what clients of one service send: their own max_tokens, temperature and seed)
+MIXED_LENGTHS = (0.5, 1.0, 1.5)
+MIXED_TEMPERATURE = 0.7
 
 
-def engine_caller(engine: Any, images: list, spec_json: dict[str, Any]) -> Callable[[int], tuple[int, float]]:
+def request_spec(args: Any, i: int = 0) -> dict[str, Any]:
+    """The generation spec of request ``i`` on every path (JSON form, as the HTTP API takes it)."""
+    spec: dict[str, Any] = {"max_new_tokens": args.new_tokens, "diagnostics": False,
+                            "decoding": getattr(args, "decoding", "greedy")}
+    if getattr(args, "mixed_settings", False):
+        spec["max_new_tokens"] = max(1, round(args.new_tokens * MIXED_LENGTHS[i % len(MIXED_LENGTHS)]))
+        if i % 2:
+            spec.update(do_sample=True, temperature=MIXED_TEMPERATURE, seed=i)
+    return spec
+
+
+def max_request_tokens(args: Any) -> int:
+    """The longest ``max_new_tokens`` any request asks for (the services' limit)."""
+    return max(request_spec(args, i)["max_new_tokens"] for i in range(len(MIXED_LENGTHS)))
+
+
+def engine_caller(engine: Any, images: list, spec_for: Callable[[int], dict[str, Any]]
+                  ) -> Callable[[int], tuple[int, float]]:
     from vlmguard.results import Request
     from vlmguard.spec import GenerationSpec
 
-    spec = GenerationSpec(**spec_json)
     lock = threading.Lock()  # an Engine runs one generate() at a time
 
     def call(i: int) -> int:
+        spec = GenerationSpec(**spec_for(i))
         with lock:
             r = engine.generate([Request(prompt=PROMPT, images=[images[i % len(images)]])], spec)[0]
         return len(r.token_ids), r.timings.total_s
@@ -167,7 +185,7 @@ def engine_caller(engine: Any, images: list, spec_json: dict[str, Any]) -> Calla
     return call
 
 
-def http_caller(url: str, image_urls: list[str], spec_json: dict[str, Any],
+def http_caller(url: str, image_urls: list[str], spec_for: Callable[[int], dict[str, Any]],
                 headers: dict[str, str]) -> Callable[[int], tuple[int, float]]:
     import httpx
 
@@ -178,7 +196,7 @@ def http_caller(url: str, image_urls: list[str], spec_json: dict[str, Any],
         if client is None:
             client = local.client = httpx.Client(timeout=600.0, headers=headers)
         body = {"prompt": PROMPT, "images": [image_urls[i % len(image_urls)]],
-                "spec": spec_json}
+                "spec": spec_for(i)}
         r = client.post(url + "/v1/generate", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -237,6 +255,10 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
 
     spec_json = request_spec(args)
     GenerationSpec.build(**spec_json).resolve()  # an unknown method fails here, before any cluster starts
+
+    def spec_for(i: int) -> dict[str, Any]:
+        return request_spec(args, i)
+
     threads = set_threads(args.threads or 1)
     clients = sorted(set(args.clients))
     configs = {}
@@ -245,7 +267,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         _check_servable(args.shape)
     engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
     images = [bench_image(engine, args.seed + i) for i in range(8)]
-    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, spec_json)}
+    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, spec_for)}
     env = environment(engine)
     services: list[Any] = []
     started_ray = False
@@ -261,7 +283,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
                 if direct and not svc.direct_urls:
                     raise VlmguardError("--direct-ingress: the Ray cluster runs without Serve's direct ingress "
                                         "(perf serve needs a cluster of its own; is another one initialised?)")
-                calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, spec_json, {})
+                calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, spec_for, {})
         rows = measure_paths(calls, clients, args.requests, args.repeats, args.warmup, progress)
     finally:
         for svc in services:
@@ -278,6 +300,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "shape": args.shape,
         "new_tokens": args.new_tokens,
         "decoding": spec_json["decoding"],
+        "mixed_settings": bool(getattr(args, "mixed_settings", False)),
         "requests": args.requests,
         "repeats": args.repeats,
         "clients": clients,
@@ -330,7 +353,7 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
             models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                                 num_replicas=1, num_cpus=0, num_gpus=0.5 if cuda else None, torch_threads=threads,
                                 max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
-                                max_new_tokens_limit=max(args.new_tokens, 1),
+                                max_new_tokens_limit=max(max_request_tokens(args), 1),
                                 batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
                                                         mode=getattr(args, "batch_mode", "inflight"),
                                                         batch_wait_timeout_s=wait_s))],
@@ -410,7 +433,8 @@ def serve_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     s = result["summary"]
     lines = [f"perf serve  shape={result['shape']}  decoding={result.get('decoding', 'greedy')}  "
-             f"new_tokens={result['new_tokens']}  requests={result['requests']}  "
+             f"new_tokens={result['new_tokens']}{' (mixed settings)' if result.get('mixed_settings') else ''}  "
+             f"requests={result['requests']}  "
              f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
              f"batch_mode={result.get('batch_mode', 'whole')}  "
              f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "

@@ -1,0 +1,81 @@
+"""Repetition penalties (presence, frequency: OpenAI's; repetition: transformers' and vLLM's) on the tokens a
+request has generated: the arithmetic, transformers' own processor as the reference, per-request settings in
+a shared batch, composition with contrastive decoding, and their place in benchmark run identities."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from vlmguard.bench.report import method_label
+from vlmguard.bench.runner import spec_knobs
+from vlmguard.penalties import apply_penalties
+from vlmguard.results import Request
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    scores = torch.tensor([[2.0, 1.0, -1.0, 0.5, float("-inf")]])
+    spec = GenerationSpec(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(scores, [[0, 0, 2, 4]], [spec])
+    assert out[0].tolist() == [2.0 - 0.5 - 0.5, 1.0, -1.0 - 0.5 - 0.25, 0.5, float("-inf")]
+    assert scores[0, 0] == 2.0  # the decoder's own scores are not changed in place
+    untouched = apply_penalties(scores, [[0, 2]], [GenerationSpec()])
+    assert untouched is scores
+
+
+def test_repetition_penalty_equals_transformers_processor_on_generated_tokens():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 50)
+    generated = [[3, 7, 7, 12], [1]]
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[3, 7, 7, 12]]), scores[:1].clone())
+    out = apply_penalties(scores, generated, [GenerationSpec(repetition_penalty=1.7), GenerationSpec()])
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], scores[1])
+
+
+def test_penalties_stop_repeats_and_each_request_keeps_its_own_in_a_batch():
+    eng = tiny_engine("llava")
+    reqs = [Request("describe the photo", [random_image(i + 1, (40, 32))]) for i in range(3)]
+    plain = GenerationSpec(max_new_tokens=12)
+    strong = GenerationSpec(max_new_tokens=12, frequency_penalty=2.0, presence_penalty=2.0)
+    rep = GenerationSpec(max_new_tokens=12, repetition_penalty=3.0, logprobs=1)
+    alone = [eng.generate([r], s)[0] for r, s in zip(reqs, [plain, strong, rep])]
+    batched = eng.generate(reqs, [plain, strong, rep])
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert len(set(alone[0].token_ids)) < 12  # the random test model repeats itself...
+    assert len(set(alone[1].token_ids)) == 12  # ...and a strong penalty stops it
+    assert batched[0].token_ids == eng.generate([reqs[0]], plain)[0].token_ids
+    # log-probabilities are of the penalised scores: what selection read
+    assert all(e.top[0].token_id == e.token_id for e in batched[2].logprobs)
+
+
+@pytest.mark.parametrize("decoding", ["vcd", "vista"])
+def test_penalties_compose_with_contrastive_decoding(decoding):
+    eng = tiny_engine("llava")
+    req = Request("describe the photo", [random_image(1, (40, 32))])
+    base = eng.generate([req], GenerationSpec(max_new_tokens=10, decoding=decoding))[0]
+    pen = eng.generate([req], GenerationSpec(max_new_tokens=10, decoding=decoding, frequency_penalty=2.0))[0]
+    assert len(set(pen.token_ids)) >= len(set(base.token_ids))
+    assert pen.decoding["name"] == decoding
+
+
+def test_benchmark_runs_with_penalties_are_runs_of_their_own():
+    plain = spec_knobs(GenerationSpec())
+    assert not {"presence_penalty", "frequency_penalty", "repetition_penalty"} & set(plain)  # ids unchanged
+    knobs = spec_knobs(GenerationSpec(presence_penalty=0.5, repetition_penalty=1.2))
+    assert knobs["presence_penalty"] == 0.5 and knobs["repetition_penalty"] == 1.2
+    assert method_label(knobs) == "penalty[presence=0.5,repetition=1.2]"
+    assert method_label({**knobs, "decoding": "vcd"}) == "vcd+penalty[presence=0.5,repetition=1.2]"
+
+
+def test_sweep_configs_take_penalties(tmp_path):
+    from vlmguard.bench.sweep import expand, job_spec, load_config
+
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text("model: tiny\ndataset: synthcoco\nbenchmarks: [chair]\nrepetition_penalty: 1.3\n"
+                        "methods:\n  - {name: base}\n  - {name: vcd-pen, decoding: vcd, presence_penalty: 0.5}\n")
+    jobs = expand(load_config(cfg_path))
+    specs = [job_spec(j) for j in jobs]
+    assert [(s.repetition_penalty, s.presence_penalty, s.decoding) for s in specs] == [
+        (1.3, 0.0, "greedy"), (1.3, 0.5, "vcd")]

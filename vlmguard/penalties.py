@@ -1,0 +1,51 @@
+"""Penalties on repeated tokens, per request, on the decoder's final scores before token selection.
+
+* ``presence_penalty`` / ``frequency_penalty`` (OpenAI's): ``score[t] -= presence * (count[t] > 0) +
+  frequency * count[t]``, where ``count[t]`` is how often the request has generated ``t`` so far;
+* ``repetition_penalty`` (transformers' ``RepetitionPenaltyLogitsProcessor``, vLLM's): a generated token's score
+  is divided by it where positive and multiplied by it where negative (> 1 discourages repeats).
+
+Only the tokens a request generated count, not its prompt (vLLM applies its repetition penalty to the prompt too;
+a question's words, "Is there a dog", are not repeats of an answer). A token the decoder ruled out (-inf) stays
+ruled out. The penalised scores are what token selection, log-probabilities and diagnostics see.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlmguard.spec import GenerationSpec
+
+
+# each penalty's neutral value (no effect)
+NEUTRAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def set_penalties(spec: GenerationSpec) -> dict[str, float]:
+    """The penalties ``spec`` sets (those not at their neutral value)."""
+    return {k: getattr(spec, k) for k, neutral in NEUTRAL.items() if getattr(spec, k) != neutral}
+
+
+def penalised(spec: GenerationSpec) -> bool:
+    return bool(set_penalties(spec))
+
+
+def apply_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]],
+                    specs: Sequence[GenerationSpec]) -> torch.Tensor:
+    """scores (B, V) -> penalised scores (a new tensor; rows whose spec has no penalty are unchanged)."""
+    out = scores
+    for j, (ids, spec) in enumerate(zip(generated, specs)):
+        if not ids or not penalised(spec):
+            continue
+        if out is scores:
+            out = scores.clone()
+        counts = torch.bincount(torch.tensor(ids, device=scores.device), minlength=scores.shape[-1])[: scores.shape[-1]]
+        seen = counts > 0
+        row = out[j]
+        if spec.repetition_penalty != 1.0:
+            p = spec.repetition_penalty
+            row = torch.where(seen, torch.where(row > 0, row / p, row * p), row)
+        row = row - spec.presence_penalty * seen.to(row.dtype) - spec.frequency_penalty * counts.to(row.dtype)
+        out[j] = row
+    return out
