@@ -75,3 +75,26 @@ def test_a_request_whose_choices_fail_gets_one_error():
         return True
 
     assert _scenario(fn)
+
+
+def test_more_choices_than_a_replica_admits_is_a_400_not_a_503_for_ever():
+    from vlmguard.testing import tiny_engine
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    worker = EngineWorker("random:llava", name="tiny-llava", engine=tiny_engine("llava"))
+    cfg = ServiceConfig(models=[ModelConfig(name="tiny-llava", model="random:llava", max_ongoing_requests=2,
+                                            max_queued_requests=0, batching=BatchingConfig(enabled=False))],
+                        api_key_env=None)
+    app = create_api(LocalBackend({"tiny-llava": worker}), cfg)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            body = {"model": "tiny-llava", "messages": MESSAGES, "max_tokens": 2}
+            return [await http.post("/v1/chat/completions", json={**body, "n": n}) for n in (2, 3)]
+
+    ok, refused = asyncio.run(main())
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
+    assert "admits at most 2 generations at once" in refused.json()["error"]["message"]

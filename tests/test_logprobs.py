@@ -52,6 +52,8 @@ def test_logprobs_off_by_default_and_zero_alternatives():
     assert len(res.logprobs) == 3 and all(e.top == [] for e in res.logprobs)
     with pytest.raises(Exception, match="logprobs"):
         GenerationSpec(logprobs=21)
+    with pytest.raises(Exception, match="not a boolean"):  # pydantic would read true as 1 alternative
+        GenerationSpec(logprobs=True)
 
 
 @pytest.mark.parametrize("decoding", ["vcd", "m3id", "vista", "iava", "lqcd"])
@@ -149,6 +151,7 @@ def test_openai_sdk_logprobs_streamed_and_not():
     assert all(bytes(e.bytes).decode("utf-8", "replace") == e.token for e in content)
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert all(c.choices[0].logprobs is None or c.choices[0].logprobs.content for c in chunks if c.choices)
     assert plain.choices[0].logprobs is None
 
 

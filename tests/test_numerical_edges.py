@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlmguard.engine import Request
-from vlmguard.sampling import Sampler
+from vlmguard.sampling import RowSampler, select_tokens
 from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image, tiny_engine
 
@@ -22,8 +22,8 @@ def test_sampling_at_a_vanishing_temperature_is_greedy_not_a_crash(temperature):
     # and a score of exactly 0 (a one-token plausible set) divided by a T that rounds to 0 is NaN
     scores = torch.log_softmax(torch.tensor([[5.0, 4.0, 0.0, -1.0, float("-inf")],
                                              [0.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]]), -1)
-    sampler = Sampler([GenerationSpec(do_sample=True, seed=0, temperature=temperature, top_k=2)] * 2)
-    assert sampler.select(scores).tolist() == [0, 0]
+    spec = GenerationSpec(do_sample=True, seed=0, temperature=temperature, top_k=2)
+    assert select_tokens(scores, [RowSampler.for_spec(spec) for _ in range(2)]).tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-39])
@@ -31,8 +31,8 @@ def test_vanishing_temperature_with_positive_contrast_scores_is_greedy(temperatu
     # a contrastive decoder's scores can be positive ((1 + a) * main - a * contrast): 5 / 1e-38 overflows to +inf
     # while 1e-3 / 1e-38 stays finite, and softmax over +inf and finite entries is NaN (multinomial raised)
     scores = torch.tensor([[1e-3, 5.0, -2.0, float("-inf")], [0.5, -0.2, 4.0, -1.0]])
-    sampler = Sampler([GenerationSpec(do_sample=True, seed=0, temperature=temperature)] * 2)
-    assert sampler.select(scores).tolist() == [1, 2]
+    spec = GenerationSpec(do_sample=True, seed=0, temperature=temperature)
+    assert select_tokens(scores, [RowSampler.for_spec(spec) for _ in range(2)]).tolist() == [1, 2]
 
 
 def test_tiny_temperature_in_the_engine_matches_greedy():

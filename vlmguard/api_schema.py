@@ -159,7 +159,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1)  # choices: the request run n times, in one batch
+    n: Optional[int] = Field(None, ge=1)  # choices: the request run n times, in one batch (null = 1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -171,14 +171,14 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: Optional[bool] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     logit_bias: Optional[dict[str, float]] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")
     @classmethod
-    def _choices_within_limit(cls, v: int) -> int:
-        if v > MAX_CHOICES:
+    def _choices_within_limit(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v > MAX_CHOICES:
             raise unsupported(f"n={v}: this server returns at most {MAX_CHOICES} choices per request")
         return v
 

@@ -26,7 +26,6 @@ removed) at once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -40,7 +39,7 @@ from vlmguard.penalties import apply_penalties, penalised
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
 from vlmguard.runner import DecodeState, LayerRunner
-from vlmguard.sampling import Sampler
+from vlmguard.sampling import RowSampler, select_tokens
 from vlmguard.spec import GenerationSpec
 from vlmguard.token_text import token_pieces
 
@@ -125,7 +124,7 @@ class LiveRequest:
     kept: list[int] | None
     pruning: dict[str, Any]
     batch_size: int  # the most requests it decoded together with (itself included)
-    rng_row: int  # its generator in the sampler
+    sampler: RowSampler  # its token selection (its own seeded generator when it samples)
     cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
     spec: GenerationSpec  # its own: length, stop strings, token selection, what its result reports
     gen: list[int] = field(default_factory=list)
@@ -147,14 +146,14 @@ class DecodeBatch:
     def __init__(self, *, runner: LayerRunner, tokenizer: Any, eos: set[int], spec: GenerationSpec,
                  cohort: Cohort, state: DecodeState,
                  logits: torch.Tensor, hidden: dict[int, torch.Tensor], lives: list[LiveRequest],
-                 sampler: Sampler, device: torch.device):
+                 device: torch.device):
         self.runner, self.tok, self.eos, self.spec = runner, tokenizer, eos, spec
         # the decoder of the first cohort speaks for the spec (joinability, hidden layers, name)
         self.decoder = cohort.decoder
         self.state, self.logits, self.hidden = state, logits, hidden
         self.head: torch.Tensor | None = None  # the decoder's extra lm_head rows at the last step (main rows)
         self.lives = lives  # active requests, grouped by cohort in cohort order (the order of main rows)
-        self.sampler, self.device = sampler, device
+        self.device = device
         self.cohorts = [cohort]  # the cohorts with rows in the batch
         self._owned = [cohort]  # every cohort ever merged in: torn down by close()
         self._closed = False
@@ -176,11 +175,10 @@ class DecodeBatch:
             return
         tok, na = self.tok, len(self.lives)
         blocks = self._blocks()
-        combined = self._combine(blocks)
         if any(penalised(lv.spec) for lv in self.lives):  # repeated tokens, each request by its own settings
-            combined = dataclasses.replace(combined, scores=apply_penalties(
-                combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives]))
-        tokens = self.sampler.select(combined.scores, rows=[lv.rng_row for lv in self.lives])
+            self.logits = self._penalised_logits(blocks)
+        combined = self._combine(blocks)
+        tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         tok_list = tokens.tolist()  # waits for the combine and the sampler on a GPU: the token's time covers them
         now = time.perf_counter()
         diagnostics = any(lv.spec.diagnostics for lv in self.lives)
@@ -270,6 +268,17 @@ class DecodeBatch:
             lv.t_mark = t_dec
         for c in self.cohorts:
             c.step += 1
+
+    def _penalised_logits(self, blocks: list[_Block]) -> torch.Tensor:
+        """The pending logits with each request's repetition penalties applied to all of its rows (main and
+        branches), as transformers and vLLM apply them to a model's logits, before the decoder combines them."""
+        gens, specs = [], []
+        for b in blocks:
+            lives = self.lives[b.lives]
+            for _ in b.cohort.branch_names:  # branch-major: every branch's rows follow the block's requests
+                gens += [lv.gen for lv in lives]
+                specs += [lv.spec for lv in lives]
+        return apply_penalties(self.logits, gens, specs)
 
     def _logprobs(self, scores: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         """Each request's entry for the token it just drew (None where its spec asks for none): log-softmax of
@@ -423,10 +432,6 @@ class DecodeBatch:
         self.logits = torch.cat([self.logits, other.logits.to(self.logits.dtype)])
         self.hidden = {k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()}
         self.head = None  # a fresh prefill has none: combine computes it from the hidden states this once
-        offset = len(self.sampler.rows)
-        self.sampler.rows.extend(other.sampler.rows)
-        for lv in other.lives:
-            lv.rng_row += offset
         self.lives = self.lives + other.lives
         for lv in self.lives:
             lv.batch_size = max(lv.batch_size, len(self.lives))

@@ -32,7 +32,7 @@ from vlmguard.models.families import adapter_for
 from vlmguard.pruning.base import PruneContext
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import LayerRunner
-from vlmguard.sampling import Sampler
+from vlmguard.sampling import RowSampler
 from vlmguard.sequence import Seq, compact_positions
 from vlmguard.spec import GenerationSpec
 
@@ -180,11 +180,13 @@ class Engine:
         return [r for r in results if r is not None]
 
     def stream(self, requests: Sequence[Request], spec: SpecArg = None) -> Iterator[StreamEvent]:
+        """The events of generating ``requests`` (one spec, or one per request). Bad requests lists and specs
+        raise here, when it is called; the rest when the first event is asked for."""
         requests = _request_list(requests)
-        request_specs(spec, len(requests))  # bad specs raise here, before the first event is asked for
+        request_specs(spec, len(requests))
         if not requests:
-            return
-        yield from self._run(requests, spec)
+            return iter(())
+        return self._run(requests, spec)
 
     # ---- pre-passes for decoders -----------------------------------------------------------
     @torch.no_grad()
@@ -391,10 +393,10 @@ class Engine:
                 index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
                 vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
-                batch_size=n_req, rng_row=r, cohort=cohort, spec=specs[r]))
+                batch_size=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort, spec=specs[r]))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
-                           hidden=hidden, lives=lives, sampler=Sampler(specs), device=self.device)
+                           hidden=hidden, lives=lives, device=self.device)
 
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Penalties on repeated tokens, per request, on the decoder's final scores before token selection.
+"""Penalties on repeated tokens, per request, on the model's logits: every row of the request (the main row and a
+contrastive decoder's branch rows), before the decoder combines them (``DecodeBatch._penalised_logits``), as
+transformers and vLLM apply them to a model's logits. (The multiplicative penalty is not shift-invariant: on
+log-probabilities, all <= 0, it would multiply every seen token and hardly touch a confident repeat.)
 
 * ``presence_penalty`` / ``frequency_penalty`` (OpenAI's): ``score[t] -= presence * (count[t] > 0) +
   frequency * count[t]``, where ``count[t]`` is how often the request has generated ``t`` so far;
@@ -6,8 +9,10 @@
   is divided by it where positive and multiplied by it where negative (> 1 discourages repeats).
 
 Only the tokens a request generated count, not its prompt (vLLM applies its repetition penalty to the prompt too;
-a question's words, "Is there a dog", are not repeats of an answer). A token the decoder ruled out (-inf) stays
-ruled out. The penalised scores are what token selection, log-probabilities and diagnostics see.
+a question's words, "Is there a dog", are not repeats of an answer). The decoder combines the penalised logits,
+so token selection, log-probabilities and diagnostics all see the penalties. Under plain greedy decoding the
+repetition penalty gives the tokens of transformers' ``RepetitionPenaltyLogitsProcessor`` applied to the
+generated tokens (tested).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Token selection, kept separate from the engine (as vLLM separates its sampler).
 
-Every request of a batch selects its tokens by its own spec. Greedy: argmax of the decoder's final scores
+Every request of a batch selects its tokens by its own spec, with its own :class:`RowSampler` (kept with the
+request, so it leaves a running batch with it). Greedy: argmax of the decoder's final scores
 (ties -> lowest id, like torch.argmax). Sampling: the request's scores go through transformers' public logits
 warpers (its temperature, top-k, top-p) and are sampled with the request's own seeded ``torch.Generator``, so
 a request draws the same tokens whether it runs alone or in a batch, next to requests with other settings.
@@ -56,19 +57,11 @@ class RowSampler:
         return torch.multinomial(probs[0], 1, generator=self.generator)
 
 
-class Sampler:
-    """The token selection of a batch: one :class:`RowSampler` per request (rows follow the requests; a batch
-    that absorbs another takes over its row samplers)."""
-
-    def __init__(self, specs: Sequence[GenerationSpec]):
-        self.rows = [RowSampler.for_spec(s) for s in specs]
-
-    def select(self, scores: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
-        """scores (B, V) -> token ids (B,). ``rows`` maps each score row to its request's row sampler."""
-        rows = rows if rows is not None else list(range(scores.shape[0]))
-        chosen = scores.argmax(dim=-1)
-        sampling = [i for i, r in enumerate(rows) if not self.rows[r].greedy]
-        if not sampling:
-            return chosen
-        drawn = torch.cat([self.rows[rows[i]].sample(scores[i]) for i in sampling]).to(scores.device)
-        return chosen.index_copy(0, torch.tensor(sampling, device=scores.device), drawn)
+def select_tokens(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
+    """scores (B, V) -> token ids (B,): row i by ``samplers[i]`` (greedy rows take the argmax, all at once)."""
+    chosen = scores.argmax(dim=-1)
+    sampling = [i for i, s in enumerate(samplers) if not s.greedy]
+    if not sampling:
+        return chosen
+    drawn = torch.cat([samplers[i].sample(scores[i]) for i in sampling]).to(scores.device)
+    return chosen.index_copy(0, torch.tensor(sampling, device=scores.device), drawn)

@@ -58,12 +58,12 @@ class GenerationSpec(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what a torch generator and a SQLite INTEGER hold
     stop: list[str] = Field(default_factory=list)
-    # Penalties on tokens the request has generated so far, applied to the decoder's final scores before token
-    # selection (vlmguard/penalties.py): OpenAI's presence / frequency penalties (score - presence - frequency x
-    # count) and the multiplicative repetition penalty of transformers and vLLM (1 = off).
+    # Penalties on tokens the request has generated so far, applied to the model's logits (every branch row)
+    # before the decoder combines them (vlmguard/penalties.py): OpenAI's presence / frequency penalties (logit -
+    # presence - frequency x count) and the multiplicative repetition penalty of transformers and vLLM (1 = off).
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: bool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
@@ -74,6 +74,13 @@ class GenerationSpec(BaseModel):
     @classmethod
     def _budget_is_not_a_bool(cls, v: Any) -> Any:
         return budget_not_bool(v)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_is_a_count(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would read true as 1 alternative
+            raise ValueError("logprobs is the number of most likely tokens to report (0-20) or null, not a boolean")
+        return v
 
     @field_validator("budget")
     @classmethod
@@ -97,8 +104,16 @@ class GenerationSpec(BaseModel):
 
     def batch_key(self) -> str:
         """What requests sharing a batch must agree on (the pruner and decoder with their parameters), as JSON:
-        requests whose keys are equal run in one batch, whatever their own ``PER_REQUEST_FIELDS``."""
-        return self.model_dump_json(exclude=set(PER_REQUEST_FIELDS))
+        requests whose keys are equal run in one batch, whatever their own ``PER_REQUEST_FIELDS``. Built from
+        the validated methods, so ``{"alpha": 1, "beta": 0.1}`` and ``{"beta": 0.1, "alpha": 1.0}`` agree."""
+        import json
+
+        try:
+            pruner, decoder = self.resolve()
+            shared: Any = {"pruning": pruner.describe(), "decoding": decoder.describe()}
+        except InvalidInput:  # a spec that cannot run: its own key (running it reports the error)
+            shared = self.model_dump(mode="json", exclude=set(PER_REQUEST_FIELDS))
+        return json.dumps(shared, sort_keys=True, default=str)
 
     def __init__(self, **data: Any) -> None:
         """Bad fields raise one InvalidInput line naming them, not a pydantic error dump."""

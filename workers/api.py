@@ -143,6 +143,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     resolve_image = make_image_resolver(config.image_url_allowlist, timeout_s=config.image_fetch_timeout_s,
                                         max_bytes=config.max_request_bytes)
     limits = {m.served_name: m.max_new_tokens_limit for m in config.models}
+    admits = {m.served_name: m.admission_limit for m in config.models}  # generations a replica admits at once
     app = FastAPI(title="vlmguard", version=_version(),
                   description="Vision-language models with visual-token pruning and hallucination-reducing decoding.")
     app.state.metrics = metrics
@@ -352,7 +353,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                        max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
                                        max_pixels=config.max_request_pixels)
         with_steps = req.vlmguard.diagnostics
-        items = choice_items(item, req.n)  # n > 1: the request n times, in one batch
+        n = req.n or 1
+        if admits.get(model) is not None and n > admits[model]:  # never admitted whole: a 503 retried for ever
+            raise APIFailure(400, f"n={n}: a replica of {model!r} admits at most {admits[model]} generations at once",
+                             code="unsupported_value", param="n")
+        items = choice_items(item, n)  # n > 1: the request n times, in one batch
         if not req.stream:
             results = await all_or_none([run(model, it) for it in items])
             return JSONResponse(chat_response(rid, model, results, with_steps).model_dump(exclude_none=True))

@@ -230,7 +230,7 @@ def chat_chunk(request_id: str, model: str, created: int, *, content: str | None
     return ChatCompletionChunk(
         id=request_id, created=created, model=model,
         choices=[ChunkChoice(index=index, delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason,
-                             logprobs=chat_logprobs(logprobs))],
+                             logprobs=chat_logprobs(logprobs) if logprobs else None)],
         vlmguard=vlmguard_info(result, with_steps) if result is not None else None,
     )
 

@@ -254,7 +254,8 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     from vlmguard.spec import GenerationSpec
 
     spec_json = request_spec(args)
-    GenerationSpec.build(**spec_json).resolve()  # an unknown method fails here, before any cluster starts
+    for i in range(len(MIXED_LENGTHS) if getattr(args, "mixed_settings", False) else 1):
+        GenerationSpec.build(**request_spec(args, i)).resolve()  # bad methods or lengths fail before Ray starts
 
     def spec_for(i: int) -> dict[str, Any]:
         return request_spec(args, i)
