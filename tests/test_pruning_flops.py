@@ -57,3 +57,16 @@ def test_qwen2_vl_counts_its_tower_on_raw_patches_and_its_merger():
     f = result_flops(cfg, r)
     assert f.vision == patch + vc.depth * layer
     assert f.projector == r.visual_tokens * (m_in * m_in + m_in * d)
+
+
+def test_qwen2_vl_images_of_a_batch_attend_only_to_themselves():
+    """The tower packs a batch's images into one varlen call, but each image attends only to its own patches:
+    two images cost twice one image (the attention term is per image, not over the batch's patches)."""
+    from vlmguard.flops import vision_flops
+
+    cfg = tiny_engine("qwen2_vl").model.config
+    one = vision_flops(cfg, "qwen2_vl", n_passes=1, n_visual=64)
+    two = vision_flops(cfg, "qwen2_vl", n_passes=2, n_visual=128)
+    assert two == (2 * one[0], 2 * one[1])
+    packed_as_one = vision_flops(cfg, "qwen2_vl", n_passes=1, n_visual=128)
+    assert packed_as_one[0] > two[0]  # what was counted before: (2 x patches)^2 attention

@@ -136,7 +136,10 @@ def vision_flops(config: Any, family: str, n_passes: int, n_visual: int,
         patch_in = (int(getattr(vc, "in_channels", 3)) * int(getattr(vc, "temporal_patch_size", 2))
                     * int(vc.patch_size) ** 2)
         patches = int(n_visual) * merge * merge  # the tower runs on all raw patches of all images
-        layers = [list(p) for p in vit_passes] if vit_passes else [[patches] * depth]
+        # packed into one call, but each image attends only to itself (varlen): one "pass" per image, the
+        # patches split evenly over them (the exact split when the images are of one size)
+        per_pass = [patches // max(1, n_passes) + (i < patches % max(1, n_passes)) for i in range(max(1, n_passes))]
+        layers = [list(p) for p in vit_passes] if vit_passes else [[n] * depth for n in per_pass]
         m_in = dv * merge * merge
         proj_macs = int(out) * (m_in * m_in + m_in * dt)
     else:
