@@ -13,7 +13,7 @@ import streamlit as st
 from PIL import Image
 
 from vlmguard.dashboard import drawing, images
-from vlmguard.dashboard.service import BASELINE_SPEC, spec_kwargs
+from vlmguard.dashboard.service import BASELINE_SPEC, selection_kwargs, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, params_form, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
 
@@ -49,13 +49,15 @@ def render() -> None:
             with st.expander("decoder parameters"):
                 decoding_params = params_form(schemas["decoding"][decoding], f"pg_dp_{decoding}")
         max_new = st.slider("max new tokens", 1, 256, 16, key="pg_max_new")
+        with st.expander("token selection (both sides)"):
+            selection = _selection_inputs()
         compare = st.checkbox("side by side with the plain model (no pruning, greedy)", value=True, key="pg_compare")
         budget_ok = pruning == "none" or budget is not None
         go = st.button("Generate", type="primary", key="pg_go", disabled=image is None or not budget_ok)
     if image is None:
         st.info("Pick a SynthCOCO sample or upload an image.")
         return
-    spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new)
+    spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection)
     family = status.families.get(model)
     client = service_client(cfg)
     if go:
@@ -65,6 +67,18 @@ def render() -> None:
         _show_all(shown, image_from=shown["image"], family=shown["family"], streamed=False)
     if objects:
         st.caption("Objects visible in this scene: " + ", ".join(objects))
+
+
+def _selection_inputs() -> dict[str, Any]:
+    s1, s2 = st.columns(2)
+    with s1:
+        temperature = st.slider("temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key="pg_temperature")
+        seed = int(st.number_input("sampling seed", min_value=0, value=0, step=1, key="pg_sample_seed"))
+        repetition = st.slider("repetition penalty (1 = off)", 0.5, 2.0, 1.0, 0.05, key="pg_repetition")
+    with s2:
+        presence = st.slider("presence penalty", -2.0, 2.0, 0.0, 0.1, key="pg_presence")
+        frequency = st.slider("frequency penalty", -2.0, 2.0, 0.0, 0.1, key="pg_frequency")
+    return selection_kwargs(temperature, seed, presence, frequency, repetition)
 
 
 def _index(options: list[str], preferred: str) -> int:
@@ -179,6 +193,10 @@ def _spec_caption(sp: dict[str, Any]) -> str:
     for k in ("pruning_params", "decoding_params"):
         if sp.get(k):
             extra.append(", ".join(f"{a}={b}" for a, b in sp[k].items()))
+    if sp.get("do_sample"):
+        extra.append(f"sampling T={sp.get('temperature')} seed {sp.get('seed')}")
+    extra += [f"{k.removesuffix('_penalty')} penalty {sp[k]}" for k in ("presence_penalty", "frequency_penalty",
+                                                                       "repetition_penalty") if k in sp]
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
 
 

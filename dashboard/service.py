@@ -69,9 +69,10 @@ PLAYGROUND_TOP_LOGPROBS = 3  # alternatives per generated token the playground s
 
 
 def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[str, Any], decoding: str,
-                decoding_params: dict[str, Any], max_new_tokens: int, seed: int | None = None) -> dict[str, Any]:
+                decoding_params: dict[str, Any], max_new_tokens: int, seed: int | None = None,
+                selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """GenerationSpec fields for ``Client.generate`` (diagnostics and the top 3 log-probabilities on: the
-    playground draws them)."""
+    playground draws them); ``selection``: token selection and penalty fields (``selection_kwargs``)."""
     spec: dict[str, Any] = {"pruning": pruning, "decoding": decoding, "max_new_tokens": int(max_new_tokens),
                             "diagnostics": True, "logprobs": PLAYGROUND_TOP_LOGPROBS}
     if pruning != "none":
@@ -82,7 +83,22 @@ def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[s
         spec["decoding_params"] = decoding_params
     if seed is not None:
         spec["seed"] = int(seed)
+    spec.update(selection or {})
     return spec
+
+
+def selection_kwargs(temperature: float, seed: int, presence: float, frequency: float,
+                     repetition: float) -> dict[str, Any]:
+    """The GenerationSpec fields of the playground's token selection: temperature 0 is greedy (the seed then
+    does nothing); each penalty only when it is set."""
+    out: dict[str, Any] = {}
+    if temperature > 0:
+        out.update(do_sample=True, temperature=float(temperature), seed=int(seed))
+    for key, value, neutral in (("presence_penalty", presence, 0.0), ("frequency_penalty", frequency, 0.0),
+                                ("repetition_penalty", repetition, 1.0)):
+        if value != neutral:
+            out[key] = float(value)
+    return out
 
 
 BASELINE_SPEC = {"pruning": "none", "decoding": "greedy"}

@@ -231,6 +231,32 @@ def test_playground_with_stub_client_shows_answer_and_overlays():
     assert len(stub.calls) == n and "No dog ." in all_text(at)
 
 
+def test_playground_token_selection_goes_to_both_sides():
+    stub = StubClient()
+    at = page("playground_page.py")
+    at.session_state[CLIENT_KEY] = stub
+    at.run()
+    at.slider(key="pg_temperature").set_value(0.7)
+    at.number_input(key="pg_sample_seed").set_value(5)
+    at.slider(key="pg_presence").set_value(0.5)
+    at.slider(key="pg_repetition").set_value(1.2)
+    at.button(key="pg_go").click().run()
+    assert not at.exception, at.exception
+    main, plain = [c for c in stub.calls if c.get("stream")]
+    for call in (main, plain):  # the plain model draws its tokens the same way: only the methods differ
+        assert (call["do_sample"], call["temperature"], call["seed"]) == (True, 0.7, 5)
+        assert (call["presence_penalty"], call["repetition_penalty"]) == (0.5, 1.2)
+        assert "frequency_penalty" not in call
+    captions = " ".join(c.value for c in at.caption)
+    assert "sampling T=0.7 seed 5" in captions and "presence penalty 0.5" in captions
+    at.slider(key="pg_temperature").set_value(0.0)
+    at.slider(key="pg_presence").set_value(0.0)
+    at.slider(key="pg_repetition").set_value(1.0)
+    at.button(key="pg_go").click().run()
+    greedy = [c for c in stub.calls if c.get("stream")][-2]
+    assert not {"do_sample", "temperature", "seed", "presence_penalty", "repetition_penalty"} & set(greedy)
+
+
 def i_caption(at: AppTest) -> list[str]:
     """Captions of the images shown (image elements carry their caption in the proto)."""
     out = []
