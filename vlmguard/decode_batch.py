@@ -35,6 +35,7 @@ import torch
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
+from vlmguard.errors import non_finite_cause
 from vlmguard.penalties import apply_penalties, penalised
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
@@ -136,6 +137,7 @@ class LiveRequest:
     final_text: str | None = None  # set when it finishes (stripped)
     per_tok: list[float] = field(default_factory=list)
     finish: str = "length"
+    error: str | None = None  # why it ended early (finish "error")
     ttft: float = 0.0
     decode_s: float = 0.0
 
@@ -179,7 +181,11 @@ class DecodeBatch:
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
-        tok_list = tokens.tolist()  # waits for the combine and the sampler on a GPU: the token's time covers them
+        # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
+        # ends with an error, the others go on; read with the tokens, in one device sync
+        broken = torch.isnan(combined.scores).any(dim=-1)
+        tok_list, broken_list = torch.stack([tokens, broken.to(tokens.dtype)]).tolist()
+        # (waits for the combine and the sampler on a GPU: the token's time covers them)
         now = time.perf_counter()
         diagnostics = any(lv.spec.diagnostics for lv in self.lives)
         logprobs = self._logprobs(combined.scores, tokens)
@@ -197,6 +203,12 @@ class DecodeBatch:
             if not lv.per_tok:
                 lv.ttft = now - lv.t0
             lv.per_tok.append(dt)
+            if broken_list[j]:
+                lv.finish = "error"
+                lv.error = (f"the scores became NaN at generated token {len(lv.gen)} "
+                            + non_finite_cause(self.logits.dtype))
+                finished_rows.append(j)
+                continue
             if t in self.eos:
                 lv.finish = "stop"
                 finished_rows.append(j)
@@ -410,7 +422,8 @@ class DecodeBatch:
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
                             setup_s=lv.setup_s, batch_size=lv.batch_size),
             steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.report},
-            request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None)
+            request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
+            error=lv.error)
 
     # ---- in-flight batching -------------------------------------------------------------------
     def absorb(self, other: "DecodeBatch") -> None:

@@ -24,7 +24,8 @@ from vlmguard.attention import (FLASH, PROBING_IMPLEMENTATIONS, ScoreRequest, ch
                                 register_attention_functions)
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
-from vlmguard.errors import ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line
+from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
+                             non_finite_cause)
 from vlmguard.images import check_image
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
@@ -372,9 +373,7 @@ class Engine:
         if broken:
             raise NonFiniteLogits(
                 f"the model's logits are NaN or infinite for request(s) {', '.join(str(indices[r]) for r in broken)} "
-                f"({str(self.model.dtype).replace('torch.', '')} weights): "
-                + ("float16 overflows in this model; load it in bfloat16 or float32 (--dtype)"
-                   if self.model.dtype == torch.float16 else "the weights or the input are broken"))
+                + non_finite_cause(self.model.dtype))
         hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
         decoder.after_prefill(dctx, hidden)
         hidden = {k: hidden[k] for k in decoder.hidden_layers}

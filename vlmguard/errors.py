@@ -1,6 +1,8 @@
 """Errors a user can act on. The CLI prints them as one line; the HTTP API maps them to 4xx."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class VlmguardError(Exception):
     """Base class: a problem with the user's input or environment, reported without a traceback."""
@@ -31,6 +33,14 @@ class NonFiniteLogits(VlmguardError):
     can choose from; the answer would be the same garbage token over and over."""
 
     http_status = 500
+
+
+def non_finite_cause(dtype: Any) -> str:
+    """What NaN / infinite logits of a model with ``dtype`` weights most likely mean, and the fix."""
+    name = str(dtype).replace("torch.", "")
+    if name == "float16":
+        return f"({name} weights): float16 overflows in this model; load it in bfloat16 or float32 (--dtype)"
+    return f"({name} weights): the weights or the input are broken"
 
 
 def first_line(e: BaseException) -> str:

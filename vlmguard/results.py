@@ -64,7 +64,7 @@ class TokenLogprob:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (then ``error`` says what went wrong)
     prompt_tokens: int
     visual_tokens: int
     visual_tokens_kept: list[int]  # visual tokens fed to each LLM layer
@@ -75,6 +75,9 @@ class GenerationResult:
     decoding: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the spec asks for them
+    # why the request stopped early with finish_reason "error" (its scores became NaN: a float16 model
+    # overflowing mid-answer); its text is what it generated before. The other requests of its batch go on.
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

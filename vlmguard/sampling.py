@@ -43,14 +43,15 @@ class RowSampler:
         return self.generator is None
 
     def sample(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores (V,) -> one token id (1,) on the CPU, drawn from the warped distribution."""
+        """scores (V,) -> one token id (1,) on the CPU, drawn from the warped distribution. A row with a NaN
+        score gives its argmax (nothing can be drawn from it; the decode loop ends that request with an error)."""
+        if torch.isnan(scores).any():
+            return scores.argmax()[None].cpu()
         warped = self.warpers(None, scores[None].float())
         # a temperature so small that scores / T leaves no finite entry in a row (-inf, or NaN for a score of 0
         # once T rounds to 0 in float32), or overflows a positive score (a contrastive decoder's) to +inf, would
-        # make softmax NaN and multinomial raise: T -> 0 is greedy, so such a row samples its argmax (rows whose
-        # scores are NaN, a model that overflowed, are left as they were)
-        dead = ((~torch.isfinite(warped).any(dim=-1, keepdim=True) | torch.isposinf(warped).any(dim=-1, keepdim=True))
-                & ~torch.isnan(scores).any())
+        # make softmax NaN and multinomial raise: T -> 0 is greedy, so such a row samples its argmax
+        dead = ~torch.isfinite(warped).any(dim=-1, keepdim=True) | torch.isposinf(warped).any(dim=-1, keepdim=True)
         point = torch.full_like(warped, float("-inf")).scatter_(-1, scores.argmax()[None, None], 0.0)
         warped = torch.where(dead, point, warped)
         probs = torch.softmax(warped, dim=-1).cpu()

@@ -233,8 +233,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def run(model: str, item: WorkItem) -> dict[str, Any]:
         answer = await first_answer(backend.generate(model, item))
+        failed(answer["result"])
         metrics.observe_result(answer["result"])
         return answer["result"]
+
+    def failed(result: dict[str, Any] | None) -> None:
+        """A result that ended with an error (its scores became NaN mid-answer) is a 500 naming it."""
+        if result and result.get("error"):
+            raise APIFailure(500, result["error"], "server_error", "NonFiniteLogits")
+
+    def error_event(result: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The SSE error of a streamed result that ended with an error, else None."""
+        if result and result.get("error"):
+            return {"error": {"message": result["error"], "type": "server_error", "code": "NonFiniteLogits"}}
+        return None
 
     async def open_stream(model: str, item: WorkItem) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
         """Start a stream and wait for its first event, so errors before any token are plain 4xx answers."""
@@ -379,6 +391,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         break
                     if ev.get("done"):
                         result = results[k] = ev.get("result") or {}
+                        if error_event(result):
+                            yield _sse(error_event(result))
+                            break
                         if result:
                             metrics.observe_result(result)
                         rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
@@ -417,6 +432,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
                     break
                 result = ev.get("result")
+                if error_event(result):
+                    yield _sse(error_event(result))
+                    break
                 if result:
                     metrics.observe_result(result)
                 entries = ev.get("logprobs") or []

@@ -25,7 +25,7 @@ from vlmguard.bench.datasets import BenchDataset
 from vlmguard.bench.pope_leading import DEFAULT_TEMPLATE, derive_leading, normalize_template_id
 from vlmguard.bench.pope_parsers import get_parser
 from vlmguard.bench.prompts import get_chair_preset, get_pope_prompt
-from vlmguard.errors import ContextTooLong, InvalidInput
+from vlmguard.errors import ContextTooLong, InvalidInput, NonFiniteLogits
 from vlmguard.penalties import set_penalties
 
 BENCHMARKS = ("pope", "pope-leading", "chair")
@@ -339,6 +339,8 @@ def run_benchmark(
                     raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} requests")
                 rows = []
                 for it, res in zip(batch, results):
+                    if getattr(res, "error", None):  # nothing of this batch is recorded: the run resumes here
+                        raise NonFiniteLogits(f"{it.key}: {res.error}")
                     row = _base_row(it, res)
                     if par is not None:
                         pred = par.parse(res.text, it.label)

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, NonFiniteLogits
 from vlmguard.spec import GenerationSpec, parse_params
 
 
@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         if ev.done:
             result = ev.result
     assert result is not None
+    if result.error:
+        if args.stream and not args.json:
+            sys.stdout.write("\n")
+        raise NonFiniteLogits(f"{result.error} (generated before: {result.text!r})")
     if args.json:
         out = {
             "text": result.text,
