@@ -26,6 +26,7 @@ removed) at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -424,6 +425,26 @@ class DecodeBatch:
             steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.report},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
             error=lv.error)
+
+    def expand(self, source: list[int], requests: list[Request], specs: list[GenerationSpec],
+               indices: list[int]) -> None:
+        """Request ``i`` becomes a copy of the prefilled request at position ``source[i]`` (the same prompt and
+        images, prefilled once: ``Engine.start_batch``), with its own request, spec, sampler and stream index.
+        Only for a fresh batch of one cohort whose decoder has no branches and no per-request state."""
+        if len(self.cohorts) != 1 or self.cohorts[0].branch_names != ["main"] or any(lv.gen for lv in self.lives):
+            raise ValueError("only a fresh batch of a decoder without branches can be expanded")
+        rows = torch.tensor(source, device=self.device)
+        self.runner.reorder(self.state, rows)
+        self.logits = self.logits[rows]
+        self.hidden = {k: v[rows] for k, v in self.hidden.items()}
+        self.head = None if self.head is None else self.head[rows]
+        base, n = self.lives, len(source)
+        self.lives = [dataclasses.replace(
+            base[s], index=indices[i], request=requests[i], spec=specs[i], sampler=RowSampler.for_spec(specs[i]),
+            batch_size=n, visual_fed=list(base[s].visual_fed), kept=None if base[s].kept is None else list(base[s].kept),
+            pruning=dict(base[s].pruning), gen=[], steps=[], logprobs=[], per_tok=[]) for i, s in enumerate(source)]
+        self.cohorts[0].dctx.active = [lv.local for lv in self.lives]
+        self.spec = specs[0]
 
     # ---- in-flight batching -------------------------------------------------------------------
     def absorb(self, other: "DecodeBatch") -> None:

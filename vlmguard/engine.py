@@ -267,6 +267,10 @@ class Engine:
             raise InvalidInput(f"{len(indices)} indices for {len(requests)} requests")
         t0 = time.perf_counter()
         pruner, decoder = spec.resolve()
+        if decoder.merged_combine and not decoder.row_hooks:  # no per-request decoder state: copies share a prefill
+            source = _copies(requests)
+            if len(set(source)) < len(requests):
+                return self._start_copies(requests, specs, indices, source)
         adapter = self.adapter
         prompts = self._prompts(requests)
         n_req = len(requests)
@@ -397,6 +401,20 @@ class Engine:
                            cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, device=self.device)
 
+    def _start_copies(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
+                      source: list[int]) -> DecodeBatch:
+        """Prefill each distinct request once (``n`` choices of one chat request: the same prompt and image
+        objects) and give every copy its own rows of the result: its spec, sampler, stream index. Each distinct
+        request is prefilled with the longest length its copies ask for (the context check)."""
+        firsts = sorted(set(source))
+        longest = {u: max((specs[i] for i in range(len(requests)) if source[i] == u), key=lambda s: s.max_new_tokens)
+                   for u in firsts}
+        batch = self.start_batch([requests[u] for u in firsts], [longest[u] for u in firsts],
+                                 [indices[u] for u in firsts])
+        row = {u: k for k, u in enumerate(firsts)}
+        batch.expand([row[s] for s in source], requests, specs, indices)
+        return batch
+
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:
         """The pruner's description and report; ``report["per_row"][row]`` entries go to that request only."""
@@ -424,6 +442,21 @@ class Engine:
             row_keep = torch.isin(seq.visual[r], main_kept) & vis[r]
             keep[r] = (keep[r] & ~vis[r]) | row_keep
         return keep
+
+
+def _copies(requests: Sequence[Request]) -> list[int]:
+    """For each request, the position of the first request that is the same one: the same prompt, system text
+    and template flag, and the very same image objects (what the copies of a request with ``n`` choices share;
+    images are compared by identity, never by their pixels)."""
+    first: dict[tuple, int] = {}
+    out = []
+    for i, r in enumerate(requests):
+        if (not isinstance(r, Request) or not isinstance(r.prompt, str) or not isinstance(r.images, (list, tuple))
+                or not isinstance(r.system, (str, type(None)))):
+            return list(range(len(requests)))  # malformed: the normal path reports it
+        key = (r.prompt, r.system, r.raw_prompt, tuple(id(im) for im in r.images))
+        out.append(first.setdefault(key, i))
+    return out
 
 
 def request_specs(spec: SpecArg, n: int) -> tuple[GenerationSpec, list[GenerationSpec]]:
