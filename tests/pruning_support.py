@@ -187,10 +187,11 @@ def only_layers(lm, start: int, stop: int | None, final: bool):
         lm.layers, lm.norm = layers, norm
 
 
-def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later: list[Request], join_after: int,
-               each_step=None) -> list:
+def run_joined(engine: Engine, spec, first: list[Request], later: list[Request], join_after: int,
+               each_step=None, later_spec=None) -> list:
     """Prefill ``first``, decode ``join_after`` steps, merge ``later`` in, decode to the end (requests that finish
-    leave the batch: their rows are reordered away). ``each_step(batch)`` runs before every step after the join."""
+    leave the batch: their rows are reordered away). ``each_step(batch)`` runs before every step after the join.
+    ``spec`` / ``later_spec`` (default: ``spec``): one spec, or one per request of ``first`` / ``later``."""
     results = {}
     batch = engine.start_batch(first, spec)
     try:
@@ -198,7 +199,8 @@ def run_joined(engine: Engine, spec: GenerationSpec, first: list[Request], later
             for ev in batch.advance():
                 if ev.done:
                     results[ev.index] = ev.result
-        other = engine.start_batch(later, spec, indices=range(len(first), len(first) + len(later)))
+        other = engine.start_batch(later, spec if later_spec is None else later_spec,
+                                   indices=range(len(first), len(first) + len(later)))
         batch.absorb(other)
         assert other.active == 0
         while batch.active:

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from pruning_support import run_joined
 from vlmguard.engine import request_specs
 from vlmguard.errors import InvalidInput
 from vlmguard.results import Request
@@ -79,20 +80,7 @@ def test_requests_with_other_settings_join_a_running_batch():
     eng = tiny_engine("llava")
     specs = mixed_specs(decoding="vcd")
     alone = [eng.generate([q], s)[0] for q, s in zip(reqs(4), specs)]
-    batch = eng.start_batch(reqs(4)[:2], specs[:2])
-    results = {}
-    try:
-        for _ in range(2):
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-        batch.absorb(eng.start_batch(reqs(4)[2:], specs[2:], indices=[2, 3]))
-        while batch.active:
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-    finally:
-        batch.close()
+    results = run_joined(eng, specs[:2], reqs(4)[:2], reqs(4)[2:], join_after=2, later_spec=specs[2:])
     for i in range(4):
         same(results[i], alone[i])
     assert results[3].timings.batch_size >= 3

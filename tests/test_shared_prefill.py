@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pruning_support import run_joined
 from vlmguard.results import Request
 from vlmguard.runner import LayerRunner
 from vlmguard.spec import GenerationSpec
@@ -78,18 +79,8 @@ def test_copies_join_a_running_batch_and_the_context_check_uses_the_longest_copy
 
     eng = tiny_engine("llava")
     req = Request("describe the photo", [random_image(3, (40, 32))])
-    running = eng.start_batch([Request("what color is the car", [random_image(4, (40, 32))])],
-                              GenerationSpec(max_new_tokens=12))
-    try:
-        joiners = eng.start_batch([req, req], [sampled(1), sampled(2)], indices=[1, 2])
-        running.absorb(joiners)
-        done = {}
-        while running.active:
-            for ev in running.advance():
-                if ev.done:
-                    done[ev.index] = ev.result
-    finally:
-        running.close()
+    done = run_joined(eng, GenerationSpec(max_new_tokens=12), [Request("what color is the car",
+                      [random_image(4, (40, 32))])], [req, req], join_after=0, later_spec=[sampled(1), sampled(2)])
     assert [done[1].token_ids, done[2].token_ids] == [eng.generate([req], sampled(s))[0].token_ids for s in (1, 2)]
     with pytest.raises(ContextTooLong):
         eng.generate([req, req], [GenerationSpec(max_new_tokens=2), GenerationSpec(max_new_tokens=eng.context_length)])
