@@ -1,6 +1,6 @@
 """Regression tests from an audit of per-request settings, log-probabilities, penalties and ``n`` choices.
 
-Each test fails on the code as audited (commits c4f55ae, 9c15dfe) because of a defect it names."""
+Each test failed on the code as audited (commits c4f55ae, 9c15dfe) because of the defect it names."""
 from __future__ import annotations
 
 import asyncio

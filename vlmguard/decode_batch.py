@@ -207,7 +207,7 @@ class DecodeBatch:
             if broken_list[j]:
                 lv.finish = "error"
                 lv.error = (f"the scores became NaN at generated token {len(lv.gen)} "
-                            + non_finite_cause(self.logits.dtype))
+                            + non_finite_cause(self.runner.adapter.model.dtype))
                 finished_rows.append(j)
                 continue
             if t in self.eos:

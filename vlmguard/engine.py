@@ -226,9 +226,12 @@ class Engine:
         return {"hidden": hidden, "scores": scores, "seq": seq, "logits": logits}
 
     # ---- the loop --------------------------------------------------------------------------
-    def _prompts(self, requests: list[Request]) -> list[Prompt]:
+    def _prompts(self, requests: list[Request], positions: Sequence[int] | None = None) -> list[Prompt]:
+        """The requests checked and made model prompts; errors name each request by ``positions`` (default: its
+        place in ``requests``)."""
         out = []
-        for i, r in enumerate(requests):
+        for k, r in enumerate(requests):
+            i = k if positions is None else positions[k]
             if not isinstance(r, Request):
                 raise InvalidInput(f"request {i}: expected a Request, got {type(r).__name__}")
             if not isinstance(r.prompt, str):
@@ -237,6 +240,8 @@ class Engine:
                 raise InvalidInput(f"request {i}: images must be a list of images, got {type(r.images).__name__}")
             if r.system is not None and not isinstance(r.system, str):
                 raise InvalidInput(f"request {i}: system must be a string")
+            if not isinstance(r.raw_prompt, bool):
+                raise InvalidInput(f"request {i}: raw_prompt must be true or false")
             if not r.prompt.strip() and not r.images:
                 raise InvalidInput(f"request {i}: empty prompt and no image")
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]
@@ -265,14 +270,20 @@ class Engine:
         indices = list(range(len(requests))) if indices is None else list(indices)
         if len(indices) != len(requests):
             raise InvalidInput(f"{len(indices)} indices for {len(requests)} requests")
+        return self._start(requests, specs, indices, list(range(len(requests))))
+
+    def _start(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
+               positions: list[int]) -> DecodeBatch:
+        """``start_batch`` on checked arguments; ``positions``: how errors name each request (its place in the
+        caller's list)."""
         t0 = time.perf_counter()
-        pruner, decoder = spec.resolve()
+        pruner, decoder = specs[0].resolve()
+        prompts = self._prompts(requests, positions)
         if decoder.merged_combine and not decoder.row_hooks:  # no per-request decoder state: copies share a prefill
             source = _copies(requests)
             if len(set(source)) < len(requests):
-                return self._start_copies(requests, specs, indices, source)
+                return self._start_copies(requests, specs, indices, positions, source)
         adapter = self.adapter
-        prompts = self._prompts(requests)
         n_req = len(requests)
         dctx = DecodeContext(adapter=adapter, prompts=prompts, probe_forward=self.probe_forward,
                              sampling=any(s.sampling for s in specs), active=list(range(n_req)))
@@ -292,13 +303,13 @@ class Engine:
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]
             pixel_fns = [None] * n_req + [bl[k].pixel_transform for k in range(len(names)) for bl in branch_lists]
             return self._prefill_rows(requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
-                                      transforms, shares, t0, t_setup, pixel_fns)
+                                      transforms, shares, t0, t_setup, pixel_fns, positions)
         except BaseException:
             decoder.teardown(dctx)
             raise
 
     def _prefill_rows(self, requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
-                      transforms, shares, t0, t_setup, pixel_fns=None) -> DecodeBatch:
+                      transforms, shares, t0, t_setup, pixel_fns=None, positions=None) -> DecodeBatch:
         adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
         batch: EncodedBatch = adapter.encode(row_prompts)
@@ -308,7 +319,7 @@ class Engine:
         for i in range(n_req):
             if prompt_len[i] + specs[i].max_new_tokens > self.context_length:
                 raise ContextTooLong(
-                    f"request {i}: prompt ({prompt_len[i]} tokens incl. image) + max_new_tokens "
+                    f"request {i if positions is None else positions[i]}: prompt ({prompt_len[i]} tokens incl. image) + max_new_tokens "
                     f"({specs[i].max_new_tokens}) exceeds the model's context of {self.context_length} tokens")
         n_visual = batch.image_token_mask.sum(dim=1).tolist()
         pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
@@ -402,15 +413,16 @@ class Engine:
                            hidden=hidden, lives=lives, device=self.device)
 
     def _start_copies(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
-                      source: list[int]) -> DecodeBatch:
+                      positions: list[int], source: list[int]) -> DecodeBatch:
         """Prefill each distinct request once (``n`` choices of one chat request: the same prompt and image
         objects) and give every copy its own rows of the result: its spec, sampler, stream index. Each distinct
-        request is prefilled with the longest length its copies ask for (the context check)."""
+        request is prefilled with the longest length its copies ask for (the context check, which names that
+        copy)."""
         firsts = sorted(set(source))
-        longest = {u: max((specs[i] for i in range(len(requests)) if source[i] == u), key=lambda s: s.max_new_tokens)
+        longest = {u: max((i for i in range(len(requests)) if source[i] == u), key=lambda i: specs[i].max_new_tokens)
                    for u in firsts}
-        batch = self.start_batch([requests[u] for u in firsts], [longest[u] for u in firsts],
-                                 [indices[u] for u in firsts])
+        batch = self._start([requests[u] for u in firsts], [specs[longest[u]] for u in firsts],
+                            [indices[u] for u in firsts], [positions[longest[u]] for u in firsts])
         row = {u: k for k, u in enumerate(firsts)}
         batch.expand([row[s] for s in source], requests, specs, indices)
         return batch
@@ -447,13 +459,10 @@ class Engine:
 def _copies(requests: Sequence[Request]) -> list[int]:
     """For each request, the position of the first request that is the same one: the same prompt, system text
     and template flag, and the very same image objects (what the copies of a request with ``n`` choices share;
-    images are compared by identity, never by their pixels)."""
+    images are compared by identity, never by their pixels). The requests have passed ``Engine._prompts``."""
     first: dict[tuple, int] = {}
     out = []
     for i, r in enumerate(requests):
-        if (not isinstance(r, Request) or not isinstance(r.prompt, str) or not isinstance(r.images, (list, tuple))
-                or not isinstance(r.system, (str, type(None)))):
-            return list(range(len(requests)))  # malformed: the normal path reports it
         key = (r.prompt, r.system, r.raw_prompt, tuple(id(im) for im in r.images))
         out.append(first.setdefault(key, i))
     return out
