@@ -66,7 +66,7 @@ class ModelReplica:
         return (await asyncio.to_thread(self.worker.generate_many, [item]))[0]
 
     async def generate_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
-        """A caller-made batch (benchmark jobs): one engine call per distinct spec."""
+        """A caller-made batch (benchmark jobs): one engine call per distinct pruner and decoder."""
         return await asyncio.to_thread(self.worker.generate_many, items)
 
     async def stream(self, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
