@@ -73,9 +73,12 @@ def test_over_http_the_broken_request_is_a_500_and_a_stream_gets_an_error_event(
             stream = await http.post("/v1/chat/completions", json={**body, "stream": True})
             native = await http.post("/v1/generate", json={"prompt": "describe the photo", "stream": True,
                                                            "spec": {"max_new_tokens": 6}})
-            return plain, stream, native
+            metrics = (await http.get("/metrics", params={"format": "json"})).json()
+            prometheus = (await http.get("/metrics")).text
+            return plain, stream, native, metrics, prometheus
 
-    plain, stream, native = asyncio.run(main())
+    plain, stream, native, metrics, prometheus = asyncio.run(main())
+    assert metrics["results_failed"] == 3 and "vlmguard_failed_results_total 3" in prometheus
     assert plain.status_code == 500 and "became NaN at generated token 1" in plain.json()["error"]["message"]
     assert plain.json()["error"]["code"] == "NonFiniteLogits"
     for r in (stream, native):

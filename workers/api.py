@@ -239,12 +239,14 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     def failed(result: dict[str, Any] | None) -> None:
         """A result that ended with an error (its scores became NaN mid-answer) is a 500 naming it."""
-        if result and result.get("error"):
-            raise APIFailure(500, result["error"], "server_error", "NonFiniteLogits")
+        event = error_event(result)
+        if event is not None:
+            raise APIFailure(500, event["error"]["message"], "server_error", "NonFiniteLogits")
 
     def error_event(result: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The SSE error of a streamed result that ended with an error, else None."""
+        """The SSE error of a streamed result that ended with an error (counted in the metrics), else None."""
         if result and result.get("error"):
+            metrics.observe_failure()
             return {"error": {"message": result["error"], "type": "server_error", "code": "NonFiniteLogits"}}
         return None
 
@@ -391,8 +393,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         break
                     if ev.get("done"):
                         result = results[k] = ev.get("result") or {}
-                        if error_event(result):
-                            yield _sse(error_event(result))
+                        failure = error_event(result)
+                        if failure is not None:
+                            yield _sse(failure)
                             break
                         if result:
                             metrics.observe_result(result)
@@ -432,8 +435,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
                     break
                 result = ev.get("result")
-                if error_event(result):
-                    yield _sse(error_event(result))
+                failure = error_event(result)
+                if failure is not None:
+                    yield _sse(failure)
                     break
                 if result:
                     metrics.observe_result(result)

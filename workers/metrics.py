@@ -50,6 +50,7 @@ class ServiceMetrics:
         self.generated_tokens = 0
         self.decode_s = 0.0
         self.results = 0
+        self.failed_results = 0  # generations that ended with an error mid-answer (NaN scores)
         self.visual_tokens = 0
         self.visual_tokens_kept = 0.0  # mean over LLM layers, summed over results
         self.batch_sizes: Counter[int] = Counter()
@@ -83,6 +84,11 @@ class ServiceMetrics:
             self._recent.append((now, n_gen))
             self._trim(now)
 
+    def observe_failure(self) -> None:
+        """Record a generation that ended with an error mid-answer (its result's ``error``)."""
+        with self._lock:
+            self.failed_results += 1
+
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
@@ -109,6 +115,7 @@ class ServiceMetrics:
                     "buckets": dict(self.latency.cumulative()),
                 },
                 "results": self.results,
+                "results_failed": self.failed_results,
                 "prompt_tokens_total": self.prompt_tokens,
                 "generated_tokens_total": self.generated_tokens,
                 "decode_tokens_per_s": self.generated_tokens / self.decode_s if self.decode_s > 0 else None,
@@ -145,6 +152,8 @@ class ServiceMetrics:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {0 if value is None else value}"])
 
         gauge("vlmguard_in_flight_requests", "Requests being served now.", s["in_flight"])
+        gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
+              "float16 model overflowing).", s["results_failed"], "counter")
         gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"], "counter")
         gauge("vlmguard_generated_tokens_total", "Tokens generated.", s["generated_tokens_total"], "counter")
         gauge("vlmguard_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:.0f} s.",
