@@ -8,8 +8,8 @@ runs one decode forward for the rest (every branch row at once).
 
 In-flight batching: ``absorb(other)`` merges another prefilled batch (the same pruner and *joinable* decoder;
 each request keeps its own length, stop strings and token selection) into this one between two steps, so
-requests that arrive while a batch decodes join it instead of waiting for it to finish. Rows come in one block per cohort (below), in the order the cohorts joined; inside a block
-they are branch-major (row ``k * n + j`` of the block is branch k of the cohort's request j), so cohorts
+requests that arrive while a batch decodes join it instead of waiting for it to finish. Rows come in one block
+per cohort (below), in the order the cohorts joined; inside a block they are branch-major (row ``k * n + j`` of the block is branch k of the cohort's request j), so cohorts
 may have different branches (LQCD's count depends on its requests). The merged cache left-pads the
 shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own RoPE positions,
 so a request's tokens are those it would get alone.
@@ -189,7 +189,7 @@ class DecodeBatch:
         # (waits for the combine and the sampler on a GPU: the token's time covers them)
         now = time.perf_counter()
         diagnostics = any(lv.spec.diagnostics for lv in self.lives)
-        logprobs = self._logprobs(combined.scores, tokens)
+        logprobs = self._logprobs(combined.scores, tokens, tok_list)
         if diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
             main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
             idx = tokens[:, None]
@@ -293,9 +293,9 @@ class DecodeBatch:
                 specs += [lv.spec for lv in lives]
         return apply_penalties(self.logits, gens, specs)
 
-    def _logprobs(self, scores: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
-        """Each request's entry for the token it just drew (None where its spec asks for none): log-softmax of
-        the decoder's final scores, the token's own and the ``logprobs`` most likely. One device sync."""
+    def _logprobs(self, scores: torch.Tensor, tokens: torch.Tensor, ids: list[int]) -> list[TokenLogprob | None]:
+        """Each request's entry for the token it just drew (``tokens``, read as ``ids``; None where its spec asks
+        for none): log-softmax of the decoder's final scores, the token's own and the ``logprobs`` most likely."""
         ks = [lv.spec.logprobs for lv in self.lives]
         if all(k is None for k in ks):
             return [None] * len(ks)
@@ -305,7 +305,6 @@ class DecodeBatch:
         k_max = min(max(k for k in ks if k is not None), lp.shape[-1])
         top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
         top_v, top_i = top_v.tolist(), top_i.tolist()
-        ids = tokens.tolist()
         pieces = token_pieces(self.tok)
         out: list[TokenLogprob | None] = []
         for j, k in enumerate(ks):

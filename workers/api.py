@@ -243,6 +243,16 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if event is not None:
             raise APIFailure(500, event["error"]["message"], "server_error", "NonFiniteLogits")
 
+    def stream_failure(ev: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The SSE error that ends a stream at event ``ev`` (the backend's error, or ``result`` ended with an
+        error), else None; a good ``result`` is counted in the metrics."""
+        if "error" in ev:
+            return {"error": {k: v for k, v in ev["error"].items() if k != "status"}}
+        failure = error_event(result)
+        if failure is None and result:
+            metrics.observe_result(result)
+        return failure
+
     def error_event(result: dict[str, Any] | None) -> dict[str, Any] | None:
         """The SSE error of a streamed result that ended with an error (counted in the metrics), else None."""
         if result and result.get("error"):
@@ -388,17 +398,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             source = merged(opened)
             try:
                 async for k, ev in source:
-                    if "error" in ev:
-                        yield _sse({"error": {key: v for key, v in ev["error"].items() if key != "status"}})
+                    result = (ev.get("result") or {}) if ev.get("done") else None
+                    failure = stream_failure(ev, result)
+                    if failure is not None:
+                        yield _sse(failure)
                         break
-                    if ev.get("done"):
-                        result = results[k] = ev.get("result") or {}
-                        failure = error_event(result)
-                        if failure is not None:
-                            yield _sse(failure)
-                            break
-                        if result:
-                            metrics.observe_result(result)
+                    if result is not None:
+                        results[k] = result
                         rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
                         yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
                                               result=result or None, with_steps=with_steps, logprobs=rest, index=k))
@@ -431,16 +437,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         async def body() -> AsyncIterator[bytes]:
             sent = 0  # log-probability entries sent so far
             async for ev in events(first, gen):
-                if "error" in ev:
-                    yield _sse({"error": {k: v for k, v in ev["error"].items() if k != "status"}})
-                    break
                 result = ev.get("result")
-                failure = error_event(result)
+                failure = stream_failure(ev, result)
                 if failure is not None:
                     yield _sse(failure)
                     break
-                if result:
-                    metrics.observe_result(result)
                 entries = ev.get("logprobs") or []
                 if ev.get("done") and result:  # what no token event carried (the done event's own are not relayed)
                     entries = (result.get("logprobs") or [])[sent:]
