@@ -41,6 +41,8 @@ def test_joined_requests_get_the_tokens_they_get_alone(family, pruning):
     assert [r.request_id for r in joined] == [f"r{i}" for i in range(5)]
     # the joiners decoded beside the first batch's survivors: their batch size says so
     assert max(r.timings.batch_size for r in joined[3:]) > 2
+    # each was prefilled with its own group only
+    assert [r.timings.prefill_batch for r in joined] == [3, 3, 3, 2, 2]
 
 
 def test_seeded_sampling_joined_equals_alone():

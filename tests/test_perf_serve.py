@@ -25,7 +25,7 @@ def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
         time.sleep(0.01)
         with lock:
             active[0] -= 1
-        return 3, 0.004
+        return 3, 0.004, 1 + i % 2  # (tokens, engine seconds, requests prefilled with it)
 
     r = closed_loop(call, 12, 4)
     assert sorted(seen) == list(range(12))
@@ -35,6 +35,7 @@ def test_closed_loop_runs_every_request_once_with_bounded_concurrency():
     assert r["requests_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(3 * r["requests_per_s"])
     assert r["latency_median_s"] >= 0.01
     assert r["added_latency_median_s"] == pytest.approx(r["latency_median_s"] - 0.004, abs=0.005)
+    assert r["mean_prefill_batch"] == 1.5
 
 
 def test_steady_throughput_leaves_out_the_ramp_and_the_drain():

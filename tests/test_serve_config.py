@@ -192,21 +192,23 @@ def test_url_allow_list():
 
 def test_metrics_json_and_prometheus():
     m = ServiceMetrics()
-    for bs in (1, 3, 3, 3):
+    for bs, pb in ((1, 1), (3, 1), (3, 2), (3, 2)):
         m.request_started()
-        m.observe_result({"token_ids": [1, 2], "prompt_tokens": 10, "visual_tokens": 16,
-                          "visual_tokens_kept": [16, 8, 8, 8], "timings": {"decode_s": 0.1, "batch_size": bs}})
+        m.observe_result({"token_ids": [1, 2], "prompt_tokens": 10, "visual_tokens": 16, "visual_tokens_kept": [16, 8, 8, 8],
+                          "timings": {"decode_s": 0.1, "batch_size": bs, "prefill_batch": pb}})
         m.request_finished("/v1/chat/completions", 200, 0.2)
     m.request_started()
     m.request_finished("/v1/generate", 400, 0.01)
     s = m.snapshot()
     assert s["requests_total"] == 5 and s["requests_by_status"] == {"200": 4, "400": 1}
     assert s["max_batch_size_observed"] == 3 and s["batch_sizes"] == {"1": 1, "3": 3}
+    assert s["prefill_batches"] == {"1": 2, "2": 2} and s["mean_prefill_batch"] == 1.5
     assert s["generated_tokens_total"] == 8 and s["visual_tokens_kept_mean"] == 10.0
     assert s["decode_tokens_per_s"] == pytest.approx(20.0) and s["in_flight"] == 0
     text = m.prometheus()
     assert 'vlmguard_requests_total{endpoint="/v1/generate",status="400"} 1' in text
     assert 'vlmguard_batch_results_total{batch_size="3"} 3' in text
+    assert 'vlmguard_prefill_results_total{prefill_batch="2"} 2' in text
     assert 'vlmguard_request_latency_seconds_bucket{le="+Inf"} 4' in text
 
 

@@ -41,6 +41,7 @@ def test_copies_of_a_request_are_prefilled_once_and_answer_as_alone(family, pref
     for g, a in zip(got, alone):
         assert (g.token_ids, g.text, g.finish_reason) == (a.token_ids, a.text, a.finish_reason)
         assert g.visual_tokens_kept == a.visual_tokens_kept and g.timings.batch_size == 4
+        assert g.timings.prefill_batch == 4 and a.timings.prefill_batch == 1  # requests served by the prefill
     assert len({tuple(g.token_ids) for g in got}) > 1  # sampled with their own seeds
     assert [len(g.logprobs or []) for g in got] == [len(g.token_ids) if g.logprobs is not None else 0 for g in got]
 

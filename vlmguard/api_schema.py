@@ -258,6 +258,7 @@ class TimingsModel(BaseModel):
     per_token_s: list[float] = Field(default_factory=list)
     setup_s: float = 0.0
     batch_size: int = 1
+    prefill_batch: int = 1
 
 
 class StepModel(BaseModel):

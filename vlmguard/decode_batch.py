@@ -126,6 +126,7 @@ class LiveRequest:
     kept: list[int] | None
     pruning: dict[str, Any]
     batch_size: int  # the most requests it decoded together with (itself included)
+    prefill_batch: int  # the requests prefilled with it (itself included; copies of one request count each)
     sampler: RowSampler  # its token selection (its own seeded generator when it samples)
     cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
     spec: GenerationSpec  # its own: length, stop strings, token selection, what its result reports
@@ -420,7 +421,8 @@ class DecodeBatch:
             visual_tokens=lv.n_visual, visual_tokens_kept=lv.visual_fed, kept_indices=lv.kept,
             timings=Timings(vision_s=lv.vision_s, prefill_s=lv.prefill_s, decode_s=lv.decode_s + last,
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
-                            setup_s=lv.setup_s, batch_size=lv.batch_size),
+                            setup_s=lv.setup_s, batch_size=lv.batch_size,
+                            prefill_batch=lv.prefill_batch),
             steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.report},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
             error=lv.error)
@@ -440,7 +442,7 @@ class DecodeBatch:
         base, n = self.lives, len(source)
         self.lives = [dataclasses.replace(
             base[s], index=indices[i], request=requests[i], spec=specs[i], sampler=RowSampler.for_spec(specs[i]),
-            batch_size=n, visual_fed=list(base[s].visual_fed), kept=None if base[s].kept is None else list(base[s].kept),
+            batch_size=n, prefill_batch=n, visual_fed=list(base[s].visual_fed), kept=None if base[s].kept is None else list(base[s].kept),
             pruning=dict(base[s].pruning), gen=[], steps=[], logprobs=[], per_tok=[]) for i, s in enumerate(source)]
         self.cohorts[0].dctx.active = [lv.local for lv in self.lives]
         self.spec = specs[0]

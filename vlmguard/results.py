@@ -28,6 +28,7 @@ class Timings:
     per_token_s: list[float] = field(default_factory=list)
     setup_s: float = 0.0  # decoder pre-passes (e.g. VISTA's steering vector)
     batch_size: int = 1  # the most requests decoded together with this one (in-flight joins raise it)
+    prefill_batch: int = 1  # the requests prefilled together with this one (itself included)
 
 
 @dataclass

@@ -54,6 +54,7 @@ class ServiceMetrics:
         self.visual_tokens = 0
         self.visual_tokens_kept = 0.0  # mean over LLM layers, summed over results
         self.batch_sizes: Counter[int] = Counter()
+        self.prefill_batches: Counter[int] = Counter()  # requests prefilled together -> results
         self._recent: deque[tuple[float, int]] = deque()  # (time, generated tokens) for tokens/s
 
     def request_started(self) -> None:
@@ -81,6 +82,7 @@ class ServiceMetrics:
             self.visual_tokens += int(result.get("visual_tokens") or 0)
             self.visual_tokens_kept += (sum(kept) / len(kept)) if kept else 0.0
             self.batch_sizes[int(timings.get("batch_size") or 1)] += 1
+            self.prefill_batches[int(timings.get("prefill_batch") or 1)] += 1
             self._recent.append((now, n_gen))
             self._trim(now)
 
@@ -127,6 +129,10 @@ class ServiceMetrics:
                 "max_batch_size_observed": max(self.batch_sizes) if self.batch_sizes else 0,
                 "mean_batch_size": (sum(k * v for k, v in self.batch_sizes.items()) / n_batches_weighted
                                     if n_batches_weighted else None),
+                # results per prefill size: {requests prefilled together: results}; in-flight joins show here
+                "prefill_batches": {str(k): v for k, v in sorted(self.prefill_batches.items())},
+                "mean_prefill_batch": (sum(k * v for k, v in self.prefill_batches.items()) / n_batches_weighted
+                                       if n_batches_weighted else None),
             }
 
     def prometheus(self) -> str:
@@ -140,6 +146,7 @@ class ServiceMetrics:
             lat = self.latency.cumulative()
             lat_sum, lat_count = self.latency.sum, self.latency.count
             batches = sorted(self.batch_sizes.items())
+            prefills = sorted(self.prefill_batches.items())
         for (endpoint, status), n in reqs:
             lines.append(f'vlmguard_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
         lines += ["# HELP vlmguard_request_latency_seconds Latency of successful requests.",
@@ -166,4 +173,8 @@ class ServiceMetrics:
                   "# TYPE vlmguard_batch_results_total counter"]
         for k, v in batches:
             lines.append(f'vlmguard_batch_results_total{{batch_size="{k}"}} {v}')
+        lines += ["# HELP vlmguard_prefill_results_total Results by the number of requests prefilled together.",
+                  "# TYPE vlmguard_prefill_results_total counter"]
+        for k, v in prefills:
+            lines.append(f'vlmguard_prefill_results_total{{prefill_batch="{k}"}} {v}')
         return "\n".join(lines) + "\n"

@@ -32,6 +32,8 @@ from vlmguard.errors import VlmguardError
 from vlmguard.perf.timing import environment, median, ratio
 
 PROMPT = "Describe this image."
+# a request on one path: call(i) -> (tokens generated, engine seconds[, requests prefilled with it])
+Call = Callable[[int], tuple]
 
 
 def _p90(xs: Sequence[float]) -> float | None:
@@ -49,13 +51,14 @@ class _Recorder:
         self.latencies: list[float] = []
         self.added: list[float] = []
         self.done_at: list[tuple[float, int]] = []  # (finish time, tokens) per answer
+        self.prefill_batch: list[int] = []  # requests prefilled together with each answered one
         self.errors: list[str] = []
 
-    def run(self, call: Callable[[int], tuple[int, float]], i: int, clock: float | None = None) -> float:
+    def run(self, call: Call, i: int, clock: float | None = None) -> float:
         """One call; returns its latency (0 on error). ``clock``: the finish time to record (default: now)."""
         t0 = time.perf_counter()
         try:
-            n, engine_s = call(i)
+            n, engine_s, *rest = call(i)
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             with self.lock:
                 self.errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -66,6 +69,7 @@ class _Recorder:
             self.done_at.append((t1 if clock is None else clock + dt, n))
             self.latencies.append(dt)
             self.added.append(dt - engine_s)
+            self.prefill_batch.append(int(rest[0]) if rest else 1)
         return dt
 
     def result(self, clients: int, wall: float) -> dict[str, Any]:
@@ -85,14 +89,16 @@ class _Recorder:
             "latency_p90_s": _p90(lat),
             "latency_mean_s": statistics.fmean(lat) if lat else None,
             "added_latency_median_s": median(self.added),
+            "mean_prefill_batch": statistics.fmean(self.prefill_batch) if self.prefill_batch else None,
         }
 
 
-def closed_loop(call: Callable[[int], tuple[int, float]], n_requests: int, clients: int) -> dict[str, Any]:
+def closed_loop(call: Call, n_requests: int, clients: int) -> dict[str, Any]:
     """Run ``n_requests`` calls from ``clients`` threads and time them.
 
-    ``call(i) -> (tokens generated, engine seconds)``: the engine's own ``timings.total_s`` for the request,
-    so ``latency - engine seconds`` is what the path adds around the engine (queueing, HTTP, Ray, JSON).
+    ``call(i) -> (tokens generated, engine seconds[, requests prefilled with it])``: the engine's own
+    ``timings.total_s`` for the request, so ``latency - engine seconds`` is what the path adds around the
+    engine (queueing, HTTP, Ray, JSON); the third is ``timings.prefill_batch`` (how the batches formed).
 
     Throughput is that of the steady state: answers between the ``clients``-th and the
     ``clients``-th-from-last, over the time between them. Before it the clients are still sending their
@@ -120,7 +126,7 @@ def closed_loop(call: Callable[[int], tuple[int, float]], n_requests: int, clien
     return rec.result(clients, time.perf_counter() - t0)
 
 
-def one_client_interleaved(calls: dict[str, Callable[[int], tuple[int, float]]],
+def one_client_interleaved(calls: dict[str, Call],
                            n_requests: int) -> dict[str, dict[str, Any]]:
     """One client, the paths taking turns request by request (engine, ray_unbatched, ray_batched, engine,
     ...), so a drift in the machine's speed hits every path alike; each path's clock is its own time."""
@@ -170,7 +176,7 @@ def max_request_tokens(args: Any) -> int:
 
 
 def engine_caller(engine: Any, images: list, spec_for: Callable[[int], dict[str, Any]]
-                  ) -> Callable[[int], tuple[int, float]]:
+                  ) -> Call:
     from vlmguard.results import Request
     from vlmguard.spec import GenerationSpec
 
@@ -180,13 +186,13 @@ def engine_caller(engine: Any, images: list, spec_for: Callable[[int], dict[str,
         spec = GenerationSpec(**spec_for(i))
         with lock:
             r = engine.generate([Request(prompt=PROMPT, images=[images[i % len(images)]])], spec)[0]
-        return len(r.token_ids), r.timings.total_s
+        return len(r.token_ids), r.timings.total_s, r.timings.prefill_batch
 
     return call
 
 
 def http_caller(url: str, image_urls: list[str], spec_for: Callable[[int], dict[str, Any]],
-                headers: dict[str, str]) -> Callable[[int], tuple[int, float]]:
+                headers: dict[str, str]) -> Call:
     import httpx
 
     local = threading.local()
@@ -201,7 +207,8 @@ def http_caller(url: str, image_urls: list[str], spec_for: Callable[[int], dict[
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         data = r.json()
-        return len(data["token_ids"]), float(data["timings"]["total_s"])
+        return (len(data["token_ids"]), float(data["timings"]["total_s"]),
+                int(data["timings"].get("prefill_batch") or 1))
 
     return call
 
@@ -209,7 +216,7 @@ def http_caller(url: str, image_urls: list[str], spec_for: Callable[[int], dict[
 def _aggregate(path: str, clients: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from the repeated measurements of a (path, clients) cell: medians, totals, samples."""
     keys = ("requests_per_s", "tokens_per_s", "wall_requests_per_s", "latency_median_s", "latency_p90_s",
-            "latency_mean_s", "added_latency_median_s")
+            "latency_mean_s", "added_latency_median_s", "mean_prefill_batch")
     row: dict[str, Any] = {"path": path, "clients": clients,
                            "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
                            "error_samples": [e for r in runs for e in r["error_samples"]][:3],
@@ -221,7 +228,7 @@ def _aggregate(path: str, clients: int, runs: list[dict[str, Any]]) -> dict[str,
     return row
 
 
-def measure_paths(calls: dict[str, Callable[[int], tuple[int, float]]], clients: Sequence[int], n_requests: int, repeats: int,
+def measure_paths(calls: dict[str, Call], clients: Sequence[int], n_requests: int, repeats: int,
                   warmup: int, progress=None) -> list[dict[str, Any]]:
     """For each client count, ``repeats`` rounds in which the paths take turns (round-robin, so the load of a
     shared machine hits them alike; at one client request by request); medians over rounds."""
@@ -268,7 +275,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         _check_servable(args.shape)
     engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
     images = [bench_image(engine, args.seed + i) for i in range(8)]
-    calls: dict[str, Callable[[int], tuple[int, float]]] = {"engine": engine_caller(engine, images, spec_for)}
+    calls: dict[str, Call] = {"engine": engine_caller(engine, images, spec_for)}
     env = environment(engine)
     services: list[Any] = []
     started_ray = False
@@ -430,7 +437,8 @@ def serve_table(result: dict[str, Any]) -> str:
     from vlmguard.perf.report import fmt, table
 
     rows = [[r["path"], r["clients"], r["requests"], r["errors"], r["requests_per_s"], r["tokens_per_s"],
-             r["latency_median_s"], r["latency_p90_s"], r["added_latency_median_s"]] for r in result["rows"]]
+             r["latency_median_s"], r["latency_p90_s"], r["added_latency_median_s"], r.get("mean_prefill_batch")]
+            for r in result["rows"]]
     env = result["environment"]
     s = result["summary"]
     lines = [f"perf serve  shape={result['shape']}  decoding={result.get('decoding', 'greedy')}  "
@@ -440,7 +448,7 @@ def serve_table(result: dict[str, Any]) -> str:
              f"batch_mode={result.get('batch_mode', 'whole')}  "
              f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
              f"threads={env.get('threads')}",
-             table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s"], rows)]
+             table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s", "prefill_n"], rows)]
     if s["batching_speedup"]:
         lines.append("batching speed-up (batched / unbatched req/s): "
                      + ", ".join(f"{c} clients {fmt(v)}x" for c, v in s["batching_speedup"].items()))
