@@ -240,6 +240,20 @@ def test_missing_processor_parts_fail_at_load(saved, tmp_path, drop, match):
     _one_line_error(load_processor, d, match=match)
 
 
+def test_a_missing_chat_template_is_reported_before_the_weights_are_read(saved, tmp_path, monkeypatch):
+    import transformers
+
+    from vlmguard.engine import Engine
+
+    d = _copy(saved["llava"], tmp_path / "m", drop=("chat_template.jinja",))
+    read = []
+    original = transformers.LlavaForConditionalGeneration.from_pretrained
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: read.append(a) or original.__func__(cls, *a, **k)))
+    _one_line_error(lambda p: Engine.load(p, device="cpu"), d, match="has no chat template")
+    assert read == []  # the weights were never loaded
+
+
 def test_qwen_without_any_chat_template_fails_at_load(saved):
     _one_line_error(load_processor, saved["qwen2_vl"], match="has no chat template")
 

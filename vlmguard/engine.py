@@ -147,10 +147,12 @@ class Engine:
             if cls_name is None:
                 raise ModelLoadError(f"unsupported model type {config.model_type!r} at {path} "
                                      f"(supported: {', '.join(MODEL_CLASSES)})")
+            # the processor first: a missing tokenizer, image processor or chat template is reported in a
+            # second, not after the weights (gigabytes) have been read
+            processor = load_processor(path, trust_remote_code=trust_remote_code)
             model_cls = getattr(transformers, cls_name)
             m = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
                                           local_files_only=True, trust_remote_code=trust_remote_code)
-            processor = load_processor(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model from {path}: {first_line(e)}") from None
         m.to(dev)
