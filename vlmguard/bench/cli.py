@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.errors import InvalidInput
@@ -226,7 +229,44 @@ def benchmark_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     templates = (args.template or [None]) if args.benchmark == "pope-leading" else [None]
     return [{"split": s, "template": t} for s in splits for t in templates]
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a benchmark command runs: it unwinds like Ctrl-C (the batch being written is rolled back)."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM (``kill``, a scheduler or container stop) instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; Python delivers signals there anyway
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _resumable(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command that writes the results database; on SIGTERM say so in one line and exit 143."""
+    try:
+        with _sigterm_unwinds():
+            return command(args)
+    except Terminated:
+        print("vlmguard: terminated (SIGTERM); the samples stored so far are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    return _resumable(_bench, args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     from vlmguard.bench.db import check_db
     from vlmguard.bench.runner import run_benchmark
     from vlmguard.engine import Engine
@@ -294,6 +334,10 @@ def _metrics_key(o) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    return _resumable(_sweep, args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
     from vlmguard.bench.sweep import run_sweep
 
     t0 = time.perf_counter()

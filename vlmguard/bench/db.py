@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -127,10 +128,10 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            if not create and conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone() is None:
-                conn.close()  # a reader never turns some other SQLite file into a results database
-                raise InvalidInput(f"{p}: not a vlmguard results database (it has no runs table)")
+            problem = _schema_problem(conn, create=create)
+            if problem is not None:
+                conn.close()  # never turn some other SQLite file, or a newer schema, into this version's database
+                raise InvalidInput(f"{p}: {problem}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -157,6 +158,12 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
                 raise InvalidInput(f"{p}: the results database stayed locked for {BUSY_TIMEOUT_S:.0f} s "
                                    f"(another process is writing it?)") from None
             if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+                if not _writable(p):
+                    # a read-only folder or mount: SQLite can create neither the file nor a WAL database's -shm
+                    if create:
+                        raise InvalidInput(f"{p}: the results database (or its folder) is read-only, "
+                                           "cannot write results to it") from None
+                    return _connect_readonly(p)
                 raise InvalidInput(f"{p}: cannot open the results database ({e})") from None
             raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
 
@@ -166,10 +173,70 @@ def check_db(path: str | Path, option: str = "--db") -> Path:
     a bad path (a folder, an unwritable place, not a database) fails at once with one line naming ``option``."""
     p = Path(path)
     try:
-        connect(p).close()
+        conn = connect(p)
+        try:
+            missing = _missing_columns(conn)
+        finally:
+            conn.close()
+        if missing:
+            raise InvalidInput(f"{p}: not a vlmguard results database ({missing})")
     except InvalidInput as e:
         raise InvalidInput(f"{option} {e}") from None
     return p
+
+
+# Columns every results database has had (an earlier version's runs table lacks some run columns, added by
+# ``_migrate``); a table of these names without them belongs to some other program.
+_KEY_COLUMNS = {
+    "runs": {"run_id", "benchmark", "model", "knobs", "status", "created_at"},
+    "samples": {"run_id", "sample_key"},
+    "meta": {"key", "value"},
+}
+
+
+def _schema_problem(conn: sqlite3.Connection, *, create: bool) -> str | None:
+    """Why an existing SQLite file is not a results database this version may open, or None.
+
+    An empty file (or one holding only the ``meta`` table of an interrupted creation) is a new database for
+    a writer. Nothing is written before this check passes."""
+    tables = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    if "runs" not in tables and not (create and tables <= {"meta"}):
+        return "not a vlmguard results database (it has no runs table)"
+    for table, need in _KEY_COLUMNS.items():
+        if table in tables:
+            lacking = need - {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if lacking:
+                return f"not a vlmguard results database (its {table} table has no {', '.join(sorted(lacking))} column)"
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
+    if row is None:
+        return None
+    try:
+        version = int(row[0])
+    except (TypeError, ValueError):
+        return f"not a vlmguard results database (schema_version {row[0]!r})"
+    if version > SCHEMA_VERSION:
+        return (f"written by a newer vlmguard (results schema version {version}, this version knows {SCHEMA_VERSION}); "
+                f"upgrade vlmguard or use another --db")
+    return None
+
+
+def _missing_columns(conn: sqlite3.Connection) -> str | None:
+    """The columns a writer needs that the (migrated) database lacks, in words, or None."""
+    need = {
+        "runs": {*RUN_COLUMNS, "run_id", "knobs", "package_version", "n_expected", "status", "metrics", "created_at",
+                 "updated_at", "finished_at"},
+        "samples": {*SAMPLE_COLUMNS, "id", "run_id", "created_at"},
+    }
+    for table, cols in need.items():
+        lacking = cols - {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if lacking:
+            return f"its {table} table has no {', '.join(sorted(lacking))} column"
+    return None
+
+
+def _writable(p: Path) -> bool:
+    return (not p.exists() or os.access(p, os.W_OK)) and os.access(p.parent, os.W_OK)
 
 
 def _is_readonly(e: sqlite3.DatabaseError) -> bool:
@@ -196,6 +263,10 @@ def _connect_readonly(p: Path) -> sqlite3.Connection:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("SELECT COUNT(*) FROM runs").fetchone()
             conn.execute("SELECT COUNT(*) FROM samples").fetchone()
+            problem = _schema_problem(conn, create=False)
+            if problem is not None:
+                conn.close()
+                raise InvalidInput(f"{p}: {problem}")
             return conn
         except sqlite3.Error as e:
             if conn is not None:
