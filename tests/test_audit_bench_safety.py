@@ -135,3 +135,15 @@ def test_a_wal_database_on_a_read_only_mount_is_read_and_a_write_names_the_cause
     assert row["n_samples"] == 24 and row["status"] == "finished"
     with pytest.raises(InvalidInput, match="read-only"):
         dbm.check_db(db)
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first second (the subcommands' modules importing) printed a KeyboardInterrupt traceback."""
+    import vlmguard.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["report"]) == 130
+    assert capsys.readouterr().err == "vlmguard: interrupted\n"

@@ -46,16 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("VLMGUARD_DEBUG"):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if any(getattr(args, flag, False) for flag in ("json", "quiet", "no_progress")):
-        # no progress bars at all, transformers' weight loading included (read when transformers is imported)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if "transformers" in sys.modules:  # imported already (some subcommands' modules do): switch it off there
-            from transformers.utils import logging as hf_logging
+    try:  # Ctrl-C while the subcommands' modules import (a second or two) is an interruption like any other
+        args = build_parser().parse_args(argv)
+        if any(getattr(args, flag, False) for flag in ("json", "quiet", "no_progress")):
+            # no progress bars at all, transformers' weight loading included (read when transformers is imported)
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:  # imported already (some subcommands' modules do): switch it off
+                from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-    try:
+                hf_logging.disable_progress_bar()
         rc = args.func(args)
         return int(rc or 0)
     except KeyboardInterrupt:
