@@ -9,21 +9,28 @@
 
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
-exponential backoff (honouring ``Retry-After``); other 4xx/5xx raise :class:`APIError`, a server that cannot be
-reached raises ``APIError`` with ``status`` 0, and no answer within ``timeout`` seconds :class:`APITimeoutError`.
+exponential backoff (honouring ``Retry-After``, seconds or an HTTP date, at most 30 s); other 3xx/4xx/5xx raise
+:class:`APIError`, a server that cannot be reached raises ``APIError`` with ``status`` 0, and no answer within
+``timeout`` seconds :class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
+``APIError`` with ``status`` 0; a 2xx answer that is not JSON or not the expected schema, a stream's error event,
+and a stream that ends before ``data: [DONE]`` raise ``APIError`` with ``status`` 200.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import json
+import math
 import random
 import time
+from datetime import timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import httpx
 from PIL import Image
+from pydantic import BaseModel, ValidationError
 
 from vlmguard.api_schema import (
     ChatCompletionChunk,
@@ -58,12 +65,16 @@ class APITimeoutError(APIError):
     generating: pass a larger ``timeout``."""
 
 
-def _transport_error(base_url: str, timeout: float, e: httpx.HTTPError) -> APIError:
-    """An httpx failure (no HTTP answer) -> an APIError with status 0 that says what happened."""
+def _transport_error(base_url: str, timeout: float, e: httpx.HTTPError, answering: bool = False) -> APIError:
+    """An httpx failure (no HTTP answer; ``answering``: the answer was cut) -> an APIError with status 0 that says
+    what happened."""
     if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
         return APITimeoutError(0, f"no answer from {base_url} within the client's timeout of {timeout:g} s "
                                   f"({type(e).__name__}); pass a larger timeout=")
     detail = f": {e}" if str(e) else ""
+    if answering:  # not retried: the server took the request and may have done (some of) its work
+        return APIError(0, f"the connection to {base_url} was lost mid-answer ({type(e).__name__}{detail}); "
+                           f"not retried, as the server had taken the request")
     return APIError(0, f"cannot reach {base_url}: {type(e).__name__}{detail}")
 
 
@@ -82,11 +93,30 @@ def image_to_url(image: Image.Image | str | Path | bytes) -> str:
     if isinstance(image, Image.Image):
         from vlmguard.images import image_to_data_url, to_rgb
 
-        return image_to_data_url(to_rgb(image) if image.mode not in ("RGB", "L") else image)
+        try:
+            return image_to_data_url(to_rgb(image) if image.mode not in ("RGB", "L") else image)
+        except (OSError, ValueError) as e:  # an empty image, a mode PIL cannot convert (La, ...)
+            raise InvalidInput(f"cannot encode the {image.mode} image of size {image.size} as PNG: {e}") from None
     raise InvalidInput(f"unsupported image type {type(image).__name__}")
 
 
+def _image_list(images: Any) -> list[Any]:
+    """``images``: a list of images; one image (a path, bytes, a URL, a PIL image) or None are taken too, rather
+    than iterated over (a path's characters, an image's bytes)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise InvalidInput(f"images must be a list of images, got {type(images).__name__}") from None
+
+
 def _error_from(resp: httpx.Response) -> APIError:
+    if resp.is_redirect:  # not followed: the API never redirects, a proxy in front of it does
+        return APIError(resp.status_code, f"redirected to {resp.headers.get('location')} (not followed): "
+                                          f"pass that address as the client's base_url")
     try:
         err = resp.json().get("error") or {}
         return APIError(resp.status_code, str(err.get("message") or resp.text), err.get("type"), err.get("code"),
@@ -95,14 +125,40 @@ def _error_from(resp: httpx.Response) -> APIError:
         return APIError(resp.status_code, resp.text[:500] or resp.reason_phrase)
 
 
+def _json_of(resp: httpx.Response) -> Any:
+    """The JSON body of a 2xx answer; one that is not JSON (a proxy's HTML page, ...) -> APIError."""
+    try:
+        return resp.json()
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        kind = resp.headers.get("content-type", "no content type")
+        raise APIError(resp.status_code, f"the answer is not JSON ({kind}): {resp.text[:200]!r}") from None
+
+
+def _parse(model: type[BaseModel], data: Any) -> Any:
+    """A 2xx answer (or stream event) -> ``model``; one that does not fit (missing fields, ...) -> APIError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "answer"
+        raise APIError(200, f"the answer is not a valid {model.__name__} ({e.error_count()} error(s); "
+                            f"{where}: {first['msg']}): {str(data)[:200]}") from None
+
+
 def _retry_delay(attempt: int, backoff_s: float, resp: httpx.Response | None) -> float:
     if resp is not None:
-        after = resp.headers.get("retry-after")
+        after = (resp.headers.get("retry-after") or "").strip()
         if after:
             try:
-                return min(float(after), 30.0)
-            except ValueError:
-                pass
+                delay = float(after)
+            except ValueError:  # an HTTP date
+                try:
+                    when = email.utils.parsedate_to_datetime(after)
+                    delay = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp() - time.time()
+                except (TypeError, ValueError, IndexError, OverflowError):
+                    delay = math.nan
+            if not math.isnan(delay):  # negative (a date in the past) -> at once; huge -> the cap
+                return min(max(delay, 0.0), 30.0)
     return min(backoff_s * (2 ** attempt), 30.0) * (0.5 + random.random() / 2)
 
 
@@ -115,7 +171,7 @@ def _messages(prompt: str | None, images: Sequence[Any], messages: list[dict[str
     if prompt is None:
         raise InvalidInput("chat() needs a prompt or messages")
     content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
-    content += [{"type": "image_url", "image_url": {"url": image_to_url(im)}} for im in images]
+    content += [{"type": "image_url", "image_url": {"url": image_to_url(im)}} for im in _image_list(images)]
     out = [{"role": "system", "content": system}] if system else []
     return out + [{"role": "user", "content": content}]
 
@@ -134,7 +190,7 @@ def _generate_body(prompt, images, model, system, stream, spec) -> dict[str, Any
     unknown = set(spec) - SPEC_FIELDS
     if unknown:
         raise InvalidInput(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    body: dict[str, Any] = {"prompt": prompt, "images": [image_to_url(i) for i in images], "spec": spec,
+    body: dict[str, Any] = {"prompt": prompt, "images": [image_to_url(i) for i in _image_list(images)], "spec": spec,
                             "stream": stream}
     if model:
         body["model"] = model
@@ -148,16 +204,26 @@ _DONE = object()
 
 def _sse_event(line: str) -> Any:
     """One SSE line -> its JSON payload, ``_DONE`` at the end marker, or None for other lines."""
+    line = line.lstrip("\ufeff")  # a byte-order mark the stream may start with
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
     if data == "[DONE]":
         return _DONE
-    obj = json.loads(data)
-    if "error" in obj:
-        err = obj["error"]
-        raise APIError(200, err.get("message", "stream failed"), err.get("type"), err.get("code"))
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise APIError(200, f"malformed stream event (not JSON; a cut or garbled stream?): {data[:200]!r}") from None
+    if isinstance(obj, dict) and "error" in obj:
+        err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+        raise APIError(200, str(err.get("message") or "stream failed"), err.get("type"), err.get("code"),
+                       err.get("param"))
     return obj
+
+
+# a stream that ends without its "data: [DONE]" was cut (a proxy, a server that failed mid-answer): an error,
+# never a silently short answer
+_TRUNCATED = "the stream ended before its end marker (data: [DONE]): the answer is incomplete"
 
 
 def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
@@ -167,6 +233,7 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             return
         if obj is not None:
             yield obj
+    raise APIError(200, _TRUNCATED)
 
 
 class _Base:
@@ -205,15 +272,22 @@ class Client(_Base):
             resp = None
             try:
                 req = self._http.build_request(method, path, json=body)
-                resp = self._http.send(req, stream=stream)
+                resp = self._http.send(req, stream=True)
+                if not stream or not resp.is_success:
+                    try:
+                        resp.read()
+                    except httpx.HTTPError as e:
+                        resp.close()
+                        if not resp.is_success:  # an error answer cut short: a dropped connection, as before
+                            raise
+                        # a 2xx answer cut short: not retried, as that could do the work twice
+                        raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
                 if resp.status_code in RETRY_STATUS and attempt < self.max_retries:
                     resp.close()
                     time.sleep(_retry_delay(attempt, self.backoff_s, resp))
                     attempt += 1
                     continue
-                if resp.status_code >= 400:
-                    if stream:
-                        resp.read()
+                if not resp.is_success:  # 3xx (not followed) and 4xx/5xx
                     raise _error_from(resp)
                 return resp
             except RETRY_TRANSPORT as e:
@@ -225,14 +299,14 @@ class Client(_Base):
                 raise _transport_error(self.base_url, self.timeout, e) from None
 
     def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self._send(method, path, body).json()
+        return _json_of(self._send(method, path, body))
 
     # ---- API -------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/health")
 
     def models(self) -> ModelList:
-        return ModelList.model_validate(self._json("GET", "/v1/models"))
+        return _parse(ModelList, self._json("GET", "/v1/models"))
 
     def metrics(self) -> dict[str, Any]:
         return self._json("GET", "/metrics?format=json")
@@ -241,7 +315,7 @@ class Client(_Base):
                  system: str | None = None, **spec: Any) -> GenerateResponse:
         """Native generation: ``spec`` takes GenerationSpec fields (pruning, budget, decoding, max_new_tokens...)."""
         body = _generate_body(prompt, images, model, system, False, spec)
-        return GenerateResponse.model_validate(self._json("POST", "/v1/generate", body))
+        return _parse(GenerateResponse, self._json("POST", "/v1/generate", body))
 
     def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                         system: str | None = None, **spec: Any) -> Iterator[GenerateStreamEvent]:
@@ -249,9 +323,9 @@ class Client(_Base):
         resp = self._send("POST", "/v1/generate", body, stream=True)
         try:
             for obj in _sse_data(resp.iter_lines()):
-                yield GenerateStreamEvent.model_validate(obj)
+                yield _parse(GenerateStreamEvent, obj)
         except httpx.HTTPError as e:  # the server went away or fell silent mid-stream
-            raise _transport_error(self.base_url, self.timeout, e) from None
+            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
             resp.close()
 
@@ -260,7 +334,7 @@ class Client(_Base):
         """OpenAI-style chat; ``kwargs``: max_tokens, temperature, top_p, seed, stop, and vlmguard options
         (pruning, budget, decoding, decoding_params/params, ...)."""
         body = _chat_body(prompt, images, messages, system, model, False, dict(kwargs))
-        return ChatCompletionResponse.model_validate(self._json("POST", "/v1/chat/completions", body))
+        return _parse(ChatCompletionResponse, self._json("POST", "/v1/chat/completions", body))
 
     def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                     messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
@@ -269,9 +343,9 @@ class Client(_Base):
         resp = self._send("POST", "/v1/chat/completions", body, stream=True)
         try:
             for obj in _sse_data(resp.iter_lines()):
-                yield ChatCompletionChunk.model_validate(obj)
+                yield _parse(ChatCompletionChunk, obj)
         except httpx.HTTPError as e:
-            raise _transport_error(self.base_url, self.timeout, e) from None
+            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
             resp.close()
 
@@ -300,15 +374,22 @@ class AsyncClient(_Base):
         while True:
             try:
                 req = self._http.build_request(method, path, json=body)
-                resp = await self._http.send(req, stream=stream)
+                resp = await self._http.send(req, stream=True)
+                if not stream or not resp.is_success:
+                    try:
+                        await resp.aread()
+                    except httpx.HTTPError as e:
+                        await resp.aclose()
+                        if not resp.is_success:  # an error answer cut short: a dropped connection, as before
+                            raise
+                        # a 2xx answer cut short: not retried, as that could do the work twice
+                        raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
                 if resp.status_code in RETRY_STATUS and attempt < self.max_retries:
                     await resp.aclose()
                     await asyncio.sleep(_retry_delay(attempt, self.backoff_s, resp))
                     attempt += 1
                     continue
-                if resp.status_code >= 400:
-                    if stream:
-                        await resp.aread()
+                if not resp.is_success:  # 3xx (not followed) and 4xx/5xx
                     raise _error_from(resp)
                 return resp
             except RETRY_TRANSPORT as e:
@@ -320,13 +401,13 @@ class AsyncClient(_Base):
                 raise _transport_error(self.base_url, self.timeout, e) from None
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return (await self._send(method, path, body)).json()
+        return _json_of(await self._send(method, path, body))
 
     async def health(self) -> dict[str, Any]:
         return await self._json("GET", "/health")
 
     async def models(self) -> ModelList:
-        return ModelList.model_validate(await self._json("GET", "/v1/models"))
+        return _parse(ModelList, await self._json("GET", "/v1/models"))
 
     async def metrics(self) -> dict[str, Any]:
         return await self._json("GET", "/metrics?format=json")
@@ -334,7 +415,7 @@ class AsyncClient(_Base):
     async def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                        system: str | None = None, **spec: Any) -> GenerateResponse:
         body = _generate_body(prompt, images, model, system, False, spec)
-        return GenerateResponse.model_validate(await self._json("POST", "/v1/generate", body))
+        return _parse(GenerateResponse, await self._json("POST", "/v1/generate", body))
 
     async def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                               system: str | None = None, **spec: Any) -> AsyncIterator[GenerateStreamEvent]:
@@ -342,9 +423,9 @@ class AsyncClient(_Base):
         resp = await self._send("POST", "/v1/generate", body, stream=True)
         try:
             async for obj in _asse_data(resp):
-                yield GenerateStreamEvent.model_validate(obj)
+                yield _parse(GenerateStreamEvent, obj)
         except httpx.HTTPError as e:
-            raise _transport_error(self.base_url, self.timeout, e) from None
+            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
             await resp.aclose()
 
@@ -352,7 +433,7 @@ class AsyncClient(_Base):
                    messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
                    **kwargs: Any) -> ChatCompletionResponse:
         body = _chat_body(prompt, images, messages, system, model, False, dict(kwargs))
-        return ChatCompletionResponse.model_validate(await self._json("POST", "/v1/chat/completions", body))
+        return _parse(ChatCompletionResponse, await self._json("POST", "/v1/chat/completions", body))
 
     async def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                           messages: list[dict[str, Any]] | None = None, model: str | None = None,
@@ -361,9 +442,9 @@ class AsyncClient(_Base):
         resp = await self._send("POST", "/v1/chat/completions", body, stream=True)
         try:
             async for obj in _asse_data(resp):
-                yield ChatCompletionChunk.model_validate(obj)
+                yield _parse(ChatCompletionChunk, obj)
         except httpx.HTTPError as e:
-            raise _transport_error(self.base_url, self.timeout, e) from None
+            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
             await resp.aclose()
 
@@ -375,6 +456,7 @@ async def _asse_data(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             return
         if obj is not None:
             yield obj
+    raise APIError(200, _TRUNCATED)
 
 
 __all__ = ["Client", "AsyncClient", "APIError", "APITimeoutError", "image_to_url"]
