@@ -278,6 +278,28 @@ def test_batcher_stops_generating_for_callers_that_left(worker):
     assert worker.items - items_before == 1  # the cancelled request never finished
 
 
+def test_a_caller_whose_event_loop_closed_does_not_fail_the_others(worker):
+    """Answering a caller whose event loop had closed (a forced shutdown, a script's asyncio.run ending) raised in
+    the engine thread: the requests beside it got that error instead of their answers."""
+    spec = GenerationSpec(max_new_tokens=12)
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)
+    dead = asyncio.new_event_loop()
+
+    async def enqueue_only():
+        b._enqueue(b._pending(item(0, spec)))  # queued, its future never awaited
+
+    dead.run_until_complete(enqueue_only())
+    dead.close()
+
+    async def call(i):
+        return await asyncio.wait_for(b.submit(item(i, spec)), 120)
+
+    first = asyncio.run(call(1))
+    assert "result" in first, first
+    assert first["result"]["token_ids"] == worker.generate_many([item(1, spec)])[0]["result"]["token_ids"]
+    assert "result" in asyncio.run(call(2))  # the engine thread goes on
+
+
 def test_batcher_answers_an_engine_failure_and_keeps_serving(worker, monkeypatch, whole_only):
     """A failure inside a decode step or a whole-batch run reaches its callers as an error (nobody hangs),
     and the engine thread goes on serving the next requests."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
@@ -48,6 +49,7 @@ from vlmguard.workers.openai_compat import (
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate"}
+log = logging.getLogger("vlmguard.workers")
 
 
 class Overloaded(Exception):
@@ -270,9 +272,14 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return first, gen
 
     async def events(first: dict[str, Any], gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events from its first; a backend that fails mid-stream (a replica gone) ends it with an
+        error event, so the answer still ends well-formed (an error, then ``[DONE]``), one choice or several."""
         yield first
-        async for ev in gen:
-            yield ev
+        try:
+            async for ev in gen:
+                yield ev
+        except Exception as e:  # noqa: BLE001 - sent to the client as the stream's error event
+            yield _internal_error_event(e)
 
     async def all_or_none(coros: list[Any], streams: bool = False) -> list[Any]:
         """Await every coroutine (a request's choices); when one fails, cancel the others (closing the streams
@@ -306,8 +313,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     if ev.get("done") or "error" in ev:
                         break
             except Exception as e:  # noqa: BLE001 - sent to the client as this choice's error event
-                await queue.put((k, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
-                                               "type": "server_error"}}))
+                await queue.put((k, _internal_error_event(e)))
             finally:
                 await queue.put((k, None))
 
@@ -499,6 +505,12 @@ class _Guard:
             raise
         finally:
             self.metrics.request_finished(path, status[0] or 500, time.perf_counter() - t0)
+
+
+def _internal_error_event(e: BaseException) -> dict[str, Any]:
+    """The SSE error event of a stream whose backend failed after it started (logged: the client sees only this)."""
+    log.error("a stream's backend failed after the stream started: %s: %s", type(e).__name__, e, exc_info=e)
+    return {"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error"}}
 
 
 async def _aclose(stream: Any) -> None:

@@ -51,17 +51,26 @@ class _Pending:
                 self.fut.set_result(value)
 
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, value)
-        self.loop.call_soon_threadsafe(_set)
+            self._send(self.events.put_nowait, value)
+        self._send(_set)
 
     def token(self, event: dict[str, Any]) -> None:
         """A streaming caller's token event (``engine_worker.event_dict``)."""
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self._send(self.events.put_nowait, event)
+
+    def _send(self, fn: Any, *args: Any) -> None:
+        """Run ``fn`` on the caller's event loop; a loop that has closed (its caller is gone for good) is
+        skipped: raising here would fail the engine thread and every other caller of its batch."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # "Event loop is closed"
+            if not self.loop.is_closed():
+                raise
 
     @property
-    def gone(self) -> bool:
-        return self.fut.done()  # the caller was cancelled (client left): nothing to compute
+    def gone(self) -> bool:  # the caller was cancelled (client left) or its event loop closed: nothing to compute
+        return self.fut.done() or self.loop.is_closed()
 
 
 class InflightBatcher:
