@@ -148,3 +148,22 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation_and_the_other
     chunks = [json.loads(d) for d in sse(streamed.text)[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
     assert plain.json()["choices"][0]["message"]["content"] == text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", chat(max_tokens=4, stream="yes")),
+    ("/v1/chat/completions", chat(max_tokens=4, stream=1)),
+    ("/v1/chat/completions", chat(max_tokens=4, stream=True, stream_options={"include_usage": "true"})),
+    ("/v1/generate", {"prompt": "hi", "images": [IMAGE], "spec": {"max_new_tokens": 4}, "stream": 1}),
+])
+def test_stream_flags_must_be_booleans(worker, path, body):
+    """"stream": "yes" or 1 was read as true (a client that meant something else got an event stream)."""
+    app = _app(worker, InflightBatcher(worker, 8, 0.0))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.post(path, json=body)
+
+    r = asyncio.run(main())
+    assert r.status_code == 400, r.text
+    assert "boolean" in r.json()["error"]["message"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import MAX_TOP_LOGPROBS, budget_not_bool
@@ -124,7 +124,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -160,7 +160,7 @@ class ChatCompletionRequest(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     n: Optional[int] = Field(None, ge=1)  # choices: the request run n times, in one batch (null = 1)
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is refused, not read as true
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logprobs: Optional[bool] = None
@@ -329,7 +329,7 @@ class GenerateRequest(BaseModel):
     # GenerationSpec fields (pruning, budget, decoding, decoding_params, max_new_tokens, ...); validated
     # server-side by GenerationSpec.build so the message names the bad field.
     spec: dict[str, Any] = Field(default_factory=dict)
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is refused, not read as true
 
 
 class TopLogprobEntry(BaseModel):
