@@ -167,3 +167,21 @@ def test_stream_flags_must_be_booleans(worker, path, body):
     r = asyncio.run(main())
     assert r.status_code == 400, r.text
     assert "boolean" in r.json()["error"]["message"]
+
+
+def test_a_request_timeout_under_a_second_is_reported_as_set(worker):
+    """A 0.2 s request_timeout_s was reported as 'timed out after 0 s'."""
+
+    class Slow(BatcherBackend):
+        async def generate(self, model, item):
+            await asyncio.sleep(2)
+
+    app = create_api(Slow(worker, InflightBatcher(worker, 8, 0.0)),
+                     ServiceConfig(api_key_env=None, host="127.0.0.1", request_timeout_s=0.2))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.post("/v1/chat/completions", json=chat(max_tokens=4))
+
+    r = asyncio.run(main())
+    assert r.status_code == 504 and r.json()["error"]["message"] == "request timed out after 0.2 s"

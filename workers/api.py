@@ -223,7 +223,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         try:
             answer = await asyncio.wait_for(awaitable, timeout=config.request_timeout_s)
         except asyncio.TimeoutError:
-            raise APIFailure(504, f"request timed out after {config.request_timeout_s:.0f} s", "timeout_error") from None
+            raise APIFailure(504, f"request timed out after {config.request_timeout_s:g} s", "timeout_error") from None
         except Overloaded as e:
             raise APIFailure(503, str(e), "overloaded_error", "overloaded",
                              {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
