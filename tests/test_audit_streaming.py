@@ -185,3 +185,47 @@ def test_a_request_timeout_under_a_second_is_reported_as_set(worker):
 
     r = asyncio.run(main())
     assert r.status_code == 504 and r.json()["error"]["message"] == "request timed out after 0.2 s"
+
+
+class _Tracked:
+    """A backend stream that records whether the API closed it."""
+
+    def __init__(self, agen):
+        self.agen, self.closed = agen, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.agen.__anext__()
+
+    async def aclose(self):
+        self.closed = True
+        await self.agen.aclose()
+
+
+def test_every_backend_stream_is_closed_when_its_answer_ends(worker):
+    """A one-choice chat stream and a native stream left their backend stream to the garbage collector: the
+    replica's admission slot (freed when its stream closes) stayed taken after the answer had gone out."""
+    opened: list[_Tracked] = []
+
+    class Tracking(BatcherBackend):
+        def stream(self, model, item):
+            opened.append(_Tracked(super().stream(model, item)))
+            return opened[-1]
+
+    app = create_api(Tracking(worker, InflightBatcher(worker, 8, 0.0)),
+                     ServiceConfig(api_key_env=None, host="127.0.0.1"))
+    native = {"prompt": "describe the photo", "images": [IMAGE], "spec": {"max_new_tokens": 4}, "stream": True}
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            for path, body in [("/v1/chat/completions", chat(max_tokens=4, stream=True)),
+                               ("/v1/chat/completions", chat(max_tokens=4, stream=True, n=2)),
+                               ("/v1/generate", native)]:
+                r = await http.post(path, json=body)
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+                assert opened and all(t.closed for t in opened), path
+
+    asyncio.run(main())
+    assert len(opened) == 4

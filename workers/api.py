@@ -299,10 +299,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     async def merged(opened: list[tuple[dict[str, Any], Any]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """(choice, event) from every opened stream as they come, each up to its end (done or error)."""
         if len(opened) == 1:
-            async for ev in events(*opened[0]):
-                yield 0, ev
-                if ev.get("done") or "error" in ev:
-                    return
+            try:
+                async for ev in events(*opened[0]):
+                    yield 0, ev
+                    if ev.get("done") or "error" in ev:
+                        return
+            finally:  # now, not when the generator is collected: the replica frees the request's admission slot
+                await _aclose(opened[0][1])
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -442,21 +445,24 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         async def body() -> AsyncIterator[bytes]:
             sent = 0  # log-probability entries sent so far
-            async for ev in events(first, gen):
-                result = ev.get("result")
-                failure = stream_failure(ev, result)
-                if failure is not None:
-                    yield _sse(failure)
-                    break
-                entries = ev.get("logprobs") or []
-                if ev.get("done") and result:  # what no token event carried (the done event's own are not relayed)
-                    entries = (result.get("logprobs") or [])[sent:]
-                sent += len(entries)
-                yield _sse(GenerateStreamEvent(id=rid, token_id=ev.get("token_id"), text=ev.get("text", ""),
-                                               done=bool(ev.get("done")), logprobs=entries,
-                                               result=generate_response(rid, model, result) if result else None))
-                if ev.get("done"):
-                    break
+            try:
+                async for ev in events(first, gen):
+                    result = ev.get("result")
+                    failure = stream_failure(ev, result)
+                    if failure is not None:
+                        yield _sse(failure)
+                        break
+                    entries = ev.get("logprobs") or []
+                    if ev.get("done") and result:  # what no token event carried (the done event's are not relayed)
+                        entries = (result.get("logprobs") or [])[sent:]
+                    sent += len(entries)
+                    yield _sse(GenerateStreamEvent(id=rid, token_id=ev.get("token_id"), text=ev.get("text", ""),
+                                                   done=bool(ev.get("done")), logprobs=entries,
+                                                   result=generate_response(rid, model, result) if result else None))
+                    if ev.get("done"):
+                        break
+            finally:  # the answer's end, an error or a client that left: the backend stream ends now
+                await _aclose(gen)
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
