@@ -11,8 +11,9 @@ import html
 import json
 import math
 import re
+import sqlite3
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -20,6 +21,7 @@ import pandas as pd
 
 from vlmguard.bench import db as dbm
 from vlmguard.bench.report import flatten, is_partial, status_cell
+from vlmguard.errors import InvalidInput
 
 # Columns of the leaderboard, in display order (metrics are percentages; times in milliseconds).
 KNOB_COLUMNS = ("model", "dataset", "benchmark", "split", "variant", "pruning", "budget", "pruning_params",
@@ -64,8 +66,11 @@ def db_version(path: str | Path) -> tuple[int, int, int, int]:
 
 
 def db_state(path: str | Path) -> str:
-    """``missing`` (no file), ``empty`` (no runs yet) or ``ready``."""
+    """``missing`` (no file), ``empty`` (no runs yet) or ``ready``; InvalidInput for a file that is not a readable
+    results database, or a directory (``vlmguard bench --db`` there would fail too)."""
     p = Path(path)
+    if p.is_dir():
+        raise InvalidInput(f"{p}: is a directory, expected an SQLite file")
     if not p.is_file():
         return "missing"
     return "ready" if len(load_runs(p)) else "empty"
@@ -79,7 +84,20 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return _load_runs_cached(str(p), db_version(p)).copy()
 
 
+def _readable(load):
+    """A read of the database whose SQLite error (a damaged file: ``database disk image is malformed``, often
+    only once a page of samples is read) is an InvalidInput, which the pages show as a message."""
+    @wraps(load)
+    def read(path: str, *args: Any) -> Any:
+        try:
+            return load(path, *args)
+        except sqlite3.DatabaseError as e:
+            raise InvalidInput(f"{path}: {e}") from None
+    return read
+
+
 @lru_cache(maxsize=16)
+@_readable
 def _load_runs_cached(path: str, version: tuple[int, int, int, int]) -> pd.DataFrame:
     return _runs_frame(dbm.list_runs(path))
 
@@ -115,12 +133,13 @@ def load_samples(path: str | Path, run_id: str) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=32)
+@_readable
 def _load_samples_cached(path: str, run_id: str, version: tuple[int, int, int, int]) -> tuple[dict[str, Any], ...]:
     return tuple(dbm.run_samples(path, run_id))
 
 
 def load_run(path: str | Path, run_id: str) -> dict[str, Any]:
-    return dbm.get_run(str(Path(path).expanduser().resolve()), run_id)
+    return _readable(dbm.get_run)(str(Path(path).expanduser().resolve()), run_id)
 
 
 def clear_caches() -> None:
@@ -226,7 +245,8 @@ def pareto_frame(df: pd.DataFrame, speed: str = "total_ms", split: str | None = 
     unlike things), latency and hallucination (CHAIR_i) per model x pruner x decoder.
 
     A combination is on the Pareto front when no other combination of the same model is at least as good
-    on every available axis (higher accuracy, lower latency, lower CHAIR_i) and better on one.
+    on every available axis (higher accuracy, lower latency, lower CHAIR_i) and better on one; both are points
+    of the chart (a POPE accuracy and a latency): a combination without is never on the front.
     """
     keys = ["model", "pruning", "budget", "decoding", "decoding_params"]
     d = df.assign(pruning=df["pruning"].fillna("none"), decoding=df["decoding"].fillna("greedy"),
@@ -249,7 +269,10 @@ def pareto_frame(df: pd.DataFrame, speed: str = "total_ms", split: str | None = 
     out["partial"] = out["pope_partial"].eq(True) | out["chair_partial"].eq(True)
     out["combo"] = out.apply(method_combo, axis=1) + out["partial"].map({True: " (partial)", False: ""})
     out["pareto"] = False
-    for _, grp in out.groupby("model"):
+    # the front is among the combinations the chart draws: one without a POPE run on the split (its latency is a
+    # CHAIR run's, captions of many tokens) is no point there, and must not make a drawn point look dominated
+    drawn = out["accuracy"].notna() & out["latency_ms"].notna()
+    for _, grp in out[drawn].groupby("model"):
         flags = pareto_mask([(r.accuracy, r.latency_ms, r.chair_i) for r in grp.itertuples()],
                             senses=(+1, -1, -1))
         out.loc[grp.index, "pareto"] = flags
@@ -413,8 +436,13 @@ def hallucination_kinds(path: str | Path, shown: pd.DataFrame) -> pd.DataFrame:
             if synth_dataset(root).version != run.get("dataset_version"):
                 continue  # another world under the same name: its scene graphs would not match
             scenes = _scenes(str(root), run.get("split") or "test")
-            b = breakdown([s["record"] for s in load_samples(path, r["run_id"]) if s.get("record")], scenes)
-        except VlmguardError:  # not SynthCOCO, or not these images
+        except VlmguardError:  # not SynthCOCO
+            continue
+        # (a damaged database raises InvalidInput here, which the page shows; it no longer skips the run silently)
+        records = [s["record"] for s in load_samples(path, r["run_id"]) if s.get("record")]
+        try:
+            b = breakdown(records, scenes)
+        except VlmguardError:  # not these images
             continue
         method = r["method"] + partial_note(r)
         rows += [{"run_id": r["run_id"], "model": r["model"], "method": method, "kind": KIND_TITLES[k],
@@ -436,6 +464,7 @@ def comparisons(path: str | Path, baseline: str, shown: pd.DataFrame) -> pd.Data
 
 
 @lru_cache(maxsize=8)
+@_readable
 def _comparisons_cached(path: str, baseline: str, version: tuple[int, int, int, int]) -> pd.DataFrame:
     from vlmguard.bench.compare import compare_runs
     from vlmguard.errors import InvalidInput

@@ -10,6 +10,7 @@ from vlmguard.dashboard import data
 from vlmguard.dashboard.service import JobRow, bench_argv
 from vlmguard.dashboard.ui import config, jobs_backend, method_schemas
 from vlmguard.errors import VlmguardError
+from vlmguard.spec import parse_budget
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOG_LINES = 200
@@ -95,10 +96,8 @@ def _submit_form(backend, cfg) -> None:
 def _budgets(text: str) -> list[int | float]:
     out: list[int | float] = []
     for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        v = float(part)
-        out.append(v if v < 1 else int(v))
+        if part:
+            out.append(parse_budget(part))  # as `vlmguard bench --budget` reads it: '1.0' all tokens, '1' one
     if not out:
         raise ValueError("give at least one budget")
     return out
@@ -114,8 +113,22 @@ def _job_detail(backend, job: JobRow, dashboard_db: Path) -> None:
     if fresh.status not in TERMINAL and st.button("Stop job", key=f"stop_{fresh.job_id}"):
         backend.stop(fresh.job_id)
         st.toast(f"stop requested for {fresh.job_id}")
-    db = Path(fresh.db or dashboard_db)
-    runs = _job_runs(db, fresh)
+    _progress(Path(fresh.db or dashboard_db), fresh)
+    try:
+        logs = backend.logs(fresh.job_id)
+    except Exception as e:  # noqa: BLE001
+        logs = f"(logs unavailable: {e})"
+    lines = logs.splitlines()
+    st.markdown(f"**Logs** (last {min(len(lines), LOG_LINES)} of {len(lines)} lines)")
+    st.code("\n".join(lines[-LOG_LINES:]) or "(no output yet)", language="text")
+
+
+def _progress(db: Path, job: JobRow) -> None:
+    try:
+        runs = _job_runs(db, job)
+    except VlmguardError as e:  # not a results database, or a damaged one: the job's logs still show
+        st.warning(f"Cannot read the results database: {e}")
+        return
     if runs.empty:
         st.caption(f"No runs written to `{db}` since the job started yet.")
     else:
@@ -129,13 +142,6 @@ def _job_detail(backend, job: JobRow, dashboard_db: Path) -> None:
         cols = [c for c in ("run_id", "benchmark", "split", "method", "status", "n_samples", "accuracy", "f1",
                             "chair_s", "chair_i", "visual_tokens_kept", "total_ms") if runs[c].notna().any()]
         st.dataframe(runs[cols], hide_index=True)
-    try:
-        logs = backend.logs(fresh.job_id)
-    except Exception as e:  # noqa: BLE001
-        logs = f"(logs unavailable: {e})"
-    lines = logs.splitlines()
-    st.markdown(f"**Logs** (last {min(len(lines), LOG_LINES)} of {len(lines)} lines)")
-    st.code("\n".join(lines[-LOG_LINES:]) or "(no output yet)", language="text")
 
 
 def _job_runs(db: Path, job: JobRow):

@@ -37,13 +37,21 @@ def render() -> None:
     with tab_tokens:
         _tokens_plot(shown)
     with tab_chair:
-        _chair_plot(cfg, shown)
+        _readable(_chair_plot, cfg, shown)
     with tab_vs:
-        _baseline_table(cfg, shown)
+        _readable(_baseline_table, cfg, shown)
     with tab_pareto:
         _pareto_plot(shown)
     with tab_samples:
-        _drilldown(cfg, shown)
+        _readable(_drilldown, cfg, shown)
+
+
+def _readable(draw, cfg, shown: pd.DataFrame) -> None:
+    """A tab that reads samples: a database damaged there (its runs read fine) is a message in that tab."""
+    try:
+        draw(cfg, shown)
+    except VlmguardError as e:
+        st.error(f"Cannot read the results database: {e}")
 
 
 def _filters(runs: pd.DataFrame) -> data.RunFilter:

@@ -6,7 +6,6 @@ probabilities (tokens the decoder changed are marked).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import streamlit as st
@@ -16,6 +15,7 @@ from vlmguard.dashboard import drawing, images
 from vlmguard.dashboard.service import BASELINE_SPEC, selection_kwargs, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, params_form, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
+from vlmguard.spec import parse_budget
 
 RESULTS_KEY = "pg_results"
 DEFAULT_PROMPT = "Is there a dog in the image? Answer the question using a single word or phrase."
@@ -96,19 +96,6 @@ def _budget_input(pruning: str) -> int | float | None:
         return None
 
 
-def parse_budget(text: str) -> int | float:
-    """``"36"`` -> 36 tokens, ``"0.25"`` -> a quarter of the image's tokens (the engine checks the range)."""
-    try:
-        v = float(text.strip())
-    except ValueError:
-        raise ValueError(f"budget {text!r} is not a number") from None
-    if not math.isfinite(v):  # 'inf' / 'nan' parse as floats but are no budget (int(inf) raised OverflowError)
-        raise ValueError(f"budget {text!r} is not a finite number")
-    if v <= 0:
-        raise ValueError("budget must be positive")
-    return v if v < 1 else int(round(v))
-
-
 def _image_input() -> tuple[Image.Image | None, list[str]]:
     names = images.synth_sample_names()
     sources = (["SynthCOCO test image"] if names else []) + ["render a SynthCOCO scene", "upload an image"]
@@ -158,7 +145,7 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
                 st.error("the stream ended without a result")
                 continue
             out["results"][title] = {"spec": sp, "result": result}
-            _show_result(result, image, family)
+            _show_result(result, image, family, sp)
     return out
 
 
@@ -182,7 +169,7 @@ def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None
                 continue
             st.caption(_spec_caption(entry["spec"]))
             st.markdown(entry["result"].text or "_(empty answer)_")
-            _show_result(entry["result"], image_from, family)
+            _show_result(entry["result"], image_from, family, entry["spec"])
 
 
 def _spec_caption(sp: dict[str, Any]) -> str:
@@ -200,7 +187,7 @@ def _spec_caption(sp: dict[str, Any]) -> str:
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
 
 
-def _show_result(r: Any, image: Image.Image, family: str | None) -> None:
+def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, Any]) -> None:
     t = r.timings
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("prefill", _ms(t.prefill_s))
@@ -228,12 +215,20 @@ def _show_result(r: Any, image: Image.Image, family: str | None) -> None:
     frame = drawing.steps_frame(r.steps, r.logprobs)
     if not frame.empty:
         changed = frame[frame["changed"]]
+        picks = ", ".join(f"`{x}`" for x in changed["label"])
         st.markdown("**Per-token probabilities** (main vs contrast branch)"
-                    + (f" · the decoder changed {len(changed)} token(s): " + ", ".join(f"`{x}`" for x in changed["label"])
+                    + (f" · {_changed_by(sp)} changed {len(changed)} token(s): {picks}"
                        if len(changed) else " · the decoder kept the main branch's choice everywhere"))
         st.altair_chart(drawing.probs_chart(frame), width="stretch")
         with st.expander("steps (final_prob and alternatives: the decoder's final distribution)"):
             st.dataframe(frame.drop(columns=["label"]), hide_index=True)
+
+
+def _changed_by(sp: dict[str, Any]) -> str:
+    """Who picked a token other than the main branch's most likely: with sampling on, a draw does that too."""
+    if not sp.get("do_sample"):
+        return "the decoder"
+    return "sampling" if sp.get("decoding", "greedy") in ("greedy", "sample") else "sampling or the decoder"
 
 
 def _ms(seconds: float) -> str:

@@ -40,6 +40,7 @@ class ServiceStatus:
     models: list[str] = field(default_factory=list)
     message: str = ""
     families: dict[str, str | None] = field(default_factory=dict)
+    refused_key: bool = False  # it answered, but 401/403: the API key is missing or wrong
 
 
 def make_client(cfg: DashboardConfig, *, probe: bool = False) -> GenerationClient:
@@ -59,7 +60,7 @@ def probe_service(client: GenerationClient, url: str) -> ServiceStatus:
         names = [c["id"] for c in cards]
     except Exception as e:  # noqa: BLE001 - any failure means "not reachable" to the page
         msg = getattr(e, "message", None) or str(e) or type(e).__name__
-        return ServiceStatus(False, url, [], msg)
+        return ServiceStatus(False, url, [], msg, refused_key=getattr(e, "status", None) in (401, 403))
     if not names:
         return ServiceStatus(False, url, [], "the service serves no model")
     return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards})

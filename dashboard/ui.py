@@ -6,7 +6,7 @@ from typing import Any
 
 import streamlit as st
 
-from vlmguard.dashboard.config import DashboardConfig
+from vlmguard.dashboard.config import ENV_API_KEY, DashboardConfig
 from vlmguard.dashboard.service import (
     CLIENT_KEY,
     JOBS_KEY,
@@ -35,6 +35,14 @@ def service_status(cfg: DashboardConfig) -> ServiceStatus:
 
 
 def service_notice(status: ServiceStatus, what: str) -> None:
+    if status.refused_key:  # it is up: starting it again is no help
+        st.warning(
+            f"**The vlmguard service at `{status.url}` refused the dashboard's API key** ({status.message}). "
+            f"{what} needs it.\n\nStart the dashboard with the service's key in `{ENV_API_KEY}` (one of the keys of "
+            "its `api_keys` / `api_key_env`). The **Leaderboard** works without it.",
+            icon=":material/warning:",
+        )
+        return
     st.warning(
         f"**The vlmguard service is not reachable** at `{status.url}` ({status.message}). {what} needs it.\n\n"
         "Start it with `vlmguard serve` (or `make demo`), or point the dashboard at a running one with "

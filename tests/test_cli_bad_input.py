@@ -354,6 +354,7 @@ def test_score_pope_with_an_empty_answers_file_is_an_error(capsys, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["prefill", "--methods", "nosuch", "--budgets", "8"], "unknown pruning method 'nosuch'"),
     (["prefill", "--methods", "fastv", "--budgets", "0"], "budget must be >= 1"),
+    (["prefill", "--methods", "fastv", "--budgets", "2.5"], "budget 2.5 is neither a whole number"),
     (["prefill", "--methods", "flowcut[bogus=1]", "--budgets", "8"], "bogus"),
     (["decode", "--decoders", "nosuch", "--batch", "1"], "unknown decoding method 'nosuch'"),
     (["decode", "--decoders", "vcd", "--batch", "1", "--new-tokens", "1"], "--new-tokens must be at least 2"),

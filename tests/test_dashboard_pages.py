@@ -23,12 +23,17 @@ def fixture_db(tmp_path_factory) -> Path:
     return shared_fixture_db(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
+def quiet_env(monkeypatch, tmp_path) -> None:
+    """No service and no jobs server to reach, and a private cache (no cached SynthCOCO: render / upload only)."""
     monkeypatch.setenv("VLMGUARD_SERVICE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("VLMGUARD_JOBS_ADDRESS", "http://127.0.0.1:9")
+    monkeypatch.setenv("VLMGUARD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    quiet_env(monkeypatch, tmp_path)
     monkeypatch.setenv("VLMGUARD_IMAGE_DIRS", str(FIX / "images"))
-    monkeypatch.setenv("VLMGUARD_CACHE", str(tmp_path / "cache"))  # no cached SynthCOCO: render / upload only
 
 
 def page(name: str) -> AppTest:

@@ -6,6 +6,7 @@ and reports any problem as one clear :class:`~vlmguard.errors.InvalidInput` mess
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,6 +21,34 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop",
                                 "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
                                 "repetition_penalty"})
+
+
+def check_budget(v: int | float) -> int | float:
+    """A budget, checked: visual tokens kept (a whole number >= 1) or the kept fraction (a float in (0, 1]; 1.0
+    keeps every token, while the int 1 is one token). Raises ValueError with the rule."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"budget {v} is not a finite number")
+    if isinstance(v, float) and not v.is_integer() or v == 1.0 and isinstance(v, float):
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"budget {v} is neither a whole number of visual tokens nor a kept fraction in (0, 1]")
+        return float(v)
+    iv = int(v)
+    if iv < 1:
+        raise ValueError(f"budget must be >= 1 visual token or a ratio in (0, 1], got {v}")
+    return iv
+
+
+def parse_budget(text: str, check: bool = True) -> int | float:
+    """A budget as typed (a command line, a dashboard form): ``"36"`` or ``"36.0"`` -> 36 visual tokens, ``"0.25"``
+    -> a quarter of them, ``"1.0"`` -> all of them, ``"1"`` -> one. ValueError for text that is no number and,
+    with ``check``, for a number that is no budget (:func:`check_budget`; the CLI leaves that to GenerationSpec,
+    whose error is the command's one-line error)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number, got {text!r}") from None
+    budget = int(v) if v.is_integer() and not (v == 1.0 and "." in str(text)) else v
+    return check_budget(budget) if check else budget
 
 
 def budget_not_bool(v: Any) -> Any:
@@ -85,16 +114,7 @@ class GenerationSpec(BaseModel):
     @field_validator("budget")
     @classmethod
     def _check_budget(cls, v: Budget | None) -> Budget | None:
-        if v is None:
-            return v
-        if isinstance(v, float) and not v.is_integer() or v == 1.0 and isinstance(v, float):
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"budget ratio must be in (0, 1], got {v}")
-            return float(v)
-        iv = int(v)
-        if iv < 1:
-            raise ValueError(f"budget must be >= 1 visual token or a ratio in (0, 1], got {v}")
-        return iv
+        return None if v is None else check_budget(v)
 
     @property
     def sampling(self) -> bool:

@@ -24,11 +24,13 @@ from vlmguard.errors import InvalidInput
 
 
 def _budget(text: str) -> int | float:
+    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
+    from vlmguard.spec import parse_budget
+
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
-    return int(v) if v.is_integer() and "." not in text else v
+        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:

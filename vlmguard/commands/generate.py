@@ -40,13 +40,13 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _budget(text: str) -> int | float:
+    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
+    from vlmguard.spec import parse_budget
+
     try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
+        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:

@@ -39,13 +39,13 @@ def _method_list(text: str) -> list[str]:
 
 
 def _budget(text: str) -> int | float:
-    """Visual tokens kept (``8``, ``8.0``) or a kept ratio (``0.5``; ``1.0`` keeps all, as ``vlmguard bench``
-    and GenerationSpec read it, while ``1`` is one token)."""
+    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
+    from vlmguard.spec import parse_budget
+
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
-    return int(v) if v.is_integer() and not (v == 1.0 and "." in text) else v
+        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
