@@ -14,6 +14,7 @@ from test_dashboard_pages import StubClient, StubJobs, all_text, page, quiet_env
 from vlmguard.bench import db as dbm
 from vlmguard.dashboard import data
 from vlmguard.dashboard.service import CLIENT_KEY, JOBS_KEY, JobRow
+from vlmguard.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def _damaged_samples_copy(src: Path, dst: Path) -> None:
         try:
             for r in runs:
                 dbm.run_samples(dst, r["run_id"])
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, InvalidInput):  # (the results module names the file since 2026-12-05)
             return
     pytest.skip("no page of the fixture database breaks only its samples")
 
@@ -186,3 +187,24 @@ def test_tokens_sampled_off_the_main_branch_are_not_credited_to_the_decoder():
     at.slider(key="pg_temperature").set_value(0.0)
     at.button(key="pg_go").click().run()
     assert "the decoder changed 1 token(s): `0:No`" in all_text(at)  # greedy selection: the decoder's doing
+
+
+
+def test_report_on_a_damaged_database_is_one_line(fixture_db, tmp_path, capsys):
+    """`vlmguard report` on a file damaged mid-way (its runs no longer read) printed a raw sqlite3 traceback."""
+    from vlmguard.cli import main
+
+    raw, bad = fixture_db.read_bytes(), tmp_path / "damaged.sqlite"
+    size = int.from_bytes(raw[16:18], "big") or 65536
+    for page_no in range(1, len(raw) // size):  # the first page whose damage breaks the listing of runs
+        bad.write_bytes(raw[:page_no * size] + b"\x5a" * size + raw[(page_no + 1) * size:])
+        try:
+            dbm.list_runs(bad)
+        except InvalidInput as e:
+            if "cannot read" in str(e):  # it opened, then a later page failed (not the file's first pages)
+                break
+    else:
+        raise AssertionError("no damaged page breaks the listing of runs after the database opened")
+    assert main(["report", "--db", str(bad), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vlmguard: error: {bad}: cannot read the results database") and err.count("\n") == 1, err

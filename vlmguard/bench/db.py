@@ -296,6 +296,8 @@ def _open(db: Any) -> Iterator[sqlite3.Connection]:
     conn = connect(db, create=False)
     try:
         yield conn
+    except sqlite3.DatabaseError as e:  # a damaged file: its first pages read, a later one does not
+        raise InvalidInput(f"{db}: cannot read the results database ({e})") from None
     finally:
         conn.close()
 
