@@ -194,7 +194,8 @@ def test_metrics_json_and_prometheus():
     m = ServiceMetrics()
     for bs, pb in ((1, 1), (3, 1), (3, 2), (3, 2)):
         m.request_started()
-        m.observe_result({"token_ids": [1, 2], "prompt_tokens": 10, "visual_tokens": 16, "visual_tokens_kept": [16, 8, 8, 8],
+        m.observe_result({"token_ids": [1, 2], "prompt_tokens": 10, "visual_tokens": 16,
+                          "visual_tokens_kept": [16, 8, 8, 8],
                           "timings": {"decode_s": 0.1, "batch_size": bs, "prefill_batch": pb}})
         m.request_finished("/v1/chat/completions", 200, 0.2)
     m.request_started()

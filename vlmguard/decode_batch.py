@@ -442,7 +442,8 @@ class DecodeBatch:
         base, n = self.lives, len(source)
         self.lives = [dataclasses.replace(
             base[s], index=indices[i], request=requests[i], spec=specs[i], sampler=RowSampler.for_spec(specs[i]),
-            batch_size=n, prefill_batch=n, visual_fed=list(base[s].visual_fed), kept=None if base[s].kept is None else list(base[s].kept),
+            batch_size=n, prefill_batch=n, visual_fed=list(base[s].visual_fed),
+            kept=None if base[s].kept is None else list(base[s].kept),
             pruning=dict(base[s].pruning), gen=[], steps=[], logprobs=[], per_tok=[]) for i, s in enumerate(source)]
         self.cohorts[0].dctx.active = [lv.local for lv in self.lives]
         self.spec = specs[0]

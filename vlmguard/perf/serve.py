@@ -448,7 +448,8 @@ def serve_table(result: dict[str, Any]) -> str:
              f"batch_mode={result.get('batch_mode', 'whole')}  "
              f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
              f"threads={env.get('threads')}",
-             table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s", "prefill_n"], rows)]
+             table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s",
+                    "prefill_n"], rows)]
     if s["batching_speedup"]:
         lines.append("batching speed-up (batched / unbatched req/s): "
                      + ", ".join(f"{c} clients {fmt(v)}x" for c, v in s["batching_speedup"].items()))
