@@ -131,11 +131,17 @@ def load_ground_truth(
     """Ground truth from a table file or a COCO / SynthCOCO annotation directory (see module doc).
 
     ``cache``: when building from COCO files, write the result as a table (``.json.gz``) there and
-    reuse it next time.
+    reuse it next time. A cache holds the images of the runs that wrote it: images it lacks are built from
+    ``source`` and added to it (it is not taken for the whole ground truth).
     """
     p = Path(source)
+    cached: GroundTruth = {}
     if cache is not None and Path(cache).is_file():
-        return load_gt_table(cache)
+        cached = load_gt_table(cache)
+        wanted = None if image_ids is None else set(image_ids)
+        if wanted is None or wanted <= cached.keys():
+            return cached
+        image_ids = sorted(wanted - cached.keys())
     if p.is_file():
         if p.name.endswith((".json.gz", ".json")) and not p.name.startswith(("instances_", "captions_")):
             return load_gt_table(p)
@@ -145,6 +151,7 @@ def load_ground_truth(
     inst, caps = coco_annotation_files(p, splits)
     gt = gt_from_coco_files(inst, caps, image_ids)
     if cache is not None:
+        gt = {**cached, **gt}
         save_gt_table(gt, cache)
     return gt
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from vlmguard.bench.chair_extract import ChairExtractor, default_extractor
 from vlmguard.bench.chair_gt import GroundTruth
-from vlmguard.bench.jsonio import read_records
+from vlmguard.bench.jsonio import int_from_text, read_records, read_text
 from vlmguard.errors import InvalidInput
 
 SENTENCE_END = ".!?"
@@ -144,8 +144,7 @@ def load_captions(path: str | Path, image_id_key: str = "image_id", caption_key:
         if caption_key not in rec:
             raise InvalidInput(f"{p}:{line}: missing field {caption_key!r}")
         imid, cap = rec[image_id_key], rec[caption_key]
-        if isinstance(imid, str) and imid.strip().isdigit():
-            imid = int(imid)
+        imid = int_from_text(imid)
         if not isinstance(imid, int) or isinstance(imid, bool):
             raise InvalidInput(f"{p}:{line}: field {image_id_key!r} must be an integer image id, got {imid!r}")
         if not isinstance(cap, str):
@@ -180,10 +179,8 @@ def score_captions(
 def read_image_ids(path: str | Path) -> list[int]:
     """An image-id list: one integer per line (``#`` comments and blank lines ignored)."""
     p = Path(path)
-    if not p.is_file():
-        raise InvalidInput(f"{p}: file not found")
     ids = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(p).splitlines(), start=1):  # one-line errors: missing, not UTF-8
         s = line.split("#", 1)[0].strip()
         if not s:
             continue

@@ -162,6 +162,8 @@ def synth_dataset(root: Path, name: str | None = None, image_split: str = "test"
             info = json.loads(manifest.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise InvalidInput(f"{manifest}:{e.lineno}: bad JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"{manifest}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         version = _sha(manifest)[:12]
         if isinstance(info, dict):
             for key in ("version", "generator_version"):

@@ -52,6 +52,14 @@ def detect_layout(text: str) -> str:
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
+def _decode_failure(e: ValueError | RecursionError) -> str:
+    """What went wrong when the JSON decoder gave up with something other than a syntax error: a number
+    longer than Python's integer-conversion limit (ValueError) or nesting deeper than the recursion limit."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return "a number with too many digits" if "digits" in str(e) else str(e)
+
+
 def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     for lineno, line in enumerate(_LINE_END.split(text), start=1):
         if not line.strip():
@@ -60,6 +68,8 @@ def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise InvalidInput(f"{path}:{lineno}: bad JSON line ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(f"{path}:{lineno}: bad JSON line ({_decode_failure(e)})") from None
 
 
 def _iter_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
@@ -86,6 +96,8 @@ def _iter_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise InvalidInput(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(f"{path}:{line}: bad JSON ({_decode_failure(e)})") from None
         yield line, obj
         line += text.count("\n", i, end)
         i = skip(end)
@@ -125,6 +137,18 @@ def require(record: dict[str, Any], key: str, types: type | tuple[type, ...], pa
     if isinstance(value, bool) or not isinstance(value, types):
         names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
         raise InvalidInput(f"{path}:{line}: field {key!r} must be {names}, got {value!r}")
+    return value
+
+
+# an integer written as text ("12", " -3 "): ASCII digits only (str.isdigit() also passes "²", which int() refuses),
+# at most Python's integer-conversion limit of 4300 digits
+_INT_TEXT = re.compile(r"-?[0-9]{1,4300}")
+
+
+def int_from_text(value: Any) -> Any:
+    """``value`` as an int when it is a string holding an integer (an id written as ``"12"``), else unchanged."""
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
     return value
 
 

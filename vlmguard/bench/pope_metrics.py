@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from vlmguard.bench.jsonio import read_records
+from vlmguard.bench.jsonio import int_from_text, read_records
 from vlmguard.bench.pope_data import PopeFile
-from vlmguard.bench.pope_parsers import get_parser
+from vlmguard.bench.pope_parsers import AnswerParser, get_parser
 from vlmguard.errors import InvalidInput
 
 ANSWER_TEXT_KEYS = ("text", "answer", "output", "response", "prediction")
@@ -99,8 +99,7 @@ def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
         qid = rec.get("question_id")
         if qid is None:
             raise InvalidInput(f"{p}:{line}: missing field 'question_id'")
-        if isinstance(qid, str) and qid.strip().lstrip("-").isdigit():
-            qid = int(qid)
+        qid = int_from_text(qid)
         if not isinstance(qid, int) or isinstance(qid, bool):
             raise InvalidInput(f"{p}:{line}: field 'question_id' must be int, got {qid!r}")
         keys = (text_key,) if text_key else ANSWER_TEXT_KEYS
@@ -117,6 +116,17 @@ def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
     if not out:  # every question would be "missing": a wrong or truncated file, not a result
         raise InvalidInput(f"{p}: no answers in file")
     return out
+
+
+def _flag_empty(metrics: dict[str, Any], answers: list[Answer], par: AnswerParser) -> None:
+    """Count the empty (or blank) answers: a parser scores them by its rule (``official``: yes), but a file
+    full of them is a failed generation, not a result, so the count is reported, never left silent."""
+    empty = sum(1 for a in answers if not a.text.strip())
+    metrics["empty"] = empty
+    if empty:
+        as_what = "wrong" if par.needs_label else (par.parse("") or "unknown")  # vcd_substring: wrong either way
+        metrics["flags"].append(f"{empty} of {len(answers)} answers are empty (parser {par.name} counts them as "
+                                f"{as_what})")
 
 
 def score_answers(
@@ -147,6 +157,7 @@ def score_answers(
     metrics["missing"] = missing
     if missing:
         metrics["flags"].append(f"{missing} of {len(questions)} questions have no answer")
+    _flag_empty(metrics, answers, par)
     metrics["parser"] = par.name  # type: ignore[attr-defined]
     return metrics
 
@@ -179,6 +190,7 @@ def score_llava_answers(
         m["missing"] = sum(1 for s, _ in labels.values() if s == split) - len(ps)
         if m["missing"]:
             m["flags"].append(f"{m['missing']} questions of {split} have no answer")
+        _flag_empty(m, [a for a in answers if labels[a.question_id][0] == split], par)
         m["parser"] = par.name  # type: ignore[attr-defined]
         out[split] = m
     return out

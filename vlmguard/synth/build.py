@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from vlmguard.errors import InvalidInput
 from vlmguard.synth.pope import write_pope_files
 from vlmguard.synth.render import render_scene
 from vlmguard.synth.text import reference_captions, training_records
@@ -120,11 +121,13 @@ def build_dataset(out: str | os.PathLike, seed: int = 0, train: int = DEFAULT_CO
     params = params or WorldParams()
     params.validate()
     out = Path(out)
+    counts = {"train": train, "val": val, "test": test}
     out.mkdir(parents=True, exist_ok=True)
     if (out / BUILD_MARKER).is_file() or _is_synthcoco_manifest(out / "manifest.json"):
         _clear_previous_build(out)
+    else:
+        _refuse_to_overwrite(out, counts)
     (out / BUILD_MARKER).write_text("written by `vlmguard synth build`; a rebuild here replaces its files\n")
-    counts = {"train": train, "val": val, "test": test}
     for split in SPLITS:
         if counts[split] <= 0:
             continue
@@ -162,6 +165,27 @@ def _is_synthcoco_manifest(path: Path) -> bool:
         return json.loads(path.read_text(encoding="utf-8")).get("name") == "SynthCOCO"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _refuse_to_overwrite(out: Path, counts: dict[str, int]) -> None:
+    """A folder no build wrote keeps its files: a build that would overwrite one of them (a ``manifest.json``,
+    an ``annotations/instances_test.json``, ... of someone else's) is refused before anything is written."""
+    paths = [out / "manifest.json"]
+    for split in SPLITS:
+        if counts[split] <= 0:
+            continue
+        paths += [out / "annotations" / f"instances_{split}.json", out / "annotations" / f"captions_{split}.json",
+                  out / "text" / f"{split}.jsonl"]
+        img_dir = out / "images" / split
+        if img_dir.is_dir():
+            paths += [img_dir / image_file_name(split, SPLIT_ID_BASE[split] + i + 1) for i in range(counts[split])]
+    if counts["test"] > 0:
+        paths += [out / "pope" / f"synthcoco_pope_{s}.json" for s in ("random", "popular", "adversarial")]
+    taken = [str(p.relative_to(out)) for p in paths if p.exists()]
+    if taken:
+        names = ", ".join(taken[:3]) + (", ..." if len(taken) > 3 else "")
+        raise InvalidInput(f"{out}: not a SynthCOCO build, and a build would overwrite {len(taken)} of its files "
+                           f"({names}); choose an empty or new folder")
 
 
 def _clear_previous_build(out: Path) -> None:

@@ -65,15 +65,26 @@ def load_scenes(data_dir: str | Path, split: str) -> dict[int, SceneFacts]:
     path = Path(data_dir) / "annotations" / f"instances_{split}.json"
     if not path.is_file():
         raise InvalidInput(f"{path}: not found (a SynthCOCO directory written by `vlmguard synth build`?)")
-    inst = json.loads(path.read_text())
+    try:
+        inst = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8 text
+        raise InvalidInput(f"{path}: cannot read it as JSON ({e})") from None
+    images = inst.get("images") if isinstance(inst, dict) else None
+    if not isinstance(images, list):
+        raise InvalidInput(f"{path}: not a COCO instances file (no 'images' list)")
     facts = {}
-    for im in inst["images"]:
-        if "scene_objects" not in im or "scene_type" not in im:
-            raise InvalidInput(f"{path}: image {im.get('id')} has no scene graph (not a SynthCOCO split)")
-        objs = im["scene_objects"]
-        visible = frozenset(BY_ID[o["category_id"]].name for o in objs if o["visible"])
-        invisible = frozenset(BY_ID[o["category_id"]].name for o in objs if not o["visible"]) - visible
-        facts[int(im["id"])] = SceneFacts(im["scene_type"], visible, invisible)
+    for im in images:
+        if not isinstance(im, dict) or "scene_objects" not in im or "scene_type" not in im:
+            raise InvalidInput(f"{path}: image {im.get('id') if isinstance(im, dict) else im!r} has no scene graph "
+                               f"(not a SynthCOCO split)")
+        try:
+            objs = [(BY_ID[o["category_id"]].name, bool(o["visible"])) for o in im["scene_objects"]]
+            image_id = int(im["id"])
+        except (KeyError, TypeError, ValueError) as e:  # a missing field, an unknown category id, a bad id
+            raise InvalidInput(f"{path}: image {im.get('id')}: bad scene graph ({type(e).__name__}: {e})") from None
+        visible = frozenset(name for name, vis in objs if vis)
+        invisible = frozenset(name for name, vis in objs if not vis) - visible
+        facts[image_id] = SceneFacts(str(im["scene_type"]), visible, invisible)
     return facts
 
 
