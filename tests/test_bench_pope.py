@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,13 @@ def test_llava_8910_answers_scored_by_category_and_order(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"]
     assert out["adversarial"]["accuracy"] == 100.0 and out["popular"]["n"] == 3000
     assert out["random"]["n"] == 2910 and out["random"]["tp"] + out["random"]["tn"] == 2900
+    # the text form shows each split's notes too (it showed the missing count only)
+    recs = [json.loads(line) for line in ans.read_text().splitlines()]
+    recs[0]["text"] = ""
+    ans.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["score", "pope", "--answers", str(ans), "--questions", str(e3 / "llava_pope_test.reconstructed.jsonl"),
+                 "--label-dir", str(e3)]) == 0
+    assert re.search(r"\n  note: 1 of 3000 answers are empty", capsys.readouterr().out)  # (the first is adversarial)
 
 
 # ---- regression: parser-specific handling of unknown answers (reviewed against the references) --------

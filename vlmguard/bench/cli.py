@@ -406,6 +406,9 @@ def _score_llava(args: argparse.Namespace, answers) -> int:
         for split, m in per_split.items():
             print(f"{split:<12} acc {_f(m['accuracy'])} P {_f(m['precision'])} R {_f(m['recall'])} "
                   f"F1 {_f(m['f1'])} yes {_f(m['yes_ratio'])} (n={m['n']}, missing {m['missing']})")
+            for flag in m.get("flags") or []:  # (the missing count is on the line above)
+                if "have no answer" not in flag:
+                    print(f"  note: {flag}")
     return 0
 
 
