@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, VlmguardError
 
 
 def _print_json(obj: Any) -> None:
@@ -81,11 +81,18 @@ def _job_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from vlmguard.workers.config import load_config, local_gpus
-    from vlmguard.workers.launch import DIRECT_INGRESS_ENV, apply_overrides, start_detached_cluster, start_service
+    from vlmguard.workers.launch import (DIRECT_INGRESS_ENV, apply_overrides, check_cluster_address, check_port_free,
+                                         start_detached_cluster, start_service)
 
     if args.stop:
         from vlmguard.workers.ray_auth import use_local_auth_token
 
+        if args.address:
+            try:
+                check_cluster_address(args.address)
+            except VlmguardError:
+                print(f"no Ray cluster is running at {args.address}: nothing to stop")
+                return 0
         use_local_auth_token()
         import ray
         from ray import serve
@@ -108,6 +115,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "batch_mode": f"--batch-mode {args.batch_mode}"})  # a bad override fails here, before Ray starts
     address = args.address
+    if args.num_cpus is not None and args.num_cpus < 0:
+        raise InvalidInput(f"--num-cpus {args.num_cpus}: expected a number of CPUs >= 0")
+    if address:
+        check_cluster_address(address)  # nothing there: one line now, not minutes of Ray retrying
+    elif not args.detach:  # a cluster of our own: its ports must be free (Serve would share a busy HTTP port)
+        check_port_free(config.host, config.port, "HTTP port (--host/--port)")
+        check_port_free("127.0.0.1", args.dashboard_port, f"--dashboard-port {args.dashboard_port}")
     if not address:  # the replicas run on this machine: a model they could not load fails here, in one line
         from vlmguard.models.resolve import resolve_model_path
 

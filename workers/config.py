@@ -178,14 +178,20 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ServiceConfig:
     http: dict[str, Any] = {}
     if "applications" in data:
         apps = data.get("applications") or []
+        if not isinstance(apps, list):
+            raise InvalidInput(f"{source}: applications: expected a list of applications")
         ours = [a for a in apps if isinstance(a, dict) and str(a.get("import_path", "")).startswith("vlmguard.workers")]
         if not ours:
             raise InvalidInput(f"{source}: no application with import_path vlmguard.workers.app:build_app")
         app = ours[0]
+        if not isinstance(app.get("args") or {}, dict):
+            raise InvalidInput(f"{source}: the application's args: expected a mapping (a ServiceConfig)")
         args = dict(app.get("args") or {})
         args.setdefault("app_name", app.get("name", "vlmguard"))
         args.setdefault("route_prefix", app.get("route_prefix", "/"))
         http = data.get("http_options") or {}
+        if not isinstance(http, dict):
+            raise InvalidInput(f"{source}: http_options: expected a mapping")
         for key in ("host", "port"):
             if key in http:
                 args.setdefault(key, http[key])

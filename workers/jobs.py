@@ -159,13 +159,26 @@ def submit_bench(bench_argv: list[str], *, address: str | None = None, python: s
             time.sleep(1.0)
 
 
+def status_message(message: str | None) -> str | None:
+    """A job's status message in one line: Ray appends a failed job's last logs to it; the job's own error line
+    (``vlmguard: error: ...``, what ``bench_job`` prints), else its last ``XError: ...`` line, says why."""
+    if not message or "\n" not in message.strip():
+        return message
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    head = lines[0].split(", last available logs")[0].rstrip(":")
+    ours = [line.split("vlmguard: error: ", 1)[1] for line in lines if "vlmguard: error: " in line]
+    why = ours[-1] if ours else next((m.group(1) for line in reversed(lines) if (m := _EXC_LINE.match(line))), None)
+    return f"{head}: {why}" if why else head
+
+
 def status(job_id: str, address: str | None = None) -> dict[str, Any]:
     c = client(address)
     try:
         info = c.get_job_info(job_id)
     except Exception as e:  # noqa: BLE001 - unknown id and friends
         raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
-    return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
+    return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)),
+            "message": status_message(info.message),
             "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
 
 

@@ -12,6 +12,7 @@ throughput comparisons).
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.workers.config import ServiceConfig
+from vlmguard.workers.jobs import error_text
 from vlmguard.workers.ray_auth import use_local_auth_token
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -36,6 +38,36 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """Bind ``host:port`` now, as a server about to listen there would, so a busy or unusable port is one line
+    before Ray starts. Serve's proxies bind with SO_REUSEPORT: a second service on the port of a running one
+    would share it silently (requests split between the two); this probe does not, so it is refused."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        hint = "; is a service already running there? pick another port" if isinstance(e, OSError) and \
+            e.errno == errno.EADDRINUSE else ""
+        raise InvalidInput(f"{option}: cannot listen on {host}:{port} ({reason}){hint}") from None
+
+
+def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` cluster address where nothing answers is one line now (``ray.init`` would retry for
+    minutes); ``auto`` and URL-style (``ray://``) addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise VlmguardError(f"no Ray cluster answers at {address} ({reason})") from None
 
 
 @dataclass
@@ -148,6 +180,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
         return False, _dashboard_url(ctx)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        check_cluster_address(address)
         use_local_auth_token()
         ctx = ray.init(address=address, log_to_driver=False)
         return False, _dashboard_url(ctx)
@@ -179,6 +212,8 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
 
     from vlmguard.workers.app import build_app
 
+    if port is None and config is not None and config.port == 0:  # port 0 in the config: a free port, too
+        port = 0
     config = apply_overrides(config or ServiceConfig(), batching=batching,
                              port=free_port(config.host if config else "127.0.0.1") if port == 0 else port)
     owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port,
@@ -193,7 +228,7 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
             ray.shutdown()
         if isinstance(e, VlmguardError):
             raise
-        raise VlmguardError(f"could not start the service: {type(e).__name__}: {e}") from e
+        raise VlmguardError(f"could not start the service: {type(e).__name__}: {error_text(e, 500)}") from e
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '') else config.host}:{_serve_port(config)}"
     url += config.route_prefix.rstrip("/")
     svc = Service(url=url, config=config, dashboard_url=dash, owns_cluster=owns)
