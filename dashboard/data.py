@@ -11,9 +11,8 @@ import html
 import json
 import math
 import re
-import sqlite3
 from dataclasses import dataclass, field
-from functools import lru_cache, wraps
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -21,7 +20,6 @@ import pandas as pd
 
 from vlmguard.bench import db as dbm
 from vlmguard.bench.report import flatten, is_partial, status_cell
-from vlmguard.errors import InvalidInput
 
 # Columns of the leaderboard, in display order (metrics are percentages; times in milliseconds).
 KNOB_COLUMNS = ("model", "dataset", "benchmark", "split", "variant", "pruning", "budget", "pruning_params",
@@ -69,10 +67,9 @@ def db_state(path: str | Path) -> str:
     """``missing`` (no file), ``empty`` (no runs yet) or ``ready``; InvalidInput for a file that is not a readable
     results database, or a directory (``vlmguard bench --db`` there would fail too)."""
     p = Path(path)
-    if p.is_dir():
-        raise InvalidInput(f"{p}: is a directory, expected an SQLite file")
-    if not p.is_file():
+    if not p.exists():
         return "missing"
+    dbm.require_db_file(p)  # a directory is an error, not a database to be written yet
     return "ready" if len(load_runs(p)) else "empty"
 
 
@@ -84,20 +81,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return _load_runs_cached(str(p), db_version(p)).copy()
 
 
-def _readable(load):
-    """A read of the database whose SQLite error (a damaged file: ``database disk image is malformed``, often
-    only once a page of samples is read) is an InvalidInput, which the pages show as a message."""
-    @wraps(load)
-    def read(path: str, *args: Any) -> Any:
-        try:
-            return load(path, *args)
-        except sqlite3.DatabaseError as e:
-            raise InvalidInput(f"{path}: {e}") from None
-    return read
-
-
 @lru_cache(maxsize=16)
-@_readable
 def _load_runs_cached(path: str, version: tuple[int, int, int, int]) -> pd.DataFrame:
     return _runs_frame(dbm.list_runs(path))
 
@@ -133,13 +117,12 @@ def load_samples(path: str | Path, run_id: str) -> list[dict[str, Any]]:
 
 
 @lru_cache(maxsize=32)
-@_readable
 def _load_samples_cached(path: str, run_id: str, version: tuple[int, int, int, int]) -> tuple[dict[str, Any], ...]:
     return tuple(dbm.run_samples(path, run_id))
 
 
 def load_run(path: str | Path, run_id: str) -> dict[str, Any]:
-    return _readable(dbm.get_run)(str(Path(path).expanduser().resolve()), run_id)
+    return dbm.get_run(str(Path(path).expanduser().resolve()), run_id)
 
 
 def clear_caches() -> None:
@@ -464,7 +447,6 @@ def comparisons(path: str | Path, baseline: str, shown: pd.DataFrame) -> pd.Data
 
 
 @lru_cache(maxsize=8)
-@_readable
 def _comparisons_cached(path: str, baseline: str, version: tuple[int, int, int, int]) -> pd.DataFrame:
     from vlmguard.bench.compare import compare_runs
     from vlmguard.errors import InvalidInput

@@ -310,13 +310,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(k: int, first: dict[str, Any], gen: Any) -> None:
-            try:
+            try:  # (a backend that fails mid-stream comes out of events() as this choice's error event)
                 async for ev in events(first, gen):
                     await queue.put((k, ev))
                     if ev.get("done") or "error" in ev:
                         break
-            except Exception as e:  # noqa: BLE001 - sent to the client as this choice's error event
-                await queue.put((k, _internal_error_event(e)))
             finally:
                 await queue.put((k, None))
 

@@ -16,21 +16,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from vlmguard.bench.db import DEFAULT_DB
+from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
-
-
-def _budget(text: str) -> int | float:
-    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
-    from vlmguard.spec import parse_budget
-
-    try:
-        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -66,7 +58,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s; "
                    "a run's identity includes it when not float32)")
     g.add_argument("--pruning", default="none", help="visual-token pruner (default: none)")
-    g.add_argument("--budget", type=_budget, help="visual tokens kept (int) or kept fraction (float)")
+    g.add_argument("--budget", type=budget_arg, help="visual tokens kept (int) or kept fraction (float)")
     g.add_argument("--pruning-param", action="append", default=[], metavar="K=V", help="pruner parameter (repeat)")
     g.add_argument("--decoding", default="greedy", help="decoding method (default: greedy)")
     g.add_argument("--decoding-param", "--param", dest="decoding_param", action="append", default=[], metavar="K=V",
@@ -253,22 +245,22 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _resumable(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command that writes the results database; on SIGTERM say so in one line and exit 143."""
-    try:
-        with _sigterm_unwinds():
-            return command(args)
-    except Terminated:
-        print("vlmguard: terminated (SIGTERM); the samples stored so far are kept: rerun the same command to resume",
-              file=sys.stderr)
-        return 128 + signal.SIGTERM
+def _resumable(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that writes the results database, which on SIGTERM says so in one line and exits 143."""
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with _sigterm_unwinds():
+                return command(args)
+        except Terminated:
+            print("vlmguard: terminated (SIGTERM); the samples stored so far are kept: rerun the same command to "
+                  "resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
+    return run
 
 
+@_resumable
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _resumable(_bench, args)
-
-
-def _bench(args: argparse.Namespace) -> int:
     from vlmguard.bench.db import check_db
     from vlmguard.bench.runner import run_benchmark
     from vlmguard.engine import Engine
@@ -335,11 +327,8 @@ def _metrics_key(o) -> str:
     return str(o.split)
 
 
+@_resumable
 def cmd_sweep(args: argparse.Namespace) -> int:
-    return _resumable(_sweep, args)
-
-
-def _sweep(args: argparse.Namespace) -> int:
     from vlmguard.bench.sweep import run_sweep
 
     t0 = time.perf_counter()

@@ -41,6 +41,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -140,12 +141,15 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
             return conn
         except sqlite3.DatabaseError as e:
             conn.close()
-            if _is_readonly(e):
-                # A file this process may not write (another user's results, a read-only mount): a reader
-                # (report, compare, dashboard) opens it read-only without the schema script's write; a
-                # writer fails naming the cause rather than calling the file "not a results database".
+            unable = isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e)
+            if _is_readonly(e) or (unable and not _writable(p)):
+                # A file this process may not write (another user's results, a read-only folder or mount, where
+                # SQLite can create neither the file nor a WAL database's -shm): a reader (report, compare,
+                # dashboard) opens it read-only without the schema script's write; a writer fails naming the
+                # cause rather than calling the file "not a results database".
                 if create:
-                    raise InvalidInput(f"{p}: the results database (or its folder) is read-only, cannot write results to it") from None
+                    raise InvalidInput(f"{p}: the results database (or its folder) is read-only, "
+                                       "cannot write results to it") from None
                 return _connect_readonly(p)
             # Opening a new database while other connections open it too (two shards of one job, a
             # reader watching it) can hit SQLITE_BUSY in the journal-mode switch or the schema script
@@ -157,13 +161,7 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
             if _is_busy(e):
                 raise InvalidInput(f"{p}: the results database stayed locked for {BUSY_TIMEOUT_S:.0f} s "
                                    f"(another process is writing it?)") from None
-            if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
-                if not _writable(p):
-                    # a read-only folder or mount: SQLite can create neither the file nor a WAL database's -shm
-                    if create:
-                        raise InvalidInput(f"{p}: the results database (or its folder) is read-only, "
-                                           "cannot write results to it") from None
-                    return _connect_readonly(p)
+            if unable:
                 raise InvalidInput(f"{p}: cannot open the results database ({e})") from None
             raise InvalidInput(f"{p}: not a vlmguard results database ({e})") from None
 
@@ -221,14 +219,20 @@ def _schema_problem(conn: sqlite3.Connection, *, create: bool) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _schema_columns() -> dict[str, frozenset[str]]:
+    """The columns of this version's ``runs`` and ``samples`` tables, read from ``_SCHEMA`` itself."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(_SCHEMA)
+        return {t: frozenset(r[1] for r in mem.execute(f"PRAGMA table_info({t})")) for t in ("runs", "samples")}
+    finally:
+        mem.close()
+
+
 def _missing_columns(conn: sqlite3.Connection) -> str | None:
     """The columns a writer needs that the (migrated) database lacks, in words, or None."""
-    need = {
-        "runs": {*RUN_COLUMNS, "run_id", "knobs", "package_version", "n_expected", "status", "metrics", "created_at",
-                 "updated_at", "finished_at"},
-        "samples": {*SAMPLE_COLUMNS, "id", "run_id", "created_at"},
-    }
-    for table, cols in need.items():
+    for table, cols in _schema_columns().items():
         lacking = cols - {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if lacking:
             return f"its {table} table has no {', '.join(sorted(lacking))} column"

@@ -6,7 +6,7 @@ import json
 import sys
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
-from vlmguard.spec import GenerationSpec, parse_params
+from vlmguard.spec import GenerationSpec, parse_budget, parse_params
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning", default="none", help="visual-token pruning method")
-    p.add_argument("--budget", type=_budget, default=None,
+    p.add_argument("--budget", type=budget_arg, default=None,
                    help="visual tokens kept per request, shared by its images (int), or kept fraction (0 < r <= 1)")
     p.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--decoding", default="greedy", help="decoding method")
@@ -39,12 +39,11 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="divides (multiplies, when negative) the scores of tokens the answer already has; 1 = off")
 
 
-def _budget(text: str) -> int | float:
-    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
-    from vlmguard.spec import parse_budget
-
+def budget_arg(text: str) -> int | float:
+    """The argparse type of every ``--budget`` (generate, bench, perf): visual tokens kept or the kept fraction
+    (:func:`vlmguard.spec.parse_budget`); a budget out of range is left to GenerationSpec's one-line error."""
     try:
-        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
+        return parse_budget(text, check=False)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

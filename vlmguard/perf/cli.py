@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any
 
+from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
 
 DEFAULT_SHAPE = "llava-1.5-7b-cpu"
@@ -36,16 +37,6 @@ def _method_list(text: str) -> list[str]:
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list")
     return items  # each one is parsed (with a one-line error for a bad one) by perf.prefill.parse_method
-
-
-def _budget(text: str) -> int | float:
-    """``--budget``: visual tokens kept or the kept fraction (:func:`vlmguard.spec.parse_budget`)."""
-    from vlmguard.spec import parse_budget
-
-    try:
-        return parse_budget(text, check=False)  # a budget out of range is the spec's one-line error
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -97,7 +88,7 @@ def register(subparsers) -> None:
     p.add_argument("--methods", type=_method_list, default=["none", "flowcut", "adaptinfer", "fastv", "random"],
                    help="comma-separated pruning methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
                         "(e.g. flowcut[qwen_vit_keep=0])")
-    p.add_argument("--budgets", type=_csv(_budget), default=[192, 128, 64])
+    p.add_argument("--budgets", type=_csv(budget_arg), default=[192, 128, 64])
     p.add_argument("--batch", type=_positive, default=1)
     p.set_defaults(func=cmd_prefill)
 
@@ -109,7 +100,7 @@ def register(subparsers) -> None:
                         "(e.g. vcd[alpha=0.5])")
     d.add_argument("--batch", type=_csv(_positive), default=[1, 8], help="batch sizes, e.g. 1,8")
     d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
-    d.add_argument("--budget", type=_budget, default=None)
+    d.add_argument("--budget", type=budget_arg, default=None)
     d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
     d.set_defaults(func=cmd_decode)
 
