@@ -80,7 +80,8 @@ def test_a_foreign_sqlite_file_is_refused_in_one_line_and_left_untouched(tmp_pat
         dbm.check_db(db)
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vlmguard: error:") and "not a vlmguard results database" in err and len(err.splitlines()) == 1
+    assert err.startswith("vlmguard: error:") and "not a vlmguard results database" in err
+    assert len(err.splitlines()) == 1
     with pytest.raises(InvalidInput, match="not a vlmguard results database"):
         run_benchmark(FakeEngine(), "pope", synth_dataset(SYNTH), default_spec("pope"), db, split="random",
                       progress=False)

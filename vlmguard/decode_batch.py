@@ -9,7 +9,8 @@ runs one decode forward for the rest (every branch row at once).
 In-flight batching: ``absorb(other)`` merges another prefilled batch (the same pruner and *joinable* decoder;
 each request keeps its own length, stop strings and token selection) into this one between two steps, so
 requests that arrive while a batch decodes join it instead of waiting for it to finish. Rows come in one block
-per cohort (below), in the order the cohorts joined; inside a block they are branch-major (row ``k * n + j`` of the block is branch k of the cohort's request j), so cohorts
+per cohort (below), in the order the cohorts joined; inside a block they are branch-major (row ``k * n + j`` of
+the block is branch k of the cohort's request j), so cohorts
 may have different branches (LQCD's count depends on its requests). The merged cache left-pads the
 shorter side with masked slots (``LayerRunner.merge``), and every request keeps its own RoPE positions,
 so a request's tokens are those it would get alone.
