@@ -6,6 +6,7 @@ probabilities (tokens the decoder changed are marked).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterator
 
 import streamlit as st
@@ -60,13 +61,31 @@ def render() -> None:
     spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection)
     family = status.families.get(model)
     client = service_client(cfg)
+    inputs = _inputs(model, prompt, image, spec)
     if go:
-        st.session_state[RESULTS_KEY] = _run(client, model, prompt, image, spec, compare, family)
+        st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, family), "inputs": inputs}
     shown = st.session_state.get(RESULTS_KEY)
     if shown and not go:
+        then = shown.get("inputs") or {}
+        changed = [k for k, v in inputs.items() if then.get(k) != v]
+        if changed:  # kept for comparison, but never shown as if they answered the current input
+            was = f" (prompt then: “{_clip(then['prompt'])}”)" if "prompt" in changed and then.get("prompt") else ""
+            what = " and ".join([", ".join(changed[:-1]), changed[-1]] if len(changed) > 1 else changed)
+            st.warning(f"Stale results: the {what} changed since these were computed{was}. "
+                       "Press Generate for the current input.")
         _show_all(shown, image_from=shown["image"], family=shown["family"], streamed=False)
     if objects:
         st.caption("Objects visible in this scene: " + ", ".join(objects))
+
+
+def _inputs(model: str, prompt: str, image: Image.Image, spec: dict[str, Any]) -> dict[str, Any]:
+    """What a result was computed for (the image by a digest of its pixels), to tell when results are stale."""
+    digest = hashlib.sha256(image.tobytes()).hexdigest()
+    return {"image": (image.size, image.mode, digest), "prompt": prompt, "model": model, "settings": spec}
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _selection_inputs() -> dict[str, Any]:

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from vlmguard.models.base import Prompt
+from vlmguard.spec import MethodParams
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoParams(MethodParams):
+    """A method without parameters (any key is refused)."""
 
 
 @dataclass

@@ -19,20 +19,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.decoding.contrast import active_rows, contrast, log_probs, select_rows
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.models.base import Prompt
-from vlmguard.spec import GeneratorSeed
+from vlmguard.spec import GeneratorSeed, MethodParams, text_not_blank
 
 Rule = Literal["R1", "R2", "R3", "R4"]
 
 
-class IAVAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class IAVAParams(MethodParams):
     alpha: float = Field(1.0, ge=0.0, le=10.0, description="contrast strength")
     beta: float = Field(0.1, ge=0.0, le=1.0, description="plausibility cutoff")
     lam: float = Field(1.0, ge=0.0, le=10.0, description="std multiplier of the selection threshold")
@@ -43,6 +41,15 @@ class IAVAParams(BaseModel):
     mask_value: Literal["zeros", "ones", "noise"] = "zeros"
     fixed_layers: list[int] | None = Field(None, min_length=1, description="use these layers instead of S")
     noise_seed: GeneratorSeed = 0
+
+    _text_not_blank = field_validator("generic_instruction")(text_not_blank)
+
+    @field_validator("fixed_layers")
+    @classmethod
+    def _layers_once(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):  # a repeated layer would count twice in the average
+            raise ValueError(f"names a layer twice: {v}")
+        return v
 
 
 def select_layers(mass: torch.Tensor, gamma: float) -> list[int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs, values_on
 from vlmguard.decoding.contrast import contrast, log_probs
@@ -31,11 +31,10 @@ from vlmguard.decoding.neutralizer import leading_variants, neutralize
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
+from vlmguard.spec import MethodParams, text_not_blank
 
 
-class LQCDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LQCDParams(MethodParams):
     alpha: float = Field(1.0, ge=0.0, le=10.0, description="contrast strength")
     beta: float = Field(0.1, ge=0.0, le=1.0, description="plausibility cutoff on the neutral (expert) branch")
     one_sided: bool = Field(False, description="only suppress tokens the leading query raises")
@@ -45,6 +44,8 @@ class LQCDParams(BaseModel):
     neutralizer: Literal["rules", "none"] = Field("rules", description="strip cues from leading queries")
     neutral_mode: Literal["auto", "symmetric", "expectation", "off"] = Field(
         "auto", description="amateurs for neutral queries: auto = symmetric (polar) / expectation (open)")
+
+    _text_not_blank = field_validator("neutral_text")(text_not_blank)
 
 
 @DECODERS.register("lqcd")

@@ -15,17 +15,18 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs, plausibility_mask
 from vlmguard.decoding.contrast import active_rows, finalize, log_probs, select_rows
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import image_free_prompt
 from vlmguard.models.base import Prompt
+from vlmguard.spec import MethodParams
 
 
-class M3IDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class M3IDParams(MethodParams):
+    model_config = ConfigDict(populate_by_name=True)
 
     lam: float = Field(0.02, ge=0.0, le=1.0, alias="lambda", description="forgetting rate lambda")
     alpha: float = Field(0.3, ge=0.0, le=1.0, description="confidence gate: correct when top-1 prob < alpha")

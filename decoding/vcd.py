@@ -12,7 +12,7 @@ plainly (``applied`` false in the report).
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.decoding.contrast import active_rows, contrast, log_probs, select_rows
@@ -20,11 +20,10 @@ from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import (diffusion_noise, image_seed, noise_coefficients, noised_image,
                                      processor_geometry)
 from vlmguard.models.base import Prompt
+from vlmguard.spec import MethodParams
 
 
-class VCDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class VCDParams(MethodParams):
     alpha: float = Field(1.0, ge=0.0, le=10.0, description="contrast strength (0 = no contrast)")
     beta: float = Field(0.1, ge=0.0, le=1.0, description="plausibility cutoff relative to the top clean token")
     noise_step: int = Field(500, ge=0, le=999, description="diffusion step of the distortion (of 1000)")

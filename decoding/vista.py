@@ -24,17 +24,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from vlmguard.decoding.base import Combined, DecodeContext, Decoder, OwnedRows, StepInputs, owned_rows
 from vlmguard.decoding.contrast import log_probs
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.decoding.views import image_free_prompt
+from vlmguard.spec import MethodParams
 
 
-class VISTAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class VISTAParams(MethodParams):
     vsv_lambda: float = Field(0.1, ge=0.0, le=1.0, description="steering strength (0 = VSV off)")
     sla_alpha: float = Field(0.3, ge=0.0, le=1.0, description="self-logits mixing weight (0 = SLA off)")
     sla_window: int | None = Field(None, ge=1, description="window size w (None: round(0.19 * layers))")
@@ -44,6 +43,7 @@ class VISTAParams(BaseModel):
     reference_pca_quirk: bool = Field(True, description="add 1.0 to v_0[0] as the reference code does")
     vsv_decode_only: bool = Field(False, description="not reference behaviour: steer generated tokens only; the "
                                   "request's own (unsteered) prefill serves as P+, one prefill fewer")
+
 
     @model_validator(mode="after")
     def _check_layers(self) -> "VISTAParams":

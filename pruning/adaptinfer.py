@@ -27,21 +27,20 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
-from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data
+from vlmguard.pruning.adaptinfer_schedule import Schedule, make_schedule, schedule_data, validate
 from vlmguard.pruning.base import RENUMBER_FAMILIES, PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (keep_mask_from_positions, pad_rows, record_stage, report_position_scores,
                                      text_after_vision, top_sorted)
 from vlmguard.sequence import Seq
+from vlmguard.spec import MethodParams
 
 
-class AdaptInferParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AdaptInferParams(MethodParams):
     layers: list[int] | None = Field(None, description="stage layers (0-based); default: see schedules")
     keeps: list[int] | None = Field(None, description="visual tokens left after each stage (needs layers)")
     schedule: str | dict | None = Field(None, description="schedule JSON written by `vlmguard prune analyze`: its "
@@ -57,8 +56,15 @@ class AdaptInferParams(BaseModel):
     # one fails here, before any model work); every row's schedule is made from this copy: (data, source label)
     _schedule: tuple[dict, str] | None = PrivateAttr(None)
 
+
     @model_validator(mode="after")
     def _load_schedule(self) -> "AdaptInferParams":
+        # explicit layers / keeps: what can be checked without the model, here (their range at the model's depth
+        # when the schedule is made)
+        if self.keeps is not None and self.layers is None:
+            raise InvalidInput("adaptinfer: 'keeps' needs explicit 'layers'")
+        if self.layers is not None:
+            validate(self.layers, self.keeps, None)
         self._schedule = None if self.schedule is None else schedule_data(self.schedule)
         return self
 

@@ -183,12 +183,17 @@ def solve_keeps(layers: Sequence[int], budget: int, n_visual: int, n_layers: int
     return best[2]
 
 
-def validate(layers: Sequence[int], keeps: Sequence[int] | None, n_layers: int) -> None:
+def validate(layers: Sequence[int], keeps: Sequence[int] | None, n_layers: int | None) -> None:
+    """Stage layers and keep counts, checked; ``n_layers`` None: only what needs no model (when the parameters
+    are validated, before any model work)."""
     if not layers:
         raise InvalidInput("adaptinfer: at least one stage layer is needed")
     if list(layers) != sorted(set(layers)):
         raise InvalidInput(f"adaptinfer: stage layers must be strictly increasing, got {list(layers)}")
-    if layers[0] < 0 or layers[-1] >= n_layers - 1:
+    if n_layers is None:
+        if layers[0] < 0:
+            raise InvalidInput(f"adaptinfer: stage layers must be >= 0, got {list(layers)}")
+    elif layers[0] < 0 or layers[-1] >= n_layers - 1:
         raise InvalidInput(f"adaptinfer: stage layers must lie in [0, {n_layers - 2}] for a "
                            f"{n_layers}-layer model, got {list(layers)}")
     if keeps is not None:
@@ -237,6 +242,8 @@ def schedule_data(schedule: str | dict) -> tuple[dict, str]:
     """(checked schedule, its source label) from a file path or an inline schedule object."""
     if isinstance(schedule, dict):
         return check_schedule(schedule, "schedule"), "inline"
+    if not schedule.strip():  # Path("") is the current directory: "cannot read schedule file ." would follow
+        raise InvalidInput("adaptinfer: 'schedule' is empty: give a schedule file's path or an inline schedule")
     return load_schedule_file(schedule), f"file:{schedule}"
 
 

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
 from vlmguard.sequence import Seq
+from vlmguard.spec import MethodParams
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoParams(MethodParams):
+    """A method without parameters (any key is refused)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
@@ -27,11 +27,10 @@ from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (column_mean_attention, keep_mask_from_positions, last_query_rows, layer_queries,
                                      record_stage, report_position_scores, top_sorted)
 from vlmguard.sequence import Seq
+from vlmguard.spec import MethodParams
 
 
-class FastVParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FastVParams(MethodParams):
     K: int = Field(2, ge=1, description="first layer that sees the pruned sequence (scores from layer K-1)")
     query: Literal["last", "all"] = "last"
 

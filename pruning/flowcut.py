@@ -33,7 +33,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from vlmguard.attention import ScoreRequest
 from vlmguard.errors import InvalidInput
@@ -44,13 +44,12 @@ from vlmguard.pruning.registry import PRUNERS
 from vlmguard.pruning.scores import (keep_mask_from_positions, last_query_rows, record_stage, report_position_scores,
                                      report_visual_scores, top_sorted)
 from vlmguard.sequence import Seq
+from vlmguard.spec import MethodParams
 
 CLIP_FAMILIES = ("llava", "llava_next")
 
 
-class FlowCutParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FlowCutParams(MethodParams):
     history: float = Field(0.5, ge=0.0, le=1.0, description="running-score weight of the history")
     prune_every: int = Field(2, ge=1, description="prune when (f - l) % prune_every == 0")
     llm_layer: int = Field(1, ge=0, description="stage-L decoder layer (LLaVA-NeXT / Qwen2-VL)")
@@ -65,6 +64,7 @@ class FlowCutParams(BaseModel):
     qwen_vit_unit: Literal["block", "patch"] = Field(
         "block", description="Qwen2-VL ViT cuts: whole merge blocks at their own positions (ours), or raw patches "
                              "merged four consecutive survivors at a time at the first grid positions (reference)")
+
 
     @field_validator("qwen_vit_keep")
     @classmethod

@@ -8,16 +8,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+
 
 from vlmguard.pruning.base import PruneContext, Pruner
 from vlmguard.pruning.registry import PRUNERS
-from vlmguard.spec import GeneratorSeed
+from vlmguard.spec import GeneratorSeed, MethodParams
 
 
-class RandomParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RandomParams(MethodParams):
     seed: GeneratorSeed = 0
     # "compact": kept tokens get contiguous positions, as if the input were physically shorter (as FlowCut);
     # "original": they keep their original RoPE positions.

@@ -13,3 +13,18 @@ SHARED = Path(os.environ.get("VLMGUARD_SHARED", ROOT.parent / "shared"))
 def shared_dir() -> Path:
     assert SHARED.exists(), f"shared/ not found beside the repo at {SHARED}"
     return SHARED
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything would start or join a Ray cluster."""
+    import ray
+
+    from vlmguard.workers import launch
+
+    def boom(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(launch, "start_service", boom)
+    monkeypatch.setattr(launch, "start_detached_cluster", boom)
+    monkeypatch.setattr(ray, "init", boom)

@@ -13,19 +13,6 @@ from vlmguard.workers import jobs, launch
 from vlmguard.workers.config import ServiceConfig, parse_config
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything would start or join a Ray cluster."""
-    import ray
-
-    def boom(*a, **k):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(launch, "start_service", boom)
-    monkeypatch.setattr(launch, "start_detached_cluster", boom)
-    monkeypatch.setattr(ray, "init", boom)
-
-
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,6 +74,7 @@ def test_audit_serve_port_zero_in_config_gets_a_free_port_and_start_errors_are_o
                            "    raise e\nRuntimeError: Failed to bind to address '127.0.0.1:8100'.")
 
     monkeypatch.setattr(launch, "connect_ray", lambda *a, **k: (False, None))
+    monkeypatch.setattr(launch, "_check_cluster_resources", lambda *a: None)  # no cluster behind the fake
     monkeypatch.setattr(serve, "start", fake_start)
     with pytest.raises(VlmguardError) as ei:
         launch.start_service(ServiceConfig(port=0))

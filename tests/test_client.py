@@ -135,7 +135,7 @@ def test_api_rejects_out_of_range_seeds_bool_budgets_and_server_file_schedules(t
     out = asyncio.run(scenario())
     for key in ("seed", "seed_stream", "gen_seed"):
         assert out[key].status_code == 400 and "seed" in out[key].json()["error"]["message"], key
-    assert out["budget"].status_code == 400 and "budget must be a number" in out["budget"].json()["error"]["message"]
+    assert out["budget"].status_code == 400 and "budget: must be a number, not a boolean" in out["budget"].json()["error"]["message"]
     assert out["file"].status_code == 400 and "file on the server" in out["file"].json()["error"]["message"]
     assert out["inline"].status_code == 200, out["inline"].text
     assert out["gen_inline"].json()["pruning"]["adaptinfer_schedule"][0]["source"] == "inline"

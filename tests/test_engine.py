@@ -181,7 +181,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"budget": True}, "budget must be a number"),
+    ({"budget": True}, "budget: must be a number, not a boolean"),
     ({"seed": 2**70}, "seed"),
     ({"seed": -1}, "seed"),
     ({"max_new_tokens": 0}, "max_new_tokens"),

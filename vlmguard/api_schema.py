@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from vlmguard.spec import MAX_TOP_LOGPROBS, budget_not_bool
+from vlmguard.spec import MAX_TOP_LOGPROBS, NumbersNotBooleans
 
 MAX_CHOICES = 16  # the most choices (``n``) of one chat request
 
@@ -47,7 +47,7 @@ class ErrorResponse(BaseModel):
 # ---- vlmguard options -------------------------------------------------------------------------------
 
 
-class VlmguardOptions(BaseModel):
+class VlmguardOptions(NumbersNotBooleans):
     """The ``vlmguard`` object of a chat request: pruning x decoding, as in :class:`GenerationSpec`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,8 +62,6 @@ class VlmguardOptions(BaseModel):
     do_sample: Optional[bool] = None
     top_k: Optional[int] = None
     diagnostics: bool = False  # include per-step diagnostics in the response's vlmguard object
-
-    _budget_is_not_a_bool = field_validator("budget", mode="before")(budget_not_bool)
 
     @model_validator(mode="after")
     def _merge_params(self) -> "VlmguardOptions":
@@ -140,7 +138,7 @@ class ResponseFormat(BaseModel):
         return v
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(NumbersNotBooleans):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
     OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
@@ -317,7 +315,7 @@ class ChatCompletionChunk(BaseModel):
 # ---- native generate --------------------------------------------------------------------------------
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(NumbersNotBooleans):
     """Native request: ``images`` are data URLs (or http(s) URLs when the server allows them)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -128,12 +128,9 @@ class Engine:
         model = str(model)  # a name, an HF id or a local directory (str or path)
         dev = pick_device(device)
         if model.startswith("random:"):  # tiny random-weight model of a family, for tests and demos
-            from vlmguard.testing import FAMILIES
+            from vlmguard.testing import random_family
 
-            family = model.split(":", 1)[1]
-            if family not in FAMILIES:
-                raise ModelLoadError(f"unknown family {family!r} in {model!r} (known: {', '.join(FAMILIES)})")
-            m, proc = FAMILIES[family]()
+            m, proc = random_family(model)()
             m = m.to(dev, pick_dtype(dtype, dev))
             return cls(m, proc, name=model, attn_implementation=choose_attention(attn_implementation, dev, m.dtype))
         from vlmguard.models.resolve import resolve_model_path, weights_fingerprint

@@ -7,9 +7,12 @@ and reports any problem as one clear :class:`~vlmguard.errors.InvalidInput` mess
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Union
+import typing
+from typing import Annotated, Any, ClassVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 from vlmguard.errors import InvalidInput
 
@@ -51,10 +54,44 @@ def parse_budget(text: str, check: bool = True) -> int | float:
     return check_budget(budget) if check else budget
 
 
-def budget_not_bool(v: Any) -> Any:
-    """A ``mode="before"`` check for budget fields: JSON ``true`` is not a budget (pydantic would read it as 1)."""
-    if isinstance(v, bool):
-        raise ValueError("budget must be a number")
+def _takes(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type admits one of ``kinds``, alone or inside (``int | None``, ``list[float]``, ...)."""
+    return annotation in kinds or any(_takes(a, kinds) for a in typing.get_args(annotation))
+
+
+class NumbersNotBooleans(BaseModel):
+    """A base for request models: JSON ``true`` / ``false`` given for a number field (alone or in a list) is
+    refused, naming the field, where pydantic would read it as 1 / 0 (``max_new_tokens: true`` one token, FastV's
+    ``K=true`` a K of 1). ``_boolean_hints``: a field's own message instead of the generic one."""
+
+    _boolean_hints: ClassVar[dict[str, str]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) or isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v):
+            annotation = cls.model_fields[info.field_name].annotation
+            if _takes(annotation, (int, float)) and not _takes(annotation, (bool,)):
+                raise PydanticCustomError("bool_for_number", cls._boolean_hints.get(
+                    info.field_name, "must be a number, not a boolean"))
+        return v
+
+
+class MethodParams(NumbersNotBooleans):
+    """The base of every pruning and decoding method's parameters: unknown keys are refused, and so are booleans
+    for numbers (:class:`NumbersNotBooleans`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def text_not_blank(v: Any) -> Any:
+    """A ``mode="after"`` check for text fields of method parameters (and lists of texts, None entries allowed):
+    an empty or all-whitespace text is no instruction or query, an empty list no text for any request."""
+    if isinstance(v, list) and not v:
+        raise ValueError("must not be an empty list")
+    for x in v if isinstance(v, list) else [v]:
+        if isinstance(x, str) and not x.strip():
+            raise ValueError(f"must not be blank, got {x!r}")
     return v
 
 
@@ -69,8 +106,10 @@ def _fits_a_generator(v: int) -> int:
 GeneratorSeed = Annotated[int, Field(ge=0), AfterValidator(_fits_a_generator)]
 
 
-class GenerationSpec(BaseModel):
+class GenerationSpec(NumbersNotBooleans):
     model_config = ConfigDict(extra="forbid")
+    _boolean_hints: ClassVar[dict[str, str]] = {
+        "logprobs": "the number of most likely tokens to report (0-20) or null, not a boolean"}
 
     pruning: str = "none"
     # int >= 1: visual tokens kept per request row, shared by its images (LLaVA-1.5: 192/128/64 of 576);
@@ -98,18 +137,6 @@ class GenerationSpec(BaseModel):
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
     # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @field_validator("budget", mode="before")
-    @classmethod
-    def _budget_is_not_a_bool(cls, v: Any) -> Any:
-        return budget_not_bool(v)
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _logprobs_is_a_count(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # pydantic would read true as 1 alternative
-            raise ValueError("logprobs is the number of most likely tokens to report (0-20) or null, not a boolean")
-        return v
 
     @field_validator("budget")
     @classmethod
@@ -160,8 +187,9 @@ class GenerationSpec(BaseModel):
 def format_validation_error(e: ValidationError, what: str) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or what
-        parts.append(f"{loc}: {err.get('msg')}")
+        msg = str(err.get("msg")).removeprefix("Value error, ")  # our validators' own ValueErrors
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc}: {msg}" if loc else msg)  # a model-level check names its fields itself
     return f"invalid {what}: " + "; ".join(parts)
 
 
@@ -178,6 +206,8 @@ def parse_params(items: list[str] | None, option: str = "--param") -> dict[str, 
         k = k.strip()
         if not k:
             raise InvalidInput(f"{option} has an empty key in {item!r}")
+        if k in out:  # the later one would silently win
+            raise InvalidInput(f"{option} gives {k!r} twice")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -141,6 +141,17 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", vision_depth: int = 2, max_
 FAMILIES = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl}
 
 
+def random_family(model: str):
+    """The builder of a ``random:FAMILY`` model name (a tiny random-weight model of the family), or a
+    :class:`ModelLoadError` naming the families there are."""
+    from vlmguard.errors import ModelLoadError
+
+    family = model.split(":", 1)[1]
+    if family not in FAMILIES:
+        raise ModelLoadError(f"unknown family {family!r} in {model!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[family]
+
+
 def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))

@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
                     help="start a background cluster (`ray start --head`), deploy and return; stop with --stop")
-    sp.add_argument("--stop", action="store_true", help="shut down Serve on the cluster (--address, default local)")
+    sp.add_argument("--stop", action="store_true",
+                    help="remove the vlmguard app from the cluster (--address; default: the one Ray finds, "
+                         "$RAY_ADDRESS or this machine's); other Serve apps stay")
     sp.add_argument("--json", action="store_true", help="print the service URL etc. as one JSON object")
     sp.set_defaults(func=cmd_serve)
 
@@ -60,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     su.add_argument("--submission-id", help="job id to use (default: generated)")
     su.add_argument("kind", choices=["bench"], help="job kind")
     su.add_argument("bench_args", nargs=argparse.REMAINDER, help="BENCHMARK and its options")
-    su.set_defaults(func=cmd_job_submit)
+    su.set_defaults(func=cmd_job_submit, submit_options=[o for a in su._actions for o in a.option_strings
+                                                         if o not in ("-h", "--help", "--json")])
     for name, func, helptext in (("status", cmd_job_status, "a job's status"), ("logs", cmd_job_logs, "a job's logs"),
                                  ("stop", cmd_job_stop, "stop a job")):
         p = jsub.add_parser(name, help=helptext)
@@ -80,31 +83,13 @@ def _job_common(p: argparse.ArgumentParser) -> None:
 # ---- serve --------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from vlmguard.testing import random_family
     from vlmguard.workers.config import load_config, local_gpus
     from vlmguard.workers.launch import (DIRECT_INGRESS_ENV, apply_overrides, check_cluster_address, check_port_free,
-                                         start_detached_cluster, start_service)
+                                         check_resources, start_detached_cluster, start_service)
 
     if args.stop:
-        from vlmguard.workers.ray_auth import use_local_auth_token
-
-        if args.address:
-            try:
-                check_cluster_address(args.address)
-            except VlmguardError:
-                print(f"no Ray cluster is running at {args.address}: nothing to stop")
-                return 0
-        use_local_auth_token()
-        import ray
-        from ray import serve
-
-        try:
-            ray.init(address=args.address or "auto", log_to_driver=False)
-        except ConnectionError:
-            print(f"no Ray cluster is running{' at ' + args.address if args.address else ''}: nothing to stop")
-            return 0
-        serve.shutdown()
-        print("vlmguard service stopped (the Ray cluster keeps running; `ray stop` ends it)")
-        return 0
+        return _stop_service(args.address)
     wait_s = None if args.batch_wait_ms is None else args.batch_wait_ms / 1000.0
     config = apply_overrides(
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
@@ -122,6 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif not args.detach:  # a cluster of our own: its ports must be free (Serve would share a busy HTTP port)
         check_port_free(config.host, config.port, "HTTP port (--host/--port)")
         check_port_free("127.0.0.1", args.dashboard_port, f"--dashboard-port {args.dashboard_port}")
+    for m in config.models:  # random:FAMILY models are built by the replicas wherever they run: check the family now
+        if m.model.startswith("random:"):
+            random_family(m.model)
     if not address:  # the replicas run on this machine: a model they could not load fails here, in one line
         from vlmguard.models.resolve import resolve_model_path
 
@@ -135,6 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             asks = ", ".join(f"{name} {n:g}" for name, n in wanted.items() if n)
             raise InvalidInput(f"the replicas reserve more GPUs than this machine has ({gpus:g}): {asks}; "
                                "set device cpu, a fractional num_gpus or fewer replicas, or join a cluster (--address)")
+        if args.num_cpus is not None:  # Ray would keep replicas reserving more CPUs pending for ever
+            check_resources(config, {"CPU": args.num_cpus}, f"a cluster of --num-cpus {args.num_cpus}")
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
                                          direct_ingress=config.direct_ingress)
@@ -167,6 +157,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_service(address: str | None) -> int:
+    """``serve --stop``: remove the vlmguard apps (those with a ModelWorker deployment, as ``bench_job`` finds them)
+    from the cluster at ``address`` (default: the one Ray finds: $RAY_ADDRESS or this machine's latest), naming
+    it. Other programs' Serve apps stay; Serve itself is shut down only when no app is left."""
+    from vlmguard.workers.launch import check_cluster_address
+    from vlmguard.workers.ray_auth import use_local_auth_token
+
+    if address:
+        try:
+            check_cluster_address(address)
+        except VlmguardError:
+            print(f"no Ray cluster is running at {address}: nothing to stop")
+            return 0
+    use_local_auth_token()
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=address or "auto", log_to_driver=False)
+    except ConnectionError:
+        print(f"no Ray cluster is running{' at ' + address if address else ''}: nothing to stop")
+        return 0
+    where = ray.get_runtime_context().gcs_address
+    apps = serve.status().applications
+    ours = [name for name, app in apps.items() if any(d.startswith("ModelWorker_") for d in app.deployments)]
+    if not ours:
+        print(f"no vlmguard app on the Ray cluster at {where} (Serve apps there: {', '.join(apps) or 'none'}): "
+              "nothing to stop")
+        return 0
+    for name in ours:
+        serve.delete(name)
+    others = [name for name in apps if name not in ours]
+    if not others:
+        serve.shutdown()  # nothing else on Serve: its proxies (and their HTTP port) go too
+    print(f"vlmguard app {', '.join(ours)} removed from the Ray cluster at {where}"
+          + (f" (Serve keeps running {', '.join(others)})" if others else "")
+          + "; the cluster keeps running (`ray stop` ends it)")
+    return 0
+
+
 # ---- jobs ---------------------------------------------------------------------------------------------
 
 def cmd_job_submit(args: argparse.Namespace) -> int:
@@ -178,8 +208,16 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         args.json = True
     if not bench_argv:
         raise InvalidInput("job submit bench needs a benchmark: pope, pope-leading or chair")
-    job_id = jobs.submit_bench(bench_argv, address=args.address, python=args.python,
-                               submission_id=args.submission_id)
+    try:
+        job_id = jobs.submit_bench(bench_argv, address=args.address, python=args.python,
+                                   submission_id=args.submission_id)
+    except InvalidInput as e:  # `job submit bench pope --wait`: the job's parser got an option of ours
+        misplaced = [a.partition("=")[0] for a in bench_argv if a.partition("=")[0] in args.submit_options]
+        if not misplaced or "unrecognized arguments" not in str(e):
+            raise
+        one = len(misplaced) == 1
+        raise InvalidInput(f"{e} ({', '.join(misplaced)}: {'an option' if one else 'options'} of `job submit`, not "
+                           f"of the benchmark; put {'it' if one else 'them'} before `bench`)") from None
     if not args.wait:
         if args.json:
             _print_json({"job_id": job_id, "status": "PENDING", "address": jobs.jobs_address(args.address)})

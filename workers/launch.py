@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.workers.config import ServiceConfig
-from vlmguard.workers.jobs import error_text
+from vlmguard.workers.jobs import LOOPBACK_HOSTS, error_text
 from vlmguard.workers.ray_auth import use_local_auth_token
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -68,6 +68,21 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
     except (OSError, OverflowError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise VlmguardError(f"no Ray cluster answers at {address} ({reason})") from None
+
+
+def check_resources(config: ServiceConfig, have: dict[str, float], where: str) -> None:
+    """Replicas reserving more CPUs or GPUs (of those in ``have``) than ``where`` has would wait for them for ever
+    (Serve keeps them pending, ``serve.run`` never returns): one line naming the numbers instead."""
+    for kind, hint in (("CPU", "lower num_cpus per replica or num_replicas, or give the cluster more CPUs"),
+                       ("GPU", "set device cpu, a fractional num_gpus or fewer replicas")):
+        if kind not in have:
+            continue
+        per = {m.served_name: (m.num_replicas, m.num_cpus if kind == "CPU" else m.gpus_per_replica(have[kind]))
+               for m in config.models}
+        if sum(n * each for n, each in per.values()) > have[kind]:
+            asks = ", ".join(f"{name} {n * each:g} ({n} replica{'s' if n > 1 else ''} x {each:g})"
+                             for name, (n, each) in per.items() if each)
+            raise InvalidInput(f"the replicas reserve more {kind}s than {where} has ({have[kind]:g}): {asks}; {hint}")
 
 
 @dataclass
@@ -219,6 +234,7 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port,
                              direct_ingress=config.direct_ingress)
     try:
+        _check_cluster_resources(config, owns)
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
     except Exception as e:
@@ -243,6 +259,20 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
         for u in svc.direct_urls:
             wait_healthy(u, timeout_s=wait_s)
     return svc
+
+
+def _check_cluster_resources(config: ServiceConfig, owns: bool) -> None:
+    """:func:`check_resources` against the connected cluster. A cluster on this machine cannot grow: too few
+    CPUs/GPUs fail; another may have an autoscaler adding nodes for the pending replicas: a warning."""
+    import ray
+
+    res, gcs = ray.cluster_resources(), ray.get_runtime_context().gcs_address
+    try:
+        check_resources(config, {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}, f"the Ray cluster at {gcs}")
+    except InvalidInput as e:
+        if owns or gcs.rpartition(":")[0] in LOOPBACK_HOSTS:
+            raise
+        print(f"warning: {e}; the replicas stay pending until the cluster grows (an autoscaler)", file=sys.stderr)
 
 
 def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0, expected: int = 1) -> list[str]:

@@ -362,11 +362,13 @@ def cmd_score_pope(args: argparse.Namespace) -> int:
     from vlmguard.bench.pope_data import load_pope_file
     from vlmguard.bench.pope_metrics import load_answers, score_answers
 
-    answers = load_answers(args.answers, args.answer_key)
+    notes: list[str] = []  # which answer field was scored, when records hold several
+    answers = load_answers(args.answers, args.answer_key, notes)
     if args.label_dir is not None:
-        return _score_llava(args, answers)
+        return _score_llava(args, answers, notes)
     questions = load_pope_file(args.questions)
     m = score_answers(answers, questions, args.parser, args.answers)
+    m["flags"][:0] = notes
     m["questions"] = str(args.questions)
     m["answers"] = str(args.answers)
     if args.json:
@@ -381,7 +383,7 @@ def cmd_score_pope(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_llava(args: argparse.Namespace, answers) -> int:
+def _score_llava(args: argparse.Namespace, answers, notes: list[str]) -> int:
     from vlmguard.bench.pope_data import SPLITS, load_pope_file
     from vlmguard.bench.pope_metrics import score_llava_answers
 
@@ -390,8 +392,10 @@ def _score_llava(args: argparse.Namespace, answers) -> int:
     per_split = score_llava_answers(answers, llava, split_files, args.parser, args.answers)
     if args.json:
         _print_json({"questions": str(args.questions), "answers": str(args.answers), "label_dir": str(args.label_dir),
-                     "splits": per_split})
+                     "splits": per_split, "flags": notes})
     else:
+        for note in notes:
+            print(f"note: {note}")
         for split, m in per_split.items():
             print(f"{split:<12} acc {_f(m['accuracy'])} P {_f(m['precision'])} R {_f(m['recall'])} "
                   f"F1 {_f(m['f1'])} yes {_f(m['yes_ratio'])} (n={m['n']}, missing {m['missing']})")

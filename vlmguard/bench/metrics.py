@@ -30,13 +30,17 @@ def perf_metrics(rows: list[sqlite3.Row | dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, Any]:
+def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any], keys: set[str] | None = None) -> dict[str, Any]:
+    """Metrics over the run's stored samples, or over those of them whose sample key is in ``keys`` (the items
+    a command selected with --limit, when the run holds more)."""
     run_id = run["run_id"]
     rows = conn.execute(
         "SELECT sample_key, label, prediction, record, visual_tokens, visual_tokens_kept, prefill_s, ttft_s,"
         " total_s, generated_tokens FROM samples WHERE run_id = ? ORDER BY id",
         (run_id,),
     ).fetchall()
+    if keys is not None:
+        rows = [r for r in rows if r["sample_key"] in keys]
     bench = run["benchmark"]
     # recall's treatment of unknown answers follows the run's parser (lmms-eval's ``exact`` vs the rest)
     parser_name = run.get("parser")
@@ -70,7 +74,7 @@ def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any]) -> dict[str, 
         out = chair_aggregate(json.loads(r["record"]) for r in rows)
     else:
         out = {"n": len(rows), "flags": [f"unknown benchmark {bench!r}"]}
-    expected = run.get("n_expected")
+    expected = len(keys) if keys is not None else run.get("n_expected")
     out["complete"] = expected is not None and len(rows) >= expected
     out["perf"] = perf_metrics(rows)
     return out

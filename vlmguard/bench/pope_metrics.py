@@ -89,12 +89,19 @@ class Answer:
     line: int
 
 
-def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
-    """An answer file: JSON Lines or array of objects with ``question_id`` and ``text``/``answer``/..."""
+def load_answers(path: str | Path, text_key: str | None = None, notes: list[str] | None = None) -> list[Answer]:
+    """An answer file: JSON Lines or array of objects with ``question_id`` and ``text``/``answer``/...
+
+    Without ``text_key`` a record's answer is its first field of :data:`ANSWER_TEXT_KEYS`. A record with
+    several of them whose values differ (a raw output beside a parsed answer, or a label) is refused: which
+    one to score is the user's choice (``text_key``). When they agree, or records name the answer differently,
+    one line saying which fields were scored is appended to ``notes``."""
     p = Path(path)
     records, _ = read_records(p)
     out: list[Answer] = []
     seen: dict[int, int] = {}
+    used: dict[str, int] = {}  # answer field -> records scored from it
+    also: set[str] = set()  # other answer fields present beside the one scored (equal to it)
     for line, rec in records:
         qid = rec.get("question_id")
         if qid is None:
@@ -109,12 +116,24 @@ def load_answers(path: str | Path, text_key: str | None = None) -> list[Answer]:
         text = rec[key]
         if not isinstance(text, str):
             raise InvalidInput(f"{p}:{line}: field {key!r} must be str, got {text!r}")
+        for other in keys:
+            if other != key and other in rec:
+                if rec[other] != text:
+                    raise InvalidInput(f"{p}:{line}: answer fields {key!r} and {other!r} differ ({text!r} vs "
+                                       f"{rec[other]!r}); choose the one to score with --answer-key")
+                also.add(other)
+        used[key] = used.get(key, 0) + 1
         if qid in seen:
             raise InvalidInput(f"{p}:{line}: duplicate question_id {qid} (first on line {seen[qid]})")
         seen[qid] = line
         out.append(Answer(qid, text, line))
     if not out:  # every question would be "missing": a wrong or truncated file, not a result
         raise InvalidInput(f"{p}: no answers in file")
+    if notes is not None and (len(used) > 1 or also):
+        scored = (f"fields {', '.join(f'{k!r} ({n} records)' for k, n in used.items())}" if len(used) > 1
+                  else f"field {next(iter(used))!r}")
+        extra = f"; the records also have {', '.join(repr(k) for k in sorted(also))}, equal to it" if also else ""
+        notes.append(f"answers scored from {scored}{extra} (--answer-key picks one)")
     return out
 
 

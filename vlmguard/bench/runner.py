@@ -22,6 +22,7 @@ from PIL import Image
 from vlmguard.bench import db as dbm
 from vlmguard.bench.chair_score import drop_incomplete_sentence, score_caption
 from vlmguard.bench.datasets import BenchDataset
+from vlmguard.bench.metrics import metrics_for_run
 from vlmguard.bench.pope_leading import DEFAULT_TEMPLATE, derive_leading, normalize_template_id
 from vlmguard.bench.pope_parsers import get_parser
 from vlmguard.bench.prompts import get_chair_preset, get_pope_prompt
@@ -251,7 +252,8 @@ def run_benchmark(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> RunOutcome:
-    """Run (or resume) one benchmark run and return its outcome with metrics over all stored samples.
+    """Run (or resume) one benchmark run and return its outcome with metrics over all stored samples (over the
+    first ``limit`` items only, with a flag, when the run holds more from an earlier, larger limit).
 
     ``engine``: anything with ``generate(requests, spec)`` (and optionally ``model_name``/``family``).
     ``spec``: a :class:`vlmguard.spec.GenerationSpec` (its protocol knobs are recorded; use
@@ -361,6 +363,8 @@ def run_benchmark(
                 bar.close()
 
         run, metrics = dbm.finish_if_complete(conn, run_id)
+        if limit is not None:
+            metrics = _limited_metrics(conn, run, metrics, items[:limit], limit)
         status = run["status"]
         return RunOutcome(
             run_id=run_id,
@@ -379,6 +383,20 @@ def run_benchmark(
     finally:
         if conn is not db:
             conn.close()
+
+
+def _limited_metrics(conn: Any, run: dict[str, Any], metrics: dict[str, Any], selected: list[Item],
+                     limit: int) -> dict[str, Any]:
+    """The metrics of the items ``limit`` selected, when the run holds more (it was run before with a larger
+    limit, which is the same run): the user asked for the first ``limit`` items, so the metrics cover exactly
+    those, with a note saying the run holds more."""
+    keys = {it.key for it in selected}
+    if not dbm.done_keys(conn, run["run_id"]) - keys:
+        return metrics
+    out = metrics_for_run(conn, run, keys)
+    out["flags"].append(f"metrics over the first {len(keys)} items (limit {limit}); "
+                        f"the run holds {run['n_samples']} samples")
+    return out
 
 
 def _fit_context(engine: Any, spec: Any, item: Item) -> Any:
