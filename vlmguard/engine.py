@@ -243,6 +243,8 @@ class Engine:
                 raise InvalidInput(f"request {i}: raw_prompt must be true or false")
             if not r.prompt.strip() and not r.images:
                 raise InvalidInput(f"request {i}: empty prompt and no image")
+            for field, text in (("prompt", r.prompt), ("system", r.system)):
+                check_text(text, f"request {i}: {field}", None if r.raw_prompt else self.adapter.image_placeholder)
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]
             out.append(Prompt(text=r.prompt, images=images, system=r.system, raw=r.raw_prompt))
         return out
@@ -266,9 +268,15 @@ class Engine:
         if not requests:
             raise InvalidInput("no requests")
         spec, specs = request_specs(spec, len(requests))
+        if indices is not None and (isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence)):
+            raise InvalidInput(f"indices must be a list of ints, one per request, got {type(indices).__name__}")
         indices = list(range(len(requests))) if indices is None else list(indices)
         if len(indices) != len(requests):
             raise InvalidInput(f"{len(indices)} indices for {len(requests)} requests")
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in indices):
+            raise InvalidInput("indices must be ints (each request's StreamEvent.index)")
+        if len(set(indices)) != len(indices):
+            raise InvalidInput("indices must be distinct: the events of two requests would share an index")
         return self._start(requests, specs, indices, list(range(len(requests))))
 
     def _start(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
@@ -324,6 +332,12 @@ class Engine:
         n_visual = batch.image_token_mask.sum(dim=1).tolist()
         pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
                             text_len=[p - v for p, v in zip(prompt_len, n_visual)])
+        for i in range(n_req):  # a budget one request's visual tokens cannot meet: name that request
+            if n_visual[i]:
+                try:
+                    pruner.keep_count(n_visual[i])
+                except InvalidInput as e:
+                    raise InvalidInput(f"request {i if positions is None else positions[i]}: {e}") from None
         pruner.check_budget(pctx)
 
         # -- vision
@@ -455,6 +469,22 @@ class Engine:
             row_keep = torch.isin(seq.visual[r], main_kept) & vis[r]
             keep[r] = (keep[r] & ~vis[r]) | row_keep
         return keep
+
+
+def check_text(text: str | None, what: str, placeholder: str | None) -> None:
+    """A request's text, checked before the tokenizer sees it: valid Unicode (a lone surrogate cannot be encoded)
+    and, in a prompt the engine templates, no image placeholder of the model (the processor would count it as
+    an image of the request)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"{what} is not valid Unicode text: {text[e.start]!r} at character {e.start} "
+                           "(a lone surrogate)") from None
+    if placeholder and placeholder in text:
+        raise InvalidInput(f"{what} contains the model's image placeholder {placeholder!r}: give the images in "
+                           "Request.images (the chat template places them), or a templated prompt with raw_prompt=True")
 
 
 def _copies(requests: Sequence[Request]) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, first_line
 
 MAX_PIXELS = int(os.environ.get("VLMGUARD_MAX_IMAGE_PIXELS", 25_000_000))
 # longest side / shortest side: processors that resize the shortest side to the model's size blow a thin strip up
@@ -40,16 +40,32 @@ def image_from_bytes(data: bytes, what: str = "image") -> Image.Image:
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInput(f"{what} cannot be decoded: {e}") from None
-    return to_rgb(img)
+    return to_rgb(img, what)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
     """The image as 8-bit RGB. 16-bit grayscale (PNG, TIFF: modes I;16*) is scaled from 0..65535 to 0..255:
-    PIL's own ``convert`` clips it at 255 instead (a 16-bit image turns almost white)."""
+    PIL's own ``convert`` clips it at 255 instead (a 16-bit image turns almost white). The 32-bit modes are read
+    by their values: integers (I) within 0..255 as they are, within 0..65535 as 16-bit; floats (F) within 0..1
+    as fractions of white, within 0..255 as they are; other ranges are refused rather than clipped."""
     if img.mode.startswith("I;16"):
-        scaled = np.rint(np.asarray(img).astype(np.float32) / 257.0).astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")
+        return _gray8(np.asarray(img).astype(np.float32) / 257.0)
+    if img.mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 255 and not (img.mode == "F" and hi <= 1):
+            return _gray8(a)
+        if lo >= 0 and img.mode == "F" and hi <= 1:
+            return _gray8(a * 255)
+        if lo >= 0 and img.mode == "I" and hi <= 65535:
+            return _gray8(a / 257.0)
+        raise InvalidInput(f"{what} (mode {img.mode}) holds values in [{lo:g}, {hi:g}], which is no 8-bit, 16-bit or "
+                           "0..1 range: convert it to 8-bit RGB first")
     return img.convert("RGB")
+
+
+def _gray8(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.rint(values).astype(np.uint8)).convert("RGB")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -90,4 +106,8 @@ def check_image(img: object, what: str = "image") -> Image.Image:
         raise InvalidInput(f"{what} is too large: {w}x{h} exceeds the {MAX_PIXELS / 1e6:.0f} MP limit")
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise InvalidInput(f"{what} is too thin: {w}x{h}, an aspect ratio over {MAX_ASPECT_RATIO}:1")
-    return img if img.mode == "RGB" else to_rgb(img)
+    try:  # a closed image, or one opened lazily from a file since closed, truncated or gone
+        img.load()
+    except (OSError, ValueError, EOFError) as e:
+        raise InvalidInput(f"{what} cannot be read: {first_line(e)}") from None
+    return img if img.mode == "RGB" else to_rgb(img, what)

@@ -31,7 +31,7 @@ class BatchingConfig(BaseModel):
     enabled: bool = True
     mode: Literal["inflight", "whole"] = "inflight"
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
 class ModelConfig(BaseModel):

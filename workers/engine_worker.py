@@ -86,9 +86,13 @@ class EngineWorker:
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):
+        from vlmguard.engine import check_text
         from vlmguard.results import Request
 
-        if item.messages:
+        if item.messages:  # the chat template places the images: a user's own placeholder text would be one more
+            for i, m in enumerate(item.messages):
+                for part in m["content"]:
+                    check_text(part.get("text"), f"messages[{i}]", self.engine.adapter.image_placeholder)
             proc = self.engine.adapter.processor
             text = proc.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)

@@ -162,13 +162,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cp = subparsers.add_parser(
         "compare", help="POPE / CHAIR runs against a baseline run, with paired bootstrap confidence intervals",
         description="Every finished POPE and CHAIR run against the run of its group (same benchmark, model, "
-                    "dataset version, split, questions and prompt) labelled --baseline: CHAIR_i and CHAIR_s as "
+                    "weights and dtype, dataset version, split, questions, prompt and parser) labelled --baseline: CHAIR_i and CHAIR_s as "
                     "relative changes, POPE accuracy in points and as the share of the baseline's kept, each with "
                     "a paired percentile bootstrap interval over images. '*' marks an interval that excludes no "
                     "change.")
     cp.add_argument("--db", type=Path, default=DEFAULT_DB, help="results database (default: %(default)s)")
     cp.add_argument("--baseline", default="base",
-                    help="method label of the baseline run, as `vlmguard report` prints it (default: %(default)s)")
+                    help="method label of the baseline run, as `vlmguard report` prints it, or its run id where "
+                         "one label names several runs of a group (default: %(default)s)")
     cp.add_argument("--benchmark", choices=("pope", "chair"), help="only this benchmark's runs")
     cp.add_argument("--boot", type=_positive_int, default=2000, help="bootstrap resamples, 100 to 100000 (default: %(default)s)")
     cp.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
@@ -441,13 +442,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vlmguard.bench.db import require_db_file
 
     require_db_file(args.db)
+    unpaired: list[dict[str, Any]] = []
     rows = compare_runs(args.db, args.baseline, benchmark=args.benchmark, n_boot=args.boot,
-                        confidence=args.confidence, seed=args.seed)
+                        confidence=args.confidence, seed=args.seed, unique_baseline=True, unpaired=unpaired)
     if args.json:
         _print_json({"db": str(args.db), "baseline": args.baseline, "confidence": args.confidence, "boot": args.boot,
-                     "seed": args.seed, "comparisons": [r.to_dict() for r in rows]})
+                     "seed": args.seed, "comparisons": [r.to_dict() for r in rows], "unpaired": unpaired})
     else:
         print(format_comparisons(rows))
+    for u in unpaired:  # a run left out of the table is said so, not dropped in silence
+        print(f"note: {u['benchmark']} {u['split'] or ''} {u['method']} (run {u['run_id']}) shares no questions with "
+              f"its baseline run {u['baseline_run_id']}: not compared", file=sys.stderr)
     return 0
 
 

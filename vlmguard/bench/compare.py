@@ -34,8 +34,10 @@ from vlmguard.bench.report import method_label
 from vlmguard.errors import InvalidInput
 
 # what makes two runs answer the same task (the method columns are what may differ)
-TASK_KEYS = ("benchmark", "model", "dataset", "dataset_version", "split", "variant", "question_sha256",
-             "prompt_preset", "prompt", "image_list", "max_new_tokens", "drop_incomplete")
+# (and the weights, their precision and the POPE answer parser: a retrained model under the same name, a bf16
+# run or another parser is not the same task, and no method label shows them)
+TASK_KEYS = ("benchmark", "model", "model_revision", "dtype", "dataset", "dataset_version", "split", "variant",
+             "question_sha256", "prompt_preset", "prompt", "parser", "image_list", "max_new_tokens", "drop_incomplete")
 BENCHMARKS = ("chair", "pope")
 
 
@@ -76,7 +78,9 @@ class Comparison:
         return self.ci_low > null or self.ci_high < null
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "excludes_no_change": self.excludes_no_change}
+        """JSON-ready: an undefined value (a CHAIR_i without mentions, a change against 0) is None, not NaN."""
+        d = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {**d, "excludes_no_change": self.excludes_no_change}
 
 
 def _task(run: dict[str, Any]) -> tuple:
@@ -159,8 +163,13 @@ def compare_pair(base_samples: list[dict[str, Any]], samples: list[dict[str, Any
 
 
 def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = None, n_boot: int = 2000,
-                 confidence: float = 0.95, seed: int = 0) -> list[Comparison]:
-    """Every finished POPE / CHAIR run against the run labelled ``baseline`` of its group."""
+                 confidence: float = 0.95, seed: int = 0, unique_baseline: bool = False,
+                 unpaired: list[dict[str, Any]] | None = None) -> list[Comparison]:
+    """Every finished POPE / CHAIR run against the run labelled ``baseline`` (or with that run id) of its group.
+
+    Where several runs of one group carry the label (settings no label shows: sampling, seed), the newest is
+    the baseline, or with ``unique_baseline`` (the CLI) that is refused, naming their run ids. Runs that share
+    no sample with their baseline are appended to ``unpaired`` when given."""
     if not 0.5 <= confidence < 1.0:
         raise InvalidInput(f"confidence must be in [0.5, 1), got {confidence}")
     if n_boot < 100:
@@ -169,9 +178,9 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
         raise InvalidInput(f"--boot must be at most {MAX_BOOT}, got {n_boot}")
     if seed < 0:  # numpy's generator takes no negative seed
         raise InvalidInput(f"--seed must be >= 0, got {seed}")
-    runs = [r for r in list_runs(db, with_metrics=False)
-            if r["status"] == "finished" and r["benchmark"] in BENCHMARKS
-            and (benchmark is None or r["benchmark"] == benchmark)]
+    every = [r for r in list_runs(db, with_metrics=False)
+             if r["benchmark"] in BENCHMARKS and (benchmark is None or r["benchmark"] == benchmark)]
+    runs = [r for r in every if r["status"] == "finished"]
     if not runs:
         what = f"{benchmark} runs" if benchmark else "POPE or CHAIR runs"
         raise InvalidInput(f"{db}: no finished {what} to compare")
@@ -181,9 +190,15 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
     out: list[Comparison] = []
     found = False
     for members in groups.values():
-        bases = [r for r in members if method_label(r) == baseline]
+        bases = [r for r in members if baseline in (method_label(r), r["run_id"])]
         if not bases:
             continue
+        if len(bases) > 1 and unique_baseline:
+            raise InvalidInput(
+                f"--baseline {baseline!r} matches {len(bases)} runs of one group ({bases[0]['benchmark']} "
+                f"{bases[0].get('split') or ''}, model {bases[0]['model']}: runs "
+                f"{', '.join(r['run_id'] for r in bases)}), which differ in settings the label does not show "
+                "(sampling, seed, ...); pass one of these run ids as --baseline")
         found = True
         base = bases[-1]  # the newest run under that label
         base_samples = run_samples(db, base["run_id"])
@@ -192,13 +207,20 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
                 continue
             rows = compare_pair(base_samples, run_samples(db, r["run_id"]), r["benchmark"], n_boot=n_boot,
                                 confidence=confidence, seed=seed)
+            if not rows and unpaired is not None:
+                unpaired.append({"benchmark": r["benchmark"], "split": r.get("split"), "method": method_label(r),
+                                 "run_id": r["run_id"], "baseline_run_id": base["run_id"]})
             for row in rows:
                 out.append(Comparison(benchmark=r["benchmark"], split=r.get("split"), variant=r.get("variant"),
                                       method=method_label(r), baseline=baseline, run_id=r["run_id"],
                                       baseline_run_id=base["run_id"], confidence=confidence, **row))
     if not found:
         labels = sorted({method_label(r) for r in runs})
-        raise InvalidInput(f"no run labelled {baseline!r} to compare against; labels in {db}: {', '.join(labels)}")
+        unfinished = sum(1 for r in every if r["status"] != "finished" and baseline in (method_label(r), r["run_id"]))
+        note = (f" (only {unfinished} unfinished run{'s' * (unfinished > 1)}: rerun {'them' if unfinished > 1 else 'it'}"
+                " to finish)") if unfinished else ""
+        raise InvalidInput(f"no run labelled {baseline!r} to compare against{note}; labels in {db}: "
+                           f"{', '.join(labels)}")
     return out
 
 
@@ -212,6 +234,10 @@ def _fmt_change(kind: str, v: float) -> str:
     return f"{100.0 * v:.1f}%"
 
 
+def _fmt_value(v: float) -> str:
+    return f"{v:.2f}" if np.isfinite(v) else "-"  # undefined: a CHAIR_i of captions without mentions
+
+
 def format_comparisons(rows: list[Comparison]) -> str:
     """A markdown table; ``*`` marks an interval that excludes "no change"."""
     if not rows:
@@ -222,6 +248,7 @@ def format_comparisons(rows: list[Comparison]) -> str:
     for c in rows:
         mark = " *" if c.excludes_no_change else ""
         ci = f"[{_fmt_change(c.kind, c.ci_low)}, {_fmt_change(c.kind, c.ci_high)}]"
-        lines.append(f"| {c.benchmark} | {c.split_label} | {c.method} | {c.metric} | {c.baseline_value:.2f} | {c.value:.2f} | "
+        lines.append(f"| {c.benchmark} | {c.split_label} | {c.method} | {c.metric} | {_fmt_value(c.baseline_value)} | "
+                     f"{_fmt_value(c.value)} | "
                      f"{_fmt_change(c.kind, c.change)}{mark} | {ci} | {c.images} |")
     return "\n".join(lines)

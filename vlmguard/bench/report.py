@@ -200,7 +200,9 @@ def _plot_chair(rows: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(pts)), 4.5))
     w = 0.4
     ax.bar([i - w / 2 for i in xs], [r["chair_s"] for r in pts], w, label="CHAIR_s")
-    ax.bar([i + w / 2 for i in xs], [r["chair_i"] or 0.0 for r in pts], w, label="CHAIR_i")
+    # an undefined CHAIR_i (no caption mentions an object) draws no bar, not a bar at 0 (a perfect score)
+    ax.bar([i + w / 2 for i in xs], [math.nan if r["chair_i"] is None else r["chair_i"] for r in pts], w,
+           label="CHAIR_i")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("%")

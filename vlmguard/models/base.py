@@ -117,6 +117,17 @@ class ModelAdapter:
         return int(tid)
 
     @property
+    def image_placeholder(self) -> str | None:
+        """The text of the image token in a prompt (``<image>``, Qwen2-VL's ``<|image_pad|>``), None when unknown."""
+        text = getattr(self.processor, "image_token", None)
+        if not isinstance(text, str) or not text:
+            try:
+                text = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+            except (AttributeError, TypeError, ValueError, IndexError):
+                return None
+        return text if isinstance(text, str) and text else None
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids: list[int] = []
         gc = getattr(self.model, "generation_config", None)

@@ -13,9 +13,11 @@ DEFAULT_SHAPE = "llava-1.5-7b-cpu"
 
 def _csv(kind):
     def parse(text: str) -> list:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
+        items = [t.strip() for t in text.split(",")]
+        if not any(items):
             raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"empty item in {text!r}")
         try:
             return [kind(t) for t in items]
         except ValueError:
@@ -33,9 +35,11 @@ def _method_list(text: str) -> list[str]:
             cur = ""
         else:
             cur += ch
-    items = [t.strip() for t in items + [cur] if t.strip()]
-    if not items:
+    items = [t.strip() for t in items + [cur]]
+    if not any(items):
         raise argparse.ArgumentTypeError("expected a comma-separated list")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty item in {text!r}")
     return items  # each one is parsed (with a one-line error for a bad one) by perf.prefill.parse_method
 
 
@@ -43,6 +47,16 @@ def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+MAX_BATCH = 1024  # images are built before anything runs: a typo of 80000000 would exhaust memory, not fail
+
+
+def _batch(text: str) -> int:
+    v = _positive(text)
+    if v > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {v}")
     return v
 
 
@@ -89,7 +103,7 @@ def register(subparsers) -> None:
                    help="comma-separated pruning methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
                         "(e.g. flowcut[qwen_vit_keep=0])")
     p.add_argument("--budgets", type=_csv(budget_arg), default=[192, 128, 64])
-    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--batch", type=_batch, default=1)
     p.set_defaults(func=cmd_prefill)
 
     d = sub.add_parser("decode", help="per-token decode time of each decoding method relative to greedy")
@@ -98,7 +112,7 @@ def register(subparsers) -> None:
     d.add_argument("--decoders", type=_method_list, default=["greedy", "vcd", "m3id", "vista", "iava", "lqcd"],
                    help="comma-separated decoding methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
                         "(e.g. vcd[alpha=0.5])")
-    d.add_argument("--batch", type=_csv(_positive), default=[1, 8], help="batch sizes, e.g. 1,8")
+    d.add_argument("--batch", type=_csv(_batch), default=[1, 8], help="batch sizes, e.g. 1,8")
     d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
     d.add_argument("--budget", type=budget_arg, default=None)
     d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
