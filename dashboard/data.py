@@ -434,13 +434,14 @@ def hallucination_kinds(path: str | Path, shown: pd.DataFrame) -> pd.DataFrame:
 
 
 COMPARISON_COLUMNS = ("benchmark", "split", "method", "metric", "baseline", "value", "change", "ci_low", "ci_high",
-                      "significant", "images", "run_id")
+                      "significant", "images", "baseline_run", "run_id")
 
 
 def comparisons(path: str | Path, baseline: str, shown: pd.DataFrame) -> pd.DataFrame:
-    """The shown runs against the run labelled ``baseline`` of their group (``vlmguard compare``), with paired
-    bootstrap 95% intervals; changes in percent (relative for CHAIR, points for POPE accuracy, share kept for
-    ``accuracy_retained``). Empty when no shown run has such a baseline."""
+    """The shown runs against the run labelled ``baseline`` of their group (``vlmguard compare``; where several
+    runs of a group carry the label, the newest, named in ``baseline_run``), with paired bootstrap 95% intervals;
+    changes in percent (relative for CHAIR, points for POPE accuracy, share kept for ``accuracy_retained``). Empty
+    when no shown run has such a baseline."""
     p = Path(path).expanduser().resolve()
     frame = _comparisons_cached(str(p), baseline, db_version(p))
     return frame[frame["run_id"].isin(set(shown["run_id"]))].reset_index(drop=True)
@@ -459,7 +460,8 @@ def _comparisons_cached(path: str, baseline: str, version: tuple[int, int, int, 
     out = [{"benchmark": c.benchmark, "split": c.split_label, "method": c.method, "metric": c.metric,
             "baseline": c.baseline_value, "value": c.value, "change": scale[c.kind] * c.change,
             "ci_low": scale[c.kind] * c.ci_low, "ci_high": scale[c.kind] * c.ci_high,
-            "significant": c.excludes_no_change, "images": c.images, "run_id": c.run_id} for c in rows]
+            "significant": c.excludes_no_change, "images": c.images, "baseline_run": c.baseline_run_id,
+            "run_id": c.run_id} for c in rows]
     return pd.DataFrame(out, columns=list(COMPARISON_COLUMNS))
 
 

@@ -127,7 +127,8 @@ def _baseline_table(cfg, shown: pd.DataFrame) -> None:
     st.caption("Each run against the baseline run of the same benchmark, split and questions: CHAIR_i, CHAIR_s and "
                "CHAIR_i over distinct objects as relative changes (%), POPE accuracy in points and as the share of "
                "the baseline's kept (%), with 95% paired bootstrap intervals over images (`vlmguard compare`). "
-               "'significant': the interval excludes no change.")
+               "'significant': the interval excludes no change. Where several runs of a group carry the baseline's "
+               "label (settings it does not show: sampling, seed), the newest is the baseline: `baseline_run`.")
     st.dataframe(frame.drop(columns="run_id"), hide_index=True, key="vs_table",
                  column_config={c: st.column_config.NumberColumn(format="%.2f")
                                 for c in ("baseline", "value", "change", "ci_low", "ci_high")})

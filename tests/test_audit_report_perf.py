@@ -174,3 +174,18 @@ def test_perf_lists_with_an_empty_item_and_unbounded_batches_are_refused(capsys)
             main(argv)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err, argv
+
+
+def test_the_dashboard_names_the_baseline_run_it_compared_with(tmp_path: Path):
+    # the dashboard keeps the newest run under an ambiguous label (it cannot ask), but now says which one
+    from vlmguard.dashboard import data
+
+    db = tmp_path / "r.sqlite"
+    conn = connect(db)
+    _store(conn, POPE, _pope(lambda i: "yes"))
+    newest = _store(conn, {**POPE, "do_sample": True, "temperature": 1.0, "seed": 3}, _pope(lambda i: "no"))
+    vcd = _store(conn, {**POPE, "decoding": "vcd"}, _pope(lambda i: "yes" if i % 2 == 0 else "no"))
+    conn.close()
+    frame = data.comparisons(db, "base", data.load_runs(db))
+    row = frame[(frame["run_id"] == vcd) & (frame["metric"] == "accuracy")].iloc[0]
+    assert row["baseline_run"] == newest

@@ -75,7 +75,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--limit", type=_positive_int, help="only the first N items (per split)")
+    g.add_argument("--limit", type=_positive_int,
+                   help="only the first N items (per split); a later, larger limit grows the same run, and a smaller "
+                        "one reports the metrics of its N items")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="requests per engine call (default: %(default)s)")
     g.add_argument("--db", type=Path, default=DEFAULT_DB, help="results database (default: %(default)s)")
     g.add_argument("--shard-index", type=int, default=0, help=argparse.SUPPRESS)
