@@ -28,3 +28,15 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(launch, "start_service", boom)
     monkeypatch.setattr(launch, "start_detached_cluster", boom)
     monkeypatch.setattr(ray, "init", boom)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    matrices on a shared 2-core machine run faster without torch's thread pool."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,14 +26,7 @@ CASES = [(fam, "none", None) for fam in INT_BUDGET] + [
     for b in (INT_BUDGET[fam], 0.25)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread (the suite already runs so after test_model_loading.py's import); on a
-    busy 2-core machine two threads spin against other processes and take 4x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on a shared 2-core machine
 
 
 def requests() -> list[Request]:

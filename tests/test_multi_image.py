@@ -4,7 +4,6 @@ and text-only requests gets what it gets alone."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vlmguard.engine import Request
 from vlmguard.flops import result_flops
@@ -14,12 +13,7 @@ from vlmguard.testing import random_image, tiny_engine
 SIZES = [(64, 64), (32, 64), (40, 32)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on a shared 2-core machine
 
 
 def images():

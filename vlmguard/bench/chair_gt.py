@@ -18,7 +18,7 @@ import io
 import json
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from vlmguard.bench.chair_extract import ChairExtractor, default_extractor
 from vlmguard.bench.chair_vocab import load_vocabulary
@@ -33,7 +33,7 @@ def load_gt_table(path: str | Path) -> GroundTruth:
         raw = p.read_bytes()
         if p.suffix == ".gz":
             raw = gzip.decompress(raw)
-        table = json.loads(raw)
+        table = json.loads(raw, object_pairs_hook=_unique_keys)
     except (OSError, ValueError, EOFError, zlib.error) as e:  # ValueError: bad JSON, not UTF-8 text
         raise InvalidInput(f"{p}: cannot read CHAIR ground-truth table ({e})") from None
     if not isinstance(table, dict) or "annotations" in table:
@@ -47,7 +47,19 @@ def load_gt_table(path: str | Path) -> GroundTruth:
             raise InvalidInput(f"{p}: image id {key!r} is not an integer") from None
         if not isinstance(names, list) or any(n not in vocab.categories for n in names):
             raise InvalidInput(f"{p}: image {key}: expected a list of COCO category names, got {names!r}")
+        if imid in out:  # "1" and "01": one image given twice, the second would replace the first silently
+            raise InvalidInput(f"{p}: image id {imid} given twice")
         out[imid] = frozenset(names)
+    return out
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON object hook: a key given twice is an error (``json`` keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice")
+        out[k] = v
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -408,6 +409,13 @@ def _score_llava(args: argparse.Namespace, answers, notes: list[str]) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def cmd_score_chair(args: argparse.Namespace) -> int:
     from vlmguard.bench.chair_gt import load_ground_truth
     from vlmguard.bench.chair_score import load_captions, score_captions
@@ -415,6 +423,9 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
     from vlmguard.files import check_output_file
 
     if args.records:
+        for flag, src in (("--captions", args.captions), ("--gt", args.gt), ("--gt-cache", args.gt_cache)):
+            if src is not None and _same_file(args.records, src):  # the input would be overwritten by its records
+                raise InvalidInput(f"--records {args.records}: is the {flag} file; choose another path")
         check_output_file(args.records, "--records")
     if args.gt_cache and not args.gt_cache.is_file():  # an existing cache is read, a missing one written
         check_output_file(args.gt_cache, "--gt-cache")

@@ -53,6 +53,7 @@ def _examples(model: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlmguard.cli import main as cli_main
 
+    _check_args(args)
     print("== 1. generation examples")
     _examples(args.model)
     rc = 0 if args.skip_sweep else _sweep(args, cli_main)
@@ -67,8 +68,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> str:
+    return args.config or str(resources.files("vlmguard") / "configs" / "demo-sweep.yaml")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The files the later steps read or write, checked before step 1, so a bad path does not fail only
+    after the examples and the sweep have run."""
+    from vlmguard.bench.db import check_db
+    from vlmguard.files import check_output_dir
+
+    if not args.skip_sweep:
+        from vlmguard.bench.sweep import load_config
+
+        load_config(_config(args))
+        check_output_dir(args.out, "--out")
+    if not (args.skip_sweep and args.no_serve):  # the sweep and the service's benchmark job write it
+        check_db(args.db)
+
+
 def _sweep(args: argparse.Namespace, cli_main) -> int:
-    config = args.config or str(resources.files("vlmguard") / "configs" / "demo-sweep.yaml")
+    config = _config(args)
     print(f"\n== 2. benchmark sweep ({config}) -> {args.db}")
     rc = cli_main(["bench", "sweep", config, "--db", args.db])
     if rc:

@@ -141,7 +141,9 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "",
     ]
     if evaluation:
-        lines += ["## Measured quality (SynthCOCO seed 0 test split, 500 images, greedy)", ""]
+        data = evaluation.get("data", "synthcoco")  # the default world, or another SynthCOCO directory
+        where = "SynthCOCO seed 0 test split, 500 images" if data == "synthcoco" else f"SynthCOCO test split of {data}"
+        lines += [f"## Measured quality ({where}, greedy)", ""]
         lines += ["| POPE split | n | accuracy | F1 | yes ratio |", "|---|---|---|---|---|"]
         for split, m in evaluation["pope"].items():  # percentages, as the benchmark runner reports them
             lines.append(f"| {split} | {m['n']} | {m['accuracy']:.2f} | {m['f1']:.2f} | {m['yes_ratio']:.1f} |")

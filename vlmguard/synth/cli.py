@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def register(subparsers) -> None:
     h.set_defaults(func=_hallucinations)
 
 
+MAX_SPLIT_IMAGES = 9_999_999  # each split's image ids span 10,000,000 (build.SPLIT_ID_BASE)
+
+
 def _build(args: argparse.Namespace) -> int:
     from vlmguard.files import check_output_dir
     from vlmguard.synth.build import build_dataset
@@ -95,6 +99,8 @@ def _build(args: argparse.Namespace) -> int:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             raise InvalidInput(f"--{name} must be >= 0")
+        if getattr(args, name) > MAX_SPLIT_IMAGES:  # image ids would run into the next split's id range
+            raise InvalidInput(f"--{name} must be at most {MAX_SPLIT_IMAGES:,} images, got {getattr(args, name):,}")
     if args.train == args.val == args.test == 0:
         raise InvalidInput("--train, --val and --test are all 0: nothing to build")
     try:
@@ -141,8 +147,10 @@ def _train(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--{name.replace('_', '-')} must be a share in [0, 1], got {v}")
     for name in ("instruct_lr", "vision_lr"):  # every learning-rate option
         v = getattr(args, name)
-        if v is not None and not v > 0:
-            raise InvalidInput(f"--{name.replace('_', '-')} must be a learning rate > 0, got {v}")
+        if v is not None and not 0 < v < math.inf:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be a learning rate > 0 (and finite), got {v}")
+    if args.scene_weight is not None and not 0 <= args.scene_weight < math.inf:
+        raise InvalidInput(f"--scene-weight must be a finite weight >= 0 (0 = off), got {args.scene_weight}")
     for flag, v in (("--max-train-images", args.max_train_images), ("--val-every", args.val_every),
                     ("--val-questions", args.val_questions)):
         if v < 0:
@@ -154,7 +162,11 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--steps {args.steps}: every stage is skipped, nothing to train")
     if args.init is not None and not (args.init / "tokenizer.json").is_file():
         raise InvalidInput(f"--init {args.init}: not a saved tiny model (no tokenizer.json)")
+    if args.init is not None and not ((args.init / "config.json").is_file() and any(
+            (args.init / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))):
+        raise InvalidInput(f"--init {args.init}: not a saved tiny model (no config.json and model.safetensors)")
     check_output_dir(args.out, "--out")
+    _check_train_out(args.out)
     if args.log is not None:
         check_output_file(args.log, "--log")
     test = args.data / "annotations" / "instances_test.json"
@@ -162,6 +174,11 @@ def _train(args: argparse.Namespace) -> int:
     if not test.is_file() or not all(p.is_file() for p in pope):
         raise InvalidInput(f"{args.data} has no test split (its POPE files measure every stage); "
                            f"build it with --test N")
+    if args.val_stop > 0:  # without validation checks it would never stop, silently
+        if not (args.data / "annotations" / "instances_val.json").is_file():
+            raise InvalidInput(f"--val-stop needs a val split, and {args.data} has none; build it with --val N")
+        if args.val_every == 0 or args.val_questions == 0:
+            raise InvalidInput("--val-stop needs validation checks: --val-every and --val-questions must be > 0")
     cfg = TrainConfig(seed=args.seed)
     if steps:
         cfg.vision_steps, cfg.align_steps, cfg.instruct_steps = steps
@@ -185,10 +202,36 @@ def _train(args: argparse.Namespace) -> int:
              *((k, getattr(args, k)) for k in _OVERRIDES), ("init", args.init)]
     trainer.report["command_args"] = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given
                                               if v not in (None, 0, 0.0))
-    out = trainer.run()
+    try:
+        out = trainer.run()
+    except KeyboardInterrupt:
+        try:  # a checkpoint this run saved (an earlier run's finished model there says "complete": true)
+            partial = json.loads((args.out / "training_report.json").read_text()).get("complete") is False
+        except (OSError, ValueError, AttributeError):
+            partial = False
+        if partial:
+            print(f"vlmguard: {args.out} holds the last checkpoint, not the finished model (training_report.json: "
+                  f'"complete": false); continue it with --init {args.out}', file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps({"out": str(out), **trainer.report}))
     return 0
+
+
+# what ``Trainer.save`` writes into --out (transformers' save_pretrained of the model and the processor)
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "processor_config.json", "chat_template.jinja", "training_report.json")
+
+
+def _check_train_out(out: Path) -> None:
+    """--out may hold an earlier `synth train` output (it has a training_report.json), which is replaced; a
+    folder of other files whose names a save would overwrite (someone's config.json, ...) is refused."""
+    if not out.is_dir() or (out / "training_report.json").is_file():
+        return
+    taken = [n for n in _MODEL_FILES if (out / n).exists()]
+    if taken:
+        raise InvalidInput(f"--out {out}: not a `vlmguard synth train` output, and saving the model would overwrite "
+                           f"{', '.join(taken)}; choose an empty or new folder")
 
 
 def _hallucinations(args: argparse.Namespace) -> int:

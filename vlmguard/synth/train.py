@@ -312,7 +312,8 @@ class Trainer:
             for split in ("random", "adversarial"):
                 qs = build_questions(sel, split, random.Random(cfg.seed + 3))
                 self.val_qs[split] = qs[: cfg.val_questions]
-        self.report: dict = {"config": cfg.to_dict(), "stages": {}}
+        # "complete" stays false in every save before the last (checkpoints, or what a Ctrl-C leaves in ``out``)
+        self.report: dict = {"config": cfg.to_dict(), "stages": {}, "complete": False}
         self._t0: float | None = None  # start of run()
         if self.previous_report:
             self.report["previous"] = self.previous_report
@@ -606,6 +607,7 @@ class Trainer:
             self.save()  # checkpoint between stages
         if self.cfg.instruct_steps > 0:
             self.stage_instruct()
+        self.report["complete"] = True
         return self.save()
 
 
