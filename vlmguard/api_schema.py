@@ -144,7 +144,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
     text, no ``tools``, ``tool_choice`` none, empty ``logit_bias``); anything else is refused with a message
     naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``
-    is vLLM's extension (top level, as the OpenAI SDK's ``extra_body`` sends it).
+    and ``min_tokens`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -170,6 +170,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
+    min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
     logit_bias: Optional[dict[str, float]] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 

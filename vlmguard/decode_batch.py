@@ -38,7 +38,7 @@ from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
 from vlmguard.errors import non_finite_cause
-from vlmguard.penalties import apply_penalties, penalised
+from vlmguard.penalties import apply_penalties, hold_eos, penalised
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
 from vlmguard.runner import DecodeState, LayerRunner
@@ -183,6 +183,8 @@ class DecodeBatch:
         if any(penalised(lv.spec) for lv in self.lives):  # repeated tokens, each request by its own settings
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
+        combined.scores = hold_eos(combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives],
+                                   self.eos)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
         # ends with an error, the others go on; read with the tokens, in one device sync

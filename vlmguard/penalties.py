@@ -13,6 +13,9 @@ a question's words, "Is there a dog", are not repeats of an answer). The decoder
 so token selection, log-probabilities and diagnostics all see the penalties. Under plain greedy decoding the
 repetition penalty gives the tokens of transformers' ``RepetitionPenaltyLogitsProcessor`` applied to the
 generated tokens (tested).
+
+``min_new_tokens`` (:func:`hold_eos`) keeps a request's end-of-sequence tokens from being chosen until it has
+generated that many tokens.
 """
 from __future__ import annotations
 
@@ -53,4 +56,18 @@ def apply_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]],
             row = torch.where(seen, torch.where(row > 0, row / p, row * p), row)
         row = row - spec.presence_penalty * seen.to(row.dtype) - spec.frequency_penalty * counts.to(row.dtype)
         out[j] = row
+    return out
+
+
+def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],
+             eos: set[int]) -> torch.Tensor:
+    """Final scores (B, V) with the end-of-sequence tokens at -inf in the rows whose request has generated fewer
+    than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``). Applied to what the
+    decoder combined, not to each branch's logits: a contrast of two -inf scores would be NaN."""
+    rows = [j for j, (ids, spec) in enumerate(zip(generated, specs)) if len(ids) < spec.min_new_tokens]
+    if not rows or not eos:
+        return scores
+    out = scores.clone()
+    ids = torch.tensor(sorted(t for t in eos if t < scores.shape[-1]), device=scores.device, dtype=torch.long)
+    out[torch.tensor(rows, device=scores.device)[:, None], ids[None, :]] = float("-inf")
     return out

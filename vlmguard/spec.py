@@ -21,7 +21,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
-PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop",
+PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+                                "seed", "stop",
                                 "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
                                 "repetition_penalty"})
 
@@ -119,6 +120,9 @@ class GenerationSpec(NumbersNotBooleans):
     decoding: str = "greedy"
     decoding_params: dict[str, Any] = Field(default_factory=dict)
     max_new_tokens: int = Field(64, ge=1, le=8192)
+    # End-of-sequence tokens are kept from being chosen until this many tokens are generated (transformers'
+    # ``min_new_tokens``, vLLM's ``min_tokens``); stop strings still end an answer.
+    min_new_tokens: int = Field(0, ge=0, le=8192)
     # Token selection. None: sample only when decoding == "sample".
     do_sample: bool | None = None
     temperature: float = Field(1.0, ge=0.0, le=10.0)
@@ -142,6 +146,14 @@ class GenerationSpec(NumbersNotBooleans):
     @classmethod
     def _check_budget(cls, v: Budget | None) -> Budget | None:
         return None if v is None else check_budget(v)
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _within_max(cls, v: int, info: ValidationInfo) -> int:
+        most = info.data.get("max_new_tokens")
+        if most is not None and v > most:
+            raise PydanticCustomError("min_over_max", "{v} is more than max_new_tokens {most}", {"v": v, "most": most})
+        return v
 
     @property
     def sampling(self) -> bool:

@@ -98,8 +98,9 @@ def spec_knobs(spec: Any) -> dict[str, Any]:
         "top_p": spec.top_p,
         "top_k": spec.top_k,
         "seed": spec.seed,
-        # only when set: runs without penalties keep the ids that earlier versions gave them
+        # only when set: runs without penalties (or a minimum length) keep the ids that earlier versions gave them
         **set_penalties(spec),
+        **({"min_new_tokens": spec.min_new_tokens} if spec.min_new_tokens else {}),
     }
 
 

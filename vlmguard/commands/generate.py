@@ -26,6 +26,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", "--decoding-param", dest="decoding_param", action="append", default=[],
                    metavar="KEY=VALUE", help="decoding-method parameter (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="no end of sequence before this many tokens (stop strings still end the answer)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy selection")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -54,7 +56,8 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
     return GenerationSpec.build(
         pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param, "--pruning-param"),
         decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),
-        max_new_tokens=args.max_new_tokens, do_sample=True if args.sample else None,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,

@@ -3,7 +3,8 @@
 Per configuration (decoder x batch size, optionally with a pruner composed), ``warmup`` runs, then
 ``repeats`` round-robin rounds. The per-token time of one run is the wall time from the first token to the
 last divided by the steps in between: it covers every branch's forward, the decoder's ``combine``, the
-sampler and the engine's per-step bookkeeping, i.e. what a streaming client sees between tokens. Set-up
+sampler and the engine's per-step bookkeeping, i.e. what a streaming client sees between tokens. Every run
+generates ``new_tokens`` tokens (``min_new_tokens``: the bundled model would end most answers after a few). Set-up
 pre-passes (VISTA's steering vector, IAVA's selection pass) and prefill are reported separately.
 """
 from __future__ import annotations
@@ -33,8 +34,10 @@ class DecodeSamples:
 def _spec(decoder: tuple[str, dict[str, Any]], pruning: str | None, budget: int | float | None,
           new_tokens: int) -> GenerationSpec:
     name, params = decoder
+    # min_new_tokens: every run decodes all its steps, also where a trained model would end its answer early
     return GenerationSpec.build(decoding=name, decoding_params=params, pruning=pruning or "none",
-                                budget=budget if pruning else None, max_new_tokens=new_tokens, diagnostics=False)
+                                budget=budget if pruning else None, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, diagnostics=False)
 
 
 def per_token_time(results: Sequence[Any]) -> float | None:
