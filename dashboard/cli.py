@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--db {e}") from None
     for d in args.image_dir:  # a folder that is not there would just never show its images
         if not Path(d).expanduser().is_dir():
-            raise InvalidInput(f"--image-dir {d}: {'not a directory' if Path(d).expanduser().exists() else 'not found'}")
+            what = "not a directory" if Path(d).expanduser().exists() else "not found"
+            raise InvalidInput(f"--image-dir {d}: {what}")
     if args.service and "://" not in args.service:
         raise InvalidInput(f"--service {args.service!r}: expected a URL like http://127.0.0.1:8000")
     argv = streamlit_argv(args)

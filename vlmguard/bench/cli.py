@@ -165,10 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cp = subparsers.add_parser(
         "compare", help="POPE / CHAIR runs against a baseline run, with paired bootstrap confidence intervals",
         description="Every finished POPE and CHAIR run against the run of its group (same benchmark, model, "
-                    "weights and dtype, dataset version, split, questions, prompt and parser) labelled --baseline: CHAIR_i and CHAIR_s as "
-                    "relative changes, POPE accuracy in points and as the share of the baseline's kept, each with "
-                    "a paired percentile bootstrap interval over images. '*' marks an interval that excludes no "
-                    "change.")
+                    "weights and dtype, dataset version, split, questions, prompt and parser) labelled --baseline: "
+                    "CHAIR_i and CHAIR_s as relative changes, POPE accuracy in points and as the share of the "
+                    "baseline's kept, each with a paired percentile bootstrap interval over images. '*' marks an "
+                    "interval that excludes no change.")
     cp.add_argument("--db", type=Path, default=DEFAULT_DB, help="results database (default: %(default)s)")
     cp.add_argument("--baseline", default="base",
                     help="method label of the baseline run, as `vlmguard report` prints it, or its run id where "

@@ -217,8 +217,9 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
     if not found:
         labels = sorted({method_label(r) for r in runs})
         unfinished = sum(1 for r in every if r["status"] != "finished" and baseline in (method_label(r), r["run_id"]))
-        note = (f" (only {unfinished} unfinished run{'s' * (unfinished > 1)}: rerun {'them' if unfinished > 1 else 'it'}"
-                " to finish)") if unfinished else ""
+        them = "them" if unfinished > 1 else "it"
+        note = (f" (only {unfinished} unfinished run{'s' * (unfinished > 1)}: rerun {them} to finish)"
+                if unfinished else "")
         raise InvalidInput(f"no run labelled {baseline!r} to compare against{note}; labels in {db}: "
                            f"{', '.join(labels)}")
     return out
