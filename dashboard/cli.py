@@ -73,15 +73,16 @@ def _check_address(host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise InvalidInput(f"--port must be in 1..65535, got {args.port}")
-    if args.db and Path(args.db).expanduser().is_dir():
-        raise InvalidInput(f"--db {args.db}: is a directory, expected an SQLite file")
-    if args.db and Path(args.db).expanduser().is_file():  # a missing one is the leaderboard's "no runs yet" page
+    db, source = (args.db, "--db") if args.db else (os.environ.get(ENV_DB), f"${ENV_DB}")
+    if db and Path(db).expanduser().is_dir():
+        raise InvalidInput(f"{source} {db}: is a directory, expected an SQLite file")
+    if db and Path(db).expanduser().is_file():  # a missing one is the leaderboard's "no runs yet" page
         from vlmguard.bench.db import connect
 
         try:  # opened as the leaderboard reads it: someone else's file (not SQLite, other tables) is refused
-            connect(Path(args.db).expanduser(), create=False).close()
+            connect(Path(db).expanduser(), create=False).close()
         except InvalidInput as e:
-            raise InvalidInput(f"--db {e}") from None
+            raise InvalidInput(f"{source} {e}") from None
     for d in args.image_dir:  # a folder that is not there would just never show its images
         if not Path(d).expanduser().is_dir():
             what = "not a directory" if Path(d).expanduser().exists() else "not found"

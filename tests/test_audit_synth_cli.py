@@ -200,3 +200,24 @@ def test_dashboard_image_dir_must_be_a_folder(capsys, tmp_path):
     (tmp_path / "f.png").write_bytes(b"x")
     _error(capsys, ["dashboard", "--image-dir", tmp_path / "f.png", "--dry-run"], "not a directory")
     assert main(["dashboard", "--image-dir", str(tmp_path), "--dry-run"]) == 0
+
+
+def test_dashboard_checks_the_database_of_its_environment_variable_too(capsys, monkeypatch, tmp_path):
+    # $VLMGUARD_DB pointing at a folder started the dashboard, whose pages then could not read it
+    monkeypatch.setenv("VLMGUARD_DB", str(tmp_path))
+    _error(capsys, ["dashboard", "--dry-run"], f"$VLMGUARD_DB {tmp_path}: is a directory, expected an SQLite file")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    monkeypatch.setenv("VLMGUARD_DB", str(notes))
+    _error(capsys, ["dashboard", "--dry-run"], f"$VLMGUARD_DB {notes}: not a vlmguard results database")
+    assert main(["dashboard", "--db", str(tmp_path / "new.sqlite"), "--dry-run"]) == 0  # --db is the one read
+
+
+def test_train_on_an_interrupted_build_says_so(capsys, tmp_path):
+    from vlmguard.synth.build import BUILD_MARKER
+
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / BUILD_MARKER).write_text("written by `vlmguard synth build`\n")
+    _error(capsys, ["synth", "train", "--data", tmp_path / "half", "--out", tmp_path / "o"],
+           "its `vlmguard synth build` did not finish (no manifest.json); run it again")
+    _error(capsys, ["synth", "train", "--data", tmp_path, "--out", tmp_path / "o"], "is not a SynthCOCO directory")

@@ -138,6 +138,10 @@ def _train(args: argparse.Namespace) -> int:
     from vlmguard.synth.train import TrainConfig, Trainer
 
     if not (args.data / "manifest.json").exists():
+        from vlmguard.synth.build import BUILD_MARKER
+
+        if (args.data / BUILD_MARKER).is_file():  # a build started there and never wrote its manifest (its last step)
+            raise InvalidInput(f"{args.data}: its `vlmguard synth build` did not finish (no manifest.json); run it again")
         raise InvalidInput(f"{args.data} is not a SynthCOCO directory (no manifest.json); run `vlmguard synth build`")
     if not (args.data / "text" / "train.jsonl").exists():
         raise InvalidInput(f"{args.data} has no training split; build it with --train N")
