@@ -51,25 +51,6 @@ def dashboard_env(args: argparse.Namespace, base: dict[str, str] | None = None) 
     return env
 
 
-def _check_address(host: str, port: int) -> None:
-    """Bind ``host:port`` once, as the server will (Tornado sets SO_REUSEADDR too), so a port in use or an
-    address this machine does not have fails with one line before Streamlit starts (it would print its own
-    log line and exit 1)."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise InvalidInput(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
-    family, type_, proto, _, addr = infos[0]
-    try:
-        with socket.socket(family, type_, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-    except OSError as e:
-        raise InvalidInput(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise InvalidInput(f"--port must be in 1..65535, got {args.port}")
@@ -94,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(argv))
         return 0
-    _check_address(args.host, args.port)
+    from vlmguard.workers.launch import check_port_free
+
+    check_port_free(args.host, args.port, f"--host {args.host} --port {args.port}")
     print(f"vlmguard dashboard on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     # Replace this process by Streamlit, so signals (Ctrl-C, a test's terminate) reach the server itself.
     os.execve(sys.executable, argv, env)

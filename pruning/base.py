@@ -45,6 +45,14 @@ class PruneContext:
     state: dict[str, Any] = field(default_factory=dict)  # per-call scratch space for the pruner
     # method diagnostics for the results; report["per_row"][row] holds entries for that request only
     report: dict[str, Any] = field(default_factory=dict)
+    # how errors name each request (its place in the caller's list); None: its main row
+    positions: list[int] | None = None
+
+    def request_name(self, row: int) -> int:
+        """The request a row belongs to, as errors name it (branch rows follow the main rows, request by request
+        within each branch)."""
+        i = row % len(self.main_rows) if self.main_rows else row
+        return i if self.positions is None else self.positions[i]
 
 
 # Families whose positions are 1-D RoPE ids, the only ones ``LayerRunner.prefill(renumber=True)`` can renumber
@@ -82,9 +90,13 @@ class Pruner:
         return int(b)
 
     def check_budget(self, ctx: PruneContext) -> None:
-        for n in ctx.n_visual:
+        """Every row's budget against its visual tokens; an error names the request it cannot serve."""
+        for r, n in enumerate(ctx.n_visual):
             if n:
-                self.keep_count(n)
+                try:
+                    self.keep_count(n)
+                except InvalidInput as e:
+                    raise InvalidInput(f"request {ctx.request_name(r)}: {e}") from None
 
     # ---- vision side ---------------------------------------------------------------------
     def prune_images(self, ctx: PruneContext) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:

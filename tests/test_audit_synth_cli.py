@@ -143,8 +143,10 @@ def test_dashboard_port_in_use_is_one_line(capsys, monkeypatch):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        _error(capsys, ["dashboard", "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen there")
-    _error(capsys, ["dashboard", "--host", "no.such.host.invalid"], "--host 'no.such.host.invalid': cannot resolve")
+        _error(capsys, ["dashboard", "--port", port],
+               f"--host 127.0.0.1 --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    _error(capsys, ["dashboard", "--host", "no.such.host.invalid"],
+           "--host no.such.host.invalid --port 8501: cannot resolve host 'no.such.host.invalid'")
 
 
 def test_demo_checks_its_files_before_step_one(capsys, monkeypatch, tmp_path):

@@ -425,3 +425,4 @@ def test_serve_refuses_gpu_replicas_this_machine_lacks(capsys, monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "the replicas reserve more GPUs than this machine has (0): tiny 2" in err
+    assert err.rstrip().endswith("set device cpu, a fractional num_gpus or fewer replicas, or join a cluster (--address)")

@@ -229,6 +229,7 @@ class Engine:
         """The requests checked and made model prompts; errors name each request by ``positions`` (default: its
         place in ``requests``)."""
         out = []
+        placeholder = self.adapter.image_placeholder
         for k, r in enumerate(requests):
             i = k if positions is None else positions[k]
             if not isinstance(r, Request):
@@ -244,7 +245,7 @@ class Engine:
             if not r.prompt.strip() and not r.images:
                 raise InvalidInput(f"request {i}: empty prompt and no image")
             for field, text in (("prompt", r.prompt), ("system", r.system)):
-                check_text(text, f"request {i}: {field}", None if r.raw_prompt else self.adapter.image_placeholder)
+                check_text(text, f"request {i}: {field}", None if r.raw_prompt else placeholder)
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]
             out.append(Prompt(text=r.prompt, images=images, system=r.system, raw=r.raw_prompt))
         return out
@@ -331,13 +332,8 @@ class Engine:
                     f"{self.context_length} tokens")
         n_visual = batch.image_token_mask.sum(dim=1).tolist()
         pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
-                            text_len=[p - v for p, v in zip(prompt_len, n_visual)])
-        for i in range(n_req):  # a budget one request's visual tokens cannot meet: name that request
-            if n_visual[i]:
-                try:
-                    pruner.keep_count(n_visual[i])
-                except InvalidInput as e:
-                    raise InvalidInput(f"request {i if positions is None else positions[i]}: {e}") from None
+                            text_len=[p - v for p, v in zip(prompt_len, n_visual)],
+                            positions=None if positions is None else list(positions))
         pruner.check_budget(pctx)
 
         # -- vision

@@ -53,10 +53,10 @@ def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
     if img.mode in ("I", "F"):
         a = np.asarray(img).astype(np.float64)
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if lo >= 0 and hi <= 255 and not (img.mode == "F" and hi <= 1):
-            return _gray8(a)
         if lo >= 0 and img.mode == "F" and hi <= 1:
             return _gray8(a * 255)
+        if lo >= 0 and hi <= 255:
+            return _gray8(a)
         if lo >= 0 and img.mode == "I" and hi <= 65535:
             return _gray8(a / 257.0)
         raise InvalidInput(f"{what} (mode {img.mode}) holds values in [{lo:g}, {hi:g}], which is no 8-bit, 16-bit or "

@@ -22,8 +22,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                                "seed", "stop",
-                                "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
+                                "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
                                 "repetition_penalty"})
 
 

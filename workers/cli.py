@@ -116,14 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for m in config.models:
             if not m.model.startswith("random:"):
                 resolve_model_path(m.model)
-        # replicas reserving GPUs this machine lacks would wait for them for ever
-        gpus = local_gpus()
-        wanted = {m.served_name: m.gpus_per_replica(gpus) * m.num_replicas for m in config.models}
-        if sum(wanted.values()) > gpus:
-            asks = ", ".join(f"{name} {n:g}" for name, n in wanted.items() if n)
-            raise InvalidInput(f"the replicas reserve more GPUs than this machine has ({gpus:g}): {asks}; "
-                               "set device cpu, a fractional num_gpus or fewer replicas, or join a cluster (--address)")
-        if args.num_cpus is not None:  # Ray would keep replicas reserving more CPUs pending for ever
+        # replicas reserving GPUs this machine lacks, or more CPUs than --num-cpus gives, would wait for ever
+        check_resources(config, {"GPU": local_gpus()}, "this machine", "or join a cluster (--address)")
+        if args.num_cpus is not None:
             check_resources(config, {"CPU": args.num_cpus}, f"a cluster of --num-cpus {args.num_cpus}")
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,

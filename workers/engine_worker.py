@@ -90,9 +90,10 @@ class EngineWorker:
         from vlmguard.results import Request
 
         if item.messages:  # the chat template places the images: a user's own placeholder text would be one more
+            placeholder = self.engine.adapter.image_placeholder
             for i, m in enumerate(item.messages):
                 for part in m["content"]:
-                    check_text(part.get("text"), f"messages[{i}]", self.engine.adapter.image_placeholder)
+                    check_text(part.get("text"), f"messages[{i}]", placeholder)
             proc = self.engine.adapter.processor
             text = proc.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)

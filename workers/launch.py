@@ -41,19 +41,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(host: str, port: int, option: str) -> None:
-    """Bind ``host:port`` now, as a server about to listen there would, so a busy or unusable port is one line
-    before Ray starts. Serve's proxies bind with SO_REUSEPORT: a second service on the port of a running one
+    """Bind ``host:port`` now, as a server about to listen there would, so a busy or unusable port, or a host
+    name that does not resolve, is one line before the server starts (``serve``: before Ray; ``dashboard``:
+    before Streamlit). Serve's proxies bind with SO_REUSEPORT: a second service on the port of a running one
     would share it silently (requests split between the two); this probe does not, so it is refused."""
     if port == 0:
         return
+    if not 0 < port <= 65535:  # getaddrinfo would take 70000 as 70000 % 65536
+        raise InvalidInput(f"{option}: cannot listen on {host}:{port} (a port is 1-65535)")
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InvalidInput(f"{option}: cannot resolve host {host!r} ({e.strerror})") from None
+    except UnicodeError as e:  # a host name with a label over 63 characters
+        raise InvalidInput(f"{option}: cannot resolve host {host!r} ({e})") from None
+    try:
+        with socket.socket(family, type_, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except (OSError, OverflowError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        hint = "; is a service already running there? pick another port" if isinstance(e, OSError) and \
-            e.errno == errno.EADDRINUSE else ""
+            s.bind(addr)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        hint = "; is a service already running there? pick another port" if e.errno == errno.EADDRINUSE else ""
         raise InvalidInput(f"{option}: cannot listen on {host}:{port} ({reason}){hint}") from None
 
 
@@ -70,9 +79,10 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
         raise VlmguardError(f"no Ray cluster answers at {address} ({reason})") from None
 
 
-def check_resources(config: ServiceConfig, have: dict[str, float], where: str) -> None:
+def check_resources(config: ServiceConfig, have: dict[str, float], where: str, other_way: str = "") -> None:
     """Replicas reserving more CPUs or GPUs (of those in ``have``) than ``where`` has would wait for them for ever
-    (Serve keeps them pending, ``serve.run`` never returns): one line naming the numbers instead."""
+    (Serve keeps them pending, ``serve.run`` never returns): one line naming the numbers instead (and
+    ``other_way`` out, after the hint)."""
     for kind, hint in (("CPU", "lower num_cpus per replica or num_replicas, or give the cluster more CPUs"),
                        ("GPU", "set device cpu, a fractional num_gpus or fewer replicas")):
         if kind not in have:
@@ -82,7 +92,8 @@ def check_resources(config: ServiceConfig, have: dict[str, float], where: str) -
         if sum(n * each for n, each in per.values()) > have[kind]:
             asks = ", ".join(f"{name} {n * each:g} ({n} replica{'s' if n > 1 else ''} x {each:g})"
                              for name, (n, each) in per.items() if each)
-            raise InvalidInput(f"the replicas reserve more {kind}s than {where} has ({have[kind]:g}): {asks}; {hint}")
+            raise InvalidInput(f"the replicas reserve more {kind}s than {where} has ({have[kind]:g}): {asks}; "
+                               f"{hint}{', ' + other_way if other_way else ''}")
 
 
 @dataclass
