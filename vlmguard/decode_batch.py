@@ -392,8 +392,8 @@ class DecodeBatch:
         for b in self._blocks():
             kept = [j - b.lives.start for j in range(b.lives.start, b.lives.stop) if j in keep]
             rows += [b.first + k * b.n + j for k in range(len(b.cohort.branch_names)) for j in kept]
-        rows = torch.tensor(rows, device=self.device)
         self.runner.reorder(self.state, rows)
+        rows = torch.tensor(rows, device=self.device)
         self.logits = self.logits[rows]
         self.hidden = {k: v[keep_j] for k, v in self.hidden.items()}
         self.head = None if self.head is None else self.head[keep_j]
@@ -437,8 +437,8 @@ class DecodeBatch:
         Only for a fresh batch of one cohort whose decoder has no branches and no per-request state."""
         if len(self.cohorts) != 1 or self.cohorts[0].branch_names != ["main"] or any(lv.gen for lv in self.lives):
             raise ValueError("only a fresh batch of a decoder without branches can be expanded")
+        self.runner.reorder(self.state, list(source))
         rows = torch.tensor(source, device=self.device)
-        self.runner.reorder(self.state, rows)
         self.logits = self.logits[rows]
         self.hidden = {k: v[rows] for k, v in self.hidden.items()}
         self.head = None if self.head is None else self.head[rows]

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
-from vlmguard.kv_cache import GrowingCache
+from vlmguard.kv_cache import GrowingCache, GrowingLayer
 from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
@@ -188,8 +188,9 @@ class LayerRunner:
         Per layer, the shorter side is left-padded with masked slots (``layer_valid`` False), so every row
         attends to exactly its own keys; positions stay per row. Layers that shared a validity tensor in
         both states (one pruning stage) share the merged one. Each layer's cache is written once, straight
-        into the appendable buffer."""
-        cache = GrowingCache()
+        into the appendable buffer: ``b``'s rows go into the spare rows of ``a``'s (``GrowingLayer.add_rows``,
+        so ``a``'s cache becomes the merged one), or the layer moves to a new buffer when it has no room."""
+        cache = a.cache
         merged_valid: dict[tuple[int, int], torch.Tensor] = {}
         layer_valid = []
         for i, (va, vb) in enumerate(zip(a.layer_valid, b.layer_valid)):
@@ -199,7 +200,11 @@ class LayerRunner:
             if key not in merged_valid:
                 merged_valid[key] = torch.cat([_left_pad(va, length), _left_pad(vb, length)])
             layer_valid.append(merged_valid[key])
-            cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
+            if isinstance(la, GrowingLayer):
+                la.add_rows(lb.keys, lb.values)
+            else:
+                cache.layers[i] = GrowingLayer()
+                cache.layers[i].fill_rows([la.keys, lb.keys], [la.values, lb.values], length)
         positions = torch.cat([a.next_positions, b.next_positions], dim=-1)
         layer_next = None
         if a.layer_next_positions is not None or b.layer_next_positions is not None:
@@ -215,14 +220,19 @@ class LayerRunner:
         return DecodeState(cache=cache, layer_valid=layer_valid, next_positions=positions,
                            layer_next_positions=layer_next, visual_per_layer=[], final_seq=a.final_seq)
 
-    def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
-        """Keep only the rows in ``index`` (e.g. drop finished requests from the batch).
+    def reorder(self, state: DecodeState, rows: list[int]) -> None:
+        """Keep only the rows ``rows`` (e.g. drop finished requests from the batch: ascending rows move down
+        inside the cache's buffers, ``GrowingLayer.keep_rows``).
 
         Key slots that no remaining row attends to (the left padding of a row that was merged in next to a
         longer one, or of the rows that were shorter than a finished one) are cut off the front of every
         layer. Without this, a batch that requests keep joining never drains, and its cache (and every
         step's attention) would grow by one slot per step for as long as the service is busy."""
-        state.cache.batch_select_indices(index)
+        index = torch.tensor(rows, dtype=torch.long, device=state.next_positions.device)
+        if isinstance(state.cache, GrowingCache):
+            state.cache.keep_rows(rows, index)
+        else:
+            state.cache.batch_select_indices(index)
         groups: dict[int, tuple[torch.Tensor, int]] = {}
         layer_valid = []
         for i, v in enumerate(state.layer_valid):
