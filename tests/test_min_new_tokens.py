@@ -84,3 +84,36 @@ def test_a_benchmark_run_with_a_minimum_length_is_a_run_of_its_own():
 
     assert "min_new_tokens" not in spec_knobs(GenerationSpec())  # the ids of earlier runs are unchanged
     assert spec_knobs(GenerationSpec(min_new_tokens=4))["min_new_tokens"] == 4
+
+
+def test_a_benchmark_run_with_a_minimum_length_is_stored_migrated_and_labelled(tmp_path):
+    """A run with min_new_tokens used to fail when it was created ("unknown run knobs"); databases written before
+    the column existed get it by migration, and the report tells the run from one without a minimum."""
+    import sqlite3
+
+    from test_bench_runner import SYNTH, FakeEngine
+    from vlmguard.bench import db as dbm
+    from vlmguard.bench.datasets import synth_dataset
+    from vlmguard.bench.report import method_label
+    from vlmguard.bench.runner import default_spec, run_benchmark
+    from vlmguard.bench.sweep import run_sweep
+
+    old = tmp_path / "old.sqlite"  # a database of the version before: no min_new_tokens column
+    conn = dbm.connect(old)
+    conn.execute("ALTER TABLE runs DROP COLUMN min_new_tokens")
+    conn.close()
+    assert "min_new_tokens" not in {r[1] for r in sqlite3.connect(old).execute("PRAGMA table_info(runs)")}
+    for db in (tmp_path / "new.sqlite", old):
+        plain = run_benchmark(FakeEngine(), "pope", synth_dataset(SYNTH), default_spec("pope"), db, split="random",
+                              progress=False, limit=3)
+        held = run_benchmark(FakeEngine(), "pope", synth_dataset(SYNTH), default_spec("pope", min_new_tokens=2), db,
+                             split="random", progress=False, limit=3)
+        assert held.run_id != plain.run_id
+        runs = {r["run_id"]: r for r in dbm.list_runs(db)}
+        assert runs[held.run_id]["min_new_tokens"] == 2 and runs[plain.run_id]["min_new_tokens"] is None
+        assert method_label(runs[held.run_id]) == "min_new_tokens=2" and method_label(runs[plain.run_id]) == "base"
+    cfg = tmp_path / "sweep.yaml"  # a sweep may set it too, per method or for all
+    cfg.write_text(f"model: fake\ndataset: {SYNTH}\nlimit: 3\nbenchmarks:\n  - pope: {{splits: [random]}}\n"
+                   "methods:\n  - {name: base}\n  - {name: held, min_new_tokens: 2}\n")
+    base, swept = run_sweep(cfg, db=tmp_path / "s.sqlite", load_engine=lambda name: FakeEngine(), progress=False)
+    assert {r["run_id"]: r["min_new_tokens"] for r in dbm.list_runs(tmp_path / "s.sqlite")}[swept.run_id] == 2

@@ -34,6 +34,8 @@ def method_label(run: dict[str, Any]) -> str:
                  if run.get(k) not in (None, neutral)}
     if penalties:
         parts.append("penalty" + _params(penalties))
+    if run.get("min_new_tokens"):
+        parts.append(f"min_new_tokens={run['min_new_tokens']}")
     return "+".join(parts) or "base"
 
 

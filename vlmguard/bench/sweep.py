@@ -18,7 +18,7 @@ Config (YAML)::
       - {name: vcd, decoding: vcd, decoding_params: {alpha: 1.0}}
     budgets: [48, 16]           # applied to every method that prunes; others run once
 
-Generation knobs (max_new_tokens, seed, do_sample, temperature, top_p, top_k, presence_penalty,
+Generation knobs (max_new_tokens, min_new_tokens, seed, do_sample, temperature, top_p, top_k, presence_penalty,
 frequency_penalty, repetition_penalty) may be set per method or
 at the top level; benchmark presets fill in the rest. The whole config is checked before the first run:
 keys, value types, benchmark options, and every method's pruning and decoding names with their parameters.
@@ -35,8 +35,8 @@ from vlmguard.bench.pope_data import SPLITS
 from vlmguard.bench.runner import RunOutcome, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput, VlmguardError
 
-GEN_KEYS = ("max_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k", "presence_penalty",
-            "frequency_penalty", "repetition_penalty")
+GEN_KEYS = ("max_new_tokens", "min_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k",
+            "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 # The config's schema: the types of every key (values are range-checked where they are used: budgets and
@@ -48,6 +48,7 @@ class _Schema(BaseModel):
 
 class _GenKnobs(_Schema):
     max_new_tokens: int = None  # type: ignore[assignment]
+    min_new_tokens: int = None  # type: ignore[assignment]
     seed: int = None  # type: ignore[assignment]
     do_sample: bool = None  # type: ignore[assignment]
     temperature: float = None  # type: ignore[assignment]
