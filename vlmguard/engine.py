@@ -95,6 +95,30 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _config_problem(e: BaseException) -> str:
+    """One line for a config error: transformers' validation errors put the field on the first line ("Validation
+    error for field 'hidden_size':") and what is wrong with it on the next."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else first_line(e)
+
+
+def check_loaded_weights(path: Path, info: dict[str, Any]) -> None:
+    """transformers fills the tensors a checkpoint lacks, or has in another shape than its config.json says, with
+    random values and only logs it (hidden by the CLI): a model that would answer with noise is a load error
+    naming the tensor."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda k: k[0])
+    missing = sorted(info.get("missing_keys") or [])
+    if mismatched:
+        key, saved, wanted = mismatched[0][:3]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ModelLoadError(f"model at {path}: weight {key} has shape {list(saved)} in the checkpoint but "
+                             f"{list(wanted)} by its config.json{more}; are the config and the weights of one model?")
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelLoadError(f"model at {path}: the checkpoint has no weight {missing[0]}{more} (they would be "
+                             "random); an incomplete checkpoint, or the weights of another model?")
+
+
 class Engine:
     """One model + processor, ready to generate. Thread-compatible: one generate() at a time."""
 
@@ -140,6 +164,10 @@ class Engine:
         impl = choose_attention(attn_implementation, dev, pick_dtype(dtype, dev))
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:  # a value transformers' config classes refuse (their validation errors vary in type)
+            raise ModelLoadError(f"model at {path}: config.json is not a valid model config: {_config_problem(e)}") \
+                from None
+        try:
             cls_name = MODEL_CLASSES.get(config.model_type)
             if cls_name is None:
                 raise ModelLoadError(f"unsupported model type {config.model_type!r} at {path} "
@@ -148,10 +176,13 @@ class Engine:
             # second, not after the weights (gigabytes) have been read
             processor = load_processor(path, trust_remote_code=trust_remote_code)
             model_cls = getattr(transformers, cls_name)
-            m = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
-                                          local_files_only=True, trust_remote_code=trust_remote_code)
+            # mismatched shapes are reported by check_loaded_weights (naming the tensor), not raised by transformers
+            m, info = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
+                                                local_files_only=True, trust_remote_code=trust_remote_code,
+                                                ignore_mismatched_sizes=True, output_loading_info=True)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model from {path}: {first_line(e)}") from None
+        check_loaded_weights(path, info)
         m.to(dev)
         engine = cls(m, processor, name=str(model), attn_implementation=impl)
         engine.revision = weights_fingerprint(path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlmguard.errors import ModelLoadError
+from vlmguard.errors import ModelLoadError, first_line
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_DIR = ASSETS / "tiny-llava"
@@ -143,6 +143,21 @@ def _check_safetensors(f: Path, ref: str) -> None:
     if 8 + n + end != size:
         raise ModelLoadError(f"{bad} ({size} bytes where its header describes {8 + n + end}"
                              f"{'; an interrupted copy or download?' if size < 8 + n + end else ''})")
+    _check_safetensors_header(f, bad)
+
+
+def _check_safetensors_header(f: Path, bad: str) -> None:
+    """What safetensors itself checks when transformers opens the file (each tensor's dtype, and a shape that fits its
+    data_offsets): reads the header only, and imports no torch."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # pragma: no cover - safetensors ships with transformers
+        return
+    try:
+        with safe_open(str(f), framework="numpy"):
+            pass
+    except SafetensorError as e:
+        raise ModelLoadError(f"{bad} ({first_line(e)})") from None
 
 
 def _check_torch_archive(f: Path, ref: str) -> None:
@@ -183,17 +198,20 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
                              "of the form org/name")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         raise ModelLoadError(f"model {text!r}: huggingface_hub is not installed") from None
     try:
         path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+    except IncompleteSnapshotError as e:  # cached, but a download was interrupted (its message names the files)
+        raise ModelLoadError(f"model {text!r}: {first_line(e)}") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as e:
         cache = _hub_cache()
         cached = _cached_revisions(cache, repo_id)
-        if revision and cached:
-            raise ModelLoadError(f"model {text!r}: revision {revision!r} of {repo_id} is not in the local Hugging "
-                                 f"Face cache ({cache}; cached: {', '.join(cached)}); downloads are disabled") from None
+        if cached:  # no revision: the 'main' ref huggingface_hub looks for (a cache copied without refs/ lacks it)
+            raise ModelLoadError(f"model {text!r}: revision {revision or 'main'!r} of {repo_id} is not in the local "
+                                 f"Hugging Face cache ({cache}; cached: {', '.join(cached)}); downloads are disabled"
+                                 ) from None
         raise ModelLoadError(f"model {text!r} is not in the local Hugging Face cache ({cache}); downloads are "
                              f"disabled, so copy it there or pass a local directory ({type(e).__name__})") from None
     return _check_dir(Path(path), text)
