@@ -211,7 +211,8 @@ def _int_list(v: Any) -> bool:
 
 def check_schedule(data: Any, where: str) -> dict:
     """A schedule as ``vlmguard prune analyze`` writes it: {"layers": [int, ...], "keeps": {"<budget>": [int,
-    ...]}, "n_visual": int} (keeps and n_visual optional). One InvalidInput naming ``where`` and the bad key."""
+    ...]}, "n_visual": int, "n_layers": int} (keeps, n_visual and n_layers optional). One InvalidInput naming
+    ``where`` and the bad key."""
     if not isinstance(data, dict) or "layers" not in data:
         raise InvalidInput(f"adaptinfer: {where} has no 'layers' list")
     if not _int_list(data["layers"]) or not data["layers"]:
@@ -219,9 +220,10 @@ def check_schedule(data: Any, where: str) -> dict:
     keeps = data.get("keeps")
     if keeps is not None and not (isinstance(keeps, dict) and all(_int_list(v) for v in keeps.values())):
         raise InvalidInput(f"adaptinfer: {where}: 'keeps' must map budgets to lists of integers, got {keeps!r}")
-    n_visual = data.get("n_visual")
-    if n_visual is not None and (not isinstance(n_visual, int) or isinstance(n_visual, bool) or n_visual < 1):
-        raise InvalidInput(f"adaptinfer: {where}: 'n_visual' must be a positive integer, got {n_visual!r}")
+    for key in ("n_visual", "n_layers"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InvalidInput(f"adaptinfer: {where}: '{key}' must be a positive integer, got {v!r}")
     return data
 
 
@@ -259,7 +261,9 @@ def make_schedule(*, family: str, n_layers: int, hidden: int, n_visual: int, bud
         data, source = schedule
         layers = tuple(data["layers"])
         table = data.get("keeps") or {}
-        file_keeps = table.get(str(budget)) if data.get("n_visual", n_visual) == n_visual else None
+        # keep counts solved for another token count or depth miss this budget: solved again for this model
+        same_model = (data.get("n_visual", n_visual), data.get("n_layers", n_layers)) == (n_visual, n_layers)
+        file_keeps = table.get(str(budget)) if same_model else None
     if layers is None:
         if n_layers == 32 and n_visual == 576 and budget in OFFICIAL_KEEPS_7B:
             validate(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_layers)

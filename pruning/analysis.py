@@ -21,27 +21,28 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
 from vlmguard.models.base import Prompt
-from vlmguard.pruning.adaptinfer_schedule import actual_average, default_layers, official_average, solve_keeps
+from vlmguard.pruning.adaptinfer_schedule import (accounting_for, actual_average, default_layers, official_average,
+                                                   solve_keeps)
 from vlmguard.pruning.scores import pad_rows, text_after_vision
 
 CALIBRATION_SEED = 7919  # SynthCOCO's benchmark split uses small seeds (0, 1, ...)
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
-def synth_calibration(n: int, seed: int = CALIBRATION_SEED, image_size: int = 96) -> list[Prompt]:
-    """POPE-style prompts on freshly rendered SynthCOCO scenes (half present, half absent objects)."""
+def synth_calibration(n: int, seed: int = CALIBRATION_SEED, image_size: int = 96) -> Iterator[Prompt]:
+    """POPE-style prompts on freshly rendered SynthCOCO scenes (half present, half absent objects), each
+    rendered when it is taken: a large ``n`` does not hold all its images in memory before the first is used."""
     from vlmguard.synth.render import render_scene
     from vlmguard.synth.text import pope_question
     from vlmguard.synth.world import CATEGORIES, WorldParams, sample_scene
 
     rng = random.Random(seed)
     params = WorldParams(image_size=image_size)
-    out = []
     for i in range(n):
         scene = sample_scene(rng, params)
         img = render_scene(scene, params).image
@@ -51,8 +52,7 @@ def synth_calibration(n: int, seed: int = CALIBRATION_SEED, image_size: int = 96
         else:
             absent = [c.name for c in CATEGORIES if c.name not in present]
             name = rng.choice(absent)
-        out.append(Prompt(pope_question(name) + POPE_SUFFIX, [img]))
-    return out
+        yield Prompt(pope_question(name) + POPE_SUFFIX, [img])
 
 
 def directory_calibration(path: str | Path, n: int, question: str = "Describe the image briefly.") -> list[Prompt]:
@@ -156,8 +156,12 @@ class AnalysisResult:
     min_size: int = 2
 
     def to_dict(self, model: str) -> dict:
+        # which accounting the keep counts hit the label under (as a generation's schedule reports it): under
+        # "pruned-layers" neither average below equals the label
+        accounting = accounting_for(self.layers, self.n_layers)
         keeps = {b: {"keeps": k, "official_avg": round(official_average(self.layers, k, self.n_visual, self.n_layers), 2),
-                     "actual_avg": round(actual_average(self.layers, k, self.n_visual, self.n_layers), 2)}
+                     "actual_avg": round(actual_average(self.layers, k, self.n_visual, self.n_layers), 2),
+                     "label_accounting": accounting}
                  for b, k in self.keeps.items()}
         return {"method": "adaptinfer", "model": model, "layers": self.layers, "n_layers": self.n_layers,
                 "n_visual": self.n_visual, "samples": self.samples, "min_size": self.min_size, "histogram": self.histogram,

@@ -44,12 +44,14 @@ def _analyze(args: argparse.Namespace) -> int:
     from vlmguard.engine import Engine
     from vlmguard.pruning.analysis import CALIBRATION_SEED, analyze, directory_calibration, synth_calibration
 
-    from vlmguard.files import check_output_file
+    from vlmguard.files import check_output_file, write_output_file
 
     if args.samples < 1:
         raise InvalidInput(f"--samples must be >= 1, got {args.samples}")
     if args.min_size < 1:
         raise InvalidInput(f"--min-size must be >= 1, got {args.min_size}")
+    if args.out is not None and not args.out.strip():  # it was silently not written
+        raise InvalidInput("--out is empty: give the schedule file's path")
     if args.out:  # before the analysis, not after it
         check_output_file(args.out, "--out")
     t0 = time.perf_counter()
@@ -80,12 +82,10 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"stage layers: {result.layers}")
         for b, info in out["budgets"].items():
             print(f"  budget {b:>4}: keeps {info['keeps']}  official avg {info['official_avg']}  "
-                  f"actual avg {info['actual_avg']}")
+                  f"actual avg {info['actual_avg']}  (label accounting: {info['label_accounting']})")
     if args.out:  # written after the results are printed: a failing write does not lose them
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         schedule = {k: v for k, v in out.items() if k != "out"}
-        path.write_text(json.dumps(schedule, indent=2) + "\n")
+        write_output_file(args.out, json.dumps(schedule, indent=2) + "\n", "--out")
         if not args.json:
             print(f"schedule written to {args.out}")
     return 0

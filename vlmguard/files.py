@@ -7,6 +7,7 @@ The output checks probe the file or folder for writing and leave nothing behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,29 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     except OSError as e:
         raise InvalidInput(f"{option} {p}: cannot write it ({_os_reason(e)})") from None
     return p
+
+
+def write_output_file(path: str | os.PathLike, text: str, option: str) -> None:
+    """Write ``text`` to the file ``path`` whole or not at all: into a temporary file beside it, renamed over it,
+    so a failing write (a full disk) leaves an existing file as it was; a device or pipe (/dev/stdout) is written
+    directly, and a link keeps pointing at the file it names. A failure is one line naming ``option``."""
+    p = Path(path).expanduser()
+    try:
+        if p.exists() and not p.is_file():
+            p.write_text(text)
+            return
+        target = p.resolve()
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(text)
+            if target.exists():
+                shutil.copymode(target, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise InvalidInput(f"{option} {p}: cannot write it ({_os_reason(e)})") from None
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -42,9 +41,9 @@ def emit(result: dict[str, Any], text: str, as_json: bool, out_path: str | None 
     else:
         print(text, flush=True)
     if out_path:
-        p = Path(out_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=2) + "\n")
+        from vlmguard.files import write_output_file
+
+        write_output_file(out_path, json.dumps(result, indent=2) + "\n", "--out")
 
 
 def markdown(result: dict[str, Any]) -> str:

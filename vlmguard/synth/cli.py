@@ -280,8 +280,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"CHAIR_s {num(c['chair_s'])}  CHAIR_i {num(c['chair_i'])}  recall {num(c['recall'])}  ({c['scorer']})",
               flush=True)
     if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(res, indent=2) + "\n")
+        from vlmguard.files import write_output_file
+
+        write_output_file(args.save, json.dumps(res, indent=2) + "\n", "--save")
     if args.write_card:
         from vlmguard.models.resolve import resolve_model_path
         from vlmguard.synth.card import write_model_card
