@@ -113,6 +113,7 @@ class AdaptInferPruner(Pruner):
         scheds: list[Schedule | None] = [self.schedule_for(ctx, n) if n else None for n in ctx.n_visual]
         ctx.state["adaptinfer_schedules"] = scheds
         ctx.report["adaptinfer_schedule"] = [s.to_dict() if s else None for s in scheds]
+        ctx.row_keyed["adaptinfer_schedule"] = "rows"
 
     def _stage(self, ctx: PruneContext, row: int, layer_idx: int) -> int | None:
         sched: Schedule | None = ctx.state["adaptinfer_schedules"][row]

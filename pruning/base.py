@@ -47,6 +47,24 @@ class PruneContext:
     report: dict[str, Any] = field(default_factory=dict)
     # how errors name each request (its place in the caller's list); None: its main row
     positions: list[int] | None = None
+    # report keys whose values hold an entry per row: "rows" (a list by row) or "layers" ({layer: list by row})
+    row_keyed: dict[str, str] = field(default_factory=dict)
+
+    def request_report(self, row: int) -> dict[str, Any]:
+        """The report as the request of main row ``row`` sees it: its own rows' entries of the row-keyed values
+        (its main row, then its branch rows, as alone) and its ``per_row`` entries, never another request's."""
+        own = list(range(row, len(self.n_visual), len(self.main_rows) or 1))
+        out: dict[str, Any] = {}
+        for key, value in self.report.items():
+            kind = self.row_keyed.get(key)
+            if key == "per_row":
+                continue
+            if kind == "rows":
+                value = [value[i] for i in own]
+            elif kind == "layers":
+                value = {layer: [rows[i] for i in own] for layer, rows in value.items()}
+            out[key] = value
+        return {**out, **self.report.get("per_row", {}).get(row, {})}
 
     def request_name(self, row: int) -> int:
         """The request a row belongs to, as errors name it (branch rows follow the main rows, request by request

@@ -91,7 +91,8 @@ class FastVPruner(Pruner):
         if all(k is None for k in kept):
             return None  # nothing to cut: identical to the unpruned path
         ctx.report["fastv"] = {"score_layer": self.score_layer, "query": self.params.query}
-        report_position_scores(ctx, seq, {r: (positions[r], scores[r, positions[r]])  # the dashboard's heatmap
-                                          for r in ctx.main_rows})
+        # the dashboard's heatmap, for the rows cut here (a row left whole has none, in a batch as alone)
+        report_position_scores(ctx, seq, {r: (positions[r], scores[r, positions[r]])
+                                          for r in ctx.main_rows if kept[r] is not None})
         record_stage(ctx, "fastv_kept", layer_idx, seq, kept)
         return keep_mask_from_positions(seq, kept)

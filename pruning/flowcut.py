@@ -132,8 +132,8 @@ class FlowCutPruner(Pruner):
             n_imgs = self._images_per_row(ctx)
             for r, n in enumerate(ctx.n_visual):
                 if n and self.keep_count(n) < n_imgs[r]:
-                    raise InvalidInput(f"flowcut: budget {self.keep_count(n)} is below one token per image "
-                                       f"({n_imgs[r]} images in request row {r})")
+                    raise InvalidInput(f"request {ctx.request_name(r)}: flowcut: budget {self.keep_count(n)} is below "
+                                       f"one token per image ({n_imgs[r]} images)")
         if fam != "llava" and self.params.llm_layer >= ctx.adapter.num_layers - 1:
             raise InvalidInput(f"flowcut: llm_layer {self.params.llm_layer} must be below the model's "
                                f"{ctx.adapter.num_layers} decoder layers")
@@ -201,28 +201,37 @@ class FlowCutPruner(Pruner):
         rows = batch.rows_with_images
         n_imgs = self._images_per_row(ctx)
         per_img_tokens = [ctx.n_visual[r] // n_imgs[r] for r in rows]
+        # a row whose budget covers its whole span takes the unpruned path, in a batch as alone (no stage V, no
+        # ViT schedule or heatmap of its own), as on LLaVA-NeXT
+        whole = [budgets[r] >= ctx.n_visual[r] for r in range(len(ctx.n_visual))]
+        cut = [j for j, r in enumerate(rows) if not whole[r]]
+        shares = self._image_shares(ctx, budgets)
         # "full": CLS takes one slot
-        targets = [max(share - 1, 0) if keep_cls else share for share in self._image_shares(ctx, budgets)]
-        groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
-        res = run_stage_v(tower, pv, targets, groups, last, self.params.history, self.params.prune_every)
+        targets = [max(shares[j] - 1, 0) if keep_cls else shares[j] for j in cut]
+        groups = [0] * len(cut) if self.params.reference_batch_coupling else list(range(len(cut)))
+        res = run_stage_v(tower, pv[cut], targets, groups, last, self.params.history, self.params.prune_every)
         feats: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         kept: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         scores: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         offset: dict[int, int] = {}
         for j, r in enumerate(rows):
-            hs = res.features[j] if keep_cls else res.features[j][1:]
-            idx = torch.cat([torch.zeros(1, dtype=torch.long, device=hs.device), res.kept[j] + 1]) if keep_cls \
-                else res.kept[j]
+            if whole[r]:  # the unpruned features of this image (as the adapter encodes it)
+                feats[r].append(ad.project(ad.selected_features(pv[j:j + 1]))[0])
+                continue
+            p = cut.index(j)  # its stage-V pass
+            hs = res.features[p] if keep_cls else res.features[p][1:]
+            idx = torch.cat([torch.zeros(1, dtype=torch.long, device=hs.device), res.kept[p] + 1]) if keep_cls \
+                else res.kept[p]
             feats[r].append(ad.project(hs[None])[0])
             kept[r].append(idx + offset.get(r, 0))
-            sc = torch.cat([res.scores[j].new_zeros(1), res.scores[j]]) if keep_cls else res.scores[j]  # CLS slot
+            sc = torch.cat([res.scores[p].new_zeros(1), res.scores[p]]) if keep_cls else res.scores[p]  # CLS slot
             scores[r].append(sc)
             offset[r] = offset.get(r, 0) + per_img_tokens[j]
         for r in ctx.main_rows:  # the running scores as the dashboard's heatmap
             if scores[r]:
                 allsc = torch.cat(scores[r])
                 report_visual_scores(ctx, r, ctx.n_visual[r], torch.arange(allsc.numel()), allsc)
-        self._report_vit_schedule(ctx, rows, res)
+        self._report_vit_schedule(ctx, [rows[j] for j in cut], res)
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     def _stage_v_next(self, ctx: PruneContext, budgets: list[int]):
@@ -299,25 +308,41 @@ class FlowCutPruner(Pruner):
         if targets == merged:  # nothing to cut inside the tower: the exact unpruned path
             return ad.image_features(batch), [None] * batch.input_ids.shape[0]
         rows = batch.rows_with_images
-        groups = [0] * len(rows) if self.params.reference_batch_coupling else list(range(len(rows)))
-        pv = batch.vision_inputs["pixel_values"].to(ad.model.device)
-        res = run_stage_v_qwen(ad.vision_tower, pv, grid, targets, groups, self.params.history,
-                               self.params.prune_every, whole_blocks=self.params.qwen_vit_unit == "block")
+        # a row none of whose images the tower would cut takes the unpruned path, in a batch as alone (no ViT
+        # schedule or heatmap of its own; stage L still cuts it to K)
+        whole = {r for r in rows if all(targets[j] == merged[j] for j, rr in enumerate(rows) if rr == r)}
+        cut = [j for j, r in enumerate(rows) if r not in whole]
+        pixels = ad.image_pixels(batch)
+        groups = [0] * len(cut) if self.params.reference_batch_coupling else list(range(len(cut)))
+        pv = torch.cat([pixels[j] for j in cut]).to(ad.model.device)
+        res = run_stage_v_qwen(ad.vision_tower, pv, grid[cut], [targets[j] for j in cut], groups,
+                               self.params.history, self.params.prune_every,
+                               whole_blocks=self.params.qwen_vit_unit == "block")
+        unpruned: dict[int, torch.Tensor] = {}
+        whole_imgs = [j for j, r in enumerate(rows) if r in whole]
+        if whole_imgs:  # the tower's own output for these images (as the adapter encodes them)
+            flat = ad.encode_pixels(torch.cat([pixels[j] for j in whole_imgs]), grid[whole_imgs])
+            flat = torch.cat(list(flat)) if isinstance(flat, (list, tuple)) else flat
+            unpruned = dict(zip(whole_imgs, torch.split(flat, [merged[j] for j in whole_imgs])))
         n_rows = len(ctx.n_visual)
         feats: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         scores: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         offset = [0] * n_rows
         for j, r in enumerate(rows):
-            feats[r].append(res.features[j])
-            kept[r].append(res.kept[j] + offset[r])
-            scores[r].append(res.scores[j])
+            if r in whole:
+                feats[r].append(unpruned[j])
+                continue
+            p = cut.index(j)  # its stage-V pass
+            feats[r].append(res.features[p])
+            kept[r].append(res.kept[p] + offset[r])
+            scores[r].append(res.scores[p])
             offset[r] += merged[j]
         for r in ctx.main_rows:  # the blocks' running scores as the heatmap (stage L's replace them if it cuts)
             if scores[r]:
                 allsc = torch.cat(scores[r])
                 report_visual_scores(ctx, r, ctx.n_visual[r], torch.arange(allsc.numel()), allsc)
-        self._report_vit_schedule(ctx, rows, res)
+        self._report_vit_schedule(ctx, [rows[j] for j in cut], res)
         return ([torch.cat(f) if f else None for f in feats], [torch.cat(k) if k else None for k in kept])
 
     @staticmethod

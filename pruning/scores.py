@@ -125,6 +125,7 @@ def record_stage(ctx, key: str, layer_idx: int, seq: Seq, kept_positions: list[t
     for r, pos in enumerate(kept_positions):
         rows.append(None if pos is None else seq.visual[r, pos.to(seq.visual.device)].tolist())
     ctx.report.setdefault(key, {})[int(layer_idx)] = rows
+    ctx.row_keyed[key] = "layers"
 
 
 def report_visual_scores(ctx, row: int, n_visual: int, index: torch.Tensor, values: torch.Tensor) -> None:

@@ -471,9 +471,8 @@ class Engine:
 
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:
-        """The pruner's description and report; ``report["per_row"][row]`` entries go to that request only."""
-        shared = {k: v for k, v in pctx.report.items() if k != "per_row"}
-        return {**pruner.describe(), **shared, **pctx.report.get("per_row", {}).get(row, {})}
+        """The pruner's description and the request's own view of its report (``PruneContext.request_report``)."""
+        return {**pruner.describe(), **pctx.request_report(row)}
 
     @staticmethod
     def _share_keep(keep: torch.Tensor, seq: Seq, n_req: int, nb: int, shares: list[bool]) -> torch.Tensor:

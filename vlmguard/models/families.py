@@ -105,10 +105,12 @@ class Qwen2VLAdapter(ModelAdapter):
         return list(torch.split(batch.vision_inputs["pixel_values"], sizes, dim=0))
 
     def encode_images(self, batch: EncodedBatch) -> Any:
-        pv = batch.vision_inputs["pixel_values"].to(self.model.device)
-        out = self.model.model.get_image_features(
-            pv, batch.vision_inputs["image_grid_thw"].to(self.model.device), return_dict=True
-        )
+        return self.encode_pixels(batch.vision_inputs["pixel_values"], batch.vision_inputs["image_grid_thw"])
+
+    def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
+        """The merged tokens of the images whose patch rows and grids these are (the tower's own output)."""
+        out = self.model.model.get_image_features(pixel_values.to(self.model.device),
+                                                  grid_thw.to(self.model.device), return_dict=True)
         return out.pooler_output
 
     def positions(self, batch: EncodedBatch) -> torch.Tensor:
