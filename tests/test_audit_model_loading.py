@@ -133,3 +133,15 @@ def test_a_cached_repo_without_a_main_ref_lists_its_revisions(llava, hub):
     with pytest.raises(ModelLoadError, match=f"revision 'main' of myorg/tiny .*cached: {REV}"):
         resolve_model_path("myorg/tiny")
     assert resolve_model_path(f"myorg/tiny@{REV}") == hub / "models--myorg--tiny" / "snapshots" / REV
+
+
+def test_config_depths_that_select_nothing_are_load_errors(llava, tmp_path):
+    """num_hidden_layers -1 built a model without decoder layers and failed with a bare IndexError while the engine
+    was set up; a vision_feature_layer beyond the tower loaded and then failed every request with a KeyError."""
+    d = _copy(llava, tmp_path / "m")
+    _edit_config(d, text_num_hidden_layers=-1)
+    _load_error(d, match="has no decoder layers .its text_config.num_hidden_layers is -1")
+    d = _copy(llava, tmp_path / "v")
+    depth = json.loads((d / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    _edit_config(d, vision_feature_layer=-(depth + 2))
+    _load_error(d, match=rf"vision_feature_layer {-(depth + 2)} selects no hidden state of the {depth}-layer vision")

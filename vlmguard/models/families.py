@@ -148,4 +148,15 @@ def adapter_for(model, processor) -> ModelAdapter:
         raise ModelLoadError(
             f"unsupported model type {model_type!r}; vlmguard supports {', '.join(sorted(ADAPTERS))}"
         )
-    return cls(model, processor)
+    adapter = cls(model, processor)
+    if not adapter.num_layers:
+        raise ModelLoadError(f"the {model_type} model has no decoder layers (its text_config.num_hidden_layers is "
+                             f"{getattr(adapter.text_config, 'num_hidden_layers', None)!r})")
+    feature_layer = getattr(adapter, "vision_feature_layer", None)
+    depth = getattr(getattr(adapter.vision_tower, "config", None), "num_hidden_layers", None)
+    if feature_layer is not None and isinstance(depth, int):
+        wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        if not wanted or any(not isinstance(i, int) or not -(depth + 1) <= i <= depth for i in wanted):
+            raise ModelLoadError(f"vision_feature_layer {feature_layer!r} selects no hidden state of the "
+                                 f"{depth}-layer vision tower (indices -{depth + 1}..{depth})")
+    return adapter
