@@ -56,9 +56,9 @@ class PruneContext:
         own = list(range(row, len(self.n_visual), len(self.main_rows) or 1))
         out: dict[str, Any] = {}
         for key, value in self.report.items():
-            kind = self.row_keyed.get(key)
             if key == "per_row":
                 continue
+            kind = self.row_keyed.get(key)
             if kind == "rows":
                 value = [value[i] for i in own]
             elif kind == "layers":

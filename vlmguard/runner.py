@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
-from vlmguard.kv_cache import GrowingCache, GrowingLayer
+from vlmguard.kv_cache import GrowingCache
 from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
@@ -189,8 +189,10 @@ class LayerRunner:
         attends to exactly its own keys; positions stay per row. Layers that shared a validity tensor in
         both states (one pruning stage) share the merged one. Each layer's cache is written once, straight
         into the appendable buffer: ``b``'s rows go into the spare rows of ``a``'s (``GrowingLayer.add_rows``,
-        so ``a``'s cache becomes the merged one), or the layer moves to a new buffer when it has no room."""
-        cache = a.cache
+        so ``a``'s cache becomes the merged one), or the layer moves to a new buffer when it has no room; a cache
+        of another kind is written into a new ``GrowingCache``."""
+        in_place = isinstance(a.cache, GrowingCache)
+        cache = a.cache if in_place else GrowingCache()
         merged_valid: dict[tuple[int, int], torch.Tensor] = {}
         layer_valid = []
         for i, (va, vb) in enumerate(zip(a.layer_valid, b.layer_valid)):
@@ -200,11 +202,10 @@ class LayerRunner:
             if key not in merged_valid:
                 merged_valid[key] = torch.cat([_left_pad(va, length), _left_pad(vb, length)])
             layer_valid.append(merged_valid[key])
-            if isinstance(la, GrowingLayer):
+            if in_place:
                 la.add_rows(lb.keys, lb.values)
             else:
-                cache.layers[i] = GrowingLayer()
-                cache.layers[i].fill_rows([la.keys, lb.keys], [la.values, lb.values], length)
+                cache.fill_layer(i, [la.keys, lb.keys], [la.values, lb.values], length)
         positions = torch.cat([a.next_positions, b.next_positions], dim=-1)
         layer_next = None
         if a.layer_next_positions is not None or b.layer_next_positions is not None:
