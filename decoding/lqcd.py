@@ -60,8 +60,8 @@ class LQCD(Decoder):
         nt = self.params.neutral_text
         if nt is None:
             return [None] * n
-        if isinstance(nt, str):
-            return [nt] * n
+        if isinstance(nt, str) or len(nt) == 1:  # one text for all (a request run n times, or batched with copies)
+            return [nt if isinstance(nt, str) else nt[0]] * n
         if len(nt) != n:
             raise InvalidInput(f"lqcd: neutral_text has {len(nt)} entries for {n} requests")
         return list(nt)
@@ -71,8 +71,11 @@ class LQCD(Decoder):
         p = self.params
         n = len(ctx.prompts)
         oracle = self._oracle(n)
+        placeholder = ctx.adapter.image_placeholder
         plans: list[dict] = []
         for i, pr in enumerate(ctx.prompts):
+            if oracle[i] is not None and placeholder:
+                self._check_oracle(i, pr, oracle[i], placeholder)
             plan = {"mode": "off", "expert": 0, "amateurs": [], "slots": [], "strength": 0.0}
             if oracle[i] is not None:
                 # sigma: the strength of the cue the rules find in the user's text (0 when they find none)
@@ -115,6 +118,19 @@ class LQCD(Decoder):
             "notes": [pl.get("note") for pl in plans],
             "cue_strength": [pl["strength"] for pl in plans],
         })
+
+    @staticmethod
+    def _check_oracle(i: int, prompt: Prompt, text: str, placeholder: str) -> None:
+        """The neutral text replaces the prompt's text beside its images: a raw prompt's must be a whole raw prompt
+        with one placeholder per image, a templated prompt's none (the processor would miscount the images)."""
+        found, want = text.count(placeholder), len(prompt.images) if prompt.raw else 0
+        if found == want:
+            return
+        if prompt.raw:
+            raise InvalidInput(f"lqcd: request {i} is a raw prompt with {want} image(s), so its neutral_text must be "
+                               f"a whole raw prompt with {want} {placeholder!r} placeholder(s); it has {found}")
+        raise InvalidInput(f"lqcd: the neutral_text of request {i} contains the model's image placeholder "
+                           f"{placeholder!r}: give the question only (the chat template places the images)")
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         slots = self.plans[index]["slots"]

@@ -184,7 +184,7 @@ class DecodeBatch:
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
         combined.scores = hold_eos(combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives],
-                                   self.eos)
+                                   self.eos, fallback=combined.main_logprobs)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
         # ends with an error, the others go on; read with the tokens, in one device sync

@@ -60,14 +60,26 @@ def apply_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]],
 
 
 def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],
-             eos: set[int]) -> torch.Tensor:
+             eos: set[int], fallback: torch.Tensor | None = None) -> torch.Tensor:
     """Final scores (B, V) with the end-of-sequence tokens at -inf in the rows whose request has generated fewer
-    than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``). Applied to what the
-    decoder combined, not to each branch's logits: a contrast of two -inf scores would be NaN."""
+    than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
+    scores stay log-probabilities of what can be chosen). Applied to what the decoder combined, not to each
+    branch's logits: a contrast of two -inf scores would be NaN. A held row that keeps no finite score (a
+    contrastive decoder's plausible set held only end-of-sequence tokens) takes ``fallback``'s row instead (the
+    main branch's log-probabilities: plain decoding), its end-of-sequence tokens held too."""
     rows = [j for j, (ids, spec) in enumerate(zip(generated, specs)) if len(ids) < spec.min_new_tokens]
     if not rows or not eos:
         return scores
     out = scores.clone()
     ids = torch.tensor(sorted(t for t in eos if t < scores.shape[-1]), device=scores.device, dtype=torch.long)
-    out[torch.tensor(rows, device=scores.device)[:, None], ids[None, :]] = float("-inf")
+    at = torch.tensor(rows, device=scores.device)
+    held = out[at]
+    held[:, ids] = float("-inf")
+    if fallback is not None:
+        plain = fallback[at].float()
+        plain[:, ids] = float("-inf")
+        # (a row with NaN scores stays as it is: the decode loop ends that request with an error)
+        dead = ~torch.isfinite(held).any(dim=-1, keepdim=True) & ~torch.isnan(held).any(dim=-1, keepdim=True)
+        held = torch.where(dead, plain.to(held.dtype), held)
+    out[at] = torch.log_softmax(held.float(), dim=-1).to(out.dtype)
     return out
