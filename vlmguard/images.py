@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmguard.errors import InvalidInput, first_line
 
@@ -38,6 +38,9 @@ def image_from_bytes(data: bytes, what: str = "image") -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        # upright as a viewer shows it (a phone's JPEG is stored sideways with an EXIF Orientation tag), as
+        # transformers' load_image reads files and URLs
+        ImageOps.exif_transpose(img, in_place=True)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInput(f"{what} cannot be decoded: {e}") from None
     return to_rgb(img, what)
@@ -47,7 +50,10 @@ def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
     """The image as 8-bit RGB. 16-bit grayscale (PNG, TIFF: modes I;16*) is scaled from 0..65535 to 0..255:
     PIL's own ``convert`` clips it at 255 instead (a 16-bit image turns almost white). The 32-bit modes are read
     by their values: integers (I) within 0..255 as they are, within 0..65535 as 16-bit; floats (F) within 0..1
-    as fractions of white, within 0..255 as they are; other ranges are refused rather than clipped."""
+    as fractions of white, within 0..255 as they are; other ranges are refused rather than clipped. Transparent
+    pixels (an alpha band, or a transparent colour: P, L, RGB with ``transparency``) are composited onto white,
+    as transformers' processors do (``convert_to_rgb``): PIL's ``convert`` drops the alpha, showing whatever
+    colour the transparent pixels hold, often black."""
     if img.mode.startswith("I;16"):
         return _gray8(np.asarray(img).astype(np.float32) / 257.0)
     if img.mode in ("I", "F"):
@@ -61,6 +67,11 @@ def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
             return _gray8(a / 257.0)
         raise InvalidInput(f"{what} (mode {img.mode}) holds values in [{lo:g}, {hi:g}], which is no 8-bit, 16-bit or "
                            "0..1 range: convert it to 8-bit RGB first")
+    if img.mode == "La":  # premultiplied; PIL converts it to LA only
+        img = img.convert("LA")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
 
 
@@ -77,6 +88,9 @@ def load_image(path: str | Path) -> Image.Image:
     return image_from_bytes(p.read_bytes(), what=f"image {p}")
 
 
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\f\r")
+
+
 def image_from_data_url(url: str) -> Image.Image:
     if not url.startswith("data:"):
         raise InvalidInput("expected a data URL (data:image/...;base64,...)")
@@ -84,7 +98,9 @@ def image_from_data_url(url: str) -> Image.Image:
     if ";base64" not in header:
         raise InvalidInput("data URL must be base64-encoded")
     try:
-        data = base64.b64decode(payload, validate=True)
+        # ASCII whitespace is dropped first, as browsers decode data URLs (WHATWG's forgiving-base64): a payload
+        # wrapped at 76 columns (`base64` without -w0, Python's encodebytes) is the same image
+        data = base64.b64decode(payload.translate(_ASCII_WHITESPACE), validate=True)
     except (ValueError, base64.binascii.Error):
         raise InvalidInput("data URL payload is not valid base64") from None
     return image_from_bytes(data, what="image data URL")

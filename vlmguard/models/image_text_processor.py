@@ -45,9 +45,9 @@ class ImageTextProcessor:
                 for p in parts[1:]:
                     if k >= len(counts):
                         raise ValueError("more image placeholders than images")
-                    out += "<|placeholder|>" * counts[k] + p
+                    out += self.image_token * counts[k] + p  # no stand-in token: the prompt may hold its text
                     k += 1
-                expanded.append(out.replace("<|placeholder|>", self.image_token))
+                expanded.append(out)
             if k != len(counts):
                 raise ValueError(f"{len(counts)} images but {k} image placeholders in the text")
             texts = expanded
