@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import MAX_TOP_LOGPROBS, NumbersNotBooleans
@@ -59,9 +59,9 @@ class VlmguardOptions(NumbersNotBooleans):
     # ``params`` is accepted as an alias of ``decoding_params`` (the issue's wording).
     decoding_params: dict[str, Any] = Field(default_factory=dict)
     params: Optional[dict[str, Any]] = None
-    do_sample: Optional[bool] = None
+    do_sample: Optional[StrictBool] = None  # "yes" or 1 is refused, not read as true
     top_k: Optional[int] = None
-    diagnostics: bool = False  # include per-step diagnostics in the response's vlmguard object
+    diagnostics: StrictBool = False  # include per-step diagnostics in the response's vlmguard object
 
     @model_validator(mode="after")
     def _merge_params(self) -> "VlmguardOptions":
@@ -102,6 +102,7 @@ class ImagePart(BaseModel):
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+PART_TYPES: dict[str, type[BaseModel]] = {"text": TextPart, "image_url": ImagePart}
 
 
 class ChatMessage(BaseModel):
@@ -113,12 +114,28 @@ class ChatMessage(BaseModel):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _known_part_types(cls, v: Any) -> Any:
-        for j, part in enumerate(v if isinstance(v, list) else []):
+    def _known_parts(cls, v: Any) -> Any:
+        """Each part validated as its own type, so an error names the part and its field (the union of a string
+        and a list of parts reported a bad part as "content.str: Input should be a valid string" first)."""
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise PydanticCustomError("invalid_request", "must be a string, a list of content parts or null, got "
+                                                         "{kind}", {"kind": type(v).__name__})
+        parts = []
+        for j, part in enumerate(v):
+            if isinstance(part, (TextPart, ImagePart)):
+                parts.append(part)
+                continue
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image_url"):
+            if kind not in PART_TYPES:
                 raise unsupported(f"content[{j}]: part type {kind!r} is not supported (only 'text' and 'image_url')")
-        return v
+            try:
+                parts.append(PART_TYPES[kind].model_validate(part))
+            except ValidationError as e:
+                raise PydanticCustomError("invalid_request", "{detail}", {"detail": "; ".join(
+                    f"content[{j}].{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())})
+        return parts
 
 
 class StreamOptions(BaseModel):
@@ -161,12 +178,12 @@ class ChatCompletionRequest(NumbersNotBooleans):
     stream: StrictBool = False  # "yes" or 1 is refused, not read as true
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    logprobs: Optional[bool] = None
+    logprobs: Optional[StrictBool] = None  # 1 (the legacy completions' count) or "yes" is refused
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[StrictBool] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)

@@ -10,7 +10,7 @@ import math
 import typing
 from typing import Annotated, Any, ClassVar, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
                       field_validator)
 from pydantic_core import PydanticCustomError
 
@@ -123,7 +123,7 @@ class GenerationSpec(NumbersNotBooleans):
     # ``min_new_tokens``, vLLM's ``min_tokens``); stop strings still end an answer.
     min_new_tokens: int = Field(0, ge=0, le=8192)
     # Token selection. None: sample only when decoding == "sample".
-    do_sample: bool | None = None
+    do_sample: StrictBool | None = None  # "yes" or 1 is refused, not read as true
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -136,7 +136,7 @@ class GenerationSpec(NumbersNotBooleans):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
-    diagnostics: bool = True
+    diagnostics: StrictBool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
     # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

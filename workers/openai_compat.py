@@ -161,9 +161,21 @@ def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str
         raise InvalidInput(f"{where}: {e}") from None
 
 
+def native_spec(fields: dict[str, Any], max_new_tokens_limit: int) -> GenerationSpec:
+    """A native request's ``spec`` object -> GenerationSpec. Its keys are checked before they become keyword
+    arguments (``self`` or ``cls`` clashed with the constructor's own: a TypeError, a 500), and an absent
+    ``max_new_tokens`` is the spec's default within this server's limit, as a chat request's default is."""
+    unknown = [k for k in fields if k not in GenerationSpec.model_fields]
+    if unknown:
+        raise InvalidInput("invalid generation spec: " + "; ".join(
+            f"{k or repr(k)}: Extra inputs are not permitted" for k in unknown))
+    default_max = min(GenerationSpec.model_fields["max_new_tokens"].default, max_new_tokens_limit)
+    return _check_spec(GenerationSpec(**{"max_new_tokens": default_max, **fields}), max_new_tokens_limit)
+
+
 def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_images: int,
                   max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
-    spec = _check_spec(GenerationSpec.build(**req.spec), max_new_tokens_limit)
+    spec = native_spec(req.spec, max_new_tokens_limit)
     if len(req.images) > max_images:
         raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
     images = []
