@@ -78,7 +78,8 @@ class GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+        # (a layer whose rows all left, (0, H, S, D), still has its S slots: it appends, as DynamicLayer does)
+        if not self.is_initialized or self.keys is None or self.keys.dim() < 2 or self.keys.shape[-2] == 0:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             # First fill (prefill): keep the tensors as they are; the first append moves them to a buffer.
