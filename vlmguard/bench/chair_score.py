@@ -180,12 +180,17 @@ def read_image_ids(path: str | Path) -> list[int]:
     """An image-id list: one integer per line (``#`` comments and blank lines ignored)."""
     p = Path(path)
     ids = []
+    seen: dict[int, int] = {}
     for lineno, line in enumerate(read_text(p).splitlines(), start=1):  # one-line errors: missing, not UTF-8
         s = line.split("#", 1)[0].strip()
         if not s:
             continue
         try:
-            ids.append(int(s))
+            imid = int(s)
         except ValueError:
             raise InvalidInput(f"{p}:{lineno}: not an integer image id: {s!r}") from None
+        if imid in seen:  # one caption per image: a repeated id would leave a run waiting for a sample forever
+            raise InvalidInput(f"{p}:{lineno}: duplicate image id {imid} (first on line {seen[imid]})")
+        seen[imid] = lineno
+        ids.append(imid)
     return ids

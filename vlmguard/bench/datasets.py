@@ -30,7 +30,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from vlmguard.bench.chair_gt import GroundTruth, coco_annotation_files, gt_from_coco_files, load_gt_table, quiet_coco
+from vlmguard.bench.chair_gt import (
+    GroundTruth,
+    coco_annotation_files,
+    gt_from_coco_files,
+    load_ground_truth,
+    load_gt_table,
+    quiet_coco,
+)
 from vlmguard.bench.chair_score import read_image_ids
 from vlmguard.bench.nltk_setup import shared_dir
 from vlmguard.bench.pope_data import DEFAULT_POPE_SET, SPLITS, PopeFile, load_pope_file, pope_set_path
@@ -57,6 +64,8 @@ class BenchDataset:
     image_ids_file: Path | None = None
     image_split: str = "test"
     info: dict[str, Any] = field(default_factory=dict)
+    pope_dir: Path | None = None  # where the POPE files were looked for (named when one is missing)
+    pope_set: str = DEFAULT_POPE_SET
 
     # ---- images -------------------------------------------------------------------------------
     @cached_property
@@ -81,7 +90,11 @@ class BenchDataset:
     # ---- POPE ---------------------------------------------------------------------------------
     def pope_file(self, split: str) -> PopeFile:
         if split not in self.pope_paths:
-            raise InvalidInput(f"dataset {self.name}: no POPE file for split {split!r}")
+            where = ""
+            if self.pope_dir is not None:
+                where = (f" ({self.pope_dir}: POPE directory not found)" if not self.pope_dir.is_dir() else
+                         f" ({pope_set_path(self.pope_dir, self.pope_set, split)}: file not found)")
+            raise InvalidInput(f"dataset {self.name}: no POPE file for split {split!r}{where}")
         pope = load_pope_file(self.pope_paths[split])
         self.check_images(pope)
         return pope
@@ -126,19 +139,23 @@ class BenchDataset:
         return p
 
     def chair_ground_truth(self, image_ids: list[int]) -> GroundTruth:
-        if self.gt_table is not None:
+        splits = [self.image_split] if self.kind == "synth" else None
+        if self.gt_table is not None and self.gt_table.is_dir():  # --gt: "table .json(.gz) or COCO annotation folder"
+            gt = load_ground_truth(self.gt_table, image_ids, splits)
+        elif self.gt_table is not None:
             gt = load_gt_table(self.gt_table)
         elif self.annotations_dir is not None:
-            splits = [self.image_split] if self.kind == "synth" else None
+            # every image the instances files list has an entry (an empty set when it has no annotations); an id
+            # they do not list has no ground truth and is refused below, never scored against an empty set
             inst, caps = coco_annotation_files(self.annotations_dir, splits)
             gt = gt_from_coco_files(inst, caps, image_ids)
-            for i in image_ids:
-                gt.setdefault(i, frozenset())  # an image with neither annotations nor captions
         else:
             raise InvalidInput(f"dataset {self.name}: CHAIR needs a ground-truth table or COCO annotations")
         missing = [i for i in image_ids if i not in gt]
         if missing:
-            raise InvalidInput(f"dataset {self.name}: {len(missing)} image ids have no ground truth (first: {missing[0]})")
+            source = self.gt_table if self.gt_table is not None else self.annotations_dir
+            raise InvalidInput(f"{source}: {len(missing)} image ids of dataset {self.name} have no ground truth "
+                               f"(first: {missing[0]})")
         return gt
 
 
@@ -220,6 +237,8 @@ def coco_dataset(
         gt_table=gt,
         image_ids_file=image_ids,
         image_split="val2014",
+        pope_dir=Path(pope_dir),
+        pope_set=pope_set,
     )
 
 
@@ -265,5 +284,6 @@ def resolve_dataset(
     if image_ids is not None:
         ds.image_ids_file = image_ids
     if pope_dir is not None:
+        ds.pope_dir, ds.pope_set = Path(pope_dir), pope_set
         ds.pope_paths = {s: pope_set_path(pope_dir, pope_set, s) for s in SPLITS if pope_set_path(pope_dir, pope_set, s).is_file()}
     return ds

@@ -2,7 +2,8 @@
 
 Benchmark files come in two layouts (benchmarks.md 1.1): JSON Lines (official POPE COCO files, answer
 files) and one pretty-printed JSON array (POPE's SEEM files, many caption dumps). The layout is detected
-from the content, not the extension; ``.gz`` files are read transparently.
+from the content, not the extension; gzip files (``.gz``, or by their magic bytes) are read transparently,
+and a leading UTF-8 byte-order mark is dropped.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ def read_text(path: str | Path) -> str:
     if p.is_dir():
         raise InvalidInput(f"{p}: is a directory, expected a file")
     data = p.read_bytes()
-    if p.suffix == ".gz":
+    if p.suffix == ".gz" or data[:2] == b"\x1f\x8b":  # gzip magic: a compressed file without the suffix
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, corrupt
             raise InvalidInput(f"{p}: not a valid gzip file ({e})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading BOM (Windows editors, PowerShell) is not part of the text
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
