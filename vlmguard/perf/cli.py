@@ -1,4 +1,4 @@
-"""``vlmguard perf prefill|decode|serve|plot``: speed measured as ratios within one run (never timed tests)."""
+"""``vlmguard perf prefill|decode|serve|gemm|plot``: speed measured as ratios within one run (never timed tests)."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,25 @@ def register(subparsers) -> None:
     s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
     s.set_defaults(func=cmd_serve)
 
+    g = sub.add_parser("gemm", help="the rate of a shape's decoder-layer matrix products at each token count, "
+                                    "weights streamed and warm: the ceiling of a pruned prefill's LLM")
+    g.add_argument("--shape", default=DEFAULT_SHAPE, help=f"a named model shape (default {DEFAULT_SHAPE})")
+    g.add_argument("--tokens", type=_csv(_positive), default=[599, 215, 151, 87],
+                   help="token counts, the first the reference (default: LLaVA-1.5's 576 visual + 23 text tokens, "
+                        "then 192 / 128 / 64 kept + 23)")
+    g.add_argument("--layers", type=_positive, default=None, help="layers of weights streamed (default: the shape's)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    g.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--repeats", type=_positive, default=7, help="timed rounds (median reported)")
+    g.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--out", default=None, help="also write the JSON report to this file")
+    g.add_argument("--plot", default=None, help="write a figure of the results to this file (.png, .pdf, .svg, ...)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    g.set_defaults(func=cmd_gemm)
+
     pl = sub.add_parser("plot", help="draw the PNG figure of a saved perf JSON report")
     pl.add_argument("report", help="a JSON file written with --out")
     pl.add_argument("--out", required=True, help="figure path (.png, .pdf, .svg, ...)")
@@ -220,6 +239,20 @@ def cmd_serve(args) -> int:
     _check_outputs(args)
     result = run_serve(args, progress=_progress(args))
     return _finish(args, result, serve_table(result))
+
+
+def cmd_gemm(args) -> int:
+    from vlmguard.engine import pick_device, pick_dtype
+    from vlmguard.perf.gemm import gemm_table, run_gemm
+    from vlmguard.perf.timing import set_threads
+
+    _check_outputs(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    set_threads(args.threads)
+    result = run_gemm(args.shape, args.tokens, layers=args.layers, device=device, dtype=dtype, repeats=args.repeats,
+                      warmup=args.warmup, seed=args.seed, progress=_progress(args))
+    return _finish(args, result, gemm_table(result))
 
 
 def cmd_plot(args) -> int:

@@ -86,7 +86,25 @@ def plot_serve(result: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf serve": plot_serve}
+def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
+    """GFLOP/s of the decoder-layer matrix products against the token count, weights streamed and warm."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    rows = sorted(result["rows"], key=lambda r: r["tokens"])
+    for mode in ("streamed", "warm"):
+        ax.plot([r["tokens"] for r in rows], [r[f"{mode}_gflops"] for r in rows], marker="o", label=f"weights {mode}")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("tokens per layer")
+    ax.set_ylabel("GFLOP/s")
+    ax.legend(fontsize=8)
+    ax.set_title(f"decoder-layer GEMMs, {result['shape']} ({result['environment'].get('dtype')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf serve": plot_serve,
+            "perf gemm": plot_gemm}
 
 
 def plot_report(result: dict[str, Any], path: str | Path) -> None:
