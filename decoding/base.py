@@ -60,6 +60,10 @@ class StepInputs:
     # (B, V) float32 logits of the rows ``Decoder.head_input`` made from ``hidden`` at this step, computed
     # with the main logits; None when the engine did not (the first step, a step after requests joined)
     head: torch.Tensor | None = None
+    # for a decoder with ``penalises_combined``: applies each request's repetition penalties (its
+    # GenerationSpec's presence / frequency / repetition penalty, on the tokens it generated) to (B, V) logits of
+    # these B requests; None when none of them sets one
+    penalise: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -138,6 +142,11 @@ class Decoder:
     # True when ``combine`` is a function of the logits alone (no per-request state, no step index): one
     # call then serves the rows of every joined group.
     merged_combine: ClassVar[bool] = False
+    # True when ``combine`` mixes in logits the model's rows do not carry (VISTA's window read-out): the engine
+    # then leaves the rows' logits as they are and hands ``combine`` ``StepInputs.penalise`` to apply the
+    # requests' repetition penalties to the mixture, as a logits processor after the model would; otherwise it
+    # penalises every row (main and branches) before ``combine``
+    penalises_combined: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel):
         self.params = params

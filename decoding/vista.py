@@ -88,6 +88,7 @@ class VISTA(Decoder):
     Params = VISTAParams
     joinable = True  # per-request vectors in the instance; hooks steer the rows they own (see module doc)
     row_hooks = True
+    penalises_combined = True  # penalties act on z, as on the reference's logits (z is the model's output there)
 
     def __init__(self, params: BaseModel):
         super().__init__(params)
@@ -211,11 +212,13 @@ class VISTA(Decoder):
         return self.ctx.adapter.logits(self.head_input(hidden))
 
     def combine(self, step: StepInputs) -> Combined:
-        main = log_probs(step.logits["main"])
+        penalise = step.penalise or (lambda t: t)
+        main = log_probs(penalise(step.logits["main"].float()))
         a = self.params.sla_alpha
         if a <= 0 or not self.hidden_layers:
             return Combined(scores=main, main_logprobs=main)
         # the engine usually ran the window through the lm_head with the main rows (one weight read)
         window = step.head if step.head is not None else self.window_logits(step.hidden)
-        z = (1.0 - a) * step.logits["main"].float() + a * window
-        return Combined(scores=torch.log_softmax(z, dim=-1), main_logprobs=main, contrast_logprobs=log_probs(window))
+        z = penalise((1.0 - a) * step.logits["main"].float() + a * window)
+        return Combined(scores=torch.log_softmax(z, dim=-1), main_logprobs=main,
+                        contrast_logprobs=log_probs(penalise(window.float())))

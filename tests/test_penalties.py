@@ -1,6 +1,7 @@
 """Repetition penalties (presence, frequency: OpenAI's; repetition: transformers' and vLLM's) on the tokens a
 request has generated: the arithmetic, transformers' own processor as the reference, per-request settings in
-a shared batch, composition with contrastive decoding, and their place in benchmark run identities."""
+a shared batch, composition with contrastive decoding (VISTA: on its mixed logits), and their place in benchmark
+run identities."""
 from __future__ import annotations
 
 import pytest
@@ -58,6 +59,37 @@ def test_penalties_compose_with_contrastive_decoding(decoding):
     pen = eng.generate([req], GenerationSpec(max_new_tokens=10, decoding=decoding, frequency_penalty=2.0))[0]
     assert len(set(pen.token_ids)) >= len(set(base.token_ids))
     assert pen.decoding["name"] == decoding
+
+
+def test_vista_penalises_its_mixture_with_the_window_read_out():
+    """VISTA's final logits mix the model's with a read-out of its window layers, z = (1 - a) logits + a window.
+    The penalties acted on the model's logits only, so under VISTA they had (1 - a) of their strength, and none at
+    a = 1. They act on z now, as a logits processor acts on the reference's output (z is its model's logits)."""
+    eng = tiny_engine("llava")
+    req = Request("describe the photo", [random_image(1, (40, 32))])
+    window_only = {"sla_alpha": 1.0, "vsv_lambda": 0.0}
+    base = eng.generate([req], GenerationSpec(max_new_tokens=12, decoding="vista", decoding_params=window_only))[0]
+    pen = eng.generate([req], GenerationSpec(max_new_tokens=12, decoding="vista", decoding_params=window_only,
+                                             presence_penalty=2.0, frequency_penalty=2.0))[0]
+    assert len(set(base.token_ids)) < 12  # the window read-out repeats itself...
+    assert len(set(pen.token_ids)) == 12  # ...and the penalty stops it (before: the same tokens as base)
+
+
+def test_vista_combine_applies_the_penalty_to_z():
+    from vlmguard.decoding.base import StepInputs
+    from vlmguard.decoding.vista import VISTA, VISTAParams
+
+    torch.manual_seed(0)
+    main, window = torch.randn(2, 30), torch.randn(2, 30)
+    dec = VISTA(VISTAParams(sla_alpha=0.3))
+    dec.hidden_layers = (1,)
+    specs = [GenerationSpec(presence_penalty=1.5), GenerationSpec(repetition_penalty=2.0)]
+    gens = [[4, 4, 9], [7]]
+    out = dec.combine(StepInputs(logits={"main": main}, hidden={}, step=3, head=window,
+                                 penalise=lambda t: apply_penalties(t, gens, specs)))
+    z = apply_penalties(0.7 * main + 0.3 * window, gens, specs)
+    assert torch.allclose(out.scores, torch.log_softmax(z, dim=-1))
+    assert torch.allclose(out.main_logprobs, torch.log_softmax(apply_penalties(main, gens, specs), dim=-1))
 
 
 def test_benchmark_runs_with_penalties_are_runs_of_their_own():

@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -180,7 +180,8 @@ class DecodeBatch:
             return
         tok, na = self.tok, len(self.lives)
         blocks = self._blocks()
-        if any(penalised(lv.spec) for lv in self.lives):  # repeated tokens, each request by its own settings
+        penalties = any(penalised(lv.spec) for lv in self.lives)  # repeated tokens, each request by its own settings
+        if penalties and not self.decoder.penalises_combined:
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
         combined.scores = hold_eos(combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives],
@@ -195,7 +196,8 @@ class DecodeBatch:
         diagnostics = any(lv.spec.diagnostics for lv in self.lives)
         logprobs = self._logprobs(combined.scores, tokens, tok_list)
         if diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
-            main_top = self.logits[self._main_rows(blocks)].argmax(dim=-1).tolist()
+            main_top = (combined.main_logprobs if penalties and self.decoder.penalises_combined
+                        else self.logits[self._main_rows(blocks)]).argmax(dim=-1).tolist()
             idx = tokens[:, None]
             mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
             cp = (combined.contrast_logprobs.gather(1, idx).exp().squeeze(1).tolist()
@@ -361,11 +363,13 @@ class DecodeBatch:
             c, n = b.cohort, b.n
             logits = self.logits[b.first:b.first + b.n_rows]
             per_branch = {name: logits[k * n:(k + 1) * n] for k, name in enumerate(c.branch_names)}
-            c.dctx.active = [lv.local for lv in self.lives[b.lives]]
+            lives = self.lives[b.lives]
+            c.dctx.active = [lv.local for lv in lives]
             parts.append(c.decoder.combine(StepInputs(logits=per_branch,
                                                       hidden={k: v[b.lives] for k, v in self.hidden.items()},
                                                       step=c.step,
-                                                      head=None if self.head is None else self.head[b.lives])))
+                                                      head=None if self.head is None else self.head[b.lives],
+                                                      penalise=_penaliser(c.decoder, lives))))
         if len(parts) == 1:
             return parts[0]
 
@@ -484,3 +488,12 @@ class DecodeBatch:
             self._closed = True
             for c in self._owned:
                 c.decoder.teardown(c.dctx)
+
+
+def _penaliser(decoder: Any, lives: list[LiveRequest]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``StepInputs.penalise`` for these requests: only for a decoder that penalises its own mixture, and only
+    when one of them sets a penalty."""
+    if not decoder.penalises_combined or not any(penalised(lv.spec) for lv in lives):
+        return None
+    gens, specs = [lv.gen for lv in lives], [lv.spec for lv in lives]
+    return lambda logits: apply_penalties(logits, gens, specs)
