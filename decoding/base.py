@@ -85,10 +85,29 @@ class DecodeContext:
     sampling: bool
     state: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # keys of ``report`` whose value holds one entry per request, in ``prompts`` order: a result shows its own
+    # request's entry only (``request_report``), never the others' of its batch (their prompt texts, say)
+    per_request: set[str] = field(default_factory=set)
     # Request index of each current main row, in row order (branch row k*len(active)+j belongs to
     # request active[j]). The engine keeps it current as finished requests leave the batch, so per-request
     # state (coefficients) can be mapped to rows in ``combine``. Forward hooks use ``owned_rows(ctx)``.
     active: list[int] = field(default_factory=list)
+
+
+    def add_report(self, shared: dict[str, Any] | None = None, **per_request: list[Any]) -> None:
+        """Add report entries: ``shared`` ones describe the whole group, each keyword one list with an entry per
+        request (see ``per_request``)."""
+        for key, values in per_request.items():
+            if len(values) != len(self.prompts):
+                raise ValueError(f"report entry {key!r} has {len(values)} entries for {len(self.prompts)} requests")
+        self.report.update(shared or {})
+        self.report.update(per_request)
+        self.per_request.update(per_request)
+
+    def request_report(self, local: int) -> dict[str, Any]:
+        """The report as request ``local`` (its index in ``prompts``) sees it: the shared entries, and of each
+        per-request entry a one-entry list, its own, as the request alone would show."""
+        return {k: [v[local]] if k in self.per_request else v for k, v in self.report.items()}
 
 
 _FORWARD = threading.local()

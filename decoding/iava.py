@@ -138,7 +138,7 @@ class IAVA(Decoder):
                 else:
                     info[i]["layers"] = list(chosen)
         self.applied = [x["applied"] for x in info]
-        ctx.report.update({"applied": list(self.applied), "selection": info})
+        ctx.add_report(applied=list(self.applied), selection=info)
 
     def _masker(self, index: int):
         u = self.keep_sets[index]

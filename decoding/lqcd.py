@@ -109,15 +109,15 @@ class LQCD(Decoder):
                 amateur[i, pl["expert"]] = 1.0  # no amateur: contrast of the expert with itself
         self.plans, self.expert_w, self.amateur_w, self.alpha = plans, expert, amateur, alpha
         self.main_is_expert = torch.tensor([pl["expert"] == 0 for pl in plans])
-        ctx.report.update({
-            "applied": [pl["mode"] != "off" for pl in plans],
-            "modes": [pl["mode"] for pl in plans],
-            "neutral_text": [pl.get("neutral") for pl in plans],
-            "amateur_texts": [[pl["slots"][a - 1] if a > 0 else pr.text for a in pl["amateurs"]]
-                              for pl, pr in zip(plans, ctx.prompts)],
-            "notes": [pl.get("note") for pl in plans],
-            "cue_strength": [pl["strength"] for pl in plans],
-        })
+        ctx.add_report(
+            applied=[pl["mode"] != "off" for pl in plans],
+            modes=[pl["mode"] for pl in plans],
+            neutral_text=[pl.get("neutral") for pl in plans],
+            amateur_texts=[[pl["slots"][a - 1] if a > 0 else pr.text for a in pl["amateurs"]]
+                           for pl, pr in zip(plans, ctx.prompts)],
+            notes=[pl.get("note") for pl in plans],
+            cue_strength=[pl["strength"] for pl in plans],
+        )
 
     @staticmethod
     def _check_oracle(i: int, prompt: Prompt, text: str, placeholder: str) -> None:

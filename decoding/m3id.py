@@ -67,8 +67,8 @@ class M3ID(Decoder):
         self.ctx = ctx
         self.applied = [bool(p.images) for p in ctx.prompts]
         self.gate_fired: list[int] = [0] * len(ctx.prompts)
-        ctx.report.update({"applied": list(self.applied), "uncond_mode": self.params.uncond_mode,
-                           "gate_fired_steps": self.gate_fired})
+        ctx.add_report({"uncond_mode": self.params.uncond_mode}, applied=list(self.applied),
+                       gate_fired_steps=self.gate_fired)
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run (m3id.md)

@@ -41,8 +41,8 @@ class VCD(Decoder):
         self.applied = [bool(p.images) for p in ctx.prompts]
         a, b = noise_coefficients(self.params.noise_step)
         self.geometry = processor_geometry(ctx.adapter.processor)
-        ctx.report.update({"applied": list(self.applied), "noise_signal": round(a, 4), "noise_sigma": round(b, 4),
-                           "noise_space": "pixel" if self.geometry[2] else "tensor"})
+        ctx.add_report({"noise_signal": round(a, 4), "noise_sigma": round(b, 4),
+                        "noise_space": "pixel" if self.geometry[2] else "tensor"}, applied=list(self.applied))
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run

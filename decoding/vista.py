@@ -118,8 +118,8 @@ class VISTA(Decoder):
         self.steered = list(range(s, e))
         n = len(ctx.prompts)
         self.has_image = [bool(pr.images) for pr in ctx.prompts]
-        ctx.report.update({"applied": [p.vsv_lambda > 0 and h for h in self.has_image],
-                           "sla_layers": list(self.hidden_layers), "vsv_layers": [s, e]})
+        ctx.add_report({"sla_layers": list(self.hidden_layers), "vsv_layers": [s, e]},
+                       applied=[p.vsv_lambda > 0 and h for h in self.has_image])
         if p.vsv_lambda <= 0 or not any(self.has_image):
             return
         with_img = [i for i in range(n) if self.has_image[i]]
@@ -155,7 +155,7 @@ class VISTA(Decoder):
         norms = v.norm(dim=-1, keepdim=True)
         self.v_unit = torch.where(norms > 0, v / norms.clamp(min=1e-12), torch.zeros_like(v))
         self.row_on = torch.tensor(self.has_image, dtype=torch.bool, device=dev)
-        ctx.report["vsv_norms"] = [[round(float(x), 4) for x in norms[i, :, 0]] for i in range(n)]
+        ctx.add_report(vsv_norms=[[round(float(x), 4) for x in norms[i, :, 0]] for i in range(n)])
         try:
             for layer in self.steered:
                 mlp = ad.layers[layer].mlp

@@ -15,6 +15,10 @@ Defects found (each test failed on the code as audited):
   (``n`` > 1 choices, or identical requests batched by a server): "neutral_text has 1 entries for 2 requests".
 * LQCD's oracle ``neutral_text`` for a raw prompt without the image placeholder(s) (or with a placeholder for a
   templated prompt) failed with the processor's "total number of <image> tokens ..." message, not naming it.
+* A result's ``decoding`` report held every request of its batch: each decoder's per-request lists (``applied``,
+  M3ID's ``gate_fired_steps``, VISTA's ``vsv_norms``, IAVA's ``selection``, LQCD's ``modes``, ``neutral_text`` and
+  ``amateur_texts``, the latter built from the *other requests' prompts*), which ``/v1/generate`` returns to each
+  client. A result now shows its own entries, as alone (``DecodeContext.per_request`` / ``request_report``).
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def test_lqcd_one_entry_neutral_text_serves_copies_of_the_request():
     as_text = GenerationSpec(decoding="lqcd", decoding_params={"neutral_text": neutral}, max_new_tokens=4)
     copies = eng.generate([req, req], as_list)
     assert [r.token_ids for r in copies] == [r.token_ids for r in eng.generate([req, req], as_text)]
-    assert [r.decoding["neutral_text"] for r in copies] == [[neutral, neutral]] * 2
+    assert [r.decoding["neutral_text"] for r in copies] == [[neutral]] * 2  # each its own entry, as alone
 
 
 def test_lqcd_oracle_text_that_cannot_stand_for_the_prompt_is_named():
@@ -85,3 +89,26 @@ def test_lqcd_oracle_text_that_cannot_stand_for_the_prompt_is_named():
     res = eng.generate([raw], GenerationSpec(decoding="lqcd", decoding_params={"neutral_text": whole},
                                              max_new_tokens=3))[0]
     assert res.decoding["modes"] == ["leading"] and len(res.token_ids) == 3
+
+
+@pytest.mark.parametrize("decoding", ["vcd", "m3id", "vista", "iava", "lqcd"])
+def test_a_results_decoding_report_is_its_own_as_alone(decoding):
+    eng = tiny_engine("llava")
+    reqs = [Request("Is there a dog in the image? I think so.", [random_image(1, (40, 32))]),
+            Request("a secret prompt of another client: is there a cat?", [random_image(2, (32, 40))]),
+            Request("no image here", [])]
+    spec = GenerationSpec(decoding=decoding, max_new_tokens=4)
+    batched = eng.generate(reqs, spec)
+    for req, got in zip(reqs, batched):
+        alone = eng.generate([req], spec)[0]
+        assert got.token_ids == alone.token_ids
+        extra = set(got.decoding) - set(alone.decoding)
+        if extra:  # VISTA computes no steering vectors for a text-only request alone; in a batch, its norms are 0
+            assert extra == {"vsv_norms"} and not req.images and not any(got.decoding["vsv_norms"][0])
+        assert set(alone.decoding) <= set(got.decoding)
+        for key, value in alone.decoding.items():
+            if key == "vsv_norms":  # rounded floats of a batched pre-pass
+                assert got.decoding[key][0] == pytest.approx(value[0], abs=1e-3) and len(got.decoding[key]) == 1
+            else:
+                assert got.decoding[key] == value, key
+    assert "secret" not in repr([r.decoding for r in (batched[0], batched[2])])

@@ -122,12 +122,12 @@ def test_identical_branches_are_a_no_op(monkeypatch):
     plain = ids(run(eng, r, "greedy"))
     # LQCD with the oracle neutral text equal to the user's text: expert == amateur
     same = run(eng, r, "lqcd", {"alpha": 3.0, "beta": 0.0, "neutral_text": [x.prompt for x in r]})
-    assert ids(same) == plain and same[0].decoding["modes"] == ["leading"] * 3
+    assert ids(same) == plain and [x.decoding["modes"] for x in same] == [["leading"]] * 3
     # IAVA whose "irrelevant" set U is every image token: the negative view equals the original, so a strong
     # contrast decodes as greedy does
     monkeypatch.setattr(iava, "irrelevant_tokens", lambda a_q, *_: torch.ones_like(a_q, dtype=torch.bool))
     res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0})
-    assert res[0].decoding["applied"] == [True] * 3 and ids(res) == plain
+    assert [x.decoding["applied"] for x in res] == [[True]] * 3 and ids(res) == plain
     dec = make_decoder("iava", {})
     dec.keep_sets = [torch.ones(4, dtype=torch.bool)]
     f = torch.randn(4, 8)
@@ -143,7 +143,7 @@ def test_lqcd_leading_query_decodes_from_neutral_expert():
     assert out.decoding["modes"] == ["leading"] and out.decoding["neutral_text"] == [neutral.prompt]
     assert out.token_ids == run(eng, [neutral], "greedy")[0].token_ids  # alpha 0: plain on x_n
     mixed = run(eng, [leading, neutral, Request("describe the photo", [img])], "lqcd", STRONG["lqcd"])
-    assert mixed[0].decoding["modes"] == ["leading", "symmetric", "expectation"]
+    assert [x.decoding["modes"] for x in mixed] == [["leading"], ["symmetric"], ["expectation"]]
     single = [run(eng, [x], "lqcd", STRONG["lqcd"])[0] for x in (leading, neutral)]
     assert ids(mixed[:2]) == ids(single)
 
@@ -299,7 +299,7 @@ def test_vista_sla_only_when_steering_off():
     r = reqs()
     sla = run(eng, r, "vista", {"vsv_lambda": 0.0, "sla_alpha": 0.6})
     both = run(eng, r, "vista", {"vsv_lambda": 0.5, "sla_alpha": 0.6})
-    assert ids(sla) != ids(both) and sla[0].decoding["applied"] == [False] * 3
+    assert ids(sla) != ids(both) and [x.decoding["applied"] for x in sla] == [[False]] * 3
 
 
 def test_vista_decode_only_takes_p_plus_from_the_prefill_and_steers_generated_tokens():
