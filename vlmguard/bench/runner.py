@@ -289,7 +289,7 @@ def run_benchmark(
             knobs["parser"] = par.name  # type: ignore[attr-defined]
             if benchmark == "pope-leading":
                 neutral_spec = spec
-                if _oracle_neutral(spec, benchmark):  # on the neutral file the query is already neutral
+                if oracle_neutral(spec, benchmark):  # on the neutral file the query is already neutral
                     params = {k: v for k, v in spec.decoding_params.items() if k != "neutral_text"}
                     neutral_spec = spec.model_copy(update={"decoding_params": params})
                 neutral = run_benchmark(
@@ -304,7 +304,7 @@ def run_benchmark(
             knobs.update(extra)
             spec = _fit_context(engine, spec, items[0])
             knobs["max_new_tokens"] = spec.max_new_tokens
-        oracle = _oracle_neutral(spec, benchmark)
+        oracle = oracle_neutral(spec, benchmark)
         mine, n_expected = _select(items, limit, shard_index, num_shards)
         run_id = dbm.ensure_run(conn, knobs, n_expected=n_expected, package_version=_package_version())
 
@@ -426,7 +426,7 @@ def _fit_context(engine: Any, spec: Any, item: Item) -> Any:
 ORACLE = "oracle"
 
 
-def _oracle_neutral(spec: Any, benchmark: str) -> bool:
+def oracle_neutral(spec: Any, benchmark: str) -> bool:
     """``--decoding-param neutral_text=oracle``: feed each POPE-leading item's neutral question (lqcd.md 8.4)."""
     params = getattr(spec, "decoding_params", None) or {}
     if params.get("neutral_text") != ORACLE:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmguard.bench.datasets import resolve_dataset
 from vlmguard.bench.pope_data import SPLITS
-from vlmguard.bench.runner import RunOutcome, default_spec, run_benchmark
+from vlmguard.bench.runner import RunOutcome, oracle_neutral, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput, VlmguardError
 
 GEN_KEYS = ("max_new_tokens", "min_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k",
@@ -139,6 +139,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise InvalidInput(f"{p}: unknown keys {sorted(unknown)} (known: {sorted(TOP_KEYS)})")
     if not cfg.get("benchmarks"):
         raise InvalidInput(f"{p}: 'benchmarks' is required")
+    if "model" in cfg and "models" in cfg:  # expand() would run 'models' and drop 'model' without a word
+        raise InvalidInput(f"{p}: give 'model' or 'models', not both")
     _check(_SweepSchema, cfg, f"sweep config {p}")
     for i, m in enumerate(cfg.get("methods") or [{}]):
         if not isinstance(m, dict):
@@ -148,6 +150,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise InvalidInput(f"{p}: method {m.get('name', m)!r}: unknown keys {sorted(bad)} "
                                f"(known: {sorted(METHOD_KEYS)})")
         _check(_MethodSchema, m, f"method {m.get('name', i)!r} in sweep config {p}")
+        budget_keys = [k for k in ("budget", "budgets") if k in m]
+        if budget_keys and m.get("pruning") in (None, "none"):  # expand() would drop them: the method runs unpruned
+            raise InvalidInput(f"{p}: method {m.get('name', i)!r}: {budget_keys[0]!r} needs a pruning method "
+                               f"(pruning is {m.get('pruning', 'none')!r})")
     benchmarks = _benchmarks(cfg, p)
     for name, opts in benchmarks:
         _check_benchmark_options(name, opts, p)
@@ -208,7 +214,9 @@ def _check_specs(cfg: dict[str, Any], p: Path) -> None:
             continue
         seen.add(key)
         try:
-            job_spec(job).resolve()
+            spec = job_spec(job)
+            spec.resolve()
+            oracle_neutral(spec, job["benchmark"])  # neutral_text=oracle on a pope or chair run
         except InvalidInput as e:
             at = f" budget {job['budget']}" if job["budget"] is not None else ""
             raise InvalidInput(f"{p}: method {job['method']!r}{at} ({job['benchmark']}): {e}") from None
@@ -288,25 +296,33 @@ def run_sweep(
     cfg = load_config(config_path)  # the whole config is checked here, before any run
     jobs = expand(cfg)
     db_path = db or cfg.get("db") or "runs/vlmguard.sqlite"
-    dataset = resolve_dataset(
-        str(cfg.get("dataset", "synthcoco")),
-        image_split=cfg.get("image_split", "test"),
-        coco_images=_path(cfg.get("coco_images")),
-        pope_dir=_path(cfg.get("pope_dir")),
-        pope_set=cfg.get("pope_set", "head"),
-        coco_annotations=_path(cfg.get("coco_annotations")),
-        gt=_path(cfg.get("gt")),
-        image_ids=_path(cfg.get("image_ids")),
-    )
-    if load_engine is None:  # every model found before the first run, not after the first model's runs
+    try:  # paths are relative to the working directory, as on the command line
+        dataset = resolve_dataset(
+            str(cfg.get("dataset", "synthcoco")),
+            image_split=cfg.get("image_split", "test"),
+            coco_images=_path(cfg.get("coco_images")),
+            pope_dir=_path(cfg.get("pope_dir")),
+            pope_set=cfg.get("pope_set", "head"),
+            coco_annotations=_path(cfg.get("coco_annotations")),
+            gt=_path(cfg.get("gt")),
+            image_ids=_path(cfg.get("image_ids")),
+        )
+    except VlmguardError as e:
+        raise InvalidInput(f"{config_path}: {e}") from None
+    if load_engine is None:  # every model (and the device) found before the first run, not after a model's runs
+        from vlmguard.engine import pick_device
         from vlmguard.models.resolve import resolve_model_path
+        from vlmguard.testing import random_family
 
-        for name in dict.fromkeys(job["model"] for job in jobs):
-            if not name.startswith("random:"):
-                try:
+        try:
+            pick_device(cfg.get("device", "auto"))
+            for name in dict.fromkeys(job["model"] for job in jobs):
+                if name.startswith("random:"):
+                    random_family(name)
+                else:
                     resolve_model_path(name)
-                except VlmguardError as e:
-                    raise InvalidInput(f"{config_path}: {e}") from None
+        except VlmguardError as e:
+            raise InvalidInput(f"{config_path}: {e}") from None
     check_db(db_path, "--db" if db else f"{config_path}: db")
     if load_engine is None:
         from vlmguard.engine import Engine
