@@ -80,12 +80,12 @@ def test_a_run_sharing_no_questions_with_its_baseline_is_named_not_dropped(tmp_p
 
 
 def test_a_baseline_label_naming_several_runs_of_a_group_is_refused_and_a_run_id_chooses(tmp_path: Path, capsys):
-    """Two 'base' runs (greedy, and sampled with a seed) in one group: the newest was taken in silence and the
-    other compared against it as 'base' vs 'base'."""
+    """Two 'base' runs in one group (greedy, and greedy with a temperature set, which no label shows: other knobs,
+    another run): the newest was taken in silence and the other compared against it as 'base' vs 'base'."""
     db = tmp_path / "r.sqlite"
     conn = connect(db)
     greedy = _store(conn, POPE, _pope(lambda i: "yes"))
-    sampled = _store(conn, {**POPE, "do_sample": True, "temperature": 1.0, "seed": 3}, _pope(lambda i: "no"))
+    sampled = _store(conn, {**POPE, "temperature": 0.5}, _pope(lambda i: "no"))
     _store(conn, {**POPE, "decoding": "vcd"}, _pope(lambda i: "yes" if i % 2 == 0 else "no"))
     conn.close()
     assert main(["compare", "--db", str(db), "--boot", "100"]) == 2
@@ -183,9 +183,29 @@ def test_the_dashboard_names_the_baseline_run_it_compared_with(tmp_path: Path):
     db = tmp_path / "r.sqlite"
     conn = connect(db)
     _store(conn, POPE, _pope(lambda i: "yes"))
-    newest = _store(conn, {**POPE, "do_sample": True, "temperature": 1.0, "seed": 3}, _pope(lambda i: "no"))
+    newest = _store(conn, {**POPE, "temperature": 0.5}, _pope(lambda i: "no"))  # greedy too: also 'base'
     vcd = _store(conn, {**POPE, "decoding": "vcd"}, _pope(lambda i: "yes" if i % 2 == 0 else "no"))
     conn.close()
     frame = data.comparisons(db, "base", data.load_runs(db))
     row = frame[(frame["run_id"] == vcd) & (frame["metric"] == "accuracy")].iloc[0]
     assert row["baseline_run"] == newest
+
+
+def test_runs_that_sample_or_stop_at_another_length_have_labels_of_their_own(tmp_path: Path):
+    """Greedy and sampled (temperature 0.7, seed 3) runs of one method were both 'base' in a report: the label
+    shows where a run's token selection differs from its benchmark preset's (the length is a task key)."""
+    from vlmguard.bench.db import list_runs
+    from vlmguard.bench.report import method_label
+
+    conn = connect(tmp_path / "r.sqlite")
+    for knobs in ({}, {"do_sample": True, "temperature": 0.7, "seed": 3},
+                  {"decoding": "vcd", "do_sample": True, "temperature": 1.0, "top_k": 5}):
+        _store(conn, {**POPE, **knobs}, _pope(lambda i: "yes"))
+    labels = sorted(method_label(r) for r in list_runs(conn))
+    conn.close()
+    assert labels == ["base", "sample[seed=3,temperature=0.7]", "vcd+sample[top_k=5]"]
+    # the VCD prompt preset samples by default (T=1, top-p 1, seed 42): only a departure from it is shown
+    vcd_preset = {"benchmark": "pope", "prompt_preset": "vcd", "max_new_tokens": 128, "do_sample": True,
+                  "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 42}
+    assert method_label(vcd_preset) == "base"
+    assert method_label({**vcd_preset, "do_sample": False}) == "greedy"

@@ -36,7 +36,43 @@ def method_label(run: dict[str, Any]) -> str:
         parts.append("penalty" + _params(penalties))
     if run.get("min_new_tokens"):
         parts.append(f"min_new_tokens={run['min_new_tokens']}")
+    parts += _generation_parts(run)
     return "+".join(parts) or "base"
+
+
+SAMPLING_KNOBS = (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("seed", None))
+
+
+def _generation_parts(run: dict[str, Any]) -> list[str]:
+    """The run's token selection where it differs from its benchmark preset's (``sample[...]`` with the sampling
+    knobs set, or ``greedy`` under a preset that samples): runs of one method that sample are other runs in a
+    report, not rows of the same label. (The answer length is a task key, as the split is: ``vlmguard compare``
+    never compares runs of other lengths.)"""
+    preset = _preset_generation(run)
+    if preset is None:
+        return []
+    out = []
+    sampling = bool(run.get("do_sample"))
+    knobs = {k: run.get(k) for k, default in SAMPLING_KNOBS
+             if sampling and run.get(k) is not None and run.get(k) != preset.get(k, default)}
+    if sampling != bool(preset.get("do_sample")) or knobs:
+        out.append(("sample" + _params(knobs)) if sampling else "greedy")
+    return out
+
+
+def _preset_generation(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The generation defaults of the preset a run was made with (CHAIR: its ``variant``; POPE: its prompt
+    preset), None for a preset this version does not know."""
+    from vlmguard.bench.prompts import get_chair_preset, get_pope_prompt
+    from vlmguard.errors import InvalidInput
+
+    try:
+        if run.get("benchmark") == "chair":
+            get_chair_preset(run.get("variant"))
+            return {"do_sample": False}  # every CHAIR preset is greedy
+        return get_pope_prompt(run.get("prompt_preset")).to_dict()
+    except InvalidInput:
+        return None
 
 
 def _params(params: dict[str, Any] | None) -> str:
