@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
@@ -96,9 +97,30 @@ class LocalBackend:
         return (await asyncio.to_thread(self.workers[model].generate_many, [item]))[0]
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
-        events = await asyncio.to_thread(lambda: list(self.workers[model].stream(item)))
-        for ev in events:
-            yield ev
+        """Each event as the engine yields it; closing the stream (client gone, timeout) stops the generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(ev: dict[str, Any] | None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except RuntimeError:  # the caller's event loop closed: nobody left to send to
+                cancel.set()
+
+        def produce() -> None:
+            try:
+                for ev in self.workers[model].stream(item, cancel):
+                    put(ev)
+            finally:
+                put(None)
+
+        loop.run_in_executor(None, produce)
+        try:
+            while (ev := await queue.get()) is not None:
+                yield ev
+        finally:
+            cancel.set()
 
 
 def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -247,8 +269,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     def stream_failure(ev: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any] | None:
         """The SSE error that ends a stream at event ``ev`` (the backend's error, or ``result`` ended with an
-        error), else None; a good ``result`` is counted in the metrics."""
+        error), else None; a good ``result`` is counted in the metrics, and so is a failure (the answer had
+        started: its status, 200, does not show it)."""
         if "error" in ev:
+            metrics.observe_failure()
             return {"error": {k: v for k, v in ev["error"].items() if k != "status"}}
         failure = error_event(result)
         if failure is None and result:

@@ -71,10 +71,14 @@ class EngineBatcher(Generic[T, R]):
                 results: list[Any] = await asyncio.to_thread(self.run, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+            except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error
+                if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                    raise  # the loop itself is stopped
+                # an engine's BaseException (not an Exception) would end this loop: its callers waiting for ever
+                err = e if isinstance(e, Exception) else RuntimeError(f"{type(e).__name__}: {e}")
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(e)
+                        fut.set_exception(err)
                 continue
             for (_, fut), res in zip(batch, results):
                 if not fut.done():

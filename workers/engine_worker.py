@@ -117,7 +117,7 @@ class EngineWorker:
     def _run_group(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         try:
             return self._run(items)
-        except Exception as e:  # noqa: BLE001 - reported per item below
+        except BaseException as e:  # noqa: BLE001 - reported per item below (an engine's BaseException too)
             if len(items) == 1:
                 if not isinstance(e, VlmguardError):
                     log.exception("generation failed")
@@ -192,7 +192,9 @@ class EngineWorker:
                 self.items += 1
             finally:
                 self._lock.release()
-        except Exception as e:  # noqa: BLE001 - sent to the client as an error event
+        except GeneratorExit:  # closed by its consumer: nothing more to send
+            raise
+        except BaseException as e:  # noqa: BLE001 - sent to the client as an error event
             if not isinstance(e, VlmguardError):
                 log.exception("streaming generation failed")
             yield error_answer(e)

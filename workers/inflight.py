@@ -89,6 +89,7 @@ class InflightBatcher:
         self._next_index = 0
         self._key: str | None = None  # the running batch's batch key
         self.running = 0  # requests in the running batch (for metrics and tests)
+        self._taken: list[_Pending] = []  # the engine thread's requests taken from the queue this iteration
 
     async def submit(self, item: WorkItem) -> dict[str, Any]:
         return await self._enqueue(self._pending(item)).fut
@@ -170,25 +171,34 @@ class InflightBatcher:
         while True:
             try:
                 batch = self._iteration(batch, owners)
-            except Exception as e:  # noqa: BLE001 - never let the engine thread die: fail what was running
+            except BaseException as e:  # noqa: BLE001 - never let the engine thread die: fail what was running
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise  # the process is stopping
                 log.exception("in-flight batching loop failed")
-                for p in owners.values():
+                for p in [*owners.values(), *self._taken]:  # those taken but not yet running would wait for ever
                     p.answer(error_answer(e))
                 owners.clear()
                 if batch is not None:
-                    batch.close()
+                    try:
+                        batch.close()
+                    except BaseException:  # noqa: BLE001
+                        log.exception("closing the failed batch failed")
                 batch, self.running = None, 0
+            self._taken = []
 
     def _iteration(self, batch, owners: dict[int, _Pending]):
         with self._cv:
             while batch is None and not self._queue:
                 self._cv.wait()
+            while self._queue and self._queue[0].gone:  # left while queued: holds no joiner back
+                self._queue.popleft()
             if batch is None:
                 joiners = self._take(None, self.max_batch_size)
             elif self._queue and self._queue[0].key == self._key and self._ready_to_join(batch.active):
                 joiners = self._take(self._key, self.max_batch_size - batch.active)
             else:
                 joiners = []
+            self._taken = joiners
         if batch is None:
             if not joiners:
                 return None
@@ -203,7 +213,7 @@ class InflightBatcher:
     def _run_whole(self, group: list[_Pending]) -> None:
         try:  # generate_many answers errors per request; this guards its own failure (no caller may hang)
             answers = self.worker.generate_many([p.item for p in group])
-        except Exception as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001
             log.exception("whole-batch generation failed")
             answers = [error_answer(e)] * len(group)
         for p, ans in zip(group, answers):
@@ -215,7 +225,7 @@ class InflightBatcher:
         self._next_index += len(group)
         try:
             started = [self.worker.start_batch([p.item for p in group], indices)]
-        except Exception as e:  # noqa: BLE001 - answered per request
+        except BaseException as e:  # noqa: BLE001 - answered per request (an engine's BaseException too)
             if len(group) == 1:
                 if not hasattr(e, "http_status"):
                     log.exception("prefill failed")
@@ -232,7 +242,7 @@ class InflightBatcher:
                 continue
             try:
                 batch.absorb(new)
-            except Exception as e:  # noqa: BLE001 - the joiners get the error; the running batch goes on
+            except BaseException as e:  # noqa: BLE001 - the joiners get the error; the running batch goes on
                 log.exception("merging a joining batch failed")
                 self._fail(new, owners, e)
         if batch is not None:
@@ -261,7 +271,7 @@ class InflightBatcher:
                 return None
         try:
             events = self.worker.advance(batch)
-        except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the loop goes on
+        except BaseException as e:  # noqa: BLE001 - the batch's requests get the error, the loop goes on
             log.exception("decode step failed")
             self._fail(batch, owners, e)
             self.running = 0

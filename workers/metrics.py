@@ -50,7 +50,7 @@ class ServiceMetrics:
         self.generated_tokens = 0
         self.decode_s = 0.0
         self.results = 0
-        self.failed_results = 0  # generations that ended with an error mid-answer (NaN scores)
+        self.failed_results = 0  # generations that ended with an error mid-answer (NaN scores, a failed stream)
         self.visual_tokens = 0
         self.visual_tokens_kept = 0.0  # mean over LLM layers, summed over results
         self.batch_sizes: Counter[int] = Counter()
@@ -160,7 +160,7 @@ class ServiceMetrics:
 
         gauge("vlmguard_in_flight_requests", "Requests being served now.", s["in_flight"])
         gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
-              "float16 model overflowing).", s["results_failed"], "counter")
+              "float16 model overflowing; a stream whose engine failed).", s["results_failed"], "counter")
         gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"], "counter")
         gauge("vlmguard_generated_tokens_total", "Tokens generated.", s["generated_tokens_total"], "counter")
         gauge("vlmguard_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:.0f} s.",
