@@ -9,7 +9,9 @@ Defects found (each test here failed on the code as audited):
   the requests behind it that could have joined that batch;
 - a stream that failed after it started counted nowhere in the metrics (a 200, no failed result);
 - ``LocalBackend.stream`` ran the whole generation before it sent the first event, so closing the stream (a
-  client gone, a first-token timeout) did not stop the engine.
+  client gone, a first-token timeout) did not stop the engine;
+- a non-streaming request answered alone (``LocalBackend.generate``, a replica with batching off) went on
+  generating after its request timed out or its client left.
 """
 from __future__ import annotations
 
@@ -240,3 +242,27 @@ def test_closing_a_local_stream_stops_its_generation():
     first = asyncio.run(main())
     assert first["done"] is False and not worker._lock.locked()
     assert worker.items == items and engine.streamed < n // 2  # it stopped, nowhere near its max tokens
+
+
+def test_a_request_that_times_out_or_is_dropped_stops_its_generation():
+    """A non-streaming request answered alone (``LocalBackend``, and a replica with batching off) ran to its last
+    token in a thread after its caller had gone (a 504, a client that left), holding the engine from the requests
+    behind it. Its generation now stops at the next token (``answer_alone``)."""
+    engine = Engine()
+    worker = EngineWorker(name="tiny", engine=engine)
+    backend = LocalBackend({"tiny": worker})
+    n = worker.engine.context_length - 200
+    items = worker.items
+
+    async def main():
+        task = asyncio.create_task(backend.generate("tiny", item(0, max_new_tokens=n, min_new_tokens=n)))
+        await _until(lambda: engine.streamed > 0)
+        task.cancel()  # what the API's request timeout (asyncio.wait_for) or a dropped connection does
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _until(lambda: not worker._lock.locked())
+        return await backend.generate("tiny", item(1))  # the engine is free for the next request
+
+    after = asyncio.run(main())
+    assert "result" in after and not worker._lock.locked()
+    assert worker.items == items + 1 and engine.streamed < n // 2  # it stopped, nowhere near its max tokens

@@ -35,7 +35,7 @@ from vlmguard.api_schema import (
 )
 from vlmguard.errors import VlmguardError
 from vlmguard.workers.config import ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone
 from vlmguard.workers.image_intake import make_image_resolver
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import (
@@ -94,7 +94,7 @@ class LocalBackend:
         return self.workers[model].info()
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
-        return (await asyncio.to_thread(self.workers[model].generate_many, [item]))[0]
+        return await answer_alone(self.workers[model], item)  # stops generating when the request is cancelled
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
         """Each event as the engine yields it; closing the stream (client gone, timeout) stops the generation."""

@@ -22,7 +22,7 @@ from ray import serve
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.batcher import EngineBatcher
 from vlmguard.workers.config import ModelConfig, ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone
 from vlmguard.workers.inflight import InflightBatcher
 
 _DONE = object()
@@ -63,7 +63,7 @@ class ModelReplica:
     async def generate(self, item: WorkItem) -> dict[str, Any]:
         if self.config.batching.enabled:
             return await self.batcher.submit(item)
-        return (await asyncio.to_thread(self.worker.generate_many, [item]))[0]
+        return await answer_alone(self.worker, item)  # a request that times out or is dropped stops generating
 
     async def generate_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
         """A caller-made batch (benchmark jobs): one engine call per distinct pruner and decoder."""

@@ -9,6 +9,7 @@ Answers are plain dicts: ``{"result": GenerationResult.to_dict()}`` or ``{"error
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -158,6 +159,21 @@ class EngineWorker:
                 answers[i] = ans
         return [a for a in answers if a is not None]
 
+    def generate_one(self, item: WorkItem, cancel: threading.Event | None = None) -> dict[str, Any] | None:
+        """One item's answer (``{"result"}`` or ``{"error"}``, as :meth:`generate_many` gives it), generated
+        through :meth:`stream` so that setting ``cancel`` (its caller left: a timeout, a client gone) stops it
+        while it waits for the engine or at its next token. None when it was cancelled."""
+        last: dict[str, Any] | None = None
+        for ev in self.stream(item, cancel):
+            if "error" in ev:
+                return ev
+            last = ev
+        if last is not None and "result" in last:
+            return {"result": last["result"]}
+        if cancel is not None and cancel.is_set():
+            return None
+        return error_answer(RuntimeError("the generation ended without a result"))
+
     def _acquire(self, cancel: threading.Event | None, poll_s: float = 0.05) -> bool:
         """Take the engine lock; with ``cancel``, give up (False, lock not held) once it is set."""
         if cancel is None:
@@ -198,3 +214,13 @@ class EngineWorker:
             if not isinstance(e, VlmguardError):
                 log.exception("streaming generation failed")
             yield error_answer(e)
+
+
+async def answer_alone(worker: EngineWorker, item: WorkItem) -> dict[str, Any] | None:
+    """``worker.generate_one(item)`` in a thread; when the awaiting task is cancelled (its request timed out,
+    its client left), the generation stops too, instead of running to its end for nobody."""
+    cancel = threading.Event()
+    try:
+        return await asyncio.to_thread(worker.generate_one, item, cancel)
+    finally:
+        cancel.set()
