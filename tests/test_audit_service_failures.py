@@ -225,11 +225,16 @@ def test_a_stream_that_fails_after_it_started_is_counted_as_a_failed_result():
     assert metrics["results_failed"] == 1 and "vlmguard_failed_results_total 1" in prometheus
 
 
-def test_closing_a_local_stream_stops_its_generation():
+def _local_backend():
+    """An engine that counts the events it streams, its worker, a LocalBackend, and a length no request of the
+    tests reaches once stopped (the tiny model's context less a margin)."""
     engine = Engine()
     worker = EngineWorker(name="tiny", engine=engine)
-    backend = LocalBackend({"tiny": worker})
-    n = worker.engine.context_length - 200
+    return engine, worker, LocalBackend({"tiny": worker}), worker.engine.context_length - 200
+
+
+def test_closing_a_local_stream_stops_its_generation():
+    engine, worker, backend, n = _local_backend()
     items = worker.items
 
     async def main():
@@ -248,10 +253,7 @@ def test_a_request_that_times_out_or_is_dropped_stops_its_generation():
     """A non-streaming request answered alone (``LocalBackend``, and a replica with batching off) ran to its last
     token in a thread after its caller had gone (a 504, a client that left), holding the engine from the requests
     behind it. Its generation now stops at the next token (``answer_alone``)."""
-    engine = Engine()
-    worker = EngineWorker(name="tiny", engine=engine)
-    backend = LocalBackend({"tiny": worker})
-    n = worker.engine.context_length - 200
+    engine, worker, backend, n = _local_backend()
     items = worker.items
 
     async def main():

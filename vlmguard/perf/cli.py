@@ -78,9 +78,14 @@ def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
     p.add_argument("--shape", default=shape,
                    help=f"model shape (default {shape}; e.g. llava-1.5-7b, llava-next-7b, qwen2-vl-7b, "
                         "their -cpu variants, random:llava, tiny, or a local model path)")
+    p.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
+    _measurement(p)
+
+
+def _measurement(p: argparse.ArgumentParser) -> None:
+    """Where and how a benchmark runs and reports (every perf command's options but --shape and --attn)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
     p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=_positive, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
@@ -151,17 +156,8 @@ def register(subparsers) -> None:
                    help="token counts, the first the reference (default: LLaVA-1.5's 576 visual + 23 text tokens, "
                         "then 192 / 128 / 64 kept + 23)")
     g.add_argument("--layers", type=_positive, default=None, help="layers of weights streamed (default: the shape's)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
-    g.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's choice)")
-    g.add_argument("--repeats", type=_positive, default=7, help="timed rounds (median reported)")
-    g.add_argument("--warmup", type=_nonneg, default=1, help="untimed rounds first")
-    g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--out", default=None, help="also write the JSON report to this file")
-    g.add_argument("--plot", default=None, help="write a figure of the results to this file (.png, .pdf, .svg, ...)")
-    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    g.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    g.set_defaults(func=cmd_gemm)
+    _measurement(g)
+    g.set_defaults(repeats=7, func=cmd_gemm)
 
     pl = sub.add_parser("plot", help="draw the PNG figure of a saved perf JSON report")
     pl.add_argument("report", help="a JSON file written with --out")

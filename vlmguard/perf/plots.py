@@ -16,6 +16,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_prefill(result: dict[str, Any], path: str | Path) -> None:
     """Achieved vs ideal speed-up per method (bars) at each budget."""
     plt = _plt()
@@ -39,9 +45,7 @@ def plot_prefill(result: dict[str, Any], path: str | Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"prefill, {result['shape']} ({result['environment'].get('device')}, "
                  f"{result['environment'].get('dtype')}, batch {result['batch']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_decode(result: dict[str, Any], path: str | Path) -> None:
@@ -63,9 +67,7 @@ def plot_decode(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("time per token / greedy")
     ax.legend(fontsize=8)
     ax.set_title(f"decode, {result['shape']} (pruning {result['pruning']}@{result['budget']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_serve(result: dict[str, Any], path: str | Path) -> None:
@@ -81,9 +83,7 @@ def plot_serve(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("requests / s")
     ax.legend(fontsize=8)
     ax.set_title(f"serving, {result['shape']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
@@ -98,9 +98,7 @@ def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("GFLOP/s")
     ax.legend(fontsize=8)
     ax.set_title(f"decoder-layer GEMMs, {result['shape']} ({result['environment'].get('dtype')})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf serve": plot_serve,
