@@ -62,13 +62,16 @@ def _analyze(args: argparse.Namespace) -> int:
     if 2 * args.min_size > n_layers:  # no change point can be placed: an all-zero histogram, a made-up schedule
         raise InvalidInput(f"--min-size {args.min_size} is too large for the {n_layers} decoder layers of "
                            f"{args.model} (at most {n_layers // 2})")
+    seed = args.seed if args.seed is not None else CALIBRATION_SEED
     if not args.images:
         cfg = engine.model.config
         size = int(getattr(getattr(cfg, "vision_config", None), "image_size", 96) or 96)
-        prompts = synth_calibration(args.samples, seed=args.seed if args.seed is not None else CALIBRATION_SEED,
-                                    image_size=max(size, 32))
+        prompts = synth_calibration(args.samples, seed=seed, image_size=max(size, 32))
     result = analyze(engine, prompts, min_size=args.min_size)
     out = result.to_dict(args.model)
+    # what the schedule was solved on, so that it can be made again
+    out["calibration"] = ({"source": "images", "path": str(Path(args.images).resolve())} if args.images
+                          else {"source": "synthcoco", "seed": seed})
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if args.out:
         out["out"] = str(Path(args.out))

@@ -1,8 +1,9 @@
 """Audit of `vlmguard prune analyze` (AdaptInfer's offline inflection-layer analysis) and of how its schedule is
 used afterwards: a schedule is written whole or not at all (a failing write is one line and keeps the old
 file), an empty ``--out`` is refused instead of silently writing nothing, calibration scenes are rendered as
-the analysis takes them, the output says under which accounting its keep counts hit each label, and a
-schedule's keep counts are reused only on a model of the depth they were solved for."""
+the analysis takes them, the output says under which accounting its keep counts hit each label, a schedule's
+keep counts are reused only on a model of the depth they were solved for, and a schedule records its calibration
+set (SynthCOCO seed or image folder)."""
 from __future__ import annotations
 
 import itertools
@@ -117,3 +118,20 @@ def test_schedule_keeps_solved_for_another_depth_are_solved_again():
         assert "'n_layers' must be a positive integer" in str(e)
     else:
         raise AssertionError("a schedule with n_layers='4' was accepted")
+
+
+def test_the_schedule_records_its_calibration_set(capsys, tmp_path):
+    """A schedule did not say what it was solved on (the SynthCOCO seed, or the image folder), so it could not be
+    made again from its own file."""
+    assert main(["prune", "analyze", "--model", "tiny", "--samples", "1", "--seed", "7", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["calibration"] == {"source": "synthcoco", "seed": 7} and data["samples"] == 1
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    from vlmguard.testing import random_image
+
+    random_image(0, (96, 96)).save(folder / "a.png")
+    out = tmp_path / "s.json"
+    assert main(["prune", "analyze", "--model", "tiny", "--images", str(folder), "--samples", "1", "--out",
+                 str(out), "--json"]) == 0
+    assert json.loads(out.read_text())["calibration"] == {"source": "images", "path": str(folder.resolve())}
