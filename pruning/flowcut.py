@@ -214,11 +214,12 @@ class FlowCutPruner(Pruner):
         kept: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         scores: list[list[torch.Tensor]] = [[] for _ in range(len(ctx.n_visual))]
         offset: dict[int, int] = {}
+        pass_of = {j: p for p, j in enumerate(cut)}
         for j, r in enumerate(rows):
             if whole[r]:  # the unpruned features of this image (as the adapter encodes it)
                 feats[r].append(ad.project(ad.selected_features(pv[j:j + 1]))[0])
                 continue
-            p = cut.index(j)  # its stage-V pass
+            p = pass_of[j]  # its stage-V pass
             hs = res.features[p] if keep_cls else res.features[p][1:]
             idx = torch.cat([torch.zeros(1, dtype=torch.long, device=hs.device), res.kept[p] + 1]) if keep_cls \
                 else res.kept[p]
@@ -329,11 +330,12 @@ class FlowCutPruner(Pruner):
         kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         scores: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         offset = [0] * n_rows
+        pass_of = {j: p for p, j in enumerate(cut)}
         for j, r in enumerate(rows):
             if r in whole:
                 feats[r].append(unpruned[j])
                 continue
-            p = cut.index(j)  # its stage-V pass
+            p = pass_of[j]  # its stage-V pass
             feats[r].append(res.features[p])
             kept[r].append(res.kept[p] + offset[r])
             scores[r].append(res.scores[p])
