@@ -49,6 +49,8 @@ POPE_PROMPTS: dict[str, PopePrompt] = {
             seed=42,
             description="VCD / RITUAL / AvisC: multinomial sampling T=1, top-p 1, fixed seed",
         ),
+        # (the user text and length of these two; the model's chat template frames them, where OPERA's and HALC's
+        # code send their own raw LLaVA-1.5 string, "USER: <image> {q} ASSISTANT:" after the system text)
         PopePrompt("opera", "", "", 10, description="OPERA: no answer-format suffix, 10 new tokens"),
         PopePrompt("halc", "", "", 16, description="HALC: no answer-format suffix, 16 new tokens"),
     )

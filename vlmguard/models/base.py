@@ -146,22 +146,45 @@ class ModelAdapter:
         return int(pid)
 
     # ---- prompts ---------------------------------------------------------------------------
+    def default_system(self) -> str | None:
+        """The system text the family's reference evaluation sends when a request names none (None: whatever the
+        model's own chat template does, e.g. Qwen2-VL's template adds its default system turn itself)."""
+        return None
+
     def format_prompt(self, prompt: Prompt) -> str:
         if prompt.raw:
             return prompt.text
         content: list[dict[str, Any]] = [{"type": "image"} for _ in prompt.images]
         content.append({"type": "text", "text": prompt.text})
         messages = []
-        if prompt.system:
-            messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+        system = prompt.system if prompt.system is not None else self.default_system()
+        if system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         messages.append({"role": "user", "content": content})
         if not chat_template_of(self.processor):
             raise ModelLoadError(f"the model's processor has no chat template ({CHAT_TEMPLATE_HELP}); "
                                  "vlmguard formats prompts with the model's own template")
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS in front of every text it encodes (Llama: yes; Qwen2: none)."""
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None:
+            return False
+        try:
+            ids = tok("a")["input_ids"]
+        except (TypeError, ValueError, KeyError):
+            return False
+        return bool(ids) and ids[0] == bos
+
     def encode(self, prompts: Sequence[Prompt]) -> EncodedBatch:
         texts = [self.format_prompt(p) for p in prompts]
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if isinstance(bos, str) and bos and any(t.startswith(bos) for t in texts) and self.adds_bos():
+            # a template or raw prompt that writes BOS itself: the tokenizer adds one too, so drop the written one
+            # (transformers' apply_chat_template(tokenize=True) turns add_special_tokens off for the same reason)
+            texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
         images = [img for p in prompts for img in p.images]
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if images:

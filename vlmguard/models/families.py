@@ -6,13 +6,33 @@ from typing import Any
 import torch
 
 from vlmguard.models.base import EncodedBatch, ModelAdapter
+from vlmguard.models.image_text_processor import chat_template_of
 from vlmguard.models.vision_tower import is_clip_like, select_features
+
+# LLaVA's conversation template "vicuna_v1" (haotian-liu/LLaVA llava/conversation.py, conv_vicuna_v1), which
+# LLaVA-1.5's and LLaVA-NeXT-Vicuna's own evaluation (model_vqa_loader, --conv-mode vicuna_v1) puts before
+# "USER: <image>\n... ASSISTANT:"
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
+# what marks llava-hf's Vicuna chat template (llava-1.5-*-hf, llava-v1.6-vicuna-*-hf chat_template.json):
+# roles rendered as message['role'].upper() + ': ', generation prompt 'ASSISTANT:', and no system text of its own
+# (a system turn renders as its text + ' ', so passing vicuna_v1's gives exactly the reference prompt)
+_HF_VICUNA_MARKS = ("message['role'].upper() + ': '", "'ASSISTANT:'")
 
 
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP ViT with CLS token, MLP projector, Llama."""
 
     family = "llava"
+
+    def default_system(self) -> str | None:
+        """vicuna_v1's system prompt under llava-hf's Vicuna template, which (unlike LLaVA's own evaluation) leaves
+        it out; other templates (llava-v1.6-mistral's [INST], whose reference system is empty, or a model's own
+        template such as vlmguard's synthetic models') are left as they are."""
+        template = chat_template_of(self.processor) or ""
+        if all(m in template for m in _HF_VICUNA_MARKS) and "A chat between" not in template:
+            return VICUNA_V1_SYSTEM
+        return None
 
     @property
     def vision_feature_layer(self) -> int | list[int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, processors
 
 from vlmguard.errors import InvalidInput
 
@@ -30,13 +30,30 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 BASE_SHAPES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b")
 
 QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# The checkpoints' own chat templates (llava-hf/llava-1.5-7b-hf and llava-v1.6-vicuna-7b-hf chat_template.json;
+# Qwen/Qwen2-VL-7B-Instruct chat_template.json, with its default system turn), so a shape sees the real prompt
+LLAVA_HF_VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -88,22 +105,23 @@ def _base_tokenizer() -> Tokenizer:
 def _llava_processor(spec: dict, family: str):
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-    from vlmguard.synth.processor import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, IMAGE, wrap_tokenizer
+    from vlmguard.synth.processor import CLIP_MEAN, CLIP_STD, IMAGE, wrap_tokenizer
 
     p = spec["processor"]
     s = p["image_size"]
     common = dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, image_mean=CLIP_MEAN,
                   image_std=CLIP_STD, do_convert_rgb=True)
     tok = wrap_tokenizer(_base_tokenizer(), model_max_length=32768)
+    tok.chat_template = LLAVA_HF_VICUNA_TEMPLATE
     if family == "llava":
         return LlavaProcessor(image_processor=CLIPImageProcessor(**common), tokenizer=tok, patch_size=p["patch_size"],
                               vision_feature_select_strategy=p["vision_feature_select_strategy"],
-                              chat_template=CHAT_TEMPLATE, image_token=IMAGE,
+                              chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token=IMAGE,
                               num_additional_image_tokens=p["num_additional_image_tokens"])
     ip = LlavaNextImageProcessor(image_grid_pinpoints=p["image_grid_pinpoints"], **common)
     return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=p["patch_size"],
                               vision_feature_select_strategy=p["vision_feature_select_strategy"],
-                              chat_template=CHAT_TEMPLATE, image_token=IMAGE,
+                              chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token=IMAGE,
                               num_additional_image_tokens=p["num_additional_image_tokens"])
 
 
@@ -113,6 +131,7 @@ def _qwen_processor(spec: dict):
     from vlmguard.synth.processor import BOS, PAD, UNK
 
     raw = _base_tokenizer()
+    raw.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # Qwen2 adds no BOS
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token="<|im_end|>", unk_token=UNK,
                                   pad_token=PAD, padding_side="left", model_max_length=32768,
