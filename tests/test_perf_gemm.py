@@ -2,6 +2,7 @@
 are drawn and tabled by ``perf plot``, and bad input is one line. No timed assertions."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -68,3 +69,18 @@ def test_a_token_count_of_zero_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["perf", "gemm", "--tokens", "87,0"])
     assert e.value.code == 2 and "--tokens" in capsys.readouterr().err
+
+
+def test_the_default_token_counts_are_what_perf_prefill_feeds_the_default_shape():
+    from vlmguard.models.base import Prompt
+    from vlmguard.perf.cli import DEFAULT_SHAPE, register
+    from vlmguard.perf.models import PROMPT, bench_image, load_engine
+
+    eng = load_engine(DEFAULT_SHAPE, device="cpu", dtype="float32")
+    ids = eng.adapter.encode([Prompt(text=PROMPT, images=[bench_image(eng, 0)])]).input_ids[0]
+    text = int((ids != eng.adapter.image_token_id).sum())
+    visual = len(ids) - text
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    defaults = parser.parse_args(["perf", "gemm"]).tokens
+    assert defaults == [visual + text] + [b + text for b in (192, 128, 64)]

@@ -152,9 +152,9 @@ def register(subparsers) -> None:
     g = sub.add_parser("gemm", help="the rate of a shape's decoder-layer matrix products at each token count, "
                                     "weights streamed and warm: the ceiling of a pruned prefill's LLM")
     g.add_argument("--shape", default=DEFAULT_SHAPE, help=f"a named model shape (default {DEFAULT_SHAPE})")
-    g.add_argument("--tokens", type=_csv(_positive), default=[599, 215, 151, 87],
-                   help="token counts, the first the reference (default: LLaVA-1.5's 576 visual + 23 text tokens, "
-                        "then 192 / 128 / 64 kept + 23)")
+    g.add_argument("--tokens", type=_csv(_positive), default=[628, 244, 180, 116],
+                   help="token counts, the first the reference (default: what `perf prefill` feeds LLaVA-1.5: 576 "
+                        "visual + 52 text tokens, then 192 / 128 / 64 kept + 52)")
     g.add_argument("--layers", type=_positive, default=None, help="layers of weights streamed (default: the shape's)")
     _measurement(g)
     g.set_defaults(repeats=7, func=cmd_gemm)
