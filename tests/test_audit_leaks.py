@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import threading
+import warnings
 
 import httpx
 import pytest
@@ -68,8 +69,11 @@ def census(model: torch.nn.Module) -> dict[str, int]:
     """What must not grow with requests served (after a collection)."""
     gc.collect()
     objs = gc.get_objects()
-    out = {cls.__name__: sum(1 for o in objs if isinstance(o, cls)) for cls in LIVE}
-    out.update(tensors=sum(1 for o in objs if isinstance(o, torch.Tensor)), hooks=hooks(model),
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op alias warns
+        warnings.simplefilter("ignore", FutureWarning)
+        out = {cls.__name__: sum(1 for o in objs if isinstance(o, cls)) for cls in LIVE}
+        tensors = sum(1 for o in objs if isinstance(o, torch.Tensor))
+    out.update(tensors=tensors, hooks=hooks(model),
                threads=threading.active_count(), fds=len(os.listdir("/proc/self/fd")),
                probes=len(getattr(_LOCAL, "requests", None) or {}),
                owners=len(getattr(decoding_base._FORWARD, "owners", None) or {}))
