@@ -21,9 +21,10 @@ Defects found (fixed, each test below fails on the old code):
 2. A templated / raw prompt that writes BOS itself got a second BOS from the tokenizer (base.py encode).
 3. The shape stand-ins (shapes.py) used a template without the system turn (LLaVA and Qwen2-VL) and a Qwen2-VL
    tokenizer that adds a BOS the real one does not add.
-Known, not fixed here (needs vlmguard/bench/runner.py to send raw prompts): OPERA / HALC send
-"<s>A chat ... questions.USER: <image> {q} ASSISTANT:" (no space after the system text, a space, not a newline,
-after the image); the "opera" / "halc" presets give the model's template, "... USER: <image>\\n{q} ASSISTANT:".
+4. OPERA / HALC send "<s>A chat ... questions.USER: <image> {q} ASSISTANT:" (no space after the system text, a
+   space, not a newline, after the image); the "opera" / "halc" presets gave the model's template, "... USER:
+   <image>\\n{q} ASSISTANT:". They now send that string as a raw prompt on llava-hf's Vicuna template
+   (PopePrompt.frame, bench/runner.py).
 """
 from __future__ import annotations
 
@@ -264,3 +265,42 @@ def test_shape_processors_render_the_checkpoint_prompts():
             assert proc.tokenizer.bos_token_id not in ids  # the real Qwen2 tokenizer adds no BOS
         else:
             assert ids[0] == proc.tokenizer.bos_token_id and ids.count(proc.tokenizer.bos_token_id) == 1
+
+
+def test_opera_and_halc_frame_llava15_with_their_own_string(tmp_path):
+    """OPERA's and HALC's code send LLaVA-1.5 the vicuna_v1 system text straight followed by "USER: <image> {q}
+    ASSISTANT:" (shikiw/OPERA pope_eval.py INSTRUCTION_TEMPLATE["llava-1.5"], eval_configs/llava-1.5_eval.yaml
+    system_message), not the chat template's "... USER: <image>\\n{q} ASSISTANT:". The presets now send that string
+    as a raw prompt on a LLaVA model under llava-hf's Vicuna template, and the run records it."""
+    from vlmguard.bench.runner import _pope_items
+    from vlmguard.synth.processor import CHAT_TEMPLATE
+
+    opera = f"{SYSTEM}USER: <image> {Q} ASSISTANT:"
+    hf = llava_adapter(HF_VICUNA)
+    for name in ("opera", "halc"):
+        assert get_pope_prompt(name).frame(Q, hf) == (opera, True)
+        ids = hf.encode([Prompt(text=opera, images=[random_image(0)], raw=True)]).input_ids[0].tolist()
+        image = hf.config.image_token_id
+        first = ids.index(image)
+        assert ids[0] == hf.tokenizer.bos_token_id and ids.count(hf.tokenizer.bos_token_id) == 1
+        assert ids[1:first] == enc(hf.tokenizer, f"{SYSTEM}USER: ")
+        assert ids[len(ids) - ids[::-1].index(image):] == enc(hf.tokenizer, f" {Q} ASSISTANT:")
+    # every other preset, and these two on other templates (the bundled model's own, Qwen2-VL), keep the template
+    assert get_pope_prompt("llava").frame(USER_TEXT["llava"], hf) == (USER_TEXT["llava"], False)
+    assert get_pope_prompt("opera").frame(Q, llava_adapter(CHAT_TEMPLATE)) == (Q, False)
+    assert get_pope_prompt("opera").frame(Q, qwen_adapter()) == (Q, False)
+    assert get_pope_prompt("opera").frame(Q, None) == (Q, False)
+
+    class Dataset:  # two questions of one image: what _pope_items reads of a dataset
+        def pope_file(self, split):
+            return SimpleNamespace(questions=[SimpleNamespace(question_id=i, image="a.jpg", text=Q, label="yes")
+                                              for i in (1, 2)], path=tmp_path / "coco_pope_random.json", sha256="x")
+
+        def image_path(self, name):
+            return tmp_path / name
+
+    items, knobs = _pope_items(Dataset(), "random", "opera", None, hf)
+    assert [(it.prompt, it.raw) for it in items] == [(opera, True)] * 2 and knobs["prompt"] == get_pope_prompt(
+        "opera").llava_raw
+    items, knobs = _pope_items(Dataset(), "random", "opera", None, llava_adapter(CHAT_TEMPLATE))
+    assert [(it.prompt, it.raw) for it in items] == [(Q, False)] * 2 and knobs["prompt"] == ""

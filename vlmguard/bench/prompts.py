@@ -1,7 +1,9 @@
 """Named prompt presets for POPE (benchmarks.md 1.3) and CHAIR (2.4).
 
-The engine applies the model's chat template and inserts the image; a preset only decides the user
-text (question + answer-format instruction and how they are joined) and the default generation knobs.
+The engine applies the model's chat template and inserts the image; a preset decides the user text (question +
+answer-format instruction and how they are joined) and the default generation knobs. A preset whose paper sends
+LLaVA-1.5 a string of its own (OPERA, HALC) frames the question with it on a LLaVA model under llava-hf's Vicuna
+template (``PopePrompt.frame``).
 Every run records the preset name, the resulting knobs and the exact user text of each sample.
 """
 from __future__ import annotations
@@ -25,13 +27,30 @@ class PopePrompt:
     top_p: float = 1.0
     seed: int | None = None
     description: str = ""
+    # the whole LLaVA-1.5 prompt the paper's own code sends ({question}: the rendered user text, <image>: the
+    # image), used instead of the chat template on models with llava-hf's Vicuna template (see ``frame``)
+    llava_raw: str | None = None
 
     def render(self, question: str) -> str:
         return question + self.joiner + self.suffix if self.suffix else question
 
+    def frame(self, text: str, adapter: Any) -> tuple[str, bool]:
+        """(prompt, raw): the user text as the model's chat template takes it, or, for a preset with its own
+        LLaVA-1.5 string on a LLaVA model under llava-hf's Vicuna template, that whole string (a raw prompt)."""
+        from vlmguard.models.families import VICUNA_V1_SYSTEM
+
+        default_system = getattr(adapter, "default_system", None)
+        placeholder = getattr(adapter, "image_placeholder", None)
+        if self.llava_raw and placeholder and default_system is not None and default_system() == VICUNA_V1_SYSTEM:
+            return self.llava_raw.replace("<image>", placeholder).replace("{question}", text), True
+        return text, False
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+OPERA_LLAVA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the user's questions.USER: <image> {question} ASSISTANT:")
 
 POPE_PROMPTS: dict[str, PopePrompt] = {
     p.name: p
@@ -49,10 +68,13 @@ POPE_PROMPTS: dict[str, PopePrompt] = {
             seed=42,
             description="VCD / RITUAL / AvisC: multinomial sampling T=1, top-p 1, fixed seed",
         ),
-        # (the user text and length of these two; the model's chat template frames them, where OPERA's and HALC's
-        # code send their own raw LLaVA-1.5 string, "USER: <image> {q} ASSISTANT:" after the system text)
-        PopePrompt("opera", "", "", 10, description="OPERA: no answer-format suffix, 10 new tokens"),
-        PopePrompt("halc", "", "", 16, description="HALC: no answer-format suffix, 16 new tokens"),
+        # OPERA's and HALC's code send LLaVA-1.5 their own string, the vicuna_v1 system text straight followed by
+        # "USER: <image> {q} ASSISTANT:" (shikiw/OPERA pope_eval.py INSTRUCTION_TEMPLATE, eval_configs/
+        # llava-1.5_eval.yaml system_message): a space after the image, not the template's newline
+        PopePrompt("opera", "", "", 10, description="OPERA: no answer-format suffix, 10 new tokens",
+                   llava_raw=OPERA_LLAVA),
+        PopePrompt("halc", "", "", 16, description="HALC: no answer-format suffix, 16 new tokens",
+                   llava_raw=OPERA_LLAVA),
     )
 }
 DEFAULT_POPE_PROMPT = "llava"

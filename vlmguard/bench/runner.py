@@ -45,6 +45,7 @@ class Item:
     record: dict[str, Any] | None = None  # per-item data kept with the sample (POPE-leading cue)
     image_id: int | None = None  # CHAIR
     neutral_prompt: str | None = None  # POPE-leading: the neutral question in the same prompt format
+    raw: bool = False  # ``prompt`` is the whole model prompt (a preset's own framing), not a chat template's text
 
 
 @dataclass
@@ -172,14 +173,21 @@ def _dataset_knobs(dataset: BenchDataset) -> dict[str, Any]:
     return {"dataset": dataset.name, "dataset_version": dataset.version}
 
 
-def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, template: str | None) -> tuple[list[Item], dict[str, Any]]:
+def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, template: str | None,
+                adapter: Any = None) -> tuple[list[Item], dict[str, Any]]:
     pope = dataset.pope_file(split)
     preset = get_pope_prompt(prompt_preset)
     items = []
+    _, raw = preset.frame("", adapter)
+
+    def prompt(question: str) -> str:
+        return preset.frame(preset.render(question), adapter)[0]
+
     if template is None:
         for q in pope.questions:
             items.append(
-                Item(f"q:{q.question_id}", str(q.question_id), dataset.image_path(q.image), q.image, preset.render(q.text), q.label)  # type: ignore[arg-type]
+                Item(f"q:{q.question_id}", str(q.question_id), dataset.image_path(q.image),  # type: ignore[arg-type]
+                     q.image, prompt(q.text), q.label, raw=raw)
             )
         variant = None
     else:
@@ -191,10 +199,11 @@ def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, te
                     str(rec["question_id"]),
                     dataset.image_path(rec["image"]),  # type: ignore[arg-type]
                     rec["image"],
-                    preset.render(rec["text"]),
+                    prompt(rec["text"]),
                     rec["label"],
                     {"cue": rec["cue"], "neutral_text": rec["neutral_text"]},
-                    neutral_prompt=preset.render(rec["neutral_text"]),
+                    neutral_prompt=prompt(rec["neutral_text"]),
+                    raw=raw,
                 )
             )
     knobs = {
@@ -205,6 +214,8 @@ def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, te
         "prompt_preset": preset.name,
         "prompt": preset.joiner + preset.suffix if preset.suffix else "",
     }
+    if raw:  # the preset's own framing is part of the run (earlier runs of the preset had the model's template)
+        knobs["prompt"] = preset.llava_raw
     return items, knobs
 
 
@@ -284,7 +295,7 @@ def run_benchmark(
                 raise InvalidInput(f"{benchmark} needs a split (random, popular, adversarial)")
             par = get_parser(parser)
             tmpl = normalize_template_id(template or DEFAULT_TEMPLATE) if benchmark == "pope-leading" else None
-            items, extra = _pope_items(dataset, split, prompt_preset, tmpl)
+            items, extra = _pope_items(dataset, split, prompt_preset, tmpl, getattr(engine, "adapter", None))
             knobs.update(extra)
             knobs["parser"] = par.name  # type: ignore[attr-defined]
             if benchmark == "pope-leading":
@@ -329,7 +340,8 @@ def run_benchmark(
         try:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                reqs = [Request(prompt=it.prompt, images=[_load_image(it.image_path)], request_id=it.key) for it in batch]
+                reqs = [Request(prompt=it.prompt, images=[_load_image(it.image_path)], request_id=it.key,
+                                raw_prompt=it.raw) for it in batch]
                 batch_spec = spec
                 if oracle:  # LQCD oracle x_n: each request's neutral question, same prompt format
                     params = {**spec.decoding_params, "neutral_text": [it.neutral_prompt for it in batch]}
@@ -413,7 +425,7 @@ def _fit_context(engine: Any, spec: Any, item: Item) -> Any:
         return spec
     from vlmguard.results import Request
 
-    probe = engine.generate([Request(prompt=item.prompt, images=[_load_image(item.image_path)])],
+    probe = engine.generate([Request(prompt=item.prompt, images=[_load_image(item.image_path)], raw_prompt=item.raw)],
                             spec.model_copy(update={"max_new_tokens": 1}))[0]
     room = ctx - int(getattr(probe, "prompt_tokens", 0) or 0)
     if room < 1:
