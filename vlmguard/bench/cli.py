@@ -113,6 +113,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--preset", dest="chair_preset", default="chair512", choices=sorted(CHAIR_PRESETS),
                            help="chair512 (512 tokens) | chair64 (64 tokens, drop incomplete sentence)")
             p.add_argument("--prompt", help="caption prompt (default: the preset's)")
+            # issue 5 names `bench pope|pope-leading|chair ... [--split S]`: CHAIR's split is the image split
+            p.add_argument("--split", dest="image_split", default=argparse.SUPPRESS,
+                           help="image split of the captioned images (alias of --image-split)")
         if name == "pope-leading":
             p.add_argument("--template", action="append", choices=list(ALL_TEMPLATES),
                            help="leading template or view (repeat; default: W-misleading)")

@@ -21,10 +21,12 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning", default="none", help="visual-token pruning method")
     p.add_argument("--budget", type=budget_arg, default=None,
                    help="visual tokens kept per request, shared by its images (int), or kept fraction (0 < r <= 1)")
-    p.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pruning-param", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="pruning-method parameters (one or more; repeatable)")
     p.add_argument("--decoding", default="greedy", help="decoding method")
-    p.add_argument("--param", "--decoding-param", dest="decoding_param", action="append", default=[],
-                   metavar="KEY=VALUE", help="decoding-method parameter (repeatable)")
+    # issue 2's `[--param key=value ...]`: several pairs after one --param, or --param repeated
+    p.add_argument("--param", "--decoding-param", dest="decoding_param", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="decoding-method parameters (one or more; repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0,
                    help="no end of sequence before this many tokens (stop strings still end the answer)")

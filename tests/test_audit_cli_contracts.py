@@ -1,0 +1,96 @@
+"""Audit of the command line against the forms the issues promise (other tools call them exactly).
+
+Checklist (issue: item): 2: ``generate --model --image --prompt [--pruning --budget] [--decoding] [--param key=value
+...] [--max-new-tokens] [--stream] [--json]``, ``--json`` one object on the last line (text, tokens, timings, kept
+visual tokens), bad input a one-line error with a non-zero exit. 3: ``prune analyze --model``, budgets as counts or
+ratios, invalid budgets refused. 5: ``bench pope|pope-leading|chair --model --dataset [--split S] [--pruning]
+[--decoding] [--limit] [--db] [--json]`` (dataset default ``synthcoco``), ``bench sweep CONFIG.yaml``, ``report --db``
+(tables, CSV, PNG plots), ``score pope --answers --questions [--json]``, ``score chair --captions --gt [--json]``,
+malformed files named with file and line. 6: ``serve [--config] [--port] [--address]``, ``job submit bench ...``,
+``job status|logs|stop ID`` with ``--address``. 7: ``dashboard [--port] [--db]``. 8: ``perf prefill --shape --methods
+--budgets [--batch] [--json]`` (defaults none,flowcut,adaptinfer,fastv,random and 192,128,64; rows with method, budget,
+speedup, ideal_speedup, times, memory), ``perf decode --decoders`` (batch sizes 1 and 8, ``--pruning``), ``perf serve``
+(1, 4 and 16 clients). 9: ``synth build --seed --out --train --val --test`` (test 500), ``synth train``.
+README and docs/*.md commands parse.
+
+Defects found and fixed:
+- ``generate --param a=1 b=2`` (issue 2's ``[--param key=value ...]``) was refused ("unrecognized arguments"); one
+  ``--param`` now takes one or more pairs, and repeating it still works.
+- ``bench chair --split S`` (issue 5 gives ``[--split S]`` to all three benchmarks) was refused; for CHAIR it names the
+  image split, an alias of ``--image-split``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from vlmguard.cli import build_parser, main
+from vlmguard.commands.generate import spec_from_args
+
+SYNTH_MINI = Path(__file__).parent / "fixtures" / "bench" / "synth_mini"
+
+
+def _parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def _run_json(argv: list[str]) -> tuple[dict, list[str]]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    assert rc == 0
+    lines = buf.getvalue().strip().splitlines()
+    return json.loads(lines[-1]), lines
+
+
+def test_generate_param_takes_several_key_value_pairs():
+    args = _parse("generate", "--image", "x.png", "--prompt", "hi", "--decoding", "vcd",
+                  "--param", "alpha=1.0", "beta=0.1")
+    assert args.decoding_param == ["alpha=1.0", "beta=0.1"]
+    assert spec_from_args(args).decoding_params == {"alpha": 1.0, "beta": 0.1}
+
+
+def test_generate_param_still_repeatable_and_mixed():
+    args = _parse("generate", "--prompt", "hi", "--param", "alpha=1.0", "--decoding-param", "beta=0.1",
+                  "--param", "noise_step=400", "noise_seed=3", "--json")
+    assert args.decoding_param == ["alpha=1.0", "beta=0.1", "noise_step=400", "noise_seed=3"]
+    assert args.json is True
+    assert _parse("generate", "--prompt", "hi").decoding_param == []
+
+
+def test_bench_chair_split_names_the_image_split():
+    assert _parse("bench", "chair", "--split", "val").image_split == "val"
+    assert _parse("bench", "chair").image_split == "test"  # the default is unchanged
+    assert _parse("bench", "chair", "--image-split", "train").image_split == "train"
+
+
+def test_bench_chair_split_runs_and_reports_it(tmp_path):
+    out, _ = _run_json(["bench", "chair", "--model", "tiny", "--dataset", str(SYNTH_MINI), "--split", "test",
+                        "--limit", "1", "--max-new-tokens", "2", "--db", str(tmp_path / "r.sqlite"),
+                        "--no-progress", "--json"])
+    assert out["benchmark"] == "chair" and [r["split"] for r in out["runs"]] == ["test"]
+    assert "chair512" in out["metrics"]
+
+
+def test_issue_defaults_of_perf_and_synth():
+    pre = _parse("perf", "prefill")
+    assert pre.shape == "llava-1.5-7b-cpu" and pre.batch == 1 and pre.json is False
+    assert pre.methods == ["none", "flowcut", "adaptinfer", "fastv", "random"] and pre.budgets == [192, 128, 64]
+    dec = _parse("perf", "decode")
+    assert dec.decoders == ["greedy", "vcd", "m3id", "vista", "iava", "lqcd"] and dec.batch == [1, 8]
+    assert _parse("perf", "serve").clients == [1, 4, 16]
+    assert _parse("synth", "build", "--out", "d").test == 500
+    assert _parse("bench", "pope").dataset == "synthcoco"
+
+
+def test_perf_prefill_json_is_one_object_with_the_promised_row_fields():
+    out, lines = _run_json(["perf", "prefill", "--shape", "random:llava", "--methods", "none,fastv", "--budgets", "8",
+                            "--repeats", "1", "--warmup", "0", "--quiet", "--json"])
+    assert len(lines) == 1
+    assert [(r["method"], r["budget"]) for r in out["rows"]] == [("none", None), ("fastv", 8)]
+    for row in out["rows"]:
+        assert {"method", "budget", "speedup", "ideal_speedup", "achieved_over_ideal", "times", "memory"} <= set(row)
+        assert {"prefill_s", "ttft_s"} <= set(row["times"])
+        assert {"peak_bytes", "kv_cache_bytes"} <= set(row["memory"])
