@@ -94,3 +94,36 @@ def test_perf_prefill_json_is_one_object_with_the_promised_row_fields():
         assert {"method", "budget", "speedup", "ideal_speedup", "achieved_over_ideal", "times", "memory"} <= set(row)
         assert {"prefill_s", "ttft_s"} <= set(row["times"])
         assert {"peak_bytes", "kv_cache_bytes"} <= set(row["memory"])
+
+
+def test_job_submit_bench_sweep_is_checked_here_and_runs_the_config_from_this_directory(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Issue 6: ``job submit bench ...`` "submits a sweep as a Ray Job"; a job ran one benchmark only. ``bench sweep
+    CONFIG.yaml`` is now a job kind: checked here as ``vlmguard bench sweep`` checks it, before any cluster is
+    contacted, and run on the cluster from this directory (the config's relative paths mean what they mean here).
+    (The job itself runs against a real cluster in tests/test_serve_ray.py.)"""
+    from vlmguard.workers import jobs
+    from vlmguard.workers.bench_job import build_sweep_parser
+
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "sweep.yaml"
+    good.write_text(f"model: random:llava\ndataset: {SYNTH_MINI}\ndb: out/s.sqlite\n"
+                    "benchmarks: [{pope: {splits: [random]}}]\nmethods: [{name: base}]\n")
+    args = jobs.check_bench_args(["sweep", "sweep.yaml", "--limit", "4"], local_paths=True)
+    assert args.config == "sweep.yaml" and args.limit == 4
+    entry = jobs.bench_entrypoint(["sweep", "sweep.yaml", "--shards", "2"], python="py")
+    assert entry == f"py -m vlmguard.workers.bench_job sweep {good} --shards 2 --chdir {tmp_path}"
+    assert build_sweep_parser().parse_args(entry.split()[4:]).chdir == str(tmp_path)
+
+    (tmp_path / "bad.yaml").write_text("benchmarks: [{pope: {splits: [random]}}]\n"
+                                       "methods: [{name: x, decoding: vcdd}]\n")
+
+    def no_cluster(*a, **k):
+        raise AssertionError("the cluster was contacted")
+
+    monkeypatch.setattr(jobs, "client", no_cluster)
+    for argv, needle in ((["bad.yaml"], "bad.yaml: method 'x'"), (["missing.yaml"], "missing.yaml"),
+                         (["sweep.yaml", "--bogus"], "unrecognized arguments: --bogus")):
+        assert main(["job", "submit", "bench", "sweep", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlmguard: error: ") and needle in err and err.count("\n") == 1, err

@@ -422,3 +422,25 @@ def test_benchmark_job_survives_a_killed_replica(service, tmp_path, capsys):
         assert time.monotonic() < deadline, _replica_actor_names()
         time.sleep(0.5)
     _healthy(service)
+
+
+def test_a_sweep_config_runs_as_one_job(service, tmp_path, capsys, monkeypatch):
+    """`job submit bench sweep CONFIG.yaml` (issue 6: a sweep as a Ray Job): every run of the config, each sharded
+    over the served model's replicas, into the database the config names, relative to where it was submitted."""
+    from vlmguard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(
+        f"model: {MODEL}\ndataset: {SYNTH_MINI}\ndb: out/sweep.sqlite\nlimit: 6\nbatch_size: 2\n"
+        "benchmarks: [{pope: {splits: [random]}}]\n"
+        "methods:\n  - {name: base}\n  - {name: fastv, pruning: fastv, budget: 8}\n")
+    argv = ["job", "submit", "--address", service.dashboard_url, "--wait", "--json", "bench", "sweep", "sweep.yaml"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["status"] == "SUCCEEDED" and out["result"]["benchmark"] == "sweep"
+    runs = out["result"]["runs"]
+    assert len(runs) == 2 and all(r["status"] == "finished" and r["n_samples"] == 6 for r in runs)
+    with sqlite3.connect(tmp_path / "out" / "sweep.sqlite") as conn:
+        rows = conn.execute("SELECT pruning, status FROM runs ORDER BY pruning").fetchall()
+        n = conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    assert rows == [("fastv", "finished"), ("none", "finished")] and n == 12

@@ -1,6 +1,7 @@
 """The driver of a benchmark Ray Job: shard a benchmark over the replicas of a served model.
 
-Run by ``vlmguard job submit bench ...`` as the job's entrypoint (``python -m vlmguard.workers.bench_job``).
+Run by ``vlmguard job submit bench ...`` as the job's entrypoint (``python -m vlmguard.workers.bench_job``);
+``vlmguard job submit bench sweep CONFIG.yaml`` runs every benchmark of a sweep config this way, one after another.
 It joins the cluster, finds the running vlmguard app's model deployment and runs
 :func:`vlmguard.bench.runner.run_benchmark` once per shard, concurrently (shard ``k`` of ``n`` takes items
 ``k, k+n, ...``; ``n`` defaults to the deployment's replica count), each shard sending its batches through
@@ -135,27 +136,71 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     return p
 
 
+def build_sweep_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                       ) -> argparse.ArgumentParser:
+    """``sweep CONFIG.yaml``: every run of a sweep config (``vlmguard bench sweep``), each sharded as one benchmark
+    job is, on the served models the config names."""
+    from vlmguard.bench import cli as bench_cli
+
+    p = parser_class(prog="python -m vlmguard.workers.bench_job sweep",
+                     description="a benchmark sweep (YAML) sharded over the replicas of the served models")
+    p.add_argument("config", help="sweep config (YAML), as `vlmguard bench sweep` takes it")
+    p.add_argument("--db", default=None, help="results database (default: the config's db)")
+    p.add_argument("--limit", type=bench_cli._positive_int, default=None, help="samples per run (a quick look)")
+    p.add_argument("--chdir", default=None, help="the directory the config's relative paths are read from")
+    p.add_argument("--app", default="vlmguard", help="Serve application name (default: %(default)s)")
+    p.add_argument("--shards", type=bench_cli._positive_int, default=None,
+                   help="default: each model deployment's running replicas")
+    p.add_argument("--ray-address", default="auto")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        print(json.dumps(run_job(args), default=str), flush=True)
+        if argv[:1] == ["sweep"]:
+            result = run_sweep_job(build_sweep_parser().parse_args(argv[1:]))
+        else:
+            result = run_job(build_parser().parse_args(argv))
+        print(json.dumps(result, default=str), flush=True)
         return 0
     except VlmguardError as e:
         print(f"vlmguard: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 
-def run_job(args: argparse.Namespace) -> dict[str, Any]:
+def _connect(address: str) -> None:
     import ray
 
-    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args, benchmark_runs
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+
+
+def sharded_run(engine: "ServeEngine", shards: int, benchmark: str, dataset: Any, spec: Any, db: Any, **kwargs: Any):
+    """``run_benchmark`` as ``shards`` concurrent shards through the deployment (Serve spreads their batches over
+    the replicas): the run's outcome, with the samples every shard added."""
+    import dataclasses
+
     from vlmguard.bench.runner import run_benchmark
+
+    kwargs = {**kwargs, "progress": False}
+    with ThreadPoolExecutor(max_workers=shards) as pool:
+        outcomes = list(pool.map(lambda k: run_benchmark(engine, benchmark, dataset, spec, db, shard_index=k,
+                                                         num_shards=shards, **kwargs), range(shards)))
+    final = max(outcomes, key=lambda o: (o.status == "finished", o.n_samples))
+    final = dataclasses.replace(final, n_new=sum(o.n_new for o in outcomes))
+    print(f"[bench-job] run {final.run_id}: {final.n_samples}/{final.n_expected} samples, "
+          f"status {final.status}", file=sys.stderr, flush=True)
+    return final
+
+
+def run_job(args: argparse.Namespace) -> dict[str, Any]:
+    from vlmguard.bench.cli import _dataset_from_args, _spec_from_args, benchmark_runs
 
     spec = _spec_from_args(args)
     spec.resolve()
     dataset = _dataset_from_args(args)
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, log_to_driver=False)
+    _connect(args.ray_address)
     handle, info, replicas = find_model_deployment(args.app, args.model)
     n = replicas if args.shards is None else args.shards
     engine = ServeEngine(handle, info)
@@ -163,28 +208,49 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     print(f"[bench-job] {args.benchmark} on {info.get('name')} ({info.get('model')}): {len(jobs)} run(s) x "
           f"{n} shard(s) over {replicas} replica(s)", file=sys.stderr, flush=True)
-
-    def shard(job: dict[str, Any], k: int):
-        return run_benchmark(
-            engine, args.benchmark, dataset, spec, args.db, prompt_preset=args.prompt_preset, parser=args.parser,
-            chair_preset=args.chair_preset, prompt=args.prompt, image_ids_file=args.image_ids, limit=args.limit,
-            batch_size=args.batch_size, shard_index=k, num_shards=n, model_name=engine.model_name,
-            progress=False, **job,
-        )
-
     runs = []
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        for job in jobs:
-            outcomes = list(pool.map(lambda k: shard(job, k), range(n)))
-            final = max(outcomes, key=lambda o: (o.status == "finished", o.n_samples))
-            d = final.to_dict()
-            d["n_new"] = sum(o.n_new for o in outcomes)
-            runs.append(d)
-            print(f"[bench-job] run {final.run_id}: {final.n_samples}/{final.n_expected} samples, "
-                  f"status {final.status}", file=sys.stderr, flush=True)
+    for job in jobs:
+        final = sharded_run(
+            engine, n, args.benchmark, dataset, spec, args.db, prompt_preset=args.prompt_preset, parser=args.parser,
+            chair_preset=args.chair_preset, prompt=args.prompt, image_ids_file=args.image_ids, limit=args.limit,
+            batch_size=args.batch_size, model_name=engine.model_name, **job)
+        runs.append(final.to_dict())
     return {"benchmark": args.benchmark, "model": engine.model_name, "shards": n, "replicas": replicas,
             "retries": engine.retries, "elapsed_s": round(time.perf_counter() - t0, 3), "db": str(args.db),
             "runs": runs}
+
+
+def run_sweep_job(args: argparse.Namespace) -> dict[str, Any]:
+    """Every run of a sweep config on the served models it names (each must be served by ``--app``: by its served
+    name or its model), each run sharded over its deployment's replicas. A resubmitted sweep resumes."""
+    import os
+
+    from vlmguard.bench.sweep import expand, load_config, run_sweep
+
+    if args.chdir:
+        try:
+            os.chdir(args.chdir)
+        except OSError as e:
+            raise InvalidInput(f"--chdir {args.chdir}: {e.strerror}") from None
+    models = list(dict.fromkeys(job["model"] for job in expand(load_config(args.config))))
+    _connect(args.ray_address)
+    served = {}
+    for name in models:  # every model found before the first run
+        handle, info, replicas = find_model_deployment(args.app, name)
+        served[name] = (ServeEngine(handle, info), replicas if args.shards is None else args.shards)
+    t0 = time.perf_counter()
+    print(f"[bench-job] sweep {args.config} on {', '.join(models)} ({args.app})", file=sys.stderr, flush=True)
+
+    def run(engine: ServeEngine, *a: Any, **kw: Any):
+        return sharded_run(engine, next(n for e, n in served.values() if e is engine), *a, **kw)
+
+    outcomes = run_sweep(args.config, db=args.db, limit=args.limit, load_engine=lambda name: served[name][0],
+                         progress=False, run=run, echo=lambda line: print(f"[bench-job] {line}", file=sys.stderr,
+                                                                           flush=True))
+    return {"benchmark": "sweep", "config": str(args.config), "models": models,
+            "shards": {name: n for name, (_, n) in served.items()},
+            "retries": sum(e.retries for e, _ in served.values()),
+            "elapsed_s": round(time.perf_counter() - t0, 3), "runs": [o.to_dict() for o in outcomes]}
 
 
 if __name__ == "__main__":

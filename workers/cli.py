@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "submit", help="submit a job: `vlmguard job submit [--address URL] [--wait] bench pope --limit 20 ...`",
         description="Submit `bench BENCHMARK [bench options]` as a Ray Job. The job shards the benchmark over "
                     "the replicas of the running vlmguard app's model and writes to the results DB. Bench options "
-                    "are those of `vlmguard bench` plus --app NAME and --shards N; --model picks a served model.")
+                    "are those of `vlmguard bench` plus --app NAME and --shards N; --model picks a served model. "
+                    "`bench sweep CONFIG.yaml [--db --limit --app --shards]` runs every benchmark of a sweep config "
+                    "(`vlmguard bench sweep`) this way, on the served models it names.")
     _job_common(su)
     su.add_argument("--wait", action="store_true", help="wait for the job to end and print its logs")
     su.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
@@ -202,7 +204,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         bench_argv = [a for a in bench_argv if a != "--json"]
         args.json = True
     if not bench_argv:
-        raise InvalidInput("job submit bench needs a benchmark: pope, pope-leading or chair")
+        raise InvalidInput("job submit bench needs a benchmark: pope, pope-leading or chair, or sweep CONFIG.yaml")
     try:
         job_id = jobs.submit_bench(bench_argv, address=args.address, python=args.python,
                                    submission_id=args.submission_id)

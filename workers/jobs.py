@@ -83,6 +83,10 @@ def bench_entrypoint(bench_argv: list[str], python: str | None = None) -> str:
     from vlmguard.bench.db import DEFAULT_DB
 
     py = python or sys.executable
+    if bench_argv[:1] == ["sweep"]:  # the config and its relative paths are read from this directory, as here
+        argv = ["sweep", str(Path(bench_argv[1]).expanduser().resolve()), *absolutize(bench_argv[2:]),
+                "--chdir", str(Path.cwd())]
+        return shlex.join([py, "-m", "vlmguard.workers.bench_job", *argv])
     argv = absolutize(bench_argv)
     if not any(a == "--db" or a.startswith("--db=") for a in argv):
         # the default DB is where `vlmguard bench` puts it (runs/ under this directory), not under the directory
@@ -104,8 +108,10 @@ def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> arg
     The default ``synthcoco`` is not built here: the job builds (or finds) it on the cluster.
     ``local_paths`` (the Jobs API is on this machine): the results DB and the other named files too."""
     from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
-    from vlmguard.workers.bench_job import build_parser
+    from vlmguard.workers.bench_job import build_parser, build_sweep_parser
 
+    if bench_argv[:1] == ["sweep"]:
+        return _check_sweep_args(build_sweep_parser(_ArgumentParser).parse_args(bench_argv[1:]), local_paths)
     args = build_parser(_ArgumentParser).parse_args(bench_argv)
     unused = [flag for flag, used in (("--device", args.device != "auto"), ("--dtype", args.dtype != "auto"),
                                       ("--shard-index", args.shard_index != 0),
@@ -118,6 +124,20 @@ def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> arg
         _dataset_from_args(args)
     if local_paths:
         _check_local_paths(args)
+    return args
+
+
+def _check_sweep_args(args: argparse.Namespace, local_paths: bool) -> argparse.Namespace:
+    """A sweep job's config, checked here as `vlmguard bench sweep` checks it (keys, methods, parameters), and,
+    with the Jobs API on this machine, its results database."""
+    from vlmguard.bench.db import check_db
+    from vlmguard.bench.sweep import load_config
+
+    cfg = load_config(args.config)
+    if local_paths:
+        db = Path(args.db or cfg.get("db") or "runs/vlmguard.sqlite").expanduser()
+        if db.exists():
+            check_db(db, "--db" if args.db else f"{args.config}: db")
     return args
 
 

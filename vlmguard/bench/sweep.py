@@ -290,11 +290,16 @@ def run_sweep(
     load_engine: Callable[[str], Any] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    run: Callable[..., RunOutcome] | None = None,
 ) -> list[RunOutcome]:
+    """Run every benchmark the config at ``config_path`` names, each a resumable run in the results database.
+    ``load_engine`` (model name -> engine) and ``run`` (called as ``run_benchmark`` is: a Ray Job passes one that
+    shards each run over a served model's replicas) replace the local defaults."""
     from vlmguard.bench.db import check_db
 
     cfg = load_config(config_path)  # the whole config is checked here, before any run
     jobs = expand(cfg)
+    run = run or run_benchmark
     db_path = db or cfg.get("db") or "runs/vlmguard.sqlite"
     try:  # paths are relative to the working directory, as on the command line
         dataset = resolve_dataset(
@@ -337,7 +342,7 @@ def run_sweep(
             engines.clear()  # one model in memory at a time
             engine = engines[job["model"]] = load_engine(job["model"])
         spec = job_spec(job)
-        out = run_benchmark(
+        out = run(
             engine, job["benchmark"], dataset, spec, db_path, split=job["split"], template=job["template"],
             prompt_preset=job["prompt_preset"], parser=job["parser"], chair_preset=job["chair_preset"],
             prompt=job["prompt"], limit=limit if limit is not None else (job["limit"] or cfg.get("limit")), batch_size=int(cfg.get("batch_size", 8)), model_name=job["model"],
