@@ -127,3 +127,15 @@ def test_job_submit_bench_sweep_is_checked_here_and_runs_the_config_from_this_di
         assert main(["job", "submit", "bench", "sweep", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vlmguard: error: ") and needle in err and err.count("\n") == 1, err
+
+
+def test_job_submit_bench_chair_takes_split_as_its_image_split(capsys):
+    """``bench chair --split S`` names the image split; the job's own parser refused every split but POPE's."""
+    from vlmguard.workers import jobs
+
+    args = jobs.check_bench_args(["chair", "--split", "val", "--limit", "2"])
+    assert args.image_split == "val" and args.split is None
+    assert jobs.check_bench_args(["pope", "--split", "random", "--split", "all"]).split == ["random", "all"]
+    assert main(["job", "submit", "bench", "pope", "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'val'" in err and err.count("\n") == 1, err

@@ -123,7 +123,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     bench_cli._add_method_args(p)
     bench_cli._add_run_args(p)
     p.set_defaults(model=None)
-    p.add_argument("--split", action="append", choices=["random", "popular", "adversarial", "all"])
+    p.add_argument("--split", action="append",
+                   help="POPE: random | popular | adversarial | all (repeatable); chair: its image split")
     p.add_argument("--prompt-preset", default="llava", choices=sorted(POPE_PROMPTS))
     p.add_argument("--parser", default="official", choices=PARSERS.names())
     p.add_argument("--template", action="append", choices=list(ALL_TEMPLATES))
@@ -134,6 +135,26 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                    help="default: the deployment's running replicas")
     p.add_argument("--ray-address", default="auto")
     return p
+
+
+POPE_SPLIT_CHOICES = ("random", "popular", "adversarial", "all")
+
+
+def parse_job_args(argv: Sequence[str], parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                   ) -> argparse.Namespace:
+    """A benchmark job's arguments. ``--split`` is POPE's question split, or, for ``chair``, the image split (as
+    ``vlmguard bench chair --split``)."""
+    p = build_parser(parser_class)
+    args = p.parse_args(list(argv))
+    if args.benchmark == "chair" and args.split:
+        if len(args.split) > 1:
+            p.error("chair takes one --split (the image split of its captioned images)")
+        args.image_split, args.split = args.split[0], None
+    for split in args.split or []:
+        if split not in POPE_SPLIT_CHOICES:
+            p.error(f"argument --split: invalid choice: {split!r} (choose from "
+                    f"{', '.join(repr(c) for c in POPE_SPLIT_CHOICES)})")
+    return args
 
 
 def build_sweep_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["sweep"]:
             result = run_sweep_job(build_sweep_parser().parse_args(argv[1:]))
         else:
-            result = run_job(build_parser().parse_args(argv))
+            result = run_job(parse_job_args(argv))
         print(json.dumps(result, default=str), flush=True)
         return 0
     except VlmguardError as e:

@@ -108,11 +108,11 @@ def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> arg
     The default ``synthcoco`` is not built here: the job builds (or finds) it on the cluster.
     ``local_paths`` (the Jobs API is on this machine): the results DB and the other named files too."""
     from vlmguard.bench.cli import _dataset_from_args, _spec_from_args
-    from vlmguard.workers.bench_job import build_parser, build_sweep_parser
+    from vlmguard.workers.bench_job import build_sweep_parser, parse_job_args
 
     if bench_argv[:1] == ["sweep"]:
         return _check_sweep_args(build_sweep_parser(_ArgumentParser).parse_args(bench_argv[1:]), local_paths)
-    args = build_parser(_ArgumentParser).parse_args(bench_argv)
+    args = parse_job_args(bench_argv, _ArgumentParser)
     unused = [flag for flag, used in (("--device", args.device != "auto"), ("--dtype", args.dtype != "auto"),
                                       ("--shard-index", args.shard_index != 0),
                                       ("--num-shards", args.num_shards != 1)) if used]
