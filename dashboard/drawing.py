@@ -2,8 +2,10 @@
 
 Visual tokens are in raster order over a grid of patches (engine API: ``kept_indices`` index
 ``0..visual_tokens-1``). The grid is square for LLaVA-1.5 and the tiny model; LLaVA-NeXT puts the
-base-resolution grid (24 x 24) first, followed by the high-resolution tiles, so only the base grid is
-drawn; Qwen2-VL's grid follows the image's aspect ratio (merged 28-pixel patches).
+base-resolution grid (24 x 24, the whole image resized to a square) first, followed by the high-resolution
+tiles, so only the base grid is drawn; Qwen2-VL's grid follows the image's aspect ratio (merged 28-pixel patches).
+LLaVA-1.5's CLIP processor resizes the shortest side and crops the centre square: its grid covers only that square
+of a non-square image (:func:`token_region`), the rest is shaded as never seen.
 """
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = 
     return best[0], best[1], n_tokens
 
 
+def token_region(image_size: tuple[int, int], family: str | None = None) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)``: the part of an image of ``image_size`` = (width, height) its visual tokens cover. LLaVA-1.5
+    (family ``llava``, the bundled tiny model too) sees the centre square (CLIP's resize of the shortest side, then
+    centre crop); the other families see the whole image."""
+    w, h = image_size
+    if family == "llava" and w != h:
+        s = min(w, h)
+        return (w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2
+    return 0.0, 0.0, float(w), float(h)
+
+
+def _display_region(image: Image.Image, shown: Image.Image, family: str | None) -> tuple[float, float, float, float]:
+    """:func:`token_region` in the pixels of ``shown``, the display copy of ``image``."""
+    sx, sy = shown.size[0] / image.size[0], shown.size[1] / image.size[1]
+    x0, y0, x1, y1 = token_region(image.size, family)
+    return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+
+
 def display_image(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     """RGB copy scaled so its longer side is ``side`` (small synthetic images are upscaled crisply)."""
     img = image.convert("RGB")
@@ -48,12 +68,13 @@ def display_image(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
 
 
-def _cells(size: tuple[int, int], rows: int, cols: int):
-    w, h = size
+def _cells(region: tuple[float, float, float, float], rows: int, cols: int):
+    x0, y0, x1, y1 = region
+    w, h = x1 - x0, y1 - y0
     for r in range(rows):
         for c in range(cols):
-            yield r * cols + c, (round(c * w / cols), round(r * h / rows), round((c + 1) * w / cols),
-                                 round((r + 1) * h / rows))
+            yield r * cols + c, (round(x0 + c * w / cols), round(y0 + r * h / rows), round(x0 + (c + 1) * w / cols),
+                                 round(y0 + (r + 1) * h / rows))
 
 
 def kept_overlay(image: Image.Image, kept_indices: Sequence[int] | None, n_tokens: int,
@@ -62,9 +83,11 @@ def kept_overlay(image: Image.Image, kept_indices: Sequence[int] | None, n_token
     base = display_image(image, side)
     rows, cols, n_drawn = token_grid(n_tokens, image.size, family)
     kept = set(range(n_drawn)) if kept_indices is None else {int(i) for i in kept_indices if 0 <= int(i) < n_drawn}
-    shade = Image.new("L", base.size, 0)
+    region = _display_region(image, base, family)
+    shade = Image.new("L", base.size, 120)  # outside the region the tokens cover: never seen by the model
     d_shade = ImageDraw.Draw(shade)
-    boxes = dict(_cells(base.size, rows, cols))
+    d_shade.rectangle(tuple(round(v) for v in region), fill=0)
+    boxes = dict(_cells(region, rows, cols))
     for idx, box in boxes.items():
         if idx not in kept:
             d_shade.rectangle(box, fill=170)
@@ -97,7 +120,10 @@ def score_heatmap(image: Image.Image, scores: Sequence[float], family: str | Non
     rows, cols, n_drawn = token_grid(n, image.size, family)
     colors = heat_colors(np.asarray(scores[:n_drawn], dtype=np.float64))
     grid = colors.reshape(rows, cols, 3)
-    heat = Image.fromarray(grid, "RGB").resize(base.size, Image.Resampling.NEAREST)
+    x0, y0, x1, y1 = (round(v) for v in _display_region(image, base, family))
+    heat = base.copy()  # no heat where the model sees nothing
+    heat.paste(Image.fromarray(grid, "RGB").resize((max(1, x1 - x0), max(1, y1 - y0)), Image.Resampling.NEAREST),
+               (x0, y0))
     return Image.blend(base, heat, alpha)
 
 

@@ -163,6 +163,24 @@ class JobsBackend(Protocol):
     def stop(self, job_id: str) -> bool: ...
 
 
+JOBS_PROBE_TIMEOUT_S = 3.0
+
+
+def probe_jobs_api(address: str, timeout: float = JOBS_PROBE_TIMEOUT_S) -> None:
+    """VlmguardError unless something answers HTTP at ``address`` within ``timeout`` seconds (any status: a cluster
+    with token auth answers 401 here). Ray's ``JobSubmissionClient`` sets no timeout, so an address that takes the
+    connection and never answers (a stuck head node, a firewall that drops packets) held the page forever."""
+    import httpx
+
+    from vlmguard.errors import VlmguardError
+
+    try:
+        httpx.get(address.rstrip("/") + "/api/version", timeout=timeout)
+    except httpx.HTTPError as e:
+        raise VlmguardError(f"cannot reach the Ray Jobs API at {address} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200] or 'no answer'}, waited {timeout:g} s)") from None
+
+
 class RayJobsBackend:
     """Benchmark jobs through :mod:`vlmguard.workers.jobs` (Ray's ``JobSubmissionClient``)."""
 
@@ -175,6 +193,7 @@ class RayJobsBackend:
 
     def _c(self):
         if self._client is None:
+            probe_jobs_api(self.address)  # Ray's client waits without a timeout: the page would hang
             self._client = self._jobs.client(self.address)  # raises VlmguardError when unreachable
         return self._client
 
