@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import streamlit as st
@@ -56,6 +57,19 @@ def jobs_backend(cfg: DashboardConfig) -> JobsBackend:
     return injected if injected is not None else RayJobsBackend(cfg.jobs_address)
 
 
+def number_bounds(prop: dict[str, Any]) -> tuple[float | None, float | None]:
+    """A number parameter's (lowest, highest) value a widget may take from its JSON schema: an exclusive bound
+    (``gt=0``: ``exclusiveMinimum``) becomes the nearest float inside it, so the widget cannot offer the bound itself,
+    which the service refuses."""
+    lo = prop.get("minimum")
+    if lo is None and prop.get("exclusiveMinimum") is not None:
+        lo = math.nextafter(float(prop["exclusiveMinimum"]), math.inf)
+    hi = prop.get("maximum")
+    if hi is None and prop.get("exclusiveMaximum") is not None:
+        hi = math.nextafter(float(prop["exclusiveMaximum"]), -math.inf)
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
 @st.cache_resource(show_spinner=False)
 def method_schemas() -> dict[str, dict[str, dict[str, Any]]]:
     """``{"pruning": {name: json schema of Params}, "decoding": {...}}`` from the method registries."""
@@ -92,10 +106,9 @@ def params_form(schema: dict[str, Any], key: str) -> dict[str, Any]:
             val = int(st.number_input(label, value=int(default or 0), step=1, key=wkey, help=help_,
                                       min_value=p.get("minimum"), max_value=p.get("maximum")))
         elif typ == "number":
-            lo = p.get("minimum", p.get("exclusiveMinimum"))
+            lo, hi = number_bounds(p)
             val = float(st.number_input(label, value=float(default or 0.0), key=wkey, help=help_, format="%.4g",
-                                        min_value=float(lo) if lo is not None else None,
-                                        max_value=float(p["maximum"]) if "maximum" in p else None))
+                                        min_value=lo, max_value=hi))
         elif typ == "string":
             val = st.text_input(label, value=default or "", key=wkey, help=help_)
         else:  # lists / optional values: JSON text

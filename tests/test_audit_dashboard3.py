@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import socket
 import sqlite3
@@ -247,3 +248,26 @@ def test_leaderboard_on_one_benchmark_running_runs_nan_metrics_and_empty_filters
         at.text_input(key="flt_search").input("no such run").run()
         assert not at.exception and "0 of" in all_text(at) and "No runs match the filters." in all_text(at)
         assert not at.get("vega_lite_chart")
+
+
+def test_a_parameter_with_an_exclusive_bound_cannot_be_set_to_the_bound():
+    """IAVA's ``gamma`` and M3ID's ``max_weight`` must be > 0: the form let a user enter exactly 0, which the
+    service then refused. Every method parameter's widget bounds now lie inside what the method accepts."""
+    from vlmguard.dashboard.ui import method_schemas, number_bounds
+    from vlmguard.decoding import make_decoder
+    from vlmguard.errors import InvalidInput
+
+    decoders = method_schemas()["decoding"]
+    for method, name in (("iava", "gamma"), ("m3id", "max_weight")):
+        prop = decoders[method]["properties"][name]
+        lo, _ = number_bounds(prop)
+        assert lo is not None and lo > 0
+        make_decoder(method, {name: lo})  # the lowest value the widget offers is accepted
+        try:
+            make_decoder(method, {name: 0.0})
+        except InvalidInput:
+            pass
+        else:
+            raise AssertionError(f"{method}.{name} = 0 should be refused by the method")
+    assert number_bounds({"minimum": 0, "maximum": 1}) == (0.0, 1.0)
+    assert number_bounds({"exclusiveMaximum": 2}) == (None, math.nextafter(2.0, -math.inf))
