@@ -35,6 +35,7 @@ import httpx
 import pytest
 import torch
 
+from service_support import BatcherBackend
 from vlmguard.attention import _LOCAL
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding import base as decoding_base
@@ -214,30 +215,6 @@ class ProbeWorker(EngineWorker):
         return super().advance(batch)
 
 
-class BatcherBackend:
-    """The replica's path without Ray: every HTTP request through one in-flight batcher."""
-
-    def __init__(self, worker: EngineWorker, batcher: InflightBatcher):
-        self.worker, self.batcher = worker, batcher
-
-    def model_names(self):
-        return ["tiny-llava"]
-
-    async def info(self, model):
-        return self.worker.info()
-
-    async def generate(self, model, item):
-        return await self.batcher.submit(item)
-
-    async def stream(self, model, item):
-        gen = self.batcher.stream(item)
-        try:
-            async for ev in gen:
-                yield ev
-        finally:
-            await gen.aclose()
-
-
 def service_round(b: InflightBatcher, worker: ProbeWorker, app, seed: int, n: int) -> dict[str, int]:
     rng = random.Random(seed)
     urls = [image_to_data_url(random_image(i, s)) for i, s in enumerate([(40, 32), (64, 48), (24, 24)])]
@@ -290,6 +267,7 @@ def service_round(b: InflightBatcher, worker: ProbeWorker, app, seed: int, n: in
 def test_an_idle_inflight_batcher_and_api_hold_no_batch_hooks_or_threads(monkeypatch):
     # pytest's log capture keeps each record, and the failed step's record its traceback (frames -> the batch)
     monkeypatch.setattr(logging.getLogger("vlmguard.workers"), "disabled", True)
+    engine_threads = _inflight_threads()  # those of batchers earlier tests left (one each)
     worker = ProbeWorker(name="tiny-llava", engine=tiny_engine("llava"))
     b = InflightBatcher(worker, max_batch_size=6, wait_s=0.0)
     app = create_api(BatcherBackend(worker, b), ServiceConfig(api_key_env=None, host="127.0.0.1"))
@@ -300,4 +278,8 @@ def test_an_idle_inflight_batcher_and_api_hold_no_batch_hooks_or_threads(monkeyp
         assert seen["hooks"] == 0 and not any(seen[c.__name__] for c in LIVE), seen
         assert seen["threads"] == first["threads"] and seen["fds"] == first["fds"]
         assert seen["tensors"] <= first["tensors"] + 8  # (values_on's index tensors of new row layouts, bounded)
-    assert [t.name for t in threading.enumerate()].count("vlmguard-inflight") == 1
+    assert _inflight_threads() == engine_threads + 1  # this batcher's one engine thread, whatever it served
+
+
+def _inflight_threads() -> int:
+    return [t.name for t in threading.enumerate()].count("vlmguard-inflight")

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from service_support import BatcherBackend
 from vlmguard.images import image_to_data_url
 from vlmguard.testing import random_image, tiny_engine
 from vlmguard.workers.api import create_api
@@ -39,34 +40,6 @@ def sse(raw: str) -> list[str]:
 @pytest.fixture(scope="module")
 def worker():
     return EngineWorker(name="tiny-llava", engine=tiny_engine("llava"))
-
-
-class BatcherBackend:
-    """The replica's path without Ray: every request through one in-flight batcher."""
-
-    def __init__(self, worker: EngineWorker, batcher: InflightBatcher, fail_after: int | None = None):
-        self.worker, self.batcher, self.fail_after = worker, batcher, fail_after
-
-    def model_names(self):
-        return ["tiny-llava"]
-
-    async def info(self, model):
-        return self.worker.info()
-
-    async def generate(self, model, item):
-        return await self.batcher.submit(item)
-
-    async def stream(self, model, item):
-        gen = self.batcher.stream(item)
-        try:
-            k = 0
-            async for ev in gen:
-                yield ev
-                k += 1
-                if self.fail_after is not None and k == self.fail_after:
-                    raise RuntimeError("replica died")  # as a Ray handle's stream raises when its replica dies
-        finally:
-            await gen.aclose()
 
 
 def _app(worker, batcher, **kw):
