@@ -93,7 +93,6 @@ class DecodeContext:
     # state (coefficients) can be mapped to rows in ``combine``. Forward hooks use ``owned_rows(ctx)``.
     active: list[int] = field(default_factory=list)
 
-
     def add_report(self, shared: dict[str, Any] | None = None, **per_request: list[Any]) -> None:
         """Add report entries: ``shared`` ones describe the whole group, each keyword one list with an entry per
         request (see ``per_request``)."""

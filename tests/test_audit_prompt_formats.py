@@ -4,8 +4,8 @@ References:
 - LLaVA-1.5 / LLaVA-NeXT-Vicuna: LLaVA's evaluation (conv_mode vicuna_v1, /work/shared/benchmarks.md lines 124-127:
   system "A chat between ... questions.", "USER: <image>\\n{q}\\nAnswer the question using a single word or
   phrase. ASSISTANT:") and the llava-hf checkpoints' chat_template.json (llava-1.5-*-hf, llava-v1.6-vicuna-*-hf;
-  copied below from the fallback map in openvinotoolkit/openvino.genai src/cpp/src/tokenizer.cpp, which embeds
-  the checkpoints' templates verbatim). LLaVA-NeXT-Mistral: llava-v1.6-mistral-7b-hf's template and LLaVA's
+  vlmguard/models/shapes.py holds them, copied from the fallback map in openvinotoolkit/openvino.genai
+  src/cpp/src/tokenizer.cpp, which embeds the checkpoints' templates verbatim). LLaVA-NeXT-Mistral: llava-v1.6-mistral-7b-hf's template and LLaVA's
   conv "mistral_instruct" (empty system): "[INST] <image>\\n{q} [/INST]". Qwen2-VL: Qwen2-VL-*-Instruct's template
   (default system turn "You are a helpful assistant.", image as <|vision_start|><|image_pad|><|vision_end|> before
   the text).
@@ -39,18 +39,11 @@ from vlmguard.bench.prompts import CHAIR_PRESETS, POPE_PROMPTS, get_chair_preset
 from vlmguard.models.base import Prompt
 from vlmguard.models.families import VICUNA_V1_SYSTEM, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
 from vlmguard.models.image_text_processor import ImageTextProcessor
+from vlmguard.models.shapes import LLAVA_HF_VICUNA_TEMPLATE as HF_VICUNA
+from vlmguard.models.shapes import QWEN_CHAT_TEMPLATE as QWEN2_VL
 from vlmguard.testing import make_tokenizer, random_image
 
-# ---- the checkpoints' own templates (verbatim) ----------------------------------------------------------------
-HF_VICUNA = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+# ---- the checkpoints' own templates (verbatim; llava-hf Vicuna's and Qwen2-VL's: the shapes' own copies) -----
 HF_MISTRAL = (
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
@@ -60,18 +53,6 @@ HF_MISTRAL = (
     "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
     "{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}"
     "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-QWEN2_VL = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
-    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
@@ -300,7 +281,7 @@ def test_opera_and_halc_frame_llava15_with_their_own_string(tmp_path):
             return tmp_path / name
 
     items, knobs = _pope_items(Dataset(), "random", "opera", None, hf)
-    assert [(it.prompt, it.raw) for it in items] == [(opera, True)] * 2 and knobs["prompt"] == get_pope_prompt(
-        "opera").llava_raw
+    assert [(it.prompt, it.raw) for it in items] == [(opera, True)] * 2
+    assert knobs["prompt"] == f"{SYSTEM}USER: <image> {{question}} ASSISTANT:"
     items, knobs = _pope_items(Dataset(), "random", "opera", None, llava_adapter(CHAT_TEMPLATE))
     assert [(it.prompt, it.raw) for it in items] == [(Q, False)] * 2 and knobs["prompt"] == ""

@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
@@ -35,7 +34,7 @@ from vlmguard.api_schema import (
 )
 from vlmguard.errors import VlmguardError
 from vlmguard.workers.config import ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.image_intake import make_image_resolver
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import (
@@ -98,29 +97,8 @@ class LocalBackend:
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
         """Each event as the engine yields it; closing the stream (client gone, timeout) stops the generation."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(ev: dict[str, Any] | None) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-            except RuntimeError:  # the caller's event loop closed: nobody left to send to
-                cancel.set()
-
-        def produce() -> None:
-            try:
-                for ev in self.workers[model].stream(item, cancel):
-                    put(ev)
-            finally:
-                put(None)
-
-        loop.run_in_executor(None, produce)
-        try:
-            while (ev := await queue.get()) is not None:
-                yield ev
-        finally:
-            cancel.set()
+        async for ev in stream_alone(self.workers[model], item):
+            yield ev
 
 
 def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,

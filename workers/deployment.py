@@ -14,7 +14,6 @@ per engine call); either way they stop generating when the client goes away.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -22,10 +21,9 @@ from ray import serve
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.batcher import EngineBatcher
 from vlmguard.workers.config import ModelConfig, ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.inflight import InflightBatcher
 
-_DONE = object()
 
 
 def replica_device(device: str) -> str:
@@ -76,31 +74,8 @@ class ModelReplica:
             async for ev in self.batcher.stream(item):
                 yield ev
             return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def produce() -> None:
-            try:
-                for ev in self.worker.stream(item, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, ev)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        task = loop.run_in_executor(None, produce)
-        try:
-            while True:
-                ev = await queue.get()
-                if ev is _DONE:
-                    break
-                yield ev
-        finally:
-            cancel.set()  # the client left (or we finished): stop generating
-            if not task.done():
-                # a stream still queued for an executor thread never starts; a running one stops at its next
-                # token or while it waits for the engine (EngineWorker.stream) - no waiting for it here, so
-                # the request's admission slot frees at once
-                task.cancel()
+        async for ev in stream_alone(self.worker, item):
+            yield ev
 
     def check_health(self) -> None:
         if self.worker.engine is None:

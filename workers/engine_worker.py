@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from PIL import Image
 
@@ -224,3 +224,37 @@ async def answer_alone(worker: EngineWorker, item: WorkItem) -> dict[str, Any] |
         return await asyncio.to_thread(worker.generate_one, item, cancel)
     finally:
         cancel.set()
+
+
+async def stream_alone(worker: EngineWorker, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+    """``worker.stream(item)`` in an executor thread, each event as the engine yields it; closing this stream (the
+    client left, a first-token timeout) stops the generation at its next token, or before it starts."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def put(ev: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # the caller's event loop closed: nobody left to send to
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            for ev in worker.stream(item, cancel):
+                put(ev)
+        finally:
+            put(done)
+
+    task = loop.run_in_executor(None, produce)
+    try:
+        while (ev := await queue.get()) is not done:
+            yield ev
+    finally:
+        cancel.set()  # the client left (or we finished): stop generating
+        if not task.done():
+            # a stream still queued for an executor thread never starts; a running one stops at its next token or
+            # while it waits for the engine (EngineWorker.stream) - no waiting for it here, so the request's
+            # admission slot frees at once
+            task.cancel()

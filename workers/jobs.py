@@ -131,11 +131,11 @@ def _check_sweep_args(args: argparse.Namespace, local_paths: bool) -> argparse.N
     """A sweep job's config, checked here as `vlmguard bench sweep` checks it (keys, methods, parameters), and,
     with the Jobs API on this machine, its results database."""
     from vlmguard.bench.db import check_db
-    from vlmguard.bench.sweep import load_config
+    from vlmguard.bench.sweep import config_db, load_config
 
     cfg = load_config(args.config)
     if local_paths:
-        db = Path(args.db or cfg.get("db") or "runs/vlmguard.sqlite").expanduser()
+        db = Path(config_db(cfg, args.db)).expanduser()
         if db.exists():
             check_db(db, "--db" if args.db else f"{args.config}: db")
     return args

@@ -27,8 +27,9 @@ class PopePrompt:
     top_p: float = 1.0
     seed: int | None = None
     description: str = ""
-    # the whole LLaVA-1.5 prompt the paper's own code sends ({question}: the rendered user text, <image>: the
-    # image), used instead of the chat template on models with llava-hf's Vicuna template (see ``frame``)
+    # the LLaVA-1.5 prompt the paper's own code sends after the vicuna_v1 system text ({question}: the rendered
+    # user text, <image>: the image), used instead of the chat template on models with llava-hf's Vicuna template
+    # (see ``frame``)
     llava_raw: str | None = None
 
     def render(self, question: str) -> str:
@@ -41,16 +42,16 @@ class PopePrompt:
 
         default_system = getattr(adapter, "default_system", None)
         placeholder = getattr(adapter, "image_placeholder", None)
-        if self.llava_raw and placeholder and default_system is not None and default_system() == VICUNA_V1_SYSTEM:
-            return self.llava_raw.replace("<image>", placeholder).replace("{question}", text), True
+        system = default_system() if default_system is not None else None
+        if self.llava_raw and placeholder and system == VICUNA_V1_SYSTEM:
+            return system + self.llava_raw.replace("<image>", placeholder).replace("{question}", text), True
         return text, False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-OPERA_LLAVA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-               "detailed, and polite answers to the user's questions.USER: <image> {question} ASSISTANT:")
+OPERA_LLAVA = "USER: <image> {question} ASSISTANT:"  # straight after the system text, no space between
 
 POPE_PROMPTS: dict[str, PopePrompt] = {
     p.name: p

@@ -178,7 +178,7 @@ def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, te
     pope = dataset.pope_file(split)
     preset = get_pope_prompt(prompt_preset)
     items = []
-    _, raw = preset.frame("", adapter)
+    framing, raw = preset.frame("{question}", adapter)  # the whole prompt of a preset with its own framing
 
     def prompt(question: str) -> str:
         return preset.frame(preset.render(question), adapter)[0]
@@ -215,7 +215,7 @@ def _pope_items(dataset: BenchDataset, split: str, prompt_preset: str | None, te
         "prompt": preset.joiner + preset.suffix if preset.suffix else "",
     }
     if raw:  # the preset's own framing is part of the run (earlier runs of the preset had the model's template)
-        knobs["prompt"] = preset.llava_raw
+        knobs["prompt"] = framing
     return items, knobs
 
 

@@ -282,6 +282,13 @@ def expand(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return jobs
 
 
+def config_db(cfg: dict[str, Any], db: str | Path | None = None) -> str | Path:
+    """The results database a sweep writes: ``db`` (the command line's), else the config's, else the default."""
+    from vlmguard.bench.db import DEFAULT_DB
+
+    return db or cfg.get("db") or DEFAULT_DB
+
+
 def run_sweep(
     config_path: str | Path,
     *,
@@ -300,7 +307,7 @@ def run_sweep(
     cfg = load_config(config_path)  # the whole config is checked here, before any run
     jobs = expand(cfg)
     run = run or run_benchmark
-    db_path = db or cfg.get("db") or "runs/vlmguard.sqlite"
+    db_path = config_db(cfg, db)
     try:  # paths are relative to the working directory, as on the command line
         dataset = resolve_dataset(
             str(cfg.get("dataset", "synthcoco")),
