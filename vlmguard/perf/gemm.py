@@ -27,7 +27,6 @@ from vlmguard.flops import TextDims
 from vlmguard.perf.timing import environment, median, sync
 
 MAX_WEIGHT_BYTES = 8 << 30  # on a CPU: the streamed weights are allocated at once (a full-width 7B is 26 GB in fp32)
-MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def layer_matrix_shapes(dims: TextDims) -> dict[str, tuple[int, int]]:
@@ -36,9 +35,14 @@ def layer_matrix_shapes(dims: TextDims) -> dict[str, tuple[int, int]]:
     return {"q": (dq, d), "k": (dkv, d), "v": (dkv, d), "o": (d, dq), "gate": (m, d), "up": (m, d), "down": (d, m)}
 
 
+def layer_weight_count(dims: TextDims) -> int:
+    """The weights of one decoder layer's seven matrices."""
+    return sum(o * i for o, i in layer_matrix_shapes(dims).values())
+
+
 def layer_gemm_flops(n: int, dims: TextDims) -> float:
     """Hardware FLOPs (two per multiply-accumulate) of one layer's seven matrix products on ``n`` tokens."""
-    return 2.0 * n * sum(o * i for o, i in layer_matrix_shapes(dims).values())
+    return 2.0 * n * layer_weight_count(dims)
 
 
 def _text_config(shape: str) -> Any:
@@ -58,7 +62,7 @@ def weight_limit(device: torch.device | str) -> int:
 
 def check_weight_bytes(dims: TextDims, layers: int, dtype: torch.dtype, limit: int = MAX_WEIGHT_BYTES) -> int:
     """The streamed weights' size, refused before anything is allocated when over ``limit``."""
-    per_layer = sum(o * i for o, i in layer_matrix_shapes(dims).values()) * torch.empty((), dtype=dtype).element_size()
+    per_layer = layer_weight_count(dims) * torch.empty((), dtype=dtype).element_size()
     total = per_layer * layers
     if total > limit:
         raise InvalidInput(f"{layers} layers of this shape's weights take {total / 2**30:.1f} GiB (at most "
