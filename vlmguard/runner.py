@@ -51,7 +51,10 @@ class DecodeState:
     # as layer_valid; None = every layer decodes at next_positions
     layer_next_positions: list[torch.Tensor] | None = None
     visual_per_layer: list[torch.Tensor] = field(default_factory=list)  # per layer (B,) visual tokens fed
+    # the prefill's final sequence without its hidden states (``_layout``): which visual tokens each row kept. Only
+    # a fresh prefill's rows have one (merge drops it), so a batch that never drains pins no prefill's tensors.
     final_seq: Seq | None = None
+    hidden_dtype: torch.dtype | None = None  # the prefill's residual stream's: decode embeds its tokens in it
 
 
 class LayerRunner:
@@ -118,7 +121,8 @@ class LayerRunner:
             with score_probe(ad.attention_module(i), req) if req is not None else nullcontext():
                 h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
             if all_hidden or i in hidden_layers:
-                captured[i] = h[:, -1] if not all_hidden else h
+                # the last position's copy, not a view: a view would keep the layer's whole (B, L, D) output alive
+                captured[i] = h[:, -1].clone() if not all_hidden else h
             keep = after(i, seq.with_hidden(h), req) if after else None
             if keep is not None and i + 1 < len(ad.layers):
                 seq, _ = seq.with_hidden(h).select(keep)
@@ -134,7 +138,7 @@ class LayerRunner:
         state = DecodeState(cache=cache, layer_valid=layer_valid,
                             next_positions=first_next if renumbered else seq.last_positions() + 1,
                             layer_next_positions=layer_next if renumbered else None,
-                            visual_per_layer=visual_fed, final_seq=seq)
+                            visual_per_layer=visual_fed, final_seq=_layout(seq), hidden_dtype=h.dtype)
         return logits, state, captured
 
     # ---- decode --------------------------------------------------------------------------
@@ -149,7 +153,7 @@ class LayerRunner:
         lm_head is a weight-bound GEMV). Returns the logits, the captured states and the extra rows' logits
         (R, V) float32, None without extra rows."""
         ad = self.adapter
-        h = ad.embed_tokens(tokens[:, None]).to(state.final_seq.hidden.dtype if state.final_seq is not None
+        h = ad.embed_tokens(tokens[:, None]).to(state.hidden_dtype if state.hidden_dtype is not None
                                                  else ad.model.dtype)
         layer_pos = state.layer_next_positions or [state.next_positions] * len(ad.layers)
         ropes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # once per distinct position group
@@ -219,7 +223,7 @@ class LayerRunner:
                     merged_pos[(id(x), id(y))] = torch.cat([x, y], dim=-1)
                 layer_next.append(merged_pos[(id(x), id(y))])
         return DecodeState(cache=cache, layer_valid=layer_valid, next_positions=positions,
-                           layer_next_positions=layer_next, visual_per_layer=[], final_seq=a.final_seq)
+                           layer_next_positions=layer_next, visual_per_layer=[], hidden_dtype=a.hidden_dtype)
 
     def reorder(self, state: DecodeState, rows: list[int]) -> None:
         """Keep only the rows ``rows`` (e.g. drop finished requests from the batch: ascending rows move down
@@ -250,6 +254,14 @@ class LayerRunner:
         state.next_positions = state.next_positions[..., index]
         if state.layer_next_positions is not None:
             state.layer_next_positions = _per_group(state.layer_next_positions, lambda p: p[..., index])
+
+
+def _layout(seq: Seq) -> Seq:
+    """``seq`` without its hidden states (an empty (B, L, 0) tensor of their dtype keeps its shape and dtype): the
+    visual indices, validity and positions of each row, all that is read of it once the prefill is done. The
+    (B, L, D) residual stream would otherwise stay alive as long as the decode state."""
+    b, length = seq.hidden.shape[:2]
+    return seq.with_hidden(seq.hidden.new_empty((b, length, 0)))
 
 
 def _per_group(tensors: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:

@@ -6,6 +6,9 @@ engine call end up split into several small batches queued behind it. Here one l
 waits for the engine call to finish, then takes everything queued (up to ``max_batch_size``) as the next
 batch, so the batch size follows the load by itself.
 
+With ``cancellable``, ``run`` is told which callers have left (a timeout, a client gone: their futures are
+cancelled), so that a running batch stops generating for them instead of running on for nobody.
+
 The ``wait_s`` window only opens under load (the previous batch held more than one request): a lone client
 never waits, while under load the batch gathers requests still on their way (clients answered by the last
 batch sending their next request) instead of leaving them for a batch of their own.
@@ -20,12 +23,17 @@ R = TypeVar("R")
 
 
 class EngineBatcher(Generic[T, R]):
-    """``await submit(item)`` -> the item's result; ``run(items) -> results`` runs in a worker thread."""
+    """``await submit(item)`` -> the item's result; ``run(items) -> results`` runs in a worker thread.
 
-    def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int, wait_s: float):
+    ``cancellable``: ``run(items, gone)`` instead, ``gone[i]()`` true once the caller of ``items[i]`` has left
+    (its result is then dropped, whatever it is)."""
+
+    def __init__(self, run: Callable[..., list[R]], max_batch_size: int, wait_s: float, *,
+                 cancellable: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.run = run
+        self.cancellable = cancellable
         self.max_batch_size = max_batch_size
         self.wait_s = max(0.0, wait_s)
         self.last_batch_size = 0
@@ -61,6 +69,14 @@ class EngineBatcher(Generic[T, R]):
                 break
         return [(item, fut) for item, fut in batch if not fut.done()]  # callers gone: nothing to compute
 
+    def _run_batch(self, batch: list[tuple[T, asyncio.Future]]) -> list[R]:
+        """In the worker thread: ``run`` on the batch's items. Only the batch's own caller cancels a future
+        before this loop answers it, so a done future means its caller has left."""
+        items = [item for item, _ in batch]
+        if self.cancellable:
+            return self.run(items, [fut.done for _, fut in batch])
+        return self.run(items)
+
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
@@ -68,7 +84,7 @@ class EngineBatcher(Generic[T, R]):
                 continue
             self.last_batch_size = len(batch)
             try:
-                results: list[Any] = await asyncio.to_thread(self.run, [item for item, _ in batch])
+                results: list[Any] = await asyncio.to_thread(self._run_batch, batch)
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch run returned {len(results)} results for {len(batch)} items")
             except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error

@@ -53,7 +53,8 @@ class ModelReplica:
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads)
         b = cfg.batching
         self.batcher = (InflightBatcher(self.worker, b.max_batch_size, b.batch_wait_timeout_s) if b.mode == "inflight"
-                        else EngineBatcher(self.worker.generate_many, b.max_batch_size, b.batch_wait_timeout_s))
+                        else EngineBatcher(self.worker.generate_many, b.max_batch_size, b.batch_wait_timeout_s,
+                                           cancellable=True))  # a request whose caller left stops generating
 
     def info(self) -> dict[str, Any]:
         return {**self.worker.info(), "batching": self.config.batching.model_dump()}

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -22,6 +22,9 @@ from vlmguard.errors import VlmguardError
 from vlmguard.spec import GenerationSpec
 
 log = logging.getLogger("vlmguard.workers")
+
+# One per request: true once its caller has left (a timeout, a client gone), read between decode steps.
+Gone = Callable[[], bool]
 
 
 @dataclass
@@ -101,30 +104,52 @@ class EngineWorker:
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
                        system=item.system)
 
-    def _run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+    def _run(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         reqs = [self._request(it) for it in items]
         with self._lock:
-            results = self.engine.generate(reqs, [it.spec for it in items])
+            results = self._generate(reqs, [it.spec for it in items], gone)
             self.batches += 1
-            self.items += len(items)
+            self.items += sum(r is not None for r in results)
         if len(results) != len(items):
             raise RuntimeError(f"engine returned {len(results)} results for {len(items)} requests")
-        out = []
+        out: list[dict[str, Any] | None] = []
         for it, r in zip(items, results):
+            if r is None:  # its caller left: nobody to answer
+                out.append(None)
+                continue
             r.request_id = it.request_id
             out.append({"result": r.to_dict()})
         return out
 
-    def _run_group(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+    def _generate(self, reqs: list, specs: list[GenerationSpec], gone: Sequence[Gone] | None) -> list:
+        """``engine.generate``; with ``gone``, a request whose caller leaves leaves the batch at the next decode
+        step (its result None) and the others go on as they would have. Once every caller has left, the batch
+        stops (before its prefill when they left while it waited for the engine)."""
+        if gone is None:
+            return self.engine.generate(reqs, specs)
+        results: list = [None] * len(reqs)
+        if all(left() for left in gone):  # everyone left while the batch waited for the engine: no prefill
+            return results
+        batch = self.engine.start_batch(reqs, specs)
         try:
-            return self._run(items)
+            while _drop_gone(batch, gone):
+                for ev in batch.advance():
+                    if ev.done:
+                        results[ev.index] = ev.result
+        finally:
+            batch.close()
+        return results
+
+    def _run_group(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
+        try:
+            return self._run(items, gone)
         except BaseException as e:  # noqa: BLE001 - reported per item below (an engine's BaseException too)
             if len(items) == 1:
                 if not isinstance(e, VlmguardError):
                     log.exception("generation failed")
                 return [error_answer(e)]
         # One bad item must not fail its batch-mates: run each alone.
-        return [self._run_group([it])[0] for it in items]
+        return [self._run_group([it], None if gone is None else [gone[i]])[0] for i, it in enumerate(items)]
 
     # ---- in-flight batching (``inflight.py``) ---------------------------------------------------
     def joinable(self, spec: GenerationSpec) -> bool:
@@ -147,17 +172,21 @@ class EngineWorker:
         self.items += sum(1 for ev in events if ev.done)
         return events
 
-    def generate_many(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+    def generate_many(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         """Answer each item, batching items of one pruner and decoder (``GenerationSpec.batch_key``) into one
-        engine call; each keeps its own length, stop strings, token selection and report settings."""
+        engine call; each keeps its own length, stop strings, token selection and report settings.
+
+        ``gone``: one check per item, true once its caller has left; such an item stops generating at the next
+        decode step (its batch-mates go on unchanged) and its answer is None."""
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.spec.batch_key(), []).append(i)
         answers: list[dict[str, Any] | None] = [None] * len(items)
         for idxs in groups.values():
-            for i, ans in zip(idxs, self._run_group([items[i] for i in idxs])):
+            group_gone = None if gone is None else [gone[i] for i in idxs]
+            for i, ans in zip(idxs, self._run_group([items[i] for i in idxs], group_gone)):
                 answers[i] = ans
-        return [a for a in answers if a is not None]
+        return answers
 
     def generate_one(self, item: WorkItem, cancel: threading.Event | None = None) -> dict[str, Any] | None:
         """One item's answer (``{"result"}`` or ``{"error"}``, as :meth:`generate_many` gives it), generated
@@ -214,6 +243,12 @@ class EngineWorker:
             if not isinstance(e, VlmguardError):
                 log.exception("streaming generation failed")
             yield error_answer(e)
+
+
+def _drop_gone(batch, gone: Sequence[Gone]) -> int:
+    """Drop the requests of ``batch`` (a ``DecodeBatch``) whose callers left; how many are still active."""
+    batch.drop({lv.index for lv in batch.lives if gone[lv.index]()})
+    return batch.active
 
 
 async def answer_alone(worker: EngineWorker, item: WorkItem) -> dict[str, Any] | None:

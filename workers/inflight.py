@@ -211,13 +211,15 @@ class InflightBatcher:
         return None if batch is None else self._step(batch, owners)
 
     def _run_whole(self, group: list[_Pending]) -> None:
+        gone = [lambda p=p: p.gone for p in group]  # a request whose caller leaves stops generating
         try:  # generate_many answers errors per request; this guards its own failure (no caller may hang)
-            answers = self.worker.generate_many([p.item for p in group])
+            answers = self.worker.generate_many([p.item for p in group], gone)
         except BaseException as e:  # noqa: BLE001
             log.exception("whole-batch generation failed")
             answers = [error_answer(e)] * len(group)
         for p, ans in zip(group, answers):
-            p.answer(ans)
+            if ans is not None:  # None: its caller left
+                p.answer(ans)
 
     def _start(self, group: list[_Pending], owners: dict[int, _Pending]):
         """Prefill ``group``; on a failure each request is tried alone so only the bad one gets the error."""
