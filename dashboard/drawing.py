@@ -2,10 +2,12 @@
 
 Visual tokens are in raster order over a grid of patches (engine API: ``kept_indices`` index
 ``0..visual_tokens-1``). The grid is square for LLaVA-1.5 and the tiny model; LLaVA-NeXT puts the
-base-resolution grid (24 x 24, the whole image resized to a square) first, followed by the high-resolution
-tiles, so only the base grid is drawn; Qwen2-VL's grid follows the image's aspect ratio (merged 28-pixel patches).
+base-resolution grid (the whole image resized to a square: 24 x 24 for a 336-pixel tower) first, followed by the
+high-resolution tiles, so only the base grid is drawn (:func:`next_base_side`); Qwen2-VL's grid follows the image's
+aspect ratio (merged 28-pixel patches).
 LLaVA-1.5's CLIP processor resizes the shortest side and crops the centre square: its grid covers only that square
-of a non-square image (:func:`token_region`), the rest is shaded as never seen.
+of a non-square image (:func:`token_region`), the rest is shaded as never seen; a request whose images were padded
+to a square first (``image_aspect``) is drawn on the padded square (:func:`model_view`).
 """
 from __future__ import annotations
 
@@ -16,8 +18,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-LLAVA_NEXT_BASE = 576
+from vlmguard.images import REFERENCE_IMAGE_ASPECT, pad_to_square
+
+LLAVA_NEXT_BASE = 576  # LLaVA-NeXT's usual base grid, 24 x 24: a 336-pixel tower with 14-pixel patches
+NEXT_MAX_CROPS = 6  # high-resolution crops per side tried when matching a NeXT token count (its pinpoints use up to 3)
 DISPLAY_SIDE = 384
+CLIP_MEAN_RGB = (122, 116, 104)  # OpenAI CLIP's image_mean x 255: what LLaVA pads a non-square image with
 SCORE_KEYS = ("visual_scores", "token_scores", "scores", "visual_token_scores")
 
 
@@ -25,8 +31,12 @@ def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = 
     """``(rows, cols, n_drawn)`` of the visual-token grid of an image of ``image_size`` = (width, height)."""
     if n_tokens <= 0:
         raise ValueError("no visual tokens to draw")
-    if family == "llava_next" and n_tokens > LLAVA_NEXT_BASE:
-        return 24, 24, LLAVA_NEXT_BASE
+    if family == "llava_next":
+        base = next_base_side(n_tokens, image_size)
+        if base is None and n_tokens > LLAVA_NEXT_BASE:
+            base = math.isqrt(LLAVA_NEXT_BASE)
+        if base is not None:
+            return base, base, base * base
     side = math.isqrt(n_tokens)
     if side * side == n_tokens and family != "qwen2_vl":
         return side, side, n_tokens
@@ -39,6 +49,51 @@ def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = 
             if abs(math.log((c / r) / aspect)) < abs(math.log((best[1] / best[0]) / aspect)):
                 best = (r, c)
     return best[0], best[1], n_tokens
+
+
+def next_base_side(n_tokens: int, image_size: tuple[int, int]) -> int | None:
+    """The side of LLaVA-NeXT's base grid (its tower's image_size / patch_size) that ``n_tokens`` visual tokens of an
+    image of ``image_size`` = (width, height) imply, or None when no grid gives that count. The service tells neither
+    the tower's resolution nor its pinpoints, so every base grid and high-resolution crop layout is tried. A count
+    that several fit (rare) is read as 24 x 24 when that fits, else as crops shaped like the image, fewest first."""
+    w, h = image_size
+    if w <= 0 or h <= 0:
+        return None
+    fits = [(side, rows, cols) for side in range(2, math.isqrt(n_tokens) + 1)
+            for rows in range(1, NEXT_MAX_CROPS + 1) for cols in range(1, NEXT_MAX_CROPS + 1)
+            if _next_token_count(side, rows, cols, image_size) == n_tokens]
+    if not fits:
+        return None
+    if any(side * side == LLAVA_NEXT_BASE for side, _, _ in fits):
+        return math.isqrt(LLAVA_NEXT_BASE)
+
+    def unlikely(fit: tuple[int, int, int]) -> tuple[bool, int, int]:
+        side, rows, cols = fit
+        shaped_like_image = rows == cols or w == h or (cols > rows) == (w > h)
+        return not shaped_like_image, rows * cols, -side
+
+    return min(fits, key=unlikely)[0]
+
+
+def _next_token_count(side: int, rows: int, cols: int, image_size: tuple[int, int]) -> int:
+    """LLaVA-NeXT's visual tokens for an image of ``image_size`` with a ``side`` x ``side`` base grid and ``rows`` x
+    ``cols`` high-resolution crops: the base grid, then the crops' grid with the padding rows or columns removed, plus
+    one newline token per row (as transformers' ``LlavaNextProcessor._get_number_of_features`` counts them)."""
+    w, h = image_size
+    high, wide = side * rows, side * cols
+    if w / h > wide / high:
+        high -= (high - int(round(h * (wide / w), 7))) // 2 * 2
+    else:
+        wide -= (wide - int(round(w * (high / h), 7))) // 2 * 2
+    return side * side + high * wide + high
+
+
+def model_view(image: Image.Image, family: str | None, image_aspect: str | None) -> Image.Image:
+    """The image as the model's processor gets it: padded to a square with CLIP's mean grey where the request's
+    ``image_aspect`` pads (``pad``; ``reference`` on LLaVA-1.5), so that its visual-token grid covers the padded
+    square; otherwise as it is. (The grey is the CLIP processors' mean, what every supported family pads with.)"""
+    pads = image_aspect == "pad" or image_aspect == "reference" and REFERENCE_IMAGE_ASPECT.get(family or "") == "pad"
+    return pad_to_square(image.convert("RGB"), CLIP_MEAN_RGB) if pads else image
 
 
 def token_region(image_size: tuple[int, int], family: str | None = None) -> tuple[float, float, float, float]:

@@ -104,15 +104,15 @@ def _budgets(text: str) -> list[int | float]:
 
 
 def _job_detail(backend, job: JobRow, dashboard_db: Path) -> None:
+    stale = ""
     try:
         fresh = {j.job_id: j for j in backend.list_jobs()}.get(job.job_id, job)
-    except Exception:  # noqa: BLE001 - keep showing the last known state
-        fresh = job
+    except Exception as e:  # noqa: BLE001 - keep showing the last known state, and say why
+        fresh, stale = job, f" · status not refreshed: {getattr(e, 'message', None) or e}"
     st.subheader(f"Job `{fresh.job_id}`: {fresh.status}")
-    st.caption(f"`bench {fresh.bench_args}` · started {fresh.started or '-'} · ended {fresh.ended or '-'}")
+    st.caption(f"`bench {fresh.bench_args}` · started {fresh.started or '-'} · ended {fresh.ended or '-'}{stale}")
     if fresh.status not in TERMINAL and st.button("Stop job", key=f"stop_{fresh.job_id}"):
-        backend.stop(fresh.job_id)
-        st.toast(f"stop requested for {fresh.job_id}")
+        _stop(backend, fresh.job_id)
     _progress(Path(fresh.db or dashboard_db), fresh)
     try:
         logs = backend.logs(fresh.job_id)
@@ -121,6 +121,15 @@ def _job_detail(backend, job: JobRow, dashboard_db: Path) -> None:
     lines = logs.splitlines()
     st.markdown(f"**Logs** (last {min(len(lines), LOG_LINES)} of {len(lines)} lines)")
     st.code("\n".join(lines[-LOG_LINES:]) or "(no output yet)", language="text")
+
+
+def _stop(backend, job_id: str) -> None:
+    try:
+        backend.stop(job_id)
+    except VlmguardError as e:  # a cluster that stopped answering, a job it no longer knows
+        st.error(f"stop failed: {e}")
+        return
+    st.toast(f"stop requested for {job_id}")
 
 
 def _progress(db: Path, job: JobRow) -> None:

@@ -16,7 +16,7 @@ from vlmguard.dashboard import drawing, images
 from vlmguard.dashboard.service import BASELINE_SPEC, selection_kwargs, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, params_form, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
-from vlmguard.spec import parse_budget
+from vlmguard.spec import IMAGE_ASPECTS, parse_budget
 
 RESULTS_KEY = "pg_results"
 DEFAULT_PROMPT = "Is there a dog in the image? Answer the question using a single word or phrase."
@@ -50,6 +50,9 @@ def render() -> None:
             with st.expander("decoder parameters"):
                 decoding_params = params_form(schemas["decoding"][decoding], f"pg_dp_{decoding}")
         max_new = st.slider("max new tokens", 1, 256, 16, key="pg_max_new")
+        aspect = st.selectbox("image preprocessing", IMAGE_ASPECTS, key="pg_image_aspect",
+                              help="native: the checkpoint's processor (LLaVA-1.5 crops the centre square); pad: "
+                              "padded to a square first, as LLaVA-1.5 was trained; reference: the family's own")
         with st.expander("token selection (both sides)"):
             selection = _selection_inputs()
         compare = st.checkbox("side by side with the plain model (no pruning, greedy)", value=True, key="pg_compare")
@@ -58,7 +61,8 @@ def render() -> None:
     if image is None:
         st.info("Pick a SynthCOCO sample or upload an image.")
         return
-    spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection)
+    spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection,
+                       image_aspect=aspect)
     family = status.families.get(model)
     client = service_client(cfg)
     inputs = _inputs(model, prompt, image, spec)
@@ -199,6 +203,8 @@ def _spec_caption(sp: dict[str, Any]) -> str:
     for k in ("pruning_params", "decoding_params"):
         if sp.get(k):
             extra.append(", ".join(f"{a}={b}" for a, b in sp[k].items()))
+    if sp.get("image_aspect"):
+        extra.append(f"images: {sp['image_aspect']}")
     if sp.get("do_sample"):
         extra.append(f"sampling T={sp.get('temperature')} seed {sp.get('seed')}")
     extra += [f"{k.removesuffix('_penalty')} penalty {sp[k]}" for k in ("presence_penalty", "frequency_penalty",
@@ -215,6 +221,7 @@ def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, A
     c4.metric("total", _ms(t.total_s))
     n = r.visual_tokens
     kept = r.kept_indices
+    image = drawing.model_view(image, family, sp.get("image_aspect"))
     n_kept = len(kept) if kept is not None else n
     st.caption(f"finish: {r.finish_reason} · {len(r.token_ids)} tokens · visual tokens per LLM layer: "
                f"{_layers(r.visual_tokens_kept)}")

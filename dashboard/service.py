@@ -7,11 +7,13 @@ the object stored in ``st.session_state`` under :data:`CLIENT_KEY` / :data:`JOBS
 from __future__ import annotations
 
 import shlex
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from vlmguard.dashboard.config import DashboardConfig
+from vlmguard.errors import VlmguardError
 
 CLIENT_KEY = "vlmguard_client"
 JOBS_KEY = "vlmguard_jobs"
@@ -71,9 +73,10 @@ PLAYGROUND_TOP_LOGPROBS = 3  # alternatives per generated token the playground s
 
 def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[str, Any], decoding: str,
                 decoding_params: dict[str, Any], max_new_tokens: int, seed: int | None = None,
-                selection: dict[str, Any] | None = None) -> dict[str, Any]:
+                selection: dict[str, Any] | None = None, image_aspect: str = "native") -> dict[str, Any]:
     """GenerationSpec fields for ``Client.generate`` (diagnostics and the top 3 log-probabilities on: the
-    playground draws them); ``selection``: token selection and penalty fields (``selection_kwargs``)."""
+    playground draws them); ``selection``: token selection and penalty fields (``selection_kwargs``);
+    ``image_aspect`` only when not the processor's own."""
     spec: dict[str, Any] = {"pruning": pruning, "decoding": decoding, "max_new_tokens": int(max_new_tokens),
                             "diagnostics": True, "logprobs": PLAYGROUND_TOP_LOGPROBS}
     if pruning != "none":
@@ -84,6 +87,8 @@ def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[s
         spec["decoding_params"] = decoding_params
     if seed is not None:
         spec["seed"] = int(seed)
+    if image_aspect != "native":
+        spec["image_aspect"] = image_aspect
     spec.update(selection or {})
     return spec
 
@@ -164,6 +169,19 @@ class JobsBackend(Protocol):
 
 
 JOBS_PROBE_TIMEOUT_S = 3.0
+JOBS_CALL_TIMEOUT_S = 10.0  # one Jobs API call of the page: list the jobs, a job's logs, stop a job
+# a submission waits up to workers.jobs.AGENT_WAIT_S (90 s) for a freshly started head node's job agent
+JOBS_SUBMIT_TIMEOUT_S = 100.0
+_T = TypeVar("_T")
+_stuck_calls: dict[str, threading.Thread] = {}  # Jobs API address -> a call that ran out of time and still waits
+
+
+class JobsApiTimeout(VlmguardError):
+    """The Ray Jobs API did not answer a call in time."""
+
+
+class JobsApiStuck(JobsApiTimeout):
+    """A call not sent: an earlier call to the same Jobs API ran out of time and still waits for its answer."""
 
 
 def probe_jobs_api(address: str, timeout: float = JOBS_PROBE_TIMEOUT_S) -> None:
@@ -172,8 +190,6 @@ def probe_jobs_api(address: str, timeout: float = JOBS_PROBE_TIMEOUT_S) -> None:
     connection and never answers (a stuck head node, a firewall that drops packets) held the page forever."""
     import httpx
 
-    from vlmguard.errors import VlmguardError
-
     try:
         httpx.get(address.rstrip("/") + "/api/version", timeout=timeout)
     except httpx.HTTPError as e:
@@ -181,8 +197,37 @@ def probe_jobs_api(address: str, timeout: float = JOBS_PROBE_TIMEOUT_S) -> None:
                             f"{' '.join(str(e).split())[:200] or 'no answer'}, waited {timeout:g} s)") from None
 
 
+def call_with_deadline(call: Callable[[], _T], address: str, what: str, timeout: float) -> _T:
+    """``call()``, waited for at most ``timeout`` seconds, else :class:`JobsApiTimeout`. Ray's ``JobSubmissionClient``
+    sets no timeout on its requests and has no setting for one, so a cluster that stops answering would hold the page
+    forever: the call runs on a daemon thread, left to end on its own when it runs out of time. Until it ends, calls
+    to the same address fail at once, so a page that refreshes every few seconds does not pile up waiting threads."""
+    stuck = _stuck_calls.get(address)
+    if stuck is not None and stuck.is_alive():
+        raise JobsApiStuck(f"the Ray Jobs API at {address} is not answering: an earlier call ({stuck.name}) still "
+                           "waits for it")
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        _stuck_calls[address] = worker
+        raise JobsApiTimeout(f"the Ray Jobs API at {address} did not answer ({what}) within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 class RayJobsBackend:
-    """Benchmark jobs through :mod:`vlmguard.workers.jobs` (Ray's ``JobSubmissionClient``)."""
+    """Benchmark jobs through :mod:`vlmguard.workers.jobs` (Ray's ``JobSubmissionClient``), every call bounded by
+    :func:`call_with_deadline`."""
 
     def __init__(self, address: str | None = None):
         from vlmguard.workers import jobs
@@ -190,16 +235,23 @@ class RayJobsBackend:
         self._jobs = jobs
         self.address = jobs.jobs_address(address)
         self._client = None
+        self.timeout = JOBS_CALL_TIMEOUT_S
+        self.submit_timeout = JOBS_SUBMIT_TIMEOUT_S
+
+    def _bounded(self, call: Callable[[], _T], what: str, timeout: float | None = None) -> _T:
+        return call_with_deadline(call, self.address, what, self.timeout if timeout is None else timeout)
 
     def _c(self):
         if self._client is None:
-            probe_jobs_api(self.address)  # Ray's client waits without a timeout: the page would hang
-            self._client = self._jobs.client(self.address)  # raises VlmguardError when unreachable
+            probe_jobs_api(self.address)  # fails in 3 s with a clearer message when nothing answers at all
+            # raises VlmguardError when unreachable
+            self._client = self._bounded(lambda: self._jobs.client(self.address), "connect")
         return self._client
 
     def list_jobs(self) -> list[JobRow]:
+        client = self._c()
         rows = []
-        for j in self._c().list_jobs():
+        for j in self._bounded(client.list_jobs, "list jobs"):
             rows.append(JobRow(
                 job_id=j.submission_id or j.job_id or "?",
                 status=str(getattr(j.status, "value", j.status)),
@@ -212,13 +264,19 @@ class RayJobsBackend:
         return sorted(rows, key=lambda r: r.start_time or 0, reverse=True)
 
     def submit(self, bench_argv: list[str]) -> str:
-        return self._jobs.submit_bench(bench_argv, address=self.address)
+        try:
+            return self._bounded(lambda: self._jobs.submit_bench(bench_argv, address=self.address), "submit",
+                                 self.submit_timeout)
+        except JobsApiStuck:
+            raise
+        except JobsApiTimeout as e:  # the request may have reached the cluster before it stopped answering
+            raise JobsApiTimeout(f"{e}; the job may have been submitted all the same: see the job list") from None
 
     def logs(self, job_id: str) -> str:
-        return self._jobs.logs(job_id, self.address)
+        return self._bounded(lambda: self._jobs.logs(job_id, self.address), f"logs of {job_id}")
 
     def stop(self, job_id: str) -> bool:
-        return self._jobs.stop(job_id, self.address)
+        return self._bounded(lambda: self._jobs.stop(job_id, self.address), f"stop {job_id}")
 
 
 def bench_argv(benchmark: str, *, db: str, limit: int | None, splits: Sequence[str] = (), pruning: str = "none",

@@ -262,6 +262,21 @@ def test_playground_token_selection_goes_to_both_sides():
     assert not {"do_sample", "temperature", "seed", "presence_penalty", "repetition_penalty"} & set(greedy)
 
 
+def test_playground_image_preprocessing_goes_to_both_sides_and_draws_the_padded_square():
+    stub = StubClient()
+    at = page("playground_page.py")
+    at.session_state[CLIENT_KEY] = stub
+    at.run()
+    at.button(key="pg_go").click().run()
+    assert not {"image_aspect"} & set(stub.calls[-1])  # the processor's own (native) by default
+    at.selectbox(key="pg_image_aspect").select("reference")
+    at.button(key="pg_go").click().run()
+    assert not at.exception, at.exception
+    main, plain = [c for c in stub.calls if c.get("stream")][-2:]
+    assert main["image_aspect"] == plain["image_aspect"] == "reference"  # only the methods differ
+    assert "images: reference" in " ".join(c.value for c in at.caption)
+
+
 def i_caption(at: AppTest) -> list[str]:
     """Captions of the images shown (image elements carry their caption in the proto)."""
     out = []

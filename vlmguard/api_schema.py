@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from vlmguard.spec import MAX_TOP_LOGPROBS, NumbersNotBooleans
+from vlmguard.spec import MAX_TOP_LOGPROBS, ImageAspect, NumbersNotBooleans
 
 MAX_CHOICES = 16  # the most choices (``n``) of one chat request
 
@@ -62,6 +62,7 @@ class VlmguardOptions(NumbersNotBooleans):
     do_sample: Optional[StrictBool] = None  # "yes" or 1 is refused, not read as true
     top_k: Optional[int] = None
     diagnostics: StrictBool = False  # include per-step diagnostics in the response's vlmguard object
+    image_aspect: ImageAspect = "native"  # as GenerationSpec.image_aspect: native | pad | reference
 
     @model_validator(mode="after")
     def _merge_params(self) -> "VlmguardOptions":

@@ -38,6 +38,7 @@ from vlmguard.api_schema import (
     GenerateResponse,
     GenerateStreamEvent,
     ModelList,
+    VlmguardOptions,
 )
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.spec import GenerationSpec
@@ -46,8 +47,7 @@ RETRY_STATUS = {429, 503}
 # transport failures retried like a 503: nothing was answered (a refused or timed-out connection, a dropped one)
 RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 SPEC_FIELDS = set(GenerationSpec.model_fields)
-OPTION_FIELDS = {"pruning", "budget", "pruning_params", "decoding", "decoding_params", "params", "do_sample",
-                 "top_k", "diagnostics"}
+OPTION_FIELDS = set(VlmguardOptions.model_fields)  # chat keyword arguments sent in the request's vlmguard object
 
 
 class APIError(VlmguardError):

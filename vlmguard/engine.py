@@ -26,7 +26,7 @@ from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
                              non_finite_cause)
-from vlmguard.images import check_image
+from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
@@ -256,9 +256,10 @@ class Engine:
         return {"hidden": hidden, "scores": scores, "seq": seq, "logits": logits}
 
     # ---- the loop --------------------------------------------------------------------------
-    def _prompts(self, requests: list[Request], positions: Sequence[int] | None = None) -> list[Prompt]:
-        """The requests checked and made model prompts; errors name each request by ``positions`` (default: its
-        place in ``requests``)."""
+    def _prompts(self, requests: list[Request], positions: Sequence[int] | None = None,
+                 specs: Sequence[GenerationSpec] | None = None) -> list[Prompt]:
+        """The requests checked and made model prompts, their images padded to a square where their spec's
+        ``image_aspect`` says so; errors name each request by ``positions`` (default: its place in ``requests``)."""
         out = []
         placeholder = self.adapter.image_placeholder
         for k, r in enumerate(requests):
@@ -278,6 +279,8 @@ class Engine:
             for field, text in (("prompt", r.prompt), ("system", r.system)):
                 check_text(text, f"request {i}: {field}", None if r.raw_prompt else placeholder)
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]
+            if images and specs is not None and self.adapter.image_aspect(specs[k].image_aspect) == "pad":
+                images = [pad_to_square(img, self.adapter.pad_colour()) for img in images]
             out.append(Prompt(text=r.prompt, images=images, system=r.system, raw=r.raw_prompt))
         return out
 
@@ -317,9 +320,9 @@ class Engine:
         caller's list)."""
         t0 = time.perf_counter()
         pruner, decoder = specs[0].resolve()
-        prompts = self._prompts(requests, positions)
+        prompts = self._prompts(requests, positions, specs)
         if decoder.merged_combine and not decoder.row_hooks:  # no per-request decoder state: copies share a prefill
-            source = _copies(requests)
+            source = _copies(requests, specs)
             if len(set(source)) < len(requests):
                 return self._start_copies(requests, specs, indices, positions, source)
         adapter = self.adapter
@@ -513,14 +516,15 @@ def check_text(text: str | None, what: str, placeholder: str | None) -> None:
                            "Request.images (the chat template places them), or a templated prompt with raw_prompt=True")
 
 
-def _copies(requests: Sequence[Request]) -> list[int]:
+def _copies(requests: Sequence[Request], specs: Sequence[GenerationSpec]) -> list[int]:
     """For each request, the position of the first request that is the same one: the same prompt, system text
-    and template flag, and the very same image objects (what the copies of a request with ``n`` choices share;
-    images are compared by identity, never by their pixels). The requests have passed ``Engine._prompts``."""
+    and template flag, the very same image objects (what the copies of a request with ``n`` choices share;
+    images are compared by identity, never by their pixels) prepared the same way (``image_aspect``). The
+    requests have passed ``Engine._prompts``."""
     first: dict[tuple, int] = {}
     out = []
-    for i, r in enumerate(requests):
-        key = (r.prompt, r.system, r.raw_prompt, tuple(id(im) for im in r.images))
+    for i, (r, spec) in enumerate(zip(requests, specs)):
+        key = (r.prompt, r.system, r.raw_prompt, tuple(id(im) for im in r.images), spec.image_aspect)
         out.append(first.setdefault(key, i))
     return out
 

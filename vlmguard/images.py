@@ -127,3 +127,23 @@ def check_image(img: object, what: str = "image") -> Image.Image:
     except (OSError, ValueError, EOFError) as e:
         raise InvalidInput(f"{what} cannot be read: {first_line(e)}") from None
     return img if img.mode == "RGB" else to_rgb(img, what)
+
+
+# GenerationSpec.image_aspect "reference" by model family, for a config that does not say (ModelAdapter.image_aspect):
+# LLaVA-1.5 pads (image_aspect_ratio: pad in llava-v1.5-7b's config.json, which llava-hf's conversion leaves out);
+# LLaVA-NeXT's anyres tiles the whole image itself and Qwen2-VL reads it at its own resolution
+REFERENCE_IMAGE_ASPECT = {"llava": "pad", "llava_next": "native", "qwen2_vl": "native"}
+
+
+def pad_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``img`` centred on a square of its longer side filled with ``background`` (LLaVA's ``expand2square``, which
+    LLaVA-1.5 trains and evaluates with, ``image_aspect_ratio: pad``; transformers' ``LlavaImageProcessor`` with
+    ``do_pad``): the processor's resize and centre crop then keep the whole image. A square image is returned
+    as it is."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out

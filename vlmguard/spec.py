@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Annotated, Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
                       field_validator)
@@ -17,13 +17,15 @@ from pydantic_core import PydanticCustomError
 from vlmguard.errors import InvalidInput
 
 Budget = Union[int, float]
+ImageAspect = Literal["native", "pad", "reference"]  # GenerationSpec.image_aspect
+IMAGE_ASPECTS: tuple[str, ...] = typing.get_args(ImageAspect)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                 "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty"})
+                                "repetition_penalty", "image_aspect"})
 
 
 def check_budget(v: int | float) -> int | float:
@@ -140,6 +142,12 @@ class GenerationSpec(NumbersNotBooleans):
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
     # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # How a request's images are fitted to the vision tower's square (see vlmguard.images.pad_to_square):
+    # "native": the model's own processor as shipped (llava-hf's CLIP processor resizes the shortest side and crops
+    # the centre, losing the sides of a wide image); "pad": padded to a square with the processor's mean colour
+    # first (LLaVA's expand2square); "reference": what the family's reference code does (LLaVA-1.5 pads, LLaVA-NeXT
+    # and Qwen2-VL take the image as it is; a config's own ``image_aspect_ratio`` decides where it has one).
+    image_aspect: ImageAspect = "native"
 
     @field_validator("budget")
     @classmethod

@@ -80,7 +80,7 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         diagnostics=o.diagnostics, logprobs=req.spec_logprobs, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_new_tokens=req.min_tokens or 0,
+        min_new_tokens=req.min_tokens or 0, image_aspect=o.image_aspect,
     )
     return _check_spec(spec, max_new_tokens_limit)
 

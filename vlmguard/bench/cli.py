@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
+from vlmguard.spec import IMAGE_ASPECTS
 
 
 def _positive_int(text: str) -> int:
@@ -72,6 +73,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--image-aspect", choices=IMAGE_ASPECTS, help="how images meet the vision tower's square: "
+                   "reference (default: the family's reference evaluation; LLaVA-1.5 pads to a square, benchmarks.md "
+                   "1.3), pad, or native (the checkpoint's processor as shipped; llava-hf crops the centre)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -218,6 +222,7 @@ def _spec_from_args(args: argparse.Namespace):
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        image_aspect=getattr(args, "image_aspect", None),
     )
 
 

@@ -34,10 +34,11 @@ from vlmguard.bench.report import method_label
 from vlmguard.errors import InvalidInput
 
 # what makes two runs answer the same task (the method columns are what may differ)
-# (and the weights, their precision and the POPE answer parser: a retrained model under the same name, a bf16
-# run or another parser is not the same task, and no method label shows them)
-TASK_KEYS = ("benchmark", "model", "model_revision", "dtype", "dataset", "dataset_version", "split", "variant",
-             "question_sha256", "prompt_preset", "prompt", "parser", "image_list", "max_new_tokens", "drop_incomplete")
+# (and the weights, their precision, the images' preprocessing and the POPE answer parser: a retrained model under
+# the same name, a bf16 run, padded images or another parser is not the same task, and no method label shows them)
+TASK_KEYS = ("benchmark", "model", "model_revision", "dtype", "image_aspect", "dataset", "dataset_version", "split",
+             "variant", "question_sha256", "prompt_preset", "prompt", "parser", "image_list", "max_new_tokens",
+             "drop_incomplete")
 BENCHMARKS = ("chair", "pope")
 
 

@@ -14,8 +14,9 @@ Schema (``SCHEMA_VERSION`` 1)::
       prompt_preset TEXT, prompt TEXT (instruction / CHAIR prompt), parser TEXT,
       pruning TEXT, pruning_params TEXT (JSON), budget NUMERIC, decoding TEXT, decoding_params TEXT (JSON),
       max_new_tokens INT, do_sample INT, temperature REAL, top_p REAL, top_k INT, seed INT,
-      presence_penalty REAL, frequency_penalty REAL, repetition_penalty REAL, min_new_tokens INT (NULL unless
-      the run sets them; added by migration to older databases),
+      presence_penalty REAL, frequency_penalty REAL, repetition_penalty REAL, min_new_tokens INT, image_aspect
+      TEXT (NULL unless the run sets them, image_aspect when not the processor's own; added by migration to older
+      databases),
       image_list TEXT (CHAIR image-id list), drop_incomplete INT, neutral_run_id TEXT (POPE-leading),
       knobs TEXT (canonical JSON of every knob above), package_version TEXT, n_expected INT,
       status TEXT ('running' | 'finished' | 'failed'), metrics TEXT (JSON, cached at finish),
@@ -55,7 +56,7 @@ RUN_COLUMNS = (
     "question_file", "question_sha256", "prompt_preset", "prompt", "parser", "pruning", "pruning_params",
     "budget", "decoding", "decoding_params", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
     "seed", "image_list", "drop_incomplete", "neutral_run_id", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_new_tokens",
+    "repetition_penalty", "min_new_tokens", "image_aspect",
 )
 SAMPLE_COLUMNS = (
     "sample_key", "item_id", "image", "prompt", "output_text", "label", "prediction", "correct", "record",
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS runs (
   prompt_preset TEXT, prompt TEXT, parser TEXT, pruning TEXT, pruning_params TEXT, budget NUMERIC,
   decoding TEXT, decoding_params TEXT, max_new_tokens INTEGER, do_sample INTEGER, temperature REAL,
   top_p REAL, top_k INTEGER, seed INTEGER, image_list TEXT, drop_incomplete INTEGER, neutral_run_id TEXT,
-  presence_penalty REAL, frequency_penalty REAL, repetition_penalty REAL, min_new_tokens INTEGER,
+  presence_penalty REAL, frequency_penalty REAL, repetition_penalty REAL, min_new_tokens INTEGER, image_aspect TEXT,
   knobs TEXT NOT NULL, package_version TEXT, n_expected INTEGER, status TEXT NOT NULL DEFAULT 'running',
   metrics TEXT, created_at TEXT NOT NULL, updated_at TEXT, finished_at TEXT
 );
@@ -287,7 +288,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     """Add run columns that databases written by earlier versions lack (their runs keep NULL there)."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     for col, kind in (("model_revision", "TEXT"), ("dtype", "TEXT"), ("presence_penalty", "REAL"),
-                      ("frequency_penalty", "REAL"), ("repetition_penalty", "REAL"), ("min_new_tokens", "INTEGER")):
+                      ("frequency_penalty", "REAL"), ("repetition_penalty", "REAL"), ("min_new_tokens", "INTEGER"),
+                      ("image_aspect", "TEXT")):
         if col not in have:
             conn.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
 

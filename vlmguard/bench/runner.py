@@ -102,6 +102,9 @@ def spec_knobs(spec: Any) -> dict[str, Any]:
         # only when set: runs without penalties (or a minimum length) keep the ids that earlier versions gave them
         **set_penalties(spec),
         **({"min_new_tokens": spec.min_new_tokens} if spec.min_new_tokens else {}),
+        # only when not the processor's own: runs made before the option (every image cropped by the processor)
+        # keep their ids, and a padded run never resumes one of them
+        **({"image_aspect": spec.image_aspect} if spec.image_aspect != "native" else {}),
     }
 
 
@@ -455,13 +458,13 @@ def default_spec(benchmark: str, *, prompt_preset: str | None = None, chair_pres
     """
     from vlmguard.spec import GenerationSpec
 
-    base: dict[str, Any]
+    base: dict[str, Any] = {"image_aspect": "reference"}  # the reference evaluation's images (benchmarks.md 1.3)
     if benchmark == "chair":
         cp = get_chair_preset(chair_preset)
-        base = {"max_new_tokens": cp.max_new_tokens, "do_sample": False}
+        base.update(max_new_tokens=cp.max_new_tokens, do_sample=False)
     else:
         pp = get_pope_prompt(prompt_preset)
-        base = {"max_new_tokens": pp.max_new_tokens, "do_sample": pp.do_sample, "temperature": pp.temperature,
-                "top_p": pp.top_p, "seed": pp.seed}
+        base.update(max_new_tokens=pp.max_new_tokens, do_sample=pp.do_sample, temperature=pp.temperature,
+                    top_p=pp.top_p, seed=pp.seed)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return GenerationSpec.build(**base)

@@ -19,12 +19,13 @@ Config (YAML)::
     budgets: [48, 16]           # applied to every method that prunes; others run once
 
 Generation knobs (max_new_tokens, min_new_tokens, seed, do_sample, temperature, top_p, top_k, presence_penalty,
-frequency_penalty, repetition_penalty) may be set per method or
-at the top level; benchmark presets fill in the rest. The whole config is checked before the first run:
-keys, value types, benchmark options, and every method's pruning and decoding names with their parameters.
+frequency_penalty, repetition_penalty, image_aspect) may be set per method or at the top level; benchmark presets
+fill in the rest (image_aspect: reference). The whole config is checked before the first run: keys, value types,
+benchmark options, and every method's pruning and decoding names with their parameters.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -34,9 +35,11 @@ from vlmguard.bench.datasets import resolve_dataset
 from vlmguard.bench.pope_data import SPLITS
 from vlmguard.bench.runner import RunOutcome, oracle_neutral, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.spec import ImageAspect
 
+Job = dict[str, Any]  # one run of the sweep, as expand() lists it
 GEN_KEYS = ("max_new_tokens", "min_new_tokens", "seed", "do_sample", "temperature", "top_p", "top_k",
-            "presence_penalty", "frequency_penalty", "repetition_penalty")
+            "presence_penalty", "frequency_penalty", "repetition_penalty", "image_aspect")
 
 
 # The config's schema: the types of every key (values are range-checked where they are used: budgets and
@@ -57,6 +60,7 @@ class _GenKnobs(_Schema):
     presence_penalty: float = None  # type: ignore[assignment]
     frequency_penalty: float = None  # type: ignore[assignment]
     repetition_penalty: float = None  # type: ignore[assignment]
+    image_aspect: ImageAspect = None  # type: ignore[assignment]
 
 
 class _MethodSchema(_GenKnobs):
@@ -204,8 +208,6 @@ def job_spec(job: dict[str, Any]):
 def _check_specs(cfg: dict[str, Any], p: Path) -> None:
     """Build and resolve every job's GenerationSpec (as ``vlmguard bench`` does before its model loads):
     an unknown method or a bad parameter of the last method fails now, not after the first method's runs."""
-    import json
-
     seen: set[str] = set()
     for job in expand(cfg):
         key = json.dumps({k: v for k, v in job.items() if k not in ("model", "split", "template", "limit")},
@@ -282,6 +284,36 @@ def expand(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return jobs
 
 
+def distinct_jobs(jobs: list[Job]) -> tuple[list[Job], list[tuple[Job, Job]]]:
+    """``jobs`` with each run once, and the ``(dropped, kept)`` pairs of the jobs that repeat an earlier one (a
+    benchmark, split or budget listed twice, two methods with the same settings): the database stores such a run
+    once, so the sweep runs and reports it once."""
+    kept: dict[str, Job] = {}
+    dropped = []
+    for job in jobs:
+        key = _run_key(job)
+        if key in kept:
+            dropped.append((job, kept[key]))
+        else:
+            kept[key] = job
+    return list(kept.values()), dropped
+
+
+def _run_key(job: Job) -> str:
+    """Everything that makes the run but the method's name, a label the stored run does not record."""
+    return json.dumps({k: v for k, v in job.items() if k != "method"}, sort_keys=True, default=str)
+
+
+def _job_label(job: Job) -> str:
+    parts = (job["model"], job["method"], f"budget={job['budget']}", job["benchmark"], job["split"], job["template"])
+    return " ".join(str(part) for part in parts if part)
+
+
+def _duplicate_line(dropped: Job, kept: Job) -> str:
+    same = "" if _job_label(dropped) == _job_label(kept) else f" (the same run as {_job_label(kept)})"
+    return f"dropped a duplicate run: {_job_label(dropped)}{same}"
+
+
 def config_db(cfg: dict[str, Any], db: str | Path | None = None) -> str | Path:
     """The results database a sweep writes: ``db`` (the command line's), else the config's, else the default."""
     from vlmguard.bench.db import DEFAULT_DB
@@ -305,7 +337,7 @@ def run_sweep(
     from vlmguard.bench.db import check_db
 
     cfg = load_config(config_path)  # the whole config is checked here, before any run
-    jobs = expand(cfg)
+    jobs, duplicates = distinct_jobs(expand(cfg))
     run = run or run_benchmark
     db_path = config_db(cfg, db)
     try:  # paths are relative to the working directory, as on the command line
@@ -341,6 +373,9 @@ def run_sweep(
 
         device = cfg.get("device", "auto")
         load_engine = lambda name: Engine.load(name, device=device)  # noqa: E731
+    if echo is not None:
+        for dropped, kept in duplicates:
+            echo(_duplicate_line(dropped, kept))
     engines: dict[str, Any] = {}
     outcomes = []
     for i, job in enumerate(jobs, 1):
@@ -352,13 +387,13 @@ def run_sweep(
         out = run(
             engine, job["benchmark"], dataset, spec, db_path, split=job["split"], template=job["template"],
             prompt_preset=job["prompt_preset"], parser=job["parser"], chair_preset=job["chair_preset"],
-            prompt=job["prompt"], limit=limit if limit is not None else (job["limit"] or cfg.get("limit")), batch_size=int(cfg.get("batch_size", 8)), model_name=job["model"],
+            prompt=job["prompt"], limit=limit if limit is not None else (job["limit"] or cfg.get("limit")),
+            batch_size=int(cfg.get("batch_size", 8)), model_name=job["model"],
             progress=progress,
         )
         outcomes.append(out)
         if echo is not None:
-            echo(f"[{i}/{len(jobs)}] {job['model']} {job['method']} budget={job['budget']} {job['benchmark']} "
-                 f"{job['split'] or ''} {job['template'] or ''} -> {out.run_id} ({out.status}, {out.n_new} new, "
+            echo(f"[{i}/{len(jobs)}] {_job_label(job)} -> {out.run_id} ({out.status}, {out.n_new} new, "
                  f"{out.elapsed_s:.1f}s)")
     return outcomes
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
-from vlmguard.spec import GenerationSpec, parse_budget, parse_params
+from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, parse_budget, parse_params
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="subtracted once per earlier occurrence of a token in the answer (-2..2)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divides (multiplies, when negative) the scores of tokens the answer already has; 1 = off")
+    p.add_argument("--image-aspect", choices=IMAGE_ASPECTS, default="native",
+                   help="native (default): the checkpoint's processor as shipped (llava-hf crops the centre square); "
+                   "pad: padded to a square first, as LLaVA-1.5 was trained; reference: the family's reference code")
 
 
 def budget_arg(text: str) -> int | float:
@@ -63,6 +66,7 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        image_aspect=args.image_aspect,
     )
 
 

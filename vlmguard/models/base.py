@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from vlmguard.errors import InvalidInput, ModelLoadError
+from vlmguard.images import REFERENCE_IMAGE_ASPECT
 from vlmguard.models.image_text_processor import CHAT_TEMPLATE_HELP, chat_template_of
 from vlmguard.sequence import Seq
 
@@ -150,6 +151,28 @@ class ModelAdapter:
         """The system text the family's reference evaluation sends when a request names none (None: whatever the
         model's own chat template does, e.g. Qwen2-VL's template adds its default system turn itself)."""
         return None
+
+    def image_aspect(self, requested: str) -> str:
+        """``"pad"`` or ``"native"`` for a request's ``GenerationSpec.image_aspect``. ``"reference"`` is what the
+        family's reference code does: a config's LLaVA-style ``image_aspect_ratio`` when it has one (``pad`` pads;
+        ``square``, ``anyres`` and the rest leave images to the processor), else the family's
+        (``images.REFERENCE_IMAGE_ASPECT``)."""
+        if requested != "reference":
+            return requested
+        declared = getattr(self.config, "image_aspect_ratio", None)
+        if isinstance(declared, str):
+            return "pad" if declared == "pad" else "native"
+        return REFERENCE_IMAGE_ASPECT.get(self.family, "native")
+
+    def pad_colour(self) -> tuple[int, int, int]:
+        """What a padded image is filled with: the image processor's mean colour in 0..255, as LLaVA pads (black
+        when the processor names no mean)."""
+        mean = getattr(getattr(self.processor, "image_processor", None), "image_mean", None)
+        if isinstance(mean, (int, float)):
+            mean = [mean] * 3
+        if not isinstance(mean, (list, tuple)) or len(mean) != 3:
+            return (0, 0, 0)
+        return tuple(int(x * 255) for x in mean)  # type: ignore[return-value]
 
     def format_prompt(self, prompt: Prompt) -> str:
         if prompt.raw:
