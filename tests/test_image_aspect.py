@@ -234,3 +234,13 @@ def test_the_dashboard_draws_a_padded_request_on_the_padded_square():
     overlay = np.asarray(drawing.kept_overlay(padded, None, 16, "llava"))
     plain = np.asarray(drawing.display_image(padded))
     assert overlay.shape == plain.shape and (overlay[5, 5] == plain[5, 5]).all()
+
+
+def test_padding_a_long_strip_is_bounded_by_the_pixel_limit():
+    """A strip within the pixel and aspect limits would make a square hundreds of times larger (a 25 MP strip of
+    200:1, 5 GP): it is scaled down first, keeping its aspect, and the square stays within the limit."""
+    strip = random_image(10, (3000, 20))
+    out = pad_to_square(strip, (1, 2, 3), max_pixels=1000 * 1000)
+    assert out.size[0] == out.size[1] <= 1000
+    assert out.getpixel((0, 0)) == (1, 2, 3)
+    assert pad_to_square(strip, (1, 2, 3), max_pixels=3000 * 3000).size == (3000, 3000)  # within it: full size

@@ -135,14 +135,21 @@ def check_image(img: object, what: str = "image") -> Image.Image:
 REFERENCE_IMAGE_ASPECT = {"llava": "pad", "llava_next": "native", "qwen2_vl": "native"}
 
 
-def pad_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def pad_to_square(img: Image.Image, background: tuple[int, int, int], max_pixels: int | None = None) -> Image.Image:
     """``img`` centred on a square of its longer side filled with ``background`` (LLaVA's ``expand2square``, which
     LLaVA-1.5 trains and evaluates with, ``image_aspect_ratio: pad``; transformers' ``LlavaImageProcessor`` with
     ``do_pad``): the processor's resize and centre crop then keep the whole image. A square image is returned
-    as it is."""
+    as it is. A square over ``max_pixels`` (default ``MAX_PIXELS``; a 25 MP strip of 200:1 would make a 5 GP
+    square) is made of the image scaled down first (bicubic), so that it fits: the processor scales it down to
+    a few hundred pixels anyway."""
     w, h = img.size
     if w == h:
         return img
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if max(w, h) ** 2 > limit:
+        scale = (limit ** 0.5) / max(w, h)
+        w, h = max(1, int(w * scale)), max(1, int(h * scale))
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
     side = max(w, h)
     out = Image.new(img.mode, (side, side), background)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
