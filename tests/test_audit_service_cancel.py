@@ -47,16 +47,12 @@ class SteppedEngine:
 
     def generate(self, reqs, spec):
         """``Engine.generate`` through this engine's ``start_batch`` (its steps counted)."""
-        results = [None] * len(reqs)
         batch = self.start_batch(reqs, spec)
         try:
-            while batch.active:
-                for ev in batch.advance():
-                    if ev.done:
-                        results[ev.index] = ev.result
+            done = batch.finish()
         finally:
             batch.close()
-        return results
+        return [done[i] for i in range(len(reqs))]
 
     def start_batch(self, reqs, specs, indices=None):
         batch = self._engine.start_batch(reqs, specs, indices)

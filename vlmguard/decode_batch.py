@@ -380,6 +380,19 @@ class DecodeBatch:
         return Combined(scores=stitch("scores"), main_logprobs=stitch("main_logprobs"),
                         contrast_logprobs=stitch("contrast_logprobs"))
 
+    def finish(self, before_step: Callable[["DecodeBatch"], Any] | None = None) -> dict[int, GenerationResult]:
+        """Advance until no request is active; the results by ``StreamEvent.index`` (a dropped request has none).
+        ``before_step(self)`` runs before each step (e.g. to ``drop`` requests whose callers left)."""
+        results: dict[int, GenerationResult] = {}
+        while True:
+            if before_step is not None:
+                before_step(self)
+            if not self.active:
+                return results
+            for ev in self.advance():
+                if ev.done:
+                    results[ev.index] = ev.result
+
     def drop(self, indices: set[int]) -> None:
         """Stop generating for the requests with these ``StreamEvent`` indices (their callers left)."""
         keep_j = [j for j, lv in enumerate(self.lives) if lv.index not in indices]

@@ -127,18 +127,14 @@ class EngineWorker:
         stops (before its prefill when they left while it waited for the engine)."""
         if gone is None:
             return self.engine.generate(reqs, specs)
-        results: list = [None] * len(reqs)
         if all(left() for left in gone):  # everyone left while the batch waited for the engine: no prefill
-            return results
+            return [None] * len(reqs)
         batch = self.engine.start_batch(reqs, specs)
         try:
-            while _drop_gone(batch, gone):
-                for ev in batch.advance():
-                    if ev.done:
-                        results[ev.index] = ev.result
+            done = batch.finish(lambda b: b.drop({lv.index for lv in b.lives if gone[lv.index]()}))
         finally:
             batch.close()
-        return results
+        return [done.get(i) for i in range(len(reqs))]
 
     def _run_group(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         try:
@@ -243,12 +239,6 @@ class EngineWorker:
             if not isinstance(e, VlmguardError):
                 log.exception("streaming generation failed")
             yield error_answer(e)
-
-
-def _drop_gone(batch, gone: Sequence[Gone]) -> int:
-    """Drop the requests of ``batch`` (a ``DecodeBatch``) whose callers left; how many are still active."""
-    batch.drop({lv.index for lv in batch.lives if gone[lv.index]()})
-    return batch.active
 
 
 async def answer_alone(worker: EngineWorker, item: WorkItem) -> dict[str, Any] | None:
