@@ -97,7 +97,7 @@ def _budgets(text: str) -> list[int | float]:
     out: list[int | float] = []
     for part in text.replace(" ", "").split(","):
         if part:
-            out.append(parse_budget(part))  # as `vlmguard bench --budget` reads it: '1.0' all tokens, '1' one
+            out.append(parse_budget(part))  # as `vlmguard bench pope --budget` reads it: '1.0' all tokens, '1' one
     if not out:
         raise ValueError("give at least one budget")
     return out

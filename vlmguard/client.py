@@ -239,7 +239,7 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
                  backoff_s: float = 0.5):
-        if "://" not in base_url:  # "127.0.0.1:8000", as `vlmguard job --address` takes it
+        if "://" not in base_url:  # "127.0.0.1:8000", as `vlmguard job submit --address` takes it
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
