@@ -23,7 +23,7 @@ from vlmguard.bench.report import flatten, is_partial, status_cell
 
 # Columns of the leaderboard, in display order (metrics are percentages; times in milliseconds).
 KNOB_COLUMNS = ("model", "dataset", "benchmark", "split", "variant", "pruning", "budget", "pruning_params",
-                "decoding", "decoding_params")
+                "decoding", "decoding_params", "image_aspect")
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "ctr", "sycophancy", "over_correction",
                   "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens", "visual_tokens_kept",
                   "prefill_ms", "ttft_ms", "total_ms")

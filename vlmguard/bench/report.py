@@ -14,7 +14,7 @@ from vlmguard.penalties import NEUTRAL
 
 COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
-    "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
+    "image_aspect", "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
     "sycophancy", "over_correction", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens",
     "visual_tokens_kept", "prefill_ms", "ttft_ms", "total_ms", "created_at",
 )
@@ -105,6 +105,9 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
         "pruning": run.get("pruning"),
         "budget": run.get("budget"),
         "decoding": run.get("decoding"),
+        # no method label shows it (a baseline is "base" whatever its images): runs on padded and on cropped images
+        # would be rows that differ in nothing shown; NULL is a run on the processor's own images
+        "image_aspect": run.get("image_aspect") or "native",
         "status": run.get("status"),
         "n_samples": run.get("n_samples"),
         "n_expected": run.get("n_expected"),
@@ -148,12 +151,12 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-POPE_VIEW = ("run_id", "model", "split", "method", "status", "n_samples", "accuracy", "f1", "yes_ratio", "visual_tokens_kept",
-             "prefill_ms")
-LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "status", "n_samples", "accuracy", "ctr", "sycophancy",
-                "over_correction")
-CHAIR_VIEW = ("run_id", "model", "variant", "method", "status", "n_samples", "chair_s", "chair_i", "chair_i_distinct",
-              "chair_recall", "len", "visual_tokens_kept")
+POPE_VIEW = ("run_id", "model", "split", "method", "image_aspect", "status", "n_samples", "accuracy", "f1",
+             "yes_ratio", "visual_tokens_kept", "prefill_ms")
+LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "image_aspect", "status", "n_samples", "accuracy",
+                "ctr", "sycophancy", "over_correction")
+CHAIR_VIEW = ("run_id", "model", "variant", "method", "image_aspect", "status", "n_samples", "chair_s", "chair_i",
+              "chair_i_distinct", "chair_recall", "len", "visual_tokens_kept")
 
 
 def is_partial(row: dict[str, Any]) -> bool:
