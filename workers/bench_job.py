@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from vlmguard.errors import InvalidInput, VlmguardError
@@ -42,6 +43,18 @@ def _retryable(e: BaseException) -> bool:
     return any(base.__name__ in RETRYABLE for base in type(e).__mro__)
 
 
+@dataclass(frozen=True)
+class ReplicaPromptFormat:
+    """What a benchmark's prompt presets read of a model's adapter (``PopePrompt.frame``), from a replica's info:
+    a job frames an OPERA / HALC question as a run on the replica's model in this process would."""
+
+    system: str | None
+    image_placeholder: str | None
+
+    def default_system(self) -> str | None:
+        return self.system
+
+
 class ServeEngine:
     """Looks like an Engine to ``run_benchmark``; ``generate`` goes to a Serve model deployment."""
 
@@ -53,13 +66,14 @@ class ServeEngine:
         self.context_length = info.get("context_length")
         self.revision = info.get("revision")  # run identity: the replicas' weights and precision
         self.dtype = info.get("dtype")
+        self.adapter = ReplicaPromptFormat(info.get("default_system"), info.get("image_placeholder"))
         self.call_timeout_s = call_timeout_s
         self.max_wait_s = max_wait_s
         self.retries = 0
 
     def generate(self, requests: Sequence[Request], spec: Any) -> list[GenerationResult]:
         items = [WorkItem(prompt=r.prompt, spec=spec, images=list(r.images), system=r.system,
-                          request_id=r.request_id) for r in requests]
+                          request_id=r.request_id, raw_prompt=r.raw_prompt) for r in requests]
         deadline = time.monotonic() + self.max_wait_s
         delay = 0.5
         while True:

@@ -39,6 +39,9 @@ class WorkItem:
     # with the model's own chat template; ``prompt`` is then unused.
     messages: list[dict[str, Any]] | None = None
     request_id: str | None = None
+    # ``prompt`` is already templated, with the model's image placeholders (a benchmark preset's own framing, sent
+    # by a benchmark job; the HTTP API never sets it)
+    raw_prompt: bool = False
 
 
 def event_dict(ev: Any) -> dict[str, Any]:
@@ -86,7 +89,10 @@ class EngineWorker:
                 "context_length": self.engine.context_length, "batches": self.batches, "items": self.items,
                 # what a benchmark run's identity needs, so a job resumes (and shares) a local run of the same
                 # weights and precision
-                "revision": self.engine.revision, "dtype": str(self.engine.model.dtype).removeprefix("torch.")}
+                "revision": self.engine.revision, "dtype": str(self.engine.model.dtype).removeprefix("torch."),
+                # what a benchmark preset with its own framing reads of the model (``PopePrompt.frame``)
+                "default_system": self.engine.adapter.default_system(),
+                "image_placeholder": self.engine.adapter.image_placeholder}
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):
@@ -102,7 +108,7 @@ class EngineWorker:
             text = proc.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
-                       system=item.system)
+                       system=item.system, raw_prompt=item.raw_prompt)
 
     def _run(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         reqs = [self._request(it) for it in items]
