@@ -134,14 +134,17 @@ def test_mixed_settings_give_each_request_its_own_length_and_sampling():
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("ingress,direct", [("model", False), ("separate", False), ("model", True)])
+@pytest.mark.parametrize("ingress,direct", [("model", None), ("separate", None), ("model", "--direct-ingress"),
+                                            ("model", "--throughput-optimized")])
 def test_serve_through_ray_batched_and_unbatched(tmp_path, ingress, direct):
     data = run_json(["perf", "serve", "--shape", "random:llava", "--clients", "1,4", "--requests", "8",
                      "--new-tokens", "4", "--repeats", "1", "--warmup", "1", "--quiet", "--json",
                      "--ingress", ingress, "--plot", str(tmp_path / "serve.png")]
                     # vcd: contrastive requests join; mixed settings: requests of other lengths and seeds too
-                    + (["--direct-ingress", "--decoding", "vcd", "--mixed-settings"] if direct else []))
-    assert data["ingress"] == ingress and data["direct_ingress"] is direct
+                    + ([direct, "--decoding", "vcd", "--mixed-settings"] if direct else []))
+    # Serve's throughput-optimized mode turns direct ingress on: the clients call the replicas' own servers
+    assert data["ingress"] == ingress and data["direct_ingress"] is (direct is not None)
+    assert data["throughput_optimized"] is (direct == "--throughput-optimized")
     assert data["decoding"] == ("vcd" if direct else "greedy")
     paths = {(r["path"], r["clients"]) for r in data["rows"]}
     assert paths == {(p, c) for p in ("engine", "ray_unbatched", "ray_batched") for c in (1, 4)}

@@ -10,7 +10,7 @@ from vlmguard.api_schema import ChatCompletionRequest
 from vlmguard.errors import InvalidInput
 from vlmguard.images import image_to_data_url
 from vlmguard.testing import random_image
-from vlmguard.workers.config import ServiceConfig, load_config, parse_config
+from vlmguard.workers.config import ModelConfig, ServiceConfig, load_config, parse_config
 from vlmguard.workers.image_intake import make_image_resolver
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import chat_item, chat_spec
@@ -426,3 +426,30 @@ def test_serve_refuses_gpu_replicas_this_machine_lacks(capsys, monkeypatch, tmp_
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "the replicas reserve more GPUs than this machine has (0): tiny 2" in err
     assert err.rstrip().endswith("set device cpu, a fractional num_gpus or fewer replicas, or join a cluster (--address)")
+
+
+def test_throughput_optimized_mode_is_set_on_the_clusters_vlmguard_starts(monkeypatch):
+    """Ray Serve's throughput-optimized mode is a cluster-wide environment flag read when the cluster starts, which
+    turns direct ingress on too: the config implies direct ingress (the service looks for the replicas' URLs), and
+    the clusters vlmguard starts get both flags while this process's environment is left as it was."""
+    import os
+
+    from vlmguard.cli import build_parser
+    from vlmguard.workers.launch import DIRECT_INGRESS_ENV, THROUGHPUT_OPTIMIZED_ENV, apply_overrides, cluster_env
+
+    for key in (DIRECT_INGRESS_ENV, THROUGHPUT_OPTIMIZED_ENV):
+        monkeypatch.delenv(key, raising=False)
+    cfg = ServiceConfig(models=[ModelConfig(model="tiny")], throughput_optimized=True)
+    assert cfg.direct_ingress is True
+    plain = ServiceConfig(models=[ModelConfig(model="tiny")])
+    assert (plain.throughput_optimized, plain.direct_ingress) == (False, False)
+    assert apply_overrides(plain, throughput_optimized=True).direct_ingress is True
+    with cluster_env(False, throughput_optimized=True):
+        assert (os.environ[DIRECT_INGRESS_ENV], os.environ[THROUGHPUT_OPTIMIZED_ENV]) == ("1", "1")
+    with cluster_env(True):
+        assert os.environ[DIRECT_INGRESS_ENV] == "1" and THROUGHPUT_OPTIMIZED_ENV not in os.environ
+    assert DIRECT_INGRESS_ENV not in os.environ and THROUGHPUT_OPTIMIZED_ENV not in os.environ
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--throughput-optimized"]).throughput_optimized is True
+    assert parser.parse_args(["serve"]).throughput_optimized is None  # the config's
+    assert parser.parse_args(["perf", "serve", "--throughput-optimized"]).throughput_optimized is True

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--direct-ingress", action="store_true", default=None,
                     help="Ray Serve direct ingress: each replica also serves HTTP on its own port (printed), so "
                          "clients can skip the Serve proxy (clusters started here get the flag)")
+    sp.add_argument("--throughput-optimized", action="store_true", default=None,
+                    help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED; implies "
+                         "--direct-ingress; clusters started here get the flag)")
     sp.add_argument("--num-cpus", type=int, help="logical CPUs of a locally started cluster")
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
@@ -96,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = apply_overrides(
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
         replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait_s,
-        direct_ingress=args.direct_ingress, batch_mode=args.batch_mode,
+        direct_ingress=args.direct_ingress, batch_mode=args.batch_mode, throughput_optimized=args.throughput_optimized,
         names={"port": f"--port {args.port}", "host": f"--host {args.host}", "model": f"--model {args.model}",
                "replicas": f"--replicas {args.replicas}", "max_batch_size": f"--max-batch-size {args.max_batch_size}",
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
@@ -124,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             check_resources(config, {"CPU": args.num_cpus}, f"a cluster of --num-cpus {args.num_cpus}")
     if args.detach and not address:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
-                                         direct_ingress=config.direct_ingress)
+                                         direct_ingress=config.direct_ingress,
+                                         throughput_optimized=config.throughput_optimized)
     svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
     info = {"url": svc.url, "models": [m.served_name for m in config.models], "jobs_address": svc.dashboard_url,
             "openai_base_url": svc.url + "/v1", "detached": bool(args.detach), "direct_urls": svc.direct_urls}

@@ -130,6 +130,11 @@ class ServiceConfig(BaseModel):
     # balancer can skip the Serve proxy; the proxy URL keeps working. A cluster-wide flag read when the
     # cluster starts: vlmguard sets it on clusters it starts; start a cluster you join with it set.
     direct_ingress: bool = False
+    # Ray Serve's throughput-optimized mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, Ray >= 2.55): the app's code runs
+    # on the replica's own event loop (not a second loop in another thread), requests between deployments go over
+    # gRPC, request logs are buffered and replica logs leave stderr (they stay in Ray's log files), and direct
+    # ingress is on (so it implies ``direct_ingress``). Cluster-wide, read when the cluster starts, as above.
+    throughput_optimized: bool = False
     ingress_max_ongoing_requests: int = Field(256, ge=1)  # separate ingress only
 
     @field_validator("models")
@@ -150,6 +155,8 @@ class ServiceConfig(BaseModel):
         if self.ingress == "model" and self.ingress_replicas != 1:
             raise ValueError("ingress_replicas applies to a separate ingress; with ingress: model the model's "
                              "num_replicas serve HTTP")
+        if self.throughput_optimized:  # Ray's mode turns direct ingress on: the service must look for its URLs
+            self.direct_ingress = True
         return self
 
     @property

@@ -31,6 +31,9 @@ from vlmguard.workers.ray_auth import use_local_auth_token
 
 DEFAULT_DASHBOARD_PORT = 8265
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# Ray Serve's throughput-optimized mode (Ray >= 2.55, "Enable High Throughput on Ray Serve"): user code on the
+# replica's own event loop, gRPC between deployments, buffered request logs, direct ingress on
+THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 OWNED_CLUSTER_DRAIN_S = 5.0  # min drain of a direct-ingress replica on a cluster that ends with this process
 
 
@@ -130,16 +133,19 @@ _OVERRIDE_OF_FIELD = {"port": "port", "host": "host", "model": "model", "num_rep
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
                     batching: bool | None = None, model: str | None = None, replicas: int | None = None,
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
-                    batch_mode: str | None = None,
-                    direct_ingress: bool | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
+                    batch_mode: str | None = None, direct_ingress: bool | None = None,
+                    throughput_optimized: bool | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
     """The config with these overrides (None: keep the config's). A bad value is one InvalidInput line that
     names the override, as ``names`` spells it (the CLI passes its option names, e.g. ``--replicas``)."""
     given = {k for k, v in dict(port=port, host=host, batching=batching, model=model, replicas=replicas,
                                 max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                                batch_mode=batch_mode, direct_ingress=direct_ingress).items() if v is not None}
+                                batch_mode=batch_mode, direct_ingress=direct_ingress,
+                                throughput_optimized=throughput_optimized).items() if v is not None}
     data = config.model_dump()
     if direct_ingress is not None:
         data["direct_ingress"] = direct_ingress
+    if throughput_optimized is not None:
+        data["throughput_optimized"] = throughput_optimized
     if port is not None:
         data["port"] = port
     if host is not None:
@@ -173,14 +179,18 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
 
 
 @contextmanager
-def cluster_env(direct_ingress: bool, drain_s: float | None = None):
+def cluster_env(direct_ingress: bool, drain_s: float | None = None, throughput_optimized: bool = False):
     """Environment for the Ray processes started inside the block (they inherit it; this process's is
     restored afterwards): Serve's direct-ingress flag when asked for, and optionally the shortest drain of a
-    direct-ingress replica at shutdown (Ray's default, 30 s, gives load balancers time to notice)."""
+    direct-ingress replica at shutdown (Ray's default, 30 s, gives load balancers time to notice); Serve's
+    throughput-optimized mode when asked for (it turns direct ingress on too)."""
+    direct_ingress = direct_ingress or throughput_optimized
     if not direct_ingress:
         yield
         return
     env = {DIRECT_INGRESS_ENV: "1"}
+    if throughput_optimized:
+        env[THROUGHPUT_OPTIMIZED_ENV] = "1"
     if drain_s is not None:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(drain_s)
     old = {k: os.environ.get(k) for k in env}
@@ -195,10 +205,11 @@ def cluster_env(direct_ingress: bool, drain_s: float | None = None):
                 os.environ[k] = v
 
 
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
-                dashboard_port: int | None = None, direct_ingress: bool = False) -> tuple[bool, str | None]:
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard_port: int | None = None,
+                direct_ingress: bool = False, throughput_optimized: bool = False) -> tuple[bool, str | None]:
     """Connect to ``address`` or start a local cluster owned by this process. Returns (owns, dashboard URL).
-    ``direct_ingress`` starts a local cluster with Serve's direct ingress on (no effect on joined clusters)."""
+    ``direct_ingress`` / ``throughput_optimized`` start a local cluster with Serve's direct ingress / its
+    throughput-optimized mode on (no effect on joined clusters)."""
     import ray
 
     if ray.is_initialized():
@@ -215,7 +226,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
         port = free_port()
     # address="local": always a fresh cluster, never one some `ray start` left on this machine. It ends with
     # this process, so a direct-ingress replica's drain at shutdown (for load balancers) is kept short.
-    with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S):
+    with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S, throughput_optimized=throughput_optimized):
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=port, log_to_driver=False)
     return True, _dashboard_url(ctx) or f"http://127.0.0.1:{port}"
@@ -243,7 +254,7 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     config = apply_overrides(config or ServiceConfig(), batching=batching,
                              port=free_port(config.host if config else "127.0.0.1") if port == 0 else port)
     owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port,
-                             direct_ingress=config.direct_ingress)
+                             direct_ingress=config.direct_ingress, throughput_optimized=config.throughput_optimized)
     try:
         _check_cluster_resources(config, owns)
         serve.start(http_options={"host": config.host, "port": config.port})
@@ -338,7 +349,8 @@ def wait_healthy(url: str, *, timeout_s: float = 300.0, api_keys: list[str] | No
 
 
 def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
-                           dashboard_port: int = DEFAULT_DASHBOARD_PORT, direct_ingress: bool = False) -> str:
+                           dashboard_port: int = DEFAULT_DASHBOARD_PORT, direct_ingress: bool = False,
+                           throughput_optimized: bool = False) -> str:
     """``ray start --head`` on loopback (outlives this process). Returns the cluster address: that of the cluster
     already running on ``port`` when there is one."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -347,7 +359,7 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    with cluster_env(direct_ingress):
+    with cluster_env(direct_ingress, throughput_optimized=throughput_optimized):
         proc = subprocess.run(cmd, capture_output=True, text=True)
     address = f"127.0.0.1:{port}"
     if proc.returncode != 0:

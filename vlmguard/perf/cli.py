@@ -146,6 +146,9 @@ def register(subparsers) -> None:
                         "`vlmguard serve`) or behind a separate FastAPI ingress deployment")
     s.add_argument("--direct-ingress", action="store_true",
                    help="Ray Serve direct ingress: clients call the replicas' own HTTP servers, not the Serve proxy")
+    s.add_argument("--throughput-optimized", action="store_true",
+                   help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED; implies "
+                        "--direct-ingress)")
     s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
     s.set_defaults(func=cmd_serve)
 

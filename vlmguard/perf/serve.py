@@ -281,8 +281,8 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     started_ray = False
     try:
         if not args.no_ray:
-            direct = bool(getattr(args, "direct_ingress", False))
-            started_ray = _private_ray(direct)
+            direct = _direct_ingress(args)
+            started_ray = _private_ray(direct, _throughput_optimized(args))
             image_urls = [image_to_data_url(im) for im in images]
             for batching in (False, True):
                 svc = _start(configs[batching], batching, progress)
@@ -316,7 +316,8 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         "batch_wait_ms": args.batch_wait_ms,
         "batch_mode": getattr(args, "batch_mode", "inflight"),
         "ingress": None if args.no_ray else args.ingress,
-        "direct_ingress": None if args.no_ray else bool(getattr(args, "direct_ingress", False)),
+        "direct_ingress": None if args.no_ray else _direct_ingress(args),
+        "throughput_optimized": None if args.no_ray else _throughput_optimized(args),
         "environment": env,
         "rows": rows,
         "summary": serve_summary(rows),
@@ -324,7 +325,16 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     }
 
 
-def _private_ray(direct_ingress: bool = False) -> bool:
+def _throughput_optimized(args: Any) -> bool:
+    return bool(getattr(args, "throughput_optimized", False))
+
+
+def _direct_ingress(args: Any) -> bool:
+    """Whether the clients call the replicas' own servers: asked for, or turned on by Serve's throughput mode."""
+    return bool(getattr(args, "direct_ingress", False)) or _throughput_optimized(args)
+
+
+def _private_ray(direct_ingress: bool = False, throughput_optimized: bool = False) -> bool:
     """A private local Ray cluster (even when another one runs on this machine). True if we started it."""
     import os
 
@@ -335,7 +345,8 @@ def _private_ray(direct_ingress: bool = False) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with cluster_env(direct_ingress, drain_s=0):  # a benchmark's replicas need no drain at the end
+    # a benchmark's replicas need no drain at the end
+    with cluster_env(direct_ingress, drain_s=0, throughput_optimized=throughput_optimized):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return True
 
@@ -367,7 +378,7 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
                                                         batch_wait_timeout_s=wait_s))],
             api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
             route_prefix=f"/{name}", ingress=args.ingress,
-            direct_ingress=bool(getattr(args, "direct_ingress", False)))
+            direct_ingress=_direct_ingress(args), throughput_optimized=_throughput_optimized(args))
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][-1]) if err.get("loc") else "option"
@@ -446,7 +457,8 @@ def serve_table(result: dict[str, Any]) -> str:
              f"requests={result['requests']}  "
              f"max_batch={result['max_batch']}  batch_wait_ms={result['batch_wait_ms']}  "
              f"batch_mode={result.get('batch_mode', 'whole')}  "
-             f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}  "
+             f"ingress={result.get('ingress')}{' (direct)' if result.get('direct_ingress') else ''}"
+             f"{' (throughput-optimized)' if result.get('throughput_optimized') else ''}  "
              f"threads={env.get('threads')}",
              table(["path", "clients", "requests", "errors", "req/s", "tok/s", "p50_s", "p90_s", "added_p50_s",
                     "prefill_n"], rows)]
