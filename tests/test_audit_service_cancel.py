@@ -225,3 +225,28 @@ def test_a_prefilled_batch_holds_no_hidden_states_of_its_prefill():
         first.close()
         later.close()
     assert [results[i] for i in range(4)] == want  # the answers of an uninterrupted batch of all four
+
+
+def test_the_hidden_rows_a_decoder_asks_for_at_prefill_hold_no_layer_output():
+    """VISTA asks for the last prompt position's residual of a window of layers. Those rows were views of each
+    layer's whole (B, L, D) output, which therefore stayed alive as long as the batch did; they are copies now."""
+    engine = tiny_engine("llava")
+    spec = GenerationSpec(decoding="vista", max_new_tokens=4)
+    refs: list[weakref.ref] = []
+
+    def keep_ref(module, args, out):
+        refs.append(weakref.ref(out))
+
+    handles = [layer.register_forward_hook(keep_ref) for layer in engine.adapter.layers]
+    try:
+        batch = engine.start_batch(_requests(0), spec)
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        assert batch.hidden  # the decoder's rows are there
+        gc.collect()
+        alive = [i for i, r in enumerate(refs) if r() is not None and r().dim() == 3 and r().shape[1] > 1]
+        assert alive == []
+    finally:
+        batch.close()
