@@ -369,6 +369,8 @@ class Engine:
                             text_len=[p - v for p, v in zip(prompt_len, n_visual)],
                             positions=None if positions is None else list(positions))
         pruner.check_budget(pctx)
+        if any(n_visual):
+            self._report_vision_work(pctx, adapter.vision_work(batch))
 
         # -- vision
         t_vis = time.perf_counter()
@@ -471,6 +473,16 @@ class Engine:
         row = {u: k for k, u in enumerate(firsts)}
         batch.expand([row[s] for s in source], requests, specs, indices)
         return batch
+
+    @staticmethod
+    def _report_vision_work(pctx: PruneContext, work: dict[str, list[int]]) -> None:
+        """``ModelAdapter.vision_work`` in each request's own report, a list over its images per key (main rows
+        only: a decoder's extra rows are no request's images)."""
+        per_row = pctx.report.setdefault("per_row", {})
+        for key, per_image in work.items():
+            for r, n in zip(pctx.batch.rows_with_images, per_image):
+                if r in pctx.main_rows:
+                    per_row.setdefault(r, {}).setdefault(key, []).append(n)
 
     @staticmethod
     def _pruning_report(pruner, pctx: PruneContext, row: int) -> dict[str, Any]:

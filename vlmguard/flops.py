@@ -184,6 +184,14 @@ def _family(config: Any) -> str:
     return ADAPTERS[model_type].family
 
 
+def qwen_image_passes(config: Any, patches_per_image: Sequence[int]) -> list[list[int]]:
+    """Qwen2-VL's tower work as one pass per image, its raw patches through every layer (each image attends only
+    to itself, so a request's images of different sizes are not one even split of their total)."""
+    vc = config.vision_config
+    depth = int(getattr(vc, "depth", None) or vc.num_hidden_layers)
+    return [[int(n)] * depth for n in patches_per_image]
+
+
 def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillFlops:
     """Prefill FLOPs of one :class:`~vlmguard.results.GenerationResult` (tokens actually fed per layer)."""
     text_tokens = int(result.prompt_tokens) - int(result.visual_tokens)
@@ -198,8 +206,12 @@ def result_flops(config: Any, result: Any, conv: Convention = PAPER) -> PrefillF
     if vit_rows:  # FlowCut's schedule of this request's own images (NeXT: crops), one list per tower pass
         passes = [list(r) for r in vit_rows]
         n_passes = len(passes)
-    elif family == "llava_next":  # crops per image ~ visual tokens / tokens per crop (base + grid)
-        n_passes = max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1)))
+    elif family == "llava_next":  # the crops the engine counted; else ~ visual tokens / tokens per crop
+        n_passes = (sum((result.pruning or {}).get("vision_crops") or [])
+                    or max(1, round(n_visual / (unpruned_vit_tokens(config)[0] - 1))))
+    elif family == "qwen2_vl" and (result.pruning or {}).get("vision_patches"):
+        passes = qwen_image_passes(config, result.pruning["vision_patches"])
+        n_passes = len(passes)
     elif family == "llava":  # one tower pass per image (a request may carry several): visual tokens / per image
         per_image = unpruned_vit_tokens(config)[0] - (0 if config.vision_feature_select_strategy == "full" else 1)
         n_passes = max(1, round(n_visual / per_image))

@@ -10,7 +10,8 @@ from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, parse_budget, parse_par
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="model path, HF cache id (offline) or 'tiny' (bundled)")
+    p.add_argument("--model", default="tiny", help="model path, HF cache id (offline), 'tiny' (bundled) or "
+                   "'random:FAMILY' (a tiny random-weight model: llava, llava_next, qwen2_vl)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--attn", default="auto", help="attention: auto, sdpa, flash_attention_2, eager")

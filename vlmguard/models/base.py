@@ -296,6 +296,11 @@ class ModelAdapter:
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
+    def vision_work(self, batch: EncodedBatch) -> dict[str, list[int]]:
+        """Per image of the batch (the order of ``rows_with_images``), what the FLOP count of its vision tower needs
+        and cannot tell from its visual tokens, by report key (``flops.result_flops`` reads it). None here."""
+        return {}
+
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """(rows, cols) of the visual token grid for one image/crop, when it is square."""
         side = int(round(n_tokens ** 0.5))

@@ -76,15 +76,24 @@ class LlavaNextAdapter(LlavaAdapter):
     def crops(self, batch: EncodedBatch) -> tuple[torch.Tensor, list[int]]:
         """The batch's anyres crops as one (crops, C, H, W) tensor on the model's device and dtype, and how
         many crops each image has (the processor pads every image to the largest count)."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         pv = batch.vision_inputs["pixel_values"]
-        n_crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
-                                             patch_size=self.config.vision_config.image_size)
-                   for s in batch.vision_inputs["image_sizes"]]
+        n_crops = self.crops_per_image(batch)
         if pv.dim() == 5:
             pv = torch.cat([p[:n] for p, n in zip(pv, n_crops)], dim=0)
         return pv.to(self.model.device, self.model.dtype), n_crops
+
+    def vision_work(self, batch: EncodedBatch) -> dict[str, list[int]]:
+        """Each image's anyres crops, its tower passes (unpadding and newline tokens hide them in the visual
+        tokens)."""
+        return {"vision_crops": self.crops_per_image(batch)}
+
+    def crops_per_image(self, batch: EncodedBatch) -> list[int]:
+        """How many anyres crops (vision tower passes) each image of the batch has: base crop + grid."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                          patch_size=self.config.vision_config.image_size)
+                for s in batch.vision_inputs["image_sizes"]]
 
     def encode_images(self, batch: EncodedBatch) -> Any:
         model = self.model.model
@@ -121,8 +130,16 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def image_pixels(self, batch: EncodedBatch) -> list[torch.Tensor]:
         """Per image, its rows of the flattened patch tensor (T * H * W patches each)."""
-        sizes = [int(t * h * w) for t, h, w in batch.vision_inputs["image_grid_thw"].tolist()]
-        return list(torch.split(batch.vision_inputs["pixel_values"], sizes, dim=0))
+        return list(torch.split(batch.vision_inputs["pixel_values"], self.patches_per_image(batch), dim=0))
+
+    def vision_work(self, batch: EncodedBatch) -> dict[str, list[int]]:
+        """Each image's raw patches: the tower attends within each image, so images of different sizes are no even
+        split of a request's total."""
+        return {"vision_patches": self.patches_per_image(batch)}
+
+    def patches_per_image(self, batch: EncodedBatch) -> list[int]:
+        """Raw (unmerged) patches of each image of the batch, in the order of ``rows_with_images``."""
+        return [int(t * h * w) for t, h, w in batch.vision_inputs["image_grid_thw"].tolist()]
 
     def encode_images(self, batch: EncodedBatch) -> Any:
         return self.encode_pixels(batch.vision_inputs["pixel_values"], batch.vision_inputs["image_grid_thw"])
