@@ -212,3 +212,15 @@ def test_a_run_listed_twice_is_listed_once_and_the_duplicate_named(tmp_path):
         "random)",
         "dropped a duplicate run: fake held budget=None pope random",
     ]
+
+
+def test_a_json_sweep_names_the_duplicate_on_stderr(tmp_path, capsys):
+    from vlmguard.cli import main
+
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"model: tiny\ndataset: {SYNTH}\nlimit: 1\ndb: {tmp_path / 's.sqlite'}\n"
+                   "benchmarks:\n  - pope: {splits: [random, random]}\nmethods:\n  - {name: base}\n")
+    assert main(["bench", "sweep", str(cfg), "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out.strip().splitlines()[-1])["runs"]) == 1
+    assert "dropped a duplicate run: tiny base budget=None pope random" in err.splitlines()

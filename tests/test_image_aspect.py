@@ -244,3 +244,28 @@ def test_padding_a_long_strip_is_bounded_by_the_pixel_limit():
     assert out.size[0] == out.size[1] <= 1000
     assert out.getpixel((0, 0)) == (1, 2, 3)
     assert pad_to_square(strip, (1, 2, 3), max_pixels=3000 * 3000).size == (3000, 3000)  # within it: full size
+
+
+def test_compare_names_what_tells_apart_groups_of_one_benchmark_and_split(tmp_path):
+    """Runs on padded and on cropped images are compared within their own groups; their rows, which show the same
+    benchmark, split and method, say which images each group ran on (NULL: the processor's own)."""
+    from test_bench_compare import _store, pope_samples
+
+    from vlmguard.bench.compare import compare_runs, format_comparisons
+    from vlmguard.bench.db import connect
+
+    conn = connect(tmp_path / "r.sqlite")
+    pope = dict(benchmark="pope", model="tiny", dataset="synthcoco", dataset_version="v1", split="random",
+                question_sha256="abc")
+    for aspect, right in ((None, 5), ("reference", 4)):
+        _store(conn, {**pope, "image_aspect": aspect}, pope_samples([[True] * 6] * 10))
+        _store(conn, {**pope, "image_aspect": aspect, "pruning": "fastv", "budget": 16},
+               pope_samples([[True] * right + [False] * (6 - right)] * 10))
+    conn.close()
+    rows = {(r.task, r.metric): r for r in compare_runs(tmp_path / "r.sqlite", n_boot=200)}
+    assert set(rows) == {(f"image_aspect={a}", m) for a in ("native", "reference")
+                         for m in ("accuracy", "accuracy_retained")}
+    assert rows[("image_aspect=reference", "accuracy_retained")].value == pytest.approx(100 * 4 / 6)
+    table = format_comparisons(list(rows.values()))
+    assert "| pope | random | task | method |" not in table and "| benchmark | split | task | method |" in table
+    assert "| pope | random | image_aspect=native | fastv@16 | accuracy |" in table

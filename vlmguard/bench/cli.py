@@ -344,8 +344,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from vlmguard.bench.sweep import run_sweep
 
     t0 = time.perf_counter()
-    outcomes = run_sweep(args.config, db=args.db, limit=args.limit, progress=not args.no_progress,
-                         echo=None if args.json else print)
+    # with --json the last stdout line is the JSON object: the lines of the runs and duplicates go to stderr
+    echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    outcomes = run_sweep(args.config, db=args.db, limit=args.limit, progress=not args.no_progress, echo=echo)
     if args.json:
         _print_json({"config": str(args.config), "elapsed_s": round(time.perf_counter() - t0, 3),
                      "runs": [o.to_dict() | {"knobs": o.knobs} for o in outcomes]})

@@ -63,6 +63,9 @@ class Comparison:
     images: int  # resampled units (paired images)
     samples: int  # paired samples (questions or captions)
     confidence: float
+    # what tells this run's group from the other groups compared, where the table's columns do not (another model,
+    # dtype, image_aspect, ...): "key=value ..."; empty when the groups differ only in what the table shows
+    task: str = ""
 
     @property
     def split_label(self) -> str:
@@ -86,6 +89,30 @@ class Comparison:
 
 def _task(run: dict[str, Any]) -> tuple:
     return tuple(run.get(k) for k in TASK_KEYS)
+
+
+SHOWN_TASK_KEYS = ("benchmark", "split", "variant")  # columns of the comparison table
+NULL_MEANS = {"image_aspect": "native", "dtype": "float32"}  # what a run that records nothing there ran with
+
+
+def _task_labels(tasks: list[tuple]) -> dict[tuple, str]:
+    """Per group's task tuple, ``key=value`` of the keys that tell it from the other groups of ``tasks`` the table
+    would print on rows of the same benchmark and split (another model, dtype, image_aspect, ...); "" for a group
+    no other shares its benchmark and split with."""
+    shown = [TASK_KEYS.index(k) for k in SHOWN_TASK_KEYS]
+    alike: dict[tuple, list[tuple]] = defaultdict(list)
+    for t in tasks:
+        alike[tuple(t[i] for i in shown)].append(t)
+
+    def value(i: int, v: Any) -> str:
+        text = str(NULL_MEANS.get(TASK_KEYS[i], "-") if v is None else v)
+        return text if len(text) <= 16 else text[:15] + "…"
+
+    labels = {}
+    for same in alike.values():
+        varying = [i for i in range(len(TASK_KEYS)) if i not in shown and len({t[i] for t in same}) > 1]
+        labels.update({t: " ".join(f"{TASK_KEYS[i]}={value(i, t[i])}" for i in varying) for t in same})
+    return labels
 
 
 def _unit_sums(samples: list[dict[str, Any]], benchmark: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -189,6 +216,7 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
     for r in reversed(runs):  # oldest first, so a group's order is the order the runs were made
         groups[_task(r)].append(r)
     out: list[Comparison] = []
+    base_of: dict[str, dict[str, Any]] = {}  # each group's baseline run, by run id
     found = False
     for members in groups.values():
         bases = [r for r in members if baseline in (method_label(r), r["run_id"])]
@@ -202,6 +230,7 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
                 "(sampling, seed, ...); pass one of these run ids as --baseline")
         found = True
         base = bases[-1]  # the newest run under that label
+        base_of[base["run_id"]] = base
         base_samples = run_samples(db, base["run_id"])
         for r in members:
             if r["run_id"] == base["run_id"]:
@@ -215,6 +244,10 @@ def compare_runs(db: Any, baseline: str = "base", *, benchmark: str | None = Non
                 out.append(Comparison(benchmark=r["benchmark"], split=r.get("split"), variant=r.get("variant"),
                                       method=method_label(r), baseline=baseline, run_id=r["run_id"],
                                       baseline_run_id=base["run_id"], confidence=confidence, **row))
+    compared = {c.baseline_run_id: _task(base_of[c.baseline_run_id]) for c in out}
+    labels = _task_labels(list(set(compared.values())))
+    for c in out:
+        c.task = labels[compared[c.baseline_run_id]]
     if not found:
         labels = sorted({method_label(r) for r in runs})
         unfinished = sum(1 for r in every if r["status"] != "finished" and baseline in (method_label(r), r["run_id"]))
@@ -245,12 +278,15 @@ def format_comparisons(rows: list[Comparison]) -> str:
     if not rows:
         return "(no run shares its questions with a baseline run)"
     conf = f"{100 * rows[0].confidence:g}% CI"
-    lines = [f"| benchmark | split | method | metric | {rows[0].baseline} | value | change | {conf} | images |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    with_task = any(c.task for c in rows)  # groups that differ in what no other column shows
+    task_head, task_rule = ("task | ", "---|") if with_task else ("", "")
+    lines = [f"| benchmark | split | {task_head}method | metric | {rows[0].baseline} | value | change | {conf} "
+             "| images |", f"|---|---|{task_rule}---|---|---|---|---|---|---|"]
     for c in rows:
         mark = " *" if c.excludes_no_change else ""
         ci = f"[{_fmt_change(c.kind, c.ci_low)}, {_fmt_change(c.kind, c.ci_high)}]"
-        lines.append(f"| {c.benchmark} | {c.split_label} | {c.method} | {c.metric} | {_fmt_value(c.baseline_value)} | "
-                     f"{_fmt_value(c.value)} | "
+        task = f"{c.task} | " if with_task else ""
+        lines.append(f"| {c.benchmark} | {c.split_label} | {task}{c.method} | {c.metric} | "
+                     f"{_fmt_value(c.baseline_value)} | {_fmt_value(c.value)} | "
                      f"{_fmt_change(c.kind, c.change)}{mark} | {ci} | {c.images} |")
     return "\n".join(lines)
