@@ -3,8 +3,8 @@
 Visual tokens are in raster order over a grid of patches (engine API: ``kept_indices`` index
 ``0..visual_tokens-1``). The grid is square for LLaVA-1.5 and the tiny model; LLaVA-NeXT puts the
 base-resolution grid (the whole image resized to a square: 24 x 24 for a 336-pixel tower) first, followed by the
-high-resolution tiles, so only the base grid is drawn (:func:`next_base_side`); Qwen2-VL's grid follows the image's
-aspect ratio (merged 28-pixel patches).
+high-resolution tiles, so only the base grid is drawn (the service's ``ModelCard.grid_side``, else
+:func:`next_base_side`); Qwen2-VL's grid follows the image's aspect ratio (merged 28-pixel patches).
 LLaVA-1.5's CLIP processor resizes the shortest side and crops the centre square: its grid covers only that square
 of a non-square image (:func:`token_region`), the rest is shaded as never seen; a request whose images were padded
 to a square first (``image_aspect``) is drawn on the padded square (:func:`model_view`).
@@ -27,12 +27,16 @@ CLIP_MEAN_RGB = (122, 116, 104)  # OpenAI CLIP's image_mean x 255: what LLaVA pa
 SCORE_KEYS = ("visual_scores", "token_scores", "scores", "visual_token_scores")
 
 
-def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = None) -> tuple[int, int, int]:
-    """``(rows, cols, n_drawn)`` of the visual-token grid of an image of ``image_size`` = (width, height)."""
+def token_grid(n_tokens: int, image_size: tuple[int, int], family: str | None = None,
+               grid_side: int | None = None) -> tuple[int, int, int]:
+    """``(rows, cols, n_drawn)`` of the visual-token grid of an image of ``image_size`` = (width, height).
+    ``grid_side``: the service's ``ModelCard.grid_side`` where it gives one (LLaVA-NeXT's base grid: exact; without
+    it the base grid is inferred from the token count)."""
     if n_tokens <= 0:
         raise ValueError("no visual tokens to draw")
     if family == "llava_next":
-        base = next_base_side(n_tokens, image_size)
+        known = grid_side if grid_side and grid_side * grid_side <= n_tokens else None
+        base = known or next_base_side(n_tokens, image_size)
         if base is None and n_tokens > LLAVA_NEXT_BASE:
             base = math.isqrt(LLAVA_NEXT_BASE)
         if base is not None:
@@ -133,10 +137,10 @@ def _cells(region: tuple[float, float, float, float], rows: int, cols: int):
 
 
 def kept_overlay(image: Image.Image, kept_indices: Sequence[int] | None, n_tokens: int,
-                 family: str | None = None, side: int = DISPLAY_SIDE) -> Image.Image:
+                 family: str | None = None, side: int = DISPLAY_SIDE, grid_side: int | None = None) -> Image.Image:
     """The image with pruned visual tokens dimmed and kept ones outlined (all kept when indices are None)."""
     base = display_image(image, side)
-    rows, cols, n_drawn = token_grid(n_tokens, image.size, family)
+    rows, cols, n_drawn = token_grid(n_tokens, image.size, family, grid_side)
     kept = set(range(n_drawn)) if kept_indices is None else {int(i) for i in kept_indices if 0 <= int(i) < n_drawn}
     region = _display_region(image, base, family)
     shade = Image.new("L", base.size, 120)  # outside the region the tokens cover: never seen by the model
@@ -168,11 +172,11 @@ def heat_colors(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
 
 
 def score_heatmap(image: Image.Image, scores: Sequence[float], family: str | None = None,
-                  alpha: float = 0.55, side: int = DISPLAY_SIDE) -> Image.Image:
+                  alpha: float = 0.55, side: int = DISPLAY_SIDE, grid_side: int | None = None) -> Image.Image:
     """The per-visual-token scores as a heatmap blended over the image (brighter = higher score)."""
     base = display_image(image, side)
     n = len(scores)
-    rows, cols, n_drawn = token_grid(n, image.size, family)
+    rows, cols, n_drawn = token_grid(n, image.size, family, grid_side)
     colors = heat_colors(np.asarray(scores[:n_drawn], dtype=np.float64))
     grid = colors.reshape(rows, cols, 3)
     x0, y0, x1, y1 = (round(v) for v in _display_region(image, base, family))

@@ -63,11 +63,12 @@ def render() -> None:
         return
     spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection,
                        image_aspect=aspect)
-    family = status.families.get(model)
+    family, grid_side = status.families.get(model), status.grid_sides.get(model)
     client = service_client(cfg)
     inputs = _inputs(model, prompt, image, spec)
     if go:
-        st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, family), "inputs": inputs}
+        st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, family, grid_side),
+                                          "inputs": inputs}
     shown = st.session_state.get(RESULTS_KEY)
     if shown and not go:
         then = shown.get("inputs") or {}
@@ -77,7 +78,7 @@ def render() -> None:
             what = " and ".join([", ".join(changed[:-1]), changed[-1]] if len(changed) > 1 else changed)
             st.warning(f"Stale results: the {what} changed since these were computed{was}. "
                        "Press Generate for the current input.")
-        _show_all(shown, image_from=shown["image"], family=shown["family"], streamed=False)
+        _show_all(shown, image_from=shown["image"], family=shown["family"], grid_side=shown.get("grid_side"))
     if objects:
         st.caption("Objects visible in this scene: " + ", ".join(objects))
 
@@ -144,9 +145,9 @@ def _image_input() -> tuple[Image.Image | None, list[str]]:
 
 
 def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, Any], compare: bool,
-         family: str | None) -> dict[str, Any] | None:
+         family: str | None, grid_side: int | None = None) -> dict[str, Any] | None:
     """Run the request (streamed) and the plain baseline; draw as they arrive; return what to keep."""
-    out: dict[str, Any] = {"image": image, "family": family, "results": {}, "errors": {}}
+    out: dict[str, Any] = {"image": image, "family": family, "grid_side": grid_side, "results": {}, "errors": {}}
     runs = [("with methods", spec)]
     if compare:
         plain = {k: v for k, v in spec.items() if k not in ("budget", "pruning_params", "decoding_params")}
@@ -168,7 +169,7 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
                 st.error("the stream ended without a result")
                 continue
             out["results"][title] = {"spec": sp, "result": result}
-            _show_result(result, image, family, sp)
+            _show_result(result, image, family, sp, grid_side)
     return out
 
 
@@ -181,7 +182,7 @@ def _text_deltas(events: Iterator[Any], holder: dict[str, Any]) -> Iterator[str]
             return
 
 
-def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None, streamed: bool) -> None:
+def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None, grid_side: int | None) -> None:
     items = list(shown["results"].items()) + [(t, None) for t in shown["errors"]]
     cols = st.columns(max(1, len(items)))
     for col, (title, entry) in zip(cols, items):
@@ -192,7 +193,7 @@ def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None
                 continue
             st.caption(_spec_caption(entry["spec"]))
             st.markdown(entry["result"].text or "_(empty answer)_")
-            _show_result(entry["result"], image_from, family, entry["spec"])
+            _show_result(entry["result"], image_from, family, entry["spec"], grid_side)
 
 
 def _spec_caption(sp: dict[str, Any]) -> str:
@@ -212,7 +213,8 @@ def _spec_caption(sp: dict[str, Any]) -> str:
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
 
 
-def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, Any]) -> None:
+def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, Any],
+                 grid_side: int | None = None) -> None:
     t = r.timings
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("prefill", _ms(t.prefill_s))
@@ -228,13 +230,13 @@ def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, A
     if n:
         i1, i2 = st.columns(2)
         with i1:
-            st.image(drawing.kept_overlay(image, kept, n, family),
+            st.image(drawing.kept_overlay(image, kept, n, family, grid_side=grid_side),
                      caption=f"kept visual tokens: {n_kept} of {n}", width="stretch")
         with i2:
             found = drawing.find_visual_scores(r.pruning, n)
             if found is not None:
                 key, scores = found
-                st.image(drawing.score_heatmap(image, scores, family),
+                st.image(drawing.score_heatmap(image, scores, family, grid_side=grid_side),
                          caption=f"token scores ({key}): brighter = higher", width="stretch")
             else:
                 st.caption(f"The pruner `{(r.pruning or {}).get('name', 'none')}` reports no per-token scores.")

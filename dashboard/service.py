@@ -42,6 +42,7 @@ class ServiceStatus:
     models: list[str] = field(default_factory=list)
     message: str = ""
     families: dict[str, str | None] = field(default_factory=dict)
+    grid_sides: dict[str, int | None] = field(default_factory=dict)  # ModelCard.grid_side per model
     refused_key: bool = False  # it answered, but 401/403: the API key is missing or wrong
 
 
@@ -65,7 +66,8 @@ def probe_service(client: GenerationClient, url: str) -> ServiceStatus:
         return ServiceStatus(False, url, [], msg, refused_key=getattr(e, "status", None) in (401, 403))
     if not names:
         return ServiceStatus(False, url, [], "the service serves no model")
-    return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards})
+    return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards},
+                         grid_sides={c["id"]: c.get("grid_side") for c in cards})
 
 
 PLAYGROUND_TOP_LOGPROBS = 3  # alternatives per generated token the playground shows

@@ -165,6 +165,48 @@ def test_the_tiny_llava_next_base_grid_is_4_by_4():
     assert _lum(out, 120, 40) < 150  # token 1, pruned
 
 
+def test_the_service_tells_the_grid_side_and_the_drawing_takes_it():
+    """The model card carries each model's grid side (LLaVA-NeXT: its base grid), so the drawing need not infer it
+    from the token count; Qwen2-VL's grid follows each image, so it has none."""
+    import asyncio
+
+    import httpx
+
+    from test_client import _inprocess_app
+    from vlmguard.testing import tiny_engine
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    for family, side in (("llava", None), ("llava_next", 4), ("qwen2_vl", None)):
+        eng = tiny_engine(family)
+        vc = eng.model.config.vision_config
+        want = side if family != "llava" else vc.image_size // vc.patch_size
+        assert EngineWorker(family, name=family, engine=eng).info()["grid_side"] == want
+
+    async def models():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_inprocess_app()), base_url="http://t") as c:
+            return (await c.get("/v1/models")).json()
+
+    card = asyncio.run(models())["data"][0]
+    llava = tiny_engine("llava").model.config.vision_config
+    assert card["grid_side"] == llava.image_size // llava.patch_size
+    status = service.probe_service(StubModels(card), "http://t")
+    assert status.grid_sides == {card["id"]: card["grid_side"]}
+    # given by the service, the base grid is taken as it is; without it, inferred from the count and the image
+    assert drawing.token_grid(88, (64, 64), "llava_next", grid_side=4) == (4, 4, 16)
+    assert drawing.token_grid(88, (64, 64), "llava_next", grid_side=3) == (3, 3, 9)
+    assert drawing.token_grid(88, (64, 64), "llava_next") == (4, 4, 16)
+
+
+class StubModels:
+    def __init__(self, card: dict):
+        self.card = card
+
+    def models(self):  # a ModelList's shape: cards under .data
+        from types import SimpleNamespace
+
+        return SimpleNamespace(data=[self.card])
+
+
 def test_a_384_pixel_llava_next_tower_has_a_27_by_27_base_grid():
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import (

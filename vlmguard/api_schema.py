@@ -403,6 +403,9 @@ class ModelCard(BaseModel):
     owned_by: str = "vlmguard"
     family: Optional[str] = None
     context_length: Optional[int] = None
+    # visual tokens per side of one image's grid (LLaVA-NeXT: the base grid before its crops); None where the grid
+    # follows the image (Qwen2-VL): what a client needs to draw kept tokens over an image
+    grid_side: Optional[int] = None
 
 
 class ModelList(BaseModel):

@@ -355,7 +355,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             info = await asyncio.wait_for(backend.info(name), timeout=10.0)
         except Exception:  # noqa: BLE001 - list the model without details
             info = {}
-        return ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length"))
+        return ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length"),
+                         grid_side=info.get("grid_side"))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

@@ -92,7 +92,8 @@ class EngineWorker:
                 "revision": self.engine.revision, "dtype": str(self.engine.model.dtype).removeprefix("torch."),
                 # what a benchmark preset with its own framing reads of the model (``PopePrompt.frame``)
                 "default_system": self.engine.adapter.default_system(),
-                "image_placeholder": self.engine.adapter.image_placeholder}
+                "image_placeholder": self.engine.adapter.image_placeholder,
+                "grid_side": self.engine.adapter.grid_side()}
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):

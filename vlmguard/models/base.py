@@ -301,6 +301,13 @@ class ModelAdapter:
         and cannot tell from its visual tokens, by report key (``flops.result_flops`` reads it). None here."""
         return {}
 
+    def grid_side(self) -> int | None:
+        """Visual tokens per side of one image's grid (LLaVA-NeXT: its base grid, before the crops), None where it
+        follows the image (Qwen2-VL) or is not known."""
+        vc = getattr(self.config, "vision_config", None)
+        size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+        return size // patch if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
+
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """(rows, cols) of the visual token grid for one image/crop, when it is square."""
         side = int(round(n_tokens ** 0.5))

@@ -168,6 +168,9 @@ class Qwen2VLAdapter(ModelAdapter):
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         return None  # native resolution: grids come from image_grid_thw
 
+    def grid_side(self) -> int | None:
+        return None  # native resolution: each image's grid follows its size
+
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
