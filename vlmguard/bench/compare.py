@@ -30,7 +30,7 @@ import numpy as np
 
 from vlmguard.bench.chair_score import distinct_counts
 from vlmguard.bench.db import list_runs, run_samples
-from vlmguard.bench.report import method_label
+from vlmguard.bench.report import NULL_MEANS, method_label
 from vlmguard.errors import InvalidInput
 
 # what makes two runs answer the same task (the method columns are what may differ)
@@ -92,7 +92,6 @@ def _task(run: dict[str, Any]) -> tuple:
 
 
 SHOWN_TASK_KEYS = ("benchmark", "split", "variant")  # columns of the comparison table
-NULL_MEANS = {"image_aspect": "native", "dtype": "float32"}  # what a run that records nothing there ran with
 
 
 def _task_labels(tasks: list[tuple]) -> dict[tuple, str]:

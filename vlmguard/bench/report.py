@@ -12,6 +12,9 @@ from typing import Any
 from vlmguard.bench.db import list_runs
 from vlmguard.penalties import NEUTRAL
 
+# what a run that records nothing in these columns ran with (they are NULL unless set: older runs keep their ids)
+NULL_MEANS = {"image_aspect": "native", "dtype": "float32"}
+
 COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
     "image_aspect", "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
@@ -107,7 +110,7 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
         "decoding": run.get("decoding"),
         # no method label shows it (a baseline is "base" whatever its images): runs on padded and on cropped images
         # would be rows that differ in nothing shown; NULL is a run on the processor's own images
-        "image_aspect": run.get("image_aspect") or "native",
+        "image_aspect": run.get("image_aspect") or NULL_MEANS["image_aspect"],
         "status": run.get("status"),
         "n_samples": run.get("n_samples"),
         "n_expected": run.get("n_expected"),
