@@ -92,11 +92,16 @@ def _next_token_count(side: int, rows: int, cols: int, image_size: tuple[int, in
     return side * side + high * wide + high
 
 
-def model_view(image: Image.Image, family: str | None, image_aspect: str | None) -> Image.Image:
+def model_view(image: Image.Image, family: str | None, image_aspect: str | None,
+               reference: str | None = None) -> Image.Image:
     """The image as the model's processor gets it: padded to a square with CLIP's mean grey where the request's
-    ``image_aspect`` pads (``pad``; ``reference`` on LLaVA-1.5), so that its visual-token grid covers the padded
-    square; otherwise as it is. (The grey is the CLIP processors' mean, what every supported family pads with.)"""
-    pads = image_aspect == "pad" or image_aspect == "reference" and REFERENCE_IMAGE_ASPECT.get(family or "") == "pad"
+    ``image_aspect`` pads (``pad``; ``reference`` where the model's reference pads: ``reference``, the service's
+    ``ModelCard.reference_image_aspect``, which a checkpoint's own ``image_aspect_ratio`` decides, else the family's),
+    so that its visual-token grid covers the padded square; otherwise as it is. (The grey is the CLIP processors'
+    mean, what every supported family pads with.)"""
+    if image_aspect == "reference":
+        image_aspect = reference or REFERENCE_IMAGE_ASPECT.get(family or "", "native")
+    pads = image_aspect == "pad"
     return pad_to_square(image.convert("RGB"), CLIP_MEAN_RGB) if pads else image
 
 

@@ -13,7 +13,7 @@ import streamlit as st
 from PIL import Image
 
 from vlmguard.dashboard import drawing, images
-from vlmguard.dashboard.service import BASELINE_SPEC, selection_kwargs, spec_kwargs
+from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, selection_kwargs, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, params_form, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
 from vlmguard.spec import IMAGE_ASPECTS, parse_budget
@@ -63,12 +63,11 @@ def render() -> None:
         return
     spec = spec_kwargs(pruning, budget, pruning_params, decoding, decoding_params, max_new, selection=selection,
                        image_aspect=aspect)
-    family, grid_side = status.families.get(model), status.grid_sides.get(model)
+    facts = status.facts.get(model) or ModelFacts()
     client = service_client(cfg)
     inputs = _inputs(model, prompt, image, spec)
     if go:
-        st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, family, grid_side),
-                                          "inputs": inputs}
+        st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, facts), "inputs": inputs}
     shown = st.session_state.get(RESULTS_KEY)
     if shown and not go:
         then = shown.get("inputs") or {}
@@ -78,7 +77,7 @@ def render() -> None:
             what = " and ".join([", ".join(changed[:-1]), changed[-1]] if len(changed) > 1 else changed)
             st.warning(f"Stale results: the {what} changed since these were computed{was}. "
                        "Press Generate for the current input.")
-        _show_all(shown, image_from=shown["image"], family=shown["family"], grid_side=shown.get("grid_side"))
+        _show_all(shown, image_from=shown["image"], facts=shown["facts"])
     if objects:
         st.caption("Objects visible in this scene: " + ", ".join(objects))
 
@@ -145,9 +144,9 @@ def _image_input() -> tuple[Image.Image | None, list[str]]:
 
 
 def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, Any], compare: bool,
-         family: str | None, grid_side: int | None = None) -> dict[str, Any] | None:
+         facts: ModelFacts) -> dict[str, Any] | None:
     """Run the request (streamed) and the plain baseline; draw as they arrive; return what to keep."""
-    out: dict[str, Any] = {"image": image, "family": family, "grid_side": grid_side, "results": {}, "errors": {}}
+    out: dict[str, Any] = {"image": image, "facts": facts, "results": {}, "errors": {}}
     runs = [("with methods", spec)]
     if compare:
         plain = {k: v for k, v in spec.items() if k not in ("budget", "pruning_params", "decoding_params")}
@@ -169,7 +168,7 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
                 st.error("the stream ended without a result")
                 continue
             out["results"][title] = {"spec": sp, "result": result}
-            _show_result(result, image, family, sp, grid_side)
+            _show_result(result, image, sp, facts)
     return out
 
 
@@ -182,7 +181,7 @@ def _text_deltas(events: Iterator[Any], holder: dict[str, Any]) -> Iterator[str]
             return
 
 
-def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None, grid_side: int | None) -> None:
+def _show_all(shown: dict[str, Any], image_from: Image.Image, facts: ModelFacts) -> None:
     items = list(shown["results"].items()) + [(t, None) for t in shown["errors"]]
     cols = st.columns(max(1, len(items)))
     for col, (title, entry) in zip(cols, items):
@@ -193,7 +192,7 @@ def _show_all(shown: dict[str, Any], image_from: Image.Image, family: str | None
                 continue
             st.caption(_spec_caption(entry["spec"]))
             st.markdown(entry["result"].text or "_(empty answer)_")
-            _show_result(entry["result"], image_from, family, entry["spec"], grid_side)
+            _show_result(entry["result"], image_from, entry["spec"], facts)
 
 
 def _spec_caption(sp: dict[str, Any]) -> str:
@@ -213,8 +212,7 @@ def _spec_caption(sp: dict[str, Any]) -> str:
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
 
 
-def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, Any],
-                 grid_side: int | None = None) -> None:
+def _show_result(r: Any, image: Image.Image, sp: dict[str, Any], facts: ModelFacts) -> None:
     t = r.timings
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("prefill", _ms(t.prefill_s))
@@ -223,7 +221,8 @@ def _show_result(r: Any, image: Image.Image, family: str | None, sp: dict[str, A
     c4.metric("total", _ms(t.total_s))
     n = r.visual_tokens
     kept = r.kept_indices
-    image = drawing.model_view(image, family, sp.get("image_aspect"))
+    family, grid_side = facts.family, facts.grid_side
+    image = drawing.model_view(image, family, sp.get("image_aspect"), facts.reference_aspect)
     n_kept = len(kept) if kept is not None else n
     st.caption(f"finish: {r.finish_reason} · {len(r.token_ids)} tokens · visual tokens per LLM layer: "
                f"{_layers(r.visual_tokens_kept)}")

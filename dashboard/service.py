@@ -35,15 +35,35 @@ class GenerationClient(Protocol):
                         **spec: Any) -> Iterator[Any]: ...
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the playground draws a model's results with, from the service's ``ModelCard``."""
+
+    family: str | None = None
+    grid_side: int | None = None  # visual tokens per side of an image's (base) grid; None: follows the image
+    reference_aspect: str | None = None  # what image_aspect "reference" does here (pad | native); None: by family
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> "ModelFacts":
+        return cls(card.get("family"), card.get("grid_side"), card.get("reference_image_aspect"))
+
+
 @dataclass
 class ServiceStatus:
     ok: bool
     url: str
     models: list[str] = field(default_factory=list)
     message: str = ""
-    families: dict[str, str | None] = field(default_factory=dict)
-    grid_sides: dict[str, int | None] = field(default_factory=dict)  # ModelCard.grid_side per model
+    facts: dict[str, ModelFacts] = field(default_factory=dict)  # per model, from its ModelCard
     refused_key: bool = False  # it answered, but 401/403: the API key is missing or wrong
+
+    @property
+    def families(self) -> dict[str, str | None]:
+        return {m: f.family for m, f in self.facts.items()}
+
+    @property
+    def grid_sides(self) -> dict[str, int | None]:
+        return {m: f.grid_side for m, f in self.facts.items()}
 
 
 def make_client(cfg: DashboardConfig, *, probe: bool = False) -> GenerationClient:
@@ -66,8 +86,7 @@ def probe_service(client: GenerationClient, url: str) -> ServiceStatus:
         return ServiceStatus(False, url, [], msg, refused_key=getattr(e, "status", None) in (401, 403))
     if not names:
         return ServiceStatus(False, url, [], "the service serves no model")
-    return ServiceStatus(True, url, names, "", {c["id"]: c.get("family") for c in cards},
-                         grid_sides={c["id"]: c.get("grid_side") for c in cards})
+    return ServiceStatus(True, url, names, "", {c["id"]: ModelFacts.from_card(c) for c in cards})
 
 
 PLAYGROUND_TOP_LOGPROBS = 3  # alternatives per generated token the playground shows

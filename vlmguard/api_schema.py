@@ -291,7 +291,8 @@ class VlmguardInfo(BaseModel):
     """vlmguard's extension of a chat completion: what pruning did and where the time went."""
 
     pruning: str
-    decoding: str
+    decoding: str  # the decoder; a plain one is named by how its tokens were chosen (greedy | sample)
+    sampled: bool = False  # the tokens were drawn (do_sample with a temperature above 0), not the argmax
     visual_tokens: int
     visual_tokens_kept: list[int]
     kept_indices: Optional[list[int]] = None
@@ -406,6 +407,9 @@ class ModelCard(BaseModel):
     # visual tokens per side of one image's grid (LLaVA-NeXT: the base grid before its crops); None where the grid
     # follows the image (Qwen2-VL): what a client needs to draw kept tokens over an image
     grid_side: Optional[int] = None
+    # what a request's image_aspect "reference" does on this model (GenerationSpec.image_aspect): pad its images to a
+    # square, or leave them to the processor; decided by the family or the checkpoint config's image_aspect_ratio
+    reference_image_aspect: Optional[Literal["pad", "native"]] = None
 
 
 class ModelList(BaseModel):

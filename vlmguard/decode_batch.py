@@ -443,7 +443,9 @@ class DecodeBatch:
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
                             setup_s=lv.setup_s, batch_size=lv.batch_size,
                             prefill_batch=lv.prefill_batch),
-            steps=lv.steps, pruning=lv.pruning, decoding={**decoder.describe(), **dctx.request_report(lv.local)},
+            steps=lv.steps, pruning=lv.pruning,
+            # the decoder, its per-request values, and whether this request's tokens were drawn (its own setting)
+            decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
             error=lv.error)
 

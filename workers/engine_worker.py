@@ -93,7 +93,8 @@ class EngineWorker:
                 # what a benchmark preset with its own framing reads of the model (``PopePrompt.frame``)
                 "default_system": self.engine.adapter.default_system(),
                 "image_placeholder": self.engine.adapter.image_placeholder,
-                "grid_side": self.engine.adapter.grid_side()}
+                "grid_side": self.engine.adapter.grid_side(),
+                "reference_image_aspect": self.engine.adapter.image_aspect("reference")}
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):

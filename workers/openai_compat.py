@@ -190,10 +190,19 @@ def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_ima
 
 # ---- responses ----------------------------------------------------------------------------------------
 
+PLAIN_DECODERS = ("greedy", "sample")  # the same decoder (decoding/plain.py); only the default selection differs
+
+
 def vlmguard_info(result: dict[str, Any], with_steps: bool) -> VlmguardInfo:
+    decoding = result.get("decoding") or {}
+    sampled = bool(decoding.get("sampled", False))
+    name = str(decoding.get("name", "greedy"))
+    if name in PLAIN_DECODERS:  # "greedy" with do_sample draws its tokens; "sample" at temperature 0 does not
+        name = "sample" if sampled else "greedy"
     return VlmguardInfo(
         pruning=str((result.get("pruning") or {}).get("name", "none")),
-        decoding=str((result.get("decoding") or {}).get("name", "greedy")),
+        decoding=name,
+        sampled=sampled,
         visual_tokens=result["visual_tokens"],
         visual_tokens_kept=result["visual_tokens_kept"],
         kept_indices=result.get("kept_indices"),
