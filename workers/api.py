@@ -101,8 +101,14 @@ class LocalBackend:
             yield ev
 
 
+# OpenAI's own codes for the errors OpenAI-compatible clients act on (a prompt over the context: clients trim the
+# history on ``context_length_exceeded``); other errors keep vlmguard's error class as their code
+OPENAI_ERROR_CODES = {"ContextTooLong": "context_length_exceeded"}
+
+
 def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    code = OPENAI_ERROR_CODES.get(code, code) if code is not None else None
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
 

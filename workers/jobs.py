@@ -96,7 +96,13 @@ def bench_entrypoint(bench_argv: list[str], python: str | None = None) -> str:
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """Reports a bad argument as InvalidInput (one line) instead of printing usage and exiting."""
+    """Reports a bad argument as InvalidInput (one line) instead of printing usage and exiting; its ``--help`` names
+    the command the user typed, not the module the job runs."""
+
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any):
+        if prog:
+            prog = prog.replace("python -m vlmguard.workers.bench_job", "vlmguard job submit bench")
+        super().__init__(*args, prog=prog, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise InvalidInput(f"bad benchmark job arguments: {message}")
