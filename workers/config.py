@@ -20,7 +20,8 @@ class BatchingConfig(BaseModel):
 
     ``mode: inflight`` (``inflight.InflightBatcher``): requests join the running batch between two decode
     steps, up to ``max_batch_size`` decoding at once; joiners wait up to ``batch_wait_timeout_s`` to share
-    one prefill. Requests of every built-in decoder join (``Decoder.joinable``); a decoder that is not
+    one prefill, and so do callers coming back to an idle engine under load (the batch emptied after answering
+    several of them). Requests of every built-in decoder join (``Decoder.joinable``); a decoder that is not
     joinable runs as whole batches.
     ``mode: whole`` (``batcher.EngineBatcher``): the next batch is formed when the engine is free, everything
     queued up to ``max_batch_size``; under load (the previous batch held several requests) it also waits up

@@ -16,9 +16,14 @@ and its tokens are sent as they are chosen (events as ``EngineWorker.stream`` yi
 Joining is only for *joinable* decoders (``Decoder.joinable``: every built-in one);
 requests of other decoders run as whole batches, one batch key at a time, after the running batch drains (the
 queue is served in order: nobody joins past a request of another pruner or decoder). Joiners are prefilled
-together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``; with an
-idle engine a request starts at once. A request that fails to prefill (bad input) gets its error alone;
-an unexpected error during a step fails the requests of that batch and the loop goes on.
+together: a join happens when the free slots are filled or the oldest joiner has waited ``wait_s``. With an
+idle engine a request starts at once, except under load: when the batch emptied after answering several requests
+since the last request arrived, their callers are given up to ``wait_s`` (from the first one back) to send their
+next request, so that they share one prefill instead of the first one back starting a batch alone and the others
+joining it a group later (as ``batcher.EngineBatcher`` gathers under load; a lone client never waits: its own
+next request is the arrival after its answer). A request that fails to
+prefill (bad input) gets its error alone; an unexpected error during a step fails the requests of that batch and
+the loop goes on.
 """
 from __future__ import annotations
 
@@ -89,6 +94,10 @@ class InflightBatcher:
         self._next_index = 0
         self._key: str | None = None  # the running batch's batch key
         self.running = 0  # requests in the running batch (for metrics and tests)
+        # callers that may be about to send their next request: those answered since the last arrival (under the
+        # lock), and their number when the last batch emptied (read by _await_returning)
+        self._since_arrival = 0
+        self._expected_back = 0
         self._taken: list[_Pending] = []  # the engine thread's requests taken from the queue this iteration
 
     async def submit(self, item: WorkItem) -> dict[str, Any]:
@@ -120,6 +129,7 @@ class InflightBatcher:
     def _enqueue(self, p: _Pending) -> _Pending:
         with self._cv:
             self._queue.append(p)
+            self._since_arrival = 0
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="vlmguard-inflight", daemon=True)
                 self._thread.start()
@@ -152,18 +162,42 @@ class InflightBatcher:
                 out.append(p)
         return out
 
+    def _head_run(self, limit: int) -> int:
+        """Under the lock: how many queued requests, from the head, share the head's batch key (at most ``limit``)."""
+        n = 0
+        for p in self._queue:
+            if p.key != self._queue[0].key or n >= limit:
+                break
+            n += 1
+        return n
+
+    def _await_returning(self) -> None:
+        """Under the lock, the engine idle and a request queued: after a batch that emptied having answered several
+        callers since the last arrival, wait until as many are queued (up to a full batch) or the first has waited
+        ``wait_s``."""
+        expected = min(self.max_batch_size, self._expected_back)
+        self._expected_back = 0  # once: the next batch's own end decides the next wait
+        while self._queue and self._head_run(expected) < expected:
+            left = self._queue[0].queued_at + self.wait_s - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
+            while self._queue and self._queue[0].gone:
+                self._queue.popleft()
+
+    def _answered(self, n: int, emptied: bool) -> None:
+        """``n`` callers were just answered; ``emptied``: the engine has nothing left to run."""
+        with self._cv:
+            self._since_arrival += n
+            if emptied:
+                self._expected_back = self._since_arrival
+
     def _ready_to_join(self, running: int) -> bool:
         """Under the lock: join now, or wait a little for more joiners to share one prefill."""
-        head = self._queue[0] if self._queue else None
-        if head is None:
+        if not self._queue:
             return False
         free = self.max_batch_size - running
-        waiting = 0
-        for p in self._queue:
-            if p.key != head.key or waiting >= free:
-                break
-            waiting += 1
-        return waiting >= free or time.monotonic() - head.queued_at >= self.wait_s
+        return self._head_run(free) >= free or time.monotonic() - self._queue[0].queued_at >= self.wait_s
 
     def _loop(self) -> None:
         batch = None
@@ -192,6 +226,8 @@ class InflightBatcher:
                 self._cv.wait()
             while self._queue and self._queue[0].gone:  # left while queued: holds no joiner back
                 self._queue.popleft()
+            if batch is None and self._queue and self._expected_back > 1:
+                self._await_returning()
             if batch is None:
                 joiners = self._take(None, self.max_batch_size)
             elif self._queue and self._queue[0].key == self._key and self._ready_to_join(batch.active):
@@ -220,6 +256,7 @@ class InflightBatcher:
         for p, ans in zip(group, answers):
             if ans is not None:  # None: its caller left
                 p.answer(ans)
+        self._answered(sum(ans is not None for ans in answers), emptied=True)
 
     def _start(self, group: list[_Pending], owners: dict[int, _Pending]):
         """Prefill ``group``; on a failure each request is tried alone so only the bad one gets the error."""
@@ -278,14 +315,17 @@ class InflightBatcher:
             self._fail(batch, owners, e)
             self.running = 0
             return None
+        answered = 0
         for ev in events:
             if ev.done:
                 p = owners.pop(ev.index, None)
                 if p is not None:
                     p.answer({"result": ev.result.to_dict()})
+                    answered += 1
             elif ev.index in owners:
                 owners[ev.index].token(event_dict(ev))
         self.running = batch.active
+        self._answered(answered, emptied=not batch.active)
         if not batch.active:
             batch.close()
             return None
