@@ -57,14 +57,6 @@ class ServiceStatus:
     facts: dict[str, ModelFacts] = field(default_factory=dict)  # per model, from its ModelCard
     refused_key: bool = False  # it answered, but 401/403: the API key is missing or wrong
 
-    @property
-    def families(self) -> dict[str, str | None]:
-        return {m: f.family for m, f in self.facts.items()}
-
-    @property
-    def grid_sides(self) -> dict[str, int | None]:
-        return {m: f.grid_side for m, f in self.facts.items()}
-
 
 def make_client(cfg: DashboardConfig, *, probe: bool = False) -> GenerationClient:
     from vlmguard.client import Client

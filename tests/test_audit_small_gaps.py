@@ -190,7 +190,7 @@ def test_the_service_tells_the_grid_side_and_the_drawing_takes_it():
     llava = tiny_engine("llava").model.config.vision_config
     assert card["grid_side"] == llava.image_size // llava.patch_size
     status = service.probe_service(StubModels(card), "http://t")
-    assert status.grid_sides == {card["id"]: card["grid_side"]}
+    assert {m: f.grid_side for m, f in status.facts.items()} == {card["id"]: card["grid_side"]}
     # given by the service, the base grid is taken as it is; without it, inferred from the count and the image
     assert drawing.token_grid(88, (64, 64), "llava_next", grid_side=4) == (4, 4, 16)
     assert drawing.token_grid(88, (64, 64), "llava_next", grid_side=3) == (3, 3, 9)

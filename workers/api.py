@@ -108,7 +108,7 @@ OPENAI_ERROR_CODES = {"ContextTooLong": "context_length_exceeded"}
 
 def error_json(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
-    code = OPENAI_ERROR_CODES.get(code, code) if code is not None else None
+    code = OPENAI_ERROR_CODES.get(code, code)
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
 

@@ -21,9 +21,8 @@ idle engine a request starts at once, except under load: when the batch emptied 
 since the last request arrived, their callers are given up to ``wait_s`` (from the first one back) to send their
 next request, so that they share one prefill instead of the first one back starting a batch alone and the others
 joining it a group later (as ``batcher.EngineBatcher`` gathers under load; a lone client never waits: its own
-next request is the arrival after its answer). A request that fails to
-prefill (bad input) gets its error alone; an unexpected error during a step fails the requests of that batch and
-the loop goes on.
+next request is the arrival after its answer). A request that fails to prefill (bad input) gets its error alone;
+an unexpected error during a step fails the requests of that batch and the loop goes on.
 """
 from __future__ import annotations
 
