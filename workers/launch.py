@@ -84,8 +84,9 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
 
 def check_resources(config: ServiceConfig, have: dict[str, float], where: str, other_way: str = "") -> None:
     """Replicas reserving more CPUs or GPUs (of those in ``have``) than ``where`` has would wait for them for ever
-    (Serve keeps them pending, ``serve.run`` never returns): one line naming the numbers instead (and
-    ``other_way`` out, after the hint)."""
+    (Serve keeps them pending, ``serve.run`` never returns): one line naming the numbers of every resource short
+    instead (and ``other_way`` out, after the hints)."""
+    short = []
     for kind, hint in (("CPU", "lower num_cpus per replica or num_replicas, or give the cluster more CPUs"),
                        ("GPU", "set device cpu, a fractional num_gpus or fewer replicas")):
         if kind not in have:
@@ -95,8 +96,9 @@ def check_resources(config: ServiceConfig, have: dict[str, float], where: str, o
         if sum(n * each for n, each in per.values()) > have[kind]:
             asks = ", ".join(f"{name} {n * each:g} ({n} replica{'s' if n > 1 else ''} x {each:g})"
                              for name, (n, each) in per.items() if each)
-            raise InvalidInput(f"the replicas reserve more {kind}s than {where} has ({have[kind]:g}): {asks}; "
-                               f"{hint}{', ' + other_way if other_way else ''}")
+            short.append(f"more {kind}s than {where} has ({have[kind]:g}): {asks}; {hint}")
+    if short:
+        raise InvalidInput("the replicas reserve " + "; and ".join(short) + (f", {other_way}" if other_way else ""))
 
 
 @dataclass
