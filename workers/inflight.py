@@ -147,10 +147,15 @@ class InflightBatcher:
 
     # ---- the engine thread ---------------------------------------------------------------------
 
-    def _take(self, key: str | None, free: int) -> list[_Pending]:
-        """Under the lock: the queue's head run of requests with batch key ``key`` (the head's when None)."""
+    def _drop_left_head(self) -> None:
+        """Under the lock: drop the requests at the queue's head whose callers left while queued (they hold no
+        joiner back and count for no wait)."""
         while self._queue and self._queue[0].gone:
             self._queue.popleft()
+
+    def _take(self, key: str | None, free: int) -> list[_Pending]:
+        """Under the lock: the queue's head run of requests with batch key ``key`` (the head's when None)."""
+        self._drop_left_head()
         if not self._queue or free <= 0:
             return []
         key = key if key is not None else self._queue[0].key
@@ -181,11 +186,12 @@ class InflightBatcher:
             if left <= 0:
                 return
             self._cv.wait(left)
-            while self._queue and self._queue[0].gone:
-                self._queue.popleft()
+            self._drop_left_head()
 
     def _answered(self, n: int, emptied: bool) -> None:
         """``n`` callers were just answered; ``emptied``: the engine has nothing left to run."""
+        if not n and not emptied:  # most decode steps: nothing to record, no lock taken
+            return
         with self._cv:
             self._since_arrival += n
             if emptied:
@@ -223,8 +229,7 @@ class InflightBatcher:
         with self._cv:
             while batch is None and not self._queue:
                 self._cv.wait()
-            while self._queue and self._queue[0].gone:  # left while queued: holds no joiner back
-                self._queue.popleft()
+            self._drop_left_head()
             if batch is None and self._queue and self._expected_back > 1:
                 self._await_returning()
             if batch is None:
