@@ -325,6 +325,28 @@ def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url
     _healthy(service)
 
 
+def test_replicas_ray_cannot_place_end_the_deploy_at_the_start_timeout(service, capsys):
+    """serve.run waits for ever for replicas that need more than the cluster has; deploy_app gives up at its limit,
+    says meanwhile what they wait for, removes the app and names the shortfall. The running app is untouched."""
+    from ray import serve
+
+    from vlmguard.errors import VlmguardError
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+    from vlmguard.workers.launch import deploy_app
+
+    cfg = ServiceConfig(app_name="unplaceable", route_prefix="/unplaceable", api_key_env=None,
+                        models=[ModelConfig(model=MODEL, num_cpus=64)])
+    with pytest.raises(VlmguardError) as ei:
+        deploy_app(cfg, timeout_s=4, report_every_s=1)
+    msg = str(ei.value)
+    assert msg.startswith("the app 'unplaceable' was not running after 4 s (--start-timeout), so it was removed: the "
+                          "replicas reserve more CPUs than the Ray cluster at "), msg
+    assert "has (4): random:llava 64 (1 replica x 64)" in msg and "ModelWorker_0_random_llava" in msg, msg
+    assert "waiting for the app 'unplaceable' (" in capsys.readouterr().err
+    assert "unplaceable" not in serve.status().applications
+    _healthy(service)
+
+
 def test_separate_ingress_serves_two_models(service, image_url):
     """Several models in one app: the FastAPI ingress deployment routes each request to its model's replicas."""
     from ray import serve

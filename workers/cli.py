@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ def _print_json(obj: Any) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from vlmguard.workers.launch import DEFAULT_START_TIMEOUT_S
+
     sp = subparsers.add_parser(
         "serve", help="serve models over HTTP (Ray Serve; OpenAI-compatible + native API)",
         description="Start (or join, with --address) a Ray cluster and deploy the vlmguard app. Without "
@@ -44,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
                     help="start a background cluster (`ray start --head`), deploy and return; stop with --stop")
+    sp.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S, metavar="SECONDS",
+                    help="give up (and remove the app) when its replicas are not running after this long: Ray cannot "
+                         "place them on the cluster, or their model loads that long (default: %(default)g)")
     sp.add_argument("--stop", action="store_true",
                     help="remove the vlmguard app from the cluster (--address; default: the one Ray finds, "
                          "$RAY_ADDRESS or this machine's); other Serve apps stay")
@@ -105,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "batch_mode": f"--batch-mode {args.batch_mode}"})  # a bad override fails here, before Ray starts
     address = args.address
+    if not 0 < args.start_timeout < math.inf:
+        raise InvalidInput(f"--start-timeout {args.start_timeout}: expected a number of seconds > 0")
     if args.num_cpus is not None and args.num_cpus < 0:
         raise InvalidInput(f"--num-cpus {args.num_cpus}: expected a number of CPUs >= 0")
     if address:
@@ -129,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address = start_detached_cluster(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
                                          direct_ingress=config.direct_ingress,
                                          throughput_optimized=config.throughput_optimized)
-    svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
+    svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
+                        start_timeout_s=args.start_timeout)
     info = {"url": svc.url, "models": [m.served_name for m in config.models], "jobs_address": svc.dashboard_url,
             "openai_base_url": svc.url + "/v1", "detached": bool(args.detach), "direct_urls": svc.direct_urls}
     if args.json:

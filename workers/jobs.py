@@ -26,7 +26,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): (.+)$")
 
 
-def error_text(e: BaseException, limit: int = 300) -> str:
+def error_text(e: BaseException | str, limit: int = 300) -> str:
     """One line for a Jobs API error: Ray puts the server's whole traceback into the message, whose last
     ``SomethingError: ...`` line says what went wrong (a submission id in use, a bad runtime env, ...)."""
     text = str(e)

@@ -34,6 +34,7 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 # Ray Serve's throughput-optimized mode (Ray >= 2.55, "Enable High Throughput on Ray Serve"): user code on the
 # replica's own event loop, gRPC between deployments, buffered request logs, direct ingress on
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+DEFAULT_START_TIMEOUT_S = 900.0  # replicas not running by then (unplaceable, or a model loading that long): give up
 OWNED_CLUSTER_DRAIN_S = 5.0  # min drain of a direct-ingress replica on a cluster that ends with this process
 
 
@@ -243,13 +244,13 @@ def _dashboard_url(ctx: Any) -> str | None:
 
 def start_service(config: ServiceConfig | None = None, *, address: str | None = None, port: int | None = None,
                   batching: bool | None = None, num_cpus: int | None = None, dashboard_port: int | None = None,
-                  wait_s: float = 300.0) -> Service:
-    """Deploy the app (starting or joining a Ray cluster first) and wait until /health answers ok."""
+                  wait_s: float = 300.0, start_timeout_s: float = DEFAULT_START_TIMEOUT_S) -> Service:
+    """Deploy the app (starting or joining a Ray cluster first) and wait until /health answers ok. Replicas not
+    running within ``start_timeout_s`` (Ray cannot place them, or their model loads that long) end the attempt:
+    the app is removed and the error says what Serve reports them waiting for."""
     if address:
         use_local_auth_token()
     from ray import serve
-
-    from vlmguard.workers.app import build_app
 
     if port is None and config is not None and config.port == 0:  # port 0 in the config: a free port, too
         port = 0
@@ -258,9 +259,9 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     owns, dash = connect_ray(address, num_cpus=num_cpus, dashboard_port=dashboard_port,
                              direct_ingress=config.direct_ingress, throughput_optimized=config.throughput_optimized)
     try:
-        _check_cluster_resources(config, owns)
+        _check_cluster_resources(config, owns, start_timeout_s)
         serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        deploy_app(config, timeout_s=start_timeout_s)
     except Exception as e:
         if owns:
             import ray
@@ -285,18 +286,98 @@ def start_service(config: ServiceConfig | None = None, *, address: str | None = 
     return svc
 
 
-def _check_cluster_resources(config: ServiceConfig, owns: bool) -> None:
+def _check_cluster_resources(config: ServiceConfig, owns: bool, start_timeout_s: float) -> None:
     """:func:`check_resources` against the connected cluster. A cluster on this machine cannot grow: too few
     CPUs/GPUs fail; another may have an autoscaler adding nodes for the pending replicas: a warning."""
+    try:
+        _check_against_cluster(config)
+    except InvalidInput as e:
+        import ray
+
+        if owns or ray.get_runtime_context().gcs_address.rpartition(":")[0] in LOOPBACK_HOSTS:
+            raise
+        print(f"warning: {e}; the replicas stay pending until the cluster grows (an autoscaler), for at most "
+              f"{start_timeout_s:g} s (--start-timeout)", file=sys.stderr)
+
+
+def _check_against_cluster(config: ServiceConfig) -> None:
     import ray
 
     res, gcs = ray.cluster_resources(), ray.get_runtime_context().gcs_address
+    check_resources(config, {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}, f"the Ray cluster at {gcs}")
+
+
+def deploy_app(config: ServiceConfig, *, timeout_s: float = DEFAULT_START_TIMEOUT_S, poll_s: float = 0.5,
+               report_every_s: float = 30.0) -> None:
+    """Deploy the app on the connected cluster's Serve and wait until Serve reports it RUNNING, for at most
+    ``timeout_s``. (``serve.run`` waits without a bound: replicas that Ray can never place, on a cluster short of
+    the CPUs/GPUs they reserve and without an autoscaler, kept ``vlmguard serve`` waiting for ever.) While it
+    waits it says every ``report_every_s`` on stderr what the replicas wait for; past the limit, or on Ctrl-C,
+    the app is removed (unless this was a redeploy of a running app) and the error names the shortfall."""
+    from ray import serve
+
+    from vlmguard.workers.app import build_app
+
+    name = config.app_name
+    existed = name in serve.status().applications  # an update of a running app: not ours to remove
+    serve.run_many([serve.RunTarget(target=build_app(config), name=name, route_prefix=config.route_prefix)],
+                   wait_for_applications_running=False)
+    start = time.monotonic()
+    next_report = start + report_every_s
     try:
-        check_resources(config, {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}, f"the Ray cluster at {gcs}")
-    except InvalidInput as e:
-        if owns or gcs.rpartition(":")[0] in LOOPBACK_HOSTS:
+        while True:
+            app = serve.status().applications.get(name)
+            if app is None:
+                raise VlmguardError(f"the app {name!r} was removed while it deployed (`vlmguard serve --stop`?)")
+            status = str(getattr(app.status, "value", app.status))
+            if status == "RUNNING":
+                return
+            if status == "DEPLOY_FAILED":
+                raise VlmguardError(f"deploying the app {name!r} failed: "
+                                    f"{_unhealthy_deployments(app) or error_text(app.message, 500)}")
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                done = ("and Serve goes on rolling out this update of the running app (`vlmguard serve --stop` "
+                        "removes the app)" if existed else "so it was removed")
+                raise VlmguardError(f"the app {name!r} was not running after {timeout_s:g} s (--start-timeout), "
+                                    f"{done}: {_pending_reason(config, app)}")
+            if time.monotonic() >= next_report:
+                print(f"waiting for the app {name!r} ({waited:.0f} of at most {timeout_s:g} s): "
+                      f"{_pending_reason(config, app)}", file=sys.stderr, flush=True)
+                next_report += report_every_s
+            time.sleep(poll_s)
+    except BaseException:
+        if existed:
             raise
-        print(f"warning: {e}; the replicas stay pending until the cluster grows (an autoscaler)", file=sys.stderr)
+        try:
+            serve.delete(name)
+        except Exception:  # noqa: BLE001 - the error that brought us here is the one to report
+            pass
+        raise
+
+
+def _pending_reason(config: ServiceConfig, app: Any) -> str:
+    """Why an app is not running yet: a resource shortfall of the cluster when there is one, then what Serve says
+    of each deployment that is not healthy (after 30 s it names the resources a replica waits for)."""
+    parts = []
+    try:
+        _check_against_cluster(config)
+    except InvalidInput as e:
+        parts.append(str(e))
+    parts.append(_unhealthy_deployments(app))
+    return "; ".join(p for p in parts if p) or "its replicas are starting"
+
+
+def _unhealthy_deployments(app: Any) -> str:
+    """Each deployment of a Serve app status that is not healthy, with the last error line of Serve's message
+    (a replica constructor's traceback ends in the error that stopped it)."""
+    parts = []
+    for dname, dep in (app.deployments or {}).items():
+        dstatus = str(getattr(dep.status, "value", dep.status))
+        if dstatus != "HEALTHY":
+            message = error_text(str(dep.message or ""), 400)
+            parts.append(f"{dname} {dstatus}" + (f": {message}" if message else ""))
+    return "; ".join(parts)
 
 
 def direct_ingress_urls(config: ServiceConfig, wait_s: float = 15.0, expected: int = 1) -> list[str]:
