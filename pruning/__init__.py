@@ -20,9 +20,10 @@ def make_pruner(name: str, budget: int | float | None, params: dict[str, Any] | 
     if budget is None:
         budget = cls.default_budget
     if cls.name != "none" and budget is None:
-        raise InvalidInput(f"pruning method {cls.name!r} needs a budget (visual tokens kept, or a ratio)")
+        raise InvalidInput(f"pruning method {cls.name!r} needs a budget (visual tokens kept, or a ratio)",
+                           param="budget")
     if cls.name == "none" and budget is not None:
-        raise InvalidInput(f"budget {budget} needs a pruning method (pruning is 'none')")
+        raise InvalidInput(f"budget {budget} needs a pruning method (pruning is 'none')", param="budget")
     return cls(p, budget)
 
 

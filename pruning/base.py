@@ -96,15 +96,15 @@ class Pruner:
         if b is None:
             return n_visual
         if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise InvalidInput(f"budget must be a number of visual tokens or a ratio in (0, 1], got {b!r}")
+            raise InvalidInput(f"budget must be a number of visual tokens or a ratio in (0, 1], got {b!r}", param="budget")
         if isinstance(b, float):
             if not 0.0 < b <= 1.0:
-                raise InvalidInput(f"budget ratio must be in (0, 1], got {b}")
+                raise InvalidInput(f"budget ratio must be in (0, 1], got {b}", param="budget")
             return max(1, int(round(n_visual * b)))
         if b < 1:
-            raise InvalidInput(f"budget must keep at least 1 visual token, got {b}")
+            raise InvalidInput(f"budget must keep at least 1 visual token, got {b}", param="budget")
         if b > n_visual:
-            raise InvalidInput(f"budget {b} exceeds the {n_visual} visual tokens of the image")
+            raise InvalidInput(f"budget {b} exceeds the {n_visual} visual tokens of the image", param="budget")
         return int(b)
 
     def check_budget(self, ctx: PruneContext) -> None:
@@ -114,7 +114,7 @@ class Pruner:
                 try:
                     self.keep_count(n)
                 except InvalidInput as e:
-                    raise InvalidInput(f"request {ctx.request_name(r)}: {e}") from None
+                    raise InvalidInput(f"request {ctx.request_name(r)}: {e}", param=e.param) from None
 
     # ---- vision side ---------------------------------------------------------------------
     def prune_images(self, ctx: PruneContext) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:

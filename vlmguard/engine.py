@@ -363,7 +363,7 @@ class Engine:
                 raise ContextTooLong(
                     f"request {i if positions is None else positions[i]}: prompt ({prompt_len[i]} tokens incl. image) "
                     f"+ max_new_tokens ({specs[i].max_new_tokens}) exceeds the model's context of "
-                    f"{self.context_length} tokens")
+                    f"{self.context_length} tokens", param="prompt")
         n_visual = batch.image_token_mask.sum(dim=1).tolist()
         pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
                             text_len=[p - v for p, v in zip(prompt_len, n_visual)],

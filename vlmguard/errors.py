@@ -5,9 +5,17 @@ from typing import Any
 
 
 class VlmguardError(Exception):
-    """Base class: a problem with the user's input or environment, reported without a traceback."""
+    """Base class: a problem with the user's input or environment, reported without a traceback.
+
+    ``param`` names the input at fault when one is: a :class:`~vlmguard.spec.GenerationSpec` field (``budget``,
+    ``decoding``, ``decoding_params.alpha``, ...) or ``prompt`` / ``images``; the HTTP API reports it as the
+    error's ``param``, written as the request spells it (``vlmguard.budget`` in a chat request)."""
 
     http_status = 400
+
+    def __init__(self, *args: Any, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class InvalidInput(VlmguardError):

@@ -32,7 +32,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items))
-            raise UnknownMethod(f"unknown {self.kind} method {name!r} (known: {known})") from None
+            raise UnknownMethod(f"unknown {self.kind} method {name!r} (known: {known})", param=self.kind) from None
 
     def names(self) -> list[str]:
         return sorted({cls.name for cls in self._items.values()})  # type: ignore[attr-defined]
@@ -52,6 +52,7 @@ def build_params(cls: Any, params: dict[str, Any] | None, kind: str) -> BaseMode
     try:
         return cls.Params(**(params or {}))
     except ValidationError as e:
-        from vlmguard.spec import format_validation_error
+        from vlmguard.spec import first_error_field, format_validation_error
 
-        raise InvalidInput(format_validation_error(e, f"parameters for {kind} method {cls.name!r}")) from None
+        raise InvalidInput(format_validation_error(e, f"parameters for {kind} method {cls.name!r}"),
+                           param=first_error_field(e, f"{kind}_params")) from None

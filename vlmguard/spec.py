@@ -186,7 +186,7 @@ class GenerationSpec(NumbersNotBooleans):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise InvalidInput(format_validation_error(e, "generation spec")) from None
+            raise InvalidInput(format_validation_error(e, "generation spec"), param=first_error_field(e)) from None
 
     @classmethod
     def build(cls, **kwargs: Any) -> "GenerationSpec":
@@ -210,6 +210,13 @@ def format_validation_error(e: ValidationError, what: str) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()))
         parts.append(f"{loc}: {msg}" if loc else msg)  # a model-level check names its fields itself
     return f"invalid {what}: " + "; ".join(parts)
+
+
+def first_error_field(e: ValidationError, within: str = "") -> str | None:
+    """The field of a validation error's first entry, under ``within`` (``decoding_params.alpha``); ``within``
+    alone for a model-level check, None when neither names one."""
+    loc = ".".join(str(x) for x in e.errors()[0].get("loc", ())) if e.errors() else ""
+    return ".".join(p for p in (within, loc) if p) or None
 
 
 def parse_params(items: list[str] | None, option: str = "--param") -> dict[str, Any]:

@@ -44,6 +44,7 @@ from vlmguard.workers.openai_compat import (
     choice_items,
     generate_item,
     generate_response,
+    request_param,
 )
 
 PUBLIC_PATHS = {"/health"}
@@ -64,10 +65,11 @@ class APIFailure(Exception):
     """An error answer with an HTTP status."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None, param: str | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None, spec_param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
-        self.param = param
+        self.param = param  # the request's field at fault, as the request spells it
+        self.spec_param = spec_param  # or the engine's name for it (VlmguardError.param), spelled per route
 
 
 class Backend(Protocol):
@@ -129,6 +131,11 @@ def _invalid_request(e: ValidationError) -> APIFailure:
                       param=".".join(str(x) for x in first.get("loc", ())) or None)
 
 
+def _request_param(request: Request, param: str | None) -> str | None:
+    """An engine-side ``param`` as this route's request spells it (:func:`request_param`)."""
+    return request_param(param, chat=request.url.path.endswith("/chat/completions"))
+
+
 def _error_type(status: int) -> str:
     return {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
             503: "overloaded_error", 504: "timeout_error"}.get(status, "invalid_request_error" if status < 500
@@ -159,13 +166,15 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     # ---- errors -----------------------------------------------------------------------------------
     @app.exception_handler(APIFailure)
-    async def _api_failure(_: Request, e: APIFailure):
-        return error_json(e.status, e.message, e.type, e.code, e.headers, e.param)
+    async def _api_failure(request: Request, e: APIFailure):
+        return error_json(e.status, e.message, e.type, e.code, e.headers,
+                          e.param or _request_param(request, e.spec_param))
 
     @app.exception_handler(VlmguardError)
-    async def _user_error(_: Request, e: VlmguardError):
+    async def _user_error(request: Request, e: VlmguardError):
         status = getattr(e, "http_status", 400)
-        return error_json(status, str(e), _error_type(status), type(e).__name__)
+        return error_json(status, str(e), _error_type(status), type(e).__name__,
+                          param=_request_param(request, e.param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -236,7 +245,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if "error" in answer:
             err = answer["error"]
             raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
-                             err.get("code"))
+                             err.get("code"), spec_param=err.get("param"))
         return answer
 
     async def run(model: str, item: WorkItem) -> dict[str, Any]:
@@ -257,7 +266,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         started: its status, 200, does not show it)."""
         if "error" in ev:
             metrics.observe_failure()
-            return {"error": {k: v for k, v in ev["error"].items() if k != "status"}}
+            return {"error": {k: v for k, v in ev["error"].items() if k not in ("status", "param")}}
         failure = error_event(result)
         if failure is None and result:
             metrics.observe_result(result)

@@ -56,7 +56,7 @@ def error_answer(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, VlmguardError):
         status = getattr(exc, "http_status", 400)
         return {"error": {"message": str(exc), "type": "server_error" if status >= 500 else "invalid_request_error",
-                          "code": type(exc).__name__, "status": status}}
+                          "code": type(exc).__name__, "status": status, "param": getattr(exc, "param", None)}}
     return {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
                       "code": type(exc).__name__, "status": 500}}
 

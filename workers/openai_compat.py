@@ -38,19 +38,43 @@ MAX_STOP_CHARS = 256
 ImageResolver = Callable[[str], Image.Image]
 
 
+# Where a GenerationSpec field (or the engine's prompt / images) sits in a chat request: OpenAI's own fields; the
+# others are in the ``vlmguard`` object. A native request has the spec's fields in its ``spec`` object.
+CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "messages",
+                       "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
+                       **{k: k for k in ("temperature", "top_p", "seed", "stop", "presence_penalty",
+                                         "frequency_penalty", "repetition_penalty")}}
+
+
+def request_param(param: str | None, chat: bool) -> str | None:
+    """An error's ``param`` (:class:`~vlmguard.errors.VlmguardError`: a GenerationSpec field or the engine's
+    ``prompt`` / ``images``) as a chat (``vlmguard.budget``, ``max_tokens``) or native (``spec.budget``) request
+    spells it; a name already of the request (``messages.1``) stays."""
+    if not param:
+        return None
+    head, dot, rest = param.partition(".")
+    if chat and head in CHAT_REQUEST_FIELDS:
+        return CHAT_REQUEST_FIELDS[head] + dot + rest
+    if head in GenerationSpec.model_fields:
+        return ("vlmguard." if chat else "spec.") + param
+    return param
+
+
 def _check_max_tokens(n: int, max_new_tokens_limit: int) -> None:
     if n > max_new_tokens_limit:
-        raise InvalidInput(f"max tokens {n} exceeds this server's limit of {max_new_tokens_limit}")
+        raise InvalidInput(f"max tokens {n} exceeds this server's limit of {max_new_tokens_limit}",
+                           param="max_new_tokens")
 
 
 def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSpec:
     if isinstance(spec.pruning_params.get("schedule"), str):  # checked before resolve() would open it
         raise InvalidInput("adaptinfer: 'schedule' names a file on the server, which remote requests may not read; "
-                           "send the schedule itself (the JSON object `vlmguard prune analyze` writes)")
+                           "send the schedule itself (the JSON object `vlmguard prune analyze` writes)",
+                           param="pruning_params.schedule")
     _check_max_tokens(spec.max_new_tokens, max_new_tokens_limit)
     if len(spec.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in spec.stop):
         raise InvalidInput(f"stop: this server accepts at most {MAX_STOP_STRINGS} stop strings of at most "
-                           f"{MAX_STOP_CHARS} characters each")
+                           f"{MAX_STOP_CHARS} characters each", param="stop")
     spec.resolve()  # unknown methods / bad method parameters -> InvalidInput here, before any model work
     try:  # the worker batches by the spec's JSON and results carry its parameters (schedule objects nest freely)
         spec.model_dump_json()
@@ -99,7 +123,7 @@ def _within_pixel_budget(images: list[Image.Image], max_pixels: int | None) -> N
     total = sum(im.width * im.height for im in images)
     if max_pixels is not None and total > max_pixels:
         raise InvalidInput(f"the request's images add up to {total / 1e6:.3g} MP, over this server's limit of "
-                           f"{max_pixels / 1e6:.3g} MP per request")
+                           f"{max_pixels / 1e6:.3g} MP per request", param="images")
 
 
 def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
@@ -113,24 +137,27 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
         parts = _parts(m.content)
         if m.role in ("system", "developer"):
             if any(isinstance(p, ImagePart) for p in parts):
-                raise InvalidInput(f"messages[{i}]: images are only accepted in user messages")
+                raise InvalidInput(f"messages[{i}]: images are only accepted in user messages", param=f"messages.{i}")
             system.append("\n".join(p.text for p in parts if isinstance(p, TextPart)))
             continue
         content: list[dict[str, Any]] = []
         for j, p in enumerate(parts):
             if isinstance(p, ImagePart):
                 if m.role != "user":
-                    raise InvalidInput(f"messages[{i}]: images are only accepted in user messages")
+                    raise InvalidInput(f"messages[{i}]: images are only accepted in user messages",
+                                       param=f"messages.{i}")
                 if len(images) >= max_images:
-                    raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
-                images.append(resolve_image_part(p, resolve_image, f"messages[{i}].content[{j}]"))
+                    raise InvalidInput(f"too many images: this server accepts at most {max_images} per request",
+                                       param="images")
+                images.append(resolve_image_part(p, resolve_image, f"messages[{i}].content[{j}]",
+                                                 f"messages.{i}.content.{j}"))
                 _within_pixel_budget(images, max_pixels)
                 content.append({"type": "image"})
             else:
                 content.append({"type": "text", "text": p.text})
         turns.append({"role": m.role, "content": content})
     if not turns or turns[-1]["role"] != "user":
-        raise InvalidInput("the last message must be a user message")
+        raise InvalidInput("the last message must be a user message", param="messages")
     sys_text = "\n".join(s for s in system if s) or None
     if len(turns) == 1:
         text = "\n".join(c["text"] for c in turns[0]["content"] if c["type"] == "text")
@@ -154,11 +181,11 @@ def choice_items(item: WorkItem, n: int) -> list[WorkItem]:
     return out
 
 
-def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str) -> Image.Image:
+def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str, param: str) -> Image.Image:
     try:
         return resolve_image(part.image_url.url)
     except InvalidInput as e:
-        raise InvalidInput(f"{where}: {e}") from None
+        raise InvalidInput(f"{where}: {e}", param=param) from None
 
 
 def native_spec(fields: dict[str, Any], max_new_tokens_limit: int) -> GenerationSpec:
@@ -168,7 +195,7 @@ def native_spec(fields: dict[str, Any], max_new_tokens_limit: int) -> Generation
     unknown = [k for k in fields if k not in GenerationSpec.model_fields]
     if unknown:
         raise InvalidInput("invalid generation spec: " + "; ".join(
-            f"{k or repr(k)}: Extra inputs are not permitted" for k in unknown))
+            f"{k or repr(k)}: Extra inputs are not permitted" for k in unknown), param=f"spec.{unknown[0]}")
     default_max = min(GenerationSpec.model_fields["max_new_tokens"].default, max_new_tokens_limit)
     return _check_spec(GenerationSpec(**{"max_new_tokens": default_max, **fields}), max_new_tokens_limit)
 
@@ -177,13 +204,13 @@ def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_ima
                   max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
     spec = native_spec(req.spec, max_new_tokens_limit)
     if len(req.images) > max_images:
-        raise InvalidInput(f"too many images: this server accepts at most {max_images} per request")
+        raise InvalidInput(f"too many images: this server accepts at most {max_images} per request", param="images")
     images = []
     for j, url in enumerate(req.images):
         try:
             images.append(resolve_image(url))
         except InvalidInput as e:
-            raise InvalidInput(f"images[{j}]: {e}") from None
+            raise InvalidInput(f"images[{j}]: {e}", param=f"images.{j}") from None
         _within_pixel_budget(images, max_pixels)
     return WorkItem(prompt=req.prompt, spec=spec, images=images, system=req.system, request_id=request_id)
 
