@@ -50,6 +50,7 @@ from vlmguard.workers.openai_compat import (
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate"}
+MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 log = logging.getLogger("vlmguard.workers")
 
 
@@ -546,12 +547,15 @@ async def _aclose(stream: Any) -> None:
 
 
 def _route_path(scope: dict[str, Any]) -> str:
-    """The path within the app (Serve's route prefix removed); unknown paths count as "other" in metrics."""
+    """The path within the app (Serve's route prefix removed); model cards count as their route, unknown paths as
+    "other" in metrics (labels a client cannot multiply)."""
     path = scope.get("path") or "/"
     root = scope.get("root_path") or ""
     if root and path.startswith(root):
         path = path[len(root):] or "/"
-    return path if path in ROUTES else "other"
+    if path in ROUTES:
+        return path
+    return MODEL_CARD_ROUTE if path.startswith("/v1/models/") else "other"
 
 
 def _authorized(headers: Headers, keys: list[bytes]) -> bool:

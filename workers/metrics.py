@@ -16,6 +16,11 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 THROUGHPUT_WINDOW_S = 60.0
 
 
+def _label(value: Any) -> str:
+    """A label value escaped for the text exposition format: backslash, double quote and newline."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Histogram:
     def __init__(self, buckets: tuple[float, ...]):
         self.buckets = buckets
@@ -148,12 +153,13 @@ class ServiceMetrics:
             batches = sorted(self.batch_sizes.items())
             prefills = sorted(self.prefill_batches.items())
         for (endpoint, status), n in reqs:
-            lines.append(f'vlmguard_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+            lines.append(f'vlmguard_requests_total{{endpoint="{_label(endpoint)}",status="{status}"}} {n}')
         lines += ["# HELP vlmguard_request_latency_seconds Latency of successful requests.",
                   "# TYPE vlmguard_request_latency_seconds histogram"]
         for le, c in lat:
             lines.append(f'vlmguard_request_latency_seconds_bucket{{le="{le}"}} {c}')
-        lines += [f"vlmguard_request_latency_seconds_sum {lat_sum}", f"vlmguard_request_latency_seconds_count {lat_count}"]
+        lines += [f"vlmguard_request_latency_seconds_sum {lat_sum}",
+                  f"vlmguard_request_latency_seconds_count {lat_count}"]
 
         def gauge(name: str, help_: str, value: Any, kind: str = "gauge") -> None:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {0 if value is None else value}"])
@@ -161,11 +167,13 @@ class ServiceMetrics:
         gauge("vlmguard_in_flight_requests", "Requests being served now.", s["in_flight"])
         gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
               "float16 model overflowing; a stream whose engine failed).", s["results_failed"], "counter")
-        gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"], "counter")
+        gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"],
+              "counter")
         gauge("vlmguard_generated_tokens_total", "Tokens generated.", s["generated_tokens_total"], "counter")
         gauge("vlmguard_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:.0f} s.",
               s["tokens_per_s_recent"])
-        gauge("vlmguard_decode_tokens_per_second", "Generated tokens per second of decode time.", s["decode_tokens_per_s"])
+        gauge("vlmguard_decode_tokens_per_second", "Generated tokens per second of decode time.",
+              s["decode_tokens_per_s"])
         gauge("vlmguard_visual_tokens_mean", "Mean visual tokens in the input per request.", s["visual_tokens_mean"])
         gauge("vlmguard_visual_tokens_kept_mean", "Mean visual tokens fed to the LLM layers per request.",
               s["visual_tokens_kept_mean"])
