@@ -10,8 +10,9 @@
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
 exponential backoff (honouring ``Retry-After``, seconds or an HTTP date, at most 30 s); other 3xx/4xx/5xx raise
-:class:`APIError`, a server that cannot be reached raises ``APIError`` with ``status`` 0, and no answer within
-``timeout`` seconds :class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
+:class:`APIError`, a server that cannot be reached raises ``APIError`` with ``status`` 0 (a connection not
+accepted within ``connect_timeout`` seconds, default 10, counts as one), and no answer within ``timeout`` seconds
+:class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
 ``APIError`` with ``status`` 0; a 2xx answer that is not JSON or not the expected schema, a stream's error event,
 and a stream that ends before ``data: [DONE]`` raise ``APIError`` with ``status`` 200.
 """
@@ -44,6 +45,9 @@ from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.spec import GenerationSpec
 
 RETRY_STATUS = {429, 503}
+# seconds to open a connection: a host that drops connection attempts (a firewall, a full listen queue) fails in
+# this long, each retry included, rather than in ``timeout`` (minutes, sized for generation) times the attempts
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # transport failures retried like a 503: nothing was answered (a refused or timed-out connection, a dropped one)
 RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 SPEC_FIELDS = set(GenerationSpec.model_fields)
@@ -238,12 +242,14 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
         if "://" not in base_url:  # "127.0.0.1:8000", as `vlmguard job submit --address` takes it
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        # httpx's timeouts: ``timeout`` for each read, write and pool wait, at most ``connect_timeout`` to connect
+        self.http_timeout = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
         self.max_retries = max_retries
         self.backoff_s = backoff_s
 
@@ -252,9 +258,12 @@ class Client(_Base):
     """Synchronous client (thread-safe; reuses one connection pool)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None):
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
+                 backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
+                         connect_timeout=connect_timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.http_timeout,
+                                  transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -354,9 +363,11 @@ class AsyncClient(_Base):
     """asyncio client with the same methods as :class:`Client` (``await``; streams are async iterators)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                 backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
+                         connect_timeout=connect_timeout)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.http_timeout,
                                        transport=transport)
 
     async def aclose(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,11 +175,13 @@ def _stop_service(address: str | None) -> int:
     from vlmguard.workers.launch import check_cluster_address
     from vlmguard.workers.ray_auth import use_local_auth_token
 
-    if address:
+    env_address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address or env_address:  # ray.init("auto") connects to $RAY_ADDRESS: a silent one would hang it
         try:
-            check_cluster_address(address)
+            check_cluster_address(address or "auto")
         except VlmguardError:
-            print(f"no Ray cluster is running at {address}: nothing to stop")
+            where = address if address and address != "auto" else f"{env_address} ($RAY_ADDRESS)"
+            print(f"no Ray cluster is running at {where}: nothing to stop")
             return 0
     use_local_auth_token()
     import ray

@@ -22,6 +22,10 @@ DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 PATH_FLAGS = ("--db", "--coco-images", "--coco-annotations", "--pope-dir", "--gt", "--image-ids")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 90.0
+# every Jobs API request: (connect, read) seconds; Ray's JobSubmissionClient sets none (requests waits for ever), so a
+# head node that takes connections but never answers would hang `vlmguard job ...` without a word
+JOBS_CONNECT_TIMEOUT_S = 10.0
+JOBS_READ_TIMEOUT_S = 60.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): (.+)$")
 
@@ -51,16 +55,49 @@ def jobs_address(address: str | None) -> str:
     return addr
 
 
+def _bounded_client_class():
+    """``JobSubmissionClient`` whose requests time out: Ray offers no timeout setting, but every request goes through
+    its ``_do_request``, which passes keyword arguments on to ``requests``."""
+    from ray.job_submission import JobSubmissionClient
+
+    class BoundedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", (JOBS_CONNECT_TIMEOUT_S, JOBS_READ_TIMEOUT_S))
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return BoundedJobSubmissionClient
+
+
+def _timed_out(e: BaseException) -> bool:
+    """A request that reached the server and got no answer in time (not a connection that could not be made)."""
+    import requests
+
+    return isinstance(e, requests.exceptions.Timeout) and not isinstance(e, requests.exceptions.ConnectTimeout)
+
+
+def _no_answer(e: BaseException, addr: str, what: str) -> VlmguardError | None:
+    """A Jobs API request that timed out or lost its connection -> one line (None for other errors)."""
+    import requests
+
+    if _timed_out(e):
+        return VlmguardError(f"the Ray Jobs API at {addr} did not answer ({what}) within {JOBS_READ_TIMEOUT_S:g} s: "
+                             "is it a Ray dashboard (default port 8265), and is its head node overloaded?")
+    if isinstance(e, (requests.exceptions.ConnectionError, ConnectionError)):
+        detail = " ".join(str(e).split())[:200]
+        return VlmguardError(f"cannot reach the Ray Jobs API at {addr} ({what}; {type(e).__name__}: {detail})")
+    return None
+
+
 def client(address: str | None = None):
     from vlmguard.workers.ray_auth import use_local_auth_token
 
     use_local_auth_token()
-    from ray.job_submission import JobSubmissionClient
-
     addr = jobs_address(address)
     try:
-        return JobSubmissionClient(addr)
+        return _bounded_client_class()(addr)
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
+        if _timed_out(e):
+            raise _no_answer(e, addr, "version check") from None
         detail = " ".join(str(e).split())[:300]
         raise VlmguardError(f"cannot reach the Ray Jobs API at {addr} ({type(e).__name__}: {detail}); start the "
                             "service with `vlmguard serve` or pass --address http://HEAD:8265") from None
@@ -179,6 +216,8 @@ def submit_bench(bench_argv: list[str], *, address: str | None = None, python: s
         try:
             return c.submit_job(entrypoint=bench_entrypoint(bench_argv, python), submission_id=submission_id,
                                 runtime_env={"env_vars": env_vars}, metadata={"vlmguard": "bench"})
+        except OSError as e:  # requests' errors: a timeout, a lost connection
+            raise (_no_answer(e, jobs_address(address), "submit") or e) from None
         except RuntimeError as e:  # a freshly started head node's job agent is not up yet
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise VlmguardError(f"job submission failed: {error_text(e)}") from None
@@ -202,6 +241,8 @@ def status(job_id: str, address: str | None = None) -> dict[str, Any]:
     try:
         info = c.get_job_info(job_id)
     except Exception as e:  # noqa: BLE001 - unknown id and friends
+        if (err := _no_answer(e, jobs_address(address), "job info")) is not None:
+            raise err from None
         raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
     return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)),
             "message": status_message(info.message),
@@ -213,6 +254,8 @@ def logs(job_id: str, address: str | None = None) -> str:
     try:
         return c.get_job_logs(job_id)
     except Exception as e:  # noqa: BLE001
+        if (err := _no_answer(e, jobs_address(address), "job logs")) is not None:
+            raise err from None
         raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
 
 
@@ -221,6 +264,8 @@ def stop(job_id: str, address: str | None = None) -> bool:
     try:
         return bool(c.stop_job(job_id))
     except Exception as e:  # noqa: BLE001
+        if (err := _no_answer(e, jobs_address(address), "stop job")) is not None:
+            raise err from None
         raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
 
 

@@ -70,17 +70,40 @@ def check_port_free(host: str, port: int, option: str) -> None:
         raise InvalidInput(f"{option}: cannot listen on {host}:{port} ({reason}){hint}") from None
 
 
-def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
+CLUSTER_PROBE_TIMEOUT_S = 5.0  # `serve --address HOST:PORT`: a connection, then a first answer, each within this
+# HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with its own
+# SETTINGS at once
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def check_cluster_address(address: str, timeout_s: float | None = None) -> None:
     """A ``HOST:PORT`` cluster address where nothing answers is one line now (``ray.init`` would retry for
-    minutes); ``auto`` and URL-style (``ray://``) addresses are left to Ray."""
+    minutes); so is one that takes connections but stays silent when spoken to as the GCS's gRPC server is
+    (``ray.init`` would wait for ever). ``auto`` is checked as the ``$RAY_ADDRESS`` it stands for, when set;
+    ``local``, ``auto`` alone and URL-style (``ray://``) addresses are left to Ray."""
+    shown = address
+    if address == "auto" and os.environ.get("RAY_ADDRESS", "").strip():  # what ray.init("auto") connects to
+        address = os.environ["RAY_ADDRESS"].strip()
+        shown = f"{address} ($RAY_ADDRESS)"
     host, sep, port = address.rpartition(":")
     if address in ("auto", "local") or "://" in address or not sep or not port.isdigit():
         return
+    timeout_s = CLUSTER_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except (OSError, OverflowError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise VlmguardError(f"no Ray cluster answers at {address} ({reason})") from None
+        raise VlmguardError(f"no Ray cluster answers at {shown} ({reason})") from None
+    with conn:
+        try:  # any answer, a closed connection included (a TLS-only GCS, say), is left to Ray; silence is not
+            conn.sendall(_H2_PREFACE)
+            conn.recv(1)
+        except socket.timeout:
+            raise VlmguardError(f"no Ray cluster answers at {shown}: something there takes connections but sent "
+                                f"nothing in {timeout_s:g} s (a Ray cluster's GCS port answers at once; the default "
+                                "is 6379)") from None
+        except OSError:
+            pass
 
 
 def check_resources(config: ServiceConfig, have: dict[str, float], where: str, other_way: str = "") -> None:
