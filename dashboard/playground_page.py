@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import streamlit as st
 from PIL import Image
 
+from vlmguard.client import APITimeoutError
 from vlmguard.dashboard import drawing, images
 from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, selection_kwargs, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, params_form, service_client, service_notice, service_status
@@ -160,8 +161,12 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
             try:
                 st.write_stream(_text_deltas(client.generate_stream(prompt, [image], model=model, **sp), holder))
             except VlmguardError as e:
-                st.error(getattr(e, "message", None) or str(e))
-                out["errors"][title] = str(e)
+                message = getattr(e, "message", None) or str(e)
+                if isinstance(e, APITimeoutError):  # the client's own advice (a larger timeout=) is not the user's
+                    message = (f"the service sent nothing for {getattr(client, 'timeout', 300):g} s (the playground's "
+                               "limit): ask for fewer new tokens, or see whether the service is overloaded (its /metrics)")
+                st.error(message)
+                out["errors"][title] = message
                 continue
             result = holder.get("result")
             if result is None:

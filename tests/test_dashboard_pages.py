@@ -298,6 +298,29 @@ def test_playground_service_error_is_shown():
     assert "Yes a dog ." in all_text(at)  # the plain column still answered
 
 
+def test_playground_says_what_a_timeout_means_for_its_user():
+    """The client's own advice on a timeout ("pass a larger timeout=") is for code; the page names its limit."""
+    from vlmguard.client import APITimeoutError
+
+    class SlowService(StubClient):
+        timeout = 300.0
+
+        def generate_stream(self, prompt, images=(), *, model=None, **spec):
+            raise APITimeoutError(0, "no answer from http://svc within the client's timeout of 300 s (ReadTimeout); "
+                                     "pass a larger timeout=")
+            yield
+
+    at = page("playground_page.py")
+    at.session_state[CLIENT_KEY] = SlowService()
+    at.run()
+    at.button(key="pg_go").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert errors and all(e.startswith("the service sent nothing for 300 s (the playground's limit): ask for fewer "
+                                       "new tokens") for e in errors), errors
+    assert not any("timeout=" in e for e in errors)
+
+
 # ---- jobs ---------------------------------------------------------------------------------------------
 
 
