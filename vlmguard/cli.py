@@ -25,8 +25,13 @@ COMMAND_MODULES = [
 ]
 
 
+DESCRIPTION = ("Host vision-language models faster (visual-token pruning) and more truthfully (hallucination-reducing "
+               "decoding), and measure both (POPE, CHAIR, perf). `vlmguard COMMAND --help` gives a command's options; "
+               "an error is one line on stderr with exit status 2 (VLMGUARD_DEBUG=1 shows its traceback).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmguard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vlmguard", description=DESCRIPTION)
     from vlmguard import __version__
 
     parser.add_argument("--version", action="version", version=f"vlmguard {__version__}")

@@ -27,6 +27,11 @@ from vlmguard.errors import InvalidInput
 from vlmguard.spec import IMAGE_ASPECTS
 
 
+# `vlmguard bench --help`: the datasets paragraph of this module's docstring, in the help's own markup
+BENCH_DESCRIPTION = ("Run a benchmark into the results database, sample by sample (a rerun of an interrupted\n"
+                     "run resumes it).\n\n" + __doc__.split("\n\n", 1)[1].replace("``", "`").strip())
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -97,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from vlmguard.bench.prompts import CHAIR_PRESETS, POPE_PROMPTS
 
     bench = subparsers.add_parser("bench", help="run POPE / POPE-leading / CHAIR benchmarks into the results DB",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     bsub.required = True
 

@@ -98,7 +98,10 @@ def _measurement(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
-                                 description=__doc__.splitlines()[0])
+                                 description="Speed as ratios measured within one run: prefill per pruning method "
+                                             "and budget against no pruning and the FLOP ideal, decode per decoder "
+                                             "against greedy, the Ray service against the Engine, matrix products "
+                                             "per token count (gemm), and plots of saved runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
     sub.required = True
 
