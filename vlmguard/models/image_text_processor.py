@@ -61,6 +61,7 @@ class ImageTextProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
 
+IMAGE_BACKEND = "pil"  # transformers' image-processor backend for every checkpoint (see load_processor)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.tiktoken")
 CHAT_TEMPLATE_HELP = ("chat_template.jinja, chat_template.json, or a chat_template entry in tokenizer_config.json "
@@ -88,12 +89,18 @@ def load_processor(path, trust_remote_code: bool = False):
                 root / "processor_config.json"):
             raise ModelLoadError(f"model at {root} has no image processor config (preprocessor_config.json, or an "
                                  "image_processor entry in processor_config.json)")
+    # transformers' PIL image backend whether or not torchvision is installed (where it is, transformers picks
+    # its torchvision backend, which resizes differently): the same pixels on every machine, and the reference
+    # implementations' preprocessing. A remote-code processor is left to its own choice.
+    backend = {} if trust_remote_code else {"backend": IMAGE_BACKEND}
     try:
         try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code,
+                                                      **backend)
         except (ImportError, AttributeError):
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-            ip = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            ip = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code,
+                                                    **backend)
             processor = ImageTextProcessor(tok, ip, chat_template=_saved_chat_template(root))
     except ModelLoadError:
         raise

@@ -103,7 +103,9 @@ def _base_tokenizer() -> Tokenizer:
 
 
 def _llava_processor(spec: dict, family: str):
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     from vlmguard.synth.processor import CLIP_MEAN, CLIP_STD, IMAGE, wrap_tokenizer
 
@@ -114,11 +116,11 @@ def _llava_processor(spec: dict, family: str):
     tok = wrap_tokenizer(_base_tokenizer(), model_max_length=32768)
     tok.chat_template = LLAVA_HF_VICUNA_TEMPLATE
     if family == "llava":
-        return LlavaProcessor(image_processor=CLIPImageProcessor(**common), tokenizer=tok, patch_size=p["patch_size"],
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**common), tokenizer=tok, patch_size=p["patch_size"],
                               vision_feature_select_strategy=p["vision_feature_select_strategy"],
                               chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token=IMAGE,
                               num_additional_image_tokens=p["num_additional_image_tokens"])
-    ip = LlavaNextImageProcessor(image_grid_pinpoints=p["image_grid_pinpoints"], **common)
+    ip = LlavaNextImageProcessorPil(image_grid_pinpoints=p["image_grid_pinpoints"], **common)
     return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=p["patch_size"],
                               vision_feature_select_strategy=p["vision_feature_select_strategy"],
                               chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token=IMAGE,
@@ -126,7 +128,8 @@ def _llava_processor(spec: dict, family: str):
 
 
 def _qwen_processor(spec: dict):
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlmguard.synth.processor import BOS, PAD, UNK
 
@@ -138,8 +141,8 @@ def _qwen_processor(spec: dict):
                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
     tok.chat_template = QWEN_CHAT_TEMPLATE
     p = spec["processor"]
-    ip = Qwen2VLImageProcessor(min_pixels=p["min_pixels"], max_pixels=p["max_pixels"], patch_size=p["patch_size"],
-                               merge_size=p["merge_size"], temporal_patch_size=p["temporal_patch_size"])
+    ip = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"], max_pixels=p["max_pixels"], patch_size=p["patch_size"],
+                                  merge_size=p["merge_size"], temporal_patch_size=p["temporal_patch_size"])
     try:
         from transformers import Qwen2VLVideoProcessor
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vlmguard.synth.text import CAPTION_PROMPTS, DETAIL_PROMPTS, POPE_SUFFIX
 from vlmguard.synth.world import CATEGORIES, SCENE_TYPES
@@ -68,10 +69,12 @@ def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 512) -> PreTrainedTok
     return hf
 
 
-def image_processor(size: int = 96) -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
-                              image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+def image_processor(size: int = 96) -> CLIPImageProcessorPil:
+    """The CLIP preprocessing the bundled model was trained with: transformers' PIL backend, whether or not
+    torchvision is installed (its backend, transformers' default where present, resizes differently)."""
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                 do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
+                                 image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
 
 
 def build_processor(tok: Tokenizer, image_size: int = 96, patch_size: int = 8) -> LlavaProcessor:
