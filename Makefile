@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vlmguard-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml $(wildcard constraints.txt) scripts/setup.sh
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 	touch $(STAMP)
 

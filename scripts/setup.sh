@@ -8,7 +8,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch that installs on these machines; an unpinned torch would pull a CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Every package at the version the tests last passed with (constraints.txt); pyproject.toml holds the ranges.
+pins=(); [ -f constraints.txt ] && pins=(-c constraints.txt)
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
 for extra in scripts/setup.d/*.sh; do
   [ -e "$extra" ] && bash "$extra"
 done
