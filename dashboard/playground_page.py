@@ -164,7 +164,8 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
                 message = getattr(e, "message", None) or str(e)
                 if isinstance(e, APITimeoutError):  # the client's own advice (a larger timeout=) is not the user's
                     message = (f"the service sent nothing for {getattr(client, 'timeout', 300):g} s (the playground's "
-                               "limit): ask for fewer new tokens, or see whether the service is overloaded (its /metrics)")
+                               "limit): ask for fewer new tokens, or see whether the service is overloaded "
+                               "(its /metrics)")
                 st.error(message)
                 out["errors"][title] = message
                 continue

@@ -96,7 +96,8 @@ class Pruner:
         if b is None:
             return n_visual
         if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise InvalidInput(f"budget must be a number of visual tokens or a ratio in (0, 1], got {b!r}", param="budget")
+            raise InvalidInput(f"budget must be a number of visual tokens or a ratio in (0, 1], got {b!r}",
+                               param="budget")
         if isinstance(b, float):
             if not 0.0 < b <= 1.0:
                 raise InvalidInput(f"budget ratio must be in (0, 1], got {b}", param="budget")

@@ -75,7 +75,8 @@ def test_request_level_errors_name_the_message_or_image():
     bad = "data:image/png;base64,bm90IGFuIGltYWdl"
     chat = _post("/v1/chat/completions", {"model": "tiny-llava", "max_tokens": 4, "messages": [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": bad}}]}]})
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "image_url", "image_url": {"url": bad}}]}]})
     assert chat["param"] == "messages.1.content.1" and "messages[1].content[1]" in chat["message"], chat
     native = _native({}, images=[IMAGE, bad])
     assert native["param"] == "images.1" and native["message"].startswith("images[1]: "), native

@@ -57,7 +57,8 @@ def test_a_failed_deploy_is_one_line_from_the_replicas_traceback_and_the_app_goe
                                  {"Ingress": ("HEALTHY", ""), "ModelWorker_0_tiny": ("DEPLOY_FAILED", tb)})]
     with pytest.raises(VlmguardError) as ei:
         launch.deploy_app(CFG, timeout_s=5, poll_s=0)
-    assert str(ei.value) == "deploying the app 'app' failed: ModelWorker_0_tiny DEPLOY_FAILED: no model at /models/llava"
+    assert str(ei.value) == ("deploying the app 'app' failed: ModelWorker_0_tiny DEPLOY_FAILED: no model at "
+                             "/models/llava")
     assert fake_serve["deleted"] == ["app"]
     # no deployment to blame: Serve's message for the app
     fake_serve.update(deployed=0, script=[_app("DEPLOY_FAILED", "Failed to build the app.\n")])

@@ -116,7 +116,8 @@ def _llava_processor(spec: dict, family: str):
     tok = wrap_tokenizer(_base_tokenizer(), model_max_length=32768)
     tok.chat_template = LLAVA_HF_VICUNA_TEMPLATE
     if family == "llava":
-        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**common), tokenizer=tok, patch_size=p["patch_size"],
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**common), tokenizer=tok,
+                              patch_size=p["patch_size"],
                               vision_feature_select_strategy=p["vision_feature_select_strategy"],
                               chat_template=LLAVA_HF_VICUNA_TEMPLATE, image_token=IMAGE,
                               num_additional_image_tokens=p["num_additional_image_tokens"])
