@@ -204,3 +204,18 @@ def test_timeouts_and_lost_connections_are_api_errors_never_raw_httpx_errors():
 
     with pytest.raises(APITimeoutError, match=r"timeout of 1 s \(ReadTimeout\)"):
         asyncio.run(async_slow())
+
+
+def test_api_errors_survive_pickling():
+    """An APIError raised in a worker process (a process pool, a Ray task) comes back whole; it could not be
+    unpickled (its args hold the formatted text, its constructor the fields)."""
+    import pickle
+
+    from vlmguard.client import APITimeoutError
+
+    for e in (APIError(400, "bad budget", "invalid_request_error", "InvalidInput", "vlmguard.budget"),
+              APITimeoutError(0, "no answer within 3 s")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e)
+        assert (back.status, back.message, back.type, back.code, back.param) == (
+            e.status, e.message, e.type, e.code, e.param)

@@ -63,6 +63,9 @@ class APIError(VlmguardError):
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
+    def __reduce__(self):  # pickled by its fields (a process pool, a Ray task): its args hold the formatted text
+        return type(self), (self.status, self.message, self.type, self.code, self.param)
+
 
 class APITimeoutError(APIError):
     """No answer within the client's ``timeout`` (``status`` 0); not retried, as the server may still be
