@@ -1,4 +1,6 @@
+import faulthandler
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VLMGUARD_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After pytest's own faulthandler has stood down: a native crash in the interpreter's teardown, after the
+    verdict (it happened once: "double free or corruption", exit 134, every test passed), still prints every
+    thread's Python stack, so the log says which library's teardown it was."""
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
 
 @pytest.fixture(scope="session")

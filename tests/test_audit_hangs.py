@@ -37,7 +37,8 @@ class FakeServer:
         self.handler = handler
         self.conns: list[socket.socket] = []
         self.stopped = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
 
     def _serve(self):
         while not self.stopped.is_set():
@@ -47,18 +48,25 @@ class FakeServer:
                 return
             self.conns.append(conn)
             if self.handler is not None:
-                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                self.threads.append(threading.Thread(target=self._handle, args=(conn,), daemon=True))
+                self.threads[-1].start()
 
     def _handle(self, conn):
         with contextlib.suppress(OSError):
             self.handler(conn)
 
     def close(self):
+        """Stop every thread: on Linux closing a socket does not wake a thread blocked in its accept() or recv(),
+        shutting it down does (threads left blocked outlive the tests and are killed in interpreter teardown)."""
         self.stopped.set()
-        self.sock.close()
-        for c in self.conns:
+        for sock in (self.sock, *self.conns):
             with contextlib.suppress(OSError):
-                c.close()
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+        for t in self.threads:
+            t.join(timeout=5)
+        assert not any(t.is_alive() for t in self.threads), "a fake server thread did not stop"
 
 
 @pytest.fixture
@@ -103,8 +111,9 @@ def fake_jobs_api(stall_after_version: bool = False, logs: str = "step 1\n"):
         method, path = line.split()[:2]
         if path == "/api/version":
             _answer_json(conn, {"ray_version": "2.60.0", "version": "4", "session_name": "x"})
-        elif stall_after_version:
-            threading.Event().wait(60)
+        elif stall_after_version:  # never answer: hold the connection until the client or the server ends it
+            while conn.recv(1):
+                pass
         elif method == "POST":
             _answer_json(conn, {"job_id": "job1", "submission_id": "job1"})
         elif path.endswith("/logs"):
@@ -183,7 +192,8 @@ def test_client_silent_server_and_stalled_stream_time_out_with_a_message(server_
         event = f"data: {chunk}\n\n".encode()
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                      + f"{len(event):x}\r\n".encode() + event + b"\r\n")
-        threading.Event().wait(60)
+        while conn.recv(1):  # nothing more: hold the connection until the client or the server ends it
+            pass
 
     stalled = server_factory(stall)
     c = Client(stalled.url, timeout=0.5)
@@ -283,7 +293,8 @@ def test_check_cluster_address_refuses_a_silent_server(server_factory):
 def test_check_cluster_address_accepts_a_server_that_answers_or_closes(server_factory):
     def settings(conn):  # what a gRPC server (Ray's GCS) sends at once: its SETTINGS frame
         conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        threading.Event().wait(5)
+        while conn.recv(1024):  # read the client's preface, until it or the server ends the connection
+            pass
 
     answering = server_factory(settings)
     launch.check_cluster_address(f"127.0.0.1:{answering.port}", timeout_s=2.0)
