@@ -244,29 +244,27 @@ def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 
 
 class _Base:
+    _http_class: Any  # httpx.Client or httpx.AsyncClient: its connection pool, made once per client
+
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+                 backoff_s: float = 0.5, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
         if "://" not in base_url:  # "127.0.0.1:8000", as `vlmguard job submit --address` takes it
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
-        # httpx's timeouts: ``timeout`` for each read, write and pool wait, at most ``connect_timeout`` to connect
-        self.http_timeout = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        # httpx's timeouts: ``timeout`` for each read, write and pool wait, at most ``connect_timeout`` to connect
+        self._http = self._http_class(base_url=self.base_url, headers=self.headers, transport=transport,
+                                      timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)))
 
 
 class Client(_Base):
     """Synchronous client (thread-safe; reuses one connection pool)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
-                         connect_timeout=connect_timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.http_timeout,
-                                  transport=transport)
+    _http_class = httpx.Client
 
     def close(self) -> None:
         self._http.close()
@@ -365,13 +363,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same methods as :class:`Client` (``await``; streams are async iterators)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 300.0, max_retries: int = 4,
-                 backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
-                         connect_timeout=connect_timeout)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.http_timeout,
-                                       transport=transport)
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from vlmguard.errors import InvalidInput, VlmguardError
 
@@ -27,6 +27,7 @@ AGENT_WAIT_S = 90.0
 JOBS_CONNECT_TIMEOUT_S = 10.0
 JOBS_READ_TIMEOUT_S = 60.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_T = TypeVar("_T")
 _EXC_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): (.+)$")
 
 
@@ -236,37 +237,31 @@ def status_message(message: str | None) -> str | None:
     return f"{head}: {why}" if why else head
 
 
-def status(job_id: str, address: str | None = None) -> dict[str, Any]:
+def _job_call(job_id: str, address: str | None, what: str, call: Callable[[Any], _T]) -> _T:
+    """``call(client)`` for one job: a Jobs API that does not answer, or a connection lost, is one line naming
+    ``what``; any other failure means the cluster does not know the job (an unknown id and friends)."""
     c = client(address)
     try:
-        info = c.get_job_info(job_id)
-    except Exception as e:  # noqa: BLE001 - unknown id and friends
-        if (err := _no_answer(e, jobs_address(address), "job info")) is not None:
+        return call(c)
+    except Exception as e:  # noqa: BLE001
+        if (err := _no_answer(e, jobs_address(address), what)) is not None:
             raise err from None
         raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+
+
+def status(job_id: str, address: str | None = None) -> dict[str, Any]:
+    info = _job_call(job_id, address, "job info", lambda c: c.get_job_info(job_id))
     return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)),
             "message": status_message(info.message),
             "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
 
 
 def logs(job_id: str, address: str | None = None) -> str:
-    c = client(address)
-    try:
-        return c.get_job_logs(job_id)
-    except Exception as e:  # noqa: BLE001
-        if (err := _no_answer(e, jobs_address(address), "job logs")) is not None:
-            raise err from None
-        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+    return _job_call(job_id, address, "job logs", lambda c: c.get_job_logs(job_id))
 
 
 def stop(job_id: str, address: str | None = None) -> bool:
-    c = client(address)
-    try:
-        return bool(c.stop_job(job_id))
-    except Exception as e:  # noqa: BLE001
-        if (err := _no_answer(e, jobs_address(address), "stop job")) is not None:
-            raise err from None
-        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+    return bool(_job_call(job_id, address, "stop job", lambda c: c.stop_job(job_id)))
 
 
 def wait(job_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 1.0) -> dict[str, Any]:
