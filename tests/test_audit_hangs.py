@@ -176,6 +176,30 @@ def test_client_default_connect_timeout_is_short_but_read_timeout_unchanged():
     c.close()
 
 
+@pytest.mark.timeout(60)
+def test_client_status_calls_wait_their_own_short_timeout_not_the_generation_one(server_factory, monkeypatch):
+    """health, models and metrics are answered without the engine: against a silent server they fail in
+    STATUS_TIMEOUT_S (or a per-call timeout), not in the client's generation timeout (300 s by default)."""
+    import asyncio
+
+    from vlmguard import client as client_module
+
+    monkeypatch.setattr(client_module, "STATUS_TIMEOUT_S", 0.4)
+    silent = server_factory()
+    c, a = Client(silent.url, timeout=300.0), AsyncClient(silent.url, timeout=300.0)
+    calls = [c.health, c.models, c.metrics, lambda: c.health(timeout=0.2),
+             *(lambda f=f: asyncio.run(f()) for f in (a.health, a.models, a.metrics))]
+    for call in calls:
+        t0 = time.monotonic()
+        with pytest.raises(APITimeoutError, match=r"within the client's timeout of 0\.[24] s"):
+            call()
+        assert time.monotonic() - t0 < 5.0
+    assert Client(silent.url, timeout=0.1)._status_timeout(None) == 0.1  # never above the client's own
+    assert c._http.timeout.read == 300.0  # generation keeps the client's timeout
+    c.close()
+    asyncio.run(a.aclose())
+
+
 @pytest.mark.timeout(30)
 def test_client_silent_server_and_stalled_stream_time_out_with_a_message(server_factory):
     silent = server_factory()

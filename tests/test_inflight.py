@@ -5,6 +5,8 @@ caller, isolates bad input, runs non-joinable decoders as whole batches and resp
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -230,6 +232,46 @@ def test_batcher_answers_staggered_callers_like_alone(worker):
     assert [a["result"]["request_id"] for a in answers] == [f"q{i}" for i in range(10)]
     sizes = [a["result"]["timings"]["batch_size"] for a in answers]
     assert max(sizes) <= 4 and max(sizes) >= 2
+
+
+def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(worker):
+    """No thread is held between bursts of traffic; a request that arrives while the idle thread is ending
+    (``idle_exit_s=0``: it ends whenever nothing is queued) still gets a thread and its answer."""
+    spec = GenerationSpec(max_new_tokens=4)
+    alone = {i: worker.generate_many([item(i, spec)])[0]["result"]["token_ids"] for i in range(5)}
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0, idle_exit_s=0.0)
+    threads = set()
+
+    async def main():
+        out = []
+        for i in range(12):  # one at a time, then two at once: every arrival finds the thread ended or ending
+            out.append(await asyncio.wait_for(b.submit(item(i % 5, spec)), 60))
+            threads.add(b._thread)
+            if i % 3 == 2:
+                await asyncio.sleep(0.02)
+        out += await asyncio.wait_for(asyncio.gather(*(b.submit(item(i, spec)) for i in range(5))), 60)
+        return out
+
+    answers = asyncio.run(main())
+    assert [a["result"]["token_ids"] for a in answers] == [alone[i % 5] for i in range(12)] + [alone[i] for i in
+                                                                                            range(5)]
+    deadline = time.monotonic() + 10
+    while b._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b._thread is None  # the last one ended too
+    assert not [t for t in threading.enumerate() if t.name == "vlmguard-inflight" and t in threads]
+
+
+def test_a_closed_batcher_ends_its_thread_and_refuses_new_requests(worker):
+    spec = GenerationSpec(max_new_tokens=4)
+    b = InflightBatcher(worker, max_batch_size=4, wait_s=0.0)  # the default idle time: only close ends it
+    assert asyncio.run(b.submit(item(0, spec)))["result"]["token_ids"]
+    thread = b._thread
+    assert thread.is_alive()
+    b.close()
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(b.submit(item(1, spec)))
 
 
 def test_batcher_isolates_bad_input_and_runs_other_decoders_whole(worker, whole_only):

@@ -12,7 +12,7 @@ pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped conn
 exponential backoff (honouring ``Retry-After``, seconds or an HTTP date, at most 30 s); other 3xx/4xx/5xx raise
 :class:`APIError`, a server that cannot be reached raises ``APIError`` with ``status`` 0 (a connection not
 accepted within ``connect_timeout`` seconds, default 10, counts as one), and no answer within ``timeout`` seconds
-:class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
+(``health``, ``models``, ``metrics``: :data:`STATUS_TIMEOUT_S`, 30) :class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
 ``APIError`` with ``status`` 0; a 2xx answer that is not JSON or not the expected schema, a stream's error event,
 and a stream that ends before ``data: [DONE]`` raise ``APIError`` with ``status`` 200.
 """
@@ -48,6 +48,9 @@ RETRY_STATUS = {429, 503}
 # seconds to open a connection: a host that drops connection attempts (a firewall, a full listen queue) fails in
 # this long, each retry included, rather than in ``timeout`` (minutes, sized for generation) times the attempts
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# seconds to wait for ``health()``, ``models()`` and ``metrics()`` (at most the client's ``timeout``): the server
+# answers them without the engine, so a server that accepts connections and never answers fails in this long
+STATUS_TIMEOUT_S = 30.0
 # transport failures retried like a 503: nothing was answered (a refused or timed-out connection, a dropped one)
 RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 SPEC_FIELDS = set(GenerationSpec.model_fields)
@@ -254,11 +257,18 @@ class _Base:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        # httpx's timeouts: ``timeout`` for each read, write and pool wait, at most ``connect_timeout`` to connect
         self._http = self._http_class(base_url=self.base_url, headers=self.headers, transport=transport,
-                                      timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)))
+                                      timeout=self._timeouts(timeout))
+
+    def _timeouts(self, timeout: float) -> httpx.Timeout:
+        """httpx's timeouts: ``timeout`` for each read, write and pool wait, at most ``connect_timeout`` to connect."""
+        return httpx.Timeout(timeout, connect=min(self.connect_timeout, timeout))
+
+    def _status_timeout(self, timeout: float | None) -> float:
+        return min(self.timeout, STATUS_TIMEOUT_S) if timeout is None else timeout
 
 
 class Client(_Base):
@@ -276,12 +286,15 @@ class Client(_Base):
         self.close()
 
     # ---- transport with retries ------------------------------------------------------------------
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None, stream: bool = False,
+              timeout: float | None = None) -> httpx.Response:
+        """``timeout``: this request's own, instead of the client's."""
+        wait = self.timeout if timeout is None else timeout
         attempt = 0
         while True:
             resp = None
             try:
-                req = self._http.build_request(method, path, json=body)
+                req = self._http.build_request(method, path, json=body, timeout=self._timeouts(wait))
                 resp = self._http.send(req, stream=True)
                 if not stream or not resp.is_success:
                     try:
@@ -291,7 +304,7 @@ class Client(_Base):
                         if not resp.is_success:  # an error answer cut short: a dropped connection, as before
                             raise
                         # a 2xx answer cut short: not retried, as that could do the work twice
-                        raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
+                        raise _transport_error(self.base_url, wait, e, answering=True) from None
                 if resp.status_code in RETRY_STATUS and attempt < self.max_retries:
                     resp.close()
                     time.sleep(_retry_delay(attempt, self.backoff_s, resp))
@@ -302,24 +315,26 @@ class Client(_Base):
                 return resp
             except RETRY_TRANSPORT as e:
                 if attempt >= self.max_retries:
-                    raise _transport_error(self.base_url, self.timeout, e) from None
+                    raise _transport_error(self.base_url, wait, e) from None
                 time.sleep(_retry_delay(attempt, self.backoff_s, None))
                 attempt += 1
             except httpx.HTTPError as e:  # a timeout waiting for the answer, ...
-                raise _transport_error(self.base_url, self.timeout, e) from None
+                raise _transport_error(self.base_url, wait, e) from None
 
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return _json_of(self._send(method, path, body))
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        return _json_of(self._send(method, path, body, timeout=timeout))
 
     # ---- API -------------------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/health")
+    # health, models and metrics wait ``timeout`` seconds, default :data:`STATUS_TIMEOUT_S` (or the client's own
+    # timeout if shorter)
+    def health(self, timeout: float | None = None) -> dict[str, Any]:
+        return self._json("GET", "/health", timeout=self._status_timeout(timeout))
 
-    def models(self) -> ModelList:
-        return _parse(ModelList, self._json("GET", "/v1/models"))
+    def models(self, timeout: float | None = None) -> ModelList:
+        return _parse(ModelList, self._json("GET", "/v1/models", timeout=self._status_timeout(timeout)))
 
-    def metrics(self) -> dict[str, Any]:
-        return self._json("GET", "/metrics?format=json")
+    def metrics(self, timeout: float | None = None) -> dict[str, Any]:
+        return self._json("GET", "/metrics?format=json", timeout=self._status_timeout(timeout))
 
     def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                  system: str | None = None, **spec: Any) -> GenerateResponse:
@@ -375,11 +390,12 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def _send(self, method: str, path: str, body: dict[str, Any] | None = None,
-                    stream: bool = False) -> httpx.Response:
+                    stream: bool = False, timeout: float | None = None) -> httpx.Response:
+        wait = self.timeout if timeout is None else timeout
         attempt = 0
         while True:
             try:
-                req = self._http.build_request(method, path, json=body)
+                req = self._http.build_request(method, path, json=body, timeout=self._timeouts(wait))
                 resp = await self._http.send(req, stream=True)
                 if not stream or not resp.is_success:
                     try:
@@ -389,7 +405,7 @@ class AsyncClient(_Base):
                         if not resp.is_success:  # an error answer cut short: a dropped connection, as before
                             raise
                         # a 2xx answer cut short: not retried, as that could do the work twice
-                        raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
+                        raise _transport_error(self.base_url, wait, e, answering=True) from None
                 if resp.status_code in RETRY_STATUS and attempt < self.max_retries:
                     await resp.aclose()
                     await asyncio.sleep(_retry_delay(attempt, self.backoff_s, resp))
@@ -400,23 +416,24 @@ class AsyncClient(_Base):
                 return resp
             except RETRY_TRANSPORT as e:
                 if attempt >= self.max_retries:
-                    raise _transport_error(self.base_url, self.timeout, e) from None
+                    raise _transport_error(self.base_url, wait, e) from None
                 await asyncio.sleep(_retry_delay(attempt, self.backoff_s, None))
                 attempt += 1
             except httpx.HTTPError as e:
-                raise _transport_error(self.base_url, self.timeout, e) from None
+                raise _transport_error(self.base_url, wait, e) from None
 
-    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return _json_of(await self._send(method, path, body))
+    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None,
+                    timeout: float | None = None) -> Any:
+        return _json_of(await self._send(method, path, body, timeout=timeout))
 
-    async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/health")
+    async def health(self, timeout: float | None = None) -> dict[str, Any]:
+        return await self._json("GET", "/health", timeout=self._status_timeout(timeout))
 
-    async def models(self) -> ModelList:
-        return _parse(ModelList, await self._json("GET", "/v1/models"))
+    async def models(self, timeout: float | None = None) -> ModelList:
+        return _parse(ModelList, await self._json("GET", "/v1/models", timeout=self._status_timeout(timeout)))
 
-    async def metrics(self) -> dict[str, Any]:
-        return await self._json("GET", "/metrics?format=json")
+    async def metrics(self, timeout: float | None = None) -> dict[str, Any]:
+        return await self._json("GET", "/metrics?format=json", timeout=self._status_timeout(timeout))
 
     async def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                        system: str | None = None, **spec: Any) -> GenerateResponse:

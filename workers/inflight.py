@@ -39,6 +39,9 @@ from vlmguard.workers.engine_worker import EngineWorker, WorkItem, error_answer,
 
 log = logging.getLogger("vlmguard.workers")
 
+IDLE_EXIT_S = 60.0  # an engine thread with nothing to run for this long ends; the next request starts another
+_IDLE = object()  # ``_iteration``'s answer when its thread should end
+
 
 @dataclass
 class _Pending:
@@ -80,12 +83,14 @@ class _Pending:
 class InflightBatcher:
     """``await submit(item)`` -> the item's answer dict; one engine thread per batcher (started lazily)."""
 
-    def __init__(self, worker: EngineWorker, max_batch_size: int, wait_s: float):
+    def __init__(self, worker: EngineWorker, max_batch_size: int, wait_s: float, idle_exit_s: float = IDLE_EXIT_S):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.worker = worker
         self.max_batch_size = max_batch_size
         self.wait_s = max(0.0, wait_s)
+        self.idle_exit_s = idle_exit_s
+        self._closed = False
         self._queue: deque[_Pending] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -127,13 +132,26 @@ class InflightBatcher:
 
     def _enqueue(self, p: _Pending) -> _Pending:
         with self._cv:
+            if self._closed:
+                raise RuntimeError("this batcher is closed")
             self._queue.append(p)
             self._since_arrival = 0
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None or not self._thread.is_alive():  # none yet, or it ended idle
                 self._thread = threading.Thread(target=self._loop, name="vlmguard-inflight", daemon=True)
                 self._thread.start()
             self._cv.notify()
         return p
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, let the engine thread finish what it runs and end; wait for it up to ``timeout``
+        seconds. A thread left idle ends by itself after ``idle_exit_s``, so a replica's batcher holds no
+        thread between bursts of traffic."""
+        with self._cv:
+            self._closed = True
+            thread = self._thread
+            self._cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def joins(self, spec: GenerationSpec) -> bool:
         """Whether requests of ``spec`` join running batches (else they run as whole batches, or alone)."""
@@ -210,6 +228,8 @@ class InflightBatcher:
         while True:
             try:
                 batch = self._iteration(batch, owners)
+                if batch is _IDLE:
+                    return
             except BaseException as e:  # noqa: BLE001 - never let the engine thread die: fail what was running
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise  # the process is stopping
@@ -228,7 +248,11 @@ class InflightBatcher:
     def _iteration(self, batch, owners: dict[int, _Pending]):
         with self._cv:
             while batch is None and not self._queue:
-                self._cv.wait()
+                if self._closed or (not self._cv.wait(self.idle_exit_s) and not self._queue):
+                    # under the lock: a request enqueued from now on sees no thread and starts one
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return _IDLE
             self._drop_left_head()
             if batch is None and self._queue and self._expected_back > 1:
                 self._await_returning()
