@@ -12,9 +12,10 @@ pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped conn
 exponential backoff (honouring ``Retry-After``, seconds or an HTTP date, at most 30 s); other 3xx/4xx/5xx raise
 :class:`APIError`, a server that cannot be reached raises ``APIError`` with ``status`` 0 (a connection not
 accepted within ``connect_timeout`` seconds, default 10, counts as one), and no answer within ``timeout`` seconds
-(``health``, ``models``, ``metrics``: :data:`STATUS_TIMEOUT_S`, 30) :class:`APITimeoutError`. An answer cut after it began is not retried (the work may be done):
-``APIError`` with ``status`` 0; a 2xx answer that is not JSON or not the expected schema, a stream's error event,
-and a stream that ends before ``data: [DONE]`` raise ``APIError`` with ``status`` 200.
+(``health``, ``models``, ``metrics``: :data:`STATUS_TIMEOUT_S`, 30) :class:`APITimeoutError`. An answer cut after
+it began is not retried (the work may be done): ``APIError`` with ``status`` 0; a 2xx answer that is not JSON or
+not the expected schema, a stream's error event, and a stream that ends before ``data: [DONE]`` raise ``APIError``
+with ``status`` 200.
 """
 from __future__ import annotations
 
