@@ -302,6 +302,40 @@ def test_job_logs_follow_stops_on_ctrl_c(server_factory):
     assert p.returncode == 130 and err.strip() == "vlmguard: interrupted", (p.returncode, err)
 
 
+def _swallowed_ctrl_c() -> None:
+    """Ctrl-C delivered where Python ignores exceptions (a finalizer or weakref callback prints "Exception ignored"
+    and goes on): the KeyboardInterrupt never reaches the command's loop."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here
+    except KeyboardInterrupt:
+        pass
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv", [["job", "logs", "raysubmit_x", "--follow"],
+                                  ["job", "submit", "--wait", "bench", "pope", "--limit", "2"]])
+def test_job_polling_loops_end_on_a_ctrl_c_whose_exception_was_swallowed(monkeypatch, capsys, argv):
+    """Before, `job logs --follow` (and `job submit --wait`) polled on for ever after such a Ctrl-C: one full-suite
+    run timed out in test_job_logs_follow_stops_on_ctrl_c. Now the Ctrl-C is noted and the loop ends at its next
+    check, exit 130, and Python's own Ctrl-C handler is back afterwards."""
+    polls = []
+
+    def status(job_id, address=None):
+        polls.append(job_id)
+        if len(polls) == 2:
+            _swallowed_ctrl_c()
+        return {"job_id": job_id, "status": "RUNNING", "message": None}
+
+    monkeypatch.setattr(jobs, "status", status)
+    monkeypatch.setattr(jobs, "logs", lambda job_id, address=None: "step 1\n")
+    monkeypatch.setattr(jobs, "submit_bench", lambda argv, **kw: "raysubmit_x")
+    rc, err, elapsed = _cli(argv, capsys)
+    assert rc == 130 and err.strip() == "vlmguard: interrupted", (rc, err)
+    assert len(polls) == 2 and elapsed < 10.0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ---- vlmguard serve --address / --stop against something that does not answer as a Ray cluster ----------------
 
 

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,7 +240,8 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         else:
             print(f"submitted job {job_id}; follow with `vlmguard job logs {job_id} --follow`")
         return 0
-    st = jobs.wait(job_id, args.address, timeout_s=args.timeout)
+    with ctrl_c_noted() as ctrl_c:
+        st = jobs.wait(job_id, args.address, timeout_s=args.timeout, stop=ctrl_c)
     log_text = jobs.logs(job_id, args.address)
     if args.json:
         _print_json({**st, "result": _last_json(log_text)})
@@ -258,6 +262,29 @@ def _last_json(text: str) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def ctrl_c_noted():
+    """An Event set by Ctrl-C, which still raises KeyboardInterrupt as usual: a polling loop that checks it ends even
+    when the exception struck where Python ignores exceptions (a finalizer or weakref callback, e.g. of an HTTP
+    connection being collected, prints "Exception ignored" and goes on). Only in the main thread, and only where
+    Ctrl-C has Python's default handler."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield noted
+        return
+
+    def handler(signum, frame):
+        noted.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cmd_job_status(args: argparse.Namespace) -> int:
     from vlmguard.workers import jobs
 
@@ -274,16 +301,18 @@ def cmd_job_logs(args: argparse.Namespace) -> int:
 
     if args.follow:
         seen = 0
-        while True:
-            text = jobs.logs(args.job_id, args.address)
-            sys.stdout.write(text[seen:])
-            sys.stdout.flush()
-            seen = len(text)
-            if jobs.status(args.job_id, args.address)["status"] in jobs.TERMINAL:
-                rest = jobs.logs(args.job_id, args.address)[seen:]
-                sys.stdout.write(rest)
-                return 0
-            time.sleep(1.0)
+        with ctrl_c_noted() as ctrl_c:
+            while not ctrl_c.is_set():
+                text = jobs.logs(args.job_id, args.address)
+                sys.stdout.write(text[seen:])
+                sys.stdout.flush()
+                seen = len(text)
+                if jobs.status(args.job_id, args.address)["status"] in jobs.TERMINAL:
+                    rest = jobs.logs(args.job_id, args.address)[seen:]
+                    sys.stdout.write(rest)
+                    return 0
+                ctrl_c.wait(1.0)
+        raise KeyboardInterrupt  # a Ctrl-C whose exception was swallowed on the way
     text = jobs.logs(args.job_id, args.address)
     if args.json:
         _print_json({"job_id": args.job_id, "logs": text})

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -264,12 +265,16 @@ def stop(job_id: str, address: str | None = None) -> bool:
     return bool(_job_call(job_id, address, "stop job", lambda c: c.stop_job(job_id)))
 
 
-def wait(job_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 1.0) -> dict[str, Any]:
+def wait(job_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 1.0,
+         stop: threading.Event | None = None) -> dict[str, Any]:
+    """Poll until the job ends; ``stop`` set (Ctrl-C noted by the CLI) raises KeyboardInterrupt at the next poll."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         st = status(job_id, address)
         if st["status"] in TERMINAL:
             return st
         if time.monotonic() > deadline:
             raise VlmguardError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s")
-        time.sleep(poll_s)
+        stop.wait(poll_s)
+    raise KeyboardInterrupt
