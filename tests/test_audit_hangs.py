@@ -281,15 +281,21 @@ def test_job_submit_wait_honours_its_timeout_on_a_job_that_never_ends(server_fac
     assert err.strip() == "vlmguard: error: job job1 still RUNNING after 2 s"
 
 
+def _default_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.timeout(30)
 def test_job_logs_follow_stops_on_ctrl_c(server_factory):
     """``logs --follow`` follows a job until it ends, as ``tail -f`` does; Ctrl-C ends it in one line, exit 130."""
     srv = server_factory(fake_jobs_api(logs="step 1 of a job that never ends\n"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("VLMGUARD_DEBUG", None)
+    # Ctrl-C as a terminal sends it: a suite started in the background by a non-interactive shell (`cmd &`) runs with
+    # SIGINT ignored, and a child inherits that (two full-suite runs started so failed here, the command ignoring it)
     p = subprocess.Popen([sys.executable, "-m", "vlmguard.cli", "job", "logs", "raysubmit_x", "--follow",
                           "--address", srv.url], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=_default_ctrl_c)
     try:
         first = p.stdout.readline()  # it is following
         assert first == "step 1 of a job that never ends\n"
@@ -330,10 +336,15 @@ def test_job_polling_loops_end_on_a_ctrl_c_whose_exception_was_swallowed(monkeyp
     monkeypatch.setattr(jobs, "status", status)
     monkeypatch.setattr(jobs, "logs", lambda job_id, address=None: "step 1\n")
     monkeypatch.setattr(jobs, "submit_bench", lambda argv, **kw: "raysubmit_x")
-    rc, err, elapsed = _cli(argv, capsys)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive shell (see above)
+    try:
+        rc, err, elapsed = _cli(argv, capsys)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == 130 and err.strip() == "vlmguard: interrupted", (rc, err)
     assert len(polls) == 2 and elapsed < 10.0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert after is signal.default_int_handler
 
 
 # ---- vlmguard serve --address / --stop against something that does not answer as a Ray cluster ----------------
