@@ -6,6 +6,7 @@ ends after ``wait_s`` when fewer callers come back."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -40,11 +41,29 @@ async def _wave(b: InflightBatcher, ids: range, gap_s: float) -> list[dict]:
     return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
 
-def test_callers_coming_back_after_a_batch_share_one_prefill(worker):
+def test_callers_coming_back_after_a_batch_share_one_prefill(worker, monkeypatch):
     b = InflightBatcher(worker, max_batch_size=8, wait_s=2.0)
+    # the first wave's four requests all arrive before any is answered, whatever the machine's load: the engine
+    # holds the first one's prefill until the other three are queued (on a loaded machine the first could otherwise
+    # be answered before the last arrived, and the wait would then rightly count three callers, not four)
+    gate, start_batch = threading.Event(), worker.start_batch
+
+    def gated(items, indices):
+        gate.wait(30)
+        return start_batch(items, indices)
+
+    monkeypatch.setattr(worker, "start_batch", gated)
+
+    async def first_wave():
+        tasks = [asyncio.ensure_future(b.submit(item(i))) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while len(b._queue) + len(b._taken) < 4 and time.monotonic() < deadline:  # taken ones wait at the gate
+            await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
     async def main():
-        first = await _wave(b, range(4), 0.0)
+        first = await first_wave()
         # the four callers answered by the same step come back one by one, 50 ms apart
         second = await _wave(b, range(4, 8), 0.05)
         return first, second
