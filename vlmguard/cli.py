@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
+import select
+import signal
 import sys
 
 from vlmguard.errors import VlmguardError
@@ -48,9 +51,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prepare_std_streams() -> None:
+    """Make stdout and stderr safe to print anything to, whatever the environment gave the process.
+
+    A stream started closed (``>&-``) is None in Python: it gets /dev/null, and so does its descriptor, which the
+    next file opened (the results database, say) would otherwise take and child processes would write into. Text
+    the stream's encoding cannot hold (``PYTHONIOENCODING=ascii``, a C locale without UTF-8 coercion) is escaped
+    as stderr already does, instead of failing after the work is done (a model's answer, a table of model paths).
+    """
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        if stream is None:
+            try:
+                os.fstat(fd)
+            except OSError:  # still closed: fill it
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            stream = open(os.devnull, "w")  # lives as long as the process
+            setattr(sys, name, stream)
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (``vlmguard report | head -1``), not some other connection."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # not a real file (in-process callers)
+        return False
+
+
+def _end_quietly() -> int:
+    """End as a command killed by SIGPIPE would, stdout pointed at /dev/null so that the interpreter's last flush
+    does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("VLMGUARD_DEBUG"):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _prepare_std_streams()
     try:  # Ctrl-C while the subcommands' modules import (a second or two) is an interruption like any other
         args = build_parser().parse_args(argv)
         if any(getattr(args, flag, False) for flag in ("json", "quiet", "no_progress")):
@@ -61,10 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 hf_logging.disable_progress_bar()
         rc = args.func(args)
+        sys.stdout.flush()  # a reader gone shows here, not in the interpreter's final flush
         return int(rc or 0)
     except KeyboardInterrupt:
         print("vlmguard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return _end_quietly()
     except (VlmguardError, OSError) as e:
         # OSErrors about a named file (missing, a directory, not writable, ...) are the user's to fix; others
         # (a broken connection, say) keep their traceback

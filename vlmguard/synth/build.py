@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from vlmguard.errors import InvalidInput
+from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.synth.pope import write_pope_files
 from vlmguard.synth.render import render_scene
 from vlmguard.synth.text import reference_captions, training_records
@@ -230,8 +230,12 @@ def default_dataset(seed: int = 0) -> Path:
     target = default_dataset_dir(seed)
     if (target / "manifest.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".synthcoco-seed{seed}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".synthcoco-seed{seed}-", dir=target.parent))
+    except OSError as e:  # a read-only or missing HOME (CI runners, service accounts)
+        raise VlmguardError(f"cannot build the SynthCOCO dataset in {target.parent}: {e.strerror or e}; set "
+                            "VLMGUARD_CACHE to a writable folder") from e
     try:
         build_dataset(tmp, seed=seed, train=0, val=0, test=DEFAULT_COUNTS["test"])
         try:

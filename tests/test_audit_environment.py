@@ -1,0 +1,100 @@
+"""The CLI in environments unlike the developer's shell: another working directory, odd locales and encodings,
+stdout a closed pipe or closed outright, an unwritable HOME, user-set variables. Each command either works or
+ends with one ``vlmguard: error:`` line, never a traceback."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "vlmguard" / "assets" / "tiny-llava"
+CLI = [sys.executable, "-m", "vlmguard.cli"]
+
+
+def _env(**changes: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VLMGUARD_DEBUG"}
+    env.update({"PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def _run(args: list[str], cwd: Path, **changes: str | None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=_env(**changes), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path)
+    return path
+
+
+def test_generate_in_a_foreign_environment(tmp_path):
+    """Another cwd, a POSIX locale, no colours, a dumb narrow terminal, offline, no GPU, a TMPDIR with spaces,
+    stdin not a TTY: the answer still comes."""
+    tmpdir = tmp_path / "tmp dir with spaces"
+    tmpdir.mkdir()
+    image = _image(tmp_path)
+    r = _run(["generate", "--model", "tiny", "--image", image.name, "--prompt", "Is there a dog?",
+              "--max-new-tokens", "2", "--json"], tmp_path, LC_ALL="POSIX", LANG=None, NO_COLOR="1", TERM="dumb",
+             COLUMNS="20", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TMPDIR=str(tmpdir))
+    assert r.returncode == 0, r.stderr
+    assert '"text"' in r.stdout.splitlines()[-1]
+    assert "Traceback" not in r.stderr
+
+
+def test_closed_pipe_on_stdout_ends_quietly(tmp_path):
+    """``vlmguard prune methods | head -0``: the reader is gone before the first line; no BrokenPipeError
+    traceback, and the status of a command killed by SIGPIPE."""
+    p = subprocess.Popen([*CLI, "prune", "methods"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    p.stdout.close()  # long before the command prints (its imports take seconds)
+    _, err = p.communicate(timeout=120)
+    assert "Traceback" not in err.decode() and "BrokenPipeError" not in err.decode()
+    assert p.returncode == 141
+
+
+def test_closed_stdout_does_not_crash_streaming(tmp_path):
+    """``vlmguard generate --stream >&-``: stdout started closed (Python makes it None)."""
+    image = _image(tmp_path)
+    argv = [*CLI, "generate", "--model", "tiny", "--image", str(image), "--prompt", "Is there a dog?",
+            "--max-new-tokens", "2", "--stream"]
+    r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", *argv], cwd=tmp_path, env=_env(),
+                       capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ascii_stdout_escapes_what_it_cannot_encode(tmp_path):
+    """``PYTHONIOENCODING=ascii`` (or a C locale without UTF-8 coercion): a report naming a model folder with a
+    non-ASCII name prints it escaped instead of failing with UnicodeEncodeError."""
+    model = tmp_path / "modèle"
+    shutil.copytree(TINY, model)
+    db = tmp_path / "r.sqlite"
+    r = _run(["bench", "pope", "--model", str(model), "--split", "random", "--limit", "2", "--db", str(db),
+              "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _run(["report", "--db", str(db), "--out", str(tmp_path / "report")], tmp_path, PYTHONIOENCODING="ascii")
+    assert r.returncode == 0, r.stderr
+    assert "mod\\xe8le" in r.stdout
+
+
+def test_unwritable_home_names_the_cache_and_its_variable(tmp_path):
+    """HOME where nothing can be created (a read-only or missing home of a CI runner or service account): the
+    SynthCOCO cache cannot be built there, and the error says so and how to move it."""
+    r = _run(["bench", "pope", "--split", "random", "--limit", "1", "--db", str(tmp_path / "x.sqlite")], tmp_path,
+             HOME="/proc/self/no-home", VLMGUARD_CACHE=None, XDG_CACHE_HOME=None)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlmguard: error: "), r.stderr
+    assert "SynthCOCO" in lines[0] and "VLMGUARD_CACHE" in lines[0]
