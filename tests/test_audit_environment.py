@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,28 @@ def test_unwritable_home_names_the_cache_and_its_variable(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlmguard: error: "), r.stderr
     assert "SynthCOCO" in lines[0] and "VLMGUARD_CACHE" in lines[0]
+
+
+@pytest.mark.ray
+def test_a_tmpdir_too_long_for_rays_sockets_is_one_line_naming_what_to_set(tmp_path):
+    """Ray puts its unix sockets under $TMPDIR and a socket path may not exceed 107 bytes: before, `vlmguard serve`
+    ended in Ray's traceback (and `--detach` in "ray start failed: ['OSError: ...']")."""
+    long_tmp = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
+    long_tmp.mkdir()
+    r = _run(["serve", "--port", "0"], tmp_path, TMPDIR=str(long_tmp), RAY_TMPDIR=None, RAY_ADDRESS=None)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # Ray logs a warning line or two before
+    assert last.startswith("vlmguard: error: could not start a local Ray cluster: ") and "AF_UNIX path" in last
+    assert last.endswith("run with TMPDIR (and RAY_TMPDIR, if set) a short folder, e.g. TMPDIR=/tmp")
+
+
+def test_ray_start_output_is_one_line_with_the_hint():
+    from vlmguard.workers.launch import ray_start_failure
+
+    out = "Usage stats collection is disabled.\n\nLocal node IP: 127.0.0.1\nAF_UNIX path too long\n"
+    assert str(ray_start_failure(out)) == ("could not start a local Ray cluster: AF_UNIX path too long; Ray keeps its "
+                                           "sockets under $TMPDIR: run with TMPDIR (and RAY_TMPDIR, if set) a short "
+                                           "folder, e.g. TMPDIR=/tmp")
+    tb = "Traceback (most recent call last):\n  File \"x\", line 1\nValueError: port 6379 is taken\n"
+    assert str(ray_start_failure(tb)) == "could not start a local Ray cluster: port 6379 is taken"

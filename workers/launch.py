@@ -253,9 +253,24 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None, dash
     # address="local": always a fresh cluster, never one some `ray start` left on this machine. It ends with
     # this process, so a direct-ingress replica's drain at shutdown (for load balancers) is kept short.
     with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S, throughput_optimized=throughput_optimized):
-        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, log_to_driver=False)
+        try:
+            ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=port, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - Ray's processes could not start here: one line, with a hint
+            raise ray_start_failure(f"{type(e).__name__}: {e}") from e
     return True, _dashboard_url(ctx) or f"http://127.0.0.1:{port}"
+
+
+def ray_start_failure(text: str) -> VlmguardError:
+    """A local Ray cluster that would not start (``text``: the error, or ``ray start``'s output) -> one line. Ray puts
+    its sockets under $TMPDIR (its session files under $RAY_TMPDIR, else $TMPDIR), and a socket's path is limited to
+    107 bytes, so a long TMPDIR (a CI runner's, a job scheduler's) stops Ray from starting at all: the error says
+    what to set (RAY_TMPDIR alone is not enough: `ray start` then fails with "AF_UNIX path too long")."""
+    hint = ("; Ray keeps its sockets under $TMPDIR: run with TMPDIR (and RAY_TMPDIR, if set) a short folder, e.g. "
+            "TMPDIR=/tmp" if "AF_UNIX path" in text else "")
+    lines = [line for line in text.strip().splitlines() if line.strip()] or [text]
+    why = error_text(text, 400) if "Traceback" in text else error_text(lines[-1], 400)  # `ray start` logs, then why
+    return VlmguardError(f"could not start a local Ray cluster: {why}{hint}")
 
 
 def _dashboard_url(ctx: Any) -> str | None:
@@ -472,5 +487,5 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
         out = (proc.stderr or proc.stdout).strip()
         if "already running" in out:  # a cluster left by an earlier --detach (or `ray start`): deploy onto it
             return address
-        raise VlmguardError(f"ray start failed: {out.splitlines()[-1:]}")
+        raise ray_start_failure(out)
     return address
