@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.interrupts import Terminated, ctrl_c_noted, sigterm_unwinds
 
 
 def _print_json(obj: Any) -> None:
@@ -162,10 +160,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("running in the background; stop with `vlmguard serve --stop` and `ray stop`")
         return 0
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
+        with sigterm_unwinds():  # entered after ray.init, which installs Ray's own SIGTERM handler (it dies at once)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a container stop, systemd, kill): shut down the same way
+        print("shutting down" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
     finally:
         svc.shutdown()
     return 0
@@ -260,29 +259,6 @@ def _last_json(text: str) -> Any:
             except json.JSONDecodeError:
                 continue
     return None
-
-
-@contextlib.contextmanager
-def ctrl_c_noted():
-    """An Event set by Ctrl-C, which still raises KeyboardInterrupt as usual: a polling loop that checks it ends even
-    when the exception struck where Python ignores exceptions (a finalizer or weakref callback, e.g. of an HTTP
-    connection being collected, prints "Exception ignored" and goes on). Only in the main thread, and only where
-    Ctrl-C has Python's default handler."""
-    noted = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield noted
-        return
-
-    def handler(signum, frame):
-        noted.set()
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_job_status(args: argparse.Namespace) -> int:

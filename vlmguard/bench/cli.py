@@ -14,16 +14,15 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
+from vlmguard.interrupts import Terminated, sigterm_unwinds
 from vlmguard.spec import IMAGE_ASPECTS
 
 
@@ -241,33 +240,12 @@ def benchmark_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"split": s, "template": t} for s in splits for t in templates]
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM while a benchmark command runs: it unwinds like Ctrl-C (the batch being written is rolled back)."""
-
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Raise :class:`Terminated` on SIGTERM (``kill``, a scheduler or container stop) instead of dying silently."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; Python delivers signals there anyway
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 def _resumable(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A command that writes the results database, which on SIGTERM says so in one line and exits 143."""
     @wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
-            with _sigterm_unwinds():
+            with sigterm_unwinds():
                 return command(args)
         except Terminated:
             print("vlmguard: terminated (SIGTERM); the samples stored so far are kept: rerun the same command to "
