@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +117,39 @@ def test_train_interrupted_output_is_marked_incomplete(capsys, monkeypatch, tmp_
     assert json.loads((out / "training_report.json").read_text())["complete"] is False
     assert main(argv) == 0  # the same run to its end replaces it with the finished model
     assert json.loads((out / "training_report.json").read_text())["complete"] is True
+
+
+class _SigtermNotUnwound(Exception):
+    pass
+
+
+def test_train_stopped_by_sigterm_says_so_like_ctrl_c(capsys, monkeypatch, tmp_path, data):
+    """A scheduler's or container's stop (SIGTERM) ended training silently, mid-write for all the user knew; now it
+    unwinds like Ctrl-C: one line on the checkpoint left, then `vlmguard: terminated (SIGTERM)`, exit 143."""
+    from vlmguard.synth.train import Trainer
+
+    def terminated(self, *args, **kwargs):
+        self.save()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # the handler runs here
+        raise AssertionError("SIGTERM was not delivered")
+
+    def not_unwound(signum, frame):  # what a regression would meet, instead of the suite dying
+        raise _SigtermNotUnwound
+
+    out = tmp_path / "m"
+    argv = ["synth", "train", "--data", str(data), "--out", str(out), "--steps", "0,0,1", "--val-questions", "2"]
+    previous = signal.signal(signal.SIGTERM, not_unwound)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "stage_instruct", terminated)
+            assert main(argv) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_unwound  # restored after the command
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "not the finished model" in err and err.strip().endswith("vlmguard: terminated (SIGTERM)")
+    assert json.loads((out / "training_report.json").read_text())["complete"] is False
 
 
 # ---- score chair --------------------------------------------------------------------------------------------

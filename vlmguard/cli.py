@@ -14,6 +14,7 @@ import signal
 import sys
 
 from vlmguard.errors import VlmguardError
+from vlmguard.interrupts import Terminated
 
 # Modules that provide ``register(subparsers)``; each adds its own subcommands.
 COMMAND_MODULES = [
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
         sys.stdout.flush()  # a reader gone shows here, not in the interpreter's final flush
         return int(rc or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):  # SIGTERM where a command asked for it to unwind (vlmguard.interrupts)
+            print("vlmguard: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("vlmguard: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
