@@ -1,6 +1,7 @@
 """`vlmguard serve` in the foreground owns its Ray cluster: Ctrl-C and SIGTERM (a container stop, systemd, ``kill``)
-both shut the service and the cluster down and exit 0. Before, SIGTERM killed the process inside Ray's own signal
-handler (a native stack dump on stderr) and left the cluster's agent processes running."""
+both shut the service and the cluster down and exit 0. Before, SIGTERM killed the process inside the handlers
+``ray.init`` installs (a native stack dump on stderr, exit -6) and left the cluster's agent processes running. The
+CLI's own SIGTERM handler (it unwinds like Ctrl-C) is now kept through ``ray.init``."""
 from __future__ import annotations
 
 import os
@@ -66,3 +67,25 @@ def test_a_foreground_service_shuts_down_with_its_cluster(sig):
             p.kill()
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_sigterm_kept_puts_the_programs_handler_back_after_a_library_replaced_it():
+    from vlmguard.interrupts import sigterm_kept
+
+    def mine(signum, frame):
+        pass
+
+    def libraries(signum, frame):  # ray.init's: sys.exit(signum)
+        sys.exit(signum)
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with sigterm_kept():
+            signal.signal(signal.SIGTERM, libraries)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a program with no handler of its own keeps the library's
+        with sigterm_kept():
+            signal.signal(signal.SIGTERM, libraries)
+        assert signal.getsignal(signal.SIGTERM) is libraries
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from vlmguard.errors import VlmguardError
-from vlmguard.interrupts import Terminated
+from vlmguard.interrupts import Terminated, sigterm_unwinds
 
 # Modules that provide ``register(subparsers)``; each adds its own subcommands.
 COMMAND_MODULES = [
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.disable_progress_bar()
-        rc = args.func(args)
+        with sigterm_unwinds():  # `kill`, a scheduler or a container stop: finally blocks run, as on Ctrl-C
+            rc = args.func(args)
         sys.stdout.flush()  # a reader gone shows here, not in the interpreter's final flush
         return int(rc or 0)
     except KeyboardInterrupt as e:

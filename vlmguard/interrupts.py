@@ -39,6 +39,22 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 @contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """Keep this process's own SIGTERM handler through a call that installs another: ``ray.init`` sets a Python one
+    that exits with status 15 and a native one that dumps a stack and aborts, so a SIGTERM would no longer unwind
+    as :func:`sigterm_unwinds` arranged (the CLI shuts the cluster it started down itself)."""
+    if not _in_main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before):  # a handler of this program's; with none (the default), Ray's stays
+            signal.signal(signal.SIGTERM, before)
+
+
+@contextmanager
 def ctrl_c_noted() -> Iterator[threading.Event]:
     """An Event set by Ctrl-C, which still raises KeyboardInterrupt as usual: a polling loop that checks it ends even
     when the exception struck where Python ignores exceptions (a finalizer or weakref callback, e.g. of an HTTP

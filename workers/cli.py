@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import InvalidInput, VlmguardError
-from vlmguard.interrupts import Terminated, ctrl_c_noted, sigterm_unwinds
+from vlmguard.interrupts import Terminated, ctrl_c_noted
 
 
 def _print_json(obj: Any) -> None:
@@ -160,10 +160,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("running in the background; stop with `vlmguard serve --stop` and `ray stop`")
         return 0
     try:
-        with sigterm_unwinds():  # entered after ray.init, which installs Ray's own SIGTERM handler (it dies at once)
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a container stop, systemd, kill): shut down the same way
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a container stop, systemd, kill: the CLI's handler, which
+        # connect_ray kept through ray.init): shut down the same way
         print("shutting down" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
     finally:
         svc.shutdown()

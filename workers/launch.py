@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.interrupts import sigterm_kept
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.jobs import LOOPBACK_HOSTS, error_text
 from vlmguard.workers.ray_auth import use_local_auth_token
@@ -245,14 +246,17 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None, dash
     if address:
         check_cluster_address(address)
         use_local_auth_token()
-        ctx = ray.init(address=address, log_to_driver=False)
+        with sigterm_kept():
+            ctx = ray.init(address=address, log_to_driver=False)
         return False, _dashboard_url(ctx)
     port = dashboard_port if dashboard_port is not None else DEFAULT_DASHBOARD_PORT
     if port == 0:
         port = free_port()
     # address="local": always a fresh cluster, never one some `ray start` left on this machine. It ends with
     # this process, so a direct-ingress replica's drain at shutdown (for load balancers) is kept short.
-    with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S, throughput_optimized=throughput_optimized):
+    # sigterm_kept: SIGTERM still unwinds this process (the CLI's handler), which shuts down the cluster it owns
+    with cluster_env(direct_ingress, drain_s=OWNED_CLUSTER_DRAIN_S, throughput_optimized=throughput_optimized), \
+            sigterm_kept():
         try:
             ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                            dashboard_port=port, log_to_driver=False)

@@ -340,13 +340,14 @@ def _private_ray(direct_ingress: bool = False, throughput_optimized: bool = Fals
 
     import ray
 
+    from vlmguard.interrupts import sigterm_kept
     from vlmguard.workers.launch import cluster_env
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # a benchmark's replicas need no drain at the end
-    with cluster_env(direct_ingress, drain_s=0, throughput_optimized=throughput_optimized):
+    # a benchmark's replicas need no drain at the end; SIGTERM still unwinds the run, which shuts its cluster down
+    with cluster_env(direct_ingress, drain_s=0, throughput_optimized=throughput_optimized), sigterm_kept():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return True
 
