@@ -22,8 +22,7 @@ def _in_main_thread() -> bool:
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Raise :class:`Terminated` on SIGTERM instead of dying without cleaning up; the previous handler is restored
-    after. Libraries may install their own SIGTERM handler when they start (Ray's driver does, in ``ray.init``):
-    enter this after them."""
+    after. A library call that installs its own SIGTERM handler (``ray.init``) goes inside :func:`sigterm_kept`."""
     if not _in_main_thread():
         yield
         return
