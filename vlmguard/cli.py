@@ -66,14 +66,19 @@ def _prepare_std_streams() -> None:
             try:
                 os.fstat(fd)
             except OSError:  # still closed: fill it
-                null = os.open(os.devnull, os.O_WRONLY)
-                if null != fd:
-                    os.dup2(null, fd)
-                    os.close(null)
+                _devnull_onto(fd)
             stream = open(os.devnull, "w")  # lives as long as the process
             setattr(sys, name, stream)
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
+
+
+def _devnull_onto(fd: int) -> None:
+    """Point descriptor ``fd`` at /dev/null."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
 
 
 def _stdout_gone() -> bool:
@@ -89,7 +94,7 @@ def _stdout_gone() -> bool:
 def _end_quietly() -> int:
     """End as a command killed by SIGPIPE would, stdout pointed at /dev/null so that the interpreter's last flush
     does not fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _devnull_onto(sys.stdout.fileno())
     return 128 + signal.SIGPIPE
 
 

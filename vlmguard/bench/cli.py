@@ -22,7 +22,7 @@ from typing import Any, Callable
 from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
-from vlmguard.interrupts import Terminated, sigterm_unwinds
+from vlmguard.interrupts import Terminated
 from vlmguard.spec import IMAGE_ASPECTS
 
 
@@ -244,9 +244,8 @@ def _resumable(command: Callable[[argparse.Namespace], int]) -> Callable[[argpar
     """A command that writes the results database, which on SIGTERM says so in one line and exits 143."""
     @wraps(command)
     def run(args: argparse.Namespace) -> int:
-        try:
-            with sigterm_unwinds():
-                return command(args)
+        try:  # the CLI's main turns SIGTERM into Terminated (vlmguard.interrupts)
+            return command(args)
         except Terminated:
             print("vlmguard: terminated (SIGTERM); the samples stored so far are kept: rerun the same command to "
                   "resume", file=sys.stderr)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from vlmguard.errors import InvalidInput
-from vlmguard.interrupts import sigterm_unwinds
 
 
 def _path(text: str) -> Path:
@@ -208,9 +207,8 @@ def _train(args: argparse.Namespace) -> int:
     trainer.report["command_args"] = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given
                                               if v not in (None, 0, 0.0))
     try:
-        with sigterm_unwinds():  # a scheduler's or container's stop says the same as Ctrl-C (Terminated is one)
-            out = trainer.run()
-    except KeyboardInterrupt:
+        out = trainer.run()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI's main turns it into Terminated, a KeyboardInterrupt)
         try:  # a checkpoint this run saved (an earlier run's finished model there says "complete": true)
             partial = json.loads((args.out / "training_report.json").read_text()).get("complete") is False
         except (OSError, ValueError, AttributeError):
