@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,56 @@ def test_ray_start_output_is_one_line_with_the_hint():
                                            "folder, e.g. TMPDIR=/tmp")
     tb = "Traceback (most recent call last):\n  File \"x\", line 1\nValueError: port 6379 is taken\n"
     assert str(ray_start_failure(tb)) == "could not start a local Ray cluster: port 6379 is taken"
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The pids whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # ended meanwhile
+                pass
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # Ray's failing start takes about a minute
+def test_a_detached_start_that_fails_part_way_leaves_no_process(tmp_path, monkeypatch):
+    """With RAY_TMPDIR short and TMPDIR too long, `ray start --head` starts the GCS server and the dashboard, then
+    fails (AF_UNIX path too long). Before, `vlmguard serve --detach` left those running; now the failed start's
+    process group is ended, and no other Ray cluster is touched (no `ray stop`)."""
+    from vlmguard.errors import VlmguardError
+    from vlmguard.workers.launch import free_port, start_detached_cluster
+
+    ray_tmp = Path("/tmp") / f"vlmguard-test-{os.getpid()}-{free_port()}"  # short: Ray's session files go here
+    long_tmp = tmp_path / ("t" * max(1, 110 - len(str(tmp_path))))
+    long_tmp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    try:
+        with pytest.raises(VlmguardError, match="could not start a local Ray cluster: .*AF_UNIX path"):
+            start_detached_cluster(num_cpus=1, port=free_port(), dashboard_port=free_port())
+        assert _processes_naming(str(ray_tmp)) == []
+    finally:
+        for pid in _processes_naming(str(ray_tmp)):
+            os.kill(pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_end_process_group_ends_every_member_even_one_ignoring_sigterm():
+    from vlmguard.workers.launch import end_process_group
+
+    script = "trap '' TERM; sleep 60 & sleep 60 & wait"  # the shell ignores SIGTERM; its sleeps do not
+    leader = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    end_process_group(leader.pid, grace_s=1.0)
+    assert leader.wait(timeout=5) == -9  # SIGKILLed after the grace period
+    assert 1.0 <= time.monotonic() - t0 < 5
+    with pytest.raises(ProcessLookupError):  # the sleeps ended on SIGTERM (once their zombies are reaped)
+        for _ in range(50):
+            os.killpg(leader.pid, 0)
+            time.sleep(0.1)

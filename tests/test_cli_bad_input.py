@@ -239,14 +239,27 @@ def test_detach_onto_a_running_cluster_reuses_it(monkeypatch):
 
     import vlmguard.workers.launch as launch
 
-    already = subprocess.CompletedProcess([], 1, "", "ConnectionError: Ray is trying to start at 127.0.0.1:6379, "
-                                                    "but is already running at 127.0.0.1:6379.")
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: already)
+    class RayStart:  # `ray start` that fails with ``stderr``
+        stderr = ""
+
+        def __init__(self, *args, **kwargs):
+            assert kwargs["start_new_session"]
+            self.pid, self.returncode = 999999, 1
+
+        def communicate(self):
+            return "", RayStart.stderr
+
+    ended = []
+    monkeypatch.setattr(subprocess, "Popen", RayStart)
+    monkeypatch.setattr(launch, "end_process_group", ended.append)
+    RayStart.stderr = ("ConnectionError: Ray is trying to start at 127.0.0.1:6379, but is already running at "
+                       "127.0.0.1:6379.")
     assert launch.start_detached_cluster() == "127.0.0.1:6379"
-    failed = subprocess.CompletedProcess([], 1, "", "some other failure")
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    assert ended == []  # nothing of the running cluster's is ended
+    RayStart.stderr = "some other failure"
     with pytest.raises(launch.VlmguardError, match="some other failure"):
         launch.start_detached_cluster()
+    assert ended == [999999]  # what the failed start left is ended
 
 
 # ---- 6. bench --db ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -484,12 +485,33 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
+    # Its own session: the cluster's processes form one process group, out of reach of the terminal's Ctrl-C, and
+    # a start that fails part-way can be ended whole without touching any other Ray cluster on the machine
     with cluster_env(direct_ingress, throughput_optimized=throughput_optimized):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        stdout, stderr = proc.communicate()
     address = f"127.0.0.1:{port}"
     if proc.returncode != 0:
-        out = (proc.stderr or proc.stdout).strip()
+        out = (stderr or stdout).strip()
         if "already running" in out:  # a cluster left by an earlier --detach (or `ray start`): deploy onto it
             return address
+        end_process_group(proc.pid)  # e.g. a GCS server and a dashboard left running when its raylet failed
         raise ray_start_failure(out)
     return address
+
+
+def end_process_group(pgid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM every process of group ``pgid``, then SIGKILL what is left after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:  # the group is empty
+            return
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
