@@ -59,6 +59,7 @@ def _prepare_std_streams() -> None:
     next file opened (the results database, say) would otherwise take and child processes would write into. Text
     the stream's encoding cannot hold (``PYTHONIOENCODING=ascii``, a C locale without UTF-8 coercion) is escaped
     as stderr already does, instead of failing after the work is done (a model's answer, a table of model paths).
+    The process's own stderr goes on through :class:`_StderrPipe`: its reader may leave (``2>&1 | head -1``).
     """
     for fd, name in ((1, "stdout"), (2, "stderr")):
         stream = getattr(sys, name)
@@ -69,8 +70,26 @@ def _prepare_std_streams() -> None:
                 _devnull_onto(fd)
             stream = open(os.devnull, "w")  # lives as long as the process
             setattr(sys, name, stream)
+        elif fd == 2 and stream is sys.__stderr__ and isinstance(stream, io.TextIOWrapper):
+            stream.flush()
+            stream = io.TextIOWrapper(io.BufferedWriter(_StderrPipe(fd, "w", closefd=False)), encoding=stream.encoding,
+                                      errors=stream.errors, line_buffering=True, write_through=True)
+            sys.stderr = stream
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
+
+
+class _StderrPipe(io.FileIO):
+    """Descriptor 2 for sys.stderr. A reader that left (``vlmguard bench pope 2>&1 >out | head -1``) would make the
+    next progress bar or log line raise BrokenPipeError in the middle of the work (a model load, a benchmark), and
+    then the error line too: what is still to say goes to /dev/null instead, and the command goes on."""
+
+    def write(self, b) -> int:
+        try:
+            return super().write(b)
+        except BrokenPipeError:
+            _devnull_onto(self.fileno())
+            return len(b)
 
 
 def _devnull_onto(fd: int) -> None:

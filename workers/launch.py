@@ -270,9 +270,13 @@ def ray_start_failure(text: str) -> VlmguardError:
     """A local Ray cluster that would not start (``text``: the error, or ``ray start``'s output) -> one line. Ray puts
     its sockets under $TMPDIR (its session files under $RAY_TMPDIR, else $TMPDIR), and a socket's path is limited to
     107 bytes, so a long TMPDIR (a CI runner's, a job scheduler's) stops Ray from starting at all: the error says
-    what to set (RAY_TMPDIR alone is not enough: `ray start` then fails with "AF_UNIX path too long")."""
+    what to set (RAY_TMPDIR alone is not enough: `ray start` then fails with "AF_UNIX path too long"). A new cluster's
+    token goes to ~/.ray/auth_token, so a read-only HOME, or none at all, stops it too."""
     hint = ("; Ray keeps its sockets under $TMPDIR: run with TMPDIR (and RAY_TMPDIR, if set) a short folder, e.g. "
             "TMPDIR=/tmp" if "AF_UNIX path" in text else "")
+    if "/.ray" in text or "home directory" in text:
+        hint += ("; Ray saves the cluster's token in ~/.ray/auth_token: run with HOME a writable folder, or with "
+                 "RAY_AUTH_TOKEN set to a secret of your own")
     lines = [line for line in text.strip().splitlines() if line.strip()] or [text]
     why = error_text(text, 400) if "Traceback" in text else error_text(lines[-1], 400)  # `ray start` logs, then why
     return VlmguardError(f"could not start a local Ray cluster: {why}{hint}")

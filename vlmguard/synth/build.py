@@ -213,7 +213,13 @@ def _clear_previous_build(out: Path) -> None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VLMGUARD_CACHE", Path.home() / ".cache" / "vlmguard"))
+    if "VLMGUARD_CACHE" in os.environ:
+        return Path(os.environ["VLMGUARD_CACHE"])
+    try:
+        return Path.home() / ".cache" / "vlmguard"
+    except RuntimeError as e:  # HOME unset and no passwd entry for this uid (a container run with --user)
+        raise VlmguardError("cannot find a home folder for the SynthCOCO dataset cache (HOME is unset); set "
+                            "VLMGUARD_CACHE to a writable folder") from e
 
 
 def default_dataset_dir(seed: int = 0) -> Path:
