@@ -107,3 +107,25 @@ def test_stderr_reader_gone_an_error_keeps_its_status(tmp_path):
                               tmp_path)
     assert r.returncode == 2
     assert r.stdout == ""
+
+
+def test_a_shared_cache_world_is_readable_by_other_users(monkeypatch, tmp_path):
+    """The default world is built in a temporary folder, then renamed into place. Before, that folder came from
+    mkdtemp (mode 0700), so in a VLMGUARD_CACHE shared by several users only the first user could read it
+    ("Permission denied: .../synthcoco-seed0/annotations"). Now the folder gets the umask's mode, as the files do."""
+    import vlmguard.synth.build as build
+
+    def quick_build(out, **kwargs):  # the layout default_dataset relies on, without rendering 500 images
+        (out / "annotations").mkdir()
+        (out / "manifest.json").write_text("{}\n")
+
+    monkeypatch.setenv("VLMGUARD_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setattr(build, "build_dataset", quick_build)
+    old = os.umask(0o022)
+    try:
+        target = build.default_dataset()
+    finally:
+        os.umask(old)
+    assert target == tmp_path / "shared" / "synthcoco-seed0"
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in target.parent.iterdir()] == ["synthcoco-seed0"]  # no temporary folder left

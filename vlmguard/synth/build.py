@@ -20,7 +20,7 @@ import json
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +238,9 @@ def default_dataset(seed: int = 0) -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".synthcoco-seed{seed}-", dir=target.parent))
+        # not mkdtemp, whose 0700 would keep a shared VLMGUARD_CACHE's world from every other user: the umask's mode
+        tmp = target.parent / f".synthcoco-seed{seed}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     except OSError as e:  # a read-only or missing HOME (CI runners, service accounts)
         raise VlmguardError(f"cannot build the SynthCOCO dataset in {target.parent}: {e.strerror or e}; set "
                             "VLMGUARD_CACHE to a writable folder") from e
