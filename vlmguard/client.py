@@ -104,6 +104,8 @@ def image_to_url(image: Image.Image | str | Path | bytes) -> str:
     if isinstance(image, Image.Image):
         from vlmguard.images import image_to_data_url, to_rgb
 
+        if 0 in image.size:  # Pillow < 12.2 raises SystemError ("tile cannot extend outside image") on saving it
+            raise InvalidInput(f"cannot encode the {image.mode} image of size {image.size} as PNG: it is empty")
         try:
             return image_to_data_url(to_rgb(image) if image.mode not in ("RGB", "L") else image)
         except (OSError, ValueError) as e:  # an empty image, a mode PIL cannot convert (La, ...)
