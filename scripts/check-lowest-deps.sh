@@ -3,10 +3,11 @@
 # the lowest version pyproject.toml allows (`name>=X` installed as `name==X`; unbounded ones as pip resolves them),
 # the dev extras at their constraints.txt versions, this checkout installed --no-deps, and runs the default test
 # suite there. A bound pip cannot install (it conflicts with another package's requirements) fails the install.
-# torch is the exception: only the CPU build torch==2.13.0 installs on these machines, so torch's own lower bound is
-# not tested here (the other packages still are, against it).
-# A maintenance check, not run by CI (.ci/run): it downloads and installs a whole second environment (~1.5 GB).
-# Usage: scripts/check-lowest-deps.sh [DIR]   (DIR: where the venv goes; default: a new mktemp dir)
+# torch's lower bound comes from PyPI, a CUDA build (with its nvidia-* packages) that runs on the CPU; TORCH=2.13.0
+# installs the CPU build on these machines' disk instead (torch's own bound is then not tested, the rest still are).
+# A maintenance check, not run by CI (.ci/run): it downloads and installs a whole second environment (~8 GB;
+# ~1.5 GB with TORCH=2.13.0).
+# Usage: [TORCH=VERSION] scripts/check-lowest-deps.sh [DIR]   (DIR: where the venv goes; default: a new mktemp dir)
 # Extra pytest arguments can be passed in PYTEST_ARGS, e.g. PYTEST_ARGS="-x tests/test_engine.py".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,9 @@ echo "check-lowest-deps: venv in $VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 
-# The requirement lines: each direct dependency at its lower bound, the dev extras at their pins.
+# The requirement lines: each direct dependency at its lower bound (torch: $TORCH if set), the dev extras pinned.
 "$PY" - pyproject.toml constraints.txt > "$DIR/lowest-requirements.txt" <<'EOF'
-import re, sys, tomllib
+import os, re, sys, tomllib
 
 def parse(text):  # "name[extras]>=1.2,<3  # comment" -> ("name[extras]", "1.2" or None)
     m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+(?:\[[^\]]*\])?)\s*([^;]*?)\s*(;.*)?", text)
@@ -43,8 +44,9 @@ for line in open(sys.argv[2]):
 
 for text in project["dependencies"]:
     name, low = parse(text)
-    if key(name) != "torch":  # installed separately: the CPU build
-        print(f"{name}=={low}" if low else name)
+    if key(name) == "torch" and os.environ.get("TORCH"):
+        low = os.environ["TORCH"]
+    print(f"{name}=={low}" if low else name)
 for text in project["optional-dependencies"]["dev"]:
     name, low = parse(text)
     pin = pins.get(key(name))
@@ -52,8 +54,7 @@ for text in project["optional-dependencies"]["dev"]:
 EOF
 echo "check-lowest-deps: installing"; cat "$DIR/lowest-requirements.txt"
 
-# The CPU build of torch that installs on these machines (see scripts/setup.sh), then the rest in one resolve.
-"$PY" -m pip install -q "torch==2.13.0"
+# All in one resolve (torch==2.13.0 gets the CPU build on disk, 2.13.0+cpu, as in scripts/setup.sh).
 "$PY" -m pip install -q -r "$DIR/lowest-requirements.txt"
 "$PY" -m pip install -q --no-deps -e .
 "$PY" -m pip check
