@@ -89,3 +89,34 @@ def test_sigterm_kept_puts_the_programs_handler_back_after_a_library_replaced_it
         assert signal.getsignal(signal.SIGTERM) is libraries
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_while_the_service_is_announced_still_shuts_it_down(monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C) can land right after "vlmguard serving ..." is printed, before the wait for it began: a
+    supervisor that starts the service and stops it as soon as it answers. Before, the signal struck outside the
+    block that shuts the service down: 'vlmguard: terminated (SIGTERM)', exit 143, the app left to Ray's exit
+    hooks (seen once in a loaded full-suite run of the test above)."""
+    import vlmguard.workers.cli as workers_cli
+    import vlmguard.workers.launch as launch
+    from vlmguard.cli import main
+    from vlmguard.interrupts import Terminated
+
+    class FakeService:
+        url, dashboard_url, direct_urls, shut = "http://127.0.0.1:1", None, [], 0
+
+        def shutdown(self):
+            FakeService.shut += 1
+
+    real_announce = workers_cli._announce
+
+    def announce_then_signal(*args):
+        real_announce(*args)
+        raise Terminated  # what the CLI's SIGTERM handler raises
+
+    monkeypatch.setattr(launch, "start_service", lambda *a, **k: FakeService())
+    monkeypatch.setattr(workers_cli, "_announce", announce_then_signal)
+    assert main(["serve", "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("vlmguard serving tiny at http://127.0.0.1:1")
+    assert out.err.endswith("shutting down (SIGTERM)\n")
+    assert FakeService.shut == 1

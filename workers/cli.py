@@ -98,8 +98,8 @@ def _job_common(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from vlmguard.testing import random_family
     from vlmguard.workers.config import load_config, local_gpus
-    from vlmguard.workers.launch import (DIRECT_INGRESS_ENV, apply_overrides, check_cluster_address, check_port_free,
-                                         check_resources, start_detached_cluster, start_service)
+    from vlmguard.workers.launch import (apply_overrides, check_cluster_address, check_port_free, check_resources,
+                                         start_detached_cluster, start_service)
 
     if args.stop:
         return _stop_service(args.address)
@@ -141,6 +141,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                          throughput_optimized=config.throughput_optimized)
     svc = start_service(config, address=address, num_cpus=args.num_cpus, dashboard_port=args.dashboard_port,
                         start_timeout_s=args.start_timeout)
+    if args.detach:
+        _announce(svc, config, args)
+        if not args.json:
+            print("running in the background; stop with `vlmguard serve --stop` and `ray stop`")
+        return 0
+    try:  # from here on, Ctrl-C or SIGTERM shuts the service down, even while it is being announced
+        _announce(svc, config, args)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a container stop, systemd, kill: the CLI's handler, which
+        # connect_ray kept through ray.init): shut down the same way
+        print("shutting down" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+    finally:
+        svc.shutdown()
+    return 0
+
+
+def _announce(svc: Any, config: Any, args: argparse.Namespace) -> None:
+    """Print where the service answers (one JSON object with --json)."""
+    from vlmguard.workers.launch import DIRECT_INGRESS_ENV
+
     info = {"url": svc.url, "models": [m.served_name for m in config.models], "jobs_address": svc.dashboard_url,
             "openai_base_url": svc.url + "/v1", "detached": bool(args.detach), "direct_urls": svc.direct_urls}
     if args.json:
@@ -155,19 +176,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: direct ingress was asked for but the Ray cluster runs without it (start it with "
               f"{DIRECT_INGRESS_ENV}=1); serving through the Serve proxy only", file=sys.stderr)
     sys.stdout.flush()
-    if args.detach:
-        if not args.json:
-            print("running in the background; stop with `vlmguard serve --stop` and `ray stop`")
-        return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a container stop, systemd, kill: the CLI's handler, which
-        # connect_ray kept through ray.init): shut down the same way
-        print("shutting down" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
-    finally:
-        svc.shutdown()
-    return 0
 
 
 def _stop_service(address: str | None) -> int:
