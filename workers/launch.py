@@ -508,14 +508,11 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
 def end_process_group(pgid: int, grace_s: float = 3.0) -> None:
     """SIGTERM every process of group ``pgid``, then SIGKILL what is left after ``grace_s``."""
     deadline = time.monotonic() + grace_s
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:  # the group is empty
-            return
-        while sig == signal.SIGTERM and time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
+    try:  # ProcessLookupError: the group is empty (again)
+        os.killpg(pgid, signal.SIGTERM)
+        while time.monotonic() < deadline:
             time.sleep(0.1)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
