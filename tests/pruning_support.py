@@ -14,6 +14,15 @@ from vlmguard.spec import GenerationSpec
 from vlmguard.testing import LLAVA_TEMPLATE, make_tokenizer, random_image, tiny_llava, tiny_llava_next
 
 SIZES = [(40, 32), (64, 40), (32, 64)]
+# decoder parameters that make every contrast act on the tiny models (at some spec defaults one stays idle)
+DECODER_PARAMS = {
+    "greedy": {},
+    "vcd": {},
+    "m3id": {"gate": False},
+    "vista": {"vsv_lambda": 0.3},
+    "iava": {"fallback_rule": "avisc"},
+    "lqcd": {},
+}
 
 
 def requests() -> list[Request]:

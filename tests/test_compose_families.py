@@ -7,19 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_support import check_joined_equals_alone, prefill
+from pruning_support import DECODER_PARAMS, check_joined_equals_alone, prefill
 from vlmguard.engine import Request
 from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image, tiny_engine
 
-DECODER_PARAMS = {  # params that make every contrast act on the tiny models (as test_decoding_compose.py)
-    "greedy": {},
-    "vcd": {},
-    "m3id": {"gate": False},
-    "vista": {"vsv_lambda": 0.3},
-    "iava": {"fallback_rule": "avisc"},
-    "lqcd": {},
-}
 INT_BUDGET = {"llava_next": 8, "qwen2_vl": 3}  # below every image's visual tokens (NeXT 44 / 88, Qwen2-VL 4 / 16)
 CASES = [(fam, "none", None) for fam in INT_BUDGET] + [
     (fam, p, b) for fam in INT_BUDGET for p in ("random", "fastv", "adaptinfer", "flowcut")

@@ -4,19 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pruning_support import DECODER_PARAMS as ALL_DECODER_PARAMS
 from vlmguard.decoding import DECODERS
 from vlmguard.engine import Request
 from vlmguard.pruning import PRUNERS
 from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image, tiny_engine
 
-DECODER_PARAMS = {
-    "vcd": {},
-    "m3id": {"gate": False},
-    "vista": {"vsv_lambda": 0.3},
-    "iava": {"fallback_rule": "avisc"},
-    "lqcd": {},
-}
+DECODER_PARAMS = {k: v for k, v in ALL_DECODER_PARAMS.items() if k != "greedy"}
 PRUNER_NAMES = [n for n in ("random", "fastv", "adaptinfer", "flowcut") if n in PRUNERS]
 
 

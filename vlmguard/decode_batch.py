@@ -188,21 +188,26 @@ class DecodeBatch:
                                    self.eos, fallback=combined.main_logprobs)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
-        # ends with an error, the others go on; read with the tokens, in one device sync
-        broken = torch.isnan(combined.scores).any(dim=-1)
-        tok_list, broken_list = torch.stack([tokens, broken.to(tokens.dtype)]).tolist()
-        # (waits for the combine and the sampler on a GPU: the token's time covers them)
-        now = time.perf_counter()
+        # ends with an error, the others go on
+        columns = [tokens, torch.isnan(combined.scores).any(dim=-1)]
         diagnostics = any(lv.spec.diagnostics for lv in self.lives)
-        logprobs = self._logprobs(combined.scores, tokens, tok_list)
-        if diagnostics:  # (a vocabulary-wide argmax and a device sync per step, only when asked for)
-            main_top = (combined.main_logprobs if penalties and self.decoder.penalises_combined
-                        else self.logits[self._main_rows(blocks)]).argmax(dim=-1).tolist()
+        if diagnostics:  # (a vocabulary-wide argmax per step, only when asked for)
             idx = tokens[:, None]
-            mp = combined.main_logprobs.gather(1, idx).exp().squeeze(1).tolist()
-            cp = (combined.contrast_logprobs.gather(1, idx).exp().squeeze(1).tolist()
-                  if combined.contrast_logprobs is not None else [None] * na)
-            sc = combined.scores.gather(1, idx).squeeze(1).tolist()
+            columns += [(combined.main_logprobs if penalties and self.decoder.penalises_combined
+                         else self.logits[self._main_rows(blocks)]).argmax(dim=-1),
+                        combined.main_logprobs.gather(1, idx).exp().squeeze(1),
+                        combined.scores.gather(1, idx).squeeze(1)]
+            if combined.contrast_logprobs is not None:
+                columns.append(combined.contrast_logprobs.gather(1, idx).exp().squeeze(1))
+        # all the host reads of this step in one device sync (float64 holds every value exactly, token ids too);
+        # on a GPU it waits for the combine and the sampler: the token's time covers them
+        read = torch.stack([c.to(torch.float64) for c in columns]).tolist()
+        tok_list, broken_list = [int(t) for t in read[0]], read[1]
+        if diagnostics:
+            main_top, mp, sc = [int(t) for t in read[2]], read[3], read[4]
+            cp = read[5] if len(read) > 5 else [None] * na
+        now = time.perf_counter()
+        logprobs = self._logprobs(combined.scores, tokens, tok_list)
         finished_rows: list[int] = []
         for j, lv in enumerate(self.lives):
             t = tok_list[j]
@@ -307,10 +312,13 @@ class DecodeBatch:
             return [None] * len(ks)
         lp = torch.log_softmax(scores.float(), dim=-1)
         lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
-        own = lp.gather(1, tokens[:, None]).squeeze(1).tolist()
         k_max = min(max(k for k in ks if k is not None), lp.shape[-1])
         top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        # one device sync for all three (float64 holds the float32 log-probabilities and the token ids exactly)
+        read = torch.cat([t.to(torch.float64) for t in (lp.gather(1, tokens[:, None]), top_v, top_i)], dim=1).tolist()
+        own = [r[0] for r in read]
+        top_v = [r[1:1 + k_max] for r in read]
+        top_i = [[int(i) for i in r[1 + k_max:]] for r in read]
         pieces = token_pieces(self.tok)
         out: list[TokenLogprob | None] = []
         for j, k in enumerate(ks):

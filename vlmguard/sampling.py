@@ -42,27 +42,34 @@ class RowSampler:
     def greedy(self) -> bool:
         return self.generator is None
 
-    def sample(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores (V,) -> one token id (1,) on the CPU, drawn from the warped distribution. A row with a NaN
-        score gives its argmax (nothing can be drawn from it; the decode loop ends that request with an error)."""
-        if torch.isnan(scores).any():
-            return scores.argmax()[None].cpu()
+    def distribution(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (V,) -> the warped distribution (1, V) in float32, on the scores' device (no host sync). A row
+        with a NaN score puts all its mass on its argmax (nothing can be drawn from it; the decode loop ends that
+        request with an error)."""
         warped = self.warpers(None, scores[None].float())
         # a temperature so small that scores / T leaves no finite entry in a row (-inf, or NaN for a score of 0
         # once T rounds to 0 in float32), or overflows a positive score (a contrastive decoder's) to +inf, would
         # make softmax NaN and multinomial raise: T -> 0 is greedy, so such a row samples its argmax
-        dead = ~torch.isfinite(warped).any(dim=-1, keepdim=True) | torch.isposinf(warped).any(dim=-1, keepdim=True)
+        dead = (~torch.isfinite(warped).any(dim=-1, keepdim=True) | torch.isposinf(warped).any(dim=-1, keepdim=True)
+                | torch.isnan(scores).any())
         point = torch.full_like(warped, float("-inf")).scatter_(-1, scores.argmax()[None, None], 0.0)
-        warped = torch.where(dead, point, warped)
-        probs = torch.softmax(warped, dim=-1).cpu()
-        return torch.multinomial(probs[0], 1, generator=self.generator)
+        return torch.softmax(torch.where(dead, point, warped), dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (V,) on the CPU -> one token id (1,), drawn with this request's generator."""
+        return torch.multinomial(probs, 1, generator=self.generator)
 
 
 def select_tokens(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
-    """scores (B, V) -> token ids (B,): row i by ``samplers[i]`` (greedy rows take the argmax, all at once)."""
+    """scores (B, V) -> token ids (B,): row i by ``samplers[i]`` (greedy rows take the argmax, all at once).
+
+    The sampling rows' distributions are made on the scores' device and copied to the host together, once per
+    step however many rows sample (on a GPU, a copy is a host sync): each request then draws on the CPU with
+    its own seeded generator, so it draws the same tokens alone, in a batch and on any device."""
     chosen = scores.argmax(dim=-1)
     sampling = [i for i, s in enumerate(samplers) if not s.greedy]
     if not sampling:
         return chosen
-    drawn = torch.cat([samplers[i].sample(scores[i]) for i in sampling]).to(scores.device)
+    probs = torch.cat([samplers[i].distribution(scores[i]) for i in sampling]).cpu()
+    drawn = torch.cat([samplers[i].draw(probs[j]) for j, i in enumerate(sampling)]).to(scores.device)
     return chosen.index_copy(0, torch.tensor(sampling, device=scores.device), drawn)
