@@ -111,13 +111,7 @@ class VirtualCuda(TorchFunctionMode):
         if func is torch.device:  # constructing a device object: nothing to place
             return func(*args, **kwargs)
         if func in (T.cuda, T.cpu):
-            src = args[0]
-            to_host = func is T.cpu
-            if on_host(src) == to_host:
-                return src
-            if to_host:
-                self.syncs[self._site()] += 1  # a copy to the host waits for the GPU
-            return _place(src.clone(), to_host)
+            return self._moved(args[0], args[0], to_host=func is T.cpu)
         if func is T.to:
             return self._to(func, args, kwargs)
 
@@ -140,7 +134,7 @@ class VirtualCuda(TorchFunctionMode):
         if func is T.copy_:
             return out
         if tensors:
-            return _place(out, all(on_host(t) for t in tensors) if func not in (T.__getitem__,) else on_host(args[0]))
+            return _place(out, all(on_host(t) for t in tensors))
         return _place(out, True)  # made from Python data without a device: on the host
 
     def _to(self, func, args, kwargs):
@@ -157,11 +151,15 @@ class VirtualCuda(TorchFunctionMode):
         out = func(src, *rest, **kwargs)
         if dev is None:  # a dtype change only: stays where it was
             return _place(out, on_host(src))
-        to_host = _target(dev).type != "cuda"
+        return self._moved(src, out, to_host=_target(dev).type != "cuda")
+
+    def _moved(self, src: torch.Tensor, out: torch.Tensor, to_host: bool) -> torch.Tensor:
+        """``out`` (``src``'s data, possibly ``src`` itself) placed on the target side: across devices it is a
+        copy, and a copy to the host waits for the GPU."""
         if on_host(src) != to_host:
             if to_host:
-                self.syncs[self._site()] += 1  # a copy to the host waits for the GPU
-            if out is src:  # across devices is always a copy
+                self.syncs[self._site()] += 1
+            if out is src:
                 out = src.clone()
         return _place(out, to_host)
 

@@ -38,9 +38,11 @@ def gpu_engine(model, processor, name: str = "tiny") -> Engine:
     return engine
 
 
-def rich_spec(pruner: str, budget, decoder: str) -> GenerationSpec:
-    return GenerationSpec(pruning=pruner, budget=None if pruner == "none" else budget,
-                          pruning_params=PRUNERS[pruner], decoding=decoder, decoding_params=DECODERS[decoder],
+def rich_spec(family: str, pruner: str, decoder: str) -> GenerationSpec:
+    # AdaptInfer's renumbering is for 1-D RoPE only: Qwen2-VL keeps its positions
+    params = {} if (family, pruner) == ("qwen2_vl", "adaptinfer") else PRUNERS[pruner]
+    return GenerationSpec(pruning=pruner, budget=None if pruner == "none" else BUDGET[family],
+                          pruning_params=params, decoding=decoder, decoding_params=DECODERS[decoder],
                           max_new_tokens=5, min_new_tokens=2, do_sample=True, temperature=0.8, top_p=0.9, top_k=20,
                           seed=3, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2, logprobs=3,
                           stop=["zz"])
@@ -73,10 +75,7 @@ def test_every_method_keeps_its_tensors_on_the_gpu(family, cuda_runtime):
     for pruner in PRUNERS:
         for decoder in DECODERS:
             what = f"{family} {pruner} x {decoder}"
-            if family == "qwen2_vl" and pruner == "adaptinfer":  # renumbering is for 1-D RoPE only
-                spec = rich_spec(pruner, BUDGET[family], decoder).model_copy(update={"pruning_params": {}})
-            else:
-                spec = rich_spec(pruner, BUDGET[family], decoder)
+            spec = rich_spec(family, pruner, decoder)
             vc = VirtualCuda()
             with vc:
                 on_gpu = run_joined(engine, spec, first, later, join_after=2)
