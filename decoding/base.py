@@ -73,6 +73,10 @@ class Combined:
     scores: torch.Tensor
     main_logprobs: torch.Tensor
     contrast_logprobs: torch.Tensor | None = None
+    # the plain distribution a row falls back to where the method leaves it nothing to choose (``min_new_tokens``
+    # holding back end-of-sequence, the only token its plausible set kept); None: ``main_logprobs``. A decoder
+    # whose expert is not the main row (LQCD on a leading query: the main row is the amateur) sets it.
+    fallback_logprobs: torch.Tensor | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ request, or AvisC's single-instruction rule R4 when ``fallback_rule="avisc"``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
@@ -27,6 +28,7 @@ from vlmguard.decoding.registry import DECODERS
 from vlmguard.models.base import Prompt
 from vlmguard.spec import GeneratorSeed, MethodParams, text_not_blank
 
+log = logging.getLogger(__name__)
 Rule = Literal["R1", "R2", "R3", "R4"]
 
 
@@ -105,8 +107,10 @@ class IAVA(Decoder):
         info: list[dict] = [{"applied": False, "rule": None, "irrelevant": 0, "layers": []} for _ in range(n)]
         with_img = [i for i in range(n) if ctx.prompts[i].images]
         if with_img:
-            generic_ok = [i for i in with_img if not ctx.prompts[i].raw
-                          and ctx.prompts[i].text.strip() != p.generic_instruction.strip()]
+            # the generic-instruction rows only for the rules that read them (R4, AvisC's, does not)
+            generic_ok = [] if p.selection_rule == "R4" else [
+                i for i in with_img
+                if not ctx.prompts[i].raw and ctx.prompts[i].text.strip() != p.generic_instruction.strip()]
             probe_prompts = [ctx.prompts[i] for i in with_img]
             probe_prompts += [Prompt(text=p.generic_instruction, images=ctx.prompts[i].images,
                                      system=ctx.prompts[i].system) for i in generic_ok]
@@ -133,6 +137,9 @@ class IAVA(Decoder):
                     rule = "R4"
                     u = irrelevant_tokens(a_q, None, rule, p.lam)
                 if u is not None and bool(u.any()):
+                    if bool(u.all()):  # the negative is the image itself: the contrast changes nothing (iava.md 10)
+                        log.warning("iava: request %d: every image token is irrelevant (rule %s), so its contrast "
+                                    "branch equals the main branch", i, rule)
                     self.keep_sets[i] = u.cpu()
                     info[i] = {"applied": True, "rule": rule, "irrelevant": int(u.sum()), "layers": list(chosen)}
                 else:
@@ -163,10 +170,14 @@ class IAVA(Decoder):
         return transform
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
+        if not any(self.applied):  # no request of the group has an irrelevant set: plain decoding, no extra rows
+            return []
         return [Branch(name="irrelevant", prompt=prompt, visual_transform=self._masker(index))]
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])
+        if "irrelevant" not in step.logits:
+            return Combined(scores=main, main_logprobs=main)
         neg = log_probs(step.logits["irrelevant"])
         scores = contrast(main, neg, self.params.alpha, self.params.beta)
         applied = active_rows(self.applied, self.ctx.active, main.device, dtype=torch.bool)

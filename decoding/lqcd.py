@@ -117,6 +117,7 @@ class LQCD(Decoder):
                            for pl, pr in zip(plans, ctx.prompts)],
             notes=[pl.get("note") for pl in plans],
             cue_strength=[pl["strength"] for pl in plans],
+            image=[bool(pr.images) for pr in ctx.prompts],  # a text-only request runs too, flagged (lqcd.md 10)
         )
 
     @staticmethod
@@ -155,4 +156,4 @@ class LQCD(Decoder):
         scores = contrast(expert, amateur, self.alpha[rows], self.params.beta, self.params.one_sided)
         main = lp[:, 0]
         other = torch.where(self.main_is_expert[rows][:, None], torch.log_softmax(amateur, dim=-1), expert)
-        return Combined(scores=scores, main_logprobs=main, contrast_logprobs=other)
+        return Combined(scores=scores, main_logprobs=main, contrast_logprobs=other, fallback_logprobs=expert)

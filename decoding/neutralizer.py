@@ -6,9 +6,9 @@ deceptive "There is (no) X in the image.") plus a small lexicon ("I think/believ
 looks like ...", "Obviously/Clearly ...", tag questions "right?", "isn't it?"). A cue is only removed
 from a line that keeps a question, so plain statements and instructions are never touched.
 
-``leading_variants(text)`` builds the synthetic amateurs for a neutral query: a polar question gets a
-yes-cue and a no-cue (the POPE weak cues for POPE-form questions), an open-ended request gets the
-"expectation" cue that invites prior-driven objects.
+``leading_variants(text)`` builds the synthetic amateurs for a neutral query: a polar question (a sentence of
+the text, whatever follows it on its line) gets a yes-cue and a no-cue right after it (the POPE weak cues for
+POPE-form questions), an open-ended request gets the "expectation" cue that invites prior-driven objects.
 """
 from __future__ import annotations
 
@@ -96,17 +96,32 @@ def neutralize(text: str) -> Neutralized:
     return Neutralized(text=out, changed=bool(removed), strength=strength, removed=removed)
 
 
-def polar_line(text: str) -> int | None:
-    """Index of the first line that is a polar (yes/no) question, else None."""
+def _sentence_ends(line: str) -> list[int]:
+    """End offset in ``line`` of each of its sentences, split as the neutralizer splits them."""
+    return [m.start() for m in SENTENCE_SPLIT.finditer(line)] + [len(line.rstrip())]
+
+
+def polar_question(text: str) -> tuple[int, int, str] | None:
+    """The first polar (yes/no) question sentence of ``text``: (its line, its end offset in the line, the
+    sentence), else None. A sentence, not a whole line: a format instruction on the question's line ("Is there a
+    dog in the image? Answer the question using a single word or phrase.", the space-joined POPE presets) leaves
+    it a polar question."""
     for i, line in enumerate(text.split("\n")):
-        if POLAR_RE.match(line.strip()):
-            return i
+        start = len(line) - len(line.lstrip())
+        for end in _sentence_ends(line):
+            sentence = line[start:end].strip()
+            if POLAR_RE.match(sentence):
+                return i, end, sentence
+            start = end
     return None
 
 
-def with_cue_after_line(text: str, line_index: int, cue: str) -> str:
+def with_cue_after(text: str, line_index: int, end: int, cue: str) -> str:
+    """``text`` with ``cue`` right after the sentence that ends at offset ``end`` of line ``line_index`` (before
+    whatever follows it on the line, a format instruction say)."""
     lines = text.split("\n")
-    lines[line_index] = lines[line_index].rstrip() + " " + cue
+    line = lines[line_index]
+    lines[line_index] = line[:end].rstrip() + " " + cue + line[end:]
     return "\n".join(lines)
 
 
@@ -114,11 +129,11 @@ def leading_variants(text: str, mode: str) -> tuple[str, list[str]]:
     """(resolved mode, amateur texts) for a neutral query. ``mode``: auto | symmetric | expectation | off."""
     if mode == "off":
         return "off", []
-    li = polar_line(text)
-    if mode in ("auto", "symmetric") and li is not None:
-        q = text.split("\n")[li].strip()
+    polar = polar_question(text)
+    if mode in ("auto", "symmetric") and polar is not None:
+        li, end, q = polar
         pos, neg = (WEAK_AFFIRM, WEAK_DENY) if POPE_RE.match(q) else (GENERIC_AFFIRM, GENERIC_DENY)
-        return "symmetric", [with_cue_after_line(text, li, pos), with_cue_after_line(text, li, neg)]
+        return "symmetric", [with_cue_after(text, li, end, pos), with_cue_after(text, li, end, neg)]
     if mode in ("auto", "expectation"):
         return "expectation", [text.rstrip() + " " + EXPECTATION_CUE]
     return "off", []

@@ -114,7 +114,7 @@ def test_batch_with_requests_leaving_early(method):
     assert len(batched[early].token_ids) < max(len(b.token_ids) for b in batched)
 
 
-def test_identical_branches_are_a_no_op(monkeypatch):
+def test_identical_branches_are_a_no_op(monkeypatch, caplog):
     import vlmguard.decoding.iava as iava
 
     eng = tiny_engine("llava")
@@ -126,12 +126,41 @@ def test_identical_branches_are_a_no_op(monkeypatch):
     # IAVA whose "irrelevant" set U is every image token: the negative view equals the original, so a strong
     # contrast decodes as greedy does
     monkeypatch.setattr(iava, "irrelevant_tokens", lambda a_q, *_: torch.ones_like(a_q, dtype=torch.bool))
-    res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0})
+    with caplog.at_level("WARNING", logger="vlmguard.decoding.iava"):
+        res = run(eng, r, "iava", {"alpha": 3.0, "beta": 0.0})
     assert [x.decoding["applied"] for x in res] == [[True]] * 3 and ids(res) == plain
+    assert sum("every image token is irrelevant" in m for m in caplog.messages) == 3  # iava.md 10: a warning
     dec = make_decoder("iava", {})
     dec.keep_sets = [torch.ones(4, dtype=torch.bool)]
     f = torch.randn(4, 8)
     assert torch.equal(dec._masker(0)(f), f)
+
+
+def test_iava_runs_no_rows_it_does_not_use(monkeypatch):
+    """No contrast rows for a group where no request has an irrelevant set (text-only requests here), and no
+    generic-instruction probe rows for rule R4, which reads the query's attention only."""
+    eng = tiny_engine("llava")
+    text_only = [Request("what color is the car", []), Request("describe the photo", [])]
+    widths = []
+    forward = type(eng.runner).decode_step
+
+    def spy(self, *args, **kw):
+        widths.append(args[0].shape[0])  # the step's rows: one per request and branch
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(type(eng.runner), "decode_step", spy)
+    res = run(eng, text_only, "iava", STRONG["iava"])
+    assert ids(res) == ids(run(eng, text_only, "greedy")) and set(widths) == {2}
+    widths.clear()
+    run(eng, reqs()[:2], "iava", STRONG["iava"])
+    assert set(widths) == {4}  # with images: the main rows and their contrast rows
+    probed = []
+    probe = eng.probe_forward
+    monkeypatch.setattr(eng, "probe_forward", lambda prompts, **kw: probed.append(len(prompts)) or probe(prompts, **kw))
+    for rule, rows in (("R1", 4), ("R4", 2)):
+        probed.clear()
+        run(eng, reqs()[:2], "iava", {"selection_rule": rule})
+        assert probed == [rows], rule
 
 
 def test_lqcd_leading_query_decodes_from_neutral_expert():
@@ -144,6 +173,9 @@ def test_lqcd_leading_query_decodes_from_neutral_expert():
     assert out.token_ids == run(eng, [neutral], "greedy")[0].token_ids  # alpha 0: plain on x_n
     mixed = run(eng, [leading, neutral, Request("describe the photo", [img])], "lqcd", STRONG["lqcd"])
     assert [x.decoding["modes"] for x in mixed] == [["leading"], ["symmetric"], ["expectation"]]
+    text_only = run(eng, [Request("Is there a dog in the image?", [])], "lqcd", STRONG["lqcd"])[0]
+    assert [x.decoding["image"] for x in mixed] == [[True]] * 3 and text_only.decoding["image"] == [False]
+    assert text_only.decoding["modes"] == ["symmetric"]  # a text-only request runs too, flagged (lqcd.md 10)
     single = [run(eng, [x], "lqcd", STRONG["lqcd"])[0] for x in (leading, neutral)]
     assert ids(mixed[:2]) == ids(single)
 

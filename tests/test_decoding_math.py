@@ -242,6 +242,15 @@ def test_leading_variants():
     mode, texts = leading_variants("Is there a dog in the image?\nAnswer briefly.", "auto")
     assert mode == "symmetric" and texts == ["Is there a dog in the image? It seems like there is.\nAnswer briefly.",
                                              "Is there a dog in the image? It seems like there isn't.\nAnswer briefly."]
+    # the question's line goes on with a format instruction (the space-joined POPE presets): still a polar
+    # question, its cues right after it, before the instruction
+    for suffix in ("Answer the question using a single word or phrase.", "Please answer this question with one word."):
+        mode, texts = leading_variants(f"Is there a dog in the image? {suffix}", "auto")
+        assert mode == "symmetric" and texts == [f"Is there a dog in the image? It seems like there is. {suffix}",
+                                                 f"Is there a dog in the image? It seems like there isn't. {suffix}"]
+    mode, texts = leading_variants("Look closely. Is it red? Be brief.", "auto")
+    assert texts == ["Look closely. Is it red? I think the answer is yes. Be brief.",
+                     "Look closely. Is it red? I think the answer is no. Be brief."]
     mode, texts = leading_variants("Are the lights on?", "auto")
     assert mode == "symmetric" and texts[0].endswith("I think the answer is yes.")
     mode, texts = leading_variants("Please describe this image in detail.", "auto")

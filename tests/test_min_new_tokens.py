@@ -3,6 +3,7 @@ transformers' ``min_new_tokens``; per request in a batch; with contrastive decod
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlmguard.engine import Request, load_engine
 from vlmguard.errors import InvalidInput
@@ -117,3 +118,33 @@ def test_a_benchmark_run_with_a_minimum_length_is_stored_migrated_and_labelled(t
                    "methods:\n  - {name: base}\n  - {name: held, min_new_tokens: 2}\n")
     base, swept = run_sweep(cfg, db=tmp_path / "s.sqlite", load_engine=lambda name: FakeEngine(), progress=False)
     assert {r["run_id"]: r["min_new_tokens"] for r in dbm.list_runs(tmp_path / "s.sqlite")}[swept.run_id] == 2
+
+
+def test_lqcd_on_a_leading_query_falls_back_to_its_neutral_expert(tiny, monkeypatch):
+    """Where LQCD's plausible set keeps only end-of-sequence while min_new_tokens holds it back, the row decodes
+    plainly from the expert, the neutral query x_n (lqcd.md 3), not from the main row: on a leading query the main
+    row is the amateur, the query as sent with its cue."""
+    from vlmguard.decoding.lqcd import LQCD
+
+    seen = []
+    combine = LQCD.combine
+
+    def spy(self, step):
+        out = combine(self, step)
+        seen.append((out.scores[0].clone(), out.main_logprobs[0], out.fallback_logprobs[0]))
+        return out
+
+    monkeypatch.setattr(LQCD, "combine", spy)
+    eos = tiny.model.generation_config.eos_token_id
+    leading = Request("Is there a dog in the image? It seems like there isn't.", [random_image(2, (96, 96))])
+    res = tiny.generate([leading], GenerationSpec(max_new_tokens=8, min_new_tokens=8, decoding="lqcd"))[0]
+    assert res.decoding["modes"] == ["leading"]
+    differ = 0
+    for k, (scores, main, expert) in enumerate(seen):
+        if torch.isfinite(scores).nonzero().flatten().tolist() != [eos]:
+            continue  # the method had a token to give
+        expert, main = expert.clone(), main.clone()
+        expert[eos] = main[eos] = float("-inf")
+        assert res.token_ids[k] == int(expert.argmax()), k
+        differ += int(expert.argmax() != main.argmax())
+    assert differ  # (a step where the leading row would have picked another token)

@@ -184,8 +184,9 @@ class DecodeBatch:
         if penalties and not self.decoder.penalises_combined:
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
+        plain = combined.main_logprobs if combined.fallback_logprobs is None else combined.fallback_logprobs
         combined.scores = hold_eos(combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives],
-                                   self.eos, fallback=combined.main_logprobs)
+                                   self.eos, fallback=plain)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
         # ends with an error, the others go on
@@ -386,7 +387,9 @@ class DecodeBatch:
             return None if any(g is None for g in got) else torch.cat(got)
 
         return Combined(scores=stitch("scores"), main_logprobs=stitch("main_logprobs"),
-                        contrast_logprobs=stitch("contrast_logprobs"))
+                        contrast_logprobs=stitch("contrast_logprobs"),
+                        fallback_logprobs=torch.cat([p.main_logprobs if p.fallback_logprobs is None
+                                                     else p.fallback_logprobs for p in parts]))
 
     def finish(self, before_step: Callable[["DecodeBatch"], Any] | None = None) -> dict[int, GenerationResult]:
         """Advance until no request is active; the results by ``StreamEvent.index`` (a dropped request has none).
