@@ -1,7 +1,8 @@
 """VCD — Visual Contrastive Decoding (Leng et al., CVPR 2024; ``shared/methods/vcd.md``).
 
-One extra branch, ``distorted``: the same prompt on a copy of the image corrupted by forward-diffusion
-noise (step ``noise_step`` of a 1000-step sigmoid schedule, seeded per image). Per step::
+One extra branch, ``distorted``: the same prompt on a copy of the processed image (the processor's output)
+corrupted by forward-diffusion noise (step ``noise_step`` of a 1000-step sigmoid schedule, seeded per image).
+Per step::
 
     s = (1 + alpha) * l_clean - alpha * l_distorted   on the plausible set of the clean branch (beta)
 
@@ -17,8 +18,7 @@ from pydantic import Field
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs
 from vlmguard.decoding.contrast import active_rows, contrast, log_probs, select_rows
 from vlmguard.decoding.registry import DECODERS
-from vlmguard.decoding.views import (diffusion_noise, image_seed, noise_coefficients, noised_image,
-                                     processor_geometry)
+from vlmguard.decoding.views import diffusion_noise, image_seed, noise_coefficients
 from vlmguard.models.base import Prompt
 from vlmguard.spec import MethodParams
 
@@ -40,31 +40,23 @@ class VCD(Decoder):
         self.ctx = ctx
         self.applied = [bool(p.images) for p in ctx.prompts]
         a, b = noise_coefficients(self.params.noise_step)
-        self.geometry = processor_geometry(ctx.adapter.processor)
-        ctx.add_report({"noise_signal": round(a, 4), "noise_sigma": round(b, 4),
-                        "noise_space": "pixel" if self.geometry[2] else "tensor"}, applied=list(self.applied))
+        ctx.add_report({"noise_signal": round(a, 4), "noise_sigma": round(b, 4), "noise_space": "tensor"},
+                       applied=list(self.applied))
 
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run
             return []
-        mean, std, edge = self.geometry
         p = self.params
         seeds = [image_seed(img, p.noise_seed, j) for j, img in enumerate(prompt.images)]
-        if edge is None:
-            # anyres (LLaVA-NeXT) and native-resolution (Qwen2-VL) processors resize, tile or downscale in ways
-            # that smooth pixel-space noise away (1/3 of its strength in LLaVA-NeXT's base view): the noise goes
-            # onto the processor's output instead, every crop and patch elementwise, as the spec has it
-            def noise(pixels: torch.Tensor, j: int) -> torch.Tensor:
-                g = torch.Generator(device="cpu")
-                g.manual_seed(seeds[j])
-                return diffusion_noise(pixels.cpu(), p.noise_step, g).to(pixels.device, pixels.dtype)
 
-            return [Branch(name="distorted", prompt=prompt, pixel_transform=noise)]
-        # fixed-size processors: pixel space, after resizing to the processor's size (equal to the tensor-space
-        # noise up to 8-bit rounding and clamping)
-        images = [noised_image(img, p.noise_step, seed, mean, std, edge) for img, seed in zip(prompt.images, seeds)]
-        distorted = Prompt(text=prompt.text, images=images, system=prompt.system, raw=prompt.raw)
-        return [Branch(name="distorted", prompt=distorted)]
+        # on the processor's output, every crop and patch elementwise, in float32 without clamping (vcd.md
+        # section 4), before any vision work, so vision-side pruners see the noisy pixels too
+        def noise(pixels: torch.Tensor, j: int) -> torch.Tensor:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(seeds[j])
+            return diffusion_noise(pixels.cpu(), p.noise_step, g).to(pixels.device, pixels.dtype)
+
+        return [Branch(name="distorted", prompt=prompt, pixel_transform=noise)]
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])

@@ -3,7 +3,7 @@
 - ``image_free_prompt``: the same templated prompt with every image placeholder removed and nothing else
   changed (M3ID's unconditioned input, VISTA's P-): system text, question and the newline that followed
   the image stay; the result is passed as a raw prompt so the template is not re-applied.
-- ``diffusion_noise`` / ``noised_image``: VCD's forward-diffusion noise (1000-step sigmoid schedule).
+- ``diffusion_noise``: VCD's forward-diffusion noise (1000-step sigmoid schedule).
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import hashlib
 import math
 from functools import lru_cache
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -75,46 +74,3 @@ def image_seed(image: Image.Image, seed: int, index: int = 0) -> int:
     h.update(f"{seed}:{index}:{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def processor_geometry(processor) -> tuple[list[float], list[float], int | None]:
-    """(mean, std, shortest_edge) of the image processor's normalisation and resize (defaults 0.5).
-
-    The shortest edge is only reported for fixed-resolution CLIP-style processors (resize + center crop);
-    anyres (LLaVA-NeXT) and native-resolution (Qwen2-VL, whose ``shortest_edge`` is a pixel count)
-    processors get None: the noise is then drawn at the image's own resolution.
-    """
-    ip = getattr(processor, "image_processor", None)
-    mean = list(getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5])
-    std = list(getattr(ip, "image_std", None) or [0.5, 0.5, 0.5])
-    size = getattr(ip, "size", None)
-    edge = None
-    fixed = bool(getattr(ip, "do_center_crop", False)) and not getattr(ip, "image_grid_pinpoints", None)
-    if size is not None and fixed:
-        edge = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
-    return mean, std, (int(edge) if edge else None)
-
-
-def noised_image(image: Image.Image, step: int, seed: int, mean: list[float], std: list[float],
-                 shortest_edge: int | None = None) -> Image.Image:
-    """VCD's distorted image, computed in pixel space before the processor.
-
-    The noise is drawn in the processor's normalised space, v = (x/255 - mean)/std, so its strength matches
-    the spec's tensor-space noise; the result is mapped back to 8-bit pixels (clamped to [0, 255]).
-    When the processor resizes to a shortest edge, the image is first resized to it (bicubic), so the
-    processor's own resize is (close to) the identity and does not smooth the noise away.
-    """
-    img = image.convert("RGB")
-    if shortest_edge and min(img.size) != shortest_edge:
-        w, h = img.size
-        scale = shortest_edge / min(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # (H, W, 3)
-    m = torch.tensor(mean, dtype=torch.float32)
-    s = torch.tensor(std, dtype=torch.float32)
-    v = (x - m) / s
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    v2 = diffusion_noise(v, step, g)
-    x2 = ((v2 * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    return Image.fromarray(x2, mode="RGB")

@@ -1,8 +1,8 @@
 """Half-precision (bfloat16 / float16) paths on the CPU: what GPU users run.
 
 - every pruner x decoder, greedy and seeded sampling, on tiny LLaVA-1.5 and Qwen2-VL engines in bf16 and fp16: a
-  batch of requests with different images gives each request exactly what it gets alone (tokens, kept visual
-  tokens), with finite scores;
+  batch of requests with different images gives each request what it gets alone (kept visual tokens; tokens,
+  greedy ones up to a choice tied to within the dtype's rounding), with finite scores;
 - LLaVA-NeXT in bf16: a padded batch row's prefill logits equal the row alone only to bf16 rounding (fp32: 1e-7),
   so near-tied greedy choices may differ there; the stated tolerance is checked instead of the tokens;
 - the cheap attention-score facility agrees with eager attention's own half-precision weights (which round
@@ -50,6 +50,21 @@ def two_requests() -> list[Request]:
             Request("describe the photo", [random_image(2, (64, 64))])]
 
 
+# a logit's rounding in the dtype, in log-probability (the tiny random models' logits are of size ~1)
+TIE = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def same_tokens_up_to_a_tie(batched, alone, tol: float) -> bool:
+    """The batch row's tokens equal the alone run's, or do until a step where the alone run's two candidates were
+    tied to within ``tol`` (the batch's padded rows round differently in half precision, so a near-tied greedy
+    choice may fall either way; the answers part there)."""
+    for k, (b, a) in enumerate(zip(batched.token_ids, alone.token_ids)):
+        if b != a:
+            top = {t.token_id: t.logprob for t in alone.logprobs[k].top}
+            return b in top and top[a] - top[b] <= tol
+    return len(batched.token_ids) == len(alone.token_ids)
+
+
 def finite_steps(result) -> bool:
     values = [v for s in result.steps for v in (s.main_prob, s.score, s.contrast_prob) if v is not None]
     return result.finish_reason != "error" and all(math.isfinite(v) for v in values)
@@ -65,13 +80,16 @@ def test_half_precision_batch_equals_alone_for_every_pruner_and_decoder(family, 
             for sampled in (False, True) if decoder in ("greedy", "vcd") else (False,):
                 spec = GenerationSpec(pruning=pruner, budget=None if pruner == "none" else BUDGET[family],
                                       decoding=decoder, max_new_tokens=3, do_sample=sampled,
-                                      seed=7 if sampled else None)
+                                      seed=7 if sampled else None, logprobs=5)
                 what = f"{family} {dtype} {pruner} x {decoder} sampled={sampled}"
                 batched = eng.generate(reqs, spec)
                 for req, b in zip(reqs, batched):
                     alone = eng.generate([req], spec)[0]
                     assert finite_steps(b) and finite_steps(alone), what
-                    assert b.token_ids == alone.token_ids, what
+                    if sampled:  # a seeded draw may land either side of a tie too: no tolerance to state
+                        assert b.token_ids == alone.token_ids, what
+                    else:
+                        assert same_tokens_up_to_a_tie(b, alone, TIE[dtype]), what
                     assert b.kept_indices == alone.kept_indices, what
 
 

@@ -253,10 +253,14 @@ def test_vista_steers_the_image_rows_of_a_mixed_batch_and_leaves_text_only_rows_
 
 
 # ---- separate caches per branch -------------------------------------------------------------------
-def recompute_last_logits(eng, prompt: Prompt, transform, tokens: list[int]) -> torch.Tensor:
+def recompute_last_logits(eng, prompt: Prompt, transform, tokens: list[int], pixel_transform=None) -> torch.Tensor:
     """Cache-free: one full forward of (branch prompt + generated tokens) through the HF model."""
+    from vlmguard.engine import transform_pixels
+
     ad = eng.adapter
     batch = ad.encode([prompt])
+    if pixel_transform is not None:
+        transform_pixels(ad, batch, [pixel_transform])
     feats = ad.image_features(batch)
     if transform is not None:
         feats = [None if f is None else transform(f) for f in feats]
@@ -297,7 +301,7 @@ def test_branch_logits_equal_cache_free_recompute(monkeypatch, method, params, b
     finally:
         dec.teardown(ctx)
     for k in (0, 3, 5):
-        ref = recompute_last_logits(eng, br.prompt, br.visual_transform, out.token_ids[:k])
+        ref = recompute_last_logits(eng, br.prompt, br.visual_transform, out.token_ids[:k], br.pixel_transform)
         assert torch.allclose(seen[k][branch][0], ref, atol=1e-4), (method, k)
         main_ref = recompute_last_logits(eng, prompt, None, out.token_ids[:k])
         assert torch.allclose(seen[k]["main"][0], main_ref, atol=1e-4)
@@ -412,12 +416,12 @@ def test_other_families_batched_equals_single(family):
             assert [st.main_prob for st in b.steps] == pytest.approx([st.main_prob for st in s.steps], abs=1e-5), method
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
-def test_vcd_noise_reaches_anyres_and_native_resolution_models_at_full_strength(family, monkeypatch):
-    """LLaVA-NeXT's and Qwen2-VL's processors resize, tile and downscale: noise drawn on the image came out at
-    a third to four fifths of its strength. It now goes onto the processor's output (every crop / patch), so
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_vcd_noise_is_on_the_processor_output_at_full_strength(family, monkeypatch):
+    """The noise goes onto the processor's output (every crop / patch) in float32, unclamped (vcd.md 4), so
     (noisy - sqrt(ab) clean) / sqrt(1 - ab) is unit noise; the clean rows are untouched; the same request twice
-    gets the same noise."""
+    gets the same noise. (Drawn on the image, LLaVA-NeXT's and Qwen2-VL's resizing, tiling and downscaling left a
+    third to four fifths of it, and LLaVA-1.5's 8-bit pixels clamped it.)"""
     import vlmguard.engine as engine_mod
     from vlmguard.decoding.views import noise_coefficients
 
