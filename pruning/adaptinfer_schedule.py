@@ -164,23 +164,50 @@ def solve_keeps(layers: Sequence[int], budget: int, n_visual: int, n_layers: int
     """Keep counts that hit ``budget`` under :func:`accounting_for`, with the matching ratio pattern.
 
     k_1 is searched over 1..V-1; later stages follow k_s = round(k_{s-1} * r_s). The closest average
-    wins (ties: the smaller k_1).
+    wins (ties: the smaller k_1). A budget above what the largest official row's pattern reaches (about 41% of V
+    on LLaVA-1.5) gets :func:`lifted_keeps` instead.
     """
     pattern = ratio_pattern(budget, n_visual)
     average = official_average if accounting_for(layers, n_layers) == "official" \
         else pruned_layers_average
     best: tuple[float, int, tuple[int, ...]] | None = None
     for k1 in range(1, n_visual):
-        keeps = [k1]
-        for s in range(1, len(layers)):
-            r = pattern[min(s, len(pattern) - 1)]
-            keeps.append(int(round(keeps[-1] * r)))
+        keeps = _stage_keeps(k1, pattern, len(layers))
         err = abs(average(layers, keeps, n_visual, n_layers) - budget)
-        cand = (err, k1, tuple(keeps))
+        cand = (err, k1, keeps)
         if best is None or cand[:2] < best[:2]:
             best = cand
     assert best is not None
+    if best[0] > 1.0 and budget / n_visual > max(RATIO_PATTERNS) / 576:
+        return lifted_keeps(layers, budget, n_visual, n_layers, average)
     return best[2]
+
+
+def _stage_keeps(k1: int, pattern: Sequence[float], n_stages: int) -> tuple[int, ...]:
+    keeps = [k1]
+    for s in range(1, n_stages):
+        keeps.append(int(round(keeps[-1] * pattern[min(s, len(pattern) - 1)])))
+    return tuple(keeps)
+
+
+def lifted_keeps(layers: Sequence[int], budget: int, n_visual: int, n_layers: int, average) -> tuple[int, ...]:
+    """Keep counts for a budget above the official rows: every ratio of the largest row's pattern moved the
+    same share t of the way to 1 (keep all), k_1 = round(r_1 V) included, with t found by bisection so that the
+    average hits the budget (to within one rounding step). t = 0 is the largest row's shape, t = 1 no pruning."""
+    top = RATIO_PATTERNS[max(RATIO_PATTERNS)]
+
+    def keeps_at(t: float) -> tuple[int, ...]:
+        pattern = [r + t * (1.0 - r) for r in top]
+        return _stage_keeps(min(n_visual, int(round(pattern[0] * n_visual))), pattern, len(layers))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if average(layers, keeps_at(mid), n_visual, n_layers) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return min((keeps_at(lo), keeps_at(hi)), key=lambda k: abs(average(layers, k, n_visual, n_layers) - budget))
 
 
 def validate(layers: Sequence[int], keeps: Sequence[int] | None, n_layers: int | None) -> None:
@@ -268,12 +295,15 @@ def make_schedule(*, family: str, n_layers: int, hidden: int, n_visual: int, bud
         if n_layers == 32 and n_visual == 576 and budget in OFFICIAL_KEEPS_7B:
             validate(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_layers)
             return Schedule(OFFICIAL_LAYERS_7B, OFFICIAL_KEEPS_7B[budget], n_visual, n_layers, "official-7b")
-        preset = qwen2_vl_2b_preset(budget, n_visual) if (family, n_layers, hidden) == QWEN2_VL_2B else None
+        qwen_2b = (family, n_layers, hidden) == QWEN2_VL_2B
+        preset = qwen2_vl_2b_preset(budget, n_visual) if qwen_2b else None
         if preset is not None:
             validate(QWEN2_VL_2B_LAYERS, preset, n_layers)
             return Schedule(QWEN2_VL_2B_LAYERS, preset, n_visual, n_layers, "official-qwen2-vl-2b")
         known = KNOWN_LAYERS.get((family, n_layers, hidden, n_visual))
-        if known is not None:
+        if qwen_2b:  # another budget: the official port's layers, keep counts solved for it (spec section 2.2)
+            layers, source = QWEN2_VL_2B_LAYERS, "official-qwen2-vl-2b-layers"
+        elif known is not None:
             layers, source = known, "analyze"
         else:
             layers, source = default_layers(n_layers), "relative-depth"

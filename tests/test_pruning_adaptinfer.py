@@ -115,7 +115,8 @@ def test_official_schedule_and_accounting():
 def test_qwen2_vl_2b_presets():
     """Qwen2-VL-2B (28 layers x 1536): the official port's layers (0, 9, 19) and per-stage ratios of the current
     count for the 10 / 30 / 50% labels (spec 2.2: they average 10.1 / 29.7 / 51.1% of V under the official
-    accounting); other budgets and other 28-layer models (Qwen2-VL-7B, width 3584) are solved as before."""
+    accounting); other budgets get the same layers with keep counts solved for them, other 28-layer models
+    (Qwen2-VL-7B, width 3584) the relative-depth layers."""
     v = 1000
     for label, ratios, share in ((100, (0.17, 0.60, 0.30), 10.1), (300, (0.50, 0.60, 0.30), 29.7),
                                  (500, (0.70, 0.90, 0.30), 51.1)):
@@ -126,8 +127,26 @@ def test_qwen2_vl_2b_presets():
         assert sched.keeps == (k1, k2, int(ratios[2] * k2))
         assert abs(100 * sched.official_average / v - share) < 0.3
     assert make_schedule(family="qwen2_vl", n_layers=28, hidden=1536, n_visual=256, budget=26).keeps == (43, 25, 7)
-    for other in (dict(hidden=1536, budget=200), dict(hidden=3584, budget=100)):
-        assert make_schedule(family="qwen2_vl", n_layers=28, n_visual=v, **other).source == "relative-depth"
+    other = make_schedule(family="qwen2_vl", n_layers=28, hidden=1536, n_visual=v, budget=200)
+    assert other.source == "official-qwen2-vl-2b-layers" and other.layers == (0, 9, 19)
+    assert abs(other.official_average - 200) <= 1
+    assert make_schedule(family="qwen2_vl", n_layers=28, hidden=3584, n_visual=v, budget=100).source == "relative-depth"
+
+
+@pytest.mark.parametrize("n_layers,n_visual", [(32, 576), (8, 144), (4, 144)])
+def test_every_budget_is_hit_within_one_token(n_layers, n_visual):
+    """Invariant 9 for labels of every size: a budget above the largest official row (192 of 576) once stopped
+    at about 41% of V (256, 288 or 400 of 576 all gave an average of 237.8), silently. Below the average of
+    the layers before the first cut, which see every token, the schedule keeps as few tokens as it can."""
+    layers = make_schedule(family="llava", n_layers=n_layers, hidden=64, n_visual=n_visual, budget=1).layers
+    official = layers[0] / n_layers < 64 / 576
+    average = official_average if official else pruned_layers_average
+    floor = layers[0] * n_visual / n_layers if official else 0
+    for budget in range(1, n_visual, max(1, n_visual // 60)):
+        sched = make_schedule(family="llava", n_layers=n_layers, hidden=64, n_visual=n_visual, budget=budget)
+        got = average(sched.layers, sched.keeps, n_visual, n_layers)
+        assert abs(got - max(budget, floor)) <= 1, (budget, sched)
+        assert list(sched.keeps) == sorted(sched.keeps, reverse=True)
 
 
 @pytest.mark.parametrize("layers", [(0, 2), (1, 2)])
