@@ -82,11 +82,20 @@ def test_nltk_data_is_project_owned_and_registered():
 
 
 def test_tagger_conversion_and_restricted_unpickler(tmp_path):
-    dest = nltk_setup.install_tagger(REF / "nltk_data" / "averaged_perceptron_tagger.zip", tmp_path)
+    zip_path = REF / "nltk_data" / "averaged_perceptron_tagger.zip"
+    dest = nltk_setup.install_tagger(zip_path, tmp_path)
     files = sorted(p.name for p in dest.iterdir())
     assert files == sorted(nltk_setup.TAGGER_FILES)
     classes = json.loads((dest / "averaged_perceptron_tagger_eng.classes.json").read_text())
     assert "NN" in classes and len(classes) == 45
+    # the tagger the package ships (benchmarks.md decision 1: data installed by the setup, not read from the
+    # reference data beside the repository) is exactly this conversion, byte for byte
+    assert nltk_setup.tagger_from_bundle() == nltk_setup.tagger_from_zip(zip_path)
+    rebuilt = nltk_setup.write_tagger_bundle(zip_path, tmp_path / "bundle.json.gz")
+    assert rebuilt.read_bytes() == nltk_setup.TAGGER_BUNDLE.read_bytes()
+    shipped = nltk_setup.install_tagger(None, tmp_path / "from-bundle")
+    for name in nltk_setup.TAGGER_FILES:
+        assert (shipped / name).read_bytes() == (dest / name).read_bytes()
 
     class Evil:
         def __reduce__(self):
@@ -106,8 +115,10 @@ def test_missing_data_gives_setup_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMGUARD_NLTK_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("VLMGUARD_SHARED", str(tmp_path / "noshared"))
     monkeypatch.setattr(nltk_setup, "DEBIAN_WORDNET_DIR", tmp_path / "nowordnet")
-    with pytest.raises(VlmguardError, match="20-nltk-data.sh"):
+    with pytest.raises(VlmguardError, match="20-nltk-data.sh"):  # (WordNet: the Debian packages)
         nltk_setup.ensure_nltk_data()
+    # the tagger needs nothing beside the repository: it comes from the package
+    assert nltk_setup.tagger_installed(tmp_path / "empty")
 
 
 def test_gt_table_from_refdata():

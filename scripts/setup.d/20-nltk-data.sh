@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Offline NLTK data for CHAIR (benchmarks.md 2.5): WordNet 3.0 from Debian, the perceptron tagger
-# converted from the refdata pickle, both into the project-owned data dir (vlmguard/assets/nltk_data,
+# Offline NLTK data for CHAIR (benchmarks.md 2.5): WordNet 3.0 from Debian, the perceptron tagger from the
+# converted copy the package ships, both into the project-owned data dir (vlmguard/assets/nltk_data,
 # or $VLMGUARD_NLTK_DATA). Never downloads from NLTK's server. Idempotent; run by scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,14 +22,9 @@ if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sens
   fi
 fi
 
-# The tagger pickle lives in the shared reference data beside the repository.
-SHARED=${VLMGUARD_SHARED:-../shared}
-ZIP="$SHARED/refdata/nltk_data/averaged_perceptron_tagger.zip"
+# The tagger comes with the package (vlmguard/assets/nltk_tagger, converted from nltk_data's pickle).
 if "$PY" -m vlmguard.bench.nltk_setup --check >/dev/null 2>&1; then
   echo "20-nltk-data: NLTK data already installed"
-elif [ ! -f "$ZIP" ]; then
-  # Without the shared reference data there is no tagger to convert; CHAIR will say so when used.
-  echo "20-nltk-data: WARNING: $ZIP not found (set VLMGUARD_SHARED); CHAIR scoring unavailable" >&2
 else
-  "$PY" -m vlmguard.bench.nltk_setup --tagger-zip "$ZIP"
+  "$PY" -m vlmguard.bench.nltk_setup
 fi
