@@ -178,6 +178,27 @@ def test_join_by_question_id_not_order(tmp_path):
     assert m["n"] == 100 and m["missing"] == 2900 and any("no answer" in f for f in m["flags"])
 
 
+def test_answers_to_another_pope_version_are_refused(tmp_path, capsys):
+    """POPE's versions number their questions 1..N alike: LLaVA-1.5's random file (2910 questions) joined by id
+    to the current one (3000) pairs answers with other questions (POPE issue #17, benchmarks.md 1.5). Where the
+    answer records say which question they answer (``prompt``), the texts are compared: the mismatch is an
+    error naming the line, while the "imange" misspelling, the versions' only other difference, is no mismatch."""
+    old = load_pope_file(POPE / "llava15_e3e3926" / "coco_pope_random.json")
+    perfect = tmp_path / "old_version_answers.jsonl"
+    perfect.write_text("".join(json.dumps({"question_id": q.question_id, "prompt": q.text, "text": q.label}) + "\n"
+                               for q in old.questions))
+    head = load_pope_file(pope_set_path(POPE, "head", "random"))
+    with pytest.raises(InvalidInput, match=r"old_version_answers.jsonl:\d+: .*another question file"):
+        score_answers(load_answers(perfect), head, answers_path=perfect)
+    assert score_answers(load_answers(perfect), old)["accuracy"] == 100.0
+    assert main(["score", "pope", "--answers", str(perfect), "--questions", str(pope_set_path(POPE, "head", "random"))]) == 2
+    assert "another question file" in capsys.readouterr().err
+    # cd_rethink's adversarial answers were asked with the misspelled questions: still the same questions
+    adversarial = score_answers(load_answers(answers_path("adversarial")), load_pope_file(pope_set_path(POPE, "head",
+                                                                                                      "adversarial")))
+    assert round(adversarial["accuracy"], 2) == 83.33
+
+
 # ---- malformed files -------------------------------------------------------------------------------
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -215,7 +236,13 @@ def test_bad_json_array_names_line(tmp_path):
 
 def test_answer_for_unknown_question_names_answer_line(tmp_path):
     q = load_pope_file(pope_set_path(POPE, "llava15_e3e3926", "random"))
+    # (without the records' question texts, which would show the mismatch on line 18 already)
+    bare = tmp_path / "random_greedy.jsonl"
+    bare.write_text("".join(json.dumps({"question_id": a.question_id, "text": a.text}) + "\n"
+                            for a in load_answers(answers_path("random"))))
     with pytest.raises(InvalidInput, match=r"random_greedy\.jsonl:2911: question_id 2911 is not in"):
+        score_answers(load_answers(bare), q, answers_path=bare)
+    with pytest.raises(InvalidInput, match=r"random_greedy\.jsonl:18: the answer to question_id 18 was made for"):
         score_answers(load_answers(answers_path("random")), q, answers_path=answers_path("random"))
 
 

@@ -87,6 +87,26 @@ class Answer:
     question_id: int
     text: str
     line: int
+    prompt: str | None = None  # the question the answer was generated for, where the record says (``prompt``)
+
+
+def _words(text: str) -> str:
+    """Lower-cased, single-spaced, and POPE's one known misspelling ("imange", in 246 questions of the version
+    LLaVA-1.5 used; benchmarks.md 1.1) read as the word it stands for: the same question in either version."""
+    return " ".join(text.lower().replace("imange", "image").split())
+
+
+def check_same_question(a: Answer, question_text: str, answers_path: str | Path, questions_path: str | Path) -> None:
+    """An answer whose record names its question (LLaVA's and cd_rethink's ``prompt`` field) must answer the
+    question file's question of that id. POPE's versions number their questions 1..N alike, so answers to another
+    version join by id to other questions (POPE issue #17, benchmarks.md 1.5): a wrong score, not an error,
+    unless the texts are compared."""
+    asked, question = _words(a.prompt or ""), _words(question_text)
+    if a.prompt is None or question in asked or asked in question:  # (with or without a format suffix)
+        return
+    raise InvalidInput(f"{answers_path}:{a.line}: the answer to question_id {a.question_id} was made for "
+                       f"{a.prompt!r}, but that question in {questions_path} reads {question_text!r}: the answers "
+                       f"come from another question file (POPE's versions differ; benchmarks.md 1.5)")
 
 
 def load_answers(path: str | Path, text_key: str | None = None, notes: list[str] | None = None) -> list[Answer]:
@@ -126,7 +146,8 @@ def load_answers(path: str | Path, text_key: str | None = None, notes: list[str]
         if qid in seen:
             raise InvalidInput(f"{p}:{line}: duplicate question_id {qid} (first on line {seen[qid]})")
         seen[qid] = line
-        out.append(Answer(qid, text, line))
+        prompt = rec.get("prompt")
+        out.append(Answer(qid, text, line, prompt if isinstance(prompt, str) else None))
     if not out:  # every question would be "missing": a wrong or truncated file, not a result
         raise InvalidInput(f"{p}: no answers in file")
     if notes is not None and (len(used) > 1 or also):
@@ -170,6 +191,7 @@ def score_answers(
             )
         if q.label is None:
             raise InvalidInput(f"{questions.path}:{q.line}: question {q.question_id} has no label")
+        check_same_question(a, q.text, answers_path, questions.path)
         pairs.append((par.parse(a.text, q.label), q.label))
     metrics = pope_metrics(pairs, unknown_is_miss=par.unknown_is_miss)
     missing = len(questions) - len(answers)
@@ -197,10 +219,12 @@ def score_llava_answers(
 
     par = get_parser(parser)
     labels = llava_test_labels(llava_questions, split_files)
+    texts = {q.question_id: q.text for q in llava_questions.questions}
     pairs: dict[str, list[tuple[str | None, str]]] = {s: [] for s in split_files}
     for a in answers:
         if a.question_id not in labels:
             raise InvalidInput(f"{answers_path}:{a.line}: question_id {a.question_id} is not in {llava_questions.path}")
+        check_same_question(a, texts[a.question_id], answers_path, llava_questions.path)
         split, label = labels[a.question_id]
         pairs[split].append((par.parse(a.text, label), label))
     out = {}
