@@ -31,11 +31,14 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from tokenizers import processors
 from transformers import LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vlmguard.bench.prompts import CHAIR_PRESETS, POPE_PROMPTS, get_chair_preset, get_pope_prompt
+from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
 from vlmguard.models.families import VICUNA_V1_SYSTEM, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
 from vlmguard.models.image_text_processor import ImageTextProcessor
@@ -143,6 +146,25 @@ def test_llava15_and_next_vicuna_prompt_strings_are_vicuna_v1():
         assert got == f"Be brief. USER: <image>\n{Q} ASSISTANT:"
         got = a.format_prompt(Prompt(text=Q, images=[random_image(0)], system=""))
         assert got == f"USER: <image>\n{Q} ASSISTANT:"
+
+
+def test_a_conversation_gets_the_default_system_text_as_one_message_does():
+    """A multi-turn chat request (the OpenAI API's messages) goes through the adapter too: under llava-hf's Vicuna
+    template it gets vicuna_v1's system text when it names none, as a one-message request does (it got none);
+    its own system turn replaces it; a conversation the template refuses is the request's error, not a 500."""
+    a = llava_adapter(HF_VICUNA)
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Yes"}]},
+             {"role": "user", "content": [{"type": "text", "text": "And a cat?"}]}]
+    assert a.format_messages(turns) == f"{SYSTEM} USER: <image>\n{Q} ASSISTANT: Yes USER: And a cat? ASSISTANT:"
+    own = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *turns]
+    assert a.format_messages(own).startswith("Be brief. USER: <image>")
+    assert a.format_messages(turns[:1]) == a.format_prompt(Prompt(text=Q, images=[random_image(0)]))
+    strict = llava_adapter("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                           "{{ raise_exception('roles must alternate') }}{% endif %}{% endfor %}USER: ASSISTANT:")
+    with pytest.raises(InvalidInput, match="chat template refuses these messages: roles must alternate") as e:
+        strict.format_messages([turns[0], turns[0]])
+    assert e.value.param == "messages"
 
 
 def test_llava15_token_ids_one_bos_and_the_spaces_around_the_image():

@@ -106,8 +106,7 @@ class EngineWorker:
             for i, m in enumerate(item.messages):
                 for part in m["content"]:
                     check_text(part.get("text"), f"messages[{i}]", placeholder)
-            proc = self.engine.adapter.processor
-            text = proc.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+            text = self.engine.adapter.format_messages(item.messages)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
                        system=item.system, raw_prompt=item.raw_prompt)

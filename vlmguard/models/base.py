@@ -184,10 +184,29 @@ class ModelAdapter:
         if system:
             messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         messages.append({"role": "user", "content": content})
+        return self._apply_chat_template(messages)
+
+    def format_messages(self, messages: Sequence[dict[str, Any]]) -> str:
+        """A conversation (chat-template messages, images as ``{"type": "image"}`` parts) as the model's prompt,
+        ready for the answer: without a system turn it gets the family's default system text first, as a
+        one-message request does (:meth:`format_prompt`)."""
+        system = self.default_system()
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+        return self._apply_chat_template(list(messages))
+
+    def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """The model's own chat template; a conversation the template refuses (say, roles that must alternate)
+        is the request's error."""
+        from jinja2 import TemplateError
+
         if not chat_template_of(self.processor):
             raise ModelLoadError(f"the model's processor has no chat template ({CHAT_TEMPLATE_HELP}); "
                                  "vlmguard formats prompts with the model's own template")
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:
+            raise InvalidInput(f"the model's chat template refuses these messages: {e}", param="messages") from None
 
     def adds_bos(self) -> bool:
         """Whether the tokenizer puts BOS in front of every text it encodes (Llama: yes; Qwen2: none)."""
