@@ -18,7 +18,7 @@ import asyncio
 import httpx
 import pytest
 
-from dashboard.drawing import find_visual_scores, kept_overlay, token_grid
+from vlmguard.dashboard.drawing import find_visual_scores, kept_overlay, token_grid
 from vlmguard.client import image_to_url
 from vlmguard.engine import Request
 from vlmguard.flops import result_flops, vision_flops

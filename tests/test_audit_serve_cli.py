@@ -94,3 +94,21 @@ def test_audit_job_status_of_a_failed_job_is_one_line(monkeypatch):
                              "this cluster (running: vlmguard)")
     info.message = "Job finished successfully."
     assert jobs.status("j")["message"] == "Job finished successfully."
+
+
+def test_audit_job_lookup_says_no_job_only_when_the_api_does(monkeypatch):
+    """Ray's Jobs API answers an unknown id with HTTP 404 ("Job ... does not exist"): that is "no job". Any
+    other refusal (a server error, an auth refusal) used to read "no job" too; it now carries the API's line."""
+    def failing(message):
+        def get_job_info(job_id):
+            raise RuntimeError(message)
+        return lambda address=None: SimpleNamespace(get_job_info=get_job_info)
+
+    monkeypatch.setattr(jobs, "client", failing("Request failed with status code 404: Job raysubmit_x does not exist."))
+    with pytest.raises(InvalidInput, match="no job 'raysubmit_x'"):
+        jobs.status("raysubmit_x")
+    monkeypatch.setattr(jobs, "client", failing("Request failed with status code 500: internal error.\nTraceback"))
+    with pytest.raises(VlmguardError) as ei:
+        jobs.status("raysubmit_x")
+    msg = str(ei.value)
+    assert "no job" not in msg and "status code 500: internal error." in msg and "\n" not in msg

@@ -52,3 +52,17 @@ def test_a_job_frames_opera_on_llava_hf_as_a_local_run_does(tmp_path):
         answers.append(conn.execute("SELECT sample_key, output_text FROM samples ORDER BY sample_key").fetchall())
         conn.close()
     assert answers[0] == answers[1] and len(answers[0]) == 4
+
+
+def test_a_job_given_an_unusable_file_ends_in_one_line(monkeypatch, capsys):
+    """An unwritable --db (an OSError about a named file) is the job's one-line error, as in the CLI; it printed
+    a traceback into the job log."""
+    from vlmguard.workers import bench_job
+
+    def unwritable(args):
+        raise PermissionError(13, "Permission denied", "/srv/results.sqlite")
+
+    monkeypatch.setattr(bench_job, "parse_job_args", lambda argv: None)
+    monkeypatch.setattr(bench_job, "run_job", unwritable)
+    assert bench_job.main(["pope", "--db", "/srv/results.sqlite"]) == 2
+    assert capsys.readouterr().err == "vlmguard: error: Permission denied: /srv/results.sqlite\n"

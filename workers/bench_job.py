@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     except VlmguardError as e:
         print(f"vlmguard: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not about a file the job was given (a broken connection): keep its traceback
+            raise
+        print(f"vlmguard: error: {e.strerror or e}: {e.filename}", file=sys.stderr, flush=True)
+        return 2
 
 
 def _connect(address: str) -> None:

@@ -240,14 +240,19 @@ def status_message(message: str | None) -> str | None:
 
 def _job_call(job_id: str, address: str | None, what: str, call: Callable[[Any], _T]) -> _T:
     """``call(client)`` for one job: a Jobs API that does not answer, or a connection lost, is one line naming
-    ``what``; any other failure means the cluster does not know the job (an unknown id and friends)."""
+    ``what``; the API's "not found" (HTTP 404: an unknown id) says there is no such job; any other refusal (a
+    server error, a missing auth token) is one line with the API's own first line."""
     c = client(address)
     try:
         return call(c)
     except Exception as e:  # noqa: BLE001
         if (err := _no_answer(e, jobs_address(address), what)) is not None:
             raise err from None
-        raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+        text = " ".join(str(e).split())
+        if not text or "status code 404" in text or "does not exist" in text:
+            raise InvalidInput(f"no job {job_id!r} at {jobs_address(address)} ({type(e).__name__})") from None
+        raise VlmguardError(f"the Ray Jobs API at {jobs_address(address)} refused the {what} of job {job_id!r}: "
+                            f"{text[:300]}") from None
 
 
 def status(job_id: str, address: str | None = None) -> dict[str, Any]:
