@@ -218,7 +218,24 @@ def test_model_card_names_the_data_it_was_measured_on():
     card = model_card(resolve_model_path("tiny"), ev)
     assert "## Measured quality (SynthCOCO test split of mydata, greedy)" in card and "500 images" not in card
     card = model_card(resolve_model_path("tiny"), {**ev, "data": "synthcoco"})
-    assert "## Measured quality (SynthCOCO seed 0 test split, 500 images, greedy)" in card
+    assert "## Measured quality (SynthCOCO seed 0 test split, greedy)" in card
+    # POPE's images are those with 3 visible objects (410 of the 500 test images), not all: said as measured
+    assert "POPE asks about the 1 images with at least 3 visible objects" in card and "CHAIR describes all 3" in card
+
+
+def test_model_card_says_what_was_trained_and_which_checkpoint_ships():
+    """The card said the projector trained (it is tied to the word embeddings, fixed) and gave commands whose
+    runs, completed, are not the bundled weights (run 4's step-800 checkpoint of a 1200-step cosine schedule)."""
+    from pathlib import Path
+
+    from vlmguard.models.resolve import resolve_model_path
+    from vlmguard.synth.card import model_card
+
+    card = model_card(resolve_model_path("tiny"), None)
+    assert "the decoder alone learns short captions" in card and "projector + decoder" not in card
+    assert "the bundled weights are run 4's `checkpoints/step-800`" in card
+    shipped = (Path(resolve_model_path("tiny")) / "MODEL_CARD.md").read_text()
+    assert shipped.startswith(card.rstrip("\n") + "\n")  # the shipped card is this generator's, plus measurements
 
 
 @pytest.mark.parametrize("table, needle", [

@@ -53,6 +53,26 @@ def _reproduce_args(run: dict, k: int) -> str:
     return args[:m.start(1)] + f"runs/run{k - 1}" + (ckpt.group(0) if ckpt else "") + args[m.end(1):]
 
 
+def _all(runs: list[dict], key: str) -> bool:
+    """Whether every run's training config set ``key``."""
+    return bool(runs) and all((r.get("config") or {}).get(key) for r in runs)
+
+
+def _checkpoint_lines(runs: list[dict]) -> list[str]:
+    """Which runs ended on a checkpoint picked on validation before their last step: their commands, run to the
+    end, give other weights (each learning rate follows a cosine over the steps the command names)."""
+    out = []
+    for k, r in enumerate(runs, 1):
+        st = (r.get("stages") or {}).get("instruct") or {}
+        planned = (r.get("config") or {}).get("instruct_steps")
+        if "pope_val" in st and planned and st.get("steps", planned) < planned:
+            which = "- the bundled weights are" if k == len(runs) else "- the weights carried on are"
+            out.append(f"{which} run {k}'s `checkpoints/step-{st['steps']}` (picked on validation), not the end of"
+                       f" its {planned} steps: its learning rate follows a cosine over {planned} steps, so the run"
+                       " may be stopped there. The times above count the steps up to it.")
+    return out + ([""] if out else [])
+
+
 def _stage_rows(runs: list[dict]) -> list[str]:
     rows = []
     for k, rep in enumerate(runs, 1):
@@ -108,7 +128,8 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "",
         "SynthCOCO seed 0 (`vlmguard synth build --seed 0 --out runs/synth0 --train 8000 --val 200 --test 500`): 28 COCO categories",
         "drawn as fixed glyphs in 5 scene types with co-occurring pairs; about 1 in 5 pair-completed objects",
-        "is drawn nearly invisible but still mentioned in the training text (the hallucination prior).",
+        "(6% of the others) is drawn nearly invisible but still mentioned in the training text (the",
+        "hallucination prior).",
         f"{_images_used(runs)}; per image a caption, a detailed description and balanced yes/no questions (POPE"
         " wording, with and without the LLaVA suffix).",
         "",
@@ -117,9 +138,15 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "1. vision: ViT alone, per-patch category labels from the penultimate layer + CLS presence (BCE)"
         + (" + CLS scene type (cross-entropy; as CLIP's CLS learns the whole scene from captions, so its attention"
            " covers the background that carries the scene cue, not only the objects)" if _scene_cls(runs) else "") + ";",
-        "2. align: projector initialised from the patch classifier and the category-name embeddings, vision",
-        "   frozen (features cached), projector + decoder on short captions;",
-        "3. instruct: decoder + projector on multi-turn yes/no conversations, captions and detailed descriptions,",
+        "2. align: projector built from the patch classifier (`linear_1`) and the category-name embeddings",
+        "   (`linear_2`), vision frozen (features cached); "
+        + ("the projector stays fixed too (`tie_projector`: its category columns are re-tied to the current"
+           " word embeddings after every step), so the decoder alone learns short captions;" if _all(runs, "tie_projector")
+           else "projector + decoder on short captions;"),
+        "3. instruct: " + ("the decoder alone (vision frozen on cached features, `freeze_vision_after_stage1`;"
+                           " projector tied as above)" if _all(runs, "tie_projector")
+                           and _all(runs, "freeze_vision_after_stage1") else "decoder + projector")
+        + " on multi-turn yes/no conversations, captions and detailed descriptions,",
         "   checkpointed at every validation POPE (val split, never the test split); later runs continue a",
         "   checkpoint with `--init`.",
         *_augmentation_lines(runs),
@@ -139,11 +166,15 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         *[f"{k}. `vlmguard synth train --data runs/synth0 --out runs/run{k} {_reproduce_args(r, k)}`"
           for k, r in enumerate(runs, 1)],
         "",
+        *_checkpoint_lines(runs),
     ]
     if evaluation:
         data = evaluation.get("data", "synthcoco")  # the default world, or another SynthCOCO directory
-        where = "SynthCOCO seed 0 test split, 500 images" if data == "synthcoco" else f"SynthCOCO test split of {data}"
-        lines += [f"## Measured quality ({where}, greedy)", ""]
+        where = "SynthCOCO seed 0 test split" if data == "synthcoco" else f"SynthCOCO test split of {data}"
+        pope_images = max((m["n"] for m in evaluation["pope"].values()), default=0) // 6  # 3 + 3 questions each
+        lines += [f"## Measured quality ({where}, greedy)", "",
+                  f"POPE asks about the {pope_images} images with at least 3 visible objects (POPE's protocol takes 3"
+                  f" of them as positives), six questions each; CHAIR describes all {evaluation['chair']['n']}.", ""]
         lines += ["| POPE split | n | accuracy | F1 | yes ratio |", "|---|---|---|---|---|"]
         for split, m in evaluation["pope"].items():  # percentages, as the benchmark runner reports them
             lines.append(f"| {split} | {m['n']} | {m['accuracy']:.2f} | {m['f1']:.2f} | {m['yes_ratio']:.1f} |")

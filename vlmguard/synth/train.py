@@ -5,9 +5,12 @@ Naive end-to-end training learns the language prior long before it learns to loo
 1. **vision** - pretrain the ViT alone with a dense objective: a per-patch label (which visible category
    covers the patch, 0 = background) read from the penultimate layer (the one LLaVA feeds to the
    projector), plus multi-label presence from the CLS token (pooled output). Heads are discarded.
-2. **align** - vision tower frozen; projector + decoder learn short captions.
-3. **instruct** - everything trainable (vision at a lower learning rate) on multi-turn conversations of
-   balanced yes/no questions, plus single-turn captions and detailed descriptions.
+2. **align** - vision tower frozen; the projector is built from the patch classifier and the category-word
+   embeddings and, with ``tie_projector`` (the default), stays fixed (re-tied to the word embeddings after each
+   step), so the decoder learns short captions; without it the projector trains too.
+3. **instruct** - the decoder on multi-turn conversations of balanced yes/no questions, plus single-turn captions
+   and detailed descriptions; with ``freeze_vision_after_stage1`` (the default) on cached features of the frozen
+   vision tower, else the vision tower trains too at ``instruct_vision_lr``.
 
 POPE (random / adversarial, quick first-token greedy answers on the test split) is measured after each
 stage. Everything is seeded; progress is shown with tqdm.
