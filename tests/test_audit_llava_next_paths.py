@@ -138,6 +138,9 @@ def test_chat_api_on_next_images_of_three_sizes():
     assert len(kept) == 20 and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < 164
     gen = out["generate"].json()
     assert gen["kept_indices"] == kept and flow["choices"][0]["message"]["content"] == gen["text"]
+    # each answer reports its prefill's analytic FLOPs, the native API and the chat extension alike (issue 3)
+    assert gen["prefill_flops"] == flow["vlmguard"]["prefill_flops"]
+    assert gen["prefill_flops"]["llm"] < fastv["prefill_flops"]["llm"]  # 25/20 visual tokens against 164/49
     stream = out["flowcut_stream"].text
     assert stream.rstrip().endswith("data: [DONE]") and f'"kept_indices":{kept}'.replace(" ", "") in stream
     for key, message in [("too_many", "budget 100000 exceeds the 164 visual tokens"), ("zero", "got 0"),

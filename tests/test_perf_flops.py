@@ -65,3 +65,60 @@ def test_llava15_prefill_split_and_ideal_speedup():
     early = batch_prefill_flops(cfg, "llava", [(text, [64] * 32)], n_passes=1, n_visual_total=576,
                                 vit_passes=sched, projected_tokens=64, conv=HARDWARE)
     assert early.vision < pruned.vision / 3
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_every_result_reports_its_prefill_flops(family):
+    """Issue 3: results report the analytic FLOPs of the tokens actually fed, by the formula in docs/pruning.md
+    (``result_flops``, PAPER convention), for every pruner; pruning lowers them."""
+    from vlmguard.engine import Request
+    from vlmguard.flops import result_flops
+    from vlmguard.spec import GenerationSpec
+    from vlmguard.testing import random_image, tiny_engine
+
+    eng = tiny_engine(family)
+    req = [Request("Is there a dog in the image?", [random_image(1, (64, 48))]), Request("what is this", [])]
+    budget = {"llava": 8, "llava_next": 8, "qwen2_vl": 3}[family]
+    totals = {}
+    for pruner in ("none", "random", "fastv", "adaptinfer", "flowcut"):
+        spec = GenerationSpec(pruning=pruner, budget=None if pruner == "none" else budget, max_new_tokens=2)
+        for r in eng.generate(req, spec):
+            assert r.prefill_flops == result_flops(eng.model.config, r).to_dict(), (family, pruner)
+            assert r.prefill_flops["total"] == pytest.approx(sum(r.prefill_flops[k] for k in ("vision", "projector",
+                                                                                                 "llm")))
+        totals[pruner] = eng.generate(req[:1], spec)[0].prefill_flops["total"]
+    assert all(totals[p] < totals["none"] for p in totals if p != "none"), totals
+
+
+def test_benchmark_runs_store_and_report_prefill_flops(tmp_path):
+    """Each stored answer keeps its prefill FLOPs, a run's report shows their mean (prefill_gflops), and a
+    database written before the column existed gets it by migration (its old answers read NULL)."""
+    import sqlite3
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_bench_runner import SYNTH
+    from vlmguard.bench import db as dbm
+    from vlmguard.bench.datasets import synth_dataset
+    from vlmguard.bench.report import POPE_VIEW, flatten
+    from vlmguard.bench.runner import default_spec, run_benchmark
+    from vlmguard.engine import load_engine
+
+    old = tmp_path / "old.sqlite"
+    conn = dbm.connect(old)
+    conn.execute("ALTER TABLE samples DROP COLUMN prefill_flops")
+    conn.close()
+    eng = load_engine("tiny")
+    for db in (tmp_path / "new.sqlite", old):
+        gflops = {}
+        for pruning, budget in (("none", None), ("adaptinfer", 16)):
+            run = run_benchmark(eng, "pope", synth_dataset(SYNTH), default_spec("pope", pruning=pruning, budget=budget),
+                                db, split="random", progress=False, limit=4)
+            flops = [r[0] for r in sqlite3.connect(db).execute("SELECT prefill_flops FROM samples WHERE run_id = ?",
+                                                                (run.run_id,))]
+            assert len(flops) == 4 and all(f and f > 0 for f in flops)
+            row = flatten({r["run_id"]: r for r in dbm.list_runs(db)}[run.run_id])
+            assert row["prefill_gflops"] == pytest.approx(sum(flops) / len(flops) / 1e9)
+            gflops[pruning] = row["prefill_gflops"]
+        assert gflops["adaptinfer"] < gflops["none"] and "prefill_gflops" in POPE_VIEW

@@ -298,6 +298,7 @@ class VlmguardInfo(BaseModel):
     kept_indices: Optional[list[int]] = None
     timings: TimingsModel
     steps: Optional[list[StepModel]] = None
+    prefill_flops: Optional[dict[str, float]] = None  # GenerationResult.prefill_flops
 
 
 class ChatCompletionResponse(BaseModel):
@@ -381,6 +382,7 @@ class GenerateResponse(BaseModel):
     decoding: dict[str, Any] = Field(default_factory=dict)
     request_id: Optional[str] = None
     logprobs: Optional[list[TokenLogprobEntry]] = None  # with spec ``logprobs``: one per generated token
+    prefill_flops: Optional[dict[str, float]] = None  # analytic prefill FLOPs on the tokens each layer was fed
 
 
 class GenerateStreamEvent(BaseModel):

@@ -38,6 +38,7 @@ from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
 from vlmguard.errors import non_finite_cause
+from vlmguard.flops import result_flops
 from vlmguard.penalties import apply_penalties, hold_eos, penalised
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
@@ -447,7 +448,7 @@ class DecodeBatch:
         final_text = self._final_text(lv)
         decoder, dctx = lv.cohort.decoder, lv.cohort.dctx
         last = lv.per_tok[-1] if lv.per_tok else 0.0
-        return GenerationResult(
+        result = GenerationResult(
             text=final_text, token_ids=lv.gen, finish_reason=lv.finish, prompt_tokens=lv.prompt_len,
             visual_tokens=lv.n_visual, visual_tokens_kept=lv.visual_fed, kept_indices=lv.kept,
             timings=Timings(vision_s=lv.vision_s, prefill_s=lv.prefill_s, decode_s=lv.decode_s + last,
@@ -459,6 +460,8 @@ class DecodeBatch:
             decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
             error=lv.error)
+        result.prefill_flops = result_flops(self.runner.adapter.config, result).to_dict()
+        return result
 
     def expand(self, source: list[int], requests: list[Request], specs: list[GenerationSpec],
                indices: list[int]) -> None:

@@ -79,6 +79,10 @@ class GenerationResult:
     # why the request stopped early with finish_reason "error" (its scores became NaN: a float16 model
     # overflowing mid-answer); its text is what it generated before. The other requests of its batch go on.
     error: str | None = None
+    # analytic FLOPs of this request's prefill on the tokens each layer was actually fed ({"vision", "projector",
+    # "llm", "total"}; one multiply-accumulate = one FLOP, full attention: the papers' convention,
+    # ``vlmguard.flops.result_flops``, formula in docs/pruning.md)
+    prefill_flops: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -235,6 +235,7 @@ def vlmguard_info(result: dict[str, Any], with_steps: bool) -> VlmguardInfo:
         kept_indices=result.get("kept_indices"),
         timings=result["timings"],
         steps=result.get("steps") if with_steps else None,
+        prefill_flops=result.get("prefill_flops"),
     )
 
 

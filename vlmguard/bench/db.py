@@ -27,7 +27,8 @@ Schema (``SCHEMA_VERSION`` 1)::
       (parsed yes/no, NULL = unknown), correct INT, record TEXT (JSON: CHAIR per-caption record, or the
       POPE-leading cue), finish_reason TEXT, prompt_tokens INT, generated_tokens INT, visual_tokens INT,
       visual_tokens_kept REAL (mean over LLM layers), visual_tokens_kept_layers TEXT (JSON list),
-      prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT (JSON), created_at TEXT
+      prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT (JSON), created_at TEXT, prefill_flops REAL (the
+      answer's analytic prefill FLOPs, ``GenerationResult.prefill_flops["total"]``; NULL in older databases)
     meta      key/value (schema_version)
 
 Query functions for the dashboard and reports: :func:`list_runs`, :func:`run_samples`, :func:`run_metrics`.
@@ -61,7 +62,7 @@ RUN_COLUMNS = (
 SAMPLE_COLUMNS = (
     "sample_key", "item_id", "image", "prompt", "output_text", "label", "prediction", "correct", "record",
     "finish_reason", "prompt_tokens", "generated_tokens", "visual_tokens", "visual_tokens_kept",
-    "visual_tokens_kept_layers", "prefill_s", "ttft_s", "total_s", "timings",
+    "visual_tokens_kept_layers", "prefill_s", "ttft_s", "total_s", "timings", "prefill_flops",
 )
 _JSON_RUN = {"pruning_params", "decoding_params"}
 _JSON_SAMPLE = {"record", "visual_tokens_kept_layers", "timings"}
@@ -86,7 +87,7 @@ CREATE TABLE IF NOT EXISTS samples (
   sample_key TEXT NOT NULL, item_id TEXT, image TEXT, prompt TEXT, output_text TEXT, label TEXT,
   prediction TEXT, correct INTEGER, record TEXT, finish_reason TEXT, prompt_tokens INTEGER,
   generated_tokens INTEGER, visual_tokens INTEGER, visual_tokens_kept REAL, visual_tokens_kept_layers TEXT,
-  prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT, created_at TEXT NOT NULL,
+  prefill_s REAL, ttft_s REAL, total_s REAL, timings TEXT, created_at TEXT NOT NULL, prefill_flops REAL,
   UNIQUE (run_id, sample_key)
 );
 CREATE INDEX IF NOT EXISTS samples_by_run ON samples(run_id);
@@ -285,13 +286,15 @@ def _is_busy(e: sqlite3.DatabaseError) -> bool:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Add run columns that databases written by earlier versions lack (their runs keep NULL there)."""
+    """Add run and sample columns that databases written by earlier versions lack (their rows keep NULL there)."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     for col, kind in (("model_revision", "TEXT"), ("dtype", "TEXT"), ("presence_penalty", "REAL"),
                       ("frequency_penalty", "REAL"), ("repetition_penalty", "REAL"), ("min_new_tokens", "INTEGER"),
                       ("image_aspect", "TEXT")):
         if col not in have:
             conn.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
+    if "prefill_flops" not in {r[1] for r in conn.execute("PRAGMA table_info(samples)")}:
+        conn.execute("ALTER TABLE samples ADD COLUMN prefill_flops REAL")
 
 
 @contextmanager

@@ -23,6 +23,7 @@ def perf_metrics(rows: list[sqlite3.Row | dict[str, Any]]) -> dict[str, Any]:
     return {
         "visual_tokens": _mean([r["visual_tokens"] for r in rows]),
         "visual_tokens_kept": _mean([r["visual_tokens_kept"] for r in rows]),
+        "prefill_flops": _mean([r["prefill_flops"] for r in rows]),
         "prefill_s": _mean([r["prefill_s"] for r in rows]),
         "ttft_s": _mean([r["ttft_s"] for r in rows]),
         "total_s": _mean(tot),
@@ -36,7 +37,7 @@ def metrics_for_run(conn: sqlite3.Connection, run: dict[str, Any], keys: set[str
     run_id = run["run_id"]
     rows = conn.execute(
         "SELECT sample_key, label, prediction, record, visual_tokens, visual_tokens_kept, prefill_s, ttft_s,"
-        " total_s, generated_tokens FROM samples WHERE run_id = ? ORDER BY id",
+        " total_s, generated_tokens, prefill_flops FROM samples WHERE run_id = ? ORDER BY id",
         (run_id,),
     ).fetchall()
     if keys is not None:

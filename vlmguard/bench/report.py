@@ -19,7 +19,7 @@ COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
     "image_aspect", "status", "n_samples", "n_expected", "accuracy", "precision", "recall", "f1", "yes_ratio", "ctr",
     "sycophancy", "over_correction", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens",
-    "visual_tokens_kept", "prefill_ms", "ttft_ms", "total_ms", "created_at",
+    "visual_tokens_kept", "prefill_gflops", "prefill_ms", "ttft_ms", "total_ms", "created_at",
 )
 
 
@@ -129,6 +129,8 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
         "len": m.get("len"),
         "visual_tokens": perf.get("visual_tokens"),
         "visual_tokens_kept": perf.get("visual_tokens_kept"),
+        # mean analytic prefill FLOPs of the run's answers (docs/pruning.md), in GFLOPs
+        "prefill_gflops": None if perf.get("prefill_flops") is None else perf["prefill_flops"] / 1e9,
         "prefill_ms": _ms(perf.get("prefill_s")),
         "ttft_ms": _ms(perf.get("ttft_s")),
         "total_ms": _ms(perf.get("total_s")),
@@ -155,7 +157,7 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 
 POPE_VIEW = ("run_id", "model", "split", "method", "image_aspect", "status", "n_samples", "accuracy", "f1",
-             "yes_ratio", "visual_tokens_kept", "prefill_ms")
+             "yes_ratio", "visual_tokens_kept", "prefill_gflops", "prefill_ms")
 LEADING_VIEW = ("run_id", "model", "split", "variant", "method", "image_aspect", "status", "n_samples", "accuracy",
                 "ctr", "sycophancy", "over_correction")
 CHAIR_VIEW = ("run_id", "model", "variant", "method", "image_aspect", "status", "n_samples", "chair_s", "chair_i",

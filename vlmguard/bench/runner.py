@@ -154,6 +154,7 @@ def _base_row(item: Item, res: Any) -> dict[str, Any]:
         "ttft_s": getattr(t, "ttft_s", None) if t is not None else None,
         "total_s": getattr(t, "total_s", None) if t is not None else None,
         "timings": timings,
+        "prefill_flops": (getattr(res, "prefill_flops", None) or {}).get("total"),
     }
 
 

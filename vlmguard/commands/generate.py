@@ -119,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
             "visual_tokens_kept": result.visual_tokens_kept,
             "kept_indices": result.kept_indices,
             "timings": result.to_dict()["timings"],
+            "prefill_flops": result.prefill_flops,
             "pruning": result.pruning,
             "decoding": result.decoding,
+            # per generated token: the main branch's probability, the contrast branch's and the final score
+            "steps": result.to_dict()["steps"],
             "model": engine.model_name,
         }
         if result.logprobs is not None:
