@@ -457,3 +457,37 @@ def test_m3id_first_generated_token_has_weight_zero():
     first, *later = out.steps
     assert abs(first.score - math.log(first.main_prob)) < 1e-5
     assert any(abs(st.score - math.log(st.main_prob)) > 1e-3 for st in later)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch):
+    """Issue 4: image features are computed once and shared where the spec allows (lqcd.md 6): a decoder's
+    branch rows that carry the request's own image (LQCD's cue variants, IAVA's probe and irrelevant rows, M3ID's
+    mask view) and requests about the same image (POPE's six questions) take one tower pass per distinct image;
+    VCD's noised copy is another image. The answers equal those of a tower pass per row."""
+    import vlmguard.engine as engine_mod
+
+    eng = tiny_engine(family)
+    img = random_image(1, (64, 48))
+    reqs = [Request("Is there a dog in the image?", [img]), Request("describe it", [random_image(2, (40, 40))]),
+            Request("Is there a cat in the image?", [img])]
+    images_seen: list[int] = []
+    encode = eng.adapter.encode_images
+
+    def spy(batch):
+        images_seen.append(len(batch.rows_with_images))
+        return encode(batch)
+
+    monkeypatch.setattr(eng.adapter, "encode_images", spy)
+    cases = {"greedy": ({}, [2]), "lqcd": ({}, [2]), "m3id": ({"uncond_mode": "mask", "lam": 0.5}, [2]),
+             "iava": ({"fallback_rule": "avisc"}, [2, 2]), "vcd": ({}, [4])}
+    for decoder, (params, tower_images) in cases.items():
+        images_seen.clear()
+        spec = GenerationSpec(decoding=decoder, decoding_params=params, max_new_tokens=4, logprobs=2)
+        shared = eng.generate(reqs, spec)
+        assert images_seen == tower_images, (decoder, images_seen)
+        with monkeypatch.context() as m:
+            m.setattr(engine_mod, "same_images", lambda adapter, batch: {})
+            apart = eng.generate(reqs, spec)
+        assert ids(shared) == ids(apart), decoder
+        assert [[t.logprob for t in r.logprobs] for r in shared] == [[t.logprob for t in r.logprobs] for r in apart]

@@ -81,6 +81,30 @@ def transform_pixels(adapter: ModelAdapter, batch: EncodedBatch, pixel_fns: Sequ
             view.copy_(pixel_fns[row](view, j))
 
 
+def same_images(adapter: ModelAdapter, batch: EncodedBatch) -> dict[int, int]:
+    """Rows whose processed images equal an earlier row's (row -> the first such row): their image features are
+    computed once (``ModelAdapter.image_features``). A decoder's branch rows with the request's own image (LQCD,
+    IAVA, M3ID's ``mask``), or a pre-pass's rows of one image under two instructions; not VCD's noised copy,
+    whose pixels differ. Rows are matched by a cheap fingerprint of their pixels, then compared exactly."""
+    if len(set(batch.rows_with_images)) < 2:
+        return {}
+    per_row: dict[int, list[torch.Tensor]] = {}
+    for row, view in zip(batch.rows_with_images, adapter.image_pixels(batch)):
+        per_row.setdefault(row, []).append(view)
+    keys = {row: tuple((tuple(v.shape), float(v.float().sum()), float(v.flatten()[::251].float().sum())) for v in views)
+            for row, views in per_row.items()}
+    first: dict[tuple, list[int]] = {}
+    out: dict[int, int] = {}
+    for row in sorted(per_row):
+        src = next((r for r in first.get(keys[row], []) if all(torch.equal(a, b)
+                                                                for a, b in zip(per_row[row], per_row[r]))), None)
+        if src is None:
+            first.setdefault(keys[row], []).append(row)
+        else:
+            out[row] = src
+    return out
+
+
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -231,7 +255,7 @@ class Engine:
         ``query_rows(seq) -> (B, Q) long`` picks the score rows (default: the last position).
         """
         batch = self.adapter.encode(prompts)
-        feats = self.adapter.image_features(batch)
+        feats = self.adapter.image_features(batch, same_images(self.adapter, batch))
         if visual_transforms:
             feats = [f if f is None or visual_transforms[i] is None else visual_transforms[i](f)
                      for i, f in enumerate(feats)]
@@ -378,7 +402,7 @@ class Engine:
         if pruner.side in ("vision", "both") and any(n_visual):
             feats, kept_vision = pruner.prune_images(pctx)
         else:
-            feats = adapter.image_features(batch)
+            feats = adapter.image_features(batch, same_images(adapter, batch))
         if kept_vision is not None:  # scatter kept features into full-size slots, then drop the rest
             full = []
             for r, f in enumerate(feats):

@@ -8,7 +8,7 @@ so the engine can drive prefill layer by layer (for LLM-side pruning) and decode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -262,13 +262,41 @@ class ModelAdapter:
         """Run vision tower + projector; return the family's raw feature output (list or tensor)."""
         raise NotImplementedError
 
-    def image_features(self, batch: EncodedBatch) -> list[torch.Tensor | None]:
-        """Projected visual tokens per batch row, each (V_row, D) or None for rows without images."""
+    def image_features(self, batch: EncodedBatch, same_as: dict[int, int] | None = None) -> list[torch.Tensor | None]:
+        """Projected visual tokens per batch row, each (V_row, D) or None for rows without images.
+
+        ``same_as``: rows whose images are those of another row (row -> that row, which is not itself in
+        ``same_as``): the tower runs on the other row's images only and the row gets its features (a decoder's
+        branch rows with the request's own image: LQCD's, IAVA's, M3ID's ``mask``)."""
         if not batch.rows_with_images:
             return [None] * batch.input_ids.shape[0]
+        if same_as:
+            images = [j for j, row in enumerate(batch.rows_with_images) if row not in same_as]
+            mask = batch.image_token_mask.clone()
+            mask[list(same_as)] = False
+            batch = replace(batch, image_token_mask=mask, vision_inputs=self.vision_subset(batch, images),
+                            rows_with_images=[batch.rows_with_images[j] for j in images])
         feats = self.encode_images(batch)
         flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-        return self.split_by_row(batch, flat)
+        out = self.split_by_row(batch, flat)
+        for row, src in (same_as or {}).items():
+            out[row] = out[src]
+        return out
+
+    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any]:
+        """The batch's vision inputs for only these of its images (indices in the order of ``rows_with_images``):
+        every input with one entry per image (pixel values, image sizes) indexed."""
+        n = len(batch.rows_with_images)
+        index = torch.tensor(list(images), dtype=torch.long)
+        out: dict[str, Any] = {}
+        for key, value in batch.vision_inputs.items():
+            if torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+                out[key] = value.index_select(0, index.to(value.device))
+            elif isinstance(value, (list, tuple)) and len(value) == n:
+                out[key] = [value[j] for j in images]
+            else:
+                raise ValueError(f"vision input {key!r} has no entry per image: cannot take a subset of it")
+        return out
 
     @staticmethod
     def split_by_row(batch: EncodedBatch, flat: torch.Tensor) -> list[torch.Tensor | None]:

@@ -1,7 +1,7 @@
 """Adapters for the three supported families: LLaVA-1.5, LLaVA-NeXT (anyres) and Qwen2-VL (M-RoPE)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -143,6 +143,14 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def encode_images(self, batch: EncodedBatch) -> Any:
         return self.encode_pixels(batch.vision_inputs["pixel_values"], batch.vision_inputs["image_grid_thw"])
+
+    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any]:
+        """Qwen2-VL's pixel values are every image's patch rows in one (patches, D) tensor: take these images'."""
+        pixels = list(torch.split(batch.vision_inputs["pixel_values"], self.patches_per_image(batch), dim=0))
+        grid = batch.vision_inputs["image_grid_thw"]
+        rest = {k: v for k, v in batch.vision_inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        return {**rest, "pixel_values": torch.cat([pixels[j] for j in images], dim=0),
+                "image_grid_thw": grid.index_select(0, torch.tensor(list(images), dtype=torch.long, device=grid.device))}
 
     def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
         """The merged tokens of the images whose patch rows and grids these are (the tower's own output)."""
