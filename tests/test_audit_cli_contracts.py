@@ -77,12 +77,27 @@ def test_bench_chair_split_runs_and_reports_it(tmp_path):
 def test_issue_defaults_of_perf_and_synth():
     pre = _parse("perf", "prefill")
     assert pre.shape == "llava-1.5-7b-cpu" and pre.batch == 1 and pre.json is False
-    assert pre.methods == ["none", "flowcut", "adaptinfer", "fastv", "random"] and pre.budgets == [192, 128, 64]
+    # the budgets default to 192 / 128 / 64 of 576, scaled to the shape's visual tokens once it is loaded
+    assert pre.methods == ["none", "flowcut", "adaptinfer", "fastv", "random"] and pre.budgets is None
     dec = _parse("perf", "decode")
     assert dec.decoders == ["greedy", "vcd", "m3id", "vista", "iava", "lqcd"] and dec.batch == [1, 8]
     assert _parse("perf", "serve").clients == [1, 4, 16]
     assert _parse("synth", "build", "--out", "d").test == 500
     assert _parse("bench", "pope").dataset == "synthcoco"
+
+
+def test_perf_prefill_default_budgets_follow_the_shape(capsys):
+    """`perf prefill --shape tiny` failed on its own default budgets (192 of the tiny model's 144 tokens): they are
+    the 192 / 128 / 64 of 576 scaled to the shape (tiny: 48 / 32 / 16; the 576-token shapes keep 192 / 128 / 64)."""
+    from vlmguard.engine import Engine, load_engine
+    from vlmguard.models.shapes import build_shape
+    from vlmguard.perf.cli import default_budgets
+
+    assert default_budgets(load_engine("tiny")) == [48, 32, 16]
+    assert default_budgets(Engine(*build_shape("llava-1.5-7b-cpu"), name="shape")) == [192, 128, 64]
+    out, _ = _run_json(["perf", "prefill", "--shape", "tiny", "--methods", "none,random", "--repeats", "1",
+                        "--warmup", "0", "--quiet", "--json"])
+    assert [r["budget"] for r in out["rows"]] == [None, 48, 32, 16]
 
 
 def test_perf_prefill_json_is_one_object_with_the_promised_row_fields():

@@ -110,8 +110,10 @@ def register(subparsers) -> None:
     p.add_argument("--methods", type=_method_list, default=["none", "flowcut", "adaptinfer", "fastv", "random"],
                    help="comma-separated pruning methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
                         "(e.g. flowcut[qwen_vit_keep=0])")
-    p.add_argument("--budgets", type=_csv(budget_arg), default=[192, 128, 64])
-    p.add_argument("--batch", type=_batch, default=1)
+    p.add_argument("--budgets", type=_csv(budget_arg), default=None,
+                   help="comma-separated budgets: visual tokens kept per request, or ratios in (0, 1] (default: "
+                        "LLaVA-1.5's 192,128,64 of 576, scaled to the shape's visual tokens: 48,32,16 of 144 on tiny)")
+    p.add_argument("--batch", type=_batch, default=1, help="requests per prefill (default: 1)")
     p.set_defaults(func=cmd_prefill)
 
     d = sub.add_parser("decode", help="per-token decode time of each decoding method relative to greedy")
@@ -122,7 +124,8 @@ def register(subparsers) -> None:
                         "(e.g. vcd[alpha=0.5])")
     d.add_argument("--batch", type=_csv(_batch), default=[1, 8], help="batch sizes, e.g. 1,8")
     d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
-    d.add_argument("--budget", type=budget_arg, default=None)
+    d.add_argument("--budget", type=budget_arg, default=None,
+                   help="the composed pruner's budget: visual tokens kept, or a ratio in (0, 1]")
     d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
     d.set_defaults(func=cmd_decode)
 
@@ -212,11 +215,23 @@ def cmd_prefill(args) -> int:
     from vlmguard.perf.prefill import check_configs, prefill_table, run_prefill
 
     _check_outputs(args)
-    check_configs(args.methods, args.budgets)  # names, parameters and budgets before the model loads
+    check_configs(args.methods, args.budgets or [64])  # names, parameters and budgets before the model loads
     engine = _engine(args)
-    result = run_prefill(engine, args.methods, args.budgets, batch=args.batch, repeats=args.repeats,
+    budgets = args.budgets or default_budgets(engine)
+    result = run_prefill(engine, args.methods, budgets, batch=args.batch, repeats=args.repeats,
                          warmup=args.warmup, seed=args.seed, progress=_progress(args))
     return _finish(args, result, prefill_table(result))
+
+
+def default_budgets(engine) -> list[int]:
+    """LLaVA-1.5's 192 / 128 / 64 of 576 visual tokens, scaled to the visual tokens of the shape's benchmark image
+    (the same three on a 576-token shape)."""
+    from vlmguard.models.base import Prompt
+    from vlmguard.perf.models import PROMPT, bench_image
+
+    batch = engine.adapter.encode([Prompt(text=PROMPT, images=[bench_image(engine, 0)])])
+    n_visual = int(batch.image_token_mask.sum())
+    return [max(1, round(n_visual * k / 576)) for k in (192, 128, 64)]
 
 
 def cmd_decode(args) -> int:
