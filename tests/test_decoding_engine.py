@@ -491,3 +491,18 @@ def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch
             apart = eng.generate(reqs, spec)
         assert ids(shared) == ids(apart), decoder
         assert [[t.logprob for t in r.logprobs] for r in shared] == [[t.logprob for t in r.logprobs] for r in apart]
+
+
+def test_shared_image_features_fall_back_on_vision_inputs_they_cannot_cut():
+    """A processor output with an input that has no entry per image (here a made-up scalar) cannot be cut to the
+    distinct images: every row then gets its own tower pass, with the same features."""
+    eng = tiny_engine("llava")
+    img = random_image(1, (64, 48))
+    batch = eng.adapter.encode([Prompt("Is there a dog?", [img]), Prompt("Is there a cat?", [img])])
+    alone = eng.adapter.image_features(batch)
+    shared = eng.adapter.image_features(batch, {1: 0})
+    assert torch.equal(shared[1], alone[1]) and shared[1] is shared[0]
+    batch.vision_inputs["made_up"] = torch.tensor(3.0)
+    assert eng.adapter.vision_subset(batch, [0]) is None
+    fallback = eng.adapter.image_features(batch, {1: 0})
+    assert torch.equal(fallback[1], alone[1]) and fallback[1] is not fallback[0]

@@ -270,11 +270,14 @@ class ModelAdapter:
         branch rows with the request's own image: LQCD's, IAVA's, M3ID's ``mask``)."""
         if not batch.rows_with_images:
             return [None] * batch.input_ids.shape[0]
-        if same_as:
-            images = [j for j, row in enumerate(batch.rows_with_images) if row not in same_as]
+        images = [j for j, row in enumerate(batch.rows_with_images) if row not in (same_as or {})]
+        subset = self.vision_subset(batch, images) if same_as else None
+        if subset is None:  # nothing to share, or vision inputs laid out in a way it does not know: every row's own
+            same_as = None
+        else:
             mask = batch.image_token_mask.clone()
             mask[list(same_as)] = False
-            batch = replace(batch, image_token_mask=mask, vision_inputs=self.vision_subset(batch, images),
+            batch = replace(batch, image_token_mask=mask, vision_inputs=subset,
                             rows_with_images=[batch.rows_with_images[j] for j in images])
         feats = self.encode_images(batch)
         flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
@@ -283,9 +286,10 @@ class ModelAdapter:
             out[row] = out[src]
         return out
 
-    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any]:
+    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any] | None:
         """The batch's vision inputs for only these of its images (indices in the order of ``rows_with_images``):
-        every input with one entry per image (pixel values, image sizes) indexed."""
+        every input with one entry per image (pixel values, image sizes) indexed; None when an input has no entry
+        per image (a processor's output this adapter does not know how to cut)."""
         n = len(batch.rows_with_images)
         index = torch.tensor(list(images), dtype=torch.long)
         out: dict[str, Any] = {}
@@ -295,7 +299,7 @@ class ModelAdapter:
             elif isinstance(value, (list, tuple)) and len(value) == n:
                 out[key] = [value[j] for j in images]
             else:
-                raise ValueError(f"vision input {key!r} has no entry per image: cannot take a subset of it")
+                return None
         return out
 
     @staticmethod

@@ -144,7 +144,7 @@ class Qwen2VLAdapter(ModelAdapter):
     def encode_images(self, batch: EncodedBatch) -> Any:
         return self.encode_pixels(batch.vision_inputs["pixel_values"], batch.vision_inputs["image_grid_thw"])
 
-    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any]:
+    def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any] | None:
         """Qwen2-VL's pixel values are every image's patch rows in one (patches, D) tensor: take these images'."""
         pixels = list(torch.split(batch.vision_inputs["pixel_values"], self.patches_per_image(batch), dim=0))
         grid = batch.vision_inputs["image_grid_thw"]
