@@ -191,7 +191,8 @@ def test_answers_to_another_pope_version_are_refused(tmp_path, capsys):
     with pytest.raises(InvalidInput, match=r"old_version_answers.jsonl:\d+: .*another question file"):
         score_answers(load_answers(perfect), head, answers_path=perfect)
     assert score_answers(load_answers(perfect), old)["accuracy"] == 100.0
-    assert main(["score", "pope", "--answers", str(perfect), "--questions", str(pope_set_path(POPE, "head", "random"))]) == 2
+    head_file = str(pope_set_path(POPE, "head", "random"))
+    assert main(["score", "pope", "--answers", str(perfect), "--questions", head_file]) == 2
     assert "another question file" in capsys.readouterr().err
     # cd_rethink's adversarial answers were asked with the misspelled questions: still the same questions
     adversarial = score_answers(load_answers(answers_path("adversarial")), load_pope_file(pope_set_path(POPE, "head",

@@ -149,8 +149,9 @@ class Qwen2VLAdapter(ModelAdapter):
         pixels = list(torch.split(batch.vision_inputs["pixel_values"], self.patches_per_image(batch), dim=0))
         grid = batch.vision_inputs["image_grid_thw"]
         rest = {k: v for k, v in batch.vision_inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        index = torch.tensor(list(images), dtype=torch.long, device=grid.device)
         return {**rest, "pixel_values": torch.cat([pixels[j] for j in images], dim=0),
-                "image_grid_thw": grid.index_select(0, torch.tensor(list(images), dtype=torch.long, device=grid.device))}
+                "image_grid_thw": grid.index_select(0, index)}
 
     def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
         """The merged tokens of the images whose patch rows and grids these are (the tower's own output)."""

@@ -141,8 +141,8 @@ def model_card(model_dir: Path, evaluation: dict | None) -> str:
         "2. align: projector built from the patch classifier (`linear_1`) and the category-name embeddings",
         "   (`linear_2`), vision frozen (features cached); "
         + ("the projector stays fixed too (`tie_projector`: its category columns are re-tied to the current"
-           " word embeddings after every step), so the decoder alone learns short captions;" if _all(runs, "tie_projector")
-           else "projector + decoder on short captions;"),
+           " word embeddings after every step), so the decoder alone learns short captions;"
+           if _all(runs, "tie_projector") else "projector + decoder on short captions;"),
         "3. instruct: " + ("the decoder alone (vision frozen on cached features, `freeze_vision_after_stage1`;"
                            " projector tied as above)" if _all(runs, "tie_projector")
                            and _all(runs, "freeze_vision_after_stage1") else "decoder + projector")
