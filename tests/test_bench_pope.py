@@ -333,7 +333,7 @@ def test_stored_run_metrics_follow_the_run_parser():
     conn.row_factory = sqlite3.Row
     conn.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, run_id TEXT, sample_key TEXT, label TEXT, prediction TEXT,"
                  " record TEXT, visual_tokens REAL, visual_tokens_kept REAL, prefill_s REAL, ttft_s REAL, total_s REAL,"
-                 " generated_tokens INT)")
+                 " generated_tokens INT, prefill_flops REAL)")
     for i, (lab, pred) in enumerate([("yes", "yes"), ("yes", None), ("yes", "no"), ("no", "no")]):
         conn.execute("INSERT INTO samples (run_id, sample_key, label, prediction) VALUES ('r', ?, ?, ?)", (f"q:{i}", lab, pred))
     exact = metrics_for_run(conn, {"run_id": "r", "benchmark": "pope", "parser": "exact", "n_expected": 4})
