@@ -48,16 +48,17 @@ def _run_json(argv: list[str]) -> tuple[dict, list[str]]:
 def test_generate_param_takes_several_key_value_pairs():
     args = _parse("generate", "--image", "x.png", "--prompt", "hi", "--decoding", "vcd",
                   "--param", "alpha=1.0", "beta=0.1")
-    assert args.decoding_param == ["alpha=1.0", "beta=0.1"]
+    assert args.param == ["alpha=1.0", "beta=0.1"]
     assert spec_from_args(args).decoding_params == {"alpha": 1.0, "beta": 0.1}
 
 
 def test_generate_param_still_repeatable_and_mixed():
-    args = _parse("generate", "--prompt", "hi", "--param", "alpha=1.0", "--decoding-param", "beta=0.1",
-                  "--param", "noise_step=400", "noise_seed=3", "--json")
-    assert args.decoding_param == ["alpha=1.0", "beta=0.1", "noise_step=400", "noise_seed=3"]
+    args = _parse("generate", "--prompt", "hi", "--decoding", "vcd", "--param", "alpha=1.0", "--decoding-param",
+                  "beta=0.1", "--param", "noise_step=400", "noise_seed=3", "--json")
+    assert args.param == ["alpha=1.0", "noise_step=400", "noise_seed=3"] and args.decoding_param == ["beta=0.1"]
+    assert spec_from_args(args).decoding_params == {"alpha": 1.0, "beta": 0.1, "noise_step": 400, "noise_seed": 3}
     assert args.json is True
-    assert _parse("generate", "--prompt", "hi").decoding_param == []
+    assert _parse("generate", "--prompt", "hi").param == []
 
 
 def test_bench_chair_split_names_the_image_split():

@@ -34,6 +34,35 @@ def test_generate_json_last_line(capsys, image):
     assert {"prefill_s", "decode_s", "vision_s", "per_token_s"} <= set(obj["timings"])
 
 
+def test_param_goes_to_the_method_that_has_it(capsys, image, tmp_path, monkeypatch):
+    """Issue 2's CLI names one parameter flag, `--param key=value ...`: a pruner's parameter given there went to the
+    decoder and was refused ("K: Extra inputs are not permitted"). Each key now goes to the method that has it; a
+    key both have, or one given twice, is refused in one line."""
+    base = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "2", "--json", "--pruning", "fastv", "--budget", "8"]
+    rc, out, _ = run_cli(capsys, *base, "--decoding", "vcd", "--param", "K=1", "alpha=0.5")
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and obj["pruning"]["params"]["K"] == 1 and obj["decoding"]["params"]["alpha"] == 0.5
+    assert obj["visual_tokens_kept"] == [16, 8, 8, 8]  # K=1: the cut after layer 0
+    rc, _, err = run_cli(capsys, *base, "--decoding", "vcd", "--param", "alpha=0.5", "--decoding-param", "alpha=1")
+    assert rc == 2 and err == "vlmguard: error: --decoding-param and --param both give 'alpha'\n"
+    rc, _, err = run_cli(capsys, *base, "--param", "nosuch=1")
+    assert rc == 2 and "nosuch" in err and err.count("\n") == 1
+    from vlmguard.errors import InvalidInput
+    from vlmguard.spec import route_params
+
+    assert route_params(["K=3", "beta=0.2"], "fastv", "lqcd") == ({"K": 3}, {"beta": 0.2})
+    assert route_params(["lambda=0.05"], "none", "m3id") == ({}, {"lambda": 0.05})  # an alias counts
+    monkeypatch.setattr("vlmguard.spec._param_names", lambda kind, method: {"K"})  # a key both methods have
+    with pytest.raises(InvalidInput, match="both pruning method 'fastv' and decoding method 'x' have it"):
+        route_params(["K=1"], "fastv", "x")
+    monkeypatch.undo()
+    rc, _, _ = run_cli(capsys, "bench", "pope", "--model", "random:llava", "--dataset", "synthcoco", "--limit", "1",
+                       "--pruning", "fastv", "--budget", "8", "--param", "K=1", "--db", str(tmp_path / "r.sqlite"),
+                       "--no-progress")
+    assert rc == 0
+
+
 def test_generate_logprobs_in_json_and_as_a_table(capsys, image):
     args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
             "--max-new-tokens", "4", "--logprobs", "2"]

@@ -219,6 +219,42 @@ def first_error_field(e: ValidationError, within: str = "") -> str | None:
     return ".".join(p for p in (within, loc) if p) or None
 
 
+def _param_names(kind: str, method: str) -> set[str]:
+    """The parameter names (and aliases) of a registered method; empty for an unknown name (refused later)."""
+    if kind == "pruning":
+        from vlmguard.pruning import PRUNERS as registry
+    else:
+        from vlmguard.decoding import DECODERS as registry
+    if method not in registry:
+        return set()
+    fields = registry.get(method).Params.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def route_params(items: list[str] | None, pruning: str, decoding: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Issue 2's ``--param key=value``: each pair to the method that has the parameter, (pruning params, decoding
+    params). A key both methods have is refused (``--pruning-param`` / ``--decoding-param`` say which); a key
+    neither has goes to the decoder, whose validation names it."""
+    params = parse_params(items, "--param")
+    theirs = {"pruning": _param_names("pruning", pruning or "none"),
+              "decoding": _param_names("decoding", decoding or "greedy")}
+    out: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for key, value in params.items():
+        if key in theirs["pruning"] and key in theirs["decoding"]:
+            raise InvalidInput(f"--param {key}: both pruning method {pruning!r} and decoding method {decoding!r} "
+                               "have it: use --pruning-param or --decoding-param")
+        out[0 if key in theirs["pruning"] else 1][key] = value
+    return out
+
+
+def merge_params(routed: dict[str, Any], explicit: dict[str, Any], option: str) -> dict[str, Any]:
+    """Parameters from ``--param`` and from the method's own option together; a key given by both is refused."""
+    both = sorted(set(routed) & set(explicit))
+    if both:
+        raise InvalidInput(f"{option} and --param both give {both[0]!r}")
+    return {**routed, **explicit}
+
+
 def parse_params(items: list[str] | None, option: str = "--param") -> dict[str, Any]:
     """Parse CLI ``key=value`` pairs; values are read as JSON when they parse, else as strings. ``option``
     names where they came from in error messages."""

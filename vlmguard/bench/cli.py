@@ -23,7 +23,7 @@ from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
-from vlmguard.spec import IMAGE_ASPECTS
+from vlmguard.spec import IMAGE_ASPECTS, merge_params, route_params
 
 
 # `vlmguard bench --help`: the datasets paragraph of this module's docstring, in the help's own markup
@@ -67,8 +67,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=budget_arg, help="visual tokens kept (int) or kept fraction (float)")
     g.add_argument("--pruning-param", action="append", default=[], metavar="K=V", help="pruner parameter (repeat)")
     g.add_argument("--decoding", default="greedy", help="decoding method (default: greedy)")
-    g.add_argument("--decoding-param", "--param", dest="decoding_param", action="append", default=[], metavar="K=V",
-                   help="decoder parameter (repeat); --param is an alias")
+    g.add_argument("--decoding-param", action="append", default=[], metavar="K=V", help="decoder parameter (repeat)")
+    g.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="a parameter of either method, sent to the one that has it (repeat)")
     g.add_argument("--max-new-tokens", type=_positive_int, help="default: the preset's")
     choice = g.add_mutually_exclusive_group()
     choice.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="multinomial sampling")
@@ -211,15 +212,18 @@ def _spec_from_args(args: argparse.Namespace):
         raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise InvalidInput("--prompt is empty (leave it out for the preset's prompt)")
+    routed = route_params(args.param, args.pruning, args.decoding)
     return default_spec(
         args.benchmark,
         prompt_preset=getattr(args, "prompt_preset", None),
         chair_preset=getattr(args, "chair_preset", None),
         pruning=args.pruning,
         budget=args.budget,
-        pruning_params=parse_params(args.pruning_param, "--pruning-param"),
+        pruning_params=merge_params(routed[0], parse_params(args.pruning_param, "--pruning-param"),
+                                    "--pruning-param"),
         decoding=args.decoding,
-        decoding_params=parse_params(args.decoding_param, "--decoding-param"),
+        decoding_params=merge_params(routed[1], parse_params(args.decoding_param, "--decoding-param"),
+                                     "--decoding-param"),
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,

@@ -6,7 +6,7 @@ import json
 import sys
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
-from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, parse_budget, parse_params
+from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, merge_params, parse_budget, parse_params, route_params
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,9 +25,11 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pruning-param", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="pruning-method parameters (one or more; repeatable)")
     p.add_argument("--decoding", default="greedy", help="decoding method")
+    p.add_argument("--decoding-param", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="decoding-method parameters (one or more; repeatable)")
     # issue 2's `[--param key=value ...]`: several pairs after one --param, or --param repeated
-    p.add_argument("--param", "--decoding-param", dest="decoding_param", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help="decoding-method parameters (one or more; repeatable)")
+    p.add_argument("--param", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="parameters of either method: each goes to the one that has it (one or more; repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0,
                    help="no end of sequence before this many tokens (stop strings still end the answer)")
@@ -59,9 +61,14 @@ def budget_arg(text: str) -> int | float:
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
     if args.budget is not None and args.pruning == "none":
         raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
+    pruning_params, decoding_params = route_params(args.param, args.pruning, args.decoding)
     return GenerationSpec.build(
-        pruning=args.pruning, budget=args.budget, pruning_params=parse_params(args.pruning_param, "--pruning-param"),
-        decoding=args.decoding, decoding_params=parse_params(args.decoding_param, "--param"),
+        pruning=args.pruning, budget=args.budget,
+        pruning_params=merge_params(pruning_params, parse_params(args.pruning_param, "--pruning-param"),
+                                    "--pruning-param"),
+        decoding=args.decoding,
+        decoding_params=merge_params(decoding_params, parse_params(args.decoding_param, "--decoding-param"),
+                                     "--decoding-param"),
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
