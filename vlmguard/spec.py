@@ -247,12 +247,20 @@ def route_params(items: list[str] | None, pruning: str, decoding: str) -> tuple[
     return out
 
 
-def merge_params(routed: dict[str, Any], explicit: dict[str, Any], option: str) -> dict[str, Any]:
+def _merge_params(routed: dict[str, Any], explicit: dict[str, Any], option: str) -> dict[str, Any]:
     """Parameters from ``--param`` and from the method's own option together; a key given by both is refused."""
     both = sorted(set(routed) & set(explicit))
     if both:
         raise InvalidInput(f"{option} and --param both give {both[0]!r}")
     return {**routed, **explicit}
+
+
+def cli_method_params(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pruning params, decoding params) of a CLI command's ``--param``, ``--pruning-param`` and
+    ``--decoding-param`` (``generate``, ``bench``), for its ``--pruning`` and ``--decoding`` methods."""
+    routed = route_params(args.param, args.pruning, args.decoding)
+    return (_merge_params(routed[0], parse_params(args.pruning_param, "--pruning-param"), "--pruning-param"),
+            _merge_params(routed[1], parse_params(args.decoding_param, "--decoding-param"), "--decoding-param"))
 
 
 def parse_params(items: list[str] | None, option: str = "--param") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
-from vlmguard.spec import IMAGE_ASPECTS, merge_params, route_params
+from vlmguard.spec import IMAGE_ASPECTS, cli_method_params
 
 
 # `vlmguard bench --help`: the datasets paragraph of this module's docstring, in the help's own markup
@@ -206,24 +206,21 @@ def _dataset_from_args(args: argparse.Namespace):
 
 def _spec_from_args(args: argparse.Namespace):
     from vlmguard.bench.runner import default_spec
-    from vlmguard.spec import parse_params
 
     if args.budget is not None and args.pruning == "none":
         raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise InvalidInput("--prompt is empty (leave it out for the preset's prompt)")
-    routed = route_params(args.param, args.pruning, args.decoding)
+    pruning_params, decoding_params = cli_method_params(args)
     return default_spec(
         args.benchmark,
         prompt_preset=getattr(args, "prompt_preset", None),
         chair_preset=getattr(args, "chair_preset", None),
         pruning=args.pruning,
         budget=args.budget,
-        pruning_params=merge_params(routed[0], parse_params(args.pruning_param, "--pruning-param"),
-                                    "--pruning-param"),
+        pruning_params=pruning_params,
         decoding=args.decoding,
-        decoding_params=merge_params(routed[1], parse_params(args.decoding_param, "--decoding-param"),
-                                     "--decoding-param"),
+        decoding_params=decoding_params,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,

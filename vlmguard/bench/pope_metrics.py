@@ -101,8 +101,10 @@ def check_same_question(a: Answer, question_text: str, answers_path: str | Path,
     question file's question of that id. POPE's versions number their questions 1..N alike, so answers to another
     version join by id to other questions (POPE issue #17, benchmarks.md 1.5): a wrong score, not an error,
     unless the texts are compared."""
-    asked, question = _words(a.prompt or ""), _words(question_text)
-    if a.prompt is None or question in asked or asked in question:  # (with or without a format suffix)
+    if a.prompt is None:
+        return
+    asked, question = _words(a.prompt), _words(question_text)
+    if question in asked or asked in question:  # (with or without a format suffix)
         return
     raise InvalidInput(f"{answers_path}:{a.line}: the answer to question_id {a.question_id} was made for "
                        f"{a.prompt!r}, but that question in {questions_path} reads {question_text!r}: the answers "

@@ -6,7 +6,7 @@ import json
 import sys
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
-from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, merge_params, parse_budget, parse_params, route_params
+from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, cli_method_params, parse_budget
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,14 +61,10 @@ def budget_arg(text: str) -> int | float:
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
     if args.budget is not None and args.pruning == "none":
         raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
-    pruning_params, decoding_params = route_params(args.param, args.pruning, args.decoding)
+    pruning_params, decoding_params = cli_method_params(args)
     return GenerationSpec.build(
-        pruning=args.pruning, budget=args.budget,
-        pruning_params=merge_params(pruning_params, parse_params(args.pruning_param, "--pruning-param"),
-                                    "--pruning-param"),
-        decoding=args.decoding,
-        decoding_params=merge_params(decoding_params, parse_params(args.decoding_param, "--decoding-param"),
-                                     "--decoding-param"),
+        pruning=args.pruning, budget=args.budget, pruning_params=pruning_params,
+        decoding=args.decoding, decoding_params=decoding_params,
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -270,19 +270,20 @@ class ModelAdapter:
         branch rows with the request's own image: LQCD's, IAVA's, M3ID's ``mask``)."""
         if not batch.rows_with_images:
             return [None] * batch.input_ids.shape[0]
-        images = [j for j, row in enumerate(batch.rows_with_images) if row not in (same_as or {})]
-        subset = self.vision_subset(batch, images) if same_as else None
-        if subset is None:  # nothing to share, or vision inputs laid out in a way it does not know: every row's own
-            same_as = None
-        else:
-            mask = batch.image_token_mask.clone()
-            mask[list(same_as)] = False
-            batch = replace(batch, image_token_mask=mask, vision_inputs=subset,
-                            rows_with_images=[batch.rows_with_images[j] for j in images])
+        shared: dict[int, int] = {}
+        if same_as:
+            images = [j for j, row in enumerate(batch.rows_with_images) if row not in same_as]
+            subset = self.vision_subset(batch, images)
+            if subset is not None:  # else inputs laid out in a way it does not know: every row its own pass
+                shared = same_as
+                mask = batch.image_token_mask.clone()
+                mask[list(same_as)] = False
+                batch = replace(batch, image_token_mask=mask, vision_inputs=subset,
+                                rows_with_images=[batch.rows_with_images[j] for j in images])
         feats = self.encode_images(batch)
         flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
         out = self.split_by_row(batch, flat)
-        for row, src in (same_as or {}).items():
+        for row, src in shared.items():
             out[row] = out[src]
         return out
 

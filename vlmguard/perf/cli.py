@@ -226,11 +226,9 @@ def cmd_prefill(args) -> int:
 def default_budgets(engine) -> list[int]:
     """LLaVA-1.5's 192 / 128 / 64 of 576 visual tokens, scaled to the visual tokens of the shape's benchmark image
     (the same three on a 576-token shape)."""
-    from vlmguard.models.base import Prompt
-    from vlmguard.perf.models import PROMPT, bench_image
+    from vlmguard.perf.models import bench_encoding
 
-    batch = engine.adapter.encode([Prompt(text=PROMPT, images=[bench_image(engine, 0)])])
-    n_visual = int(batch.image_token_mask.sum())
+    n_visual = int(bench_encoding(engine).image_token_mask.sum())
     return [max(1, round(n_visual * k / 576)) for k in (192, 128, 64)]
 
 

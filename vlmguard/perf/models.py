@@ -72,6 +72,14 @@ def bench_image(engine: Any, seed: int) -> Image.Image:
 PROMPT = "Describe this image in detail. What objects are there, and what color is each one?"
 
 
+def bench_encoding(engine: Any) -> Any:
+    """The engine's encoding of one benchmark request (:data:`PROMPT` and ``bench_image(engine, 0)``): how many
+    visual tokens and tower passes a request of this shape has."""
+    from vlmguard.models.base import Prompt
+
+    return engine.adapter.encode([Prompt(text=PROMPT, images=[bench_image(engine, 0)])])
+
+
 def bench_requests(engine: Any, batch: int, seed: int = 0, prompt: str = PROMPT) -> list[Request]:
     return [Request(prompt=prompt, images=[bench_image(engine, seed + i)]) for i in range(batch)]
 

@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from vlmguard.models.base import Prompt
 from vlmguard.flops import HARDWARE, batch_prefill_flops
-from vlmguard.perf.models import PROMPT, bench_image, bench_requests, warm_threads
+from vlmguard.perf.models import bench_encoding, bench_requests, warm_threads
 from vlmguard.perf.timing import MemoryMeter, environment, kv_cache_bytes, median, ratio
 from vlmguard.errors import InvalidInput
 from vlmguard.spec import GenerationSpec, parse_params
@@ -87,8 +86,7 @@ def _spec(cfg: Config) -> GenerationSpec:
 
 def _images_per_row(engine: Any) -> int:
     """ViT passes per request (LLaVA-NeXT: one per anyres crop)."""
-    batch = engine.adapter.encode([Prompt(text=PROMPT, images=[bench_image(engine, 0)])])
-    pv = batch.vision_inputs.get("pixel_values")
+    pv = bench_encoding(engine).vision_inputs.get("pixel_values")
     if engine.family == "llava_next" and pv is not None and pv.dim() == 5:
         return int(pv.shape[1])
     return 1
