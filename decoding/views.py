@@ -1,8 +1,9 @@
 """Building the extra views of a request that decoders contrast against.
 
-- ``image_free_prompt``: the same templated prompt with every image placeholder removed and nothing else
+- ``image_free_prompt``: the same templated prompt with every image placeholder id removed and nothing else
   changed (M3ID's unconditioned input, VISTA's P-): system text, question and the newline that followed
-  the image stay; the result is passed as a raw prompt so the template is not re-applied.
+  the image stay. The placeholders go from the token ids, not the text (m3id.md 5: "work on ids"), so the
+  tokens on either side of the image are the request's own.
 - ``diffusion_noise``: VCD's forward-diffusion noise (1000-step sigmoid schedule).
 """
 from __future__ import annotations
@@ -17,29 +18,10 @@ from PIL import Image
 from vlmguard.models.base import Prompt
 
 
-def image_placeholders(adapter) -> list[str]:
-    """Token strings that stand for images in a templated prompt (before processor expansion)."""
-    tok = adapter.tokenizer
-    ids = [adapter.image_token_id]
-    for name in ("vision_start_token_id", "vision_end_token_id"):
-        tid = getattr(adapter.config, name, None)
-        if tid is not None:
-            ids.append(int(tid))
-    out = []
-    for tid in ids:
-        s = tok.convert_ids_to_tokens(tid)
-        if isinstance(s, str) and s:
-            out.append(s)
-    # longest first, so composite markers go before their parts
-    return sorted(set(out), key=len, reverse=True)
-
-
 def image_free_prompt(adapter, prompt: Prompt) -> Prompt:
-    """The prompt as the model would see it, minus every image placeholder (raw, no images)."""
-    text = adapter.format_prompt(prompt)
-    for ph in image_placeholders(adapter):
-        text = text.replace(ph, "")
-    return Prompt(text=text, images=[], system=None, raw=True)
+    """The prompt as the model would see it, encoded without its images and with the ids of every image placeholder
+    deleted (``Prompt.strip_image_tokens``): the request's ids minus the image span, no pixel values."""
+    return Prompt(text=adapter.format_prompt(prompt), images=[], system=None, raw=True, strip_image_tokens=True)
 
 
 # ---- VCD noise ---------------------------------------------------------------------------------

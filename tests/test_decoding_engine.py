@@ -309,14 +309,72 @@ def test_branch_logits_equal_cache_free_recompute(monkeypatch, method, params, b
         assert not torch.allclose(seen[k][branch][0], seen[k]["main"][0], atol=1e-3)
 
 
-def test_image_free_prompt_is_the_prompt_minus_image_tokens():
-    eng = tiny_engine("llava")
+def unpadded(batch, row: int) -> list[int]:
+    return batch.input_ids[row][batch.attention_mask[row]].tolist()
+
+
+def minus_images(batch, row: int, adapter) -> list[int]:
+    ids = batch.input_ids[row][batch.attention_mask[row]]
+    return ids[~torch.isin(ids, torch.tensor(adapter.image_placeholder_ids))].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_image_free_prompt_is_the_prompt_minus_image_tokens(family):
+    """m3id.md 5 / test 9, vista.md test 10: the image-free view's ids are the request's ids with the image span
+    (Qwen2-VL: with its vision start / end markers) deleted, and it has no pixel values."""
+    eng = tiny_engine(family)
     prompt = Prompt("Is there a dog in the image?", [random_image(1)])
     full = eng.adapter.encode([prompt])
     free = eng.adapter.encode([image_free_prompt(eng.adapter, prompt)])
-    kept = full.input_ids[0][~full.image_token_mask[0]].tolist()
-    assert free.input_ids[0].tolist() == kept and not free.vision_inputs
-    assert not bool((free.input_ids == eng.adapter.image_token_id).any())
+    assert unpadded(free, 0) == minus_images(full, 0, eng.adapter)
+    assert not bool(torch.isin(free.input_ids, torch.tensor(eng.adapter.image_placeholder_ids)).any())
+    assert not free.vision_inputs and not free.rows_with_images and not bool(free.image_token_mask.any())
+
+
+def test_image_free_view_is_cut_from_ids_not_retokenized():
+    """With a tokenizer that has one token for a space and a newline, the text without its image placeholder
+    ("USER: \nIs ...") tokenizes into other tokens than the request had on either side of the image; the image-free
+    view keeps the request's own."""
+    import copy
+
+    from vlmguard.testing import WORDS, make_tokenizer
+
+    eng = tiny_engine("llava")
+    proc = copy.deepcopy(eng.processor)
+    proc.tokenizer = make_tokenizer(["<image>"], words=(*WORDS, "\n"))
+    adapter = type(eng.adapter)(eng.model, proc)
+    prompt = Prompt("Is there a dog in the image?", [random_image(1)])
+    full = adapter.encode([prompt])
+    retokenized = adapter.encode([Prompt(adapter.format_prompt(prompt).replace("<image>", ""), raw=True)])
+    assert unpadded(retokenized, 0) != minus_images(full, 0, adapter)  # the premise: the text route merges
+    free = adapter.encode([image_free_prompt(adapter, prompt)])
+    assert unpadded(free, 0) == minus_images(full, 0, adapter)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_image_free_rows_join_a_batch_in_place(family):
+    """A batch mixing image-free views with requests (an image, text only) gives every row the ids, padding and
+    per-token inputs it has alone, and the images stay with their rows."""
+    eng = tiny_engine(family)
+    ad = eng.adapter
+    with_image = Prompt("Is there a dog in the image?", [random_image(1)])
+    prompts = [image_free_prompt(ad, with_image), with_image, Prompt("a cat"),
+               image_free_prompt(ad, Prompt("what color is the car?", [random_image(2)]))]
+    batch = ad.encode(prompts)
+    assert batch.rows_with_images == [1]
+    for row, prompt in enumerate(prompts):
+        alone = ad.encode([prompt])
+        assert unpadded(batch, row) == unpadded(alone, 0), row
+        assert not bool(batch.attention_mask[row][: batch.input_ids.shape[1] - len(unpadded(alone, 0))].any())
+        assert int(batch.image_token_mask[row].sum()) == int(alone.image_token_mask.sum())
+    if family == "qwen2_vl":
+        mm = batch.vision_inputs["mm_token_type_ids"]
+        alone = ad.encode([with_image])
+        assert mm[1][batch.attention_mask[1]].tolist() == alone.vision_inputs["mm_token_type_ids"][0].tolist()
+        assert not bool(mm[[0, 2, 3]].any())
+        assert torch.equal(batch.vision_inputs["image_grid_thw"], alone.vision_inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match="without images"):
+        ad.encode([Prompt("x", [random_image(1)], raw=True, strip_image_tokens=True)])
 
 
 # ---- VISTA hooks ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import string
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,21 +30,21 @@ WORDS = ("a an the is there in image dog cat car person yes no of on with and re
          "describe this picture photo table kitchen street USER ASSISTANT user assistant system").split()
 
 
-def make_tokenizer(extra_special: list[str]):
-    """A small word-piece-free tokenizer: whole words from WORDS, else single characters."""
+def make_tokenizer(extra_special: list[str], words: Sequence[str] = WORDS):
+    """A small word-piece-free tokenizer: whole words from ``words``, else single characters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_special]
     vocab: dict[str, int] = {}
-    for t in specials + WORDS + list(string.ascii_letters + string.digits + string.punctuation) + ["\n", " "]:
+    for t in specials + list(words) + list(string.ascii_letters + string.digits + string.punctuation) + ["\n", " "]:
         vocab.setdefault(t, len(vocab))
-    for w in WORDS:
+    for w in words:
         vocab.setdefault(" " + w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # whole known words (with their leading space), else single characters
-    words = "|".join(sorted(WORDS, key=len, reverse=True))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(rf" ?(?:{words})\b|[\s\S]"), behavior="isolated")
+    known = "|".join(sorted(words, key=len, reverse=True))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(rf" ?(?:{known})\b|[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>", additional_special_tokens=extra_special)

@@ -29,6 +29,15 @@ class Prompt:
     images: list[Image.Image] = field(default_factory=list)
     system: str | None = None
     raw: bool = False  # text is already templated and contains the image placeholders
+    # a raw prompt encoded without images whose placeholders (image token, Qwen2-VL's vision start / end) are
+    # deleted from its token ids, not from its text: the ids are those of the prompt with its images minus the
+    # image span (M3ID's and VISTA's image-free views, m3id.md 5). Re-tokenizing the text without the placeholders
+    # could merge the pieces on either side of them into other tokens.
+    strip_image_tokens: bool = False
+
+
+# processor outputs with one entry per token, laid out like the ids (0 = text)
+PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
 
 
 @dataclass
@@ -129,6 +138,17 @@ class ModelAdapter:
         return text if isinstance(text, str) and text else None
 
     @property
+    def image_placeholder_ids(self) -> list[int]:
+        """Every token id that stands for an image in a templated prompt: the image token and, where the family has
+        them, the markers around it (Qwen2-VL's vision start / end)."""
+        ids = [self.image_token_id]
+        for name in ("vision_start_token_id", "vision_end_token_id"):
+            tid = getattr(self.config, name, None)
+            if tid is not None:
+                ids.append(int(tid))
+        return ids
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids: list[int] = []
         gc = getattr(self.model, "generation_config", None)
@@ -227,6 +247,18 @@ class ModelAdapter:
             # a template or raw prompt that writes BOS itself: the tokenizer adds one too, so drop the written one
             # (transformers' apply_chat_template(tokenize=True) turns add_special_tokens off for the same reason)
             texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
+        stripped = [i for i, p in enumerate(prompts) if p.strip_image_tokens]
+        if not stripped:
+            return self._process(texts, prompts)
+        for i in stripped:
+            if prompts[i].images:
+                raise ValueError("a prompt whose image tokens are stripped is encoded without images")
+        others = [i for i in range(len(prompts)) if i not in set(stripped)]
+        part = self._process([texts[i] for i in others], [prompts[i] for i in others]) if others else None
+        return self._with_rows(part, others, {i: self._ids_without_images(texts[i]) for i in stripped})
+
+    def _process(self, texts: list[str], prompts: Sequence[Prompt]) -> EncodedBatch:
+        """The family's processor on templated texts and the prompts' images, left-padded."""
         images = [img for p in prompts for img in p.images]
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if images:
@@ -250,6 +282,52 @@ class ModelAdapter:
             image_token_mask=(input_ids == self.image_token_id) & attention_mask,
             vision_inputs=vision,
             rows_with_images=rows,
+        )
+
+    def _ids_without_images(self, text: str) -> torch.Tensor:
+        """The token ids of a templated text, as the processor tokenizes it, minus every image placeholder id.
+
+        The processor only repeats a placeholder before it tokenizes, and a tokenizer splits its input at special
+        tokens first, so these are the ids of the same prompt with its images minus the image span."""
+        ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+        return ids[~torch.isin(ids, torch.tensor(self.image_placeholder_ids))]
+
+    def _with_rows(self, part: EncodedBatch | None, at: list[int], extra: dict[int, torch.Tensor]) -> EncodedBatch:
+        """``part`` (rows ``at`` of the whole batch) with the text-only rows ``extra`` (row -> ids) put in their
+        places, every row left-padded to the longest. A per-token input of the processor (``PER_TOKEN_INPUTS``) is 0
+        on the added rows and on the new padding."""
+        n = len(at) + len(extra)
+        width = max([len(x) for x in extra.values()] + ([part.input_ids.shape[1]] if part is not None else []))
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        ref = part.input_ids if part is not None else next(iter(extra.values()))
+        input_ids = torch.full((n, width), pad, dtype=ref.dtype)
+        attention_mask = torch.zeros((n, width), dtype=torch.bool)
+        vision: dict[str, Any] = {}
+        per_token: list[str] = []
+        if part is not None:
+            shape = tuple(part.input_ids.shape)
+            for key, value in part.vision_inputs.items():
+                if key in PER_TOKEN_INPUTS and torch.is_tensor(value) and tuple(value.shape) == shape:
+                    per_token.append(key)
+                    vision[key] = value.new_zeros((n, width))
+                else:
+                    vision[key] = value
+            w = shape[1]
+            index = torch.tensor(at, dtype=torch.long)
+            input_ids[index, width - w:] = part.input_ids
+            attention_mask[index, width - w:] = part.attention_mask
+            for key in per_token:
+                vision[key][index, width - w:] = part.vision_inputs[key]
+        for row, ids in extra.items():
+            input_ids[row, width - len(ids):] = ids
+            attention_mask[row, width - len(ids):] = True
+        return EncodedBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_token_mask=(input_ids == self.image_token_id) & attention_mask,
+            vision_inputs=vision,
+            rows_with_images=[at[r] for r in part.rows_with_images] if part is not None else [],
         )
 
     # ---- vision ----------------------------------------------------------------------------
