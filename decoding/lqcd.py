@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from vlmguard.decoding.base import Branch, Combined, DecodeContext, Decoder, StepInputs, values_on
 from vlmguard.decoding.contrast import contrast, log_probs
-from vlmguard.decoding.neutralizer import leading_variants, neutralize
+from vlmguard.decoding.neutralizer import EXPECTATION_CUE, leading_variants, neutralize
 from vlmguard.decoding.registry import DECODERS
 from vlmguard.errors import InvalidInput
 from vlmguard.models.base import Prompt
@@ -44,8 +44,10 @@ class LQCDParams(MethodParams):
     neutralizer: Literal["rules", "none"] = Field("rules", description="strip cues from leading queries")
     neutral_mode: Literal["auto", "symmetric", "expectation", "off"] = Field(
         "auto", description="amateurs for neutral queries: auto = symmetric (polar) / expectation (open)")
+    expectation_cue: str = Field(EXPECTATION_CUE, min_length=1,
+                                 description="appended to an open-ended query for its amateur (lqcd.md 4.3)")
 
-    _text_not_blank = field_validator("neutral_text")(text_not_blank)
+    _text_not_blank = field_validator("neutral_text", "expectation_cue")(text_not_blank)
 
 
 @DECODERS.register("lqcd")
@@ -89,7 +91,7 @@ class LQCD(Decoder):
                     plan.update(mode="leading", expert=1, amateurs=[0], slots=[neu.text], neutral=neu.text,
                                 strength=neu.strength, source="rules", removed=neu.removed)
                 else:
-                    mode, texts = leading_variants(pr.text, p.neutral_mode)
+                    mode, texts = leading_variants(pr.text, p.neutral_mode, p.expectation_cue)
                     plan.update(mode=mode, amateurs=list(range(1, len(texts) + 1)), slots=texts)
                     if neu is not None and neu.changed:
                         plan["note"] = "nothing left after stripping cues: treated as neutral"

@@ -125,8 +125,9 @@ def with_cue_after(text: str, line_index: int, end: int, cue: str) -> str:
     return "\n".join(lines)
 
 
-def leading_variants(text: str, mode: str) -> tuple[str, list[str]]:
-    """(resolved mode, amateur texts) for a neutral query. ``mode``: auto | symmetric | expectation | off."""
+def leading_variants(text: str, mode: str, expectation_cue: str = EXPECTATION_CUE) -> tuple[str, list[str]]:
+    """(resolved mode, amateur texts) for a neutral query. ``mode``: auto | symmetric | expectation | off;
+    ``expectation_cue``: what an open-ended query's amateur appends."""
     if mode == "off":
         return "off", []
     polar = polar_question(text)
@@ -135,5 +136,5 @@ def leading_variants(text: str, mode: str) -> tuple[str, list[str]]:
         pos, neg = (WEAK_AFFIRM, WEAK_DENY) if POPE_RE.match(q) else (GENERIC_AFFIRM, GENERIC_DENY)
         return "symmetric", [with_cue_after(text, li, end, pos), with_cue_after(text, li, end, neg)]
     if mode in ("auto", "expectation"):
-        return "expectation", [text.rstrip() + " " + EXPECTATION_CUE]
+        return "expectation", [text.rstrip() + " " + expectation_cue]
     return "off", []

@@ -12,7 +12,7 @@ from vlmguard.decoding import make_decoder
 from vlmguard.decoding.contrast import contrast, log_probs
 from vlmguard.decoding.iava import irrelevant_tokens, select_layers
 from vlmguard.decoding.m3id import amplification, m3id_scores
-from vlmguard.decoding.neutralizer import leading_variants, neutralize
+from vlmguard.decoding.neutralizer import EXPECTATION_CUE, leading_variants, neutralize
 from vlmguard.decoding.views import diffusion_noise, noise_coefficients
 from vlmguard.decoding.vista import sla_window, steer
 from vlmguard.errors import InvalidInput
@@ -243,7 +243,9 @@ def test_leading_variants():
     mode, texts = leading_variants("Are the lights on?", "auto")
     assert mode == "symmetric" and texts[0].endswith("I think the answer is yes.")
     mode, texts = leading_variants("Please describe this image in detail.", "auto")
-    assert mode == "expectation" and len(texts) == 1
+    assert mode == "expectation" and texts == [f"Please describe this image in detail. {EXPECTATION_CUE}"]
+    assert leading_variants("Describe it.", "auto", "There are objects.") == ("expectation",
+                                                                              ["Describe it. There are objects."])
     assert leading_variants("Is it red?", "off") == ("off", [])
     assert leading_variants("Describe it.", "symmetric") == ("off", [])
 
@@ -260,6 +262,7 @@ def test_leading_variants():
     ("iava", {"selection_rule": "R9"}, "selection_rule"),
     ("iava", {"gamma": 0}, "gamma"),
     ("lqcd", {"beta": 1.5}, "beta"),
+    ("lqcd", {"expectation_cue": "  "}, "expectation_cue"),
     ("lqcd", {"neutral_mode": "always"}, "neutral_mode"),
 ])
 def test_invalid_params_give_clear_errors(name, params, needle):
