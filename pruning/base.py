@@ -122,6 +122,11 @@ class Pruner:
         raise NotImplementedError
 
     # ---- LLM side ------------------------------------------------------------------------
+    def llm_stage(self, family: str) -> bool:
+        """Whether this pruner acts inside the LLM's prefill on a model of ``family`` (its layer hooks run);
+        default: its ``side`` says so."""
+        return self.side in ("llm", "both")
+
     def renumbers_llm_cuts(self, family: str) -> bool:
         """Whether this pruner's LLM-side cuts renumber the kept tokens contiguously for the following layers
         (``LayerRunner.prefill(renumber=True)``: each layer group then decodes from its own next position) on a

@@ -374,6 +374,9 @@ class FlowCutPruner(Pruner):
             out.append(k if n0 and vis[r] > k else None)
         return out
 
+    def llm_stage(self, family: str) -> bool:
+        return family != "llava"  # LLaVA-1.5: stage V only (flowcut.md); LLaVA-NeXT and Qwen2-VL cut in the LLM too
+
     def before_layer(self, ctx: PruneContext, layer_idx: int, seq: Seq) -> ScoreRequest | None:
         if ctx.adapter.family == "llava" or layer_idx != self.params.llm_layer:
             return None

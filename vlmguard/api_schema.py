@@ -276,6 +276,8 @@ class TimingsModel(BaseModel):
     setup_s: float = 0.0
     batch_size: int = 1
     prefill_batch: int = 1
+    prefill_tokens: int = 0
+    prefill_shared_tokens: int = 0
 
 
 class StepModel(BaseModel):

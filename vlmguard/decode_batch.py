@@ -132,6 +132,8 @@ class LiveRequest:
     sampler: RowSampler  # its token selection (its own seeded generator when it samples)
     cohort: Cohort  # the decoder (and context) that set it up: its combine and its report
     spec: GenerationSpec  # its own: length, stop strings, token selection, what its result reports
+    prefill_tokens: int = 0  # Timings.prefill_tokens
+    prefill_shared: int = 0  # Timings.prefill_shared_tokens
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -454,7 +456,8 @@ class DecodeBatch:
             timings=Timings(vision_s=lv.vision_s, prefill_s=lv.prefill_s, decode_s=lv.decode_s + last,
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
                             setup_s=lv.setup_s, batch_size=lv.batch_size,
-                            prefill_batch=lv.prefill_batch),
+                            prefill_batch=lv.prefill_batch, prefill_tokens=lv.prefill_tokens,
+                            prefill_shared_tokens=lv.prefill_shared),
             steps=lv.steps, pruning=lv.pruning,
             # the decoder, its per-request values, and whether this request's tokens were drawn (its own setting)
             decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},

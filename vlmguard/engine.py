@@ -161,6 +161,9 @@ class Engine:
         self.attn_implementation = impl
         self.adapter: ModelAdapter = adapter_for(model, processor)
         self.runner = LayerRunner(self.adapter, flash=impl == FLASH, eager=impl == "vlmguard_eager")
+        # rows of a prefill that begin with the same tokens (POPE's questions about one image, LQCD's query
+        # variants) compute them once (vlmguard/prefix_sharing.py); outputs are those of a prefill row by row
+        self.share_prefixes = True
         # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
         self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 
@@ -441,8 +444,9 @@ class Engine:
                 return None
             return self._share_keep(keep, s, n_req, nb, shares)
 
+        fed = seq.valid.sum(dim=1).tolist()  # tokens each row feeds the first layer
         t_pre = time.perf_counter()
-        llm_side = pruner.side in ("llm", "both")
+        llm_side = pruner.llm_stage(adapter.family)
         owners = {}  # every row of this forward is this context's (row r: request r % n_req; branch-major)
         if decoder.row_hooks:
             owners[id(dctx)] = OwnedRows(rows=None, requests=torch.arange(n_req * nb, device=self.device) % n_req)
@@ -450,7 +454,8 @@ class Engine:
             logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                    after=after if llm_side else None,
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
-                                                   renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family))
+                                                   renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family),
+                                                   share_prefixes=self.share_prefixes and not decoder.row_hooks)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
@@ -464,6 +469,7 @@ class Engine:
         hidden = {k: hidden[k] for k in decoder.hidden_layers}
 
         visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
+        shared = state.shared_tokens or [0] * (n_req * nb)  # rows are branch-major: request r's are r, r + n_req, ...
         final_visual = state.final_seq.visual
         now = time.perf_counter()
         cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
@@ -478,7 +484,7 @@ class Engine:
                 vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
-                spec=specs[r]))
+                spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req])))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, device=self.device)

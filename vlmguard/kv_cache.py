@@ -168,11 +168,12 @@ class GrowingCache(DynamicCache):
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
-    def fill_layer(self, layer_idx: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+    def fill_layer(self, layer_idx: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
+                   room: int | None = None) -> None:
         """Layer ``layer_idx`` := the left-padded row blocks (see :meth:`GrowingLayer.fill_rows`)."""
         while len(self.layers) <= layer_idx:
             self.layers.append(GrowingLayer())
-        self.layers[layer_idx].fill_rows(keys, values, length)
+        self.layers[layer_idx].fill_rows(keys, values, length, room=room)
 
     def keep_rows(self, rows: list[int], index: torch.Tensor) -> None:
         """Keep only the rows ``rows`` of every layer (see :meth:`GrowingLayer.keep_rows`)."""

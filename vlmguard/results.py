@@ -29,6 +29,9 @@ class Timings:
     setup_s: float = 0.0  # decoder pre-passes (e.g. VISTA's steering vector)
     batch_size: int = 1  # the most requests decoded together with this one (in-flight joins raise it)
     prefill_batch: int = 1  # the requests prefilled together with this one (itself included)
+    prefill_tokens: int = 0  # the tokens its rows (decoder branches included) feed the LLM's first layer
+    # of those, the ones another row of the prefill computed for them: a prefix they share (vlmguard/prefix_sharing.py)
+    prefill_shared_tokens: int = 0
 
 
 @dataclass

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.kv_cache import GrowingCache
+from vlmguard.prefix_sharing import PrefixPlan, plan_prefixes, split
 from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
@@ -55,6 +56,8 @@ class DecodeState:
     # a fresh prefill's rows have one (merge drops it), so a batch that never drains pins no prefill's tensors.
     final_seq: Seq | None = None
     hidden_dtype: torch.dtype | None = None  # the prefill's residual stream's: decode embeds its tokens in it
+    # per row, the prompt tokens another row computed for it (a shared prefix); None: none shared
+    shared_tokens: list[int] | None = None
 
 
 class LayerRunner:
@@ -94,13 +97,21 @@ class LayerRunner:
         hidden_layers: tuple[int, ...] = (),
         all_hidden: bool = False,
         renumber: bool = False,
+        share_prefixes: bool = False,
     ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
         """Run all layers on ``seq``. Returns last-position logits (B, V), the decode state and the
         residual stream of the last position after each layer in ``hidden_layers`` (B, D).
 
         ``renumber``: after each cut the kept tokens of a row get contiguous positions (0..n-1 over its
         valid tokens, 1-D RoPE only), what a physically shorter input gets; each layer then decodes from its
-        own next position (the official LLaVA code of AdaptInfer). Otherwise they keep their positions."""
+        own next position (the official LLaVA code of AdaptInfer). Otherwise they keep their positions.
+
+        ``share_prefixes``: rows that begin with the same tokens compute them once (:mod:`vlmguard.prefix_sharing`)
+        where that saves enough; only without hooks (no layer cuts tokens) and without ``all_hidden``."""
+        if share_prefixes and before is None and after is None and not all_hidden and not self.flash:
+            plan = plan_prefixes(seq)
+            if plan is not None:
+                return self._prefill_shared(seq, plan, hidden_layers)
         ad = self.adapter
         cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
@@ -139,6 +150,50 @@ class LayerRunner:
                             next_positions=first_next if renumbered else seq.last_positions() + 1,
                             layer_next_positions=layer_next if renumbered else None,
                             visual_per_layer=visual_fed, final_seq=_layout(seq), hidden_dtype=h.dtype)
+        return logits, state, captured
+
+    def _prefill_shared(self, seq: Seq, plan: PrefixPlan, hidden_layers: tuple[int, ...]
+                        ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+        """:meth:`prefill` in two passes: the groups' shared prefixes, one row each, then every row's remainder
+        on a cache that starts with its group's prefix. A row's keys are its prefix's slots, then its own (each
+        part left-padded: masked slots between them), the layout decoding continues from."""
+        ad = self.adapter
+        prefix, rest = split(seq, plan)
+        cache = GrowingCache()
+        h = prefix.hidden
+        mask, rope = self._prefill_mask(prefix), ad.rotary(h, prefix.positions)
+        for layer in ad.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
+        group = torch.tensor(plan.group, dtype=torch.long, device=seq.valid.device)
+        shared = GrowingCache()
+        for i, layer_cache in enumerate(cache.layers):
+            keys, values = layer_cache.keys[group], layer_cache.values[group]
+            if hasattr(shared, "fill_layer"):  # room for the remainders, written once
+                shared.fill_layer(i, [keys], [values], prefix.length, room=prefix.length + rest.length)
+            else:  # another cache class (a test's reference DynamicCache)
+                shared.update(keys, values, i)
+        del cache
+        prefix_valid = prefix.valid[group]
+        key_valid = torch.cat([prefix_valid, rest.valid], dim=1)
+        allowed = torch.cat([prefix_valid[:, None, :].expand(-1, rest.length, -1),
+                             causal_allowed(rest.valid, rest.valid)], dim=2)
+        mask = additive_mask(allowed, rest.hidden.dtype)
+        h = rest.hidden
+        rope = ad.rotary(h, rest.positions)
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(ad.layers):
+            h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: shared}, use_cache=True)
+            if i in hidden_layers:
+                captured[i] = h[:, -1].clone()
+        logits = ad.logits(ad.norm(h[:, -1:]))[:, 0]
+        layout = Seq(hidden=h.new_empty((h.shape[0], key_valid.shape[1], 0)), valid=key_valid,
+                     positions=torch.cat([prefix.positions[..., group, :], rest.positions], dim=-1),
+                     visual=torch.cat([prefix.visual[group], rest.visual], dim=1))
+        n_layers = len(ad.layers)
+        state = DecodeState(cache=shared, layer_valid=[key_valid] * n_layers,
+                            next_positions=rest.last_positions() + 1,
+                            visual_per_layer=[layout.visual_counts()] * n_layers, final_seq=layout,
+                            hidden_dtype=h.dtype, shared_tokens=plan.shared_tokens())
         return logits, state, captured
 
     # ---- decode --------------------------------------------------------------------------

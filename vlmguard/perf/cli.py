@@ -1,4 +1,4 @@
-"""``vlmguard perf prefill|decode|serve|gemm|plot``: speed measured as ratios within one run (never timed tests)."""
+"""``vlmguard perf prefill|decode|prefix|serve|gemm|plot``: speed measured as ratios within one run (never timed tests)."""
 from __future__ import annotations
 
 import argparse
@@ -100,7 +100,7 @@ def register(subparsers) -> None:
     perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
                                  description="Speed as ratios measured within one run: prefill per pruning method "
                                              "and budget against no pruning and the FLOP ideal, decode per decoder "
-                                             "against greedy, the Ray service against the Engine, matrix products "
+                                             "against greedy, shared prefixes against none, the Ray service against the Engine, matrix products "
                                              "per token count (gemm), and plots of saved runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
     sub.required = True
@@ -157,6 +157,17 @@ def register(subparsers) -> None:
                         "--direct-ingress)")
     s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
     s.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("prefix", help="prefill of batches that ask several questions about each image, with shared "
+                                      "prefixes against without")
+    _common(x, shape="tiny")
+    x.add_argument("--decoders", type=_method_list, default=["greedy", "lqcd"],
+                   help="comma-separated decoding methods, each NAME or NAME[KEY=VALUE;...] (default: greedy,lqcd; "
+                        "LQCD's query variants share their image too)")
+    x.add_argument("--batch", type=_batch, default=12, help="requests per prefill (default: 12)")
+    x.add_argument("--questions-per-image", type=_positive, default=6,
+                   help="consecutive requests about each image (default: 6, as POPE asks)")
+    x.set_defaults(func=cmd_prefix)
 
     g = sub.add_parser("gemm", help="the rate of a shape's decoder-layer matrix products at each token count, "
                                     "weights streamed and warm: the ceiling of a pruned prefill's LLM")
@@ -246,6 +257,17 @@ def cmd_decode(args) -> int:
                         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                         progress=_progress(args))
     return _finish(args, result, decode_table(result))
+
+
+def cmd_prefix(args) -> int:
+    from vlmguard.perf.prefix import check_prefix_decoders, prefix_table, run_prefix
+
+    _check_outputs(args)
+    check_prefix_decoders(args.decoders)  # before the model loads
+    engine = _engine(args)
+    result = run_prefix(engine, args.decoders, batch=args.batch, questions=args.questions_per_image,
+                        repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=_progress(args))
+    return _finish(args, result, prefix_table(result))
 
 
 def cmd_serve(args) -> int:

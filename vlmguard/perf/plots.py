@@ -101,8 +101,27 @@ def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
-PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf serve": plot_serve,
-            "perf gemm": plot_gemm}
+def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
+    """Prefill speed-up of shared prefixes per decoder (bars), measured and ideal (token count)."""
+    plt = _plt()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2.5, 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["speedup"] or 0 for r in rows], width=0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [r["ideal_speedup"] or 0 for r in rows], width=0.4, label="ideal (tokens)",
+           alpha=0.6)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["decoder"] for r in rows])
+    ax.set_ylabel("prefill speed-up, shared prefixes")
+    ax.legend(fontsize=8)
+    ax.set_title(f"shared prefixes, {result['shape']} (batch {result['batch']}, "
+                 f"{result['questions_per_image']} questions per image)", fontsize=10)
+    _save(plt, fig, path)
+
+
+PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf prefix": plot_prefix,
+            "perf serve": plot_serve, "perf gemm": plot_gemm}
 
 
 def plot_report(result: dict[str, Any], path: str | Path) -> None:

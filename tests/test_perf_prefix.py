@@ -1,0 +1,49 @@
+"""vlmguard perf prefix: batches of questions about the same images, prefilled with shared prefixes and without,
+in one run; the report's rows, its token counts and its figure. No timed assertions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_support import run_json
+from vlmguard.cli import main
+from vlmguard.perf.report import markdown
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_json(["perf", "prefix", "--shape", "tiny", "--decoders", "greedy,lqcd,vcd", "--batch", "6",
+                     "--questions-per-image", "3", "--repeats", "1", "--warmup", "0", "--threads", "1", "--quiet",
+                     "--json"])
+
+
+def test_prefix_report_rows(report):
+    assert report["command"] == "perf prefix" and report["batch"] == 6 and report["questions_per_image"] == 3
+    rows = {r["decoder"]: r for r in report["rows"]}
+    assert set(rows) == {"greedy", "lqcd", "vcd"}
+    for name, r in rows.items():
+        assert r["same_tokens"], name  # sharing changes no answer
+        assert r["unshared_prefill_s"] > 0 and r["shared_prefill_s"] > 0
+        assert r["speedup"] == pytest.approx(r["unshared_prefill_s"] / r["shared_prefill_s"])
+        assert 0 < r["shared_tokens"] < r["prefill_tokens"], name
+        assert r["ideal_speedup"] == pytest.approx(r["prefill_tokens"] / (r["prefill_tokens"] - r["shared_tokens"]))
+    # greedy: 6 rows of the same length, two images of three questions: each group's two followers share their
+    # leader's prefix; LQCD has three rows per request (its query variants), VCD two (the noised image)
+    assert rows["lqcd"]["prefill_tokens"] > 2 * rows["greedy"]["prefill_tokens"]
+    assert rows["vcd"]["prefill_tokens"] == 2 * rows["greedy"]["prefill_tokens"]
+    assert rows["lqcd"]["shared_tokens"] > rows["greedy"]["shared_tokens"]
+
+
+def test_prefix_report_figure_and_markdown(report, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert main(["perf", "plot", str(path), "--out", str(tmp_path / "r.png"), "--markdown"]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert markdown(report).splitlines()[0].startswith("| decoder | unshared prefill s | shared prefill s")
+
+
+def test_prefix_refuses_an_unknown_decoder_before_loading(capsys):
+    assert main(["perf", "prefix", "--shape", "random:llava", "--decoders", "greedy,nope", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err

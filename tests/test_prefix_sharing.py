@@ -1,0 +1,184 @@
+"""Shared prefixes in a prefill (vlmguard/prefix_sharing.py, LayerRunner.prefill(share_prefixes=True)): rows that
+begin with the same tokens compute them once, and every request gets what it gets from a prefill row by row (the
+same tokens, log-probabilities within float rounding), through decoding, with every family, with contrastive
+branches (LQCD's query variants share their image: lqcd.md 11.10), with a vision-side pruner, seeded sampling and
+requests that join the batch later. Where a row's prefix depends on more than its tokens (an LLM-side cut,
+VISTA's per-request steering) nothing is shared."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning_support import run_joined
+from vlmguard.engine import Request
+from vlmguard.prefix_sharing import plan_prefixes, split
+from vlmguard.runner import LayerRunner
+from vlmguard.sequence import Seq
+from vlmguard.spec import GenerationSpec
+from vlmguard.testing import random_image, tiny_engine
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+def make_seq(rows: list[list[int]], dim: int = 24) -> Seq:
+    """Left-padded rows of token ids, each id embedded as a fixed random vector (1-D positions 0..n-1)."""
+    table = torch.randn(200, dim, generator=torch.Generator().manual_seed(1))
+    width = max(len(r) for r in rows)
+    hidden = torch.zeros(len(rows), width, dim)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        hidden[i, width - len(r):] = table[torch.tensor(r)]
+        valid[i, width - len(r):] = True
+        positions[i, width - len(r):] = torch.arange(len(r))
+    return Seq(hidden=hidden, valid=valid, positions=positions, visual=torch.full_like(positions, -1))
+
+
+def test_rows_with_a_common_beginning_form_a_group_that_shares_it():
+    common = list(range(10, 30))
+    rows = [common + [1, 2], common + [3], [5, 6, 7], common[:12] + [9, 9, 9, 9], common + [1, 2]]
+    plan = plan_prefixes(make_seq(rows))
+    # the group shares what all its rows share; a lone row keeps its last token. Row 3 shares 12 tokens with the
+    # group, but taking them would leave every row a remainder of 8: it runs alone (a first pass of 3 x 20 and a
+    # second of 5 x 2 token slots, against 2 x 12 and 5 x 10)
+    assert plan.leaders == [0, 2, 3] and plan.group == [0, 0, 1, 2, 0]
+    assert plan.length == [20, 2, 15]
+    assert plan.saved_tokens() == 20 * 2 and plan.shared_tokens() == [0, 20, 0, 0, 20]
+    prefix, rest = split(make_seq(rows), plan)
+    assert prefix.valid.sum(dim=1).tolist() == [20, 2, 15]
+    assert rest.valid.sum(dim=1).tolist() == [len(r) - plan.length[g] for r, g in zip(rows, plan.group)]
+    # an identical row keeps only its last token to itself
+    plan = plan_prefixes(make_seq([common + [1], common + [1]]))
+    assert plan.leaders == [0] and plan.length == [20]
+
+
+def test_rows_group_by_their_longest_common_part_not_by_what_every_row_begins_with():
+    """POPE's shape: every row begins with the same system text, three questions each about two images. Grouping by
+    the system text would leave every row its image to compute: the rows group by image."""
+    system, image_a, image_b = list(range(10, 22)), list(range(30, 60)), list(range(60, 90))
+    rows = [system + image_a + [q, 1, 2] for q in (3, 4, 5)] + [system + image_b + [q, 1, 2] for q in (3, 4, 5)]
+    plan = plan_prefixes(make_seq(rows))
+    assert plan.group == [0, 0, 0, 1, 1, 1] and plan.length == [42, 42]
+    # rows that share only the system text with a group run alone (all but their last token in the first pass)
+    # rather than pad every row's remainder to the length of theirs
+    rows = [system + image_a + [q, 1, 2] for q in (3, 4, 5)] + [system + list(range(v, v + 33)) for v in (100, 140)]
+    plan = plan_prefixes(make_seq(rows))
+    assert plan.group == [0, 0, 0, 1, 2] and plan.length == [42, 44, 44]
+
+
+def test_no_plan_where_sharing_saves_too_little_or_rows_are_not_left_padded():
+    assert plan_prefixes(make_seq([[1, 2, 3, 4, 5, 6, 7, 8, 9] + [50] * 40, [1, 2, 3, 4, 5, 6, 7, 8, 9] + [60] * 40],
+                                  )) is None  # 9 of 98 tokens
+    assert plan_prefixes(make_seq([[1] * 7 + [2], [1] * 7 + [3]])) is None  # below the 8 tokens worth a pass
+    assert plan_prefixes(make_seq([list(range(30))])) is None
+    seq = make_seq([list(range(30)), list(range(30))])
+    seq.valid[0, 5] = False  # a hole: not a left-padded row
+    assert plan_prefixes(seq) is None
+
+
+def test_a_proposed_match_is_confirmed_on_the_whole_embedding():
+    """The plan proposes matches from a sample of each embedding's values; rows that agree there but not elsewhere
+    are not shared (the batch then runs row by row)."""
+    from vlmguard.prefix_sharing import FINGERPRINT_DIMS, _shares, _token_ids
+
+    seq = make_seq([list(range(40))] * 3, dim=64)
+    assert plan_prefixes(seq).group == [0, 0, 0]
+    sampled = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:FINGERPRINT_DIMS]
+    off = torch.ones(64, dtype=torch.bool)
+    off[sampled] = False
+    seq.hidden[1, 3, off] += 1.0  # row 1's token 3 differs off the sampled values only
+    ids, _, counts = _token_ids(seq)
+    assert int(_shares(ids, counts)[1, 0]) == 39  # the ids cannot tell
+    assert plan_prefixes(seq) is None
+    seq.hidden[1, 3, sampled] += 1.0  # now they can: rows 0 and 2 share, row 1 runs alone
+    assert plan_prefixes(seq).group == [0, 1, 0]
+
+
+# ---- through the engine ------------------------------------------------------------------------------------
+@pytest.fixture()
+def shared_calls(monkeypatch):
+    calls = []
+    original = LayerRunner._prefill_shared
+
+    def spy(self, seq, plan, hidden_layers):
+        calls.append(plan)
+        return original(self, seq, plan, hidden_layers)
+
+    monkeypatch.setattr(LayerRunner, "_prefill_shared", spy)
+    return calls
+
+
+def pope_like(family: str) -> list[Request]:
+    """Questions about two images, three and two of them, and a text-only request."""
+    a, b = random_image(1, (64, 48)), random_image(2, (48, 64))
+    return [Request("Is there a dog in the image?", [a]), Request("Is there a cat in the image?", [a]),
+            Request("what color is the car?", [a]), Request("Is there a dog in the image?", [b]),
+            Request("describe this picture", [b]), Request("a cat", [])]
+
+
+def both_ways(eng, requests, spec):
+    eng.share_prefixes = False
+    try:
+        alone = eng.generate(requests, spec)
+    finally:
+        eng.share_prefixes = True
+    return alone, eng.generate(requests, spec)
+
+
+def assert_same(alone, shared):
+    assert [r.token_ids for r in shared] == [r.token_ids for r in alone]
+    for a, s in zip(alone, shared):
+        assert [x.logprob for x in s.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-4)
+        assert s.visual_tokens_kept == a.visual_tokens_kept and s.kept_indices == a.kept_indices
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("decoding", ["greedy", "lqcd", "vcd", "m3id", "iava"])
+def test_shared_prefixes_give_every_request_what_a_row_by_row_prefill_gives(family, decoding, shared_calls):
+    eng = tiny_engine(family)
+    spec = GenerationSpec(decoding=decoding, max_new_tokens=6, logprobs=2)
+    alone, shared = both_ways(eng, pope_like(family), spec)
+    assert_same(alone, shared)
+    assert shared_calls, "the questions about one image share it"
+    assert all(p.saved_tokens() > 0 for p in shared_calls)
+
+
+def test_lqcd_query_variants_share_their_image_in_one_request(shared_calls):
+    """lqcd.md 6 / 11.10: the expert and its two amateurs differ only after the image: they compute it once."""
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(decoding="lqcd", max_new_tokens=6, logprobs=2)
+    alone, shared = both_ways(eng, pope_like("llava")[:1], spec)
+    assert_same(alone, shared)
+    (plan,) = shared_calls
+    assert plan.leaders == [0] and plan.group == [0, 0, 0]
+    assert plan.length[0] >= alone[0].visual_tokens  # the whole image, at least
+
+
+def test_seeded_sampling_and_a_vision_side_pruner_with_shared_prefixes(shared_calls):
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(decoding="sample", temperature=1.2, seed=5, max_new_tokens=6, logprobs=2,
+                          pruning="flowcut", budget=8)
+    alone, shared = both_ways(eng, pope_like("llava"), spec)
+    assert_same(alone, shared)
+    assert shared_calls
+
+
+@pytest.mark.parametrize("spec", [GenerationSpec(max_new_tokens=4, pruning="fastv", budget=8),
+                                  GenerationSpec(max_new_tokens=4, decoding="vista")])
+def test_nothing_is_shared_where_a_prefix_depends_on_more_than_its_tokens(spec, shared_calls):
+    eng = tiny_engine("llava")
+    eng.generate(pope_like("llava"), spec)
+    assert not shared_calls
+
+
+def test_a_shared_prefix_batch_takes_joiners_and_joins_others(shared_calls):
+    """Decoding continues from the shared layout (prefix slots, then each row's own, masked slots between):
+    requests that join it, and a shared batch that joins another, get the tokens they get alone."""
+    eng = tiny_engine("llava")
+    spec = GenerationSpec(max_new_tokens=6)
+    reqs = pope_like("llava")
+    alone = [eng.generate([r], spec)[0] for r in reqs]
+    joined = run_joined(eng, spec, reqs[:3], reqs[3:], join_after=2)
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
+    joined = run_joined(eng, spec, reqs[5:], reqs[:5], join_after=1)
+    assert [r.token_ids for r in joined] == [alone[5].token_ids] + [r.token_ids for r in alone[:5]]
+    assert len(shared_calls) == 3  # both groups of the first run, the joiners of the second

@@ -1,0 +1,121 @@
+"""``vlmguard perf prefix``: prefill time of batches whose requests ask about the same images (POPE asks six
+questions about each), with shared prefixes (``Engine.share_prefixes``, the default) against without.
+
+Per decoder, ``warmup`` runs, then ``repeats`` rounds in which the two settings take turns. The batch holds
+``batch`` requests, ``questions`` consecutive ones about each image, each with its own question (the bundled
+POPE template: "Is there a/an X in the image?"). Prefill = vision tower + projector + LLM prefill, as in
+``perf prefill``. The ideal is the token count: the prompt tokens of every row (decoder branches included)
+over those the shared prefill computes (``Timings.prefill_tokens`` and ``prefill_shared_tokens``); attention
+grows with the context, so a shared prefill can only approach it.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from vlmguard.perf.models import bench_image, warm_threads
+from vlmguard.perf.prefill import method_label, parse_method
+from vlmguard.perf.timing import environment, median, ratio
+from vlmguard.results import Request
+from vlmguard.spec import GenerationSpec
+
+OBJECTS = ("dog", "cat", "car", "person", "chair", "cup", "knife", "bus", "apple", "clock", "book", "bird")
+FORMAT = "Answer the question using a single word or phrase."
+
+
+def prefix_requests(engine: Any, batch: int, questions: int, seed: int = 0) -> list[Request]:
+    """``batch`` POPE-style requests, ``questions`` in a row about each image."""
+    out = []
+    for i in range(batch):
+        obj = OBJECTS[i % len(OBJECTS)]
+        article = "an" if obj[0] in "aeiou" else "a"
+        image = bench_image(engine, seed + i // questions)
+        out.append(Request(f"Is there {article} {obj} in the image?\n{FORMAT}", [image]))
+    return out
+
+
+def _spec(decoder: tuple[str, dict[str, Any]]) -> GenerationSpec:
+    name, params = decoder
+    return GenerationSpec.build(decoding=name, decoding_params=params, max_new_tokens=1, diagnostics=False)
+
+
+def check_prefix_decoders(decoders: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label -> (name, params) of each decoder, each checked (before the model loads)."""
+    methods: dict[str, tuple[str, dict[str, Any]]] = {}
+    for text in decoders:
+        name, params = parse_method(text)
+        methods.setdefault(method_label(name, params), (name, params))
+    for label in methods:
+        _spec(methods[label]).resolve()
+    return methods
+
+
+def _prefill(results: Sequence[Any]) -> float:
+    return max(r.timings.vision_s + r.timings.prefill_s for r in results)
+
+
+def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions: int = 6, repeats: int = 5,
+               warmup: int = 1, seed: int = 0, progress=None) -> dict[str, Any]:
+    methods = check_prefix_decoders(decoders)
+    requests = prefix_requests(engine, batch, questions, seed)
+    warm_threads()
+    before = engine.share_prefixes
+    rows = []
+    try:
+        for label, method in methods.items():
+            spec = _spec(method)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            last: dict[bool, list[Any]] = {}
+            for rep in range(warmup + repeats):
+                for share in (False, True):
+                    engine.share_prefixes = share
+                    last[share] = engine.generate(requests, spec)
+                    if rep >= warmup:
+                        times[share].append(_prefill(last[share]))
+                if progress and rep >= warmup:
+                    progress(f"round {rep + 1 - warmup}/{repeats} {label}: {times[False][-1]:.3f}s unshared, "
+                             f"{times[True][-1]:.3f}s shared")
+            fed = sum(r.timings.prefill_tokens for r in last[True])
+            shared_tokens = sum(r.timings.prefill_shared_tokens for r in last[True])
+            unshared, shared = median(times[False]), median(times[True])
+            rows.append({
+                "decoder": label,
+                "unshared_prefill_s": unshared,
+                "shared_prefill_s": shared,
+                "speedup": ratio(unshared, shared),
+                "prefill_tokens": fed,
+                "shared_tokens": shared_tokens,
+                "ideal_speedup": ratio(fed, fed - shared_tokens),
+                "same_tokens": [r.token_ids for r in last[False]] == [r.token_ids for r in last[True]],
+                "samples": {"unshared_prefill_s": times[False], "shared_prefill_s": times[True]},
+            })
+    finally:
+        engine.share_prefixes = before
+    return {
+        "command": "perf prefix",
+        "shape": engine.model_name,
+        "batch": batch,
+        "questions_per_image": questions,
+        "repeats": repeats,
+        "warmup": warmup,
+        "environment": environment(engine),
+        "rows": rows,
+    }
+
+
+def prefix_table(result: dict[str, Any]) -> str:
+    from vlmguard.perf.report import table
+
+    env = result["environment"]
+    head = (f"perf prefix  shape={result['shape']}  batch={result['batch']}  "
+            f"questions/image={result['questions_per_image']}  repeats={result['repeats']}  "
+            f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
+    return head + "\n" + table(PREFIX_HEAD, prefix_rows(result))
+
+
+PREFIX_HEAD = ["decoder", "unshared prefill s", "shared prefill s", "speed-up", "ideal (tokens)", "prefill tokens",
+               "shared tokens", "same tokens"]
+
+
+def prefix_rows(result: dict[str, Any]) -> list[list[Any]]:
+    return [[r["decoder"], r["unshared_prefill_s"], r["shared_prefill_s"], r["speedup"], r["ideal_speedup"],
+             r["prefill_tokens"], r["shared_tokens"], r["same_tokens"]] for r in result["rows"]]
