@@ -182,3 +182,13 @@ def test_a_shared_prefix_batch_takes_joiners_and_joins_others(shared_calls):
     joined = run_joined(eng, spec, reqs[5:], reqs[:5], join_after=1)
     assert [r.token_ids for r in joined] == [alone[5].token_ids] + [r.token_ids for r in alone[:5]]
     assert len(shared_calls) == 3  # both groups of the first run, the joiners of the second
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_shared_prefixes_under_eager_attention(family, shared_calls):
+    """The reference attention path (every mask explicit) gives the same as SDPA's: both passes' masks hold."""
+    eng = tiny_engine(family, attn="eager")
+    assert eng.attn_implementation == "vlmguard_eager"
+    alone, shared = both_ways(eng, pope_like(family), GenerationSpec(decoding="lqcd", max_new_tokens=5, logprobs=2))
+    assert_same(alone, shared)
+    assert shared_calls and sum(r.timings.prefill_shared_tokens for r in shared) > 0
