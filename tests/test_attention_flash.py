@@ -109,3 +109,30 @@ def test_flash_requests_joining_a_running_batch_get_their_own_answers(pruning, b
     reqs = _requests()
     check_joined_equals_alone(eng, spec, reqs[:1], reqs[1:])
     assert flash_on_cpu["varlen"] > 0  # padded rows went through flash's un-padding path
+
+
+def test_flash_shares_prefixes_as_sdpa_does(flash_on_cpu, monkeypatch):
+    """Shared prefixes under FlashAttention: the second pass's queries are un-padded through the last columns of the
+    key mask, and flash's causal rule (bottom-right) lets each row's own tokens see its whole prefix."""
+    from vlmguard.runner import LayerRunner
+
+    plans = []
+    original = LayerRunner._prefill_shared
+    monkeypatch.setattr(LayerRunner, "_prefill_shared",
+                        lambda self, seq, plan, hl: plans.append(plan) or original(self, seq, plan, hl))
+    image = random_image(5, (64, 48))
+    reqs = [Request(f"Is there a {x} in the image?", [image]) for x in ("dog", "cat", "car", "person", "table")]
+    reqs.append(Request("Describe the image.", [random_image(6, (48, 64))]))
+    for family in ("llava", "qwen2_vl"):
+        model, proc = FAMILIES[family](seed=0)
+        sdpa = Engine(model, proc, name="sdpa")
+        sdpa.share_prefixes = False
+        model, proc = FAMILIES[family](seed=0)
+        flash = Engine(model, proc, name="flash", attn_implementation="flash_attention_2")
+        for decoding in ("greedy", "lqcd"):
+            spec = GenerationSpec(max_new_tokens=6, decoding=decoding)
+            plans.clear()
+            flash_on_cpu.clear()
+            got = flash.generate(reqs, spec)
+            assert plans and flash_on_cpu["varlen"] > 0, (family, decoding)
+            assert [r.token_ids for r in got] == [r.token_ids for r in sdpa.generate(reqs, spec)], (family, decoding)

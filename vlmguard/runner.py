@@ -107,8 +107,9 @@ class LayerRunner:
         own next position (the official LLaVA code of AdaptInfer). Otherwise they keep their positions.
 
         ``share_prefixes``: rows that begin with the same tokens compute them once (:mod:`vlmguard.prefix_sharing`)
-        where that saves enough; only without hooks (no layer cuts tokens) and without ``all_hidden``."""
-        if share_prefixes and before is None and after is None and not all_hidden and not self.flash:
+        where that saves enough; only without hooks (no layer cuts tokens) and without ``all_hidden``. Under
+        FlashAttention-2 the second pass gives the kernel the 2-D key mask, whose last columns un-pad the queries."""
+        if share_prefixes and before is None and after is None and not all_hidden:
             plan = plan_prefixes(seq)
             if plan is not None:
                 return self._prefill_shared(seq, plan, hidden_layers)
@@ -175,9 +176,12 @@ class LayerRunner:
         del cache
         prefix_valid = prefix.valid[group]
         key_valid = torch.cat([prefix_valid, rest.valid], dim=1)
-        allowed = torch.cat([prefix_valid[:, None, :].expand(-1, rest.length, -1),
-                             causal_allowed(rest.valid, rest.valid)], dim=2)
-        mask = additive_mask(allowed, rest.hidden.dtype)
+        if self.flash:  # un-padded through the key mask; flash's causal rule aligns each row's own tokens last
+            mask = key_valid.long()
+        else:
+            allowed = torch.cat([prefix_valid[:, None, :].expand(-1, rest.length, -1),
+                                 causal_allowed(rest.valid, rest.valid)], dim=2)
+            mask = additive_mask(allowed, rest.hidden.dtype)
         h = rest.hidden
         rope = ad.rotary(h, rest.positions)
         captured: dict[int, torch.Tensor] = {}
