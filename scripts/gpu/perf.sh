@@ -9,13 +9,13 @@
 # (at most 8 files come back): prefill of llava-1.5-7b (SDPA, and FlashAttention-2 when flash_attn
 # imports; batch 1, and batch 8 at 64 tokens), prefill of llava-next-7b and of qwen2-vl-7b (FlowCut with
 # and without its ViT stage), and per-token decode of every decoder at batch 1 and 8, and at batch 1 with
-# FlowCut@64 composed. Every
+# FlowCut@64 composed, and shared prefixes on POPE-style batches. Every
 # command has its own time limit, so one that hangs or fails leaves the others' reports.
 #
 # Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
-# Eight commands at LIMIT=70 s plus the install can take close to the 600 s of one device call: to rerun only
+# Nine commands at LIMIT=70 s plus the install can take close to the 600 s of one device call: to rerun only
 # some, set STEPS to their names (space-separated): prefill-sdpa prefill-flash_attention_2 prefill-next
-# prefill-qwen decode prefill-b8 decode-flowcut, e.g. `STEPS="prefill-qwen decode" bash scripts/gpu/perf.sh`.
+# prefill-qwen decode prefill-b8 decode-flowcut prefix, e.g. `STEPS="prefill-qwen decode" bash scripts/gpu/perf.sh`.
 set -uo pipefail
 OUT=${OUT:-/tmp/vlmguard-gpu}
 DEVICE=${DEVICE:-cuda}
@@ -96,6 +96,12 @@ step "decode llava-1.5-7b$SUFFIX sdpa with flowcut@64"
 timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" --dtype "$DTYPE" \
   --decoders greedy,vcd,m3id,vista,iava,lqcd --batch 1 --pruning flowcut --budget 64 --new-tokens 32 --warmup 1 \
   --repeats 3 --quiet --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa-flowcut64.json" || echo "FAILED (exit $?)"
+}
+want prefix && {
+step "prefix sharing llava-1.5-7b$SUFFIX sdpa, 12 requests of 6 questions per image"
+timeout "$LIMIT" "${VG[@]}" perf prefix --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" --decoders greedy,lqcd \
+  --batch 12 --questions-per-image 6 \
+  --out "$OUT/perf-prefix-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
 }
 step "done"
 ls -la "$OUT"
