@@ -57,6 +57,20 @@ def test_batching_mode_defaults_to_inflight_and_can_be_overridden():
     assert cfg.models[0].batching.mode == "inflight"  # the original is not changed
 
 
+def test_prefix_sharing_is_on_by_default_and_a_model_may_turn_it_off():
+    from vlmguard.testing import tiny_engine
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    cfg = parse_config({"models": [{"model": "tiny"}, {"model": "random:llava", "share_prefixes": False}]})
+    assert [m.share_prefixes for m in cfg.models] == [True, False]
+    engine = tiny_engine("llava")
+    try:
+        assert EngineWorker("random:llava", engine=engine, share_prefixes=False).engine.share_prefixes is False
+    finally:
+        engine.share_prefixes = True  # the cached test engine is shared with other tests
+    assert EngineWorker("random:llava", engine=engine).engine.share_prefixes is True
+
+
 def test_ingress_topology_follows_the_config():
     """One model: the model replica is the HTTP ingress (one hop fewer); several: a separate FastAPI ingress."""
     from vlmguard.workers.app import build_app

@@ -56,6 +56,8 @@ class ModelConfig(BaseModel):
     max_queued_requests: int = Field(64, ge=-1)  # per caller; beyond it callers get backpressure (-1: no limit)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     max_new_tokens_limit: int = Field(1024, ge=1)  # hard cap on a request's max_new_tokens
+    # rows of a prefill that begin alike compute that prefix once (Engine.share_prefixes; outputs unchanged)
+    share_prefixes: bool = True
 
     @model_validator(mode="after")
     def _cuda_needs_a_gpu(self) -> "ModelConfig":

@@ -66,7 +66,7 @@ class EngineWorker:
 
     def __init__(self, model: str = "tiny", *, name: str | None = None, device: str = "auto",
                  dtype: str = "auto", attn_implementation: str = "auto", trust_remote_code: bool = False,
-                 torch_threads: int | None = None, engine: Any = None):
+                 torch_threads: int | None = None, engine: Any = None, share_prefixes: bool = True):
         import torch
 
         if torch_threads:
@@ -77,6 +77,7 @@ class EngineWorker:
             engine = Engine.load(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                                  trust_remote_code=trust_remote_code)
         self.engine = engine
+        engine.share_prefixes = share_prefixes
         self.name = name or model
         self._lock = threading.Lock()
         self.started = time.time()
