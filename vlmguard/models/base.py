@@ -250,10 +250,9 @@ class ModelAdapter:
         stripped = [i for i, p in enumerate(prompts) if p.strip_image_tokens]
         if not stripped:
             return self._process(texts, prompts)
-        for i in stripped:
-            if prompts[i].images:
-                raise ValueError("a prompt whose image tokens are stripped is encoded without images")
-        others = [i for i in range(len(prompts)) if i not in set(stripped)]
+        if any(prompts[i].images for i in stripped):
+            raise ValueError("a prompt whose image tokens are stripped is encoded without images")
+        others = [i for i, p in enumerate(prompts) if not p.strip_image_tokens]
         part = self._process([texts[i] for i in others], [prompts[i] for i in others]) if others else None
         return self._with_rows(part, others, {i: self._ids_without_images(texts[i]) for i in stripped})
 
@@ -300,8 +299,7 @@ class ModelAdapter:
         width = max([len(x) for x in extra.values()] + ([part.input_ids.shape[1]] if part is not None else []))
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
-        ref = part.input_ids if part is not None else next(iter(extra.values()))
-        input_ids = torch.full((n, width), pad, dtype=ref.dtype)
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.bool)
         vision: dict[str, Any] = {}
         per_token: list[str] = []

@@ -1,4 +1,5 @@
-"""``vlmguard perf prefill|decode|prefix|serve|gemm|plot``: speed measured as ratios within one run (never timed tests)."""
+"""``vlmguard perf prefill|decode|prefix|serve|gemm|plot``: speed measured as ratios within one run (never timed
+tests)."""
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,9 @@ def register(subparsers) -> None:
     perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
                                  description="Speed as ratios measured within one run: prefill per pruning method "
                                              "and budget against no pruning and the FLOP ideal, decode per decoder "
-                                             "against greedy, shared prefixes against none, the Ray service against the Engine, matrix products "
-                                             "per token count (gemm), and plots of saved runs.")
+                                             "against greedy, shared prefixes against none, the Ray service against "
+                                             "the Engine, matrix products per token count (gemm), and plots of saved "
+                                             "runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
     sub.required = True
 
