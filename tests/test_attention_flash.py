@@ -117,9 +117,9 @@ def test_flash_shares_prefixes_as_sdpa_does(flash_on_cpu, monkeypatch):
     from vlmguard.runner import LayerRunner
 
     plans = []
-    original = LayerRunner._prefill_shared
-    monkeypatch.setattr(LayerRunner, "_prefill_shared",
-                        lambda self, seq, plan, hl: plans.append(plan) or original(self, seq, plan, hl))
+    original = LayerRunner.prefill_shared
+    monkeypatch.setattr(LayerRunner, "prefill_shared",
+                        lambda self, seq, plan, *a, **k: plans.append(plan) or original(self, seq, plan, *a, **k))
     image = random_image(5, (64, 48))
     reqs = [Request(f"Is there a {x} in the image?", [image]) for x in ("dog", "cat", "car", "person", "table")]
     reqs.append(Request("Describe the image.", [random_image(6, (48, 64))]))

@@ -33,6 +33,7 @@ def test_prefix_report_rows(report):
     assert rows["lqcd"]["prefill_tokens"] > 2 * rows["greedy"]["prefill_tokens"]
     assert rows["vcd"]["prefill_tokens"] == 2 * rows["greedy"]["prefill_tokens"]
     assert rows["lqcd"]["shared_tokens"] > rows["greedy"]["shared_tokens"]
+    assert rows["greedy"]["unshared_setup_s"] >= 0 and rows["greedy"]["shared_setup_s"] >= 0
 
 
 def test_prefix_report_figure_and_markdown(report, tmp_path):

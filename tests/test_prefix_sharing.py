@@ -97,13 +97,13 @@ def test_a_proposed_match_is_confirmed_on_the_whole_embedding():
 @pytest.fixture()
 def shared_calls(monkeypatch):
     calls = []
-    original = LayerRunner._prefill_shared
+    original = LayerRunner.prefill_shared
 
-    def spy(self, seq, plan, hidden_layers):
+    def spy(self, seq, plan, *args, **kwargs):
         calls.append(plan)
-        return original(self, seq, plan, hidden_layers)
+        return original(self, seq, plan, *args, **kwargs)
 
-    monkeypatch.setattr(LayerRunner, "_prefill_shared", spy)
+    monkeypatch.setattr(LayerRunner, "prefill_shared", spy)
     return calls
 
 
@@ -132,7 +132,7 @@ def assert_same(alone, shared):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
-@pytest.mark.parametrize("decoding", ["greedy", "lqcd", "vcd", "m3id", "iava"])
+@pytest.mark.parametrize("decoding", ["greedy", "lqcd", "vcd", "m3id", "iava", "vista"])
 def test_shared_prefixes_give_every_request_what_a_row_by_row_prefill_gives(family, decoding, shared_calls):
     eng = tiny_engine(family)
     spec = GenerationSpec(decoding=decoding, max_new_tokens=6, logprobs=2)
@@ -165,9 +165,40 @@ def test_seeded_sampling_and_a_vision_side_pruner_with_shared_prefixes(shared_ca
 @pytest.mark.parametrize("spec", [GenerationSpec(max_new_tokens=4, pruning="fastv", budget=8),
                                   GenerationSpec(max_new_tokens=4, decoding="vista")])
 def test_nothing_is_shared_where_a_prefix_depends_on_more_than_its_tokens(spec, shared_calls):
+    """An LLM-side cut, VISTA's per-request steering: the request's prefill shares nothing (VISTA's pre-pass, which
+    runs without its hooks, does: next test)."""
     eng = tiny_engine("llava")
-    eng.generate(pope_like("llava"), spec)
-    assert not shared_calls
+    out = eng.generate(pope_like("llava"), spec)
+    assert all(r.timings.prefill_shared_tokens == 0 for r in out)
+    assert not shared_calls or spec.decoding == "vista"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_pre_pass_shares_prefixes_and_records_the_same_scores(family, shared_calls):
+    """Engine.probe_forward (IAVA's selection pass, VISTA's steering vectors) shares prefixes like a prefill: the
+    last position's hidden states and logits, and its attention to each image token in every layer, equal those of
+    the rows run one by one; the scores are laid out on the returned sequence's key axis."""
+    from vlmguard.models.base import Prompt
+
+    eng = tiny_engine(family)
+    prompts = [Prompt(r.prompt, r.images) for r in pope_like(family)]
+    layers = range(eng.adapter.num_layers)
+    eng.share_prefixes = False
+    try:
+        alone = eng.probe_forward(prompts, hidden_layers=layers, score_layers=layers, per_head=True)
+    finally:
+        eng.share_prefixes = True
+    shared = eng.probe_forward(prompts, hidden_layers=layers, score_layers=layers, per_head=True)
+    assert shared_calls and not torch.equal(shared["seq"].valid, alone["seq"].valid)  # the two-part layout
+    assert torch.allclose(shared["logits"], alone["logits"], atol=1e-4)
+    for i in layers:
+        assert torch.allclose(shared["hidden"][i], alone["hidden"][i], atol=1e-4)
+        for r in range(len(prompts)):
+            mine = shared["scores"][i][r, :, 0, shared["seq"].visual_mask()[r]]
+            theirs = alone["scores"][i][r, :, 0, alone["seq"].visual_mask()[r]]
+            assert mine.shape == theirs.shape and torch.allclose(mine, theirs, atol=1e-5), (i, r)
+            # every key's share, text ones included, sums to one on both layouts
+            assert torch.allclose(shared["scores"][i][r].sum(-1), torch.ones(1), atol=1e-5)
 
 
 def test_a_shared_prefix_batch_takes_joiners_and_joins_others(shared_calls):

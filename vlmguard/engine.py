@@ -30,6 +30,7 @@ from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
+from vlmguard.prefix_sharing import plan_prefixes
 from vlmguard.pruning.base import PruneContext
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import LayerRunner
@@ -256,13 +257,21 @@ class Engine:
         Returns {"hidden": {layer: (B, D) last-position residual}, "scores": {layer: probs},
         "seq": the input Seq (its ``visual`` column locates image tokens), "logits": (B, V)}.
         ``query_rows(seq) -> (B, Q) long`` picks the score rows (default: the last position).
-        """
+
+        With the default rows, rows that begin alike share that prefix (``share_prefixes``, as a request's prefill
+        does: IAVA's query and generic-instruction rows share their image); "seq" is then the shared layout (the
+        prefix's slots, then each row's own; no hidden states), on whose key axis the scores are."""
         batch = self.adapter.encode(prompts)
         feats = self.adapter.image_features(batch, same_images(self.adapter, batch))
         if visual_transforms:
             feats = [f if f is None or visual_transforms[i] is None else visual_transforms[i](f)
                      for i, f in enumerate(feats)]
         seq = self.adapter.build_sequence(batch, feats, self.model.dtype, self.device)
+        plan = plan_prefixes(seq) if self.share_prefixes and query_rows is None else None
+        if plan is not None:
+            logits, state, hidden, scores = self.runner.prefill_shared(seq, plan, tuple(hidden_layers),
+                                                                       tuple(score_layers), per_head)
+            return {"hidden": hidden, "scores": scores, "seq": state.final_seq, "logits": logits}
         scores: dict[int, torch.Tensor] = {}
         wanted = set(score_layers)
 

@@ -112,7 +112,7 @@ class LayerRunner:
         if share_prefixes and before is None and after is None and not all_hidden:
             plan = plan_prefixes(seq)
             if plan is not None:
-                return self._prefill_shared(seq, plan, hidden_layers)
+                return self.prefill_shared(seq, plan, hidden_layers)[:3]
         ad = self.adapter
         cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
@@ -153,11 +153,16 @@ class LayerRunner:
                             visual_per_layer=visual_fed, final_seq=_layout(seq), hidden_dtype=h.dtype)
         return logits, state, captured
 
-    def _prefill_shared(self, seq: Seq, plan: PrefixPlan, hidden_layers: tuple[int, ...]
-                        ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+    @torch.no_grad()
+    def prefill_shared(self, seq: Seq, plan: PrefixPlan, hidden_layers: tuple[int, ...] = (),
+                       score_layers: tuple[int, ...] = (), per_head: bool = False,
+                       ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """:meth:`prefill` in two passes: the groups' shared prefixes, one row each, then every row's remainder
         on a cache that starts with its group's prefix. A row's keys are its prefix's slots, then its own (each
-        part left-padded: masked slots between them), the layout decoding continues from."""
+        part left-padded: masked slots between them), the layout decoding continues from (``final_seq``).
+
+        Also returns, for each layer of ``score_layers``, the last position's attention probabilities over that
+        layout's keys ((B, H, 1, K) with ``per_head``, else (B, 1, K)), as the score facility records them."""
         ad = self.adapter
         prefix, rest = split(seq, plan)
         cache = GrowingCache()
@@ -185,8 +190,15 @@ class LayerRunner:
         h = rest.hidden
         rope = ad.rotary(h, rest.positions)
         captured: dict[int, torch.Tensor] = {}
+        scores: dict[int, torch.Tensor] = {}
+        last = torch.full((h.shape[0], 1), rest.length - 1, dtype=torch.long, device=h.device)
         for i, layer in enumerate(ad.layers):
-            h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: shared}, use_cache=True)
+            req = (ScoreRequest(query_index=last, key_mask=key_valid, query_pos=last + prefix.length, per_head=per_head)
+                   if i in score_layers else None)
+            with score_probe(ad.attention_module(i), req) if req is not None else nullcontext():
+                h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: shared}, use_cache=True)
+            if req is not None:
+                scores[i] = req.probs
             if i in hidden_layers:
                 captured[i] = h[:, -1].clone()
         logits = ad.logits(ad.norm(h[:, -1:]))[:, 0]
@@ -198,7 +210,7 @@ class LayerRunner:
                             next_positions=rest.last_positions() + 1,
                             visual_per_layer=[layout.visual_counts()] * n_layers, final_seq=layout,
                             hidden_dtype=h.dtype, shared_tokens=plan.shared_tokens())
-        return logits, state, captured
+        return logits, state, captured, scores
 
     # ---- decode --------------------------------------------------------------------------
     @torch.no_grad()

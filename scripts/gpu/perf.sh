@@ -99,8 +99,8 @@ timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdp
 }
 want prefix && {
 step "prefix sharing llava-1.5-7b$SUFFIX sdpa, 12 requests of 6 questions per image"
-timeout "$LIMIT" "${VG[@]}" perf prefix --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" --decoders greedy,lqcd \
-  --batch 12 --questions-per-image 6 \
+timeout "$LIMIT" "${VG[@]}" perf prefix --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" \
+  --decoders greedy,lqcd,iava --batch 12 --questions-per-image 6 \
   --out "$OUT/perf-prefix-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
 }
 step "done"

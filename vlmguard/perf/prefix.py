@@ -64,6 +64,7 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
         for label, method in methods.items():
             spec = _spec(method)
             times: dict[bool, list[float]] = {False: [], True: []}
+            setup: dict[bool, list[float]] = {False: [], True: []}
             last: dict[bool, list[Any]] = {}
             for rep in range(warmup + repeats):
                 for share in (False, True):
@@ -71,6 +72,7 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
                     last[share] = engine.generate(requests, spec)
                     if rep >= warmup:
                         times[share].append(_prefill(last[share]))
+                        setup[share].append(last[share][0].timings.setup_s)
                 if progress and rep >= warmup:
                     progress(f"round {rep + 1 - warmup}/{repeats} {label}: {times[False][-1]:.3f}s unshared, "
                              f"{times[True][-1]:.3f}s shared")
@@ -85,8 +87,12 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
                 "prefill_tokens": fed,
                 "shared_tokens": shared_tokens,
                 "ideal_speedup": ratio(fed, fed - shared_tokens),
+                # a decoder's pre-pass (IAVA's selection, VISTA's steering vectors) shares prefixes too
+                "unshared_setup_s": median(setup[False]),
+                "shared_setup_s": median(setup[True]),
                 "same_tokens": [r.token_ids for r in last[False]] == [r.token_ids for r in last[True]],
-                "samples": {"unshared_prefill_s": times[False], "shared_prefill_s": times[True]},
+                "samples": {"unshared_prefill_s": times[False], "shared_prefill_s": times[True],
+                            "unshared_setup_s": setup[False], "shared_setup_s": setup[True]},
             })
     finally:
         engine.share_prefixes = before
@@ -113,9 +119,10 @@ def prefix_table(result: dict[str, Any]) -> str:
 
 
 PREFIX_HEAD = ["decoder", "unshared prefill s", "shared prefill s", "speed-up", "ideal (tokens)", "prefill tokens",
-               "shared tokens", "same tokens"]
+               "shared tokens", "unshared pre-pass s", "shared pre-pass s", "same tokens"]
 
 
 def prefix_rows(result: dict[str, Any]) -> list[list[Any]]:
     return [[r["decoder"], r["unshared_prefill_s"], r["shared_prefill_s"], r["speedup"], r["ideal_speedup"],
-             r["prefill_tokens"], r["shared_tokens"], r["same_tokens"]] for r in result["rows"]]
+             r["prefill_tokens"], r["shared_tokens"], r.get("unshared_setup_s"), r.get("shared_setup_s"),
+             r["same_tokens"]] for r in result["rows"]]
