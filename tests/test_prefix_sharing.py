@@ -75,6 +75,19 @@ def test_no_plan_where_sharing_saves_too_little_or_rows_are_not_left_padded():
     assert plan_prefixes(seq) is None
 
 
+def test_rows_that_differ_early_are_turned_away_before_any_plan_is_searched(monkeypatch):
+    """A batch of requests about different images (a server's, CHAIR's) shares the system text only: one gather of
+    each row's token a fifth into the batch's width tells, and no token ids are built."""
+    import vlmguard.prefix_sharing as sharing
+
+    system = list(range(10, 16))
+    rows = [system + list(range(v, v + 30)) for v in (20, 60, 100, 140)]
+    monkeypatch.setattr(sharing, "_token_ids", lambda seq: pytest.fail("searched for a plan"))
+    assert plan_prefixes(make_seq(rows)) is None
+    monkeypatch.undo()
+    assert plan_prefixes(make_seq(rows + rows[:2])) is not None  # repeated rows pass the check
+
+
 def test_a_proposed_match_is_confirmed_on_the_whole_embedding():
     """The plan proposes matches from a sample of each embedding's values; rows that agree there but not elsewhere
     are not shared (the batch then runs row by row)."""

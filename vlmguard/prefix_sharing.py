@@ -16,6 +16,7 @@ there a row's prefix depends on more than its own tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,25 @@ def _shares(ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.minimum(torch.cat(parts), torch.minimum(own[:, None], own[None]))
 
 
+def _may_share(seq: Seq, counts: torch.Tensor, m: int) -> bool:
+    """Whether two rows may share their first ``m`` tokens: then their m-th tokens are alike (the same sample of
+    embedding values, position and visual index). A plan is searched for only where some row shares ``min_saving``
+    of the batch's width with another; where no two rows agree there (a batch of requests about different images),
+    that takes one gather. (A plan could also gain from short rows alone, whose padding it drops; not sought.)"""
+    if m <= 0:
+        return True
+    rows = (counts >= m).nonzero().flatten()
+    if rows.numel() < 2:
+        return False
+    cols = seq.length - counts[rows] + m - 1  # each row's m-th token
+    dims = torch.randperm(seq.hidden.shape[-1], generator=torch.Generator().manual_seed(0))[:FINGERPRINT_DIMS]
+    token = torch.cat([seq.hidden[rows, cols][:, dims.to(rows.device)].double(),
+                       seq.positions[..., rows, cols].reshape(-1, rows.numel()).T.double(),
+                       seq.visual[rows, cols][:, None].double()], dim=1)
+    same = (token[:, None] == token[None]).all(dim=-1)
+    return bool(same.sum() > rows.numel())  # more than each row with itself
+
+
 def _same_prefix(seq: Seq, a: int, b: int, start: list[int], n: int) -> bool:
     sa, sb = slice(start[a], start[a] + n), slice(start[b], start[b] + n)
     return (torch.equal(seq.hidden[a, sa], seq.hidden[b, sb]) and torch.equal(seq.visual[a, sa], seq.visual[b, sb])
@@ -105,9 +125,11 @@ def plan_prefixes(seq: Seq, min_tokens: int = MIN_TOKENS, min_saving: float = MI
     contiguous = valid == (torch.arange(seq.length, device=valid.device)[None] >= (seq.length - counts_t)[:, None])
     if not bool(contiguous.all()):
         return None
+    if not _may_share(seq, counts_t, math.ceil(min_saving * seq.length)):
+        return None
     ids, start, counts = _token_ids(seq)
     shares = _shares(ids, counts)
-    # at most, every row takes the most it shares with another: too little already, no plan to search for
+    # every row taking the most it shares with another still shares too little: no plan to search for
     best = shares.fill_diagonal_(0).max(dim=1).values
     if float(best.sum()) < min_saving * b * seq.length:
         return None
