@@ -1,8 +1,8 @@
 """``vlmguard perf serve``: throughput and latency of the Ray service against calling the Engine directly.
 
-Workload: ``--requests`` generation requests (one random image each, greedy, ``--new-tokens``), sent by
-C concurrent closed-loop clients (each sends its next request when the previous answer arrived), for each
-C in ``--clients``. Three paths, measured one after another on the same model:
+Workload: ``--requests`` generation requests (random images, distinct among any 4 x C consecutive requests,
+greedy, ``--new-tokens``), sent by C concurrent closed-loop clients (each sends its next request when the previous
+answer arrived), for each C in ``--clients``. Three paths, measured one after another on the same model:
 
 - ``engine``: the Engine in this process, one ``generate`` per request (one at a time, as a replica does
   without batching) -- the floor for latency;
@@ -274,7 +274,9 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
         configs = {batching: _service_config(args, batching, threads, clients) for batching in (False, True)}
         _check_servable(args.shape)
     engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    images = [bench_image(engine, args.seed + i) for i in range(8)]
+    # distinct images for every request a batch can hold (4x the most clients): a batch whose requests repeated an
+    # image and prompt would share their whole prefill (vlmguard/prefix_sharing.py) and measure that, not batching
+    images = [bench_image(engine, args.seed + i) for i in range(max(8, 4 * max(clients)))]
     calls: dict[str, Call] = {"engine": engine_caller(engine, images, spec_for)}
     env = environment(engine)
     services: list[Any] = []
