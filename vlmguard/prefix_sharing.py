@@ -49,14 +49,18 @@ class PrefixPlan:
         return sum(self.shared_tokens())
 
 
+def _sampled_dims(dim: int, device: torch.device) -> torch.Tensor:
+    """The embedding dimensions whose values stand for a token (a fixed sample of ``FINGERPRINT_DIMS``)."""
+    return torch.randperm(dim, generator=torch.Generator(device="cpu").manual_seed(0))[:FINGERPRINT_DIMS].to(device)
+
+
 def _token_ids(seq: Seq) -> tuple[torch.Tensor, list[int], list[int]]:
     """Every token as an integer, (B, L) from each row's first valid token on (-1 past its last): equal tokens get
     equal ids, from the bits of a fixed sample of the embedding's values, its RoPE position and visual index
     (different tokens may share an id: the plan's rows are checked in full); and each row's first valid column and
     valid-token count."""
     b, length, dim = seq.hidden.shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    dims = torch.randperm(dim, generator=gen)[:FINGERPRINT_DIMS].to(seq.hidden.device)
+    dims = _sampled_dims(dim, seq.hidden.device)
     counts = seq.valid.sum(dim=1)
     start = length - counts
     cols = (torch.arange(length, device=seq.valid.device)[None] + start[:, None]).clamp(max=length - 1)
@@ -99,8 +103,8 @@ def _may_share(seq: Seq, counts: torch.Tensor, m: int) -> bool:
     if rows.numel() < 2:
         return False
     cols = seq.length - counts[rows] + m - 1  # each row's m-th token
-    dims = torch.randperm(seq.hidden.shape[-1], generator=torch.Generator().manual_seed(0))[:FINGERPRINT_DIMS]
-    token = torch.cat([seq.hidden[rows, cols][:, dims.to(rows.device)].double(),
+    dims = _sampled_dims(seq.hidden.shape[-1], seq.hidden.device)
+    token = torch.cat([seq.hidden[rows, cols][:, dims].double(),
                        seq.positions[..., rows, cols].reshape(-1, rows.numel()).T.double(),
                        seq.visual[rows, cols][:, None].double()], dim=1)
     same = (token[:, None] == token[None]).all(dim=-1)
