@@ -236,3 +236,28 @@ def test_shared_prefixes_under_eager_attention(family, shared_calls):
     alone, shared = both_ways(eng, pope_like(family), GenerationSpec(decoding="lqcd", max_new_tokens=5, logprobs=2))
     assert_same(alone, shared)
     assert shared_calls and sum(r.timings.prefill_shared_tokens for r in shared) > 0
+
+
+def test_random_mixed_batches_answer_alike_shared_or_not():
+    """A fixed-seed sample of mixed batches (families, decoders, vision-side pruners, text-only rows, repeated and
+    different images, prompts of different lengths, one to six new tokens): the same tokens and log-probabilities
+    with shared prefixes as without, and some of them do share."""
+    import random
+
+    rng = random.Random(7)
+    images = [random_image(i, size) for i, size in enumerate([(40, 32), (64, 48), (48, 64), (64, 64)])]
+    texts = ["Is there a dog in the image?", "Is there a cat in the image?", "describe the photo", "a",
+             "what color is the car?", "Is there a dog in the image? Answer yes or no."]
+    shared_any = 0
+    for _ in range(12):
+        family = rng.choice(["llava", "llava_next", "qwen2_vl"])
+        reqs = [Request(rng.choice(texts), [] if rng.random() < 0.15 else [rng.choice(images)])
+                for _ in range(rng.randint(2, 8))]
+        decoding = rng.choice(["greedy", "lqcd", "vcd", "m3id", "iava", "sample", "vista"])
+        kw = {"decoding": decoding, "max_new_tokens": rng.randint(1, 6), "logprobs": 2, "seed": 3}
+        if rng.random() < 0.3 and all(r.images for r in reqs):
+            kw.update(pruning=rng.choice(["flowcut", "random"]), budget=0.5)
+        alone, shared = both_ways(tiny_engine(family), reqs, GenerationSpec(**kw))
+        assert_same(alone, shared)
+        shared_any += any(r.timings.prefill_shared_tokens for r in shared)
+    assert shared_any >= 3
