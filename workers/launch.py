@@ -505,14 +505,22 @@ def start_detached_cluster(*, num_cpus: int | None = None, port: int = 6379,
     return address
 
 
-def end_process_group(pgid: int, grace_s: float = 3.0) -> None:
-    """SIGTERM every process of group ``pgid``, then SIGKILL what is left after ``grace_s``."""
-    deadline = time.monotonic() + grace_s
+def end_process_group(pgid: int, grace_s: float = 3.0, kill_wait_s: float = 2.0) -> None:
+    """SIGTERM every process of group ``pgid``, then SIGKILL what is left after ``grace_s`` and wait up to
+    ``kill_wait_s`` for it to be gone: a killed process may still run for a moment (Ray's autoscaler monitor, slow to
+    honour SIGTERM, was still listed right after the SIGKILL)."""
     try:  # ProcessLookupError: the group is empty (again)
         os.killpg(pgid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            os.killpg(pgid, 0)
+        _wait_group(pgid, grace_s)
         os.killpg(pgid, signal.SIGKILL)
+        _wait_group(pgid, kill_wait_s)
     except ProcessLookupError:
         return
+
+
+def _wait_group(pgid: int, seconds: float) -> None:
+    """Until group ``pgid`` is empty (ProcessLookupError) or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        os.killpg(pgid, 0)
