@@ -96,6 +96,12 @@ class DecodeContext:
     # request active[j]). The engine keeps it current as finished requests leave the batch, so per-request
     # state (coefficients) can be mapped to rows in ``combine``. Forward hooks use ``owned_rows(ctx)``.
     active: list[int] = field(default_factory=list)
+    # Whether the requests' own prefill may come from a pre-pass (no pruning, no prefill hooks): a decoder that
+    # then runs ``probe_forward(..., keep_prefill=True)`` on ``prompts`` (its first rows, in order) hands the
+    # result's "prefill" to ``main_prefill``, and the engine decodes the main rows from that cache instead of
+    # prefilling them again (IAVA's query pre-pass, iava.md step 1).
+    reuse_main_prefill: bool = False
+    main_prefill: Any = None
 
     def add_report(self, shared: dict[str, Any] | None = None, **per_request: list[Any]) -> None:
         """Add report entries: ``shared`` ones describe the whole group, each keyword one list with an entry per

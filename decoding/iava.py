@@ -6,6 +6,8 @@ rule (every reconstructed choice is a parameter):
 1. ``setup``: one pre-pass (``ctx.probe_forward``) over the query prompts and the same prompts with the
    user text replaced by a generic instruction records, in every layer, the head-averaged attention of
    the last prompt position to each image token (the engine's cheap score facility: no eager attention).
+   Without pruning, the engine decodes the main branch from this pass's cache of the query rows
+   (``DecodeContext.main_prefill``): the query is prefilled once.
 2. Layers S: the fewest layers whose share of image attention (query prompt) reaches ``gamma``.
 3. Irrelevant tokens U from a_q, a_g (attention averaged over S), per sample, rule R1..R4 (R1 default:
    outsized under the generic instruction and lower under the query).
@@ -111,11 +113,17 @@ class IAVA(Decoder):
             generic_ok = [] if p.selection_rule == "R4" else [
                 i for i in with_img
                 if not ctx.prompts[i].raw and ctx.prompts[i].text.strip() != p.generic_instruction.strip()]
-            probe_prompts = [ctx.prompts[i] for i in with_img]
+            # the query rows: every request's own prompt where the engine decodes from this pre-pass's cache
+            # (iava.md step 1: the query prefill's cache is the main branch's), else those with an image
+            query_rows = list(range(n)) if ctx.reuse_main_prefill else with_img
+            probe_prompts = [ctx.prompts[i] for i in query_rows]
             probe_prompts += [Prompt(text=p.generic_instruction, images=ctx.prompts[i].images,
                                      system=ctx.prompts[i].system) for i in generic_ok]
             layers = range(n_layers)
-            probe = ctx.probe_forward(probe_prompts, score_layers=tuple(layers), per_head=False)
+            probe = ctx.probe_forward(probe_prompts, score_layers=tuple(layers), per_head=False,
+                                      keep_prefill=ctx.reuse_main_prefill)
+            if ctx.reuse_main_prefill:
+                ctx.main_prefill = probe["prefill"]
             seq = probe["seq"]
             scores = probe["scores"]
             vis = seq.visual_mask()
@@ -124,14 +132,14 @@ class IAVA(Decoder):
                 pos = vis[row].nonzero().squeeze(1)
                 return torch.stack([scores[i][row, 0, pos].float() for i in layers], dim=0)
 
-            for k, i in enumerate(with_img):
-                a_q_all = attn(k)
+            for i in with_img:
+                a_q_all = attn(query_rows.index(i))
                 chosen = p.fixed_layers or select_layers(a_q_all.sum(dim=1), p.gamma)
                 a_q = a_q_all[chosen].mean(dim=0)
                 a_g = None
                 rule = p.selection_rule
                 if i in generic_ok:
-                    a_g = attn(len(with_img) + generic_ok.index(i))[chosen].mean(dim=0)
+                    a_g = attn(len(query_rows) + generic_ok.index(i))[chosen].mean(dim=0)
                 u = irrelevant_tokens(a_q, a_g, rule, p.lam) if (a_g is not None or rule == "R4") else None
                 if (u is None or not bool(u.any())) and p.fallback_rule == "avisc":
                     rule = "R4"

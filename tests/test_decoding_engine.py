@@ -163,6 +163,48 @@ def test_iava_runs_no_rows_it_does_not_use(monkeypatch):
         assert probed == [rows], rule
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_iava_decodes_its_query_rows_from_the_pre_pass_cache(family, monkeypatch):
+    """iava.md step 1: the query prefill's cache is the one decoding continues from. Without pruning, the
+    request's own prefill runs only the irrelevant-token rows (one per request), and the answers, log-probabilities
+    and figures equal those of prefilling the query rows again (``Engine.reuse_probe_prefill = False``): greedy and
+    seeded sampling, a text-only request beside them, the prefix-shared pre-pass and the row-by-row one."""
+    eng = tiny_engine(family)
+    img = random_image(5, (48, 40))
+    batch = [Request("Is there a dog in the image?", [img]), Request("what color is the car", []),
+             Request("describe the photo", [random_image(6, (40, 56))]), Request("Is there a cat in the image?", [img])]
+    prefilled = []
+    prefill = type(eng.runner).prefill
+
+    def spy(self, seq, *args, **kw):
+        prefilled.append(seq.batch_size)
+        return prefill(self, seq, *args, **kw)
+
+    monkeypatch.setattr(type(eng.runner), "prefill", spy)
+    params = {**STRONG["iava"], "lam": 0.3}
+    for share in (True, False):
+        eng.share_prefixes = share
+        for sampling in ({}, {"do_sample": True, "seed": 3}):
+            out = {}
+            for reuse in (True, False):
+                eng.reuse_probe_prefill = reuse
+                prefilled.clear()
+                out[reuse] = run(eng, batch, "iava", params, n=6, logprobs=2, **sampling)
+                # the pre-pass (4 query rows, 3 generic ones) runs unshared through prefill; then the request's own
+                assert prefilled[-1] == (4 if reuse else 8), (share, reuse, prefilled)
+            reused, again = out[True], out[False]
+            assert [r.decoding["applied"] for r in reused] == [[True], [False], [True], [True]]
+            assert ids(reused) == ids(again), (share, sampling)
+            for a, b in zip(reused, again):
+                assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-5)
+                assert (a.timings.prefill_tokens, a.prompt_tokens, a.visual_tokens_kept, a.kept_indices,
+                        a.prefill_flops) == (b.timings.prefill_tokens, b.prompt_tokens, b.visual_tokens_kept,
+                                             b.kept_indices, b.prefill_flops)
+    eng.share_prefixes = eng.reuse_probe_prefill = True
+    pruned = run(eng, batch[:1], "iava", params, pruning="random", budget=4)  # a pruned main row: prefilled anew
+    assert pruned[0].decoding["applied"] == [True] and prefilled[-1] == 2
+
+
 def test_lqcd_leading_query_decodes_from_neutral_expert():
     eng = tiny_engine("llava")
     img = random_image(4, (40, 32))
@@ -522,7 +564,8 @@ def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch
     """Issue 4: image features are computed once and shared where the spec allows (lqcd.md 6): a decoder's
     branch rows that carry the request's own image (LQCD's cue variants, IAVA's probe and irrelevant rows, M3ID's
     mask view) and requests about the same image (POPE's six questions) take one tower pass per distinct image;
-    VCD's noised copy is another image. The answers equal those of a tower pass per row."""
+    VCD's noised copy is another image. IAVA's irrelevant rows take the features of its pre-pass, whose cache is
+    the main rows' (one tower pass in all). The answers equal those of a tower pass per row."""
     import vlmguard.engine as engine_mod
 
     eng = tiny_engine(family)
@@ -538,7 +581,7 @@ def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch
 
     monkeypatch.setattr(eng.adapter, "encode_images", spy)
     cases = {"greedy": ({}, [2]), "lqcd": ({}, [2]), "m3id": ({"uncond_mode": "mask", "lam": 0.5}, [2]),
-             "iava": ({"fallback_rule": "avisc"}, [2, 2]), "vcd": ({}, [4])}
+             "iava": ({"fallback_rule": "avisc"}, [2]), "vcd": ({}, [4])}
     for decoder, (params, tower_images) in cases.items():
         images_seen.clear()
         spec = GenerationSpec(decoding=decoder, decoding_params=params, max_new_tokens=4, logprobs=2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -33,7 +34,7 @@ from vlmguard.models.families import adapter_for
 from vlmguard.prefix_sharing import plan_prefixes
 from vlmguard.pruning.base import PruneContext
 from vlmguard.results import GenerationResult, Request, StreamEvent
-from vlmguard.runner import LayerRunner
+from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import RowSampler
 from vlmguard.sequence import Seq, compact_positions
 from vlmguard.spec import GenerationSpec
@@ -165,6 +166,9 @@ class Engine:
         # rows of a prefill that begin with the same tokens (POPE's questions about one image, LQCD's query
         # variants) compute them once (vlmguard/prefix_sharing.py); outputs are those of a prefill row by row
         self.share_prefixes = True
+        # a decoder's pre-pass over the requests' own prompts hands their cache to decoding (IAVA's query rows,
+        # ``DecodeContext.main_prefill``) instead of a second prefill of those rows; outputs unchanged
+        self.reuse_probe_prefill = True
         # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
         self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 
@@ -251,7 +255,7 @@ class Engine:
     @torch.no_grad()
     def probe_forward(self, prompts: Sequence[Prompt], hidden_layers: Sequence[int] = (),
                       score_layers: Sequence[int] = (), query_rows=None, per_head: bool = False,
-                      visual_transforms=None) -> dict[str, Any]:
+                      visual_transforms=None, keep_prefill: bool = False) -> dict[str, Any]:
         """Unpruned prefill of ``prompts`` recording what a decoder's setup needs.
 
         Returns {"hidden": {layer: (B, D) last-position residual}, "scores": {layer: probs},
@@ -260,18 +264,33 @@ class Engine:
 
         With the default rows, rows that begin alike share that prefix (``share_prefixes``, as a request's prefill
         does: IAVA's query and generic-instruction rows share their image); "seq" is then the shared layout (the
-        prefix's slots, then each row's own; no hidden states), on whose key axis the scores are."""
+        prefix's slots, then each row's own; no hidden states), on whose key axis the scores are.
+
+        ``keep_prefill``: also return "prefill", a :class:`ProbePrefill` (the KV cache, logits, encoding and image
+        features of every row) that a decoder whose first rows are its requests' own prompts hands the engine as
+        ``DecodeContext.main_prefill``, so that those rows are not prefilled again."""
+        if keep_prefill and visual_transforms:
+            raise ValueError("keep_prefill: a pre-pass whose visual tokens are transformed is no request's prefill")
         batch = self.adapter.encode(prompts)
         feats = self.adapter.image_features(batch, same_images(self.adapter, batch))
+        raw_feats = feats
         if visual_transforms:
             feats = [f if f is None or visual_transforms[i] is None else visual_transforms[i](f)
                      for i, f in enumerate(feats)]
         seq = self.adapter.build_sequence(batch, feats, self.model.dtype, self.device)
+        fed = seq.valid.sum(dim=1).tolist()
+
+        def kept(out: dict[str, Any], state: DecodeState) -> dict[str, Any]:
+            if keep_prefill:
+                out["prefill"] = ProbePrefill(batch=batch, features=raw_feats, logits=out["logits"], state=state,
+                                              fed=fed)
+            return out
+
         plan = plan_prefixes(seq) if self.share_prefixes and query_rows is None else None
         if plan is not None:
             logits, state, hidden, scores = self.runner.prefill_shared(seq, plan, tuple(hidden_layers),
                                                                        tuple(score_layers), per_head)
-            return {"hidden": hidden, "scores": scores, "seq": state.final_seq, "logits": logits}
+            return kept({"hidden": hidden, "scores": scores, "seq": state.final_seq, "logits": logits}, state)
         scores: dict[int, torch.Tensor] = {}
         wanted = set(score_layers)
 
@@ -287,9 +306,9 @@ class Engine:
                 scores[i] = req.probs
             return None
 
-        logits, _, hidden = self.runner.prefill(seq, before=before, after=after,
-                                                hidden_layers=tuple(hidden_layers))
-        return {"hidden": hidden, "scores": scores, "seq": seq, "logits": logits}
+        logits, state, hidden = self.runner.prefill(seq, before=before, after=after,
+                                                    hidden_layers=tuple(hidden_layers))
+        return kept({"hidden": hidden, "scores": scores, "seq": seq, "logits": logits}, state)
 
     # ---- the loop --------------------------------------------------------------------------
     def _prompts(self, requests: list[Request], positions: Sequence[int] | None = None,
@@ -364,7 +383,9 @@ class Engine:
         adapter = self.adapter
         n_req = len(requests)
         dctx = DecodeContext(adapter=adapter, prompts=prompts, probe_forward=self.probe_forward,
-                             sampling=any(s.sampling for s in specs), active=list(range(n_req)))
+                             sampling=any(s.sampling for s in specs), active=list(range(n_req)),
+                             reuse_main_prefill=(self.reuse_probe_prefill and pruner.side == "none"
+                                                 and not decoder.row_hooks and not decoder.prefill_hidden_layers))
         decoder.setup(dctx)
         try:
             if self.device.type == "cuda":  # the set-up's pre-passes finish inside setup_s
@@ -390,24 +411,72 @@ class Engine:
                       transforms, shares, t0, t_setup, pixel_fns=None, positions=None) -> DecodeBatch:
         adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
-        batch: EncodedBatch = adapter.encode(row_prompts)
-        if pixel_fns and any(pixel_fns):
-            transform_pixels(adapter, batch, pixel_fns)
-        prompt_len = batch.attention_mask.sum(dim=1).tolist()
+        pixel_fns = pixel_fns or [None] * len(row_prompts)
+        # the decoder's pre-pass prefilled the main rows (``DecodeContext.reuse_main_prefill``): only the branch
+        # rows are prefilled here
+        pre: ProbePrefill | None = dctx.main_prefill if dctx.reuse_main_prefill else None
+        dctx.main_prefill = None  # the batch owns its cache from here
+        first = n_req if pre is not None else 0
+        batch: EncodedBatch | None = adapter.encode(row_prompts[first:]) if first < len(row_prompts) else None
+        if batch is not None and any(pixel_fns[first:]):
+            transform_pixels(adapter, batch, pixel_fns[first:])
+        prompt_len = batch.attention_mask.sum(dim=1).tolist() if batch is not None else []
+        n_visual = batch.image_token_mask.sum(dim=1).tolist() if batch is not None else []
+        if pre is not None:
+            prompt_len = pre.batch.attention_mask[:n_req].sum(dim=1).tolist() + prompt_len
+            n_visual = pre.batch.image_token_mask[:n_req].sum(dim=1).tolist() + n_visual
         for i in range(n_req):
             if prompt_len[i] + specs[i].max_new_tokens > self.context_length:
                 raise ContextTooLong(
                     f"request {i if positions is None else positions[i]}: prompt ({prompt_len[i]} tokens incl. image) "
                     f"+ max_new_tokens ({specs[i].max_new_tokens}) exceeds the model's context of "
                     f"{self.context_length} tokens", param="prompt")
-        n_visual = batch.image_token_mask.sum(dim=1).tolist()
-        pctx = PruneContext(adapter=adapter, batch=batch, main_rows=list(range(n_req)), n_visual=n_visual,
-                            text_len=[p - v for p, v in zip(prompt_len, n_visual)],
+        # the batch whose first n_req rows are the main rows (the pre-pass's, when it prefilled them)
+        pctx = PruneContext(adapter=adapter, batch=batch if pre is None else pre.batch, main_rows=list(range(n_req)),
+                            n_visual=n_visual, text_len=[p - v for p, v in zip(prompt_len, n_visual)],
                             positions=None if positions is None else list(positions))
         pruner.check_budget(pctx)
         if any(n_visual):
-            self._report_vision_work(pctx, adapter.vision_work(batch))
+            self._report_vision_work(pctx, adapter.vision_work(pctx.batch))
+        if pre is None:
+            logits, state, hidden, rows, vision_s, prefill_s = self._forward_rows(
+                batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb)
+        else:
+            logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
+                pre, batch, row_prompts, transforms, pixel_fns, n_req)
+        fed, visual_fed, shared, final_visual = rows
+        broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
+        if broken:
+            raise NonFiniteLogits(
+                f"the model's logits are NaN or infinite for request(s) {', '.join(str(indices[r]) for r in broken)} "
+                + non_finite_cause(self.model.dtype))
+        hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
+        decoder.after_prefill(dctx, hidden)
+        hidden = {k: hidden[k] for k in decoder.hidden_layers}
 
+        now = time.perf_counter()
+        cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
+        lives = []
+        for r in range(n_req):
+            kept = None
+            if n_visual[r]:  # the final sequence's visual indices: after vision-side and any LLM-side cut
+                v = final_visual[r]
+                kept = sorted(v[v >= 0].tolist())
+            lives.append(LiveRequest(
+                index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
+                vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
+                visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
+                batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
+                spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req])))
+        return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
+                           cohort=cohort, state=state, logits=logits,
+                           hidden=hidden, lives=lives, device=self.device)
+
+    def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb):
+        """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
+        states, the rows' figures (``_row_figures``), vision seconds, prefill seconds)."""
+        adapter, runner = self.adapter, self.runner
+        n_visual = pctx.n_visual
         # -- vision
         t_vis = time.perf_counter()
         kept_vision: list[torch.Tensor | None] | None = None
@@ -442,6 +511,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         vision_s = time.perf_counter() - t_vis
+        fed = seq.valid.sum(dim=1).tolist()  # tokens each row feeds the first layer
 
         # -- prefill
         def before(i: int, s: Seq):
@@ -453,7 +523,6 @@ class Engine:
                 return None
             return self._share_keep(keep, s, n_req, nb, shares)
 
-        fed = seq.valid.sum(dim=1).tolist()  # tokens each row feeds the first layer
         t_pre = time.perf_counter()
         llm_side = pruner.llm_stage(adapter.family)
         owners = {}  # every row of this forward is this context's (row r: request r % n_req; branch-major)
@@ -468,35 +537,42 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
-        broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
-        if broken:
-            raise NonFiniteLogits(
-                f"the model's logits are NaN or infinite for request(s) {', '.join(str(indices[r]) for r in broken)} "
-                + non_finite_cause(self.model.dtype))
-        hidden = {k: v[:n_req] for k, v in hidden.items()}  # main-branch rows only (StepInputs.hidden)
-        decoder.after_prefill(dctx, hidden)
-        hidden = {k: hidden[k] for k in decoder.hidden_layers}
+        return logits, state, hidden, _row_figures(state, fed), vision_s, prefill_s
 
-        visual_fed = torch.stack(state.visual_per_layer, dim=1).tolist()  # rows x layers
-        shared = state.shared_tokens or [0] * (n_req * nb)  # rows are branch-major: request r's are r, r + n_req, ...
-        final_visual = state.final_seq.visual
-        now = time.perf_counter()
-        cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
-        lives = []
-        for r in range(n_req):
-            kept = None
-            if n_visual[r]:  # the final sequence's visual indices: after vision-side and any LLM-side cut
-                v = final_visual[r]
-                kept = sorted(v[v >= 0].tolist())
-            lives.append(LiveRequest(
-                index=indices[r], local=r, request=requests[r], t0=t0, t_mark=now, setup_s=t_setup,
-                vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
-                visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
-                batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
-                spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req])))
-        return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
-                           cohort=cohort, state=state, logits=logits,
-                           hidden=hidden, lives=lives, device=self.device)
+    def _forward_after_probe(self, pre: ProbePrefill, batch, row_prompts, transforms, pixel_fns, n_req):
+        """What ``_forward_rows`` returns, for main rows that the decoder's pre-pass prefilled (rows 0..n_req-1 of
+        ``pre``, unpruned): only the branch rows (``batch``) are prefilled, and their state joins the main rows'
+        (``LayerRunner.merge``; rows stay branch-major). A branch row with its request's own images, untouched
+        pixels, takes the pre-pass's image features (before its ``visual_transform``)."""
+        adapter, runner = self.adapter, self.runner
+        main = _row_figures(pre.state, pre.fed, n_req)
+        state, logits = pre.state, pre.logits[:n_req]
+        if state.next_positions.shape[-1] > n_req:
+            runner.reorder(state, list(range(n_req)))
+        if batch is None:
+            return logits, state, {}, main, 0.0, 0.0
+        t_vis = time.perf_counter()
+        own = [n_req + j for j in range(len(row_prompts) - n_req)]
+        if all(not row_prompts[r].images or (pixel_fns[r] is None and _same_objects(
+                row_prompts[r].images, row_prompts[r % n_req].images)) for r in own):
+            feats = [pre.features[r % n_req] if row_prompts[r].images else None for r in own]
+        else:
+            feats = adapter.image_features(batch, same_images(adapter, batch))
+        feats = [f if f is None or transforms[r] is None else transforms[r](f) for r, f in zip(own, feats)]
+        seq = adapter.build_sequence(batch, feats, self.model.dtype, self.device)
+        fed = seq.valid.sum(dim=1).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        vision_s = time.perf_counter() - t_vis
+        t_pre = time.perf_counter()
+        with forward_owners({}):  # no decoder hooks (the reuse's condition); no running batch's rows either
+            branch_logits, branch_state, _ = runner.prefill(seq, share_prefixes=self.share_prefixes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        prefill_s = time.perf_counter() - t_pre
+        rows = tuple(a + b for a, b in zip(main, _row_figures(branch_state, fed)))
+        return (torch.cat([logits, branch_logits]), runner.merge(state, branch_state), {}, rows, vision_s,
+                prefill_s)
 
     def _start_copies(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
                       positions: list[int], source: list[int]) -> DecodeBatch:
@@ -549,6 +625,32 @@ class Engine:
             row_keep = torch.isin(seq.visual[r], main_kept) & vis[r]
             keep[r] = (keep[r] & ~vis[r]) | row_keep
         return keep
+
+
+@dataclass
+class ProbePrefill:
+    """A pre-pass's prefill kept for decoding (``Engine.probe_forward(keep_prefill=True)``): its rows' encoding,
+    image features (per row, before any transform), last-position logits, decode state and tokens fed."""
+
+    batch: EncodedBatch
+    features: list[torch.Tensor | None]
+    logits: torch.Tensor
+    state: DecodeState
+    fed: list[int]
+
+
+def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) -> tuple[list, list, list, list]:
+    """Of a fresh prefill's first ``rows`` rows (default all): the tokens each fed the first layer, its visual
+    tokens fed to each layer, its prompt tokens another row computed (a shared prefix), and its final visual
+    indices (-1: not a visual token)."""
+    n = len(fed) if rows is None else rows
+    visual_fed = torch.stack(state.visual_per_layer, dim=1)[:n].tolist()
+    shared = (state.shared_tokens or [0] * len(fed))[:n]
+    return list(fed[:n]), visual_fed, list(shared), list(state.final_seq.visual[:n])
+
+
+def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def check_text(text: str | None, what: str, placeholder: str | None) -> None:
