@@ -36,7 +36,7 @@ from vlmguard.pruning.base import PruneContext
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import RowSampler
-from vlmguard.sequence import Seq, compact_positions
+from vlmguard.sequence import Seq, compact_positions, stack_rows
 from vlmguard.spec import GenerationSpec
 
 # A call's spec: None (the defaults), one for every request, or one per request (``request_specs``)
@@ -549,6 +549,8 @@ class Engine:
         state, logits = pre.state, pre.logits[:n_req]
         if state.next_positions.shape[-1] > n_req:
             runner.reorder(state, list(range(n_req)))
+            state.final_seq = _rows_of(state.final_seq, n_req)
+            state.visual_per_layer = [v[:n_req] for v in state.visual_per_layer]
         if batch is None:
             return logits, state, {}, main, 0.0, 0.0
         t_vis = time.perf_counter()
@@ -571,8 +573,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
         rows = tuple(a + b for a, b in zip(main, _row_figures(branch_state, fed)))
-        return (torch.cat([logits, branch_logits]), runner.merge(state, branch_state), {}, rows, vision_s,
-                prefill_s)
+        merged = runner.merge(state, branch_state)
+        # one fresh prefill's rows: its layout and visual counts, as a prefill of all rows would leave them
+        merged.final_seq = stack_rows([state.final_seq, branch_state.final_seq])
+        merged.visual_per_layer = [torch.cat([a, b]) for a, b in zip(state.visual_per_layer,
+                                                                     branch_state.visual_per_layer)]
+        return torch.cat([logits, branch_logits]), merged, {}, rows, vision_s, prefill_s
 
     def _start_copies(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
                       positions: list[int], source: list[int]) -> DecodeBatch:
@@ -647,6 +653,10 @@ def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) ->
     visual_fed = torch.stack(state.visual_per_layer, dim=1)[:n].tolist()
     shared = (state.shared_tokens or [0] * len(fed))[:n]
     return list(fed[:n]), visual_fed, list(shared), list(state.final_seq.visual[:n])
+
+
+def _rows_of(seq: Seq, n: int) -> Seq:
+    return Seq(hidden=seq.hidden[:n], valid=seq.valid[:n], positions=seq.positions[..., :n, :], visual=seq.visual[:n])
 
 
 def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:

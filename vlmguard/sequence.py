@@ -76,6 +76,25 @@ class Seq:
         return Seq(hidden=hidden, valid=valid, positions=positions, visual=visual), index
 
 
+def stack_rows(seqs: list[Seq], length: int | None = None) -> Seq:
+    """The rows of ``seqs`` in order, each left-padded to ``length`` (default: the longest) with padding (invalid,
+    position 0, visual -1, zero hidden states)."""
+    length = max(s.length for s in seqs) if length is None else length
+
+    def pad(x: torch.Tensor, value, dim: int) -> torch.Tensor:
+        missing = length - x.shape[dim]
+        if missing <= 0:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x.new_full(shape, value), x], dim=dim)
+
+    return Seq(hidden=torch.cat([pad(s.hidden, 0, 1) for s in seqs]),
+               valid=torch.cat([pad(s.valid, False, 1) for s in seqs]),
+               positions=torch.cat([pad(s.positions, 0, -1) for s in seqs], dim=-2),
+               visual=torch.cat([pad(s.visual, -1, 1) for s in seqs]))
+
+
 def compact_positions(seq: Seq) -> Seq:
     """Renumber 1-D positions contiguously over valid tokens (what a physically shorter input gets)."""
     if seq.mrope:
