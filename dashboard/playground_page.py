@@ -230,8 +230,10 @@ def _show_result(r: Any, image: Image.Image, sp: dict[str, Any], facts: ModelFac
     family, grid_side = facts.family, facts.grid_side
     image = drawing.model_view(image, family, sp.get("image_aspect"), facts.reference_aspect)
     n_kept = len(kept) if kept is not None else n
+    cached = getattr(t, "prefill_cached_tokens", 0)
     st.caption(f"finish: {r.finish_reason} · {len(r.token_ids)} tokens · visual tokens per LLM layer: "
-               f"{_layers(r.visual_tokens_kept)}")
+               f"{_layers(r.visual_tokens_kept)}"
+               + (f" · {cached} prompt tokens from the prefix cache (this image was seen before)" if cached else ""))
     if n:
         i1, i2 = st.columns(2)
         with i1:

@@ -296,3 +296,16 @@ def check_joined_equals_alone(engine: Engine, spec: GenerationSpec, first: list[
     assert [r.kept_indices for r in joined] == [r.kept_indices for r in alone]
     for j, a in zip(joined, alone):
         assert [x.main_prob for x in j.steps] == pytest.approx([x.main_prob for x in a.steps], abs=1e-5)
+
+
+def count_tower_images(engine: Engine, monkeypatch) -> list[int]:
+    """A list that records, for every vision tower pass of ``engine``, how many images it ran on."""
+    seen: list[int] = []
+    encode = engine.adapter.encode_images
+
+    def spy(batch):
+        seen.append(len(batch.rows_with_images))
+        return encode(batch)
+
+    monkeypatch.setattr(engine.adapter, "encode_images", spy)
+    return seen

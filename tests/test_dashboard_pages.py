@@ -169,7 +169,9 @@ class StubClient:
             finish_reason="stop", prompt_tokens=40, visual_tokens=self.N,
             visual_tokens_kept=[self.N, self.N] + [budget] * 2 if methods else [self.N] * 4, kept_indices=kept,
             timings=TimingsModel(vision_s=0.001, prefill_s=0.012 if methods else 0.02, decode_s=0.03, ttft_s=0.015,
-                                 total_s=0.05),
+                                 total_s=0.05,
+                                 # the plain run after the methods' one: the service's prefix cache had its image
+                                 prefill_cached_tokens=0 if methods else 30),
             steps=steps, pruning=pruning, decoding={"name": spec.get("decoding", "greedy")}, logprobs=logprobs)
 
     def generate(self, prompt, images=(), *, model=None, **spec):
@@ -223,6 +225,8 @@ def test_playground_with_stub_client_shows_answer_and_overlays():
     assert "kept visual tokens: 16 of 16" in " ".join(i_caption(at))
     assert any("token scores (visual_scores)" in c for c in i_caption(at))
     assert any("reports no per-token scores" in c for c in captions)  # the plain model prunes nothing
+    cached = [c for c in captions if "from the prefix cache" in c]
+    assert len(cached) == 1 and "30 prompt tokens from the prefix cache" in cached[0]
     assert "the decoder changed 1 token(s): `0:No`" in text
     steps_table = frame_with(at, "alternatives")
     assert list(steps_table["alternatives"])[:2] == ["'No' 0.779 · 'maybe' 0.135", "'dog' 0.607 · 'maybe' 0.135"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pruning_support import count_tower_images
 from vlmguard.decoding import DECODERS, make_decoder
 from vlmguard.decoding.base import DecodeContext
 from vlmguard.decoding.views import image_free_prompt
@@ -572,14 +573,7 @@ def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch
     img = random_image(1, (64, 48))
     reqs = [Request("Is there a dog in the image?", [img]), Request("describe it", [random_image(2, (40, 40))]),
             Request("Is there a cat in the image?", [img])]
-    images_seen: list[int] = []
-    encode = eng.adapter.encode_images
-
-    def spy(batch):
-        images_seen.append(len(batch.rows_with_images))
-        return encode(batch)
-
-    monkeypatch.setattr(eng.adapter, "encode_images", spy)
+    images_seen = count_tower_images(eng, monkeypatch)
     cases = {"greedy": ({}, [2]), "lqcd": ({}, [2]), "m3id": ({"uncond_mode": "mask", "lam": 0.5}, [2]),
              "iava": ({"fallback_rule": "avisc"}, [2]), "vcd": ({}, [4])}
     for decoder, (params, tower_images) in cases.items():

@@ -15,7 +15,7 @@ from vlmguard.perf.report import markdown
 def report():
     return run_json(["perf", "prefix", "--shape", "tiny", "--decoders", "greedy,lqcd,vcd", "--batch", "6",
                      "--questions-per-image", "3", "--repeats", "1", "--warmup", "0", "--threads", "1", "--quiet",
-                     "--json"])
+                     "--cache", "--json"])
 
 
 def test_prefix_report_rows(report):
@@ -34,6 +34,17 @@ def test_prefix_report_rows(report):
     assert rows["vcd"]["prefill_tokens"] == 2 * rows["greedy"]["prefill_tokens"]
     assert rows["lqcd"]["shared_tokens"] > rows["greedy"]["shared_tokens"]
     assert rows["greedy"]["unshared_setup_s"] >= 0 and rows["greedy"]["shared_setup_s"] >= 0
+    # --cache: the same batch after an earlier one about the same images. Every main row takes its image prefix
+    # from the cache (LQCD's query variants too; VCD's noised image is not kept), the answers are the same
+    assert report["cache"] is True
+    for name, r in rows.items():
+        assert r["cached_same_tokens"], name
+        assert r["cached_speedup"] == pytest.approx(r["unshared_prefill_s"] / r["cached_prefill_s"])
+        assert r["cached_tokens"] > 0 and r["cached_ideal_speedup"] > r["ideal_speedup"], name
+        assert r["cached_ideal_speedup"] == pytest.approx(
+            r["prefill_tokens"] / (r["prefill_tokens"] - r["cached_tokens"] - r["cached_shared_tokens"]))
+    assert rows["lqcd"]["cached_tokens"] == 3 * rows["greedy"]["cached_tokens"]
+    assert rows["vcd"]["cached_tokens"] == rows["greedy"]["cached_tokens"]
 
 
 def test_prefix_report_figure_and_markdown(report, tmp_path):

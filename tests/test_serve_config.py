@@ -71,6 +71,35 @@ def test_prefix_sharing_is_on_by_default_and_a_model_may_turn_it_off():
     assert EngineWorker("random:llava", engine=engine).engine.share_prefixes is True
 
 
+def test_the_prefix_cache_is_on_by_default_and_its_figures_are_in_the_model_card():
+    from fastapi.testclient import TestClient
+
+    from vlmguard.engine import Request
+    from vlmguard.spec import GenerationSpec
+    from vlmguard.testing import tiny_engine
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    cfg = parse_config({"models": [{"model": "tiny"}, {"model": "random:llava", "prefix_cache_mb": 0}]})
+    assert [m.prefix_cache_mb for m in cfg.models] == [1024.0, 0.0]
+    with pytest.raises(Exception, match="prefix_cache_mb"):
+        parse_config({"models": [{"model": "tiny", "prefix_cache_mb": -1}]})
+    engine = tiny_engine("llava")
+    try:
+        worker = EngineWorker("random:llava", engine=engine, prefix_cache_mb=8)
+        assert engine.prefix_cache.max_bytes == 8 * 2**20
+        client = TestClient(create_api(LocalBackend({"m": worker}), ServiceConfig()))
+        image = random_image(1, (64, 48))
+        for question in ("Is there a dog?", "Is there a cat?"):
+            engine.generate([Request(question, [image])], GenerationSpec(max_new_tokens=2))
+        card = client.get("/v1/models/m").json()
+        assert card["prefix_cache"]["entries"] == 1 and card["prefix_cache"]["hits"] == 1
+        assert card["prefix_cache"]["max_bytes"] == 8 * 2**20
+        assert EngineWorker("random:llava", engine=engine, prefix_cache_mb=0).info()["prefix_cache"] is None
+    finally:
+        engine.prefix_cache = None  # the cached test engine is shared with other tests
+
+
 def test_ingress_topology_follows_the_config():
     """One model: the model replica is the HTTP ingress (one hop fewer); several: a separate FastAPI ingress."""
     from vlmguard.workers.app import build_app

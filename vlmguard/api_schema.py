@@ -278,6 +278,7 @@ class TimingsModel(BaseModel):
     prefill_batch: int = 1
     prefill_tokens: int = 0
     prefill_shared_tokens: int = 0
+    prefill_cached_tokens: int = 0
 
 
 class StepModel(BaseModel):
@@ -414,6 +415,9 @@ class ModelCard(BaseModel):
     # what a request's image_aspect "reference" does on this model (GenerationSpec.image_aspect): pad its images to a
     # square, or leave them to the processor; decided by the family or the checkpoint config's image_aspect_ratio
     reference_image_aspect: Optional[Literal["pad", "native"]] = None
+    # the replica's prefix cache (image prefixes of earlier prefills): entries, bytes, max_bytes, hits, misses,
+    # stored, evicted; None when it is off (the model's prefix_cache_mb: 0)
+    prefix_cache: Optional[dict[str, int]] = None
 
 
 class ModelList(BaseModel):

@@ -31,7 +31,7 @@ from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
-from vlmguard.prefix_sharing import plan_prefixes
+from vlmguard.prefix_cache import PrefixCache, plan_prefill
 from vlmguard.pruning.base import PruneContext
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import DecodeState, LayerRunner
@@ -169,6 +169,9 @@ class Engine:
         # a decoder's pre-pass over the requests' own prompts hands their cache to decoding (IAVA's query rows,
         # ``DecodeContext.main_prefill``) instead of a second prefill of those rows; outputs unchanged
         self.reuse_probe_prefill = True
+        # image prefixes (system text and image) of earlier prefills, taken by later rows that begin with the same
+        # ones (vlmguard/prefix_cache.py; with share_prefixes); None: off (``enable_prefix_cache``)
+        self.prefix_cache: PrefixCache | None = None
         # CPU: keep freed activation memory mapped (see vlmguard/malloc_tuning.py)
         self.malloc_tuned = tune_malloc() if model.device.type == "cpu" else False
 
@@ -251,6 +254,15 @@ class Engine:
             return iter(())
         return self._run(requests, spec)
 
+    def enable_prefix_cache(self, max_mb: float) -> PrefixCache | None:
+        """Keep the image prefixes (system text and image) of prefills in up to ``max_mb`` MiB of the model's
+        device memory, for later rows that begin with the same ones (vlmguard/prefix_cache.py); 0 turns it off
+        (and frees what it held). Returns the cache (None when off)."""
+        if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not max_mb >= 0:
+            raise InvalidInput(f"prefix cache size must be a number of MiB >= 0, got {max_mb!r}")
+        self.prefix_cache = PrefixCache(max_bytes=int(max_mb * 2**20)) if max_mb > 0 else None
+        return self.prefix_cache
+
     # ---- pre-passes for decoders -----------------------------------------------------------
     @torch.no_grad()
     def probe_forward(self, prompts: Sequence[Prompt], hidden_layers: Sequence[int] = (),
@@ -272,7 +284,7 @@ class Engine:
         if keep_prefill and visual_transforms:
             raise ValueError("keep_prefill: a pre-pass whose visual tokens are transformed is no request's prefill")
         batch = self.adapter.encode(prompts)
-        feats = self.adapter.image_features(batch, same_images(self.adapter, batch))
+        feats = self._image_features(batch)
         raw_feats = feats
         if visual_transforms:
             feats = [f if f is None or visual_transforms[i] is None else visual_transforms[i](f)
@@ -286,10 +298,12 @@ class Engine:
                                               fed=fed)
             return out
 
-        plan = plan_prefixes(seq) if self.share_prefixes and query_rows is None else None
+        plan, lookup = (plan_prefill(seq, self.prefix_cache) if self.share_prefixes and query_rows is None
+                        else (None, None))
         if plan is not None:
-            logits, state, hidden, scores = self.runner.prefill_shared(seq, plan, tuple(hidden_layers),
-                                                                       tuple(score_layers), per_head)
+            logits, state, hidden, scores = self.runner.prefill_shared(
+                seq, plan, tuple(hidden_layers), tuple(score_layers), per_head, prefix_cache=self.prefix_cache,
+                lookup=lookup)
             return kept({"hidden": hidden, "scores": scores, "seq": state.final_seq, "logits": logits}, state)
         scores: dict[int, torch.Tensor] = {}
         wanted = set(score_layers)
@@ -308,6 +322,8 @@ class Engine:
 
         logits, state, hidden = self.runner.prefill(seq, before=before, after=after,
                                                     hidden_layers=tuple(hidden_layers))
+        if lookup is not None:
+            self.prefix_cache.store(seq, lookup, state.cache, state.layer_valid)
         return kept({"hidden": hidden, "scores": scores, "seq": seq, "logits": logits}, state)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -444,7 +460,7 @@ class Engine:
         else:
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
                 pre, batch, row_prompts, transforms, pixel_fns, n_req)
-        fed, visual_fed, shared, final_visual = rows
+        fed, visual_fed, shared, final_visual, cached = rows
         broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
         if broken:
             raise NonFiniteLogits(
@@ -467,10 +483,25 @@ class Engine:
                 vision_s=vision_s, prefill_s=prefill_s, prompt_len=int(prompt_len[r]), n_visual=int(n_visual[r]),
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
-                spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req])))
+                spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req]),
+                prefill_cached=sum(cached[r::n_req])))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, device=self.device)
+
+    def _image_features(self, batch: EncodedBatch, keep=None) -> list[torch.Tensor | None]:
+        """``ModelAdapter.image_features`` of ``batch``, the tower run once per distinct image (``same_images``) and
+        not at all on images whose visual tokens the prefix cache holds; the rows ``keep`` (default all) computed
+        are then kept there."""
+        same = same_images(self.adapter, batch)
+        cache = self.prefix_cache
+        if cache is None or not batch.rows_with_images:
+            return self.adapter.image_features(batch, same)
+        known = cache.features(self.adapter, batch, skip=same)
+        feats = self.adapter.image_features(batch, same, known=known)
+        rows = range(batch.input_ids.shape[0]) if keep is None else keep
+        cache.store_features(self.adapter, batch, feats, [r for r in rows if r not in known and r not in same])
+        return feats
 
     def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb):
         """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
@@ -483,7 +514,7 @@ class Engine:
         if pruner.side in ("vision", "both") and any(n_visual):
             feats, kept_vision = pruner.prune_images(pctx)
         else:
-            feats = adapter.image_features(batch, same_images(adapter, batch))
+            feats = self._image_features(batch, keep=range(n_req))
         if kept_vision is not None:  # scatter kept features into full-size slots, then drop the rest
             full = []
             for r, f in enumerate(feats):
@@ -533,7 +564,8 @@ class Engine:
                                                    after=after if llm_side else None,
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
                                                    renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family),
-                                                   share_prefixes=self.share_prefixes and not decoder.row_hooks)
+                                                   share_prefixes=self.share_prefixes and not decoder.row_hooks,
+                                                   prefix_cache=self.prefix_cache, store_rows=list(range(n_req)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
@@ -559,7 +591,7 @@ class Engine:
                 row_prompts[r].images, row_prompts[r % n_req].images)) for r in own):
             feats = [pre.features[r % n_req] if row_prompts[r].images else None for r in own]
         else:
-            feats = adapter.image_features(batch, same_images(adapter, batch))
+            feats = self._image_features(batch, keep=())
         feats = [f if f is None or transforms[r] is None else transforms[r](f) for r, f in zip(own, feats)]
         seq = adapter.build_sequence(batch, feats, self.model.dtype, self.device)
         fed = seq.valid.sum(dim=1).tolist()
@@ -568,7 +600,8 @@ class Engine:
         vision_s = time.perf_counter() - t_vis
         t_pre = time.perf_counter()
         with forward_owners({}):  # no decoder hooks (the reuse's condition); no running batch's rows either
-            branch_logits, branch_state, _ = runner.prefill(seq, share_prefixes=self.share_prefixes)
+            branch_logits, branch_state, _ = runner.prefill(seq, share_prefixes=self.share_prefixes,
+                                                            prefix_cache=self.prefix_cache, store_rows=[])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
@@ -645,14 +678,15 @@ class ProbePrefill:
     fed: list[int]
 
 
-def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) -> tuple[list, list, list, list]:
+def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) -> tuple[list, ...]:
     """Of a fresh prefill's first ``rows`` rows (default all): the tokens each fed the first layer, its visual
-    tokens fed to each layer, its prompt tokens another row computed (a shared prefix), and its final visual
-    indices (-1: not a visual token)."""
+    tokens fed to each layer, its prompt tokens another row computed (a shared prefix), its final visual
+    indices (-1: not a visual token) and its prompt tokens taken from the prefix cache."""
     n = len(fed) if rows is None else rows
     visual_fed = torch.stack(state.visual_per_layer, dim=1)[:n].tolist()
     shared = (state.shared_tokens or [0] * len(fed))[:n]
-    return list(fed[:n]), visual_fed, list(shared), list(state.final_seq.visual[:n])
+    cached = (state.cached_tokens or [0] * len(fed))[:n]
+    return list(fed[:n]), visual_fed, list(shared), list(state.final_seq.visual[:n]), list(cached)
 
 
 def _rows_of(seq: Seq, n: int) -> Seq:

@@ -33,16 +33,28 @@ MAX_WIDTHS = 24  # remainder widths a plan is made for
 @dataclass
 class PrefixPlan:
     """``leaders``: the rows whose prefixes are computed; ``group[r]``: the index in ``leaders`` of the leader of
-    row r (a leader is its own); ``length[g]``: the leading tokens every row of group g shares with its leader
-    (each row keeps at least its last token for its own pass, whose output is the row's logits)."""
+    row r (a leader is its own), or -1 where the row's prefix is ``cached[r]`` or it has none; ``length[g]``: the
+    leading tokens every row of group g shares with its leader (each row keeps at least its last token for its own
+    pass, whose output is the row's logits); ``cached``: per row, the :mod:`vlmguard.prefix_cache` entry whose keys
+    and values it takes (None: none; the whole list None: no cache)."""
 
     leaders: list[int]
     group: list[int]
     length: list[int]
+    cached: list | None = None
+
+    def prefix_lengths(self) -> list[int]:
+        """Per row, the leading tokens it does not run in its own pass (its group's prefix, or its cached one)."""
+        cached = self.cached or [None] * len(self.group)
+        return [self.length[g] if g >= 0 else (0 if e is None else e.length) for g, e in zip(self.group, cached)]
 
     def shared_tokens(self) -> list[int]:
-        """Per row, the tokens its leader computes for it (0 for a leader)."""
-        return [0 if self.leaders[g] == r else self.length[g] for r, g in enumerate(self.group)]
+        """Per row, the tokens its leader computes for it (0 for a leader and outside any group)."""
+        return [0 if g < 0 or self.leaders[g] == r else self.length[g] for r, g in enumerate(self.group)]
+
+    def cached_tokens(self) -> list[int]:
+        """Per row, the tokens it takes from the prefix cache."""
+        return [0 if e is None else e.length for e in (self.cached or [None] * len(self.group))]
 
     def saved_tokens(self) -> int:
         """Tokens the plan does not compute, against a prefill of every row whole."""
@@ -192,14 +204,17 @@ def _groups(share: list[list[int]], counts: list[int], width: int, min_tokens: i
     return PrefixPlan(leaders=leaders, group=group, length=length)
 
 
-def split(seq: Seq, plan: PrefixPlan) -> tuple[Seq, Seq]:
-    """(the leaders' shared prefixes, (G, Lp); every row's remainder, (B, Ls)), each re-left-padded."""
+def split(seq: Seq, plan: PrefixPlan) -> tuple[Seq | None, Seq]:
+    """(the leaders' shared prefixes, (G, Lp), None without leaders; every row's remainder, (B, Ls)), each
+    re-left-padded."""
     counts = seq.valid.sum(dim=1)
     first = seq.length - counts  # each row's first valid column
     cols = torch.arange(seq.length, device=seq.valid.device)[None]
-    shared = torch.tensor([plan.length[g] for g in plan.group], device=seq.valid.device)
+    shared = torch.tensor(plan.prefix_lengths(), device=seq.valid.device)
     own = seq.valid & (cols >= (first + shared)[:, None])
     rest, _ = seq.select(own)
+    if not plan.leaders:
+        return None, rest
     index = torch.tensor(plan.leaders, dtype=torch.long, device=seq.valid.device)
     lead = Seq(hidden=seq.hidden[index], valid=seq.valid[index], positions=seq.positions[..., index, :],
                visual=seq.visual[index])

@@ -32,6 +32,8 @@ class Timings:
     prefill_tokens: int = 0  # the tokens its rows (decoder branches included) feed the LLM's first layer
     # of those, the ones another row of the prefill computed for them: a prefix they share (vlmguard/prefix_sharing.py)
     prefill_shared_tokens: int = 0
+    # of those, the ones taken from the prefix cache: an earlier prefill computed them (vlmguard/prefix_cache.py)
+    prefill_cached_tokens: int = 0
 
 
 @dataclass

@@ -25,8 +25,9 @@ from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.kv_cache import GrowingCache
-from vlmguard.prefix_sharing import PrefixPlan, plan_prefixes, split
-from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions
+from vlmguard.prefix_cache import CachedPrefix, CacheLookup, PrefixCache, plan_prefill
+from vlmguard.prefix_sharing import PrefixPlan, split
+from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions, stack_rows
 
 # A prefill hook: (layer_idx, seq) -> ScoreRequest | None before the layer; after the layer
 # (layer_idx, seq, request) -> keep mask (B, L) | None.
@@ -58,6 +59,8 @@ class DecodeState:
     hidden_dtype: torch.dtype | None = None  # the prefill's residual stream's: decode embeds its tokens in it
     # per row, the prompt tokens another row computed for it (a shared prefix); None: none shared
     shared_tokens: list[int] | None = None
+    # per row, the prompt tokens it took from the prefix cache (vlmguard.prefix_cache); None: none
+    cached_tokens: list[int] | None = None
 
 
 class LayerRunner:
@@ -98,6 +101,8 @@ class LayerRunner:
         all_hidden: bool = False,
         renumber: bool = False,
         share_prefixes: bool = False,
+        prefix_cache: PrefixCache | None = None,
+        store_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
         """Run all layers on ``seq``. Returns last-position logits (B, V), the decode state and the
         residual stream of the last position after each layer in ``hidden_layers`` (B, D).
@@ -108,11 +113,18 @@ class LayerRunner:
 
         ``share_prefixes``: rows that begin with the same tokens compute them once (:mod:`vlmguard.prefix_sharing`)
         where that saves enough; only without hooks (no layer cuts tokens) and without ``all_hidden``. Under
-        FlashAttention-2 the second pass gives the kernel the 2-D key mask, whose last columns un-pad the queries."""
+        FlashAttention-2 the second pass gives the kernel the 2-D key mask, whose last columns un-pad the queries.
+
+        ``prefix_cache`` (with ``share_prefixes``): rows whose image prefix an earlier prefill computed take its keys
+        and values (:mod:`vlmguard.prefix_cache`), and the image prefixes of ``store_rows`` (default all) that it did
+        not hold are kept for later prefills."""
+        lookup = None
         if share_prefixes and before is None and after is None and not all_hidden:
-            plan = plan_prefixes(seq)
+            plan, lookup = plan_prefill(seq, prefix_cache)
             if plan is not None:
-                return self.prefill_shared(seq, plan, hidden_layers)[:3]
+                return self.prefill_shared(seq, plan, hidden_layers, prefix_cache=prefix_cache, lookup=lookup,
+                                           store_rows=store_rows)[:3]
+        seq_in = seq
         ad = self.adapter
         cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
@@ -151,35 +163,69 @@ class LayerRunner:
                             next_positions=first_next if renumbered else seq.last_positions() + 1,
                             layer_next_positions=layer_next if renumbered else None,
                             visual_per_layer=visual_fed, final_seq=_layout(seq), hidden_dtype=h.dtype)
+        if lookup is not None:
+            prefix_cache.store(seq_in, lookup, cache, layer_valid, store_rows)
         return logits, state, captured
 
     @torch.no_grad()
     def prefill_shared(self, seq: Seq, plan: PrefixPlan, hidden_layers: tuple[int, ...] = (),
                        score_layers: tuple[int, ...] = (), per_head: bool = False,
+                       prefix_cache: PrefixCache | None = None, lookup: CacheLookup | None = None,
+                       store_rows: list[int] | None = None,
                        ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """:meth:`prefill` in two passes: the groups' shared prefixes, one row each, then every row's remainder
-        on a cache that starts with its group's prefix. A row's keys are its prefix's slots, then its own (each
-        part left-padded: masked slots between them), the layout decoding continues from (``final_seq``).
+        on a cache that starts with its prefix (its group's, or the one it takes from the prefix cache, ``plan.cached``;
+        a row with neither has an empty one). A row's keys are its prefix's slots, then its own (each part
+        left-padded: masked slots between them), the layout decoding continues from (``final_seq``). With
+        ``prefix_cache`` and its ``lookup``, the image prefixes of ``store_rows`` (default all) it lacked are kept.
 
         Also returns, for each layer of ``score_layers``, the last position's attention probabilities over that
         layout's keys ((B, H, 1, K) with ``per_head``, else (B, 1, K)), as the score facility records them."""
         ad = self.adapter
         prefix, rest = split(seq, plan)
-        cache = GrowingCache()
-        h = prefix.hidden
-        mask, rope = self._prefill_mask(prefix), ad.rotary(h, prefix.positions)
-        for layer in ad.layers:
-            h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
-        group = torch.tensor(plan.group, dtype=torch.long, device=seq.valid.device)
+        computed = None
+        if prefix is not None:
+            computed = GrowingCache()
+            h = prefix.hidden
+            mask, rope = self._prefill_mask(prefix), ad.rotary(h, prefix.positions)
+            for layer in ad.layers:
+                h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: computed},
+                          use_cache=True)
+        # the prefixes: the computed ones (rows 0..G-1), each cache entry taken (one row each), an empty one
+        entries: dict[int, int] = {}
+        taken = []
+        for e in plan.cached or ():
+            if e is not None and id(e) not in entries:
+                entries[id(e)] = len(taken)
+                taken.append(e)
+        n_lead = len(plan.leaders)
+        cached = plan.cached or [None] * seq.batch_size
+        source = [g if g >= 0 else (n_lead + entries[id(e)] if e is not None else n_lead + len(taken))
+                  for g, e in zip(plan.group, cached)]
+        parts = ([_layout(prefix)] if prefix is not None else []) + [_entry_layout(e) for e in taken]
+        empty = Seq(hidden=seq.hidden.new_empty((1, 0, 0)), valid=seq.valid.new_zeros((1, 0)),
+                    positions=seq.positions.new_zeros((*seq.positions.shape[:-2], 1, 0)),
+                    visual=seq.visual.new_zeros((1, 0)))
+        pool = stack_rows(parts + [empty])
+        width = pool.length
+        index = torch.tensor(source, dtype=torch.long, device=seq.valid.device)
+        prefix_valid = pool.valid[index]
+        runs: list[list[int]] = []  # [source, rows] of each run of consecutive rows with one source
+        for src in source:
+            if runs and runs[-1][0] == src:
+                runs[-1][1] += 1
+            else:
+                runs.append([src, 1])
         shared = GrowingCache()
-        for i, layer_cache in enumerate(cache.layers):
-            keys, values = layer_cache.keys[group], layer_cache.values[group]
+        for i in range(len(ad.layers)):
+            # each run's prefix (one row, broadcast over the run), written once into the layer's buffer
+            blocks = [_prefix_block(computed, taken, i, src, n_lead, rows) for src, rows in runs]
+            keys, values = [k for k, _ in blocks], [v for _, v in blocks]
             if hasattr(shared, "fill_layer"):  # room for the remainders, written once
-                shared.fill_layer(i, [keys], [values], prefix.length, room=prefix.length + rest.length)
+                shared.fill_layer(i, keys, values, width, room=width + rest.length)
             else:  # another cache class (a test's reference DynamicCache)
-                shared.update(keys, values, i)
-        del cache
-        prefix_valid = prefix.valid[group]
+                shared.update(_left_padded(keys, width), _left_padded(values, width), i)
+        del computed
         key_valid = torch.cat([prefix_valid, rest.valid], dim=1)
         if self.flash:  # un-padded through the key mask; flash's causal rule aligns each row's own tokens last
             mask = key_valid.long()
@@ -193,7 +239,7 @@ class LayerRunner:
         scores: dict[int, torch.Tensor] = {}
         last = torch.full((h.shape[0], 1), rest.length - 1, dtype=torch.long, device=h.device)
         for i, layer in enumerate(ad.layers):
-            req = (ScoreRequest(query_index=last, key_mask=key_valid, query_pos=last + prefix.length, per_head=per_head)
+            req = (ScoreRequest(query_index=last, key_mask=key_valid, query_pos=last + width, per_head=per_head)
                    if i in score_layers else None)
             with score_probe(ad.attention_module(i), req) if req is not None else nullcontext():
                 h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: shared}, use_cache=True)
@@ -203,13 +249,16 @@ class LayerRunner:
                 captured[i] = h[:, -1].clone()
         logits = ad.logits(ad.norm(h[:, -1:]))[:, 0]
         layout = Seq(hidden=h.new_empty((h.shape[0], key_valid.shape[1], 0)), valid=key_valid,
-                     positions=torch.cat([prefix.positions[..., group, :], rest.positions], dim=-1),
-                     visual=torch.cat([prefix.visual[group], rest.visual], dim=1))
+                     positions=torch.cat([pool.positions[..., index, :], rest.positions], dim=-1),
+                     visual=torch.cat([pool.visual[index], rest.visual], dim=1))
         n_layers = len(ad.layers)
         state = DecodeState(cache=shared, layer_valid=[key_valid] * n_layers,
                             next_positions=rest.last_positions() + 1,
                             visual_per_layer=[layout.visual_counts()] * n_layers, final_seq=layout,
-                            hidden_dtype=h.dtype, shared_tokens=plan.shared_tokens())
+                            hidden_dtype=h.dtype, shared_tokens=plan.shared_tokens(),
+                            cached_tokens=plan.cached_tokens())
+        if prefix_cache is not None and lookup is not None:
+            prefix_cache.store(seq, lookup, shared, state.layer_valid, store_rows)
         return logits, state, captured, scores
 
     # ---- decode --------------------------------------------------------------------------
@@ -333,6 +382,35 @@ def _layout(seq: Seq) -> Seq:
     (B, L, D) residual stream would otherwise stay alive as long as the decode state."""
     b, length = seq.hidden.shape[:2]
     return seq.with_hidden(seq.hidden.new_empty((b, length, 0)))
+
+
+def _entry_layout(entry: CachedPrefix) -> Seq:
+    """A prefix cache entry as one row of a layout (no hidden states)."""
+    n = entry.length
+    return Seq(hidden=entry.hidden.new_empty((1, n, 0)), valid=torch.ones((1, n), dtype=torch.bool,
+                                                                          device=entry.visual.device),
+               positions=entry.positions[..., None, :], visual=entry.visual[None])
+
+
+def _prefix_block(computed, taken: list[CachedPrefix], layer: int, source: int, n_lead: int, rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values (rows, H, S, D) of one prefix for ``rows`` rows (a broadcast view, not a copy): a computed
+    prefix (``source`` < ``n_lead``), a cache entry, or the empty prefix (S = 0)."""
+    if source < n_lead:
+        lay = computed.layers[layer]
+        k, v = lay.keys[source:source + 1], lay.values[source:source + 1]
+    elif source < n_lead + len(taken):
+        entry = taken[source - n_lead]
+        k, v = entry.keys[layer], entry.values[layer]
+    else:
+        ref = (computed.layers[layer].keys if computed is not None else taken[0].keys[layer])
+        k = v = ref.new_empty((1, *ref.shape[1:-2], 0, ref.shape[-1]))
+    return k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])
+
+
+def _left_padded(blocks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Row blocks (b_i, H, S_i, D), each left-padded with zeros to ``width`` slots, as one tensor."""
+    return torch.cat([torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) for x in blocks])
 
 
 def _per_group(tensors: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:

@@ -58,6 +58,10 @@ class ModelConfig(BaseModel):
     max_new_tokens_limit: int = Field(1024, ge=1)  # hard cap on a request's max_new_tokens
     # rows of a prefill that begin alike compute that prefix once (Engine.share_prefixes; outputs unchanged)
     share_prefixes: bool = True
+    # MiB of the replica's device memory that keep image prefixes (system text and image) of earlier prefills for
+    # later requests about the same image: a chat's next turn, another question (Engine.enable_prefix_cache,
+    # vlmguard/prefix_cache.py; with share_prefixes). 0: off
+    prefix_cache_mb: float = Field(1024.0, ge=0.0)
 
     @model_validator(mode="after")
     def _cuda_needs_a_gpu(self) -> "ModelConfig":

@@ -66,7 +66,8 @@ class EngineWorker:
 
     def __init__(self, model: str = "tiny", *, name: str | None = None, device: str = "auto",
                  dtype: str = "auto", attn_implementation: str = "auto", trust_remote_code: bool = False,
-                 torch_threads: int | None = None, engine: Any = None, share_prefixes: bool = True):
+                 torch_threads: int | None = None, engine: Any = None, share_prefixes: bool = True,
+                 prefix_cache_mb: float = 0.0):
         import torch
 
         if torch_threads:
@@ -78,6 +79,7 @@ class EngineWorker:
                                  trust_remote_code=trust_remote_code)
         self.engine = engine
         engine.share_prefixes = share_prefixes
+        engine.enable_prefix_cache(prefix_cache_mb)
         self.name = name or model
         self._lock = threading.Lock()
         self.started = time.time()
@@ -95,7 +97,13 @@ class EngineWorker:
                 "default_system": self.engine.adapter.default_system(),
                 "image_placeholder": self.engine.adapter.image_placeholder,
                 "grid_side": self.engine.adapter.grid_side(),
-                "reference_image_aspect": self.engine.adapter.image_aspect("reference")}
+                "reference_image_aspect": self.engine.adapter.image_aspect("reference"),
+                "prefix_cache": self.prefix_cache_info()}
+
+    def prefix_cache_info(self) -> dict[str, Any] | None:
+        """The prefix cache's figures (entries, bytes, hits, misses, ...); None when it is off."""
+        cache = self.engine.prefix_cache
+        return None if cache is None else asdict(cache.stats)
 
     # ---- requests ------------------------------------------------------------------------------
     def _request(self, item: WorkItem):

@@ -338,27 +338,40 @@ class ModelAdapter:
         """Run vision tower + projector; return the family's raw feature output (list or tensor)."""
         raise NotImplementedError
 
-    def image_features(self, batch: EncodedBatch, same_as: dict[int, int] | None = None) -> list[torch.Tensor | None]:
+    def image_features(self, batch: EncodedBatch, same_as: dict[int, int] | None = None,
+                       known: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Projected visual tokens per batch row, each (V_row, D) or None for rows without images.
 
         ``same_as``: rows whose images are those of another row (row -> that row, which is not itself in
         ``same_as``): the tower runs on the other row's images only and the row gets its features (a decoder's
-        branch rows with the request's own image: LQCD's, IAVA's, M3ID's ``mask``)."""
+        branch rows with the request's own image: LQCD's, IAVA's, M3ID's ``mask``). ``known``: rows whose features
+        are given (the prefix cache's, of the same images): the tower does not run on their images."""
         if not batch.rows_with_images:
             return [None] * batch.input_ids.shape[0]
+        known = known or {}
+        same_as = {row: src for row, src in (same_as or {}).items() if row not in known}
+        skip = set(same_as) | set(known)
         shared: dict[int, int] = {}
-        if same_as:
-            images = [j for j, row in enumerate(batch.rows_with_images) if row not in same_as]
-            subset = self.vision_subset(batch, images)
-            if subset is not None:  # else inputs laid out in a way it does not know: every row its own pass
+        rows = batch.input_ids.shape[0]
+        if skip:
+            images = [j for j, row in enumerate(batch.rows_with_images) if row not in skip]
+            subset = self.vision_subset(batch, images) if images else {}
+            if subset is None:  # inputs laid out in a way it does not know: every row its own pass
+                skip = set()
+            else:
                 shared = same_as
                 mask = batch.image_token_mask.clone()
-                mask[list(same_as)] = False
+                mask[sorted(skip)] = False
                 batch = replace(batch, image_token_mask=mask, vision_inputs=subset,
                                 rows_with_images=[batch.rows_with_images[j] for j in images])
-        feats = self.encode_images(batch)
-        flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-        out = self.split_by_row(batch, flat)
+        if batch.rows_with_images:
+            feats = self.encode_images(batch)
+            flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+            out = self.split_by_row(batch, flat)
+        else:  # every row's features are known
+            out = [None] * rows
+        for row in skip & set(known):
+            out[row] = known[row]
         for row, src in shared.items():
             out[row] = out[src]
         return out

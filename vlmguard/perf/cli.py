@@ -169,6 +169,9 @@ def register(subparsers) -> None:
     x.add_argument("--batch", type=_batch, default=12, help="requests per prefill (default: 12)")
     x.add_argument("--questions-per-image", type=_positive, default=6,
                    help="consecutive requests about each image (default: 6, as POPE asks)")
+    x.add_argument("--cache", action="store_true",
+                   help="also measure the batch from a warm prefix cache (an earlier batch asked other questions "
+                        "about the same images, as a chat's next turn does)")
     x.set_defaults(func=cmd_prefix)
 
     g = sub.add_parser("gemm", help="the rate of a shape's decoder-layer matrix products at each token count, "
@@ -268,7 +271,8 @@ def cmd_prefix(args) -> int:
     check_prefix_decoders(args.decoders)  # before the model loads
     engine = _engine(args)
     result = run_prefix(engine, args.decoders, batch=args.batch, questions=args.questions_per_image,
-                        repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=_progress(args))
+                        repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=_progress(args),
+                        cache=args.cache)
     return _finish(args, result, prefix_table(result))
 
 

@@ -107,15 +107,20 @@ def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2.5, 3.6))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["speedup"] or 0 for r in rows], width=0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], [r["ideal_speedup"] or 0 for r in rows], width=0.4, label="ideal (tokens)",
-           alpha=0.6)
+    bars = [("speedup", "shared"), ("ideal_speedup", "shared, ideal (tokens)")]
+    if result.get("cache"):
+        bars += [("cached_speedup", "warm prefix cache"), ("cached_ideal_speedup", "warm prefix cache, ideal")]
+    w = 0.8 / len(bars)
+    for k, (key, label) in enumerate(bars):
+        ax.bar([x - 0.4 + w * (k + 0.5) for x in xs], [r[key] or 0 for r in rows], width=w, label=label,
+               alpha=1.0 if k % 2 == 0 else 0.6)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["decoder"] for r in rows])
-    ax.set_ylabel("prefill speed-up, shared prefixes")
+    ax.set_ylabel("prefill speed-up over unshared")
     ax.legend(fontsize=8)
-    ax.set_title(f"shared prefixes, {result['shape']} (batch {result['batch']}, "
+    what = "shared prefixes and a warm prefix cache" if result.get("cache") else "shared prefixes"
+    ax.set_title(f"{what}, {result['shape']} (batch {result['batch']}, "
                  f"{result['questions_per_image']} questions per image)", fontsize=10)
     _save(plt, fig, path)
 

@@ -69,9 +69,9 @@ def markdown(result: dict[str, Any]) -> str:
         rows = [[r["path"], r["clients"], r["requests"], r["errors"], r["requests_per_s"], r["tokens_per_s"],
                  r["latency_median_s"], r["latency_p90_s"], r.get("added_latency_median_s")] for r in result["rows"]]
     elif cmd == "perf prefix":
-        from vlmguard.perf.prefix import PREFIX_HEAD, prefix_rows
+        from vlmguard.perf.prefix import prefix_head, prefix_rows
 
-        head, rows = PREFIX_HEAD, prefix_rows(result)
+        head, rows = prefix_head(result), prefix_rows(result)
     elif cmd == "perf gemm":
         from vlmguard.perf.gemm import GEMM_HEAD, gemm_rows
 

@@ -370,12 +370,14 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
     # the two apps (batching off / on) are up together, each with one replica: on CUDA they share the GPU (half
     # each; a whole GPU each would leave the second replica waiting for ever on a one-GPU machine)
     cuda = ModelConfig(device=args.device).runs_on_cuda(local_gpus())
+    # no prefix cache: the requests go round their images, and the direct Engine path keeps none, so a replica's
+    # cache would measure caching, not batching (``vlmguard perf prefix --cache`` measures it)
     try:
         return ServiceConfig(
             models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                                 num_replicas=1, num_cpus=0, num_gpus=0.5 if cuda else None, torch_threads=threads,
                                 max_ongoing_requests=max(64, max(clients)), max_queued_requests=-1,
-                                max_new_tokens_limit=max(max_request_tokens(args), 1),
+                                max_new_tokens_limit=max(max_request_tokens(args), 1), prefix_cache_mb=0,
                                 batching=BatchingConfig(enabled=batching, max_batch_size=args.max_batch,
                                                         mode=getattr(args, "batch_mode", "inflight"),
                                                         batch_wait_timeout_s=wait_s))],

@@ -1,0 +1,338 @@
+"""A prefix cache across prefills: a row whose system text and image an earlier prefill already computed takes
+their keys and values instead of computing them again.
+
+Shared prefixes (:mod:`vlmguard.prefix_sharing`) save the work rows of one prefill have in common; this saves the
+work a prefill has in common with earlier ones: a chat's next turn about the same image, the next batch of
+POPE's questions about an image, a user asking the dashboard a second question. Its unit is a row's *image
+prefix*, every token up to and including its last visual token (the system text, the user turn's opening, the
+image), kept exactly as the first layer received it (embeddings, RoPE positions, visual indices) with its keys and
+values in every layer. Under causal attention those are a function of those tokens alone, so a later row whose
+image prefix is the same, value for value, decodes from them as from its own.
+
+- **Lookup.** Each row's image prefix is hashed (a fixed sample of every token's embedding bits, its position and
+  visual index, folded in order); an entry with the same hash is then compared in full. A hit needs at least one
+  token of the row's own after the prefix (its logits).
+- **Store.** After a prefill, the image prefixes of the rows it computed (no hit) are copied out of the batch's
+  cache, at most one entry per distinct prefix. Rows with fewer than ``MIN_TOKENS`` such tokens are not kept.
+- **Memory.** Least recently used entries go first once ``max_bytes`` would be exceeded; an entry larger than the
+  whole budget is not kept.
+
+Where it applies is where shared prefixes do (``LayerRunner.prefill(share_prefixes=True)``): no layer cuts tokens
+(LLM-side pruning), no forward hook acts per request (VISTA's prefill). The cached keys were computed in another
+batch, so a request's logits may differ from a fresh prefill's in the last bits of the floating point (as with any
+change of batch); the tokens are the same in every test.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmguard.models.base import PER_TOKEN_INPUTS
+from vlmguard.prefix_sharing import PrefixPlan, plan_prefixes
+from vlmguard.sequence import Seq
+
+MIN_TOKENS = 16  # a shorter image prefix is not worth an entry
+SAMPLED_DIMS = 8  # embedding values per token that enter the hash (the full comparison decides)
+_P = (1 << 31) - 1  # a prime: every hash is taken modulo it, so no product overflows 64 bits
+
+
+@dataclass
+class CachedPrefix:
+    """One image prefix: the tokens as the first layer received them and their keys and values in every layer
+    ((1, H, n, d) each)."""
+
+    hidden: torch.Tensor  # (n, D)
+    positions: torch.Tensor  # (n,) or (3, n)
+    visual: torch.Tensor  # (n,)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    nbytes: int = 0
+    hits: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[0]
+
+    def matches(self, seq: Seq, row: int, start: int) -> bool:
+        n = self.length
+        part = slice(start, start + n)
+        return (torch.equal(seq.hidden[row, part], self.hidden) and torch.equal(seq.visual[row, part], self.visual)
+                and torch.equal(seq.positions[..., row, part], self.positions))
+
+
+@dataclass
+class CachedFeatures:
+    """One row's images as the processor gave them (per image: its pixel values and its other per-image inputs,
+    e.g. LLaVA-NeXT's image size, Qwen2-VL's grid) and their projected visual tokens (V, D)."""
+
+    images: list[tuple[torch.Tensor, dict]]
+    features: torch.Tensor
+    nbytes: int = 0
+    hits: int = 0
+
+
+@dataclass
+class PrefixCacheStats:
+    entries: int = 0  # image prefixes held
+    bytes: int = 0  # both kinds of entry
+    max_bytes: int = 0
+    hits: int = 0  # rows that took a cached prefix
+    misses: int = 0  # rows with an image prefix that no entry held
+    stored: int = 0
+    evicted: int = 0  # both kinds
+    image_entries: int = 0  # images' visual tokens held (the vision tower's output)
+    image_hits: int = 0  # rows whose images' visual tokens were taken, the tower not run on them
+
+
+@dataclass
+class PrefixCache:
+    """Image prefixes of earlier prefills, least recently used evicted first beyond ``max_bytes``."""
+
+    max_bytes: int
+    _entries: OrderedDict = field(default_factory=OrderedDict)  # hash -> [CachedPrefix]
+    _bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_bytes, int) or isinstance(self.max_bytes, bool) or self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int, got {self.max_bytes!r}")
+        self.stats.max_bytes = self.max_bytes
+
+    # ---- lookup ----------------------------------------------------------------------------
+    def lookup(self, seq: Seq) -> "CacheLookup":
+        """For each row of ``seq`` (left-padded, its valid tokens contiguous): the entry holding its image prefix
+        (None: none, or the row has no image prefix worth one), the row's image-prefix length (0: none) and that
+        prefix's hash (None: none)."""
+        lengths, hashes = image_prefixes(seq)
+        counts = seq.valid.sum(dim=1).tolist()
+        found: list[CachedPrefix | None] = [None] * seq.batch_size
+        with self._lock:
+            for r, (n, h) in enumerate(zip(lengths, hashes)):
+                if h is None:
+                    continue
+                entry = self._find(h, seq, r, seq.length - counts[r], n) if n < counts[r] else None
+                if entry is not None:
+                    entry.hits += 1
+                    self.stats.hits += 1
+                    found[r] = entry
+                else:
+                    self.stats.misses += 1
+        return CacheLookup(found=found, lengths=lengths, hashes=hashes)
+
+    def _find(self, h: tuple, seq: Seq, row: int, start: int, n: int) -> CachedPrefix | None:
+        for entry in self._entries.get(h, ()):
+            if entry.length == n and entry.matches(seq, row, start):
+                self._entries.move_to_end(h)
+                return entry
+        return None
+
+    # ---- store -----------------------------------------------------------------------------
+    def store(self, seq: Seq, lookup: "CacheLookup", cache, key_valid: list[torch.Tensor],
+              rows: list[int] | None = None) -> None:
+        """Keep the image prefixes that ``lookup`` (this prefill's) found no entry for, of ``rows`` (default all),
+        from the finished prefill: ``seq`` is its input, ``cache`` its KV cache and ``key_valid`` each layer's
+        (B, S) valid key slots there (a row's first valid slots are its first tokens)."""
+        counts = seq.valid.sum(dim=1).tolist()
+        with self._lock:
+            for r in range(seq.batch_size) if rows is None else rows:
+                n, h = lookup.lengths[r], lookup.hashes[r]
+                if h is None or n < MIN_TOKENS or lookup.found[r] is not None:
+                    continue
+                start = seq.length - counts[r]
+                if self._find(h, seq, r, start, n) is not None:  # an earlier row of this prefill had the same one
+                    continue
+                part = slice(start, start + n)
+                keys, values = [], []
+                slots: dict[int, torch.Tensor] = {}  # the row's first n valid slots, once per validity tensor
+                for i, layer in enumerate(cache.layers):
+                    valid = key_valid[i]
+                    if id(valid) not in slots:
+                        slots[id(valid)] = valid[r].nonzero().flatten()[:n]
+                    keys.append(layer.keys[r:r + 1].index_select(-2, slots[id(valid)]))
+                    values.append(layer.values[r:r + 1].index_select(-2, slots[id(valid)]))
+                entry = CachedPrefix(hidden=seq.hidden[r, part].clone(), positions=seq.positions[..., r, part].clone(),
+                                     visual=seq.visual[r, part].clone(), keys=keys, values=values)
+                entry.nbytes = sum(t.numel() * t.element_size()
+                                   for t in (entry.hidden, entry.positions, entry.visual, *keys, *values))
+                if self._add(h, entry):
+                    self.stats.stored += 1
+            self._count()
+
+    # ---- the vision tower's output --------------------------------------------------------------
+    def features(self, adapter, batch, skip=()) -> dict[int, torch.Tensor]:
+        """Rows of the processor's ``batch`` (not in ``skip``) whose images an entry holds -> their visual tokens
+        (the same pixel values and per-image inputs, compared in full)."""
+        found: dict[int, torch.Tensor] = {}
+        with self._lock:
+            for row, images in _row_images(adapter, batch).items():
+                if row in skip:
+                    continue
+                entry = self._find_images(images)
+                if entry is not None:
+                    entry.hits += 1
+                    self.stats.image_hits += 1
+                    found[row] = entry.features
+        return found
+
+    def store_features(self, adapter, batch, features: list[torch.Tensor | None], rows) -> None:
+        """Keep the visual tokens of these rows of ``batch`` (``features``: per row, as ``image_features`` gave)."""
+        with self._lock:
+            per_row = _row_images(adapter, batch)
+            for row in rows:
+                if row not in per_row or features[row] is None or self._find_images(per_row[row]) is not None:
+                    continue
+                images = [(pixels.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in extra.items()})
+                          for pixels, extra in per_row[row]]
+                entry = CachedFeatures(images=images, features=features[row].clone())
+                entry.nbytes = entry.features.numel() * entry.features.element_size() + sum(
+                    t.numel() * t.element_size() for pixels, extra in images
+                    for t in (pixels, *(v for v in extra.values() if torch.is_tensor(v))))
+                self._add(("images", _images_key(per_row[row])), entry)
+            self._count()
+
+    def _find_images(self, images: list[tuple[torch.Tensor, dict]]) -> CachedFeatures | None:
+        key = ("images", _images_key(images))
+        for entry in self._entries.get(key, ()):
+            if _same_images(entry.images, images):
+                self._entries.move_to_end(key)
+                return entry
+        return None
+
+    def _add(self, key, entry) -> bool:
+        if entry.nbytes > self.max_bytes:
+            return False
+        while self._bytes + entry.nbytes > self.max_bytes:
+            self._evict_oldest()
+        self._entries.setdefault(key, []).append(entry)
+        self._entries.move_to_end(key)
+        self._bytes += entry.nbytes
+        return True
+
+    def _count(self) -> None:
+        every = [e for bucket in self._entries.values() for e in bucket]
+        self.stats.entries = sum(isinstance(e, CachedPrefix) for e in every)
+        self.stats.image_entries = len(every) - self.stats.entries
+        self.stats.bytes = self._bytes
+
+    def _evict_oldest(self) -> None:
+        h, bucket = next(iter(self._entries.items()))
+        entry = bucket.pop(0)
+        if not bucket:
+            del self._entries[h]
+        self._bytes -= entry.nbytes
+        self.stats.evicted += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+            self._count()
+
+    def __len__(self) -> int:
+        """Entries of both kinds."""
+        return sum(len(v) for v in self._entries.values())
+
+
+def _row_images(adapter, batch) -> dict[int, list[tuple[torch.Tensor, dict]]]:
+    """Per row of a processor's batch that has images: per image, its pixel values (``ModelAdapter.image_pixels``)
+    and its other per-image inputs (an input with one entry per image of the batch: LLaVA-NeXT's image sizes,
+    Qwen2-VL's grid), what the vision tower's output for it depends on."""
+    n = len(batch.rows_with_images)
+    if not n:
+        return {}
+    pixels = adapter.image_pixels(batch)
+    per_image = {k: v for k, v in batch.vision_inputs.items() if k != "pixel_values" and k not in PER_TOKEN_INPUTS and (
+        (torch.is_tensor(v) and v.dim() and v.shape[0] == n) or (isinstance(v, (list, tuple)) and len(v) == n))}
+    out: dict[int, list[tuple[torch.Tensor, dict]]] = {}
+    for j, row in enumerate(batch.rows_with_images):
+        out.setdefault(row, []).append((pixels[j], {k: v[j] for k, v in per_image.items()}))
+    return out
+
+
+def _images_key(images: list[tuple[torch.Tensor, dict]]) -> tuple:
+    """A cheap fingerprint of a row's images (the full comparison decides)."""
+    return tuple((tuple(p.shape), float(p.float().sum()), float(p.flatten()[::251].float().sum()))
+                 for p, _ in images)
+
+
+def _same_images(a: list[tuple[torch.Tensor, dict]], b: list[tuple[torch.Tensor, dict]]) -> bool:
+    def same(x, y) -> bool:
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            return torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and torch.equal(x, y.to(x.device))
+        return x == y
+
+    return len(a) == len(b) and all(
+        same(pa, pb) and ea.keys() == eb.keys() and all(same(ea[k], eb[k]) for k in ea)
+        for (pa, ea), (pb, eb) in zip(a, b))
+
+
+@dataclass
+class CacheLookup:
+    """One prefill's rows against the cache: the entry each takes (None: none), and each row's image-prefix length
+    (0: none worth an entry) and hash (None: none), what :meth:`PrefixCache.store` keeps afterwards."""
+
+    found: list[CachedPrefix | None]
+    lengths: list[int]
+    hashes: list[tuple[int, int, int] | None]
+
+
+def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None, CacheLookup | None]:
+    """The prefill plan of ``seq`` under ``cache``: rows whose image prefix an entry holds take it, the others share
+    prefixes among themselves where that pays (:func:`vlmguard.prefix_sharing.plan_prefixes`); None: one plain
+    pass. Also the cache lookup (None without a cache), for storing the new prefixes afterwards."""
+    if cache is None:
+        return plan_prefixes(seq), None
+    look = cache.lookup(seq)
+    if not any(e is not None for e in look.found):
+        return plan_prefixes(seq), look
+    b = seq.batch_size
+    plan = PrefixPlan(leaders=[], group=[-1] * b, length=[], cached=list(look.found))
+    miss = [r for r, e in enumerate(look.found) if e is None]
+    if len(miss) >= 2:
+        index = torch.tensor(miss, dtype=torch.long, device=seq.valid.device)
+        valid = seq.valid[index]
+        drop = int((~valid).all(dim=0).int().cumprod(dim=0).sum())  # columns that are padding in every such row
+        sub = plan_prefixes(Seq(hidden=seq.hidden[index, drop:], valid=valid[:, drop:],
+                                positions=seq.positions[..., index, drop:], visual=seq.visual[index, drop:]))
+        if sub is not None:
+            plan.leaders = [miss[k] for k in sub.leaders]
+            plan.length = list(sub.length)
+            for k, r in enumerate(miss):
+                plan.group[r] = sub.group[k]
+    return plan, look
+
+
+def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None]]:
+    """Per row of ``seq``: the length of its image prefix (its tokens up to and including its last visual token;
+    0 without visual tokens or below ``MIN_TOKENS``) and a hash of that prefix's tokens (None where 0)."""
+    b, length, dim = seq.hidden.shape
+    device = seq.valid.device
+    counts = seq.valid.sum(dim=1)
+    start = length - counts
+    cols = torch.arange(length, device=device)[None]
+    is_visual = (seq.visual >= 0) & seq.valid
+    last = torch.where(is_visual, cols, torch.full_like(cols, -1)).max(dim=1).values
+    n = torch.where(last >= 0, last - start + 1, torch.zeros_like(last))
+    n = torch.where(n >= MIN_TOKENS, n, torch.zeros_like(n))
+    lengths = n.tolist()
+    if not any(lengths):
+        return lengths, [None] * b
+    dims = torch.randperm(dim, generator=torch.Generator(device="cpu").manual_seed(1))[:SAMPLED_DIMS].to(device)
+    bits = seq.hidden.index_select(-1, dims).float().view(torch.int32).long() & 0xFFFFFFFF  # (B, L, S)
+    pos = seq.positions.permute(1, 2, 0) if seq.mrope else seq.positions[..., None]
+    ints = torch.cat([bits, pos.long() & 0xFFFFFFFF, (seq.visual.long() + 1)[..., None]], dim=-1)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    hashes = []
+    for salt in range(2):  # two independent 31-bit hashes
+        w = torch.randint(1, 1 << 26, (ints.shape[-1],), generator=gen).to(device)
+        token = (ints * w).sum(dim=-1) % _P  # (B, L)
+        # each token weighted by its place in the row (counted from the row's first token)
+        place = (cols - start[:, None]).clamp(min=0)
+        weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
+        inside = (cols >= start[:, None]) & (cols < (start + n)[:, None])
+        hashes.append((((token * weight) % _P) * inside).sum(dim=1).tolist())
+    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)]
