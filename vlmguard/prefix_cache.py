@@ -14,8 +14,11 @@ image prefix is the same, value for value, decodes from them as from its own.
   token of the row's own after the prefix (its logits).
 - **Store.** After a prefill, the image prefixes of the rows it computed (no hit) are copied out of the batch's
   cache, at most one entry per distinct prefix. Rows with fewer than ``MIN_TOKENS`` such tokens are not kept.
-- **Memory.** Least recently used entries go first once ``max_bytes`` would be exceeded; an entry larger than the
-  whole budget is not kept.
+- **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
+  for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
+  the vision tower does not run again on an image it holds (``PrefixCache.features``).
+- **Memory.** Least recently used entries (of both kinds) go first once ``max_bytes`` would be exceeded; an entry
+  larger than the whole budget is not kept.
 
 Where it applies is where shared prefixes do (``LayerRunner.prefill(share_prefixes=True)``): no layer cuts tokens
 (LLM-side pruning), no forward hook acts per request (VISTA's prefill). The cached keys were computed in another
@@ -89,10 +92,12 @@ class PrefixCacheStats:
 
 @dataclass
 class PrefixCache:
-    """Image prefixes of earlier prefills, least recently used evicted first beyond ``max_bytes``."""
+    """Image prefixes of earlier prefills and their images' visual tokens, least recently used evicted first beyond
+    ``max_bytes`` (the processor's pixel values kept for the comparison, on the host, count too)."""
 
     max_bytes: int
-    _entries: OrderedDict = field(default_factory=OrderedDict)  # hash -> [CachedPrefix]
+    # key -> its entries: a CachedPrefix under its prefix's hash, a CachedFeatures under ("images", fingerprint)
+    _entries: OrderedDict = field(default_factory=OrderedDict)
     _bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
