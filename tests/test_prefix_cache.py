@@ -232,3 +232,35 @@ def test_cached_visual_tokens_need_every_per_image_input_to_match():
     assert not _same_images(one, [(pixels.clone(), {"image_sizes": torch.tensor([64, 40])})])
     assert not _same_images(one, [(pixels + 1e-6, {"image_sizes": torch.tensor([40, 64])})])
     assert not _same_images(one, one + one)  # a row with one more image
+
+
+def test_a_chat_turn_about_a_seen_image_reports_its_cached_prompt_tokens_as_openai_does():
+    """``usage.prompt_tokens_details.cached_tokens`` (OpenAI's field for prompt caching): 0 for the first turn, the
+    image prefix for the next turn about the same image (the request's own prompt, not its decoder's rows, which
+    ``timings.prefill_cached_tokens`` adds)."""
+    from fastapi.testclient import TestClient
+
+    from vlmguard.images import image_to_data_url
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    eng = engine("llava")
+    worker = EngineWorker("random:llava", name="tiny", engine=eng, prefix_cache_mb=16)
+    cfg = ServiceConfig(models=[ModelConfig(name="tiny", model="random:llava")], api_key_env=None)
+    url = image_to_data_url(images("llava")[0])
+    # the image first: a one-message request is laid out image first whatever the order of its parts (the
+    # engine's prompt format), a conversation in the order of its parts (the chat template)
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "Is there a dog?"}]}]
+    with TestClient(create_api(LocalBackend({"tiny": worker}), cfg)) as client:
+        first = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": turn}).json()
+        turn += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And a cat?"}]
+        second = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": turn,
+                                                            "vlmguard": {"decoding": "lqcd"}}).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < second["usage"]["prompt_tokens"]
+    timings = second["vlmguard"]["timings"]
+    assert timings["prompt_cached_tokens"] == cached and timings["prefill_cached_tokens"] >= cached  # + LQCD's rows

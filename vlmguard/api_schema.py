@@ -260,10 +260,15 @@ class Choice(BaseModel):
     logprobs: Optional[ChoiceLogprobs] = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class TimingsModel(BaseModel):
@@ -279,6 +284,7 @@ class TimingsModel(BaseModel):
     prefill_tokens: int = 0
     prefill_shared_tokens: int = 0
     prefill_cached_tokens: int = 0
+    prompt_cached_tokens: int = 0
 
 
 class StepModel(BaseModel):

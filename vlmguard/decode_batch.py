@@ -135,6 +135,7 @@ class LiveRequest:
     prefill_tokens: int = 0  # Timings.prefill_tokens
     prefill_shared: int = 0  # Timings.prefill_shared_tokens
     prefill_cached: int = 0  # Timings.prefill_cached_tokens
+    prompt_cached: int = 0  # Timings.prompt_cached_tokens
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -458,7 +459,8 @@ class DecodeBatch:
                             ttft_s=lv.ttft, total_s=time.perf_counter() - lv.t0, per_token_s=lv.per_tok,
                             setup_s=lv.setup_s, batch_size=lv.batch_size,
                             prefill_batch=lv.prefill_batch, prefill_tokens=lv.prefill_tokens,
-                            prefill_shared_tokens=lv.prefill_shared, prefill_cached_tokens=lv.prefill_cached),
+                            prefill_shared_tokens=lv.prefill_shared, prefill_cached_tokens=lv.prefill_cached,
+                            prompt_cached_tokens=lv.prompt_cached),
             steps=lv.steps, pruning=lv.pruning,
             # the decoder, its per-request values, and whether this request's tokens were drawn (its own setting)
             decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},

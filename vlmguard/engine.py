@@ -484,7 +484,7 @@ class Engine:
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
                 spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req]),
-                prefill_cached=sum(cached[r::n_req])))
+                prefill_cached=sum(cached[r::n_req]), prompt_cached=cached[r]))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, device=self.device)

@@ -34,6 +34,9 @@ class Timings:
     prefill_shared_tokens: int = 0
     # of those, the ones taken from the prefix cache: an earlier prefill computed them (vlmguard/prefix_cache.py)
     prefill_cached_tokens: int = 0
+    # of the request's own prompt (its main row), the tokens taken from the prefix cache: what OpenAI's usage reports
+    # as prompt_tokens_details.cached_tokens
+    prompt_cached_tokens: int = 0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from vlmguard.api_schema import (
     GenerateRequest,
     GenerateResponse,
     ImagePart,
+    PromptTokensDetails,
     TextPart,
     TokenLogprobModel,
     TopLogprobModel,
@@ -244,7 +245,9 @@ def usage(result: dict[str, Any] | list[dict[str, Any]]) -> Usage:
     results = result if isinstance(result, list) else [result]
     n = sum(len(r.get("token_ids") or []) for r in results)
     prompt = results[0]["prompt_tokens"]
-    return Usage(prompt_tokens=prompt, completion_tokens=n, total_tokens=prompt + n)
+    cached = (results[0].get("timings") or {}).get("prompt_cached_tokens", 0)
+    return Usage(prompt_tokens=prompt, completion_tokens=n, total_tokens=prompt + n,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
