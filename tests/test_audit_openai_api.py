@@ -128,3 +128,30 @@ def test_content_parts_as_strings_lists_and_bare_urls_still_work(client):
     unknown = error_of(client.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {}}]}])))
     assert unknown["code"] == "unsupported_value" and "'input_audio' is not supported" in unknown["message"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_conversations_first_turn_reads_as_it_did_when_asked_alone(family):
+    """A one-message request is laid out images first (the engine's prompt format), whatever the order of its parts.
+    As the first turn of a longer conversation it is laid out the same way, so the conversation's prompt begins with
+    that turn's own prompt (what the model saw, and what the prefix cache holds)."""
+    from vlmguard.api_schema import ChatCompletionRequest
+    from vlmguard.models.base import Prompt
+    from vlmguard.workers.openai_compat import chat_item
+
+    adapter = tiny_engine(family).adapter
+    image = random_image(4, (56, 84))
+    first = [{"role": "user", "content": [{"type": "text", "text": "Is there a dog?"},
+                                          {"type": "text", "text": "Answer briefly."},
+                                          {"type": "image_url", "image_url": {"url": image_to_data_url(image)}}]}]
+    later = first + [{"role": "assistant", "content": "no"}, {"role": "user", "content": "and a cat?"}]
+
+    def item(messages):
+        return chat_item(ChatCompletionRequest(model="tiny", messages=messages), lambda url: image, max_images=4,
+                         max_new_tokens_limit=8, request_id="r")
+
+    alone = item(first)
+    asked = adapter.format_prompt(Prompt(text=alone.prompt, images=alone.images))
+    history = adapter.format_messages(item(later).messages)
+    turn = asked[:asked.index("Answer briefly.") + len("Answer briefly.")]  # up to its generation prompt
+    assert adapter.image_placeholder in turn and history.startswith(turn), (asked, history)

@@ -95,10 +95,11 @@ def test_chat_with_system_turns_and_two_image_sizes_equals_the_engine(api, budge
     ext = r.json()["vlmguard"]
     assert ext["visual_tokens"] == 22 and ext["visual_tokens_kept"][-1] == kept == len(ext["kept_indices"])
     eng = tiny_engine("qwen2_vl")
+    # every user turn laid out as a one-message request is: its image, then its text (workers/README.md)
     conv = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
-            {"role": "user", "content": [{"type": "text", "text": "Is there a dog?"}, {"type": "image"}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a dog?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
-            {"role": "user", "content": [{"type": "text", "text": "and a cat?"}, {"type": "image"}]}]
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and a cat?"}]}]
     prompt = eng.adapter.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     alone = eng.generate([Request(prompt, [a, b], raw_prompt=True)],
                          GenerationSpec(max_new_tokens=4, pruning="fastv", budget=budget))[0]

@@ -249,10 +249,9 @@ def test_a_chat_turn_about_a_seen_image_reports_its_cached_prompt_tokens_as_open
     worker = EngineWorker("random:llava", name="tiny", engine=eng, prefix_cache_mb=16)
     cfg = ServiceConfig(models=[ModelConfig(name="tiny", model="random:llava")], api_key_env=None)
     url = image_to_data_url(images("llava")[0])
-    # the image first: a one-message request is laid out image first whatever the order of its parts (the
-    # engine's prompt format), a conversation in the order of its parts (the chat template)
-    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "Is there a dog?"}]}]
+    # the text first, as OpenAI's own examples send it: every turn is laid out image first, alone or as history
+    turn = [{"role": "user", "content": [{"type": "text", "text": "Is there a dog?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
     with TestClient(create_api(LocalBackend({"tiny": worker}), cfg)) as client:
         first = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": turn}).json()
         turn += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},

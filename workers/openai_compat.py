@@ -127,6 +127,11 @@ def _within_pixel_budget(images: list[Image.Image], max_pixels: int | None) -> N
                            f"{max_pixels / 1e6:.3g} MP per request", param="images")
 
 
+def _laid_out(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    texts = [c["text"] for c in content if c["type"] == "text"]
+    return [c for c in content if c["type"] == "image"] + ([{"type": "text", "text": "\n".join(texts)}] if texts else [])
+
+
 def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
               max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
     """Validate a chat request and turn it into a WorkItem (images decoded)."""
@@ -163,6 +168,10 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
     if len(turns) == 1:
         text = "\n".join(c["text"] for c in turns[0]["content"] if c["type"] == "text")
         return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id)
+    # every turn laid out as a one-message request is (``ModelAdapter.format_prompt``): its images, then its text
+    # parts joined by newlines. So a conversation's first turn reads as it did when it was asked alone, and the
+    # next turn's prompt begins with the same tokens (the prefix cache's image prefix).
+    turns = [{"role": t["role"], "content": _laid_out(t["content"])} for t in turns]
     messages = ([{"role": "system", "content": [{"type": "text", "text": sys_text}]}] if sys_text else []) + turns
     return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id)
 
