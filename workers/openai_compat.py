@@ -128,8 +128,10 @@ def _within_pixel_budget(images: list[Image.Image], max_pixels: int | None) -> N
 
 
 def _laid_out(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A turn's parts as a one-message request's prompt has them: its images, then its text parts in one."""
     texts = [c["text"] for c in content if c["type"] == "text"]
-    return [c for c in content if c["type"] == "image"] + ([{"type": "text", "text": "\n".join(texts)}] if texts else [])
+    text = [{"type": "text", "text": "\n".join(texts)}] if texts else []
+    return [c for c in content if c["type"] == "image"] + text
 
 
 def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
