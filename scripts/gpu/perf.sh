@@ -9,7 +9,7 @@
 # (at most 8 files come back): prefill of llava-1.5-7b (SDPA, and FlashAttention-2 when flash_attn
 # imports; batch 1, and batch 8 at 64 tokens), prefill of llava-next-7b and of qwen2-vl-7b (FlowCut with
 # and without its ViT stage), and per-token decode of every decoder at batch 1 and 8, and at batch 1 with
-# FlowCut@64 composed, and shared prefixes on POPE-style batches. Every
+# FlowCut@64 composed, and shared prefixes and a warm prefix cache on POPE-style batches. Every
 # command has its own time limit, so one that hangs or fails leaves the others' reports.
 #
 # Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
@@ -98,9 +98,9 @@ timeout "$LIMIT" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdp
   --repeats 3 --quiet --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa-flowcut64.json" || echo "FAILED (exit $?)"
 }
 want prefix && {
-step "prefix sharing llava-1.5-7b$SUFFIX sdpa, 12 requests of 6 questions per image"
+step "prefix sharing and a warm prefix cache llava-1.5-7b$SUFFIX sdpa, 12 requests of 6 questions per image"
 timeout "$LIMIT" "${VG[@]}" perf prefix --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" \
-  --decoders greedy,lqcd,iava --batch 12 --questions-per-image 6 \
+  --decoders greedy,lqcd,iava --batch 12 --questions-per-image 6 --cache \
   --out "$OUT/perf-prefix-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
 }
 step "done"
