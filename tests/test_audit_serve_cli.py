@@ -49,6 +49,7 @@ def test_audit_serve_busy_http_port_refused_before_ray(no_ray, capsys):
     (["--dashboard-port", "-1"], "--dashboard-port -1"),
     (["--dashboard-port", "70000"], "--dashboard-port 70000"),
     (["--num-cpus", "-1"], "--num-cpus -1"),
+    (["--prefix-cache-mb", "-5"], "--prefix-cache-mb -5.0"),
 ])
 def test_audit_serve_bad_cluster_options_before_ray(no_ray, capsys, argv, needle):
     assert main(["serve", "--port", "0", *argv]) == 2

@@ -55,6 +55,7 @@ def test_batching_mode_defaults_to_inflight_and_can_be_overridden():
     whole = apply_overrides(cfg, batch_mode="whole", max_batch_size=4)
     assert whole.models[0].batching.mode == "whole" and whole.models[0].batching.max_batch_size == 4
     assert cfg.models[0].batching.mode == "inflight"  # the original is not changed
+    assert [m.prefix_cache_mb for m in apply_overrides(cfg, prefix_cache_mb=0).models] == [0.0]
 
 
 def test_prefix_sharing_is_on_by_default_and_a_model_may_turn_it_off():

@@ -155,20 +155,22 @@ class Service:
 _OVERRIDE_OF_FIELD = {"port": "port", "host": "host", "model": "model", "num_replicas": "replicas",
                       "enabled": "batching", "max_batch_size": "max_batch_size",
                       "batch_wait_timeout_s": "batch_wait_timeout_s", "mode": "batch_mode",
-                      "direct_ingress": "direct_ingress"}
+                      "direct_ingress": "direct_ingress", "prefix_cache_mb": "prefix_cache_mb"}
 
 
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
                     batching: bool | None = None, model: str | None = None, replicas: int | None = None,
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                     batch_mode: str | None = None, direct_ingress: bool | None = None,
-                    throughput_optimized: bool | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
+                    throughput_optimized: bool | None = None, prefix_cache_mb: float | None = None,
+                    names: dict[str, str] | None = None) -> ServiceConfig:
     """The config with these overrides (None: keep the config's). A bad value is one InvalidInput line that
     names the override, as ``names`` spells it (the CLI passes its option names, e.g. ``--replicas``)."""
     given = {k for k, v in dict(port=port, host=host, batching=batching, model=model, replicas=replicas,
                                 max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                 batch_mode=batch_mode, direct_ingress=direct_ingress,
-                                throughput_optimized=throughput_optimized).items() if v is not None}
+                                throughput_optimized=throughput_optimized,
+                                prefix_cache_mb=prefix_cache_mb).items() if v is not None}
     data = config.model_dump()
     if direct_ingress is not None:
         data["direct_ingress"] = direct_ingress
@@ -191,6 +193,8 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
             m["batching"]["batch_wait_timeout_s"] = batch_wait_timeout_s
         if batch_mode is not None:
             m["batching"]["mode"] = batch_mode
+        if prefix_cache_mb is not None:
+            m["prefix_cache_mb"] = prefix_cache_mb
     try:
         return ServiceConfig(**data)
     except ValidationError as e:
