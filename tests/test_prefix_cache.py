@@ -263,3 +263,32 @@ def test_a_chat_turn_about_a_seen_image_reports_its_cached_prompt_tokens_as_open
     assert 0 < cached < second["usage"]["prompt_tokens"]
     timings = second["vlmguard"]["timings"]
     assert timings["prompt_cached_tokens"] == cached and timings["prefill_cached_tokens"] >= cached  # + LQCD's rows
+
+
+def test_an_entry_holds_the_rows_first_valid_slots_where_they_are_one_run_or_not():
+    """A plain prefill keeps a row's tokens in one run of slots; a shared one puts its prefix's slots, then masked
+    ones, then its own: the entry holds the first n valid slots in order either way."""
+    from types import SimpleNamespace
+
+    from vlmguard.prefix_cache import CacheLookup, _first_slots
+    from vlmguard.sequence import Seq
+
+    assert _first_slots(torch.tensor([False, True, True, True, False]), 3) == slice(1, 4)
+    assert _first_slots(torch.tensor([True, False, True, True]), 2).tolist() == [0, 2]
+    n, length = 20, 24
+    seq = Seq(hidden=torch.randn(2, length, 8), valid=torch.ones(2, length, dtype=torch.bool),
+              positions=torch.arange(length).expand(2, -1), visual=torch.arange(length).expand(2, -1) - 4)
+    seq.visual[:, n:] = -1  # the image prefix: tokens 0..19 (visual from 4 to 19)
+    keys = torch.randn(2, 1, 30, 4)
+    valid = torch.zeros(2, 30, dtype=torch.bool)
+    valid[0, 6:30] = True  # row 0: one run
+    valid[1, :10] = True  # row 1: 10 prefix slots, a gap, then its own 14
+    valid[1, 16:30] = True
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=keys, values=-keys)])
+    store = PrefixCache(max_bytes=1 << 20)
+    look = CacheLookup(found=[None, None], lengths=[n, n], hashes=[(n, 1, 1), (n, 2, 2)])
+    store.store(seq, look, cache, [valid])
+    by_hash = {h: bucket[0] for h, bucket in store._entries.items()}
+    assert torch.equal(by_hash[(n, 1, 1)].keys[0], keys[0:1, :, 6:26])
+    assert torch.equal(by_hash[(n, 2, 2)].keys[0], torch.cat([keys[1:2, :, :10], keys[1:2, :, 16:26]], dim=2))
+    assert torch.equal(by_hash[(n, 2, 2)].values[0], -by_hash[(n, 2, 2)].keys[0])

@@ -152,13 +152,18 @@ class PrefixCache:
                     continue
                 part = slice(start, start + n)
                 keys, values = [], []
-                slots: dict[int, torch.Tensor] = {}  # the row's first n valid slots, once per validity tensor
+                slots: dict[int, torch.Tensor | slice] = {}  # the row's first n valid slots, once per validity tensor
                 for i, layer in enumerate(cache.layers):
                     valid = key_valid[i]
                     if id(valid) not in slots:
-                        slots[id(valid)] = valid[r].nonzero().flatten()[:n]
-                    keys.append(layer.keys[r:r + 1].index_select(-2, slots[id(valid)]))
-                    values.append(layer.values[r:r + 1].index_select(-2, slots[id(valid)]))
+                        slots[id(valid)] = _first_slots(valid[r], n)
+                    at = slots[id(valid)]
+                    if isinstance(at, slice):  # one run of slots (a plain prefill): a copy of it
+                        keys.append(layer.keys[r:r + 1, ..., at, :].clone())
+                        values.append(layer.values[r:r + 1, ..., at, :].clone())
+                    else:
+                        keys.append(layer.keys[r:r + 1].index_select(-2, at))
+                        values.append(layer.values[r:r + 1].index_select(-2, at))
                 entry = CachedPrefix(hidden=seq.hidden[r, part].clone(), positions=seq.positions[..., r, part].clone(),
                                      visual=seq.visual[r, part].clone(), keys=keys, values=values)
                 entry.nbytes = sum(t.numel() * t.element_size()
@@ -240,6 +245,13 @@ class PrefixCache:
     def __len__(self) -> int:
         """Entries of both kinds."""
         return sum(len(v) for v in self._entries.values())
+
+
+def _first_slots(valid: torch.Tensor, n: int) -> torch.Tensor | slice:
+    """The first ``n`` True slots of a (S,) validity row: a slice where they are one run, else their indices."""
+    at = valid.nonzero().flatten()[:n]
+    first, last = int(at[0]), int(at[-1])
+    return slice(first, last + 1) if last - first + 1 == n else at
 
 
 def _row_images(adapter, batch) -> dict[int, list[tuple[torch.Tensor, dict]]]:
