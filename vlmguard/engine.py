@@ -581,7 +581,7 @@ class Engine:
         state, logits = pre.state, pre.logits[:n_req]
         if state.next_positions.shape[-1] > n_req:
             runner.reorder(state, list(range(n_req)))
-            state.final_seq = _rows_of(state.final_seq, n_req)
+            state.final_seq = state.final_seq.rows(slice(0, n_req))
             state.visual_per_layer = [v[:n_req] for v in state.visual_per_layer]
         if batch is None:
             return logits, state, {}, main, 0.0, 0.0
@@ -687,10 +687,6 @@ def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) ->
     shared = (state.shared_tokens or [0] * len(fed))[:n]
     cached = (state.cached_tokens or [0] * len(fed))[:n]
     return list(fed[:n]), visual_fed, list(shared), list(state.final_seq.visual[:n]), list(cached)
-
-
-def _rows_of(seq: Seq, n: int) -> Seq:
-    return Seq(hidden=seq.hidden[:n], valid=seq.valid[:n], positions=seq.positions[..., :n, :], visual=seq.visual[:n])
 
 
 def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:

@@ -310,11 +310,8 @@ def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None
     plan = PrefixPlan(leaders=[], group=[-1] * b, length=[], cached=list(look.found))
     miss = [r for r, e in enumerate(look.found) if e is None]
     if len(miss) >= 2:
-        index = torch.tensor(miss, dtype=torch.long, device=seq.valid.device)
-        valid = seq.valid[index]
-        drop = int((~valid).all(dim=0).int().cumprod(dim=0).sum())  # columns that are padding in every such row
-        sub = plan_prefixes(Seq(hidden=seq.hidden[index, drop:], valid=valid[:, drop:],
-                                positions=seq.positions[..., index, drop:], visual=seq.visual[index, drop:]))
+        rows = seq.rows(torch.tensor(miss, dtype=torch.long, device=seq.valid.device))
+        sub = plan_prefixes(rows.select(rows.valid)[0])  # re-left-padded to the longest of these rows
         if sub is not None:
             plan.leaders = [miss[k] for k in sub.leaders]
             plan.length = list(sub.length)

@@ -216,8 +216,7 @@ def split(seq: Seq, plan: PrefixPlan) -> tuple[Seq | None, Seq]:
     if not plan.leaders:
         return None, rest
     index = torch.tensor(plan.leaders, dtype=torch.long, device=seq.valid.device)
-    lead = Seq(hidden=seq.hidden[index], valid=seq.valid[index], positions=seq.positions[..., index, :],
-               visual=seq.visual[index])
+    lead = seq.rows(index)
     lead_len = torch.tensor(plan.length, device=seq.valid.device)
     lead_first = first[index]
     prefix, _ = lead.select(lead.valid & (cols < (lead_first + lead_len)[:, None]))

@@ -40,6 +40,11 @@ class Seq:
     def with_hidden(self, hidden: torch.Tensor) -> "Seq":
         return replace(self, hidden=hidden)
 
+    def rows(self, index: torch.Tensor | slice) -> "Seq":
+        """These rows (a LongTensor of row indices, or a slice), every column kept."""
+        return Seq(hidden=self.hidden[index], valid=self.valid[index], positions=self.positions[..., index, :],
+                   visual=self.visual[index])
+
     def last_positions(self) -> torch.Tensor:
         """RoPE position of each row's last token: (B,) or (3, B)."""
         return self.positions[..., -1]
