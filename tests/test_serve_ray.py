@@ -220,6 +220,29 @@ def test_concurrent_requests_are_batched(service, image_url):
     assert prom_sizes and all(k >= 1 for k in prom_sizes)
 
 
+def test_a_chats_next_turns_reach_the_replica_that_cached_its_image(service):
+    """Two replicas, each with its own prefix cache: the ingress routes by the first image (workers/routing.py), so
+    every conversation's next turns are prefilled from the cache. By load alone each would land on the replica
+    that holds its image half the time (all 12 here: 1 in 4096)."""
+    card = httpx.get(service.url + f"/v1/models/{MODEL}", headers=AUTH, timeout=30).json()
+    assert card["routing"] == "image_affinity" and card["prefix_cache"] is not None
+    assert not service.config.ingress_in_model  # auto chose the ingress that reads images
+    for i in range(6):
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_to_data_url(random_image(500 + i, (48, 40)))}},
+            {"type": "text", "text": "What is in the image?"}]}]
+        cached = []
+        for turn in range(3):
+            r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                           json={"model": MODEL, "messages": messages, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "And the colours?"}]
+        assert cached[0] == 0 and cached[1] > 0 and cached[2] > 0, (i, cached)
+
+
 def test_no_direct_urls_without_direct_ingress(service):
     """The module's cluster was started without Serve's direct ingress: only the proxy serves the app."""
     from vlmguard.workers.launch import direct_ingress_urls

@@ -424,6 +424,9 @@ class ModelCard(BaseModel):
     # the replica's prefix cache (image prefixes of earlier prefills): entries, bytes, max_bytes, hits, misses,
     # stored, evicted; None when it is off (the model's prefix_cache_mb: 0)
     prefix_cache: Optional[dict[str, int]] = None
+    # how Serve picks the replica of a request: by its first image, so a replica's prefix cache sees its images
+    # again (``image_affinity``), or by load alone (``power_of_two``); None where the backend has no replicas
+    routing: Optional[Literal["image_affinity", "power_of_two"]] = None
 
 
 class ModelList(BaseModel):

@@ -373,7 +373,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             info = {}
         return ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length"),
                          grid_side=info.get("grid_side"), reference_image_aspect=info.get("reference_image_aspect"),
-                         prefix_cache=info.get("prefix_cache"))
+                         prefix_cache=info.get("prefix_cache"), routing=info.get("routing"))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

@@ -16,10 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from vlmguard.workers.config import ModelConfig, ServiceConfig, parse_config
 from vlmguard.workers.deployment import ModelApi, ModelWorker
 from vlmguard.workers.ingress import Ingress
+from vlmguard.workers.routing import ImageAffinityRouter
 
 
 def cluster_gpus() -> float:
@@ -48,6 +50,10 @@ def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | No
                   ray_actor_options=actor_options, health_check_period_s=10, health_check_timeout_s=60,
                   graceful_shutdown_timeout_s=5)
     if service is None:
+        if model.routes_by_image:
+            common["request_router_config"] = RequestRouterConfig(
+                request_router_class=ImageAffinityRouter,
+                request_router_kwargs={"spill_queue": model.routing_spill_queue})
         return ModelWorker.options(max_ongoing_requests=model.replica_concurrency,
                                    max_queued_requests=model.max_queued_requests, **common).bind(model.model_dump())
     # The replica's own API admits model.admission_limit generations (503 beyond, see ReplicaBackend); the
@@ -61,8 +67,8 @@ def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application
     """The whole app: the model replicas serving the API themselves (one model), or one deployment per model
     behind a FastAPI ingress deployment."""
     config = args if isinstance(args, ServiceConfig) else parse_config(dict(args or {}), "application args")
-    if config.ingress_in_model:
-        return model_deployment(config.models[0], 0, config)
+    if config.ingress_in_model:  # the Serve proxy routes its HTTP requests unread: power of two choices
+        return model_deployment(config.models[0].model_copy(update={"routing": "power_of_two"}), 0, config)
     handles = {m.served_name: model_deployment(m, i) for i, m in enumerate(config.models)}
     return Ingress.options(
         num_replicas=config.ingress_replicas,

@@ -35,6 +35,11 @@ class BatchingConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0, allow_inf_nan=False)
 
 
+# routing: image_affinity's default: requests more in an image's home's queue than in the shortest other before
+# the others go first (workers/routing.py)
+DEFAULT_ROUTING_SPILL_QUEUE = 2
+
+
 class ModelConfig(BaseModel):
     """One served model: a deployment of ``num_replicas`` replicas, each holding one Engine."""
 
@@ -62,6 +67,13 @@ class ModelConfig(BaseModel):
     # later requests about the same image: a chat's next turn, another question (Engine.enable_prefix_cache,
     # vlmguard/prefix_cache.py; with share_prefixes). 0: off
     prefix_cache_mb: float = Field(1024.0, ge=0.0)
+    # Which replica takes a request (workers/routing.py). ``image_affinity``: the replica that has seen its first
+    # image, so its prefix cache serves a chat's next turn, unless that replica's queue is ``routing_spill_queue``
+    # requests longer than the shortest other; ``power_of_two``: Serve's default. ``auto``: image_affinity when
+    # several replicas keep a prefix cache. The Serve proxy routes HTTP requests unread, so image affinity needs
+    # the separate ingress (``ingress: auto`` picks it then).
+    routing: Literal["auto", "image_affinity", "power_of_two"] = "auto"
+    routing_spill_queue: int = Field(DEFAULT_ROUTING_SPILL_QUEUE, ge=1)
 
     @model_validator(mode="after")
     def _cuda_needs_a_gpu(self) -> "ModelConfig":
@@ -83,6 +95,13 @@ class ModelConfig(BaseModel):
         if self.num_gpus is not None:
             return self.num_gpus
         return 1.0 if self.runs_on_cuda(cluster_gpus) else 0.0
+
+    @property
+    def routes_by_image(self) -> bool:
+        """Whether its deployment's callers route requests by their first image (``routing``, resolved)."""
+        if self.routing == "auto":
+            return self.num_replicas > 1 and self.share_prefixes and self.prefix_cache_mb > 0
+        return self.routing == "image_affinity"
 
     @property
     def replica_concurrency(self) -> int:
@@ -128,8 +147,8 @@ class ServiceConfig(BaseModel):
     # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
     # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
     # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and
-    # results fewer). ``auto``: ``model`` when one model is served (and ingress_replicas is not set), else
-    # ``separate``.
+    # results fewer). ``auto``: ``model`` when one model is served (and ingress_replicas is not set) and its
+    # requests are not routed by image (``ModelConfig.routing``), else ``separate``.
     ingress: Literal["auto", "separate", "model"] = "auto"
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
     # Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): every replica of the app's ingress
@@ -162,6 +181,9 @@ class ServiceConfig(BaseModel):
         if self.ingress == "model" and self.ingress_replicas != 1:
             raise ValueError("ingress_replicas applies to a separate ingress; with ingress: model the model's "
                              "num_replicas serve HTTP")
+        if self.ingress == "model" and self.models[0].routing == "image_affinity":
+            raise ValueError("routing: image_affinity needs a separate ingress (the Serve proxy routes HTTP requests "
+                             "without reading their images); use ingress: separate or auto")
         if self.throughput_optimized:  # Ray's mode turns direct ingress on: the service must look for its URLs
             self.direct_ingress = True
         return self
@@ -170,7 +192,7 @@ class ServiceConfig(BaseModel):
     def ingress_in_model(self) -> bool:
         """True when the model replica serves the HTTP API itself (no separate ingress deployment)."""
         if self.ingress == "auto":
-            return len(self.models) == 1 and self.ingress_replicas == 1
+            return len(self.models) == 1 and self.ingress_replicas == 1 and not self.models[0].routes_by_image
         return self.ingress == "model"
 
     def resolved_api_keys(self) -> list[str]:

@@ -58,7 +58,8 @@ class ModelReplica:
                                            cancellable=True))  # a request whose caller left stops generating
 
     def info(self) -> dict[str, Any]:
-        return {**self.worker.info(), "batching": self.config.batching.model_dump()}
+        return {**self.worker.info(), "batching": self.config.batching.model_dump(),
+                "routing": "image_affinity" if self.config.routes_by_image else "power_of_two"}
 
     async def generate(self, item: WorkItem) -> dict[str, Any]:
         if self.config.batching.enabled:
