@@ -411,15 +411,29 @@ def test_perf_repeated_methods_budgets_and_batches_measured_once(capsys):
     (["--max-batch", "1000"], "--max-batch 1000: Input should be less than or equal to 256"),
     (["--batch-wait-ms", "-5"], "--batch-wait-ms -5.0 (= -0.005 s): Input should be greater than or equal to 0"),
     (["--batch-wait-ms", "nan"], "--batch-wait-ms nan (= nan s): Input should be a finite number"),  # not "<= 10"
-    (["--shape", "llava-1.5-7b-cpu4"], "--shape llava-1.5-7b-cpu4: a benchmark shape"),
 ])
 def test_perf_serve_options_checked_before_the_model_and_ray(capsys, no_work, monkeypatch, argv, needle):
-    """These were a pydantic traceback after the model loaded and Ray started (or, for a benchmark shape, a
-    deployment that could not load it)."""
+    """These were a pydantic traceback after the model loaded and Ray started."""
     import vlmguard.perf.serve as perf_serve
 
     monkeypatch.setattr(perf_serve, "_private_ray", lambda *a, **k: pytest.fail("Ray started"))
     out = assert_error(capsys, ["perf", "serve", *PERF, "--clients", "1", "--requests", "2", *argv], needle)
+    assert "validation error" not in out.err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb -1.0: Input should be greater than or equal to 0"),
+    (["--spill-queue", "0"], "argument --spill-queue: must be >= 1"),
+    (["--think-s", "-1"], "argument --think-s: must be in [0, 600] seconds, got -1"),
+    (["--think-s", "nan"], "argument --think-s: must be in [0, 600] seconds, got nan"),
+    (["--new-tokens", "0"], "argument --new-tokens: must be >= 1"),
+])
+def test_perf_routing_options_checked_before_the_model_and_ray(capsys, no_work, monkeypatch, argv, needle):
+    import vlmguard.perf.serve as perf_serve
+
+    monkeypatch.setattr(perf_serve, "_private_ray", lambda *a, **k: pytest.fail("Ray started"))
+    # argparse's own errors come with the usage; the config's are one line
+    out = assert_error(capsys, ["perf", "routing", *PERF, *argv], needle, one_line=not needle.startswith("argument"))
     assert "validation error" not in out.err
 
 

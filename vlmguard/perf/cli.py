@@ -1,5 +1,5 @@
-"""``vlmguard perf prefill|decode|prefix|serve|gemm|plot``: speed measured as ratios within one run (never timed
-tests)."""
+"""``vlmguard perf prefill|decode|prefix|serve|routing|gemm|plot``: speed measured as ratios within one run (never
+timed tests)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from typing import Any
 
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
+from vlmguard.workers.config import DEFAULT_ROUTING_SPILL_QUEUE as DEFAULT_SPILL_QUEUE
 
 DEFAULT_SHAPE = "llava-1.5-7b-cpu"
 
@@ -42,6 +43,13 @@ def _method_list(text: str) -> list[str]:
     if not all(items):
         raise argparse.ArgumentTypeError(f"empty item in {text!r}")
     return items  # each one is parsed (with a one-line error for a bad one) by perf.prefill.parse_method
+
+
+def _think(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 600:
+        raise argparse.ArgumentTypeError(f"must be in [0, 600] seconds, got {text}")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -102,8 +110,8 @@ def register(subparsers) -> None:
                                  description="Speed as ratios measured within one run: prefill per pruning method "
                                              "and budget against no pruning and the FLOP ideal, decode per decoder "
                                              "against greedy, shared prefixes against none, the Ray service against "
-                                             "the Engine, matrix products per token count (gemm), and plots of saved "
-                                             "runs.")
+                                             "the Engine, routing by image against by load (routing), matrix "
+                                             "products per token count (gemm), and plots of saved runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
     sub.required = True
 
@@ -159,6 +167,25 @@ def register(subparsers) -> None:
                         "--direct-ingress)")
     s.add_argument("--no-ray", action="store_true", help="measure the direct Engine only")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("routing", help="multi-turn chats on a service of several replicas, routed by image against "
+                                       "by load alone: prefix cache hits and latency per turn")
+    _common(r, shape="tiny")
+    r.set_defaults(repeats=3, warmup=1)
+    r.add_argument("--replicas", type=_positive, default=2, help="replicas of each app (default: 2)")
+    r.add_argument("--conversations", type=_positive, default=16,
+                   help="conversations per round, each about an image of its own (default: 16)")
+    r.add_argument("--turns", type=_positive, default=3, help="questions per conversation (default: 3)")
+    r.add_argument("--clients", type=_positive, default=4, help="conversations held at once (default: 4)")
+    r.add_argument("--new-tokens", type=_positive, default=8, help="tokens per answer (default: 8)")
+    r.add_argument("--prefix-cache-mb", type=float, default=1024.0,
+                   help="each replica's prefix cache in MiB (default: 1024)")
+    r.add_argument("--spill-queue", type=_positive, default=DEFAULT_SPILL_QUEUE,
+                   help="image affinity's routing_spill_queue: requests more in an image's home's queue than in the "
+                        f"shortest other before the others go first (default: {DEFAULT_SPILL_QUEUE})")
+    r.add_argument("--think-s", type=_think, default=0.0,
+                   help="seconds a conversation waits between an answer and its next question (default: 0)")
+    r.set_defaults(func=cmd_routing)
 
     x = sub.add_parser("prefix", help="prefill of batches that ask several questions about each image, with shared "
                                       "prefixes against without")
@@ -282,6 +309,14 @@ def cmd_serve(args) -> int:
     _check_outputs(args)
     result = run_serve(args, progress=_progress(args))
     return _finish(args, result, serve_table(result))
+
+
+def cmd_routing(args) -> int:
+    from vlmguard.perf.routing import routing_table, run_routing
+
+    _check_outputs(args)
+    result = run_routing(args, progress=_progress(args))
+    return _finish(args, result, routing_table(result))
 
 
 def cmd_gemm(args) -> int:

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -54,6 +56,27 @@ def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: 
     # them to the stand-in's ~100 ids and time a vocabulary-wide combine 300x too small)
     engine.adapter.n_tokens = None
     return engine
+
+
+@contextmanager
+def servable_model(shape: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> Iterator[str]:
+    """What a service's replicas load for ``--shape``: the name itself, or, for a benchmark shape (built in this
+    process, unknown to ``Engine.load``), the random-weight model saved to a temporary directory for the length
+    of the run (its weights in ``dtype``; removed afterwards). Loaded from there, the shape's output layer keeps
+    the real vocabulary but decoders work on the stand-in tokenizer's ids, as with any local model."""
+    if shape not in known_shapes():
+        yield shape
+        return
+    from vlmguard.engine import pick_device, pick_dtype
+    from vlmguard.models.shapes import build_shape
+
+    dt = pick_dtype(dtype, pick_device(device))
+    with tempfile.TemporaryDirectory(prefix=f"vlmguard-{shape}-") as tmp:
+        model, processor = build_shape(shape, dtype=dt, device="cpu", seed=seed)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        del model
+        yield tmp
 
 
 def bench_image(engine: Any, seed: int) -> Image.Image:

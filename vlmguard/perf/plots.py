@@ -125,8 +125,32 @@ def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_routing(result: dict[str, Any], path: str | Path) -> None:
+    """Per turn of a conversation: the share of requests that took prompt tokens from a cache, and the median
+    latency, for each router."""
+    plt = _plt()
+    fig, (share, latency) = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    turns = sorted({r["turn"] for r in result["rows"]})
+    routings = list(dict.fromkeys(r["routing"] for r in result["rows"]))
+    w = 0.8 / max(1, len(routings))
+    for k, routing in enumerate(routings):
+        sel = {r["turn"]: r for r in result["rows"] if r["routing"] == routing}
+        xs = [t + (k - (len(routings) - 1) / 2) * w for t in turns]
+        share.bar(xs, [sel[t]["cached_share"] if t in sel else 0 for t in turns], width=w, label=routing)
+        latency.bar(xs, [sel[t]["latency_median_s"] if t in sel else 0 for t in turns], width=w, label=routing)
+    for ax, label in ((share, "requests with cached prompt tokens"), (latency, "median latency s")):
+        ax.set_xticks(turns)
+        ax.set_xlabel("turn")
+        ax.set_ylabel(label)
+    share.set_ylim(0, 1.05)
+    share.legend(fontsize=8)
+    fig.suptitle(f"routing, {result['shape']} ({result['replicas']} replicas, {result['clients']} conversations at "
+                 f"once, {result.get('think_s', 0)} s between turns)", fontsize=10)
+    _save(plt, fig, path)
+
+
 PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf prefix": plot_prefix,
-            "perf serve": plot_serve, "perf gemm": plot_gemm}
+            "perf serve": plot_serve, "perf gemm": plot_gemm, "perf routing": plot_routing}
 
 
 def plot_report(result: dict[str, Any], path: str | Path) -> None:

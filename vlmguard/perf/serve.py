@@ -26,6 +26,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
 from vlmguard.errors import VlmguardError
@@ -255,7 +256,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     """Start the service twice (batching off / on, two apps on one private local Ray cluster), then measure
     the direct Engine and both apps round-robin for each client count."""
     from vlmguard.images import image_to_data_url
-    from vlmguard.perf.models import bench_image, load_engine
+    from vlmguard.perf.models import bench_image, load_engine, servable_model
     from vlmguard.perf.timing import set_threads
 
     from vlmguard.spec import GenerationSpec
@@ -270,18 +271,23 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
     threads = set_threads(args.threads or 1)
     clients = sorted(set(args.clients))
     configs = {}
-    if not args.no_ray:  # the services' options and model, checked before the model loads and Ray starts
+    if not args.no_ray:  # the services' options, checked before the model loads and Ray starts
         configs = {batching: _service_config(args, batching, threads, clients) for batching in (False, True)}
-        _check_servable(args.shape)
-    engine = load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    # distinct images for every request a batch can hold (4x the most clients): a batch whose requests repeated an
-    # image and prompt would share their whole prefill (vlmguard/prefix_sharing.py) and measure that, not batching
-    images = [bench_image(engine, args.seed + i) for i in range(max(8, 4 * max(clients)))]
-    calls: dict[str, Call] = {"engine": engine_caller(engine, images, spec_for)}
-    env = environment(engine)
     services: list[Any] = []
     started_ray = False
+    saved = ExitStack()
     try:
+        # the replicas and the direct Engine load the same model (a benchmark shape: saved for the run)
+        model = args.shape if args.no_ray else saved.enter_context(
+            servable_model(args.shape, device=args.device, dtype=args.dtype, seed=args.seed))
+        engine = load_engine(model, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
+        # distinct images for every request a batch can hold (4x the most clients): a batch whose requests repeated
+        # an image and prompt would share their whole prefill (vlmguard/prefix_sharing.py) and measure that, not
+        # batching
+        images = [bench_image(engine, args.seed + i) for i in range(max(8, 4 * max(clients)))]
+        calls: dict[str, Call] = {"engine": engine_caller(engine, images, spec_for)}
+        env = environment(engine)
+        configs = {batching: served(cfg, model) for batching, cfg in configs.items()}
         if not args.no_ray:
             direct = _direct_ingress(args)
             started_ray = _private_ray(direct, _throughput_optimized(args))
@@ -305,6 +311,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
+        saved.close()
     return {
         "command": "perf serve",
         "shape": args.shape,
@@ -357,9 +364,6 @@ def _private_ray(direct_ingress: bool = False, throughput_optimized: bool = Fals
 def _service_config(args: Any, batching: bool, threads: int, clients: list[int]) -> Any:
     """The ServiceConfig of one app; an option out of its range is one line naming the option (it was a
     pydantic traceback once Ray had started)."""
-    from pydantic import ValidationError
-
-    from vlmguard.errors import InvalidInput
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig, local_gpus
 
     name = "perf-batched" if batching else "perf-unbatched"
@@ -370,9 +374,10 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
     # the two apps (batching off / on) are up together, each with one replica: on CUDA they share the GPU (half
     # each; a whole GPU each would leave the second replica waiting for ever on a one-GPU machine)
     cuda = ModelConfig(device=args.device).runs_on_cuda(local_gpus())
+
     # no prefix cache: the requests go round their images, and the direct Engine path keeps none, so a replica's
     # cache would measure caching, not batching (``vlmguard perf prefix --cache`` measures it)
-    try:
+    def build() -> Any:
         return ServiceConfig(
             models=[ModelConfig(model=args.shape, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                                 num_replicas=1, num_cpus=0, num_gpus=0.5 if cuda else None, torch_threads=threads,
@@ -384,22 +389,29 @@ def _service_config(args: Any, batching: bool, threads: int, clients: list[int])
             api_keys=[], api_key_env=None, host="127.0.0.1", request_timeout_s=600.0, app_name=name,
             route_prefix=f"/{name}", ingress=args.ingress,
             direct_ingress=_direct_ingress(args), throughput_optimized=_throughput_optimized(args))
+
+    return checked_config(build, options)
+
+
+def checked_config(build: Callable[[], Any], options: dict[str, str]) -> Any:
+    """``build()``'s ServiceConfig; a value out of range is one line naming the command-line option it came from
+    (``options``: config field -> the option as given), not a pydantic traceback once Ray has started."""
+    from pydantic import ValidationError
+
+    from vlmguard.errors import InvalidInput
+
+    try:
+        return build()
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][-1]) if err.get("loc") else "option"
         raise InvalidInput(f"{options.get(field, field)}: {err['msg']}") from None
 
 
-def _check_servable(shape: str) -> None:
-    """The service's replicas load ``--shape`` with ``Engine.load``, which knows no benchmark shape names (they
-    are built in this process only): one line now, not a model built here and then a failed deployment.
-    (Other names are checked by loading the Engine here, before Ray starts.)"""
-    from vlmguard.errors import InvalidInput
-    from vlmguard.perf.models import known_shapes
-
-    if shape in known_shapes():
-        raise InvalidInput(f"--shape {shape}: a benchmark shape is built in this process only, the service "
-                           "cannot load it; use --no-ray, or tiny, random:FAMILY or a local model path")
+def served(cfg: Any, model: str) -> Any:
+    """``cfg`` with its model loaded from ``model`` (``servable_model``'s answer), still served under its name."""
+    m = cfg.models[0]
+    return cfg.model_copy(update={"models": [m.model_copy(update={"model": model, "name": m.served_name})]})
 
 
 def _start(cfg: Any, batching: bool, progress) -> Any:
