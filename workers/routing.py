@@ -2,8 +2,8 @@
 
 Each replica keeps its own prefix cache (``vlmguard/prefix_cache.py``): a chat's next turn, or another question
 about an image, is prefilled from the cache only on a replica that prefilled that image before. Serve's default
-router (power of two choices) spreads requests without looking at them, so with ``n`` replicas a next turn
-lands on the right one ``1/n`` of the time. :class:`ImageAffinityRouter` routes by the request's first image:
+router (power of two choices) spreads requests without looking at them, so a next turn finds its image only
+where the queues happen to send it. :class:`ImageAffinityRouter` routes by the request's first image:
 
 * **Key.** The ingress hashes the first image's pixels once (:func:`image_routing_key`) into
   ``WorkItem.routing_key``. A conversation keeps its first image from turn to turn, so all its turns share a key.

@@ -96,7 +96,7 @@ def _row(routing: str, turn: int, samples: list[dict[str, Any]]) -> dict[str, An
 def run_routing(args: Any, progress=None) -> dict[str, Any]:
     from vlmguard.images import image_to_data_url
     from vlmguard.perf.models import servable_model
-    from vlmguard.perf.serve import _private_ray, _start, served
+    from vlmguard.perf.serve import _private_ray, _start, served, tear_down
     from vlmguard.perf.timing import environment, set_threads
     from vlmguard.testing import random_image
 
@@ -125,20 +125,10 @@ def run_routing(args: Any, progress=None) -> dict[str, Any]:
                     if rnd >= args.warmup:
                         samples[routing] += [t for conv in turns for t in conv]
     finally:
-        for svc in services.values():
-            try:
-                svc.shutdown(keep_cluster=True)
-            except Exception:  # noqa: BLE001 - best effort while tearing down
-                pass
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        saved.close()
+        tear_down(list(services.values()), started_ray, saved)
     rows = [_row(routing, turn, [s for s in samples[routing] if s["turn"] == turn])
             for routing in ROUTINGS for turn in range(1, args.turns + 1)]
-    later = {routing: median([s["latency_s"] for s in samples[routing] if s["turn"] > 1] or [float("nan")])
-             for routing in ROUTINGS}
+    later = {routing: median([s["latency_s"] for s in samples[routing] if s["turn"] > 1]) for routing in ROUTINGS}
     later_cached = {routing: [s["cached_tokens"] > 0 for s in samples[routing] if s["turn"] > 1]
                     for routing in ROUTINGS}
     return {

@@ -302,16 +302,7 @@ def run_serve(args: Any, progress=None) -> dict[str, Any]:
                 calls[path] = http_caller(svc.direct_urls[0] if direct else svc.url, image_urls, spec_for, {})
         rows = measure_paths(calls, clients, args.requests, args.repeats, args.warmup, progress)
     finally:
-        for svc in services:
-            try:
-                svc.shutdown(keep_cluster=True)
-            except Exception:  # noqa: BLE001 - best effort while tearing down
-                pass
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        saved.close()
+        tear_down(services, started_ray, saved)
     return {
         "command": "perf serve",
         "shape": args.shape,
@@ -359,6 +350,21 @@ def _private_ray(direct_ingress: bool = False, throughput_optimized: bool = Fals
     with cluster_env(direct_ingress, drain_s=0, throughput_optimized=throughput_optimized), sigterm_kept():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def tear_down(services: Sequence[Any], started_ray: bool, saved: ExitStack) -> None:
+    """After a run: remove the benchmark's apps, end the Ray cluster if the run started it, then drop the saved
+    model (``saved``: what ``servable_model`` wrote)."""
+    for svc in services:
+        try:
+            svc.shutdown(keep_cluster=True)
+        except Exception:  # noqa: BLE001 - best effort while tearing down
+            pass
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+    saved.close()
 
 
 def _service_config(args: Any, batching: bool, threads: int, clients: list[int]) -> Any:
