@@ -116,9 +116,10 @@ class ImageAffinityRouter(RequestRouter):
         with one id. Serve indexes only the first, so the others were never handed a replica (the request hung
         until its timeout). This is the hook ``FIFOMixin`` overrides, and it uses only the router members that the
         mixin relies on; calls that share an id are one request's choices, about the same image."""
-        if request_metadata is not None:
+        waiting = getattr(self, "_pending_requests_to_fulfill", None)  # a Serve without it: Serve's own matching
+        if request_metadata is not None and waiting is not None:
             rid = request_metadata.internal_request_id
-            for pending in self._pending_requests_to_fulfill:
+            for pending in waiting:
                 if not pending.future.done() and pending.metadata.internal_request_id == rid:
                     self._cancel_routing_task_for_pending_request(pending)
                     self._record_queue_wait_time(pending)
