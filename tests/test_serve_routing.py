@@ -150,6 +150,31 @@ def test_calls_of_one_request_each_get_a_replica_and_their_images_home():
     asyncio.run(run())
 
 
+def test_a_replica_routed_for_no_waiting_request_goes_to_the_oldest_waiting():
+    """Ray 2.59's routing loop also routes without a request, and relies on FIFO for a request whose routing task
+    ended early: a replica chosen where no waiting request has the routed id goes to the oldest one waiting."""
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    def pending(rid: str) -> PendingRequest:
+        return PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id=rid, internal_request_id=rid))
+
+    async def run():
+        router = _router()
+        old, new, mine = pending("old"), pending("new"), pending("mine")
+        router._pending_requests_to_fulfill.extend([old, new, mine])
+        rep = _replica("rep0")
+        router._fulfill_next_pending_request(rep, mine.metadata)
+        assert mine.future.done() and not old.future.done()  # the routed request's own id first
+        router._fulfill_next_pending_request(rep, None)
+        assert old.future.done() and not new.future.done()
+        router._fulfill_next_pending_request(rep, pending("gone").metadata)
+        assert new.future.result() is rep
+        router._fulfill_next_pending_request(rep, None)  # nobody waits: nothing to do
+
+    asyncio.run(run())
+
+
 def test_the_router_refuses_a_bad_spill_queue():
     with pytest.raises(ValueError, match="spill_queue"):
         _router(spill_queue=0)

@@ -109,24 +109,38 @@ class ImageAffinityRouter(RequestRouter):
         return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: Any = None) -> None:
-        """Hand ``replica`` to the oldest waiting request with the routed request's internal id.
+        """Hand ``replica`` to the oldest waiting request with the routed request's internal id, or, if none waits,
+        to the oldest waiting request (as Serve's ``FIFOMixin`` does).
 
         Serve's router without its FIFO mixin matches a routed request by that id alone, and the calls a replica
         makes while serving one request all carry the request's id: a chat request's ``n`` choices are ``n`` calls
         with one id. Serve indexes only the first, so the others were never handed a replica (the request hung
-        until its timeout). This is the hook ``FIFOMixin`` overrides, and it uses only the router members that the
-        mixin relies on; calls that share an id are one request's choices, about the same image."""
+        until its timeout). Ray 2.59's routing loop also routes without a request (``request_metadata`` None) and
+        relies on the FIFO fallback for a request whose routing task ended early. This is the hook ``FIFOMixin``
+        overrides, with the router members that the mixin relies on (and, from Ray 2.60, the routing task's
+        cancellation, as the base class does). Calls that share an id are one request's choices, about the same
+        image; the fallback costs at most that request's affinity, never a replica choice left unused."""
         waiting = getattr(self, "_pending_requests_to_fulfill", None)  # a Serve without it: Serve's own matching
-        if request_metadata is not None and waiting is not None:
-            rid = request_metadata.internal_request_id
-            for pending in waiting:
-                if not pending.future.done() and pending.metadata.internal_request_id == rid:
-                    self._cancel_routing_task_for_pending_request(pending)
-                    self._record_queue_wait_time(pending)
-                    pending.future.set_result(replica)
-                    self._remove_pending_request_from_indices(pending)
-                    return
-        super()._fulfill_next_pending_request(replica, request_metadata)
+        if waiting is None:
+            super()._fulfill_next_pending_request(replica, request_metadata)
+            return
+        rid = None if request_metadata is None else request_metadata.internal_request_id
+        chosen = None
+        for pending in waiting:
+            if pending.future.done():
+                continue
+            if pending.metadata.internal_request_id == rid:
+                chosen = pending
+                break
+            chosen = chosen or pending  # the oldest waiting, if none has the id
+        if chosen is None:
+            return
+        cancel = getattr(self, "_cancel_routing_task_for_pending_request", None)  # Ray >= 2.60
+        if cancel is not None:  # its own routing task is no longer needed
+            cancel(chosen)
+        self._record_queue_wait_time(chosen)
+        chosen.future.set_result(replica)
+        self._remove_pending_request_from_indices(chosen)
 
 
 __all__ = ["DEFAULT_SPILL_QUEUE", "ImageAffinityRouter", "affinity_ranks", "image_routing_key", "rendezvous_order",
