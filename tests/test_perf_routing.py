@@ -20,6 +20,28 @@ def test_a_turns_row_counts_the_requests_that_took_tokens_from_a_cache():
     assert row["requests"] == 4 and row["cached_share"] == 0.5
     assert row["mean_cached_tokens"] == 37.5 and row["mean_prompt_tokens"] == 105
     assert row["latency_median_s"] == pytest.approx(0.25) and row["latency_p90_s"] == 0.5
+    assert row["errors"] == 0 and row["first_error"] is None
+    # a failed turn is counted, not averaged; a turn with nothing but failures still makes a row
+    row = _row("power_of_two", 3, [_sample(3, 0.4, 0), {"turn": 3, "error": "HTTP 503: overloaded"}])
+    assert row["requests"] == 2 and row["errors"] == 1 and row["first_error"] == "HTTP 503: overloaded"
+    assert row["cached_share"] == 0 and row["latency_median_s"] == row["latency_p90_s"] == 0.4
+    row = _row("power_of_two", 3, [{"turn": 3, "error": "ConnectError: refused"}])
+    assert row["errors"] == 1 and row["cached_share"] is None and row["latency_median_s"] is None
+
+
+def test_a_failed_turn_ends_its_conversation_and_is_reported(monkeypatch):
+    import httpx
+
+    from vlmguard.perf.routing import conversation_caller
+
+    replies = iter([httpx.Response(200, json={"usage": {"prompt_tokens": 50, "prompt_tokens_details":
+                                                        {"cached_tokens": 0}},
+                                              "choices": [{"message": {"content": "a cat"}}]}),
+                    httpx.Response(503, text="overloaded")])
+    monkeypatch.setattr(httpx.Client, "post", lambda self, url, json: next(replies))
+    turns = conversation_caller("http://x", "tiny", turns=3, new_tokens=2)("data:image/png;base64,")
+    assert [t["turn"] for t in turns] == [1, 2] and turns[0]["prompt_tokens"] == 50
+    assert turns[1] == {"turn": 2, "error": "HTTP 503: overloaded"}
 
 
 def test_the_report_prints_as_a_table_markdown_and_a_plot(tmp_path):
@@ -34,6 +56,7 @@ def test_the_report_prints_as_a_table_markdown_and_a_plot(tmp_path):
                           "later_turns_latency_power_of_two_over_image_affinity": 1.25}}
     text = routing_table(result)
     assert "image_affinity 1" in text and "power_of_two / image_affinity: 1.25x" in text and "think_s=0.5" in text
+    assert "first error" not in text
     md = markdown(result).splitlines()
     assert md[0].startswith("| routing | turn |") and len(md) == 2 + 4
     plot_report(result, tmp_path / "routing.png")
@@ -63,6 +86,7 @@ def test_perf_routing_end_to_end(tmp_path):
     assert data["command"] == "perf routing" and data["replicas"] == 2
     assert [(r["routing"], r["turn"], r["requests"]) for r in data["rows"]] == [
         ("power_of_two", 1, 3), ("power_of_two", 2, 3), ("image_affinity", 1, 3), ("image_affinity", 2, 3)]
+    assert all(r["errors"] == 0 for r in data["rows"])
     assert all(r["cached_share"] == 0 for r in data["rows"] if r["turn"] == 1)
     assert data["summary"]["later_turns_cached_share"]["image_affinity"] == 1.0  # each next turn finds its image
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"

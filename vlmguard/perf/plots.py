@@ -136,8 +136,9 @@ def plot_routing(result: dict[str, Any], path: str | Path) -> None:
     for k, routing in enumerate(routings):
         sel = {r["turn"]: r for r in result["rows"] if r["routing"] == routing}
         xs = [t + (k - (len(routings) - 1) / 2) * w for t in turns]
-        share.bar(xs, [sel[t]["cached_share"] if t in sel else 0 for t in turns], width=w, label=routing)
-        latency.bar(xs, [sel[t]["latency_median_s"] if t in sel else 0 for t in turns], width=w, label=routing)
+        share.bar(xs, [(sel[t]["cached_share"] or 0) if t in sel else 0 for t in turns], width=w, label=routing)
+        latency.bar(xs, [(sel[t]["latency_median_s"] or 0) if t in sel else 0 for t in turns], width=w,
+                    label=routing)
     for ax, label in ((share, "requests with cached prompt tokens"), (latency, "median latency s")):
         ax.set_xticks(turns)
         ax.set_xlabel("turn")

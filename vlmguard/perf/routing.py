@@ -17,7 +17,6 @@ import time
 from contextlib import ExitStack
 from typing import Any, Callable
 
-from vlmguard.errors import VlmguardError
 from vlmguard.perf.timing import median, ratio
 
 ROUTINGS = ("power_of_two", "image_affinity")
@@ -52,7 +51,8 @@ def _service_config(args: Any, routing: str, threads: int) -> Any:
 def conversation_caller(url: str, model: str, turns: int, new_tokens: int,
                         think_s: float = 0.0) -> Callable[[str], list[dict[str, Any]]]:
     """A function that holds one conversation about an image (a data URL), ``think_s`` between an answer and the
-    next question, and returns each turn's figures."""
+    next question, and returns each turn's figures; a turn that fails (an HTTP error, a connection lost) is
+    recorded with its ``error`` and ends the conversation, so one failure does not lose the run."""
     import httpx
 
     local = threading.local()
@@ -68,11 +68,17 @@ def conversation_caller(url: str, model: str, turns: int, new_tokens: int,
             if turn > 1 and think_s:
                 time.sleep(think_s)
             t0 = time.perf_counter()
-            r = client.post(url + "/v1/chat/completions",
-                            json={"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0})
+            try:
+                r = client.post(url + "/v1/chat/completions",
+                                json={"model": model, "messages": messages, "max_tokens": new_tokens,
+                                      "temperature": 0})
+            except httpx.HTTPError as e:
+                out.append({"turn": turn, "error": f"{type(e).__name__}: {e}"[:200]})
+                break
             latency = time.perf_counter() - t0
             if r.status_code != 200:
-                raise VlmguardError(f"turn {turn}: HTTP {r.status_code}: {r.text[:200]}")
+                out.append({"turn": turn, "error": f"HTTP {r.status_code}: {r.text[:200]}"})
+                break
             body = r.json()
             usage = body["usage"]
             out.append({"turn": turn, "latency_s": latency, "prompt_tokens": usage["prompt_tokens"],
@@ -85,12 +91,20 @@ def conversation_caller(url: str, model: str, turns: int, new_tokens: int,
 
 
 def _row(routing: str, turn: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    lat = sorted(s["latency_s"] for s in samples)
-    return {"routing": routing, "turn": turn, "requests": len(samples),
-            "cached_share": sum(s["cached_tokens"] > 0 for s in samples) / len(samples),
-            "mean_cached_tokens": sum(s["cached_tokens"] for s in samples) / len(samples),
-            "mean_prompt_tokens": sum(s["prompt_tokens"] for s in samples) / len(samples),
-            "latency_median_s": median(lat), "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+    """One router's figures for one turn; failed requests are counted in ``errors`` and left out of the rest."""
+    ok = [s for s in samples if "error" not in s]
+    lat = sorted(s["latency_s"] for s in ok)
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    return {"routing": routing, "turn": turn, "requests": len(samples), "errors": len(samples) - len(ok),
+            "cached_share": mean([float(s["cached_tokens"] > 0) for s in ok]),
+            "mean_cached_tokens": mean([s["cached_tokens"] for s in ok]),
+            "mean_prompt_tokens": mean([s["prompt_tokens"] for s in ok]),
+            "latency_median_s": median(lat),
+            "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))] if lat else None,
+            "first_error": next((s["error"] for s in samples if "error" in s), None)}
 
 
 def run_routing(args: Any, progress=None) -> dict[str, Any]:
@@ -128,9 +142,9 @@ def run_routing(args: Any, progress=None) -> dict[str, Any]:
         tear_down(list(services.values()), started_ray, saved)
     rows = [_row(routing, turn, [s for s in samples[routing] if s["turn"] == turn])
             for routing in ROUTINGS for turn in range(1, args.turns + 1)]
-    later = {routing: median([s["latency_s"] for s in samples[routing] if s["turn"] > 1]) for routing in ROUTINGS}
-    later_cached = {routing: [s["cached_tokens"] > 0 for s in samples[routing] if s["turn"] > 1]
-                    for routing in ROUTINGS}
+    later_ok = {routing: [s for s in samples[routing] if s["turn"] > 1 and "error" not in s] for routing in ROUTINGS}
+    later = {routing: median([s["latency_s"] for s in ok]) for routing, ok in later_ok.items()}
+    later_cached = {routing: [s["cached_tokens"] > 0 for s in ok] for routing, ok in later_ok.items()}
     return {
         "command": "perf routing", "shape": args.shape, "replicas": args.replicas, "clients": args.clients,
         "conversations": args.conversations, "turns": args.turns, "new_tokens": args.new_tokens,
@@ -147,16 +161,18 @@ def run_routing(args: Any, progress=None) -> dict[str, Any]:
 def routing_table(result: dict[str, Any]) -> str:
     from vlmguard.perf.report import fmt, table
 
-    rows = [[r["routing"], r["turn"], r["requests"], r["cached_share"], r["mean_cached_tokens"],
+    rows = [[r["routing"], r["turn"], r["requests"], r.get("errors", 0), r["cached_share"], r["mean_cached_tokens"],
              r["mean_prompt_tokens"], r["latency_median_s"], r["latency_p90_s"]] for r in result["rows"]]
     s = result["summary"]
     share = s["later_turns_cached_share"]
+    errors = [f"{r['routing']} turn {r['turn']}: {r['first_error']}" for r in result["rows"] if r.get("first_error")]
     return "\n".join([
         f"perf routing  shape={result['shape']}  replicas={result['replicas']}  clients={result['clients']}  "
         f"conversations={result['conversations']} x {result['turns']} turns  new_tokens={result['new_tokens']}  "
         f"think_s={result['think_s']}  spill_queue={result['spill_queue']}  rounds={result['repeats']}",
-        table(["routing", "turn", "requests", "cached share", "cached tokens", "prompt tokens", "p50_s", "p90_s"],
-              rows),
+        table(["routing", "turn", "requests", "errors", "cached share", "cached tokens", "prompt tokens", "p50_s",
+               "p90_s"], rows),
+        *(f"first error, {e}" for e in errors),
         "turns after the first, share that took tokens from a cache: "
         + ", ".join(f"{r} {fmt(v)}" for r, v in share.items()),
         "turns after the first, median latency power_of_two / image_affinity: "
