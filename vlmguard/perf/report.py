@@ -69,10 +69,9 @@ def markdown(result: dict[str, Any]) -> str:
         rows = [[r["path"], r["clients"], r["requests"], r["errors"], r["requests_per_s"], r["tokens_per_s"],
                  r["latency_median_s"], r["latency_p90_s"], r.get("added_latency_median_s")] for r in result["rows"]]
     elif cmd == "perf routing":
-        head = ["routing", "turn", "requests", "errors", "share with cached tokens", "cached tokens",
-                "prompt tokens", "p50 latency s", "p90 latency s"]
-        rows = [[r["routing"], r["turn"], r["requests"], r.get("errors", 0), r["cached_share"], r["mean_cached_tokens"],
-                 r["mean_prompt_tokens"], r["latency_median_s"], r["latency_p90_s"]] for r in result["rows"]]
+        from vlmguard.perf.routing import ROUTING_HEAD, routing_rows
+
+        head, rows = ROUTING_HEAD, routing_rows(result)
     elif cmd == "perf prefix":
         from vlmguard.perf.prefix import prefix_head, prefix_rows
 

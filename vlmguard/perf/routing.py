@@ -158,11 +158,19 @@ def run_routing(args: Any, progress=None) -> dict[str, Any]:
     }
 
 
+ROUTING_HEAD = ["routing", "turn", "requests", "errors", "share with cached tokens", "cached tokens", "prompt tokens",
+                "p50 latency s", "p90 latency s"]
+
+
+def routing_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """The report's table rows (ROUTING_HEAD's columns), for the printed table and ``perf plot --markdown``."""
+    return [[r["routing"], r["turn"], r["requests"], r.get("errors", 0), r["cached_share"], r["mean_cached_tokens"],
+             r["mean_prompt_tokens"], r["latency_median_s"], r["latency_p90_s"]] for r in result["rows"]]
+
+
 def routing_table(result: dict[str, Any]) -> str:
     from vlmguard.perf.report import fmt, table
 
-    rows = [[r["routing"], r["turn"], r["requests"], r.get("errors", 0), r["cached_share"], r["mean_cached_tokens"],
-             r["mean_prompt_tokens"], r["latency_median_s"], r["latency_p90_s"]] for r in result["rows"]]
     s = result["summary"]
     share = s["later_turns_cached_share"]
     errors = [f"{r['routing']} turn {r['turn']}: {r['first_error']}" for r in result["rows"] if r.get("first_error")]
@@ -170,8 +178,7 @@ def routing_table(result: dict[str, Any]) -> str:
         f"perf routing  shape={result['shape']}  replicas={result['replicas']}  clients={result['clients']}  "
         f"conversations={result['conversations']} x {result['turns']} turns  new_tokens={result['new_tokens']}  "
         f"think_s={result['think_s']}  spill_queue={result['spill_queue']}  rounds={result['repeats']}",
-        table(["routing", "turn", "requests", "errors", "cached share", "cached tokens", "prompt tokens", "p50_s",
-               "p90_s"], rows),
+        table(ROUTING_HEAD, routing_rows(result)),
         *(f"first error, {e}" for e in errors),
         "turns after the first, share that took tokens from a cache: "
         + ", ".join(f"{r} {fmt(v)}" for r, v in share.items()),
@@ -179,4 +186,4 @@ def routing_table(result: dict[str, Any]) -> str:
         f"{fmt(s['later_turns_latency_power_of_two_over_image_affinity'])}x"])
 
 
-__all__ = ["ROUTINGS", "conversation_caller", "routing_table", "run_routing"]
+__all__ = ["ROUTINGS", "ROUTING_HEAD", "conversation_caller", "routing_rows", "routing_table", "run_routing"]
