@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Callable
 
 import torch
@@ -210,12 +211,8 @@ class LayerRunner:
         width = pool.length
         index = torch.tensor(source, dtype=torch.long, device=seq.valid.device)
         prefix_valid = pool.valid[index]
-        runs: list[list[int]] = []  # [source, rows] of each run of consecutive rows with one source
-        for src in source:
-            if runs and runs[-1][0] == src:
-                runs[-1][1] += 1
-            else:
-                runs.append([src, 1])
+        # (source, rows) of each run of consecutive rows with one source
+        runs = [(src, len(list(rows))) for src, rows in groupby(source)]
         shared = GrowingCache()
         for i in range(len(ad.layers)):
             # each run's prefix (one row, broadcast over the run), written once into the layer's buffer
