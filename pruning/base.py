@@ -18,7 +18,7 @@ each LLM-side cut (the layers after it see contiguous positions and decode from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -49,6 +49,15 @@ class PruneContext:
     positions: list[int] | None = None
     # report keys whose values hold an entry per row: "rows" (a list by row) or "layers" ({layer: list by row})
     row_keyed: dict[str, str] = field(default_factory=dict)
+    # the engine's image encoding (``ModelAdapter.image_features`` on a batch, the prefix cache's tower output where
+    # it holds the images); None: the adapter's own
+    encode: Callable[[Any], list] | None = None
+
+    def image_features(self, batch: Any = None) -> list[torch.Tensor | None]:
+        """Projected visual tokens per row of ``batch`` (default: this context's), unpruned: what a vision-side
+        pruner starts from when it does not run the tower itself."""
+        batch = self.batch if batch is None else batch
+        return (self.encode or self.adapter.image_features)(batch)
 
     def request_report(self, row: int) -> dict[str, Any]:
         """The report as the request of main row ``row`` sees it: its own rows' entries of the row-keyed values
@@ -71,6 +80,19 @@ class PruneContext:
         within each branch)."""
         i = row % len(self.main_rows) if self.main_rows else row
         return i if self.positions is None else self.positions[i]
+
+
+def merge_report(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add a report made on some of a batch's rows (``part``: a vision-side pruner's, on the rows the prefix cache
+    did not hold) to the batch's: each row's entries are set beside what the row has (the engine's
+    ``vision_work``), and so is any other key."""
+    for key, value in part.items():
+        if key != "per_row":
+            into[key] = value
+            continue
+        per_row = into.setdefault("per_row", {})
+        for row, entries in value.items():
+            per_row.setdefault(row, {}).update(entries)
 
 
 # Families whose positions are 1-D RoPE ids, the only ones ``LayerRunner.prefill(renumber=True)`` can renumber
@@ -120,6 +142,20 @@ class Pruner:
     # ---- vision side ---------------------------------------------------------------------
     def prune_images(self, ctx: PruneContext) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         raise NotImplementedError
+
+    def vision_cache_key(self) -> tuple | None:
+        """A key under which the engine's prefix cache may keep what ``prune_images`` made of a row's images and
+        give it back for the same images later (neither the tower nor the pruner runs again), or None (default:
+        never). A pruner opts in only where, under these settings, a row's output (its kept tokens and indices)
+        depends on that row's images alone, never on its text or on the other rows of the batch, and its report
+        entries for the row lie in ``report["per_row"][row]``; the key then holds every setting that output depends
+        on (the cache belongs to one engine, so one model)."""
+        return None
+
+    def _settings_key(self) -> tuple:
+        """The method, its budget and every parameter: a ``vision_cache_key`` for a pruner whose output depends on
+        nothing else."""
+        return (self.name, type(self.budget).__name__, self.budget, self.params.model_dump_json())
 
     # ---- LLM side ------------------------------------------------------------------------
     def llm_stage(self, family: str) -> bool:

@@ -149,16 +149,22 @@ class FlowCutPruner(Pruner):
         return ctx.adapter.family == "qwen2_vl" and self.params.qwen_vit_keep > 0
 
     # ---- stage V -----------------------------------------------------------------------------
+    def vision_cache_key(self) -> tuple | None:
+        """Stage V cuts each image in a tower pass of its own (a per-image schedule on the row's budget, split over
+        the row's images) and reads no text, so the prefix cache may keep its output per row; not with the
+        reference's batch-wide prune count (``reference_batch_coupling``), which couples the rows of a batch."""
+        return None if self.params.reference_batch_coupling else self._settings_key()
+
     def prune_images(self, ctx: PruneContext):
         ad, batch = ctx.adapter, ctx.batch
         n_rows = batch.input_ids.shape[0]
         if ad.family not in CLIP_FAMILIES and not self._qwen_stage_v(ctx):  # stage L only
-            return ad.image_features(batch), [None] * n_rows
+            return ctx.image_features(), [None] * n_rows
         budgets = [self.keep_count(n) if n else 0 for n in ctx.n_visual]
         if ad.family == "qwen2_vl":
             return self._stage_v_qwen(ctx, budgets)
         if all(not n or budgets[r] >= n for r, n in enumerate(ctx.n_visual)):
-            return ad.image_features(batch), [None] * n_rows  # nothing to cut: the exact unpruned path
+            return ctx.image_features(), [None] * n_rows  # nothing to cut: the exact unpruned path
         if ad.family == "llava":
             return self._stage_v_llava(ctx, budgets)
         return self._stage_v_next(ctx, budgets)
@@ -307,7 +313,7 @@ class FlowCutPruner(Pruner):
         targets = [min(n, max(1, math.ceil(round(min(self.params.qwen_vit_keep * share, n), 9))))
                    for n, share in zip(merged, self._image_shares(ctx, budgets, caps=merged))]
         if targets == merged:  # nothing to cut inside the tower: the exact unpruned path
-            return ad.image_features(batch), [None] * batch.input_ids.shape[0]
+            return ctx.image_features(), [None] * batch.input_ids.shape[0]
         rows = batch.rows_with_images
         # a row none of whose images the tower would cut takes the unpruned path, in a batch as alone (no ViT
         # schedule or heatmap of its own; stage L still cuts it to K)

@@ -39,7 +39,7 @@ class RandomPruner(Pruner):
         return torch.randperm(n_visual, generator=g)[:k].sort().values
 
     def prune_images(self, ctx: PruneContext):
-        feats = ctx.adapter.image_features(ctx.batch)
+        feats = ctx.image_features()
         out_feats: list[torch.Tensor | None] = []
         kept: list[torch.Tensor | None] = []
         for f in feats:

@@ -45,6 +45,9 @@ def test_prefix_report_rows(report):
             r["prefill_tokens"] / (r["prefill_tokens"] - r["cached_tokens"] - r["cached_shared_tokens"]))
     assert rows["lqcd"]["cached_tokens"] == 3 * rows["greedy"]["cached_tokens"]
     assert rows["vcd"]["cached_tokens"] == rows["greedy"]["cached_tokens"]
+    # the two images' tower output, once per image (a row about the same image as an earlier row of the batch takes
+    # that row's); VCD's noised copies are other images
+    assert all((r["cached_image_hits"], r["cached_pruned_hits"]) == (2, 0) for r in rows.values())
 
 
 def test_prefix_report_figure_and_markdown(report, tmp_path):
@@ -53,6 +56,19 @@ def test_prefix_report_figure_and_markdown(report, tmp_path):
     assert main(["perf", "plot", str(path), "--out", str(tmp_path / "r.png"), "--markdown"]) == 0
     assert (tmp_path / "r.png").stat().st_size > 0
     assert markdown(report).splitlines()[0].startswith("| decoder | unshared prefill s | shared prefill s")
+
+
+def test_prefix_with_a_vision_side_pruner_from_a_warm_cache():
+    """``--pruning flowcut``: the warm cache holds FlowCut's cut of each image, so the cached batch runs neither the
+    tower nor stage V (its vision time is the lookup's) and answers as the fresh one does."""
+    report = run_json(["perf", "prefix", "--shape", "tiny", "--decoders", "greedy", "--batch", "2",
+                       "--questions-per-image", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--quiet",
+                       "--pruning", "flowcut", "--budget", "16", "--cache", "--json"])
+    assert (report["pruning"], report["budget"]) == ("flowcut", 16)
+    (row,) = report["rows"]
+    assert row["same_tokens"] and row["cached_same_tokens"] and row["cached_tokens"] > 0
+    assert (row["cached_pruned_hits"], row["cached_image_hits"]) == (2, 0)  # both images, as FlowCut cut them
+    assert row["cached_vision_s"] >= 0 and row["unshared_vision_s"] > 0
 
 
 def test_prefix_refuses_an_unknown_decoder_before_loading(capsys):

@@ -422,7 +422,8 @@ class ModelCard(BaseModel):
     # square, or leave them to the processor; decided by the family or the checkpoint config's image_aspect_ratio
     reference_image_aspect: Optional[Literal["pad", "native"]] = None
     # the replica's prefix cache (image prefixes of earlier prefills): entries, bytes, max_bytes, hits, misses,
-    # stored, evicted; None when it is off (the model's prefix_cache_mb: 0)
+    # stored, evicted, and its images' visual tokens as the tower gave them (image_entries, image_hits) and as a
+    # vision-side pruner kept them (pruned_entries, pruned_hits); None when it is off (the model's prefix_cache_mb: 0)
     prefix_cache: Optional[dict[str, int]] = None
     # how Serve picks the replica of a request: by its first image, so a replica's prefix cache sees its images
     # again (``image_affinity``), or by load alone (``power_of_two``); None where the backend has no replicas

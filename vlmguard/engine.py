@@ -13,9 +13,10 @@ to the same budget. Branches without image tokens are untouched.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -32,7 +33,7 @@ from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
 from vlmguard.prefix_cache import PrefixCache, plan_prefill
-from vlmguard.pruning.base import PruneContext
+from vlmguard.pruning.base import PruneContext, merge_report
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import RowSampler
@@ -497,11 +498,49 @@ class Engine:
         cache = self.prefix_cache
         if cache is None or not batch.rows_with_images:
             return self.adapter.image_features(batch, same)
-        known = cache.features(self.adapter, batch, skip=same)
+        known = {row: entry.features for row, entry in cache.features(self.adapter, batch, skip=same).items()}
         feats = self.adapter.image_features(batch, same, known=known)
         rows = range(batch.input_ids.shape[0]) if keep is None else keep
         cache.store_features(self.adapter, batch, feats, [r for r in rows if r not in known and r not in same])
         return feats
+
+    def _pruned_images(self, pctx: PruneContext, pruner, keep) -> tuple[list, list]:
+        """``pruner.prune_images`` of ``pctx``'s rows. Its tower pass runs once per distinct image and takes the
+        prefix cache's tower output where it holds the images (``PruneContext.encode``). A pruner with a
+        ``vision_cache_key`` cuts each distinct row of images once: a row whose images equal an earlier row's
+        (``same_images``: a decoder's rows with the request's image, POPE's questions about one image) takes that
+        row's cut, and one whose images the cache holds under the key takes what the pruner made of them before;
+        the rest are pruned as one batch and those of ``keep`` kept. Report entries go with each cut."""
+        cache, adapter, batch = self.prefix_cache, self.adapter, pctx.batch
+        pctx.encode = lambda b: self._image_features(b, keep=keep)
+        view = pruner.vision_cache_key()
+        if view is None:
+            return pruner.prune_images(pctx)
+        same = same_images(adapter, batch)
+        known = {} if cache is None else cache.features(adapter, batch, skip=same, view=view)
+        rest = adapter.without_images(batch, set(same) | set(known)) if same or known else batch
+        if rest is None:  # vision inputs it cannot cut: every row pruned
+            same, known, rest = {}, {}, batch
+        n_rows = len(pctx.n_visual)
+        feats, kept = [None] * n_rows, [None] * n_rows
+        reports: dict[int, dict] = {}
+        if rest.rows_with_images:
+            part = replace(pctx, batch=rest, report={},
+                           n_visual=[0 if r in same or r in known else n for r, n in enumerate(pctx.n_visual)])
+            feats, kept = pruner.prune_images(part)
+            merge_report(pctx.report, {k: v for k, v in part.report.items() if k != "per_row"})
+            reports = part.report.get("per_row", {})
+            if cache is not None:  # a row the pruner left whole took the tower's output, kept as such
+                cut = [r for r in keep if r not in same and r not in known and kept[r] is not None]
+                cache.store_features(adapter, batch, feats, cut, view=view, kept=kept, reports=reports)
+        for r, entry in known.items():
+            feats[r], kept[r], reports[r] = entry.features, entry.kept, entry.report
+        for r, src in same.items():
+            feats[r], kept[r] = feats[src], kept[src]
+            if src in reports:
+                reports[r] = reports[src]
+        merge_report(pctx.report, {"per_row": {r: copy.deepcopy(entries) for r, entries in reports.items()}})
+        return feats, kept
 
     def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb):
         """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
@@ -512,7 +551,7 @@ class Engine:
         t_vis = time.perf_counter()
         kept_vision: list[torch.Tensor | None] | None = None
         if pruner.side in ("vision", "both") and any(n_visual):
-            feats, kept_vision = pruner.prune_images(pctx)
+            feats, kept_vision = self._pruned_images(pctx, pruner, keep=range(n_req))
         else:
             feats = self._image_features(batch, keep=range(n_req))
         if kept_vision is not None:  # scatter kept features into full-size slots, then drop the rest

@@ -16,7 +16,10 @@ image prefix is the same, value for value, decodes from them as from its own.
   cache, at most one entry per distinct prefix. Rows with fewer than ``MIN_TOKENS`` such tokens are not kept.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
-  the vision tower does not run again on an image it holds (``PrefixCache.features``).
+  the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
+  pruner that opts in (``Pruner.vision_cache_key``: its output for a row depends on the row's images alone, e.g.
+  FlowCut's stage V), what the pruner kept of them is kept under the pruner's key, with its indices and the
+  pruner's report for the row, so neither the tower nor the pruner runs again (a chat's next turn with FlowCut).
 - **Memory.** Least recently used entries (of both kinds) go first once ``max_bytes`` would be exceeded; an entry
   larger than the whole budget is not kept.
 
@@ -27,6 +30,7 @@ change of batch); the tokens are the same in every test.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -69,10 +73,14 @@ class CachedPrefix:
 @dataclass
 class CachedFeatures:
     """One row's images as the processor gave them (per image: its pixel values and its other per-image inputs,
-    e.g. LLaVA-NeXT's image size, Qwen2-VL's grid) and their projected visual tokens (V, D)."""
+    e.g. LLaVA-NeXT's image size, Qwen2-VL's grid) and their projected visual tokens (V, D); or, under a
+    vision-side pruner's key (``Pruner.vision_cache_key``), the tokens it kept (k, D), their visual indices (None:
+    it kept them all) and its report entries for the row."""
 
     images: list[tuple[torch.Tensor, dict]]
     features: torch.Tensor
+    kept: torch.Tensor | None = None
+    report: dict = field(default_factory=dict)
     nbytes: int = 0
     hits: int = 0
 
@@ -88,6 +96,8 @@ class PrefixCacheStats:
     evicted: int = 0  # both kinds
     image_entries: int = 0  # images' visual tokens held (the vision tower's output)
     image_hits: int = 0  # rows whose images' visual tokens were taken, the tower not run on them
+    pruned_entries: int = 0  # images' visual tokens as a vision-side pruner kept them
+    pruned_hits: int = 0  # rows that took those, neither the tower nor the pruner run on their images
 
 
 @dataclass
@@ -96,7 +106,8 @@ class PrefixCache:
     ``max_bytes`` (the processor's pixel values kept for the comparison, on the host, count too)."""
 
     max_bytes: int
-    # key -> its entries: a CachedPrefix under its prefix's hash, a CachedFeatures under ("images", fingerprint)
+    # key -> its entries: a CachedPrefix under its prefix's hash, a CachedFeatures under ("images", view,
+    # fingerprint) (view: None for the tower's output, else a vision-side pruner's key)
     _entries: OrderedDict = field(default_factory=OrderedDict)
     _bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -173,39 +184,48 @@ class PrefixCache:
             self._count()
 
     # ---- the vision tower's output --------------------------------------------------------------
-    def features(self, adapter, batch, skip=()) -> dict[int, torch.Tensor]:
-        """Rows of the processor's ``batch`` (not in ``skip``) whose images an entry holds -> their visual tokens
-        (the same pixel values and per-image inputs, compared in full)."""
-        found: dict[int, torch.Tensor] = {}
+    def features(self, adapter, batch, skip=(), view: tuple | None = None) -> dict[int, CachedFeatures]:
+        """Rows of the processor's ``batch`` (not in ``skip``) whose images an entry holds -> that entry (the same
+        pixel values and per-image inputs, compared in full): the tower's output, or with ``view`` (a vision-side
+        pruner's ``vision_cache_key``) what that pruner made of them."""
+        found: dict[int, CachedFeatures] = {}
         with self._lock:
             for row, images in _row_images(adapter, batch).items():
                 if row in skip:
                     continue
-                entry = self._find_images(images)
+                entry = self._find_images(images, view)
                 if entry is not None:
                     entry.hits += 1
-                    self.stats.image_hits += 1
-                    found[row] = entry.features
+                    if view is None:
+                        self.stats.image_hits += 1
+                    else:
+                        self.stats.pruned_hits += 1
+                    found[row] = entry
         return found
 
-    def store_features(self, adapter, batch, features: list[torch.Tensor | None], rows) -> None:
-        """Keep the visual tokens of these rows of ``batch`` (``features``: per row, as ``image_features`` gave)."""
+    def store_features(self, adapter, batch, features: list[torch.Tensor | None], rows, view: tuple | None = None,
+                       kept: list[torch.Tensor | None] | None = None, reports: dict[int, dict] | None = None) -> None:
+        """Keep the visual tokens of these rows of ``batch`` (``features``: per row, as ``image_features`` gave);
+        with ``view``, a vision-side pruner's: per row its kept tokens, ``kept`` their indices and ``reports`` its
+        report entries."""
         with self._lock:
             per_row = _row_images(adapter, batch)
             for row in rows:
-                if row not in per_row or features[row] is None or self._find_images(per_row[row]) is not None:
+                if row not in per_row or features[row] is None or self._find_images(per_row[row], view) is not None:
                     continue
                 images = [(pixels.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in extra.items()})
                           for pixels, extra in per_row[row]]
-                entry = CachedFeatures(images=images, features=features[row].clone())
-                entry.nbytes = entry.features.numel() * entry.features.element_size() + sum(
+                index = None if kept is None or kept[row] is None else kept[row].clone()
+                entry = CachedFeatures(images=images, features=features[row].clone(), kept=index,
+                                       report=copy.deepcopy((reports or {}).get(row, {})))
+                entry.nbytes = sum(t.numel() * t.element_size() for t in (entry.features, index) if t is not None) + sum(
                     t.numel() * t.element_size() for pixels, extra in images
                     for t in (pixels, *(v for v in extra.values() if torch.is_tensor(v))))
-                self._add(("images", _images_key(per_row[row])), entry)
+                self._add(("images", view, _images_key(per_row[row])), entry)
             self._count()
 
-    def _find_images(self, images: list[tuple[torch.Tensor, dict]]) -> CachedFeatures | None:
-        key = ("images", _images_key(images))
+    def _find_images(self, images: list[tuple[torch.Tensor, dict]], view: tuple | None) -> CachedFeatures | None:
+        key = ("images", view, _images_key(images))
         for entry in self._entries.get(key, ()):
             if _same_images(entry.images, images):
                 self._entries.move_to_end(key)
@@ -223,9 +243,11 @@ class PrefixCache:
         return True
 
     def _count(self) -> None:
-        every = [e for bucket in self._entries.values() for e in bucket]
-        self.stats.entries = sum(isinstance(e, CachedPrefix) for e in every)
-        self.stats.image_entries = len(every) - self.stats.entries
+        counts = {"prefix": 0, "image": 0, "pruned": 0}
+        for key, bucket in self._entries.items():
+            kind = "prefix" if key[0] != "images" else "image" if key[1] is None else "pruned"
+            counts[kind] += len(bucket)
+        self.stats.entries, self.stats.image_entries, self.stats.pruned_entries = counts.values()
         self.stats.bytes = self._bytes
 
     def _evict_oldest(self) -> None:

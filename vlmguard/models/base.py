@@ -354,16 +354,12 @@ class ModelAdapter:
         shared: dict[int, int] = {}
         rows = batch.input_ids.shape[0]
         if skip:
-            images = [j for j, row in enumerate(batch.rows_with_images) if row not in skip]
-            subset = self.vision_subset(batch, images) if images else {}
-            if subset is None:  # inputs laid out in a way it does not know: every row its own pass
+            rest = self.without_images(batch, skip)
+            if rest is None:  # inputs laid out in a way it does not know: every row its own pass
                 skip = set()
             else:
                 shared = same_as
-                mask = batch.image_token_mask.clone()
-                mask[sorted(skip)] = False
-                batch = replace(batch, image_token_mask=mask, vision_inputs=subset,
-                                rows_with_images=[batch.rows_with_images[j] for j in images])
+                batch = rest
         if batch.rows_with_images:
             feats = self.encode_images(batch)
             flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
@@ -375,6 +371,20 @@ class ModelAdapter:
         for row, src in shared.items():
             out[row] = out[src]
         return out
+
+    def without_images(self, batch: EncodedBatch, rows) -> EncodedBatch | None:
+        """``batch`` with the images of these rows taken out (their image tokens no longer marked, their vision
+        inputs dropped), for a tower pass over the other rows' images; None when the adapter cannot cut its vision
+        inputs (``vision_subset``)."""
+        rows = set(rows)
+        images = [j for j, row in enumerate(batch.rows_with_images) if row not in rows]
+        subset = self.vision_subset(batch, images) if images else {}
+        if subset is None:
+            return None
+        mask = batch.image_token_mask.clone()
+        mask[sorted(rows)] = False
+        return replace(batch, image_token_mask=mask, vision_inputs=subset,
+                       rows_with_images=[batch.rows_with_images[j] for j in images])
 
     def vision_subset(self, batch: EncodedBatch, images: Sequence[int]) -> dict[str, Any] | None:
         """The batch's vision inputs for only these of its images (indices in the order of ``rows_with_images``):

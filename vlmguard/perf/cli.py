@@ -105,6 +105,20 @@ def _measurement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
+def _pruning_options(p) -> None:
+    p.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
+    p.add_argument("--budget", type=budget_arg, default=None,
+                   help="the composed pruner's budget: visual tokens kept, or a ratio in (0, 1]")
+
+
+def _check_pruning(args) -> None:
+    """``--pruning`` and ``--budget`` come together (``none`` takes no budget)."""
+    if (args.pruning is None) != (args.budget is None) and args.pruning not in (None, "none"):
+        raise InvalidInput("--pruning needs --budget (visual tokens kept, or a ratio)")
+    if args.budget is not None and args.pruning in (None, "none"):  # it was silently dropped
+        raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
+
+
 def register(subparsers) -> None:
     perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
                                  description="Speed as ratios measured within one run: prefill per pruning method "
@@ -133,9 +147,7 @@ def register(subparsers) -> None:
                    help="comma-separated decoding methods, each NAME or NAME[KEY=VALUE;...] with its parameters "
                         "(e.g. vcd[alpha=0.5])")
     d.add_argument("--batch", type=_csv(_batch), default=[1, 8], help="batch sizes, e.g. 1,8")
-    d.add_argument("--pruning", default=None, help="compose a pruner with every decoder (needs --budget)")
-    d.add_argument("--budget", type=budget_arg, default=None,
-                   help="the composed pruner's budget: visual tokens kept, or a ratio in (0, 1]")
+    _pruning_options(d)
     d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
     d.set_defaults(func=cmd_decode)
 
@@ -196,6 +208,7 @@ def register(subparsers) -> None:
     x.add_argument("--batch", type=_batch, default=12, help="requests per prefill (default: 12)")
     x.add_argument("--questions-per-image", type=_positive, default=6,
                    help="consecutive requests about each image (default: 6, as POPE asks)")
+    _pruning_options(x)
     x.add_argument("--cache", action="store_true",
                    help="also measure the batch from a warm prefix cache (an earlier batch asked other questions "
                         "about the same images, as a chat's next turn does)")
@@ -278,10 +291,7 @@ def default_budgets(engine) -> list[int]:
 def cmd_decode(args) -> int:
     from vlmguard.perf.decode import check_decoders, decode_table, run_decode
 
-    if (args.pruning is None) != (args.budget is None) and args.pruning not in (None, "none"):
-        raise InvalidInput("--pruning needs --budget (visual tokens kept, or a ratio)")
-    if args.budget is not None and args.pruning in (None, "none"):  # it was silently dropped
-        raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
+    _check_pruning(args)
     _check_outputs(args)
     check_decoders(args.decoders, args.pruning, args.budget, args.new_tokens)  # before the model loads
     engine = _engine(args)
@@ -294,12 +304,13 @@ def cmd_decode(args) -> int:
 def cmd_prefix(args) -> int:
     from vlmguard.perf.prefix import check_prefix_decoders, prefix_table, run_prefix
 
+    _check_pruning(args)
     _check_outputs(args)
-    check_prefix_decoders(args.decoders)  # before the model loads
+    check_prefix_decoders(args.decoders, args.pruning, args.budget)  # before the model loads
     engine = _engine(args)
     result = run_prefix(engine, args.decoders, batch=args.batch, questions=args.questions_per_image,
                         repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=_progress(args),
-                        cache=args.cache)
+                        cache=args.cache, pruning=args.pruning, budget=args.budget)
     return _finish(args, result, prefix_table(result))
 
 

@@ -120,8 +120,10 @@ def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("prefill speed-up over unshared")
     ax.legend(fontsize=8)
     what = "shared prefixes and a warm prefix cache" if result.get("cache") else "shared prefixes"
-    ax.set_title(f"{what}, {result['shape']} (batch {result['batch']}, "
-                 f"{result['questions_per_image']} questions per image)", fontsize=10)
+    pruning = result.get("pruning", "none")
+    with_pruner = "" if pruning == "none" else f", {pruning} @{result.get('budget')}"
+    ax.set_title(f"{what}\n{result['shape']} (batch {result['batch']}, "
+                 f"{result['questions_per_image']} questions per image{with_pruner})", fontsize=10)
     _save(plt, fig, path)
 
 

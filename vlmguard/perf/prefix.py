@@ -10,7 +10,8 @@ POPE template: "Is there a/an X in the image?"). Prefill = vision tower + projec
 over those the shared prefill computes (``Timings.prefill_tokens`` and ``prefill_shared_tokens``, and
 ``prefill_cached_tokens`` for the cached setting); attention grows with the context, so a shared prefill can only
 approach it. The cached setting's cache is new in every round and warmed (untimed) by a batch of other questions
-about the same images; its vision tower still runs (the cache is looked up by the LLM's input embeddings).
+about the same images, which leaves the images' visual tokens there too (the tower's output, or what a vision-side
+pruner such as FlowCut kept of them). ``pruning`` and ``budget`` compose a pruner with every decoder.
 """
 from __future__ import annotations
 
@@ -37,19 +38,22 @@ def prefix_requests(engine: Any, batch: int, questions: int, seed: int = 0, offs
     return out
 
 
-def _spec(decoder: tuple[str, dict[str, Any]]) -> GenerationSpec:
+def _spec(decoder: tuple[str, dict[str, Any]], pruning: str | None = None,
+          budget: int | float | None = None) -> GenerationSpec:
     name, params = decoder
-    return GenerationSpec.build(decoding=name, decoding_params=params, max_new_tokens=1, diagnostics=False)
+    return GenerationSpec.build(decoding=name, decoding_params=params, pruning=pruning or "none",
+                                budget=budget if pruning else None, max_new_tokens=1, diagnostics=False)
 
 
-def check_prefix_decoders(decoders: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Label -> (name, params) of each decoder, each checked (before the model loads)."""
+def check_prefix_decoders(decoders: Sequence[str], pruning: str | None = None,
+                          budget: int | float | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label -> (name, params) of each decoder, each checked with the pruner and budget (before the model loads)."""
     methods: dict[str, tuple[str, dict[str, Any]]] = {}
     for text in decoders:
         name, params = parse_method(text)
         methods.setdefault(method_label(name, params), (name, params))
     for label in methods:
-        _spec(methods[label]).resolve()
+        _spec(methods[label], pruning, budget).resolve()
     return methods
 
 
@@ -59,8 +63,8 @@ def _prefill(results: Sequence[Any]) -> float:
 
 def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions: int = 6, repeats: int = 5,
                warmup: int = 1, seed: int = 0, progress=None, cache: bool = False,
-               cache_mb: float = 4096) -> dict[str, Any]:
-    methods = check_prefix_decoders(decoders)
+               cache_mb: float = 4096, pruning: str | None = None, budget: int | float | None = None) -> dict[str, Any]:
+    methods = check_prefix_decoders(decoders, pruning, budget)
     requests = prefix_requests(engine, batch, questions, seed)
     earlier = prefix_requests(engine, batch, questions, seed, offset=batch)  # other questions, the same images
     settings = ["unshared", "shared"] + (["cached"] if cache else [])
@@ -69,9 +73,10 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
     rows = []
     try:
         for label, method in methods.items():
-            spec = _spec(method)
+            spec = _spec(method, pruning, budget)
             times: dict[str, list[float]] = {k: [] for k in settings}
             setup: dict[str, list[float]] = {k: [] for k in settings}
+            vision: dict[str, list[float]] = {k: [] for k in settings}
             last: dict[str, list[Any]] = {}
             for rep in range(warmup + repeats):
                 for setting in settings:
@@ -80,11 +85,16 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
                     if setting == "cached":
                         engine.enable_prefix_cache(cache_mb)
                         engine.generate(earlier, spec)  # the earlier turn: untimed
+                        warm_hits = (engine.prefix_cache.stats.image_hits, engine.prefix_cache.stats.pruned_hits)
                     last[setting] = engine.generate(requests, spec)
+                    if setting == "cached":  # the images' visual tokens it took, counted for the timed batch
+                        stats = engine.prefix_cache.stats
+                        reused = (stats.image_hits - warm_hits[0], stats.pruned_hits - warm_hits[1])
                     engine.prefix_cache = None
                     if rep >= warmup:
                         times[setting].append(_prefill(last[setting]))
                         setup[setting].append(last[setting][0].timings.setup_s)
+                        vision[setting].append(last[setting][0].timings.vision_s)
                 if progress and rep >= warmup:
                     progress(f"round {rep + 1 - warmup}/{repeats} {label}: "
                              + ", ".join(f"{times[k][-1]:.3f}s {k}" for k in settings))
@@ -102,6 +112,11 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
                     "cached_shared_tokens": sum(r.timings.prefill_shared_tokens for r in c),
                     "cached_ideal_speedup": ratio(fed, fed - not_computed),
                     "cached_setup_s": median(setup["cached"]),
+                    "cached_vision_s": median(vision["cached"]),
+                    # rows that took their images' visual tokens from the cache: the tower's output, or what the
+                    # vision-side pruner kept (neither the tower nor the pruner ran on them)
+                    "cached_image_hits": reused[0],
+                    "cached_pruned_hits": reused[1],
                     "cached_same_tokens": [r.token_ids for r in last["unshared"]] == [r.token_ids for r in c],
                 }
             rows.append({
@@ -115,10 +130,12 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
                 # a decoder's pre-pass (IAVA's selection, VISTA's steering vectors) shares prefixes too
                 "unshared_setup_s": median(setup["unshared"]),
                 "shared_setup_s": median(setup["shared"]),
+                # the vision tower and projector, or the vision-side pruner (one figure for the whole batch)
+                "unshared_vision_s": median(vision["unshared"]),
                 "same_tokens": [r.token_ids for r in last["unshared"]] == [r.token_ids for r in last["shared"]],
                 **cached_row,
                 "samples": {f"{k}_{what}": v for k in settings
-                            for what, v in (("prefill_s", times[k]), ("setup_s", setup[k]))},
+                            for what, v in (("prefill_s", times[k]), ("setup_s", setup[k]), ("vision_s", vision[k]))},
             })
     finally:
         engine.share_prefixes, engine.prefix_cache = before
@@ -127,6 +144,8 @@ def run_prefix(engine: Any, decoders: Sequence[str], batch: int = 12, questions:
         "shape": engine.model_name,
         "batch": batch,
         "questions_per_image": questions,
+        "pruning": pruning or "none",
+        "budget": budget if pruning else None,
         "cache": cache,
         "repeats": repeats,
         "warmup": warmup,
@@ -140,7 +159,8 @@ def prefix_table(result: dict[str, Any]) -> str:
 
     env = result["environment"]
     head = (f"perf prefix  shape={result['shape']}  batch={result['batch']}  "
-            f"questions/image={result['questions_per_image']}  repeats={result['repeats']}  "
+            f"questions/image={result['questions_per_image']}  pruning={result.get('pruning', 'none')}@"
+            f"{result.get('budget')}  repeats={result['repeats']}  "
             f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
     return head + "\n" + table(prefix_head(result), prefix_rows(result))
 
@@ -148,7 +168,7 @@ def prefix_table(result: dict[str, Any]) -> str:
 PREFIX_HEAD = ["decoder", "unshared prefill s", "shared prefill s", "speed-up", "ideal (tokens)", "prefill tokens",
                "shared tokens", "unshared pre-pass s", "shared pre-pass s", "same tokens"]
 CACHED_HEAD = ["cached prefill s", "cached speed-up", "cached ideal", "cached tokens", "cached pre-pass s",
-               "cached same tokens"]
+               "cached same tokens", "unshared vision s", "cached vision s"]
 
 
 def prefix_head(result: dict[str, Any]) -> list[str]:
@@ -161,5 +181,6 @@ def prefix_rows(result: dict[str, Any]) -> list[list[Any]]:
              r["prefill_tokens"], r["shared_tokens"], r.get("unshared_setup_s"), r.get("shared_setup_s"),
              r["same_tokens"]]
             + ([r["cached_prefill_s"], r["cached_speedup"], r["cached_ideal_speedup"], r["cached_tokens"],
-                r["cached_setup_s"], r["cached_same_tokens"]] if cached else [])
+                r["cached_setup_s"], r["cached_same_tokens"], r.get("unshared_vision_s"), r.get("cached_vision_s")]
+               if cached else [])
             for r in result["rows"]]
