@@ -33,7 +33,7 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Spans that name a command (or a flag) in running text and deliberately leave out what it requires.
 MENTIONS = {
     "vlmguard": "the project's name in running text",
-    "vlmguard perf prefill|decode|prefix|serve|routing|gemm|plot":
+    "vlmguard perf prefill|decode|prefix|chat|serve|routing|gemm|plot":
         "lists the subcommands (plot requires a report and --out)",
     "vlmguard bench": "names the command group (--decoding-param is one of its options)",
     "vlmguard synth hallucinations": "names the command (its --db is given a sentence earlier)",

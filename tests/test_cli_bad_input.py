@@ -380,6 +380,8 @@ def test_score_pope_with_an_empty_answers_file_is_an_error(capsys, tmp_path):
     (["prefix", "--decoders", "greedy", "--budget", "8"], "--budget needs --pruning"),
     (["prefix", "--decoders", "greedy", "--pruning", "flowcut"], "--pruning needs --budget"),
     (["prefix", "--decoders", "greedy", "--pruning", "nosuch", "--budget", "8"], "unknown pruning method 'nosuch'"),
+    (["chat", "--budget", "8"], "--budget needs --pruning"),
+    (["chat", "--pruning", "nosuch", "--budget", "8"], "unknown pruning method 'nosuch'"),
 ])
 def test_perf_methods_checked_before_the_model_loads(capsys, no_work, argv, needle):
     """A real shape takes minutes to build: a typo in a method must not wait for it."""

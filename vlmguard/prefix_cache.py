@@ -3,24 +3,29 @@ their keys and values instead of computing them again.
 
 Shared prefixes (:mod:`vlmguard.prefix_sharing`) save the work rows of one prefill have in common; this saves the
 work a prefill has in common with earlier ones: a chat's next turn about the same image, the next batch of
-POPE's questions about an image, a user asking the dashboard a second question. Its unit is a row's *image
-prefix*, every token up to and including its last visual token (the system text, the user turn's opening, the
-image), kept exactly as the first layer received it (embeddings, RoPE positions, visual indices) with its keys and
-values in every layer. Under causal attention those are a function of those tokens alone, so a later row whose
-image prefix is the same, value for value, decodes from them as from its own.
+POPE's questions about an image, a user asking the dashboard a second question. An entry begins with a row's
+*image prefix*, every token up to and including its last visual token (the system text, the user turn's opening,
+the image), and holds those tokens, or the row's whole prompt (a conversation's history), exactly as the first
+layer received them (embeddings, RoPE positions, visual indices) with their keys and values in every layer. Under
+causal attention those are a function of the tokens up to each one alone, so a later row that begins with the same
+tokens, value for value, decodes from the entry's first ones as from its own.
 
 - **Lookup.** Each row's image prefix is hashed (a fixed sample of every token's embedding bits, its position and
-  visual index, folded in order); an entry with the same hash is then compared in full. A hit needs at least one
-  token of the row's own after the prefix (its logits).
-- **Store.** After a prefill, the image prefixes of the rows it computed (no hit) are copied out of the batch's
-  cache, at most one entry per distinct prefix. Rows with fewer than ``MIN_TOKENS`` such tokens are not kept.
+  visual index, folded in order); the entries under that hash are then compared in full, token by token, and the
+  row takes the one that begins with the most of its tokens: at least its image prefix, at most all but its last
+  token (its logits). A conversation that branches takes the part it shares.
+- **Store.** After a prefill, each row it computed keeps what no entry holds: its image prefix, or its whole prompt
+  where at least ``min_tail`` (``MIN_TAIL``) tokens follow both its image prefix and what it took. So POPE's short
+  questions keep one entry per image, while a chat's turn keeps its history and the next turn computes only the
+  last answer and its new question. An entry the new one begins with is dropped (a conversation holds one entry,
+  its latest turn). Rows with fewer than ``MIN_TOKENS`` image-prefix tokens are not kept.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
   pruner that opts in (``Pruner.vision_cache_key``: its output for a row depends on the row's images alone, e.g.
   FlowCut's stage V), what the pruner kept of them is kept under the pruner's key, with its indices and the
   pruner's report for the row, so neither the tower nor the pruner runs again (a chat's next turn with FlowCut).
-- **Memory.** Least recently used entries (of both kinds) go first once ``max_bytes`` would be exceeded; an entry
+- **Memory.** Least recently used entries (of every kind) go first once ``max_bytes`` would be exceeded; an entry
   larger than the whole budget is not kept.
 
 Where it applies is where shared prefixes do (``LayerRunner.prefill(share_prefixes=True)``): no layer cuts tokens
@@ -42,14 +47,15 @@ from vlmguard.prefix_sharing import PrefixPlan, plan_prefixes
 from vlmguard.sequence import Seq
 
 MIN_TOKENS = 16  # a shorter image prefix is not worth an entry
+MIN_TAIL = 32  # fewer tokens past the image prefix (a single question) keep the image prefix alone
 SAMPLED_DIMS = 8  # embedding values per token that enter the hash (the full comparison decides)
 _P = (1 << 31) - 1  # a prime: every hash is taken modulo it, so no product overflows 64 bits
 
 
 @dataclass
 class CachedPrefix:
-    """One image prefix: the tokens as the first layer received them and their keys and values in every layer
-    ((1, H, n, d) each)."""
+    """An image prefix, or a whole prompt that begins with one: the tokens as the first layer received them and
+    their keys and values in every layer ((1, H, n, d) each)."""
 
     hidden: torch.Tensor  # (n, D)
     positions: torch.Tensor  # (n,) or (3, n)
@@ -63,11 +69,23 @@ class CachedPrefix:
     def length(self) -> int:
         return self.hidden.shape[0]
 
-    def matches(self, seq: Seq, row: int, start: int) -> bool:
-        n = self.length
+    def common(self, seq: Seq, row: int, start: int, limit: int) -> int:
+        """How many of this entry's first tokens (at most ``limit``) the row of ``seq`` whose tokens begin at
+        ``start`` has, value for value (embedding, position, visual index)."""
+        n = max(0, min(self.length, limit, seq.length - start))
         part = slice(start, start + n)
-        return (torch.equal(seq.hidden[row, part], self.hidden) and torch.equal(seq.visual[row, part], self.visual)
-                and torch.equal(seq.positions[..., row, part], self.positions))
+        same = (seq.hidden[row, part] == self.hidden[:n]).all(dim=-1) & (seq.visual[row, part] == self.visual[:n])
+        pos = seq.positions[..., row, part] == self.positions[..., :n]
+        same &= pos.all(dim=0) if pos.dim() == 2 else pos
+        differ = (~same).nonzero()
+        return n if differ.numel() == 0 else int(differ[0])
+
+    def head(self, n: int) -> "CachedPrefix":
+        """The entry's first ``n`` tokens (views of its tensors): what a row that shares only those takes."""
+        if n == self.length:
+            return self
+        return CachedPrefix(hidden=self.hidden[:n], positions=self.positions[..., :n], visual=self.visual[:n],
+                            keys=[k[..., :n, :] for k in self.keys], values=[v[..., :n, :] for v in self.values])
 
 
 @dataclass
@@ -87,7 +105,7 @@ class CachedFeatures:
 
 @dataclass
 class PrefixCacheStats:
-    entries: int = 0  # image prefixes held
+    entries: int = 0  # image prefixes (or whole prompts beginning with one) held
     bytes: int = 0  # both kinds of entry
     max_bytes: int = 0
     hits: int = 0  # rows that took a cached prefix
@@ -106,6 +124,9 @@ class PrefixCache:
     ``max_bytes`` (the processor's pixel values kept for the comparison, on the host, count too)."""
 
     max_bytes: int
+    # a row whose prompt goes on for at least this many tokens past its image prefix and past what it took from an
+    # entry keeps its whole prompt (a conversation's history), not only its image prefix
+    min_tail: int = MIN_TAIL
     # key -> its entries: a CachedPrefix under its prefix's hash, a CachedFeatures under ("images", view,
     # fingerprint) (view: None for the tower's output, else a vision-side pruner's key)
     _entries: OrderedDict = field(default_factory=OrderedDict)
@@ -120,8 +141,9 @@ class PrefixCache:
 
     # ---- lookup ----------------------------------------------------------------------------
     def lookup(self, seq: Seq) -> "CacheLookup":
-        """For each row of ``seq`` (left-padded, its valid tokens contiguous): the entry holding its image prefix
-        (None: none, or the row has no image prefix worth one), the row's image-prefix length (0: none) and that
+        """For each row of ``seq`` (left-padded, its valid tokens contiguous): what it takes from the cache, the
+        first tokens of the entry that begins with the most of the row's (at least its image prefix; None: no
+        entry, or the row has no image prefix worth one), the row's image-prefix length (0: none) and that
         prefix's hash (None: none)."""
         lengths, hashes = image_prefixes(seq)
         counts = seq.valid.sum(dim=1).tolist()
@@ -130,37 +152,54 @@ class PrefixCache:
             for r, (n, h) in enumerate(zip(lengths, hashes)):
                 if h is None:
                     continue
-                entry = self._find(h, seq, r, seq.length - counts[r], n) if n < counts[r] else None
+                # the row keeps at least its last token for its own logits
+                entry, most = self._best(h, seq, r, seq.length - counts[r], n, counts[r] - 1)
                 if entry is not None:
                     entry.hits += 1
                     self.stats.hits += 1
-                    found[r] = entry
+                    found[r] = entry.head(most)
                 else:
                     self.stats.misses += 1
         return CacheLookup(found=found, lengths=lengths, hashes=hashes)
 
-    def _find(self, h: tuple, seq: Seq, row: int, start: int, n: int) -> CachedPrefix | None:
+    def _best(self, h: tuple, seq: Seq, row: int, start: int, n: int,
+              limit: int) -> tuple[CachedPrefix | None, int]:
+        """The entry under ``h`` that begins with the most of the row's tokens, at least its ``n``-token image
+        prefix and at most ``limit`` of them, and how many (None, 0: none)."""
+        best, most = None, 0
         for entry in self._entries.get(h, ()):
-            if entry.length == n and entry.matches(seq, row, start):
-                self._entries.move_to_end(h)
-                return entry
-        return None
+            if entry.length >= n:
+                m = entry.common(seq, row, start, limit)
+                if m >= n and m > most:
+                    best, most = entry, m
+        if best is not None:
+            self._entries.move_to_end(h)
+        return best, most
 
     # ---- store -----------------------------------------------------------------------------
     def store(self, seq: Seq, lookup: "CacheLookup", cache, key_valid: list[torch.Tensor],
               rows: list[int] | None = None) -> None:
-        """Keep the image prefixes that ``lookup`` (this prefill's) found no entry for, of ``rows`` (default all),
-        from the finished prefill: ``seq`` is its input, ``cache`` its KV cache and ``key_valid`` each layer's
-        (B, S) valid key slots there (a row's first valid slots are its first tokens)."""
+        """Keep what the rows of ``rows`` (default all) computed and no entry holds, from the finished prefill:
+        ``seq`` is its input, ``cache`` its KV cache and ``key_valid`` each layer's (B, S) valid key slots there (a
+        row's first valid slots are its first tokens). A row keeps its image prefix, or its whole prompt where at
+        least ``min_tail`` of its tokens follow both its image prefix and what it took (a conversation's history:
+        the next turn takes all of it); an entry the new one begins with, token for token, is dropped."""
         counts = seq.valid.sum(dim=1).tolist()
         with self._lock:
             for r in range(seq.batch_size) if rows is None else rows:
                 n, h = lookup.lengths[r], lookup.hashes[r]
-                if h is None or n < MIN_TOKENS or lookup.found[r] is not None:
+                if h is None or n < MIN_TOKENS:
+                    continue
+                took = 0 if lookup.found[r] is None else lookup.found[r].length
+                n = counts[r] if counts[r] - max(took, n) >= self.min_tail else n
+                if n <= took:
                     continue
                 start = seq.length - counts[r]
-                if self._find(h, seq, r, start, n) is not None:  # an earlier row of this prefill had the same one
+                if self._best(h, seq, r, start, n, n)[1] >= n:  # an earlier row of this prefill kept it
                     continue
+                for old in [e for e in self._entries.get(h, ()) if e.length <= n
+                            and e.common(seq, r, start, e.length) == e.length]:
+                    self._drop(h, old)
                 part = slice(start, start + n)
                 keys, values = [], []
                 slots: dict[int, torch.Tensor | slice] = {}  # the row's first n valid slots, once per validity tensor
@@ -252,11 +291,15 @@ class PrefixCache:
 
     def _evict_oldest(self) -> None:
         h, bucket = next(iter(self._entries.items()))
-        entry = bucket.pop(0)
-        if not bucket:
-            del self._entries[h]
-        self._bytes -= entry.nbytes
+        self._drop(h, bucket[0])
         self.stats.evicted += 1
+
+    def _drop(self, key, entry) -> None:
+        bucket = self._entries[key]
+        bucket.pop(next(i for i, e in enumerate(bucket) if e is entry))  # by identity: entries hold tensors
+        if not bucket:
+            del self._entries[key]
+        self._bytes -= entry.nbytes
 
     def clear(self) -> None:
         with self._lock:
@@ -320,9 +363,10 @@ class CacheLookup:
 
 
 def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None, CacheLookup | None]:
-    """The prefill plan of ``seq`` under ``cache``: rows whose image prefix an entry holds take it, the others share
-    prefixes among themselves where that pays (:func:`vlmguard.prefix_sharing.plan_prefixes`); None: one plain
-    pass. Also the cache lookup (None without a cache), for storing the new prefixes afterwards."""
+    """The prefill plan of ``seq`` under ``cache``: rows whose image prefix an entry holds take what it shares with
+    them (``PrefixCache.lookup``), the others share prefixes among themselves where that pays
+    (:func:`vlmguard.prefix_sharing.plan_prefixes`); None: one plain pass. Also the cache lookup (None without a
+    cache), for storing the new prefixes afterwards."""
     if cache is None:
         return plan_prefixes(seq), None
     look = cache.lookup(seq)

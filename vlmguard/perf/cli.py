@@ -1,4 +1,4 @@
-"""``vlmguard perf prefill|decode|prefix|serve|routing|gemm|plot``: speed measured as ratios within one run (never
+"""``vlmguard perf prefill|decode|prefix|chat|serve|routing|gemm|plot``: speed measured as ratios within one run (never
 timed tests)."""
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def register(subparsers) -> None:
     perf = subparsers.add_parser("perf", help="performance benchmarks (prefill, decode, serving)",
                                  description="Speed as ratios measured within one run: prefill per pruning method "
                                              "and budget against no pruning and the FLOP ideal, decode per decoder "
-                                             "against greedy, shared prefixes against none, the Ray service against "
+                                             "against greedy, shared prefixes against none, a chat's turns with "
+                                             "and without a prefix cache, the Ray service against "
                                              "the Engine, routing by image against by load (routing), matrix "
                                              "products per token count (gemm), and plots of saved runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
@@ -213,6 +214,16 @@ def register(subparsers) -> None:
                    help="also measure the batch from a warm prefix cache (an earlier batch asked other questions "
                         "about the same images, as a chat's next turn does)")
     x.set_defaults(func=cmd_prefix)
+
+    c = sub.add_parser("chat", help="each turn of a conversation about an image: its prefill with no prefix cache, "
+                                    "one of image prefixes and one that keeps the conversation's history")
+    _common(c)
+    c.set_defaults(repeats=3)
+    c.add_argument("--turns", type=_positive, default=4, help="questions in the conversation (default: 4)")
+    c.add_argument("--answer-tokens", type=_positive, default=64,
+                   help="tokens in each answer, which the next turn's history carries (default: 64)")
+    _pruning_options(c)
+    c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("gemm", help="the rate of a shape's decoder-layer matrix products at each token count, "
                                     "weights streamed and warm: the ceiling of a pruned prefill's LLM")
@@ -320,6 +331,19 @@ def cmd_serve(args) -> int:
     _check_outputs(args)
     result = run_serve(args, progress=_progress(args))
     return _finish(args, result, serve_table(result))
+
+
+def cmd_chat(args) -> int:
+    from vlmguard.perf.chat import chat_spec, chat_table, run_chat
+
+    _check_pruning(args)
+    _check_outputs(args)
+    chat_spec(args.pruning, args.budget).resolve()  # before the model loads
+    engine = _engine(args)
+    result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
+                      warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
+                      progress=_progress(args))
+    return _finish(args, result, chat_table(result))
 
 
 def cmd_routing(args) -> int:

@@ -152,7 +152,28 @@ def plot_routing(result: dict[str, Any], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
-PLOTTERS = {"perf prefill": plot_prefill, "perf decode": plot_decode, "perf prefix": plot_prefix,
+def plot_chat(result: dict[str, Any], path: str | Path) -> None:
+    """Per turn of the conversation: the prefill's median seconds with each cache setting."""
+    plt = _plt()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.6))
+    settings = [("none", "no prefix cache"), ("image", "image prefixes"), ("conversation", "conversation history")]
+    w = 0.8 / len(settings)
+    for k, (key, label) in enumerate(settings):
+        ax.bar([r["turn"] - 0.4 + w * (k + 0.5) for r in rows], [r[f"{key}_prefill_s"] or 0 for r in rows],
+               width=w, label=label)
+    ax.set_xticks([r["turn"] for r in rows])
+    ax.set_xlabel("turn")
+    ax.set_ylabel("prefill s (median)")
+    ax.legend(fontsize=8)
+    pruning = result.get("pruning", "none")
+    with_pruner = "" if pruning == "none" else f", {pruning} @{result.get('budget')}"
+    ax.set_title(f"a conversation's turns, {result['shape']}\n(answers of {result['answer_tokens']} tokens"
+                 f"{with_pruner})", fontsize=10)
+    _save(plt, fig, path)
+
+
+PLOTTERS = {"perf prefill": plot_prefill, "perf chat": plot_chat, "perf decode": plot_decode, "perf prefix": plot_prefix,
             "perf serve": plot_serve, "perf gemm": plot_gemm, "perf routing": plot_routing}
 
 

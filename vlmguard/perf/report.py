@@ -76,6 +76,10 @@ def markdown(result: dict[str, Any]) -> str:
         from vlmguard.perf.prefix import prefix_head, prefix_rows
 
         head, rows = prefix_head(result), prefix_rows(result)
+    elif cmd == "perf chat":
+        from vlmguard.perf.chat import CHAT_HEAD, chat_rows
+
+        head, rows = CHAT_HEAD, chat_rows(result)
     elif cmd == "perf gemm":
         from vlmguard.perf.gemm import GEMM_HEAD, gemm_rows
 

@@ -1,0 +1,52 @@
+"""vlmguard perf chat: each turn of a conversation prefilled with no prefix cache, with image prefixes only and
+with the conversation's history kept, in one run; the rows, the tokens each setting took, the figure. No timed
+assertions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_support import run_json
+from vlmguard.cli import main
+from vlmguard.perf.chat import answer_text
+from vlmguard.perf.report import markdown
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_json(["perf", "chat", "--shape", "tiny", "--turns", "3", "--answer-tokens", "40", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1", "--quiet", "--json"])
+
+
+def test_chat_rows(report):
+    assert report["command"] == "perf chat" and (report["turns"], report["answer_tokens"]) == (3, 40)
+    rows = report["rows"]
+    assert [r["turn"] for r in rows] == [1, 2, 3] and all(r["same_tokens"] for r in rows)
+    # each turn's prompt carries the last answer (40 tokens) and a new question
+    assert all(b["prompt_tokens"] - a["prompt_tokens"] > 40 for a, b in zip(rows, rows[1:]))
+    image = rows[1]["image_cached_tokens"]
+    assert rows[0]["image_cached_tokens"] == rows[0]["conversation_cached_tokens"] == 0
+    # image prefixes: every later turn takes the image prefix alone; the conversation: turn 3 takes turn 2's prompt
+    assert image > 0 and rows[2]["image_cached_tokens"] == image and rows[1]["conversation_cached_tokens"] == image
+    assert rows[2]["conversation_cached_tokens"] == rows[1]["prompt_tokens"]
+    for r in rows:
+        assert r["conversation_over_image"] == pytest.approx(r["image_prefill_s"] / r["conversation_prefill_s"])
+        assert r["image_speedup"] == pytest.approx(r["none_prefill_s"] / r["image_prefill_s"])
+
+
+def test_chat_figure_and_markdown(report, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert main(["perf", "plot", str(path), "--out", str(tmp_path / "r.png"), "--markdown"]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert markdown(report).splitlines()[0].startswith("| turn | prompt tokens | cached, image prefixes")
+
+
+def test_an_answer_has_the_tokens_asked_for_in_words_the_tokenizer_knows():
+    from vlmguard.testing import tiny_engine
+
+    tok = tiny_engine("llava").adapter.tokenizer
+    for n in (1, 40, 90):
+        ids = tok(answer_text(tok, n), add_special_tokens=False)["input_ids"]
+        assert n <= len(ids) <= n + 3 and tok.unk_token_id not in ids

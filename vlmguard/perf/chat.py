@@ -1,0 +1,149 @@
+"""``vlmguard perf chat``: the prefill of each turn of one conversation about an image (the history asked again
+with every new question, as a chat client sends it), with no prefix cache, with one that keeps image prefixes
+only, and with one that keeps a conversation's history (``PrefixCache.min_tail``, the default).
+
+The conversation is scripted: ``turns`` questions, each answer a fixed description cut to ``answer_tokens``
+tokens (the prefix cache keeps prompts, so whose answers they are does not matter). Then ``warmup`` + ``repeats``
+rounds; in each the three settings take turns, each with a new cache, and each replays the turns in order
+(prefill and the first token). Per turn: the prompt's tokens, the tokens it took from the cache per setting,
+median prefill seconds (vision tower + projector, or the vision-side pruner, + LLM prefill) per setting and their
+ratios, and whether every setting gave the same first token.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vlmguard.perf.models import bench_image, warm_threads
+from vlmguard.perf.timing import environment, median, ratio
+from vlmguard.results import Request
+from vlmguard.spec import GenerationSpec
+
+QUESTIONS = ("Describe this image in detail.", "What colors stand out in it?", "Is there anything on the left?",
+             "What might happen next?", "Which object is the largest?", "Is it indoors or outdoors?")
+SETTINGS = ("none", "image", "conversation")  # no cache; image prefixes only; the conversation's history too
+NEVER = 1 << 62  # a min_tail no prompt reaches: image prefixes only
+
+
+ANSWER = ("The picture shows a quiet street in the late afternoon. A red car is parked beside a wooden bench, and a "
+          "woman in a blue coat walks a small brown dog past a bakery whose window is full of bread. Two bicycles lean "
+          "against a lamp post, a pigeon stands on the curb, and behind the buildings the sky turns orange. ")
+
+
+def chat_spec(pruning: str | None, budget: int | float | None, new_tokens: int = 1) -> GenerationSpec:
+    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None,
+                                max_new_tokens=new_tokens, diagnostics=False)
+
+
+def answer_text(tokenizer: Any, tokens: int) -> str:
+    """A plausible answer of ``tokens`` tokens alone (a fixed description, repeated as needed, of the words the
+    tokenizer knows): the history a conversation carries, the same on any model, whatever a random-weight model
+    would say."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    words = [w for w in ANSWER.split() if unk is None or unk not in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    words = words or ["yes"]
+    text = ""
+    while count(text) < tokens:
+        text = f"{text} {words[len(text.split()) % len(words)]}".strip()
+    return text
+
+
+def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0) -> list[Request]:
+    """The conversation's turns as requests: templated prompts, each with the history before it (the earlier
+    questions and answers of ``answer_tokens`` tokens)."""
+    image = bench_image(engine, seed)
+    answer = answer_text(engine.adapter.tokenizer, answer_tokens)
+    messages: list[dict[str, Any]] = []
+    requests = []
+    for k in range(turns):
+        text = QUESTIONS[k % len(QUESTIONS)]
+        messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else [])
+                         + [{"type": "text", "text": text}]})
+        requests.append(Request(engine.adapter.format_messages(messages), [image], raw_prompt=True))
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return requests
+
+
+def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
+             seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
+             progress=None) -> dict[str, Any]:
+    first = chat_spec(pruning, budget)
+    first.resolve()
+    requests = chat_prompts(engine, turns, answer_tokens, seed)
+    warm_threads()
+    before = engine.prefix_cache
+    times = {s: [[] for _ in requests] for s in SETTINGS}
+    took = {s: [0] * len(requests) for s in SETTINGS}
+    tokens = {s: [None] * len(requests) for s in SETTINGS}
+    prompt_tokens = [0] * len(requests)
+    try:
+        for rep in range(warmup + repeats):
+            for setting in SETTINGS:
+                engine.prefix_cache = None
+                if setting != "none":
+                    cache = engine.enable_prefix_cache(cache_mb)
+                    if setting == "image":
+                        cache.min_tail = NEVER
+                for k, request in enumerate(requests):
+                    (result,) = engine.generate([request], first)
+                    t = result.timings
+                    if rep >= warmup:
+                        times[setting][k].append(t.vision_s + t.prefill_s)
+                    took[setting][k], tokens[setting][k] = t.prompt_cached_tokens, result.token_ids
+                    prompt_tokens[k] = result.prompt_tokens
+                engine.prefix_cache = None
+            if progress and rep >= warmup:
+                progress(f"round {rep + 1 - warmup}/{repeats}: last turn "
+                         + ", ".join(f"{times[s][-1][-1]:.3f}s {s}" for s in SETTINGS))
+    finally:
+        engine.prefix_cache = before
+    rows = []
+    for k in range(len(requests)):
+        med = {s: median(times[s][k]) for s in SETTINGS}
+        rows.append({
+            "turn": k + 1,
+            "prompt_tokens": prompt_tokens[k],
+            **{f"{s}_cached_tokens": took[s][k] for s in SETTINGS[1:]},
+            **{f"{s}_prefill_s": med[s] for s in SETTINGS},
+            "image_speedup": ratio(med["none"], med["image"]),
+            "conversation_speedup": ratio(med["none"], med["conversation"]),
+            "conversation_over_image": ratio(med["image"], med["conversation"]),
+            "same_tokens": tokens["none"][k] == tokens["image"][k] == tokens["conversation"][k],
+            "samples": {f"{s}_prefill_s": times[s][k] for s in SETTINGS},
+        })
+    return {
+        "command": "perf chat",
+        "shape": engine.model_name,
+        "turns": turns,
+        "answer_tokens": answer_tokens,
+        "pruning": pruning or "none",
+        "budget": budget if pruning else None,
+        "repeats": repeats,
+        "warmup": warmup,
+        "environment": environment(engine),
+        "rows": rows,
+    }
+
+
+CHAT_HEAD = ["turn", "prompt tokens", "cached, image prefixes", "cached, conversation", "no cache s",
+             "image prefixes s", "conversation s", "image x", "conversation x", "conversation / image x",
+             "same tokens"]
+
+
+def chat_rows(result: dict[str, Any]) -> list[list[Any]]:
+    return [[r["turn"], r["prompt_tokens"], r["image_cached_tokens"], r["conversation_cached_tokens"],
+             r["none_prefill_s"], r["image_prefill_s"], r["conversation_prefill_s"], r["image_speedup"],
+             r["conversation_speedup"], r["conversation_over_image"], r["same_tokens"]] for r in result["rows"]]
+
+
+def chat_table(result: dict[str, Any]) -> str:
+    from vlmguard.perf.report import table
+
+    env = result["environment"]
+    head = (f"perf chat  shape={result['shape']}  turns={result['turns']}  answer tokens={result['answer_tokens']}  "
+            f"pruning={result['pruning']}@{result['budget']}  repeats={result['repeats']}  "
+            f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
+    return head + "\n" + table(CHAT_HEAD, chat_rows(result))
