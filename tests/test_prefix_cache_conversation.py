@@ -52,6 +52,31 @@ def test_each_turn_takes_the_whole_history_the_last_turn_computed(family):
     assert entry.length == cached[2].prompt_tokens
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_conversation_with_flowcut_takes_its_history_and_its_cut(family):
+    """LLaVA-1.5: FlowCut's kept tokens sit at compact positions and the history after them is the same from turn
+    to turn: the turns take it, and the image's cut. Qwen2-VL: stage L cuts inside the LLM, so no prefix is taken,
+    but the tower's cut is."""
+    eng = engine(family)
+    image = images(family)[0]
+    budget = {"llava": 14, "qwen2_vl": 0.25}[family]  # LLaVA: an image prefix of 17 tokens, enough for an entry
+    spec = GenerationSpec(pruning="flowcut", budget=budget, max_new_tokens=MIN_TAIL + 8,
+                          min_new_tokens=MIN_TAIL + 8, logprobs=2)
+    fresh = conversation(eng, spec, image)
+    cache = eng.enable_prefix_cache(64)
+    cached = conversation(eng, spec, image, answers=[r.text for r in fresh])
+    assert_same(fresh, cached)
+    for a, c in zip(fresh, cached):
+        assert c.pruning == a.pruning or family == "qwen2_vl"  # Qwen2-VL's stage L heatmap follows the question
+    took = [r.timings.prompt_cached_tokens for r in cached]
+    assert cache.stats.pruned_hits == 2
+    if family == "qwen2_vl":
+        assert took == [0, 0, 0] and cache.stats.entries == 0
+        return
+    assert 0 == took[0] < took[1] < took[2] and took[2] >= cached[1].prompt_tokens - 2, took
+    assert cache.stats.entries == 1
+
+
 def test_a_conversation_that_branches_takes_the_part_it_shares():
     """Turn 3 asked again with another answer in the history: it takes the history up to where the answers
     differ, and answers as a fresh prefill does."""
