@@ -40,6 +40,7 @@ from vlmguard.detokenize import IncrementalText
 from vlmguard.errors import non_finite_cause
 from vlmguard.flops import result_flops
 from vlmguard.penalties import apply_penalties, hold_eos, penalised
+from vlmguard.prefix_cache import PrefixCache, PromptTokens
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
                               TopLogprob)
 from vlmguard.runner import DecodeState, LayerRunner
@@ -136,6 +137,9 @@ class LiveRequest:
     prefill_shared: int = 0  # Timings.prefill_shared_tokens
     prefill_cached: int = 0  # Timings.prefill_cached_tokens
     prompt_cached: int = 0  # Timings.prompt_cached_tokens
+    # its prompt as the first layer received it, where the prefix cache keeps its answer when it ends
+    # (``PrefixCache.store_answer``); None: not kept
+    prompt: PromptTokens | None = None
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -156,7 +160,7 @@ class DecodeBatch:
     def __init__(self, *, runner: LayerRunner, tokenizer: Any, eos: set[int], spec: GenerationSpec,
                  cohort: Cohort, state: DecodeState,
                  logits: torch.Tensor, hidden: dict[int, torch.Tensor], lives: list[LiveRequest],
-                 device: torch.device):
+                 device: torch.device, prefix_cache: PrefixCache | None = None):
         self.runner, self.tok, self.eos, self.spec = runner, tokenizer, eos, spec
         # the decoder of the first cohort speaks for the spec (joinability, hidden layers, name)
         self.decoder = cohort.decoder
@@ -164,6 +168,7 @@ class DecodeBatch:
         self.head: torch.Tensor | None = None  # the decoder's extra lm_head rows at the last step (main rows)
         self.lives = lives  # active requests, grouped by cohort in cohort order (the order of main rows)
         self.device = device
+        self.prefix_cache = prefix_cache  # keeps each finished request's prompt and answer (LiveRequest.prompt)
         self.cohorts = [cohort]  # the cohorts with rows in the batch
         self._owned = [cohort]  # every cohort ever merged in: torn down by close()
         self._closed = False
@@ -263,6 +268,8 @@ class DecodeBatch:
                 yield StreamEvent(index=lv.index, token_id=None, text=rest, logprobs=self._unsent_logprobs(lv))
             yield StreamEvent(index=lv.index, token_id=None, text="", done=True, result=result,
                               logprobs=self._unsent_logprobs(lv))
+        if self.prefix_cache is not None:
+            self._keep_answers(finished_rows, blocks)
         gone = set(finished_rows)
         keep_j = [j for j in range(na) if j not in gone]
         if not keep_j:
@@ -336,6 +343,20 @@ class DecodeBatch:
             out.append(TokenLogprob(token_id=ids[j], token=pieces.text(ids[j]), logprob=own[j],
                                     bytes=pieces.bytes(ids[j]), top=top))
         return out
+
+    def _keep_answers(self, finished: list[int], blocks: list[_Block]) -> None:
+        """The prompt and answer of each finished request that keeps them (``LiveRequest.prompt``) into the prefix
+        cache, from its main row of the batch's cache before the row leaves: the tokens it fed, all it chose but the
+        last (an end of sequence, or one that stopped it, was never fed)."""
+        mains = None
+        for j in finished:
+            lv = self.lives[j]
+            if lv.prompt is None or lv.finish == "error" or len(lv.per_tok) < 2:
+                continue
+            if mains is None:
+                mains = self._main_rows(blocks).tolist()
+            self.prefix_cache.store_answer(lv.prompt, lv.gen[:len(lv.per_tok) - 1], self.runner.adapter,
+                                           self.state.cache, self.state.layer_valid, mains[j])
 
     @staticmethod
     def _unsent_logprobs(lv: LiveRequest) -> list[TokenLogprob]:

@@ -32,7 +32,7 @@ from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
-from vlmguard.prefix_cache import PrefixCache, plan_prefill
+from vlmguard.prefix_cache import PrefixCache, PromptTokens, plan_prefill
 from vlmguard.pruning.base import PruneContext, merge_report
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import DecodeState, LayerRunner
@@ -456,11 +456,12 @@ class Engine:
         if any(n_visual):
             self._report_vision_work(pctx, adapter.vision_work(pctx.batch))
         if pre is None:
-            logits, state, hidden, rows, vision_s, prefill_s = self._forward_rows(
+            logits, state, hidden, rows, vision_s, prefill_s, prompts_kept = self._forward_rows(
                 batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb)
-        else:
+        else:  # (the pre-pass's main rows keep no answer)
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
                 pre, batch, row_prompts, transforms, pixel_fns, n_req)
+            prompts_kept = [None] * n_req
         fed, visual_fed, shared, final_visual, cached = rows
         broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
         if broken:
@@ -485,10 +486,10 @@ class Engine:
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
                 spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req]),
-                prefill_cached=sum(cached[r::n_req]), prompt_cached=cached[r]))
+                prefill_cached=sum(cached[r::n_req]), prompt_cached=cached[r], prompt=prompts_kept[r]))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
-                           hidden=hidden, lives=lives, device=self.device)
+                           hidden=hidden, lives=lives, device=self.device, prefix_cache=self.prefix_cache)
 
     def _image_features(self, batch: EncodedBatch, keep=None) -> list[torch.Tensor | None]:
         """``ModelAdapter.image_features`` of ``batch``, the tower run once per distinct image (``same_images``) and
@@ -544,7 +545,8 @@ class Engine:
 
     def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb):
         """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
-        states, the rows' figures (``_row_figures``), vision seconds, prefill seconds)."""
+        states, the rows' figures (``_row_figures``), vision seconds, prefill seconds, and per request its prompt
+        as the first layer received it where the prefix cache will keep its answer, else None)."""
         adapter, runner = self.adapter, self.runner
         n_visual = pctx.n_visual
         # -- vision
@@ -598,17 +600,21 @@ class Engine:
         owners = {}  # every row of this forward is this context's (row r: request r % n_req; branch-major)
         if decoder.row_hooks:
             owners[id(dctx)] = OwnedRows(rows=None, requests=torch.arange(n_req * nb, device=self.device) % n_req)
+        share = self.share_prefixes and not decoder.row_hooks
         with forward_owners(owners):
             logits, state, hidden = runner.prefill(seq, before=before if llm_side else None,
                                                    after=after if llm_side else None,
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
                                                    renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family),
-                                                   share_prefixes=self.share_prefixes and not decoder.row_hooks,
+                                                   share_prefixes=share,
                                                    prefix_cache=self.prefix_cache, store_rows=list(range(n_req)))
+        prompts = [None] * n_req
+        if self.prefix_cache is not None and share and not llm_side:  # each request's prompt, for its answer's entry
+            prompts = [PromptTokens.of_row(seq, r, state.next_positions) for r in range(n_req)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
-        return logits, state, hidden, _row_figures(state, fed), vision_s, prefill_s
+        return logits, state, hidden, _row_figures(state, fed), vision_s, prefill_s, prompts
 
     def _forward_after_probe(self, pre: ProbePrefill, batch, row_prompts, transforms, pixel_fns, n_req):
         """What ``_forward_rows`` returns, for main rows that the decoder's pre-pass prefilled (rows 0..n_req-1 of

@@ -15,10 +15,13 @@ tokens, value for value, decodes from the entry's first ones as from its own.
   row takes the one that begins with the most of its tokens: at least its image prefix, at most all but its last
   token (its logits). A conversation that branches takes the part it shares.
 - **Store.** After a prefill, each row it computed keeps what no entry holds: its image prefix, or its whole prompt
-  where at least ``min_tail`` (``MIN_TAIL``) tokens follow both its image prefix and what it took. So POPE's short
-  questions keep one entry per image, while a chat's turn keeps its history and the next turn computes only the
-  last answer and its new question. An entry the new one begins with is dropped (a conversation holds one entry,
-  its latest turn). Rows with fewer than ``MIN_TOKENS`` image-prefix tokens are not kept.
+  where at least ``min_tail`` (``MIN_TAIL``) tokens follow both its image prefix and what it took. When a request
+  finishes, its prompt and the answer tokens it fed (every one it chose but the last, which was never fed) are kept
+  too, from its row of the decode cache, where at least ``min_tail`` of them follow its image prefix
+  (``store_answer``). So POPE's short questions keep one entry per image, while a chat's turn keeps its history
+  and answer, and the next turn computes only its new question (and whatever of the answer its text does not give
+  back token for token). An entry the new one begins with is dropped (a conversation holds one entry, its latest
+  turn). Rows with fewer than ``MIN_TOKENS`` image-prefix tokens are not kept.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
@@ -86,6 +89,27 @@ class CachedPrefix:
             return self
         return CachedPrefix(hidden=self.hidden[:n], positions=self.positions[..., :n], visual=self.visual[:n],
                             keys=[k[..., :n, :] for k in self.keys], values=[v[..., :n, :] for v in self.values])
+
+
+@dataclass
+class PromptTokens:
+    """A request's prompt as the first layer received it (its valid tokens: embeddings, positions, visual indices)
+    and the position its first generated token took: what ``PrefixCache.store_answer`` keeps with its answer."""
+
+    hidden: torch.Tensor  # (n, D)
+    positions: torch.Tensor  # (n,) or (3, n)
+    visual: torch.Tensor  # (n,)
+    next_position: torch.Tensor  # () or (3,)
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[0]
+
+    @classmethod
+    def of_row(cls, seq: Seq, row: int, next_positions: torch.Tensor) -> "PromptTokens":
+        valid = seq.valid[row]
+        return cls(hidden=seq.hidden[row, valid].clone(), positions=seq.positions[..., row, valid].clone(),
+                   visual=seq.visual[row, valid].clone(), next_position=next_positions[..., row].clone())
 
 
 @dataclass
@@ -194,33 +218,63 @@ class PrefixCache:
                 n = counts[r] if counts[r] - max(took, n) >= self.min_tail else n
                 if n <= took:
                     continue
-                start = seq.length - counts[r]
-                if self._best(h, seq, r, start, n, n)[1] >= n:  # an earlier row of this prefill kept it
-                    continue
-                for old in [e for e in self._entries.get(h, ()) if e.length <= n
-                            and e.common(seq, r, start, e.length) == e.length]:
-                    self._drop(h, old)
-                part = slice(start, start + n)
-                keys, values = [], []
-                slots: dict[int, torch.Tensor | slice] = {}  # the row's first n valid slots, once per validity tensor
-                for i, layer in enumerate(cache.layers):
-                    valid = key_valid[i]
-                    if id(valid) not in slots:
-                        slots[id(valid)] = _first_slots(valid[r], n)
-                    at = slots[id(valid)]
-                    if isinstance(at, slice):  # one run of slots (a plain prefill): a copy of it
-                        keys.append(layer.keys[r:r + 1, ..., at, :].clone())
-                        values.append(layer.values[r:r + 1, ..., at, :].clone())
-                    else:
-                        keys.append(layer.keys[r:r + 1].index_select(-2, at))
-                        values.append(layer.values[r:r + 1].index_select(-2, at))
-                entry = CachedPrefix(hidden=seq.hidden[r, part].clone(), positions=seq.positions[..., r, part].clone(),
-                                     visual=seq.visual[r, part].clone(), keys=keys, values=values)
-                entry.nbytes = sum(t.numel() * t.element_size()
-                                   for t in (entry.hidden, entry.positions, entry.visual, *keys, *values))
-                if self._add(h, entry):
-                    self.stats.stored += 1
+                self._keep(h, seq, r, seq.length - counts[r], n, cache, key_valid)
             self._count()
+
+    def store_answer(self, prompt: "PromptTokens", answer: list[int], adapter, cache, key_valid: list[torch.Tensor],
+                     row: int) -> None:
+        """Keep a finished request's prompt and the answer tokens it fed (all but the last it chose) where at least
+        ``min_tail`` of them follow its image prefix, from its decode state: ``cache`` holds its keys and values at
+        row ``row`` and ``key_valid`` each layer's (B, S) valid slots (its first ones are its prompt's, then the
+        answer's). A chat's next turn, which begins with them, computes only its new question."""
+        if not answer:
+            return
+        device = prompt.hidden.device
+        ids = torch.tensor(answer, dtype=torch.long, device=device)
+        answer_positions = prompt.next_position[..., None] + torch.arange(len(answer), device=device)
+        seq = Seq(hidden=torch.cat([prompt.hidden, adapter.embed_tokens(ids).to(prompt.hidden.dtype)])[None],
+                  valid=torch.ones(1, prompt.length + len(answer), dtype=torch.bool, device=device),
+                  positions=torch.cat([prompt.positions, answer_positions], dim=-1)[..., None, :],
+                  visual=torch.cat([prompt.visual, torch.full_like(ids, -1)])[None])
+        (n,), (h,) = image_prefixes(seq)
+        total = seq.length
+        if h is None or total - n < self.min_tail or int(key_valid[0][row].sum()) < total:
+            return
+        with self._lock:
+            self._keep(h, seq, 0, 0, total, cache, key_valid, cache_row=row)
+            self._count()
+
+    def _keep(self, h: tuple, seq: Seq, r: int, start: int, n: int, cache, key_valid: list[torch.Tensor],
+              cache_row: int | None = None) -> None:
+        """Keep the first ``n`` tokens of row ``r`` of ``seq`` (beginning at ``start``), their keys and values the
+        first ``n`` valid slots of ``cache``'s row ``cache_row`` (default ``r``), unless an entry holds them; the
+        entries they begin with are dropped. Under the lock."""
+        if self._best(h, seq, r, start, n, n)[1] >= n:  # an earlier row (of this prefill) kept them
+            return
+        for old in [e for e in self._entries.get(h, ())
+                    if e.length <= n and e.common(seq, r, start, e.length) == e.length]:
+            self._drop(h, old)
+        c = r if cache_row is None else cache_row
+        part = slice(start, start + n)
+        keys, values = [], []
+        slots: dict[int, torch.Tensor | slice] = {}  # the row's first n valid slots, once per validity tensor
+        for i, layer in enumerate(cache.layers):
+            valid = key_valid[i]
+            if id(valid) not in slots:
+                slots[id(valid)] = _first_slots(valid[c], n)
+            at = slots[id(valid)]
+            if isinstance(at, slice):  # one run of slots (a plain prefill): a copy of it
+                keys.append(layer.keys[c:c + 1, ..., at, :].clone())
+                values.append(layer.values[c:c + 1, ..., at, :].clone())
+            else:
+                keys.append(layer.keys[c:c + 1].index_select(-2, at))
+                values.append(layer.values[c:c + 1].index_select(-2, at))
+        entry = CachedPrefix(hidden=seq.hidden[r, part].clone(), positions=seq.positions[..., r, part].clone(),
+                             visual=seq.visual[r, part].clone(), keys=keys, values=values)
+        entry.nbytes = sum(t.numel() * t.element_size()
+                           for t in (entry.hidden, entry.positions, entry.visual, *keys, *values))
+        if self._add(h, entry):
+            self.stats.stored += 1
 
     # ---- the vision tower's output --------------------------------------------------------------
     def features(self, adapter, batch, skip=(), view: tuple | None = None) -> dict[int, CachedFeatures]:
@@ -257,7 +311,8 @@ class PrefixCache:
                 index = None if kept is None or kept[row] is None else kept[row].clone()
                 entry = CachedFeatures(images=images, features=features[row].clone(), kept=index,
                                        report=copy.deepcopy((reports or {}).get(row, {})))
-                entry.nbytes = sum(t.numel() * t.element_size() for t in (entry.features, index) if t is not None) + sum(
+                tensors = (entry.features, index) if index is not None else (entry.features,)
+                entry.nbytes = sum(t.numel() * t.element_size() for t in tensors) + sum(
                     t.numel() * t.element_size() for pixels, extra in images
                     for t in (pixels, *(v for v in extra.values() if torch.is_tensor(v))))
                 self._add(("images", view, _images_key(per_row[row])), entry)
