@@ -610,7 +610,8 @@ class Engine:
                                                    prefix_cache=self.prefix_cache, store_rows=list(range(n_req)))
         prompts = [None] * n_req
         if self.prefix_cache is not None and share and not llm_side:  # each request's prompt, for its answer's entry
-            prompts = [PromptTokens.of_row(seq, r, state.next_positions) for r in range(n_req)]
+            prompts = [PromptTokens.of_row(seq, r, state.next_positions) if n_visual[r] else None
+                       for r in range(n_req)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
