@@ -137,6 +137,21 @@ def test_an_entry_shares_its_leading_tokens_and_a_head_is_a_view():
     assert PrefixCache(max_bytes=1).min_tail == MIN_TAIL
 
 
+def test_a_request_holds_its_prompt_only_where_its_answer_could_make_an_entry():
+    from vlmguard.prefix_cache import PromptTokens
+
+    visual = torch.full((30,), -1)
+    visual[4:20] = torch.arange(16)  # the image prefix: 20 tokens, then 10 of text
+    prompt = PromptTokens(hidden=torch.zeros(30, 4), positions=torch.arange(30), visual=visual,
+                          next_position=torch.tensor(30))
+    cache = PrefixCache(max_bytes=1 << 20)
+    # 10 text tokens and all but the last of the answer must reach 32
+    assert not cache.may_keep_answer(prompt, 22) and cache.may_keep_answer(prompt, 23)
+    text_only = PromptTokens(hidden=torch.zeros(30, 4), positions=torch.arange(30), visual=torch.full((30,), -1),
+                             next_position=torch.tensor(30))
+    assert not cache.may_keep_answer(text_only, 1000)
+
+
 # ---- the answer: a finished request keeps its prompt and the answer tokens it fed ---------------------------
 
 def answer_entries(cache) -> list:
@@ -199,3 +214,18 @@ def test_no_answer_is_kept_where_the_prefix_depends_on_more_or_is_short(spec):
                                    "min_new_tokens": min(spec.max_new_tokens, MIN_TAIL + 8)})
     (result,) = eng.generate([Request(QUESTIONS[0], [images("llava")[0]])], spec)
     assert all(e.length <= result.prompt_tokens for e in answer_entries(cache))
+
+
+def test_the_copies_of_a_request_with_n_choices_keep_their_own_answers():
+    """``n`` choices prefill the request once and sample each copy on its own row: each keeps its own answer."""
+    eng = engine("llava")
+    cache = eng.enable_prefix_cache(64)
+    request = Request(QUESTIONS[0], [images("llava")[0]])
+    specs = [GenerationSpec(do_sample=True, seed=s, max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8)
+             for s in (1, 2)]
+    results = eng.generate([request, request], specs)
+    assert results[0].token_ids != results[1].token_ids and results[0].timings.prefill_batch == 2
+    entries = answer_entries(cache)
+    assert sorted(e.length for e in entries) == [r.prompt_tokens + len(r.token_ids) - 1 for r in results]
+    for entry in entries:
+        assert_entry_continues_as_a_fresh_prefill(eng, entry)

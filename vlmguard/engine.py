@@ -474,6 +474,8 @@ class Engine:
 
         now = time.perf_counter()
         cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
+        prompts_kept = [p if p is not None and self.prefix_cache.may_keep_answer(p, specs[r].max_new_tokens) else None
+                        for r, p in enumerate(prompts_kept)]
         lives = []
         for r in range(n_req):
             kept = None
