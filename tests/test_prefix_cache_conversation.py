@@ -138,18 +138,17 @@ def test_an_entry_shares_its_leading_tokens_and_a_head_is_a_view():
 
 
 def test_a_request_holds_its_prompt_only_where_its_answer_could_make_an_entry():
-    from vlmguard.prefix_cache import PromptTokens
+    from vlmguard.sequence import Seq
 
-    visual = torch.full((30,), -1)
-    visual[4:20] = torch.arange(16)  # the image prefix: 20 tokens, then 10 of text
-    prompt = PromptTokens(hidden=torch.zeros(30, 4), positions=torch.arange(30), visual=visual,
-                          next_position=torch.tensor(30))
+    visual = torch.full((2, 33), -1)
+    visual[0, 7:23] = torch.arange(16)  # row 0, after 3 pads: the image prefix of 20 tokens, then 10 of text
+    valid = torch.ones(2, 33, dtype=torch.bool)
+    valid[0, :3] = False
+    seq = Seq(hidden=torch.zeros(2, 33, 4), valid=valid, positions=torch.arange(33).expand(2, -1), visual=visual)
     cache = PrefixCache(max_bytes=1 << 20)
     # 10 text tokens and all but the last of the answer must reach 32
-    assert not cache.may_keep_answer(prompt, 22) and cache.may_keep_answer(prompt, 23)
-    text_only = PromptTokens(hidden=torch.zeros(30, 4), positions=torch.arange(30), visual=torch.full((30,), -1),
-                             next_position=torch.tensor(30))
-    assert not cache.may_keep_answer(text_only, 1000)
+    assert not cache.may_keep_answer(seq, 0, 22) and cache.may_keep_answer(seq, 0, 23)
+    assert not cache.may_keep_answer(seq, 1, 1000)  # row 1: text only
 
 
 # ---- the answer: a finished request keeps its prompt and the answer tokens it fed ---------------------------

@@ -457,7 +457,8 @@ class Engine:
             self._report_vision_work(pctx, adapter.vision_work(pctx.batch))
         if pre is None:
             logits, state, hidden, rows, vision_s, prefill_s, prompts_kept = self._forward_rows(
-                batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb)
+                batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb,
+                [s.max_new_tokens for s in specs])
         else:  # (the pre-pass's main rows keep no answer)
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
                 pre, batch, row_prompts, transforms, pixel_fns, n_req)
@@ -474,8 +475,6 @@ class Engine:
 
         now = time.perf_counter()
         cohort = Cohort(decoder, dctx, branch_names=list(branch_names))
-        prompts_kept = [p if p is not None and self.prefix_cache.may_keep_answer(p, specs[r].max_new_tokens) else None
-                        for r, p in enumerate(prompts_kept)]
         lives = []
         for r in range(n_req):
             kept = None
@@ -545,10 +544,11 @@ class Engine:
         merge_report(pctx.report, {"per_row": {r: copy.deepcopy(entries) for r, entries in reports.items()}})
         return feats, kept
 
-    def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb):
+    def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb, max_new):
         """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
         states, the rows' figures (``_row_figures``), vision seconds, prefill seconds, and per request its prompt
-        as the first layer received it where the prefix cache will keep its answer, else None)."""
+        as the first layer received it where the prefix cache may keep its answer (of up to ``max_new[r]``
+        tokens), else None)."""
         adapter, runner = self.adapter, self.runner
         n_visual = pctx.n_visual
         # -- vision
@@ -612,8 +612,8 @@ class Engine:
                                                    prefix_cache=self.prefix_cache, store_rows=list(range(n_req)))
         prompts = [None] * n_req
         if self.prefix_cache is not None and share and not llm_side:  # each request's prompt, for its answer's entry
-            prompts = [PromptTokens.of_row(seq, r, state.next_positions) if n_visual[r] else None
-                       for r in range(n_req)]
+            prompts = [PromptTokens.of_row(seq, r, state.next_positions)
+                       if self.prefix_cache.may_keep_answer(seq, r, max_new[r]) else None for r in range(n_req)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre

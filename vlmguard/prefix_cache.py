@@ -221,13 +221,15 @@ class PrefixCache:
                 self._keep(h, seq, r, seq.length - counts[r], n, cache, key_valid)
             self._count()
 
-    def may_keep_answer(self, prompt: "PromptTokens", max_new_tokens: int) -> bool:
-        """Whether an answer of up to ``max_new_tokens`` could make ``prompt`` an entry of its own (``min_tail``
-        tokens past its image prefix): a request that cannot need not hold its prompt until it ends."""
-        visual = (prompt.visual >= 0).nonzero()
+    def may_keep_answer(self, seq: Seq, row: int, max_new_tokens: int) -> bool:
+        """Whether an answer of up to ``max_new_tokens`` could make the prompt of ``seq``'s row an entry of its own
+        (``min_tail`` tokens past its image prefix): a request that cannot need not hold a copy of its prompt
+        (``PromptTokens``) until it ends."""
+        prompt_visual = seq.visual[row, seq.valid[row]]
+        visual = (prompt_visual >= 0).nonzero()
         if not visual.numel():
             return False
-        return prompt.length - (int(visual[-1]) + 1) + max_new_tokens - 1 >= self.min_tail
+        return prompt_visual.shape[0] - (int(visual[-1]) + 1) + max_new_tokens - 1 >= self.min_tail
 
     def store_answer(self, prompt: "PromptTokens", answer: list[int], adapter, cache, key_valid: list[torch.Tensor],
                      row: int) -> None:

@@ -29,9 +29,10 @@ ANSWER = ("The picture shows a quiet street in the late afternoon. A red car is 
           "against a lamp post, a pigeon stands on the curb, and behind the buildings the sky turns orange. ")
 
 
-def chat_spec(pruning: str | None, budget: int | float | None, new_tokens: int = 1) -> GenerationSpec:
-    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None,
-                                max_new_tokens=new_tokens, diagnostics=False)
+def chat_spec(pruning: str | None, budget: int | float | None) -> GenerationSpec:
+    """A turn's replay: its prefill and first token."""
+    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None, max_new_tokens=1,
+                                diagnostics=False)
 
 
 def answer_text(tokenizer: Any, tokens: int) -> str:
