@@ -101,6 +101,22 @@ def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
+def _grouped_bars(ax, xs: list[float], rows: list[dict[str, Any]], series: list[tuple[str, str]],
+                  alphas: tuple[float, ...] = (1.0,)) -> None:
+    """One group of bars per row at ``xs``, one bar per (key, label) of ``series`` (a missing value: 0); the bars
+    take ``alphas`` in turn."""
+    w = 0.8 / len(series)
+    for k, (key, label) in enumerate(series):
+        ax.bar([x - 0.4 + w * (k + 0.5) for x in xs], [r[key] or 0 for r in rows], width=w, label=label,
+               alpha=alphas[k % len(alphas)])
+
+
+def _with_pruner(result: dict[str, Any]) -> str:
+    """", PRUNER @BUDGET" for a report with a pruner composed, else ""."""
+    pruning = result.get("pruning", "none")
+    return "" if pruning == "none" else f", {pruning} @{result.get('budget')}"
+
+
 def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
     """Prefill speed-up of shared prefixes per decoder (bars), measured and ideal (token count)."""
     plt = _plt()
@@ -110,20 +126,15 @@ def plot_prefix(result: dict[str, Any], path: str | Path) -> None:
     bars = [("speedup", "shared"), ("ideal_speedup", "shared, ideal (tokens)")]
     if result.get("cache"):
         bars += [("cached_speedup", "warm prefix cache"), ("cached_ideal_speedup", "warm prefix cache, ideal")]
-    w = 0.8 / len(bars)
-    for k, (key, label) in enumerate(bars):
-        ax.bar([x - 0.4 + w * (k + 0.5) for x in xs], [r[key] or 0 for r in rows], width=w, label=label,
-               alpha=1.0 if k % 2 == 0 else 0.6)
+    _grouped_bars(ax, list(xs), rows, bars, alphas=(1.0, 0.6))
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["decoder"] for r in rows])
     ax.set_ylabel("prefill speed-up over unshared")
     ax.legend(fontsize=8)
     what = "shared prefixes and a warm prefix cache" if result.get("cache") else "shared prefixes"
-    pruning = result.get("pruning", "none")
-    with_pruner = "" if pruning == "none" else f", {pruning} @{result.get('budget')}"
     ax.set_title(f"{what}\n{result['shape']} (batch {result['batch']}, "
-                 f"{result['questions_per_image']} questions per image{with_pruner})", fontsize=10)
+                 f"{result['questions_per_image']} questions per image{_with_pruner(result)})", fontsize=10)
     _save(plt, fig, path)
 
 
@@ -157,19 +168,15 @@ def plot_chat(result: dict[str, Any], path: str | Path) -> None:
     plt = _plt()
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.6))
-    settings = [("none", "no prefix cache"), ("image", "image prefixes"), ("conversation", "conversation history")]
-    w = 0.8 / len(settings)
-    for k, (key, label) in enumerate(settings):
-        ax.bar([r["turn"] - 0.4 + w * (k + 0.5) for r in rows], [r[f"{key}_prefill_s"] or 0 for r in rows],
-               width=w, label=label)
+    settings = [("none_prefill_s", "no prefix cache"), ("image_prefill_s", "image prefixes"),
+                ("conversation_prefill_s", "conversation history")]
+    _grouped_bars(ax, [r["turn"] for r in rows], rows, settings)
     ax.set_xticks([r["turn"] for r in rows])
     ax.set_xlabel("turn")
     ax.set_ylabel("prefill s (median)")
     ax.legend(fontsize=8)
-    pruning = result.get("pruning", "none")
-    with_pruner = "" if pruning == "none" else f", {pruning} @{result.get('budget')}"
     ax.set_title(f"a conversation's turns, {result['shape']}\n(answers of {result['answer_tokens']} tokens"
-                 f"{with_pruner})", fontsize=10)
+                 f"{_with_pruner(result)})", fontsize=10)
     _save(plt, fig, path)
 
 
