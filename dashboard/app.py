@@ -1,6 +1,6 @@
 """The vlmguard dashboard (Streamlit). Start it with ``vlmguard dashboard [--port P] [--db PATH] [--service URL]``.
 
-Pages: Leaderboard (results database only), Playground and Jobs (need the service).
+Pages: Leaderboard (results database only), Playground, Chat and Jobs (need the service).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ st.set_page_config(page_title="vlmguard dashboard", page_icon=":material/shield:
 PAGES = [
     st.Page("leaderboard_page.py", title="Leaderboard", icon=":material/leaderboard:", url_path="leaderboard", default=True),
     st.Page("playground_page.py", title="Playground", icon=":material/science:", url_path="playground"),
+    st.Page("chat_page.py", title="Chat", icon=":material/forum:", url_path="chat"),
     st.Page("jobs_page.py", title="Jobs", icon=":material/work:", url_path="jobs"),
 ]
 

@@ -34,6 +34,10 @@ class GenerationClient(Protocol):
     def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                         **spec: Any) -> Iterator[Any]: ...
 
+    def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
+                    messages: list[dict[str, Any]] | None = None, model: str | None = None, **kwargs: Any
+                    ) -> Iterator[Any]: ...
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -121,6 +125,33 @@ def selection_kwargs(temperature: float, seed: int, presence: float, frequency: 
 
 
 BASELINE_SPEC = {"pruning": "none", "decoding": "greedy"}
+
+# GenerationSpec fields whose OpenAI chat parameter has another name; the rest keep theirs (``Client.chat`` sends
+# vlmguard's own, pruning / decoding / diagnostics / do_sample / image_aspect, in the request's vlmguard object)
+_CHAT_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def chat_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec_kwargs``'s fields as ``Client.chat_stream`` keyword arguments: the same request through the
+    OpenAI-compatible chat endpoint (without a temperature, as the native request, the decoder's own selection).
+    The log-probabilities' count becomes ``logprobs`` + ``top_logprobs``; the usage (the prompt's tokens, those
+    from the prefix cache) comes with the stream's last chunk."""
+    out = {_CHAT_NAMES.get(k, k): v for k, v in spec.items() if k != "logprobs"}
+    if spec.get("logprobs") is not None:
+        out.update(logprobs=True, top_logprobs=int(spec["logprobs"]))
+    out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def failure_message(e: Exception, timeout: float, page: str) -> str:
+    """What a failed request tells the page's user: the service's message, and for a timeout what to do about it
+    (the client's own advice, a larger ``timeout=``, is for programmers)."""
+    from vlmguard.client import APITimeoutError
+
+    if isinstance(e, APITimeoutError):
+        return (f"the service sent nothing for {timeout:g} s (the {page}'s limit): ask for fewer new tokens, or see "
+                "whether the service is overloaded (its /metrics)")
+    return getattr(e, "message", None) or str(e)
 
 
 # ---- Ray Jobs -------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ chromedriver come from ``scripts/setup.d/40-chromium.sh``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,7 +39,8 @@ from vlmguard.workers.engine_worker import EngineWorker
 port = int(sys.argv[1])
 cfg = ServiceConfig(models=[ModelConfig(name="tiny-llava", model="random:llava", max_new_tokens_limit=64)],
                     api_key_env=None)
-app = create_api(LocalBackend({"tiny-llava": EngineWorker("random:llava", name="tiny-llava", torch_threads=1)}), cfg)
+worker = EngineWorker("random:llava", name="tiny-llava", torch_threads=1, prefix_cache_mb=64)
+app = create_api(LocalBackend({"tiny-llava": worker}), cfg)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 """
 
@@ -203,6 +205,34 @@ def test_playground_generates_through_the_service_in_chromium(browser, dashboard
     screenshot(browser, "dashboard-playground.png")
     metrics = httpx.get(f"{service}/metrics?format=json", timeout=5).json()
     assert metrics["results"] >= 2  # both columns went through the real service
+
+
+def test_chat_keeps_a_conversation_through_the_service_in_chromium(browser, dashboard):
+    """Two questions about one image: the second goes with the first and its answer, and the service's prefix
+    cache gives it the tokens the first computed (the chat page says how many)."""
+    from selenium.webdriver.common.by import By
+
+    url, service = dashboard
+    browser.get(f"{url}/chat")
+    wait_text(browser, ["Chat", "tiny-llava", "New conversation", "render a SynthCOCO scene"], timeout=90)
+    before = httpx.get(f"{service}/metrics?format=json", timeout=5).json()["results"]
+    for question, expected in (("Describe this image.", "none from the prefix cache"),
+                               ("What is on the left?", "from the prefix cache")):
+        box = browser.find_element(By.CSS_SELECTOR, 'textarea[data-testid="stChatInputTextArea"]')
+        box.send_keys(question + "\n")
+        body = wait_text(browser, [question, "prompt tokens", expected], timeout=180)
+    assert "Page not found" not in body and "not reachable" not in body
+    lines = [ln for ln in body.splitlines() if "prompt tokens" in ln]
+    assert len(lines) == 2 and "none from the prefix cache" in lines[0]
+    first = int(lines[0].split(" prompt tokens")[0].split()[-1])
+    found = re.search(r"(\d+) prompt tokens, (\d+) from the prefix cache", lines[1])
+    assert found, lines
+    second, cached = (int(x) for x in found.groups())
+    # the first question's prompt as FlowCut left it at least (the random weights' answer does not read back as
+    # the tokens chosen, so the second turn computes it again)
+    assert second > first and 0 < cached < second
+    screenshot(browser, "dashboard-chat.png")
+    assert httpx.get(f"{service}/metrics?format=json", timeout=5).json()["results"] == before + 2
 
 
 def test_jobs_page_without_cluster_in_chromium(browser, dashboard):

@@ -419,6 +419,8 @@ def test_app_navigates_between_pages(fixture_db, monkeypatch):
     assert [t.value for t in at.title] == ["Leaderboard"] and len(at.dataframe[0].value) == 10
     at.switch_page("playground_page.py").run()
     assert not at.exception and [t.value for t in at.title] == ["Playground"]
+    at.switch_page("chat_page.py").run()
+    assert not at.exception and [t.value for t in at.title] == ["Chat"] and at.chat_input
     at.switch_page("jobs_page.py").run()
     assert not at.exception and [t.value for t in at.title] == ["Jobs"] and "No jobs yet" in all_text(at)
 

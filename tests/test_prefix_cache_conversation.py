@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_prefix_cache import assert_same, engine, image_prefix_length, images
+from test_prefix_cache_pruned import same_report
 from test_prefix_cache import cache_off_afterwards  # noqa: F401 (the fixture: every engine left without a cache)
 from vlmguard.engine import Request
 from vlmguard.prefix_cache import MIN_TAIL, PrefixCache
@@ -59,14 +60,14 @@ def test_each_turn_takes_the_whole_history_the_last_turn_computed(family):
     assert cached[1].prompt_tokens not in lengths
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_a_conversation_with_flowcut_takes_its_history_and_its_cut(family):
+@pytest.mark.parametrize("family,budget", [("llava", 14), ("llava", 4), ("qwen2_vl", 0.25)])
+def test_a_conversation_with_flowcut_takes_its_history_and_its_cut(family, budget):
     """LLaVA-1.5: FlowCut's kept tokens sit at compact positions and the history after them is the same from turn
-    to turn: the turns take it, and the image's cut. Qwen2-VL: stage L cuts inside the LLM, so no prefix is taken,
-    but the tower's cut is."""
+    to turn: the turns take it, and the image's cut; at 14 kept tokens the image prefix (17 tokens) is worth an
+    entry of its own, at 4 (7 tokens) it is not, but the history after it is. Qwen2-VL: stage L cuts inside the
+    LLM, so no prefix is taken, but the tower's cut is."""
     eng = engine(family)
     image = images(family)[0]
-    budget = {"llava": 14, "qwen2_vl": 0.25}[family]  # LLaVA: an image prefix of 17 tokens, enough for an entry
     spec = GenerationSpec(pruning="flowcut", budget=budget, max_new_tokens=MIN_TAIL + 8,
                           min_new_tokens=MIN_TAIL + 8, logprobs=2)
     fresh = conversation(eng, spec, image)
@@ -74,7 +75,8 @@ def test_a_conversation_with_flowcut_takes_its_history_and_its_cut(family):
     cached = conversation(eng, spec, image, answers=[r.text for r in fresh])
     assert_same(fresh, cached)
     for a, c in zip(fresh, cached):
-        assert c.pruning == a.pruning or family == "qwen2_vl"  # Qwen2-VL's stage L heatmap follows the question
+        # Qwen2-VL's stage L heatmap follows the question
+        assert same_report(a.pruning, c.pruning) or family == "qwen2_vl"
     took = [r.timings.prompt_cached_tokens for r in cached]
     assert cache.stats.pruned_hits == 2
     if family == "qwen2_vl":
@@ -114,6 +116,19 @@ def test_single_questions_keep_the_image_prefix_alone():
     n = image_prefix_length(eng, Request(QUESTIONS[0], [image]))
     lengths = [e.length for bucket in cache._entries.values() for e in bucket if hasattr(e, "keys")]
     assert lengths == [n] and cache.stats.hits == 2
+
+
+def test_a_short_image_prefix_keeps_no_entry_of_its_own():
+    """FlowCut keeping 4 tokens leaves an image prefix of 7 (under ``MIN_TOKENS``): single questions keep nothing
+    (only the image's cut), and take nothing."""
+    eng = engine("llava")
+    image = images("llava")[0]
+    cache = eng.enable_prefix_cache(64)
+    spec = GenerationSpec(pruning="flowcut", budget=4, max_new_tokens=2)
+    results = [eng.generate([Request(q, [image])], spec)[0]
+               for q in ("Is there a dog in the image?", "Is there a cat in the image?")]
+    assert [r.timings.prompt_cached_tokens for r in results] == [0, 0]
+    assert cache.stats.entries == 0 and cache.stats.pruned_entries == 1 and cache.stats.pruned_hits == 1
 
 
 def test_an_entry_shares_its_leading_tokens_and_a_head_is_a_view():

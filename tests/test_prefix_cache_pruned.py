@@ -4,6 +4,8 @@ nor the pruner runs on them again. What it gets is what a fresh prefill gives: t
 pruning report (ViT schedule, heatmap) and FLOPs."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import vlmguard.pruning.flowcut as flowcut_module
@@ -37,10 +39,23 @@ def flowcut_spec(**params) -> GenerationSpec:
     return GenerationSpec(pruning="flowcut", budget=0.25, pruning_params=params, max_new_tokens=5, logprobs=2)
 
 
+def same_report(a, c, rel: float = 1e-5) -> bool:
+    """Pruning reports alike: the same keys, lists and values, floats to ``rel``. A cut taken from the cache was
+    made in a batch of other images than a fresh prefill's, and a CPU's matrix products may round the scores of a
+    batch otherwise in their last bits (AMD EPYC: 1 ulp in FlowCut's LLaVA-NeXT stage-V scores)."""
+    if isinstance(a, dict):
+        return isinstance(c, dict) and a.keys() == c.keys() and all(same_report(a[k], c[k], rel) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(c, (list, tuple)) and len(a) == len(c) and all(same_report(x, y, rel) for x, y in zip(a, c))
+    if isinstance(a, float):
+        return math.isclose(a, c, rel_tol=rel, abs_tol=1e-7)
+    return a == c
+
+
 def assert_same_pruning(fresh, cached):
     assert_same(fresh, cached)
     for a, c in zip(fresh, cached):
-        assert c.pruning == a.pruning
+        assert same_report(a.pruning, c.pruning), (a.pruning, c.pruning)
         assert c.prefill_flops == a.prefill_flops
 
 

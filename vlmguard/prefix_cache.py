@@ -21,7 +21,8 @@ tokens, value for value, decodes from the entry's first ones as from its own.
   (``store_answer``). So POPE's short questions keep one entry per image, while a chat's turn keeps its history
   and answer, and the next turn computes only its new question (and whatever of the answer its text does not give
   back token for token). An entry the new one begins with is dropped (a conversation holds one entry, its latest
-  turn). Rows with fewer than ``MIN_TOKENS`` image-prefix tokens are not kept.
+  turn). An image prefix of fewer than ``MIN_TOKENS`` tokens is not kept alone, but a whole prompt after it is (a
+  chat under a pruner that keeps a few visual tokens).
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
@@ -49,7 +50,7 @@ from vlmguard.models.base import PER_TOKEN_INPUTS
 from vlmguard.prefix_sharing import PrefixPlan, plan_prefixes
 from vlmguard.sequence import Seq
 
-MIN_TOKENS = 16  # a shorter image prefix is not worth an entry
+MIN_TOKENS = 16  # a shorter image prefix is not worth an entry of its own (a whole prompt after it is)
 MIN_TAIL = 32  # fewer tokens past the image prefix (a single question) keep the image prefix alone
 SAMPLED_DIMS = 8  # embedding values per token that enter the hash (the full comparison decides)
 _P = (1 << 31) - 1  # a prime: every hash is taken modulo it, so no product overflows 64 bits
@@ -167,7 +168,7 @@ class PrefixCache:
     def lookup(self, seq: Seq) -> "CacheLookup":
         """For each row of ``seq`` (left-padded, its valid tokens contiguous): what it takes from the cache, the
         first tokens of the entry that begins with the most of the row's (at least its image prefix; None: no
-        entry, or the row has no image prefix worth one), the row's image-prefix length (0: none) and that
+        entry, or the row has no image prefix), the row's image-prefix length (0: none) and that
         prefix's hash (None: none)."""
         lengths, hashes = image_prefixes(seq)
         counts = seq.valid.sum(dim=1).tolist()
@@ -212,10 +213,13 @@ class PrefixCache:
         with self._lock:
             for r in range(seq.batch_size) if rows is None else rows:
                 n, h = lookup.lengths[r], lookup.hashes[r]
-                if h is None or n < MIN_TOKENS:
+                if h is None:
                     continue
                 took = 0 if lookup.found[r] is None else lookup.found[r].length
-                n = counts[r] if counts[r] - max(took, n) >= self.min_tail else n
+                if counts[r] - max(took, n) >= self.min_tail:
+                    n = counts[r]
+                elif n < MIN_TOKENS:
+                    continue
                 if n <= took:
                     continue
                 self._keep(h, seq, r, seq.length - counts[r], n, cache, key_valid)
@@ -453,7 +457,7 @@ def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None
 
 def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None]]:
     """Per row of ``seq``: the length of its image prefix (its tokens up to and including its last visual token;
-    0 without visual tokens or below ``MIN_TOKENS``) and a hash of that prefix's tokens (None where 0)."""
+    0 without visual tokens) and a hash of that prefix's tokens (None where 0)."""
     b, length, dim = seq.hidden.shape
     device = seq.valid.device
     counts = seq.valid.sum(dim=1)
@@ -462,7 +466,6 @@ def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
     is_visual = (seq.visual >= 0) & seq.valid
     last = torch.where(is_visual, cols, torch.full_like(cols, -1)).max(dim=1).values
     n = torch.where(last >= 0, last - start + 1, torch.zeros_like(last))
-    n = torch.where(n >= MIN_TOKENS, n, torch.zeros_like(n))
     lengths = n.tolist()
     if not any(lengths):
         return lengths, [None] * b

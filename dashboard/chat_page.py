@@ -1,0 +1,216 @@
+"""Chat: a conversation about one image, through the service's OpenAI-compatible chat endpoint.
+
+Each question goes out with the whole conversation before it (the image in the first question), with the pruner
+and decoder chosen when it is asked. The service's prefix cache keeps the conversation, so a follow-up computes
+only what is new; each answer says how many of its prompt tokens came from the cache, and opens onto its timings,
+the kept visual tokens and the per-token probabilities. Another image or model begins a new conversation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import streamlit as st
+from PIL import Image
+
+from vlmguard.client import image_to_url
+from vlmguard.dashboard.request_inputs import image_input, method_inputs, selection_inputs
+from vlmguard.dashboard.result_view import layers, ms, spec_caption, step_probabilities, timing_metrics, token_views
+from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
+from vlmguard.dashboard.ui import config, method_schemas, service_client, service_notice, service_status
+from vlmguard.errors import VlmguardError
+from vlmguard.spec import IMAGE_ASPECTS
+
+CHAT_KEY = "ch_conversation"
+FIRST_QUESTION = "Describe this image in detail."
+
+
+@dataclass
+class Turn:
+    """One question and what came back: the answer (as far as it streamed), or the error that ended it."""
+
+    question: str
+    spec: dict[str, Any]  # spec_kwargs's fields, as asked
+    answer: str = ""
+    error: str | None = None
+    finish_reason: str | None = None
+    info: Any = None  # the last chunk's VlmguardInfo: timings, kept tokens, steps
+    usage: Any = None  # Usage: the prompt's tokens and those from the prefix cache
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # per generated token, as steps_frame reads them
+
+    @property
+    def answered(self) -> bool:
+        """It belongs to the conversation the next question continues (a failed one does not)."""
+        return self.error is None and self.finish_reason is not None
+
+
+@dataclass
+class Conversation:
+    topic: tuple[Any, ...]  # the model and the image's pixels it is about
+    turns: list[Turn] = field(default_factory=list)
+
+
+def render() -> None:
+    cfg = config()
+    st.title("Chat")
+    status = service_status(cfg)
+    if not status.ok:
+        service_notice(status, "The chat")
+        return
+    st.caption(f"Service: `{status.url}` · models: {', '.join(status.models)} · a conversation about one image; "
+               "the service's prefix cache keeps it, so a follow-up computes only what is new")
+    schemas = method_schemas()
+    left, right = st.columns([1, 2])
+    with left:
+        model = st.selectbox("model", status.models, key="ch_model")
+        image, objects = image_input("ch")
+        if objects:
+            st.caption("Objects visible in this scene: " + ", ".join(objects))
+        methods = method_inputs(schemas, "ch", pruning="flowcut", decoding="greedy")
+        max_new = st.slider("max new tokens", 1, 256, 64, key="ch_max_new")
+        aspect = st.selectbox("image preprocessing", IMAGE_ASPECTS, key="ch_image_aspect")
+        with st.expander("token selection"):
+            selection = selection_inputs("ch")
+        new = st.button("New conversation", key="ch_new")
+    with right:
+        if image is None:
+            st.info("Pick a SynthCOCO sample or upload an image.")
+            return
+        conv = _conversation((model, _digest(image)), fresh=new)
+        facts = status.facts.get(model) or ModelFacts()
+        talk = st.container()  # the turns, above the question box (which this run reads first)
+        question = st.chat_input(FIRST_QUESTION if not conv.turns else "Ask a follow-up question", key="ch_input",
+                                 disabled=not methods.ready)
+        with talk:
+            for turn in conv.turns:
+                _show_turn(turn, image, facts)
+            if question and question.strip():
+                spec = spec_kwargs(methods.pruning, methods.budget, methods.pruning_params, methods.decoding,
+                                   methods.decoding_params, max_new, selection=selection, image_aspect=aspect)
+                turn = Turn(question.strip(), spec)
+                messages = messages_for(image, conv, turn.question)
+                conv.turns.append(turn)  # kept whatever happens: a failed turn shows its error, not sent again
+                _ask(service_client(cfg), model, messages, turn, image, facts)
+
+
+def _digest(image: Image.Image) -> tuple[Any, ...]:
+    return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def _conversation(topic: tuple[Any, ...], fresh: bool) -> Conversation:
+    """The conversation about ``topic``: the one on screen, or a new one (asked for, or another image or model)."""
+    conv = st.session_state.get(CHAT_KEY)
+    if conv is not None and conv.topic != topic and conv.turns and not fresh:
+        st.info("A new conversation: the image or the model changed since the last one.")
+    if conv is None or conv.topic != topic or fresh:
+        conv = Conversation(topic)
+        st.session_state[CHAT_KEY] = conv
+    return conv
+
+
+def messages_for(image: Image.Image, conv: Conversation, question: str) -> list[dict[str, Any]]:
+    """The chat request's messages: each answered turn, then the new question; the image goes with the first
+    question (the one it was asked with, or this one)."""
+    out: list[dict[str, Any]] = []
+    for turn in [t for t in conv.turns if t.answered] + [None]:
+        text = question if turn is None else turn.question
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if not out:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image_to_url(image)}})
+        out.append({"role": "user", "content": content})
+        if turn is not None:
+            out.append({"role": "assistant", "content": turn.answer})
+    return out
+
+
+def _ask(client, model: str, messages: list[dict[str, Any]], turn: Turn, image: Image.Image,
+         facts: ModelFacts) -> None:
+    """Send the conversation with the new question; stream the answer into the page and into ``turn``."""
+    with st.chat_message("user"):
+        st.markdown(turn.question)
+    with st.chat_message("assistant"):
+        try:
+            st.write_stream(_deltas(client.chat_stream(messages=messages, model=model, **chat_kwargs(turn.spec)),
+                                    turn))
+        except VlmguardError as e:
+            turn.error = failure_message(e, getattr(client, "timeout", 300), "chat")
+        if turn.error is None and turn.finish_reason is None:
+            turn.error = "the stream ended without an answer"
+        if turn.error is not None:
+            _show_error(turn)
+            return
+        _turn_facts(turn, image, facts)
+
+
+def _deltas(chunks: Iterator[Any], turn: Turn) -> Iterator[str]:
+    """The answer's text as it streams; the rest of each chunk (log-probabilities, the end, vlmguard's facts,
+    the usage) goes into ``turn``."""
+    for chunk in chunks:
+        if getattr(chunk, "usage", None) is not None:
+            turn.usage = chunk.usage
+        if getattr(chunk, "vlmguard", None) is not None:
+            turn.info = chunk.vlmguard
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue
+            if choice.logprobs is not None:
+                turn.logprobs += [{"token": e.token, "logprob": e.logprob,
+                                   "top": [{"token": t.token, "logprob": t.logprob} for t in e.top_logprobs]}
+                                  for e in choice.logprobs.content or []]
+            if choice.finish_reason is not None:
+                turn.finish_reason = choice.finish_reason
+            if choice.delta.content:
+                turn.answer += choice.delta.content
+                yield choice.delta.content
+
+
+def _show_turn(turn: Turn, image: Image.Image, facts: ModelFacts) -> None:
+    with st.chat_message("user"):
+        st.markdown(turn.question)
+    with st.chat_message("assistant"):
+        if turn.answer or turn.error is None:
+            st.markdown(turn.answer or "_(empty answer)_")
+        if turn.error is not None:
+            _show_error(turn)
+            return
+        _turn_facts(turn, image, facts)
+
+
+def _show_error(turn: Turn) -> None:
+    st.error(turn.error)
+    st.caption("Not part of the conversation: the next question goes without it.")
+
+
+def cache_line(turn: Turn) -> str:
+    """The prompt's tokens and how many came from the service's prefix cache."""
+    usage = turn.usage
+    if usage is None:
+        return ""
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", 0) or 0
+    if not cached:
+        return f"{usage.prompt_tokens} prompt tokens, none from the prefix cache"
+    return f"{usage.prompt_tokens} prompt tokens, {cached} from the prefix cache"
+
+
+def _turn_facts(turn: Turn, image: Image.Image, facts: ModelFacts) -> None:
+    """One line under the answer (settings, prefill, cache), and its details in an expander."""
+    info = turn.info
+    parts = [spec_caption(turn.spec)]
+    if info is not None:
+        parts.append(f"prefill {ms(info.timings.prefill_s)}")
+    parts += [p for p in (cache_line(turn), f"finish: {turn.finish_reason}") if p]
+    st.caption(" · ".join(parts))
+    if info is None:
+        return
+    with st.expander("timings, kept visual tokens, per-token probabilities"):
+        timing_metrics(info.timings)
+        st.caption(f"visual tokens per LLM layer: {layers(info.visual_tokens_kept)}")
+        token_views(image, turn.spec, facts, visual_tokens=info.visual_tokens, kept=info.kept_indices,
+                    pruning_report=None)
+        step_probabilities(info.steps, turn.logprobs, turn.spec)
+
+
+if __name__ == "__main__":
+    render()

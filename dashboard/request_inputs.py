@@ -1,0 +1,107 @@
+"""The widgets a request is made from, shared by the Playground and the Chat: the image, the pruner and decoder
+with their parameters, the token selection.
+
+Every widget's key begins with the page's prefix (``pg`` for the playground, ``ch`` for the chat), so each page
+keeps its own choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+from PIL import Image
+
+from vlmguard.dashboard import drawing, images
+from vlmguard.dashboard.service import selection_kwargs
+from vlmguard.dashboard.ui import params_form
+from vlmguard.errors import VlmguardError
+from vlmguard.spec import parse_budget
+
+
+@dataclass
+class MethodChoice:
+    """A pruner and a decoder as the widgets chose them (``budget`` None: pruning ``none``, or unreadable)."""
+
+    pruning: str
+    budget: int | float | None
+    decoding: str
+    pruning_params: dict[str, Any] = field(default_factory=dict)
+    decoding_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """A request can be made: a pruner other than ``none`` needs a budget it could read."""
+        return self.pruning == "none" or self.budget is not None
+
+
+def index_of(options: list[str], preferred: str) -> int:
+    return options.index(preferred) if preferred in options else 0
+
+
+def method_inputs(schemas: dict[str, dict[str, dict[str, Any]]], prefix: str, *, pruning: str = "fastv",
+                  decoding: str = "vcd") -> MethodChoice:
+    """A pruner (with its budget) and a decoder, side by side, each with its parameters in an expander."""
+    c1, c2 = st.columns(2)
+    with c1:
+        pruners = list(schemas["pruning"])
+        pr = st.selectbox("pruner", pruners, index=index_of(pruners, pruning), key=f"{prefix}_pruning")
+        budget = budget_input(pr, f"{prefix}_budget")
+        with st.expander("pruner parameters"):
+            pruning_params = params_form(schemas["pruning"][pr], f"{prefix}_pp_{pr}")
+    with c2:
+        decoders = list(schemas["decoding"])
+        dec = st.selectbox("decoder", decoders, index=index_of(decoders, decoding), key=f"{prefix}_decoding")
+        with st.expander("decoder parameters"):
+            decoding_params = params_form(schemas["decoding"][dec], f"{prefix}_dp_{dec}")
+    return MethodChoice(pr, budget, dec, pruning_params, decoding_params)
+
+
+def budget_input(pruning: str, key: str) -> int | float | None:
+    if pruning == "none":
+        return None
+    text = st.text_input("budget: visual tokens kept (e.g. 36) or kept fraction (e.g. 0.25)", "0.25", key=key)
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        st.error(str(e))
+        return None
+
+
+def selection_inputs(prefix: str) -> dict[str, Any]:
+    """Temperature, sampling seed and the three penalties (``selection_kwargs``: only what differs from greedy)."""
+    s1, s2 = st.columns(2)
+    with s1:
+        temperature = st.slider("temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key=f"{prefix}_temperature")
+        seed = int(st.number_input("sampling seed", min_value=0, value=0, step=1, key=f"{prefix}_sample_seed"))
+        repetition = st.slider("repetition penalty (1 = off)", 0.5, 2.0, 1.0, 0.05, key=f"{prefix}_repetition")
+    with s2:
+        presence = st.slider("presence penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_presence")
+        frequency = st.slider("frequency penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_frequency")
+    return selection_kwargs(temperature, seed, presence, frequency, repetition)
+
+
+def image_input(prefix: str) -> tuple[Image.Image | None, list[str]]:
+    """A cached SynthCOCO test image, a freshly rendered scene or an upload; with a rendered scene, the objects
+    it shows."""
+    names = images.synth_sample_names()
+    sources = (["SynthCOCO test image"] if names else []) + ["render a SynthCOCO scene", "upload an image"]
+    src = st.radio("image", sources, key=f"{prefix}_source", horizontal=True)
+    objects: list[str] = []
+    image = None
+    if src == "SynthCOCO test image":
+        name = st.selectbox("sample", names, key=f"{prefix}_sample")
+        image = images.load_synth_sample(name)
+    elif src == "render a SynthCOCO scene":
+        seed = int(st.number_input("scene seed", min_value=0, value=1, step=1, key=f"{prefix}_seed"))
+        image, objects = images.render_synth_scene(seed)
+    else:
+        up = st.file_uploader("image file", type=["png", "jpg", "jpeg", "webp", "bmp"], key=f"{prefix}_upload")
+        if up is not None:
+            try:
+                image = images.load_upload(up.getvalue())
+            except VlmguardError as e:
+                st.error(str(e))
+    if image is not None:
+        st.image(drawing.display_image(image, 256), caption=f"input ({image.size[0]}x{image.size[1]})")
+    return image, objects
