@@ -7,7 +7,6 @@ the kept visual tokens and the per-token probabilities. Another image or model b
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -15,12 +14,11 @@ import streamlit as st
 from PIL import Image
 
 from vlmguard.client import image_to_url
-from vlmguard.dashboard.request_inputs import image_input, method_inputs, selection_inputs
+from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
 from vlmguard.dashboard.result_view import layers, ms, spec_caption, step_probabilities, timing_metrics, token_views
 from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
-from vlmguard.spec import IMAGE_ASPECTS
 
 CHAT_KEY = "ch_conversation"
 FIRST_QUESTION = "Describe this image in detail."
@@ -69,7 +67,7 @@ def render() -> None:
             st.caption("Objects visible in this scene: " + ", ".join(objects))
         methods = method_inputs(schemas, "ch", pruning="flowcut", decoding="greedy")
         max_new = st.slider("max new tokens", 1, 256, 64, key="ch_max_new")
-        aspect = st.selectbox("image preprocessing", IMAGE_ASPECTS, key="ch_image_aspect")
+        aspect = aspect_input("ch")
         with st.expander("token selection"):
             selection = selection_inputs("ch")
         new = st.button("New conversation", key="ch_new")
@@ -77,7 +75,7 @@ def render() -> None:
         if image is None:
             st.info("Pick a SynthCOCO sample or upload an image.")
             return
-        conv = _conversation((model, _digest(image)), fresh=new)
+        conv = _conversation((model, image_digest(image)), fresh=new)
         facts = status.facts.get(model) or ModelFacts()
         talk = st.container()  # the turns, above the question box (which this run reads first)
         question = st.chat_input(FIRST_QUESTION if not conv.turns else "Ask a follow-up question", key="ch_input",
@@ -92,10 +90,6 @@ def render() -> None:
                 messages = messages_for(image, conv, turn.question)
                 conv.turns.append(turn)  # kept whatever happens: a failed turn shows its error, not sent again
                 _ask(service_client(cfg), model, messages, turn, image, facts)
-
-
-def _digest(image: Image.Image) -> tuple[Any, ...]:
-    return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
 
 
 def _conversation(topic: tuple[Any, ...], fresh: bool) -> Conversation:

@@ -6,18 +6,16 @@ probabilities (tokens the decoder changed are marked).
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import streamlit as st
 from PIL import Image
 
-from vlmguard.dashboard.request_inputs import image_input, method_inputs, selection_inputs
+from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
 from vlmguard.dashboard.result_view import layers, spec_caption, step_probabilities, timing_metrics, token_views
 from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, failure_message, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, service_client, service_notice, service_status
 from vlmguard.errors import VlmguardError
-from vlmguard.spec import IMAGE_ASPECTS
 
 RESULTS_KEY = "pg_results"
 DEFAULT_PROMPT = "Is there a dog in the image? Answer the question using a single word or phrase."
@@ -40,9 +38,7 @@ def render() -> None:
         prompt = st.text_area("prompt", DEFAULT_PROMPT, key="pg_prompt", height=90)
         methods = method_inputs(schemas, "pg")
         max_new = st.slider("max new tokens", 1, 256, 16, key="pg_max_new")
-        aspect = st.selectbox("image preprocessing", IMAGE_ASPECTS, key="pg_image_aspect",
-                              help="native: the checkpoint's processor (LLaVA-1.5 crops the centre square); pad: "
-                              "padded to a square first, as LLaVA-1.5 was trained; reference: the family's own")
+        aspect = aspect_input("pg")
         with st.expander("token selection (both sides)"):
             selection = selection_inputs("pg")
         compare = st.checkbox("side by side with the plain model (no pruning, greedy)", value=True, key="pg_compare")
@@ -73,8 +69,7 @@ def render() -> None:
 
 def _inputs(model: str, prompt: str, image: Image.Image, spec: dict[str, Any]) -> dict[str, Any]:
     """What a result was computed for (the image by a digest of its pixels), to tell when results are stale."""
-    digest = hashlib.sha256(image.tobytes()).hexdigest()
-    return {"image": (image.size, image.mode, digest), "prompt": prompt, "model": model, "settings": spec}
+    return {"image": image_digest(image), "prompt": prompt, "model": model, "settings": spec}
 
 
 def _clip(text: str, n: int = 80) -> str:

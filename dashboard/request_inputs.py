@@ -6,6 +6,7 @@ keeps its own choices.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from vlmguard.dashboard import drawing, images
 from vlmguard.dashboard.service import selection_kwargs
 from vlmguard.dashboard.ui import params_form
 from vlmguard.errors import VlmguardError
-from vlmguard.spec import parse_budget
+from vlmguard.spec import IMAGE_ASPECTS, parse_budget
 
 
 @dataclass
@@ -79,6 +80,18 @@ def selection_inputs(prefix: str) -> dict[str, Any]:
         presence = st.slider("presence penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_presence")
         frequency = st.slider("frequency penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_frequency")
     return selection_kwargs(temperature, seed, presence, frequency, repetition)
+
+
+def aspect_input(prefix: str) -> str:
+    """How the image is read: the checkpoint's processor, padded to a square, or the family's own."""
+    return st.selectbox("image preprocessing", IMAGE_ASPECTS, key=f"{prefix}_image_aspect",
+                        help="native: the checkpoint's processor (LLaVA-1.5 crops the centre square); pad: padded to "
+                        "a square first, as LLaVA-1.5 was trained; reference: the family's own")
+
+
+def image_digest(image: Image.Image) -> tuple[Any, ...]:
+    """An image by its size, mode and a digest of its pixels: what tells one input image from another."""
+    return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
 
 
 def image_input(prefix: str) -> tuple[Image.Image | None, list[str]]:

@@ -398,6 +398,12 @@ def test_perf_seed_and_budget_arguments(capsys, no_work, argv, needle):
     assert_error(capsys, ["perf", "prefill", *PERF, *argv], needle, one_line=False)
 
 
+@pytest.mark.parametrize("value, needle", [("-1", "argument --other-chats: must be in [0, 1024], got -1"),
+                                           ("many", "argument --other-chats: invalid _other_chats value: 'many'")])
+def test_perf_chat_other_chats_argument(capsys, no_work, value, needle):
+    assert_error(capsys, ["perf", "chat", "--shape", "tiny", "--other-chats", value], needle, one_line=False)
+
+
 def test_perf_repeated_methods_budgets_and_batches_measured_once(capsys):
     from cli_support import run_json
 

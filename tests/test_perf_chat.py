@@ -50,3 +50,17 @@ def test_an_answer_has_the_tokens_asked_for_in_words_the_tokenizer_knows():
     for n in (1, 40, 90):
         ids = tok(answer_text(tok, n), add_special_tokens=False)["input_ids"]
         assert n <= len(ids) <= n + 3 and tok.unk_token_id not in ids
+
+
+def test_other_chats_about_the_image_fill_the_cache_first():
+    """Three other conversations about the image are in each cache before the turns: the history setting holds
+    one entry per conversation, and turn 1 takes their shared image prefix (with the history, also the words of
+    its question that theirs begin with); the same tokens throughout."""
+    report = run_json(["perf", "chat", "--shape", "tiny", "--turns", "2", "--answer-tokens", "40", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--quiet", "--json", "--other-chats", "3"])
+    assert report["other_chats"] == 3
+    before = report["entries_before"]
+    assert before["conversation"] == before["image"] + 2  # three whole prompts against one image prefix
+    first = report["rows"][0]
+    assert 0 < first["image_cached_tokens"] < first["conversation_cached_tokens"] < first["prompt_tokens"]
+    assert all(r["same_tokens"] for r in report["rows"])

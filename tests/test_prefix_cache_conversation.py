@@ -17,7 +17,7 @@ from test_prefix_cache import assert_same, engine, image_prefix_length, images
 from test_prefix_cache_pruned import same_report
 from test_prefix_cache import cache_off_afterwards  # noqa: F401 (the fixture: every engine left without a cache)
 from vlmguard.engine import Request
-from vlmguard.prefix_cache import MIN_TAIL, PrefixCache
+from vlmguard.prefix_cache import MIN_TAIL, PrefixCache, image_prefixes
 from vlmguard.spec import GenerationSpec
 
 QUESTIONS = ["Describe the picture.", "And what colors are in it?", "Is there a dog on the left?"]
@@ -243,3 +243,67 @@ def test_the_copies_of_a_request_with_n_choices_keep_their_own_answers():
     assert sorted(e.length for e in entries) == [r.prompt_tokens + len(r.token_ids) - 1 for r in results]
     for entry in entries:
         assert_entry_continues_as_a_fresh_prefill(eng, entry)
+
+
+# ---- many conversations about one image: the lookup chooses by token hashes ---------------------------------
+
+def chats_about_one_image(k: int, length: int = 80, image_prefix: int = 30, dim: int = 16):
+    """A cache holding ``k`` conversations that share an image prefix and then each go their own way (the i-th
+    shares 40 + i tokens with the probe, a further turn of the last one), and that probe."""
+    from types import SimpleNamespace
+
+    from vlmguard.sequence import Seq
+
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(length, dim, generator=gen)
+    visual = torch.full((1, length), -1)
+    visual[0, 4:image_prefix] = torch.arange(image_prefix - 4)
+
+    def seq_of(hidden):
+        return Seq(hidden=hidden[None], valid=torch.ones(1, length, dtype=torch.bool),
+                   positions=torch.arange(length)[None], visual=visual.clone())
+
+    kv = torch.randn(1, 1, length, 2, generator=gen)
+    cache = PrefixCache(max_bytes=1 << 30, min_tail=8)
+    for i in range(k):
+        own = probe.clone()
+        own[40 + i:] = torch.randn(length - 40 - i, dim, generator=gen)
+        s = seq_of(own)
+        cache.store(s, cache.lookup(s), SimpleNamespace(layers=[SimpleNamespace(keys=kv, values=-kv)]),
+                    [torch.ones(1, length, dtype=torch.bool)])
+    return cache, seq_of(probe)
+
+
+def test_a_lookup_among_many_conversations_compares_one_entry_in_full(monkeypatch):
+    """Twelve conversations about one image: a turn's lookup chooses the entry by token hashes and compares only
+    that one value for value, and takes what comparing every entry takes (the longest shared run)."""
+    from vlmguard.prefix_cache import CachedPrefix
+
+    cache, probe = chats_about_one_image(12)
+    assert len(cache) == 12
+    compared = []
+    real = CachedPrefix.common
+
+    def counting(self, *args, **kwargs):
+        compared.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CachedPrefix, "common", counting)
+    (found,) = cache.lookup(probe).found
+    assert found.length == 40 + 11 and len(compared) == 1
+    compared.clear()
+    (n,), (h,) = image_prefixes(probe)
+    entry, most = cache._best(h, probe, 0, 0, n, probe.length - 1, None)  # every entry in full
+    assert most == found.length and len(compared) == 12 and torch.equal(entry.hidden[:most], found.hidden)
+
+
+def test_two_tokens_hashing_alike_fall_back_to_comparing_every_entry():
+    """The longest run of hashes is checked: where its values differ (made here by changing an entry's values and
+    not its hashes), the lookup compares every entry and takes the true longest run."""
+    cache, probe = chats_about_one_image(6)
+    entries = [e for bucket in cache._entries.values() for e in bucket]
+    longest = max(entries, key=lambda e: e.common(probe, 0, 0, probe.length))
+    longest.hidden[35] += 1.0  # its hashes still say 45 tokens are shared; its values, 35
+    (found,) = cache.lookup(probe).found
+    assert found.length == 44  # the next longest, which its values confirm
+    assert torch.equal(found.hidden, probe.hidden[0, :44])

@@ -66,12 +66,23 @@ class CachedPrefix:
     visual: torch.Tensor  # (n,)
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    tokens: torch.Tensor | None = None  # (n,) int64: each token's hash (token_hashes), compared before the values
     nbytes: int = 0
     hits: int = 0
 
     @property
     def length(self) -> int:
         return self.hidden.shape[0]
+
+    def common_hashes(self, row_tokens: torch.Tensor) -> int:
+        """How many of this entry's first tokens hash as the row's do (``row_tokens``: the row's token hashes from
+        its first token on): at least as many as :meth:`common` finds, so the entry with the longest run is the only
+        one worth comparing value for value."""
+        if self.tokens is None:  # an entry made without hashes (by hand): only the values can say
+            return min(self.length, row_tokens.shape[0])
+        n = min(self.length, row_tokens.shape[0])
+        differ = (self.tokens[:n] != row_tokens[:n]).nonzero()
+        return n if differ.numel() == 0 else int(differ[0])
 
     def common(self, seq: Seq, row: int, start: int, limit: int) -> int:
         """How many of this entry's first tokens (at most ``limit``) the row of ``seq`` whose tokens begin at
@@ -89,7 +100,8 @@ class CachedPrefix:
         if n == self.length:
             return self
         return CachedPrefix(hidden=self.hidden[:n], positions=self.positions[..., :n], visual=self.visual[:n],
-                            keys=[k[..., :n, :] for k in self.keys], values=[v[..., :n, :] for v in self.values])
+                            keys=[k[..., :n, :] for k in self.keys], values=[v[..., :n, :] for v in self.values],
+                            tokens=None if self.tokens is None else self.tokens[:n])
 
 
 @dataclass
@@ -170,7 +182,7 @@ class PrefixCache:
         first tokens of the entry that begins with the most of the row's (at least its image prefix; None: no
         entry, or the row has no image prefix), the row's image-prefix length (0: none) and that
         prefix's hash (None: none)."""
-        lengths, hashes = image_prefixes(seq)
+        lengths, hashes, tokens = _prefix_hashes(seq)
         counts = seq.valid.sum(dim=1).tolist()
         found: list[CachedPrefix | None] = [None] * seq.batch_size
         with self._lock:
@@ -178,22 +190,35 @@ class PrefixCache:
                 if h is None:
                     continue
                 # the row keeps at least its last token for its own logits
-                entry, most = self._best(h, seq, r, seq.length - counts[r], n, counts[r] - 1)
+                entry, most = self._best(h, seq, r, seq.length - counts[r], n, counts[r] - 1, tokens)
                 if entry is not None:
                     entry.hits += 1
                     self.stats.hits += 1
                     found[r] = entry.head(most)
                 else:
                     self.stats.misses += 1
-        return CacheLookup(found=found, lengths=lengths, hashes=hashes)
+        return CacheLookup(found=found, lengths=lengths, hashes=hashes, tokens=tokens)
 
-    def _best(self, h: tuple, seq: Seq, row: int, start: int, n: int,
-              limit: int) -> tuple[CachedPrefix | None, int]:
+    def _best(self, h: tuple, seq: Seq, row: int, start: int, n: int, limit: int,
+              tokens: torch.Tensor | None) -> tuple[CachedPrefix | None, int]:
         """The entry under ``h`` that begins with the most of the row's tokens, at least its ``n``-token image
-        prefix and at most ``limit`` of them, and how many (None, 0: none)."""
+        prefix and at most ``limit`` of them, and how many (None, 0: none). With the rows' token hashes
+        (``tokens``, (B, L)), the entries' hashes choose and the one chosen is compared value for value: a run of
+        equal hashes is never shorter than the run of equal tokens, so only two tokens hashing alike (then every
+        entry is compared in full) could make another entry the longest."""
+        entries = [e for e in self._entries.get(h, ()) if e.length >= n]
         best, most = None, 0
-        for entry in self._entries.get(h, ()):
-            if entry.length >= n:
+        if tokens is not None:
+            row_tokens = tokens[row, start:start + limit]
+            for entry in entries:
+                m = entry.common_hashes(row_tokens)
+                if m >= n and m > most:
+                    best, most = entry, m
+            if best is not None and best.common(seq, row, start, most) < most:
+                best, most = None, 0
+                tokens = None
+        if tokens is None:
+            for entry in entries:
                 m = entry.common(seq, row, start, limit)
                 if m >= n and m > most:
                     best, most = entry, m
@@ -210,6 +235,7 @@ class PrefixCache:
         least ``min_tail`` of its tokens follow both its image prefix and what it took (a conversation's history:
         the next turn takes all of it); an entry the new one begins with, token for token, is dropped."""
         counts = seq.valid.sum(dim=1).tolist()
+        tokens = lookup.tokens if lookup.tokens is not None else _prefix_hashes(seq)[2]
         with self._lock:
             for r in range(seq.batch_size) if rows is None else rows:
                 n, h = lookup.lengths[r], lookup.hashes[r]
@@ -222,7 +248,7 @@ class PrefixCache:
                     continue
                 if n <= took:
                     continue
-                self._keep(h, seq, r, seq.length - counts[r], n, cache, key_valid)
+                self._keep(h, seq, r, seq.length - counts[r], n, cache, key_valid, tokens)
             self._count()
 
     def may_keep_answer(self, seq: Seq, row: int, max_new_tokens: int) -> bool:
@@ -250,23 +276,24 @@ class PrefixCache:
                   valid=torch.ones(1, prompt.length + len(answer), dtype=torch.bool, device=device),
                   positions=torch.cat([prompt.positions, answer_positions], dim=-1)[..., None, :],
                   visual=torch.cat([prompt.visual, torch.full_like(ids, -1)])[None])
-        (n,), (h,) = image_prefixes(seq)
+        (n,), (h,), tokens = _prefix_hashes(seq)
         total = seq.length
         if h is None or total - n < self.min_tail or int(key_valid[0][row].sum()) < total:
             return
         with self._lock:
-            self._keep(h, seq, 0, 0, total, cache, key_valid, cache_row=row)
+            self._keep(h, seq, 0, 0, total, cache, key_valid, tokens, cache_row=row)
             self._count()
 
     def _keep(self, h: tuple, seq: Seq, r: int, start: int, n: int, cache, key_valid: list[torch.Tensor],
-              cache_row: int | None = None) -> None:
-        """Keep the first ``n`` tokens of row ``r`` of ``seq`` (beginning at ``start``), their keys and values the
-        first ``n`` valid slots of ``cache``'s row ``cache_row`` (default ``r``), unless an entry holds them; the
-        entries they begin with are dropped. Under the lock."""
-        if self._best(h, seq, r, start, n, n)[1] >= n:  # an earlier row (of this prefill) kept them
+              tokens: torch.Tensor, cache_row: int | None = None) -> None:
+        """Keep the first ``n`` tokens of row ``r`` of ``seq`` (beginning at ``start``; ``tokens``: the rows' token
+        hashes), their keys and values the first ``n`` valid slots of ``cache``'s row ``cache_row`` (default
+        ``r``), unless an entry holds them; the entries they begin with are dropped. Under the lock."""
+        if self._best(h, seq, r, start, n, n, tokens)[1] >= n:  # an earlier row (of this prefill) kept them
             return
-        for old in [e for e in self._entries.get(h, ())
-                    if e.length <= n and e.common(seq, r, start, e.length) == e.length]:
+        row_tokens = tokens[r, start:start + n]
+        for old in [e for e in self._entries.get(h, ()) if e.length <= n and e.common_hashes(row_tokens) == e.length
+                    and e.common(seq, r, start, e.length) == e.length]:
             self._drop(h, old)
         c = r if cache_row is None else cache_row
         part = slice(start, start + n)
@@ -284,7 +311,8 @@ class PrefixCache:
                 keys.append(layer.keys[c:c + 1].index_select(-2, at))
                 values.append(layer.values[c:c + 1].index_select(-2, at))
         entry = CachedPrefix(hidden=seq.hidden[r, part].clone(), positions=seq.positions[..., r, part].clone(),
-                             visual=seq.visual[r, part].clone(), keys=keys, values=values)
+                             visual=seq.visual[r, part].clone(), keys=keys, values=values,
+                             tokens=row_tokens.clone())
         entry.nbytes = sum(t.numel() * t.element_size()
                            for t in (entry.hidden, entry.positions, entry.visual, *keys, *values))
         if self._add(h, entry):
@@ -424,11 +452,12 @@ def _same_images(a: list[tuple[torch.Tensor, dict]], b: list[tuple[torch.Tensor,
 @dataclass
 class CacheLookup:
     """One prefill's rows against the cache: the entry each takes (None: none), and each row's image-prefix length
-    (0: none worth an entry) and hash (None: none), what :meth:`PrefixCache.store` keeps afterwards."""
+    (0: none) and hash (None: none) and its tokens' hashes, what :meth:`PrefixCache.store` keeps afterwards."""
 
     found: list[CachedPrefix | None]
     lengths: list[int]
     hashes: list[tuple[int, int, int] | None]
+    tokens: torch.Tensor | None = None  # (B, L) int64: each token's hash (None: no row has an image prefix)
 
 
 def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None, CacheLookup | None]:
@@ -458,6 +487,14 @@ def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None
 def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None]]:
     """Per row of ``seq``: the length of its image prefix (its tokens up to and including its last visual token;
     0 without visual tokens) and a hash of that prefix's tokens (None where 0)."""
+    lengths, hashes, _ = _prefix_hashes(seq)
+    return lengths, hashes
+
+
+def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None], torch.Tensor | None]:
+    """:func:`image_prefixes`, and the (B, L) hashes of every token (None where no row has an image prefix): a
+    token's two independent 31-bit hashes of its sampled embedding values, position and visual index in one int64
+    (``first * _P + second``), which the prefix hashes weight by place."""
     b, length, dim = seq.hidden.shape
     device = seq.valid.device
     counts = seq.valid.sum(dim=1)
@@ -468,19 +505,20 @@ def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
     n = torch.where(last >= 0, last - start + 1, torch.zeros_like(last))
     lengths = n.tolist()
     if not any(lengths):
-        return lengths, [None] * b
+        return lengths, [None] * b, None
     dims = torch.randperm(dim, generator=torch.Generator(device="cpu").manual_seed(1))[:SAMPLED_DIMS].to(device)
     bits = seq.hidden.index_select(-1, dims).float().view(torch.int32).long() & 0xFFFFFFFF  # (B, L, S)
     pos = seq.positions.permute(1, 2, 0) if seq.mrope else seq.positions[..., None]
     ints = torch.cat([bits, pos.long() & 0xFFFFFFFF, (seq.visual.long() + 1)[..., None]], dim=-1)
     gen = torch.Generator(device="cpu").manual_seed(2)
-    hashes = []
+    hashes, tokens = [], torch.zeros(b, length, dtype=torch.long, device=device)
     for salt in range(2):  # two independent 31-bit hashes
         w = torch.randint(1, 1 << 26, (ints.shape[-1],), generator=gen).to(device)
         token = (ints * w).sum(dim=-1) % _P  # (B, L)
+        tokens = tokens * _P + token
         # each token weighted by its place in the row (counted from the row's first token)
         place = (cols - start[:, None]).clamp(min=0)
         weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
         inside = (cols >= start[:, None]) & (cols < (start + n)[:, None])
         hashes.append((((token * weight) % _P) * inside).sum(dim=1).tolist())
-    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)]
+    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens

@@ -8,6 +8,10 @@ rounds; in each the three settings take turns, each with a new cache, and each r
 (prefill and the first token). Per turn: the prompt's tokens, the tokens it took from the cache per setting,
 median prefill seconds (vision tower + projector, or the vision-side pruner, + LLM prefill) per setting and their
 ratios, and whether every setting gave the same first token.
+
+With ``other_chats`` K, each setting's cache first takes K other conversations about the same image (each its own
+first question, its answer and a second question, prefilled 8 at a time, not timed): with the history kept, K
+entries begin with the image prefix, and every turn's lookup chooses among them (``PrefixCache._best``).
 """
 from __future__ import annotations
 
@@ -39,28 +43,44 @@ def answer_text(tokenizer: Any, tokens: int) -> str:
     """A plausible answer of ``tokens`` tokens alone (a fixed description, repeated as needed, of the words the
     tokenizer knows): the history a conversation carries, the same on any model, whatever a random-weight model
     would say."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    words = [w for w in ANSWER.split() if unk is None or unk not in tokenizer(w, add_special_tokens=False)["input_ids"]]
-    words = words or ["yes"]
+    words = known_words(tokenizer)
     text = ""
     while count(text) < tokens:
         text = f"{text} {words[len(text.split()) % len(words)]}".strip()
     return text
 
 
-def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0) -> list[Request]:
+def known_words(tokenizer: Any) -> list[str]:
+    """The words of the scripted answer the tokenizer has tokens for (a random-weight shape's small vocabulary
+    reads others, digits among them, as its unknown token)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [w for w in dict.fromkeys(ANSWER.split())
+             if unk is None or unk not in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    return words or ["yes"]
+
+
+def other_openings(tokenizer: Any, k: int) -> list[str]:
+    """``k`` first questions, each its own: the first question with two known words after it, a pair for each."""
+    words = known_words(tokenizer)
+    pairs = [(a, b) for a in words for b in words][:k]
+    if len(pairs) < k:
+        raise ValueError(f"the tokenizer knows {len(words)} of the script's words: at most {len(pairs)} other chats")
+    return [f"{QUESTIONS[0]} Mind the {a} {b}." for a, b in pairs]
+
+
+def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0, opening: str | None = None
+                 ) -> list[Request]:
     """The conversation's turns as requests: templated prompts, each with the history before it (the earlier
-    questions and answers of ``answer_tokens`` tokens)."""
+    questions and answers of ``answer_tokens`` tokens); ``opening``: another first question."""
     image = bench_image(engine, seed)
     answer = answer_text(engine.adapter.tokenizer, answer_tokens)
     messages: list[dict[str, Any]] = []
     requests = []
     for k in range(turns):
-        text = QUESTIONS[k % len(QUESTIONS)]
+        text = opening if k == 0 and opening else QUESTIONS[k % len(QUESTIONS)]
         messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else [])
                          + [{"type": "text", "text": text}]})
         requests.append(Request(engine.adapter.format_messages(messages), [image], raw_prompt=True))
@@ -70,10 +90,13 @@ def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0) -> 
 
 def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
              seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
-             progress=None) -> dict[str, Any]:
+             other_chats: int = 0, progress=None) -> dict[str, Any]:
     first = chat_spec(pruning, budget)
     first.resolve()
     requests = chat_prompts(engine, turns, answer_tokens, seed)
+    others = [chat_prompts(engine, 2, answer_tokens, seed, opening=text)[1]
+              for text in other_openings(engine.adapter.tokenizer, other_chats)]
+    entries = {s: 0 for s in SETTINGS}
     warm_threads()
     before = engine.prefix_cache
     times = {s: [[] for _ in requests] for s in SETTINGS}
@@ -88,6 +111,9 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
                     cache = engine.enable_prefix_cache(cache_mb)
                     if setting == "image":
                         cache.min_tail = NEVER
+                    for j in range(0, len(others), 8):
+                        engine.generate(others[j:j + 8], first)
+                    entries[setting] = len(cache)
                 for k, request in enumerate(requests):
                     (result,) = engine.generate([request], first)
                     t = result.timings
@@ -122,6 +148,9 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         "answer_tokens": answer_tokens,
         "pruning": pruning or "none",
         "budget": budget if pruning else None,
+        "other_chats": other_chats,
+        # the cache's entries (prefixes and image features) when each setting's first turn looked
+        "entries_before": {s: entries[s] for s in SETTINGS[1:]},
         "repeats": repeats,
         "warmup": warmup,
         "environment": environment(engine),
@@ -145,6 +174,7 @@ def chat_table(result: dict[str, Any]) -> str:
 
     env = result["environment"]
     head = (f"perf chat  shape={result['shape']}  turns={result['turns']}  answer tokens={result['answer_tokens']}  "
-            f"pruning={result['pruning']}@{result['budget']}  repeats={result['repeats']}  "
+            f"pruning={result['pruning']}@{result['budget']}  other chats={result.get('other_chats', 0)}  "
+            f"repeats={result['repeats']}  "
             f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
     return head + "\n" + table(CHAT_HEAD, chat_rows(result))

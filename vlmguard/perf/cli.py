@@ -62,6 +62,13 @@ def _positive(text: str) -> int:
 MAX_BATCH = 1024  # images are built before anything runs: a typo of 80000000 would exhaust memory, not fail
 
 
+def _other_chats(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_BATCH}], got {v}")
+    return v
+
+
 def _batch(text: str) -> int:
     v = _positive(text)
     if v > MAX_BATCH:
@@ -222,6 +229,9 @@ def register(subparsers) -> None:
     c.add_argument("--turns", type=_positive, default=4, help="questions in the conversation (default: 4)")
     c.add_argument("--answer-tokens", type=_positive, default=64,
                    help="tokens in each answer, which the next turn's history carries (default: 64)")
+    c.add_argument("--other-chats", type=_other_chats, default=0,
+                   help="other conversations about the same image in the cache before the turns (each setting, "
+                        "each round; not timed): what a turn's lookup chooses among (default: 0)")
     _pruning_options(c)
     c.set_defaults(func=cmd_chat)
 
@@ -342,7 +352,7 @@ def cmd_chat(args) -> int:
     engine = _engine(args)
     result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
-                      progress=_progress(args))
+                      other_chats=args.other_chats, progress=_progress(args))
     return _finish(args, result, chat_table(result))
 
 
