@@ -64,3 +64,17 @@ def test_other_chats_about_the_image_fill_the_cache_first():
     first = report["rows"][0]
     assert 0 < first["image_cached_tokens"] < first["conversation_cached_tokens"] < first["prompt_tokens"]
     assert all(r["same_tokens"] for r in report["rows"])
+
+
+def test_own_answers_are_taken_from_the_cache_with_their_prompt():
+    """The bundled model's answers read back as the tokens it chose: turn 2 takes turn 1's prompt and its answer
+    (every answer token but the last, which was never fed), not the prompt alone; the same answers in every
+    setting."""
+    report = run_json(["perf", "chat", "--shape", "tiny", "--turns", "3", "--answer-tokens", "64", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--quiet", "--json", "--own-answers"])
+    assert report["own_answers"] is True
+    first, second = report["rows"][:2]
+    assert first["answered_tokens"] > 32  # a description: its entry is kept with the prompt
+    assert second["conversation_cached_tokens"] >= first["prompt_tokens"] + first["answered_tokens"] - 1
+    assert second["image_cached_tokens"] < first["prompt_tokens"]
+    assert all(r["same_tokens"] for r in report["rows"])

@@ -12,6 +12,11 @@ ratios, and whether every setting gave the same first token.
 With ``other_chats`` K, each setting's cache first takes K other conversations about the same image (each its own
 first question, its answer and a second question, prefilled 8 at a time, not timed): with the history kept, K
 entries begin with the image prefix, and every turn's lookup chooses among them (``PrefixCache._best``).
+
+With ``own_answers``, the history carries the model's own answers (greedy, up to ``answer_tokens`` each, generated
+in each setting as it replays the turns; the timings are still the prefill's): a finished request's answer is
+then kept with its prompt (``PrefixCache.store_answer``), and where the answer's text reads back as the tokens the
+model chose (a trained model's; a random-weight one's rarely does), the next turn computes only its new question.
 """
 from __future__ import annotations
 
@@ -33,10 +38,10 @@ ANSWER = ("The picture shows a quiet street in the late afternoon. A red car is 
           "against a lamp post, a pigeon stands on the curb, and behind the buildings the sky turns orange. ")
 
 
-def chat_spec(pruning: str | None, budget: int | float | None) -> GenerationSpec:
-    """A turn's replay: its prefill and first token."""
-    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None, max_new_tokens=1,
-                                diagnostics=False)
+def chat_spec(pruning: str | None, budget: int | float | None, max_new_tokens: int = 1) -> GenerationSpec:
+    """A turn's replay: its prefill and first token (or an answer of up to ``max_new_tokens``)."""
+    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None,
+                                max_new_tokens=max_new_tokens, diagnostics=False)
 
 
 def answer_text(tokenizer: Any, tokens: int) -> str:
@@ -80,20 +85,28 @@ def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0, ope
     messages: list[dict[str, Any]] = []
     requests = []
     for k in range(turns):
-        text = opening if k == 0 and opening else QUESTIONS[k % len(QUESTIONS)]
-        messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else [])
-                         + [{"type": "text", "text": text}]})
-        requests.append(Request(engine.adapter.format_messages(messages), [image], raw_prompt=True))
+        requests.append(next_turn(engine, image, messages, opening if k == 0 and opening else None))
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return requests
 
 
+def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question: str | None = None) -> Request:
+    """The next question of the conversation in ``messages`` (the script's, or ``question``) added to it, and the
+    request that asks it: the whole conversation, templated, the image with the first question."""
+    k = sum(m["role"] == "user" for m in messages)
+    text = question or QUESTIONS[k % len(QUESTIONS)]
+    messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": text}]})
+    return Request(engine.adapter.format_messages(messages), [image], raw_prompt=True)
+
+
 def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
              seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
-             other_chats: int = 0, progress=None) -> dict[str, Any]:
+             other_chats: int = 0, own_answers: bool = False, progress=None) -> dict[str, Any]:
     first = chat_spec(pruning, budget)
     first.resolve()
+    turn_spec = chat_spec(pruning, budget, answer_tokens) if own_answers else first
     requests = chat_prompts(engine, turns, answer_tokens, seed)
+    image = bench_image(engine, seed)
     others = [chat_prompts(engine, 2, answer_tokens, seed, opening=text)[1]
               for text in other_openings(engine.adapter.tokenizer, other_chats)]
     entries = {s: 0 for s in SETTINGS}
@@ -103,6 +116,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
     took = {s: [0] * len(requests) for s in SETTINGS}
     tokens = {s: [None] * len(requests) for s in SETTINGS}
     prompt_tokens = [0] * len(requests)
+    answered = [0] * len(requests)
     try:
         for rep in range(warmup + repeats):
             for setting in SETTINGS:
@@ -114,13 +128,17 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
                     for j in range(0, len(others), 8):
                         engine.generate(others[j:j + 8], first)
                     entries[setting] = len(cache)
+                messages: list[dict[str, Any]] = []
                 for k, request in enumerate(requests):
-                    (result,) = engine.generate([request], first)
+                    if own_answers:  # the conversation so far, with this setting's own answers
+                        request = next_turn(engine, image, messages)
+                    (result,) = engine.generate([request], turn_spec)
                     t = result.timings
                     if rep >= warmup:
                         times[setting][k].append(t.vision_s + t.prefill_s)
                     took[setting][k], tokens[setting][k] = t.prompt_cached_tokens, result.token_ids
-                    prompt_tokens[k] = result.prompt_tokens
+                    prompt_tokens[k], answered[k] = result.prompt_tokens, len(result.token_ids)
+                    messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
                 engine.prefix_cache = None
             if progress and rep >= warmup:
                 progress(f"round {rep + 1 - warmup}/{repeats}: last turn "
@@ -133,6 +151,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         rows.append({
             "turn": k + 1,
             "prompt_tokens": prompt_tokens[k],
+            "answered_tokens": answered[k],  # the turn's answer (1: the first token of a scripted one)
             **{f"{s}_cached_tokens": took[s][k] for s in SETTINGS[1:]},
             **{f"{s}_prefill_s": med[s] for s in SETTINGS},
             "image_speedup": ratio(med["none"], med["image"]),
@@ -149,6 +168,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         "pruning": pruning or "none",
         "budget": budget if pruning else None,
         "other_chats": other_chats,
+        "own_answers": own_answers,
         # the cache's entries (prefixes and image features) when each setting's first turn looked
         "entries_before": {s: entries[s] for s in SETTINGS[1:]},
         "repeats": repeats,
@@ -175,6 +195,7 @@ def chat_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     head = (f"perf chat  shape={result['shape']}  turns={result['turns']}  answer tokens={result['answer_tokens']}  "
             f"pruning={result['pruning']}@{result['budget']}  other chats={result.get('other_chats', 0)}  "
+            f"own answers={'yes' if result.get('own_answers') else 'no'}  "
             f"repeats={result['repeats']}  "
             f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
     return head + "\n" + table(CHAT_HEAD, chat_rows(result))

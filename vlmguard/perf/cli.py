@@ -232,6 +232,9 @@ def register(subparsers) -> None:
     c.add_argument("--other-chats", type=_other_chats, default=0,
                    help="other conversations about the same image in the cache before the turns (each setting, "
                         "each round; not timed): what a turn's lookup chooses among (default: 0)")
+    c.add_argument("--own-answers", action="store_true",
+                   help="the history carries the model's own answers (greedy, up to --answer-tokens each) instead of "
+                        "a scripted one: the next turn can take the answer from the cache too")
     _pruning_options(c)
     c.set_defaults(func=cmd_chat)
 
@@ -352,7 +355,7 @@ def cmd_chat(args) -> int:
     engine = _engine(args)
     result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
-                      other_chats=args.other_chats, progress=_progress(args))
+                      other_chats=args.other_chats, own_answers=args.own_answers, progress=_progress(args))
     return _finish(args, result, chat_table(result))
 
 
