@@ -78,3 +78,12 @@ def test_own_answers_are_taken_from_the_cache_with_their_prompt():
     assert second["conversation_cached_tokens"] >= first["prompt_tokens"] + first["answered_tokens"] - 1
     assert second["image_cached_tokens"] < first["prompt_tokens"]
     assert all(r["same_tokens"] for r in report["rows"])
+
+
+def test_more_other_chats_than_the_script_can_tell_apart_is_an_error(capsys):
+    """The bundled tokenizer knows 12 of the script's words: 144 distinct openings, no more."""
+    rc = main(["perf", "chat", "--shape", "tiny", "--other-chats", "200", "--repeats", "1", "--warmup", "0",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("vlmguard: error: --other-chats 200:") and "enough for 144" in err
+    assert "Traceback" not in err

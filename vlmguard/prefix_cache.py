@@ -11,9 +11,11 @@ causal attention those are a function of the tokens up to each one alone, so a l
 tokens, value for value, decodes from the entry's first ones as from its own.
 
 - **Lookup.** Each row's image prefix is hashed (a fixed sample of every token's embedding bits, its position and
-  visual index, folded in order); the entries under that hash are then compared in full, token by token, and the
-  row takes the one that begins with the most of its tokens: at least its image prefix, at most all but its last
-  token (its logits). A conversation that branches takes the part it shares.
+  visual index, folded in order), and the row takes the entry under that hash that begins with the most of its
+  tokens: at least its image prefix, at most all but its last token (its logits). Each entry keeps its tokens' own
+  hashes, so the longest run of equal hashes chooses it and only that entry is compared in full, token by token
+  (where two tokens hashed alike, every entry is): a lookup among many conversations about one image costs about
+  one comparison. A conversation that branches takes the part it shares.
 - **Store.** After a prefill, each row it computed keeps what no entry holds: its image prefix, or its whole prompt
   where at least ``min_tail`` (``MIN_TAIL``) tokens follow both its image prefix and what it took. When a request
   finishes, its prompt and the answer tokens it fed (every one it chose but the last, which was never fed) are kept
@@ -66,7 +68,7 @@ class CachedPrefix:
     visual: torch.Tensor  # (n,)
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    tokens: torch.Tensor | None = None  # (n,) int64: each token's hash (token_hashes), compared before the values
+    tokens: torch.Tensor | None = None  # (n,) int64: each token's hash (_prefix_hashes), compared before the values
     nbytes: int = 0
     hits: int = 0
 

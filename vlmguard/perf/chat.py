@@ -72,7 +72,10 @@ def other_openings(tokenizer: Any, k: int) -> list[str]:
     words = known_words(tokenizer)
     pairs = [(a, b) for a in words for b in words][:k]
     if len(pairs) < k:
-        raise ValueError(f"the tokenizer knows {len(words)} of the script's words: at most {len(pairs)} other chats")
+        from vlmguard.errors import InvalidInput
+
+        raise InvalidInput(f"--other-chats {k}: this model's tokenizer knows {len(words)} of the script's words, "
+                           f"enough for {len(pairs)} other chats")
     return [f"{QUESTIONS[0]} Mind the {a} {b}." for a, b in pairs]
 
 
@@ -95,7 +98,8 @@ def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question:
     request that asks it: the whole conversation, templated, the image with the first question."""
     k = sum(m["role"] == "user" for m in messages)
     text = question or QUESTIONS[k % len(QUESTIONS)]
-    messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": text}]})
+    content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": text}]
+    messages.append({"role": "user", "content": content})
     return Request(engine.adapter.format_messages(messages), [image], raw_prompt=True)
 
 
