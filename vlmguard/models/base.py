@@ -18,6 +18,7 @@ from torch import nn
 from vlmguard.errors import InvalidInput, ModelLoadError
 from vlmguard.images import REFERENCE_IMAGE_ASPECT
 from vlmguard.models.image_text_processor import CHAT_TEMPLATE_HELP, chat_template_of
+from vlmguard.models.lm_head import HeadLayout
 from vlmguard.sequence import Seq
 
 
@@ -76,6 +77,7 @@ class ModelAdapter:
         # ids the tokenizer can decode; checkpoints pad the output layer beyond them (llava-hf 1.5: 32064 rows for
         # 32002 tokens, Qwen2-VL ~280 unused ids), and those rows must never be chosen: see logits()
         self.n_tokens = decodable_ids(self.tokenizer)
+        self.head_layout = HeadLayout()  # the lm_head's product on few CPU rows (vlmguard/models/lm_head.py)
 
     # ---- language-model pieces -------------------------------------------------------------
     @property
@@ -101,7 +103,7 @@ class ModelAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the lm_head over the ids the tokenizer has (the padding rows of a larger output layer are
         cut off, as serving engines do: an id the tokenizer cannot decode would be an empty piece of text)."""
-        out = self.lm_head(hidden).float()
+        out = self.head_layout(self.lm_head, hidden).float()
         n = self.n_tokens
         return out[..., :n].contiguous() if n is not None and n < out.shape[-1] else out
 
