@@ -17,7 +17,7 @@ from vlmguard.client import image_to_url
 from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
 from vlmguard.dashboard.result_view import layers, ms, spec_caption, step_probabilities, timing_metrics, token_views
 from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
-from vlmguard.dashboard.ui import config, method_schemas, service_client, service_notice, service_status
+from vlmguard.dashboard.ui import config, method_schemas, service_client, service_page
 from vlmguard.errors import VlmguardError
 
 CHAT_KEY = "ch_conversation"
@@ -47,17 +47,15 @@ class Turn:
 class Conversation:
     topic: tuple[Any, ...]  # the model and the image's pixels it is about
     turns: list[Turn] = field(default_factory=list)
+    image_url: str | None = None  # the image as the first question sends it (encoded once per conversation)
 
 
 def render() -> None:
     cfg = config()
-    st.title("Chat")
-    status = service_status(cfg)
-    if not status.ok:
-        service_notice(status, "The chat")
+    status = service_page(cfg, "Chat", "The chat", about="a conversation about one image; the service's prefix cache "
+                          "keeps it, so a follow-up computes only what is new")
+    if status is None:
         return
-    st.caption(f"Service: `{status.url}` · models: {', '.join(status.models)} · a conversation about one image; "
-               "the service's prefix cache keeps it, so a follow-up computes only what is new")
     schemas = method_schemas()
     left, right = st.columns([1, 2])
     with left:
@@ -111,7 +109,9 @@ def messages_for(image: Image.Image, conv: Conversation, question: str) -> list[
         text = question if turn is None else turn.question
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         if not out:
-            content.insert(0, {"type": "image_url", "image_url": {"url": image_to_url(image)}})
+            if conv.image_url is None:
+                conv.image_url = image_to_url(image)
+            content.insert(0, {"type": "image_url", "image_url": {"url": conv.image_url}})
         out.append({"role": "user", "content": content})
         if turn is not None:
             out.append({"role": "assistant", "content": turn.answer})

@@ -14,7 +14,7 @@ from PIL import Image
 from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
 from vlmguard.dashboard.result_view import layers, spec_caption, step_probabilities, timing_metrics, token_views
 from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, failure_message, spec_kwargs
-from vlmguard.dashboard.ui import config, method_schemas, service_client, service_notice, service_status
+from vlmguard.dashboard.ui import config, method_schemas, service_client, service_page
 from vlmguard.errors import VlmguardError
 
 RESULTS_KEY = "pg_results"
@@ -23,12 +23,9 @@ DEFAULT_PROMPT = "Is there a dog in the image? Answer the question using a singl
 
 def render() -> None:
     cfg = config()
-    st.title("Playground")
-    status = service_status(cfg)
-    if not status.ok:
-        service_notice(status, "The playground")
+    status = service_page(cfg, "Playground", "The playground")
+    if status is None:
         return
-    st.caption(f"Service: `{status.url}` · models: {', '.join(status.models)}")
     schemas = method_schemas()
     left, right = st.columns([1, 1])
     with left:

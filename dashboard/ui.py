@@ -52,6 +52,18 @@ def service_notice(status: ServiceStatus, what: str) -> None:
     )
 
 
+def service_page(cfg: DashboardConfig, title: str, what: str, about: str = "") -> ServiceStatus | None:
+    """A page that needs the service: its title, then the service and its models in a caption (and ``about``), or
+    the notice that says why ``what`` cannot work; None then, and the page stops there."""
+    st.title(title)
+    status = service_status(cfg)
+    if not status.ok:
+        service_notice(status, what)
+        return None
+    st.caption(f"Service: `{status.url}` · models: {', '.join(status.models)}" + (f" · {about}" if about else ""))
+    return status
+
+
 def jobs_backend(cfg: DashboardConfig) -> JobsBackend:
     injected = st.session_state.get(JOBS_KEY)
     return injected if injected is not None else RayJobsBackend(cfg.jobs_address)

@@ -209,21 +209,25 @@ class PrefixCache:
         equal hashes is never shorter than the run of equal tokens, so only two tokens hashing alike (then every
         entry is compared in full) could make another entry the longest."""
         entries = [e for e in self._entries.get(h, ()) if e.length >= n]
-        best, most = None, 0
-        if tokens is not None:
-            row_tokens = tokens[row, start:start + limit]
+
+        def longest(run) -> tuple[CachedPrefix | None, int]:  # the entry with the longest run (>= n), and its run
+            best, most = None, 0
             for entry in entries:
-                m = entry.common_hashes(row_tokens)
+                m = run(entry)
                 if m >= n and m > most:
                     best, most = entry, m
-            if best is not None and best.common(seq, row, start, most) < most:
-                best, most = None, 0
-                tokens = None
+            return best, most
+
+        def full(entry: CachedPrefix) -> int:
+            return entry.common(seq, row, start, limit)
+
         if tokens is None:
-            for entry in entries:
-                m = entry.common(seq, row, start, limit)
-                if m >= n and m > most:
-                    best, most = entry, m
+            best, most = longest(full)
+        else:
+            row_tokens = tokens[row, start:start + limit]
+            best, most = longest(lambda entry: entry.common_hashes(row_tokens))
+            if best is not None and best.common(seq, row, start, most) < most:  # two tokens hashed alike
+                best, most = longest(full)
         if best is not None:
             self._entries.move_to_end(h)
         return best, most

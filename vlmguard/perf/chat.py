@@ -79,12 +79,9 @@ def other_openings(tokenizer: Any, k: int) -> list[str]:
     return [f"{QUESTIONS[0]} Mind the {a} {b}." for a, b in pairs]
 
 
-def chat_prompts(engine: Any, turns: int, answer_tokens: int, seed: int = 0, opening: str | None = None
-                 ) -> list[Request]:
-    """The conversation's turns as requests: templated prompts, each with the history before it (the earlier
-    questions and answers of ``answer_tokens`` tokens); ``opening``: another first question."""
-    image = bench_image(engine, seed)
-    answer = answer_text(engine.adapter.tokenizer, answer_tokens)
+def chat_prompts(engine: Any, image: Any, turns: int, answer: str, opening: str | None = None) -> list[Request]:
+    """The conversation's turns about ``image`` as requests: templated prompts, each with the history before it
+    (the earlier questions, each answered ``answer``); ``opening``: another first question."""
     messages: list[dict[str, Any]] = []
     requests = []
     for k in range(turns):
@@ -109,9 +106,10 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
     first = chat_spec(pruning, budget)
     first.resolve()
     turn_spec = chat_spec(pruning, budget, answer_tokens) if own_answers else first
-    requests = chat_prompts(engine, turns, answer_tokens, seed)
     image = bench_image(engine, seed)
-    others = [chat_prompts(engine, 2, answer_tokens, seed, opening=text)[1]
+    answer = answer_text(engine.adapter.tokenizer, answer_tokens)
+    requests = chat_prompts(engine, image, turns, answer)
+    others = [chat_prompts(engine, image, 2, answer, opening=text)[1]
               for text in other_openings(engine.adapter.tokenizer, other_chats)]
     entries = {s: 0 for s in SETTINGS}
     warm_threads()
