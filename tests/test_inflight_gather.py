@@ -6,7 +6,6 @@ ends after ``wait_s`` when fewer callers come back."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -43,23 +42,23 @@ async def _wave(b: InflightBatcher, ids: range, gap_s: float) -> list[dict]:
 
 def test_callers_coming_back_after_a_batch_share_one_prefill(worker, monkeypatch):
     b = InflightBatcher(worker, max_batch_size=8, wait_s=2.0)
-    # the first wave's four requests all arrive before any is answered, whatever the machine's load: the engine
-    # holds the first one's prefill until the other three are queued (on a loaded machine the first could otherwise
-    # be answered before the last arrived, and the wait would then rightly count three callers, not four)
-    gate, start_batch = threading.Event(), worker.start_batch
+    # the first wave's four requests are prefilled together, whatever the machine's load: the engine thread's first
+    # take waits (releasing the batcher's lock) until all four are queued. Without this it could take the first one
+    # alone, answer it before the other three were taken, and the wait would then rightly count three callers back,
+    # not four (a gate on the prefill alone did not prevent that: the first batch still held one request)
+    take = b._take
 
-    def gated(items, indices):
-        gate.wait(30)
-        return start_batch(items, indices)
+    def take_all_four(key, free):
+        deadline = time.monotonic() + 30
+        while len(b._queue) < 4 and time.monotonic() < deadline:
+            b._cv.wait(0.01)
+        monkeypatch.setattr(b, "_take", take)  # once
+        return take(key, free)
 
-    monkeypatch.setattr(worker, "start_batch", gated)
+    monkeypatch.setattr(b, "_take", take_all_four)
 
     async def first_wave():
         tasks = [asyncio.ensure_future(b.submit(item(i))) for i in range(4)]
-        deadline = time.monotonic() + 30
-        while len(b._queue) + len(b._taken) < 4 and time.monotonic() < deadline:  # taken ones wait at the gate
-            await asyncio.sleep(0.01)
-        gate.set()
         return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
     async def main():
@@ -70,6 +69,7 @@ def test_callers_coming_back_after_a_batch_share_one_prefill(worker, monkeypatch
 
     first, second = asyncio.run(main())
     assert max(_prefill_groups(first)) > 1  # the first wave ended with several answers in one step: load
+    assert _prefill_groups(first) == [4, 4, 4, 4]
     assert _prefill_groups(second) == [4, 4, 4, 4]  # one prefill, not the first back alone
 
 
