@@ -87,3 +87,25 @@ def test_more_other_chats_than_the_script_can_tell_apart_is_an_error(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("vlmguard: error: --other-chats 200:") and "enough for 144" in err
     assert "Traceback" not in err
+
+
+def test_a_conversation_without_an_image_takes_its_history():
+    """``--text-only``: the turns are anchored by their first tokens. With image prefixes only nothing is kept for
+    them (the cache before text-only anchors); with the history each turn takes the last one's whole prompt."""
+    from vlmguard.prefix_cache import TEXT_ANCHOR
+
+    report = run_json(["perf", "chat", "--shape", "tiny", "--turns", "4", "--answer-tokens", "40", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--quiet", "--json", "--text-only"])
+    assert report["text_only"] is True
+    rows = report["rows"]
+    assert all(r["image_cached_tokens"] == 0 for r in rows)
+    # turn 1 is a short question (no anchor, nothing kept); from turn 2 on each prompt is kept whole
+    assert rows[0]["prompt_tokens"] <= TEXT_ANCHOR and [r["conversation_cached_tokens"] for r in rows[:2]] == [0, 0]
+    assert [r["conversation_cached_tokens"] for r in rows[2:]] == [r["prompt_tokens"] for r in rows[1:-1]]
+    assert all(r["same_tokens"] for r in rows)
+
+
+def test_text_only_with_a_pruner_is_an_error(capsys):
+    rc = main(["perf", "chat", "--shape", "tiny", "--text-only", "--pruning", "fastv", "--budget", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("vlmguard: error: --text-only:") and "fastv" in err and "Traceback" not in err

@@ -132,16 +132,18 @@ def test_seeded_sampling_and_a_request_joining_a_running_batch():
 
 
 def test_an_entry_is_compared_in_full_before_it_is_taken(monkeypatch):
-    """Two images whose prefixes hash alike (every hash made equal here): the second is not given the first's keys."""
+    """Two images whose prefixes hash alike (every prefix's and every token's hash made equal here): the second is
+    not given the first's keys."""
     import vlmguard.prefix_cache as pc
 
-    real = pc.image_prefixes
+    real = pc._prefix_hashes
 
     def one_hash(seq):
-        lengths, hashes = real(seq)
-        return lengths, [None if h is None else (h[0], 1, 1) for h in hashes]
+        lengths, hashes, tokens, text = real(seq)
+        return (lengths, [None if h is None else (h[0], 1, 1) for h in hashes],
+                None if tokens is None else torch.zeros_like(tokens), text)
 
-    monkeypatch.setattr(pc, "image_prefixes", one_hash)
+    monkeypatch.setattr(pc, "_prefix_hashes", one_hash)
     eng = engine("llava")
     a, b, _ = images("llava")
     spec = GenerationSpec(max_new_tokens=5, logprobs=1)

@@ -17,21 +17,23 @@ from test_prefix_cache import assert_same, engine, image_prefix_length, images
 from test_prefix_cache_pruned import same_report
 from test_prefix_cache import cache_off_afterwards  # noqa: F401 (the fixture: every engine left without a cache)
 from vlmguard.engine import Request
-from vlmguard.prefix_cache import MIN_TAIL, PrefixCache, image_prefixes
+from vlmguard.prefix_cache import MIN_TAIL, TEXT_ANCHOR, PrefixCache, image_prefixes
 from vlmguard.spec import GenerationSpec
 
 QUESTIONS = ["Describe the picture.", "And what colors are in it?", "Is there a dog on the left?"]
+TEXT_QUESTIONS = ["Tell me a short story about a cat and a dog who live in a small house.", "And what happened next?",
+                  "How did it end?"]
 
 
 def conversation(eng, spec, image, questions=QUESTIONS, answers=None):
-    """The turns of a chat about ``image``, each asked with the history before it (the earlier questions and the
-    model's own answers, or ``answers`` where given); the results, one per turn."""
+    """The turns of a chat about ``image`` (None: a chat without one), each asked with the history before it (the
+    earlier questions and the model's own answers, or ``answers`` where given); the results, one per turn."""
     messages, results = [], []
     for k, q in enumerate(questions):
-        content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
+        content = ([{"type": "image"}] if k == 0 and image is not None else []) + [{"type": "text", "text": q}]
         messages.append({"role": "user", "content": content})
         prompt = eng.adapter.format_messages(messages)
-        (result,) = eng.generate([Request(prompt, [image], raw_prompt=True)], spec)
+        (result,) = eng.generate([Request(prompt, [image] if image is not None else [], raw_prompt=True)], spec)
         results.append(result)
         answer = answers[k] if answers else result.text
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -118,6 +120,53 @@ def test_single_questions_keep_the_image_prefix_alone():
     assert lengths == [n] and cache.stats.hits == 2
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_a_text_only_conversation_takes_its_history(family):
+    """A chat without an image is anchored by its first tokens: each turn takes the last one's prompt and answer
+    (as far as its text reads back), and answers as a fresh prefill does."""
+    eng = engine(family)
+    spec = GenerationSpec(max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8, logprobs=2)
+    fresh = conversation(eng, spec, None, TEXT_QUESTIONS)
+    cache = eng.enable_prefix_cache(64)
+    cached = conversation(eng, spec, None, TEXT_QUESTIONS, answers=[r.text for r in fresh])
+    assert_same(fresh, cached)
+    took = [r.timings.prompt_cached_tokens for r in cached]
+    assert took[0] == 0 and took[1] >= cached[0].prompt_tokens > TEXT_ANCHOR, took
+    assert took[2] >= cached[1].prompt_tokens, took
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.image_entries) == (2, 1, 0)
+    lengths = sorted(e.length for e in answer_entries(cache))
+    assert lengths[-1] == cached[2].prompt_tokens + len(cached[2].token_ids) - 1
+
+
+def test_text_only_prompts_keep_no_anchor_of_their_own_but_share_one():
+    """A short text-only question keeps nothing (its first tokens alone are no entry); a prompt of no more than
+    ``TEXT_ANCHOR`` tokens is not looked up; two chats that begin with the same instructions share them."""
+    eng = engine("llava")
+    cache = eng.enable_prefix_cache(64)
+    short = GenerationSpec(max_new_tokens=2)
+    (one,) = eng.generate([Request("tell me about the cat on the red mat please", [])], short)
+    assert TEXT_ANCHOR < one.prompt_tokens < TEXT_ANCHOR + MIN_TAIL
+    assert cache.stats.entries == 0 and cache.stats.misses == 1
+    (tiny,) = eng.generate([Request("hi", [], raw_prompt=True)], short)
+    assert tiny.prompt_tokens <= TEXT_ANCHOR and (cache.stats.hits, cache.stats.misses) == (0, 1)
+    rules = "You are a careful assistant. Answer in short sentences, and say so when you are not sure of a thing."
+    first, second = [f"{rules} What is a cat?"], [f"{rules} What is a dog?"]
+    spec = GenerationSpec(max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8, logprobs=2)
+    conversation(eng, spec, None, questions=first)
+    kept, eng.prefix_cache = eng.prefix_cache, None
+    fresh = conversation(eng, spec, None, questions=second)
+    eng.prefix_cache = kept
+    cached = conversation(eng, spec, None, questions=second)
+    assert_same(fresh, cached)
+    ids = []
+    for q in (first, second):
+        prompt = eng.adapter.format_messages([{"role": "user", "content": [{"type": "text", "text": q[0]}]}])
+        batch = eng.adapter.encode(eng._prompts([Request(prompt, [], raw_prompt=True)]))
+        ids.append(batch.input_ids[0][batch.attention_mask[0]].tolist())
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # the template's opening and the rules
+    assert TEXT_ANCHOR < shared == cached[0].timings.prompt_cached_tokens < cached[0].prompt_tokens
+
+
 def test_a_short_image_prefix_keeps_no_entry_of_its_own():
     """FlowCut keeping 4 tokens leaves an image prefix of 7 (under ``MIN_TOKENS``): single questions keep nothing
     (only the image's cut), and take nothing."""
@@ -163,7 +212,8 @@ def test_a_request_holds_its_prompt_only_where_its_answer_could_make_an_entry():
     cache = PrefixCache(max_bytes=1 << 20)
     # 10 text tokens and all but the last of the answer must reach 32
     assert not cache.may_keep_answer(seq, 0, 22) and cache.may_keep_answer(seq, 0, 23)
-    assert not cache.may_keep_answer(seq, 1, 1000)  # row 1: text only
+    # row 1, text only: its 33 tokens past its first TEXT_ANCHOR (16) and all but the last of the answer
+    assert not cache.may_keep_answer(seq, 1, 15) and cache.may_keep_answer(seq, 1, 16)
 
 
 # ---- the answer: a finished request keeps its prompt and the answer tokens it fed ---------------------------

@@ -243,6 +243,25 @@ def test_a_chats_next_turns_reach_the_replica_that_cached_its_image(service):
         assert cached[0] == 0 and cached[1] > 0 and cached[2] > 0, (i, cached)
 
 
+def test_a_text_only_chats_next_turns_reach_the_replica_that_cached_its_history(service):
+    """Without an image the ingress routes by the conversation's opening (its first user turn), and the replica's
+    prefix cache anchors the prompt by its first tokens: every next turn takes the history from the cache."""
+    opening = "Here are my notes from the trip. " + " ".join(f"Day {d}: we walked to the river and back." for d in
+                                                             range(1, 6))
+    for i in range(6):
+        messages = [{"role": "user", "content": f"{opening} Summary number {i}, please?"}]
+        cached = []
+        for turn in range(3):
+            r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                           json={"model": MODEL, "messages": messages, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "And then?"}]
+        assert cached[1] > 0 and cached[2] > 0, (i, cached)
+
+
 def test_no_direct_urls_without_direct_ingress(service):
     """The module's cluster was started without Serve's direct ingress: only the proxy serves the app."""
     from vlmguard.workers.launch import direct_ingress_urls

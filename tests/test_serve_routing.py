@@ -114,7 +114,7 @@ def test_the_router_ranks_as_serve_asks_it_to():
         router.replica_queue_len_cache.update(by_id[others[0]].replica_id, 1)
         ranks = await router.choose_replicas(replicas, _pending(item))
         assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [others[:1], [home, others[1]]]
-        # without a key (text only, a caller-made batch): power of two choices
+        # without a key (a templated benchmark prompt, a caller-made batch): power of two choices
         for args in ((WorkItem(prompt="hi", spec=GenerationSpec()),), ([item, item],), ()):
             ranks = await router.choose_replicas(replicas, _pending(*args))
             assert len(ranks) == 1 and len(ranks[0]) == 2 and len({id(r) for r in ranks[0]}) == 2
@@ -214,3 +214,38 @@ def test_routing_by_image_is_on_where_several_replicas_keep_a_cache():
         cfg(routing="nearest")
     with pytest.raises(InvalidInput, match="routing_spill_queue"):
         cfg(routing_spill_queue=0)
+
+
+def test_a_request_without_images_is_keyed_by_its_conversations_opening():
+    """Every turn of a text-only chat repeats its system text and first user turn: one key for all of them, another
+    for another chat; a one-message request keys as the first turn of its chat does. Images key by the first image;
+    benchmark jobs' templated prompts get no key."""
+    from vlmguard.spec import GenerationSpec
+    from vlmguard.workers.engine_worker import WorkItem
+    from vlmguard.workers.routing import request_routing_key
+
+    def text(t):
+        return [{"type": "text", "text": t}]
+
+    def chat(*turns, system=None):
+        messages = [{"role": "system", "content": text(system)}] if system else []
+        for k, t in enumerate(turns):
+            messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": text(t)})
+        return WorkItem(prompt="", spec=GenerationSpec(), messages=messages)
+
+    first = WorkItem(prompt="Tell me a story.", spec=GenerationSpec(), system="Be brief.")
+    key = request_routing_key(first)
+    assert key is not None and len(key) == 32
+    assert request_routing_key(chat("Tell me a story.", "Once...", "And then?", system="Be brief.")) == key
+    assert request_routing_key(chat("Tell me a story.", "Once, a cat.", "Why?", "Because.", "Go on.",
+                                    system="Be brief.")) == key
+    plain = request_routing_key(WorkItem(prompt="Tell me a story.", spec=GenerationSpec()))
+    assert request_routing_key(chat("Tell me a story.", "Once...", "And then?")) == plain  # no system text either way
+    others = [chat("Tell me a poem.", "Roses...", "More?", system="Be brief."),
+              chat("Tell me a story.", "Once...", "And then?", system="Be long.")]
+    assert len({key, plain, *(request_routing_key(o) for o in others)}) == 4
+    image = random_image(3, (64, 64))
+    assert request_routing_key(WorkItem(prompt="Tell me a story.", spec=GenerationSpec(), images=[image])) == \
+        image_routing_key([image])
+    assert request_routing_key(WorkItem(prompt="USER: hi", spec=GenerationSpec(), raw_prompt=True)) is None
+    assert request_routing_key(WorkItem(prompt="", spec=GenerationSpec())) is None

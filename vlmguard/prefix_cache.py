@@ -25,6 +25,11 @@ tokens, value for value, decodes from the entry's first ones as from its own.
   back token for token). An entry the new one begins with is dropped (a conversation holds one entry, its latest
   turn). An image prefix of fewer than ``MIN_TOKENS`` tokens is not kept alone, but a whole prompt after it is (a
   chat under a pruner that keeps a few visual tokens).
+- **Prompts without an image.** A row with no visual token (a text-only chat, a conversation whose image comes later)
+  is anchored by its first ``TEXT_ANCHOR`` tokens instead of an image prefix: it is looked up as above and takes
+  the entry that begins with the most of its tokens, at least those (the system text's keys and values, another
+  turn of its conversation), and it keeps only whole prompts and answers (the same ``min_tail`` past the anchor),
+  never the anchor alone.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
@@ -54,14 +59,15 @@ from vlmguard.sequence import Seq
 
 MIN_TOKENS = 16  # a shorter image prefix is not worth an entry of its own (a whole prompt after it is)
 MIN_TAIL = 32  # fewer tokens past the image prefix (a single question) keep the image prefix alone
+TEXT_ANCHOR = MIN_TOKENS  # a prompt without visual tokens is looked up by its first this many tokens
 SAMPLED_DIMS = 8  # embedding values per token that enter the hash (the full comparison decides)
 _P = (1 << 31) - 1  # a prime: every hash is taken modulo it, so no product overflows 64 bits
 
 
 @dataclass
 class CachedPrefix:
-    """An image prefix, or a whole prompt that begins with one: the tokens as the first layer received them and
-    their keys and values in every layer ((1, H, n, d) each)."""
+    """An image prefix, or a whole prompt (beginning with an image prefix, or without an image): the tokens as the
+    first layer received them and their keys and values in every layer ((1, H, n, d) each)."""
 
     hidden: torch.Tensor  # (n, D)
     positions: torch.Tensor  # (n,) or (3, n)
@@ -144,11 +150,11 @@ class CachedFeatures:
 
 @dataclass
 class PrefixCacheStats:
-    entries: int = 0  # image prefixes (or whole prompts beginning with one) held
+    entries: int = 0  # image prefixes and whole prompts held
     bytes: int = 0  # both kinds of entry
     max_bytes: int = 0
     hits: int = 0  # rows that took a cached prefix
-    misses: int = 0  # rows with an image prefix that no entry held
+    misses: int = 0  # rows with an image prefix (or a text-only prompt's anchor) that no entry held
     stored: int = 0
     evicted: int = 0  # both kinds
     image_entries: int = 0  # images' visual tokens held (the vision tower's output)
@@ -181,10 +187,10 @@ class PrefixCache:
     # ---- lookup ----------------------------------------------------------------------------
     def lookup(self, seq: Seq) -> "CacheLookup":
         """For each row of ``seq`` (left-padded, its valid tokens contiguous): what it takes from the cache, the
-        first tokens of the entry that begins with the most of the row's (at least its image prefix; None: no
-        entry, or the row has no image prefix), the row's image-prefix length (0: none) and that
-        prefix's hash (None: none)."""
-        lengths, hashes, tokens = _prefix_hashes(seq)
+        first tokens of the entry that begins with the most of the row's (at least its anchor: its image prefix, or a
+        row without visual tokens its first ``TEXT_ANCHOR``; None: no entry, or the row is too short for an anchor),
+        the row's anchor length (0: none) and that anchor's hash (None: none)."""
+        lengths, hashes, tokens, text = _prefix_hashes(seq)
         counts = seq.valid.sum(dim=1).tolist()
         found: list[CachedPrefix | None] = [None] * seq.batch_size
         with self._lock:
@@ -199,7 +205,7 @@ class PrefixCache:
                     found[r] = entry.head(most)
                 else:
                     self.stats.misses += 1
-        return CacheLookup(found=found, lengths=lengths, hashes=hashes, tokens=tokens)
+        return CacheLookup(found=found, lengths=lengths, hashes=hashes, tokens=tokens, text=text)
 
     def _best(self, h: tuple, seq: Seq, row: int, start: int, n: int, limit: int,
               tokens: torch.Tensor | None) -> tuple[CachedPrefix | None, int]:
@@ -239,9 +245,11 @@ class PrefixCache:
         ``seq`` is its input, ``cache`` its KV cache and ``key_valid`` each layer's (B, S) valid key slots there (a
         row's first valid slots are its first tokens). A row keeps its image prefix, or its whole prompt where at
         least ``min_tail`` of its tokens follow both its image prefix and what it took (a conversation's history:
-        the next turn takes all of it); an entry the new one begins with, token for token, is dropped."""
+        the next turn takes all of it); a row without visual tokens keeps only the latter. An entry the new one
+        begins with, token for token, is dropped."""
         counts = seq.valid.sum(dim=1).tolist()
         tokens = lookup.tokens if lookup.tokens is not None else _prefix_hashes(seq)[2]
+        text = lookup.text or [False] * seq.batch_size
         with self._lock:
             for r in range(seq.batch_size) if rows is None else rows:
                 n, h = lookup.lengths[r], lookup.hashes[r]
@@ -250,7 +258,7 @@ class PrefixCache:
                 took = 0 if lookup.found[r] is None else lookup.found[r].length
                 if counts[r] - max(took, n) >= self.min_tail:
                     n = counts[r]
-                elif n < MIN_TOKENS:
+                elif n < MIN_TOKENS or text[r]:
                     continue
                 if n <= took:
                     continue
@@ -259,20 +267,20 @@ class PrefixCache:
 
     def may_keep_answer(self, seq: Seq, row: int, max_new_tokens: int) -> bool:
         """Whether an answer of up to ``max_new_tokens`` could make the prompt of ``seq``'s row an entry of its own
-        (``min_tail`` tokens past its image prefix): a request that cannot need not hold a copy of its prompt
-        (``PromptTokens``) until it ends."""
+        (``min_tail`` tokens past its image prefix, or past the first ``TEXT_ANCHOR`` of a prompt without visual
+        tokens): a request that cannot need not hold a copy of its prompt (``PromptTokens``) until it ends."""
         prompt_visual = seq.visual[row, seq.valid[row]]
         visual = (prompt_visual >= 0).nonzero()
-        if not visual.numel():
-            return False
-        return prompt_visual.shape[0] - (int(visual[-1]) + 1) + max_new_tokens - 1 >= self.min_tail
+        anchor = int(visual[-1]) + 1 if visual.numel() else TEXT_ANCHOR
+        return prompt_visual.shape[0] - anchor + max_new_tokens - 1 >= self.min_tail
 
     def store_answer(self, prompt: "PromptTokens", answer: list[int], adapter, cache, key_valid: list[torch.Tensor],
                      row: int) -> None:
         """Keep a finished request's prompt and the answer tokens it fed (all but the last it chose) where at least
-        ``min_tail`` of them follow its image prefix, from its decode state: ``cache`` holds its keys and values at
-        row ``row`` and ``key_valid`` each layer's (B, S) valid slots (its first ones are its prompt's, then the
-        answer's). A chat's next turn, which begins with them, computes only its new question."""
+        ``min_tail`` of them follow its image prefix (or its first ``TEXT_ANCHOR`` tokens, without an image), from
+        its decode state: ``cache`` holds its keys and values at row ``row`` and ``key_valid`` each layer's (B, S)
+        valid slots (its first ones are its prompt's, then the answer's). A chat's next turn, which begins with them,
+        computes only its new question."""
         if not answer:
             return
         device = prompt.hidden.device
@@ -282,7 +290,7 @@ class PrefixCache:
                   valid=torch.ones(1, prompt.length + len(answer), dtype=torch.bool, device=device),
                   positions=torch.cat([prompt.positions, answer_positions], dim=-1)[..., None, :],
                   visual=torch.cat([prompt.visual, torch.full_like(ids, -1)])[None])
-        (n,), (h,), tokens = _prefix_hashes(seq)
+        (n,), (h,), tokens, _ = _prefix_hashes(seq)
         total = seq.length
         if h is None or total - n < self.min_tail or int(key_valid[0][row].sum()) < total:
             return
@@ -457,18 +465,20 @@ def _same_images(a: list[tuple[torch.Tensor, dict]], b: list[tuple[torch.Tensor,
 
 @dataclass
 class CacheLookup:
-    """One prefill's rows against the cache: the entry each takes (None: none), and each row's image-prefix length
-    (0: none) and hash (None: none) and its tokens' hashes, what :meth:`PrefixCache.store` keeps afterwards."""
+    """One prefill's rows against the cache: the entry each takes (None: none), and each row's anchor length (its
+    image prefix's, or ``TEXT_ANCHOR`` for a row without visual tokens; 0: none) and hash (None: none), its tokens'
+    hashes and whether it has no visual tokens: what :meth:`PrefixCache.store` keeps afterwards."""
 
     found: list[CachedPrefix | None]
     lengths: list[int]
     hashes: list[tuple[int, int, int] | None]
-    tokens: torch.Tensor | None = None  # (B, L) int64: each token's hash (None: no row has an image prefix)
+    tokens: torch.Tensor | None = None  # (B, L) int64: each token's hash (None: no row has an anchor)
+    text: list[bool] | None = None  # per row: anchored by its first tokens, not an image prefix (None: no row)
 
 
 def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None, CacheLookup | None]:
-    """The prefill plan of ``seq`` under ``cache``: rows whose image prefix an entry holds take what it shares with
-    them (``PrefixCache.lookup``), the others share prefixes among themselves where that pays
+    """The prefill plan of ``seq`` under ``cache``: rows whose anchor (image prefix) an entry holds take what it shares
+    with them (``PrefixCache.lookup``), the others share prefixes among themselves where that pays
     (:func:`vlmguard.prefix_sharing.plan_prefixes`); None: one plain pass. Also the cache lookup (None without a
     cache), for storing the new prefixes afterwards."""
     if cache is None:
@@ -493,14 +503,18 @@ def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None
 def image_prefixes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None]]:
     """Per row of ``seq``: the length of its image prefix (its tokens up to and including its last visual token;
     0 without visual tokens) and a hash of that prefix's tokens (None where 0)."""
-    lengths, hashes, _ = _prefix_hashes(seq)
-    return lengths, hashes
+    lengths, hashes, _, text = _prefix_hashes(seq)
+    return ([0 if t else n for n, t in zip(lengths, text)] if text else lengths,
+            [None if t else h for h, t in zip(hashes, text)] if text else hashes)
 
 
-def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None], torch.Tensor | None]:
-    """:func:`image_prefixes`, and the (B, L) hashes of every token (None where no row has an image prefix): a
-    token's two independent 31-bit hashes of its sampled embedding values, position and visual index in one int64
-    (``first * _P + second``), which the prefix hashes weight by place."""
+def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | None], torch.Tensor | None,
+                                      list[bool] | None]:
+    """Per row of ``seq``: the length of its anchor (its image prefix; in a row without visual tokens but more than
+    ``TEXT_ANCHOR``, its first ``TEXT_ANCHOR``; else 0) and a hash of the anchor's tokens (None where 0); the (B, L)
+    hashes of every token; and per row whether its anchor is text (the last two None where no row has an anchor).
+    A token's hash is two independent 31-bit hashes of its sampled embedding values, position and visual index in
+    one int64 (``first * _P + second``), which the anchor hashes weight by place."""
     b, length, dim = seq.hidden.shape
     device = seq.valid.device
     counts = seq.valid.sum(dim=1)
@@ -508,10 +522,11 @@ def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
     cols = torch.arange(length, device=device)[None]
     is_visual = (seq.visual >= 0) & seq.valid
     last = torch.where(is_visual, cols, torch.full_like(cols, -1)).max(dim=1).values
-    n = torch.where(last >= 0, last - start + 1, torch.zeros_like(last))
+    text = (last < 0) & (counts > TEXT_ANCHOR)
+    n = torch.where(last >= 0, last - start + 1, torch.where(text, TEXT_ANCHOR, 0))
     lengths = n.tolist()
     if not any(lengths):
-        return lengths, [None] * b, None
+        return lengths, [None] * b, None, None
     dims = torch.randperm(dim, generator=torch.Generator(device="cpu").manual_seed(1))[:SAMPLED_DIMS].to(device)
     bits = seq.hidden.index_select(-1, dims).float().view(torch.int32).long() & 0xFFFFFFFF  # (B, L, S)
     pos = seq.positions.permute(1, 2, 0) if seq.mrope else seq.positions[..., None]
@@ -527,4 +542,4 @@ def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
         weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
         inside = (cols >= start[:, None]) & (cols < (start + n)[:, None])
         hashes.append((((token * weight) % _P) * inside).sum(dim=1).tolist())
-    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens
+    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens, text.tolist()

@@ -42,7 +42,8 @@ class WorkItem:
     # ``prompt`` is already templated, with the model's image placeholders (a benchmark preset's own framing, sent
     # by a benchmark job; the HTTP API never sets it)
     raw_prompt: bool = False
-    # which replica should take it: a hash of its first image, set by the ingress (workers/routing.py)
+    # which replica should take it: a hash of its first image (without one, of its conversation's opening), set by
+    # the ingress (workers/routing.py)
     routing_key: str | None = None
 
 

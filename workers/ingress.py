@@ -10,12 +10,13 @@ from ray.serve.handle import DeploymentHandle
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import WorkItem
-from vlmguard.workers.routing import image_routing_key
+from vlmguard.workers.routing import request_routing_key
 
 
 class RayBackend:
-    """Routes work to model deployments. Serve picks the replica: by the request's first image where the model's
-    ``routing`` is ``image_affinity`` (``routing.py``; the key is set here, once), else by power of two choices."""
+    """Routes work to model deployments. Serve picks the replica: by the request's first image (without one, its
+    conversation's opening) where the model's ``routing`` is ``image_affinity`` (``routing.py``; the key is set here,
+    once), else by power of two choices."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]):
         self.handles = handles
@@ -30,7 +31,7 @@ class RayBackend:
         return info
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
-        item.routing_key = image_routing_key(item.images)
+        item.routing_key = request_routing_key(item)
         try:
             return await self.handles[model].generate.remote(item)
         except BackPressureError as e:
@@ -38,7 +39,7 @@ class RayBackend:
                              f"({e})", retry_after_s=1.0) from None
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
-        item.routing_key = image_routing_key(item.images)
+        item.routing_key = request_routing_key(item)
         gen = self.handles[model].options(stream=True).stream.remote(item)
         try:
             async for ev in gen:

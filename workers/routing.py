@@ -1,4 +1,4 @@
-"""Which replica of a model deployment takes a request: the one that has seen its image.
+"""Which replica of a model deployment takes a request: the one that has seen its image (or its conversation).
 
 Each replica keeps its own prefix cache (``vlmguard/prefix_cache.py``): a chat's next turn, or another question
 about an image, is prefilled from the cache only on a replica that prefilled that image before. Serve's default
@@ -7,6 +7,9 @@ where the queues happen to send it. :class:`ImageAffinityRouter` routes by the r
 
 * **Key.** The ingress hashes the first image's pixels once (:func:`image_routing_key`) into
   ``WorkItem.routing_key``. A conversation keeps its first image from turn to turn, so all its turns share a key.
+  A request without images is keyed by its conversation's opening instead, its system text and first user turn
+  (:func:`request_routing_key`), which every later turn repeats: a text-only chat's turns meet the replica whose
+  cache holds its history (the prefix cache anchors such prompts by their first tokens).
 * **Ranking.** Rendezvous (highest random weight) hashing: each replica scores ``hash(key, replica id)`` and the
   highest score is the image's home. Every ingress replica ranks alike with no shared state, and adding or
   removing a replica moves only the images that replica gains or held (about ``1/n`` of them).
@@ -14,7 +17,7 @@ where the queues happen to send it. :class:`ImageAffinityRouter` routes by the r
   queue lengths) yields to the next replica of the image's order that is not, so one image's spilled requests
   meet on one second home. A full replica (Serve's ``max_ongoing_requests``) is passed over by Serve itself for
   the next rank, all the other replicas, of which the least loaded wins.
-* **No key.** Requests without images, and benchmark jobs' caller-made batches, go by power of two choices.
+* **No key.** Benchmark jobs' requests (already templated) and caller-made batches go by power of two choices.
 
 The router runs in the caller's process (the ingress's deployment handle), as Ray Serve's custom request routers
 do (``RequestRouterConfig``, alpha API of Ray Serve; see docs/architecture.md).
@@ -46,6 +49,33 @@ def image_routing_key(images: Sequence[Image.Image]) -> Optional[str]:
     h.update(f"{first.mode}:{first.size[0]}x{first.size[1]}:".encode())
     h.update(first.resize((_KEY_SIDE, _KEY_SIDE), Image.Resampling.NEAREST).tobytes())
     return h.hexdigest()
+
+
+def request_routing_key(item: Any) -> Optional[str]:
+    """The routing key of a ``WorkItem``: its first image's (:func:`image_routing_key`); without images, a hash of
+    its conversation's opening (the system text and the first user turn's text, the same in every later turn of the
+    conversation); None for a prompt a benchmark job templated itself (``raw_prompt``) or an empty one."""
+    if item.images:
+        return image_routing_key(item.images)
+    if item.raw_prompt:
+        return None
+    if item.messages:
+        system = "\n".join(_text(m) for m in item.messages if m.get("role") == "system")
+        first = next((_text(m) for m in item.messages if m.get("role") == "user"), "")
+    else:
+        system, first = item.system or "", item.prompt
+    if not first:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"text\0{system}\0{first}".encode())
+    return h.hexdigest()
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content or () if part.get("type") == "text")
 
 
 def rendezvous_order(key: str, replica_ids: Sequence[str]) -> list[str]:
@@ -144,4 +174,4 @@ class ImageAffinityRouter(RequestRouter):
 
 
 __all__ = ["DEFAULT_SPILL_QUEUE", "ImageAffinityRouter", "affinity_ranks", "image_routing_key", "rendezvous_order",
-           "routing_key_of"]
+           "request_routing_key", "routing_key_of"]

@@ -13,6 +13,10 @@ With ``other_chats`` K, each setting's cache first takes K other conversations a
 first question, its answer and a second question, prefilled 8 at a time, not timed): with the history kept, K
 entries begin with the image prefix, and every turn's lookup chooses among them (``PrefixCache._best``).
 
+With ``text_only``, the conversation has no image: its prompts are anchored by their first tokens
+(``prefix_cache.TEXT_ANCHOR``), the image-prefix setting keeps nothing for them (what the cache did for every
+text-only prompt before), and the history setting keeps the conversation as it does one about an image.
+
 With ``own_answers``, the history carries the model's own answers (greedy, up to ``answer_tokens`` each, generated
 in each setting as it replays the turns; the timings are still the prefill's): a finished request's answer is
 then kept with its prompt (``PrefixCache.store_answer``), and where the answer's text reads back as the tokens the
@@ -36,6 +40,15 @@ NEVER = 1 << 62  # a min_tail no prompt reaches: image prefixes only
 ANSWER = ("The picture shows a quiet street in the late afternoon. A red car is parked beside a wooden bench, and a "
           "woman in a blue coat walks a small brown dog past a bakery whose window is full of bread. Two bicycles lean "
           "against a lamp post, a pigeon stands on the curb, and behind the buildings the sky turns orange. ")
+
+
+def check_text_only(text_only: bool, pruning: str | None) -> None:
+    """A conversation without an image has nothing to prune."""
+    if text_only and pruning not in (None, "none"):
+        from vlmguard.errors import InvalidInput
+
+        raise InvalidInput(f"--text-only: a conversation without an image has no visual tokens for {pruning} to prune; "
+                           "drop --pruning")
 
 
 def chat_spec(pruning: str | None, budget: int | float | None, max_new_tokens: int = 1) -> GenerationSpec:
@@ -80,8 +93,9 @@ def other_openings(tokenizer: Any, k: int) -> list[str]:
 
 
 def chat_prompts(engine: Any, image: Any, turns: int, answer: str, opening: str | None = None) -> list[Request]:
-    """The conversation's turns about ``image`` as requests: templated prompts, each with the history before it
-    (the earlier questions, each answered ``answer``); ``opening``: another first question."""
+    """The conversation's turns about ``image`` (None: a conversation without one) as requests: templated prompts,
+    each with the history before it (the earlier questions, each answered ``answer``); ``opening``: another first
+    question."""
     messages: list[dict[str, Any]] = []
     requests = []
     for k in range(turns):
@@ -92,21 +106,22 @@ def chat_prompts(engine: Any, image: Any, turns: int, answer: str, opening: str 
 
 def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question: str | None = None) -> Request:
     """The next question of the conversation in ``messages`` (the script's, or ``question``) added to it, and the
-    request that asks it: the whole conversation, templated, the image with the first question."""
+    request that asks it: the whole conversation, templated, the image (if any) with the first question."""
     k = sum(m["role"] == "user" for m in messages)
     text = question or QUESTIONS[k % len(QUESTIONS)]
-    content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": text}]
+    content = ([{"type": "image"}] if k == 0 and image is not None else []) + [{"type": "text", "text": text}]
     messages.append({"role": "user", "content": content})
-    return Request(engine.adapter.format_messages(messages), [image], raw_prompt=True)
+    return Request(engine.adapter.format_messages(messages), [image] if image is not None else [], raw_prompt=True)
 
 
 def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
              seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
-             other_chats: int = 0, own_answers: bool = False, progress=None) -> dict[str, Any]:
+             other_chats: int = 0, own_answers: bool = False, text_only: bool = False, progress=None) -> dict[str, Any]:
+    check_text_only(text_only, pruning)
     first = chat_spec(pruning, budget)
     first.resolve()
     turn_spec = chat_spec(pruning, budget, answer_tokens) if own_answers else first
-    image = bench_image(engine, seed)
+    image = None if text_only else bench_image(engine, seed)
     answer = answer_text(engine.adapter.tokenizer, answer_tokens)
     requests = chat_prompts(engine, image, turns, answer)
     others = [chat_prompts(engine, image, 2, answer, opening=text)[1]
@@ -171,6 +186,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         "budget": budget if pruning else None,
         "other_chats": other_chats,
         "own_answers": own_answers,
+        "text_only": text_only,
         # the cache's entries (prefixes and image features) when each setting's first turn looked
         "entries_before": {s: entries[s] for s in SETTINGS[1:]},
         "repeats": repeats,
@@ -198,6 +214,7 @@ def chat_table(result: dict[str, Any]) -> str:
     head = (f"perf chat  shape={result['shape']}  turns={result['turns']}  answer tokens={result['answer_tokens']}  "
             f"pruning={result['pruning']}@{result['budget']}  other chats={result.get('other_chats', 0)}  "
             f"own answers={'yes' if result.get('own_answers') else 'no'}  "
+            f"{'text only (no image)  ' if result.get('text_only') else ''}"
             f"repeats={result['repeats']}  "
             f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
     return head + "\n" + table(CHAT_HEAD, chat_rows(result))

@@ -235,6 +235,9 @@ def register(subparsers) -> None:
     c.add_argument("--own-answers", action="store_true",
                    help="the history carries the model's own answers (greedy, up to --answer-tokens each) instead of "
                         "a scripted one: the next turn can take the answer from the cache too")
+    c.add_argument("--text-only", action="store_true",
+                   help="a conversation without an image: the prefix cache anchors it by its first tokens (the image "
+                        "prefixes setting then keeps nothing, as it did for text before)")
     _pruning_options(c)
     c.set_defaults(func=cmd_chat)
 
@@ -347,15 +350,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from vlmguard.perf.chat import chat_spec, chat_table, run_chat
+    from vlmguard.perf.chat import chat_spec, chat_table, check_text_only, run_chat
 
     _check_pruning(args)
     _check_outputs(args)
+    check_text_only(args.text_only, args.pruning)
     chat_spec(args.pruning, args.budget).resolve()  # before the model loads
     engine = _engine(args)
     result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
-                      other_chats=args.other_chats, own_answers=args.own_answers, progress=_progress(args))
+                      other_chats=args.other_chats, own_answers=args.own_answers, text_only=args.text_only,
+                      progress=_progress(args))
     return _finish(args, result, chat_table(result))
 
 

@@ -176,7 +176,8 @@ def plot_chat(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("prefill s (median)")
     ax.legend(fontsize=8)
     others = result.get("other_chats", 0)
-    ax.set_title(f"a conversation's turns, {result['shape']}\n(answers of {result['answer_tokens']} tokens"
+    about = "without an image" if result.get("text_only") else "about an image"
+    ax.set_title(f"a conversation's turns ({about}), {result['shape']}\n(answers of {result['answer_tokens']} tokens"
                  f"{_with_pruner(result)}{f'; {others} other chats about the image cached' if others else ''})",
                  fontsize=10)
     _save(plt, fig, path)
