@@ -13,9 +13,10 @@ tokens, value for value, decodes from the entry's first ones as from its own.
 - **Lookup.** Each row's image prefix is hashed (a fixed sample of every token's embedding bits, its position and
   visual index, folded in order), and the row takes the entry under that hash that begins with the most of its
   tokens: at least its image prefix, at most all but its last token (its logits). Each entry keeps its tokens' own
-  hashes, so the longest run of equal hashes chooses it and only that entry is compared in full, token by token
-  (where two tokens hashed alike, every entry is): a lookup among many conversations about one image costs about
-  one comparison. A conversation that branches takes the part it shares.
+  hashes (on the host), so the longest run of equal hashes chooses it and only that entry is compared in full,
+  token by token (where two tokens hashed alike, every entry is): a lookup among many conversations about one image
+  costs about one comparison and, on a GPU, one device sync for it, not one per entry. A conversation that branches
+  takes the part it shares.
 - **Store.** After a prefill, each row it computed keeps what no entry holds: its image prefix, or its whole prompt
   where at least ``min_tail`` (``MIN_TAIL``) tokens follow both its image prefix and what it took. When a request
   finishes, its prompt and the answer tokens it fed (every one it chose but the last, which was never fed) are kept
@@ -74,7 +75,8 @@ class CachedPrefix:
     visual: torch.Tensor  # (n,)
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    tokens: torch.Tensor | None = None  # (n,) int64: each token's hash (_prefix_hashes), compared before the values
+    # (n,) int64 on the host: each token's hash (_prefix_hashes), compared before the values
+    tokens: torch.Tensor | None = None
     nbytes: int = 0
     hits: int = 0
 
@@ -467,7 +469,7 @@ def _same_images(a: list[tuple[torch.Tensor, dict]], b: list[tuple[torch.Tensor,
 class CacheLookup:
     """One prefill's rows against the cache: the entry each takes (None: none), and each row's anchor length (its
     image prefix's, or ``TEXT_ANCHOR`` for a row without visual tokens; 0: none) and hash (None: none), its tokens'
-    hashes and whether it has no visual tokens: what :meth:`PrefixCache.store` keeps afterwards."""
+    hashes (on the host) and whether it has no visual tokens: what :meth:`PrefixCache.store` keeps afterwards."""
 
     found: list[CachedPrefix | None]
     lengths: list[int]
@@ -542,4 +544,6 @@ def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
         weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
         inside = (cols >= start[:, None]) & (cols < (start + n)[:, None])
         hashes.append((((token * weight) % _P) * inside).sum(dim=1).tolist())
-    return lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens, text.tolist()
+    # the token hashes go to the host once: choosing among many entries then syncs no device (one D2H copy of (B, L))
+    return (lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens.cpu(),
+            text.tolist())
