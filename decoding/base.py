@@ -41,6 +41,12 @@ class Branch:
         pixel values, applied to the processor's output for this branch's images (e.g. VCD's noise where the
         processor resizes or crops in ways a pixel-space edit would not survive).
     prune: whether this branch's visual tokens follow the main branch's pruning (see docs/composition).
+    cache: whether the engine's prefix cache keeps this branch's rows as it keeps a request's (their image prefix or
+        whole prompt, and, as the request finishes, with the answer): worth it where the rows are the same from one
+        request to the next about the same image (VCD's noise is seeded by the image, M3ID's view has no image), so
+        a chat's next turn or another question takes them; not where they depend on the question (IAVA's masked
+        image) or begin as the request's own rows do (LQCD's queries take the request's entries). Every branch's
+        rows are looked up either way (the full comparison decides what is taken).
     """
 
     name: str
@@ -48,6 +54,7 @@ class Branch:
     visual_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     prune: bool = True
     pixel_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    cache: bool = False
 
 
 @dataclass

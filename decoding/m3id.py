@@ -73,9 +73,10 @@ class M3ID(Decoder):
     def branches(self, ctx: DecodeContext, index: int, prompt: Prompt) -> list[Branch]:
         if not any(self.applied):  # no request has an image: plain decoding, no extra rows to run (m3id.md)
             return []
+        # either view is the same for every request about the image (zeros, or no image): kept in the prefix cache
         if self.params.uncond_mode == "mask" or not prompt.images:
-            return [Branch(name="uncond", prompt=prompt, visual_transform=torch.zeros_like)]
-        return [Branch(name="uncond", prompt=image_free_prompt(ctx.adapter, prompt))]
+            return [Branch(name="uncond", prompt=prompt, visual_transform=torch.zeros_like, cache=True)]
+        return [Branch(name="uncond", prompt=image_free_prompt(ctx.adapter, prompt), cache=True)]
 
     def combine(self, step: StepInputs) -> Combined:
         p = self.params

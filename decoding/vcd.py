@@ -56,7 +56,9 @@ class VCD(Decoder):
             g.manual_seed(seeds[j])
             return diffusion_noise(pixels.cpu(), p.noise_step, g).to(pixels.device, pixels.dtype)
 
-        return [Branch(name="distorted", prompt=prompt, pixel_transform=noise)]
+        # the noise is seeded by the image: a chat's next turn about it has the same distorted rows, kept in the
+        # prefix cache like the request's own
+        return [Branch(name="distorted", prompt=prompt, pixel_transform=noise, cache=True)]
 
     def combine(self, step: StepInputs) -> Combined:
         main = log_probs(step.logits["main"])

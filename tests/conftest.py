@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VLMGUARD_SHARED", ROOT.parent / "shared"))
 
 
+def pytest_configure(config):
+    """One intra-op thread for the whole session, from its first test. The tiny test models run faster without
+    torch's pool on a 2-core machine, and the suite's results no longer depend on which test ran first: a perf
+    command run in-process (``--threads 1``) used to leave the process at one thread, so a test comparing two
+    batch shapes bit for bit passed in the suite and failed alone (BLAS blocks a matrix differently by thread
+    count). Tests that need more threads set them themselves."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """After pytest's own faulthandler has stood down: a native crash in the interpreter's teardown, after the

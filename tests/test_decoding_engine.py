@@ -585,7 +585,9 @@ def test_image_features_are_computed_once_per_distinct_image(family, monkeypatch
             m.setattr(engine_mod, "same_images", lambda adapter, batch: {})
             apart = eng.generate(reqs, spec)
         assert ids(shared) == ids(apart), decoder
-        assert [[t.logprob for t in r.logprobs] for r in shared] == [[t.logprob for t in r.logprobs] for r in apart]
+        # to float rounding: a tower pass over fewer images is another matrix shape (BLAS may block it otherwise)
+        for a, b in zip(shared, apart):
+            assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-5)
 
 
 def test_shared_image_features_fall_back_on_vision_inputs_they_cannot_cut():
@@ -595,8 +597,8 @@ def test_shared_image_features_fall_back_on_vision_inputs_they_cannot_cut():
     img = random_image(1, (64, 48))
     batch = eng.adapter.encode([Prompt("Is there a dog?", [img]), Prompt("Is there a cat?", [img])])
     alone = eng.adapter.image_features(batch)
-    shared = eng.adapter.image_features(batch, {1: 0})
-    assert torch.equal(shared[1], alone[1]) and shared[1] is shared[0]
+    shared = eng.adapter.image_features(batch, {1: 0})  # one image through the tower: equal to float rounding
+    assert torch.allclose(shared[1], alone[1], rtol=1e-5, atol=1e-6) and shared[1] is shared[0]
     batch.vision_inputs["made_up"] = torch.tensor(3.0)
     assert eng.adapter.vision_subset(batch, [0]) is None
     fallback = eng.adapter.image_features(batch, {1: 0})

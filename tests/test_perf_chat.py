@@ -109,3 +109,17 @@ def test_text_only_with_a_pruner_is_an_error(capsys):
     rc = main(["perf", "chat", "--shape", "tiny", "--text-only", "--pruning", "fastv", "--budget", "8", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("vlmguard: error: --text-only:") and "fastv" in err and "Traceback" not in err
+
+
+def test_a_contrastive_decoders_branch_rows_take_their_history_too():
+    """``--decoding vcd``: each turn prefills the noised view's rows too, and with the history kept those take the
+    last turn's too (the whole prefill's cached tokens are twice the request's own)."""
+    report = run_json(["perf", "chat", "--shape", "tiny", "--turns", "3", "--answer-tokens", "40", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--quiet", "--json", "--decoding", "vcd"])
+    assert report["decoding"] == "vcd"
+    rows = report["rows"]
+    for r in rows[1:]:
+        assert r["conversation_rows_cached_tokens"] == 2 * r["conversation_cached_tokens"] > 0
+        assert r["image_rows_cached_tokens"] == 2 * r["image_cached_tokens"] > 0
+    assert rows[2]["conversation_cached_tokens"] == rows[1]["prompt_tokens"]
+    assert all(r["same_tokens"] for r in rows)

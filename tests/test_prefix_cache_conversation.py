@@ -167,6 +167,42 @@ def test_text_only_prompts_keep_no_anchor_of_their_own_but_share_one():
     assert TEXT_ANCHOR < shared == cached[0].timings.prompt_cached_tokens < cached[0].prompt_tokens
 
 
+@pytest.mark.parametrize("family,decoding,params", [
+    ("llava", "vcd", {}), ("qwen2_vl", "vcd", {}), ("llava", "m3id", {}), ("qwen2_vl", "m3id", {}),
+    ("qwen2_vl", "m3id", {"uncond_mode": "mask"})])
+def test_a_contrastive_chat_keeps_its_branch_rows(family, decoding, params):
+    """VCD's noised view (its noise seeded by the image) and M3ID's image-free or masked view are the same from turn
+    to turn (``Branch.cache``): their rows are kept as the request's are, so each turn's branch rows take the last
+    turn's branch prompt and answer too, not only the request's own rows; every turn answers as a fresh one."""
+    eng = engine(family)
+    image = images(family)[0]
+    spec = GenerationSpec(decoding=decoding, decoding_params=params, max_new_tokens=MIN_TAIL + 8,
+                          min_new_tokens=MIN_TAIL + 8, logprobs=2)
+    fresh = conversation(eng, spec, image)
+    eng.enable_prefix_cache(64)
+    cached = conversation(eng, spec, image, answers=[r.text for r in fresh])
+    assert_same(fresh, cached)
+    own = [r.timings.prompt_cached_tokens for r in cached]
+    branch = [r.timings.prefill_cached_tokens - r.timings.prompt_cached_tokens for r in cached]
+    n_visual = cached[0].visual_tokens
+    assert own[0] == branch[0] == 0 and own[1] >= cached[0].prompt_tokens, (own, branch)
+    # the branch's prompt is the request's (M3ID's image-free view: less its image, delimiters included)
+    fewer = n_visual + 4 if decoding == "m3id" and not params else 0
+    for k in (1, 2):
+        assert branch[k] >= cached[k - 1].prompt_tokens - fewer > 0, (k, own, branch)
+
+
+@pytest.mark.parametrize("decoding", ["lqcd", "iava"])
+def test_branches_that_change_with_the_question_keep_nothing(decoding):
+    """LQCD's queries begin as the request's own rows do (they take its entries) and IAVA's masked image follows
+    the question: only the request's own rows are kept (one prefix entry, one image's visual tokens)."""
+    eng = engine("llava")
+    cache = eng.enable_prefix_cache(64)
+    spec = GenerationSpec(decoding=decoding, max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8)
+    eng.generate([Request(QUESTIONS[0], [images("llava")[0]])], spec)
+    assert len(answer_entries(cache)) == 1 and cache.stats.image_entries == 1
+
+
 def test_a_short_image_prefix_keeps_no_entry_of_its_own():
     """FlowCut keeping 4 tokens leaves an image prefix of 7 (under ``MIN_TOKENS``): single questions keep nothing
     (only the image's cut), and take nothing."""
@@ -250,19 +286,23 @@ def test_a_finished_request_keeps_its_prompt_and_answer(family):
     assert_entry_continues_as_a_fresh_prefill(eng, entry)
 
 
-def test_requests_joining_and_leaving_a_batch_keep_their_own_answers():
-    """Rows reordered as requests leave, one joining midway: each entry holds its own row's keys and values."""
+@pytest.mark.parametrize("decoding", ["greedy", "vcd"])
+def test_requests_joining_and_leaving_a_batch_keep_their_own_answers(decoding):
+    """Rows reordered as requests leave, one joining midway: each entry holds its own row's keys and values (with
+    VCD, each request's noised rows too: two entries a request)."""
     from pruning_support import run_joined
 
     eng = engine("llava")
     cache = eng.enable_prefix_cache(64)
     a, b, c = images("llava")
-    specs = [GenerationSpec(max_new_tokens=n, min_new_tokens=n) for n in (MIN_TAIL + 4, MIN_TAIL + 12)]
+    specs = [GenerationSpec(decoding=decoding, max_new_tokens=n, min_new_tokens=n)
+             for n in (MIN_TAIL + 4, MIN_TAIL + 12)]
     results = run_joined(eng, specs, [Request(QUESTIONS[0], [a]), Request(QUESTIONS[1], [b])],
-                         [Request(QUESTIONS[2], [c])], join_after=3, later_spec=GenerationSpec(max_new_tokens=40,
-                                                                                              min_new_tokens=40))
+                         [Request(QUESTIONS[2], [c])], join_after=3,
+                         later_spec=GenerationSpec(decoding=decoding, max_new_tokens=40, min_new_tokens=40))
     lengths = sorted(e.length for e in answer_entries(cache))
-    assert lengths == sorted(r.prompt_tokens + len(r.token_ids) - 1 for r in results)
+    rows = 2 if decoding == "vcd" else 1
+    assert lengths == sorted(r.prompt_tokens + len(r.token_ids) - 1 for r in results for _ in range(rows))
     for entry in answer_entries(cache):
         assert_entry_continues_as_a_fresh_prefill(eng, entry)
 

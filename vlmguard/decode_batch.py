@@ -137,9 +137,9 @@ class LiveRequest:
     prefill_shared: int = 0  # Timings.prefill_shared_tokens
     prefill_cached: int = 0  # Timings.prefill_cached_tokens
     prompt_cached: int = 0  # Timings.prompt_cached_tokens
-    # its prompt as the first layer received it, where the prefix cache keeps its answer when it ends
-    # (``PrefixCache.store_answer``); None: not kept
-    prompt: PromptTokens | None = None
+    # per branch (0: its own rows, k: the cohort's branch k) whose answer the prefix cache keeps when it ends
+    # (``PrefixCache.store_answer``), that row's prompt as the first layer received it
+    prompts: dict[int, PromptTokens] = field(default_factory=dict)
     gen: list[int] = field(default_factory=list)
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -168,7 +168,7 @@ class DecodeBatch:
         self.head: torch.Tensor | None = None  # the decoder's extra lm_head rows at the last step (main rows)
         self.lives = lives  # active requests, grouped by cohort in cohort order (the order of main rows)
         self.device = device
-        self.prefix_cache = prefix_cache  # keeps each finished request's prompt and answer (LiveRequest.prompt)
+        self.prefix_cache = prefix_cache  # keeps each finished request's prompt and answer (LiveRequest.prompts)
         self.cohorts = [cohort]  # the cohorts with rows in the batch
         self._owned = [cohort]  # every cohort ever merged in: torn down by close()
         self._closed = False
@@ -345,18 +345,19 @@ class DecodeBatch:
         return out
 
     def _keep_answers(self, finished: list[int], blocks: list[_Block]) -> None:
-        """The prompt and answer of each finished request that keeps them (``LiveRequest.prompt``) into the prefix
-        cache, from its main row of the batch's cache before the row leaves: the tokens it fed, all it chose but the
-        last (an end of sequence, or one that stopped it, was never fed)."""
-        mains = None
+        """The prompt and answer of each finished request that keeps them (``LiveRequest.prompts``) into the prefix
+        cache, from its rows of the batch's cache before they leave (its main row, and those of the decoder's
+        branches that ask for it, ``Branch.cache``; every row was fed the same tokens): the tokens it fed, all it
+        chose but the last (an end of sequence, or one that stopped it, was never fed)."""
         for j in finished:
             lv = self.lives[j]
-            if lv.prompt is None or lv.finish == "error" or len(lv.per_tok) < 2:
+            if not lv.prompts or lv.finish == "error" or len(lv.per_tok) < 2:
                 continue
-            if mains is None:
-                mains = self._main_rows(blocks).tolist()
-            self.prefix_cache.store_answer(lv.prompt, lv.gen[:len(lv.per_tok) - 1], self.runner.adapter,
-                                           self.state.cache, self.state.layer_valid, mains[j])
+            block = next(b for b in blocks if b.lives.start <= j < b.lives.stop)
+            for k, prompt in lv.prompts.items():  # branch k of the block's request j: row first + k * n + j
+                self.prefix_cache.store_answer(prompt, lv.gen[:len(lv.per_tok) - 1], self.runner.adapter,
+                                               self.state.cache, self.state.layer_valid,
+                                               block.first + k * block.n + j - block.lives.start)
 
     @staticmethod
     def _unsent_logprobs(lv: LiveRequest) -> list[TokenLogprob]:

@@ -418,16 +418,21 @@ class Engine:
             transforms = [None] * n_req + [bl[k].visual_transform for k in range(len(names)) for bl in branch_lists]
             shares = [True] * n_req + [bl[k].prune for k in range(len(names)) for bl in branch_lists]
             pixel_fns = [None] * n_req + [bl[k].pixel_transform for k in range(len(names)) for bl in branch_lists]
+            # the rows the prefix cache keeps: the requests' own and those of branches that ask for it (row
+            # (k + 1) * n_req + i: request i's branch k)
+            store_rows = list(range(n_req)) + [(k + 1) * n_req + i for k in range(len(names))
+                                               for i, bl in enumerate(branch_lists) if bl[k].cache]
             return self._prefill_rows(requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
-                                      transforms, shares, t0, t_setup, pixel_fns, positions)
+                                      transforms, shares, t0, t_setup, pixel_fns, positions, store_rows)
         except BaseException:
             decoder.teardown(dctx)
             raise
 
     def _prefill_rows(self, requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
-                      transforms, shares, t0, t_setup, pixel_fns=None, positions=None) -> DecodeBatch:
+                      transforms, shares, t0, t_setup, pixel_fns=None, positions=None, store_rows=None) -> DecodeBatch:
         adapter, runner = self.adapter, self.runner
         n_req, nb = len(requests), len(branch_names)
+        store_rows = list(range(n_req)) if store_rows is None else store_rows
         pixel_fns = pixel_fns or [None] * len(row_prompts)
         # the decoder's pre-pass prefilled the main rows (``DecodeContext.reuse_main_prefill``): only the branch
         # rows are prefilled here
@@ -458,11 +463,11 @@ class Engine:
         if pre is None:
             logits, state, hidden, rows, vision_s, prefill_s, prompts_kept = self._forward_rows(
                 batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb,
-                [s.max_new_tokens for s in specs])
+                [s.max_new_tokens for s in specs], store_rows)
         else:  # (the pre-pass's main rows keep no answer)
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
-                pre, batch, row_prompts, transforms, pixel_fns, n_req)
-            prompts_kept = [None] * n_req
+                pre, batch, row_prompts, transforms, pixel_fns, n_req, store_rows)
+            prompts_kept = [{} for _ in range(n_req)]
         fed, visual_fed, shared, final_visual, cached = rows
         broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
         if broken:
@@ -487,7 +492,7 @@ class Engine:
                 visual_fed=[int(x) for x in visual_fed[r]], kept=kept, pruning=self._pruning_report(pruner, pctx, r),
                 batch_size=n_req, prefill_batch=n_req, sampler=RowSampler.for_spec(specs[r]), cohort=cohort,
                 spec=specs[r], prefill_tokens=sum(fed[r::n_req]), prefill_shared=sum(shared[r::n_req]),
-                prefill_cached=sum(cached[r::n_req]), prompt_cached=cached[r], prompt=prompts_kept[r]))
+                prefill_cached=sum(cached[r::n_req]), prompt_cached=cached[r], prompts=prompts_kept[r]))
         return DecodeBatch(runner=runner, tokenizer=adapter.tokenizer, eos=set(adapter.eos_token_ids), spec=specs[0],
                            cohort=cohort, state=state, logits=logits,
                            hidden=hidden, lives=lives, device=self.device, prefix_cache=self.prefix_cache)
@@ -544,20 +549,22 @@ class Engine:
         merge_report(pctx.report, {"per_row": {r: copy.deepcopy(entries) for r, entries in reports.items()}})
         return feats, kept
 
-    def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb, max_new):
+    def _forward_rows(self, batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb, max_new,
+                      store_rows):
         """Vision (or the vision-side pruner) and the prefill of every row of ``batch``: (logits, state, hidden
-        states, the rows' figures (``_row_figures``), vision seconds, prefill seconds, and per request its prompt
-        as the first layer received it where the prefix cache may keep its answer (of up to ``max_new[r]``
-        tokens), else None)."""
+        states, the rows' figures (``_row_figures``), vision seconds, prefill seconds, and per request, for each of
+        its rows of ``store_rows`` (by branch index, 0: its own) whose answer the prefix cache may keep (of up to
+        ``max_new[r]`` tokens), that row's prompt as the first layer received it). The prefix cache keeps what the
+        rows of ``store_rows`` computed."""
         adapter, runner = self.adapter, self.runner
         n_visual = pctx.n_visual
         # -- vision
         t_vis = time.perf_counter()
         kept_vision: list[torch.Tensor | None] | None = None
         if pruner.side in ("vision", "both") and any(n_visual):
-            feats, kept_vision = self._pruned_images(pctx, pruner, keep=range(n_req))
+            feats, kept_vision = self._pruned_images(pctx, pruner, keep=store_rows)
         else:
-            feats = self._image_features(batch, keep=range(n_req))
+            feats = self._image_features(batch, keep=store_rows)
         if kept_vision is not None:  # scatter kept features into full-size slots, then drop the rest
             full = []
             for r, f in enumerate(feats):
@@ -609,17 +616,19 @@ class Engine:
                                                    hidden_layers=tuple(decoder.prefill_hidden_layers),
                                                    renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family),
                                                    share_prefixes=share,
-                                                   prefix_cache=self.prefix_cache, store_rows=list(range(n_req)))
-        prompts = [None] * n_req
-        if self.prefix_cache is not None and share and not llm_side:  # each request's prompt, for its answer's entry
-            prompts = [PromptTokens.of_row(seq, r, state.next_positions)
-                       if self.prefix_cache.may_keep_answer(seq, r, max_new[r]) else None for r in range(n_req)]
+                                                   prefix_cache=self.prefix_cache, store_rows=store_rows)
+        # per request, branch index -> the prompt of its row of that branch, for the answer's entry
+        prompts: list[dict[int, PromptTokens]] = [{} for _ in range(n_req)]
+        if self.prefix_cache is not None and share and not llm_side:
+            for r in store_rows:
+                if self.prefix_cache.may_keep_answer(seq, r, max_new[r % n_req]):
+                    prompts[r % n_req][r // n_req] = PromptTokens.of_row(seq, r, state.next_positions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
         return logits, state, hidden, _row_figures(state, fed), vision_s, prefill_s, prompts
 
-    def _forward_after_probe(self, pre: ProbePrefill, batch, row_prompts, transforms, pixel_fns, n_req):
+    def _forward_after_probe(self, pre: ProbePrefill, batch, row_prompts, transforms, pixel_fns, n_req, store_rows):
         """What ``_forward_rows`` returns, for main rows that the decoder's pre-pass prefilled (rows 0..n_req-1 of
         ``pre``, unpruned): only the branch rows (``batch``) are prefilled, and their state joins the main rows'
         (``LayerRunner.merge``; rows stay branch-major). A branch row with its request's own images, untouched
@@ -635,11 +644,12 @@ class Engine:
             return logits, state, {}, main, 0.0, 0.0
         t_vis = time.perf_counter()
         own = [n_req + j for j in range(len(row_prompts) - n_req)]
+        kept_rows = [r - n_req for r in store_rows if r >= n_req]  # rows of ``batch`` that the prefix cache keeps
         if all(not row_prompts[r].images or (pixel_fns[r] is None and _same_objects(
                 row_prompts[r].images, row_prompts[r % n_req].images)) for r in own):
             feats = [pre.features[r % n_req] if row_prompts[r].images else None for r in own]
         else:
-            feats = self._image_features(batch, keep=())
+            feats = self._image_features(batch, keep=kept_rows)
         feats = [f if f is None or transforms[r] is None else transforms[r](f) for r, f in zip(own, feats)]
         seq = adapter.build_sequence(batch, feats, self.model.dtype, self.device)
         fed = seq.valid.sum(dim=1).tolist()
@@ -649,7 +659,7 @@ class Engine:
         t_pre = time.perf_counter()
         with forward_owners({}):  # no decoder hooks (the reuse's condition); no running batch's rows either
             branch_logits, branch_state, _ = runner.prefill(seq, share_prefixes=self.share_prefixes,
-                                                            prefix_cache=self.prefix_cache, store_rows=[])
+                                                            prefix_cache=self.prefix_cache, store_rows=kept_rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre

@@ -51,10 +51,15 @@ def check_text_only(text_only: bool, pruning: str | None) -> None:
                            "drop --pruning")
 
 
-def chat_spec(pruning: str | None, budget: int | float | None, max_new_tokens: int = 1) -> GenerationSpec:
-    """A turn's replay: its prefill and first token (or an answer of up to ``max_new_tokens``)."""
-    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None,
-                                max_new_tokens=max_new_tokens, diagnostics=False)
+def chat_spec(pruning: str | None, budget: int | float | None, max_new_tokens: int = 1,
+              decoding: str = "greedy") -> GenerationSpec:
+    """A turn's replay: its prefill and first token (or an answer of up to ``max_new_tokens``); ``decoding``: NAME
+    or NAME[KEY=VALUE;...], every turn's decoder."""
+    from vlmguard.perf.prefill import parse_method
+
+    name, params = parse_method(decoding)
+    return GenerationSpec.build(pruning=pruning or "none", budget=budget if pruning else None, decoding=name,
+                                decoding_params=params, max_new_tokens=max_new_tokens, diagnostics=False)
 
 
 def answer_text(tokenizer: Any, tokens: int) -> str:
@@ -116,11 +121,12 @@ def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question:
 
 def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
              seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
-             other_chats: int = 0, own_answers: bool = False, text_only: bool = False, progress=None) -> dict[str, Any]:
+             other_chats: int = 0, own_answers: bool = False, text_only: bool = False, decoding: str = "greedy",
+             progress=None) -> dict[str, Any]:
     check_text_only(text_only, pruning)
-    first = chat_spec(pruning, budget)
+    first = chat_spec(pruning, budget, decoding=decoding)
     first.resolve()
-    turn_spec = chat_spec(pruning, budget, answer_tokens) if own_answers else first
+    turn_spec = chat_spec(pruning, budget, answer_tokens, decoding) if own_answers else first
     image = None if text_only else bench_image(engine, seed)
     answer = answer_text(engine.adapter.tokenizer, answer_tokens)
     requests = chat_prompts(engine, image, turns, answer)
@@ -131,6 +137,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
     before = engine.prefix_cache
     times = {s: [[] for _ in requests] for s in SETTINGS}
     took = {s: [0] * len(requests) for s in SETTINGS}
+    took_rows = {s: [0] * len(requests) for s in SETTINGS}  # the decoder's branch rows included
     tokens = {s: [None] * len(requests) for s in SETTINGS}
     prompt_tokens = [0] * len(requests)
     answered = [0] * len(requests)
@@ -154,6 +161,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
                     if rep >= warmup:
                         times[setting][k].append(t.vision_s + t.prefill_s)
                     took[setting][k], tokens[setting][k] = t.prompt_cached_tokens, result.token_ids
+                    took_rows[setting][k] = t.prefill_cached_tokens
                     prompt_tokens[k], answered[k] = result.prompt_tokens, len(result.token_ids)
                     messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
                 engine.prefix_cache = None
@@ -170,6 +178,8 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
             "prompt_tokens": prompt_tokens[k],
             "answered_tokens": answered[k],  # the turn's answer (1: the first token of a scripted one)
             **{f"{s}_cached_tokens": took[s][k] for s in SETTINGS[1:]},
+            # every row of the turn's prefill (a contrastive decoder's branch rows too)
+            **{f"{s}_rows_cached_tokens": took_rows[s][k] for s in SETTINGS[1:]},
             **{f"{s}_prefill_s": med[s] for s in SETTINGS},
             "image_speedup": ratio(med["none"], med["image"]),
             "conversation_speedup": ratio(med["none"], med["conversation"]),
@@ -183,6 +193,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         "turns": turns,
         "answer_tokens": answer_tokens,
         "pruning": pruning or "none",
+        "decoding": decoding,
         "budget": budget if pruning else None,
         "other_chats": other_chats,
         "own_answers": own_answers,
@@ -212,7 +223,8 @@ def chat_table(result: dict[str, Any]) -> str:
 
     env = result["environment"]
     head = (f"perf chat  shape={result['shape']}  turns={result['turns']}  answer tokens={result['answer_tokens']}  "
-            f"pruning={result['pruning']}@{result['budget']}  other chats={result.get('other_chats', 0)}  "
+            f"pruning={result['pruning']}@{result['budget']}  decoding={result.get('decoding', 'greedy')}  "
+            f"other chats={result.get('other_chats', 0)}  "
             f"own answers={'yes' if result.get('own_answers') else 'no'}  "
             f"{'text only (no image)  ' if result.get('text_only') else ''}"
             f"repeats={result['repeats']}  "

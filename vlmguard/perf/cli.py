@@ -235,6 +235,9 @@ def register(subparsers) -> None:
     c.add_argument("--own-answers", action="store_true",
                    help="the history carries the model's own answers (greedy, up to --answer-tokens each) instead of "
                         "a scripted one: the next turn can take the answer from the cache too")
+    c.add_argument("--decoding", default="greedy",
+                   help="every turn's decoder, NAME or NAME[KEY=VALUE;...] (default: greedy; e.g. vcd: each turn "
+                        "also prefills the decoder's branch rows)")
     c.add_argument("--text-only", action="store_true",
                    help="a conversation without an image: the prefix cache anchors it by its first tokens (the image "
                         "prefixes setting then keeps nothing, as it did for text before)")
@@ -355,12 +358,12 @@ def cmd_chat(args) -> int:
     _check_pruning(args)
     _check_outputs(args)
     check_text_only(args.text_only, args.pruning)
-    chat_spec(args.pruning, args.budget).resolve()  # before the model loads
+    chat_spec(args.pruning, args.budget, decoding=args.decoding).resolve()  # before the model loads
     engine = _engine(args)
     result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
                       other_chats=args.other_chats, own_answers=args.own_answers, text_only=args.text_only,
-                      progress=_progress(args))
+                      decoding=args.decoding, progress=_progress(args))
     return _finish(args, result, chat_table(result))
 
 

@@ -177,7 +177,9 @@ def plot_chat(result: dict[str, Any], path: str | Path) -> None:
     ax.legend(fontsize=8)
     others = result.get("other_chats", 0)
     about = "without an image" if result.get("text_only") else "about an image"
+    decoding = result.get("decoding", "greedy")
     ax.set_title(f"a conversation's turns ({about}), {result['shape']}\n(answers of {result['answer_tokens']} tokens"
+                 f"{'' if decoding == 'greedy' else f', {decoding}'}"
                  f"{_with_pruner(result)}{f'; {others} other chats about the image cached' if others else ''})",
                  fontsize=10)
     _save(plt, fig, path)
