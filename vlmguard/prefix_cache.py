@@ -477,15 +477,24 @@ class CacheLookup:
     tokens: torch.Tensor | None = None  # (B, L) int64: each token's hash (None: no row has an anchor)
     text: list[bool] | None = None  # per row: anchored by its first tokens, not an image prefix (None: no row)
 
+    def rows(self, rows: list[int], length: int) -> "CacheLookup":
+        """The lookup of these rows alone, prefilled as a batch ``length`` tokens wide (left-padded: each row's
+        tokens stay the last of its row, so its token hashes are the last ``length`` columns)."""
+        return CacheLookup(found=[self.found[r] for r in rows], lengths=[self.lengths[r] for r in rows],
+                           hashes=[self.hashes[r] for r in rows],
+                           tokens=None if self.tokens is None else self.tokens[rows, self.tokens.shape[1] - length:],
+                           text=None if self.text is None else [self.text[r] for r in rows])
 
-def plan_prefill(seq: Seq, cache: PrefixCache | None) -> tuple[PrefixPlan | None, CacheLookup | None]:
+
+def plan_prefill(seq: Seq, cache: PrefixCache | None, look: CacheLookup | None = None
+                 ) -> tuple[PrefixPlan | None, CacheLookup | None]:
     """The prefill plan of ``seq`` under ``cache``: rows whose anchor (image prefix) an entry holds take what it shares
     with them (``PrefixCache.lookup``), the others share prefixes among themselves where that pays
     (:func:`vlmguard.prefix_sharing.plan_prefixes`); None: one plain pass. Also the cache lookup (None without a
-    cache), for storing the new prefixes afterwards."""
+    cache), for storing the new prefixes afterwards. ``look``: the cache's lookup of ``seq``, already made."""
     if cache is None:
         return plan_prefixes(seq), None
-    look = cache.lookup(seq)
+    look = cache.lookup(seq) if look is None else look
     if not any(e is not None for e in look.found):
         return plan_prefixes(seq), look
     b = seq.batch_size

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from vlmguard.attention import ScoreRequest, score_probe
 from vlmguard.kv_cache import GrowingCache
+from vlmguard.prefill_groups import length_groups
 from vlmguard.prefix_cache import CachedPrefix, CacheLookup, PrefixCache, plan_prefill
 from vlmguard.prefix_sharing import PrefixPlan, split
 from vlmguard.sequence import Seq, additive_mask, causal_allowed, compact_positions, stack_rows
@@ -118,14 +119,17 @@ class LayerRunner:
 
         ``prefix_cache`` (with ``share_prefixes``): rows whose image prefix an earlier prefill computed take its keys
         and values (:mod:`vlmguard.prefix_cache`), and the image prefixes of ``store_rows`` (default all) that it did
-        not hold are kept for later prefills."""
-        lookup = None
+        not hold are kept for later prefills. Under the same conditions, rows whose work differs greatly are
+        prefilled in separate passes (:mod:`vlmguard.prefill_groups`)."""
         if share_prefixes and before is None and after is None and not all_hidden:
-            plan, lookup = plan_prefill(seq, prefix_cache)
-            if plan is not None:
-                return self.prefill_shared(seq, plan, hidden_layers, prefix_cache=prefix_cache, lookup=lookup,
-                                           store_rows=store_rows)[:3]
-        seq_in = seq
+            lookup = prefix_cache.lookup(seq) if prefix_cache is not None else None
+            return self._prefill_planned(seq, lookup, hidden_layers, prefix_cache, store_rows)
+        return self._run_layers(seq, before, after, hidden_layers, all_hidden, renumber)
+
+    def _run_layers(self, seq: Seq, before: BeforeHook | None, after: AfterHook | None,
+                    hidden_layers: tuple[int, ...], all_hidden: bool, renumber: bool,
+                    ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+        """One pass of every layer over ``seq``, with the hooks' cuts (:meth:`prefill` without shared prefixes)."""
         ad = self.adapter
         cache = GrowingCache()  # a DynamicCache that appends in place (no per-step re-concatenation)
         layer_valid: list[torch.Tensor] = []
@@ -164,9 +168,67 @@ class LayerRunner:
                             next_positions=first_next if renumbered else seq.last_positions() + 1,
                             layer_next_positions=layer_next if renumbered else None,
                             visual_per_layer=visual_fed, final_seq=_layout(seq), hidden_dtype=h.dtype)
-        if lookup is not None:
-            prefix_cache.store(seq_in, lookup, cache, layer_valid, store_rows)
         return logits, state, captured
+
+    def _prefill_planned(self, seq: Seq, lookup: CacheLookup | None, hidden_layers: tuple[int, ...],
+                         prefix_cache: PrefixCache | None, store_rows: list[int] | None,
+                         ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+        """:meth:`prefill` of rows that may share prefixes and take cached ones (``lookup``: the prefix cache's
+        lookup of ``seq``, None without a cache): in groups of similar work where that saves enough
+        (:func:`vlmguard.prefill_groups.length_groups`), else in one shared or plain pass."""
+        plan, lookup = plan_prefill(seq, prefix_cache, lookup)
+        groups = length_groups(seq.valid.sum(dim=1).tolist(), plan)
+        if groups is not None:
+            return self._prefill_groups(seq, groups, lookup, hidden_layers, prefix_cache, store_rows)
+        if plan is not None:
+            return self.prefill_shared(seq, plan, hidden_layers, prefix_cache=prefix_cache, lookup=lookup,
+                                       store_rows=store_rows)[:3]
+        logits, state, captured = self._run_layers(seq, None, None, hidden_layers, False, False)
+        if lookup is not None:
+            prefix_cache.store(seq, lookup, state.cache, state.layer_valid, store_rows)
+        return logits, state, captured
+
+    def _prefill_groups(self, seq: Seq, groups: list[list[int]], lookup: CacheLookup | None,
+                        hidden_layers: tuple[int, ...], prefix_cache: PrefixCache | None,
+                        store_rows: list[int] | None) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:
+        """Each group of rows of ``seq`` prefilled alone (re-left-padded to its own longest row), the states
+        merged as one prefill's, its rows in ``seq``'s order."""
+        parts = []
+        for rows in groups:
+            sub = seq.rows(torch.tensor(rows, dtype=torch.long, device=seq.valid.device))
+            sub = sub.select(sub.valid)[0]
+            mine = None if store_rows is None else [k for k, r in enumerate(rows) if r in store_rows]
+            look = None if lookup is None else lookup.rows(rows, sub.length)
+            parts.append(self._prefill_planned(sub, look, hidden_layers, prefix_cache, mine))
+        logits = torch.cat([p[0] for p in parts])
+        captured = {i: torch.cat([p[2][i] for p in parts]) for i in parts[0][2]}
+        state = parts[0][1]
+        for _, other, _ in parts[1:]:
+            state = self._merge_prefills(state, other)
+        order = [r for rows in groups for r in rows]
+        if order != sorted(order):  # back to seq's rows
+            back = [order.index(r) for r in range(len(order))]
+            index = torch.tensor(back, dtype=torch.long, device=logits.device)
+            self.reorder(state, back)
+            logits, captured = logits[index], {i: h[index] for i, h in captured.items()}
+            state.final_seq = state.final_seq.rows(index)
+            state.visual_per_layer = [v[index] for v in state.visual_per_layer]
+            state.shared_tokens = None if state.shared_tokens is None else [state.shared_tokens[r] for r in back]
+            state.cached_tokens = None if state.cached_tokens is None else [state.cached_tokens[r] for r in back]
+        return logits, state, captured
+
+    def _merge_prefills(self, a: DecodeState, b: DecodeState) -> DecodeState:
+        """:meth:`merge` of two fresh prefills' states, with what a fresh prefill's state also reports (its layout,
+        visual tokens per layer, shared and cached tokens per row)."""
+        merged = self.merge(a, b)
+        merged.final_seq = stack_rows([a.final_seq, b.final_seq])
+        merged.visual_per_layer = [torch.cat([x, y]) for x, y in zip(a.visual_per_layer, b.visual_per_layer)]
+        na, nb = a.next_positions.shape[-1], b.next_positions.shape[-1]
+        for name in ("shared_tokens", "cached_tokens"):
+            x, y = getattr(a, name), getattr(b, name)
+            if x is not None or y is not None:
+                setattr(merged, name, (x or [0] * na) + (y or [0] * nb))
+        return merged
 
     @torch.no_grad()
     def prefill_shared(self, seq: Seq, plan: PrefixPlan, hidden_layers: tuple[int, ...] = (),
