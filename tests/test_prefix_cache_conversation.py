@@ -286,6 +286,19 @@ def test_a_finished_request_keeps_its_prompt_and_answer(family):
     assert_entry_continues_as_a_fresh_prefill(eng, entry)
 
 
+def test_a_request_whose_rows_a_pre_pass_prefilled_keeps_its_answer():
+    """IAVA's pre-pass prefills the request's own rows, and their cache goes on to decoding: the finished request
+    still keeps its prompt and answer, and the entry continues as a fresh prefill of its tokens."""
+    eng = engine("llava")
+    assert eng.reuse_probe_prefill
+    cache = eng.enable_prefix_cache(64)
+    spec = GenerationSpec(decoding="iava", max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8)
+    (result,) = eng.generate([Request(QUESTIONS[0], [images("llava")[0]])], spec)
+    longest = max(answer_entries(cache), key=lambda e: e.length)
+    assert longest.length == result.prompt_tokens + len(result.token_ids) - 1
+    assert_entry_continues_as_a_fresh_prefill(eng, longest)
+
+
 @pytest.mark.parametrize("decoding", ["greedy", "vcd"])
 def test_requests_joining_and_leaving_a_batch_keep_their_own_answers(decoding):
     """Rows reordered as requests leave, one joining midway: each entry holds its own row's keys and values (with

@@ -296,7 +296,7 @@ class Engine:
         def kept(out: dict[str, Any], state: DecodeState) -> dict[str, Any]:
             if keep_prefill:
                 out["prefill"] = ProbePrefill(batch=batch, features=raw_feats, logits=out["logits"], state=state,
-                                              fed=fed)
+                                              fed=fed, seq=seq)
             return out
 
         plan, lookup = (plan_prefill(seq, self.prefix_cache) if self.share_prefixes and query_rows is None
@@ -464,10 +464,14 @@ class Engine:
             logits, state, hidden, rows, vision_s, prefill_s, prompts_kept = self._forward_rows(
                 batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb,
                 [s.max_new_tokens for s in specs], store_rows)
-        else:  # (the pre-pass's main rows keep no answer)
+        else:  # the pre-pass prefilled the main rows: their prompts as it fed them, for their answers' entries
+            prompts_kept = [{} for _ in range(n_req)]
+            if self.prefix_cache is not None and self.share_prefixes and pre.seq is not None:
+                for r in range(n_req):
+                    if self.prefix_cache.may_keep_answer(pre.seq, r, specs[r].max_new_tokens):
+                        prompts_kept[r][0] = PromptTokens.of_row(pre.seq, r, pre.state.next_positions)
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
                 pre, batch, row_prompts, transforms, pixel_fns, n_req, store_rows)
-            prompts_kept = [{} for _ in range(n_req)]
         fed, visual_fed, shared, final_visual, cached = rows
         broken = (~torch.isfinite(logits[:n_req]).all(dim=-1)).nonzero().flatten().tolist()
         if broken:
@@ -727,13 +731,15 @@ class Engine:
 @dataclass
 class ProbePrefill:
     """A pre-pass's prefill kept for decoding (``Engine.probe_forward(keep_prefill=True)``): its rows' encoding,
-    image features (per row, before any transform), last-position logits, decode state and tokens fed."""
+    image features (per row, before any transform), last-position logits, decode state and tokens fed, and its
+    input as the first layer received it (what the prefix cache keeps of a request's prompt with its answer)."""
 
     batch: EncodedBatch
     features: list[torch.Tensor | None]
     logits: torch.Tensor
     state: DecodeState
     fed: list[int]
+    seq: Seq | None = None
 
 
 def _row_figures(state: DecodeState, fed: list[int], rows: int | None = None) -> tuple[list, ...]:

@@ -6,7 +6,8 @@ The conversation is scripted: ``turns`` questions, each answer a fixed descripti
 tokens (the prefix cache keeps prompts, so whose answers they are does not matter). Then ``warmup`` + ``repeats``
 rounds; in each the three settings take turns, each with a new cache, and each replays the turns in order
 (prefill and the first token). Per turn: the prompt's tokens, the tokens it took from the cache per setting,
-median prefill seconds (vision tower + projector, or the vision-side pruner, + LLM prefill) per setting and their
+median prefill seconds (a decoder's pre-pass, IAVA's or VISTA's, + vision tower + projector, or the vision-side
+pruner, + LLM prefill) per setting and their
 ratios, and whether every setting gave the same first token.
 
 With ``other_chats`` K, each setting's cache first takes K other conversations about the same image (each its own
@@ -159,7 +160,8 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
                     (result,) = engine.generate([request], turn_spec)
                     t = result.timings
                     if rep >= warmup:
-                        times[setting][k].append(t.vision_s + t.prefill_s)
+                        # IAVA's pre-pass prefills the request's rows (setup_s; 0 for a decoder without one)
+                        times[setting][k].append(t.setup_s + t.vision_s + t.prefill_s)
                     took[setting][k], tokens[setting][k] = t.prompt_cached_tokens, result.token_ids
                     took_rows[setting][k] = t.prefill_cached_tokens
                     prompt_tokens[k], answered[k] = result.prompt_tokens, len(result.token_ids)
