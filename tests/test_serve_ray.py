@@ -13,6 +13,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -228,19 +229,26 @@ def test_a_chats_next_turns_reach_the_replica_that_cached_its_image(service):
     assert card["routing"] == "image_affinity" and card["prefix_cache"] is not None
     assert not service.config.ingress_in_model  # auto chose the ingress that reads images
     for i in range(6):
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_to_data_url(random_image(500 + i, (48, 40)))}},
-            {"type": "text", "text": "What is in the image?"}]}]
-        cached = []
-        for turn in range(3):
-            r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
-                           json={"model": MODEL, "messages": messages, "max_tokens": 4})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
-                         {"role": "user", "content": "And the colours?"}]
+        first = [{"type": "image_url", "image_url": {"url": image_to_data_url(random_image(500 + i, (48, 40)))}},
+                 {"type": "text", "text": "What is in the image?"}]
+        cached = _chat_cached_tokens(service, first, "And the colours?")
         assert cached[0] == 0 and cached[1] > 0 and cached[2] > 0, (i, cached)
+
+
+def _chat_cached_tokens(service, first: Any, then: str, turns: int = 3) -> list[int]:
+    """A chat of ``turns`` turns (``first``: the first user turn's content, then ``then`` each time): the prompt
+    tokens each turn took from the answering replica's prefix cache."""
+    messages = [{"role": "user", "content": first}]
+    cached = []
+    for _ in range(turns):
+        r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                       json={"model": MODEL, "messages": messages, "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": then}]
+    return cached
 
 
 def test_a_text_only_chats_next_turns_reach_the_replica_that_cached_its_history(service):
@@ -249,16 +257,7 @@ def test_a_text_only_chats_next_turns_reach_the_replica_that_cached_its_history(
     opening = "Here are my notes from the trip. " + " ".join(f"Day {d}: we walked to the river and back." for d in
                                                              range(1, 6))
     for i in range(6):
-        messages = [{"role": "user", "content": f"{opening} Summary number {i}, please?"}]
-        cached = []
-        for turn in range(3):
-            r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
-                           json={"model": MODEL, "messages": messages, "max_tokens": 4})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
-                         {"role": "user", "content": "And then?"}]
+        cached = _chat_cached_tokens(service, f"{opening} Summary number {i}, please?", "And then?")
         assert cached[1] > 0 and cached[2] > 0, (i, cached)
 
 
