@@ -131,3 +131,28 @@ def test_rows_that_take_the_cache_go_apart_from_rows_that_do_not(monkeypatch):
     eng.prefix_cache = cache
     again = eng.generate([Request(question + " Now!", [b])], spec)[0]
     assert again.timings.prompt_cached_tokens > 0  # the new image's row kept its prefix
+
+
+@pytest.mark.usefixtures("cheap_passes")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_grouped_prefills_under_flash_attention_answer_as_sdpa(family, monkeypatch):
+    """FlashAttention-2's path (a CPU stand-in for its kernels): the merged groups decode through its 2-D key mask
+    and answer as SDPA does, plain and with M3ID."""
+    import flash_emulation
+    from vlmguard.engine import Engine
+    from vlmguard.testing import FAMILIES
+
+    kernels = flash_emulation.install(monkeypatch)
+    model, proc = FAMILIES[family](seed=0)
+    sdpa = Engine(model, proc, name="sdpa")
+    model, proc = FAMILIES[family](seed=0)
+    flash = Engine(model, proc, name="flash", attn_implementation="flash_attention_2")
+    a, b, _ = images(family)
+    requests = [Request("Is there a dog in the image?", [a]), Request("a cat", []), Request("Describe it.", [b])]
+    for spec in (GenerationSpec(max_new_tokens=6), GenerationSpec(decoding="m3id", max_new_tokens=6)):
+        want = sdpa.generate(requests, spec)
+        kernels.clear()
+        calls = spy_groups(monkeypatch)
+        got = flash.generate(requests, spec)
+        assert calls and kernels["varlen"] + kernels["func"] > 0, spec.decoding
+        assert [r.token_ids for r in got] == [r.token_ids for r in want], spec.decoding
