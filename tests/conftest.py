@@ -53,8 +53,9 @@ def no_ray(monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
-    matrices on a shared 2-core machine run faster without torch's thread pool."""
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``), whatever an
+    earlier test left (the session starts on one, see ``pytest_configure``, but a model replica built in-process sets
+    its own count); the count before is restored afterwards."""
     import torch
 
     before = torch.get_num_threads()

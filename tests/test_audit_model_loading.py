@@ -10,13 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from vlmguard.errors import ModelLoadError
 from vlmguard.models.resolve import resolve_model_path
 from vlmguard.testing import tiny_llava
 
-torch.set_num_threads(1)
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -17,7 +17,6 @@ from vlmguard.models.image_text_processor import load_processor
 from vlmguard.models.resolve import SUPPORTED_MODEL_TYPES, resolve_model_path
 from vlmguard.testing import QWEN_TEMPLATE, random_image, tiny_llava, tiny_qwen2_vl
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

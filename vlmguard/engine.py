@@ -465,11 +465,9 @@ class Engine:
                 batch, pctx, pruner, decoder, dctx, transforms, shares, n_req, nb,
                 [s.max_new_tokens for s in specs], store_rows)
         else:  # the pre-pass prefilled the main rows: their prompts as it fed them, for their answers' entries
-            prompts_kept = [{} for _ in range(n_req)]
-            if self.prefix_cache is not None and self.share_prefixes and pre.seq is not None:
-                for r in range(n_req):
-                    if self.prefix_cache.may_keep_answer(pre.seq, r, specs[r].max_new_tokens):
-                        prompts_kept[r][0] = PromptTokens.of_row(pre.seq, r, pre.state.next_positions)
+            prompts_kept = (self._answer_prompts(pre.seq, pre.state.next_positions, range(n_req), n_req,
+                                                 [s.max_new_tokens for s in specs])
+                            if self.share_prefixes and pre.seq is not None else [{} for _ in range(n_req)])
             logits, state, hidden, rows, vision_s, prefill_s = self._forward_after_probe(
                 pre, batch, row_prompts, transforms, pixel_fns, n_req, store_rows)
         fed, visual_fed, shared, final_visual, cached = rows
@@ -621,12 +619,8 @@ class Engine:
                                                    renumber=llm_side and pruner.renumbers_llm_cuts(adapter.family),
                                                    share_prefixes=share,
                                                    prefix_cache=self.prefix_cache, store_rows=store_rows)
-        # per request, branch index -> the prompt of its row of that branch, for the answer's entry
-        prompts: list[dict[int, PromptTokens]] = [{} for _ in range(n_req)]
-        if self.prefix_cache is not None and share and not llm_side:
-            for r in store_rows:
-                if self.prefix_cache.may_keep_answer(seq, r, max_new[r % n_req]):
-                    prompts[r % n_req][r // n_req] = PromptTokens.of_row(seq, r, state.next_positions)
+        prompts = (self._answer_prompts(seq, state.next_positions, store_rows, n_req, max_new)
+                   if share and not llm_side else [{} for _ in range(n_req)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_pre
@@ -689,6 +683,19 @@ class Engine:
         row = {u: k for k, u in enumerate(firsts)}
         batch.expand([row[s] for s in source], requests, specs, indices)
         return batch
+
+    def _answer_prompts(self, seq: Seq, next_positions: torch.Tensor, rows, n_req: int,
+                        max_new: list[int]) -> list[dict[int, PromptTokens]]:
+        """Per request, branch index -> the prompt of its row of that branch among ``rows`` (rows of ``seq``,
+        branch-major: row r is request r % n_req's branch r // n_req) whose answer of up to ``max_new`` tokens the
+        prefix cache may keep (``LiveRequest.prompts``); none without a cache."""
+        prompts: list[dict[int, PromptTokens]] = [{} for _ in range(n_req)]
+        if self.prefix_cache is None:
+            return prompts
+        for r in rows:
+            if self.prefix_cache.may_keep_answer(seq, r, max_new[r % n_req]):
+                prompts[r % n_req][r // n_req] = PromptTokens.of_row(seq, r, next_positions)
+        return prompts
 
     @staticmethod
     def _report_vision_work(pctx: PruneContext, work: dict[str, list[int]]) -> None:

@@ -7,8 +7,7 @@ tokens (the prefix cache keeps prompts, so whose answers they are does not matte
 rounds; in each the three settings take turns, each with a new cache, and each replays the turns in order
 (prefill and the first token). Per turn: the prompt's tokens, the tokens it took from the cache per setting,
 median prefill seconds (a decoder's pre-pass, IAVA's or VISTA's, + vision tower + projector, or the vision-side
-pruner, + LLM prefill) per setting and their
-ratios, and whether every setting gave the same first token.
+pruner, + LLM prefill) per setting and their ratios, and whether every setting gave the same first token.
 
 With ``other_chats`` K, each setting's cache first takes K other conversations about the same image (each its own
 first question, its answer and a second question, prefilled 8 at a time, not timed): with the history kept, K
