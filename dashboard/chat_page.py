@@ -1,9 +1,11 @@
-"""Chat: a conversation about one image, through the service's OpenAI-compatible chat endpoint.
+"""Chat: a conversation about one image, or without an image, through the service's OpenAI-compatible chat
+endpoint.
 
-Each question goes out with the whole conversation before it (the image in the first question), with the pruner
-and decoder chosen when it is asked. The service's prefix cache keeps the conversation, so a follow-up computes
-only what is new; each answer says how many of its prompt tokens came from the cache, and opens onto its timings,
-the kept visual tokens and the per-token probabilities. Another image or model begins a new conversation.
+Each question goes out with the whole conversation before it (the image, if any, in the first question), with the
+pruner and decoder chosen when it is asked. The service's prefix cache keeps the conversation, so a follow-up
+computes only what is new; each answer says how many of its prompt tokens came from the cache, and opens onto its
+timings, the kept visual tokens (with an image) and the per-token probabilities. Another image (or none) or
+another model begins a new conversation.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import streamlit as st
 from PIL import Image
 
 from vlmguard.client import image_to_url
-from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
+from vlmguard.dashboard.request_inputs import (aspect_input, chose_no_image, image_digest, image_input, method_inputs,
+                                               selection_inputs)
 from vlmguard.dashboard.result_view import layers, ms, spec_caption, step_probabilities, timing_metrics, token_views
 from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, service_client, service_page
@@ -22,6 +25,7 @@ from vlmguard.errors import VlmguardError
 
 CHAT_KEY = "ch_conversation"
 FIRST_QUESTION = "Describe this image in detail."
+FIRST_TEXT_QUESTION = "Ask a question"
 
 
 @dataclass
@@ -45,38 +49,43 @@ class Turn:
 
 @dataclass
 class Conversation:
-    topic: tuple[Any, ...]  # the model and the image's pixels it is about
+    topic: tuple[Any, ...]  # the model and the image's pixels it is about (None: a text-only chat)
     turns: list[Turn] = field(default_factory=list)
     image_url: str | None = None  # the image as the first question sends it (encoded once per conversation)
 
 
 def render() -> None:
     cfg = config()
-    status = service_page(cfg, "Chat", "The chat", about="a conversation about one image; the service's prefix cache "
-                          "keeps it, so a follow-up computes only what is new")
+    status = service_page(cfg, "Chat", "The chat", about="a conversation about one image, or without one; the "
+                          "service's prefix cache keeps it, so a follow-up computes only what is new")
     if status is None:
         return
     schemas = method_schemas()
     left, right = st.columns([1, 2])
     with left:
         model = st.selectbox("model", status.models, key="ch_model")
-        image, objects = image_input("ch")
+        image, objects = image_input("ch", text_only=True)
+        text_only = image is None and chose_no_image("ch")
         if objects:
             st.caption("Objects visible in this scene: " + ", ".join(objects))
         methods = method_inputs(schemas, "ch", pruning="flowcut", decoding="greedy")
+        if text_only:
+            st.caption("Without an image the pruner has no visual token to prune, and a decoder whose contrast "
+                       "needs the image decodes plainly.")
         max_new = st.slider("max new tokens", 1, 256, 64, key="ch_max_new")
         aspect = aspect_input("ch")
         with st.expander("token selection"):
             selection = selection_inputs("ch")
         new = st.button("New conversation", key="ch_new")
     with right:
-        if image is None:
+        if image is None and not text_only:
             st.info("Pick a SynthCOCO sample or upload an image.")
             return
-        conv = _conversation((model, image_digest(image)), fresh=new)
+        conv = _conversation((model, None if image is None else image_digest(image)), fresh=new)
         facts = status.facts.get(model) or ModelFacts()
         talk = st.container()  # the turns, above the question box (which this run reads first)
-        question = st.chat_input(FIRST_QUESTION if not conv.turns else "Ask a follow-up question", key="ch_input",
+        first = FIRST_QUESTION if image is not None else FIRST_TEXT_QUESTION
+        question = st.chat_input(first if not conv.turns else "Ask a follow-up question", key="ch_input",
                                  disabled=not methods.ready)
         with talk:
             for turn in conv.turns:
@@ -101,14 +110,14 @@ def _conversation(topic: tuple[Any, ...], fresh: bool) -> Conversation:
     return conv
 
 
-def messages_for(image: Image.Image, conv: Conversation, question: str) -> list[dict[str, Any]]:
-    """The chat request's messages: each answered turn, then the new question; the image goes with the first
-    question (the one it was asked with, or this one)."""
+def messages_for(image: Image.Image | None, conv: Conversation, question: str) -> list[dict[str, Any]]:
+    """The chat request's messages: each answered turn, then the new question; the image, if any, goes with the
+    first question (the one it was asked with, or this one)."""
     out: list[dict[str, Any]] = []
     for turn in [t for t in conv.turns if t.answered] + [None]:
         text = question if turn is None else turn.question
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
-        if not out:
+        if not out and image is not None:
             if conv.image_url is None:
                 conv.image_url = image_to_url(image)
             content.insert(0, {"type": "image_url", "image_url": {"url": conv.image_url}})
@@ -118,7 +127,7 @@ def messages_for(image: Image.Image, conv: Conversation, question: str) -> list[
     return out
 
 
-def _ask(client, model: str, messages: list[dict[str, Any]], turn: Turn, image: Image.Image,
+def _ask(client, model: str, messages: list[dict[str, Any]], turn: Turn, image: Image.Image | None,
          facts: ModelFacts) -> None:
     """Send the conversation with the new question; stream the answer into the page and into ``turn``."""
     with st.chat_message("user"):
@@ -159,7 +168,7 @@ def _deltas(chunks: Iterator[Any], turn: Turn) -> Iterator[str]:
                 yield choice.delta.content
 
 
-def _show_turn(turn: Turn, image: Image.Image, facts: ModelFacts) -> None:
+def _show_turn(turn: Turn, image: Image.Image | None, facts: ModelFacts) -> None:
     with st.chat_message("user"):
         st.markdown(turn.question)
     with st.chat_message("assistant"):
@@ -188,8 +197,9 @@ def cache_line(turn: Turn) -> str:
     return f"{usage.prompt_tokens} prompt tokens, {cached} from the prefix cache"
 
 
-def _turn_facts(turn: Turn, image: Image.Image, facts: ModelFacts) -> None:
-    """One line under the answer (settings, prefill, cache), and its details in an expander."""
+def _turn_facts(turn: Turn, image: Image.Image | None, facts: ModelFacts) -> None:
+    """One line under the answer (settings, prefill, cache), and its details in an expander (the kept visual
+    tokens with an image only)."""
     info = turn.info
     parts = [spec_caption(turn.spec)]
     if info is not None:
@@ -198,11 +208,13 @@ def _turn_facts(turn: Turn, image: Image.Image, facts: ModelFacts) -> None:
     st.caption(" · ".join(parts))
     if info is None:
         return
-    with st.expander("timings, kept visual tokens, per-token probabilities"):
+    with st.expander("timings, per-token probabilities" if image is None
+                     else "timings, kept visual tokens, per-token probabilities"):
         timing_metrics(info.timings)
-        st.caption(f"visual tokens per LLM layer: {layers(info.visual_tokens_kept)}")
-        token_views(image, turn.spec, facts, visual_tokens=info.visual_tokens, kept=info.kept_indices,
-                    pruning_report=None)
+        if image is not None:
+            st.caption(f"visual tokens per LLM layer: {layers(info.visual_tokens_kept)}")
+            token_views(image, turn.spec, facts, visual_tokens=info.visual_tokens, kept=info.kept_indices,
+                        pruning_report=None)
         step_probabilities(info.steps, turn.logprobs, turn.spec)
 
 

@@ -19,6 +19,8 @@ from vlmguard.dashboard.ui import params_form
 from vlmguard.errors import VlmguardError
 from vlmguard.spec import IMAGE_ASPECTS, parse_budget
 
+NO_IMAGE = "no image (text only)"
+
 
 @dataclass
 class MethodChoice:
@@ -94,14 +96,17 @@ def image_digest(image: Image.Image) -> tuple[Any, ...]:
     return image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()
 
 
-def image_input(prefix: str) -> tuple[Image.Image | None, list[str]]:
+def image_input(prefix: str, text_only: bool = False) -> tuple[Image.Image | None, list[str]]:
     """A cached SynthCOCO test image, a freshly rendered scene or an upload; with a rendered scene, the objects
-    it shows."""
+    it shows. ``text_only`` offers no image as a last choice (``NO_IMAGE``), which returns None as a pending upload
+    does: ``chose_no_image`` tells them apart."""
     names = images.synth_sample_names()
     sources = (["SynthCOCO test image"] if names else []) + ["render a SynthCOCO scene", "upload an image"]
-    src = st.radio("image", sources, key=f"{prefix}_source", horizontal=True)
+    src = st.radio("image", sources + ([NO_IMAGE] if text_only else []), key=f"{prefix}_source", horizontal=True)
     objects: list[str] = []
     image = None
+    if src == NO_IMAGE:
+        return None, objects
     if src == "SynthCOCO test image":
         name = st.selectbox("sample", names, key=f"{prefix}_sample")
         image = images.load_synth_sample(name)
@@ -118,3 +123,8 @@ def image_input(prefix: str) -> tuple[Image.Image | None, list[str]]:
     if image is not None:
         st.image(drawing.display_image(image, 256), caption=f"input ({image.size[0]}x{image.size[1]})")
     return image, objects
+
+
+def chose_no_image(prefix: str) -> bool:
+    """``image_input(prefix, text_only=True)`` was answered with no image (not with an upload still to come)."""
+    return st.session_state.get(f"{prefix}_source") == NO_IMAGE

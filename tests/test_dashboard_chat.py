@@ -22,6 +22,7 @@ from vlmguard.api_schema import (
 )
 from vlmguard.client import APIError, _chat_body
 from vlmguard.dashboard.chat_page import CHAT_KEY
+from vlmguard.dashboard.request_inputs import NO_IMAGE
 from vlmguard.dashboard.service import CLIENT_KEY, chat_kwargs, selection_kwargs, spec_kwargs
 from vlmguard.workers.openai_compat import chat_spec, native_spec
 
@@ -49,15 +50,17 @@ class ChatStub(StubClient):
             raise APIError(400, f"refused: {self.fail_on}")
         k = sum(m["role"] == "user" for m in messages)
         words = [f"answer{k}", " one", " ."]
-        kept = [1, 3, 5, 7, 9, 11]
+        image = any(c["type"] == "image_url" for m in messages if isinstance(m["content"], list) for c in m["content"])
+        n = self.N if image else 0  # a text-only chat has no visual token, as the service reports
+        kept = [1, 3, 5, 7, 9, 11] if image else []
         yield ChatCompletionChunk(id="c", created=0, model=model,
                                   choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
         for i, w in enumerate(words[:-1]):
             yield ChatCompletionChunk(id="c", created=0, model=model, choices=[ChunkChoice(
                 delta=ChunkDelta(content=w), logprobs=self._logprobs(w, i))])
         info = VlmguardInfo(
-            pruning=kwargs.get("pruning", "none"), decoding=kwargs.get("decoding", "greedy"), visual_tokens=self.N,
-            visual_tokens_kept=[self.N, self.N, 6, 6], kept_indices=kept,
+            pruning=kwargs.get("pruning", "none"), decoding=kwargs.get("decoding", "greedy"), visual_tokens=n,
+            visual_tokens_kept=[n, n, len(kept), len(kept)], kept_indices=kept,
             timings=TimingsModel(prefill_s=0.02 if k == 1 else 0.004, ttft_s=0.03, decode_s=0.01, total_s=0.05,
                                  prompt_cached_tokens=PROMPT_TOKENS * (k - 1)),
             steps=[StepModel(token_id=20 + i, token=w.strip(), main_prob=0.5, contrast_prob=0.25, score=0.4,
@@ -173,6 +176,36 @@ def test_another_image_or_the_button_begins_a_new_conversation():
     assert len(stub.chats[-1]["messages"]) == 1 and stub.chats[-1]["messages"][0]["content"][0]["type"] == "image_url"
     at.button(key="ch_new").click().run()
     assert not at.session_state[CHAT_KEY].turns and "answer1" not in all_text(at)
+
+
+def test_a_chat_without_an_image_sends_text_only_and_shows_no_visual_tokens():
+    stub = ChatStub()
+    at = chat(stub)
+    at.radio(key="ch_source").set_value(NO_IMAGE).run()
+    assert not at.exception, at.exception
+    assert "no visual token to prune" in all_text(at) and not at.image  # no input image drawn
+    at = ask(at, "What is usually in a kitchen?")
+    at = ask(at, "And in a street?")
+    assert not at.exception, at.exception
+    first, second = stub.chats
+    question = {"type": "text", "text": "What is usually in a kitchen?"}
+    assert first["messages"] == [{"role": "user", "content": [question]}]
+    assert second["messages"][:2] == first["messages"] + [{"role": "assistant", "content": "answer1 one ."}]
+    assert second["messages"][2]["content"] == [{"type": "text", "text": "And in a street?"}]
+    text = all_text(at)
+    assert "answer1 one ." in text and "answer2 one ." in text
+    assert "80 prompt tokens, 40 from the prefix cache" in text
+    assert "Per-token probabilities" in text  # the details: timings and probabilities, no token grid
+    assert "visual tokens per LLM layer" not in text
+    assert len(at.get("vega_lite_chart")) == 2  # each answer's per-token probabilities
+    assert not i_caption(at)
+    assert [e.label for e in at.expander if e.label.startswith("timings")] == ["timings, per-token probabilities"] * 2
+
+    at.radio(key="ch_source").set_value("render a SynthCOCO scene").run()  # an image begins a new conversation
+    assert not at.exception, at.exception
+    assert "A new conversation" in all_text(at) and "answer1" not in all_text(at)
+    at = ask(at, "Describe this image.")
+    assert stub.chats[-1]["messages"][0]["content"][0]["type"] == "image_url"
 
 
 def test_an_unreadable_budget_disables_the_question():
