@@ -77,6 +77,20 @@ def test_generate_logprobs_in_json_and_as_a_table(capsys, image):
     assert rc != 0 and "logprobs: Input should be less than or equal to 20" in err
 
 
+def test_generate_logit_bias(capsys, image):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "3", "--json"]
+    rc, out, _ = run_cli(capsys, *args, "--logit-bias", "7=100", "--logit-bias", "9=-5")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["tokens"] == [7, 7, 7]
+    for bad, needle in (("7=x", "logit_bias.7: Input should be a valid number"),
+                        ("7=101", "less than or equal to 100"), ("99999999=1", "past the model's vocabulary")):
+        rc, _, err = run_cli(capsys, *args, "--logit-bias", bad)
+        assert rc == 2 and needle in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # argparse's own error, with the usage
+        run_cli(capsys, *args, "--logit-bias", "7")
+    assert "argument --logit-bias: expected TOKEN_ID=BIAS (e.g. 2=-100), got '7'" in capsys.readouterr().err
+
+
 def test_generate_stream_prints_text(capsys, image):
     rc, out, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt", "hi",
                          "--max-new-tokens", "3", "--stream")

@@ -82,7 +82,7 @@ def specs(family: str, pruner: str, decoder_id: str) -> dict[str, GenerationSpec
         "E": {**SAMPLED, "seed": 5, "max_new_tokens": 6, "repetition_penalty": 1.3},
         "C": {**SAMPLED, "seed": 11, "max_new_tokens": 7, "presence_penalty": 0.5},
         "C2": {**SAMPLED, "seed": 12, "max_new_tokens": 5},  # C's second choice
-        "F": {"max_new_tokens": 6},
+        "F": {"max_new_tokens": 6, "logit_bias": {5: 3.0, 9: -100.0}},  # joins with a bias of its own
     }
     if decoder == "sample":  # every request samples, each with its own seed
         for name, seed in (("A", 3), ("D", 4), ("B", 7), ("F", 9)):

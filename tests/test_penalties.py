@@ -1,15 +1,18 @@
 """Repetition penalties (presence, frequency: OpenAI's; repetition: transformers' and vLLM's) on the tokens a
-request has generated: the arithmetic, transformers' own processor as the reference, per-request settings in
-a shared batch, composition with contrastive decoding (VISTA: on its mixed logits), and their place in benchmark
-run identities."""
+request has generated, and OpenAI's logit_bias: the arithmetic, transformers' own processors as the reference,
+per-request settings in a shared batch, composition with contrastive decoding (VISTA: on its mixed logits), and
+their place in benchmark run identities."""
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
 
 from vlmguard.bench.report import method_label
-from vlmguard.bench.runner import spec_knobs
+from vlmguard.bench.runner import run_benchmark, spec_knobs
+from vlmguard.decoding.registry import DECODERS
+from vlmguard.errors import InvalidInput
+from vlmguard.models.base import Prompt
 from vlmguard.penalties import apply_penalties
 from vlmguard.results import Request
 from vlmguard.spec import GenerationSpec
@@ -111,3 +114,77 @@ def test_sweep_configs_take_penalties(tmp_path):
     specs = [job_spec(j) for j in jobs]
     assert [(s.repetition_penalty, s.presence_penalty, s.decoding) for s in specs] == [
         (1.3, 0.0, "greedy"), (1.3, 0.5, "vcd")]
+
+
+# ---- logit_bias ---------------------------------------------------------------------------------------------
+
+def test_logit_bias_is_added_at_every_step_with_the_penalties():
+    scores = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    biased = GenerationSpec(logit_bias={1: -100, 3: 2.5})
+    assert apply_penalties(scores, [[]], [biased])[0].tolist() == [2.0, -99.0, -1.0, 3.0]  # the first step too
+    both = GenerationSpec(logit_bias={1: -100}, frequency_penalty=0.5)
+    assert apply_penalties(scores, [[0, 0]], [both])[0].tolist() == [1.0, -99.0, -1.0, 0.5]
+    assert scores[0, 1] == 1.0
+
+
+def test_logit_bias_under_greedy_decoding_is_transformers_sequence_bias():
+    eng = tiny_engine("llava")
+    req = Request("describe the photo", [random_image(1, (40, 32))])
+    plain = eng.generate([req], GenerationSpec(max_new_tokens=8))[0].token_ids
+    bias = {plain[0]: -100.0, plain[1]: -3.0, 5: 4.0}
+    res = eng.generate([req], GenerationSpec(max_new_tokens=8, logit_bias=bias))[0]
+    inputs = eng.processor(images=req.images, text=[eng.adapter.format_prompt(Prompt(req.prompt, req.images))],
+                           return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    ref = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])
+    out = eng.model.generate(**inputs, max_new_tokens=len(res.token_ids), min_new_tokens=len(res.token_ids),
+                             do_sample=False, logits_processor=LogitsProcessorList([ref]))
+    assert res.token_ids == out[0, n:].tolist() and res.token_ids[0] != plain[0]
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODERS.names()))
+def test_logit_bias_bans_and_forces_a_token_under_every_decoder(decoding):
+    """-100 on a token keeps it out of the answer and +100 makes the whole answer of it: every branch row gets
+    the bias, and a contrastive combination (1 + a) l - a l' keeps it once."""
+    eng = tiny_engine("llava")
+    req = Request("describe the photo", [random_image(2, (40, 32))])
+    base = eng.generate([req], GenerationSpec(max_new_tokens=8, decoding=decoding, seed=0))[0].token_ids
+    banned = eng.generate([req], GenerationSpec(max_new_tokens=8, decoding=decoding, seed=0,
+                                                logit_bias={base[0]: -100}))[0]
+    assert base[0] not in banned.token_ids
+    forced = eng.generate([req], GenerationSpec(max_new_tokens=5, decoding=decoding, seed=0, logit_bias={7: 100},
+                                                logprobs=0))[0]
+    assert forced.token_ids == [7] * 5
+    assert all(e.logprob > -1e-3 for e in forced.logprobs)  # log-probabilities of what selection read
+
+
+def test_each_request_of_a_batch_keeps_its_own_logit_bias():
+    eng = tiny_engine("qwen2_vl")
+    reqs = [Request("describe the photo", [random_image(i + 1, (40, 32))]) for i in range(3)]
+    first = eng.generate(reqs[:1], GenerationSpec(max_new_tokens=6))[0].token_ids[0]
+    specs = [GenerationSpec(max_new_tokens=6), GenerationSpec(max_new_tokens=6, logit_bias={first: -100}),
+             GenerationSpec(max_new_tokens=6, logit_bias={9: 100})]
+    batched = eng.generate(reqs, specs)
+    assert [r.token_ids for r in batched] == [eng.generate([r], s)[0].token_ids for r, s in zip(reqs, specs)]
+    assert batched[2].token_ids == [9] * 6
+
+
+def test_a_logit_bias_past_the_vocabulary_or_out_of_range_is_refused():
+    eng = tiny_engine("llava")
+    width = eng.adapter.logits_width
+    req = Request("describe the photo", [random_image(1, (40, 32))])
+    with pytest.raises(InvalidInput, match=f"request 1: logit_bias names token id {width}, past the model's "
+                                           f"vocabulary \\(ids 0-{width - 1}\\)") as e:
+        eng.generate([req, req], [GenerationSpec(), GenerationSpec(logit_bias={width: 1.0})])
+    assert e.value.param == "logit_bias"
+    for bias, needle in (({-1: 1}, "greater than or equal to 0"), ({1: -101}, "greater than or equal to -100"),
+                         ({"x": 1}, "valid integer"), ({1: True}, "not a boolean")):
+        with pytest.raises(InvalidInput, match=needle):
+            GenerationSpec(logit_bias=bias)
+    assert GenerationSpec.model_validate_json('{"logit_bias": {"12": -100}}').logit_bias == {12: -100.0}
+
+
+def test_benchmarks_refuse_a_logit_bias():
+    """A bias is not one of a run's knobs: a biased run would resume (and be reported as) the plain one."""
+    with pytest.raises(InvalidInput, match="benchmarks do not take a logit_bias"):
+        run_benchmark(None, "chair", None, GenerationSpec(logit_bias={3: -100}), db=":memory:")

@@ -183,8 +183,7 @@ def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_h
     refused = {"n": (17, "at most 16 choices"),
                "response_format": ({"type": "json_object"}, "'json_object' is not supported"),
                "tools": ([{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
-               "tool_choice": ("auto", "tool calling is not supported"),
-               "logit_bias": ({"50256": -100}, "logit_bias is not supported")}
+               "tool_choice": ("auto", "tool calling is not supported")}
     for field, (value, needle) in refused.items():
         with pytest.raises(ValidationError, match=needle) as e:
             _req(**{field: value})
@@ -200,6 +199,18 @@ def test_chat_penalties_map_to_the_spec():
     for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0)):
         with pytest.raises(ValidationError, match=field):
             _req(**{field: value})
+
+
+def test_chat_logit_bias_maps_to_the_spec_by_token_id():
+    assert chat_spec(_req(logit_bias={"50256": -100, "7": 2.5}), 64).logit_bias == {50256: -100.0, 7: 2.5}
+    assert chat_spec(_req(logit_bias={}), 64).logit_bias == {} == chat_spec(_req(), 64).logit_bias
+    for bias, needle in (({"dog": 1}, "valid integer"), ({"-3": 1}, "greater than or equal to 0"),
+                         ({"5": 101}, "less than or equal to 100"), ({str(i): 1 for i in range(1025)}, "at most 1024")):
+        with pytest.raises(InvalidInput, match=needle) as e:
+            chat_spec(_req(logit_bias=bias), 64)
+        assert e.value.param.startswith("logit_bias")
+    with pytest.raises(ValidationError, match="not a boolean"):
+        _req(logit_bias={"5": True})
 
 
 def test_chat_logprobs_map_to_the_spec_and_top_logprobs_need_logprobs():

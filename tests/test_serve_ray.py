@@ -159,12 +159,20 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert {(c.id, c.object, c.model) for c in chunks} == {(chunks[0].id, "chat.completion.chunk", MODEL)}
     assert all(c.usage is None and len(c.choices) == 1 for c in chunks)  # no usage chunk unless asked for
-    for extra, param in [({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"n": 17}, "n"),
+    for extra, param in [({"n": 17}, "n"),
                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                          ({"extra_body": {"frobnicate": 1}}, "frobnicate")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**extra, **kwargs)
         assert e.value.param == param and e.value.code in ("unsupported_value", "unsupported_parameter"), e.value.body
+    # OpenAI's logit_bias: +100 makes the whole answer of one token, each request its own; a token past the model's
+    # vocabulary is refused, naming the field
+    forced = [client.chat.completions.create(logit_bias={t: 100}, logprobs=True, **kwargs) for t in ("7", "9")]
+    pieces = [{e.token for e in f.choices[0].logprobs.content} for f in forced]
+    assert [len(p) for p in pieces] == [1, 1] and pieces[0] != pieces[1]
+    with pytest.raises(openai.BadRequestError, match="past the model's vocabulary") as e:
+        client.chat.completions.create(logit_bias={"99999999": -100}, **kwargs)
+    assert e.value.param == "logit_bias"
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 
@@ -189,6 +197,9 @@ def test_native_generate_and_python_client(service):
         chat = c.chat("Is there a cat?", images=[random_image(4, (32, 32))], max_tokens=4, decoding="vcd",
                       decoding_params={"alpha": 1.0})
         assert chat.vlmguard.decoding == "vcd" and chat.usage.completion_tokens >= 1
+        forced = c.generate("Describe the image.", images=[random_image(3, (40, 40))], max_new_tokens=3,
+                            logit_bias={7: 100})  # the native spec's logit_bias: JSON's string keys read as ids
+        assert forced.token_ids == [7, 7, 7]
 
 
 def test_concurrent_requests_are_batched(service, image_url):

@@ -11,11 +11,12 @@ Two families of endpoints:
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
 Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
-as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``, JSON ``response_format``, ``logit_bias``)
-are refused with a 400 naming them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
+as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``, JSON ``response_format``) are
+refused with a 400 naming them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
 the request that many times in one batch (choice k seeded ``seed + k`` when a seed is given).
 ``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
-has generated (``vlmguard/penalties.py``).
+has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the tokens it names, at every step
+(``vlmguard/penalties.py``).
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
 selection reads, before temperature, top-k and top-p), so a contrastive decoder's entries show what it did.
 """
@@ -160,7 +161,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
     OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
-    text, no ``tools``, ``tool_choice`` none, empty ``logit_bias``); anything else is refused with a message
+    text, no ``tools``, ``tool_choice`` none); anything else is refused with a message
     naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``
     and ``min_tokens`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends them).
     """
@@ -189,7 +190,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None  # {token id: bias in [-100, 100]}, read by GenerationSpec
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")
@@ -224,12 +225,6 @@ class ChatCompletionRequest(NumbersNotBooleans):
             raise unsupported("tool calling is not supported by this server (only tool_choice 'none')")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        if v:
-            raise unsupported("logit_bias is not supported by this server")
-        return v
 
 
 class AssistantMessage(BaseModel):

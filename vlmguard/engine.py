@@ -393,6 +393,12 @@ class Engine:
         t0 = time.perf_counter()
         pruner, decoder = specs[0].resolve()
         prompts = self._prompts(requests, positions, specs)
+        width = self.adapter.logits_width
+        for i, s in zip(positions, specs):
+            beyond = [t for t in s.logit_bias if t >= width]
+            if beyond:
+                raise InvalidInput(f"request {i}: logit_bias names token id {beyond[0]}, past the model's vocabulary "
+                                   f"(ids 0-{width - 1})", param="logit_bias")
         if decoder.merged_combine and not decoder.row_hooks:  # no per-request decoder state: copies share a prefill
             source = _copies(requests, specs)
             if len(set(source)) < len(requests):

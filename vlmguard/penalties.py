@@ -1,7 +1,8 @@
-"""Penalties on repeated tokens, per request, on the model's logits: every row of the request (the main row and a
-contrastive decoder's branch rows), before the decoder combines them (``DecodeBatch._penalised_logits``), as
-transformers and vLLM apply them to a model's logits. (The multiplicative penalty is not shift-invariant: on
-log-probabilities, all <= 0, it would multiply every seen token and hardly touch a confident repeat.)
+"""Penalties on repeated tokens and logit biases, per request, on the model's logits: every row of the request (the
+main row and a contrastive decoder's branch rows), before the decoder combines them
+(``DecodeBatch._penalised_logits``), as transformers and vLLM apply them to a model's logits. (The multiplicative
+penalty is not shift-invariant: on log-probabilities, all <= 0, it would multiply every seen token and hardly touch
+a confident repeat.)
 
 * ``presence_penalty`` / ``frequency_penalty`` (OpenAI's): ``score[t] -= presence * (count[t] > 0) +
   frequency * count[t]``, where ``count[t]`` is how often the request has generated ``t`` so far;
@@ -13,6 +14,10 @@ a question's words, "Is there a dog", are not repeats of an answer). The decoder
 so token selection, log-probabilities and diagnostics all see the penalties. Under plain greedy decoding the
 repetition penalty gives the tokens of transformers' ``RepetitionPenaltyLogitsProcessor`` applied to the
 generated tokens (tested).
+
+``logit_bias`` (OpenAI's, vLLM's): ``score[t] += bias[t]`` for the tokens it names, at every step, on every row of
+the request as the penalties are. A contrastive decoder's combination of two rows, ``(1 + a) * l - a * l'``,
+keeps the bias once, so -100 bans a token under every decoder as under plain decoding.
 
 ``min_new_tokens`` (:func:`hold_eos`) keeps a request's end-of-sequence tokens from being chosen until it has
 generated that many tokens.
@@ -36,27 +41,39 @@ def set_penalties(spec: GenerationSpec) -> dict[str, float]:
 
 
 def penalised(spec: GenerationSpec) -> bool:
-    return bool(set_penalties(spec))
+    """``spec`` changes the model's logits before the decoder combines them: a penalty or a logit bias."""
+    return bool(spec.logit_bias) or bool(set_penalties(spec))
 
 
 def apply_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]],
                     specs: Sequence[GenerationSpec]) -> torch.Tensor:
-    """scores (B, V) -> penalised scores (a new tensor; rows whose spec has no penalty are unchanged)."""
+    """scores (B, V) -> penalised scores (a new tensor; rows whose spec changes nothing are unchanged): each row's
+    penalties on the tokens it generated, then its ``logit_bias`` added."""
     out = scores
     for j, (ids, spec) in enumerate(zip(generated, specs)):
-        if not ids or not penalised(spec):
+        repeats = bool(ids) and bool(set_penalties(spec))
+        if not repeats and not spec.logit_bias:
             continue
         if out is scores:
             out = scores.clone()
-        counts = torch.bincount(torch.tensor(ids, device=scores.device), minlength=scores.shape[-1])[: scores.shape[-1]]
-        seen = counts > 0
         row = out[j]
-        if spec.repetition_penalty != 1.0:
-            p = spec.repetition_penalty
-            row = torch.where(seen, torch.where(row > 0, row / p, row * p), row)
-        row = row - spec.presence_penalty * seen.to(row.dtype) - spec.frequency_penalty * counts.to(row.dtype)
+        if repeats:
+            row = _repeat_penalties(row, ids, spec)
+        if spec.logit_bias:
+            at = torch.tensor(list(spec.logit_bias), device=scores.device)
+            row = row.index_add(0, at, torch.tensor(list(spec.logit_bias.values()), dtype=row.dtype,
+                                                    device=scores.device))
         out[j] = row
     return out
+
+
+def _repeat_penalties(row: torch.Tensor, ids: Sequence[int], spec: GenerationSpec) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(ids, device=row.device), minlength=row.shape[-1])[: row.shape[-1]]
+    seen = counts > 0
+    if spec.repetition_penalty != 1.0:
+        p = spec.repetition_penalty
+        row = torch.where(seen, torch.where(row > 0, row / p, row * p), row)
+    return row - spec.presence_penalty * seen.to(row.dtype) - spec.frequency_penalty * counts.to(row.dtype)
 
 
 def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],

@@ -10,8 +10,8 @@ import math
 import typing
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, StrictBool, ValidationError,
+                      ValidationInfo, field_validator)
 from pydantic_core import PydanticCustomError
 
 from vlmguard.errors import InvalidInput
@@ -25,7 +25,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                 "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "image_aspect"})
+                                "repetition_penalty", "logit_bias", "image_aspect"})
+MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 
 
 def check_budget(v: int | float) -> int | float:
@@ -62,16 +63,17 @@ def _takes(annotation: Any, kinds: tuple[type, ...]) -> bool:
 
 
 class NumbersNotBooleans(BaseModel):
-    """A base for request models: JSON ``true`` / ``false`` given for a number field (alone or in a list) is
-    refused, naming the field, where pydantic would read it as 1 / 0 (``max_new_tokens: true`` one token, FastV's
-    ``K=true`` a K of 1). ``_boolean_hints``: a field's own message instead of the generic one."""
+    """A base for request models: JSON ``true`` / ``false`` given for a number field (alone, in a list or as a map's
+    value) is refused, naming the field, where pydantic would read it as 1 / 0 (``max_new_tokens: true`` one
+    token, FastV's ``K=true`` a K of 1). ``_boolean_hints``: a field's own message instead of the generic one."""
 
     _boolean_hints: ClassVar[dict[str, str]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, bool) or isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v):
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+        if isinstance(v, bool) or any(isinstance(x, bool) for x in items):
             annotation = cls.model_fields[info.field_name].annotation
             if _takes(annotation, (int, float)) and not _takes(annotation, (bool,)):
                 raise PydanticCustomError("bool_for_number", cls._boolean_hints.get(
@@ -137,6 +139,12 @@ class GenerationSpec(NumbersNotBooleans):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
+    # OpenAI's logit_bias: {token id: bias in [-100, 100]} added to the model's logits at every step, with the
+    # penalties (every branch row; a contrastive decoder's combination keeps it once). -100 all but bans a token,
+    # +100 all but forces it. JSON's string keys ("50256") are read as ids; ids past the model's vocabulary are
+    # refused by the engine.
+    logit_bias: dict[NonNegativeInt, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: StrictBool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,

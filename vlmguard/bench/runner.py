@@ -285,6 +285,8 @@ def run_benchmark(
         raise InvalidInput(f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARKS)})")
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, got {batch_size}")
+    if getattr(spec, "logit_bias", None):  # not a knob of the run: a biased run would resume the plain one
+        raise InvalidInput("benchmarks do not take a logit_bias", param="logit_bias")
     t0 = time.perf_counter()
     conn = db if hasattr(db, "execute") else dbm.connect(db)
     try:

@@ -58,6 +58,14 @@ def budget_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def logit_bias_arg(text: str) -> tuple[str, str]:
+    """The argparse type of ``--logit-bias``: ``ID=BIAS`` (GenerationSpec checks the id and the bias)."""
+    token, eq, bias = text.partition("=")
+    if not eq or not token.strip() or not bias.strip():
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS (e.g. 2=-100), got {text!r}")
+    return token.strip(), bias.strip()
+
+
 def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
     if args.budget is not None and args.pruning == "none":
         raise InvalidInput("--budget needs --pruning (the pruning method it is for)")
@@ -70,7 +78,7 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-        image_aspect=args.image_aspect,
+        image_aspect=args.image_aspect, logit_bias=dict(getattr(args, "logit_bias", None) or []),
     )
 
 
@@ -85,6 +93,9 @@ def register(sub) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="report each token's log-probability under the decoder's final scores and the K most "
                         "likely tokens (0-20)")
+    p.add_argument("--logit-bias", type=logit_bias_arg, action="append", metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's score at every step: -100 all but bans it, 100 all but "
+                        "forces it (repeatable; OpenAI's logit_bias)")
     p.set_defaults(func=run)
 
 

@@ -108,6 +108,12 @@ class ModelAdapter:
         return out[..., :n].contiguous() if n is not None and n < out.shape[-1] else out
 
     @property
+    def logits_width(self) -> int:
+        """How many token ids ``logits`` scores: the ids a logit bias may name."""
+        rows = int(self.lm_head.weight.shape[0])
+        return rows if self.n_tokens is None else min(rows, self.n_tokens)
+
+    @property
     def embed_tokens(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
