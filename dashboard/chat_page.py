@@ -4,8 +4,9 @@ endpoint.
 Each question goes out with the whole conversation before it (the image, if any, in the first question), with the
 pruner and decoder chosen when it is asked. The service's prefix cache keeps the conversation, so a follow-up
 computes only what is new; each answer says how many of its prompt tokens came from the cache, and opens onto its
-timings, the kept visual tokens (with an image) and the per-token probabilities. Another image (or none) or
-another model begins a new conversation.
+timings, the kept visual tokens (with an image) and the per-token probabilities. A chat without an image can
+take one later: the next question carries it. Once an image went out, another image (or none) or another model
+begins a new conversation.
 """
 from __future__ import annotations
 
@@ -49,9 +50,20 @@ class Turn:
 
 @dataclass
 class Conversation:
-    topic: tuple[Any, ...]  # the model and the image's pixels it is about (None: a text-only chat)
+    topic: tuple[Any, ...]  # the model and the image's pixels it is about (None: no image, so far)
     turns: list[Turn] = field(default_factory=list)
-    image_url: str | None = None  # the image as the first question sends it (encoded once per conversation)
+    image_url: str | None = None  # the image as its question sends it (encoded once per conversation)
+    # the turn (index into ``turns``) from which the image goes out: the first answered one from there carries it
+    # (0: the chat began with it; later: it joined a chat without one); None: no image
+    image_from: int | None = None
+
+    def image_sent(self) -> bool:
+        """An answered turn carried the image: it is part of the conversation."""
+        return self.image_from is not None and any(t.answered for t in self.turns[self.image_from:])
+
+    def with_image(self, i: int) -> bool:
+        """Turn ``i``'s prompt held the image."""
+        return self.image_from is not None and i >= self.image_from
 
 
 def render() -> None:
@@ -88,36 +100,48 @@ def render() -> None:
         question = st.chat_input(first if not conv.turns else "Ask a follow-up question", key="ch_input",
                                  disabled=not methods.ready)
         with talk:
-            for turn in conv.turns:
-                _show_turn(turn, image, facts)
-            if question and question.strip():
-                spec = spec_kwargs(methods.pruning, methods.budget, methods.pruning_params, methods.decoding,
-                                   methods.decoding_params, max_new, selection=selection, image_aspect=aspect)
-                turn = Turn(question.strip(), spec)
-                messages = messages_for(image, conv, turn.question)
-                conv.turns.append(turn)  # kept whatever happens: a failed turn shows its error, not sent again
-                _ask(service_client(cfg), model, messages, turn, image, facts)
+            for i, turn in enumerate(conv.turns):
+                _show_turn(turn, image if conv.with_image(i) else None, facts)
+            if not (question and question.strip()):
+                if conv.image_from and not conv.image_sent():
+                    st.info("The image goes with the next question; the conversation so far had none.")
+                return
+            spec = spec_kwargs(methods.pruning, methods.budget, methods.pruning_params, methods.decoding,
+                               methods.decoding_params, max_new, selection=selection, image_aspect=aspect)
+            turn = Turn(question.strip(), spec)
+            messages = messages_for(image, conv, turn.question)
+            conv.turns.append(turn)  # kept whatever happens: a failed turn shows its error, not sent again
+            _ask(service_client(cfg), model, messages, turn, image, facts)
 
 
 def _conversation(topic: tuple[Any, ...], fresh: bool) -> Conversation:
-    """The conversation about ``topic``: the one on screen, or a new one (asked for, or another image or model)."""
+    """The conversation about ``topic``: the one on screen, or a new one (asked for, or another model, or another
+    image once one went out). A conversation none of whose answered turns carried an image takes the image chosen
+    now (or none) for its next question."""
     conv = st.session_state.get(CHAT_KEY)
+    model, image = topic
+    if (conv is not None and not fresh and conv.topic != topic and conv.topic[0] == model
+            and any(t.answered for t in conv.turns) and not conv.image_sent()):
+        conv.topic, conv.image_url = topic, None
+        conv.image_from = None if image is None else len(conv.turns)
     if conv is not None and conv.topic != topic and conv.turns and not fresh:
         st.info("A new conversation: the image or the model changed since the last one.")
     if conv is None or conv.topic != topic or fresh:
-        conv = Conversation(topic)
+        conv = Conversation(topic, image_from=None if image is None else 0)
         st.session_state[CHAT_KEY] = conv
     return conv
 
 
 def messages_for(image: Image.Image | None, conv: Conversation, question: str) -> list[dict[str, Any]]:
     """The chat request's messages: each answered turn, then the new question; the image, if any, goes with the
-    first question (the one it was asked with, or this one)."""
+    first question from ``conv.image_from`` on (the one it was asked with, or this one)."""
     out: list[dict[str, Any]] = []
-    for turn in [t for t in conv.turns if t.answered] + [None]:
+    pending = image is not None and conv.image_from is not None
+    for i, turn in [(i, t) for i, t in enumerate(conv.turns) if t.answered] + [(len(conv.turns), None)]:
         text = question if turn is None else turn.question
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
-        if not out and image is not None:
+        if pending and conv.with_image(i):
+            pending = False
             if conv.image_url is None:
                 conv.image_url = image_to_url(image)
             content.insert(0, {"type": "image_url", "image_url": {"url": conv.image_url}})

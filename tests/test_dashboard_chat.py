@@ -201,11 +201,37 @@ def test_a_chat_without_an_image_sends_text_only_and_shows_no_visual_tokens():
     assert not i_caption(at)
     assert [e.label for e in at.expander if e.label.startswith("timings")] == ["timings, per-token probabilities"] * 2
 
-    at.radio(key="ch_source").set_value("render a SynthCOCO scene").run()  # an image begins a new conversation
+
+
+def test_a_chat_without_an_image_takes_one_for_its_next_question():
+    """The image chosen after a text-only exchange goes with the next question, the history before it kept;
+    until it goes out it can be changed or dropped; once it went out, another image begins a new conversation."""
+    stub = ChatStub()
+    at = chat(stub)
+    at.radio(key="ch_source").set_value(NO_IMAGE).run()
+    at = ask(at, "What is usually in a kitchen?")
+    at.radio(key="ch_source").set_value("render a SynthCOCO scene").run()
     assert not at.exception, at.exception
+    text = all_text(at)
+    assert "The image goes with the next question" in text and "answer1 one ." in text
+    assert "A new conversation" not in text
+    at.number_input(key="ch_seed").set_value(2).run()  # not sent yet: another scene takes its place
+    assert "answer1 one ." in all_text(at) and "A new conversation" not in all_text(at)
+    at = ask(at, "Which of those are here?")
+    assert not at.exception, at.exception
+    msgs = stub.chats[-1]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"] == [{"type": "text", "text": "What is usually in a kitchen?"}]
+    assert [c["type"] for c in msgs[2]["content"]] == ["image_url", "text"]  # the image joins with this question
+    # the first answer shows no token grid, the second the kept tokens over the image
+    assert [c for c in i_caption(at) if c.startswith("kept visual tokens")] == ["kept visual tokens: 6 of 16"]
+    assert "The image goes with the next question" not in all_text(at)
+    at = ask(at, "And on the left?")
+    msgs = stub.chats[-1]["messages"]
+    assert len(msgs) == 5 and msgs[2]["content"][0]["type"] == "image_url"  # it stays with the question it came in
+    assert all(c["type"] == "text" for m in msgs if m["role"] == "user" and m is not msgs[2] for c in m["content"])
+    at.number_input(key="ch_seed").set_value(3).run()  # the image went out: another one begins a new conversation
     assert "A new conversation" in all_text(at) and "answer1" not in all_text(at)
-    at = ask(at, "Describe this image.")
-    assert stub.chats[-1]["messages"][0]["content"][0]["type"] == "image_url"
 
 
 def test_an_unreadable_budget_disables_the_question():

@@ -105,6 +105,29 @@ def test_a_conversation_without_an_image_takes_its_history():
     assert all(r["same_tokens"] for r in rows)
 
 
+def test_an_image_that_comes_with_a_later_question_takes_the_history_before_it():
+    """``--image-at 3``: turns 1-2 have no image; turn 3 brings it and takes turn 2's whole prompt (anchored by its
+    first tokens), where image prefixes alone give it nothing; turn 4 takes turn 3's image prefix (the history and
+    the image: turn 3's question after it is too short to keep) in both settings."""
+    report = run_json(["perf", "chat", "--shape", "tiny", "--turns", "4", "--answer-tokens", "40", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--quiet", "--json", "--image-at", "3"])
+    assert report["image_at"] == 3
+    rows = report["rows"]
+    assert rows[2]["prompt_tokens"] - rows[1]["prompt_tokens"] > 100  # the image's tokens came with turn 3
+    assert [r["image_cached_tokens"] for r in rows[:3]] == [0, 0, 0]
+    assert rows[2]["conversation_cached_tokens"] == rows[1]["prompt_tokens"]
+    assert rows[3]["conversation_cached_tokens"] == rows[3]["image_cached_tokens"] > rows[2]["prompt_tokens"] - 32
+    assert all(r["same_tokens"] for r in rows)
+
+
+@pytest.mark.parametrize("args, needle", [(["--image-at", "5"], "--image-at 5: the conversation has 4 questions"),
+                                          (["--image-at", "2", "--text-only"], "no image to bring in")])
+def test_an_image_at_no_question_of_the_conversation_is_an_error(capsys, args, needle):
+    rc = main(["perf", "chat", "--shape", "tiny", "--turns", "4", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Traceback" not in err
+
+
 def test_text_only_with_a_pruner_is_an_error(capsys):
     rc = main(["perf", "chat", "--shape", "tiny", "--text-only", "--pruning", "fastv", "--budget", "8", "--quiet"])
     err = capsys.readouterr().err

@@ -25,15 +25,17 @@ TEXT_QUESTIONS = ["Tell me a short story about a cat and a dog who live in a sma
                   "How did it end?"]
 
 
-def conversation(eng, spec, image, questions=QUESTIONS, answers=None):
-    """The turns of a chat about ``image`` (None: a chat without one), each asked with the history before it (the
-    earlier questions and the model's own answers, or ``answers`` where given); the results, one per turn."""
+def conversation(eng, spec, image, questions=QUESTIONS, answers=None, image_at=0):
+    """The turns of a chat about ``image`` (None: a chat without one; it comes with question ``image_at``), each
+    asked with the history before it (the earlier questions and the model's own answers, or ``answers`` where
+    given); the results, one per turn."""
     messages, results = [], []
     for k, q in enumerate(questions):
-        content = ([{"type": "image"}] if k == 0 and image is not None else []) + [{"type": "text", "text": q}]
+        content = ([{"type": "image"}] if k == image_at and image is not None else []) + [{"type": "text", "text": q}]
         messages.append({"role": "user", "content": content})
         prompt = eng.adapter.format_messages(messages)
-        (result,) = eng.generate([Request(prompt, [image] if image is not None else [], raw_prompt=True)], spec)
+        shown = [image] if image is not None and k >= image_at else []
+        (result,) = eng.generate([Request(prompt, shown, raw_prompt=True)], spec)
         results.append(result)
         answer = answers[k] if answers else result.text
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -136,6 +138,26 @@ def test_a_text_only_conversation_takes_its_history(family):
     assert (cache.stats.hits, cache.stats.misses, cache.stats.image_entries) == (2, 1, 0)
     lengths = sorted(e.length for e in answer_entries(cache))
     assert lengths[-1] == cached[2].prompt_tokens + len(cached[2].token_ids) - 1
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_an_image_that_joins_a_chat_without_one_keeps_the_history_before_it(family):
+    """A chat's image may come with a later question (the dashboard's Chat does this): that turn takes the
+    text-only history before it (anchored by its first tokens), the next one the whole prompt with the image, and
+    every turn answers as a fresh prefill does."""
+    eng = engine(family)
+    image = images(family)[0]
+    spec = GenerationSpec(max_new_tokens=MIN_TAIL + 8, min_new_tokens=MIN_TAIL + 8, logprobs=2)
+    questions = ["Tell me about cats and dogs.", "Which is here?", "Is it on the left?"]  # (LLaVA-NeXT's context)
+    fresh = conversation(eng, spec, image, questions, image_at=1)
+    cache = eng.enable_prefix_cache(64)
+    cached = conversation(eng, spec, image, questions, answers=[r.text for r in fresh], image_at=1)
+    assert_same(fresh, cached)
+    assert fresh[0].visual_tokens == 0 and fresh[1].visual_tokens == fresh[2].visual_tokens > 0
+    took = [r.timings.prompt_cached_tokens for r in cached]
+    assert took[0] == 0 and took[1] >= cached[0].prompt_tokens > TEXT_ANCHOR, took
+    assert took[2] >= cached[1].prompt_tokens, took
+    assert (cache.stats.hits, cache.stats.misses) == (2, 1)
 
 
 def test_text_only_prompts_keep_no_anchor_of_their_own_but_share_one():

@@ -246,19 +246,21 @@ def test_a_chats_next_turns_reach_the_replica_that_cached_its_image(service):
         assert cached[0] == 0 and cached[1] > 0 and cached[2] > 0, (i, cached)
 
 
-def _chat_cached_tokens(service, first: Any, then: str, turns: int = 3) -> list[int]:
-    """A chat of ``turns`` turns (``first``: the first user turn's content, then ``then`` each time): the prompt
-    tokens each turn took from the answering replica's prefix cache."""
+def _chat_cached_tokens(service, first: Any, then: Any, turns: int = 3) -> list[int]:
+    """A chat of ``turns`` turns (``first``: the first user turn's content, then ``then`` each time, or a tuple of
+    the later turns' contents): the prompt tokens each turn took from the answering replica's prefix cache."""
     messages = [{"role": "user", "content": first}]
+    later = list(then) if isinstance(then, tuple) else [then] * (turns - 1)
     cached = []
-    for _ in range(turns):
+    for k in range(turns):
         r = httpx.post(service.url + "/v1/chat/completions", headers=AUTH, timeout=120,
                        json={"model": MODEL, "messages": messages, "max_tokens": 4})
         assert r.status_code == 200, r.text
         body = r.json()
         cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-        messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
-                     {"role": "user", "content": then}]
+        messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        if k < turns - 1:
+            messages.append({"role": "user", "content": later[k]})
     return cached
 
 
@@ -270,6 +272,19 @@ def test_a_text_only_chats_next_turns_reach_the_replica_that_cached_its_history(
     for i in range(6):
         cached = _chat_cached_tokens(service, f"{opening} Summary number {i}, please?", "And then?")
         assert cached[1] > 0 and cached[2] > 0, (i, cached)
+
+
+def test_an_image_that_joins_a_text_chat_reaches_the_replica_with_its_history(service):
+    """A chat that begins without an image and takes one with its second question stays with its opening's
+    replica: that question takes the text history from the cache (anchored by its first tokens), the next one the
+    history with the image."""
+    opening = "Here is what I saw on my walk. " + " ".join(f"Stop {d}: a bench, a tree and a lamp." for d in
+                                                           range(1, 6))
+    for i in range(6):
+        image = {"type": "image_url", "image_url": {"url": image_to_data_url(random_image(700 + i, (48, 40)))}}
+        cached = _chat_cached_tokens(service, f"{opening} Which stop was best, {i}?",
+                                     ([image, {"type": "text", "text": "Is it this one?"}], "And then?"))
+        assert cached[1] > 0 and cached[2] > cached[1], (i, cached)
 
 
 def test_no_direct_urls_without_direct_ingress(service):

@@ -247,5 +247,14 @@ def test_a_request_without_images_is_keyed_by_its_conversations_opening():
     image = random_image(3, (64, 64))
     assert request_routing_key(WorkItem(prompt="Tell me a story.", spec=GenerationSpec(), images=[image])) == \
         image_routing_key([image])
+    # a chat whose image came with a later question stays with its opening's replica, which holds the history
+    later = chat("Tell me a story.", "Once...", "Is it here?", system="Be brief.")
+    later.messages[-1]["content"].insert(0, {"type": "image"})
+    later.images = [image]
+    assert request_routing_key(later) == key
+    opened = chat("Tell me a story.", "Once...", "And then?", system="Be brief.")
+    opened.messages[1]["content"].insert(0, {"type": "image"})  # the first user turn (after the system one)
+    opened.images = [image]
+    assert request_routing_key(opened) == image_routing_key([image])
     assert request_routing_key(WorkItem(prompt="USER: hi", spec=GenerationSpec(), raw_prompt=True)) is None
     assert request_routing_key(WorkItem(prompt="", spec=GenerationSpec())) is None

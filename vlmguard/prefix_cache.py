@@ -30,7 +30,8 @@ tokens, value for value, decodes from the entry's first ones as from its own.
   is anchored by its first ``TEXT_ANCHOR`` tokens instead of an image prefix: it is looked up as above and takes
   the entry that begins with the most of its tokens, at least those (the system text's keys and values, another
   turn of its conversation), and it keeps only whole prompts and answers (the same ``min_tail`` past the anchor),
-  never the anchor alone.
+  never the anchor alone. A row with an image that no entry holds, whose first ``TEXT_ANCHOR`` tokens hold no visual
+  token, is then looked up by those tokens too: the question an image came with takes the chat's turns before it.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
@@ -195,12 +196,18 @@ class PrefixCache:
         lengths, hashes, tokens, text = _prefix_hashes(seq)
         counts = seq.valid.sum(dim=1).tolist()
         found: list[CachedPrefix | None] = [None] * seq.batch_size
+        text_anchors: list[tuple | None] | None = None  # made for the first row with an image that misses
         with self._lock:
             for r, (n, h) in enumerate(zip(lengths, hashes)):
                 if h is None:
                     continue
                 # the row keeps at least its last token for its own logits
                 entry, most = self._best(h, seq, r, seq.length - counts[r], n, counts[r] - 1, tokens)
+                if entry is None and not text[r]:  # its text before the image, kept by a chat without one
+                    text_anchors = text_anchors or _text_anchor_hashes(seq, tokens, text)
+                    if text_anchors[r] is not None:
+                        entry, most = self._best(text_anchors[r], seq, r, seq.length - counts[r], TEXT_ANCHOR,
+                                                 counts[r] - 1, tokens)
                 if entry is not None:
                     entry.hits += 1
                     self.stats.hits += 1
@@ -548,11 +555,36 @@ def _prefix_hashes(seq: Seq) -> tuple[list[int], list[tuple[int, int, int] | Non
         w = torch.randint(1, 1 << 26, (ints.shape[-1],), generator=gen).to(device)
         token = (ints * w).sum(dim=-1) % _P  # (B, L)
         tokens = tokens * _P + token
-        # each token weighted by its place in the row (counted from the row's first token)
         place = (cols - start[:, None]).clamp(min=0)
-        weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
-        inside = (cols >= start[:, None]) & (cols < (start + n)[:, None])
-        hashes.append((((token * weight) % _P) * inside).sum(dim=1).tolist())
+        hashes.append(_anchor_hash(token, place, (cols >= start[:, None]) & (cols < (start + n)[:, None]), salt))
     # the token hashes go to the host once: choosing among many entries then syncs no device (one D2H copy of (B, L))
     return (lengths, [None if k == 0 else (k, a, c) for k, a, c in zip(lengths, *hashes)], tokens.cpu(),
             text.tolist())
+
+
+def _anchor_hash(token: torch.Tensor, place: torch.Tensor, inside: torch.Tensor, salt: int) -> list[int]:
+    """Per row: one of an anchor's two hashes, its tokens' hashes of that salt (``token``, (B, L)) weighted by their
+    place in the row (counted from the row's first token) and summed over the anchor's columns (``inside``)."""
+    weight = (place * 2654435761 + 97 + salt * 1013904223) % _P
+    return (((token * weight) % _P) * inside).sum(dim=1).tolist()
+
+
+def _text_anchor_hashes(seq: Seq, tokens: torch.Tensor, text: list[bool]) -> list[tuple[int, int, int] | None]:
+    """Per row with visual tokens none of which is among its first ``TEXT_ANCHOR`` (a chat whose image came with a
+    later question, an image after a long system text): the hash those first tokens have as the anchor of a row
+    without visual tokens, under which such a row's prompt (the chat's turns before the image) was kept; None for
+    the other rows. ``tokens``: the rows' token hashes (host), as :func:`_prefix_hashes` made them."""
+    length = tokens.shape[1]
+    counts = seq.valid.sum(dim=1).cpu()
+    start = length - counts
+    cols = torch.arange(length)[None]
+    inside = (cols >= start[:, None]) & (cols < (start + TEXT_ANCHOR)[:, None])
+    visual = ((seq.visual >= 0) & seq.valid).cpu()
+    rows = [not t and n > TEXT_ANCHOR and not bool((visual[r] & inside[r]).any())
+            for r, (t, n) in enumerate(zip(text, counts.tolist()))]
+    if not any(rows):
+        return [None] * len(rows)
+    place = (cols - start[:, None]).clamp(min=0)
+    # each token's hash is (first salt's) * _P + (second salt's), each below _P
+    first, second = (_anchor_hash(part, place, inside, salt) for salt, part in enumerate((tokens // _P, tokens % _P)))
+    return [(TEXT_ANCHOR, a, c) if ok else None for ok, a, c in zip(rows, first, second)]

@@ -9,7 +9,8 @@ where the queues happen to send it. :class:`ImageAffinityRouter` routes by the r
   ``WorkItem.routing_key``. A conversation keeps its first image from turn to turn, so all its turns share a key.
   A request without images is keyed by its conversation's opening instead, its system text and first user turn
   (:func:`request_routing_key`), which every later turn repeats: a text-only chat's turns meet the replica whose
-  cache holds its history (the prefix cache anchors such prompts by their first tokens).
+  cache holds its history (the prefix cache anchors such prompts by their first tokens). So is a chat whose image
+  came with a later question: that question takes the history before the image from the same replica.
 * **Ranking.** Rendezvous (highest random weight) hashing: each replica scores ``hash(key, replica id)`` and the
   highest score is the image's home. Every ingress replica ranks alike with no shared state, and adding or
   removing a replica moves only the images that replica gains or held (about ``1/n`` of them).
@@ -52,10 +53,12 @@ def image_routing_key(images: Sequence[Image.Image]) -> Optional[str]:
 
 
 def request_routing_key(item: Any) -> Optional[str]:
-    """The routing key of a ``WorkItem``: its first image's (:func:`image_routing_key`); without images, a hash of
-    its conversation's opening (the system text and the first user turn's text, the same in every later turn of the
-    conversation); None for a prompt a benchmark job templated itself (``raw_prompt``) or an empty one."""
-    if item.images:
+    """The routing key of a ``WorkItem``: its first image's (:func:`image_routing_key`); without images, or in a
+    conversation whose image came after its first user turn, a hash of its conversation's opening (the system text
+    and the first user turn's text, the same in every later turn of the conversation: the replica that holds its
+    history before the image); None for a prompt a benchmark job templated itself (``raw_prompt``) or an empty
+    one."""
+    if item.images and not _image_came_later(item.messages):
         return image_routing_key(item.images)
     if item.raw_prompt:
         return None
@@ -69,6 +72,14 @@ def request_routing_key(item: Any) -> Optional[str]:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"text\0{system}\0{first}".encode())
     return h.hexdigest()
+
+
+def _image_came_later(messages: Optional[Sequence[Mapping[str, Any]]]) -> bool:
+    """A conversation whose first user turn holds no image (its images came with later questions)."""
+    first = next((m for m in messages or () if m.get("role") == "user"), None)
+    content = None if first is None else first.get("content")
+    return first is not None and (isinstance(content, str)
+                                  or not any(part.get("type") == "image" for part in content or ()))
 
 
 def _text(message: Mapping[str, Any]) -> str:

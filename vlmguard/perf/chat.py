@@ -17,6 +17,10 @@ With ``text_only``, the conversation has no image: its prompts are anchored by t
 (``prefix_cache.TEXT_ANCHOR``), the image-prefix setting keeps nothing for them (what the cache did for every
 text-only prompt before), and the history setting keeps the conversation as it does one about an image.
 
+With ``image_at`` K > 1, the image comes with the K-th question (the turns before it have none, as in a chat that
+began without one): that turn takes the history before the image from the cache (its first tokens anchor it, as a
+text-only prompt's do), the image-prefix setting nothing.
+
 With ``own_answers``, the history carries the model's own answers (greedy, up to ``answer_tokens`` each, generated
 in each setting as it replays the turns; the timings are still the prefill's): a finished request's answer is
 then kept with its prompt (``PrefixCache.store_answer``), and where the answer's text reads back as the tokens the
@@ -49,6 +53,16 @@ def check_text_only(text_only: bool, pruning: str | None) -> None:
 
         raise InvalidInput(f"--text-only: a conversation without an image has no visual tokens for {pruning} to prune; "
                            "drop --pruning")
+
+
+def check_image_at(image_at: int, turns: int, text_only: bool) -> None:
+    """The question the image comes with: one of the conversation's, in a conversation with an image."""
+    from vlmguard.errors import InvalidInput
+
+    if text_only and image_at != 1:
+        raise InvalidInput("--image-at: a --text-only conversation has no image to bring in")
+    if not 1 <= image_at <= turns:
+        raise InvalidInput(f"--image-at {image_at}: the conversation has {turns} questions (--turns)")
 
 
 def chat_spec(pruning: str | None, budget: int | float | None, max_new_tokens: int = 1,
@@ -97,39 +111,43 @@ def other_openings(tokenizer: Any, k: int) -> list[str]:
     return [f"{QUESTIONS[0]} Mind the {a} {b}." for a, b in pairs]
 
 
-def chat_prompts(engine: Any, image: Any, turns: int, answer: str, opening: str | None = None) -> list[Request]:
-    """The conversation's turns about ``image`` (None: a conversation without one) as requests: templated prompts,
-    each with the history before it (the earlier questions, each answered ``answer``); ``opening``: another first
-    question."""
+def chat_prompts(engine: Any, image: Any, turns: int, answer: str, opening: str | None = None,
+                 image_at: int = 1) -> list[Request]:
+    """The conversation's turns about ``image`` (None: a conversation without one; it comes with question
+    ``image_at``) as requests: templated prompts, each with the history before it (the earlier questions, each
+    answered ``answer``); ``opening``: another first question."""
     messages: list[dict[str, Any]] = []
     requests = []
     for k in range(turns):
-        requests.append(next_turn(engine, image, messages, opening if k == 0 and opening else None))
+        requests.append(next_turn(engine, image, messages, opening if k == 0 and opening else None, image_at))
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return requests
 
 
-def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question: str | None = None) -> Request:
+def next_turn(engine: Any, image: Any, messages: list[dict[str, Any]], question: str | None = None,
+              image_at: int = 1) -> Request:
     """The next question of the conversation in ``messages`` (the script's, or ``question``) added to it, and the
-    request that asks it: the whole conversation, templated, the image (if any) with the first question."""
+    request that asks it: the whole conversation, templated, the image (if any) with question ``image_at``."""
     k = sum(m["role"] == "user" for m in messages)
     text = question or QUESTIONS[k % len(QUESTIONS)]
-    content = ([{"type": "image"}] if k == 0 and image is not None else []) + [{"type": "text", "text": text}]
+    with_image = image is not None and k + 1 >= image_at
+    content = ([{"type": "image"}] if with_image and k + 1 == image_at else []) + [{"type": "text", "text": text}]
     messages.append({"role": "user", "content": content})
-    return Request(engine.adapter.format_messages(messages), [image] if image is not None else [], raw_prompt=True)
+    return Request(engine.adapter.format_messages(messages), [image] if with_image else [], raw_prompt=True)
 
 
 def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int = 3, warmup: int = 1,
              seed: int = 0, pruning: str | None = None, budget: int | float | None = None, cache_mb: float = 4096,
              other_chats: int = 0, own_answers: bool = False, text_only: bool = False, decoding: str = "greedy",
-             progress=None) -> dict[str, Any]:
+             image_at: int = 1, progress=None) -> dict[str, Any]:
     check_text_only(text_only, pruning)
+    check_image_at(image_at, turns, text_only)
     first = chat_spec(pruning, budget, decoding=decoding)
     first.resolve()
     turn_spec = chat_spec(pruning, budget, answer_tokens, decoding) if own_answers else first
     image = None if text_only else bench_image(engine, seed)
     answer = answer_text(engine.adapter.tokenizer, answer_tokens)
-    requests = chat_prompts(engine, image, turns, answer)
+    requests = chat_prompts(engine, image, turns, answer, image_at=image_at)
     others = [chat_prompts(engine, image, 2, answer, opening=text)[1]
               for text in other_openings(engine.adapter.tokenizer, other_chats)]
     entries = {s: 0 for s in SETTINGS}
@@ -155,7 +173,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
                 messages: list[dict[str, Any]] = []
                 for k, request in enumerate(requests):
                     if own_answers:  # the conversation so far, with this setting's own answers
-                        request = next_turn(engine, image, messages)
+                        request = next_turn(engine, image, messages, image_at=image_at)
                     (result,) = engine.generate([request], turn_spec)
                     t = result.timings
                     if rep >= warmup:
@@ -199,6 +217,7 @@ def run_chat(engine: Any, turns: int = 4, answer_tokens: int = 64, repeats: int 
         "other_chats": other_chats,
         "own_answers": own_answers,
         "text_only": text_only,
+        "image_at": None if text_only else image_at,
         # the cache's entries (prefixes and image features) when each setting's first turn looked
         "entries_before": {s: entries[s] for s in SETTINGS[1:]},
         "repeats": repeats,
@@ -228,6 +247,7 @@ def chat_table(result: dict[str, Any]) -> str:
             f"other chats={result.get('other_chats', 0)}  "
             f"own answers={'yes' if result.get('own_answers') else 'no'}  "
             f"{'text only (no image)  ' if result.get('text_only') else ''}"
+            f"{'image with question ' + str(result['image_at']) + '  ' if (result.get('image_at') or 1) > 1 else ''}"
             f"repeats={result['repeats']}  "
             f"device={env.get('device')}  dtype={env.get('dtype')}  threads={env.get('threads')}")
     return head + "\n" + table(CHAT_HEAD, chat_rows(result))

@@ -241,6 +241,9 @@ def register(subparsers) -> None:
     c.add_argument("--text-only", action="store_true",
                    help="a conversation without an image: the prefix cache anchors it by its first tokens (the image "
                         "prefixes setting then keeps nothing, as it did for text before)")
+    c.add_argument("--image-at", type=_positive, default=1, metavar="K",
+                   help="the image comes with the K-th question, the turns before it have none (default: 1): that "
+                        "turn takes the history before the image from the cache")
     _pruning_options(c)
     c.set_defaults(func=cmd_chat)
 
@@ -353,17 +356,18 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from vlmguard.perf.chat import chat_spec, chat_table, check_text_only, run_chat
+    from vlmguard.perf.chat import chat_spec, chat_table, check_image_at, check_text_only, run_chat
 
     _check_pruning(args)
     _check_outputs(args)
     check_text_only(args.text_only, args.pruning)
+    check_image_at(args.image_at, args.turns, args.text_only)
     chat_spec(args.pruning, args.budget, decoding=args.decoding).resolve()  # before the model loads
     engine = _engine(args)
     result = run_chat(engine, turns=args.turns, answer_tokens=args.answer_tokens, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, pruning=args.pruning, budget=args.budget,
                       other_chats=args.other_chats, own_answers=args.own_answers, text_only=args.text_only,
-                      decoding=args.decoding, progress=_progress(args))
+                      decoding=args.decoding, image_at=args.image_at, progress=_progress(args))
     return _finish(args, result, chat_table(result))
 
 
