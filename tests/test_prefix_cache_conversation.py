@@ -160,6 +160,32 @@ def test_an_image_that_joins_a_chat_without_one_keeps_the_history_before_it(fami
     assert (cache.stats.hits, cache.stats.misses) == (2, 1)
 
 
+def test_rows_that_share_an_image_prefix_share_it_rather_than_take_the_text_before_it():
+    """A text-only prompt kept with a long system text: a lone request about an image with that system text takes
+    it (the text before its image), but questions about one image in one batch share their image prefix among
+    themselves instead (taking the system text alone would cost them the image); the same tokens either way.
+    (Qwen2-VL: its template puts the system text before the image; the tiny LLaVA templates drop it.)"""
+    eng = engine("qwen2_vl")
+    image = images("qwen2_vl")[0]
+    system = "You are a careful assistant. Answer briefly and only about what you are shown."
+    spec = GenerationSpec(max_new_tokens=4, logprobs=1)
+    batch = [Request(q, [image], system=system) for q in QUESTIONS]
+    fresh = eng.generate(batch, spec) + eng.generate([batch[0]], spec)
+    cache = eng.enable_prefix_cache(64)
+    text = eng.generate([Request(TEXT_QUESTIONS[0], system=system)], GenerationSpec(max_new_tokens=MIN_TAIL + 8))[0]
+    assert text.visual_tokens == 0 and len(cache) == 1  # the text-only prompt, kept whole
+    shared = eng.generate(batch, spec)
+    assert [r.timings.prompt_cached_tokens for r in shared] == [0, 0, 0]
+    # the first row computes the shared prefix, the others take it: at least the image prefix
+    assert [r.timings.prefill_shared_tokens >= image_prefix_length(eng, batch[0]) for r in shared] == [False, True,
+                                                                                                        True]
+    cache.clear()
+    eng.generate([Request(TEXT_QUESTIONS[0], system=system)], GenerationSpec(max_new_tokens=MIN_TAIL + 8))
+    (alone,) = eng.generate([batch[0]], spec)
+    assert TEXT_ANCHOR <= alone.timings.prompt_cached_tokens < image_prefix_length(eng, batch[0])
+    assert_same(fresh, shared + [alone])
+
+
 def test_text_only_prompts_keep_no_anchor_of_their_own_but_share_one():
     """A short text-only question keeps nothing (its first tokens alone are no entry); a prompt of no more than
     ``TEXT_ANCHOR`` tokens is not looked up; two chats that begin with the same instructions share them."""

@@ -32,6 +32,8 @@ tokens, value for value, decodes from the entry's first ones as from its own.
   turn of its conversation), and it keeps only whole prompts and answers (the same ``min_tail`` past the anchor),
   never the anchor alone. A row with an image that no entry holds, whose first ``TEXT_ANCHOR`` tokens hold no visual
   token, is then looked up by those tokens too: the question an image came with takes the chat's turns before it.
+  Not a row whose image prefix another row of its batch has (POPE's questions about one image): those share it
+  among themselves, which the text before the image alone would cost them.
 - **The tower's output.** The same budget keeps each stored row's visual tokens, looked up by the processor's output
   for its images (pixel values and every other per-image input; a fingerprint proposes, the full values decide), so
   the vision tower does not run again on an image it holds (``PrefixCache.features``). Under a vision-side
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -197,13 +199,16 @@ class PrefixCache:
         counts = seq.valid.sum(dim=1).tolist()
         found: list[CachedPrefix | None] = [None] * seq.batch_size
         text_anchors: list[tuple | None] | None = None  # made for the first row with an image that misses
+        # rows whose image prefix another row of the batch has share it among themselves (plan_prefill), which an
+        # entry of their text before the image alone would cost them
+        alone = {h for h, k in Counter(hashes).items() if k == 1}
         with self._lock:
             for r, (n, h) in enumerate(zip(lengths, hashes)):
                 if h is None:
                     continue
                 # the row keeps at least its last token for its own logits
                 entry, most = self._best(h, seq, r, seq.length - counts[r], n, counts[r] - 1, tokens)
-                if entry is None and not text[r]:  # its text before the image, kept by a chat without one
+                if entry is None and not text[r] and h in alone:  # its text before the image, kept by a chat
                     text_anchors = text_anchors or _text_anchor_hashes(seq, tokens, text)
                     if text_anchors[r] is not None:
                         entry, most = self._best(text_anchors[r], seq, r, seq.length - counts[r], TEXT_ANCHOR,
