@@ -200,6 +200,9 @@ def test_native_generate_and_python_client(service):
         forced = c.generate("Describe the image.", images=[random_image(3, (40, 40))], max_new_tokens=3,
                             logit_bias={7: 100})  # the native spec's logit_bias: JSON's string keys read as ids
         assert forced.token_ids == [7, 7, 7]
+        tokens = c.tokenize("a dog", add_special_tokens=False, return_token_strs=True)
+        assert tokens.count == len(tokens.tokens) == len(tokens.token_strs) > 0
+        assert c.detokenize(tokens.tokens) == "a dog"
 
 
 def test_concurrent_requests_are_batched(service, image_url):
@@ -387,6 +390,13 @@ def test_overload_is_503_with_retry_after_and_a_clear_message(service, image_url
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["retry-after"] == "1"
         assert "overloaded" in refused.json()["error"]["message"] and refused.json()["error"]["type"] == "overloaded_error"
+        # /tokenize and /detokenize reach the replica in either topology (no admission: they generate nothing)
+        ids = httpx.post(service.url + "/bp/tokenize", json={"prompt": "a cat", "add_special_tokens": False},
+                         timeout=60).json()["tokens"]
+        back = httpx.post(service.url + "/bp/detokenize", json={"tokens": ids}, timeout=60)
+        assert back.json() == {"prompt": "a cat"}
+        bad = httpx.post(service.url + "/bp/detokenize", json={"tokens": [10 ** 7]}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     finally:
         serve.delete("bp")
     _healthy(service)

@@ -17,6 +17,8 @@ the request that many times in one batch (choice k seeded ``seed + k`` when a se
 ``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
 has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the tokens it names, at every step
 (``vlmguard/penalties.py``).
+vLLM's ``POST /tokenize`` and ``POST /detokenize`` turn text into a model's token ids and back (the ids
+``logit_bias`` names).
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
 selection reads, before temperature, top-k and top-p), so a contrastive decoder's entries show what it did.
 """
@@ -30,6 +32,7 @@ from pydantic_core import PydanticCustomError
 from vlmguard.spec import MAX_TOP_LOGPROBS, ImageAspect, NumbersNotBooleans
 
 MAX_CHOICES = 16  # the most choices (``n``) of one chat request
+MAX_TOKENIZE_CHARS = 1 << 20  # the longest text (and the most ids) one /tokenize (/detokenize) request takes
 
 # ---- errors -----------------------------------------------------------------------------------------
 
@@ -398,6 +401,38 @@ class GenerateStreamEvent(BaseModel):
     done: bool = False
     result: Optional[GenerateResponse] = None
     logprobs: list[TokenLogprobEntry] = Field(default_factory=list)  # the entries of this event's tokens
+
+
+# ---- tokens (vLLM's /tokenize and /detokenize) ---------------------------------------------------------
+
+
+class TokenizeRequest(NumbersNotBooleans):
+    """A text's token ids under a model's tokenizer (no chat template, no image): what ``logit_bias`` names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str = Field(max_length=MAX_TOKENIZE_CHARS)
+    add_special_tokens: StrictBool = True  # vLLM's default: the tokenizer's own (e.g. a leading <s>)
+    return_token_strs: StrictBool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(NumbersNotBooleans):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_TOKENIZE_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---- service info -----------------------------------------------------------------------------------

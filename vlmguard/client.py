@@ -6,6 +6,8 @@
     r.text, r.visual_tokens_kept, r.timings.prefill_s
     reply = c.chat("Describe the image.", images=[pil_image], decoding="vcd", max_tokens=64)
     for chunk in c.chat_stream("Describe the image.", images=[pil_image]): print(chunk.choices[0].delta.content)
+    yes = c.tokenize("Yes", add_special_tokens=False).tokens[0]  # a token id, e.g. for logit_bias
+    c.chat("Is there a dog?", images=[pil_image], logit_bias={yes: -100})
 
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
@@ -37,9 +39,11 @@ from pydantic import BaseModel, ValidationError
 from vlmguard.api_schema import (
     ChatCompletionChunk,
     ChatCompletionResponse,
+    DetokenizeResponse,
     GenerateResponse,
     GenerateStreamEvent,
     ModelList,
+    TokenizeResponse,
     VlmguardOptions,
 )
 from vlmguard.errors import InvalidInput, VlmguardError
@@ -199,6 +203,17 @@ def _chat_body(prompt, images, messages, system, model, stream, kwargs) -> dict[
     return body
 
 
+def _tokenize_body(text: str, model: str | None, add_special_tokens: bool, return_token_strs: bool
+                   ) -> dict[str, Any]:
+    body = {"prompt": text, "add_special_tokens": add_special_tokens, "return_token_strs": return_token_strs}
+    return {**body, "model": model} if model else body
+
+
+def _detokenize_body(tokens: Sequence[int], model: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"tokens": list(tokens)}
+    return {**body, "model": model} if model else body
+
+
 def _generate_body(prompt, images, model, system, stream, spec) -> dict[str, Any]:
     unknown = set(spec) - SPEC_FIELDS
     if unknown:
@@ -339,6 +354,15 @@ class Client(_Base):
     def metrics(self, timeout: float | None = None) -> dict[str, Any]:
         return self._json("GET", "/metrics?format=json", timeout=self._status_timeout(timeout))
 
+    def tokenize(self, text: str, *, model: str | None = None, add_special_tokens: bool = True,
+                 return_token_strs: bool = False) -> TokenizeResponse:
+        """``text``'s token ids under the model's tokenizer (the ids a ``logit_bias`` names)."""
+        return _parse(TokenizeResponse, self._json("POST", "/tokenize", _tokenize_body(
+            text, model, add_special_tokens, return_token_strs)))
+
+    def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
+        return _parse(DetokenizeResponse, self._json("POST", "/detokenize", _detokenize_body(tokens, model))).prompt
+
     def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                  system: str | None = None, **spec: Any) -> GenerateResponse:
         """Native generation: ``spec`` takes GenerationSpec fields (pruning, budget, decoding, max_new_tokens...)."""
@@ -437,6 +461,15 @@ class AsyncClient(_Base):
 
     async def metrics(self, timeout: float | None = None) -> dict[str, Any]:
         return await self._json("GET", "/metrics?format=json", timeout=self._status_timeout(timeout))
+
+    async def tokenize(self, text: str, *, model: str | None = None, add_special_tokens: bool = True,
+                       return_token_strs: bool = False) -> TokenizeResponse:
+        return _parse(TokenizeResponse, await self._json("POST", "/tokenize", _tokenize_body(
+            text, model, add_special_tokens, return_token_strs)))
+
+    async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
+        return _parse(DetokenizeResponse, await self._json("POST", "/detokenize",
+                                                           _detokenize_body(tokens, model))).prompt
 
     async def generate(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                        system: str | None = None, **spec: Any) -> GenerateResponse:

@@ -26,11 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmguard.api_schema import (
     ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerateRequest,
     GenerateStreamEvent,
     HealthResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from vlmguard.errors import VlmguardError
 from vlmguard.workers.config import ServiceConfig
@@ -49,7 +53,8 @@ from vlmguard.workers.openai_compat import (
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
-ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate"}
+ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate", "/tokenize",
+          "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 log = logging.getLogger("vlmguard.workers")
 
@@ -82,6 +87,9 @@ class Backend(Protocol):
 
     def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]: ...
 
+    async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
+        """An EngineWorker's ``tokenize`` or ``detokenize`` (``method``) on one of the model's replicas."""
+
 
 class LocalBackend:
     """Engines in this process (no Ray, no batching across requests)."""
@@ -94,6 +102,9 @@ class LocalBackend:
 
     async def info(self, model: str) -> dict[str, Any]:
         return self.workers[model].info()
+
+    async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
+        return self.workers[model].tokens(method, *args)
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         return await answer_alone(self.workers[model], item)  # stops generating when the request is cancelled
@@ -447,6 +458,26 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def token_call(model: str, method: str, *args: Any) -> dict[str, Any]:
+        out = await backend.tokens(model, method, *args)
+        if "error" in out:
+            raise APIFailure(400, out["error"], param=out.get("param"))
+        return out
+
+    @app.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)
+    async def tokenize(request: Request):
+        """vLLM's: a text's token ids under the model's tokenizer (no chat template, no image)."""
+        req: TokenizeRequest = await read_json(request, TokenizeRequest)
+        model = pick_model(req.model)
+        return TokenizeResponse(**await token_call(model, "tokenize", req.prompt, req.add_special_tokens,
+                                                   req.return_token_strs))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(request: Request):
+        """vLLM's: the text of token ids."""
+        req: DetokenizeRequest = await read_json(request, DetokenizeRequest)
+        return DetokenizeResponse(**await token_call(pick_model(req.model), "detokenize", req.tokens))
 
     @app.post("/v1/generate")
     async def generate(request: Request):

@@ -61,6 +61,10 @@ class ModelReplica:
         return {**self.worker.info(), "batching": self.config.batching.model_dump(),
                 "routing": "image_affinity" if self.config.routes_by_image else "power_of_two"}
 
+    def tokens(self, method: str, *args: Any) -> dict[str, Any]:
+        """The worker's ``tokenize`` or ``detokenize`` (the API's /tokenize, /detokenize)."""
+        return self.worker.tokens(method, *args)
+
     async def generate(self, item: WorkItem) -> dict[str, Any]:
         if self.config.batching.enabled:
             return await self.batcher.submit(item)
@@ -105,6 +109,9 @@ class ReplicaBackend:
 
     async def info(self, model: str) -> dict[str, Any]:
         return self.replica.info()
+
+    async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
+        return self.replica.tokens(method, *args)
 
     def _admit(self) -> None:
         if self.limit is not None and self.inflight >= self.limit:

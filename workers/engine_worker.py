@@ -10,6 +10,7 @@ Answers are plain dicts: ``{"result": GenerationResult.to_dict()}`` or ``{"error
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.spec import GenerationSpec
 
 log = logging.getLogger("vlmguard.workers")
@@ -85,6 +86,8 @@ class EngineWorker:
         engine.enable_prefix_cache(prefix_cache_mb)
         self.name = name or model
         self._lock = threading.Lock()
+        self._tokenizer: Any = None  # _own_tokenizer's copy
+        self._tok_lock = threading.Lock()
         self.started = time.time()
         self.batches = 0
         self.items = 0
@@ -102,6 +105,44 @@ class EngineWorker:
                 "grid_side": self.engine.adapter.grid_side(),
                 "reference_image_aspect": self.engine.adapter.image_aspect("reference"),
                 "prefix_cache": self.prefix_cache_info()}
+
+    # ---- tokens (/tokenize, /detokenize) ----------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True, return_token_strs: bool = False) -> dict[str, Any]:
+        """``text``'s token ids under the model's tokenizer (no chat template): :class:`TokenizeResponse`'s fields."""
+        tok = self._own_tokenizer()
+        ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
+        if return_token_strs:
+            out["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return out
+
+    def detokenize(self, ids: list[int]) -> dict[str, Any]:
+        """The text of token ids (special tokens included, as the model would read them)."""
+        tok = self._own_tokenizer()
+        beyond = [t for t in ids if t >= len(tok)]
+        if beyond:
+            raise InvalidInput(f"token id {beyond[0]} is past the tokenizer's vocabulary (ids 0-{len(tok) - 1})",
+                               param="tokens")
+        return {"prompt": tok.decode(ids)}
+
+    def tokens(self, method: str, *args: Any) -> dict[str, Any]:
+        """``tokenize`` or ``detokenize`` as a backend calls them (over a Ray handle too): bad input comes back as
+        ``{"error": message, "param": field}``, not as an exception."""
+        if method not in ("tokenize", "detokenize"):
+            raise ValueError(f"no token method {method!r}")
+        try:
+            return getattr(self, method)(*args)
+        except VlmguardError as e:
+            return {"error": str(e), "param": getattr(e, "param", None)}
+
+    def _own_tokenizer(self) -> Any:
+        """A copy of the model's tokenizer for the API's calls: they run beside generation, whose processor calls
+        set the shared tokenizer's padding (a fast tokenizer used from two threads while one changes its settings
+        fails with "Already borrowed")."""
+        with self._tok_lock:
+            if self._tokenizer is None:
+                self._tokenizer = copy.deepcopy(self.engine.adapter.tokenizer)
+            return self._tokenizer
 
     def prefix_cache_info(self) -> dict[str, Any] | None:
         """The prefix cache's figures (entries, bytes, hits, misses, ...); None when it is off."""

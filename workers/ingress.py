@@ -30,6 +30,9 @@ class RayBackend:
         self._info[model] = info
         return info
 
+    async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
+        return await self.handles[model].tokens.remote(method, *args)
+
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         item.routing_key = request_routing_key(item)
         try:
