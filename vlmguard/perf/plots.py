@@ -176,7 +176,9 @@ def plot_chat(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("prefill s (median)")
     ax.legend(fontsize=8)
     others = result.get("other_chats", 0)
-    about = "without an image" if result.get("text_only") else "about an image"
+    image_at = result.get("image_at") or 1
+    about = ("without an image" if result.get("text_only") else "about an image" if image_at == 1
+             else f"its image with question {image_at}")
     decoding = result.get("decoding", "greedy")
     ax.set_title(f"a conversation's turns ({about}), {result['shape']}\n(answers of {result['answer_tokens']} tokens"
                  f"{'' if decoding == 'greedy' else f', {decoding}'}"
