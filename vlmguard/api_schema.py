@@ -229,7 +229,6 @@ class ChatCompletionRequest(NumbersNotBooleans):
         return v
 
 
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str

@@ -104,7 +104,7 @@ class LocalBackend:
         return self.workers[model].info()
 
     async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
-        return self.workers[model].tokens(method, *args)
+        return await asyncio.to_thread(self.workers[model].tokens, method, *args)
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         return await answer_alone(self.workers[model], item)  # stops generating when the request is cancelled

@@ -111,7 +111,7 @@ class ReplicaBackend:
         return self.replica.info()
 
     async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
-        return self.replica.tokens(method, *args)
+        return await asyncio.to_thread(self.replica.tokens, method, *args)  # off the event loop: a long text
 
     def _admit(self) -> None:
         if self.limit is not None and self.inflight >= self.limit:
