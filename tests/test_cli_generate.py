@@ -91,6 +91,16 @@ def test_generate_logit_bias(capsys, image):
     assert "argument --logit-bias: expected TOKEN_ID=BIAS (e.g. 2=-100), got '7'" in capsys.readouterr().err
 
 
+def test_generate_choice(capsys, image):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "8", "--json"]
+    rc, out, _ = run_cli(capsys, *args, "--choice", "a dog", "--choice", "a cat")
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and obj["text"] in ("a dog", "a cat") and obj["finish_reason"] == "stop"
+    rc, _, err = run_cli(capsys, *args, "--choice", "")
+    assert rc == 2 and "choices.0: String should have at least 1 character" in err and err.count("\n") == 1
+
+
 def test_generate_stream_prints_text(capsys, image):
     rc, out, _ = run_cli(capsys, "generate", "--model", "random:llava", "--image", str(image), "--prompt", "hi",
                          "--max-new-tokens", "3", "--stream")

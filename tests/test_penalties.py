@@ -186,5 +186,5 @@ def test_a_logit_bias_past_the_vocabulary_or_out_of_range_is_refused():
 
 def test_benchmarks_refuse_a_logit_bias():
     """A bias is not one of a run's knobs: a biased run would resume (and be reported as) the plain one."""
-    with pytest.raises(InvalidInput, match="benchmarks do not take a logit_bias"):
+    with pytest.raises(InvalidInput, match="benchmarks do not take logit_bias"):
         run_benchmark(None, "chair", None, GenerationSpec(logit_bias={3: -100}), db=":memory:")

@@ -213,6 +213,18 @@ def test_chat_logit_bias_maps_to_the_spec_by_token_id():
         _req(logit_bias={"5": True})
 
 
+def test_chat_guided_choice_maps_to_the_spec():
+    from vlmguard.workers.openai_compat import request_param
+
+    assert chat_spec(_req(guided_choice=["Yes", "No"]), 64).choices == ["Yes", "No"]
+    assert chat_spec(_req(), 64).choices == []
+    with pytest.raises(InvalidInput, match="at least 1 character") as e:
+        chat_spec(_req(guided_choice=["Yes", ""]), 64)
+    assert request_param(e.value.param, chat=True) == "guided_choice.1"
+    with pytest.raises(InvalidInput, match="cannot go together"):
+        chat_spec(_req(guided_choice=["Yes"], min_tokens=2), 64)
+
+
 def test_chat_logprobs_map_to_the_spec_and_top_logprobs_need_logprobs():
     assert chat_spec(_req(), 64).logprobs is None
     assert chat_spec(_req(logprobs=False, top_logprobs=0), 64).logprobs is None

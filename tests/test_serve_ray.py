@@ -173,6 +173,10 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     with pytest.raises(openai.BadRequestError, match="past the model's vocabulary") as e:
         client.chat.completions.create(logit_bias={"99999999": -100}, **kwargs)
     assert e.value.param == "logit_bias"
+    # vLLM's guided_choice (extra_body): the answer is one of the texts
+    chosen = client.chat.completions.create(extra_body={"guided_choice": ["a cat", "a dog"]},
+                                            **{**kwargs, "max_tokens": 12})
+    assert chosen.choices[0].message.content in ("a cat", "a dog") and chosen.choices[0].finish_reason == "stop"
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 

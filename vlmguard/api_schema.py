@@ -16,7 +16,8 @@ refused with a 400 naming them; their neutral values are accepted. ``n`` > 1 (up
 the request that many times in one batch (choice k seeded ``seed + k`` when a seed is given).
 ``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
 has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the tokens it names, at every step
-(``vlmguard/penalties.py``).
+(``vlmguard/penalties.py``). vLLM's ``guided_choice`` (a list of texts) makes the answer one of them
+(``vlmguard/choices.py``).
 vLLM's ``POST /tokenize`` and ``POST /detokenize`` turn text into a model's token ids and back (the ids
 ``logit_bias`` names).
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
@@ -165,8 +166,9 @@ class ChatCompletionRequest(NumbersNotBooleans):
 
     OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
     text, no ``tools``, ``tool_choice`` none); anything else is refused with a message
-    naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``
-    and ``min_tokens`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends them).
+    naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``,
+    ``min_tokens`` and ``guided_choice`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends
+    them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -194,6 +196,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
     logit_bias: Optional[dict[str, float]] = None  # {token id: bias in [-100, 100]}, read by GenerationSpec
+    guided_choice: Optional[list[str]] = None  # vLLM's: the answer is one of these (GenerationSpec.choices)
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")

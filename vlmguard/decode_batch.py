@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from vlmguard.choices import restrict_to_choices
 from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows, StepInputs,
                                     forward_owners, values_on)
 from vlmguard.detokenize import IncrementalText
@@ -195,8 +196,9 @@ class DecodeBatch:
             self.logits = self._penalised_logits(blocks)
         combined = self._combine(blocks)
         plain = combined.main_logprobs if combined.fallback_logprobs is None else combined.fallback_logprobs
-        combined.scores = hold_eos(combined.scores, [lv.gen for lv in self.lives], [lv.spec for lv in self.lives],
-                                   self.eos, fallback=plain)
+        gens, specs = [lv.gen for lv in self.lives], [lv.spec for lv in self.lives]
+        combined.scores = hold_eos(combined.scores, gens, specs, self.eos, fallback=plain)
+        combined.scores = restrict_to_choices(combined.scores, gens, specs, tok, self.eos, fallback=plain)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
         # ends with an error, the others go on

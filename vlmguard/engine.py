@@ -32,6 +32,7 @@ from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
+from vlmguard.choices import choice_paths
 from vlmguard.prefix_cache import PrefixCache, PromptTokens, plan_prefill
 from vlmguard.pruning.base import PruneContext, merge_report
 from vlmguard.results import GenerationResult, Request, StreamEvent
@@ -393,12 +394,7 @@ class Engine:
         t0 = time.perf_counter()
         pruner, decoder = specs[0].resolve()
         prompts = self._prompts(requests, positions, specs)
-        width = self.adapter.logits_width
-        for i, s in zip(positions, specs):
-            beyond = [t for t in s.logit_bias if t >= width]
-            if beyond:
-                raise InvalidInput(f"request {i}: logit_bias names token id {beyond[0]}, past the model's vocabulary "
-                                   f"(ids 0-{width - 1})", param="logit_bias")
+        self._check_token_settings(specs, positions)
         if decoder.merged_combine and not decoder.row_hooks:  # no per-request decoder state: copies share a prefill
             source = _copies(requests, specs)
             if len(set(source)) < len(requests):
@@ -433,6 +429,28 @@ class Engine:
         except BaseException:
             decoder.teardown(dctx)
             raise
+
+    def _check_token_settings(self, specs: list[GenerationSpec], positions: list[int]) -> None:
+        """Each request's ``logit_bias`` names ids of the model's vocabulary, and its ``choices`` have tokens and
+        can end (vlmguard/choices.py)."""
+        width = self.adapter.logits_width
+        for i, s in zip(positions, specs):
+            beyond = [t for t in s.logit_bias if t >= width]
+            if beyond:
+                raise InvalidInput(f"request {i}: logit_bias names token id {beyond[0]}, past the model's vocabulary "
+                                   f"(ids 0-{width - 1})", param="logit_bias")
+            if s.choices:
+                if not self.adapter.eos_token_ids:
+                    raise InvalidInput(f"request {i}: choices need an end-of-sequence token, and this model has none",
+                                       param="choices")
+                try:
+                    paths = choice_paths(self.adapter.tokenizer, tuple(s.choices))
+                except InvalidInput as e:
+                    raise InvalidInput(f"request {i}: {e}", param="choices") from None
+                beyond = [t for p in paths for t in p if t >= width]
+                if beyond:
+                    raise InvalidInput(f"request {i}: a choice's token {beyond[0]} is past the model's output "
+                                       f"vocabulary (ids 0-{width - 1})", param="choices")
 
     def _prefill_rows(self, requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
                       transforms, shares, t0, t_setup, pixel_fns=None, positions=None, store_rows=None) -> DecodeBatch:

@@ -25,8 +25,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                 "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "logit_bias", "image_aspect"})
+                                "repetition_penalty", "logit_bias", "choices", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
+MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
+MAX_CHOICE_CHARS = 512
 
 
 def check_budget(v: int | float) -> int | float:
@@ -145,6 +147,9 @@ class GenerationSpec(NumbersNotBooleans):
     # refused by the engine.
     logit_bias: dict[NonNegativeInt, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
         default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    # vLLM's guided_choice: the answer is one of these texts, token by token (vlmguard/choices.py); empty: free
+    choices: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_GUIDED_CHOICES)
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: StrictBool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
@@ -161,6 +166,14 @@ class GenerationSpec(NumbersNotBooleans):
     @classmethod
     def _check_budget(cls, v: Budget | None) -> Budget | None:
         return None if v is None else check_budget(v)
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_alone(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if v and info.data.get("min_new_tokens"):
+            raise PydanticCustomError("choices_min_tokens", "choices and min_new_tokens cannot go together (a short "
+                                      "choice ends before the minimum)", {})
+        return v
 
     @field_validator("min_new_tokens")
     @classmethod

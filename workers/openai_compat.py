@@ -44,7 +44,8 @@ ImageResolver = Callable[[str], Image.Image]
 CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "messages",
                        "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
                        **{k: k for k in ("temperature", "top_p", "seed", "stop", "presence_penalty",
-                                         "frequency_penalty", "repetition_penalty", "logit_bias")}}
+                                         "frequency_penalty", "repetition_penalty", "logit_bias")},
+                       "choices": "guided_choice"}
 
 
 def request_param(param: str | None, chat: bool) -> str | None:
@@ -106,6 +107,7 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_new_tokens=req.min_tokens or 0, image_aspect=o.image_aspect, logit_bias=req.logit_bias or {},
+        choices=req.guided_choice or [],
     )
     return _check_spec(spec, max_new_tokens_limit)
 

@@ -285,8 +285,9 @@ def run_benchmark(
         raise InvalidInput(f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARKS)})")
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, got {batch_size}")
-    if getattr(spec, "logit_bias", None):  # not a knob of the run: a biased run would resume the plain one
-        raise InvalidInput("benchmarks do not take a logit_bias", param="logit_bias")
+    for name in ("logit_bias", "choices"):  # not knobs of a run: such a run would resume the plain one
+        if getattr(spec, name, None):
+            raise InvalidInput(f"benchmarks do not take {name}", param=name)
     t0 = time.perf_counter()
     conn = db if hasattr(db, "execute") else dbm.connect(db)
     try:
