@@ -24,6 +24,7 @@ import torch
 
 from vlmguard.attention import (FLASH, PROBING_IMPLEMENTATIONS, ScoreRequest, choose_attention,
                                 register_attention_functions)
+from vlmguard.choices import choice_paths
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
@@ -32,7 +33,6 @@ from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
-from vlmguard.choices import choice_paths
 from vlmguard.prefix_cache import PrefixCache, PromptTokens, plan_prefill
 from vlmguard.pruning.base import PruneContext, merge_report
 from vlmguard.results import GenerationResult, Request, StreamEvent
