@@ -72,7 +72,8 @@ def budget_input(pruning: str, key: str) -> int | float | None:
 
 
 def selection_inputs(prefix: str) -> dict[str, Any]:
-    """Temperature, sampling seed and the three penalties (``selection_kwargs``: only what differs from greedy)."""
+    """Temperature, sampling seed, the three penalties and the answer's choices (``selection_kwargs``: only what
+    differs from greedy, free answers)."""
     s1, s2 = st.columns(2)
     with s1:
         temperature = st.slider("temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key=f"{prefix}_temperature")
@@ -81,7 +82,10 @@ def selection_inputs(prefix: str) -> dict[str, Any]:
     with s2:
         presence = st.slider("presence penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_presence")
         frequency = st.slider("frequency penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_frequency")
-    return selection_kwargs(temperature, seed, presence, frequency, repetition)
+    text = st.text_input("answer choices, comma-separated (empty: any answer)", "", key=f"{prefix}_choices",
+                         help="the answer must be one of these, e.g. Yes, No (guided choice)")
+    choices = [c.strip() for c in text.split(",") if c.strip()]
+    return selection_kwargs(temperature, seed, presence, frequency, repetition, choices)
 
 
 def aspect_input(prefix: str) -> str:

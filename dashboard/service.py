@@ -111,9 +111,9 @@ def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[s
 
 
 def selection_kwargs(temperature: float, seed: int, presence: float, frequency: float,
-                     repetition: float) -> dict[str, Any]:
+                     repetition: float, choices: Sequence[str] = ()) -> dict[str, Any]:
     """The GenerationSpec fields of the playground's token selection: temperature 0 is greedy (the seed then
-    does nothing); each penalty only when it is set."""
+    does nothing); each penalty only when it is set; ``choices`` (the answer is one of them) only when given."""
     out: dict[str, Any] = {}
     if temperature > 0:
         out.update(do_sample=True, temperature=float(temperature), seed=int(seed))
@@ -121,6 +121,8 @@ def selection_kwargs(temperature: float, seed: int, presence: float, frequency: 
                                 ("repetition_penalty", repetition, 1.0)):
         if value != neutral:
             out[key] = float(value)
+    if choices:
+        out["choices"] = list(choices)
     return out
 
 
@@ -128,7 +130,7 @@ BASELINE_SPEC = {"pruning": "none", "decoding": "greedy"}
 
 # GenerationSpec fields whose OpenAI chat parameter has another name; the rest keep theirs (``Client.chat`` sends
 # vlmguard's own, pruning / decoding / diagnostics / do_sample / image_aspect, in the request's vlmguard object)
-_CHAT_NAMES = {"max_new_tokens": "max_tokens"}
+_CHAT_NAMES = {"max_new_tokens": "max_tokens", "choices": "guided_choice"}
 
 
 def chat_kwargs(spec: dict[str, Any]) -> dict[str, Any]:

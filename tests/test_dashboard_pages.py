@@ -263,7 +263,12 @@ def test_playground_token_selection_goes_to_both_sides():
     at.slider(key="pg_repetition").set_value(1.0)
     at.button(key="pg_go").click().run()
     greedy = [c for c in stub.calls if c.get("stream")][-2]
-    assert not {"do_sample", "temperature", "seed", "presence_penalty", "repetition_penalty"} & set(greedy)
+    assert not {"do_sample", "temperature", "seed", "presence_penalty", "repetition_penalty", "choices"} & set(greedy)
+    at.text_input(key="pg_choices").input(" Yes, No ,, ")  # the answer's choices, to both sides too
+    at.button(key="pg_go").click().run()
+    main, plain = [c for c in stub.calls if c.get("stream")][-2:]
+    assert main["choices"] == plain["choices"] == ["Yes", "No"]
+    assert "answer one of: Yes / No" in " ".join(c.value for c in at.caption)
 
 
 def test_playground_image_preprocessing_goes_to_both_sides_and_draws_the_padded_square():
