@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from vlmguard.errors import InvalidInput
+from vlmguard.penalties import keep_only
 from vlmguard.spec import GenerationSpec
 
 
@@ -51,15 +52,9 @@ def restrict_to_choices(scores: torch.Tensor, generated: Sequence[Sequence[int]]
     rows = [j for j, spec in enumerate(specs) if spec.choices]
     if not rows:
         return scores
-    out = scores.clone()
     width = scores.shape[-1]
-    for j in rows:
+    allowed = torch.zeros(len(rows), width, dtype=torch.bool, device=scores.device)
+    for i, j in enumerate(rows):
         nxt, whole = allowed_tokens(choice_paths(tokenizer, tuple(specs[j].choices)), generated[j])
-        ids = sorted(t for t in (nxt | (eos if whole else set())) if t < width)
-        keep = torch.full((width,), float("-inf"), device=scores.device)
-        keep[torch.tensor(ids, dtype=torch.long, device=scores.device)] = 0.0
-        row = out[j].float() + keep
-        if fallback is not None and not torch.isfinite(row).any() and not torch.isnan(row).any():
-            row = fallback[j].float() + keep
-        out[j] = torch.log_softmax(row, dim=-1).to(out.dtype)
-    return out
+        allowed[i, sorted(t for t in (nxt | (eos if whole else set())) if t < width)] = True
+    return keep_only(scores, rows, allowed, fallback)

@@ -87,16 +87,24 @@ def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Se
     rows = [j for j, (ids, spec) in enumerate(zip(generated, specs)) if len(ids) < spec.min_new_tokens]
     if not rows or not eos:
         return scores
+    allowed = torch.ones(len(rows), scores.shape[-1], dtype=torch.bool, device=scores.device)
+    allowed[:, sorted(t for t in eos if t < scores.shape[-1])] = False
+    return keep_only(scores, rows, allowed, fallback)
+
+
+def keep_only(scores: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor,
+              fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Final scores (B, V) with row ``rows[i]`` keeping only the tokens ``allowed[i]`` ((R, V) bool) marks, the
+    others at -inf, renormalised (log-space scores stay log-probabilities of what can be chosen). A row that keeps
+    no finite score takes ``fallback``'s row instead (the main branch's log-probabilities), restricted alike; a row
+    with NaN scores stays NaN (the decode loop ends that request with an error). What :func:`hold_eos` and guided
+    choice (``vlmguard/choices.py``) restrict with."""
     out = scores.clone()
-    ids = torch.tensor(sorted(t for t in eos if t < scores.shape[-1]), device=scores.device, dtype=torch.long)
-    at = torch.tensor(rows, device=scores.device)
-    held = out[at]
-    held[:, ids] = float("-inf")
+    at = torch.tensor(list(rows), device=scores.device)
+    kept = out[at].masked_fill(~allowed, float("-inf"))
     if fallback is not None:
-        plain = fallback[at].float()
-        plain[:, ids] = float("-inf")
-        # (a row with NaN scores stays as it is: the decode loop ends that request with an error)
-        dead = ~torch.isfinite(held).any(dim=-1, keepdim=True) & ~torch.isnan(held).any(dim=-1, keepdim=True)
-        held = torch.where(dead, plain.to(held.dtype), held)
-    out[at] = torch.log_softmax(held.float(), dim=-1).to(out.dtype)
+        plain = fallback[at].float().masked_fill(~allowed, float("-inf"))
+        dead = ~torch.isfinite(kept).any(dim=-1, keepdim=True) & ~torch.isnan(kept).any(dim=-1, keepdim=True)
+        kept = torch.where(dead, plain.to(kept.dtype), kept)
+    out[at] = torch.log_softmax(kept.float(), dim=-1).to(out.dtype)
     return out
