@@ -7,6 +7,7 @@ keeps its own choices.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,40 @@ def selection_inputs(prefix: str) -> dict[str, Any]:
     text = st.text_input("answer choices, comma-separated (empty: any answer)", "", key=f"{prefix}_choices",
                          help="the answer must be one of these, e.g. Yes, No (guided choice)")
     choices = [c.strip() for c in text.split(",") if c.strip()]
-    return selection_kwargs(temperature, seed, presence, frequency, repetition, choices)
+    return selection_kwargs(temperature, seed, presence, frequency, repetition, choices, format_input(prefix))
+
+
+FORMATS = {"free text": None, "regular expression": "regex", "JSON schema": "json_schema",
+           "any JSON object": "json_object", "Lark grammar": "grammar"}
+
+
+def format_input(prefix: str) -> dict[str, Any] | None:
+    """The answer's format (GenerationSpec.guided): free text, or a regex, a JSON schema, any JSON object, a Lark
+    grammar; None for free text or a schema that is not JSON (its error shown)."""
+    kind = FORMATS[st.selectbox("answer format", list(FORMATS), key=f"{prefix}_format",
+                                help="hold the answer to a format, token by token (structured output)")]
+    if kind is None:
+        return None
+    guided: dict[str, Any] = {"json_object": True}
+    if kind != "json_object":
+        hint = {"regex": "e.g. (Yes|No)", "json_schema": 'e.g. {"type": "object", "properties": {"count": '
+                '{"type": "integer"}}}', "grammar": 'e.g. start: "A " NOUN "."  NOUN: "dog" | "cat"'}[kind]
+        text = st.text_area(kind.replace("_", " "), "", key=f"{prefix}_format_text", help=hint)
+        if not text.strip():
+            st.info(f"write the {kind.replace('_', ' ')} the answer follows ({hint})")
+            return None
+        if kind == "json_schema":
+            try:
+                guided = {"json_schema": json.loads(text)}
+            except ValueError as e:
+                st.error(f"the JSON schema is not JSON: {e}")
+                return None
+        else:
+            guided = {kind: text}
+    if kind.startswith("json") and st.checkbox("compact JSON (no whitespace outside strings)", value=False,
+                                               key=f"{prefix}_format_compact"):
+        guided["whitespace"] = "compact"
+    return guided
 
 
 def aspect_input(prefix: str) -> str:

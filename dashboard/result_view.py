@@ -29,6 +29,11 @@ def spec_caption(sp: dict[str, Any]) -> str:
                                                                        "repetition_penalty") if k in sp]
     if sp.get("choices"):
         extra.append("answer one of: " + " / ".join(sp["choices"]))
+    if sp.get("guided"):
+        g = sp["guided"]
+        kind = next(k for k in ("json_schema", "json_object", "regex", "grammar") if g.get(k) not in (None, False))
+        shown = {"json_schema": "JSON schema", "json_object": "any JSON object"}.get(kind, f"{kind} `{g.get(kind)}`")
+        extra.append(f"answer format: {shown}" + (" (compact)" if g.get("whitespace") == "compact" else ""))
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
 
 

@@ -111,9 +111,11 @@ def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[s
 
 
 def selection_kwargs(temperature: float, seed: int, presence: float, frequency: float,
-                     repetition: float, choices: Sequence[str] = ()) -> dict[str, Any]:
+                     repetition: float, choices: Sequence[str] = (), guided: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """The GenerationSpec fields of the playground's token selection: temperature 0 is greedy (the seed then
-    does nothing); each penalty only when it is set; ``choices`` (the answer is one of them) only when given."""
+    does nothing); each penalty only when it is set; ``choices`` (the answer is one of them) and ``guided`` (the
+    answer's format) only when given."""
     out: dict[str, Any] = {}
     if temperature > 0:
         out.update(do_sample=True, temperature=float(temperature), seed=int(seed))
@@ -123,6 +125,8 @@ def selection_kwargs(temperature: float, seed: int, presence: float, frequency: 
             out[key] = float(value)
     if choices:
         out["choices"] = list(choices)
+    if guided:
+        out["guided"] = dict(guided)
     return out
 
 
@@ -138,10 +142,28 @@ def chat_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     OpenAI-compatible chat endpoint (without a temperature, as the native request, the decoder's own selection).
     The log-probabilities' count becomes ``logprobs`` + ``top_logprobs``; the usage (the prompt's tokens, those
     from the prefix cache) comes with the stream's last chunk."""
-    out = {_CHAT_NAMES.get(k, k): v for k, v in spec.items() if k != "logprobs"}
+    out = {_CHAT_NAMES.get(k, k): v for k, v in spec.items() if k not in ("logprobs", "guided")}
+    out.update(chat_format(spec.get("guided")))
     if spec.get("logprobs") is not None:
         out.update(logprobs=True, top_logprobs=int(spec["logprobs"]))
     out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def chat_format(guided: dict[str, Any] | None) -> dict[str, Any]:
+    """A spec's ``guided`` format as chat parameters: OpenAI's ``response_format`` for any JSON object, vLLM's
+    ``guided_json`` / ``guided_regex`` / ``guided_grammar`` for the others, ``json_whitespace`` (a vlmguard option)
+    where it is not the default."""
+    if not guided:
+        return {}
+    out: dict[str, Any] = {}
+    if guided.get("json_object"):
+        out["response_format"] = {"type": "json_object"}
+    for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("grammar", "guided_grammar")):
+        if guided.get(kind) is not None:
+            out[name] = guided[kind]
+    if guided.get("whitespace", "flexible") != "flexible":
+        out["json_whitespace"] = guided["whitespace"]
     return out
 
 

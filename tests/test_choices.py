@@ -16,6 +16,8 @@ from vlmguard.results import Request
 from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image, tiny_engine
 
+from pruning_support import run_joined
+
 CHOICES = ["a red car", "a red cup", "two dogs"]
 
 
@@ -85,22 +87,8 @@ def test_each_request_keeps_its_own_choices_in_a_batch_and_when_it_joins_one():
     alone = [eng.generate([r], s)[0] for r, s in zip(reqs, specs)]
     assert [r.token_ids for r in eng.generate(reqs, specs)] == [r.token_ids for r in alone]
     assert alone[1].text in CHOICES and alone[2].text in ("yes", "no")
-    batch = eng.start_batch(reqs[:1], specs[:1])
-    try:
-        results = {}
-        for step in range(20):
-            if step == 2:
-                other = eng.start_batch(reqs[1:], specs[1:], indices=[1, 2])
-                batch.absorb(other)
-                other.close()
-            for ev in batch.advance():
-                if ev.done:
-                    results[ev.index] = ev.result
-            if not batch.active:
-                break
-    finally:
-        batch.close()
-    assert [results[i].token_ids for i in range(3)] == [r.token_ids for r in alone]
+    joined = run_joined(eng, specs[:1], reqs[:1], reqs[1:], join_after=2, later_spec=specs[1:])
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone]
 
 
 def test_bad_choices_are_refused():

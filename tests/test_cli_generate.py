@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,31 @@ def test_generate_choice(capsys, image):
     assert rc == 0 and obj["text"] in ("a dog", "a cat") and obj["finish_reason"] == "stop"
     rc, _, err = run_cli(capsys, *args, "--choice", "")
     assert rc == 2 and "choices.0: String should have at least 1 character" in err and err.count("\n") == 1
+
+
+def test_generate_structured_output(capsys, image, tmp_path):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "40", "--json"]
+    schema = {"type": "object", "required": ["n"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    rc, out, _ = run_cli(capsys, *args, "--json-schema", f"@{tmp_path / 'schema.json'}", "--json-whitespace",
+                         "compact")
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and set(json.loads(obj["text"])) == {"n"} and obj["finish_reason"] == "stop"
+    rc, out, _ = run_cli(capsys, *args, "--regex", "(yes|no), [0-9]")
+    assert rc == 0 and re.fullmatch(r"(yes|no), [0-9]", json.loads(out.strip().splitlines()[-1])["text"])
+    rc, out, _ = run_cli(capsys, *args, "--grammar", 'start: "a " ("red" | "blue") " car"')
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["text"] in ("a red car", "a blue car")
+    for extra, needle in ((["--json-schema", "{oops"], "--json-schema is not JSON"),
+                          (["--json-schema", "[1]"], "--json-schema must be a JSON object"),
+                          (["--grammar", f"@{tmp_path / 'none.lark'}"], "--grammar: cannot read"),
+                          (["--regex", "[a-"], "guided: at 1")):
+        rc, _, err = run_cli(capsys, *args, *extra)
+        assert rc == 2 and needle in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):  # argparse's own error, with the usage
+        run_cli(capsys, *args, "--regex", "a", "--json-object")
+    assert "argument --json-object: not allowed with argument --regex" in capsys.readouterr().err
 
 
 def test_generate_stream_prints_text(capsys, image):

@@ -244,7 +244,10 @@ def test_an_unreadable_budget_disables_the_question():
 
 @pytest.mark.parametrize("selection", [selection_kwargs(0.0, 0, 0.0, 0.0, 1.0),
                                        selection_kwargs(0.7, 5, 0.5, -0.3, 1.2),
-                                       selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, ["Yes", "No"])])
+                                       selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, ["Yes", "No"]),
+                                       *[selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, (), guided) for guided in (
+                                           {"regex": "(Yes|No)"}, {"json_object": True, "whitespace": "compact"},
+                                           {"json_schema": {"type": "object"}}, {"grammar": 'start: "a"'})]])
 @pytest.mark.parametrize("methods", [("none", None, "greedy", {}), ("flowcut", 0.25, "vcd", {"alpha": 2.0}),
                                      ("adaptinfer", 16, "sample", {}), ("random", 8, "lqcd", {})])
 def test_the_chat_request_is_the_playgrounds_request(methods, selection):

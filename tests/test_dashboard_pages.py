@@ -269,6 +269,24 @@ def test_playground_token_selection_goes_to_both_sides():
     main, plain = [c for c in stub.calls if c.get("stream")][-2:]
     assert main["choices"] == plain["choices"] == ["Yes", "No"]
     assert "answer one of: Yes / No" in " ".join(c.value for c in at.caption)
+    # the answer's format (structured output), to both sides too; a schema that is not JSON is an error, not sent
+    at.text_input(key="pg_choices").input("")
+    at.selectbox(key="pg_format").select("JSON schema").run()
+    at.text_area(key="pg_format_text").input('{"type": "object", "required": ["n"]').run()
+    assert any("the JSON schema is not JSON" in e.value for e in at.error)
+    at.text_area(key="pg_format_text").input('{"type": "object", "required": ["n"]}').run()
+    at.checkbox(key="pg_format_compact").check()
+    at.button(key="pg_go").click().run()
+    assert not at.exception, at.exception
+    main, plain = [c for c in stub.calls if c.get("stream")][-2:]
+    assert main["guided"] == plain["guided"] == {"json_schema": {"type": "object", "required": ["n"]},
+                                                 "whitespace": "compact"}
+    assert "choices" not in main and "answer format: JSON schema (compact)" in " ".join(c.value for c in at.caption)
+    at.selectbox(key="pg_format").select("regular expression").run()
+    at.text_area(key="pg_format_text").input("(Yes|No)")
+    at.button(key="pg_go").click().run()
+    assert [c for c in stub.calls if c.get("stream")][-1]["guided"] == {"regex": "(Yes|No)"}
+    assert "answer format: regex `(Yes|No)`" in " ".join(c.value for c in at.caption)
 
 
 def test_playground_image_preprocessing_goes_to_both_sides_and_draws_the_padded_square():

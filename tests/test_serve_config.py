@@ -181,7 +181,6 @@ def test_chat_request_accepts_neutral_openai_params_and_refuses_what_it_cannot_h
               parallel_tool_calls=False, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, user="u1")
     assert chat_spec(ok, 64).max_new_tokens == 64
     refused = {"n": (17, "at most 16 choices"),
-               "response_format": ({"type": "json_object"}, "'json_object' is not supported"),
                "tools": ([{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
                "tool_choice": ("auto", "tool calling is not supported")}
     for field, (value, needle) in refused.items():

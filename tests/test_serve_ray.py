@@ -10,6 +10,7 @@ import base64
 import concurrent.futures as cf
 import io
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -177,6 +178,22 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     chosen = client.chat.completions.create(extra_body={"guided_choice": ["a cat", "a dog"]},
                                             **{**kwargs, "max_tokens": 12})
     assert chosen.choices[0].message.content in ("a cat", "a dog") and chosen.choices[0].finish_reason == "stop"
+    # structured output: OpenAI's response_format json_schema (the SDK's parse), vLLM's guided_regex streamed; a
+    # bad regex is a 400 naming the field
+    schema = {"type": "object", "additionalProperties": False, "required": ["animal", "count"],
+              "properties": {"animal": {"enum": ["cat", "dog", "none"]}, "count": {"type": "integer", "minimum": 0,
+                                                                                   "maximum": 9}}}
+    answer = client.chat.completions.create(
+        response_format={"type": "json_schema", "json_schema": {"name": "sighting", "schema": schema}},
+        extra_body={"vlmguard": {"json_whitespace": "compact"}}, **{**kwargs, "max_tokens": 40})
+    parsed = json.loads(answer.choices[0].message.content)
+    assert set(parsed) == {"animal", "count"} and parsed["animal"] in ("cat", "dog", "none")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        stream=True, extra_body={"guided_regex": "(yes|no), [0-9]"}, **{**kwargs, "max_tokens": 12}))
+    assert re.fullmatch(r"(yes|no), [0-9]", streamed), streamed
+    with pytest.raises(openai.BadRequestError, match="unclosed character class") as e:
+        client.chat.completions.create(extra_body={"guided_regex": "[a-"}, **kwargs)
+    assert e.value.param == "guided_regex"
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 
@@ -333,8 +350,8 @@ def _bad_cases():
         "too many new tokens": (lambda u: _chat_body(u, max_tokens=100), 400, "limit of 64"),
         "more new tokens than any spec": (lambda u: _chat_body(u, max_tokens=100_000), 400, "limit of 64"),
         "n > 16": (lambda u: _chat_body(u, n=17), 400, "at most 16 choices"),
-        "json response_format": (lambda u: _chat_body(u, response_format={"type": "json_object"}), 400,
-                                 "not supported"),
+        "unknown response_format": (lambda u: _chat_body(u, response_format={"type": "xml"}), 400,
+                                    "response_format.type"),
         "unknown field": (lambda u: {**_chat_body(u), "frobnicate": 1}, 400, "frobnicate"),
     }
 

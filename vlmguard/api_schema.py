@@ -11,13 +11,14 @@ Two families of endpoints:
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
 Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
-as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``, JSON ``response_format``) are
-refused with a 400 naming them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
+as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``) are refused with a 400 naming
+them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
 the request that many times in one batch (choice k seeded ``seed + k`` when a seed is given).
 ``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
 has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the tokens it names, at every step
 (``vlmguard/penalties.py``). vLLM's ``guided_choice`` (a list of texts) makes the answer one of them
-(``vlmguard/choices.py``).
+(``vlmguard/choices.py``). ``response_format`` ``json_object`` / ``json_schema`` and vLLM's ``guided_json``,
+``guided_regex`` and ``guided_grammar`` hold the answer to a format (``vlmguard/guided.py``).
 vLLM's ``POST /tokenize`` and ``POST /detokenize`` turn text into a model's token ids and back (the ids
 ``logit_bias`` names).
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
@@ -68,6 +69,8 @@ class VlmguardOptions(NumbersNotBooleans):
     top_k: Optional[int] = None
     diagnostics: StrictBool = False  # include per-step diagnostics in the response's vlmguard object
     image_aspect: ImageAspect = "native"  # as GenerationSpec.image_aspect: native | pad | reference
+    # JSON output (response_format / guided_json): "flexible" any whitespace JSON allows, "compact" none
+    json_whitespace: Literal["flexible", "compact"] = "flexible"
 
     @model_validator(mode="after")
     def _merge_params(self) -> "VlmguardOptions":
@@ -148,27 +151,42 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema the answer follows (``name``, ``description`` and
+    ``strict`` are accepted; the answer is held to the schema whatever ``strict`` says)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")  # json_schema: {...}
+    """OpenAI's ``response_format``: ``text`` (free), ``json_object`` (any JSON object) or ``json_schema``."""
 
-    type: str
+    model_config = ConfigDict(extra="forbid")
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, v: str) -> str:
-        if v != "text":
-            raise unsupported(f"{v!r} is not supported: this server has no constrained (JSON) output; only 'text'")
-        return v
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("invalid_request", "response_format: json_schema goes with type "
+                                      "'json_schema', and that type needs it", {})
+        return self
 
 
 class ChatCompletionRequest(NumbersNotBooleans):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
-    OpenAI parameters it cannot honour are accepted only with their neutral values (``response_format``
-    text, no ``tools``, ``tool_choice`` none); anything else is refused with a message
-    naming the parameter. ``user`` and ``parallel_tool_calls`` are accepted and ignored. ``repetition_penalty``,
-    ``min_tokens`` and ``guided_choice`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends
-    them).
+    OpenAI parameters it cannot honour are accepted only with their neutral values (no ``tools``, ``tool_choice``
+    none); anything else is refused with a message naming the parameter. ``user`` and ``parallel_tool_calls`` are
+    accepted and ignored. ``repetition_penalty``, ``min_tokens``, ``guided_choice``, ``guided_json``,
+    ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body``
+    sends them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -197,6 +215,11 @@ class ChatCompletionRequest(NumbersNotBooleans):
     min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
     logit_bias: Optional[dict[str, float]] = None  # {token id: bias in [-100, 100]}, read by GenerationSpec
     guided_choice: Optional[list[str]] = None  # vLLM's: the answer is one of these (GenerationSpec.choices)
+    # vLLM's structured output (GenerationSpec.guided; one of them, or response_format's JSON): a JSON schema (an
+    # object or its JSON text), a regular expression the whole answer matches, a Lark grammar
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_grammar: Optional[str] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")

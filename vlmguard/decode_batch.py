@@ -40,6 +40,7 @@ from vlmguard.decoding.base import (Combined, DecodeContext, Decoder, OwnedRows,
 from vlmguard.detokenize import IncrementalText
 from vlmguard.errors import non_finite_cause
 from vlmguard.flops import result_flops
+from vlmguard.guided import dead_end, new_matcher, restrict_to_guides
 from vlmguard.penalties import apply_penalties, hold_eos, penalised
 from vlmguard.prefix_cache import PrefixCache, PromptTokens
 from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
@@ -142,6 +143,7 @@ class LiveRequest:
     # (``PrefixCache.store_answer``), that row's prompt as the first layer received it
     prompts: dict[int, PromptTokens] = field(default_factory=dict)
     gen: list[int] = field(default_factory=list)
+    guide: Any = None  # its llguidance matcher, where its spec has a format (vlmguard/guided.py); made at its 1st step
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already sent with a stream event
@@ -151,6 +153,7 @@ class LiveRequest:
     per_tok: list[float] = field(default_factory=list)
     finish: str = "length"
     error: str | None = None  # why it ended early (finish "error")
+    error_code: str | None = None  # GenerationResult.error_code
     ttft: float = 0.0
     decode_s: float = 0.0
 
@@ -183,6 +186,13 @@ class DecodeBatch:
     def joinable(self) -> bool:
         return bool(getattr(self.decoder, "joinable", False))
 
+    def _guides(self) -> list[Any]:
+        """Each active request's format matcher (None: free), made at its first step."""
+        for lv in self.lives:
+            if lv.spec.guided is not None and lv.guide is None:
+                lv.guide = new_matcher(self.tok, self.runner.adapter.logits_width, sorted(self.eos), lv.spec.guided)
+        return [lv.guide for lv in self.lives]
+
     # ---- one step -----------------------------------------------------------------------------
     def advance(self) -> Iterator[StreamEvent]:
         """Select every active request's next token, emit events, drop finished requests, then run one
@@ -199,6 +209,7 @@ class DecodeBatch:
         gens, specs = [lv.gen for lv in self.lives], [lv.spec for lv in self.lives]
         combined.scores = hold_eos(combined.scores, gens, specs, self.eos, fallback=plain)
         combined.scores = restrict_to_choices(combined.scores, gens, specs, tok, self.eos, fallback=plain)
+        combined.scores, stuck = restrict_to_guides(combined.scores, self._guides(), sorted(self.eos), fallback=plain)
         tokens = select_tokens(combined.scores, [lv.sampler for lv in self.lives])
         # a row whose scores are NaN (a float16 model overflowing mid-answer) has no token to give: that request
         # ends with an error, the others go on
@@ -229,9 +240,16 @@ class DecodeBatch:
                 lv.ttft = now - lv.t0
             lv.per_tok.append(dt)
             if broken_list[j]:
-                lv.finish = "error"
+                lv.finish, lv.error_code = "error", "NonFiniteLogits"
                 lv.error = (f"the scores became NaN at generated token {len(lv.gen)} "
                             + non_finite_cause(self.runner.adapter.model.dtype))
+                finished_rows.append(j)
+                continue
+            why = stuck.get(j) or (lv.guide is not None and t not in self.eos and not lv.guide.consume_token(t)
+                                   and dead_end(lv.guide))
+            if why:  # a format the vocabulary cannot go on with (it held only the end of sequence)
+                lv.finish, lv.error_code = "error", "FormatDeadEnd"
+                lv.error = f"at generated token {len(lv.gen)}: {why}"
                 finished_rows.append(j)
                 continue
             if t in self.eos:
@@ -489,7 +507,7 @@ class DecodeBatch:
             # the decoder, its per-request values, and whether this request's tokens were drawn (its own setting)
             decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
-            error=lv.error)
+            error=lv.error, error_code=lv.error_code)
         result.prefill_flops = result_flops(self.runner.adapter.config, result).to_dict()
         return result
 
@@ -510,7 +528,8 @@ class DecodeBatch:
             base[s], index=indices[i], request=requests[i], spec=specs[i], sampler=RowSampler.for_spec(specs[i]),
             batch_size=n, prefill_batch=n, visual_fed=list(base[s].visual_fed),
             kept=None if base[s].kept is None else list(base[s].kept),
-            pruning=dict(base[s].pruning), gen=[], steps=[], logprobs=[], per_tok=[]) for i, s in enumerate(source)]
+            pruning=dict(base[s].pruning), gen=[], guide=None, steps=[], logprobs=[], per_tok=[])
+            for i, s in enumerate(source)]
         self.cohorts[0].dctx.active = [lv.local for lv in self.lives]
         self.spec = specs[0]
 

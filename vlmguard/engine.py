@@ -25,6 +25,7 @@ import torch
 from vlmguard.attention import (FLASH, PROBING_IMPLEMENTATIONS, ScoreRequest, choose_attention,
                                 register_attention_functions)
 from vlmguard.choices import choice_paths
+from vlmguard.guided import new_matcher
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
@@ -431,8 +432,8 @@ class Engine:
             raise
 
     def _check_token_settings(self, specs: list[GenerationSpec], positions: list[int]) -> None:
-        """Each request's ``logit_bias`` names ids of the model's vocabulary, and its ``choices`` have tokens and
-        can end (vlmguard/choices.py)."""
+        """Each request's ``logit_bias`` names ids of the model's vocabulary, its ``choices`` have tokens and
+        can end (vlmguard/choices.py), and its ``guided`` format compiles for this tokenizer (vlmguard/guided.py)."""
         width = self.adapter.logits_width
         for i, s in zip(positions, specs):
             beyond = [t for t in s.logit_bias if t >= width]
@@ -451,6 +452,14 @@ class Engine:
                 if beyond:
                     raise InvalidInput(f"request {i}: a choice's token {beyond[0]} is past the model's output "
                                        f"vocabulary (ids 0-{width - 1})", param="choices")
+            if s.guided is not None:
+                if not self.adapter.eos_token_ids:
+                    raise InvalidInput(f"request {i}: a guided format needs an end-of-sequence token, and this model "
+                                       "has none", param="guided")
+                try:  # compiled once per format and tokenizer; each answer's matcher is a copy (DecodeBatch)
+                    new_matcher(self.adapter.tokenizer, width, sorted(self.adapter.eos_token_ids), s.guided)
+                except InvalidInput as e:
+                    raise InvalidInput(f"request {i}: {e}", param=e.param) from None
 
     def _prefill_rows(self, requests, indices, specs, pruner, decoder, dctx, branch_names, row_prompts,
                       transforms, shares, t0, t_setup, pixel_fns=None, positions=None, store_rows=None) -> DecodeBatch:

@@ -85,8 +85,12 @@ class GenerationResult:
     request_id: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the spec asks for them
     # why the request stopped early with finish_reason "error" (its scores became NaN: a float16 model
-    # overflowing mid-answer); its text is what it generated before. The other requests of its batch go on.
+    # overflowing mid-answer; its guided format ran into a dead end); its text is what it generated before. The
+    # other requests of its batch go on.
     error: str | None = None
+    # what kind of error: "NonFiniteLogits" (the model's fault), "FormatDeadEnd" (a ``guided`` format this model's
+    # vocabulary cannot go on writing: the request's)
+    error_code: str | None = None
     # analytic FLOPs of this request's prefill on the tokens each layer was actually fed ({"vision", "projector",
     # "llm", "total"}; one multiply-accumulate = one FLOP, full attention: the papers' convention,
     # ``vlmguard.flops.result_flops``, formula in docs/pruning.md)

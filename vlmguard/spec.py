@@ -11,7 +11,7 @@ import typing
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, StrictBool, ValidationError,
-                      ValidationInfo, field_validator)
+                      ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from vlmguard.errors import InvalidInput
@@ -25,10 +25,11 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                                 "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "logit_bias", "choices", "image_aspect"})
+                                "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
 MAX_CHOICE_CHARS = 512
+MAX_GUIDE_CHARS = 65536  # the longest regular expression, Lark grammar or JSON schema (as JSON) of a request
 
 
 def check_budget(v: int | float) -> int | float:
@@ -112,6 +113,46 @@ def _fits_a_generator(v: int) -> int:
 GeneratorSeed = Annotated[int, Field(ge=0), AfterValidator(_fits_a_generator)]
 
 
+class GuidedOutput(BaseModel):
+    """A format the answer is held to, token by token (``vlmguard/guided.py``): exactly one of a JSON schema,
+    any JSON object, a regular expression (the whole answer matches it) or a Lark grammar (llguidance's dialect).
+    ``whitespace`` (JSON): "flexible" allows any whitespace JSON allows (vLLM's and OpenAI's default); "compact"
+    none outside strings (``{"a":1}``), which keeps a small model from spending its tokens on blank lines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict[str, Any] | None = None
+    json_object: StrictBool = False
+    regex: str | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
+    whitespace: Literal["flexible", "compact"] = "flexible"
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_within_limit(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        import json
+
+        if v is not None and len(json.dumps(v, default=str)) > MAX_GUIDE_CHARS:
+            raise PydanticCustomError("schema_too_long", "the schema is over {n} characters as JSON",
+                                      {"n": MAX_GUIDE_CHARS})
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "GuidedOutput":
+        given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise PydanticCustomError("guided_one", "give exactly one of json_schema, json_object, regex and "
+                                      "grammar (got {got})", {"got": ", ".join(given) or "none"})
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which format it is: "json_schema", "json_object", "regex" or "grammar"."""
+        return next(k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
+
+
 class GenerationSpec(NumbersNotBooleans):
     model_config = ConfigDict(extra="forbid")
     _boolean_hints: ClassVar[dict[str, str]] = {
@@ -150,6 +191,8 @@ class GenerationSpec(NumbersNotBooleans):
     # vLLM's guided_choice: the answer is one of these texts, token by token (vlmguard/choices.py); empty: free
     choices: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] = Field(
         default_factory=list, max_length=MAX_GUIDED_CHOICES)
+    # structured output: the answer follows this format (vlmguard/guided.py); None: free
+    guided: GuidedOutput | None = None
     # Keep per-step diagnostics (main/contrast probabilities) in results.
     diagnostics: StrictBool = True
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
@@ -173,6 +216,17 @@ class GenerationSpec(NumbersNotBooleans):
         if v and info.data.get("min_new_tokens"):
             raise PydanticCustomError("choices_min_tokens", "choices and min_new_tokens cannot go together (a short "
                                       "choice ends before the minimum)", {})
+        return v
+
+    @field_validator("guided")
+    @classmethod
+    def _guided_alone(cls, v: GuidedOutput | None, info: ValidationInfo) -> GuidedOutput | None:
+        if v is not None and info.data.get("choices"):
+            raise PydanticCustomError("guided_choices", "guided and choices cannot go together (choices are a "
+                                      "format of their own)", {})
+        if v is not None and info.data.get("min_new_tokens"):
+            raise PydanticCustomError("guided_min_tokens", "guided and min_new_tokens cannot go together (a "
+                                      "complete answer may be shorter than the minimum)", {})
         return v
 
     @field_validator("min_new_tokens")

@@ -262,15 +262,18 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def run(model: str, item: WorkItem) -> dict[str, Any]:
         answer = await first_answer(backend.generate(model, item))
-        failed(answer["result"])
+        failed(answer["result"], item)
         metrics.observe_result(answer["result"])
         return answer["result"]
 
-    def failed(result: dict[str, Any] | None) -> None:
-        """A result that ended with an error (its scores became NaN mid-answer) is a 500 naming it."""
+    def failed(result: dict[str, Any] | None, item: WorkItem) -> None:
+        """A result that ended with an error is a 500 naming it where the model failed (its scores became NaN
+        mid-answer), a 400 where the request's format did (guided output the vocabulary cannot go on with)."""
         event = error_event(result)
         if event is not None:
-            raise APIFailure(500, event["error"]["message"], "server_error", "NonFiniteLogits")
+            err = event["error"]
+            raise APIFailure(400 if err["type"] == "invalid_request_error" else 500, err["message"], err["type"],
+                             err["code"], spec_param=_format_param(item) if err["code"] == "FormatDeadEnd" else None)
 
     def stream_failure(ev: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any] | None:
         """The SSE error that ends a stream at event ``ev`` (the backend's error, or ``result`` ended with an
@@ -288,7 +291,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The SSE error of a streamed result that ended with an error (counted in the metrics), else None."""
         if result and result.get("error"):
             metrics.observe_failure()
-            return {"error": {"message": result["error"], "type": "server_error", "code": "NonFiniteLogits"}}
+            code = result.get("error_code") or "NonFiniteLogits"
+            kind = "invalid_request_error" if code == "FormatDeadEnd" else "server_error"
+            return {"error": {"message": result["error"], "type": kind, "code": code}}
         return None
 
     async def open_stream(model: str, item: WorkItem) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
@@ -560,6 +565,12 @@ class _Guard:
             raise
         finally:
             self.metrics.request_finished(path, status[0] or 500, time.perf_counter() - t0)
+
+
+def _format_param(item: WorkItem) -> str:
+    """The spec field of a request's answer format (``guided.regex``), which its route spells its own way."""
+    guided = getattr(item.spec, "guided", None)
+    return f"guided.{guided.kind}" if guided is not None else "guided"
 
 
 def _internal_error_event(e: BaseException) -> dict[str, Any]:

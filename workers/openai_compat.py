@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable
 
 from PIL import Image
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from vlmguard.api_schema import (
@@ -28,7 +30,7 @@ from vlmguard.api_schema import (
     VlmguardInfo,
 )
 from vlmguard.errors import InvalidInput
-from vlmguard.spec import GenerationSpec
+from vlmguard.spec import GenerationSpec, GuidedOutput, format_validation_error
 from vlmguard.workers.engine_worker import WorkItem
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -45,7 +47,9 @@ CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "me
                        "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
                        **{k: k for k in ("temperature", "top_p", "seed", "stop", "presence_penalty",
                                          "frequency_penalty", "repetition_penalty", "logit_bias")},
-                       "choices": "guided_choice"}
+                       "choices": "guided_choice", "guided.regex": "guided_regex", "guided.grammar": "guided_grammar",
+                       "guided.json_schema": "response_format", "guided.json_object": "response_format",
+                       "guided": "response_format"}
 
 
 def request_param(param: str | None, chat: bool) -> str | None:
@@ -55,6 +59,8 @@ def request_param(param: str | None, chat: bool) -> str | None:
     if not param:
         return None
     head, dot, rest = param.partition(".")
+    if chat and param in CHAT_REQUEST_FIELDS:  # (guided.regex: guided_regex)
+        return CHAT_REQUEST_FIELDS[param]
     if chat and head in CHAT_REQUEST_FIELDS:
         return CHAT_REQUEST_FIELDS[head] + dot + rest
     if head in GenerationSpec.model_fields:
@@ -107,9 +113,41 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_new_tokens=req.min_tokens or 0, image_aspect=o.image_aspect, logit_bias=req.logit_bias or {},
-        choices=req.guided_choice or [],
+        choices=req.guided_choice or [], guided=chat_guided(req),
     )
     return _check_spec(spec, max_new_tokens_limit)
+
+
+def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
+    """The format a chat request holds its answer to: ``response_format`` JSON (OpenAI's) or vLLM's
+    ``guided_json`` / ``guided_regex`` / ``guided_grammar``; at most one of them. None: free text."""
+    given: dict[str, dict[str, Any]] = {}
+    rf = req.response_format
+    if rf is not None and rf.type != "text":  # json_schema without a schema: any JSON object
+        schema = rf.json_schema.json_schema if rf.json_schema is not None else None
+        given["response_format"] = {"json_object": True} if schema is None else {"json_schema": schema}
+    if req.guided_json is not None:
+        schema = req.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise InvalidInput(f"guided_json is not JSON: {e}", param="guided_json") from None
+        if not isinstance(schema, dict):
+            raise InvalidInput("guided_json must be a JSON schema (an object)", param="guided_json")
+        given["guided_json"] = {"json_schema": schema}
+    for name in ("guided_regex", "guided_grammar"):
+        if getattr(req, name) is not None:
+            given[name] = {name.removeprefix("guided_"): getattr(req, name)}
+    if len(given) > 1:
+        raise InvalidInput(f"give one answer format, not {' and '.join(given)}", param=list(given)[1])
+    if not given:
+        return None
+    (source, fields), = given.items()
+    try:
+        return GuidedOutput(**fields, whitespace=req.vlmguard.json_whitespace)
+    except ValidationError as e:
+        raise InvalidInput(format_validation_error(e, source), param=source) from None
 
 
 def _parts(content: Any) -> list[TextPart | ImagePart]:

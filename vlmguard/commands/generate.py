@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
 from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, cli_method_params, parse_budget
@@ -79,8 +81,40 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
         image_aspect=args.image_aspect, logit_bias=dict(getattr(args, "logit_bias", None) or []),
-        choices=getattr(args, "choice", None) or [],
+        choices=getattr(args, "choice", None) or [], guided=guided_from_args(args),
     )
+
+
+def _text_or_file(text: str, option: str) -> str:
+    """An option's value, or the text of the file ``@PATH`` names."""
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text()
+    except OSError as e:
+        raise InvalidInput(f"{option}: cannot read {text[1:]!r}: {e.strerror or e}") from None
+
+
+def guided_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The answer's format from ``--json-schema`` / ``--json-object`` / ``--regex`` / ``--grammar`` (one of them;
+    GenerationSpec.guided), None when none is given."""
+    if getattr(args, "json_schema", None) is not None:
+        try:
+            schema = json.loads(_text_or_file(args.json_schema, "--json-schema"))
+        except ValueError as e:
+            raise InvalidInput(f"--json-schema is not JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise InvalidInput("--json-schema must be a JSON object (a schema)")
+        fields: dict[str, Any] = {"json_schema": schema}
+    elif getattr(args, "json_object", False):
+        fields = {"json_object": True}
+    elif getattr(args, "regex", None) is not None:
+        fields = {"regex": args.regex}
+    elif getattr(args, "grammar", None) is not None:
+        fields = {"grammar": _text_or_file(args.grammar, "--grammar")}
+    else:
+        return None
+    return {**fields, "whitespace": getattr(args, "json_whitespace", "flexible")}
 
 
 def register(sub) -> None:
@@ -100,6 +134,17 @@ def register(sub) -> None:
     p.add_argument("--choice", action="append", metavar="TEXT",
                    help="the answer must be one of these texts (repeatable: --choice Yes --choice No; vLLM's "
                         "guided_choice)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="SCHEMA", help="the answer is JSON following this schema (JSON text, "
+                     "or @FILE; OpenAI's response_format json_schema)")
+    fmt.add_argument("--json-object", action="store_true", help="the answer is a JSON object (OpenAI's "
+                     "response_format json_object)")
+    fmt.add_argument("--regex", metavar="PATTERN", help="the whole answer matches this regular expression (vLLM's "
+                     "guided_regex)")
+    fmt.add_argument("--grammar", metavar="LARK", help="the answer follows this Lark grammar (text or @FILE; "
+                     "llguidance's dialect, vLLM's guided_grammar)")
+    p.add_argument("--json-whitespace", choices=["flexible", "compact"], default="flexible",
+                   help="JSON answers: any whitespace JSON allows, or none outside strings (default: flexible)")
     p.set_defaults(func=run)
 
 
@@ -126,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     if result.error:
         if args.stream and not args.json:
             sys.stdout.write("\n")
-        raise NonFiniteLogits(f"{result.error} (generated before: {result.text!r})")
+        kind = InvalidInput if result.error_code == "FormatDeadEnd" else NonFiniteLogits
+        raise kind(f"{result.error} (generated before: {result.text!r})")
     if args.json:
         out = {
             "text": result.text,
