@@ -15,3 +15,21 @@ def run_json(argv: list[str]) -> dict:
         rc = main(argv)
     assert rc == 0
     return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def check_plot_and_table(result: dict, out, tmp_path, capsys, head: str, n_rows: int) -> None:
+    """The report ``out`` a perf command wrote is ``result``, ``perf plot`` draws it and prints its markdown table:
+    a header starting with ``head``, then ``n_rows`` rows."""
+    assert json.loads(out.read_text()) == result
+    png = tmp_path / "report.png"
+    assert main(["perf", "plot", str(out), "--out", str(png), "--markdown"]) == 0
+    assert png.stat().st_size > 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(head) and len(table) == 2 + n_rows + 1  # head, rule, rows, the figure's path
+
+
+def check_one_line_error(argv: list[str], message: str, capsys) -> None:
+    """``vlmguard ARGV`` fails with exit code 2 and one stderr line naming ``message``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmguard: error: ") and message in err and err.count("\n") == 1, err

@@ -3,11 +3,10 @@ are drawn and tabled by ``perf plot``, and bad input is one line. No timed asser
 from __future__ import annotations
 
 import argparse
-import json
 
 import pytest
 
-from cli_support import run_json
+from cli_support import check_one_line_error, check_plot_and_table, run_json
 from vlmguard.cli import main
 from vlmguard.flops import HARDWARE, TextDims, llm_layer_flops
 from vlmguard.models.shapes import build_config
@@ -45,12 +44,7 @@ def test_rows_follow_the_flop_model_and_the_reference(report):
 
 def test_the_written_report_is_plotted_and_tabled(report, tmp_path, capsys):
     result, out = report
-    assert json.loads(out.read_text()) == result
-    png = tmp_path / "gemm.png"
-    assert main(["perf", "plot", str(out), "--out", str(png), "--markdown"]) == 0
-    assert png.stat().st_size > 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| tokens | streamed us / layer |") and len(table) == 2 + 3 + 1  # head, rule, rows, path
+    check_plot_and_table(result, out, tmp_path, capsys, "| tokens | streamed us / layer |", 3)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -60,9 +54,7 @@ def test_the_written_report_is_plotted_and_tabled(report, tmp_path, capsys):
     (["--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_bad_input_is_one_line_before_any_weight_is_built(argv, message, capsys):
-    assert main(["perf", "gemm", "--quiet", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vlmguard: error: ") and message in err and err.count("\n") == 1, err
+    check_one_line_error(["perf", "gemm", "--quiet", *argv], message, capsys)
 
 
 def test_a_token_count_of_zero_is_refused(capsys):

@@ -180,11 +180,16 @@ def dead_end(matcher: Any) -> str | None:
 
 def allowed_mask(matcher: Any, width: int) -> torch.Tensor:
     """(width,) bool: the tokens ``matcher`` allows next (end-of-sequence where the answer may end)."""
-    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-    mask = np.zeros(width, dtype=bool)
-    n = min(width, bits.shape[0])
-    mask[:n] = bits[:n].astype(bool)
-    return torch.from_numpy(mask)
+    return allowed_masks([matcher], width)[0]
+
+
+def allowed_masks(matchers: Sequence[Any], width: int) -> torch.Tensor:
+    """(len(matchers), width) bool: each matcher's :func:`allowed_mask`, unpacked in one pass."""
+    data = np.frombuffer(b"".join(m.compute_bitmask() for m in matchers), dtype=np.uint8)
+    bits = np.unpackbits(data.reshape(len(matchers), -1), axis=1, bitorder="little")
+    if bits.shape[1] < width:  # (ids past the matchers' vocabulary: never allowed)
+        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+    return torch.from_numpy(bits[:, :width].astype(bool))
 
 
 def restrict_to_guides(scores: torch.Tensor, matchers: Sequence[Any], eos: Sequence[int],
@@ -197,10 +202,11 @@ def restrict_to_guides(scores: torch.Tensor, matchers: Sequence[Any], eos: Seque
     if not rows:
         return scores, {}
     width = scores.shape[-1]
-    allowed = torch.stack([allowed_mask(matchers[j], width) for j in rows])
+    allowed = allowed_masks([matchers[j] for j in rows], width)
+    any_allowed = allowed.any(dim=1).tolist()
     stuck: dict[int, str] = {}
     for i, j in enumerate(rows):
-        why = dead_end(matchers[j]) or (None if allowed[i].any() else
+        why = dead_end(matchers[j]) or (None if any_allowed[i] else
                                         "no token of this model's vocabulary continues the answer in its format")
         if why:
             stuck[j] = why

@@ -97,14 +97,14 @@ def keep_only(scores: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor,
     """Final scores (B, V) with row ``rows[i]`` keeping only the tokens ``allowed[i]`` ((R, V) bool) marks, the
     others at -inf, renormalised (log-space scores stay log-probabilities of what can be chosen). A row that keeps
     no finite score takes ``fallback``'s row instead (the main branch's log-probabilities), restricted alike; a row
-    with NaN scores stays NaN (the decode loop ends that request with an error). What :func:`hold_eos` and guided
-    choice (``vlmguard/choices.py``) restrict with."""
-    out = scores.clone()
+    with NaN scores stays NaN (the decode loop ends that request with an error). What :func:`hold_eos`, guided
+    choice (``vlmguard/choices.py``) and structured output (``vlmguard/guided.py``) restrict with."""
     at = torch.tensor(list(rows), device=scores.device)
-    kept = out[at].masked_fill(~allowed, float("-inf"))
-    if fallback is not None:
-        plain = fallback[at].float().masked_fill(~allowed, float("-inf"))
-        dead = ~torch.isfinite(kept).any(dim=-1, keepdim=True) & ~torch.isnan(kept).any(dim=-1, keepdim=True)
-        kept = torch.where(dead, plain.to(kept.dtype), kept)
+    neg = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    kept = torch.where(allowed, scores[at], neg)
+    if fallback is not None:  # (a NaN row's maximum is NaN: it stays NaN)
+        dead = kept.amax(dim=-1, keepdim=True) == float("-inf")
+        kept = torch.where(dead, torch.where(allowed, fallback[at].to(kept.dtype), neg), kept)
+    out = scores.clone()
     out[at] = torch.log_softmax(kept.float(), dim=-1).to(out.dtype)
     return out

@@ -1,5 +1,5 @@
-"""``vlmguard perf prefill|decode|prefix|chat|serve|routing|gemm|plot``: speed measured as ratios within one run (never
-timed tests)."""
+"""``vlmguard perf prefill|decode|prefix|chat|serve|routing|gemm|guided|plot``: speed measured as ratios within one run
+(never timed tests)."""
 from __future__ import annotations
 
 import argparse
@@ -133,7 +133,8 @@ def register(subparsers) -> None:
                                              "against greedy, shared prefixes against none, a chat's turns with "
                                              "and without a prefix cache, the Ray service against "
                                              "the Engine, routing by image against by load (routing), matrix "
-                                             "products per token count (gemm), and plots of saved runs.")
+                                             "products per token count (gemm), structured output's work per token "
+                                             "(guided), and plots of saved runs.")
     sub = perf.add_subparsers(dest="perf_command", metavar="PERF_COMMAND")
     sub.required = True
 
@@ -256,6 +257,20 @@ def register(subparsers) -> None:
     g.add_argument("--layers", type=_positive, default=None, help="layers of weights streamed (default: the shape's)")
     _measurement(g)
     g.set_defaults(repeats=7, func=cmd_gemm)
+
+    gd = sub.add_parser("guided", help="what structured output (JSON schema, JSON object, regex) adds to each "
+                                      "generated token, on a vocabulary of a real checkpoint's size")
+    gd.add_argument("--formats", type=_csv(str), default=["json_schema", "json_object", "regex"],
+                    help="comma-separated: json_schema, json_object, regex (default: all)")
+    gd.add_argument("--vocab", type=_positive, default=32000,
+                    help="ids of the byte-level BPE vocabulary measured on (default 32000, LLaVA-1.5's; Qwen2-VL: "
+                         "151936)")
+    gd.add_argument("--batch", type=_csv(_positive), default=[1, 8], help="requests per step (default 1,8)")
+    gd.add_argument("--steps", type=_positive, default=64, help="decode steps timed per round (default 64)")
+    gd.add_argument("--shape", default=None, help="also time a plain greedy decode step of this shape at each batch "
+                    "size, and report the format's work relative to it")
+    _measurement(gd)
+    gd.set_defaults(repeats=5, func=cmd_guided)
 
     pl = sub.add_parser("plot", help="draw the PNG figure of a saved perf JSON report")
     pl.add_argument("report", help="a JSON file written with --out")
@@ -391,6 +406,22 @@ def cmd_gemm(args) -> int:
     result = run_gemm(args.shape, args.tokens, layers=args.layers, device=device, dtype=dtype, repeats=args.repeats,
                       warmup=args.warmup, seed=args.seed, progress=_progress(args))
     return _finish(args, result, gemm_table(result))
+
+
+def cmd_guided(args) -> int:
+    from vlmguard.perf.guided import check_formats, guided_table, run_guided
+    from vlmguard.perf.timing import set_threads
+
+    _check_outputs(args)
+    check_formats(args.formats)
+    if args.shape:
+        from vlmguard.perf.models import check_shape
+
+        check_shape(args.shape)  # an unknown name before the vocabulary is trained
+    set_threads(args.threads)
+    result = run_guided(args.formats, vocab=args.vocab, batches=args.batch, steps=args.steps, repeats=args.repeats,
+                        warmup=args.warmup, seed=args.seed, shape=args.shape, progress=_progress(args))
+    return _finish(args, result, guided_table(result))
 
 
 def cmd_plot(args) -> int:

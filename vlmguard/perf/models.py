@@ -30,19 +30,27 @@ def known_shapes() -> list[str]:
     return []
 
 
+def check_shape(shape: str) -> str:
+    """What ``shape`` names: "model" (random:FAMILY, tiny, a local path) or "shape" (a named real-checkpoint shape);
+    InvalidInput listing the known shapes for anything else (checked before any model work)."""
+    if shape.startswith("random:") or shape == "tiny" or "/" in shape:
+        return "model"
+    names = known_shapes()
+    if shape not in names:
+        hint = f" (known shapes: {', '.join(names)})" if names else " (vlmguard.models.shapes is not available)"
+        raise InvalidInput(f"unknown shape {shape!r}{hint}; or use random:llava, random:llava_next, "
+                           "random:qwen2_vl, tiny or a local model path")
+    return "shape"
+
+
 def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: str = "auto",
                 seed: int = 0) -> Any:
     """An Engine for ``shape`` (see module doc)."""
     from vlmguard.attention import choose_attention, register_attention_functions
     from vlmguard.engine import Engine, pick_device, pick_dtype
 
-    if shape.startswith("random:") or shape == "tiny" or "/" in shape:
+    if check_shape(shape) != "shape":
         return Engine.load(shape, device=device, dtype=dtype, attn_implementation=attn)
-    names = known_shapes()
-    if shape not in names:
-        hint = f" (known shapes: {', '.join(names)})" if names else " (vlmguard.models.shapes is not available)"
-        raise InvalidInput(f"unknown shape {shape!r}{hint}; or use random:llava, random:llava_next, "
-                           "random:qwen2_vl, tiny or a local model path")
     from vlmguard.models.shapes import build_shape
 
     dev = pick_device(device)

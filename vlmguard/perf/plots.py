@@ -101,6 +101,23 @@ def plot_gemm(result: dict[str, Any], path: str | Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_guided(result: dict[str, Any], path: str | Path) -> None:
+    """Per format: the microseconds structured output adds to each generated token of a request, per batch size."""
+    plt = _plt()
+    formats = list(dict.fromkeys(r["format"] for r in result["rows"]))
+    batches = sorted({r["batch"] for r in result["rows"]})
+    fig, ax = plt.subplots(figsize=(1.6 * len(formats) + 2.5, 3.6))
+    by = {(r["format"], r["batch"]): r for r in result["rows"]}
+    rows = [{f"b{b}": (by[(f, b)]["per_request_token_s"] * 1e6 if (f, b) in by else 0) for b in batches}
+            for f in formats]
+    _grouped_bars(ax, list(range(len(formats))), rows, [(f"b{b}", f"batch {b}") for b in batches])
+    ax.set_xticks(list(range(len(formats))), formats)
+    ax.set_ylabel("µs per generated token and request")
+    ax.legend(fontsize=8)
+    ax.set_title(f"structured output's work per token, {result['vocab']}-id vocabulary", fontsize=10)
+    _save(plt, fig, path)
+
+
 def _grouped_bars(ax, xs: list[float], rows: list[dict[str, Any]], series: list[tuple[str, str]],
                   alphas: tuple[float, ...] = (1.0,)) -> None:
     """One group of bars per row at ``xs``, one bar per (key, label) of ``series`` (a missing value: 0); the bars
@@ -188,7 +205,7 @@ def plot_chat(result: dict[str, Any], path: str | Path) -> None:
 
 
 PLOTTERS = {"perf prefill": plot_prefill, "perf chat": plot_chat, "perf decode": plot_decode, "perf prefix": plot_prefix,
-            "perf serve": plot_serve, "perf gemm": plot_gemm, "perf routing": plot_routing}
+            "perf serve": plot_serve, "perf gemm": plot_gemm, "perf routing": plot_routing, "perf guided": plot_guided}
 
 
 def plot_report(result: dict[str, Any], path: str | Path) -> None:

@@ -84,6 +84,10 @@ def markdown(result: dict[str, Any]) -> str:
         from vlmguard.perf.gemm import GEMM_HEAD, gemm_rows
 
         head, rows = GEMM_HEAD, gemm_rows(result)
+    elif cmd == "perf guided":
+        from vlmguard.perf.guided import GUIDED_HEAD, guided_rows
+
+        head, rows = GUIDED_HEAD, guided_rows(result)
     else:
         raise ValueError(f"not a perf report: {cmd!r}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
