@@ -19,7 +19,8 @@ from PIL import Image
 from vlmguard.client import image_to_url
 from vlmguard.dashboard.request_inputs import (aspect_input, chose_no_image, image_digest, image_input, method_inputs,
                                                selection_inputs)
-from vlmguard.dashboard.result_view import layers, ms, spec_caption, step_probabilities, timing_metrics, token_views
+from vlmguard.dashboard.result_view import (answer_view, layers, ms, spec_caption,
+                                            step_probabilities, timing_metrics, token_views)
 from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, service_client, service_page
 from vlmguard.errors import VlmguardError
@@ -157,9 +158,11 @@ def _ask(client, model: str, messages: list[dict[str, Any]], turn: Turn, image: 
     with st.chat_message("user"):
         st.markdown(turn.question)
     with st.chat_message("assistant"):
+        answer = st.empty()  # the text as it streams in, then the answer (a JSON one indented)
         try:
-            st.write_stream(_deltas(client.chat_stream(messages=messages, model=model, **chat_kwargs(turn.spec)),
-                                    turn))
+            with answer:
+                st.write_stream(_deltas(client.chat_stream(messages=messages, model=model, **chat_kwargs(turn.spec)),
+                                        turn))
         except VlmguardError as e:
             turn.error = failure_message(e, getattr(client, "timeout", 300), "chat")
         if turn.error is None and turn.finish_reason is None:
@@ -167,6 +170,8 @@ def _ask(client, model: str, messages: list[dict[str, Any]], turn: Turn, image: 
         if turn.error is not None:
             _show_error(turn)
             return
+        with answer:
+            answer_view(turn.answer, turn.spec)
         _turn_facts(turn, image, facts)
 
 
@@ -197,7 +202,7 @@ def _show_turn(turn: Turn, image: Image.Image | None, facts: ModelFacts) -> None
         st.markdown(turn.question)
     with st.chat_message("assistant"):
         if turn.answer or turn.error is None:
-            st.markdown(turn.answer or "_(empty answer)_")
+            answer_view(turn.answer, turn.spec)
         if turn.error is not None:
             _show_error(turn)
             return

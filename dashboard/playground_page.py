@@ -12,7 +12,8 @@ import streamlit as st
 from PIL import Image
 
 from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
-from vlmguard.dashboard.result_view import layers, spec_caption, step_probabilities, timing_metrics, token_views
+from vlmguard.dashboard.result_view import (answer_view, layers, spec_caption, step_probabilities,
+                                            timing_metrics, token_views)
 from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, failure_message, spec_kwargs
 from vlmguard.dashboard.ui import config, method_schemas, service_client, service_page
 from vlmguard.errors import VlmguardError
@@ -87,8 +88,10 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
             st.subheader(title)
             st.caption(spec_caption(sp))
             holder: dict[str, Any] = {}
+            answer = st.empty()  # the text as it streams in, then the answer (a JSON one indented)
             try:
-                st.write_stream(_text_deltas(client.generate_stream(prompt, [image], model=model, **sp), holder))
+                with answer:
+                    st.write_stream(_text_deltas(client.generate_stream(prompt, [image], model=model, **sp), holder))
             except VlmguardError as e:
                 message = failure_message(e, getattr(client, "timeout", 300), "playground")
                 st.error(message)
@@ -99,6 +102,8 @@ def _run(client, model: str, prompt: str, image: Image.Image, spec: dict[str, An
                 st.error("the stream ended without a result")
                 continue
             out["results"][title] = {"spec": sp, "result": result}
+            with answer:
+                answer_view(result.text, sp)
             _show_result(result, image, sp, facts)
     return out
 
@@ -122,7 +127,7 @@ def _show_all(shown: dict[str, Any], image_from: Image.Image, facts: ModelFacts)
                 st.error(shown["errors"][title])
                 continue
             st.caption(spec_caption(entry["spec"]))
-            st.markdown(entry["result"].text or "_(empty answer)_")
+            answer_view(entry["result"].text, entry["spec"])
             _show_result(entry["result"], image_from, entry["spec"], facts)
 
 

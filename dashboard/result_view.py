@@ -3,6 +3,7 @@ timings, the kept visual tokens over the image, the pruner's scores, and per gen
 contrast probabilities."""
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import streamlit as st
@@ -35,6 +36,18 @@ def spec_caption(sp: dict[str, Any]) -> str:
         shown = {"json_schema": "JSON schema", "json_object": "any JSON object"}.get(kind, f"{kind} `{g.get(kind)}`")
         extra.append(f"answer format: {shown}" + (" (compact)" if g.get("whitespace") == "compact" else ""))
     return f"pruner `{pr}` · decoder `{sp.get('decoding', 'greedy')}`" + (f" · {'; '.join(extra)}" if extra else "")
+
+
+def answer_view(text: str, sp: dict[str, Any]) -> None:
+    """An answer: a JSON one (its request asked for JSON) as indented JSON, the rest as markdown."""
+    guided = sp.get("guided") or {}
+    if text and (guided.get("json_schema") is not None or guided.get("json_object")):
+        try:
+            st.code(json.dumps(json.loads(text), indent=2, ensure_ascii=False), language="json")
+            return
+        except ValueError:  # an answer cut by max_tokens before its JSON was complete
+            pass
+    st.markdown(text or "_(empty answer)_")
 
 
 def timing_metrics(t: Any) -> None:

@@ -50,6 +50,8 @@ class ChatStub(StubClient):
             raise APIError(400, f"refused: {self.fail_on}")
         k = sum(m["role"] == "user" for m in messages)
         words = [f"answer{k}", " one", " ."]
+        if kwargs.get("response_format") == {"type": "json_object"}:  # a JSON answer
+            words = ['{"answer":', f" {k}", "}"]
         image = any(c["type"] == "image_url" for m in messages if isinstance(m["content"], list) for c in m["content"])
         n = self.N if image else 0  # a text-only chat has no visual token, as the service reports
         kept = [1, 3, 5, 7, 9, 11] if image else []
@@ -232,6 +234,18 @@ def test_a_chat_without_an_image_takes_one_for_its_next_question():
     assert all(c["type"] == "text" for m in msgs if m["role"] == "user" and m is not msgs[2] for c in m["content"])
     at.number_input(key="ch_seed").set_value(3).run()  # the image went out: another one begins a new conversation
     assert "A new conversation" in all_text(at) and "answer1" not in all_text(at)
+
+
+def test_a_json_answer_is_asked_for_and_shown_indented():
+    stub = ChatStub()
+    at = chat(stub)
+    at.selectbox(key="ch_format").select("any JSON object").run()
+    ask(at, "what is in it?")
+    assert not at.exception, at.exception
+    assert stub.chats[-1]["response_format"] == {"type": "json_object"}
+    assert [c.value for c in at.code] == ['{\n  "answer": 1\n}']  # once it has streamed in
+    ask(at, "and now?")
+    assert [c.value for c in at.code] == ['{\n  "answer": 1\n}', '{\n  "answer": 2\n}']  # each turn's, kept
 
 
 def test_an_unreadable_budget_disables_the_question():

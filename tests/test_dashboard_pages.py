@@ -153,6 +153,8 @@ class StubClient:
         kept = sorted(sorted(range(self.N), key=lambda i: -scores[i])[:budget]) if methods else None
         contrast = spec.get("decoding") == "vcd"
         words = ["No", "dog", "."] if methods else ["Yes", "a", "dog", "."]
+        if (spec.get("guided") or {}).get("json_schema") is not None:  # a JSON answer
+            words = ['{"n":', "3}"]
         steps = [StepModel(token_id=10 + i, token=w, main_prob=0.6 - 0.1 * i,
                            contrast_prob=(0.3 + 0.1 * i) if contrast else None, score=1.0 - 0.1 * i,
                            main_top_id=(99 if (contrast and i == 0) else 10 + i)) for i, w in enumerate(words)]
@@ -282,6 +284,8 @@ def test_playground_token_selection_goes_to_both_sides():
     assert main["guided"] == plain["guided"] == {"json_schema": {"type": "object", "required": ["n"]},
                                                  "whitespace": "compact"}
     assert "choices" not in main and "answer format: JSON schema (compact)" in " ".join(c.value for c in at.caption)
+    assert [c.value for c in at.code] == ['{\n  "n": 3\n}'] * 2  # indented, each side, once it has streamed in
+    assert [c.value for c in at.run().code] == ['{\n  "n": 3\n}'] * 2  # and on the page's next runs
     at.selectbox(key="pg_format").select("regular expression").run()
     at.text_area(key="pg_format_text").input("(Yes|No)")
     at.button(key="pg_go").click().run()
