@@ -224,6 +224,8 @@ def test_native_generate_and_python_client(service):
         tokens = c.tokenize("a dog", add_special_tokens=False, return_token_strs=True)
         assert tokens.count == len(tokens.tokens) == len(tokens.token_strs) > 0
         assert c.detokenize(tokens.tokens) == "a dog"
+        counted = c.tokenize_chat("Is there a cat?", images=[random_image(4, (32, 32))])  # the chat's prompt above
+        assert counted.count == chat.usage.prompt_tokens
 
 
 def test_concurrent_requests_are_batched(service, image_url):

@@ -20,7 +20,7 @@ has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the token
 (``vlmguard/choices.py``). ``response_format`` ``json_object`` / ``json_schema`` and vLLM's ``guided_json``,
 ``guided_regex`` and ``guided_grammar`` hold the answer to a format (``vlmguard/guided.py``).
 vLLM's ``POST /tokenize`` and ``POST /detokenize`` turn text into a model's token ids and back (the ids
-``logit_bias`` names).
+``logit_bias`` names); ``/tokenize`` with ``messages`` gives the ids a chat request with them is fed.
 ``logprobs`` / ``top_logprobs`` are honoured: log-probabilities under the decoder's final scores (what token
 selection reads, before temperature, top-k and top-p), so a contrastive decoder's entries show what it did.
 """
@@ -432,14 +432,28 @@ class GenerateStreamEvent(BaseModel):
 
 
 class TokenizeRequest(NumbersNotBooleans):
-    """A text's token ids under a model's tokenizer (no chat template, no image): what ``logit_bias`` names."""
+    """vLLM's: a text's token ids under a model's tokenizer (``prompt``: no chat template, no image; what
+    ``logit_bias`` names), or a chat's (``messages``, as ``/v1/chat/completions`` takes them: the model's chat template
+    with its generation prompt, each image's visual tokens: what a chat request's prompt is fed, its
+    ``usage.prompt_tokens``). One of the two."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
-    prompt: str = Field(max_length=MAX_TOKENIZE_CHARS)
-    add_special_tokens: StrictBool = True  # vLLM's default: the tokenizer's own (e.g. a leading <s>)
+    prompt: Optional[str] = Field(None, max_length=MAX_TOKENIZE_CHARS)
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    add_generation_prompt: StrictBool = True  # (messages) vLLM's default; a chat request always ends with it
+    add_special_tokens: StrictBool = True  # (prompt) vLLM's default: the tokenizer's own (e.g. a leading <s>)
     return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("invalid_request", "give prompt (a text) or messages (a chat), one of them", {})
+        if self.messages is not None and not self.add_generation_prompt:
+            raise unsupported("add_generation_prompt false: a chat is tokenized as a chat request's prompt is, with "
+                              "the generation prompt")
+        return self
 
 
 class TokenizeResponse(BaseModel):

@@ -8,6 +8,8 @@
     for chunk in c.chat_stream("Describe the image.", images=[pil_image]): print(chunk.choices[0].delta.content)
     yes = c.tokenize("Yes", add_special_tokens=False).tokens[0]  # a token id, e.g. for logit_bias
     c.chat("Is there a dog?", images=[pil_image], logit_bias={yes: -100})
+    c.tokenize_chat("Is there a dog?", images=[pil_image]).count  # the prompt tokens that chat costs
+    c.chat("List the objects.", images=[pil_image], response_format={"type": "json_object"})  # structured output
 
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
@@ -209,6 +211,11 @@ def _tokenize_body(text: str, model: str | None, add_special_tokens: bool, retur
     return {**body, "model": model} if model else body
 
 
+def _tokenize_chat_body(prompt, images, messages, system, model, return_token_strs) -> dict[str, Any]:
+    body = {"messages": _messages(prompt, images, messages, system), "return_token_strs": return_token_strs}
+    return {**body, "model": model} if model else body
+
+
 def _detokenize_body(tokens: Sequence[int], model: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"tokens": list(tokens)}
     return {**body, "model": model} if model else body
@@ -360,6 +367,13 @@ class Client(_Base):
         return _parse(TokenizeResponse, self._json("POST", "/tokenize", _tokenize_body(
             text, model, add_special_tokens, return_token_strs)))
 
+    def tokenize_chat(self, prompt: str | None = None, images: Sequence[Any] = (), *,
+                      messages: list[dict[str, Any]] | None = None, model: str | None = None,
+                      system: str | None = None, return_token_strs: bool = False) -> TokenizeResponse:
+        """The token ids ``chat`` with these arguments feeds the model (template, visual tokens): its prompt's count."""
+        return _parse(TokenizeResponse, self._json("POST", "/tokenize", _tokenize_chat_body(
+            prompt, images, messages, system, model, return_token_strs)))
+
     def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return _parse(DetokenizeResponse, self._json("POST", "/detokenize", _detokenize_body(tokens, model))).prompt
 
@@ -466,6 +480,12 @@ class AsyncClient(_Base):
                        return_token_strs: bool = False) -> TokenizeResponse:
         return _parse(TokenizeResponse, await self._json("POST", "/tokenize", _tokenize_body(
             text, model, add_special_tokens, return_token_strs)))
+
+    async def tokenize_chat(self, prompt: str | None = None, images: Sequence[Any] = (), *,
+                            messages: list[dict[str, Any]] | None = None, model: str | None = None,
+                            system: str | None = None, return_token_strs: bool = False) -> TokenizeResponse:
+        return _parse(TokenizeResponse, await self._json("POST", "/tokenize", _tokenize_chat_body(
+            prompt, images, messages, system, model, return_token_strs)))
 
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return _parse(DetokenizeResponse, await self._json("POST", "/detokenize",

@@ -472,11 +472,18 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     @app.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)
     async def tokenize(request: Request):
-        """vLLM's: a text's token ids under the model's tokenizer (no chat template, no image)."""
+        """vLLM's: a text's token ids under the model's tokenizer (no chat template, no image), or a chat's as the
+        model is fed its prompt (chat template, visual tokens)."""
         req: TokenizeRequest = await read_json(request, TokenizeRequest)
         model = pick_model(req.model)
-        return TokenizeResponse(**await token_call(model, "tokenize", req.prompt, req.add_special_tokens,
-                                                   req.return_token_strs))
+        if req.messages is None:
+            return TokenizeResponse(**await token_call(model, "tokenize", req.prompt, req.add_special_tokens,
+                                                       req.return_token_strs))
+        chat = ChatCompletionRequest(messages=req.messages)  # read as the chat endpoint reads them
+        item = await run_in_threadpool(chat_item, chat, resolve_image, max_images=config.max_images_per_request,
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id="tokenize",
+                                       max_pixels=config.max_request_pixels)
+        return TokenizeResponse(**await token_call(model, "tokenize_chat", item, req.return_token_strs))
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(request: Request):

@@ -87,6 +87,7 @@ class EngineWorker:
         self.name = name or model
         self._lock = threading.Lock()
         self._tokenizer: Any = None  # _own_tokenizer's copy
+        self._adapter: Any = None  # _own_adapter's copy
         self._tok_lock = threading.Lock()
         self.started = time.time()
         self.batches = 0
@@ -125,10 +126,21 @@ class EngineWorker:
                                param="tokens")
         return {"prompt": tok.decode(ids)}
 
+    def tokenize_chat(self, item: WorkItem, return_token_strs: bool = False) -> dict[str, Any]:
+        """The token ids a chat request's prompt is fed (``item`` as ``chat_item`` makes it): the chat template with
+        the generation prompt, each image's visual tokens (the image sized as a request's would be). Encoded with
+        this worker's own copy of the processor, beside generation (``_own_tokenizer``)."""
+        prompts = self.engine._prompts([self._request(item)], specs=[item.spec])
+        ids = self._own_adapter().encode(prompts).input_ids[0].tolist()
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
+        if return_token_strs:
+            out["token_strs"] = self._own_tokenizer().convert_ids_to_tokens(ids)
+        return out
+
     def tokens(self, method: str, *args: Any) -> dict[str, Any]:
-        """``tokenize`` or ``detokenize`` as a backend calls them (over a Ray handle too): bad input comes back as
-        ``{"error": message, "param": field}``, not as an exception."""
-        if method not in ("tokenize", "detokenize"):
+        """``tokenize``, ``tokenize_chat`` or ``detokenize`` as a backend calls them (over a Ray handle too): bad
+        input comes back as ``{"error": message, "param": field}``, not as an exception."""
+        if method not in ("tokenize", "tokenize_chat", "detokenize"):
             raise ValueError(f"no token method {method!r}")
         try:
             return getattr(self, method)(*args)
@@ -143,6 +155,18 @@ class EngineWorker:
             if self._tokenizer is None:
                 self._tokenizer = copy.deepcopy(self.engine.adapter.tokenizer)
             return self._tokenizer
+
+    def _own_adapter(self) -> Any:
+        """The model's adapter with a copy of its processor (its tokenizer and image processor), for the API's
+        ``tokenize_chat``: the processor's tokenizer is the shared one ``_own_tokenizer`` copies for the same
+        reason."""
+        with self._tok_lock:
+            if self._adapter is None:
+                adapter = copy.copy(self.engine.adapter)
+                adapter.processor = copy.deepcopy(self.engine.adapter.processor)
+                adapter.tokenizer = getattr(adapter.processor, "tokenizer", adapter.processor)
+                self._adapter = adapter
+            return self._adapter
 
     def prefix_cache_info(self) -> dict[str, Any] | None:
         """The prefix cache's figures (entries, bytes, hits, misses, ...); None when it is off."""
