@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmguard.client import image_to_url
 from vlmguard.dashboard.request_inputs import (aspect_input, chose_no_image, image_digest, image_input, method_inputs,
-                                               selection_inputs)
+                                               selection_inputs, token_ids)
 from vlmguard.dashboard.result_view import (answer_view, layers, ms, spec_caption,
                                             step_probabilities, timing_metrics, token_views)
 from vlmguard.dashboard.service import ModelFacts, chat_kwargs, failure_message, spec_kwargs
@@ -74,6 +74,7 @@ def render() -> None:
     if status is None:
         return
     schemas = method_schemas()
+    client = service_client(cfg)
     left, right = st.columns([1, 2])
     with left:
         model = st.selectbox("model", status.models, key="ch_model")
@@ -88,7 +89,7 @@ def render() -> None:
         max_new = st.slider("max new tokens", 1, 256, 64, key="ch_max_new")
         aspect = aspect_input("ch")
         with st.expander("token selection"):
-            selection = selection_inputs("ch")
+            selection, selection_ok = selection_inputs("ch", token_ids(client, model))
         new = st.button("New conversation", key="ch_new")
     with right:
         if image is None and not text_only:
@@ -99,7 +100,7 @@ def render() -> None:
         talk = st.container()  # the turns, above the question box (which this run reads first)
         first = FIRST_QUESTION if image is not None else FIRST_TEXT_QUESTION
         question = st.chat_input(first if not conv.turns else "Ask a follow-up question", key="ch_input",
-                                 disabled=not methods.ready)
+                                 disabled=not methods.ready or not selection_ok)
         with talk:
             for i, turn in enumerate(conv.turns):
                 _show_turn(turn, image if conv.with_image(i) else None, facts)
@@ -112,7 +113,7 @@ def render() -> None:
             turn = Turn(question.strip(), spec)
             messages = messages_for(image, conv, turn.question)
             conv.turns.append(turn)  # kept whatever happens: a failed turn shows its error, not sent again
-            _ask(service_client(cfg), model, messages, turn, image, facts)
+            _ask(client, model, messages, turn, image, facts)
 
 
 def _conversation(topic: tuple[Any, ...], fresh: bool) -> Conversation:

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import streamlit as st
 from PIL import Image
 
-from vlmguard.dashboard.request_inputs import aspect_input, image_digest, image_input, method_inputs, selection_inputs
+from vlmguard.dashboard.request_inputs import (aspect_input, image_digest, image_input, method_inputs,
+                                               selection_inputs, token_ids)
 from vlmguard.dashboard.result_view import (answer_view, layers, spec_caption, step_probabilities,
                                             timing_metrics, token_views)
 from vlmguard.dashboard.service import BASELINE_SPEC, ModelFacts, failure_message, spec_kwargs
@@ -28,6 +29,7 @@ def render() -> None:
     if status is None:
         return
     schemas = method_schemas()
+    client = service_client(cfg)
     left, right = st.columns([1, 1])
     with left:
         model = st.selectbox("model", status.models, key="pg_model")
@@ -38,16 +40,16 @@ def render() -> None:
         max_new = st.slider("max new tokens", 1, 256, 16, key="pg_max_new")
         aspect = aspect_input("pg")
         with st.expander("token selection (both sides)"):
-            selection = selection_inputs("pg")
+            selection, selection_ok = selection_inputs("pg", token_ids(client, model))
         compare = st.checkbox("side by side with the plain model (no pruning, greedy)", value=True, key="pg_compare")
-        go = st.button("Generate", type="primary", key="pg_go", disabled=image is None or not methods.ready)
+        go = st.button("Generate", type="primary", key="pg_go",
+                       disabled=image is None or not methods.ready or not selection_ok)
     if image is None:
         st.info("Pick a SynthCOCO sample or upload an image.")
         return
     spec = spec_kwargs(methods.pruning, methods.budget, methods.pruning_params, methods.decoding,
                        methods.decoding_params, max_new, selection=selection, image_aspect=aspect)
     facts = status.facts.get(model) or ModelFacts()
-    client = service_client(cfg)
     inputs = _inputs(model, prompt, image, spec)
     if go:
         st.session_state[RESULTS_KEY] = {**_run(client, model, prompt, image, spec, compare, facts), "inputs": inputs}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import streamlit as st
 from PIL import Image
@@ -72,9 +72,12 @@ def budget_input(pruning: str, key: str) -> int | float | None:
         return None
 
 
-def selection_inputs(prefix: str) -> dict[str, Any]:
-    """Temperature, sampling seed, the three penalties and the answer's choices (``selection_kwargs``: only what
-    differs from greedy, free answers)."""
+def selection_inputs(prefix: str, token_ids: Callable[[str], list[int]] | None = None
+                     ) -> tuple[dict[str, Any], bool]:
+    """Temperature, sampling seed, the three penalties, token biases, the answer's choices and format
+    (``selection_kwargs``: only what differs from greedy, free answers), and whether they can be sent (a bias
+    that names no single token cannot). ``token_ids``: a word's token ids under the model (the service's
+    /tokenize); without it there is no bias input."""
     s1, s2 = st.columns(2)
     with s1:
         temperature = st.slider("temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key=f"{prefix}_temperature")
@@ -86,7 +89,46 @@ def selection_inputs(prefix: str) -> dict[str, Any]:
     text = st.text_input("answer choices, comma-separated (empty: any answer)", "", key=f"{prefix}_choices",
                          help="the answer must be one of these, e.g. Yes, No (guided choice)")
     choices = [c.strip() for c in text.split(",") if c.strip()]
-    return selection_kwargs(temperature, seed, presence, frequency, repetition, choices, format_input(prefix))
+    bias, ok = bias_input(prefix, token_ids) if token_ids is not None else ({}, True)
+    selection = selection_kwargs(temperature, seed, presence, frequency, repetition, choices, format_input(prefix))
+    return ({**selection, "logit_bias": bias} if bias else selection), ok
+
+
+def token_ids(client: Any, model: str) -> Callable[[str], list[int]]:
+    """A word's token ids under ``model``, from the service (``/tokenize``, no special tokens)."""
+    return lambda word: list(client.tokenize(word, model=model, add_special_tokens=False).tokens)
+
+
+def bias_input(prefix: str, token_ids: Callable[[str], list[int]]) -> tuple[dict[int, float], bool]:
+    """OpenAI's logit_bias, typed as words: ``Yes=-100, No=5`` -> {id of "Yes": -100, id of "No": 5}, each word
+    looked up with ``token_ids`` and refused (shown, and the request held back) unless it is one token."""
+    text = st.text_input("token bias, WORD=BIAS comma-separated (-100 bans a word, 100 forces it)", "",
+                         key=f"{prefix}_bias", help="e.g. Yes=-100, No=5: each word must be one token of the model")
+    bias: dict[int, float] = {}
+    problems = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        word, eq, value = item.rpartition("=")
+        try:
+            number = float(value) if eq and word.strip() else None
+        except ValueError:
+            number = None
+        if number is None or not -100 <= number <= 100:
+            problems.append(f"{item!r} is not WORD=BIAS with a bias from -100 to 100")
+            continue
+        try:
+            ids = token_ids(word.strip())
+        except VlmguardError as e:
+            problems.append(f"{word.strip()!r}: {e}")
+            continue
+        if len(ids) != 1:
+            problems.append(f"{word.strip()!r} is {len(ids)} tokens for this model (a bias names one token)")
+            continue
+        bias[ids[0]] = number
+    for problem in problems:
+        st.error(problem)
+    return bias, not problems
 
 
 FORMATS = {"free text": None, "regular expression": "regex", "JSON schema": "json_schema",

@@ -28,6 +28,8 @@ def spec_caption(sp: dict[str, Any]) -> str:
         extra.append(f"sampling T={sp.get('temperature')} seed {sp.get('seed')}")
     extra += [f"{k.removesuffix('_penalty')} penalty {sp[k]}" for k in ("presence_penalty", "frequency_penalty",
                                                                        "repetition_penalty") if k in sp]
+    if sp.get("logit_bias"):
+        extra.append("token bias " + ", ".join(f"{t}: {b:+g}" for t, b in sp["logit_bias"].items()))
     if sp.get("choices"):
         extra.append("answer one of: " + " / ".join(sp["choices"]))
     if sp.get("guided"):

@@ -38,6 +38,8 @@ class GenerationClient(Protocol):
                     messages: list[dict[str, Any]] | None = None, model: str | None = None, **kwargs: Any
                     ) -> Iterator[Any]: ...
 
+    def tokenize(self, text: str, *, model: str | None = None, add_special_tokens: bool = True) -> Any: ...
+
 
 @dataclass(frozen=True)
 class ModelFacts:

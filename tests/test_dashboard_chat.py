@@ -3,6 +3,8 @@ OpenAI-compatible client (what each turn sends, what it shows), failed turns, a 
 changes; and the request it makes read by the real API as the playground's native request is."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from test_dashboard_pages import StubClient, all_text, i_caption, page, quiet_env
@@ -248,6 +250,17 @@ def test_a_json_answer_is_asked_for_and_shown_indented():
     assert [c.value for c in at.code] == ['{\n  "answer": 1\n}', '{\n  "answer": 2\n}']  # each turn's, kept
 
 
+def test_a_token_bias_goes_with_the_question_and_a_bad_one_holds_it_back():
+    stub = ChatStub()
+    at = chat(stub)
+    at.text_input(key="ch_bias").input("a dog=5").run()
+    assert any("'a dog' is 2 tokens" in e.value for e in at.error) and at.chat_input(key="ch_input").disabled
+    at.text_input(key="ch_bias").input("No=-100").run()
+    ask(at, "is there a dog?")
+    assert not at.exception, at.exception
+    assert stub.chats[-1]["logit_bias"] == {22: -100.0}
+
+
 def test_an_unreadable_budget_disables_the_question():
     at = chat(ChatStub())
     at.text_input(key="ch_budget").input("0")
@@ -261,7 +274,8 @@ def test_an_unreadable_budget_disables_the_question():
                                        selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, ["Yes", "No"]),
                                        *[selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, (), guided) for guided in (
                                            {"regex": "(Yes|No)"}, {"json_object": True, "whitespace": "compact"},
-                                           {"json_schema": {"type": "object"}}, {"grammar": 'start: "a"'})]])
+                                           {"json_schema": {"type": "object"}}, {"grammar": 'start: "a"'})],
+                                       {**selection_kwargs(0.0, 0, 0.0, 0.0, 1.0), "logit_bias": {23: -100.0}}])
 @pytest.mark.parametrize("methods", [("none", None, "greedy", {}), ("flowcut", 0.25, "vcd", {"alpha": 2.0}),
                                      ("adaptinfer", 16, "sample", {}), ("random", 8, "lqcd", {})])
 def test_the_chat_request_is_the_playgrounds_request(methods, selection):
@@ -270,6 +284,7 @@ def test_the_chat_request_is_the_playgrounds_request(methods, selection):
     pruning, budget, decoding, decoding_params = methods
     spec = spec_kwargs(pruning, budget, {}, decoding, decoding_params, 24, selection=selection, image_aspect="pad")
     body = _chat_body(None, (), [{"role": "user", "content": "hi"}], None, "tiny-llava", True, chat_kwargs(spec))
+    body = json.loads(json.dumps(body))  # as it goes over HTTP (a logit_bias's ids become the JSON keys "23")
     from_chat = chat_spec(ChatCompletionRequest.model_validate(body), 64)
     native = native_spec(spec, 64)
     assert from_chat == native

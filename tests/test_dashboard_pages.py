@@ -9,7 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from test_dashboard_data import FIX, shared_fixture_db
-from vlmguard.api_schema import GenerateResponse, GenerateStreamEvent, ModelCard, ModelList, StepModel, TimingsModel
+from vlmguard.api_schema import (GenerateResponse, GenerateStreamEvent, ModelCard, ModelList, StepModel, TimingsModel,
+                                 TokenizeResponse)
 from vlmguard.client import APIError
 from vlmguard.dashboard import data
 from vlmguard.dashboard.service import CLIENT_KEY, JOBS_KEY, JobRow
@@ -180,6 +181,12 @@ class StubClient:
         self.calls.append({"prompt": prompt, "model": model, "images": list(images), **spec})
         return self._result(spec)
 
+    WORDS = {"Yes": [23], "No": [22], "a dog": [5, 64]}  # what the stub's /tokenize knows
+
+    def tokenize(self, text, *, model=None, add_special_tokens=True):
+        return TokenizeResponse(count=len(self.WORDS.get(text, [1])), max_model_len=512,
+                                tokens=self.WORDS.get(text, [1]))
+
     def generate_stream(self, prompt, images=(), *, model=None, **spec):
         self.calls.append({"prompt": prompt, "model": model, "images": list(images), "stream": True, **spec})
         if self.fail and spec.get("pruning") != "none":
@@ -271,6 +278,18 @@ def test_playground_token_selection_goes_to_both_sides():
     main, plain = [c for c in stub.calls if c.get("stream")][-2:]
     assert main["choices"] == plain["choices"] == ["Yes", "No"]
     assert "answer one of: Yes / No" in " ".join(c.value for c in at.caption)
+    # token biases typed as words, to both sides too; a word of two tokens, or a bias out of range, holds it back
+    at.text_input(key="pg_bias").input("Yes=-100, No = 5").run()
+    at.button(key="pg_go").click().run()
+    main, plain = [c for c in stub.calls if c.get("stream")][-2:]
+    assert main["logit_bias"] == plain["logit_bias"] == {23: -100.0, 22: 5.0}
+    assert "token bias 23: -100, 22: +5" in " ".join(c.value for c in at.caption)
+    for bad, needle in (("a dog=3", "'a dog' is 2 tokens for this model"), ("Yes=-101", "'Yes=-101' is not WORD=BIAS"),
+                        ("Yes", "'Yes' is not WORD=BIAS")):
+        at.text_input(key="pg_bias").input(bad).run()
+        assert any(needle in e.value for e in at.error) and at.button(key="pg_go").disabled, bad
+    at.text_input(key="pg_bias").input("").run()
+    assert not at.button(key="pg_go").disabled
     # the answer's format (structured output), to both sides too; a schema that is not JSON is an error, not sent
     at.text_input(key="pg_choices").input("")
     at.selectbox(key="pg_format").select("JSON schema").run()
