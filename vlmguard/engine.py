@@ -25,11 +25,11 @@ import torch
 from vlmguard.attention import (FLASH, PROBING_IMPLEMENTATIONS, ScoreRequest, choose_attention,
                                 register_attention_functions)
 from vlmguard.choices import choice_paths
-from vlmguard.guided import new_matcher
 from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
                              non_finite_cause)
+from vlmguard.guided import new_matcher
 from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
@@ -430,6 +430,14 @@ class Engine:
         except BaseException:
             decoder.teardown(dctx)
             raise
+
+    def prompt_ids(self, request: Request, spec: GenerationSpec | None = None,
+                   adapter: ModelAdapter | None = None) -> list[int]:
+        """The token ids ``request``'s prompt is fed (chat template, every image's visual tokens; the images fitted
+        as ``spec.image_aspect`` says), encoded by ``adapter`` (default: the engine's; a server passes a copy with
+        its own processor to encode beside generation). No model work."""
+        prompts = self._prompts([request], specs=[spec or GenerationSpec()])
+        return (adapter or self.adapter).encode(prompts).input_ids[0].tolist()
 
     def _check_token_settings(self, specs: list[GenerationSpec], positions: list[int]) -> None:
         """Each request's ``logit_bias`` names ids of the model's vocabulary, its ``choices`` have tokens and

@@ -130,8 +130,7 @@ class EngineWorker:
         """The token ids a chat request's prompt is fed (``item`` as ``chat_item`` makes it): the chat template with
         the generation prompt, each image's visual tokens (the image sized as a request's would be). Encoded with
         this worker's own copy of the processor, beside generation (``_own_tokenizer``)."""
-        prompts = self.engine._prompts([self._request(item)], specs=[item.spec])
-        ids = self._own_adapter().encode(prompts).input_ids[0].tolist()
+        ids = self.engine.prompt_ids(self._request(item), item.spec, adapter=self._own_adapter())
         out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
         if return_token_strs:
             out["token_strs"] = self._own_tokenizer().convert_ids_to_tokens(ids)
