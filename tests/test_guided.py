@@ -175,6 +175,13 @@ def test_bad_formats_are_refused_naming_the_field():
         with pytest.raises(InvalidInput, match=needle) as e:
             eng.generate([req], GenerationSpec(guided=guided))
         assert e.value.param == param and "\n" not in str(e.value)
+    unique = {"type": "array", "items": {"enum": ["cat", "dog"]}, "uniqueItems": True, "maxItems": 2}
+    with pytest.raises(InvalidInput, match=r'Unimplemented keys: \["uniqueItems"\]') as e:
+        eng.generate([req], GenerationSpec(guided={"json_schema": unique}))
+    assert e.value.param == "guided.json_schema"
+    lenient = eng.generate([req], GenerationSpec(max_new_tokens=40, guided={"json_schema": unique, "strict": False,
+                                                                            "whitespace": "compact"}))[0]
+    assert set(json.loads(lenient.text)) <= {"cat", "dog"}  # the rest of the schema still holds
     with pytest.raises(InvalidInput, match="benchmarks do not take guided"):
         run_benchmark(None, "chair", None, GenerationSpec(guided={"json_object": True}), db=":memory:")
 

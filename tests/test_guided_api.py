@@ -54,6 +54,8 @@ def test_each_way_of_asking_for_a_format_maps_to_the_spec():
     cases = {"json_object": (dict(response_format={"type": "json_object"}), {"json_object": True}),
              "json_schema": (dict(response_format={"type": "json_schema", "json_schema": {
                  "name": "s", "schema": SCHEMA, "strict": True}}), {"json_schema": SCHEMA}),
+             "json_schema, not strict": (dict(response_format={"type": "json_schema", "json_schema": {
+                 "name": "s", "schema": SCHEMA}}), {"json_schema": SCHEMA, "strict": False}),
              "schema-less json_schema": (dict(response_format={"type": "json_schema", "json_schema": {"name": "s"}}),
                                          {"json_object": True}),
              "guided_json": (dict(guided_json=SCHEMA), {"json_schema": SCHEMA}),

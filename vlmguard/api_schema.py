@@ -152,8 +152,8 @@ class StreamOptions(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    """OpenAI's ``response_format.json_schema``: the schema the answer follows (``name``, ``description`` and
-    ``strict`` are accepted; the answer is held to the schema whatever ``strict`` says)."""
+    """OpenAI's ``response_format.json_schema``: the schema the answer follows (``name`` and ``description`` are
+    accepted; ``strict`` true makes a keyword the grammar cannot hold an error, else it is left out)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

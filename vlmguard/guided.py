@@ -62,7 +62,7 @@ def grammar(guided: GuidedOutput) -> str:
         inner = LLMatcher.grammar_from_lark(guided.grammar)
     else:
         schema = guided.json_schema if guided.json_schema is not None else {"type": "object"}
-        options = {"whitespace_flexible": guided.whitespace == "flexible"}
+        options = {"whitespace_flexible": guided.whitespace == "flexible", "lenient": not guided.strict}
         try:
             inner = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
         except ValueError as e:

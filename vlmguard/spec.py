@@ -117,7 +117,9 @@ class GuidedOutput(BaseModel):
     """A format the answer is held to, token by token (``vlmguard/guided.py``): exactly one of a JSON schema,
     any JSON object, a regular expression (the whole answer matches it) or a Lark grammar (llguidance's dialect).
     ``whitespace`` (JSON): "flexible" allows any whitespace JSON allows (vLLM's and OpenAI's default); "compact"
-    none outside strings (``{"a":1}``), which keeps a small model from spending its tokens on blank lines."""
+    none outside strings (``{"a":1}``), which keeps a small model from spending its tokens on blank lines.
+    ``strict`` (JSON schema): a keyword llguidance does not implement (``uniqueItems``, ``not``, an unknown
+    ``format``) is an error; false: it is left out of the grammar (OpenAI's non-strict schemas)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,6 +128,7 @@ class GuidedOutput(BaseModel):
     regex: str | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
     whitespace: Literal["flexible", "compact"] = "flexible"
+    strict: StrictBool = True
 
     @field_validator("json_schema")
     @classmethod

@@ -125,7 +125,9 @@ def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
     rf = req.response_format
     if rf is not None and rf.type != "text":  # json_schema without a schema: any JSON object
         schema = rf.json_schema.json_schema if rf.json_schema is not None else None
-        given["response_format"] = {"json_object": True} if schema is None else {"json_schema": schema}
+        # OpenAI's strict (default false): keywords the grammar cannot hold are an error only when it is true
+        given["response_format"] = {"json_object": True} if schema is None else {
+            "json_schema": schema, "strict": bool(rf.json_schema.strict)}
     if req.guided_json is not None:
         schema = req.guided_json
         if isinstance(schema, str):
