@@ -189,7 +189,7 @@ def allowed_masks(matchers: Sequence[Any], width: int) -> torch.Tensor:
     bits = np.unpackbits(data.reshape(len(matchers), -1), axis=1, bitorder="little")
     if bits.shape[1] < width:  # (ids past the matchers' vocabulary: never allowed)
         bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
-    return torch.from_numpy(bits[:, :width].astype(bool))
+    return torch.from_numpy(bits[:, :width].view(np.bool_))  # (unpackbits gives 0 / 1 bytes: bools as they are)
 
 
 def restrict_to_guides(scores: torch.Tensor, matchers: Sequence[Any], eos: Sequence[int],
