@@ -205,20 +205,24 @@ def _chat_body(prompt, images, messages, system, model, stream, kwargs) -> dict[
     return body
 
 
+def _with_model(body: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """``body`` naming ``model`` where one is given (else the server's first model answers)."""
+    return {**body, "model": model} if model else body
+
+
 def _tokenize_body(text: str, model: str | None, add_special_tokens: bool, return_token_strs: bool
                    ) -> dict[str, Any]:
-    body = {"prompt": text, "add_special_tokens": add_special_tokens, "return_token_strs": return_token_strs}
-    return {**body, "model": model} if model else body
+    return _with_model({"prompt": text, "add_special_tokens": add_special_tokens,
+                        "return_token_strs": return_token_strs}, model)
 
 
 def _tokenize_chat_body(prompt, images, messages, system, model, return_token_strs) -> dict[str, Any]:
-    body = {"messages": _messages(prompt, images, messages, system), "return_token_strs": return_token_strs}
-    return {**body, "model": model} if model else body
+    return _with_model({"messages": _messages(prompt, images, messages, system),
+                        "return_token_strs": return_token_strs}, model)
 
 
 def _detokenize_body(tokens: Sequence[int], model: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"tokens": list(tokens)}
-    return {**body, "model": model} if model else body
+    return _with_model({"tokens": list(tokens)}, model)
 
 
 def _generate_body(prompt, images, model, system, stream, spec) -> dict[str, Any]:

@@ -245,9 +245,10 @@ class DecodeBatch:
                             + non_finite_cause(self.runner.adapter.model.dtype))
                 finished_rows.append(j)
                 continue
-            why = stuck.get(j) or (lv.guide is not None and t not in self.eos and not lv.guide.consume_token(t)
-                                   and dead_end(lv.guide))
-            if why:  # a format the vocabulary cannot go on with (it held only the end of sequence)
+            why = stuck.get(j)  # a format the vocabulary cannot go on with (it held only the end of sequence)
+            if why is None and lv.guide is not None and t not in self.eos and not lv.guide.consume_token(t):
+                why = dead_end(lv.guide)  # (a token its mask allowed that the matcher refused: not expected)
+            if why:
                 lv.finish, lv.error_code = "error", "FormatDeadEnd"
                 lv.error = f"at generated token {len(lv.gen)}: {why}"
                 finished_rows.append(j)

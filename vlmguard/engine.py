@@ -29,7 +29,7 @@ from vlmguard.decode_batch import Cohort, DecodeBatch, LiveRequest
 from vlmguard.decoding.base import Branch, DecodeContext, OwnedRows, forward_owners
 from vlmguard.errors import (ContextTooLong, InvalidInput, ModelLoadError, NonFiniteLogits, first_line,
                              non_finite_cause)
-from vlmguard.guided import new_matcher
+from vlmguard.guided import compile_format
 from vlmguard.images import check_image, pad_to_square
 from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
@@ -465,7 +465,7 @@ class Engine:
                     raise InvalidInput(f"request {i}: a guided format needs an end-of-sequence token, and this model "
                                        "has none", param="guided")
                 try:  # compiled once per format and tokenizer; each answer's matcher is a copy (DecodeBatch)
-                    new_matcher(self.adapter.tokenizer, width, sorted(self.adapter.eos_token_ids), s.guided)
+                    compile_format(self.adapter.tokenizer, width, sorted(self.adapter.eos_token_ids), s.guided)
                 except InvalidInput as e:
                     raise InvalidInput(f"request {i}: {e}", param=e.param) from None
 

@@ -39,7 +39,7 @@ _LOCK = threading.Lock()
 
 
 @dataclass
-class _Compiled:
+class Compiled:
     """llguidance's tokenizer for one model tokenizer (and logits width, end-of-sequence ids), and the formats
     compiled for it: grammar -> a fresh matcher, the most recently used last."""
 
@@ -47,7 +47,7 @@ class _Compiled:
     templates: "OrderedDict[str, Any]" = field(default_factory=OrderedDict)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Any, dict[tuple, _Compiled]]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict[tuple, Compiled]]" = weakref.WeakKeyDictionary()
 
 
 def grammar(guided: GuidedOutput) -> str:
@@ -116,7 +116,7 @@ class _TokenBytes:
         return ids
 
 
-def _compiled(tokenizer: Any, width: int, eos: Sequence[int]) -> _Compiled:
+def compiled_for(tokenizer: Any, width: int, eos: Sequence[int]) -> Compiled:
     """What is built once per model tokenizer, with ``width`` output ids (the model's logits) and these
     end-of-sequence ids: llguidance's tokenizer (about a second for a 150k vocabulary) and a cache of formats."""
     import llguidance
@@ -131,23 +131,23 @@ def _compiled(tokenizer: Any, width: int, eos: Sequence[int]) -> _Compiled:
             except ValueError:  # a vocabulary llguidance cannot read (word-level): from each token's bytes
                 wrapped = llguidance.TokenizerWrapper(_TokenBytes(tokenizer, width, eos))
                 lltok = llguidance.LLTokenizer(wrapped, eos_token=list(key[1]))
-            built[key] = _Compiled(lltok)
+            built[key] = Compiled(lltok)
         return built[key]
 
 
-def new_matcher(tokenizer: Any, width: int, eos: Sequence[int], guided: GuidedOutput) -> Any:
-    """A fresh matcher for one answer in ``guided``'s format (compiled once per tokenizer, then copied).
-    InvalidInput for a format llguidance refuses (a bad regex, a grammar that does not parse, a schema it cannot
-    compile) or one this model's vocabulary cannot begin to write (JSON for a model without a ``{`` in any
-    token)."""
+def compile_format(tokenizer: Any, width: int, eos: Sequence[int], guided: GuidedOutput) -> Any:
+    """``guided``'s format compiled for ``tokenizer`` (once; later calls take the cached one): a matcher in its
+    start state, to copy, never to advance. InvalidInput for a format llguidance refuses (a bad regex, a grammar
+    that does not parse, a schema it cannot compile) or one this model's vocabulary cannot begin to write (JSON for
+    a model without a ``{`` in any token). What the engine checks a request with."""
     from llguidance import LLMatcher
 
-    compiled, text = _compiled(tokenizer, width, eos), grammar(guided)
+    compiled, text = compiled_for(tokenizer, width, eos), grammar(guided)
     with _LOCK:
         template = compiled.templates.get(text)
         if template is not None:
             compiled.templates.move_to_end(text)
-            return template.deep_copy()
+            return template
     template = LLMatcher(compiled.tokenizer, text, log_level=0)
     if template.is_error():
         raise InvalidInput(f"guided: {_one_line(template.get_error())}", param=f"guided.{guided.kind}")
@@ -158,7 +158,12 @@ def new_matcher(tokenizer: Any, width: int, eos: Sequence[int], guided: GuidedOu
         compiled.templates[text] = template
         while len(compiled.templates) > _MAX_TEMPLATES:
             compiled.templates.popitem(last=False)
-    return template.deep_copy()
+    return template
+
+
+def new_matcher(tokenizer: Any, width: int, eos: Sequence[int], guided: GuidedOutput) -> Any:
+    """A fresh matcher for one answer in ``guided``'s format: a copy of :func:`compile_format`'s."""
+    return compile_format(tokenizer, width, eos, guided).deep_copy()
 
 
 def _can_begin(probe: Any, lltok: Any, width: int) -> bool:

@@ -576,8 +576,7 @@ class _Guard:
 
 def _format_param(item: WorkItem) -> str:
     """The spec field of a request's answer format (``guided.regex``), which its route spells its own way."""
-    guided = getattr(item.spec, "guided", None)
-    return f"guided.{guided.kind}" if guided is not None else "guided"
+    return f"guided.{item.spec.guided.kind}" if item.spec.guided is not None else "guided"
 
 
 def _internal_error_event(e: BaseException) -> dict[str, Any]:

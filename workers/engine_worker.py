@@ -111,11 +111,7 @@ class EngineWorker:
     def tokenize(self, text: str, add_special_tokens: bool = True, return_token_strs: bool = False) -> dict[str, Any]:
         """``text``'s token ids under the model's tokenizer (no chat template): :class:`TokenizeResponse`'s fields."""
         tok = self._own_tokenizer()
-        ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
-        if return_token_strs:
-            out["token_strs"] = tok.convert_ids_to_tokens(ids)
-        return out
+        return self._ids_answer(tok(text, add_special_tokens=add_special_tokens)["input_ids"], tok, return_token_strs)
 
     def detokenize(self, ids: list[int]) -> dict[str, Any]:
         """The text of token ids (special tokens included, as the model would read them)."""
@@ -129,11 +125,16 @@ class EngineWorker:
     def tokenize_chat(self, item: WorkItem, return_token_strs: bool = False) -> dict[str, Any]:
         """The token ids a chat request's prompt is fed (``item`` as ``chat_item`` makes it): the chat template with
         the generation prompt, each image's visual tokens (the image sized as a request's would be). Encoded with
-        this worker's own copy of the processor, beside generation (``_own_tokenizer``)."""
-        ids = self.engine.prompt_ids(self._request(item), item.spec, adapter=self._own_adapter())
+        this worker's own copy of the processor, beside generation (``_own_adapter``)."""
+        adapter = self._own_adapter()
+        ids = self.engine.prompt_ids(self._request(item), item.spec, adapter=adapter)
+        return self._ids_answer(ids, adapter.tokenizer, return_token_strs)
+
+    def _ids_answer(self, ids: list[int], tok: Any, return_token_strs: bool) -> dict[str, Any]:
+        """:class:`TokenizeResponse`'s fields for ``ids`` (their token strings under ``tok`` when asked for)."""
         out: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids}
         if return_token_strs:
-            out["token_strs"] = self._own_tokenizer().convert_ids_to_tokens(ids)
+            out["token_strs"] = tok.convert_ids_to_tokens(ids)
         return out
 
     def tokens(self, method: str, *args: Any) -> dict[str, Any]:

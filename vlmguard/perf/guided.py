@@ -106,7 +106,7 @@ def run_guided(formats: Sequence[str], *, vocab: int = 32000, batches: Sequence[
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Per format and batch size: compile seconds, seconds per step and per request-token (medians over
     ``repeats``), and with ``shape`` the ratio to that model's greedy decode step at the batch size."""
-    from vlmguard.guided import _compiled, new_matcher
+    from vlmguard.guided import compile_format, compiled_for
     from vlmguard.spec import GuidedOutput
 
     say = progress or (lambda _msg: None)
@@ -118,7 +118,7 @@ def run_guided(formats: Sequence[str], *, vocab: int = 32000, batches: Sequence[
     train_s = time.perf_counter() - t0
     eos, width = [tok.eos_token_id], len(tok)
     t0 = time.perf_counter()
-    compiled = _compiled(tok, width, eos)
+    compiled = compiled_for(tok, width, eos)
     tokenizer_s = time.perf_counter() - t0
     decode = _decode_steps(shape, batches, repeats, warmup, seed) if shape else {}
     rows = []
@@ -128,7 +128,7 @@ def run_guided(formats: Sequence[str], *, vocab: int = 32000, batches: Sequence[
         for r in range(warmup + repeats):
             compiled.templates.clear()  # a fresh compile every round, not the cached copy
             t = time.perf_counter()
-            new_matcher(tok, width, eos, guided)
+            compile_format(tok, width, eos, guided)
             if r >= warmup:
                 compile_s.append(time.perf_counter() - t)
         for b in batches:
