@@ -108,6 +108,8 @@ def test_generate_structured_output(capsys, image, tmp_path):
     schema = {"type": "object", "required": ["n"], "additionalProperties": False,
               "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
     (tmp_path / "schema.json").write_text(json.dumps(schema))
+    binary = tmp_path / "binary.lark"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
     rc, out, _ = run_cli(capsys, *args, "--json-schema", f"@{tmp_path / 'schema.json'}", "--json-whitespace",
                          "compact")
     obj = json.loads(out.strip().splitlines()[-1])
@@ -119,6 +121,9 @@ def test_generate_structured_output(capsys, image, tmp_path):
     for extra, needle in ((["--json-schema", "{oops"], "--json-schema is not JSON"),
                           (["--json-schema", "[1]"], "--json-schema must be a JSON object"),
                           (["--grammar", f"@{tmp_path / 'none.lark'}"], "--grammar: cannot read"),
+                          (["--grammar", f"@{binary}"], "--grammar: cannot read"),
+                          (["--json-schema", f"@{binary}"], "not UTF-8 text"),
+                          (["--grammar", f"@{tmp_path}"], "is a directory"),
                           (["--regex", "[a-"], "guided: at 1")):
         rc, _, err = run_cli(capsys, *args, *extra)
         assert rc == 2 and needle in err and err.count("\n") == 1, err

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
@@ -86,13 +85,18 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
 
 
 def _text_or_file(text: str, option: str) -> str:
-    """An option's value, or the text of the file ``@PATH`` names."""
+    """An option's value, or the text of the file ``@PATH`` names (read as the project reads text files: a missing
+    file, a directory or bytes that are not UTF-8 are one error naming the option and the file)."""
+    from vlmguard.bench.jsonio import read_text
+
     if not text.startswith("@"):
         return text
     try:
-        return Path(text[1:]).read_text()
+        return read_text(text[1:])
     except OSError as e:
         raise InvalidInput(f"{option}: cannot read {text[1:]!r}: {e.strerror or e}") from None
+    except InvalidInput as e:
+        raise InvalidInput(f"{option}: cannot read {e}") from None
 
 
 def guided_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
