@@ -160,9 +160,7 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert {(c.id, c.object, c.model) for c in chunks} == {(chunks[0].id, "chat.completion.chunk", MODEL)}
     assert all(c.usage is None and len(c.choices) == 1 for c in chunks)  # no usage chunk unless asked for
-    for extra, param in [({"n": 17}, "n"),
-                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                         ({"extra_body": {"frobnicate": 1}}, "frobnicate")]:
+    for extra, param in [({"n": 17}, "n"), ({"extra_body": {"frobnicate": 1}}, "frobnicate")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**extra, **kwargs)
         assert e.value.param == param and e.value.code in ("unsupported_value", "unsupported_parameter"), e.value.body
@@ -194,6 +192,19 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     with pytest.raises(openai.BadRequestError, match="unclosed character class") as e:
         client.chat.completions.create(extra_body={"guided_regex": "[a-"}, **kwargs)
     assert e.value.param == "guided_regex"
+    with pytest.raises(openai.BadRequestError, match="'required' needs tools") as e:
+        client.chat.completions.create(tool_choice="required", **kwargs)
+    assert e.value.param == "tool_choice"
+    # tool calling: a named function's call comes back as the message's tool_calls, its arguments per the schema
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["n"],
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+    called = client.chat.completions.create(tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}},
+                                            extra_body={"vlmguard": {"json_whitespace": "compact"}},
+                                            **{**kwargs, "max_tokens": 64})
+    (call,) = called.choices[0].message.tool_calls
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "f"
+    assert set(json.loads(call.function.arguments)) == {"n"}
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 

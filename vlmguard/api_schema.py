@@ -11,8 +11,8 @@ Two families of endpoints:
   diagnostics). With ``stream: true`` it answers server-sent events of :class:`GenerateStreamEvent`.
 
 Errors are always ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` (:class:`ErrorResponse`),
-as OpenAI sends them. OpenAI request parameters vlmguard cannot honour (``tools``) are refused with a 400 naming
-them; their neutral values are accepted. ``n`` > 1 (up to ``MAX_CHOICES``) runs
+as OpenAI sends them. ``tools`` / ``tool_choice`` offer functions the answer may (or must) call, in the Hermes format
+(``vlmguard/tool_calls.py``); calls come back as the message's ``tool_calls``. ``n`` > 1 (up to ``MAX_CHOICES``) runs
 the request that many times in one batch (choice k seeded ``seed + k`` when a seed is given).
 ``frequency_penalty`` / ``presence_penalty`` (and vLLM's ``repetition_penalty``) act on the tokens a request
 has generated, and ``logit_bias`` ({token id: bias in [-100, 100]}) on the tokens it names, at every step
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, ValidationError,
+                      ValidationInfo, field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import MAX_TOP_LOGPROBS, ImageAspect, NumbersNotBooleans
@@ -114,12 +115,38 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 PART_TYPES: dict[str, type[BaseModel]] = {"text": TextPart, "image_url": ImagePart}
 
 
+class FunctionCall(BaseModel):
+    """A call's function: its name and its arguments as JSON text (as OpenAI sends and returns them)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallModel(BaseModel):
+    """OpenAI's ``tool_calls[]`` entry, in an assistant message of the history and in an answer."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallModel]] = None  # (assistant) the calls it made
+    tool_call_id: Optional[str] = None  # (tool) the call whose result this is
+
+    @model_validator(mode="after")
+    def _tool_fields_on_their_roles(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("invalid_request", "tool_calls belong to assistant messages", {})
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("invalid_request", "a tool message needs the tool_call_id of the call it "
+                                                         "answers", {})
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -179,12 +206,69 @@ class ResponseFormat(BaseModel):
         return self
 
 
+MAX_TOOLS = 128  # the most functions one chat request offers
+
+
+def check_unique_functions(tools: Optional[list["ToolDefinition"]]) -> Optional[list["ToolDefinition"]]:
+    names = [t.function.name for t in tools or []]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PydanticCustomError("invalid_request", "function names must be unique ({names} repeated)",
+                                  {"names": ", ".join(repeated)})
+    return tools
+
+
+def check_tool_choice(choice: Any, tools: Optional[list["ToolDefinition"]]) -> Any:
+    """``tool_choice`` other than "none" needs ``tools``, and a named function must be one of them (a request
+    whose ``tools`` failed validation has none here: only that failure is reported)."""
+    names = [t.function.name for t in tools or []]
+    if choice not in (None, "none") and not names:
+        raise PydanticCustomError("invalid_request", "{choice} needs tools", {"choice": repr(
+            choice if isinstance(choice, str) else choice.function.name)})
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise PydanticCustomError("invalid_request", "names function {name}, which tools do not offer",
+                                  {"name": repr(choice.function.name)})
+    return choice
+
+
+class FunctionDefinition(BaseModel):
+    """OpenAI's ``tools[].function``: a name, what it does and the JSON schema of its arguments. ``strict`` true
+    makes a schema keyword the grammar cannot hold an error (else it is left out of a forced call's grammar)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[StrictBool] = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the function the answer must call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(NumbersNotBooleans):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
-    OpenAI parameters it cannot honour are accepted only with their neutral values (no ``tools``, ``tool_choice``
-    none); anything else is refused with a message naming the parameter. ``user`` and ``parallel_tool_calls`` are
-    accepted and ignored. ``repetition_penalty``, ``min_tokens``, ``guided_choice``, ``guided_json``,
+    ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
+    (``vlmguard/tool_calls.py``); ``user`` is accepted and ignored; anything else is refused with a message naming
+    the parameter. ``repetition_penalty``, ``min_tokens``, ``guided_choice``, ``guided_json``,
     ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body``
     sends them).
     """
@@ -206,8 +290,10 @@ class ChatCompletionRequest(NumbersNotBooleans):
     logprobs: Optional[StrictBool] = None  # 1 (the legacy completions' count) or "yes" is refused
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS)
+    # "auto" (the default with tools): the model may call them; "required": it calls one or more; a named function:
+    # it calls that one; "none" (the default without): it answers in text and is not shown the tools
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[StrictBool] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
@@ -242,22 +328,35 @@ class ChatCompletionRequest(NumbersNotBooleans):
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, v: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
-        if v:
-            raise unsupported("tool calling is not supported by this server")
-        return v
+    def _unique_function_names(cls, v: Optional[list[ToolDefinition]]) -> Optional[list[ToolDefinition]]:
+        return check_unique_functions(v)
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none"):
-            raise unsupported("tool calling is not supported by this server (only tool_choice 'none')")
-        return v
+    def _tool_choice_among_tools(cls, v: Any, info: ValidationInfo) -> Any:
+        return check_tool_choice(v, info.data.get("tools"))
+
+    @property
+    def tool_mode(self) -> Optional[str]:
+        """How the answer may use tools: "auto", "required", a function's name, or None (not offered)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str] = None  # None: the answer is only tool calls
+    tool_calls: Optional[list[ToolCallModel]] = None
+
+    @model_serializer(mode="wrap")
+    def _content_even_when_null(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``content`` is always in the message, null beside tool calls, as OpenAI sends it (responses are dumped
+        without their None fields)."""
+        out = handler(self)
+        return {"role": out.pop("role", "assistant"), "content": out.pop("content", None), **out}
 
 
 class TopLogprobModel(BaseModel):
@@ -343,9 +442,24 @@ class ChatCompletionResponse(BaseModel):
     vlmguard: Optional[VlmguardInfo] = None
 
 
+class ChunkFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: str = ""
+
+
+class ChunkToolCall(BaseModel):
+    """A streamed call: vlmguard sends each call whole, in one delta (id, name and all its arguments)."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: ChunkFunctionCall
+
+
 class ChunkDelta(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ChunkToolCall]] = None
 
 
 class ChunkChoice(BaseModel):
@@ -442,6 +556,9 @@ class TokenizeRequest(NumbersNotBooleans):
     model: Optional[str] = None
     prompt: Optional[str] = Field(None, max_length=MAX_TOKENIZE_CHARS)
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    # (messages) the functions and the choice a chat request offers: with them its prompt holds the tools' block
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     add_generation_prompt: StrictBool = True  # (messages) vLLM's default; a chat request always ends with it
     add_special_tokens: StrictBool = True  # (prompt) vLLM's default: the tokenizer's own (e.g. a leading <s>)
     return_token_strs: StrictBool = False
@@ -450,6 +567,8 @@ class TokenizeRequest(NumbersNotBooleans):
     def _prompt_or_messages(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise PydanticCustomError("invalid_request", "give prompt (a text) or messages (a chat), one of them", {})
+        if self.messages is None and (self.tools is not None or self.tool_choice is not None):
+            raise PydanticCustomError("invalid_request", "tools and tool_choice go with messages (a chat)", {})
         if self.messages is not None and not self.add_generation_prompt:
             raise unsupported("add_generation_prompt false: a chat is tokenized as a chat request's prompt is, with "
                               "the generation prompt")

@@ -216,9 +216,11 @@ def _tokenize_body(text: str, model: str | None, add_special_tokens: bool, retur
                         "return_token_strs": return_token_strs}, model)
 
 
-def _tokenize_chat_body(prompt, images, messages, system, model, return_token_strs) -> dict[str, Any]:
-    return _with_model({"messages": _messages(prompt, images, messages, system),
-                        "return_token_strs": return_token_strs}, model)
+def _tokenize_chat_body(prompt, images, messages, system, model, return_token_strs, tools=None,
+                        tool_choice=None) -> dict[str, Any]:
+    body = {"messages": _messages(prompt, images, messages, system), "return_token_strs": return_token_strs}
+    body.update({k: v for k, v in (("tools", tools), ("tool_choice", tool_choice)) if v is not None})
+    return _with_model(body, model)
 
 
 def _detokenize_body(tokens: Sequence[int], model: str | None) -> dict[str, Any]:
@@ -373,10 +375,12 @@ class Client(_Base):
 
     def tokenize_chat(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                       messages: list[dict[str, Any]] | None = None, model: str | None = None,
-                      system: str | None = None, return_token_strs: bool = False) -> TokenizeResponse:
-        """The token ids ``chat`` with these arguments feeds the model (template, visual tokens): its prompt's count."""
+                      system: str | None = None, return_token_strs: bool = False,
+                      tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> TokenizeResponse:
+        """The token ids ``chat`` with these arguments feeds the model (template, visual tokens, the block of the
+        ``tools`` it offers): its prompt's count."""
         return _parse(TokenizeResponse, self._json("POST", "/tokenize", _tokenize_chat_body(
-            prompt, images, messages, system, model, return_token_strs)))
+            prompt, images, messages, system, model, return_token_strs, tools, tool_choice)))
 
     def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return _parse(DetokenizeResponse, self._json("POST", "/detokenize", _detokenize_body(tokens, model))).prompt
@@ -487,9 +491,10 @@ class AsyncClient(_Base):
 
     async def tokenize_chat(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                             messages: list[dict[str, Any]] | None = None, model: str | None = None,
-                            system: str | None = None, return_token_strs: bool = False) -> TokenizeResponse:
+                            system: str | None = None, return_token_strs: bool = False,
+                            tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> TokenizeResponse:
         return _parse(TokenizeResponse, await self._json("POST", "/tokenize", _tokenize_chat_body(
-            prompt, images, messages, system, model, return_token_strs)))
+            prompt, images, messages, system, model, return_token_strs, tools, tool_choice)))
 
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return _parse(DetokenizeResponse, await self._json("POST", "/detokenize",

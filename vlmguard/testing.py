@@ -52,23 +52,24 @@ def make_tokenizer(extra_special: list[str], words: Sequence[str] = WORDS):
     return tok
 
 
-def _llava_parts(image_size: int, patch: int, vision_layers: int, text_layers: int, hidden: int, vocab: int):
+def _llava_parts(image_size: int, patch: int, vision_layers: int, text_layers: int, hidden: int, vocab: int,
+                 context: int = 512):
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=32)
     text = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
                        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, tie_word_embeddings=False)
+                       max_position_embeddings=context, tie_word_embeddings=False)
     return vision, text
 
 
-def tiny_llava(seed: int = 0, attn: str = "sdpa", text_layers: int = 4):
+def tiny_llava(seed: int = 0, attn: str = "sdpa", text_layers: int = 4, context: int = 512):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
 
     tok = make_tokenizer(["<image>"])
-    vision, text = _llava_parts(32, 8, 3, text_layers, 64, len(tok))
+    vision, text = _llava_parts(32, 8, 3, text_layers, 64, len(tok), context)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                       pad_token_id=tok.pad_token_id)
@@ -83,14 +84,14 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa", text_layers: int = 4):
     return model, proc
 
 
-def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa", context: int = 512):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil as LlavaNextImageProcessor,
     )
 
     tok = make_tokenizer(["<image>"])
-    vision, text = _llava_parts(32, 8, 3, 4, 64, len(tok))
+    vision, text = _llava_parts(32, 8, 3, 4, 64, len(tok), context)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], pad_token_id=tok.pad_token_id)
@@ -107,7 +108,8 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
     return model, proc
 
 
-def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", vision_depth: int = 2, max_side: int = 64):
+def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", vision_depth: int = 2, max_side: int = 64,
+                  context: int = 512):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -119,7 +121,7 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa", vision_depth: int = 2, max_
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
     cfg = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id),
@@ -159,8 +161,10 @@ def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
 
 
 @lru_cache(maxsize=8)
-def tiny_engine(family: str = "llava", attn: str = "sdpa", seed: int = 0):
+def tiny_engine(family: str = "llava", attn: str = "sdpa", seed: int = 0, context: int = 512):
+    """A tiny random-weight engine of ``family``; ``context``: its LLM's context in tokens (RoPE: the weights are
+    the same for any)."""
     from vlmguard.engine import Engine
 
-    model, proc = FAMILIES[family](seed=seed, attn=attn)
+    model, proc = FAMILIES[family](seed=seed, attn=attn, context=context)
     return Engine(model, proc, name=f"tiny-{family}")

@@ -37,6 +37,7 @@ from vlmguard.api_schema import (
     TokenizeResponse,
 )
 from vlmguard.errors import VlmguardError
+from vlmguard.tool_calls import CallStream
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.image_intake import make_image_resolver
@@ -245,7 +246,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                              "not_found_error", "model_not_found")
         return name
 
-    async def first_answer(awaitable: Any) -> dict[str, Any]:
+    async def first_answer(awaitable: Any, item: WorkItem) -> dict[str, Any]:
         """Await the backend's first answer, turning timeouts, overload and error answers into APIFailure."""
         try:
             answer = await asyncio.wait_for(awaitable, timeout=config.request_timeout_s)
@@ -257,11 +258,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if "error" in answer:
             err = answer["error"]
             raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
-                             err.get("code"), spec_param=err.get("param"))
+                             err.get("code"), spec_param=_spec_param(item, err.get("param")))
         return answer
 
     async def run(model: str, item: WorkItem) -> dict[str, Any]:
-        answer = await first_answer(backend.generate(model, item))
+        answer = await first_answer(backend.generate(model, item), item)
         failed(answer["result"], item)
         metrics.observe_result(answer["result"])
         return answer["result"]
@@ -273,7 +274,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if event is not None:
             err = event["error"]
             raise APIFailure(400 if err["type"] == "invalid_request_error" else 500, err["message"], err["type"],
-                             err["code"], spec_param=_format_param(item) if err["code"] == "FormatDeadEnd" else None)
+                             err["code"], spec_param=_spec_param(item, _format_param(item))
+                             if err["code"] == "FormatDeadEnd" else None)
 
     def stream_failure(ev: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any] | None:
         """The SSE error that ends a stream at event ``ev`` (the backend's error, or ``result`` ended with an
@@ -300,7 +302,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """Start a stream and wait for its first event, so errors before any token are plain 4xx answers."""
         gen = backend.stream(model, item).__aiter__()
         try:
-            first = await first_answer(gen.__anext__())
+            first = await first_answer(gen.__anext__(), item)
         except StopAsyncIteration:
             raise APIFailure(500, "the model ended the stream without a result", "server_error") from None
         return first, gen
@@ -427,7 +429,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         items = choice_items(item, n)  # n > 1: the request n times, in one batch
         if not req.stream:
             results = await all_or_none([run(model, it) for it in items])
-            return JSONResponse(chat_response(rid, model, results, with_steps).model_dump(exclude_none=True))
+            return JSONResponse(chat_response(rid, model, results, with_steps, item.tools).model_dump(
+                exclude_none=True))
         opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         want_logprobs = item.spec.logprobs is not None
@@ -436,6 +439,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             created = int(time.time())
             sent = [0] * len(items)  # log-probability entries sent so far, per choice
             results: list[dict[str, Any] | None] = [None] * len(items)
+            # with tools, each choice's text goes out as content until it may be a call (vlmguard/tool_calls.py)
+            calls = [CallStream(item.tools) if item.tools is not None else None for _ in items]
             for k in range(len(items)):
                 yield _sse(chat_chunk(rid, model, created, role="assistant", content="", index=k))
             source = merged(opened)
@@ -449,12 +454,22 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     if result is not None:
                         results[k] = result
                         rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
-                        yield _sse(chat_chunk(rid, model, created, finish_reason=result.get("finish_reason", "stop"),
+                        finish = result.get("finish_reason", "stop")
+                        if calls[k] is not None:
+                            text, found = calls[k].finish(finish)
+                            if text or found:
+                                yield _sse(chat_chunk(rid, model, created, content=text or None, tool_calls=found,
+                                                      index=k))
+                            finish = "tool_calls" if found else finish
+                        yield _sse(chat_chunk(rid, model, created, finish_reason=finish,
                                               result=result or None, with_steps=with_steps, logprobs=rest, index=k))
                     elif ev.get("text") or ev.get("logprobs"):
                         sent[k] += len(ev.get("logprobs") or [])
-                        yield _sse(chat_chunk(rid, model, created, content=ev.get("text", ""), index=k,
-                                              logprobs=ev.get("logprobs") if want_logprobs else None))
+                        text = ev.get("text", "")
+                        text = calls[k].feed(text) if calls[k] is not None else text
+                        if text or (want_logprobs and ev.get("logprobs")):
+                            yield _sse(chat_chunk(rid, model, created, content=text, index=k,
+                                                  logprobs=ev.get("logprobs") if want_logprobs else None))
                 else:
                     if include_usage and all(results):
                         yield _sse(chat_chunk(rid, model, created, results=results, usage_only=True))
@@ -479,7 +494,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if req.messages is None:
             return TokenizeResponse(**await token_call(model, "tokenize", req.prompt, req.add_special_tokens,
                                                        req.return_token_strs))
-        chat = ChatCompletionRequest(messages=req.messages)  # read as the chat endpoint reads them
+        try:  # read as the chat endpoint reads them
+            chat = ChatCompletionRequest(messages=req.messages, tools=req.tools, tool_choice=req.tool_choice)
+        except ValidationError as e:  # (the tool choice's checks)
+            raise _invalid_request(e) from None
         item = await run_in_threadpool(chat_item, chat, resolve_image, max_images=config.max_images_per_request,
                                        max_new_tokens_limit=limits.get(model, 1024), request_id="tokenize",
                                        max_pixels=config.max_request_pixels)
@@ -577,6 +595,13 @@ class _Guard:
 def _format_param(item: WorkItem) -> str:
     """The spec field of a request's answer format (``guided.regex``), which its route spells its own way."""
     return f"guided.{item.spec.guided.kind}" if item.spec.guided is not None else "guided"
+
+
+def _spec_param(item: WorkItem, param: str | None) -> str | None:
+    """An engine-side ``param`` of ``item``: the answer format of a request that must call a tool is the tool
+    choice's grammar (``tool_choice``), not a format the request gave."""
+    forced = item.tools is not None and item.tools.forced
+    return "tool_choice" if forced and param is not None and param.split(".")[0] == "guided" else param
 
 
 def _internal_error_event(e: BaseException) -> dict[str, Any]:

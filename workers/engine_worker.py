@@ -21,6 +21,7 @@ from PIL import Image
 
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.spec import GenerationSpec
+from vlmguard.tool_calls import ToolUse
 
 log = logging.getLogger("vlmguard.workers")
 
@@ -46,6 +47,8 @@ class WorkItem:
     # which replica should take it: a hash of its first image (without one, of its conversation's opening), set by
     # the ingress (workers/routing.py)
     routing_key: str | None = None
+    # the tools a chat request offers (``vlmguard/tool_calls.py``): their block ends the system turn
+    tools: ToolUse | None = None
 
 
 def event_dict(ev: Any) -> dict[str, Any]:
@@ -183,10 +186,22 @@ class EngineWorker:
             for i, m in enumerate(item.messages):
                 for part in m["content"]:
                     check_text(part.get("text"), f"messages[{i}]", placeholder)
-            text = self.engine.adapter.format_messages(item.messages)
+            messages = item.messages
+            if item.tools is not None:
+                given = [m for m in messages if m["role"] == "system"]
+                system = self._tools_system(given[0]["content"][0]["text"] if given else None, item.tools)
+                messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
+                            *[m for m in messages if m["role"] != "system"]]
+            text = self.engine.adapter.format_messages(messages)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
+        system = item.system if item.tools is None else self._tools_system(item.system, item.tools)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
-                       system=item.system, raw_prompt=item.raw_prompt)
+                       system=system, raw_prompt=item.raw_prompt)
+
+    def _tools_system(self, system: str | None, tools: ToolUse) -> str:
+        """The system text of a request that offers tools: its own (else the family's default), then the tools."""
+        system = system if system is not None else self.engine.adapter.default_system()
+        return f"{system}\n\n{tools.prompt_block()}" if system else tools.prompt_block()
 
     def _run(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         reqs = [self._request(it) for it in items]

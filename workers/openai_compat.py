@@ -19,18 +19,23 @@ from vlmguard.api_schema import (
     ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    ChunkFunctionCall,
+    ChunkToolCall,
+    FunctionCall,
     GenerateRequest,
     GenerateResponse,
     ImagePart,
     PromptTokensDetails,
     TextPart,
     TokenLogprobModel,
+    ToolCallModel,
     TopLogprobModel,
     Usage,
     VlmguardInfo,
 )
 from vlmguard.errors import InvalidInput
 from vlmguard.spec import GenerationSpec, GuidedOutput, format_validation_error
+from vlmguard.tool_calls import Function, ToolCall, ToolUse, call_text, response_text
 from vlmguard.workers.engine_worker import WorkItem
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -143,6 +148,12 @@ def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
             given[name] = {name.removeprefix("guided_"): getattr(req, name)}
     if len(given) > 1:
         raise InvalidInput(f"give one answer format, not {' and '.join(given)}", param=list(given)[1])
+    use = tool_use(req)
+    if use is not None and (given or req.guided_choice):
+        other = next(iter(given), "guided_choice")
+        raise InvalidInput(f"give tools or an answer format ({other}), not both (or tool_choice 'none')", param=other)
+    if use is not None and use.forced:  # a call in the format the prompt asks for, its arguments per the schema
+        given["tool_choice"] = {"grammar": use.grammar(req.vlmguard.json_whitespace)}
     if not given:
         return None
     (source, fields), = given.items()
@@ -150,6 +161,32 @@ def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
         return GuidedOutput(**fields, whitespace=req.vlmguard.json_whitespace)
     except ValidationError as e:
         raise InvalidInput(format_validation_error(e, source), param=source) from None
+
+
+def tool_use(req: ChatCompletionRequest) -> ToolUse | None:
+    """What the request asks of tools (None: it offers none, or ``tool_choice`` is "none")."""
+    mode = req.tool_mode
+    if mode is None:
+        return None
+    functions = tuple(Function(name=t.function.name, description=t.function.description,
+                               parameters=t.function.parameters, strict=bool(t.function.strict))
+                      for t in req.tools or [])
+    return ToolUse(functions=functions, choice=mode, parallel=req.parallel_tool_calls is not False)
+
+
+def _history_calls(m: Any, i: int) -> str:
+    """An assistant message's earlier calls written as the prompt has them (their arguments must be JSON objects)."""
+    texts = []
+    for j, call in enumerate(m.tool_calls or []):
+        try:
+            args = json.loads(call.function.arguments or "{}")
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise InvalidInput(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object (as text)",
+                               param=f"messages.{i}.tool_calls.{j}.function.arguments")
+        texts.append(call_text(call.function.name, args))
+    return "\n".join(texts)
 
 
 def _parts(content: Any) -> list[TextPart | ImagePart]:
@@ -183,13 +220,25 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     images: list[Image.Image] = []
+    calls: set[str] = set()  # the ids of the last assistant turn's calls, which tool messages answer
     for i, m in enumerate(req.messages):
         parts = _parts(m.content)
+        if m.role in ("system", "developer", "tool") and any(isinstance(p, ImagePart) for p in parts):
+            raise InvalidInput(f"messages[{i}]: images are only accepted in user messages", param=f"messages.{i}")
         if m.role in ("system", "developer"):
-            if any(isinstance(p, ImagePart) for p in parts):
-                raise InvalidInput(f"messages[{i}]: images are only accepted in user messages", param=f"messages.{i}")
             system.append("\n".join(p.text for p in parts if isinstance(p, TextPart)))
             continue
+        if m.role == "tool":  # a result: a user turn (one for consecutive results)
+            if m.tool_call_id not in calls:
+                raise InvalidInput(f"messages[{i}]: tool_call_id {m.tool_call_id!r} answers no call of the assistant "
+                                   "message before it", param=f"messages.{i}.tool_call_id")
+            text = response_text("\n".join(p.text for p in parts if isinstance(p, TextPart)))
+            if turns and turns[-1].get("tool"):
+                turns[-1]["content"].append({"type": "text", "text": text})
+            else:
+                turns.append({"role": "user", "content": [{"type": "text", "text": text}], "tool": True})
+            continue
+        calls = {c.id for c in m.tool_calls or []}
         content: list[dict[str, Any]] = []
         for j, p in enumerate(parts):
             if isinstance(p, ImagePart):
@@ -205,19 +254,22 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
                 content.append({"type": "image"})
             else:
                 content.append({"type": "text", "text": p.text})
+        if m.tool_calls:
+            content.append({"type": "text", "text": _history_calls(m, i)})
         turns.append({"role": m.role, "content": content})
     if not turns or turns[-1]["role"] != "user":
-        raise InvalidInput("the last message must be a user message", param="messages")
+        raise InvalidInput("the last message must be a user message (or a tool's result)", param="messages")
     sys_text = "\n".join(s for s in system if s) or None
+    tools = tool_use(req)
     if len(turns) == 1:
         text = "\n".join(c["text"] for c in turns[0]["content"] if c["type"] == "text")
-        return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id)
+        return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id, tools=tools)
     # every turn laid out as a one-message request is (``ModelAdapter.format_prompt``): its images, then its text
     # parts joined by newlines. So a conversation's first turn reads as it did when it was asked alone, and the
     # next turn's prompt begins with the same tokens (the prefix cache's image prefix).
     turns = [{"role": t["role"], "content": _laid_out(t["content"])} for t in turns]
     messages = ([{"role": "system", "content": [{"type": "text", "text": sys_text}]}] if sys_text else []) + turns
-    return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id)
+    return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id, tools=tools)
 
 
 def choice_items(item: WorkItem, n: int) -> list[WorkItem]:
@@ -314,14 +366,36 @@ def chat_logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None
         for e in entries])
 
 
+def tool_call_models(calls: list[ToolCall]) -> list[ToolCallModel]:
+    return [ToolCallModel(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def chunk_tool_calls(calls: list[ToolCall]) -> list[ChunkToolCall]:
+    """A stream's calls, each whole in its delta entry."""
+    return [ChunkToolCall(index=j, id=c.id, type="function", function=ChunkFunctionCall(name=c.name,
+                                                                                         arguments=c.arguments))
+            for j, c in enumerate(calls)]
+
+
+def _choice(k: int, r: dict[str, Any], tools: ToolUse | None) -> Choice:
+    """One choice of a chat answer: its text, or the calls it holds (``finish_reason`` "tool_calls")."""
+    answer = tools.read(r["text"], r["finish_reason"]) if tools is not None else None
+    if answer is None:
+        message, finish = AssistantMessage(content=r["text"]), r["finish_reason"]
+    else:
+        message, finish = AssistantMessage(content=answer.content, tool_calls=tool_call_models(answer.calls)), \
+            "tool_calls"
+    return Choice(index=k, message=message, finish_reason=finish, logprobs=chat_logprobs(r.get("logprobs")))
+
+
 def chat_response(request_id: str, model: str, result: dict[str, Any] | list[dict[str, Any]],
-                  with_steps: bool) -> ChatCompletionResponse:
-    """A chat answer from one result or one per choice (the ``vlmguard`` object is the first choice's)."""
+                  with_steps: bool, tools: ToolUse | None = None) -> ChatCompletionResponse:
+    """A chat answer from one result or one per choice (the ``vlmguard`` object is the first choice's); with
+    ``tools``, an answer that is calls comes back as the message's ``tool_calls``."""
     results = result if isinstance(result, list) else [result]
     return ChatCompletionResponse(
         id=request_id, created=int(time.time()), model=model,
-        choices=[Choice(index=k, message=AssistantMessage(content=r["text"]), finish_reason=r["finish_reason"],
-                        logprobs=chat_logprobs(r.get("logprobs"))) for k, r in enumerate(results)],
+        choices=[_choice(k, r, tools) for k, r in enumerate(results)],
         usage=usage(results), vlmguard=vlmguard_info(results[0], with_steps),
     )
 
@@ -329,13 +403,15 @@ def chat_response(request_id: str, model: str, result: dict[str, Any] | list[dic
 def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
                finish_reason: str | None = None, result: dict[str, Any] | None = None, with_steps: bool = False,
                usage_only: bool = False, logprobs: list[dict[str, Any]] | None = None, index: int = 0,
-               results: list[dict[str, Any]] | None = None) -> ChatCompletionChunk:
+               results: list[dict[str, Any]] | None = None, tool_calls: list[ToolCall] | None = None
+               ) -> ChatCompletionChunk:
     if usage_only and (result is not None or results):
         return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                    usage=usage(results or result))
+    delta = ChunkDelta(role=role, content=content, tool_calls=chunk_tool_calls(tool_calls) if tool_calls else None)
     return ChatCompletionChunk(
         id=request_id, created=created, model=model,
-        choices=[ChunkChoice(index=index, delta=ChunkDelta(role=role, content=content), finish_reason=finish_reason,
+        choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
                              logprobs=chat_logprobs(logprobs) if logprobs else None)],
         vlmguard=vlmguard_info(result, with_steps) if result is not None else None,
     )

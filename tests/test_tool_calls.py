@@ -1,0 +1,373 @@
+"""Tool calling (OpenAI's ``tools`` / ``tool_choice`` / ``parallel_tool_calls``; ``vlmguard/tool_calls.py``): the
+Hermes-format reader and the stream filter, the forced-call grammar on every family, the prompt a request with tools
+and a tool history is fed, the OpenAI SDK's round trip (a forced call, its result sent back, ``/tokenize`` counting
+it), "auto" answers read as calls or as text, streamed and not, and bad requests as 400s naming the field."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+import httpx
+import jsonschema
+import pytest
+
+from vlmguard.api_schema import ChatCompletionRequest
+from vlmguard.engine import Engine
+from vlmguard.errors import InvalidInput
+from vlmguard.images import image_to_data_url
+from vlmguard.models.base import Prompt
+from vlmguard.results import Request
+from vlmguard.guided import allowed_mask, new_matcher
+from vlmguard.spec import GenerationSpec, GuidedOutput
+from vlmguard.testing import random_image, tiny_engine
+from vlmguard.tool_calls import CallStream, Function, ToolUse, parse_calls
+from vlmguard.workers.api import LocalBackend, create_api
+from vlmguard.workers.config import ModelConfig, ServiceConfig
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem
+from vlmguard.workers.openai_compat import chat_item, chat_spec
+
+MODEL = "tiny-qwen"
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+           "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1,
+                                                                                  "maximum": 7}}}
+NO_ARGS = {"type": "object", "properties": {}, "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGS}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": NO_ARGS}
+FUNCTIONS = (Function("get_weather", "The weather in a city", WEATHER), Function("get_time", None, NO_ARGS))
+COMPACT = {"vlmguard": {"json_whitespace": "compact"}}
+
+
+def _image_message(seed: int = 1, text: str = "What is the weather there?") -> dict:
+    return {"role": "user", "content": [{"type": "image_url",
+                                         "image_url": {"url": image_to_data_url(random_image(seed, (40, 32)))}},
+                                        {"type": "text", "text": text}]}
+
+
+def _valid_call(name: str, arguments: str) -> None:
+    assert name in SCHEMAS, name
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+# ---- reading calls ------------------------------------------------------------------------------------------
+
+
+def test_calls_are_read_from_hermes_blocks_and_anything_else_is_text():
+    names = {"get_weather", "get_time"}
+    one = parse_calls('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', names)
+    assert one is not None and one.content is None and [(c.name, c.arguments) for c in one.calls] == [("get_time",
+                                                                                                          "{}")]
+    two = parse_calls('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}'
+                      '\n</tool_call>\n<tool_call>\n{"name": "get_time", "parameters": {}}', names)  # last unclosed
+    assert two is not None and two.content == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in two.calls] == [("get_weather", {"city": "Oslo", "days": 2}),
+                                                                       ("get_time", {})]
+    assert len({c.id for c in two.calls}) == 2 and all(c.id.startswith("call_") for c in two.calls)
+    for text in ("It is sunny.", "<tool_call>\n{not json}\n</tool_call>",
+                 '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',  # not offered
+                 '<tool_call>\n{"name": "get_time", "arguments": [1]}\n</tool_call>',  # arguments not an object
+                 '<tool_call>\n["get_time"]\n</tool_call>'):
+        assert parse_calls(text, names) is None, text
+    both = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n' * 2
+    assert len(ToolUse(FUNCTIONS, "auto").read(both).calls) == 2
+    assert len(ToolUse(FUNCTIONS, "auto", parallel=False).read(both).calls) == 1
+    assert ToolUse(FUNCTIONS, "auto").read(both, "length") is None  # cut short: its last call may be cut
+    assert ToolUse(FUNCTIONS, "get_weather").read(both) is None  # a named choice reads only that function
+
+
+def test_a_stream_sends_text_until_a_call_may_begin_and_ends_with_the_calls_or_the_held_text():
+    stream = CallStream(ToolUse(FUNCTIONS, "auto"))
+    sent = [stream.feed(t) for t in ("Let me ", "look. <to", "ol_c", "all>\n{\"name\": \"get_time\", ",
+                                     "\"arguments\": {}}\n</tool_call>")]
+    assert sent == ["Let me ", "look. ", "", "", ""]
+    rest, calls = stream.finish("stop")
+    assert rest == "" and [c.name for c in calls] == ["get_time"]
+    plain = CallStream(ToolUse(FUNCTIONS, "auto"))
+    assert [plain.feed(t) for t in ("a <t", "able>", " <to")] == ["a ", "<table>", " "]
+    assert plain.finish("stop") == ("<to", [])  # held back as a possible tag, sent at the end
+    forced = CallStream(ToolUse(FUNCTIONS, "required"))
+    assert forced.feed("<tool_call>\n{") == "" and forced.finish("length") == ("<tool_call>\n{", [])
+
+
+# ---- forced calls on every family ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_a_forced_call_follows_its_functions_schema_on_every_family(family):
+    eng = tiny_engine(family)
+    req = Request("weather?", [random_image(3, (40, 32))])
+    for choice in ("get_weather", "required"):
+        use = ToolUse(FUNCTIONS, choice, parallel=False)
+        res = eng.generate([req], GenerationSpec(max_new_tokens=120, guided={"grammar": use.grammar("compact")}))[0]
+        answer = use.read(res.text, res.finish_reason)
+        assert answer is not None and len(answer.calls) == 1, (family, choice, res.text)
+        call = answer.calls[0]
+        assert choice == "required" or call.name == "get_weather"
+        _valid_call(call.name, call.arguments)
+
+
+def test_parallel_calls_are_a_newline_apart_and_each_follows_its_schema():
+    """The forced grammar's language, read by a matcher token by token: one call or several (``parallel``), each
+    held to its function's schema, and nothing else."""
+    eng = tiny_engine("qwen2_vl")
+    tok, width, eos = eng.adapter.tokenizer, eng.adapter.logits_width, sorted(eng.adapter.eos_token_ids)
+    time = '<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>'
+    weather = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","days":%d}}\n</tool_call>'
+
+    def accepts(text: str, choice: str = "required", parallel: bool = True) -> bool:
+        grammar = ToolUse(FUNCTIONS, choice, parallel).grammar("compact")
+        m = new_matcher(tok, width, eos, GuidedOutput(grammar=grammar))
+        return all(m.consume_token(t) for t in tok.encode(text, add_special_tokens=False)) and \
+            bool(allowed_mask(m, width)[eos].all())
+
+    assert accepts(time) and accepts(weather % 2) and accepts(f"{time}\n{weather % 2}")
+    assert not accepts(f"{time}\n{weather % 2}", parallel=False) and accepts(time, parallel=False)
+    assert not accepts(weather % 9)  # days past the schema's maximum
+    assert not accepts(time, choice="get_weather") and accepts(weather % 7, choice="get_weather")
+    assert not accepts(f"{time}\n{time}", choice="get_time")  # a named function: one call
+    assert not accepts(time.replace("\n", " ", 1)) and not accepts("It is sunny.")
+
+
+def test_a_format_the_vocabulary_cannot_write_is_refused_before_any_model_work():
+    eng = Engine.load("tiny")  # the bundled model: whole words, no "<"
+    use = ToolUse(FUNCTIONS, "get_time")
+    with pytest.raises(InvalidInput, match="no token that begins an answer"):
+        eng.generate([Request("Is there a dog?", [random_image(5, (96, 96))])],
+                     GenerationSpec(guided={"grammar": use.grammar()}))
+
+
+# ---- the prompt -------------------------------------------------------------------------------------------
+
+
+def test_the_prompt_offers_the_tools_after_the_system_text_and_writes_back_calls_and_results():
+    worker = EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=2048))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Oslo", "days": 1}'}}
+    history = [{"role": "system", "content": "Be brief."}, _image_message(),
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+               {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
+
+    def prompt(messages: list[dict], **kw: Any) -> str:
+        req = ChatCompletionRequest.model_validate({"messages": messages, **kw})
+        item = chat_item(req, lambda url: random_image(1, (40, 32)), max_images=4, max_new_tokens_limit=64,
+                         request_id="r")
+        r = worker._request(item)
+        return r.prompt if r.raw_prompt else worker.engine.adapter.format_prompt(
+            Prompt(text=r.prompt, images=r.images, system=r.system))
+
+    alone = prompt([_image_message()], tools=TOOLS)
+    assert "# Tools" in alone and '"name": "get_weather"' in alone and '"parameters": {"type": "object"' in alone
+    assert alone.index("<|im_start|>system\n# Tools") < alone.index("<|vision_start|>")
+    full = prompt(history, tools=TOOLS)
+    system = full[:full.index("<|im_end|>")]
+    assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools") and "<tools>" in system
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}'
+            '\n</tool_call><|im_end|>') in full
+    assert ("<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n12 C\n</tool_response>"
+            "<|im_end|>\n<|im_start|>assistant\n") in full  # both results in one user turn, then the answer
+    # tool_choice none: the tools are not offered; the history is written all the same
+    none = prompt(history, tools=TOOLS, tool_choice="none")
+    assert "# Tools" not in none and "<tool_response>\nsunny" in none
+    assert prompt([_image_message()]) == prompt([_image_message()], tools=TOOLS, tool_choice="none")
+
+
+def test_tool_choice_maps_to_the_spec_and_conflicts_are_refused():
+    def spec(**kw: Any) -> GenerationSpec:
+        return chat_spec(ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                               **kw}), 64)
+
+    assert spec(tools=TOOLS).guided is None and spec(tools=TOOLS, tool_choice="none").guided is None
+    named = spec(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}).guided
+    assert named is not None and '"const": "get_time"' in named.grammar and "get_weather" not in named.grammar
+    required = spec(tools=TOOLS, tool_choice="required").guided.grammar
+    assert "fn_0 | fn_1" in required and 'start: call ("\\n" call)*' in required
+    assert "start: call\n" in spec(tools=TOOLS, tool_choice="required", parallel_tool_calls=False).guided.grammar
+    for kw, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+                      (dict(guided_regex="a"), "guided_regex"), (dict(guided_choice=["a"]), "guided_choice")):
+        with pytest.raises(InvalidInput, match="give tools or an answer format") as e:
+            spec(tools=TOOLS, **kw)
+        assert e.value.param == param
+    assert spec(tools=TOOLS, tool_choice="none", guided_regex="a").guided.regex == "a"
+
+
+# ---- over the API -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=2048))
+
+
+@pytest.fixture(scope="module")
+def app(worker):
+    cfg = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    return create_api(LocalBackend({MODEL: worker}), cfg)
+
+
+def _run(app, scenario):
+    import openai
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+            return await scenario(client, http)
+
+    return asyncio.run(main())
+
+
+def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(app):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    async def scenario(client, http):
+        kw = dict(model=MODEL, tools=TOOLS, max_tokens=120, extra_body=COMPACT)
+        first = await client.chat.completions.create(messages=[_image_message()], tool_choice=named, **kw)
+        call = first.choices[0].message.tool_calls[0]
+        history = [_image_message(), first.choices[0].message.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": "sunny, 12 C"}]
+        second = await client.chat.completions.create(messages=history, **{**kw, "max_tokens": 8})
+        count = (await http.post("/tokenize", json={"model": MODEL, "messages": history, "tools": TOOLS})).json()
+        chunks = [c async for c in await client.chat.completions.create(
+            messages=[_image_message(2)], tool_choice="required", parallel_tool_calls=False, stream=True, **kw)]
+        raw = (await http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [_image_message()], "tools": TOOLS, "tool_choice": named, "max_tokens": 120,
+            **COMPACT})).json()
+        return first, second, count, chunks, raw
+
+    first, second, count, chunks, raw = _run(app, scenario)
+    message = raw["choices"][0]["message"]
+    assert message["content"] is None and message["tool_calls"][0]["type"] == "function"  # null, as OpenAI's
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    _valid_call(call.function.name, call.function.arguments)
+    assert second.choices[0].message.tool_calls is None and second.choices[0].message.content  # the random model
+    assert count["count"] == second.usage.prompt_tokens  # the tools' block and the history are counted
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert all(not d.content for d in deltas)  # a forced call is never content
+    (streamed,) = [tc for d in deltas for tc in d.tool_calls or []]
+    assert streamed.index == 0 and streamed.id.startswith("call_")
+    _valid_call(streamed.function.name, streamed.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_python_client_calls_and_counts_tools(app):
+    from vlmguard.client import AsyncClient
+
+    img = random_image(6, (40, 32))
+
+    async def scenario():
+        async with AsyncClient("http://test", transport=httpx.ASGITransport(app=app)) as c:
+            answer = await c.chat("What time is it?", images=[img], tools=TOOLS, max_tokens=120,
+                                  tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                  json_whitespace="compact")
+            with_tools = await c.tokenize_chat("What time is it?", images=[img], tools=TOOLS)
+            without = await c.tokenize_chat("What time is it?", images=[img], tools=TOOLS, tool_choice="none")
+            return answer, with_tools, without
+
+    answer, with_tools, without = asyncio.run(scenario())
+    (call,) = answer.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    assert answer.choices[0].finish_reason == "tool_calls" and answer.usage.prompt_tokens == with_tools.count
+    assert with_tools.count > without.count + 100  # the tools' block
+
+
+class CannedAnswer(LocalBackend):
+    """The real worker's result with the answer's text replaced (a random model never writes a call of its own
+    accord), streamed three characters an event."""
+
+    def __init__(self, workers: dict[str, EngineWorker], text: str):
+        super().__init__(workers)
+        self.text = text
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
+        answer = await super().generate(model, item)
+        return {**answer, "result": {**answer["result"], "text": self.text, "finish_reason": "stop"}}
+
+    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        async for ev in super().stream(model, item):
+            if ev.get("done"):
+                for i in range(0, len(self.text), 3):
+                    yield {"token_id": 0, "text": self.text[i:i + 3], "done": False}
+                yield {**ev, "result": {**ev["result"], "text": self.text, "finish_reason": "stop"}}
+
+
+@pytest.mark.parametrize("text, content, names", [
+    ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'
+     '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', "I will check.",
+     ["get_weather", "get_time"]),
+    ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', None, ["get_time"]),
+    ("It is sunny in <tool_call> land.", "It is sunny in <tool_call> land.", []),  # not a call: text
+])
+def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text, content, names):
+    cfg = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    app = create_api(CannedAnswer({MODEL: worker}, text), cfg)
+
+    async def scenario(client, http):
+        kw = dict(model=MODEL, messages=[_image_message()], tools=TOOLS, max_tokens=4)
+        whole = await client.chat.completions.create(**kw)
+        chunks = [c async for c in await client.chat.completions.create(stream=True, **kw)]
+        return whole, chunks
+
+    whole, chunks = _run(app, scenario)
+    message = whole.choices[0].message
+    assert message.content == content
+    assert [c.function.name for c in message.tool_calls or []] == names
+    assert whole.choices[0].finish_reason == ("tool_calls" if names else "stop")
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed_text = "".join(d.content or "" for d in deltas)
+    assert streamed_text.strip() == (content or "")
+    streamed = [tc for d in deltas for tc in d.tool_calls or []]
+    assert [tc.function.name for tc in streamed] == names and [tc.index for tc in streamed] == list(range(len(names)))
+    assert [json.loads(tc.function.arguments) for tc in streamed] == [json.loads(c.function.arguments)
+                                                                      for c in message.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("body, param, needle", [
+    ({"tool_choice": "required"}, "tool_choice", "tool_choice: 'required' needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice",
+     "names function 'launch', which tools do not offer"),
+    ({"tools": TOOLS + TOOLS[:1]}, "tools", "get_weather repeated"),
+    ({"tools": [{"type": "function", "function": {"name": "two words"}}]}, "tools.0.function.name", "pattern"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "'function'"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "give tools or an answer format"),
+    ({"messages": [_image_message(), {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
+     "messages.1.tool_call_id", "answers no call of the assistant message before it"),
+    ({"messages": [_image_message(), {"role": "tool", "content": "x"}]}, "messages.1", "needs the tool_call_id"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "[1]"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "x"}]},
+     "messages.1.tool_calls.0.function.arguments", "must be a JSON object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": [
+            {"type": "image_url", "image_url": {"url": image_to_data_url(random_image(1, (40, 32)))}}]}]},
+     "messages.2", "images are only accepted in user messages"),
+])
+def test_bad_tool_requests_are_a_400_naming_the_field(app, body, param, needle):
+    async def scenario(client, http):
+        return await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [_image_message()],
+                                                             "max_tokens": 4, **body})
+
+    r = _run(app, scenario)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_a_forced_call_the_bundled_models_vocabulary_cannot_write_is_a_400_naming_tool_choice():
+    worker = EngineWorker("tiny", name="tiny", engine=Engine.load("tiny"))
+    cfg = ServiceConfig(models=[ModelConfig(name="tiny", model="tiny")], api_key_env=None)
+    app = create_api(LocalBackend({"tiny": worker}), cfg)
+
+    async def scenario(client, http):
+        return await http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Is there a dog?"}], "max_tokens": 8,
+            "tools": TOOLS, "tool_choice": "required"})
+
+    r = _run(app, scenario)
+    assert r.status_code == 400 and "no token that begins an answer" in r.text, r.text
+    assert r.json()["error"]["param"] == "tool_choice"

@@ -1,0 +1,209 @@
+"""Tool calling (OpenAI's ``tools`` / ``tool_choice``) in the Hermes format: how a chat request's functions, its
+earlier calls and their results are written into the prompt, the grammar that forces a call, and how calls are read
+back out of an answer.
+
+None of the supported families' chat templates renders tools, so vlmguard writes them itself, the same way for
+every family, in the format of Hermes-style tool models (Qwen2.5 and its VL models among them):
+
+* the system turn gets a "# Tools" block listing each function's JSON signature inside ``<tools></tools>`` and
+  asking for each call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``;
+* an assistant turn's earlier calls are written back in that form after its text;
+* a ``tool`` message (a call's result) is a user turn ``<tool_response>\\n...\\n</tool_response>`` (consecutive
+  results share one turn).
+
+``tool_choice`` "auto" lets the model choose: an answer whose ``<tool_call>`` blocks each hold a known function's
+name and an arguments object is read as those calls (any text before the first block is the message's content);
+any other answer is plain text. "required" and a named function force calls: the answer is held to a grammar
+(``GenerationSpec.guided``, llguidance) of one ``<tool_call>`` block per call whose JSON follows the function's
+``parameters`` schema (one call for a named function or without ``parallel_tool_calls``, else one or more).
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+ANY_OBJECT: dict[str, Any] = {"type": "object"}  # the arguments of a function that gives no ``parameters``
+_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Function:
+    """One function a request offers (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool = False  # OpenAI's default: keywords the grammar cannot hold are left out rather than refused
+
+    def signature(self) -> dict[str, Any]:
+        fn: dict[str, Any] = {"name": self.name}
+        if self.description:
+            fn["description"] = self.description
+        fn["parameters"] = self.parameters if self.parameters is not None else ANY_OBJECT
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call read from an answer: the function's name and its arguments as JSON text (as OpenAI sends them)."""
+
+    name: str
+    arguments: str
+    id: str
+
+
+@dataclass(frozen=True)
+class ToolAnswer:
+    """An answer as the chat API returns it: its text content (None when it is only calls) and its calls."""
+
+    content: str | None
+    calls: list[ToolCall]
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a chat request asks of tools: the functions offered, ``choice`` ("auto", "required", or the name of
+    the one function to call) and whether an answer may hold several calls."""
+
+    functions: tuple[Function, ...]
+    choice: str
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        """The answer must be calls ("required" or a named function): its text is held to :meth:`grammar`."""
+        return self.choice != "auto"
+
+    def prompt_block(self) -> str:
+        return tools_block(self.functions)
+
+    def grammar(self, whitespace: Literal["flexible", "compact"] = "flexible") -> str:
+        """The Lark grammar (llguidance's dialect) a forced answer follows."""
+        functions = [f for f in self.functions if self.choice in ("required", f.name)]
+        return calls_grammar(functions, several=self.parallel and self.choice == "required",
+                             whitespace=whitespace)
+
+    def read(self, text: str, finish_reason: str = "stop") -> ToolAnswer | None:
+        """The calls in an answer (None: the answer is no well-formed call of an offered function, or it did not
+        end by itself: ``finish_reason`` "length", say, whose last call may be cut); without ``parallel``, the
+        first call only."""
+        if finish_reason != "stop":
+            return None
+        allowed = {f.name for f in self.functions if self.choice in ("auto", "required", f.name)}
+        answer = parse_calls(text, allowed)
+        if answer is not None and not self.parallel:
+            answer = ToolAnswer(answer.content, answer.calls[:1])
+        return answer
+
+
+def tools_block(functions: Sequence[Function]) -> str:
+    """The system text that offers ``functions`` and says how to call them."""
+    signatures = "\n".join(json.dumps(f.signature(), ensure_ascii=False) for f in functions)
+    return ("# Tools\n\nYou may call one or more of these functions to help with the user's request. Their "
+            f"signatures are within <tools></tools> XML tags:\n<tools>\n{signatures}\n</tools>\n\n"
+            "For each function call, answer with a JSON object holding the function's name and its arguments "
+            "within <tool_call></tool_call> XML tags:\n"
+            f'{CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{CALL_CLOSE}')
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """An earlier call as the assistant turn that made it is written."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
+
+
+def response_text(content: str) -> str:
+    """A call's result as the user turn that brings it is written."""
+    return f"{RESPONSE_OPEN}\n{content}\n{RESPONSE_CLOSE}"
+
+
+def _call_schema(fn: Function, whitespace: str) -> dict[str, Any]:
+    """The JSON of one call to ``fn``: its name, then arguments following its parameters (llguidance writes
+    required properties in the order given). A non-strict function's keywords that llguidance lacks are left out."""
+    return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+            "properties": {"name": {"const": fn.name},
+                           "arguments": fn.parameters if fn.parameters is not None else ANY_OBJECT},
+            "x-guidance": {"whitespace_flexible": whitespace == "flexible", "lenient": not fn.strict}}
+
+
+def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible") -> str:
+    """A Lark grammar of one ``<tool_call>`` block (or, ``several``, one or more, a newline apart) calling one of
+    ``functions`` with arguments that follow its schema."""
+    if not functions:
+        raise ValueError("no function to call")
+    rules = [f"fn_{i}: %json {json.dumps(_call_schema(f, whitespace))}" for i, f in enumerate(functions)]
+    body = " | ".join(f"fn_{i}" for i in range(len(functions)))
+    start = 'start: call ("\\n" call)*' if several else "start: call"
+    return "\n".join([start, f'call: {json.dumps(CALL_OPEN + chr(10))} ({body}) {json.dumps(chr(10) + CALL_CLOSE)}',
+                      *rules])
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_calls(text: str, names: set[str]) -> ToolAnswer | None:
+    """The ``<tool_call>`` blocks of ``text`` (the last may lack its closing tag: the answer ended there) as calls,
+    when every block is a JSON object naming one of ``names`` with an object of arguments (vLLM's Hermes reader
+    also takes "parameters" for "arguments"); None when there is no block or one is not such a call."""
+    blocks = list(_BLOCK.finditer(text))
+    if not blocks:
+        return None
+    calls = []
+    for block in blocks:
+        try:
+            obj = json.loads(block.group(1))
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if not isinstance(args, dict):
+            return None
+        calls.append(ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False), id=new_call_id()))
+    content = text[:blocks[0].start()].strip()
+    return ToolAnswer(content=content or None, calls=calls)
+
+
+class CallStream:
+    """A streamed answer's text as a chat stream sends it when the request offers tools: text that cannot be the
+    start of a call goes out as content as it comes; from a ``<tool_call>`` tag on (a forced call: from the start)
+    the text is held, and at the end it is either calls or, when it is none, the rest of the content."""
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self.seen = ""  # all the text so far
+        self.sent = 0  # how much of it went out as content
+        self.holding = use.forced
+
+    def feed(self, text: str) -> str:
+        """The content to send now for the answer's next ``text``."""
+        self.seen += text
+        if self.holding:
+            return ""
+        at = self.seen.find(CALL_OPEN, self.sent)
+        if at >= 0:
+            self.holding = True
+            end = at
+        else:  # keep back a tail that may be the start of the tag
+            end = len(self.seen)
+            for k in range(min(len(CALL_OPEN) - 1, len(self.seen) - self.sent), 0, -1):
+                if CALL_OPEN.startswith(self.seen[-k:]):
+                    end = len(self.seen) - k
+                    break
+        out, self.sent = self.seen[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self, finish_reason: str) -> tuple[str, list[ToolCall]]:
+        """At the answer's end: the content still to send and the calls (none when the answer is not calls, or
+        was cut short: ``finish_reason`` "length")."""
+        answer = self.use.read(self.seen, finish_reason)
+        if answer is not None:
+            return "", answer.calls
+        rest, self.sent = self.seen[self.sent:], len(self.seen)
+        return rest, []
