@@ -172,6 +172,11 @@ def test_the_prompt_offers_the_tools_after_the_system_text_and_writes_back_calls
     none = prompt(history, tools=TOOLS, tool_choice="none")
     assert "# Tools" not in none and "<tool_response>\nsunny" in none
     assert prompt([_image_message()]) == prompt([_image_message()], tools=TOOLS, tool_choice="none")
+    # a template that leaves system turns out (the tests' LLaVA one): the block begins the first user turn
+    worker = EngineWorker("random:llava", name="tiny-llava", engine=tiny_engine("llava"))
+    llava = prompt([{"role": "system", "content": "Be brief."}, _image_message()], tools=TOOLS)
+    assert llava.startswith("USER: <image>\n# Tools\n") and "What is the weather there? ASSISTANT:" in llava
+    assert "Be brief." not in llava and llava.count("<tools>\n") == 1
 
 
 def test_tool_choice_maps_to_the_spec_and_conflicts_are_refused():

@@ -181,27 +181,41 @@ class EngineWorker:
         from vlmguard.engine import check_text
         from vlmguard.results import Request
 
-        if item.messages:  # the chat template places the images: a user's own placeholder text would be one more
+        messages = self._tools_messages(item) if item.tools is not None else item.messages
+        if messages:  # the chat template places the images: a user's own placeholder text would be one more
             placeholder = self.engine.adapter.image_placeholder
-            for i, m in enumerate(item.messages):
+            for i, m in enumerate(messages):
                 for part in m["content"]:
                     check_text(part.get("text"), f"messages[{i}]", placeholder)
-            messages = item.messages
-            if item.tools is not None:
-                given = [m for m in messages if m["role"] == "system"]
-                system = self._tools_system(given[0]["content"][0]["text"] if given else None, item.tools)
-                messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
-                            *[m for m in messages if m["role"] != "system"]]
             text = self.engine.adapter.format_messages(messages)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
-        system = item.system if item.tools is None else self._tools_system(item.system, item.tools)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
-                       system=system, raw_prompt=item.raw_prompt)
+                       system=item.system, raw_prompt=item.raw_prompt)
 
-    def _tools_system(self, system: str | None, tools: ToolUse) -> str:
-        """The system text of a request that offers tools: its own (else the family's default), then the tools."""
-        system = system if system is not None else self.engine.adapter.default_system()
-        return f"{system}\n\n{tools.prompt_block()}" if system else tools.prompt_block()
+    def _tools_messages(self, item: WorkItem) -> list[dict[str, Any]]:
+        """The conversation of a request that offers tools (``item.tools``), its system turn ending with the tools'
+        block: the request's own system text (else the family's default), a blank line, the block. Where the chat
+        template leaves system turns out, the block begins the first user turn instead."""
+        adapter, block = self.engine.adapter, item.tools.prompt_block()
+        messages = item.messages or [{"role": "user", "content": [*({"type": "image"} for _ in item.images),
+                                                                   {"type": "text", "text": item.prompt}]}]
+        given = [m for m in messages if m["role"] == "system"]
+        system = given[0]["content"][0]["text"] if given else item.system
+        system = system if system is not None else adapter.default_system()
+        rest = [m for m in messages if m["role"] != "system"]
+        with_system = [{"role": "system", "content": [{"type": "text", "text": f"{system}\n\n{block}" if system
+                                                       else block}]}, *rest]
+        if block in adapter.format_messages(with_system):
+            return with_system
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        content = messages[first]["content"]
+        texts = [c for c in content if c["type"] == "text"]
+        if texts:  # the turn's text part begins with the block (its images stay first, as the turn lays them out)
+            content = [c if c is not texts[0] else {"type": "text", "text": f"{block}\n\n{c['text']}"}
+                       for c in content]
+        else:
+            content = [*content, {"type": "text", "text": block}]
+        return [*messages[:first], {**messages[first], "content": content}, *messages[first + 1:]]
 
     def _run(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         reqs = [self._request(it) for it in items]
