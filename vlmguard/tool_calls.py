@@ -104,10 +104,8 @@ class ToolUse:
 def tools_block(functions: Sequence[Function]) -> str:
     """The system text that offers ``functions`` and says how to call them."""
     signatures = "\n".join(json.dumps(f.signature(), ensure_ascii=False) for f in functions)
-    return ("# Tools\n\nYou may call one or more of these functions to help with the user's request. Their "
-            f"signatures are within <tools></tools> XML tags:\n<tools>\n{signatures}\n</tools>\n\n"
-            "For each function call, answer with a JSON object holding the function's name and its arguments "
-            "within <tool_call></tool_call> XML tags:\n"
+    return (f"# Tools\n\nYou may call these functions (signatures in <tools></tools>):\n<tools>\n{signatures}\n"
+            "</tools>\n\nTo call them, answer with one block per call:\n"
             f'{CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{CALL_CLOSE}')
 
 
