@@ -73,7 +73,8 @@ def test_each_way_of_asking_for_a_format_maps_to_the_spec():
             (dict(guided_json="[1]"), "must be a JSON schema", "guided_json"),
             (dict(response_format={"type": "json_object"}, guided_regex="a"), "one answer format, not "
              "response_format and guided_regex", "guided_regex"),
-            (dict(guided_regex="a", guided_choice=["a"]), "guided and choices cannot go together", "guided"),
+            (dict(guided_regex="a", guided_choice=["a"]), "guided and choices cannot go together", "guided_regex"),
+            (dict(guided_json=SCHEMA, min_tokens=2), "min_new_tokens", "guided_json"),
             (dict(guided_regex=""), "at least 1 character", "guided_regex")):
         with pytest.raises(InvalidInput, match=needle) as e:
             chat_spec(_req(**kw), 64)
@@ -119,6 +120,7 @@ def test_bad_formats_are_a_400_naming_the_field_and_a_dead_end_is_a_400_too(app)
             for extra in ({"guided_regex": "[a-"}, {"guided_grammar": "start: foo"},
                           {"response_format": {"type": "json_schema", "json_schema": {"name": "s",
                                                                                       "schema": {"type": "nope"}}}},
+                          {"guided_json": {"type": "nope"}},
                           {"guided_regex": "éa"}, {"guided_regex": "yes é"}):
                 r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": _messages(),
                                                                   "max_tokens": 8, **extra})
@@ -127,10 +129,11 @@ def test_bad_formats_are_a_400_naming_the_field_and_a_dead_end_is_a_400_too(app)
 
     # "éa": no token of the test vocabulary (ASCII) begins it, past the space allowed first; "yes é": " yes" does,
     # then nothing writes "é"
-    regex, grammar, schema, no_start, dead_end = asyncio.run(scenario())
+    regex, grammar, schema, vllm_schema, no_start, dead_end = asyncio.run(scenario())
     for r, needle, param in ((regex, "unclosed character class", "guided_regex"),
                              (grammar, 'unknown name: \\"foo\\"', "guided_grammar"),
                              (schema, "Invalid type: nope", "response_format"),
+                             (vllm_schema, "Invalid type: nope", "guided_json"),  # the field it came as
                              (no_start, "no token that begins an answer", "guided_regex")):
         assert r.status_code == 400 and needle in r.text and r.json()["error"]["param"] == param, r.text
     assert dead_end.status_code == 400, dead_end.text

@@ -258,7 +258,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if "error" in answer:
             err = answer["error"]
             raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),
-                             err.get("code"), spec_param=_spec_param(item, err.get("param")))
+                             err.get("code"), spec_param=_format_param(item, err.get("param")))
         return answer
 
     async def run(model: str, item: WorkItem) -> dict[str, Any]:
@@ -274,8 +274,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if event is not None:
             err = event["error"]
             raise APIFailure(400 if err["type"] == "invalid_request_error" else 500, err["message"], err["type"],
-                             err["code"], spec_param=_spec_param(item, _format_param(item))
-                             if err["code"] == "FormatDeadEnd" else None)
+                             err["code"], spec_param=_format_param(item) if err["code"] == "FormatDeadEnd" else None)
 
     def stream_failure(ev: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any] | None:
         """The SSE error that ends a stream at event ``ev`` (the backend's error, or ``result`` ended with an
@@ -592,16 +591,14 @@ class _Guard:
             self.metrics.request_finished(path, status[0] or 500, time.perf_counter() - t0)
 
 
-def _format_param(item: WorkItem) -> str:
-    """The spec field of a request's answer format (``guided.regex``), which its route spells its own way."""
-    return f"guided.{item.spec.guided.kind}" if item.spec.guided is not None else "guided"
-
-
-def _spec_param(item: WorkItem, param: str | None) -> str | None:
-    """An engine-side ``param`` of ``item``: the answer format of a request that must call a tool is the tool
-    choice's grammar (``tool_choice``), not a format the request gave."""
-    forced = item.tools is not None and item.tools.forced
-    return "tool_choice" if forced and param is not None and param.split(".")[0] == "guided" else param
+def _format_param(item: WorkItem, param: str | None = "guided") -> str | None:
+    """An engine-side ``param`` of ``item`` as its route spells it where it is the answer format: the chat field
+    the format came from (``guided_json``, ``tool_choice``...), else the spec's field (``guided.regex``)."""
+    if param is None or param.split(".")[0] != "guided":
+        return param
+    if item.format_param is not None:
+        return item.format_param
+    return f"guided.{item.spec.guided.kind}" if item.spec.guided is not None else param
 
 
 def _internal_error_event(e: BaseException) -> dict[str, Any]:

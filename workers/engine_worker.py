@@ -49,6 +49,8 @@ class WorkItem:
     routing_key: str | None = None
     # the tools a chat request offers (``vlmguard/tool_calls.py``): their block ends the system turn
     tools: ToolUse | None = None
+    # the chat request's field its answer format (``spec.guided``) came from, which an error about it names
+    format_param: str | None = None
 
 
 def event_dict(ev: Any) -> dict[str, Any]:

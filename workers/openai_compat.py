@@ -102,6 +102,23 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
     Token selection follows the request: a positive ``temperature`` samples, ``temperature`` 0 or absent
     is greedy (deterministic) unless ``vlmguard.do_sample`` or ``vlmguard.decoding: sample`` says otherwise.
     """
+    return chat_spec_and_format(req, max_new_tokens_limit)[0]
+
+
+def chat_spec_and_format(req: ChatCompletionRequest, max_new_tokens_limit: int) -> tuple[GenerationSpec, str | None]:
+    """:func:`chat_spec`, and the request field its answer format came from (``guided_json``, ``tool_choice``...;
+    None without one): an error about the spec's ``guided`` names that field."""
+    guided, source = chat_guided(req)
+    try:
+        return _chat_spec(req, max_new_tokens_limit, guided), source
+    except InvalidInput as e:
+        if source is not None and (e.param or "").split(".")[0] == "guided":
+            raise InvalidInput(str(e), param=source) from None
+        raise
+
+
+def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: GuidedOutput | None
+               ) -> GenerationSpec:
     o = req.vlmguard
     do_sample = o.do_sample
     if do_sample is None and req.temperature is not None and o.decoding != "sample":
@@ -118,14 +135,15 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_new_tokens=req.min_tokens or 0, image_aspect=o.image_aspect, logit_bias=req.logit_bias or {},
-        choices=req.guided_choice or [], guided=chat_guided(req),
+        choices=req.guided_choice or [], guided=guided,
     )
     return _check_spec(spec, max_new_tokens_limit)
 
 
-def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
-    """The format a chat request holds its answer to: ``response_format`` JSON (OpenAI's) or vLLM's
-    ``guided_json`` / ``guided_regex`` / ``guided_grammar``; at most one of them. None: free text."""
+def chat_guided(req: ChatCompletionRequest) -> tuple[GuidedOutput | None, str | None]:
+    """The format a chat request holds its answer to, and the field it came from: ``response_format`` JSON
+    (OpenAI's), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_grammar``, or a forced tool call's grammar
+    (``tool_choice``); at most one of them. (None, None): free text."""
     given: dict[str, dict[str, Any]] = {}
     rf = req.response_format
     if rf is not None and rf.type != "text":  # json_schema without a schema: any JSON object
@@ -155,10 +173,10 @@ def chat_guided(req: ChatCompletionRequest) -> GuidedOutput | None:
     if use is not None and use.forced:  # a call in the format the prompt asks for, its arguments per the schema
         given["tool_choice"] = {"grammar": use.grammar(req.vlmguard.json_whitespace)}
     if not given:
-        return None
+        return None, None
     (source, fields), = given.items()
     try:
-        return GuidedOutput(**fields, whitespace=req.vlmguard.json_whitespace)
+        return GuidedOutput(**fields, whitespace=req.vlmguard.json_whitespace), source
     except ValidationError as e:
         raise InvalidInput(format_validation_error(e, source), param=source) from None
 
@@ -216,7 +234,7 @@ def _laid_out(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_images: int,
               max_new_tokens_limit: int, request_id: str, max_pixels: int | None = None) -> WorkItem:
     """Validate a chat request and turn it into a WorkItem (images decoded)."""
-    spec = chat_spec(req, max_new_tokens_limit)
+    spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     images: list[Image.Image] = []
@@ -263,13 +281,15 @@ def chat_item(req: ChatCompletionRequest, resolve_image: ImageResolver, *, max_i
     tools = tool_use(req)
     if len(turns) == 1:
         text = "\n".join(c["text"] for c in turns[0]["content"] if c["type"] == "text")
-        return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id, tools=tools)
+        return WorkItem(prompt=text, spec=spec, images=images, system=sys_text, request_id=request_id, tools=tools,
+                        format_param=format_param)
     # every turn laid out as a one-message request is (``ModelAdapter.format_prompt``): its images, then its text
     # parts joined by newlines. So a conversation's first turn reads as it did when it was asked alone, and the
     # next turn's prompt begins with the same tokens (the prefix cache's image prefix).
     turns = [{"role": t["role"], "content": _laid_out(t["content"])} for t in turns]
     messages = ([{"role": "system", "content": [{"type": "text", "text": sys_text}]}] if sys_text else []) + turns
-    return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id, tools=tools)
+    return WorkItem(prompt="", spec=spec, images=images, messages=messages, request_id=request_id, tools=tools,
+                    format_param=format_param)
 
 
 def choice_items(item: WorkItem, n: int) -> list[WorkItem]:
