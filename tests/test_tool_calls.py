@@ -236,12 +236,21 @@ def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(
         count = (await http.post("/tokenize", json={"model": MODEL, "messages": history, "tools": TOOLS})).json()
         chunks = [c async for c in await client.chat.completions.create(
             messages=[_image_message(2)], tool_choice="required", parallel_tool_calls=False, stream=True, **kw)]
+        several = [c async for c in await client.chat.completions.create(
+            messages=[_image_message(3)], tool_choice=named, n=2, temperature=1.0, seed=5, stream=True, **kw)]
         raw = (await http.post("/v1/chat/completions", json={
             "model": MODEL, "messages": [_image_message()], "tools": TOOLS, "tool_choice": named, "max_tokens": 120,
             **COMPACT})).json()
-        return first, second, count, chunks, raw
+        return first, second, count, chunks, raw, several
 
-    first, second, count, chunks, raw = _run(app, scenario)
+    first, second, count, chunks, raw, several = _run(app, scenario)
+    by_choice = {k: [tc for c in several for ch in c.choices if ch.index == k for tc in ch.delta.tool_calls or []]
+                 for k in (0, 1)}  # n=2 sampled: each choice its own call, streamed under its index
+    for calls in by_choice.values():
+        (only,) = calls
+        _valid_call(only.function.name, only.function.arguments)
+    assert by_choice[0][0].id != by_choice[1][0].id
+    assert sorted(ch.index for c in several for ch in c.choices if ch.finish_reason) == [0, 1]
     message = raw["choices"][0]["message"]
     assert message["content"] is None and message["tool_calls"][0]["type"] == "function"  # null, as OpenAI's
     choice = first.choices[0]
