@@ -129,6 +129,20 @@ def _call_schema(fn: Function, whitespace: str) -> dict[str, Any]:
             "x-guidance": {"whitespace_flexible": whitespace == "flexible", "lenient": not fn.strict}}
 
 
+def schema_error(fn: Function) -> str | None:
+    """Why llguidance cannot compile ``fn``'s parameters schema (a keyword it lacks, in a strict function; a
+    schema that is not one), or None."""
+    from llguidance import LLMatcher
+
+    if fn.parameters is None:
+        return None
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(fn.parameters), overrides={"lenient": not fn.strict})
+    except ValueError as e:
+        return str(e)
+    return LLMatcher.validate_grammar(grammar) or None
+
+
 def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible") -> str:
     """A Lark grammar of one ``<tool_call>`` block (or, ``several``, one or more, a newline apart) calling one of
     ``functions`` with arguments that follow its schema."""

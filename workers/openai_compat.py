@@ -35,7 +35,7 @@ from vlmguard.api_schema import (
 )
 from vlmguard.errors import InvalidInput
 from vlmguard.spec import GenerationSpec, GuidedOutput, format_validation_error
-from vlmguard.tool_calls import Function, ToolCall, ToolUse, call_text, response_text
+from vlmguard.tool_calls import Function, ToolCall, ToolUse, call_text, response_text, schema_error
 from vlmguard.workers.engine_worker import WorkItem
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -171,6 +171,11 @@ def chat_guided(req: ChatCompletionRequest) -> tuple[GuidedOutput | None, str | 
         other = next(iter(given), "guided_choice")
         raise InvalidInput(f"give tools or an answer format ({other}), not both (or tool_choice 'none')", param=other)
     if use is not None and use.forced:  # a call in the format the prompt asks for, its arguments per the schema
+        for i, fn in enumerate(use.functions):
+            error = schema_error(fn) if use.choice in ("required", fn.name) else None
+            if error:
+                raise InvalidInput(f"tools[{i}].function.parameters: the schema cannot hold a forced call: {error}",
+                                   param=f"tools.{i}.function.parameters")
         given["tool_choice"] = {"grammar": use.grammar(req.vlmguard.json_whitespace)}
     if not given:
         return None, None
