@@ -179,6 +179,26 @@ def test_the_prompt_offers_the_tools_after_the_system_text_and_writes_back_calls
     assert "Be brief." not in llava and llava.count("<tools>\n") == 1
 
 
+def test_without_a_system_text_the_tools_follow_the_familys_default_or_the_templates_own():
+    """The real checkpoints' templates (vlmguard/models/shapes.py): Qwen2-VL's writes "You are a helpful
+    assistant." when a conversation has no system turn, which a system turn with the tools would drop, so the tools
+    follow it; LLaVA-1.5's llava-hf template gets vicuna_v1's system text, the family's default."""
+    from vlmguard.models.shapes import LLAVA_HF_VICUNA_TEMPLATE, QWEN_CHAT_TEMPLATE
+    from vlmguard.testing import tiny_llava, tiny_qwen2_vl
+
+    item = WorkItem(prompt="What time is it?", spec=GenerationSpec(), tools=ToolUse(FUNCTIONS, "auto"))
+    for build, template, system in ((tiny_qwen2_vl, QWEN_CHAT_TEMPLATE, "You are a helpful assistant."),
+                                    (tiny_llava, LLAVA_HF_VICUNA_TEMPLATE, "A chat between a curious user")):
+        model, proc = build()
+        proc.chat_template = template
+        worker = EngineWorker("random", name="m", engine=Engine(model, proc))
+        prompt = worker._request(item).prompt
+        assert prompt.count(system) == 1 and prompt.index(system) < prompt.index("\n\n# Tools\n"), prompt
+        plain = worker._request(WorkItem(prompt="What time is it?", spec=GenerationSpec(), messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What time is it?"}]}])).prompt
+        assert plain.count(system) == 1  # the same system text as without tools
+
+
 def test_tool_choice_maps_to_the_spec_and_conflicts_are_refused():
     def spec(**kw: Any) -> GenerationSpec:
         return chat_spec(ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],

@@ -196,14 +196,16 @@ class EngineWorker:
 
     def _tools_messages(self, item: WorkItem) -> list[dict[str, Any]]:
         """The conversation of a request that offers tools (``item.tools``), its system turn ending with the tools'
-        block: the request's own system text (else the family's default), a blank line, the block. Where the chat
-        template leaves system turns out, the block begins the first user turn instead."""
+        block: the request's own system text (else the family's default, else the one its chat template writes
+        without a system turn), a blank line, the block. Where the chat template leaves system turns out, the block
+        begins the first user turn instead."""
         adapter, block = self.engine.adapter, item.tools.prompt_block()
         messages = item.messages or [{"role": "user", "content": [*({"type": "image"} for _ in item.images),
                                                                    {"type": "text", "text": item.prompt}]}]
         given = [m for m in messages if m["role"] == "system"]
         system = given[0]["content"][0]["text"] if given else item.system
-        system = system if system is not None else adapter.default_system()
+        if system is None:  # the family's default, else what its template writes without a system turn
+            system = adapter.default_system() or adapter.template_system()
         rest = [m for m in messages if m["role"] != "system"]
         with_system = [{"role": "system", "content": [{"type": "text", "text": f"{system}\n\n{block}" if system
                                                        else block}]}, *rest]

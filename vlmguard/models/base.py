@@ -180,6 +180,25 @@ class ModelAdapter:
         model's own chat template does, e.g. Qwen2-VL's template adds its default system turn itself)."""
         return None
 
+    def template_system(self) -> str | None:
+        """The system text the model's chat template writes itself when a conversation has no system turn (Qwen2-VL:
+        "You are a helpful assistant."), read off the template: a conversation without a system turn renders as
+        one whose system turn holds that text. None when the template writes none (or no text fits)."""
+        mark = "\x00system\x00"
+        user = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+        try:
+            bare = self._apply_chat_template([user])
+            marked = self._apply_chat_template([{"role": "system", "content": [{"type": "text", "text": mark}]},
+                                                user])
+        except (InvalidInput, ModelLoadError):
+            return None
+        if marked.count(mark) != 1:
+            return None
+        before, after = marked.split(mark)
+        if not (bare.startswith(before) and bare.endswith(after)) or len(bare) < len(before) + len(after):
+            return None
+        return bare[len(before):len(bare) - len(after)] or None
+
     def image_aspect(self, requested: str) -> str:
         """``"pad"`` or ``"native"`` for a request's ``GenerationSpec.image_aspect``. ``"reference"`` is what the
         family's reference code does: a config's LLaVA-style ``image_aspect_ratio`` when it has one (``pad`` pads;
