@@ -258,10 +258,11 @@ def register(subparsers) -> None:
     _measurement(g)
     g.set_defaults(repeats=7, func=cmd_gemm)
 
-    gd = sub.add_parser("guided", help="what structured output (JSON schema, JSON object, regex) adds to each "
-                                      "generated token, on a vocabulary of a real checkpoint's size")
-    gd.add_argument("--formats", type=_csv(str), default=["json_schema", "json_object", "regex"],
-                    help="comma-separated: json_schema, json_object, regex (default: all)")
+    gd = sub.add_parser("guided", help="what structured output (JSON schema, JSON object, regex, a forced tool "
+                                      "call) adds to each generated token, on a vocabulary of a real checkpoint's "
+                                      "size")
+    gd.add_argument("--formats", type=_csv(str), default=["json_schema", "json_object", "regex", "tool_call"],
+                    help="comma-separated: json_schema, json_object, regex, tool_call (default: all)")
     gd.add_argument("--vocab", type=_positive, default=32000,
                     help="ids of the byte-level BPE vocabulary measured on (default 32000, LLaVA-1.5's; Qwen2-VL: "
                          "151936)")

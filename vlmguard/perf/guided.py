@@ -24,6 +24,7 @@ import torch
 
 from vlmguard.errors import InvalidInput
 from vlmguard.perf.timing import environment, median
+from vlmguard.tool_calls import Function, ToolUse
 
 FORMATS: dict[str, dict[str, Any]] = {
     "json_schema": {"json_schema": {
@@ -37,6 +38,17 @@ FORMATS: dict[str, dict[str, Any]] = {
                                                   "items": {"type": "integer", "minimum": 0, "maximum": 1000}}}}}}}},
     "json_object": {"json_object": True},
     "regex": {"regex": r"(Yes|No), (there (is|are) [0-9]{1,3} [a-z]+( [a-z]+){0,6}\.)"},
+    # a forced tool call (tool_choice "required", one call) of one of two functions (vlmguard/tool_calls.py)
+    "tool_call": {"grammar": ToolUse((
+        Function("find_objects", "Boxes of the objects of a category", {
+            "type": "object", "additionalProperties": False, "required": ["category", "max_boxes"],
+            "properties": {"category": {"type": "string", "maxLength": 24},
+                           "max_boxes": {"type": "integer", "minimum": 1, "maximum": 20}}}, strict=True),
+        Function("describe_region", None, {
+            "type": "object", "additionalProperties": False, "required": ["box"],
+            "properties": {"box": {"type": "array", "minItems": 4, "maxItems": 4,
+                                   "items": {"type": "integer", "minimum": 0, "maximum": 1000}}}}, strict=True)),
+        "required", parallel=False).grammar()},
 }
 
 
