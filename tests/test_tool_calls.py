@@ -368,11 +368,15 @@ def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text
     ({"tools": TOOLS + TOOLS[:1]}, "tools", "get_weather repeated"),
     ({"tools": [{"type": "function", "function": {"name": "two words"}}]}, "tools.0.function.name", "pattern"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "'function'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters", "must be a JSON schema of an object (type 'string')"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "give tools or an answer format"),
-    ({"tools": [TOOLS[1], {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+    ({"tools": [TOOLS[1], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}],
       "tool_choice": "required"}, "tools.1.function.parameters", "cannot hold a forced call: Invalid type: nope"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
-        "type": "array", "uniqueItems": True}}}], "tool_choice": "required"}, "tools.0.function.parameters",
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"},
+     "tools.0.function.parameters",
      "Unimplemented keys"),  # strict: a keyword llguidance lacks is an error (not strict: left out)
     ({"messages": [_image_message(), {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
      "messages.1.tool_call_id", "answers no call of the assistant message before it"),

@@ -242,6 +242,16 @@ class FunctionDefinition(BaseModel):
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[StrictBool] = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """A call's arguments are a JSON object: a schema of another type could never be one."""
+        kind = (v or {}).get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise PydanticCustomError("invalid_request", "must be a JSON schema of an object (type {kind})",
+                                      {"kind": repr(kind)})
+        return v
+
 
 class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
