@@ -368,6 +368,10 @@ def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text
     ({"tools": TOOLS + TOOLS[:1]}, "tools", "get_weather repeated"),
     ({"tools": [{"type": "function", "function": {"name": "two words"}}]}, "tools.0.function.name", "pattern"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "'function'"),
+    ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice",
+     """must be 'none', 'auto', 'required' or {"type": "function", "function": {"name": ...}}, got 'any'"""),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", "function: Field required"),
+    ({"tools": ["get_time"], "tool_choice": "auto"}, "tools.0", "valid dictionary"),  # not also "needs tools"
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters", "must be a JSON schema of an object (type 'string')"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "give tools or an answer format"),
@@ -399,6 +403,7 @@ def test_bad_tool_requests_are_a_400_naming_the_field(app, body, param, needle):
     r = _run(app, scenario)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     assert r.json()["error"]["param"] == param, r.text
+    assert "needs tools" not in r.json()["error"]["message"] or "tools" not in body
 
 
 def test_a_forced_call_the_bundled_models_vocabulary_cannot_write_is_a_400_naming_tool_choice():

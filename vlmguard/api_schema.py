@@ -218,9 +218,23 @@ def check_unique_functions(tools: Optional[list["ToolDefinition"]]) -> Optional[
     return tools
 
 
+def tool_choice_form(v: Any) -> Any:
+    """``tool_choice`` is "none", "auto", "required" or a named function, each error said once (the union's own
+    errors name both of its branches)."""
+    if v is None or v in ("none", "auto", "required") or isinstance(v, NamedToolChoice):
+        return v
+    if not isinstance(v, dict):
+        raise PydanticCustomError("invalid_request", "must be 'none', 'auto', 'required' or {named}, got {v}", {
+            "named": '{"type": "function", "function": {"name": ...}}', "v": repr(v)})
+    try:
+        return NamedToolChoice.model_validate(v)
+    except ValidationError as e:
+        raise PydanticCustomError("invalid_request", "{detail}", {"detail": "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())}) from None
+
+
 def check_tool_choice(choice: Any, tools: Optional[list["ToolDefinition"]]) -> Any:
-    """``tool_choice`` other than "none" needs ``tools``, and a named function must be one of them (a request
-    whose ``tools`` failed validation has none here: only that failure is reported)."""
+    """``tool_choice`` other than "none" needs ``tools``, and a named function must be one of them."""
     names = [t.function.name for t in tools or []]
     if choice not in (None, "none") and not names:
         raise PydanticCustomError("invalid_request", "{choice} needs tools", {"choice": repr(
@@ -341,10 +355,17 @@ class ChatCompletionRequest(NumbersNotBooleans):
     def _unique_function_names(cls, v: Optional[list[ToolDefinition]]) -> Optional[list[ToolDefinition]]:
         return check_unique_functions(v)
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_form(cls, v: Any) -> Any:
+        return tool_choice_form(v)
+
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice_among_tools(cls, v: Any, info: ValidationInfo) -> Any:
-        return check_tool_choice(v, info.data.get("tools"))
+        if "tools" not in info.data:  # tools failed validation: that error alone is reported
+            return v
+        return check_tool_choice(v, info.data["tools"])
 
     @property
     def tool_mode(self) -> Optional[str]:
@@ -572,6 +593,11 @@ class TokenizeRequest(NumbersNotBooleans):
     add_generation_prompt: StrictBool = True  # (messages) vLLM's default; a chat request always ends with it
     add_special_tokens: StrictBool = True  # (prompt) vLLM's default: the tokenizer's own (e.g. a leading <s>)
     return_token_strs: StrictBool = False
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_form(cls, v: Any) -> Any:
+        return tool_choice_form(v)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "TokenizeRequest":
