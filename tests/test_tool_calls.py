@@ -130,6 +130,27 @@ def test_parallel_calls_are_a_newline_apart_and_each_follows_its_schema():
     assert not accepts(time.replace("\n", " ", 1)) and not accepts("It is sunny.")
 
 
+def test_auto_with_a_strict_function_holds_an_answer_that_opens_with_a_call_to_the_schemas():
+    """OpenAI's promise for ``strict`` functions under "auto": text stays free, and an answer that opens with a
+    call's tag is calls whose arguments follow their schemas (text before a call is text: read afterwards)."""
+    eng = tiny_engine("qwen2_vl")
+    tok, width, eos = eng.adapter.tokenizer, eng.adapter.logits_width, sorted(eng.adapter.eos_token_ids)
+    use = ToolUse((Function("get_weather", None, WEATHER, strict=True), FUNCTIONS[1]), "auto")
+    assert use.constrained and not ToolUse(FUNCTIONS, "auto").constrained
+    call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","days":%d}}\n</tool_call>'
+
+    def accepts(text: str) -> bool:
+        m = new_matcher(tok, width, eos, GuidedOutput(grammar=use.grammar("compact")))
+        return all(m.consume_token(t) for t in tok.encode(text, add_special_tokens=False)) and \
+            bool(allowed_mask(m, width)[eos].all())
+
+    for text in ("", "It is sunny.", "<table> and <tool_cal", call % 2, f"{call % 2}\n{call % 3}",
+                 f"I will look.\n{call % 9}"):
+        assert accepts(text), text
+    for text in (call % 9, call.replace("get_weather", "launch") % 2, call.replace("days", "weeks") % 2):
+        assert not accepts(text), text
+
+
 def test_a_format_the_vocabulary_cannot_write_is_refused_before_any_model_work():
     eng = Engine.load("tiny")  # the bundled model: whole words, no "<"
     use = ToolUse(FUNCTIONS, "get_time")
@@ -205,6 +226,9 @@ def test_tool_choice_maps_to_the_spec_and_conflicts_are_refused():
                                                                **kw}), 64)
 
     assert spec(tools=TOOLS).guided is None and spec(tools=TOOLS, tool_choice="none").guided is None
+    strict = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "strict": True}}]
+    auto = spec(tools=strict).guided  # a strict function: "auto" answers are held too
+    assert auto is not None and auto.grammar.startswith("start: (TEXT | calls)?\n")
     named = spec(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}).guided
     assert named is not None and '"const": "get_time"' in named.grammar and "get_weather" not in named.grammar
     required = spec(tools=TOOLS, tool_choice="required").guided.grammar
@@ -258,12 +282,19 @@ def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(
             messages=[_image_message(2)], tool_choice="required", parallel_tool_calls=False, stream=True, **kw)]
         several = [c async for c in await client.chat.completions.create(
             messages=[_image_message(3)], tool_choice=named, n=2, temperature=1.0, seed=5, stream=True, **kw)]
+        strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
+        held = [await client.chat.completions.create(messages=[_image_message(seed)], tools=strict, max_tokens=60,
+                                                     extra_body=COMPACT, model=MODEL) for seed in (4, 5, 6)]
         raw = (await http.post("/v1/chat/completions", json={
             "model": MODEL, "messages": [_image_message()], "tools": TOOLS, "tool_choice": named, "max_tokens": 120,
             **COMPACT})).json()
-        return first, second, count, chunks, raw, several
+        return first, second, count, chunks, raw, several, held
 
-    first, second, count, chunks, raw, several = _run(app, scenario)
+    first, second, count, chunks, raw, several, held = _run(app, scenario)
+    for answer in held:  # "auto" with strict functions: text, or calls that follow their schemas
+        for call in answer.choices[0].message.tool_calls or []:
+            _valid_call(call.function.name, call.function.arguments)
+        assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
     by_choice = {k: [tc for c in several for ch in c.choices if ch.index == k for tc in ch.delta.tool_calls or []]
                  for k in (0, 1)}  # n=2 sampled: each choice its own call, streamed under its index
     for calls in by_choice.values():
@@ -375,11 +406,12 @@ def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters", "must be a JSON schema of an object (type 'string')"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "give tools or an answer format"),
+    ({"tools": TOOLS, "tool_choice": "required", "min_tokens": 3}, "min_tokens", "min_tokens does not go with calls"),
     ({"tools": [TOOLS[1], {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "nope"}}}}}],
-      "tool_choice": "required"}, "tools.1.function.parameters", "cannot hold a forced call: Invalid type: nope"),
+      "tool_choice": "required"}, "tools.1.function.parameters", "cannot hold a call: Invalid type: nope"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
-        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"},
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}]},  # auto, strict
      "tools.0.function.parameters",
      "Unimplemented keys"),  # strict: a keyword llguidance lacks is an error (not strict: left out)
     ({"messages": [_image_message(), {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},

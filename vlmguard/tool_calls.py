@@ -15,7 +15,8 @@ every family, in the format of Hermes-style tool models (Qwen2.5 and its VL mode
 name and an arguments object is read as those calls (any text before the first block is the message's content);
 any other answer is plain text. "required" and a named function force calls: the answer is held to a grammar
 (``GenerationSpec.guided``, llguidance) of one ``<tool_call>`` block per call whose JSON follows the function's
-``parameters`` schema (one call for a named function or without ``parallel_tool_calls``, else one or more).
+``parameters`` schema (one call for a named function or without ``parallel_tool_calls``, else one or more). Under
+"auto" with a ``strict`` function, an answer that opens with a call is held to that grammar too.
 """
 from __future__ import annotations
 
@@ -79,14 +80,27 @@ class ToolUse:
         """The answer must be calls ("required" or a named function): its text is held to :meth:`grammar`."""
         return self.choice != "auto"
 
+    @property
+    def constrained(self) -> bool:
+        """The answer is held to :meth:`grammar`: a forced call, or "auto" with a ``strict`` function (OpenAI's
+        promise: a strict function's calls follow its schema)."""
+        return self.forced or any(f.strict for f in self.functions)
+
     def prompt_block(self) -> str:
         return tools_block(self.functions)
 
     def grammar(self, whitespace: Literal["flexible", "compact"] = "flexible") -> str:
-        """The Lark grammar (llguidance's dialect) a forced answer follows."""
-        functions = [f for f in self.functions if self.choice in ("required", f.name)]
-        return calls_grammar(functions, several=self.parallel and self.choice == "required",
-                             whitespace=whitespace)
+        """The Lark grammar (llguidance's dialect) a constrained answer follows: the calls a forced choice allows;
+        under "auto", text that does not begin with a call's tag, or calls (text before a call is text)."""
+        functions = [f for f in self.functions if self.choice in ("auto", "required", f.name)]
+        calls = calls_grammar(functions, several=self.parallel and self.choice in ("auto", "required"),
+                              whitespace=whitespace)
+        if self.forced:
+            return calls
+        # llguidance's lexer reads TEXT and a call's opening tag side by side from the first byte: an answer that
+        # opens with the tag is calls (held to the schemas), any other is text
+        text = f"TEXT: /(?s:.+)/ & ~/(?s:{re.escape(CALL_OPEN)}.*)/"
+        return "\n".join(["start: (TEXT | calls)?", text, calls.replace("start:", "calls:", 1)])
 
     def read(self, text: str, finish_reason: str = "stop") -> ToolAnswer | None:
         """The calls in an answer (None: the answer is no well-formed call of an offered function, or it did not

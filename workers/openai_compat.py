@@ -170,13 +170,16 @@ def chat_guided(req: ChatCompletionRequest) -> tuple[GuidedOutput | None, str | 
     if use is not None and (given or req.guided_choice):
         other = next(iter(given), "guided_choice")
         raise InvalidInput(f"give tools or an answer format ({other}), not both (or tool_choice 'none')", param=other)
-    if use is not None and use.forced:  # a call in the format the prompt asks for, its arguments per the schema
+    if use is not None and use.constrained and req.min_tokens:
+        raise InvalidInput("min_tokens does not go with calls held to their schemas (tool_choice required or a "
+                           "named function, or a strict function)", param="min_tokens")
+    if use is not None and use.constrained:  # calls in the format the prompt asks for, arguments per the schema
         for i, fn in enumerate(use.functions):
-            error = schema_error(fn) if use.choice in ("required", fn.name) else None
+            error = schema_error(fn) if use.choice in ("auto", "required", fn.name) else None
             if error:
-                raise InvalidInput(f"tools[{i}].function.parameters: the schema cannot hold a forced call: {error}",
+                raise InvalidInput(f"tools[{i}].function.parameters: the schema cannot hold a call: {error}",
                                    param=f"tools.{i}.function.parameters")
-        given["tool_choice"] = {"grammar": use.grammar(req.vlmguard.json_whitespace)}
+        given["tool_choice" if use.forced else "tools"] = {"grammar": use.grammar(req.vlmguard.json_whitespace)}
     if not given:
         return None, None
     (source, fields), = given.items()
