@@ -70,6 +70,15 @@ def test_calls_are_read_from_hermes_blocks_and_anything_else_is_text():
                  '<tool_call>\n{"name": "get_time", "arguments": [1]}\n</tool_call>',  # arguments not an object
                  '<tool_call>\n["get_time"]\n</tool_call>'):
         assert parse_calls(text, names) is None, text
+    # without tags: an answer that is only a call's JSON, or a list of them, fenced or not
+    bare = parse_calls('{"name": "get_time", "arguments": {}}', names)
+    assert bare is not None and bare.content is None and [c.name for c in bare.calls] == ["get_time"]
+    fenced = parse_calls('```json\n[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": '
+                         '{"city": "Oslo", "days": 1}}]\n```', names)
+    assert fenced is not None and [c.name for c in fenced.calls] == ["get_time", "get_weather"]
+    for text in ('{"name": "launch", "arguments": {}}', '{"city": "Oslo"}', "[]", "42", '"get_time"',
+                 'Call {"name": "get_time", "arguments": {}}'):
+        assert parse_calls(text, names) is None, text
     both = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n' * 2
     assert len(ToolUse(FUNCTIONS, "auto").read(both).calls) == 2
     assert len(ToolUse(FUNCTIONS, "auto", parallel=False).read(both).calls) == 1
@@ -84,6 +93,9 @@ def test_a_stream_sends_text_until_a_call_may_begin_and_ends_with_the_calls_or_t
     assert sent == ["Let me ", "look. ", "", "", ""]
     rest, calls = stream.finish("stop")
     assert rest == "" and [c.name for c in calls] == ["get_time"]
+    opens_as_json = CallStream(ToolUse(FUNCTIONS, "auto"))
+    assert [opens_as_json.feed(t) for t in ("  ", '{"a"', ": 1}")] == ["", "", ""]
+    assert opens_as_json.finish("stop") == ('  {"a": 1}', [])
     plain = CallStream(ToolUse(FUNCTIONS, "auto"))
     assert [plain.feed(t) for t in ("a <t", "able>", " <to")] == ["a ", "<table>", " "]
     assert plain.finish("stop") == ("<to", [])  # held back as a possible tag, sent at the end
@@ -366,6 +378,8 @@ class CannedAnswer(LocalBackend):
      ["get_weather", "get_time"]),
     ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', None, ["get_time"]),
     ("It is sunny in <tool_call> land.", "It is sunny in <tool_call> land.", []),  # not a call: text
+    ('{"name": "get_time", "arguments": {}}', None, ["get_time"]),  # a bare call
+    ('{"sunny": true}', '{"sunny": true}', []),  # JSON that is no call: held, then sent as text
 ])
 def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text, content, names):
     cfg = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)

@@ -173,33 +173,54 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _call(obj: Any, names: set[str]) -> ToolCall | None:
+    """A call from its JSON: an object naming one of ``names`` with an object of arguments (vLLM's Hermes reader
+    also takes "parameters" for "arguments"), else None."""
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False), id=new_call_id())
+
+
+def _bare_calls(text: str, names: set[str]) -> ToolAnswer | None:
+    """An answer that is nothing but a call's JSON, or a list of them (optionally in a ```json fence): what a model
+    not trained on the tags writes when the prompt shows it the call format."""
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    calls = [_call(o, names) for o in (obj if isinstance(obj, list) and obj else [obj])]
+    return ToolAnswer(content=None, calls=calls) if all(calls) else None  # type: ignore[arg-type]
+
+
 def parse_calls(text: str, names: set[str]) -> ToolAnswer | None:
     """The ``<tool_call>`` blocks of ``text`` (the last may lack its closing tag: the answer ended there) as calls,
-    when every block is a JSON object naming one of ``names`` with an object of arguments (vLLM's Hermes reader
-    also takes "parameters" for "arguments"); None when there is no block or one is not such a call."""
+    when every block is a call of one of ``names``; without blocks, an answer that is only a call's JSON (or a list
+    of them). None when the answer is not calls."""
     blocks = list(_BLOCK.finditer(text))
     if not blocks:
-        return None
+        return _bare_calls(text, names)
     calls = []
     for block in blocks:
         try:
-            obj = json.loads(block.group(1))
+            call = _call(json.loads(block.group(1)), names)
         except ValueError:
             return None
-        if not isinstance(obj, dict) or obj.get("name") not in names:
+        if call is None:
             return None
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if not isinstance(args, dict):
-            return None
-        calls.append(ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False), id=new_call_id()))
+        calls.append(call)
     content = text[:blocks[0].start()].strip()
     return ToolAnswer(content=content or None, calls=calls)
 
 
 class CallStream:
     """A streamed answer's text as a chat stream sends it when the request offers tools: text that cannot be the
-    start of a call goes out as content as it comes; from a ``<tool_call>`` tag on (a forced call: from the start)
-    the text is held, and at the end it is either calls or, when it is none, the rest of the content."""
+    start of a call goes out as content as it comes; from a ``<tool_call>`` tag on (a forced call, or an answer that
+    opens as JSON: from the start) the text is held, and at the end it is either calls or, when it is none, the rest
+    of the content."""
 
     def __init__(self, use: ToolUse):
         self.use = use
@@ -212,6 +233,11 @@ class CallStream:
         self.seen += text
         if self.holding:
             return ""
+        if self.sent == 0:  # an answer that opens as JSON may be a bare call (:func:`parse_calls`): held whole
+            head = self.seen.lstrip()
+            if not head or head[0] in "{[`":
+                self.holding = bool(head)
+                return ""
         at = self.seen.find(CALL_OPEN, self.sent)
         if at >= 0:
             self.holding = True
