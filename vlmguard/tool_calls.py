@@ -39,7 +39,9 @@ class Function:
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool = False  # OpenAI's default: keywords the grammar cannot hold are left out rather than refused
+    # true: a schema keyword the grammar cannot hold is refused (false, OpenAI's default: left out), and under "auto"
+    # an answer that opens with a call is held to the schemas
+    strict: bool = False
 
     def signature(self) -> dict[str, Any]:
         fn: dict[str, Any] = {"name": self.name}
@@ -165,8 +167,8 @@ def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: s
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(f, whitespace))}" for i, f in enumerate(functions)]
     body = " | ".join(f"fn_{i}" for i in range(len(functions)))
     start = 'start: call ("\\n" call)*' if several else "start: call"
-    return "\n".join([start, f'call: {json.dumps(CALL_OPEN + chr(10))} ({body}) {json.dumps(chr(10) + CALL_CLOSE)}',
-                      *rules])
+    opening, closing = json.dumps(CALL_OPEN + "\n"), json.dumps("\n" + CALL_CLOSE)  # Lark string literals
+    return "\n".join([start, f"call: {opening} ({body}) {closing}", *rules])
 
 
 def new_call_id() -> str:
