@@ -421,6 +421,8 @@ def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text
      "tools.0.function.parameters", "must be a JSON schema of an object (type 'string')"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "give tools or an answer format"),
     ({"tools": TOOLS, "tool_choice": "required", "min_tokens": 3}, "min_tokens", "min_tokens does not go with calls"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "see <|image_pad|>"}}]}, "tools",
+     "tools contains the model's image placeholder"),
     ({"tools": [TOOLS[1], {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "nope"}}}}}],
       "tool_choice": "required"}, "tools.1.function.parameters", "cannot hold a call: Invalid type: nope"),

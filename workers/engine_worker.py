@@ -183,34 +183,43 @@ class EngineWorker:
         from vlmguard.engine import check_text
         from vlmguard.results import Request
 
-        messages = self._tools_messages(item) if item.tools is not None else item.messages
+        messages = item.messages
+        if item.tools is not None and not messages:  # one turn, laid out as format_prompt lays it out
+            messages = [{"role": "user", "content": [*({"type": "image"} for _ in item.images),
+                                                     {"type": "text", "text": item.prompt}]}]
         if messages:  # the chat template places the images: a user's own placeholder text would be one more
             placeholder = self.engine.adapter.image_placeholder
             for i, m in enumerate(messages):
                 for part in m["content"]:
                     check_text(part.get("text"), f"messages[{i}]", placeholder)
-            text = self.engine.adapter.format_messages(messages)
+            text = self.engine.adapter.format_messages(messages) if item.tools is None else \
+                self._with_tools(messages, item.system, item.tools)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
                        system=item.system, raw_prompt=item.raw_prompt)
 
-    def _tools_messages(self, item: WorkItem) -> list[dict[str, Any]]:
-        """The conversation of a request that offers tools (``item.tools``), its system turn ending with the tools'
-        block: the request's own system text (else the family's default, else the one its chat template writes
-        without a system turn), a blank line, the block. Where the chat template leaves system turns out, the block
-        begins the first user turn instead."""
-        adapter, block = self.engine.adapter, item.tools.prompt_block()
-        messages = item.messages or [{"role": "user", "content": [*({"type": "image"} for _ in item.images),
-                                                                   {"type": "text", "text": item.prompt}]}]
+    def _with_tools(self, messages: list[dict[str, Any]], system: str | None, tools: ToolUse) -> str:
+        """The prompt of a conversation that offers ``tools``, its system turn ending with the tools' block: its own
+        system text (a system message, else ``system``, else the family's default, else the one its chat template
+        writes without a system turn), a blank line, the block. Where the chat template leaves system turns out,
+        the block begins the first user turn instead."""
+        from vlmguard.engine import check_text
+
+        adapter, block = self.engine.adapter, tools.prompt_block()
+        try:  # (a description that holds the image placeholder would be one more image of the request)
+            check_text(block, "tools", adapter.image_placeholder)
+        except InvalidInput as e:
+            raise InvalidInput(str(e), param="tools") from None
         given = [m for m in messages if m["role"] == "system"]
-        system = given[0]["content"][0]["text"] if given else item.system
+        if given:
+            system = given[0]["content"][0]["text"]
         if system is None:  # the family's default, else what its template writes without a system turn
             system = adapter.default_system() or adapter.template_system()
         rest = [m for m in messages if m["role"] != "system"]
-        with_system = [{"role": "system", "content": [{"type": "text", "text": f"{system}\n\n{block}" if system
-                                                       else block}]}, *rest]
-        if block in adapter.format_messages(with_system):
-            return with_system
+        text = adapter.format_messages([{"role": "system", "content": [
+            {"type": "text", "text": f"{system}\n\n{block}" if system else block}]}, *rest])
+        if block in text:
+            return text
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")
         content = messages[first]["content"]
         texts = [c for c in content if c["type"] == "text"]
@@ -219,7 +228,8 @@ class EngineWorker:
                        for c in content]
         else:
             content = [*content, {"type": "text", "text": block}]
-        return [*messages[:first], {**messages[first], "content": content}, *messages[first + 1:]]
+        return adapter.format_messages([*messages[:first], {**messages[first], "content": content},
+                                        *messages[first + 1:]])
 
     def _run(self, items: list[WorkItem], gone: Sequence[Gone] | None = None) -> list[dict[str, Any] | None]:
         reqs = [self._request(it) for it in items]
