@@ -50,6 +50,24 @@ class Compiled:
 _COMPILED: "weakref.WeakKeyDictionary[Any, dict[tuple, Compiled]]" = weakref.WeakKeyDictionary()
 
 
+def schema_options(whitespace: str, strict: bool) -> dict[str, bool]:
+    """llguidance's options for a JSON schema (``overrides``, or a schema's ``x-guidance``): any whitespace JSON
+    allows or none, and whether keywords it does not implement are an error (strict) or left out."""
+    return {"whitespace_flexible": whitespace == "flexible", "lenient": not strict}
+
+
+def schema_error(schema: dict[str, Any], strict: bool) -> str | None:
+    """Why llguidance cannot compile ``schema`` (a keyword it lacks, when ``strict``; a schema that is not one), or
+    None. No tokenizer needed."""
+    from llguidance import LLMatcher
+
+    try:
+        text = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides={"lenient": not strict})
+    except ValueError as e:
+        return str(e)
+    return LLMatcher.validate_grammar(text) or None
+
+
 def grammar(guided: GuidedOutput) -> str:
     """The llguidance grammar (its JSON text) of a request's format, with one space allowed before the answer: the
     space SentencePiece and word-level vocabularies write before a word (LLaVA-1.5's first token is "▁Yes"). The
@@ -62,9 +80,9 @@ def grammar(guided: GuidedOutput) -> str:
         inner = LLMatcher.grammar_from_lark(guided.grammar)
     else:
         schema = guided.json_schema if guided.json_schema is not None else {"type": "object"}
-        options = {"whitespace_flexible": guided.whitespace == "flexible", "lenient": not guided.strict}
         try:
-            inner = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+            inner = LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                       overrides=schema_options(guided.whitespace, guided.strict))
         except ValueError as e:
             raise InvalidInput(f"guided: the JSON schema is not usable: {e}", param="guided.json_schema") from None
     # llguidance gives a grammar as its JSON (a regex, a schema) or as Lark text (a Lark grammar)

@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from vlmguard.guided import schema_error as guided_schema_error, schema_options
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # the arguments of a function that gives no ``parameters``
@@ -142,21 +144,12 @@ def _call_schema(fn: Function, whitespace: str) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
             "properties": {"name": {"const": fn.name},
                            "arguments": fn.parameters if fn.parameters is not None else ANY_OBJECT},
-            "x-guidance": {"whitespace_flexible": whitespace == "flexible", "lenient": not fn.strict}}
+            "x-guidance": schema_options(whitespace, fn.strict)}
 
 
 def schema_error(fn: Function) -> str | None:
-    """Why llguidance cannot compile ``fn``'s parameters schema (a keyword it lacks, in a strict function; a
-    schema that is not one), or None."""
-    from llguidance import LLMatcher
-
-    if fn.parameters is None:
-        return None
-    try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(fn.parameters), overrides={"lenient": not fn.strict})
-    except ValueError as e:
-        return str(e)
-    return LLMatcher.validate_grammar(grammar) or None
+    """Why llguidance cannot compile ``fn``'s parameters schema (:func:`vlmguard.guided.schema_error`), or None."""
+    return None if fn.parameters is None else guided_schema_error(fn.parameters, fn.strict)
 
 
 def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible") -> str:
