@@ -90,21 +90,25 @@ class ToolUse:
         promise: a strict function's calls follow its schema)."""
         return self.forced or any(f.strict for f in self.functions)
 
+    @property
+    def callable(self) -> tuple[Function, ...]:
+        """The functions an answer may call: all of them, or the one ``choice`` names."""
+        return tuple(f for f in self.functions if self.choice in ("auto", "required", f.name))
+
     def prompt_block(self) -> str:
         return tools_block(self.functions)
 
     def grammar(self, whitespace: Literal["flexible", "compact"] = "flexible") -> str:
         """The Lark grammar (llguidance's dialect) a constrained answer follows: the calls a forced choice allows;
         under "auto", text that does not begin with a call's tag, or calls (text before a call is text)."""
-        functions = [f for f in self.functions if self.choice in ("auto", "required", f.name)]
-        calls = calls_grammar(functions, several=self.parallel and self.choice in ("auto", "required"),
-                              whitespace=whitespace)
+        several = self.parallel and self.choice in ("auto", "required")  # (a named function: one call)
         if self.forced:
-            return calls
+            return calls_grammar(self.callable, several=several, whitespace=whitespace)
         # llguidance's lexer reads TEXT and a call's opening tag side by side from the first byte: an answer that
         # opens with the tag is calls (held to the schemas), any other is text
         text = f"TEXT: /(?s:.+)/ & ~/(?s:{re.escape(CALL_OPEN)}.*)/"
-        return "\n".join(["start: (TEXT | calls)?", text, calls.replace("start:", "calls:", 1)])
+        calls = calls_grammar(self.callable, several=several, whitespace=whitespace, rule="calls")
+        return "\n".join(["start: (TEXT | calls)?", text, calls])
 
     def read(self, text: str, finish_reason: str = "stop") -> ToolAnswer | None:
         """The calls in an answer (None: the answer is no well-formed call of an offered function, or it did not
@@ -112,8 +116,7 @@ class ToolUse:
         first call only."""
         if finish_reason != "stop":
             return None
-        allowed = {f.name for f in self.functions if self.choice in ("auto", "required", f.name)}
-        answer = parse_calls(text, allowed)
+        answer = parse_calls(text, {f.name for f in self.callable})
         if answer is not None and not self.parallel:
             answer = ToolAnswer(answer.content, answer.calls[:1])
         return answer
@@ -152,14 +155,15 @@ def schema_error(fn: Function) -> str | None:
     return None if fn.parameters is None else guided_schema_error(fn.parameters, fn.strict)
 
 
-def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible") -> str:
-    """A Lark grammar of one ``<tool_call>`` block (or, ``several``, one or more, a newline apart) calling one of
-    ``functions`` with arguments that follow its schema."""
+def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible",
+                  rule: str = "start") -> str:
+    """A Lark grammar whose ``rule`` is one ``<tool_call>`` block (or, ``several``, one or more, a newline apart)
+    calling one of ``functions`` with arguments that follow its schema."""
     if not functions:
         raise ValueError("no function to call")
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(f, whitespace))}" for i, f in enumerate(functions)]
     body = " | ".join(f"fn_{i}" for i in range(len(functions)))
-    start = 'start: call ("\\n" call)*' if several else "start: call"
+    start = f'{rule}: call ("\\n" call)*' if several else f"{rule}: call"
     opening, closing = json.dumps(CALL_OPEN + "\n"), json.dumps("\n" + CALL_CLOSE)  # Lark string literals
     return "\n".join([start, f"call: {opening} ({body}) {closing}", *rules])
 

@@ -175,7 +175,7 @@ def chat_guided(req: ChatCompletionRequest) -> tuple[GuidedOutput | None, str | 
                            "named function, or a strict function)", param="min_tokens")
     if use is not None and use.constrained:  # calls in the format the prompt asks for, arguments per the schema
         for i, fn in enumerate(use.functions):
-            error = schema_error(fn) if use.choice in ("auto", "required", fn.name) else None
+            error = schema_error(fn) if fn in use.callable else None
             if error:
                 raise InvalidInput(f"tools[{i}].function.parameters: the schema cannot hold a call: {error}",
                                    param=f"tools.{i}.function.parameters")
