@@ -90,17 +90,70 @@ def test_a_stream_sends_text_until_a_call_may_begin_and_ends_with_the_calls_or_t
     stream = CallStream(ToolUse(FUNCTIONS, "auto"))
     sent = [stream.feed(t) for t in ("Let me ", "look. <to", "ol_c", "all>\n{\"name\": \"get_time\", ",
                                      "\"arguments\": {}}\n</tool_call>")]
-    assert sent == ["Let me ", "look. ", "", "", ""]
-    rest, calls = stream.finish("stop")
-    assert rest == "" and [c.name for c in calls] == ["get_time"]
+    assert sent == [("Let me ", []), ("look. ", []), ("", []), ("", []), ("", [])]
+    rest, calls, finish = stream.finish("stop")  # an unconstrained call: read at the end, whole in one piece
+    assert rest == "" and finish == "tool_calls" and [(c.index, c.name, c.arguments) for c in calls] == [
+        (0, "get_time", "{}")]
     opens_as_json = CallStream(ToolUse(FUNCTIONS, "auto"))
-    assert [opens_as_json.feed(t) for t in ("  ", '{"a"', ": 1}")] == ["", "", ""]
-    assert opens_as_json.finish("stop") == ('  {"a": 1}', [])
+    assert [opens_as_json.feed(t) for t in ("  ", '{"a"', ": 1}")] == [("", [])] * 3
+    assert opens_as_json.finish("stop") == ('  {"a": 1}', [], "stop")
     plain = CallStream(ToolUse(FUNCTIONS, "auto"))
-    assert [plain.feed(t) for t in ("a <t", "able>", " <to")] == ["a ", "<table>", " "]
-    assert plain.finish("stop") == ("<to", [])  # held back as a possible tag, sent at the end
+    assert [plain.feed(t)[0] for t in ("a <t", "able>", " <to")] == ["a ", "<table>", " "]
+    assert plain.finish("stop") == ("<to", [], "stop")  # held back as a possible tag, sent at the end
     forced = CallStream(ToolUse(FUNCTIONS, "required"))
-    assert forced.feed("<tool_call>\n{") == "" and forced.finish("length") == ("<tool_call>\n{", [])
+    assert forced.feed("<tool_call>\n{") == ("", []) and forced.finish("length") == ("<tool_call>\n{", [], "length")
+
+
+HELD = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"s{lo", "days": 3}}\n</tool_call>\n'
+        '<tool_call>\n{ "name" : "get_time", "arguments" : {} }\n</tool_call>')
+
+
+@pytest.mark.parametrize("use", [ToolUse(FUNCTIONS, "required"),
+                                 ToolUse((Function("get_weather", None, WEATHER, strict=True),) + FUNCTIONS[1:], "auto")],
+                         ids=["required", "auto-strict"])
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_a_held_answers_calls_stream_as_written_and_add_up_to_the_answer_read_whole(use, step):
+    stream = CallStream(use)
+    pieces = []
+    for i in range(0, len(HELD), step):
+        content, new = stream.feed(HELD[i:i + step])
+        assert content == ""  # a held answer is never content
+        pieces += new
+    rest, last, finish = stream.finish("stop")
+    pieces += last
+    assert rest == "" and finish == "tool_calls"
+    firsts = [p for p in pieces if p.id is not None]
+    assert [(p.index, p.name) for p in firsts] == [(0, "get_weather"), (1, "get_time")]
+    assert all(p.name is None for p in pieces if p.id is None)
+    assert len([p for p in pieces if p.index == 0]) > 3 or step == 7  # piece by piece, not whole
+    streamed = ["".join(p.arguments for p in pieces if p.index == j) for j in (0, 1)]
+    whole = use.read(HELD)
+    assert whole is not None and whole.whole and whole.finish_reason("stop") == "tool_calls"
+    assert streamed == [c.arguments for c in whole.calls] == ['{"city": "O\\"s{lo", "days": 3}', "{}"]  # as written
+    assert [c.name for c in whole.calls] == ["get_weather", "get_time"]
+    assert ToolUse(FUNCTIONS, "auto").read(HELD).calls[0].arguments == streamed[0]  # read unconstrained: the same
+
+
+def test_a_held_answer_cut_short_is_its_calls_so_far_with_the_engines_finish_reason():
+    use = ToolUse(FUNCTIONS, "required")
+    cut = HELD[:HELD.index("days")]
+    answer = use.read(cut, "length")
+    assert answer is not None and not answer.whole and answer.finish_reason("length") == "length"
+    assert [(c.name, c.arguments) for c in answer.calls] == [("get_weather", '{"city": "O\\"s{lo", "')]
+    stream = CallStream(use)
+    pieces = stream.feed(cut)[1]
+    rest, last, finish = stream.finish("length")
+    assert (rest, finish) == ("", "length")
+    assert "".join(p.arguments for p in pieces + last) == answer.calls[0].arguments
+    after_first = HELD[:HELD.index("</tool_call>") + len("</tool_call>\n<tool")]  # cut between two calls
+    assert use.read(after_first, "length").finish_reason("length") == "length"
+    assert use.read(after_first, "stop").finish_reason("stop") == "tool_calls"  # (a stop string there)
+    assert use.read("<tool_call>\n{\"na", "length") is None  # no name yet: the text is the answer
+    # a name the choice does not offer ends the calls there, streamed or not (the grammar never writes one)
+    other = ToolUse(FUNCTIONS, "get_time")
+    assert other.read(HELD) is None
+    wrong = CallStream(other)
+    assert wrong.feed(HELD) == ("", []) and wrong.finish("stop") == (HELD, [], "stop")
 
 
 # ---- forced calls on every family ---------------------------------------------------------------------------
@@ -268,6 +321,22 @@ def app(worker):
     return create_api(LocalBackend({MODEL: worker}), cfg)
 
 
+def _streamed_calls(chunks, index: int = 0) -> list[dict[str, Any]]:
+    """A choice's streamed calls as a client adds them up: the first piece of each names it (id, type, name), the
+    pieces after it carry only the next text of its arguments."""
+    calls: list[dict[str, Any]] = []
+    for chunk in chunks:
+        for tc in (tc for ch in chunk.choices if ch.index == index for tc in ch.delta.tool_calls or []):
+            if tc.id is not None:
+                assert tc.index == len(calls) and tc.type == "function" and tc.function.name
+                calls.append({"id": tc.id, "name": tc.function.name, "arguments": "", "pieces": 0})
+            else:
+                assert tc.index == len(calls) - 1 and tc.function.name is None and tc.type is None
+            calls[tc.index]["arguments"] += tc.function.arguments
+            calls[tc.index]["pieces"] += 1
+    return calls
+
+
 def _run(app, scenario):
     import openai
 
@@ -292,27 +361,36 @@ def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(
         count = (await http.post("/tokenize", json={"model": MODEL, "messages": history, "tools": TOOLS})).json()
         chunks = [c async for c in await client.chat.completions.create(
             messages=[_image_message(2)], tool_choice="required", parallel_tool_calls=False, stream=True, **kw)]
+        first_streamed = [c async for c in await client.chat.completions.create(
+            messages=[_image_message()], tool_choice=named, stream=True, **kw)]
         several = [c async for c in await client.chat.completions.create(
             messages=[_image_message(3)], tool_choice=named, n=2, temperature=1.0, seed=5, stream=True, **kw)]
         strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
         held = [await client.chat.completions.create(messages=[_image_message(seed)], tools=strict, max_tokens=60,
                                                      extra_body=COMPACT, model=MODEL) for seed in (4, 5, 6)]
+        async with client.chat.completions.stream(  # the SDK's own stream helper adds up the pieces and parses
+                messages=[_image_message()], tools=strict, tool_choice=named, model=MODEL, max_tokens=120,
+                extra_body=COMPACT) as helper:
+            events = [ev.type async for ev in helper]
+            helped = await helper.get_final_completion()
         raw = (await http.post("/v1/chat/completions", json={
             "model": MODEL, "messages": [_image_message()], "tools": TOOLS, "tool_choice": named, "max_tokens": 120,
             **COMPACT})).json()
-        return first, second, count, chunks, raw, several, held
+        return first, second, count, chunks, raw, several, held, first_streamed, (events, helped)
 
-    first, second, count, chunks, raw, several, held = _run(app, scenario)
+    first, second, count, chunks, raw, several, held, first_streamed, (events, helped) = _run(app, scenario)
     for answer in held:  # "auto" with strict functions: text, or calls that follow their schemas
+        finish = answer.choices[0].finish_reason
+        assert finish in ("stop", "length", "tool_calls")
         for call in answer.choices[0].message.tool_calls or []:
-            _valid_call(call.function.name, call.function.arguments)
-        assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    by_choice = {k: [tc for c in several for ch in c.choices if ch.index == k for tc in ch.delta.tool_calls or []]
-                 for k in (0, 1)}  # n=2 sampled: each choice its own call, streamed under its index
+            assert finish != "stop"  # ("length": a held call cut short, its arguments where the answer ended)
+            if finish == "tool_calls":
+                _valid_call(call.function.name, call.function.arguments)
+    by_choice = {k: _streamed_calls(several, k) for k in (0, 1)}  # n=2 sampled: each choice its own call
     for calls in by_choice.values():
         (only,) = calls
-        _valid_call(only.function.name, only.function.arguments)
-    assert by_choice[0][0].id != by_choice[1][0].id
+        _valid_call(only["name"], only["arguments"])
+    assert by_choice[0][0]["id"] != by_choice[1][0]["id"]
     assert sorted(ch.index for c in several for ch in c.choices if ch.finish_reason) == [0, 1]
     message = raw["choices"][0]["message"]
     assert message["content"] is None and message["tool_calls"][0]["type"] == "function"  # null, as OpenAI's
@@ -325,10 +403,18 @@ def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(
     assert count["count"] == second.usage.prompt_tokens  # the tools' block and the history are counted
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert all(not d.content for d in deltas)  # a forced call is never content
-    (streamed,) = [tc for d in deltas for tc in d.tool_calls or []]
-    assert streamed.index == 0 and streamed.id.startswith("call_")
-    _valid_call(streamed.function.name, streamed.function.arguments)
+    (streamed,) = _streamed_calls(chunks)
+    assert streamed["id"].startswith("call_") and streamed["pieces"] > 2  # its arguments piece by piece
+    _valid_call(streamed["name"], streamed["arguments"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the same request streamed: the same call, its arguments the same text
+    (again,) = _streamed_calls(first_streamed)
+    assert (again["name"], again["arguments"]) == (call.function.name, call.function.arguments)
+    assert first_streamed[-1].choices[0].finish_reason == "tool_calls"
+    assert events.count("tool_calls.function.arguments.delta") > 2 and "tool_calls.function.arguments.done" in events
+    (parsed,) = helped.choices[0].message.tool_calls
+    assert parsed.function.arguments == call.function.arguments  # strict: the same greedy call, parsed by the SDK
+    assert parsed.function.parsed_arguments == json.loads(call.function.arguments)
 
 
 def test_the_python_client_calls_and_counts_tools(app):

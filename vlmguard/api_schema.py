@@ -479,7 +479,8 @@ class ChunkFunctionCall(BaseModel):
 
 
 class ChunkToolCall(BaseModel):
-    """A streamed call: vlmguard sends each call whole, in one delta (id, name and all its arguments)."""
+    """A piece of a streamed call: the first with its ``id``, ``type`` and ``function.name``, each with the next text
+    of its arguments (a held call's as it is written; a call read at the end is one piece)."""
 
     index: int
     id: Optional[str] = None

@@ -17,6 +17,10 @@ any other answer is plain text. "required" and a named function force calls: the
 (``GenerationSpec.guided``, llguidance) of one ``<tool_call>`` block per call whose JSON follows the function's
 ``parameters`` schema (one call for a named function or without ``parallel_tool_calls``, else one or more). Under
 "auto" with a ``strict`` function, an answer that opens with a call is held to that grammar too.
+
+A held answer's calls stream as they are written (:class:`CallStream`): a call's id and name once its name is
+whole, then its arguments' text piece by piece, as OpenAI streams them. Every call's ``arguments`` is the text the
+model wrote for them, streamed or not.
 """
 from __future__ import annotations
 
@@ -64,10 +68,27 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ToolAnswer:
-    """An answer as the chat API returns it: its text content (None when it is only calls) and its calls."""
+    """An answer as the chat API returns it: its text content (None when it is only calls) and its calls; not
+    ``whole`` when the last call was cut (a held answer that ran out of tokens: its arguments end where it did)."""
 
     content: str | None
     calls: list[ToolCall]
+    whole: bool = True
+
+    def finish_reason(self, engine_reason: str) -> str:
+        """The choice's ``finish_reason``: "tool_calls" for calls the answer ended after, else the engine's."""
+        return "tool_calls" if self.whole and engine_reason == "stop" else engine_reason
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a streamed call: its first (``id`` and ``name`` set, the arguments' text so far, perhaps "") or
+    a later one (the arguments' next text)."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,9 @@ class ToolUse:
         """The functions an answer may call: all of them, or the one ``choice`` names."""
         return tuple(f for f in self.functions if self.choice in ("auto", "required", f.name))
 
+    def names(self) -> set[str]:
+        return {f.name for f in self.callable}
+
     def prompt_block(self) -> str:
         return tools_block(self.functions)
 
@@ -110,13 +134,24 @@ class ToolUse:
         calls = calls_grammar(self.callable, several=several, whitespace=whitespace, rule="calls")
         return "\n".join(["start: (TEXT | calls)?", text, calls])
 
+    def holds(self, text: str) -> bool:
+        """Whether an answer was held to :meth:`grammar`'s calls: a forced choice's, or under "auto" with a strict
+        function one that opens with a call's tag (the grammar's TEXT cannot)."""
+        return self.forced or (self.constrained and text.startswith(CALL_OPEN))
+
     def read(self, text: str, finish_reason: str = "stop") -> ToolAnswer | None:
         """The calls in an answer (None: the answer is no well-formed call of an offered function, or it did not
         end by itself: ``finish_reason`` "length", say, whose last call may be cut); without ``parallel``, the
-        first call only."""
+        first call only. A held answer (:meth:`holds`) is calls whatever ended it: those whose name was written,
+        the last perhaps cut (not ``whole``)."""
+        if self.holds(text):
+            reader = CallReader(self.names())
+            reader.feed(text)
+            calls = [ToolCall(name, arguments, new_call_id()) for name, arguments in reader.named()]
+            return ToolAnswer(None, calls, whole=reader.whole()) if calls else None
         if finish_reason != "stop":
             return None
-        answer = parse_calls(text, {f.name for f in self.callable})
+        answer = parse_calls(text, self.names())
         if answer is not None and not self.parallel:
             answer = ToolAnswer(answer.content, answer.calls[:1])
         return answer
@@ -172,27 +207,36 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _call(obj: Any, names: set[str]) -> ToolCall | None:
-    """A call from its JSON: an object naming one of ``names`` with an object of arguments (vLLM's Hermes reader
-    also takes "parameters" for "arguments"), else None."""
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+ARGUMENT_KEYS = ("arguments", "parameters")  # vLLM's Hermes reader also takes "parameters" for "arguments"
+
+
+def _calls(text: str, names: set[str], *, listed: bool = False) -> list[ToolCall] | None:
+    """The calls whose JSON ``text`` is (one object, or with ``listed`` also a list of them): each an object naming
+    one of ``names`` with an object of arguments, whose text is kept as written; None when any is not."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(name=obj["name"], arguments=json.dumps(args, ensure_ascii=False), id=new_call_id())
+    objs = obj if listed and isinstance(obj, list) and obj else [obj]
+    reader = CallReader()  # (the list's objects are the runs of JSON objects it reads)
+    reader.feed(text)
+    calls = []
+    for j, o in enumerate(objs):
+        if not isinstance(o, dict) or o.get("name") not in names:
+            return None
+        args = next((o[k] for k in ARGUMENT_KEYS if k in o), {})
+        if not isinstance(args, dict):
+            return None
+        written = reader.value(j, *ARGUMENT_KEYS) if j < len(reader.calls) else None
+        calls.append(ToolCall(name=o["name"], arguments=written or "{}", id=new_call_id()))
+    return calls
 
 
 def _bare_calls(text: str, names: set[str]) -> ToolAnswer | None:
     """An answer that is nothing but a call's JSON, or a list of them (optionally in a ```json fence): what a model
     not trained on the tags writes when the prompt shows it the call format."""
-    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    calls = [_call(o, names) for o in (obj if isinstance(obj, list) and obj else [obj])]
-    return ToolAnswer(content=None, calls=calls) if all(calls) else None  # type: ignore[arg-type]
+    calls = _calls(re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip()), names, listed=True)
+    return ToolAnswer(content=None, calls=calls) if calls else None
 
 
 def parse_calls(text: str, names: set[str]) -> ToolAnswer | None:
@@ -204,42 +248,51 @@ def parse_calls(text: str, names: set[str]) -> ToolAnswer | None:
         return _bare_calls(text, names)
     calls = []
     for block in blocks:
-        try:
-            call = _call(json.loads(block.group(1)), names)
-        except ValueError:
+        found = _calls(block.group(1), names)
+        if found is None:
             return None
-        if call is None:
-            return None
-        calls.append(call)
+        calls += found
     content = text[:blocks[0].start()].strip()
     return ToolAnswer(content=content or None, calls=calls)
 
 
 class CallStream:
-    """A streamed answer's text as a chat stream sends it when the request offers tools: text that cannot be the
-    start of a call goes out as content as it comes; from a ``<tool_call>`` tag on (a forced call, or an answer that
-    opens as JSON: from the start) the text is held, and at the end it is either calls or, when it is none, the rest
-    of the content."""
+    """A streamed answer's text as a chat stream sends it when the request offers tools. Text that cannot be the
+    start of a call goes out as content as it comes. An answer held to the calls' grammar (:meth:`ToolUse.holds`)
+    sends its calls as they are written (:class:`CallDelta`). Any other text from a ``<tool_call>`` tag on (or an
+    answer that opens as JSON: from the start) is held, and at the end it is either calls, each whole in one piece,
+    or, when it is none, the rest of the content."""
 
     def __init__(self, use: ToolUse):
         self.use = use
         self.seen = ""  # all the text so far
         self.sent = 0  # how much of it went out as content
         self.holding = use.forced
+        # a held answer's calls, read as they come
+        self.reader: CallReader | None = CallReader(use.names()) if use.forced else None
+        self.ids: list[str] = []  # the ids of the calls sent so far
+        self.args_sent: list[int] = []  # how much of each one's arguments went out
 
-    def feed(self, text: str) -> str:
-        """The content to send now for the answer's next ``text``."""
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
+        """The content and the pieces of calls to send now for the answer's next ``text``."""
         self.seen += text
+        if self.reader is not None:
+            self.reader.feed(text)
+            return "", self._pieces()
         if self.holding:
-            return ""
+            return "", []
         if self.sent == 0:  # an answer that opens as JSON may be a bare call (:func:`parse_calls`): held whole
             head = self.seen.lstrip()
             if not head or head[0] in "{[`":
                 self.holding = bool(head)
-                return ""
+                return "", []
         at = self.seen.find(CALL_OPEN, self.sent)
         if at >= 0:
             self.holding = True
+            if self.use.holds(self.seen):  # held to the calls' grammar: its calls go out as they are written
+                self.reader = CallReader(self.use.names())
+                self.reader.feed(self.seen)
+                return "", self._pieces()
             end = at
         else:  # keep back a tail that may be the start of the tag
             end = len(self.seen)
@@ -248,13 +301,151 @@ class CallStream:
                     end = len(self.seen) - k
                     break
         out, self.sent = self.seen[self.sent:end], max(self.sent, end)
+        return out, []
+
+    def finish(self, finish_reason: str) -> tuple[str, list[CallDelta], str]:
+        """At the answer's end: the content and the pieces of calls still to send, and the choice's finish reason
+        (:meth:`ToolAnswer.finish_reason`). An answer that is no calls (or was cut short before it was read as
+        any: ``finish_reason`` "length") sends the rest of its text as content."""
+        if self.reader is not None and self.reader.named():
+            return "", self._pieces(), ToolAnswer(None, [], self.reader.whole()).finish_reason(finish_reason)
+        answer = None if self.reader is not None else self.use.read(self.seen, finish_reason)
+        if answer is not None:
+            return "", [CallDelta(j, c.arguments, c.id, c.name) for j, c in enumerate(answer.calls)], \
+                answer.finish_reason(finish_reason)
+        rest, self.sent = self.seen[self.sent:], len(self.seen)
+        return rest, [], finish_reason
+
+    def _pieces(self) -> list[CallDelta]:
+        """What the held calls wrote since the last pieces: a new call's id and name once its name is whole, and
+        each call's next arguments text."""
+        pieces = []
+        for j, (name, arguments) in enumerate(self.reader.named()):  # type: ignore[union-attr]
+            first = j == len(self.ids)
+            if first:
+                self.ids.append(new_call_id())
+                self.args_sent.append(0)
+            if first or len(arguments) > self.args_sent[j]:
+                pieces.append(CallDelta(j, arguments[self.args_sent[j]:], self.ids[j] if first else None,
+                                        name if first else None))
+                self.args_sent[j] = len(arguments)
+        return pieces
+
+
+class CallReader:
+    """Calls' JSON read as it comes, a character at a time: a run of JSON objects, anything between them skipped
+    (the Hermes format's tags, a list's brackets and commas, a code fence: none of them holds a brace). For each
+    object it keeps where each top-level value begins and, once whole, ends, so that a call's name is known as soon
+    as its string is written and its arguments' text can go out as far as it has come."""
+
+    def __init__(self, names: set[str] | None = None) -> None:
+        self.names = names  # the functions a call may name (:meth:`named`)
+        self.text = ""
+        self.calls: list[dict[str, list[int]]] = []  # per object: key -> [start, end] of its value (end -1: open)
+        self.closed = 0  # objects whose closing brace has come
+        self._depth = 0  # open braces and brackets
+        self._string: str | None = None  # inside a string: "key", "value" (a top-level string value) or "inner"
+        self._escape = False
+        self._phase = "key"  # inside an object, at its top level: key, colon, value, literal, after
+        self._key = ""
+        self._start = 0
+
+    def feed(self, text: str) -> None:
+        begin = len(self.text)
+        self.text += text
+        for i in range(begin, len(self.text)):
+            self._step(i, self.text[i])
+
+    def value(self, j: int, *keys: str) -> str | None:
+        """The text of object ``j``'s value under the first of ``keys`` it has, as far as it has come."""
+        for key in keys:
+            if key in self.calls[j]:
+                start, end = self.calls[j][key]
+                return self.text[start:end if end >= 0 else len(self.text)]
+        return None
+
+    def name(self, j: int) -> str | None:
+        """Object ``j``'s "name", once its string is whole."""
+        span = self.calls[j].get("name")
+        if span is None or span[1] < 0:
+            return None
+        return _json_string(self.text[span[0]:span[1]])
+
+    def named(self) -> list[tuple[str, str]]:
+        """The calls whose name is whole (and, given ``names``, one of them), in order up to the first that has
+        none yet: each one's name and its arguments' text so far ("" before they begin)."""
+        out = []
+        for j in range(len(self.calls)):
+            name = self.name(j)
+            if name is None or (self.names is not None and name not in self.names):
+                break
+            out.append((name, self.value(j, *ARGUMENT_KEYS) or ""))
         return out
 
-    def finish(self, finish_reason: str) -> tuple[str, list[ToolCall]]:
-        """At the answer's end: the content still to send and the calls (none when the answer is not calls, or
-        was cut short: ``finish_reason`` "length")."""
-        answer = self.use.read(self.seen, finish_reason)
-        if answer is not None:
-            return "", answer.calls
-        rest, self.sent = self.seen[self.sent:], len(self.seen)
-        return rest, []
+    def whole(self) -> bool:
+        """Every object read has closed, and each named a function."""
+        return self.closed == len(self.calls) == len(self.named())
+
+    def _step(self, i: int, c: str) -> None:
+        if self._string is not None:
+            if self._escape:
+                self._escape = False
+            elif c == "\\":
+                self._escape = True
+            elif c == '"':
+                role, self._string = self._string, None
+                if role == "key":
+                    self._key, self._phase = _json_string(self.text[self._start:i + 1]) or "", "colon"
+                elif role == "value":
+                    self._end_value(i + 1)
+            return
+        if self._depth == 0:  # between objects
+            if c == "{":
+                self._depth, self._phase = 1, "key"
+                self.calls.append({})
+            return
+        if self._depth > 1:  # inside a nested value
+            if c == '"':
+                self._string = "inner"
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 1:
+                    self._end_value(i + 1)
+            return
+        if self._phase == "literal":  # a number, true, false or null ends at what follows it
+            if c not in ",}" and not c.isspace():
+                return
+            self._end_value(i)
+        if c.isspace():
+            return
+        if self._phase == "key" and c == '"':
+            self._string, self._start = "key", i
+        elif self._phase == "colon" and c == ":":
+            self._phase = "value"
+        elif self._phase == "value":
+            self.calls[-1][self._key] = [i, -1]
+            if c == '"':
+                self._string, self._phase = "value", "string"
+            elif c in "{[":
+                self._depth, self._phase = 2, "nested"
+            else:
+                self._phase = "literal"
+        elif self._phase in ("key", "after") and c == "}":
+            self._depth, self.closed = 0, self.closed + 1
+        elif self._phase == "after" and c == ",":
+            self._phase = "key"
+
+    def _end_value(self, end: int) -> None:
+        self.calls[-1][self._key][1] = end
+        self._phase = "after"
+
+
+def _json_string(text: str) -> str | None:
+    """A JSON string literal's value (None: not one)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None

@@ -438,7 +438,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             created = int(time.time())
             sent = [0] * len(items)  # log-probability entries sent so far, per choice
             results: list[dict[str, Any] | None] = [None] * len(items)
-            # with tools, each choice's text goes out as content until it may be a call (vlmguard/tool_calls.py)
+            # with tools, text goes out as content until it may be a call; a held call goes out as it is written
+            # (vlmguard/tool_calls.py)
             calls = [CallStream(item.tools) if item.tools is not None else None for _ in items]
             for k in range(len(items)):
                 yield _sse(chat_chunk(rid, model, created, role="assistant", content="", index=k))
@@ -455,19 +456,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
                         finish = result.get("finish_reason", "stop")
                         if calls[k] is not None:
-                            text, found = calls[k].finish(finish)
-                            if text or found:
-                                yield _sse(chat_chunk(rid, model, created, content=text or None, tool_calls=found,
+                            text, pieces, finish = calls[k].finish(finish)
+                            if text or pieces:
+                                yield _sse(chat_chunk(rid, model, created, content=text or None, tool_calls=pieces,
                                                       index=k))
-                            finish = "tool_calls" if found else finish
                         yield _sse(chat_chunk(rid, model, created, finish_reason=finish,
                                               result=result or None, with_steps=with_steps, logprobs=rest, index=k))
                     elif ev.get("text") or ev.get("logprobs"):
                         sent[k] += len(ev.get("logprobs") or [])
-                        text = ev.get("text", "")
-                        text = calls[k].feed(text) if calls[k] is not None else text
-                        if text or (want_logprobs and ev.get("logprobs")):
-                            yield _sse(chat_chunk(rid, model, created, content=text, index=k,
+                        text, pieces = ev.get("text", ""), []
+                        if calls[k] is not None:
+                            text, pieces = calls[k].feed(text)
+                        if text or pieces or (want_logprobs and ev.get("logprobs")):
+                            yield _sse(chat_chunk(rid, model, created, content=text if text or not pieces else None,
+                                                  tool_calls=pieces, index=k,
                                                   logprobs=ev.get("logprobs") if want_logprobs else None))
                 else:
                     if include_usage and all(results):

@@ -35,7 +35,7 @@ from vlmguard.api_schema import (
 )
 from vlmguard.errors import InvalidInput
 from vlmguard.spec import GenerationSpec, GuidedOutput, format_validation_error
-from vlmguard.tool_calls import Function, ToolCall, ToolUse, call_text, response_text, schema_error
+from vlmguard.tool_calls import CallDelta, Function, ToolCall, ToolUse, call_text, response_text, schema_error
 from vlmguard.workers.engine_worker import WorkItem
 
 DEFAULT_CHAT_MAX_TOKENS = 128
@@ -398,11 +398,10 @@ def tool_call_models(calls: list[ToolCall]) -> list[ToolCallModel]:
     return [ToolCallModel(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
-def chunk_tool_calls(calls: list[ToolCall]) -> list[ChunkToolCall]:
-    """A stream's calls, each whole in its delta entry."""
-    return [ChunkToolCall(index=j, id=c.id, type="function", function=ChunkFunctionCall(name=c.name,
-                                                                                         arguments=c.arguments))
-            for j, c in enumerate(calls)]
+def chunk_tool_calls(pieces: list[CallDelta]) -> list[ChunkToolCall]:
+    """A stream's pieces of calls as delta entries: a call's first with its id, type and name."""
+    return [ChunkToolCall(index=p.index, id=p.id, type="function" if p.id else None,
+                          function=ChunkFunctionCall(name=p.name, arguments=p.arguments)) for p in pieces]
 
 
 def _choice(k: int, r: dict[str, Any], tools: ToolUse | None) -> Choice:
@@ -412,7 +411,7 @@ def _choice(k: int, r: dict[str, Any], tools: ToolUse | None) -> Choice:
         message, finish = AssistantMessage(content=r["text"]), r["finish_reason"]
     else:
         message, finish = AssistantMessage(content=answer.content, tool_calls=tool_call_models(answer.calls)), \
-            "tool_calls"
+            answer.finish_reason(r["finish_reason"])
     return Choice(index=k, message=message, finish_reason=finish, logprobs=chat_logprobs(r.get("logprobs")))
 
 
@@ -431,7 +430,7 @@ def chat_response(request_id: str, model: str, result: dict[str, Any] | list[dic
 def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
                finish_reason: str | None = None, result: dict[str, Any] | None = None, with_steps: bool = False,
                usage_only: bool = False, logprobs: list[dict[str, Any]] | None = None, index: int = 0,
-               results: list[dict[str, Any]] | None = None, tool_calls: list[ToolCall] | None = None
+               results: list[dict[str, Any]] | None = None, tool_calls: list[CallDelta] | None = None
                ) -> ChatCompletionChunk:
     if usage_only and (result is not None or results):
         return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
