@@ -108,27 +108,32 @@ HELD = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "O\\"s{lo", 
         '<tool_call>\n{ "name" : "get_time", "arguments" : {} }\n</tool_call>')
 
 
-@pytest.mark.parametrize("use", [ToolUse(FUNCTIONS, "required"),
-                                 ToolUse((Function("get_weather", None, WEATHER, strict=True),) + FUNCTIONS[1:], "auto")],
-                         ids=["required", "auto-strict"])
+STRICT_AUTO = ToolUse((Function("get_weather", None, WEATHER, strict=True),) + FUNCTIONS[1:], "auto")
+
+
+@pytest.mark.parametrize("use, before", [(ToolUse(FUNCTIONS, "required"), ""), (STRICT_AUTO, ""),
+                                         (STRICT_AUTO, "Let me {look} <to.\n")],
+                         ids=["required", "auto-strict", "auto-strict-after-text"])
 @pytest.mark.parametrize("step", [1, 3, 7])
-def test_a_held_answers_calls_stream_as_written_and_add_up_to_the_answer_read_whole(use, step):
+def test_a_held_answers_calls_stream_as_written_and_add_up_to_the_answer_read_whole(use, before, step):
     stream = CallStream(use)
-    pieces = []
-    for i in range(0, len(HELD), step):
-        content, new = stream.feed(HELD[i:i + step])
-        assert content == ""  # a held answer is never content
+    pieces, sent = [], ""
+    answer = before + HELD
+    for i in range(0, len(answer), step):
+        content, new = stream.feed(answer[i:i + step])
+        sent += content  # the text before the first call goes out as content, the calls never
         pieces += new
     rest, last, finish = stream.finish("stop")
     pieces += last
-    assert rest == "" and finish == "tool_calls"
+    assert sent == before and rest == "" and finish == "tool_calls"
     firsts = [p for p in pieces if p.id is not None]
     assert [(p.index, p.name) for p in firsts] == [(0, "get_weather"), (1, "get_time")]
     assert all(p.name is None for p in pieces if p.id is None)
     assert len([p for p in pieces if p.index == 0]) > 3 or step == 7  # piece by piece, not whole
     streamed = ["".join(p.arguments for p in pieces if p.index == j) for j in (0, 1)]
-    whole = use.read(HELD)
+    whole = use.read(answer)
     assert whole is not None and whole.whole and whole.finish_reason("stop") == "tool_calls"
+    assert whole.content == (before.strip() or None)
     assert streamed == [c.arguments for c in whole.calls] == ['{"city": "O\\"s{lo", "days": 3}', "{}"]  # as written
     assert [c.name for c in whole.calls] == ["get_weather", "get_time"]
     assert ToolUse(FUNCTIONS, "auto").read(HELD).calls[0].arguments == streamed[0]  # read unconstrained: the same
@@ -195,25 +200,29 @@ def test_parallel_calls_are_a_newline_apart_and_each_follows_its_schema():
     assert not accepts(time.replace("\n", " ", 1)) and not accepts("It is sunny.")
 
 
-def test_auto_with_a_strict_function_holds_an_answer_that_opens_with_a_call_to_the_schemas():
-    """OpenAI's promise for ``strict`` functions under "auto": text stays free, and an answer that opens with a
-    call's tag is calls whose arguments follow their schemas (text before a call is text: read afterwards)."""
+def test_auto_with_a_strict_function_holds_an_answers_calls_to_the_schemas_after_any_text():
+    """OpenAI's promise for ``strict`` functions under "auto": text stays free, and from a call's tag on, wherever
+    it comes, the answer is calls whose arguments follow their schemas."""
     eng = tiny_engine("qwen2_vl")
     tok, width, eos = eng.adapter.tokenizer, eng.adapter.logits_width, sorted(eng.adapter.eos_token_ids)
     use = ToolUse((Function("get_weather", None, WEATHER, strict=True), FUNCTIONS[1]), "auto")
     assert use.constrained and not ToolUse(FUNCTIONS, "auto").constrained
     call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","days":%d}}\n</tool_call>'
 
-    def accepts(text: str) -> bool:
+    def accepts(text: str, use: ToolUse = use) -> bool:
         m = new_matcher(tok, width, eos, GuidedOutput(grammar=use.grammar("compact")))
         return all(m.consume_token(t) for t in tok.encode(text, add_special_tokens=False)) and \
             bool(allowed_mask(m, width)[eos].all())
 
-    for text in ("", "It is sunny.", "<table> and <tool_cal", call % 2, f"{call % 2}\n{call % 3}",
-                 f"I will look.\n{call % 9}"):
+    for text in ("", "It is sunny.", "<table> and <tool_cal", '{"a": 1}', call % 2, f"{call % 2}\n{call % 3}",
+                 f"I will look.\n{call % 2}", f"Look: {{}} <tool_cal\n{call % 2}\n{call % 3}"):
         assert accepts(text), text
-    for text in (call % 9, call.replace("get_weather", "launch") % 2, call.replace("days", "weeks") % 2):
+    for text in (call % 9, call.replace("get_weather", "launch") % 2, call.replace("days", "weeks") % 2,
+                 f"I will look.\n{call % 9}",  # text, then a call past its schema
+                 "It is sunny in <tool_call> land.", f"{call % 2} and more text"):  # a tag begins calls, and they end it
         assert not accepts(text), text
+    single = ToolUse(use.functions, "auto", parallel=False)
+    assert not accepts(f"{call % 2}\n{call % 3}", single) and accepts(f"Well.\n{call % 2}", single)
 
 
 def test_a_format_the_vocabulary_cannot_write_is_refused_before_any_model_work():
@@ -293,7 +302,7 @@ def test_tool_choice_maps_to_the_spec_and_conflicts_are_refused():
     assert spec(tools=TOOLS).guided is None and spec(tools=TOOLS, tool_choice="none").guided is None
     strict = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "strict": True}}]
     auto = spec(tools=strict).guided  # a strict function: "auto" answers are held too
-    assert auto is not None and auto.grammar.startswith("start: (TEXT | calls)?\n")
+    assert auto is not None and auto.grammar.startswith("start: TEXT | head ")
     named = spec(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}).guided
     assert named is not None and '"const": "get_time"' in named.grammar and "get_weather" not in named.grammar
     required = spec(tools=TOOLS, tool_choice="required").guided.grammar

@@ -16,7 +16,7 @@ name and an arguments object is read as those calls (any text before the first b
 any other answer is plain text. "required" and a named function force calls: the answer is held to a grammar
 (``GenerationSpec.guided``, llguidance) of one ``<tool_call>`` block per call whose JSON follows the function's
 ``parameters`` schema (one call for a named function or without ``parallel_tool_calls``, else one or more). Under
-"auto" with a ``strict`` function, an answer that opens with a call is held to that grammar too.
+"auto" with a ``strict`` function, the calls of an answer (after any text) are held to that grammar too.
 
 A held answer's calls stream as they are written (:class:`CallStream`): a call's id and name once its name is
 whole, then its arguments' text piece by piece, as OpenAI streams them. Every call's ``arguments`` is the text the
@@ -46,7 +46,7 @@ class Function:
     description: str | None = None
     parameters: dict[str, Any] | None = None
     # true: a schema keyword the grammar cannot hold is refused (false, OpenAI's default: left out), and under "auto"
-    # an answer that opens with a call is held to the schemas
+    # an answer's calls are held to the schemas
     strict: bool = False
 
     def signature(self) -> dict[str, Any]:
@@ -124,20 +124,14 @@ class ToolUse:
 
     def grammar(self, whitespace: Literal["flexible", "compact"] = "flexible") -> str:
         """The Lark grammar (llguidance's dialect) a constrained answer follows: the calls a forced choice allows;
-        under "auto", text that does not begin with a call's tag, or calls (text before a call is text)."""
+        under "auto", text without a call's tag, or text and then calls (the tag begins them wherever it comes)."""
         several = self.parallel and self.choice in ("auto", "required")  # (a named function: one call)
-        if self.forced:
-            return calls_grammar(self.callable, several=several, whitespace=whitespace)
-        # llguidance's lexer reads TEXT and a call's opening tag side by side from the first byte: an answer that
-        # opens with the tag is calls (held to the schemas), any other is text
-        text = f"TEXT: /(?s:.+)/ & ~/(?s:{re.escape(CALL_OPEN)}.*)/"
-        calls = calls_grammar(self.callable, several=several, whitespace=whitespace, rule="calls")
-        return "\n".join(["start: (TEXT | calls)?", text, calls])
+        return calls_grammar(self.callable, several=several, whitespace=whitespace, after_text=not self.forced)
 
     def holds(self, text: str) -> bool:
-        """Whether an answer was held to :meth:`grammar`'s calls: a forced choice's, or under "auto" with a strict
-        function one that opens with a call's tag (the grammar's TEXT cannot)."""
-        return self.forced or (self.constrained and text.startswith(CALL_OPEN))
+        """Whether an answer's calls were held to :meth:`grammar`: a forced choice's, or under "auto" with a strict
+        function those of an answer that holds a call's tag (the grammar's TEXT cannot)."""
+        return self.forced or (self.constrained and CALL_OPEN in text)
 
     def read(self, text: str, finish_reason: str = "stop") -> ToolAnswer | None:
         """The calls in an answer (None: the answer is no well-formed call of an offered function, or it did not
@@ -145,10 +139,11 @@ class ToolUse:
         first call only. A held answer (:meth:`holds`) is calls whatever ended it: those whose name was written,
         the last perhaps cut (not ``whole``)."""
         if self.holds(text):
+            at = max(text.find(CALL_OPEN), 0)  # (a forced answer cut before its tag was whole: no call)
             reader = CallReader(self.names())
-            reader.feed(text)
+            reader.feed(text[at:])
             calls = [ToolCall(name, arguments, new_call_id()) for name, arguments in reader.named()]
-            return ToolAnswer(None, calls, whole=reader.whole()) if calls else None
+            return ToolAnswer(text[:at].strip() or None, calls, whole=reader.whole()) if calls else None
         if finish_reason != "stop":
             return None
         answer = parse_calls(text, self.names())
@@ -191,16 +186,20 @@ def schema_error(fn: Function) -> str | None:
 
 
 def calls_grammar(functions: Sequence[Function], *, several: bool, whitespace: str = "flexible",
-                  rule: str = "start") -> str:
-    """A Lark grammar whose ``rule`` is one ``<tool_call>`` block (or, ``several``, one or more, a newline apart)
-    calling one of ``functions`` with arguments that follow its schema."""
+                  after_text: bool = False) -> str:
+    """A Lark grammar of one ``<tool_call>`` block (or, ``several``, one or more, a newline apart) calling one of
+    ``functions`` with arguments that follow its schema. ``after_text``: text that holds no call's tag, or text and
+    then the calls (a lazy lexeme reads the text up to the first tag, which the calls go on from)."""
     if not functions:
         raise ValueError("no function to call")
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(f, whitespace))}" for i, f in enumerate(functions)]
-    body = " | ".join(f"fn_{i}" for i in range(len(functions)))
-    start = f'{rule}: call ("\\n" call)*' if several else f"{rule}: call"
+    more = ' ("\\n" call)*' if several else ""
+    tag = re.escape(CALL_OPEN)
+    start = [f'start: TEXT | head "\\n" body{more}', f"TEXT: /(?s:.*)/ & ~/(?s:.*{tag}.*)/",
+             f"head[lazy]: /(?s:.*){tag}/"] if after_text else [f"start: call{more}"]
     opening, closing = json.dumps(CALL_OPEN + "\n"), json.dumps("\n" + CALL_CLOSE)  # Lark string literals
-    return "\n".join([start, f"call: {opening} ({body}) {closing}", *rules])
+    body = " | ".join(f"fn_{i}" for i in range(len(functions)))
+    return "\n".join([*start, f"call: {opening} body", f"body: ({body}) {closing}", *rules])
 
 
 def new_call_id() -> str:
@@ -258,10 +257,10 @@ def parse_calls(text: str, names: set[str]) -> ToolAnswer | None:
 
 class CallStream:
     """A streamed answer's text as a chat stream sends it when the request offers tools. Text that cannot be the
-    start of a call goes out as content as it comes. An answer held to the calls' grammar (:meth:`ToolUse.holds`)
-    sends its calls as they are written (:class:`CallDelta`). Any other text from a ``<tool_call>`` tag on (or an
-    answer that opens as JSON: from the start) is held, and at the end it is either calls, each whole in one piece,
-    or, when it is none, the rest of the content."""
+    start of a call goes out as content as it comes. Calls held to the grammar (:meth:`ToolUse.holds`) go out as
+    they are written (:class:`CallDelta`). Any other text from a ``<tool_call>`` tag on (or an answer that opens as
+    JSON: from the start) is held, and at the end it is either calls, each whole in one piece, or, when it is none,
+    the rest of the content."""
 
     def __init__(self, use: ToolUse):
         self.use = use
@@ -291,8 +290,9 @@ class CallStream:
             self.holding = True
             if self.use.holds(self.seen):  # held to the calls' grammar: its calls go out as they are written
                 self.reader = CallReader(self.use.names())
-                self.reader.feed(self.seen)
-                return "", self._pieces()
+                self.reader.feed(self.seen[at:])
+                out, self.sent = self.seen[self.sent:at], at
+                return out, self._pieces()
             end = at
         else:  # keep back a tail that may be the start of the tag
             end = len(self.seen)

@@ -10,6 +10,9 @@ from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
 from vlmguard.workers.config import DEFAULT_ROUTING_SPILL_QUEUE as DEFAULT_SPILL_QUEUE
 
+# the formats of vlmguard/perf/guided.py's FORMATS (named here so that parsing the command line imports no torch)
+GUIDED_FORMATS = ("json_schema", "json_object", "regex", "tool_call", "tool_call_auto")
+
 DEFAULT_SHAPE = "llava-1.5-7b-cpu"
 
 
@@ -259,10 +262,10 @@ def register(subparsers) -> None:
     g.set_defaults(repeats=7, func=cmd_gemm)
 
     gd = sub.add_parser("guided", help="what structured output (JSON schema, JSON object, regex, a forced tool "
-                                      "call) adds to each generated token, on a vocabulary of a real checkpoint's "
-                                      "size")
-    gd.add_argument("--formats", type=_csv(str), default=["json_schema", "json_object", "regex", "tool_call"],
-                    help="comma-separated: json_schema, json_object, regex, tool_call (default: all)")
+                                      "call, text under strict tools) adds to each generated token, on a vocabulary "
+                                      "of a real checkpoint's size")
+    gd.add_argument("--formats", type=_csv(str), default=list(GUIDED_FORMATS),
+                    help=f"comma-separated: {', '.join(GUIDED_FORMATS)} (default: all)")
     gd.add_argument("--vocab", type=_positive, default=32000,
                     help="ids of the byte-level BPE vocabulary measured on (default 32000, LLaVA-1.5's; Qwen2-VL: "
                          "151936)")

@@ -26,6 +26,16 @@ from vlmguard.errors import InvalidInput
 from vlmguard.perf.timing import environment, median
 from vlmguard.tool_calls import Function, ToolUse
 
+TOOLS = (  # two functions a tool format may call (vlmguard/tool_calls.py)
+    Function("find_objects", "Boxes of the objects of a category", {
+        "type": "object", "additionalProperties": False, "required": ["category", "max_boxes"],
+        "properties": {"category": {"type": "string", "maxLength": 24},
+                       "max_boxes": {"type": "integer", "minimum": 1, "maximum": 20}}}, strict=True),
+    Function("describe_region", None, {
+        "type": "object", "additionalProperties": False, "required": ["box"],
+        "properties": {"box": {"type": "array", "minItems": 4, "maxItems": 4,
+                               "items": {"type": "integer", "minimum": 0, "maximum": 1000}}}}, strict=True))
+
 FORMATS: dict[str, dict[str, Any]] = {
     "json_schema": {"json_schema": {
         "type": "object", "additionalProperties": False, "required": ["objects", "count", "scene"],
@@ -38,17 +48,11 @@ FORMATS: dict[str, dict[str, Any]] = {
                                                   "items": {"type": "integer", "minimum": 0, "maximum": 1000}}}}}}}},
     "json_object": {"json_object": True},
     "regex": {"regex": r"(Yes|No), (there (is|are) [0-9]{1,3} [a-z]+( [a-z]+){0,6}\.)"},
-    # a forced tool call (tool_choice "required", one call) of one of two functions (vlmguard/tool_calls.py)
-    "tool_call": {"grammar": ToolUse((
-        Function("find_objects", "Boxes of the objects of a category", {
-            "type": "object", "additionalProperties": False, "required": ["category", "max_boxes"],
-            "properties": {"category": {"type": "string", "maxLength": 24},
-                           "max_boxes": {"type": "integer", "minimum": 1, "maximum": 20}}}, strict=True),
-        Function("describe_region", None, {
-            "type": "object", "additionalProperties": False, "required": ["box"],
-            "properties": {"box": {"type": "array", "minItems": 4, "maxItems": 4,
-                                   "items": {"type": "integer", "minimum": 0, "maximum": 1000}}}}, strict=True)),
-        "required", parallel=False).grammar()},
+    # a forced tool call (tool_choice "required", one call) of one of the two functions
+    "tool_call": {"grammar": ToolUse(TOOLS, "required", parallel=False).grammar()},
+    # tool_choice "auto" with strict functions: free text without a call's tag, or text and then held calls (the
+    # random scores write text: this is what text costs under the grammar)
+    "tool_call_auto": {"grammar": ToolUse(TOOLS, "auto").grammar()},
 }
 
 
