@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "vlmguard.bench.cli",
     "vlmguard.pruning.cli",
     "vlmguard.workers.cli",
+    "vlmguard.workers.run_batch_cli",
     "vlmguard.dashboard.cli",
     "vlmguard.perf.cli",
     "vlmguard.commands.demo",

@@ -145,7 +145,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     p.add_argument("--preset", dest="chair_preset", default="chair512", choices=sorted(CHAIR_PRESETS))
     p.add_argument("--prompt")
     p.add_argument("--app", default="vlmguard", help="Serve application name (default: %(default)s)")
-    p.add_argument("--shards", type=bench_cli._positive_int, default=None,
+    p.add_argument("--shards", type=bench_cli.positive_int, default=None,
                    help="default: the deployment's running replicas")
     p.add_argument("--ray-address", default="auto")
     return p
@@ -181,10 +181,10 @@ def build_sweep_parser(parser_class: type[argparse.ArgumentParser] = argparse.Ar
                      description="a benchmark sweep (YAML) sharded over the replicas of the served models")
     p.add_argument("config", help="sweep config (YAML), as `vlmguard bench sweep` takes it")
     p.add_argument("--db", default=None, help="results database (default: the config's db)")
-    p.add_argument("--limit", type=bench_cli._positive_int, default=None, help="samples per run (a quick look)")
+    p.add_argument("--limit", type=bench_cli.positive_int, default=None, help="samples per run (a quick look)")
     p.add_argument("--chdir", default=None, help="the directory the config's relative paths are read from")
     p.add_argument("--app", default="vlmguard", help="Serve application name (default: %(default)s)")
-    p.add_argument("--shards", type=bench_cli._positive_int, default=None,
+    p.add_argument("--shards", type=bench_cli.positive_int, default=None,
                    help="default: each model deployment's running replicas")
     p.add_argument("--ray-address", default="auto")
     return p

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlmguard.bench.db import DEFAULT_DB
-from vlmguard.commands.generate import budget_arg
+from vlmguard.commands.generate import budget_arg, positive_int
 from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
 from vlmguard.spec import IMAGE_ASPECTS, cli_method_params
@@ -29,16 +29,6 @@ from vlmguard.spec import IMAGE_ASPECTS, cli_method_params
 # `vlmguard bench --help`: the datasets paragraph of this module's docstring, in the help's own markup
 BENCH_DESCRIPTION = ("Run a benchmark into the results database, sample by sample (a rerun of an interrupted\n"
                      "run resumes it).\n\n" + __doc__.split("\n\n", 1)[1].replace("``", "`").strip())
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
 
 
 def _print_json(obj: Any) -> None:
@@ -70,7 +60,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoding-param", action="append", default=[], metavar="K=V", help="decoder parameter (repeat)")
     g.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="a parameter of either method, sent to the one that has it (repeat)")
-    g.add_argument("--max-new-tokens", type=_positive_int, help="default: the preset's")
+    g.add_argument("--max-new-tokens", type=positive_int, help="default: the preset's")
     choice = g.add_mutually_exclusive_group()
     choice.add_argument("--sample", dest="do_sample", action="store_true", default=None, help="multinomial sampling")
     choice.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy token selection")
@@ -85,10 +75,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--limit", type=_positive_int,
+    g.add_argument("--limit", type=positive_int,
                    help="only the first N items (per split); a later, larger limit grows the same run, and a smaller "
                         "one reports the metrics of its N items")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="requests per engine call (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="requests per engine call (default: %(default)s)")
     g.add_argument("--db", type=Path, default=DEFAULT_DB, help="results database (default: %(default)s)")
     g.add_argument("--shard-index", type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument("--num-shards", type=int, default=1, help=argparse.SUPPRESS)
@@ -133,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw = bsub.add_parser("sweep", help="methods x budgets x benchmarks from a YAML config")
     sw.add_argument("config", type=Path)
     sw.add_argument("--db", type=Path, help="results database (default: the config's, else runs/vlmguard.sqlite)")
-    sw.add_argument("--limit", type=_positive_int, help="override the config's limit")
+    sw.add_argument("--limit", type=positive_int, help="override the config's limit")
     sw.add_argument("--no-progress", action="store_true")
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(func=cmd_sweep)
@@ -186,7 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="method label of the baseline run, as `vlmguard report` prints it, or its run id where "
                          "one label names several runs of a group (default: %(default)s)")
     cp.add_argument("--benchmark", choices=("pope", "chair"), help="only this benchmark's runs")
-    cp.add_argument("--boot", type=_positive_int, default=2000, help="bootstrap resamples, 100 to 100000 (default: %(default)s)")
+    cp.add_argument("--boot", type=positive_int, default=2000, help="bootstrap resamples, 100 to 100000 (default: %(default)s)")
     cp.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
     cp.add_argument("--seed", type=int, default=0, help="resampling seed (default: %(default)s)")
     cp.add_argument("--json", action="store_true")

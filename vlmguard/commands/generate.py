@@ -59,6 +59,17 @@ def budget_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive_int(text: str) -> int:
+    """The argparse type of a count that must be at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
 def logit_bias_arg(text: str) -> tuple[str, str]:
     """The argparse type of ``--logit-bias``: ``ID=BIAS`` (GenerationSpec checks the id and the bias)."""
     token, eq, bias = text.partition("=")

@@ -1,0 +1,261 @@
+"""``vlmguard run-batch``: a file of API requests run offline, batched, without a service (as ``vllm run-batch``).
+
+The input is OpenAI's Batch API format, one request a line::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...], ...}}
+
+(``url`` also ``/v1/generate``, the native API). Each body goes through the service's own API (``create_api``)
+in this process, so it is read, checked and answered exactly as the HTTP service answers it, every pruner,
+decoder and OpenAI parameter included; the model's requests share in-flight batches (``InflightBatcher``, as a
+served replica's do). The output is OpenAI's batch output format, one line per request, in the order they
+finish::
+
+    {"id": "batch_req_...", "custom_id": "q1", "response": {"status_code": 200, "request_id": "chatcmpl-...",
+     "body": {...}}, "error": null}
+
+A request the API refuses is its 4xx response (its body the API's error object); a line that is no request is
+refused with the file, before any model is loaded. Each answer is written (and flushed) as it comes, so an
+interrupted run keeps what it finished, and ``--resume`` goes on from the output file: requests already answered
+are not run again, those that failed with a server error (5xx) are.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, TextIO
+
+from vlmguard.errors import InvalidInput
+from vlmguard.workers.api import LocalBackend
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, stream_alone
+from vlmguard.workers.inflight import InflightBatcher
+
+URLS = ("/v1/chat/completions", "/v1/generate")
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One line of the input: where it came from, its id, the endpoint and the request body."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+@dataclass
+class BatchSummary:
+    requests: int  # in the input file
+    skipped: int  # answered in an earlier run (--resume)
+    ok: int  # answered 2xx this run
+    failed: int  # answered with an error status this run
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "skipped": self.skipped, "ok": self.ok, "failed": self.failed,
+                "seconds": round(self.seconds, 3)}
+
+
+def _parse_line(text: str, path: Path, line: int) -> BatchRequest | None:
+    where = f"{path}:{line}"
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise InvalidInput(f"{where}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{where}: a request line is a JSON object, got {type(obj).__name__}")
+    cid, method, url, body = obj.get("custom_id"), obj.get("method", "POST"), obj.get("url"), obj.get("body")
+    if not isinstance(cid, str) or not cid:
+        raise InvalidInput(f"{where}: custom_id must be a non-empty string")
+    if method != "POST":
+        raise InvalidInput(f"{where}: method must be POST, got {method!r}")
+    if url not in URLS:
+        raise InvalidInput(f"{where}: url must be one of {', '.join(URLS)}, got {url!r}")
+    if not isinstance(body, dict):
+        raise InvalidInput(f"{where}: body must be a JSON object (the request)")
+    unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {', '.join(unknown)} (a line has custom_id, method, url, "
+                           "body)")
+    return BatchRequest(line, cid, url, body)
+
+
+def read_requests(path: Path) -> Iterator[BatchRequest]:
+    """The requests of a batch file, one at a time (a large file is never held whole); InvalidInput naming the
+    file and line of the first that is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, text in enumerate(f, 1):
+                req = _parse_line(text, path, i)
+                if req is not None:
+                    yield req
+    except FileNotFoundError:
+        raise InvalidInput(f"--input: no such file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"--input: {path} is not UTF-8 text ({e.reason})") from None
+
+
+def check_requests(path: Path) -> int:
+    """Read the whole file once before any model work: every line a request, every custom_id once. Its count."""
+    seen: dict[str, int] = {}
+    for req in read_requests(path):
+        if req.custom_id in seen:
+            raise InvalidInput(f"{path}:{req.line}: custom_id {req.custom_id!r} repeats line {seen[req.custom_id]}")
+        seen[req.custom_id] = req.line
+    if not seen:
+        raise InvalidInput(f"--input: {path} holds no request")
+    return len(seen)
+
+
+def answered_ids(output: Path) -> set[str]:
+    """For --resume: rewrite ``output`` keeping its final records (a response below 500), return their custom_ids.
+    Records of server errors, and a last line cut by an interruption, are dropped: those requests run again."""
+    keep, ids = [], set()
+    with open(output, encoding="utf-8") as f:
+        for text in f:
+            try:
+                rec = json.loads(text)
+                status = rec["response"]["status_code"]
+                cid = rec["custom_id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(status, int) and status < 500 and cid not in ids:
+                ids.add(cid)
+                keep.append(text if text.endswith("\n") else text + "\n")
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, output)
+    return ids
+
+
+def batch_record(req: BatchRequest, status: int, body: Any) -> dict[str, Any]:
+    """A request's line of the output (OpenAI's batch output format)."""
+    request_id = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.custom_id,
+            "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
+                         "body": body},
+            "error": None}
+
+
+class BatchingBackend(LocalBackend):
+    """Engines in this process whose requests share in-flight batches (as a served replica's do)."""
+
+    def __init__(self, workers: dict[str, EngineWorker], max_batch_size: int, wait_s: float):
+        super().__init__(workers)
+        self.batchers = {name: InflightBatcher(w, max_batch_size, wait_s) for name, w in workers.items()}
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
+        return await self.batchers[model].submit(item)
+
+    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        batcher = self.batchers[model]
+        events = batcher.stream(item) if batcher.joins(item.spec) else stream_alone(self.workers[model], item)
+        async for ev in events:
+            yield ev
+
+    def close(self) -> None:
+        for b in self.batchers.values():
+            b.close()
+
+
+async def run_requests(app: Any, requests: Iterator[BatchRequest], out: TextIO, *, concurrency: int,
+                       done: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
+    """Send every request to ``app`` (the API, in this process), at most ``concurrency`` at a time, and write each
+    answer's record to ``out`` as it comes. (answered 2xx, answered otherwise)."""
+    import httpx
+
+    counts = [0, 0]
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, req: BatchRequest) -> None:
+        try:
+            if req.body.get("stream") is True:  # (a batch answers whole: OpenAI's batches refuse it too)
+                status, body = 400, {"error": {"message": "stream is not supported in a batch", "type":
+                                               "invalid_request_error", "param": "stream", "code": None}}
+            else:
+                r = await client.post(req.url, json=req.body)
+                status, body = r.status_code, r.json()
+            record = batch_record(req, status, body)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            counts[0 if 200 <= status < 300 else 1] += 1
+            if done is not None:
+                done(record)
+        finally:
+            slots.release()
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
+        tasks = set()
+        for req in requests:
+            await slots.acquire()
+            task = asyncio.create_task(one(client, req))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return counts[0], counts[1]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a run will do, settled before any model loads: the input (checked whole), the output and the
+    requests an earlier run answered (``--resume``)."""
+
+    input: Path
+    output: Path
+    total: int
+    skip: frozenset[str]
+
+    @classmethod
+    def make(cls, input_path: Path, output_path: Path, resume: bool = False) -> "BatchPlan":
+        """The input is checked whole; the output must not exist unless ``resume`` (then it is read, and kept to
+        its final records)."""
+        if input_path.resolve() == output_path.resolve():
+            raise InvalidInput("--output must not be --input")
+        total = check_requests(input_path)
+        skip: set[str] = set()
+        if output_path.exists() and output_path.stat().st_size > 0:
+            if not resume:
+                raise InvalidInput(f"--output: {output_path} exists; --resume goes on from it (or remove it)")
+            skip = answered_ids(output_path)
+        return cls(input_path, output_path, total, frozenset(skip))
+
+
+def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_size: int = 8, wait_s: float = 0.02,
+              concurrency: int | None = None, max_new_tokens_limit: int = 1024,
+              progress: bool = True) -> BatchSummary:
+    """Run a batch file through ``workers`` (their keys are the ``model`` ids the bodies may name; a body without
+    one gets the first) into the plan's output."""
+    from vlmguard.workers.api import create_api
+    from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
+
+    batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
+    models = [ModelConfig(name=name, max_new_tokens_limit=max_new_tokens_limit, max_queued_requests=-1,
+                          batching=batching) for name in workers]
+    config = ServiceConfig(models=models, api_key_env=None, request_timeout_s=7 * 24 * 3600.0,
+                           max_request_bytes=1 << 40)
+    backend = BatchingBackend(workers, max_batch_size, wait_s)
+    app = create_api(backend, config)
+    todo = (r for r in read_requests(plan.input) if r.custom_id not in plan.skip)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total - len(plan.skip), desc="run-batch", unit="req", mininterval=1.0)
+    t0 = time.perf_counter()
+    try:
+        with open(plan.output, "a", encoding="utf-8") as out:
+            ok, failed = asyncio.run(run_requests(app, todo, out, concurrency=concurrency or 2 * max_batch_size,
+                                                  done=(lambda _rec: bar.update(1)) if bar is not None else None))
+    finally:
+        backend.close()
+        if bar is not None:
+            bar.close()
+    return BatchSummary(plan.total, len(plan.skip), ok, failed, time.perf_counter() - t0)
