@@ -73,6 +73,32 @@ def test_image_url_allowlist_compares_hosts_and_paths_not_string_prefixes(monkey
     assert fetched == ["images.example.org/a.png", "images.example.org/public/cats/a.png"]
 
 
+def test_file_urls_read_images_below_the_allowed_folder_only(tmp_path):
+    media, outside = tmp_path / "media", tmp_path / "private"
+    (media / "cats").mkdir(parents=True)
+    outside.mkdir()
+    image = random_image(3, (20, 16))
+    image.save(media / "cats" / "a b.png")
+    image.save(outside / "secret.png")
+    (media / "link.png").symlink_to(outside / "secret.png")  # a link that leads out of the folder
+    (media / "big.png").write_bytes(b"\0" * 9000)
+    resolve = make_image_resolver([], local_root=media, max_bytes=8192)
+    got = resolve((media / "cats" / "a b.png").as_uri())  # (percent-encoded: a%20b.png)
+    assert got.size == image.size and got.tobytes() == image.convert("RGB").tobytes()
+    assert resolve(f"file://localhost{media}/cats/a%20b.png").size == image.size
+    for url, message in [((outside / "secret.png").as_uri(), "not below this server's allowed folder"),
+                         (f"file://{media}/../private/secret.png", "not below"),
+                         ((media / "link.png").as_uri(), "not below"),
+                         ((media / "none.png").as_uri(), "image file not found"),
+                         ((media / "big.png").as_uri(), "exceeds 8192 bytes"),
+                         (f"file://otherhost{media}/cats/a%20b.png", "names a local path"),
+                         ((media / "cats").as_uri(), "cannot be read")]:
+        with pytest.raises(InvalidInput, match=message):
+            resolve(url)
+    with pytest.raises(InvalidInput, match="file:// image URLs are turned off"):
+        make_image_resolver([])((media / "cats" / "a b.png").as_uri())
+
+
 def test_an_unparsable_image_url_is_a_400_not_a_500(app):
     r = post(app, "/v1/generate", {"prompt": "a", "images": ["https://images.example.org/a\t.png"],
                                    "spec": {"max_new_tokens": 2}})

@@ -158,3 +158,23 @@ def test_resume_keeps_final_answers_and_runs_the_rest(tmp_path, batch_run):
     assert after["pope-2"]["response"]["status_code"] == 200  # the server error ran again
     assert after["pope-3"]["response"]["body"]["choices"][0]["message"] == \
         records["pope-3"]["response"]["body"]["choices"][0]["message"]
+
+
+def test_local_images_are_read_from_the_allowed_folder_only(tmp_path, batch_run):
+    _, records = batch_run
+    media = tmp_path / "media"
+    media.mkdir()
+    random_image(0, (96, 96)).save(media / "zero.png")  # pope-0's image, as a file
+    body = {**BODIES["pope-0"], "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": (media / "zero.png").as_uri()}},
+        {"type": "text", "text": "Is there a dog in the image?"}]}]}
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps({"custom_id": "file", "url": "/v1/chat/completions", "body": body}) + "\n")
+    run_json(["run-batch", "-i", str(requests), "-o", str(tmp_path / "on.jsonl"), "--allowed-local-media-path",
+              str(media), "--json"])
+    run_json(["run-batch", "-i", str(requests), "-o", str(tmp_path / "off.jsonl"), "--json"])
+    on, off = _records(tmp_path / "on.jsonl")["file"], _records(tmp_path / "off.jsonl")["file"]
+    assert on["response"]["body"]["choices"][0]["message"] == \
+        records["pope-0"]["response"]["body"]["choices"][0]["message"]  # the same image, the same answer
+    assert off["response"]["status_code"] == 400
+    assert "file:// image URLs are turned off" in off["response"]["body"]["error"]["message"]

@@ -169,7 +169,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     metrics = metrics or ServiceMetrics()
     api_keys = [k.encode() for k in config.resolved_api_keys()]
     resolve_image = make_image_resolver(config.image_url_allowlist, timeout_s=config.image_fetch_timeout_s,
-                                        max_bytes=config.max_request_bytes)
+                                        max_bytes=config.max_request_bytes,
+                                        local_root=config.allowed_local_media_path)
     limits = {m.served_name: m.max_new_tokens_limit for m in config.models}
     admits = {m.served_name: m.admission_limit for m in config.models}  # generations a replica admits at once
     app = FastAPI(title="vlmguard", version=_version(),

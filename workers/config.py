@@ -144,6 +144,8 @@ class ServiceConfig(BaseModel):
     # http(s) image URLs are refused unless they start with one of these prefixes.
     image_url_allowlist: list[str] = Field(default_factory=list)
     image_fetch_timeout_s: float = Field(10.0, gt=0)
+    # file:// image URLs are read below this folder (None: refused); for replicas on one machine or a shared disk
+    allowed_local_media_path: Optional[str] = None
     # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
     # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
     # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and

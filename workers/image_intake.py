@@ -1,7 +1,12 @@
-"""Images in API requests: data URLs always; http(s) URLs only when an allow-list permits them."""
+"""Images in API requests: data URLs always; http(s) URLs only when an allow-list permits them; ``file://`` URLs
+only below a folder the server names (``allowed_local_media_path``, vLLM's option: offline batches of local
+images)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from PIL import Image
@@ -10,19 +15,23 @@ from vlmguard.errors import InvalidInput
 from vlmguard.images import image_from_bytes, image_from_data_url
 
 
-def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0,
-                        max_bytes: int = 20 * 1024 * 1024) -> Callable[[str], Image.Image]:
+def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0, max_bytes: int = 20 * 1024 * 1024,
+                        local_root: str | Path | None = None) -> Callable[[str], Image.Image]:
     """``resolve(url) -> RGB image`` with clear :class:`InvalidInput` errors.
 
     ``allowlist`` holds URL prefixes (``https://images.example.org/``); an empty list turns URLs off.
-    Redirects are not followed (they could leave the allow-list).
+    Redirects are not followed (they could leave the allow-list). ``local_root``: ``file://`` URLs of files below
+    this folder are read (symbolic links resolved first, so none leads out of it); None turns them off.
     """
+    root = Path(local_root).resolve() if local_root is not None else None
 
     def resolve(url: str) -> Image.Image:
         if not isinstance(url, str) or not url:
             raise InvalidInput("image URL is empty")
         if url.startswith("data:"):
             return image_from_data_url(url)
+        if url.startswith("file:"):
+            return _local_image(url, root, max_bytes)
         if not url.startswith(("http://", "https://")):
             raise InvalidInput("image URL must be a data URL (data:image/png;base64,...) or an http(s) URL")
         if not allowlist:
@@ -44,12 +53,39 @@ def make_image_resolver(allowlist: list[str], *, timeout_s: float = 10.0,
                     for chunk in resp.iter_bytes():
                         data += chunk
                         if len(data) > max_bytes:
-                            raise InvalidInput(f"image at URL exceeds {max_bytes // (1024 * 1024)} MiB")
+                            raise InvalidInput(f"image at URL exceeds {_size(max_bytes)}")
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise InvalidInput(f"fetching the image URL failed: {type(e).__name__}") from None
         return image_from_bytes(bytes(data), what="image at URL")
 
     return resolve
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB" if n >= 1024 * 1024 else f"{n} bytes"
+
+
+def _local_image(url: str, root: Path | None, max_bytes: int) -> Image.Image:
+    """The image a ``file://`` URL names, when it lies below ``root``."""
+    if root is None:
+        raise InvalidInput("file:// image URLs are turned off on this server (allowed_local_media_path; "
+                           "vlmguard run-batch --allowed-local-media-path); send the image as a data URL")
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise InvalidInput("a file:// image URL names a local path: file:///path/to/image.png")
+    path = Path(unquote(parts.path)).resolve()
+    if not path.is_relative_to(root):
+        raise InvalidInput(f"image file is not below this server's allowed folder {root}")
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                raise InvalidInput(f"image file exceeds {_size(max_bytes)}: {path}")
+            data = f.read()
+    except FileNotFoundError:
+        raise InvalidInput(f"image file not found: {path}") from None
+    except OSError as e:
+        raise InvalidInput(f"image file cannot be read: {path} ({e.strerror or e})") from None
+    return image_from_bytes(data, what=f"image file {path.name}")
 
 
 def _on_allowlist(url: str, target: httpx.URL, prefix: str) -> bool:

@@ -229,10 +229,11 @@ class BatchPlan:
 
 
 def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_size: int = 8, wait_s: float = 0.02,
-              concurrency: int | None = None, max_new_tokens_limit: int = 1024,
+              concurrency: int | None = None, max_new_tokens_limit: int = 1024, local_media: Path | None = None,
               progress: bool = True) -> BatchSummary:
     """Run a batch file through ``workers`` (their keys are the ``model`` ids the bodies may name; a body without
-    one gets the first) into the plan's output."""
+    one gets the first) into the plan's output. ``local_media``: the folder whose images ``file://`` URLs may
+    name."""
     from vlmguard.workers.api import create_api
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
 
@@ -240,7 +241,8 @@ def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_si
     models = [ModelConfig(name=name, max_new_tokens_limit=max_new_tokens_limit, max_queued_requests=-1,
                           batching=batching) for name in workers]
     config = ServiceConfig(models=models, api_key_env=None, request_timeout_s=7 * 24 * 3600.0,
-                           max_request_bytes=1 << 40)
+                           max_request_bytes=1 << 40,
+                           allowed_local_media_path=None if local_media is None else str(local_media))
     backend = BatchingBackend(workers, max_batch_size, wait_s)
     app = create_api(backend, config)
     todo = (r for r in read_requests(plan.input) if r.custom_id not in plan.skip)

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the most tokens a request may ask for (default 1024)")
     p.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MIB",
                    help="MiB that keep image prefixes for later requests about the same image (default 1024; 0: off)")
+    p.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                   help="image_url parts may be file:// URLs of images below this folder (default: refused)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--resume", action="store_true",
                    help="go on from an existing --output: requests it answered are not run again (those that "
@@ -51,6 +53,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms:g}")
     if args.prefix_cache_mb < 0:
         raise InvalidInput(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb:g}")
+    media = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        raise InvalidInput(f"--allowed-local-media-path: no such folder: {media}")
     plan = BatchPlan.make(args.input, args.output, args.resume)  # a bad file fails before the model loads
     name = args.served_model_name or args.model
     worker = EngineWorker(args.model, name=name, device=args.device, dtype=args.dtype,
@@ -59,7 +64,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     try:
         summary = run_batch(plan, {name: worker}, max_batch_size=args.max_batch_size, wait_s=args.batch_wait_ms / 1000,
                             concurrency=args.concurrency, max_new_tokens_limit=args.max_new_tokens_limit,
-                            progress=not (args.quiet or args.json))
+                            local_media=media, progress=not (args.quiet or args.json))
     except KeyboardInterrupt:
         print(f"run-batch: interrupted; the answers so far are in {args.output} (--resume goes on from it)",
               file=sys.stderr)
