@@ -1,5 +1,11 @@
-"""A backend for the HTTP API without Ray: the replica's path, every request through one in-flight batcher."""
+"""A backend for the HTTP API without Ray: the replica's path, every request through one in-flight batcher; and
+the OpenAI SDK on an app in this process."""
 from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import httpx
 
 from vlmguard.workers.engine_worker import EngineWorker
 from vlmguard.workers.inflight import InflightBatcher
@@ -31,3 +37,16 @@ class BatcherBackend:
                     raise RuntimeError("replica died")  # as a Ray handle's stream raises when its replica dies
         finally:
             await gen.aclose()
+
+
+def run_with_sdk(app: Any, scenario: Callable[[Any, httpx.AsyncClient], Awaitable[Any]]) -> Any:
+    """``await scenario(client, http)`` with the OpenAI SDK's async client and an httpx client on ``app`` (the API
+    in this process)."""
+    import openai
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+            return await scenario(client, http)
+
+    return asyncio.run(main())

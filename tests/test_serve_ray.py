@@ -205,6 +205,12 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     (call,) = called.choices[0].message.tool_calls
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "f"
     assert set(json.loads(call.function.arguments)) == {"n"}
+    # the Responses API through the replica: the same question, the same answer as the chat API's
+    reply = client.responses.create(model=MODEL, max_output_tokens=4, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Is there a dog?"}, {"type": "input_image", "image_url": image_url}]}])
+    plain = client.chat.completions.create(**kwargs)
+    assert reply.output_text == plain.choices[0].message.content
+    assert reply.usage.input_tokens == plain.usage.prompt_tokens and reply.id.startswith("resp_")
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 

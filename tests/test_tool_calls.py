@@ -22,6 +22,7 @@ from vlmguard.guided import allowed_mask, new_matcher
 from vlmguard.spec import GenerationSpec, GuidedOutput
 from vlmguard.testing import random_image, tiny_engine
 from vlmguard.tool_calls import CallStream, Function, ToolUse, parse_calls
+from service_support import run_with_sdk
 from vlmguard.workers.api import LocalBackend, create_api
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem
@@ -219,7 +220,8 @@ def test_auto_with_a_strict_function_holds_an_answers_calls_to_the_schemas_after
         assert accepts(text), text
     for text in (call % 9, call.replace("get_weather", "launch") % 2, call.replace("days", "weeks") % 2,
                  f"I will look.\n{call % 9}",  # text, then a call past its schema
-                 "It is sunny in <tool_call> land.", f"{call % 2} and more text"):  # a tag begins calls, and they end it
+                 "It is sunny in <tool_call> land.",  # a tag begins calls
+                 f"{call % 2} and more text"):  # and calls end the answer
         assert not accepts(text), text
     single = ToolUse(use.functions, "auto", parallel=False)
     assert not accepts(f"{call % 2}\n{call % 3}", single) and accepts(f"Well.\n{call % 2}", single)
@@ -346,17 +348,6 @@ def _streamed_calls(chunks, index: int = 0) -> list[dict[str, Any]]:
     return calls
 
 
-def _run(app, scenario):
-    import openai
-
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
-            return await scenario(client, http)
-
-    return asyncio.run(main())
-
-
 def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(app):
     named = {"type": "function", "function": {"name": "get_weather"}}
 
@@ -387,7 +378,7 @@ def test_openai_sdk_round_trip_a_forced_call_its_result_and_the_tokenized_count(
             **COMPACT})).json()
         return first, second, count, chunks, raw, several, held, first_streamed, (events, helped)
 
-    first, second, count, chunks, raw, several, held, first_streamed, (events, helped) = _run(app, scenario)
+    first, second, count, chunks, raw, several, held, first_streamed, (events, helped) = run_with_sdk(app, scenario)
     for answer in held:  # "auto" with strict functions: text, or calls that follow their schemas
         finish = answer.choices[0].finish_reason
         assert finish in ("stop", "length", "tool_calls")
@@ -486,7 +477,7 @@ def test_auto_answers_are_read_as_calls_or_as_text_streamed_and_not(worker, text
         chunks = [c async for c in await client.chat.completions.create(stream=True, **kw)]
         return whole, chunks
 
-    whole, chunks = _run(app, scenario)
+    whole, chunks = run_with_sdk(app, scenario)
     message = whole.choices[0].message
     assert message.content == content
     assert [c.function.name for c in message.tool_calls or []] == names
@@ -543,7 +534,7 @@ def test_bad_tool_requests_are_a_400_naming_the_field(app, body, param, needle):
         return await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [_image_message()],
                                                              "max_tokens": 4, **body})
 
-    r = _run(app, scenario)
+    r = run_with_sdk(app, scenario)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     assert r.json()["error"]["param"] == param, r.text
     assert "needs tools" not in r.json()["error"]["message"] or "tools" not in body
@@ -559,6 +550,6 @@ def test_a_forced_call_the_bundled_models_vocabulary_cannot_write_is_a_400_namin
             "model": "tiny", "messages": [{"role": "user", "content": "Is there a dog?"}], "max_tokens": 8,
             "tools": TOOLS, "tool_choice": "required"})
 
-    r = _run(app, scenario)
+    r = run_with_sdk(app, scenario)
     assert r.status_code == 400 and "no token that begins an answer" in r.text, r.text
     assert r.json()["error"]["param"] == "tool_choice"

@@ -2,7 +2,8 @@
 
 Two families of endpoints:
 
-* OpenAI-compatible ``POST /v1/chat/completions`` (+ ``GET /v1/models``). vlmguard options travel in a
+* OpenAI-compatible ``POST /v1/chat/completions`` (+ ``GET /v1/models``; ``POST /v1/responses``, OpenAI's Responses
+  API, is turned into a chat request: ``vlmguard/responses_schema.py``). vlmguard options travel in a
   top-level ``vlmguard`` object (:class:`VlmguardOptions`), so the OpenAI SDK's ``extra_body={"vlmguard":
   {...}}`` works unchanged. Responses carry the usual OpenAI fields plus a ``vlmguard`` object with visual
   token counts and timings (the SDK keeps unknown fields in ``model_extra``).

@@ -15,7 +15,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Protocol
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -37,6 +38,7 @@ from vlmguard.api_schema import (
     TokenizeResponse,
 )
 from vlmguard.errors import VlmguardError
+from vlmguard.responses_schema import ResponsesRequest
 from vlmguard.tool_calls import CallStream
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
@@ -50,12 +52,16 @@ from vlmguard.workers.openai_compat import (
     generate_item,
     generate_response,
     request_param,
+    usage,
+    vlmguard_info,
 )
+from vlmguard.workers.responses_api import ParamNames, ResponseEvents, ResponseHead, chat_request, new_id, \
+    response_object
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
-ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/generate", "/tokenize",
-          "/detokenize"}
+ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/generate",
+          "/tokenize", "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 log = logging.getLogger("vlmguard.workers")
 
@@ -163,6 +169,30 @@ def _sse(obj: BaseModel | dict[str, Any] | str) -> bytes:
     else:
         data = obj
     return f"data: {data}\n\n".encode()
+
+
+def _typed_sse(event: dict[str, Any]) -> bytes:
+    """A Responses stream's event: its type as the SSE event name, the whole event as its data."""
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+@contextmanager
+def _as_responses_errors(names: ParamNames) -> Iterator[None]:
+    """Errors about the chat request a Responses request became, naming the Responses request's fields."""
+    try:
+        yield
+    except ValidationError as e:
+        failure = _invalid_request(e)
+        failure.param, failure.message = names.rename(failure.param), names.message(failure.message)
+        raise failure from None
+    except APIFailure as e:
+        e.param, e.spec_param = names.rename(e.param or request_param(e.spec_param, chat=True)), None
+        e.message = names.message(e.message)
+        raise
+    except VlmguardError as e:
+        status = getattr(e, "http_status", 400)
+        raise APIFailure(status, names.message(str(e)), _error_type(status), type(e).__name__,
+                         param=names.rename(request_param(e.param, chat=True))) from None
 
 
 def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics | None = None) -> FastAPI:
@@ -480,6 +510,59 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """OpenAI's Responses API: the request turned into the chat request it means, answered as one, written
+        as a Response (workers/responses_api.py)."""
+        req: ResponsesRequest = await read_json(request, ResponsesRequest)
+        model = pick_model(req.model)
+        body, names = chat_request(req)
+        rid = new_id("resp")
+        head = ResponseHead(rid, model, req)
+        with_steps = req.vlmguard.diagnostics
+        with _as_responses_errors(names):
+            item = await run_in_threadpool(chat_item, ChatCompletionRequest.model_validate(body), resolve_image,
+                                           max_images=config.max_images_per_request,
+                                           max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
+                                           max_pixels=config.max_request_pixels)
+            if not req.stream:
+                answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
+                choice = answer.choices[0]
+                calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+                return JSONResponse(response_object(head, choice.message.content, calls, choice.finish_reason,
+                                                    answer.usage, answer.vlmguard))
+            opened = await open_stream(model, item)
+
+        async def stream() -> AsyncIterator[bytes]:
+            events = ResponseEvents(head)
+            calls = CallStream(item.tools) if item.tools is not None else None
+            for ev in events.start():
+                yield _typed_sse(ev)
+            source = merged([opened])
+            try:
+                async for _, ev in source:
+                    result = (ev.get("result") or {}) if ev.get("done") else None
+                    failure = stream_failure(ev, result)
+                    if failure is not None:
+                        yield _typed_sse(events.error(failure["error"]))
+                        break
+                    out: list[dict[str, Any]] = []
+                    if result is not None:
+                        finish = result.get("finish_reason", "stop")
+                        if calls is not None:
+                            text, pieces, finish = calls.finish(finish)
+                            out = events.text_delta(text) + events.call_pieces(pieces)
+                        out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
+                    elif ev.get("text"):
+                        text, pieces = calls.feed(ev["text"]) if calls is not None else (ev["text"], [])
+                        out = events.text_delta(text) + events.call_pieces(pieces)
+                    for e in out:
+                        yield _typed_sse(e)
+            finally:
+                await source.aclose()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def token_call(model: str, method: str, *args: Any) -> dict[str, Any]:
         out = await backend.tokens(model, method, *args)

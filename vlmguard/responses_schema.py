@@ -1,0 +1,132 @@
+"""Wire format of OpenAI's Responses API (``POST /v1/responses``), the subset vlmguard answers: a request in, one
+response out, whole or streamed as typed events.
+
+The request's ``input`` is a text or a list of items: messages (``role`` user / system / developer / assistant, a
+text or parts ``input_text``, ``input_image``, ``output_text``), earlier function calls and their outputs. Its
+items are read one by one when the request is turned into a chat request (``workers/responses_api.py``), so that an
+error names the item (``input.2.content.0``). Nothing is stored: ``previous_response_id`` is refused and every
+response says ``store: false``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from vlmguard.api_schema import VlmguardOptions
+from vlmguard.spec import NumbersNotBooleans
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "output_text"]  # (output_text: an earlier answer's text, sent back)
+    text: str
+    annotations: Optional[list[Any]] = None  # (an earlier answer's, ignored)
+
+
+class InputImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_image"]
+    image_url: str  # a data URL, or a URL the server's image rules allow
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted and ignored, as in the chat API
+
+
+class InputItem(BaseModel):
+    """An item of ``input``; an earlier response's items may be sent back as they came (``id``, ``status``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class InputMessage(InputItem):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Union[str, list[dict[str, Any]]]  # parts: InputText | InputImage, read one by one
+
+
+class FunctionCallItem(InputItem):
+    """An earlier answer's function call, sent back before its output."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(InputItem):
+    """What a function call returned (its ``call_id``), as text."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+ITEM_TYPES: dict[str, type[BaseModel]] = {"message": InputMessage, "function_call": FunctionCallItem,
+                                          "function_call_output": FunctionCallOutputItem}
+
+
+class FunctionTool(BaseModel):
+    """A function the answer may call (the Responses API's flat form of the chat API's ``tools[].function``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[StrictBool] = None  # the Responses API's default is true
+
+
+class NamedFunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    """``text.format``: plain text, any JSON object, or JSON following a schema (``name``, ``schema``,
+    ``strict``, as the chat API's ``response_format.json_schema``, flat)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    description: Optional[str] = None
+    strict: Optional[StrictBool] = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Optional[TextFormat] = None
+    verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
+
+
+class ResponsesRequest(NumbersNotBooleans):
+    """The subset of OpenAI's Responses request vlmguard honours; unknown fields are refused, naming them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    input: Union[str, list[dict[str, Any]]]  # items read one by one (ITEM_TYPES)
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: StrictBool = False
+    tools: Optional[list[FunctionTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedFunctionChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    text: Optional[TextConfig] = None
+    previous_response_id: Optional[str] = None  # refused: nothing is stored
+    store: Optional[StrictBool] = None  # accepted; nothing is stored (the response says store: false)
+    metadata: Optional[dict[str, str]] = None  # echoed in the response
+    user: Optional[str] = None  # accepted and ignored
+    truncation: Optional[Literal["disabled"]] = None  # "auto" (dropping the oldest items) is not offered
+    vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)

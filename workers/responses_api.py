@@ -1,0 +1,325 @@
+"""OpenAI's Responses API (``POST /v1/responses``) over the chat machinery.
+
+A Responses request is turned into the chat request it means (:func:`chat_request`): ``instructions`` a system
+message, each ``input`` item a message (function calls joined to the assistant message before them, their outputs
+``tool`` messages), ``max_output_tokens`` ``max_tokens``, ``text.format`` ``response_format``, the flat function
+``tools`` the chat API's (``strict`` true unless set, the Responses API's default). It is then checked, run and read
+exactly as a chat request (every pruner, decoder and parameter), and its answer written as a Response: a message
+item with the answer's text and a ``function_call`` item per call (:func:`response_object`), or, streamed, the
+Responses API's typed events (:class:`ResponseEvents`). An error names the field as the Responses request spells it
+(:class:`ParamNames`).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pydantic import BaseModel, ValidationError
+
+from vlmguard.api_schema import Usage, VlmguardInfo
+from vlmguard.errors import InvalidInput
+from vlmguard.responses_schema import ITEM_TYPES, InputImage, InputText, ResponsesRequest
+from vlmguard.tool_calls import CallDelta
+
+PART_TYPES: dict[str, type[BaseModel]] = {"input_text": InputText, "output_text": InputText,
+                                          "input_image": InputImage}
+
+
+def _validated(cls: type[BaseModel], data: Any, path: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join([path, *(str(x) for x in err["loc"])])
+        raise InvalidInput(f"{where}: {err['msg']}", param=where) from None
+
+
+@dataclass
+class ParamNames:
+    """Where each message of the chat request came from in the Responses request (``instructions``, ``input``,
+    ``input.3``), so that an error about the chat request names the field the Responses request has."""
+
+    messages: list[str] = field(default_factory=list)
+
+    def rename(self, param: Optional[str]) -> Optional[str]:
+        if not param:
+            return param
+        head, _, rest = param.partition(".")
+        if head == "messages":
+            k, _, tail = rest.partition(".")
+            base = self.messages[int(k)] if k.isdigit() and int(k) < len(self.messages) else "input"
+            tail = tail.replace("image_url.url", "image_url")
+            return base + ("." + tail if tail else "")
+        if head in ("max_tokens", "max_completion_tokens"):
+            return "max_output_tokens"
+        if head == "response_format":
+            return "text.format"
+        if head == "tools":  # tools.N.function.X -> tools.N.X
+            return re.sub(r"^tools\.(\d+)\.function\b", r"tools.\1", param)
+        if head == "tool_choice":
+            return param.replace("tool_choice.function.name", "tool_choice.name")
+        return param
+
+    def message(self, text: str) -> str:
+        """An error message with the chat request's ``messages[K]`` said as the Responses request's field."""
+        return re.sub(r"messages(?:\[(\d+)\]|\.(\d+))",
+                      lambda m: self.rename(f"messages.{m.group(1) or m.group(2)}") or "input", text)
+
+
+def _content(parts: Any, path: str) -> Any:
+    """A message's content as the chat API's: its text, or its parts (input_text / output_text -> text,
+    input_image -> image_url)."""
+    if isinstance(parts, str):
+        return parts
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in PART_TYPES:
+            raise InvalidInput(f"{path}.content.{j}: part type {kind!r} is not supported (input_text, input_image, "
+                               "output_text)", param=f"{path}.content.{j}.type")
+        p = _validated(PART_TYPES[kind], part, f"{path}.content.{j}")
+        if isinstance(p, InputText):
+            out.append({"type": "text", "text": p.text})
+        else:
+            out.append({"type": "image_url", "image_url": {"url": p.image_url}})
+    return out
+
+
+def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
+    messages: list[dict[str, Any]] = []
+    names = ParamNames()
+
+    def add(message: dict[str, Any], path: str) -> None:
+        messages.append(message)
+        names.messages.append(path)
+
+    if req.instructions:
+        add({"role": "system", "content": req.instructions}, "instructions")
+    if isinstance(req.input, str):
+        add({"role": "user", "content": req.input}, "input")
+        return messages, names
+    if not req.input:
+        raise InvalidInput("input is an empty list: give a text or at least one item", param="input")
+    for i, raw in enumerate(req.input):
+        path = f"input.{i}"
+        kind = raw.get("type", "message") if isinstance(raw, dict) else None
+        if kind not in ITEM_TYPES:
+            raise InvalidInput(f"{path}: item type {kind!r} is not supported (message, function_call, "
+                               "function_call_output)", param=f"{path}.type")
+        item = _validated(ITEM_TYPES[kind], raw, path)
+        if kind == "message":
+            content = _content(item.content, path)
+            if item.role == "assistant" and not isinstance(content, str):  # an earlier answer: its text
+                content = "".join(p.get("text", "") for p in content)
+            add({"role": item.role, "content": content}, path)
+        elif kind == "function_call":
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant":  # the calls of the answer just before
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                add({"role": "assistant", "content": None, "tool_calls": [call]}, path)
+        else:
+            add({"role": "tool", "tool_call_id": item.call_id, "content": item.output}, path)
+    return messages, names
+
+
+def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
+    """The chat request (as the JSON a client would send) a Responses request means, and where its messages came
+    from. Items that are not messages the chat API has are refused here, naming them."""
+    if req.previous_response_id is not None:
+        raise InvalidInput("previous_response_id: this server stores no responses (store is false); send the "
+                           "conversation's items in input", param="previous_response_id")
+    messages, names = _messages(req)
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "vlmguard": req.vlmguard.model_dump()}
+    for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+                         ("parallel_tool_calls", "parallel_tool_calls")):
+        if getattr(req, ours) is not None:
+            body[theirs] = getattr(req, ours)
+    if req.tools is not None:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description, "parameters": t.parameters,
+            "strict": True if t.strict is None else t.strict}} for t in req.tools]
+    if req.tool_choice is not None:
+        body["tool_choice"] = req.tool_choice if isinstance(req.tool_choice, str) else {
+            "type": "function", "function": {"name": req.tool_choice.name}}
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type != "text":
+        body["response_format"] = {"type": fmt.type} if fmt.type == "json_object" else {
+            "type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.json_schema,
+                                                   "description": fmt.description, "strict": fmt.strict}}
+    return body, names
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class OutputCall:
+    """A function call of the answer: its output item's id, the call's id and what it calls."""
+
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str = ""
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _call_item(call: OutputCall, status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": call.item_id, "call_id": call.call_id, "name": call.name,
+            "arguments": call.arguments, "status": status}
+
+
+def _usage(u: Usage) -> dict[str, Any]:
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.prompt_tokens_details
+                                                                      .cached_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.total_tokens}
+
+
+@dataclass
+class ResponseHead:
+    """What every state of one response shares: its id, model, creation time and the request's settings it
+    echoes."""
+
+    id: str
+    model: str
+    req: ResponsesRequest
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: Optional[Usage] = None,
+                 info: Optional[VlmguardInfo] = None) -> dict[str, Any]:
+        req = self.req
+        incomplete = status == "incomplete"
+        body: dict[str, Any] = {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "model": self.model, "output": output, "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "tool_choice": (req.tool_choice.model_dump() if req.tool_choice is not None
+                            and not isinstance(req.tool_choice, str) else req.tool_choice or "auto"),
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "text": {"format": (req.text.format.model_dump(by_alias=True, exclude_none=True)
+                                if req.text is not None and req.text.format is not None else {"type": "text"})},
+            "previous_response_id": None, "store": False, "truncation": "disabled", "user": req.user,
+            "metadata": req.metadata or {}, "usage": _usage(usage) if usage is not None else None,
+        }
+        if info is not None:
+            body["vlmguard"] = info.model_dump(exclude_none=True)
+        return body
+
+    def final(self, finish_reason: str, text_item: Optional[tuple[str, str]], calls: list[OutputCall],
+              usage: Usage, info: Optional[VlmguardInfo]) -> dict[str, Any]:
+        """The finished response: ``completed``, or ``incomplete`` when the answer ran out of tokens."""
+        done = "incomplete" if finish_reason == "length" else "completed"
+        output = [] if text_item is None else [_message_item(text_item[0], text_item[1], done)]
+        output += [_call_item(c, done) for c in calls]
+        return self.response(done, output, usage, info)
+
+
+def response_object(head: ResponseHead, content: Optional[str], calls: list[tuple[str, str, str]],
+                    finish_reason: str, usage: Usage, info: Optional[VlmguardInfo]) -> dict[str, Any]:
+    """A whole answer as a Response: its text as a message item (an answer of calls alone has none) and each call
+    (``(call id, name, arguments)``) as a function_call item."""
+    out_calls = [OutputCall(new_id("fc"), cid, name, args) for cid, name, args in calls]
+    text_item = None if content is None and out_calls else (new_id("msg"), content or "")
+    return head.final(finish_reason, text_item, out_calls, usage, info)
+
+
+class ResponseEvents:
+    """The typed events of one streamed Response (``response.created``, ``response.output_text.delta``,
+    ``response.function_call_arguments.delta``, ... ``response.completed``), each numbered, from the chat stream's
+    text pieces and call pieces (:class:`~vlmguard.tool_calls.CallDelta`) and its end."""
+
+    def __init__(self, head: ResponseHead):
+        self.head = head
+        self.seq = 0
+        self.outputs = 0  # output items opened
+        self.text_item: Optional[tuple[str, int]] = None  # the open message item: its id and output index
+        self.text = ""
+        self.message: Optional[tuple[str, str]] = None  # the message item once closed: id and text
+        self.calls: list[OutputCall] = []
+        self.call_index: list[int] = []  # each call's output index
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        ev = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return ev
+
+    def start(self) -> list[dict[str, Any]]:
+        opening = self.head.response("in_progress", [])
+        return [self._event("response.created", response=opening),
+                self._event("response.in_progress", response=opening)]
+
+    def _open_text(self) -> list[dict[str, Any]]:
+        item_id = new_id("msg")
+        self.text_item = (item_id, self.outputs)
+        self.outputs += 1
+        item = {**_message_item(item_id, "", "in_progress"), "content": []}
+        return [self._event("response.output_item.added", output_index=self.text_item[1], item=item),
+                self._event("response.content_part.added", item_id=item_id, output_index=self.text_item[1],
+                            content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+
+    def text_delta(self, delta: str) -> list[dict[str, Any]]:
+        if not delta:
+            return []
+        out = self._open_text() if self.text_item is None and self.message is None else []
+        if self.text_item is None:  # (text after a call: not written by the Hermes format, never sent)
+            return out
+        self.text += delta
+        out.append(self._event("response.output_text.delta", item_id=self.text_item[0],
+                               output_index=self.text_item[1], content_index=0, delta=delta, logprobs=[]))
+        return out
+
+    def _close_text(self, status: str) -> list[dict[str, Any]]:
+        if self.text_item is None:
+            return []
+        item_id, index = self.text_item
+        self.text_item, self.message = None, (item_id, self.text)
+        part = {"type": "output_text", "text": self.text, "annotations": []}
+        return [self._event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
+                            text=self.text, logprobs=[]),
+                self._event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                            part=part),
+                self._event("response.output_item.done", output_index=index,
+                            item=_message_item(item_id, self.text, status))]
+
+    def call_pieces(self, pieces: list[CallDelta]) -> list[dict[str, Any]]:
+        out = self._close_text("completed") if pieces else []
+        for p in pieces:
+            if p.id is not None:  # a call's first piece: its item opens
+                self.calls.append(OutputCall(new_id("fc"), p.id, p.name or ""))
+                self.call_index.append(self.outputs)
+                self.outputs += 1
+                out.append(self._event("response.output_item.added", output_index=self.call_index[-1],
+                                       item=_call_item(self.calls[-1], "in_progress")))
+            call, index = self.calls[p.index], self.call_index[p.index]
+            if p.arguments:
+                call.arguments += p.arguments
+                out.append(self._event("response.function_call_arguments.delta", item_id=call.item_id,
+                                       output_index=index, delta=p.arguments))
+        return out
+
+    def finish(self, finish_reason: str, usage: Usage, info: Optional[VlmguardInfo]) -> list[dict[str, Any]]:
+        status = "incomplete" if finish_reason == "length" else "completed"
+        empty = self.text_item is None and self.message is None and not self.calls  # an answer of no text
+        out = (self._open_text() if empty else []) + self._close_text(status)
+        for call, index in zip(self.calls, self.call_index):
+            out += [self._event("response.function_call_arguments.done", item_id=call.item_id, output_index=index,
+                                name=call.name, arguments=call.arguments),
+                    self._event("response.output_item.done", output_index=index, item=_call_item(call, status))]
+        final = self.head.final(finish_reason, self.message, self.calls, usage, info)
+        return out + [self._event(f"response.{final['status']}", response=final)]
+
+    def error(self, error: dict[str, Any]) -> dict[str, Any]:
+        return self._event("error", code=error.get("code") or error.get("type"), message=error.get("message"),
+                           param=None)
