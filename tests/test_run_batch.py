@@ -39,10 +39,16 @@ NATIVE = {"prompt": "Is there a cat in the image?", "images": [image_to_data_url
           "spec": {"max_new_tokens": 6, "pruning": "adaptinfer", "budget": 32}}
 
 
+RESPONSES = {"model": "tiny", "max_output_tokens": 12, "input": [{"role": "user", "content": [  # pope-0's question
+    {"type": "input_image", "image_url": BODIES["pope-0"]["messages"][0]["content"][0]["image_url"]["url"]},
+    {"type": "input_text", "text": "Is there a dog in the image?"}]}]}
+
+
 def _write_requests(path: Path, extra_lines: tuple[str, ...] = ()) -> None:
     lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
              for cid, body in BODIES.items()]
     lines.append(json.dumps({"custom_id": "native", "method": "POST", "url": "/v1/generate", "body": NATIVE}))
+    lines.append(json.dumps({"custom_id": "responses", "method": "POST", "url": "/v1/responses", "body": RESPONSES}))
     path.write_text("\n".join([*lines, "", *extra_lines]) + "\n")  # (a blank line is skipped)
 
 
@@ -76,9 +82,9 @@ def batch_run(tmp_path_factory):
 
 def test_every_request_gets_one_record_in_openais_batch_output_format(batch_run):
     summary, records = batch_run
-    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 1, "skipped": 0, "ok": 12,
+    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 2, "skipped": 0, "ok": 13,
                        "failed": 3}
-    assert set(records) == {*BODIES, "native"}
+    assert set(records) == {*BODIES, "native", "responses"}
     for cid, rec in records.items():
         assert rec["id"].startswith("batch_req_") and rec["error"] is None and rec["custom_id"] == cid
         assert set(rec["response"]) == {"status_code", "request_id", "body"}
@@ -89,6 +95,10 @@ def test_every_request_gets_one_record_in_openais_batch_output_format(batch_run)
     chat = records["pope-0"]["response"]
     assert chat["request_id"] == chat["body"]["id"] and chat["body"]["object"] == "chat.completion"
     assert len(records["two-choices"]["response"]["body"]["choices"]) == 2
+    reply = records["responses"]["response"]  # the Responses API: the same question, the same answer
+    assert reply["request_id"] == reply["body"]["id"] and reply["body"]["object"] == "response"
+    assert reply["body"]["output"][0]["content"][0]["text"] == \
+        records["pope-0"]["response"]["body"]["choices"][0]["message"]["content"]
 
 
 def test_answers_equal_the_services_own_and_requests_share_batches(batch_run):
@@ -107,12 +117,12 @@ def test_answers_equal_the_services_own_and_requests_share_batches(batch_run):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "in.jsonl:17: not JSON"),
-    ('["a list"]', "in.jsonl:17: a request line is a JSON object, got list"),
-    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:17: custom_id must be a non-empty"),
+    ("not json", "in.jsonl:18: not JSON"),
+    ('["a list"]', "in.jsonl:18: a request line is a JSON object, got list"),
+    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:18: custom_id must be a non-empty"),
     ('{"custom_id": "pope-2", "url": "/v1/chat/completions", "body": {}}', "custom_id 'pope-2' repeats line 3"),
     ('{"custom_id": "x", "url": "/v1/embeddings", "body": {}}', "url must be one of /v1/chat/completions, "
-                                                                 "/v1/generate, got '/v1/embeddings'"),
+                                                                 "/v1/responses, /v1/generate, got '/v1/embeddings'"),
     ('{"custom_id": "x", "method": "GET", "url": "/v1/generate", "body": {}}', "method must be POST, got 'GET'"),
     ('{"custom_id": "x", "url": "/v1/generate", "body": "hi"}', "body must be a JSON object"),
     ('{"custom_id": "x", "url": "/v1/generate", "body": {}, "extra": 1}', "unknown field(s) extra"),
@@ -151,9 +161,9 @@ def test_resume_keeps_final_answers_and_runs_the_rest(tmp_path, batch_run):
     cut = json.dumps(records["pope-3"])[:40]  # the last line of an interrupted run
     out.write_text("\n".join(json.dumps(r) for r in (kept, server_error, refused)) + "\n" + cut)
     summary = run_json(["run-batch", "-i", str(requests), "-o", str(out), "--resume", "--json"])
-    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 1 - 2)
+    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 2 - 2)
     after = _records(out)
-    assert set(after) == {*BODIES, "native"}
+    assert set(after) == {*BODIES, "native", "responses"}
     assert after["pope-1"] == kept and after["refused"] == refused  # not run again
     assert after["pope-2"]["response"]["status_code"] == 200  # the server error ran again
     assert after["pope-3"]["response"]["body"]["choices"][0]["message"] == \

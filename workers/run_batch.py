@@ -4,7 +4,7 @@ The input is OpenAI's Batch API format, one request a line::
 
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...], ...}}
 
-(``url`` also ``/v1/generate``, the native API). Each body goes through the service's own API (``create_api``)
+(``url`` also ``/v1/responses``, OpenAI's Responses API, or ``/v1/generate``, the native API). Each body goes through the service's own API (``create_api``)
 in this process, so it is read, checked and answered exactly as the HTTP service answers it, every pruner,
 decoder and OpenAI parameter included; the model's requests share in-flight batches (``InflightBatcher``, as a
 served replica's do). The output is OpenAI's batch output format, one line per request, in the order they
@@ -34,7 +34,7 @@ from vlmguard.workers.api import LocalBackend
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, stream_alone
 from vlmguard.workers.inflight import InflightBatcher
 
-URLS = ("/v1/chat/completions", "/v1/generate")
+URLS = ("/v1/chat/completions", "/v1/responses", "/v1/generate")
 
 
 @dataclass(frozen=True)
