@@ -4,8 +4,9 @@ The input is OpenAI's Batch API format, one request a line::
 
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...], ...}}
 
-(``url`` also ``/v1/responses``, OpenAI's Responses API, or ``/v1/generate``, the native API). Each body goes through the service's own API (``create_api``)
-in this process, so it is read, checked and answered exactly as the HTTP service answers it, every pruner,
+(``url`` also ``/v1/responses``, OpenAI's Responses API, or ``/v1/generate``, the native API). Each body goes
+through the service's own API (``create_api``) in this process, so it is read, checked and answered exactly as the
+HTTP service answers it, every pruner,
 decoder and OpenAI parameter included; the model's requests share in-flight batches (``InflightBatcher``, as a
 served replica's do). The output is OpenAI's batch output format, one line per request, in the order they
 finish::
