@@ -188,3 +188,49 @@ def test_local_images_are_read_from_the_allowed_folder_only(tmp_path, batch_run)
         records["pope-0"]["response"]["body"]["choices"][0]["message"]  # the same image, the same answer
     assert off["response"]["status_code"] == 400
     assert "file:// image URLs are turned off" in off["response"]["body"]["error"]["message"]
+
+
+def test_a_services_overloaded_answers_are_retried_and_a_lost_request_is_recorded(tmp_path):
+    """The client side of ``--url``: 503 with Retry-After is retried, an error answer is its record, and a request
+    that never got an answer is a record with no response (so that --resume runs it again)."""
+    import io
+
+    from vlmguard.client import AsyncClient
+    from vlmguard.workers.run_batch import BatchRequest, answered_ids, run_requests
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cid = json.loads(request.content)["cid"]
+        seen.append(cid)
+        if cid == "lost":
+            raise httpx.ConnectError("connection refused", request=request)
+        if cid == "busy" and seen.count("busy") < 3:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"message": "overloaded"}})
+        if cid == "refused":
+            return httpx.Response(400, json={"error": {"message": "bad", "type": "invalid_request_error",
+                                                       "param": "messages", "code": "invalid_request"}})
+        return httpx.Response(200, json={"id": f"chatcmpl-{cid}", "object": "chat.completion"})
+
+    requests = [BatchRequest(i, cid, "/v1/chat/completions", {"cid": cid})
+                for i, cid in enumerate(["ok", "busy", "refused", "lost"], 1)]
+    out = io.StringIO()
+
+    async def main():
+        client = AsyncClient("http://service", transport=httpx.MockTransport(handler), max_retries=3, backoff_s=0.0)
+        try:
+            return await run_requests(client, iter(requests), out, concurrency=2)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == (2, 2)
+    records = {r["custom_id"]: r for r in map(json.loads, out.getvalue().splitlines())}
+    assert seen.count("busy") == 3 and seen.count("lost") == 4  # retried; the lost one each time
+    assert records["busy"]["response"] == {"status_code": 200, "request_id": "chatcmpl-busy",
+                                           "body": {"id": "chatcmpl-busy", "object": "chat.completion"}}
+    assert records["refused"]["response"]["status_code"] == 400
+    assert records["refused"]["response"]["body"]["error"]["param"] == "messages"
+    assert records["lost"]["response"] is None and records["lost"]["error"]["code"] == "no_answer"
+    saved = tmp_path / "out.jsonl"
+    saved.write_text(out.getvalue())
+    assert answered_ids(saved) == {"ok", "busy", "refused"}  # --resume runs the lost one again

@@ -215,6 +215,27 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 
 
+def test_run_batch_sends_a_file_of_requests_to_the_service(service, image_url, tmp_path):
+    """``vlmguard run-batch --url``: the service's replicas answer the file, each line as the API answers it."""
+    from cli_support import run_json
+
+    lines = [{"custom_id": "a", "url": "/v1/chat/completions", "body": _chat_body(image_url, max_tokens=5)},
+             {"custom_id": "b", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": "Hello", "max_output_tokens": 3}},
+             {"custom_id": "c", "url": "/v1/chat/completions", "body": {"model": MODEL, "messages": []}}]
+    requests, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = run_json(["run-batch", "-i", str(requests), "-o", str(out), "--url", service.url, "--api-key", KEY,
+                        "--json"])
+    assert (summary["ok"], summary["failed"]) == (2, 1)
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    direct = httpx.post(service.url + "/v1/chat/completions", json=_chat_body(image_url, max_tokens=5), headers=AUTH,
+                        timeout=60).json()
+    assert records["a"]["response"]["body"]["choices"][0]["message"] == direct["choices"][0]["message"]
+    assert records["b"]["response"]["body"]["object"] == "response"
+    assert records["c"]["response"]["status_code"] == 400
+
+
 def test_native_generate_and_python_client(service):
     from vlmguard.client import Client
 

@@ -475,6 +475,11 @@ class AsyncClient(_Base):
                     timeout: float | None = None) -> Any:
         return _json_of(await self._send(method, path, body, timeout=timeout))
 
+    async def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> Any:
+        """Any endpoint's JSON answer to ``body`` (``/v1/responses``, say), with this client's retries; an error
+        answer raises :class:`APIError` with its status and the fields of its body."""
+        return await self._json("POST", path, body, timeout=timeout)
+
     async def health(self, timeout: float | None = None) -> dict[str, Any]:
         return await self._json("GET", "/health", timeout=self._status_timeout(timeout))
 

@@ -122,7 +122,7 @@ def answered_ids(output: Path) -> set[str]:
         for text in f:
             try:
                 rec = json.loads(text)
-                status = rec["response"]["status_code"]
+                status = rec["response"]["status_code"]  # (a request with no answer: response null, run again)
                 cid = rec["custom_id"]
             except (ValueError, KeyError, TypeError):
                 continue
@@ -165,42 +165,52 @@ class BatchingBackend(LocalBackend):
             b.close()
 
 
-async def run_requests(app: Any, requests: Iterator[BatchRequest], out: TextIO, *, concurrency: int,
+def _error_body(e: Any) -> dict[str, Any]:
+    """An APIError as the API's error object."""
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextIO, *, concurrency: int,
                        done: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
-    """Send every request to ``app`` (the API, in this process), at most ``concurrency`` at a time, and write each
-    answer's record to ``out`` as it comes. (answered 2xx, answered otherwise)."""
-    import httpx
+    """Send every request through ``client`` (a :class:`vlmguard.client.AsyncClient`: the API in this process or a
+    service's), at most ``concurrency`` at a time, and write each answer's record to ``out`` as it comes. A request
+    that got no answer at all (the service unreachable after the client's retries) is a record with ``response``
+    null and the ``error``. (answered 2xx, otherwise)."""
+    from vlmguard.client import APIError
 
     counts = [0, 0]
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(client: httpx.AsyncClient, req: BatchRequest) -> None:
+    async def one(req: BatchRequest) -> None:
         try:
             if req.body.get("stream") is True:  # (a batch answers whole: OpenAI's batches refuse it too)
-                status, body = 400, {"error": {"message": "stream is not supported in a batch", "type":
-                                               "invalid_request_error", "param": "stream", "code": None}}
+                record = batch_record(req, 400, {"error": {"message": "stream is not supported in a batch",
+                                                           "type": "invalid_request_error", "param": "stream",
+                                                           "code": None}})
             else:
-                r = await client.post(req.url, json=req.body)
-                status, body = r.status_code, r.json()
-            record = batch_record(req, status, body)
+                try:
+                    record = batch_record(req, 200, await client.post(req.url, req.body))
+                except APIError as e:
+                    record = batch_record(req, e.status, _error_body(e)) if e.status else {
+                        **batch_record(req, 0, None), "response": None,
+                        "error": {"code": "no_answer", "message": e.message}}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
+            status = (record["response"] or {}).get("status_code", 0)
             counts[0 if 200 <= status < 300 else 1] += 1
             if done is not None:
                 done(record)
         finally:
             slots.release()
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
-        tasks = set()
-        for req in requests:
-            await slots.acquire()
-            task = asyncio.create_task(one(client, req))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+    tasks = set()
+    for req in requests:
+        await slots.acquire()
+        task = asyncio.create_task(one(req))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
     return counts[0], counts[1]
 
 
@@ -235,30 +245,60 @@ def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_si
     """Run a batch file through ``workers`` (their keys are the ``model`` ids the bodies may name; a body without
     one gets the first) into the plan's output. ``local_media``: the folder whose images ``file://`` URLs may
     name."""
+    import httpx
+
+    from vlmguard.client import AsyncClient
     from vlmguard.workers.api import create_api
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
 
     batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
     models = [ModelConfig(name=name, max_new_tokens_limit=max_new_tokens_limit, max_queued_requests=-1,
                           batching=batching) for name in workers]
-    config = ServiceConfig(models=models, api_key_env=None, request_timeout_s=7 * 24 * 3600.0,
-                           max_request_bytes=1 << 40,
+    week = 7 * 24 * 3600.0
+    config = ServiceConfig(models=models, api_key_env=None, request_timeout_s=week, max_request_bytes=1 << 40,
                            allowed_local_media_path=None if local_media is None else str(local_media))
     backend = BatchingBackend(workers, max_batch_size, wait_s)
     app = create_api(backend, config)
+    try:
+        return _drive(plan, lambda: AsyncClient("http://batch", transport=httpx.ASGITransport(app=app),
+                                                timeout=week, max_retries=0),
+                      concurrency or 2 * max_batch_size, progress)
+    finally:
+        backend.close()
+
+
+def run_batch_remote(plan: BatchPlan, url: str, api_key: str | None = None, *, concurrency: int = 16,
+                     timeout_s: float = 3600.0, max_retries: int = 8, progress: bool = True) -> BatchSummary:
+    """Run a batch file through a running service at ``url`` (its replicas batch the requests): overloaded answers
+    (429, 503) and lost connections are retried with backoff, honouring Retry-After."""
+    from vlmguard.client import AsyncClient
+
+    return _drive(plan, lambda: AsyncClient(url, api_key, timeout=timeout_s, max_retries=max_retries), concurrency,
+                  progress)
+
+
+def _drive(plan: BatchPlan, make_client: Callable[[], Any], concurrency: int, progress: bool) -> BatchSummary:
+    """The plan's requests not answered before, through the client ``make_client`` makes, into its output."""
     todo = (r for r in read_requests(plan.input) if r.custom_id not in plan.skip)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.total - len(plan.skip), desc="run-batch", unit="req", mininterval=1.0)
+
+    async def main() -> tuple[int, int]:
+        client = make_client()
+        try:
+            with open(plan.output, "a", encoding="utf-8") as out:
+                return await run_requests(client, todo, out, concurrency=concurrency,
+                                          done=(lambda _rec: bar.update(1)) if bar is not None else None)
+        finally:
+            await client.aclose()
+
     t0 = time.perf_counter()
     try:
-        with open(plan.output, "a", encoding="utf-8") as out:
-            ok, failed = asyncio.run(run_requests(app, todo, out, concurrency=concurrency or 2 * max_batch_size,
-                                                  done=(lambda _rec: bar.update(1)) if bar is not None else None))
+        ok, failed = asyncio.run(main())
     finally:
-        backend.close()
         if bar is not None:
             bar.close()
     return BatchSummary(plan.total, len(plan.skip), ok, failed, time.perf_counter() - t0)

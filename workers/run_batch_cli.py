@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from vlmguard.commands.generate import add_model_args, positive_int
 from vlmguard.errors import InvalidInput
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="how long joiners wait to share one prefill (default 20)")
     p.add_argument("--concurrency", type=positive_int, default=None,
-                   help="requests in flight at once (default: twice --max-batch-size)")
+                   help="requests in flight at once (default: twice --max-batch-size; with --url 16)")
     p.add_argument("--max-new-tokens-limit", type=positive_int, default=1024,
                    help="the most tokens a request may ask for (default 1024)")
     p.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MIB",
@@ -38,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
                    help="image_url parts may be file:// URLs of images below this folder (default: refused)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    remote = p.add_argument_group("a running service instead of a model here")
+    remote.add_argument("--url", default=None,
+                        help="send the requests to the service at this address (its replicas batch them; the model "
+                             "options above do not apply); 429 / 503 answers and lost connections are retried")
+    remote.add_argument("--api-key", default=None, help="the service's key (default: $VLMGUARD_API_KEY)")
+    remote.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="the longest wait for one answer (default 3600)")
+    remote.add_argument("--retries", type=int, default=8, help="retries of an overloaded or lost request (default 8)")
     p.add_argument("--resume", action="store_true",
                    help="go on from an existing --output: requests it answered are not run again (those that "
                         "failed with a server error are)")
@@ -47,9 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
-    from vlmguard.workers.engine_worker import EngineWorker
-    from vlmguard.workers.run_batch import BatchPlan, run_batch
+    from vlmguard.workers.run_batch import BatchPlan
 
+    if args.url is not None:
+        if args.allowed_local_media_path is not None:
+            raise InvalidInput("--allowed-local-media-path is the service's own setting (allowed_local_media_path "
+                               "in its config), not taken with --url")
+        if args.timeout <= 0 or args.retries < 0:
+            raise InvalidInput("--timeout must be > 0 and --retries >= 0")
+        plan = BatchPlan.make(args.input, args.output, args.resume)
+        return _report(args, lambda: _remote(args, plan))
     if args.batch_wait_ms < 0:
         raise InvalidInput(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms:g}")
     if args.prefix_cache_mb < 0:
@@ -58,14 +75,35 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     if media is not None and not media.is_dir():
         raise InvalidInput(f"--allowed-local-media-path: no such folder: {media}")
     plan = BatchPlan.make(args.input, args.output, args.resume)  # a bad file fails before the model loads
+    return _report(args, lambda: _local(args, plan, media))
+
+
+def _local(args: argparse.Namespace, plan: Any, media: Path | None) -> Any:
+    from vlmguard.workers.engine_worker import EngineWorker
+    from vlmguard.workers.run_batch import run_batch
+
     name = args.served_model_name or args.model
     worker = EngineWorker(args.model, name=name, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn, trust_remote_code=args.trust_remote_code,
                           torch_threads=args.threads, prefix_cache_mb=args.prefix_cache_mb)
+    return run_batch(plan, {name: worker}, max_batch_size=args.max_batch_size, wait_s=args.batch_wait_ms / 1000,
+                     concurrency=args.concurrency, max_new_tokens_limit=args.max_new_tokens_limit,
+                     local_media=media, progress=not (args.quiet or args.json))
+
+
+def _remote(args: argparse.Namespace, plan: Any) -> Any:
+    from vlmguard.workers.run_batch import run_batch_remote
+
+    return run_batch_remote(plan, args.url, args.api_key or os.environ.get("VLMGUARD_API_KEY") or None,
+                            concurrency=args.concurrency or 16, timeout_s=args.timeout, max_retries=args.retries,
+                            progress=not (args.quiet or args.json))
+
+
+def _report(args: argparse.Namespace, run: Callable[[], Any]) -> int:
+    """Run, then print the summary (``--json``: also as one JSON object); an interruption says where the answers
+    so far are."""
     try:
-        summary = run_batch(plan, {name: worker}, max_batch_size=args.max_batch_size, wait_s=args.batch_wait_ms / 1000,
-                            concurrency=args.concurrency, max_new_tokens_limit=args.max_new_tokens_limit,
-                            local_media=media, progress=not (args.quiet or args.json))
+        summary = run()
     except KeyboardInterrupt:
         print(f"run-batch: interrupted; the answers so far are in {args.output} (--resume goes on from it)",
               file=sys.stderr)
