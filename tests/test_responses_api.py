@@ -46,6 +46,11 @@ def test_an_answer_equals_the_chat_apis_for_the_same_conversation(app):
     async def scenario(client, http):
         reply = await client.responses.create(model=MODEL, input=_question(), instructions="Be brief.",
                                               max_output_tokens=6, metadata={"run": "7"})
+        counted = await client.responses.input_tokens.count(model=MODEL, input=_question(), instructions="Be brief.")
+        with_tools = await client.responses.input_tokens.count(model=MODEL, input=_question(), tools=TOOLS)
+        tools_used = await client.responses.create(model=MODEL, input=_question(), tools=TOOLS, max_output_tokens=2)
+        bad_count = await http.post("/v1/responses/input_tokens", json={"model": MODEL, "input": [
+            {"role": "user", "content": [{"type": "input_image", "image_url": "data:xx"}]}]})
         chat = await client.chat.completions.create(model=MODEL, max_tokens=6, messages=[
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}},
@@ -55,9 +60,13 @@ def test_an_answer_equals_the_chat_apis_for_the_same_conversation(app):
                                                          messages=[{"role": "user", "content": "Hello there"}])
         raw = (await http.post("/v1/responses", json={"model": MODEL, "input": "Hello there",
                                                       "max_output_tokens": 4})).json()
-        return reply, chat, text, text_chat, raw
+        return reply, chat, text, text_chat, raw, (counted, with_tools, tools_used, bad_count)
 
-    reply, chat, text, text_chat, raw = run_with_sdk(app, scenario)
+    reply, chat, text, text_chat, raw, (counted, with_tools, tools_used, bad_count) = run_with_sdk(app, scenario)
+    # the input token count, without running the model: what the answer's usage says
+    assert counted.input_tokens == reply.usage.input_tokens and counted.object == "response.input_tokens"
+    assert with_tools.input_tokens == tools_used.usage.input_tokens > counted.input_tokens + 100  # the tools' block
+    assert bad_count.status_code == 400 and bad_count.json()["error"]["param"] == "input.0.content.0"
     assert reply.output_text == chat.choices[0].message.content and reply.output_text
     assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                      chat.usage.completion_tokens)

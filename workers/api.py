@@ -60,8 +60,8 @@ from vlmguard.workers.responses_api import ParamNames, ResponseEvents, ResponseH
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
-ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/generate",
-          "/tokenize", "/detokenize"}
+ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses",
+          "/v1/responses/input_tokens", "/v1/generate", "/tokenize", "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 log = logging.getLogger("vlmguard.workers")
 
@@ -268,6 +268,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         except ValidationError as e:
             raise _invalid_request(e) from None
 
+    async def work_item(chat: ChatCompletionRequest, model: str, request_id: str) -> WorkItem:
+        """A chat request checked and turned into the model's work (images decoded off the event loop)."""
+        return await run_in_threadpool(chat_item, chat, resolve_image, max_images=config.max_images_per_request,
+                                       max_new_tokens_limit=limits.get(model, 1024), request_id=request_id,
+                                       max_pixels=config.max_request_pixels)
+
     def pick_model(name: str | None, default_first: bool = True) -> str:
         names = backend.model_names()
         if not name and default_first:
@@ -448,9 +454,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         model = pick_model(req.model)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        item = await run_in_threadpool(chat_item, req, resolve_image, max_images=config.max_images_per_request,
-                                       max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
-                                       max_pixels=config.max_request_pixels)
+        item = await work_item(req, model, rid)
         with_steps = req.vlmguard.diagnostics
         n = req.n or 1
         if admits.get(model) is not None and n > admits[model]:  # never admitted whole: a 503 retried for ever
@@ -522,10 +526,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         head = ResponseHead(rid, model, req)
         with_steps = req.vlmguard.diagnostics
         with _as_responses_errors(names):
-            item = await run_in_threadpool(chat_item, ChatCompletionRequest.model_validate(body), resolve_image,
-                                           max_images=config.max_images_per_request,
-                                           max_new_tokens_limit=limits.get(model, 1024), request_id=rid,
-                                           max_pixels=config.max_request_pixels)
+            item = await work_item(ChatCompletionRequest.model_validate(body), model, rid)
             if not req.stream:
                 answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
                 choice = answer.choices[0]
@@ -564,6 +565,18 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @app.post("/v1/responses/input_tokens")
+    async def responses_input_tokens(request: Request):
+        """OpenAI's input token count of a Responses request: the prompt it would be fed, visual tokens included
+        (``usage.input_tokens`` of its answer), counted by a replica's processor without running the model."""
+        req: ResponsesRequest = await read_json(request, ResponsesRequest)
+        model = pick_model(req.model)
+        body, names = chat_request(req)
+        with _as_responses_errors(names):
+            item = await work_item(ChatCompletionRequest.model_validate(body), model, "input_tokens")
+            counted = await token_call(model, "tokenize_chat", item, False)
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
+
     async def token_call(model: str, method: str, *args: Any) -> dict[str, Any]:
         out = await backend.tokens(model, method, *args)
         if "error" in out:
@@ -583,9 +596,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             chat = ChatCompletionRequest(messages=req.messages, tools=req.tools, tool_choice=req.tool_choice)
         except ValidationError as e:  # (the tool choice's checks)
             raise _invalid_request(e) from None
-        item = await run_in_threadpool(chat_item, chat, resolve_image, max_images=config.max_images_per_request,
-                                       max_new_tokens_limit=limits.get(model, 1024), request_id="tokenize",
-                                       max_pixels=config.max_request_pixels)
+        item = await work_item(chat, model, "tokenize")
         return TokenizeResponse(**await token_call(model, "tokenize_chat", item, req.return_token_strs))
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
