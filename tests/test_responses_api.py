@@ -102,6 +102,31 @@ def test_a_stream_is_typed_events_that_add_up_to_the_response(app):
     assert final.output[0].id == events[2].item.id  # one item, the same id from its opening to the end
 
 
+def test_log_probabilities_come_with_the_text_whole_and_streamed(app):
+    kw = dict(model=MODEL, input=_question(), max_output_tokens=5, include=["message.output_text.logprobs"],
+              top_logprobs=2)
+
+    async def scenario(client, http):
+        whole = await client.responses.create(**kw)
+        chat = await client.chat.completions.create(model=MODEL, max_tokens=5, logprobs=True, top_logprobs=2,
+                                                    messages=[{"role": "user", "content": [
+                                                        {"type": "image_url", "image_url": {"url": IMAGE}},
+                                                        {"type": "text", "text": "What is in the image?"}]}])
+        async with client.responses.stream(**kw) as stream:
+            events = [ev async for ev in stream]
+        return whole, chat, events
+
+    whole, chat, events = run_with_sdk(app, scenario)
+    entries = whole.output[0].content[0].logprobs
+    assert len(entries) == whole.usage.output_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+    assert [e.token for e in entries] == [e.token for e in chat.choices[0].logprobs.content]  # the chat API's
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in chat.choices[0].logprobs.content])
+    streamed = [e.token for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert streamed == [e.token for e in entries]  # each delta with the entries of the tokens that wrote it
+    (done,) = [ev for ev in events if ev.type == "response.output_text.done"]
+    assert [e.token for e in done.logprobs] == streamed
+
+
 def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
     named = {"type": "function", "name": "get_weather"}
     kw = dict(model=MODEL, input=_question("What is the weather there?"), tools=TOOLS, tool_choice=named,
@@ -166,6 +191,9 @@ def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
     ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, 400, "input.0.tool_call_id",
      "answers no call"),
     ({"input": "hi", "model": "gpt-9"}, 404, None, "not served here"),
+    ({"input": "hi", "include": ["message.output_text.logprobs", "reasoning.encrypted_content"]}, 400, "include.1",
+     "only 'message.output_text.logprobs'"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 21}, 400, "top_logprobs", None),
 ])
 def test_bad_requests_name_the_responses_field(app, body, status, param, needle):
     async def scenario(client, http):

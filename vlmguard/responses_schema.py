@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from vlmguard.api_schema import VlmguardOptions
-from vlmguard.spec import NumbersNotBooleans
+from vlmguard.spec import MAX_TOP_LOGPROBS, NumbersNotBooleans
 
 
 class InputText(BaseModel):
@@ -129,4 +129,6 @@ class ResponsesRequest(NumbersNotBooleans):
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
     truncation: Optional[Literal["disabled"]] = None  # "auto" (dropping the oldest items) is not offered
+    include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with include
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)

@@ -47,6 +47,7 @@ from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import (
     chat_chunk,
     chat_item,
+    chat_logprobs,
     chat_response,
     choice_items,
     generate_item,
@@ -56,7 +57,7 @@ from vlmguard.workers.openai_compat import (
     vlmguard_info,
 )
 from vlmguard.workers.responses_api import ParamNames, ResponseEvents, ResponseHead, chat_request, new_id, \
-    response_object
+    response_object, wants_logprobs
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
@@ -169,6 +170,11 @@ def _sse(obj: BaseModel | dict[str, Any] | str) -> bytes:
     else:
         data = obj
     return f"data: {data}\n\n".encode()
+
+
+def _entries(tokens: list[Any]) -> list[dict[str, Any]]:
+    """Chat log-probability entries (TokenLogprobModel) as the Responses API's dicts (the same fields)."""
+    return [t.model_dump() for t in tokens]
 
 
 def _typed_sse(event: dict[str, Any]) -> bytes:
@@ -524,20 +530,23 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         body, names = chat_request(req)
         rid = new_id("resp")
         head = ResponseHead(rid, model, req)
-        with_steps = req.vlmguard.diagnostics
+        with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
         with _as_responses_errors(names):
             item = await work_item(ChatCompletionRequest.model_validate(body), model, rid)
             if not req.stream:
                 answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
                 choice = answer.choices[0]
                 calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+                entries = _entries(choice.logprobs.content if choice.logprobs else []) if logprobs else None
                 return JSONResponse(response_object(head, choice.message.content, calls, choice.finish_reason,
-                                                    answer.usage, answer.vlmguard))
+                                                    answer.usage, answer.vlmguard, entries))
             opened = await open_stream(model, item)
 
         async def stream() -> AsyncIterator[bytes]:
-            events = ResponseEvents(head)
+            events = ResponseEvents(head, logprobs)
             calls = CallStream(item.tools) if item.tools is not None else None
+            pending: list[dict[str, Any]] = []  # log-probability entries of tokens whose text has not gone out
+            received = 0
             for ev in events.start():
                 yield _typed_sse(ev)
             source = merged([opened])
@@ -549,15 +558,23 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         yield _typed_sse(events.error(failure["error"]))
                         break
                     out: list[dict[str, Any]] = []
+                    if logprobs:
+                        fresh = (result.get("logprobs") or [])[received:] if result is not None else \
+                            ev.get("logprobs") or []
+                        received += len(fresh)
+                        pending += _entries(chat_logprobs(fresh).content or [])
+                    text, pieces = "", []
                     if result is not None:
                         finish = result.get("finish_reason", "stop")
                         if calls is not None:
                             text, pieces, finish = calls.finish(finish)
-                            out = events.text_delta(text) + events.call_pieces(pieces)
-                        out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
                     elif ev.get("text"):
                         text, pieces = calls.feed(ev["text"]) if calls is not None else (ev["text"], [])
-                        out = events.text_delta(text) + events.call_pieces(pieces)
+                    if text:
+                        out, pending = events.text_delta(text, pending), []
+                    out += events.call_pieces(pieces)
+                    if result is not None:
+                        out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
                     for e in out:
                         yield _typed_sse(e)
             finally:

@@ -24,6 +24,7 @@ from vlmguard.errors import InvalidInput
 from vlmguard.responses_schema import ITEM_TYPES, InputImage, InputText, ResponsesRequest
 from vlmguard.tool_calls import CallDelta
 
+LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value: the answer's log-probabilities
 PART_TYPES: dict[str, type[BaseModel]] = {"input_text": InputText, "output_text": InputText,
                                           "input_image": InputImage}
 
@@ -135,6 +136,11 @@ def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
                            "conversation's items in input", param="previous_response_id")
     messages, names = _messages(req)
     body: dict[str, Any] = {"model": req.model, "messages": messages, "vlmguard": req.vlmguard.model_dump()}
+    for j, what in enumerate(req.include or []):
+        if what != LOGPROBS:
+            raise InvalidInput(f"include: {what!r} is not available here (only {LOGPROBS!r})", param=f"include.{j}")
+    if wants_logprobs(req):
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                          ("parallel_tool_calls", "parallel_tool_calls")):
         if getattr(req, ours) is not None:
@@ -154,6 +160,11 @@ def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
     return body, names
 
 
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """The answer's text comes with its tokens' log-probabilities (``include``; ``top_logprobs`` alternatives)."""
+    return LOGPROBS in (req.include or [])
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -168,9 +179,17 @@ class OutputCall:
     arguments: str = ""
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def _text_part(text: str, logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return part
+
+
+def _message_item(item_id: str, text: str, status: str,
+                  logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            "content": [_text_part(text, logprobs)]}
 
 
 def _call_item(call: OutputCall, status: str) -> dict[str, Any]:
@@ -218,21 +237,24 @@ class ResponseHead:
         return body
 
     def final(self, finish_reason: str, text_item: Optional[tuple[str, str]], calls: list[OutputCall],
-              usage: Usage, info: Optional[VlmguardInfo]) -> dict[str, Any]:
-        """The finished response: ``completed``, or ``incomplete`` when the answer ran out of tokens."""
+              usage: Usage, info: Optional[VlmguardInfo],
+              logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+        """The finished response: ``completed``, or ``incomplete`` when the answer ran out of tokens. ``logprobs``:
+        the text's tokens' entries (when asked for)."""
         done = "incomplete" if finish_reason == "length" else "completed"
-        output = [] if text_item is None else [_message_item(text_item[0], text_item[1], done)]
+        output = [] if text_item is None else [_message_item(text_item[0], text_item[1], done, logprobs)]
         output += [_call_item(c, done) for c in calls]
         return self.response(done, output, usage, info)
 
 
 def response_object(head: ResponseHead, content: Optional[str], calls: list[tuple[str, str, str]],
-                    finish_reason: str, usage: Usage, info: Optional[VlmguardInfo]) -> dict[str, Any]:
-    """A whole answer as a Response: its text as a message item (an answer of calls alone has none) and each call
-    (``(call id, name, arguments)``) as a function_call item."""
+                    finish_reason: str, usage: Usage, info: Optional[VlmguardInfo],
+                    logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """A whole answer as a Response: its text as a message item (an answer of calls alone has none; with
+    ``logprobs``, its tokens' entries) and each call (``(call id, name, arguments)``) as a function_call item."""
     out_calls = [OutputCall(new_id("fc"), cid, name, args) for cid, name, args in calls]
     text_item = None if content is None and out_calls else (new_id("msg"), content or "")
-    return head.final(finish_reason, text_item, out_calls, usage, info)
+    return head.final(finish_reason, text_item, out_calls, usage, info, logprobs)
 
 
 class ResponseEvents:
@@ -240,8 +262,9 @@ class ResponseEvents:
     ``response.function_call_arguments.delta``, ... ``response.completed``), each numbered, from the chat stream's
     text pieces and call pieces (:class:`~vlmguard.tool_calls.CallDelta`) and its end."""
 
-    def __init__(self, head: ResponseHead):
+    def __init__(self, head: ResponseHead, logprobs: bool = False):
         self.head = head
+        self.logprobs: Optional[list[dict[str, Any]]] = [] if logprobs else None  # the text's entries so far
         self.seq = 0
         self.outputs = 0  # output items opened
         self.text_item: Optional[tuple[str, int]] = None  # the open message item: its id and output index
@@ -269,15 +292,19 @@ class ResponseEvents:
                 self._event("response.content_part.added", item_id=item_id, output_index=self.text_item[1],
                             content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
 
-    def text_delta(self, delta: str) -> list[dict[str, Any]]:
+    def text_delta(self, delta: str, logprobs: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+        """A piece of the text, with the entries of the tokens that wrote it (when asked for)."""
         if not delta:
             return []
         out = self._open_text() if self.text_item is None and self.message is None else []
         if self.text_item is None:  # (text after a call: not written by the Hermes format, never sent)
             return out
         self.text += delta
+        entries = logprobs or []
+        if self.logprobs is not None:
+            self.logprobs += entries
         out.append(self._event("response.output_text.delta", item_id=self.text_item[0],
-                               output_index=self.text_item[1], content_index=0, delta=delta, logprobs=[]))
+                               output_index=self.text_item[1], content_index=0, delta=delta, logprobs=entries))
         return out
 
     def _close_text(self, status: str) -> list[dict[str, Any]]:
@@ -285,13 +312,12 @@ class ResponseEvents:
             return []
         item_id, index = self.text_item
         self.text_item, self.message = None, (item_id, self.text)
-        part = {"type": "output_text", "text": self.text, "annotations": []}
         return [self._event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
-                            text=self.text, logprobs=[]),
+                            text=self.text, logprobs=self.logprobs or []),
                 self._event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
-                            part=part),
+                            part=_text_part(self.text, self.logprobs)),
                 self._event("response.output_item.done", output_index=index,
-                            item=_message_item(item_id, self.text, status))]
+                            item=_message_item(item_id, self.text, status, self.logprobs))]
 
     def call_pieces(self, pieces: list[CallDelta]) -> list[dict[str, Any]]:
         out = self._close_text("completed") if pieces else []
@@ -317,7 +343,7 @@ class ResponseEvents:
             out += [self._event("response.function_call_arguments.done", item_id=call.item_id, output_index=index,
                                 name=call.name, arguments=call.arguments),
                     self._event("response.output_item.done", output_index=index, item=_call_item(call, status))]
-        final = self.head.final(finish_reason, self.message, self.calls, usage, info)
+        final = self.head.final(finish_reason, self.message, self.calls, usage, info, self.logprobs)
         return out + [self._event(f"response.{final['status']}", response=final)]
 
     def error(self, error: dict[str, Any]) -> dict[str, Any]:
