@@ -178,6 +178,8 @@ def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, 400,
      "input.0.content.0.type", "part type 'input_file'"),
     ({"input": [{"role": "user"}]}, 400, "input.0.content", "Field required"),
+    ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": IMAGE}]}]}, 400,
+     "input.0.content.0", "holds text only"),
     ({"input": []}, 400, "input", "empty list"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]}, 400,
      "tools.0.parameters", "JSON schema of an object"),

@@ -114,7 +114,11 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
         if kind == "message":
             content = _content(item.content, path)
             if item.role == "assistant" and not isinstance(content, str):  # an earlier answer: its text
-                content = "".join(p.get("text", "") for p in content)
+                for j, part in enumerate(content):
+                    if part["type"] != "text":
+                        raise InvalidInput(f"{path}.content.{j}: an assistant message holds text only",
+                                           param=f"{path}.content.{j}")
+                content = "".join(part["text"] for part in content)
             add({"role": item.role, "content": content}, path)
         elif kind == "function_call":
             call = {"id": item.call_id, "type": "function",
