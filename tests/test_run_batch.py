@@ -207,13 +207,15 @@ def test_a_services_overloaded_answers_are_retried_and_a_lost_request_is_recorde
             raise httpx.ConnectError("connection refused", request=request)
         if cid == "busy" and seen.count("busy") < 3:
             return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"message": "overloaded"}})
+        if cid == "throttled":
+            return httpx.Response(429, json={"error": {"message": "slow down"}})
         if cid == "refused":
             return httpx.Response(400, json={"error": {"message": "bad", "type": "invalid_request_error",
                                                        "param": "messages", "code": "invalid_request"}})
         return httpx.Response(200, json={"id": f"chatcmpl-{cid}", "object": "chat.completion"})
 
     requests = [BatchRequest(i, cid, "/v1/chat/completions", {"cid": cid})
-                for i, cid in enumerate(["ok", "busy", "refused", "lost"], 1)]
+                for i, cid in enumerate(["ok", "busy", "refused", "lost", "throttled"], 1)]
     out = io.StringIO()
 
     async def main():
@@ -223,7 +225,7 @@ def test_a_services_overloaded_answers_are_retried_and_a_lost_request_is_recorde
         finally:
             await client.aclose()
 
-    assert asyncio.run(main()) == (2, 2)
+    assert asyncio.run(main()) == (2, 3)
     records = {r["custom_id"]: r for r in map(json.loads, out.getvalue().splitlines())}
     assert seen.count("busy") == 3 and seen.count("lost") == 4  # retried; the lost one each time
     assert records["busy"]["response"] == {"status_code": 200, "request_id": "chatcmpl-busy",
@@ -233,4 +235,5 @@ def test_a_services_overloaded_answers_are_retried_and_a_lost_request_is_recorde
     assert records["lost"]["response"] is None and records["lost"]["error"]["code"] == "no_answer"
     saved = tmp_path / "out.jsonl"
     saved.write_text(out.getvalue())
-    assert answered_ids(saved) == {"ok", "busy", "refused"}  # --resume runs the lost one again
+    assert records["throttled"]["response"]["status_code"] == 429  # (after the client's retries)
+    assert answered_ids(saved) == {"ok", "busy", "refused"}  # --resume runs the lost and the throttled again

@@ -115,8 +115,9 @@ def check_requests(path: Path) -> int:
 
 
 def answered_ids(output: Path) -> set[str]:
-    """For --resume: rewrite ``output`` keeping its final records (a response below 500), return their custom_ids.
-    Records of server errors, and a last line cut by an interruption, are dropped: those requests run again."""
+    """For --resume: rewrite ``output`` keeping its final records (a response below 500, 429 aside), return their
+    custom_ids. Records of server errors, of overload and of no answer, and a last line cut by an interruption, are
+    dropped: those requests run again."""
     keep, ids = [], set()
     with open(output, encoding="utf-8") as f:
         for text in f:
@@ -126,7 +127,7 @@ def answered_ids(output: Path) -> set[str]:
                 cid = rec["custom_id"]
             except (ValueError, KeyError, TypeError):
                 continue
-            if isinstance(status, int) and status < 500 and cid not in ids:
+            if isinstance(status, int) and status < 500 and status != 429 and cid not in ids:
                 ids.add(cid)
                 keep.append(text if text.endswith("\n") else text + "\n")
     tmp = output.with_name(output.name + ".tmp")
