@@ -24,7 +24,12 @@ from vlmguard.errors import InvalidInput
 from vlmguard.responses_schema import ITEM_TYPES, InputImage, InputText, ResponsesRequest
 from vlmguard.tool_calls import CallDelta
 
-LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value: the answer's log-probabilities
+LOGPROBS = "message.output_text.logprobs"  # the ``include`` value that adds something: the text's log-probabilities
+# ``include`` values of OpenAI's that name outputs this server never makes (built-in tools' results, reasoning, input
+# image URLs echoed back): accepted, with nothing to add (clients that keep no state send reasoning.encrypted_content)
+INCLUDE_NOTHING = frozenset({"file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                             "message.input_image.image_url", "computer_call_output.output.image_url",
+                             "code_interpreter_call.outputs", "reasoning.encrypted_content"})
 PART_TYPES: dict[str, type[BaseModel]] = {"input_text": InputText, "output_text": InputText,
                                           "input_image": InputImage}
 
@@ -141,8 +146,9 @@ def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
     messages, names = _messages(req)
     body: dict[str, Any] = {"model": req.model, "messages": messages, "vlmguard": req.vlmguard.model_dump()}
     for j, what in enumerate(req.include or []):
-        if what != LOGPROBS:
-            raise InvalidInput(f"include: {what!r} is not available here (only {LOGPROBS!r})", param=f"include.{j}")
+        if what != LOGPROBS and what not in INCLUDE_NOTHING:
+            raise InvalidInput(f"include: {what!r} is no value of OpenAI's include ({LOGPROBS!r} adds the text's "
+                               "log-probabilities)", param=f"include.{j}")
     if wants_logprobs(req):
         body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
