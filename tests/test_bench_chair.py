@@ -205,6 +205,20 @@ def test_score_chair_cli(tmp_path, capsys):
     assert rec["mscoco_hallucinated_words"] == [["dog", "dog"]] and rec["image_id"] == 3
 
 
+def test_score_chair_reads_openai_batch_output(tmp_path, capsys):
+    caption = "A cat on a chair at a dining table with a dog."
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(json.dumps({"id": "batch_req_1", "custom_id": "3", "error": None, "response": {
+        "status_code": 200, "request_id": "r", "body": {"choices": [{"message": {"content": caption}}]}}}) + "\n"
+        + json.dumps({"id": "batch_req_2", "custom_id": "4", "response": None,
+                      "error": {"code": "no_answer", "message": "unreachable"}}) + "\n")
+    rc = main(["score", "chair", "--captions", str(batch), "--gt", str(COCO_MINI / "annotations"), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["n"], out["chair_s"], out["chair_i"], out["recall"]) == (1, 100.0, 25.0, 100.0)  # image 3's caption
+    assert any("1 batch record(s) without an answer" in f for f in out["flags"])
+
+
 def test_score_chair_cli_with_refdata_table(tmp_path, capsys):
     ids = read_image_ids(REF / "chair_image_ids_coco_val2014_500.txt")[:3]
     gt = load_gt_table(REF / "chair_gt_objects_coco2014_trainval.json.gz")

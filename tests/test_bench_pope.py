@@ -257,6 +257,34 @@ def test_score_pope_cli_json(capsys):
     assert out["tp"] == 1148 and out["fp"] == 148 and round(out["accuracy"], 2) == 83.33 and out["parser"] == "official"
 
 
+def test_score_pope_reads_openai_batch_output(tmp_path, capsys):
+    """An OpenAI batch output file (OpenAI's Batch API's or ``vlmguard run-batch``'s): ``custom_id`` the question id,
+    the answer a chat completion's message, a Response's output text or the native API's text; a request that got
+    no answer is left out (so counted missing) and said."""
+    answers = load_answers(answers_path("adversarial"))
+    bodies = [lambda t: {"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": t}}]},
+              lambda t: {"object": "response", "output": [{"type": "message", "content": [
+                  {"type": "output_text", "text": t}]}]},
+              lambda t: {"text": t}]
+    records = [{"id": f"batch_req_{k}", "custom_id": str(a.question_id), "error": None,
+                "response": {"status_code": 200, "request_id": "r", "body": bodies[k % 3](a.text)}}
+               for k, a in enumerate(answers)]
+    records[5] = {**records[5], "response": {"status_code": 500, "request_id": "r", "body": {"error": {}}}}
+    batch = tmp_path / "batch_output.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in records))
+    questions = str(pope_set_path(POPE, "head", "adversarial"))
+    assert main(["score", "pope", "--answers", str(batch), "--questions", questions, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = [a for k, a in enumerate(answers) if k != 5]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"question_id": a.question_id, "text": a.text}) + "\n" for a in kept))
+    assert main(["score", "pope", "--answers", str(plain), "--questions", questions, "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: got[k] for k in ("tp", "fp", "tn", "fn", "missing", "accuracy")} == \
+        {k: want[k] for k in ("tp", "fp", "tn", "fn", "missing", "accuracy")} and got["missing"] == 1
+    assert any("1 batch record(s) without an answer" in f for f in got["flags"])
+
+
 def test_score_pope_cli_error_is_one_line(tmp_path, capsys):
     bad = _write(tmp_path, "ans.jsonl", '{"question_id": 1}\n')
     rc = main(["score", "pope", "--answers", str(bad), "--questions", str(pope_set_path(POPE, "head", "random"))])

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from vlmguard.bench.chair_extract import ChairExtractor, default_extractor
 from vlmguard.bench.chair_gt import GroundTruth
-from vlmguard.bench.jsonio import int_from_text, read_records, read_text
+from vlmguard.bench.jsonio import from_batch_output, int_from_text, read_records, read_text
 from vlmguard.errors import InvalidInput
 
 SENTENCE_END = ".!?"
@@ -132,10 +132,13 @@ class Caption:
     line: int
 
 
-def load_captions(path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption") -> list[Caption]:
-    """A caption file: JSON array or JSON Lines of objects with an image-id key and a caption key."""
+def load_captions(path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption",
+                  notes: list[str] | None = None) -> list[Caption]:
+    """A caption file: JSON array or JSON Lines of objects with an image-id key and a caption key, or an OpenAI
+    batch output file (its ``custom_id`` the image id; requests without an answer left out, said in ``notes``)."""
     p = Path(path)
     records, _ = read_records(p)
+    records = from_batch_output(records, image_id_key, caption_key, notes)
     out = []
     seen: dict[int, int] = {}
     for line, rec in records:

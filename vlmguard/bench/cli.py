@@ -139,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ssub = score.add_subparsers(dest="score_command", metavar="BENCHMARK")
     ssub.required = True
     sp = ssub.add_parser("pope", help="POPE metrics of an answer file against a question file")
-    sp.add_argument("--answers", type=Path, required=True, help="JSON Lines / array: question_id + text|answer")
+    sp.add_argument("--answers", type=Path, required=True,
+                    help="JSON Lines / array: question_id + text|answer; or an OpenAI batch output file (OpenAI's "
+                         "Batch API's, `vlmguard run-batch`'s): custom_id the question_id")
     sp.add_argument("--questions", type=Path, required=True, help="POPE question file with labels")
     sp.add_argument("--parser", default="official", choices=PARSERS.names())
     sp.add_argument("--answer-key", help="field holding the answer (default: text, answer, output, ...)")
@@ -148,7 +150,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_score_pope)
     sc = ssub.add_parser("chair", help="CHAIR metrics of a caption file")
-    sc.add_argument("--captions", type=Path, required=True, help="JSON Lines / array: image_id + caption")
+    sc.add_argument("--captions", type=Path, required=True,
+                    help="JSON Lines / array: image_id + caption; or an OpenAI batch output file: custom_id the "
+                         "image id")
     sc.add_argument("--gt", type=Path, required=True, help="COCO annotation folder or ground-truth table .json(.gz)")
     sc.add_argument("--image-id-key", default="image_id")
     sc.add_argument("--caption-key", default="caption")
@@ -411,9 +415,11 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
         check_output_file(args.records, "--records")
     if args.gt_cache and not args.gt_cache.is_file():  # an existing cache is read, a missing one written
         check_output_file(args.gt_cache, "--gt-cache")
-    caps = load_captions(args.captions, args.image_id_key, args.caption_key)
+    notes: list[str] = []  # batch records without an answer
+    caps = load_captions(args.captions, args.image_id_key, args.caption_key, notes)
     gt = load_ground_truth(args.gt, image_ids=[c.image_id for c in caps], cache=args.gt_cache)
     m, records = score_captions(caps, gt, args.captions, drop_incomplete=args.drop_incomplete)
+    m["flags"][:0] = notes
     m["captions"] = str(args.captions)
     m["gt"] = str(args.gt)
     if args.json:

@@ -130,6 +130,47 @@ def read_records(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], st
     return out, layout
 
 
+def _answer_text(body: Any) -> str | None:
+    """The answer's text in an API answer: a chat completion's first message, a Response's output text, or the
+    native API's ``text``; None when the body holds none."""
+    if not isinstance(body, dict):
+        return None
+    choices = body.get("choices")
+    if isinstance(choices, list):
+        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        return content if isinstance(content, str) else None
+    output = body.get("output")
+    if isinstance(output, list):
+        texts = [part.get("text") for item in output if isinstance(item, dict) and item.get("type") == "message"
+                 for part in item.get("content") or [] if isinstance(part, dict) and part.get("type") == "output_text"]
+        return "".join(t for t in texts if isinstance(t, str)) if texts else None
+    text = body.get("text")
+    return text if isinstance(text, str) else None
+
+
+def from_batch_output(records: list[tuple[int, dict[str, Any]]], id_key: str, text_key: str,
+                      notes: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """The records of an OpenAI batch output file (OpenAI's Batch API's, or ``vlmguard run-batch``'s) as plain
+    answer records: ``custom_id`` under ``id_key`` and the answer's text under ``text_key``. A request that got no
+    answer (an error, a status other than 200) is left out and counted in ``notes``. Other files' records come
+    back as they are."""
+    if not records or not all(isinstance(r, dict) and "custom_id" in r and ("response" in r or "error" in r)
+                              for _, r in records):
+        return records
+    out, failed = [], 0
+    for line, rec in records:
+        response = rec.get("response") if isinstance(rec.get("response"), dict) else {}
+        text = _answer_text(response.get("body")) if response.get("status_code") == 200 else None
+        if text is None:
+            failed += 1
+            continue
+        out.append((line, {id_key: rec["custom_id"], text_key: text}))
+    if failed and notes is not None:
+        notes.append(f"{failed} batch record(s) without an answer (an error, or no text) left out")
+    return out
+
+
 def require(record: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path | str, line: int) -> Any:
     """``record[key]`` checked for presence and type, else InvalidInput naming file and line."""
     if key not in record:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from vlmguard.bench.jsonio import int_from_text, read_records
+from vlmguard.bench.jsonio import from_batch_output, int_from_text, read_records
 from vlmguard.bench.pope_data import PopeFile
 from vlmguard.bench.pope_parsers import AnswerParser, get_parser
 from vlmguard.errors import InvalidInput
@@ -120,6 +120,7 @@ def load_answers(path: str | Path, text_key: str | None = None, notes: list[str]
     one line saying which fields were scored is appended to ``notes``."""
     p = Path(path)
     records, _ = read_records(p)
+    records = from_batch_output(records, "question_id", text_key or ANSWER_TEXT_KEYS[0], notes)
     out: list[Answer] = []
     seen: dict[int, int] = {}
     used: dict[str, int] = {}  # answer field -> records scored from it
