@@ -120,6 +120,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="leading template or view (repeat; default: W-misleading)")
         p.set_defaults(func=cmd_bench, benchmark=name)
 
+    ex = bsub.add_parser("export", help="a benchmark's requests as an OpenAI batch file (for run-batch, a service "
+                                        "or OpenAI's Batch API; score the output with `vlmguard score`)",
+                         description="Write POPE (one split) or CHAIR as an OpenAI batch input file: each line a "
+                                     "sample as `vlmguard bench` asks it (the preset's prompt and answer length, "
+                                     "greedy, its image), custom_id the question id (CHAIR: the image id). Answer it "
+                                     "with `vlmguard run-batch` (or any OpenAI-compatible batch runner), then score "
+                                     "the output with `vlmguard score pope --answers OUT --questions FILE` (the "
+                                     "file is printed) or `vlmguard score chair --captions OUT --gt GT`.")
+    ex.add_argument("benchmark", choices=["pope", "chair"])
+    _add_dataset_args(ex)
+    ex.add_argument("-o", "--out", type=Path, required=True, help="the batch file to write (JSON Lines)")
+    ex.add_argument("--split", default="random", choices=["random", "popular", "adversarial"],
+                    help="POPE split (default: %(default)s)")
+    ex.add_argument("--prompt-preset", default="llava", choices=sorted(POPE_PROMPTS),
+                    help="POPE prompt protocol (default: %(default)s)")
+    ex.add_argument("--preset", dest="chair_preset", default="chair512", choices=sorted(CHAIR_PRESETS),
+                    help="CHAIR preset (default: %(default)s)")
+    ex.add_argument("--prompt", help="CHAIR caption prompt (default: the preset's)")
+    ex.add_argument("--model", help="the model id each request names (default: none, the server's default)")
+    ex.add_argument("--url", default="/v1/chat/completions", choices=["/v1/chat/completions", "/v1/responses"],
+                    help="the endpoint the lines name (default: %(default)s)")
+    ex.add_argument("--images", default="data", choices=["data", "file"],
+                    help="data: each image's bytes in a data URL (default); file: file:// URLs (for a server that "
+                         "reads this disk: run-batch --allowed-local-media-path)")
+    ex.add_argument("--limit", type=positive_int, help="only the first N questions (images)")
+    ex.add_argument("--pruning", help="vlmguard's pruner (sent in each request's vlmguard object)")
+    ex.add_argument("--budget", type=budget_arg, help="its visual-token budget")
+    ex.add_argument("--decoding", help="vlmguard's decoder")
+    ex.add_argument("--image-aspect", choices=IMAGE_ASPECTS, default="reference",
+                    help="how a vlmguard server meets images to its vision tower (default: %(default)s, as `vlmguard "
+                         "bench` does: LLaVA-1.5 pads to a square)")
+    ex.add_argument("--plain", action="store_true",
+                    help="OpenAI's fields only, for servers other than vlmguard (no vlmguard object: no "
+                         "--image-aspect, --pruning, --budget or --decoding)")
+    ex.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    ex.set_defaults(func=cmd_export)
+
     sw = bsub.add_parser("sweep", help="methods x budgets x benchmarks from a YAML config")
     sw.add_argument("config", type=Path)
     sw.add_argument("--db", type=Path, help="results database (default: the config's, else runs/vlmguard.sqlite)")
@@ -343,6 +380,40 @@ def cmd_make_leading(args: argparse.Namespace) -> int:
     else:
         for p in paths:
             print(p)
+    return 0
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmguard.bench.export import chair_requests, pope_requests, write_batch
+    from vlmguard.bench.prompts import get_chair_preset
+    from vlmguard.files import check_output_file
+
+    check_output_file(args.out, "--out")
+    ds = _dataset_from_args(args)
+    options = {k: v for k, v in (("pruning", args.pruning), ("budget", args.budget), ("decoding", args.decoding))
+               if v is not None}
+    if args.plain and options:
+        raise InvalidInput(f"--plain writes no vlmguard object: --{' --'.join(options)} cannot be sent")
+    options["image_aspect"] = args.image_aspect
+    common = dict(model=args.model, url=args.url, images=args.images, limit=args.limit,
+                  vlmguard=None if args.plain else options)
+    if args.benchmark == "pope":
+        lines, questions = pope_requests(ds, args.split, preset=args.prompt_preset, **common)
+        score = f"vlmguard score pope --answers OUTPUT --questions {questions}"
+    else:
+        lines = chair_requests(ds, preset=args.chair_preset, prompt=args.prompt, image_ids=args.image_ids, **common)
+        gt = ds.gt_table or ds.annotations_dir
+        drop = " --drop-incomplete" if get_chair_preset(args.chair_preset).drop_incomplete_sentence else ""
+        score = f"vlmguard score chair --captions OUTPUT --gt {gt}{drop}"
+    write_batch(args.out, lines)
+    if args.json:
+        _print_json({"command": "bench export", "benchmark": args.benchmark, "out": str(args.out),
+                     "requests": len(lines), "score": score})
+    else:
+        print(f"wrote {len(lines)} {args.benchmark} requests to {args.out}; answer them (vlmguard run-batch -i "
+              f"{args.out} -o OUTPUT ...), then: {score}")
     return 0
 
 
