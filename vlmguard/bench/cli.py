@@ -407,12 +407,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         gt = ds.gt_table or ds.annotations_dir
         drop = " --drop-incomplete" if get_chair_preset(args.chair_preset).drop_incomplete_sentence else ""
         score = f"vlmguard score chair --captions OUTPUT --gt {gt}{drop}"
-    write_batch(args.out, lines)
+    n = write_batch(args.out, lines)
     if args.json:
         _print_json({"command": "bench export", "benchmark": args.benchmark, "out": str(args.out),
-                     "requests": len(lines), "score": score})
+                     "requests": n, "score": score})
     else:
-        print(f"wrote {len(lines)} {args.benchmark} requests to {args.out}; answer them (vlmguard run-batch -i "
+        print(f"wrote {n} {args.benchmark} requests to {args.out}; answer them (vlmguard run-batch -i "
               f"{args.out} -o OUTPUT ...), then: {score}")
     return 0
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from PIL import Image
 
@@ -25,6 +26,7 @@ from vlmguard.errors import InvalidInput
 URLS = ("/v1/chat/completions", "/v1/responses")
 
 
+@lru_cache(maxsize=32)  # (POPE asks several questions of each image)
 def _image_url(path: Path, images: Literal["data", "file"]) -> str:
     """The image file as a ``file://`` URL, or as a data URL of its own bytes (the pixels the benchmark reads)."""
     if images == "file":
@@ -54,35 +56,41 @@ def _body(url: str, model: str | None, image: str, text: str, max_tokens: int,
 
 def pope_requests(dataset: BenchDataset, split: str, *, preset: str | None = None, model: str | None = None,
                   url: str = URLS[0], images: Literal["data", "file"] = "data", limit: int | None = None,
-                  vlmguard: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Path]:
-    """The batch lines of a POPE split (the first ``limit`` questions), and the question file to score against."""
+                  vlmguard: dict[str, Any] | None = None) -> tuple[Iterator[dict[str, Any]], Path]:
+    """The batch lines of a POPE split (the first ``limit`` questions), made as they are written, and the question
+    file to score against. The preset and the split's files are checked now."""
     prompt = get_pope_prompt(preset)
     if prompt.llava_raw:
         raise InvalidInput(f"prompt preset {prompt.name!r} writes LLaVA-1.5's whole prompt itself, which a chat request "
                            "cannot carry; export a preset the model's chat template frames (llava, ...)")
     pope = dataset.pope_file(split)
     questions = pope.questions[:limit] if limit else pope.questions
-    lines = [{"custom_id": str(q.question_id), "method": "POST", "url": url,
+    lines = ({"custom_id": str(q.question_id), "method": "POST", "url": url,
               "body": _body(url, model, _image_url(dataset.image_path(q.image), images),  # type: ignore[arg-type]
-                            prompt.render(q.text), prompt.max_new_tokens, vlmguard)} for q in questions]
+                            prompt.render(q.text), prompt.max_new_tokens, vlmguard)} for q in questions)
     return lines, pope.path
 
 
 def chair_requests(dataset: BenchDataset, *, preset: str | None = None, prompt: str | None = None,
                    model: str | None = None, url: str = URLS[0], images: Literal["data", "file"] = "data",
                    limit: int | None = None, image_ids: Path | None = None,
-                   vlmguard: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The batch lines of a CHAIR image list (the first ``limit`` images): each image described."""
+                   vlmguard: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The batch lines of a CHAIR image list (the first ``limit`` images), made as they are written: each image
+    described. The image list is checked now."""
     chair = get_chair_preset(preset)
     ids, _ = dataset.chair_image_ids(image_ids)
     if not ids:
         raise InvalidInput(f"dataset {dataset.name}: empty CHAIR image list")
-    return [{"custom_id": str(i), "method": "POST", "url": url,
+    return ({"custom_id": str(i), "method": "POST", "url": url,
              "body": _body(url, model, _image_url(dataset.chair_image_path(i), images), prompt or chair.prompt,
-                           chair.max_new_tokens, vlmguard)} for i in (ids[:limit] if limit else ids)]
+                           chair.max_new_tokens, vlmguard)} for i in (ids[:limit] if limit else ids))
 
 
-def write_batch(path: Path, lines: list[dict[str, Any]]) -> None:
+def write_batch(path: Path, lines: Iterable[dict[str, Any]]) -> int:
+    """Write the lines (never all in memory: each holds an image); their count."""
+    n = 0
     with open(path, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            n += 1
+    return n
