@@ -4,6 +4,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
+import subprocess
+import time
+from typing import Callable
 
 from vlmguard.cli import main
 
@@ -33,3 +37,21 @@ def check_one_line_error(argv: list[str], message: str, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlmguard: error: ") and message in err and err.count("\n") == 1, err
+
+
+def stop_with_sigterm(cmd: list[str], started: Callable[[], bool], cwd=None, wait_s: float = 120) -> tuple[int, str]:
+    """Run ``cmd``, send it SIGTERM once ``started()`` (it has done some of its work), and return its exit status
+    and stderr; it must still be running then."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + wait_s
+    try:
+        while time.time() < deadline and proc.poll() is None and not started():
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err

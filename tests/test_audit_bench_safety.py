@@ -11,10 +11,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from cli_support import stop_with_sigterm
 
 from vlmguard.bench import db as dbm
 from vlmguard.bench.datasets import synth_dataset
@@ -41,19 +42,8 @@ def test_sigterm_stops_a_bench_run_in_one_line_and_it_resumes(tmp_path):
     db = tmp_path / "t.sqlite"
     cmd = [sys.executable, "-m", "vlmguard.cli", "bench", "pope", "--model", "tiny", "--dataset", str(SYNTH),
            "--split", "all", "--batch-size", "1", "--max-new-tokens", "4", "--db", str(db), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None and _stored(db) < 1:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    returncode, err = stop_with_sigterm(cmd, lambda: _stored(db) >= 1, cwd=REPO)
+    assert returncode == 128 + signal.SIGTERM, (returncode, err)
     assert err.strip().splitlines() == [err.strip()] and "terminated" in err and "Traceback" not in err
     stored = _stored(db)
     assert 1 <= stored < 72

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli_support import check_one_line_error, run_json
+from cli_support import check_one_line_error, run_json, stop_with_sigterm
 from vlmguard.images import image_to_data_url
 from vlmguard.testing import random_image
 from vlmguard.workers.api import LocalBackend, create_api
@@ -237,3 +237,27 @@ def test_a_services_overloaded_answers_are_retried_and_a_lost_request_is_recorde
     saved.write_text(out.getvalue())
     assert records["throttled"]["response"]["status_code"] == 429  # (after the client's retries)
     assert answered_ids(saved) == {"ok", "busy", "refused"}  # --resume runs the lost and the throttled again
+
+
+def test_sigterm_keeps_the_answers_written_and_resume_runs_the_rest(tmp_path):
+    """A run stopped by SIGTERM (a scheduler, a container stop) says where its answers are and loses none of those
+    it wrote; ``--resume`` runs the rest only."""
+    import signal
+    import sys
+
+    n = 48
+    requests, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"d{i}", "url": "/v1/chat/completions",
+                                            "body": _chat(i % 8, "Describe this image.", max_tokens=24)}) + "\n"
+                                for i in range(n)))
+    cmd = [sys.executable, "-m", "vlmguard.cli", "run-batch", "-i", str(requests), "-o", str(out),
+           "--max-batch-size", "1", "--concurrency", "1", "--quiet"]
+    returncode, err = stop_with_sigterm(cmd, lambda: out.exists() and out.read_text().count("\n") >= 2)
+    assert returncode == 128 + signal.SIGTERM, (returncode, err)
+    assert "--resume goes on from it" in err and "terminated" in err and "Traceback" not in err
+    written = _records(out)  # every line a whole record
+    assert 2 <= len(written) < n
+    summary = run_json(["run-batch", "-i", str(requests), "-o", str(out), "--resume", "--json"])
+    assert (summary["skipped"], summary["ok"]) == (len(written), n - len(written))
+    after = _records(out)
+    assert set(after) == {f"d{i}" for i in range(n)} and all(after[k] == written[k] for k in written)

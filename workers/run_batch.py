@@ -24,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, TextIO
 
 from vlmguard.errors import InvalidInput
+from vlmguard.interrupts import Terminated
 from vlmguard.workers.api import LocalBackend
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, stream_alone
 from vlmguard.workers.inflight import InflightBatcher
@@ -171,6 +174,13 @@ def _error_body(e: Any) -> dict[str, Any]:
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
 
 
+def _retrieved(task: "asyncio.Task[None]") -> None:
+    """Mark a request task's exception as seen: Ctrl-C or SIGTERM raised inside one stops the whole run and is
+    reported once by the command, not again as "Task exception was never retrieved" with a traceback."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextIO, *, concurrency: int,
                        done: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Send every request through ``client`` (a :class:`vlmguard.client.AsyncClient`: the API in this process or a
@@ -210,6 +220,7 @@ async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextI
         task = asyncio.create_task(one(req))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(_retrieved)
     if tasks:
         await asyncio.gather(*tasks)
     return counts[0], counts[1]
@@ -278,6 +289,28 @@ def run_batch_remote(plan: BatchPlan, url: str, api_key: str | None = None, *, c
                   progress)
 
 
+@contextmanager
+def _signals_cancel(task: Any, got: list[int]) -> Iterator[None]:
+    """Inside the run's event loop: Ctrl-C and SIGTERM cancel the run's task at its next await (requests stop,
+    every answer written so far stays whole) and are noted in ``got``, for the command to stop as the signal would
+    once the loop has ended. A signal raised at any bytecode instead can leave the loop's and its libraries' state
+    half-changed, and the loop's shutdown could then wait for ever. Off the main thread, nothing changes."""
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.getsignal(sig)
+            loop.add_signal_handler(sig, lambda sig=sig: (got.append(sig), task.cancel()))
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no such support
+            previous.pop(sig, None)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
 def _drive(plan: BatchPlan, make_client: Callable[[], Any], concurrency: int, progress: bool) -> BatchSummary:
     """The plan's requests not answered before, through the client ``make_client`` makes, into its output."""
     todo = (r for r in read_requests(plan.input) if r.custom_id not in plan.skip)
@@ -287,12 +320,18 @@ def _drive(plan: BatchPlan, make_client: Callable[[], Any], concurrency: int, pr
 
         bar = tqdm(total=plan.total - len(plan.skip), desc="run-batch", unit="req", mininterval=1.0)
 
+    got: list[int] = []  # the signal that stopped the run
+
     async def main() -> tuple[int, int]:
         client = make_client()
         try:
-            with open(plan.output, "a", encoding="utf-8") as out:
+            with open(plan.output, "a", encoding="utf-8") as out, _signals_cancel(asyncio.current_task(), got):
                 return await run_requests(client, todo, out, concurrency=concurrency,
                                           done=(lambda _rec: bar.update(1)) if bar is not None else None)
+        except asyncio.CancelledError:
+            if not got:
+                raise
+            return 0, 0
         finally:
             await client.aclose()
 
@@ -302,4 +341,6 @@ def _drive(plan: BatchPlan, make_client: Callable[[], Any], concurrency: int, pr
     finally:
         if bar is not None:
             bar.close()
+    if got:  # stopped by a signal: stop the command as it would have
+        raise Terminated() if got[0] == signal.SIGTERM else KeyboardInterrupt()
     return BatchSummary(plan.total, len(plan.skip), ok, failed, time.perf_counter() - t0)
