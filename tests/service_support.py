@@ -7,34 +7,28 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 
+from vlmguard.workers.api import BatchingBackend
 from vlmguard.workers.engine_worker import EngineWorker
 from vlmguard.workers.inflight import InflightBatcher
 
 
-class BatcherBackend:
-    """The replica's path without Ray: every request through one in-flight batcher."""
+class BatcherBackend(BatchingBackend):
+    """The replica's path without Ray: every request through one in-flight batcher (``BatchingBackend``); with
+    ``fail_after``, a stream that fails after that many events, as a Ray handle's does when its replica dies."""
 
     def __init__(self, worker: EngineWorker, batcher: InflightBatcher, fail_after: int | None = None):
+        super().__init__({"tiny-llava": worker}, {"tiny-llava": batcher})
         self.worker, self.batcher, self.fail_after = worker, batcher, fail_after
 
-    def model_names(self):
-        return ["tiny-llava"]
-
-    async def info(self, model):
-        return self.worker.info()
-
-    async def generate(self, model, item):
-        return await self.batcher.submit(item)
-
     async def stream(self, model, item):
-        gen = self.batcher.stream(item)
+        gen = super().stream(model, item)
         try:
             k = 0
             async for ev in gen:
                 yield ev
                 k += 1
                 if self.fail_after is not None and k == self.fail_after:
-                    raise RuntimeError("replica died")  # as a Ray handle's stream raises when its replica dies
+                    raise RuntimeError("replica died")
         finally:
             await gen.aclose()
 

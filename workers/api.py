@@ -43,6 +43,7 @@ from vlmguard.tool_calls import CallStream
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.image_intake import make_image_resolver
+from vlmguard.workers.inflight import InflightBatcher
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import (
     chat_chunk,
@@ -121,6 +122,37 @@ class LocalBackend:
         """Each event as the engine yields it; closing the stream (client gone, timeout) stops the generation."""
         async for ev in stream_alone(self.workers[model], item):
             yield ev
+
+
+class BatchingBackend(LocalBackend):
+    """Engines in this process whose requests share in-flight batches (as a served replica's do): the path of
+    ``vlmguard run-batch``, and of tests that drive a replica's batching without Ray."""
+
+    def __init__(self, workers: dict[str, EngineWorker], batchers: dict[str, InflightBatcher]):
+        super().__init__(workers)
+        self.batchers = batchers
+
+    @classmethod
+    def for_workers(cls, workers: dict[str, EngineWorker], max_batch_size: int, wait_s: float) -> "BatchingBackend":
+        return cls(workers, {name: InflightBatcher(w, max_batch_size, wait_s) for name, w in workers.items()})
+
+    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
+        return await self.batchers[model].submit(item)
+
+    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        """Each event as the engine yields it: in the running batch when the decoder joins, else alone. Closing the
+        stream (client gone, timeout) closes the engine's at once, which stops the request."""
+        batcher = self.batchers[model]
+        events = batcher.stream(item) if batcher.joins(item.spec) else stream_alone(self.workers[model], item)
+        try:
+            async for ev in events:
+                yield ev
+        finally:
+            await events.aclose()
+
+    def close(self) -> None:
+        for b in self.batchers.values():
+            b.close()
 
 
 # OpenAI's own codes for the errors OpenAI-compatible clients act on (a prompt over the context: clients trim the

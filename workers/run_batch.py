@@ -30,13 +30,11 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
-from vlmguard.workers.api import LocalBackend
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem, stream_alone
-from vlmguard.workers.inflight import InflightBatcher
+from vlmguard.workers.engine_worker import EngineWorker
 
 URLS = ("/v1/chat/completions", "/v1/responses", "/v1/generate")
 
@@ -148,27 +146,6 @@ def batch_record(req: BatchRequest, status: int, body: Any) -> dict[str, Any]:
             "error": None}
 
 
-class BatchingBackend(LocalBackend):
-    """Engines in this process whose requests share in-flight batches (as a served replica's do)."""
-
-    def __init__(self, workers: dict[str, EngineWorker], max_batch_size: int, wait_s: float):
-        super().__init__(workers)
-        self.batchers = {name: InflightBatcher(w, max_batch_size, wait_s) for name, w in workers.items()}
-
-    async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
-        return await self.batchers[model].submit(item)
-
-    async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
-        batcher = self.batchers[model]
-        events = batcher.stream(item) if batcher.joins(item.spec) else stream_alone(self.workers[model], item)
-        async for ev in events:
-            yield ev
-
-    def close(self) -> None:
-        for b in self.batchers.values():
-            b.close()
-
-
 def _error_body(e: Any) -> dict[str, Any]:
     """An APIError as the API's error object."""
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
@@ -260,7 +237,7 @@ def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_si
     import httpx
 
     from vlmguard.client import AsyncClient
-    from vlmguard.workers.api import create_api
+    from vlmguard.workers.api import BatchingBackend, create_api
     from vlmguard.workers.config import BatchingConfig, ModelConfig, ServiceConfig
 
     batching = BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
@@ -269,7 +246,7 @@ def run_batch(plan: BatchPlan, workers: dict[str, EngineWorker], *, max_batch_si
     week = 7 * 24 * 3600.0
     config = ServiceConfig(models=models, api_key_env=None, request_timeout_s=week, max_request_bytes=1 << 40,
                            allowed_local_media_path=None if local_media is None else str(local_media))
-    backend = BatchingBackend(workers, max_batch_size, wait_s)
+    backend = BatchingBackend.for_workers(workers, max_batch_size, wait_s)
     app = create_api(backend, config)
     try:
         return _drive(plan, lambda: AsyncClient("http://batch", transport=httpx.ASGITransport(app=app),
