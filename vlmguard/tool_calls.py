@@ -76,8 +76,13 @@ class ToolAnswer:
     whole: bool = True
 
     def finish_reason(self, engine_reason: str) -> str:
-        """The choice's ``finish_reason``: "tool_calls" for calls the answer ended after, else the engine's."""
-        return "tool_calls" if self.whole and engine_reason == "stop" else engine_reason
+        return calls_finish_reason(self.whole, engine_reason)
+
+
+def calls_finish_reason(whole: bool, engine_reason: str) -> str:
+    """The ``finish_reason`` of an answer that is calls: "tool_calls" for ``whole`` calls the answer ended after,
+    else the engine's ("length": the last call cut)."""
+    return "tool_calls" if whole and engine_reason == "stop" else engine_reason
 
 
 @dataclass(frozen=True)
@@ -308,7 +313,7 @@ class CallStream:
         (:meth:`ToolAnswer.finish_reason`). An answer that is no calls (or was cut short before it was read as
         any: ``finish_reason`` "length") sends the rest of its text as content."""
         if self.reader is not None and self.reader.named():
-            return "", self._pieces(), ToolAnswer(None, [], self.reader.whole()).finish_reason(finish_reason)
+            return "", self._pieces(), calls_finish_reason(self.reader.whole(), finish_reason)
         answer = None if self.reader is not None else self.use.read(self.seen, finish_reason)
         if answer is not None:
             return "", [CallDelta(j, c.arguments, c.id, c.name) for j, c in enumerate(answer.calls)], \

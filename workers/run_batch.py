@@ -151,13 +151,6 @@ def _error_body(e: Any) -> dict[str, Any]:
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
 
 
-def _retrieved(task: "asyncio.Task[None]") -> None:
-    """Mark a request task's exception as seen: Ctrl-C or SIGTERM raised inside one stops the whole run and is
-    reported once by the command, not again as "Task exception was never retrieved" with a traceback."""
-    if not task.cancelled():
-        task.exception()
-
-
 async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextIO, *, concurrency: int,
                        done: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Send every request through ``client`` (a :class:`vlmguard.client.AsyncClient`: the API in this process or a
@@ -197,7 +190,6 @@ async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextI
         task = asyncio.create_task(one(req))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        task.add_done_callback(_retrieved)
     if tasks:
         await asyncio.gather(*tasks)
     return counts[0], counts[1]
