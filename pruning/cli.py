@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vlmguard.errors import InvalidInput
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 
 
 def register(sub) -> None:
@@ -26,6 +27,8 @@ def register(sub) -> None:
     a.add_argument("--device", default="auto")
     a.add_argument("--dtype", default="auto")
     a.add_argument("--attn", default="auto", help="auto, sdpa, flash_attention_2, eager")
+    a.add_argument("--quantization", default="none", choices=QUANT_CHOICES,
+                   help="the language model's weights quantized as they load (default: none)")
     a.add_argument("--samples", type=int, default=64, help="calibration samples (official: 1000 MME samples)")
     a.add_argument("--images", default=None, help="calibration images directory (default: SynthCOCO scenes)")
     a.add_argument("--seed", type=int, default=None, help="SynthCOCO calibration seed")
@@ -57,7 +60,8 @@ def _analyze(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.images:  # read before the model loads: a bad folder or image is reported first
         prompts = directory_calibration(args.images, args.samples)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                         quantization=args.quantization)
     n_layers = engine.adapter.num_layers
     if 2 * args.min_size > n_layers:  # no change point can be placed: an all-zero histogram, a made-up schedule
         raise InvalidInput(f"--min-size {args.min_size} is too large for the {n_layers} decoder layers of "

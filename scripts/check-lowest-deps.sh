@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Checks that the lower bounds in pyproject.toml hold: builds a second virtualenv with every direct dependency at
-# the lowest version pyproject.toml allows (`name>=X` installed as `name==X`; unbounded ones as pip resolves them),
+# Checks that the lower bounds in pyproject.toml hold: builds a second virtualenv with every direct dependency (and
+# the quant extras) at the lowest version pyproject.toml allows (`name>=X` installed as `name==X`; unbounded ones as pip resolves them),
 # the dev extras at their constraints.txt versions, this checkout installed --no-deps, and runs the default test
 # suite there. A bound pip cannot install (it conflicts with another package's requirements) fails the install.
 # torch's lower bound comes from PyPI, a CUDA build (with its nvidia-* packages) that runs on the CPU; TORCH=2.13.0
@@ -20,7 +20,8 @@ echo "check-lowest-deps: venv in $VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 
-# The requirement lines: each direct dependency at its lower bound (torch: $TORCH if set), the dev extras pinned.
+# The requirement lines: each direct dependency and the quant extras at their lower bounds (torch: $TORCH if set),
+# the dev extras pinned.
 "$PY" - pyproject.toml constraints.txt > "$DIR/lowest-requirements.txt" <<'EOF'
 import os, re, sys, tomllib
 
@@ -42,7 +43,7 @@ for line in open(sys.argv[2]):
         name, version = line.split("==", 1)
         pins[key(name)] = version.strip()
 
-for text in project["dependencies"]:
+for text in project["dependencies"] + project["optional-dependencies"]["quant"]:
     name, low = parse(text)
     if key(name) == "torch" and os.environ.get("TORCH"):
         low = os.environ["TORCH"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs vlmguard with its dev extras, offline data and system tools.
+# Creates .venv and installs vlmguard with its dev and quant extras, offline data and system tools.
 # Idempotent; called by `make setup` (and so by `make test` / `make demo`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # Every package at the version the tests last passed with (constraints.txt); pyproject.toml holds the ranges.
 pins=(); [ -f constraints.txt ] && pins=(-c constraints.txt)
-.venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev]"
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[dev,quant]"
 for extra in scripts/setup.d/*.sh; do
   [ -e "$extra" ] && bash "$extra"
 done

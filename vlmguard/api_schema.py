@@ -641,6 +641,10 @@ class ModelCard(BaseModel):
     owned_by: str = "vlmguard"
     family: Optional[str] = None
     context_length: Optional[int] = None
+    # the weights' precision: their dtype (``bfloat16``, ...) and how the language model's layers were quantized as
+    # they loaded (``none``, ``bnb-int8``, ``bnb-nf4``; a checkpoint saved quantized says how it was saved)
+    dtype: Optional[str] = None
+    quantization: Optional[str] = None
     # visual tokens per side of one image's grid (LLaVA-NeXT: the base grid before its crops); None where the grid
     # follows the image (Qwen2-VL): what a client needs to draw kept tokens over an image
     grid_side: Optional[int] = None

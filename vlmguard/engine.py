@@ -157,6 +157,7 @@ class Engine:
         self.processor = processor
         self.model_name = name
         self.revision: str | None = None  # weights fingerprint when loaded from a directory (Engine.load)
+        self.quantization = "none"  # how Engine.load quantized the weights (vlmguard/models/quantization.py)
         impl = attn_implementation or getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in PROBING_IMPLEMENTATIONS:
             impl = choose_attention(impl if impl in ("sdpa", "eager", "flash_attention_2") else "sdpa",
@@ -181,15 +182,23 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike = "tiny", *, device: str = "auto", dtype: str | torch.dtype = "auto",
-             attn_implementation: str = "auto", trust_remote_code: bool = False) -> "Engine":
+             attn_implementation: str = "auto", trust_remote_code: bool = False,
+             quantization: str = "none") -> "Engine":
+        """``quantization``: ``none``, ``bnb-int8`` or ``bnb-nf4``, the language model's linear layers quantized
+        as they load (``vlmguard/models/quantization.py``)."""
         import transformers
         from transformers import AutoConfig
 
+        from vlmguard.models import quantization as quant
         from vlmguard.models.image_text_processor import load_processor
 
         model = str(model)  # a name, an HF id or a local directory (str or path)
+        quant.check_name(quantization)
         dev = pick_device(device)
         if model.startswith("random:"):  # tiny random-weight model of a family, for tests and demos
+            if quantization != quant.NONE:
+                raise InvalidInput(f"quantization applies to models loaded from files, not {model}",
+                                   param="quantization")
             from vlmguard.testing import random_family
 
             m, proc = random_family(model)()
@@ -214,16 +223,23 @@ class Engine:
             # second, not after the weights (gigabytes) have been read
             processor = load_processor(path, trust_remote_code=trust_remote_code)
             model_cls = getattr(transformers, cls_name)
+            saved = quant.checkpoint_quantization(config)
+            qkw = quant.load_kwargs(quantization, model_type=config.model_type, compute_dtype=pick_dtype(dtype, dev),
+                                    device=dev, saved=saved)
             # mismatched shapes are reported by check_loaded_weights (naming the tensor), not raised by transformers
             m, info = model_cls.from_pretrained(path, dtype=pick_dtype(dtype, dev), attn_implementation=impl,
                                                 local_files_only=True, trust_remote_code=trust_remote_code,
-                                                ignore_mismatched_sizes=True, output_loading_info=True)
-        except (OSError, ValueError) as e:
+                                                ignore_mismatched_sizes=True, output_loading_info=True, **qkw)
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a saved quantization's missing package
             raise ModelLoadError(f"cannot load model from {path}: {first_line(e)}") from None
         check_loaded_weights(path, info)
-        m.to(dev)
+        if not qkw:  # a quantized model is placed as it loads (device_map)
+            m.to(dev)
+        else:
+            quant.check_cpu_layout(m)
         engine = cls(m, processor, name=str(model), attn_implementation=impl)
         engine.revision = weights_fingerprint(path)
+        engine.quantization = saved or quantization
         return engine
 
     @property

@@ -66,6 +66,7 @@ class ServeEngine:
         self.context_length = info.get("context_length")
         self.revision = info.get("revision")  # run identity: the replicas' weights and precision
         self.dtype = info.get("dtype")
+        self.quantization = info.get("quantization")
         self.adapter = ReplicaPromptFormat(info.get("default_system"), info.get("image_placeholder"))
         self.call_timeout_s = call_timeout_s
         self.max_wait_s = max_wait_s

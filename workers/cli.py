@@ -12,6 +12,7 @@ from typing import Any
 
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.interrupts import Terminated, ctrl_c_noted
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 
 
 def _print_json(obj: Any) -> None:
@@ -48,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--prefix-cache-mb", type=float, metavar="MIB",
                     help="MiB per replica that keep image prefixes and visual tokens of earlier requests for later "
                          "ones about the same image (default: the config's, 1024; 0 turns it off)")
+    sp.add_argument("--quantization", choices=QUANT_CHOICES,
+                    help="every model's language-model weights quantized as they load (bitsandbytes; default: the "
+                         "config's, none)")
     sp.add_argument("--num-cpus", type=int, help="logical CPUs of a locally started cluster")
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
@@ -111,12 +115,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_config(args.config), port=args.port, host=args.host, batching=args.batching, model=args.model,
         replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait_s,
         direct_ingress=args.direct_ingress, batch_mode=args.batch_mode, throughput_optimized=args.throughput_optimized,
-        prefix_cache_mb=args.prefix_cache_mb,
+        prefix_cache_mb=args.prefix_cache_mb, quantization=args.quantization,
         names={"port": f"--port {args.port}", "host": f"--host {args.host}", "model": f"--model {args.model}",
                "replicas": f"--replicas {args.replicas}", "max_batch_size": f"--max-batch-size {args.max_batch_size}",
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "batch_mode": f"--batch-mode {args.batch_mode}",
-               "prefix_cache_mb": f"--prefix-cache-mb {args.prefix_cache_mb}"})  # a bad one fails here, before Ray
+               "prefix_cache_mb": f"--prefix-cache-mb {args.prefix_cache_mb}",
+               "quantization": f"--quantization {args.quantization}"})  # a bad one fails here, before Ray
     address = args.address
     if not 0 < args.start_timeout < math.inf:
         raise InvalidInput(f"--start-timeout {args.start_timeout}: expected a number of seconds > 0")

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmguard.errors import InvalidInput
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 
 
 class BatchingConfig(BaseModel):
@@ -51,6 +52,8 @@ class ModelConfig(BaseModel):
     dtype: str = "auto"
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    # the language model's linear layers quantized as they load (bitsandbytes; vlmguard/models/quantization.py)
+    quantization: Literal[QUANT_CHOICES] = "none"  # type: ignore[valid-type]
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0.0)  # per replica
     # GPUs per replica; None: 1 when the replica runs on CUDA (device cuda[:N], or auto on a Ray cluster with

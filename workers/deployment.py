@@ -51,7 +51,8 @@ class ModelReplica:
         self.worker = EngineWorker(cfg.model, name=cfg.served_name, device=replica_device(cfg.device),
                                    dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=threads,
-                                   share_prefixes=cfg.share_prefixes, prefix_cache_mb=cfg.prefix_cache_mb)
+                                   share_prefixes=cfg.share_prefixes, prefix_cache_mb=cfg.prefix_cache_mb,
+                                   quantization=cfg.quantization)
         b = cfg.batching
         self.batcher = (InflightBatcher(self.worker, b.max_batch_size, b.batch_wait_timeout_s) if b.mode == "inflight"
                         else EngineBatcher(self.worker.generate_many, b.max_batch_size, b.batch_wait_timeout_s,

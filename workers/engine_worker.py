@@ -76,7 +76,7 @@ class EngineWorker:
     def __init__(self, model: str = "tiny", *, name: str | None = None, device: str = "auto",
                  dtype: str = "auto", attn_implementation: str = "auto", trust_remote_code: bool = False,
                  torch_threads: int | None = None, engine: Any = None, share_prefixes: bool = True,
-                 prefix_cache_mb: float = 0.0):
+                 prefix_cache_mb: float = 0.0, quantization: str = "none"):
         import torch
 
         if torch_threads:
@@ -85,7 +85,7 @@ class EngineWorker:
             from vlmguard.engine import Engine
 
             engine = Engine.load(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, quantization=quantization)
         self.engine = engine
         engine.share_prefixes = share_prefixes
         engine.enable_prefix_cache(prefix_cache_mb)
@@ -105,6 +105,7 @@ class EngineWorker:
                 # what a benchmark run's identity needs, so a job resumes (and shares) a local run of the same
                 # weights and precision
                 "revision": self.engine.revision, "dtype": str(self.engine.model.dtype).removeprefix("torch."),
+                "quantization": getattr(self.engine, "quantization", "none"),
                 # what a benchmark preset with its own framing reads of the model (``PopePrompt.frame``)
                 "default_system": self.engine.adapter.default_system(),
                 "image_placeholder": self.engine.adapter.image_placeholder,

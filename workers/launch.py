@@ -155,7 +155,8 @@ class Service:
 _OVERRIDE_OF_FIELD = {"port": "port", "host": "host", "model": "model", "num_replicas": "replicas",
                       "enabled": "batching", "max_batch_size": "max_batch_size",
                       "batch_wait_timeout_s": "batch_wait_timeout_s", "mode": "batch_mode",
-                      "direct_ingress": "direct_ingress", "prefix_cache_mb": "prefix_cache_mb"}
+                      "direct_ingress": "direct_ingress", "prefix_cache_mb": "prefix_cache_mb",
+                      "quantization": "quantization"}
 
 
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
@@ -163,14 +164,14 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                     batch_mode: str | None = None, direct_ingress: bool | None = None,
                     throughput_optimized: bool | None = None, prefix_cache_mb: float | None = None,
-                    names: dict[str, str] | None = None) -> ServiceConfig:
+                    quantization: str | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
     """The config with these overrides (None: keep the config's). A bad value is one InvalidInput line that
     names the override, as ``names`` spells it (the CLI passes its option names, e.g. ``--replicas``)."""
     given = {k for k, v in dict(port=port, host=host, batching=batching, model=model, replicas=replicas,
                                 max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                 batch_mode=batch_mode, direct_ingress=direct_ingress,
-                                throughput_optimized=throughput_optimized,
-                                prefix_cache_mb=prefix_cache_mb).items() if v is not None}
+                                throughput_optimized=throughput_optimized, prefix_cache_mb=prefix_cache_mb,
+                                quantization=quantization).items() if v is not None}
     data = config.model_dump()
     if direct_ingress is not None:
         data["direct_ingress"] = direct_ingress
@@ -195,6 +196,8 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
             m["batching"]["mode"] = batch_mode
         if prefix_cache_mb is not None:
             m["prefix_cache_mb"] = prefix_cache_mb
+        if quantization is not None:
+            m["quantization"] = quantization
     try:
         return ServiceConfig(**data)
     except ValidationError as e:

@@ -85,7 +85,8 @@ def _local(args: argparse.Namespace, plan: Any, media: Path | None) -> Any:
     name = args.served_model_name or args.model
     worker = EngineWorker(args.model, name=name, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn, trust_remote_code=args.trust_remote_code,
-                          torch_threads=args.threads, prefix_cache_mb=args.prefix_cache_mb)
+                          torch_threads=args.threads, prefix_cache_mb=args.prefix_cache_mb,
+                          quantization=args.quantization)
     return run_batch(plan, {name: worker}, max_batch_size=args.max_batch_size, wait_s=args.batch_wait_ms / 1000,
                      concurrency=args.concurrency, max_new_tokens_limit=args.max_new_tokens_limit,
                      local_media=media, progress=not (args.quiet or args.json))

@@ -23,6 +23,7 @@ from vlmguard.bench.db import DEFAULT_DB
 from vlmguard.commands.generate import budget_arg, positive_int
 from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 from vlmguard.spec import IMAGE_ASPECTS, cli_method_params
 
 
@@ -53,6 +54,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu | cuda | auto (default: %(default)s)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s; "
                    "a run's identity includes it when not float32)")
+    g.add_argument("--quantization", default="none", choices=QUANT_CHOICES,
+                   help="the language model's weights quantized as they load (default: none; a run's identity "
+                   "includes it when set)")
     g.add_argument("--pruning", default="none", help="visual-token pruner (default: none)")
     g.add_argument("--budget", type=budget_arg, help="visual tokens kept (int) or kept fraction (float)")
     g.add_argument("--pruning-param", action="append", default=[], metavar="K=V", help="pruner parameter (repeat)")
@@ -297,7 +301,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     jobs = benchmark_runs(args)
     check_db(args.db)
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     outcomes = []
     for job in jobs:
         out = run_benchmark(

@@ -57,7 +57,7 @@ RUN_COLUMNS = (
     "question_file", "question_sha256", "prompt_preset", "prompt", "parser", "pruning", "pruning_params",
     "budget", "decoding", "decoding_params", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
     "seed", "image_list", "drop_incomplete", "neutral_run_id", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_new_tokens", "image_aspect",
+    "repetition_penalty", "min_new_tokens", "image_aspect", "quantization",
 )
 SAMPLE_COLUMNS = (
     "sample_key", "item_id", "image", "prompt", "output_text", "label", "prediction", "correct", "record",
@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS runs (
   decoding TEXT, decoding_params TEXT, max_new_tokens INTEGER, do_sample INTEGER, temperature REAL,
   top_p REAL, top_k INTEGER, seed INTEGER, image_list TEXT, drop_incomplete INTEGER, neutral_run_id TEXT,
   presence_penalty REAL, frequency_penalty REAL, repetition_penalty REAL, min_new_tokens INTEGER, image_aspect TEXT,
+  quantization TEXT,
   knobs TEXT NOT NULL, package_version TEXT, n_expected INTEGER, status TEXT NOT NULL DEFAULT 'running',
   metrics TEXT, created_at TEXT NOT NULL, updated_at TEXT, finished_at TEXT
 );
@@ -290,7 +291,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     have = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     for col, kind in (("model_revision", "TEXT"), ("dtype", "TEXT"), ("presence_penalty", "REAL"),
                       ("frequency_penalty", "REAL"), ("repetition_penalty", "REAL"), ("min_new_tokens", "INTEGER"),
-                      ("image_aspect", "TEXT")):
+                      ("image_aspect", "TEXT"), ("quantization", "TEXT")):
         if col not in have:
             conn.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
     if "prefill_flops" not in {r[1] for r in conn.execute("PRAGMA table_info(samples)")}:

@@ -13,7 +13,7 @@ from vlmguard.bench.db import list_runs
 from vlmguard.penalties import NEUTRAL
 
 # what a run that records nothing in these columns ran with (they are NULL unless set: older runs keep their ids)
-NULL_MEANS = {"image_aspect": "native", "dtype": "float32"}
+NULL_MEANS = {"image_aspect": "native", "dtype": "float32", "quantization": "none"}
 
 COLUMNS = (
     "run_id", "benchmark", "model", "dataset", "split", "variant", "method", "pruning", "budget", "decoding",
@@ -21,6 +21,13 @@ COLUMNS = (
     "sycophancy", "over_correction", "chair_s", "chair_i", "chair_i_distinct", "chair_recall", "len", "visual_tokens",
     "visual_tokens_kept", "prefill_gflops", "prefill_ms", "ttft_ms", "total_ms", "created_at",
 )
+
+
+def model_label(run: dict[str, Any]) -> str:
+    """The model's name, with its weights' precision where it is not the default (``llava-1.5-7b [bfloat16,
+    bnb-nf4]``): runs of one model in two precisions are two rows that no method label tells apart."""
+    precision = [str(run[k]) for k in ("dtype", "quantization") if run.get(k) not in (None, NULL_MEANS[k])]
+    return f"{run['model']} [{', '.join(precision)}]" if precision else run["model"]
 
 
 def method_label(run: dict[str, Any]) -> str:
@@ -100,7 +107,7 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
     row = {
         "run_id": run["run_id"],
         "benchmark": run["benchmark"],
-        "model": run["model"],
+        "model": model_label(run),
         "dataset": run["dataset"],
         "split": run.get("split"),
         "variant": run.get("variant"),

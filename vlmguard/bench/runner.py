@@ -170,6 +170,9 @@ def _engine_knobs(engine: Any, model_name: str | None) -> dict[str, Any]:
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (torch.dtype, str)) else "float32"
     if name != "float32":
         knobs["dtype"] = name
+    quantization = getattr(engine, "quantization", None)  # likewise: left out unless the weights are quantized
+    if quantization and quantization != "none":
+        knobs["quantization"] = quantization
     return knobs
 
 

@@ -8,6 +8,7 @@ Config (YAML)::
     limit: 300                  # optional, items per run
     batch_size: 16              # optional
     # coco_images: ..., coco_annotations: ..., pope_dir: ..., pope_set: head, gt: ..., image_ids: ...
+    # device: auto, quantization: none (bnb-int8 | bnb-nf4: every model's language-model weights, as they load)
     benchmarks:
       - pope: {splits: [random, popular, adversarial], prompt_preset: llava, parser: official}
       - pope-leading: {splits: [random], templates: [W-misleading]}
@@ -35,6 +36,7 @@ from vlmguard.bench.datasets import resolve_dataset
 from vlmguard.bench.pope_data import SPLITS
 from vlmguard.bench.runner import RunOutcome, oracle_neutral, default_spec, run_benchmark
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 from vlmguard.spec import ImageAspect
 
 Job = dict[str, Any]  # one run of the sweep, as expand() lists it
@@ -91,6 +93,7 @@ class _SweepSchema(_GenKnobs):
     gt: str = None  # type: ignore[assignment]
     image_ids: str = None  # type: ignore[assignment]
     device: str = None  # type: ignore[assignment]
+    quantization: Literal[QUANT_CHOICES] = None  # type: ignore[assignment,valid-type]  # Engine.load's
 
 
 _Split = Literal[SPLITS]  # the POPE split names
@@ -371,8 +374,8 @@ def run_sweep(
     if load_engine is None:
         from vlmguard.engine import Engine
 
-        device = cfg.get("device", "auto")
-        load_engine = lambda name: Engine.load(name, device=device)  # noqa: E731
+        device, quantization = cfg.get("device", "auto"), cfg.get("quantization", "none")
+        load_engine = lambda name: Engine.load(name, device=device, quantization=quantization)  # noqa: E731
     if echo is not None:
         for dropped, kept in duplicates:
             echo(_duplicate_line(dropped, kept))

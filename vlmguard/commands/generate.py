@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from vlmguard.errors import InvalidInput, NonFiniteLogits
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 from vlmguard.spec import IMAGE_ASPECTS, GenerationSpec, cli_method_params, parse_budget
 
 
@@ -16,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--attn", default="auto", help="attention: auto, sdpa, flash_attention_2, eager")
+    p.add_argument("--quantization", default="none", choices=QUANT_CHOICES,
+                   help="the language model's weights quantized as they load (bitsandbytes; default: none)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
 
 
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("--prompt is empty")
     spec.resolve()  # validate methods and parameters before loading the model
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, quantization=args.quantization)
     request = Request(prompt=args.prompt, images=images)
     result = None
     for ev in engine.stream([request], spec):

@@ -8,6 +8,7 @@ from typing import Any
 
 from vlmguard.commands.generate import budget_arg
 from vlmguard.errors import InvalidInput
+from vlmguard.models.quantization import CHOICES as QUANT_CHOICES
 from vlmguard.workers.config import DEFAULT_ROUTING_SPILL_QUEUE as DEFAULT_SPILL_QUEUE
 
 # the formats of vlmguard/perf/guided.py's FORMATS (named here so that parsing the command line imports no torch)
@@ -98,6 +99,9 @@ def _common(p: argparse.ArgumentParser, shape: str = DEFAULT_SHAPE) -> None:
                    help=f"model shape (default {shape}; e.g. llava-1.5-7b, llava-next-7b, qwen2-vl-7b, "
                         "their -cpu variants, random:llava, tiny, or a local model path)")
     p.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
+    p.add_argument("--quantization", default="none", choices=QUANT_CHOICES,
+                   help="the language model's weights quantized as they load (bitsandbytes; a benchmark shape is "
+                        "saved to a temporary directory first)")
     _measurement(p)
 
 
@@ -294,7 +298,8 @@ def _engine(args):
     from vlmguard.perf.timing import set_threads
 
     set_threads(args.threads)
-    return load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed)
+    return load_engine(args.shape, device=args.device, dtype=args.dtype, attn=args.attn, seed=args.seed,
+                       quantization=args.quantization)
 
 
 def _check_outputs(args) -> None:

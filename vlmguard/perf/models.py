@@ -44,13 +44,21 @@ def check_shape(shape: str) -> str:
 
 
 def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: str = "auto",
-                seed: int = 0) -> Any:
-    """An Engine for ``shape`` (see module doc)."""
+                seed: int = 0, quantization: str = "none") -> Any:
+    """An Engine for ``shape`` (see module doc). ``quantization`` (``Engine.load``'s): a benchmark shape is saved to
+    a temporary directory and loaded from there, quantized as it loads."""
     from vlmguard.attention import choose_attention, register_attention_functions
     from vlmguard.engine import Engine, pick_device, pick_dtype
 
     if check_shape(shape) != "shape":
-        return Engine.load(shape, device=device, dtype=dtype, attn_implementation=attn)
+        return Engine.load(shape, device=device, dtype=dtype, attn_implementation=attn, quantization=quantization)
+    if quantization != "none":
+        with servable_model(shape, device=device, dtype=dtype, seed=seed) as path:
+            engine = Engine.load(path, device=device, dtype=dtype, attn_implementation=attn,
+                                 quantization=quantization)
+        engine.model_name = shape
+        engine.adapter.n_tokens = None  # the real vocabulary, as below
+        return engine
     from vlmguard.models.shapes import build_shape
 
     dev = pick_device(device)

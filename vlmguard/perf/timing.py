@@ -178,7 +178,9 @@ def environment(engine: Any | None = None) -> dict[str, Any]:
     if engine is not None:
         info.update(model=engine.model_name, family=engine.family, device=str(engine.device),
                     dtype=str(engine.model.dtype).replace("torch.", ""), attention=engine.attn_implementation,
-                    malloc_tuned=engine.malloc_tuned)
+                    malloc_tuned=engine.malloc_tuned, quantization=getattr(engine, "quantization", "none"))
+        if hasattr(engine.model, "get_memory_footprint"):
+            info["weights_mb"] = round(engine.model.get_memory_footprint() / 2**20, 1)
     return info
 
 
