@@ -76,7 +76,7 @@ def test_an_answer_equals_the_chat_apis_for_the_same_conversation(app):
     assert reply.id.startswith("resp_") and reply.metadata == {"run": "7"} and reply.instructions == "Be brief."
     assert reply.model_extra["vlmguard"]["visual_tokens"] > 0  # vlmguard's facts, as in the chat API
     assert text.output_text == text_chat.choices[0].message.content  # a plain text input is one user message
-    assert raw["object"] == "response" and raw["store"] is False and raw["error"] is None
+    assert raw["object"] == "response" and raw["store"] is True and raw["error"] is None  # (kept: OpenAI's default)
 
 
 def test_a_stream_is_typed_events_that_add_up_to_the_response(app):
@@ -173,7 +173,7 @@ def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
      "input.0.content.0", "input.0.content[0]: data URL"),
     ({"input": "hi", "max_output_tokens": 100000}, 400, "max_output_tokens", "exceeds this server's limit"),
     ({"input": "hi", "temperature": 50}, 400, "temperature", "less than or equal to 10"),
-    ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id", "stores no responses"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id", "no stored response 'resp_1'"),
     ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input.0.type", "item type 'reasoning'"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, 400,
      "input.0.content.0.type", "part type 'input_file'"),

@@ -4,8 +4,8 @@ response out, whole or streamed as typed events.
 The request's ``input`` is a text or a list of items: messages (``role`` user / system / developer / assistant, a
 text or parts ``input_text``, ``input_image``, ``output_text``), earlier function calls and their outputs. Its
 items are read one by one when the request is turned into a chat request (``workers/responses_api.py``), so that an
-error names the item (``input.2.content.0``). Nothing is stored: ``previous_response_id`` is refused and every
-response says ``store: false``.
+error names the item (``input.2.content.0``). A finished response is kept (``store``, true unless set false) in the
+memory of the process serving the API, so that ``previous_response_id`` continues it (workers/response_store.py).
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ class ResponsesRequest(NumbersNotBooleans):
     tool_choice: Union[Literal["none", "auto", "required"], NamedFunctionChoice, None] = None
     parallel_tool_calls: Optional[StrictBool] = None
     text: Optional[TextConfig] = None
-    previous_response_id: Optional[str] = None  # refused: nothing is stored
-    store: Optional[StrictBool] = None  # accepted; nothing is stored (the response says store: false)
+    previous_response_id: Optional[str] = None  # a stored response this one continues (its conversation first)
+    store: Optional[StrictBool] = None  # keep the finished response (null: true, OpenAI's default)
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
     truncation: Optional[Literal["disabled"]] = None  # "auto" (dropping the oldest items) is not offered

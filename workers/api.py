@@ -57,14 +57,17 @@ from vlmguard.workers.openai_compat import (
     usage,
     vlmguard_info,
 )
+from vlmguard.workers.response_store import ResponseStore, StoredResponse, missing
 from vlmguard.workers.responses_api import ParamNames, ResponseEvents, ResponseHead, chat_request, new_id, \
-    response_object, wants_logprobs
+    response_object, stored_response, wants_logprobs
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses",
           "/v1/responses/input_tokens", "/v1/generate", "/tokenize", "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
+RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
+INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"
 log = logging.getLogger("vlmguard.workers")
 
 
@@ -245,6 +248,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                   description="Vision-language models with visual-token pruning and hallucination-reducing decoding.")
     app.state.metrics = metrics
     app.state.config = config
+    store = app.state.responses = ResponseStore(int(config.responses_store_mb * 2**20))
 
     # ---- errors -----------------------------------------------------------------------------------
     @app.exception_handler(APIFailure)
@@ -553,25 +557,45 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def continued(req: ResponsesRequest) -> StoredResponse | None:
+        """The stored response a request continues (``previous_response_id``), or None."""
+        if req.previous_response_id is None:
+            return None
+        entry = store.get(req.previous_response_id)
+        if entry is None:
+            raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
+                             code="previous_response_not_found", param="previous_response_id")
+        return entry
+
+    def keep(rid: str, response: dict[str, Any], form: Any, req: ResponsesRequest,
+             earlier: StoredResponse | None) -> dict[str, Any]:
+        """Store a finished response (when its request asked to); its ``store`` says whether it was kept."""
+        if response["store"]:
+            response["store"] = store.put(rid, stored_response(response, form, req, earlier))
+        return response
+
     @app.post("/v1/responses")
     async def responses(request: Request):
-        """OpenAI's Responses API: the request turned into the chat request it means, answered as one, written
-        as a Response (workers/responses_api.py)."""
+        """OpenAI's Responses API: the request turned into the chat request it means (after the conversation of the
+        stored response it continues), answered as one, written as a Response (workers/responses_api.py), and kept
+        for the next request (workers/response_store.py)."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        body, names = chat_request(req)
+        earlier = continued(req)
+        form = chat_request(req, earlier.messages if earlier is not None else None)
         rid = new_id("resp")
-        head = ResponseHead(rid, model, req)
+        head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
-        with _as_responses_errors(names):
-            item = await work_item(ChatCompletionRequest.model_validate(body), model, rid)
+        with _as_responses_errors(form.names):
+            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
             if not req.stream:
                 answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
                 choice = answer.choices[0]
                 calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
                 entries = _entries(choice.logprobs.content if choice.logprobs else []) if logprobs else None
-                return JSONResponse(response_object(head, choice.message.content, calls, choice.finish_reason,
-                                                    answer.usage, answer.vlmguard, entries))
+                response = response_object(head, choice.message.content, calls, choice.finish_reason, answer.usage,
+                                           answer.vlmguard, entries)
+                return JSONResponse(keep(rid, response, form, req, earlier))
             opened = await open_stream(model, item)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -607,6 +631,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     out += events.call_pieces(pieces)
                     if result is not None:
                         out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
+                        keep(rid, out[-1]["response"], form, req, earlier)  # (the last event: the whole response)
                     for e in out:
                         yield _typed_sse(e)
             finally:
@@ -620,11 +645,52 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         (``usage.input_tokens`` of its answer), counted by a replica's processor without running the model."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        body, names = chat_request(req)
-        with _as_responses_errors(names):
-            item = await work_item(ChatCompletionRequest.model_validate(body), model, "input_tokens")
+        earlier = continued(req)
+        form = chat_request(req, earlier.messages if earlier is not None else None)
+        with _as_responses_errors(form.names):
+            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, "input_tokens")
             counted = await token_call(model, "tokenize_chat", item, False)
         return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
+
+    def stored(response_id: str) -> StoredResponse:
+        entry = store.get(response_id)
+        if entry is None:
+            raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
+        return entry
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        """A stored response, as it was answered."""
+        return JSONResponse(stored(response_id).response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        stored(response_id)
+        store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, request: Request):
+        """The items a stored response answered, as OpenAI lists them (a page of ``limit`` after the item ``after``,
+        newest first unless ``order=asc``): those of the response it continued and that response's output, then
+        its own input."""
+        query = request.query_params
+        limit, order, after = query.get("limit", "20"), query.get("order", "desc"), query.get("after")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise APIFailure(400, f"limit: {limit!r} is not a number of items from 1 to 100", param="limit")
+        if order not in ("asc", "desc"):
+            raise APIFailure(400, f"order: {order!r} is not asc or desc", param="order")
+        n = int(limit)
+        items = stored(response_id).items
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [it["id"] for it in items]
+            if after not in ids:
+                raise APIFailure(400, f"after: no input item {after!r} in response {response_id!r}", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:n]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > n})
 
     async def token_call(model: str, method: str, *args: Any) -> dict[str, Any]:
         out = await backend.tokens(model, method, *args)
@@ -772,6 +838,9 @@ def _route_path(scope: dict[str, Any]) -> str:
         path = path[len(root):] or "/"
     if path in ROUTES:
         return path
+    if path.startswith("/v1/responses/") and path.count("/") in (3, 4):
+        return RESPONSE_ROUTE if path.count("/") == 3 else \
+            INPUT_ITEMS_ROUTE if path.endswith("/input_items") else "other"
     return MODEL_CARD_ROUTE if path.startswith("/v1/models/") else "other"
 
 

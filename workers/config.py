@@ -149,6 +149,10 @@ class ServiceConfig(BaseModel):
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     # file:// image URLs are read below this folder (None: refused); for replicas on one machine or a shared disk
     allowed_local_media_path: Optional[str] = None
+    # MiB of the HTTP API process's memory that keep finished Responses (``store``), so that a request can continue one
+    # (``previous_response_id``) and GET / DELETE /v1/responses/ID find it; least recently used first out; 0: none
+    # kept (workers/response_store.py). Each process serving the API keeps its own.
+    responses_store_mb: float = Field(64.0, ge=0, allow_inf_nan=False)
     # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
     # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
     # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and

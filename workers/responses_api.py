@@ -23,6 +23,7 @@ from vlmguard.api_schema import Usage, VlmguardInfo
 from vlmguard.errors import InvalidInput
 from vlmguard.responses_schema import ITEM_TYPES, InputImage, InputText, ResponsesRequest
 from vlmguard.tool_calls import CallDelta
+from vlmguard.workers.response_store import StoredResponse
 
 LOGPROBS = "message.output_text.logprobs"  # the ``include`` value that adds something: the text's log-probabilities
 # ``include`` values of OpenAI's that name outputs this server never makes (built-in tools' results, reasoning, input
@@ -94,7 +95,7 @@ def _content(parts: Any, path: str) -> Any:
     return out
 
 
-def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
+def _messages(req: ResponsesRequest, earlier: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ParamNames]:
     messages: list[dict[str, Any]] = []
     names = ParamNames()
 
@@ -104,6 +105,10 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
 
     if req.instructions:
         add({"role": "system", "content": req.instructions}, "instructions")
+    for message in earlier:
+        add(message, "previous_response_id")
+    first_new = len(messages)  # (a function call item joins an assistant message of this input only: those before
+    # it stay as stored, and this input's messages are all after first_new)
     if isinstance(req.input, str):
         add({"role": "user", "content": req.input}, "input")
         return messages, names
@@ -128,7 +133,7 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
         elif kind == "function_call":
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
-            if messages and messages[-1]["role"] == "assistant":  # the calls of the answer just before
+            if len(messages) > first_new and messages[-1]["role"] == "assistant":  # the calls of the answer before
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 add({"role": "assistant", "content": None, "tool_calls": [call]}, path)
@@ -137,13 +142,23 @@ def _messages(req: ResponsesRequest) -> tuple[list[dict[str, Any]], ParamNames]:
     return messages, names
 
 
-def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
-    """The chat request (as the JSON a client would send) a Responses request means, and where its messages came
-    from. Items that are not messages the chat API has are refused here, naming them."""
-    if req.previous_response_id is not None:
-        raise InvalidInput("previous_response_id: this server stores no responses (store is false); send the "
-                           "conversation's items in input", param="previous_response_id")
-    messages, names = _messages(req)
+@dataclass
+class ChatForm:
+    """A Responses request as the chat request it means (``body``, the JSON a client would send), where that
+    request's messages came from (``names``), and the messages of its own input (no instructions, no earlier
+    response's), which a stored response keeps for the next one."""
+
+    body: dict[str, Any]
+    names: ParamNames
+    new_messages: list[dict[str, Any]]
+
+
+def chat_request(req: ResponsesRequest, earlier: Optional[list[dict[str, Any]]] = None) -> ChatForm:
+    """The chat request a Responses request means: its ``instructions``, then ``earlier`` (the conversation of the
+    response it continues, ``previous_response_id``), then its own input. Items that are not messages the chat API
+    has are refused here, naming them."""
+    earlier = earlier or []
+    messages, names = _messages(req, earlier)
     body: dict[str, Any] = {"model": req.model, "messages": messages, "vlmguard": req.vlmguard.model_dump()}
     for j, what in enumerate(req.include or []):
         if what != LOGPROBS and what not in INCLUDE_NOTHING:
@@ -167,7 +182,49 @@ def chat_request(req: ResponsesRequest) -> tuple[dict[str, Any], ParamNames]:
         body["response_format"] = {"type": fmt.type} if fmt.type == "json_object" else {
             "type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.json_schema,
                                                    "description": fmt.description, "strict": fmt.strict}}
-    return body, names
+    return ChatForm(body, names, messages[(1 if req.instructions else 0) + len(earlier):])
+
+
+ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's ``input`` as the Responses API lists a response's input items: a text as a user message, each
+    item as sent, with an id where it had none."""
+    if isinstance(req.input, str):
+        return [{"type": "message", "id": new_id("msg"), "role": "user",
+                 "content": [{"type": "input_text", "text": req.input}]}]
+    items = []
+    for raw in req.input:
+        item = {"type": "message", **raw}
+        item["id"] = item.get("id") or new_id(ITEM_ID_PREFIX[item["type"]])
+        items.append(item)
+    return items
+
+
+def answer_message(response: dict[str, Any]) -> dict[str, Any]:
+    """A finished response's answer as the chat API's assistant message: its text, and its function calls."""
+    text, calls = None, []
+    for item in response["output"]:
+        if item["type"] == "message":
+            text = "".join(part["text"] for part in item["content"] if part["type"] == "output_text")
+        elif item["type"] == "function_call":
+            calls.append({"id": item["call_id"], "type": "function",
+                          "function": {"name": item["name"], "arguments": item["arguments"]}})
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def stored_response(response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
+                    earlier: Optional[StoredResponse]) -> StoredResponse:
+    """What the store keeps of a finished ``response``: the conversation with its answer, and its input items (those
+    of the response it continued, that response's output, then its own)."""
+    before = [] if earlier is None else earlier.messages
+    items = [] if earlier is None else [*earlier.items, *earlier.response["output"]]
+    return StoredResponse(response=response, messages=[*before, *form.new_messages, answer_message(response)],
+                          items=[*items, *input_items(req)])
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
@@ -222,6 +279,7 @@ class ResponseHead:
     id: str
     model: str
     req: ResponsesRequest
+    stored: bool = False  # the finished response will be kept (its previous_response_id for the next request)
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Optional[Usage] = None,
@@ -239,7 +297,8 @@ class ResponseHead:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "text": {"format": (req.text.format.model_dump(by_alias=True, exclude_none=True)
                                 if req.text is not None and req.text.format is not None else {"type": "text"})},
-            "previous_response_id": None, "store": False, "truncation": "disabled", "user": req.user,
+            "previous_response_id": req.previous_response_id, "store": self.stored, "truncation": "disabled",
+            "user": req.user,
             "metadata": req.metadata or {}, "usage": _usage(usage) if usage is not None else None,
         }
         if info is not None:

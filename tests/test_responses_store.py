@@ -1,0 +1,206 @@
+"""Stored Responses (``store``, ``previous_response_id``, ``GET`` / ``DELETE /v1/responses/{id}``, ``input_items``;
+workers/response_store.py) through the OpenAI SDK: a conversation continued by id is answered exactly as the same
+conversation sent whole (text, images, function calls and their outputs, streamed or not); stored responses are
+retrieved, listed, deleted and evicted; what is missing is one clear error."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from service_support import run_with_sdk
+from vlmguard.images import image_to_data_url
+from vlmguard.testing import random_image, tiny_engine
+from vlmguard.workers.api import INPUT_ITEMS_ROUTE, RESPONSE_ROUTE, LocalBackend, _route_path, create_api
+from vlmguard.workers.config import ModelConfig, ServiceConfig
+from vlmguard.workers.engine_worker import EngineWorker
+from vlmguard.workers.response_store import ResponseStore, StoredResponse
+
+MODEL = "tiny-qwen"
+IMAGE = image_to_data_url(random_image(2, (40, 32)))
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"],
+           "properties": {"city": {"type": "string", "maxLength": 8}}}
+TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=2048))
+
+
+def _app(worker, **config):
+    return create_api(LocalBackend({MODEL: worker}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None, **config))
+
+
+@pytest.fixture(scope="module")
+def app(worker):
+    return _app(worker)
+
+
+def _question(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "input_image", "image_url": IMAGE}, {"type": "input_text", "text": text}]}
+
+
+def test_a_conversation_continued_by_id_is_answered_as_the_same_conversation_sent_whole(app):
+    async def scenario(client, http):
+        first = await client.responses.create(model=MODEL, input=[_question("What is in the image?")],
+                                              instructions="Be brief.", max_output_tokens=5)
+        second = await client.responses.create(model=MODEL, previous_response_id=first.id,
+                                               input="And what colour is it?", max_output_tokens=5)
+        whole = await client.responses.create(model=MODEL, max_output_tokens=5, input=[
+            _question("What is in the image?"), first.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "And what colour is it?"}])
+        counted = await client.responses.input_tokens.count(model=MODEL, previous_response_id=first.id,
+                                                            input="And what colour is it?")
+        events = [ev async for ev in await client.responses.create(
+            model=MODEL, previous_response_id=first.id, input="And what colour is it?", max_output_tokens=5,
+            stream=True)]
+        streamed = events[-1].response  # (response.incomplete: the SDK's stream helper waits for completed only)
+        third = await client.responses.create(model=MODEL, previous_response_id=streamed.id, input="Thanks!",
+                                              max_output_tokens=3)
+        whole3 = await client.responses.create(model=MODEL, max_output_tokens=3, input=[
+            _question("What is in the image?"), first.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "And what colour is it?"}, streamed.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "Thanks!"}])
+        return first, second, whole, counted, streamed, third, whole3
+
+    first, second, whole, counted, streamed, third, whole3 = run_with_sdk(app, scenario)
+    assert first.store is True and first.previous_response_id is None
+    assert second.previous_response_id == first.id and second.store is True
+    # the stored conversation (the image, the question, the answer; not the instructions: OpenAI does not carry
+    # them over) then the new input: the prompt and the answer of the conversation sent whole
+    assert second.usage.input_tokens == whole.usage.input_tokens == counted.input_tokens
+    assert second.output_text == whole.output_text
+    assert streamed.output_text == second.output_text and streamed.store is True  # streamed: kept too
+    assert third.usage.input_tokens == whole3.usage.input_tokens and third.output_text == whole3.output_text
+
+
+def test_a_function_calls_output_continues_the_response_that_called_it(app):
+    async def scenario(client, http):
+        kw = dict(model=MODEL, tools=TOOLS, max_output_tokens=120, extra_body={"vlmguard": {"json_whitespace":
+                                                                                           "compact"}})
+        asked = await client.responses.create(input=[_question("Weather?")], **kw,
+                                              tool_choice={"type": "function", "name": "get_weather"})
+        (call,) = asked.output
+        output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+        after = await client.responses.create(previous_response_id=asked.id, input=[output], **kw)
+        whole = await client.responses.create(input=[_question("Weather?"), call.model_dump(exclude_none=True),
+                                                     output], **kw)
+        return call, after, whole
+
+    call, after, whole = run_with_sdk(app, scenario)
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert after.usage.input_tokens == whole.usage.input_tokens and after.output_text == whole.output_text
+
+
+def test_stored_responses_are_retrieved_listed_and_deleted(app):
+    async def scenario(client, http):
+        first = await client.responses.create(model=MODEL, input=[_question("What is here?")], max_output_tokens=3)
+        second = await client.responses.create(model=MODEL, previous_response_id=first.id, input="More?",
+                                               max_output_tokens=3)
+        got = await client.responses.retrieve(first.id)
+        items = [it async for it in client.responses.input_items.list(second.id)]
+        oldest_first = (await client.responses.input_items.list(second.id, order="asc", limit=2))
+        after = (await client.responses.input_items.list(second.id, order="asc", after=oldest_first.data[0].id))
+        bad = [await http.get(f"/v1/responses/{second.id}/input_items", params=p)
+               for p in ({"limit": "0"}, {"order": "sideways"}, {"after": "msg_nope"})]
+        await client.responses.delete(first.id)
+        errors = []
+        for call in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id),
+                     lambda: client.responses.create(model=MODEL, previous_response_id=first.id, input="x")):
+            try:
+                await call()
+            except openai.APIStatusError as e:
+                errors.append((e.status_code, e.body))
+        still = await client.responses.create(model=MODEL, previous_response_id=second.id, input="Again?",
+                                              max_output_tokens=3)
+        unstored = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False)
+        gone = await http.get(f"/v1/responses/{unstored.id}")
+        return first, second, got, items, oldest_first, after, bad, errors, still, unstored, gone
+
+    first, second, got, items, oldest_first, after, bad, errors, still, unstored, gone = run_with_sdk(app, scenario)
+    assert got.model_dump() == first.model_dump()
+    # newest first: the second request's input, the first's answer, the first's input
+    assert [it.type for it in items] == ["message", "message", "message"]
+    assert items[0].content[0].text == "More?" and items[1].id == first.output[0].id
+    assert items[2].content[1].text == "What is here?" and items[2].id.startswith("msg_")
+    assert [it.id for it in oldest_first.data] == [items[2].id, items[1].id] and oldest_first.has_more
+    assert [it.id for it in after.data] == [items[1].id, items[0].id] and not after.has_more
+    assert [(r.status_code, r.json()["error"]["param"]) for r in bad] == [(400, "limit"), (400, "order"),
+                                                                          (400, "after")]
+    (s1, b1), (s2, b2), (s3, b3) = errors
+    assert (s1, s2, b1["code"]) == (404, 404, "response_not_found") and "no stored response" in b1["message"]
+    assert s3 == 400 and b3["param"] == "previous_response_id" and b3["code"] == "previous_response_not_found"
+    assert still.usage.input_tokens > second.usage.input_tokens  # the second keeps the whole conversation
+    assert unstored.store is False and gone.status_code == 404
+
+
+def test_the_store_keeps_the_most_recent_within_its_budget(worker):
+    small = _app(worker, responses_store_mb=0.006)  # about 6 KB: a few text responses, no image conversation
+    none = _app(worker, responses_store_mb=0)
+
+    async def scenario(client, http):
+        texts = [await client.responses.create(model=MODEL, input=f"Hello {i}", max_output_tokens=2)
+                 for i in range(12)]
+        found = [(await http.get(f"/v1/responses/{r.id}")).status_code for r in texts]
+        photo = image_to_data_url(random_image(3, (96, 96)))  # (random pixels: tens of KB as a PNG)
+        big = await client.responses.create(model=MODEL, max_output_tokens=2, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": photo}, {"type": "input_text", "text": "Look"}]}])
+        return texts, found, big
+
+    store = small.state.responses
+    texts, found, big = run_with_sdk(small, scenario)
+    assert store.bytes <= store.max_bytes and 1 < len(store) < 12
+    assert found == [404] * (12 - len(store)) + [200] * len(store)  # the oldest went first
+    assert big.store is False  # larger than the whole budget: answered, not kept
+
+    async def nothing_kept(client, http):
+        r = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        follow = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": r.id})
+        return r, follow
+
+    r, follow = run_with_sdk(none, nothing_kept)
+    assert r.store is False and follow.status_code == 400
+    assert "stores no responses (responses_store_mb: 0)" in follow.json()["error"]["message"]
+
+
+def test_the_store_is_a_least_recently_used_cache_of_bytes():
+    store = ResponseStore(1000)
+    entry = lambda n: StoredResponse(response={"id": "x"}, messages=[], items=[], size=n)  # noqa: E731
+    assert store.put("a", entry(400)) and store.put("b", entry(400))
+    assert store.get("a") is not None  # a is now the most recent
+    assert store.put("c", entry(400)) and store.get("b") is None and store.get("a") is not None
+    assert store.bytes == 800 and not store.put("d", entry(1001)) and len(store) == 2
+    assert store.delete("a") and not store.delete("a") and store.bytes == 400
+    assert StoredResponse(response={"id": "y"}, messages=[{"role": "user", "content": "hi"}], items=[]).size > 20
+    assert not ResponseStore(0).enabled and ResponseStore(1).enabled
+
+
+def test_stored_response_routes_are_one_metrics_series_each():
+    assert _route_path({"path": "/v1/responses/resp_1"}) == RESPONSE_ROUTE
+    assert _route_path({"path": "/v1/responses/resp_1/input_items"}) == INPUT_ITEMS_ROUTE
+    assert _route_path({"path": "/v1/responses/input_tokens"}) == "/v1/responses/input_tokens"
+    assert _route_path({"path": "/v1/responses/resp_1/other"}) == "other"
+    assert _route_path({"path": "/v1/responses/a/b/c"}) == "other"
+
+
+def test_an_input_continuing_a_text_answer_with_calls_leaves_the_stored_conversation_as_it_was():
+    import copy
+
+    from vlmguard.responses_schema import ResponsesRequest
+    from vlmguard.workers.responses_api import chat_request
+
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    kept = copy.deepcopy(earlier)
+    req = ResponsesRequest(instructions="Be brief.", input=[
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "x"}])
+    form = chat_request(req, earlier)
+    assert earlier == kept  # the stored messages are not written to
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "x"}
+    assert form.body["messages"] == [{"role": "system", "content": "Be brief."}, *earlier, call, tool]
+    assert form.new_messages == [call, tool]  # what the next stored conversation adds: the call included
+    assert form.names.messages == ["instructions", "previous_response_id", "previous_response_id", "input.0",
+                                   "input.1"]
