@@ -211,6 +211,14 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
     plain = client.chat.completions.create(**kwargs)
     assert reply.output_text == plain.choices[0].message.content
     assert reply.usage.input_tokens == plain.usage.prompt_tokens and reply.id.startswith("resp_")
+    # ... kept by the replica serving HTTP: continued by its id as the conversation sent whole, retrieved
+    follow = client.responses.create(model=MODEL, max_output_tokens=3, previous_response_id=reply.id, input="Why?")
+    whole = client.responses.create(model=MODEL, max_output_tokens=3, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Is there a dog?"},
+                                     {"type": "input_image", "image_url": image_url}]},
+        reply.output[0].model_dump(exclude_none=True), {"role": "user", "content": "Why?"}])
+    assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+    assert client.responses.retrieve(reply.id).output_text == reply.output_text
     with pytest.raises(openai.NotFoundError, match="invalid URL"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
 
