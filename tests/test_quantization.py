@@ -249,6 +249,8 @@ def test_the_command_line_and_the_service_take_a_quantization(engines, tmp_path,
     assert [m.quantization for m in config.models] == ["bnb-int8", "bnb-int8"]
     with pytest.raises(ValueError, match="Input should be 'none', 'bnb-int8' or 'bnb-nf4'"):
         ModelConfig(quantization="fp8")
+    with pytest.raises(ValueError, match="quantization applies to models loaded from files, not random:llava"):
+        ModelConfig(model="random:llava", quantization="bnb-nf4")
     worker = EngineWorker(engine=engines["bnb-int8"])
     assert worker.info()["quantization"] == "bnb-int8"
     card = _model_card(worker)

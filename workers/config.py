@@ -83,6 +83,8 @@ class ModelConfig(BaseModel):
         if self.device.startswith("cuda") and self.num_gpus == 0:
             raise ValueError(f"device {self.device} needs num_gpus > 0 per replica (Ray hides the GPUs from a "
                              "replica that reserves none)")
+        if self.quantization != "none" and self.model.startswith("random:"):  # (found here, not by a replica)
+            raise ValueError(f"quantization applies to models loaded from files, not {self.model}")
         return self
 
     @property
