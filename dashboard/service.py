@@ -48,10 +48,19 @@ class ModelFacts:
     family: str | None = None
     grid_side: int | None = None  # visual tokens per side of an image's (base) grid; None: follows the image
     reference_aspect: str | None = None  # what image_aspect "reference" does here (pad | native); None: by family
+    quantization: str | None = None  # how the weights were quantized as they loaded (none | bnb-int8 | bnb-nf4)
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> "ModelFacts":
-        return cls(card.get("family"), card.get("grid_side"), card.get("reference_image_aspect"))
+        return cls(card.get("family"), card.get("grid_side"), card.get("reference_image_aspect"),
+                   card.get("quantization"))
+
+
+def model_label(name: str, facts: ModelFacts | None) -> str:
+    """A served model's name, with its weights' quantization when they are quantized (``llava [bnb-nf4]``, as
+    ``vlmguard report`` labels runs)."""
+    q = facts.quantization if facts is not None else None
+    return f"{name} [{q}]" if q and q != "none" else name
 
 
 @dataclass

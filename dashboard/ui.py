@@ -16,6 +16,7 @@ from vlmguard.dashboard.service import (
     RayJobsBackend,
     ServiceStatus,
     make_client,
+    model_label,
     probe_service,
 )
 
@@ -60,7 +61,8 @@ def service_page(cfg: DashboardConfig, title: str, what: str, about: str = "") -
     if not status.ok:
         service_notice(status, what)
         return None
-    st.caption(f"Service: `{status.url}` · models: {', '.join(status.models)}" + (f" · {about}" if about else ""))
+    models = ", ".join(model_label(m, status.facts.get(m)) for m in status.models)
+    st.caption(f"Service: `{status.url}` · models: {models}" + (f" · {about}" if about else ""))
     return status
 
 

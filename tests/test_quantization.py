@@ -289,3 +289,23 @@ def _model_card(worker) -> dict:
         return asyncio.run(get())
     finally:
         batcher.close()
+
+
+def test_the_dashboard_names_a_quantized_model_as_the_report_does(monkeypatch, tmp_path):
+    from test_dashboard_pages import CLIENT_KEY, StubClient, page, quiet_env
+    from vlmguard.api_schema import ModelCard, ModelList
+    from vlmguard.dashboard.service import model_label, probe_service
+
+    class QuantizedStub(StubClient):
+        def models(self):
+            return ModelList(data=[ModelCard(id="tiny-llava", family="llava", quantization="bnb-nf4")])
+
+    facts = probe_service(QuantizedStub(), "u").facts["tiny-llava"]
+    assert facts.quantization == "bnb-nf4" and model_label("tiny-llava", facts) == "tiny-llava [bnb-nf4]"
+    assert model_label("m", None) == "m" and model_label("m", probe_service(StubClient(), "u").facts.get("m")) == "m"
+    quiet_env(monkeypatch, tmp_path)
+    at = page("playground_page.py")
+    at.session_state[CLIENT_KEY] = QuantizedStub()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("models: tiny-llava [bnb-nf4]" in c.value for c in at.caption)
