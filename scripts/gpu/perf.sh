@@ -15,7 +15,8 @@
 # Smoke test without a GPU: DEVICE=cpu DTYPE=float32 SUFFIX=-cpu REPEATS=1 PYTHON=.venv/bin/python NO_WHEELS=1
 # Nine commands at LIMIT=70 s plus the install can take close to the 600 s of one device call: to rerun only
 # some, set STEPS to their names (space-separated): prefill-sdpa prefill-flash_attention_2 prefill-next
-# prefill-qwen decode prefill-b8 decode-flowcut prefix, e.g. `STEPS="prefill-qwen decode" bash scripts/gpu/perf.sh`.
+# prefill-qwen decode prefill-b8 decode-flowcut prefix, e.g. `STEPS="prefill-qwen decode" bash scripts/gpu/perf.sh`;
+# decode-nf4 (4-bit weights, needs bitsandbytes there) runs only when STEPS names it.
 set -uo pipefail
 OUT=${OUT:-/tmp/vlmguard-gpu}
 DEVICE=${DEVICE:-cuda}
@@ -102,6 +103,19 @@ step "prefix sharing and a warm prefix cache llava-1.5-7b$SUFFIX sdpa, 12 reques
 timeout "$LIMIT" "${VG[@]}" perf prefix --shape "llava-1.5-7b$SUFFIX" --attn sdpa "${common[@]}" \
   --decoders greedy,lqcd,iava --batch 12 --questions-per-image 6 --cache \
   --out "$OUT/perf-prefix-llava-1.5-7b$SUFFIX-$DEVICE-sdpa.json" || echo "FAILED (exit $?)"
+}
+# Opt-in (only when STEPS names it; the default run's time is spent above): decode with the language model's weights
+# in 4-bit NF4, which needs bitsandbytes on the machine (its wheel, 125 MB with its CUDA libraries, is too large to
+# carry) and saves the full-width shape to /tmp first (about 14 GB in bf16); QLIMIT seconds (default 300).
+[ -n "${STEPS:-}" ] && want decode-nf4 && {
+step "decode llava-1.5-7b$SUFFIX sdpa, weights in bnb-nf4"
+if "$PY" -c "import bitsandbytes, accelerate" 2>/dev/null; then
+  timeout "${QLIMIT:-300}" "${VG[@]}" perf decode --shape "llava-1.5-7b$SUFFIX" --attn sdpa --device "$DEVICE" \
+    --dtype "$DTYPE" --quantization bnb-nf4 --decoders greedy,vcd,vista --batch 1,8 --new-tokens 32 --warmup 1 \
+    --repeats 3 --quiet --out "$OUT/perf-decode-llava-1.5-7b$SUFFIX-$DEVICE-sdpa-nf4.json" || echo "FAILED (exit $?)"
+else
+  echo "skipped: bitsandbytes and accelerate are not installed here"
+fi
 }
 step "done"
 ls -la "$OUT"
