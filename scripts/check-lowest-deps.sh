@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that the lower bounds in pyproject.toml hold: builds a second virtualenv with every direct dependency (and
-# the quant extras) at the lowest version pyproject.toml allows (`name>=X` installed as `name==X`; unbounded ones as pip resolves them),
+# the quant extras) at the lowest version pyproject.toml allows (`name>=X` installed as `name==X`; unbounded ones as
+# pip resolves them),
 # the dev extras at their constraints.txt versions, this checkout installed --no-deps, and runs the default test
 # suite there. A bound pip cannot install (it conflicts with another package's requirements) fails the install.
 # torch's lower bound comes from PyPI, a CUDA build (with its nvidia-* packages) that runs on the CPU; TORCH=2.13.0

@@ -217,7 +217,8 @@ def test_bad_quantization_settings_are_one_clear_error(monkeypatch):
     real = quant.importlib.util.find_spec
     monkeypatch.setattr(quant.importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ModelLoadError, match=r"quantization bnb-nf4 needs bitsandbytes: pip install 'vlmguard\[quant\]'"):
+    with pytest.raises(ModelLoadError,
+                       match=r"quantization bnb-nf4 needs bitsandbytes: pip install 'vlmguard\[quant\]'"):
         Engine.load("tiny", quantization="bnb-nf4")
 
 

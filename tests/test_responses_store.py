@@ -38,7 +38,8 @@ def app(worker):
 
 
 def _question(text: str) -> dict:
-    return {"role": "user", "content": [{"type": "input_image", "image_url": IMAGE}, {"type": "input_text", "text": text}]}
+    return {"role": "user", "content": [{"type": "input_image", "image_url": IMAGE},
+                                        {"type": "input_text", "text": text}]}
 
 
 def test_a_conversation_continued_by_id_is_answered_as_the_same_conversation_sent_whole(app):

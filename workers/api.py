@@ -468,7 +468,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         except Exception:  # noqa: BLE001 - list the model without details
             info = {}
         return ModelCard(id=name, family=info.get("family"), context_length=info.get("context_length"),
-                         dtype=info.get("dtype"), quantization=info.get("quantization"), grid_side=info.get("grid_side"), reference_image_aspect=info.get("reference_image_aspect"),
+                         dtype=info.get("dtype"), quantization=info.get("quantization"),
+                         grid_side=info.get("grid_side"), reference_image_aspect=info.get("reference_image_aspect"),
                          prefix_cache=info.get("prefix_cache"), routing=info.get("routing"))
 
     @app.get("/v1/models", response_model=ModelList)

@@ -34,11 +34,12 @@ from vlmguard.bench.report import NULL_MEANS, method_label
 from vlmguard.errors import InvalidInput
 
 # what makes two runs answer the same task (the method columns are what may differ)
-# (and the weights, their precision and quantization, the images' preprocessing and the POPE answer parser: a retrained model under
-# the same name, a bf16 run, padded images or another parser is not the same task, and no method label shows them)
-TASK_KEYS = ("benchmark", "model", "model_revision", "dtype", "quantization", "image_aspect", "dataset", "dataset_version", "split",
-             "variant", "question_sha256", "prompt_preset", "prompt", "parser", "image_list", "max_new_tokens",
-             "drop_incomplete")
+# (and the weights, their precision and quantization, the images' preprocessing and the POPE answer parser: a retrained
+# model under the same name, a bf16 or 4-bit run, padded images or another parser is not the same task, and no method
+# label shows them)
+TASK_KEYS = ("benchmark", "model", "model_revision", "dtype", "quantization", "image_aspect", "dataset",
+             "dataset_version", "split", "variant", "question_sha256", "prompt_preset", "prompt", "parser",
+             "image_list", "max_new_tokens", "drop_incomplete")
 BENCHMARKS = ("chair", "pope")
 
 

@@ -9,11 +9,11 @@ served model's ``quantization``) to its transformers ``BitsAndBytesConfig``:
 * ``bnb-nf4``   4-bit NormalFloat with double quantization (QLoRA; Dettmers et al., 2023), computed in the
                 engine's dtype.
 
-**What is quantized: the language model's linear layers only** (our choice; the LLaVA repository's own 4-bit
-loader leaves its CLIP tower unquantized too). The vision tower, the projector and ``lm_head`` keep the engine's dtype: FlowCut scores the
-vision tower's own attention and values, VISTA and the decoders read ``lm_head``'s logits, and together they
-are a few percent of a 7B model's weights. Every pruner and decoder runs unchanged on a quantized model: they
-read attention scores, hidden states and logits, never a layer's weights.
+**What is quantized: the language model's linear layers only** (our choice; the LLaVA repository's own 4-bit loader
+leaves its CLIP tower unquantized too). The vision tower, the projector and ``lm_head`` keep the engine's dtype:
+FlowCut scores the vision tower's own attention and values, VISTA and the decoders read ``lm_head``'s logits, and
+together they are a few percent of a 7B model's weights. Every pruner and decoder runs unchanged on a quantized
+model: they read attention scores, hidden states and logits, never a layer's weights.
 
 A checkpoint saved already quantized (its ``config.json`` has a ``quantization_config``, e.g. a ``*-bnb-4bit``
 upload) loads as it was saved; asking for another quantization of it is an error. Adding a bitsandbytes variant
@@ -115,7 +115,6 @@ def load_kwargs(name: str, *, model_type: str, compute_dtype: torch.dtype, devic
     if saved is None:  # (a checkpoint saved quantized carries its own config)
         kwargs["quantization_config"] = QUANTIZATIONS[name].config(compute_dtype, KEEP_UNQUANTIZED[model_type])
     return kwargs
-
 
 
 CPU_4BIT_BLOCK = 32  # bitsandbytes' CPU 4-bit kernel (AVX-512 BF16) packs output features in blocks of 32
