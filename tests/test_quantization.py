@@ -59,8 +59,7 @@ def test_the_language_models_linear_layers_are_quantized_and_the_rest_kept(engin
     llm = _linears(q.model.language_model)
     assert llm and all(isinstance(m, kind) for m in llm.values())
     for part in (q.model.vision_tower, q.model.multi_modal_projector, q.lm_head):
-        kept = _linears(part) if isinstance(part, torch.nn.Module) and not isinstance(part, torch.nn.Linear) \
-            else {"lm_head": part}
+        kept = _linears(part)  # (lm_head: itself)
         assert kept and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in kept.values())
     # the weights shrink by what the language model's linear layers save (less the quantization constants)
     llm_params = sum(m.weight.numel() for m in _linears(full.model.language_model).values())
