@@ -306,9 +306,17 @@ def test_perf_threads_at_least_one(capsys, no_work, threads):
     (["--limit", "2", "--image-ids", "/no/such/ids.txt"], "--image-ids /no/such/ids.txt: file not found"),
     (["--device", "cuda"], "--device cannot be used in a job"),
     (["--dtype", "bfloat16"], "--dtype cannot be used in a job"),
+    (["--quantization", "bnb-nf4"], "--quantization cannot be used in a job"),
 ])
 def test_job_submit_checked_before_the_cluster(capsys, no_work, argv, needle):
     assert_error(capsys, ["job", "submit", "--address", "http://127.0.0.1:9", "bench", "pope", *argv], needle)
+
+
+def test_a_sweep_job_that_names_a_quantization_is_refused(capsys, no_work, tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("model: tiny\nquantization: bnb-nf4\nbenchmarks:\n  - pope: {splits: [random]}\n")
+    assert_error(capsys, ["job", "submit", "--address", "http://127.0.0.1:9", "bench", "sweep", cfg],
+                 "quantization cannot be used in a job")
 
 
 # ---- 10. perf decode takes decoders with parameters ---------------------------------------------------------

@@ -159,11 +159,12 @@ def check_bench_args(bench_argv: list[str], *, local_paths: bool = False) -> arg
         return _check_sweep_args(build_sweep_parser(_ArgumentParser).parse_args(bench_argv[1:]), local_paths)
     args = parse_job_args(bench_argv, _ArgumentParser)
     unused = [flag for flag, used in (("--device", args.device != "auto"), ("--dtype", args.dtype != "auto"),
+                                      ("--quantization", args.quantization != "none"),
                                       ("--shard-index", args.shard_index != 0),
                                       ("--num-shards", args.num_shards != 1)) if used]
     if unused:
         raise InvalidInput(f"bad benchmark job arguments: {', '.join(unused)} cannot be used in a job (the service's "
-                           "replicas have their device and dtype; --shards N splits the job)")
+                           "replicas have their device, dtype and quantization; --shards N splits the job)")
     _spec_from_args(args).resolve()
     if args.dataset != "synthcoco":
         _dataset_from_args(args)
@@ -179,6 +180,9 @@ def _check_sweep_args(args: argparse.Namespace, local_paths: bool) -> argparse.N
     from vlmguard.bench.sweep import config_db, load_config
 
     cfg = load_config(args.config)
+    if cfg.get("quantization", "none") != "none":
+        raise InvalidInput(f"{args.config}: quantization cannot be used in a job (the service's replicas load their "
+                           "weights as the service's config says)")
     if local_paths:
         db = Path(config_db(cfg, args.db)).expanduser()
         if db.exists():
