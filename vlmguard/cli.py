@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "vlmguard.dashboard.cli",
     "vlmguard.perf.cli",
     "vlmguard.commands.demo",
+    "vlmguard.commands.env",
 ]
 
 

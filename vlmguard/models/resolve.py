@@ -206,7 +206,7 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
     except IncompleteSnapshotError as e:  # cached, but a download was interrupted (its message names the files)
         raise ModelLoadError(f"model {text!r}: {first_line(e)}") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as e:
-        cache = _hub_cache()
+        cache = hub_cache()
         cached = _cached_revisions(cache, repo_id)
         if cached:  # no revision: the 'main' ref huggingface_hub looks for (a cache copied without refs/ lacks it)
             raise ModelLoadError(f"model {text!r}: revision {revision or 'main'!r} of {repo_id} is not in the local "
@@ -223,7 +223,7 @@ def _looks_like_path(text: str) -> bool:
             or text.partition("@")[0].count("/") > 1)
 
 
-def _hub_cache() -> str:
+def hub_cache() -> str:
     """The hub cache directory huggingface_hub looks in (HF_HUB_CACHE, else HF_HOME/hub, else the default)."""
     try:
         from huggingface_hub import constants
