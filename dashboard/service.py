@@ -57,10 +57,11 @@ class ModelFacts:
 
 
 def model_label(name: str, facts: ModelFacts | None) -> str:
-    """A served model's name, with its weights' quantization when they are quantized (``llava [bnb-nf4]``, as
-    ``vlmguard report`` labels runs)."""
-    q = facts.quantization if facts is not None else None
-    return f"{name} [{q}]" if q and q != "none" else name
+    """A served model's name, with its weights' quantization when they are quantized (``llava [bnb-nf4]``): the
+    label ``vlmguard report`` gives its runs (``report.model_label``)."""
+    from vlmguard.bench.report import model_label as run_label
+
+    return run_label({"model": name, "quantization": facts.quantization if facts is not None else None})
 
 
 @dataclass

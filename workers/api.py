@@ -58,8 +58,8 @@ from vlmguard.workers.openai_compat import (
     vlmguard_info,
 )
 from vlmguard.workers.response_store import ResponseStore, StoredResponse, missing
-from vlmguard.workers.responses_api import ParamNames, ResponseEvents, ResponseHead, chat_request, new_id, \
-    response_object, stored_response, wants_logprobs
+from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents, ResponseHead, chat_request, \
+    new_id, response_object, stored_response, wants_logprobs
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
@@ -558,17 +558,18 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def continued(req: ResponsesRequest) -> StoredResponse | None:
-        """The stored response a request continues (``previous_response_id``), or None."""
-        if req.previous_response_id is None:
-            return None
-        entry = store.get(req.previous_response_id)
-        if entry is None:
-            raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
-                             code="previous_response_not_found", param="previous_response_id")
-        return entry
+    def conversation(req: ResponsesRequest) -> tuple[StoredResponse | None, ChatForm]:
+        """The stored response a request continues (``previous_response_id``; None without one), and the chat
+        request the two mean together."""
+        earlier = None
+        if req.previous_response_id is not None:
+            earlier = store.get(req.previous_response_id)
+            if earlier is None:
+                raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
+                                 code="previous_response_not_found", param="previous_response_id")
+        return earlier, chat_request(req, earlier.messages if earlier is not None else None)
 
-    def keep(rid: str, response: dict[str, Any], form: Any, req: ResponsesRequest,
+    def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
              earlier: StoredResponse | None) -> dict[str, Any]:
         """Store a finished response (when its request asked to); its ``store`` says whether it was kept."""
         if response["store"]:
@@ -582,8 +583,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         for the next request (workers/response_store.py)."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        earlier = continued(req)
-        form = chat_request(req, earlier.messages if earlier is not None else None)
+        earlier, form = conversation(req)
         rid = new_id("resp")
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
@@ -646,8 +646,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         (``usage.input_tokens`` of its answer), counted by a replica's processor without running the model."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        earlier = continued(req)
-        form = chat_request(req, earlier.messages if earlier is not None else None)
+        earlier, form = conversation(req)
         with _as_responses_errors(form.names):
             item = await work_item(ChatCompletionRequest.model_validate(form.body), model, "input_tokens")
             counted = await token_call(model, "tokenize_chat", item, False)

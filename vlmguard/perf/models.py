@@ -57,16 +57,14 @@ def load_engine(shape: str, *, device: str = "auto", dtype: str = "auto", attn: 
             engine = Engine.load(path, device=device, dtype=dtype, attn_implementation=attn,
                                  quantization=quantization)
         engine.model_name = shape
-        engine.adapter.n_tokens = None  # the real vocabulary, as below
-        return engine
-    from vlmguard.models.shapes import build_shape
+    else:
+        from vlmguard.models.shapes import build_shape
 
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    register_attention_functions()
-    impl = choose_attention(attn, dev, dt)
-    model, processor = build_shape(shape, dtype=dt, device=dev, seed=seed)
-    engine = Engine(model, processor, name=shape, attn_implementation=impl)
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        register_attention_functions()
+        model, processor = build_shape(shape, dtype=dt, device=dev, seed=seed)
+        engine = Engine(model, processor, name=shape, attn_implementation=choose_attention(attn, dev, dt))
     # the shape's output layer is the real checkpoint's vocabulary (not scaled), its tokenizer a small stand-in:
     # decoders and the sampler work on every id, as they do on the real model (ModelAdapter.logits would cut
     # them to the stand-in's ~100 ids and time a vocabulary-wide combine 300x too small)
