@@ -24,7 +24,6 @@ from vlmguard.spec import GenerationSpec
 from vlmguard.testing import random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-pytest.importorskip("bitsandbytes", reason="the quant extra (scripts/setup.sh installs it)")
 
 QUANTIZED = ("bnb-int8", "bnb-nf4")
 
