@@ -4,6 +4,8 @@ conversation sent whole (text, images, function calls and their outputs, streame
 retrieved, listed, deleted and evicted; what is missing is one clear error."""
 from __future__ import annotations
 
+import sqlite3
+
 import openai
 import pytest
 
@@ -13,7 +15,8 @@ from vlmguard.testing import random_image, tiny_engine
 from vlmguard.workers.api import INPUT_ITEMS_ROUTE, RESPONSE_ROUTE, LocalBackend, _route_path, create_api
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker
-from vlmguard.workers.response_store import ResponseStore, StoredResponse
+from vlmguard.workers.response_store import (LocalResponses, ResponseStore, SqliteResponseStore, StoredResponse,
+                                             open_store)
 
 MODEL = "tiny-qwen"
 IMAGE = image_to_data_url(random_image(2, (40, 32)))
@@ -149,7 +152,7 @@ def test_the_store_keeps_the_most_recent_within_its_budget(worker):
             {"type": "input_image", "image_url": photo}, {"type": "input_text", "text": "Look"}]}])
         return texts, found, big
 
-    store = small.state.responses
+    store = small.state.responses.store
     texts, found, big = run_with_sdk(small, scenario)
     assert store.bytes <= store.max_bytes and 1 < len(store) < 12
     assert found == [404] * (12 - len(store)) + [200] * len(store)  # the oldest went first
@@ -165,8 +168,9 @@ def test_the_store_keeps_the_most_recent_within_its_budget(worker):
     assert "stores no responses (responses_store_mb: 0)" in follow.json()["error"]["message"]
 
 
-def test_the_store_is_a_least_recently_used_cache_of_bytes():
-    store = ResponseStore(1000)
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_the_store_is_a_least_recently_used_cache_of_bytes(kind, tmp_path):
+    store = ResponseStore(1000) if kind == "memory" else SqliteResponseStore(tmp_path / "r.sqlite", 1000)
     entry = lambda n: StoredResponse(response={"id": "x"}, messages=[], items=[], size=n)  # noqa: E731
     assert store.put("a", entry(400)) and store.put("b", entry(400))
     assert store.get("a") is not None  # a is now the most recent
@@ -175,6 +179,115 @@ def test_the_store_is_a_least_recently_used_cache_of_bytes():
     assert store.delete("a") and not store.delete("a") and store.bytes == 400
     assert StoredResponse(response={"id": "y"}, messages=[{"role": "user", "content": "hi"}], items=[]).size > 20
     assert not ResponseStore(0).enabled and ResponseStore(1).enabled
+
+
+def test_a_file_store_outlives_its_process_and_is_shared_by_processes_on_one_machine(tmp_path):
+    path = tmp_path / "keep" / "responses.sqlite"  # (its folder is made)
+    first = open_store(10_000, str(path))
+    entry = StoredResponse(response={"id": "r1", "output": []}, messages=[{"role": "user", "content": "hi"}],
+                           items=[{"id": "msg_1", "type": "message"}])
+    assert first.put("r1", entry)
+    other = open_store(10_000, str(path))  # another process on the file (or the same one after a restart)
+    got = other.get("r1")
+    assert (got.response, got.messages, got.items, got.size) == (entry.response, entry.messages, entry.items,
+                                                                entry.size)
+    assert other.put("r2", entry) and first.get("r2") is not None and len(first) == 2
+    assert first.delete("r1") and other.get("r1") is None
+    assert isinstance(open_store(10, None), ResponseStore)
+
+
+def test_a_store_file_that_cannot_be_kept_is_one_clear_error(tmp_path):
+    from vlmguard.errors import InvalidInput
+    from vlmguard.workers.config import parse_config
+
+    (tmp_path / "not-sqlite").write_text("hello, I am a text file" * 100)
+    with pytest.raises(InvalidInput, match="responses_store_path: cannot keep responses in .*not-sqlite: "):
+        SqliteResponseStore(tmp_path / "not-sqlite", 1000)
+    with pytest.raises(InvalidInput, match="responses_store_path: cannot keep responses in .*not-sqlite/r: "):
+        SqliteResponseStore(tmp_path / "not-sqlite" / "r", 1000)  # (its folder is a file)
+    with pytest.raises(InvalidInput, match="responses_store_path: .* is a folder; name a file in it"):
+        parse_config({"responses_store_path": str(tmp_path)})
+
+
+def test_responses_kept_in_a_file_continue_after_a_restart(worker, tmp_path):
+    path = str(tmp_path / "responses.sqlite")
+
+    async def first_run(client, http):
+        return await client.responses.create(model=MODEL, input=[_question("What is here?")], max_output_tokens=3)
+
+    first = run_with_sdk(_app(worker, responses_store_path=path), first_run)
+
+    async def after_restart(client, http):
+        follow = await client.responses.create(model=MODEL, previous_response_id=first.id, input="More?",
+                                               max_output_tokens=3)
+        whole = await client.responses.create(model=MODEL, max_output_tokens=3, input=[
+            _question("What is here?"), first.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "More?"}])
+        got = await client.responses.retrieve(first.id)
+        await client.responses.delete(first.id)
+        gone = await http.get(f"/v1/responses/{first.id}")
+        return follow, whole, got, gone
+
+    restarted = _app(worker, responses_store_path=path)
+    follow, whole, got, gone = run_with_sdk(restarted, after_restart)
+    assert follow.usage.input_tokens == whole.usage.input_tokens and follow.output_text == whole.output_text
+    assert got.model_dump() == first.model_dump()
+    assert gone.status_code == 404 and gone.json()["error"]["message"] == (
+        f"no stored response {first.id!r}: it was deleted or evicted to make room (responses_store_mb)")
+    with sqlite3.connect(path) as db:  # the two answers since the restart are in the file; the deleted one is not
+        assert {r for (r,) in db.execute("SELECT id FROM responses")} == {follow.id, whole.id}
+
+
+class _BrokenStore(ResponseStore):
+    def get(self, rid):
+        raise RuntimeError("disk on fire")
+
+    put = delete = get
+
+
+def test_a_store_that_fails_loses_no_answer_and_reads_are_503(worker):
+    from vlmguard.workers.response_store import StoreUnavailable
+
+    app = create_api(LocalBackend({MODEL: worker}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None),
+        responses=LocalResponses(_BrokenStore(1000)))
+
+    async def scenario(client, http):
+        answer = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        read = await http.get(f"/v1/responses/{answer.id}")
+        follow = await http.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                        "previous_response_id": answer.id})
+        return answer, read, follow
+
+    answer, read, follow = run_with_sdk(app, scenario)
+    assert answer.output_text and answer.store is False  # answered; not kept
+    for r in (read, follow):
+        assert r.status_code == 503 and r.json()["error"]["message"] == (
+            "the stored responses cannot be read now: RuntimeError: disk on fire")
+    assert StoreUnavailable.http_status == 503
+
+
+@pytest.mark.parametrize("config, shared", [
+    ({}, False),  # one model replica serving HTTP: one process
+    ({"models": [{"model": "tiny", "num_replicas": 2, "routing": "power_of_two"}]}, True),  # two replicas serve HTTP
+    ({"models": [{"model": "tiny", "num_replicas": 2}]}, False),  # image affinity: one separate ingress
+    ({"ingress_replicas": 3}, True),
+    ({"ingress_replicas": 3, "responses_store": "process"}, False),
+    ({"responses_store": "shared"}, True),
+    ({"responses_store": "shared", "responses_store_mb": 0}, False),  # nothing kept: no store
+])
+def test_the_api_processes_share_one_store_when_there_are_several(config, shared):
+    from vlmguard.workers.app import build_app
+    from vlmguard.workers.config import parse_config
+
+    cfg = parse_config(config)
+    assert cfg.responses_shared is shared
+    deployment = build_app(cfg)._bound_deployment
+    store = deployment.init_args[-1]
+    assert (store is not None) is shared
+    if shared:
+        assert store._bound_deployment.name == "ResponseStore"
+        assert store._bound_deployment.init_args == (int(cfg.responses_store_mb * 2**20), None)
 
 
 def test_stored_response_routes_are_one_metrics_series_each():

@@ -518,6 +518,39 @@ def test_separate_ingress_serves_two_models(service, image_url):
         serve.delete("multi")
 
 
+def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
+    """Two replicas of a model serve the HTTP API themselves: a conversation continued by id is found whichever
+    replica the proxy picks (power of two choices: each follow-up lands on either), because both keep their responses
+    in the service's one store deployment, here in a SQLite file."""
+    import openai
+    from ray import serve
+
+    from vlmguard.workers.app import build_app
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+
+    path = tmp_path / "responses.sqlite"
+    cfg = ServiceConfig(app_name="conv", route_prefix="/conv", api_key_env=None, responses_store_path=str(path),
+                        models=[ModelConfig(model=MODEL, num_replicas=2, num_cpus=0, routing="power_of_two",
+                                            max_new_tokens_limit=8)])
+    assert cfg.ingress_in_model and cfg.api_processes == 2 and cfg.responses_shared
+    serve.run(build_app(cfg), name="conv", route_prefix="/conv")
+    try:
+        assert set(serve.status().applications["conv"].deployments) == {"ModelWorker_0_random_llava",
+                                                                        "ResponseStore"}
+        client = openai.OpenAI(base_url=service.url + "/conv/v1", api_key="none", max_retries=0)
+        chain = [client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)]
+        for i in range(6):
+            chain.append(client.responses.create(model=MODEL, previous_response_id=chain[-1].id, input=f"{i}?",
+                                                 max_output_tokens=2))
+        assert all(r.store for r in chain)
+        assert [r.usage.input_tokens for r in chain] == sorted({r.usage.input_tokens for r in chain})  # growing
+        assert [client.responses.retrieve(r.id).id for r in chain] == [r.id for r in chain]
+        with sqlite3.connect(path) as db:
+            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain}
+    finally:
+        serve.delete("conv")
+
+
 @pytest.mark.slow
 def test_load_16_clients_for_60_s_has_no_5xx(service):
     from vlmguard.workers.loadgen import run_load

@@ -4,8 +4,8 @@ response out, whole or streamed as typed events.
 The request's ``input`` is a text or a list of items: messages (``role`` user / system / developer / assistant, a
 text or parts ``input_text``, ``input_image``, ``output_text``), earlier function calls and their outputs. Its
 items are read one by one when the request is turned into a chat request (``workers/responses_api.py``), so that an
-error names the item (``input.2.content.0``). A finished response is kept (``store``, true unless set false) in the
-memory of the process serving the API, so that ``previous_response_id`` continues it (workers/response_store.py).
+error names the item (``input.2.content.0``). A finished response is kept (``store``, true unless set false) by the
+service, so that ``previous_response_id`` continues it (workers/response_store.py).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ from vlmguard.workers.openai_compat import (
     usage,
     vlmguard_info,
 )
-from vlmguard.workers.response_store import ResponseStore, StoredResponse, missing
+from vlmguard.workers.response_store import Responses, StoredResponse, api_responses, missing
 from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents, ResponseHead, chat_request, \
     new_id, response_object, stored_response, wants_logprobs
 
@@ -236,7 +236,9 @@ def _as_responses_errors(names: ParamNames) -> Iterator[None]:
                          param=names.rename(request_param(e.param, chat=True))) from None
 
 
-def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics | None = None) -> FastAPI:
+def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics | None = None,
+               responses: Responses | None = None) -> FastAPI:
+    """The HTTP API over ``backend``; ``responses``: where its stored Responses live (default: a store of its own)."""
     metrics = metrics or ServiceMetrics()
     api_keys = [k.encode() for k in config.resolved_api_keys()]
     resolve_image = make_image_resolver(config.image_url_allowlist, timeout_s=config.image_fetch_timeout_s,
@@ -248,7 +250,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                   description="Vision-language models with visual-token pruning and hallucination-reducing decoding.")
     app.state.metrics = metrics
     app.state.config = config
-    store = app.state.responses = ResponseStore(int(config.responses_store_mb * 2**20))
+    store = app.state.responses = responses or api_responses(config)
 
     # ---- errors -----------------------------------------------------------------------------------
     @app.exception_handler(APIFailure)
@@ -558,22 +560,22 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def conversation(req: ResponsesRequest) -> tuple[StoredResponse | None, ChatForm]:
+    async def conversation(req: ResponsesRequest) -> tuple[StoredResponse | None, ChatForm]:
         """The stored response a request continues (``previous_response_id``; None without one), and the chat
         request the two mean together."""
         earlier = None
         if req.previous_response_id is not None:
-            earlier = store.get(req.previous_response_id)
+            earlier = await store.get(req.previous_response_id)
             if earlier is None:
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
         return earlier, chat_request(req, earlier.messages if earlier is not None else None)
 
-    def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
-             earlier: StoredResponse | None) -> dict[str, Any]:
+    async def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
+                   earlier: StoredResponse | None) -> dict[str, Any]:
         """Store a finished response (when its request asked to); its ``store`` says whether it was kept."""
         if response["store"]:
-            response["store"] = store.put(rid, stored_response(response, form, req, earlier))
+            response["store"] = await store.put(rid, stored_response(response, form, req, earlier))
         return response
 
     @app.post("/v1/responses")
@@ -583,7 +585,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         for the next request (workers/response_store.py)."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        earlier, form = conversation(req)
+        earlier, form = await conversation(req)
         rid = new_id("resp")
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
@@ -596,7 +598,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 entries = _entries(choice.logprobs.content if choice.logprobs else []) if logprobs else None
                 response = response_object(head, choice.message.content, calls, choice.finish_reason, answer.usage,
                                            answer.vlmguard, entries)
-                return JSONResponse(keep(rid, response, form, req, earlier))
+                return JSONResponse(await keep(rid, response, form, req, earlier))
             opened = await open_stream(model, item)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -632,7 +634,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     out += events.call_pieces(pieces)
                     if result is not None:
                         out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
-                        keep(rid, out[-1]["response"], form, req, earlier)  # (the last event: the whole response)
+                        await keep(rid, out[-1]["response"], form, req, earlier)  # (the last event: the response)
                     for e in out:
                         yield _typed_sse(e)
             finally:
@@ -646,14 +648,14 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         (``usage.input_tokens`` of its answer), counted by a replica's processor without running the model."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        earlier, form = conversation(req)
+        earlier, form = await conversation(req)
         with _as_responses_errors(form.names):
             item = await work_item(ChatCompletionRequest.model_validate(form.body), model, "input_tokens")
             counted = await token_call(model, "tokenize_chat", item, False)
         return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
 
-    def stored(response_id: str) -> StoredResponse:
-        entry = store.get(response_id)
+    async def stored(response_id: str) -> StoredResponse:
+        entry = await store.get(response_id)
         if entry is None:
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
         return entry
@@ -661,12 +663,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         """A stored response, as it was answered."""
-        return JSONResponse(stored(response_id).response)
+        return JSONResponse((await stored(response_id)).response)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        stored(response_id)
-        store.delete(response_id)
+        await stored(response_id)
+        await store.delete(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     @app.get("/v1/responses/{response_id}/input_items")
@@ -681,7 +683,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if order not in ("asc", "desc"):
             raise APIFailure(400, f"order: {order!r} is not asc or desc", param="order")
         n = int(limit)
-        items = stored(response_id).items
+        items = (await stored(response_id)).items
         items = items if order == "asc" else items[::-1]
         if after is not None:
             ids = [it["id"] for it in items]

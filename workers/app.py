@@ -21,6 +21,7 @@ from ray.serve.config import RequestRouterConfig
 from vlmguard.workers.config import ModelConfig, ServiceConfig, parse_config
 from vlmguard.workers.deployment import ModelApi, ModelWorker
 from vlmguard.workers.ingress import Ingress
+from vlmguard.workers.response_store_deployment import ResponseStoreReplica
 from vlmguard.workers.routing import ImageAffinityRouter
 
 
@@ -38,6 +39,13 @@ def deployment_name(model: ModelConfig, index: int) -> str:
 
 # Requests the HTTP API of a model-ingress replica takes besides generations (health, models, metrics).
 _API_HEADROOM = 8
+
+
+def response_store(service: ServiceConfig) -> Application | None:
+    """The store deployment of the service's Responses, when its API processes share one (``responses_shared``)."""
+    if not service.responses_shared:
+        return None
+    return ResponseStoreReplica.bind(int(service.responses_store_mb * 2**20), service.responses_store_path)
 
 
 def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | None = None) -> Application:
@@ -60,7 +68,7 @@ def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | No
     # proxy may hand it that many plus the headroom, and holds the rest until a slot frees.
     return ModelApi.options(max_ongoing_requests=(model.admission_limit or 4096) + _API_HEADROOM,
                             max_queued_requests=-1,
-                            **common).bind(model.model_dump(), service.model_dump())
+                            **common).bind(model.model_dump(), service.model_dump(), response_store(service))
 
 
 def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application:
@@ -74,7 +82,7 @@ def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.ingress_max_ongoing_requests,
-    ).bind(config.model_dump(), handles)
+    ).bind(config.model_dump(), handles, response_store(config))
 
 
-__all__ = ["build_app", "model_deployment", "deployment_name"]
+__all__ = ["build_app", "model_deployment", "deployment_name", "response_store"]

@@ -151,10 +151,16 @@ class ServiceConfig(BaseModel):
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     # file:// image URLs are read below this folder (None: refused); for replicas on one machine or a shared disk
     allowed_local_media_path: Optional[str] = None
-    # MiB of the HTTP API process's memory that keep finished Responses (``store``), so that a request can continue one
-    # (``previous_response_id``) and GET / DELETE /v1/responses/ID find it; least recently used first out; 0: none
-    # kept (workers/response_store.py). Each process serving the API keeps its own.
+    # MiB of finished Responses (``store``) kept so that a request can continue one (``previous_response_id``) and
+    # GET / DELETE /v1/responses/ID find it; least recently used first out; 0: none kept (workers/response_store.py).
     responses_store_mb: float = Field(64.0, ge=0, allow_inf_nan=False)
+    # Where they are kept. ``process``: by each process serving the HTTP API, on its own. ``shared``: by one store
+    # deployment that every process of the API calls, so a follow-up may land on any replica. ``auto``: ``shared``
+    # when the API runs in more than one process (``api_processes``), else ``process``.
+    responses_store: Literal["auto", "process", "shared"] = "auto"
+    # A SQLite file to keep them in instead of memory: they outlive a restart of the service (the file is on the
+    # machine of the process keeping them: the API's, or the store deployment's when shared).
+    responses_store_path: Optional[str] = None
     # Where the HTTP API runs. ``separate``: a FastAPI ingress deployment routing to the model deployments
     # (proxy -> ingress -> model replica; needed to serve several models). ``model``: the model replica is
     # its own FastAPI ingress (proxy -> model replica: one process hop and one pickling of images and
@@ -195,6 +201,8 @@ class ServiceConfig(BaseModel):
         if self.ingress == "model" and self.models[0].routing == "image_affinity":
             raise ValueError("routing: image_affinity needs a separate ingress (the Serve proxy routes HTTP requests "
                              "without reading their images); use ingress: separate or auto")
+        if self.responses_store_path is not None and Path(self.responses_store_path).expanduser().is_dir():
+            raise ValueError(f"responses_store_path: {self.responses_store_path} is a folder; name a file in it")
         if self.throughput_optimized:  # Ray's mode turns direct ingress on: the service must look for its URLs
             self.direct_ingress = True
         return self
@@ -205,6 +213,18 @@ class ServiceConfig(BaseModel):
         if self.ingress == "auto":
             return len(self.models) == 1 and self.ingress_replicas == 1 and not self.models[0].routes_by_image
         return self.ingress == "model"
+
+    @property
+    def api_processes(self) -> int:
+        """The processes serving the HTTP API: the model's replicas when they serve it, else the ingress's."""
+        return self.models[0].num_replicas if self.ingress_in_model else self.ingress_replicas
+
+    @property
+    def responses_shared(self) -> bool:
+        """True when stored Responses are kept by one store deployment for every process of the API."""
+        if self.responses_store_mb <= 0:
+            return False
+        return self.api_processes > 1 if self.responses_store == "auto" else self.responses_store == "shared"
 
     def resolved_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

@@ -23,6 +23,7 @@ from vlmguard.workers.batcher import EngineBatcher
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.inflight import InflightBatcher
+from vlmguard.workers.response_store import api_responses
 
 
 
@@ -139,12 +140,13 @@ class ReplicaBackend:
 class ModelApiReplica(ModelReplica):
     """A model replica that is also the app's FastAPI ingress (one model per app)."""
 
-    def __init__(self, config: dict[str, Any], service: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], service: dict[str, Any], responses: Any = None):
         super().__init__(config)
         self.service = ServiceConfig(**service)
+        self.responses = api_responses(self.service, responses)  # (a handle: the store deployment)
 
     def __serve_build_asgi_app__(self):
-        return create_api(ReplicaBackend(self), self.service)
+        return create_api(ReplicaBackend(self), self.service, responses=self.responses)
 
 
 ModelApi = serve.deployment(name="ModelWorker")(serve.ingress()(ModelApiReplica))

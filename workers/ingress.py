@@ -10,6 +10,7 @@ from ray.serve.handle import DeploymentHandle
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import WorkItem
+from vlmguard.workers.response_store import api_responses
 from vlmguard.workers.routing import request_routing_key
 
 
@@ -57,9 +58,11 @@ class RayBackend:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict[str, Any], handles: dict[str, DeploymentHandle]):
+    def __init__(self, config: dict[str, Any], handles: dict[str, DeploymentHandle],
+                 responses: DeploymentHandle | None = None):
         self.config = ServiceConfig(**config)
         self.backend = RayBackend(handles)
+        self.responses = api_responses(self.config, responses)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.backend, self.config)
+        return create_api(self.backend, self.config, responses=self.responses)

@@ -1,21 +1,35 @@
 """Stored Responses (``store``, ``previous_response_id``, ``GET`` / ``DELETE /v1/responses/{id}``, ``input_items``).
 
 OpenAI's Responses API keeps each response (``store`` defaults to true) so that the next request can continue the
-conversation by naming it (``previous_response_id``) instead of sending it again. vlmguard keeps them in the memory
-of the process that serves the HTTP API, least recently used first out, up to ``ServiceConfig.responses_store_mb``
-(0: nothing is kept, every response says ``store: false`` and ``previous_response_id`` is refused). Each entry holds
-what a follow-up needs: the conversation as chat messages up to and with this answer (the request's
-``instructions`` left out: OpenAI does not carry them over), its input items as the Responses API lists them, and
-the response itself. A service whose HTTP API runs in several processes (several replicas of the ingress, or of a
-model serving HTTP itself) keeps one store in each: a follow-up that lands on another one is told so.
+conversation by naming it (``previous_response_id``) instead of sending it again. vlmguard keeps them least recently
+used first out, up to ``ServiceConfig.responses_store_mb`` (0: nothing is kept, every response says ``store: false``
+and ``previous_response_id`` is refused), in memory (:class:`ResponseStore`) or, with ``responses_store_path``, in a
+SQLite file that outlives the service (:class:`SqliteResponseStore`). Each entry holds what a follow-up needs: the
+conversation as chat messages up to and with this answer (the request's ``instructions`` left out: OpenAI does not
+carry them over), its input items as the Responses API lists them, and the response itself.
+
+Where the store lives (``ServiceConfig.responses_store``): in the process serving the HTTP API
+(:class:`LocalResponses`), or, when the API runs in several processes (replicas of the ingress, or of a model serving
+HTTP itself), in one store deployment they all call (``response_store_deployment.py``, :class:`SharedResponses`), so
+that a follow-up finds its conversation whichever replica it lands on.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import sqlite3
 import threading
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from vlmguard.errors import InvalidInput, VlmguardError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,9 +95,166 @@ class ResponseStore:
             return entry is not None
 
 
-def missing(rid: str, store: ResponseStore) -> str:
-    """Why ``rid`` is not in ``store``, in one line."""
-    if not store.enabled:
+class SqliteResponseStore:
+    """The same LRU of :class:`StoredResponse` in a SQLite file: what it keeps outlives the process, and processes
+    on one machine may share the file (WAL journal; each change is one immediate transaction). Thread-safe."""
+
+    def __init__(self, path: Union[str, Path], max_bytes: int):
+        self.path = Path(path).expanduser()
+        self.max_bytes = max(0, int(max_bytes))
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+                             "size INTEGER NOT NULL, used INTEGER NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used)")
+        except (OSError, sqlite3.Error) as e:
+            raise InvalidInput(f"responses_store_path: cannot keep responses in {self.path}: {e}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # (the write lock now: another process waits, up to the timeout)
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def put(self, rid: str, entry: StoredResponse) -> bool:
+        if entry.size > self.max_bytes:
+            return False
+        body = json.dumps({"response": entry.response, "messages": entry.messages, "items": entry.items},
+                          default=str)
+        with self._transaction() as db:
+            db.execute("DELETE FROM responses WHERE id = ?", (rid,))
+            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+            while total + entry.size > self.max_bytes:  # the least recently used out, a page at a time
+                page = db.execute("SELECT id, size FROM responses ORDER BY used LIMIT 64").fetchall()
+                for old, size in page:
+                    if total + entry.size <= self.max_bytes:
+                        break
+                    db.execute("DELETE FROM responses WHERE id = ?", (old,))
+                    total -= size
+            db.execute("INSERT INTO responses (id, body, size, used) VALUES (?, ?, ?, ?)",
+                       (rid, body, entry.size, time.time_ns()))
+        return True
+
+    def get(self, rid: str) -> Optional[StoredResponse]:
+        with self._transaction() as db:
+            row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE responses SET used = ? WHERE id = ?", (time.time_ns(), rid))
+        return StoredResponse(**json.loads(row[0]), size=row[1])
+
+    def delete(self, rid: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
+
+
+Store = Union[ResponseStore, SqliteResponseStore]
+
+
+def open_store(max_bytes: int, path: Optional[str] = None) -> Store:
+    """The store of a service: in memory, or in the SQLite file at ``path``."""
+    return ResponseStore(max_bytes) if path is None else SqliteResponseStore(path, max_bytes)
+
+
+class StoreUnavailable(VlmguardError):
+    """The stored responses cannot be read now (the store deployment is down, the file cannot be read)."""
+
+    http_status = 503
+
+
+class _Responses:
+    """What the API calls: a store's methods, awaited. A failure to read is a 503; a failure to keep an answer only
+    leaves it unkept (``store: false``): the answer itself is not lost."""
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def get(self, rid: str) -> Optional[StoredResponse]:
+        return await self._read("get", rid)
+
+    async def delete(self, rid: str) -> bool:
+        return await self._read("delete", rid)
+
+    async def _read(self, method: str, rid: str) -> Any:
+        try:
+            return await self._call(method, rid)
+        except Exception as e:  # (Ray's errors of a dead store replica, SQLite's of a file)
+            raise StoreUnavailable(f"the stored responses cannot be read now: {type(e).__name__}: {e}") from None
+
+    async def put(self, rid: str, entry: StoredResponse) -> bool:
+        try:
+            return await self._call("put", rid, entry)
+        except Exception as e:
+            log.warning("response %s not stored: %s: %s", rid, type(e).__name__, e)
+            return False
+
+
+class LocalResponses(_Responses):
+    """The API's stored responses in its own process (a file's store is read and written off the event loop)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.enabled = store.enabled
+        self.lost = ("deleted or evicted to make room (responses_store_mb)" if isinstance(store, SqliteResponseStore)
+                     else "deleted, evicted to make room (responses_store_mb), lost with a restart "
+                          "(responses_store_path keeps them on disk), or answered by another process of the HTTP "
+                          "API (responses_store: shared keeps one store for all)")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if isinstance(self.store, SqliteResponseStore):
+            return await asyncio.to_thread(getattr(self.store, method), *args)
+        return getattr(self.store, method)(*args)
+
+
+class SharedResponses(_Responses):
+    """The API's stored responses in the service's store deployment, which every process of the API calls."""
+
+    enabled = True  # (the service has a store deployment only when it keeps responses)
+
+    def __init__(self, handle: Any, on_disk: bool):
+        self.handle = handle
+        self.lost = ("deleted or evicted to make room (responses_store_mb)" if on_disk
+                     else "deleted, evicted to make room (responses_store_mb), or lost with a restart of the "
+                          "service (responses_store_path keeps them on disk)")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.handle, method).remote(*args)
+
+
+Responses = Union[LocalResponses, SharedResponses]
+
+
+def api_responses(config: Any, handle: Any = None) -> Responses:
+    """The stored Responses of a process serving the HTTP API of ``config`` (a ``ServiceConfig``): the service's
+    store deployment when ``handle`` is one (``responses_shared``), else a store of its own."""
+    if handle is not None:
+        return SharedResponses(handle, on_disk=config.responses_store_path is not None)
+    return LocalResponses(open_store(int(config.responses_store_mb * 2**20), config.responses_store_path))
+
+
+def missing(rid: str, responses: Responses) -> str:
+    """Why ``rid`` is not in ``responses``, in one line."""
+    if not responses.enabled:
         return "this server stores no responses (responses_store_mb: 0): send the conversation's items in input"
-    return (f"no stored response {rid!r}: responses are kept in this server's memory, so it was deleted, evicted to "
-            "make room (responses_store_mb), lost with a restart, or answered by another replica of the HTTP API")
+    return f"no stored response {rid!r}: it was {responses.lost}"
