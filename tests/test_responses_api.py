@@ -189,7 +189,7 @@ def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, 400,
      "text.format", None),
     ({"input": "hi", "reasoning": {"effort": "low"}}, 400, "reasoning", None),
-    ({"input": "hi", "truncation": "auto"}, 400, "truncation", None),
+    ({"input": "hi", "truncation": "middle"}, 400, "truncation", None),
     ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, 400, "input.0.tool_call_id",
      "answers no call"),
     ({"input": "hi", "model": "gpt-9"}, 404, None, "not served here"),

@@ -318,3 +318,63 @@ def test_an_input_continuing_a_text_answer_with_calls_leaves_the_stored_conversa
     assert form.new_messages == [call, tool]  # what the next stored conversation adds: the call included
     assert form.names.messages == ["instructions", "previous_response_id", "previous_response_id", "input.0",
                                    "input.1"]
+
+
+def test_truncation_auto_fits_a_long_conversation_by_leaving_out_its_middle_turns():
+    context, kw = 200, dict(model=MODEL, max_output_tokens=8)
+    worker = EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=context))
+    app = create_api(LocalBackend({MODEL: worker}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None))
+
+    async def scenario(client, http):
+        chain = [await client.responses.create(input=[_question("What is in the image?")], **kw)]
+        for i in range(3):
+            chain.append(await client.responses.create(previous_response_id=chain[-1].id,
+                                                       input=f"Tell me more, part {i}.", **kw))
+        too_long = await http.post("/v1/responses", json={**kw, "previous_response_id": chain[-1].id, "input": "And?"})
+        cut = await client.responses.create(previous_response_id=chain[-1].id, input="And?", truncation="auto", **kw)
+        counted = await client.responses.input_tokens.count(  # (fitted to leave room for max_output_tokens)
+            model=MODEL, previous_response_id=chain[-1].id, input="And?", truncation="auto",
+            extra_body={"max_output_tokens": 8})
+        # the same conversation without its second turn (the first follow-up and its answer), sent whole
+        turn = lambda k: [{"role": "user", "content": f"Tell me more, part {k - 1}."},  # noqa: E731
+                          chain[k].output[0].model_dump(exclude_none=True)]
+        whole = await client.responses.create(input=[
+            _question("What is in the image?"), chain[0].output[0].model_dump(exclude_none=True), *turn(2), *turn(3),
+            {"role": "user", "content": "And?"}], **kw)
+        later = await client.responses.create(previous_response_id=cut.id, input="Last?", truncation="auto", **kw)
+        items = [it async for it in client.responses.input_items.list(cut.id, limit=100)]
+        return chain, too_long, cut, counted, whole, later, items
+
+    chain, too_long, cut, counted, whole, later, items = run_with_sdk(app, scenario)
+    assert chain[-1].usage.input_tokens + 8 <= context and chain[-1].truncation == "disabled"
+    assert too_long.status_code == 400 and "exceeds the model's context of 200 tokens" in too_long.json()["error"][
+        "message"]
+    assert cut.truncation == "auto" and cut.usage.input_tokens + 8 <= context
+    assert cut.usage.input_tokens == whole.usage.input_tokens == counted.input_tokens
+    assert cut.output_text == whole.output_text
+    assert later.usage.input_tokens + 8 <= context  # fitted again: the stored conversation was not cut
+    assert len(items) == 9  # 4 earlier questions + 4 answers + "And?": the whole conversation is kept
+
+
+def test_truncation_candidates_leave_out_whole_turns_from_the_middle_then_the_first():
+    from vlmguard.responses_schema import ResponsesRequest
+    from vlmguard.workers.responses_api import chat_request, truncations
+
+    earlier = [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
+               {"role": "user", "content": "q1"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "x"}, {"role": "assistant", "content": "a1"},
+               {"role": "developer", "content": "Be brief from now on."},
+               {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    form = chat_request(ResponsesRequest(instructions="Hi.", input=[{"role": "user", "content": "q3"}]), earlier)
+    options = truncations(form)
+    said = [[m.get("content") or m["role"] for m in o.body["messages"]] for o in options]
+    assert said == [["Hi.", "q0", "a0", "Be brief from now on.", "q2", "a2", "q3"],  # the turn with its call, out
+                    ["Hi.", "q0", "a0", "Be brief from now on.", "q3"],
+                    ["Hi.", "Be brief from now on.", "q3"]]  # the first turn last; instructions always stay
+    assert options[1].names.messages == ["instructions", "previous_response_id", "previous_response_id",
+                                         "previous_response_id", "input.0"]
+    assert all(o.new_messages == form.new_messages for o in options)
+    assert truncations(chat_request(ResponsesRequest(input="only one turn"))) == []

@@ -128,7 +128,8 @@ class ResponsesRequest(NumbersNotBooleans):
     store: Optional[StrictBool] = None  # keep the finished response (null: true, OpenAI's default)
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
-    truncation: Optional[Literal["disabled"]] = None  # "auto" (dropping the oldest items) is not offered
+    # "auto": a conversation longer than the context loses turns from its middle (workers/responses_api.py truncations)
+    truncation: Optional[Literal["disabled", "auto"]] = None
     include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with include
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)

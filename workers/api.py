@@ -59,7 +59,7 @@ from vlmguard.workers.openai_compat import (
 )
 from vlmguard.workers.response_store import Responses, StoredResponse, api_responses, missing
 from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents, ResponseHead, chat_request, \
-    new_id, response_object, stored_response, wants_logprobs
+    new_id, response_object, stored_response, truncations, wants_logprobs
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
@@ -571,6 +571,35 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                  code="previous_response_not_found", param="previous_response_id")
         return earlier, chat_request(req, earlier.messages if earlier is not None else None)
 
+    async def counted_item(form: ChatForm, model: str, rid: str) -> tuple[WorkItem, dict[str, Any]]:
+        """The model's work for ``form``, and its prompt's tokens as the replica counts them (``tokenize_chat``)."""
+        with _as_responses_errors(form.names):
+            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
+            return item, await token_call(model, "tokenize_chat", item, False)
+
+    async def fitted(req: ResponsesRequest, form: ChatForm, model: str, rid: str) -> tuple[ChatForm, WorkItem]:
+        """The chat form a request is answered with, and its work item. With ``truncation: auto``, a conversation
+        whose prompt and ``max_output_tokens`` exceed the model's context loses the fewest turns from its middle that
+        make it fit (``truncations``; the candidates counted by the replica, a binary search); when none fits, the
+        whole conversation goes on to be refused as too long."""
+        if req.truncation != "auto":
+            with _as_responses_errors(form.names):
+                return form, await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
+        item, counted = await counted_item(form, model, rid)
+        room = counted["max_model_len"] - item.spec.max_new_tokens
+        if counted["count"] <= room:
+            return form, item
+        best, options = (form, item), truncations(form)
+        lo, hi = 0, len(options) - 1
+        while lo <= hi:  # (fewer tokens further down the list)
+            mid = (lo + hi) // 2
+            shorter, counted = await counted_item(options[mid], model, rid)
+            if counted["count"] <= room:
+                best, hi = (options[mid], shorter), mid - 1
+            else:
+                lo = mid + 1
+        return best
+
     async def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
                    earlier: StoredResponse | None) -> dict[str, Any]:
         """Store a finished response (when its request asked to); its ``store`` says whether it was kept."""
@@ -589,8 +618,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         rid = new_id("resp")
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
-        with _as_responses_errors(form.names):
-            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
+        answered, item = await fitted(req, form, model, rid)
+        with _as_responses_errors(answered.names):
             if not req.stream:
                 answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
                 choice = answer.choices[0]
@@ -649,8 +678,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
         earlier, form = await conversation(req)
-        with _as_responses_errors(form.names):
-            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, "input_tokens")
+        answered, item = await fitted(req, form, model, "input_tokens")  # (truncation: auto, the prompt it fits)
+        with _as_responses_errors(answered.names):
             counted = await token_call(model, "tokenize_chat", item, False)
         return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
 

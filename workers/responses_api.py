@@ -185,6 +185,36 @@ def chat_request(req: ResponsesRequest, earlier: Optional[list[dict[str, Any]]] 
     return ChatForm(body, names, messages[(1 if req.instructions else 0) + len(earlier):])
 
 
+def truncations(form: ChatForm) -> list[ChatForm]:
+    """What ``truncation: auto`` may send instead of a conversation too long for the model's context, fewest
+    messages left out first: the conversation without its oldest 1, 2, ... middle turns, then without its first turn
+    too. A turn is a user message and the answers, function calls and their outputs after it; the first turn (which
+    usually shows the image) and the last (the new question) stay while anything else can go, and system and
+    developer messages (the instructions) always stay. The stored conversation (``new_messages``) is not cut: the
+    next request is fitted again."""
+    messages = form.body["messages"]
+    turns: list[list[int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] in ("system", "developer"):
+            continue
+        if message["role"] == "user" or not turns:
+            turns.append([i])
+        else:
+            turns[-1].append(i)
+    if len(turns) < 2:
+        return []
+    middle = turns[1:-1]
+    drops = [[i for turn in middle[:k] for i in turn] for k in range(1, len(middle) + 1)]
+    drops.append([*turns[0], *(i for turn in middle for i in turn)])
+    return [_without(form, set(drop)) for drop in drops]
+
+
+def _without(form: ChatForm, drop: set[int]) -> ChatForm:
+    kept = [i for i in range(len(form.body["messages"])) if i not in drop]
+    body = {**form.body, "messages": [form.body["messages"][i] for i in kept]}
+    return ChatForm(body, ParamNames([form.names.messages[i] for i in kept]), form.new_messages)
+
+
 ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 
 
@@ -297,7 +327,8 @@ class ResponseHead:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "text": {"format": (req.text.format.model_dump(by_alias=True, exclude_none=True)
                                 if req.text is not None and req.text.format is not None else {"type": "text"})},
-            "previous_response_id": req.previous_response_id, "store": self.stored, "truncation": "disabled",
+            "previous_response_id": req.previous_response_id, "store": self.stored,
+            "truncation": req.truncation or "disabled",
             "user": req.user,
             "metadata": req.metadata or {}, "usage": _usage(usage) if usage is not None else None,
         }
