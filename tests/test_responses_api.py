@@ -178,6 +178,10 @@ def test_function_calls_forced_streamed_piece_by_piece_and_sent_back(app):
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, 400,
      "input.0.content.0.type", "part type 'input_file'"),
     ({"input": [{"role": "user"}]}, 400, "input.0.content", "Field required"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "hi"}]}, 400, "input.0.type",
+     "item type ['message']"),  # (a list or an object where a name goes: an error, not a 500)
+    ({"input": [{"role": "user", "content": [{"type": {"a": 1}, "text": "hi"}]}]}, 400, "input.0.content.0.type",
+     "part type {'a': 1}"),
     ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": IMAGE}]}]}, 400,
      "input.0.content.0", "holds text only"),
     ({"input": []}, 400, "input", "empty list"),

@@ -244,6 +244,9 @@ def test_image_url_string_form_detail_and_unsupported_part_types():
     assert item.prompt == "What?" and len(item.images) == 2
     with pytest.raises(ValidationError, match="part type 'input_audio' is not supported"):
         _req(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
+    for kind in ([], {"a": None}):  # a list or an object where a name goes: an error, not a 500
+        with pytest.raises(ValidationError, match=r"part type .* is not supported"):
+            _req(messages=[{"role": "user", "content": [{"type": kind, "text": "hi"}]}])
     with pytest.raises(ValidationError, match="detail"):
         _req(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "max"}}]}])
 

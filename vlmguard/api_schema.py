@@ -165,7 +165,7 @@ class ChatMessage(BaseModel):
                 parts.append(part)
                 continue
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in PART_TYPES:
+            if not isinstance(kind, str) or kind not in PART_TYPES:  # (a list or an object: unhashable)
                 raise unsupported(f"content[{j}]: part type {kind!r} is not supported (only 'text' and 'image_url')")
             try:
                 parts.append(PART_TYPES[kind].model_validate(part))

@@ -84,7 +84,7 @@ def _content(parts: Any, path: str) -> Any:
     out: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in PART_TYPES:
+        if not isinstance(kind, str) or kind not in PART_TYPES:
             raise InvalidInput(f"{path}.content.{j}: part type {kind!r} is not supported (input_text, input_image, "
                                "output_text)", param=f"{path}.content.{j}.type")
         p = _validated(PART_TYPES[kind], part, f"{path}.content.{j}")
@@ -117,7 +117,7 @@ def _messages(req: ResponsesRequest, earlier: list[dict[str, Any]]) -> tuple[lis
     for i, raw in enumerate(req.input):
         path = f"input.{i}"
         kind = raw.get("type", "message") if isinstance(raw, dict) else None
-        if kind not in ITEM_TYPES:
+        if not isinstance(kind, str) or kind not in ITEM_TYPES:
             raise InvalidInput(f"{path}: item type {kind!r} is not supported (message, function_call, "
                                "function_call_output)", param=f"{path}.type")
         item = _validated(ITEM_TYPES[kind], raw, path)
