@@ -521,7 +521,7 @@ def test_separate_ingress_serves_two_models(service, image_url):
 def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
     """Two replicas of a model serve the HTTP API themselves: a conversation continued by id is found whichever
     replica the proxy picks (power of two choices: each follow-up lands on either), because both keep their responses
-    in the service's one store deployment, here in a SQLite file."""
+    in the service's one store deployment, here in a SQLite file; so are the Conversations API's conversations."""
     import openai
     from ray import serve
 
@@ -545,8 +545,12 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
         assert all(r.store for r in chain)
         assert [r.usage.input_tokens for r in chain] == sorted({r.usage.input_tokens for r in chain})  # growing
         assert [client.responses.retrieve(r.id).id for r in chain] == [r.id for r in chain]
+        conv = client.conversations.create(items=[{"role": "user", "content": "Hi"}])  # (edited by the store itself)
+        for i in range(4):
+            client.responses.create(model=MODEL, conversation=conv.id, input=f"{i}?", max_output_tokens=2, store=False)
+        assert len(list(client.conversations.items.list(conv.id, limit=100))) == 1 + 4 * 2
         with sqlite3.connect(path) as db:
-            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain}
+            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain} | {conv.id}
     finally:
         serve.delete("conv")
 

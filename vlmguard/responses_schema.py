@@ -5,7 +5,8 @@ The request's ``input`` is a text or a list of items: messages (``role`` user / 
 text or parts ``input_text``, ``input_image``, ``output_text``), earlier function calls and their outputs. Its
 items are read one by one when the request is turned into a chat request (``workers/responses_api.py``), so that an
 error names the item (``input.2.content.0``). A finished response is kept (``store``, true unless set false) by the
-service, so that ``previous_response_id`` continues it (workers/response_store.py).
+service, so that ``previous_response_id`` continues it (workers/response_store.py); ``conversation`` names a
+conversation of the Conversations API instead (workers/conversations.py).
 """
 from __future__ import annotations
 
@@ -108,6 +109,12 @@ class TextConfig(BaseModel):
     verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
 
 
+class ConversationRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+
+
 class ResponsesRequest(NumbersNotBooleans):
     """The subset of OpenAI's Responses request vlmguard honours; unknown fields are refused, naming them."""
 
@@ -125,6 +132,8 @@ class ResponsesRequest(NumbersNotBooleans):
     parallel_tool_calls: Optional[StrictBool] = None
     text: Optional[TextConfig] = None
     previous_response_id: Optional[str] = None  # a stored response this one continues (its conversation first)
+    # a conversation this one continues and is added to (workers/conversations.py): its id, or {"id": ...}
+    conversation: Union[str, ConversationRef, None] = None
     store: Optional[StrictBool] = None  # keep the finished response (null: true, OpenAI's default)
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
@@ -133,3 +142,9 @@ class ResponsesRequest(NumbersNotBooleans):
     include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with include
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
+
+    @property
+    def conversation_id(self) -> Optional[str]:
+        """The id of the conversation it continues (``conversation``, given as the id or as ``{"id": ...}``)."""
+        return self.conversation if self.conversation is None or isinstance(self.conversation, str) \
+            else self.conversation.id

@@ -37,7 +37,7 @@ from vlmguard.api_schema import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.responses_schema import ResponsesRequest
 from vlmguard.tool_calls import CallStream
 from vlmguard.workers.config import ServiceConfig
@@ -57,17 +57,21 @@ from vlmguard.workers.openai_compat import (
     usage,
     vlmguard_info,
 )
-from vlmguard.workers.response_store import Responses, StoredResponse, api_responses, missing
+from vlmguard.workers.conversations import ConversationCreate, ConversationUpdate, ItemsCreate, as_items, \
+    conversation_messages, item_page, items_form, new_conversation
+from vlmguard.workers.response_store import Responses, StoreUnavailable, StoredResponse, api_responses, missing
 from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents, ResponseHead, chat_request, \
-    new_id, response_object, stored_response, truncations, wants_logprobs
+    input_items, new_id, response_object, stored_response, truncations, wants_logprobs, with_ids
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses",
-          "/v1/responses/input_tokens", "/v1/generate", "/tokenize", "/detokenize"}
+          "/v1/responses/input_tokens", "/v1/conversations", "/v1/generate", "/tokenize", "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
 INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"
+CONVERSATION_ROUTES = {3: "/v1/conversations/{conversation_id}", 4: "/v1/conversations/{conversation_id}/items",
+                       5: "/v1/conversations/{conversation_id}/items/{item_id}"}  # (by the path's slashes)
 log = logging.getLogger("vlmguard.workers")
 
 
@@ -564,6 +568,14 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The stored response a request continues (``previous_response_id``; None without one), and the chat
         request the two mean together."""
         earlier = None
+        if req.conversation_id is not None:  # its items as the conversation a response would have kept
+            if req.previous_response_id is not None:
+                raise APIFailure(400, "conversation and previous_response_id cannot both be given: a conversation "
+                                      "holds the earlier turns itself", param="conversation")
+            conv = await conversation_entry(req.conversation_id)
+            messages = conversation_messages(conv)
+            earlier = StoredResponse(response={"output": []}, messages=messages, items=conv.items, size=1)
+            return earlier, chat_request(req, messages, "conversation")
         if req.previous_response_id is not None:
             earlier = await store.get(req.previous_response_id)
             if earlier is None:
@@ -602,9 +614,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
                    earlier: StoredResponse | None) -> dict[str, Any]:
-        """Store a finished response (when its request asked to); its ``store`` says whether it was kept."""
+        """Store a finished response (when its request asked to; its ``store`` says whether it was kept), and add its
+        input and output items to the conversation it names (an answer is not lost to a store that fails)."""
+        items = input_items(req)
         if response["store"]:
-            response["store"] = await store.put(rid, stored_response(response, form, req, earlier))
+            response["store"] = await store.put(rid, stored_response(response, form, req, earlier, items))
+        if req.conversation_id is not None:
+            try:
+                added = await store.edit(req.conversation_id, "append", [*items, *response["output"]])
+            except StoreUnavailable as e:
+                added, why = None, str(e)
+            else:
+                why = f"it was {store.lost}"
+            if added is None:
+                log.warning("response %s not added to conversation %s: %s", rid, req.conversation_id, why)
         return response
 
     @app.post("/v1/responses")
@@ -705,23 +728,102 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The items a stored response answered, as OpenAI lists them (a page of ``limit`` after the item ``after``,
         newest first unless ``order=asc``): those of the response it continued and that response's output, then
         its own input."""
+        return JSONResponse(page_of((await stored(response_id)).items, request, f"response {response_id!r}"))
+
+    def page_of(items: list[dict[str, Any]], request: Request, owner: str) -> dict[str, Any]:
         query = request.query_params
-        limit, order, after = query.get("limit", "20"), query.get("order", "desc"), query.get("after")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100:
-            raise APIFailure(400, f"limit: {limit!r} is not a number of items from 1 to 100", param="limit")
-        if order not in ("asc", "desc"):
-            raise APIFailure(400, f"order: {order!r} is not asc or desc", param="order")
-        n = int(limit)
-        items = (await stored(response_id)).items
-        items = items if order == "asc" else items[::-1]
-        if after is not None:
-            ids = [it["id"] for it in items]
-            if after not in ids:
-                raise APIFailure(400, f"after: no input item {after!r} in response {response_id!r}", param="after")
-            items = items[ids.index(after) + 1:]
-        page = items[:n]
-        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > n})
+        return item_page(items, query.get("limit", "20"), query.get("order", "desc"), query.get("after"), owner)
+
+    # ---- conversations (workers/conversations.py) --------------------------------------------------------------
+    async def conversation_entry(cid: str) -> StoredResponse:
+        entry = await store.get(cid)
+        if entry is None or entry.response.get("object") != "conversation":
+            why = missing(cid, store).replace("no stored response", "no conversation")
+            raise APIFailure(404, why, "not_found_error", "conversation_not_found", param="conversation")
+        return entry
+
+    async def edited(cid: str, name: str, arg: Any) -> StoredResponse:
+        changed = await store.edit(cid, name, arg)
+        if changed is None:  # (gone since it was read, or grown past the store's whole budget)
+            raise APIFailure(404, f"conversation {cid!r} is no longer stored: it was deleted, or it outgrew the "
+                                  "store (responses_store_mb)", "not_found_error", "conversation_not_found")
+        return changed
+
+    async def checked_items(items: list[Any], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``items`` with an id each, checked to continue the conversation ``before`` as a request's input would
+        (its images decoded too); an error names the item (``items.2.content.0``)."""
+        if not items:
+            return []
+        k = len(before)
+        try:
+            form = items_form(items, before)
+            with _as_responses_errors(form.names):
+                await work_item(ChatCompletionRequest.model_validate(form.body), pick_model(None), "conversation")
+        except InvalidInput as e:
+            raise APIFailure(400, as_items(str(e), k), param=as_items(e.param or "items", k)) from None
+        except APIFailure as e:
+            e.message, e.param = as_items(e.message, k), as_items(e.param or "items", k)
+            raise
+        return with_ids(items)
+
+    @app.post("/v1/conversations")
+    async def create_conversation(request: Request):
+        """A new conversation, with up to 20 items and metadata; a Responses request continues it by its id."""
+        body: ConversationCreate = await read_json(request, ConversationCreate)
+        if not store.enabled:
+            raise APIFailure(400, "this server stores no conversations (responses_store_mb: 0)")
+        entry = new_conversation(await checked_items(body.items or [], []), body.metadata)
+        if not await store.put(entry.response["id"], entry):
+            raise APIFailure(413, "the conversation is larger than this server keeps (responses_store_mb)",
+                             "request_too_large")
+        return JSONResponse(entry.response)
+
+    @app.get("/v1/conversations/{cid}")
+    async def get_conversation(cid: str):
+        return JSONResponse((await conversation_entry(cid)).response)
+
+    @app.post("/v1/conversations/{cid}")
+    async def update_conversation(cid: str, request: Request):
+        """A conversation's metadata replaced."""
+        body: ConversationUpdate = await read_json(request, ConversationUpdate)
+        await conversation_entry(cid)
+        return JSONResponse((await edited(cid, "metadata", body.metadata)).response)
+
+    @app.delete("/v1/conversations/{cid}")
+    async def delete_conversation(cid: str):
+        await conversation_entry(cid)
+        await store.delete(cid)
+        return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
+
+    @app.post("/v1/conversations/{cid}/items")
+    async def add_conversation_items(cid: str, request: Request):
+        """Up to 20 items added to a conversation (checked to continue it, as a request's input would)."""
+        body: ItemsCreate = await read_json(request, ItemsCreate)
+        items = await checked_items(body.items, (await conversation_entry(cid)).items)
+        await edited(cid, "append", items)
+        return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"],
+                             "has_more": False})
+
+    @app.get("/v1/conversations/{cid}/items")
+    async def list_conversation_items(cid: str, request: Request):
+        """A page of a conversation's items (``limit`` 1-100, ``order`` desc (default) or asc, ``after`` an item)."""
+        return JSONResponse(page_of((await conversation_entry(cid)).items, request, f"conversation {cid!r}"))
+
+    async def conversation_item(cid: str, item_id: str) -> dict[str, Any]:
+        item = next((it for it in (await conversation_entry(cid)).items if it.get("id") == item_id), None)
+        if item is None:
+            raise APIFailure(404, f"no item {item_id!r} in conversation {cid!r}", "not_found_error", "item_not_found")
+        return item
+
+    @app.get("/v1/conversations/{cid}/items/{item_id}")
+    async def get_conversation_item(cid: str, item_id: str):
+        return JSONResponse(await conversation_item(cid, item_id))
+
+    @app.delete("/v1/conversations/{cid}/items/{item_id}")
+    async def delete_conversation_item(cid: str, item_id: str):
+        """An item removed from a conversation; the conversation is the answer."""
+        await conversation_item(cid, item_id)
+        return JSONResponse((await edited(cid, "remove", item_id)).response)
 
     async def token_call(model: str, method: str, *args: Any) -> dict[str, Any]:
         out = await backend.tokens(model, method, *args)
@@ -872,6 +974,9 @@ def _route_path(scope: dict[str, Any]) -> str:
     if path.startswith("/v1/responses/") and path.count("/") in (3, 4):
         return RESPONSE_ROUTE if path.count("/") == 3 else \
             INPUT_ITEMS_ROUTE if path.endswith("/input_items") else "other"
+    if path.startswith("/v1/conversations/") and path.count("/") in CONVERSATION_ROUTES:
+        route = CONVERSATION_ROUTES[path.count("/")]
+        return route if path.count("/") == 3 or path.split("/")[4] == "items" else "other"
     return MODEL_CARD_ROUTE if path.startswith("/v1/models/") else "other"
 
 

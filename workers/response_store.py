@@ -44,6 +44,25 @@ class StoredResponse:
             self.size = sum(len(json.dumps(x, default=str)) for x in (self.response, self.messages, self.items))
 
 
+def _append(entry: StoredResponse, items: list[dict[str, Any]]) -> StoredResponse:
+    return StoredResponse(response=entry.response, messages=entry.messages, items=[*entry.items, *items])
+
+
+def _remove(entry: StoredResponse, item_id: str) -> StoredResponse:
+    return StoredResponse(response=entry.response, messages=entry.messages,
+                          items=[it for it in entry.items if it.get("id") != item_id])
+
+
+def _metadata(entry: StoredResponse, metadata: dict[str, str]) -> StoredResponse:
+    return StoredResponse(response={**entry.response, "metadata": metadata}, messages=entry.messages,
+                          items=entry.items)
+
+
+# The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
+# a conversation's items added or one removed, its metadata replaced (workers/conversations.py).
+EDITS = {"append": _append, "remove": _remove, "metadata": _metadata}
+
+
 class ResponseStore:
     """An LRU of :class:`StoredResponse` by response id, within ``max_bytes`` (thread-safe)."""
 
@@ -51,7 +70,7 @@ class ResponseStore:
         self.max_bytes = max(0, int(max_bytes))
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +112,19 @@ class ResponseStore:
             if entry is not None:
                 self._bytes -= entry.size
             return entry is not None
+
+    def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
+        """The entry changed by ``EDITS[name](entry, arg)``, in one step (None: no such entry, or the changed one
+        no longer fits the budget and is gone)."""
+        with self._lock:  # (reentrant: put and delete take it too)
+            entry = self._entries.get(rid)
+            if entry is None:
+                return None
+            changed = EDITS[name](entry, arg)
+            if self.put(rid, changed):
+                return changed
+            self.delete(rid)
+            return None
 
 
 class SqliteResponseStore:
@@ -140,21 +172,25 @@ class SqliteResponseStore:
     def put(self, rid: str, entry: StoredResponse) -> bool:
         if entry.size > self.max_bytes:
             return False
+        with self._transaction() as db:
+            self._write(db, rid, entry)
+        return True
+
+    def _write(self, db: sqlite3.Connection, rid: str, entry: StoredResponse) -> None:
+        """Keep ``entry`` as ``rid`` (within a transaction), the least recently used others out to make room."""
         body = json.dumps({"response": entry.response, "messages": entry.messages, "items": entry.items},
                           default=str)
-        with self._transaction() as db:
-            db.execute("DELETE FROM responses WHERE id = ?", (rid,))
-            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
-            while total + entry.size > self.max_bytes:  # the least recently used out, a page at a time
-                page = db.execute("SELECT id, size FROM responses ORDER BY used LIMIT 64").fetchall()
-                for old, size in page:
-                    if total + entry.size <= self.max_bytes:
-                        break
-                    db.execute("DELETE FROM responses WHERE id = ?", (old,))
-                    total -= size
-            db.execute("INSERT INTO responses (id, body, size, used) VALUES (?, ?, ?, ?)",
-                       (rid, body, entry.size, time.time_ns()))
-        return True
+        db.execute("DELETE FROM responses WHERE id = ?", (rid,))
+        total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+        while total + entry.size > self.max_bytes:  # a page at a time
+            page = db.execute("SELECT id, size FROM responses ORDER BY used LIMIT 64").fetchall()
+            for old, size in page:
+                if total + entry.size <= self.max_bytes:
+                    break
+                db.execute("DELETE FROM responses WHERE id = ?", (old,))
+                total -= size
+        db.execute("INSERT INTO responses (id, body, size, used) VALUES (?, ?, ?, ?)",
+                   (rid, body, entry.size, time.time_ns()))
 
     def get(self, rid: str) -> Optional[StoredResponse]:
         with self._transaction() as db:
@@ -167,6 +203,18 @@ class SqliteResponseStore:
     def delete(self, rid: str) -> bool:
         with self._transaction() as db:
             return db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
+
+    def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
+        with self._transaction() as db:
+            row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
+            if row is None:
+                return None
+            changed = EDITS[name](StoredResponse(**json.loads(row[0]), size=row[1]), arg)
+            if changed.size > self.max_bytes:
+                db.execute("DELETE FROM responses WHERE id = ?", (rid,))
+                return None
+            self._write(db, rid, changed)
+        return changed
 
 
 Store = Union[ResponseStore, SqliteResponseStore]
@@ -196,9 +244,12 @@ class _Responses:
     async def delete(self, rid: str) -> bool:
         return await self._read("delete", rid)
 
-    async def _read(self, method: str, rid: str) -> Any:
+    async def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
+        return await self._read("edit", rid, name, arg)
+
+    async def _read(self, method: str, *args: Any) -> Any:
         try:
-            return await self._call(method, rid)
+            return await self._call(method, *args)
         except Exception as e:  # (Ray's errors of a dead store replica, SQLite's of a file)
             raise StoreUnavailable(f"the stored responses cannot be read now: {type(e).__name__}: {e}") from None
 

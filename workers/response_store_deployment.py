@@ -8,7 +8,7 @@ on. One replica, no CPU of its own reserved: each call is a dictionary operation
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from ray import serve
 
@@ -29,3 +29,6 @@ class ResponseStoreReplica:
 
     def delete(self, rid: str) -> bool:
         return self.store.delete(rid)
+
+    def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
+        return self.store.edit(rid, name, arg)

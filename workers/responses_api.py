@@ -95,7 +95,8 @@ def _content(parts: Any, path: str) -> Any:
     return out
 
 
-def _messages(req: ResponsesRequest, earlier: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ParamNames]:
+def _messages(req: ResponsesRequest, earlier: list[dict[str, Any]], earlier_param: str = "previous_response_id"
+              ) -> tuple[list[dict[str, Any]], ParamNames]:
     messages: list[dict[str, Any]] = []
     names = ParamNames()
 
@@ -106,7 +107,7 @@ def _messages(req: ResponsesRequest, earlier: list[dict[str, Any]]) -> tuple[lis
     if req.instructions:
         add({"role": "system", "content": req.instructions}, "instructions")
     for message in earlier:
-        add(message, "previous_response_id")
+        add(message, earlier_param)
     first_new = len(messages)  # (a function call item joins an assistant message of this input only: those before
     # it stay as stored, and this input's messages are all after first_new)
     if isinstance(req.input, str):
@@ -153,12 +154,13 @@ class ChatForm:
     new_messages: list[dict[str, Any]]
 
 
-def chat_request(req: ResponsesRequest, earlier: Optional[list[dict[str, Any]]] = None) -> ChatForm:
+def chat_request(req: ResponsesRequest, earlier: Optional[list[dict[str, Any]]] = None,
+                 earlier_param: str = "previous_response_id") -> ChatForm:
     """The chat request a Responses request means: its ``instructions``, then ``earlier`` (the conversation of the
     response it continues, ``previous_response_id``), then its own input. Items that are not messages the chat API
     has are refused here, naming them."""
     earlier = earlier or []
-    messages, names = _messages(req, earlier)
+    messages, names = _messages(req, earlier, earlier_param)
     body: dict[str, Any] = {"model": req.model, "messages": messages, "vlmguard": req.vlmguard.model_dump()}
     for j, what in enumerate(req.include or []):
         if what != LOGPROBS and what not in INCLUDE_NOTHING:
@@ -224,8 +226,13 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     if isinstance(req.input, str):
         return [{"type": "message", "id": new_id("msg"), "role": "user",
                  "content": [{"type": "input_text", "text": req.input}]}]
+    return with_ids(req.input)
+
+
+def with_ids(raw_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items (checked) as the Responses API lists them: each with its type and an id where it had none."""
     items = []
-    for raw in req.input:
+    for raw in raw_items:
         item = {"type": "message", **raw}
         item["id"] = item.get("id") or new_id(ITEM_ID_PREFIX[item["type"]])
         items.append(item)
@@ -248,13 +255,14 @@ def answer_message(response: dict[str, Any]) -> dict[str, Any]:
 
 
 def stored_response(response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
-                    earlier: Optional[StoredResponse]) -> StoredResponse:
+                    earlier: Optional[StoredResponse], own_items: Optional[list[dict[str, Any]]] = None
+                    ) -> StoredResponse:
     """What the store keeps of a finished ``response``: the conversation with its answer, and its input items (those
-    of the response it continued, that response's output, then its own)."""
+    of the response it continued, that response's output, then its own: ``own_items``, default ``input_items``)."""
     before = [] if earlier is None else earlier.messages
     items = [] if earlier is None else [*earlier.items, *earlier.response["output"]]
     return StoredResponse(response=response, messages=[*before, *form.new_messages, answer_message(response)],
-                          items=[*items, *input_items(req)])
+                          items=[*items, *(input_items(req) if own_items is None else own_items)])
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
@@ -328,6 +336,7 @@ class ResponseHead:
             "text": {"format": (req.text.format.model_dump(by_alias=True, exclude_none=True)
                                 if req.text is not None and req.text.format is not None else {"type": "text"})},
             "previous_response_id": req.previous_response_id, "store": self.stored,
+            "conversation": {"id": req.conversation_id} if req.conversation is not None else None,
             "truncation": req.truncation or "disabled",
             "user": req.user,
             "metadata": req.metadata or {}, "usage": _usage(usage) if usage is not None else None,
