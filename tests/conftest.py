@@ -62,3 +62,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """A tiny random Qwen2-VL's worker, served as ``tiny-qwen`` (the Responses and Conversations tests' model)."""
+    from service_support import qwen_worker
+
+    return qwen_worker()

@@ -44,3 +44,19 @@ def run_with_sdk(app: Any, scenario: Callable[[Any, httpx.AsyncClient], Awaitabl
             return await scenario(client, http)
 
     return asyncio.run(main())
+
+
+def qwen_worker() -> EngineWorker:
+    """A tiny random Qwen2-VL of context 2048, served as ``tiny-qwen``."""
+    from vlmguard.testing import tiny_engine
+
+    return EngineWorker("random:qwen2_vl", name="tiny-qwen", engine=tiny_engine("qwen2_vl", context=2048))
+
+
+def qwen_api(worker: EngineWorker, **config: Any) -> Any:
+    """The HTTP API in this process (no Ray, no batching) on ``worker``, with ``config`` for the service."""
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+
+    return create_api(LocalBackend({worker.name: worker}), ServiceConfig(
+        models=[ModelConfig(name=worker.name, model="random:qwen2_vl")], api_key_env=None, **config))

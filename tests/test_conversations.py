@@ -4,15 +4,12 @@ request's input and answer; its items are listed, added, retrieved and deleted, 
 missing conversations are one clear error each; the store's edits are single steps in memory and in a file."""
 from __future__ import annotations
 
-import openai
 import pytest
 
-from service_support import run_with_sdk
+from service_support import qwen_api, run_with_sdk
 from vlmguard.images import image_to_data_url
-from vlmguard.testing import random_image, tiny_engine
-from vlmguard.workers.api import LocalBackend, _route_path, create_api
-from vlmguard.workers.config import ModelConfig, ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker
+from vlmguard.testing import random_image
+from vlmguard.workers.api import _route_path
 from vlmguard.workers.response_store import ResponseStore, SqliteResponseStore, StoredResponse
 
 MODEL = "tiny-qwen"
@@ -22,18 +19,8 @@ QUESTION = {"type": "message", "role": "user", "content": [{"type": "input_image
 
 
 @pytest.fixture(scope="module")
-def worker():
-    return EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=2048))
-
-
-def _app(worker, **config):
-    return create_api(LocalBackend({MODEL: worker}), ServiceConfig(
-        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None, **config))
-
-
-@pytest.fixture(scope="module")
-def app(worker):
-    return _app(worker)
+def app(qwen):
+    return qwen_api(qwen)
 
 
 def test_a_response_in_a_conversation_is_answered_after_its_items_and_added_to_it(app):
@@ -159,11 +146,11 @@ def test_a_conversation_and_a_previous_response_cannot_both_be_continued_and_ite
     assert ok.data[0].id.startswith("fc_") and output.data[0].id.startswith("fco_")
 
 
-def test_no_conversations_where_no_responses_are_stored(worker):
+def test_no_conversations_where_no_responses_are_stored(qwen):
     async def scenario(client, http):
         return await http.post("/v1/conversations", json={})
 
-    r = run_with_sdk(_app(worker, responses_store_mb=0), scenario)
+    r = run_with_sdk(qwen_api(qwen, responses_store_mb=0), scenario)
     assert r.status_code == 400 and "stores no conversations (responses_store_mb: 0)" in r.json()["error"]["message"]
 
 

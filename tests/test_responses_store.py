@@ -9,7 +9,7 @@ import sqlite3
 import openai
 import pytest
 
-from service_support import run_with_sdk
+from service_support import qwen_api, run_with_sdk
 from vlmguard.images import image_to_data_url
 from vlmguard.testing import random_image, tiny_engine
 from vlmguard.workers.api import INPUT_ITEMS_ROUTE, RESPONSE_ROUTE, LocalBackend, _route_path, create_api
@@ -26,18 +26,8 @@ TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
 
 
 @pytest.fixture(scope="module")
-def worker():
-    return EngineWorker("random:qwen2_vl", name=MODEL, engine=tiny_engine("qwen2_vl", context=2048))
-
-
-def _app(worker, **config):
-    return create_api(LocalBackend({MODEL: worker}), ServiceConfig(
-        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None, **config))
-
-
-@pytest.fixture(scope="module")
-def app(worker):
-    return _app(worker)
+def app(qwen):
+    return qwen_api(qwen)
 
 
 def _question(text: str) -> dict:
@@ -139,9 +129,9 @@ def test_stored_responses_are_retrieved_listed_and_deleted(app):
     assert unstored.store is False and gone.status_code == 404
 
 
-def test_the_store_keeps_the_most_recent_within_its_budget(worker):
-    small = _app(worker, responses_store_mb=0.006)  # about 6 KB: a few text responses, no image conversation
-    none = _app(worker, responses_store_mb=0)
+def test_the_store_keeps_the_most_recent_within_its_budget(qwen):
+    small = qwen_api(qwen, responses_store_mb=0.006)  # about 6 KB: a few text responses, no image conversation
+    none = qwen_api(qwen, responses_store_mb=0)
 
     async def scenario(client, http):
         texts = [await client.responses.create(model=MODEL, input=f"Hello {i}", max_output_tokens=2)
@@ -209,13 +199,13 @@ def test_a_store_file_that_cannot_be_kept_is_one_clear_error(tmp_path):
         parse_config({"responses_store_path": str(tmp_path)})
 
 
-def test_responses_kept_in_a_file_continue_after_a_restart(worker, tmp_path):
+def test_responses_kept_in_a_file_continue_after_a_restart(qwen, tmp_path):
     path = str(tmp_path / "responses.sqlite")
 
     async def first_run(client, http):
         return await client.responses.create(model=MODEL, input=[_question("What is here?")], max_output_tokens=3)
 
-    first = run_with_sdk(_app(worker, responses_store_path=path), first_run)
+    first = run_with_sdk(qwen_api(qwen, responses_store_path=path), first_run)
 
     async def after_restart(client, http):
         follow = await client.responses.create(model=MODEL, previous_response_id=first.id, input="More?",
@@ -228,7 +218,7 @@ def test_responses_kept_in_a_file_continue_after_a_restart(worker, tmp_path):
         gone = await http.get(f"/v1/responses/{first.id}")
         return follow, whole, got, gone
 
-    restarted = _app(worker, responses_store_path=path)
+    restarted = qwen_api(qwen, responses_store_path=path)
     follow, whole, got, gone = run_with_sdk(restarted, after_restart)
     assert follow.usage.input_tokens == whole.usage.input_tokens and follow.output_text == whole.output_text
     assert got.model_dump() == first.model_dump()
@@ -245,10 +235,10 @@ class _BrokenStore(ResponseStore):
     put = delete = get
 
 
-def test_a_store_that_fails_loses_no_answer_and_reads_are_503(worker):
+def test_a_store_that_fails_loses_no_answer_and_reads_are_503(qwen):
     from vlmguard.workers.response_store import StoreUnavailable
 
-    app = create_api(LocalBackend({MODEL: worker}), ServiceConfig(
+    app = create_api(LocalBackend({MODEL: qwen}), ServiceConfig(
         models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None),
         responses=LocalResponses(_BrokenStore(1000)))
 

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -717,11 +717,15 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """A stored response, as it was answered."""
         return JSONResponse((await stored(response_id)).response)
 
+    async def removed(key: str, find: Callable[[str], Awaitable[StoredResponse]], kind: str) -> JSONResponse:
+        """A kept response or conversation deleted (``find`` says it is missing), OpenAI's answer for it."""
+        await find(key)
+        await store.delete(key)
+        return JSONResponse({"id": key, "object": kind, "deleted": True})
+
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        await stored(response_id)
-        await store.delete(response_id)
-        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        return await removed(response_id, stored, "response")
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, request: Request):
@@ -791,9 +795,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     @app.delete("/v1/conversations/{cid}")
     async def delete_conversation(cid: str):
-        await conversation_entry(cid)
-        await store.delete(cid)
-        return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
+        return await removed(cid, conversation_entry, "conversation.deleted")
 
     @app.post("/v1/conversations/{cid}/items")
     async def add_conversation_items(cid: str, request: Request):
