@@ -162,7 +162,7 @@ def test_the_stores_edit_an_entry_in_one_step(kind, tmp_path):
     grown = store.edit("conv_1", "append", [{"id": "b"}, {"id": "c"}])
     assert [it["id"] for it in grown.items] == ["a", "b", "c"] and grown.size > 0
     assert [it["id"] for it in store.edit("conv_1", "remove", "b").items] == ["a", "c"]
-    assert store.edit("conv_1", "metadata", {"k": "v"}).response["metadata"] == {"k": "v"}
+    assert store.edit("conv_1", "update", {"metadata": {"k": "v"}}).response["metadata"] == {"k": "v"}
     assert [it["id"] for it in store.get("conv_1").items] == ["a", "c"]
     assert store.edit("conv_nope", "append", []) is None
     assert store.edit("conv_1", "append", [{"id": "x" * 3000}]) is None and store.get("conv_1") is None  # outgrew

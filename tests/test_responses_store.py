@@ -368,3 +368,89 @@ def test_truncation_candidates_leave_out_whole_turns_from_the_middle_then_the_fi
                                          "previous_response_id", "input.0"]
     assert all(o.new_messages == form.new_messages for o in options)
     assert truncations(chat_request(ResponsesRequest(input="only one turn"))) == []
+
+
+async def _until_done(client, rid: str, timeout_s: float = 60.0):
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = await client.responses.retrieve(rid)
+        if got.status not in ("queued", "in_progress") or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.05)
+
+
+def test_a_background_response_is_answered_later_and_polled(app):
+    async def scenario(client, http):
+        kw = dict(model=MODEL, input=[_question("What is in the image?")], max_output_tokens=6)
+        queued = await client.responses.create(background=True, **kw)
+        done = await _until_done(client, queued.id)
+        foreground = await client.responses.create(**kw)
+        follow = await client.responses.create(model=MODEL, previous_response_id=queued.id, input="More?",
+                                               max_output_tokens=2)
+        items = [it async for it in client.responses.input_items.list(queued.id)]
+        late = await http.post(f"/v1/responses/{queued.id}/cancel")
+        plain = await http.post(f"/v1/responses/{foreground.id}/cancel")
+        bad = [await http.post("/v1/responses", json={"model": MODEL, "input": "x", "background": True, **extra})
+               for extra in ({"stream": True}, {"store": False})]
+        return queued, done, foreground, follow, items, late, plain, bad
+
+    queued, done, foreground, follow, items, late, plain, bad = run_with_sdk(app, scenario)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    assert done.status == foreground.status and done.background and done.output_text == foreground.output_text
+    assert done.usage.input_tokens == foreground.usage.input_tokens
+    assert follow.usage.input_tokens > done.usage.input_tokens  # continued like any stored response
+    assert [it.type for it in items] == ["message"]
+    assert late.status_code == 400 and f"is {done.status}: only a queued or in-progress" in late.json()["error"][
+        "message"]
+    assert plain.status_code == 400 and "only a background response" in plain.json()["error"]["message"]
+    assert [(r.status_code, r.json()["error"]["param"]) for r in bad] == [(400, "stream"), (400, "store")]
+
+
+def test_a_background_response_is_cancelled_here_or_by_another_process(app, monkeypatch):
+    import vlmguard.workers.api as api_module
+
+    monkeypatch.setattr(api_module, "BACKGROUND_POLL_S", 0.05)
+    store = app.state.responses
+
+    async def scenario(client, http):
+        kw = dict(model=MODEL, input="Tell me a long story.", max_output_tokens=1000, background=True)
+        first = await client.responses.create(**kw)
+        early = await http.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": first.id})
+        cancelled = await client.responses.cancel(first.id)
+        again = await client.responses.cancel(first.id)
+        elsewhere = await client.responses.create(**kw)
+        import asyncio
+
+        await asyncio.sleep(0.2)
+        await store.edit(elsewhere.id, "cancel", None)  # (what a cancel that lands on another API process does)
+        await asyncio.sleep(0.5)
+        return first, early, cancelled, again, elsewhere, [await client.responses.retrieve(r.id)
+                                                           for r in (first, elsewhere)]
+
+    first, early, cancelled, again, elsewhere, final = run_with_sdk(app, scenario)
+    assert early.status_code == 400 and early.json()["error"]["message"].endswith(
+        "only a finished response can be continued")  # (1000 tokens: still queued or in progress)
+    assert cancelled.status == again.status == "cancelled" and cancelled.id == first.id
+    assert [r.status for r in final] == ["cancelled", "cancelled"] and all(r.output == [] for r in final)
+
+
+def test_a_background_response_that_fails_says_why(qwen):
+    from vlmguard.workers.api import LocalBackend
+
+    class Failing(LocalBackend):
+        async def generate(self, model, item):
+            raise RuntimeError("replica died")
+
+    app = create_api(Failing({MODEL: qwen}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None))
+
+    async def scenario(client, http):
+        queued = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2, background=True)
+        return await _until_done(client, queued.id)
+
+    failed = run_with_sdk(app, scenario)
+    assert failed.status == "failed" and failed.error.code == "server_error"
+    assert failed.error.message == "internal error: RuntimeError: replica died"

@@ -135,6 +135,8 @@ class ResponsesRequest(NumbersNotBooleans):
     # a conversation this one continues and is added to (workers/conversations.py): its id, or {"id": ...}
     conversation: Union[str, ConversationRef, None] = None
     store: Optional[StrictBool] = None  # keep the finished response (null: true, OpenAI's default)
+    # answer later: the response comes back queued and is polled (GET /v1/responses/ID) or cancelled
+    background: Optional[StrictBool] = None
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
     # "auto": a conversation longer than the context loses turns from its middle (workers/responses_api.py truncations)

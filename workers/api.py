@@ -59,7 +59,8 @@ from vlmguard.workers.openai_compat import (
 )
 from vlmguard.workers.conversations import ConversationCreate, ConversationUpdate, ItemsCreate, as_items, \
     conversation_messages, item_page, items_form, new_conversation
-from vlmguard.workers.response_store import Responses, StoreUnavailable, StoredResponse, api_responses, missing
+from vlmguard.workers.response_store import RUNNING, Responses, StoreUnavailable, StoredResponse, api_responses, \
+    missing
 from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents, ResponseHead, chat_request, \
     input_items, new_id, response_object, stored_response, truncations, wants_logprobs, with_ids
 
@@ -70,6 +71,8 @@ ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completi
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
 INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"
+BACKGROUND_POLL_S = 1.0  # how often a background response's task looks for a cancel made by another API process
+CANCEL_ROUTE = "/v1/responses/{response_id}/cancel"
 CONVERSATION_ROUTES = {3: "/v1/conversations/{conversation_id}", 4: "/v1/conversations/{conversation_id}/items",
                        5: "/v1/conversations/{conversation_id}/items/{item_id}"}  # (by the path's slashes)
 log = logging.getLogger("vlmguard.workers")
@@ -581,6 +584,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             if earlier is None:
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
+            status = earlier.response.get("status")
+            if status in RUNNING or status in ("cancelled", "failed"):
+                raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
+                                      "only a finished response can be continued", param="previous_response_id")
         return earlier, chat_request(req, earlier.messages if earlier is not None else None)
 
     async def counted_item(form: ChatForm, model: str, rid: str) -> tuple[WorkItem, dict[str, Any]]:
@@ -614,10 +621,15 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
                    earlier: StoredResponse | None) -> dict[str, Any]:
-        """Store a finished response (when its request asked to; its ``store`` says whether it was kept), and add its
-        input and output items to the conversation it names (an answer is not lost to a store that fails)."""
+        """Store a finished response (when its request asked to; its ``store`` says whether it was kept; a background
+        one unless it was cancelled meanwhile), and add its input and output items to the conversation it names (an
+        answer is not lost to a store that fails)."""
         items = input_items(req)
-        if response["store"]:
+        if req.background:
+            done = await store.edit(rid, "finish", stored_response(response, form, req, earlier, items))
+            if done is None or done.response["status"] == "cancelled":
+                return response
+        elif response["store"]:
             response["store"] = await store.put(rid, stored_response(response, form, req, earlier, items))
         if req.conversation_id is not None:
             try:
@@ -630,6 +642,77 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 log.warning("response %s not added to conversation %s: %s", rid, req.conversation_id, why)
         return response
 
+    async def whole_response(head: ResponseHead, item: WorkItem) -> dict[str, Any]:
+        """A request answered whole, as a Response."""
+        answer = chat_response(head.id, head.model, await run(head.model, item), head.req.vlmguard.diagnostics,
+                               item.tools)
+        choice = answer.choices[0]
+        calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        entries = _entries(choice.logprobs.content if choice.logprobs else []) if wants_logprobs(head.req) else None
+        return response_object(head, choice.message.content, calls, choice.finish_reason, answer.usage,
+                               answer.vlmguard, entries)
+
+    # ---- background responses: answered by a task of this process, polled and cancelled through the store -----
+    background: dict[str, asyncio.Task] = {}
+
+    async def start_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
+                               earlier: StoredResponse | None) -> dict[str, Any]:
+        """The response kept as queued, and a task of this process that answers it."""
+        queued = head.response("queued", [])
+        if not await store.put(head.id, stored_response(queued, form, req, earlier)):
+            raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
+                                  "response must be stored", "request_too_large", param="background")
+        task = asyncio.create_task(answer_in_background(head, item, form, req, earlier))
+        background[head.id] = task
+        task.add_done_callback(lambda _: background.pop(head.id, None))
+        return queued
+
+    async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
+                                   earlier: StoredResponse | None) -> None:
+        """Answer, checking the store every ``BACKGROUND_POLL_S`` for a cancel made by another process of the API
+        (one made here cancels this task); the answer or the failure is then kept."""
+        await store.edit(head.id, "update", {"status": "in_progress"})
+        work = asyncio.create_task(whole_response(head, item))
+        try:
+            while not (await asyncio.wait({work}, timeout=BACKGROUND_POLL_S))[0]:
+                now = await store.get(head.id)
+                if now is None or now.response["status"] == "cancelled":
+                    return
+            with _as_responses_errors(form.names):
+                response = work.result()
+        except asyncio.CancelledError:
+            raise
+        except (APIFailure, VlmguardError) as e:
+            failure = {"code": getattr(e, "code", None) or type(e).__name__, "message": getattr(e, "message", str(e))}
+        except Exception as e:  # (what a foreground request answers as a 500)
+            log.exception("background response %s failed", head.id)
+            failure = {"code": "server_error", "message": f"internal error: {type(e).__name__}: {e}"}
+        else:
+            await keep(head.id, response, form, req, earlier)
+            return
+        finally:
+            work.cancel()  # (a cancelled or abandoned answer stops generating)
+        await store.edit(head.id, "finish", StoredResponse(
+            response={**head.response("failed", []), "error": failure}, messages=[], items=[]))
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str):
+        """A background response cancelled while it is queued or in progress (its generation stops; cancelling
+        again answers the same); a finished one cannot be."""
+        entry = await stored(response_id)
+        if not entry.response.get("background"):
+            raise APIFailure(400, f"response {response_id!r} was not created in the background: only a background "
+                                  "response can be cancelled", param="response_id")
+        changed = await store.edit(response_id, "cancel", None)
+        status = changed.response["status"] if changed is not None else "gone"
+        if status != "cancelled":
+            raise APIFailure(400, f"response {response_id!r} is {status}: only a queued or in-progress response "
+                                  "can be cancelled", param="response_id")
+        task = background.get(response_id)
+        if task is not None:
+            task.cancel()
+        return JSONResponse(changed.response)
+
     @app.post("/v1/responses")
     async def responses(request: Request):
         """OpenAI's Responses API: the request turned into the chat request it means (after the conversation of the
@@ -637,19 +720,21 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         for the next request (workers/response_store.py)."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
+        if req.background and (req.stream or req.store is False or not store.enabled):
+            none_kept = "" if store.enabled else "; this server stores no responses (responses_store_mb: 0)"
+            raise APIFailure(400, "background: a background response is polled (GET /v1/responses/ID), so it is "
+                                  f"stored and not streamed{none_kept}",
+                             param="stream" if req.stream else "background" if not store.enabled else "store")
         earlier, form = await conversation(req)
         rid = new_id("resp")
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
         answered, item = await fitted(req, form, model, rid)
+        if req.background:
+            return JSONResponse(await start_background(head, item, form, req, earlier))
         with _as_responses_errors(answered.names):
             if not req.stream:
-                answer = chat_response(rid, model, await run(model, item), with_steps, item.tools)
-                choice = answer.choices[0]
-                calls = [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
-                entries = _entries(choice.logprobs.content if choice.logprobs else []) if logprobs else None
-                response = response_object(head, choice.message.content, calls, choice.finish_reason, answer.usage,
-                                           answer.vlmguard, entries)
+                response = await whole_response(head, item)
                 return JSONResponse(await keep(rid, response, form, req, earlier))
             opened = await open_stream(model, item)
 
@@ -791,7 +876,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """A conversation's metadata replaced."""
         body: ConversationUpdate = await read_json(request, ConversationUpdate)
         await conversation_entry(cid)
-        return JSONResponse((await edited(cid, "metadata", body.metadata)).response)
+        return JSONResponse((await edited(cid, "update", {"metadata": body.metadata})).response)
 
     @app.delete("/v1/conversations/{cid}")
     async def delete_conversation(cid: str):
@@ -974,8 +1059,8 @@ def _route_path(scope: dict[str, Any]) -> str:
     if path in ROUTES:
         return path
     if path.startswith("/v1/responses/") and path.count("/") in (3, 4):
-        return RESPONSE_ROUTE if path.count("/") == 3 else \
-            INPUT_ITEMS_ROUTE if path.endswith("/input_items") else "other"
+        return RESPONSE_ROUTE if path.count("/") == 3 else INPUT_ITEMS_ROUTE if path.endswith("/input_items") \
+            else CANCEL_ROUTE if path.endswith("/cancel") else "other"
     if path.startswith("/v1/conversations/") and path.count("/") in CONVERSATION_ROUTES:
         route = CONVERSATION_ROUTES[path.count("/")]
         return route if path.count("/") == 3 or path.split("/")[4] == "items" else "other"

@@ -53,14 +53,25 @@ def _remove(entry: StoredResponse, item_id: str) -> StoredResponse:
                           items=[it for it in entry.items if it.get("id") != item_id])
 
 
-def _metadata(entry: StoredResponse, metadata: dict[str, str]) -> StoredResponse:
-    return StoredResponse(response={**entry.response, "metadata": metadata}, messages=entry.messages,
-                          items=entry.items)
+def _update(entry: StoredResponse, fields: dict[str, Any]) -> StoredResponse:
+    return StoredResponse(response={**entry.response, **fields}, messages=entry.messages, items=entry.items)
+
+
+RUNNING = ("queued", "in_progress")  # the states of a background response that is not done
+
+
+def _finish(entry: StoredResponse, done: StoredResponse) -> StoredResponse:
+    return entry if entry.response.get("status") == "cancelled" else done
+
+
+def _cancel(entry: StoredResponse, _: Any) -> StoredResponse:
+    return _update(entry, {"status": "cancelled"}) if entry.response.get("status") in RUNNING else entry
 
 
 # The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
-# a conversation's items added or one removed, its metadata replaced (workers/conversations.py).
-EDITS = {"append": _append, "remove": _remove, "metadata": _metadata}
+# a conversation's items added or one removed, fields of its object replaced (workers/conversations.py); a
+# background response finished unless it was cancelled, or cancelled unless it is done.
+EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "cancel": _cancel}
 
 
 class ResponseStore:

@@ -335,7 +335,7 @@ class ResponseHead:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "text": {"format": (req.text.format.model_dump(by_alias=True, exclude_none=True)
                                 if req.text is not None and req.text.format is not None else {"type": "text"})},
-            "previous_response_id": req.previous_response_id, "store": self.stored,
+            "previous_response_id": req.previous_response_id, "store": self.stored, "background": bool(req.background),
             "conversation": {"id": req.conversation_id} if req.conversation is not None else None,
             "truncation": req.truncation or "disabled",
             "user": req.user,
