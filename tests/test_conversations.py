@@ -129,7 +129,10 @@ def test_a_conversation_and_a_previous_response_cannot_both_be_continued_and_ite
         both = await http.post("/v1/responses", json={"model": MODEL, "input": "y", "conversation": conv.id,
                                                       "previous_response_id": r.id})
         missing = await http.get(f"/v1/conversations/{conv.id}/items/msg_nope")
-        as_response = await http.get(f"/v1/conversations/{r.id}")  # a response's id is no conversation
+        as_response = [await http.get(f"/v1/conversations/{r.id}"),  # a response's id is no conversation ...
+                       await http.get(f"/v1/responses/{conv.id}"),  # ... nor a conversation's a response
+                       await http.post("/v1/responses", json={"model": MODEL, "input": "y",
+                                                              "previous_response_id": conv.id})]
         orphan = await http.post(f"/v1/conversations/{conv.id}/items", json={"items": [
             {"type": "function_call_output", "call_id": "c9", "output": "x"}]})
         call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
@@ -141,7 +144,8 @@ def test_a_conversation_and_a_previous_response_cannot_both_be_continued_and_ite
     both, missing, as_response, orphan, ok, output = run_with_sdk(app, scenario)
     assert both.status_code == 400 and both.json()["error"]["param"] == "conversation"
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "item_not_found"
-    assert as_response.status_code == 404
+    assert [x.status_code for x in as_response] == [404, 404, 400]
+    assert as_response[2].json()["error"]["code"] == "previous_response_not_found"
     assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "items.0.tool_call_id"
     assert ok.data[0].id.startswith("fc_") and output.data[0].id.startswith("fco_")
 

@@ -581,7 +581,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             return earlier, chat_request(req, messages, "conversation")
         if req.previous_response_id is not None:
             earlier = await store.get(req.previous_response_id)
-            if earlier is None:
+            if earlier is None or earlier.response.get("object") != "response":
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
             status = earlier.response.get("status")
@@ -671,9 +671,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                    earlier: StoredResponse | None) -> None:
         """Answer, checking the store every ``BACKGROUND_POLL_S`` for a cancel made by another process of the API
         (one made here cancels this task); the answer or the failure is then kept."""
-        await store.edit(head.id, "update", {"status": "in_progress"})
         work = asyncio.create_task(whole_response(head, item))
         try:
+            await store.edit(head.id, "move", (["queued"], "in_progress"))
             while not (await asyncio.wait({work}, timeout=BACKGROUND_POLL_S))[0]:
                 now = await store.get(head.id)
                 if now is None or now.response["status"] == "cancelled":
@@ -688,12 +688,17 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             log.exception("background response %s failed", head.id)
             failure = {"code": "server_error", "message": f"internal error: {type(e).__name__}: {e}"}
         else:
-            await keep(head.id, response, form, req, earlier)
-            return
+            failure = None
         finally:
             work.cancel()  # (a cancelled or abandoned answer stops generating)
-        await store.edit(head.id, "finish", StoredResponse(
-            response={**head.response("failed", []), "error": failure}, messages=[], items=[]))
+        try:
+            if failure is None:
+                await keep(head.id, response, form, req, earlier)
+            else:
+                await store.edit(head.id, "finish", StoredResponse(
+                    response={**head.response("failed", []), "error": failure}, messages=[], items=[]))
+        except StoreUnavailable as e:  # (nowhere to say it but the log)
+            log.warning("background response %s not kept: %s", head.id, e)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):
@@ -703,7 +708,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if not entry.response.get("background"):
             raise APIFailure(400, f"response {response_id!r} was not created in the background: only a background "
                                   "response can be cancelled", param="response_id")
-        changed = await store.edit(response_id, "cancel", None)
+        changed = await store.edit(response_id, "move", (RUNNING, "cancelled"))
         status = changed.response["status"] if changed is not None else "gone"
         if status != "cancelled":
             raise APIFailure(400, f"response {response_id!r} is {status}: only a queued or in-progress response "
@@ -793,7 +798,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def stored(response_id: str) -> StoredResponse:
         entry = await store.get(response_id)
-        if entry is None:
+        if entry is None or entry.response.get("object") != "response":  # (a conversation's id is none)
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
         return entry
 

@@ -57,21 +57,24 @@ def _update(entry: StoredResponse, fields: dict[str, Any]) -> StoredResponse:
     return StoredResponse(response={**entry.response, **fields}, messages=entry.messages, items=entry.items)
 
 
-RUNNING = ("queued", "in_progress")  # the states of a background response that is not done
+RUNNING = ["queued", "in_progress"]  # the states of a background response that is not done
 
 
 def _finish(entry: StoredResponse, done: StoredResponse) -> StoredResponse:
     return entry if entry.response.get("status") == "cancelled" else done
 
 
-def _cancel(entry: StoredResponse, _: Any) -> StoredResponse:
-    return _update(entry, {"status": "cancelled"}) if entry.response.get("status") in RUNNING else entry
+def _move(entry: StoredResponse, move: tuple[list[str], str]) -> StoredResponse:
+    """The response's status set to ``move[1]`` if it is one of ``move[0]``."""
+    before, after = move
+    return _update(entry, {"status": after}) if entry.response.get("status") in before else entry
 
 
 # The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
 # a conversation's items added or one removed, fields of its object replaced (workers/conversations.py); a
-# background response finished unless it was cancelled, or cancelled unless it is done.
-EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "cancel": _cancel}
+# background response finished unless it was cancelled, or moved from a state to the next (queued -> in_progress,
+# queued or in_progress -> cancelled) unless it has left the first.
+EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "move": _move}
 
 
 class ResponseStore:
