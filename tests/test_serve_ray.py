@@ -549,8 +549,16 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
         for i in range(4):
             client.responses.create(model=MODEL, conversation=conv.id, input=f"{i}?", max_output_tokens=2, store=False)
         assert len(list(client.conversations.items.list(conv.id, limit=100))) == 1 + 4 * 2
+        later = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, background=True)
+        for _ in range(600):  # (polled on either replica: the task runs on the one that took the request)
+            polled = client.responses.retrieve(later.id)
+            if polled.status not in ("queued", "in_progress"):
+                break
+            time.sleep(0.1)
+        assert later.status == "queued" and polled.status in ("completed", "incomplete") and polled.output_text
         with sqlite3.connect(path) as db:
-            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain} | {conv.id}
+            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain} | {conv.id,
+                                                                                                 later.id}
     finally:
         serve.delete("conv")
 
