@@ -58,6 +58,17 @@ def test_batching_mode_defaults_to_inflight_and_can_be_overridden():
     assert [m.prefix_cache_mb for m in apply_overrides(cfg, prefix_cache_mb=0).models] == [0.0]
 
 
+def test_the_responses_store_file_is_a_serve_option(tmp_path):
+    from vlmguard.workers.launch import apply_overrides
+
+    cfg = parse_config({})
+    kept = apply_overrides(cfg, responses_store_path=str(tmp_path / "responses.sqlite"))
+    assert kept.responses_store_path == str(tmp_path / "responses.sqlite") and cfg.responses_store_path is None
+    with pytest.raises(InvalidInput, match=f"^--responses-store-path {tmp_path}: {tmp_path} is a folder; name a file"):
+        apply_overrides(cfg, responses_store_path=str(tmp_path),
+                        names={"responses_store_path": f"--responses-store-path {tmp_path}"})
+
+
 def test_prefix_sharing_is_on_by_default_and_a_model_may_turn_it_off():
     from vlmguard.testing import tiny_engine
     from vlmguard.workers.engine_worker import EngineWorker

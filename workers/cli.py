@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--quantization", choices=QUANT_CHOICES,
                     help="every model's language-model weights quantized as they load (bitsandbytes; default: the "
                          "config's, none)")
+    sp.add_argument("--responses-store-path", metavar="FILE",
+                    help="keep the Responses and Conversations APIs' stored responses and conversations in this "
+                         "SQLite file, so they outlive a restart (default: the config's; in memory)")
     sp.add_argument("--num-cpus", type=int, help="logical CPUs of a locally started cluster")
     sp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard / Jobs API port (local cluster)")
     sp.add_argument("--detach", action="store_true",
@@ -116,12 +119,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait_s,
         direct_ingress=args.direct_ingress, batch_mode=args.batch_mode, throughput_optimized=args.throughput_optimized,
         prefix_cache_mb=args.prefix_cache_mb, quantization=args.quantization,
+        responses_store_path=args.responses_store_path,
         names={"port": f"--port {args.port}", "host": f"--host {args.host}", "model": f"--model {args.model}",
                "replicas": f"--replicas {args.replicas}", "max_batch_size": f"--max-batch-size {args.max_batch_size}",
                "batch_wait_timeout_s": f"--batch-wait-ms {args.batch_wait_ms} (= {wait_s} s)",
                "batch_mode": f"--batch-mode {args.batch_mode}",
                "prefix_cache_mb": f"--prefix-cache-mb {args.prefix_cache_mb}",
-               "quantization": f"--quantization {args.quantization}"})  # a bad one fails here, before Ray
+               "quantization": f"--quantization {args.quantization}",
+               "responses_store_path": f"--responses-store-path {args.responses_store_path}"})  # fails here
     address = args.address
     if not 0 < args.start_timeout < math.inf:
         raise InvalidInput(f"--start-timeout {args.start_timeout}: expected a number of seconds > 0")

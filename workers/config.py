@@ -189,6 +189,13 @@ class ServiceConfig(BaseModel):
             raise ValueError(f"duplicate model names: {', '.join(sorted(dup))} (set `name` to tell them apart)")
         return v
 
+    @field_validator("responses_store_path")
+    @classmethod
+    def _a_file(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and Path(v).expanduser().is_dir():
+            raise ValueError(f"{v} is a folder; name a file in it")
+        return v
+
     @model_validator(mode="after")
     def _prefix(self) -> "ServiceConfig":
         if not self.route_prefix.startswith("/"):
@@ -201,8 +208,6 @@ class ServiceConfig(BaseModel):
         if self.ingress == "model" and self.models[0].routing == "image_affinity":
             raise ValueError("routing: image_affinity needs a separate ingress (the Serve proxy routes HTTP requests "
                              "without reading their images); use ingress: separate or auto")
-        if self.responses_store_path is not None and Path(self.responses_store_path).expanduser().is_dir():
-            raise ValueError(f"responses_store_path: {self.responses_store_path} is a folder; name a file in it")
         if self.throughput_optimized:  # Ray's mode turns direct ingress on: the service must look for its URLs
             self.direct_ingress = True
         return self

@@ -156,7 +156,7 @@ _OVERRIDE_OF_FIELD = {"port": "port", "host": "host", "model": "model", "num_rep
                       "enabled": "batching", "max_batch_size": "max_batch_size",
                       "batch_wait_timeout_s": "batch_wait_timeout_s", "mode": "batch_mode",
                       "direct_ingress": "direct_ingress", "prefix_cache_mb": "prefix_cache_mb",
-                      "quantization": "quantization"}
+                      "quantization": "quantization", "responses_store_path": "responses_store_path"}
 
 
 def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str | None = None,
@@ -164,15 +164,19 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
                     max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                     batch_mode: str | None = None, direct_ingress: bool | None = None,
                     throughput_optimized: bool | None = None, prefix_cache_mb: float | None = None,
-                    quantization: str | None = None, names: dict[str, str] | None = None) -> ServiceConfig:
+                    quantization: str | None = None, responses_store_path: str | None = None,
+                    names: dict[str, str] | None = None) -> ServiceConfig:
     """The config with these overrides (None: keep the config's). A bad value is one InvalidInput line that
     names the override, as ``names`` spells it (the CLI passes its option names, e.g. ``--replicas``)."""
     given = {k for k, v in dict(port=port, host=host, batching=batching, model=model, replicas=replicas,
                                 max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                 batch_mode=batch_mode, direct_ingress=direct_ingress,
                                 throughput_optimized=throughput_optimized, prefix_cache_mb=prefix_cache_mb,
-                                quantization=quantization).items() if v is not None}
+                                quantization=quantization, responses_store_path=responses_store_path).items()
+             if v is not None}
     data = config.model_dump()
+    if responses_store_path is not None:
+        data["responses_store_path"] = responses_store_path
     if direct_ingress is not None:
         data["direct_ingress"] = direct_ingress
     if throughput_optimized is not None:
@@ -209,7 +213,7 @@ def apply_overrides(config: ServiceConfig, *, port: int | None = None, host: str
                 label = (names or {}).get(override, override)
             else:
                 label = "service config " + ".".join(str(x) for x in loc)
-            parts.append(f"{label}: {err.get('msg')}")
+            parts.append(f"{label}: {err.get('msg', '').removeprefix('Value error, ')}")
         raise InvalidInput("; ".join(dict.fromkeys(parts))) from None
 
 
