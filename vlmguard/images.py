@@ -132,6 +132,19 @@ def check_image(img: object, what: str = "image") -> Image.Image:
 # GenerationSpec.image_aspect "reference" by model family, for a config that does not say (ModelAdapter.image_aspect):
 # LLaVA-1.5 pads (image_aspect_ratio: pad in llava-v1.5-7b's config.json, which llava-hf's conversion leaves out);
 # LLaVA-NeXT's anyres tiles the whole image itself and Qwen2-VL reads it at its own resolution
+LOW_DETAIL_SIDE = 512  # OpenAI's image detail "low": the model is shown the image within a 512 x 512 box
+
+
+def low_detail(img: Image.Image) -> Image.Image:
+    """``img`` fitted within ``LOW_DETAIL_SIDE`` x ``LOW_DETAIL_SIDE``, its aspect kept (a smaller one as it is):
+    what an image part with ``detail: "low"`` is read as. Models whose visual tokens grow with the image (Qwen2-VL,
+    LLaVA-NeXT's tiles) are then fed fewer of them; LLaVA-1.5 resizes every image to 336 px anyway."""
+    scale = LOW_DETAIL_SIDE / max(img.size)
+    if scale >= 1:
+        return img
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+
+
 REFERENCE_IMAGE_ASPECT = {"llava": "pad", "llava_next": "native", "qwen2_vl": "native"}
 
 

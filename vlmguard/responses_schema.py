@@ -31,7 +31,7 @@ class InputImage(BaseModel):
 
     type: Literal["input_image"]
     image_url: str  # a data URL, or a URL the server's image rules allow
-    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted and ignored, as in the chat API
+    detail: Optional[Literal["auto", "low", "high"]] = None  # as the chat API's ("low": fitted within 512 x 512)
 
 
 class InputItem(BaseModel):

@@ -34,6 +34,7 @@ from vlmguard.api_schema import (
     VlmguardInfo,
 )
 from vlmguard.errors import InvalidInput
+from vlmguard.images import low_detail
 from vlmguard.spec import GenerationSpec, GuidedOutput, format_validation_error
 from vlmguard.tool_calls import CallDelta, Function, ToolCall, ToolUse, call_text, response_text, schema_error
 from vlmguard.workers.engine_worker import WorkItem
@@ -316,10 +317,12 @@ def choice_items(item: WorkItem, n: int) -> list[WorkItem]:
 
 
 def resolve_image_part(part: ImagePart, resolve_image: ImageResolver, where: str, param: str) -> Image.Image:
+    """An image part's picture, fitted within 512 x 512 when its ``detail`` is ``low``."""
     try:
-        return resolve_image(part.image_url.url)
+        image = resolve_image(part.image_url.url)
     except InvalidInput as e:
         raise InvalidInput(f"{where}: {e}", param=param) from None
+    return low_detail(image) if part.image_url.detail == "low" else image
 
 
 def native_spec(fields: dict[str, Any], max_new_tokens_limit: int) -> GenerationSpec:

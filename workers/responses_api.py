@@ -91,7 +91,8 @@ def _content(parts: Any, path: str) -> Any:
         if isinstance(p, InputText):
             out.append({"type": "text", "text": p.text})
         else:
-            out.append({"type": "image_url", "image_url": {"url": p.image_url}})
+            out.append({"type": "image_url", "image_url": {"url": p.image_url, **({"detail": p.detail} if p.detail
+                                                                                 else {})}})
     return out
 
 
