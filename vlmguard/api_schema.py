@@ -93,8 +93,8 @@ def unsupported(reason: str) -> PydanticCustomError:
 
 class ImageURL(BaseModel):
     url: str
-    # "low": the image is fitted within 512 x 512 first (images.low_detail: fewer visual tokens where their number
-    # grows with the image); "auto" / "high": as it is, the model's image processor sizing it
+    # "low": the image is fitted within 512 x 512 first (images.low_detail: fewer visual tokens on Qwen2-VL, whose
+    # number grows with the image); "auto" / "high": as it is, the model's image processor sizing it
     detail: Optional[Literal["auto", "low", "high"]] = None
 
 

@@ -137,8 +137,10 @@ LOW_DETAIL_SIDE = 512  # OpenAI's image detail "low": the model is shown the ima
 
 def low_detail(img: Image.Image) -> Image.Image:
     """``img`` fitted within ``LOW_DETAIL_SIDE`` x ``LOW_DETAIL_SIDE``, its aspect kept (a smaller one as it is):
-    what an image part with ``detail: "low"`` is read as. Models whose visual tokens grow with the image (Qwen2-VL,
-    LLaVA-NeXT's tiles) are then fed fewer of them; LLaVA-1.5 resizes every image to 336 px anyway."""
+    what an image part with ``detail: "low"`` is read as. A model whose visual tokens grow with the image (Qwen2-VL)
+    is then fed fewer of them; LLaVA-1.5 and LLaVA-NeXT fit every image to their own grid (336 px; the anyres tiles of
+    the grid point with the largest effective resolution, which a 512-px image still fills), so for them it lowers
+    the resolution only."""
     scale = LOW_DETAIL_SIDE / max(img.size)
     if scale >= 1:
         return img
