@@ -138,9 +138,9 @@ LOW_DETAIL_SIDE = 512  # OpenAI's image detail "low": the model is shown the ima
 def low_detail(img: Image.Image) -> Image.Image:
     """``img`` fitted within ``LOW_DETAIL_SIDE`` x ``LOW_DETAIL_SIDE``, its aspect kept (a smaller one as it is):
     what an image part with ``detail: "low"`` is read as. A model whose visual tokens grow with the image (Qwen2-VL)
-    is then fed fewer of them; LLaVA-1.5 and LLaVA-NeXT fit every image to their own grid (336 px; the anyres tiles of
-    the grid point with the largest effective resolution, which a 512-px image still fills), so for them it lowers
-    the resolution only."""
+    is then fed fewer of them; LLaVA-1.5 fits every image to 336 px, and LLaVA-NeXT picks the tile grid with the
+    largest effective resolution, which a 512-px image mostly still fills (672 x 672 for 4:3; a 16:9 one drops from
+    672 x 672 to 336 x 672), so for them it mostly lowers the resolution only."""
     scale = LOW_DETAIL_SIDE / max(img.size)
     if scale >= 1:
         return img
