@@ -184,6 +184,7 @@ def test_a_file_store_outlives_its_process_and_is_shared_by_processes_on_one_mac
     assert other.put("r2", entry) and first.get("r2") is not None and len(first) == 2
     assert first.delete("r1") and other.get("r1") is None
     assert isinstance(open_store(10, None), ResponseStore)
+    assert not open_store(0, str(tmp_path / "none.sqlite")).enabled and not (tmp_path / "none.sqlite").exists()
 
 
 def test_a_store_file_that_cannot_be_kept_is_one_clear_error(tmp_path):

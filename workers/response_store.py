@@ -235,8 +235,8 @@ Store = Union[ResponseStore, SqliteResponseStore]
 
 
 def open_store(max_bytes: int, path: Optional[str] = None) -> Store:
-    """The store of a service: in memory, or in the SQLite file at ``path``."""
-    return ResponseStore(max_bytes) if path is None else SqliteResponseStore(path, max_bytes)
+    """The store of a service: in memory, or in the SQLite file at ``path`` (none at all when it keeps nothing)."""
+    return ResponseStore(max_bytes) if path is None or max_bytes <= 0 else SqliteResponseStore(path, max_bytes)
 
 
 class StoreUnavailable(VlmguardError):
