@@ -49,6 +49,8 @@ def _write_requests(path: Path, extra_lines: tuple[str, ...] = ()) -> None:
              for cid, body in BODIES.items()]
     lines.append(json.dumps({"custom_id": "native", "method": "POST", "url": "/v1/generate", "body": NATIVE}))
     lines.append(json.dumps({"custom_id": "responses", "method": "POST", "url": "/v1/responses", "body": RESPONSES}))
+    lines.append(json.dumps({"custom_id": "background", "method": "POST", "url": "/v1/responses",
+                             "body": {**RESPONSES, "background": True}}))
     path.write_text("\n".join([*lines, "", *extra_lines]) + "\n")  # (a blank line is skipped)
 
 
@@ -82,14 +84,16 @@ def batch_run(tmp_path_factory):
 
 def test_every_request_gets_one_record_in_openais_batch_output_format(batch_run):
     summary, records = batch_run
-    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 2, "skipped": 0, "ok": 13,
-                       "failed": 3}
-    assert set(records) == {*BODIES, "native", "responses"}
+    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 3, "skipped": 0, "ok": 13,
+                       "failed": 4}
+    assert set(records) == {*BODIES, "native", "responses", "background"}
     for cid, rec in records.items():
         assert rec["id"].startswith("batch_req_") and rec["error"] is None and rec["custom_id"] == cid
         assert set(rec["response"]) == {"status_code", "request_id", "body"}
     statuses = {cid: rec["response"]["status_code"] for cid, rec in records.items()}
-    assert statuses == {**{cid: 200 for cid in records}, "refused": 400, "unknown-model": 404, "streamed": 400}
+    assert statuses == {**{cid: 200 for cid in records}, "refused": 400, "unknown-model": 404, "streamed": 400,
+                        "background": 400}
+    assert records["background"]["response"]["body"]["error"]["param"] == "background"
     assert records["refused"]["response"]["body"]["error"]["param"] == "messages"
     assert "not supported in a batch" in records["streamed"]["response"]["body"]["error"]["message"]
     chat = records["pope-0"]["response"]
@@ -117,9 +121,9 @@ def test_answers_equal_the_services_own_and_requests_share_batches(batch_run):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "in.jsonl:18: not JSON"),
-    ('["a list"]', "in.jsonl:18: a request line is a JSON object, got list"),
-    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:18: custom_id must be a non-empty"),
+    ("not json", "in.jsonl:19: not JSON"),
+    ('["a list"]', "in.jsonl:19: a request line is a JSON object, got list"),
+    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:19: custom_id must be a non-empty"),
     ('{"custom_id": "pope-2", "url": "/v1/chat/completions", "body": {}}', "custom_id 'pope-2' repeats line 3"),
     ('{"custom_id": "x", "url": "/v1/embeddings", "body": {}}', "url must be one of /v1/chat/completions, "
                                                                  "/v1/responses, /v1/generate, got '/v1/embeddings'"),
@@ -161,9 +165,9 @@ def test_resume_keeps_final_answers_and_runs_the_rest(tmp_path, batch_run):
     cut = json.dumps(records["pope-3"])[:40]  # the last line of an interrupted run
     out.write_text("\n".join(json.dumps(r) for r in (kept, server_error, refused)) + "\n" + cut)
     summary = run_json(["run-batch", "-i", str(requests), "-o", str(out), "--resume", "--json"])
-    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 2 - 2)
+    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 3 - 2)
     after = _records(out)
-    assert set(after) == {*BODIES, "native", "responses"}
+    assert set(after) == {*BODIES, "native", "responses", "background"}
     assert after["pope-1"] == kept and after["refused"] == refused  # not run again
     assert after["pope-2"]["response"]["status_code"] == 200  # the server error ran again
     assert after["pope-3"]["response"]["body"]["choices"][0]["message"] == \

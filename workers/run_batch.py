@@ -164,9 +164,10 @@ async def run_requests(client: Any, requests: Iterator[BatchRequest], out: TextI
 
     async def one(req: BatchRequest) -> None:
         try:
-            if req.body.get("stream") is True:  # (a batch answers whole: OpenAI's batches refuse it too)
-                record = batch_record(req, 400, {"error": {"message": "stream is not supported in a batch",
-                                                           "type": "invalid_request_error", "param": "stream",
+            refused = next((k for k in ("stream", "background") if req.body.get(k) is True), None)
+            if refused is not None:  # (a batch answers whole and now: OpenAI's batches refuse both too)
+                record = batch_record(req, 400, {"error": {"message": f"{refused} is not supported in a batch",
+                                                           "type": "invalid_request_error", "param": refused,
                                                            "code": None}})
             else:
                 try:
