@@ -6,7 +6,8 @@ used first out, up to ``ServiceConfig.responses_store_mb`` (0: nothing is kept, 
 and ``previous_response_id`` is refused), in memory (:class:`ResponseStore`) or, with ``responses_store_path``, in a
 SQLite file that outlives the service (:class:`SqliteResponseStore`). Each entry holds what a follow-up needs: the
 conversation as chat messages up to and with this answer (the request's ``instructions`` left out: OpenAI does not
-carry them over), its input items as the Responses API lists them, and the response itself.
+carry them over), its input items as the Responses API lists them, and the response itself. The Conversations API's
+conversations are entries too (``workers/conversations.py``), changed in place by the store's ``EDITS``.
 
 Where the store lives (``ServiceConfig.responses_store``): in the process serving the HTTP API
 (:class:`LocalResponses`), or, when the API runs in several processes (replicas of the ingress, or of a model serving
