@@ -456,3 +456,53 @@ def test_a_background_response_that_fails_says_why(qwen):
     failed = run_with_sdk(app, scenario)
     assert failed.status == "failed" and failed.error.code == "server_error"
     assert failed.error.message == "internal error: RuntimeError: replica died"
+
+
+class _Handle:
+    """A Serve DeploymentHandle's shape over a store in this process: ``handle.get.remote(rid)`` is awaitable."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                async def call():
+                    return method(*args)
+
+                return call()
+
+        return Method
+
+
+def test_two_api_processes_with_one_shared_store_continue_each_others_responses(qwen):
+    from vlmguard.workers.response_store import SharedResponses, api_responses
+
+    handle = _Handle(ResponseStore(1 << 20))
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None,
+                           ingress_replicas=2)
+    shared = api_responses(config, handle)  # (what each ingress replica makes of the store's handle)
+    assert isinstance(shared, SharedResponses) and config.responses_shared
+    one, two = (create_api(LocalBackend({MODEL: qwen}), config, responses=shared) for _ in range(2))
+
+    async def first(client, http):
+        return await client.responses.create(model=MODEL, input=[_question("What is here?")], max_output_tokens=3)
+
+    answer = run_with_sdk(one, first)
+
+    async def follow(client, http):
+        conv = await client.conversations.create(items=[{"role": "user", "content": "Hi"}])
+        return (await client.responses.create(model=MODEL, previous_response_id=answer.id, input="More?",
+                                              max_output_tokens=2), conv)
+
+    follow_up, conv = run_with_sdk(two, follow)
+
+    async def back(client, http):
+        return await client.conversations.retrieve(conv.id), await client.responses.retrieve(follow_up.id)
+
+    got_conv, got_follow = run_with_sdk(one, back)
+    assert follow_up.usage.input_tokens > answer.usage.input_tokens and got_follow.id == follow_up.id
+    assert got_conv.id == conv.id and len(handle.store) == 3
