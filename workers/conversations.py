@@ -57,9 +57,11 @@ def items_form(items: list[Any], before: list[dict[str, Any]]) -> ChatForm:
     for j, item in enumerate(items):
         if not isinstance(item, dict):
             raise InvalidInput(f"input.{len(before) + j}: an item is a JSON object", param=f"input.{len(before) + j}")
+    # (then a question, as the next request will have: a conversation may end with an answer or a call; and a
+    # length that any limit holds)
     form = chat_request(ResponsesRequest(input=[*before, *items, {"role": "user", "content": "?"}]))
-    form.body["max_tokens"] = 1  # (the next request's question, and a length any limit holds: a conversation may
-    return form  # end with an answer or a call)
+    form.body["max_tokens"] = 1
+    return form
 
 
 def as_items(text: str, before: int) -> str:
