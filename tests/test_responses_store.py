@@ -426,7 +426,7 @@ def test_a_background_response_is_cancelled_here_or_by_another_process(app, monk
         import asyncio
 
         await asyncio.sleep(0.2)
-        await store.edit(elsewhere.id, "move", (["queued", "in_progress"], "cancelled"))  # (a cancel made by
+        await store.edit(elsewhere.id, "move", (["queued", "in_progress"], {"status": "cancelled"}))  # (a cancel by
         # another process of the API)
         await asyncio.sleep(0.5)
         return first, early, cancelled, again, elsewhere, [await client.responses.retrieve(r.id)
@@ -506,3 +506,17 @@ def test_two_api_processes_with_one_shared_store_continue_each_others_responses(
     got_conv, got_follow = run_with_sdk(one, back)
     assert follow_up.usage.input_tokens > answer.usage.input_tokens and got_follow.id == follow_up.id
     assert got_conv.id == conv.id and len(handle.store) == 3
+
+
+def test_background_answers_still_running_when_the_api_stops_are_kept_as_failed(qwen):
+    from fastapi.testclient import TestClient
+
+    app = qwen_api(qwen)
+    with TestClient(app) as http:  # (runs the app's lifespan: its shutdown when the block ends)
+        queued = http.post("/v1/responses", json={"model": MODEL, "input": "Tell me a long story.",
+                                                  "max_output_tokens": 1000, "background": True}).json()
+        assert queued["status"] == "queued"
+    store = app.state.responses.store  # (what a client polling another replica, or after a restart, would read)
+    stopped = store.get(queued["id"]).response
+    assert stopped["status"] == "failed" and stopped["error"]["code"] == "server_stopped"
+    assert stopped["error"]["message"].startswith("the server stopped before it answered")

@@ -15,7 +15,8 @@ import json
 import logging
 import time
 import uuid
-from contextlib import contextmanager
+import contextlib
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -253,7 +254,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                         local_root=config.allowed_local_media_path)
     limits = {m.served_name: m.max_new_tokens_limit for m in config.models}
     admits = {m.served_name: m.admission_limit for m in config.models}  # generations a replica admits at once
-    app = FastAPI(title="vlmguard", version=_version(),
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await stop_background()  # (Serve runs an ingress app's shutdown when its replica stops)
+
+    app = FastAPI(title="vlmguard", version=_version(), lifespan=lifespan,
                   description="Vision-language models with visual-token pruning and hallucination-reducing decoding.")
     app.state.metrics = metrics
     app.state.config = config
@@ -673,7 +679,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         (one made here cancels this task); the answer or the failure is then kept."""
         work = asyncio.create_task(whole_response(head, item))
         try:
-            await store.edit(head.id, "move", (["queued"], "in_progress"))
+            await store.edit(head.id, "move", (["queued"], {"status": "in_progress"}))
             while not (await asyncio.wait({work}, timeout=BACKGROUND_POLL_S))[0]:
                 now = await store.get(head.id)
                 if now is None or now.response["status"] == "cancelled":
@@ -700,6 +706,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         except StoreUnavailable as e:  # (nowhere to say it but the log)
             log.warning("background response %s not kept: %s", head.id, e)
 
+    async def stop_background() -> None:
+        """When the API stops: its background answers still running are cancelled and kept as failed, so that a
+        client polling one is told to send it again instead of waiting for ever."""
+        stopped = list(background.items())
+        for _, task in stopped:
+            task.cancel()
+        for rid, task in stopped:
+            with contextlib.suppress(BaseException):
+                await task
+            failure = {"code": "server_stopped", "message": "the server stopped before it answered; send the "
+                                                            "request again"}
+            with contextlib.suppress(StoreUnavailable):
+                await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": failure}))
+
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):
         """A background response cancelled while it is queued or in progress (its generation stops; cancelling
@@ -708,7 +728,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if not entry.response.get("background"):
             raise APIFailure(400, f"response {response_id!r} was not created in the background: only a background "
                                   "response can be cancelled", param="response_id")
-        changed = await store.edit(response_id, "move", (RUNNING, "cancelled"))
+        changed = await store.edit(response_id, "move", (RUNNING, {"status": "cancelled"}))
         status = changed.response["status"] if changed is not None else "gone"
         if status != "cancelled":
             raise APIFailure(400, f"response {response_id!r} is {status}: only a queued or in-progress response "

@@ -65,16 +65,16 @@ def _finish(entry: StoredResponse, done: StoredResponse) -> StoredResponse:
     return entry if entry.response.get("status") == "cancelled" else done
 
 
-def _move(entry: StoredResponse, move: tuple[list[str], str]) -> StoredResponse:
-    """The response's status set to ``move[1]`` if it is one of ``move[0]``."""
-    before, after = move
-    return _update(entry, {"status": after}) if entry.response.get("status") in before else entry
+def _move(entry: StoredResponse, move: tuple[list[str], dict[str, Any]]) -> StoredResponse:
+    """The response's fields set to ``move[1]`` (its new ``status`` among them) if its status is one of ``move[0]``."""
+    before, fields = move
+    return _update(entry, fields) if entry.response.get("status") in before else entry
 
 
 # The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
 # a conversation's items added or one removed, fields of its object replaced (workers/conversations.py); a
 # background response finished unless it was cancelled, or moved from a state to the next (queued -> in_progress,
-# queued or in_progress -> cancelled) unless it has left the first.
+# queued or in_progress -> cancelled, or failed when its server stops) unless it has left the first.
 EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "move": _move}
 
 
