@@ -53,3 +53,24 @@ def test_low_detail_feeds_fewer_visual_tokens_in_chat_and_responses(app):
     assert response.usage.input_tokens == tokens["low"]
     assert small[0]["usage"] == small[1]["usage"]  # within 512 x 512 already: as it is
     assert small[0]["choices"][0]["message"]["content"] == small[1]["choices"][0]["message"]["content"]
+
+
+def test_the_native_api_and_vlmguard_generate_take_an_image_detail(app, tmp_path, monkeypatch):
+    from cli_support import run_json
+
+    async def scenario(client, http):
+        return [(await http.post("/v1/generate", json={
+            "model": "tiny-qwen", "prompt": "What is here?", "images": [WIDE], "spec": {"max_new_tokens": 2},
+            **({"image_detail": detail} if detail else {})})).json() for detail in (None, "low", "middle")]
+
+    whole, low, bad = run_with_sdk(app, scenario)
+    assert (whole["visual_tokens"], low["visual_tokens"]) == (1200, 768)
+    assert bad["error"]["param"] == "image_detail"
+
+    random_image(5, (640, 480)).save(tmp_path / "wide.png")
+    model, proc = tiny_qwen2_vl(max_side=640, context=4096)
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **kw: Engine(model, proc, name="tiny-qwen")))
+    cli = {detail: run_json(["generate", "--model", "tiny-qwen", "--image", str(tmp_path / "wide.png"), "--prompt",
+                             "What is here?", "--max-new-tokens", "2", "--image-detail", detail, "--json"])
+           for detail in ("auto", "low")}
+    assert (cli["auto"]["visual_tokens"], cli["low"]["visual_tokens"]) == (1200, 768)

@@ -524,6 +524,8 @@ class GenerateRequest(NumbersNotBooleans):
     model: Optional[str] = None
     prompt: str
     images: list[str] = Field(default_factory=list)
+    # OpenAI's image detail for every image: "low" fits each within 512 x 512 first (images.low_detail)
+    image_detail: Optional[Literal["auto", "low", "high"]] = None
     system: Optional[str] = None
     # GenerationSpec fields (pruning, budget, decoding, decoding_params, max_new_tokens, ...); validated
     # server-side by GenerationSpec.build so the message names the bad field.

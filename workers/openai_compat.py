@@ -345,9 +345,10 @@ def generate_item(req: GenerateRequest, resolve_image: ImageResolver, *, max_ima
     images = []
     for j, url in enumerate(req.images):
         try:
-            images.append(resolve_image(url))
+            image = resolve_image(url)
         except InvalidInput as e:
             raise InvalidInput(f"images[{j}]: {e}", param=f"images.{j}") from None
+        images.append(low_detail(image) if req.image_detail == "low" else image)
         _within_pixel_budget(images, max_pixels)
     return WorkItem(prompt=req.prompt, spec=spec, images=images, system=req.system, request_id=request_id)
 

@@ -139,6 +139,9 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate from an image and a prompt")
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--image-detail", choices=["auto", "low", "high"], default="auto",
+                   help="low: each image fitted within 512 x 512 first, OpenAI's low-detail image (fewer visual "
+                        "tokens on Qwen2-VL); auto / high (default): as it is")
     p.add_argument("--prompt", required=True)
     add_method_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -168,10 +171,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlmguard.engine import Engine, Request
-    from vlmguard.images import load_image
+    from vlmguard.images import load_image, low_detail
 
     spec = spec_from_args(args)
     images = [load_image(p) for p in args.image]
+    if args.image_detail == "low":
+        images = [low_detail(image) for image in images]
     if not args.prompt.strip():
         raise InvalidInput("--prompt is empty")
     spec.resolve()  # validate methods and parameters before loading the model
