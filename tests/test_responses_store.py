@@ -387,11 +387,13 @@ def test_a_background_response_is_answered_later_and_polled(app):
     async def scenario(client, http):
         kw = dict(model=MODEL, input=[_question("What is in the image?")], max_output_tokens=6)
         queued = await client.responses.create(background=True, **kw)
+        queued_items = [it.id async for it in client.responses.input_items.list(queued.id)]
         done = await _until_done(client, queued.id)
         foreground = await client.responses.create(**kw)
         follow = await client.responses.create(model=MODEL, previous_response_id=queued.id, input="More?",
                                                max_output_tokens=2)
         items = [it async for it in client.responses.input_items.list(queued.id)]
+        assert [it.id for it in items] == queued_items  # (one id for the input, queued or answered)
         late = await http.post(f"/v1/responses/{queued.id}/cancel")
         plain = await http.post(f"/v1/responses/{foreground.id}/cancel")
         bad = [await http.post("/v1/responses", json={"model": MODEL, "input": "x", "background": True, **extra})

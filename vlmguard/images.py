@@ -129,9 +129,6 @@ def check_image(img: object, what: str = "image") -> Image.Image:
     return img if img.mode == "RGB" else to_rgb(img, what)
 
 
-# GenerationSpec.image_aspect "reference" by model family, for a config that does not say (ModelAdapter.image_aspect):
-# LLaVA-1.5 pads (image_aspect_ratio: pad in llava-v1.5-7b's config.json, which llava-hf's conversion leaves out);
-# LLaVA-NeXT's anyres tiles the whole image itself and Qwen2-VL reads it at its own resolution
 LOW_DETAIL_SIDE = 512  # OpenAI's image detail "low": the model is shown the image within a 512 x 512 box
 
 
@@ -147,6 +144,9 @@ def low_detail(img: Image.Image) -> Image.Image:
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
 
 
+# GenerationSpec.image_aspect "reference" by model family, for a config that does not say (ModelAdapter.image_aspect):
+# LLaVA-1.5 pads (image_aspect_ratio: pad in llava-v1.5-7b's config.json, which llava-hf's conversion leaves out);
+# LLaVA-NeXT's anyres tiles the whole image itself and Qwen2-VL reads it at its own resolution
 REFERENCE_IMAGE_ASPECT = {"llava": "pad", "llava_next": "native", "qwen2_vl": "native"}
 
 

@@ -591,15 +591,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
             status = earlier.response.get("status")
-            if status in RUNNING or status in ("cancelled", "failed"):
+            if status not in ("completed", "incomplete"):  # (a background one queued, running, cancelled, failed)
                 raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
                                       "only a finished response can be continued", param="previous_response_id")
         return earlier, chat_request(req, earlier.messages if earlier is not None else None)
 
+    async def form_item(form: ChatForm, model: str, rid: str) -> WorkItem:
+        """The model's work for the chat request ``form`` means; an error names the Responses request's field."""
+        with _as_responses_errors(form.names):
+            return await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
+
     async def counted_item(form: ChatForm, model: str, rid: str) -> tuple[WorkItem, dict[str, Any]]:
         """The model's work for ``form``, and its prompt's tokens as the replica counts them (``tokenize_chat``)."""
+        item = await form_item(form, model, rid)
         with _as_responses_errors(form.names):
-            item = await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
             return item, await token_call(model, "tokenize_chat", item, False)
 
     async def fitted(req: ResponsesRequest, form: ChatForm, model: str, rid: str) -> tuple[ChatForm, WorkItem]:
@@ -608,8 +613,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         make it fit (``truncations``; the candidates counted by the replica, a binary search); when none fits, the
         whole conversation goes on to be refused as too long."""
         if req.truncation != "auto":
-            with _as_responses_errors(form.names):
-                return form, await work_item(ChatCompletionRequest.model_validate(form.body), model, rid)
+            return form, await form_item(form, model, rid)
         item, counted = await counted_item(form, model, rid)
         room = counted["max_model_len"] - item.spec.max_new_tokens
         if counted["count"] <= room:
@@ -626,17 +630,16 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return best
 
     async def keep(rid: str, response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
-                   earlier: StoredResponse | None) -> dict[str, Any]:
+                   earlier: StoredResponse | None, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Store a finished response (when its request asked to; its ``store`` says whether it was kept; a background
-        one unless it was cancelled meanwhile), and add its input and output items to the conversation it names (an
-        answer is not lost to a store that fails)."""
-        items = input_items(req)
+        one unless it was cancelled meanwhile), and add its input items (``items``, with their ids) and output items to
+        the conversation it names (an answer is not lost to a store that fails)."""
         if req.background:
-            done = await store.edit(rid, "finish", stored_response(response, form, req, earlier, items))
+            done = await store.edit(rid, "finish", stored_response(response, form, earlier, items))
             if done is None or done.response["status"] == "cancelled":
                 return response
         elif response["store"]:
-            response["store"] = await store.put(rid, stored_response(response, form, req, earlier, items))
+            response["store"] = await store.put(rid, stored_response(response, form, earlier, items))
         if req.conversation_id is not None:
             try:
                 added = await store.edit(req.conversation_id, "append", [*items, *response["output"]])
@@ -662,19 +665,19 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     background: dict[str, asyncio.Task] = {}
 
     async def start_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
-                               earlier: StoredResponse | None) -> dict[str, Any]:
+                               earlier: StoredResponse | None, items: list[dict[str, Any]]) -> dict[str, Any]:
         """The response kept as queued, and a task of this process that answers it."""
         queued = head.response("queued", [])
-        if not await store.put(head.id, stored_response(queued, form, req, earlier)):
+        if not await store.put(head.id, stored_response(queued, form, earlier, items)):
             raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
                                   "response must be stored", "request_too_large", param="background")
-        task = asyncio.create_task(answer_in_background(head, item, form, req, earlier))
+        task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items))
         background[head.id] = task
         task.add_done_callback(lambda _: background.pop(head.id, None))
         return queued
 
     async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
-                                   earlier: StoredResponse | None) -> None:
+                                   earlier: StoredResponse | None, items: list[dict[str, Any]]) -> None:
         """Answer, checking the store every ``BACKGROUND_POLL_S`` for a cancel made by another process of the API
         (one made here cancels this task); the answer or the failure is then kept."""
         work = asyncio.create_task(whole_response(head, item))
@@ -699,12 +702,15 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             work.cancel()  # (a cancelled or abandoned answer stops generating)
         try:
             if failure is None:
-                await keep(head.id, response, form, req, earlier)
+                await keep(head.id, response, form, req, earlier, items)
             else:
-                await store.edit(head.id, "finish", StoredResponse(
-                    response={**head.response("failed", []), "error": failure}, messages=[], items=[]))
+                await failed_in_background(head.id, failure)
         except StoreUnavailable as e:  # (nowhere to say it but the log)
             log.warning("background response %s not kept: %s", head.id, e)
+
+    async def failed_in_background(rid: str, failure: dict[str, str]) -> None:
+        """A background response kept as failed with ``failure`` (its code and message), unless it was cancelled."""
+        await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": failure}))
 
     async def stop_background() -> None:
         """When the API stops: its background answers still running are cancelled and kept as failed, so that a
@@ -713,12 +719,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         for _, task in stopped:
             task.cancel()
         for rid, task in stopped:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            failure = {"code": "server_stopped", "message": "the server stopped before it answered; send the "
-                                                            "request again"}
+            stopped_failure = {"code": "server_stopped",
+                               "message": "the server stopped before it answered; send the request again"}
             with contextlib.suppress(StoreUnavailable):
-                await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": failure}))
+                await failed_in_background(rid, stopped_failure)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):
@@ -755,12 +761,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
         with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
         answered, item = await fitted(req, form, model, rid)
+        own_items = input_items(req)  # (their ids: one set for the queued, finished and conversation's copies)
         if req.background:
-            return JSONResponse(await start_background(head, item, form, req, earlier))
+            return JSONResponse(await start_background(head, item, form, req, earlier, own_items))
         with _as_responses_errors(answered.names):
             if not req.stream:
                 response = await whole_response(head, item)
-                return JSONResponse(await keep(rid, response, form, req, earlier))
+                return JSONResponse(await keep(rid, response, form, req, earlier, own_items))
             opened = await open_stream(model, item)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -796,7 +803,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     out += events.call_pieces(pieces)
                     if result is not None:
                         out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
-                        await keep(rid, out[-1]["response"], form, req, earlier)  # (the last event: the response)
+                        await keep(rid, out[-1]["response"], form, req, earlier, own_items)  # (the last event)
                     for e in out:
                         yield _typed_sse(e)
             finally:
@@ -870,9 +877,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             return []
         k = len(before)
         try:
-            form = items_form(items, before)
-            with _as_responses_errors(form.names):
-                await work_item(ChatCompletionRequest.model_validate(form.body), pick_model(None), "conversation")
+            await form_item(items_form(items, before), pick_model(None), "conversation")
         except InvalidInput as e:
             raise APIFailure(400, as_items(str(e), k), param=as_items(e.param or "items", k)) from None
         except APIFailure as e:

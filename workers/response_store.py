@@ -136,6 +136,8 @@ class ResponseStore:
             if entry is None:
                 return None
             changed = EDITS[name](entry, arg)
+            if changed is entry:  # (nothing to change: a finished response asked to move, ...)
+                return entry
             if self.put(rid, changed):
                 return changed
             self.delete(rid)
@@ -207,13 +209,17 @@ class SqliteResponseStore:
         db.execute("INSERT INTO responses (id, body, size, used) VALUES (?, ?, ?, ?)",
                    (rid, body, entry.size, time.time_ns()))
 
+    @staticmethod
+    def _read(db: sqlite3.Connection, rid: str) -> Optional[StoredResponse]:
+        row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else StoredResponse(**json.loads(row[0]), size=row[1])
+
     def get(self, rid: str) -> Optional[StoredResponse]:
         with self._transaction() as db:
-            row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE responses SET used = ? WHERE id = ?", (time.time_ns(), rid))
-        return StoredResponse(**json.loads(row[0]), size=row[1])
+            entry = self._read(db, rid)
+            if entry is not None:
+                db.execute("UPDATE responses SET used = ? WHERE id = ?", (time.time_ns(), rid))
+        return entry
 
     def delete(self, rid: str) -> bool:
         with self._transaction() as db:
@@ -221,10 +227,12 @@ class SqliteResponseStore:
 
     def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
         with self._transaction() as db:
-            row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
-            if row is None:
+            entry = self._read(db, rid)
+            if entry is None:
                 return None
-            changed = EDITS[name](StoredResponse(**json.loads(row[0]), size=row[1]), arg)
+            changed = EDITS[name](entry, arg)
+            if changed is entry:  # (nothing to change: the row stays as it is)
+                return entry
             if changed.size > self.max_bytes:
                 db.execute("DELETE FROM responses WHERE id = ?", (rid,))
                 return None

@@ -255,15 +255,14 @@ def answer_message(response: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def stored_response(response: dict[str, Any], form: ChatForm, req: ResponsesRequest,
-                    earlier: Optional[StoredResponse], own_items: Optional[list[dict[str, Any]]] = None
-                    ) -> StoredResponse:
+def stored_response(response: dict[str, Any], form: ChatForm, earlier: Optional[StoredResponse],
+                    own_items: list[dict[str, Any]]) -> StoredResponse:
     """What the store keeps of a finished ``response``: the conversation with its answer, and its input items (those
-    of the response it continued, that response's output, then its own: ``own_items``, default ``input_items``)."""
+    of the response it continued, that response's output, then its own: ``own_items``, its ``input_items``)."""
     before = [] if earlier is None else earlier.messages
     items = [] if earlier is None else [*earlier.items, *earlier.response["output"]]
     return StoredResponse(response=response, messages=[*before, *form.new_messages, answer_message(response)],
-                          items=[*items, *(input_items(req) if own_items is None else own_items)])
+                          items=[*items, *own_items])
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
