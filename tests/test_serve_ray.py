@@ -556,9 +556,16 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
                 break
             time.sleep(0.1)
         assert later.status == "queued" and polled.status in ("completed", "incomplete") and polled.output_text
+        streamed = [ev.model_dump() for ev in client.responses.create(model=MODEL, input="Hi", max_output_tokens=8,
+                                                                          background=True, stream=True)]
+        streamed_id = streamed[0]["response"]["id"]
+        again = [[ev.model_dump() for ev in client.responses.retrieve(streamed_id, stream=True, starting_after=1)]
+                 for _ in range(4)]  # (on either replica: from the one answering it, or from the store)
+        assert streamed[-1]["type"] in ("response.completed", "response.incomplete")
+        assert all(events == streamed[2:] for events in again)
         with sqlite3.connect(path) as db:
-            assert {r for (r,) in db.execute("SELECT id FROM responses")} == {r.id for r in chain} | {conv.id,
-                                                                                                 later.id}
+            kept = {r for (r,) in db.execute("SELECT id FROM responses")}
+        assert kept == {r.id for r in chain} | {conv.id, later.id, f"{later.id}#run", streamed_id, f"{streamed_id}#run"}
     finally:
         serve.delete("conv")
 

@@ -41,6 +41,8 @@ from vlmguard.api_schema import (
 from vlmguard.errors import InvalidInput, VlmguardError
 from vlmguard.responses_schema import ResponsesRequest
 from vlmguard.tool_calls import CallStream
+from vlmguard.workers import background_runs
+from vlmguard.workers.background_runs import BackgroundRun, overseen, replay, run_key, run_record
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
 from vlmguard.workers.image_intake import make_image_resolver
@@ -72,7 +74,6 @@ ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completi
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
 INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"
-BACKGROUND_POLL_S = 1.0  # how often a background response's task looks for a cancel made by another API process
 CANCEL_ROUTE = "/v1/responses/{response_id}/cancel"
 CONVERSATION_ROUTES = {3: "/v1/conversations/{conversation_id}", 4: "/v1/conversations/{conversation_id}/items",
                        5: "/v1/conversations/{conversation_id}/items/{item_id}"}  # (by the path's slashes)
@@ -218,6 +219,19 @@ def _sse(obj: BaseModel | dict[str, Any] | str) -> bytes:
 def _entries(tokens: list[Any]) -> list[dict[str, Any]]:
     """Chat log-probability entries (TokenLogprobModel) as the Responses API's dicts (the same fields)."""
     return [t.model_dump() for t in tokens]
+
+
+def stream_query(query: Any) -> int | None:
+    """``GET /v1/responses/{id}``'s query: None to answer the response, else stream its events numbered after this
+    (``stream=true``, ``starting_after=N``; -1 when not given: all of them)."""
+    flag = query.get("stream", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise APIFailure(400, f"stream: expected true or false, got {query['stream']!r}", param="stream")
+    after = query.get("starting_after")
+    if after is not None and not (after.isdigit() and flag in ("true", "1")):
+        raise APIFailure(400, f"starting_after: expected a sequence number (an integer from 0) with stream=true, got "
+                              f"{after!r}", param="starting_after")
+    return (int(after) if after is not None else -1) if flag in ("true", "1") else None
 
 
 def _typed_sse(event: dict[str, Any]) -> bytes:
@@ -590,6 +604,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             if earlier is None or earlier.response.get("object") != "response":
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
+            if req.previous_response_id not in background:
+                earlier = await overseen(store, req.previous_response_id, earlier)
             status = earlier.response.get("status")
             if status not in ("completed", "incomplete"):  # (a background one queued, running, cancelled, failed)
                 raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
@@ -662,28 +678,46 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                answer.vlmguard, entries)
 
     # ---- background responses: answered by a task of this process, polled and cancelled through the store -----
-    background: dict[str, asyncio.Task] = {}
+    background: dict[str, BackgroundRun] = {}
 
     async def start_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
                                earlier: StoredResponse | None, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """The response kept as queued, and a task of this process that answers it."""
+        """The response kept as queued with its run record (workers/background_runs.py), and a task of this process
+        that answers it."""
         queued = head.response("queued", [])
-        if not await store.put(head.id, stored_response(queued, form, earlier, items)):
+        if not (await store.put(head.id, stored_response(queued, form, earlier, items))
+                and await store.put(run_key(head.id), run_record(bool(req.stream)))):
             raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
                                   "response must be stored", "request_too_large", param="background")
-        task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items))
-        background[head.id] = task
-        task.add_done_callback(lambda _: background.pop(head.id, None))
+        run = background[head.id] = BackgroundRun(head.id, bool(req.stream))
+        run.task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items, run))
+        # (once done, the streams following it here read on from the store)
+        run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish()))
         return queued
 
     async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
-                                   earlier: StoredResponse | None, items: list[dict[str, Any]]) -> None:
-        """Answer, checking the store every ``BACKGROUND_POLL_S`` for a cancel made by another process of the API
-        (one made here cancels this task); the answer or the failure is then kept."""
-        work = asyncio.create_task(whole_response(head, item))
+                                   earlier: StoredResponse | None, items: list[dict[str, Any]],
+                                   run: BackgroundRun) -> None:
+        """The task of a background response; whatever happens (answered, failed, cancelled here or elsewhere,
+        stopped), the run's last events are then written, so that a stream read elsewhere has every one."""
+        try:
+            await answered_in_background(head, item, form, req, earlier, items, run)
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                await run.beat(store)
+
+    async def answered_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
+                                     earlier: StoredResponse | None, items: list[dict[str, Any]],
+                                     run: BackgroundRun) -> None:
+        """Answer (streamed into ``run`` when the request streams), beating its run record every
+        ``BACKGROUND_POLL_S`` with the new events and checking the store for a cancel made by another process of the
+        API (one made here cancels this task); the answer or the failure is then kept."""
+        work = asyncio.create_task(streamed_in_background(head, item, form, run) if req.stream
+                                   else whole_response(head, item))
         try:
             await store.edit(head.id, "move", (["queued"], {"status": "in_progress"}))
-            while not (await asyncio.wait({work}, timeout=BACKGROUND_POLL_S))[0]:
+            while not (await asyncio.wait({work}, timeout=background_runs.BACKGROUND_POLL_S))[0]:
+                await run.beat(store)
                 now = await store.get(head.id)
                 if now is None or now.response["status"] == "cancelled":
                     return
@@ -701,12 +735,27 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         finally:
             work.cancel()  # (a cancelled or abandoned answer stops generating)
         try:
+            await run.beat(store)  # (its last events before the response ends: a stream read elsewhere ends with them)
             if failure is None:
                 await keep(head.id, response, form, req, earlier, items)
             else:
                 await failed_in_background(head.id, failure)
         except StoreUnavailable as e:  # (nowhere to say it but the log)
             log.warning("background response %s not kept: %s", head.id, e)
+
+    async def streamed_in_background(head: ResponseHead, item: WorkItem, form: ChatForm,
+                                     run: BackgroundRun) -> dict[str, Any]:
+        """A background request answered as a stream, its events added to ``run``; the final response (a stream
+        that ends in an error raises it)."""
+        events = ResponseEvents(head, wants_logprobs(head.req))
+        run.add(events.start(queued=True))
+        with _as_responses_errors(form.names):
+            opened = await open_stream(head.model, item)
+        async for ev in response_events(events, item, opened):
+            run.add([ev])
+            if ev["type"] == "error":
+                raise APIFailure(500, ev["message"], "server_error", ev["code"])
+        return run.events[-1]["response"]
 
     async def failed_in_background(rid: str, failure: dict[str, str]) -> None:
         """A background response kept as failed with ``failure`` (its code and message), unless it was cancelled."""
@@ -716,11 +765,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """When the API stops: its background answers still running are cancelled and kept as failed, so that a
         client polling one is told to send it again instead of waiting for ever."""
         stopped = list(background.items())
-        for _, task in stopped:
-            task.cancel()
-        for rid, task in stopped:
+        for _, run in stopped:
+            run.task.cancel()
+        for rid, run in stopped:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await run.task
             stopped_failure = {"code": "server_stopped",
                                "message": "the server stopped before it answered; send the request again"}
             with contextlib.suppress(StoreUnavailable):
@@ -739,9 +788,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         if status != "cancelled":
             raise APIFailure(400, f"response {response_id!r} is {status}: only a queued or in-progress response "
                                   "can be cancelled", param="response_id")
-        task = background.get(response_id)
-        if task is not None:
-            task.cancel()
+        run = background.get(response_id)
+        if run is not None:
+            run.task.cancel()
         return JSONResponse(changed.response)
 
     @app.post("/v1/responses")
@@ -751,65 +800,83 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         for the next request (workers/response_store.py)."""
         req: ResponsesRequest = await read_json(request, ResponsesRequest)
         model = pick_model(req.model)
-        if req.background and (req.stream or req.store is False or not store.enabled):
+        if req.background and (req.store is False or not store.enabled):
             none_kept = "" if store.enabled else "; this server stores no responses (responses_store_mb: 0)"
-            raise APIFailure(400, "background: a background response is polled (GET /v1/responses/ID), so it is "
-                                  f"stored and not streamed{none_kept}",
-                             param="stream" if req.stream else "background" if not store.enabled else "store")
+            raise APIFailure(400, f"background: a background response is polled (GET /v1/responses/ID), so it is "
+                                  f"stored{none_kept}", param="background" if not store.enabled else "store")
         earlier, form = await conversation(req)
         rid = new_id("resp")
         head = ResponseHead(rid, model, req, stored=store.enabled and req.store is not False)
-        with_steps, logprobs = req.vlmguard.diagnostics, wants_logprobs(req)
         answered, item = await fitted(req, form, model, rid)
         own_items = input_items(req)  # (their ids: one set for the queued, finished and conversation's copies)
         if req.background:
-            return JSONResponse(await start_background(head, item, form, req, earlier, own_items))
+            queued = await start_background(head, item, form, req, earlier, own_items)
+            if not req.stream:
+                return JSONResponse(queued)
+            return sse_stream(replay(store, background, rid, -1, lambda: stored(rid)))
         with _as_responses_errors(answered.names):
             if not req.stream:
                 response = await whole_response(head, item)
                 return JSONResponse(await keep(rid, response, form, req, earlier, own_items))
             opened = await open_stream(model, item)
 
-        async def stream() -> AsyncIterator[bytes]:
-            events = ResponseEvents(head, logprobs)
-            calls = CallStream(item.tools) if item.tools is not None else None
-            pending: list[dict[str, Any]] = []  # log-probability entries of tokens whose text has not gone out
-            received = 0
+        async def stream() -> AsyncIterator[dict[str, Any]]:
+            events = ResponseEvents(head, wants_logprobs(req))
             for ev in events.start():
-                yield _typed_sse(ev)
-            source = merged([opened])
-            try:
-                async for _, ev in source:
-                    result = (ev.get("result") or {}) if ev.get("done") else None
-                    failure = stream_failure(ev, result)
-                    if failure is not None:
-                        yield _typed_sse(events.error(failure["error"]))
-                        break
-                    out: list[dict[str, Any]] = []
-                    if logprobs:
-                        fresh = (result.get("logprobs") or [])[received:] if result is not None else \
-                            ev.get("logprobs") or []
-                        received += len(fresh)
-                        pending += _entries(chat_logprobs(fresh).content or [])
-                    text, pieces = "", []
-                    if result is not None:
-                        finish = result.get("finish_reason", "stop")
-                        if calls is not None:
-                            text, pieces, finish = calls.finish(finish)
-                    elif ev.get("text"):
-                        text, pieces = calls.feed(ev["text"]) if calls is not None else (ev["text"], [])
-                    if text:
-                        out, pending = events.text_delta(text, pending), []
-                    out += events.call_pieces(pieces)
-                    if result is not None:
-                        out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
-                        await keep(rid, out[-1]["response"], form, req, earlier, own_items)  # (the last event)
-                    for e in out:
-                        yield _typed_sse(e)
-            finally:
-                await source.aclose()
+                yield ev
+            async for ev in response_events(events, item, opened):
+                if ev["type"] in ("response.completed", "response.incomplete"):
+                    await keep(rid, ev["response"], form, req, earlier, own_items)  # (before a client can follow it)
+                yield ev
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return sse_stream(stream())
+
+    def sse_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        """A Responses stream: each event with its type as the SSE event name."""
+        async def body() -> AsyncIterator[bytes]:
+            async for ev in events:
+                yield _typed_sse(ev)
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def response_events(events: ResponseEvents, item: WorkItem,
+                              opened: tuple[dict[str, Any], Any]) -> AsyncIterator[dict[str, Any]]:
+        """The events of a Response from an opened stream of the model, after its opening ones: text and call
+        pieces as they come, then its end (``response.completed`` or ``incomplete``, or an ``error``)."""
+        with_steps, logprobs = events.head.req.vlmguard.diagnostics, events.logprobs is not None
+        calls = CallStream(item.tools) if item.tools is not None else None
+        pending: list[dict[str, Any]] = []  # log-probability entries of tokens whose text has not gone out
+        received = 0
+        source = merged([opened])
+        try:
+            async for _, ev in source:
+                result = (ev.get("result") or {}) if ev.get("done") else None
+                failure = stream_failure(ev, result)
+                if failure is not None:
+                    yield events.error(failure["error"])
+                    return
+                out: list[dict[str, Any]] = []
+                if logprobs:
+                    fresh = (result.get("logprobs") or [])[received:] if result is not None else \
+                        ev.get("logprobs") or []
+                    received += len(fresh)
+                    pending += _entries(chat_logprobs(fresh).content or [])
+                text, pieces = "", []
+                if result is not None:
+                    finish = result.get("finish_reason", "stop")
+                    if calls is not None:
+                        text, pieces, finish = calls.finish(finish)
+                elif ev.get("text"):
+                    text, pieces = calls.feed(ev["text"]) if calls is not None else (ev["text"], [])
+                if text:
+                    out, pending = events.text_delta(text, pending), []
+                out += events.call_pieces(pieces)
+                if result is not None:
+                    out += events.finish(finish, usage(result), vlmguard_info(result, with_steps))
+                for e in out:
+                    yield e
+        finally:
+            await source.aclose()
 
     @app.post("/v1/responses/input_tokens")
     async def responses_input_tokens(request: Request):
@@ -824,15 +891,27 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
 
     async def stored(response_id: str) -> StoredResponse:
+        """A stored response as it stands (a background one that its process lost, failed: ``overseen``)."""
         entry = await store.get(response_id)
         if entry is None or entry.response.get("object") != "response":  # (a conversation's id is none)
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
-        return entry
+        return entry if response_id in background else await overseen(store, response_id, entry)
 
     @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str):
-        """A stored response, as it was answered."""
-        return JSONResponse((await stored(response_id)).response)
+    async def get_response(response_id: str, request: Request):
+        """A stored response, as it was answered or as it stands; with ``stream=true``, a background response created
+        with ``stream: true`` streamed again, its events numbered after ``starting_after`` (default: all), live
+        until it ends."""
+        entry = await stored(response_id)
+        after = stream_query(request.query_params)
+        if after is None:
+            return JSONResponse(entry.response)
+        record = await store.get(run_key(response_id)) if entry.response.get("background") else None
+        if record is None or not record.response.get("stream"):
+            raise APIFailure(400, f"response {response_id!r} was not created with background and stream true (or "
+                                  "its events are no longer kept): only such a response is streamed again",
+                             param="stream")
+        return sse_stream(replay(store, background, response_id, after, lambda: stored(response_id)))
 
     async def removed(key: str, find: Callable[[str], Awaitable[StoredResponse]], kind: str) -> JSONResponse:
         """A kept response or conversation deleted (``find`` says it is missing), OpenAI's answer for it."""
@@ -842,7 +921,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        return await removed(response_id, stored, "response")
+        deleted = await removed(response_id, stored, "response")
+        await store.delete(run_key(response_id))  # (a background response's run record, if any)
+        return deleted
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, request: Request):

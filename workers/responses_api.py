@@ -387,9 +387,14 @@ class ResponseEvents:
         self.seq += 1
         return ev
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, queued: bool = False) -> list[dict[str, Any]]:
+        """The opening events (``queued``: of a background response, created queued)."""
         opening = self.head.response("in_progress", [])
-        return [self._event("response.created", response=opening),
+        if not queued:
+            return [self._event("response.created", response=opening),
+                    self._event("response.in_progress", response=opening)]
+        waiting = self.head.response("queued", [])
+        return [self._event("response.created", response=waiting), self._event("response.queued", response=waiting),
                 self._event("response.in_progress", response=opening)]
 
     def _open_text(self) -> list[dict[str, Any]]:

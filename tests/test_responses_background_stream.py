@@ -1,0 +1,298 @@
+"""Background responses streamed (``background`` with ``stream``), streamed again from any process of the API
+(``GET /v1/responses/{id}?stream=true&starting_after=N``), and failed when the process answering them is lost
+(workers/background_runs.py), through the OpenAI SDK on a tiny Qwen2-VL in this process."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from service_support import qwen_api, run_with_sdk
+from vlmguard.workers import background_runs
+from vlmguard.workers.api import LocalBackend, create_api
+from vlmguard.workers.background_runs import BackgroundRun, run_key, run_record
+from vlmguard.workers.config import ModelConfig, ServiceConfig
+from vlmguard.workers.response_store import LocalResponses, ResponseStore, StoredResponse
+
+MODEL = "tiny-qwen"
+LONG = dict(model=MODEL, input="Tell me a long story.", max_output_tokens=1000)
+
+
+@pytest.fixture(scope="module")
+def app(qwen):
+    return qwen_api(qwen)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(background_runs, "BACKGROUND_POLL_S", 0.05)
+    monkeypatch.setattr(background_runs, "STREAM_POLL_S", 0.02)
+
+
+async def _events(stream) -> list[dict]:
+    return [ev.model_dump(exclude_none=True) async for ev in stream]
+
+
+def _text(events: list[dict]) -> str:
+    return "".join(ev["delta"] for ev in events if ev["type"] == "response.output_text.delta")
+
+
+def test_a_background_response_streams_and_streams_again_from_any_sequence_number(app, fast):
+    async def scenario(client, http):
+        kw = dict(model=MODEL, input="What is a cat?", max_output_tokens=12)
+        streamed = await _events(await client.responses.create(background=True, stream=True, **kw))
+        rid = streamed[0]["response"]["id"]
+        again = await _events(await client.responses.retrieve(rid, stream=True))
+        after = await _events(await client.responses.retrieve(rid, stream=True, starting_after=5))
+        stored = await client.responses.retrieve(rid)
+        foreground = await client.responses.create(**kw)
+        return streamed, again, after, stored, foreground
+
+    streamed, again, after, stored, foreground = run_with_sdk(app, scenario)
+    assert [ev["type"] for ev in streamed[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert [ev["response"]["status"] for ev in streamed[:3]] == ["queued", "queued", "in_progress"]
+    assert [ev["sequence_number"] for ev in streamed] == list(range(len(streamed)))
+    assert streamed[-1]["type"] == "response.incomplete" or streamed[-1]["type"] == "response.completed"
+    assert again == streamed and after == streamed[6:]  # (the same events, numbered as they were)
+    assert _text(streamed) == foreground.output_text == stored.output_text != ""
+    assert stored.status == foreground.status and stored.background
+    assert streamed[-1]["response"]["output"] == stored.model_dump(exclude_none=True)["output"]
+
+
+@contextlib.contextmanager
+def _served(*apps):
+    """Each app served over HTTP by uvicorn on a thread of its own (its own event loop, as a process of the API
+    would have); their base URLs."""
+    import uvicorn
+
+    servers = []
+    for app in apps:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread, f"http://127.0.0.1:{port}"))
+    try:
+        while not all(server.started for server, _, _ in servers):
+            time.sleep(0.02)
+        yield [url for _, _, url in servers]
+    finally:
+        for server, thread, _ in servers:
+            server.should_exit = True
+            thread.join(timeout=60)  # (its shutdown done: the app's background answers stopped)
+
+
+def _sdk(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_a_background_stream_outlives_its_client_and_is_read_on_from_another_process(qwen, fast):
+    shared = LocalResponses(ResponseStore(1 << 22))  # (one store for both processes of the API)
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    one, two = (create_api(LocalBackend({MODEL: qwen}), config, responses=shared) for _ in range(2))
+
+    async def main(first, other):
+        kw = dict(model=MODEL, input="What is a dog?", max_output_tokens=600)
+        opening = []  # (a client that starts the stream and leaves after the opening events: the answer goes on)
+        async with await first.responses.create(background=True, stream=True, **kw) as stream:
+            async for ev in stream:
+                opening.append(ev.model_dump(exclude_none=True))
+                if len(opening) == 4:
+                    break
+        rid = opening[0]["response"]["id"]
+        status = (await other.responses.retrieve(rid)).status
+        # Read on from the other process (from the store, as the answering one writes it), while it runs.
+        rest = await _events(await other.responses.retrieve(rid, stream=True, starting_after=3))
+        whole = await _events(await other.responses.retrieve(rid, stream=True))
+        return opening, status, rest, whole, await other.responses.retrieve(rid), await first.responses.create(**kw)
+
+    with _served(one, two) as (url_one, url_two):
+        opening, status, rest, whole, stored, foreground = asyncio.run(main(_sdk(url_one), _sdk(url_two)))
+    assert status == "in_progress"  # (its client had left)
+    assert whole == opening + rest and [ev["sequence_number"] for ev in whole] == list(range(len(whole)))
+    assert rest[-1]["type"] in ("response.completed", "response.incomplete")
+    assert _text(whole) == stored.output_text == foreground.output_text != ""
+
+
+def test_a_cancelled_background_stream_ends_with_a_cancel_error(app, fast):
+    async def main(client):
+        events = []
+        async with await client.responses.create(background=True, stream=True, **LONG) as stream:
+            async for ev in stream:
+                events.append(ev.model_dump(exclude_none=True))
+                if len(events) == 5:
+                    cancelled = await client.responses.cancel(events[0]["response"]["id"])
+        again = await _events(await client.responses.retrieve(cancelled.id, stream=True, starting_after=3))
+        return events, cancelled, again
+
+    with _served(app) as (url,):
+        events, cancelled, again = asyncio.run(main(_sdk(url)))
+    assert cancelled.status == "cancelled"
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "response_cancelled"
+    assert [ev["sequence_number"] for ev in events] == list(range(len(events)))
+    assert again[-1] == events[-1] and [ev["sequence_number"] for ev in again] == list(range(4, len(events)))
+    assert not any(ev["type"] == "response.completed" for ev in events)
+
+
+def test_a_background_stream_that_fails_ends_with_the_failed_response(qwen, fast):
+    class Failing(LocalBackend):
+        async def stream(self, model, item):
+            raise RuntimeError("replica died")
+            yield  # (an async generator)
+
+    app = create_api(Failing({MODEL: qwen}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None))
+
+    async def scenario(client, http):
+        return await _events(await client.responses.create(background=True, stream=True, model=MODEL, input="hi",
+                                                           max_output_tokens=2))
+
+    events = run_with_sdk(app, scenario)
+    assert [ev["type"] for ev in events] == ["response.created", "response.queued", "response.in_progress",
+                                             "response.failed"]
+    assert events[-1]["response"]["status"] == "failed" and events[-1]["sequence_number"] == 3
+    assert events[-1]["response"]["error"]["message"] == "internal error: RuntimeError: replica died"
+
+
+def test_a_background_response_whose_process_was_lost_is_failed_when_read(app, fast):
+    store = app.state.responses.store
+    now = time.time()
+
+    def planted(rid: str, beat: float | None, created: float) -> None:
+        store.put(rid, StoredResponse(response={"id": rid, "object": "response", "status": "in_progress",
+                                                "background": True, "created_at": int(created), "output": []},
+                                      messages=[], items=[]))
+        if beat is not None:
+            record = run_record(stream=False)
+            record.response["beat"] = beat
+            store.put(run_key(rid), record)
+
+    planted("resp_silent", now - 100, now - 200)  # (beat long ago: its process died)
+    planted("resp_never", None, now - 100)  # (no run record at all, created long ago)
+    planted("resp_alive", now - 1, now - 100)  # (beating)
+
+    async def scenario(client, http):
+        got = [await client.responses.retrieve(r) for r in ("resp_silent", "resp_never", "resp_alive")]
+        follow = await http.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                        "previous_response_id": "resp_alive"})
+        return got, follow
+
+    (silent, never, alive), follow = run_with_sdk(app, scenario)
+    assert silent.status == never.status == "failed" and silent.error.code == "server_lost"
+    assert silent.error.message.startswith("the server process answering it stopped")
+    assert alive.status == "in_progress" and follow.status_code == 400  # (still running: not continued)
+    assert store.get("resp_silent").response["status"] == "failed"  # (moved in the store, for every process)
+
+
+def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, fast, monkeypatch):
+    monkeypatch.setattr(background_runs, "BACKGROUND_LOST_S", 0.3)
+
+    class Slow(LocalBackend):  # (an answer that takes 1.5 s: five times the time after which a silent run is lost)
+        async def generate(self, model, item):
+            await asyncio.sleep(1.5)
+            return await super().generate(model, item)
+
+    shared = LocalResponses(ResponseStore(1 << 22))
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    one, two = create_api(Slow({MODEL: qwen}), config, responses=shared), create_api(
+        LocalBackend({MODEL: qwen}), config, responses=shared)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=one), base_url="http://one") as h1, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=two), base_url="http://two") as h2:
+            answering = openai.AsyncOpenAI(base_url="http://one/v1", api_key="x", http_client=h1, max_retries=0)
+            other = openai.AsyncOpenAI(base_url="http://two/v1", api_key="x", http_client=h2, max_retries=0)
+            queued = await answering.responses.create(background=True, model=MODEL, input="hi", max_output_tokens=3)
+            seen = []  # (as the other process reads it: only the run's heartbeat says it is alive)
+            while not seen or seen[-1] in ("queued", "in_progress"):
+                await asyncio.sleep(0.1)
+                seen.append((await other.responses.retrieve(queued.id)).status)
+            return seen
+
+    seen = asyncio.run(main())
+    assert seen[-1] in ("completed", "incomplete") and seen[:-1].count("in_progress") >= 10
+
+
+def test_stream_queries_are_checked(app):
+    async def scenario(client, http):
+        plain = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        polled = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2, background=True)
+        while (await client.responses.retrieve(polled.id)).status in ("queued", "in_progress"):
+            await asyncio.sleep(0.02)
+        asks = [f"{plain.id}?stream=maybe", f"{plain.id}?stream=true&starting_after=-1",
+                f"{plain.id}?starting_after=3", f"{plain.id}?stream=true", f"{polled.id}?stream=true"]
+        answers = [await http.get(f"/v1/responses/{q}") for q in asks]
+        fine = await http.get(f"/v1/responses/{plain.id}?stream=false")
+        gone = await http.delete(f"/v1/responses/{polled.id}")
+        return answers, fine, gone, plain.id
+
+    answers, fine, gone, rid = run_with_sdk(app, scenario)
+    errors = [(a.status_code, a.json()["error"]["param"]) for a in answers]
+    assert errors == [(400, "stream"), (400, "starting_after"), (400, "starting_after"), (400, "stream"),
+                      (400, "stream")]
+    assert "was not created with background and stream true" in answers[3].json()["error"]["message"]
+    assert fine.status_code == 200 and fine.json()["id"] == rid and gone.status_code == 200
+
+
+def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
+    async def scenario():
+        store = LocalResponses(ResponseStore(2000))
+        await store.put(run_key("resp_a"), run_record(stream=True))
+        run = BackgroundRun("resp_a", stream=True)
+        run.add([{"type": "response.output_text.delta", "sequence_number": 0, "delta": "x" * 100}])
+        await run.beat(store)
+        small = (await store.get(run_key("resp_a"))).response
+        run.add([{"type": "response.output_text.delta", "sequence_number": 1, "delta": "x" * 5000}])
+        await run.beat(store)
+        dropped = (await store.get(run_key("resp_a"))).response
+        followed = [ev async for ev in _until_finished(run)]
+        return small, dropped, followed
+
+    async def _until_finished(run):
+        run.finish()
+        async for ev in run.follow(-1):
+            yield ev
+
+    small, dropped, followed = asyncio.run(scenario())
+    assert len(small["events"]) == 1 and not small["dropped"]
+    assert dropped["dropped"] and dropped["events"] == [] and dropped["beat"] >= small["beat"]
+    assert [ev["sequence_number"] for ev in followed] == [0, 1]  # (this process still has them all)
+
+
+@pytest.mark.parametrize("case", ["cancelled", "failed", "dropped", "deleted"])
+def test_a_stream_read_from_the_store_ends_with_what_became_of_its_response(case):
+    from vlmguard.workers.background_runs import replay
+
+    async def scenario():
+        store = LocalResponses(ResponseStore(1 << 20))
+        record = run_record(stream=True, dropped=case == "dropped")
+        record.response["events"] = [{"type": "response.created", "sequence_number": 0},
+                                     {"type": "response.output_text.delta", "sequence_number": 1, "delta": "a"}]
+        await store.put(run_key("resp_x"), record)
+        status = {"cancelled": "cancelled", "failed": "failed"}.get(case, "in_progress")
+        response = {"id": "resp_x", "object": "response", "status": status, "background": True}
+
+        async def current():
+            if case == "deleted":
+                raise LookupError("no stored response 'resp_x'")
+            return StoredResponse(response=response, messages=[], items=[])
+
+        return [ev async for ev in replay(store, {}, "resp_x", 0, current)]
+
+    events = asyncio.run(scenario())
+    if case == "deleted":  # (the stream ends at once, with why)
+        assert [(ev["type"], ev["sequence_number"], ev["code"]) for ev in events] == [("error", 1, "LookupError")]
+        return
+    assert [ev["sequence_number"] for ev in events] == [1, 2]  # (after 0: the delta, then the end)
+    last = events[-1]
+    assert {"cancelled": last.get("code") == "response_cancelled",
+            "failed": last["type"] == "response.failed" and last["response"]["status"] == "failed",
+            "dropped": last.get("code") == "stream_unavailable"}[case]

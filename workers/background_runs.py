@@ -1,0 +1,157 @@
+"""Background responses' runs (``background: true``): their events, their heartbeat, and streaming them again.
+
+A background response is answered by a task of the API process that took it (``workers/api.py``). Beside the response
+itself the store keeps a *run record* (key :func:`run_key`) that the task updates every ``BACKGROUND_POLL_S``:
+
+* its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
+  queued or in-progress response whose run has not beaten for ``BACKGROUND_LOST_S`` (the process answering it died
+  without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with ``code:
+  server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for ever;
+* for a response created with ``stream: true``, its **events** as streamed (``response.created`` ...
+  ``response.completed``), so that ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from
+  any process: live from memory in the process answering it (:class:`BackgroundRun`), else read from the store as
+  they are written, a second at a time (:func:`replay`). A stream ends with the response's last event; one cancelled
+  or failed before it was written ends with what the response became (an ``error`` event ``response_cancelled``, or
+  ``response.failed`` with its error).
+
+Clocks: a heartbeat is compared with the reading process's clock, so the processes of the API (one machine, or a
+cluster's machines kept in step by NTP) must agree within a fraction of ``BACKGROUND_LOST_S``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+from vlmguard.workers.response_store import RUNNING, Responses, StoredResponse
+
+BACKGROUND_POLL_S = 1.0  # how often a task beats, writes its new events, and looks for a cancel made elsewhere
+BACKGROUND_LOST_S = 30.0  # a running response whose run has not beaten for this long was lost with its process
+STREAM_POLL_S = 0.25  # how often a stream read from the store looks for new events
+ENDS = ("response.completed", "response.incomplete", "response.failed", "error")  # a stream's last event
+LOST = {"code": "server_lost", "message": "the server process answering it stopped without finishing it; send the "
+                                          "request again"}
+
+
+def run_key(rid: str) -> str:
+    """The store's key of a background response's run record (not a response: ``GET /v1/responses/{key}`` is a
+    404)."""
+    return f"{rid}#run"
+
+
+def run_record(stream: bool, dropped: bool = False) -> StoredResponse:
+    """A new run record: beaten now, no events yet (``dropped``: its events no longer fit in the store)."""
+    return StoredResponse(response={"object": "response.run", "stream": stream, "dropped": dropped,
+                                    "beat": time.time(), "events": []}, messages=[], items=[])
+
+
+class BackgroundRun:
+    """One background response answered by this process: its task, and the events it has streamed so far (in
+    memory, followed live by this process's streams; written to the store at each beat)."""
+
+    def __init__(self, rid: str, stream: bool):
+        self.rid, self.stream = rid, stream
+        self.task: Optional[asyncio.Task] = None
+        self.events: list[dict[str, Any]] = []
+        self.written = 0  # events already in the store's record
+        self.logging = stream  # False once the record dropped its events (they outgrew the store)
+        self.finished = False
+        self._changed = asyncio.Event()  # (replaced at each change: every follower waiting on it wakes)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        self.events += events
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._wake()
+
+    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
+        """Its events numbered after ``after``, as they come, until it finishes."""
+        i = max(0, after + 1)
+        while True:
+            changed = self._changed
+            while i < len(self.events):
+                yield self.events[i]
+                i += 1
+            if self.finished:
+                return
+            await changed.wait()
+
+    async def beat(self, store: Responses) -> None:
+        """The run record beaten now, with the events written since the last beat (a record that is gone, or whose
+        events outgrew the store, is kept again without them: the heartbeat goes on)."""
+        fresh = self.events[self.written:] if self.logging else []
+        if await store.edit(run_key(self.rid), "beat", (time.time(), fresh)) is not None:
+            self.written += len(fresh)
+            return
+        self.logging = False
+        await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
+
+
+async def overseen(store: Responses, rid: str, entry: StoredResponse) -> StoredResponse:
+    """A stored background response as it stands: moved to ``failed`` (``server_lost``) when it is queued or in
+    progress but its run has not beaten for ``BACKGROUND_LOST_S`` (the caller knows that no task of its own runs
+    it)."""
+    response = entry.response
+    if not response.get("background") or response.get("status") not in RUNNING:
+        return entry
+    record = await store.get(run_key(rid))
+    last = record.response.get("beat", 0.0) if record is not None else response.get("created_at", 0)
+    if time.time() - last <= BACKGROUND_LOST_S:
+        return entry
+    moved = await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": LOST}))
+    return moved if moved is not None else entry
+
+
+def ending(response: dict[str, Any], seq: int) -> dict[str, Any]:
+    """The event that ends a stream whose response ended without writing its last event (cancelled, lost, failed
+    before its answer started)."""
+    status = response.get("status")
+    if status == "cancelled":
+        return error_event(seq, "response_cancelled", f"response {response.get('id')!r} was cancelled")
+    kind = status if status in ("completed", "incomplete", "failed") else "failed"
+    return {"type": f"response.{kind}", "sequence_number": seq, "response": response}
+
+
+async def replay(store: Responses, runs: dict[str, BackgroundRun], rid: str, after: int,
+                 current: Callable[[], Awaitable[StoredResponse]]) -> AsyncIterator[dict[str, Any]]:
+    """A background response's events numbered after ``after``, up to its last: live from ``runs`` while this
+    process answers it, else from its run record in the store (``current``: the response as it stands now)."""
+    seen = after
+    while True:
+        run = runs.get(rid)
+        if run is not None:
+            async for ev in run.follow(seen):
+                yield ev
+                seen = ev["sequence_number"]
+                if ev["type"] in ENDS:
+                    return
+        try:
+            response = (await current()).response  # (before the log: a task writes its last events, then its end)
+            record = await store.get(run_key(rid))
+        except Exception as e:  # (deleted meanwhile, the store unavailable: the stream ends with why)
+            yield error_event(seen + 1, getattr(e, "code", None) or type(e).__name__, getattr(e, "message", str(e)))
+            return
+        for ev in record.response["events"] if record is not None else []:
+            if ev["sequence_number"] > seen:
+                yield ev
+                seen = ev["sequence_number"]
+                if ev["type"] in ENDS:
+                    return
+        if response.get("status") not in RUNNING:
+            yield ending(response, seen + 1)
+            return
+        if record is None or record.response.get("dropped"):
+            yield error_event(seen + 1, "stream_unavailable", f"the events of response {rid!r} are no longer kept "
+                                                              "(responses_store_mb): GET it when it has finished")
+            return
+        await asyncio.sleep(STREAM_POLL_S)
+
+
+def error_event(seq: int, code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "sequence_number": seq, "code": code, "message": message, "param": None}
