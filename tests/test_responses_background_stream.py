@@ -296,3 +296,38 @@ def test_a_stream_read_from_the_store_ends_with_what_became_of_its_response(case
     assert {"cancelled": last.get("code") == "response_cancelled",
             "failed": last["type"] == "response.failed" and last["response"]["status"] == "failed",
             "dropped": last.get("code") == "stream_unavailable"}[case]
+
+
+def test_a_background_stream_has_the_events_of_the_same_request_streamed_in_the_foreground(app):
+    weather = {"type": "object", "additionalProperties": False, "required": ["city"],
+               "properties": {"city": {"type": "string", "maxLength": 8}}}
+    kw = dict(model=MODEL, input="What is the weather in Paris?", max_output_tokens=120,
+              tools=[{"type": "function", "name": "get_weather", "parameters": weather}],
+              tool_choice={"type": "function", "name": "get_weather"},
+              extra_body={"vlmguard": {"json_whitespace": "compact"}})
+    text_kw = dict(model=MODEL, input="Hi", max_output_tokens=6, top_logprobs=2,
+                   include=["message.output_text.logprobs"])
+
+    def shape(events: list[dict]) -> list[tuple]:
+        """What an event says, but ids and the response's status and background flag (which differ)."""
+        return [(ev["type"], ev.get("delta"), ev.get("arguments"), ev.get("text"), str(ev.get("logprobs")))
+                for ev in events]
+
+    async def scenario(client, http):
+        out = []
+        for args in (kw, text_kw):
+            foreground = await _events(await client.responses.create(stream=True, **args))
+            background = await _events(await client.responses.create(stream=True, background=True, **args))
+            out.append((foreground, background))
+        return out
+
+    pairs = run_with_sdk(app, scenario)
+    (calls, _), (text, _) = pairs
+    assert any(ev["type"] == "response.function_call_arguments.delta" for ev in calls)  # (a call, piece by piece)
+    assert any(ev.get("logprobs") for ev in text if ev["type"] == "response.output_text.delta")
+    for foreground, background in pairs:
+        assert shape(background[3:]) == shape(foreground[2:])  # (after its opening: created, queued, in_progress)
+        assert [ev["sequence_number"] for ev in background[3:]] == [ev["sequence_number"] + 1 for ev in foreground[2:]]
+        final_fg, final_bg = foreground[-1]["response"], background[-1]["response"]
+        assert [o["type"] for o in final_bg["output"]] == [o["type"] for o in final_fg["output"]]
+        assert final_bg["usage"] == final_fg["usage"] and final_bg["background"] and not final_fg["background"]
