@@ -150,12 +150,27 @@ def test_a_conversation_and_a_previous_response_cannot_both_be_continued_and_ite
     assert ok.data[0].id.startswith("fc_") and output.data[0].id.startswith("fco_")
 
 
-def test_no_conversations_where_no_responses_are_stored(qwen):
+def test_no_conversations_where_none_or_no_responses_are_stored(qwen):
     async def scenario(client, http):
         return await http.post("/v1/conversations", json={})
 
     r = run_with_sdk(qwen_api(qwen, responses_store_mb=0), scenario)
     assert r.status_code == 400 and "stores no conversations (responses_store_mb: 0)" in r.json()["error"]["message"]
+    r = run_with_sdk(qwen_api(qwen, conversations_store_mb=0), scenario)
+    assert r.status_code == 400 and "stores no conversations (conversations_store_mb: 0)" in r.json()["error"][
+        "message"]
+
+
+def test_a_busy_server_keeps_its_conversations(qwen):
+    async def scenario(client, http):
+        conv = await client.conversations.create(items=[{"role": "user", "content": "Hi"}])
+        for i in range(12):  # (each response stored, as by default: the responses' budget fills many times over)
+            await client.responses.create(model=MODEL, input=f"Hello {i}", max_output_tokens=2)
+        reply = await client.responses.create(model=MODEL, conversation=conv.id, input="More?", max_output_tokens=2)
+        return reply, [it async for it in client.conversations.items.list(conv.id)]
+
+    reply, items = run_with_sdk(qwen_api(qwen, responses_store_mb=0.006), scenario)  # (about 6 KB of responses)
+    assert reply.conversation.id and len(items) == 1 + 2  # (its first item, then the request's input and answer)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

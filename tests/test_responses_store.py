@@ -142,7 +142,7 @@ def test_the_store_keeps_the_most_recent_within_its_budget(qwen):
             {"type": "input_image", "image_url": photo}, {"type": "input_text", "text": "Look"}]}])
         return texts, found, big
 
-    store = small.state.responses.store
+    store = small.state.responses.store.pools["responses"]
     texts, found, big = run_with_sdk(small, scenario)
     assert store.bytes <= store.max_bytes and 1 < len(store) < 12
     assert found == [404] * (12 - len(store)) + [200] * len(store)  # the oldest went first
@@ -183,8 +183,33 @@ def test_a_file_store_outlives_its_process_and_is_shared_by_processes_on_one_mac
                                                                 entry.size)
     assert other.put("r2", entry) and first.get("r2") is not None and len(first) == 2
     assert first.delete("r1") and other.get("r1") is None
-    assert isinstance(open_store(10, None), ResponseStore)
+    assert isinstance(open_store(10, None).pools["responses"], ResponseStore)
     assert not open_store(0, str(tmp_path / "none.sqlite")).enabled and not (tmp_path / "none.sqlite").exists()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_conversations_have_a_budget_of_their_own_that_responses_never_evict(kind, tmp_path):
+    path = None if kind == "memory" else str(tmp_path / "r.sqlite")
+    store = open_store(1000, path, conversation_bytes=500)
+    entry = lambda n: StoredResponse(response={"id": "x"}, messages=[], items=[], size=n)  # noqa: E731
+    assert store.put("conv_1", entry(400))
+    for i in range(10):  # (a busy server: ten times the responses' budget)
+        assert store.put(f"resp_{i}", entry(400))
+    assert store.get("conv_1") is not None and store.get("resp_0") is None and store.get("resp_9") is not None
+    assert store.put("conv_2", entry(400)) and store.get("conv_1") is None  # (conversations evict conversations)
+    assert not store.put("conv_3", entry(600)) and store.put("resp_x", entry(600))  # (each within its own budget)
+    assert len(store) == 3 and store.bytes == 400 + 400 + 600
+    assert store.edit("conv_2", "update", {"metadata": {"a": "b"}}).response["metadata"] == {"a": "b"}
+
+
+def test_a_store_file_with_conversations_among_its_responses_moves_them_to_their_own_table(tmp_path):
+    path = tmp_path / "r.sqlite"
+    old = SqliteResponseStore(path, 10_000)  # (a file written before conversations had their table)
+    entry = StoredResponse(response={"id": "x", "object": "conversation"}, messages=[], items=[{"id": "msg_1"}])
+    assert old.put("conv_1", entry) and old.put("resp_1", entry)
+    store = open_store(10_000, str(path), conversation_bytes=10_000)
+    assert store.get("conv_1").items == [{"id": "msg_1"}] and store.get("resp_1") is not None
+    assert len(store.pools["conversations"]) == len(store.pools["responses"]) == 1
 
 
 def test_a_store_file_that_cannot_be_kept_is_one_clear_error(tmp_path):
@@ -278,7 +303,8 @@ def test_the_api_processes_share_one_store_when_there_are_several(config, shared
     assert (store is not None) is shared
     if shared:
         assert store._bound_deployment.name == "ResponseStore"
-        assert store._bound_deployment.init_args == (int(cfg.responses_store_mb * 2**20), None)
+        assert store._bound_deployment.init_args == (int(cfg.responses_store_mb * 2**20), None,
+                                                     int(cfg.conversations_store_mb * 2**20))
 
 
 def test_stored_response_routes_are_one_metrics_series_each():

@@ -564,7 +564,7 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
         assert streamed[-1]["type"] in ("response.completed", "response.incomplete")
         assert all(events == streamed[2:] for events in again)
         with sqlite3.connect(path) as db:
-            kept = {r for (r,) in db.execute("SELECT id FROM responses")}
+            kept = {r for (r,) in db.execute("SELECT id FROM responses UNION SELECT id FROM conversations")}
         assert kept == {r.id for r in chain} | {conv.id, later.id, f"{later.id}#run", streamed_id, f"{streamed_id}#run"}
     finally:
         serve.delete("conv")

@@ -940,7 +940,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     async def conversation_entry(cid: str) -> StoredResponse:
         entry = await store.get(cid)
         if entry is None or entry.response.get("object") != "conversation":
-            why = missing(cid, store).replace("no stored response", "no conversation")
+            why = missing(cid, store).replace("no stored response", "no conversation").replace(
+                "responses_store_mb", "conversations_store_mb")
             raise APIFailure(404, why, "not_found_error", "conversation_not_found", param="conversation")
         return entry
 
@@ -948,7 +949,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         changed = await store.edit(cid, name, arg)
         if changed is None:  # (gone since it was read, or grown past the store's whole budget)
             raise APIFailure(404, f"conversation {cid!r} is no longer stored: it was deleted, or it outgrew the "
-                                  "store (responses_store_mb)", "not_found_error", "conversation_not_found")
+                                  "store (conversations_store_mb)", "not_found_error", "conversation_not_found")
         return changed
 
     async def checked_items(items: list[Any], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -970,11 +971,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     async def create_conversation(request: Request):
         """A new conversation, with up to 20 items and metadata; a Responses request continues it by its id."""
         body: ConversationCreate = await read_json(request, ConversationCreate)
-        if not store.enabled:
-            raise APIFailure(400, "this server stores no conversations (responses_store_mb: 0)")
+        if not store.enabled or config.conversations_store_mb <= 0:
+            budget = "responses_store_mb" if not store.enabled else "conversations_store_mb"
+            raise APIFailure(400, f"this server stores no conversations ({budget}: 0)")
         entry = new_conversation(await checked_items(body.items or [], []), body.metadata)
         if not await store.put(entry.response["id"], entry):
-            raise APIFailure(413, "the conversation is larger than this server keeps (responses_store_mb)",
+            raise APIFailure(413, "the conversation is larger than this server keeps (conversations_store_mb)",
                              "request_too_large")
         return JSONResponse(entry.response)
 

@@ -45,7 +45,8 @@ def response_store(service: ServiceConfig) -> Application | None:
     """The store deployment of the service's Responses, when its API processes share one (``responses_shared``)."""
     if not service.responses_shared:
         return None
-    return ResponseStoreReplica.bind(int(service.responses_store_mb * 2**20), service.responses_store_path)
+    return ResponseStoreReplica.bind(int(service.responses_store_mb * 2**20), service.responses_store_path,
+                                     int(service.conversations_store_mb * 2**20))
 
 
 def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | None = None) -> Application:

@@ -154,6 +154,10 @@ class ServiceConfig(BaseModel):
     # MiB of finished Responses (``store``) kept so that a request can continue one (``previous_response_id``) and
     # GET / DELETE /v1/responses/ID find it; least recently used first out; 0: none kept (workers/response_store.py).
     responses_store_mb: float = Field(64.0, ge=0, allow_inf_nan=False)
+    # MiB of the Conversations API's conversations, an LRU of their own beside the responses' (so that responses, every
+    # one stored unless a request says otherwise, never evict a conversation); 0: none kept (/v1/conversations is a
+    # 400). Kept only where responses are (responses_store_mb > 0), in the same place (memory, or the same file).
+    conversations_store_mb: float = Field(64.0, ge=0, allow_inf_nan=False)
     # Where they are kept. ``process``: by each process serving the HTTP API, on its own. ``shared``: by one store
     # deployment that every process of the API calls, so a follow-up may land on any replica. ``auto``: ``shared``
     # when the API runs in more than one process (``api_processes``), else ``process``.

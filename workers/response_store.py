@@ -7,7 +7,9 @@ and ``previous_response_id`` is refused), in memory (:class:`ResponseStore`) or,
 SQLite file that outlives the service (:class:`SqliteResponseStore`). Each entry holds what a follow-up needs: the
 conversation as chat messages up to and with this answer (the request's ``instructions`` left out: OpenAI does not
 carry them over), its input items as the Responses API lists them, and the response itself. The Conversations API's
-conversations are entries too (``workers/conversations.py``), changed in place by the store's ``EDITS``.
+conversations are entries too (``workers/conversations.py``), changed in place by the store's ``EDITS``, in an LRU of
+their own (``conversations_store_mb``; :class:`PooledStore`), and so are background responses' run records
+(``workers/background_runs.py``), kept with the responses.
 
 Where the store lives (``ServiceConfig.responses_store``): in the process serving the HTTP API
 (:class:`LocalResponses`), or, when the API runs in several processes (replicas of the ingress, or of a model serving
@@ -157,17 +159,18 @@ class SqliteResponseStore:
     """The same LRU of :class:`StoredResponse` in a SQLite file: what it keeps outlives the process, and processes
     on one machine may share the file (WAL journal; each change is one immediate transaction). Thread-safe."""
 
-    def __init__(self, path: Union[str, Path], max_bytes: int):
+    def __init__(self, path: Union[str, Path], max_bytes: int, table: str = "responses"):
         self.path = Path(path).expanduser()
         self.max_bytes = max(0, int(max_bytes))
+        self.table = table  # (one of POOLS: a name of ours, never a request's)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
                              "size INTEGER NOT NULL, used INTEGER NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used)")
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_by_use ON {table} (used)")
         except (OSError, sqlite3.Error) as e:
             raise InvalidInput(f"responses_store_path: cannot keep responses in {self.path}: {e}") from None
 
@@ -177,12 +180,12 @@ class SqliteResponseStore:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            return self._db.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0]
 
     @property
     def bytes(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+            return self._db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {self.table}").fetchone()[0]
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -206,33 +209,32 @@ class SqliteResponseStore:
         """Keep ``entry`` as ``rid`` (within a transaction), the least recently used others out to make room."""
         body = json.dumps({"response": entry.response, "messages": entry.messages, "items": entry.items},
                           default=str)
-        db.execute("DELETE FROM responses WHERE id = ?", (rid,))
-        total = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses").fetchone()[0]
+        db.execute(f"DELETE FROM {self.table} WHERE id = ?", (rid,))
+        total = db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {self.table}").fetchone()[0]
         while total + entry.size > self.max_bytes:  # a page at a time
-            page = db.execute("SELECT id, size FROM responses ORDER BY used LIMIT 64").fetchall()
+            page = db.execute(f"SELECT id, size FROM {self.table} ORDER BY used LIMIT 64").fetchall()
             for old, size in page:
                 if total + entry.size <= self.max_bytes:
                     break
-                db.execute("DELETE FROM responses WHERE id = ?", (old,))
+                db.execute(f"DELETE FROM {self.table} WHERE id = ?", (old,))
                 total -= size
-        db.execute("INSERT INTO responses (id, body, size, used) VALUES (?, ?, ?, ?)",
+        db.execute(f"INSERT INTO {self.table} (id, body, size, used) VALUES (?, ?, ?, ?)",
                    (rid, body, entry.size, time.time_ns()))
 
-    @staticmethod
-    def _read(db: sqlite3.Connection, rid: str) -> Optional[StoredResponse]:
-        row = db.execute("SELECT body, size FROM responses WHERE id = ?", (rid,)).fetchone()
+    def _read(self, db: sqlite3.Connection, rid: str) -> Optional[StoredResponse]:
+        row = db.execute(f"SELECT body, size FROM {self.table} WHERE id = ?", (rid,)).fetchone()
         return None if row is None else StoredResponse(**json.loads(row[0]), size=row[1])
 
     def get(self, rid: str) -> Optional[StoredResponse]:
         with self._transaction() as db:
             entry = self._read(db, rid)
             if entry is not None:
-                db.execute("UPDATE responses SET used = ? WHERE id = ?", (time.time_ns(), rid))
+                db.execute(f"UPDATE {self.table} SET used = ? WHERE id = ?", (time.time_ns(), rid))
         return entry
 
     def delete(self, rid: str) -> bool:
         with self._transaction() as db:
-            return db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
+            return db.execute(f"DELETE FROM {self.table} WHERE id = ?", (rid,)).rowcount > 0
 
     def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
         with self._transaction() as db:
@@ -243,18 +245,71 @@ class SqliteResponseStore:
             if changed is entry:  # (nothing to change: the row stays as it is)
                 return entry
             if changed.size > self.max_bytes:
-                db.execute("DELETE FROM responses WHERE id = ?", (rid,))
+                db.execute(f"DELETE FROM {self.table} WHERE id = ?", (rid,))
                 return None
             self._write(db, rid, changed)
         return changed
 
 
 Store = Union[ResponseStore, SqliteResponseStore]
+POOLS = ("responses", "conversations")  # each its own LRU and budget
 
 
-def open_store(max_bytes: int, path: Optional[str] = None) -> Store:
-    """The store of a service: in memory, or in the SQLite file at ``path`` (none at all when it keeps nothing)."""
-    return ResponseStore(max_bytes) if path is None or max_bytes <= 0 else SqliteResponseStore(path, max_bytes)
+def pool_of(key: str) -> str:
+    """The pool an entry is kept in, by its key: a conversation's (``conv_...``) or the responses' (responses and
+    background responses' run records)."""
+    return "conversations" if key.startswith("conv_") else "responses"
+
+
+class PooledStore:
+    """Responses and conversations, each in an LRU of its own budget (one store of either kind per pool), so that a
+    busy server's responses (every one is stored unless the request says ``store: false``) never evict a
+    conversation, nor conversations the responses."""
+
+    def __init__(self, pools: dict[str, Store]):
+        self.pools = pools
+
+    @property
+    def enabled(self) -> bool:
+        return self.pools["responses"].enabled
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.pools["responses"], SqliteResponseStore)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pools.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.pools.values())
+
+    def get(self, rid: str) -> Optional[StoredResponse]:
+        return self.pools[pool_of(rid)].get(rid)
+
+    def put(self, rid: str, entry: StoredResponse) -> bool:
+        return self.pools[pool_of(rid)].put(rid, entry)
+
+    def delete(self, rid: str) -> bool:
+        return self.pools[pool_of(rid)].delete(rid)
+
+    def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
+        return self.pools[pool_of(rid)].edit(rid, name, arg)
+
+
+def open_store(max_bytes: int, path: Optional[str] = None, conversation_bytes: int = 0) -> PooledStore:
+    """The store of a service: ``max_bytes`` of responses and ``conversation_bytes`` of conversations, in memory or
+    in two tables of the SQLite file at ``path`` (nothing at all is kept when ``max_bytes`` is 0). A file written
+    before conversations had a table of their own has them moved there."""
+    budgets = {"responses": max_bytes, "conversations": conversation_bytes if max_bytes > 0 else 0}
+    if path is None or max_bytes <= 0:
+        return PooledStore({pool: ResponseStore(budgets[pool]) for pool in POOLS})
+    pools = {pool: SqliteResponseStore(path, budgets[pool], table=pool) for pool in POOLS}
+    with pools["responses"]._transaction() as db:
+        moved = "FROM responses WHERE substr(id, 1, 5) = 'conv_'"
+        db.execute(f"INSERT OR IGNORE INTO conversations SELECT * {moved}")
+        db.execute(f"DELETE {moved}")
+    return PooledStore(pools)
 
 
 class StoreUnavailable(VlmguardError):
@@ -296,16 +351,17 @@ class _Responses:
 class LocalResponses(_Responses):
     """The API's stored responses in its own process (a file's store is read and written off the event loop)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Union[Store, PooledStore]):
         self.store = store
         self.enabled = store.enabled
-        self.lost = ("deleted or evicted to make room (responses_store_mb)" if isinstance(store, SqliteResponseStore)
+        self.on_disk = isinstance(store, SqliteResponseStore) or getattr(store, "on_disk", False)
+        self.lost = ("deleted or evicted to make room (responses_store_mb)" if self.on_disk
                      else "deleted, evicted to make room (responses_store_mb), lost with a restart "
                           "(responses_store_path keeps them on disk), or answered by another process of the HTTP "
                           "API (responses_store: shared keeps one store for all)")
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if isinstance(self.store, SqliteResponseStore):
+        if self.on_disk:
             return await asyncio.to_thread(getattr(self.store, method), *args)
         return getattr(self.store, method)(*args)
 
@@ -333,7 +389,8 @@ def api_responses(config: Any, handle: Any = None) -> Responses:
     store deployment when ``handle`` is one (``responses_shared``), else a store of its own."""
     if handle is not None:
         return SharedResponses(handle, on_disk=config.responses_store_path is not None)
-    return LocalResponses(open_store(int(config.responses_store_mb * 2**20), config.responses_store_path))
+    return LocalResponses(open_store(int(config.responses_store_mb * 2**20), config.responses_store_path,
+                                     int(config.conversations_store_mb * 2**20)))
 
 
 def missing(rid: str, responses: Responses) -> str:

@@ -18,8 +18,8 @@ from vlmguard.workers.response_store import StoredResponse, open_store
 @serve.deployment(name="ResponseStore", num_replicas=1, ray_actor_options={"num_cpus": 0},
                   max_ongoing_requests=1024, health_check_period_s=10)
 class ResponseStoreReplica:
-    def __init__(self, max_bytes: int, path: Optional[str] = None):
-        self.store = open_store(max_bytes, path)
+    def __init__(self, max_bytes: int, path: Optional[str] = None, conversation_bytes: int = 0):
+        self.store = open_store(max_bytes, path, conversation_bytes)
 
     def get(self, rid: str) -> Optional[StoredResponse]:
         return self.store.get(rid)
