@@ -245,6 +245,7 @@ def test_stream_queries_are_checked(app):
 def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
     async def scenario():
         store = LocalResponses(ResponseStore(2000))
+        await store.put("resp_a", StoredResponse(response={"id": "resp_a"}, messages=[], items=[]))
         await store.put(run_key("resp_a"), run_record(stream=True))
         run = BackgroundRun("resp_a", stream=True)
         run.add([{"type": "response.output_text.delta", "sequence_number": 0, "delta": "x" * 100}])
@@ -254,17 +255,21 @@ def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
         await run.beat(store)
         dropped = (await store.get(run_key("resp_a"))).response
         followed = [ev async for ev in _until_finished(run)]
-        return small, dropped, followed
+        await store.delete("resp_a")
+        await store.delete(run_key("resp_a"))
+        await run.beat(store)  # (the response deleted: no record is kept for it)
+        return small, dropped, followed, await store.get(run_key("resp_a"))
 
     async def _until_finished(run):
         run.finish()
         async for ev in run.follow(-1):
             yield ev
 
-    small, dropped, followed = asyncio.run(scenario())
+    small, dropped, followed, after_delete = asyncio.run(scenario())
     assert len(small["events"]) == 1 and not small["dropped"]
     assert dropped["dropped"] and dropped["events"] == [] and dropped["beat"] >= small["beat"]
     assert [ev["sequence_number"] for ev in followed] == [0, 1]  # (this process still has them all)
+    assert after_delete is None
 
 
 @pytest.mark.parametrize("case", ["cancelled", "failed", "dropped", "deleted"])

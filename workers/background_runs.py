@@ -84,13 +84,14 @@ class BackgroundRun:
 
     async def beat(self, store: Responses) -> None:
         """The run record beaten now, with the events written since the last beat (a record that is gone, or whose
-        events outgrew the store, is kept again without them: the heartbeat goes on)."""
+        events outgrew the store, is kept again without them while the response is kept: the heartbeat goes on)."""
         fresh = self.events[self.written:] if self.logging else []
         if await store.edit(run_key(self.rid), "beat", (time.time(), fresh)) is not None:
             self.written += len(fresh)
             return
         self.logging = False
-        await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
+        if await store.get(self.rid) is not None:  # (not when the response was deleted)
+            await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
 
 
 async def overseen(store: Responses, rid: str, entry: StoredResponse) -> StoredResponse:
