@@ -192,8 +192,7 @@ def test_a_background_response_whose_process_was_lost_is_failed_when_read(app, f
     assert store.get("resp_silent").response["status"] == "failed"  # (moved in the store, for every process)
 
 
-def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, fast, monkeypatch):
-    monkeypatch.setattr(background_runs, "BACKGROUND_LOST_S", 0.3)
+def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, fast):
 
     class Slow(LocalBackend):  # (an answer that takes 1.5 s: five times the time after which a silent run is lost)
         async def generate(self, model, item):
@@ -201,7 +200,8 @@ def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, f
             return await super().generate(model, item)
 
     shared = LocalResponses(ResponseStore(1 << 22))
-    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None,
+                           background_lost_s=0.3)
     one, two = create_api(Slow({MODEL: qwen}), config, responses=shared), create_api(
         LocalBackend({MODEL: qwen}), config, responses=shared)
 

@@ -605,7 +605,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
             if req.previous_response_id not in background:
-                earlier = await overseen(store, req.previous_response_id, earlier)
+                earlier = await overseen(store, req.previous_response_id, earlier, config.background_lost_s)
             status = earlier.response.get("status")
             if status not in ("completed", "incomplete"):  # (a background one queued, running, cancelled, failed)
                 raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
@@ -895,7 +895,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         entry = await store.get(response_id)
         if entry is None or entry.response.get("object") != "response":  # (a conversation's id is none)
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
-        return entry if response_id in background else await overseen(store, response_id, entry)
+        return entry if response_id in background else await overseen(store, response_id, entry,
+                                                                       config.background_lost_s)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):

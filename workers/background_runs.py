@@ -4,7 +4,7 @@ A background response is answered by a task of the API process that took it (``w
 itself the store keeps a *run record* (key :func:`run_key`) that the task updates every ``BACKGROUND_POLL_S``:
 
 * its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
-  queued or in-progress response whose run has not beaten for ``BACKGROUND_LOST_S`` (the process answering it died
+  queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process answering it died
   without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with ``code:
   server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for ever;
 * for a response created with ``stream: true``, its **events** as streamed (``response.created`` ...
@@ -15,7 +15,7 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
   ``response.failed`` with its error).
 
 Clocks: a heartbeat is compared with the reading process's clock, so the processes of the API (one machine, or a
-cluster's machines kept in step by NTP) must agree within a fraction of ``BACKGROUND_LOST_S``.
+cluster's machines kept in step by NTP) must agree within a fraction of ``background_lost_s``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from vlmguard.workers.response_store import RUNNING, Responses, StoredResponse
 
 BACKGROUND_POLL_S = 1.0  # how often a task beats, writes its new events, and looks for a cancel made elsewhere
-BACKGROUND_LOST_S = 30.0  # a running response whose run has not beaten for this long was lost with its process
 STREAM_POLL_S = 0.25  # how often a stream read from the store looks for new events
 ENDS = ("response.completed", "response.incomplete", "response.failed", "error")  # a stream's last event
 LOST = {"code": "server_lost", "message": "the server process answering it stopped without finishing it; send the "
@@ -94,16 +93,15 @@ class BackgroundRun:
             await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
 
 
-async def overseen(store: Responses, rid: str, entry: StoredResponse) -> StoredResponse:
+async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float) -> StoredResponse:
     """A stored background response as it stands: moved to ``failed`` (``server_lost``) when it is queued or in
-    progress but its run has not beaten for ``BACKGROUND_LOST_S`` (the caller knows that no task of its own runs
-    it)."""
+    progress but its run has not beaten for ``lost_after_s`` (the caller knows that no task of its own runs it)."""
     response = entry.response
     if not response.get("background") or response.get("status") not in RUNNING:
         return entry
     record = await store.get(run_key(rid))
     last = record.response.get("beat", 0.0) if record is not None else response.get("created_at", 0)
-    if time.time() - last <= BACKGROUND_LOST_S:
+    if time.time() - last <= lost_after_s:
         return entry
     moved = await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": LOST}))
     return moved if moved is not None else entry

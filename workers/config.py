@@ -162,6 +162,9 @@ class ServiceConfig(BaseModel):
     # deployment that every process of the API calls, so a follow-up may land on any replica. ``auto``: ``shared``
     # when the API runs in more than one process (``api_processes``), else ``process``.
     responses_store: Literal["auto", "process", "shared"] = "auto"
+    # Seconds after which a queued or in-progress background response whose process stopped writing its heartbeat
+    # (every second) is taken for lost with that process and failed (``server_lost``; workers/background_runs.py).
+    background_lost_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     # A SQLite file to keep them in instead of memory: they outlive a restart of the service (the file is on the
     # machine of the process keeping them: the API's, or the store deployment's when shared).
     responses_store_path: Optional[str] = None
