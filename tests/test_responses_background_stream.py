@@ -336,3 +336,15 @@ def test_a_background_stream_has_the_events_of_the_same_request_streamed_in_the_
         final_fg, final_bg = foreground[-1]["response"], background[-1]["response"]
         assert [o["type"] for o in final_bg["output"]] == [o["type"] for o in final_fg["output"]]
         assert final_bg["usage"] == final_fg["usage"] and final_bg["background"] and not final_fg["background"]
+
+
+def test_a_stream_asked_for_after_its_last_event_is_empty(app, fast):
+    async def scenario(client, http):
+        done = await _events(await client.responses.create(model=MODEL, input="hi", max_output_tokens=3,
+                                                           background=True, stream=True))
+        last = done[-1]["sequence_number"]
+        return done, [await _events(await client.responses.retrieve(done[0]["response"]["id"], stream=True,
+                                                                    starting_after=n)) for n in (last - 1, last, 999)]
+
+    done, (one, none, beyond) = run_with_sdk(app, scenario)
+    assert one == done[-1:] and none == [] and beyond == []

@@ -4,9 +4,10 @@ A background response is answered by a task of the API process that took it (``w
 itself the store keeps a *run record* (key :func:`run_key`) that the task updates every ``BACKGROUND_POLL_S``:
 
 * its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
-  queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process answering it died
-  without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with ``code:
-  server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for ever;
+  queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process
+  answering it died without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with
+  ``code: server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for
+  ever;
 * for a response created with ``stream: true``, its **events** as streamed (``response.created`` ...
   ``response.completed``), so that ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from
   any process: live from memory in the process answering it (:class:`BackgroundRun`), else read from the store as
@@ -136,14 +137,16 @@ async def replay(store: Responses, runs: dict[str, BackgroundRun], rid: str, aft
         except Exception as e:  # (deleted meanwhile, the store unavailable: the stream ends with why)
             yield error_event(seen + 1, getattr(e, "code", None) or type(e).__name__, getattr(e, "message", str(e)))
             return
-        for ev in record.response["events"] if record is not None else []:
+        logged = record.response["events"] if record is not None else []
+        for ev in logged:
             if ev["sequence_number"] > seen:
                 yield ev
                 seen = ev["sequence_number"]
                 if ev["type"] in ENDS:
                     return
         if response.get("status") not in RUNNING:
-            yield ending(response, seen + 1)
+            if not (logged and logged[-1]["type"] in ENDS):  # (else its end came before ``after``: nothing more)
+                yield ending(response, seen + 1)
             return
         if record is None or record.response.get("dropped"):
             yield error_event(seen + 1, "stream_unavailable", f"the events of response {rid!r} are no longer kept "

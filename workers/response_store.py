@@ -74,7 +74,7 @@ def _move(entry: StoredResponse, move: tuple[list[str], dict[str, Any]]) -> Stor
 
 
 def _beat(record: StoredResponse, update: tuple[float, list[dict[str, Any]]]) -> StoredResponse:
-    """A background response's run record (workers/background.py) beaten at ``update[0]``, with ``update[1]``
+    """A background response's run record (workers/background_runs.py) beaten at ``update[0]``, with ``update[1]``
     appended to its events."""
     when, events = update
     run = record.response
@@ -236,6 +236,13 @@ class SqliteResponseStore:
         with self._transaction() as db:
             return db.execute(f"DELETE FROM {self.table} WHERE id = ?", (rid,)).rowcount > 0
 
+    def adopt(self, table: str, prefix: str) -> None:
+        """The rows of the file's ``table`` (another pool's) whose id begins with ``prefix`` moved into this one."""
+        with self._transaction() as db:
+            found = f"FROM {table} WHERE substr(id, 1, ?) = ?"
+            db.execute(f"INSERT OR IGNORE INTO {self.table} SELECT * {found}", (len(prefix), prefix))
+            db.execute(f"DELETE {found}", (len(prefix), prefix))
+
     def edit(self, rid: str, name: str, arg: Any) -> Optional[StoredResponse]:
         with self._transaction() as db:
             entry = self._read(db, rid)
@@ -305,10 +312,7 @@ def open_store(max_bytes: int, path: Optional[str] = None, conversation_bytes: i
     if path is None or max_bytes <= 0:
         return PooledStore({pool: ResponseStore(budgets[pool]) for pool in POOLS})
     pools = {pool: SqliteResponseStore(path, budgets[pool], table=pool) for pool in POOLS}
-    with pools["responses"]._transaction() as db:
-        moved = "FROM responses WHERE substr(id, 1, 5) = 'conv_'"
-        db.execute(f"INSERT OR IGNORE INTO conversations SELECT * {moved}")
-        db.execute(f"DELETE {moved}")
+    pools["conversations"].adopt("responses", "conv_")
     return PooledStore(pools)
 
 
