@@ -348,3 +348,22 @@ def test_a_stream_asked_for_after_its_last_event_is_empty(app, fast):
 
     done, (one, none, beyond) = run_with_sdk(app, scenario)
     assert one == done[-1:] and none == [] and beyond == []
+
+
+def test_a_background_answer_whose_model_call_is_cancelled_elsewhere_fails_and_says_so(qwen, fast):
+    class CancelledDownstream(LocalBackend):  # (as Ray Serve cancels a deployment call whose parent request left)
+        async def stream(self, model, item):
+            raise asyncio.CancelledError()
+            yield  # (an async generator)
+
+    app = create_api(CancelledDownstream({MODEL: qwen}), ServiceConfig(
+        models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None))
+
+    async def scenario(client, http):
+        return await _events(await client.responses.create(background=True, stream=True, model=MODEL, input="hi",
+                                                           max_output_tokens=2))
+
+    events = run_with_sdk(app, scenario)
+    assert events[-1]["type"] == "response.failed"  # (not left in progress until taken for lost)
+    assert events[-1]["response"]["error"] == {"code": "server_error",
+                                               "message": "the model's answer was cancelled before it ended"}

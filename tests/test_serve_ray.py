@@ -518,6 +518,23 @@ def test_separate_ingress_serves_two_models(service, image_url):
         serve.delete("multi")
 
 
+def test_a_background_stream_goes_on_when_its_client_leaves(service):
+    """Behind the separate ingress (the ingress calls the model's deployment): a client that leaves a background
+    stream after its first event cancels its HTTP request, and Ray Serve cancels the calls a request made to other
+    deployments with it; the background answer, which runs in a context of its own, is not among them and ends."""
+    import openai
+
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    ends = []
+    for _ in range(3):
+        stream = client.responses.create(model=MODEL, input="Hi", max_output_tokens=64, background=True, stream=True)
+        opening = next(iter(stream))
+        stream.close()
+        rest = list(client.responses.retrieve(opening.response.id, stream=True, starting_after=0))
+        ends.append((rest[-1].type, len(rest)))
+    assert all(kind in ("response.completed", "response.incomplete") and n > 4 for kind, n in ends), ends
+
+
 def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
     """Two replicas of a model serve the HTTP API themselves: a conversation continued by id is found whichever
     replica the proxy picks (power of two choices: each follow-up lands on either), because both keep their responses
@@ -531,7 +548,7 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
     path = tmp_path / "responses.sqlite"
     cfg = ServiceConfig(app_name="conv", route_prefix="/conv", api_key_env=None, responses_store_path=str(path),
                         models=[ModelConfig(model=MODEL, num_replicas=2, num_cpus=0, routing="power_of_two",
-                                            max_new_tokens_limit=8)])
+                                            max_new_tokens_limit=256)])
     assert cfg.ingress_in_model and cfg.api_processes == 2 and cfg.responses_shared
     serve.run(build_app(cfg), name="conv", route_prefix="/conv")
     try:
@@ -556,13 +573,14 @@ def test_replicas_serving_http_share_one_store_of_responses(service, tmp_path):
                 break
             time.sleep(0.1)
         assert later.status == "queued" and polled.status in ("completed", "incomplete") and polled.output_text
-        streamed = [ev.model_dump() for ev in client.responses.create(model=MODEL, input="Hi", max_output_tokens=8,
-                                                                          background=True, stream=True)]
-        streamed_id = streamed[0]["response"]["id"]
+        stream = client.responses.create(model=MODEL, input="Hi", max_output_tokens=200, background=True, stream=True)
+        opening = next(iter(stream))
+        stream.close()  # (its client leaves: the answer goes on; its calls to the model are not cancelled with it)
+        streamed_id = opening.response.id
         again = [[ev.model_dump() for ev in client.responses.retrieve(streamed_id, stream=True, starting_after=1)]
                  for _ in range(4)]  # (on either replica: from the one answering it, or from the store)
-        assert streamed[-1]["type"] in ("response.completed", "response.incomplete")
-        assert all(events == streamed[2:] for events in again)
+        assert again[0][-1]["type"] in ("response.completed", "response.incomplete")
+        assert all(events == again[0] for events in again) and again[0][0]["sequence_number"] == 2
         with sqlite3.connect(path) as db:
             kept = {r for (r,) in db.execute("SELECT id FROM responses UNION SELECT id FROM conversations")}
         assert kept == {r.id for r in chain} | {conv.id, later.id, f"{later.id}#run", streamed_id, f"{streamed_id}#run"}

@@ -10,6 +10,7 @@ is 503 with ``Retry-After``; a request over ``request_timeout_s`` is 504.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -690,7 +691,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
                                   "response must be stored", "request_too_large", param="background")
         run = background[head.id] = BackgroundRun(head.id, bool(req.stream))
-        run.task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items, run))
+        # In a context of its own: Ray Serve cancels the calls a request makes to other deployments when the request
+        # is cancelled (its client left), by the request's context that a task inherits; the answer must go on.
+        run.task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items, run),
+                                       context=contextvars.Context())
         # (once done, the streams following it here read on from the store)
         run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish()))
         return queued
@@ -724,7 +728,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             with _as_responses_errors(form.names):
                 response = work.result()
         except asyncio.CancelledError:
-            raise
+            if asyncio.current_task().cancelling():  # (this task: cancelled here, or the API stops)
+                raise
+            failure = {"code": "server_error", "message": "the model's answer was cancelled before it ended"}
         except (APIFailure, VlmguardError) as e:
             failure = {"code": getattr(e, "code", None) or type(e).__name__, "message": getattr(e, "message", str(e))}
         except Exception as e:  # (what a foreground request answers as a 500)
