@@ -216,14 +216,17 @@ def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, f
             answering = openai.AsyncOpenAI(base_url="http://one/v1", api_key="x", http_client=h1, max_retries=0)
             other = openai.AsyncOpenAI(base_url="http://two/v1", api_key="x", http_client=h2, max_retries=0)
             queued = await answering.responses.create(background=True, model=MODEL, input="hi", max_output_tokens=3)
+            running = (await h1.get("/metrics")).text
             seen = []  # (as the other process reads it: only the run's heartbeat says it is alive)
             while not seen or seen[-1] in ("queued", "in_progress"):
                 await asyncio.sleep(0.1)
                 seen.append((await other.responses.retrieve(queued.id)).status)
-            return seen
+            await asyncio.sleep(0.1)
+            return seen, running, (await h1.get("/metrics")).text
 
-    seen = asyncio.run(main())
+    seen, running, after = asyncio.run(main())
     assert seen[-1] in ("completed", "incomplete") and seen[:-1].count("in_progress") >= 10
+    assert "\nvlmguard_background_responses 1\n" in running and "\nvlmguard_background_responses 0\n" in after
 
 
 def test_stream_queries_are_checked(app):

@@ -695,8 +695,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         # is cancelled (its client left), by the request's context that a task inherits; the answer must go on.
         run.task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items, run),
                                        context=contextvars.Context())
+        metrics.background_changed(+1)
         # (once done, the streams following it here read on from the store)
-        run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish()))
+        run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish(),
+                                              metrics.background_changed(-1)))
         return queued
 
     async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,

@@ -51,6 +51,7 @@ class ServiceMetrics:
         self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> n
         self.latency = Histogram(LATENCY_BUCKETS)
         self.in_flight = 0
+        self.background = 0  # background responses this process answers now (workers/background_runs.py)
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.decode_s = 0.0
@@ -65,6 +66,11 @@ class ServiceMetrics:
     def request_started(self) -> None:
         with self._lock:
             self.in_flight += 1
+
+    def background_changed(self, by: int) -> None:
+        """A background response's task started (+1) or ended (-1)."""
+        with self._lock:
+            self.background += by
 
     def request_finished(self, endpoint: str, status: int, latency_s: float) -> None:
         with self._lock:
@@ -116,6 +122,7 @@ class ServiceMetrics:
                 "requests_by_status": dict(by_status),
                 "requests_by_endpoint": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
                 "in_flight": self.in_flight,
+                "background_in_flight": self.background,
                 "latency_s": {
                     "count": self.latency.count,
                     "mean": self.latency.sum / self.latency.count if self.latency.count else None,
@@ -165,6 +172,8 @@ class ServiceMetrics:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {0 if value is None else value}"])
 
         gauge("vlmguard_in_flight_requests", "Requests being served now.", s["in_flight"])
+        gauge("vlmguard_background_responses", "Background responses being answered now (queued or in progress).",
+              s["background_in_flight"])
         gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
               "float16 model overflowing; a stream whose engine failed).", s["results_failed"], "counter")
         gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"],
