@@ -1,9 +1,13 @@
 """A backend for the HTTP API without Ray: the replica's path, every request through one in-flight batcher; and
-the OpenAI SDK on an app in this process."""
+the OpenAI SDK on an app in this process, or the app served over HTTP (uvicorn) on a thread."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Awaitable, Callable, Iterator
 
 import httpx
 
@@ -60,3 +64,28 @@ def qwen_api(worker: EngineWorker, **config: Any) -> Any:
 
     return create_api(LocalBackend({worker.name: worker}), ServiceConfig(
         models=[ModelConfig(name=worker.name, model="random:qwen2_vl")], api_key_env=None, **config))
+
+
+@contextlib.contextmanager
+def served(*apps: Any) -> Iterator[list[str]]:
+    """Each app served over HTTP by uvicorn on a thread of its own (its own event loop, as a process of the API
+    would have); their base URLs."""
+    import uvicorn
+
+    servers = []
+    for app in apps:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread, f"http://127.0.0.1:{port}"))
+    try:
+        while not all(server.started for server, _, _ in servers):
+            time.sleep(0.02)
+        yield [url for _, _, url in servers]
+    finally:
+        for server, thread, _ in servers:
+            server.should_exit = True
+            thread.join(timeout=60)  # (its shutdown done: the app's background answers stopped)

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
-from service_support import qwen_api, run_with_sdk
+from service_support import qwen_api, run_with_sdk, served
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
 from vlmguard.workers.background_runs import BackgroundRun, run_key, run_record
@@ -65,31 +62,6 @@ def test_a_background_response_streams_and_streams_again_from_any_sequence_numbe
     assert streamed[-1]["response"]["output"] == stored.model_dump(exclude_none=True)["output"]
 
 
-@contextlib.contextmanager
-def _served(*apps):
-    """Each app served over HTTP by uvicorn on a thread of its own (its own event loop, as a process of the API
-    would have); their base URLs."""
-    import uvicorn
-
-    servers = []
-    for app in apps:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread, f"http://127.0.0.1:{port}"))
-    try:
-        while not all(server.started for server, _, _ in servers):
-            time.sleep(0.02)
-        yield [url for _, _, url in servers]
-    finally:
-        for server, thread, _ in servers:
-            server.should_exit = True
-            thread.join(timeout=60)  # (its shutdown done: the app's background answers stopped)
-
-
 def _sdk(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
 
@@ -114,7 +86,7 @@ def test_a_background_stream_outlives_its_client_and_is_read_on_from_another_pro
         whole = await _events(await other.responses.retrieve(rid, stream=True))
         return opening, status, rest, whole, await other.responses.retrieve(rid), await first.responses.create(**kw)
 
-    with _served(one, two) as (url_one, url_two):
+    with served(one, two) as (url_one, url_two):
         opening, status, rest, whole, stored, foreground = asyncio.run(main(_sdk(url_one), _sdk(url_two)))
     assert status == "in_progress"  # (its client had left)
     assert whole == opening + rest and [ev["sequence_number"] for ev in whole] == list(range(len(whole)))
@@ -133,7 +105,7 @@ def test_a_cancelled_background_stream_ends_with_a_cancel_error(app, fast):
         again = await _events(await client.responses.retrieve(cancelled.id, stream=True, starting_after=3))
         return events, cancelled, again
 
-    with _served(app) as (url,):
+    with served(app) as (url,):
         events, cancelled, again = asyncio.run(main(_sdk(url)))
     assert cancelled.status == "cancelled"
     assert events[-1]["type"] == "error" and events[-1]["code"] == "response_cancelled"
