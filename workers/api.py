@@ -710,7 +710,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             await answered_in_background(head, item, form, req, earlier, items, run)
         finally:
             with contextlib.suppress(StoreUnavailable):
-                await run.beat(store)
+                await run.flush(store)
 
     async def answered_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
                                      earlier: StoredResponse | None, items: list[dict[str, Any]],
@@ -743,7 +743,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         finally:
             work.cancel()  # (a cancelled or abandoned answer stops generating)
         try:
-            await run.beat(store)  # (its last events before the response ends: a stream read elsewhere ends with them)
+            await run.flush(store)  # (its last events before the response ends: a stream read elsewhere ends with them)
             if failure is None:
                 await keep(head.id, response, form, req, earlier, items)
             else:

@@ -93,6 +93,11 @@ class BackgroundRun:
         if await store.get(self.rid) is not None:  # (not when the response was deleted)
             await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
 
+    async def flush(self, store: Responses) -> None:
+        """The events not yet in the store written there (nothing to write: no store call)."""
+        if self.logging and self.written < len(self.events):
+            await self.beat(store)
+
 
 async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float) -> StoredResponse:
     """A stored background response as it stands: moved to ``failed`` (``server_lost``) when it is queued or in
