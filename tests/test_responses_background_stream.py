@@ -13,7 +13,7 @@ import pytest
 from service_support import qwen_api, run_with_sdk, served
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
-from vlmguard.workers.background_runs import BackgroundRun, run_key, run_record
+from vlmguard.workers.background_runs import BackgroundRun, page_key, run_key, run_record
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.response_store import LocalResponses, ResponseStore, StoredResponse
 
@@ -231,6 +231,7 @@ def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
         run.add([{"type": "response.output_text.delta", "sequence_number": 0, "delta": "x" * 100}])
         await run.beat(store)
         small = (await store.get(run_key("resp_a"))).response
+        page = (await store.get(page_key("resp_a", 0))).response["events"]
         run.add([{"type": "response.output_text.delta", "sequence_number": 1, "delta": "x" * 5000}])
         await run.beat(store)
         dropped = (await store.get(run_key("resp_a"))).response
@@ -238,16 +239,16 @@ def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
         await store.delete("resp_a")
         await store.delete(run_key("resp_a"))
         await run.beat(store)  # (the response deleted: no record is kept for it)
-        return small, dropped, followed, await store.get(run_key("resp_a"))
+        return small, page, dropped, followed, await store.get(run_key("resp_a"))
 
     async def _until_finished(run):
         run.finish()
         async for ev in run.follow(-1):
             yield ev
 
-    small, dropped, followed, after_delete = asyncio.run(scenario())
-    assert len(small["events"]) == 1 and not small["dropped"]
-    assert dropped["dropped"] and dropped["events"] == [] and dropped["beat"] >= small["beat"]
+    small, page, dropped, followed, after_delete = asyncio.run(scenario())
+    assert small["pages"] == [0] and not small["dropped"] and [ev["sequence_number"] for ev in page] == [0]
+    assert dropped["dropped"] and dropped["pages"] == [0] and dropped["beat"] >= small["beat"]
     assert [ev["sequence_number"] for ev in followed] == [0, 1]  # (this process still has them all)
     assert after_delete is None
 
@@ -258,10 +259,11 @@ def test_a_stream_read_from_the_store_ends_with_what_became_of_its_response(case
 
     async def scenario():
         store = LocalResponses(ResponseStore(1 << 20))
-        record = run_record(stream=True, dropped=case == "dropped")
-        record.response["events"] = [{"type": "response.created", "sequence_number": 0},
-                                     {"type": "response.output_text.delta", "sequence_number": 1, "delta": "a"}]
-        await store.put(run_key("resp_x"), record)
+        await store.put(run_key("resp_x"), run_record(stream=True, dropped=case == "dropped"))
+        run = BackgroundRun("resp_x", stream=True)
+        run.add([{"type": "response.created", "sequence_number": 0},
+                 {"type": "response.output_text.delta", "sequence_number": 1, "delta": "a"}])
+        await run.beat(store)
         status = {"cancelled": "cancelled", "failed": "failed"}.get(case, "in_progress")
         response = {"id": "resp_x", "object": "response", "status": status, "background": True}
 
@@ -329,3 +331,84 @@ def test_a_stream_asked_for_after_its_last_event_is_empty(app, fast):
     done, (one, none, beyond) = run_with_sdk(app, scenario)
     assert one == done[-1:] and none == [] and beyond == []
 
+
+
+class _CountedStore(ResponseStore):
+    """A store that lists the keys read from it."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(max_bytes)
+        self.read: list[str] = []
+
+    def get(self, rid):
+        self.read.append(rid)
+        return super().get(rid)
+
+
+def _paged_run(status: str) -> tuple[list[dict], dict]:
+    response = {"id": "resp_p", "object": "response", "status": status, "background": True}
+    events = [{"type": "response.output_text.delta", "sequence_number": i, "delta": "x" * 50} for i in range(40)]
+    return events + [{"type": "response.completed", "sequence_number": 40, "response": response}], response
+
+
+def test_a_runs_events_are_written_a_page_a_beat_and_read_from_the_page_after_the_reader():
+    from vlmguard.workers.background_runs import forget, replay
+
+    events, response = _paged_run("completed")
+
+    async def scenario():
+        inner = _CountedStore(1 << 22)
+        store = LocalResponses(inner)
+        await store.put("resp_p", StoredResponse(response=response, messages=[], items=[]))
+        await store.put(run_key("resp_p"), run_record(stream=True))
+        run, sizes = BackgroundRun("resp_p", stream=True), []
+        for start in range(0, len(events), 7):  # (7 events a beat: 6 pages)
+            run.add(events[start:start + 7])
+            await run.beat(store)
+            sizes.append(inner.get(run_key("resp_p")).size)
+        pages = [inner.get(page_key("resp_p", k)).response["events"] for k in range(6)]
+        record = inner.get(run_key("resp_p")).response
+        reads = {}
+        for after in (-1, 0, 6, 7, 20, 39):
+            inner.read.clear()
+            reads[after] = ([ev async for ev in replay(store, {}, "resp_p", after, lambda: store.get("resp_p"))],
+                            [k for k in inner.read if "#run." in k])
+        await forget(store, "resp_p")
+        return sizes, pages, record, reads, list(inner._entries)
+
+    sizes, pages, record, reads, left = asyncio.run(scenario())
+    assert pages == [events[k:k + 7] for k in range(0, 41, 7)]  # (each beat's events, once)
+    assert record["pages"] == [6, 13, 20, 27, 34, 40] and record["ended"]
+    assert sizes[-1] - sizes[0] < 30  # (the record holds where the pages end, not the events)
+    for after, (got, pages_read) in reads.items():
+        assert got == events[after + 1:]
+        wanted = [k for k, last in enumerate(record["pages"]) if last > after]  # (none before the reader's events)
+        assert pages_read == [page_key("resp_p", k) for k in wanted] and len(wanted) == 6 - (after + 1) // 7
+    assert left == ["resp_p"]  # (forget: the run record and its six pages gone, the response kept)
+
+
+@pytest.mark.parametrize("status", ["in_progress", "completed"])
+def test_a_stream_whose_page_was_evicted_ends_where_the_page_begins(status):
+    from vlmguard.workers.background_runs import replay
+
+    events, response = _paged_run(status)
+
+    async def scenario():
+        store = LocalResponses(ResponseStore(1 << 22))
+        await store.put("resp_p", StoredResponse(response=response, messages=[], items=[]))
+        await store.put(run_key("resp_p"), run_record(stream=True))
+        run = BackgroundRun("resp_p", stream=True)
+        for start in range(0, 21, 7):
+            run.add(events[start:start + 7])
+            await run.beat(store)
+        await store.delete(page_key("resp_p", 1))  # (as the store's LRU evicts it to make room)
+        return [ev async for ev in replay(store, {}, "resp_p", 2, lambda: store.get("resp_p"))]
+
+    got = asyncio.run(scenario())
+    assert got[:-1] == events[3:7]  # (page 0 after the reader's event 2; page 1 is gone)
+    end = got[-1]
+    assert end["sequence_number"] == 7
+    if status == "in_progress":  # (told to GET it when it has finished)
+        assert end["type"] == "error" and end["code"] == "stream_unavailable"
+    else:  # (finished: the response as it ended)
+        assert end["type"] == "response.completed" and end["response"] == response

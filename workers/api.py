@@ -931,7 +931,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
         deleted = await removed(response_id, stored, "response")
-        await store.delete(run_key(response_id))  # (a background response's run record, if any)
+        await background_runs.forget(store, response_id)  # (a background response's run record and events, if any)
         return deleted
 
     @app.get("/v1/responses/{response_id}/input_items")

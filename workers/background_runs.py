@@ -8,8 +8,11 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
   answering it died without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with
   ``code: server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for
   ever;
-* for a response created with ``stream: true``, its **events** as streamed (``response.created`` ...
-  ``response.completed``), so that ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from
+* for a response created with ``stream: true``, where its **events** as streamed (``response.created`` ...
+  ``response.completed``) are: each beat writes the events since the last one as a *page* of their own (key
+  :func:`page_key`) and then adds the page's last sequence number to the record's ``pages``, so that a beat writes
+  only what is new and a reader reads only the pages after the events it has (a long answer's events are not
+  rewritten, nor read again, whole at every beat). With them ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from
   any process: live from memory in the process answering it (:class:`BackgroundRun`), else read from the store as
   they are written, a second at a time (:func:`replay`). A stream ends with the response's last event; one cancelled
   or failed before it was written ends with what the response became (an ``error`` event ``response_cancelled``, or
@@ -21,6 +24,7 @@ cluster's machines kept in step by NTP) must agree within a fraction of ``backgr
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
@@ -39,10 +43,21 @@ def run_key(rid: str) -> str:
     return f"{rid}#run"
 
 
+def page_key(rid: str, page: int) -> str:
+    """The store's key of the ``page``-th page of a background response's events (0 first)."""
+    return f"{rid}#run.{page}"
+
+
 def run_record(stream: bool, dropped: bool = False) -> StoredResponse:
-    """A new run record: beaten now, no events yet (``dropped``: its events no longer fit in the store)."""
+    """A new run record: beaten now, no events yet (``dropped``: its events no longer fit in the store). ``pages``:
+    the last sequence number of each page of events written, in order; ``ended``: whether the last page ends with a
+    stream's last event."""
     return StoredResponse(response={"object": "response.run", "stream": stream, "dropped": dropped,
-                                    "beat": time.time(), "events": []}, messages=[], items=[])
+                                    "beat": time.time(), "pages": [], "ended": False}, messages=[], items=[])
+
+
+def _page(events: list[dict[str, Any]]) -> StoredResponse:
+    return StoredResponse(response={"object": "response.events", "events": events}, messages=[], items=[])
 
 
 class BackgroundRun:
@@ -53,7 +68,8 @@ class BackgroundRun:
         self.rid, self.stream = rid, stream
         self.task: Optional[asyncio.Task] = None
         self.events: list[dict[str, Any]] = []
-        self.written = 0  # events already in the store's record
+        self.written = 0  # events already in the store, in ``self.pages`` pages
+        self.pages = 0
         self.logging = stream  # False once the record dropped its events (they outgrew the store)
         self.finished = False
         self._changed = asyncio.Event()  # (replaced at each change: every follower waiting on it wakes)
@@ -83,11 +99,17 @@ class BackgroundRun:
             await changed.wait()
 
     async def beat(self, store: Responses) -> None:
-        """The run record beaten now, with the events written since the last beat (a record that is gone, or whose
-        events outgrew the store, is kept again without them while the response is kept: the heartbeat goes on)."""
+        """The run record beaten now, the events since the last beat written first as a page of their own (when a
+        page does not fit in the store, or the record is gone, the record is kept again without events, marked
+        ``dropped``, while the response is kept: the heartbeat goes on)."""
         fresh = self.events[self.written:] if self.logging else []
-        if await store.edit(run_key(self.rid), "beat", (time.time(), fresh)) is not None:
-            self.written += len(fresh)
+        if fresh and not await store.put(page_key(self.rid, self.pages), _page(fresh)):
+            self.logging, fresh = False, []
+        change = {"beat": time.time(), "page": fresh[-1]["sequence_number"] if fresh else None,
+                  "ended": bool(fresh) and fresh[-1]["type"] in ENDS, "dropped": not self.logging and self.stream}
+        if await store.edit(run_key(self.rid), "beat", change) is not None:
+            if fresh:
+                self.written, self.pages = self.written + len(fresh), self.pages + 1
             return
         self.logging = False
         if await store.get(self.rid) is not None:  # (not when the response was deleted)
@@ -97,6 +119,16 @@ class BackgroundRun:
         """The events not yet in the store written there (nothing to write: no store call)."""
         if self.logging and self.written < len(self.events):
             await self.beat(store)
+
+
+async def forget(store: Responses, rid: str) -> None:
+    """A background response's run record and its pages of events deleted (nothing when it has none)."""
+    record = await store.get(run_key(rid))
+    if record is None:
+        return
+    await store.delete(run_key(rid))
+    for page in range(len(record.response.get("pages", []))):
+        await store.delete(page_key(rid, page))
 
 
 async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float) -> StoredResponse:
@@ -142,22 +174,35 @@ async def replay(store: Responses, runs: dict[str, BackgroundRun], rid: str, aft
         except Exception as e:  # (deleted meanwhile, the store unavailable: the stream ends with why)
             yield error_event(seen + 1, getattr(e, "code", None) or type(e).__name__, getattr(e, "message", str(e)))
             return
-        logged = record.response["events"] if record is not None else []
+        logged, missing = await _logged(store, rid, record, seen)
         for ev in logged:
-            if ev["sequence_number"] > seen:
-                yield ev
-                seen = ev["sequence_number"]
-                if ev["type"] in ENDS:
-                    return
+            yield ev
+            seen = ev["sequence_number"]
+            if ev["type"] in ENDS:
+                return
         if response.get("status") not in RUNNING:
-            if not (logged and logged[-1]["type"] in ENDS):  # (else its end came before ``after``: nothing more)
+            if missing or not record or not record.response["ended"]:  # (else it ended at or before ``after``)
                 yield ending(response, seen + 1)
             return
-        if record is None or record.response.get("dropped"):
+        if record is None or record.response.get("dropped") or missing:
             yield error_event(seen + 1, "stream_unavailable", f"the events of response {rid!r} are no longer kept "
                                                               "(responses_store_mb): GET it when it has finished")
             return
         await asyncio.sleep(STREAM_POLL_S)
+
+
+async def _logged(store: Responses, rid: str, record: Optional[StoredResponse],
+                  after: int) -> tuple[list[dict[str, Any]], bool]:
+    """The events of ``record``'s pages numbered after ``after``, in order, up to the first page the store no longer
+    has (evicted to make room); and whether one was missing."""
+    ends = record.response.get("pages", []) if record is not None else []
+    events: list[dict[str, Any]] = []
+    for page in range(bisect.bisect_right(ends, after), len(ends)):
+        kept = await store.get(page_key(rid, page))
+        if kept is None:
+            return events, True
+        events += [ev for ev in kept.response["events"] if ev["sequence_number"] > after]
+    return events, False
 
 
 def error_event(seq: int, code: str, message: str) -> dict[str, Any]:

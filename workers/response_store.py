@@ -73,19 +73,22 @@ def _move(entry: StoredResponse, move: tuple[list[str], dict[str, Any]]) -> Stor
     return _update(entry, fields) if entry.response.get("status") in before else entry
 
 
-def _beat(record: StoredResponse, update: tuple[float, list[dict[str, Any]]]) -> StoredResponse:
-    """A background response's run record (workers/background_runs.py) beaten at ``update[0]``, with ``update[1]``
-    appended to its events."""
-    when, events = update
+def _beat(record: StoredResponse, change: dict[str, Any]) -> StoredResponse:
+    """A background response's run record (workers/background_runs.py) beaten at ``change["beat"]``, the last
+    sequence number of the page of events just written (``change["page"]``, None: no new page) added to its pages,
+    ``ended`` when that page ends its stream, ``dropped`` when its events no longer fit in the store."""
     run = record.response
-    return StoredResponse(response={**run, "beat": when, "events": [*run["events"], *events]}, messages=[], items=[])
+    pages = run["pages"] if change["page"] is None else [*run["pages"], change["page"]]
+    return StoredResponse(response={**run, "beat": change["beat"], "pages": pages,
+                                    "ended": run["ended"] if change["page"] is None else change["ended"],
+                                    "dropped": run["dropped"] or change["dropped"]}, messages=[], items=[])
 
 
 # The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
 # a conversation's items added or one removed, fields of its object replaced (workers/conversations.py); a
 # background response finished unless it was cancelled, or moved from a state to the next (queued -> in_progress,
 # queued or in_progress -> cancelled, or failed when its server stops) unless it has left the first; a background
-# response's run record beaten, with its new events.
+# response's run record beaten, with its new page of events.
 EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "move": _move, "beat": _beat}
 
 
