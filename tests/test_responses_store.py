@@ -212,6 +212,31 @@ def test_a_store_file_with_conversations_among_its_responses_moves_them_to_their
     assert len(store.pools["conversations"]) == len(store.pools["responses"]) == 1
 
 
+def test_a_store_files_total_size_is_kept_by_the_file_and_counted_once_for_a_file_without_it(tmp_path):
+    path = tmp_path / "r.sqlite"
+
+    def summed(table: str) -> int:  # (what the kept total must equal)
+        with sqlite3.connect(path) as db:
+            return db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {table}").fetchone()[0]
+
+    entry = lambda n: StoredResponse(response={"id": "x"}, messages=[], items=[], size=n)  # noqa: E731
+    with sqlite3.connect(path) as db:  # (a file of before: its table, no total)
+        db.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, body TEXT NOT NULL, size INTEGER NOT NULL, "
+                   "used INTEGER NOT NULL)")
+        db.executemany("INSERT INTO responses VALUES (?, ?, ?, ?)", [
+            (key, '{"response": {}, "messages": [], "items": []}', 300, n) for n, key in
+            enumerate(["resp_old", "conv_old"])])
+    store = open_store(1000, str(path), conversation_bytes=1000)
+    assert store.pools["responses"].bytes == 300 and store.pools["conversations"].bytes == 300  # (counted, moved)
+    other = SqliteResponseStore(path, 1000)  # (a second process on the file: the same total, not counted twice)
+    for i in range(6):  # (puts that evict, replacements, edits that grow an entry, deletes)
+        assert store.put(f"resp_{i}", entry(200 + 50 * i)) and other.put("resp_1", entry(100))
+        store.edit("resp_1", "update", {"metadata": {"n": "x" * 40 * i}})
+        store.delete(f"resp_{i - 2}")
+        assert other.bytes == store.pools["responses"].bytes == summed("responses") <= 1000
+    assert store.pools["conversations"].bytes == summed("conversations") == 300
+
+
 def test_a_store_file_that_cannot_be_kept_is_one_clear_error(tmp_path):
     from vlmguard.errors import InvalidInput
     from vlmguard.workers.config import parse_config
