@@ -1,5 +1,5 @@
 """Requests of one pruner and decoder share a batch whatever their own generation settings (length, stop
-strings, greedy or sampling, temperature, top-k / top-p, seed, diagnostics, log-probabilities), and each gets
+strings, greedy or sampling, temperature, top-k / top-p / min-p, seed, diagnostics, log-probabilities), and each gets
 exactly what it gets alone: in one engine call, in a running batch it joins, and through the replica's
 batchers. Requests of another pruner or decoder never share a batch."""
 from __future__ import annotations
@@ -31,8 +31,8 @@ def mixed_specs(**shared) -> list[GenerationSpec]:
     return [
         GenerationSpec(max_new_tokens=3, **shared),
         GenerationSpec(max_new_tokens=7, do_sample=True, temperature=0.8, top_k=20, seed=5, logprobs=2, **shared),
-        GenerationSpec(max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, seed=11, diagnostics=False,
-                       **shared),
+        GenerationSpec(max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, min_p=0.05, seed=11,
+                       diagnostics=False, **shared),
         GenerationSpec(max_new_tokens=8, stop=["e"], **shared),
     ]
 

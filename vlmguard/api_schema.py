@@ -294,9 +294,9 @@ class ChatCompletionRequest(NumbersNotBooleans):
 
     ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
     (``vlmguard/tool_calls.py``); ``user`` is accepted and ignored; anything else is refused with a message naming
-    the parameter. ``repetition_penalty``, ``min_tokens``, ``guided_choice``, ``guided_json``,
-    ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body``
-    sends them).
+    the parameter. ``repetition_penalty``, ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``guided_choice``,
+    ``guided_json``, ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's
+    ``extra_body`` sends them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -325,6 +325,12 @@ class ChatCompletionRequest(NumbersNotBooleans):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
+    # vLLM's sampling extensions: top-k (0 or -1: off; ``vlmguard.top_k`` is the same), min-p, and ``ignore_eos``
+    # (here the end of sequence is held back until max_tokens, as min_tokens = max_tokens: the answer runs to its
+    # length unless a stop string ends it; vLLM instead goes on past an end-of-sequence token it drew)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    ignore_eos: Optional[StrictBool] = None
     logit_bias: Optional[dict[str, float]] = None  # {token id: bias in [-100, 100]}, read by GenerationSpec
     guided_choice: Optional[list[str]] = None  # vLLM's: the answer is one of these (GenerationSpec.choices)
     # vLLM's structured output (GenerationSpec.guided; one of them, or response_format's JSON): a JSON schema (an
@@ -346,6 +352,18 @@ class ChatCompletionRequest(NumbersNotBooleans):
         if self.top_logprobs and not self.logprobs:
             raise PydanticCustomError("invalid_request", "top_logprobs requires logprobs: true", {})
         return self
+
+    @model_validator(mode="after")
+    def _one_top_k(self) -> "ChatCompletionRequest":
+        if self.top_k is not None and self.vlmguard.top_k is not None and self.spec_top_k != self.vlmguard.top_k:
+            raise PydanticCustomError("invalid_request", "top_k {a} and vlmguard.top_k {b} disagree: give one",
+                                      {"a": self.top_k, "b": self.vlmguard.top_k})
+        return self
+
+    @property
+    def spec_top_k(self) -> int:
+        """``GenerationSpec.top_k``: the top-level ``top_k`` (vLLM's -1 is off, as 0) or ``vlmguard.top_k``."""
+        return max(0, self.top_k) if self.top_k is not None else (self.vlmguard.top_k or 0)
 
     @property
     def spec_logprobs(self) -> Optional[int]:

@@ -3,8 +3,9 @@
 Every request of a batch selects its tokens by its own spec, with its own :class:`RowSampler` (kept with the
 request, so it leaves a running batch with it). Greedy: argmax of the decoder's final scores
 (ties -> lowest id, like torch.argmax). Sampling: the request's scores go through transformers' public logits
-warpers (its temperature, top-k, top-p) and are sampled with the request's own seeded ``torch.Generator``, so
-a request draws the same tokens whether it runs alone or in a batch, next to requests with other settings.
+warpers (its temperature, top-k, top-p, min-p, in the order of transformers' ``generate``) and are sampled with
+the request's own seeded ``torch.Generator``, so a request draws the same tokens whether it runs alone or in a
+batch, next to requests with other settings.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from vlmguard.spec import GenerationSpec
 
@@ -35,6 +37,8 @@ class RowSampler:
             warpers.append(TopKLogitsWarper(spec.top_k))
         if spec.top_p < 1.0:
             warpers.append(TopPLogitsWarper(spec.top_p))
+        if spec.min_p > 0.0:
+            warpers.append(MinPLogitsWarper(spec.min_p))
         seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         return cls(warpers, torch.Generator(device="cpu").manual_seed(seed))
 

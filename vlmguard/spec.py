@@ -24,8 +24,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                                "seed", "stop", "diagnostics", "logprobs", "presence_penalty", "frequency_penalty",
-                                "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
+                                "min_p", "seed", "stop", "diagnostics", "logprobs", "presence_penalty",
+                                "frequency_penalty", "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
 MAX_CHOICE_CHARS = 512
@@ -177,6 +177,9 @@ class GenerationSpec(NumbersNotBooleans):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    # min-p sampling (vLLM's and transformers' ``min_p``): tokens less likely than min_p x the most likely one's
+    # probability are left out; 0 = off, 1 keeps only the most likely
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what a torch generator and a SQLite INTEGER hold
     stop: list[str] = Field(default_factory=list)
     # Penalties on tokens the request has generated so far, applied to the model's logits (every branch row)

@@ -12,9 +12,9 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
   ``response.completed``) are: each beat writes the events since the last one as a *page* of their own (key
   :func:`page_key`) and then adds the page's last sequence number to the record's ``pages``, so that a beat writes
   only what is new and a reader reads only the pages after the events it has (a long answer's events are not
-  rewritten, nor read again, whole at every beat). With them ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from
-  any process: live from memory in the process answering it (:class:`BackgroundRun`), else read from the store as
-  they are written, a second at a time (:func:`replay`). A stream ends with the response's last event; one cancelled
+  rewritten, nor read again, whole at every beat). With them ``GET /v1/responses/{id}?stream=true&starting_after=N``
+  streams them again from any process: live from memory in the process answering it (:class:`BackgroundRun`), else
+  read from the store as they are written, a second at a time (:func:`replay`). A stream ends with the response's last event; one cancelled
   or failed before it was written ends with what the response became (an ``error`` event ``response_cancelled``, or
   ``response.failed`` with its error).
 

@@ -51,7 +51,7 @@ ImageResolver = Callable[[str], Image.Image]
 # others are in the ``vlmguard`` object. A native request has the spec's fields in its ``spec`` object.
 CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "messages",
                        "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
-                       **{k: k for k in ("temperature", "top_p", "seed", "stop", "presence_penalty",
+                       **{k: k for k in ("temperature", "top_p", "min_p", "seed", "stop", "presence_penalty",
                                          "frequency_penalty", "repetition_penalty", "logit_bias")},
                        "choices": "guided_choice", "guided.regex": "guided_regex", "guided.grammar": "guided_grammar",
                        "guided.json_schema": "response_format", "guided.json_object": "response_format",
@@ -127,16 +127,20 @@ def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: Gu
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit)
     _check_max_tokens(max_new, max_new_tokens_limit)  # before GenerationSpec's own bound, which names its field
+    if req.ignore_eos and (guided is not None or req.guided_choice):
+        raise InvalidInput("ignore_eos cannot go with a format the answer is held to (response_format, guided_*, a "
+                           "forced or strict tool call): a complete answer may be shorter than max_tokens",
+                           param="ignore_eos")
     spec = GenerationSpec.build(
         pruning=o.pruning, budget=o.budget, pruning_params=o.pruning_params, decoding=o.decoding,
         decoding_params=o.decoding_params, max_new_tokens=max_new,
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=o.top_k or 0, seed=req.seed, stop=stop,
-        diagnostics=o.diagnostics, logprobs=req.spec_logprobs, presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.spec_top_k, min_p=req.min_p or 0.0,
+        seed=req.seed, stop=stop, diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_new_tokens=req.min_tokens or 0, image_aspect=o.image_aspect, logit_bias=req.logit_bias or {},
-        choices=req.guided_choice or [], guided=guided,
+        min_new_tokens=max_new if req.ignore_eos else req.min_tokens or 0, image_aspect=o.image_aspect,
+        logit_bias=req.logit_bias or {}, choices=req.guided_choice or [], guided=guided,
     )
     return _check_spec(spec, max_new_tokens_limit)
 

@@ -41,6 +41,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="min-p sampling: leave out tokens less likely than MIN_P x the most likely one's probability "
+                        "(0: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtracted from the score of every token the answer already has (-2..2)")
@@ -90,7 +93,7 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         decoding=args.decoding, decoding_params=decoding_params,
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         do_sample=True if args.sample else None,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
         image_aspect=args.image_aspect, logit_bias=dict(getattr(args, "logit_bias", None) or []),
