@@ -274,7 +274,7 @@ def _spec(rng: random.Random, base):
     own = {"max_new_tokens": rng.randint(1, 10)}
     if base.decoding == "sample" or rng.random() < 0.3:
         own.update(do_sample=True, temperature=rng.choice([0.7, 1.0, 1.4]), top_k=rng.choice([0, 5, 20]),
-                   seed=rng.randrange(10_000))
+                   min_p=rng.choice([0.0, 0.1]), seed=rng.randrange(10_000))
     if rng.random() < 0.25:
         own["stop"] = [rng.choice(STOPS)]
     if rng.random() < 0.3:
