@@ -92,6 +92,16 @@ def test_generate_logit_bias(capsys, image):
     assert "argument --logit-bias: expected TOKEN_ID=BIAS (e.g. 2=-100), got '7'" in capsys.readouterr().err
 
 
+def test_generate_stop_token_id(capsys, image):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "3", "--json", "--logit-bias", "7=100"]
+    rc, out, _ = run_cli(capsys, *args, "--stop-token-id", "9", "--stop-token-id", "7")
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and obj["tokens"] == [] and obj["finish_reason"] == "stop"  # (7 drawn first: the answer ends)
+    rc, _, err = run_cli(capsys, *args, "--stop-token-id", "99999999")
+    assert rc == 2 and "stop_token_ids names token id 99999999, past the model's vocabulary" in err
+
+
 def test_generate_choice(capsys, image):
     args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
             "--max-new-tokens", "8", "--json"]

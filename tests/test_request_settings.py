@@ -33,7 +33,7 @@ def mixed_specs(**shared) -> list[GenerationSpec]:
         GenerationSpec(max_new_tokens=7, do_sample=True, temperature=0.8, top_k=20, seed=5, logprobs=2, **shared),
         GenerationSpec(max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, min_p=0.05, seed=11,
                        diagnostics=False, **shared),
-        GenerationSpec(max_new_tokens=8, stop=["e"], **shared),
+        GenerationSpec(max_new_tokens=8, stop=["e"], stop_token_ids=[5, 9], **shared),
     ]
 
 

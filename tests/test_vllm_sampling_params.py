@@ -1,12 +1,14 @@
 """vLLM's sampling extensions of the chat API: top-level ``top_k`` (-1 or 0: off), ``min_p`` (``GenerationSpec.min_p``,
-transformers' ``MinPLogitsWarper`` after temperature, top-k and top-p) and ``ignore_eos`` (the end of sequence held
-back until ``max_tokens``), as clients following vLLM's or a model card's examples send them (``extra_body``)."""
+transformers' ``MinPLogitsWarper`` after temperature, top-k and top-p), ``ignore_eos`` (the end of sequence held back
+until ``max_tokens``) and ``stop_token_ids`` (``GenerationSpec.stop_token_ids``: ends the answer as the end of
+sequence does), as clients following vLLM's or a model card's examples send them (``extra_body``)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from service_support import qwen_api, run_with_sdk
+from vlmguard.engine import Request
 from vlmguard.errors import InvalidInput
 from vlmguard.images import image_to_data_url
 from vlmguard.sampling import RowSampler
@@ -78,8 +80,40 @@ def test_vllms_top_k_min_p_and_ignore_eos_are_taken_at_the_top_level(app, qwen):
     assert "ignore_eos cannot go with a format" in bad[4].json()["error"]["message"]
 
 
-def test_benchmarks_refuse_min_p():
+@pytest.mark.parametrize("spec", [GenerationSpec(min_p=0.1), GenerationSpec(stop_token_ids=[3])])
+def test_benchmarks_refuse_min_p_and_stop_token_ids(spec):
     from vlmguard.bench.runner import run_benchmark
 
-    with pytest.raises(InvalidInput, match="benchmarks do not take min_p"):
-        run_benchmark(None, "chair", None, GenerationSpec(min_p=0.1), db=":memory:")
+    name = "min_p" if spec.min_p else "stop_token_ids"
+    with pytest.raises(InvalidInput, match=f"benchmarks do not take {name}"):
+        run_benchmark(None, "chair", None, spec, db=":memory:")
+
+
+def test_a_stop_token_ends_the_answer_where_it_is_drawn_unless_held_by_min_tokens(qwen):
+    engine = qwen.engine
+    req = [Request("What is in the picture?", [random_image(3, (48, 40))])]
+    plain = engine.generate(req, GenerationSpec(max_new_tokens=12))[0].token_ids
+    stop = plain[4]
+    first = plain.index(stop)  # (where it is first drawn)
+    cut = engine.generate(req, GenerationSpec(max_new_tokens=12, stop_token_ids=[stop]))[0]
+    assert cut.token_ids == plain[:first] and cut.finish_reason == "stop"
+    held = engine.generate(req, GenerationSpec(max_new_tokens=12, stop_token_ids=[stop], min_new_tokens=first + 2))
+    assert held[0].token_ids[:first] == plain[:first] and stop not in held[0].token_ids[:first + 2]
+    assert len(held[0].token_ids) >= first + 2
+
+
+def test_stop_token_ids_over_the_chat_api(app):
+    async def scenario(client, http):
+        chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "logit_bias": {"7": 100}}  # (7, 7, ...)
+        answers = [(await http.post("/v1/chat/completions", json={**chat, "stop_token_ids": ids})).json()
+                   for ids in ([8], [8, 7])]
+        bad = [await http.post("/v1/chat/completions", json={**chat, "stop_token_ids": ids}) for ids in (
+            [10**9], [-1], "7")]
+        return answers, bad
+
+    (other, seven), bad = run_with_sdk(app, scenario)
+    assert (other["choices"][0]["finish_reason"], other["usage"]["completion_tokens"]) == ("length", 6)
+    assert (seven["choices"][0]["finish_reason"], seven["usage"]["completion_tokens"]) == ("stop", 0)
+    assert [b.status_code for b in bad] == [400] * 3
+    assert [b.json()["error"]["param"].split(".")[0] for b in bad] == ["stop_token_ids"] * 3
+    assert "past the model's vocabulary" in bad[0].json()["error"]["message"]

@@ -294,7 +294,8 @@ class ChatCompletionRequest(NumbersNotBooleans):
 
     ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
     (``vlmguard/tool_calls.py``); ``user`` is accepted and ignored; anything else is refused with a message naming
-    the parameter. ``repetition_penalty``, ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``guided_choice``,
+    the parameter. ``repetition_penalty``, ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``,
+    ``guided_choice``,
     ``guided_json``, ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's
     ``extra_body`` sends them).
     """
@@ -331,6 +332,7 @@ class ChatCompletionRequest(NumbersNotBooleans):
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     ignore_eos: Optional[StrictBool] = None
+    stop_token_ids: Optional[list[int]] = None  # vLLM's: drawing one of these ends the answer, as the end of sequence
     logit_bias: Optional[dict[str, float]] = None  # {token id: bias in [-100, 100]}, read by GenerationSpec
     guided_choice: Optional[list[str]] = None  # vLLM's: the answer is one of these (GenerationSpec.choices)
     # vLLM's structured output (GenerationSpec.guided; one of them, or response_format's JSON): a JSON schema (an

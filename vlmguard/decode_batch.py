@@ -253,7 +253,7 @@ class DecodeBatch:
                 lv.error = f"at generated token {len(lv.gen)}: {why}"
                 finished_rows.append(j)
                 continue
-            if t in self.eos:
+            if t in self.eos or t in lv.spec.stop_token_ids:
                 lv.finish = "stop"
                 finished_rows.append(j)
                 continue

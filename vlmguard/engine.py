@@ -456,14 +456,15 @@ class Engine:
         return (adapter or self.adapter).encode(prompts).input_ids[0].tolist()
 
     def _check_token_settings(self, specs: list[GenerationSpec], positions: list[int]) -> None:
-        """Each request's ``logit_bias`` names ids of the model's vocabulary, its ``choices`` have tokens and
+        """Each request's ``logit_bias`` and ``stop_token_ids`` name ids of the model's vocabulary, its ``choices`` have tokens and
         can end (vlmguard/choices.py), and its ``guided`` format compiles for this tokenizer (vlmguard/guided.py)."""
         width = self.adapter.logits_width
         for i, s in zip(positions, specs):
-            beyond = [t for t in s.logit_bias if t >= width]
-            if beyond:
-                raise InvalidInput(f"request {i}: logit_bias names token id {beyond[0]}, past the model's vocabulary "
-                                   f"(ids 0-{width - 1})", param="logit_bias")
+            for name, ids in (("logit_bias", s.logit_bias), ("stop_token_ids", s.stop_token_ids)):
+                beyond = [t for t in ids if t >= width]
+                if beyond:
+                    raise InvalidInput(f"request {i}: {name} names token id {beyond[0]}, past the model's vocabulary "
+                                       f"(ids 0-{width - 1})", param=name)
             if s.choices:
                 if not self.adapter.eos_token_ids:
                     raise InvalidInput(f"request {i}: choices need an end-of-sequence token, and this model has none",

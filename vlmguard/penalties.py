@@ -78,17 +78,19 @@ def _repeat_penalties(row: torch.Tensor, ids: Sequence[int], spec: GenerationSpe
 
 def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],
              eos: set[int], fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Final scores (B, V) with the end-of-sequence tokens at -inf in the rows whose request has generated fewer
-    than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
+    """Final scores (B, V) with the end-of-sequence tokens (and the request's ``stop_token_ids``) at -inf in the rows
+    whose request has generated fewer than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
     scores stay log-probabilities of what can be chosen). Applied to what the decoder combined, not to each
     branch's logits: a contrast of two -inf scores would be NaN. A held row that keeps no finite score (a
     contrastive decoder's plausible set held only end-of-sequence tokens) takes ``fallback``'s row instead (the
     main branch's log-probabilities: plain decoding), its end-of-sequence tokens held too."""
-    rows = [j for j, (ids, spec) in enumerate(zip(generated, specs)) if len(ids) < spec.min_new_tokens]
-    if not rows or not eos:
+    rows = [j for j, (ids, spec) in enumerate(zip(generated, specs))
+            if len(ids) < spec.min_new_tokens and (eos or spec.stop_token_ids)]
+    if not rows:
         return scores
     allowed = torch.ones(len(rows), scores.shape[-1], dtype=torch.bool, device=scores.device)
-    allowed[:, sorted(t for t in eos if t < scores.shape[-1])] = False
+    for i, j in enumerate(rows):
+        allowed[i, sorted(t for t in eos.union(specs[j].stop_token_ids) if t < scores.shape[-1])] = False
     return keep_only(scores, rows, allowed, fallback)
 
 

@@ -24,9 +24,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
-                                "min_p", "seed", "stop", "diagnostics", "logprobs", "presence_penalty",
+                                "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs", "presence_penalty",
                                 "frequency_penalty", "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
+MAX_STOP_TOKEN_IDS = 256  # the most tokens one request's stop_token_ids may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
 MAX_CHOICE_CHARS = 512
 MAX_GUIDE_CHARS = 65536  # the longest regular expression, Lark grammar or JSON schema (as JSON) of a request
@@ -182,6 +183,9 @@ class GenerationSpec(NumbersNotBooleans):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what a torch generator and a SQLite INTEGER hold
     stop: list[str] = Field(default_factory=list)
+    # vLLM's stop_token_ids: drawing one of these ends the answer as the end of sequence does (left out of it;
+    # held back by min_new_tokens as the end of sequence is); ids past the model's vocabulary are refused by the engine
+    stop_token_ids: list[NonNegativeInt] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     # Penalties on tokens the request has generated so far, applied to the model's logits (every branch row)
     # before the decoder combines them (vlmguard/penalties.py): OpenAI's presence / frequency penalties (logit -
     # presence - frequency x count) and the multiplicative repetition penalty of transformers and vLLM (1 = off).

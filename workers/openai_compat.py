@@ -51,8 +51,8 @@ ImageResolver = Callable[[str], Image.Image]
 # others are in the ``vlmguard`` object. A native request has the spec's fields in its ``spec`` object.
 CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "messages",
                        "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
-                       **{k: k for k in ("temperature", "top_p", "min_p", "seed", "stop", "presence_penalty",
-                                         "frequency_penalty", "repetition_penalty", "logit_bias")},
+                       **{k: k for k in ("temperature", "top_p", "min_p", "seed", "stop", "stop_token_ids",
+                                         "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")},
                        "choices": "guided_choice", "guided.regex": "guided_regex", "guided.grammar": "guided_grammar",
                        "guided.json_schema": "response_format", "guided.json_object": "response_format",
                        "guided": "response_format"}
@@ -136,7 +136,7 @@ def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: Gu
         decoding_params=o.decoding_params, max_new_tokens=max_new,
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.spec_top_k, min_p=req.min_p or 0.0,
-        seed=req.seed, stop=stop, diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
+        seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [], diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_new_tokens=max_new if req.ignore_eos else req.min_tokens or 0, image_aspect=o.image_aspect,
