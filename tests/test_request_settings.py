@@ -29,7 +29,7 @@ def reqs(n: int) -> list[Request]:
 
 def mixed_specs(**shared) -> list[GenerationSpec]:
     return [
-        GenerationSpec(max_new_tokens=3, **shared),
+        GenerationSpec(max_new_tokens=3, ignore_eos=True, **shared),
         GenerationSpec(max_new_tokens=7, do_sample=True, temperature=0.8, top_k=20, seed=5, logprobs=2, **shared),
         GenerationSpec(max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, min_p=0.05, seed=11,
                        diagnostics=False, **shared),

@@ -74,19 +74,19 @@ def test_vllms_top_k_min_p_and_ignore_eos_are_taken_at_the_top_level(app, qwen):
     assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 0
     assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 12
     assert [b.status_code for b in bad] == [400] * 6
-    assert [b.json()["error"]["param"] for b in bad] == ["top_k", "min_p", None, "ignore_eos", "ignore_eos",
-                                                         "ignore_eos"]
+    assert [b.json()["error"]["param"] for b in bad] == ["top_k", "min_p", None, "ignore_eos", "response_format",
+                                                         "guided_choice"]
     assert "top_k 5 and vlmguard.top_k 3 disagree" in bad[2].json()["error"]["message"]
-    assert "ignore_eos cannot go with a format" in bad[4].json()["error"]["message"]
+    assert "guided and ignore_eos cannot go together" in bad[4].json()["error"]["message"]
+    assert "choices and ignore_eos cannot go together" in bad[5].json()["error"]["message"]
 
 
-@pytest.mark.parametrize("spec", [GenerationSpec(min_p=0.1), GenerationSpec(stop_token_ids=[3])])
-def test_benchmarks_refuse_min_p_and_stop_token_ids(spec):
+@pytest.mark.parametrize("name, value", [("min_p", 0.1), ("stop_token_ids", [3]), ("ignore_eos", True)])
+def test_benchmarks_refuse_the_vllm_sampling_settings(name, value):
     from vlmguard.bench.runner import run_benchmark
 
-    name = "min_p" if spec.min_p else "stop_token_ids"
     with pytest.raises(InvalidInput, match=f"benchmarks do not take {name}"):
-        run_benchmark(None, "chair", None, spec, db=":memory:")
+        run_benchmark(None, "chair", None, GenerationSpec(**{name: value}), db=":memory:")
 
 
 def test_a_stop_token_ends_the_answer_where_it_is_drawn_unless_held_by_min_tokens(qwen):
@@ -100,6 +100,10 @@ def test_a_stop_token_ends_the_answer_where_it_is_drawn_unless_held_by_min_token
     held = engine.generate(req, GenerationSpec(max_new_tokens=12, stop_token_ids=[stop], min_new_tokens=first + 2))
     assert held[0].token_ids[:first] == plain[:first] and stop not in held[0].token_ids[:first + 2]
     assert len(held[0].token_ids) >= first + 2
+    eos = engine.adapter.eos_token_ids[0]  # (all but forced at every step: ignore_eos holds it, not the stop token)
+    ignoring = engine.generate(req, GenerationSpec(max_new_tokens=12, stop_token_ids=[stop], ignore_eos=True,
+                                                   logit_bias={eos: 100}))[0]
+    assert ignoring.finish_reason == "stop" and eos not in ignoring.token_ids and len(ignoring.token_ids) < 12
 
 
 def test_stop_token_ids_over_the_chat_api(app):

@@ -327,8 +327,8 @@ class ChatCompletionRequest(NumbersNotBooleans):
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     min_tokens: Optional[int] = Field(None, ge=0)  # vLLM's: no end of sequence before this many tokens
     # vLLM's sampling extensions: top-k (0 or -1: off; ``vlmguard.top_k`` is the same), min-p, and ``ignore_eos``
-    # (here the end of sequence is held back until max_tokens, as min_tokens = max_tokens: the answer runs to its
-    # length unless a stop string ends it; vLLM instead goes on past an end-of-sequence token it drew)
+    # (GenerationSpec.ignore_eos: the end of sequence is held back, so the answer runs to max_tokens unless a stop
+    # string or a stop token id ends it)
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     ignore_eos: Optional[StrictBool] = None

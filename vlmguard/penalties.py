@@ -79,18 +79,20 @@ def _repeat_penalties(row: torch.Tensor, ids: Sequence[int], spec: GenerationSpe
 def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],
              eos: set[int], fallback: torch.Tensor | None = None) -> torch.Tensor:
     """Final scores (B, V) with the end-of-sequence tokens (and the request's ``stop_token_ids``) at -inf in the rows
-    whose request has generated fewer than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
+    whose request has generated fewer than its ``min_new_tokens`` (only the end of sequence, at every step, in those
+    whose request ignores it: ``ignore_eos``) (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
     scores stay log-probabilities of what can be chosen). Applied to what the decoder combined, not to each
     branch's logits: a contrast of two -inf scores would be NaN. A held row that keeps no finite score (a
     contrastive decoder's plausible set held only end-of-sequence tokens) takes ``fallback``'s row instead (the
     main branch's log-probabilities: plain decoding), its end-of-sequence tokens held too."""
-    rows = [j for j, (ids, spec) in enumerate(zip(generated, specs))
-            if len(ids) < spec.min_new_tokens and (eos or spec.stop_token_ids)]
+    held = {j: eos.union(spec.stop_token_ids) if len(ids) < spec.min_new_tokens else eos if spec.ignore_eos else ()
+            for j, (ids, spec) in enumerate(zip(generated, specs))}
+    rows = [j for j, ids in held.items() if ids]
     if not rows:
         return scores
     allowed = torch.ones(len(rows), scores.shape[-1], dtype=torch.bool, device=scores.device)
     for i, j in enumerate(rows):
-        allowed[i, sorted(t for t in eos.union(specs[j].stop_token_ids) if t < scores.shape[-1])] = False
+        allowed[i, sorted(t for t in held[j] if t < scores.shape[-1])] = False
     return keep_only(scores, rows, allowed, fallback)
 
 

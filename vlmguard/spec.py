@@ -23,7 +23,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
-PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
                                 "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs", "presence_penalty",
                                 "frequency_penalty", "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
@@ -173,6 +173,9 @@ class GenerationSpec(NumbersNotBooleans):
     # End-of-sequence tokens are kept from being chosen until this many tokens are generated (transformers'
     # ``min_new_tokens``, vLLM's ``min_tokens``); stop strings still end an answer.
     min_new_tokens: int = Field(0, ge=0, le=8192)
+    # vLLM's ignore_eos: end-of-sequence tokens are kept from being chosen at every step, so the answer runs to
+    # max_new_tokens unless a stop string or a stop token id ends it (vLLM instead draws on past an end of sequence)
+    ignore_eos: StrictBool = False
     # Token selection. None: sample only when decoding == "sample".
     do_sample: StrictBool | None = None  # "yes" or 1 is refused, not read as true
     temperature: float = Field(1.0, ge=0.0, le=10.0)
@@ -226,6 +229,9 @@ class GenerationSpec(NumbersNotBooleans):
         if v and info.data.get("min_new_tokens"):
             raise PydanticCustomError("choices_min_tokens", "choices and min_new_tokens cannot go together (a short "
                                       "choice ends before the minimum)", {})
+        if v and info.data.get("ignore_eos"):
+            raise PydanticCustomError("choices_ignore_eos", "choices and ignore_eos cannot go together (a choice "
+                                      "ends with the end of sequence)", {})
         return v
 
     @field_validator("guided")
@@ -237,6 +243,9 @@ class GenerationSpec(NumbersNotBooleans):
         if v is not None and info.data.get("min_new_tokens"):
             raise PydanticCustomError("guided_min_tokens", "guided and min_new_tokens cannot go together (a "
                                       "complete answer may be shorter than the minimum)", {})
+        if v is not None and info.data.get("ignore_eos"):
+            raise PydanticCustomError("guided_ignore_eos", "guided and ignore_eos cannot go together (a complete "
+                                      "answer ends with the end of sequence)", {})
         return v
 
     @field_validator("min_new_tokens")

@@ -127,10 +127,6 @@ def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: Gu
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit)
     _check_max_tokens(max_new, max_new_tokens_limit)  # before GenerationSpec's own bound, which names its field
-    if req.ignore_eos and (guided is not None or req.guided_choice):
-        raise InvalidInput("ignore_eos cannot go with a format the answer is held to (response_format, guided_*, a "
-                           "forced or strict tool call): a complete answer may be shorter than max_tokens",
-                           param="ignore_eos")
     spec = GenerationSpec.build(
         pruning=o.pruning, budget=o.budget, pruning_params=o.pruning_params, decoding=o.decoding,
         decoding_params=o.decoding_params, max_new_tokens=max_new,
@@ -139,7 +135,7 @@ def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: Gu
         seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [], diagnostics=o.diagnostics, logprobs=req.spec_logprobs,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_new_tokens=max_new if req.ignore_eos else req.min_tokens or 0, image_aspect=o.image_aspect,
+        min_new_tokens=req.min_tokens or 0, ignore_eos=bool(req.ignore_eos), image_aspect=o.image_aspect,
         logit_bias=req.logit_bias or {}, choices=req.guided_choice or [], guided=guided,
     )
     return _check_spec(spec, max_new_tokens_limit)

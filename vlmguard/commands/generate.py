@@ -97,8 +97,8 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
         image_aspect=args.image_aspect, logit_bias=dict(getattr(args, "logit_bias", None) or []),
-        stop_token_ids=getattr(args, "stop_token_id", None) or [], choices=getattr(args, "choice", None) or [],
-        guided=guided_from_args(args),
+        ignore_eos=bool(getattr(args, "ignore_eos", False)), stop_token_ids=getattr(args, "stop_token_id", None) or [],
+        choices=getattr(args, "choice", None) or [], guided=guided_from_args(args),
     )
 
 
@@ -156,6 +156,9 @@ def register(sub) -> None:
     p.add_argument("--logit-bias", type=logit_bias_arg, action="append", metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's score at every step: -100 all but bans it, 100 all but "
                         "forces it (repeatable; OpenAI's logit_bias)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="hold the end of sequence back: the answer runs to --max-new-tokens unless a stop token ends "
+                        "it (vLLM's ignore_eos)")
     p.add_argument("--stop-token-id", type=int, action="append", metavar="ID",
                    help="drawing token ID ends the answer, as the end of sequence does (repeatable; vLLM's "
                         "stop_token_ids)")
