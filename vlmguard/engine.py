@@ -456,8 +456,9 @@ class Engine:
         return (adapter or self.adapter).encode(prompts).input_ids[0].tolist()
 
     def _check_token_settings(self, specs: list[GenerationSpec], positions: list[int]) -> None:
-        """Each request's ``logit_bias`` and ``stop_token_ids`` name ids of the model's vocabulary, its ``choices`` have tokens and
-        can end (vlmguard/choices.py), and its ``guided`` format compiles for this tokenizer (vlmguard/guided.py)."""
+        """Each request's ``logit_bias`` and ``stop_token_ids`` name ids of the model's vocabulary, its ``choices``
+        have tokens and can end (vlmguard/choices.py), and its ``guided`` format compiles for this tokenizer
+        (vlmguard/guided.py)."""
         width = self.adapter.logits_width
         for i, s in zip(positions, specs):
             for name, ids in (("logit_bias", s.logit_bias), ("stop_token_ids", s.stop_token_ids)):

@@ -79,9 +79,9 @@ def _repeat_penalties(row: torch.Tensor, ids: Sequence[int], spec: GenerationSpe
 def hold_eos(scores: torch.Tensor, generated: Sequence[Sequence[int]], specs: Sequence[GenerationSpec],
              eos: set[int], fallback: torch.Tensor | None = None) -> torch.Tensor:
     """Final scores (B, V) with the end-of-sequence tokens (and the request's ``stop_token_ids``) at -inf in the rows
-    whose request has generated fewer than its ``min_new_tokens`` (only the end of sequence, at every step, in those
-    whose request ignores it: ``ignore_eos``) (transformers' ``MinNewTokensLengthLogitsProcessor``), renormalised (log-space
-    scores stay log-probabilities of what can be chosen). Applied to what the decoder combined, not to each
+    whose request has generated fewer than its ``min_new_tokens`` (transformers' ``MinNewTokensLengthLogitsProcessor``;
+    only the end of sequence, at every step, in those whose request ignores it: ``ignore_eos``), renormalised
+    (log-space scores stay log-probabilities of what can be chosen). Applied to what the decoder combined, not to each
     branch's logits: a contrast of two -inf scores would be NaN. A held row that keeps no finite score (a
     contrastive decoder's plausible set held only end-of-sequence tokens) takes ``fallback``'s row instead (the
     main branch's log-probabilities: plain decoding), its end-of-sequence tokens held too."""

@@ -23,9 +23,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 # The fields each request of a batch has for itself: requests that differ only in these share a batch (a
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
-PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
-                                "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs", "presence_penalty",
-                                "frequency_penalty", "repetition_penalty", "logit_bias", "choices", "guided", "image_aspect"})
+PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p",
+                                "top_k", "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs",
+                                "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "choices",
+                                "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 MAX_STOP_TOKEN_IDS = 256  # the most tokens one request's stop_token_ids may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to

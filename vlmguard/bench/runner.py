@@ -288,8 +288,8 @@ def run_benchmark(
         raise InvalidInput(f"unknown benchmark {benchmark!r} (known: {', '.join(BENCHMARKS)})")
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be >= 1, got {batch_size}")
-    for name in ("logit_bias", "choices", "guided", "min_p", "stop_token_ids", "ignore_eos"):  # (not a run's knobs: such a run
-        # would resume the plain one)
+    # (not a run's knobs: such a run would resume the plain one)
+    for name in ("logit_bias", "choices", "guided", "min_p", "stop_token_ids", "ignore_eos"):
         if getattr(spec, name, None):
             raise InvalidInput(f"benchmarks do not take {name}", param=name)
     t0 = time.perf_counter()
