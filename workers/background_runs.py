@@ -14,9 +14,9 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
   only what is new and a reader reads only the pages after the events it has (a long answer's events are not
   rewritten, nor read again, whole at every beat). With them ``GET /v1/responses/{id}?stream=true&starting_after=N``
   streams them again from any process: live from memory in the process answering it (:class:`BackgroundRun`), else
-  read from the store as they are written, a second at a time (:func:`replay`). A stream ends with the response's last event; one cancelled
-  or failed before it was written ends with what the response became (an ``error`` event ``response_cancelled``, or
-  ``response.failed`` with its error).
+  read from the store as they are written, a second at a time (:func:`replay`). A stream ends with the response's
+  last event; one cancelled or failed before it was written ends with what the response became (an ``error`` event
+  ``response_cancelled``, or ``response.failed`` with its error).
 
 Clocks: a heartbeat is compared with the reading process's clock, so the processes of the API (one machine, or a
 cluster's machines kept in step by NTP) must agree within a fraction of ``background_lost_s``.
