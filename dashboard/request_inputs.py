@@ -74,7 +74,7 @@ def budget_input(pruning: str, key: str) -> int | float | None:
 
 def selection_inputs(prefix: str, token_ids: Callable[[str], list[int]] | None = None
                      ) -> tuple[dict[str, Any], bool]:
-    """Temperature, sampling seed, the three penalties, token biases, the answer's choices and format
+    """Temperature, sampling seed, top-p and min-p, the three penalties, token biases, the answer's choices and format
     (``selection_kwargs``: only what differs from greedy, free answers), and whether they can be sent (a bias
     that names no single token cannot). ``token_ids``: a word's token ids under the model (the service's
     /tokenize); without it there is no bias input."""
@@ -82,15 +82,19 @@ def selection_inputs(prefix: str, token_ids: Callable[[str], list[int]] | None =
     with s1:
         temperature = st.slider("temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key=f"{prefix}_temperature")
         seed = int(st.number_input("sampling seed", min_value=0, value=0, step=1, key=f"{prefix}_sample_seed"))
+        top_p = st.slider("top-p (1 = off; when sampling)", 0.05, 1.0, 1.0, 0.05, key=f"{prefix}_top_p")
         repetition = st.slider("repetition penalty (1 = off)", 0.5, 2.0, 1.0, 0.05, key=f"{prefix}_repetition")
     with s2:
         presence = st.slider("presence penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_presence")
         frequency = st.slider("frequency penalty", -2.0, 2.0, 0.0, 0.1, key=f"{prefix}_frequency")
+        min_p = st.slider("min-p (0 = off; when sampling)", 0.0, 1.0, 0.0, 0.01, key=f"{prefix}_min_p",
+                          help="leave out tokens less likely than min-p x the most likely one")
     text = st.text_input("answer choices, comma-separated (empty: any answer)", "", key=f"{prefix}_choices",
                          help="the answer must be one of these, e.g. Yes, No (guided choice)")
     choices = [c.strip() for c in text.split(",") if c.strip()]
     bias, ok = bias_input(prefix, token_ids) if token_ids is not None else ({}, True)
-    selection = selection_kwargs(temperature, seed, presence, frequency, repetition, choices, format_input(prefix))
+    selection = selection_kwargs(temperature, seed, presence, frequency, repetition, choices, format_input(prefix),
+                                 top_p=top_p, min_p=min_p)
     return ({**selection, "logit_bias": bias} if bias else selection), ok
 
 

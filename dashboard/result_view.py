@@ -25,7 +25,8 @@ def spec_caption(sp: dict[str, Any]) -> str:
     if sp.get("image_aspect"):
         extra.append(f"images: {sp['image_aspect']}")
     if sp.get("do_sample"):
-        extra.append(f"sampling T={sp.get('temperature')} seed {sp.get('seed')}")
+        extra.append(f"sampling T={sp.get('temperature')} seed {sp.get('seed')}"
+                     + "".join(f" {name} {sp[k]}" for k, name in (("top_p", "top-p"), ("min_p", "min-p")) if k in sp))
     extra += [f"{k.removesuffix('_penalty')} penalty {sp[k]}" for k in ("presence_penalty", "frequency_penalty",
                                                                        "repetition_penalty") if k in sp]
     if sp.get("logit_bias"):

@@ -123,14 +123,15 @@ def spec_kwargs(pruning: str, budget: int | float | None, pruning_params: dict[s
 
 
 def selection_kwargs(temperature: float, seed: int, presence: float, frequency: float,
-                     repetition: float, choices: Sequence[str] = (), guided: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
-    """The GenerationSpec fields of the playground's token selection: temperature 0 is greedy (the seed then
-    does nothing); each penalty only when it is set; ``choices`` (the answer is one of them) and ``guided`` (the
-    answer's format) only when given."""
+                     repetition: float, choices: Sequence[str] = (), guided: dict[str, Any] | None = None,
+                     top_p: float = 1.0, min_p: float = 0.0) -> dict[str, Any]:
+    """The GenerationSpec fields of the playground's token selection: temperature 0 is greedy (the seed, top-p and
+    min-p then do nothing; each goes only when it is set); each penalty only when it is set; ``choices`` (the
+    answer is one of them) and ``guided`` (the answer's format) only when given."""
     out: dict[str, Any] = {}
     if temperature > 0:
         out.update(do_sample=True, temperature=float(temperature), seed=int(seed))
+        out.update({k: float(v) for k, v, off in (("top_p", top_p, 1.0), ("min_p", min_p, 0.0)) if v != off})
     for key, value, neutral in (("presence_penalty", presence, 0.0), ("frequency_penalty", frequency, 0.0),
                                 ("repetition_penalty", repetition, 1.0)):
         if value != neutral:

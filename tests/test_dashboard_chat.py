@@ -270,7 +270,7 @@ def test_an_unreadable_budget_disables_the_question():
 
 
 @pytest.mark.parametrize("selection", [selection_kwargs(0.0, 0, 0.0, 0.0, 1.0),
-                                       selection_kwargs(0.7, 5, 0.5, -0.3, 1.2),
+                                       selection_kwargs(0.7, 5, 0.5, -0.3, 1.2, top_p=0.9, min_p=0.05),
                                        selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, ["Yes", "No"]),
                                        *[selection_kwargs(0.0, 0, 0.0, 0.0, 1.0, (), guided) for guided in (
                                            {"regex": "(Yes|No)"}, {"json_object": True, "whitespace": "compact"},

@@ -256,23 +256,25 @@ def test_playground_token_selection_goes_to_both_sides():
     at.run()
     at.slider(key="pg_temperature").set_value(0.7)
     at.number_input(key="pg_sample_seed").set_value(5)
+    at.slider(key="pg_min_p").set_value(0.1)
     at.slider(key="pg_presence").set_value(0.5)
     at.slider(key="pg_repetition").set_value(1.2)
     at.button(key="pg_go").click().run()
     assert not at.exception, at.exception
     main, plain = [c for c in stub.calls if c.get("stream")]
     for call in (main, plain):  # the plain model draws its tokens the same way: only the methods differ
-        assert (call["do_sample"], call["temperature"], call["seed"]) == (True, 0.7, 5)
+        assert (call["do_sample"], call["temperature"], call["seed"], call["min_p"]) == (True, 0.7, 5, 0.1)
         assert (call["presence_penalty"], call["repetition_penalty"]) == (0.5, 1.2)
-        assert "frequency_penalty" not in call
+        assert "frequency_penalty" not in call and "top_p" not in call  # (each only when set)
     captions = " ".join(c.value for c in at.caption)
-    assert "sampling T=0.7 seed 5" in captions and "presence penalty 0.5" in captions
+    assert "sampling T=0.7 seed 5 min-p 0.1" in captions and "presence penalty 0.5" in captions
     at.slider(key="pg_temperature").set_value(0.0)
     at.slider(key="pg_presence").set_value(0.0)
     at.slider(key="pg_repetition").set_value(1.0)
     at.button(key="pg_go").click().run()
     greedy = [c for c in stub.calls if c.get("stream")][-2]
-    assert not {"do_sample", "temperature", "seed", "presence_penalty", "repetition_penalty", "choices"} & set(greedy)
+    assert not {"do_sample", "temperature", "seed", "min_p", "presence_penalty", "repetition_penalty",
+                "choices"} & set(greedy)  # (greedy: min-p does nothing, and is not sent)
     at.text_input(key="pg_choices").input(" Yes, No ,, ")  # the answer's choices, to both sides too
     at.button(key="pg_go").click().run()
     main, plain = [c for c in stub.calls if c.get("stream")][-2:]
