@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmguard.errors import InvalidInput
-from vlmguard.registry import build_params, import_methods
+from vlmguard.registry import build_params, import_methods, import_plugins
 from vlmguard.pruning.base import Pruner
 from vlmguard.pruning.registry import PRUNERS
 
@@ -12,6 +12,7 @@ from vlmguard.pruning.registry import PRUNERS
 METHOD_MODULES = ["none", "random", "fastv", "adaptinfer", "flowcut"]
 
 import_methods("vlmguard.pruning", METHOD_MODULES)
+import_plugins()  # methods of modules outside vlmguard (vlmguard/registry.py)
 
 
 def make_pruner(name: str, budget: int | float | None, params: dict[str, Any] | None) -> Pruner:

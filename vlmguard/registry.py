@@ -1,7 +1,15 @@
-"""A tiny name -> class registry; each method module registers itself with one decorator line."""
+"""A tiny name -> class registry; each method module registers itself with one decorator line.
+
+Methods may also live outside vlmguard, in *plug-in* modules that register themselves the same way on import
+(:func:`import_plugins`): those named by the ``vlmguard.methods`` entry points of installed distributions (a
+plug-in package's ``[project.entry-points."vlmguard.methods"] my_method = "my_package.my_method"``) and those listed
+in ``$VLMGUARD_PLUGINS`` (module names, comma-separated), so a method can be tried without packaging it.
+"""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -45,6 +53,38 @@ def import_methods(package: str, modules: list[str]) -> None:
     """Import each method module of ``package`` so that it registers itself."""
     for name in modules:
         importlib.import_module(f"{package}.{name}")
+
+
+class PluginError(InvalidInput):
+    """A plug-in method module that cannot be imported."""
+
+
+PLUGINS_ENV = "VLMGUARD_PLUGINS"  # plug-in method modules, comma-separated
+ENTRY_POINTS = "vlmguard.methods"  # the entry-point group of installed plug-ins (each value: a module)
+
+
+def plugin_modules() -> list[tuple[str, str]]:
+    """The plug-in method modules to import, each with where it was named: entry points first, then
+    ``$VLMGUARD_PLUGINS``."""
+    found = [(ep.value.partition(":")[0].strip(), f"entry point {ep.name!r} of group {ENTRY_POINTS!r}")
+             for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)]
+    listed = os.environ.get(PLUGINS_ENV, "")
+    return found + [(m.strip(), f"${PLUGINS_ENV}") for m in listed.split(",") if m.strip()]
+
+
+def import_plugins() -> None:
+    """Import every plug-in method module (:func:`plugin_modules`), each once, so that it registers its methods; one
+    that cannot be imported, or whose method takes a name already taken, is one error naming it and where it was
+    named."""
+    for module, origin in plugin_modules():
+        try:
+            importlib.import_module(module)
+        except PluginError:  # (another plug-in's, imported on the way: a plug-in imports vlmguard's packages)
+            raise
+        except Exception as e:  # (any error of a user's module: not found, a syntax error, a name taken twice)
+            raise PluginError(f"plug-in method module {module!r} (from {origin}) cannot be imported: "
+                              f"{type(e).__name__}: {e}") from e
+
 
 
 def build_params(cls: Any, params: dict[str, Any] | None, kind: str) -> BaseModel:

@@ -13,11 +13,13 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from vlmguard.registry import PLUGINS_ENV
 from vlmguard.workers.config import ModelConfig, ServiceConfig, parse_config
 from vlmguard.workers.deployment import ModelApi, ModelWorker
 from vlmguard.workers.ingress import Ingress
@@ -35,6 +37,16 @@ def cluster_gpus() -> float:
 def deployment_name(model: ModelConfig, index: int) -> str:
     safe = "".join(c if c.isalnum() else "_" for c in model.served_name)[:40]
     return f"ModelWorker_{index}_{safe}"
+
+
+def with_plugins(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's actor options, with the plug-in method modules this process names (``$VLMGUARD_PLUGINS``,
+    vlmguard/registry.py) in its replicas' environment too, so that they take the same methods (each module must be
+    importable there; installed plug-ins' entry points are found without it)."""
+    listed = os.environ.get(PLUGINS_ENV, "").strip()
+    if not listed:
+        return actor_options
+    return {**actor_options, "runtime_env": {"env_vars": {PLUGINS_ENV: listed}}}
 
 
 # Requests the HTTP API of a model-ingress replica takes besides generations (health, models, metrics).
@@ -56,7 +68,7 @@ def model_deployment(model: ModelConfig, index: int, service: ServiceConfig | No
     if gpus:
         actor_options["num_gpus"] = gpus
     common = dict(name=deployment_name(model, index), num_replicas=model.num_replicas,
-                  ray_actor_options=actor_options, health_check_period_s=10, health_check_timeout_s=60,
+                  ray_actor_options=with_plugins(actor_options), health_check_period_s=10, health_check_timeout_s=60,
                   graceful_shutdown_timeout_s=5)
     if service is None:
         if model.routes_by_image:
@@ -81,7 +93,7 @@ def build_app(args: dict[str, Any] | ServiceConfig | None = None) -> Application
     handles = {m.served_name: model_deployment(m, i) for i, m in enumerate(config.models)}
     return Ingress.options(
         num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=with_plugins({"num_cpus": 0}),
         max_ongoing_requests=config.ingress_max_ongoing_requests,
     ).bind(config.model_dump(), handles, response_store(config))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from vlmguard.errors import InvalidInput, VlmguardError
+from vlmguard.registry import PLUGINS_ENV
 
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 PATH_FLAGS = ("--db", "--coco-images", "--coco-annotations", "--pope-dir", "--gt", "--image-ids")
@@ -213,7 +214,7 @@ def submit_bench(bench_argv: list[str], *, address: str | None = None, python: s
     check_bench_args(bench_argv, local_paths=_is_loopback(address))  # fail here, not on the cluster
     c = client(address)
     env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    for key in ("VLMGUARD_SHARED", "VLMGUARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+    for key in ("VLMGUARD_SHARED", "VLMGUARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", PLUGINS_ENV):
         if key in os.environ:
             env_vars[key] = os.environ[key]
     env_vars.update(env or {})
