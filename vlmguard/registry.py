@@ -86,7 +86,6 @@ def import_plugins() -> None:
                               f"{type(e).__name__}: {e}") from e
 
 
-
 def build_params(cls: Any, params: dict[str, Any] | None, kind: str) -> BaseModel:
     """Validate a method's parameters with its pydantic ``Params`` model; one clear message on error."""
     try:
