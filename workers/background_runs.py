@@ -181,7 +181,7 @@ async def replay(store: Responses, runs: dict[str, BackgroundRun], rid: str, aft
             if ev["type"] in ENDS:
                 return
         if response.get("status") not in RUNNING:
-            if missing or not record or not record.response["ended"]:  # (else it ended at or before ``after``)
+            if missing or not record or not record.response.get("ended"):  # (else it ended at or before ``after``)
                 yield ending(response, seen + 1)
             return
         if record is None or record.response.get("dropped") or missing:
