@@ -281,6 +281,10 @@ def _spec(rng: random.Random, base):
         own["logprobs"] = rng.randint(0, 3)
     if rng.random() < 0.15:
         own[rng.choice(["repetition_penalty", "presence_penalty"])] = 1.3
+    if rng.random() < 0.15:  # (ids every tiny family's vocabulary has)
+        own["stop_token_ids"] = [rng.randrange(5, 40)]
+    if rng.random() < 0.1:
+        own["ignore_eos"] = True
     return base.model_copy(update=own)
 
 
