@@ -289,7 +289,27 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(NumbersNotBooleans):
+class OpenAIHints(NumbersNotBooleans):
+    """OpenAI request parameters that clients send and that ask nothing this server does differently: accepted, and
+    a value that would ask for something it does not do is a 400 (``unsupported_value``) naming the parameter.
+
+    ``service_tier`` "auto" or "default" (the one tier there is; echoed as "default"); ``prompt_cache_key`` (OpenAI's
+    routing hint for its prompt cache: the prefix cache here matches prompts by their tokens, and image-affinity
+    routing by their images); ``safety_identifier`` (and ``user``): ignored."""
+
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)
+    safety_identifier: Optional[str] = Field(None, max_length=1024)
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, v: Optional[str]) -> Optional[str]:
+        if v not in (None, "auto", "default"):
+            raise unsupported(f"service_tier {v!r}: this server has one tier, 'default' ('auto' chooses it)")
+        return v
+
+
+class ChatCompletionRequest(OpenAIHints):
     """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
 
     ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
@@ -314,6 +334,14 @@ class ChatCompletionRequest(NumbersNotBooleans):
     stream: StrictBool = False  # "yes" or 1 is refused, not read as true
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    # OpenAI's stored chat completions: false (or null) only, none are kept here (the Responses API keeps responses);
+    # metadata, which tags a stored completion, is accepted and ignored
+    store: Optional[StrictBool] = None
+    metadata: Optional[dict[str, str]] = None
+    # for a reasoning model, or a model that speaks: none here, so only what asks for nothing is accepted
+    reasoning_effort: Optional[str] = None
+    modalities: Optional[list[str]] = None
+    verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
     logprobs: Optional[StrictBool] = None  # 1 (the legacy completions' count) or "yes" is refused
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
@@ -341,6 +369,28 @@ class ChatCompletionRequest(NumbersNotBooleans):
     guided_regex: Optional[str] = None
     guided_grammar: Optional[str] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, v: Optional[bool]) -> Optional[bool]:
+        if v:
+            raise unsupported("store true: this server does not keep chat completions (the Responses API, POST "
+                              "/v1/responses, keeps responses)")
+        return v
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _no_reasoning(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            raise unsupported(f"reasoning_effort {v!r}: this server's models do not reason")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and set(v) != {"text"}:
+            raise unsupported(f"modalities {v}: this server's models answer in text only (['text'])")
+        return v
 
     @field_validator("n")
     @classmethod

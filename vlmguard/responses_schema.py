@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from vlmguard.api_schema import VlmguardOptions
-from vlmguard.spec import MAX_TOP_LOGPROBS, NumbersNotBooleans
+from vlmguard.api_schema import OpenAIHints, VlmguardOptions, unsupported
+from vlmguard.spec import MAX_TOP_LOGPROBS
 
 
 class InputText(BaseModel):
@@ -109,13 +109,37 @@ class TextConfig(BaseModel):
     verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: Optional[StrictBool] = None  # (no event here carries OpenAI's padding: nothing to leave out)
+
+
+class Reasoning(BaseModel):
+    """``reasoning``: accepted when it asks for nothing (these models do not reason), as ``null`` or without an
+    effort or a summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    effort: Optional[str] = None
+    summary: Optional[str] = None
+    generate_summary: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _nothing_asked(self) -> "Reasoning":
+        asked = {k: v for k, v in self.model_dump().items() if v is not None}
+        if asked:
+            raise unsupported(f"reasoning {asked}: this server's models do not reason")
+        return self
+
+
 class ConversationRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str
 
 
-class ResponsesRequest(NumbersNotBooleans):
+class ResponsesRequest(OpenAIHints):
     """The subset of OpenAI's Responses request vlmguard honours; unknown fields are refused, naming them."""
 
     model_config = ConfigDict(extra="forbid")
@@ -139,6 +163,19 @@ class ResponsesRequest(NumbersNotBooleans):
     background: Optional[StrictBool] = None
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted and ignored
+    stream_options: Optional[StreamOptions] = None
+    reasoning: Optional[Reasoning] = None
+    # a stored prompt template (OpenAI's dashboard prompts): none here, so only null
+    prompt: Optional[dict[str, Any]] = None
+    # the most calls of built-in tools (web search, file search, ...): there are none here, so it limits nothing
+    max_tool_calls: Optional[int] = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _no_prompt_template(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if v is not None:
+            raise unsupported("prompt: this server keeps no prompt templates; send the instructions and input")
+        return v
     # "auto": a conversation longer than the context loses turns from its middle (workers/responses_api.py truncations)
     truncation: Optional[Literal["disabled", "auto"]] = None
     include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)

@@ -338,7 +338,9 @@ class ResponseHead:
             "previous_response_id": req.previous_response_id, "store": self.stored, "background": bool(req.background),
             "conversation": {"id": req.conversation_id} if req.conversation is not None else None,
             "truncation": req.truncation or "disabled",
-            "user": req.user,
+            "user": req.user, "service_tier": "default", "reasoning": {"effort": None, "summary": None},
+            "max_tool_calls": req.max_tool_calls, "prompt_cache_key": req.prompt_cache_key,
+            "safety_identifier": req.safety_identifier,
             "metadata": req.metadata or {}, "usage": _usage(usage) if usage is not None else None,
         }
         if info is not None:
