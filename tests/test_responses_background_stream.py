@@ -239,18 +239,24 @@ def test_a_run_whose_events_outgrow_the_store_keeps_beating_without_them():
         await store.delete("resp_a")
         await store.delete(run_key("resp_a"))
         await run.beat(store)  # (the response deleted: no record is kept for it)
-        return small, page, dropped, followed, await store.get(run_key("resp_a"))
+        await store.put("resp_b", StoredResponse(response={"id": "resp_b"}, messages=[], items=[]))
+        lost = BackgroundRun("resp_b", stream=True)  # (its record evicted: the page it writes is no record's)
+        lost.add([{"type": "response.created", "sequence_number": 0}])
+        await lost.beat(store)
+        orphan = await store.get(page_key("resp_b", 0)), (await store.get(run_key("resp_b"))).response
+        return small, page, dropped, followed, await store.get(run_key("resp_a")), orphan
 
     async def _until_finished(run):
         run.finish()
         async for ev in run.follow(-1):
             yield ev
 
-    small, page, dropped, followed, after_delete = asyncio.run(scenario())
+    small, page, dropped, followed, after_delete, (orphan, kept_again) = asyncio.run(scenario())
     assert small["pages"] == [0] and not small["dropped"] and [ev["sequence_number"] for ev in page] == [0]
     assert dropped["dropped"] and dropped["pages"] == [0] and dropped["beat"] >= small["beat"]
     assert [ev["sequence_number"] for ev in followed] == [0, 1]  # (this process still has them all)
     assert after_delete is None
+    assert orphan is None and kept_again["dropped"] and kept_again["pages"] == []
 
 
 @pytest.mark.parametrize("case", ["cancelled", "failed", "dropped", "deleted"])

@@ -111,6 +111,8 @@ class BackgroundRun:
             if fresh:
                 self.written, self.pages = self.written + len(fresh), self.pages + 1
             return
+        if fresh:  # (the page no record lists: gone with it)
+            await store.delete(page_key(self.rid, self.pages))
         self.logging = False
         if await store.get(self.rid) is not None:  # (not when the response was deleted)
             await store.put(run_key(self.rid), run_record(self.stream, dropped=self.stream))
