@@ -66,13 +66,19 @@ def test_values_that_ask_for_what_the_server_does_not_do_are_refused_naming_them
         assert answer.status_code == 400 and error["param"] == param and needle in error["message"], error
 
 
-def test_a_response_echoes_them_as_openais_does(app):
+def test_answers_echo_them_as_openais_do(app):
     async def scenario(client, http):
-        return await client.responses.create(model=MODEL, input="hi", max_output_tokens=2, service_tier="auto",
-                                             prompt_cache_key="chat-42", safety_identifier="user-hash",
-                                             max_tool_calls=3)
+        chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        return (await client.responses.create(model=MODEL, input="hi", max_output_tokens=2, service_tier="auto",
+                                              prompt_cache_key="chat-42", safety_identifier="user-hash",
+                                              max_tool_calls=3),
+                await client.chat.completions.create(service_tier="auto", **chat),
+                [c async for c in await client.chat.completions.create(service_tier="default", stream=True, **chat)],
+                await client.chat.completions.create(**chat))
 
-    r = run_with_sdk(app, scenario)
+    r, chat, chunks, plain = run_with_sdk(app, scenario)
+    assert chat.service_tier == "default" and {c.service_tier for c in chunks} == {"default"}
+    assert plain.service_tier is None  # (not asked: not said, as before)
     assert (r.service_tier, r.prompt_cache_key, r.safety_identifier, r.max_tool_calls) == (
         "default", "chat-42", "user-hash", 3)
     assert r.reasoning.effort is None and r.reasoning.summary is None

@@ -542,6 +542,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    service_tier: Optional[str] = None  # "default" when the request named a tier (OpenAI echoes the one used)
     vlmguard: Optional[VlmguardInfo] = None
 
 
@@ -580,6 +581,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Optional[Usage] = None
+    service_tier: Optional[str] = None
     vlmguard: Optional[VlmguardInfo] = None
 
 

@@ -534,23 +534,29 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             raise APIFailure(400, f"n={n}: a replica of {model!r} admits at most {admits[model]} generations at once",
                              code="unsupported_value", param="n")
         items = choice_items(item, n)  # n > 1: the request n times, in one batch
+        tier = "default" if req.service_tier else None  # (echoed when asked for, as OpenAI does: the one tier)
         if not req.stream:
             results = await all_or_none([run(model, it) for it in items])
-            return JSONResponse(chat_response(rid, model, results, with_steps, item.tools).model_dump(
-                exclude_none=True))
+            answer = chat_response(rid, model, results, with_steps, item.tools)
+            return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
         opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         want_logprobs = item.spec.logprobs is not None
 
         async def body() -> AsyncIterator[bytes]:
             created = int(time.time())
+
+            def chunk(**kw: Any) -> bytes:
+                piece = chat_chunk(rid, model, created, **kw)
+                return _sse(piece if tier is None else piece.model_copy(update={"service_tier": tier}))
+
             sent = [0] * len(items)  # log-probability entries sent so far, per choice
             results: list[dict[str, Any] | None] = [None] * len(items)
             # with tools, text goes out as content until it may be a call; a held call goes out as it is written
             # (vlmguard/tool_calls.py)
             calls = [CallStream(item.tools) if item.tools is not None else None for _ in items]
             for k in range(len(items)):
-                yield _sse(chat_chunk(rid, model, created, role="assistant", content="", index=k))
+                yield chunk(role="assistant", content="", index=k)
             source = merged(opened)
             try:
                 async for k, ev in source:
@@ -566,22 +572,20 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         if calls[k] is not None:
                             text, pieces, finish = calls[k].finish(finish)
                             if text or pieces:
-                                yield _sse(chat_chunk(rid, model, created, content=text or None, tool_calls=pieces,
-                                                      index=k))
-                        yield _sse(chat_chunk(rid, model, created, finish_reason=finish,
-                                              result=result or None, with_steps=with_steps, logprobs=rest, index=k))
+                                yield chunk(content=text or None, tool_calls=pieces, index=k)
+                        yield chunk(finish_reason=finish, result=result or None, with_steps=with_steps, logprobs=rest,
+                                    index=k)
                     elif ev.get("text") or ev.get("logprobs"):
                         sent[k] += len(ev.get("logprobs") or [])
                         text, pieces = ev.get("text", ""), []
                         if calls[k] is not None:
                             text, pieces = calls[k].feed(text)
                         if text or pieces or (want_logprobs and ev.get("logprobs")):
-                            yield _sse(chat_chunk(rid, model, created, content=text if text or not pieces else None,
-                                                  tool_calls=pieces, index=k,
-                                                  logprobs=ev.get("logprobs") if want_logprobs else None))
+                            yield chunk(content=text if text or not pieces else None, tool_calls=pieces, index=k,
+                                        logprobs=ev.get("logprobs") if want_logprobs else None)
                 else:
                     if include_usage and all(results):
-                        yield _sse(chat_chunk(rid, model, created, results=results, usage_only=True))
+                        yield chunk(results=results, usage_only=True)
             finally:
                 await source.aclose()  # an error or a client that left: stop every choice now
             yield _sse("[DONE]")
