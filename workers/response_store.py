@@ -171,6 +171,9 @@ class SqliteResponseStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # (a commit outlives the process at once, and the machine's crash at the next checkpoint: every read
+            # is a write here, the LRU's last use, and FULL would sync the disk at each)
+            self._db.execute("PRAGMA synchronous=NORMAL")
             with self._transaction() as db:
                 self._create(db)
         except (OSError, sqlite3.Error) as e:
