@@ -94,8 +94,14 @@ def test_a_plugin_named_in_the_environment_is_taken_by_the_cli_in_a_process_of_i
                                      "'no_such_plugin_module'")
 
 
-def test_prune_methods_lists_a_plugins_pruner(plugins, capsys):
+def test_prune_methods_and_env_list_a_plugins_methods(plugins, capsys):
     assert main(["prune", "methods"]) == 0 and "keep_first" in capsys.readouterr().out
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "keep_first" in env["methods"]["pruning"] and "textfree" in env["methods"]["decoding"]
+    assert env["plugins"] == [{"module": PLUGIN, "from": "$VLMGUARD_PLUGINS"}]
+    assert main(["env"]) == 0 and f"plug-in method modules: {PLUGIN} (from $VLMGUARD_PLUGINS)" in \
+        capsys.readouterr().out
 
 
 def test_a_plugin_whose_method_takes_a_name_already_taken_is_refused(registries, monkeypatch, tmp_path):

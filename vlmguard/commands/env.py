@@ -70,6 +70,9 @@ def environment() -> dict[str, Any]:
 
     from vlmguard import __version__
     from vlmguard.attention import flash_attention_available
+    from vlmguard.decoding import DECODERS
+    from vlmguard.pruning import PRUNERS
+    from vlmguard.registry import plugin_modules
     from vlmguard.bench.nltk_setup import nltk_data_dir, tagger_installed, wordnet_installed
     from vlmguard.models.quantization import PACKAGES
     from vlmguard.models.resolve import hub_cache, tiny_model_path
@@ -89,6 +92,9 @@ def environment() -> dict[str, Any]:
         "tiny_model": str(tiny_model_path()) if tiny_model_path().is_dir() else None,
         "synthcoco": str(synth) if (synth / "manifest.json").exists() else None,
         "hf_cache": cache, "cached_models": cached_models(cache),
+        # (importing the method packages imported the plug-ins: a broken one is the command's error)
+        "methods": {"pruning": PRUNERS.names(), "decoding": DECODERS.names()},
+        "plugins": [{"module": module, "from": origin} for module, origin in plugin_modules()],
     }
 
 
@@ -98,6 +104,7 @@ def _lines(env: dict[str, Any]) -> list[str]:
     quant = ", ".join(f"{k} {v or 'missing'}" for k, v in env["quantization"].items())
     nltk = env["nltk_data"]
     models = [f"  {m['model']}@{m['revision']} ({m['model_type']})" for m in env["cached_models"]]
+    plugins = ", ".join(f"{p['module']} (from {p['from']})" for p in env["plugins"]) or "none"
     return [
         f"vlmguard {env['vlmguard']}  python {env['python']}  {env['platform']}  cpus {env['cpus']}",
         f"torch {env['torch']} (threads {env['torch_threads']}, CUDA {env['cuda'] or 'no'})  transformers "
@@ -108,6 +115,8 @@ def _lines(env: dict[str, Any]) -> list[str]:
         f"quantized weights (--quantization): {'usable' if env['quantization_usable'] else 'not usable'} ({quant})",
         f"CHAIR's NLTK data: {nltk['path']} (wordnet {'ok' if nltk['wordnet'] else 'MISSING'}, tagger "
         f"{'ok' if nltk['tagger'] else 'MISSING'})",
+        f"methods: pruning {', '.join(env['methods']['pruning'])}; decoding {', '.join(env['methods']['decoding'])}",
+        f"plug-in method modules: {plugins}",
         f"bundled model: {env['tiny_model'] or 'MISSING'}",
         f"SynthCOCO test split: {env['synthcoco'] or 'not built yet (built on first use)'}",
         f"Hugging Face cache: {env['hf_cache']}: {len(models)} revision(s) of a supported model"
