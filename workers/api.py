@@ -610,7 +610,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
             if req.previous_response_id not in background:
-                earlier = await overseen(store, req.previous_response_id, earlier, config.background_lost_s)
+                earlier = await overseen(store, req.previous_response_id, earlier, config.background_lost_s,
+                                         config.background_retries, take_over)
             status = earlier.response.get("status")
             if status not in ("completed", "incomplete"):  # (a background one queued, running, cancelled, failed)
                 raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
@@ -690,10 +691,21 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The response kept as queued with its run record (workers/background_runs.py), and a task of this process
         that answers it."""
         queued = head.response("queued", [])
+        # (answered again by another process if this one is lost: a response not streamed, nor added to a
+        # conversation, whose request can simply be run again)
+        redo = None if req.stream or req.conversation is not None or not config.background_retries else {
+            "request": req.model_dump(mode="json", exclude_none=True), "model": head.model,
+            "created_at": head.created_at, "items": items}
         if not (await store.put(head.id, stored_response(queued, form, earlier, items))
-                and await store.put(run_key(head.id), run_record(bool(req.stream)))):
+                and await store.put(run_key(head.id), run_record(bool(req.stream), redo=redo))):
             raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
                                   "response must be stored", "request_too_large", param="background")
+        launch_background(head, item, form, req, earlier, items)
+        return queued
+
+    def launch_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
+                          earlier: StoredResponse | None, items: list[dict[str, Any]]) -> None:
+        """A task of this process that answers a stored background response."""
         run = background[head.id] = BackgroundRun(head.id, bool(req.stream))
         # In a context of its own: Ray Serve cancels the calls a request makes to other deployments when the request
         # is cancelled (its client left), by the request's context that a task inherits; the answer must go on.
@@ -703,7 +715,24 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         # (once done, the streams following it here read on from the store)
         run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish(),
                                               metrics.background_changed(-1)))
-        return queued
+
+    async def take_over(rid: str, redo: dict[str, Any]) -> None:
+        """A lost background response answered again here, from the start, from its stored request
+        (``background_runs.overseen``); one that cannot be (its model no longer served, the response it continued
+        gone) is failed with why."""
+        try:
+            req = ResponsesRequest.model_validate(redo["request"])
+            model = pick_model(redo["model"])
+            earlier, form = await conversation(req)
+            _, item = await fitted(req, form, model, rid)
+        except (APIFailure, VlmguardError, ValidationError) as e:
+            await failed_in_background(rid, {"code": getattr(e, "code", None) or type(e).__name__,
+                                             "message": getattr(e, "message", str(e))})
+            return
+        log.warning("background response %s: its process was lost; answering it again here", rid)
+        metrics.background_taken_over()
+        head = ResponseHead(rid, model, req, stored=True, created_at=redo["created_at"])
+        launch_background(head, item, form, req, earlier, redo["items"])
 
     async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
                                    earlier: StoredResponse | None, items: list[dict[str, Any]],
@@ -774,8 +803,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": failure}))
 
     async def stop_background() -> None:
-        """When the API stops: its background answers still running are cancelled and kept as failed, so that a
-        client polling one is told to send it again instead of waiting for ever."""
+        """When the API stops: its background answers still running are cancelled. One that another process may
+        answer again (``background_runs.overseen``) is left to the first that reads it, its heartbeat set back so
+        that it is found lost at once; the others are kept as failed, so that a client polling one is told to send
+        it again instead of waiting for ever."""
         stopped = list(background.items())
         for _, run in stopped:
             run.task.cancel()
@@ -785,6 +816,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             stopped_failure = {"code": "server_stopped",
                                "message": "the server stopped before it answered; send the request again"}
             with contextlib.suppress(StoreUnavailable):
+                record = await store.get(run_key(rid))
+                run_state = record.response if record is not None else {}
+                if run_state.get("redo") and run_state.get("attempts", 1) <= config.background_retries:
+                    await store.edit(run_key(rid), "beat", {"beat": 0.0, "page": None, "ended": False,
+                                                            "dropped": False})
+                    continue
                 await failed_in_background(rid, stopped_failure)
 
     @app.post("/v1/responses/{response_id}/cancel")
@@ -907,8 +944,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         entry = await store.get(response_id)
         if entry is None or entry.response.get("object") != "response":  # (a conversation's id is none)
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
-        return entry if response_id in background else await overseen(store, response_id, entry,
-                                                                       config.background_lost_s)
+        return entry if response_id in background else await overseen(
+            store, response_id, entry, config.background_lost_s, config.background_retries, take_over)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):

@@ -5,9 +5,10 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
 
 * its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
   queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process
-  answering it died without shutting down: killed, out of memory, its machine gone) moves it to ``failed`` with
-  ``code: server_lost`` (:func:`overseen`), so a client polling it is told to send it again instead of waiting for
-  ever;
+  answering it died without shutting down: killed, out of memory, its machine gone) answers it again from the start
+  (:func:`overseen`), from the request the record keeps (``redo``: a response neither streamed nor added to a
+  conversation), at most ``ServiceConfig.background_retries`` times; else it moves it to ``failed`` with ``code:
+  server_lost``, so a client polling it is told to send it again instead of waiting for ever;
 * for a response created with ``stream: true``, where its **events** as streamed (``response.created`` ...
   ``response.completed``) are: each beat writes the events since the last one as a *page* of their own (key
   :func:`page_key`) and then adds the page's last sequence number to the record's ``pages``, so that a beat writes
@@ -48,12 +49,14 @@ def page_key(rid: str, page: int) -> str:
     return f"{rid}#run.{page}"
 
 
-def run_record(stream: bool, dropped: bool = False) -> StoredResponse:
+def run_record(stream: bool, dropped: bool = False, redo: Optional[dict[str, Any]] = None) -> StoredResponse:
     """A new run record: beaten now, no events yet (``dropped``: its events no longer fit in the store). ``pages``:
     the last sequence number of each page of events written, in order; ``ended``: whether the last page ends with a
-    stream's last event."""
+    stream's last event. ``redo``: what another process needs to answer it again when it is lost (the request, its
+    model, creation time and input items; :func:`overseen`), ``attempts`` the answers begun."""
     return StoredResponse(response={"object": "response.run", "stream": stream, "dropped": dropped,
-                                    "beat": time.time(), "pages": [], "ended": False}, messages=[], items=[])
+                                    "beat": time.time(), "pages": [], "ended": False, "attempts": 1,
+                                    **({"redo": redo} if redo is not None else {})}, messages=[], items=[])
 
 
 def _page(events: list[dict[str, Any]]) -> StoredResponse:
@@ -133,16 +136,27 @@ async def forget(store: Responses, rid: str) -> None:
         await store.delete(page_key(rid, page))
 
 
-async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float) -> StoredResponse:
-    """A stored background response as it stands: moved to ``failed`` (``server_lost``) when it is queued or in
-    progress but its run has not beaten for ``lost_after_s`` (the caller knows that no task of its own runs it)."""
+async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float, retries: int = 0,
+                   take_over: Optional[Callable[[str, dict[str, Any]], Awaitable[None]]] = None) -> StoredResponse:
+    """A stored background response as it stands. When it is queued or in progress but its run has not beaten for
+    ``lost_after_s`` (the caller knows that no task of its own runs it), it is lost: answered again from the start
+    by this process (``take_over(rid, redo)``) while its record can be (``redo``) and it has been begun at most
+    ``retries`` times more, else moved to ``failed`` (``server_lost``). Of several processes that find it lost at
+    once, the first to claim its record takes it over (the store's ``claim`` edit, in one step)."""
     response = entry.response
     if not response.get("background") or response.get("status") not in RUNNING:
         return entry
     record = await store.get(run_key(rid))
     last = record.response.get("beat", 0.0) if record is not None else response.get("created_at", 0)
-    if time.time() - last <= lost_after_s:
+    now = time.time()
+    if now - last <= lost_after_s:
         return entry
+    run = record.response if record is not None else {}
+    if take_over is not None and run.get("redo") and run.get("attempts", 1) <= retries:
+        claimed = await store.edit(run_key(rid), "claim", (now, now - lost_after_s))
+        if claimed is not None and claimed.response.get("beat") == now:  # (ours: answered again here)
+            await take_over(rid, run["redo"])
+        return entry  # (ours, or another process's that claimed it first: running again either way)
     moved = await store.edit(rid, "move", (RUNNING, {"status": "failed", "error": LOST}))
     return moved if moved is not None else entry
 

@@ -165,6 +165,9 @@ class ServiceConfig(BaseModel):
     # Seconds after which a queued or in-progress background response whose process stopped writing its heartbeat
     # (every second) is taken for lost with that process and failed (``server_lost``; workers/background_runs.py).
     background_lost_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    # How many times a lost background response is answered again, from the start, by the process of the API that
+    # finds it lost (one not streamed, and not adding to a conversation); 0: it is failed at once.
+    background_retries: int = Field(1, ge=0, le=10)
     # A SQLite file to keep them in instead of memory: they outlive a restart of the service (the file is on the
     # machine of the process keeping them: the API's, or the store deployment's when shared).
     responses_store_path: Optional[str] = None

@@ -52,6 +52,7 @@ class ServiceMetrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.in_flight = 0
         self.background = 0  # background responses this process answers now (workers/background_runs.py)
+        self.taken_over = 0  # lost background responses this process took over from another
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.decode_s = 0.0
@@ -71,6 +72,10 @@ class ServiceMetrics:
         """A background response's task started (+1) or ended (-1)."""
         with self._lock:
             self.background += by
+
+    def background_taken_over(self) -> None:
+        with self._lock:
+            self.taken_over += 1
 
     def request_finished(self, endpoint: str, status: int, latency_s: float) -> None:
         with self._lock:
@@ -123,6 +128,7 @@ class ServiceMetrics:
                 "requests_by_endpoint": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
                 "in_flight": self.in_flight,
                 "background_in_flight": self.background,
+                "background_taken_over": self.taken_over,
                 "latency_s": {
                     "count": self.latency.count,
                     "mean": self.latency.sum / self.latency.count if self.latency.count else None,
@@ -174,6 +180,8 @@ class ServiceMetrics:
         gauge("vlmguard_in_flight_requests", "Requests being served now.", s["in_flight"])
         gauge("vlmguard_background_responses", "Background responses being answered now (queued or in progress).",
               s["background_in_flight"])
+        gauge("vlmguard_background_taken_over_total", "Lost background responses this process answered again.",
+              s["background_taken_over"], "counter")
         gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
               "float16 model overflowing; a stream whose engine failed).", s["results_failed"], "counter")
         gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"],

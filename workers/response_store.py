@@ -84,12 +84,24 @@ def _beat(record: StoredResponse, change: dict[str, Any]) -> StoredResponse:
                                     "dropped": run["dropped"] or change["dropped"]}, messages=[], items=[])
 
 
+def _claim(record: StoredResponse, claim: tuple[float, float]) -> StoredResponse:
+    """A background response's run record taken over (beaten at ``claim[0]``, its ``attempts`` one more) if it has
+    not beaten since ``claim[1]``: of the processes that find a run lost, only the first takes it over."""
+    now, silent_since = claim
+    run = record.response
+    if run.get("beat", 0.0) > silent_since:
+        return record
+    return StoredResponse(response={**run, "beat": now, "attempts": run.get("attempts", 1) + 1}, messages=[],
+                          items=[])
+
+
 # The changes a store makes to an entry in one step (``edit``), by name so that a store deployment makes them too:
 # a conversation's items added or one removed, fields of its object replaced (workers/conversations.py); a
 # background response finished unless it was cancelled, or moved from a state to the next (queued -> in_progress,
 # queued or in_progress -> cancelled, or failed when its server stops) unless it has left the first; a background
-# response's run record beaten, with its new page of events.
-EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "move": _move, "beat": _beat}
+# response's run record beaten, with its new page of events, or taken over by another process when it was lost.
+EDITS = {"append": _append, "remove": _remove, "update": _update, "finish": _finish, "move": _move, "beat": _beat,
+         "claim": _claim}
 
 
 class ResponseStore:
