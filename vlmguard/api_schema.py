@@ -315,9 +315,8 @@ class ChatCompletionRequest(OpenAIHints):
     ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
     (``vlmguard/tool_calls.py``); ``user`` is accepted and ignored; anything else is refused with a message naming
     the parameter. ``repetition_penalty``, ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``,
-    ``guided_choice``,
-    ``guided_json``, ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's
-    ``extra_body`` sends them).
+    ``guided_choice``, ``guided_json``, ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as
+    the OpenAI SDK's ``extra_body`` sends them).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -169,6 +169,11 @@ class ResponsesRequest(OpenAIHints):
     prompt: Optional[dict[str, Any]] = None
     # the most calls of built-in tools (web search, file search, ...): there are none here, so it limits nothing
     max_tool_calls: Optional[int] = Field(None, ge=1)
+    # "auto": a conversation longer than the context loses turns from its middle (workers/responses_api.py truncations)
+    truncation: Optional[Literal["disabled", "auto"]] = None
+    include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with include
+    vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("prompt")
     @classmethod
@@ -176,11 +181,6 @@ class ResponsesRequest(OpenAIHints):
         if v is not None:
             raise unsupported("prompt: this server keeps no prompt templates; send the instructions and input")
         return v
-    # "auto": a conversation longer than the context loses turns from its middle (workers/responses_api.py truncations)
-    truncation: Optional[Literal["disabled", "auto"]] = None
-    include: Optional[list[str]] = None  # "message.output_text.logprobs" (the only one there is here)
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with include
-    vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @property
     def conversation_id(self) -> Optional[str]:
