@@ -804,9 +804,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
     async def stop_background() -> None:
         """When the API stops: its background answers still running are cancelled. One that another process may
-        answer again (``background_runs.overseen``) is left to the first that reads it, its heartbeat set back so
-        that it is found lost at once; the others are kept as failed, so that a client polling one is told to send
-        it again instead of waiting for ever."""
+        answer again is left to the first that reads it (``background_runs.hand_over``); the others are kept as
+        failed, so that a client polling one is told to send it again instead of waiting for ever."""
         stopped = list(background.items())
         for _, run in stopped:
             run.task.cancel()
@@ -816,13 +815,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             stopped_failure = {"code": "server_stopped",
                                "message": "the server stopped before it answered; send the request again"}
             with contextlib.suppress(StoreUnavailable):
-                record = await store.get(run_key(rid))
-                run_state = record.response if record is not None else {}
-                if run_state.get("redo") and run_state.get("attempts", 1) <= config.background_retries:
-                    await store.edit(run_key(rid), "beat", {"beat": 0.0, "page": None, "ended": False,
-                                                            "dropped": False})
-                    continue
-                await failed_in_background(rid, stopped_failure)
+                if not await background_runs.hand_over(store, rid, config.background_retries):
+                    await failed_in_background(rid, stopped_failure)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):

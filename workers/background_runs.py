@@ -136,6 +136,23 @@ async def forget(store: Responses, rid: str) -> None:
         await store.delete(page_key(rid, page))
 
 
+def redoable(run: dict[str, Any], retries: int) -> bool:
+    """Whether a run record's response may be answered again when lost: it keeps its request (``redo``) and has been
+    begun at most ``retries`` times more."""
+    return bool(run.get("redo")) and run.get("attempts", 1) <= retries
+
+
+async def hand_over(store: Responses, rid: str, retries: int) -> bool:
+    """When this process stops: a background response it answered that may be answered again (:func:`redoable`) left
+    to the next process that reads it, its heartbeat set back so that it is found lost at once; False for the
+    others (the caller fails them)."""
+    record = await store.get(run_key(rid))
+    if record is None or not redoable(record.response, retries):
+        return False
+    await store.edit(run_key(rid), "beat", {"beat": 0.0, "page": None, "ended": False, "dropped": False})
+    return True
+
+
 async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after_s: float, retries: int = 0,
                    take_over: Optional[Callable[[str, dict[str, Any]], Awaitable[None]]] = None) -> StoredResponse:
     """A stored background response as it stands. When it is queued or in progress but its run has not beaten for
@@ -152,7 +169,7 @@ async def overseen(store: Responses, rid: str, entry: StoredResponse, lost_after
     if now - last <= lost_after_s:
         return entry
     run = record.response if record is not None else {}
-    if take_over is not None and run.get("redo") and run.get("attempts", 1) <= retries:
+    if take_over is not None and redoable(run, retries):
         claimed = await store.edit(run_key(rid), "claim", (now, now - lost_after_s))
         if claimed is not None and claimed.response.get("beat") == now:  # (ours: answered again here)
             await take_over(rid, run["redo"])
