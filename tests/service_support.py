@@ -37,14 +37,26 @@ class BatcherBackend(BatchingBackend):
             await gen.aclose()
 
 
+@contextlib.asynccontextmanager
+async def in_process_clients(*apps: Any):
+    """For each app (a process of the API, in this one), an httpx client on it and the OpenAI SDK's async client on
+    that: ``([http, ...], [client, ...])``."""
+    import openai
+
+    async with contextlib.AsyncExitStack() as stack:
+        https = [await stack.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=a),
+                                                                   base_url=f"http://p{i}"))
+                 for i, a in enumerate(apps)]
+        yield https, [openai.AsyncOpenAI(base_url=f"http://p{i}/v1", api_key="x", http_client=h, max_retries=0)
+                      for i, h in enumerate(https)]
+
+
 def run_with_sdk(app: Any, scenario: Callable[[Any, httpx.AsyncClient], Awaitable[Any]]) -> Any:
     """``await scenario(client, http)`` with the OpenAI SDK's async client and an httpx client on ``app`` (the API
     in this process)."""
-    import openai
 
     async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+        async with in_process_clients(app) as ([http], [client]):
             return await scenario(client, http)
 
     return asyncio.run(main())

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
 
-from service_support import qwen_api, run_with_sdk, served
+from service_support import in_process_clients, qwen_api, run_with_sdk, served
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
 from vlmguard.workers.background_runs import BackgroundRun, page_key, run_key, run_record
@@ -183,10 +182,7 @@ def test_a_running_background_response_beats_and_is_never_taken_for_lost(qwen, f
         LocalBackend({MODEL: qwen}), config, responses=shared)
 
     async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=one), base_url="http://one") as h1, \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=two), base_url="http://two") as h2:
-            answering = openai.AsyncOpenAI(base_url="http://one/v1", api_key="x", http_client=h1, max_retries=0)
-            other = openai.AsyncOpenAI(base_url="http://two/v1", api_key="x", http_client=h2, max_retries=0)
+        async with in_process_clients(one, two) as ((h1, _), (answering, other)):
             queued = await answering.responses.create(background=True, model=MODEL, input="hi", max_output_tokens=3)
             running = (await h1.get("/metrics")).text
             seen = []  # (as the other process reads it: only the run's heartbeat says it is alive)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-import openai
 import pytest
 
+from service_support import in_process_clients
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
 from vlmguard.workers.background_runs import run_key
@@ -53,14 +52,6 @@ def _die() -> None:
             task.cancel()
 
 
-async def _clients(apps):
-    https = [httpx.AsyncClient(transport=httpx.ASGITransport(app=a), base_url=f"http://p{i}") for i, a in
-             enumerate(apps)]
-    sdks = [openai.AsyncOpenAI(base_url=f"http://p{i}/v1", api_key="x", http_client=h, max_retries=0)
-            for i, h in enumerate(https)]
-    return https, sdks
-
-
 async def _poll(sdk, rid: str, statuses=("queued", "in_progress")):
     for _ in range(600):
         r = await sdk.responses.retrieve(rid)
@@ -74,15 +65,15 @@ def test_a_lost_background_response_is_answered_again_by_the_process_that_finds_
     shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend])
 
     async def main():
-        https, (one, two) = await _clients([dead, alive])
-        queued = await one.responses.create(background=True, **ASK)
-        await asyncio.sleep(0.2)
-        _die()
-        await asyncio.sleep(0.5)  # (its heartbeat silent for longer than background_lost_s)
-        done = await _poll(two, queued.id)
-        foreground = await two.responses.create(**ASK)
-        metrics = (await https[1].get("/metrics?format=json")).json()
-        return queued, done, foreground, metrics
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            queued = await one.responses.create(background=True, **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            await asyncio.sleep(0.5)  # (its heartbeat silent for longer than background_lost_s)
+            done = await _poll(two, queued.id)
+            foreground = await two.responses.create(**ASK)
+            metrics = (await https[1].get("/metrics?format=json")).json()
+            return queued, done, foreground, metrics
 
     queued, done, foreground, metrics = asyncio.run(main())
     assert done.status in ("completed", "incomplete") and done.output_text == foreground.output_text != ""
@@ -95,15 +86,15 @@ def test_only_one_of_the_processes_that_find_it_lost_takes_it_over(qwen):
     shared, apps = _apps(qwen, [Stuck, LocalBackend, LocalBackend, LocalBackend])
 
     async def main():
-        https, sdks = await _clients(apps)
-        queued = await sdks[0].responses.create(background=True, **ASK)
-        await asyncio.sleep(0.2)
-        _die()
-        await asyncio.sleep(0.5)
-        seen = await asyncio.gather(*(sdk.responses.retrieve(queued.id) for sdk in sdks[1:]))
-        done = await _poll(sdks[1], queued.id)
-        counts = [(await h.get("/metrics?format=json")).json()["background_taken_over"] for h in https[1:]]
-        return seen, done, counts
+        async with in_process_clients(*apps) as (https, sdks):
+            queued = await sdks[0].responses.create(background=True, **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            await asyncio.sleep(0.5)
+            seen = await asyncio.gather(*(sdk.responses.retrieve(queued.id) for sdk in sdks[1:]))
+            done = await _poll(sdks[1], queued.id)
+            counts = [(await h.get("/metrics?format=json")).json()["background_taken_over"] for h in https[1:]]
+            return seen, done, counts
 
     seen, done, counts = asyncio.run(main())
     assert {r.status for r in seen} <= {"queued", "in_progress"} and sum(counts) == 1
@@ -114,16 +105,16 @@ def test_a_response_lost_more_often_than_its_retries_allow_is_failed(qwen):
     shared, (one, two, three) = _apps(qwen, [Stuck, Stuck, LocalBackend], background_retries=1)
 
     async def main():
-        https, sdks = await _clients([one, two, three])
-        queued = await sdks[0].responses.create(background=True, **ASK)
-        await asyncio.sleep(0.2)
-        _die()
-        await asyncio.sleep(0.5)
-        taken = await sdks[1].responses.retrieve(queued.id)  # (the second process takes it over, and dies too)
-        await asyncio.sleep(0.2)
-        _die()
-        await asyncio.sleep(0.5)
-        return taken, await sdks[2].responses.retrieve(queued.id)
+        async with in_process_clients(one, two, three) as (_, sdks):
+            queued = await sdks[0].responses.create(background=True, **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            await asyncio.sleep(0.5)
+            taken = await sdks[1].responses.retrieve(queued.id)  # (the second process takes it over, and dies too)
+            await asyncio.sleep(0.2)
+            _die()
+            await asyncio.sleep(0.5)
+            return taken, await sdks[2].responses.retrieve(queued.id)
 
     taken, last = asyncio.run(main())
     assert taken.status in ("queued", "in_progress")
@@ -135,23 +126,23 @@ def test_responses_that_cannot_simply_be_run_again_are_failed_when_lost(qwen, ca
     shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend], background_retries=0 if case == "no retries" else 1)
 
     async def main():
-        https, (one, two) = await _clients([dead, alive])
-        streaming = None
-        if case == "streamed":  # (its stream read on in a task: this transport hands over a body once it is whole)
-            streaming = asyncio.create_task(https[0].post("/v1/responses", json={
-                "background": True, "stream": True, **ASK}))
-            await asyncio.sleep(0.3)
-            rid = next(k for k in shared.store._entries if "#" not in k)
-        else:
-            conv = (await https[0].post("/v1/conversations", json={})).json()["id"] if case == "conversation" \
-                else None
-            rid = (await one.responses.create(background=True, conversation=conv, **ASK)).id
-        await asyncio.sleep(0.2)
-        _die()
-        await asyncio.sleep(0.5)
-        lost = await two.responses.retrieve(rid)
-        ended = (await asyncio.wait_for(streaming, 30)).text if streaming is not None else ""
-        return lost, rid, ended
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            streaming = None
+            if case == "streamed":  # (read on in a task: this transport hands over a body once it is whole)
+                streaming = asyncio.create_task(https[0].post("/v1/responses", json={
+                    "background": True, "stream": True, **ASK}))
+                await asyncio.sleep(0.3)
+                rid = next(k for k in shared.store._entries if "#" not in k)
+            else:
+                conv = (await https[0].post("/v1/conversations", json={})).json()["id"] if case == "conversation" \
+                    else None
+                rid = (await one.responses.create(background=True, conversation=conv, **ASK)).id
+            await asyncio.sleep(0.2)
+            _die()
+            await asyncio.sleep(0.5)
+            lost = await two.responses.retrieve(rid)
+            ended = (await asyncio.wait_for(streaming, 30)).text if streaming is not None else ""
+            return lost, rid, ended
 
     lost, rid, ended = asyncio.run(main())
     assert lost.status == "failed" and lost.error.code == "server_lost"
@@ -163,15 +154,15 @@ def test_a_lost_response_that_continued_a_response_since_deleted_is_failed_with_
     shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend])
 
     async def main():
-        https, (one, two) = await _clients([dead, alive])
-        first = await two.responses.create(model=MODEL, input="hi", max_output_tokens=3)
-        queued = await one.responses.create(background=True, previous_response_id=first.id, **ASK)
-        await asyncio.sleep(0.2)
-        _die()
-        await two.responses.delete(first.id)
-        await asyncio.sleep(0.5)
-        await two.responses.retrieve(queued.id)  # (found lost: taken over, and failed at once)
-        return await two.responses.retrieve(queued.id)
+        async with in_process_clients(dead, alive) as (_, (one, two)):
+            first = await two.responses.create(model=MODEL, input="hi", max_output_tokens=3)
+            queued = await one.responses.create(background=True, previous_response_id=first.id, **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            await two.responses.delete(first.id)
+            await asyncio.sleep(0.5)
+            await two.responses.retrieve(queued.id)  # (found lost: taken over, and failed at once)
+            return await two.responses.retrieve(queued.id)
 
     failed = asyncio.run(main())
     assert failed.status == "failed" and failed.error.code == "previous_response_not_found"
