@@ -151,6 +151,24 @@ def wait_text(drv, texts: list[str], timeout: float = 60.0, lines_with: tuple[st
     raise AssertionError(f"page never showed {missing} (or {count} lines with {text!r}); it shows:\n{body[:3000]}")
 
 
+def type_into(drv, css: str, keys: str, timeout: float = 90.0) -> None:
+    """Send ``keys`` to the element ``css`` selects once the page has it and it takes them (Streamlit re-renders
+    its widgets on every rerun, so the element may be missing or replaced for a moment)."""
+    from selenium.common.exceptions import (ElementNotInteractableException, NoSuchElementException,
+                                            StaleElementReferenceException)
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            drv.find_element(By.CSS_SELECTOR, css).send_keys(keys)
+            return
+        except (NoSuchElementException, StaleElementReferenceException, ElementNotInteractableException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def screenshot(drv, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
@@ -192,9 +210,8 @@ def test_playground_generates_through_the_service_in_chromium(browser, dashboard
     url, service = dashboard
     browser.get(f"{url}/playground")
     wait_text(browser, ["Playground", "tiny-llava", "Generate", "render a SynthCOCO scene"], timeout=90)
-    budget = browser.find_element(By.CSS_SELECTOR, 'input[aria-label^="budget"]')
-    budget.send_keys("\ue009a")  # Ctrl-A
-    budget.send_keys("6\n")
+    type_into(browser, 'input[aria-label^="budget"]', "\ue009a")  # Ctrl-A
+    type_into(browser, 'input[aria-label^="budget"]', "6\n")
     wait_text(browser, ["Generate"])
     time.sleep(1.0)
     button = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Generate")
@@ -212,15 +229,12 @@ def test_playground_generates_through_the_service_in_chromium(browser, dashboard
 def test_chat_keeps_a_conversation_through_the_service_in_chromium(browser, dashboard):
     """Two questions about one image: the second goes with the first and its answer, and the service's prefix
     cache gives it the tokens the first computed (the chat page says how many)."""
-    from selenium.webdriver.common.by import By
-
     url, service = dashboard
     browser.get(f"{url}/chat")
     wait_text(browser, ["Chat", "tiny-llava", "New conversation", "render a SynthCOCO scene"], timeout=90)
     before = httpx.get(f"{service}/metrics?format=json", timeout=5).json()["results"]
     for turn, question in enumerate(("Describe this image.", "What is on the left?"), start=1):
-        box = browser.find_element(By.CSS_SELECTOR, 'textarea[data-testid="stChatInputTextArea"]')
-        box.send_keys(question + "\n")
+        type_into(browser, 'textarea[data-testid="stChatInputTextArea"]', question + "\n")
         # (each answer's caption line: the first's "none from the prefix cache" must not pass for the second's)
         body = wait_text(browser, [question], timeout=180, lines_with=("prompt tokens", turn))
     assert "Page not found" not in body and "not reachable" not in body
