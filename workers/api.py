@@ -82,11 +82,11 @@ log = logging.getLogger("vlmguard.workers")
 
 
 class Overloaded(Exception):
-    """The backend refused the request (queue full); answered 503 with Retry-After."""
+    """The backend could not take the request now (queue full; ``code`` says why); answered 503 with Retry-After."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0):
+    def __init__(self, message: str, retry_after_s: float = 1.0, code: str = "overloaded"):
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.code = retry_after_s, code
 
 
 class APIFailure(Exception):
@@ -362,7 +362,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         except asyncio.TimeoutError:
             raise APIFailure(504, f"request timed out after {config.request_timeout_s:g} s", "timeout_error") from None
         except Overloaded as e:
-            raise APIFailure(503, str(e), "overloaded_error", "overloaded",
+            raise APIFailure(503, str(e), "overloaded_error", e.code,
                              {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
         if "error" in answer:
             err = answer["error"]

@@ -178,6 +178,11 @@ class ServiceConfig(BaseModel):
     # requests are not routed by image (``ModelConfig.routing``), else ``separate``.
     ingress: Literal["auto", "separate", "model"] = "auto"
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
+    # Separate ingress only: a request whose model replica died or became unreachable before answering it (killed,
+    # out of memory, its node lost) is sent again this many times, Serve picking a live replica; a stream only while
+    # none of its answer went out. Then a 503 ``replica_lost`` with Retry-After. 0: failed at once. (A request that
+    # itself kills replicas is tried this many times more.)
+    replica_retries: int = Field(1, ge=0, le=5)
     # Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): every replica of the app's ingress
     # deployment also serves HTTP on a port of its own (``Service.direct_urls``), so a client or load
     # balancer can skip the Serve proxy; the proxy URL keeps working. A cluster-wide flag read when the

@@ -1,26 +1,47 @@
 """The Ray Serve ingress: the FastAPI app of ``api.py`` backed by handles to the model deployments."""
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import WorkItem
+from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.response_store import api_responses
 from vlmguard.workers.routing import request_routing_key
+
+log = logging.getLogger("vlmguard.workers")
+
+
+def replica_lost(e: BaseException) -> bool:
+    """The call failed because the replica serving it died or cannot be reached, not because of the request's
+    own error (which comes back as the replica's answer, or as a task error caused by something else)."""
+    return isinstance(e, RayActorError) or isinstance(getattr(e, "cause", None), RayActorError)
+
+
+def _overloaded(model: str, e: BackPressureError) -> Overloaded:
+    return Overloaded(f"server overloaded: model {model!r} has too many queued requests; retry later ({e})",
+                      retry_after_s=1.0)
 
 
 class RayBackend:
     """Routes work to model deployments. Serve picks the replica: by the request's first image (without one, its
     conversation's opening) where the model's ``routing`` is ``image_affinity`` (``routing.py``; the key is set here,
-    once), else by power of two choices."""
+    once), else by power of two choices.
 
-    def __init__(self, handles: dict[str, DeploymentHandle]):
+    A call whose replica was lost before it answered (a stream: before its first event) is sent again, ``retries``
+    times (``ServiceConfig.replica_retries``), each resend counted in ``metrics``."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], retries: int = 1, metrics: ServiceMetrics | None = None):
         self.handles = handles
+        self.retries = retries
+        self.metrics = metrics or ServiceMetrics()
         self._info: dict[str, dict[str, Any]] = {}
 
     def model_names(self) -> list[str]:
@@ -34,25 +55,51 @@ class RayBackend:
     async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
         return await self.handles[model].tokens.remote(method, *args)
 
+    def _again(self, model: str, item: WorkItem, e: Exception, attempt: int) -> None:
+        """Count the resend of a call whose replica was lost (``e``, on its ``attempt``-th try from 0), or raise a
+        503 ``replica_lost`` when the retries are spent."""
+        if attempt >= self.retries:
+            tries = f" ({attempt + 1} tries)" if attempt else ""
+            raise Overloaded(f"the replica of model {model!r} answering this request was lost before it "
+                             f"answered{tries}: {type(e).__name__}; retry later", retry_after_s=1.0,
+                             code="replica_lost") from None
+        self.metrics.replica_resent()
+        log.warning("request %s: the replica of model %r answering it was lost (%s); sending it again",
+                    item.request_id, model, type(e).__name__)
+
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         item.routing_key = request_routing_key(item)
-        try:
-            return await self.handles[model].generate.remote(item)
-        except BackPressureError as e:
-            raise Overloaded(f"server overloaded: model {model!r} has too many queued requests; retry later "
-                             f"({e})", retry_after_s=1.0) from None
+        attempt = 0
+        while True:
+            try:
+                return await self.handles[model].generate.remote(item)
+            except BackPressureError as e:
+                raise _overloaded(model, e) from None
+            except Exception as e:
+                if not replica_lost(e):
+                    raise
+                self._again(model, item, e, attempt)
+            attempt += 1
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
         item.routing_key = request_routing_key(item)
-        gen = self.handles[model].options(stream=True).stream.remote(item)
-        try:
-            async for ev in gen:
-                yield ev
-        except BackPressureError as e:
-            raise Overloaded(f"server overloaded: model {model!r} has too many queued requests; retry later "
-                             f"({e})", retry_after_s=1.0) from None
-        finally:
-            gen.cancel()
+        attempt, started = 0, False
+        while True:
+            gen = self.handles[model].options(stream=True).stream.remote(item)
+            try:
+                async for ev in gen:
+                    started = True
+                    yield ev
+                return
+            except BackPressureError as e:
+                raise _overloaded(model, e) from None
+            except Exception as e:
+                if started or not replica_lost(e):
+                    raise
+                self._again(model, item, e, attempt)
+            finally:
+                gen.cancel()
+            attempt += 1
 
 
 @serve.deployment(name="Ingress")
@@ -61,8 +108,9 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, DeploymentHandle],
                  responses: DeploymentHandle | None = None):
         self.config = ServiceConfig(**config)
-        self.backend = RayBackend(handles)
+        self.metrics = ServiceMetrics()
+        self.backend = RayBackend(handles, self.config.replica_retries, self.metrics)
         self.responses = api_responses(self.config, responses)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.backend, self.config, responses=self.responses)
+        return create_api(self.backend, self.config, responses=self.responses, metrics=self.metrics)

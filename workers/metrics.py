@@ -53,6 +53,7 @@ class ServiceMetrics:
         self.in_flight = 0
         self.background = 0  # background responses this process answers now (workers/background_runs.py)
         self.taken_over = 0  # lost background responses this process took over from another
+        self.resent = 0  # calls sent again because the model replica answering them was lost (workers/ingress.py)
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.decode_s = 0.0
@@ -76,6 +77,10 @@ class ServiceMetrics:
     def background_taken_over(self) -> None:
         with self._lock:
             self.taken_over += 1
+
+    def replica_resent(self) -> None:
+        with self._lock:
+            self.resent += 1
 
     def request_finished(self, endpoint: str, status: int, latency_s: float) -> None:
         with self._lock:
@@ -129,6 +134,7 @@ class ServiceMetrics:
                 "in_flight": self.in_flight,
                 "background_in_flight": self.background,
                 "background_taken_over": self.taken_over,
+                "replica_resends": self.resent,
                 "latency_s": {
                     "count": self.latency.count,
                     "mean": self.latency.sum / self.latency.count if self.latency.count else None,
@@ -182,6 +188,8 @@ class ServiceMetrics:
               s["background_in_flight"])
         gauge("vlmguard_background_taken_over_total", "Lost background responses this process answered again.",
               s["background_taken_over"], "counter")
+        gauge("vlmguard_replica_resends_total", "Calls sent to the model again because the replica answering them "
+              "was lost.", s["replica_resends"], "counter")
         gauge("vlmguard_failed_results_total", "Generations that ended with an error mid-answer (NaN scores: a "
               "float16 model overflowing; a stream whose engine failed).", s["results_failed"], "counter")
         gauge("vlmguard_prompt_tokens_total", "Prompt tokens (incl. image tokens) processed.", s["prompt_tokens_total"],

@@ -1,0 +1,174 @@
+"""The separate ingress (workers/ingress.py ``RayBackend``) sends a call again when the model replica answering it
+was lost (Serve's handle raises ``ActorDiedError`` / ``ActorUnavailableError``, or a task error caused by one),
+``ServiceConfig.replica_retries`` times; a stream only while none of it went out; then a 503 ``replica_lost``.
+The handles here are fakes of a ``DeploymentHandle``'s surface over a worker in this process, the HTTP API the
+real one."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+from vlmguard.workers.api import LocalBackend, create_api
+from vlmguard.workers.config import ModelConfig, ServiceConfig
+from vlmguard.workers.ingress import RayBackend, replica_lost
+from vlmguard.workers.metrics import ServiceMetrics
+
+MODEL = "tiny-qwen"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is a cat?"}], "max_tokens": 12}
+
+
+def _unavailable() -> Exception:
+    return ActorUnavailableError("the replica cannot be reached", None)
+
+
+class FakeStream:
+    """What ``handle.options(stream=True).stream.remote`` returns: async-iterable, with ``cancel``."""
+
+    def __init__(self, events):
+        self.events, self.cancelled = events, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.events.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """A model deployment's handle over ``worker``: its first ``lose`` calls fail with ``error()`` as Serve's do
+    when the replica died (a stream after ``after`` of its events)."""
+
+    def __init__(self, worker, lose: int = 0, after: int = 0, error=ActorDiedError):
+        self.local = LocalBackend({MODEL: worker})
+        self.lose, self.after, self.error = lose, after, error
+        self.calls, self.streams = 0, []
+        self.generate = SimpleNamespace(remote=self._generate)
+        self.stream = SimpleNamespace(remote=self._stream)
+        self.info = SimpleNamespace(remote=lambda: self.local.info(MODEL))
+
+    def options(self, stream: bool = False) -> "FakeHandle":
+        return self
+
+    async def _generate(self, item):
+        self.calls += 1
+        if self.calls <= self.lose:
+            await asyncio.sleep(0.01)
+            raise self.error()
+        return await self.local.generate(MODEL, item)
+
+    def _stream(self, item) -> FakeStream:
+        self.calls += 1
+        self.streams.append(FakeStream(self._events(item, lost=self.calls <= self.lose)))
+        return self.streams[-1]
+
+    async def _events(self, item, lost: bool):
+        async with contextlib.aclosing(self.local.stream(MODEL, item)) as events:
+            k = 0
+            async for ev in events:
+                if lost and k == self.after:
+                    raise self.error()
+                yield ev
+                k += 1
+
+
+def _ask(handle: FakeHandle, body: dict, retries: int = 1):
+    """POST ``body`` to the chat API over ``handle``: (response, the app's metrics)."""
+    metrics = ServiceMetrics()
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None,
+                           replica_retries=retries)
+    app = create_api(RayBackend({MODEL: handle}, retries, metrics), config, metrics=metrics)
+
+    async def main():  # (an error the app answers 500 is answered, not raised here)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://api") as http:
+            return await http.post("/v1/chat/completions", json=body, timeout=120)
+
+    return asyncio.run(main()), metrics.snapshot()
+
+
+def _stream_text(r) -> tuple[str, list[dict]]:
+    import json
+
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    text = "".join(c["delta"].get("content") or "" for ev in events for c in ev.get("choices", []))
+    return text, events
+
+
+@pytest.fixture(scope="module")
+def plain(qwen):
+    """The chat answer, and the streamed one, with no replica lost."""
+    r, m = _ask(FakeHandle(qwen), CHAT)
+    s, _ = _ask(FakeHandle(qwen), {**CHAT, "stream": True})
+    assert r.status_code == 200 and s.status_code == 200 and m["replica_resends"] == 0
+    text = r.json()["choices"][0]["message"]["content"]
+    assert text and _stream_text(s)[0] == text
+    return text
+
+
+@pytest.mark.parametrize("error", [ActorDiedError, _unavailable])
+def test_a_lost_replica_answer_is_sent_again(qwen, plain, error):
+    handle = FakeHandle(qwen, lose=1, error=error)
+    r, metrics = _ask(handle, CHAT)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == plain
+    assert handle.calls == 2 and metrics["replica_resends"] == 1 and metrics["results"] == 1
+
+
+def test_retries_spent_is_a_503_replica_lost(qwen):
+    handle = FakeHandle(qwen, lose=3)
+    r, metrics = _ask(handle, CHAT, retries=2)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    err = r.json()["error"]
+    assert err["code"] == "replica_lost" and "'tiny-qwen'" in err["message"] and "3 tries" in err["message"]
+    assert "ActorDiedError" in err["message"] and handle.calls == 3 and metrics["replica_resends"] == 2
+
+    handle = FakeHandle(qwen, lose=1)
+    r, metrics = _ask(handle, CHAT, retries=0)  # off: failed at once
+    assert r.status_code == 503 and r.json()["error"]["code"] == "replica_lost" and handle.calls == 1
+    assert metrics["replica_resends"] == 0
+
+
+def test_a_stream_is_sent_again_only_before_it_started(qwen, plain):
+    handle = FakeHandle(qwen, lose=1, after=0)  # lost before its first event
+    r, metrics = _ask(handle, {**CHAT, "stream": True})
+    text, events = _stream_text(r)
+    assert r.status_code == 200 and text == plain and not any("error" in ev for ev in events)
+    assert handle.calls == 2 and metrics["replica_resends"] == 1
+    assert all(s.cancelled for s in handle.streams)  # (each handle's stream let go)
+
+    handle = FakeHandle(qwen, lose=1, after=3)  # lost with part of the answer sent: not again
+    r, metrics = _ask(handle, {**CHAT, "stream": True})
+    text, events = _stream_text(r)
+    assert r.status_code == 200 and handle.calls == 1 and metrics["replica_resends"] == 0
+    assert plain.startswith(text) and text != plain
+    assert "ActorDiedError" in events[-1]["error"]["message"] and r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_other_errors_are_not_sent_again(qwen):
+    handle = FakeHandle(qwen, lose=1, error=lambda: RuntimeError("the request's own failure"))
+    r, metrics = _ask(handle, CHAT)
+    assert r.status_code == 500 and "the request's own failure" in r.json()["error"]["message"]
+    assert handle.calls == 1 and metrics["replica_resends"] == 0
+
+
+def test_replica_lost_reads_task_errors_by_their_cause():
+    assert replica_lost(ActorDiedError()) and replica_lost(_unavailable())
+    assert replica_lost(RayTaskError("generate", "traceback", ActorDiedError()))
+    assert not replica_lost(RayTaskError("generate", "traceback", ValueError("bad")))
+    assert not replica_lost(RuntimeError("x"))
+
+
+def test_replica_retries_setting_is_checked():
+    assert ServiceConfig().replica_retries == 1
+    for bad in (-1, 6):
+        with pytest.raises(ValidationError, match="replica_retries"):
+            ServiceConfig(replica_retries=bad)
