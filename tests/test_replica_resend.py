@@ -47,9 +47,10 @@ class FakeHandle:
     """A model deployment's handle over ``worker``: its first ``lose`` calls fail with ``error()`` as Serve's do
     when the replica died (a stream after ``after`` of its events)."""
 
-    def __init__(self, worker, lose: int = 0, after: int = 0, error=ActorDiedError):
+    def __init__(self, worker, lose: int = 0, after: int = 0, error=ActorDiedError, diverge_at: int | None = None):
         self.local = LocalBackend({MODEL: worker})
         self.lose, self.after, self.error = lose, after, error
+        self.diverge_at = diverge_at  # (a resent stream's event that comes back with another token)
         self.calls, self.streams = 0, []
         self.generate = SimpleNamespace(remote=self._generate)
         self.stream = SimpleNamespace(remote=self._stream)
@@ -67,16 +68,16 @@ class FakeHandle:
 
     def _stream(self, item) -> FakeStream:
         self.calls += 1
-        self.streams.append(FakeStream(self._events(item, lost=self.calls <= self.lose)))
+        self.streams.append(FakeStream(self._events(item, lost=self.calls <= self.lose, resent=self.calls > 1)))
         return self.streams[-1]
 
-    async def _events(self, item, lost: bool):
+    async def _events(self, item, lost: bool, resent: bool):
         async with contextlib.aclosing(self.local.stream(MODEL, item)) as events:
             k = 0
             async for ev in events:
                 if lost and k == self.after:
                     raise self.error()
-                yield ev
+                yield {**ev, "token_id": -1} if resent and k == self.diverge_at else ev
                 k += 1
 
 
@@ -137,20 +138,49 @@ def test_retries_spent_is_a_503_replica_lost(qwen):
     assert metrics["replica_resends"] == 0
 
 
-def test_a_stream_is_sent_again_only_before_it_started(qwen, plain):
-    handle = FakeHandle(qwen, lose=1, after=0)  # lost before its first event
+def test_a_stream_is_sent_again_before_it_started(qwen, plain):
+    handle = FakeHandle(qwen, lose=1, after=0, diverge_at=0)  # lost before its first event: nothing to check
     r, metrics = _ask(handle, {**CHAT, "stream": True})
     text, events = _stream_text(r)
     assert r.status_code == 200 and text == plain and not any("error" in ev for ev in events)
     assert handle.calls == 2 and metrics["replica_resends"] == 1
     assert all(s.cancelled for s in handle.streams)  # (each handle's stream let go)
 
-    handle = FakeHandle(qwen, lose=1, after=3)  # lost with part of the answer sent: not again
+
+def test_a_started_stream_is_resumed_where_its_answer_repeats(qwen, plain):
+    """Greedy: sent again, the tokens already sent are checked and skipped; the client sees one stream, each
+    token once."""
+    handle = FakeHandle(qwen, lose=1, after=3)
     r, metrics = _ask(handle, {**CHAT, "stream": True})
     text, events = _stream_text(r)
-    assert r.status_code == 200 and handle.calls == 1 and metrics["replica_resends"] == 0
-    assert plain.startswith(text) and text != plain
-    assert "ActorDiedError" in events[-1]["error"]["message"] and r.text.rstrip().endswith("data: [DONE]")
+    assert r.status_code == 200 and text == plain and not any("error" in ev for ev in events)
+    assert handle.calls == 2 and metrics["replica_resends"] == 1 and metrics["results"] == 1
+    assert sum(1 for ev in events for c in ev.get("choices", []) if c.get("finish_reason")) == 1
+
+    # sampled with a seed: the same draws again
+    seeded = {**CHAT, "stream": True, "temperature": 1.0, "seed": 7}
+    whole, _ = _ask(FakeHandle(qwen), seeded)
+    r, metrics = _ask(FakeHandle(qwen, lose=1, after=3), seeded)
+    assert _stream_text(r)[0] == _stream_text(whole)[0] and metrics["replica_resends"] == 1
+
+
+@pytest.mark.parametrize("case", ["unseeded", "diverged", "lost twice"])
+def test_a_started_stream_that_cannot_resume_ends_with_an_error(qwen, plain, case):
+    body = {**CHAT, "stream": True, **({"temperature": 1.0} if case == "unseeded" else {})}
+    handle = FakeHandle(qwen, lose=2 if case == "lost twice" else 1, after=3,
+                        diverge_at=1 if case == "diverged" else None)
+    r, metrics = _ask(handle, body)
+    text, events = _stream_text(r)
+    pieces = [c["delta"]["content"] for ev in events for c in ev.get("choices", []) if c["delta"].get("content")]
+    assert r.status_code == 200 and len(pieces) <= 3 and r.text.rstrip().endswith("data: [DONE]")
+    assert case == "unseeded" or (plain.startswith(text) and text != plain)  # (the first 3 tokens, once)
+    message = events[-1]["error"]["message"]
+    if case == "diverged":  # the resent answer's second token differs from the one sent: not sent on
+        assert handle.calls == 2 and metrics["replica_resends"] == 1
+        assert "ResumeDiverged" in message and "lost after 3 tokens" in message and "differed at token 1" in message
+    else:  # not reproducible: not sent again; lost again (one retry): the stream ends there
+        assert handle.calls == (1 if case == "unseeded" else 2) and "ActorDiedError" in message
+        assert metrics["replica_resends"] == (0 if case == "unseeded" else 1)
 
 
 def test_other_errors_are_not_sent_again(qwen):

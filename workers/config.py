@@ -179,9 +179,9 @@ class ServiceConfig(BaseModel):
     ingress: Literal["auto", "separate", "model"] = "auto"
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
     # Separate ingress only: a request whose model replica died or became unreachable before answering it (killed,
-    # out of memory, its node lost) is sent again this many times, Serve picking a live replica; a stream only while
-    # none of its answer went out. Then a 503 ``replica_lost`` with Retry-After. 0: failed at once. (A request that
-    # itself kills replicas is tried this many times more.)
+    # out of memory, its node lost) is sent again this many times, Serve picking a live replica; a stream that had
+    # started too where its answer is reproducible (greedy or seeded; what was sent is checked and skipped). Then a
+    # 503 ``replica_lost`` with Retry-After. 0: failed at once. (A request that kills replicas is tried again too.)
     replica_retries: int = Field(1, ge=0, le=5)
     # Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): every replica of the app's ingress
     # deployment also serves HTTP on a port of its own (``Service.direct_urls``), so a client or load

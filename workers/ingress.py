@@ -35,8 +35,9 @@ class RayBackend:
     conversation's opening) where the model's ``routing`` is ``image_affinity`` (``routing.py``; the key is set here,
     once), else by power of two choices.
 
-    A call whose replica was lost before it answered (a stream: before its first event) is sent again, ``retries``
-    times (``ServiceConfig.replica_retries``), each resend counted in ``metrics``."""
+    A call whose replica was lost before it answered is sent again, ``retries`` times
+    (``ServiceConfig.replica_retries``), each resend counted in ``metrics``; a stream also after it started, where
+    its answer is reproducible (:meth:`stream`)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], retries: int = 1, metrics: ServiceMetrics | None = None):
         self.handles = handles
@@ -55,17 +56,17 @@ class RayBackend:
     async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
         return await self.handles[model].tokens.remote(method, *args)
 
-    def _again(self, model: str, item: WorkItem, e: Exception, attempt: int) -> None:
-        """Count the resend of a call whose replica was lost (``e``, on its ``attempt``-th try from 0), or raise a
-        503 ``replica_lost`` when the retries are spent."""
+    def _again(self, model: str, item: WorkItem, e: Exception, attempt: int, sent: int = 0) -> None:
+        """Count the resend of a call whose replica was lost (``e``, on its ``attempt``-th try from 0, after ``sent``
+        tokens of a stream), or raise a 503 ``replica_lost`` when the retries are spent."""
         if attempt >= self.retries:
             tries = f" ({attempt + 1} tries)" if attempt else ""
             raise Overloaded(f"the replica of model {model!r} answering this request was lost before it "
                              f"answered{tries}: {type(e).__name__}; retry later", retry_after_s=1.0,
                              code="replica_lost") from None
         self.metrics.replica_resent()
-        log.warning("request %s: the replica of model %r answering it was lost (%s); sending it again",
-                    item.request_id, model, type(e).__name__)
+        log.warning("request %s: the replica of model %r answering it was lost (%s) after %d tokens sent; sending "
+                    "it again", item.request_id, model, type(e).__name__, sent)
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         item.routing_key = request_routing_key(item)
@@ -82,24 +83,54 @@ class RayBackend:
             attempt += 1
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
+        """The model's events for ``item``. Where its replica is lost mid-answer and the answer is reproducible
+        (greedy, or sampled with a seed), the request is sent again and the new answer's first tokens, checked
+        against those already sent, are skipped: the client sees one stream (:func:`resumable`)."""
         item.routing_key = request_routing_key(item)
-        attempt, started = 0, False
+        attempt, sent = 0, []  # (the token ids of the events sent)
         while True:
             gen = self.handles[model].options(stream=True).stream.remote(item)
+            replayed, before = 0, len(sent)  # (events of this try repeating those sent, of the ``before`` sent)
             try:
                 async for ev in gen:
-                    started = True
+                    if replayed < before and "error" not in ev:  # (an error the new answer ends with is sent)
+                        _check_replay(ev, sent, replayed)
+                        replayed += 1
+                        continue
+                    sent.append(ev.get("token_id"))
                     yield ev
+                if replayed < before:
+                    _check_replay(None, sent, replayed)
                 return
             except BackPressureError as e:
+                if sent:
+                    raise
                 raise _overloaded(model, e) from None
             except Exception as e:
-                if started or not replica_lost(e):
+                if not replica_lost(e) or (sent and not resumable(item)) or (sent and attempt >= self.retries):
                     raise
-                self._again(model, item, e, attempt)
+                self._again(model, item, e, attempt, len(sent))
             finally:
                 gen.cancel()
             attempt += 1
+
+
+class ResumeDiverged(RuntimeError):
+    """A stream sent again after its replica was lost did not repeat the tokens already sent."""
+
+
+def resumable(item: WorkItem) -> bool:
+    """Whether a stream lost mid-answer may be sent again and resumed: its answer is the same each time it runs
+    (greedy, or sampled with a seed). A pruner's or decoder's own randomness, and batch-dependent rounding, are
+    caught where they change a token (:func:`_check_replay`)."""
+    return not item.spec.sampling or item.spec.seed is not None
+
+
+def _check_replay(ev: dict[str, Any] | None, sent: list[Any], k: int) -> None:
+    """Raise unless the resent stream's event ``ev`` (None: its end) repeats the ``k``-th of those ``sent``."""
+    if ev is None or ev.get("token_id") != sent[k] or (ev.get("done") and k + 1 < len(sent)):
+        raise ResumeDiverged(f"the model's replica was lost after {len(sent)} tokens of this answer; sent again, "
+                             f"the answer differed at token {k}, so it cannot go on")
 
 
 @serve.deployment(name="Ingress")
