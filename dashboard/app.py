@@ -1,6 +1,6 @@
 """The vlmguard dashboard (Streamlit). Start it with ``vlmguard dashboard [--port P] [--db PATH] [--service URL]``.
 
-Pages: Leaderboard (results database only), Playground, Chat and Jobs (need the service).
+Pages: Leaderboard (results database only), Playground, Chat, Jobs and Service (need the service).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ PAGES = [
     st.Page("playground_page.py", title="Playground", icon=":material/science:", url_path="playground"),
     st.Page("chat_page.py", title="Chat", icon=":material/forum:", url_path="chat"),
     st.Page("jobs_page.py", title="Jobs", icon=":material/work:", url_path="jobs"),
+    st.Page("service_page.py", title="Service", icon=":material/monitoring:", url_path="service"),
 ]
 
 st.navigation(PAGES).run()

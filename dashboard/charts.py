@@ -1,4 +1,4 @@
-"""Altair charts of the leaderboard (data prepared by :mod:`vlmguard.dashboard.data`)."""
+"""Altair charts of the leaderboard (data prepared by :mod:`vlmguard.dashboard.data`) and of the Service page."""
 from __future__ import annotations
 
 import altair as alt
@@ -81,3 +81,27 @@ def pareto_chart(frame: pd.DataFrame) -> alt.LayerChart:
     front = base.transform_filter(alt.datum.front == "on front").mark_line(strokeDash=[4, 3], color="gray").encode(
         order="latency_ms:Q", detail="model:N")
     return (front + dots + labels).properties(height=380)
+
+
+# ---- the Service page (data prepared by :mod:`vlmguard.dashboard.service_metrics`) ----------------------------
+
+
+def latency_chart(hist: pd.DataFrame) -> alt.Chart:
+    """Successful requests per latency bucket, in bucket order."""
+    return alt.Chart(hist).mark_bar().encode(
+        x=alt.X("bucket:N", sort=list(hist["bucket"]), title="latency of successful requests"),
+        y=alt.Y("requests:Q", title="requests"),
+        tooltip=["bucket", "requests"],
+    ).properties(height=260)
+
+
+def batch_chart(batches: pd.DataFrame) -> alt.Chart:
+    """Answers by how many requests were decoded, and prefilled, together with them."""
+    long = batches.melt("requests together", var_name="step", value_name="answers")
+    return alt.Chart(long).mark_bar().encode(
+        x=alt.X("requests together:O", title="requests together", axis=alt.Axis(labelAngle=0)),
+        xOffset="step:N",
+        y=alt.Y("answers:Q", title="answers"),
+        color=alt.Color("step:N", title=None),
+        tooltip=["requests together", "step", "answers"],
+    ).properties(height=260)

@@ -13,9 +13,10 @@ APP = Path(__file__).resolve().parent / "app.py"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("dashboard", help="start the Streamlit dashboard (leaderboard, playground, jobs)",
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard (leaderboard, playground, chat, jobs, service)",
                        description="Start the dashboard on localhost: the leaderboard reads the results database; "
-                                   "the playground and the jobs page talk to the service.")
+                                   "the playground, chat and service pages talk to the service, the jobs page to "
+                                   "Ray's Jobs API.")
     p.add_argument("--port", type=int, default=8501, help="port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--db", default=None, help="results database (default: $VLMGUARD_DB or runs/vlmguard.sqlite)")

@@ -23,7 +23,7 @@ JOBS_KEY = "vlmguard_jobs"
 
 
 class GenerationClient(Protocol):
-    """What the playground uses of :class:`vlmguard.client.Client`."""
+    """What the dashboard's pages use of :class:`vlmguard.client.Client`."""
 
     def health(self) -> dict[str, Any]: ...
 
@@ -39,6 +39,8 @@ class GenerationClient(Protocol):
                     ) -> Iterator[Any]: ...
 
     def tokenize(self, text: str, *, model: str | None = None, add_special_tokens: bool = True) -> Any: ...
+
+    def metrics(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

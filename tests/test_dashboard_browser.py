@@ -251,6 +251,21 @@ def test_chat_keeps_a_conversation_through_the_service_in_chromium(browser, dash
     assert httpx.get(f"{service}/metrics?format=json", timeout=5).json()["results"] == before + 2
 
 
+def test_service_page_in_chromium(browser, dashboard):
+    """The Service page reads the service's /metrics: a chat request sent here is counted there."""
+    url, service = dashboard
+    r = httpx.post(f"{service}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-llava", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    browser.get(f"{url}/service")
+    body = wait_text(browser, ["Service", "Traffic", "Failures and recovery", "replica resends", "Requests by route",
+                               "/v1/chat/completions", "Batching"], timeout=90)
+    assert "Page not found" not in body and "could not be read" not in body
+    wait_text(browser, ["latency of successful requests"], timeout=30)  # the latency chart drew
+    time.sleep(0.5)
+    screenshot(browser, "dashboard-service.png")
+
+
 def test_jobs_page_without_cluster_in_chromium(browser, dashboard):
     url, _ = dashboard
     browser.get(f"{url}/jobs")

@@ -147,6 +147,11 @@ class StubClient:
     def models(self):
         return ModelList(data=[ModelCard(id="tiny-llava", family="llava", context_length=512)])
 
+    def metrics(self):
+        from vlmguard.workers.metrics import ServiceMetrics
+
+        return ServiceMetrics().snapshot()  # (a service that has answered nothing yet)
+
     def _result(self, spec: dict) -> GenerateResponse:
         methods = spec.get("pruning", "none") != "none"
         budget = int(spec.get("budget") or self.N)
@@ -471,6 +476,8 @@ def test_app_navigates_between_pages(fixture_db, monkeypatch):
     assert not at.exception and [t.value for t in at.title] == ["Chat"] and at.chat_input
     at.switch_page("jobs_page.py").run()
     assert not at.exception and [t.value for t in at.title] == ["Jobs"] and "No jobs yet" in all_text(at)
+    at.switch_page("service_page.py").run()
+    assert not at.exception and [t.value for t in at.title] == ["Service"] and "No request answered yet" in all_text(at)
 
 
 def test_playground_upload_goes_to_the_service():
