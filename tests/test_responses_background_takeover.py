@@ -1,7 +1,8 @@
 """A background response whose process was lost is answered again by the process of the API that finds it lost
 (``ServiceConfig.background_retries``, workers/background_runs.py ``overseen``): from the start, from its stored
 request, by one process only; at most ``background_retries`` times, then it is failed. A process that stops leaves
-such answers to the next reader at once. Responses that are streamed or add to a conversation are failed as before.
+such answers to the next reader at once; one in a conversation is answered from the conversation as it was. Streamed
+responses are failed as before.
 Processes of the API here are apps sharing one store in this process; a process "dies" when its tasks are cancelled
 without its shutdown."""
 from __future__ import annotations
@@ -121,7 +122,7 @@ def test_a_response_lost_more_often_than_its_retries_allow_is_failed(qwen):
     assert last.status == "failed" and last.error.code == "server_lost"
 
 
-@pytest.mark.parametrize("case", ["streamed", "conversation", "no retries"])
+@pytest.mark.parametrize("case", ["streamed", "no retries"])
 def test_responses_that_cannot_simply_be_run_again_are_failed_when_lost(qwen, case):
     shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend], background_retries=0 if case == "no retries" else 1)
 
@@ -134,9 +135,7 @@ def test_responses_that_cannot_simply_be_run_again_are_failed_when_lost(qwen, ca
                 await asyncio.sleep(0.3)
                 rid = next(k for k in shared.store._entries if "#" not in k)
             else:
-                conv = (await https[0].post("/v1/conversations", json={})).json()["id"] if case == "conversation" \
-                    else None
-                rid = (await one.responses.create(background=True, conversation=conv, **ASK)).id
+                rid = (await one.responses.create(background=True, **ASK)).id
             await asyncio.sleep(0.2)
             _die()
             await asyncio.sleep(0.5)
@@ -166,3 +165,52 @@ def test_a_lost_response_that_continued_a_response_since_deleted_is_failed_with_
 
     failed = asyncio.run(main())
     assert failed.status == "failed" and failed.error.code == "previous_response_not_found"
+
+
+def test_a_lost_response_in_a_conversation_is_answered_from_the_conversation_as_it_was(qwen):
+    """Its prompt is the conversation's items when it was asked for (not a turn added while it was lost); its turn is
+    then added to the conversation, after that one, as the lost process would have added it."""
+    shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend])
+
+    async def main():
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            convs = [(await https[1].post("/v1/conversations", json={})).json()["id"] for _ in range(2)]
+            for conv in convs:  # (the same first turn in both)
+                await two.responses.create(model=MODEL, input="hi", max_output_tokens=4, conversation=conv)
+            queued = await one.responses.create(background=True, conversation=convs[0], **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            meanwhile = await two.responses.create(model=MODEL, input="And a dog?", max_output_tokens=4,
+                                                   conversation=convs[0])
+            await asyncio.sleep(0.5)
+            done = await _poll(two, queued.id)
+            expected = await two.responses.create(conversation=convs[1], **ASK)  # the conversation as it was
+            items = (await https[1].get(f"/v1/conversations/{convs[0]}/items?order=asc")).json()["data"]
+            return done, meanwhile, expected, items
+
+    done, meanwhile, expected, items = asyncio.run(main())
+    assert done.status in ("completed", "incomplete") and done.output_text == expected.output_text != ""
+    texts = [part.get("text") for it in items for part in it.get("content", [])]
+    assert len(items) == 6 and texts[2] == "And a dog?" and texts[3] == meanwhile.output_text
+    assert texts[4] == ASK["input"] and texts[5] == done.output_text  # (its turn after the one added meanwhile)
+
+
+def test_a_lost_response_whose_conversation_lost_items_is_failed_with_why(qwen):
+    shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend])
+
+    async def main():
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            conv = (await https[1].post("/v1/conversations", json={})).json()["id"]
+            await two.responses.create(model=MODEL, input="hi", max_output_tokens=4, conversation=conv)
+            queued = await one.responses.create(background=True, conversation=conv, **ASK)
+            await asyncio.sleep(0.2)
+            _die()
+            first = (await https[1].get(f"/v1/conversations/{conv}/items?order=asc")).json()["data"][0]["id"]
+            assert (await https[1].delete(f"/v1/conversations/{conv}/items/{first}")).status_code == 200
+            await asyncio.sleep(0.5)
+            await two.responses.retrieve(queued.id)  # (found lost: taken over, and failed at once)
+            return await two.responses.retrieve(queued.id)
+
+    failed = asyncio.run(main())
+    assert failed.status == "failed" and failed.error.code == "conversation_changed"
+    assert "lost items" in failed.error.message

@@ -592,15 +592,23 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def conversation(req: ResponsesRequest) -> tuple[StoredResponse | None, ChatForm]:
+    async def conversation(req: ResponsesRequest, upto: list[str] | None = None
+                           ) -> tuple[StoredResponse | None, ChatForm]:
         """The stored response a request continues (``previous_response_id``; None without one), and the chat
-        request the two mean together."""
+        request the two mean together. ``upto``: the ids of the conversation's items when the request was made (a
+        lost background response answered again): only those, which the conversation must still begin with."""
         earlier = None
         if req.conversation_id is not None:  # its items as the conversation a response would have kept
             if req.previous_response_id is not None:
                 raise APIFailure(400, "conversation and previous_response_id cannot both be given: a conversation "
                                       "holds the earlier turns itself", param="conversation")
             conv = await conversation_entry(req.conversation_id)
+            if upto is not None:
+                if [it.get("id") for it in conv.items[:len(upto)]] != upto:
+                    raise APIFailure(409, f"conversation {req.conversation_id!r} lost items it had when this "
+                                          "response was asked for: it cannot be answered again",
+                                     code="conversation_changed", param="conversation")
+                conv = StoredResponse(response=conv.response, messages=[], items=conv.items[:len(upto)])
             messages = conversation_messages(conv)
             earlier = StoredResponse(response={"output": []}, messages=messages, items=conv.items, size=1)
             return earlier, chat_request(req, messages, "conversation")
@@ -691,11 +699,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The response kept as queued with its run record (workers/background_runs.py), and a task of this process
         that answers it."""
         queued = head.response("queued", [])
-        # (answered again by another process if this one is lost: a response not streamed, nor added to a
-        # conversation, whose request can simply be run again)
-        redo = None if req.stream or req.conversation is not None or not config.background_retries else {
+        # (answered again by another process if this one is lost: a response not streamed, whose request can be run
+        # again; in a conversation, with the conversation's items as they are now, named by their ids)
+        redo = None if req.stream or not config.background_retries else {
             "request": req.model_dump(mode="json", exclude_none=True), "model": head.model,
-            "created_at": head.created_at, "items": items}
+            "created_at": head.created_at, "items": items,
+            **({"upto": [it.get("id") for it in earlier.items]} if req.conversation_id is not None else {})}
         if not (await store.put(head.id, stored_response(queued, form, earlier, items))
                 and await store.put(run_key(head.id), run_record(bool(req.stream), redo=redo))):
             raise APIFailure(413, "the request is larger than this server keeps (responses_store_mb): a background "
@@ -723,7 +732,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         try:
             req = ResponsesRequest.model_validate(redo["request"])
             model = pick_model(redo["model"])
-            earlier, form = await conversation(req)
+            earlier, form = await conversation(req, redo.get("upto"))
             _, item = await fitted(req, form, model, rid)
         except (APIFailure, VlmguardError, ValidationError) as e:
             await failed_in_background(rid, {"code": getattr(e, "code", None) or type(e).__name__,

@@ -6,9 +6,9 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
 * its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
   queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process
   answering it died without shutting down: killed, out of memory, its machine gone) answers it again from the start
-  (:func:`overseen`), from the request the record keeps (``redo``: a response neither streamed nor added to a
-  conversation), at most ``ServiceConfig.background_retries`` times; else it moves it to ``failed`` with ``code:
-  server_lost``, so a client polling it is told to send it again instead of waiting for ever;
+  (:func:`overseen`), from the request the record keeps (``redo``: a response not streamed; one in a
+  conversation with the conversation's items as they were, named by their ids, which it must still begin with), at
+  most ``ServiceConfig.background_retries`` times; else it moves it to ``failed`` with ``code: server_lost``, so a client polling it is told to send it again instead of waiting for ever;
 * for a response created with ``stream: true``, where its **events** as streamed (``response.created`` ...
   ``response.completed``) are: each beat writes the events since the last one as a *page* of their own (key
   :func:`page_key`) and then adds the page's last sequence number to the record's ``pages``, so that a beat writes
