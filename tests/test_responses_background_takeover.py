@@ -1,13 +1,14 @@
 """A background response whose process was lost is answered again by the process of the API that finds it lost
 (``ServiceConfig.background_retries``, workers/background_runs.py ``overseen``): from the start, from its stored
 request, by one process only; at most ``background_retries`` times, then it is failed. A process that stops leaves
-such answers to the next reader at once; one in a conversation is answered from the conversation as it was. Streamed
-responses are failed as before.
+such answers to the next reader at once; one in a conversation is answered from the conversation as it was, a streamed
+one goes on from the events it streamed (once the new answer has repeated them).
 Processes of the API here are apps sharing one store in this process; a process "dies" when its tasks are cancelled
 without its shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -39,6 +40,41 @@ class Stuck(LocalBackend):
         yield {}
 
 
+class Stalls(LocalBackend):
+    """A process whose streams send their first ``AFTER`` events (tokens) and then nothing more (until it dies)."""
+
+    AFTER = 3
+
+    async def stream(self, model, item):
+        k = 0
+        async with contextlib.aclosing(super().stream(model, item)) as events:  # (the shared worker let go at death)
+            async for ev in events:
+                if k == self.AFTER:
+                    await asyncio.Event().wait()
+                yield self.sent(ev)
+                k += 1
+
+    def sent(self, ev):
+        return ev
+
+
+class StallsLater(Stalls):
+    AFTER = 55  # (a call's name and first pieces of its arguments: 75 tokens in all)
+
+
+class StallsGarbled(Stalls):
+    """Stalls, having sent tokens another answer would not have."""
+
+    def sent(self, ev):
+        return {**ev, "text": "zz"}
+
+
+def _events(body: str) -> list[dict]:
+    import json
+
+    return [json.loads(ln[6:]) for ln in body.splitlines() if ln.startswith("data: ")]
+
+
 def _apps(qwen, backends: list[type[LocalBackend]], **config):
     shared = LocalResponses(ResponseStore(1 << 22))
     service = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None,
@@ -46,11 +82,14 @@ def _apps(qwen, backends: list[type[LocalBackend]], **config):
     return shared, [create_api(backend({MODEL: qwen}), service, responses=shared) for backend in backends]
 
 
-def _die() -> None:
-    """Every background task of the apps in this loop cancelled as a process's death ends them: no shutdown runs."""
+def _die(*clients: asyncio.Task) -> None:
+    """Every background task of the apps in this loop cancelled as a process's death ends them: no shutdown runs;
+    ``clients``: requests to the process that dies (their connections end with it)."""
     for task in asyncio.all_tasks():
         if "answer_in_background" in getattr(task.get_coro(), "__qualname__", ""):
             task.cancel()
+    for task in clients:
+        task.cancel()
 
 
 async def _poll(sdk, rid: str, statuses=("queued", "in_progress")):
@@ -122,9 +161,9 @@ def test_a_response_lost_more_often_than_its_retries_allow_is_failed(qwen):
     assert last.status == "failed" and last.error.code == "server_lost"
 
 
-@pytest.mark.parametrize("case", ["streamed", "no retries"])
-def test_responses_that_cannot_simply_be_run_again_are_failed_when_lost(qwen, case):
-    shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend], background_retries=0 if case == "no retries" else 1)
+@pytest.mark.parametrize("case", ["streamed", "not streamed"])
+def test_responses_lost_without_retries_are_failed(qwen, case):
+    shared, (dead, alive) = _apps(qwen, [Stuck, LocalBackend], background_retries=0)
 
     async def main():
         async with in_process_clients(dead, alive) as (https, (one, two)):
@@ -214,3 +253,73 @@ def test_a_lost_response_whose_conversation_lost_items_is_failed_with_why(qwen):
     failed = asyncio.run(main())
     assert failed.status == "failed" and failed.error.code == "conversation_changed"
     assert "lost items" in failed.error.message
+
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"],
+           "properties": {"city": {"type": "string", "maxLength": 8}}}
+CALL = dict(model=MODEL, input="What is the weather in Paris?", max_output_tokens=120,
+            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER}],
+            tool_choice={"type": "function", "name": "get_weather"}, vlmguard={"json_whitespace": "compact"})
+
+
+@pytest.mark.parametrize("kind", ["text", "call"])
+def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind):
+    """The process that takes it over answers it again, checks that the answer repeats the events streamed (3 tokens'
+    text, or a call's name and first pieces of its arguments, among them), and adds only those after: a reader sees one stream, each event
+    once, and the response is the one a foreground request gets."""
+    shared, (dead, alive) = _apps(qwen, [Stalls if kind == "text" else StallsLater, LocalBackend])
+    ask = ASK if kind == "text" else CALL
+
+    async def main():
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            first = asyncio.create_task(https[0].post("/v1/responses", json={"background": True, "stream": True,
+                                                                             **ask}))
+            await asyncio.sleep(0.4)  # (its first events written to the store)
+            rid = next(k for k in shared.store._entries if "#" not in k)
+            streamed = await background_runs.logged_events(shared, rid)
+            _die(first)
+            await asyncio.sleep(0.5)
+            reader = asyncio.create_task(https[1].get(f"/v1/responses/{rid}?stream=true"))  # (reconnected)
+            done = await _poll(two, rid)
+            again = (await https[1].get(f"/v1/responses/{rid}?stream=true&starting_after=4")).text
+            foreground = (await https[1].post("/v1/responses", json=ask)).json()
+            metrics = (await https[1].get("/metrics?format=json")).json()
+            return rid, streamed, (await asyncio.wait_for(reader, 30)).text, again, done, foreground, metrics
+
+    rid, (streamed, _), read, again, done, foreground, metrics = asyncio.run(main())
+    events = _events(read)  # (read live from the store as the new answer went on)
+    assert len(streamed) > 4 and events[:len(streamed)] == streamed  # (lost mid-answer; as streamed then)
+    assert [ev["sequence_number"] for ev in events] == list(range(len(events))) and _events(again) == events[5:]
+    assert done.status in ("completed", "incomplete") and events[-1]["type"] == f"response.{done.status}"
+    assert events[-1]["response"]["id"] == rid and {ev["item_id"] for ev in events if "item_id" in ev} == {
+        done.output[0].id}
+    pieces = "".join(ev["delta"] for ev in events if ev["type"].endswith(".delta"))
+    if kind == "text":
+        assert pieces == done.output_text == foreground["output"][0]["content"][0]["text"] != ""
+    else:
+        call = done.output[0]
+        assert call.type == "function_call" and pieces == call.arguments == foreground["output"][0]["arguments"]
+        added = next(ev["item"] for ev in events if ev["type"] == "response.output_item.added")
+        assert added["call_id"] == call.call_id and call.call_id.startswith("call_") and len(call.call_id) == 29
+    assert shared.store.get(run_key(rid)).response["attempts"] == 2 and metrics["background_taken_over"] == 1
+
+
+def test_a_lost_streamed_response_whose_answer_differs_is_failed(qwen):
+    shared, (dead, alive) = _apps(qwen, [StallsGarbled, LocalBackend])
+
+    async def main():
+        async with in_process_clients(dead, alive) as (https, (one, two)):
+            first = asyncio.create_task(https[0].post("/v1/responses", json={"background": True, "stream": True,
+                                                                             **ASK}))
+            await asyncio.sleep(0.4)
+            rid = next(k for k in shared.store._entries if "#" not in k)
+            _die(first)
+            await asyncio.sleep(0.5)
+            failed = await _poll(two, rid)
+            return failed, (await https[1].get(f"/v1/responses/{rid}?stream=true")).text
+
+    failed, read = asyncio.run(main())
+    assert failed.status == "failed" and failed.error.code == "resume_diverged"
+    assert "differed from the one streamed" in failed.error.message
+    events = _events(read)
+    assert events[-1]["type"] == "response.failed" and "zz" in "".join(ev.get("delta", "") for ev in events)

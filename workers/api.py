@@ -699,9 +699,9 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         """The response kept as queued with its run record (workers/background_runs.py), and a task of this process
         that answers it."""
         queued = head.response("queued", [])
-        # (answered again by another process if this one is lost: a response not streamed, whose request can be run
-        # again; in a conversation, with the conversation's items as they are now, named by their ids)
-        redo = None if req.stream or not config.background_retries else {
+        # (answered again by another process if this one is lost, from its request: in a conversation, with the
+        # conversation's items as they are now, named by their ids; streamed, going on from the events it streamed)
+        redo = None if not config.background_retries else {
             "request": req.model_dump(mode="json", exclude_none=True), "model": head.model,
             "created_at": head.created_at, "items": items,
             **({"upto": [it.get("id") for it in earlier.items]} if req.conversation_id is not None else {})}
@@ -713,9 +713,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return queued
 
     def launch_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
-                          earlier: StoredResponse | None, items: list[dict[str, Any]]) -> None:
-        """A task of this process that answers a stored background response."""
+                          earlier: StoredResponse | None, items: list[dict[str, Any]],
+                          resume: tuple[list[dict[str, Any]], int] | None = None) -> None:
+        """A task of this process that answers a stored background response (``resume``: the events a lost process
+        streamed of it, and their pages, which the answer goes on from)."""
         run = background[head.id] = BackgroundRun(head.id, bool(req.stream))
+        if resume is not None:
+            run.resume(*resume)
         # In a context of its own: Ray Serve cancels the calls a request makes to other deployments when the request
         # is cancelled (its client left), by the request's context that a task inherits; the answer must go on.
         run.task = asyncio.create_task(answer_in_background(head, item, form, req, earlier, items, run),
@@ -734,6 +738,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             model = pick_model(redo["model"])
             earlier, form = await conversation(req, redo.get("upto"))
             _, item = await fitted(req, form, model, rid)
+            resume = await background_runs.logged_events(store, rid) if req.stream else None
+            if req.stream and resume is None:
+                raise APIFailure(500, "the server process answering it stopped without finishing it, and the events "
+                                      "it streamed are no longer all kept (responses_store_mb); send the request "
+                                      "again", code="server_lost")
         except (APIFailure, VlmguardError, ValidationError) as e:
             await failed_in_background(rid, {"code": getattr(e, "code", None) or type(e).__name__,
                                              "message": getattr(e, "message", str(e))})
@@ -741,7 +750,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         log.warning("background response %s: its process was lost; answering it again here", rid)
         metrics.background_taken_over()
         head = ResponseHead(rid, model, req, stored=True, created_at=redo["created_at"])
-        launch_background(head, item, form, req, earlier, redo["items"])
+        launch_background(head, item, form, req, earlier, redo["items"], resume)
 
     async def answer_in_background(head: ResponseHead, item: WorkItem, form: ChatForm, req: ResponsesRequest,
                                    earlier: StoredResponse | None, items: list[dict[str, Any]],
@@ -796,16 +805,34 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
     async def streamed_in_background(head: ResponseHead, item: WorkItem, form: ChatForm,
                                      run: BackgroundRun) -> dict[str, Any]:
         """A background request answered as a stream, its events added to ``run``; the final response (a stream
-        that ends in an error raises it)."""
+        that ends in an error raises it). A run going on from a lost process's events (``BackgroundRun.resume``)
+        adds only the events after those, once the answer has repeated them (else it fails: ``resume_diverged``)."""
         events = ResponseEvents(head, wants_logprobs(head.req))
-        run.add(events.start(queued=True))
+        sent = len(run.events)
+
+        def add(fresh: list[dict[str, Any]]) -> None:
+            for ev in fresh:
+                k = ev["sequence_number"]
+                if k >= sent:
+                    run.add([ev])
+                elif not background_runs.repeats(ev, run.events[k]):
+                    raise APIFailure(500, f"the server process answering it stopped after {sent} events; answered "
+                                          f"again, event {k} differed from the one streamed, so it cannot go on; "
+                                          "send the request again", "server_error", "resume_diverged")
+
+        add(events.start(queued=True))
         with _as_responses_errors(form.names):
             opened = await open_stream(head.model, item)
-        async for ev in response_events(events, item, opened):
-            run.add([ev])
-            if ev["type"] == "error":
-                raise APIFailure(500, ev["message"], "server_error", ev["code"])
-        return run.events[-1]["response"]
+        last = run.events[-1]
+        async for last in response_events(events, item, opened):
+            add([last])
+            if last["type"] == "error":
+                raise APIFailure(500, last["message"], "server_error", last["code"])
+        if last["sequence_number"] < sent - 1:
+            raise APIFailure(500, f"the server process answering it stopped after {sent} events; answered again, "
+                                  f"it ended after {last['sequence_number'] + 1}, so it cannot go on; send the "
+                                  "request again", "server_error", "resume_diverged")
+        return last["response"]
 
     async def failed_in_background(rid: str, failure: dict[str, str]) -> None:
         """A background response kept as failed with ``failure`` (its code and message), unless it was cancelled."""

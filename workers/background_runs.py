@@ -6,9 +6,11 @@ itself the store keeps a *run record* (key :func:`run_key`) that the task update
 * its **heartbeat** (``beat``, the wall-clock time of the task's last update). Any process of the API that reads a
   queued or in-progress response whose run has not beaten for ``ServiceConfig.background_lost_s`` (the process
   answering it died without shutting down: killed, out of memory, its machine gone) answers it again from the start
-  (:func:`overseen`), from the request the record keeps (``redo``: a response not streamed; one in a
-  conversation with the conversation's items as they were, named by their ids, which it must still begin with), at
-  most ``ServiceConfig.background_retries`` times; else it moves it to ``failed`` with ``code: server_lost``, so a client polling it is told to send it again instead of waiting for ever;
+  (:func:`overseen`), from the request the record keeps (``redo``; one in a conversation with the conversation's
+  items as they were, named by their ids, which it must still begin with; a streamed one going on from the events
+  it streamed, which the new answer must repeat first: :meth:`BackgroundRun.resume`, :func:`repeats`), at most
+  ``ServiceConfig.background_retries`` times; else it moves it to ``failed`` with ``code: server_lost``, so a client
+  polling it is told to send it again instead of waiting for ever;
 * for a response created with ``stream: true``, where its **events** as streamed (``response.created`` ...
   ``response.completed``) are: each beat writes the events since the last one as a *page* of their own (key
   :func:`page_key`) and then adds the page's last sequence number to the record's ``pages``, so that a beat writes
@@ -85,6 +87,11 @@ class BackgroundRun:
         self.events += events
         self._wake()
 
+    def resume(self, events: list[dict[str, Any]], pages: int) -> None:
+        """Go on from the events a lost process streamed (all of them, in the store's ``pages`` pages): the answer
+        given again repeats them first (:func:`repeats`), and only its later events are added."""
+        self.events, self.written, self.pages = list(events), len(events), pages
+
     def finish(self) -> None:
         self.finished = True
         self._wake()
@@ -134,6 +141,28 @@ async def forget(store: Responses, rid: str) -> None:
     await store.delete(run_key(rid))
     for page in range(len(record.response.get("pages", []))):
         await store.delete(page_key(rid, page))
+
+
+async def logged_events(store: Responses, rid: str) -> Optional[tuple[list[dict[str, Any]], int]]:
+    """Every event a background response's run has written, and in how many pages; None when they are not all kept
+    (dropped, or a page evicted)."""
+    record = await store.get(run_key(rid))
+    if record is None or record.response.get("dropped"):
+        return None
+    events, missing = await _logged(store, rid, record, -1)
+    return None if missing else (events, len(record.response.get("pages", [])))
+
+
+def repeats(event: dict[str, Any], logged: dict[str, Any]) -> bool:
+    """Whether an event of a response answered again is the one a lost process streamed with its number: the same
+    but for log-probabilities and the response objects' figures (usage, timings), which may differ in their last
+    digits from one run of an answer to the next."""
+    def bare(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: bare(v) for k, v in x.items() if k not in ("logprobs", "response")}
+        return [bare(v) for v in x] if isinstance(x, list) else x
+
+    return bare(event) == bare(logged)
 
 
 def redoable(run: dict[str, Any], retries: int) -> bool:

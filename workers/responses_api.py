@@ -274,6 +274,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def output_id(response_id: str, prefix: str, index: int) -> str:
+    """The id of a streamed Response's ``index``-th output item (``prefix`` ``call``: the call id of a function call
+    item, OpenAI's 24 hex digits): the same each time the response is answered, so that a lost background response
+    answered again repeats the events its readers already have."""
+    digits = uuid.uuid5(uuid.NAMESPACE_URL, f"{response_id}/{index}/{prefix}").hex
+    return f"{prefix}_{digits[:24] if prefix == 'call' else digits}"
+
+
 @dataclass
 class OutputCall:
     """A function call of the answer: its output item's id, the call's id and what it calls."""
@@ -400,7 +408,7 @@ class ResponseEvents:
                 self._event("response.in_progress", response=opening)]
 
     def _open_text(self) -> list[dict[str, Any]]:
-        item_id = new_id("msg")
+        item_id = output_id(self.head.id, "msg", self.outputs)
         self.text_item = (item_id, self.outputs)
         self.outputs += 1
         item = {**_message_item(item_id, "", "in_progress"), "content": []}
@@ -439,7 +447,8 @@ class ResponseEvents:
         out = self._close_text("completed") if pieces else []
         for p in pieces:
             if p.id is not None:  # a call's first piece: its item opens
-                self.calls.append(OutputCall(new_id("fc"), p.id, p.name or ""))
+                self.calls.append(OutputCall(output_id(self.head.id, "fc", self.outputs),
+                                             output_id(self.head.id, "call", self.outputs), p.name or ""))
                 self.call_index.append(self.outputs)
                 self.outputs += 1
                 out.append(self._event("response.output_item.added", output_index=self.call_index[-1],
