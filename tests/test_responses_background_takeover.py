@@ -265,8 +265,8 @@ CALL = dict(model=MODEL, input="What is the weather in Paris?", max_output_token
 @pytest.mark.parametrize("kind", ["text", "call"])
 def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind):
     """The process that takes it over answers it again, checks that the answer repeats the events streamed (3 tokens'
-    text, or a call's name and first pieces of its arguments, among them), and adds only those after: a reader sees one stream, each event
-    once, and the response is the one a foreground request gets."""
+    text, or a call's name and first pieces of its arguments, among them), and adds only those after: a reader sees
+    one stream, each event once, and the response is the one a foreground request gets."""
     shared, (dead, alive) = _apps(qwen, [Stalls if kind == "text" else StallsLater, LocalBackend])
     ask = ASK if kind == "text" else CALL
 
