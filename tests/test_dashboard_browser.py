@@ -151,22 +151,40 @@ def wait_text(drv, texts: list[str], timeout: float = 60.0, lines_with: tuple[st
     raise AssertionError(f"page never showed {missing} (or {count} lines with {text!r}); it shows:\n{body[:3000]}")
 
 
-def type_into(drv, css: str, keys: str, timeout: float = 90.0) -> None:
-    """Send ``keys`` to the element ``css`` selects once the page has it and it takes them (Streamlit re-renders
-    its widgets on every rerun, so the element may be missing or replaced for a moment)."""
-    from selenium.common.exceptions import (ElementNotInteractableException, NoSuchElementException,
-                                            StaleElementReferenceException)
-    from selenium.webdriver.common.by import By
+def retried(action, timeout: float = 60.0):
+    """``action()`` once the page lets it: tried again through Streamlit's re-renders (the element it needs missing,
+    replaced, not yet interactable or covered) until ``timeout``."""
+    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
+                                            NoSuchElementException, StaleElementReferenceException)
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            drv.find_element(By.CSS_SELECTOR, css).send_keys(keys)
-            return
-        except (NoSuchElementException, StaleElementReferenceException, ElementNotInteractableException):
+            return action()
+        except (NoSuchElementException, StaleElementReferenceException, ElementNotInteractableException,
+                ElementClickInterceptedException):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def type_into(drv, css: str, keys: str, timeout: float = 90.0) -> None:
+    """Send ``keys`` to the element ``css`` selects, once the page has it and it takes them."""
+    from selenium.webdriver.common.by import By
+
+    retried(lambda: drv.find_element(By.CSS_SELECTOR, css).send_keys(keys), timeout)
+
+
+def click(drv, xpath: str, timeout: float = 60.0) -> None:
+    """Click the first element ``xpath`` selects, once the page has it and it takes the click."""
+    from selenium.webdriver.common.by import By
+
+    def act() -> None:
+        element = drv.find_element(By.XPATH, xpath)
+        drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    retried(act, timeout)
 
 
 def screenshot(drv, name: str) -> Path:
@@ -195,18 +213,10 @@ def test_leaderboard_in_chromium(browser, dashboard):
 
 
 def _click_tab(drv, label: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    tabs = drv.find_elements(By.XPATH, f"//*[@role='tab'][contains(normalize-space(.), '{label}')]")
-    assert tabs, f"no tab {label!r}"
-    tab = tabs[0]
-    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", tab)
-    tab.click()
+    click(drv, f"//*[@role='tab'][contains(normalize-space(.), '{label}')]")
 
 
 def test_playground_generates_through_the_service_in_chromium(browser, dashboard):
-    from selenium.webdriver.common.by import By
-
     url, service = dashboard
     browser.get(f"{url}/playground")
     wait_text(browser, ["Playground", "tiny-llava", "Generate", "render a SynthCOCO scene"], timeout=90)
@@ -214,8 +224,7 @@ def test_playground_generates_through_the_service_in_chromium(browser, dashboard
     type_into(browser, 'input[aria-label^="budget"]', "6\n")
     wait_text(browser, ["Generate"])
     time.sleep(1.0)
-    button = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Generate")
-    button.click()
+    click(browser, "//button[normalize-space(.)='Generate']")
     body = wait_text(browser, ["with methods", "plain model", "kept visual tokens: 6 of 16",
                                "kept visual tokens: 16 of 16", "Per-token probabilities"], timeout=180)
     assert "not reachable" not in body and "Page not found" not in body
