@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
 from service_support import in_process_clients
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
-from vlmguard.workers.background_runs import run_key
+from vlmguard.workers.background_runs import page_key, run_key
 from vlmguard.workers.config import ModelConfig, ServiceConfig
 from vlmguard.workers.response_store import LocalResponses, ResponseStore
 
@@ -323,3 +324,46 @@ def test_a_lost_streamed_response_whose_answer_differs_is_failed(qwen):
     assert "differed from the one streamed" in failed.error.message
     events = _events(read)
     assert events[-1]["type"] == "response.failed" and "zz" in "".join(ev.get("delta", "") for ev in events)
+
+
+def test_a_streamed_answer_still_running_when_the_api_stops_goes_on_in_the_next_process(qwen):
+    """A redeploy stops a replica mid-stream: its answer is handed over with the events it streamed, and the next
+    process that reads it goes on from them; the stream read again there is one stream, the foreground answer."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    shared = LocalResponses(ResponseStore(1 << 22))
+    config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
+    ask = {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 200}
+    with TestClient(create_api(Stalls({MODEL: qwen}), config, responses=shared)) as http:
+        with http.stream("POST", "/v1/responses", json={**ask, "background": True, "stream": True}) as r:
+            first = next(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: "))
+        rid = first["response"]["id"]
+        for _ in range(100):  # (its first tokens' events written)
+            streamed = _written(shared.store, rid)
+            if any(ev["type"] == "response.output_text.delta" for ev in streamed):
+                break
+            time.sleep(0.05)
+    # (the app stopped: its shutdown handed the answer over)
+    with TestClient(create_api(LocalBackend({MODEL: qwen}), config, responses=shared)) as other:
+        for _ in range(600):
+            done = other.get(f"/v1/responses/{rid}").json()
+            if done["status"] not in ("queued", "in_progress"):
+                break
+            time.sleep(0.05)
+        events = _events(other.get(f"/v1/responses/{rid}?stream=true").text)
+        foreground = other.post("/v1/responses", json=ask).json()
+    text = done["output"][0]["content"][0]["text"]
+    assert done["status"] in ("completed", "incomplete") and text == foreground["output"][0]["content"][0]["text"]
+    assert [ev["sequence_number"] for ev in events] == list(range(len(events))) and events[:len(streamed)] == streamed
+    assert any(ev["type"] == "response.output_text.delta" for ev in streamed)  # (handed over mid-answer)
+    assert "".join(ev["delta"] for ev in events if ev["type"] == "response.output_text.delta") == text
+
+
+
+def _written(store: ResponseStore, rid: str) -> list[dict]:
+    """The events a background response's run has written so far, read from ``store`` directly."""
+    record = store.get(run_key(rid))
+    pages = record.response.get("pages", []) if record is not None else []
+    return [ev for k in range(len(pages)) for ev in store.get(page_key(rid, k)).response["events"]]
