@@ -70,6 +70,18 @@ class StallsGarbled(Stalls):
         return {**ev, "text": "zz"}
 
 
+async def _stalled(shared: LocalResponses, kind: str) -> tuple[str, list[dict]]:
+    """The one background response in ``shared`` once the events its run wrote include one whose type ends with
+    ``kind`` (a process that stalls: its first tokens out), and those events."""
+    for _ in range(600):
+        rid = next((k for k in shared.store._entries if "#" not in k), None)
+        written = _written(shared.store, rid) if rid is not None else []
+        if any(ev["type"].endswith(kind) for ev in written):
+            return rid, written
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} event written")
+
+
 def _events(body: str) -> list[dict]:
     import json
 
@@ -263,6 +275,9 @@ CALL = dict(model=MODEL, input="What is the weather in Paris?", max_output_token
             tool_choice={"type": "function", "name": "get_weather"}, vlmguard={"json_whitespace": "compact"})
 
 
+DELTAS = {"text": ".output_text.delta", "call": ".function_call_arguments.delta"}
+
+
 @pytest.mark.parametrize("kind", ["text", "call"])
 def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind):
     """The process that takes it over answers it again, checks that the answer repeats the events streamed (3 tokens'
@@ -275,9 +290,7 @@ def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind
         async with in_process_clients(dead, alive) as (https, (one, two)):
             first = asyncio.create_task(https[0].post("/v1/responses", json={"background": True, "stream": True,
                                                                              **ask}))
-            await asyncio.sleep(0.4)  # (its first events written to the store)
-            rid = next(k for k in shared.store._entries if "#" not in k)
-            streamed = await background_runs.logged_events(shared, rid)
+            rid, streamed = await _stalled(shared, DELTAS[kind])
             _die(first)
             await asyncio.sleep(0.5)
             reader = asyncio.create_task(https[1].get(f"/v1/responses/{rid}?stream=true"))  # (reconnected)
@@ -287,7 +300,7 @@ def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind
             metrics = (await https[1].get("/metrics?format=json")).json()
             return rid, streamed, (await asyncio.wait_for(reader, 30)).text, again, done, foreground, metrics
 
-    rid, (streamed, _), read, again, done, foreground, metrics = asyncio.run(main())
+    rid, streamed, read, again, done, foreground, metrics = asyncio.run(main())
     events = _events(read)  # (read live from the store as the new answer went on)
     assert len(streamed) > 4 and events[:len(streamed)] == streamed  # (lost mid-answer; as streamed then)
     assert [ev["sequence_number"] for ev in events] == list(range(len(events))) and _events(again) == events[5:]
@@ -312,8 +325,7 @@ def test_a_lost_streamed_response_whose_answer_differs_is_failed(qwen):
         async with in_process_clients(dead, alive) as (https, (one, two)):
             first = asyncio.create_task(https[0].post("/v1/responses", json={"background": True, "stream": True,
                                                                              **ASK}))
-            await asyncio.sleep(0.4)
-            rid = next(k for k in shared.store._entries if "#" not in k)
+            rid, _ = await _stalled(shared, DELTAS["text"])
             _die(first)
             await asyncio.sleep(0.5)
             failed = await _poll(two, rid)
@@ -340,7 +352,7 @@ def test_a_streamed_answer_still_running_when_the_api_stops_goes_on_in_the_next_
         with http.stream("POST", "/v1/responses", json={**ask, "background": True, "stream": True}) as r:
             first = next(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: "))
         rid = first["response"]["id"]
-        for _ in range(100):  # (its first tokens' events written)
+        for _ in range(600):  # (its first tokens' events written)
             streamed = _written(shared.store, rid)
             if any(ev["type"] == "response.output_text.delta" for ev in streamed):
                 break
