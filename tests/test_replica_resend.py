@@ -52,19 +52,21 @@ class FakeHandle:
         self.lose, self.after, self.error = lose, after, error
         self.diverge_at = diverge_at  # (a resent stream's event that comes back with another token)
         self.calls, self.streams = 0, []
-        self.generate = SimpleNamespace(remote=self._generate)
+        self.generate = SimpleNamespace(remote=lambda item: self._unless_lost(self.local.generate(MODEL, item)))
+        self.tokens = SimpleNamespace(remote=lambda *a: self._unless_lost(self.local.tokens(MODEL, *a)))
         self.stream = SimpleNamespace(remote=self._stream)
         self.info = SimpleNamespace(remote=lambda: self.local.info(MODEL))
 
     def options(self, stream: bool = False) -> "FakeHandle":
         return self
 
-    async def _generate(self, item):
+    async def _unless_lost(self, answer):
         self.calls += 1
         if self.calls <= self.lose:
+            answer.close()
             await asyncio.sleep(0.01)
             raise self.error()
-        return await self.local.generate(MODEL, item)
+        return await answer
 
     def _stream(self, item) -> FakeStream:
         self.calls += 1
@@ -81,8 +83,8 @@ class FakeHandle:
                 k += 1
 
 
-def _ask(handle: FakeHandle, body: dict, retries: int = 1):
-    """POST ``body`` to the chat API over ``handle``: (response, the app's metrics)."""
+def _ask(handle: FakeHandle, body: dict, retries: int = 1, route: str = "/v1/chat/completions"):
+    """POST ``body`` to ``route`` over ``handle``: (response, the app's metrics)."""
     metrics = ServiceMetrics()
     config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None,
                            replica_retries=retries)
@@ -91,7 +93,7 @@ def _ask(handle: FakeHandle, body: dict, retries: int = 1):
     async def main():  # (an error the app answers 500 is answered, not raised here)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                                      base_url="http://api") as http:
-            return await http.post("/v1/chat/completions", json=body, timeout=120)
+            return await http.post(route, json=body, timeout=120)
 
     return asyncio.run(main()), metrics.snapshot()
 
@@ -202,3 +204,15 @@ def test_replica_retries_setting_is_checked():
     for bad in (-1, 6):
         with pytest.raises(ValidationError, match="replica_retries"):
             ServiceConfig(replica_retries=bad)
+
+
+def test_token_calls_are_sent_again_too(qwen):
+    """``/tokenize`` (and the Responses API's token counts) call the replica too: resent, then a 503."""
+    body = {"model": MODEL, "prompt": "What is a cat?"}
+    whole, _ = _ask(FakeHandle(qwen), body, route="/tokenize")
+    handle = FakeHandle(qwen, lose=1)
+    r, metrics = _ask(handle, body, route="/tokenize")
+    assert r.status_code == 200 and r.json() == whole.json() and whole.json()["tokens"]
+    assert handle.calls == 2 and metrics["replica_resends"] == 1
+    r, _ = _ask(FakeHandle(qwen, lose=2), body, route="/tokenize")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "replica_lost" and r.headers["Retry-After"] == "1"

@@ -201,6 +201,11 @@ def _request_param(request: Request, param: str | None) -> str | None:
     return request_param(param, chat=request.url.path.endswith("/chat/completions"))
 
 
+def _unavailable(e: Overloaded) -> APIFailure:
+    """The 503 with Retry-After of a backend that could not take a request (``e.code`` says why)."""
+    return APIFailure(503, str(e), "overloaded_error", e.code, {"Retry-After": str(max(1, round(e.retry_after_s)))})
+
+
 def _error_type(status: int) -> str:
     return {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
             503: "overloaded_error", 504: "timeout_error"}.get(status, "invalid_request_error" if status < 500
@@ -286,6 +291,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return error_json(e.status, e.message, e.type, e.code, e.headers,
                           e.param or _request_param(request, e.spec_param))
 
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, e: Overloaded):  # (a token count's or a model card's call)
+        return await _api_failure(request, _unavailable(e))
+
     @app.exception_handler(VlmguardError)
     async def _user_error(request: Request, e: VlmguardError):
         status = getattr(e, "http_status", 400)
@@ -362,8 +371,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         except asyncio.TimeoutError:
             raise APIFailure(504, f"request timed out after {config.request_timeout_s:g} s", "timeout_error") from None
         except Overloaded as e:
-            raise APIFailure(503, str(e), "overloaded_error", e.code,
-                             {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
+            raise _unavailable(e) from None
         if "error" in answer:
             err = answer["error"]
             raise APIFailure(int(err.get("status", 400)), err["message"], err.get("type", "invalid_request_error"),

@@ -35,9 +35,9 @@ class RayBackend:
     conversation's opening) where the model's ``routing`` is ``image_affinity`` (``routing.py``; the key is set here,
     once), else by power of two choices.
 
-    A call whose replica was lost before it answered is sent again, ``retries`` times
-    (``ServiceConfig.replica_retries``), each resend counted in ``metrics``; a stream also after it started, where
-    its answer is reproducible (:meth:`stream`)."""
+    A call whose replica was lost before it answered (a generation, a model card, a token count) is sent again,
+    ``retries`` times (``ServiceConfig.replica_retries``), each resend counted in ``metrics``; a stream also after it
+    started, where its answer is reproducible (:meth:`stream`)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], retries: int = 1, metrics: ServiceMetrics | None = None):
         self.handles = handles
@@ -49,14 +49,28 @@ class RayBackend:
         return list(self.handles)
 
     async def info(self, model: str) -> dict[str, Any]:
-        info = await self.handles[model].info.remote()
+        info = await self._resent(model, None, lambda: self.handles[model].info.remote())
         self._info[model] = info
         return info
 
     async def tokens(self, model: str, method: str, *args: Any) -> dict[str, Any]:
-        return await self.handles[model].tokens.remote(method, *args)
+        return await self._resent(model, None, lambda: self.handles[model].tokens.remote(method, *args))
 
-    def _again(self, model: str, item: WorkItem, e: Exception, attempt: int, sent: int = 0) -> None:
+    async def _resent(self, model: str, item: WorkItem | None, call: Any) -> Any:
+        """``await call()``, called again while the replica answering it is lost (:meth:`_again`)."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except BackPressureError as e:
+                raise _overloaded(model, e) from None
+            except Exception as e:
+                if not replica_lost(e):
+                    raise
+                self._again(model, item, e, attempt)
+            attempt += 1
+
+    def _again(self, model: str, item: WorkItem | None, e: Exception, attempt: int, sent: int = 0) -> None:
         """Count the resend of a call whose replica was lost (``e``, on its ``attempt``-th try from 0, after ``sent``
         tokens of a stream), or raise a 503 ``replica_lost`` when the retries are spent."""
         if attempt >= self.retries:
@@ -66,21 +80,12 @@ class RayBackend:
                              code="replica_lost") from None
         self.metrics.replica_resent()
         log.warning("request %s: the replica of model %r answering it was lost (%s) after %d tokens sent; sending "
-                    "it again", item.request_id, model, type(e).__name__, sent)
+                    "it again", item.request_id if item is not None else "(a model card or token call)", model,
+                    type(e).__name__, sent)
 
     async def generate(self, model: str, item: WorkItem) -> dict[str, Any]:
         item.routing_key = request_routing_key(item)
-        attempt = 0
-        while True:
-            try:
-                return await self.handles[model].generate.remote(item)
-            except BackPressureError as e:
-                raise _overloaded(model, e) from None
-            except Exception as e:
-                if not replica_lost(e):
-                    raise
-                self._again(model, item, e, attempt)
-            attempt += 1
+        return await self._resent(model, item, lambda: self.handles[model].generate.remote(item))
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
         """The model's events for ``item``. Where its replica is lost mid-answer and the answer is reproducible
