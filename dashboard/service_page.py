@@ -6,7 +6,6 @@ import streamlit as st
 
 from vlmguard.dashboard import charts
 from vlmguard.dashboard import service_metrics as sm
-from vlmguard.dashboard.service import failure_message
 from vlmguard.dashboard.ui import config, service_client, service_page
 
 REFRESH_S = 5.0
@@ -25,7 +24,7 @@ def _figures(client) -> None:
     try:
         m = client.metrics()
     except Exception as e:  # noqa: BLE001 - shown on the page: the service went away, or refused /metrics
-        st.error(f"The service's metrics could not be read: {failure_message(e, 5.0, 'page')}")
+        st.error(f"The service's metrics could not be read: {getattr(e, 'message', None) or e}")
         return
     for title, figures in (("Traffic", sm.traffic(m)), ("Engine", sm.engine(m)),
                            ("Failures and recovery", sm.reliability(m))):

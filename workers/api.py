@@ -616,7 +616,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     raise APIFailure(409, f"conversation {req.conversation_id!r} lost items it had when this "
                                           "response was asked for: it cannot be answered again",
                                      code="conversation_changed", param="conversation")
-                conv = StoredResponse(response=conv.response, messages=[], items=conv.items[:len(upto)])
+                conv = StoredResponse(response=conv.response, messages=[], items=conv.items[:len(upto)], size=1)
             messages = conversation_messages(conv)
             earlier = StoredResponse(response={"output": []}, messages=messages, items=conv.items, size=1)
             return earlier, chat_request(req, messages, "conversation")
@@ -625,9 +625,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             if earlier is None or earlier.response.get("object") != "response":
                 raise APIFailure(400, f"previous_response_id: {missing(req.previous_response_id, store)}",
                                  code="previous_response_not_found", param="previous_response_id")
-            if req.previous_response_id not in background:
-                earlier = await overseen(store, req.previous_response_id, earlier, config.background_lost_s,
-                                         config.background_retries, take_over)
+            earlier = await as_it_stands(req.previous_response_id, earlier)
             status = earlier.response.get("status")
             if status not in ("completed", "incomplete"):  # (a background one queued, running, cancelled, failed)
                 raise APIFailure(400, f"previous_response_id: response {req.previous_response_id!r} is {status}: "
@@ -737,6 +735,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         run.task.add_done_callback(lambda _: (background.pop(head.id, None), run.finish(),
                                               metrics.background_changed(-1)))
 
+    async def as_it_stands(rid: str, entry: StoredResponse) -> StoredResponse:
+        """A stored response as it stands: as kept while a task of this process answers it, else overseen
+        (``background_runs.overseen``: a background response its process lost is taken over here, or failed)."""
+        if rid in background:
+            return entry
+        return await overseen(store, rid, entry, config.background_lost_s, config.background_retries, take_over)
+
     async def take_over(rid: str, redo: dict[str, Any]) -> None:
         """A lost background response answered again here, from the start, from its stored request
         (``background_runs.overseen``); one that cannot be (its model no longer served, the response it continued
@@ -818,15 +823,18 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         events = ResponseEvents(head, wants_logprobs(head.req))
         sent = len(run.events)
 
+        def diverged(how: str) -> APIFailure:
+            return APIFailure(500, f"the server process answering it stopped after {sent} events; answered again, "
+                                   f"{how}, so it cannot go on; send the request again", "server_error",
+                              "resume_diverged")
+
         def add(fresh: list[dict[str, Any]]) -> None:
             for ev in fresh:
                 k = ev["sequence_number"]
                 if k >= sent:
                     run.add([ev])
                 elif not background_runs.repeats(ev, run.events[k]):
-                    raise APIFailure(500, f"the server process answering it stopped after {sent} events; answered "
-                                          f"again, event {k} differed from the one streamed, so it cannot go on; "
-                                          "send the request again", "server_error", "resume_diverged")
+                    raise diverged(f"event {k} differed from the one streamed")
 
         add(events.start(queued=True))
         with _as_responses_errors(form.names):
@@ -837,9 +845,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             if last["type"] == "error":
                 raise APIFailure(500, last["message"], "server_error", last["code"])
         if last["sequence_number"] < sent - 1:
-            raise APIFailure(500, f"the server process answering it stopped after {sent} events; answered again, "
-                                  f"it ended after {last['sequence_number'] + 1}, so it cannot go on; send the "
-                                  "request again", "server_error", "resume_diverged")
+            raise diverged(f"it ended after {last['sequence_number'] + 1}")
         return last["response"]
 
     async def failed_in_background(rid: str, failure: dict[str, str]) -> None:
@@ -978,12 +984,11 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         return JSONResponse({"object": "response.input_tokens", "input_tokens": counted["count"]})
 
     async def stored(response_id: str) -> StoredResponse:
-        """A stored response as it stands (a background one that its process lost, failed: ``overseen``)."""
+        """A stored response, or a 404; as it stands (:func:`as_it_stands`)."""
         entry = await store.get(response_id)
         if entry is None or entry.response.get("object") != "response":  # (a conversation's id is none)
             raise APIFailure(404, missing(response_id, store), "not_found_error", "response_not_found")
-        return entry if response_id in background else await overseen(
-            store, response_id, entry, config.background_lost_s, config.background_retries, take_over)
+        return await as_it_stands(response_id, entry)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):
