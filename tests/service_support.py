@@ -62,6 +62,17 @@ def run_with_sdk(app: Any, scenario: Callable[[Any, httpx.AsyncClient], Awaitabl
     return asyncio.run(main())
 
 
+def settled(http: Any, rid: str) -> dict[str, Any]:
+    """A background response once it has left ``queued`` and ``in_progress``, polled through ``http`` (a synchronous
+    client of the API, such as FastAPI's ``TestClient``), as JSON."""
+    for _ in range(600):
+        done = http.get(f"/v1/responses/{rid}").json()
+        if done["status"] not in ("queued", "in_progress"):
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"response {rid} still {done['status']}")
+
+
 def qwen_worker() -> EngineWorker:
     """A tiny random Qwen2-VL of context 2048, served as ``tiny-qwen``."""
     from vlmguard.testing import tiny_engine

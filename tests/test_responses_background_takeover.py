@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 
-from service_support import in_process_clients
+from service_support import in_process_clients, settled
 from vlmguard.workers import background_runs
 from vlmguard.workers.api import LocalBackend, create_api
 from vlmguard.workers.background_runs import page_key, run_key
@@ -351,19 +350,11 @@ def test_a_streamed_answer_still_running_when_the_api_stops_goes_on_in_the_next_
     with TestClient(create_api(Stalls({MODEL: qwen}), config, responses=shared)) as http:
         with http.stream("POST", "/v1/responses", json={**ask, "background": True, "stream": True}) as r:
             first = next(json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: "))
-        rid = first["response"]["id"]
-        for _ in range(600):  # (its first tokens' events written)
-            streamed = _written(shared.store, rid)
-            if any(ev["type"] == "response.output_text.delta" for ev in streamed):
-                break
-            time.sleep(0.05)
+        rid, streamed = asyncio.run(_stalled(shared, DELTAS["text"]))  # (its first tokens' events written)
+        assert rid == first["response"]["id"]
     # (the app stopped: its shutdown handed the answer over)
     with TestClient(create_api(LocalBackend({MODEL: qwen}), config, responses=shared)) as other:
-        for _ in range(600):
-            done = other.get(f"/v1/responses/{rid}").json()
-            if done["status"] not in ("queued", "in_progress"):
-                break
-            time.sleep(0.05)
+        done = settled(other, rid)
         events = _events(other.get(f"/v1/responses/{rid}?stream=true").text)
         foreground = other.post("/v1/responses", json=ask).json()
     text = done["output"][0]["content"][0]["text"]

@@ -5,12 +5,11 @@ retrieved, listed, deleted and evicted; what is missing is one clear error."""
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import openai
 import pytest
 
-from service_support import qwen_api, run_with_sdk
+from service_support import qwen_api, run_with_sdk, settled
 from vlmguard.images import image_to_data_url
 from vlmguard.testing import random_image, tiny_engine
 from vlmguard.workers.api import INPUT_ITEMS_ROUTE, RESPONSE_ROUTE, LocalBackend, _route_path, create_api
@@ -582,11 +581,7 @@ def test_background_answers_still_running_when_the_api_stops_are_failed_or_hande
     assert stopped["status"] in ("queued", "in_progress") and store.get(f"{queued['id']}#run").response["beat"] == 0
     config = ServiceConfig(models=[ModelConfig(name=MODEL, model="random:qwen2_vl")], api_key_env=None)
     with TestClient(create_api(LocalBackend({MODEL: qwen}), config, responses=app.state.responses)) as other:
-        for _ in range(600):
-            done = other.get(f"/v1/responses/{queued['id']}").json()
-            if done["status"] not in ("queued", "in_progress"):
-                break
-            time.sleep(0.05)
+        done = settled(other, queued["id"])
         foreground = other.post("/v1/responses", json={**ask, "background": False}).json()
     assert done["status"] in ("completed", "incomplete") and done["output"][0]["content"][0]["text"] == \
         foreground["output"][0]["content"][0]["text"]
