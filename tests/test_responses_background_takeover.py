@@ -277,19 +277,20 @@ CALL = dict(model=MODEL, input="What is the weather in Paris?", max_output_token
 DELTAS = {"text": ".output_text.delta", "call": ".function_call_arguments.delta"}
 
 
-@pytest.mark.parametrize("kind", ["text", "call"])
+@pytest.mark.parametrize("kind", ["text", "sampled", "call"])
 def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind):
     """The process that takes it over answers it again, checks that the answer repeats the events streamed (3 tokens'
     text, or a call's name and first pieces of its arguments, among them), and adds only those after: a reader sees
-    one stream, each event once, and the response is the one a foreground request gets."""
-    shared, (dead, alive) = _apps(qwen, [Stalls if kind == "text" else StallsLater, LocalBackend])
-    ask = ASK if kind == "text" else CALL
+    one stream, each event once, and the response is the one a foreground request gets. A sampled answer (no seed
+    in the request) repeats its draws: it is answered with the seed its run record keeps."""
+    shared, (dead, alive) = _apps(qwen, [StallsLater if kind == "call" else Stalls, LocalBackend])
+    ask = {"text": ASK, "sampled": {**ASK, "temperature": 1.0}, "call": CALL}[kind]
 
     async def main():
         async with in_process_clients(dead, alive) as (https, (one, two)):
             first = asyncio.create_task(https[0].post("/v1/responses", json={"background": True, "stream": True,
                                                                              **ask}))
-            rid, streamed = await _stalled(shared, DELTAS[kind])
+            rid, streamed = await _stalled(shared, DELTAS["call" if kind == "call" else "text"])
             _die(first)
             await asyncio.sleep(0.5)
             reader = asyncio.create_task(https[1].get(f"/v1/responses/{rid}?stream=true"))  # (reconnected)
@@ -309,6 +310,9 @@ def test_a_lost_streamed_response_goes_on_from_the_events_it_streamed(qwen, kind
     pieces = "".join(ev["delta"] for ev in events if ev["type"].endswith(".delta"))
     if kind == "text":
         assert pieces == done.output_text == foreground["output"][0]["content"][0]["text"] != ""
+    elif kind == "sampled":  # (the foreground request draws with a seed of its own)
+        seed = shared.store.get(run_key(rid)).response["redo"]["seed"]
+        assert pieces == done.output_text != "" and isinstance(seed, int)
     else:
         call = done.output[0]
         assert call.type == "function_call" and pieces == call.arguments == foreground["output"][0]["arguments"]

@@ -45,7 +45,7 @@ from vlmguard.tool_calls import CallStream
 from vlmguard.workers import background_runs
 from vlmguard.workers.background_runs import BackgroundRun, overseen, replay, run_key, run_record
 from vlmguard.workers.config import ServiceConfig
-from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone
+from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone, with_own_seed
 from vlmguard.workers.image_intake import make_image_resolver
 from vlmguard.workers.inflight import InflightBatcher
 from vlmguard.workers.metrics import ServiceMetrics
@@ -706,10 +706,12 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         that answers it."""
         queued = head.response("queued", [])
         # (answered again by another process if this one is lost, from its request: in a conversation, with the
-        # conversation's items as they are now, named by their ids; streamed, going on from the events it streamed)
+        # conversation's items as they are now, named by their ids; streamed, going on from the events it streamed,
+        # which its answer repeats: sampled, with the seed it has here)
+        item = with_own_seed(item)
         redo = None if not config.background_retries else {
             "request": req.model_dump(mode="json", exclude_none=True), "model": head.model,
-            "created_at": head.created_at, "items": items,
+            "created_at": head.created_at, "items": items, "seed": item.spec.seed,
             **({"upto": [it.get("id") for it in earlier.items]} if req.conversation_id is not None else {})}
         if not (await store.put(head.id, stored_response(queued, form, earlier, items))
                 and await store.put(run_key(head.id), run_record(bool(req.stream), redo=redo))):
@@ -751,6 +753,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             model = pick_model(redo["model"])
             earlier, form = await conversation(req, redo.get("upto"))
             _, item = await fitted(req, form, model, rid)
+            if redo.get("seed") is not None:
+                item.spec = item.spec.model_copy(update={"seed": redo["seed"]})
             resume = await background_runs.logged_events(store, rid) if req.stream else None
             if req.stream and resume is None:
                 raise APIFailure(500, "the server process answering it stopped without finishing it, and the events "

@@ -180,7 +180,7 @@ class ServiceConfig(BaseModel):
     ingress_replicas: int = Field(1, ge=1)  # separate ingress only
     # Separate ingress only: a request whose model replica died or became unreachable before answering it (killed,
     # out of memory, its node lost) is sent again this many times, Serve picking a live replica; a stream that had
-    # started too where its answer is reproducible (greedy or seeded; what was sent is checked and skipped). Then a
+    # started too (what was sent is checked and skipped: a sampled request without a seed is given one). Then a
     # 503 ``replica_lost`` with Retry-After. 0: failed at once. (A request that kills replicas is tried again too.)
     replica_retries: int = Field(1, ge=0, le=5)
     # Ray Serve direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): every replica of the app's ingress

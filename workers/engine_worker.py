@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,15 @@ class WorkItem:
     tools: ToolUse | None = None
     # the chat request's field its answer format (``spec.guided``) came from, which an error about it names
     format_param: str | None = None
+
+
+def with_own_seed(item: WorkItem) -> WorkItem:
+    """``item``, given a seed of its own where it samples without one (the engine would draw one for it anyway, so its
+    answer is as random), so that it can be run again to the same tokens: a stream sent again after its replica was
+    lost (``ingress.RayBackend.stream``), a background response another process takes over (``api.py``)."""
+    if item.spec.sampling and item.spec.seed is None:
+        item.spec = item.spec.model_copy(update={"seed": secrets.randbits(31)})
+    return item
 
 
 def event_dict(ev: Any) -> dict[str, Any]:

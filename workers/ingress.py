@@ -11,7 +11,7 @@ from ray.serve.handle import DeploymentHandle
 
 from vlmguard.workers.api import Overloaded, create_api
 from vlmguard.workers.config import ServiceConfig
-from vlmguard.workers.engine_worker import WorkItem
+from vlmguard.workers.engine_worker import WorkItem, with_own_seed
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.response_store import api_responses
 from vlmguard.workers.routing import request_routing_key
@@ -37,7 +37,7 @@ class RayBackend:
 
     A call whose replica was lost before it answered (a generation, a model card, a token count) is sent again,
     ``retries`` times (``ServiceConfig.replica_retries``), each resend counted in ``metrics``; a stream also after it
-    started, where its answer is reproducible (:meth:`stream`)."""
+    started (:meth:`stream`)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], retries: int = 1, metrics: ServiceMetrics | None = None):
         self.handles = handles
@@ -88,9 +88,12 @@ class RayBackend:
         return await self._resent(model, item, lambda: self.handles[model].generate.remote(item))
 
     async def stream(self, model: str, item: WorkItem) -> AsyncIterator[dict[str, Any]]:
-        """The model's events for ``item``. Where its replica is lost mid-answer and the answer is reproducible
-        (greedy, or sampled with a seed), the request is sent again and the new answer's first tokens, checked
-        against those already sent, are skipped: the client sees one stream (:func:`resumable`)."""
+        """The model's events for ``item``. Where its replica is lost mid-answer, the request is sent again and the new
+        answer's first tokens, checked against those already sent, are skipped: the client sees one stream. Its answer
+        repeats itself: greedy, or sampled with its seed (one of its own where the request has none,
+        :func:`with_own_seed`); a pruner's or decoder's own randomness is seeded too, and where batch-dependent
+        rounding changes a token the stream ends with an error naming it (:func:`_check_replay`)."""
+        item = with_own_seed(item)
         item.routing_key = request_routing_key(item)
         attempt, sent = 0, []  # (the token ids of the events sent)
         while True:
@@ -112,7 +115,7 @@ class RayBackend:
                     raise
                 raise _overloaded(model, e) from None
             except Exception as e:
-                if not replica_lost(e) or (sent and not resumable(item)) or (sent and attempt >= self.retries):
+                if not replica_lost(e) or (sent and attempt >= self.retries):
                     raise
                 self._again(model, item, e, attempt, len(sent))
             finally:
@@ -122,13 +125,6 @@ class RayBackend:
 
 class ResumeDiverged(RuntimeError):
     """A stream sent again after its replica was lost did not repeat the tokens already sent."""
-
-
-def resumable(item: WorkItem) -> bool:
-    """Whether a stream lost mid-answer may be sent again and resumed: its answer is the same each time it runs
-    (greedy, or sampled with a seed). A pruner's or decoder's own randomness, and batch-dependent rounding, are
-    caught where they change a token (:func:`_check_replay`)."""
-    return not item.spec.sampling or item.spec.seed is not None
 
 
 def _check_replay(ev: dict[str, Any] | None, sent: list[Any], k: int) -> None:
