@@ -75,6 +75,21 @@ def test_the_image_placeholder_in_a_templated_prompt_is_refused_naming_the_reque
         engine.generate(reqs, SPEC)
 
 
+@pytest.mark.parametrize("family,placeholder", [("llava", "<image>"), ("llava_next", "<image>"),
+                                                ("qwen2_vl", "<|image_pad|>")])
+@pytest.mark.parametrize("times,images", [(1, 0), (2, 1), (0, 1)])
+def test_a_raw_prompt_holds_one_placeholder_per_image(family, placeholder, times, images):
+    """A raw prompt (a benchmark's, a text completion's) with more or fewer placeholders than images: the processor
+    raised a KeyError ('image_grid_thw') or a ValueError naming no request, a 500 over HTTP."""
+    engine = tiny_engine(family)
+    prompt = "USER: " + placeholder * times + "\nhi ASSISTANT:"
+    reqs = [Request("describe", [random_image(0)]), Request(prompt, [random_image(j) for j in range(images)],
+                                                            raw_prompt=True)]
+    with pytest.raises(InvalidInput, match=rf"^request 1: the prompt holds the model's image placeholder "
+                                           rf"'{placeholder.replace('|', '[|]')}' {times} time\(s\) for {images}"):
+        engine.generate(reqs, SPEC)
+
+
 def test_other_families_placeholders_are_plain_text():
     """Valid input: LLaVA's <image> means nothing to Qwen2-VL, and a raw prompt keeps its placeholders."""
     engine = tiny_engine("qwen2_vl")

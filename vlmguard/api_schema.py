@@ -3,7 +3,8 @@
 Two families of endpoints:
 
 * OpenAI-compatible ``POST /v1/chat/completions`` (+ ``GET /v1/models``; ``POST /v1/responses``, OpenAI's Responses
-  API, is turned into a chat request: ``vlmguard/responses_schema.py``). vlmguard options travel in a
+  API, is turned into a chat request: ``vlmguard/responses_schema.py``; ``POST /v1/completions``, OpenAI's legacy text
+  completions, shares its sampling fields: :class:`SamplingRequest`). vlmguard options travel in a
   top-level ``vlmguard`` object (:class:`VlmguardOptions`), so the OpenAI SDK's ``extra_body={"vlmguard":
   {...}}`` works unchanged. Responses carry the usual OpenAI fields plus a ``vlmguard`` object with visual
   token counts and timings (the SDK keeps unknown fields in ``model_extra``).
@@ -309,22 +310,17 @@ class OpenAIHints(NumbersNotBooleans):
         return v
 
 
-class ChatCompletionRequest(OpenAIHints):
-    """The subset of OpenAI's chat completion request vlmguard honours (unknown fields are rejected).
-
-    ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
-    (``vlmguard/tool_calls.py``); ``user`` is accepted and ignored; anything else is refused with a message naming
-    the parameter. ``repetition_penalty``, ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``,
-    ``guided_choice``, ``guided_json``, ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as
-    the OpenAI SDK's ``extra_body`` sends them).
-    """
+class SamplingRequest(OpenAIHints):
+    """What a chat and a (legacy) completion request share: the model, the answer's length and token selection, stop
+    conditions, penalties, answer formats, choices, streaming and the ``vlmguard`` object. ``repetition_penalty``,
+    ``min_tokens``, ``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``, ``guided_choice``, ``guided_json``,
+    ``guided_regex`` and ``guided_grammar`` are vLLM's extensions (top level, as the OpenAI SDK's ``extra_body`` sends
+    them); ``user`` is accepted and ignored; unknown fields are refused with a message naming them."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=10.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = None
@@ -333,22 +329,7 @@ class ChatCompletionRequest(OpenAIHints):
     stream: StrictBool = False  # "yes" or 1 is refused, not read as true
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    # OpenAI's stored chat completions: false (or null) only, none are kept here (the Responses API keeps responses);
-    # metadata, which tags a stored completion, is accepted and ignored
-    store: Optional[StrictBool] = None
-    metadata: Optional[dict[str, str]] = None
-    # for a reasoning model, or a model that speaks: none here, so only what asks for nothing is accepted
-    reasoning_effort: Optional[str] = None
-    modalities: Optional[list[str]] = None
-    verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
-    logprobs: Optional[StrictBool] = None  # 1 (the legacy completions' count) or "yes" is refused
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS)
-    # "auto" (the default with tools): the model may call them; "required": it calls one or more; a named function:
-    # it calls that one; "none" (the default without): it answers in text and is not shown the tools
-    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[StrictBool] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
@@ -368,6 +349,67 @@ class ChatCompletionRequest(OpenAIHints):
     guided_regex: Optional[str] = None
     guided_grammar: Optional[str] = None
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
+
+    @field_validator("n")
+    @classmethod
+    def _choices_within_limit(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v > MAX_CHOICES:
+            raise unsupported(f"n={v}: this server returns at most {MAX_CHOICES} choices per request")
+        return v
+
+    @model_validator(mode="after")
+    def _one_top_k(self) -> "SamplingRequest":
+        if self.top_k is not None and self.vlmguard.top_k is not None and self.spec_top_k != self.vlmguard.top_k:
+            raise PydanticCustomError("invalid_request", "top_k {a} and vlmguard.top_k {b} disagree: give one",
+                                      {"a": self.top_k, "b": self.vlmguard.top_k})
+        return self
+
+    @property
+    def spec_top_k(self) -> int:
+        """``GenerationSpec.top_k``: the top-level ``top_k`` (vLLM's -1 is off, as 0) or ``vlmguard.top_k``."""
+        return max(0, self.top_k) if self.top_k is not None else (self.vlmguard.top_k or 0)
+
+    @property
+    def spec_max_tokens(self) -> Optional[int]:
+        """``GenerationSpec.max_new_tokens`` as asked (None: the server's default)."""
+        return self.max_tokens
+
+    @property
+    def spec_logprobs(self) -> Optional[int]:
+        """``GenerationSpec.logprobs``: None without log-probabilities, else the number of alternatives."""
+        return None
+
+    @property
+    def tool_mode(self) -> Optional[str]:
+        """How the answer may use tools: "auto", "required", a function's name, or None (not offered)."""
+        return None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """The subset of OpenAI's chat completion request vlmguard honours (:class:`SamplingRequest`, and the messages,
+    log-probabilities, tools and OpenAI's chat-only hints).
+
+    ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (default true) are OpenAI's tool calling
+    (``vlmguard/tool_calls.py``); anything else is refused with a message naming the parameter.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    # OpenAI's stored chat completions: false (or null) only, none are kept here (the Responses API keeps responses);
+    # metadata, which tags a stored completion, is accepted and ignored
+    store: Optional[StrictBool] = None
+    metadata: Optional[dict[str, str]] = None
+    # for a reasoning model, or a model that speaks: none here, so only what asks for nothing is accepted
+    reasoning_effort: Optional[str] = None
+    modalities: Optional[list[str]] = None
+    verbosity: Optional[Literal["medium"]] = None  # (the only one a model without the setting gives)
+    logprobs: Optional[StrictBool] = None  # 1 (the legacy completions' count) or "yes" is refused
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[ToolDefinition]] = Field(None, max_length=MAX_TOOLS)
+    # "auto" (the default with tools): the model may call them; "required": it calls one or more; a named function:
+    # it calls that one; "none" (the default without): it answers in text and is not shown the tools
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None
 
     @field_validator("store")
     @classmethod
@@ -391,34 +433,18 @@ class ChatCompletionRequest(OpenAIHints):
             raise unsupported(f"modalities {v}: this server's models answer in text only (['text'])")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _choices_within_limit(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v > MAX_CHOICES:
-            raise unsupported(f"n={v}: this server returns at most {MAX_CHOICES} choices per request")
-        return v
-
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise PydanticCustomError("invalid_request", "top_logprobs requires logprobs: true", {})
         return self
 
-    @model_validator(mode="after")
-    def _one_top_k(self) -> "ChatCompletionRequest":
-        if self.top_k is not None and self.vlmguard.top_k is not None and self.spec_top_k != self.vlmguard.top_k:
-            raise PydanticCustomError("invalid_request", "top_k {a} and vlmguard.top_k {b} disagree: give one",
-                                      {"a": self.top_k, "b": self.vlmguard.top_k})
-        return self
-
     @property
-    def spec_top_k(self) -> int:
-        """``GenerationSpec.top_k``: the top-level ``top_k`` (vLLM's -1 is off, as 0) or ``vlmguard.top_k``."""
-        return max(0, self.top_k) if self.top_k is not None else (self.vlmguard.top_k or 0)
+    def spec_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def spec_logprobs(self) -> Optional[int]:
-        """``GenerationSpec.logprobs``: None without ``logprobs``, else the number of alternatives."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
@@ -440,7 +466,6 @@ class ChatCompletionRequest(OpenAIHints):
 
     @property
     def tool_mode(self) -> Optional[str]:
-        """How the answer may use tools: "auto", "required", a function's name, or None (not offered)."""
         if not self.tools or self.tool_choice == "none":
             return None
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -579,6 +604,110 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+    service_tier: Optional[str] = None
+    vlmguard: Optional[VlmguardInfo] = None
+
+
+# ---- completions (OpenAI's legacy text completions) ------------------------------------------------------
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for a completion
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) ``POST /v1/completions``: ``prompt`` text continued as it is (no chat template, no image),
+    one text or several (each answered ``n`` times, choice ``p * n + k``; at most ``MAX_CHOICES`` answers in all).
+    ``echo`` puts the prompt before the answer's text; ``logprobs`` N (0-20) gives each token's log-probability and
+    its N most likely alternatives. Refused with a 400 naming the field: a prompt of token ids, ``suffix``
+    (insertion), ``best_of`` other than ``n``, ``echo`` with ``logprobs`` (the prompt's own log-probabilities are not
+    computed here)."""
+
+    prompt: Union[str, list[str]]
+    suffix: Optional[str] = None
+    echo: StrictBool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, (int, list)) for x in v):
+            raise unsupported("a prompt of token ids: this server takes prompt text (POST /detokenize turns ids "
+                              "into their text)")
+        if isinstance(v, list) and not v:
+            raise PydanticCustomError("invalid_request", "give at least one prompt", {})
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _answers_within_limit(cls, v: Union[str, list[str]], info: ValidationInfo) -> Union[str, list[str]]:
+        n = info.data.get("n") or 1  # (validated before: a base field)
+        if isinstance(v, list) and len(v) * n > MAX_CHOICES:
+            raise unsupported(f"{len(v)} prompts x n={n}: this server makes at most {MAX_CHOICES} answers per request")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: Optional[str]) -> Optional[str]:
+        if v:
+            raise unsupported("suffix: this server does not insert text (its models have no fill-in-the-middle "
+                              "format)")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_with_echo(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if v is not None and info.data.get("echo"):
+            raise unsupported("logprobs with echo: the prompt's own log-probabilities are not computed here (echo, "
+                              "or logprobs)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _every_answer_returned(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if v is not None and v != (info.data.get("n") or 1):
+            raise unsupported(f"best_of {v}: this server returns every answer it makes (best_of equal to n, or left "
+                              "out)")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def spec_max_tokens(self) -> Optional[int]:
+        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    @property
+    def spec_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' ``logprobs``: per token, its text, log-probability, its most likely alternatives
+    ({token: log-probability}) and the character where it begins in the choice's ``text``."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion, and (``object`` the same) each chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
     usage: Optional[Usage] = None
     service_tier: Optional[str] = None
     vlmguard: Optional[VlmguardInfo] = None

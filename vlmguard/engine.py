@@ -365,9 +365,14 @@ class Engine:
             if not isinstance(r.raw_prompt, bool):
                 raise InvalidInput(f"request {i}: raw_prompt must be true or false")
             if not r.prompt.strip() and not r.images:
-                raise InvalidInput(f"request {i}: empty prompt and no image")
+                raise InvalidInput(f"request {i}: empty prompt and no image", param="prompt")
             for field, text in (("prompt", r.prompt), ("system", r.system)):
                 check_text(text, f"request {i}: {field}", None if r.raw_prompt else placeholder)
+            if r.raw_prompt and placeholder and r.prompt.count(placeholder) != len(r.images):
+                raise InvalidInput(f"request {i}: the prompt holds the model's image placeholder {placeholder!r} "
+                                   f"{r.prompt.count(placeholder)} time(s) for {len(r.images)} image(s): a prompt "
+                                   "the model reads as it is (no chat template) holds it once per image",
+                                   param="prompt")
             images = [check_image(img, f"request {i} image {j}") for j, img in enumerate(r.images)]
             if images and specs is not None and self.adapter.image_aspect(specs[k].image_aspect) == "pad":
                 images = [pad_to_square(img, self.adapter.pad_colour()) for img in images]

@@ -29,6 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmguard.api_schema import (
     ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     GenerateRequest,
@@ -44,6 +46,8 @@ from vlmguard.responses_schema import ResponsesRequest
 from vlmguard.tool_calls import CallStream
 from vlmguard.workers import background_runs
 from vlmguard.workers.background_runs import BackgroundRun, overseen, replay, run_key, run_record
+from vlmguard.workers.completions_api import completion_chunk, completion_items, completion_logprobs, \
+    completion_response, usage_chunk
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone, with_own_seed
 from vlmguard.workers.image_intake import make_image_resolver
@@ -57,6 +61,7 @@ from vlmguard.workers.openai_compat import (
     choice_items,
     generate_item,
     generate_response,
+    COMPLETION_REQUEST_FIELDS,
     request_param,
     usage,
     vlmguard_info,
@@ -70,8 +75,8 @@ from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents,
 
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
-ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/responses",
-          "/v1/responses/input_tokens", "/v1/conversations", "/v1/generate", "/tokenize", "/detokenize"}
+ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+          "/v1/responses", "/v1/responses/input_tokens", "/v1/conversations", "/v1/generate", "/tokenize", "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
 INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"
@@ -198,7 +203,10 @@ def _invalid_request(e: ValidationError) -> APIFailure:
 
 def _request_param(request: Request, param: str | None) -> str | None:
     """An engine-side ``param`` as this route's request spells it (:func:`request_param`)."""
-    return request_param(param, chat=request.url.path.endswith("/chat/completions"))
+    path = request.url.path
+    if path.endswith("/v1/completions"):
+        return request_param(param, chat=True, fields=COMPLETION_REQUEST_FIELDS)
+    return request_param(param, chat=path.endswith("/chat/completions"))
 
 
 def _unavailable(e: Overloaded) -> APIFailure:
@@ -594,6 +602,68 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 else:
                     if include_usage and all(results):
                         yield chunk(results=results, usage_only=True)
+            finally:
+                await source.aclose()  # an error or a client that left: stop every choice now
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await read_json(request, CompletionRequest)
+        model = pick_model(req.model)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        items = await run_in_threadpool(completion_items, req, max_new_tokens_limit=limits.get(model, 1024),
+                                        request_id=rid)
+        if admits.get(model) is not None and len(items) > admits[model]:  # never admitted whole
+            raise APIFailure(400, f"{len(items)} answers (prompts x n): a replica of {model!r} admits at most "
+                                  f"{admits[model]} generations at once", code="unsupported_value",
+                             param="n" if len(req.prompts) == 1 else "prompt")
+        tier = "default" if req.service_tier else None
+        if not req.stream:
+            results = await all_or_none([run(model, it) for it in items])
+            answer = completion_response(rid, model, req, items, results)
+            return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
+        opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        want_logprobs = req.logprobs is not None
+
+        async def body() -> AsyncIterator[bytes]:
+            created = int(time.time())
+
+            def chunk(piece: CompletionResponse) -> bytes:
+                return _sse(piece if tier is None else piece.model_copy(update={"service_tier": tier}))
+
+            sent = [0] * len(items)  # log-probability entries sent so far, per choice
+            offsets = [len(it.prompt) if req.echo else 0 for it in items]  # each choice's text sent so far
+            results: list[dict[str, Any] | None] = [None] * len(items)
+            if req.echo:
+                for k, it in enumerate(items):
+                    yield chunk(completion_chunk(rid, model, created, k, it.prompt))
+            source = merged(opened)
+            try:
+                async for k, ev in source:
+                    result = (ev.get("result") or {}) if ev.get("done") else None
+                    failure = stream_failure(ev, result)
+                    if failure is not None:
+                        yield _sse(failure)
+                        break
+                    if result is not None:
+                        results[k] = result
+                        rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
+                        rest = completion_logprobs(rest, "", offsets[k]) if rest else None  # (what no event carried)
+                        yield chunk(completion_chunk(rid, model, created, k, logprobs=rest, result=result or None,
+                                                     finish_reason=result.get("finish_reason", "stop"),
+                                                     with_steps=req.vlmguard.diagnostics))
+                    elif ev.get("text") or ev.get("logprobs"):
+                        entries, text = ev.get("logprobs") or [], ev.get("text", "")
+                        piece = completion_logprobs(entries, text, offsets[k]) if want_logprobs else None
+                        sent[k] += len(entries)
+                        offsets[k] += len(text)
+                        yield chunk(completion_chunk(rid, model, created, k, text, logprobs=piece))
+                else:
+                    if include_usage and all(results):
+                        yield chunk(usage_chunk(rid, model, created, results, req.n or 1))
             finally:
                 await source.aclose()  # an error or a client that left: stop every choice now
             yield _sse("[DONE]")

@@ -26,6 +26,7 @@ from vlmguard.api_schema import (
     GenerateResponse,
     ImagePart,
     PromptTokensDetails,
+    SamplingRequest,
     TextPart,
     TokenLogprobModel,
     ToolCallModel,
@@ -58,17 +59,21 @@ CHAT_REQUEST_FIELDS = {"prompt": "messages", "images": "messages", "system": "me
                        "guided": "response_format"}
 
 
-def request_param(param: str | None, chat: bool) -> str | None:
+# A (legacy) completion request's: the chat request's, but for its prompt
+COMPLETION_REQUEST_FIELDS = {**CHAT_REQUEST_FIELDS, "prompt": "prompt", "images": "prompt", "system": "prompt"}
+
+
+def request_param(param: str | None, chat: bool, fields: dict[str, str] = CHAT_REQUEST_FIELDS) -> str | None:
     """An error's ``param`` (:class:`~vlmguard.errors.VlmguardError`: a GenerationSpec field or the engine's
-    ``prompt`` / ``images``) as a chat (``vlmguard.budget``, ``max_tokens``) or native (``spec.budget``) request
-    spells it; a name already of the request (``messages.1``) stays."""
+    ``prompt`` / ``images``) as a chat (``vlmguard.budget``, ``max_tokens``; a completion request's where ``fields``
+    is theirs) or native (``spec.budget``) request spells it; a name already of the request (``messages.1``) stays."""
     if not param:
         return None
     head, dot, rest = param.partition(".")
-    if chat and param in CHAT_REQUEST_FIELDS:  # (guided.regex: guided_regex)
-        return CHAT_REQUEST_FIELDS[param]
-    if chat and head in CHAT_REQUEST_FIELDS:
-        return CHAT_REQUEST_FIELDS[head] + dot + rest
+    if chat and param in fields:  # (guided.regex: guided_regex)
+        return fields[param]
+    if chat and head in fields:
+        return fields[head] + dot + rest
     if head in GenerationSpec.model_fields:
         return ("vlmguard." if chat else "spec.") + param
     return param
@@ -97,7 +102,7 @@ def _check_spec(spec: GenerationSpec, max_new_tokens_limit: int) -> GenerationSp
     return spec
 
 
-def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> GenerationSpec:
+def chat_spec(req: SamplingRequest, max_new_tokens_limit: int) -> GenerationSpec:
     """OpenAI sampling fields + the ``vlmguard`` object -> GenerationSpec.
 
     Token selection follows the request: a positive ``temperature`` samples, ``temperature`` 0 or absent
@@ -106,7 +111,7 @@ def chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int) -> Generati
     return chat_spec_and_format(req, max_new_tokens_limit)[0]
 
 
-def chat_spec_and_format(req: ChatCompletionRequest, max_new_tokens_limit: int) -> tuple[GenerationSpec, str | None]:
+def chat_spec_and_format(req: SamplingRequest, max_new_tokens_limit: int) -> tuple[GenerationSpec, str | None]:
     """:func:`chat_spec`, and the request field its answer format came from (``guided_json``, ``tool_choice``...;
     None without one): an error about the spec's ``guided`` names that field."""
     guided, source = chat_guided(req)
@@ -118,14 +123,14 @@ def chat_spec_and_format(req: ChatCompletionRequest, max_new_tokens_limit: int) 
         raise
 
 
-def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: GuidedOutput | None
+def _chat_spec(req: SamplingRequest, max_new_tokens_limit: int, guided: GuidedOutput | None
                ) -> GenerationSpec:
     o = req.vlmguard
     do_sample = o.do_sample
     if do_sample is None and req.temperature is not None and o.decoding != "sample":
         do_sample = req.temperature > 0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit)
+    max_new = req.spec_max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, max_new_tokens_limit)
     _check_max_tokens(max_new, max_new_tokens_limit)  # before GenerationSpec's own bound, which names its field
     spec = GenerationSpec.build(
         pruning=o.pruning, budget=o.budget, pruning_params=o.pruning_params, decoding=o.decoding,
@@ -142,7 +147,7 @@ def _chat_spec(req: ChatCompletionRequest, max_new_tokens_limit: int, guided: Gu
     return _check_spec(spec, max_new_tokens_limit)
 
 
-def chat_guided(req: ChatCompletionRequest) -> tuple[GuidedOutput | None, str | None]:
+def chat_guided(req: SamplingRequest) -> tuple[GuidedOutput | None, str | None]:
     """The format a chat request holds its answer to, and the field it came from: ``response_format`` JSON
     (OpenAI's), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_grammar``, or a forced tool call's grammar
     (``tool_choice``); at most one of them. (None, None): free text."""

@@ -1,0 +1,133 @@
+"""OpenAI's legacy text completions, ``POST /v1/completions`` (workers/completions_api.py): a prompt continued as the
+engine continues that text (no chat template), several prompts and choices in one request, ``echo``, the legacy
+``logprobs`` object, streaming, and 400s naming the field for what it cannot do. Through the OpenAI SDK."""
+from __future__ import annotations
+
+import pytest
+
+from service_support import qwen_api, run_with_sdk
+from vlmguard.results import Request
+from vlmguard.spec import GenerationSpec
+
+PROMPT = "Once upon a time"
+MODEL = "tiny-qwen"
+
+
+@pytest.fixture(scope="module")
+def app(qwen):
+    return qwen_api(qwen)
+
+
+def _engine(qwen, prompt: str, **spec):
+    """What the engine itself answers for ``prompt`` read as it is."""
+    return qwen.engine.generate([Request(prompt=prompt, raw_prompt=True)], GenerationSpec(**spec))[0]
+
+
+def test_a_completion_continues_the_prompt_as_the_engine_does(qwen, app):
+    async def scenario(client, http):
+        one = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+        default = await client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"ignore_eos": True})
+        return one, default
+
+    one, default = run_with_sdk(app, scenario)
+    alone = _engine(qwen, PROMPT, max_new_tokens=8)
+    assert one.object == "text_completion" and one.id.startswith("cmpl-") and one.model == MODEL
+    assert one.choices[0].text == alone.text != "" and one.choices[0].finish_reason == alone.finish_reason
+    assert one.usage.prompt_tokens == alone.prompt_tokens and one.usage.completion_tokens == len(alone.token_ids)
+    assert one.model_extra["vlmguard"]["visual_tokens"] == 0
+    assert default.usage.completion_tokens == 16 and default.choices[0].finish_reason == "length"  # (OpenAI's 16)
+
+
+def test_several_prompts_with_several_choices_each(qwen, app):
+    """Answer j = p * n + k is prompt p's k-th, drawn with seed + j: what a request of that prompt alone with that
+    seed gets; the usage counts each prompt once."""
+    prompts = ["Once upon", "a time"]
+
+    async def scenario(client, http):
+        both = await client.completions.create(model=MODEL, prompt=prompts, n=2, temperature=1.0, seed=3,
+                                               max_tokens=5)
+        alone = [await client.completions.create(model=MODEL, prompt=prompts[j // 2], temperature=1.0, seed=3 + j,
+                                                 max_tokens=5) for j in range(4)]
+        return both, alone
+
+    both, alone = run_with_sdk(app, scenario)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens + alone[2].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+def test_echo_and_log_probabilities(qwen, app):
+    async def scenario(client, http):
+        plain = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6)
+        echoed = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, echo=True)
+        scored = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=2)
+        return plain, echoed, scored
+
+    plain, echoed, scored = run_with_sdk(app, scenario)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    lp = scored.choices[0].logprobs
+    alone = _engine(qwen, PROMPT, max_new_tokens=6, logprobs=2)
+    text = scored.choices[0].text
+    assert text == plain.choices[0].text and lp.tokens == [e.token for e in alone.logprobs]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in alone.logprobs])
+    assert [v for top in lp.top_logprobs for v in top.values()] == pytest.approx(
+        [t.logprob for e in alone.logprobs for t in e.top])
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and len(lp.tokens) == scored.usage.completion_tokens
+    # each token where it begins in the text; a special token the text leaves out (this model writes some) takes no
+    # room: the tokens found at their offsets make up the text
+    special = set(qwen.engine.adapter.tokenizer.all_special_tokens)
+    assert special & set(lp.tokens)  # (the case is tested)
+    assert all(text.startswith(t, o) or t in special for t, o in zip(lp.tokens, lp.text_offset))
+    assert "".join(t for t in lp.tokens if t not in special) == text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_streamed_completion_is_the_completion(app, echo):
+    ask = dict(model=MODEL, prompt=["Once upon", "a time"], n=2, temperature=1.0, seed=5, max_tokens=6, echo=echo,
+               **({} if echo else {"logprobs": 1}))
+
+    async def scenario(client, http):
+        whole = await client.completions.create(**ask)
+        chunks = [c async for c in await client.completions.create(
+            **ask, stream=True, stream_options={"include_usage": True})]
+        return whole, chunks
+
+    whole, chunks = run_with_sdk(app, scenario)
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        if not echo:
+            assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == choice.logprobs.tokens
+            assert [o for c in mine if c.logprobs for o in c.logprobs.text_offset] == choice.logprobs.text_offset
+        else:
+            assert mine[0].text == ask["prompt"][choice.index // 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"prompt": [1, 2, 3]}, "prompt", "a prompt of token ids"),
+    ({"prompt": [[1, 2], [3]]}, "prompt", "a prompt of token ids"),
+    ({"prompt": []}, "prompt", "at least one prompt"),
+    ({"prompt": ["a"] * 9, "n": 2}, "prompt", "9 prompts x n=2"),
+    ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "does not insert text"),
+    ({"prompt": PROMPT, "best_of": 3}, "best_of", "best_of 3"),
+    ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "logprobs", "the prompt's own log-probabilities"),
+    ({"prompt": PROMPT, "logprobs": True}, "logprobs", None),
+    ({"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs", "unrecognized request argument"),
+    ({"prompt": PROMPT, "max_tokens": 10 ** 6}, "max_tokens", "exceeds this server's limit"),
+    ({"prompt": "Look at <|image_pad|>"}, "prompt", "image placeholder '<|image_pad|>' 1 time(s) for 0 image(s)"),
+    ({"prompt": "  "}, "prompt", "empty prompt"),
+    ({"prompt": PROMPT, "vlmguard": {"decoding": "nope"}}, "vlmguard.decoding", "nope"),
+])
+def test_what_it_cannot_answer_is_a_400_naming_the_field(app, body, param, says):
+    async def scenario(client, http):
+        return await http.post("/v1/completions", json={"model": MODEL, **body})
+
+    r = run_with_sdk(app, scenario)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and (says is None or says in err["message"]), err

@@ -1,0 +1,99 @@
+"""OpenAI's legacy text completions (``POST /v1/completions``): a request's prompts as work items, and results back as
+completions and their stream's chunks.
+
+A prompt is continued as it is: no chat template and no image (the engine's ``raw_prompt``; a model's image
+placeholder in it is refused, as there is no image for it). Its sampling fields, penalties, answer formats and
+``vlmguard`` object are a chat request's (:class:`~vlmguard.api_schema.SamplingRequest`), so each prompt is answered as
+the engine answers that text, every pruner and decoder included (the pruners leave a prompt without an image whole).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vlmguard.api_schema import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
+)
+from vlmguard.workers.engine_worker import WorkItem
+from vlmguard.workers.openai_compat import chat_spec_and_format, choice_items, vlmguard_info
+
+
+def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, request_id: str) -> list[WorkItem]:
+    """The work of a completion request: each prompt ``n`` times, one batch; answer ``j = p * n + k`` (prompt ``p``,
+    its ``k``-th) seeded ``seed + j`` when the request has a seed."""
+    spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
+    prompts, n = req.prompts, req.n or 1
+    items: list[WorkItem] = []
+    for p, text in enumerate(prompts):
+        own = spec if spec.seed is None else spec.model_copy(update={"seed": (spec.seed + p * n) % 2**63})
+        item = WorkItem(prompt=text, spec=own, raw_prompt=True, format_param=format_param,
+                        request_id=request_id if len(prompts) == 1 else f"{request_id}-p{p}")
+        items += choice_items(item, n)
+    return items
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset: int = 0
+                        ) -> CompletionLogprobs | None:
+    """``TokenLogprob`` dicts (a result's or a stream event's) as the legacy ``logprobs`` object; ``text``: what the
+    tokens wrote, beginning at character ``offset`` of the choice's text. A token's ``text_offset`` is where it begins
+    there: the text may leave out a token (a special token), which takes no room, or the space a token begins with
+    (the answer's first, as the tokenizer decodes it)."""
+    if entries is None:
+        return None
+    out, at = CompletionLogprobs(), 0
+    for e in entries:
+        out.tokens.append(e["token"])
+        out.token_logprobs.append(e["logprob"])
+        out.top_logprobs.append({t["token"]: t["logprob"] for t in e.get("top", [])})
+        out.text_offset.append(offset + at)
+        written = next((w for w in (e["token"], e["token"].lstrip()) if w and text.startswith(w, at)), "")
+        at += len(written)
+    return out
+
+
+def completion_usage(results: list[dict[str, Any]], n: int) -> Usage:
+    """Usage of a request's results (``n`` per prompt): each prompt counted once, every answer's tokens."""
+    firsts = results[::n]
+    prompt = sum(r["prompt_tokens"] for r in firsts)
+    cached = sum((r.get("timings") or {}).get("prompt_cached_tokens", 0) for r in firsts)
+    done = sum(len(r.get("token_ids") or []) for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def completion_response(request_id: str, model: str, req: CompletionRequest, items: list[WorkItem],
+                        results: list[dict[str, Any]]) -> CompletionResponse:
+    """A completion from one result per item (the ``vlmguard`` object is the first answer's); ``echo``: each
+    choice's text begins with its prompt."""
+    choices = []
+    for k, (item, r) in enumerate(zip(items, results)):
+        echoed = item.prompt if req.echo else ""
+        choices.append(CompletionChoice(index=k, text=echoed + r["text"], finish_reason=r["finish_reason"],
+                                        logprobs=completion_logprobs(r.get("logprobs"), r["text"], len(echoed))
+                                        if req.logprobs is not None else None))
+    return CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
+                              usage=completion_usage(results, req.n or 1),
+                              vlmguard=vlmguard_info(results[0], req.vlmguard.diagnostics))
+
+
+def completion_chunk(request_id: str, model: str, created: int, index: int, text: str = "", *,
+                     logprobs: CompletionLogprobs | None = None, finish_reason: str | None = None,
+                     result: dict[str, Any] | None = None, with_steps: bool = False) -> CompletionResponse:
+    """One chunk of a streamed completion: choice ``index``'s next text (its last with ``finish_reason`` and, as
+    vlmguard's extension, its ``result``'s ``vlmguard`` object)."""
+    return CompletionResponse(
+        id=request_id, created=created, model=model,
+        choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)],
+        vlmguard=vlmguard_info(result, with_steps) if result is not None else None)
+
+
+def usage_chunk(request_id: str, model: str, created: int, results: list[dict[str, Any]], n: int
+                ) -> CompletionResponse:
+    """The last chunk of a stream that asked for usage (``stream_options.include_usage``): no choices."""
+    return CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                              usage=completion_usage(results, n))
