@@ -39,6 +39,7 @@ NATIVE = {"prompt": "Is there a cat in the image?", "images": [image_to_data_url
           "spec": {"max_new_tokens": 6, "pruning": "adaptinfer", "budget": 32}}
 
 
+COMPLETION = {"model": "tiny", "prompt": ["USER: Is there a dog? ASSISTANT:", "A photo of"], "max_tokens": 8}
 RESPONSES = {"model": "tiny", "max_output_tokens": 12, "input": [{"role": "user", "content": [  # pope-0's question
     {"type": "input_image", "image_url": BODIES["pope-0"]["messages"][0]["content"][0]["image_url"]["url"]},
     {"type": "input_text", "text": "Is there a dog in the image?"}]}]}
@@ -51,6 +52,8 @@ def _write_requests(path: Path, extra_lines: tuple[str, ...] = ()) -> None:
     lines.append(json.dumps({"custom_id": "responses", "method": "POST", "url": "/v1/responses", "body": RESPONSES}))
     lines.append(json.dumps({"custom_id": "background", "method": "POST", "url": "/v1/responses",
                              "body": {**RESPONSES, "background": True}}))
+    lines.append(json.dumps({"custom_id": "completion", "method": "POST", "url": "/v1/completions",
+                             "body": COMPLETION}))
     path.write_text("\n".join([*lines, "", *extra_lines]) + "\n")  # (a blank line is skipped)
 
 
@@ -84,9 +87,9 @@ def batch_run(tmp_path_factory):
 
 def test_every_request_gets_one_record_in_openais_batch_output_format(batch_run):
     summary, records = batch_run
-    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 3, "skipped": 0, "ok": 13,
+    assert summary == {**summary, "command": "run-batch", "requests": len(BODIES) + 4, "skipped": 0, "ok": 14,
                        "failed": 4}
-    assert set(records) == {*BODIES, "native", "responses", "background"}
+    assert set(records) == {*BODIES, "native", "responses", "background", "completion"}
     for cid, rec in records.items():
         assert rec["id"].startswith("batch_req_") and rec["error"] is None and rec["custom_id"] == cid
         assert set(rec["response"]) == {"status_code", "request_id", "body"}
@@ -113,6 +116,9 @@ def test_answers_equal_the_services_own_and_requests_share_batches(batch_run):
         assert body["choices"][0]["message"] == alone["choices"][0]["message"], cid
         assert body["vlmguard"]["kept_indices"] == alone["vlmguard"]["kept_indices"]
         assert body["vlmguard"]["decoding"] == alone["vlmguard"]["decoding"]
+    completion = records["completion"]["response"]["body"]  # (two prompts, as the service answers them)
+    assert completion["object"] == "text_completion" and [c["text"] for c in completion["choices"]] == [
+        c["text"] for c in _direct(COMPLETION, "/v1/completions")["choices"]]
     native = records["native"]["response"]["body"]
     assert native["text"] == _direct(NATIVE, "/v1/generate")["text"] and native["pruning"]["name"] == "adaptinfer"
     batches = [r["response"]["body"]["vlmguard"]["timings"]["batch_size"] for r in records.values()
@@ -121,12 +127,13 @@ def test_answers_equal_the_services_own_and_requests_share_batches(batch_run):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "in.jsonl:19: not JSON"),
-    ('["a list"]', "in.jsonl:19: a request line is a JSON object, got list"),
-    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:19: custom_id must be a non-empty"),
+    ("not json", "in.jsonl:20: not JSON"),
+    ('["a list"]', "in.jsonl:20: a request line is a JSON object, got list"),
+    ('{"method": "POST", "url": "/v1/chat/completions", "body": {}}', "in.jsonl:20: custom_id must be a non-empty"),
     ('{"custom_id": "pope-2", "url": "/v1/chat/completions", "body": {}}', "custom_id 'pope-2' repeats line 3"),
     ('{"custom_id": "x", "url": "/v1/embeddings", "body": {}}', "url must be one of /v1/chat/completions, "
-                                                                 "/v1/responses, /v1/generate, got '/v1/embeddings'"),
+                                                                 "/v1/completions, /v1/responses, /v1/generate, got "
+                                                                 "'/v1/embeddings'"),
     ('{"custom_id": "x", "method": "GET", "url": "/v1/generate", "body": {}}', "method must be POST, got 'GET'"),
     ('{"custom_id": "x", "url": "/v1/generate", "body": "hi"}', "body must be a JSON object"),
     ('{"custom_id": "x", "url": "/v1/generate", "body": {}, "extra": 1}', "unknown field(s) extra"),
@@ -165,9 +172,9 @@ def test_resume_keeps_final_answers_and_runs_the_rest(tmp_path, batch_run):
     cut = json.dumps(records["pope-3"])[:40]  # the last line of an interrupted run
     out.write_text("\n".join(json.dumps(r) for r in (kept, server_error, refused)) + "\n" + cut)
     summary = run_json(["run-batch", "-i", str(requests), "-o", str(out), "--resume", "--json"])
-    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 3 - 2)
+    assert (summary["skipped"], summary["ok"] + summary["failed"]) == (2, len(BODIES) + 4 - 2)
     after = _records(out)
-    assert set(after) == {*BODIES, "native", "responses", "background"}
+    assert set(after) == {*BODIES, "native", "responses", "background", "completion"}
     assert after["pope-1"] == kept and after["refused"] == refused  # not run again
     assert after["pope-2"]["response"]["status_code"] == 200  # the server error ran again
     assert after["pope-3"]["response"]["body"]["choices"][0]["message"] == \

@@ -219,8 +219,17 @@ def test_openai_sdk_models_stream_chunks_and_error_shape(service, image_url):
         reply.output[0].model_dump(exclude_none=True), {"role": "user", "content": "Why?"}])
     assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
     assert client.responses.retrieve(reply.id).output_text == reply.output_text
-    with pytest.raises(openai.NotFoundError, match="invalid URL"):
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+    # OpenAI's legacy text completions, over Ray: streamed, the same text as whole
+    done = client.completions.create(model=MODEL, prompt=["USER: Is there a dog? ASSISTANT:", "A photo of"],
+                                     max_tokens=6)
+    assert done.object == "text_completion" and [c.index for c in done.choices] == [0, 1]
+    assert 0 < done.usage.completion_tokens <= 12 and done.usage.prompt_tokens > 0
+    pieces = {0: "", 1: ""}
+    for chunk in client.completions.create(model=MODEL, prompt=["USER: Is there a dog? ASSISTANT:", "A photo of"],
+                                           max_tokens=6, stream=True):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+    assert [pieces[0], pieces[1]] == [c.text for c in done.choices] and pieces[1] != ""
 
 
 def test_run_batch_sends_a_file_of_requests_to_the_service(service, image_url, tmp_path):

@@ -54,6 +54,7 @@ from vlmguard.workers.image_intake import make_image_resolver
 from vlmguard.workers.inflight import InflightBatcher
 from vlmguard.workers.metrics import ServiceMetrics
 from vlmguard.workers.openai_compat import (
+    COMPLETION_REQUEST_FIELDS,
     chat_chunk,
     chat_item,
     chat_logprobs,
@@ -61,7 +62,6 @@ from vlmguard.workers.openai_compat import (
     choice_items,
     generate_item,
     generate_response,
-    COMPLETION_REQUEST_FIELDS,
     request_param,
     usage,
     vlmguard_info,

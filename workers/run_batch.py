@@ -4,7 +4,8 @@ The input is OpenAI's Batch API format, one request a line::
 
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...], ...}}
 
-(``url`` also ``/v1/responses``, OpenAI's Responses API, or ``/v1/generate``, the native API). Each body goes
+(``url`` also ``/v1/completions``, OpenAI's legacy text completions, ``/v1/responses``, OpenAI's Responses API, or
+``/v1/generate``, the native API). Each body goes
 through the service's own API (``create_api``) in this process, so it is read, checked and answered exactly as the
 HTTP service answers it, every pruner,
 decoder and OpenAI parameter included; the model's requests share in-flight batches (``InflightBatcher``, as a
@@ -36,7 +37,7 @@ from vlmguard.errors import InvalidInput
 from vlmguard.interrupts import Terminated
 from vlmguard.workers.engine_worker import EngineWorker
 
-URLS = ("/v1/chat/completions", "/v1/responses", "/v1/generate")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/generate")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run-batch", help="run a file of API requests (OpenAI's batch format) offline, batched, without a service",
         description="Each line of --input is a request in OpenAI's Batch API format ({\"custom_id\", \"method\": "
-                    "\"POST\", \"url\": \"/v1/chat/completions\", \"/v1/responses\" or \"/v1/generate\", "
+                    "\"POST\", \"url\": \"/v1/chat/completions\", \"/v1/completions\", \"/v1/responses\" or "
+                    "\"/v1/generate\", "
                     "\"body\"}); each body is answered as the HTTP service answers it (every pruner, decoder and "
                     "parameter), the requests sharing in-flight batches. --output gets one line per request in "
                     "OpenAI's batch output format "
