@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp = subparsers.add_parser(
         "serve", help="serve models over HTTP (Ray Serve; OpenAI-compatible + native API)",
         description="Start (or join, with --address) a Ray cluster and deploy the vlmguard app. Without "
-                    "--detach it runs until Ctrl-C. Endpoints: POST /v1/chat/completions, POST /v1/responses, "
-                    "POST /v1/generate, GET /v1/models, GET /health, GET /metrics.")
+                    "--detach it runs until Ctrl-C. Endpoints: POST /v1/chat/completions, POST /v1/completions, "
+                    "POST /v1/responses, POST /v1/conversations, POST /v1/generate, POST /tokenize, GET /v1/models, "
+                    "GET /health, GET /metrics.")
     sp.add_argument("--config", type=Path, help="service YAML (a Serve config file or a bare ServiceConfig)")
     sp.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     sp.add_argument("--host", help="HTTP host (default: 127.0.0.1)")
