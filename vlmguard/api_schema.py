@@ -650,16 +650,16 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _no_suffix(cls, v: Optional[str]) -> Optional[str]:
         if v:
-            raise unsupported("suffix: this server does not insert text (its models have no fill-in-the-middle "
-                              "format)")
+            raise unsupported(f"suffix {v[:40]!r}: this server does not insert text (its models have no "
+                              "fill-in-the-middle format)")
         return v
 
     @field_validator("logprobs")
     @classmethod
     def _not_with_echo(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
         if v is not None and info.data.get("echo"):
-            raise unsupported("logprobs with echo: the prompt's own log-probabilities are not computed here (echo, "
-                              "or logprobs)")
+            raise unsupported(f"logprobs {v} with echo: the prompt's own log-probabilities are not computed here "
+                              "(echo, or logprobs)")
         return v
 
     @field_validator("best_of")
