@@ -92,11 +92,16 @@ def test_async_client_against_the_api_in_process():
             assert chunks[-1].choices[0].finish_reason in ("stop", "length")
             events = [e async for e in c.generate_stream("Is there a dog?", images=[img], max_new_tokens=3)]
             assert events[-1].done and len(events[-1].result.token_ids) <= 3
+            text = await c.complete(["A photo of", "USER: hi"], max_tokens=4, logprobs=1, decoding="m3id")
+            assert [ch.index for ch in text.choices] == [0, 1] and text.vlmguard.decoding == "m3id"
+            assert len(text.choices[0].logprobs.tokens) == len(text.choices[0].logprobs.text_offset) <= 4
+            pieces = [ch async for ch in c.complete_stream("A photo of", max_tokens=4, decoding="m3id")]
+            assert "".join(p.choices[0].text for p in pieces if p.choices) == text.choices[0].text
             with pytest.raises(APIError) as e:
                 await c.chat("x " * 600, images=[img], max_tokens=4)
             assert e.value.status == 400 and "context" in e.value.message
             snap = await c.metrics()
-            assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 4
+            assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 7
 
     asyncio.run(scenario())
 

@@ -10,6 +10,7 @@
     c.chat("Is there a dog?", images=[pil_image], logit_bias={yes: -100})
     c.tokenize_chat("Is there a dog?", images=[pil_image]).count  # the prompt tokens that chat costs
     c.chat("List the objects.", images=[pil_image], response_format={"type": "json_object"})  # structured output
+    c.complete("A photo of", max_tokens=8, logprobs=2).choices[0].text  # a text completion (no chat template)
 
 Images may be PIL images, file paths, raw bytes, or data/http(s) URL strings. Results are the typed
 pydantic models of :mod:`vlmguard.api_schema`. 429/503 answers (and dropped connections) are retried with
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from vlmguard.api_schema import (
     ChatCompletionChunk,
     ChatCompletionResponse,
+    CompletionResponse,
     DetokenizeResponse,
     GenerateResponse,
     GenerateStreamEvent,
@@ -200,6 +202,15 @@ def _chat_body(prompt, images, messages, system, model, stream, kwargs) -> dict[
     body: dict[str, Any] = {"messages": _messages(prompt, images, messages, system), "stream": stream, **kwargs}
     if model:
         body["model"] = model
+    if options:
+        body["vlmguard"] = {**body.get("vlmguard", {}), **options}
+    return body
+
+
+def _completion_body(prompt, model, stream, kwargs) -> dict[str, Any]:
+    """A text completion's body: OpenAI's fields as given, vlmguard options (pruning, decoding...) in its object."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_FIELDS}
+    body = _with_model({"prompt": prompt, "stream": stream, **kwargs}, model)
     if options:
         body["vlmguard"] = {**body.get("vlmguard", {}), **options}
     return body
@@ -393,15 +404,8 @@ class Client(_Base):
 
     def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                         system: str | None = None, **spec: Any) -> Iterator[GenerateStreamEvent]:
-        body = _generate_body(prompt, images, model, system, True, spec)
-        resp = self._send("POST", "/v1/generate", body, stream=True)
-        try:
-            for obj in _sse_data(resp.iter_lines()):
-                yield _parse(GenerateStreamEvent, obj)
-        except httpx.HTTPError as e:  # the server went away or fell silent mid-stream
-            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
-        finally:
-            resp.close()
+        return self._events("/v1/generate", _generate_body(prompt, images, model, system, True, spec),
+                            GenerateStreamEvent)
 
     def chat(self, prompt: str | None = None, images: Sequence[Any] = (), *, messages: list[dict[str, Any]] | None = None,
              model: str | None = None, system: str | None = None, **kwargs: Any) -> ChatCompletionResponse:
@@ -413,12 +417,27 @@ class Client(_Base):
     def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                     messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
                     **kwargs: Any) -> Iterator[ChatCompletionChunk]:
-        body = _chat_body(prompt, images, messages, system, model, True, dict(kwargs))
-        resp = self._send("POST", "/v1/chat/completions", body, stream=True)
+        return self._events("/v1/chat/completions",
+                            _chat_body(prompt, images, messages, system, model, True, dict(kwargs)), ChatCompletionChunk)
+
+    def complete(self, prompt: str | list[str], *, model: str | None = None, **kwargs: Any) -> CompletionResponse:
+        """OpenAI's legacy text completion: ``prompt`` (a text or several) continued as it is, no chat template, no
+        image; ``kwargs``: max_tokens, n, echo, logprobs, temperature, seed, stop... and vlmguard options."""
+        body = _completion_body(prompt, model, False, dict(kwargs))
+        return _parse(CompletionResponse, self._json("POST", "/v1/completions", body))
+
+    def complete_stream(self, prompt: str | list[str], *, model: str | None = None,
+                        **kwargs: Any) -> Iterator[CompletionResponse]:
+        return self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
+                            CompletionResponse)
+
+    def _events(self, path: str, body: dict[str, Any], model: type[BaseModel]) -> Iterator[Any]:
+        """A streamed answer's events, parsed as ``model`` (the request is sent when the first is asked for)."""
+        resp = self._send("POST", path, body, stream=True)
         try:
             for obj in _sse_data(resp.iter_lines()):
-                yield _parse(ChatCompletionChunk, obj)
-        except httpx.HTTPError as e:
+                yield _parse(model, obj)
+        except httpx.HTTPError as e:  # the server went away or fell silent mid-stream
             raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
             resp.close()
@@ -512,15 +531,9 @@ class AsyncClient(_Base):
 
     async def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                               system: str | None = None, **spec: Any) -> AsyncIterator[GenerateStreamEvent]:
-        body = _generate_body(prompt, images, model, system, True, spec)
-        resp = await self._send("POST", "/v1/generate", body, stream=True)
-        try:
-            async for obj in _asse_data(resp):
-                yield _parse(GenerateStreamEvent, obj)
-        except httpx.HTTPError as e:
-            raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
-        finally:
-            await resp.aclose()
+        async for ev in self._events("/v1/generate", _generate_body(prompt, images, model, system, True, spec),
+                                     GenerateStreamEvent):
+            yield ev
 
     async def chat(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                    messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
@@ -531,11 +544,27 @@ class AsyncClient(_Base):
     async def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                           messages: list[dict[str, Any]] | None = None, model: str | None = None,
                           system: str | None = None, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:
-        body = _chat_body(prompt, images, messages, system, model, True, dict(kwargs))
-        resp = await self._send("POST", "/v1/chat/completions", body, stream=True)
+        async for chunk in self._events("/v1/chat/completions",
+                                        _chat_body(prompt, images, messages, system, model, True, dict(kwargs)),
+                                        ChatCompletionChunk):
+            yield chunk
+
+    async def complete(self, prompt: str | list[str], *, model: str | None = None,
+                       **kwargs: Any) -> CompletionResponse:
+        body = _completion_body(prompt, model, False, dict(kwargs))
+        return _parse(CompletionResponse, await self._json("POST", "/v1/completions", body))
+
+    async def complete_stream(self, prompt: str | list[str], *, model: str | None = None,
+                              **kwargs: Any) -> AsyncIterator[CompletionResponse]:
+        async for chunk in self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
+                                        CompletionResponse):
+            yield chunk
+
+    async def _events(self, path: str, body: dict[str, Any], model: type[BaseModel]) -> AsyncIterator[Any]:
+        resp = await self._send("POST", path, body, stream=True)
         try:
             async for obj in _asse_data(resp):
-                yield _parse(ChatCompletionChunk, obj)
+                yield _parse(model, obj)
         except httpx.HTTPError as e:
             raise _transport_error(self.base_url, self.timeout, e, answering=True) from None
         finally:
