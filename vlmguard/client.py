@@ -417,8 +417,8 @@ class Client(_Base):
     def chat_stream(self, prompt: str | None = None, images: Sequence[Any] = (), *,
                     messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
                     **kwargs: Any) -> Iterator[ChatCompletionChunk]:
-        return self._events("/v1/chat/completions",
-                            _chat_body(prompt, images, messages, system, model, True, dict(kwargs)), ChatCompletionChunk)
+        body = _chat_body(prompt, images, messages, system, model, True, dict(kwargs))
+        return self._events("/v1/chat/completions", body, ChatCompletionChunk)
 
     def complete(self, prompt: str | list[str], *, model: str | None = None, **kwargs: Any) -> CompletionResponse:
         """OpenAI's legacy text completion: ``prompt`` (a text or several) continued as it is, no chat template, no

@@ -76,7 +76,8 @@ from vlmguard.workers.responses_api import ChatForm, ParamNames, ResponseEvents,
 PUBLIC_PATHS = {"/health"}
 CLIENT_CLOSED = 499  # metrics status of a request cancelled before its answer started (nginx's "client closed")
 ROUTES = {"/health", "/metrics", "/v1/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-          "/v1/responses", "/v1/responses/input_tokens", "/v1/conversations", "/v1/generate", "/tokenize", "/detokenize"}
+          "/v1/responses", "/v1/responses/input_tokens", "/v1/conversations", "/v1/generate", "/tokenize",
+          "/detokenize"}
 MODEL_CARD_ROUTE = "/v1/models/{model_id}"  # the metrics endpoint of GET /v1/models/ID: one series for every ID
 RESPONSE_ROUTE = "/v1/responses/{response_id}"  # (and of a stored response: GET, DELETE)
 INPUT_ITEMS_ROUTE = "/v1/responses/{response_id}/input_items"

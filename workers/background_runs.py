@@ -55,7 +55,8 @@ def run_record(stream: bool, dropped: bool = False, redo: Optional[dict[str, Any
     """A new run record: beaten now, no events yet (``dropped``: its events no longer fit in the store). ``pages``:
     the last sequence number of each page of events written, in order; ``ended``: whether the last page ends with a
     stream's last event. ``redo``: what another process needs to answer it again when it is lost (the request, its
-    model, creation time, input items and the seed a sampled answer draws with; :func:`overseen`), ``attempts`` the answers begun."""
+    model, creation time, input items and the seed a sampled answer draws with; :func:`overseen`), ``attempts`` the
+    answers begun."""
     return StoredResponse(response={"object": "response.run", "stream": stream, "dropped": dropped,
                                     "beat": time.time(), "pages": [], "ended": False, "attempts": 1,
                                     **({"redo": redo} if redo is not None else {})}, messages=[], items=[])
