@@ -18,6 +18,7 @@ import time
 import uuid
 import contextlib
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -200,6 +201,18 @@ def _invalid_request(e: ValidationError) -> APIFailure:
         first["type"], "invalid_request")
     return APIFailure(400, "invalid request: " + "; ".join(parts), code=code,
                       param=".".join(str(x) for x in first.get("loc", ())) or None)
+
+
+@dataclass
+class ChoiceEvent:
+    """One event of a streamed choice (``create_api``'s ``choice_events``): a text piece, the choice's result (its
+    last), or the failure that ends the answer."""
+
+    index: int
+    text: str = ""
+    logprobs: list[dict[str, Any]] | None = None  # the entries of this piece's tokens (of a result: those not sent)
+    result: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
 
 
 def _request_param(request: Request, param: str | None) -> str | None:
@@ -495,6 +508,30 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             for _, gen in opened:
                 await _aclose(gen)
 
+    async def choice_events(opened: list[tuple[dict[str, Any], Any]], want_logprobs: bool
+                            ) -> AsyncIterator[ChoiceEvent]:
+        """The events of a request's opened streams (one a choice) as they come: text pieces with their
+        log-probability entries (``want_logprobs``), each choice's result with the entries no event carried, or the
+        failure that ends them all (the last). The streams end with it: use it in ``contextlib.aclosing``."""
+        sent = [0] * len(opened)  # log-probability entries sent so far, per choice
+        source = merged(opened)
+        try:
+            async for k, ev in source:
+                result = (ev.get("result") or {}) if ev.get("done") else None
+                failure = stream_failure(ev, result)
+                if failure is not None:
+                    yield ChoiceEvent(k, failure=failure)
+                    return
+                if result is not None:
+                    rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
+                    yield ChoiceEvent(k, logprobs=rest, result=result)
+                elif ev.get("text") or ev.get("logprobs"):
+                    entries = ev.get("logprobs") or []
+                    sent[k] += len(entries)
+                    yield ChoiceEvent(k, ev.get("text", ""), entries if want_logprobs else None)
+        finally:
+            await source.aclose()  # an error or a client that left: stop every choice now
+
     # ---- routes ------------------------------------------------------------------------------------
     @app.get("/health", response_model=HealthResponse)
     async def health():
@@ -567,44 +604,37 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 piece = chat_chunk(rid, model, created, **kw)
                 return _sse(piece if tier is None else piece.model_copy(update={"service_tier": tier}))
 
-            sent = [0] * len(items)  # log-probability entries sent so far, per choice
             results: list[dict[str, Any] | None] = [None] * len(items)
             # with tools, text goes out as content until it may be a call; a held call goes out as it is written
             # (vlmguard/tool_calls.py)
             calls = [CallStream(item.tools) if item.tools is not None else None for _ in items]
             for k in range(len(items)):
                 yield chunk(role="assistant", content="", index=k)
-            source = merged(opened)
-            try:
-                async for k, ev in source:
-                    result = (ev.get("result") or {}) if ev.get("done") else None
-                    failure = stream_failure(ev, result)
-                    if failure is not None:
-                        yield _sse(failure)
+            async with contextlib.aclosing(choice_events(opened, want_logprobs)) as events_of_choices:
+                async for e in events_of_choices:
+                    k = e.index
+                    if e.failure is not None:
+                        yield _sse(e.failure)
                         break
-                    if result is not None:
-                        results[k] = result
-                        rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
-                        finish = result.get("finish_reason", "stop")
+                    if e.result is not None:
+                        results[k] = e.result
+                        finish = e.result.get("finish_reason", "stop")
                         if calls[k] is not None:
                             text, pieces, finish = calls[k].finish(finish)
                             if text or pieces:
                                 yield chunk(content=text or None, tool_calls=pieces, index=k)
-                        yield chunk(finish_reason=finish, result=result or None, with_steps=with_steps, logprobs=rest,
-                                    index=k)
-                    elif ev.get("text") or ev.get("logprobs"):
-                        sent[k] += len(ev.get("logprobs") or [])
-                        text, pieces = ev.get("text", ""), []
-                        if calls[k] is not None:
-                            text, pieces = calls[k].feed(text)
-                        if text or pieces or (want_logprobs and ev.get("logprobs")):
-                            yield chunk(content=text if text or not pieces else None, tool_calls=pieces, index=k,
-                                        logprobs=ev.get("logprobs") if want_logprobs else None)
+                        yield chunk(finish_reason=finish, result=e.result or None, with_steps=with_steps,
+                                    logprobs=e.logprobs, index=k)
+                        continue
+                    text, pieces = e.text, []
+                    if calls[k] is not None:
+                        text, pieces = calls[k].feed(text)
+                    if text or pieces or e.logprobs:
+                        yield chunk(content=text if text or not pieces else None, tool_calls=pieces, index=k,
+                                    logprobs=e.logprobs)
                 else:
                     if include_usage and all(results):
                         yield chunk(results=results, usage_only=True)
-            finally:
-                await source.aclose()  # an error or a client that left: stop every choice now
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -635,38 +665,32 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             def chunk(piece: CompletionResponse) -> bytes:
                 return _sse(piece if tier is None else piece.model_copy(update={"service_tier": tier}))
 
-            sent = [0] * len(items)  # log-probability entries sent so far, per choice
             offsets = [len(it.prompt) if req.echo else 0 for it in items]  # each choice's text sent so far
             results: list[dict[str, Any] | None] = [None] * len(items)
             if req.echo:
                 for k, it in enumerate(items):
                     yield chunk(completion_chunk(rid, model, created, k, it.prompt))
-            source = merged(opened)
-            try:
-                async for k, ev in source:
-                    result = (ev.get("result") or {}) if ev.get("done") else None
-                    failure = stream_failure(ev, result)
-                    if failure is not None:
-                        yield _sse(failure)
+            async with contextlib.aclosing(choice_events(opened, want_logprobs)) as events_of_choices:
+                async for e in events_of_choices:
+                    k = e.index
+                    if e.failure is not None:
+                        yield _sse(e.failure)
                         break
-                    if result is not None:
-                        results[k] = result
-                        rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
-                        rest = completion_logprobs(rest, "", offsets[k]) if rest else None  # (what no event carried)
-                        yield chunk(completion_chunk(rid, model, created, k, logprobs=rest, result=result or None,
-                                                     finish_reason=result.get("finish_reason", "stop"),
+                    # (the result's: the entries no event carried, the text already sent)
+                    piece = completion_logprobs(e.logprobs, "" if e.result else e.text, offsets[k]) \
+                        if e.logprobs else None
+                    if e.result is not None:
+                        results[k] = e.result
+                        yield chunk(completion_chunk(rid, model, created, k, logprobs=piece, result=e.result or None,
+                                                     finish_reason=e.result.get("finish_reason", "stop"),
                                                      with_steps=req.vlmguard.diagnostics))
-                    elif ev.get("text") or ev.get("logprobs"):
-                        entries, text = ev.get("logprobs") or [], ev.get("text", "")
-                        piece = completion_logprobs(entries, text, offsets[k]) if want_logprobs else None
-                        sent[k] += len(entries)
-                        offsets[k] += len(text)
-                        yield chunk(completion_chunk(rid, model, created, k, text, logprobs=piece))
+                        continue
+                    offsets[k] += len(e.text)
+                    if e.text or piece:
+                        yield chunk(completion_chunk(rid, model, created, k, e.text, logprobs=piece))
                 else:
                     if include_usage and all(results):
                         yield chunk(usage_chunk(rid, model, created, results, req.n or 1))
-            finally:
-                await source.aclose()  # an error or a client that left: stop every choice now
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
