@@ -35,6 +35,27 @@ def test_generate_json_last_line(capsys, image):
     assert {"prefill_s", "decode_s", "vision_s", "per_token_s"} <= set(obj["timings"])
 
 
+def test_a_raw_prompt_is_read_as_it_is(capsys, image):
+    """--raw: no chat template; the prompt writes the image placeholder once per image, else one line naming it."""
+    from vlmguard.images import load_image
+    from vlmguard.results import Request
+    from vlmguard.spec import GenerationSpec
+    from vlmguard.testing import tiny_engine
+
+    prompt = "<image>\nQ: is there a dog? A:"  # (not what the chat template writes)
+    base = ["generate", "--model", "random:llava", "--image", str(image), "--max-new-tokens", "4", "--json"]
+    rc, out, _ = run_cli(capsys, *base, "--prompt", prompt, "--raw")
+    obj = json.loads(out.strip().splitlines()[-1])
+    alone = tiny_engine("llava").generate([Request(prompt, [load_image(image)], raw_prompt=True)],
+                                          GenerationSpec(max_new_tokens=4))[0]
+    templated = json.loads(run_cli(capsys, *base, "--prompt", "is there a dog")[1].strip().splitlines()[-1])
+    assert rc == 0 and obj["tokens"] == alone.token_ids and obj["prompt_tokens"] == alone.prompt_tokens
+    assert obj["visual_tokens"] == 16 and obj["prompt_tokens"] != templated["prompt_tokens"]
+    rc, _, err = run_cli(capsys, *base, "--prompt", "is there a dog", "--raw")
+    assert rc == 2 and "the prompt holds the model's image placeholder '<image>' 0 time(s) for 1 image(s)" in err
+    assert err.count("\n") == 1
+
+
 def test_param_goes_to_the_method_that_has_it(capsys, image, tmp_path, monkeypatch):
     """Issue 2's CLI names one parameter flag, `--param key=value ...`: a pruner's parameter given there went to the
     decoder and was refused ("K: Extra inputs are not permitted"). Each key now goes to the method that has it; a

@@ -147,6 +147,10 @@ def register(sub) -> None:
                    help="low: each image fitted within 512 x 512 first, OpenAI's low-detail image (fewer visual "
                         "tokens on Qwen2-VL); auto / high (default): as it is")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true",
+                   help="the prompt as the model reads it, with no chat template: it writes the model's image "
+                        "placeholder (<image>, Qwen2-VL's <|vision_start|><|image_pad|><|vision_end|>) once per "
+                        "--image (a reference's own prompt string; what /v1/completions sends)")
     add_method_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     spec.resolve()  # validate methods and parameters before loading the model
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                          trust_remote_code=args.trust_remote_code, quantization=args.quantization)
-    request = Request(prompt=args.prompt, images=images)
+    request = Request(prompt=args.prompt, images=images, raw_prompt=args.raw)
     result = None
     for ev in engine.stream([request], spec):
         if args.stream and not args.json and ev.text:
