@@ -83,6 +83,19 @@ def test_echo_and_log_probabilities(qwen, app):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+def test_text_offsets_where_tokens_and_text_differ():
+    """Where each token begins in the text: a dropped leading space, a special token the text leaves out, and a
+    character written by two tokens of one byte and more each (their text U+FFFD) do not shift the tokens after."""
+    from vlmguard.workers.completions_api import completion_logprobs
+
+    smile = "\U0001F600".encode()  # 4 bytes
+    entries = [dict(token=" Hi", logprob=-1.0), dict(token="<|im_end|>", logprob=-2.0),
+               dict(token="\ufffd", logprob=-3.0, bytes=list(smile[:1])),
+               dict(token="\ufffd", logprob=-3.5, bytes=list(smile[1:])), dict(token=" there", logprob=-4.0)]
+    lp = completion_logprobs(entries, "Hi\U0001F600 there", 5)
+    assert lp.text_offset == [5, 7, 7, 7, 8] and lp.tokens[1] == "<|im_end|>" and lp.token_logprobs[-1] == -4.0
+
+
 @pytest.mark.parametrize("echo", [False, True])
 def test_a_streamed_completion_is_the_completion(app, echo):
     ask = dict(model=MODEL, prompt=["Once upon", "a time"], n=2, temperature=1.0, seed=5, max_tokens=6, echo=echo,

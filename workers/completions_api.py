@@ -42,17 +42,24 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset:
     """``TokenLogprob`` dicts (a result's or a stream event's) as the legacy ``logprobs`` object; ``text``: what the
     tokens wrote, beginning at character ``offset`` of the choice's text. A token's ``text_offset`` is where it begins
     there: the text may leave out a token (a special token), which takes no room, or the space a token begins with
-    (the answer's first, as the tokenizer decodes it)."""
+    (the answer's first, as the tokenizer decodes it); tokens that each hold part of a character (their text U+FFFD,
+    their ``bytes`` its bytes) begin where it does, and the one that completes it takes its room."""
     if entries is None:
         return None
-    out, at = CompletionLogprobs(), 0
+    out, at, part = CompletionLogprobs(), 0, b""
     for e in entries:
         out.tokens.append(e["token"])
         out.token_logprobs.append(e["logprob"])
         out.top_logprobs.append({t["token"]: t["logprob"] for t in e.get("top", [])})
         out.text_offset.append(offset + at)
-        written = next((w for w in (e["token"], e["token"].lstrip()) if w and text.startswith(w, at)), "")
-        at += len(written)
+        pieces = (e["token"], e["token"].lstrip())
+        if "\ufffd" in e["token"] and e.get("bytes"):  # (part of a character)
+            part += bytes(e["bytes"])
+            try:
+                pieces, part = (part.decode("utf-8"),), b""
+            except UnicodeDecodeError:
+                continue
+        at += len(next((w for w in pieces if w and text.startswith(w, at)), ""))
     return out
 
 
