@@ -121,6 +121,18 @@ def test_a_streamed_completion_is_the_completion(app, echo):
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_of_several_that_cannot_be_answered_is_named_by_its_place(app, stream):
+    async def scenario(client, http):
+        body = {"model": MODEL, "prompt": [PROMPT, "word " * 3000, PROMPT], "n": 2, "max_tokens": 4, "stream": stream}
+        return await http.post("/v1/completions", json=body)
+
+    r = run_with_sdk(app, scenario)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt.1" and err["code"] == "context_length_exceeded"
+    assert err["message"].startswith("prompt[1]: prompt (") and "exceeds the model's context" in err["message"]
+
+
 @pytest.mark.parametrize("body, param, says", [
     ({"prompt": [1, 2, 3]}, "prompt", "a prompt of token ids"),
     ({"prompt": [[1, 2], [3]]}, "prompt", "a prompt of token ids"),

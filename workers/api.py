@@ -14,6 +14,7 @@ import contextvars
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 import contextlib
@@ -651,11 +652,22 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                                   f"{admits[model]} generations at once", code="unsupported_value",
                              param="n" if len(req.prompts) == 1 else "prompt")
         tier = "default" if req.service_tier else None
+        n = req.n or 1
+
+        async def of_prompt(j: int, answer: Awaitable[Any]) -> Any:
+            """``answer``, answer ``j``'s; an error about its prompt names it, one of several, by its place."""
+            try:
+                return await answer
+            except APIFailure as e:
+                if len(req.prompts) > 1 and e.param is None and e.spec_param in ("prompt", "images", "system"):
+                    e.param, e.message = f"prompt.{j // n}", re.sub(r"^request \d+: ", f"prompt[{j // n}]: ", e.message)
+                raise
+
         if not req.stream:
-            results = await all_or_none([run(model, it) for it in items])
+            results = await all_or_none([of_prompt(j, run(model, it)) for j, it in enumerate(items)])
             answer = completion_response(rid, model, req, items, results)
             return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
-        opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
+        opened = await all_or_none([of_prompt(j, open_stream(model, it)) for j, it in enumerate(items)], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         want_logprobs = req.logprobs is not None
 
@@ -690,7 +702,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         yield chunk(completion_chunk(rid, model, created, k, e.text, logprobs=piece))
                 else:
                     if include_usage and all(results):
-                        yield chunk(usage_chunk(rid, model, created, results, req.n or 1))
+                        yield chunk(usage_chunk(rid, model, created, results, n))
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
