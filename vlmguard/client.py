@@ -198,19 +198,18 @@ def _messages(prompt: str | None, images: Sequence[Any], messages: list[dict[str
 
 
 def _chat_body(prompt, images, messages, system, model, stream, kwargs) -> dict[str, Any]:
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_FIELDS}
-    body: dict[str, Any] = {"messages": _messages(prompt, images, messages, system), "stream": stream, **kwargs}
-    if model:
-        body["model"] = model
-    if options:
-        body["vlmguard"] = {**body.get("vlmguard", {}), **options}
-    return body
+    return _openai_body({"messages": _messages(prompt, images, messages, system)}, model, stream, kwargs)
 
 
 def _completion_body(prompt, model, stream, kwargs) -> dict[str, Any]:
-    """A text completion's body: OpenAI's fields as given, vlmguard options (pruning, decoding...) in its object."""
+    return _openai_body({"prompt": prompt}, model, stream, kwargs)
+
+
+def _openai_body(body: dict[str, Any], model: str | None, stream: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A chat or text completion's ``body``: OpenAI's fields (``kwargs``) as given, vlmguard's options among them
+    (pruning, decoding...) in its ``vlmguard`` object."""
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_FIELDS}
-    body = _with_model({"prompt": prompt, "stream": stream, **kwargs}, model)
+    body = _with_model({**body, "stream": stream, **kwargs}, model)
     if options:
         body["vlmguard"] = {**body.get("vlmguard", {}), **options}
     return body
@@ -404,8 +403,8 @@ class Client(_Base):
 
     def generate_stream(self, prompt: str, images: Sequence[Any] = (), *, model: str | None = None,
                         system: str | None = None, **spec: Any) -> Iterator[GenerateStreamEvent]:
-        return self._events("/v1/generate", _generate_body(prompt, images, model, system, True, spec),
-                            GenerateStreamEvent)
+        yield from self._events("/v1/generate", _generate_body(prompt, images, model, system, True, spec),
+                                GenerateStreamEvent)
 
     def chat(self, prompt: str | None = None, images: Sequence[Any] = (), *, messages: list[dict[str, Any]] | None = None,
              model: str | None = None, system: str | None = None, **kwargs: Any) -> ChatCompletionResponse:
@@ -418,7 +417,7 @@ class Client(_Base):
                     messages: list[dict[str, Any]] | None = None, model: str | None = None, system: str | None = None,
                     **kwargs: Any) -> Iterator[ChatCompletionChunk]:
         body = _chat_body(prompt, images, messages, system, model, True, dict(kwargs))
-        return self._events("/v1/chat/completions", body, ChatCompletionChunk)
+        yield from self._events("/v1/chat/completions", body, ChatCompletionChunk)
 
     def complete(self, prompt: str | list[str], *, model: str | None = None, **kwargs: Any) -> CompletionResponse:
         """OpenAI's legacy text completion: ``prompt`` (a text or several) continued as it is, no chat template, no
@@ -428,8 +427,8 @@ class Client(_Base):
 
     def complete_stream(self, prompt: str | list[str], *, model: str | None = None,
                         **kwargs: Any) -> Iterator[CompletionResponse]:
-        return self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
-                            CompletionResponse)
+        yield from self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
+                                CompletionResponse)
 
     def _events(self, path: str, body: dict[str, Any], model: type[BaseModel]) -> Iterator[Any]:
         """A streamed answer's events, parsed as ``model`` (the request is sent when the first is asked for)."""

@@ -387,6 +387,13 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                              "not_found_error", "model_not_found")
         return name
 
+    def admitted_whole(model: str, answers: int, what: str, param: str) -> None:
+        """A 400 for a request of more ``answers`` (its ``what``, its field ``param``) than a replica of ``model``
+        admits at once: it would never be admitted whole, a 503 retried for ever."""
+        if admits.get(model) is not None and answers > admits[model]:
+            raise APIFailure(400, f"{what}: a replica of {model!r} admits at most {admits[model]} generations at once",
+                             code="unsupported_value", param=param)
+
     async def first_answer(awaitable: Any, item: WorkItem) -> dict[str, Any]:
         """Await the backend's first answer, turning timeouts, overload and error answers into APIFailure."""
         try:
@@ -585,9 +592,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         item = await work_item(req, model, rid)
         with_steps = req.vlmguard.diagnostics
         n = req.n or 1
-        if admits.get(model) is not None and n > admits[model]:  # never admitted whole: a 503 retried for ever
-            raise APIFailure(400, f"n={n}: a replica of {model!r} admits at most {admits[model]} generations at once",
-                             code="unsupported_value", param="n")
+        admitted_whole(model, n, f"n={n}", "n")
         items = choice_items(item, n)  # n > 1: the request n times, in one batch
         tier = "default" if req.service_tier else None  # (echoed when asked for, as OpenAI does: the one tier)
         if not req.stream:
@@ -647,10 +652,8 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         rid = f"cmpl-{uuid.uuid4().hex}"
         items = await run_in_threadpool(completion_items, req, max_new_tokens_limit=limits.get(model, 1024),
                                         request_id=rid)
-        if admits.get(model) is not None and len(items) > admits[model]:  # never admitted whole
-            raise APIFailure(400, f"{len(items)} answers (prompts x n): a replica of {model!r} admits at most "
-                                  f"{admits[model]} generations at once", code="unsupported_value",
-                             param="n" if len(req.prompts) == 1 else "prompt")
+        admitted_whole(model, len(items), f"{len(items)} answers (prompts x n)",
+                       "n" if len(req.prompts) == 1 else "prompt")
         tier = "default" if req.service_tier else None
         n = req.n or 1
 
@@ -859,9 +862,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             req = ResponsesRequest.model_validate(redo["request"])
             model = pick_model(redo["model"])
             earlier, form = await conversation(req, redo.get("upto"))
-            _, item = await fitted(req, form, model, rid)
-            if redo.get("seed") is not None:
-                item.spec = item.spec.model_copy(update={"seed": redo["seed"]})
+            item = with_own_seed((await fitted(req, form, model, rid))[1], redo.get("seed"))
             resume = await background_runs.logged_events(store, rid) if req.stream else None
             if req.stream and resume is None:
                 raise APIFailure(500, "the server process answering it stopped without finishing it, and the events "

@@ -11,16 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vlmguard.api_schema import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    PromptTokensDetails,
-    Usage,
-)
+from vlmguard.api_schema import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from vlmguard.workers.engine_worker import WorkItem
-from vlmguard.workers.openai_compat import chat_spec_and_format, choice_items, vlmguard_info
+from vlmguard.workers.openai_compat import chat_spec_and_format, choice_items, usage, vlmguard_info
 
 
 def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, request_id: str) -> list[WorkItem]:
@@ -63,16 +56,6 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset:
     return out
 
 
-def completion_usage(results: list[dict[str, Any]], n: int) -> Usage:
-    """Usage of a request's results (``n`` per prompt): each prompt counted once, every answer's tokens."""
-    firsts = results[::n]
-    prompt = sum(r["prompt_tokens"] for r in firsts)
-    cached = sum((r.get("timings") or {}).get("prompt_cached_tokens", 0) for r in firsts)
-    done = sum(len(r.get("token_ids") or []) for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
 def completion_response(request_id: str, model: str, req: CompletionRequest, items: list[WorkItem],
                         results: list[dict[str, Any]]) -> CompletionResponse:
     """A completion from one result per item (the ``vlmguard`` object is the first answer's); ``echo``: each
@@ -84,7 +67,7 @@ def completion_response(request_id: str, model: str, req: CompletionRequest, ite
                                         logprobs=completion_logprobs(r.get("logprobs"), r["text"], len(echoed))
                                         if req.logprobs is not None else None))
     return CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
-                              usage=completion_usage(results, req.n or 1),
+                              usage=usage(results, req.n or 1),
                               vlmguard=vlmguard_info(results[0], req.vlmguard.diagnostics))
 
 
@@ -103,4 +86,4 @@ def usage_chunk(request_id: str, model: str, created: int, results: list[dict[st
                 ) -> CompletionResponse:
     """The last chunk of a stream that asked for usage (``stream_options.include_usage``): no choices."""
     return CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                              usage=completion_usage(results, n))
+                              usage=usage(results, n))

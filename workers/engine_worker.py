@@ -54,12 +54,13 @@ class WorkItem:
     format_param: str | None = None
 
 
-def with_own_seed(item: WorkItem) -> WorkItem:
-    """``item``, given a seed of its own where it samples without one (the engine would draw one for it anyway, so its
-    answer is as random), so that it can be run again to the same tokens: a stream sent again after its replica was
-    lost (``ingress.RayBackend.stream``), a background response another process takes over (``api.py``)."""
+def with_own_seed(item: WorkItem, seed: int | None = None) -> WorkItem:
+    """``item``, given a seed of its own where it samples without one (``seed``, else a random one: the engine would
+    draw one for it anyway, so its answer is as random), so that it can be run again to the same tokens: a stream
+    sent again after its replica was lost (``ingress.RayBackend.stream``), a background response another process takes
+    over with the seed its run record keeps (``api.py``)."""
     if item.spec.sampling and item.spec.seed is None:
-        item.spec = item.spec.model_copy(update={"seed": secrets.randbits(31)})
+        item.spec = item.spec.model_copy(update={"seed": secrets.randbits(31) if seed is None else seed})
     return item
 
 

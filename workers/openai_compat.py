@@ -383,13 +383,15 @@ def vlmguard_info(result: dict[str, Any], with_steps: bool) -> VlmguardInfo:
     )
 
 
-def usage(result: dict[str, Any] | list[dict[str, Any]]) -> Usage:
-    """One result's usage, or a request's with several choices: the prompt once, every choice's tokens."""
+def usage(result: dict[str, Any] | list[dict[str, Any]], per_prompt: int | None = None) -> Usage:
+    """One result's usage, or a request's with several choices: each prompt once, every choice's tokens. The choices
+    answer one prompt, or (a text completion's) ``per_prompt`` each of several, in order."""
     results = result if isinstance(result, list) else [result]
-    n = sum(len(r.get("token_ids") or []) for r in results)
-    prompt = results[0]["prompt_tokens"]
-    cached = (results[0].get("timings") or {}).get("prompt_cached_tokens", 0)
-    return Usage(prompt_tokens=prompt, completion_tokens=n, total_tokens=prompt + n,
+    firsts = results[::per_prompt] if per_prompt else results[:1]
+    done = sum(len(r.get("token_ids") or []) for r in results)
+    prompt = sum(r["prompt_tokens"] for r in firsts)
+    cached = sum((r.get("timings") or {}).get("prompt_cached_tokens", 0) for r in firsts)
+    return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
