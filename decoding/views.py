@@ -20,7 +20,10 @@ from vlmguard.models.base import Prompt
 
 def image_free_prompt(adapter, prompt: Prompt) -> Prompt:
     """The prompt as the model would see it, encoded without its images and with the ids of every image placeholder
-    deleted (``Prompt.strip_image_tokens``): the request's ids minus the image span, no pixel values."""
+    deleted (``Prompt.strip_image_tokens``): the request's ids minus the image span, no pixel values. A prompt given
+    as token ids has no image: its view is those ids."""
+    if prompt.token_ids is not None:
+        return Prompt(text=prompt.text, raw=True, token_ids=list(prompt.token_ids))
     return Prompt(text=adapter.format_prompt(prompt), images=[], system=None, raw=True, strip_image_tokens=True)
 
 

@@ -99,6 +99,20 @@ def test_generate_logprobs_in_json_and_as_a_table(capsys, image):
     assert rc != 0 and "logprobs: Input should be less than or equal to 20" in err
 
 
+def test_generate_prompt_logprobs_in_json_and_as_a_table(capsys, image):
+    args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
+            "--max-new-tokens", "2", "--prompt-logprobs", "1"]
+    rc, out, _ = run_cli(capsys, *args, "--json")
+    obj = json.loads(out.strip().splitlines()[-1])
+    entries = obj["prompt_logprobs"]
+    assert rc == 0 and len(entries) == obj["prompt_tokens"] and entries[0]["logprob"] is None
+    assert sum(e["logprob"] is None for e in entries) == 1 + obj["visual_tokens"]  # the first, and the image's
+    rc, out, _ = run_cli(capsys, *args)
+    lines = out.strip().splitlines()
+    assert rc == 0 and lines[1] == "prompt:" and len(lines) == 2 + obj["prompt_tokens"]
+    assert lines[2].split()[-1] == "-" and "top: " in lines[-1]
+
+
 def test_generate_logit_bias(capsys, image):
     args = ["generate", "--model", "random:llava", "--image", str(image), "--prompt", "is there a dog",
             "--max-new-tokens", "3", "--json"]

@@ -97,11 +97,15 @@ def test_async_client_against_the_api_in_process():
             assert len(text.choices[0].logprobs.tokens) == len(text.choices[0].logprobs.text_offset) <= 4
             pieces = [ch async for ch in c.complete_stream("A photo of", max_tokens=4, decoding="m3id")]
             assert "".join(p.choices[0].text for p in pieces if p.choices) == text.choices[0].text
+            ids = (await c.tokenize("A photo of")).tokens  # scored as token ids: the prompt's entries, then one
+            scored = (await c.complete(ids, max_tokens=1, echo=True, logprobs=0)).choices[0].logprobs
+            assert len(scored.tokens) == len(ids) + 1 and scored.token_logprobs[0] is None
+            assert all(v is not None for v in scored.token_logprobs[1:])
             with pytest.raises(APIError) as e:
                 await c.chat("x " * 600, images=[img], max_tokens=4)
             assert e.value.status == 400 and "context" in e.value.message
             snap = await c.metrics()
-            assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 7
+            assert snap["requests_by_status"]["400"] == 1 and snap["results"] == 8
 
     asyncio.run(scenario())
 

@@ -4,6 +4,7 @@ engine continues that text (no chat template), several prompts and choices in on
 from __future__ import annotations
 
 import pytest
+import torch
 
 from service_support import qwen_api, run_with_sdk
 from vlmguard.results import Request
@@ -69,11 +70,14 @@ def test_echo_and_log_probabilities(qwen, app):
     lp = scored.choices[0].logprobs
     alone = _engine(qwen, PROMPT, max_new_tokens=6, logprobs=2)
     text = scored.choices[0].text
-    assert text == plain.choices[0].text and lp.tokens == [e.token for e in alone.logprobs]
-    assert lp.token_logprobs == pytest.approx([e.logprob for e in alone.logprobs])
+    # the answer's tokens, then the one that ended it where one did (an end of sequence: vLLM lists it too)
+    entries = alone.logprobs + ([alone.end_logprob] if alone.end_logprob else [])
+    assert text == plain.choices[0].text and lp.tokens == [e.token for e in entries]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in entries])
     assert [v for top in lp.top_logprobs for v in top.values()] == pytest.approx(
-        [t.logprob for e in alone.logprobs for t in e.top])
-    assert all(len(top) <= 2 for top in lp.top_logprobs) and len(lp.tokens) == scored.usage.completion_tokens
+        [t.logprob for e in entries for t in e.top])
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert len(lp.tokens) == scored.usage.completion_tokens + (alone.finish_reason == "stop")
     # each token where it begins in the text; a special token the text leaves out (this model writes some) takes no
     # room: the tokens found at their offsets make up the text
     special = set(qwen.engine.adapter.tokenizer.all_special_tokens)
@@ -134,13 +138,14 @@ def test_a_prompt_of_several_that_cannot_be_answered_is_named_by_its_place(app, 
 
 
 @pytest.mark.parametrize("body, param, says", [
-    ({"prompt": [1, 2, 3]}, "prompt", "a prompt of token ids"),
-    ({"prompt": [[1, 2], [3]]}, "prompt", "a prompt of token ids"),
+    ({"prompt": [1, "a"]}, "prompt", "a list of token ids (ints >= 0)"),
+    ({"prompt": [[1, 2], []]}, "prompt", "at least one id"),
+    ({"prompt": [1, 10 ** 9]}, "prompt", "token id 1000000000 is not in the model's vocabulary"),
+    ({"prompt": [[1, 2], [10 ** 9]], "echo": True}, "prompt.1", "past the tokenizer's vocabulary"),
     ({"prompt": []}, "prompt", "at least one prompt"),
     ({"prompt": ["a"] * 9, "n": 2}, "prompt", "9 prompts x n=2"),
     ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "does not insert text"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "best_of 3"),
-    ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "logprobs", "the prompt's own log-probabilities"),
     ({"prompt": PROMPT, "logprobs": True}, "logprobs", None),
     ({"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs", "unrecognized request argument"),
     ({"prompt": PROMPT, "max_tokens": 10 ** 6}, "max_tokens", "exceeds this server's limit"),
@@ -156,3 +161,75 @@ def test_what_it_cannot_answer_is_a_400_naming_the_field(app, body, param, says)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and (says is None or says in err["message"]), err
+
+
+def test_a_prompt_of_token_ids_is_answered_as_its_text(qwen, app):
+    tok = qwen.engine.adapter.tokenizer
+    ids, other = tok(PROMPT)["input_ids"], tok("a time")["input_ids"]
+
+    async def scenario(client, http):
+        text = await client.completions.create(model=MODEL, prompt=[PROMPT, "a time"], max_tokens=6, echo=True)
+        as_ids = await client.completions.create(model=MODEL, prompt=[ids, other], max_tokens=6, echo=True)
+        one = await client.completions.create(model=MODEL, prompt=ids, max_tokens=6)
+        return text, as_ids, one
+
+    text, as_ids, one = run_with_sdk(app, scenario)
+    assert [c.text for c in as_ids.choices] == [c.text for c in text.choices]  # the echo is the ids' text
+    assert as_ids.choices[0].text.startswith(PROMPT) and one.choices[0].text == text.choices[0].text[len(PROMPT):]
+    assert as_ids.usage == text.usage
+
+
+def _reference_logprobs(qwen, ids: list[int]) -> torch.Tensor:
+    """transformers' own log-softmax of the model at each position of ``ids``."""
+    with torch.no_grad():
+        logits = qwen.engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(qwen, app):
+    """lm-eval's ``local-completions`` log-likelihood request: context + continuation as token ids, one new token,
+    ``echo`` and ``logprobs`` 1. Its reading (``token_logprobs[ctxlen:-1]`` summed, greedy where each equals its
+    position's top value) gives the model's own log-likelihood of the continuation."""
+    tok = qwen.engine.adapter.tokenizer
+    context, continuation = tok("Once upon a")["input_ids"], tok(" time there was")["input_ids"]
+    ids, ctxlen = context + continuation, len(context)
+    body = {"model": MODEL, "prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True,
+            "seed": 1234}
+
+    async def scenario(client, http):
+        return (await http.post("/v1/completions", json=body)).json()
+
+    out = run_with_sdk(app, scenario)
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = _reference_logprobs(qwen, ids)
+    expected = [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    loglikelihood = sum(lp["token_logprobs"][ctxlen:-1])
+    assert loglikelihood == pytest.approx(sum(expected[ctxlen - 1:]), abs=1e-3)
+    is_greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                              lp["top_logprobs"][ctxlen:-1]))
+    assert is_greedy == all(ref[p - 1].argmax().item() == ids[p] for p in range(ctxlen, len(ids)))
+    pieces = lp["tokens"][:len(ids)]
+    assert out["choices"][0]["text"].startswith(tok.decode(ids)) and "".join(pieces) == tok.decode(ids)
+    assert lp["text_offset"][:len(ids)] == [len("".join(pieces[:p])) for p in range(len(ids))]
+
+
+def test_a_streamed_echo_with_logprobs_is_the_completion(app):
+    ask = dict(model=MODEL, prompt=["Once upon", "a time"], n=2, temperature=1.0, seed=5, max_tokens=5, echo=True,
+               logprobs=2)
+
+    async def scenario(client, http):
+        whole = await client.completions.create(**ask)
+        chunks = [c async for c in await client.completions.create(**ask, stream=True)]
+        return whole, chunks
+
+    whole, chunks = run_with_sdk(app, scenario)
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].text == ask["prompt"][choice.index // 2] and mine[0].logprobs.token_logprobs[0] is None
+        assert "".join(c.text for c in mine) == choice.text
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for c in mine if c.logprobs for x in getattr(c.logprobs, key)] == \
+                getattr(choice.logprobs, key), key

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, ValidationError,
-                      ValidationInfo, field_validator, model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, StrictInt,
+                      ValidationError, ValidationInfo, field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from vlmguard.spec import MAX_TOP_LOGPROBS, ImageAspect, NumbersNotBooleans
@@ -614,15 +614,26 @@ class ChatCompletionChunk(BaseModel):
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for a completion
 
 
-class CompletionRequest(SamplingRequest):
-    """OpenAI's (legacy) ``POST /v1/completions``: ``prompt`` text continued as it is (no chat template, no image),
-    one text or several (each answered ``n`` times, choice ``p * n + k``; at most ``MAX_CHOICES`` answers in all).
-    ``echo`` puts the prompt before the answer's text; ``logprobs`` N (0-20) gives each token's log-probability and
-    its N most likely alternatives. Refused with a 400 naming the field: a prompt of token ids, ``suffix``
-    (insertion), ``best_of`` other than ``n``, ``echo`` with ``logprobs`` (the prompt's own log-probabilities are not
-    computed here)."""
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]  # a prompt given as token ids
 
-    prompt: Union[str, list[str]]
+
+def prompt_list(prompt: Any) -> list[Any]:
+    """A completion request's ``prompt`` as its list of prompts (each a text or a list of token ids)."""
+    if not isinstance(prompt, list):
+        return [prompt]
+    return [prompt] if prompt and all(isinstance(x, int) for x in prompt) else list(prompt)
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) ``POST /v1/completions``: ``prompt`` continued as it is (no chat template, no image): one text,
+    a list of texts, one prompt of token ids, or a list of them (ids fed as they are, no special token added), each
+    answered ``n`` times, choice ``p * n + k`` (at most ``MAX_CHOICES`` answers in all). ``echo`` puts the prompt
+    before the answer's text; ``logprobs`` N (0-20) gives each token's log-probability and its N most likely
+    alternatives, with ``echo`` the prompt's tokens' too (their first has none: ``vlmguard/prompt_logprobs.py``) and,
+    last, the token that ended the answer. Refused with a 400 naming the field: ``suffix`` (insertion), ``best_of``
+    other than ``n``."""
+
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
     suffix: Optional[str] = None
     echo: StrictBool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -630,20 +641,27 @@ class CompletionRequest(SamplingRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompts(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and all(isinstance(x, (int, list)) for x in v):
-            raise unsupported("a prompt of token ids: this server takes prompt text (POST /detokenize turns ids "
-                              "into their text)")
+    def _prompts_given(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise PydanticCustomError("invalid_request", "give at least one prompt", {})
+        if isinstance(v, list) and any(isinstance(x, list) and not x for x in v):
+            raise PydanticCustomError("invalid_request", "a prompt of token ids holds at least one id", {})
+
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+        if not isinstance(v, (str, list)) or (
+                isinstance(v, list) and not (all(isinstance(x, str) for x in v) or ids(v) or all(ids(x) for x in v))):
+            raise PydanticCustomError("invalid_request", "prompt must be a text, a list of texts, a list of token ids "
+                                      "(ints >= 0) or a list of such lists", {})
         return v
 
     @field_validator("prompt")
     @classmethod
-    def _answers_within_limit(cls, v: Union[str, list[str]], info: ValidationInfo) -> Union[str, list[str]]:
-        n = info.data.get("n") or 1  # (validated before: a base field)
-        if isinstance(v, list) and len(v) * n > MAX_CHOICES:
-            raise unsupported(f"{len(v)} prompts x n={n}: this server makes at most {MAX_CHOICES} answers per request")
+    def _answers_within_limit(cls, v: Any, info: ValidationInfo) -> Any:
+        n, count = info.data.get("n") or 1, len(prompt_list(v))  # (n validated before: a base field)
+        if count * n > MAX_CHOICES:
+            raise unsupported(f"{count} prompts x n={n}: this server makes at most {MAX_CHOICES} answers per request")
         return v
 
     @field_validator("suffix")
@@ -652,14 +670,6 @@ class CompletionRequest(SamplingRequest):
         if v:
             raise unsupported(f"suffix {v[:40]!r}: this server does not insert text (its models have no "
                               "fill-in-the-middle format)")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _not_with_echo(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
-        if v is not None and info.data.get("echo"):
-            raise unsupported(f"logprobs {v} with echo: the prompt's own log-probabilities are not computed here "
-                              "(echo, or logprobs)")
         return v
 
     @field_validator("best_of")
@@ -671,8 +681,8 @@ class CompletionRequest(SamplingRequest):
         return v
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[Union[str, list[int]]]:
+        return prompt_list(self.prompt)
 
     @property
     def spec_max_tokens(self) -> Optional[int]:
@@ -689,7 +699,7 @@ class CompletionLogprobs(BaseModel):
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[Optional[float]] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)  # None: the prompt's first token
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -746,6 +756,13 @@ class TokenLogprobEntry(TopLogprobEntry):
     top: list[TopLogprobEntry] = Field(default_factory=list)
 
 
+class PromptLogprobEntry(TokenLogprobEntry):
+    """A prompt token's :class:`~vlmguard.results.TokenLogprob`: None where nothing predicts it (the first token, an
+    image's; a stream's events leave out the null)."""
+
+    logprob: Optional[float] = None
+
+
 class GenerateResponse(BaseModel):
     """A :class:`~vlmguard.results.GenerationResult` plus the serving model and request id."""
 
@@ -764,6 +781,9 @@ class GenerateResponse(BaseModel):
     decoding: dict[str, Any] = Field(default_factory=dict)
     request_id: Optional[str] = None
     logprobs: Optional[list[TokenLogprobEntry]] = None  # with spec ``logprobs``: one per generated token
+    # with spec ``prompt_logprobs``: one per prompt token (vlmguard/prompt_logprobs.py)
+    prompt_logprobs: Optional[list[PromptLogprobEntry]] = None
+    end_logprob: Optional[TokenLogprobEntry] = None  # with spec ``logprobs``: the token that ended the answer's
     prefill_flops: Optional[dict[str, float]] = None  # analytic prefill FLOPs on the tokens each layer was fed
 
 
@@ -776,6 +796,8 @@ class GenerateStreamEvent(BaseModel):
     done: bool = False
     result: Optional[GenerateResponse] = None
     logprobs: list[TokenLogprobEntry] = Field(default_factory=list)  # the entries of this event's tokens
+    # with spec ``prompt_logprobs``, on the first event: the prompt's entries
+    prompt_logprobs: Optional[list[PromptLogprobEntry]] = None
 
 
 # ---- tokens (vLLM's /tokenize and /detokenize) ---------------------------------------------------------

@@ -33,7 +33,7 @@ import random
 import time
 from datetime import timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 import httpx
 from PIL import Image
@@ -199,6 +199,10 @@ def _messages(prompt: str | None, images: Sequence[Any], messages: list[dict[str
 
 def _chat_body(prompt, images, messages, system, model, stream, kwargs) -> dict[str, Any]:
     return _openai_body({"messages": _messages(prompt, images, messages, system)}, model, stream, kwargs)
+
+
+# a text completion's prompt: a text, one prompt of token ids, or a list of texts or of token-id prompts
+CompletionPrompt = Union[str, list[str], list[int], list[list[int]]]
 
 
 def _completion_body(prompt, model, stream, kwargs) -> dict[str, Any]:
@@ -419,13 +423,14 @@ class Client(_Base):
         body = _chat_body(prompt, images, messages, system, model, True, dict(kwargs))
         yield from self._events("/v1/chat/completions", body, ChatCompletionChunk)
 
-    def complete(self, prompt: str | list[str], *, model: str | None = None, **kwargs: Any) -> CompletionResponse:
-        """OpenAI's legacy text completion: ``prompt`` (a text or several) continued as it is, no chat template, no
-        image; ``kwargs``: max_tokens, n, echo, logprobs, temperature, seed, stop... and vlmguard options."""
+    def complete(self, prompt: CompletionPrompt, *, model: str | None = None, **kwargs: Any) -> CompletionResponse:
+        """OpenAI's legacy text completion: ``prompt`` (a text, a list of token ids, or a list of either) continued as
+        it is, no chat template, no image; ``kwargs``: max_tokens, n, echo, logprobs (with echo, the prompt's too),
+        temperature, seed, stop... and vlmguard options."""
         body = _completion_body(prompt, model, False, dict(kwargs))
         return _parse(CompletionResponse, self._json("POST", "/v1/completions", body))
 
-    def complete_stream(self, prompt: str | list[str], *, model: str | None = None,
+    def complete_stream(self, prompt: CompletionPrompt, *, model: str | None = None,
                         **kwargs: Any) -> Iterator[CompletionResponse]:
         yield from self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
                                 CompletionResponse)
@@ -548,12 +553,12 @@ class AsyncClient(_Base):
                                         ChatCompletionChunk):
             yield chunk
 
-    async def complete(self, prompt: str | list[str], *, model: str | None = None,
+    async def complete(self, prompt: CompletionPrompt, *, model: str | None = None,
                        **kwargs: Any) -> CompletionResponse:
         body = _completion_body(prompt, model, False, dict(kwargs))
         return _parse(CompletionResponse, await self._json("POST", "/v1/completions", body))
 
-    async def complete_stream(self, prompt: str | list[str], *, model: str | None = None,
+    async def complete_stream(self, prompt: CompletionPrompt, *, model: str | None = None,
                               **kwargs: Any) -> AsyncIterator[CompletionResponse]:
         async for chunk in self._events("/v1/completions", _completion_body(prompt, model, True, dict(kwargs)),
                                         CompletionResponse):

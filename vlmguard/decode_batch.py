@@ -43,16 +43,11 @@ from vlmguard.flops import result_flops
 from vlmguard.guided import dead_end, new_matcher, restrict_to_guides
 from vlmguard.penalties import apply_penalties, hold_eos, penalised
 from vlmguard.prefix_cache import PrefixCache, PromptTokens
-from vlmguard.results import (GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob,
-                              TopLogprob)
+from vlmguard.results import GenerationResult, Request, StepDiagnostic, StreamEvent, Timings, TokenLogprob
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import RowSampler, select_tokens
 from vlmguard.spec import GenerationSpec
-from vlmguard.token_text import token_pieces
-
-# what a log-probability of -inf (a token the decoder ruled out: VCD's plausibility cut) is reported as: JSON has
-# no infinity, and OpenAI's API reports such tokens so
-LOGPROB_FLOOR = -9999.0
+from vlmguard.token_text import entry_log_softmax, logprob_entry, token_pieces
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
@@ -147,6 +142,9 @@ class LiveRequest:
     steps: list[StepDiagnostic] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries already sent with a stream event
+    prompt_logprobs: list[TokenLogprob] | None = None  # its prompt's, when its spec asks (vlmguard/prompt_logprobs.py)
+    events: int = 0  # the stream events it has had
+    end_logprob: TokenLogprob | None = None  # GenerationResult.end_logprob
     sent_text: str = ""  # the text streamed so far
     detok: IncrementalText | None = None  # its generated text, decoded a token at a time
     final_text: str | None = None  # set when it finishes (stripped)
@@ -254,7 +252,7 @@ class DecodeBatch:
                 finished_rows.append(j)
                 continue
             if t in self.eos or t in lv.spec.stop_token_ids:
-                lv.finish = "stop"
+                lv.finish, lv.end_logprob = "stop", logprobs[j]
                 finished_rows.append(j)
                 continue
             lv.gen.append(t)
@@ -278,7 +276,7 @@ class DecodeBatch:
             delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else ""
             if delta:
                 lv.sent_text += delta
-                yield StreamEvent(index=lv.index, token_id=t, text=delta, logprobs=self._unsent_logprobs(lv))
+                yield self._event(lv, t, delta)
         for j in finished_rows:
             lv = self.lives[j]
             result = self._result(lv, now)
@@ -286,9 +284,8 @@ class DecodeBatch:
             rest = final[len(lv.sent_text):] if final.startswith(lv.sent_text) else ""
             if rest:
                 lv.sent_text += rest
-                yield StreamEvent(index=lv.index, token_id=None, text=rest, logprobs=self._unsent_logprobs(lv))
-            yield StreamEvent(index=lv.index, token_id=None, text="", done=True, result=result,
-                              logprobs=self._unsent_logprobs(lv))
+                yield self._event(lv, None, rest)
+            yield self._event(lv, None, "", result)
         if self.prefix_cache is not None:
             self._keep_answers(finished_rows, blocks)
         gone = set(finished_rows)
@@ -344,8 +341,7 @@ class DecodeBatch:
         ks = [lv.spec.logprobs for lv in self.lives]
         if all(k is None for k in ks):
             return [None] * len(ks)
-        lp = torch.log_softmax(scores.float(), dim=-1)
-        lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
+        lp = entry_log_softmax(scores)
         k_max = min(max(k for k in ks if k is not None), lp.shape[-1])
         top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
         # one device sync for all three (float64 holds the float32 log-probabilities and the token ids exactly)
@@ -354,16 +350,8 @@ class DecodeBatch:
         top_v = [r[1:1 + k_max] for r in read]
         top_i = [[int(i) for i in r[1 + k_max:]] for r in read]
         pieces = token_pieces(self.tok)
-        out: list[TokenLogprob | None] = []
-        for j, k in enumerate(ks):
-            if k is None:
-                out.append(None)
-                continue
-            top = [TopLogprob(token_id=i, token=pieces.text(i), logprob=v, bytes=pieces.bytes(i))
-                   for i, v in zip(top_i[j][:k], top_v[j][:k])]
-            out.append(TokenLogprob(token_id=ids[j], token=pieces.text(ids[j]), logprob=own[j],
-                                    bytes=pieces.bytes(ids[j]), top=top))
-        return out
+        return [None if k is None else logprob_entry(pieces, ids[j], own[j], top_i[j][:k], top_v[j][:k])
+                for j, k in enumerate(ks)]
 
     def _keep_answers(self, finished: list[int], blocks: list[_Block]) -> None:
         """The prompt and answer of each finished request that keeps them (``LiveRequest.prompts``) into the prefix
@@ -385,6 +373,16 @@ class DecodeBatch:
         out = lv.logprobs[lv.logprobs_sent:]
         lv.logprobs_sent = len(lv.logprobs)
         return out
+
+    def _event(self, lv: LiveRequest, token_id: int | None, text: str, result: GenerationResult | None = None
+               ) -> StreamEvent:
+        """The request's next event: its text since the last, the log-probability entries not sent yet, the prompt's
+        on its first event, and its result when it is done."""
+        event = StreamEvent(index=lv.index, token_id=token_id, text=text, done=result is not None, result=result,
+                            logprobs=self._unsent_logprobs(lv),
+                            prompt_logprobs=None if lv.events else lv.prompt_logprobs)
+        lv.events += 1
+        return event
 
     def _blocks(self) -> list[_Block]:
         """Each cohort's requests (contiguous in ``lives``, which is grouped by cohort) and rows."""
@@ -508,6 +506,7 @@ class DecodeBatch:
             # the decoder, its per-request values, and whether this request's tokens were drawn (its own setting)
             decoding={**decoder.describe(), **dctx.request_report(lv.local), "sampled": lv.spec.sampling},
             request_id=lv.request.request_id, logprobs=lv.logprobs if lv.spec.logprobs is not None else None,
+            prompt_logprobs=lv.prompt_logprobs, end_logprob=lv.end_logprob,
             error=lv.error, error_code=lv.error_code)
         result.prefill_flops = result_flops(self.runner.adapter.config, result).to_dict()
         return result

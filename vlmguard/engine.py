@@ -35,12 +35,14 @@ from vlmguard.malloc_tuning import tune_malloc
 from vlmguard.models.base import EncodedBatch, ModelAdapter, Prompt
 from vlmguard.models.families import adapter_for
 from vlmguard.prefix_cache import PrefixCache, PromptTokens, plan_prefill
+from vlmguard.prompt_logprobs import row_prompt_logprobs
 from vlmguard.pruning.base import PruneContext, merge_report
 from vlmguard.results import GenerationResult, Request, StreamEvent
 from vlmguard.runner import DecodeState, LayerRunner
 from vlmguard.sampling import RowSampler
 from vlmguard.sequence import Seq, compact_positions, stack_rows
 from vlmguard.spec import GenerationSpec
+from vlmguard.token_text import token_pieces
 
 # A call's spec: None (the defaults), one for every request, or one per request (``request_specs``)
 SpecArg = Union[GenerationSpec, Sequence[GenerationSpec], None]
@@ -364,6 +366,9 @@ class Engine:
                 raise InvalidInput(f"request {i}: system must be a string")
             if not isinstance(r.raw_prompt, bool):
                 raise InvalidInput(f"request {i}: raw_prompt must be true or false")
+            if r.prompt_token_ids is not None:
+                out.append(self._token_prompt(r, i))
+                continue
             if not r.prompt.strip() and not r.images:
                 raise InvalidInput(f"request {i}: empty prompt and no image", param="prompt")
             for field, text in (("prompt", r.prompt), ("system", r.system)):
@@ -378,6 +383,28 @@ class Engine:
                 images = [pad_to_square(img, self.adapter.pad_colour()) for img in images]
             out.append(Prompt(text=r.prompt, images=images, system=r.system, raw=r.raw_prompt))
         return out
+
+    def _token_prompt(self, r: Request, i: int) -> Prompt:
+        """A request whose prompt is token ids, checked (ids of the model's vocabulary, no image) and made a prompt
+        fed exactly those ids; its text is theirs decoded (special tokens kept), for decoders that read words."""
+        ids = r.prompt_token_ids
+        if (not isinstance(ids, (list, tuple)) or not ids
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise InvalidInput(f"request {i}: prompt_token_ids must be a non-empty list of token ids", param="prompt")
+        vocab = int(self.adapter.embed_tokens.num_embeddings)
+        beyond = [t for t in ids if not 0 <= t < vocab]
+        if beyond:
+            raise InvalidInput(f"request {i}: the prompt's token id {beyond[0]} is not in the model's vocabulary "
+                               f"(ids 0-{vocab - 1})", param="prompt")
+        if r.images:
+            raise InvalidInput(f"request {i}: a prompt of token ids takes no image (send its text with the image "
+                               "placeholders, raw_prompt=True)", param="images")
+        placeholders = set(self.adapter.image_placeholder_ids)
+        if placeholders & set(ids):
+            raise InvalidInput(f"request {i}: the prompt's token ids hold the model's image placeholder id "
+                               f"{sorted(placeholders & set(ids))[0]}, and a prompt of token ids has no image",
+                               param="prompt")
+        return Prompt(text=self.adapter.tokenizer.decode(list(ids)), raw=True, token_ids=list(ids))
 
     def _run(self, requests: list[Request], spec: SpecArg) -> Iterator[StreamEvent]:
         batch = self.start_batch(requests, spec)
@@ -407,7 +434,37 @@ class Engine:
             raise InvalidInput("indices must be ints (each request's StreamEvent.index)")
         if len(set(indices)) != len(indices):
             raise InvalidInput("indices must be distinct: the events of two requests would share an index")
-        return self._start(requests, specs, indices, list(range(len(requests))))
+        batch = self._start(requests, specs, indices, list(range(len(requests))))
+        try:
+            self._score_prompts(batch)
+        except BaseException:
+            batch.close()
+            raise
+        return batch
+
+    def _score_prompts(self, batch: DecodeBatch) -> None:
+        """The prompt log-probabilities of the batch's requests whose spec asks for them (``prompt_logprobs``,
+        vlmguard/prompt_logprobs.py): one pass over their prompts (each prompt once: the copies of a request share
+        its entries), on each ``LiveRequest``; the pass's time counts to their prefill."""
+        lives = [lv for lv in batch.lives if lv.spec.prompt_logprobs is not None]
+        if not lives:
+            return
+        t0 = time.perf_counter()
+        source = _copies([lv.request for lv in lives], [lv.spec for lv in lives])
+        firsts = sorted(set(source))
+        prompts = self._prompts([lives[i].request for i in firsts], specs=[lives[i].spec for i in firsts])
+        enc = self.adapter.encode(prompts)
+        seq = self.adapter.build_sequence(enc, self._image_features(enc), self.model.dtype, self.device)
+        hidden = self.runner.final_hidden(seq)
+        pieces = token_pieces(self.adapter.tokenizer)
+        k = max(lv.spec.prompt_logprobs for lv in lives)
+        entries = {i: row_prompt_logprobs(self.adapter.logits, hidden, enc.input_ids[r], seq, r, k, pieces)
+                   for r, i in enumerate(firsts)}
+        dt = time.perf_counter() - t0
+        for lv, i in zip(lives, source):
+            lv.prompt_logprobs = [e if len(e.top) <= lv.spec.prompt_logprobs
+                                  else replace(e, top=e.top[:lv.spec.prompt_logprobs]) for e in entries[i]]
+            lv.prefill_s += dt
 
     def _start(self, requests: list[Request], specs: list[GenerationSpec], indices: list[int],
                positions: list[int]) -> DecodeBatch:
@@ -852,7 +909,8 @@ def _copies(requests: Sequence[Request], specs: Sequence[GenerationSpec]) -> lis
     first: dict[tuple, int] = {}
     out = []
     for i, (r, spec) in enumerate(zip(requests, specs)):
-        key = (r.prompt, r.system, r.raw_prompt, tuple(id(im) for im in r.images), spec.image_aspect)
+        ids = tuple(r.prompt_token_ids) if r.prompt_token_ids is not None else None
+        key = (r.prompt, ids, r.system, r.raw_prompt, tuple(id(im) for im in r.images), spec.image_aspect)
         out.append(first.setdefault(key, i))
     return out
 

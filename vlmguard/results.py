@@ -16,6 +16,9 @@ class Request:
     request_id: str | None = None
     system: str | None = None
     raw_prompt: bool = False  # prompt is already templated, with the model's image placeholders
+    # the prompt as token ids, fed as they are (no chat template, no special token added, no image); ``prompt`` is
+    # then ignored (their text stands for it where a decoder reads the prompt's words)
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -60,11 +63,12 @@ class TopLogprob:
 @dataclass
 class TokenLogprob:
     """A generated token's log-probability under the decoder's final scores (``GenerationSpec.logprobs``),
-    with the most likely tokens at that step (as many as asked for, most likely first)."""
+    with the most likely tokens at that step (as many as asked for, most likely first); or a prompt token's under the
+    model (``GenerationSpec.prompt_logprobs``), None where nothing predicts it (the first token, an image's)."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int] = field(default_factory=list)
     top: list[TopLogprob] = field(default_factory=list)
 
@@ -84,6 +88,12 @@ class GenerationResult:
     decoding: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the spec asks for them
+    # one per prompt token (the ids the model was fed, from the first; visual tokens included), when the spec's
+    # ``prompt_logprobs`` asks for them
+    prompt_logprobs: list[TokenLogprob] | None = None
+    # with ``logprobs``: the entry of the token that ended the answer (an end of sequence or a stop token id), which
+    # the answer and ``logprobs`` leave out (the legacy completions list it last, as vLLM does)
+    end_logprob: TokenLogprob | None = None
     # why the request stopped early with finish_reason "error" (its scores became NaN: a float16 model
     # overflowing mid-answer; its guided format ran into a dead end); its text is what it generated before. The
     # other requests of its batch go on.
@@ -111,3 +121,5 @@ class StreamEvent:
     # whose text is held back, an incomplete character or a possible stop string, comes with the event that
     # sends its text)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with ``GenerationSpec.prompt_logprobs``: the prompt's entries, on this request's first event
+    prompt_logprobs: list[TokenLogprob] | None = None

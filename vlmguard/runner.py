@@ -126,6 +126,18 @@ class LayerRunner:
             return self._prefill_planned(seq, lookup, hidden_layers, prefix_cache, store_rows)
         return self._run_layers(seq, before, after, hidden_layers, all_hidden, renumber)
 
+    @torch.no_grad()
+    def final_hidden(self, seq: Seq) -> torch.Tensor:
+        """The final norm's output at every position of ``seq`` (B, L, D), what the lm_head reads to score each
+        position's next token (prompt log-probabilities, vlmguard/prompt_logprobs.py): every layer over the whole
+        sequence, no cut; the cache it fills is dropped."""
+        ad = self.adapter
+        h, cache, mask = seq.hidden, GrowingCache(), self._prefill_mask(seq)
+        rope = ad.rotary(h, seq.positions)
+        for layer in ad.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=rope, **{self._cache_kw: cache}, use_cache=True)
+        return ad.norm(h)
+
     def _run_layers(self, seq: Seq, before: BeforeHook | None, after: AfterHook | None,
                     hidden_layers: tuple[int, ...], all_hidden: bool, renumber: bool,
                     ) -> tuple[torch.Tensor, DecodeState, dict[int, torch.Tensor]]:

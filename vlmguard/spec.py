@@ -25,8 +25,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # running one too). The rest (the pruner, the decoder, their parameters) is the batch's, the same for all.
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p",
                                 "top_k", "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs",
-                                "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "choices",
-                                "guided", "image_aspect"})
+                                "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                                "logit_bias", "choices", "guided", "image_aspect"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 MAX_STOP_TOKEN_IDS = 256  # the most tokens one request's stop_token_ids may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
@@ -161,7 +161,8 @@ class GuidedOutput(BaseModel):
 class GenerationSpec(NumbersNotBooleans):
     model_config = ConfigDict(extra="forbid")
     _boolean_hints: ClassVar[dict[str, str]] = {
-        "logprobs": "the number of most likely tokens to report (0-20) or null, not a boolean"}
+        "logprobs": "the number of most likely tokens to report (0-20) or null, not a boolean",
+        "prompt_logprobs": "the number of most likely tokens to report (0-20) or null, not a boolean"}
 
     pruning: str = "none"
     # int >= 1: visual tokens kept per request row, shared by its images (LLaVA-1.5: 192/128/64 of 576);
@@ -212,6 +213,10 @@ class GenerationSpec(NumbersNotBooleans):
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
     # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's prompt_logprobs: the log-probability of each prompt token given the tokens before it, under the model
+    # itself (every image token seen, no pruner, no decoder, no penalty: vlmguard/prompt_logprobs.py), with the k
+    # most likely tokens at each place (0..20); None = none. The first token and the image's tokens have none.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # How a request's images are fitted to the vision tower's square (see vlmguard.images.pad_to_square):
     # "native": the model's own processor as shipped (llava-hf's CLIP processor resizes the shortest side and crops
     # the centre, losing the sides of a wide image); "pad": padded to a square with the processor's mean colour

@@ -12,7 +12,15 @@ from __future__ import annotations
 import re
 import weakref
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
+
+import torch
+
+from vlmguard.results import TokenLogprob, TopLogprob
+
+# what a log-probability of -inf (a token the decoder ruled out: VCD's plausibility cut) is reported as: JSON has
+# no infinity, and OpenAI's API reports such tokens so
+LOGPROB_FLOOR = -9999.0
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -86,3 +94,19 @@ def token_pieces(tokenizer: Any) -> TokenPieces:
     if pieces is None:
         pieces = _PIECES[tokenizer] = TokenPieces(tokenizer)
     return pieces
+
+
+def entry_log_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``scores`` (.., V) as entries report them: fp32, -inf and NaN at ``LOGPROB_FLOOR``."""
+    lp = torch.log_softmax(scores.float(), dim=-1)
+    return torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
+
+
+def logprob_entry(pieces: TokenPieces, token_id: int, logprob: float | None, top_ids: Sequence[int] = (),
+                  top_logprobs: Sequence[float] = ()) -> TokenLogprob:
+    """A token's log-probability entry (``vlmguard.results.TokenLogprob``): its text and bytes, its log-probability
+    and the most likely tokens at its place (``top_ids`` with ``top_logprobs``, most likely first)."""
+    top = [TopLogprob(token_id=i, token=pieces.text(i), logprob=v, bytes=pieces.bytes(i))
+           for i, v in zip(top_ids, top_logprobs)]
+    return TokenLogprob(token_id=token_id, token=pieces.text(token_id), logprob=logprob,
+                        bytes=pieces.bytes(token_id), top=top)

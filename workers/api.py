@@ -212,6 +212,8 @@ class ChoiceEvent:
     index: int
     text: str = ""
     logprobs: list[dict[str, Any]] | None = None  # the entries of this piece's tokens (of a result: those not sent)
+    # on the choice's first event, where its spec asked for them: its prompt's entries (``prompt_logprobs``)
+    prompt_logprobs: list[dict[str, Any]] | None = None
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
 
@@ -522,6 +524,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         log-probability entries (``want_logprobs``), each choice's result with the entries no event carried, or the
         failure that ends them all (the last). The streams end with it: use it in ``contextlib.aclosing``."""
         sent = [0] * len(opened)  # log-probability entries sent so far, per choice
+        first = [True] * len(opened)  # no event of the choice yet
         source = merged(opened)
         try:
             async for k, ev in source:
@@ -530,13 +533,16 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                 if failure is not None:
                     yield ChoiceEvent(k, failure=failure)
                     return
+                prompt = (ev.get("prompt_logprobs") or (result or {}).get("prompt_logprobs")) if first[k] else None
                 if result is not None:
                     rest = (result.get("logprobs") or [])[sent[k]:] if want_logprobs else None
-                    yield ChoiceEvent(k, logprobs=rest, result=result)
-                elif ev.get("text") or ev.get("logprobs"):
+                    first[k] = False
+                    yield ChoiceEvent(k, logprobs=rest, prompt_logprobs=prompt, result=result)
+                elif ev.get("text") or ev.get("logprobs") or prompt:
                     entries = ev.get("logprobs") or []
                     sent[k] += len(entries)
-                    yield ChoiceEvent(k, ev.get("text", ""), entries if want_logprobs else None)
+                    first[k] = False
+                    yield ChoiceEvent(k, ev.get("text", ""), entries if want_logprobs else None, prompt)
         finally:
             await source.aclose()  # an error or a client that left: stop every choice now
 
@@ -666,9 +672,21 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     e.param, e.message = f"prompt.{j // n}", re.sub(r"^request \d+: ", f"prompt[{j // n}]: ", e.message)
                 raise
 
+        echoes = [it.prompt for it in items]  # the text each choice's begins with, with echo
+
+        async def text_of(p: int, prompt: str | list[int]) -> str:
+            try:
+                return prompt if isinstance(prompt, str) else (await token_call(model, "detokenize", prompt))["prompt"]
+            except APIFailure as e:  # (ids past the tokenizer's vocabulary)
+                e.param = "prompt" if len(req.prompts) == 1 else f"prompt.{p}"
+                raise
+
+        if req.echo and any(it.prompt_token_ids is not None for it in items):
+            texts = [await text_of(p, prompt) for p, prompt in enumerate(req.prompts)]
+            echoes = [texts[j // n] for j in range(len(items))]
         if not req.stream:
             results = await all_or_none([of_prompt(j, run(model, it)) for j, it in enumerate(items)])
-            answer = completion_response(rid, model, req, items, results)
+            answer = completion_response(rid, model, req, echoes, results)
             return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
         opened = await all_or_none([of_prompt(j, open_stream(model, it)) for j, it in enumerate(items)], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -680,20 +698,29 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             def chunk(piece: CompletionResponse) -> bytes:
                 return _sse(piece if tier is None else piece.model_copy(update={"service_tier": tier}))
 
-            offsets = [len(it.prompt) if req.echo else 0 for it in items]  # each choice's text sent so far
+            offsets = [len(echoes[k]) if req.echo else 0 for k in range(len(items))]  # each choice's text sent so far
             results: list[dict[str, Any] | None] = [None] * len(items)
-            if req.echo:
-                for k, it in enumerate(items):
-                    yield chunk(completion_chunk(rid, model, created, k, it.prompt))
+            # each choice's echo: at once, or with its prompt's log-probabilities on its first event
+            echo_due = [req.echo and want_logprobs] * len(items)
+            if req.echo and not want_logprobs:
+                for k in range(len(items)):
+                    yield chunk(completion_chunk(rid, model, created, k, echoes[k]))
             async with contextlib.aclosing(choice_events(opened, want_logprobs)) as events_of_choices:
                 async for e in events_of_choices:
                     k = e.index
                     if e.failure is not None:
                         yield _sse(e.failure)
                         break
+                    if echo_due[k]:
+                        echo_due[k] = False
+                        yield chunk(completion_chunk(rid, model, created, k, echoes[k],
+                                                     logprobs=completion_logprobs(e.prompt_logprobs or [], echoes[k])))
+                    entries = e.logprobs
+                    if e.result is not None and want_logprobs and e.result.get("end_logprob"):
+                        entries = [*(entries or []), e.result["end_logprob"]]
                     # (the result's: the entries no event carried, the text already sent)
-                    piece = completion_logprobs(e.logprobs, "" if e.result else e.text, offsets[k]) \
-                        if e.logprobs else None
+                    piece = completion_logprobs(entries, "" if e.result else e.text, offsets[k]) \
+                        if entries else None
                     if e.result is not None:
                         results[k] = e.result
                         yield chunk(completion_chunk(rid, model, created, k, logprobs=piece, result=e.result or None,
@@ -1286,6 +1313,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                     sent += len(entries)
                     yield _sse(GenerateStreamEvent(id=rid, token_id=ev.get("token_id"), text=ev.get("text", ""),
                                                    done=bool(ev.get("done")), logprobs=entries,
+                                                   prompt_logprobs=ev.get("prompt_logprobs"),
                                                    result=generate_response(rid, model, result) if result else None))
                     if ev.get("done"):
                         break

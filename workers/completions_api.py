@@ -20,14 +20,27 @@ def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, reque
     """The work of a completion request: each prompt ``n`` times, one batch; answer ``j = p * n + k`` (prompt ``p``,
     its ``k``-th) seeded ``seed + j`` when the request has a seed."""
     spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
+    if req.echo and req.logprobs is not None:
+        spec = spec.model_copy(update={"prompt_logprobs": req.logprobs})
     prompts, n = req.prompts, req.n or 1
     items: list[WorkItem] = []
-    for p, text in enumerate(prompts):
+    for p, prompt in enumerate(prompts):
         own = spec if spec.seed is None else spec.model_copy(update={"seed": (spec.seed + p * n) % 2**63})
-        item = WorkItem(prompt=text, spec=own, raw_prompt=True, format_param=format_param,
+        text, ids = (prompt, None) if isinstance(prompt, str) else ("", list(prompt))
+        item = WorkItem(prompt=text, spec=own, raw_prompt=True, format_param=format_param, prompt_token_ids=ids,
                         request_id=request_id if len(prompts) == 1 else f"{request_id}-p{p}")
         items += choice_items(item, n)
     return items
+
+
+def answer_entries(result: dict[str, Any], echo: bool) -> list[dict[str, Any]]:
+    """A finished answer's log-probability entries as the legacy completions list them: its prompt's first with
+    ``echo``, then its tokens', then the token that ended it (an end of sequence, whose text the answer leaves out),
+    as vLLM does, so that a harness reading the prompt's entries from a one-token answer (lm-eval's
+    ``[ctxlen:-1]``) finds each where it looks."""
+    entries = list(result.get("prompt_logprobs") or []) if echo else []
+    entries += result.get("logprobs") or []
+    return entries + ([result["end_logprob"]] if result.get("end_logprob") else [])
 
 
 def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset: int = 0
@@ -43,7 +56,7 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset:
     for e in entries:
         out.tokens.append(e["token"])
         out.token_logprobs.append(e["logprob"])
-        out.top_logprobs.append({t["token"]: t["logprob"] for t in e.get("top", [])})
+        out.top_logprobs.append(None if e["logprob"] is None else {t["token"]: t["logprob"] for t in e.get("top", [])})
         out.text_offset.append(offset + at)
         pieces = (e["token"], e["token"].lstrip())
         if "\ufffd" in e["token"] and e.get("bytes"):  # (part of a character)
@@ -56,16 +69,17 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, text: str, offset:
     return out
 
 
-def completion_response(request_id: str, model: str, req: CompletionRequest, items: list[WorkItem],
+def completion_response(request_id: str, model: str, req: CompletionRequest, echoes: list[str],
                         results: list[dict[str, Any]]) -> CompletionResponse:
-    """A completion from one result per item (the ``vlmguard`` object is the first answer's); ``echo``: each
-    choice's text begins with its prompt."""
+    """A completion from one result per answer (the ``vlmguard`` object is the first answer's); ``echoes``: with
+    ``echo``, the text each choice's begins with (its prompt's)."""
     choices = []
-    for k, (item, r) in enumerate(zip(items, results)):
-        echoed = item.prompt if req.echo else ""
+    for k, r in enumerate(results):
+        echoed = echoes[k] if req.echo else ""
+        logprobs = completion_logprobs(answer_entries(r, req.echo), echoed + r["text"]) \
+            if req.logprobs is not None else None
         choices.append(CompletionChoice(index=k, text=echoed + r["text"], finish_reason=r["finish_reason"],
-                                        logprobs=completion_logprobs(r.get("logprobs"), r["text"], len(echoed))
-                                        if req.logprobs is not None else None))
+                                        logprobs=logprobs))
     return CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
                               usage=usage(results, req.n or 1),
                               vlmguard=vlmguard_info(results[0], req.vlmguard.diagnostics))

@@ -52,6 +52,8 @@ class WorkItem:
     tools: ToolUse | None = None
     # the chat request's field its answer format (``spec.guided``) came from, which an error about it names
     format_param: str | None = None
+    # a text completion's prompt given as token ids (``Request.prompt_token_ids``; ``prompt`` is then unused)
+    prompt_token_ids: list[int] | None = None
 
 
 def with_own_seed(item: WorkItem, seed: int | None = None) -> WorkItem:
@@ -69,6 +71,8 @@ def event_dict(ev: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"token_id": ev.token_id, "text": ev.text, "done": ev.done}
     if ev.logprobs:
         out["logprobs"] = [asdict(e) for e in ev.logprobs]
+    if ev.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [asdict(e) for e in ev.prompt_logprobs]
     return out
 
 
@@ -208,7 +212,7 @@ class EngineWorker:
                 self._with_tools(messages, item.system, item.tools)
             return Request(prompt=text, images=list(item.images), request_id=item.request_id, raw_prompt=True)
         return Request(prompt=item.prompt, images=list(item.images), request_id=item.request_id,
-                       system=item.system, raw_prompt=item.raw_prompt)
+                       system=item.system, raw_prompt=item.raw_prompt, prompt_token_ids=item.prompt_token_ids)
 
     def _with_tools(self, messages: list[dict[str, Any]], system: str | None, tools: ToolUse) -> str:
         """The prompt of a conversation that offers ``tools``, its system turn ending with the tools' block: its own

@@ -94,7 +94,8 @@ def spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         do_sample=True if args.sample else None,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-        logprobs=getattr(args, "logprobs", None), presence_penalty=args.presence_penalty,
+        logprobs=getattr(args, "logprobs", None), prompt_logprobs=getattr(args, "prompt_logprobs", None),
+        presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
         image_aspect=args.image_aspect, logit_bias=dict(getattr(args, "logit_bias", None) or []),
         ignore_eos=bool(getattr(args, "ignore_eos", False)), stop_token_ids=getattr(args, "stop_token_id", None) or [],
@@ -157,6 +158,9 @@ def register(sub) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="report each token's log-probability under the decoder's final scores and the K most "
                         "likely tokens (0-20)")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="report each prompt token's log-probability under the model given the tokens before it "
+                        "(the whole image seen, no pruner or decoder) and the K most likely tokens (0-20)")
     p.add_argument("--logit-bias", type=logit_bias_arg, action="append", metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's score at every step: -100 all but bans it, 100 all but "
                         "forces it (repeatable; OpenAI's logit_bias)")
@@ -227,15 +231,26 @@ def run(args: argparse.Namespace) -> int:
             "steps": result.to_dict()["steps"],
             "model": engine.model_name,
         }
-        if result.logprobs is not None:
-            out["logprobs"] = result.to_dict()["logprobs"]
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(result, key) is not None:
+                out[key] = result.to_dict()[key]
         print(json.dumps(out))
         return 0
     if args.stream:
         sys.stdout.write("\n")
     else:
         print(result.text)
-    for e in result.logprobs or []:
-        top = "  ".join(f"{t.token!r} {t.logprob:.3f}" for t in e.top)
-        print(f"{e.token!r:>16} {e.logprob:9.3f}" + (f"   top: {top}" if top else ""))
+    if result.prompt_logprobs is not None:
+        print("prompt:")
+        _print_entries(result.prompt_logprobs)
+        print("answer:" if result.logprobs else "")
+    _print_entries(result.logprobs or [])
     return 0
+
+
+def _print_entries(entries) -> None:
+    """One line per log-probability entry: the token, its log-probability (- where it has none) and the top ones."""
+    for e in entries:
+        top = "  ".join(f"{t.token!r} {t.logprob:.3f}" for t in e.top)
+        value = "-" if e.logprob is None else f"{e.logprob:.3f}"
+        print(f"{e.token!r:>16} {value:>9}" + (f"   top: {top}" if top else ""))

@@ -35,6 +35,9 @@ class Prompt:
     # image span (M3ID's and VISTA's image-free views, m3id.md 5). Re-tokenizing the text without the placeholders
     # could merge the pieces on either side of them into other tokens.
     strip_image_tokens: bool = False
+    # a prompt given as token ids (``Request.prompt_token_ids``): encoded as exactly these (no image; ``text`` is
+    # their decoded text, for what reads the prompt's words)
+    token_ids: list[int] | None = None
 
 
 # processor outputs with one entry per token, laid out like the ids (0 = text)
@@ -274,14 +277,16 @@ class ModelAdapter:
             # a template or raw prompt that writes BOS itself: the tokenizer adds one too, so drop the written one
             # (transformers' apply_chat_template(tokenize=True) turns add_special_tokens off for the same reason)
             texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
-        stripped = [i for i, p in enumerate(prompts) if p.strip_image_tokens]
-        if not stripped:
+        given = {i: (torch.tensor(p.token_ids, dtype=torch.long) if p.token_ids is not None
+                     else self._ids_without_images(texts[i]))
+                 for i, p in enumerate(prompts) if p.strip_image_tokens or p.token_ids is not None}
+        if not given:
             return self._process(texts, prompts)
-        if any(prompts[i].images for i in stripped):
-            raise ValueError("a prompt whose image tokens are stripped is encoded without images")
-        others = [i for i, p in enumerate(prompts) if not p.strip_image_tokens]
+        if any(prompts[i].images for i in given):
+            raise ValueError("a prompt given as token ids or with its image tokens stripped is encoded without images")
+        others = [i for i in range(len(prompts)) if i not in given]
         part = self._process([texts[i] for i in others], [prompts[i] for i in others]) if others else None
-        return self._with_rows(part, others, {i: self._ids_without_images(texts[i]) for i in stripped})
+        return self._with_rows(part, others, given)
 
     def _process(self, texts: list[str], prompts: Sequence[Prompt]) -> EncodedBatch:
         """The family's processor on templated texts and the prompts' images, left-padded."""
