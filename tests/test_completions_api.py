@@ -233,3 +233,36 @@ def test_a_streamed_echo_with_logprobs_is_the_completion(app):
         for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
             assert [x for c in mine if c.logprobs for x in getattr(c.logprobs, key)] == \
                 getattr(choice.logprobs, key), key
+
+
+def test_a_continuations_text_is_what_its_tokens_write():
+    """On a SentencePiece tokenizer (the tiny LLaVA's), which drops the first token's leading space when it decodes an
+    answer alone, a completion keeps it and strips nothing (the engine's ``exact_text``): the text is what the tokens
+    write after the prompt, so ``echo`` reads as one text, whole and streamed. A chat answer stays stripped."""
+    from vlmguard.testing import tiny_engine
+    from vlmguard.workers.api import LocalBackend, create_api
+    from vlmguard.workers.config import ModelConfig, ServiceConfig
+    from vlmguard.workers.engine_worker import EngineWorker
+
+    worker = EngineWorker(name="tiny-llava", engine=tiny_engine("llava"))
+    app = create_api(LocalBackend({"tiny-llava": worker}), ServiceConfig(
+        models=[ModelConfig(name="tiny-llava", model="random:llava")], api_key_env=None))
+    tok = worker.engine.adapter.tokenizer
+    spoon = "There is a spoon"  # (its answer's first token begins with a space)
+    ask = dict(model="tiny-llava", prompt=spoon, max_tokens=8, temperature=0)
+
+    async def scenario(client, http):
+        whole = await client.completions.create(**ask, echo=True)
+        chunks = [c async for c in await client.completions.create(**ask, stream=True)]
+        chat = await client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0,
+                                                    messages=[{"role": "user", "content": spoon}])
+        return whole, chunks, chat
+
+    whole, chunks, chat = run_with_sdk(app, scenario)
+    prompt_ids = tok(spoon)["input_ids"]
+    answer = worker.engine.generate([Request(spoon, raw_prompt=True)], GenerationSpec(max_new_tokens=8))[0]
+    written = tok.decode(prompt_ids + answer.token_ids, skip_special_tokens=True)
+    assert answer.text == answer.text.strip() and written.startswith(spoon + " ")  # (the case is tested)
+    assert whole.choices[0].text == written
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == written[len(spoon):]
+    assert chat.choices[0].message.content == chat.choices[0].message.content.strip()

@@ -66,6 +66,19 @@ def _stop_in_tail(detok: IncrementalText, stops: list[str]) -> str | None:
     return next((s for s in stops if s and s in tail), None)
 
 
+def _dropped_space(piece: str, alone: str) -> str:
+    """The whitespace a token's text begins with inside a text (``piece``) that its decode alone (``alone``) drops
+    (SentencePiece's leading space of a sequence's first token); "" where it keeps it or writes nothing."""
+    space = piece[:len(piece) - len(piece.lstrip())]
+    return "" if not alone or alone.startswith(space) else space
+
+
+def _shown(lv: "LiveRequest", text: str) -> str:
+    """What a request shows of its decoded text: stripped, or with ``spec.exact_text`` as its tokens write it (the
+    first token's dropped space put back)."""
+    return lv.lead + text if lv.spec.exact_text else text.strip()
+
+
 def _hold_back(text: str, stops: list[str]) -> str:
     """``text`` without its longest ending that is the start of a stop string (streamed once it is not)."""
     held = 0
@@ -147,7 +160,8 @@ class LiveRequest:
     end_logprob: TokenLogprob | None = None  # GenerationResult.end_logprob
     sent_text: str = ""  # the text streamed so far
     detok: IncrementalText | None = None  # its generated text, decoded a token at a time
-    final_text: str | None = None  # set when it finishes (stripped)
+    final_text: str | None = None  # set when it finishes (stripped, or as ``spec.exact_text`` says)
+    lead: str = ""  # with ``spec.exact_text``: the leading space its first token has and its decoded text drops
     per_tok: list[float] = field(default_factory=list)
     finish: str = "length"
     error: str | None = None  # why it ended early (finish "error")
@@ -263,6 +277,8 @@ class DecodeBatch:
                                                contrast_prob=cp[j], score=sc[j], main_top_id=main_top[j]))
             if lv.detok is None:
                 lv.detok = IncrementalText(tok)
+                if lv.spec.exact_text:
+                    lv.lead = _dropped_space(token_pieces(tok).text(t), tok.decode([t], skip_special_tokens=True))
             lv.detok.push(t)  # O(1) per token: a short window is decoded, not the whole text
             if _stop_in_tail(lv.detok, lv.spec.stop) is not None:
                 lv.finish = "stop"
@@ -271,8 +287,9 @@ class DecodeBatch:
                 text = self._final_text(lv)  # one full decode, cut at the stop string
             else:  # what is printable and cannot turn out to be the start of a stop string
                 # whitespace at either end waits: the result's text is stripped, and the streamed pieces add
-                # up to it (trailing whitespace is sent once more text follows it)
-                text = _hold_back(lv.detok.text, lv.spec.stop).strip()
+                # up to it (trailing whitespace is sent once more text follows it); with ``exact_text`` nothing is
+                # stripped and nothing waits
+                text = _shown(lv, _hold_back(lv.detok.text, lv.spec.stop))
             delta = text[len(lv.sent_text):] if text.startswith(lv.sent_text) else ""
             if delta:
                 lv.sent_text += delta
@@ -486,7 +503,7 @@ class DecodeBatch:
         streamed pieces add up to (decoded once, when it finishes)."""
         if lv.final_text is None:
             cut, _ = _cut_at_stop(self.tok.decode(lv.gen, skip_special_tokens=True), lv.spec.stop)
-            lv.final_text = cut.strip()
+            lv.final_text = _shown(lv, cut)
         return lv.final_text
 
     def _result(self, lv: LiveRequest, now: float) -> GenerationResult:

@@ -26,7 +26,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 PER_REQUEST_FIELDS = frozenset({"max_new_tokens", "min_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p",
                                 "top_k", "min_p", "seed", "stop", "stop_token_ids", "diagnostics", "logprobs",
                                 "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                                "logit_bias", "choices", "guided", "image_aspect"})
+                                "logit_bias", "choices", "guided", "image_aspect", "exact_text"})
 MAX_LOGIT_BIAS = 1024  # the most tokens one request's logit_bias may name
 MAX_STOP_TOKEN_IDS = 256  # the most tokens one request's stop_token_ids may name
 MAX_GUIDED_CHOICES = 64  # the most choices one request's answer may be restricted to
@@ -213,6 +213,10 @@ class GenerationSpec(NumbersNotBooleans):
     # Log-probabilities of the generated tokens under the decoder's final scores (what token selection reads,
     # before temperature / top-k / top-p): None = none; k = each token's own and the k most likely (0..20).
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The answer's text exactly as its tokens write it after the prompt (OpenAI's and vLLM's text completions): not
+    # stripped, and the first token's leading space kept, which a SentencePiece tokenizer drops when it decodes the
+    # answer alone (" Paris", not "Paris"). False: stripped at both ends (a chat answer's text).
+    exact_text: StrictBool = False
     # vLLM's prompt_logprobs: the log-probability of each prompt token given the tokens before it, under the model
     # itself (every image token seen, no pruner, no decoder, no penalty: vlmguard/prompt_logprobs.py), with the k
     # most likely tokens at each place (0..20); None = none. The first token and the image's tokens have none.

@@ -20,8 +20,8 @@ def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, reque
     """The work of a completion request: each prompt ``n`` times, one batch; answer ``j = p * n + k`` (prompt ``p``,
     its ``k``-th) seeded ``seed + j`` when the request has a seed."""
     spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
-    if req.echo and req.logprobs is not None:
-        spec = spec.model_copy(update={"prompt_logprobs": req.logprobs})
+    spec = spec.model_copy(update={"exact_text": True,  # (a continuation's text is what its tokens write)
+                                   "prompt_logprobs": req.logprobs if req.echo else None})
     prompts, n = req.prompts, req.n or 1
     items: list[WorkItem] = []
     for p, prompt in enumerate(prompts):
