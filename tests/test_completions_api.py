@@ -147,7 +147,8 @@ def test_a_prompt_of_several_that_cannot_be_answered_is_named_by_its_place(app, 
     ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "does not insert text"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "best_of 3"),
     ({"prompt": PROMPT, "logprobs": True}, "logprobs", None),
-    ({"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs", "unrecognized request argument"),
+    ({"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs", None),
+    ({"prompt": PROMPT, "prompt_logprobs": True}, "prompt_logprobs", None),
     ({"prompt": PROMPT, "max_tokens": 10 ** 6}, "max_tokens", "exceeds this server's limit"),
     ({"prompt": "Look at <|image_pad|>"}, "prompt", "image placeholder '<|image_pad|>' 1 time(s) for 0 image(s)"),
     ({"prompt": "  "}, "prompt", "empty prompt"),
@@ -266,3 +267,60 @@ def test_a_continuations_text_is_what_its_tokens_write():
     assert whole.choices[0].text == written
     assert "".join(c.choices[0].text for c in chunks if c.choices) == written[len(spoon):]
     assert chat.choices[0].message.content == chat.choices[0].message.content.strip()
+
+
+def _check_vllm_prompt_logprobs(places: list, ids: list[int], k: int) -> int:
+    """vLLM's ``prompt_logprobs``: per prompt position None, or {token id: {logprob, rank, decoded_token}} holding the
+    prompt's token with its rank and the ``k`` most likely with ranks 1..k. Returns the positions with none."""
+    assert len(places) == len(ids) and places[0] is None
+    for tid, place in zip(ids, places):
+        if place is None:
+            continue
+        own = place[str(tid)]
+        ranked = sorted(place.values(), key=lambda v: v["rank"])
+        assert [v["rank"] for v in ranked if v is not own or own["rank"] <= k] == list(range(1, k + 1))
+        assert all(v["logprob"] <= ranked[0]["logprob"] for v in place.values())
+        assert (own["rank"] == 1) == (own["logprob"] == ranked[0]["logprob"]) and own["decoded_token"]
+    return sum(p is None for p in places)
+
+
+def test_vllms_prompt_logprobs_on_a_chat_with_an_image_and_a_completion(qwen, app):
+    """vLLM's ``prompt_logprobs`` extension: a chat (image included: its tokens, features, have none) gets them at the
+    response's top level, a completion on each choice, beside the legacy ``logprobs`` of ``echo``."""
+    from vlmguard.images import image_to_data_url
+    from vlmguard.testing import random_image
+
+    image = image_to_data_url(random_image(2, (40, 40)))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": "Is there a dog?"}]}]
+
+    async def scenario(client, http):
+        chat = (await http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                              "prompt_logprobs": 3})).json()
+        ids = (await http.post("/tokenize", json={"model": MODEL, "messages": messages})).json()["tokens"]
+        done = (await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                         "prompt_logprobs": 2, "echo": True, "logprobs": 0})).json()
+        return chat, ids, done
+
+    chat, ids, done = run_with_sdk(app, scenario)
+    missing = _check_vllm_prompt_logprobs(chat["prompt_logprobs"], ids, 3)
+    assert missing == 1 + chat["vlmguard"]["visual_tokens"] and chat["usage"]["prompt_tokens"] == len(ids)
+    choice = done["choices"][0]
+    prompt_ids = qwen.engine.adapter.tokenizer(PROMPT)["input_ids"]
+    assert _check_vllm_prompt_logprobs(choice["prompt_logprobs"], prompt_ids, 2) == 1
+    legacy = choice["logprobs"]
+    assert legacy["top_logprobs"][1:len(prompt_ids)] == [{}] * (len(prompt_ids) - 1)  # (echo's own count, 0)
+    assert legacy["token_logprobs"][1:len(prompt_ids)] == [
+        place[str(t)]["logprob"] for t, place in zip(prompt_ids[1:], choice["prompt_logprobs"][1:])]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": PROMPT}),
+])
+def test_prompt_logprobs_with_a_stream_is_a_400(app, route, body):
+    async def scenario(client, http):
+        return await http.post(route, json={"model": MODEL, **body, "stream": True, "prompt_logprobs": 1})
+
+    r = run_with_sdk(app, scenario)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text

@@ -348,6 +348,9 @@ class SamplingRequest(OpenAIHints):
     guided_json: Union[dict[str, Any], str, None] = None
     guided_regex: Optional[str] = None
     guided_grammar: Optional[str] = None
+    # vLLM's: each prompt token's log-probability under the model and the N most likely tokens at its place
+    # (vlmguard/prompt_logprobs.py), answered whole only (as vLLM: not with ``stream``)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     vlmguard: VlmguardOptions = Field(default_factory=VlmguardOptions)
 
     @field_validator("n")
@@ -363,6 +366,18 @@ class SamplingRequest(OpenAIHints):
             raise PydanticCustomError("invalid_request", "top_k {a} and vlmguard.top_k {b} disagree: give one",
                                       {"a": self.top_k, "b": self.vlmguard.top_k})
         return self
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_whole(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if v is not None and info.data.get("stream"):  # (stream: a field before)
+            raise unsupported("prompt_logprobs with stream: a streamed answer does not carry them (as vLLM's)")
+        return v
+
+    @property
+    def spec_prompt_logprobs(self) -> Optional[int]:
+        """``GenerationSpec.prompt_logprobs``: None without them, else the number of alternatives."""
+        return self.prompt_logprobs
 
     @property
     def spec_top_k(self) -> int:
@@ -559,6 +574,19 @@ class VlmguardInfo(BaseModel):
     prefill_flops: Optional[dict[str, float]] = None  # GenerationResult.prefill_flops
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of a token at a prompt position: its log-probability, rank (1: the most likely) and text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's ``prompt_logprobs``: per prompt position, {token id: entry} for the prompt's token and the most likely ones;
+# None where nothing predicts it (the first token; here also an image's tokens, which are features)
+PromptLogprobs = list[Optional[dict[str, PromptLogprob]]]
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -568,6 +596,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     service_tier: Optional[str] = None  # "default" when the request named a tier (OpenAI echoes the one used)
     vlmguard: Optional[VlmguardInfo] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM's, when the request asks for them
 
 
 class ChunkFunctionCall(BaseModel):
@@ -692,6 +721,12 @@ class CompletionRequest(SamplingRequest):
     def spec_logprobs(self) -> Optional[int]:
         return self.logprobs
 
+    @property
+    def spec_prompt_logprobs(self) -> Optional[int]:
+        """The prompt's entries ``echo`` with ``logprobs`` and vLLM's ``prompt_logprobs`` read (the larger count)."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
+
 
 class CompletionLogprobs(BaseModel):
     """The legacy completions' ``logprobs``: per token, its text, log-probability, its most likely alternatives
@@ -708,6 +743,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM's, when the request asks for them
 
 
 class CompletionResponse(BaseModel):

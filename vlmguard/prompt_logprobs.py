@@ -42,13 +42,19 @@ def row_prompt_logprobs(logits_of, hidden: torch.Tensor, ids: torch.Tensor, seq:
         mine = lp.gather(1, nxt.clamp(max=lp.shape[-1] - 1)[:, None]).squeeze(1).masked_fill(~inside, LOGPROB_FLOOR)
         kk = min(k, lp.shape[-1])
         values, index = lp.topk(kk, dim=-1) if kk else (lp[:, :0], lp[:, :0].long())
-        # one device sync for the three (float64 holds the float32 log-probabilities and the ids exactly)
-        read = torch.cat([mine[:, None].double(), values.double(), index.double()], dim=1).tolist()
-        own += [r[0] for r in read]
-        top_v += [r[1:1 + kk] for r in read]
-        top_i += [[int(i) for i in r[1 + kk:]] for r in read]
+        more_likely = (lp > mine[:, None]).sum(dim=1)
+        # one device sync for the four (float64 holds the float32 log-probabilities, ids and counts exactly)
+        read = torch.cat([mine[:, None].double(), more_likely[:, None].double(), values.double(), index.double()],
+                         dim=1).tolist()
+        own += [(r[0], 1 + int(r[1])) for r in read]
+        top_v += [r[2:2 + kk] for r in read]
+        top_i += [[int(i) for i in r[2 + kk:]] for r in read]
     out = [logprob_entry(pieces, token_list[0], None)]
     for p, t in enumerate(token_list[1:]):
-        out.append(logprob_entry(pieces, t, None) if visual[p + 1]
-                   else logprob_entry(pieces, t, own[p], top_i[p], top_v[p]))
+        if visual[p + 1]:
+            out.append(logprob_entry(pieces, t, None))
+            continue
+        entry = logprob_entry(pieces, t, own[p][0], top_i[p], top_v[p])
+        entry.rank = own[p][1]
+        out.append(entry)
     return out

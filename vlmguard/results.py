@@ -71,6 +71,7 @@ class TokenLogprob:
     logprob: float | None
     bytes: list[int] = field(default_factory=list)
     top: list[TopLogprob] = field(default_factory=list)
+    rank: int | None = None  # a prompt token's: 1 + the tokens more likely at its place (vLLM's rank)
 
 
 @dataclass

@@ -603,7 +603,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
         tier = "default" if req.service_tier else None  # (echoed when asked for, as OpenAI does: the one tier)
         if not req.stream:
             results = await all_or_none([run(model, it) for it in items])
-            answer = chat_response(rid, model, results, with_steps, item.tools)
+            answer = chat_response(rid, model, results, with_steps, item.tools, req.prompt_logprobs)
             return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
         opened = await all_or_none([open_stream(model, it) for it in items], streams=True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -13,15 +13,15 @@ from typing import Any
 
 from vlmguard.api_schema import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from vlmguard.workers.engine_worker import WorkItem
-from vlmguard.workers.openai_compat import chat_spec_and_format, choice_items, usage, vlmguard_info
+from vlmguard.workers.openai_compat import (chat_spec_and_format, choice_items, usage, vlmguard_info,
+                                             vllm_prompt_logprobs)
 
 
 def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, request_id: str) -> list[WorkItem]:
     """The work of a completion request: each prompt ``n`` times, one batch; answer ``j = p * n + k`` (prompt ``p``,
     its ``k``-th) seeded ``seed + j`` when the request has a seed."""
     spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
-    spec = spec.model_copy(update={"exact_text": True,  # (a continuation's text is what its tokens write)
-                                   "prompt_logprobs": req.logprobs if req.echo else None})
+    spec = spec.model_copy(update={"exact_text": True})  # (a continuation's text is what its tokens write)
     prompts, n = req.prompts, req.n or 1
     items: list[WorkItem] = []
     for p, prompt in enumerate(prompts):
@@ -33,12 +33,12 @@ def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, reque
     return items
 
 
-def answer_entries(result: dict[str, Any], echo: bool) -> list[dict[str, Any]]:
+def answer_entries(result: dict[str, Any], echo: bool, k: int = 0) -> list[dict[str, Any]]:
     """A finished answer's log-probability entries as the legacy completions list them: its prompt's first with
-    ``echo``, then its tokens', then the token that ended it (an end of sequence, whose text the answer leaves out),
-    as vLLM does, so that a harness reading the prompt's entries from a one-token answer (lm-eval's
-    ``[ctxlen:-1]``) finds each where it looks."""
-    entries = list(result.get("prompt_logprobs") or []) if echo else []
+    ``echo`` (their ``k`` most likely tokens), then its tokens', then the token that ended it (an end of sequence,
+    whose text the answer leaves out), as vLLM does, so that a harness reading the prompt's entries from a one-token
+    answer (lm-eval's ``[ctxlen:-1]``) finds each where it looks."""
+    entries = [{**e, "top": e.get("top", [])[:k]} for e in result.get("prompt_logprobs") or []] if echo else []
     entries += result.get("logprobs") or []
     return entries + ([result["end_logprob"]] if result.get("end_logprob") else [])
 
@@ -76,10 +76,12 @@ def completion_response(request_id: str, model: str, req: CompletionRequest, ech
     choices = []
     for k, r in enumerate(results):
         echoed = echoes[k] if req.echo else ""
-        logprobs = completion_logprobs(answer_entries(r, req.echo), echoed + r["text"]) \
+        logprobs = completion_logprobs(answer_entries(r, req.echo, req.logprobs or 0), echoed + r["text"]) \
             if req.logprobs is not None else None
         choices.append(CompletionChoice(index=k, text=echoed + r["text"], finish_reason=r["finish_reason"],
-                                        logprobs=logprobs))
+                                        logprobs=logprobs,
+                                        prompt_logprobs=vllm_prompt_logprobs(r.get("prompt_logprobs"),
+                                                                             req.prompt_logprobs)))
     return CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
                               usage=usage(results, req.n or 1),
                               vlmguard=vlmguard_info(results[0], req.vlmguard.diagnostics))

@@ -25,6 +25,8 @@ from vlmguard.api_schema import (
     GenerateRequest,
     GenerateResponse,
     ImagePart,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     SamplingRequest,
     TextPart,
@@ -138,7 +140,7 @@ def _chat_spec(req: SamplingRequest, max_new_tokens_limit: int, guided: GuidedOu
         do_sample=do_sample, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.spec_top_k, min_p=req.min_p or 0.0,
         seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [], diagnostics=o.diagnostics,
-        logprobs=req.spec_logprobs,
+        logprobs=req.spec_logprobs, prompt_logprobs=req.spec_prompt_logprobs,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_new_tokens=req.min_tokens or 0, ignore_eos=bool(req.ignore_eos), image_aspect=o.image_aspect,
@@ -428,15 +430,36 @@ def _choice(k: int, r: dict[str, Any], tools: ToolUse | None) -> Choice:
 
 
 def chat_response(request_id: str, model: str, result: dict[str, Any] | list[dict[str, Any]],
-                  with_steps: bool, tools: ToolUse | None = None) -> ChatCompletionResponse:
+                  with_steps: bool, tools: ToolUse | None = None, prompt_logprobs: int | None = None
+                  ) -> ChatCompletionResponse:
     """A chat answer from one result or one per choice (the ``vlmguard`` object is the first choice's); with
-    ``tools``, an answer that is calls comes back as the message's ``tool_calls``."""
+    ``tools``, an answer that is calls comes back as the message's ``tool_calls``; with ``prompt_logprobs`` (vLLM's
+    count), the prompt's entries (the first choice's: every choice has the same prompt)."""
     results = result if isinstance(result, list) else [result]
     return ChatCompletionResponse(
         id=request_id, created=int(time.time()), model=model,
         choices=[_choice(k, r, tools) for k, r in enumerate(results)],
         usage=usage(results), vlmguard=vlmguard_info(results[0], with_steps),
+        prompt_logprobs=vllm_prompt_logprobs(results[0].get("prompt_logprobs"), prompt_logprobs),
     )
+
+
+def vllm_prompt_logprobs(entries: list[dict[str, Any]] | None, k: int | None) -> PromptLogprobs | None:
+    """A result's prompt entries (``TokenLogprob`` dicts) as vLLM's ``prompt_logprobs``: per position None (nothing
+    predicts it) or {token id: {logprob, rank, decoded_token}} for the prompt's token and its ``k`` most likely."""
+    if entries is None or k is None:
+        return None
+    out: PromptLogprobs = []
+    for e in entries:
+        if e["logprob"] is None:
+            out.append(None)
+            continue
+        place = {str(e["token_id"]): PromptLogprob(logprob=e["logprob"], rank=e.get("rank"), decoded_token=e["token"])}
+        for rank, t in enumerate(e.get("top", [])[:k], start=1):
+            place.setdefault(str(t["token_id"]), PromptLogprob(logprob=t["logprob"], rank=rank,
+                                                               decoded_token=t["token"]))
+        out.append(place)
+    return out
 
 
 def chat_chunk(request_id: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
