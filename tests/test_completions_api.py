@@ -147,6 +147,8 @@ def test_a_prompt_of_several_that_cannot_be_answered_is_named_by_its_place(app, 
     ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "does not insert text"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "best_of 3"),
     ({"prompt": PROMPT, "logprobs": True}, "logprobs", None),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens", "with echo (and logprobs) it scores the prompt"),
+    ({"prompt": PROMPT, "max_tokens": -1, "echo": True}, "max_tokens", None),
     ({"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs", None),
     ({"prompt": PROMPT, "prompt_logprobs": True}, "prompt_logprobs", None),
     ({"prompt": PROMPT, "max_tokens": 10 ** 6}, "max_tokens", "exceeds this server's limit"),
@@ -324,3 +326,26 @@ def test_prompt_logprobs_with_a_stream_is_a_400(app, route, body):
 
     r = run_with_sdk(app, scenario)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(qwen, app, stream):
+    """OpenAI's legacy scoring request (older harnesses send it): ``max_tokens`` 0, ``echo``, ``logprobs``: the prompt
+    and its tokens' entries, nothing after them, ``finish_reason`` length, no completion tokens."""
+    ids = qwen.engine.adapter.tokenizer(PROMPT)["input_ids"]
+    ask = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 1}
+
+    async def scenario(client, http):
+        one = await client.completions.create(**ask, max_tokens=1, temperature=0)
+        if not stream:
+            return one, [await client.completions.create(**ask, max_tokens=0)]
+        return one, [c async for c in await client.completions.create(
+            **ask, max_tokens=0, stream=True, stream_options={"include_usage": True})]
+
+    one, got = run_with_sdk(app, scenario)
+    choices = [c.choices[0] for c in got if c.choices]
+    assert "".join(c.text for c in choices) == PROMPT and [c.finish_reason for c in choices][-1] == "length"
+    tokens = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
+    values = [v for c in choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert len(tokens) == len(ids) and values == one.choices[0].logprobs.token_logprobs[:len(ids)]
+    assert got[-1].usage.completion_tokens == 0 and got[-1].usage.prompt_tokens == len(ids)

@@ -659,10 +659,12 @@ class CompletionRequest(SamplingRequest):
     answered ``n`` times, choice ``p * n + k`` (at most ``MAX_CHOICES`` answers in all). ``echo`` puts the prompt
     before the answer's text; ``logprobs`` N (0-20) gives each token's log-probability and its N most likely
     alternatives, with ``echo`` the prompt's tokens' too (their first has none: ``vlmguard/prompt_logprobs.py``) and,
-    last, the token that ended the answer. Refused with a 400 naming the field: ``suffix`` (insertion), ``best_of``
+    last, the token that ended the answer; ``max_tokens`` 0 with ``echo`` scores the prompt alone. Refused with a 400 naming the field: ``suffix`` (insertion), ``best_of``
     other than ``n``."""
 
     prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    # 0 with ``echo``: the prompt scored, no answer (OpenAI's legacy scoring request; one token is drawn and left out)
+    max_tokens: Optional[int] = Field(None, ge=0)
     suffix: Optional[str] = None
     echo: StrictBool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -714,8 +716,13 @@ class CompletionRequest(SamplingRequest):
         return prompt_list(self.prompt)
 
     @property
+    def scores_only(self) -> bool:
+        """``max_tokens: 0``: the prompt is echoed (and scored, with ``logprobs``), nothing written after it."""
+        return self.max_tokens == 0
+
+    @property
     def spec_max_tokens(self) -> Optional[int]:
-        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else max(1, self.max_tokens)
 
     @property
     def spec_logprobs(self) -> Optional[int]:

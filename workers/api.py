@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hmac
 import json
 import logging
@@ -49,7 +50,7 @@ from vlmguard.tool_calls import CallStream
 from vlmguard.workers import background_runs
 from vlmguard.workers.background_runs import BackgroundRun, overseen, replay, run_key, run_record
 from vlmguard.workers.completions_api import completion_chunk, completion_items, completion_logprobs, \
-    completion_response, usage_chunk
+    completion_response, prompt_only, usage_chunk
 from vlmguard.workers.config import ServiceConfig
 from vlmguard.workers.engine_worker import EngineWorker, WorkItem, answer_alone, stream_alone, with_own_seed
 from vlmguard.workers.image_intake import make_image_resolver
@@ -686,6 +687,7 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
             echoes = [texts[j // n] for j in range(len(items))]
         if not req.stream:
             results = await all_or_none([of_prompt(j, run(model, it)) for j, it in enumerate(items)])
+            results = [prompt_only(r) for r in results] if req.scores_only else results
             answer = completion_response(rid, model, req, echoes, results)
             return JSONResponse(answer.model_copy(update={"service_tier": tier}).model_dump(exclude_none=True))
         opened = await all_or_none([of_prompt(j, open_stream(model, it)) for j, it in enumerate(items)], streams=True)
@@ -715,6 +717,10 @@ def create_api(backend: Backend, config: ServiceConfig, metrics: ServiceMetrics 
                         echo_due[k] = False
                         yield chunk(completion_chunk(rid, model, created, k, echoes[k],
                                                      logprobs=completion_logprobs(e.prompt_logprobs or [], echoes[k])))
+                    if req.scores_only:  # (the token drawn to score the prompt is not an answer)
+                        if e.result is None:
+                            continue
+                        e = dataclasses.replace(e, result=prompt_only(e.result), logprobs=None)
                     entries = e.logprobs
                     if e.result is not None and want_logprobs and e.result.get("end_logprob"):
                         entries = [*(entries or []), e.result["end_logprob"]]

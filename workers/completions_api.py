@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from vlmguard.api_schema import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from vlmguard.errors import InvalidInput
 from vlmguard.workers.engine_worker import WorkItem
 from vlmguard.workers.openai_compat import (chat_spec_and_format, choice_items, usage, vlmguard_info,
                                              vllm_prompt_logprobs)
@@ -20,6 +21,9 @@ from vlmguard.workers.openai_compat import (chat_spec_and_format, choice_items, 
 def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, request_id: str) -> list[WorkItem]:
     """The work of a completion request: each prompt ``n`` times, one batch; answer ``j = p * n + k`` (prompt ``p``,
     its ``k``-th) seeded ``seed + j`` when the request has a seed."""
+    if req.scores_only and not req.echo:
+        raise InvalidInput("max_tokens 0 writes nothing: with echo (and logprobs) it scores the prompt",
+                           param="max_new_tokens")
     spec, format_param = chat_spec_and_format(req, max_new_tokens_limit)
     spec = spec.model_copy(update={"exact_text": True})  # (a continuation's text is what its tokens write)
     prompts, n = req.prompts, req.n or 1
@@ -31,6 +35,13 @@ def completion_items(req: CompletionRequest, *, max_new_tokens_limit: int, reque
                         request_id=request_id if len(prompts) == 1 else f"{request_id}-p{p}")
         items += choice_items(item, n)
     return items
+
+
+def prompt_only(result: dict[str, Any]) -> dict[str, Any]:
+    """The result of a request that asked for no new token (``max_tokens: 0`` with ``echo``): the one token drawn to
+    score its prompt is left out (no text, tokens or answer entries), and it ended at its length."""
+    return {**result, "text": "", "token_ids": [], "logprobs": None if result.get("logprobs") is None else [],
+            "end_logprob": None, "finish_reason": "length"}
 
 
 def answer_entries(result: dict[str, Any], echo: bool, k: int = 0) -> list[dict[str, Any]]:
