@@ -6,7 +6,8 @@ They are the model's own: one pass of the language model over the whole prompt, 
 cuts one), without a decoder's contrast, a penalty or a logit bias: what a scoring harness (lm-eval's log-likelihood
 tasks) compares between continuations. The pass is apart from the request's prefill, which computes the last
 position's logits only (and may prune, share prefixes or take them from the prefix cache), so a request that asks
-for them costs one more prefill of its prompt; its answer is the same as without them.
+for them costs one more prefill of its prompt, its image's vision tower and projector included (the prefill's
+features are not kept for it); its answer is the same as without them.
 
 The first token has nothing before it and an image's tokens are features, not tokens the model predicts: their
 entries have no log-probability (None) and no alternatives.
